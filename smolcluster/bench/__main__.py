@@ -1,0 +1,33 @@
+"""Dispatch ``python -m smolcluster.bench NAME [args...]`` to ``smolcluster.bench.NAME.main``."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+
+import smolcluster.bench as pkg
+
+_NOT_BENCHES = {"report", "__main__"}
+
+
+def available() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name not in _NOT_BENCHES)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    names = available()
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m smolcluster.bench NAME [--help]\n\nbenchmarks: " + ", ".join(names))
+        return 0 if argv else 2
+    name = argv[0]
+    if name not in names:
+        print(f"error: unknown benchmark {name!r}; choose one of: {', '.join(names)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"smolcluster.bench.{name}")
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Checks on the composed config, so a wrong value ends with one line naming the key and fix."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from smolcluster.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "constant")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int(cfg: DictConfig, key: str, *, allow_none: bool = False, allow_zero: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None and allow_none:
+        return
+    if not _is_int(value) or value < 0 or (value == 0 and not allow_zero):
+        want = "a non-negative integer" if allow_zero else "a positive integer"
+        raise ConfigError(f"{key}={value!r} is invalid: it must be {want}, e.g. {key}=64")
+
+
+def _number(cfg: DictConfig, key: str, *, allow_zero: bool = True) -> None:
+    value = OmegaConf.select(cfg, key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (value == 0 and not allow_zero):
+        want = "a non-negative number" if allow_zero else "a positive number"
+        raise ConfigError(f"{key}={value!r} is invalid: it must be {want}")
+
+
+def _choice(cfg: DictConfig, key: str, choices: tuple[str, ...]) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is invalid: choose one of {', '.join(choices)}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` for the first invalid value found."""
+    _int(cfg, "train.batch_size")
+    _int(cfg, "train.steps", allow_none=True)
+    _int(cfg, "train.epochs")
+    _int(cfg, "train.log_every")
+    for key in ("train.eval_every", "train.eval_samples", "train.checkpoint_every", "train.warmup_steps"):
+        _int(cfg, key, allow_zero=True)
+    _number(cfg, "train.lr", allow_zero=False)
+    _number(cfg, "train.grad_clip")
+    _number(cfg, "train.weight_decay")
+    _choice(cfg, "train.optimizer", OPTIMIZERS)
+    _choice(cfg, "train.schedule", SCHEDULES)
+    kind = cfg.model.get("kind")
+    if kind not in ("classifier", "lm"):
+        raise ConfigError(f"model.kind={kind!r} is invalid: choose classifier or lm")
+    if kind == "lm" and cfg.data.name != "text":
+        raise ConfigError(
+            f"model={cfg.model.name} is a language model but data={cfg.data.name}: add data=text "
+            "(and data.path=FILE for your own corpus)"
+        )
+    if kind == "classifier" and cfg.data.name == "text":
+        raise ConfigError(f"model={cfg.model.name} is a classifier but data=text: use data=digits or data=mnist")
+    block, positions = cfg.model.get("block_size"), cfg.model.get("n_positions")
+    if block is not None and positions is not None and block > positions:
+        raise ConfigError(
+            f"model.block_size={block} exceeds model.n_positions={positions}: lower model.block_size"
+        )

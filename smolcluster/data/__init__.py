@@ -1,0 +1,50 @@
+"""Data sets as in-memory tensors, usable offline: digits (embedded), MNIST (IDX files), text.
+
+Every loader returns a :class:`DataBundle`; samples are rows of ``train_x``/``train_y``
+and batches are picked by index (see :mod:`smolcluster.data.sharding`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from omegaconf import DictConfig
+
+from smolcluster.errors import ConfigError
+
+
+@dataclass
+class DataBundle:
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    info: dict = field(default_factory=dict)  # constructor args the model needs: in_features, num_classes, vocab_size
+    tokenizer: object | None = None
+
+
+def build_data(data_cfg: DictConfig, model_cfg: DictConfig) -> DataBundle:
+    name = data_cfg.name
+    if name == "digits":
+        from smolcluster.data import digits
+
+        tx, ty, vx, vy = digits.load(data_cfg.get("test_fraction", 0.2))
+        return DataBundle(tx, ty, vx, vy, info={"in_features": tx.shape[1], "num_classes": 10})
+    if name == "mnist":
+        from smolcluster.data import mnist
+
+        tx, ty, vx, vy = mnist.load(data_cfg.root, download=bool(data_cfg.get("download", False)))
+        return DataBundle(tx, ty, vx, vy, info={"in_features": tx.shape[1], "num_classes": 10})
+    if name == "text":
+        from smolcluster.data import text
+
+        corpus = text.read_corpus(data_cfg.get("path"))
+        tok = text.get_tokenizer(corpus, data_cfg.get("tokenizer", "auto"), data_cfg.get("vocab_size", 4096),
+                                 data_cfg.get("cache_dir"))
+        ids = torch.tensor(tok.encode(corpus), dtype=torch.long)
+        n_val = max(int(len(ids) * data_cfg.get("val_fraction", 0.1)), model_cfg.block_size + 1)
+        tx, ty = text.windows(ids[:-n_val], model_cfg.block_size)
+        vx, vy = text.windows(ids[-n_val:], model_cfg.block_size)
+        return DataBundle(tx, ty, vx, vy, info={"vocab_size": tok.vocab_size, "eos_token_id": tok.eos_id}, tokenizer=tok)
+    raise ConfigError(f"data={name!r} is unknown: choose digits, mnist or text")

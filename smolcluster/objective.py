@@ -1,0 +1,41 @@
+"""What is being minimised and how it is judged: classification or next-token prediction."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smolcluster.models import model_output_logits
+
+
+def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy: over samples (classifier) or over every token (language model)."""
+    logits = model_output_logits(model(x))
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str, device: torch.device,
+             batch_size: int = 512, max_samples: int = 0) -> dict[str, float]:
+    """Loss (and accuracy for classifiers) on held-out data; restores the model's train/eval mode."""
+    was_training = model.training
+    model.eval()
+    n = len(x) if not max_samples else min(max_samples, len(x))
+    total_loss, correct, count = 0.0, 0, 0
+    for i in range(0, n, batch_size):
+        xb, yb = x[i : min(i + batch_size, n)].to(device), y[i : min(i + batch_size, n)].to(device)
+        logits = model_output_logits(model(xb))
+        flat_logits, flat_y = logits.reshape(-1, logits.shape[-1]), yb.reshape(-1)
+        total_loss += F.cross_entropy(flat_logits, flat_y, reduction="sum").item()
+        correct += (flat_logits.argmax(-1) == flat_y).sum().item()
+        count += flat_y.numel()
+    model.train(was_training)
+    out = {"eval_loss": total_loss / count}
+    if kind == "classifier":
+        out["eval_accuracy"] = correct / count
+    else:
+        out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50.0))
+    return out

@@ -1,0 +1,65 @@
+"""``python -m smolcluster.train``: the Hydra entry point for every training algorithm.
+
+    python -m smolcluster.train                         # default algo on embedded digits
+    python -m smolcluster.train algo=local model=gpt2-tiny data=text
+    python -m smolcluster.train --help                  # config groups and examples
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from loguru import logger
+from omegaconf import DictConfig, open_dict
+
+from smolcluster import algorithms
+from smolcluster.cluster import new_run_id, node_name
+from smolcluster.config import validate
+from smolcluster.errors import SmolclusterError
+from smolcluster.paths import CONFIG_DIR
+from smolcluster.telemetry.logging import setup_logging
+
+
+def describe(summary: dict) -> str:
+    parts = [f"{summary['algo']} {summary['model']}: {summary['steps']} steps, {summary['samples']:,} samples "
+             f"in {summary['wall_s']:.1f}s ({summary['samples_per_s']:,.0f} samples/s)"]
+    if summary.get("eval_accuracy") is not None:
+        parts.append(f"test accuracy {summary['eval_accuracy']:.2%}")
+    if summary.get("eval_loss") is not None:
+        parts.append(f"eval loss {summary['eval_loss']:.4f}")
+    return ", ".join(parts)
+
+
+def run(cfg: DictConfig) -> dict | None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    with open_dict(cfg):
+        cfg.run_id = cfg.get("run_id") or new_run_id()
+    role = cfg.role if cfg.algo.name != "local" else "main"
+    setup_logging(node=cfg.get("node") or node_name(), role=role, rank=cfg.rank if cfg.rank is not None else "",
+                  algo=cfg.algo.name, run_id=cfg.run_id, run_dir=run_dir, level=cfg.logging.level)
+    validate(cfg)
+    summary = algorithms.get(cfg.algo.name).run(cfg, run_dir)
+    if summary and role in ("main", "launch", "server"):
+        logger.success(describe(summary))
+        logger.success(f"run files: {run_dir}/ (metrics.jsonl, summary.json, checkpoint.safetensors, loss.png)")
+    return summary
+
+
+@hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except SmolclusterError as e:
+        logger.error(str(e))
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""What every training algorithm shares: build the pieces from config, step, evaluate, checkpoint, summarise.
+
+An algorithm is a policy on top of this: ``local`` calls :meth:`Trainer.step_local`
+in a loop; the parameter server gets gradients from the wire, puts them in
+``trainer.flat.grads`` and calls :meth:`Trainer.apply_gradients`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from loguru import logger
+from omegaconf import DictConfig, OmegaConf
+
+from smolcluster import checkpoint
+from smolcluster.cluster import pick_device
+from smolcluster.data import DataBundle, build_data
+from smolcluster.data.sharding import Sharder
+from smolcluster.flat import FlatParams
+from smolcluster.models import build_model, count_parameters, fingerprint
+from smolcluster.objective import evaluate, loss_fn
+from smolcluster.optim import build_optimizer, clip_, lr_at, set_lr
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, batch_sizes: list[int], *, device: str | None = None,
+                 with_optimizer: bool = True, data: DataBundle | None = None):
+        self.cfg = cfg
+        self.kind = cfg.model.kind
+        self.device = pick_device(device or cfg.device)
+        self.data = data or build_data(cfg.data, cfg.model)
+        torch.manual_seed(cfg.seed)  # the same seed on every process: identical initial weights
+        self.model = build_model(cfg.model, self.data.info).to(self.device)
+        self.model.train()
+        self.flat = FlatParams(self.model)
+        self.fingerprint = fingerprint(self.model)
+        self.num_params = count_parameters(self.model)
+        self.optimizer = build_optimizer(self.model, cfg.train) if with_optimizer else None
+        self.sharder = Sharder(len(self.data.train_x), batch_sizes, cfg.seed)
+        steps = cfg.train.steps or cfg.train.epochs * self.sharder.steps_per_epoch
+        self.total_steps = int(steps)
+        self.step = 0
+
+    # -- one step ---------------------------------------------------------------------------
+    def batch(self, step: int, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.sharder.indices(step, rank)
+        return self.data.train_x[idx].to(self.device), self.data.train_y[idx].to(self.device)
+
+    def compute_gradients(self, step: int, rank: int = 0) -> tuple[float, int]:
+        """Forward + backward on this rank's shard of the step's batch; gradients land in flat.grads."""
+        x, y = self.batch(step, rank)
+        self.flat.zero_grad()
+        loss = loss_fn(self.model, x, y)
+        loss.backward()
+        return loss.detach(), len(x)
+
+    def apply_gradients(self, scale: float = 1.0) -> float:
+        """Clip, set the scheduled learning rate (times ``scale``) and step the optimizer."""
+        clip_(self.model, self.cfg.train.grad_clip)
+        lr = lr_at(self.step, self.cfg.train, self.total_steps)
+        set_lr(self.optimizer, lr * scale)
+        self.optimizer.step()
+        self.step += 1
+        return lr
+
+    def step_local(self) -> tuple[torch.Tensor, int, float]:
+        loss, n = self.compute_gradients(self.step)
+        lr = self.apply_gradients()
+        return loss, n, lr
+
+    # -- evaluation, checkpoints ------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(self.model, self.data.test_x, self.data.test_y, self.kind, self.device,
+                        max_samples=self.cfg.train.eval_samples)
+
+    def save(self, run_dir: str | Path, extra: dict | None = None) -> Path:
+        return checkpoint.save(run_dir, self.model, self.optimizer, self.step,
+                               {"fingerprint": self.fingerprint, **(extra or {})})
+
+    def resume(self, path: str | Path) -> dict:
+        meta = checkpoint.load(path, self.model, self.optimizer)
+        self.step = int(meta["step"])
+        logger.info(f"resumed from {checkpoint.resolve(path)} at step {self.step}")
+        return meta
+
+    def due(self, every: int) -> bool:
+        return bool(every) and self.step % every == 0 and self.step < self.total_steps
+
+    def summary(self, algo: str, samples: int, wall_s: float, final_loss: float | None,
+                evaluation: dict, run_dir: Path, **extra) -> dict:
+        return {
+            "algo": algo,
+            "model": self.cfg.model.name,
+            "data": self.cfg.data.name,
+            "steps": self.step,
+            "samples": samples,
+            "wall_s": round(wall_s, 3),
+            "samples_per_s": round(samples / wall_s, 2) if wall_s > 0 else None,
+            "final_loss": final_loss,
+            **evaluation,
+            "params": self.num_params,
+            "device": str(self.device),
+            "run_dir": str(run_dir),
+            **extra,
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        }
+
+
+class LossWindow:
+    """Mean train loss over the last ``n`` steps, kept as tensors so logging costs no sync per step."""
+
+    def __init__(self, n: int):
+        self.n, self.values = max(1, n), []
+
+    def add(self, loss) -> None:
+        self.values.append(loss)
+        if len(self.values) > self.n:
+            self.values.pop(0)
+
+    def mean(self) -> float | None:
+        if not self.values:
+            return None
+        return float(torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in self.values]).mean())
+
+
+class Throughput:
+    def __init__(self):
+        self.t0, self.samples = time.perf_counter(), 0
+
+    def add(self, n: int) -> None:
+        self.samples += n
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    @property
+    def rate(self) -> float:
+        return self.samples / max(self.elapsed, 1e-9)
