@@ -32,6 +32,7 @@ class FlatParams:
                 # A pre-set grad view makes autograd accumulate into the flat buffer in place.
                 p.grad = grad[offset : offset + n].view_as(p)
                 offset += n
+            flat.grad = grad  # so an optimizer can step the whole flat buffer at once
             self.params[name], self.grads[name] = flat, grad
 
     def zero_grad(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from loguru import logger
@@ -28,6 +29,8 @@ class Trainer:
     def __init__(self, cfg: DictConfig, batch_sizes: list[int], *, device: str | None = None,
                  with_optimizer: bool = True, data: DataBundle | None = None):
         self.cfg = cfg
+        # Plain attributes: OmegaConf lookups cost microseconds each, too slow for the per-step path.
+        self.train = SimpleNamespace(**OmegaConf.to_container(cfg.train, resolve=True))
         self.kind = cfg.model.kind
         self.device = pick_device(device or cfg.device)
         self.data = data or build_data(cfg.data, cfg.model)
@@ -37,10 +40,12 @@ class Trainer:
         self.flat = FlatParams(self.model)
         self.fingerprint = fingerprint(self.model)
         self.num_params = count_parameters(self.model)
-        self.optimizer = build_optimizer(self.model, cfg.train) if with_optimizer else None
+        self.optimizer = build_optimizer(self.model, self.train, self.flat) if with_optimizer else None
         self.sharder = Sharder(len(self.data.train_x), batch_sizes, cfg.seed)
         steps = cfg.train.steps or cfg.train.epochs * self.sharder.steps_per_epoch
         self.total_steps = int(steps)
+        # The schedule always spans total_steps; stop_after only ends this process early (resume continues).
+        self.end_step = min(self.total_steps, cfg.train.get("stop_after") or self.total_steps)
         self.step = 0
 
     # -- one step ---------------------------------------------------------------------------
@@ -58,8 +63,8 @@ class Trainer:
 
     def apply_gradients(self, scale: float = 1.0) -> float:
         """Clip, set the scheduled learning rate (times ``scale``) and step the optimizer."""
-        clip_(self.model, self.cfg.train.grad_clip)
-        lr = lr_at(self.step, self.cfg.train, self.total_steps)
+        clip_(list(self.flat.params.values()), self.train.grad_clip)
+        lr = lr_at(self.step, self.train, self.total_steps)
         set_lr(self.optimizer, lr * scale)
         self.optimizer.step()
         self.step += 1
@@ -73,7 +78,7 @@ class Trainer:
     # -- evaluation, checkpoints ------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         return evaluate(self.model, self.data.test_x, self.data.test_y, self.kind, self.device,
-                        max_samples=self.cfg.train.eval_samples)
+                        max_samples=self.train.eval_samples)
 
     def save(self, run_dir: str | Path, extra: dict | None = None) -> Path:
         return checkpoint.save(run_dir, self.model, self.optimizer, self.step,
@@ -86,7 +91,7 @@ class Trainer:
         return meta
 
     def due(self, every: int) -> bool:
-        return bool(every) and self.step % every == 0 and self.step < self.total_steps
+        return bool(every) and self.step % every == 0 and self.step < self.end_step
 
     def summary(self, algo: str, samples: int, wall_s: float, final_loss: float | None,
                 evaluation: dict, run_dir: Path, **extra) -> dict:

@@ -1,0 +1,40 @@
+# smolcluster: every target sets up .venv first (idempotent; a no-op when nothing changed).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed.stamp
+ARGS   ?=
+PYTEST_ARGS ?=
+
+.PHONY: help install train train-gpt2 train-edp train-mp infer chat test test-deps lint bench keys clean
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-20s %s\n", $$1, $$2}'
+
+install: $(STAMP)  ## create .venv and install smolcluster with its dev tools
+
+$(STAMP): pyproject.toml scripts/install.sh
+	PYTHON=$(PYTHON) VENV=$(VENV) sh scripts/install.sh
+	touch $(STAMP)
+
+train: install  ## train the default model on embedded digits (ARGS="key=value ..." to override)
+	$(BIN)/python -m smolcluster.train $(ARGS)
+
+train-gpt2: install  ## gpt2-tiny on the embedded text corpus
+	$(BIN)/python -m smolcluster.train model=gpt2-tiny data=text train.optimizer=adamw train.lr=3e-3 train.batch_size=16 train.steps=300 train.eval_every=100 $(ARGS)
+
+test-deps:  ## system packages the tests use (chromium, sshd, iproute2); skipped when present
+	sh scripts/test-deps.sh
+
+test: install test-deps  ## run the test suite
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install  ## ruff
+	$(BIN)/ruff check smolcluster tests
+
+bench: install  ## run a benchmark: make bench NAME=local (list: python -m smolcluster.bench)
+	$(BIN)/python -m smolcluster.bench $(or $(NAME),local) $(ARGS)
+
+clean:  ## remove run outputs and caches (keeps .venv)
+	rm -rf runs outputs multirun bench-*.json .pytest_cache .ruff_cache .hypothesis build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

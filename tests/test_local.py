@@ -1,0 +1,113 @@
+"""The `local` reference trainer, end to end through the real CLI."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, run_cli, train
+
+
+def test_default_job_on_embedded_digits_beats_90_percent_and_writes_run_files(tmp_path):
+    s = train(tmp_path, "algo=local")
+    assert s["algo"] == "local" and s["model"] == "mnist" and s["data"] == "digits"
+    assert s["eval_accuracy"] > 0.90
+    for key in ("steps", "samples", "wall_s", "samples_per_s", "final_loss", "eval_loss"):
+        assert s[key] is not None, key
+    assert s["samples"] == s["steps"] * 64
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < losses[0] / 3
+    assert {"step", "loss", "lr", "samples", "time"} <= set(rows[0])
+    assert (tmp_path / "loss.png").stat().st_size > 5000
+    weights = load_file(tmp_path / "checkpoint.safetensors")
+    assert weights["net.1.weight"].shape == (128, 64)
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["step"] == s["steps"]
+
+
+def test_mnist_subset_three_epochs_reaches_95_percent(tmp_path, mnist_root):
+    s = train(tmp_path, "algo=local", "data=mnist", f"data.root={mnist_root}", "train.epochs=3")
+    assert s["eval_accuracy"] >= 0.95
+    assert s["steps"] == 3 * (19000 // 64)
+
+
+def test_runs_are_reproducible_and_the_seed_matters(tmp_path):
+    a = train(tmp_path / "a", "algo=local", "train.steps=30")
+    b = train(tmp_path / "b", "algo=local", "train.steps=30")
+    c = train(tmp_path / "c", "algo=local", "train.steps=30", "seed=1")
+    wa, wb, wc = (load_file(tmp_path / d / "checkpoint.safetensors") for d in "abc")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert a["eval_loss"] == b["eval_loss"]
+    assert not torch.equal(wa["net.1.weight"], wc["net.1.weight"])
+    del c
+
+
+def test_custom_module_through_target(tmp_path):
+    s = train(tmp_path, "algo=local", "model._target_=tests.custom_models.TinyNet", "+model.width=16",
+              "model.name=tiny", "~model.hidden", "train.steps=50")
+    assert s["model"] == "tiny" and s["params"] == 64 * 16 + 16 + 16 * 10 + 10
+    assert s["eval_accuracy"] > 0.5
+
+
+@pytest.mark.slow
+def test_gpt2_tiny_learns_shakespeare_and_resume_matches_uninterrupted(tmp_path, shakespeare):
+    common = ["algo=local", "model=gpt2-tiny", "data=text", f"data.path={shakespeare}", "model.n_layer=2",
+              "model.block_size=32", "train.batch_size=8", "train.optimizer=adamw", "train.lr=3e-3",
+              "train.warmup_steps=10", "train.eval_samples=128", f"data.cache_dir={tmp_path / 'tok'}"]
+    full = train(tmp_path / "full", *common, "train.steps=120", "train.eval_every=60")
+    evals = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    start = next(r["eval_loss"] for r in evals if r["step"] == 0 and "eval_loss" in r)
+    assert full["eval_loss"] < start - 1.5, (start, full["eval_loss"])
+
+    # stop halfway (a run of 60 steps with the same 120-step schedule), then resume it
+    train(tmp_path / "half", *common, "train.steps=120", "train.stop_after=60")
+    resumed = train(tmp_path / "resumed", *common, "train.steps=120", f"resume={tmp_path / 'half'}")
+    assert resumed["steps"] == 120
+    a = load_file(tmp_path / "full" / "checkpoint.safetensors")
+    b = load_file(tmp_path / "resumed" / "checkpoint.safetensors")
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
+
+
+def test_help_and_cfg_job_work_as_hydra_users_expect():
+    out = run_cli("smolcluster.train", "--help").stdout
+    assert "algo: " in out or "algo:" in out
+    assert "model=gpt2-tiny" in out  # our examples header
+    job = run_cli("smolcluster.train", "--cfg", "job", "model=gpt2-tiny", "train.lr=0.1").stdout
+    assert "lr: 0.1" in job and "name: gpt2-tiny" in job
+
+
+@pytest.mark.parametrize(
+    ("override", "expect"),
+    [
+        ("train.batch_size=-4", "train.batch_size=-4 is invalid"),
+        ("data.name=nope", "data='nope' is unknown"),
+        ("train.optimizer=lbfgs", "train.optimizer='lbfgs' is invalid: choose one of sgd, adamw"),
+        ("data=text data.path=/no/such/file.txt model=gpt2-tiny", "data.path=/no/such/file.txt: no such file"),
+        ("data=mnist data.root=/no/such/dir", "not found in /no/such/dir"),
+        ("resume=/no/such/run", "resume=/no/such/run: no checkpoint.safetensors"),
+    ],
+)
+def test_bad_config_is_one_clear_line_not_a_traceback(override, expect, tmp_path):
+    proc = run_cli("smolcluster.train", f"hydra.run.dir={tmp_path}", "algo=local", *override.split(), check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expect in errors[0], proc.stderr[-3000:]
+
+
+def test_unknown_model_lists_the_choices():
+    proc = run_cli("smolcluster.train", "model=nosuchmodel", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "nosuchmodel" in proc.stderr and "gpt2-tiny" in proc.stderr
+
+
+def test_conf_dir_is_packaged():
+    import tomllib
+
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert meta["tool"]["setuptools"]["package-dir"]["smolcluster.conf"] == "conf"
+    pkgs = set(meta["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.relative_to(REPO).parent.parts) for p in (REPO / "smolcluster").rglob("__init__.py")}
+    assert on_disk <= pkgs, f"packages missing from pyproject: {on_disk - pkgs}"
