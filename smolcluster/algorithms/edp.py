@@ -1,0 +1,152 @@
+"""``algo=edp``: Elastic Distributed Parallelism — an asynchronous, staleness-aware parameter server.
+
+Nobody waits. Each worker pushes gradients tagged with the weight version they were
+computed on and keeps training; the server applies each one on arrival, its step
+scaled by :func:`staleness_scale`, and drops those older than ``algo.max_staleness``.
+Workers pull fresh weights every ``algo.pull_every`` steps, may join at any time
+(starting from the current weights) and may leave or die without anyone stalling.
+So a Raspberry Pi never holds back a Mac mini: it just contributes less, and later.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from loguru import logger
+from omegaconf import DictConfig
+
+from smolcluster.algorithms.ps import ServerBase, WorkerInfo, WorkerLink, batch_sizes, run_role
+from smolcluster.cluster import worker_settings
+from smolcluster.errors import ConfigError, PeerError
+from smolcluster.trainer import Trainer
+from smolcluster.transport import Message
+from smolcluster.transport.compression import ErrorFeedback, get_codec
+
+RULES = ("inverse", "constant", "dc")
+
+
+def staleness_scale(staleness: int, rule: str) -> float:
+    """The EDP staleness rule: how much of a normal step a gradient this stale gets."""
+    return 1.0 if rule == "constant" else 1.0 / (1.0 + staleness)
+
+
+class EdpServer(ServerBase):
+    algo = "edp"
+
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        if cfg.algo.staleness_rule not in RULES:
+            raise ConfigError(f"algo.staleness_rule={cfg.algo.staleness_rule!r} is invalid: choose one of {', '.join(RULES)}")
+        super().__init__(cfg, run_dir)
+        if not cfg.train.steps:  # an update uses one worker's batch, a SyncPS step all of them: same sample budget
+            self.trainer.total_steps *= cfg.cluster.workers
+            self.trainer.end_step = min(self.trainer.total_steps, cfg.train.get("stop_after") or self.trainer.total_steps)
+        self.rule, self.max_staleness = cfg.algo.staleness_rule, int(cfg.algo.max_staleness)
+        self.applied = self.dropped = 0
+        self.window_stale: list[int] = []
+        self.window_loss: list[float] = []
+        # Weights each recent version was sent with, for delay compensation (dc) only.
+        self.history: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+
+    def send_weights(self, worker: WorkerInfo, kind: str = "weights") -> None:
+        if self.rule == "dc" and self.trainer.step not in self.history:
+            self.history[self.trainer.step] = {n: torch.from_numpy(a) for n, a in self.weights().items()}
+            while len(self.history) > self.max_staleness + 1:
+                self.history.popitem(last=False)
+        super().send_weights(worker, kind)
+
+    def on_grad(self, worker: WorkerInfo, msg: Message, grads: dict[str, torch.Tensor]) -> None:
+        f = msg.fields
+        s = self.trainer.step - f["version"]
+        worker.stale.append(s)
+        worker.last_loss = f["loss"]
+        if s > self.max_staleness or s < 0 or self.trainer.step >= self.trainer.end_step:
+            worker.skipped += 1
+            self.dropped += 1
+            logger.debug(f"dropped worker {worker.rank}'s gradient: staleness {s} > algo.max_staleness={self.max_staleness}")
+            return
+        flat = self.trainer.flat
+        for name, g in flat.grads.items():
+            g.copy_(grads[name])
+            old = self.history.get(f["version"]) if self.rule == "dc" else None
+            if old is not None and s > 0:  # DC-ASGD: g + lambda * g * g * (w_now - w_then)
+                g.add_(g * g * (flat.params[name] - old[name].to(g.device)), alpha=self.cfg.algo.dc_lambda)
+        self.last_lr = self.trainer.apply_gradients(staleness_scale(s, self.rule))
+        worker.applied += 1
+        worker.samples += f["samples"]
+        self.applied += 1
+        self.window_stale.append(s)
+        self.window_loss.append(f["loss"])
+        metrics = {}
+        if self.trainer.step % self.tr.log_every == 0:
+            metrics = {"staleness_mean": float(np.mean(self.window_stale)), "staleness_max": int(max(self.window_stale)),
+                       "applied": self.applied, "dropped": self.dropped,
+                       "bytes_per_update": round(self.bytes_received / max(1, self.applied + self.dropped))}
+            self.window_stale.clear()
+        loss = float(np.mean(self.window_loss[-self.tr.log_every:]))
+        if len(self.window_loss) > 4 * self.tr.log_every:
+            del self.window_loss[: -self.tr.log_every]
+        self.after_step(loss, f["samples"], **metrics)
+
+    def run(self) -> dict:
+        self.wait_for_workers(int(self.cfg.algo.min_workers))
+        while self.trainer.step < self.trainer.end_step:
+            self.poll(0.1)
+            self.check_liveness()
+            if not self.live():
+                logger.warning("no live workers; waiting for one to join")
+                self.wait_for_workers(1)
+        return self.finish(applied=self.applied, dropped=self.dropped)
+
+
+def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> None:
+    settings = worker_settings(cfg.cluster, rank, cfg.train)
+    trainer = Trainer(cfg, batch_sizes(cfg), with_optimizer=False, device=settings["device"])
+    link = WorkerLink(cfg, rank, trainer, "edp")
+    codec = get_codec(cfg.algo.codec)
+    feedback = ErrorFeedback(codec) if cfg.algo.codec != "none" else None
+    pull_every, delay = max(1, int(cfg.algo.pull_every)), settings["delay_s"]
+    wait_s = cfg.cluster.liveness_s
+    msg = link.register()
+    # Continue through this worker's shard from about where the cluster is.
+    local_step = msg.fields["step"] // max(1, cfg.cluster.workers)
+    t0, samples = time.perf_counter(), 0
+    try:
+        while True:
+            loss, n = trainer.compute_gradients(local_step, rank)
+            local_step += 1
+            samples += n
+            if delay:
+                time.sleep(delay)  # test knob: cluster.nodes[rank].delay_s makes this node slower
+            if feedback is not None:
+                feedback.compensate(trainer.flat.grads)  # add last residual, keep the new one
+            link.push(local_step, float(loss), n, samples_per_s=samples / (time.perf_counter() - t0))
+            if local_step % pull_every == 0:
+                link.client.send("pull", {"rank": rank})
+                msg = link.recv(wait_s)
+                while msg is not None and msg.kind == "error":
+                    logger.error(f"server rejected our message: {msg.fields['reason']}: {msg.fields['detail']}")
+                    msg = link.recv(wait_s)
+            else:
+                msg = link.recv(0)
+            if msg is None:
+                if local_step % pull_every == 0:
+                    logger.warning(f"no weights from {link.address} for {wait_s:.0f}s; re-registering")
+                    link.register()
+                continue
+            if msg.kind == "stop":
+                logger.info(f"worker {rank} done: {msg.fields['reason']} ({link.bytes_sent:,} bytes sent)")
+                return
+            if msg.kind in ("weights", "welcome"):
+                link.load(msg)
+            elif msg.kind != "error":
+                raise PeerError(f"unexpected {msg.kind!r} from the server")
+    finally:
+        link.close()
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict | None:
+    return run_role(cfg, run_dir, EdpServer, run_worker)

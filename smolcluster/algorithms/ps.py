@@ -1,0 +1,372 @@
+"""Parameter-server machinery shared by ``syncps`` and ``edp``.
+
+The server side (:class:`ServerBase`) owns the model, optimizer and schedule (a
+:class:`~smolcluster.trainer.Trainer`), the ROUTER endpoint, worker membership
+(registration, heartbeats, loss), evaluation, checkpoints and run files. A policy
+subclass decides *when* gradients are applied: SyncPS behind a per-step barrier,
+EDP on arrival, weighed by staleness.
+
+The worker side (:class:`WorkerLink`) registers, receives weights into the model's
+flat buffer and pushes its flat gradient; each algorithm writes its own loop.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from loguru import logger
+from omegaconf import DictConfig
+
+from smolcluster.cluster import worker_settings
+from smolcluster.errors import ConfigError, PeerError
+from smolcluster.telemetry.run_files import open_recorder
+from smolcluster.trainer import Trainer
+from smolcluster.transport import ClientEndpoint, Heartbeat, Message, ServerEndpoint, wire
+
+PROTOCOL = wire.PROTOCOL_VERSION
+
+
+def max_bytes(cluster: DictConfig) -> int:
+    return int(cluster.max_message_mb) * 1024 * 1024
+
+
+def server_address(cluster: DictConfig) -> str:
+    if cluster.port is None:
+        raise PeerError("cluster.port is not set: give the server's port (cluster.port=5555) on every node")
+    return f"tcp://{cluster.host}:{cluster.port}"
+
+
+def batch_sizes(cfg: DictConfig) -> list[int]:
+    return [worker_settings(cfg.cluster, r, cfg.train)["batch_size"] for r in range(cfg.cluster.workers)]
+
+
+def to_numpy(flat: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """CPU numpy views of flat buffers (a copy only when they live on an accelerator)."""
+    return {name: t.detach().cpu().numpy() for name, t in flat.items()}
+
+
+@dataclass
+class WorkerInfo:
+    rank: int
+    peer: bytes
+    node: str
+    device: str
+    batch_size: int
+    last_seen: float = field(default_factory=time.monotonic)
+    alive: bool = True
+    joined_step: int = 0
+    lost_step: int | None = None
+    applied: int = 0          # gradients applied
+    skipped: int = 0          # gradients skipped (straggler) or dropped (too stale)
+    samples: int = 0
+    last_loss: float | None = None
+    bytes_received: int = 0
+    stale: list[int] = field(default_factory=list)
+
+    def report(self) -> dict:
+        out = {k: getattr(self, k) for k in ("node", "device", "batch_size", "joined_step", "lost_step",
+                                             "applied", "skipped", "samples", "last_loss", "bytes_received")}
+        out["alive"] = self.alive
+        if self.stale:
+            s = np.asarray(self.stale)
+            out["staleness_mean"] = float(s.mean())
+            out["staleness_max"] = int(s.max())
+            out["staleness_hist"] = np.bincount(s).tolist()
+        return out
+
+
+class ServerBase:
+    algo = "ps"
+
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.cluster = cfg.cluster
+        self.trainer = Trainer(cfg, batch_sizes(cfg))
+        if cfg.resume:
+            self.trainer.resume(cfg.resume)
+        self.tr = self.trainer.train
+        self.flat = self.trainer.flat
+        self.codec = cfg.algo.get("codec", "none")
+        self.endpoint = ServerEndpoint(f"tcp://{self.cluster.bind}:{self.cluster.port}",
+                                       max_bytes=max_bytes(self.cluster), curve_dir=self.cluster.keys)
+        self.workers: dict[int, WorkerInfo] = {}
+        self.recorder = open_recorder(cfg, self.run_dir, append=bool(cfg.resume))
+        self.ema = {n: t.detach().clone() for n, t in self.flat.params.items()} if cfg.algo.get("ema") else None
+        self.samples = 0
+        self.bytes_sent = self.bytes_received = 0
+        self.t0 = time.perf_counter()
+        self._weights: tuple[int, dict[str, np.ndarray]] | None = None
+        self.last_lr: float | None = None
+        self._last_eval: dict = {}
+        logger.info(f"{self.algo} server on {self.endpoint.address}: model={cfg.model.name} "
+                    f"({self.trainer.num_params:,} params) steps={self.trainer.step}->{self.trainer.end_step} "
+                    f"waiting for {self.cluster.workers} workers")
+
+    # -- membership -------------------------------------------------------------------------
+    def live(self) -> list[WorkerInfo]:
+        return [w for w in self.workers.values() if w.alive]
+
+    def worker_for(self, peer: bytes) -> WorkerInfo | None:
+        for w in self.workers.values():
+            if w.peer == peer and w.alive:
+                return w
+        return None
+
+    def refuse(self, peer: bytes, reason: str) -> None:
+        logger.warning(f"refused a worker: {reason}")
+        self.endpoint.send(peer, "refuse", {"reason": reason})
+
+    def on_register(self, peer: bytes, msg: Message) -> None:
+        f = msg.fields
+        rank = f["rank"]
+        if f["protocol"] != PROTOCOL:
+            return self.refuse(peer, f"protocol version {f['protocol']} != server's {PROTOCOL}: run the same smolcluster version on every node")
+        if f["algo"] != self.algo:
+            return self.refuse(peer, f"worker runs algo={f['algo']} but the server runs algo={self.algo}")
+        if f["fingerprint"] != self.trainer.fingerprint:
+            return self.refuse(peer, f"model fingerprint {f['fingerprint']} != server's {self.trainer.fingerprint}: "
+                                     "every node must use the same model config")
+        if not 0 <= rank < self.cluster.workers:
+            return self.refuse(peer, f"rank {rank} is outside 0..{self.cluster.workers - 1} (cluster.workers)")
+        old = self.workers.get(rank)
+        if old is not None and old.alive and old.peer != peer:
+            logger.warning(f"worker {rank} re-registered from a new connection; the old one is dropped")
+        self.workers[rank] = WorkerInfo(rank, peer, f["node"], f["device"], f["batch_size"], joined_step=self.trainer.step)
+        if old is not None:  # keep its history across reconnects
+            for k in ("applied", "skipped", "samples", "bytes_received", "stale"):
+                setattr(self.workers[rank], k, getattr(old, k))
+        logger.info(f"worker {rank} joined from node {f['node']} ({f['device']}, batch {f['batch_size']}) at step {self.trainer.step}")
+        self.send_weights(self.workers[rank], kind="welcome")
+
+    def check_liveness(self) -> None:
+        now = time.monotonic()
+        for w in self.live():
+            if now - w.last_seen > self.cluster.liveness_s:
+                w.alive, w.lost_step = False, self.trainer.step
+                logger.warning(f"worker {w.rank} ({w.node}) lost: silent for {now - w.last_seen:.1f}s "
+                               f"(cluster.liveness_s={self.cluster.liveness_s}); continuing without it")
+                self.on_lost(w)
+
+    def on_lost(self, worker: WorkerInfo) -> None:
+        """Policy hook: a worker stopped answering."""
+
+    # -- weights out, gradients in ----------------------------------------------------------
+    def weights(self) -> dict[str, np.ndarray]:
+        """A snapshot of the weights for this version: zmq sends asynchronously (copy=False), so the
+        buffer it reads must not be the one the next optimizer step writes."""
+        if self._weights is None or self._weights[0] != self.trainer.step:
+            self._weights = (self.trainer.step, {n: a.copy() for n, a in to_numpy(self.flat.params).items()})
+        return self._weights[1]
+
+    def send_weights(self, worker: WorkerInfo, kind: str = "weights") -> None:
+        fields = {"step": self.trainer.step, "version": self.trainer.step}
+        if kind == "welcome":
+            fields["rank"] = worker.rank
+        self.bytes_sent += self.endpoint.send(worker.peer, kind, fields, self.weights(), codec=self.codec)
+
+    def gradient_arrays(self, worker: WorkerInfo, msg: Message) -> dict[str, torch.Tensor] | None:
+        """The gradient tensors of a ``grad`` message, or None (answered with an error) if they do not fit the model."""
+        out = {}
+        for name, flat in self.flat.grads.items():
+            arr = msg.tensors.get(name)
+            if arr is None or arr.size != flat.numel():
+                got = {k: v.size for k, v in msg.tensors.items()}
+                self.endpoint.rejected["grad_shape"] += 1
+                self.endpoint.send(worker.peer, "error", {"reason": "grad_shape",
+                                   "detail": f"expected {name} with {flat.numel()} values, got {got}"})
+                logger.error(f"rejected a gradient from worker {worker.rank}: tensors {got} do not fit the model")
+                return None
+            out[name] = torch.from_numpy(np.asarray(arr, dtype=np.float32).reshape(-1))
+        return out
+
+    def poll(self, timeout_s: float) -> None:
+        """Handle at most one message (or time out); every message refreshes its sender's liveness."""
+        got = self.endpoint.recv(int(timeout_s * 1000))
+        if got is None:
+            return
+        peer, msg = got
+        if msg.kind == "register":
+            return self.on_register(peer, msg)
+        worker = self.worker_for(peer)
+        if worker is None:
+            if msg.kind == "heartbeat":
+                w = self.workers.get(msg.fields["rank"])
+                if w is not None and w.alive:
+                    w.last_seen = time.monotonic()
+                return
+            if msg.kind != "bye":
+                self.endpoint.rejected["unregistered"] += 1
+                self.endpoint.send(peer, "error", {"reason": "unregistered", "detail": "send register first"})
+            return
+        worker.last_seen = time.monotonic()
+        if msg.kind == "grad":
+            worker.bytes_received += msg.nbytes
+            self.bytes_received += msg.nbytes
+            grads = self.gradient_arrays(worker, msg)
+            if grads is not None:
+                self.on_grad(worker, msg, grads)
+        elif msg.kind == "pull":
+            self.send_weights(worker)
+        elif msg.kind == "bye":
+            worker.alive, worker.lost_step = False, self.trainer.step
+            logger.info(f"worker {worker.rank} left at step {self.trainer.step}")
+            self.on_lost(worker)
+        elif msg.kind != "heartbeat":
+            self.endpoint.rejected["unexpected_kind"] += 1
+            self.endpoint.send(peer, "error", {"reason": "unexpected_kind", "detail": f"server does not take {msg.kind!r}"})
+
+    def on_grad(self, worker: WorkerInfo, msg: Message, grads: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    # -- after each optimizer step ----------------------------------------------------------
+    def after_step(self, loss: float | None, samples: int, **metrics) -> None:
+        self.samples += samples
+        if self.ema is not None:
+            decay = float(self.cfg.algo.ema)
+            for name, t in self.flat.params.items():
+                self.ema[name].lerp_(t.detach(), 1 - decay)
+        step, tr = self.trainer.step, self.tr
+        row: dict = {}
+        if step % tr.log_every == 0 or step == self.trainer.end_step:
+            elapsed = time.perf_counter() - self.t0
+            row = {"loss": loss, "lr": self.last_lr, "samples": self.samples,
+                   "samples_per_s": round(self.samples / elapsed, 2), "bytes_sent": self.bytes_sent,
+                   "bytes_received": self.bytes_received, "peers_alive": len(self.live()), **metrics}
+            row.update({f"loss/{w.rank}": w.last_loss for w in self.workers.values() if w.last_loss is not None})
+            logger.info(f"step {step}/{self.trainer.end_step} loss {loss:.4f} " if loss is not None else f"step {step} ")
+        if self.trainer.due(tr.eval_every):
+            self._last_eval = self.trainer.evaluate()
+            row.update(self._last_eval)
+        if row:
+            self.recorder.log(step, **row)
+        if self.trainer.due(tr.checkpoint_every):
+            self.trainer.save(self.run_dir)
+
+    def wait_for_workers(self, count: int) -> None:
+        deadline = time.monotonic() + self.cluster.connect_timeout_s
+        while len(self.live()) < count:
+            if time.monotonic() > deadline:
+                raise PeerError(
+                    f"only {len(self.live())} of {count} workers registered within cluster.connect_timeout_s="
+                    f"{self.cluster.connect_timeout_s}s at {self.endpoint.address}: start the workers "
+                    "(role=worker rank=N) or lower cluster.workers")
+            self.poll(0.2)
+
+    # -- the end ----------------------------------------------------------------------------
+    def finish(self, **extra) -> dict:
+        for w in self.live():
+            self.endpoint.send(w.peer, "stop", {"reason": "training finished"})
+        evaluation = self.trainer.evaluate()
+        if self.ema is not None:
+            saved = {n: t.clone() for n, t in self.flat.params.items()}
+            self.flat.load_params(self.ema)
+            evaluation.update({f"ema_{k}": v for k, v in self.trainer.evaluate().items()})
+            self.flat.load_params(saved)
+        self.recorder.log(self.trainer.step, **evaluation)
+        self.trainer.save(self.run_dir)
+        wall = time.perf_counter() - self.t0
+        summary = self.trainer.summary(
+            self.algo, self.samples, wall, self.final_loss(), evaluation, self.run_dir,
+            workers={str(r): w.report() for r, w in sorted(self.workers.items())},
+            workers_lost=sorted(r for r, w in self.workers.items() if not w.alive),
+            rejected_messages=dict(self.endpoint.rejected), bytes_sent=self.bytes_sent,
+            bytes_received=self.bytes_received, **extra)
+        time.sleep(0.2)  # let the stop messages leave before the socket closes (linger=0)
+        self.endpoint.close()
+        return self.recorder.finish(summary)
+
+    def final_loss(self) -> float | None:
+        losses = [w.last_loss for w in self.workers.values() if w.last_loss is not None]
+        return float(np.mean(losses)) if losses else None
+
+
+class WorkerLink:
+    """A worker's connection to the server: register (with retries), weights in, gradients out."""
+
+    def __init__(self, cfg: DictConfig, rank: int, trainer: Trainer, algo: str):
+        self.cfg, self.rank, self.trainer, self.algo = cfg, rank, trainer, algo
+        self.cluster = cfg.cluster
+        self.settings = worker_settings(self.cluster, rank, cfg.train)
+        self.address = server_address(self.cluster)
+        self.codec = cfg.algo.get("codec", "none")
+        self.client: ClientEndpoint | None = None
+        self.heartbeat: Heartbeat | None = None
+        self.bytes_sent = 0
+        self.version = -1
+
+    def _connect(self) -> None:
+        self.close()
+        self.client = ClientEndpoint(self.address, max_bytes=max_bytes(self.cluster), curve_dir=self.cluster.keys)
+        self.heartbeat = Heartbeat(self.address, rank=self.rank, interval_s=self.cluster.heartbeat_s,
+                                   max_bytes=max_bytes(self.cluster), curve_dir=self.cluster.keys)
+        self.heartbeat.start()
+
+    def register(self) -> Message:
+        """Register until the server welcomes us; a refusal or cluster.connect_timeout_s is a PeerError."""
+        deadline = time.monotonic() + self.cluster.connect_timeout_s
+        while time.monotonic() < deadline:
+            self._connect()
+            self.client.send("register", {
+                "rank": self.rank, "node": self.settings["name"], "device": str(self.trainer.device),
+                "batch_size": self.settings["batch_size"], "protocol": PROTOCOL,
+                "fingerprint": self.trainer.fingerprint, "algo": self.algo})
+            msg = self.client.recv(2000)
+            if msg is None:
+                continue
+            if msg.kind == "refuse":
+                raise PeerError(f"the server at {self.address} refused worker {self.rank}: {msg.fields['reason']}")
+            if msg.kind == "welcome":
+                self.load(msg)
+                logger.info(f"worker {self.rank} registered with {self.address} at step {msg.fields['step']}")
+                return msg
+        raise PeerError(f"could not reach the server at {self.address} for cluster.connect_timeout_s="
+                        f"{self.cluster.connect_timeout_s}s: is it running, and is the port open?")
+
+    def load(self, msg: Message) -> None:
+        with torch.no_grad():
+            for name, flat in self.trainer.flat.params.items():
+                flat.copy_(torch.from_numpy(np.asarray(msg.tensors[name]).reshape(-1)))
+        self.version = msg.fields["version"]
+
+    def push(self, step: int, loss: float, samples: int, **fields) -> None:
+        grads = to_numpy(self.trainer.flat.grads)
+        self.bytes_sent += self.client.send("grad", {"rank": self.rank, "step": step, "version": self.version,
+                                                     "samples": samples, "loss": loss, **fields},
+                                            grads, codec=self.codec)
+
+    def recv(self, timeout_s: float) -> Message | None:
+        return self.client.recv(int(timeout_s * 1000))
+
+    def close(self, bye: bool = False) -> None:
+        if self.client is not None and bye:
+            self.client.send("bye", {"rank": self.rank})
+            time.sleep(0.05)
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+            self.heartbeat = None
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+
+def run_role(cfg: DictConfig, run_dir: Path, server_cls, worker_fn) -> dict | None:
+    """Dispatch on ``role``: launch the whole cluster locally, or be its server or one worker."""
+    role = cfg.role
+    if role == "launch":
+        from smolcluster.launch_local import launch
+
+        return launch(cfg, run_dir)
+    if role == "server":
+        server = server_cls(cfg, run_dir)
+        return server.run()
+    if role == "worker":
+        if cfg.rank is None:
+            raise ConfigError("role=worker needs its rank: add rank=N (0 <= N < cluster.workers)")
+        worker_fn(cfg, run_dir, int(cfg.rank))
+        return None
+    raise ConfigError(f"role={role!r} is invalid: choose launch (start everything here), server or worker")
+

@@ -1,0 +1,128 @@
+"""``algo=syncps``: synchronous parameter server.
+
+Every step is a barrier: the server waits for the gradient of every live worker
+for that step (:meth:`SyncServer.barrier`), averages them weighted by samples,
+steps the optimizer once and sends the new weights to everyone. A worker later
+than ``algo.straggler_timeout`` is skipped for that step; one that misses its
+heartbeats leaves the barrier; one that comes back re-registers and continues
+on the current weights.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from loguru import logger
+from omegaconf import DictConfig
+
+from smolcluster.algorithms.ps import ServerBase, WorkerInfo, WorkerLink, batch_sizes, run_role
+from smolcluster.cluster import worker_settings
+from smolcluster.errors import PeerError
+from smolcluster.trainer import Trainer
+from smolcluster.transport import Message
+
+
+class SyncServer(ServerBase):
+    algo = "syncps"
+
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        super().__init__(cfg, run_dir)
+        self.pending: dict[int, tuple[dict[str, torch.Tensor], int, float]] = {}
+        self.straggler_skips = 0
+
+    def on_grad(self, worker: WorkerInfo, msg: Message, grads: dict[str, torch.Tensor]) -> None:
+        f = msg.fields
+        if f["step"] != self.trainer.step:  # a straggler's gradient for a step already taken
+            worker.skipped += 1
+            logger.debug(f"discarded worker {worker.rank}'s gradient for past step {f['step']}")
+            return
+        # grads are views of the received frame; they are consumed in barrier() before the next recv
+        self.pending[worker.rank] = (grads, f["samples"], f["loss"])
+        worker.last_loss = f["loss"]
+
+    def barrier(self) -> list[int]:
+        """Wait until every live worker's gradient for this step is in, or the straggler timeout passes."""
+        deadline = time.monotonic() + self.cfg.algo.straggler_timeout
+        while True:
+            waiting = [w.rank for w in self.live() if w.rank not in self.pending]
+            if not waiting:
+                return []
+            if time.monotonic() > deadline and self.pending:
+                return waiting
+            if not self.live():
+                self.wait_for_workers(1)  # everyone is gone: wait (bounded) for someone to come back
+                for w in self.live():
+                    self.send_weights(w)
+                deadline = time.monotonic() + self.cfg.algo.straggler_timeout
+            self.poll(0.05)
+            self.check_liveness()
+
+    def average(self) -> tuple[int, float]:
+        """flat.grads = sum(samples_r * grad_r) / sum(samples_r)."""
+        total = sum(n for _, n, _ in self.pending.values())
+        for name, g in self.trainer.flat.grads.items():
+            g.zero_()
+            for grads, n, _ in self.pending.values():
+                g.add_(grads[name].to(g.device), alpha=n / total)
+        loss = sum(loss * n for _, n, loss in self.pending.values()) / total
+        return total, loss
+
+    def run(self) -> dict:
+        self.wait_for_workers(self.cluster.workers)
+        trainer = self.trainer
+        while trainer.step < trainer.end_step:
+            late = self.barrier()
+            for rank in late:
+                self.workers[rank].skipped += 1
+                self.straggler_skips += 1
+                logger.warning(f"step {trainer.step}: worker {rank} is a straggler (> algo.straggler_timeout="
+                               f"{self.cfg.algo.straggler_timeout}s); skipped for this step")
+            samples, loss = self.average()
+            for rank in self.pending:
+                self.workers[rank].applied += 1
+                self.workers[rank].samples += self.pending[rank][1]
+            self.pending.clear()
+            self.last_lr = trainer.apply_gradients()
+            self.after_step(loss, samples, straggler_skips=self.straggler_skips)
+            if trainer.step < trainer.end_step:
+                for w in self.live():
+                    self.send_weights(w)
+        return self.finish(straggler_skips=self.straggler_skips)
+
+
+def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> None:
+    device = worker_settings(cfg.cluster, rank, cfg.train)["device"]  # per-node device from the cluster file
+    trainer = Trainer(cfg, batch_sizes(cfg), with_optimizer=False, device=device)
+    link = WorkerLink(cfg, rank, trainer, "syncps")
+    delay = link.settings["delay_s"]  # test knob: make this node artificially slow
+    wait_s = cfg.algo.straggler_timeout + cfg.cluster.liveness_s
+    msg = link.register()
+    try:
+        while True:
+            step = msg.fields["step"]
+            loss, n = trainer.compute_gradients(step, rank)
+            if delay:
+                time.sleep(delay)
+            link.push(step, float(loss), n)
+            msg = link.recv(wait_s)
+            while msg is not None and msg.kind == "error":
+                logger.error(f"server rejected our message: {msg.fields['reason']}: {msg.fields['detail']}")
+                msg = link.recv(wait_s)
+            if msg is None:
+                logger.warning(f"no weights from {link.address} for {wait_s:.0f}s; re-registering")
+                msg = link.register()
+            elif msg.kind == "stop":
+                logger.info(f"worker {rank} done: {msg.fields['reason']}")
+                return
+            elif msg.kind == "welcome" or msg.kind == "weights":
+                link.load(msg)
+            else:
+                raise PeerError(f"unexpected {msg.kind!r} from the server")
+    finally:
+        link.close()
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict | None:
+    return run_role(cfg, run_dir, SyncServer, run_worker)

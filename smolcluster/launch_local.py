@@ -1,0 +1,107 @@
+"""Start a whole cluster on this machine: the server and ``cluster.workers`` workers as child processes.
+
+Each child is ``python -m smolcluster.train`` with the same overrides plus its role,
+a free loopback port and the shared run directory. Their output is relayed with a
+``[server]`` / ``[worker N]`` prefix. If any child fails, every other child is
+stopped and the launcher exits non-zero naming it; Ctrl-C / SIGTERM stop them all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from loguru import logger
+from omegaconf import DictConfig
+
+from smolcluster.cluster import free_port, python_cmd
+from smolcluster.errors import PeerError
+
+_ROLE_KEYS = ("role=", "rank=", "cluster.port=", "run_id=", "hydra.run.dir=", "hydra.output_subdir=",
+              "train.progress=")
+
+
+def _relay(proc: subprocess.Popen, prefix: str) -> None:
+    for line in iter(proc.stdout.readline, ""):
+        sys.stderr.write(f"{prefix} {line}")
+    proc.stdout.close()
+
+
+def child_overrides(cfg: DictConfig) -> list[str]:
+    """The user's command-line overrides, minus the ones the launcher sets per child."""
+    try:
+        task = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not under Hydra (tests calling launch directly)
+        task = []
+    return [o for o in task if not o.startswith(_ROLE_KEYS)]
+
+
+def launch(cfg: DictConfig, run_dir: Path, extra: list[str] | None = None) -> dict:
+    port = cfg.cluster.port or free_port(cfg.cluster.host)
+    common = [*child_overrides(cfg), *(extra or []), f"cluster.port={port}", f"run_id={cfg.run_id}",
+              f"hydra.run.dir={run_dir}", "hydra.output_subdir=null", "train.progress=false"]
+    roles = [("server", ["role=server"])] + [(f"worker {r}", ["role=worker", f"rank={r}"])
+                                              for r in range(cfg.cluster.workers)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    procs: dict[str, subprocess.Popen] = {}
+    # SIGTERM must unwind like Ctrl-C so the finally below stops every child.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    logger.info(f"launching {cfg.algo.name} on this machine: 1 server + {cfg.cluster.workers} workers, "
+                f"port {port}, run dir {run_dir}")
+    try:
+        for name, role in roles:
+            procs[name] = subprocess.Popen(python_cmd() + common + role, stdout=subprocess.PIPE,
+                                           stderr=subprocess.STDOUT, text=True, env=env,
+                                           start_new_session=True)
+            threading.Thread(target=_relay, args=(procs[name], f"[{name}]"), daemon=True).start()
+        failed = _supervise(procs)
+        if failed:
+            name, code = failed
+            raise PeerError(f"{name} exited with code {code}; stopped the rest of the cluster (its log is above)")
+    finally:
+        _stop_all(procs)
+    summary_path = run_dir / "summary.json"
+    return json.loads(summary_path.read_text())
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _supervise(procs: dict[str, subprocess.Popen]) -> tuple[str, int] | None:
+    """Wait until the server exits; the first child to fail (non-zero) ends the wait."""
+    while True:
+        for name, p in procs.items():
+            code = p.poll()
+            if code is not None and code != 0:
+                return name, code
+        if procs["server"].poll() == 0:
+            # the server told the workers to stop; give them a moment to exit on their own
+            deadline = time.monotonic() + 10
+            while any(p.poll() is None for p in procs.values()) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            return None
+        time.sleep(0.1)
+
+
+def _stop_all(procs: dict[str, subprocess.Popen], grace_s: float = 10.0) -> None:
+    for p in procs.values():
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace_s
+    for p in procs.values():
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=5)

@@ -1,0 +1,92 @@
+"""Start real server / worker processes on loopback for the multi-process tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from smolcluster.cluster import free_port
+from tests.conftest import REPO
+
+
+class Cluster:
+    """One server and N workers as separate processes sharing a run dir and a port."""
+
+    def __init__(self, run_dir: Path, algo: str, *overrides: str, workers: int = 2, port: int | None = None):
+        self.run_dir, self.algo = Path(run_dir), algo
+        self.port = port or free_port()
+        self.common = [f"algo={algo}", f"cluster.workers={workers}", f"cluster.port={self.port}",
+                       f"hydra.run.dir={run_dir}", "hydra.output_subdir=null", "train.progress=false",
+                       "run_id=test", *overrides]
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, Path] = {}
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log = self.run_dir / f"{name.replace(' ', '_')}.out"
+        self.logs[name] = log
+        proc = subprocess.Popen([sys.executable, "-m", "smolcluster.train", *self.common, *args], cwd=REPO,
+                                stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def server(self, *args: str) -> subprocess.Popen:
+        return self.start("server", "role=server", *args)
+
+    def worker(self, rank: int, *args: str) -> subprocess.Popen:
+        return self.start(f"worker{rank}", "role=worker", f"rank={rank}", *args)
+
+    def output(self, name: str) -> str:
+        return self.logs[name].read_text() if name in self.logs else ""
+
+    def wait(self, name: str, timeout: float = 180) -> int:
+        try:
+            return self.procs[name].wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{name} did not finish in {timeout}s\n{self.output(name)[-3000:]}") from None
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        self.procs[name].send_signal(sig)
+        self.procs[name].wait(timeout=30)
+
+    def metrics(self) -> list[dict]:
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+    def wait_for_step(self, step: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rows = self.metrics()
+            if rows and rows[-1]["step"] >= step:
+                return
+            for name, p in self.procs.items():
+                if p.poll() not in (None, 0):
+                    raise AssertionError(f"{name} exited {p.returncode}\n{self.output(name)[-3000:]}")
+            time.sleep(0.1)
+        raise AssertionError(f"no step {step} within {timeout}s\n{self.output('server')[-3000:]}")
+
+    def summary(self) -> dict:
+        return json.loads((self.run_dir / "summary.json").read_text())
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait(timeout=10)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
