@@ -1,0 +1,228 @@
+"""The SSH launcher against a real OpenSSH server that the test starts on loopback.
+
+The test makes a host key and a client key in a tmp dir, runs ``/usr/sbin/sshd -D`` on a free
+port with a config that trusts only that key, and points a cluster file's three nodes at it.
+Every role then really starts through ``ssh``: the preflight, a SyncPS run, a failing worker
+that must stop the rest, and SIGTERM to the launcher that must stop every node.
+
+Needs root (sshd) and Debian's openssh-server (`apt-get install -y openssh-server`); skips
+with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from omegaconf import OmegaConf
+
+from smolcluster.cluster import free_port
+from tests.conftest import REPO
+
+SSHD = "/usr/sbin/sshd"
+
+
+def _sshd_unavailable() -> str | None:
+    if os.name != "posix" or os.geteuid() != 0:
+        return "needs root to run sshd"
+    if not os.path.exists(SSHD):
+        return "needs OpenSSH's server: apt-get install -y openssh-server"
+    for tool in ("ssh", "ssh-keygen"):
+        if shutil.which(tool) is None:
+            return f"needs {tool} (openssh-client)"
+    return None
+
+
+class Sshd:
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.client_key = root / "client_key"
+        self.log = root / "sshd.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Sshd:
+        for key in ("host_key", "client_key"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.root / key)],
+                           check=True, timeout=30)
+        (self.root / "authorized_keys").write_text((self.root / "client_key.pub").read_text())
+        config = self.root / "sshd_config"
+        config.write_text("\n".join([
+            f"Port {self.port}", "ListenAddress 127.0.0.1", f"HostKey {self.root / 'host_key'}",
+            f"AuthorizedKeysFile {self.root / 'authorized_keys'}", f"PidFile {self.root / 'sshd.pid'}",
+            "PubkeyAuthentication yes", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+            "PermitRootLogin prohibit-password", "StrictModes no", "UsePAM no", "MaxStartups 50",
+            "MaxSessions 50", "LogLevel VERBOSE", ""]))
+        Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation dir (absent in slim images)
+        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=subprocess.DEVNULL,
+                                     stderr=self.log.open("w"))
+        deadline = time.monotonic() + 15
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sshd exited {self.proc.returncode}: {self.log.read_text()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"sshd did not listen on {self.port}: {self.log.read_text()}") from None
+                time.sleep(0.1)
+
+    def logins(self) -> int:
+        return self.log.read_text().count("Accepted publickey")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    reason = _sshd_unavailable()
+    if reason:
+        pytest.skip(reason)
+    server = Sshd(tmp_path_factory.mktemp("sshd"))
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+def cluster_file(path: Path, sshd: Sshd, port: int | None = None, **node1_ssh) -> Path:
+    """Three nodes (server + 2 workers), all on 127.0.0.1, each reached through the test's sshd."""
+    cluster = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "cluster" / "local.yaml"))
+    cluster.update({
+        "name": "sshtest", "host": "127.0.0.1", "bind": "127.0.0.1", "port": port, "workers": 2,
+        "heartbeat_s": 0.5, "liveness_s": 5.0, "connect_timeout_s": 60.0,
+        "ssh": {"user": getpass.getuser(), "port": sshd.port, "identity": str(sshd.client_key),
+                "options": ["StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null", "LogLevel=ERROR"],
+                "python": sys.executable, "workdir": str(REPO)},
+        "server": {"name": "alpha"},
+        "nodes": [{"name": "bravo", "host": "127.0.0.1", "batch_size": 32},
+                  {"name": "charlie", "host": "127.0.0.1", "batch_size": 16, "ssh": node1_ssh or None}],
+    })
+    OmegaConf.save(OmegaConf.create(cluster), path)
+    return path
+
+
+def launcher(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launchers.ssh", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def processes_mentioning(text: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(text in part for part in (p.info["cmdline"] or [])) and p.pid != os.getpid():
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def wait_until_gone(text: str, timeout: float = 30) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout
+    while (left := processes_mentioning(text)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def test_check_reaches_every_node_over_ssh(sshd, tmp_path):
+    before = sshd.logins()
+    got = launcher("check", "--cluster", str(cluster_file(tmp_path / "c.yaml", sshd)))
+    assert got.returncode == 0, got.stdout + got.stderr
+    assert "preflight ok: 3 nodes ready" in got.stdout
+    rows = [line for line in got.stdout.splitlines() if line.startswith("| ")]
+    for node in ("server (alpha", "worker 0 (bravo", "worker 1 (charlie"):
+        mine = [r for r in rows if r.startswith(f"| {node}")]
+        assert {r.split(" | ")[1] for r in mine} >= {"ssh", "python", "packages", "clock"}, mine
+        assert all(r.split(" | ")[2] == "ok" for r in mine), mine
+    # each worker opened a TCP connection to the port the server's probe listened on
+    assert sum("| reach | ok | connected to 127.0.0.1:" in r for r in rows) == 2
+    assert sshd.logins() - before == 3
+
+
+def test_check_names_the_node_that_cannot_run(sshd, tmp_path):
+    path = cluster_file(tmp_path / "c.yaml", sshd, python="/nonexistent/bin/python")
+    got = launcher("check", "--cluster", str(path))
+    assert got.returncode == 1
+    assert "| worker 1 (charlie" in got.stdout and "python /nonexistent/bin/python not found" in got.stdout
+    assert "preflight FAILED on worker 1 (charlie" in got.stdout
+    assert "error: preflight failed on worker 1" in got.stderr
+
+
+@pytest.mark.slow
+def test_launch_trains_syncps_through_ssh(sshd, tmp_path):
+    run_dir = tmp_path / "run"
+    before = sshd.logins()
+    got = launcher("launch", "--cluster", str(cluster_file(tmp_path / "c.yaml", sshd)), "--run-dir", str(run_dir),
+                   "algo=syncps", "train.steps=12", "train.log_every=2")
+    assert got.returncode == 0, got.stdout[-4000:] + got.stderr[-4000:]
+    # every node's output came back through its SSH session, prefixed with its role
+    for prefix in ("[server] ", "[worker 0] ", "[worker 1] "):
+        assert any(line.startswith(prefix) for line in got.stdout.splitlines()), prefix
+    assert "worker 1 registered" in (run_dir / "launch" / "worker1.log").read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["algo"] == "syncps" and summary["steps"] == 12
+    assert {w["node"] for w in summary["workers"].values()} == {"bravo", "charlie"}
+    assert [summary["workers"][r]["batch_size"] for r in ("0", "1")] == [32, 16]
+    assert summary["samples"] == 12 * (32 + 16)
+    launch = json.loads((run_dir / "launch" / "launch.json").read_text())
+    assert [n["label"] for n in launch["nodes"]] == ["server", "worker 0", "worker 1"]
+    assert all(n["command"].startswith("ssh ") for n in launch["nodes"])
+    # 3 preflight probes + 3 roles + fetching summary.json, each its own SSH login
+    assert sshd.logins() - before == 7
+    assert not wait_until_gone(str(run_dir), timeout=10)
+
+
+def test_a_failing_worker_stops_the_whole_cluster(sshd, tmp_path):
+    run_dir = tmp_path / "run"
+    path = cluster_file(tmp_path / "c.yaml", sshd, port=free_port(), python="/nonexistent/bin/python")
+    got = launcher("launch", "--cluster", str(path), "--no-check", "--run-dir", str(run_dir),
+                   "algo=syncps", "train.steps=1000")
+    assert got.returncode == 1
+    assert "worker 1 (charlie, " in got.stderr and "python /nonexistent/bin/python not found" in got.stderr
+    assert "stopped the other nodes" in got.stderr
+    # the server and worker 0 had started over SSH; none of them is left running
+    assert not wait_until_gone(str(run_dir), timeout=30)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_stops_every_node(sshd, tmp_path):
+    run_dir = tmp_path / "run"
+    out = (tmp_path / "launcher.out").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "launchers.ssh", "launch", "--no-check", "--cluster",
+                             str(cluster_file(tmp_path / "c.yaml", sshd, port=free_port())),
+                             "--run-dir", str(run_dir), "algo=syncps", "train.steps=100000", "train.log_every=1"],
+                            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "metrics.jsonl").read_text():
+            assert proc.poll() is None, (tmp_path / "launcher.out").read_text()[-4000:]
+            assert time.monotonic() < deadline, (tmp_path / "launcher.out").read_text()[-4000:]
+            time.sleep(0.2)
+        roles = processes_mentioning(str(run_dir))
+        assert len([p for p in roles if "smolcluster.train" in " ".join(p.cmdline())]) >= 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130
+        assert not wait_until_gone(str(run_dir), timeout=30)
+        assert "stopping server" in (tmp_path / "launcher.out").read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)

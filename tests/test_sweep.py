@@ -1,0 +1,100 @@
+"""Hydra multirun sweeps: every job runs to its own summary.json, and the sweep table collects them."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from smolcluster import sweep
+from tests.conftest import run_cli
+
+
+def _rows(sweep_dir: Path) -> list[dict]:
+    with (sweep_dir / "sweep.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_multirun_of_four_jobs_writes_four_summaries_and_the_table(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    run_cli("smolcluster.train", "-m", "algo=local", "train.steps=8,16", "train.lr=0.01,0.05",
+            "train.progress=false", f"hydra.sweep.dir={sweep_dir}", timeout=240)
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/summary.json")}
+    assert sorted(summaries) == ["0", "1", "2", "3"]
+
+    rows = _rows(sweep_dir)
+    assert [r["job"] for r in rows] == ["0", "1", "2", "3"]
+    # the swept keys are columns; each job's row carries its own values and its own summary figures
+    assert {(r["train.steps"], r["train.lr"]) for r in rows} == {
+        ("8", "0.01"), ("8", "0.05"), ("16", "0.01"), ("16", "0.05")}
+    for r in rows:
+        s = summaries[r["job"]]
+        assert r["status"] == "ok"
+        assert int(r["steps"]) == s["steps"] == int(r["train.steps"])
+        assert float(r["final_loss"]) == pytest.approx(s["final_loss"])
+        assert float(r["eval_accuracy"]) == pytest.approx(s["eval_accuracy"])
+        assert s["config"]["train"]["lr"] == float(r["train.lr"])
+    # different hyperparameters give different results: the table is not one job copied four times
+    assert len({r["final_loss"] for r in rows}) == 4
+
+    md = (sweep_dir / "sweep.md").read_text()
+    assert "4 of 4 jobs finished" in md
+    assert md.count("\n| ") == 5  # header + 4 jobs
+    assert "| job | train.steps | train.lr | status |" in md
+
+
+def test_table_marks_a_job_without_summary(tmp_path):
+    """A job that died leaves its overrides but no summary: its row says so, the others stay."""
+    for num, lr, summary in (("0", "0.01", {"algo": "local", "steps": 5, "final_loss": 1.5}), ("1", "0.1", None)):
+        job = tmp_path / num
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- algo=local\n- train.lr={lr}\n- run_id=x{num}\n")
+        if summary:
+            (job / "summary.json").write_text(json.dumps(summary))
+    md, _ = sweep.write_table(tmp_path)
+    rows = _rows(tmp_path)
+    assert [(r["job"], r["train.lr"], r["status"]) for r in rows] == [
+        ("0", "0.01", "ok"), ("1", "0.1", "no summary.json (failed or still running)")]
+    assert "run_id" not in rows[0] and "algo" in rows[0]  # algo is a figure here, not a swept key
+    assert rows[0]["final_loss"] == "1.5" and rows[1]["final_loss"] == ""
+    assert "1 of 2 jobs finished" in md.read_text()
+
+
+def _server_port(run_dir: Path) -> int:
+    for log in run_dir.glob("node-*server*.log.jsonl"):
+        for line in log.read_text().splitlines():
+            m = re.search(r"server on tcp://[\d.]+:(\d+)", json.loads(line)["text"])
+            if m:
+                return int(m.group(1))
+    raise AssertionError(f"no server address in the logs of {run_dir}: {sorted(p.name for p in run_dir.iterdir())}")
+
+
+@pytest.mark.slow
+def test_parallel_syncps_jobs_each_run_their_cluster_on_their_own_port(tmp_path):
+    """Two syncps jobs at once (submitit's local executor): each starts its server and two workers
+    on its own free port, both finish, and the table has both."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep_dir = tmp_path / "sweep"
+    run_cli("smolcluster.train", "-m", "hydra/launcher=parallel", "algo=syncps", "train.steps=6",
+            "train.lr=0.01,0.05", "train.progress=false", "cluster.workers=2",
+            f"hydra.sweep.dir={sweep_dir}", timeout=280)
+    jobs = sorted(p.parent for p in sweep_dir.glob("*/summary.json"))
+    assert [j.name for j in jobs] == ["0", "1"]
+    summaries = [json.loads((j / "summary.json").read_text()) for j in jobs]
+    assert all(s["algo"] == "syncps" and s["steps"] == 6 for s in summaries)
+    assert all(sorted(s["workers"]) == ["0", "1"] for s in summaries)
+    ports = [_server_port(j) for j in jobs]
+    assert ports[0] != ports[1]
+    assert [r["status"] for r in _rows(sweep_dir)] == ["ok", "ok"]
+
+
+def test_slurm_launcher_config_composes():
+    """`hydra/launcher=slurm` selects submitit's Slurm launcher with our defaults (no Slurm here to submit to)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    out = run_cli("smolcluster.train", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                  "--cfg", "hydra", "--package", "hydra.launcher", timeout=120).stdout
+    assert "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in out
+    assert "partition: gpu" in out and "tasks_per_node: 1" in out
