@@ -1,0 +1,29 @@
+"""``algo=mp``: model parallelism, the model split by layers into a pipeline of stages.
+
+``role=launch`` (the default) starts every stage on this machine and merges their
+checkpoint shards at the end; on a real cluster each node runs one stage with
+``role=stage rank=N`` (same config everywhere, ``cluster.nodes[i].host`` per stage).
+The schedule itself (GPipe) is in :mod:`smolcluster.pipeline.gpipe`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from smolcluster.errors import ConfigError
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict | None:
+    if cfg.role == "launch":
+        from smolcluster.pipeline.launch import launch_training
+
+        return launch_training(cfg, run_dir)
+    if cfg.role == "stage":
+        if cfg.rank is None:
+            raise ConfigError("role=stage needs its rank: add rank=N (0 <= N < algo.stages)")
+        from smolcluster.pipeline.gpipe import StageTrainer
+
+        return StageTrainer(cfg, run_dir, int(cfg.rank)).run()
+    raise ConfigError(f"role={cfg.role!r} is invalid for algo=mp: choose launch (every stage here) or stage")

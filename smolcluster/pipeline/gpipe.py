@@ -1,0 +1,364 @@
+"""``algo=mp`` training on one stage: the GPipe schedule.
+
+Each step the global batch (``train.batch_size``, the same batch ``algo=local`` sees
+at that step) is cut into ``algo.microbatches`` micro-batches. The first stage pushes
+them all forward; each stage forwards what arrives and passes it on; the last stage
+computes the loss of each micro-batch (scaled by 1/M, so the sum is the batch mean)
+and starts its backward at once; activation-gradients flow back stage by stage,
+each stage taking them in micro-batch order so its accumulation is deterministic.
+Then, before every stage steps its own optimizer:
+
+- the tied embedding: GPT-2's first and last stage each hold ``transformer.wte.weight``
+  (one embeds, one projects onto the vocabulary); they swap gradients and both add
+  them, so both copies take the identical update the single tied tensor takes locally;
+- gradient clipping needs the *global* norm: stages swap squared norms (the tied
+  copy counted once) and scale by the same factor as ``clip_grad_norm_``.
+
+The schedule, data order, optimizer and learning-rate code are those of
+``algo=local`` (Sharder, build_optimizer, lr_at, FlatParams), which is why 20 steps
+of ``mp`` end on the same parameters as ``local``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from loguru import logger
+from omegaconf import DictConfig, OmegaConf
+
+from smolcluster import checkpoint
+from smolcluster.cluster import pick_device
+from smolcluster.data import build_data
+from smolcluster.data.sharding import Sharder
+from smolcluster.errors import ConfigError, PeerError
+from smolcluster.flat import FlatParams
+from smolcluster.models import build_model, count_parameters, fingerprint
+from smolcluster.optim import build_optimizer, lr_at, set_lr
+from smolcluster.pipeline import shards
+from smolcluster.pipeline.gpt2 import GPT2Stage, plan_gpt2, shape_of
+from smolcluster.pipeline.mesh import Envelope, Mesh
+from smolcluster.pipeline.nodes import stage_nodes
+from smolcluster.pipeline.partition import StageSpec, node_weights, plan, stage_name
+from smolcluster.pipeline.sequential import block_groups, find_sequential, sequential_stage
+from smolcluster.telemetry.run_files import open_recorder
+from smolcluster.trainer import LossWindow
+
+TIED = "transformer.wte.weight"
+EVAL_BATCH = 512  # the batch objective.evaluate uses, so eval sums match algo=local's
+
+# Received tensors are read-only views of the message frame; stages never write to them.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
+def tensor_of(arr: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(arr).to(device)
+
+
+def array_of(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a contiguous CPU tensor (a copy only when it lives on an accelerator).
+
+    Sends are zero-copy: zmq reads this memory later, from its I/O thread. So a tensor
+    handed to a send must never be written to afterwards (send a clone if it will be).
+    """
+    return t.detach().cpu().contiguous().numpy()
+
+
+def split_for_training(full: torch.nn.Module, n_stages: int, weights: list[float], rank: int
+                       ) -> tuple[list[StageSpec], torch.nn.Module, bool]:
+    """This rank's stage, holding (views of) the full model's own tensors: the same initial weights."""
+    config = getattr(full, "config", None)
+    if config is not None and getattr(config, "model_type", None) == "gpt2":
+        shape = shape_of(config)
+        drops = {k: getattr(config, k) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
+        if any(drops.values()):
+            raise ConfigError(f"algo=mp runs GPT-2 stages without dropout, this model has {drops}: "
+                              "set model.dropout=0")
+        specs = plan_gpt2(shape, n_stages, weights, head_first=False)
+        spec = specs[rank]
+        with torch.device("meta"):
+            stage = GPT2Stage(shape, spec.first, spec.last, spec.blocks)
+        params = dict(full.named_parameters())
+        stage.load_state_dict({n: params[n].detach() for n, _ in stage.named_parameters()}, assign=True)
+        return specs, stage, True
+    _, seq = find_sequential(full)
+    costs = [sum(p.numel() for i in g for p in seq[i].parameters()) for g in block_groups(seq)]
+    specs = plan(costs, n_stages, weights)
+    spec = specs[rank]
+    return specs, sequential_stage(full, spec.blocks, spec.first, spec.last), False
+
+
+class StageTrainer:
+    def __init__(self, cfg: DictConfig, run_dir: Path, rank: int):
+        self.cfg, self.run_dir, self.rank = cfg, Path(run_dir), rank
+        self.tr = SimpleNamespace(**OmegaConf.to_container(cfg.train, resolve=True))
+        self.n, self.M = int(cfg.algo.stages), int(cfg.algo.microbatches)
+        if not 0 <= rank < self.n:
+            raise ConfigError(f"rank={rank} is invalid for algo.stages={self.n}: use 0..{self.n - 1}")
+        if self.M < 1 or self.tr.batch_size % self.M:
+            raise ConfigError(f"algo.microbatches={self.M} must be positive and divide train.batch_size="
+                              f"{self.tr.batch_size}")
+        self.nodes = stage_nodes(cfg.cluster, self.n)
+        self.node = self.nodes[rank]
+        self.device = pick_device(self.node.device or cfg.device)
+        if self.node.threads:
+            torch.set_num_threads(self.node.threads)
+        self.data = build_data(cfg.data, cfg.model)
+        torch.manual_seed(cfg.seed)  # as Trainer does: every stage builds the same initial model
+        full = build_model(cfg.model, self.data.info)
+        self.fingerprint, self.num_params = fingerprint(full), count_parameters(full)
+        self.kind = cfg.model.kind
+        full_layout = [(name, p.numel()) for name, p in full.named_parameters()]
+        resume_path, meta = None, None
+        if cfg.resume:
+            resume_path = shards.resolve_resume(cfg.resume)
+            meta = checkpoint.load(resume_path, full)
+            if meta.get("fingerprint") not in (None, self.fingerprint):
+                raise ConfigError(f"resume={cfg.resume}: the checkpoint is of another model "
+                                  f"(fingerprint {meta['fingerprint']} != {self.fingerprint})")
+        self.specs, stage, self.is_gpt2 = split_for_training(full, self.n, node_weights(cfg.cluster, self.n),
+                                                            rank)
+        del full  # from here on this process holds only its stage
+        self.spec = self.specs[rank]
+        self.first, self.last = self.spec.first, self.spec.last
+        self.stage = stage.to(self.device).train()
+        self.flat = FlatParams(self.stage)
+        self.optimizer = build_optimizer(self.stage, self.tr, self.flat)
+        self.step = 0
+        if meta is not None:
+            names = [n for n, _ in self.stage.named_parameters()]
+            state = shards.stage_optimizer_state(resume_path, full_layout, names, meta)
+            if state is not None:
+                self.optimizer.load_state_dict(state)
+            self.step = int(meta["step"])
+            logger.info(f"stage {rank} resumed from {resume_path} at step {self.step}")
+        self.tied = self.is_gpt2 and self.n > 1 and (self.first or self.last)
+        self.sharder = Sharder(len(self.data.train_x), [self.tr.batch_size], cfg.seed)
+        steps = cfg.train.steps or cfg.train.epochs * self.sharder.steps_per_epoch
+        self.total_steps = int(steps)
+        self.end_step = min(self.total_steps, cfg.train.get("stop_after") or self.total_steps)
+        self.names = [stage_name(r) for r in range(self.n)]
+        self.me = self.names[rank]
+        self.prev = self.names[rank - 1] if rank > 0 else None
+        self.next = self.names[rank + 1] if rank < self.n - 1 else None
+        self.pending: dict[tuple, Envelope] = {}
+        self.mesh: Mesh | None = None
+        logger.info(f"{self.spec.describe(self.last and self.is_gpt2, self.first and self.is_gpt2)}: {sum(p.numel() for p in self.stage.parameters()):,} "
+                    f"of {self.num_params:,} params, device={self.device}")
+
+    # -- links ------------------------------------------------------------------------------
+    def connect(self) -> None:
+        c = self.cfg.cluster
+        self.mesh = Mesh(self.me, self.node.bind, heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s,
+                         max_bytes=int(c.max_message_mb) * 1024 * 1024, keys_dir=c.get("keys"))
+        for node in self.nodes:
+            if node.rank != self.rank:
+                self.mesh.add_peer(self.names[node.rank], node.address)
+        self.mesh.beacon = {"fingerprint": self.fingerprint, "step": self.step, "end_step": self.end_step,
+                            "microbatches": self.M, "stages": self.n}
+        others = [n for n in self.names if n != self.me]
+        self.mesh.wait_ready(others, float(c.connect_timeout_s), " (the other pipeline stages)")
+        for name in others:
+            info = self.mesh.peers[name].info
+            for key, mine in self.mesh.beacon.items():
+                if info.get(key) != mine:
+                    raise ConfigError(f"stage {name} has {key}={info.get(key)!r} but {self.me} has {mine!r}: "
+                                      "start every stage with the same config (and resume= dir)")
+        logger.info(f"{self.me}: linked with {', '.join(others)} at {self.mesh.address}")
+
+    _KEYS = {"mp.act": ("step", "mb", "phase"), "mp.grad": ("step", "mb"), "mp.tied": ("step",),
+             "mp.norm": ("step",)}
+
+    def expect(self, kind: str, src: str, *key) -> Envelope:
+        """The message of ``kind`` from ``src`` for ``key`` (e.g. step, micro-batch); others wait their turn."""
+        want = (kind, src, *key)
+        while want not in self.pending:
+            env = self.mesh.recv(self.cfg.cluster.heartbeat_s)
+            if env is None:
+                continue
+            if env.kind == "mp.bye":
+                raise PeerError(f"{self.me}: {env.src} finished while {self.me} still waited for {kind} {key}")
+            if env.kind not in self._KEYS:
+                logger.warning(f"{self.me}: ignored an unexpected {env.kind!r} from {env.src}")
+                continue
+            self.pending[(env.kind, env.src, *(env.fields[k] for k in self._KEYS[env.kind]))] = env
+        return self.pending.pop(want)
+
+    def send(self, dst: str, kind: str, fields: dict, tensors: dict | None = None) -> None:
+        tag = f"{fields.get('step', '')}.{fields.get('mb', '')}"
+        self.mesh.send(dst, kind, fields, tensors, tag=tag)
+
+    # -- one step ---------------------------------------------------------------------------
+    def loss_of(self, out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1).to(self.device), reduction=reduction)
+
+    def train_step(self) -> torch.Tensor | None:
+        step, M = self.step, self.M
+        idx = self.sharder.indices(step, 0)
+        xs = self.data.train_x[idx].chunk(M) if self.first else None
+        ys = self.data.train_y[idx].chunk(M) if self.last else None
+        self.flat.zero_grad()
+        stash, total = [], None
+        for m in range(M):
+            if self.first:
+                inp = xs[m].to(self.device)
+            else:
+                env = self.expect("mp.act", self.prev, step, m, "train")
+                inp = tensor_of(env.tensors["x"], self.device).requires_grad_()
+            out = self.stage(inp)
+            if self.last:
+                loss = self.loss_of(out, ys[m]) / M
+                loss.backward()
+                total = loss.detach() if total is None else total + loss.detach()
+                if not self.first:
+                    self.send(self.prev, "mp.grad", {"step": step, "mb": m}, {"g": array_of(inp.grad)})
+            else:
+                self.send(self.next, "mp.act", {"step": step, "mb": m, "phase": "train"}, {"x": array_of(out)})
+                stash.append((inp, out))
+        for m, (inp, out) in enumerate(stash):  # GPipe: every forward first, then the backwards
+            env = self.expect("mp.grad", self.next, step, m)
+            out.backward(tensor_of(env.tensors["g"], self.device))
+            if not self.first:
+                self.send(self.prev, "mp.grad", {"step": step, "mb": m}, {"g": array_of(inp.grad)})
+        if self.tied:
+            self.sum_tied_gradient()
+        if self.tr.grad_clip > 0:
+            self.clip_global()
+        lr = lr_at(step, self.tr, self.total_steps)
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        self.step += 1
+        self.lr = lr
+        return total
+
+    def sum_tied_gradient(self) -> None:
+        grad = dict(self.stage.named_parameters())[TIED].grad
+        other = self.names[-1] if self.first else self.names[0]
+        # A clone: the in-place add below must not change what is still queued for sending.
+        self.send(other, "mp.tied", {"step": self.step}, {"g": array_of(grad.clone())})
+        env = self.expect("mp.tied", other, self.step)
+        grad.add_(tensor_of(env.tensors["g"], self.device))  # a + b == b + a: both copies get the same sum
+
+    def clip_global(self) -> None:
+        sq = sum(float(p.grad.double().pow(2).sum()) for name, p in self.stage.named_parameters()
+                 if not (name == TIED and self.last and self.tied))  # the tied copy counts once
+        for other in self.names:
+            if other != self.me:
+                self.send(other, "mp.norm", {"step": self.step, "sq": sq})
+        parts = {self.me: sq}
+        for other in self.names:
+            if other != self.me:
+                parts[other] = float(self.expect("mp.norm", other, self.step).fields["sq"])
+        total = math.sqrt(sum(parts[n] for n in self.names))  # the same order on every stage
+        coef = self.tr.grad_clip / (total + 1e-6)  # clip_grad_norm_'s formula
+        if coef < 1.0:
+            for g in self.flat.grads.values():
+                g.mul_(coef)
+
+    # -- evaluation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out loss through the pipeline, in the batches objective.evaluate uses."""
+        x, y = self.data.test_x, self.data.test_y
+        n = len(x) if not self.tr.eval_samples else min(self.tr.eval_samples, len(x))
+        self.stage.eval()
+        loss_sum, correct, count = 0.0, 0, 0
+        for b, i in enumerate(range(0, n, EVAL_BATCH)):
+            j = min(i + EVAL_BATCH, n)
+            if self.first:
+                inp = x[i:j].to(self.device)
+            else:
+                inp = tensor_of(self.expect("mp.act", self.prev, self.step, b, "eval").tensors["x"], self.device)
+            out = self.stage(inp)
+            if self.last:
+                yb = y[i:j].to(self.device)
+                flat_logits, flat_y = out.reshape(-1, out.shape[-1]), yb.reshape(-1)
+                loss_sum += F.cross_entropy(flat_logits, flat_y, reduction="sum").item()
+                correct += (flat_logits.argmax(-1) == flat_y).sum().item()
+                count += flat_y.numel()
+            else:
+                self.send(self.next, "mp.act", {"step": self.step, "mb": b, "phase": "eval"}, {"x": array_of(out)})
+        self.stage.train()
+        if not self.last:
+            return {}
+        out = {"eval_loss": loss_sum / count}
+        if self.kind == "classifier":
+            out["eval_accuracy"] = correct / count
+        else:
+            out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50.0))
+        return out
+
+    def due(self, every: int) -> bool:
+        return bool(every) and self.step % every == 0 and self.step < self.end_step
+
+    def save(self) -> Path:
+        return shards.save_shard(self.run_dir, self.rank, self.n, self.stage, self.optimizer, self.step,
+                                 {"fingerprint": self.fingerprint, "algo": "mp"})
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> dict | None:
+        self.connect()
+        tr = self.tr
+        recorder = open_recorder(self.cfg, self.run_dir, append=bool(self.cfg.resume)) if self.last else None
+        window, samples, t0 = LossWindow(tr.log_every), 0, time.perf_counter()
+        evaluation: dict = {}
+        try:
+            if tr.eval_every and self.step == 0:
+                evaluation = self.evaluate()
+                if recorder:
+                    recorder.log(0, **evaluation)
+            while self.step < self.end_step:
+                loss = self.train_step()
+                samples += tr.batch_size
+                row: dict = {}
+                if self.last:
+                    window.add(loss)
+                    if self.step % tr.log_every == 0 or self.step == self.end_step:
+                        rate = samples / max(time.perf_counter() - t0, 1e-9)
+                        row = {"loss": window.mean(), "lr": self.lr, "samples": samples,
+                               "samples_per_s": round(rate, 2),
+                               "epoch": round(self.sharder.epoch_of(self.step), 4)}
+                if self.due(tr.eval_every):
+                    evaluation = self.evaluate()
+                    row.update(evaluation)
+                if recorder and row:
+                    recorder.log(self.step, **row, bytes_sent=self.mesh.bytes_sent)
+                if self.due(tr.checkpoint_every):
+                    self.save()
+            wall = time.perf_counter() - t0
+            evaluation = self.evaluate()
+            self.save()
+            summary = None
+            if recorder:
+                recorder.log(self.step, **evaluation)
+                summary = recorder.finish(self.summary(samples, wall, window.mean(), evaluation))
+            self.mesh.goodbye([n for n in self.names if n != self.me], float(self.cfg.cluster.liveness_s))
+            return summary
+        finally:
+            self.mesh.close()
+
+    def summary(self, samples: int, wall_s: float, final_loss, evaluation: dict) -> dict:
+        return {
+            "algo": "mp",
+            "model": self.cfg.model.name,
+            "data": self.cfg.data.name,
+            "steps": self.step,
+            "samples": samples,
+            "wall_s": round(wall_s, 3),
+            "samples_per_s": round(samples / wall_s, 2) if wall_s > 0 else None,
+            "final_loss": final_loss,
+            **evaluation,
+            "params": self.num_params,
+            "device": str(self.device),
+            "run_dir": str(self.run_dir),
+            "stages": self.n,
+            "microbatches": self.M,
+            "partition": [s.describe(s.last and self.is_gpt2, s.first and self.is_gpt2) for s in self.specs],
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        }

@@ -1,0 +1,227 @@
+"""A GPT-2 *stage*: a contiguous slice of GPT-2's layers, in plain PyTorch (no ``transformers`` import).
+
+Why not Hugging Face's modules? A stage process should hold only its share of the
+model, and importing ``transformers`` alone costs ~150 MB of RSS. So this file
+re-states GPT-2's forward pass with the very same tensor operations, in the same
+order, as ``transformers``' ``GPT2LMHeadModel`` (sdpa attention, ``addmm``
+Conv1D, tanh-GELU, ``torch.cat`` KV cache): outputs and gradients match it bit
+for bit, which the tests check.
+
+Parameter names are the full model's ``named_parameters()`` names
+(``transformer.h.5.attn.c_attn.weight``), so a stage loads exactly its own tensors
+from a whole-model checkpoint, and shards merge back into one by name.
+
+GPT-2 ties the LM head to the token embedding (``transformer.wte.weight``). In
+training the head sits on the last stage (the loss is computed there), so the first
+and last stage each hold a copy under the same name and keep them equal by summing
+their gradients (see ``train.py``). In inference the head may sit on the first stage
+instead, so the embedding is held once (see ``serve.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class GPT2Shape:
+    vocab_size: int
+    n_positions: int
+    n_embd: int
+    n_head: int
+    n_layer: int
+    eps: float = 1e-5
+
+    def block_params(self) -> int:
+        c = self.n_embd
+        return 2 * 2 * c + (c * 3 * c + 3 * c) + (c * c + c) + (c * 4 * c + 4 * c) + (4 * c * c + c)
+
+
+def param_shapes(shape: GPT2Shape, embed: bool, head: bool, blocks: range) -> list[tuple[str, tuple]]:
+    """(name, shape) of a stage's parameters in the order GPT2LMHeadModel.named_parameters() lists them."""
+    c, out = shape.n_embd, []
+    if embed or head:
+        out.append(("transformer.wte.weight", (shape.vocab_size, c)))
+    if embed:
+        out.append(("transformer.wpe.weight", (shape.n_positions, c)))
+    for i in blocks:
+        p = f"transformer.h.{i}."
+        out += [(p + "ln_1.weight", (c,)), (p + "ln_1.bias", (c,)),
+                (p + "attn.c_attn.weight", (c, 3 * c)), (p + "attn.c_attn.bias", (3 * c,)),
+                (p + "attn.c_proj.weight", (c, c)), (p + "attn.c_proj.bias", (c,)),
+                (p + "ln_2.weight", (c,)), (p + "ln_2.bias", (c,)),
+                (p + "mlp.c_fc.weight", (c, 4 * c)), (p + "mlp.c_fc.bias", (4 * c,)),
+                (p + "mlp.c_proj.weight", (4 * c, c)), (p + "mlp.c_proj.bias", (c,))]
+    if head:
+        out += [("transformer.ln_f.weight", (c,)), ("transformer.ln_f.bias", (c,))]
+    return out
+
+
+class Conv1D(nn.Module):
+    """GPT-2's transposed linear layer: weight is (in, out); the same ``addmm`` as transformers'."""
+
+    def __init__(self, nx: int, nf: int):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.empty(nx, nf))
+        self.bias = nn.Parameter(torch.empty(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size_out = x.size()[:-1] + (self.nf,)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    """OpenAI GPT's tanh GELU, written exactly as transformers' NewGELUActivation."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class Attention(nn.Module):
+    def __init__(self, n_embd: int, n_head: int):
+        super().__init__()
+        self.n_embd, self.n_head, self.head_dim = n_embd, n_head, n_embd // n_head
+        self.scaling = self.head_dim ** -0.5
+        self.c_attn = Conv1D(n_embd, 3 * n_embd)
+        self.c_proj = Conv1D(n_embd, n_embd)
+
+    def forward(self, x: torch.Tensor, past: list[torch.Tensor] | None) -> torch.Tensor:
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        shape = (*k.shape[:-1], -1, self.head_dim)
+        q, k, v = q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
+        if past is None:
+            # transformers runs even training through a DynamicCache, whose torch.cat makes k/v
+            # contiguous; match that layout so sdpa takes the same kernel path.
+            k, v = k.contiguous(), v.contiguous()
+        else:
+            if past:
+                k, v = torch.cat([past[0], k], dim=-2), torch.cat([past[1], v], dim=-2)
+            else:
+                k, v = k.contiguous(), v.contiguous()
+            past[:] = [k, v]
+        q_len = q.shape[2]
+        # Prefill (q_len > 1) on an empty cache is plain causal; one new token attends to everything.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, scale=self.scaling,
+                                             is_causal=q_len > 1)
+        out = out.transpose(1, 2).contiguous()
+        return self.c_proj(out.reshape(*out.shape[:-2], -1).contiguous())
+
+
+class MLP(nn.Module):
+    def __init__(self, n_embd: int):
+        super().__init__()
+        self.c_fc = Conv1D(n_embd, 4 * n_embd)
+        self.c_proj = Conv1D(4 * n_embd, n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(gelu_new(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, shape: GPT2Shape):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(shape.n_embd, eps=shape.eps)
+        self.attn = Attention(shape.n_embd, shape.n_head)
+        self.ln_2 = nn.LayerNorm(shape.n_embd, eps=shape.eps)
+        self.mlp = MLP(shape.n_embd)
+
+    def forward(self, x: torch.Tensor, past: list[torch.Tensor] | None = None) -> torch.Tensor:
+        x = self.attn(self.ln_1(x), past) + x
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2Stage(nn.Module):
+    """Blocks ``blocks`` of a GPT-2, with the embeddings when ``embed`` and ln_f + LM head when ``head``.
+
+    The pieces are separate methods because inference may place the head on the first
+    stage (the pipeline is then a ring: the last stage's hidden state comes back to the
+    stage that already holds the tied embedding). :meth:`forward` chains what the stage
+    has, in model order, for training: ids or hidden states in, hidden states or logits out.
+    """
+
+    def __init__(self, shape: GPT2Shape, embed: bool, head: bool, blocks: range):
+        super().__init__()
+        self.shape, self.has_embed, self.has_head, self.blocks = shape, embed, head, blocks
+        self.transformer = nn.Module()
+        t = self.transformer
+        if embed or head:
+            t.wte = nn.Embedding(shape.vocab_size, shape.n_embd)
+        if embed:
+            t.wpe = nn.Embedding(shape.n_positions, shape.n_embd)
+        t.h = nn.ModuleDict({str(i): Block(shape) for i in blocks})
+        if head:
+            t.ln_f = nn.LayerNorm(shape.n_embd, eps=shape.eps)
+
+    def embed(self, ids: torch.Tensor, past_len: int = 0) -> torch.Tensor:
+        t = self.transformer
+        positions = (torch.arange(ids.shape[1], device=ids.device) + past_len).unsqueeze(0)
+        return t.wte(ids) + t.wpe(positions)
+
+    def run_blocks(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        for j, block in enumerate(self.transformer.h.values()):
+            x = block(x, cache.layers[j] if cache is not None else None)
+        if cache is not None:
+            cache.length += x.shape[1]
+        return x
+
+    def logits(self, x: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        x = self.transformer.ln_f(x)
+        if last_only:
+            x = x[:, -1:, :]  # what generate() does (logits_to_keep=1): only the next token's logits
+        return F.linear(x, self.transformer.wte.weight)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        if self.has_embed:
+            x = self.embed(x, cache.length if cache is not None else 0)
+        x = self.run_blocks(x, cache)
+        return self.logits(x) if self.has_head else x
+
+
+class KVCache:
+    """One request's keys and values on one stage: ``layers[j] = [k, v]`` for the stage's j-th block."""
+
+    def __init__(self, n_layers: int):
+        self.layers: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+        self.length = 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for kv in self.layers for t in kv)
+
+
+def plan_gpt2(shape: GPT2Shape, n_stages: int, weights: list[float] | None = None, head_first: bool = False):
+    """Stage specs for GPT-2: blocks balanced by parameter memory, embeddings and head counted where they sit.
+
+    ``head_first`` puts ln_f + LM head on stage 0 beside the embedding it is tied to (inference's
+    ring); otherwise they sit on the last stage, which then holds its own copy of the embedding.
+    """
+    from smolcluster.pipeline.partition import plan
+
+    c = shape.n_embd
+    wte, wpe, ln_f = shape.vocab_size * c, shape.n_positions * c, 2 * c
+    first = wte + wpe + (ln_f if head_first else 0)
+    last = 0 if head_first else ln_f + (wte if n_stages > 1 else 0)
+    return plan([shape.block_params()] * shape.n_layer, n_stages, weights, first, last)
+
+
+def shape_of(config) -> GPT2Shape:
+    """The GPT2Shape of a transformers GPT2Config, refusing variants this file does not implement."""
+    unsupported = {
+        "activation_function": (config.activation_function, "gelu_new"),
+        "tie_word_embeddings": (getattr(config, "tie_word_embeddings", True), True),
+        "scale_attn_weights": (config.scale_attn_weights, True),
+        "scale_attn_by_inverse_layer_idx": (config.scale_attn_by_inverse_layer_idx, False),
+        "reorder_and_upcast_attn": (config.reorder_and_upcast_attn, False),
+        "add_cross_attention": (config.add_cross_attention, False),
+        "n_inner": (config.n_inner, None),
+    }
+    for key, (value, want) in unsupported.items():
+        if value != want:
+            from smolcluster.errors import ConfigError
+
+            raise ConfigError(f"the pipeline's GPT-2 stages implement {key}={want!r}, this model has {value!r}")
+    return GPT2Shape(config.vocab_size, config.n_positions, config.n_embd, config.n_head, config.n_layer,
+                     config.layer_norm_epsilon)

@@ -1,0 +1,157 @@
+"""Start pipeline stages as child processes on this machine, relay their output, stop them all together.
+
+Used by ``algo=mp`` training (``role=launch``) and by inference when it starts its
+own stages. Stages share the machine's cores: unless ``OMP_NUM_THREADS`` is set,
+each gets ``cores // stages`` threads, so stages working at once do not fight over
+cores. If any child fails, the others are stopped and the error names it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from loguru import logger
+
+from smolcluster.errors import PeerError
+
+_HERE_KEYS = ("role=", "rank=", "cluster.port=", "run_id=", "++run_id=", "+run_id=", "hydra.run.dir=", "hydra.output_subdir=",
+              "train.progress=")
+
+
+def free_ports(host: str, n: int, tries: int = 50) -> int:
+    """A port P such that P..P+n-1 are free on ``host`` right now."""
+    for _ in range(tries):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            base = s.getsockname()[1]
+        if base + n > 65535:
+            continue
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind((host, p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise PeerError(f"found no {n} consecutive free ports on {host}; set cluster.port")
+
+
+def stage_env(n_stages: int, extra: dict | None = None) -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra or {})}
+    if "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n_stages))
+    return env
+
+
+class Children:
+    """Child processes started in their own process groups, output relayed line by line with a prefix."""
+
+    def __init__(self, log_path: Path | None = None):
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.log = open(log_path, "a", buffering=1) if log_path else None  # noqa: SIM115
+
+    def start(self, name: str, cmd: list[str], env: dict, cwd: str | None = None) -> subprocess.Popen:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                             cwd=cwd, start_new_session=True)
+        self.procs[name] = p
+        threading.Thread(target=self._relay, args=(p, f"[{name}]"), daemon=True).start()
+        return p
+
+    def _relay(self, proc: subprocess.Popen, prefix: str) -> None:
+        for line in iter(proc.stdout.readline, ""):
+            if self.log is not None:
+                self.log.write(f"{prefix} {line}")
+            else:
+                sys.stderr.write(f"{prefix} {line}")
+        proc.stdout.close()
+
+    def failed(self) -> tuple[str, int] | None:
+        for name, p in self.procs.items():
+            code = p.poll()
+            if code is not None and code != 0:
+                return name, code
+        return None
+
+    def wait_all(self, poll_s: float = 0.1) -> None:
+        """Until every child exits; the first to fail raises PeerError (the rest are stopped)."""
+        while True:
+            failed = self.failed()
+            if failed:
+                name, code = failed
+                self.stop()
+                raise PeerError(f"{name} exited with code {code}; stopped the rest of the pipeline (its log is above)")
+            if all(p.poll() == 0 for p in self.procs.values()):
+                return
+            time.sleep(poll_s)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace_s
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait(timeout=5)
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+
+def child_overrides() -> list[str]:
+    """The user's command-line overrides, minus the ones the launcher sets per child."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = list(HydraConfig.get().overrides.task)
+    except (ValueError, ImportError):  # not under Hydra
+        task = []
+    return [o for o in task if not o.startswith(_HERE_KEYS)]
+
+
+def launch_training(cfg, run_dir: Path) -> dict:
+    """``algo=mp role=launch``: every stage as a ``python -m smolcluster.train`` child; merge their shards."""
+    from smolcluster.pipeline import shards
+
+    n = int(cfg.algo.stages)
+    port = cfg.cluster.port or free_ports(cfg.cluster.host, n)
+    common = [*child_overrides(), f"cluster.port={port}", f"++run_id={cfg.run_id}", f"hydra.run.dir={run_dir}",
+              "hydra.output_subdir=null", "train.progress=false"]
+    children = Children()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM unwinds like Ctrl-C: stop the children
+    logger.info(f"launching algo=mp on this machine: {n} stages on ports {port}..{port + n - 1}, run dir {run_dir}")
+    try:
+        for rank in range(n):
+            children.start(f"stage {rank}", [sys.executable, "-u", "-m", "smolcluster.train", *common,
+                                             "role=stage", f"rank={rank}"], stage_env(n))
+        children.wait_all()
+    finally:
+        children.stop()
+        signal.signal(signal.SIGTERM, previous)
+    shards.merge(run_dir)
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
