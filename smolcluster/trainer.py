@@ -81,6 +81,9 @@ class Trainer:
                         max_samples=self.train.eval_samples)
 
     def save(self, run_dir: str | Path, extra: dict | None = None) -> Path:
+        tok = self.data.tokenizer
+        if tok is not None and not (Path(run_dir) / "tokenizer.json").is_file():
+            tok.save(Path(run_dir) / "tokenizer.json")  # inference and chat decode with the run's own tokenizer
         return checkpoint.save(run_dir, self.model, self.optimizer, self.step,
                                {"fingerprint": self.fingerprint, **(extra or {})})
 

@@ -92,7 +92,7 @@ class ServerBase:
         self.flat = self.trainer.flat
         self.codec = cfg.algo.get("codec", "none")
         self.endpoint = ServerEndpoint(f"tcp://{self.cluster.bind}:{self.cluster.port}",
-                                       max_bytes=max_bytes(self.cluster), curve_dir=self.cluster.keys)
+                                       max_bytes=max_bytes(self.cluster), curve_dir=self.cluster.get("keys"))
         self.workers: dict[int, WorkerInfo] = {}
         self.recorder = open_recorder(cfg, self.run_dir, append=bool(cfg.resume))
         self.ema = {n: t.detach().clone() for n, t in self.flat.params.items()} if cfg.algo.get("ema") else None
@@ -237,7 +237,8 @@ class ServerBase:
                    "samples_per_s": round(self.samples / elapsed, 2), "bytes_sent": self.bytes_sent,
                    "bytes_received": self.bytes_received, "peers_alive": len(self.live()), **metrics}
             row.update({f"loss/{w.rank}": w.last_loss for w in self.workers.values() if w.last_loss is not None})
-            logger.info(f"step {step}/{self.trainer.end_step} loss {loss:.4f} " if loss is not None else f"step {step} ")
+            logger.info(f"step {step}/{self.trainer.end_step} loss {loss:.4f} "
+                        f"({row['samples_per_s']:,.0f} samples/s, {row['peers_alive']} workers)")
         if self.trainer.due(tr.eval_every):
             self._last_eval = self.trainer.evaluate()
             row.update(self._last_eval)
@@ -300,9 +301,9 @@ class WorkerLink:
 
     def _connect(self) -> None:
         self.close()
-        self.client = ClientEndpoint(self.address, max_bytes=max_bytes(self.cluster), curve_dir=self.cluster.keys)
+        self.client = ClientEndpoint(self.address, max_bytes=max_bytes(self.cluster), curve_dir=self.cluster.get("keys"))
         self.heartbeat = Heartbeat(self.address, rank=self.rank, interval_s=self.cluster.heartbeat_s,
-                                   max_bytes=max_bytes(self.cluster), curve_dir=self.cluster.keys)
+                                   max_bytes=max_bytes(self.cluster), curve_dir=self.cluster.get("keys"))
         self.heartbeat.start()
 
     def register(self) -> Message:

@@ -1,0 +1,129 @@
+"""Codecs for float tensors on the wire: none, fp16, bf16, int8 (per-chunk absmax scale).
+
+One small interface (hivemind-style): ``encode(float32 array) -> (payload, meta)``
+and ``decode(payload bytes, meta, count) -> float32 array``, plus ``payload_size``
+so the wire can check a frame's length before touching it. All vectorised numpy.
+:class:`ErrorFeedback` keeps what a lossy codec threw away and adds it to the next
+input, so quantisation error is delayed, not lost.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class Codec:
+    name = "none"
+    lossy = False
+
+    def encode(self, arr: np.ndarray) -> tuple[np.ndarray, dict]:
+        return arr, {}
+
+    def decode(self, buf, meta: dict, count: int) -> np.ndarray:
+        return np.frombuffer(buf, dtype=np.float32, count=count)
+
+    def payload_size(self, count: int, meta: dict) -> int:
+        return 4 * count
+
+
+class Fp16(Codec):
+    name, lossy = "fp16", True
+
+    def encode(self, arr):
+        # Clip to fp16's range first: an overflow to inf would be rejected by the receiver.
+        return np.clip(arr, -65504.0, 65504.0).astype(np.float16), {}
+
+    def decode(self, buf, meta, count):
+        return np.frombuffer(buf, dtype=np.float16, count=count).astype(np.float32)
+
+    def payload_size(self, count, meta):
+        return 2 * count
+
+
+class Bf16(Codec):
+    """bfloat16 = the top 16 bits of a float32 (round-to-nearest-even), carried as uint16."""
+
+    name, lossy = "bf16", True
+
+    def encode(self, arr):
+        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(torch.bfloat16).view(torch.uint16).numpy(), {}
+
+    def decode(self, buf, meta, count):
+        raw = np.frombuffer(buf, dtype=np.uint16, count=count)
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+
+    def payload_size(self, count, meta):
+        return 2 * count
+
+
+class Int8(Codec):
+    """Symmetric int8 with one float32 absmax scale per chunk; frame = int8 values then the scales."""
+
+    name, lossy = "int8", True
+
+    def __init__(self, chunk: int = 2048):
+        self.chunk = chunk
+
+    def encode(self, arr):
+        n, c = arr.size, self.chunk
+        chunks = -(-n // c)
+        padded = np.zeros(chunks * c, dtype=np.float32)
+        padded[:n] = arr.reshape(-1)
+        blocks = padded.reshape(chunks, c)
+        scales = (np.abs(blocks).max(axis=1) / 127.0).astype(np.float32)
+        safe = np.where(scales > 0, scales, 1.0).astype(np.float32)
+        q = np.rint(blocks / safe[:, None]).clip(-127, 127).astype(np.int8).reshape(-1)[:n]
+        out = np.empty(n + 4 * chunks, dtype=np.uint8)
+        out[:n] = q.view(np.uint8)
+        out[n:] = scales.view(np.uint8)
+        return out, {"chunk": c}
+
+    def decode(self, buf, meta, count):
+        c = int(meta["chunk"])
+        chunks = -(-count // c)
+        raw = np.frombuffer(buf, dtype=np.uint8)
+        q = raw[:count].view(np.int8).astype(np.float32)
+        scales = raw[count : count + 4 * chunks].view(np.float32)
+        return q * np.repeat(scales, c)[:count]
+
+    def payload_size(self, count, meta):
+        c = meta.get("chunk")
+        if not isinstance(c, int) or c <= 0 or c > 1 << 24:
+            raise ValueError(f"int8 chunk must be a positive integer, got {c!r}")
+        return count + 4 * (-(-count // c))
+
+
+CODECS: dict[str, Codec] = {c.name: c for c in (Codec(), Fp16(), Bf16(), Int8())}
+
+
+def get_codec(name: str | Codec) -> Codec:
+    if isinstance(name, Codec):
+        return name
+    try:
+        return CODECS[name]
+    except KeyError:
+        from smolcluster.errors import ConfigError
+
+        raise ConfigError(f"codec {name!r} is unknown: choose one of {', '.join(CODECS)}") from None
+
+
+class ErrorFeedback:
+    """Error feedback for a lossy codec: send x + residual, keep what the codec lost for next time."""
+
+    def __init__(self, codec: str | Codec):
+        self.codec = get_codec(codec)
+        self.residual: dict[str, torch.Tensor] = {}
+
+    def compensate(self, tensors: dict[str, torch.Tensor]) -> None:
+        """In place: tensors += residual; residual = tensors - decode(encode(tensors))."""
+        if not self.codec.lossy:
+            return
+        for name, t in tensors.items():
+            r = self.residual.get(name)
+            if r is not None:
+                t.add_(r)
+            arr = t.detach().cpu().numpy().reshape(-1)
+            payload, meta = self.codec.encode(arr)
+            sent = self.codec.decode(memoryview(payload).cast("B"), meta, arr.size)
+            self.residual[name] = torch.from_numpy(arr - sent).to(t.device).view_as(t)

@@ -1,0 +1,237 @@
+"""ROUTER/DEALER endpoints with timeouts, heartbeats, size limits and optional CURVE.
+
+Every socket: ``linger=0`` (closing never blocks), ``MAXMSGSIZE`` (zmq drops oversize
+messages before we see them), bounded high-water marks, ZMTP heartbeats (a dead TCP
+peer is noticed by zmq itself) and automatic reconnect. Every receive takes a timeout;
+every send that could block has one. Malformed messages are logged, counted in
+``rejected`` and, where a reply is expected, answered with an ``error`` message; they
+never raise out of ``recv``.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from loguru import logger
+
+from smolcluster.errors import ConfigError, PeerError
+from smolcluster.transport import wire
+
+_SEND_TIMEOUT_MS = 30_000
+_auth_lock = threading.Lock()
+_authenticator = None
+
+
+def _context() -> zmq.Context:
+    return zmq.Context.instance()
+
+
+def _configure(sock: zmq.Socket, max_bytes: int, hwm: int) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, 10000)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+
+
+def _load(path: Path, what: str) -> tuple[bytes, bytes | None]:
+    if not path.is_file():
+        raise ConfigError(f"cluster.keys: {path} is missing ({what}); make keys with "
+                          "python -m smolcluster.keys --dir DIR")
+    return zmq.auth.load_certificate(str(path))
+
+
+def _start_authenticator(authorized: Path) -> None:
+    """One ZAP handler per process: only client keys in ``authorized/`` may connect."""
+    global _authenticator
+    with _auth_lock:
+        if _authenticator is None:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            _authenticator = ThreadAuthenticator(_context())
+            _authenticator.start()
+        _authenticator.configure_curve(domain="*", location=str(authorized))
+
+
+def make_keys(directory: str | Path, clients: int = 1) -> dict[str, Path]:
+    """Write a server key pair and ``clients`` client key pairs; clients' public keys go to authorized/."""
+    d = Path(directory)
+    (d / "authorized").mkdir(parents=True, exist_ok=True)
+    pub, sec = zmq.auth.create_certificates(str(d), "server")
+    made = {"server_public": Path(pub), "server_secret": Path(sec)}
+    for i in range(clients):
+        name = "client" if i == 0 else f"client{i}"
+        pub, sec = zmq.auth.create_certificates(str(d), name)
+        Path(pub).replace(d / "authorized" / Path(pub).name)
+        (d / Path(pub).name).write_bytes((d / "authorized" / Path(pub).name).read_bytes())
+        made[f"{name}_secret"] = Path(sec)
+    return made
+
+
+class _Endpoint:
+    def __init__(self, sock: zmq.Socket, max_bytes: int):
+        self.sock, self.max_bytes = sock, max_bytes
+        self.rejected: collections.Counter[str] = collections.Counter()
+        self.poller = zmq.Poller()
+        self.poller.register(sock, zmq.POLLIN)
+
+    def _wait(self, timeout_ms: int) -> bool:
+        return bool(self.poller.poll(max(0, timeout_ms)))
+
+    def close(self) -> None:
+        if not self.sock.closed:
+            self.sock.close(linger=0)
+
+    @property
+    def address(self) -> str:
+        return self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+
+class ServerEndpoint(_Endpoint):
+    """ROUTER, bound. ``recv`` returns ``(peer, Message)`` or None after ``timeout_ms``."""
+
+    def __init__(self, bind: str, *, max_bytes: int, curve_dir: str | None = None, hwm: int = 1000):
+        sock = _context().socket(zmq.ROUTER)
+        _configure(sock, max_bytes, hwm)
+        if curve_dir:
+            d = Path(curve_dir).expanduser()
+            pub, sec = _load(d / "server.key_secret", "the server's secret key")
+            _start_authenticator(d / "authorized")
+            sock.curve_server, sock.curve_publickey, sock.curve_secretkey = True, pub, sec
+        try:
+            sock.bind(bind)
+        except zmq.ZMQError as e:
+            sock.close(linger=0)
+            raise PeerError(f"cannot listen on {bind} ({e}): is another server using the port? "
+                            "Pick another cluster.port") from e
+        super().__init__(sock, max_bytes)
+
+    def recv(self, timeout_ms: int) -> tuple[bytes, wire.Message] | None:
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            if not self._wait(int((deadline - time.monotonic()) * 1000)):
+                return None
+            frames = self.sock.recv_multipart(copy=False)
+            peer = frames[0].bytes
+            try:
+                return peer, wire.decode(frames[1:], max_bytes=self.max_bytes)
+            except wire.WireError as e:
+                self.rejected[e.reason] += 1
+                logger.error(f"rejected a message from peer {peer.hex()[:8]}: {e}")
+                self.send(peer, "error", {"reason": e.reason, "detail": e.detail})
+
+    def send(self, peer: bytes, kind: str, fields=None, tensors=None, codec="none") -> int:
+        """Queue a message for ``peer``; a ROUTER never blocks (a gone peer's message is dropped)."""
+        frames = wire.encode(kind, fields, tensors, codec)
+        try:
+            self.sock.send_multipart([peer, *frames], copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            logger.warning(f"dropped a {kind} message to {peer.hex()[:8]}: its queue is full")
+        return sum(memoryview(f).nbytes for f in frames)
+
+
+class ClientEndpoint(_Endpoint):
+    """DEALER, connecting (and reconnecting) to a server."""
+
+    def __init__(self, connect: str, *, max_bytes: int, identity: bytes | None = None,
+                 curve_dir: str | None = None, hwm: int = 1000):
+        sock = _context().socket(zmq.DEALER)
+        _configure(sock, max_bytes, hwm)
+        sock.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
+        if identity:
+            sock.setsockopt(zmq.IDENTITY, identity)
+        if curve_dir:
+            d = Path(curve_dir).expanduser()
+            server_pub, _ = _load(d / "server.key", "the server's public key")
+            pub, sec = _load(d / "client.key_secret", "this node's client secret key")
+            sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server_pub, pub, sec
+        sock.connect(connect)
+        self.target = connect
+        super().__init__(sock, max_bytes)
+
+    def send(self, kind: str, fields=None, tensors=None, codec="none") -> int:
+        frames = wire.encode(kind, fields, tensors, codec)
+        try:
+            self.sock.send_multipart(frames, copy=False)
+        except zmq.Again:
+            raise PeerError(f"could not send to {self.target} for {_SEND_TIMEOUT_MS // 1000}s: "
+                            "the server is gone or not keeping up") from None
+        return sum(memoryview(f).nbytes for f in frames)
+
+    def recv(self, timeout_ms: int) -> wire.Message | None:
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            if not self._wait(int((deadline - time.monotonic()) * 1000)):
+                return None
+            frames = self.sock.recv_multipart(copy=False)
+            try:
+                return wire.decode(frames, max_bytes=self.max_bytes)
+            except wire.WireError as e:
+                self.rejected[e.reason] += 1
+                logger.error(f"rejected a message from {self.target}: {e}")
+
+
+class Heartbeat:
+    """Beats from a background thread on its own DEALER socket (zmq sockets are not thread-safe),
+    so a worker stays alive to the server while its main thread computes a long step."""
+
+    def __init__(self, address: str, *, rank: int, interval_s: float, max_bytes: int,
+                 curve_dir: str | None = None, role: str = "worker"):
+        self.address, self.rank, self.interval_s, self.role = address, rank, interval_s, role
+        self.max_bytes, self.curve_dir = max_bytes, curve_dir
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{rank}", daemon=True)
+        self.beats = 0
+
+    def start(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        client = ClientEndpoint(self.address, max_bytes=self.max_bytes, curve_dir=self.curve_dir, hwm=10)
+        client.sock.setsockopt(zmq.SNDTIMEO, 0)
+        try:
+            while not self._stop.is_set():
+                try:
+                    client.send("heartbeat", {"rank": self.rank, "role": self.role})
+                    self.beats += 1
+                except PeerError:
+                    pass  # not connected yet, or queue full: the next beat tries again
+                self._stop.wait(self.interval_s)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+class Liveness:
+    """Who has been heard from lately: ``beat(peer)`` on every message, ``lost()`` lists the silent."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.last: dict = {}
+
+    def beat(self, peer, now: float | None = None) -> None:
+        self.last[peer] = time.monotonic() if now is None else now
+
+    def lost(self, now: float | None = None) -> list:
+        now = time.monotonic() if now is None else now
+        gone = [p for p, t in self.last.items() if now - t > self.timeout_s]
+        for p in gone:
+            del self.last[p]
+        return gone

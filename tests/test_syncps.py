@@ -1,0 +1,123 @@
+"""SyncPS end to end: real server and worker processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.cluster_util import Cluster
+from tests.conftest import run_cli, train
+
+FAST = ["cluster.heartbeat_s=0.2", "cluster.liveness_s=3", "cluster.connect_timeout_s=30"]
+
+
+def max_abs_diff(a_dir, b_dir) -> float:
+    a = load_file(a_dir / "checkpoint.safetensors")
+    b = load_file(b_dir / "checkpoint.safetensors")
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_syncps_equals_local_on_the_union_of_batches_mlp(tmp_path):
+    s = train(tmp_path / "ps", "algo=syncps", "cluster.workers=2", "train.batch_size=32", "train.steps=20", *FAST)
+    train(tmp_path / "local", "algo=local", "train.batch_size=64", "train.steps=20")
+    assert s["steps"] == 20 and s["samples"] == 20 * 64
+    assert s["workers"]["0"]["applied"] == 20 and s["workers"]["1"]["applied"] == 20
+    assert max_abs_diff(tmp_path / "ps", tmp_path / "local") < 1e-5
+
+
+@pytest.mark.slow
+def test_syncps_equals_local_gpt2_tiny(tmp_path, shakespeare):
+    common = ["model=gpt2-tiny", "data=text", f"data.path={shakespeare}", "model.n_layer=2", "model.block_size=32",
+              "train.optimizer=adamw", "train.lr=1e-3", "train.steps=20", f"data.cache_dir={tmp_path / 'tok'}"]
+    train(tmp_path / "ps", "algo=syncps", "cluster.workers=2", "train.batch_size=4", *common, *FAST)
+    train(tmp_path / "local", "algo=local", "train.batch_size=8", *common)
+    assert max_abs_diff(tmp_path / "ps", tmp_path / "local") < 1e-5
+
+
+def test_syncps_mnist_two_workers_three_epochs_reaches_95_percent(tmp_path, mnist_root):
+    s = train(tmp_path, "algo=syncps", "cluster.workers=2", "data=mnist", f"data.root={mnist_root}",
+              "train.epochs=3", *FAST)
+    assert s["eval_accuracy"] >= 0.95, s["eval_accuracy"]
+    assert s["workers_lost"] == []
+
+
+def test_sigkill_a_worker_mid_run_the_rest_finishes(tmp_path):
+    with Cluster(tmp_path, "syncps", "train.steps=300", "train.log_every=5", *FAST,
+                 "cluster.nodes=[{delay_s: 0.01},{delay_s: 0.01}]") as c:
+        c.server()
+        c.worker(0)
+        c.worker(1)
+        c.wait_for_step(60)
+        c.kill("worker1")
+        killed_at = c.metrics()[-1]["step"]
+        assert c.wait("server", timeout=240) == 0, c.output("server")[-3000:]
+        assert c.wait("worker0", timeout=30) == 0
+        s = c.summary()
+    assert s["steps"] == 300 and s["workers_lost"] == [1]
+    assert s["workers"]["1"]["lost_step"] >= killed_at
+    assert s["workers"]["0"]["applied"] == 300
+    losses = [r["loss"] for r in c.metrics() if r.get("loss") is not None]
+    before = [r["loss"] for r in c.metrics() if r.get("loss") is not None and r["step"] <= killed_at]
+    assert losses[-1] < min(before)  # still learning after the loss of a worker
+
+
+def test_server_killed_and_restarted_with_resume_continues_from_checkpoint(tmp_path):
+    args = ["train.steps=200", "train.checkpoint_every=25", "train.log_every=5", "algo.straggler_timeout=2",
+            *FAST, "cluster.nodes=[{delay_s: 0.02},{delay_s: 0.02}]"]
+    with Cluster(tmp_path / "run", "syncps", *args) as c:
+        c.server()
+        c.worker(0)
+        c.worker(1)
+        c.wait_for_step(60)
+        c.kill("server")
+        ckpt_step = json.loads((tmp_path / "run" / "checkpoint.json").read_text())["step"]
+        assert ckpt_step >= 50 and ckpt_step % 25 == 0
+        c.server(f"resume={tmp_path / 'run'}")
+        assert c.wait("server", timeout=240) == 0, c.output("server")[-3000:]
+        for w in ("worker0", "worker1"):
+            assert c.wait(w, timeout=30) == 0, c.output(w)[-2000:]
+        s = c.summary()
+    assert s["steps"] == 200
+    assert f"resumed from {tmp_path / 'run'}/checkpoint.safetensors at step {ckpt_step}" in c.output("server")
+    steps = [r["step"] for r in c.metrics()]
+    assert ckpt_step + 5 in steps  # logging picked up right after the checkpoint step
+
+
+def test_worker_with_a_foreign_model_is_refused_on_both_sides(tmp_path):
+    with Cluster(tmp_path, "syncps", "train.steps=30", *FAST, workers=1) as c:
+        c.server()
+        c.worker(0, "model.hidden=[32]")
+        assert c.wait("worker0", timeout=60) == 2
+        assert "refused worker 0: model fingerprint" in c.output("worker0")
+        c.worker(0)  # the right model is let in and the run completes
+        assert c.wait("server", timeout=120) == 0
+    assert "refused a worker: model fingerprint" in c.output("server")
+
+
+def test_worker_without_a_server_gives_up_with_a_clear_error(tmp_path):
+    t0 = time.monotonic()
+    proc = run_cli("smolcluster.train", "algo=syncps", "role=worker", "rank=0", "cluster.port=1",
+                   "cluster.connect_timeout_s=3", f"hydra.run.dir={tmp_path}", check=False, timeout=60)
+    assert proc.returncode == 2
+    assert "could not reach the server at tcp://127.0.0.1:1 for cluster.connect_timeout_s=3" in proc.stderr
+    assert time.monotonic() - t0 < 50
+
+
+def test_launcher_stops_everything_and_names_the_failed_child(tmp_path):
+    proc = run_cli("smolcluster.train", "algo=syncps", f"hydra.run.dir={tmp_path}", "train.steps=50",
+                   "cluster.nodes=[{},{device: cuda:7}]", *FAST, check=False, timeout=120)
+    assert proc.returncode == 2
+    assert "worker 1 exited with code 2" in proc.stderr
+    assert "[worker 1]" in proc.stderr and "CUDA is not available" in proc.stderr
+
+
+def test_heterogeneous_batch_sizes_are_weighted_by_samples(tmp_path):
+    s = train(tmp_path / "ps", "algo=syncps", "cluster.workers=2", "train.steps=15",
+              "cluster.nodes=[{batch_size: 48},{batch_size: 16}]", *FAST)
+    train(tmp_path / "local", "algo=local", "train.batch_size=64", "train.steps=15")
+    assert s["workers"]["0"]["samples"] == 15 * 48 and s["workers"]["1"]["samples"] == 15 * 16
+    assert max_abs_diff(tmp_path / "ps", tmp_path / "local") < 1e-5
