@@ -255,11 +255,11 @@ class StageTrainer:
         for other in self.names:
             if other != self.me:
                 parts[other] = float(self.expect("mp.norm", other, self.step).fields["sq"])
-        total = math.sqrt(sum(parts[n] for n in self.names))  # the same order on every stage
-        coef = self.tr.grad_clip / (total + 1e-6)  # clip_grad_norm_'s formula
-        if coef < 1.0:
-            for g in self.flat.grads.values():
-                g.mul_(coef)
+        # The same order on every stage, then clip_grad_norm_'s float32 arithmetic.
+        total = torch.tensor(math.sqrt(sum(parts[n] for n in self.names)), dtype=torch.float32)
+        coef = torch.clamp(self.tr.grad_clip / (total + 1e-6), max=1.0)
+        for g in self.flat.grads.values():
+            g.mul_(coef.to(g.device))
 
     # -- evaluation -------------------------------------------------------------------------
     @torch.no_grad()

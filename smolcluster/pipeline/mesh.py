@@ -76,7 +76,7 @@ class Mesh:
     """One node's links: ``send(dst, kind, fields, tensors)``, ``recv(timeout_s)``, peers, heartbeats."""
 
     def __init__(self, name: str, bind: str, *, heartbeat_s: float = 1.0, liveness_s: float = 10.0,
-                 max_bytes: int = 0, keys_dir: str | None = None):
+                 max_bytes: int = 2 << 30, keys_dir: str | None = None):
         self.name = name
         self.heartbeat_s, self.liveness_s, self.max_bytes = float(heartbeat_s), float(liveness_s), max_bytes
         self.incarnation = uuid.uuid4().hex[:12]

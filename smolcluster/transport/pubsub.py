@@ -22,29 +22,31 @@ from pathlib import Path
 
 import zmq
 
-from smolcluster.errors import ConfigError, PeerError
+from smolcluster.errors import PeerError
+from smolcluster.transport.sockets import _configure, _context, _load, _start_authenticator
 
 # Generous queues: a drop at the high-water mark is detected by sequence numbers, never silent.
 _HWM = 100_000
 
 
-def _context() -> zmq.Context:
-    return zmq.Context.instance()
-
-
-def _curve_keys(keys_dir: str | Path | None) -> tuple[bytes, bytes, Path] | None:
-    """(public, secret, dir) of this node's CURVE key pair, when the cluster names a key directory."""
+def _server_keys(keys_dir: str | None) -> tuple[bytes, bytes] | None:
+    """An inbox is a CURVE server: the cluster's server key pair, only authorized/ clients let in."""
     if not keys_dir:
         return None
-    import zmq.auth
-
     d = Path(keys_dir).expanduser()
-    secret = d / "node.key_secret"
-    if not secret.is_file():
-        raise ConfigError(f"cluster.keys={keys_dir}: no node.key_secret there; make keys with "
-                          "python -m smolcluster.keys")
-    public, private = zmq.auth.load_certificate(str(secret))
-    return public, private, d
+    pub, sec = _load(d / "server.key_secret", "the server's secret key")
+    _start_authenticator(d / "authorized")
+    return pub, sec
+
+
+def _client_keys(keys_dir: str | None) -> tuple[bytes, bytes, bytes] | None:
+    """An outbox is a CURVE client of every inbox: (server public, own public, own secret)."""
+    if not keys_dir:
+        return None
+    d = Path(keys_dir).expanduser()
+    server_pub, _ = _load(d / "server.key", "the server's public key")
+    pub, sec = _load(d / "client.key_secret", "this node's client secret key")
+    return server_pub, pub, sec
 
 
 class Inbox:
@@ -52,15 +54,11 @@ class Inbox:
 
     def __init__(self, address: str, topics: list[str], max_bytes: int, keys_dir: str | None = None):
         self.sock = _context().socket(zmq.SUB)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.RCVHWM, _HWM)
-        if max_bytes > 0:
-            self.sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
-        curve = _curve_keys(keys_dir)
+        _configure(self.sock, max_bytes, _HWM)
+        curve = _server_keys(keys_dir)
         if curve is not None:
-            public, private, _ = curve
-            self.sock.curve_publickey, self.sock.curve_secretkey = public, private
             self.sock.curve_server = True
+            self.sock.curve_publickey, self.sock.curve_secretkey = curve
         for t in topics:  # the node's own topic first, so it is live whenever "all" is
             self.sock.setsockopt(zmq.SUBSCRIBE, t.encode())
         try:
@@ -92,12 +90,10 @@ class Outbox:
 
     def __init__(self, keys_dir: str | None = None):
         self.sock = _context().socket(zmq.PUB)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, _HWM)
-        self._curve = _curve_keys(keys_dir)
-        if self._curve is not None:
-            public, private, _ = self._curve
-            self.sock.curve_publickey, self.sock.curve_secretkey = public, private
+        _configure(self.sock, 1 << 62, _HWM)
+        curve = _client_keys(keys_dir)
+        if curve is not None:
+            self.sock.curve_serverkey, self.sock.curve_publickey, self.sock.curve_secretkey = curve
         self.lock = threading.Lock()
         self.peers: dict[str, str] = {}
 
@@ -107,9 +103,6 @@ class Outbox:
                 return
             if name in self.peers:
                 self.sock.disconnect(self.peers[name])
-            if self._curve is not None:
-                # Every node of a cluster shares the cluster's key pair (python -m smolcluster.keys).
-                self.sock.curve_serverkey = self._curve[0]
             self.sock.connect(address)
             self.peers[name] = address
 
