@@ -67,7 +67,8 @@ def compose_config(cluster_ref: str, overrides: list[str], need_algo: bool = Tru
                 cfg = compose("config", overrides=[f"cluster={name}", f"hydra.searchpath=[file://{tmp}]",
                                                    *[o for o in overrides if not o.startswith("hydra.")]])
             except Exception as e:
-                raise ConfigError(f"cannot compose the config with {' '.join(overrides)}: {e}") from None
+                why = str(e).split("Config search path")[0].strip().replace("\n\n", " ").replace("\n\t", " ")
+                raise ConfigError(f"cannot compose the config with {' '.join(overrides)}: {why}") from None
     validate(cfg)
     if need_algo and cfg.algo.name not in CLUSTER_ALGOS:
         raise ConfigError(f"algo={cfg.algo.name} does not run as a server and workers: add algo=syncps or algo=edp")
@@ -245,7 +246,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return launch(args)
     except SmolclusterError as e:
-        logger.error(str(e))
         print(f"error: {e}", file=sys.stderr)
         return 1
 

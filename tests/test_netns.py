@@ -131,7 +131,7 @@ def test_syncps_across_namespaces_survives_a_pulled_cable(lan, tmp_path):
     conf_dir, run_dir = tmp_path / "conf", tmp_path / "run"
     run_dir.mkdir()
     _cluster_file(conf_dir, lan)
-    steps, cut_at = 150, 25
+    steps, cut_at = 120, 20
     common = [sys.executable, "-u", "-m", "smolcluster.train", f"--config-dir={conf_dir}", "cluster=netns",
               "algo=syncps", f"train.steps={steps}", "train.log_every=1", "train.progress=false",
               "algo.straggler_timeout=60", "run_id=netns", f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
@@ -186,4 +186,4 @@ def test_syncps_across_namespaces_survives_a_pulled_cable(lan, tmp_path):
     assert cut_step <= w1["lost_step"] < steps
     assert w1["applied"] < w0["applied"]
     assert w0["applied"] >= steps - 2  # worker 0 carried every step after the drop
-    assert "lost" in output("srv")
+    assert "worker 1 (w1) lost: silent for" in logs["srv"].read_text()

@@ -74,18 +74,18 @@ def _server_port(run_dir: Path) -> int:
 
 @pytest.mark.slow
 def test_parallel_syncps_jobs_each_run_their_cluster_on_their_own_port(tmp_path):
-    """Two syncps jobs at once (submitit's local executor): each starts its server and two workers
+    """Two syncps jobs at once (submitit's local executor): each starts its server and a worker
     on its own free port, both finish, and the table has both."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep_dir = tmp_path / "sweep"
     run_cli("smolcluster.train", "-m", "hydra/launcher=parallel", "algo=syncps", "train.steps=6",
-            "train.lr=0.01,0.05", "train.progress=false", "cluster.workers=2",
+            "train.lr=0.01,0.05", "train.progress=false", "cluster.workers=1",
             f"hydra.sweep.dir={sweep_dir}", timeout=280)
     jobs = sorted(p.parent for p in sweep_dir.glob("*/summary.json"))
     assert [j.name for j in jobs] == ["0", "1"]
     summaries = [json.loads((j / "summary.json").read_text()) for j in jobs]
     assert all(s["algo"] == "syncps" and s["steps"] == 6 for s in summaries)
-    assert all(sorted(s["workers"]) == ["0", "1"] for s in summaries)
+    assert all(sorted(s["workers"]) == ["0"] for s in summaries)
     ports = [_server_port(j) for j in jobs]
     assert ports[0] != ports[1]
     assert [r["status"] for r in _rows(sweep_dir)] == ["ok", "ok"]
