@@ -94,7 +94,7 @@ def _as_array(t) -> np.ndarray:
         if t.dtype == torch.bfloat16:
             return t.contiguous().view(torch.uint16).numpy()
         return t.contiguous().numpy()
-    return np.ascontiguousarray(t)
+    return np.require(t, requirements="C")  # (ascontiguousarray would turn a 0-d array into 1-d)
 
 
 def _dtype_name(arr: np.ndarray, t) -> str:

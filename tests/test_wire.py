@@ -1,0 +1,82 @@
+import msgpack
+import numpy as np
+import pytest
+
+from smolcluster.transport import wire
+from smolcluster.transport.wire import WireError, decode, encode
+
+LIMIT = 1 << 20
+GRAD = {"rank": 1, "step": 3, "version": 3, "samples": 32, "loss": 0.25}
+
+
+def header(**over):
+    h = {"v": 1, "kind": "grad", **GRAD, "tensors": [{"name": "g", "dtype": "float32", "shape": [4], "codec": "none"}]}
+    h.update(over)
+    return msgpack.packb(h)
+
+
+def test_roundtrip_is_zero_copy_on_the_receive_side():
+    g = np.arange(1000, dtype=np.float32)
+    frames = encode("grad", GRAD, {"float32": g})
+    assert np.shares_memory(np.frombuffer(frames[1], np.float32), g)  # sender passes its own buffer
+    payload = bytearray(frames[1])
+    msg = decode([frames[0], payload], max_bytes=LIMIT)
+    out = msg.tensors["float32"]
+    assert np.array_equal(out, g) and msg.fields == GRAD and msg.kind == "grad"
+    payload[0:4] = np.float32(42).tobytes()  # the received array is a view of the frame
+    assert out[0] == 42
+    assert msg.tensor("float32").shape == (1000,)
+    assert msg.nbytes == len(frames[0]) + 4000
+
+
+@pytest.mark.parametrize(
+    ("frames", "reason"),
+    [
+        ([], "truncated"),
+        ([header()], "truncated"),                                                  # tensor frame missing
+        ([header(), b"\0" * 16, b"extra"], "truncated"),
+        ([header(), b"\0" * 15], "shape_mismatch"),                                 # 4 floats need 16 bytes
+        ([header(tensors=[{"name": "g", "dtype": "float32", "shape": [5], "codec": "none"}]), b"\0" * 16], "shape_mismatch"),
+        ([header(tensors=[{"name": "g", "dtype": "object", "shape": [4], "codec": "none"}]), b"\0" * 16], "dtype"),
+        ([header(tensors=[{"name": "g", "dtype": "float32", "shape": [-4], "codec": "none"}]), b""], "bad_shape"),
+        ([header(tensors=[{"name": "g", "dtype": "float32", "shape": "4", "codec": "none"}]), b""], "bad_shape"),
+        ([header(tensors=[{"name": "g", "dtype": "int8", "shape": [4], "codec": "int8"}]), b"\0" * 4], "codec"),
+        ([header(tensors=[{"name": "g", "dtype": "float32", "shape": [4], "codec": "int8", "chunk": 0}]), b"\0" * 8], "codec"),
+        ([header(kind="launch_missiles"), b"\0" * 16], "unknown_kind"),
+        ([b"\xc1\xff garbage", b"\0" * 16], "bad_header"),
+        ([msgpack.packb([1, 2, 3])], "bad_header"),
+        ([header(v=2), b"\0" * 16], "version"),
+        ([msgpack.packb({"v": 1, "kind": "grad", "rank": 1, "tensors": []})], "missing_field"),
+        ([header(rank="one"), b"\0" * 16], "bad_field"),
+        ([header(rank=True), b"\0" * 16], "bad_field"),
+        ([header(loss=float("nan")), b"\0" * 16], "non_finite"),
+        ([header(evil=1), b"\0" * 16], "unknown_field"),
+        ([header(), np.array([1, np.nan, 2, 3], np.float32).tobytes()], "non_finite"),
+        ([header(), np.array([1, np.inf, 2, 3], np.float32).tobytes()], "non_finite"),
+        ([header(tensors=[{"name": "g", "dtype": "float32", "shape": [1 << 20], "codec": "none"}]), b"\0" * (1 << 22)], "oversize"),
+    ],
+)
+def test_hostile_messages_are_rejected_with_a_reason(frames, reason):
+    with pytest.raises(WireError) as e:
+        decode(frames, max_bytes=LIMIT)
+    assert e.value.reason == reason
+
+
+def test_weights_may_carry_any_value_but_gradients_must_be_finite():
+    w = np.array([np.inf, 1.0], np.float32)
+    assert decode(encode("weights", {"step": 0, "version": 0}, {"w": w}), max_bytes=LIMIT).tensors["w"][0] == np.inf
+    with pytest.raises(WireError):
+        decode(encode("grad", GRAD, {"w": w}), max_bytes=LIMIT)
+
+
+def test_new_kinds_can_be_registered_by_other_modules():
+    wire.register_kind("test_ping", {"n": int}, optional={"note": str})
+    msg = decode(encode("test_ping", {"n": 3, "note": "hi"}), max_bytes=LIMIT)
+    assert msg.fields == {"n": 3, "note": "hi"}
+    with pytest.raises(WireError, match="missing_field"):
+        decode(encode("test_ping", {"note": "hi"}), max_bytes=LIMIT)
+
+
+def test_unsendable_dtype_is_refused_at_the_sender():
+    with pytest.raises(WireError, match="dtype"):
+        encode("weights", {"step": 0, "version": 0}, {"c": np.zeros(2, np.complex64)})
