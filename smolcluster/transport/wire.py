@@ -178,11 +178,11 @@ def decode(frames: list, *, max_bytes: int) -> Message:
         raise WireError("truncated", f"{len(bufs) - 1} tensor frames for {len(specs)} tensors")
     tensors = {}
     for spec, buf in zip(specs, bufs[1:]):
-        tensors.update(_decode_tensor(kind, spec, buf, schema.finite))
+        tensors.update(_decode_tensor(kind, spec, buf, schema.finite, max_bytes))
     return Message(kind, fields, tensors, nbytes=total)
 
 
-def _decode_tensor(kind: str, spec, buf: memoryview, finite: bool) -> dict[str, np.ndarray]:
+def _decode_tensor(kind: str, spec, buf: memoryview, finite: bool, max_bytes: int) -> dict[str, np.ndarray]:
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         raise WireError("bad_header", "tensor entry without a name")
     name, dtype, shape, codec = spec["name"], spec.get("dtype"), spec.get("shape"), spec.get("codec", "none")
@@ -199,6 +199,8 @@ def _decode_tensor(kind: str, spec, buf: memoryview, finite: bool) -> dict[str, 
         expected = count * DTYPES[dtype].itemsize if codec == "none" else c.payload_size(count, spec)
     except ValueError as e:
         raise WireError("codec", f"{name}: {e}") from None
+    if expected > max_bytes:
+        raise WireError("oversize", f"{name}: shape {shape} would need {expected} bytes > limit {max_bytes}")
     if buf.nbytes != expected:
         raise WireError("shape_mismatch", f"{name}: shape {shape} x {dtype} ({codec}) needs {expected} bytes, "
                                           f"frame has {buf.nbytes}")
