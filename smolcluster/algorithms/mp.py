@@ -15,7 +15,17 @@ from omegaconf import DictConfig
 from smolcluster.errors import ConfigError
 
 
+def check(cfg: DictConfig) -> None:
+    stages, mb = cfg.algo.get("stages"), cfg.algo.get("microbatches")
+    if not isinstance(stages, int) or stages < 1:
+        raise ConfigError(f"algo.stages={stages!r} is invalid: it must be a positive integer (e.g. algo.stages=2)")
+    if not isinstance(mb, int) or mb < 1 or cfg.train.batch_size % mb:
+        raise ConfigError(f"algo.microbatches={mb!r} must be a positive integer dividing train.batch_size="
+                          f"{cfg.train.batch_size}")
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict | None:
+    check(cfg)
     if cfg.role == "launch":
         from smolcluster.pipeline.launch import launch_training
 

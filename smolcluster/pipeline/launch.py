@@ -97,7 +97,11 @@ class Children:
                 return
             time.sleep(poll_s)
 
-    def stop(self, grace_s: float = 10.0) -> None:
+    def stop(self, grace_s: float = 10.0, exit_first_s: float = 0.0) -> None:
+        """Give the children ``exit_first_s`` to exit by themselves, then SIGTERM, then SIGKILL."""
+        deadline = time.monotonic() + exit_first_s
+        while time.monotonic() < deadline and any(p.poll() is None for p in self.procs.values()):
+            time.sleep(0.05)
         for p in self.procs.values():
             if p.poll() is None:
                 try:

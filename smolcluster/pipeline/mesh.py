@@ -76,13 +76,14 @@ class Mesh:
     """One node's links: ``send(dst, kind, fields, tensors)``, ``recv(timeout_s)``, peers, heartbeats."""
 
     def __init__(self, name: str, bind: str, *, heartbeat_s: float = 1.0, liveness_s: float = 10.0,
-                 max_bytes: int = 2 << 30, keys_dir: str | None = None):
+                 max_bytes: int = 2 << 30, keys_dir: str | None = None, hwm: int | None = None):
         self.name = name
         self.heartbeat_s, self.liveness_s, self.max_bytes = float(heartbeat_s), float(liveness_s), max_bytes
         self.incarnation = uuid.uuid4().hex[:12]
-        self.inbox = Inbox(bind, [f"{name}/", "all/"], max_bytes, keys_dir)
+        queue = {"hwm": hwm} if hwm else {}  # messages queued per link before PUB drops (then: a gap error)
+        self.inbox = Inbox(bind, [f"{name}/", "all/"], max_bytes, keys_dir, **queue)
         self.address = self.inbox.address
-        self.outbox = Outbox(keys_dir)
+        self.outbox = Outbox(keys_dir, **queue)
         self.peers: dict[str, Peer] = {}
         self.beacon: dict = {}  # extra fields this node's heartbeats carry (the owner updates it)
         self.bytes_sent = self.bytes_received = 0

@@ -17,6 +17,11 @@ from smolcluster.transport import wire
 _NUM = (int, float)
 _COMMON = {"src": str, "seq": int}
 
+# What a request's first ``hidden`` message carries, so later stages learn of it in order
+# (a head's ``submit`` goes to stage 0 only: nothing can overtake it on another link).
+REQUEST_FIELDS = {"head": str, "max_new_tokens": int, "temperature": _NUM, "top_k": int, "top_p": _NUM,
+                  "seed": int, "eos": int, "prompt_len": int}
+
 # kind -> (required fields, finite?)
 KINDS: dict[str, tuple[dict, bool]] = {
     # every node, always
@@ -28,8 +33,8 @@ KINDS: dict[str, tuple[dict, bool]] = {
     "mp.tied": ({"step": int}, True),                           # tensors: g, this stage's tied-embedding grad
     "mp.norm": ({"step": int, "sq": _NUM}, True),               # squared grad norm, for global clipping
     # inference
-    "mp.submit": ({"req": str, "max_new_tokens": int, "temperature": _NUM, "top_k": int, "top_p": _NUM,
-                   "seed": int, "eos": int}, True),             # tensors: ids, the prompt
+    "mp.submit": ({"req": str, **{k: v for k, v in REQUEST_FIELDS.items() if k not in ("head", "prompt_len")}},
+                  True),                                        # tensors: ids, the prompt
     "mp.hidden": ({"req": str}, True),                          # tensors: x, hidden states for the next stage
     "mp.token": ({"req": str, "token": int, "index": int, "done": bool, "reason": str}, False),
     "mp.cancel": ({"req": str}, False),
@@ -38,7 +43,8 @@ KINDS: dict[str, tuple[dict, bool]] = {
 }
 
 for _kind, (_fields, _finite) in KINDS.items():
-    wire.register_kind(_kind, {**_COMMON, **_fields}, finite=_finite)
+    wire.register_kind(_kind, {**_COMMON, **_fields}, finite=_finite,
+                       optional=REQUEST_FIELDS if _kind == "mp.hidden" else None)
 
 
 def encode(kind: str, fields: dict, tensors: dict[str, np.ndarray] | None) -> list:

@@ -52,9 +52,10 @@ def _client_keys(keys_dir: str | None) -> tuple[bytes, bytes, bytes] | None:
 class Inbox:
     """The node's bound SUB socket; ``recv`` returns ``(topic, frames)`` or None after ``timeout_ms``."""
 
-    def __init__(self, address: str, topics: list[str], max_bytes: int, keys_dir: str | None = None):
+    def __init__(self, address: str, topics: list[str], max_bytes: int, keys_dir: str | None = None,
+                 hwm: int = _HWM):
         self.sock = _context().socket(zmq.SUB)
-        _configure(self.sock, max_bytes, _HWM)
+        _configure(self.sock, max_bytes, hwm)
         curve = _server_keys(keys_dir)
         if curve is not None:
             self.sock.curve_server = True
@@ -88,9 +89,9 @@ class Inbox:
 class Outbox:
     """The node's PUB socket, connected to the inboxes it talks to; thread-safe ``send``."""
 
-    def __init__(self, keys_dir: str | None = None):
+    def __init__(self, keys_dir: str | None = None, hwm: int = _HWM):
         self.sock = _context().socket(zmq.PUB)
-        _configure(self.sock, 1 << 62, _HWM)
+        _configure(self.sock, 1 << 62, hwm)
         curve = _client_keys(keys_dir)
         if curve is not None:
             self.sock.curve_serverkey, self.sock.curve_publickey, self.sock.curve_secretkey = curve

@@ -1,0 +1,69 @@
+"""``python -m smolcluster.infer``: generate through a pipeline of stages, printing tokens as they arrive.
+
+    python -m smolcluster.infer model=gpt2-tiny prompt="Once upon a time" max_new_tokens=50
+    python -m smolcluster.infer checkpoint=RUN_DIR prompt="ROMEO:" temperature=0.8 top_p=0.95 seed=1
+    python -m smolcluster.infer role=stage rank=0 checkpoint=RUN_DIR cluster=lan     # one stage of a cluster
+    python -m smolcluster.infer role=head checkpoint=RUN_DIR cluster=lan prompt="..."  # use running stages
+
+The generated text goes to stdout; timings and the finish reason to stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import hydra
+from omegaconf import DictConfig
+
+from smolcluster.errors import ConfigError, SmolclusterError
+from smolcluster.paths import CONFIG_DIR
+from smolcluster.telemetry.logging import setup_logging
+
+
+def run(cfg: DictConfig) -> dict | None:
+    setup_logging(role="infer" if cfg.role != "stage" else "stage", rank=cfg.rank if cfg.rank is not None else "",
+                  algo="infer", level=cfg.logging.level)
+    if cfg.role == "stage":
+        from smolcluster.pipeline.api import serve_config_from
+        from smolcluster.pipeline.serve import StageServer
+
+        StageServer(serve_config_from(cfg)).run()
+        return None
+    if cfg.prompt is None:
+        raise ConfigError('no prompt: add prompt="your text"')
+    from smolcluster.pipeline.api import pipeline_from_config
+
+    with pipeline_from_config(cfg) as pipe:
+        t0 = time.perf_counter()
+        req = pipe.submit(str(cfg.prompt), max_new_tokens=int(cfg.max_new_tokens), temperature=cfg.temperature,
+                          top_k=int(cfg.top_k), top_p=cfg.top_p, seed=cfg.seed, stop_at_eos=cfg.stop_at_eos)
+        sys.stdout.write(str(cfg.prompt))
+        for tok in req:
+            sys.stdout.write(tok.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        wall = time.perf_counter() - t0
+        n = len(req.ids)
+        ttft = (req.first_token_at - req.submitted_at) * 1000 if req.first_token_at else float("nan")
+        stats = {"tokens": n, "wall_s": round(wall, 3), "tokens_per_s": round(n / wall, 2) if wall else None,
+                 "ttft_ms": round(ttft, 1), "finish_reason": req.finish_reason, "stages": pipe.stages}
+        print(f"[{n} tokens in {wall:.2f}s, {stats['tokens_per_s']} tokens/s, first token after {ttft:.0f} ms, "
+              f"{pipe.stages} stages, finished: {req.finish_reason}]", file=sys.stderr)
+        return stats
+
+
+@hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="infer")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except SmolclusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,353 @@
+"""``InferencePipeline``: the Python API over a pipeline of inference stages (the chat app uses it).
+
+    from smolcluster.pipeline import InferencePipeline
+
+    with InferencePipeline.start_local("runs/my-run", stages=2) as pipe:   # or .connect([...])
+        req = pipe.submit("Once upon a time", max_new_tokens=50, temperature=0.8, top_p=0.95, seed=1)
+        for tok in req:                       # Token(id, text, index), streamed as made
+            print(tok.text, end="", flush=True)
+        # req.cancel() frees the request's KV cache on every stage
+
+``submit`` is thread-safe and returns at once; many requests may be in flight. A
+lost stage raises :class:`~smolcluster.errors.PeerError` from the iteration (and from
+later submits) within ``liveness_s``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from loguru import logger
+
+from smolcluster.errors import ConfigError
+from smolcluster.pipeline.client import PipelineClient, Request
+from smolcluster.pipeline.launch import Children, free_ports, stage_env
+from smolcluster.pipeline.serve import ServeConfig
+
+
+def describe_weights(source: str | Path, n_head: int | None = None) -> dict:
+    """Where a model's weights and settings are: a run dir, a Hugging Face model dir, or a .safetensors file.
+
+    Returns ``{"weights": file, "n_head", "eps", "tokenizer": path or None, "eos": id or None}``.
+    """
+    p = Path(source).expanduser()
+    out: dict = {"eps": 1e-5, "tokenizer": None, "eos": None, "n_head": n_head}
+    if p.is_dir():
+        if (p / "tokenizer.json").is_file():
+            out["tokenizer"] = p / "tokenizer.json"
+        if (p / "checkpoint.safetensors").is_file():  # a run written by train
+            out["weights"] = p / "checkpoint.safetensors"
+            run_cfg = p / ".hydra" / "config.yaml"
+            if run_cfg.is_file() and n_head is None:
+                from omegaconf import OmegaConf
+
+                out["n_head"] = OmegaConf.load(run_cfg).model.get("n_head")
+        elif (p / "model.safetensors").is_file() and (p / "config.json").is_file():  # Hugging Face layout
+            config = json.loads((p / "config.json").read_text())
+            out["weights"] = p / "model.safetensors"
+            out["n_head"] = n_head or config.get("n_head")
+            out["eps"] = config.get("layer_norm_epsilon", 1e-5)
+            out["eos"] = config.get("eos_token_id")
+        else:
+            raise ConfigError(f"{source}: neither a run directory (checkpoint.safetensors) nor a Hugging Face "
+                              "model directory (config.json + model.safetensors)")
+    elif p.is_file():
+        out["weights"] = p
+    else:
+        raise ConfigError(f"{source}: no such run directory or weights file")
+    if not out["n_head"]:
+        raise ConfigError(f"{source}: the number of attention heads is not recorded there; pass n_head "
+                          "(model.n_head=...)")
+    return out
+
+
+class InferencePipeline:
+    def __init__(self, client: PipelineClient, tokenizer=None, eos_id: int | None = None,
+                 children: Children | None = None, workdir: Path | None = None):
+        self.client, self.tokenizer, self.eos_id = client, tokenizer, eos_id
+        self._children = children
+        self._cleanup: list[Path] = [workdir] if workdir is not None else []
+
+    # -- making one ---------------------------------------------------------------------------
+    @classmethod
+    def start_local(cls, weights: str | Path, *, stages: int = 2, n_head: int | None = None,
+                    head: str = "first", tokenizer=None, eos_id: int | None = None,
+                    stage_weights: list[float] | None = None, host: str = "127.0.0.1",
+                    heartbeat_s: float = 1.0, liveness_s: float = 10.0, connect_timeout_s: float = 120.0,
+                    threads: int | None = None, log_path: str | Path | None = None,
+                    max_requests: int = 64, env: dict | None = None) -> InferencePipeline:
+        """Start ``stages`` stage processes on this machine and connect to them.
+
+        ``weights``: a run directory written by ``train``, a Hugging Face GPT-2 directory,
+        or a whole-model ``.safetensors`` file (then give ``n_head``). ``head``: ``first``
+        keeps the LM head on stage 0 with the embedding it is tied to (each stage holds
+        only its share); ``last`` puts it on the last stage as in training. ``tokenizer``:
+        an object with ``encode``/``decode`` (default: the run's ``tokenizer.json`` if any).
+        """
+        if head not in ("first", "last"):
+            raise ConfigError(f"head={head!r} is invalid: choose first or last")
+        info = describe_weights(weights, n_head)
+        if tokenizer is None and info["tokenizer"] is not None:
+            from smolcluster.data.text import TextTokenizer
+
+            tokenizer = TextTokenizer.load(info["tokenizer"])
+        if eos_id is None:
+            eos_id = getattr(tokenizer, "eos_id", None) if tokenizer is not None else info["eos"]
+        workdir = Path(tempfile.mkdtemp(prefix="smolcluster-infer-"))
+        base = free_ports(host, stages)
+        nodes = [{"address": f"tcp://{host}:{base + r}", "bind": f"tcp://{host}:{base + r}"} for r in range(stages)]
+        children = Children(log_path)
+        try:
+            for rank in range(stages):
+                sc = ServeConfig(rank=rank, n_stages=stages, weights=str(info["weights"]), n_head=int(info["n_head"]),
+                                 eps=float(info["eps"]), nodes=nodes, head_first=head == "first",
+                                 stage_weights=stage_weights, heartbeat_s=heartbeat_s, liveness_s=liveness_s,
+                                 connect_timeout_s=connect_timeout_s, exit_with_head=True, threads=threads,
+                                 max_requests=max_requests)
+                path = workdir / f"stage-{rank}.json"
+                path.write_text(sc.dumps())
+                children.start(f"stage {rank}", [sys.executable, "-u", "-m", "smolcluster.pipeline.serve", str(path)],
+                               stage_env(stages, env))
+            client = cls._connect_while_watching(children, [n["address"] for n in nodes], host=host,
+                                                 heartbeat_s=heartbeat_s, liveness_s=liveness_s,
+                                                 connect_timeout_s=connect_timeout_s,
+                                                 decode=tokenizer.decode if tokenizer is not None else None)
+        except BaseException:
+            children.stop()
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        logger.info(f"inference pipeline: {stages} local stages, blocks {client.partition}, head on stage "
+                    f"{client.head_rank}")
+        return cls(client, tokenizer, eos_id, children, workdir)
+
+    @staticmethod
+    def _connect_while_watching(children: Children, addresses: list[str], **kw) -> PipelineClient:
+        """Connect, but give up at once (naming the stage) if a stage process dies while starting."""
+        import threading
+
+        result: dict = {}
+
+        def connect() -> None:
+            try:
+                result["client"] = PipelineClient(addresses, **kw)
+            except BaseException as e:
+                result["error"] = e
+
+        t = threading.Thread(target=connect, daemon=True)
+        t.start()
+        while t.is_alive():
+            t.join(timeout=0.1)
+            failed = children.failed()
+            if failed is not None:
+                t.join(timeout=1)
+                if "client" in result:
+                    result["client"].close()
+                name, code = failed
+                raise ConfigError(f"{name} exited with code {code} while starting (its log is above)")
+        if "error" in result:
+            raise result["error"]
+        return result["client"]
+
+    @classmethod
+    def connect(cls, addresses: list[str], *, tokenizer=None, eos_id: int | None = None, host: str = "127.0.0.1",
+                heartbeat_s: float = 1.0, liveness_s: float = 10.0, connect_timeout_s: float = 60.0,
+                keys_dir: str | None = None) -> InferencePipeline:
+        """Use stages already running (``python -m smolcluster.infer role=stage rank=N`` on each node).
+
+        ``host`` is this machine's address as the stages can reach it (they connect back to it).
+        """
+        client = PipelineClient(addresses, host=host, heartbeat_s=heartbeat_s, liveness_s=liveness_s,
+                                connect_timeout_s=connect_timeout_s, keys_dir=keys_dir,
+                                decode=tokenizer.decode if tokenizer is not None else None)
+        return cls(client, tokenizer, eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None))
+
+    # -- using it -----------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ConfigError("this pipeline has no tokenizer: pass token ids, or a tokenizer")
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def submit(self, prompt: str | list[int], *, max_new_tokens: int = 64, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True) -> Request:
+        """Start generating; returns at once. ``temperature=0`` is greedy; ``seed=None`` picks one
+        (``request.seed``). Raises ConfigError for a bad prompt (e.g. longer than the context)."""
+        eos = self.eos_id if stop_at_eos else None
+        return self.client.submit(self.encode(prompt), max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, seed=seed, eos=eos)
+
+    def generate(self, prompt: str | list[int], **kw) -> str:
+        """Submit and wait: the generated text."""
+        return self.submit(prompt, **kw).text()
+
+    @property
+    def context(self) -> int:
+        """The model's context length (prompt + generated tokens)."""
+        return self.client.context
+
+    @property
+    def stages(self) -> int:
+        return len(self.client.stages)
+
+    def close(self) -> None:
+        """Stop (and, when started here, shut down) the pipeline. Safe to call twice."""
+        self.client.close(shutdown_stages=self._children is not None)
+        if self._children is not None:
+            self._children.stop(grace_s=5.0, exit_first_s=3.0)
+            self._children = None
+        for d in self._cleanup:
+            shutil.rmtree(d, ignore_errors=True)
+        self._cleanup = []
+
+    def __enter__(self) -> InferencePipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# -- from the Hydra config (python -m smolcluster.infer, the chat app) ---------------------------------
+def _run_config(run_dir: Path):
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(path)
+
+
+def _tokenizer_from_data(data_cfg):
+    from smolcluster.data.text import get_tokenizer, read_corpus
+
+    return get_tokenizer(read_corpus(data_cfg.get("path")), data_cfg.get("tokenizer", "auto"),
+                         data_cfg.get("vocab_size", 4096), data_cfg.get("cache_dir"))
+
+
+def resolve_model(cfg, need_tokenizer: bool = True) -> tuple[dict, object, Path | None]:
+    """(weights info as :func:`describe_weights`, tokenizer, temp dir to delete) for an infer config.
+
+    ``checkpoint=RUN_DIR`` (a train run), else ``model.pretrained`` (Hugging Face weights),
+    else a seeded random init of ``model`` written once to a temporary file.
+    """
+    from smolcluster.data.text import TextTokenizer, get_tokenizer
+
+    n_head = cfg.model.get("n_head")
+    if cfg.get("checkpoint"):
+        run_dir = Path(cfg.checkpoint).expanduser()
+        info = describe_weights(run_dir, None if run_dir.is_dir() else n_head)
+        info["n_head"] = info["n_head"] or n_head
+        if not need_tokenizer:
+            return info, None, None
+        if info["tokenizer"] is not None:
+            tok = TextTokenizer.load(info["tokenizer"])
+        else:
+            run_cfg = _run_config(run_dir) if run_dir.is_dir() else None
+            data_cfg = run_cfg.data if run_cfg is not None and run_cfg.data.name == "text" else cfg.data
+            logger.warning(f"{run_dir} has no tokenizer.json; rebuilding the run's tokenizer from data config")
+            tok = _tokenizer_from_data(data_cfg)
+        return info, tok, None
+    if cfg.model.get("pretrained"):
+        from smolcluster.pipeline.weights import pretrained_files
+
+        weights, _ = pretrained_files(cfg.model.pretrained)
+        info = describe_weights(weights.parent)
+        if not need_tokenizer:
+            return info, None, None
+        if info["tokenizer"] is not None:
+            tok = TextTokenizer.load(info["tokenizer"])
+        else:
+            tok = get_tokenizer("", "gpt2")
+        return info, tok, None
+    import torch
+
+    from smolcluster import checkpoint
+    from smolcluster.models import build_model
+
+    tok = _tokenizer_from_data(cfg.data)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, {"vocab_size": tok.vocab_size, "eos_token_id": tok.eos_id})
+    tmp = Path(tempfile.mkdtemp(prefix="smolcluster-init-"))
+    checkpoint.save(tmp, model, None, 0)
+    logger.warning(f"no checkpoint= or model.pretrained: serving a random init of {cfg.model.name} (seed {cfg.seed})")
+    return {"weights": tmp / "checkpoint.safetensors", "n_head": n_head, "eps": 1e-5, "tokenizer": None,
+            "eos": tok.eos_id}, tok, tmp
+
+
+def tokenizer_for_head(cfg):
+    """The tokenizer when connecting to running stages: the run's, the pretrained model's, or data config's."""
+    from smolcluster.data.text import TextTokenizer, get_tokenizer
+
+    for source in (cfg.get("checkpoint"), cfg.model.get("pretrained")):
+        if source and (Path(source).expanduser() / "tokenizer.json").is_file():
+            return TextTokenizer.load(Path(source).expanduser() / "tokenizer.json")
+    if cfg.model.get("pretrained"):
+        return get_tokenizer("", "gpt2")
+    return _tokenizer_from_data(cfg.data)
+
+
+def pipeline_from_config(cfg) -> InferencePipeline:
+    """Start the stages here (``role=launch``) or connect to a cluster's (``role=head``)."""
+    c = cfg.cluster
+    if cfg.role == "launch":
+        from smolcluster.pipeline.partition import node_weights
+
+        info, tok, tmp = resolve_model(cfg)
+        try:
+            pipe = InferencePipeline.start_local(
+                info["weights"], stages=int(cfg.stages), n_head=int(info["n_head"]), head=cfg.head, tokenizer=tok,
+                eos_id=info["eos"] if info["eos"] is not None else getattr(tok, "eos_id", None),
+                stage_weights=node_weights(c, int(cfg.stages)), host=c.host, heartbeat_s=c.heartbeat_s,
+                liveness_s=c.liveness_s, connect_timeout_s=c.connect_timeout_s,
+                env={"SMOLCLUSTER_LOG_LEVEL": cfg.get("stage_log_level") or "WARNING"})
+        except BaseException:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if tmp is not None:
+            pipe._cleanup.append(tmp)
+        return pipe
+    if cfg.role == "head":
+        from smolcluster.pipeline.nodes import stage_nodes
+
+        tok = tokenizer_for_head(cfg)
+        addresses = [n.address for n in stage_nodes(c, int(cfg.stages))]
+        pipe = InferencePipeline.connect(addresses, tokenizer=tok, host=cfg.get("head_host") or c.host,
+                                         heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s,
+                                         connect_timeout_s=c.connect_timeout_s, keys_dir=c.get("keys"))
+        if pipe.client.shape["vocab_size"] < tok.vocab_size:
+            pipe.close()
+            raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but the stages' model only "
+                              f"{pipe.client.shape['vocab_size']}: give the checkpoint= / data options it was "
+                              "trained with")
+        return pipe
+    raise ConfigError(f"role={cfg.role!r} is invalid for inference: choose launch (start the stages here), "
+                      "head (connect to running stages) or stage (serve one stage: add rank=N)")
+
+
+def serve_config_from(cfg) -> ServeConfig:
+    """``role=stage rank=N``: this node's stage of a cluster, from the same config every node uses."""
+    from smolcluster.pipeline.nodes import stage_nodes
+    from smolcluster.pipeline.partition import node_weights
+
+    if cfg.get("rank") is None:
+        raise ConfigError("role=stage needs its rank: add rank=N (0 <= N < stages)")
+    c, n = cfg.cluster, int(cfg.stages)
+    nodes = stage_nodes(c, n)
+    if not 0 <= int(cfg.rank) < n:
+        raise ConfigError(f"rank={cfg.rank} is invalid for stages={n}: use 0..{n - 1}")
+    if not cfg.get("checkpoint") and not cfg.model.get("pretrained"):
+        raise ConfigError("a cluster stage needs weights every node agrees on: give checkpoint=RUN_DIR or "
+                          "model.pretrained=DIR (copied to every node)")
+    info, _, _ = resolve_model(cfg, need_tokenizer=False)
+    node = nodes[int(cfg.rank)]
+    return ServeConfig(rank=int(cfg.rank), n_stages=n, weights=str(info["weights"]), n_head=int(info["n_head"]),
+                       eps=float(info["eps"]), nodes=[{"address": x.address, "bind": x.bind} for x in nodes],
+                       head_first=cfg.head == "first", stage_weights=node_weights(c, n),
+                       heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s, connect_timeout_s=c.connect_timeout_s,
+                       max_bytes=int(c.max_message_mb) * 1024 * 1024, keys_dir=c.get("keys"),
+                       threads=node.threads, log_level=cfg.get("stage_log_level"))

@@ -1,0 +1,280 @@
+"""The head: the caller's end of an inference pipeline. Submit token ids, stream tokens back, cancel.
+
+:class:`PipelineClient` links to every stage (it binds its own inbox and announces it
+in its heartbeats, so stages that run all the time learn of it), waits until every
+stage is linked and serving, then runs one I/O thread that receives tokens and
+hands them to their :class:`Request`. ``submit`` and ``cancel`` may be called from
+any thread. A stage that stops heartbeating fails every open request with a
+:class:`~smolcluster.errors.PeerError` within ``liveness_s``; nothing waits forever.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from loguru import logger
+
+from smolcluster.errors import ConfigError, PeerError
+from smolcluster.pipeline.mesh import Mesh, PeerLost
+from smolcluster.pipeline.partition import stage_name
+from smolcluster.pipeline.sampling import SamplingParams
+
+_DONE = object()
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    text: str    # the text this token adds (may be "" while a multi-byte character is incomplete)
+    index: int   # 0 for the first generated token
+
+
+class Request:
+    """One generation in flight. Iterate it for :class:`Token` as they arrive; ``cancel()`` to stop it."""
+
+    def __init__(self, client: PipelineClient, req_id: str, prompt_ids: list[int], params: SamplingParams,
+                 max_new_tokens: int, decode=None):
+        self.id, self.prompt_ids, self.params = req_id, prompt_ids, params
+        self.seed, self.max_new_tokens = params.seed, max_new_tokens
+        self.ids: list[int] = []
+        self.finish_reason: str | None = None  # eos | length | context | cancelled | error
+        self.error: Exception | None = None
+        self.submitted_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self._client, self._decode = client, decode
+        self._events: queue.Queue = queue.Queue()
+        self._text = ""
+
+    # -- called by the I/O thread -----------------------------------------------------------
+    def _push(self, token: int, index: int, done: bool, reason: str) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self._events.put((token, index))
+        if done:
+            self._finish(reason)
+
+    def _finish(self, reason: str, error: Exception | None = None) -> None:
+        if self.finish_reason is None:
+            self.finish_reason, self.error = reason, error
+            self.finished_at = time.perf_counter()
+            self._events.put(error if error is not None else _DONE)
+
+    # -- the caller's side ------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def __iter__(self) -> Iterator[Token]:
+        while True:
+            try:
+                ev = self._events.get(timeout=0.25)
+            except queue.Empty:
+                err = self._client.error
+                if err is not None and self.finish_reason is None:
+                    self._finish("error", err)
+                continue
+            if ev is _DONE:
+                tail = self._flush_text()
+                if tail:
+                    yield Token(-1, tail, len(self.ids))  # the rest of an incomplete character at the end
+                return
+            if isinstance(ev, Exception):
+                raise ev
+            token, index = ev
+            self.ids.append(token)
+            yield Token(token, self._new_text(), index)
+
+    def _new_text(self) -> str:
+        if self._decode is None:
+            return ""
+        full = self._decode(self.ids)
+        if full.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
+            return ""
+        piece, self._text = full[len(self._text):], full
+        return piece
+
+    def _flush_text(self) -> str:
+        if self._decode is None:
+            return ""
+        full = self._decode(self.ids)
+        piece, self._text = full[len(self._text):], full
+        return piece
+
+    def tokens(self) -> list[int]:
+        """Wait for the end and return every generated token id."""
+        for _ in self:
+            pass
+        return list(self.ids)
+
+    def text(self) -> str:
+        """Wait for the end and return the generated text."""
+        return "".join(t.text for t in self)
+
+    def cancel(self) -> None:
+        """Stop generating; every stage frees this request's KV cache."""
+        self._client.cancel(self)
+
+
+class PipelineClient:
+    def __init__(self, addresses: list[str], *, host: str = "127.0.0.1", heartbeat_s: float = 1.0,
+                 liveness_s: float = 10.0, connect_timeout_s: float = 60.0, max_bytes: int = 2 << 30,
+                 keys_dir: str | None = None, decode=None):
+        if not addresses:
+            raise ConfigError("no stage addresses: give every stage's tcp://host:port")
+        self.name = f"h{uuid.uuid4().hex[:8]}"
+        self.decode = decode
+        self.heartbeat_s = heartbeat_s
+        self.mesh = Mesh(self.name, f"tcp://{host}:0", heartbeat_s=heartbeat_s, liveness_s=liveness_s,
+                         max_bytes=max_bytes, keys_dir=keys_dir)
+        self.mesh.beacon = {"head": True, "address": self.mesh.address}
+        self.stages = [stage_name(r) for r in range(len(addresses))]
+        for name, address in zip(self.stages, addresses):
+            self.mesh.add_peer(name, address)
+        self.error: PeerError | None = None
+        self._requests: dict[str, Request] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._closed = False
+        try:
+            self._handshake(connect_timeout_s)
+        except BaseException:
+            self.mesh.close()
+            raise
+        self._thread = threading.Thread(target=self._io_loop, name=f"pipeline-head-{self.name}", daemon=True)
+        self._thread.start()
+
+    def _handshake(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        self.mesh.wait_ready(self.stages, timeout_s, " (the inference stages)")
+        while not all(self.mesh.peers[s].info.get("serving") for s in self.stages):
+            if time.monotonic() > deadline:
+                waiting = [s for s in self.stages if not self.mesh.peers[s].info.get("serving")]
+                raise PeerError(f"stages {', '.join(waiting)} answer but are not serving after {timeout_s:.0f}s: "
+                                "they are still linking to each other (check their logs)")
+            self.mesh.recv(0.05, check_liveness=False)
+        infos = [self.mesh.peers[s].info for s in self.stages]
+        for r, info in enumerate(infos):
+            if info.get("rank") != r or info.get("stages") != len(self.stages):
+                raise ConfigError(f"the stage at {self.mesh.peers[self.stages[r]].address} is rank "
+                                  f"{info.get('rank')} of {info.get('stages')}, but this head expects rank {r} of "
+                                  f"{len(self.stages)}: list the stage addresses in rank order")
+            if info.get("shape") != infos[0].get("shape"):
+                raise ConfigError(f"stage {r} serves a model of shape {info.get('shape')}, stage 0 "
+                                  f"{infos[0].get('shape')}: start every stage with the same weights")
+        self.shape = dict(infos[0]["shape"])
+        self.head_rank = int(infos[0]["head_rank"])
+        self.partition = [info.get("blocks") for info in infos]
+
+    @property
+    def context(self) -> int:
+        return int(self.shape["n_positions"])
+
+    # -- requests ---------------------------------------------------------------------------
+    def submit(self, ids: list[int], *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int | None = None, eos: int | None = None) -> Request:
+        if self.error is not None:
+            raise self.error
+        if self._closed:
+            raise PeerError("this pipeline is closed")
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise ConfigError("the prompt is empty: give at least one token")
+        if len(ids) > self.context:
+            raise ConfigError(f"the prompt is {len(ids)} tokens, longer than the model's context of "
+                              f"{self.context}: shorten it (the pipeline never truncates silently)")
+        vocab = int(self.shape["vocab_size"])
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ConfigError(f"prompt token ids must be in [0, {vocab}): is the tokenizer the model's?")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
+        params = SamplingParams(float(temperature), int(top_k), float(top_p),
+                                secrets.randbelow(2**31) if seed is None else int(seed)).check()
+        req = Request(self, f"{self.name}-{next(self._ids)}", ids, params, max_new_tokens, self.decode)
+        with self._lock:
+            self._requests[req.id] = req
+        fields = {"req": req.id, "max_new_tokens": max_new_tokens, "temperature": params.temperature,
+                  "top_k": params.top_k, "top_p": params.top_p, "seed": params.seed,
+                  "eos": -1 if eos is None else int(eos)}
+        self.mesh.send(self.stages[0], "mp.submit", fields, {"ids": np.asarray(ids, dtype=np.int64)}, tag=req.id)
+        return req
+
+    def cancel(self, req: Request) -> None:
+        with self._lock:
+            live = self._requests.pop(req.id, None) is not None
+        if live and self.error is None and not self._closed:
+            for s in self.stages:
+                self.mesh.send(s, "mp.cancel", {"req": req.id}, tag=req.id)
+        req._finish("cancelled")
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._requests)
+
+    # -- the I/O thread ---------------------------------------------------------------------
+    def _io_loop(self) -> None:
+        while not self._closed:
+            try:
+                env = self.mesh.recv(min(0.25, self.heartbeat_s))
+            except PeerLost as e:
+                self._fail_all(PeerError(f"pipeline stage lost: {e}; the open requests cannot finish"))
+                return
+            except PeerError as e:
+                self._fail_all(e)
+                return
+            except Exception as e:  # the sockets were closed under us (close() from another thread)
+                if not self._closed:
+                    self._fail_all(PeerError(f"the pipeline head failed: {e}"))
+                return
+            if env is None:
+                continue
+            req_id = env.fields.get("req")
+            with self._lock:
+                req = self._requests.get(req_id) if isinstance(req_id, str) else None
+                if req is not None and (env.kind == "mp.error" or (env.kind == "mp.token" and env.fields["done"])):
+                    del self._requests[req_id]
+            if env.kind == "mp.token":
+                if req is not None:
+                    f = env.fields
+                    req._push(f["token"], f["index"], f["done"], f["reason"])
+            elif env.kind == "mp.error":
+                if req is not None:
+                    req._finish("error", PeerError(env.fields["message"]))
+                else:
+                    logger.warning(f"pipeline error from {env.src}: {env.fields['message']}")
+            elif env.kind != "mp.bye":
+                logger.warning(f"head ignored {env.kind!r} from {env.src}")
+
+    def _fail_all(self, error: PeerError) -> None:
+        logger.error(str(error))
+        self.error = error
+        with self._lock:
+            reqs, self._requests = list(self._requests.values()), {}
+        for r in reqs:
+            r._finish("error", error)
+
+    def close(self, shutdown_stages: bool = False) -> None:
+        if self._closed:
+            return
+        if self.error is None:
+            try:
+                for s in self.stages:
+                    self.mesh.send(s, "mp.shutdown" if shutdown_stages else "mp.bye", {})
+                time.sleep(0.05)  # let those leave before linger=0 closes the socket
+            except PeerError:
+                pass
+        self._closed = True
+        self._thread.join(timeout=2)
+        with self._lock:
+            reqs, self._requests = list(self._requests.values()), {}
+        for r in reqs:
+            r._finish("cancelled")
+        self.mesh.close()
