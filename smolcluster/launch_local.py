@@ -49,7 +49,10 @@ def launch(cfg: DictConfig, run_dir: Path, extra: list[str] | None = None) -> di
               f"hydra.run.dir={run_dir}", "hydra.output_subdir=null", "train.progress=false"]
     roles = [("server", ["role=server"])] + [(f"worker {r}", ["role=worker", f"rank={r}"])
                                               for r in range(cfg.cluster.workers)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Share the cores: every child running torch's default thread pool on all cores would
+    # oversubscribe the machine, and OpenMP's spin-waits then cost far more than they save.
+    threads = str(max(1, (os.cpu_count() or 1) // len(roles)))
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **os.environ, "PYTHONUNBUFFERED": "1"}
     procs: dict[str, subprocess.Popen] = {}
     # SIGTERM must unwind like Ctrl-C so the finally below stops every child.
     signal.signal(signal.SIGTERM, _raise_interrupt)
