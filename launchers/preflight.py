@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 import smolcluster
 from launchers.cluster_file import Node
 from launchers.remote import NO_PYTHON, NO_WORKDIR, SSH_FAILED, host_command, python_script
+from smolcluster.errors import PeerError
 
 # Runs on the node with its own Python; stdlib only, so it reports missing packages instead of failing.
 PROBE = r'''
@@ -30,28 +31,31 @@ import json, os, platform, select, socket, sys, threading, time
 a = json.loads(sys.argv[1])
 out = {"hostname": socket.gethostname(), "python": platform.python_version(),
        "platform": platform.platform(terse=True), "cwd": os.getcwd(), "writable": os.access(".", os.W_OK)}
-pkgs = {}
-for mod, dist in (("smolcluster", "smolcluster"), ("torch", "torch"), ("zmq", "pyzmq"),
-                  ("msgpack", "msgpack"), ("hydra", "hydra-core"), ("numpy", "numpy")):
+if not a.get("port_only"):  # the full check; a port-only probe skips the slow imports
+    pkgs = {}
+    for mod, dist in (("smolcluster", "smolcluster"), ("torch", "torch"), ("zmq", "pyzmq"),
+                      ("msgpack", "msgpack"), ("hydra", "hydra-core"), ("numpy", "numpy")):
+        try:
+            pkgs[dist] = getattr(__import__(mod), "__version__", "?")
+        except Exception as e:
+            pkgs[dist] = None
+            out.setdefault("import_errors", {})[dist] = f"{type(e).__name__}: {e}"
+    out["packages"] = pkgs
     try:
-        pkgs[dist] = getattr(__import__(mod), "__version__", "?")
-    except Exception as e:
-        pkgs[dist] = None
-        out.setdefault("import_errors", {})[dist] = f"{type(e).__name__}: {e}"
-out["packages"] = pkgs
-try:
-    import zmq
-    out["curve"] = bool(zmq.has("curve"))
-except Exception:
-    out["curve"] = None
-try:
-    import torch
-    out["cuda"] = torch.cuda.is_available()
-    out["mps"] = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-except Exception:
-    pass
+        import zmq
+        out["curve"] = bool(zmq.has("curve"))
+    except Exception:
+        out["curve"] = None
+    try:
+        import torch
+        out["cuda"] = torch.cuda.is_available()
+        out["mps"] = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    except Exception:
+        pass
 if a.get("keys"):
-    out["keys_dir"] = os.path.isdir(os.path.expanduser(a["keys"]))
+    kd = os.path.expanduser(a["keys"])
+    out["keys_dir"] = os.path.isdir(kd)
+    out["keys_missing"] = [f for f in a["key_files"] if not os.path.exists(os.path.join(kd, f))]
 listener = None
 if a["role"] == "server":
     bind = "" if a["bind"] in ("0.0.0.0", "*", "") else a["bind"]
@@ -236,25 +240,34 @@ def _node_checks(report: NodeReport, facts: dict, cluster: DictConfig, node_cfg:
     _keys_check(report, facts, cluster)
 
 
+# What each role reads from the key dir (python -m smolcluster.keys writes them all).
+KEY_FILES = {"server": ["server.key_secret", "authorized"], "worker": ["server.key", "client.key_secret"]}
+
+
 def _keys_check(report: NodeReport, facts: dict, cluster: DictConfig) -> None:
-    if cluster.get("keys"):
-        if not facts.get("keys_dir"):
-            report.add("keys", FAIL, f"key dir {cluster.keys} not found in {facts['cwd']}: copy the keys "
-                       "(python -m smolcluster.keys) to every node")
-        elif facts.get("curve") is False:
-            report.add("keys", FAIL, "this node's libzmq has no CURVE support: reinstall pyzmq from wheels")
-        else:
-            report.add("keys", OK, f"{cluster.keys} present, CURVE available")
+    if not cluster.get("keys"):
+        return
+    if not facts.get("keys_dir"):
+        report.add("keys", FAIL, f"key dir {cluster.get('keys')} not found in {facts['cwd']}: copy the keys "
+                   "(python -m smolcluster.keys --dir keys/) to every node")
+    elif facts.get("keys_missing"):
+        report.add("keys", FAIL, f"{cluster.get('keys')} lacks {', '.join(facts['keys_missing'])}, which the "
+                   f"{report.node.role} needs: copy them from the machine that made the keys")
+    elif facts.get("curve") is False:
+        report.add("keys", FAIL, "this node's libzmq has no CURVE support: reinstall pyzmq from wheels")
+    else:
+        report.add("keys", OK, f"{cluster.get('keys')}: {', '.join(KEY_FILES[report.node.role])}; CURVE available")
 
 
 def check(cluster: DictConfig, nodes: list[Node], max_skew_s: float = 2.0) -> tuple[list[NodeReport], int | None]:
     """Run every node's checks in parallel; returns the reports and the port the server could bind."""
     server = nodes[0]
     node_cfgs = list(cluster.get("nodes") or [])
+    keys = cluster.get("keys")
     probes = [Probe(server, {"role": "server", "bind": str(cluster.get("bind") or "0.0.0.0"),
-                             "port": cluster.get("port"), "keys": cluster.get("keys")})]
-    probes += [Probe(n, {"role": "worker", "server_host": str(cluster.host), "keys": cluster.get("keys")})
-               for n in nodes[1:]]
+                             "port": cluster.get("port"), "keys": keys, "key_files": KEY_FILES["server"]})]
+    probes += [Probe(n, {"role": "worker", "server_host": str(cluster.host), "keys": keys,
+                         "key_files": KEY_FILES["worker"]}) for n in nodes[1:]]
     reports = [NodeReport(p.node) for p in probes]
     port = None
     try:
@@ -303,6 +316,20 @@ def check(cluster: DictConfig, nodes: list[Node], max_skew_s: float = 2.0) -> tu
         for p in probes:
             p.close()
     return reports, port
+
+
+def free_server_port(cluster: DictConfig, server: Node) -> int:
+    """A port the server's host can listen on now (asked on that host, not here)."""
+    probe = Probe(server, {"role": "server", "bind": str(cluster.get("bind") or "0.0.0.0"), "port": 0,
+                           "port_only": True})
+    try:
+        got = probe.reply(timeout=60)
+    finally:
+        probe.close()
+    if not got or "port" not in got:
+        raise PeerError(f"could not get a free port from {server.describe()}: "
+                        f"{(got or {}).get('port_error') or ' '.join(probe.said) or 'no answer'}")
+    return int(got["port"])
 
 
 def format_reports(reports: list[NodeReport]) -> str:

@@ -38,7 +38,7 @@ from loguru import logger  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from launchers.cluster_file import Node, cluster_nodes, load_cluster  # noqa: E402
-from launchers.preflight import check, format_reports  # noqa: E402
+from launchers.preflight import check, format_reports, free_server_port  # noqa: E402
 from launchers.remote import RemoteRole, host_command, sh_path  # noqa: E402
 from smolcluster.cluster import new_run_id  # noqa: E402
 from smolcluster.config import validate  # noqa: E402
@@ -139,6 +139,8 @@ class Launch:
             if code is not None:
                 if code != 0:
                     server.join()
+                    if any("Address already in use" in line for line in server.tail):
+                        raise PortTaken(server.why())
                     raise PeerError(f"{server.node.describe()} failed: {server.why()}")
                 # the server told the workers to stop: give them time to say goodbye on their own
                 deadline = time.monotonic() + finish_grace_s
@@ -188,30 +190,42 @@ class Launch:
         return summary
 
 
+class PortTaken(PeerError):
+    """The server could not listen on its port: something took it after the preflight found it free."""
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def launch(args: argparse.Namespace) -> int:
+def launch(args: argparse.Namespace, attempts: int = 3) -> int:
     cfg, stem = compose_config(args.cluster, args.overrides)
     nodes = cluster_nodes(cfg.cluster)
     port = cfg.cluster.port
     if not args.no_check:
         port = run_check(cfg, nodes, args.max_skew_s)
     elif port is None:
-        raise ConfigError("cluster.port is null and --no-check was given: set cluster.port=PORT "
-                          "(the preflight picks a free one when it runs)")
-    run = Launch(cfg, nodes, args.overrides, stem, int(port), keep_going=args.keep_going, run_dir=args.run_dir)
+        port = free_server_port(cfg.cluster, nodes[0])
     signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` stops the cluster like Ctrl-C does
-    try:
-        run.start()
-        run.supervise()
-    except KeyboardInterrupt:
-        logger.warning("interrupted: stopping every node")
-        run.stop()
-        return 130
-    finally:
-        run.stop()
+    for attempt in range(1, attempts + 1):
+        run = Launch(cfg, nodes, args.overrides, stem, int(port), keep_going=args.keep_going, run_dir=args.run_dir)
+        try:
+            run.start()
+            run.supervise()
+            break
+        except PortTaken as e:
+            # only a port we picked ourselves may be swapped; the user's own cluster.port is a hard error
+            if cfg.cluster.port is not None or attempt == attempts:
+                raise PeerError(f"{nodes[0].describe()} failed: {e}") from None
+            run.stop()
+            port = free_server_port(cfg.cluster, nodes[0])
+            logger.warning(f"the server's port was taken after the preflight ({e}); retrying on port {port}")
+        except KeyboardInterrupt:
+            logger.warning("interrupted: stopping every node")
+            run.stop()
+            return 130
+        finally:
+            run.stop()
     summary = run.fetch_summary()
     if summary:
         logger.success(f"run {run.run_id} finished: {summary.get('steps')} steps, final loss "

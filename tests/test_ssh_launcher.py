@@ -27,6 +27,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from smolcluster.cluster import free_port
+from smolcluster.transport import make_keys
 from tests.conftest import REPO
 
 SSHD = "/usr/sbin/sshd"
@@ -102,12 +103,12 @@ def sshd(tmp_path_factory):
         server.stop()
 
 
-def cluster_file(path: Path, sshd: Sshd, port: int | None = None, **node1_ssh) -> Path:
+def cluster_file(path: Path, sshd: Sshd, port: int | None = None, keys: Path | None = None, **node1_ssh) -> Path:
     """Three nodes (server + 2 workers), all on 127.0.0.1, each reached through the test's sshd."""
     cluster = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "cluster" / "local.yaml"))
     cluster.update({
         "name": "sshtest", "host": "127.0.0.1", "bind": "127.0.0.1", "port": port, "workers": 2,
-        "heartbeat_s": 0.5, "liveness_s": 5.0, "connect_timeout_s": 60.0,
+        "heartbeat_s": 0.5, "liveness_s": 5.0, "connect_timeout_s": 60.0, "keys": str(keys) if keys else None,
         "ssh": {"user": getpass.getuser(), "port": sshd.port, "identity": str(sshd.client_key),
                 "options": ["StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null", "LogLevel=ERROR"],
                 "python": sys.executable, "workdir": str(REPO)},
@@ -117,6 +118,11 @@ def cluster_file(path: Path, sshd: Sshd, port: int | None = None, **node1_ssh) -
     })
     OmegaConf.save(OmegaConf.create(cluster), path)
     return path
+
+
+def rows_port(rows: list[str]) -> str:
+    """The port the preflight found free on the server (the cluster file says port: null)."""
+    return next(r for r in rows if "| port | ok |" in r).split("would be used")[0].split()[-1]
 
 
 def launcher(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -158,16 +164,17 @@ def test_check_names_the_node_that_cannot_run(sshd, tmp_path):
 
 @pytest.mark.slow
 def test_launch_trains_syncps_through_ssh(sshd, tmp_path):
-    run_dir = tmp_path / "run"
+    run_dir, keys = tmp_path / "run", tmp_path / "keys"
+    make_keys(keys)  # CURVE on: every node must find its keys, and the run is encrypted end to end
     before = sshd.logins()
-    got = launcher("launch", "--cluster", str(cluster_file(tmp_path / "c.yaml", sshd)), "--run-dir", str(run_dir),
-                   "algo=syncps", "train.steps=12", "train.log_every=2")
+    got = launcher("launch", "--cluster", str(cluster_file(tmp_path / "c.yaml", sshd, keys=keys)),
+                   "--run-dir", str(run_dir), "algo=syncps", "train.steps=12", "train.log_every=2")
     assert got.returncode == 0, got.stdout[-4000:] + got.stderr[-4000:]
     # the preflight ran first: every node passed every check, over SSH
     rows = [line for line in got.stdout.splitlines() if line.startswith("| ")]
     for node in ("server (alpha", "worker 0 (bravo", "worker 1 (charlie"):
         mine = [r for r in rows if r.startswith(f"| {node}")]
-        assert {r.split(" | ")[1] for r in mine} >= {"ssh", "python", "packages", "device", "clock"}, mine
+        assert {r.split(" | ")[1] for r in mine} >= {"ssh", "python", "packages", "device", "clock", "keys"}, mine
         assert all(r.split(" | ")[2] == "ok" for r in mine), mine
     assert sum("| reach | ok | connected to 127.0.0.1:" in r for r in rows) == 2
     assert "preflight ok: 3 nodes ready" in got.stdout
@@ -180,6 +187,8 @@ def test_launch_trains_syncps_through_ssh(sshd, tmp_path):
     assert {w["node"] for w in summary["workers"].values()} == {"bravo", "charlie"}
     assert [summary["workers"][r]["batch_size"] for r in ("0", "1")] == [32, 16]
     assert summary["samples"] == 12 * (32 + 16)
+    shipped = OmegaConf.load(next((run_dir / ".launch" / "cluster").glob("launch-*.yaml")))
+    assert shipped["keys"] == str(keys) and shipped["port"] == int(rows_port(rows))
     launch = json.loads((run_dir / "launch" / "launch.json").read_text())
     assert [n["label"] for n in launch["nodes"]] == ["server", "worker 0", "worker 1"]
     assert all(n["command"].startswith("ssh ") for n in launch["nodes"])
