@@ -181,8 +181,10 @@ class RemoteRole:
         error_lines = [line for line in last if "error" in line.lower() or "smolcluster-launch:" in line]
         detail = (error_lines or last or ["(no output)"])[-1].strip()
         if code == SSH_FAILED and not self.node.ssh.local:
-            return (f"ssh to {self.node.ssh.target} failed: {detail} "
-                    f"(try: ssh {self.node.ssh.target.split(':')[0]} true)")
+            spec = self.node.ssh
+            port = f"-p {spec.port} " if spec.port and spec.port != 22 else ""
+            user = f"{spec.user}@" if spec.user else ""
+            return f"ssh to {spec.target} failed: {detail} (try: ssh {port}{user}{spec.host} true)"
         if code in (NO_WORKDIR, CANNOT_WRITE, NO_PYTHON):
             return detail.replace("smolcluster-launch: ", "")
         if code is not None and code < 0:

@@ -199,6 +199,10 @@ def _raise_interrupt(signum, frame):
 
 
 def launch(args: argparse.Namespace, attempts: int = 3) -> int:
+    if not any(o.startswith(("algo=", "+algo=")) for o in args.overrides):
+        # the config's default (local) is one process; a cluster file means a parameter server
+        args.overrides = ["algo=syncps", *args.overrides]
+        logger.info("no algo given: using algo=syncps (add algo=edp for the asynchronous one)")
     cfg, stem = compose_config(args.cluster, args.overrides)
     nodes = cluster_nodes(cfg.cluster)
     port = cfg.cluster.port

@@ -103,8 +103,10 @@ def sshd(tmp_path_factory):
         server.stop()
 
 
-def cluster_file(path: Path, sshd: Sshd, port: int | None = None, keys: Path | None = None, **node1_ssh) -> Path:
-    """Three nodes (server + 2 workers), all on 127.0.0.1, each reached through the test's sshd."""
+def cluster_file(path: Path, sshd: Sshd, port: int | None = None, keys: Path | None = None,
+                 node1_ssh: dict | None = None) -> Path:
+    """Three nodes (server + 2 workers), all on 127.0.0.1, each reached through the test's sshd;
+    ``node1_ssh`` overrides worker 1's SSH settings (to break it)."""
     cluster = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "cluster" / "local.yaml"))
     cluster.update({
         "name": "sshtest", "host": "127.0.0.1", "bind": "127.0.0.1", "port": port, "workers": 2,
@@ -114,7 +116,7 @@ def cluster_file(path: Path, sshd: Sshd, port: int | None = None, keys: Path | N
                 "python": sys.executable, "workdir": str(REPO)},
         "server": {"name": "alpha"},
         "nodes": [{"name": "bravo", "host": "127.0.0.1", "batch_size": 32},
-                  {"name": "charlie", "host": "127.0.0.1", "batch_size": 16, "ssh": node1_ssh or None}],
+                  {"name": "charlie", "host": "127.0.0.1", "batch_size": 16, "ssh": node1_ssh}],
     })
     OmegaConf.save(OmegaConf.create(cluster), path)
     return path
@@ -149,7 +151,7 @@ def wait_until_gone(text: str, timeout: float = 30) -> list[psutil.Process]:
 
 
 def test_check_names_the_node_that_cannot_run(sshd, tmp_path):
-    path = cluster_file(tmp_path / "c.yaml", sshd, python="/nonexistent/bin/python")
+    path = cluster_file(tmp_path / "c.yaml", sshd, node1_ssh={"python": "/nonexistent/bin/python"})
     got = launcher("check", "--cluster", str(path))
     assert got.returncode == 1
     rows = [line for line in got.stdout.splitlines() if line.startswith("| ")]
@@ -197,14 +199,21 @@ def test_launch_trains_syncps_through_ssh(sshd, tmp_path):
     assert not wait_until_gone(str(run_dir), timeout=10)
 
 
-def test_a_failing_worker_stops_the_whole_cluster(sshd, tmp_path):
+@pytest.mark.parametrize("broken, why", [
+    ({"python": "/nonexistent/bin/python"}, "python /nonexistent/bin/python not found"),
+    ({"port": "closed"}, "Connection refused (try: ssh -p "),
+])
+def test_a_failing_worker_stops_the_whole_cluster(sshd, tmp_path, broken, why):
     run_dir = tmp_path / "run"
-    path = cluster_file(tmp_path / "c.yaml", sshd, port=free_port(), python="/nonexistent/bin/python")
+    if broken.get("port") == "closed":
+        broken = {"port": free_port()}  # nothing listens there: worker 1's SSH login fails
+    path = cluster_file(tmp_path / "c.yaml", sshd, port=free_port(), node1_ssh=broken)
     got = launcher("launch", "--cluster", str(path), "--no-check", "--run-dir", str(run_dir),
                    "algo=syncps", "train.steps=1000")
     assert got.returncode == 1
-    assert "worker 1 (charlie, " in got.stderr and "python /nonexistent/bin/python not found" in got.stderr
-    assert "stopped the other nodes" in got.stderr
+    error = got.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: worker 1 (charlie, root@127.0.0.1:") and why in error, got.stderr
+    assert "stopped the other nodes" in error
     # the server and worker 0 had started over SSH; none of them is left running
     assert not wait_until_gone(str(run_dir), timeout=30)
 
