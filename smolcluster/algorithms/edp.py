@@ -93,7 +93,7 @@ class EdpServer(ServerBase):
 
     def run(self) -> dict:
         self.wait_for_workers(int(self.cfg.algo.min_workers))
-        self.t0 = time.perf_counter()  # throughput counts training, not waiting for workers to start
+        self.start_clock()
         while self.trainer.step < self.trainer.end_step:
             self.poll(0.1)
             self.check_liveness()

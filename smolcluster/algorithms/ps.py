@@ -106,6 +106,11 @@ class ServerBase:
                     f"({self.trainer.num_params:,} params) steps={self.trainer.step}->{self.trainer.end_step} "
                     f"waiting for {self.cluster.workers} workers")
 
+    def start_clock(self) -> None:
+        """Throughput and metrics.jsonl times count training, not waiting for workers to start."""
+        self.t0 = time.perf_counter()
+        self.recorder.t0 = time.time()
+
     # -- membership -------------------------------------------------------------------------
     def live(self) -> list[WorkerInfo]:
         return [w for w in self.workers.values() if w.alive]

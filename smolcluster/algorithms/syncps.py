@@ -71,7 +71,7 @@ class SyncServer(ServerBase):
 
     def run(self) -> dict:
         self.wait_for_workers(self.cluster.workers)
-        self.t0 = time.perf_counter()  # throughput counts training, not waiting for workers to start
+        self.start_clock()
         trainer = self.trainer
         while trainer.step < trainer.end_step:
             late = self.barrier()
