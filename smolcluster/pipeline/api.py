@@ -29,10 +29,11 @@ from smolcluster.pipeline.launch import Children, free_ports, stage_env
 from smolcluster.pipeline.serve import ServeConfig
 
 
-def describe_weights(source: str | Path, n_head: int | None = None) -> dict:
+def describe_weights(source: str | Path, n_head: int | None = None, default_n_head: int | None = None) -> dict:
     """Where a model's weights and settings are: a run dir, a Hugging Face model dir, or a .safetensors file.
 
     Returns ``{"weights": file, "n_head", "eps", "tokenizer": path or None, "eos": id or None}``.
+    ``n_head`` overrides what the source records; ``default_n_head`` is used when it records none.
     """
     p = Path(source).expanduser()
     out: dict = {"eps": 1e-5, "tokenizer": None, "eos": None, "n_head": n_head}
@@ -41,8 +42,11 @@ def describe_weights(source: str | Path, n_head: int | None = None) -> dict:
             out["tokenizer"] = p / "tokenizer.json"
         if (p / "checkpoint.safetensors").is_file():  # a run written by train
             out["weights"] = p / "checkpoint.safetensors"
+            meta = json.loads((p / "checkpoint.json").read_text()) if (p / "checkpoint.json").is_file() else {}
             run_cfg = p / ".hydra" / "config.yaml"
-            if run_cfg.is_file() and n_head is None:
+            if n_head is None and isinstance(meta.get("model"), dict):  # a checkpoint that describes its model
+                out["n_head"] = meta["model"].get("n_head")
+            if out["n_head"] is None and run_cfg.is_file():  # else the run's own Hydra config
                 from omegaconf import OmegaConf
 
                 out["n_head"] = OmegaConf.load(run_cfg).model.get("n_head")
@@ -59,6 +63,7 @@ def describe_weights(source: str | Path, n_head: int | None = None) -> dict:
         out["weights"] = p
     else:
         raise ConfigError(f"{source}: no such run directory or weights file")
+    out["n_head"] = out["n_head"] or default_n_head
     if not out["n_head"]:
         raise ConfigError(f"{source}: the number of attention heads is not recorded there; pass n_head "
                           "(model.n_head=...)")
@@ -239,8 +244,7 @@ def resolve_model(cfg, need_tokenizer: bool = True) -> tuple[dict, object, Path 
     n_head = cfg.model.get("n_head")
     if cfg.get("checkpoint"):
         run_dir = Path(cfg.checkpoint).expanduser()
-        info = describe_weights(run_dir, None if run_dir.is_dir() else n_head)
-        info["n_head"] = info["n_head"] or n_head
+        info = describe_weights(run_dir, default_n_head=n_head)
         if not need_tokenizer:
             return info, None, None
         if info["tokenizer"] is not None:

@@ -183,7 +183,9 @@ class StageTrainer:
             if env is None:
                 continue
             if env.kind == "mp.bye":
-                raise PeerError(f"{self.me}: {env.src} finished while {self.me} still waited for {kind} {key}")
+                if env.src == src:
+                    raise PeerError(f"{self.me}: {env.src} finished while {self.me} still waited for its {kind} {key}")
+                continue  # another stage finished first; goodbye() sees its bye later
             if env.kind not in self._KEYS:
                 logger.warning(f"{self.me}: ignored an unexpected {env.kind!r} from {env.src}")
                 continue
