@@ -4,9 +4,11 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed.stamp
 ARGS   ?=
+CLUSTER ?= lan-example
+SWEEP   ?= algo=syncps,edp train.lr=0.02,0.05
 PYTEST_ARGS ?=
 
-.PHONY: help install train train-gpt2 train-edp train-mp infer chat test test-deps lint bench keys clean
+.PHONY: help install train train-gpt2 train-edp train-mp infer chat test test-deps lint bench keys clean launch cluster-check sweep
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-20s %s\n", $$1, $$2}'
@@ -23,6 +25,21 @@ train: install  ## train the default model on embedded digits (ARGS="key=value .
 train-gpt2: install  ## gpt2-tiny on the embedded text corpus
 	$(BIN)/python -m smolcluster.train model=gpt2-tiny data=text train.optimizer=adamw train.lr=3e-3 train.batch_size=16 train.steps=300 train.eval_every=100 $(ARGS)
 
+train-edp: install  ## EDP (asynchronous PS) with 2 workers, one made 3x slower
+	$(BIN)/python -m smolcluster.train algo=edp "cluster.nodes=[{delay_s: 0.0},{delay_s: 0.003}]" $(ARGS)
+
+keys: install  ## CURVE keys for a cluster into keys/ (then cluster.keys=keys)
+	$(BIN)/python -m smolcluster.keys --dir keys $(ARGS)
+
+launch: install  ## start a cluster file's roles on their hosts over SSH: make launch CLUSTER=NAME|FILE ARGS="algo=edp"
+	$(BIN)/python -m launchers.ssh launch --cluster $(CLUSTER) $(ARGS)
+
+cluster-check: install  ## preflight every node of a cluster file: make cluster-check CLUSTER=NAME|FILE
+	$(BIN)/python -m launchers.ssh check --cluster $(CLUSTER) $(ARGS)
+
+sweep: install  ## Hydra multirun + sweep.md/sweep.csv: make sweep SWEEP="algo=syncps,edp train.lr=0.02,0.05"
+	$(BIN)/python -m smolcluster.train -m $(SWEEP) $(ARGS)
+
 test-deps:  ## system packages the tests use (chromium, sshd, iproute2); skipped when present
 	sh scripts/test-deps.sh
 
@@ -30,7 +47,7 @@ test: install test-deps  ## run the test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install  ## ruff
-	$(BIN)/ruff check smolcluster tests
+	$(BIN)/ruff check smolcluster tests launchers
 
 bench: install  ## run a benchmark: make bench NAME=local (list: python -m smolcluster.bench)
 	$(BIN)/python -m smolcluster.bench $(or $(NAME),local) $(ARGS)

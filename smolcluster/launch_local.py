@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from loguru import logger
 from omegaconf import DictConfig
 
-from smolcluster.cluster import free_port, python_cmd
+from smolcluster.cluster import python_cmd
 from smolcluster.errors import PeerError
 
 _ROLE_KEYS = ("role=", "rank=", "cluster.port=", "run_id=", "hydra.run.dir=", "hydra.output_subdir=",
@@ -44,34 +44,53 @@ def child_overrides(cfg: DictConfig) -> list[str]:
 
 
 def launch(cfg: DictConfig, run_dir: Path, extra: list[str] | None = None) -> dict:
-    port = cfg.cluster.port or free_port(cfg.cluster.host)
-    common = [*child_overrides(cfg), *(extra or []), f"cluster.port={port}", f"run_id={cfg.run_id}",
-              f"hydra.run.dir={run_dir}", "hydra.output_subdir=null", "train.progress=false"]
-    roles = [("server", ["role=server"])] + [(f"worker {r}", ["role=worker", f"rank={r}"])
-                                              for r in range(cfg.cluster.workers)]
+    common = [*child_overrides(cfg), *(extra or []), f"run_id={cfg.run_id}", f"hydra.run.dir={run_dir}",
+              "hydra.output_subdir=null", "train.progress=false"]
+    n = cfg.cluster.workers
     # Share the cores: every child running torch's default thread pool on all cores would
     # oversubscribe the machine, and OpenMP's spin-waits then cost far more than they save.
-    threads = str(max(1, (os.cpu_count() or 1) // len(roles)))
+    threads = str(max(1, (os.cpu_count() or 1) // (n + 1)))
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **os.environ, "PYTHONUNBUFFERED": "1"}
     procs: dict[str, subprocess.Popen] = {}
     # SIGTERM must unwind like Ctrl-C so the finally below stops every child.
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    logger.info(f"launching {cfg.algo.name} on this machine: 1 server + {cfg.cluster.workers} workers, "
-                f"port {port}, run dir {run_dir}")
+
+    def start(name: str, args: list[str]) -> None:
+        procs[name] = subprocess.Popen(python_cmd() + common + args, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+        threading.Thread(target=_relay, args=(procs[name], f"[{name}]"), daemon=True).start()
+
     try:
-        for name, role in roles:
-            procs[name] = subprocess.Popen(python_cmd() + common + role, stdout=subprocess.PIPE,
-                                           stderr=subprocess.STDOUT, text=True, env=env,
-                                           start_new_session=True)
-            threading.Thread(target=_relay, args=(procs[name], f"[{name}]"), daemon=True).start()
+        # The server binds the port it is given, or (port null) one the OS picks and reports in
+        # server.json: no race with other jobs of a parallel sweep for a "free" port.
+        (run_dir / "server.json").unlink(missing_ok=True)
+        start("server", ["role=server", f"cluster.port={cfg.cluster.port or 0}"])
+        port = _wait_for_port(run_dir / "server.json", procs["server"], cfg.cluster.connect_timeout_s)
+        logger.info(f"launching {cfg.algo.name} on this machine: server on port {port} + {n} workers, "
+                    f"run dir {run_dir}")
+        for r in range(n):
+            start(f"worker {r}", ["role=worker", f"rank={r}", f"cluster.port={port}"])
         failed = _supervise(procs)
         if failed:
             name, code = failed
             raise PeerError(f"{name} exited with code {code}; stopped the rest of the cluster (its log is above)")
     finally:
         _stop_all(procs)
-    summary_path = run_dir / "summary.json"
-    return json.loads(summary_path.read_text())
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def _wait_for_port(path: Path, server: subprocess.Popen, timeout_s: float) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.is_file():
+            try:
+                return int(json.loads(path.read_text())["port"])
+            except (ValueError, KeyError):
+                pass  # caught mid-write; read again
+        if server.poll() is not None:
+            raise PeerError(f"the server exited with code {server.returncode} before listening (its log is above)")
+        time.sleep(0.05)
+    raise PeerError(f"the server did not start listening within cluster.connect_timeout_s={timeout_s}s")
 
 
 def _raise_interrupt(signum, frame):

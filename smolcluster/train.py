@@ -12,6 +12,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from loguru import logger
 from omegaconf import DictConfig, open_dict
 
@@ -55,6 +56,8 @@ def main(cfg: DictConfig) -> None:
     except SmolclusterError as e:
         logger.error(str(e))
         print(f"error: {e}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # let Hydra record the failed job (the sweep table lists it) and go on
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -12,6 +12,7 @@ flat buffer and pushes its flat gradient; each algorithm writes its own loop.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ def max_bytes(cluster: DictConfig) -> int:
 
 
 def server_address(cluster: DictConfig) -> str:
-    if cluster.port is None:
+    if not cluster.port:
         raise PeerError("cluster.port is not set: give the server's port (cluster.port=5555) on every node")
     return f"tcp://{cluster.host}:{cluster.port}"
 
@@ -91,8 +92,11 @@ class ServerBase:
         self.tr = self.trainer.train
         self.flat = self.trainer.flat
         self.codec = cfg.algo.get("codec", "none")
-        self.endpoint = ServerEndpoint(f"tcp://{self.cluster.bind}:{self.cluster.port}",
+        port = self.cluster.port or "*"  # 0 / null: let the OS pick, then tell everyone through server.json
+        self.endpoint = ServerEndpoint(f"tcp://{self.cluster.bind}:{port}",
                                        max_bytes=max_bytes(self.cluster), curve_dir=self.cluster.get("keys"))
+        (self.run_dir / "server.json").write_text(json.dumps({"address": self.endpoint.address,
+                                                              "port": self.endpoint.port, "algo": self.algo}))
         self.workers: dict[int, WorkerInfo] = {}
         self.recorder = open_recorder(cfg, self.run_dir, append=bool(cfg.resume))
         self.ema = {n: t.detach().clone() for n, t in self.flat.params.items()} if cfg.algo.get("ema") else None
