@@ -159,13 +159,14 @@ class InferencePipeline:
 
     @classmethod
     def connect(cls, addresses: list[str], *, tokenizer=None, eos_id: int | None = None, host: str = "127.0.0.1",
-                heartbeat_s: float = 1.0, liveness_s: float = 10.0, connect_timeout_s: float = 60.0,
+                port: int = 0, heartbeat_s: float = 1.0, liveness_s: float = 10.0, connect_timeout_s: float = 60.0,
                 keys_dir: str | None = None) -> InferencePipeline:
         """Use stages already running (``python -m smolcluster.infer role=stage rank=N`` on each node).
 
-        ``host`` is this machine's address as the stages can reach it (they connect back to it).
+        ``host`` is this machine's address as the stages can reach it (they connect back to it,
+        on ``port``; 0 = any free port).
         """
-        client = PipelineClient(addresses, host=host, heartbeat_s=heartbeat_s, liveness_s=liveness_s,
+        client = PipelineClient(addresses, host=host, port=port, heartbeat_s=heartbeat_s, liveness_s=liveness_s,
                                 connect_timeout_s=connect_timeout_s, keys_dir=keys_dir,
                                 decode=tokenizer.decode if tokenizer is not None else None)
         return cls(client, tokenizer, eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None))
@@ -321,6 +322,7 @@ def pipeline_from_config(cfg) -> InferencePipeline:
         tok = tokenizer_for_head(cfg)
         addresses = [n.address for n in stage_nodes(c, int(cfg.stages))]
         pipe = InferencePipeline.connect(addresses, tokenizer=tok, host=cfg.get("head_host") or c.host,
+                                         port=int(cfg.get("head_port") or 0),
                                          heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s,
                                          connect_timeout_s=c.connect_timeout_s, keys_dir=c.get("keys"))
         if pipe.client.shape["vocab_size"] < tok.vocab_size:

@@ -125,7 +125,7 @@ class Request:
 
 
 class PipelineClient:
-    def __init__(self, addresses: list[str], *, host: str = "127.0.0.1", heartbeat_s: float = 1.0,
+    def __init__(self, addresses: list[str], *, host: str = "127.0.0.1", port: int = 0, heartbeat_s: float = 1.0,
                  liveness_s: float = 10.0, connect_timeout_s: float = 60.0, max_bytes: int = 2 << 30,
                  keys_dir: str | None = None, decode=None):
         if not addresses:
@@ -133,7 +133,8 @@ class PipelineClient:
         self.name = f"h{uuid.uuid4().hex[:8]}"
         self.decode = decode
         self.heartbeat_s = heartbeat_s
-        self.mesh = Mesh(self.name, f"tcp://{host}:0", heartbeat_s=heartbeat_s, liveness_s=liveness_s,
+        # The stages connect back to this inbox: host must be this machine's address as they see it.
+        self.mesh = Mesh(self.name, f"tcp://{host}:{port}", heartbeat_s=heartbeat_s, liveness_s=liveness_s,
                          max_bytes=max_bytes, keys_dir=keys_dir)
         self.mesh.beacon = {"head": True, "address": self.mesh.address}
         self.stages = [stage_name(r) for r in range(len(addresses))]
@@ -264,13 +265,13 @@ class PipelineClient:
     def close(self, shutdown_stages: bool = False) -> None:
         if self._closed:
             return
-        if self.error is None:
-            try:
-                for s in self.stages:
+        try:  # tell every stage still there, even when another was lost
+            for s in self.stages:
+                if not self.mesh.peers[s].lost:
                     self.mesh.send(s, "mp.shutdown" if shutdown_stages else "mp.bye", {})
-                time.sleep(0.05)  # let those leave before linger=0 closes the socket
-            except PeerError:
-                pass
+            time.sleep(0.05)  # let those leave before linger=0 closes the socket
+        except Exception as e:
+            logger.debug(f"head close: {e}")
         self._closed = True
         self._thread.join(timeout=2)
         with self._lock:

@@ -148,10 +148,12 @@ class GPT2Stage(nn.Module):
         self.shape, self.has_embed, self.has_head, self.blocks = shape, embed, head, blocks
         self.transformer = nn.Module()
         t = self.transformer
+        # Parameters are left uninitialised: a stage always takes its values from a checkpoint or
+        # the full model. (Embedding's own init, run on the meta device, would import ~70 MB of code.)
         if embed or head:
-            t.wte = nn.Embedding(shape.vocab_size, shape.n_embd)
+            t.wte = nn.Embedding(shape.vocab_size, shape.n_embd, _weight=torch.empty(shape.vocab_size, shape.n_embd))
         if embed:
-            t.wpe = nn.Embedding(shape.n_positions, shape.n_embd)
+            t.wpe = nn.Embedding(shape.n_positions, shape.n_embd, _weight=torch.empty(shape.n_positions, shape.n_embd))
         t.h = nn.ModuleDict({str(i): Block(shape) for i in blocks})
         if head:
             t.ln_f = nn.LayerNorm(shape.n_embd, eps=shape.eps)

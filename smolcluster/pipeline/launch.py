@@ -51,7 +51,7 @@ def free_ports(host: str, n: int, tries: int = 50) -> int:
 
 def stage_env(n_stages: int, extra: dict | None = None) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra or {})}
-    if "OMP_NUM_THREADS" not in os.environ:
+    if "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n_stages))
     return env
 

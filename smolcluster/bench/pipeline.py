@@ -1,0 +1,239 @@
+"""``python -m smolcluster.bench pipeline``: the stage pipeline against one process, in the same run.
+
+Measured, for gpt2-tiny and GPT-2 small (124M, random init: speed and memory do not
+depend on the weights' values):
+
+- decode tokens/s of one request through a 2-stage pipeline vs Hugging Face
+  ``generate`` (greedy, KV cache) in this process, and time to first token (each the
+  best of ``--repeats`` tries, alternating with the baseline's: the machine may be shared);
+- aggregate tokens/s of 4 requests in flight at once vs the same 4 one at a time;
+- peak RSS (``VmHWM``) of each stage of a 2-stage GPT-2 pipeline vs a single process
+  holding the whole model (``transformers`` + ``generate``), and vs the pipeline's own
+  code run as one stage;
+- how long a killed stage takes to surface as a PeerError at the caller;
+- ``algo=mp`` training samples/s with ``microbatches=4`` vs 1 (2 stages, gpt2-tiny).
+
+Stages get ``cores // stages`` threads each (the launcher's default); the baseline
+process uses torch's default (all cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from smolcluster import checkpoint
+from smolcluster.bench.report import write_report
+from smolcluster.errors import PeerError
+from smolcluster.paths import CONFIG_DIR
+from smolcluster.pipeline import InferencePipeline
+from smolcluster.telemetry.logging import setup_logging
+
+VOCAB = {"gpt2-tiny": 4096, "gpt2": 50257}  # the BPE text runs train offline / GPT-2's own tokenizer
+QUIET = {"SMOLCLUSTER_LOG_LEVEL": "WARNING"}
+
+
+def model_config(name: str) -> dict:
+    cfg = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "model" / f"{name}.yaml"))
+    return {k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "n_positions")}
+
+
+def save_model(name: str, out: Path):
+    from smolcluster.models.gpt2 import build_gpt2
+
+    torch.manual_seed(0)
+    model = build_gpt2(vocab_size=VOCAB[name], **model_config(name)).eval()
+    checkpoint.save(out, model, None, 0)
+    return model
+
+
+def vm_hwm_mb(pid: int) -> float | None:
+    """Peak resident set size of a live process (Linux /proc)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+# -- inference speed ---------------------------------------------------------------------------
+# The machine may be shared: every figure is the best of `repeats` tries, and the pipeline's
+# tries alternate with the baseline's, so both see the same conditions.
+def hf_once(model, prompt: list[int], n: int) -> tuple[float, float]:
+    """(tokens/s, seconds to the first token) of one greedy generate with the KV cache."""
+    ids = torch.tensor([prompt])
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, **kw)
+        ttft = time.perf_counter() - t
+        t = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        return (out.shape[1] - len(prompt)) / (time.perf_counter() - t), ttft
+
+
+def pipeline_once(pipe: InferencePipeline, prompt: list[int], n: int) -> tuple[float, float]:
+    r = pipe.submit(prompt, max_new_tokens=n, stop_at_eos=False)
+    got = len(r.tokens())
+    return got / (r.finished_at - r.submitted_at), r.first_token_at - r.submitted_at
+
+
+def concurrency_once(pipe: InferencePipeline, prompt: list[int], n: int, k: int) -> tuple[float, float]:
+    """(aggregate tokens/s of k requests in flight together, of the same k one at a time)."""
+    t = time.perf_counter()
+    reqs = [pipe.submit(prompt, max_new_tokens=n, stop_at_eos=False) for _ in range(k)]
+    together = sum(len(r.tokens()) for r in reqs) / (time.perf_counter() - t)
+    t = time.perf_counter()
+    total = sum(len(pipe.submit(prompt, max_new_tokens=n, stop_at_eos=False).tokens()) for _ in range(k))
+    return together, total / (time.perf_counter() - t)
+
+
+def compare_speed(model, pipe: InferencePipeline, prompt: list[int], n: int, repeats: int, k: int) -> dict:
+    hf_once(model, prompt, 4)  # warm both up
+    pipeline_once(pipe, prompt, 4)
+    best = {"hf_tps": 0.0, "hf_ttft": float("inf"), "tps": 0.0, "ttft": float("inf"), "together": 0.0, "alone": 0.0}
+    for _ in range(repeats):
+        tps, ttft = hf_once(model, prompt, n)
+        best["hf_tps"], best["hf_ttft"] = max(best["hf_tps"], tps), min(best["hf_ttft"], ttft)
+        tps, ttft = pipeline_once(pipe, prompt, n)
+        best["tps"], best["ttft"] = max(best["tps"], tps), min(best["ttft"], ttft)
+        together, alone = concurrency_once(pipe, prompt, n, k)
+        best["together"], best["alone"] = max(best["together"], together), max(best["alone"], alone)
+    return best
+
+
+# -- memory ------------------------------------------------------------------------------------
+_HF_PROCESS = """
+import resource, sys, torch
+from smolcluster import checkpoint
+from smolcluster.models.gpt2 import build_gpt2
+model = build_gpt2(vocab_size={vocab}, **{shape}).eval()
+if sys.argv[1] != "-":
+    checkpoint.load(sys.argv[1], model)
+with torch.inference_mode():
+    model.generate(torch.zeros(1, 16, dtype=torch.long), max_new_tokens={n}, do_sample=False, pad_token_id=0,
+                   eos_token_id=None)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def hf_process_peak_mb(name: str, run_dir: Path | None, n: int) -> float:
+    """Peak RSS of one process holding the whole model with transformers (run_dir=None: random init, no load)."""
+    code = _HF_PROCESS.format(vocab=VOCAB[name], shape=model_config(name), n=n)
+    out = subprocess.run([sys.executable, "-c", code, str(run_dir or "-")], capture_output=True, text=True, check=True,
+                         env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def stage_peaks_mb(pipe: InferencePipeline) -> list[float]:
+    return [vm_hwm_mb(p.pid) for p in pipe._children.procs.values()]
+
+
+# -- failure detection -------------------------------------------------------------------------
+def kill_detection_s(run_dir: Path, n_head: int, liveness_s: float) -> float:
+    pipe = InferencePipeline.start_local(run_dir, n_head=n_head, stages=2, heartbeat_s=0.2, liveness_s=liveness_s,
+                                         env=QUIET)
+    try:
+        reqs = [pipe.submit([1, 2, 3], max_new_tokens=250, stop_at_eos=False) for _ in range(16)]
+        stream = iter(reqs[-1])
+        next(stream)
+        os.kill(list(pipe._children.procs.values())[1].pid, signal.SIGKILL)
+        t = time.perf_counter()
+        try:
+            for _ in stream:
+                pass
+        except PeerError:
+            return time.perf_counter() - t
+        raise RuntimeError("the request finished although its stage was killed")
+    finally:
+        pipe.close()
+
+
+# -- training ----------------------------------------------------------------------------------
+def train_samples_per_s(microbatches: int, steps: int, out: Path) -> float:
+    cmd = [sys.executable, "-m", "smolcluster.train", "algo=mp", "model=gpt2-tiny", "data=text",
+           f"algo.microbatches={microbatches}", f"train.steps={steps}", "train.batch_size=16",
+           "train.eval_samples=16", "train.progress=false", f"hydra.run.dir={out}"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, **QUIET})
+    return json.loads((out / "summary.json").read_text())["samples_per_s"]
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m smolcluster.bench pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="gpt2-tiny,gpt2")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--concurrent", type=int, default=4)
+    p.add_argument("--train-steps", type=int, default=30)
+    p.add_argument("--skip-train", action="store_true")
+    args = p.parse_args(argv)
+    setup_logging(level="WARNING")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    rows: list[dict] = []
+    extra: dict = {"cpu_count": os.cpu_count(), "torch_threads_baseline": torch.get_num_threads(),
+                   "new_tokens": args.new_tokens, "prompt_len": args.prompt_len}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for name in args.models.split(","):
+            run_dir = tmp / name
+            model = save_model(name, run_dir)
+            n_head = model_config(name)["n_head"]
+            prompt = torch.randint(0, VOCAB[name], (args.prompt_len,), generator=torch.Generator().manual_seed(1))
+            prompt = prompt.tolist()
+            for head in ("first", "last"):
+                with InferencePipeline.start_local(run_dir, n_head=n_head, stages=2, head=head, env=QUIET) as pipe:
+                    b = compare_speed(model, pipe, prompt, args.new_tokens, args.repeats, args.concurrent)
+                    peaks = stage_peaks_mb(pipe)
+                tag = f"{name}, head {head}"
+                rows += [
+                    {"metric": "decode tokens/s, 1 request", "model": tag, "pipeline (2 stages)": b["tps"],
+                     "baseline": b["hf_tps"], "ratio": b["tps"] / b["hf_tps"]},
+                    {"metric": "time to first token, ms", "model": tag, "pipeline (2 stages)": b["ttft"] * 1000,
+                     "baseline": b["hf_ttft"] * 1000, "ratio": b["ttft"] / b["hf_ttft"]},
+                    {"metric": f"aggregate tokens/s, {args.concurrent} in flight vs one at a time", "model": tag,
+                     "pipeline (2 stages)": b["together"], "baseline": b["alone"], "ratio": b["together"] / b["alone"]},
+                ]
+                extra[f"stage_peak_rss_mb[{tag}]"] = peaks
+            del model
+            if name == "gpt2":
+                hf_peak = hf_process_peak_mb(name, run_dir, 8)
+                hf_init_peak = hf_process_peak_mb(name, None, 8)
+                with InferencePipeline.start_local(run_dir, n_head=n_head, stages=1, env=QUIET) as pipe:
+                    pipe.submit(prompt, max_new_tokens=8, stop_at_eos=False).tokens()
+                    lean_peak = stage_peaks_mb(pipe)[0]
+                extra["single_process_peak_rss_mb"] = {
+                    "transformers: load checkpoint + generate (baseline)": hf_peak,
+                    "transformers: random init + generate, no load": hf_init_peak,
+                    "pipeline stage code, 1 stage holding everything": lean_peak}
+                for head in ("first", "last"):
+                    for rank, mb in enumerate(extra[f"stage_peak_rss_mb[gpt2, head {head}]"]):
+                        rows.append({"metric": f"peak RSS MB, stage {rank}/2", "model": f"gpt2, head {head}",
+                                     "pipeline (2 stages)": mb, "baseline": hf_peak, "ratio": mb / hf_peak,
+                                     "vs HF no load": mb / hf_init_peak, "vs 1-stage pipeline": mb / lean_peak})
+        detect = kill_detection_s(tmp / args.models.split(",")[0], model_config(args.models.split(",")[0])["n_head"],
+                                  liveness_s=2.0)
+        rows.append({"metric": "killed stage -> PeerError at the caller, s", "model": "liveness_s=2.0",
+                     "pipeline (2 stages)": detect, "baseline": 2.0, "ratio": detect / 2.0})
+        if not args.skip_train:
+            one = four = 0.0
+            for i in range(2):  # alternate, best of two each
+                one = max(one, train_samples_per_s(1, args.train_steps, tmp / f"train-m1-{i}"))
+                four = max(four, train_samples_per_s(4, args.train_steps, tmp / f"train-m4-{i}"))
+            rows.append({"metric": "training samples/s, microbatches 4 vs 1", "model": "gpt2-tiny, 2 stages, batch 16",
+                         "pipeline (2 stages)": four, "baseline": one, "ratio": four / one})
+    write_report("pipeline", rows, extra)
+    return 0
