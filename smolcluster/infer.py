@@ -34,7 +34,7 @@ def run(cfg: DictConfig) -> dict | None:
         raise ConfigError('no prompt: add prompt="your text"')
     from smolcluster.pipeline.api import pipeline_from_config
 
-    with pipeline_from_config(cfg) as pipe:
+    with pipeline_from_config(cfg, prompt=str(cfg.prompt)) as pipe:
         t0 = time.perf_counter()
         req = pipe.submit(str(cfg.prompt), max_new_tokens=int(cfg.max_new_tokens), temperature=cfg.temperature,
                           top_k=int(cfg.top_k), top_p=cfg.top_p, seed=cfg.seed, stop_at_eos=cfg.stop_at_eos)

@@ -163,3 +163,31 @@ def test_infer_cli_streams_the_greedy_text(model_dir):
     assert "10 tokens in" in p.stderr and "finished: length" in p.stderr
     bad = run_cli("smolcluster.infer", f"checkpoint={d}", "prompt=" + "x " * 400, check=False, timeout=180)
     assert bad.returncode == 2 and "longer than the model's context of 128" in bad.stderr
+
+
+def test_heads_come_and_go_on_stages_started_as_cluster_nodes(model_dir, tmp_path):
+    """role=stage processes serve any head that connects; a head leaving does not stop them."""
+    import subprocess
+    import sys
+
+    from smolcluster.pipeline.launch import free_ports
+    from tests.conftest import REPO
+
+    d, hf = model_dir
+    port = free_ports("127.0.0.1", 2)
+    common = [f"checkpoint={d}", "stages=2", f"cluster.port={port}", "cluster.heartbeat_s=0.2",
+              "cluster.liveness_s=3"]
+    stages = [subprocess.Popen([sys.executable, "-m", "smolcluster.infer", "role=stage", f"rank={r}", *common],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for r in range(2)]
+    try:
+        addresses = [f"tcp://127.0.0.1:{port + r}" for r in range(2)]
+        for seed in (40, 41):  # two heads, one after the other
+            with InferencePipeline.connect(addresses, heartbeat_s=0.2, liveness_s=3.0) as pipe:
+                p = prompt(seed, 6)
+                assert pipe.submit(p, max_new_tokens=15).tokens() == hf_greedy(hf, p, 15)
+        assert all(s.poll() is None for s in stages)  # still serving
+    finally:
+        for s in stages:
+            s.terminate()
+        for s in stages:
+            s.wait(timeout=20)

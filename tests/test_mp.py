@@ -56,6 +56,7 @@ def tok_cache(tmp_path_factory) -> str:
     return f"data.cache_dir={tmp_path_factory.mktemp('tok')}"
 
 
+@pytest.mark.slow
 def test_gpt2_two_stages_20_steps_end_on_the_local_parameters(tmp_path, tok_cache):
     ref = run_local(tmp_path / "local", *GPT2, tok_cache)
     s = train(tmp_path / "mp", "algo=mp", *GPT2, tok_cache, env=ONE_THREAD)

@@ -101,8 +101,9 @@ def concurrency_once(pipe: InferencePipeline, prompt: list[int], n: int, k: int)
 
 
 def compare_speed(model, pipe: InferencePipeline, prompt: list[int], n: int, repeats: int, k: int) -> dict:
-    hf_once(model, prompt, 4)  # warm both up
-    pipeline_once(pipe, prompt, 4)
+    for _ in range(2):  # warm both up (generate's first calls are markedly slower)
+        hf_once(model, prompt, n)
+        pipeline_once(pipe, prompt, n)
     best = {"hf_tps": 0.0, "hf_ttft": float("inf"), "tps": 0.0, "ttft": float("inf"), "together": 0.0, "alone": 0.0}
     for _ in range(repeats):
         tps, ttft = hf_once(model, prompt, n)
@@ -161,6 +162,23 @@ def kill_detection_s(run_dir: Path, n_head: int, liveness_s: float) -> float:
         pipe.close()
 
 
+# -- how parallel is this machine? ----------------------------------------------------------------
+_SPIN = "import time, torch; torch.set_num_threads(1); a, b = torch.randn(256, 512), torch.randn(512, 512)\n" \
+        "t = time.perf_counter()\nfor _ in range(1500): a @ b\nprint(time.perf_counter() - t)"
+
+
+def parallel_capacity() -> float:
+    """Work done per second by two single-thread processes at once, relative to one alone (ideal: 2).
+    Pipelined stages can overlap only as much as the machine lets two processes compute together."""
+    def run(n: int) -> float:
+        procs = [subprocess.Popen([sys.executable, "-c", _SPIN], stdout=subprocess.PIPE, text=True) for _ in range(n)]
+        return max(float(p.communicate()[0]) for p in procs)
+
+    alone = min(run(1) for _ in range(2))
+    together = min(run(2) for _ in range(2))
+    return 2 * alone / together
+
+
 # -- training ----------------------------------------------------------------------------------
 def train_samples_per_s(microbatches: int, steps: int, out: Path) -> float:
     cmd = [sys.executable, "-m", "smolcluster.train", "algo=mp", "model=gpt2-tiny", "data=text",
@@ -184,6 +202,9 @@ def main(argv: list[str]) -> int:
     setup_logging(level="WARNING")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     rows: list[dict] = []
+    capacity = parallel_capacity()
+    rows.append({"metric": "machine: 2 compute processes at once vs 1 (ideal 2)", "model": "-",
+                 "pipeline (2 stages)": capacity, "baseline": 1.0, "ratio": capacity})
     extra: dict = {"cpu_count": os.cpu_count(), "torch_threads_baseline": torch.get_num_threads(),
                    "new_tokens": args.new_tokens, "prompt_len": args.prompt_len}
     with tempfile.TemporaryDirectory() as tmp:

@@ -295,14 +295,30 @@ def tokenizer_for_head(cfg):
     return _tokenizer_from_data(cfg.data)
 
 
-def pipeline_from_config(cfg) -> InferencePipeline:
-    """Start the stages here (``role=launch``) or connect to a cluster's (``role=head``)."""
+def check_prompt_fits(prompt: str, tokenizer, weights: Path, n_head: int) -> None:
+    """Refuse a prompt longer than the model's context before any stage is started."""
+    from smolcluster.pipeline.weights import gpt2_weights
+
+    context = gpt2_weights(weights, n_head).shape.n_positions
+    n = len(tokenizer.encode(prompt))
+    if n > context:
+        raise ConfigError(f"the prompt is {n} tokens, longer than the model's context of {context}: shorten it "
+                          "(the pipeline never truncates silently)")
+
+
+def pipeline_from_config(cfg, prompt: str | None = None) -> InferencePipeline:
+    """Start the stages here (``role=launch``) or connect to a cluster's (``role=head``).
+
+    With ``prompt``, a prompt that cannot fit is refused before anything starts.
+    """
     c = cfg.cluster
     if cfg.role == "launch":
         from smolcluster.pipeline.partition import node_weights
 
         info, tok, tmp = resolve_model(cfg)
         try:
+            if prompt is not None:
+                check_prompt_fits(prompt, tok, info["weights"], int(info["n_head"]))
             pipe = InferencePipeline.start_local(
                 info["weights"], stages=int(cfg.stages), n_head=int(info["n_head"]), head=cfg.head, tokenizer=tok,
                 eos_id=info["eos"] if info["eos"] is not None else getattr(tok, "eos_id", None),
