@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import torch
-from types import SimpleNamespace
 from torch import nn
 
 

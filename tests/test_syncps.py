@@ -115,9 +115,11 @@ def test_launcher_stops_everything_and_names_the_failed_child(tmp_path):
     assert "[worker 1]" in proc.stderr and "CUDA is not available" in proc.stderr
 
 
-def test_heterogeneous_batch_sizes_are_weighted_by_samples(tmp_path):
-    s = train(tmp_path / "ps", "algo=syncps", "cluster.workers=2", "train.steps=15",
+def test_heterogeneous_batch_sizes_are_weighted_by_samples_and_ema_is_evaluated(tmp_path):
+    s = train(tmp_path / "ps", "algo=syncps", "cluster.workers=2", "train.steps=15", "algo.ema=0.9",
               "cluster.nodes=[{batch_size: 48},{batch_size: 16}]", *FAST)
     train(tmp_path / "local", "algo=local", "train.batch_size=64", "train.steps=15")
     assert s["workers"]["0"]["samples"] == 15 * 48 and s["workers"]["1"]["samples"] == 15 * 16
     assert max_abs_diff(tmp_path / "ps", tmp_path / "local") < 1e-5
+    # the EMA weights trail the trained ones: evaluated separately, a different (worse, early on) loss
+    assert s["ema_eval_loss"] > s["eval_loss"]
