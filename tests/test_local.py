@@ -111,3 +111,19 @@ def test_conf_dir_is_packaged():
     pkgs = set(meta["tool"]["setuptools"]["packages"])
     on_disk = {".".join(p.relative_to(REPO).parent.parts) for p in (REPO / "smolcluster").rglob("__init__.py")}
     assert on_disk <= pkgs, f"packages missing from pyproject: {on_disk - pkgs}"
+
+
+@pytest.mark.slow
+def test_a_non_editable_install_finds_its_config(tmp_path):
+    import subprocess
+    import sys
+
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(REPO)], check=True, capture_output=True, timeout=300)
+    assert (target / "smolcluster" / "conf" / "model" / "gpt2-tiny.yaml").is_file()
+    out = subprocess.run([sys.executable, "-m", "smolcluster.train", "--cfg", "job", "model=gpt2-tiny"],
+                         cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "name: gpt2-tiny" in out.stdout
