@@ -28,6 +28,12 @@ train-gpt2: install  ## gpt2-tiny on the embedded text corpus
 train-edp: install  ## EDP (asynchronous PS) with 2 workers, one made 3x slower
 	$(BIN)/python -m smolcluster.train algo=edp "cluster.nodes=[{delay_s: 0.0},{delay_s: 0.003}]" $(ARGS)
 
+train-mp: install  ## model parallel: gpt2-tiny split into 2 pipeline stages, 4 micro-batches
+	$(BIN)/python -m smolcluster.train algo=mp model=gpt2-tiny data=text train.optimizer=adamw train.lr=3e-3 train.batch_size=16 algo.microbatches=4 train.steps=200 $(ARGS)
+
+infer: install  ## stream text from gpt2-tiny through 2 pipeline stages (ARGS="checkpoint=RUN_DIR prompt=...")
+	$(BIN)/python -m smolcluster.infer prompt="The meaning of life is" max_new_tokens=40 $(ARGS)
+
 keys: install  ## CURVE keys for a cluster into keys/ (then cluster.keys=keys)
 	$(BIN)/python -m smolcluster.keys --dir keys $(ARGS)
 
