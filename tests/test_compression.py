@@ -1,3 +1,5 @@
+"""Codecs: property tests of their round trips through the wire, and error feedback."""
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ from hypothesis.extra.numpy import arrays
 
 from smolcluster.errors import ConfigError
 from smolcluster.transport import wire
-from smolcluster.transport.compression import ErrorFeedback, get_codec
+from smolcluster.transport.compression import ErrorFeedback, Int8, get_codec
 
 finite = st.floats(min_value=-1e4, max_value=1e4, allow_nan=False, width=32)
 shapes = st.lists(st.integers(0, 40), min_size=0, max_size=3).map(tuple)
@@ -48,6 +50,21 @@ def test_int8_error_is_at_most_half_a_step_of_its_chunk(arr):
         block = arr[i : i + chunk]
         step = np.abs(block).max() / 127
         assert np.abs(out[i : i + chunk] - block).max() <= step / 2 + 1e-6 * step + 1e-12
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float32, st.integers(0, 6000).map(lambda n: (n,)), elements=finite), st.integers(1, 70))
+def test_int8_matches_the_textbook_quantiser_for_any_chunk_size(arr, chunk):
+    """Any chunk (the receiver takes it from the header), across many of the encoder's row batches."""
+    frames = [bytes(f) for f in wire.encode("grad", GRAD, {"g": arr}, codec=Int8(chunk))]
+    out = wire.decode(frames, max_bytes=1 << 30).tensors["g"]
+    n = arr.size
+    blocks = np.zeros(-(-n // chunk) * chunk, np.float32)
+    blocks[:n] = arr
+    blocks = blocks.reshape(-1, chunk)
+    scale = (np.abs(blocks).max(axis=1) / np.float32(127)).astype(np.float32)
+    q = np.rint(blocks / np.where(scale > 0, scale, 1)[:, None]).clip(-127, 127).astype(np.int8)
+    assert np.array_equal(out, (q * scale[:, None]).reshape(-1)[:n])
 
 
 @settings(max_examples=30, deadline=None)

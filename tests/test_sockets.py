@@ -7,7 +7,18 @@ import numpy as np
 import pytest
 import zmq
 
-from smolcluster.transport import ClientEndpoint, Heartbeat, Liveness, ServerEndpoint, make_keys, wire
+from smolcluster.errors import ConfigError
+from smolcluster.keys import main as keys_main
+from smolcluster.transport import (
+    ClientEndpoint,
+    Heartbeat,
+    Liveness,
+    Publisher,
+    ServerEndpoint,
+    Subscriber,
+    make_keys,
+    wire,
+)
 
 MB = 1 << 20
 
@@ -25,6 +36,12 @@ def test_router_dealer_roundtrip_with_a_large_tensor(server):
     sent = client.send("grad", {"rank": 0, "step": 1, "version": 1, "samples": 8, "loss": 1.5}, {"float32": g})
     peer, msg = server.recv(5000)
     assert sent == msg.nbytes and np.array_equal(msg.tensors["float32"], g)
+    # zero copy on receipt: the array is a view of zmq's frame memory, not a copy of it
+    received = msg.tensors["float32"]
+    root = received
+    while isinstance(root, np.ndarray):
+        root = root.base
+    assert not received.flags.owndata and isinstance(root.obj, zmq.Frame) and root.nbytes == g.nbytes
     server.send(peer, "weights", {"step": 2, "version": 2}, {"float32": g * 2})
     back = client.recv(5000)
     assert back.kind == "weights" and np.array_equal(back.tensors["float32"], g * 2)
@@ -124,3 +141,113 @@ def test_binding_a_used_port_is_a_clear_error(server):
 
     with pytest.raises(PeerError, match="cluster.port"):
         ServerEndpoint(server.address, max_bytes=MB)
+
+
+def test_client_drops_and_counts_bad_replies_then_takes_a_good_one():
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    client = ClientEndpoint(f"tcp://127.0.0.1:{port}", max_bytes=MB)
+    try:
+        client.send("heartbeat", {"rank": 5})
+        assert router.poll(3000)
+        peer = router.recv_multipart()[0]
+        router.send_multipart([peer, b"\xc1"])
+        router.send_multipart([peer, msgpack.packb({"v": 1, "kind": "weights", "step": "x", "version": 0})])
+        router.send_multipart([peer, *[bytes(f) for f in wire.encode("stop", {"reason": "done"})]])
+        msg = client.recv(3000)
+        assert msg.kind == "stop" and msg.fields == {"reason": "done"}
+        assert client.rejected == {"bad_header": 1, "bad_field": 1}
+    finally:
+        client.close()
+        router.close()
+
+
+def test_sending_to_a_vanished_peer_is_dropped_not_raised(server):
+    assert server.send(b"\0nobody", "stop", {"reason": "x"}) == 0
+
+
+wire.register_kind("test_ready", {"stage": int})
+wire.register_kind("test_token", {"request": int, "seq": int, "token": int, "done": bool})
+wire.register_kind("test_activation", {"request": int, "micro": int, "seq": int}, finite=True)
+
+
+def test_pub_sub_delivers_by_topic_prefix_and_drops_bad_messages():
+    pub = Publisher("tcp://127.0.0.1:*", max_bytes=MB)
+    sub = Subscriber(pub.address, topics=[b"req:1"], max_bytes=MB)
+    try:
+        # a SUB joins asynchronously: publish until the first message arrives (the slow-joiner rule)
+        got = None
+        for _ in range(100):
+            pub.send(b"req:1", "test_ready", {"stage": 0})
+            got = sub.recv(50)
+            if got:
+                break
+        assert got is not None and got[0] == b"req:1"
+        while sub.recv(100):
+            pass  # the extra ready messages
+        x = np.arange(10, dtype=np.float32)
+        pub.send(b"req:2", "test_token", {"request": 2, "seq": 0, "token": 7, "done": False})  # not subscribed
+        pub.sock.send_multipart([b"req:12", b"garbage"])                                 # matches req:1
+        pub.send(b"req:12", "test_activation", {"request": 12, "micro": 0, "seq": 0}, {"x": x})
+        topic, msg = sub.recv(2000)
+        assert topic == b"req:12" and msg.kind == "test_activation" and np.array_equal(msg.tensors["x"], x)
+        assert sub.recv(200) is None and sub.rejected == {"bad_header": 1}
+    finally:
+        sub.close()
+        pub.close()
+
+
+def test_heartbeat_with_missing_keys_fails_in_the_caller(tmp_path):
+    with pytest.raises(ConfigError, match="smolcluster.keys"):
+        Heartbeat("tcp://127.0.0.1:1", rank=0, interval_s=1, max_bytes=MB, curve_dir=str(tmp_path)).start()
+
+
+def test_two_curve_servers_in_one_process_each_admit_only_their_own_clients(tmp_path):
+    make_keys(tmp_path / "a")
+    make_keys(tmp_path / "b")
+    sa = ServerEndpoint("tcp://127.0.0.1:*", max_bytes=MB, curve_dir=str(tmp_path / "a"))
+    sb = ServerEndpoint("tcp://127.0.0.1:*", max_bytes=MB, curve_dir=str(tmp_path / "b"))
+    # b's client, given a's server key: it can reach a's server but holds no key a lets in
+    (tmp_path / "b2").mkdir()
+    (tmp_path / "b2" / "server.key").write_bytes((tmp_path / "a" / "server.key").read_bytes())
+    (tmp_path / "b2" / "client.key_secret").write_bytes((tmp_path / "b" / "client.key_secret").read_bytes())
+    clients = [ClientEndpoint(sa.address, max_bytes=MB, curve_dir=str(tmp_path / "b2")),
+               ClientEndpoint(sa.address, max_bytes=MB, curve_dir=str(tmp_path / "a")),
+               ClientEndpoint(sb.address, max_bytes=MB, curve_dir=str(tmp_path / "b"))]
+    try:
+        for rank, c in enumerate(clients):
+            c.send("heartbeat", {"rank": rank})
+        got_a, got_b = sa.recv(3000), sb.recv(3000)
+        assert got_a[1].fields["rank"] == 1 and got_b[1].fields["rank"] == 2
+        assert sa.recv(500) is None
+    finally:
+        for c in clients:
+            c.close()
+        sa.close()
+        sb.close()
+
+
+def test_keys_cli_makes_one_pair_per_worker_and_each_gets_in(tmp_path, capsys):
+    keys = tmp_path / "keys"
+    assert keys_main(["--dir", str(keys), "--clients", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "client2.key_secret -> " in out and "server.key_secret" in out
+    assert sorted(p.name for p in (keys / "authorized").iterdir()) == ["client.key", "client1.key", "client2.key"]
+    assert keys_main(["--dir", str(keys)]) == 2  # refuses to overwrite without --force
+    server = ServerEndpoint("tcp://127.0.0.1:*", max_bytes=MB, curve_dir=str(keys))
+    workers = []
+    try:
+        for i, name in enumerate(["client", "client1", "client2"]):
+            node = tmp_path / f"worker{i}"  # what the printed instructions say to copy to worker i
+            node.mkdir()
+            (node / "server.key").write_bytes((keys / "server.key").read_bytes())
+            (node / "client.key_secret").write_bytes((keys / f"{name}.key_secret").read_bytes())
+            workers.append(ClientEndpoint(server.address, max_bytes=MB, curve_dir=str(node)))
+            workers[-1].send("heartbeat", {"rank": i})
+        ranks = sorted(server.recv(3000)[1].fields["rank"] for _ in workers)
+        assert ranks == [0, 1, 2]
+    finally:
+        for w in workers:
+            w.close()
+        server.close()

@@ -1,6 +1,9 @@
+"""The wire format: round trips, zero copy, and every kind of hostile message rejected with its reason."""
+
 import msgpack
 import numpy as np
 import pytest
+import torch
 
 from smolcluster.transport import wire
 from smolcluster.transport.wire import WireError, decode, encode
@@ -54,6 +57,26 @@ def test_roundtrip_is_zero_copy_on_the_receive_side():
         ([header(), np.array([1, np.nan, 2, 3], np.float32).tobytes()], "non_finite"),
         ([header(), np.array([1, np.inf, 2, 3], np.float32).tobytes()], "non_finite"),
         ([header(tensors=[{"name": "g", "dtype": "float32", "shape": [1 << 20], "codec": "none"}]), b"\0" * (1 << 22)], "oversize"),
+        ([header(tensors=[{"name": "g", "dtype": "float32", "shape": [1 << 30], "codec": "none"}]), b""], "oversize"),
+        ([header(), b"\0" * (LIMIT + 1)], "oversize"),                             # total over the limit
+        ([header(tensors=[{"name": "g", "dtype": ["float32"], "shape": [4], "codec": "none"}]), b"\0" * 16], "dtype"),
+        ([header(tensors=[{"name": "g", "dtype": "float32", "shape": [4], "codec": {}}]), b"\0" * 16], "codec"),
+        ([header(tensors=[{"name": "g", "dtype": "float32", "shape": [4], "codec": "none"}] * 2), b"\0" * 16,
+          b"\0" * 16], "bad_header"),                                              # the same name twice
+        ([header(tensors=[{"dtype": "float32", "shape": [4], "codec": "none"}]), b"\0" * 16], "bad_header"),
+        ([header(tensors={"g": 1}), b"\0" * 16], "bad_header"),
+        ([header(tensors=[{"name": "g", "dtype": "float32", "shape": [2, 2.0], "codec": "none"}]), b"\0" * 16],
+         "bad_shape"),
+        ([header(tensors=[{"name": "g", "dtype": "bool", "shape": [4], "codec": "none"}]), b"\0\1\2\0"], "dtype"),
+        ([header(v=True), b"\0" * 16], "version"),                                  # True == 1, but not a version
+        ([header(kind=["grad"]), b"\0" * 16], "unknown_kind"),
+        ([header(loss=float("inf")), b"\0" * 16], "non_finite"),
+        ([header(tensors=[{"name": "g", "dtype": "float16", "shape": [2], "codec": "none"}]),
+          np.array([1, np.inf], np.float16).tobytes()], "non_finite"),
+        ([header(tensors=[{"name": "g", "dtype": "bfloat16", "shape": [2], "codec": "none"}]),
+          torch.tensor([1.0, float("nan")]).to(torch.bfloat16).view(torch.int16).numpy().tobytes()], "non_finite"),
+        ([header(tensors=[{"name": "g", "dtype": "float32", "shape": [4], "codec": "int8", "chunk": 2}]),
+          b"\0" * 4 + np.array([1, np.inf], np.float32).tobytes()], "non_finite"),     # a hostile int8 scale
     ],
 )
 def test_hostile_messages_are_rejected_with_a_reason(frames, reason):
@@ -80,3 +103,40 @@ def test_new_kinds_can_be_registered_by_other_modules():
 def test_unsendable_dtype_is_refused_at_the_sender():
     with pytest.raises(WireError, match="dtype"):
         encode("weights", {"step": 0, "version": 0}, {"c": np.zeros(2, np.complex64)})
+
+
+def test_received_tensors_come_back_as_torch_with_their_dtype():
+    w = torch.randn(3, 5).to(torch.bfloat16)
+    h = torch.arange(6, dtype=torch.int64).reshape(2, 3)
+    frames = [bytes(f) for f in encode("weights", {"step": 0, "version": 0}, {"w": w, "h": h})]
+    msg = decode(frames, max_bytes=LIMIT)
+    assert msg.dtypes == {"w": "bfloat16", "h": "int64"}
+    assert torch.equal(msg.tensor("w"), w) and msg.tensor("w").dtype == torch.bfloat16
+    assert torch.equal(msg.tensor("h"), h)
+    mine = msg.tensor("h", copy=True)  # a private copy may be written to
+    mine += 1
+    assert torch.equal(msg.tensor("h"), h) and torch.equal(mine, h + 1)
+
+
+def test_noncontiguous_and_0d_tensors_and_numpy_scalars_in_fields_travel():
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4).t()  # a transposed (non-contiguous) view
+    scalar = np.array(2.5, np.float32)
+    fields = {**GRAD, "loss": np.float32(0.5), "samples": np.int64(8)}
+    msg = decode([bytes(f) for f in encode("grad", fields, {"t": t, "s": scalar})], max_bytes=LIMIT)
+    assert torch.equal(msg.tensor("t"), t) and msg.tensors["s"].shape == () and msg.tensors["s"] == 2.5
+    assert msg.fields["loss"] == 0.5 and msg.fields["samples"] == 8
+
+
+def test_a_header_field_that_msgpack_cannot_carry_is_refused_at_the_sender():
+    with pytest.raises(TypeError, match="cannot put a object"):
+        encode("heartbeat", {"rank": object()})
+
+
+def test_deep_or_huge_headers_are_rejected_not_crashing():
+    deep = b"\x91" * 100_000 + b"\xc0"  # 100k nested one-element arrays
+    with pytest.raises(WireError) as e:
+        decode([deep], max_bytes=LIMIT)
+    assert e.value.reason == "bad_header"
+    with pytest.raises(WireError) as e:
+        decode([b"\0" * (2 << 20)], max_bytes=8 << 20)
+    assert e.value.reason == "oversize"

@@ -6,6 +6,13 @@ peer is noticed by zmq itself) and automatic reconnect. Every receive takes a ti
 every send that could block has one. Malformed messages are logged, counted in
 ``rejected`` and, where a reply is expected, answered with an ``error`` message; they
 never raise out of ``recv``.
+
+    ServerEndpoint  ROUTER, binds     recv -> (peer, Message); send(peer, kind, ...)
+    ClientEndpoint  DEALER, connects  send(kind, ...); recv -> Message
+    Publisher       PUB, binds        send(topic, kind, ...)       (drops when nobody listens)
+    Subscriber      SUB, connects     recv -> (topic, Message), topic-prefix filtered
+    Heartbeat       a thread with its own DEALER, beating to a server while the caller computes
+    Liveness        pure Python: who has been silent for longer than ``timeout_s``
 """
 
 from __future__ import annotations
@@ -50,22 +57,69 @@ def _load(path: Path, what: str) -> tuple[bytes, bytes | None]:
     return zmq.auth.load_certificate(str(path))
 
 
-def _start_authenticator(authorized: Path) -> None:
-    """One ZAP handler per process: only client keys in ``authorized/`` may connect."""
+def _start_authenticator(authorized: Path) -> str:
+    """One ZAP handler per process: only client keys in ``authorized/`` may connect.
+
+    Returns a ZAP domain of this directory's own; a socket that sets ``zap_domain`` to it is
+    judged against these keys even when the process serves several key directories. Sockets
+    without a domain use the most recently configured directory (ZAP's "*" domain). The keys
+    are read now: a key added to ``authorized/`` later needs a restart.
+    """
     global _authenticator
+    if not authorized.is_dir():
+        raise ConfigError(f"cluster.keys: {authorized} is missing (the client keys this server lets in); "
+                          "make keys with python -m smolcluster.keys --dir DIR")
+    domain = f"smolcluster:{authorized.resolve()}"
     with _auth_lock:
         if _authenticator is None:
             from zmq.auth.thread import ThreadAuthenticator
 
             _authenticator = ThreadAuthenticator(_context())
             _authenticator.start()
+        _authenticator.configure_curve(domain=domain, location=str(authorized))
         _authenticator.configure_curve(domain="*", location=str(authorized))
+    return domain
+
+
+def _curve_server(sock: zmq.Socket, curve_dir: str | None) -> None:
+    """Make a binding socket a CURVE server that lets in only ``curve_dir/authorized/`` clients."""
+    if not curve_dir:
+        return
+    d = Path(curve_dir).expanduser()
+    pub, sec = _load(d / "server.key_secret", "the server's secret key")
+    sock.zap_domain = _start_authenticator(d / "authorized").encode()
+    sock.curve_server, sock.curve_publickey, sock.curve_secretkey = True, pub, sec
+
+
+def _curve_client(sock: zmq.Socket, curve_dir: str | None) -> None:
+    """Make a connecting socket a CURVE client: this node's key pair and the server's public key."""
+    if not curve_dir:
+        return
+    d = Path(curve_dir).expanduser()
+    server_pub, _ = _load(d / "server.key", "the server's public key")
+    pub, sec = _load(d / "client.key_secret", "this node's client secret key")
+    sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server_pub, pub, sec
+
+
+def _bind(sock: zmq.Socket, bind: str) -> None:
+    try:
+        sock.bind(bind)
+    except zmq.ZMQError as e:
+        sock.close(linger=0)
+        raise PeerError(f"cannot listen on {bind} ({e}): is another server using the port? "
+                        "Pick another cluster.port") from e
 
 
 def make_keys(directory: str | Path, clients: int = 1) -> dict[str, Path]:
-    """Write a server key pair and ``clients`` client key pairs; clients' public keys go to authorized/."""
+    """Write a server key pair and ``clients`` client key pairs; clients' public keys go to authorized/.
+
+    Replaces any keys already there, and empties ``authorized/`` first so an old client
+    key cannot linger. Layout: see ``python -m smolcluster.keys --help``.
+    """
     d = Path(directory)
     (d / "authorized").mkdir(parents=True, exist_ok=True)
+    for old in (d / "authorized").glob("*.key"):
+        old.unlink()
     pub, sec = zmq.auth.create_certificates(str(d), "server")
     made = {"server_public": Path(pub), "server_secret": Path(sec)}
     for i in range(clients):
@@ -87,6 +141,12 @@ class _Endpoint:
     def _wait(self, timeout_ms: int) -> bool:
         return bool(self.poller.poll(max(0, timeout_ms)))
 
+    def _recv_frames(self, timeout_ms: int):
+        """Yield each arriving multipart message until ``timeout_ms`` has passed in all."""
+        deadline = time.monotonic() + timeout_ms / 1000
+        while self._wait(int((deadline - time.monotonic()) * 1000)):
+            yield self.sock.recv_multipart(copy=False)
+
     def close(self) -> None:
         if not self.sock.closed:
             self.sock.close(linger=0)
@@ -97,6 +157,9 @@ class _Endpoint:
 
     @property
     def port(self) -> int:
+        """The real TCP port, also after binding ``tcp://HOST:*``."""
+        if not self.address.startswith("tcp://"):
+            raise ValueError(f"{self.address} is not a tcp address: it has no port")
         return int(self.address.rsplit(":", 1)[1])
 
 
@@ -106,40 +169,37 @@ class ServerEndpoint(_Endpoint):
     def __init__(self, bind: str, *, max_bytes: int, curve_dir: str | None = None, hwm: int = 1000):
         sock = _context().socket(zmq.ROUTER)
         _configure(sock, max_bytes, hwm)
-        if curve_dir:
-            d = Path(curve_dir).expanduser()
-            pub, sec = _load(d / "server.key_secret", "the server's secret key")
-            _start_authenticator(d / "authorized")
-            sock.curve_server, sock.curve_publickey, sock.curve_secretkey = True, pub, sec
-        try:
-            sock.bind(bind)
-        except zmq.ZMQError as e:
-            sock.close(linger=0)
-            raise PeerError(f"cannot listen on {bind} ({e}): is another server using the port? "
-                            "Pick another cluster.port") from e
+        # a message to a vanished peer raises (and is logged below) instead of vanishing silently
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        _curve_server(sock, curve_dir)
+        _bind(sock, bind)
         super().__init__(sock, max_bytes)
 
     def recv(self, timeout_ms: int) -> tuple[bytes, wire.Message] | None:
-        deadline = time.monotonic() + timeout_ms / 1000
-        while True:
-            if not self._wait(int((deadline - time.monotonic()) * 1000)):
-                return None
-            frames = self.sock.recv_multipart(copy=False)
+        """The next valid message, or None after ``timeout_ms``. Never raises on bad input:
+        a malformed message is logged, counted in ``rejected`` and answered with ``error``."""
+        for frames in self._recv_frames(timeout_ms):
             peer = frames[0].bytes
             try:
                 return peer, wire.decode(frames[1:], max_bytes=self.max_bytes)
             except wire.WireError as e:
                 self.rejected[e.reason] += 1
                 logger.error(f"rejected a message from peer {peer.hex()[:8]}: {e}")
-                self.send(peer, "error", {"reason": e.reason, "detail": e.detail})
+                self.send(peer, "error", {"reason": e.reason, "detail": e.detail[:200]})
+        return None
 
     def send(self, peer: bytes, kind: str, fields=None, tensors=None, codec="none") -> int:
-        """Queue a message for ``peer``; a ROUTER never blocks (a gone peer's message is dropped)."""
+        """Queue a message for ``peer``; never blocks. Returns the bytes queued: 0 when the
+        message was dropped (peer gone, or its queue full), which is logged."""
         frames = wire.encode(kind, fields, tensors, codec)
         try:
             self.sock.send_multipart([peer, *frames], copy=False, flags=zmq.NOBLOCK)
         except zmq.Again:
             logger.warning(f"dropped a {kind} message to {peer.hex()[:8]}: its queue is full")
+            return 0
+        except zmq.ZMQError as e:  # EHOSTUNREACH: the peer disconnected
+            logger.warning(f"dropped a {kind} message to {peer.hex()[:8]}: {e}")
+            return 0
         return sum(memoryview(f).nbytes for f in frames)
 
 
@@ -153,11 +213,7 @@ class ClientEndpoint(_Endpoint):
         sock.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
         if identity:
             sock.setsockopt(zmq.IDENTITY, identity)
-        if curve_dir:
-            d = Path(curve_dir).expanduser()
-            server_pub, _ = _load(d / "server.key", "the server's public key")
-            pub, sec = _load(d / "client.key_secret", "this node's client secret key")
-            sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server_pub, pub, sec
+        _curve_client(sock, curve_dir)
         sock.connect(connect)
         self.target = connect
         super().__init__(sock, max_bytes)
@@ -172,16 +228,67 @@ class ClientEndpoint(_Endpoint):
         return sum(memoryview(f).nbytes for f in frames)
 
     def recv(self, timeout_ms: int) -> wire.Message | None:
-        deadline = time.monotonic() + timeout_ms / 1000
-        while True:
-            if not self._wait(int((deadline - time.monotonic()) * 1000)):
-                return None
-            frames = self.sock.recv_multipart(copy=False)
+        """The next valid message, or None after ``timeout_ms``; bad ones are logged, counted, dropped."""
+        for frames in self._recv_frames(timeout_ms):
             try:
                 return wire.decode(frames, max_bytes=self.max_bytes)
             except wire.WireError as e:
                 self.rejected[e.reason] += 1
                 logger.error(f"rejected a message from {self.target}: {e}")
+        return None
+
+
+class Publisher(_Endpoint):
+    """PUB, bound: ``send(topic, kind, ...)`` to every subscriber whose prefix matches ``topic``.
+
+    The topic is frame 0, the wire message follows. PUB never blocks: with no subscriber,
+    or a subscriber's queue at ``hwm``, the message is dropped (number your messages if
+    that matters). A subscriber that connects late misses what was sent before.
+    """
+
+    def __init__(self, bind: str, *, max_bytes: int, curve_dir: str | None = None, hwm: int = 1000):
+        sock = _context().socket(zmq.PUB)
+        _configure(sock, max_bytes, hwm)
+        _curve_server(sock, curve_dir)
+        _bind(sock, bind)
+        super().__init__(sock, max_bytes)
+
+    def send(self, topic: bytes, kind: str, fields=None, tensors=None, codec="none") -> int:
+        frames = wire.encode(kind, fields, tensors, codec)
+        self.sock.send_multipart([topic, *frames], copy=False)
+        return len(topic) + sum(memoryview(f).nbytes for f in frames)
+
+
+class Subscriber(_Endpoint):
+    """SUB, connected to one or more publishers, receiving the topics that start with ``topics``."""
+
+    def __init__(self, connect: str | list[str], *, topics: list[bytes] | tuple[bytes, ...] = (b"",),
+                 max_bytes: int, curve_dir: str | None = None, hwm: int = 1000):
+        sock = _context().socket(zmq.SUB)
+        _configure(sock, max_bytes, hwm)
+        _curve_client(sock, curve_dir)
+        for topic in topics:
+            sock.setsockopt(zmq.SUBSCRIBE, topic)
+        for address in [connect] if isinstance(connect, str) else connect:
+            sock.connect(address)
+        super().__init__(sock, max_bytes)
+
+    def subscribe(self, topic: bytes) -> None:
+        self.sock.setsockopt(zmq.SUBSCRIBE, topic)
+
+    def unsubscribe(self, topic: bytes) -> None:
+        self.sock.setsockopt(zmq.UNSUBSCRIBE, topic)
+
+    def recv(self, timeout_ms: int) -> tuple[bytes, wire.Message] | None:
+        """``(topic, Message)``, or None after ``timeout_ms``; bad ones are logged, counted, dropped."""
+        for frames in self._recv_frames(timeout_ms):
+            topic = frames[0].bytes
+            try:
+                return topic, wire.decode(frames[1:], max_bytes=self.max_bytes)
+            except wire.WireError as e:
+                self.rejected[e.reason] += 1
+                logger.error(f"rejected a message on topic {topic[:40]!r}: {e}")
+        return None
 
 
 class Heartbeat:
@@ -197,12 +304,15 @@ class Heartbeat:
         self.beats = 0
 
     def start(self) -> Heartbeat:
+        # Made here, so a bad key directory raises in the caller; from now on only the thread
+        # touches the socket (Thread.start() is the memory barrier zmq asks for on a hand-over).
+        self._client = ClientEndpoint(self.address, max_bytes=self.max_bytes, curve_dir=self.curve_dir, hwm=10)
+        self._client.sock.setsockopt(zmq.SNDTIMEO, 0)
         self._thread.start()
         return self
 
     def _run(self) -> None:
-        client = ClientEndpoint(self.address, max_bytes=self.max_bytes, curve_dir=self.curve_dir, hwm=10)
-        client.sock.setsockopt(zmq.SNDTIMEO, 0)
+        client = self._client
         try:
             while not self._stop.is_set():
                 try:
@@ -215,8 +325,10 @@ class Heartbeat:
             client.close()
 
     def stop(self) -> None:
+        """Stop beating and close the socket (waits at most one interval + 5 s)."""
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.interval_s + 5)
 
 
 class Liveness:

@@ -29,12 +29,16 @@ DTYPES: dict[str, np.dtype] = {
     "int8": np.dtype(np.int8), "uint8": np.dtype(np.uint8), "int32": np.dtype(np.int32),
     "int64": np.dtype(np.int64), "bool": np.dtype(np.bool_),
 }
-_FLOATS = {"float32", "float16"}
+_FLOATS = {"float32", "float16", "bfloat16"}
 _MAX_TENSORS = 64
 _MAX_HEADER = 1 << 20
 
 
 class WireError(ValueError):
+    """A malformed message. ``reason`` is a short token the endpoints count (``rejected[reason]``):
+    truncated, bad_header, version, unknown_kind, missing_field, unknown_field, bad_field, dtype,
+    bad_shape, codec, shape_mismatch, oversize, non_finite."""
+
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
@@ -76,14 +80,27 @@ register_kind("stop", {"reason": str})
 class Message:
     kind: str
     fields: dict
-    tensors: dict[str, np.ndarray]
+    tensors: dict[str, np.ndarray]  # codec "none": views of the received frames (no copy)
     nbytes: int = 0  # bytes on the wire, header included
+    dtypes: dict[str, str] = field(default_factory=dict)  # wire dtype per tensor ("bfloat16" arrives as uint16)
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """A zero-copy torch view of a received tensor. The frame is read-only: clone before writing."""
+    def tensor(self, name: str, *, copy: bool = False) -> torch.Tensor:
+        """The tensor as torch (bfloat16 restored from its raw bits).
+
+        ``copy=False`` (default) is zero-copy: the tensor shares the received frame's memory
+        and keeps it alive. Frames from a zmq socket are writable memory that nobody else
+        uses, so an in-place update is safe there; frames given as ``bytes`` are read-only
+        (writing is undefined, and torch would warn: that warning is silenced here). When
+        in doubt, ``copy=True`` returns a private, writable tensor (one memcpy).
+        """
+        arr = self.tensors[name]
+        if copy:
+            arr = arr.copy()
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # torch warns about read-only numpy memory
-            return torch.from_numpy(self.tensors[name])
+            # torch warns about read-only numpy memory (bytes frames); see the docstring
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(arr)
+        return t.view(torch.bfloat16) if self.dtypes.get(name) == "bfloat16" else t
 
 
 def _as_array(t) -> np.ndarray:
@@ -106,8 +123,20 @@ def _dtype_name(arr: np.ndarray, t) -> str:
     return name
 
 
+def _plain(value):
+    """msgpack hook: numpy scalars (a loss from ``np.mean``) travel as Python numbers."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot put a {type(value).__name__} in a message header (numbers, str, bool, list, dict)")
+
+
 def encode(kind: str, fields: dict | None = None, tensors: dict | None = None, codec="none") -> list:
-    """Frames for ``send_multipart(copy=False)``: float32 tensors go through ``codec``; others raw."""
+    """Frames for ``send_multipart(copy=False)``: float32 tensors go through ``codec``; others raw.
+
+    With codec "none" each tensor frame is a memoryview of the array's own memory (no copy):
+    keep the array unchanged until zmq has sent it. Tensors must be CPU; a non-contiguous
+    one is made contiguous (a copy) first, as is a CUDA/MPS tensor moved to the CPU.
+    """
     header = {"v": PROTOCOL_VERSION, "kind": kind, **(fields or {})}
     specs, frames = [], []
     c = get_codec(codec)
@@ -121,7 +150,7 @@ def encode(kind: str, fields: dict | None = None, tensors: dict | None = None, c
         specs.append(spec)
         frames.append(memoryview(arr.reshape(-1)).cast("B") if arr.size else b"")
     header["tensors"] = specs
-    return [msgpack.packb(header, use_bin_type=True), *frames]
+    return [msgpack.packb(header, use_bin_type=True, default=_plain), *frames]
 
 
 def _check_type(kind: str, key: str, value, want) -> None:
@@ -153,7 +182,7 @@ def decode(frames: list, *, max_bytes: int) -> Message:
         raise WireError("bad_header", f"not msgpack ({type(e).__name__})") from None
     if not isinstance(header, dict):
         raise WireError("bad_header", f"header is a {type(header).__name__}, not a map")
-    if header.get("v") != PROTOCOL_VERSION:
+    if type(header.get("v")) is not int or header["v"] != PROTOCOL_VERSION:  # (True == 1 in Python)
         raise WireError("version", f"protocol version {header.get('v')!r}, expected {PROTOCOL_VERSION}")
     kind = header.get("kind")
     schema = KINDS.get(kind) if isinstance(kind, str) else None
@@ -176,22 +205,40 @@ def decode(frames: list, *, max_bytes: int) -> Message:
         raise WireError("bad_header", "tensors must be a list of at most 64 entries")
     if len(bufs) != 1 + len(specs):
         raise WireError("truncated", f"{len(bufs) - 1} tensor frames for {len(specs)} tensors")
-    tensors = {}
+    tensors, dtypes = {}, {}
     for spec, buf in zip(specs, bufs[1:]):
         tensors.update(_decode_tensor(kind, spec, buf, schema.finite, max_bytes))
-    return Message(kind, fields, tensors, nbytes=total)
+        if spec["name"] in dtypes:
+            raise WireError("bad_header", f"tensor {spec['name']!r} appears twice")
+        dtypes[spec["name"]] = spec["dtype"]
+    return Message(kind, fields, tensors, nbytes=total, dtypes=dtypes)
+
+
+_FINITE_CHUNK = 1 << 22  # elements per isfinite() pass: bounds the temporary bool array (4 MB)
+
+
+def _all_finite(arr: np.ndarray, dtype: str) -> bool:
+    flat = arr.reshape(-1)
+    for i in range(0, flat.size, _FINITE_CHUNK):
+        part = flat[i : i + _FINITE_CHUNK]
+        if dtype == "bfloat16":  # raw bits: NaN/Inf iff all 8 exponent bits are set
+            if ((part & 0x7F80) == 0x7F80).any():
+                return False
+        elif not np.isfinite(part).all():
+            return False
+    return True
 
 
 def _decode_tensor(kind: str, spec, buf: memoryview, finite: bool, max_bytes: int) -> dict[str, np.ndarray]:
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         raise WireError("bad_header", "tensor entry without a name")
     name, dtype, shape, codec = spec["name"], spec.get("dtype"), spec.get("shape"), spec.get("codec", "none")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:  # (an unhashable dtype must not raise TypeError)
         raise WireError("dtype", f"{name}: dtype {dtype!r} not allowed")
     if not isinstance(shape, list) or len(shape) > 8 or not all(
             isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape):
         raise WireError("bad_shape", f"{name}: shape {shape!r}")
-    if codec not in CODECS or (codec != "none" and dtype != "float32"):
+    if not isinstance(codec, str) or codec not in CODECS or (codec != "none" and dtype != "float32"):
         raise WireError("codec", f"{name}: codec {codec!r} for dtype {dtype}")
     count = math.prod(shape)
     c = CODECS[codec]
@@ -206,10 +253,10 @@ def _decode_tensor(kind: str, spec, buf: memoryview, finite: bool, max_bytes: in
                                           f"frame has {buf.nbytes}")
     if codec == "none":
         arr = np.frombuffer(buf, dtype=DTYPES[dtype], count=count).reshape(shape)
+        if dtype == "bool" and (arr.view(np.uint8) > 1).any():
+            raise WireError("dtype", f"{name}: a bool tensor holds bytes other than 0 and 1")
     else:
         arr = c.decode(buf, spec, count).reshape(shape)
-    if finite and dtype in _FLOATS | {"bfloat16"} and arr.size:
-        check = arr if dtype != "bfloat16" else CODECS["bf16"].decode(buf, {}, count)
-        if not np.isfinite(check).all():
-            raise WireError("non_finite", f"{name} has NaN or Inf values")
+    if finite and dtype in _FLOATS and not _all_finite(arr, dtype):
+        raise WireError("non_finite", f"{name} has NaN or Inf values")
     return {name: arr}
