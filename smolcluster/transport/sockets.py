@@ -38,14 +38,32 @@ def _context() -> zmq.Context:
     return zmq.Context.instance()
 
 
+# ZMTP heartbeats: a PING every second keeps NAT/firewall state alive and lets zmq drop a
+# half-open TCP connection. But libzmq counts only *complete* messages as traffic
+# (zeromq/libzmq#2709): the PONG to our PING waits behind a large message the peer is
+# sending us, and a timeout shorter than that transfer cuts the connection mid-message,
+# again and again (the message never arrives). So the timeout outlasts the largest
+# message this socket accepts at the slowest link we plan for. Losing a *peer* is noticed
+# sooner by the application's own heartbeats (Heartbeat/Liveness, a separate connection).
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_FLOOR_MS = 10_000
+MIN_LINK_BYTES_PER_S = 1_000_000  # 8 Mbit/s: a weak Wi-Fi link to a Raspberry Pi
+
+
+def heartbeat_timeout_ms(max_bytes: int) -> int:
+    """ZMTP heartbeat timeout for a socket taking messages up to ``max_bytes`` (at most 1 h)."""
+    return int(min(3_600_000, max(HEARTBEAT_FLOOR_MS, max_bytes * 1000 / MIN_LINK_BYTES_PER_S)))
+
+
 def _configure(sock: zmq.Socket, max_bytes: int, hwm: int) -> None:
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)  # per frame; wire.decode checks the total
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
-    sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
-    sock.setsockopt(zmq.HEARTBEAT_TTL, 10000)
+    timeout = heartbeat_timeout_ms(max_bytes)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, min(timeout, 6_553_500))  # the TTL travels in deciseconds (u16)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
 
@@ -332,7 +350,9 @@ class Heartbeat:
 
 
 class Liveness:
-    """Who has been heard from lately: ``beat(peer)`` on every message, ``lost()`` lists the silent."""
+    """Who has been heard from lately: ``beat(peer)`` on every message; ``lost()`` lists the peers
+    silent for longer than ``timeout_s`` and forgets them (each loss is reported once; a peer
+    that beats again is tracked afresh). Pure Python: works for any hashable peer id."""
 
     def __init__(self, timeout_s: float):
         self.timeout_s = timeout_s
