@@ -52,6 +52,7 @@ class Request:
         self.finished_at: float | None = None
         self._client, self._decode = client, decode
         self._events: queue.Queue = queue.Queue()
+        self._finished = threading.Event()
         self._text = ""
 
     # -- called by the I/O thread -----------------------------------------------------------
@@ -67,6 +68,7 @@ class Request:
             self.finish_reason, self.error = reason, error
             self.finished_at = time.perf_counter()
             self._events.put(error if error is not None else _DONE)
+            self._finished.set()
 
     # -- the caller's side ------------------------------------------------------------------
     @property
@@ -109,15 +111,31 @@ class Request:
         piece, self._text = full[len(self._text):], full
         return piece
 
+    def wait(self) -> None:
+        """Block until the request ends (without waking per token); raise its error if it failed."""
+        while not self._finished.wait(timeout=0.25):
+            err = self._client.error
+            if err is not None:
+                self._finish("error", err)
+        while True:  # move what arrived into self.ids
+            try:
+                ev = self._events.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(ev, Exception):
+                raise ev
+            if ev is not _DONE:
+                self.ids.append(ev[0])
+
     def tokens(self) -> list[int]:
         """Wait for the end and return every generated token id."""
-        for _ in self:
-            pass
+        self.wait()
         return list(self.ids)
 
     def text(self) -> str:
         """Wait for the end and return the generated text."""
-        return "".join(t.text for t in self)
+        self.wait()
+        return self._decode(self.ids) if self._decode is not None else ""
 
     def cancel(self) -> None:
         """Stop generating; every stage frees this request's KV cache."""

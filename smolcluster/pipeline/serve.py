@@ -109,6 +109,7 @@ class StageServer:
         self.requests: dict[str, RequestState] = {}
         self.closed: OrderedDict[str, str] = OrderedDict()
         self.work: deque[tuple[str, int]] = deque()  # stage 0: (request, token) whose next step is due
+        self.to_heads: list[tuple[str, dict]] = []  # tokens made this turn, for their heads
         self.heads: set[str] = set()
         self.stopping = False
         params = sum(p.numel() for p in self.stage.parameters())
@@ -268,11 +269,12 @@ class StageServer:
         else:
             reason = ""
         fields = {"req": req, "token": token, "index": st.generated - 1, "done": bool(reason), "reason": reason}
-        self.tell_head(st, "mp.token", fields)
         for r, name in enumerate(self.names):
             # Stage 0 needs every token (it embeds it next); the others only need to hear the end.
             if name != self.me and (r == 0 or reason):
                 self.mesh.send(name, "mp.token", fields, tag=req)
+        # The head hears of it once the next step is on its way: streaming is off the critical path.
+        self.to_heads.append((st.head, fields))
         if reason:
             self.close(req, reason)
         elif self.sc.rank == 0:
@@ -308,8 +310,9 @@ class StageServer:
         elif kind == "mp.token":
             self.on_token(env)
         elif kind in ("mp.cancel", "mp.error"):
-            if env.fields["req"] in self.requests:
-                self.close(env.fields["req"], "cancelled" if kind == "mp.cancel" else "error")
+            # Remembered even when the request has not reached this stage yet (the head's cancel can
+            # overtake the previous stage's first hidden): its late arrival is then ignored.
+            self.close(env.fields["req"], "cancelled" if kind == "mp.cancel" else "error")
         elif kind == "mp.shutdown":
             logger.info(f"{self.me}: shutdown asked by {env.src}")
             self.stopping = True
@@ -340,7 +343,16 @@ class StageServer:
                     if env is not None:
                         self.dispatch(env)
                     if self.work:  # one step of a due request per turn: requests interleave fairly
-                        self.next_step(*self.work.popleft())
+                        req, token = self.work.popleft()
+                        try:
+                            self.next_step(req, token)
+                        except Exception as e:
+                            logger.exception(f"{self.me}: the next step of {req} failed")
+                            self.fail(req, f"{self.me} failed on a step: {type(e).__name__}: {e}")
+                    for head, fields in self.to_heads:
+                        if head in self.mesh.peers:
+                            self.mesh.send(head, "mp.token", fields, tag=fields["req"])
+                    self.to_heads.clear()
                     if (self.sc.exit_with_head and not self.heads
                             and time.monotonic() - started > self.sc.connect_timeout_s):
                         logger.warning(f"{self.me}: no head came within {self.sc.connect_timeout_s:.0f}s; exiting")
