@@ -85,7 +85,8 @@ class Trainer:
         if tok is not None and not (Path(run_dir) / "tokenizer.json").is_file():
             tok.save(Path(run_dir) / "tokenizer.json")  # inference and chat decode with the run's own tokenizer
         return checkpoint.save(run_dir, self.model, self.optimizer, self.step,
-                               {"fingerprint": self.fingerprint, **(extra or {})})
+                               {"fingerprint": self.fingerprint, "model": OmegaConf.to_container(self.cfg.model, resolve=True),
+                                **(extra or {})})
 
     def resume(self, path: str | Path) -> dict:
         meta = checkpoint.load(path, self.model, self.optimizer)
