@@ -1,0 +1,37 @@
+"""``python -m smolcluster.chat``: a Gradio chat page and an OpenAI-compatible API on an inference pipeline.
+
+    python -m smolcluster.chat                                  # random-init gpt2-tiny, 2 local stages
+    python -m smolcluster.chat checkpoint=RUN_DIR serve.port=8000
+    python -m smolcluster.chat role=head checkpoint=RUN_DIR cluster=lan-example head_host=HOST
+
+The page is at ``http://HOST:PORT/``, the API under ``/v1`` (docs/chat.md).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from smolcluster.errors import SmolclusterError
+from smolcluster.paths import CONFIG_DIR
+from smolcluster.telemetry.logging import setup_logging
+
+
+@hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="chat")
+def main(cfg: DictConfig) -> None:
+    setup_logging(role="chat", algo="chat", level=cfg.logging.level)
+    from smolcluster.serving.config import serve
+
+    try:
+        serve(cfg)
+    except SmolclusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

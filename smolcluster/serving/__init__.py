@@ -1,0 +1,9 @@
+"""Serving an inference pipeline to people and programs: ``python -m smolcluster.chat``.
+
+- ``engine``: one pipeline shared by everyone; each answer a :class:`Generation` (stream, cancel, timings);
+  a lost pipeline answers :class:`PipelineDown` at once and is rebuilt in the background.
+- ``fair_queue``: at most N answers in the pipeline, the rest served round-robin over users.
+- ``prompting``: a conversation -> a transcript prompt cut to the context; ``stops``: stop strings on a stream.
+- ``openai_requests`` / ``openai_api``: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``.
+- ``chat_ui``: the Gradio page; ``app``: both on one FastAPI app, and the server; ``config``: from Hydra.
+"""

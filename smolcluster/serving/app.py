@@ -1,0 +1,99 @@
+"""One web app for the chat page and the API, and a server that runs it.
+
+``build_app`` puts the OpenAI-compatible routes (``/v1/...``) and ``/health`` on a
+FastAPI app and mounts the Gradio chat page at ``/`` behind them. :class:`WebServer`
+runs it with uvicorn on a socket it binds itself, so ``port=0`` works and the port is
+known before the first request (the tests and ``python -m smolcluster.chat`` use it).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from smolcluster.errors import ConfigError, PeerError
+from smolcluster.serving.engine import ChatDefaults, Engine
+from smolcluster.serving.openai_api import OpenAIAPI
+
+
+def build_app(engine: Engine, model_name: str, defaults: ChatDefaults | None = None,
+              api_key: str | None = None, ui: bool = True) -> FastAPI:
+    defaults = defaults or ChatDefaults()
+    app = FastAPI(title="smolcluster", summary="OpenAI-compatible API and chat on a smolcluster inference pipeline")
+    OpenAIAPI(engine, model_name, chat_max_tokens=defaults.max_new_tokens, api_key=api_key).install(app)
+
+    @app.get("/health")
+    def health() -> JSONResponse:
+        """200 when the pipeline takes requests, 503 when it is down; stage and queue figures either way."""
+        h = engine.health()
+        h["model"] = model_name
+        return JSONResponse(h, status_code=200 if h["status"] == "ok" else 503)
+
+    if ui:
+        import gradio as gr
+
+        from smolcluster.serving.chat_ui import build_chat_ui
+
+        app = gr.mount_gradio_app(app, build_chat_ui(engine, defaults, model_name), path="/", footer_links=["api"])
+    return app
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (0 = any free port), with a clear error when taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}): pick another serve.port "
+                          "(0 = any free port) or stop what uses it") from None
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+class WebServer:
+    """uvicorn serving ``app`` on ``host:port``; ``run()`` in this thread or ``start()`` in a background one."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 sock: socket.socket | None = None):
+        self.sock = sock if sock is not None else bind(host, port)
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3,
+                                                    lifespan="on"))
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def run(self) -> None:
+        """Serve until interrupted (Ctrl-C)."""
+        try:
+            self.server.run(sockets=[self.sock])
+        finally:
+            self.sock.close()
+
+    def start(self, timeout_s: float = 30.0) -> WebServer:
+        self._thread = threading.Thread(target=self.run, name="web-server", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise PeerError(f"the web server on {self.url} did not start within {timeout_s:.0f}s")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None

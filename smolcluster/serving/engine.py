@@ -1,0 +1,392 @@
+"""The serving engine: one inference pipeline shared by the chat page and the HTTP API.
+
+    engine = Engine(lambda: pipeline_from_config(cfg), max_active=4).start()
+    gen = engine.submit(ids, user="alice", settings=Settings(max_new_tokens=50, stop=("\\nUser:",)))
+    for piece in gen.stream():   # text as it is made (stop strings already cut)
+        ...
+    gen.cancel()                 # the pipeline frees the request's KV caches
+
+Each :class:`Generation` waits for a slot in a :class:`~smolcluster.serving.fair_queue.FairQueue`,
+then runs in its own thread: it submits to the pipeline, applies the stop strings and
+hands the text to its consumer (a blocking iterator for Gradio, an ``async`` one for
+the API). When a stage is lost the pipeline fails every open request; the engine then
+answers at once with :class:`PipelineDown` (never a hang) and, with ``reconnect``,
+rebuilds the pipeline in the background with backoff (a cluster's stages keep running;
+local stages are started again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+
+from loguru import logger
+
+from smolcluster.errors import ConfigError, PeerError, SmolclusterError
+from smolcluster.serving.fair_queue import FairQueue
+from smolcluster.serving.stops import LeadingSpaceTrimmer, StopMatcher
+
+_END = object()
+FINISH_REASONS = {"eos": "stop", "length": "length", "context": "length", "cancelled": "cancelled",
+                  "error": "error"}
+
+
+class PipelineDown(SmolclusterError):
+    """The inference pipeline cannot take requests now (a stage is lost, or it is reconnecting)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_at_eos: bool = True
+    trim_leading_space: bool = False  # chat answers: drop the space the model puts after "Assistant:"
+
+
+@dataclass(frozen=True)
+class ChatDefaults:
+    """What the chat page's controls start at (and the API's chat ``max_tokens`` default)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 0
+    system_prompt: str = ""
+    stop_at_eos: bool = True
+
+
+@dataclass
+class Generation:
+    """One answer: queued, then running in the pipeline, then done (``finish_reason`` set)."""
+
+    id: str
+    user: str
+    prompt_ids: list[int]
+    settings: Settings
+    text: str = ""                      # what has been released to the consumer so far
+    completion_tokens: int = 0          # tokens the model made (a stop string's tokens included)
+    finish_reason: str | None = None    # stop | length | cancelled | error
+    error: Exception | None = None
+    state: str = "queued"               # queued | running | done
+    queued_at: float = field(default_factory=time.perf_counter)
+    started_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+
+    def __post_init__(self):
+        self._engine: Engine | None = None
+        self._ticket = None
+        self._request = None
+        self._cancelled = False
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._events: queue.Queue | asyncio.Queue = queue.Queue()
+        self._done = threading.Event()
+
+    # -- the consumer's side -----------------------------------------------------------------------
+    def stream(self, poll_s: float | None = None) -> Iterator[str | None]:
+        """Text pieces as they are made, until the answer ends. With ``poll_s``, also ``None``
+        whenever that long passes without any (a chance to show the queue position)."""
+        if self._loop is not None:
+            raise RuntimeError("this generation streams to an event loop: use astream()")
+        while True:
+            try:
+                ev = self._events.get(timeout=poll_s if poll_s is not None else 1.0)
+            except queue.Empty:
+                if poll_s is not None:
+                    yield None
+                continue
+            if ev is _END:
+                return
+            yield ev
+
+    async def astream(self) -> AsyncIterator[str]:
+        """Text pieces as they are made (for a generation submitted with ``loop=``)."""
+        if self._loop is None:
+            raise RuntimeError("this generation was submitted without an event loop: use stream()")
+        while True:
+            ev = await self._events.get()
+            if ev is _END:
+                return
+            yield ev
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def cancel(self) -> None:
+        """Stop this answer: leave the queue, or cancel the request in the pipeline (caches freed)."""
+        with self._lock:
+            if self._cancelled or self.state == "done":
+                return
+            self._cancelled = True
+            request, ticket = self._request, self._ticket
+        if request is not None:
+            request.cancel()
+        elif ticket is not None and self._engine is not None:
+            self._engine.queue.leave(ticket)  # wakes the runner, which finishes as cancelled
+
+    def position(self) -> int:
+        """Requests that will start before this one (0 once it runs)."""
+        if self.state != "queued" or self._engine is None or self._ticket is None:
+            return 0
+        return self._engine.queue.position(self._ticket)
+
+    def stats(self) -> dict:
+        """Tokens, tokens/s (from submission to the pipeline to the end), time to first token
+        (from arrival here, queueing included) and time queued."""
+        end = self.finished_at if self.finished_at is not None else time.perf_counter()
+        run_s = end - self.started_at if self.started_at is not None else None
+        return {
+            "tokens": self.completion_tokens,
+            "tokens_per_s": round(self.completion_tokens / run_s, 1) if run_s else None,
+            "ttft_ms": round((self.first_token_at - self.queued_at) * 1000, 1) if self.first_token_at else None,
+            "queue_ms": round(((self.started_at or end) - self.queued_at) * 1000, 1),
+            "finish_reason": self.finish_reason,
+        }
+
+    # -- the runner thread ---------------------------------------------------------------------------
+    def _emit(self, item) -> None:
+        if self._loop is None:
+            self._events.put(item)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (server shutting down): nobody is listening
+            pass
+
+    def _run(self) -> None:
+        engine, s = self._engine, self.settings
+        reason = "error"
+        try:
+            while not engine.queue.wait(self._ticket, 0.5):
+                if engine.closed:
+                    self.cancel()
+            with self._lock:
+                if self._cancelled:
+                    reason = "cancelled"
+                    return
+                self.state = "running"
+            pipe = engine.pipeline()
+            request = pipe.submit(self.prompt_ids, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                  top_k=s.top_k, top_p=s.top_p, seed=s.seed, stop_at_eos=s.stop_at_eos)
+            self.started_at = request.submitted_at
+            with self._lock:
+                self._request, cancelled = request, self._cancelled
+            if cancelled:
+                request.cancel()
+            stops = StopMatcher(s.stop)
+            trim = LeadingSpaceTrimmer() if s.trim_leading_space else None
+            for tok in request:
+                if tok.id >= 0:
+                    self.completion_tokens += 1
+                    self.first_token_at = self.first_token_at or request.first_token_at
+                piece = stops.feed(tok.text)
+                if stops.stopped:
+                    request.cancel()
+                piece = trim.feed(piece) if trim is not None else piece
+                if piece:
+                    self.text += piece
+                    self._emit(piece)
+                if stops.stopped:
+                    break
+            tail = stops.flush()
+            tail = trim.feed(tail) if trim is not None else tail
+            if tail:
+                self.text += tail
+                self._emit(tail)
+            reason = "stop" if stops.stopped else FINISH_REASONS.get(request.finish_reason, "stop")
+        except PeerError as e:
+            pipe_error = engine.pipeline_error()
+            self.error = PipelineDown(f"the inference pipeline is down: {pipe_error}") if pipe_error else e
+        except SmolclusterError as e:  # PipelineDown, or a ConfigError the checks before submit missed
+            self.error = e
+        except Exception as e:  # a bug: keep the server up, fail this answer, keep the traceback in the log
+            logger.exception(f"generation {self.id} failed")
+            self.error = e
+        finally:
+            self.finished_at = time.perf_counter()
+            with self._lock:
+                self.finish_reason = "error" if self.error is not None else reason
+                self.state = "done"
+            engine.queue.leave(self._ticket)
+            engine._forget(self)
+            self._done.set()
+            self._emit(_END)
+
+
+class Engine:
+    def __init__(self, connect: Callable[[], object], *, max_active: int = 4, max_waiting: int = 64,
+                 reconnect: bool = True, watch_s: float = 0.25, max_backoff_s: float = 30.0):
+        """``connect()`` returns a ready :class:`~smolcluster.pipeline.InferencePipeline` (called again
+        to reconnect). At most ``max_active`` requests run in the pipeline at once; at most
+        ``max_waiting`` more wait for a slot."""
+        self._connect = connect
+        self.queue = FairQueue(max_active, max_waiting)
+        self.reconnect, self.watch_s, self.max_backoff_s = reconnect, watch_s, max_backoff_s
+        self.closed = False
+        self._pipe = None
+        self._down: str | None = "not started"
+        self._lock = threading.Lock()
+        self._live: dict[str, Generation] = {}
+        self._ids = itertools.count()
+        self._stop = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self.tokenizer = None
+        self.context = 0
+        self.vocab_size = 0
+        self.stages = 0
+        self.reconnects = 0
+
+    def start(self) -> Engine:
+        """Connect (raises if the pipeline cannot be built) and watch it from then on."""
+        self._adopt(self._connect())
+        if self.tokenizer is None:
+            self.close()
+            raise ConfigError("the pipeline has no tokenizer: the chat and the API work on text (give "
+                              "checkpoint= a run directory with tokenizer.json, or the data options)")
+        self._supervisor = threading.Thread(target=self._supervise, name="serving-supervisor", daemon=True)
+        self._supervisor.start()
+        return self
+
+    def _adopt(self, pipe) -> None:
+        with self._lock:
+            self._pipe, self._down = pipe, None
+        self.tokenizer = pipe.tokenizer
+        self.context = pipe.context
+        self.vocab_size = int(pipe.client.shape["vocab_size"])
+        self.stages = pipe.stages
+
+    # -- requests --------------------------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], *, user: str, settings: Settings,
+               loop: asyncio.AbstractEventLoop | None = None) -> Generation:
+        """Queue an answer; returns at once. Raises :class:`PipelineDown` when the pipeline is down,
+        :class:`~smolcluster.serving.fair_queue.QueueFull` when too many wait."""
+        if self.closed:
+            raise PipelineDown("the server is shutting down")
+        self.pipeline()  # fail fast rather than queue behind a pipeline that is down
+        gen = Generation(f"gen-{next(self._ids)}", user, list(prompt_ids), settings)
+        gen._engine = self
+        if loop is not None:
+            gen._loop, gen._events = loop, asyncio.Queue()
+        gen._ticket = self.queue.join(user)
+        with self._lock:
+            self._live[gen.id] = gen
+        threading.Thread(target=gen._run, name=f"serving-{gen.id}", daemon=True).start()
+        return gen
+
+    def cancel_user(self, user: str) -> int:
+        """Cancel every answer of ``user`` still queued or running; how many there were."""
+        with self._lock:
+            gens = [g for g in self._live.values() if g.user == user]
+        for g in gens:
+            g.cancel()
+        return len(gens)
+
+    def live(self) -> list[Generation]:
+        with self._lock:
+            return list(self._live.values())
+
+    def _forget(self, gen: Generation) -> None:
+        with self._lock:
+            self._live.pop(gen.id, None)
+
+    # -- the pipeline's state --------------------------------------------------------------------------
+    def pipeline(self):
+        """The pipeline, or :class:`PipelineDown` saying why there is none."""
+        with self._lock:
+            pipe, down = self._pipe, self._down
+        if pipe is not None and pipe.client.error is not None:
+            down = str(pipe.client.error)
+        if pipe is None or down is not None:
+            more = "; reconnecting in the background, retry in a few seconds" if self.reconnect else \
+                "; restart the server"
+            raise PipelineDown(f"the inference pipeline is down ({down}){more}")
+        return pipe
+
+    def pipeline_error(self) -> str | None:
+        with self._lock:
+            pipe, down = self._pipe, self._down
+        if pipe is not None and pipe.client.error is not None:
+            return str(pipe.client.error)
+        return down
+
+    def health(self) -> dict:
+        with self._lock:
+            pipe, down = self._pipe, self._down
+        out: dict = {"status": "ok", "context": self.context, "queue": self.queue.stats(),
+                     "reconnects": self.reconnects}
+        error = self.pipeline_error()
+        if self.closed or error is not None:
+            out.update(status="down", message=error or "closed")
+        if pipe is not None:
+            client = pipe.client
+            out["stages"] = [{"name": s, "requests": client.mesh.peers[s].info.get("requests"),
+                              "lost": client.mesh.peers[s].lost} for s in client.stages]
+            out["in_flight"] = client.in_flight()
+        elif down:
+            out["stages"] = []
+        return out
+
+    def _supervise(self) -> None:
+        backoff = 1.0
+        while not self._stop.wait(self.watch_s):
+            with self._lock:
+                pipe = self._pipe
+            error = pipe.client.error if pipe is not None else None
+            if pipe is not None and error is None:
+                continue
+            if pipe is not None:
+                logger.error(f"inference pipeline lost: {error}")
+                with self._lock:
+                    self._pipe, self._down = None, str(error)
+                self._close_pipe(pipe)
+            if not self.reconnect:
+                continue
+            logger.info("reconnecting the inference pipeline")
+            try:
+                new = self._connect()
+            except Exception as e:
+                logger.error(f"reconnecting failed: {e}; next try in {backoff:.0f}s")
+                with self._lock:
+                    self._down = f"{self._down.split('; reconnecting failed')[0]}; reconnecting failed: {e}"
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+                continue
+            if self._stop.is_set():
+                self._close_pipe(new)
+                return
+            self._adopt(new)
+            self.reconnects += 1
+            backoff = 1.0
+            logger.info("inference pipeline back")
+
+    @staticmethod
+    def _close_pipe(pipe) -> None:
+        try:
+            pipe.close()
+        except Exception as e:  # a half-dead pipeline may fail to say goodbye; it is gone either way
+            logger.debug(f"closing the old pipeline: {e}")
+
+    def close(self) -> None:
+        """Cancel every answer, stop watching, shut the pipeline down. Safe to call twice."""
+        if self.closed:
+            return
+        self.closed = True
+        self._stop.set()
+        for g in self.live():
+            g.cancel()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=5)
+        with self._lock:
+            pipe, self._pipe, self._down = self._pipe, None, "closed"
+        if pipe is not None:
+            self._close_pipe(pipe)

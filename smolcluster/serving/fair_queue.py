@@ -1,0 +1,112 @@
+"""Pipeline slots handed out fairly: round-robin over users, first come first served within a user.
+
+The pipeline interleaves the requests in flight one step at a time, so every active
+request slows the others a little; past a few per stage, more only adds latency. A
+:class:`FairQueue` keeps at most ``slots`` requests in the pipeline and makes the rest
+wait. Waiting requests are grouped by user (a browser session, or the API's ``user``
+field / client address) and served one per user in turn, so one user who sends ten
+requests delays another user's single request by at most one of them, not ten.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+from smolcluster.errors import SmolclusterError
+
+
+class QueueFull(SmolclusterError):
+    """Too many requests are waiting: the caller should retry later."""
+
+
+@dataclass(eq=False)
+class Ticket:
+    user: str
+    number: int
+    granted: bool = False  # holds a slot (until it leaves)
+    left: bool = False     # gave its slot back, or stopped waiting
+    wake: threading.Event = field(default_factory=threading.Event)  # set on grant or on leave
+
+
+class FairQueue:
+    def __init__(self, slots: int, max_waiting: int = 64):
+        if slots < 1:
+            raise ValueError(f"slots={slots}: at least one request must be able to run")
+        self.slots, self.max_waiting = slots, max_waiting
+        self._lock = threading.Lock()
+        self._active: set[Ticket] = set()
+        self._waiting: OrderedDict[str, deque[Ticket]] = OrderedDict()  # users in turn order
+        self._numbers = itertools.count()
+
+    def join(self, user: str) -> Ticket:
+        """Queue a request of ``user``; it may be granted a slot at once (``ticket.granted``)."""
+        with self._lock:
+            if self._n_waiting() >= self.max_waiting and len(self._active) >= self.slots:
+                raise QueueFull(f"{self.max_waiting} requests are already waiting: retry in a moment "
+                                "(serve.max_waiting raises the limit)")
+            ticket = Ticket(user, next(self._numbers))
+            self._waiting.setdefault(user, deque()).append(ticket)
+            self._grant()
+        return ticket
+
+    def wait(self, ticket: Ticket, timeout: float) -> bool:
+        """True once waiting is over: the ticket holds a slot, or it left (waits at most ``timeout`` s)."""
+        return ticket.wake.wait(timeout)
+
+    def leave(self, ticket: Ticket) -> None:
+        """Give the slot back (or stop waiting for one). Safe to call twice."""
+        with self._lock:
+            if ticket.left:
+                return
+            ticket.left = True
+            ticket.wake.set()
+            if ticket in self._active:
+                self._active.discard(ticket)
+            else:
+                q = self._waiting.get(ticket.user)
+                if q is not None and ticket in q:
+                    q.remove(ticket)
+                    if not q:
+                        del self._waiting[ticket.user]
+            self._grant()
+
+    def position(self, ticket: Ticket) -> int:
+        """How many waiting requests will get a slot before this one (0 = next; also 0 once granted)."""
+        with self._lock:
+            if ticket.granted or ticket.left:
+                return 0
+            return self._grant_order().index(ticket)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"slots": self.slots, "active": len(self._active), "waiting": self._n_waiting(),
+                    "waiting_users": len(self._waiting)}
+
+    # -- under the lock ---------------------------------------------------------------------------
+    def _n_waiting(self) -> int:
+        return sum(len(q) for q in self._waiting.values())
+
+    def _grant(self) -> None:
+        while len(self._active) < self.slots and self._waiting:
+            user, q = next(iter(self._waiting.items()))
+            ticket = q.popleft()
+            if q:
+                self._waiting.move_to_end(user)  # this user's next request waits for everyone else's turn
+            else:
+                del self._waiting[user]
+            self._active.add(ticket)
+            ticket.granted = True
+            ticket.wake.set()
+
+    def _grant_order(self) -> list[Ticket]:
+        """The order in which the waiting tickets would be granted, were no one else to join."""
+        queues = [list(q) for q in self._waiting.values()]
+        order: list[Ticket] = []
+        for round_ in itertools.count():
+            picked = [q[round_] for q in queues if round_ < len(q)]
+            if not picked:
+                return order
+            order.extend(picked)
