@@ -105,23 +105,35 @@ def test_the_leading_space_before_an_answer_is_dropped_once():
 
 
 # -- the fair queue -----------------------------------------------------------------------------------------
-def test_slots_go_round_robin_over_users_not_first_come_first_served():
+def test_a_free_slot_goes_to_the_user_with_fewest_running_then_least_recently_served():
     q = FairQueue(slots=1)
     a1 = q.join("alice")
     assert a1.granted
     a2, a3 = q.join("alice"), q.join("alice")
     b1, c1 = q.join("bob"), q.join("carol")
-    assert [q.position(t) for t in (a2, a3, b1, c1)] == [0, 3, 1, 2]
+    # alice holds the slot: bob and carol, who came after her second and third requests, go first
+    assert [q.position(t) for t in (b1, c1, a2, a3)] == [0, 1, 2, 3]
     order = []
     active = a1
     for _ in range(4):
         q.leave(active)
         active = next(t for t in (a2, a3, b1, c1) if t.granted and not t.left)
         order.append(active)
-    # alice's second request waited for nobody but was first in line; bob and carol then went before alice's third
-    assert order == [a2, b1, c1, a3]
+    assert order == [b1, c1, a2, a3]
     q.leave(active)
     assert q.stats() == {"slots": 1, "active": 0, "waiting": 0, "waiting_users": 0}
+
+
+def test_with_two_slots_a_user_with_many_requests_gets_one_slot_while_others_wait():
+    q = FairQueue(slots=2)
+    a = [q.join("alice") for _ in range(4)]
+    assert [t.granted for t in a] == [True, True, False, False]
+    b = q.join("bob")
+    assert q.position(b) == 0 and q.position(a[2]) == 1
+    q.leave(a[0])
+    assert b.granted and not a[2].granted  # alice still runs one; bob ran none
+    q.leave(b)
+    assert a[2].granted
 
 
 def test_several_slots_leaving_the_queue_and_a_full_queue():

@@ -4,15 +4,17 @@ The pipeline interleaves the requests in flight one step at a time, so every act
 request slows the others a little; past a few per stage, more only adds latency. A
 :class:`FairQueue` keeps at most ``slots`` requests in the pipeline and makes the rest
 wait. Waiting requests are grouped by user (a browser session, or the API's ``user``
-field / client address) and served one per user in turn, so one user who sends ten
-requests delays another user's single request by at most one of them, not ten.
+field / client address). A free slot goes to the waiting user with the fewest requests
+running, then to the one served least recently, then to the one who came first; so
+one user who sends ten requests delays another user's single request by at most one
+of them, not ten.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
 from smolcluster.errors import SmolclusterError
@@ -38,8 +40,11 @@ class FairQueue:
         self.slots, self.max_waiting = slots, max_waiting
         self._lock = threading.Lock()
         self._active: set[Ticket] = set()
-        self._waiting: OrderedDict[str, deque[Ticket]] = OrderedDict()  # users in turn order
+        self._waiting: OrderedDict[str, deque[Ticket]] = OrderedDict()  # users in the order they came
+        self._running: Counter[str] = Counter()  # slots held, per user
+        self._last_grant: dict[str, int] = {}    # when each user was last given a slot (grant number)
         self._numbers = itertools.count()
+        self._n_grants = 0
 
     def join(self, user: str) -> Ticket:
         """Queue a request of ``user``; it may be granted a slot at once (``ticket.granted``)."""
@@ -65,12 +70,17 @@ class FairQueue:
             ticket.wake.set()
             if ticket in self._active:
                 self._active.discard(ticket)
+                self._running[ticket.user] -= 1
+                if not self._running[ticket.user]:
+                    del self._running[ticket.user]
             else:
                 q = self._waiting.get(ticket.user)
                 if q is not None and ticket in q:
                     q.remove(ticket)
                     if not q:
                         del self._waiting[ticket.user]
+            if ticket.user not in self._running and ticket.user not in self._waiting:
+                self._last_grant.pop(ticket.user, None)  # gone quiet: comes back as a new user
             self._grant()
 
     def position(self, ticket: Ticket) -> int:
@@ -89,24 +99,36 @@ class FairQueue:
     def _n_waiting(self) -> int:
         return sum(len(q) for q in self._waiting.values())
 
+    @staticmethod
+    def _pick(waiting, running: Counter, last_grant: dict) -> str:
+        """The waiting user to serve next: fewest running, then least recently served, then first come."""
+        rank = {u: i for i, u in enumerate(waiting)}
+        return min(rank, key=lambda u: (running[u], last_grant.get(u, -1), rank[u]))
+
     def _grant(self) -> None:
         while len(self._active) < self.slots and self._waiting:
-            user, q = next(iter(self._waiting.items()))
+            user = self._pick(self._waiting, self._running, self._last_grant)
+            q = self._waiting[user]
             ticket = q.popleft()
-            if q:
-                self._waiting.move_to_end(user)  # this user's next request waits for everyone else's turn
-            else:
+            if not q:
                 del self._waiting[user]
             self._active.add(ticket)
+            self._running[user] += 1
+            self._last_grant[user] = self._n_grants
+            self._n_grants += 1
             ticket.granted = True
             ticket.wake.set()
 
     def _grant_order(self) -> list[Ticket]:
-        """The order in which the waiting tickets would be granted, were no one else to join."""
-        queues = [list(q) for q in self._waiting.values()]
+        """The order in which the waiting tickets would be granted if nothing finished meanwhile."""
+        waiting = OrderedDict((u, deque(q)) for u, q in self._waiting.items())
+        running, last_grant = Counter(self._running), dict(self._last_grant)
         order: list[Ticket] = []
-        for round_ in itertools.count():
-            picked = [q[round_] for q in queues if round_ < len(q)]
-            if not picked:
-                return order
-            order.extend(picked)
+        while waiting:
+            user = self._pick(waiting, running, last_grant)
+            order.append(waiting[user].popleft())
+            if not waiting[user]:
+                del waiting[user]
+            running[user] += 1
+            last_grant[user] = self._n_grants + len(order)
+        return order

@@ -63,6 +63,7 @@ class OpenAIAPI:
     def install(self, app: FastAPI) -> None:
         """Add the routes (before any catch-all mount such as the chat page's)."""
         app.add_exception_handler(APIError, lambda _req, e: error_response(e))
+        app.add_exception_handler(Exception, self.internal_error)
         app.add_api_route("/v1/models", self.list_models, methods=["GET"])
         app.add_api_route("/v1/models/{model_id:path}", self.get_model, methods=["GET"])
         app.add_api_route("/v1/completions", self.completions, methods=["POST"])
@@ -103,6 +104,13 @@ class OpenAIAPI:
         self.authorize(request)
         parsed = parse_chat(await self.body(request), self.limits, self.engine.tokenizer, self.chat_max_tokens)
         return await self.run(parsed, request)
+
+    @staticmethod
+    def internal_error(request: Request, e: Exception) -> JSONResponse:
+        """A bug: the client gets OpenAI's error shape, the log the traceback; the server keeps serving."""
+        logger.opt(exception=e).error(f"{request.method} {request.url.path} failed")
+        return error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", None, "internal_error",
+                                       "server_error"))
 
     # -- helpers ----------------------------------------------------------------------------------------
     def authorize(self, request: Request) -> None:

@@ -199,7 +199,7 @@ def parse_completion(body, limits: ModelLimits, tokenizer, default_max_tokens: i
             raise bad("prompt", "the prompt is empty: give at least one token", "empty_prompt")
         bad_ids = [t for t in prompt if not 0 <= t < limits.vocab_size]
         if bad_ids:
-            raise bad("prompt", f"token ids must be in [0, {limits.vocab_size}): got {bad_ids[:5]}")
+            raise bad("prompt", f"'prompt' token ids must be in [0, {limits.vocab_size}): got {bad_ids[:5]}")
         ids, text = list(prompt), tokenizer.decode(prompt)
     elif isinstance(prompt, list):
         raise bad("prompt", "'prompt' must be one string or one list of token ids (batches of several prompts "
@@ -238,7 +238,7 @@ def parse_messages(messages) -> list[tuple[str, str]]:
             raise bad(f"{where}.content", f"'{where}.content': {e}", "invalid_type") from None
         out.append((role, text))
     if not any(text.strip() for _, text in out):
-        raise bad("messages", "every message is empty: say something", "empty_prompt")
+        raise bad("messages", "every message in 'messages' is empty: say something", "empty_prompt")
     return out
 
 

@@ -48,6 +48,8 @@ def message_text(content) -> str:
         return content
     if isinstance(content, dict):
         content = [content]
+    if not isinstance(content, (list, tuple)):
+        raise ValueError(f"content must be a string or a list of text parts, got {type(content).__name__}")
     parts = []
     for part in content:
         if isinstance(part, str):

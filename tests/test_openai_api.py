@@ -1,0 +1,431 @@
+"""The OpenAI-compatible API over real HTTP on loopback, on a real 2-stage pipeline of a tiny GPT-2.
+
+Streams and bodies have OpenAI's shapes; a greedy completion equals what ``python -m
+smolcluster.infer`` prints; bad requests get a 4xx naming the field and the server
+keeps serving; a client that hangs up frees the pipeline; a lost stage is a 503, not a
+hang, and the server rebuilds the pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from smolcluster import checkpoint
+from smolcluster.data.text import TextTokenizer
+from smolcluster.models.gpt2 import build_gpt2
+from smolcluster.pipeline import InferencePipeline
+from smolcluster.serving.app import WebServer, build_app
+from smolcluster.serving.engine import Engine, Settings
+from smolcluster.serving.fair_queue import FairQueue
+from smolcluster.serving.prompting import render
+from tests.conftest import run_cli
+
+MODEL = "tiny"
+CONTEXT = 256
+
+
+def write_tiny_run(d: Path, n_positions: int, vocab: int = 500, seed: int = 0) -> Path:
+    """A run directory as ``train`` writes it: a seeded random GPT-2 (n_head=4, as model=gpt2-tiny says)
+    in checkpoint.safetensors, and a byte-level BPE of its vocabulary in tokenizer.json."""
+    torch.manual_seed(seed)
+    model = build_gpt2(vocab_size=vocab, n_layer=2, n_head=4, n_embd=64, n_positions=n_positions).eval()
+    checkpoint.save(d, model, None, 0)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    from pydoc_data.topics import topics
+
+    tok.train_from_iterator(list(topics.values())[:200], trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok.save(str(d / "tokenizer.json"))
+    return d
+
+
+def wait_until(cond, timeout_s: float = 30.0, every_s: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(every_s)
+    return False
+
+
+class Served:
+    """A started engine + web server; ``url`` is the API's base."""
+
+    def __init__(self, run_dir: Path, *, liveness_s: float = 5.0, max_active: int = 4):
+        self.run_dir = run_dir
+        self.engine = Engine(lambda: InferencePipeline.start_local(run_dir, stages=2, n_head=4, heartbeat_s=0.2,
+                                                                   liveness_s=liveness_s),
+                             max_active=max_active).start()
+        try:
+            self.server = WebServer(build_app(self.engine, MODEL, ui=False)).start()
+        except BaseException:
+            self.engine.close()
+            raise
+        self.url = self.server.url
+        self.http = httpx.Client(base_url=self.url, timeout=60)
+
+    def close(self) -> None:
+        self.http.close()
+        self.server.stop()
+        self.engine.close()
+
+    def stage_requests(self) -> list:
+        return [s["requests"] for s in self.engine.health()["stages"]]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return write_tiny_run(tmp_path_factory.mktemp("tiny-run"), CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def served(run_dir):
+    s = Served(run_dir)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def sse_events(response: httpx.Response) -> list:
+    """The ``data:`` payloads of a server-sent-event stream: dicts, and the final "[DONE]"."""
+    events = []
+    for line in response.iter_lines():
+        if not line:
+            continue
+        assert line.startswith("data: "), line
+        data = line[len("data: "):]
+        events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def stream(served: Served, path: str, body: dict) -> list:
+    with served.http.stream("POST", path, json={**body, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        return sse_events(r)
+
+
+def completion(**kw) -> dict:
+    return {"model": MODEL, "temperature": 0, **kw}
+
+
+# -- shapes and equality ------------------------------------------------------------------------------------
+def test_models_lists_the_served_model(served):
+    r = served.http.get("/v1/models")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "list" and [m["id"] for m in body["data"]] == [MODEL]
+    assert body["data"][0]["object"] == "model" and body["data"][0]["context_length"] == CONTEXT
+    assert served.http.get(f"/v1/models/{MODEL}").json()["id"] == MODEL
+    r = served.http.get("/v1/models/gpt-4")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_a_greedy_completion_streams_in_steps_and_equals_the_whole_body_and_the_pipeline(served):
+    tok = served.engine.tokenizer
+    prompt = "The meaning of life is"
+    body = completion(prompt=prompt, max_tokens=24)
+    whole = served.http.post("/v1/completions", json=body)
+    assert whole.status_code == 200
+    w = whole.json()
+    assert w["object"] == "text_completion" and w["model"] == MODEL and w["id"].startswith("cmpl-")
+    assert isinstance(w["created"], int) and len(w["choices"]) == 1
+    choice = w["choices"][0]
+    assert choice["index"] == 0 and choice["finish_reason"] == "length" and choice["logprobs"] is None
+    n_prompt = len(tok.encode(prompt))
+    assert w["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 24, "total_tokens": n_prompt + 24}
+    direct = served.engine.pipeline().submit(prompt, max_new_tokens=24)
+    assert choice["text"] == direct.text() != ""
+
+    events = sse_events_of(served, body)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["id"] == chunks[0]["id"] and c["object"] == "text_completion" and c["model"] == MODEL
+               for c in chunks)
+    pieces = [c["choices"][0]["text"] for c in chunks]
+    assert sum(1 for p in pieces if p) >= 2  # streamed in steps, not one piece at the end
+    assert "".join(pieces) == choice["text"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
+
+
+def sse_events_of(served: Served, body: dict) -> list:
+    return stream(served, "/v1/completions", body)
+
+
+def test_stop_sequences_cut_the_text_and_echo_returns_the_prompt(served):
+    prompt = "def main():"
+    full = served.http.post("/v1/completions", json=completion(prompt=prompt, max_tokens=30)).json()
+    text = full["choices"][0]["text"]
+    stop = text[7:10]
+    assert len(stop) == 3 and stop.strip()
+    cut = served.http.post("/v1/completions", json=completion(prompt=prompt, max_tokens=30, stop=[stop])).json()
+    assert cut["choices"][0]["text"] == text[:text.find(stop)]
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    streamed = "".join(c["choices"][0]["text"] for c in sse_events_of(
+        served, completion(prompt=prompt, max_tokens=30, stop=stop))[:-1])
+    assert streamed == text[:text.find(stop)]
+    echo = served.http.post("/v1/completions", json=completion(prompt=prompt, max_tokens=30, echo=True)).json()
+    assert echo["choices"][0]["text"] == prompt + text
+    ids = served.engine.tokenizer.encode(prompt)  # a prompt of token ids gives the same answer
+    by_ids = served.http.post("/v1/completions", json=completion(prompt=ids, max_tokens=30)).json()
+    assert by_ids["choices"][0]["text"] == text
+
+
+def test_chat_completions_stream_and_body_agree_and_follow_the_transcript(served):
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": [{"type": "text", "text": "Say hello"}]}]
+    body = {"model": MODEL, "messages": messages, "temperature": 0, "max_tokens": 40}
+    r = served.http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200
+    w = r.json()
+    assert w["object"] == "chat.completion" and w["id"].startswith("chatcmpl-") and w["model"] == MODEL
+    msg = w["choices"][0]["message"]
+    assert msg["role"] == "assistant" and isinstance(msg["content"], str)
+    assert w["choices"][0]["finish_reason"] in ("stop", "length")
+    transcript = render([("system", "You are terse."), ("user", "Say hello")])
+    assert w["usage"]["prompt_tokens"] == len(served.engine.tokenizer.encode(transcript))
+    # the same transcript through /v1/completions, cut at the next turn, is the same answer
+    raw = served.http.post("/v1/completions", json=completion(
+        prompt=transcript, max_tokens=40, stop=["\nUser:", "\nSystem:", "\nAssistant:"])).json()
+    assert msg["content"] == raw["choices"][0]["text"].lstrip()
+
+    events = stream(served, "/v1/chat/completions", {**body, "stream_options": {"include_usage": True}})
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    usage_chunk = chunks[-1]
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"] == w["usage"]
+    final = chunks[-2]["choices"][0]
+    assert final["delta"] == {} and final["finish_reason"] == w["choices"][0]["finish_reason"]
+    content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1])
+    assert content == msg["content"]
+
+
+def test_the_api_streams_what_infer_prints_for_the_same_checkpoint_and_prompt(served, run_dir):
+    prompt = "class Foo:"
+    p = run_cli("smolcluster.infer", f"checkpoint={run_dir}", f"prompt={prompt}", "max_new_tokens=30",
+                "cluster.heartbeat_s=0.2", timeout=180)
+    events = sse_events_of(served, completion(prompt=prompt, max_tokens=30))
+    text = "".join(c["choices"][0]["text"] for c in events[:-1])
+    assert len(text) > 10
+    assert p.stdout == prompt + text + "\n"
+
+
+# -- bad requests ----------------------------------------------------------------------------------------
+LONG = "word " * 600  # ~600+ tokens, more than the 256 of the context
+BAD_COMPLETIONS = [
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": []}, 400, "prompt"),
+    ({"prompt": LONG}, 400, "prompt"),
+    ({"prompt": "hi", "max_tokens": -5}, 400, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": "10"}, 400, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": True}, 400, "max_tokens"),
+    ({"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+    ({"prompt": "hi", "temperature": 3}, 400, "temperature"),
+    ({"prompt": "hi", "top_p": 1.5}, 400, "top_p"),
+    ({"prompt": "hi", "stream": "yes"}, 400, "stream"),
+    ({"prompt": "hi", "n": 2}, 400, "n"),
+    ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"prompt": "hi", "stop": 5}, 400, "stop"),
+    ({"prompt": "hi", "seed": -1}, 400, "seed"),
+    ({"prompt": "hi", "logprobs": 5}, 400, "logprobs"),
+    ({"prompt": "hi", "frobnicate": 1}, 400, "frobnicate"),
+    ({"prompt": 123}, 400, "prompt"),
+    ({"prompt": ["a", "b"]}, 400, "prompt"),
+    ({"prompt": [1, 99999]}, 400, "prompt"),
+    ({"prompt": "hi", "model": "gpt-4"}, 404, "model"),
+    ({"prompt": "hi", "model": None}, 400, "model"),
+    ({"prompt": "hi", "model": 7}, 400, "model"),
+]
+BAD_CHATS = [
+    ({"messages": []}, 400, "messages"),
+    ({"messages": "hi"}, 400, "messages"),
+    ({}, 400, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "user"}]}, 400, "messages[1].content"),
+    ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "  "}]}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -1}, 400, "max_completion_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "tools"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, param",
+                         [("/v1/completions", *case) for case in BAD_COMPLETIONS]
+                         + [("/v1/chat/completions", *case) for case in BAD_CHATS],
+                         ids=[f"completions-{c[2]}-{i}" for i, c in enumerate(BAD_COMPLETIONS)]
+                         + [f"chat-{c[2]}-{i}" for i, c in enumerate(BAD_CHATS)])
+def test_a_bad_request_gets_a_4xx_naming_the_field(served, path, body, status, param):
+    full = {"model": MODEL, **body}
+    if "model" in body and body["model"] is None:
+        del full["model"]
+    for stream_flag in (False, True):
+        r = served.http.post(path, json={**full, "stream": stream_flag} if "stream" not in body else full)
+        assert r.status_code == status, r.text
+        assert r.headers["content-type"] == "application/json"
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"}
+        assert err["param"] == param and param.split("[")[0] in err["message"]
+        assert err["type"] == "invalid_request_error" and err["message"]
+    assert served.engine.health()["queue"]["active"] == 0  # nothing reached the pipeline
+
+
+def test_malformed_bodies_wrong_methods_and_unknown_paths_get_json_errors_and_the_server_keeps_serving(served):
+    r = served.http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = served.http.post("/v1/completions", json=["a", "list"])
+    assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
+    r = served.http.get("/v1/completions")
+    assert r.status_code == 405 and "use POST" in r.json()["error"]["message"]
+    r = served.http.post("/v1/embeddings", json={})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url"
+    r = served.http.post("/v1/completions", json=completion(prompt="still here", max_tokens=3))
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+# -- concurrency and cancellation ---------------------------------------------------------------------------
+def test_two_concurrent_streams_each_get_their_own_answer(served):
+    bodies = [completion(prompt="import os", max_tokens=60, temperature=0.9, seed=11),
+              completion(prompt="Once upon a time", max_tokens=60, temperature=0.9, seed=22)]
+    solo = [served.http.post("/v1/completions", json=b).json()["choices"][0]["text"] for b in bodies]
+    both_open = threading.Barrier(2, timeout=60)
+    results: list = [None, None]
+    errors: list = []
+
+    def run(i: int) -> None:
+        try:
+            texts = []
+            with httpx.Client(base_url=served.url, timeout=60) as c, \
+                    c.stream("POST", "/v1/completions", json={**bodies[i], "stream": True}) as r:
+                lines = r.iter_lines()
+                for line in lines:  # up to this stream's first piece of text
+                    if line.startswith("data: {"):
+                        texts.append(json.loads(line[6:])["choices"][0]["text"])
+                        if texts[-1]:
+                            break
+                both_open.wait()  # both streams are open and answering at once
+                events = sse_events_from(lines)
+            results[i] = "".join(texts) + "".join(e["choices"][0]["text"] for e in events[:-1])
+            assert events[-1] == "[DONE]"
+        except Exception as e:  # surfaced below, with the other thread's
+            errors.append(e)
+            both_open.abort()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert results == solo and solo[0] != solo[1]
+
+
+def sse_events_from(lines) -> list:
+    out = []
+    for line in lines:
+        if line:
+            data = line[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def test_a_client_that_hangs_up_mid_stream_cancels_its_request_in_the_pipeline(served):
+    max_tokens = CONTEXT - 8
+    with served.http.stream("POST", "/v1/completions",
+                            json=completion(prompt="Hi", max_tokens=max_tokens, stream=True)) as r:
+        lines = r.iter_lines()
+        next(line for line in lines if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"])
+        live = served.engine.live()
+        assert len(live) == 1
+        gen = live[0]
+    # leaving the block closed the connection
+    assert gen.wait(30)
+    assert gen.finish_reason == "cancelled" and gen.completion_tokens < max_tokens
+    assert wait_until(lambda: served.stage_requests() == [0, 0] and served.engine.health()["in_flight"] == 0)
+
+
+def test_a_full_queue_is_refused_with_429_and_requests_are_served_fairly(served):
+    engine, shared_queue = served.engine, served.engine.queue
+    engine.queue = FairQueue(slots=1, max_waiting=1)  # one answer at a time, one more may wait
+    gens = []
+    try:
+        ids = engine.tokenizer.encode("Hi")
+        hog = engine.submit(ids, user="hog", settings=Settings(max_new_tokens=CONTEXT - 4, stop_at_eos=False))
+        waiting = engine.submit(ids, user="hog", settings=Settings(max_new_tokens=5))
+        gens += [hog, waiting]
+        r = served.http.post("/v1/completions", json=completion(prompt="x", max_tokens=2))
+        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+        waiting.cancel()  # leaves the queue without ever reaching the pipeline
+        assert waiting.wait(10) and waiting.finish_reason == "cancelled" and waiting.started_at is None
+        # hog's next request waits behind alice's, which came later: turns go round-robin over users
+        engine.queue.max_waiting = 8
+        hog2 = engine.submit(ids, user="hog", settings=Settings(max_new_tokens=3))
+        alice = engine.submit(ids, user="alice", settings=Settings(max_new_tokens=3))
+        gens += [hog2, alice]
+        assert hog.state == "running" and alice.position() == 0 and hog2.position() == 1
+        hog.cancel()
+        assert alice.wait(30) and hog2.wait(30)
+        assert alice.started_at < hog2.started_at and alice.finish_reason == hog2.finish_reason == "length"
+        assert hog.finish_reason == "cancelled"
+    finally:
+        for g in gens:
+            g.cancel()
+            g.wait(30)
+        engine.queue = shared_queue
+
+
+# -- a pipeline that goes down -------------------------------------------------------------------------------
+def test_a_lost_stage_gives_503_at_once_then_the_server_rebuilds_the_pipeline(run_dir):
+    s = Served(run_dir, liveness_s=2.0)
+    s.engine.reconnect = False  # first see it down; reconnecting is switched on below
+    try:
+        procs = list(s.engine.pipeline()._children.procs.values())
+        with s.http.stream("POST", "/v1/completions",
+                           json=completion(prompt="Hi", max_tokens=CONTEXT - 8, stream=True)) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: {"))
+            os.kill(procs[1].pid, signal.SIGKILL)
+            events = sse_events_from(lines)  # the stream ends (within liveness_s), it does not hang
+        assert events[-1] == "[DONE]"
+        err = events[-2]["error"]
+        assert err["code"] == "pipeline_unavailable" and "stage" in err["message"]
+
+        assert wait_until(lambda: s.http.get("/health").status_code == 503)
+        assert s.http.get("/health").json()["status"] == "down"
+        for path, body in (("/v1/completions", completion(prompt="Hi")),
+                           ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}]})):
+            for stream_flag in (False, True):
+                r = s.http.post(path, json={**body, "stream": stream_flag})
+                assert r.status_code == 503, r.text
+                e = r.json()["error"]
+                assert e["code"] == "pipeline_unavailable" and e["type"] == "service_unavailable"
+                assert "pipeline is down" in e["message"] and "stage" in e["message"]
+
+        s.engine.reconnect = True
+        assert wait_until(lambda: s.http.get("/health").status_code == 200, timeout_s=90, every_s=0.2)
+        assert s.engine.reconnects == 1 and all(p.poll() is not None for p in procs)
+        r = s.http.post("/v1/completions", json=completion(prompt="Hi", max_tokens=5))
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+    finally:
+        s.close()
+
+
+def test_the_tokenizer_of_the_run_is_what_the_server_uses(served, run_dir):
+    tok = TextTokenizer.load(run_dir / "tokenizer.json")
+    assert served.engine.tokenizer.encode("hello world") == tok.encode("hello world")
