@@ -8,7 +8,7 @@ CLUSTER ?= lan-example
 SWEEP   ?= algo=syncps,edp train.lr=0.02,0.05
 PYTEST_ARGS ?=
 
-.PHONY: help install train train-gpt2 train-edp train-mp infer chat test test-deps lint bench keys clean launch cluster-check sweep
+.PHONY: help install train train-gpt2 train-edp train-mp infer chat test test-deps lint bench keys clean launch cluster-check sweep observability-up observability-down
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-20s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ train-mp: install  ## model parallel: gpt2-tiny split into 2 pipeline stages, 4 
 infer: install  ## stream text from gpt2-tiny through 2 pipeline stages (ARGS="checkpoint=RUN_DIR prompt=...")
 	$(BIN)/python -m smolcluster.infer prompt="The meaning of life is" max_new_tokens=40 $(ARGS)
 
+chat: install  ## Gradio chat + OpenAI-compatible API on gpt2-tiny in 2 local stages (ARGS="checkpoint=RUN_DIR serve.port=8000")
+	$(BIN)/python -m smolcluster.chat $(ARGS)
+
 keys: install  ## CURVE keys for a cluster into keys/ (then cluster.keys=keys)
 	$(BIN)/python -m smolcluster.keys --dir keys $(ARGS)
 
@@ -46,7 +49,18 @@ cluster-check: install  ## preflight every node of a cluster file: make cluster-
 sweep: install  ## Hydra multirun + sweep.md/sweep.csv: make sweep SWEEP="algo=syncps,edp train.lr=0.02,0.05"
 	$(BIN)/python -m smolcluster.train -m $(SWEEP) $(ARGS)
 
-test-deps:  ## system packages the tests use (chromium, sshd, iproute2); skipped when present
+observability-up:  ## start Loki + Grafana + Prometheus (docker compose) and print the URLs and the overrides to use
+	docker compose -f observability/docker-compose.yml up -d
+	@echo "Grafana:    http://localhost:3000  (dashboard smolcluster; anonymous admin, or log in as admin/admin)"
+	@echo "Loki:       http://localhost:3100"
+	@echo "Prometheus: http://localhost:9090  (scrapes host.docker.internal:9400-9405 + observability/targets.json)"
+	@echo "train with: logging.loki.url=http://localhost:3100 logging.prometheus.port=9400"
+	@echo "  (other machines: use this host's address instead of localhost, and list their host:port in observability/targets.json)"
+
+observability-down:  ## stop the observability stack (its data volumes are kept)
+	docker compose -f observability/docker-compose.yml down
+
+test-deps:  ## system packages the tests use (chromium, sshd, iproute2, prometheus); skipped when present
 	sh scripts/test-deps.sh
 
 test: install test-deps  ## run the test suite

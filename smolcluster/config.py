@@ -48,6 +48,11 @@ def validate(cfg: DictConfig) -> None:
     _number(cfg, "train.grad_clip")
     _number(cfg, "train.weight_decay")
     _choice(cfg, "train.optimizer", OPTIMIZERS)
+    if OmegaConf.select(cfg, "logging") is not None:
+        _choice(cfg, "logging.wandb.mode", ("disabled", "offline", "online"))
+        _int(cfg, "logging.prometheus.port", allow_none=True, allow_zero=True)
+        _int(cfg, "logging.grad_norm_every", allow_zero=True)
+        _int(cfg, "logging.hardware_every", allow_zero=True)
     _choice(cfg, "train.schedule", SCHEDULES)
     kind = cfg.model.get("kind")
     if kind not in ("classifier", "lm"):

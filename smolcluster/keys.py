@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  node that connects, one pair each: {d}/server.key + its own pair renamed to "
               f"{d}/client.key_secret:")
         for name in clients:
-            print(f"    {d}/{name}.key_secret -> {d}/client.key_secret")
+            note = "   (already so named)" if name == "client" else ""
+            print(f"    {d}/{name}.key_secret -> {d}/client.key_secret{note}")
         print(f"  drop a node's public key from {d}/authorized/ (and restart the server) to lock it out.")
     print("A node that both binds and connects (a pipeline stage) needs both sets.")
     return 0

@@ -47,6 +47,9 @@ class Trainer:
         # The schedule always spans total_steps; stop_after only ends this process early (resume continues).
         self.end_step = min(self.total_steps, cfg.train.get("stop_after") or self.total_steps)
         self.step = 0
+        # Per-layer gradient norms every N steps (logging.grad_norm_every), measured before clipping.
+        self.grad_norm_every = int(cfg.get("logging", {}).get("grad_norm_every") or 0)
+        self.grad_norms: dict[str, float] = {}
 
     # -- one step ---------------------------------------------------------------------------
     def batch(self, step: int, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,12 +66,27 @@ class Trainer:
 
     def apply_gradients(self, scale: float = 1.0) -> float:
         """Clip, set the scheduled learning rate (times ``scale``) and step the optimizer."""
+        if self.grad_norm_every and (self.step + 1) % self.grad_norm_every == 0:
+            self.grad_norms = self.layer_grad_norms()
         clip_(list(self.flat.params.values()), self.train.grad_clip)
         lr = lr_at(self.step, self.train, self.total_steps)
         set_lr(self.optimizer, lr * scale)
         self.optimizer.step()
         self.step += 1
         return lr
+
+    def layer_grad_norms(self) -> dict[str, float]:
+        """``grad_norm/<parameter>`` for every parameter, plus the global ``grad_norm`` (one device sync)."""
+        named = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
+        norms = torch.stack([g.detach().float().norm() for _, g in named]).tolist()
+        out = {f"grad_norm/{n}": v for (n, _), v in zip(named, norms)}
+        out["grad_norm"] = float(sum(v * v for v in norms) ** 0.5)
+        return out
+
+    def pop_grad_norms(self) -> dict[str, float]:
+        """The norms measured at the last due step, once (so each lands in exactly one metrics row)."""
+        out, self.grad_norms = self.grad_norms, {}
+        return out
 
     def step_local(self) -> tuple[torch.Tensor, int, float]:
         loss, n = self.compute_gradients(self.step)

@@ -106,7 +106,7 @@ class EdpServer(ServerBase):
 def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> None:
     settings = worker_settings(cfg.cluster, rank, cfg.train)
     trainer = Trainer(cfg, batch_sizes(cfg), with_optimizer=False, device=settings["device"])
-    link = WorkerLink(cfg, rank, trainer, "edp")
+    link = WorkerLink(cfg, rank, trainer, "edp", run_dir)
     codec = get_codec(cfg.algo.codec)
     feedback = ErrorFeedback(codec) if cfg.algo.codec != "none" else None
     pull_every, delay = max(1, int(cfg.algo.pull_every)), settings["delay_s"]
@@ -125,6 +125,7 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> None:
             if feedback is not None:
                 feedback.compensate(trainer.flat.grads)  # add last residual, keep the new one
             link.push(local_step, float(loss), n, samples_per_s=samples / (time.perf_counter() - t0))
+            link.report(local_step, loss, n)
             if local_step % pull_every == 0:
                 link.client.send("pull", {"rank": rank})
                 msg = link.recv(wait_s)
@@ -146,7 +147,7 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> None:
             elif msg.kind != "error":
                 raise PeerError(f"unexpected {msg.kind!r} from the server")
     finally:
-        link.close()
+        link.finish()
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict | None:

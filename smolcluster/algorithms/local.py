@@ -36,6 +36,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             row = {"loss": window.mean(), "lr": lr, "samples": speed.samples,
                    "samples_per_s": round(speed.rate, 2), "epoch": round(trainer.sharder.epoch_of(step), 4)}
             bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{speed.rate:,.0f}")
+        row.update(trainer.pop_grad_norms())
         if trainer.due(tr.eval_every):
             evaluation = trainer.evaluate()
             row.update(evaluation)

@@ -248,6 +248,7 @@ class ServerBase:
             row.update({f"loss/{w.rank}": w.last_loss for w in self.workers.values() if w.last_loss is not None})
             logger.info(f"step {step}/{self.trainer.end_step} loss {loss:.4f} "
                         f"({row['samples_per_s']:,.0f} samples/s, {row['peers_alive']} workers)")
+        row.update(self.trainer.pop_grad_norms())
         if self.trainer.due(tr.eval_every):
             self._last_eval = self.trainer.evaluate()
             row.update(self._last_eval)
@@ -297,7 +298,7 @@ class ServerBase:
 class WorkerLink:
     """A worker's connection to the server: register (with retries), weights in, gradients out."""
 
-    def __init__(self, cfg: DictConfig, rank: int, trainer: Trainer, algo: str):
+    def __init__(self, cfg: DictConfig, rank: int, trainer: Trainer, algo: str, run_dir: Path | None = None):
         self.cfg, self.rank, self.trainer, self.algo = cfg, rank, trainer, algo
         self.cluster = cfg.cluster
         self.settings = worker_settings(self.cluster, rank, cfg.train)
@@ -305,8 +306,11 @@ class WorkerLink:
         self.codec = cfg.algo.get("codec", "none")
         self.client: ClientEndpoint | None = None
         self.heartbeat: Heartbeat | None = None
-        self.bytes_sent = 0
+        self.bytes_sent = self.bytes_received = 0
         self.version = -1
+        # This node's own metrics (no metrics.jsonl: the server writes the run's): Prometheus, W&B, hardware.
+        self.recorder = open_recorder(cfg, run_dir, files=False) if run_dir is not None else None
+        self.samples, self.t0 = 0, time.perf_counter()
 
     def _connect(self) -> None:
         self.close()
@@ -337,6 +341,7 @@ class WorkerLink:
                         f"{self.cluster.connect_timeout_s}s: is it running, and is the port open?")
 
     def load(self, msg: Message) -> None:
+        self.bytes_received += msg.nbytes
         with torch.no_grad():
             for name, flat in self.trainer.flat.params.items():
                 flat.copy_(torch.from_numpy(np.asarray(msg.tensors[name]).reshape(-1)))
@@ -347,6 +352,20 @@ class WorkerLink:
         self.bytes_sent += self.client.send("grad", {"rank": self.rank, "step": step, "version": self.version,
                                                      "samples": samples, "loss": loss, **fields},
                                             grads, codec=self.codec)
+
+    def report(self, step: int, loss, samples: int) -> None:
+        """Count this step; every ``train.log_every`` steps hand the worker's figures to its sinks."""
+        self.samples += samples
+        if self.recorder is not None and step % self.trainer.train.log_every == 0:
+            rate = self.samples / max(time.perf_counter() - self.t0, 1e-9)
+            self.recorder.log(step, loss=float(loss), samples=self.samples, samples_per_s=round(rate, 2),
+                              bytes_sent=self.bytes_sent, bytes_received=self.bytes_received)
+
+    def finish(self) -> None:
+        self.close()
+        if self.recorder is not None:
+            self.recorder.finish(None)
+            self.recorder = None
 
     def recv(self, timeout_s: float) -> Message | None:
         return self.client.recv(int(timeout_s * 1000))

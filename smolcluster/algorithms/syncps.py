@@ -96,7 +96,7 @@ class SyncServer(ServerBase):
 def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> None:
     device = worker_settings(cfg.cluster, rank, cfg.train)["device"]  # per-node device from the cluster file
     trainer = Trainer(cfg, batch_sizes(cfg), with_optimizer=False, device=device)
-    link = WorkerLink(cfg, rank, trainer, "syncps")
+    link = WorkerLink(cfg, rank, trainer, "syncps", run_dir)
     delay = link.settings["delay_s"]  # test knob: make this node artificially slow
     wait_s = cfg.algo.straggler_timeout + cfg.cluster.liveness_s
     msg = link.register()
@@ -107,6 +107,7 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> None:
             if delay:
                 time.sleep(delay)
             link.push(step, float(loss), n)
+            link.report(step + 1, loss, n)
             msg = link.recv(wait_s)
             while msg is not None and msg.kind == "error":
                 logger.error(f"server rejected our message: {msg.fields['reason']}: {msg.fields['detail']}")
@@ -122,7 +123,7 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> None:
             else:
                 raise PeerError(f"unexpected {msg.kind!r} from the server")
     finally:
-        link.close()
+        link.finish()
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict | None:

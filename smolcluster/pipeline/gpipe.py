@@ -307,13 +307,14 @@ class StageTrainer:
     def run(self) -> dict | None:
         self.connect()
         tr = self.tr
-        recorder = open_recorder(self.cfg, self.run_dir, append=bool(self.cfg.resume)) if self.last else None
+        # Every stage reports to its own sinks (Prometheus, W&B); only the last writes the run's files.
+        recorder = open_recorder(self.cfg, self.run_dir, append=bool(self.cfg.resume), files=self.last)
         window, samples, t0 = LossWindow(tr.log_every), 0, time.perf_counter()
         evaluation: dict = {}
         try:
             if tr.eval_every and self.step == 0:
                 evaluation = self.evaluate()
-                if recorder:
+                if self.last:
                     recorder.log(0, **evaluation)
             while self.step < self.end_step:
                 loss = self.train_step()
@@ -321,25 +322,27 @@ class StageTrainer:
                 row: dict = {}
                 if self.last:
                     window.add(loss)
-                    if self.step % tr.log_every == 0 or self.step == self.end_step:
-                        rate = samples / max(time.perf_counter() - t0, 1e-9)
-                        row = {"loss": window.mean(), "lr": self.lr, "samples": samples,
-                               "samples_per_s": round(rate, 2),
-                               "epoch": round(self.sharder.epoch_of(self.step), 4)}
+                if self.step % tr.log_every == 0 or self.step == self.end_step:
+                    rate = samples / max(time.perf_counter() - t0, 1e-9)
+                    row = {"loss": window.mean(), "lr": self.lr, "samples": samples, "samples_per_s": round(rate, 2),
+                           "epoch": round(self.sharder.epoch_of(self.step), 4)}
+                    if not self.last:
+                        del row["loss"]
                 if self.due(tr.eval_every):
                     evaluation = self.evaluate()
                     row.update(evaluation)
-                if recorder and row:
-                    recorder.log(self.step, **row, bytes_sent=self.mesh.bytes_sent)
+                if row:
+                    recorder.log(self.step, **row, bytes_sent=self.mesh.bytes_sent, bytes_received=self.mesh.bytes_received)
                 if self.due(tr.checkpoint_every):
                     self.save()
             wall = time.perf_counter() - t0
             evaluation = self.evaluate()
             self.save()
             summary = None
-            if recorder:
+            if self.last:
                 recorder.log(self.step, **evaluation)
-                summary = recorder.finish(self.summary(samples, wall, window.mean(), evaluation))
+                summary = self.summary(samples, wall, window.mean(), evaluation)
+            recorder.finish(summary)
             self.mesh.goodbye([n for n in self.names if n != self.me], float(self.cfg.cluster.liveness_s))
             return summary
         finally:

@@ -15,17 +15,42 @@ from loguru import logger
 
 
 class RunRecorder:
-    def __init__(self, run_dir: str | Path, sinks: list | None = None, append: bool = False):
+    """Where a node's metrics go: ``metrics.jsonl`` (unless ``files=False``, as on workers) and the sinks.
+
+    Each row also gets, when due, this process's hardware use (every ``hardware_every``
+    steps) and the bandwidth implied by its ``bytes_sent`` / ``bytes_received`` totals.
+    """
+
+    def __init__(self, run_dir: str | Path, sinks: list | None = None, append: bool = False,
+                 files: bool = True, hardware_every: int = 0):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self._file = self.metrics_path.open("a" if append else "w", buffering=1)
+        self._file = self.metrics_path.open("a" if append else "w", buffering=1) if files else None
         self.sinks = list(sinks or [])
         self.t0 = time.time()
+        self.hardware_every = int(hardware_every or 0)
+        self._hardware = None
+        self._next_hardware = 0
+        self._last_bytes: dict[str, tuple[float, float]] = {}
 
     def log(self, step: int, **metrics) -> dict:
-        row = {"step": step, "time": round(time.time() - self.t0, 4), **metrics}
-        self._file.write(json.dumps(row, default=float) + "\n")
+        now = time.time()
+        if self.hardware_every and step >= self._next_hardware:
+            from smolcluster.telemetry.hardware import HardwareSampler
+
+            self._hardware = self._hardware or HardwareSampler()
+            metrics.update(self._hardware.sample())
+            self._next_hardware = (step // self.hardware_every + 1) * self.hardware_every
+        for key in ("bytes_sent", "bytes_received"):
+            if metrics.get(key) is not None:
+                last = self._last_bytes.get(key)
+                if last is not None and now > last[0]:
+                    metrics[f"{key}_per_s"] = round((metrics[key] - last[1]) / (now - last[0]), 1)
+                self._last_bytes[key] = (now, metrics[key])
+        row = {"step": step, "time": round(now - self.t0, 4), **metrics}
+        if self._file is not None:
+            self._file.write(json.dumps(row, default=float) + "\n")
         for sink in self.sinks:
             try:
                 sink.log(step, metrics)
@@ -33,13 +58,14 @@ class RunRecorder:
                 logger.warning(f"metrics sink {type(sink).__name__} failed: {e}")
         return row
 
-    def finish(self, summary: dict) -> dict:
-        self._file.close()
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-        try:
-            plot_losses(self.metrics_path, self.run_dir / "loss.png", title=f"{summary.get('algo')} / {summary.get('model')}")
-        except Exception as e:
-            logger.warning(f"could not draw loss.png: {e}")
+    def finish(self, summary: dict | None) -> dict | None:
+        if self._file is not None:
+            self._file.close()
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+            try:
+                plot_losses(self.metrics_path, self.run_dir / "loss.png", title=f"{summary.get('algo')} / {summary.get('model')}")
+            except Exception as e:
+                logger.warning(f"could not draw loss.png: {e}")
         for sink in self.sinks:
             try:
                 sink.close(summary)
@@ -87,18 +113,14 @@ def plot_losses(metrics_path: str | Path, out: str | Path, title: str = "") -> P
     return Path(out)
 
 
-def open_recorder(cfg, run_dir: str | Path, append: bool = False) -> RunRecorder:
-    """A recorder for this run, with the W&B / Prometheus sinks that ``logging`` config enables."""
+def open_recorder(cfg, run_dir: str | Path, append: bool = False, files: bool = True) -> RunRecorder:
+    """A recorder for this node, with the W&B / Prometheus sinks that ``logging`` config enables."""
+    from omegaconf import OmegaConf
+
     from smolcluster.telemetry.logging import identity
+    from smolcluster.telemetry.sinks import build_sinks
 
-    sinks: list = []
-    try:
-        from smolcluster.telemetry.sinks import build_sinks
-    except ImportError:  # observability extras not present in this build
-        build_sinks = None
-    if build_sinks is not None:
-        from omegaconf import OmegaConf
-
-        sinks = build_sinks(cfg.logging, run_dir=Path(run_dir), identity=identity(),
-                            config=OmegaConf.to_container(cfg, resolve=True))
-    return RunRecorder(run_dir, sinks, append=append)
+    sinks = build_sinks(cfg.logging, run_dir=Path(run_dir), identity=identity(),
+                        config=OmegaConf.to_container(cfg, resolve=True))
+    return RunRecorder(run_dir, sinks, append=append, files=files,
+                       hardware_every=cfg.logging.get("hardware_every", 0))

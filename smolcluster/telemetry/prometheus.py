@@ -1,0 +1,82 @@
+"""A Prometheus ``/metrics`` endpoint on each node, fed by the same rows as ``metrics.jsonl``.
+
+Every series carries the node's identity (:data:`LABELS`), so one Prometheus
+scraping every node of a cluster can tell them apart; ``observability/`` has the
+scrape config and a Grafana dashboard that query exactly the names in :data:`METRICS`.
+
+Ports: ``logging.prometheus.port`` is the base. The server (or the single
+``local``/``main`` process) takes the base, worker ``r`` takes ``base + 1 + r`` and
+pipeline stage ``i`` takes ``base + i``, so several nodes on one machine never
+collide. ``0`` lets the OS choose; the chosen port is logged.
+"""
+
+from __future__ import annotations
+
+from loguru import logger
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+LABELS = ("run_id", "node", "role", "rank", "algo")
+
+# metrics.jsonl key -> (exposition name, help). Gauges take the value as it is.
+_GAUGES = {
+    "samples_per_s": ("smolcluster_samples_per_second", "training throughput of this node"),
+    "loss": ("smolcluster_loss", "train loss (mean over the last log window)"),
+    "eval_loss": ("smolcluster_eval_loss", "loss on the held-out set at the last evaluation"),
+    "eval_accuracy": ("smolcluster_eval_accuracy", "accuracy on the held-out set at the last evaluation"),
+    "lr": ("smolcluster_learning_rate", "scheduled learning rate"),
+    "staleness_mean": ("smolcluster_staleness_mean", "EDP: mean staleness of applied gradients in the last window"),
+    "staleness_max": ("smolcluster_staleness_max", "EDP: max staleness of gradients in the last window"),
+    "peers_alive": ("smolcluster_peers_alive", "workers (or stages) this node currently hears from"),
+    "cpu_percent": ("smolcluster_cpu_percent", "CPU use of this process (100 = one core)"),
+    "rss_bytes": ("smolcluster_rss_bytes", "resident memory of this process"),
+}
+# metrics.jsonl key -> (exposition name, help). Counters: the row holds the running total.
+_COUNTERS = {
+    "step": ("smolcluster_steps_total", "optimizer steps (server/local) or gradient steps (worker)"),
+    "samples": ("smolcluster_samples_total", "training samples processed"),
+    "bytes_sent": ("smolcluster_bytes_sent_total", "bytes this node sent on the wire"),
+    "bytes_received": ("smolcluster_bytes_received_total", "bytes this node received from the wire"),
+    "dropped": ("smolcluster_gradients_dropped_total", "EDP: gradients dropped as too stale"),
+}
+METRICS = {name: help_ for name, help_ in [*_GAUGES.values(), *_COUNTERS.values()]}
+
+
+def port_for(base: int, role: str, rank) -> int:
+    """The port this node serves /metrics on: base for the server, base+1+r for worker r, base+i for stage i."""
+    if base == 0:
+        return 0
+    if role == "worker":
+        return base + 1 + int(rank)
+    if role == "stage":
+        return base + int(rank)
+    return base
+
+
+class PrometheusSink:
+    """A metrics sink (``log(step, row)`` / ``close(summary)``) that serves what it is given on HTTP."""
+
+    def __init__(self, port: int, identity: dict, addr: str = "0.0.0.0"):
+        self.registry = CollectorRegistry()
+        values = [str(identity.get(k, "")) for k in LABELS]
+        self.gauges = {key: Gauge(name, help_, LABELS, registry=self.registry).labels(*values)
+                       for key, (name, help_) in _GAUGES.items()}
+        self.counters = {key: Counter(name, help_, LABELS, registry=self.registry).labels(*values)
+                         for key, (name, help_) in _COUNTERS.items()}
+        self.totals = dict.fromkeys(_COUNTERS, 0.0)
+        self.server, self.thread = start_http_server(port, addr=addr, registry=self.registry)
+        self.port = self.server.server_address[1]
+        logger.info(f"prometheus metrics on http://{addr}:{self.port}/metrics")
+
+    def log(self, step: int, metrics: dict) -> None:
+        for key, value in {"step": step, **metrics}.items():
+            if value is None or isinstance(value, (str, bool)):
+                continue
+            if key in self.gauges:
+                self.gauges[key].set(value)
+            elif key in self.counters and value > self.totals[key]:
+                self.counters[key].inc(value - self.totals[key])
+                self.totals[key] = value
+
+    def close(self, summary: dict | None = None) -> None:
+        self.server.shutdown()
+        self.server.server_close()

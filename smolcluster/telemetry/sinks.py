@@ -1,0 +1,35 @@
+"""Build the optional metrics sinks a node's ``logging`` config turns on: W&B and Prometheus.
+
+A sink has ``log(step, metrics)`` and ``close(summary)``; :class:`~smolcluster.telemetry.run_files.RunRecorder`
+fans every logged row out to them. A sink that cannot start (a port taken, W&B
+failing) is logged with the fix and left out: tracking never takes training down.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loguru import logger
+
+from smolcluster.telemetry.prometheus import PrometheusSink, port_for
+from smolcluster.telemetry.wandb_sink import WandbSink, resolve_mode
+
+
+def build_sinks(logging_cfg, *, run_dir: Path, identity: dict, config: dict) -> list:
+    sinks: list = []
+    prom = logging_cfg.get("prometheus") or {}
+    if prom.get("port") is not None:
+        port = port_for(int(prom["port"]), identity.get("role", ""), identity.get("rank") or 0)
+        try:
+            sinks.append(PrometheusSink(port, identity, addr=prom.get("addr") or "0.0.0.0"))
+        except OSError as e:
+            logger.warning(f"no prometheus endpoint: port {port} is not free ({e}); choose another base with "
+                           "logging.prometheus.port=N (workers use N+1+rank) or 0 for any free port")
+    wcfg = logging_cfg.get("wandb") or {}
+    mode = resolve_mode(wcfg.get("mode") or "disabled")
+    if mode != "disabled":
+        try:
+            sinks.append(WandbSink(wcfg, run_dir, identity, config, mode))
+        except Exception as e:  # wandb raises its own zoo of errors; none of them may stop training
+            logger.warning(f"W&B tracking is off for this run: wandb.init failed: {e}")
+    return sinks
