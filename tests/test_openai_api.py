@@ -34,11 +34,12 @@ MODEL = "tiny"
 CONTEXT = 256
 
 
-def write_tiny_run(d: Path, n_positions: int, vocab: int = 500, seed: int = 0) -> Path:
+def write_tiny_run(d: Path, n_positions: int, vocab: int = 500, seed: int = 0,
+                   n_layer: int = 2, n_embd: int = 64) -> Path:
     """A run directory as ``train`` writes it: a seeded random GPT-2 (n_head=4, as model=gpt2-tiny says)
     in checkpoint.safetensors, and a byte-level BPE of its vocabulary in tokenizer.json."""
     torch.manual_seed(seed)
-    model = build_gpt2(vocab_size=vocab, n_layer=2, n_head=4, n_embd=64, n_positions=n_positions).eval()
+    model = build_gpt2(vocab_size=vocab, n_layer=n_layer, n_head=4, n_embd=n_embd, n_positions=n_positions).eval()
     checkpoint.save(d, model, None, 0)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
