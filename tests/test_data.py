@@ -84,3 +84,55 @@ def test_text_windows_are_shifted_by_one():
 def test_missing_text_file_is_named(tmp_path):
     with pytest.raises(DataError, match="data.path=.*no such file"):
         text.read_corpus(str(tmp_path / "missing.txt"))
+
+
+@pytest.fixture
+def mirror(mnist_root):
+    """A real HTTP mirror on loopback serving the shared MNIST files, as the public mirror would."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(mnist_root))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+
+
+def test_missing_mnist_files_are_downloaded_checked_and_kept(tmp_path, mnist_root, mirror):
+    root = tmp_path / "mnist"
+    tx, ty, vx, vy = mnist.load(root, download=True, mirror=mirror)
+    assert tx.shape == (19000, 784) and vx.shape == (10000, 784)
+    assert sorted(p.name for p in root.iterdir()) == sorted(f.name for f in mnist_root.iterdir() if f.suffix == ".gz")
+    assert torch.equal(tx, mnist.load(mnist_root)[0])  # byte for byte what the mirror holds
+
+
+def test_a_failed_or_truncated_download_names_the_file_and_the_fix_and_leaves_nothing(tmp_path, mnist_root):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: "offline"
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/"
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz is not in .* download from .* failed.*data.root=DIR"):
+        mnist.load(tmp_path / "a", download=True, mirror=dead)
+    assert not any((tmp_path / "a").iterdir())
+    half = tmp_path / "half"  # a mirror whose file is cut short
+    half.mkdir()
+    for f in mnist_root.iterdir():
+        (half / f.name).write_bytes(f.read_bytes()[: 1000 if "train-images" in f.name else None])
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(half))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(DataError, match="train-images-idx3-ubyte.gz .*failed"):
+            mnist.load(tmp_path / "b", download=True, mirror=f"http://127.0.0.1:{server.server_address[1]}/")
+    finally:
+        server.shutdown()
+    assert not list((tmp_path / "b").glob("train-images*"))  # the cut file never landed

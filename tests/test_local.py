@@ -9,13 +9,13 @@ from safetensors.torch import load_file
 from tests.conftest import REPO, run_cli, train
 
 
-def test_default_job_on_embedded_digits_beats_90_percent_and_writes_run_files(tmp_path):
-    s = train(tmp_path, "algo=local")
-    assert s["algo"] == "local" and s["model"] == "mnist" and s["data"] == "digits"
+def test_the_readme_default_job_beats_90_percent_on_embedded_digits_and_writes_run_files(tmp_path):
+    s = train(tmp_path)  # exactly what `make train` runs: no overrides
+    assert s["algo"] == "syncps" and s["model"] == "mnist" and s["data"] == "digits"
     assert s["eval_accuracy"] > 0.90
     for key in ("steps", "samples", "wall_s", "samples_per_s", "final_loss", "eval_loss"):
         assert s[key] is not None, key
-    assert s["samples"] == s["steps"] * 64
+    assert s["samples"] == s["steps"] * 64 * 2 and s["workers_lost"] == []  # 2 local workers, batch 64 each
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses[-1] < losses[0] / 3

@@ -19,31 +19,37 @@ def _rows(sweep_dir: Path) -> list[dict]:
 
 
 def test_multirun_of_four_jobs_writes_four_summaries_and_the_table(tmp_path):
+    """The issue's own sweep: each job starts its whole cluster (server + workers) on its own port."""
     sweep_dir = tmp_path / "sweep"
-    run_cli("smolcluster.train", "-m", "algo=local", "train.steps=8,16", "train.lr=0.01,0.05",
-            "train.progress=false", f"hydra.sweep.dir={sweep_dir}", timeout=240)
+    run_cli("smolcluster.train", "-m", "algo=syncps,edp", "train.lr=0.01,0.05", "train.steps=12",
+            "cluster.workers=2", "train.progress=false", f"hydra.sweep.dir={sweep_dir}", timeout=300)
     summaries = {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/summary.json")}
     assert sorted(summaries) == ["0", "1", "2", "3"]
 
     rows = _rows(sweep_dir)
     assert [r["job"] for r in rows] == ["0", "1", "2", "3"]
     # the swept keys are columns; each job's row carries its own values and its own summary figures
-    assert {(r["train.steps"], r["train.lr"]) for r in rows} == {
-        ("8", "0.01"), ("8", "0.05"), ("16", "0.01"), ("16", "0.05")}
+    assert {(r["algo"], r["train.lr"]) for r in rows} == {
+        ("syncps", "0.01"), ("syncps", "0.05"), ("edp", "0.01"), ("edp", "0.05")}
     for r in rows:
         s = summaries[r["job"]]
         assert r["status"] == "ok"
-        assert int(r["steps"]) == s["steps"] == int(r["train.steps"])
+        assert s["algo"] == r["algo"] and int(r["steps"]) == s["steps"] == 12
+        # syncps waits for both workers; edp starts with the first (elastic), so in 12 steps it may be alone
+        assert sorted(s["workers"]) == ["0", "1"] if s["algo"] == "syncps" else s["workers"]
+        assert all(w["applied"] > 0 for w in s["workers"].values())
         assert float(r["final_loss"]) == pytest.approx(s["final_loss"])
         assert float(r["eval_accuracy"]) == pytest.approx(s["eval_accuracy"])
         assert s["config"]["train"]["lr"] == float(r["train.lr"])
-    # different hyperparameters give different results: the table is not one job copied four times
+    # every job had its own server port; different settings gave different results
+    ports = {json.loads((sweep_dir / r["job"] / "server.json").read_text())["port"] for r in rows}
+    assert len(ports) == 4
     assert len({r["final_loss"] for r in rows}) == 4
 
     md = (sweep_dir / "sweep.md").read_text()
     assert "4 of 4 jobs finished" in md
     assert md.count("\n| ") == 5  # header + 4 jobs
-    assert "| job | train.steps | train.lr | status |" in md
+    assert "| job | algo | train.lr | status |" in md
 
 
 def test_table_marks_a_job_without_summary(tmp_path):

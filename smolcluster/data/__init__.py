@@ -34,7 +34,8 @@ def build_data(data_cfg: DictConfig, model_cfg: DictConfig) -> DataBundle:
     if name == "mnist":
         from smolcluster.data import mnist
 
-        tx, ty, vx, vy = mnist.load(data_cfg.root, download=bool(data_cfg.get("download", False)))
+        tx, ty, vx, vy = mnist.load(data_cfg.root, download=bool(data_cfg.get("download", False)),
+                                    mirror=data_cfg.get("mirror") or mnist.MIRROR)
         return DataBundle(tx, ty, vx, vy, info={"in_features": tx.shape[1], "num_classes": 10})
     if name == "text":
         from smolcluster.data import text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import urllib.request
 from pathlib import Path
 
@@ -18,7 +19,7 @@ FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
-MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"  # the mirror torchvision uses
 _MAGIC = {2049: 1, 2051: 3}  # labels: 1 dimension, images: 3 dimensions
 
 
@@ -29,19 +30,25 @@ def _find(root: Path, stem: str) -> Path | None:
     return None
 
 
-def _download(root: Path, stem: str) -> Path:
+def _download(root: Path, stem: str, mirror: str) -> Path:
+    """Fetch ``stem.gz`` from the mirror into root: written to a .part file, checked, then renamed."""
     root.mkdir(parents=True, exist_ok=True)
-    dest = root / (stem + ".gz")
-    url = MIRROR + stem + ".gz"
+    # one .part per process: the workers of a cluster on one machine may all download at once
+    dest, part = root / (stem + ".gz"), root / f"{stem}.part{os.getpid()}.gz"
+    url = mirror.rstrip("/") + "/" + stem + ".gz"
     logger.info(f"downloading {url}")
     try:
         with urllib.request.urlopen(url, timeout=30) as r:
-            dest.write_bytes(r.read())
-    except OSError as e:
+            part.write_bytes(r.read())
+        read_idx(part)  # a truncated or wrong download never lands under the real name
+    except (OSError, DataError) as e:
+        part.unlink(missing_ok=True)
         raise DataError(
-            f"MNIST file {stem}(.gz) is not in {root} and the download from {url} failed ({e}); "
-            f"copy the four IDX files into {root} or set data.root=DIR"
+            f"MNIST file {stem}.gz is not in {root.resolve()} and the download from {url} failed ({e}): "
+            f"copy the four IDX files into {root.resolve()}, point data.root=DIR at a copy, or set "
+            "data.mirror=URL to another mirror"
         ) from e
+    part.replace(dest)
     return dest
 
 
@@ -68,7 +75,8 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def load(root: str | Path, download: bool = False):
+def load(root: str | Path, download: bool = False, mirror: str = MIRROR):
+    """(train_x, train_y, test_x, test_y); missing files are fetched from ``mirror`` when ``download``."""
     root = Path(root).expanduser()
     arrays = {}
     for key, stem in FILES.items():
@@ -79,7 +87,7 @@ def load(root: str | Path, download: bool = False):
                     f"MNIST file {stem}.gz not found in {root.resolve()}: put the four IDX files there, "
                     "set data.root=DIR, or set data.download=true to fetch them"
                 )
-            path = _download(root, stem)
+            path = _download(root, stem, mirror)
         arrays[key] = read_idx(path)
     for split in ("train", "test"):
         n_img, n_lab = len(arrays[f"{split}_images"]), len(arrays[f"{split}_labels"])

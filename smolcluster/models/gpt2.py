@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from smolcluster.errors import ConfigError
@@ -29,16 +32,33 @@ def build_gpt2(
     """GPT-2 of the given shape. The caller seeds torch first, so random init is reproducible."""
     del block_size
     if pretrained:
-        try:
-            # Never reach for the network at run time: a local dir or the HF cache only.
-            return GPT2LMHeadModel.from_pretrained(pretrained, local_files_only=True)
-        except OSError as e:
-            raise ConfigError(
-                f"model.pretrained={pretrained!r}: no GPT-2 weights found there or in the Hugging Face "
-                "cache; point it at a directory holding config.json + model.safetensors, or set "
-                "model.pretrained=null for a random init"
-            ) from e
+        return _load_pretrained(pretrained)
     config = gpt2_config(vocab_size, n_layer, n_head, n_embd, n_positions, dropout)
     if eos_token_id is not None:  # a tokenizer trained on the corpus has its own end-of-text id
         config.bos_token_id = config.eos_token_id = eos_token_id
     return GPT2LMHeadModel(config)
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _load_pretrained(pretrained: str) -> GPT2LMHeadModel:
+    """A local directory or the HF cache first; the hub only for a hub id (not a path) when online."""
+    try:
+        return GPT2LMHeadModel.from_pretrained(pretrained, local_files_only=True)
+    except OSError as e:
+        local_error = e
+    # a hub id is "name" or "org/name"; anything else is a path the user meant on this disk
+    is_path = pretrained.startswith(("/", ".", "~")) or pretrained.count("/") > 1 or Path(pretrained).exists()
+    if not is_path and not _offline():
+        try:
+            return GPT2LMHeadModel.from_pretrained(pretrained)
+        except (OSError, ValueError) as e:
+            local_error = e
+    where = "there" if is_path else "in the Hugging Face cache" + ("" if _offline() else " or on the hub")
+    raise ConfigError(
+        f"model.pretrained={pretrained!r}: no GPT-2 weights found {where} ({type(local_error).__name__}); "
+        "point it at a directory holding config.json + model.safetensors, or set model.pretrained=null "
+        "for a random init" + ("" if is_path or _offline() else " (offline? HF_HUB_OFFLINE=1 skips the hub)")
+    ) from local_error
