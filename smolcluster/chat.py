@@ -4,7 +4,7 @@
     python -m smolcluster.chat checkpoint=RUN_DIR serve.port=8000
     python -m smolcluster.chat role=head checkpoint=RUN_DIR cluster=lan-example head_host=HOST
 
-The page is at ``http://HOST:PORT/``, the API under ``/v1`` (docs/chat.md).
+The page is at ``http://HOST:PORT/``, the API under ``/v1`` (docs/inference.md).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from smolcluster.telemetry.logging import setup_logging
 
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="chat")
 def main(cfg: DictConfig) -> None:
-    setup_logging(role="chat", algo="chat", level=cfg.logging.level)
+    setup_logging(role="chat", algo="chat", level=cfg.logging.level, loki=cfg.logging.get("loki"))
     from smolcluster.serving.config import serve
 
     try:

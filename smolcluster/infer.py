@@ -23,7 +23,7 @@ from smolcluster.telemetry.logging import setup_logging
 
 def run(cfg: DictConfig) -> dict | None:
     setup_logging(role="infer" if cfg.role != "stage" else "stage", rank=cfg.rank if cfg.rank is not None else "",
-                  algo="infer", level=cfg.logging.level)
+                  algo="infer", level=cfg.logging.level, loki=cfg.logging.get("loki"))
     if cfg.role == "stage":
         from smolcluster.pipeline.api import serve_config_from
         from smolcluster.pipeline.serve import StageServer

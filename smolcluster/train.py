@@ -40,7 +40,8 @@ def run(cfg: DictConfig) -> dict | None:
         cfg.run_id = cfg.get("run_id") or new_run_id()
     role = cfg.role if cfg.algo.name != "local" else "main"
     setup_logging(node=cfg.get("node") or node_name(), role=role, rank=cfg.rank if cfg.rank is not None else "",
-                  algo=cfg.algo.name, run_id=cfg.run_id, run_dir=run_dir, level=cfg.logging.level)
+                  algo=cfg.algo.name, run_id=cfg.run_id, run_dir=run_dir, level=cfg.logging.level,
+                  loki=cfg.logging.get("loki"))
     validate(cfg)
     summary = algorithms.get(cfg.algo.name).run(cfg, run_dir)
     if summary and role in ("main", "launch", "server"):

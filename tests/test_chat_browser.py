@@ -8,6 +8,7 @@ Needs Debian's chromium + chromium-driver (``sh scripts/test-deps.sh`` as root; 
 
 from __future__ import annotations
 
+import os
 import queue
 import re
 import shutil
@@ -30,10 +31,18 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 MAX_NEW = 1000  # far more than the test lets it make before pressing Stop
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None,
-    reason="chromium and chromium-driver are not installed: run `sh scripts/test-deps.sh` as root "
-           "(make test does)")
+NO_BROWSER = CHROMIUM is None or CHROMEDRIVER is None
+NO_BROWSER_WHY = ("chromium and chromium-driver are not installed: run `sh scripts/test-deps.sh` as root "
+                  "(make test does)")
+
+if NO_BROWSER and os.environ.get("CI") == "true":
+    # CI must run this test, not skip it: a missing browser is an error there (and says how to fix it).
+    # Autouse at module scope, so it runs before the module's chat_server fixture starts anything.
+    @pytest.fixture(scope="module", autouse=True)
+    def _browser_required_in_ci():
+        pytest.fail(f"CI=true but {NO_BROWSER_WHY}; the browser test must not be skipped in CI", pytrace=False)
+else:
+    pytestmark = pytest.mark.skipif(NO_BROWSER, reason=NO_BROWSER_WHY)
 
 
 @pytest.fixture(scope="module")

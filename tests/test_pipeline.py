@@ -310,6 +310,52 @@ def test_a_lost_last_message_is_caught_by_the_next_heartbeat():
         b.close()
 
 
+def test_a_restarted_peer_is_not_charged_with_what_its_previous_incarnation_received():
+    """s1 restarts while s0 runs on: s0's next heartbeat still counts the messages it sent the old s1."""
+    a, b = mesh_pair()
+    b2 = None
+    try:
+        for i in range(10):
+            a.send("s1", "mp.grad", {"step": i, "mb": 0}, {"g": np.zeros(3, np.float32)})
+        assert [recv_one(b).fields["step"] for _ in range(10)] == list(range(10))
+        address, old_inc = b.address, b.incarnation
+        b.close()
+        b2 = Mesh("s1", address, heartbeat_s=0.1, liveness_s=5.0)  # the same node, a new process
+        b2.add_peer("s0", a.address)
+        stop = threading.Event()
+        s0 = threading.Thread(target=lambda: [a.recv(0.05) for _ in iter(stop.is_set, True)])  # s0 runs on
+        s0.start()
+        try:
+            b2.wait_ready(["s0"], 10)  # raised "messages 0..9 from s0 were lost" before the fix
+            for _ in range(10):  # several of s0's heartbeats, before and after it hears the new s1
+                b2.recv(0.05)
+            assert wait_for(lambda: a.peers["s1"].incarnation == b2.incarnation != old_inc)
+        finally:
+            stop.set()
+            s0.join()
+        for i in range(5):  # the link starts afresh: exact sequence numbers from 0 again
+            a.send("s1", "mp.grad", {"step": i, "mb": 0}, {"g": np.zeros(3, np.float32)})
+        assert [recv_one(b2).fields["step"] for _ in range(5)] == list(range(5))
+        with a.outbox.lock:
+            a.peers["s1"].sent_seq += 1  # and a real loss to the new incarnation is still caught
+        with pytest.raises(PeerError, match=r"messages 5..5 from s0 were lost"):
+            for _ in range(50):
+                b2.recv(0.1)
+    finally:
+        for m in (a, b, b2):
+            if m is not None:
+                m.close()
+
+
+def wait_for(cond, timeout_s=10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def test_real_high_water_mark_drops_are_detected():
     a, b = mesh_pair(hwm=4)
     try:

@@ -162,8 +162,11 @@ class Mesh:
                 return
             heard = [p.name for p in self.peers.values() if p.heard_from and now - p.last_seen < self.liveness_s]
             sent = {p.name: p.sent_seq for p in self.peers.values()}
+            # which incarnation of each peer those counts were sent to: a restarted peer must not be
+            # charged with messages its previous incarnation received
+            to_inc = {p.name: p.incarnation for p in self.peers.values()}
             fields = {"src": self.name, "seq": -1, "inc": self.incarnation, "heard": heard, "sent": sent,
-                      "info": dict(self.beacon)}
+                      "to_inc": to_inc, "info": dict(self.beacon)}
             self.outbox.send_locked("all/", protocol.encode("mp.heartbeat", fields, None))
 
     # -- receiving --------------------------------------------------------------------------
@@ -228,6 +231,8 @@ class Mesh:
         peer.heard_us = self.name in fields["heard"]
         peer.info = fields.get("info") or {}
         claimed = int(fields["sent"].get(self.name, -1))
+        if fields["to_inc"].get(self.name) != self.incarnation:
+            claimed = -1  # counted for an earlier incarnation of this node (or before it heard us): not ours
         if claimed > peer.recv_seq:
             # The heartbeat left after those messages on the same ordered connection: they are lost.
             raise PeerError(f"{self.name}: messages {peer.recv_seq + 1}..{claimed} from {src} were lost "

@@ -25,7 +25,7 @@ REQUEST_FIELDS = {"head": str, "max_new_tokens": int, "temperature": _NUM, "top_
 # kind -> (required fields, finite?)
 KINDS: dict[str, tuple[dict, bool]] = {
     # every node, always
-    "mp.heartbeat": ({"inc": str, "heard": list, "sent": dict, "info": dict}, False),
+    "mp.heartbeat": ({"inc": str, "heard": list, "sent": dict, "to_inc": dict, "info": dict}, False),
     "mp.bye": ({}, False),
     # training (GPipe)
     "mp.act": ({"step": int, "mb": int, "phase": str}, True),   # tensors: x, activations into the next stage
