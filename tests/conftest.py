@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,13 @@ def train(run_dir: Path, *overrides: str, timeout: float = 300, **kw) -> dict:
     run_cli("smolcluster.train", f"hydra.run.dir={run_dir}", "train.progress=false", *overrides,
             timeout=timeout, **kw)
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def wait_until(cond, timeout_s: float = 30.0, every_s: float = 0.05) -> bool:
+    """Poll ``cond`` until it is true (True) or ``timeout_s`` passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(every_s)
+    return False

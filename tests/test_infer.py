@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from smolcluster import checkpoint
 from smolcluster.errors import ConfigError, PeerError
 from smolcluster.models.gpt2 import build_gpt2
 from smolcluster.pipeline import InferencePipeline
-from tests.conftest import run_cli
+from tests.conftest import run_cli, wait_until
 
 VOCAB, CONTEXT = 500, 128
 
@@ -49,15 +48,6 @@ def prompt(seed: int, n: int) -> list[int]:
 
 def stage_requests(pipe: InferencePipeline) -> list[int]:
     return [pipe.client.mesh.peers[s].info.get("requests") for s in pipe.client.stages]
-
-
-def wait_until(cond, timeout_s: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -28,7 +27,7 @@ from smolcluster.serving.app import WebServer, build_app
 from smolcluster.serving.engine import Engine, Settings
 from smolcluster.serving.fair_queue import FairQueue
 from smolcluster.serving.prompting import render
-from tests.conftest import run_cli
+from tests.conftest import run_cli, wait_until
 
 MODEL = "tiny"
 CONTEXT = 256
@@ -51,15 +50,6 @@ def write_tiny_run(d: Path, n_positions: int, vocab: int = 500, seed: int = 0,
         show_progress=False))
     tok.save(str(d / "tokenizer.json"))
     return d
-
-
-def wait_until(cond, timeout_s: float = 30.0, every_s: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(every_s)
-    return False
 
 
 class Served:

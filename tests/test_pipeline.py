@@ -34,6 +34,7 @@ from smolcluster.pipeline.partition import plan, split_blocks
 from smolcluster.pipeline.sampling import SamplingParams, filter_logits, make_generator, next_token
 from smolcluster.pipeline.sequential import sequential_stage
 from smolcluster.pipeline.weights import gpt2_weights, load_gpt2_stage, read_tensors
+from tests.conftest import wait_until
 
 VOCAB = 300
 
@@ -329,7 +330,7 @@ def test_a_restarted_peer_is_not_charged_with_what_its_previous_incarnation_rece
             b2.wait_ready(["s0"], 10)  # raised "messages 0..9 from s0 were lost" before the fix
             for _ in range(10):  # several of s0's heartbeats, before and after it hears the new s1
                 b2.recv(0.05)
-            assert wait_for(lambda: a.peers["s1"].incarnation == b2.incarnation != old_inc)
+            assert wait_until(lambda: a.peers["s1"].incarnation == b2.incarnation != old_inc)
         finally:
             stop.set()
             s0.join()
@@ -345,15 +346,6 @@ def test_a_restarted_peer_is_not_charged_with_what_its_previous_incarnation_rece
         for m in (a, b, b2):
             if m is not None:
                 m.close()
-
-
-def wait_for(cond, timeout_s=10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_real_high_water_mark_drops_are_detected():

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from smolcluster.pipeline import launch
 from smolcluster.telemetry.prometheus import LABELS, METRICS
 from tests.cluster_util import Cluster
 from tests.conftest import run_cli, train
@@ -24,25 +25,7 @@ FAST = ["cluster.heartbeat_s=0.2", "cluster.liveness_s=3", "cluster.connect_time
 
 def free_ports(n: int) -> int:
     """A base port with base..base+n-1 all free right now."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n >= 65535:
-            continue
-        try:
-            socks = []
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no run of free ports")
+    return launch.free_ports("127.0.0.1", n)
 
 
 def test_an_offline_wandb_run_per_node_holds_the_metrics(tmp_path):
@@ -76,11 +59,16 @@ def test_an_offline_wandb_run_per_node_holds_the_metrics(tmp_path):
     assert norms["hardware/rss_bytes"] > 50e6 and norms["hardware/cpu_percent"] >= 0
     assert any(row.get("wire/bytes_received_per_s", 0) > 0 for row in server.history.values())
 
-    for name in ("worker0", "worker1"):
+    reports = {}
+    for name in ("worker0", "worker1"):  # each worker's own run: its speed, its bytes, its memory
         hist = runs[name].history
-        steps = sorted(k for k, v in hist.items() if "train/samples_per_s" in v)
-        assert len(steps) >= 2 and hist[steps[-1]]["wire/bytes_sent"] > hist[steps[0]]["wire/bytes_sent"] > 0
-        assert hist[steps[-1]]["wire/bytes_received"] > 0 and hist[steps[0]]["hardware/rss_bytes"] > 50e6
+        reports[name] = [hist[k] for k in sorted(k for k, v in hist.items() if "train/samples_per_s" in v)]
+        assert reports[name] and reports[name][0]["train/samples_per_s"] > 0
+        assert reports[name][0]["wire/bytes_sent"] > 0 and reports[name][0]["wire/bytes_received"] > 0
+        assert reports[name][0]["hardware/rss_bytes"] > 50e6
+    # no barrier in EDP: a busy machine may give one worker most of the 100 updates, but together they log on
+    longest = max(reports.values(), key=len)
+    assert len(longest) >= 2 and longest[-1]["wire/bytes_sent"] > longest[0]["wire/bytes_sent"]
 
 
 def test_wandb_online_without_a_login_falls_back_to_offline_and_a_bad_mode_is_refused(tmp_path):
