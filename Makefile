@@ -26,7 +26,7 @@ train-gpt2: install  ## gpt2-tiny on the embedded text corpus
 	$(BIN)/python -m smolcluster.train model=gpt2-tiny data=text train.optimizer=adamw train.lr=3e-3 train.batch_size=16 train.steps=300 train.eval_every=100 $(ARGS)
 
 train-edp: install  ## EDP (asynchronous PS) with 2 workers, one made 3x slower
-	$(BIN)/python -m smolcluster.train algo=edp "cluster.nodes=[{delay_s: 0.0},{delay_s: 0.003}]" $(ARGS)
+	$(BIN)/python -m smolcluster.train algo=edp "cluster.nodes=[{delay_s: 0.01},{delay_s: 0.03}]" $(ARGS)
 
 train-mp: install  ## model parallel: gpt2-tiny split into 2 pipeline stages, 4 micro-batches
 	$(BIN)/python -m smolcluster.train algo=mp model=gpt2-tiny data=text train.optimizer=adamw train.lr=3e-3 train.batch_size=16 algo.microbatches=4 train.steps=200 $(ARGS)

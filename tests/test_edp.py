@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import time
 
 import numpy as np
@@ -25,13 +27,37 @@ def test_edp_mnist_two_workers_same_sample_budget_as_syncps(tmp_path, mnist_root
     assert s["applied"] == s["steps"] and s["workers"]["0"]["applied"] > 0 and s["workers"]["1"]["applied"] > 0
 
 
+def run(run_dir, *overrides: str, workers: int = 2) -> dict:
+    """Server and workers as processes; the summary once the server is done. (Not the launcher: it waits
+    for a worker that was still starting when a short run ended, to retry and give up.)"""
+    with Cluster(run_dir, "edp", *overrides, *FAST, workers=workers) as c:
+        c.server()
+        for rank in range(workers):
+            c.worker(rank)
+        assert c.wait("server", timeout=120) == 0, c.output("server")[-3000:]
+        return c.summary()
+
+
+def per_update(s: dict, key: str) -> float:
+    """Bytes per gradient handled: received = gradients up; sent = weights down (a pull follows each push)."""
+    return s[key] / (s["applied"] + s["dropped"])
+
+
 def test_int8_with_error_feedback_matches_uncompressed_with_4x_fewer_bytes(tmp_path, mnist_root):
     common = ["algo=edp", "data=mnist", f"data.root={mnist_root}", "train.epochs=3"]
     plain = train(tmp_path / "none", *common)
-    small = train(tmp_path / "int8", *common, "algo.codec=int8")
+    small = train(tmp_path / "int8", *common, "algo.compression=int8")
     assert small["eval_accuracy"] >= plain["eval_accuracy"] - 0.01, (small["eval_accuracy"], plain["eval_accuracy"])
-    per_update = {s["config"]["algo"]["codec"]: s["bytes_received"] / (s["applied"] + s["dropped"]) for s in (plain, small)}
-    assert 3.5 < per_update["none"] / per_update["int8"] < 4.1, per_update
+    up = {s["config"]["algo"]["compression"]: per_update(s, "bytes_received") for s in (plain, small)}
+    assert 3.5 < up["none"] / up["int8"] < 4.1, up
+    # only the gradients: the weights still go down in float32 (algo.weights_compression=none)
+    assert per_update(small, "bytes_sent") > 3.9 * small["params"], small["bytes_sent"]
+
+
+def test_the_old_codec_key_still_works_and_weights_compression_is_separate(tmp_path):
+    s = run(tmp_path, "train.steps=60", "algo.codec=int8", "algo.weights_compression=bf16", workers=1)
+    assert per_update(s, "bytes_received") < 1.1 * s["params"]  # int8 gradients: about a byte a value
+    assert 1.9 * s["params"] < per_update(s, "bytes_sent") < 2.2 * s["params"]  # bf16 weights: two bytes
 
 
 @pytest.mark.slow
@@ -69,55 +95,130 @@ def fingerprint() -> str:
     return Trainer(cfg, [64], with_optimizer=False).fingerprint
 
 
+class HandWorker:
+    """A worker driven by hand: a raw DEALER speaking the wire protocol to a live EDP server."""
+
+    def __init__(self, cluster: Cluster):
+        self.cluster = cluster
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(f"tcp://127.0.0.1:{cluster.port}")
+        self.send("register", {"rank": 0, "node": "probe", "device": "cpu", "batch_size": 64,
+                               "protocol": wire.PROTOCOL_VERSION, "fingerprint": fingerprint(), "algo": "edp"})
+        welcome = self.reply()
+        assert welcome.kind == "welcome", welcome.fields
+        self.weights = welcome.tensors["float32"].copy()
+
+    def send(self, kind, fields, tensors=None):
+        self.sock.send_multipart([bytes(f) for f in wire.encode(kind, fields, tensors)])
+
+    def reply(self):
+        assert self.sock.poll(30_000), self.cluster.output("server")[-2000:]
+        return wire.decode(self.sock.recv_multipart(), max_bytes=1 << 26)
+
+    def grad(self, version: int, g: np.ndarray):
+        self.send("grad", {"rank": 0, "step": 1, "version": version, "samples": 64, "loss": 1.0}, {"float32": g})
+
+    def pull(self) -> tuple[int, np.ndarray]:
+        self.send("pull", {"rank": 0})
+        msg = self.reply()
+        assert msg.kind == "weights"
+        return msg.fields["version"], msg.tensors["float32"].copy()
+
+    def close(self):
+        self.sock.close()
+
+
 def test_gradients_beyond_max_staleness_are_provably_not_applied(tmp_path):
     """A hand-driven worker: fresh gradients move the weights, one too stale does not move them at all."""
     with Cluster(tmp_path, "edp", "train.steps=20", "algo.max_staleness=3", *FAST, workers=1) as c:
         c.server()
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(f"tcp://127.0.0.1:{c.port}")
-
-        def send(kind, fields, tensors=None):
-            sock.send_multipart([bytes(f) for f in wire.encode(kind, fields, tensors)])
-
-        def reply():
-            assert sock.poll(30_000), c.output("server")[-2000:]
-            return wire.decode(sock.recv_multipart(), max_bytes=1 << 26)
-
-        send("register", {"rank": 0, "node": "probe", "device": "cpu", "batch_size": 64, "protocol": 1,
-                          "fingerprint": fingerprint(), "algo": "edp"})
-        welcome = reply()
-        assert welcome.kind == "welcome", welcome.fields
-        n = welcome.tensors["float32"].size
+        w = HandWorker(c)
+        n = w.weights.size
         rng = np.random.default_rng(0)
 
         def grad(version, scale):
-            send("grad", {"rank": 0, "step": 1, "version": version, "samples": 64, "loss": 1.0},
-                 {"float32": (rng.normal(size=n) * scale).astype(np.float32)})
-
-        def pull():
-            send("pull", {"rank": 0})
-            msg = reply()
-            assert msg.kind == "weights"
-            return msg.fields["version"], msg.tensors["float32"].copy()
+            w.grad(version, (rng.normal(size=n) * scale).astype(np.float32))
 
         for v in range(5):  # five fresh gradients: each applied, the version advances
             grad(v, 1e-3)
-            version, weights = pull()
+            version, weights = w.pull()
             assert version == v + 1
         grad(0, 1e6)  # staleness 5 > max_staleness 3, and huge: applying it would wreck the model
-        version, after = pull()
+        version, after = w.pull()
         assert version == 5 and np.array_equal(after, weights)
         grad(5, 1e-3)  # a fresh one is applied again
-        version, moved = pull()
+        version, moved = w.pull()
         assert version == 6 and not np.array_equal(moved, weights)
         for v in range(6, 19):
             grad(v, 1e-3)
-            pull()
+            w.pull()
         grad(19, 1e-3)  # the last update: the server finishes and tells us to stop
-        assert reply().kind == "stop"
+        assert w.reply().kind == "stop"
         assert c.wait("server", timeout=60) == 0
-        sock.close()
+        w.close()
         s = c.summary()
     assert s["dropped"] == 1 and s["applied"] == 20
     assert s["workers"]["0"]["staleness_max"] == 5
+
+
+@pytest.mark.parametrize("rule", ["inverse", "constant", "dc"])
+def test_a_stale_gradient_moves_the_weights_by_exactly_what_the_rule_says(tmp_path, rule):
+    """Plain SGD at a constant lr, so a step is exactly w -= lr * scale * g: the staleness rule is all that varies."""
+    lr, lam = 0.05, 0.5
+    with Cluster(tmp_path, "edp", "train.steps=4", "train.momentum=0", "train.schedule=constant", f"train.lr={lr}",
+                 f"algo.staleness_rule={rule}", f"algo.dc_lambda={lam}", *FAST, workers=1) as c:
+        c.server()
+        w = HandWorker(c)
+        w0 = w.weights
+        g1, g2, g = np.random.default_rng(0).normal(size=(3, w0.size)).astype(np.float32)
+        w.grad(0, g1)
+        version, w1 = w.pull()
+        assert version == 1
+        np.testing.assert_allclose(w1, w0 - lr * g1, rtol=0, atol=1e-6)  # fresh: a full step under every rule
+        w.grad(1, g2)
+        version, w2 = w.pull()
+        assert version == 2
+        w.grad(0, g)  # computed on version 0, applied to version 2: staleness 2
+        version, w3 = w.pull()
+        assert version == 3
+        step = {"inverse": g / 3, "constant": g, "dc": (g + lam * g * g * (w2 - w0)) / 3}[rule]
+        np.testing.assert_allclose(w3, w2 - lr * step, rtol=0, atol=1e-6)
+        w.grad(3, g1)  # the last update: the server finishes
+        assert w.reply().kind == "stop"
+        assert c.wait("server", timeout=60) == 0
+        w.close()
+    assert c.summary()["workers"]["0"]["staleness_hist"] == [3, 0, 1]
+
+
+def test_per_worker_metrics_show_which_worker_is_slow(tmp_path):
+    s = run(tmp_path, "train.steps=150", "train.log_every=10", "cluster.nodes=[{delay_s: 0.02},{delay_s: 0.1}]")
+    fast, slow = s["workers"]["0"], s["workers"]["1"]
+    assert slow["samples_per_s"] < fast["samples_per_s"] / 2, (slow["samples_per_s"], fast["samples_per_s"])
+    # the slow worker computes while the fast one moves the weights on: its gradients are the staler
+    assert slow["staleness_mean"] > fast["staleness_mean"]
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "applied" in r]
+    assert len(logged) == 15
+    for r in logged:  # each update is one worker's: the per-rank counts add up to the total
+        assert sum(r.get(f"applied/{k}", 0) for k in (0, 1)) == r["applied"], r
+    last = logged[-1]
+    assert last["applied/0"] == fast["applied"] and last["applied/1"] == slow["applied"]
+    assert last["samples_per_s/1"] < last["samples_per_s/0"] / 2
+    assert any("staleness/0" in r for r in logged) and any("staleness/1" in r for r in logged)
+
+
+def test_edp_stop_after_then_resume_continues_to_the_end(tmp_path):
+    common = ["train.steps=120", "train.log_every=10"]
+    first = run(tmp_path, *common, "train.stop_after=60")
+    assert first["steps"] == 60 and first["applied"] == 60
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["step"] == 60
+    resumed = run(tmp_path, *common, f"resume={tmp_path}")
+    assert resumed["steps"] == 120 and resumed["applied"] == 60  # the remaining 60 updates, no more
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in logged] == list(range(10, 121, 10))  # appended: 10..60, then 70..120
+    # it went on from the trained weights and schedule: the first resumed loss is far below the first one,
+    # and step 70's lr is the 120-step cosine's (0.05 decaying to 0.005), not a fresh schedule's
+    assert logged[6]["loss"] < logged[0]["loss"] / 2
+    assert logged[6]["lr"] == pytest.approx(0.005 + 0.0225 * (1 + math.cos(math.pi * 69 / 120)))

@@ -64,7 +64,8 @@ def test_hostile_input_to_a_live_server_is_rejected_and_the_model_is_untouched(t
     kinds = [m.kind for m in replies]
     assert kinds.count("error") == 9 and kinds.count("refuse") == 1
     rejected = summary["rejected_messages"]
-    assert sum(rejected.values()) == 9, rejected
+    assert sum(rejected.values()) == 10, rejected  # 9 bad messages + the refused foreign-model registration
+    assert rejected.get("refused_fingerprint") == 1, rejected
     for reason in ("truncated", "dtype", "shape_mismatch", "oversize", "unknown_kind", "bad_header", "non_finite",
                    "unregistered"):
         assert rejected.get(reason), (reason, rejected)

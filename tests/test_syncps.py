@@ -140,3 +140,54 @@ def test_heterogeneous_batch_sizes_are_weighted_by_samples_and_ema_is_evaluated(
     assert max_abs_diff(tmp_path / "ps", tmp_path / "local") < 1e-5
     # the EMA weights trail the trained ones: evaluated separately, a different (worse, early on) loss
     assert s["ema_eval_loss"] > s["eval_loss"]
+
+
+def test_a_straggler_is_skipped_and_the_others_apply_every_step(tmp_path):
+    # worker 1 needs 1 s a step, the server waits 0.2 s: it is late at (nearly) every step
+    with Cluster(tmp_path, "syncps", "train.steps=20", "algo.straggler_timeout=0.2", *FAST,
+                 "cluster.nodes=[{},{delay_s: 1.0}]") as c:
+        c.server()
+        c.worker(0)
+        c.worker(1)
+        assert c.wait("server", timeout=120) == 0, c.output("server")[-3000:]
+        assert c.wait("worker1", timeout=60) == 0, c.output("worker1")[-2000:]
+        s = c.summary()
+    w0, w1 = s["workers"]["0"], s["workers"]["1"]
+    assert s["steps"] == 20 and s["workers_lost"] == []
+    assert w0["applied"] == 20 and w0["skipped"] == 0
+    # every step is either applied or skipped for the straggler, each skip counted once
+    assert w1["applied"] + w1["skipped"] == 20 and s["straggler_skips"] == w1["skipped"] >= 15
+    assert s["samples"] == 64 * (20 + w1["applied"])  # the skipped steps averaged worker 0's batch alone
+
+
+def test_a_killed_worker_restarted_with_its_rank_rejoins_on_current_weights(tmp_path):
+    # delay_s caps worker 0 at 10 steps/s: the run is still going when the new worker 1 has started
+    with Cluster(tmp_path, "syncps", "train.steps=100", "train.log_every=5", "algo.straggler_timeout=1", *FAST,
+                 "cluster.nodes=[{delay_s: 0.1},{delay_s: 0.1}]") as c:
+        c.server()
+        c.worker(0)
+        c.worker(1)
+        c.wait_for_step(10)
+        c.kill("worker1")
+        killed_at = c.metrics()[-1]["step"]
+        deadline = time.monotonic() + 60
+        while "worker 1 (worker1) lost" not in c.output("server"):
+            assert time.monotonic() < deadline, c.output("server")[-3000:]
+            time.sleep(0.1)
+        c.worker(1)  # a new process with the same rank
+        assert c.wait("server", timeout=240) == 0, c.output("server")[-3000:]
+        for w in ("worker0", "worker1"):
+            assert c.wait(w, timeout=30) == 0, c.output(w)[-2000:]
+        s = c.summary()
+        rows = c.metrics()
+    w1 = s["workers"]["1"]
+    assert s["steps"] == 100 and s["workers_lost"] == [] and w1["alive"] and w1["rejoins"] == 1
+    assert s["workers"]["0"]["applied"] == 100
+    assert killed_at < w1["lost_step"] < w1["joined_step"] < 100
+    # its history was kept: each step applied (before the kill, after the rejoin), skipped (between the kill
+    # and being declared lost) or missed (while away), and every step since the rejoin applied
+    assert w1["applied"] + w1["skipped"] + (w1["joined_step"] - w1["lost_step"]) == 100
+    assert w1["applied"] >= killed_at + (100 - w1["joined_step"]) - w1["skipped"]
+    # on the current weights: its first loss after the rejoin is the trained model's, not the initial one's
+    first_back = next(r for r in rows if r["step"] > w1["joined_step"] and "loss/1" in r)
+    assert first_back["loss/1"] < rows[0]["loss/1"] / 2

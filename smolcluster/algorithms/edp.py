@@ -24,7 +24,7 @@ from smolcluster.cluster import worker_settings
 from smolcluster.errors import ConfigError, PeerError
 from smolcluster.trainer import Trainer
 from smolcluster.transport import Message
-from smolcluster.transport.compression import ErrorFeedback, get_codec
+from smolcluster.transport.compression import ErrorFeedback
 
 RULES = ("inverse", "constant", "dc")
 
@@ -46,7 +46,7 @@ class EdpServer(ServerBase):
             self.trainer.end_step = min(self.trainer.total_steps, cfg.train.get("stop_after") or self.trainer.total_steps)
         self.rule, self.max_staleness = cfg.algo.staleness_rule, int(cfg.algo.max_staleness)
         self.applied = self.dropped = 0
-        self.window_stale: list[int] = []
+        self.window_stale: dict[int, list[int]] = {}  # per rank, since the last logged step
         self.window_loss: list[float] = []
         # Weights each recent version was sent with, for delay compensation (dc) only.
         self.history: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
@@ -63,6 +63,7 @@ class EdpServer(ServerBase):
         s = self.trainer.step - f["version"]
         worker.stale.append(s)
         worker.last_loss = f["loss"]
+        worker.samples_per_s = f.get("samples_per_s")
         if s > self.max_staleness or s < 0 or self.trainer.step >= self.trainer.end_step:
             worker.skipped += 1
             self.dropped += 1
@@ -78,18 +79,29 @@ class EdpServer(ServerBase):
         worker.applied += 1
         worker.samples += f["samples"]
         self.applied += 1
-        self.window_stale.append(s)
+        self.window_stale.setdefault(worker.rank, []).append(s)
         self.window_loss.append(f["loss"])
-        metrics = {}
-        if self.trainer.step % self.tr.log_every == 0:
-            metrics = {"staleness_mean": float(np.mean(self.window_stale)), "staleness_max": int(max(self.window_stale)),
-                       "applied": self.applied, "dropped": self.dropped,
-                       "bytes_per_update": round(self.bytes_received / max(1, self.applied + self.dropped))}
-            self.window_stale.clear()
+        metrics = self.window_metrics() if self.trainer.step % self.tr.log_every == 0 else {}
         loss = float(np.mean(self.window_loss[-self.tr.log_every:]))
         if len(self.window_loss) > 4 * self.tr.log_every:
             del self.window_loss[: -self.tr.log_every]
         self.after_step(loss, f["samples"], **metrics)
+
+    def window_metrics(self) -> dict:
+        """A logged step's row: staleness over the window since the last one and counts so far, overall and per
+        rank (who is slow, who is stale: what one wants to see when running EDP on unlike machines)."""
+        every = [s for stale in self.window_stale.values() for s in stale]
+        row = {"staleness_mean": float(np.mean(every)), "staleness_max": int(max(every)),
+               "applied": self.applied, "dropped": self.dropped,
+               "bytes_per_update": round(self.bytes_received / max(1, self.applied + self.dropped))}
+        for rank, stale in sorted(self.window_stale.items()):
+            row[f"staleness/{rank}"] = float(np.mean(stale))
+        for rank, w in sorted(self.workers.items()):
+            row[f"applied/{rank}"] = w.applied
+            if w.samples_per_s is not None:
+                row[f"samples_per_s/{rank}"] = round(w.samples_per_s, 2)
+        self.window_stale.clear()
+        return row
 
     def run(self) -> dict:
         self.wait_for_workers(int(self.cfg.algo.min_workers))
@@ -107,8 +119,7 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> None:
     settings = worker_settings(cfg.cluster, rank, cfg.train)
     trainer = Trainer(cfg, batch_sizes(cfg), with_optimizer=False, device=settings["device"])
     link = WorkerLink(cfg, rank, trainer, "edp", run_dir)
-    codec = get_codec(cfg.algo.codec)
-    feedback = ErrorFeedback(codec) if cfg.algo.codec != "none" else None
+    feedback = ErrorFeedback(link.codec) if link.codec != "none" else None
     pull_every, delay = max(1, int(cfg.algo.pull_every)), settings["delay_s"]
     wait_s = cfg.cluster.liveness_s
     msg = link.register()

@@ -27,6 +27,7 @@ from smolcluster.errors import ConfigError, PeerError
 from smolcluster.telemetry.run_files import open_recorder
 from smolcluster.trainer import Trainer
 from smolcluster.transport import ClientEndpoint, Heartbeat, Message, ServerEndpoint, wire
+from smolcluster.transport.compression import get_codec
 
 PROTOCOL = wire.PROTOCOL_VERSION
 
@@ -43,6 +44,18 @@ def server_address(cluster: DictConfig) -> str:
 
 def batch_sizes(cfg: DictConfig) -> list[int]:
     return [worker_settings(cfg.cluster, r, cfg.train)["batch_size"] for r in range(cfg.cluster.workers)]
+
+
+def codecs(algo: DictConfig) -> tuple[str, str]:
+    """(gradient codec, weights codec). ``algo.codec`` is the old name of ``algo.compression`` (the yaml makes it
+    follow ``compression``, so either override works). Weights default to uncompressed: a worker's weights have
+    no error feedback, so int8 rounding would accumulate in every copy instead of being made up later."""
+    grads, weights = algo.get("codec", "none"), algo.get("weights_compression", "none")
+    get_codec(grads)  # an unknown name is a ConfigError listing the valid ones
+    if get_codec(weights).name == "int8":
+        raise ConfigError("algo.weights_compression=int8 is not supported (no error feedback for weights): "
+                          "choose none, fp16 or bf16")
+    return grads, weights
 
 
 def to_numpy(flat: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -66,11 +79,14 @@ class WorkerInfo:
     samples: int = 0
     last_loss: float | None = None
     bytes_received: int = 0
+    samples_per_s: float | None = None  # the worker's own throughput, from its last gradient (EDP)
+    rejoins: int = 0          # registrations after the first (a restarted or reconnected worker)
     stale: list[int] = field(default_factory=list)
 
     def report(self) -> dict:
-        out = {k: getattr(self, k) for k in ("node", "device", "batch_size", "joined_step", "lost_step",
-                                             "applied", "skipped", "samples", "last_loss", "bytes_received")}
+        out = {k: getattr(self, k) for k in ("node", "device", "batch_size", "joined_step", "lost_step", "applied",
+                                             "skipped", "samples", "last_loss", "bytes_received", "samples_per_s",
+                                             "rejoins")}
         out["alive"] = self.alive
         if self.stale:
             s = np.asarray(self.stale)
@@ -91,7 +107,7 @@ class ServerBase:
             self.trainer.resume(cfg.resume)
         self.tr = self.trainer.train
         self.flat = self.trainer.flat
-        self.codec = cfg.algo.get("codec", "none")
+        self.weights_codec = codecs(cfg.algo)[1]  # also checks the gradient codec's name before anyone connects
         port = self.cluster.port or "*"  # 0 / null: let the OS pick, then tell everyone through server.json
         self.endpoint = ServerEndpoint(f"tcp://{self.cluster.bind}:{port}",
                                        max_bytes=max_bytes(self.cluster), curve_dir=self.cluster.get("keys"))
@@ -125,7 +141,9 @@ class ServerBase:
                 return w
         return None
 
-    def refuse(self, peer: bytes, reason: str) -> None:
+    def refuse(self, peer: bytes, why: str, reason: str) -> None:
+        """Turn a registration away; counted per ``why`` in the summary's rejected_messages like any bad message."""
+        self.endpoint.rejected[f"refused_{why}"] += 1
         logger.warning(f"refused a worker: {reason}")
         self.endpoint.send(peer, "refuse", {"reason": reason})
 
@@ -133,21 +151,22 @@ class ServerBase:
         f = msg.fields
         rank = f["rank"]
         if f["protocol"] != PROTOCOL:
-            return self.refuse(peer, f"protocol version {f['protocol']} != server's {PROTOCOL}: run the same smolcluster version on every node")
+            return self.refuse(peer, "protocol", f"protocol version {f['protocol']} != server's {PROTOCOL}: run the same smolcluster version on every node")
         if f["algo"] != self.algo:
-            return self.refuse(peer, f"worker runs algo={f['algo']} but the server runs algo={self.algo}")
+            return self.refuse(peer, "algo", f"worker runs algo={f['algo']} but the server runs algo={self.algo}")
         if f["fingerprint"] != self.trainer.fingerprint:
-            return self.refuse(peer, f"model fingerprint {f['fingerprint']} != server's {self.trainer.fingerprint}: "
+            return self.refuse(peer, "fingerprint", f"model fingerprint {f['fingerprint']} != server's {self.trainer.fingerprint}: "
                                      "every node must use the same model config")
         if not 0 <= rank < self.cluster.workers:
-            return self.refuse(peer, f"rank {rank} is outside 0..{self.cluster.workers - 1} (cluster.workers)")
+            return self.refuse(peer, "rank", f"rank {rank} is outside 0..{self.cluster.workers - 1} (cluster.workers)")
         old = self.workers.get(rank)
         if old is not None and old.alive and old.peer != peer:
             logger.warning(f"worker {rank} re-registered from a new connection; the old one is dropped")
         self.workers[rank] = WorkerInfo(rank, peer, f["node"], f["device"], f["batch_size"], joined_step=self.trainer.step)
-        if old is not None:  # keep its history across reconnects
-            for k in ("applied", "skipped", "samples", "bytes_received", "stale"):
+        if old is not None:  # keep its history across reconnects (lost_step: when it was last lost)
+            for k in ("applied", "skipped", "samples", "bytes_received", "stale", "lost_step"):
                 setattr(self.workers[rank], k, getattr(old, k))
+            self.workers[rank].rejoins = old.rejoins + 1
         logger.info(f"worker {rank} joined from node {f['node']} ({f['device']}, batch {f['batch_size']}) at step {self.trainer.step}")
         self.send_weights(self.workers[rank], kind="welcome")
 
@@ -175,7 +194,7 @@ class ServerBase:
         fields = {"step": self.trainer.step, "version": self.trainer.step}
         if kind == "welcome":
             fields["rank"] = worker.rank
-        self.bytes_sent += self.endpoint.send(worker.peer, kind, fields, self.weights(), codec=self.codec)
+        self.bytes_sent += self.endpoint.send(worker.peer, kind, fields, self.weights(), codec=self.weights_codec)
 
     def gradient_arrays(self, worker: WorkerInfo, msg: Message) -> dict[str, torch.Tensor] | None:
         """The gradient tensors of a ``grad`` message, or None (answered with an error) if they do not fit the model."""
@@ -303,7 +322,7 @@ class WorkerLink:
         self.cluster = cfg.cluster
         self.settings = worker_settings(self.cluster, rank, cfg.train)
         self.address = server_address(self.cluster)
-        self.codec = cfg.algo.get("codec", "none")
+        self.codec = codecs(cfg.algo)[0]
         self.client: ClientEndpoint | None = None
         self.heartbeat: Heartbeat | None = None
         self.bytes_sent = self.bytes_received = 0

@@ -35,7 +35,7 @@ class SyncServer(ServerBase):
     def on_grad(self, worker: WorkerInfo, msg: Message, grads: dict[str, torch.Tensor]) -> None:
         f = msg.fields
         if f["step"] != self.trainer.step:  # a straggler's gradient for a step already taken
-            worker.skipped += 1
+            # not counted again: run() counted the step as skipped when the barrier moved on without it
             logger.debug(f"discarded worker {worker.rank}'s gradient for past step {f['step']}")
             return
         # grads are views of the received frame; they are consumed in barrier() before the next recv
@@ -93,6 +93,22 @@ class SyncServer(ServerBase):
         return self.finish(straggler_skips=self.straggler_skips)
 
 
+def next_message(link: WorkerLink, wait_s: float) -> Message | None:
+    """The server's next word for us, skipping errors (logged) and weights that a newer version in the queue
+    replaces: a straggler then computes on the current step, not on every step it missed, one by one."""
+    msg = None
+    while (got := link.recv(0 if msg is not None else wait_s)) is not None:
+        if got.kind == "error":
+            logger.error(f"server rejected our message: {got.fields['reason']}: {got.fields['detail']}")
+            continue
+        if msg is not None:
+            link.bytes_received += msg.nbytes  # received, then superseded
+        msg = got
+        if msg.kind != "weights":
+            break
+    return msg
+
+
 def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> None:
     device = worker_settings(cfg.cluster, rank, cfg.train)["device"]  # per-node device from the cluster file
     trainer = Trainer(cfg, batch_sizes(cfg), with_optimizer=False, device=device)
@@ -108,10 +124,7 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> None:
                 time.sleep(delay)
             link.push(step, float(loss), n)
             link.report(step + 1, loss, n)
-            msg = link.recv(wait_s)
-            while msg is not None and msg.kind == "error":
-                logger.error(f"server rejected our message: {msg.fields['reason']}: {msg.fields['detail']}")
-                msg = link.recv(wait_s)
+            msg = next_message(link, wait_s)
             if msg is None:
                 logger.warning(f"no weights from {link.address} for {wait_s:.0f}s; re-registering")
                 msg = link.register()
