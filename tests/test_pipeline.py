@@ -321,7 +321,14 @@ def test_a_restarted_peer_is_not_charged_with_what_its_previous_incarnation_rece
         assert [recv_one(b).fields["step"] for _ in range(10)] == list(range(10))
         address, old_inc = b.address, b.incarnation
         b.close()
-        b2 = Mesh("s1", address, heartbeat_s=0.1, liveness_s=5.0)  # the same node, a new process
+        deadline = time.monotonic() + 10
+        while b2 is None:  # the same node, a new process (zmq frees the old port asynchronously)
+            try:
+                b2 = Mesh("s1", address, heartbeat_s=0.1, liveness_s=5.0)
+            except PeerError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
         b2.add_peer("s0", a.address)
         stop = threading.Event()
         s0 = threading.Thread(target=lambda: [a.recv(0.05) for _ in iter(stop.is_set, True)])  # s0 runs on

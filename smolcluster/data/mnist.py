@@ -31,23 +31,23 @@ def _find(root: Path, stem: str) -> Path | None:
 
 
 def _download(root: Path, stem: str, mirror: str) -> Path:
-    """Fetch ``stem.gz`` from the mirror into root: written to a .part file, checked, then renamed."""
-    root.mkdir(parents=True, exist_ok=True)
-    # one .part per process: the workers of a cluster on one machine may all download at once
+    """Fetch ``stem.gz`` from the mirror into root: checked in memory first, so a failed or cut
+    download leaves nothing behind (not even the directory: data.root may be a typo)."""
     dest, part = root / (stem + ".gz"), root / f"{stem}.part{os.getpid()}.gz"
     url = mirror.rstrip("/") + "/" + stem + ".gz"
     logger.info(f"downloading {url}")
     try:
         with urllib.request.urlopen(url, timeout=30) as r:
-            part.write_bytes(r.read())
-        read_idx(part)  # a truncated or wrong download never lands under the real name
-    except (OSError, DataError) as e:
-        part.unlink(missing_ok=True)
+            data = r.read()
+        parse_idx(gzip.decompress(data), url)
+    except (OSError, EOFError, DataError) as e:
         raise DataError(
-            f"MNIST file {stem}.gz is not in {root.resolve()} and the download from {url} failed ({e}): "
+            f"MNIST file {stem}.gz not found in {root.resolve()} and the download from {url} failed ({e}): "
             f"copy the four IDX files into {root.resolve()}, point data.root=DIR at a copy, or set "
             "data.mirror=URL to another mirror"
         ) from e
+    root.mkdir(parents=True, exist_ok=True)
+    part.write_bytes(data)  # one .part per process: the workers of a cluster may all download at once
     part.replace(dest)
     return dest
 
@@ -58,18 +58,22 @@ def read_idx(path: Path) -> np.ndarray:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise DataError(f"{path} is not a readable (gzipped) IDX file ({e}); download it again") from e
+    return parse_idx(raw, path)
+
+
+def parse_idx(raw: bytes, where) -> np.ndarray:
     if len(raw) < 8:
-        raise DataError(f"{path} is truncated ({len(raw)} bytes); download it again")
+        raise DataError(f"{where} is truncated ({len(raw)} bytes); download it again")
     magic = int.from_bytes(raw[:4], "big")
     ndim = _MAGIC.get(magic)
     if ndim is None:
-        raise DataError(f"{path} is not an MNIST IDX file (magic number {magic}); check data.root")
+        raise DataError(f"{where} is not an MNIST IDX file (magic number {magic}); check data.root")
     header = 4 + 4 * ndim
     dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     expected = header + int(np.prod(dims))
     if len(raw) != expected:
         raise DataError(
-            f"{path} is truncated or corrupted: header says {dims} ({expected} bytes) but the file "
+            f"{where} is truncated or corrupted: header says {dims} ({expected} bytes) but the file "
             f"has {len(raw)}; download it again"
         )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
