@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 .PHONY: help install train train-gpt2 train-edp train-mp infer chat test test-deps lint bench keys clean launch cluster-check sweep observability-up observability-down
 
 help:  ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-20s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-20s %s\n", $$1, $$2}'
 
 install: $(STAMP)  ## create .venv and install smolcluster with its dev tools
 
