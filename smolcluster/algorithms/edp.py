@@ -46,6 +46,7 @@ class EdpServer(ServerBase):
             self.trainer.end_step = min(self.trainer.total_steps, cfg.train.get("stop_after") or self.trainer.total_steps)
         self.rule, self.max_staleness = cfg.algo.staleness_rule, int(cfg.algo.max_staleness)
         self.applied = self.dropped = 0
+        self.started = False  # True once algo.min_workers have registered
         self.window_stale: dict[int, list[int]] = {}  # per rank, since the last logged step
         self.window_loss: list[float] = []
         # Weights each recent version was sent with, for delay compensation (dc) only.
@@ -61,13 +62,18 @@ class EdpServer(ServerBase):
     def on_grad(self, worker: WorkerInfo, msg: Message, grads: dict[str, torch.Tensor]) -> None:
         f = msg.fields
         s = self.trainer.step - f["version"]
-        worker.stale.append(s)
         worker.last_loss = f["loss"]
         worker.samples_per_s = f.get("samples_per_s")
-        if s > self.max_staleness or s < 0 or self.trainer.step >= self.trainer.end_step:
+        if not self.started or self.trainer.step >= self.trainer.end_step:
+            # before algo.min_workers have registered (the wait polls the socket, so early workers'
+            # gradients arrive), or after the last update: not applied, not a staleness drop
+            worker.skipped += 1
+            return
+        worker.stale.append(s)
+        if s > self.max_staleness or s < 0:
             worker.skipped += 1
             self.dropped += 1
-            logger.debug(f"dropped worker {worker.rank}'s gradient: staleness {s} > algo.max_staleness={self.max_staleness}")
+            logger.debug(f"dropped worker {worker.rank}'s gradient: staleness {s} outside 0..algo.max_staleness={self.max_staleness}")
             return
         flat = self.trainer.flat
         for name, g in flat.grads.items():
@@ -105,6 +111,7 @@ class EdpServer(ServerBase):
 
     def run(self) -> dict:
         self.wait_for_workers(int(self.cfg.algo.min_workers))
+        self.started = True
         self.start_clock()
         while self.trainer.step < self.trainer.end_step:
             self.poll(0.1)

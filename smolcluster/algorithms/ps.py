@@ -330,6 +330,8 @@ class WorkerLink:
         # This node's own metrics (no metrics.jsonl: the server writes the run's): Prometheus, W&B, hardware.
         self.recorder = open_recorder(cfg, run_dir, files=False) if run_dir is not None else None
         self.samples, self.t0 = 0, time.perf_counter()
+        self._last: tuple[int, float] | None = None  # (step, loss) of the last step done
+        self._logged_step: int | None = None
 
     def _connect(self) -> None:
         self.close()
@@ -375,13 +377,21 @@ class WorkerLink:
     def report(self, step: int, loss, samples: int) -> None:
         """Count this step; every ``train.log_every`` steps hand the worker's figures to its sinks."""
         self.samples += samples
-        if self.recorder is not None and step % self.trainer.train.log_every == 0:
+        self._last = (step, float(loss))
+        if step % self.trainer.train.log_every == 0:
+            self._log_row()
+
+    def _log_row(self) -> None:
+        if self.recorder is not None and self._last is not None and self._last[0] != self._logged_step:
+            step, loss = self._last
             rate = self.samples / max(time.perf_counter() - self.t0, 1e-9)
-            self.recorder.log(step, loss=float(loss), samples=self.samples, samples_per_s=round(rate, 2),
+            self.recorder.log(step, loss=loss, samples=self.samples, samples_per_s=round(rate, 2),
                               bytes_sent=self.bytes_sent, bytes_received=self.bytes_received)
+            self._logged_step = step
 
     def finish(self) -> None:
         self.close()
+        self._log_row()  # the last figures, also for a worker that did fewer than log_every steps
         if self.recorder is not None:
             self.recorder.finish(None)
             self.recorder = None
