@@ -37,7 +37,7 @@ def describe(summary: dict) -> str:
 def run(cfg: DictConfig) -> dict | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     with open_dict(cfg):
-        cfg.run_id = cfg.get("run_id") or new_run_id()
+        cfg.run_id = str(cfg.get("run_id") or new_run_id())  # run_id=123 from a user is still a label string
     role = cfg.role if cfg.algo.name != "local" else "main"
     setup_logging(node=cfg.get("node") or node_name(), role=role, rank=cfg.rank if cfg.rank is not None else "",
                   algo=cfg.algo.name, run_id=cfg.run_id, run_dir=run_dir, level=cfg.logging.level,

@@ -127,3 +127,17 @@ def test_a_non_editable_install_finds_its_config(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "name: gpt2-tiny" in out.stdout
+
+
+@pytest.mark.parametrize("hex8", ["35e71139", "12345678", "00000000", "1e100000", "deadbeef"])
+def test_a_generated_run_id_reaches_every_child_as_the_same_string(hex8):
+    """Launchers hand the id on as ``run_id=ID``; bare, some hex ids read as numbers (35e71139 -> inf)."""
+    from hydra import compose, initialize_config_dir
+
+    from smolcluster.cluster import new_run_id
+    from smolcluster.paths import CONFIG_DIR
+
+    run_id = new_run_id(hex8)
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        cfg = compose("config", overrides=[f"run_id={run_id}"])
+    assert cfg.run_id == run_id and isinstance(cfg.run_id, str)
