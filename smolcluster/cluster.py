@@ -39,10 +39,10 @@ def node_name() -> str:
     return os.environ.get("SMOLCLUSTER_NODE") or socket.gethostname().split(".")[0]
 
 
-def new_run_id(hex8: str | None = None) -> str:
+def new_run_id() -> str:
     """A fresh run id. The letter in front matters: launchers pass it on as ``run_id=ID`` and Hydra
     reads a bare ``35e71139`` as the float 35e71139 (inf) and ``12345678`` as an int."""
-    return "r" + (hex8 or uuid.uuid4().hex[:8])
+    return "r" + uuid.uuid4().hex[:8]
 
 
 def worker_settings(cluster: DictConfig, rank: int, train: DictConfig) -> dict:

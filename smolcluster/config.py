@@ -5,6 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from smolcluster.errors import ConfigError
+from smolcluster.telemetry import wandb_sink
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
@@ -49,7 +50,7 @@ def validate(cfg: DictConfig) -> None:
     _number(cfg, "train.weight_decay")
     _choice(cfg, "train.optimizer", OPTIMIZERS)
     if OmegaConf.select(cfg, "logging") is not None:
-        _choice(cfg, "logging.wandb.mode", ("disabled", "offline", "online"))
+        _choice(cfg, "logging.wandb.mode", wandb_sink.MODES)
         _int(cfg, "logging.prometheus.port", allow_none=True, allow_zero=True)
         _int(cfg, "logging.grad_norm_every", allow_zero=True)
         _int(cfg, "logging.hardware_every", allow_zero=True)

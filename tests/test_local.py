@@ -130,14 +130,18 @@ def test_a_non_editable_install_finds_its_config(tmp_path):
 
 
 @pytest.mark.parametrize("hex8", ["35e71139", "12345678", "00000000", "1e100000", "deadbeef"])
-def test_a_generated_run_id_reaches_every_child_as_the_same_string(hex8):
+def test_a_generated_run_id_reaches_every_child_as_the_same_string(hex8, monkeypatch):
     """Launchers hand the id on as ``run_id=ID``; bare, some hex ids read as numbers (35e71139 -> inf)."""
+    import uuid
+
     from hydra import compose, initialize_config_dir
 
-    from smolcluster.cluster import new_run_id
+    from smolcluster import cluster
     from smolcluster.paths import CONFIG_DIR
 
-    run_id = new_run_id(hex8)
+    monkeypatch.setattr(cluster.uuid, "uuid4", lambda: uuid.UUID(hex8 * 4))  # the id uuid4 happened to give
+    run_id = cluster.new_run_id()
+    assert hex8 in run_id
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
         cfg = compose("config", overrides=[f"run_id={run_id}"])
     assert cfg.run_id == run_id and isinstance(cfg.run_id, str)

@@ -28,14 +28,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from loguru import logger
 from omegaconf import OmegaConf
 
 from smolcluster.algorithms import local
+from smolcluster.bench.common import add_local_args, local_config
 from smolcluster.bench.report import write_report
 from smolcluster.cluster import free_port
-from smolcluster.paths import CONFIG_DIR
 from smolcluster.telemetry.logging import loki_sink, setup_logging
 
 
@@ -105,20 +104,12 @@ def call_cost_us(loki: dict | None, devnull, calls: int) -> float:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m smolcluster.bench loki", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="mnist", choices=["mnist", "digits"])
-    p.add_argument("--root", default=str(Path("../shared/data/mnist")), help="MNIST IDX directory")
-    p.add_argument("--steps", type=int, default=10000, help="optimizer steps per run (one log line each)")
-    p.add_argument("--batch-size", type=int, default=64)
+    add_local_args(p, steps=10000)  # --steps: optimizer steps per run, one log line each
     p.add_argument("--repeats", type=int, default=3, help="rounds; each runs the three configurations")
     p.add_argument("--calls", type=int, default=20000, help="logger.info calls timed per configuration and round")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # keep BLAS threads out of the noise; the pusher thread competes for the GIL
-    overrides = [f"data={args.data}", f"train.steps={args.steps}", f"train.batch_size={args.batch_size}",
-                 "train.progress=false", "algo=local", "train.log_every=1"]
-    if args.data == "mnist":
-        overrides.append(f"data.root={args.root}")
-    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
-        cfg = compose("config", overrides=overrides)
+    cfg = local_config(args, "train.log_every=1")
     loki_defaults = OmegaConf.to_container(cfg.logging.loki)
 
     ctx = multiprocessing.get_context("spawn")

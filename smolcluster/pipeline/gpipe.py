@@ -324,10 +324,9 @@ class StageTrainer:
                     window.add(loss)
                 if self.step % tr.log_every == 0 or self.step == self.end_step:
                     rate = samples / max(time.perf_counter() - t0, 1e-9)
-                    row = {"loss": window.mean(), "lr": self.lr, "samples": samples, "samples_per_s": round(rate, 2),
-                           "epoch": round(self.sharder.epoch_of(self.step), 4)}
-                    if not self.last:
-                        del row["loss"]
+                    row = {"loss": window.mean()} if self.last else {}  # only the last stage sees the loss
+                    row.update(lr=self.lr, samples=samples, samples_per_s=round(rate, 2),
+                               epoch=round(self.sharder.epoch_of(self.step), 4))
                 if self.due(tr.eval_every):
                     evaluation = self.evaluate()
                     row.update(evaluation)

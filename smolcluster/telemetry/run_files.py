@@ -115,12 +115,9 @@ def plot_losses(metrics_path: str | Path, out: str | Path, title: str = "") -> P
 
 def open_recorder(cfg, run_dir: str | Path, append: bool = False, files: bool = True) -> RunRecorder:
     """A recorder for this node, with the W&B / Prometheus sinks that ``logging`` config enables."""
-    from omegaconf import OmegaConf
-
     from smolcluster.telemetry.logging import identity
     from smolcluster.telemetry.sinks import build_sinks
 
-    sinks = build_sinks(cfg.logging, run_dir=Path(run_dir), identity=identity(),
-                        config=OmegaConf.to_container(cfg, resolve=True))
+    sinks = build_sinks(cfg, run_dir=Path(run_dir), identity=identity())
     return RunRecorder(run_dir, sinks, append=append, files=files,
                        hardware_every=cfg.logging.get("hardware_every", 0))

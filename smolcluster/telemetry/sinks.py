@@ -10,13 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from loguru import logger
+from omegaconf import OmegaConf
 
 from smolcluster.telemetry.prometheus import PrometheusSink, port_for
 from smolcluster.telemetry.wandb_sink import WandbSink, resolve_mode
 
 
-def build_sinks(logging_cfg, *, run_dir: Path, identity: dict, config: dict) -> list:
-    sinks: list = []
+def build_sinks(cfg, *, run_dir: Path, identity: dict) -> list:
+    """The sinks ``cfg.logging`` enables; W&B gets the whole resolved config as its run config."""
+    logging_cfg, sinks = cfg.logging, []
     prom = logging_cfg.get("prometheus") or {}
     if prom.get("port") is not None:
         port = port_for(int(prom["port"]), identity.get("role", ""), identity.get("rank") or 0)
@@ -29,6 +31,7 @@ def build_sinks(logging_cfg, *, run_dir: Path, identity: dict, config: dict) -> 
     mode = resolve_mode(wcfg.get("mode") or "disabled")
     if mode != "disabled":
         try:
+            config = OmegaConf.to_container(cfg, resolve=True)  # only W&B wants it: no cost otherwise
             sinks.append(WandbSink(wcfg, run_dir, identity, config, mode))
         except Exception as e:  # wandb raises its own zoo of errors; none of them may stop training
             logger.warning(f"W&B tracking is off for this run: wandb.init failed: {e}")

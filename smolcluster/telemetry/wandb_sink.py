@@ -45,10 +45,7 @@ def logged_in() -> bool:
 
 
 def resolve_mode(mode: str) -> str:
-    if mode not in MODES:
-        from smolcluster.errors import ConfigError
-
-        raise ConfigError(f"logging.wandb.mode={mode!r} is invalid: choose one of {', '.join(MODES)}")
+    """The mode to run W&B in (``mode`` is one of MODES: config.validate checks it)."""
     if mode == "online" and not logged_in():
         logger.warning("logging.wandb.mode=online but this machine is not logged in to W&B (run `wandb login` "
                        "or set WANDB_API_KEY): logging offline; upload later with `wandb sync`")
@@ -67,7 +64,7 @@ class WandbSink:
             project=wcfg.get("project") or "smolcluster", entity=wcfg.get("entity"),
             group=wcfg.get("group") or identity.get("run_id") or None, job_type=identity.get("role"),
             name=name, dir=str(run_dir), config=config, mode=mode, tags=[identity.get("algo", "")],
-            settings=wandb.Settings(console="off", silent=True, x_disable_stats=False),
+            settings=wandb.Settings(console="off", silent=True),
         )
         logger.info(f"W&B {mode} run {self.run.id} in group {self.run.group!r} ({self.run.dir})")
 
