@@ -14,7 +14,6 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 from loguru import logger
@@ -22,14 +21,13 @@ from loguru import logger
 from smolcluster.cluster import free_port
 from smolcluster.telemetry.logging import loki_sink, setup_logging
 from smolcluster.telemetry.loki import STREAM_LABELS
+from tests.conftest import REPO, train
 
-# Not imported from tests.conftest: this file also runs under a bare `pytest` (no repo root on sys.path).
-REPO = Path(__file__).resolve().parents[1]
 FAST = ["cluster.heartbeat_s=0.2", "cluster.liveness_s=3", "cluster.connect_timeout_s=30"]
 
 
-def run_python(*args: str, timeout: float) -> subprocess.CompletedProcess:
-    """``python ARGS`` from the repo root, as a user would run it; the timeout is a hang guard."""
+def run_script(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    """``python -c SCRIPT ARGS`` from the repo root (conftest's run_cli runs modules); the timeout is a hang guard."""
     proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -161,9 +159,8 @@ def test_values_are_sorted_by_record_time_and_static_labels_are_added():
 @pytest.mark.timeout(120)
 def test_every_node_of_a_local_syncps_cluster_pushes_its_lines(tmp_path):
     with Receiver() as rx:
-        run_python("-m", "smolcluster.train", "algo=syncps", "cluster.workers=2", "train.steps=30", "train.progress=false",
-                f"hydra.run.dir={tmp_path}", f"logging.loki.url={rx.url}", "logging.loki.flush_interval_s=0.2",
-                *FAST, timeout=100)
+        train(tmp_path, "algo=syncps", "cluster.workers=2", "train.steps=30", f"logging.loki.url={rx.url}",
+              "logging.loki.flush_interval_s=0.2", *FAST, timeout=100)
         labels = [s["stream"] for s in rx.streams()]
     assert {lb["run_id"] for lb in labels} != {""} and len({lb["run_id"] for lb in labels}) == 1
     assert {lb["algo"] for lb in labels} == {"syncps"}
@@ -193,7 +190,7 @@ DEAD_LOKI_SCRIPT = textwrap.dedent("""
 
 
 def log_then_exit(url: str, n: int) -> tuple[dict, dict, str]:
-    proc = run_python("-c", DEAD_LOKI_SCRIPT, url, str(n), timeout=60)  # the sink must let it exit
+    proc = run_script("-c", DEAD_LOKI_SCRIPT, url, str(n), timeout=60)  # the sink must let it exit
     out = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
     assert out["returned"] == str(n)  # every logger.info call came back
     return json.loads(out["running"]), json.loads(out["final"]), proc.stderr
