@@ -97,21 +97,24 @@ def fingerprint() -> str:
 
 
 def test_training_waits_for_min_workers_and_an_early_workers_gradients_are_not_applied(tmp_path):
-    with Cluster(tmp_path, "edp", "train.steps=60", "algo.min_workers=2", *FAST) as c:
+    # delay_s caps each worker at 50 steps/s: unthrottled, worker 0's backlog queued before worker 1 came
+    # could make all the updates on a slow machine before worker 1's first gradient arrived
+    with Cluster(tmp_path, "edp", "train.steps=100", "algo.min_workers=2", *FAST,
+                 "cluster.nodes=[{delay_s: 0.02},{delay_s: 0.02}]") as c:
         c.server()
         c.worker(0)  # computes and pushes from its welcome on; the server must not step yet
         deadline = time.monotonic() + 60
         while "worker 0 joined" not in c.output("server") and time.monotonic() < deadline:
             time.sleep(0.1)
-        time.sleep(3)  # hundreds of worker 0's gradients arrive meanwhile
-        assert c.metrics() == [] and not re.search(r"step \d+/60", c.output("server"))  # no update yet
+        time.sleep(3)  # over a hundred of worker 0's gradients arrive meanwhile
+        assert c.metrics() == [] and not re.search(r"step \d+/100", c.output("server"))  # no update yet
         c.worker(1)
         assert c.wait("server", timeout=120) == 0, c.output("server")[-3000:]
         s = c.summary()
     w0, w1 = s["workers"]["0"], s["workers"]["1"]
     assert w0["joined_step"] == 0 and w1["joined_step"] == 0  # training began only when both were in
     assert w0["skipped"] > 10 and w0["applied"] > 0 and w1["applied"] > 0  # the early ones were not applied
-    assert w0["applied"] + w1["applied"] == s["applied"] == 60  # (gradients queued before the start may arrive too stale: dropped)
+    assert w0["applied"] + w1["applied"] == s["applied"] == 100  # (gradients queued before the start may arrive too stale: dropped)
 
 
 class HandWorker:
