@@ -35,9 +35,11 @@ def test_multirun_of_four_jobs_writes_four_summaries_and_the_table(tmp_path):
         s = summaries[r["job"]]
         assert r["status"] == "ok"
         assert s["algo"] == r["algo"] and int(r["steps"]) == s["steps"] == 12
-        # syncps waits for both workers; edp starts with the first (elastic), so in 12 steps it may be alone
-        assert sorted(s["workers"]) == ["0", "1"] if s["algo"] == "syncps" else s["workers"]
-        assert all(w["applied"] > 0 for w in s["workers"].values())
+        applied = [w["applied"] for w in s["workers"].values()]
+        if s["algo"] == "syncps":  # every step waits for both workers
+            assert sorted(s["workers"]) == ["0", "1"] and all(a > 0 for a in applied)
+        else:  # edp starts with the first worker (elastic): in 12 updates the second may never get one in
+            assert sum(applied) == s["applied"] == 12
         assert float(r["final_loss"]) == pytest.approx(s["final_loss"])
         assert float(r["eval_accuracy"]) == pytest.approx(s["eval_accuracy"])
         assert s["config"]["train"]["lr"] == float(r["train.lr"])
