@@ -31,7 +31,7 @@ def start_chat_head(args: list[str], log) -> tuple[subprocess.Popen, str]:
                             stdout=subprocess.PIPE, stderr=log, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in iter(proc.stdout.readline, "")], daemon=True).start()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120  # the stages start at the same time: both import torch
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             m = re.search(r"smolcluster chat: (http://\S+)/ ", lines.get(timeout=0.5))
@@ -80,7 +80,7 @@ def test_chat_head_on_running_stages_equals_infer_and_leaves_the_stages_serving(
 
         # a second head on the same stages: python -m smolcluster.infer, greedy, same prompt and length
         p = run_cli("smolcluster.infer", "role=head", *common, f"prompt={PROMPT}", f"max_new_tokens={MAX_NEW}",
-                    "temperature=0", timeout=60)
+                    "temperature=0", timeout=180)
         assert p.stdout == PROMPT + api_text + "\n"
         # by now the stages have noticed both heads gone (liveness_s=3): they must still be serving
         time.sleep(max(0.0, left_at + 4.0 - time.monotonic()))

@@ -143,6 +143,26 @@ def test_a_stage_killed_mid_generation_raises_peer_error_and_nothing_hangs(model
     assert all(p.poll() is not None for p in procs)  # the surviving stage was shut down too
 
 
+def test_the_head_hears_of_a_lost_stage_from_the_stage_that_noticed(model_dir):
+    """The head's own watch is made too slow to matter: stage 0 notices stage 1 is gone and tells it."""
+    d, _ = model_dir
+    pipe = InferencePipeline.start_local(d, n_head=4, stages=2, heartbeat_s=0.2, liveness_s=1.5)
+    pipe.client.mesh.liveness_s = 600.0
+    procs = list(pipe._children.procs.values())
+    try:
+        req = pipe.submit(prompt(50, 4), max_new_tokens=120, stop_at_eos=False)
+        stream = iter(req)
+        next(stream)
+        os.kill(procs[1].pid, signal.SIGKILL)
+        with pytest.raises(PeerError, match=r"pipeline stage lost: s0: s1 at tcp://127\.0\.0\.1:\d+ sent nothing"):
+            for _ in stream:
+                pass
+        with pytest.raises(PeerError, match="stage lost"):  # the whole pipeline is down, not just that request
+            pipe.submit(prompt(1, 3), max_new_tokens=3)
+    finally:
+        pipe.close()
+
+
 def test_infer_cli_streams_the_greedy_text(model_dir):
     d, hf = model_dir
     p = run_cli("smolcluster.infer", f"checkpoint={d}", "prompt=class Foo", "max_new_tokens=10",

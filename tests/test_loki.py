@@ -23,7 +23,7 @@ from smolcluster.telemetry.logging import loki_sink, setup_logging
 from smolcluster.telemetry.loki import STREAM_LABELS
 from tests.conftest import REPO, train
 
-FAST = ["cluster.heartbeat_s=0.2", "cluster.liveness_s=3", "cluster.connect_timeout_s=30"]
+FAST = ["cluster.heartbeat_s=0.2", "cluster.liveness_s=3", "cluster.connect_timeout_s=60"]
 
 
 def run_script(*args: str, timeout: float) -> subprocess.CompletedProcess:

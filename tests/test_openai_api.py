@@ -31,6 +31,7 @@ from tests.conftest import run_cli, wait_until
 
 MODEL = "tiny"
 CONTEXT = 256
+SLOW_CONTEXT = 1024  # the model for the cancel tests: a long answer takes seconds, so a cancel lands mid-answer
 
 
 def write_tiny_run(d: Path, n_positions: int, vocab: int = 500, seed: int = 0,
@@ -85,6 +86,22 @@ def run_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def served(run_dir):
     s = Served(run_dir)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture(scope="module")
+def slow_run_dir(tmp_path_factory) -> Path:
+    """Big enough that a full-context answer takes seconds: the 2x64 model writes its whole answer in
+    a fraction of a second, so on a loaded machine it could finish before a cancel reached it."""
+    return write_tiny_run(tmp_path_factory.mktemp("slow-run"), SLOW_CONTEXT, n_layer=8, n_embd=256)
+
+
+@pytest.fixture(scope="module")
+def slow_served(slow_run_dir):
+    s = Served(slow_run_dir)
     try:
         yield s
     finally:
@@ -336,8 +353,9 @@ def sse_events_from(lines) -> list:
     return out
 
 
-def test_a_client_that_hangs_up_mid_stream_cancels_its_request_in_the_pipeline(served):
-    max_tokens = CONTEXT - 8
+def test_a_client_that_hangs_up_mid_stream_cancels_its_request_in_the_pipeline(slow_served):
+    served = slow_served
+    max_tokens = SLOW_CONTEXT - 8
     with served.http.stream("POST", "/v1/completions",
                             json=completion(prompt="Hi", max_tokens=max_tokens, stream=True)) as r:
         lines = r.iter_lines()
@@ -351,13 +369,14 @@ def test_a_client_that_hangs_up_mid_stream_cancels_its_request_in_the_pipeline(s
     assert wait_until(lambda: served.stage_requests() == [0, 0] and served.engine.health()["in_flight"] == 0)
 
 
-def test_a_full_queue_is_refused_with_429_and_requests_are_served_fairly(served):
+def test_a_full_queue_is_refused_with_429_and_requests_are_served_fairly(slow_served):
+    served = slow_served
     engine, shared_queue = served.engine, served.engine.queue
     engine.queue = FairQueue(slots=1, max_waiting=1)  # one answer at a time, one more may wait
     gens = []
     try:
         ids = engine.tokenizer.encode("Hi")
-        hog = engine.submit(ids, user="hog", settings=Settings(max_new_tokens=CONTEXT - 4, stop_at_eos=False))
+        hog = engine.submit(ids, user="hog", settings=Settings(max_new_tokens=SLOW_CONTEXT - 4, stop_at_eos=False))
         waiting = engine.submit(ids, user="hog", settings=Settings(max_new_tokens=5))
         gens += [hog, waiting]
         r = served.http.post("/v1/completions", json=completion(prompt="x", max_tokens=2))
@@ -382,13 +401,13 @@ def test_a_full_queue_is_refused_with_429_and_requests_are_served_fairly(served)
 
 
 # -- a pipeline that goes down -------------------------------------------------------------------------------
-def test_a_lost_stage_gives_503_at_once_then_the_server_rebuilds_the_pipeline(run_dir):
-    s = Served(run_dir, liveness_s=2.0)
+def test_a_lost_stage_gives_503_at_once_then_the_server_rebuilds_the_pipeline(slow_run_dir):
+    s = Served(slow_run_dir, liveness_s=3.0)
     s.engine.reconnect = False  # first see it down; reconnecting is switched on below
     try:
         procs = list(s.engine.pipeline()._children.procs.values())
         with s.http.stream("POST", "/v1/completions",
-                           json=completion(prompt="Hi", max_tokens=CONTEXT - 8, stream=True)) as r:
+                           json=completion(prompt="Hi", max_tokens=SLOW_CONTEXT - 8, stream=True)) as r:
             lines = r.iter_lines()
             next(line for line in lines if line.startswith("data: {"))
             os.kill(procs[1].pid, signal.SIGKILL)

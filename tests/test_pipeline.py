@@ -369,6 +369,17 @@ def test_real_high_water_mark_drops_are_detected():
         b.close()
 
 
+def test_a_node_busy_longer_than_liveness_does_not_blame_a_peer_whose_heartbeats_wait_in_its_inbox():
+    a, b = mesh_pair(liveness_s=1.0)
+    try:
+        time.sleep(2.5)  # a computes (a long prefill): it reads nothing while b's heartbeat thread beats on
+        assert a.recv(0.2) is None  # not PeerLost: the queued heartbeats are read before silence is judged
+        assert not a.peers["s1"].lost
+    finally:
+        a.close()
+        b.close()
+
+
 def test_a_silent_peer_is_reported_lost_and_malformed_input_is_dropped():
     a, b = mesh_pair(liveness_s=1.0)
     try:

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from smolcluster.transport import make_keys, wire
 from tests.cluster_util import Cluster
 
-ARGS = ["train.steps=40", "cluster.heartbeat_s=0.2", "cluster.liveness_s=5", "cluster.nodes=[{delay_s: 0.05}]"]
+ARGS = ["train.steps=100", "cluster.heartbeat_s=0.2", "cluster.liveness_s=5", "cluster.nodes=[{delay_s: 0.05}]"]
 
 
 def clean_run(tmp_path, *extra):
@@ -69,7 +69,7 @@ def test_hostile_input_to_a_live_server_is_rejected_and_the_model_is_untouched(t
     for reason in ("truncated", "dtype", "shape_mismatch", "oversize", "unknown_kind", "bad_header", "non_finite",
                    "unregistered"):
         assert rejected.get(reason), (reason, rejected)
-    assert summary["steps"] == 40 and summary["workers"]["0"]["applied"] == 40
+    assert summary["steps"] == 100 and summary["workers"]["0"]["applied"] == 100
     assert same_weights(load_file(tmp_path / "attacked" / "checkpoint.safetensors"), reference)
 
 

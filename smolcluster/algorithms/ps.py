@@ -171,6 +171,10 @@ class ServerBase:
         self.send_weights(self.workers[rank], kind="welcome")
 
     def check_liveness(self) -> None:
+        if self.endpoint.pending():
+            # judge silence only with the inbox drained: after a long eval or checkpoint save, the
+            # heartbeats that arrived meanwhile are still queued and the loop handles them first
+            return
         now = time.monotonic()
         for w in self.live():
             if now - w.last_seen > self.cluster.liveness_s:
@@ -305,8 +309,7 @@ class ServerBase:
             workers_lost=sorted(r for r, w in self.workers.items() if not w.alive),
             rejected_messages=dict(self.endpoint.rejected), bytes_sent=self.bytes_sent,
             bytes_received=self.bytes_received, **extra)
-        time.sleep(0.2)  # let the stop messages leave before the socket closes (linger=0)
-        self.endpoint.close()
+        self.endpoint.close(linger_s=2.0)  # a stop not yet sent gets 2 s to leave (else its worker retries for long)
         return self.recorder.finish(summary)
 
     def final_loss(self) -> float | None:

@@ -255,6 +255,10 @@ class PipelineClient:
                 return
             if env is None:
                 continue
+            if env.kind == "mp.lost":  # a stage noticed first that its neighbour is gone
+                self._fail_all(PeerError(f"pipeline stage lost: {env.fields['message']}; "
+                                         "the open requests cannot finish"))
+                return
             req_id = env.fields.get("req")
             with self._lock:
                 req = self._requests.get(req_id) if isinstance(req_id, str) else None

@@ -183,10 +183,15 @@ class Mesh:
     def _recv(self, timeout_s: float, check_liveness: bool) -> Envelope | None:
         deadline = time.monotonic() + timeout_s
         while True:
-            if check_liveness:
-                self.check_liveness()
-            left = deadline - time.monotonic()
-            got = self.inbox.recv(int(max(0.0, left) * 1000) if left > 0 else 0)
+            # What has already arrived comes first: silence is judged only with the inbox drained, so a
+            # node that was busy longer than liveness_s (a long prefill on a Pi) does not blame peers
+            # whose heartbeats sat in its queue meanwhile.
+            got = self.inbox.recv(0)
+            if got is None:
+                if check_liveness:
+                    self.check_liveness()
+                left = deadline - time.monotonic()
+                got = self.inbox.recv(int(left * 1000)) if left > 0 else None
             if got is None:
                 if check_liveness:
                     self.check_liveness()

@@ -40,6 +40,7 @@ KINDS: dict[str, tuple[dict, bool]] = {
     "mp.token": ({"req": str, "token": int, "index": int, "done": bool, "reason": str}, False),
     "mp.cancel": ({"req": str}, False),
     "mp.error": ({"req": str, "message": str}, False),
+    "mp.lost": ({"stage": str, "message": str}, False),          # to heads: a stage lost its neighbour
     "mp.shutdown": ({}, False),
 }
 

@@ -155,8 +155,11 @@ class StageServer:
                 self.stopping = True
             return
         logger.error(message)
-        for req, st in list(self.requests.items()):
-            self.tell_head(st, "mp.error", {"req": req, "message": message})
+        # The chain is broken for every request, not just the open ones: every head hears it from
+        # whichever node noticed first, and says the same thing to its callers.
+        for head in self.heads:
+            if head in self.mesh.peers:
+                self.mesh.send(head, "mp.lost", {"stage": peer, "message": message})
         self.drop_requests(lambda st: True)
 
     def drop_requests(self, which) -> int:

@@ -1,6 +1,7 @@
 """ROUTER/DEALER endpoints with timeouts, heartbeats, size limits and optional CURVE.
 
-Every socket: ``linger=0`` (closing never blocks), ``MAXMSGSIZE`` (zmq drops oversize
+Every socket: ``linger=0`` (closing never blocks; ``close(linger_s=...)`` gives last
+messages a bounded time to leave), ``MAXMSGSIZE`` (zmq drops oversize
 messages before we see them), bounded high-water marks, ZMTP heartbeats (a dead TCP
 peer is noticed by zmq itself) and automatic reconnect. Every receive takes a timeout;
 every send that could block has one. Malformed messages are logged, counted in
@@ -159,15 +160,20 @@ class _Endpoint:
     def _wait(self, timeout_ms: int) -> bool:
         return bool(self.poller.poll(max(0, timeout_ms)))
 
+    def pending(self) -> bool:
+        """Whether a message is waiting to be received (never blocks)."""
+        return self._wait(0)
+
     def _recv_frames(self, timeout_ms: int):
         """Yield each arriving multipart message until ``timeout_ms`` has passed in all."""
         deadline = time.monotonic() + timeout_ms / 1000
         while self._wait(int((deadline - time.monotonic()) * 1000)):
             yield self.sock.recv_multipart(copy=False)
 
-    def close(self) -> None:
+    def close(self, linger_s: float = 0.0) -> None:
+        """Close now; with ``linger_s``, messages still queued get at most that long to leave."""
         if not self.sock.closed:
-            self.sock.close(linger=0)
+            self.sock.close(linger=int(linger_s * 1000))
 
     @property
     def address(self) -> str:
