@@ -118,8 +118,8 @@ def _cluster_file(conf_dir: Path, net: Lan) -> None:
     cluster.merge_with({
         "name": "netns", "host": net.ip["srv"], "port": PORT, "bind": "0.0.0.0", "workers": 2,
         # a worker step costs >= delay_s, so the run lasts long enough to pull a cable in the middle
-        "nodes": [{"name": "w0", "host": net.ip["w0"], "delay_s": 0.03},
-                  {"name": "w1", "host": net.ip["w1"], "delay_s": 0.03}],
+        "nodes": [{"name": "w0", "host": net.ip["w0"], "delay_s": 0.06},
+                  {"name": "w1", "host": net.ip["w1"], "delay_s": 0.06}],
         "heartbeat_s": 0.5, "liveness_s": 3.0, "connect_timeout_s": 60.0,
     })
     (conf_dir / "cluster").mkdir(parents=True)
@@ -163,8 +163,8 @@ def test_syncps_across_namespaces_survives_a_pulled_cable(lan, tmp_path):
         # the workers reach the server over the LAN from their own addresses: nothing goes through loopback
         assert lan.established_peers("srv", PORT) >= {lan.ip["w0"], lan.ip["w1"]}
 
+        cut_step = step_reached()  # read before the pull: then surely no later than the loss
         lan.pull_cable("w1")
-        cut_step = step_reached()
         try:
             assert procs["srv"].wait(timeout=150) == 0, output("srv")
         except subprocess.TimeoutExpired:
