@@ -83,13 +83,17 @@ def run_dir(tmp_path_factory) -> Path:
     return write_tiny_run(tmp_path_factory.mktemp("tiny-run"), CONTEXT)
 
 
-@pytest.fixture(scope="module")
-def served(run_dir):
+def serving(run_dir: Path):
     s = Served(run_dir)
     try:
         yield s
     finally:
         s.close()
+
+
+@pytest.fixture(scope="module")
+def served(run_dir):
+    yield from serving(run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -101,11 +105,7 @@ def slow_run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def slow_served(slow_run_dir):
-    s = Served(slow_run_dir)
-    try:
-        yield s
-    finally:
-        s.close()
+    yield from serving(slow_run_dir)
 
 
 def sse_events(response: httpx.Response) -> list:
