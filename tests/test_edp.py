@@ -216,8 +216,8 @@ def test_a_stale_gradient_moves_the_weights_by_exactly_what_the_rule_says(tmp_pa
 
 
 def test_per_worker_metrics_show_which_worker_is_slow(tmp_path):
-    s = run(tmp_path, "train.steps=150", "train.log_every=10", "algo.min_workers=2",  # both in from the start
-            "cluster.nodes=[{delay_s: 0.02},{delay_s: 0.1}]")
+    s = run(tmp_path, "train.steps=150", "train.log_every=10", "algo.min_workers=2", "algo.max_staleness=100",
+            "cluster.nodes=[{delay_s: 0.02},{delay_s: 0.5}]")  # both in from the start; slow: <= 128 samples/s
     fast, slow = s["workers"]["0"], s["workers"]["1"]
     assert slow["samples_per_s"] < fast["samples_per_s"] / 2, (slow["samples_per_s"], fast["samples_per_s"])
     # the slow worker computes while the fast one moves the weights on: its gradients are the staler
