@@ -14,6 +14,9 @@ and acknowledges; the sender times send -> ack. Four ways, in the same run:
 - ``pickle``: ``pickle.dumps(torch tensor)`` over a plain TCP ``socket``, length-prefixed, and
   ``pickle.loads`` on the other side: what many hand-rolled toolkits do. This benchmark
   baseline is the ONLY place in smolcluster that pickles anything; the product never does.
+  Even here the receiver unpickles only from the one connection its parent made: the parent
+  tells it that socket's address through the process's own queue (not the network), and a
+  connection from anywhere else is refused before a byte of it is read.
 
 The kinds take turns, message by message (round-robin, the order rotated each round), so
 background load on a shared machine and the after-effects of the previous message hit them
@@ -64,7 +67,7 @@ def _recv_exact(conn: socket.socket, n: int) -> bytearray:
     return buf
 
 
-def _receiver(rounds: int, kinds: tuple[str, ...], ports) -> None:
+def _receiver(rounds: int, kinds: tuple[str, ...], ports, sender) -> None:
     """Bind all three servers, report their ports, then serve ``rounds`` x ``kinds`` messages in turn."""
     ours = ServerEndpoint("tcp://127.0.0.1:*", max_bytes=MAX)
     raw = zmq.Context.instance().socket(zmq.ROUTER)
@@ -73,7 +76,12 @@ def _receiver(rounds: int, kinds: tuple[str, ...], ports) -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     ports.put((ours.port, raw_port, listener.getsockname()[1]))
     listener.settimeout(120)
-    conn, _ = listener.accept()
+    conn, addr = listener.accept()
+    expected = tuple(sender.get(timeout=120))  # the address of the parent's own socket
+    if addr != expected:
+        conn.close()
+        raise PermissionError(f"pickle baseline: a connection from {addr}, not the benchmark's {expected}; "
+                              "refused unread (pickle.loads runs only on the benchmark's own bytes)")
     conn.settimeout(600)
     try:
         for i in range(rounds):
@@ -107,8 +115,8 @@ def _receiver(rounds: int, kinds: tuple[str, ...], ports) -> None:
 def run(payload: np.ndarray, repeats: int, kinds: tuple[str, ...] = KINDS) -> dict[str, list[float]]:
     """Seconds per send -> ack, per kind, ``repeats`` times each (after one untimed round)."""
     ctx = mp.get_context("spawn")
-    ports = ctx.Queue()
-    proc = ctx.Process(target=_receiver, args=(repeats + 1, kinds, ports), daemon=True)
+    ports, sender = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=_receiver, args=(repeats + 1, kinds, ports, sender), daemon=True)
     proc.start()
     ours_port, raw_port, pickle_port = ports.get(timeout=120)
     client = ClientEndpoint(f"tcp://127.0.0.1:{ours_port}", max_bytes=MAX)
@@ -116,6 +124,7 @@ def run(payload: np.ndarray, repeats: int, kinds: tuple[str, ...] = KINDS) -> di
     raw.setsockopt(zmq.LINGER, 0)
     raw.connect(f"tcp://127.0.0.1:{raw_port}")
     conn = socket.create_connection(("127.0.0.1", pickle_port), timeout=600)
+    sender.put(conn.getsockname())  # only this connection's bytes are ever unpickled
     tensor = torch.from_numpy(payload)  # shares the payload's memory
     grad = {"rank": 0, "samples": 1, "loss": 0.0}
 
