@@ -99,8 +99,8 @@ def fingerprint() -> str:
 
 
 def test_training_waits_for_min_workers_and_an_early_workers_gradients_are_not_applied(tmp_path):
-    # delay_s caps each worker at 50 steps/s: unthrottled, worker 0's backlog queued before worker 1 came
-    # could make all the updates on a slow machine before worker 1's first gradient arrived
+    # delay_s caps each worker at 50 steps/s: unthrottled, worker 0 (a few ms an update) made all the updates
+    # on a slow machine before worker 1's first gradient (the slow first step of a fresh process) arrived
     with Cluster(tmp_path, "edp", "train.steps=200", "algo.min_workers=2", *FAST,
                  "cluster.nodes=[{delay_s: 0.02},{delay_s: 0.02}]") as c:
         c.server()

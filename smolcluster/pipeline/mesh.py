@@ -191,11 +191,13 @@ class Mesh:
                 if check_liveness:
                     self.check_liveness()
                 left = deadline - time.monotonic()
-                got = self.inbox.recv(int(left * 1000)) if left > 0 else None
-            if got is None:
-                if check_liveness:
-                    self.check_liveness()
-                return None
+                if left <= 0:
+                    return None
+                got = self.inbox.recv(int(left * 1000))
+                if got is None:
+                    if check_liveness:
+                        self.check_liveness()
+                    return None
             topic, frames = got
             try:
                 kind, fields, tensors = protocol.decode(frames, self.max_bytes)
