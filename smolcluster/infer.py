@@ -25,14 +25,14 @@ def run(cfg: DictConfig) -> dict | None:
     setup_logging(role="infer" if cfg.role != "stage" else "stage", rank=cfg.rank if cfg.rank is not None else "",
                   algo="infer", level=cfg.logging.level, loki=cfg.logging.get("loki"))
     if cfg.role == "stage":
-        from smolcluster.pipeline.api import serve_config_from
-        from smolcluster.pipeline.serve import StageServer
+        from smolcluster.inference.from_config import serve_config_from
+        from smolcluster.inference.serve import StageServer
 
         StageServer(serve_config_from(cfg)).run()
         return None
     if cfg.prompt is None:
         raise ConfigError('no prompt: add prompt="your text"')
-    from smolcluster.pipeline.api import pipeline_from_config
+    from smolcluster.inference.from_config import pipeline_from_config
 
     with pipeline_from_config(cfg, prompt=str(cfg.prompt)) as pipe:
         t0 = time.perf_counter()

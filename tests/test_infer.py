@@ -11,8 +11,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from smolcluster import checkpoint
 from smolcluster.errors import ConfigError, PeerError
+from smolcluster.inference import InferencePipeline
 from smolcluster.models.gpt2 import build_gpt2
-from smolcluster.pipeline import InferencePipeline
 from tests.conftest import run_cli, wait_until
 
 VOCAB, CONTEXT = 500, 128

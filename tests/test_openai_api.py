@@ -21,8 +21,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from smolcluster import checkpoint
 from smolcluster.data.text import TextTokenizer
+from smolcluster.inference import InferencePipeline
 from smolcluster.models.gpt2 import build_gpt2
-from smolcluster.pipeline import InferencePipeline
 from smolcluster.serving.app import WebServer, build_app
 from smolcluster.serving.engine import Engine, Settings
 from smolcluster.serving.fair_queue import FairQueue

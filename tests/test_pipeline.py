@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from smolcluster import checkpoint
 from smolcluster.errors import ConfigError, PeerError
 from smolcluster.flat import FlatParams
+from smolcluster.inference.sampling import SamplingParams, filter_logits, make_generator, next_token
 from smolcluster.models import fingerprint
 from smolcluster.models.gpt2 import build_gpt2
 from smolcluster.models.mlp import MLP
@@ -31,7 +32,6 @@ from smolcluster.pipeline.gpt2 import (
 )
 from smolcluster.pipeline.mesh import Mesh, PeerLost
 from smolcluster.pipeline.partition import plan, split_blocks
-from smolcluster.pipeline.sampling import SamplingParams, filter_logits, make_generator, next_token
 from smolcluster.pipeline.sequential import sequential_stage
 from smolcluster.pipeline.weights import gpt2_weights, load_gpt2_stage, read_tensors
 from tests.conftest import wait_until

@@ -35,8 +35,8 @@ from omegaconf import OmegaConf
 from smolcluster import checkpoint
 from smolcluster.bench.report import write_report
 from smolcluster.errors import PeerError
+from smolcluster.inference import InferencePipeline
 from smolcluster.paths import CONFIG_DIR
-from smolcluster.pipeline import InferencePipeline
 from smolcluster.telemetry.logging import setup_logging
 
 VOCAB = {"gpt2-tiny": 4096, "gpt2": 50257}  # the BPE text runs train offline / GPT-2's own tokenizer

@@ -35,7 +35,7 @@ def engine_from_config(cfg) -> Engine:
                           "python -m smolcluster.infer role=stage rank=N)")
     if int(cfg.serve.max_active) < 1:
         raise ConfigError(f"serve.max_active={cfg.serve.max_active} must be at least 1")
-    from smolcluster.pipeline.api import pipeline_from_config
+    from smolcluster.inference.from_config import pipeline_from_config
 
     return Engine(lambda: pipeline_from_config(cfg), max_active=int(cfg.serve.max_active),
                   max_waiting=int(cfg.serve.max_waiting), reconnect=bool(cfg.serve.reconnect)).start()

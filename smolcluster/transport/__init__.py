@@ -2,7 +2,8 @@
 
     wire         message <-> frames (msgpack header + raw tensor frames), schemas, validation
     compression  none / fp16 / bf16 / int8 codecs and error feedback
-    sockets      ROUTER/DEALER and PUB/SUB endpoints, heartbeats, liveness, CURVE keys
+    sockets      ROUTER/DEALER endpoints, heartbeats, CURVE keys
+    pubsub       the pipeline's PUB/SUB links (one bound inbox per node, one outbox to many)
 """
 
 from smolcluster.transport import compression, wire
@@ -10,10 +11,7 @@ from smolcluster.transport.compression import Codec, ErrorFeedback, get_codec
 from smolcluster.transport.sockets import (
     ClientEndpoint,
     Heartbeat,
-    Liveness,
-    Publisher,
     ServerEndpoint,
-    Subscriber,
     make_keys,
 )
 from smolcluster.transport.wire import (
@@ -31,11 +29,8 @@ __all__ = [
     "Codec",
     "ErrorFeedback",
     "Heartbeat",
-    "Liveness",
     "Message",
-    "Publisher",
     "ServerEndpoint",
-    "Subscriber",
     "WireError",
     "compression",
     "decode",

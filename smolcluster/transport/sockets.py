@@ -10,10 +10,9 @@ never raise out of ``recv``.
 
     ServerEndpoint  ROUTER, binds     recv -> (peer, Message); send(peer, kind, ...)
     ClientEndpoint  DEALER, connects  send(kind, ...); recv -> Message
-    Publisher       PUB, binds        send(topic, kind, ...)       (drops when nobody listens)
-    Subscriber      SUB, connects     recv -> (topic, Message), topic-prefix filtered
     Heartbeat       a thread with its own DEALER, beating to a server while the caller computes
-    Liveness        pure Python: who has been silent for longer than ``timeout_s``
+
+The pipeline's PUB/SUB links live in ``pubsub.py``: one PUB/SUB stack, not two.
 """
 
 from __future__ import annotations
@@ -262,59 +261,6 @@ class ClientEndpoint(_Endpoint):
         return None
 
 
-class Publisher(_Endpoint):
-    """PUB, bound: ``send(topic, kind, ...)`` to every subscriber whose prefix matches ``topic``.
-
-    The topic is frame 0, the wire message follows. PUB never blocks: with no subscriber,
-    or a subscriber's queue at ``hwm``, the message is dropped (number your messages if
-    that matters). A subscriber that connects late misses what was sent before.
-    """
-
-    def __init__(self, bind: str, *, max_bytes: int, curve_dir: str | None = None, hwm: int = 1000):
-        sock = _context().socket(zmq.PUB)
-        _configure(sock, max_bytes, hwm)
-        _curve_server(sock, curve_dir)
-        _bind(sock, bind)
-        super().__init__(sock, max_bytes)
-
-    def send(self, topic: bytes, kind: str, fields=None, tensors=None, codec="none") -> int:
-        frames = wire.encode(kind, fields, tensors, codec)
-        self.sock.send_multipart([topic, *frames], copy=False)
-        return len(topic) + sum(memoryview(f).nbytes for f in frames)
-
-
-class Subscriber(_Endpoint):
-    """SUB, connected to one or more publishers, receiving the topics that start with ``topics``."""
-
-    def __init__(self, connect: str | list[str], *, topics: list[bytes] | tuple[bytes, ...] = (b"",),
-                 max_bytes: int, curve_dir: str | None = None, hwm: int = 1000):
-        sock = _context().socket(zmq.SUB)
-        _configure(sock, max_bytes, hwm)
-        _curve_client(sock, curve_dir)
-        for topic in topics:
-            sock.setsockopt(zmq.SUBSCRIBE, topic)
-        for address in [connect] if isinstance(connect, str) else connect:
-            sock.connect(address)
-        super().__init__(sock, max_bytes)
-
-    def subscribe(self, topic: bytes) -> None:
-        self.sock.setsockopt(zmq.SUBSCRIBE, topic)
-
-    def unsubscribe(self, topic: bytes) -> None:
-        self.sock.setsockopt(zmq.UNSUBSCRIBE, topic)
-
-    def recv(self, timeout_ms: int) -> tuple[bytes, wire.Message] | None:
-        """``(topic, Message)``, or None after ``timeout_ms``; bad ones are logged, counted, dropped."""
-        for frames in self._recv_frames(timeout_ms):
-            topic = frames[0].bytes
-            try:
-                return topic, wire.decode(frames[1:], max_bytes=self.max_bytes)
-            except wire.WireError as e:
-                self.rejected[e.reason] += 1
-                logger.error(f"rejected a message on topic {topic[:40]!r}: {e}")
-        return None
-
-
 class Heartbeat:
     """Beats from a background thread on its own DEALER socket (zmq sockets are not thread-safe),
     so a worker stays alive to the server while its main thread computes a long step."""
@@ -353,23 +299,3 @@ class Heartbeat:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=self.interval_s + 5)
-
-
-class Liveness:
-    """Who has been heard from lately: ``beat(peer)`` on every message; ``lost()`` lists the peers
-    silent for longer than ``timeout_s`` and forgets them (each loss is reported once; a peer
-    that beats again is tracked afresh). Pure Python: works for any hashable peer id."""
-
-    def __init__(self, timeout_s: float):
-        self.timeout_s = timeout_s
-        self.last: dict = {}
-
-    def beat(self, peer, now: float | None = None) -> None:
-        self.last[peer] = time.monotonic() if now is None else now
-
-    def lost(self, now: float | None = None) -> list:
-        now = time.monotonic() if now is None else now
-        gone = [p for p, t in self.last.items() if now - t > self.timeout_s]
-        for p in gone:
-            del self.last[p]
-        return gone

@@ -23,9 +23,9 @@ import numpy as np
 from loguru import logger
 
 from smolcluster.errors import ConfigError, PeerError
+from smolcluster.inference.sampling import SamplingParams
 from smolcluster.pipeline.mesh import Mesh, PeerLost
 from smolcluster.pipeline.partition import stage_name
-from smolcluster.pipeline.sampling import SamplingParams
 
 _DONE = object()
 

@@ -1,6 +1,6 @@
 """An inference stage: requests flow through this stage's layers, each with its own KV cache.
 
-    python -m smolcluster.pipeline.serve STAGE.json    # what a local launch runs per stage
+    python -m smolcluster.inference.serve STAGE.json    # what a local launch runs per stage
     python -m smolcluster.infer role=stage rank=N ...  # the same on a cluster node, from Hydra config
 
 A stage imports torch, numpy and zmq, never ``transformers``, and reads only its own
@@ -40,10 +40,10 @@ import torch
 from loguru import logger
 
 from smolcluster.errors import ConfigError, PeerError, SmolclusterError
+from smolcluster.inference.sampling import SamplingParams, make_generator, next_token
 from smolcluster.pipeline.gpt2 import KVCache, plan_gpt2
 from smolcluster.pipeline.mesh import Envelope, Mesh, PeerLost
 from smolcluster.pipeline.partition import stage_name
-from smolcluster.pipeline.sampling import SamplingParams, make_generator, next_token
 from smolcluster.pipeline.weights import gpt2_weights, load_gpt2_stage
 
 _CLOSED_MEMORY = 10_000  # finished request ids remembered, so their stragglers are dropped quietly
@@ -388,7 +388,7 @@ def serve(sc: ServeConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m smolcluster.pipeline.serve STAGE.json", file=sys.stderr)
+        print("usage: python -m smolcluster.inference.serve STAGE.json", file=sys.stderr)
         return 2
     try:
         serve(ServeConfig.loads(Path(argv[0]).read_text()))

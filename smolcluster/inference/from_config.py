@@ -1,0 +1,174 @@
+"""An ``infer`` / ``chat`` Hydra config -> an :class:`InferencePipeline` or a stage's :class:`ServeConfig`.
+
+The one place the inference path reads Hydra's config: below this module the runtime
+takes plain arguments and dataclasses.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from loguru import logger
+
+from smolcluster.errors import ConfigError
+from smolcluster.inference.api import InferencePipeline, describe_weights
+from smolcluster.inference.serve import ServeConfig
+
+
+def _run_config(run_dir: Path):
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(path)
+
+
+def _tokenizer_from_data(data_cfg):
+    from smolcluster.data.text import get_tokenizer, read_corpus
+
+    return get_tokenizer(read_corpus(data_cfg.get("path")), data_cfg.get("tokenizer", "auto"),
+                         data_cfg.get("vocab_size", 4096), data_cfg.get("cache_dir"))
+
+
+def resolve_model(cfg, need_tokenizer: bool = True) -> tuple[dict, object, Path | None]:
+    """(weights info as :func:`describe_weights`, tokenizer, temp dir to delete) for an infer config.
+
+    ``checkpoint=RUN_DIR`` (a train run), else ``model.pretrained`` (Hugging Face weights),
+    else a seeded random init of ``model`` written once to a temporary file.
+    """
+    from smolcluster.data.text import TextTokenizer, get_tokenizer
+
+    n_head = cfg.model.get("n_head")
+    if cfg.get("checkpoint"):
+        run_dir = Path(cfg.checkpoint).expanduser()
+        info = describe_weights(run_dir, default_n_head=n_head)
+        if not need_tokenizer:
+            return info, None, None
+        if info["tokenizer"] is not None:
+            tok = TextTokenizer.load(info["tokenizer"])
+        else:
+            run_cfg = _run_config(run_dir) if run_dir.is_dir() else None
+            data_cfg = run_cfg.data if run_cfg is not None and run_cfg.data.name == "text" else cfg.data
+            logger.warning(f"{run_dir} has no tokenizer.json; rebuilding the run's tokenizer from data config")
+            tok = _tokenizer_from_data(data_cfg)
+        return info, tok, None
+    if cfg.model.get("pretrained"):
+        from smolcluster.pipeline.weights import pretrained_files
+
+        weights, _ = pretrained_files(cfg.model.pretrained)
+        info = describe_weights(weights.parent)
+        if not need_tokenizer:
+            return info, None, None
+        if info["tokenizer"] is not None:
+            tok = TextTokenizer.load(info["tokenizer"])
+        else:
+            tok = get_tokenizer("", "gpt2")
+        return info, tok, None
+    import torch
+
+    from smolcluster import checkpoint
+    from smolcluster.models import build_model
+
+    tok = _tokenizer_from_data(cfg.data)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, {"vocab_size": tok.vocab_size, "eos_token_id": tok.eos_id})
+    tmp = Path(tempfile.mkdtemp(prefix="smolcluster-init-"))
+    checkpoint.save(tmp, model, None, 0)
+    logger.warning(f"no checkpoint= or model.pretrained: serving a random init of {cfg.model.name} (seed {cfg.seed})")
+    return {"weights": tmp / "checkpoint.safetensors", "n_head": n_head, "eps": 1e-5, "tokenizer": None,
+            "eos": tok.eos_id}, tok, tmp
+
+
+def tokenizer_for_head(cfg):
+    """The tokenizer when connecting to running stages: the run's, the pretrained model's, or data config's."""
+    from smolcluster.data.text import TextTokenizer, get_tokenizer
+
+    for source in (cfg.get("checkpoint"), cfg.model.get("pretrained")):
+        if source and (Path(source).expanduser() / "tokenizer.json").is_file():
+            return TextTokenizer.load(Path(source).expanduser() / "tokenizer.json")
+    if cfg.model.get("pretrained"):
+        return get_tokenizer("", "gpt2")
+    return _tokenizer_from_data(cfg.data)
+
+
+def check_prompt_fits(prompt: str, tokenizer, weights: Path, n_head: int) -> None:
+    """Refuse a prompt longer than the model's context before any stage is started."""
+    from smolcluster.pipeline.weights import gpt2_weights
+
+    context = gpt2_weights(weights, n_head).shape.n_positions
+    n = len(tokenizer.encode(prompt))
+    if n > context:
+        raise ConfigError(f"the prompt is {n} tokens, longer than the model's context of {context}: shorten it "
+                          "(the pipeline never truncates silently)")
+
+
+def pipeline_from_config(cfg, prompt: str | None = None) -> InferencePipeline:
+    """Start the stages here (``role=launch``) or connect to a cluster's (``role=head``).
+
+    With ``prompt``, a prompt that cannot fit is refused before anything starts.
+    """
+    c = cfg.cluster
+    if cfg.role == "launch":
+        from smolcluster.pipeline.partition import node_weights
+
+        info, tok, tmp = resolve_model(cfg)
+        try:
+            if prompt is not None:
+                check_prompt_fits(prompt, tok, info["weights"], int(info["n_head"]))
+            pipe = InferencePipeline.start_local(
+                info["weights"], stages=int(cfg.stages), n_head=int(info["n_head"]), head=cfg.head, tokenizer=tok,
+                eos_id=info["eos"] if info["eos"] is not None else getattr(tok, "eos_id", None),
+                stage_weights=node_weights(c, int(cfg.stages)), host=c.host, heartbeat_s=c.heartbeat_s,
+                liveness_s=c.liveness_s, connect_timeout_s=c.connect_timeout_s,
+                env={"SMOLCLUSTER_LOG_LEVEL": cfg.get("stage_log_level") or "WARNING"})
+        except BaseException:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if tmp is not None:
+            pipe._cleanup.append(tmp)
+        return pipe
+    if cfg.role == "head":
+        from smolcluster.pipeline.nodes import stage_nodes
+
+        tok = tokenizer_for_head(cfg)
+        addresses = [n.address for n in stage_nodes(c, int(cfg.stages))]
+        pipe = InferencePipeline.connect(addresses, tokenizer=tok, host=cfg.get("head_host") or c.host,
+                                         port=int(cfg.get("head_port") or 0),
+                                         heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s,
+                                         connect_timeout_s=c.connect_timeout_s, keys_dir=c.get("keys"))
+        if pipe.client.shape["vocab_size"] < tok.vocab_size:
+            pipe.close()
+            raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but the stages' model only "
+                              f"{pipe.client.shape['vocab_size']}: give the checkpoint= / data options it was "
+                              "trained with")
+        return pipe
+    raise ConfigError(f"role={cfg.role!r} is invalid for inference: choose launch (start the stages here), "
+                      "head (connect to running stages) or stage (serve one stage: add rank=N)")
+
+
+def serve_config_from(cfg) -> ServeConfig:
+    """``role=stage rank=N``: this node's stage of a cluster, from the same config every node uses."""
+    from smolcluster.pipeline.nodes import stage_nodes
+    from smolcluster.pipeline.partition import node_weights
+
+    if cfg.get("rank") is None:
+        raise ConfigError("role=stage needs its rank: add rank=N (0 <= N < stages)")
+    c, n = cfg.cluster, int(cfg.stages)
+    nodes = stage_nodes(c, n)
+    if not 0 <= int(cfg.rank) < n:
+        raise ConfigError(f"rank={cfg.rank} is invalid for stages={n}: use 0..{n - 1}")
+    if not cfg.get("checkpoint") and not cfg.model.get("pretrained"):
+        raise ConfigError("a cluster stage needs weights every node agrees on: give checkpoint=RUN_DIR or "
+                          "model.pretrained=DIR (copied to every node)")
+    info, _, _ = resolve_model(cfg, need_tokenizer=False)
+    node = nodes[int(cfg.rank)]
+    return ServeConfig(rank=int(cfg.rank), n_stages=n, weights=str(info["weights"]), n_head=int(info["n_head"]),
+                       eps=float(info["eps"]), nodes=[{"address": x.address, "bind": x.bind} for x in nodes],
+                       head_first=cfg.head == "first", stage_weights=node_weights(c, n),
+                       heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s, connect_timeout_s=c.connect_timeout_s,
+                       max_bytes=int(c.max_message_mb) * 1024 * 1024, keys_dir=c.get("keys"),
+                       threads=node.threads, log_level=cfg.get("stage_log_level"))
