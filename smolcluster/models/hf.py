@@ -93,8 +93,8 @@ def read_config(directory: str | Path) -> dict:
 def load_pretrained(pretrained: str):
     """A supported causal LM from a local Hugging Face model directory (sharded safetensors included)."""
     d = Path(pretrained).expanduser()
-    if not d.is_dir():
-        from smolcluster.models.gpt2 import _load_pretrained  # a hub id in the HF cache (GPT-2 only, as before)
+    if not d.is_dir():  # a hub id in the HF cache (GPT-2 only, as before)
+        from smolcluster.models.gpt2 import _load_pretrained
 
         return _load_pretrained(pretrained)
     read_config(d)
