@@ -12,6 +12,10 @@ collide. ``0`` lets the OS choose; the chosen port is logged.
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 from loguru import logger
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
@@ -64,8 +68,19 @@ class PrometheusSink:
                          for key, (name, help_) in _COUNTERS.items()}
         self.totals = dict.fromkeys(_COUNTERS, 0.0)
         self.server, self.thread = start_http_server(port, addr=addr, registry=self.registry)
-        self.port = self.server.server_address[1]
+        self.port, self.addr, self.identity = self.server.server_address[1], addr, identity
         logger.info(f"prometheus metrics on http://{addr}:{self.port}/metrics")
+
+    def announce(self, run_dir: Path) -> None:
+        """Write ``RUN_DIR/endpoints/NODE-ROLERANK.json`` (the URL and labels), so ``smolcluster.top
+        --run-dir`` finds every node of a run on this machine, ports chosen by the OS included."""
+        i = self.identity
+        host = "127.0.0.1" if self.addr in ("0.0.0.0", "", "::") else self.addr
+        path = Path(run_dir) / "endpoints" / f"{i.get('node', '')}-{i.get('role', '')}{i.get('rank', '')}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"url": f"http://{host}:{self.port}/metrics", **{k: str(v) for k, v in i.items()}}))
+        tmp.replace(path)
 
     def log(self, step: int, metrics: dict) -> None:
         for key, value in {"step": step, **metrics}.items():

@@ -23,7 +23,9 @@ def build_sinks(cfg, *, run_dir: Path, identity: dict) -> list:
     if prom.get("port") is not None:
         port = port_for(int(prom["port"]), identity.get("role", ""), identity.get("rank") or 0)
         try:
-            sinks.append(PrometheusSink(port, identity, addr=prom.get("addr") or "0.0.0.0"))
+            sink = PrometheusSink(port, identity, addr=prom.get("addr") or "0.0.0.0")
+            sinks.append(sink)
+            sink.announce(run_dir)
         except OSError as e:
             logger.warning(f"no prometheus endpoint: port {port} is not free ({e}); choose another base with "
                            "logging.prometheus.port=N (workers use N+1+rank) or 0 for any free port")
