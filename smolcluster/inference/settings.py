@@ -1,0 +1,190 @@
+"""The ``infer`` and ``chat`` commands' settings as typed dataclasses: read from Hydra once, at the edge.
+
+``conf/infer.yaml`` and ``conf/chat.yaml`` are validated against :class:`InferConfig` /
+:class:`ChatConfig` (registered in Hydra's ConfigStore and named first in each file's
+defaults list), so a mistyped override fails before anything starts, naming the key
+and what it accepts (``max_new_tokens=abc``, ``role=bogus``, ``head=middle``).
+``infer.py`` and ``chat.py`` then turn the composed config into these objects with
+:func:`infer_settings` / :func:`chat_settings`; nothing below them reads a DictConfig.
+
+The model, data and cluster groups stay open (any ``_target_`` model takes its own keys,
+a cluster file may carry keys for other commands): they arrive as plain dicts, and the
+part inference uses of the cluster is typed in :class:`Links`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from typing import Any  # noqa: UP035 -- Hydra's structured configs need typing.Optional on py3.10
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from smolcluster.errors import ConfigError
+
+
+class Role(Enum):
+    launch = "launch"  # start the stages here, as child processes
+    head = "head"      # connect to stages already running
+    stage = "stage"    # serve one stage of a cluster (infer only)
+
+
+class HeadPlace(Enum):
+    first = "first"  # the LM head on stage 0, beside the embedding it is tied to (held once)
+    last = "last"    # on the last stage, as in training
+
+
+@dataclass
+class Sampling:
+    """What an answer defaults to: infer's one request, the chat page's controls, the API's defaults."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_at_eos: bool = True
+
+
+@dataclass
+class Links:
+    """The cluster config's keys inference uses: where stages listen, how links are kept and secured."""
+
+    host: str = "127.0.0.1"
+    port: int | None = None
+    bind: str | None = None
+    keys: str | None = None
+    heartbeat_s: float = 1.0
+    liveness_s: float = 10.0
+    connect_timeout_s: float = 60.0
+    max_message_mb: int = 2048
+    nodes: list = field(default_factory=list)
+
+    @classmethod
+    def of(cls, cluster: dict) -> Links:
+        return cls(**{f.name: cluster[f.name] for f in fields(cls) if f.name in cluster})
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_message_mb) * 1024 * 1024
+
+
+@dataclass
+class Pipeline:
+    """Which model, how many stages, and this process's part in them."""
+
+    model: dict = field(default_factory=dict)   # the model group (name, _target_, pretrained, shape keys)
+    data: dict = field(default_factory=dict)    # the data group: rebuilds a run's tokenizer when it has none
+    checkpoint: str | None = None
+    stages: int = 2
+    head: HeadPlace = HeadPlace.first
+    role: Role = Role.launch
+    rank: int | None = None
+    head_host: str | None = None
+    head_port: int = 0
+    stage_log_level: str | None = None
+    seed: int = 0
+    links: Links = field(default_factory=Links)
+
+
+@dataclass
+class InferSettings:
+    pipeline: Pipeline
+    sampling: Sampling
+    prompt: str | None = None
+
+
+@dataclass
+class Serve:
+    host: str = "127.0.0.1"
+    port: int = 7860
+    model_name: str | None = None
+    api_key: str | None = None
+    max_active: int = 4
+    max_waiting: int = 64
+    reconnect: bool = True
+    ui: bool = True
+    log_level: str = "warning"
+
+
+@dataclass
+class ChatSettings:
+    pipeline: Pipeline
+    sampling: Sampling
+    serve: Serve
+    system_prompt: str = ""
+
+
+# -- the schemas Hydra checks the yaml and every override against ------------------------------------
+@dataclass
+class _Common:
+    model: Any = MISSING
+    data: Any = MISSING
+    cluster: Any = MISSING
+    logging: Any = MISSING
+    checkpoint: str | None = None
+    stages: int = 2
+    head: HeadPlace = HeadPlace.first
+    role: Role = Role.launch
+    head_host: str | None = None
+    head_port: int = 0
+    stage_log_level: str | None = None
+    seed: int = 0
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_at_eos: bool = True
+
+
+@dataclass
+class InferConfig(_Common):
+    prompt: str | None = None
+    rank: int | None = None
+
+
+@dataclass
+class ChatConfig(_Common):
+    system_prompt: str = ""
+    serve: Serve = field(default_factory=Serve)
+
+
+def register() -> None:
+    """Make ``infer_schema`` / ``chat_schema`` known to Hydra (called before ``hydra.main`` runs)."""
+    cs = ConfigStore.instance()
+    cs.store(name="infer_schema", node=InferConfig)
+    cs.store(name="chat_schema", node=ChatConfig)
+
+
+register()
+
+
+# -- DictConfig -> settings (the only place the inference path reads Hydra's config) ------------------
+def _plain(node) -> dict:
+    return OmegaConf.to_container(node, resolve=True) if node is not None else {}
+
+
+def _pipeline(cfg) -> Pipeline:
+    stages = int(cfg.stages)
+    if stages < 1:
+        raise ConfigError(f"stages={stages} is invalid: a pipeline needs at least one stage")
+    return Pipeline(model=_plain(cfg.model), data=_plain(cfg.data), checkpoint=cfg.checkpoint, stages=stages,
+                    head=HeadPlace(cfg.head), role=Role(cfg.role), rank=cfg.get("rank"), head_host=cfg.head_host,
+                    head_port=int(cfg.head_port), stage_log_level=cfg.stage_log_level, seed=int(cfg.seed),
+                    links=Links.of(_plain(cfg.cluster)))
+
+
+def _sampling(cfg) -> Sampling:
+    return Sampling(max_new_tokens=int(cfg.max_new_tokens), temperature=float(cfg.temperature), top_k=int(cfg.top_k),
+                    top_p=float(cfg.top_p), stop_at_eos=bool(cfg.stop_at_eos))
+
+
+def infer_settings(cfg) -> InferSettings:
+    return InferSettings(_pipeline(cfg), _sampling(cfg), None if cfg.prompt is None else str(cfg.prompt))
+
+
+def chat_settings(cfg) -> ChatSettings:
+    serve = Serve(**_plain(cfg.serve))
+    if serve.max_active < 1:
+        raise ConfigError(f"serve.max_active={serve.max_active} must be at least 1")
+    return ChatSettings(_pipeline(cfg), _sampling(cfg), serve, str(cfg.system_prompt or ""))
