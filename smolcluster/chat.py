@@ -16,11 +16,13 @@ from omegaconf import DictConfig
 
 from smolcluster.errors import SmolclusterError
 from smolcluster.paths import CONFIG_DIR
+from smolcluster.supervisor import sigterm_as_interrupt
 from smolcluster.telemetry.logging import setup_logging
 
 
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="chat")
 def main(cfg: DictConfig) -> None:
+    sigterm_as_interrupt()  # the stages are stopped on SIGTERM as on Ctrl-C
     setup_logging(role="chat", algo="chat", level=cfg.logging.level, loki=cfg.logging.get("loki"))
     from smolcluster.serving.config import serve
 

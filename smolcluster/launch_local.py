@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from smolcluster.cluster import python_cmd
 from smolcluster.errors import PeerError
+from smolcluster.supervisor import sigterm_as_interrupt
 
 _ROLE_KEYS = ("role=", "rank=", "cluster.port=", "run_id=", "hydra.run.dir=", "hydra.output_subdir=",
               "train.progress=")
@@ -52,8 +53,7 @@ def launch(cfg: DictConfig, run_dir: Path, extra: list[str] | None = None) -> di
     threads = str(max(1, (os.cpu_count() or 1) // (n + 1)))
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **os.environ, "PYTHONUNBUFFERED": "1"}
     procs: dict[str, subprocess.Popen] = {}
-    # SIGTERM must unwind like Ctrl-C so the finally below stops every child.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    sigterm_as_interrupt()  # so the finally below stops every child
 
     def start(name: str, args: list[str]) -> None:
         procs[name] = subprocess.Popen(python_cmd() + common + args, stdout=subprocess.PIPE,
@@ -91,10 +91,6 @@ def _wait_for_port(path: Path, server: subprocess.Popen, timeout_s: float) -> in
             raise PeerError(f"the server exited with code {server.returncode} before listening (its log is above)")
         time.sleep(0.05)
     raise PeerError(f"the server did not start listening within cluster.connect_timeout_s={timeout_s}s")
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def _supervise(procs: dict[str, subprocess.Popen]) -> tuple[str, int] | None:

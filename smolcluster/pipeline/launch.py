@@ -21,6 +21,7 @@ from pathlib import Path
 from loguru import logger
 
 from smolcluster.errors import PeerError
+from smolcluster.supervisor import sigterm_as_interrupt
 
 _HERE_KEYS = ("role=", "rank=", "cluster.port=", "run_id=", "++run_id=", "+run_id=", "hydra.run.dir=", "hydra.output_subdir=",
               "train.progress=")
@@ -143,7 +144,8 @@ def launch_training(cfg, run_dir: Path) -> dict:
     common = [*child_overrides(), f"cluster.port={port}", f"++run_id={cfg.run_id}", f"hydra.run.dir={run_dir}",
               "hydra.output_subdir=null", "train.progress=false"]
     children = Children()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM unwinds like Ctrl-C: stop the children
+    previous = signal.getsignal(signal.SIGTERM)
+    sigterm_as_interrupt()  # SIGTERM unwinds like Ctrl-C: stop the children
     logger.info(f"launching algo=mp on this machine: {n} stages on ports {port}..{port + n - 1}, run dir {run_dir}")
     try:
         for rank in range(n):
@@ -155,7 +157,3 @@ def launch_training(cfg, run_dir: Path) -> dict:
         signal.signal(signal.SIGTERM, previous)
     shards.merge(run_dir)
     return json.loads((Path(run_dir) / "summary.json").read_text())
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
