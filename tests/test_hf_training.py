@@ -84,6 +84,21 @@ def test_syncps_trains_llama_tiny_to_the_same_parameters_as_local(tmp_path, tok_
     assert json.loads((tmp_path / "ps" / "hf" / "config.json").read_text())["model_type"] == "llama"
 
 
+def test_a_resumed_llama_run_ends_bit_identical_to_an_uninterrupted_one_hf_dir_included(tmp_path, tok_cache):
+    common = ["algo=local", "model=llama-tiny", *SMALL, "train.steps=10", "train.batch_size=4",
+              f"data.cache_dir={tok_cache}"]
+    train(tmp_path / "full", *common)
+    train(tmp_path / "half", *common, "train.stop_after=5")
+    half_hf = load_file(tmp_path / "half" / "hf" / "model.safetensors")
+    half = load_file(tmp_path / "half" / "checkpoint.safetensors")
+    assert all(torch.equal(half_hf[k], half[k]) for k in half_hf)  # the hf dir is the checkpoint's step
+    s = train(tmp_path / "resumed", *common, f"resume={tmp_path / 'half'}")
+    assert s["steps"] == 10 and max_abs_diff(tmp_path / "full", tmp_path / "resumed") == 0.0
+    a = load_file(tmp_path / "full" / "hf" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "hf" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_fine_tune_a_sharded_qwen3_directory_with_syncps_equals_local_and_hf_dir_gives_the_same_logits(tmp_path):
     src = pretrained_dir(tmp_path / "qwen3", "qwen3", head_dim=16, tie_embeddings=True)
     common = ["model=qwen3-tiny", f"model.pretrained={src}", *SMALL, "train.steps=8"]
