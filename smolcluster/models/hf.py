@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from smolcluster.errors import ConfigError
@@ -113,8 +114,9 @@ def load_pretrained(pretrained: str, vocab_size: int | None = None):
         from transformers import AutoModelForCausalLM
 
         try:
-            model = AutoModelForCausalLM.from_pretrained(d, local_files_only=True, attn_implementation="sdpa",
-                                                         dtype="float32")
+            with _no_progress_bars():  # one bar per process of a cluster run says nothing the log does not
+                model = AutoModelForCausalLM.from_pretrained(d, local_files_only=True, attn_implementation="sdpa",
+                                                             dtype="float32")
         except (OSError, ValueError) as e:
             raise ConfigError(f"model.pretrained={pretrained}: could not load it ({e})") from e
     rows = model.get_input_embeddings().num_embeddings
@@ -127,6 +129,20 @@ def load_pretrained(pretrained: str, vocab_size: int | None = None):
 
 # Tokenizer files a model directory may carry beside tokenizer.json; copied as they are (chat template included).
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "added_tokens.json")
+
+
+@contextmanager
+def _no_progress_bars():
+    """transformers' tqdm bars off for a while (they are a global switch)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def is_hf_model(model) -> bool:
@@ -165,7 +181,6 @@ def save_hf_dir(model_or_state, config, out_dir: str | Path, tokenizer_path: str
     lands by an atomic rename, so a crash mid-write leaves each file whole (old or new).
     """
     import torch
-    from transformers.utils import logging as hf_logging
 
     out_dir = Path(out_dir)
     if is_hf_model(model_or_state):
@@ -180,11 +195,11 @@ def save_hf_dir(model_or_state, config, out_dir: str | Path, tokenizer_path: str
             model = AutoModelForCausalLM.from_config(config, dtype=next(iter(state.values())).dtype)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the middle of a training log
     try:
-        # one file however large (transformers would shard at 50GB): the directory a run hands over stays simple
-        model.save_pretrained(tmp, state_dict=state, max_shard_size=2**50)
+        # one file however large (transformers would shard at 50GB): the directory a run hands over stays simple;
+        # no "Writing model shards" bar in the middle of a training log
+        with _no_progress_bars():
+            model.save_pretrained(tmp, state_dict=state, max_shard_size=2**50)
         if tokenizer_path is not None:
             tokenizer_path = Path(tokenizer_path)
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
@@ -198,7 +213,5 @@ def save_hf_dir(model_or_state, config, out_dir: str | Path, tokenizer_path: str
         for f in tmp.iterdir():
             f.replace(out_dir / f.name)
     finally:
-        if bars:
-            hf_logging.enable_progress_bar()
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
