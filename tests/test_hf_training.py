@@ -73,7 +73,7 @@ def hf_logits(hf_dir: Path, x: torch.Tensor) -> torch.Tensor:
         return model(x).logits
 
 
-def test_syncps_trains_llama_tiny_to_the_same_parameters_as_local(tmp_path, tok_cache):
+def test_llama_tiny_syncps_equals_local_and_a_resumed_local_run_ends_bit_identical(tmp_path, tok_cache):
     common = ["model=llama-tiny", *SMALL, "train.steps=20", f"data.cache_dir={tok_cache}"]
     s = train(tmp_path / "ps", "algo=syncps", "cluster.workers=2", "train.batch_size=4", *common, *FAST)
     train(tmp_path / "local", "algo=local", "train.batch_size=8", *common)
@@ -83,18 +83,14 @@ def test_syncps_trains_llama_tiny_to_the_same_parameters_as_local(tmp_path, tok_
     # and the server's checkpoint is also a Hugging Face directory
     assert json.loads((tmp_path / "ps" / "hf" / "config.json").read_text())["model_type"] == "llama"
 
-
-def test_a_resumed_llama_run_ends_bit_identical_to_an_uninterrupted_one_hf_dir_included(tmp_path, tok_cache):
-    common = ["algo=local", "model=llama-tiny", *SMALL, "train.steps=10", "train.batch_size=4",
-              f"data.cache_dir={tok_cache}"]
-    train(tmp_path / "full", *common)
-    train(tmp_path / "half", *common, "train.stop_after=5")
+    # resume: stopped at step 10 (RUN_DIR/hf is that step), resumed, it ends where the uninterrupted run did
+    train(tmp_path / "half", "algo=local", "train.batch_size=8", *common, "train.stop_after=10")
     half_hf = load_file(tmp_path / "half" / "hf" / "model.safetensors")
     half = load_file(tmp_path / "half" / "checkpoint.safetensors")
-    assert all(torch.equal(half_hf[k], half[k]) for k in half_hf)  # the hf dir is the checkpoint's step
-    s = train(tmp_path / "resumed", *common, f"resume={tmp_path / 'half'}")
-    assert s["steps"] == 10 and max_abs_diff(tmp_path / "full", tmp_path / "resumed") == 0.0
-    a = load_file(tmp_path / "full" / "hf" / "model.safetensors")
+    assert all(torch.equal(half_hf[k], half[k]) for k in half_hf)
+    r = train(tmp_path / "resumed", "algo=local", "train.batch_size=8", *common, f"resume={tmp_path / 'half'}")
+    assert r["steps"] == 20 and max_abs_diff(tmp_path / "local", tmp_path / "resumed") == 0.0
+    a = load_file(tmp_path / "local" / "hf" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "hf" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
