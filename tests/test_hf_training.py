@@ -141,12 +141,13 @@ def test_edp_fine_tunes_a_llama_directory_to_completion(tmp_path):
 def test_a_pretrained_directory_of_an_unsupported_architecture_is_refused_naming_the_supported_ones(tmp_path):
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
-    proc = run_cli("smolcluster.train", f"hydra.run.dir={tmp_path / 'run'}", "algo=local", "model=llama-tiny",
+    proc = run_cli("smolcluster.train", f"hydra.run.dir={tmp_path / 'run'}", "algo=syncps", "model=llama-tiny",
                    f"model.pretrained={tmp_path / 'bert'}", *SMALL, "train.steps=2", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr[-3000:]
     assert "model_type 'bert' is not supported" in errors[0] and ", ".join(SUPPORTED) in errors[0]
+    assert "[server]" not in proc.stderr  # refused before any process was started
 
 
 def test_a_tokenizer_larger_than_the_pretrained_vocabulary_is_refused(tmp_path, tok_cache):
