@@ -158,7 +158,8 @@ def _tokenizer_config(tokenizer_json: Path, config) -> dict:
 
     tok = Tokenizer.from_file(str(tokenizer_json))
     out: dict = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
-    eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+    eos = getattr(config, "eos_token_id", None)
+    eos = eos[0] if isinstance(eos, list) else eos
     name = tok.id_to_token(eos) if eos is not None else None
     name = name or ("<|endoftext|>" if tok.token_to_id("<|endoftext|>") is not None else None)
     if name is not None:
@@ -185,7 +186,7 @@ def save_hf_dir(model_or_state, config, out_dir: str | Path, tokenizer_path: str
     out_dir = Path(out_dir)
     if is_hf_model(model_or_state):
         model = model_or_state
-        config = config or model.config
+        config = config if config is not None else model.config
         state = {name: p.detach() for name, p in model.named_parameters()}
     else:
         from transformers import AutoModelForCausalLM
