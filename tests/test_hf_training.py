@@ -202,6 +202,26 @@ def test_save_hf_dir_loads_in_transformers_with_the_same_logits(family, as_state
     assert not list(tmp_path.glob(".hf.tmp*"))  # the staging directory is gone
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_any_model_config_with_pretrained_loads_the_directory_s_family_from_shards(family, tmp_path):
+    from omegaconf import OmegaConf
+
+    from smolcluster.models import build_model
+    from smolcluster.paths import CONFIG_DIR
+
+    torch.manual_seed(0)
+    FAMILIES[family]().save_pretrained(tmp_path / "m", max_shard_size="20KB")
+    assert len(list((tmp_path / "m").glob("model-*-of-*.safetensors"))) > 1
+    for name in ("gpt2-tiny", "llama-tiny"):  # whichever config names it, config.json decides
+        spec = OmegaConf.load(CONFIG_DIR / "model" / f"{name}.yaml")
+        spec.pretrained = str(tmp_path / "m")
+        model = build_model(spec, {"vocab_size": 300, "eos_token_id": 0}).eval()
+        assert model.config.model_type == family
+        x = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert torch.equal(model(x).logits, hf_logits(tmp_path / "m", x))
+
+
 def test_gpt2_tiny_special_ids_fit_its_vocabulary_and_transformers_says_nothing(capfd):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
