@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import DictConfig, OmegaConf
 
 from smolcluster.errors import ConfigError
@@ -65,6 +67,11 @@ def validate(cfg: DictConfig) -> None:
         )
     if kind == "classifier" and cfg.data.name == "text":
         raise ConfigError(f"model={cfg.model.name} is a classifier but data=text: use data=digits or data=mnist")
+    pretrained = cfg.model.get("pretrained")
+    if pretrained and Path(str(pretrained)).expanduser().is_dir():
+        from smolcluster.models.hf import read_config
+
+        read_config(pretrained)  # an unsupported architecture is refused before any process or data is set up
     block, positions = cfg.model.get("block_size"), cfg.model.get("n_positions")
     if block is not None and positions is not None and block > positions:
         raise ConfigError(

@@ -43,10 +43,13 @@ def run(cfg: DictConfig) -> dict | None:
                   algo=cfg.algo.name, run_id=cfg.run_id, run_dir=run_dir, level=cfg.logging.level,
                   loki=cfg.logging.get("loki"))
     validate(cfg)
+    if cfg.model.get("deprecated"):
+        logger.warning(cfg.model.deprecated)
     summary = algorithms.get(cfg.algo.name).run(cfg, run_dir)
     if summary and role in ("main", "launch", "server"):
         logger.success(describe(summary))
-        logger.success(f"run files: {run_dir}/ (metrics.jsonl, summary.json, checkpoint.safetensors, loss.png)")
+        hf = ", hf/ (a Hugging Face model directory)" if (run_dir / "hf" / "config.json").is_file() else ""
+        logger.success(f"run files: {run_dir}/ (metrics.jsonl, summary.json, checkpoint.safetensors, loss.png{hf})")
     return summary
 
 

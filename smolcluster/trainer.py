@@ -21,6 +21,7 @@ from smolcluster.data import DataBundle, build_data
 from smolcluster.data.sharding import Sharder
 from smolcluster.flat import FlatParams
 from smolcluster.models import build_model, count_parameters, fingerprint
+from smolcluster.models.hf import is_hf_model, save_hf_dir
 from smolcluster.objective import evaluate, loss_fn
 from smolcluster.optim import build_optimizer, clip_, lr_at, set_lr
 
@@ -102,9 +103,13 @@ class Trainer:
         tok = self.data.tokenizer
         if tok is not None and not (Path(run_dir) / "tokenizer.json").is_file():
             tok.save(Path(run_dir) / "tokenizer.json")  # inference and chat decode with the run's own tokenizer
-        return checkpoint.save(run_dir, self.model, self.optimizer, self.step,
+        path = checkpoint.save(run_dir, self.model, self.optimizer, self.step,
                                {"fingerprint": self.fingerprint, "model": OmegaConf.to_container(self.cfg.model, resolve=True),
                                 **(extra or {})})
+        if is_hf_model(self.model):  # also as a Hugging Face directory: the result goes anywhere transformers does
+            tok_file = None if tok is None else (getattr(tok, "path", None) or Path(run_dir) / "tokenizer.json")
+            save_hf_dir(self.model, None, Path(run_dir) / "hf", tok_file)
+        return path
 
     def resume(self, path: str | Path) -> dict:
         meta = checkpoint.load(path, self.model, self.optimizer)

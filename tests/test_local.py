@@ -11,7 +11,7 @@ from tests.conftest import REPO, run_cli, train
 
 def test_the_readme_default_job_beats_90_percent_on_embedded_digits_and_writes_run_files(tmp_path):
     s = train(tmp_path)  # exactly what `make train` runs: no overrides
-    assert s["algo"] == "syncps" and s["model"] == "mnist" and s["data"] == "digits"
+    assert s["algo"] == "syncps" and s["model"] == "mlp" and s["data"] == "digits"
     assert s["eval_accuracy"] > 0.90
     for key in ("steps", "samples", "wall_s", "samples_per_s", "final_loss", "eval_loss"):
         assert s[key] is not None, key

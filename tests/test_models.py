@@ -13,9 +13,9 @@ def cfg(**kw):
 
 
 def test_mlp_adapts_to_input_size():
-    m8 = build_model(cfg(name="mnist", kind="classifier", _target_="smolcluster.models.mlp.MLP", hidden=[128, 64]),
+    m8 = build_model(cfg(name="mlp", kind="classifier", _target_="smolcluster.models.mlp.MLP", hidden=[128, 64]),
                      {"in_features": 64, "num_classes": 10})
-    m28 = build_model(cfg(name="mnist", kind="classifier", _target_="smolcluster.models.mlp.MLP", hidden=[128, 64]),
+    m28 = build_model(cfg(name="mlp", kind="classifier", _target_="smolcluster.models.mlp.MLP", hidden=[128, 64]),
                       {"in_features": 784, "num_classes": 10})
     assert m8(torch.zeros(3, 64)).shape == (3, 10)
     assert m28.net[1].weight.shape == (128, 784)

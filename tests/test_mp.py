@@ -26,7 +26,7 @@ from tests.conftest import run_cli, train
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 GPT2 = ["model=gpt2-tiny", "data=text", "model.block_size=32", "train.batch_size=8", "train.eval_samples=64",
         "train.log_every=5", "train.optimizer=adamw", "train.lr=3e-3", "train.warmup_steps=5", "train.steps=20"]
-MLP = ["model=mnist", "data=digits", "train.steps=40", "train.grad_clip=0.5", "train.lr=0.05"]
+MLP = ["model=mlp", "data=digits", "train.steps=40", "train.grad_clip=0.5", "train.lr=0.05"]
 
 
 def params_of(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ from smolcluster.cluster import free_port
 from smolcluster.paths import CONFIG_DIR
 
 MODELS = {
-    "mlp": ["model=mnist", "data=mnist", "data.root={root}", "train.batch_size=64"],
+    "mlp": ["model=mlp", "data=mnist", "data.root={root}", "train.batch_size=64"],
     "gpt2-tiny": ["model=gpt2-tiny", "data=text", "data.path={text}", "train.batch_size=8",
                   "train.optimizer=adamw", "train.lr=1e-3"],
 }

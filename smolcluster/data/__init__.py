@@ -7,6 +7,7 @@ and batches are picked by index (see :mod:`smolcluster.data.sharding`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -41,8 +42,11 @@ def build_data(data_cfg: DictConfig, model_cfg: DictConfig) -> DataBundle:
         from smolcluster.data import text
 
         corpus = text.read_corpus(data_cfg.get("path"))
-        tok = text.get_tokenizer(corpus, data_cfg.get("tokenizer", "auto"), data_cfg.get("vocab_size", 4096),
-                                 data_cfg.get("cache_dir"))
+        kind = data_cfg.get("tokenizer", "auto")
+        pretrained = model_cfg.get("pretrained")
+        if kind == "auto" and pretrained and (Path(pretrained).expanduser() / "tokenizer.json").is_file():
+            kind = str(Path(pretrained).expanduser() / "tokenizer.json")  # its ids are the model's vocabulary
+        tok = text.get_tokenizer(corpus, kind, data_cfg.get("vocab_size", 4096), data_cfg.get("cache_dir"))
         ids = torch.tensor(tok.encode(corpus), dtype=torch.long)
         n_val = max(int(len(ids) * data_cfg.get("val_fraction", 0.1)), model_cfg.block_size + 1)
         tx, ty = text.windows(ids[:-n_val], model_cfg.block_size)

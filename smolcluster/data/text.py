@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -37,9 +38,10 @@ def read_corpus(path: str | None) -> str:
 class TextTokenizer:
     """A thin wrapper so GPT-2's tokenizer and a trained BPE look the same to the rest of the code."""
 
-    def __init__(self, tokenizer: Tokenizer, kind: str):
+    def __init__(self, tokenizer: Tokenizer, kind: str, path: Path | None = None, eos: str = EOS):
         self.tok, self.kind = tokenizer, kind
-        self.eos_id = tokenizer.token_to_id(EOS)
+        self.path = path  # the tokenizer.json it was loaded from (a model directory's, with its other files)
+        self.eos_id = tokenizer.token_to_id(eos)
 
     @property
     def vocab_size(self) -> int:
@@ -56,7 +58,15 @@ class TextTokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> TextTokenizer:
-        return cls(Tokenizer.from_file(str(path)), kind="file")
+        """A tokenizer.json; its end-of-text token is ``tokenizer_config.json``'s ``eos_token`` when one lies
+        beside it (a Hugging Face model directory: Llama's is not GPT-2's ``<|endoftext|>``)."""
+        path = Path(path)
+        eos = EOS
+        config = path.with_name("tokenizer_config.json")
+        if config.is_file():
+            eos = json.loads(config.read_text()).get("eos_token") or EOS
+            eos = eos.get("content", EOS) if isinstance(eos, dict) else eos
+        return cls(Tokenizer.from_file(str(path)), kind="file", path=path, eos=eos)
 
 
 def _gpt2_from_cache() -> TextTokenizer | None:

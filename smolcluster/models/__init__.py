@@ -18,8 +18,9 @@ from torch import nn
 
 from smolcluster.errors import ConfigError
 
-# Config keys that describe the model to smolcluster, not arguments of its constructor.
-_META_KEYS = ("name", "kind")
+# Config keys that describe the model to smolcluster, not arguments of its constructor
+# (``deprecated``: the note an old model name carries, printed by train.py).
+_META_KEYS = ("name", "kind", "deprecated")
 
 
 def build_model(model_cfg: DictConfig, data_info: dict) -> nn.Module:

@@ -9,17 +9,24 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from smolcluster.errors import ConfigError
 
+GPT2_EOS = 50256  # <|endoftext|> in GPT-2's own 50257-token vocabulary
+
 
 def gpt2_config(vocab_size: int, n_layer: int, n_head: int, n_embd: int, n_positions: int,
-                dropout: float = 0.0) -> GPT2Config:
+                dropout: float = 0.0, eos_token_id: int | None = None) -> GPT2Config:
+    """``eos_token_id``: the tokenizer's end-of-text id; without one, GPT-2's own where the vocabulary has it,
+    else none (transformers' default 50256 does not exist in a small vocabulary, and it says so)."""
+    if eos_token_id is None and vocab_size > GPT2_EOS:
+        eos_token_id = GPT2_EOS
     return GPT2Config(
         vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
         resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+        bos_token_id=eos_token_id, eos_token_id=eos_token_id,
     )
 
 
 def build_gpt2(
-    vocab_size: int = 50257,
+    vocab_size: int | None = None,  # from the data's tokenizer; None: GPT-2's own 50257
     n_layer: int = 12,
     n_head: int = 12,
     n_embd: int = 768,
@@ -31,11 +38,11 @@ def build_gpt2(
 ) -> GPT2LMHeadModel:
     """GPT-2 of the given shape. The caller seeds torch first, so random init is reproducible."""
     del block_size
-    if pretrained:
-        return _load_pretrained(pretrained)
-    config = gpt2_config(vocab_size, n_layer, n_head, n_embd, n_positions, dropout)
-    if eos_token_id is not None:  # a tokenizer trained on the corpus has its own end-of-text id
-        config.bos_token_id = config.eos_token_id = eos_token_id
+    if pretrained:  # a Hugging Face directory of any supported family (its config.json decides), or a hub id
+        from smolcluster.models.hf import load_pretrained
+
+        return load_pretrained(pretrained, vocab_size)
+    config = gpt2_config(vocab_size or GPT2_EOS + 1, n_layer, n_head, n_embd, n_positions, dropout, eos_token_id)
     return GPT2LMHeadModel(config)
 
 

@@ -8,12 +8,20 @@ same ``config.json``. Two ways in:
   a seeded random init of the family at the given size;
 - ``model.pretrained=DIR``: a Hugging Face model directory as ``huggingface-cli download``
   leaves it (``config.json`` + ``model.safetensors`` or sharded ``model-0000N-of-0000M.safetensors``).
-  The family then comes from ``config.json``, whatever ``model.family`` says.
+  The family then comes from ``config.json``, whatever ``model.family`` says; data=text then
+  encodes the corpus with the directory's ``tokenizer.json`` (its ids are the model's vocabulary).
+
+A run's checkpoint of any of these (GPT-2 included) is also written as a Hugging Face
+directory, ``RUN_DIR/hf/`` (:func:`save_hf_dir`), so the result goes anywhere transformers does.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from smolcluster.errors import ConfigError
@@ -53,21 +61,24 @@ def family_config(family: str, *, vocab_size: int, n_layer: int, n_head: int, n_
     return getattr(transformers, FAMILIES[family])(**kw)
 
 
-def build_causal_lm(family: str = "llama", vocab_size: int = 32000, n_layer: int = 2, n_head: int = 4,
+def build_causal_lm(family: str = "llama", vocab_size: int | None = None, n_layer: int = 2, n_head: int = 4,
                     n_embd: int = 128, n_kv_head: int | None = None, intermediate_size: int | None = None,
                     head_dim: int | None = None, n_positions: int = 2048, rope_theta: float = 10000.0,
                     rope_scaling: dict | None = None, rms_norm_eps: float = 1e-6, tie_embeddings: bool = False,
                     sliding_window: int | None = None, pretrained: str | None = None,
                     block_size: int | None = None, dropout: float = 0.0, eos_token_id: int | None = None):
-    """A random-init model of ``family`` (the caller seeds torch first), or ``pretrained`` from a directory."""
+    """A random-init model of ``family`` (the caller seeds torch first), or ``pretrained`` from a directory.
+
+    ``vocab_size`` comes from the data's tokenizer (None: Llama 2's 32000); a pretrained model must have
+    an embedding row for each of its tokens."""
     del block_size  # used by the data pipeline, accepted here so configs stay flat
     if dropout:
         raise ConfigError(f"model.dropout={dropout}: the {family} family has no dropout here; set model.dropout=0")
     if pretrained:
-        return load_pretrained(pretrained)
+        return load_pretrained(pretrained, vocab_size)
     from transformers import AutoModelForCausalLM
 
-    config = family_config(family, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+    config = family_config(family, vocab_size=vocab_size or 32000, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                            n_kv_head=n_kv_head, intermediate_size=intermediate_size, head_dim=head_dim,
                            n_positions=n_positions, rope_theta=rope_theta, rope_scaling=rope_scaling,
                            rms_norm_eps=rms_norm_eps, tie_embeddings=tie_embeddings, sliding_window=sliding_window,
@@ -90,18 +101,118 @@ def read_config(directory: str | Path) -> dict:
     return config
 
 
-def load_pretrained(pretrained: str):
-    """A supported causal LM from a local Hugging Face model directory (sharded safetensors included)."""
+def load_pretrained(pretrained: str, vocab_size: int | None = None):
+    """A supported causal LM from a local Hugging Face model directory (sharded safetensors included),
+    in float32 for training. ``vocab_size``: the data's tokenizer, whose ids must all be rows of the embedding."""
     d = Path(pretrained).expanduser()
     if not d.is_dir():  # a hub id in the HF cache (GPT-2 only, as before)
         from smolcluster.models.gpt2 import _load_pretrained
 
-        return _load_pretrained(pretrained)
-    read_config(d)
-    from transformers import AutoModelForCausalLM
+        model = _load_pretrained(pretrained)
+    else:
+        read_config(d)
+        from transformers import AutoModelForCausalLM
 
+        try:
+            with _no_progress_bars():  # one bar per process of a cluster run says nothing the log does not
+                model = AutoModelForCausalLM.from_pretrained(d, local_files_only=True, attn_implementation="sdpa",
+                                                             dtype="float32")
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model.pretrained={pretrained}: could not load it ({e})") from e
+    rows = model.get_input_embeddings().num_embeddings
+    if vocab_size is not None and vocab_size > rows:
+        raise ConfigError(f"model.pretrained={pretrained}: the data's tokenizer has {vocab_size} tokens, the model "
+                          f"only {rows}: train with the model's own tokenizer (its tokenizer.json in that "
+                          "directory, or data.tokenizer=PATH)")
+    return model
+
+
+# Tokenizer files a model directory may carry beside tokenizer.json; copied as they are (chat template included).
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "added_tokens.json")
+
+
+@contextmanager
+def _no_progress_bars():
+    """transformers' tqdm bars off for a while (they are a global switch)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
-        return AutoModelForCausalLM.from_pretrained(d, local_files_only=True, attn_implementation="sdpa",
-                                                    dtype="float32")
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"model.pretrained={pretrained}: could not load it ({e})") from e
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def is_hf_model(model) -> bool:
+    """A ``transformers`` PreTrainedModel (without importing transformers when nothing did yet)."""
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+def _tokenizer_config(tokenizer_json: Path, config) -> dict:
+    """A ``tokenizer_config.json`` for a bare ``tokenizer.json`` (a BPE trained on the corpus, GPT-2's):
+    ``AutoTokenizer`` then loads it as a ``PreTrainedTokenizerFast`` that knows its end-of-text token."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    out: dict = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    eos = getattr(config, "eos_token_id", None)
+    eos = eos[0] if isinstance(eos, list) else eos
+    name = tok.id_to_token(eos) if eos is not None else None
+    name = name or ("<|endoftext|>" if tok.token_to_id("<|endoftext|>") is not None else None)
+    if name is not None:
+        out["eos_token"] = name
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if context:
+        out["model_max_length"] = int(context)
+    return out
+
+
+def save_hf_dir(model_or_state, config, out_dir: str | Path, tokenizer_path: str | Path | None = None) -> Path:
+    """Write ``out_dir`` as a Hugging Face model directory that ``AutoModelForCausalLM.from_pretrained`` and
+    ``AutoTokenizer.from_pretrained`` load: config.json, generation_config.json, model.safetensors (tied
+    weights stored once, as ``save_pretrained`` does: it is what writes them) and the tokenizer files.
+
+    ``model_or_state`` is a PreTrainedModel (``config`` may then be None), or a state dict of the whole
+    model under its ``named_parameters`` names with its transformers ``config`` (a pipeline's stages
+    together). The tokenizer files next to ``tokenizer_path`` (a pretrained directory's) are copied;
+    a bare tokenizer.json gets a ``tokenizer_config.json`` naming its end-of-text token. Every file
+    lands by an atomic rename, so a crash mid-write leaves each file whole (old or new).
+    """
+    import torch
+
+    out_dir = Path(out_dir)
+    if is_hf_model(model_or_state):
+        model = model_or_state
+        config = config if config is not None else model.config
+        state = {name: p.detach() for name, p in model.named_parameters()}
+    else:
+        from transformers import AutoModelForCausalLM
+
+        state = dict(model_or_state)
+        with torch.device("meta"):  # only the module tree: save_pretrained reads its tied-weight and naming rules
+            model = AutoModelForCausalLM.from_config(config, dtype=next(iter(state.values())).dtype)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        # one file however large (transformers would shard at 50GB): the directory a run hands over stays simple;
+        # no "Writing model shards" bar in the middle of a training log
+        with _no_progress_bars():
+            model.save_pretrained(tmp, state_dict=state, max_shard_size=2**50)
+        if tokenizer_path is not None:
+            tokenizer_path = Path(tokenizer_path)
+            shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+            for name in TOKENIZER_FILES:
+                if (tokenizer_path.parent / name).is_file():
+                    shutil.copyfile(tokenizer_path.parent / name, tmp / name)
+            if not (tmp / "tokenizer_config.json").is_file():
+                (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(tokenizer_path, config),
+                                                                      indent=2))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f in tmp.iterdir():
+            f.replace(out_dir / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
