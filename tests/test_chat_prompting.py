@@ -8,9 +8,9 @@ from smolcluster.serving.fair_queue import FairQueue, QueueFull
 from smolcluster.serving.prompting import (
     TURN_STOPS,
     PromptTooLong,
+    Transcript,
     build_chat_prompt,
     message_text,
-    Transcript,
     prompt_budget,
     render,
 )

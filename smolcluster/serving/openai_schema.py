@@ -21,7 +21,6 @@ from pydantic import (
     ValidationError,
     WithJsonSchema,
     field_validator,
-    model_serializer,
 )
 from pydantic_core import PydanticCustomError
 
@@ -102,13 +101,15 @@ class SamplingRequest(Strict):
             raise problem("invalid_type", f"must be a string or a list of strings, got {v!r}") from None
 
 
-TokenIds = list[Annotated[int, Field(ge=0)]]
+Text = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+EMPTY_PROMPTS = ("", [], [""], [[]])
 
 
 class CompletionRequest(SamplingRequest):
     """POST /v1/completions: continue a prompt."""
 
-    prompt: str | TokenIds | Annotated[list[str], Field(min_length=1, max_length=1)] \
+    prompt: Text | TokenIds | Annotated[list[Text], Field(min_length=1, max_length=1)] \
         | Annotated[list[TokenIds], Field(min_length=1, max_length=1)] = Field(
             description="The text to continue, or its token ids; a batch of one of either is accepted.")
     echo: bool | None = Field(None, description="Return the prompt before the completion.")
@@ -121,6 +122,8 @@ class CompletionRequest(SamplingRequest):
         try:
             v = handler(v)
         except ValidationError:
+            if any(v == e and type(v) is type(e) for e in EMPTY_PROMPTS):
+                raise problem("empty_prompt", "is empty: give some text (or token ids) to continue") from None
             if isinstance(v, list) and len(v) > 1 and all(isinstance(p, (str, list)) for p in v):
                 raise problem("invalid_type", "must be one string or one list of token ids (batches of several "
                               "prompts are not served: send one request each)") from None
@@ -128,11 +131,7 @@ class CompletionRequest(SamplingRequest):
                 raise problem("invalid_value", f"token ids must not be negative: got {v[:5]}") from None
             raise problem("invalid_type", "must be a string or a list of token ids, got "
                           f"{type(v).__name__ if v is not None else 'null'}") from None
-        if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)):
-            v = v[0]  # a batch of one
-        if not v:
-            raise problem("empty_prompt", "is empty: give some text (or token ids) to continue")
-        return v
+        return v[0] if isinstance(v, list) and isinstance(v[0], (str, list)) else v  # a batch of one
 
 
 class TextPart(BaseModel):
@@ -237,12 +236,8 @@ class ChatCompletion(BaseModel):
 class Delta(BaseModel):
     """What a chunk adds: the first has the role (and empty content), the last neither (``{}``)."""
 
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-    @model_serializer(mode="wrap")
-    def _present(self, handler) -> dict:
-        return {k: v for k, v in handler(self).items() if v is not None}
+    role: Literal["assistant"] | None = Field(None, exclude_if=lambda v: v is None)
+    content: str | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChatChunkChoice(BaseModel):
