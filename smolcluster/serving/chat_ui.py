@@ -94,8 +94,9 @@ def build_chat_ui(engine: Engine, defaults: ChatDefaults, model_name: str) -> gr
         return [], "", ""
 
     with gr.Blocks(title=f"smolcluster chat: {model_name}") as demo:
+        rendering = "its chat template" if engine.chat_template is not None else "a User:/Assistant: transcript"
         gr.Markdown(f"### smolcluster chat · `{model_name}` · {engine.stages} pipeline stages · "
-                    f"context {context} tokens")
+                    f"context {context} tokens · {rendering}")
         chatbot = gr.Chatbot(elem_id="chatbot", height=420, show_label=False, feedback_options=None)
         with gr.Row():
             box = gr.Textbox(elem_id="prompt", placeholder="Say something (Enter sends)", show_label=False,

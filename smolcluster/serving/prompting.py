@@ -28,7 +28,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from smolcluster.errors import SmolclusterError
+from smolcluster.errors import ConfigError, SmolclusterError
 
 ROLE_LABELS = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 TURN_STOPS = ("\nUser:", "\nSystem:", "\nAssistant:")
@@ -121,7 +121,12 @@ class ChatTemplate:
             return None
         from transformers import AutoTokenizer  # the head only: stages never import transformers
 
-        tok = AutoTokenizer.from_pretrained(str(d))
+        try:
+            tok = AutoTokenizer.from_pretrained(str(d))
+        except Exception as e:  # e.g. a tokenizer class that needs a package not installed here
+            raise ConfigError(f"{d} has a chat template, but its tokenizer does not load with transformers "
+                              f"({type(e).__name__}: {e}): install what it names, or serve a model whose "
+                              "tokenizer.json loads") from None
         end = [*eos_ids(d), tok.eos_token_id, cls._turn_end_id(tok)]
         return cls(tok, tuple(dict.fromkeys(i for i in end if i is not None)))
 
