@@ -90,6 +90,17 @@ class SamplingRequest(Strict):
     frequency_penalty: unsupported(0) = None
     logit_bias: unsupported({}) = None
 
+    @field_validator("n", mode="wrap")
+    @classmethod
+    def _n(cls, v, handler):
+        try:
+            return handler(v)
+        except ValidationError:
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                raise problem("invalid_value", "must be 1: this server makes one choice per request (send "
+                              "several requests)") from None
+            raise
+
     @field_validator("stop", mode="wrap")
     @classmethod
     def _stop(cls, v, handler):
