@@ -2,6 +2,8 @@
 
     python -m smolcluster.infer model=gpt2-tiny prompt="Once upon a time" max_new_tokens=50
     python -m smolcluster.infer checkpoint=RUN_DIR prompt="ROMEO:" temperature=0.8 top_p=0.95 seed=1
+    echo "To be, or not to be" | python -m smolcluster.infer checkpoint=RUN_DIR   # the prompt on stdin
+    python -m smolcluster.infer prompt="'To be, or not to be'"   # or quoted twice: a bare comma is a Hydra list
     python -m smolcluster.infer role=stage rank=0 checkpoint=RUN_DIR cluster=lan     # one stage of a cluster
     python -m smolcluster.infer role=head checkpoint=RUN_DIR cluster=lan prompt="..."  # use running stages
 
@@ -20,6 +22,23 @@ from smolcluster.errors import ConfigError, SmolclusterError
 from smolcluster.paths import CONFIG_DIR
 from smolcluster.telemetry.logging import setup_logging
 
+NO_PROMPT = ('no prompt: add prompt="your text" (quote commas twice: prompt="\'To be, or not to be\'"), '
+             'or pipe it in: echo "To be, or not to be" | python -m smolcluster.infer ...')
+
+
+def read_prompt(cfg: DictConfig) -> str:
+    """``prompt=...``, else standard input: prompts are prose, and a comma in an override is Hydra's list
+    syntax. A terminal on stdin is no prompt (nothing would say it waits for one)."""
+    if cfg.prompt is not None:
+        return str(cfg.prompt)
+    if sys.stdin is None or sys.stdin.isatty():
+        raise ConfigError(NO_PROMPT)
+    text = sys.stdin.read()
+    text = text[:-1] if text.endswith("\n") else text  # the newline echo or a here-document adds
+    if not text:
+        raise ConfigError(NO_PROMPT)
+    return text
+
 
 def run(cfg: DictConfig) -> dict | None:
     setup_logging(role="infer" if cfg.role != "stage" else "stage", rank=cfg.rank if cfg.rank is not None else "",
@@ -30,15 +49,14 @@ def run(cfg: DictConfig) -> dict | None:
 
         StageServer(serve_config_from(cfg)).run()
         return None
-    if cfg.prompt is None:
-        raise ConfigError('no prompt: add prompt="your text"')
+    prompt = read_prompt(cfg)
     from smolcluster.inference.from_config import pipeline_from_config
 
-    with pipeline_from_config(cfg, prompt=str(cfg.prompt)) as pipe:
+    with pipeline_from_config(cfg, prompt=prompt) as pipe:
         t0 = time.perf_counter()
-        req = pipe.submit(str(cfg.prompt), max_new_tokens=int(cfg.max_new_tokens), temperature=cfg.temperature,
+        req = pipe.submit(prompt, max_new_tokens=int(cfg.max_new_tokens), temperature=cfg.temperature,
                           top_k=int(cfg.top_k), top_p=cfg.top_p, seed=cfg.seed, stop_at_eos=cfg.stop_at_eos)
-        sys.stdout.write(str(cfg.prompt))
+        sys.stdout.write(prompt)
         for tok in req:
             sys.stdout.write(tok.text)
             sys.stdout.flush()

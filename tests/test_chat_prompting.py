@@ -8,6 +8,7 @@ from smolcluster.serving.fair_queue import FairQueue, QueueFull
 from smolcluster.serving.prompting import (
     TURN_STOPS,
     PromptTooLong,
+    Transcript,
     build_chat_prompt,
     message_text,
     prompt_budget,
@@ -21,10 +22,13 @@ def byte_ids(text: str) -> list[int]:
     return list(text.encode())
 
 
+BYTES = Transcript(byte_ids)
+
+
 # -- prompting ------------------------------------------------------------------------------------------
 def test_a_conversation_becomes_a_transcript_ending_with_the_answer_cue():
     msgs = [("system", "Be terse."), ("user", " Hi "), ("assistant", "Hello!"), ("user", "2+2?")]
-    p = build_chat_prompt(msgs, byte_ids)
+    p = build_chat_prompt(msgs, BYTES)
     assert p.text == "System: Be terse.\nUser: Hi\nAssistant: Hello!\nUser: 2+2?\nAssistant:"
     assert p.ids == byte_ids(p.text) and p.dropped == 0
     # an answer ends where the model starts the next turn
@@ -36,28 +40,28 @@ def test_oldest_turns_are_dropped_whole_and_the_system_prompt_stays():
             ("assistant", "d" * 30), ("user", "last question")]
     full = len(render(msgs))
     without_first_exchange = len(render([msgs[0], *msgs[3:]]))
-    p = build_chat_prompt(msgs, byte_ids, budget=without_first_exchange)
+    p = build_chat_prompt(msgs, BYTES, budget=without_first_exchange)
     assert p.dropped == 2 and p.text == render([msgs[0], *msgs[3:]]) and len(p.ids) <= without_first_exchange
     # one byte less and the next exchange goes too; the prompt never opens on an orphan answer
-    p = build_chat_prompt(msgs, byte_ids, budget=without_first_exchange - 1)
+    p = build_chat_prompt(msgs, BYTES, budget=without_first_exchange - 1)
     assert p.text == render([msgs[0], msgs[5]]) and p.dropped == 4
-    assert build_chat_prompt(msgs, byte_ids, budget=full).dropped == 0
+    assert build_chat_prompt(msgs, BYTES, budget=full).dropped == 0
 
 
 def test_the_system_prompt_goes_last_and_a_last_message_too_long_is_an_error():
     msgs = [("system", "s" * 50), ("user", "q" * 20)]
-    p = build_chat_prompt(msgs, byte_ids, budget=len(render(msgs[1:])))
+    p = build_chat_prompt(msgs, BYTES, budget=len(render(msgs[1:])))
     assert p.text == render(msgs[1:])
     with pytest.raises(PromptTooLong, match="shorten it") as e:
-        build_chat_prompt(msgs, byte_ids, budget=len(render(msgs[1:])) - 1)
+        build_chat_prompt(msgs, BYTES, budget=len(render(msgs[1:])) - 1)
     assert e.value.n_tokens == len(render(msgs[1:])) and e.value.limit == len(render(msgs[1:])) - 1
 
 
 def test_without_truncation_a_conversation_that_does_not_fit_is_refused_not_cut():
     msgs = [("user", "a" * 30), ("assistant", "b"), ("user", "c")]
     with pytest.raises(PromptTooLong, match="conversation"):
-        build_chat_prompt(msgs, byte_ids, budget=len(render(msgs)) - 1, truncate=False)
-    assert build_chat_prompt(msgs, byte_ids, budget=len(render(msgs)), truncate=False).dropped == 0
+        build_chat_prompt(msgs, BYTES, budget=len(render(msgs)) - 1, truncate=False)
+    assert build_chat_prompt(msgs, BYTES, budget=len(render(msgs)), truncate=False).dropped == 0
 
 
 def test_the_prompt_budget_leaves_room_for_the_answer_but_at_most_half_the_context():
@@ -73,7 +77,7 @@ def test_message_text_reads_strings_and_text_parts_and_refuses_images():
     with pytest.raises(ValueError, match="only text"):
         message_text([{"type": "image_url", "image_url": {"url": "x"}}])
     with pytest.raises(ValueError, match="unknown role"):
-        build_chat_prompt([("wizard", "x")], byte_ids)
+        build_chat_prompt([("wizard", "x")], BYTES)
 
 
 # -- stop strings ------------------------------------------------------------------------------------------

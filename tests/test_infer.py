@@ -201,3 +201,37 @@ def test_heads_come_and_go_on_stages_started_as_cluster_nodes(model_dir, tmp_pat
             s.terminate()
         for s in stages:
             s.wait(timeout=20)
+
+
+def test_a_prompt_with_commas_comes_on_stdin_or_quoted_twice(model_dir):
+    """Prompts are prose: a comma is Hydra's list syntax, so without prompt= the prompt is read from stdin."""
+    import pty
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    d, _ = model_dir
+    common = [sys.executable, "-m", "smolcluster.infer", f"checkpoint={d}", "max_new_tokens=8", "stop_at_eos=false",
+              "cluster.heartbeat_s=0.2"]
+    piped = subprocess.run(common, input="To be, or not to be\n", cwd=REPO, capture_output=True, text=True,
+                           timeout=180)
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.startswith("To be, or not to be") and "8 tokens in" in piped.stderr
+    quoted = run_cli("smolcluster.infer", f"checkpoint={d}", "prompt='To be, or not to be'", "max_new_tokens=8",
+                     "stop_at_eos=false", "cluster.heartbeat_s=0.2", timeout=180)
+    assert quoted.stdout == piped.stdout  # greedy: the same prompt gives the same text either way
+
+    primary, secondary = pty.openpty()  # a terminal on stdin and no prompt=: a clear error, no waiting
+    try:
+        tty = subprocess.run(common, stdin=secondary, cwd=REPO, capture_output=True, text=True, timeout=60)
+    finally:
+        os.close(primary)
+        os.close(secondary)
+    assert tty.returncode == 2 and "no prompt" in tty.stderr and "echo" in tty.stderr
+    assert "[" not in tty.stderr  # refused before any stage started (their log lines start with "[stage")
+    empty = subprocess.run(common, input="", cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert empty.returncode == 2 and "no prompt" in empty.stderr
+
+    help_text = run_cli("smolcluster.infer", "--help", timeout=60).stdout
+    assert """prompt="'To be, or not to be'\"""" in help_text and 'echo "To be, or not to be" |' in help_text

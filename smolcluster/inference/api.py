@@ -197,6 +197,12 @@ class InferencePipeline:
         return self.client.context
 
     @property
+    def model_info(self) -> dict:
+        """What /v1/models reports: the architecture, context length and vocabulary size."""
+        return {"architecture": self.client.shape.get("model_type", "gpt2"), "context": self.client.context,
+                "vocab_size": self.client.shape["vocab_size"]}
+
+    @property
     def stages(self) -> int:
         return len(self.client.stages)
 

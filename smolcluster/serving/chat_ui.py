@@ -4,7 +4,8 @@ Each browser session is one user of the engine's fair queue (its Gradio
 ``session_hash``). The answer streams into the chat as the pipeline makes it; Stop
 cancels the session's request in the pipeline (every stage frees its KV cache) and
 the answer ends with what was made so far. The conversation is turned into a prompt
-by :mod:`smolcluster.serving.prompting`, oldest turns left out when it does not fit.
+by :mod:`smolcluster.serving.prompting` as the API does (the model's chat template, or a
+transcript), oldest turns left out when it does not fit.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import gradio as gr
 from smolcluster.serving.engine import ChatDefaults, Engine, Generation, PipelineDown, Settings
 from smolcluster.serving.fair_queue import QueueFull
 from smolcluster.serving.prompting import (
-    TURN_STOPS,
     PromptTooLong,
     build_chat_prompt,
     message_text,
@@ -60,13 +60,13 @@ def build_chat_ui(engine: Engine, defaults: ChatDefaults, model_name: str) -> gr
             return
         user = f"ui:{request.session_hash if request is not None else 'anonymous'}"
         max_new = int(max_new_tokens)
+        fmt = engine.chat_format
         try:
-            prompt = build_chat_prompt(conversation(history, system, message), engine.tokenizer.encode,
-                                       prompt_budget(context, max_new))
-            gen = engine.submit(prompt.ids, user=user, settings=Settings(
-                max_new_tokens=max_new, temperature=float(temperature), top_k=defaults.top_k, top_p=float(top_p),
-                stop=TURN_STOPS, stop_at_eos=defaults.stop_at_eos, trim_leading_space=True))
-        except (PromptTooLong, PipelineDown, QueueFull) as e:
+            prompt = build_chat_prompt(conversation(history, system, message), fmt, prompt_budget(context, max_new))
+            gen = engine.submit(prompt.ids, user=user, settings=Settings.for_chat(
+                fmt, max_new_tokens=max_new, temperature=float(temperature), top_k=defaults.top_k,
+                top_p=float(top_p), stop_at_eos=defaults.stop_at_eos))
+        except (PromptTooLong, PipelineDown, QueueFull, ValueError) as e:  # ValueError: the template refused
             yield history, message, f"**error:** {e}"
             return
         history += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
@@ -94,8 +94,9 @@ def build_chat_ui(engine: Engine, defaults: ChatDefaults, model_name: str) -> gr
         return [], "", ""
 
     with gr.Blocks(title=f"smolcluster chat: {model_name}") as demo:
+        rendering = "its chat template" if engine.chat_template is not None else "a User:/Assistant: transcript"
         gr.Markdown(f"### smolcluster chat · `{model_name}` · {engine.stages} pipeline stages · "
-                    f"context {context} tokens")
+                    f"context {context} tokens · {rendering}")
         chatbot = gr.Chatbot(elem_id="chatbot", height=420, show_label=False, feedback_options=None)
         with gr.Row():
             box = gr.Textbox(elem_id="prompt", placeholder="Say something (Enter sends)", show_label=False,

@@ -8,6 +8,7 @@ from loguru import logger
 
 from smolcluster.errors import ConfigError
 from smolcluster.serving.engine import ChatDefaults, Engine
+from smolcluster.serving.prompting import ChatTemplate
 
 
 def model_name(cfg) -> str:
@@ -27,6 +28,29 @@ def chat_defaults(cfg) -> ChatDefaults:
                         stop_at_eos=bool(cfg.stop_at_eos))
 
 
+def model_dir(cfg) -> Path | None:
+    """The Hugging Face model directory served, where a chat template may be: ``model.pretrained=DIR``,
+    or ``checkpoint=RUN_DIR``'s ``hf/`` (a fine-tuned HF model's run), or a checkpoint that is one."""
+    if cfg.get("checkpoint"):
+        run = Path(str(cfg.checkpoint)).expanduser()
+        return next((d for d in (run / "hf", run) if (d / "tokenizer_config.json").is_file()
+                     or (d / "chat_template.jinja").is_file()), None)
+    pretrained = cfg.model.get("pretrained")
+    if pretrained and Path(str(pretrained)).expanduser().is_dir():
+        return Path(str(pretrained)).expanduser()
+    return None
+
+
+def chat_template(cfg) -> ChatTemplate | None:
+    d = model_dir(cfg)
+    template = ChatTemplate.load(d) if d is not None else None
+    if template is not None:
+        logger.info(f"chat: the model's chat template ({d}); answers end at token ids {list(template.end_ids)}")
+    else:
+        logger.info("chat: no chat template with the model: conversations are a User:/Assistant: transcript")
+    return template
+
+
 def engine_from_config(cfg) -> Engine:
     """Start (``role=launch``) or join (``role=head``) the pipeline and wrap it in a started engine."""
     if cfg.role not in ("launch", "head"):
@@ -38,7 +62,8 @@ def engine_from_config(cfg) -> Engine:
     from smolcluster.inference.from_config import pipeline_from_config
 
     return Engine(lambda: pipeline_from_config(cfg), max_active=int(cfg.serve.max_active),
-                  max_waiting=int(cfg.serve.max_waiting), reconnect=bool(cfg.serve.reconnect)).start()
+                  max_waiting=int(cfg.serve.max_waiting), reconnect=bool(cfg.serve.reconnect),
+                  chat_template=chat_template(cfg)).start()
 
 
 def serve(cfg) -> None:

@@ -29,6 +29,7 @@ from loguru import logger
 
 from smolcluster.errors import ConfigError, PeerError, SmolclusterError
 from smolcluster.serving.fair_queue import FairQueue
+from smolcluster.serving.prompting import ChatFormat, ChatTemplate, Transcript
 from smolcluster.serving.stops import LeadingSpaceTrimmer, StopMatcher
 
 _END = object()
@@ -48,8 +49,15 @@ class Settings:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    stop_ids: tuple[int, ...] = ()    # tokens that end the answer, unshown (a chat template's end of turn)
     stop_at_eos: bool = True
     trim_leading_space: bool = False  # chat answers: drop the space the model puts after "Assistant:"
+
+    @classmethod
+    def for_chat(cls, fmt: ChatFormat, stop: tuple[str, ...] = (), **kw) -> Settings:
+        """An answer in a conversation rendered by ``fmt``: it ends where the format's turn ends."""
+        return cls(stop=fmt.stops + tuple(stop), stop_ids=fmt.end_ids, trim_leading_space=fmt.trim_leading_space,
+                   **kw)
 
 
 @dataclass(frozen=True)
@@ -185,10 +193,15 @@ class Generation:
                 request.cancel()
             stops = StopMatcher(s.stop)
             trim = LeadingSpaceTrimmer() if s.trim_leading_space else None
+            stopped_at_id = False
             for tok in request:
                 if tok.id >= 0:
                     self.completion_tokens += 1
                     self.first_token_at = self.first_token_at or request.first_token_at
+                if tok.id in s.stop_ids:  # counted like the pipeline's EOS, never shown
+                    request.cancel()
+                    stopped_at_id = True
+                    break
                 piece = stops.feed(tok.text)
                 if stops.stopped:
                     request.cancel()
@@ -203,7 +216,7 @@ class Generation:
             if tail:
                 self.text += tail
                 self._emit(tail)
-            reason = "stop" if stops.stopped else FINISH_REASONS.get(request.finish_reason, "stop")
+            reason = "stop" if stops.stopped or stopped_at_id else FINISH_REASONS.get(request.finish_reason, "stop")
         except PeerError as e:
             pipe_error = engine.pipeline_error()
             self.error = PipelineDown(f"the inference pipeline is down: {pipe_error}") if pipe_error else e
@@ -225,11 +238,14 @@ class Generation:
 
 class Engine:
     def __init__(self, connect: Callable[[], object], *, max_active: int = 4, max_waiting: int = 64,
-                 reconnect: bool = True, watch_s: float = 0.25, max_backoff_s: float = 30.0):
-        """``connect()`` returns a ready :class:`~smolcluster.pipeline.InferencePipeline` (called again
+                 reconnect: bool = True, watch_s: float = 0.25, max_backoff_s: float = 30.0,
+                 chat_template: ChatTemplate | None = None):
+        """``connect()`` returns a ready :class:`~smolcluster.inference.InferencePipeline` (called again
         to reconnect). At most ``max_active`` requests run in the pipeline at once; at most
-        ``max_waiting`` more wait for a slot."""
+        ``max_waiting`` more wait for a slot. ``chat_template``: the model's, if it has one
+        (else conversations become a transcript)."""
         self._connect = connect
+        self.chat_template = chat_template
         self.queue = FairQueue(max_active, max_waiting)
         self.reconnect, self.watch_s, self.max_backoff_s = reconnect, watch_s, max_backoff_s
         self.closed = False
@@ -243,6 +259,7 @@ class Engine:
         self.tokenizer = None
         self.context = 0
         self.vocab_size = 0
+        self.model_info: dict = {}
         self.stages = 0
         self.reconnects = 0
 
@@ -263,7 +280,13 @@ class Engine:
         self.tokenizer = pipe.tokenizer
         self.context = pipe.context
         self.vocab_size = int(pipe.client.shape["vocab_size"])
+        self.model_info = pipe.model_info
         self.stages = pipe.stages
+
+    @property
+    def chat_format(self) -> ChatFormat:
+        """How a conversation becomes a prompt here: the model's chat template, else a transcript."""
+        return self.chat_template or Transcript(self.tokenizer.encode)
 
     # -- requests --------------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], *, user: str, settings: Settings,

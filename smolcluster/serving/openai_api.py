@@ -5,7 +5,8 @@ text, then ``data: [DONE]``); ``stream: false`` with one JSON body. A client tha
 disconnects mid-stream cancels its request in the pipeline. Errors are OpenAI's
 ``{"error": {"message", "type", "param", "code"}}``: 400/404 for a bad request (the
 field is named), 401 for a wrong key, 429 when the queue is full, 503 when the
-pipeline is down.
+pipeline is down. Every body is a model of :mod:`~smolcluster.serving.openai_schema`,
+and ``/openapi.json`` publishes them (the streams' chunks too).
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:7860/v1", api_key="none")
@@ -21,9 +22,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from loguru import logger
+from pydantic.json_schema import models_json_schema
 
 from smolcluster.serving.engine import Engine, Generation, PipelineDown
 from smolcluster.serving.fair_queue import QueueFull
@@ -31,12 +34,35 @@ from smolcluster.serving.openai_requests import (
     APIError,
     ModelLimits,
     ParsedRequest,
-    bad,
     parse_chat,
     parse_completion,
 )
+from smolcluster.serving.openai_schema import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    Delta,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    Usage,
+    dump,
+    validation_error,
+)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what in (
+    (400, "A bad request: `error.param` names the field"), (401, "A wrong or missing API key"),
+    (404, "No such model"), (429, "Too many requests waiting: retry later"),
+    (503, "The inference pipeline is down (rebuilding): retry in a few seconds"))}
+# A stream's events, as OpenAPI 3.2 describes server-sent events: each `data:` is a chunk, then `[DONE]`.
+STREAMS = {"/v1/completions": "Completion", "/v1/chat/completions": "ChatCompletionChunk"}
 
 
 def error_response(e: APIError) -> JSONResponse:
@@ -63,29 +89,36 @@ class OpenAIAPI:
     def install(self, app: FastAPI) -> None:
         """Add the routes (before any catch-all mount such as the chat page's)."""
         app.add_exception_handler(APIError, lambda _req, e: error_response(e))
+        app.add_exception_handler(RequestValidationError, self.invalid_request)
         app.add_exception_handler(Exception, self.internal_error)
-        app.add_api_route("/v1/models", self.list_models, methods=["GET"])
-        app.add_api_route("/v1/models/{model_id:path}", self.get_model, methods=["GET"])
-        app.add_api_route("/v1/completions", self.completions, methods=["POST"])
-        app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
-        app.add_api_route("/v1/{rest:path}", self.not_found,
+        auth = [Depends(self.authorize)]  # before the body is read: a stranger learns nothing about it
+        app.add_api_route("/v1/models", self.list_models, methods=["GET"], dependencies=auth,
+                          response_model=ModelList, responses=ERRORS, summary="The model served here")
+        app.add_api_route("/v1/models/{model_id:path}", self.get_model, methods=["GET"], dependencies=auth,
+                          response_model=ModelCard, responses=ERRORS, summary="One model")
+        app.add_api_route("/v1/completions", self.completions, methods=["POST"], dependencies=auth,
+                          response_model=Completion, responses=ERRORS, summary="Continue a prompt")
+        app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"], dependencies=auth,
+                          response_model=ChatCompletion, responses=ERRORS, summary="Answer a conversation")
+        app.add_api_route("/v1/{rest:path}", self.not_found, include_in_schema=False,
                           methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"])
+        app.openapi = with_streams(app, app.openapi)
 
     # -- routes ---------------------------------------------------------------------------------------
-    def model_card(self) -> dict:
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "smolcluster",
-                "context_length": self.engine.context}
+    def model_card(self) -> ModelCard:
+        info = self.engine.model_info
+        return ModelCard(id=self.model_name, created=self.created, owned_by="smolcluster",
+                         architecture=info["architecture"], context_length=info["context"],
+                         vocab_size=info["vocab_size"])
 
-    async def list_models(self, request: Request) -> JSONResponse:
-        self.authorize(request)
-        return JSONResponse({"object": "list", "data": [self.model_card()]})
+    async def list_models(self) -> JSONResponse:
+        return JSONResponse(dump(ModelList(object="list", data=[self.model_card()])))
 
-    async def get_model(self, model_id: str, request: Request) -> JSONResponse:
-        self.authorize(request)
+    async def get_model(self, model_id: str) -> JSONResponse:
         if model_id != self.model_name:
             raise APIError(404, f"The model '{model_id}' does not exist: this server serves '{self.model_name}'",
                            "model", "model_not_found")
-        return JSONResponse(self.model_card())
+        return JSONResponse(dump(self.model_card()))
 
     async def not_found(self, rest: str, request: Request) -> JSONResponse:
         known = {"models", "completions", "chat/completions"}
@@ -95,15 +128,19 @@ class OpenAIAPI:
         raise APIError(404, f"no such endpoint /v1/{rest}: this server has /v1/models, /v1/completions and "
                        "/v1/chat/completions", None, "unknown_url")
 
-    async def completions(self, request: Request):
-        self.authorize(request)
-        parsed = parse_completion(await self.body(request), self.limits, self.engine.tokenizer)
+    async def completions(self, body: CompletionRequest, request: Request):
+        parsed = parse_completion(body, self.limits, self.engine.tokenizer)
         return await self.run(parsed, request)
 
-    async def chat_completions(self, request: Request):
-        self.authorize(request)
-        parsed = parse_chat(await self.body(request), self.limits, self.engine.tokenizer, self.chat_max_tokens)
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        parsed = parse_chat(body, self.limits, self.engine.chat_format, self.chat_max_tokens)
         return await self.run(parsed, request)
+
+    @staticmethod
+    def invalid_request(_request: Request, e: RequestValidationError) -> JSONResponse:
+        """A body its model refused: OpenAI's 400, naming the (first) offending field."""
+        param, message, code = validation_error(e.errors()[0])
+        return error_response(APIError(400, message, param, code))
 
     @staticmethod
     def internal_error(request: Request, e: Exception) -> JSONResponse:
@@ -119,14 +156,6 @@ class OpenAIAPI:
         if request.headers.get("authorization", "") != f"Bearer {self.api_key}":
             raise APIError(401, "Incorrect API key provided: send 'Authorization: Bearer <serve.api_key>'",
                            None, "invalid_api_key")
-
-    @staticmethod
-    async def body(request: Request):
-        raw = await request.body()
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise bad(None, f"the request body is not valid JSON: {e}", "invalid_json") from None
 
     async def run(self, parsed: ParsedRequest, request: Request):
         user = parsed.user or (request.client.host if request.client else "anonymous")
@@ -148,37 +177,35 @@ class OpenAIAPI:
             gen.cancel()  # the client went away (the handler was cancelled): free the pipeline's caches
         if gen.error is not None:
             raise generation_error(gen)
-        text = (parsed.prompt_text if parsed.echo else "") + gen.text
-        choice: dict = {"index": 0, "finish_reason": gen.finish_reason}
+        head = {"id": rid, "created": int(time.time()), "model": parsed.model, "usage": self.usage(parsed, gen)}
         if parsed.chat:
-            choice["message"] = {"role": "assistant", "content": gen.text}
+            body = ChatCompletion(**head, choices=[ChatChoice(index=0, message=AssistantMessage(content=gen.text),
+                                                              finish_reason=gen.finish_reason)])
         else:
-            choice.update(text=text, logprobs=None)
-        return JSONResponse({"id": rid, "object": "chat.completion" if parsed.chat else "text_completion",
-                             "created": int(time.time()), "model": parsed.model, "choices": [choice],
-                             "usage": self.usage(parsed, gen)})
+            text = (parsed.prompt_text if parsed.echo else "") + gen.text
+            body = Completion(**head, choices=[CompletionChoice(index=0, text=text, logprobs=None,
+                                                                finish_reason=gen.finish_reason)])
+        return JSONResponse(dump(body))
 
     @staticmethod
-    def usage(parsed: ParsedRequest, gen: Generation) -> dict:
+    def usage(parsed: ParsedRequest, gen: Generation) -> Usage:
         n_prompt = len(parsed.prompt_ids)
-        return {"prompt_tokens": n_prompt, "completion_tokens": gen.completion_tokens,
-                "total_tokens": n_prompt + gen.completion_tokens}
+        return Usage(prompt_tokens=n_prompt, completion_tokens=gen.completion_tokens,
+                     total_tokens=n_prompt + gen.completion_tokens)
 
     async def events(self, gen: Generation, parsed: ParsedRequest, rid: str) -> AsyncIterator[str]:
-        created = int(time.time())
-        obj = "chat.completion.chunk" if parsed.chat else "text_completion"
+        head = {"id": rid, "created": int(time.time()), "model": parsed.model}
+        Chunk = ChatCompletionChunk if parsed.chat else Completion  # noqa: N806 (a class)
 
         def chunk(piece: str | None, finish_reason: str | None = None, first: bool = False) -> str:
             if parsed.chat:
-                delta: dict = {"role": "assistant", "content": ""} if first else {}
+                delta = Delta(role="assistant", content="") if first else Delta()
                 if piece is not None:
-                    delta["content"] = piece
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+                    delta.content = piece
+                choice = ChatChunkChoice(index=0, delta=delta, logprobs=None, finish_reason=finish_reason)
             else:
-                choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish_reason}
-            body: dict = {"id": rid, "object": obj, "created": created, "model": parsed.model, "choices": [choice]}
-            if parsed.include_usage:
-                body["usage"] = None
+                choice = CompletionChoice(index=0, text=piece or "", logprobs=None, finish_reason=finish_reason)
+            body = dump(Chunk(**head, choices=[choice]), exclude=None if parsed.include_usage else {"usage"})
             return f"data: {json.dumps(body)}\n\n"
 
         try:
@@ -194,9 +221,35 @@ class OpenAIAPI:
             else:
                 yield chunk(None, gen.finish_reason)
                 if parsed.include_usage:
-                    usage = {"id": rid, "object": obj, "created": created, "model": parsed.model, "choices": [],
-                             "usage": self.usage(parsed, gen)}
-                    yield f"data: {json.dumps(usage)}\n\n"
+                    usage = Chunk(**head, choices=[], usage=self.usage(parsed, gen))
+                    yield f"data: {json.dumps(dump(usage))}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             gen.cancel()  # a client that hung up mid-stream: the pipeline frees the request's caches
+
+
+def with_streams(app: FastAPI, openapi):
+    """``app.openapi`` with the streams described: FastAPI documents the JSON answers; a ``stream: true``
+    request answers ``text/event-stream`` whose every ``data:`` is a chunk model (then ``[DONE]``)."""
+
+    def schema() -> dict:
+        if app.openapi_schema is None:
+            doc = openapi()
+            _, defs = models_json_schema([(ChatCompletionChunk, "serialization"), (Completion, "serialization")],
+                                         ref_template="#/components/schemas/{model}")
+            for name, s in defs["$defs"].items():
+                doc["components"]["schemas"].setdefault(name, s)
+            for name in ("HTTPValidationError", "ValidationError"):  # FastAPI's 422: answered as 400 here
+                doc["components"]["schemas"].pop(name, None)
+            for op in (op for ops in doc["paths"].values() for op in ops.values()):
+                op["responses"].pop("422", None)
+            for path, chunk in STREAMS.items():
+                content = doc["paths"][path]["post"]["responses"]["200"]["content"]
+                content["text/event-stream"] = {
+                    "schema": {"type": "string", "description": f"`data: {{{chunk}}}` events, then `data: [DONE]`"},
+                    "itemSchema": {"type": "object", "required": ["data"], "properties": {"data": {
+                        "type": "string", "contentMediaType": "application/json",
+                        "contentSchema": {"$ref": f"#/components/schemas/{chunk}"}}}}}
+        return app.openapi_schema
+
+    return schema
