@@ -568,15 +568,19 @@ def test_every_documented_field_is_enforced_as_documented(served, path, request_
     assert served.engine.health()["queue"]["active"] == 0
 
 
-def test_answers_are_not_held_back_by_nagles_algorithm(served):
+def test_answers_are_not_held_back_by_nagles_algorithm():
     """uvicorn writes a response's head and body apart; without TCP_NODELAY on the server's connections the
-    body waits for the client's delayed ACK, 40 ms on Linux, on every request and every streamed chunk."""
-    import statistics
-    import time
+    body waits for the client's delayed ACK, 40 ms on Linux, on every request and every streamed chunk.
+    (A behaviour, not a timing: the connections the web server accepts have Nagle off.)"""
+    import socket
 
-    def timed() -> float:
-        t = time.perf_counter()
-        assert served.http.get("/health").status_code == 200
-        return time.perf_counter() - t
+    from smolcluster.serving.app import bind
 
-    assert statistics.median(timed() for _ in range(21)) < 0.02
+    listener = bind("127.0.0.1", 0)
+    try:
+        with socket.create_connection(listener.getsockname()[:2], timeout=10):
+            conn, _ = listener.accept()
+            with conn:
+                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        listener.close()
