@@ -178,3 +178,47 @@ def test_a_missing_or_mis_shaped_tensor_is_named(saved, tmp_path):
         load_stage(source.weights, source.config, range(1, 3), embed=False, head=True)
     # stages that do not need it still load
     load_stage(source.weights, source.config, range(2, 3), embed=False, head=True)
+
+
+# -- through real stage processes ---------------------------------------------------------------------
+def two_eos(model, p1: list[int], p2: list[int], n: int) -> tuple[int, int]:
+    """Ids (a, b): greedy from p1 meets a before b, greedy from p2 meets b before a (neither at once)."""
+    r1, r2 = hf_greedy(model, p1, n), hf_greedy(model, p2, n)
+    for i, a in enumerate(r1[1:], 1):
+        for j, b in enumerate(r2[1:], 1):
+            if a != b and a not in r1[:i] and b not in r1[:i + 1] and b not in r2[:j] and a not in r2[:j + 1]:
+                return a, b
+    raise AssertionError(f"no two EOS candidates in {r1} / {r2}")
+
+
+@pytest.mark.parametrize("case,stages,head", [("llama", 2, "first"), ("qwen3", 3, "last")])
+def test_real_stage_processes_generate_like_transformers_and_stop_at_every_eos(saved, tmp_path, case, stages, head):
+    import shutil
+
+    from smolcluster.inference import InferencePipeline
+
+    d, model = saved(case)
+    p1, p2 = prompt(3, 9), prompt(4, 30)
+    a, b = two_eos(model, p1, p2, 20)
+    served = tmp_path / case
+    shutil.copytree(d, served)
+    (served / "generation_config.json").write_text(json.dumps({"eos_token_id": [a, b]}))
+    with InferencePipeline.start_local(served, stages=stages, head=head, heartbeat_s=0.2, liveness_s=5.0) as pipe:
+        assert pipe.eos_ids == [a, b]
+        assert pipe.model_info == {"architecture": model.config.model_type, "context": 128, "vocab_size": VOCAB}
+        assert len(pipe.client.partition) == stages
+        reqs = [pipe.submit(p, max_new_tokens=30, stop_at_eos=False) for p in (p1, p2, prompt(5, 1))]
+        assert [r.tokens() for r in reqs] == [hf_greedy(model, p, 30) for p in (p1, p2, prompt(5, 1))]
+        assert all(r.finish_reason == "length" for r in reqs)
+        for p, eos in ((p1, a), (p2, b)):
+            r = pipe.submit(p, max_new_tokens=20)
+            ref = hf_greedy(model, p, 20)
+            assert r.tokens() == ref[:ref.index(eos) + 1] and r.finish_reason == "eos"
+
+
+def test_infer_serves_a_random_init_of_a_named_llama_config(tmp_path):
+    from tests.conftest import run_cli
+
+    p = run_cli("smolcluster.infer", "model=llama-tiny", "model.n_layer=2", "prompt=To be", "max_new_tokens=6",
+                "stop_at_eos=false", "cluster.heartbeat_s=0.2", f"data.cache_dir={tmp_path}", timeout=240)
+    assert p.stdout.startswith("To be") and "6 tokens in" in p.stderr and "finished: length" in p.stderr
