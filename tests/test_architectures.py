@@ -222,3 +222,23 @@ def test_infer_serves_a_random_init_of_a_named_llama_config(tmp_path):
     p = run_cli("smolcluster.infer", "model=llama-tiny", "model.n_layer=2", "prompt=To be", "max_new_tokens=6",
                 "stop_at_eos=false", "cluster.heartbeat_s=0.2", f"data.cache_dir={tmp_path}", timeout=240)
     assert p.stdout.startswith("To be") and "6 tokens in" in p.stderr and "finished: length" in p.stderr
+
+
+# -- algo=mp training ------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["llama-tiny", "qwen3-tiny"])  # untied; tied (the stages sum its gradient)
+def test_two_stages_20_steps_end_on_the_local_parameters(tmp_path, model):
+    from tests.conftest import train
+    from tests.test_mp import ONE_THREAD, max_diff, params_of, run_local
+
+    args = [f"model={model}", "data=text", "model.block_size=32", "train.batch_size=8", "train.eval_samples=64",
+            "train.log_every=5", "train.optimizer=adamw", "train.lr=3e-3", "train.warmup_steps=5", "train.steps=20",
+            f"data.cache_dir={tmp_path / 'tok'}"]
+    ref = run_local(tmp_path / "local", *args)
+    s = train(tmp_path / "mp", "algo=mp", *args, env=ONE_THREAD)
+    assert s["partition"] == ["stage 0/2: embeddings + blocks 0-1", "stage 1/2: blocks 2-3 + head"]
+    mp, local = params_of(tmp_path / "mp"), params_of(tmp_path / "local")
+    assert ("lm_head.weight" in mp) == (model == "llama-tiny")
+    diff = max_diff(mp, local)
+    assert diff <= 1e-5, diff
+    assert s["eval_loss"] == pytest.approx(ref["eval_loss"], abs=1e-5)
