@@ -242,3 +242,32 @@ def test_two_stages_20_steps_end_on_the_local_parameters(tmp_path, model):
     diff = max_diff(mp, local)
     assert diff <= 1e-5, diff
     assert s["eval_loss"] == pytest.approx(ref["eval_loss"], abs=1e-5)
+
+
+def test_a_run_directory_serves_its_hf_directory(saved, tmp_path):
+    import shutil
+
+    from smolcluster.inference.api import describe_weights
+
+    d, _ = saved("qwen2")
+    run = tmp_path / "run"
+    shutil.copytree(d, run / "hf")
+    (run / "hf" / "generation_config.json").write_text(json.dumps({"eos_token_id": 7}))
+    info = describe_weights(run)
+    assert info["weights"] == run / "hf" and info["config"]["model_type"] == "qwen2" and info["eos"] == [7]
+    source = find_model(run)
+    stage = load_stage(source.weights, source.config, range(0, 3), embed=True, head=True)
+    assert "lm_head.weight" not in dict(stage.named_parameters())  # tied: the head is the embedding
+    with pytest.raises(ConfigError, match="neither a Hugging Face model directory"):
+        find_model(tmp_path)
+
+
+def test_infer_refuses_an_unsupported_architecture_in_one_line(tmp_path):
+    from tests.conftest import run_cli
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    p = run_cli("smolcluster.infer", f"model.pretrained={tmp_path}", "prompt=Hi", check=False, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1].endswith(
+        "model_type 'bert' is not supported by the pipeline; supported architectures: gpt2, llama, mistral, qwen2, qwen3")

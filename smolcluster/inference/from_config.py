@@ -93,11 +93,25 @@ def tokenizer_for_head(cfg):
     from smolcluster.data.text import TextTokenizer, get_tokenizer
 
     for source in (cfg.get("checkpoint"), cfg.model.get("pretrained")):
-        if source and (Path(source).expanduser() / "tokenizer.json").is_file():
-            return TextTokenizer.load(Path(source).expanduser() / "tokenizer.json")
+        for d in ((Path(source).expanduser() / "hf", Path(source).expanduser()) if source else ()):
+            if (d / "tokenizer.json").is_file():
+                return TextTokenizer.load(d / "tokenizer.json")
     if cfg.model.get("pretrained"):
         return get_tokenizer("", "gpt2")
     return _tokenizer_from_data(cfg.data)
+
+
+def eos_for_head(cfg) -> list[int] | None:
+    """The EOS ids of the model the stages serve, when the head has its directory too (else the tokenizer's)."""
+    from smolcluster.pipeline.weights import eos_ids, find_model
+
+    source = cfg.get("checkpoint") or cfg.model.get("pretrained")
+    if not source:
+        return None
+    try:
+        return eos_ids(find_model(source, default_n_head=cfg.model.get("n_head")))
+    except ConfigError:  # the head may not hold the weights; the tokenizer's EOS then
+        return None
 
 
 def check_prompt_fits(prompt: str, tokenizer, config: dict) -> None:
@@ -142,7 +156,8 @@ def pipeline_from_config(cfg, prompt: str | None = None) -> InferencePipeline:
 
         tok = tokenizer_for_head(cfg)
         addresses = [n.address for n in stage_nodes(c, int(cfg.stages))]
-        pipe = InferencePipeline.connect(addresses, tokenizer=tok, host=cfg.get("head_host") or c.host,
+        pipe = InferencePipeline.connect(addresses, tokenizer=tok, eos_ids=eos_for_head(cfg),
+                                         host=cfg.get("head_host") or c.host,
                                          port=int(cfg.get("head_port") or 0),
                                          heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s,
                                          connect_timeout_s=c.connect_timeout_s, keys_dir=c.get("keys"))

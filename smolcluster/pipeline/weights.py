@@ -155,7 +155,9 @@ def find_model(source: str | Path, n_head: int | None = None, default_n_head: in
         if is_hf_dir(p / "hf"):  # a run of a Hugging Face family writes its model back as one
             p = p / "hf"
         if is_hf_dir(p):
-            return ModelSource(p, json.loads((p / "config.json").read_text()), p)
+            config = json.loads((p / "config.json").read_text())
+            family_for(config)  # an unsupported architecture is refused here, before any stage starts
+            return ModelSource(p, config, p)
         if (p / "checkpoint.safetensors").is_file():  # a GPT-2 run written by train
             heads = n_head or _run_n_head(p) or default_n_head
             return ModelSource(p / "checkpoint.safetensors", gpt2_config(p / "checkpoint.safetensors", heads), p)
