@@ -246,7 +246,7 @@ class LlamaStage(nn.Module):
         positions = (torch.arange(x.shape[1], device=x.device) + past_len).unsqueeze(0)
         freqs = positions[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * 1.0).to(x.dtype), (emb.sin() * 1.0).to(x.dtype)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)  # (attention_scaling is 1 for these rope types)
 
     def run_blocks(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         past_len = cache.length if cache is not None else 0
