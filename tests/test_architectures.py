@@ -271,3 +271,20 @@ def test_infer_refuses_an_unsupported_architecture_in_one_line(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1].endswith(
         "model_type 'bert' is not supported by the pipeline; supported architectures: gpt2, llama, mistral, qwen2, qwen3")
+
+
+def test_a_stage_process_never_imports_transformers(saved):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    d, _ = saved("qwen3")
+    code = ("import sys, json, torch; from smolcluster.inference import serve; "
+            "from smolcluster.pipeline.weights import load_stage; "
+            f"c = json.load(open({str(d / 'config.json')!r})); "
+            f"s = load_stage({str(d)!r}, c, range(1, 3), embed=False, head=True); "
+            "print(sum(p.numel() for p in s.parameters()), 'transformers' in sys.modules, 'hydra' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         check=True).stdout.split()
+    assert out[1:] == ["False", "False"] and int(out[0]) > 0
