@@ -22,18 +22,12 @@ from smolcluster.models import fingerprint
 from smolcluster.models.gpt2 import build_gpt2
 from smolcluster.models.mlp import MLP
 from smolcluster.pipeline import shards
-from smolcluster.pipeline.gpt2 import (
-    GPT2Shape,
-    GPT2Stage,
-    KVCache,
-    param_shapes,
-    plan_gpt2,
-    shape_of,
-)
+from smolcluster.pipeline.architectures import KVCache, family_for
+from smolcluster.pipeline.architectures.gpt2 import GPT2Stage, param_shapes, shape_of
 from smolcluster.pipeline.mesh import Mesh, PeerLost
 from smolcluster.pipeline.partition import plan, split_blocks
 from smolcluster.pipeline.sequential import sequential_stage
-from smolcluster.pipeline.weights import gpt2_weights, load_gpt2_stage, read_tensors
+from smolcluster.pipeline.weights import find_model, load_stage, read_tensors
 from tests.conftest import wait_until
 
 VOCAB = 300
@@ -84,9 +78,11 @@ def test_split_refuses_impossible_requests():
 
 
 def test_gpt2_plan_balances_memory_and_the_ring_holds_the_tied_embedding_once():
-    gpt2 = GPT2Shape(50257, 1024, 768, 12, 12)
-    last = plan_gpt2(gpt2, 2, head_first=False)
-    first = plan_gpt2(gpt2, 2, head_first=True)
+    arch = family_for({"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_head": 12,
+                       "n_layer": 12})
+    gpt2 = arch.shape
+    last = arch.plan(2, head_first=False)
+    first = arch.plan(2, head_first=True)
     assert [len(s.blocks) for s in last] == [6, 6]
     assert [len(s.blocks) for s in first] == [3, 9]
     total = sum(int(np.prod(s)) for _, s in param_shapes(gpt2, True, True, range(12)))
@@ -155,9 +151,9 @@ def test_kv_cached_greedy_decoding_matches_hf_generate(hf, cuts, head_first):
 # -- weights -------------------------------------------------------------------------------------
 def test_stage_reads_only_its_own_tensors_and_they_match_the_checkpoint(hf, tmp_path):
     checkpoint.save(tmp_path, hf, None, 0)
-    w = gpt2_weights(tmp_path / "checkpoint.safetensors", n_head=4)
-    assert w.shape == shape_of(hf.config)
-    stage = load_gpt2_stage(w, range(2, 4), embed=False, head=True)
+    w = find_model(tmp_path / "checkpoint.safetensors", n_head=4)
+    assert family_for(w.config).shape == shape_of(hf.config)
+    stage = load_stage(w.weights, w.config, range(2, 4), embed=False, head=True)
     names = {n for n, _ in stage.named_parameters()}
     assert "transformer.wpe.weight" not in names and "transformer.h.0.ln_1.weight" not in names
     whole = load_file(tmp_path / "checkpoint.safetensors")
@@ -173,12 +169,13 @@ def test_truncated_or_foreign_weights_fail_clearly(hf, tmp_path):
     data = path.read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 1000])
     with pytest.raises(ConfigError, match="truncated"):
-        load_gpt2_stage(gpt2_weights(tmp_path / "cut.safetensors", 4), range(3, 4), embed=False, head=True)
+        cut = find_model(tmp_path / "cut.safetensors", 4)
+        load_stage(cut.weights, cut.config, range(3, 4), embed=False, head=True)
     (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 16)
     with pytest.raises(ConfigError, match="not a safetensors file"):
-        gpt2_weights(tmp_path / "junk.safetensors", 4)
+        find_model(tmp_path / "junk.safetensors", 4)
     with pytest.raises(ConfigError, match="not divisible"):
-        gpt2_weights(path, n_head=5)
+        family_for(find_model(path, n_head=5).config)
 
 
 # -- sampling ------------------------------------------------------------------------------------

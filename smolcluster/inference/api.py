@@ -15,7 +15,6 @@ later submits) within ``liveness_s``.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import tempfile
@@ -27,68 +26,46 @@ from smolcluster.errors import ConfigError
 from smolcluster.inference.client import PipelineClient, Request
 from smolcluster.inference.serve import ServeConfig
 from smolcluster.pipeline.launch import Children, free_ports, stage_env
+from smolcluster.pipeline.weights import eos_ids, find_model
 
 
 def describe_weights(source: str | Path, n_head: int | None = None, default_n_head: int | None = None) -> dict:
-    """Where a model's weights and settings are: a run dir, a Hugging Face model dir, or a .safetensors file.
+    """Where a model's weights and settings are: a Hugging Face model dir, a run dir, or a .safetensors file.
 
-    Returns ``{"weights": file, "n_head", "eps", "tokenizer": path or None, "eos": id or None}``.
-    ``n_head`` overrides what the source records; ``default_n_head`` is used when it records none.
+    Returns ``{"weights": dir or file, "config": config.json dict, "tokenizer": path or None,
+    "eos": [ids] or None}``. ``n_head`` / ``default_n_head``: for a GPT-2 checkpoint that does
+    not record it (see :func:`smolcluster.pipeline.weights.find_model`).
     """
-    p = Path(source).expanduser()
-    out: dict = {"eps": 1e-5, "tokenizer": None, "eos": None, "n_head": n_head}
-    if p.is_dir():
-        if (p / "tokenizer.json").is_file():
-            out["tokenizer"] = p / "tokenizer.json"
-        if (p / "checkpoint.safetensors").is_file():  # a run written by train
-            out["weights"] = p / "checkpoint.safetensors"
-            meta = json.loads((p / "checkpoint.json").read_text()) if (p / "checkpoint.json").is_file() else {}
-            run_cfg = p / ".hydra" / "config.yaml"
-            if n_head is None and isinstance(meta.get("model"), dict):  # a checkpoint that describes its model
-                out["n_head"] = meta["model"].get("n_head")
-            if out["n_head"] is None and run_cfg.is_file():  # else the run's own Hydra config
-                from omegaconf import OmegaConf
-
-                out["n_head"] = OmegaConf.load(run_cfg).model.get("n_head")
-        elif (p / "model.safetensors").is_file() and (p / "config.json").is_file():  # Hugging Face layout
-            config = json.loads((p / "config.json").read_text())
-            out["weights"] = p / "model.safetensors"
-            out["n_head"] = n_head or config.get("n_head")
-            out["eps"] = config.get("layer_norm_epsilon", 1e-5)
-            out["eos"] = config.get("eos_token_id")
-        else:
-            raise ConfigError(f"{source}: neither a run directory (checkpoint.safetensors) nor a Hugging Face "
-                              "model directory (config.json + model.safetensors)")
-    elif p.is_file():
-        out["weights"] = p
-    else:
-        raise ConfigError(f"{source}: no such run directory or weights file")
-    out["n_head"] = out["n_head"] or default_n_head
-    if not out["n_head"]:
-        raise ConfigError(f"{source}: the number of attention heads is not recorded there; pass n_head "
-                          "(model.n_head=...)")
-    return out
+    model = find_model(source, n_head, default_n_head)
+    d = model.directory
+    tokenizer = d / "tokenizer.json" if d is not None and (d / "tokenizer.json").is_file() else None
+    if tokenizer is None and d is not None and d.name == "hf" and (d.parent / "tokenizer.json").is_file():
+        tokenizer = d.parent / "tokenizer.json"
+    return {"weights": model.weights, "config": model.config, "tokenizer": tokenizer, "eos": eos_ids(model)}
 
 
 class InferencePipeline:
-    def __init__(self, client: PipelineClient, tokenizer=None, eos_id: int | None = None,
+    def __init__(self, client: PipelineClient, tokenizer=None, eos_ids: int | list[int] | None = None,
                  children: Children | None = None, workdir: Path | None = None):
-        self.client, self.tokenizer, self.eos_id = client, tokenizer, eos_id
+        self.client, self.tokenizer = client, tokenizer
+        self.eos_ids: list[int] = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
         self._children = children
         self._cleanup: list[Path] = [workdir] if workdir is not None else []
 
     # -- making one ---------------------------------------------------------------------------
     @classmethod
     def start_local(cls, weights: str | Path, *, stages: int = 2, n_head: int | None = None,
-                    head: str = "first", tokenizer=None, eos_id: int | None = None,
+                    head: str = "first", tokenizer=None, eos_ids: int | list[int] | None = None,
                     stage_weights: list[float] | None = None, host: str = "127.0.0.1",
                     heartbeat_s: float = 1.0, liveness_s: float = 10.0, connect_timeout_s: float = 120.0,
                     threads: int | None = None, log_path: str | Path | None = None,
                     max_requests: int = 64, env: dict | None = None) -> InferencePipeline:
         """Start ``stages`` stage processes on this machine and connect to them.
 
-        ``weights``: a run directory written by ``train``, a Hugging Face GPT-2 directory,
-        or a whole-model ``.safetensors`` file (then give ``n_head``). ``head``: ``first``
+        ``weights``: a Hugging Face model directory (any supported family), a run directory
+        written by ``train``, or a whole-model GPT-2 ``.safetensors`` file (then give ``n_head``).
+        ``eos_ids``: generation stops at any of them (default: the model's
+        ``generation_config.json``, else ``config.json``, else the tokenizer's). ``head``: ``first``
         keeps the LM head on stage 0 with the embedding it is tied to (each stage holds
         only its share); ``last`` puts it on the last stage as in training. ``tokenizer``:
         an object with ``encode``/``decode`` (default: the run's ``tokenizer.json`` if any).
@@ -100,16 +77,16 @@ class InferencePipeline:
             from smolcluster.data.text import TextTokenizer
 
             tokenizer = TextTokenizer.load(info["tokenizer"])
-        if eos_id is None:
-            eos_id = getattr(tokenizer, "eos_id", None) if tokenizer is not None else info["eos"]
+        if eos_ids is None:
+            eos_ids = info["eos"] if info["eos"] is not None else getattr(tokenizer, "eos_id", None)
         workdir = Path(tempfile.mkdtemp(prefix="smolcluster-infer-"))
         base = free_ports(host, stages)
         nodes = [{"address": f"tcp://{host}:{base + r}", "bind": f"tcp://{host}:{base + r}"} for r in range(stages)]
         children = Children(log_path)
         try:
             for rank in range(stages):
-                sc = ServeConfig(rank=rank, n_stages=stages, weights=str(info["weights"]), n_head=int(info["n_head"]),
-                                 eps=float(info["eps"]), nodes=nodes, head_first=head == "first",
+                sc = ServeConfig(rank=rank, n_stages=stages, weights=str(info["weights"]), config=info["config"],
+                                 nodes=nodes, head_first=head == "first",
                                  stage_weights=stage_weights, heartbeat_s=heartbeat_s, liveness_s=liveness_s,
                                  connect_timeout_s=connect_timeout_s, exit_with_head=True, threads=threads,
                                  max_requests=max_requests)
@@ -127,7 +104,7 @@ class InferencePipeline:
             raise
         logger.info(f"inference pipeline: {stages} local stages, blocks {client.partition}, head on stage "
                     f"{client.head_rank}")
-        return cls(client, tokenizer, eos_id, children, workdir)
+        return cls(client, tokenizer, eos_ids, children, workdir)
 
     @staticmethod
     def _connect_while_watching(children: Children, addresses: list[str], **kw) -> PipelineClient:
@@ -158,7 +135,8 @@ class InferencePipeline:
         return result["client"]
 
     @classmethod
-    def connect(cls, addresses: list[str], *, tokenizer=None, eos_id: int | None = None, host: str = "127.0.0.1",
+    def connect(cls, addresses: list[str], *, tokenizer=None, eos_ids: int | list[int] | None = None,
+                host: str = "127.0.0.1",
                 port: int = 0, heartbeat_s: float = 1.0, liveness_s: float = 10.0, connect_timeout_s: float = 60.0,
                 keys_dir: str | None = None) -> InferencePipeline:
         """Use stages already running (``python -m smolcluster.infer role=stage rank=N`` on each node).
@@ -169,7 +147,7 @@ class InferencePipeline:
         client = PipelineClient(addresses, host=host, port=port, heartbeat_s=heartbeat_s, liveness_s=liveness_s,
                                 connect_timeout_s=connect_timeout_s, keys_dir=keys_dir,
                                 decode=tokenizer.decode if tokenizer is not None else None)
-        return cls(client, tokenizer, eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None))
+        return cls(client, tokenizer, eos_ids if eos_ids is not None else getattr(tokenizer, "eos_id", None))
 
     # -- using it -----------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -183,7 +161,7 @@ class InferencePipeline:
                top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True) -> Request:
         """Start generating; returns at once. ``temperature=0`` is greedy; ``seed=None`` picks one
         (``request.seed``). Raises ConfigError for a bad prompt (e.g. longer than the context)."""
-        eos = self.eos_id if stop_at_eos else None
+        eos = self.eos_ids if stop_at_eos else None
         return self.client.submit(self.encode(prompt), max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_k=top_k, top_p=top_p, seed=seed, eos=eos)
 

@@ -199,7 +199,8 @@ class PipelineClient:
 
     # -- requests ---------------------------------------------------------------------------
     def submit(self, ids: list[int], *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int | None = None, eos: int | None = None) -> Request:
+               top_p: float = 1.0, seed: int | None = None, eos: int | list[int] | None = None) -> Request:
+        """Start generating ``ids``' continuation; it stops at any id in ``eos`` (one id or several)."""
         if self.error is not None:
             raise self.error
         if self._closed:
@@ -222,7 +223,7 @@ class PipelineClient:
             self._requests[req.id] = req
         fields = {"req": req.id, "max_new_tokens": max_new_tokens, "temperature": params.temperature,
                   "top_k": params.top_k, "top_p": params.top_p, "seed": params.seed,
-                  "eos": -1 if eos is None else int(eos)}
+                  "eos": [] if eos is None else [int(eos)] if isinstance(eos, (int, np.integer)) else [int(t) for t in eos]}
         self.mesh.send(self.stages[0], "mp.submit", fields, {"ids": np.asarray(ids, dtype=np.int64)}, tag=req.id)
         return req
 

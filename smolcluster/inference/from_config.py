@@ -36,8 +36,8 @@ def _tokenizer_from_data(data_cfg):
 def resolve_model(cfg, need_tokenizer: bool = True) -> tuple[dict, object, Path | None]:
     """(weights info as :func:`describe_weights`, tokenizer, temp dir to delete) for an infer config.
 
-    ``checkpoint=RUN_DIR`` (a train run), else ``model.pretrained`` (Hugging Face weights),
-    else a seeded random init of ``model`` written once to a temporary file.
+    ``checkpoint=RUN_DIR`` (a train run), else ``model.pretrained`` (a Hugging Face model
+    directory), else a seeded random init of ``model`` written once to a temporary directory.
     """
     from smolcluster.data.text import TextTokenizer, get_tokenizer
 
@@ -56,18 +56,19 @@ def resolve_model(cfg, need_tokenizer: bool = True) -> tuple[dict, object, Path 
             tok = _tokenizer_from_data(data_cfg)
         return info, tok, None
     if cfg.model.get("pretrained"):
-        from smolcluster.pipeline.weights import pretrained_files
-
-        weights, _ = pretrained_files(cfg.model.pretrained)
-        info = describe_weights(weights.parent)
+        info = describe_weights(cfg.model.pretrained)
         if not need_tokenizer:
             return info, None, None
         if info["tokenizer"] is not None:
             tok = TextTokenizer.load(info["tokenizer"])
-        else:
+        elif info["config"].get("model_type") == "gpt2":
             tok = get_tokenizer("", "gpt2")
+        else:
+            raise ConfigError(f"model.pretrained={cfg.model.pretrained}: no tokenizer.json there; download the "
+                              "model's tokenizer files with it")
         return info, tok, None
     import torch
+    from transformers import PreTrainedModel
 
     from smolcluster import checkpoint
     from smolcluster.models import build_model
@@ -76,10 +77,15 @@ def resolve_model(cfg, need_tokenizer: bool = True) -> tuple[dict, object, Path 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, {"vocab_size": tok.vocab_size, "eos_token_id": tok.eos_id})
     tmp = Path(tempfile.mkdtemp(prefix="smolcluster-init-"))
-    checkpoint.save(tmp, model, None, 0)
+    if isinstance(model, PreTrainedModel):  # served like any Hugging Face directory
+        model.save_pretrained(tmp)
+    else:
+        checkpoint.save(tmp, model, None, 0)
     logger.warning(f"no checkpoint= or model.pretrained: serving a random init of {cfg.model.name} (seed {cfg.seed})")
-    return {"weights": tmp / "checkpoint.safetensors", "n_head": n_head, "eps": 1e-5, "tokenizer": None,
-            "eos": tok.eos_id}, tok, tmp
+    info = describe_weights(tmp, default_n_head=n_head)
+    if info["eos"] is None and tok.eos_id is not None:
+        info["eos"] = [tok.eos_id]
+    return info, tok, tmp
 
 
 def tokenizer_for_head(cfg):
@@ -87,18 +93,32 @@ def tokenizer_for_head(cfg):
     from smolcluster.data.text import TextTokenizer, get_tokenizer
 
     for source in (cfg.get("checkpoint"), cfg.model.get("pretrained")):
-        if source and (Path(source).expanduser() / "tokenizer.json").is_file():
-            return TextTokenizer.load(Path(source).expanduser() / "tokenizer.json")
+        for d in ((Path(source).expanduser() / "hf", Path(source).expanduser()) if source else ()):
+            if (d / "tokenizer.json").is_file():
+                return TextTokenizer.load(d / "tokenizer.json")
     if cfg.model.get("pretrained"):
         return get_tokenizer("", "gpt2")
     return _tokenizer_from_data(cfg.data)
 
 
-def check_prompt_fits(prompt: str, tokenizer, weights: Path, n_head: int) -> None:
-    """Refuse a prompt longer than the model's context before any stage is started."""
-    from smolcluster.pipeline.weights import gpt2_weights
+def eos_for_head(cfg) -> list[int] | None:
+    """The EOS ids of the model the stages serve, when the head has its directory too (else the tokenizer's)."""
+    from smolcluster.pipeline.weights import eos_ids, find_model
 
-    context = gpt2_weights(weights, n_head).shape.n_positions
+    source = cfg.get("checkpoint") or cfg.model.get("pretrained")
+    if not source:
+        return None
+    try:
+        return eos_ids(find_model(source, default_n_head=cfg.model.get("n_head")))
+    except ConfigError:  # the head may not hold the weights; the tokenizer's EOS then
+        return None
+
+
+def check_prompt_fits(prompt: str, tokenizer, config: dict) -> None:
+    """Refuse a prompt longer than the model's context before any stage is started."""
+    from smolcluster.pipeline.architectures import family_for
+
+    context = family_for(config).context
     n = len(tokenizer.encode(prompt))
     if n > context:
         raise ConfigError(f"the prompt is {n} tokens, longer than the model's context of {context}: shorten it "
@@ -117,10 +137,10 @@ def pipeline_from_config(cfg, prompt: str | None = None) -> InferencePipeline:
         info, tok, tmp = resolve_model(cfg)
         try:
             if prompt is not None:
-                check_prompt_fits(prompt, tok, info["weights"], int(info["n_head"]))
+                check_prompt_fits(prompt, tok, info["config"])
             pipe = InferencePipeline.start_local(
-                info["weights"], stages=int(cfg.stages), n_head=int(info["n_head"]), head=cfg.head, tokenizer=tok,
-                eos_id=info["eos"] if info["eos"] is not None else getattr(tok, "eos_id", None),
+                info["weights"], stages=int(cfg.stages), n_head=info["config"].get("n_head"), head=cfg.head,
+                tokenizer=tok, eos_ids=info["eos"] if info["eos"] is not None else getattr(tok, "eos_id", None),
                 stage_weights=node_weights(c, int(cfg.stages)), host=c.host, heartbeat_s=c.heartbeat_s,
                 liveness_s=c.liveness_s, connect_timeout_s=c.connect_timeout_s,
                 env={"SMOLCLUSTER_LOG_LEVEL": cfg.get("stage_log_level") or "WARNING"})
@@ -136,7 +156,8 @@ def pipeline_from_config(cfg, prompt: str | None = None) -> InferencePipeline:
 
         tok = tokenizer_for_head(cfg)
         addresses = [n.address for n in stage_nodes(c, int(cfg.stages))]
-        pipe = InferencePipeline.connect(addresses, tokenizer=tok, host=cfg.get("head_host") or c.host,
+        pipe = InferencePipeline.connect(addresses, tokenizer=tok, eos_ids=eos_for_head(cfg),
+                                         host=cfg.get("head_host") or c.host,
                                          port=int(cfg.get("head_port") or 0),
                                          heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s,
                                          connect_timeout_s=c.connect_timeout_s, keys_dir=c.get("keys"))
@@ -166,8 +187,8 @@ def serve_config_from(cfg) -> ServeConfig:
                           "model.pretrained=DIR (copied to every node)")
     info, _, _ = resolve_model(cfg, need_tokenizer=False)
     node = nodes[int(cfg.rank)]
-    return ServeConfig(rank=int(cfg.rank), n_stages=n, weights=str(info["weights"]), n_head=int(info["n_head"]),
-                       eps=float(info["eps"]), nodes=[{"address": x.address, "bind": x.bind} for x in nodes],
+    return ServeConfig(rank=int(cfg.rank), n_stages=n, weights=str(info["weights"]), config=info["config"],
+                       nodes=[{"address": x.address, "bind": x.bind} for x in nodes],
                        head_first=cfg.head == "first", stage_weights=node_weights(c, n),
                        heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s, connect_timeout_s=c.connect_timeout_s,
                        max_bytes=int(c.max_message_mb) * 1024 * 1024, keys_dir=c.get("keys"),

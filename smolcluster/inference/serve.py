@@ -4,7 +4,8 @@
     python -m smolcluster.infer role=stage rank=N ...  # the same on a cluster node, from Hydra config
 
 A stage imports torch, numpy and zmq, never ``transformers``, and reads only its own
-tensors from the weights file, so its memory is its share of the model.
+tensors from the model's files, so its memory is its share of the model. It speaks every
+family in ``smolcluster.pipeline.architectures``, told which by the model's ``config.json``.
 
 The token loop. A head (the caller's process) sends ``submit`` (the prompt's ids and
 sampling settings) to stage 0, which makes the request's KV cache, embeds the prompt
@@ -20,7 +21,7 @@ next step. Where the head sits:
   embedding is held once; the last stage sends its hidden state back round the ring.
 - otherwise on the last stage (as in training), which then holds its own copy.
 
-Both cost the same hops per token. A request ends on EOS, ``max_new_tokens``, or the
+Both cost the same hops per token. A request ends on any of its EOS ids, ``max_new_tokens``, or the
 context (when feeding the token back would need position ``n_positions``), or when its head cancels it;
 every stage then frees its cache. Several requests are in flight at once: a stage
 serves messages in arrival order, so their steps interleave through the stages.
@@ -41,10 +42,10 @@ from loguru import logger
 
 from smolcluster.errors import ConfigError, PeerError, SmolclusterError
 from smolcluster.inference.sampling import SamplingParams, make_generator, next_token
-from smolcluster.pipeline.gpt2 import KVCache, plan_gpt2
+from smolcluster.pipeline.architectures import KVCache, family_for
 from smolcluster.pipeline.mesh import Envelope, Mesh, PeerLost
 from smolcluster.pipeline.partition import stage_name
-from smolcluster.pipeline.weights import gpt2_weights, load_gpt2_stage
+from smolcluster.pipeline.weights import load_stage
 
 _CLOSED_MEMORY = 10_000  # finished request ids remembered, so their stragglers are dropped quietly
 
@@ -55,10 +56,9 @@ class ServeConfig:
 
     rank: int
     n_stages: int
-    weights: str                      # a whole-model safetensors file (read by parameter name)
-    n_head: int
+    weights: str                      # a Hugging Face model directory or a whole-model .safetensors file
+    config: dict                      # the model's config.json (the architecture and its shape)
     nodes: list[dict]                 # every stage: {"address": connect address, "bind": bind address}
-    eps: float = 1e-5
     head_first: bool = True
     stage_weights: list[float] | None = None
     heartbeat_s: float = 1.0
@@ -86,7 +86,7 @@ class RequestState:
     cache: KVCache
     params: SamplingParams
     max_new_tokens: int
-    eos: int
+    eos: list[int]                    # generation stops at any of these
     prompt_len: int
     generated: int = 0
     generator: torch.Generator | None = None
@@ -97,13 +97,12 @@ class StageServer:
         self.sc = sc
         if sc.threads:
             torch.set_num_threads(sc.threads)
-        w = gpt2_weights(sc.weights, sc.n_head, sc.eps)
-        self.shape = w.shape
-        self.specs = plan_gpt2(w.shape, sc.n_stages, sc.stage_weights, head_first=sc.head_first)
+        self.arch = family_for(sc.config)
+        self.specs = self.arch.plan(sc.n_stages, sc.stage_weights, head_first=sc.head_first)
         self.spec = self.specs[sc.rank]
         self.head_rank = 0 if sc.head_first else sc.n_stages - 1
         self.has_head = sc.rank == self.head_rank
-        self.stage = load_gpt2_stage(w, self.spec.blocks, embed=self.spec.first, head=self.has_head)
+        self.stage = load_stage(sc.weights, sc.config, self.spec.blocks, embed=self.spec.first, head=self.has_head)
         self.names = [stage_name(r) for r in range(sc.n_stages)]
         self.me = self.names[sc.rank]
         self.requests: dict[str, RequestState] = {}
@@ -124,12 +123,10 @@ class StageServer:
         for r, node in enumerate(sc.nodes):
             if r != sc.rank:
                 self.mesh.add_peer(self.names[r], node["address"])
-        s = self.shape
         self.mesh.beacon = {
             "role": "stage", "rank": sc.rank, "stages": sc.n_stages, "head_rank": self.head_rank,
             "serving": False, "blocks": [self.spec.blocks.start, self.spec.blocks.stop],
-            "shape": {"vocab_size": s.vocab_size, "n_positions": s.n_positions, "n_embd": s.n_embd,
-                      "n_head": s.n_head, "n_layer": s.n_layer},
+            "shape": self.arch.describe(),
         }
         others = [n for n in self.names if n != self.me]
         self.mesh.wait_ready(others, sc.connect_timeout_s, " (the other inference stages)")
@@ -195,11 +192,13 @@ class StageServer:
         problem = None
         if ids is None or ids.ndim != 1 or ids.dtype != np.int64 or not len(ids):
             problem = "the prompt must be a non-empty 1-D int64 tensor 'ids'"
-        elif len(ids) > self.shape.n_positions:
+        elif len(ids) > self.arch.context:
             problem = (f"the prompt is {len(ids)} tokens, longer than the model's context of "
-                       f"{self.shape.n_positions}: shorten it (the pipeline never truncates silently)")
-        elif int(ids.min()) < 0 or int(ids.max()) >= self.shape.vocab_size:
-            problem = f"prompt token ids must be in [0, {self.shape.vocab_size})"
+                       f"{self.arch.context}: shorten it (the pipeline never truncates silently)")
+        elif int(ids.min()) < 0 or int(ids.max()) >= self.arch.vocab_size:
+            problem = f"prompt token ids must be in [0, {self.arch.vocab_size})"
+        elif not isinstance(f.get("eos"), list) or not all(isinstance(t, int) for t in f["eos"]):
+            problem = "eos must be a list of token ids"
         elif f["max_new_tokens"] < 1:
             problem = "max_new_tokens must be at least 1"
         elif req in self.requests:
@@ -217,11 +216,11 @@ class StageServer:
                 self.mesh.send(env.src, "mp.error", {"req": req, "message": problem}, tag=req)
             self.close(req, "refused")
             return
-        self.start(req, env.src, params, int(f["max_new_tokens"]), int(f["eos"]), len(ids))
+        self.start(req, env.src, params, int(f["max_new_tokens"]), f["eos"], len(ids))
         x = self.stage.embed(torch.from_numpy(np.array(ids)).unsqueeze(0), 0)
         self.forward_out(req, self.requests[req], self.stage.run_blocks(x, self.requests[req].cache))
 
-    def start(self, req: str, head: str, params: SamplingParams, max_new_tokens: int, eos: int,
+    def start(self, req: str, head: str, params: SamplingParams, max_new_tokens: int, eos: list[int],
               prompt_len: int) -> RequestState:
         st = RequestState(head, KVCache(len(self.spec.blocks)), params, max_new_tokens, eos, prompt_len)
         if self.has_head and not params.greedy:
@@ -263,11 +262,11 @@ class StageServer:
         logits = self.stage.logits(x, last_only=True)[0, -1]
         token = next_token(logits, st.params, st.generator)
         st.generated += 1
-        if token == st.eos:
+        if token in st.eos:
             reason = "eos"
         elif st.generated >= st.max_new_tokens:
             reason = "length"
-        elif st.prompt_len + st.generated > self.shape.n_positions:
+        elif st.prompt_len + st.generated > self.arch.context:
             reason = "context"  # feeding this token back would need a position the model does not have
         else:
             reason = ""

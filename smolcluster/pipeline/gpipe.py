@@ -8,9 +8,10 @@ and starts its backward at once; activation-gradients flow back stage by stage,
 each stage taking them in micro-batch order so its accumulation is deterministic.
 Then, before every stage steps its own optimizer:
 
-- the tied embedding: GPT-2's first and last stage each hold ``transformer.wte.weight``
-  (one embeds, one projects onto the vocabulary); they swap gradients and both add
-  them, so both copies take the identical update the single tied tensor takes locally;
+- a tied embedding (GPT-2's ``transformer.wte.weight``, a tied Llama's or Qwen's
+  ``model.embed_tokens.weight``): the first and last stage each hold it (one embeds, one
+  projects onto the vocabulary); they swap gradients and both add them, so both copies
+  take the identical update the single tied tensor takes locally;
 - gradient clipping needs the *global* norm: stages swap squared norms (the tied
   copy counted once) and scale by the same factor as ``clip_grad_norm_``.
 
@@ -42,7 +43,7 @@ from smolcluster.flat import FlatParams
 from smolcluster.models import build_model, count_parameters, fingerprint
 from smolcluster.optim import build_optimizer, lr_at, set_lr
 from smolcluster.pipeline import shards
-from smolcluster.pipeline.gpt2 import GPT2Stage, plan_gpt2, shape_of
+from smolcluster.pipeline.architectures import FAMILIES, Architecture, family_for
 from smolcluster.pipeline.mesh import Envelope, Mesh
 from smolcluster.pipeline.nodes import stage_nodes
 from smolcluster.pipeline.partition import StageSpec, node_weights, plan, stage_name
@@ -50,7 +51,6 @@ from smolcluster.pipeline.sequential import block_groups, find_sequential, seque
 from smolcluster.telemetry.run_files import open_recorder
 from smolcluster.trainer import LossWindow
 
-TIED = "transformer.wte.weight"
 EVAL_BATCH = 512  # the batch objective.evaluate uses, so eval sums match algo=local's
 
 # Received tensors are read-only views of the message frame; stages never write to them.
@@ -71,27 +71,33 @@ def array_of(t: torch.Tensor) -> np.ndarray:
 
 
 def split_for_training(full: torch.nn.Module, n_stages: int, weights: list[float], rank: int
-                       ) -> tuple[list[StageSpec], torch.nn.Module, bool]:
-    """This rank's stage, holding (views of) the full model's own tensors: the same initial weights."""
+                       ) -> tuple[list[StageSpec], torch.nn.Module, Architecture | None]:
+    """This rank's stage, holding (views of) the full model's own tensors: the same initial weights.
+
+    A decoder of a supported family (``config.model_type``) is split into the pipeline's own
+    stage modules; a model that is one ``nn.Sequential`` into runs of its modules (no architecture).
+    """
     config = getattr(full, "config", None)
-    if config is not None and getattr(config, "model_type", None) == "gpt2":
-        shape = shape_of(config)
-        drops = {k: getattr(config, k) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
-        if any(drops.values()):
-            raise ConfigError(f"algo=mp runs GPT-2 stages without dropout, this model has {drops}: "
-                              "set model.dropout=0")
-        specs = plan_gpt2(shape, n_stages, weights, head_first=False)
+    if config is not None and getattr(config, "model_type", None) in FAMILIES:
+        config = config.to_dict()
+        drops = {k: config[k] for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout")
+                 if config.get(k)}
+        if drops:
+            raise ConfigError(f"algo=mp runs {config['model_type']} stages without dropout, this model has "
+                              f"{drops}: set model.dropout=0")
+        arch = family_for(config)
+        specs = arch.plan(n_stages, weights, head_first=False)
         spec = specs[rank]
         with torch.device("meta"):
-            stage = GPT2Stage(shape, spec.first, spec.last, spec.blocks)
+            stage = arch.stage(spec.first, spec.last, spec.blocks)
         params = dict(full.named_parameters())
         stage.load_state_dict({n: params[n].detach() for n, _ in stage.named_parameters()}, assign=True)
-        return specs, stage, True
+        return specs, stage, arch
     _, seq = find_sequential(full)
     costs = [sum(p.numel() for i in g for p in seq[i].parameters()) for g in block_groups(seq)]
     specs = plan(costs, n_stages, weights)
     spec = specs[rank]
-    return specs, sequential_stage(full, spec.blocks, spec.first, spec.last), False
+    return specs, sequential_stage(full, spec.blocks, spec.first, spec.last), None
 
 
 class StageTrainer:
@@ -122,8 +128,8 @@ class StageTrainer:
             if meta.get("fingerprint") not in (None, self.fingerprint):
                 raise ConfigError(f"resume={cfg.resume}: the checkpoint is of another model "
                                   f"(fingerprint {meta['fingerprint']} != {self.fingerprint})")
-        self.specs, stage, self.is_gpt2 = split_for_training(full, self.n, node_weights(cfg.cluster, self.n),
-                                                            rank)
+        self.specs, stage, self.arch = split_for_training(full, self.n, node_weights(cfg.cluster, self.n), rank)
+        self.decoder = self.arch is not None  # embeddings and head are named in the partition
         del full  # from here on this process holds only its stage
         self.spec = self.specs[rank]
         self.first, self.last = self.spec.first, self.spec.last
@@ -138,7 +144,7 @@ class StageTrainer:
                 self.optimizer.load_state_dict(state)
             self.step = int(meta["step"])
             logger.info(f"stage {rank} resumed from {resume_path} at step {self.step}")
-        self.tied = self.is_gpt2 and self.n > 1 and (self.first or self.last)
+        self.tied = self.decoder and self.arch.tied and self.n > 1 and (self.first or self.last)
         self.sharder = Sharder(len(self.data.train_x), [self.tr.batch_size], cfg.seed)
         steps = cfg.train.steps or cfg.train.epochs * self.sharder.steps_per_epoch
         self.total_steps = int(steps)
@@ -149,7 +155,7 @@ class StageTrainer:
         self.next = self.names[rank + 1] if rank < self.n - 1 else None
         self.pending: dict[tuple, Envelope] = {}
         self.mesh: Mesh | None = None
-        logger.info(f"{self.spec.describe(self.last and self.is_gpt2, self.first and self.is_gpt2)}: {sum(p.numel() for p in self.stage.parameters()):,} "
+        logger.info(f"{self.spec.describe(self.last and self.decoder, self.first and self.decoder)}: {sum(p.numel() for p in self.stage.parameters()):,} "
                     f"of {self.num_params:,} params, device={self.device}")
 
     # -- links ------------------------------------------------------------------------------
@@ -240,7 +246,7 @@ class StageTrainer:
         return total
 
     def sum_tied_gradient(self) -> None:
-        grad = dict(self.stage.named_parameters())[TIED].grad
+        grad = dict(self.stage.named_parameters())[self.arch.embed_name].grad
         other = self.names[-1] if self.first else self.names[0]
         # A clone: the in-place add below must not change what is still queued for sending.
         self.send(other, "mp.tied", {"step": self.step}, {"g": array_of(grad.clone())})
@@ -249,7 +255,7 @@ class StageTrainer:
 
     def clip_global(self) -> None:
         sq = sum(float(p.grad.double().pow(2).sum()) for name, p in self.stage.named_parameters()
-                 if not (name == TIED and self.last and self.tied))  # the tied copy counts once
+                 if not (self.tied and self.last and name == self.arch.embed_name))  # the tied copy counts once
         for other in self.names:
             if other != self.me:
                 self.send(other, "mp.norm", {"step": self.step, "sq": sq})
@@ -363,6 +369,6 @@ class StageTrainer:
             "run_dir": str(self.run_dir),
             "stages": self.n,
             "microbatches": self.M,
-            "partition": [s.describe(s.last and self.is_gpt2, s.first and self.is_gpt2) for s in self.specs],
+            "partition": [s.describe(s.last and self.decoder, s.first and self.decoder) for s in self.specs],
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }

@@ -21,7 +21,8 @@ def find_sequential(model: nn.Module) -> tuple[str, nn.Sequential]:
     if len(children) == 1 and isinstance(children[0][1], nn.Sequential):
         return children[0]
     raise ConfigError(
-        f"algo=mp cannot split {type(model).__name__}: it splits GPT-2 (smolcluster.models.gpt2) or a "
+        f"algo=mp cannot split {type(model).__name__}: it splits the decoder families of "
+        "smolcluster.pipeline.architectures (GPT-2, Llama, Mistral, Qwen2, Qwen3) or a "
         "model whose only child is an nn.Sequential (like smolcluster.models.mlp.MLP)"
     )
 

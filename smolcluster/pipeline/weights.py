@@ -1,16 +1,21 @@
-"""Where a stage's weights come from, read tensor by tensor so a stage holds only its share.
+"""Where a model and its stages' weights come from, read tensor by tensor so a stage holds only its share.
 
-Three sources, each a whole-model safetensors file read *by parameter name*:
+Sources (:func:`find_model`):
 
-- ``checkpoint=RUN_DIR``: a run written by ``train`` (``checkpoint.safetensors``);
-- ``model.pretrained=DIR_OR_HUB_ID``: Hugging Face GPT-2 weights (``config.json`` +
-  ``model.safetensors``, keys with or without the ``transformer.`` prefix);
-- neither: a seeded random init, written once to a file by whoever starts the stages.
+- a Hugging Face model directory, as ``huggingface-cli download`` leaves it: ``config.json``
+  and ``model.safetensors`` or sharded ``model-0000N-of-0000M.safetensors`` with
+  ``model.safetensors.index.json`` (``model.pretrained=DIR``, or a hub id in the local cache);
+- a run written by ``train`` (``checkpoint=RUN_DIR``): its ``hf/`` directory when it has one,
+  else ``checkpoint.safetensors`` (GPT-2, whose ``checkpoint.json`` or Hydra config records n_head);
+- a whole-model GPT-2 ``.safetensors`` file (give n_head).
 
-The reader below does not use ``safetensors.safe_open``: that memory-maps the whole
-file, and every page a stage touches while reading counts toward its peak RSS on
-top of the copy it keeps. Plain ``readinto`` into the parameter's own storage
-allocates each tensor exactly once.
+Whatever the source, the model is described by its ``config.json`` dict (one is written for a
+GPT-2 checkpoint from its tensor shapes), which is what reaches a stage.
+
+Each stage reads only the tensors it holds, from whichever file holds them. The reader does
+not use ``safetensors.safe_open``: that memory-maps the whole file, and every page a stage
+touches while reading counts toward its peak RSS on top of the copy it keeps. Plain
+``readinto`` into the parameter's own storage allocates each tensor exactly once.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from pathlib import Path
 import torch
 
 from smolcluster.errors import ConfigError
-from smolcluster.pipeline.gpt2 import GPT2Shape, GPT2Stage, param_shapes
+from smolcluster.pipeline.architectures import family_for
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8}
@@ -76,73 +81,146 @@ def read_tensors(path: str | Path, keys: dict[str, str], dtype: torch.dtype | No
     return out
 
 
-# -- GPT-2 ---------------------------------------------------------------------------------------
+# -- finding a model ------------------------------------------------------------------------------
+INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
+
+
 @dataclass(frozen=True)
-class GPT2Weights:
-    """A whole-model safetensors file and how to read GPT-2 parameters from it."""
+class ModelSource:
+    """A model as the pipeline reads it: its ``config.json`` dict, and where its tensors are."""
 
-    path: Path
-    shape: GPT2Shape
-    prefix: str  # "" when keys carry "transformer.", "transformer." when the file's keys lack it
-
-    def key(self, name: str) -> str:
-        return name.removeprefix(self.prefix) if self.prefix else name
+    weights: Path                      # a Hugging Face directory or a whole-model .safetensors file
+    config: dict
+    directory: Path | None = None      # where tokenizer / generation config files may be
 
 
-def _shape_from_header(header: dict, prefix: str, n_head: int, eps: float, where: str) -> GPT2Shape:
+def is_hf_dir(p: Path) -> bool:
+    return (p / "config.json").is_file() and ((p / SINGLE).is_file() or (p / INDEX).is_file())
+
+
+def _hub_snapshot(name: str) -> Path:
+    """The local Hugging Face cache's snapshot directory of hub id ``name`` (never the network)."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(name, "config.json", local_files_only=True)).parent
+    except Exception as e:
+        raise ConfigError(f"{name!r}: not a directory and not in the Hugging Face cache; download the model on a "
+                          "connected machine (huggingface-cli download NAME --local-dir DIR) and give DIR") from e
+
+
+def gpt2_config(path: Path, n_head: int | None, eps: float = 1e-5) -> dict:
+    """The ``config.json`` dict of a whole-model GPT-2 file, from its tensor shapes (n_head cannot be read off them)."""
+    header, _ = read_header(path)
+    prefix = "" if "transformer.wte.weight" in header else "transformer."
+
     def get(name: str) -> list[int]:
-        key = name.removeprefix(prefix) if prefix else name
+        key = name.removeprefix(prefix)
         if key not in header:
-            raise ConfigError(f"{where} has no {key!r}: it does not hold GPT-2 weights")
+            raise ConfigError(f"{path} has no {key!r}: it holds neither GPT-2 weights nor a Hugging Face model "
+                              "(config.json)")
         return header[key]["shape"]
 
     vocab, n_embd = get("transformer.wte.weight")
-    n_positions = get("transformer.wpe.weight")[0]
     h = (prefix and "h.") or "transformer.h."
     n_layer = len({k[len(h):].split(".", 1)[0] for k in header if k.startswith(h)})
-    if n_embd % n_head:
-        raise ConfigError(f"{where}: n_embd={n_embd} is not divisible by n_head={n_head}; set model.n_head")
-    return GPT2Shape(vocab, n_positions, n_embd, n_head, n_layer, eps)
+    if not n_head:
+        raise ConfigError(f"{path}: the number of attention heads is not recorded there; pass n_head "
+                          "(model.n_head=...)")
+    return {"model_type": "gpt2", "vocab_size": vocab, "n_positions": get("transformer.wpe.weight")[0],
+            "n_embd": n_embd, "n_head": int(n_head), "n_layer": n_layer, "layer_norm_epsilon": eps}
 
 
-def gpt2_weights(path: str | Path, n_head: int, eps: float = 1e-5) -> GPT2Weights:
-    """Describe a whole-model GPT-2 safetensors file; n_head cannot be read off tensor shapes."""
-    path = Path(path)
-    header, _ = read_header(path)
-    prefix = "" if "transformer.wte.weight" in header else "transformer."
-    return GPT2Weights(path, _shape_from_header(header, prefix, n_head, eps, str(path)), prefix)
+def _run_n_head(run_dir: Path) -> int | None:
+    meta = run_dir / "checkpoint.json"
+    meta = json.loads(meta.read_text()) if meta.is_file() else {}
+    if isinstance(meta.get("model"), dict) and meta["model"].get("n_head"):  # a checkpoint that describes its model
+        return meta["model"]["n_head"]
+    run_cfg = run_dir / ".hydra" / "config.yaml"
+    if run_cfg.is_file():  # else the run's own Hydra config
+        from omegaconf import OmegaConf
+
+        return OmegaConf.load(run_cfg).model.get("n_head")
+    return None
 
 
-def pretrained_files(pretrained: str) -> tuple[Path, dict]:
-    """(model.safetensors, config.json contents) from a local directory or the Hugging Face cache."""
-    p = Path(pretrained).expanduser()
+def find_model(source: str | Path, n_head: int | None = None, default_n_head: int | None = None) -> ModelSource:
+    """The model at ``source``: a Hugging Face directory (or hub id in the cache), a run directory, or a
+    GPT-2 ``.safetensors`` file. ``n_head`` overrides what a GPT-2 checkpoint records; ``default_n_head``
+    is used when it records none."""
+    p = Path(source).expanduser()
+    if not p.exists() and not str(source).startswith(("/", ".", "~")) and str(source).count("/") <= 1:
+        p = _hub_snapshot(str(source))
     if p.is_dir():
-        weights, config = p / "model.safetensors", p / "config.json"
-    else:
-        try:
-            from huggingface_hub import hf_hub_download
+        if is_hf_dir(p / "hf"):  # a run of a Hugging Face family writes its model back as one
+            p = p / "hf"
+        if is_hf_dir(p):
+            config = json.loads((p / "config.json").read_text())
+            family_for(config)  # an unsupported architecture is refused here, before any stage starts
+            return ModelSource(p, config, p)
+        if (p / "checkpoint.safetensors").is_file():  # a GPT-2 run written by train
+            heads = n_head or _run_n_head(p) or default_n_head
+            return ModelSource(p / "checkpoint.safetensors", gpt2_config(p / "checkpoint.safetensors", heads), p)
+        raise ConfigError(f"{source}: neither a Hugging Face model directory (config.json + model.safetensors or "
+                          "model.safetensors.index.json) nor a run directory (checkpoint.safetensors)")
+    if p.is_file():
+        return ModelSource(p, gpt2_config(p, n_head or default_n_head))
+    raise ConfigError(f"{source}: no such model directory, run directory or weights file")
 
-            config = Path(hf_hub_download(pretrained, "config.json", local_files_only=True))
-            weights = Path(hf_hub_download(pretrained, "model.safetensors", local_files_only=True))
-        except Exception as e:
-            raise ConfigError(f"model.pretrained={pretrained!r}: not a directory and not in the Hugging Face "
-                              "cache; give a directory holding config.json + model.safetensors") from e
-    if not weights.is_file() or not config.is_file():
-        raise ConfigError(f"model.pretrained={pretrained}: needs config.json and model.safetensors there "
-                          f"(found {sorted(x.name for x in weights.parent.iterdir())})")
-    return weights, json.loads(config.read_text())
+
+def tensor_files(weights: Path) -> dict[str, Path]:
+    """``{tensor key: file holding it}`` of a Hugging Face directory (sharded or not) or a single file."""
+    weights = Path(weights)
+    if weights.is_dir():
+        index = weights / INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConfigError(f"{index} has no weight_map: it is not a safetensors index")
+            return {key: weights / name for key, name in weight_map.items()}
+        weights = weights / SINGLE
+    header, _ = read_header(weights)
+    return dict.fromkeys(header, weights)
 
 
-def load_gpt2_stage(weights: GPT2Weights, blocks: range, embed: bool, head: bool,
-                    dtype: torch.dtype = torch.float32) -> GPT2Stage:
-    """Build a stage whose parameters are read from ``weights`` (and nothing else is allocated)."""
+def load_stage(weights: str | Path, config: dict, blocks: range, embed: bool, head: bool,
+               dtype: torch.dtype = torch.float32):
+    """A stage of the model ``config`` describes, its parameters read from ``weights`` (nothing else allocated)."""
+    arch = family_for(config)
     with torch.device("meta"):
-        stage = GPT2Stage(weights.shape, embed, head, blocks)
-    names = {name: weights.key(name) for name, _ in param_shapes(weights.shape, embed, head, blocks)}
-    tensors = read_tensors(weights.path, names, dtype)
-    for name, shape in param_shapes(weights.shape, embed, head, blocks):
+        stage = arch.stage(embed, head, blocks)
+    files = tensor_files(Path(weights))
+    wanted = arch.param_shapes(embed, head, blocks)
+    keys: dict[str, str] = {}
+    for name, _ in wanted:
+        # GPT-2's original files name tensors without the "transformer." prefix.
+        key = name if name in files else name.removeprefix("transformer.")
+        if key not in files:
+            hint = " (the model's config.json says tie_word_embeddings=false)" if name == "lm_head.weight" else ""
+            raise ConfigError(f"{weights} has no tensor {name!r}{hint}: it was written for another model")
+        keys[name] = key
+    tensors: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, dict[str, str]] = {}
+    for name, key in keys.items():
+        by_file.setdefault(files[key], {})[name] = key
+    for path, names in by_file.items():
+        tensors.update(read_tensors(path, names, dtype))
+    for name, shape in wanted:
         if tuple(tensors[name].shape) != shape:
-            raise ConfigError(f"{weights.path}: {names[name]} has shape {tuple(tensors[name].shape)}, "
-                              f"a stage of this model needs {shape}")
+            raise ConfigError(f"{weights}: tensor {keys[name]!r} has shape {tuple(tensors[name].shape)}, the "
+                              f"model's config.json says {shape}")
     stage.load_state_dict(tensors, strict=True, assign=True)
     return stage.eval().requires_grad_(False)
+
+
+def eos_ids(source: ModelSource) -> list[int] | None:
+    """The end-of-sequence ids: ``generation_config.json``'s eos_token_id (an int or a list), else config.json's."""
+    found = None
+    gen = source.directory / "generation_config.json" if source.directory is not None else None
+    if gen is not None and gen.is_file():
+        found = json.loads(gen.read_text()).get("eos_token_id")
+    if found is None:
+        found = source.config.get("eos_token_id")
+    if found is None:
+        return None
+    return [int(t) for t in (found if isinstance(found, list) else [found])]

@@ -1,4 +1,4 @@
-"""A GPT-2 *stage*: a contiguous slice of GPT-2's layers, in plain PyTorch (no ``transformers`` import).
+"""GPT-2 stages: a contiguous slice of GPT-2's layers, in plain PyTorch (no ``transformers`` import).
 
 Why not Hugging Face's modules? A stage process should hold only its share of the
 model, and importing ``transformers`` alone costs ~150 MB of RSS. So this file
@@ -15,7 +15,7 @@ GPT-2 ties the LM head to the token embedding (``transformer.wte.weight``). In
 training the head sits on the last stage (the loss is computed there), so the first
 and last stage each hold a copy under the same name and keep them equal by summing
 their gradients (see ``train.py``). In inference the head may sit on the first stage
-instead, so the embedding is held once (see ``serve.py``).
+instead, so the embedding is held once (see ``inference/serve.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from smolcluster.errors import ConfigError
+from smolcluster.pipeline.architectures.base import Architecture, KVCache, refuse
 
 
 @dataclass(frozen=True)
@@ -183,47 +186,40 @@ class GPT2Stage(nn.Module):
         return self.logits(x) if self.has_head else x
 
 
-class KVCache:
-    """One request's keys and values on one stage: ``layers[j] = [k, v]`` for the stage's j-th block."""
-
-    def __init__(self, n_layers: int):
-        self.layers: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
-        self.length = 0
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for kv in self.layers for t in kv)
-
-
-def plan_gpt2(shape: GPT2Shape, n_stages: int, weights: list[float] | None = None, head_first: bool = False):
-    """Stage specs for GPT-2: blocks balanced by parameter memory, embeddings and head counted where they sit.
-
-    ``head_first`` puts ln_f + LM head on stage 0 beside the embedding it is tied to (inference's
-    ring); otherwise they sit on the last stage, which then holds its own copy of the embedding.
-    """
-    from smolcluster.pipeline.partition import plan
-
-    c = shape.n_embd
-    wte, wpe, ln_f = shape.vocab_size * c, shape.n_positions * c, 2 * c
-    first = wte + wpe + (ln_f if head_first else 0)
-    last = 0 if head_first else ln_f + (wte if n_stages > 1 else 0)
-    return plan([shape.block_params()] * shape.n_layer, n_stages, weights, first, last)
-
-
 def shape_of(config) -> GPT2Shape:
-    """The GPT2Shape of a transformers GPT2Config, refusing variants this file does not implement."""
+    """The GPT2Shape of a transformers GPT2Config (or its ``config.json`` dict), refusing variants
+    this file does not implement."""
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
     unsupported = {
-        "activation_function": (config.activation_function, "gelu_new"),
-        "tie_word_embeddings": (getattr(config, "tie_word_embeddings", True), True),
-        "scale_attn_weights": (config.scale_attn_weights, True),
-        "scale_attn_by_inverse_layer_idx": (config.scale_attn_by_inverse_layer_idx, False),
-        "reorder_and_upcast_attn": (config.reorder_and_upcast_attn, False),
-        "add_cross_attention": (config.add_cross_attention, False),
-        "n_inner": (config.n_inner, None),
+        "activation_function": (get("activation_function", "gelu_new"), "gelu_new"),
+        "tie_word_embeddings": (get("tie_word_embeddings", True), True),
+        "scale_attn_weights": (get("scale_attn_weights", True), True),
+        "scale_attn_by_inverse_layer_idx": (get("scale_attn_by_inverse_layer_idx", False), False),
+        "reorder_and_upcast_attn": (get("reorder_and_upcast_attn", False), False),
+        "add_cross_attention": (get("add_cross_attention", False), False),
+        "n_inner": (get("n_inner"), None),
     }
     for key, (value, want) in unsupported.items():
         if value != want:
-            from smolcluster.errors import ConfigError
+            refuse("GPT-2", key, value, want)
+    n_embd, n_head = get("n_embd"), get("n_head")
+    if not n_head or n_embd % n_head:
+        raise ConfigError(f"GPT-2: n_embd={n_embd} is not divisible by n_head={n_head}; set model.n_head")
+    return GPT2Shape(get("vocab_size"), get("n_positions"), n_embd, n_head, get("n_layer"),
+                     get("layer_norm_epsilon", 1e-5))
 
-            raise ConfigError(f"the pipeline's GPT-2 stages implement {key}={want!r}, this model has {value!r}")
-    return GPT2Shape(config.vocab_size, config.n_positions, config.n_embd, config.n_head, config.n_layer,
-                     config.layer_norm_epsilon)
+
+class GPT2(Architecture):
+    model_type = "gpt2"
+    embed_name = head_name = "transformer.wte.weight"
+    tied = True
+
+    def __init__(self, config: dict):
+        self.shape = shape_of(config)
+        self.vocab_size, self.context, self.n_layer = self.shape.vocab_size, self.shape.n_positions, self.shape.n_layer
+
+    def param_shapes(self, embed: bool, head: bool, blocks: range) -> list[tuple[str, tuple]]:
+        return param_shapes(self.shape, embed, head, blocks)
+
+    def stage(self, embed: bool, head: bool, blocks: range) -> GPT2Stage:
+        return GPT2Stage(self.shape, embed, head, blocks)
