@@ -15,6 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from smolcluster.errors import SmolclusterError
+from smolcluster.inference import settings  # noqa: F401  (registers the chat schema before hydra.main runs)
 from smolcluster.paths import CONFIG_DIR
 from smolcluster.supervisor import sigterm_as_interrupt
 from smolcluster.telemetry.logging import setup_logging
@@ -24,10 +25,11 @@ from smolcluster.telemetry.logging import setup_logging
 def main(cfg: DictConfig) -> None:
     sigterm_as_interrupt()  # the stages are stopped on SIGTERM as on Ctrl-C
     setup_logging(role="chat", algo="chat", level=cfg.logging.level, loki=cfg.logging.get("loki"))
+    from smolcluster.inference.settings import chat_settings
     from smolcluster.serving.config import serve
 
     try:
-        serve(cfg)
+        serve(chat_settings(cfg))  # the one read of Hydra's config: typed settings from here on
     except SmolclusterError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

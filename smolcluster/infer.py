@@ -19,18 +19,20 @@ import hydra
 from omegaconf import DictConfig
 
 from smolcluster.errors import ConfigError, SmolclusterError
+from smolcluster.inference.settings import InferSettings, Role, infer_settings
 from smolcluster.paths import CONFIG_DIR
+from smolcluster.supervisor import sigterm_as_interrupt
 from smolcluster.telemetry.logging import setup_logging
 
 NO_PROMPT = ('no prompt: add prompt="your text" (quote commas twice: prompt="\'To be, or not to be\'"), '
              'or pipe it in: echo "To be, or not to be" | python -m smolcluster.infer ...')
 
 
-def read_prompt(cfg: DictConfig) -> str:
+def read_prompt(s: InferSettings) -> str:
     """``prompt=...``, else standard input: prompts are prose, and a comma in an override is Hydra's list
     syntax. A terminal on stdin is no prompt (nothing would say it waits for one)."""
-    if cfg.prompt is not None:
-        return str(cfg.prompt)
+    if s.prompt is not None:
+        return s.prompt
     if sys.stdin is None or sys.stdin.isatty():
         raise ConfigError(NO_PROMPT)
     text = sys.stdin.read()
@@ -41,21 +43,24 @@ def read_prompt(cfg: DictConfig) -> str:
 
 
 def run(cfg: DictConfig) -> dict | None:
-    setup_logging(role="infer" if cfg.role != "stage" else "stage", rank=cfg.rank if cfg.rank is not None else "",
+    s = infer_settings(cfg)  # the one read of Hydra's config: typed settings from here on
+    p = s.pipeline
+    setup_logging(role="stage" if p.role is Role.stage else "infer", rank=p.rank if p.rank is not None else "",
                   algo="infer", level=cfg.logging.level, loki=cfg.logging.get("loki"))
-    if cfg.role == "stage":
+    if p.role is Role.stage:
         from smolcluster.inference.from_config import serve_config_from
         from smolcluster.inference.serve import StageServer
 
-        StageServer(serve_config_from(cfg)).run()
+        StageServer(serve_config_from(p)).run()
         return None
-    prompt = read_prompt(cfg)
+    prompt = read_prompt(s)
     from smolcluster.inference.from_config import pipeline_from_config
 
-    with pipeline_from_config(cfg, prompt=prompt) as pipe:
+    with pipeline_from_config(p, prompt=prompt) as pipe:
         t0 = time.perf_counter()
-        req = pipe.submit(prompt, max_new_tokens=int(cfg.max_new_tokens), temperature=cfg.temperature,
-                          top_k=int(cfg.top_k), top_p=cfg.top_p, seed=cfg.seed, stop_at_eos=cfg.stop_at_eos)
+        sp = s.sampling
+        req = pipe.submit(prompt, max_new_tokens=sp.max_new_tokens, temperature=sp.temperature, top_k=sp.top_k,
+                          top_p=sp.top_p, seed=p.seed, stop_at_eos=sp.stop_at_eos)
         sys.stdout.write(prompt)
         for tok in req:
             sys.stdout.write(tok.text)
@@ -73,6 +78,7 @@ def run(cfg: DictConfig) -> dict | None:
 
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="infer")
 def main(cfg: DictConfig) -> None:
+    sigterm_as_interrupt()  # stages started here are stopped on SIGTERM as on Ctrl-C
     try:
         run(cfg)
     except SmolclusterError as e:

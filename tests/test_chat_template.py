@@ -18,10 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from omegaconf import OmegaConf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from smolcluster.inference import InferencePipeline
+from smolcluster.inference.settings import Pipeline
 from smolcluster.models.gpt2 import build_gpt2
 from smolcluster.serving.app import WebServer, build_app
 from smolcluster.serving.config import chat_template
@@ -180,7 +180,7 @@ def test_the_chat_finds_the_template_of_the_model_it_serves(chat_model, tmp_path
     d = chat_model["dir"]
 
     def cfg(**kw):
-        return OmegaConf.create({"checkpoint": None, "model": {"name": "gpt2-tiny", "pretrained": None}, **kw})
+        return Pipeline(**{"checkpoint": None, "model": {"name": "gpt2-tiny", "pretrained": None}, **kw})
 
     assert chat_template(cfg(model={"name": "x", "pretrained": str(d)})).end_ids == ChatTemplate.load(d).end_ids
     run = tmp_path / "run"  # a fine-tuned HF model's run: its hf/ directory holds the tokenizer files

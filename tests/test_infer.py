@@ -235,3 +235,13 @@ def test_a_prompt_with_commas_comes_on_stdin_or_quoted_twice(model_dir):
 
     help_text = run_cli("smolcluster.infer", "--help", timeout=60).stdout
     assert """prompt="'To be, or not to be'\"""" in help_text and 'echo "To be, or not to be" |' in help_text
+
+
+def test_overrides_are_type_checked_before_anything_starts():
+    """conf/infer.yaml and conf/chat.yaml are checked against typed schemas (inference/settings.py)."""
+    for module, override, says in (("smolcluster.infer", "max_new_tokens=abc", "could not be converted to Integer"),
+                                   ("smolcluster.infer", "head=middle", "expected one of [first, last]"),
+                                   ("smolcluster.chat", "serve.max_active=lots", "could not be converted to Integer"),
+                                   ("smolcluster.chat", "serve.ui=perhaps", "serve.ui")):
+        p = run_cli(module, override, check=False, timeout=120)
+        assert p.returncode != 0 and says in p.stderr and override.split("=")[0] in p.stderr, (override, p.stderr)

@@ -1,6 +1,7 @@
-"""An ``infer`` / ``chat`` Hydra config -> an :class:`InferencePipeline` or a stage's :class:`ServeConfig`.
+"""``infer`` / ``chat`` settings -> an :class:`InferencePipeline`, or a stage's :class:`ServeConfig`.
 
-The one place the inference path reads Hydra's config: below this module the runtime
+Takes the typed :class:`~smolcluster.inference.settings.Pipeline` that ``infer.py`` and
+``chat.py`` made from Hydra's config (``settings.py``); below this module the runtime
 takes plain arguments and dataclasses.
 """
 
@@ -15,25 +16,28 @@ from loguru import logger
 from smolcluster.errors import ConfigError
 from smolcluster.inference.api import InferencePipeline, describe_weights
 from smolcluster.inference.serve import ServeConfig
+from smolcluster.inference.settings import HeadPlace, Pipeline, Role
 
 
-def _run_config(run_dir: Path):
+def _run_data(run_dir: Path) -> dict | None:
+    """The data group a training run recorded (its ``.hydra/config.yaml``), when it trained on text."""
     path = run_dir / ".hydra" / "config.yaml"
     if not path.is_file():
         return None
     from omegaconf import OmegaConf
 
-    return OmegaConf.load(path)
+    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True).get("data") or {}
+    return data if data.get("name") == "text" else None
 
 
-def _tokenizer_from_data(data_cfg):
+def _tokenizer_from_data(data: dict):
     from smolcluster.data.text import get_tokenizer, read_corpus
 
-    return get_tokenizer(read_corpus(data_cfg.get("path")), data_cfg.get("tokenizer", "auto"),
-                         data_cfg.get("vocab_size", 4096), data_cfg.get("cache_dir"))
+    return get_tokenizer(read_corpus(data.get("path")), data.get("tokenizer", "auto"),
+                         data.get("vocab_size", 4096), data.get("cache_dir"))
 
 
-def resolve_model(cfg, need_tokenizer: bool = True) -> tuple[dict, object, Path | None]:
+def resolve_model(cfg: Pipeline, need_tokenizer: bool = True) -> tuple[dict, object, Path | None]:
     """(weights info as :func:`describe_weights`, tokenizer, temp dir to delete) for an infer config.
 
     ``checkpoint=RUN_DIR`` (a train run), else ``model.pretrained`` (a Hugging Face model
@@ -42,7 +46,7 @@ def resolve_model(cfg, need_tokenizer: bool = True) -> tuple[dict, object, Path 
     from smolcluster.data.text import TextTokenizer, get_tokenizer
 
     n_head = cfg.model.get("n_head")
-    if cfg.get("checkpoint"):
+    if cfg.checkpoint:
         run_dir = Path(cfg.checkpoint).expanduser()
         info = describe_weights(run_dir, default_n_head=n_head)
         if not need_tokenizer:
@@ -50,13 +54,12 @@ def resolve_model(cfg, need_tokenizer: bool = True) -> tuple[dict, object, Path 
         if info["tokenizer"] is not None:
             tok = TextTokenizer.load(info["tokenizer"])
         else:
-            run_cfg = _run_config(run_dir) if run_dir.is_dir() else None
-            data_cfg = run_cfg.data if run_cfg is not None and run_cfg.data.name == "text" else cfg.data
+            data = (_run_data(run_dir) if run_dir.is_dir() else None) or cfg.data
             logger.warning(f"{run_dir} has no tokenizer.json; rebuilding the run's tokenizer from data config")
-            tok = _tokenizer_from_data(data_cfg)
+            tok = _tokenizer_from_data(data)
         return info, tok, None
     if cfg.model.get("pretrained"):
-        info = describe_weights(cfg.model.pretrained)
+        info = describe_weights(cfg.model["pretrained"])
         if not need_tokenizer:
             return info, None, None
         if info["tokenizer"] is not None:
@@ -64,7 +67,7 @@ def resolve_model(cfg, need_tokenizer: bool = True) -> tuple[dict, object, Path 
         elif info["config"].get("model_type") == "gpt2":
             tok = get_tokenizer("", "gpt2")
         else:
-            raise ConfigError(f"model.pretrained={cfg.model.pretrained}: no tokenizer.json there; download the "
+            raise ConfigError(f"model.pretrained={cfg.model['pretrained']}: no tokenizer.json there; download the "
                               "model's tokenizer files with it")
         return info, tok, None
     import torch
@@ -81,18 +84,19 @@ def resolve_model(cfg, need_tokenizer: bool = True) -> tuple[dict, object, Path 
         model.save_pretrained(tmp)
     else:
         checkpoint.save(tmp, model, None, 0)
-    logger.warning(f"no checkpoint= or model.pretrained: serving a random init of {cfg.model.name} (seed {cfg.seed})")
+    logger.warning(f"no checkpoint= or model.pretrained: serving a random init of {cfg.model.get('name')} "
+                   f"(seed {cfg.seed})")
     info = describe_weights(tmp, default_n_head=n_head)
     if info["eos"] is None and tok.eos_id is not None:
         info["eos"] = [tok.eos_id]
     return info, tok, tmp
 
 
-def tokenizer_for_head(cfg):
+def tokenizer_for_head(cfg: Pipeline):
     """The tokenizer when connecting to running stages: the run's, the pretrained model's, or data config's."""
     from smolcluster.data.text import TextTokenizer, get_tokenizer
 
-    for source in (cfg.get("checkpoint"), cfg.model.get("pretrained")):
+    for source in (cfg.checkpoint, cfg.model.get("pretrained")):
         for d in ((Path(source).expanduser() / "hf", Path(source).expanduser()) if source else ()):
             if (d / "tokenizer.json").is_file():
                 return TextTokenizer.load(d / "tokenizer.json")
@@ -101,11 +105,11 @@ def tokenizer_for_head(cfg):
     return _tokenizer_from_data(cfg.data)
 
 
-def eos_for_head(cfg) -> list[int] | None:
+def eos_for_head(cfg: Pipeline) -> list[int] | None:
     """The EOS ids of the model the stages serve, when the head has its directory too (else the tokenizer's)."""
     from smolcluster.pipeline.weights import eos_ids, find_model
 
-    source = cfg.get("checkpoint") or cfg.model.get("pretrained")
+    source = cfg.checkpoint or cfg.model.get("pretrained")
     if not source:
         return None
     try:
@@ -125,13 +129,13 @@ def check_prompt_fits(prompt: str, tokenizer, config: dict) -> None:
                           "(the pipeline never truncates silently)")
 
 
-def pipeline_from_config(cfg, prompt: str | None = None) -> InferencePipeline:
+def pipeline_from_config(cfg: Pipeline, prompt: str | None = None) -> InferencePipeline:
     """Start the stages here (``role=launch``) or connect to a cluster's (``role=head``).
 
     With ``prompt``, a prompt that cannot fit is refused before anything starts.
     """
-    c = cfg.cluster
-    if cfg.role == "launch":
+    c = cfg.links
+    if cfg.role is Role.launch:
         from smolcluster.pipeline.partition import node_weights
 
         info, tok, tmp = resolve_model(cfg)
@@ -139,11 +143,11 @@ def pipeline_from_config(cfg, prompt: str | None = None) -> InferencePipeline:
             if prompt is not None:
                 check_prompt_fits(prompt, tok, info["config"])
             pipe = InferencePipeline.start_local(
-                info["weights"], stages=int(cfg.stages), n_head=info["config"].get("n_head"), head=cfg.head,
+                info["weights"], stages=cfg.stages, n_head=info["config"].get("n_head"), head=cfg.head.value,
                 tokenizer=tok, eos_ids=info["eos"] if info["eos"] is not None else getattr(tok, "eos_id", None),
-                stage_weights=node_weights(c, int(cfg.stages)), host=c.host, heartbeat_s=c.heartbeat_s,
+                stage_weights=node_weights(c, cfg.stages), host=c.host, heartbeat_s=c.heartbeat_s,
                 liveness_s=c.liveness_s, connect_timeout_s=c.connect_timeout_s,
-                env={"SMOLCLUSTER_LOG_LEVEL": cfg.get("stage_log_level") or "WARNING"})
+                env={"SMOLCLUSTER_LOG_LEVEL": cfg.stage_log_level or "WARNING"})
         except BaseException:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -151,45 +155,43 @@ def pipeline_from_config(cfg, prompt: str | None = None) -> InferencePipeline:
         if tmp is not None:
             pipe._cleanup.append(tmp)
         return pipe
-    if cfg.role == "head":
+    if cfg.role is Role.head:
         from smolcluster.pipeline.nodes import stage_nodes
 
         tok = tokenizer_for_head(cfg)
-        addresses = [n.address for n in stage_nodes(c, int(cfg.stages))]
+        addresses = [n.address for n in stage_nodes(c, cfg.stages)]
         pipe = InferencePipeline.connect(addresses, tokenizer=tok, eos_ids=eos_for_head(cfg),
-                                         host=cfg.get("head_host") or c.host,
-                                         port=int(cfg.get("head_port") or 0),
+                                         host=cfg.head_host or c.host, port=cfg.head_port,
                                          heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s,
-                                         connect_timeout_s=c.connect_timeout_s, keys_dir=c.get("keys"))
+                                         connect_timeout_s=c.connect_timeout_s, keys_dir=c.keys)
         if pipe.client.shape["vocab_size"] < tok.vocab_size:
             pipe.close()
             raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but the stages' model only "
                               f"{pipe.client.shape['vocab_size']}: give the checkpoint= / data options it was "
                               "trained with")
         return pipe
-    raise ConfigError(f"role={cfg.role!r} is invalid for inference: choose launch (start the stages here), "
-                      "head (connect to running stages) or stage (serve one stage: add rank=N)")
+    raise ConfigError(f"role={cfg.role.value} does not start a pipeline: choose launch (start the stages here) "
+                      "or head (connect to running stages)")
 
 
-def serve_config_from(cfg) -> ServeConfig:
+def serve_config_from(cfg: Pipeline) -> ServeConfig:
     """``role=stage rank=N``: this node's stage of a cluster, from the same config every node uses."""
     from smolcluster.pipeline.nodes import stage_nodes
     from smolcluster.pipeline.partition import node_weights
 
-    if cfg.get("rank") is None:
+    if cfg.rank is None:
         raise ConfigError("role=stage needs its rank: add rank=N (0 <= N < stages)")
-    c, n = cfg.cluster, int(cfg.stages)
+    c, n = cfg.links, cfg.stages
     nodes = stage_nodes(c, n)
-    if not 0 <= int(cfg.rank) < n:
+    if not 0 <= cfg.rank < n:
         raise ConfigError(f"rank={cfg.rank} is invalid for stages={n}: use 0..{n - 1}")
-    if not cfg.get("checkpoint") and not cfg.model.get("pretrained"):
+    if not cfg.checkpoint and not cfg.model.get("pretrained"):
         raise ConfigError("a cluster stage needs weights every node agrees on: give checkpoint=RUN_DIR or "
                           "model.pretrained=DIR (copied to every node)")
     info, _, _ = resolve_model(cfg, need_tokenizer=False)
-    node = nodes[int(cfg.rank)]
-    return ServeConfig(rank=int(cfg.rank), n_stages=n, weights=str(info["weights"]), config=info["config"],
+    node = nodes[cfg.rank]
+    return ServeConfig(rank=cfg.rank, n_stages=n, weights=str(info["weights"]), config=info["config"],
                        nodes=[{"address": x.address, "bind": x.bind} for x in nodes],
-                       head_first=cfg.head == "first", stage_weights=node_weights(c, n),
+                       head_first=cfg.head is HeadPlace.first, stage_weights=node_weights(c, n),
                        heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s, connect_timeout_s=c.connect_timeout_s,
-                       max_bytes=int(c.max_message_mb) * 1024 * 1024, keys_dir=c.get("keys"),
-                       threads=node.threads, log_level=cfg.get("stage_log_level"))
+                       max_bytes=c.max_bytes, keys_dir=c.keys, threads=node.threads, log_level=cfg.stage_log_level)

@@ -23,8 +23,8 @@ from smolcluster.errors import ConfigError
 _META_KEYS = ("name", "kind", "deprecated")
 
 
-def build_model(model_cfg: DictConfig, data_info: dict) -> nn.Module:
-    cfg = OmegaConf.to_container(model_cfg, resolve=True)
+def build_model(model_cfg: DictConfig | dict, data_info: dict) -> nn.Module:
+    cfg = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else dict(model_cfg)
     target = cfg.get("_target_")
     if not target:
         raise ConfigError(f"model={cfg.get('name')!r} has no _target_: name the nn.Module class, e.g. model._target_=mypkg.MyNet")

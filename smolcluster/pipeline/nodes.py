@@ -31,17 +31,18 @@ class StageNode:
 
 
 def _node(cluster, rank: int) -> dict:
-    nodes = list(cluster.get("nodes") or [])
+    nodes = list(getattr(cluster, "nodes", None) or [])
     return dict(nodes[rank]) if rank < len(nodes) and nodes[rank] else {}
 
 
 def stage_nodes(cluster, n_stages: int) -> list[StageNode]:
+    """Every stage's node; ``cluster`` is the cluster config (inference's typed Links, or training's node)."""
     out = []
     for rank in range(n_stages):
         node = _node(cluster, rank)
         port = node.get("port")
         if port is None:
-            if cluster.get("port") is None:
+            if cluster.port is None:
                 raise ConfigError("cluster.port is not set: give the first stage's port (cluster.port=5555; "
                                   "stage i listens on port+i) or cluster.nodes[i].port per stage")
             port = int(cluster.port) + rank
@@ -49,5 +50,5 @@ def stage_nodes(cluster, n_stages: int) -> list[StageNode]:
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ConfigError(f"cluster.nodes[{rank}].threads={threads!r} must be a positive integer")
         out.append(StageNode(rank, str(node.get("host") or cluster.host), int(port),
-                             str(cluster.get("bind") or cluster.host), node.get("device"), threads))
+                             str(getattr(cluster, "bind", None) or cluster.host), node.get("device"), threads))
     return out

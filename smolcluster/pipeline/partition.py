@@ -97,7 +97,7 @@ def plan(costs: list[float], n_stages: int, weights: list[float] | None = None,
 
 def node_weights(cluster, n_stages: int) -> list[float]:
     """``cluster.nodes[i].weight`` for each stage (1.0 where a node names none)."""
-    nodes = list(cluster.get("nodes") or []) if cluster is not None else []
+    nodes = list(getattr(cluster, "nodes", None) or []) if cluster is not None else []
     out = []
     for i in range(n_stages):
         node = nodes[i] if i < len(nodes) and nodes[i] else {}
