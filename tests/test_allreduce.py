@@ -156,6 +156,19 @@ def test_allreduce_equals_local_gpt2_tiny_adamw(tmp_path, gpt2_common, local_gpt
         assert ratio == 1.0
 
 
+def test_overlapping_backward_gives_the_same_bits_as_waiting_for_it(tmp_path):
+    args = ["algo=allreduce", "cluster.workers=3", "train.batch_size=32", "train.steps=20", "train.optimizer=adamw",
+            "train.lr=1e-3", "algo.bucket_mb=0.01", *FAST]  # 7 buckets of the MLP's 17k gradients
+    over = train(tmp_path / "overlap", *args)
+    wait = train(tmp_path / "wait", *args, "algo.overlap=false")
+    train(tmp_path / "local", "algo=local", "train.batch_size=96", "train.steps=20", "train.optimizer=adamw",
+          "train.lr=1e-3")
+    assert max_abs_diff(tmp_path / "overlap", tmp_path / "wait") == 0.0
+    assert max_abs_diff(tmp_path / "overlap", tmp_path / "local") < 1e-6
+    assert over["buckets"] == 7
+    assert over["buckets_during_backward"] > 0 and wait["buckets_during_backward"] == 0
+
+
 def test_fp16_ring_trains_and_sends_half_the_bytes(tmp_path):
     args = ["algo=allreduce", "cluster.workers=2", "train.batch_size=32", "train.steps=30", *FAST]
     plain = train(tmp_path / "none", *args)

@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -86,6 +88,76 @@ class ShardedOptimizer:
                    for t in st.values() if torch.is_tensor(t))
 
 
+class RingRunner:
+    """The ring's own thread: every socket operation of a rank runs there, one after another.
+
+    Each step queues one task per gradient bucket, last bucket first (backward produces the last layers'
+    gradients first); a task waits until every parameter in its bucket has its gradient, scales the bucket
+    by this rank's share of the samples and sends it round the ring. With ``overlap``, gradient hooks mark
+    buckets complete during backward (DDP's trick), so communication runs behind the earlier layers'
+    compute; without, all buckets are marked complete when backward returns. The order, and so the sums,
+    are the same either way."""
+
+    def __init__(self, link: RingLink, trainer: Trainer, overlap: bool):
+        self.link, self.grads = link, trainer.flat.grads
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="ring")  # (a queue handover: a memory barrier)
+        self.order = [(name, b) for name, g in self.grads.items()
+                      for b in reversed(range(len(link.buckets(g.numel(), g.element_size()))))]
+        self.ready = {key: threading.Event() for key in self.order}
+        self.members: dict[tuple, int] = dict.fromkeys(self.order, 0)  # parameters touching each bucket
+        self.left: dict[tuple, int] = {}
+        self.early = self.total = 0
+        if overlap:
+            for p in trainer.model.parameters():
+                keys = self._buckets_of(p)
+                for key in keys:
+                    self.members[key] += 1
+                p.register_post_accumulate_grad_hook(lambda _, keys=keys: self._accumulated(keys))
+
+    def _buckets_of(self, p: torch.Tensor) -> list[tuple]:
+        name = str(p.dtype).removeprefix("torch.")
+        g = self.grads[name]
+        lo, hi = p.storage_offset(), p.storage_offset() + p.numel()  # its range in the flat buffer
+        return [(name, b) for b, (a, z) in enumerate(self.link.buckets(g.numel(), g.element_size()))
+                if a < hi and lo < z]
+
+    def _accumulated(self, keys: list[tuple]) -> None:
+        for key in keys:
+            self.left[key] -= 1
+            if self.left[key] == 0:
+                self.ready[key].set()
+
+    def call(self, fn, *args):
+        return self.pool.submit(fn, *args).result()
+
+    def start(self, step: int, scale: float, op, codec: str) -> list:
+        """Queue this step's bucket tasks; call before backward."""
+        self.left = dict(self.members)
+        for event in self.ready.values():
+            event.clear()
+        self.pool.submit(setattr, self.link, "step", step)
+        return [self.pool.submit(self._bucket, key, scale, op, codec) for key in self.order]
+
+    def backward_done(self) -> None:
+        """Every bucket is complete (also one whose parameters got no gradient this step)."""
+        self.early += sum(e.is_set() for e in self.ready.values())  # buckets sent while backward still ran
+        self.total += len(self.ready)
+        for event in self.ready.values():
+            event.set()
+
+    def _bucket(self, key: tuple, scale: float, op, codec: str) -> None:
+        name, b = key
+        self.ready[key].wait()
+        lo, hi = self.link.buckets(self.grads[name].numel(), self.grads[name].element_size())[b]
+        self.grads[name][lo:hi].mul_(scale)  # the ring sums: sum_r (n_r / N) grad_r = the union batch's mean
+        op(self.grads[name], codec, name, only=b)
+
+    def close(self) -> None:
+        self.backward_done()
+        self.pool.submit(self.link.close)
+        self.pool.shutdown(wait=True)
+
+
 def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
     cluster, zero = cfg.cluster, int(cfg.algo.zero)
     n = int(cluster.workers)
@@ -103,31 +175,36 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
     link = RingLink(rank, [nd.address for nd in nodes], nodes[rank].bind, max_bytes=max_bytes(cluster),
                     heartbeat_s=cluster.heartbeat_s, liveness_s=cluster.liveness_s, keys_dir=cluster.get("keys"),
                     bucket_bytes=int(cfg.algo.bucket_mb * 2**20))
+    ring = RingRunner(link, trainer, overlap=bool(cfg.algo.overlap))
     sharded = ShardedOptimizer(trainer, link) if zero else None
     codec, tr, lead = codecs(cfg.algo)[0], trainer.train, rank == 0
     recorder = open_recorder(cfg, run_dir, append=bool(cfg.resume), files=lead)
     window, ring_s, samples = LossWindow(tr.log_every), 0.0, 0
     logger.info(f"allreduce rank {rank}/{n} on {nodes[rank].bind} -> rank {link.succ} at {nodes[link.succ].address}: "
-                f"model={cfg.model.name} ({trainer.num_params:,} params) zero={zero} compression={codec}")
+                f"model={cfg.model.name} ({trainer.num_params:,} params) zero={zero} compression={codec} "
+                f"overlap={bool(cfg.algo.overlap)}")
     try:
-        link.connect(trainer.fingerprint, cluster.connect_timeout_s)
+        ring.call(link.connect, trainer.fingerprint, cluster.connect_timeout_s)
         t0, recorder.t0 = time.perf_counter(), time.time()
         while trainer.step < trainer.end_step:
-            link.step = trainer.step
-            loss, count = trainer.compute_gradients(trainer.step, rank)
+            sent = link.bytes_sent
+            tasks = ring.start(trainer.step, sizes[rank] / total, link.reduce_scatter if zero else link.allreduce, codec)
+            try:
+                loss, count = trainer.compute_gradients(trainer.step, rank)
+            finally:
+                ring.backward_done()
             if settings["delay_s"]:
                 time.sleep(settings["delay_s"])  # test knob: make this node artificially slow
-            t_ring, sent = time.perf_counter(), link.bytes_sent
-            for name, g in trainer.flat.grads.items():
-                g.mul_(count / total)  # the ring sums: sum_r (n_r / N) * grad_r = the union batch's mean gradient
-                (link.reduce_scatter if zero else link.allreduce)(g, codec, name)
-            stats = link.gather_scalars([float(loss) * count / total, sharded.sq_norm() if zero else 0.0])
-            ring_s += time.perf_counter() - t_ring
+            t_ring = time.perf_counter()
+            for task in tasks:
+                task.result()  # (a PeerError from the ring thread is raised here)
+            stats = ring.call(link.gather_scalars, [float(loss) * count / total, sharded.sq_norm() if zero else 0.0])
+            ring_s += time.perf_counter() - t_ring  # the part of the ring's time that backward did not hide
             lr = sharded.step(float(stats[:, 1].sum())) if zero else trainer.apply_gradients()
             if zero:
                 t_ring = time.perf_counter()
                 for name, p in trainer.flat.params.items():
-                    link.all_gather(p, "none", name)  # parameters: no lossy codec (no error feedback for them)
+                    ring.call(link.all_gather, p, "none", name)  # parameters: never lossy (no error feedback)
                 ring_s += time.perf_counter() - t_ring
             window.add(float(stats[:, 0].sum()))
             samples += total
@@ -153,10 +230,11 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
             "allreduce", samples, wall, window.mean(), evaluation, run_dir, ring=n, zero=zero,
             optimizer_state_bytes=sharded.state_bytes() if zero else trainer.optimizer_state_bytes(),
             bytes_sent=link.bytes_sent, bytes_sent_per_step=round(link.bytes_sent / steps),
-            allreduce_s_per_step=round(ring_s / steps, 6), rejected_messages=dict(link.rejected))
+            allreduce_s_per_step=round(ring_s / steps, 6), buckets=len(ring.order),
+            buckets_during_backward=round(ring.early / max(1, ring.total), 4), rejected_messages=dict(link.rejected))
         return recorder.finish(summary)
     finally:
-        link.close()
+        ring.close()
         if not lead:
             recorder.finish(None)
 

@@ -185,51 +185,55 @@ class RingLink:
             raise PeerError(f"ring rank {self.rank}: could not send to rank {self.succ}: it is gone or stuck") from None
         self.bytes_sent += sum(len(f) if isinstance(f, (bytes, zmq.Frame)) else memoryview(f).nbytes for f in frames)
 
+    def _parts(self, flat: torch.Tensor, bucket_bytes: int | None, only: int | None):
+        """(index, CPU view of the bucket) for every bucket (or bucket ``only``); a bucket copied off an
+        accelerator is written back when the caller moves on."""
+        for b, (lo, hi) in enumerate(self.buckets(flat.numel(), flat.element_size(), bucket_bytes)):
+            if only is None or b == only:
+                part = flat.detach()[lo:hi]
+                cpu = part.cpu() if part.device.type != "cpu" else part
+                yield b, cpu
+                if cpu is not part:
+                    part.copy_(cpu)
+
     def reduce_scatter(self, flat: torch.Tensor, codec: str = "none", name: str = "grad",
-                       bucket_bytes: int | None = None) -> None:
+                       bucket_bytes: int | None = None, only: int | None = None) -> None:
         """In place: after it, ``flat[owned()]`` holds the sum over ranks (the rest holds partial sums)."""
         if self.world == 1:
             return
-        cpu = flat.detach().cpu() if flat.device.type != "cpu" else flat.detach()
-        for b, (lo, hi) in enumerate(self.buckets(flat.numel(), flat.element_size(), bucket_bytes)):
-            chunks = chunk_bounds(hi - lo, self.world)
+        for b, part in self._parts(flat, bucket_bytes, only):
+            chunks = chunk_bounds(part.numel(), self.world)
             for hop in range(self.world - 1):
                 a, z = chunks[(self.rank - hop) % self.world]
                 # zero-copy: this chunk is not written again before the successor has consumed it
-                self._send("rs", b, hop, cpu[lo + a : lo + z], codec, f"{name}/{b}/{hop}")
+                self._send("rs", b, hop, part[a:z], codec, f"{name}/{b}/{hop}")
                 msg, _ = self.recv("ring", step=self.step, op="rs", bucket=b, hop=hop)
                 a, z = chunks[(self.rank - hop - 1) % self.world]
-                self._take(msg, cpu[lo + a : lo + z], add=True)
-        if cpu is not flat:
-            flat.copy_(cpu)
+                self._take(msg, part[a:z], add=True)
 
     def all_gather(self, flat: torch.Tensor, codec: str = "none", name: str = "grad",
-                   bucket_bytes: int | None = None) -> None:
+                   bucket_bytes: int | None = None, only: int | None = None) -> None:
         """In place: every rank's ``flat[owned()]`` is copied to the others. Under a lossy codec the owner keeps
         exactly what the others decode (so every replica is the same), error feedback keeping the difference."""
         if self.world == 1:
             return
-        cpu = flat.detach().cpu() if flat.device.type != "cpu" else flat.detach()
-        for b, (lo, hi) in enumerate(self.buckets(flat.numel(), flat.element_size(), bucket_bytes)):
-            chunks = chunk_bounds(hi - lo, self.world)
+        for b, part in self._parts(flat, bucket_bytes, only):
+            chunks = chunk_bounds(part.numel(), self.world)
             a, z = chunks[self.succ]
-            mine = cpu[lo + a : lo + z]
             # a copy: zmq sends after we return, and the next step writes this buffer
-            got = self._send("ag", b, 0, mine.clone(), codec, f"{name}/{b}/ag")
+            got = self._send("ag", b, 0, part[a:z].clone(), codec, f"{name}/{b}/ag")
             if got is not None:
-                mine.copy_(got)
+                part[a:z].copy_(got)
             for hop in range(self.world - 1):
                 msg, frames = self.recv("ring", step=self.step, op="ag", bucket=b, hop=hop)
                 a, z = chunks[(self.rank - hop) % self.world]
-                self._take(msg, cpu[lo + a : lo + z], add=False)
+                self._take(msg, part[a:z], add=False)
                 if hop < self.world - 2:  # pass it on as received; the last hop's chunk belongs to our successor
                     self._forward(frames, hop + 1)
-        if cpu is not flat:
-            flat.copy_(cpu)
 
-    def allreduce(self, flat: torch.Tensor, codec: str = "none", name: str = "grad") -> None:
-        self.reduce_scatter(flat, codec, name)
-        self.all_gather(flat, codec, name)
+    def allreduce(self, flat: torch.Tensor, codec: str = "none", name: str = "grad", only: int | None = None) -> None:
+        self.reduce_scatter(flat, codec, name, only=only)
+        self.all_gather(flat, codec, name, only=only)
 
     def gather_scalars(self, values: list[float]) -> torch.Tensor:
         """Every rank's ``values`` as a (world, k) tensor: an allreduce in one bucket where each rank fills only
