@@ -157,15 +157,16 @@ def test_allreduce_equals_local_gpt2_tiny_adamw(tmp_path, gpt2_common, local_gpt
 
 
 def test_overlapping_backward_gives_the_same_bits_as_waiting_for_it(tmp_path):
-    args = ["algo=allreduce", "cluster.workers=3", "train.batch_size=32", "train.steps=20", "train.optimizer=adamw",
-            "train.lr=1e-3", "algo.bucket_mb=0.01", *FAST]  # 7 buckets of the MLP's 17k gradients
+    model = ["model.hidden=[512,512]", "train.steps=20", "train.optimizer=adamw", "train.lr=1e-3"]  # 301k params
+    args = ["algo=allreduce", "cluster.workers=3", "train.batch_size=32", "algo.bucket_mb=0.2", *model, *FAST]
     over = train(tmp_path / "overlap", *args)
     wait = train(tmp_path / "wait", *args, "algo.overlap=false")
-    train(tmp_path / "local", "algo=local", "train.batch_size=96", "train.steps=20", "train.optimizer=adamw",
-          "train.lr=1e-3")
+    train(tmp_path / "local", "algo=local", "train.batch_size=96", *model)
     assert max_abs_diff(tmp_path / "overlap", tmp_path / "wait") == 0.0
-    assert max_abs_diff(tmp_path / "overlap", tmp_path / "local") < 1e-6
-    assert over["buckets"] == 7
+    assert max_abs_diff(tmp_path / "overlap", tmp_path / "local") < 1e-5
+    assert over["buckets"] == 6
+    # with overlap some buckets go round the ring while backward still runs (how many depends on the
+    # machine: 16% on 2 busy cores, where backward takes a few ms); without, none
     assert over["buckets_during_backward"] > 0 and wait["buckets_during_backward"] == 0
 
 

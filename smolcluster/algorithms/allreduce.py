@@ -107,6 +107,7 @@ class RingRunner:
         self.members: dict[tuple, int] = dict.fromkeys(self.order, 0)  # parameters touching each bucket
         self.left: dict[tuple, int] = {}
         self.early = self.total = 0
+        self.in_backward = False
         if overlap:
             for p in trainer.model.parameters():
                 keys = self._buckets_of(p)
@@ -132,7 +133,8 @@ class RingRunner:
 
     def start(self, step: int, scale: float, op, codec: str) -> list:
         """Queue this step's bucket tasks; call before backward."""
-        self.left = dict(self.members)
+        self.left, self.in_backward = dict(self.members), True
+        self.total += len(self.order)
         for event in self.ready.values():
             event.clear()
         self.pool.submit(setattr, self.link, "step", step)
@@ -140,22 +142,23 @@ class RingRunner:
 
     def backward_done(self) -> None:
         """Every bucket is complete (also one whose parameters got no gradient this step)."""
-        self.early += sum(e.is_set() for e in self.ready.values())  # buckets sent while backward still ran
-        self.total += len(self.ready)
+        self.in_backward = False
         for event in self.ready.values():
             event.set()
 
     def _bucket(self, key: tuple, scale: float, op, codec: str) -> None:
         name, b = key
         self.ready[key].wait()
+        self.early += self.in_backward  # this bucket goes round the ring while backward still runs
         lo, hi = self.link.buckets(self.grads[name].numel(), self.grads[name].element_size())[b]
         self.grads[name][lo:hi].mul_(scale)  # the ring sums: sum_r (n_r / N) grad_r = the union batch's mean
         op(self.grads[name], codec, name, only=b)
 
     def close(self) -> None:
+        """After a failure too: tasks still queued are dropped (each would only meet the same lost rank)."""
         self.backward_done()
-        self.pool.submit(self.link.close)
-        self.pool.shutdown(wait=True)
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.link.close()  # (the ring thread has ended: the sockets are ours again)
 
 
 def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
@@ -171,7 +174,10 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
         trainer.resume(cfg.resume)
         if zero:
             logger.warning("algo.zero=1 checkpoints hold the weights only: the optimizer state starts afresh")
-    nodes = stage_nodes(cluster, n)
+    if cluster.get("port") is None:
+        raise ConfigError("cluster.port is not set: give rank 0's port on every node (cluster.port=5555; rank r "
+                          "listens on port + r, or on cluster.nodes[r].port)")
+    nodes = stage_nodes(cluster, n)  # rank r's address: the same rule as a pipeline stage's
     link = RingLink(rank, [nd.address for nd in nodes], nodes[rank].bind, max_bytes=max_bytes(cluster),
                     heartbeat_s=cluster.heartbeat_s, liveness_s=cluster.liveness_s, keys_dir=cluster.get("keys"),
                     bucket_bytes=int(cfg.algo.bucket_mb * 2**20))
