@@ -94,6 +94,24 @@ class Trainer:
         lr = self.apply_gradients()
         return loss, n, lr
 
+    def after_step(self, recorder, run_dir: str | Path, row: dict) -> None:
+        """The cadence after a step: grad norms and a due evaluation join ``row``, which is logged (if not
+        empty), and a due checkpoint is written."""
+        row.update(self.pop_grad_norms())
+        if self.due(self.train.eval_every):
+            row.update(self.evaluate())
+        if row:
+            recorder.log(self.step, **row)
+        if self.due(self.train.checkpoint_every):
+            self.save(run_dir)
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes held by the optimizer's state tensors (AdamW: two moments per parameter)."""
+        if self.optimizer is None:
+            return 0
+        return sum(t.numel() * t.element_size() for st in self.optimizer.state.values()
+                   for t in st.values() if torch.is_tensor(t))
+
     # -- evaluation, checkpoints ------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         return evaluate(self.model, self.data.test_x, self.data.test_y, self.kind, self.device,
@@ -134,6 +152,7 @@ class Trainer:
             **evaluation,
             "params": self.num_params,
             "device": str(self.device),
+            "optimizer_state_bytes": self.optimizer_state_bytes(),
             "run_dir": str(run_dir),
             **extra,
             "config": OmegaConf.to_container(self.cfg, resolve=True),

@@ -1,0 +1,234 @@
+"""algo=allreduce: the ring's collectives, equivalence with algo=local (also with ZeRO-1), codecs, failure, CURVE."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+import zmq
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+from smolcluster.algorithms.allreduce import check
+from smolcluster.errors import ConfigError
+from smolcluster.paths import CONFIG_DIR
+from smolcluster.pipeline.launch import free_ports
+from smolcluster.transport import make_keys, wire
+from smolcluster.transport.ring import RingLink
+from tests.cluster_util import Cluster
+from tests.conftest import train
+from tests.test_syncps import max_abs_diff
+
+FAST = ["cluster.heartbeat_s=0.2", "cluster.liveness_s=3", "cluster.connect_timeout_s=60"]
+
+
+def ring_threads(world: int, fn, **kw) -> dict:
+    """Run ``fn(link)`` on ``world`` RingLinks in threads of this process (one zmq socket set each)."""
+    base = free_ports("127.0.0.1", world)
+    addrs = [f"tcp://127.0.0.1:{base + r}" for r in range(world)]
+    out, errors = {}, []
+
+    def one(rank):
+        link = RingLink(rank, addrs, addrs[rank], max_bytes=1 << 30, heartbeat_s=0.1, liveness_s=5, **kw)
+        try:
+            link.connect("model", 30)
+            out[rank] = fn(link)
+        except Exception as e:  # reported by the main thread
+            errors.append(e)
+        finally:
+            link.close()
+
+    threads = [threading.Thread(target=one, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    return out
+
+
+@pytest.mark.parametrize("codec", ["none", "fp16", "int8"])
+def test_ring_allreduce_sums_and_every_rank_ends_with_the_same_bytes(codec):
+    world, n = 3, 10_007  # not a multiple of the world size; 4000-byte buckets: 11 of them
+    data = [torch.randn(n, generator=torch.Generator().manual_seed(r)) for r in range(world)]
+
+    def fn(link):
+        x = data[link.rank].clone()
+        link.allreduce(x, codec)
+        return x, link.bytes_sent
+
+    out = ring_threads(world, fn, bucket_bytes=4000)
+    want = sum(data)
+    tol = {"none": 1e-6, "fp16": 1e-2, "int8": 0.1}[codec]
+    for r in range(world):
+        assert torch.equal(out[r][0], out[0][0])  # replicas identical, also under a lossy codec
+        assert float((out[r][0] - want).abs().max()) < tol
+    if codec == "none":  # each rank sends 2(N-1)/N of the buffer (+ a small header per message)
+        payload = 2 * (world - 1) / world * n * 4
+        assert payload < out[0][1] < payload * 1.1, out[0][1]
+
+
+def test_ring_error_feedback_keeps_int8_rounding_from_adding_up():
+    """The same int8 all-reduce 8 times: without error feedback the same rounding error would come back each
+    time (8x one step's over the 8 sums); with it, each step makes up what the last one lost."""
+    world, n, k = 2, 4096, 8
+    data = [torch.randn(n, generator=torch.Generator().manual_seed(10 + r)) * (1 + r) for r in range(world)]
+
+    def fn(link):
+        outs = []
+        for _ in range(k):
+            x = data[link.rank].clone()
+            link.allreduce(x, "int8")
+            outs.append(x)
+        return outs
+
+    outs = ring_threads(world, fn)[0]
+    want = sum(data)
+    one = float((outs[0] - want).abs().sum())
+    together = float((sum(outs) - k * want).abs().sum())
+    assert one > 0 and together < 2 * one, (one, together)
+
+
+@pytest.fixture(scope="module")
+def gpt2_common(tmp_path_factory):
+    from tests.conftest import SHAKESPEARE
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"Tiny Shakespeare not found at {SHAKESPEARE}")
+    tok = tmp_path_factory.mktemp("tok")
+    return ["model=gpt2-tiny", "data=text", f"data.path={SHAKESPEARE}", "model.n_layer=2", "model.block_size=32",
+            "train.optimizer=adamw", "train.lr=1e-3", "train.steps=20", f"data.cache_dir={tok}"]
+
+
+@pytest.fixture(scope="module")
+def local_gpt2(tmp_path_factory, gpt2_common):
+    run = tmp_path_factory.mktemp("local")
+    return run, train(run, "algo=local", "train.batch_size=8", *gpt2_common)
+
+
+def diff_vs_local(a_dir, b_dir) -> tuple[float, float, int]:
+    """(max |a - b| over every parameter but the noisy ones, max over the noisy ones, how many of those > 1e-5).
+
+    Noisy: GPT-2's attention key bias (its gradient is exactly zero in exact arithmetic, see
+    test_syncps.max_abs_diff) and the token embedding, where a token's gradient can cancel to nearly zero in
+    a step: AdamW normalises it, so rounding noise of 1e-7 relative becomes an lr-sized step on a few dozen
+    of its 500k values (here 1.8e-5 at lr=1e-3, the same bit for bit for syncps). A wrong sum moves them all.
+    """
+    a = load_file(a_dir / "checkpoint.safetensors")
+    b = load_file(b_dir / "checkpoint.safetensors")
+    rest, noisy, count = 0.0, 0.0, 0
+    for k in a:
+        diff = (a[k] - b[k]).abs().reshape(-1)
+        if k.endswith("attn.c_attn.bias"):  # [query | key | value]
+            n = diff.numel() // 3
+            loud, quiet = diff[n : 2 * n], torch.cat([diff[:n], diff[2 * n :]])
+        elif k.endswith("wte.weight"):
+            loud, quiet = diff, diff[:0]
+        else:
+            loud, quiet = diff[:0], diff
+        rest = max(rest, float(quiet.max()) if quiet.numel() else 0.0)
+        noisy = max(noisy, float(loud.max()) if loud.numel() else 0.0)
+        count += int((loud > 1e-5).sum())
+    return rest, noisy, count
+
+
+@pytest.mark.parametrize("workers,zero", [(2, 0), (3, 0), (2, 1), (3, 1)])
+def test_allreduce_equals_local_gpt2_tiny_adamw(tmp_path, gpt2_common, local_gpt2, workers, zero):
+    # 3 workers with batches 4+2+2: the same global batch of 8 as 2 x 4, the ranks weighted by samples (weights
+    # that are powers of two: with 3+3+2, syncps and allreduce alike are off by 2e-4 in a few AdamW-amplified values)
+    nodes = "cluster.nodes=[{batch_size: 4},{batch_size: 2},{batch_size: 2}]" if workers == 3 else "train.batch_size=4"
+    s = train(tmp_path, "algo=allreduce", f"cluster.workers={workers}", f"algo.zero={zero}", nodes, *gpt2_common,
+              *FAST, "algo.bucket_mb=0.25")  # several buckets
+    local_dir, local = local_gpt2
+    assert s["steps"] == 20 and s["samples"] == 20 * 8 and s["ring"] == workers
+    rest, noisy, count = diff_vs_local(tmp_path, local_dir)
+    assert rest < 1e-5 and noisy < 1e-4 and count < 100, (rest, noisy, count)
+    assert abs(s["final_loss"] - local["final_loss"]) < 1e-4
+    # each rank sends 2(N-1)/N of the float32 gradient per step (+ headers, the loss, and ZeRO's parameters
+    # instead of the gradients' all-gather: the same size)
+    payload = 2 * (workers - 1) / workers * s["params"] * 4
+    assert payload < s["bytes_sent_per_step"] < payload * 1.1, (s["bytes_sent_per_step"], payload)
+    ratio = s["optimizer_state_bytes"] / local["optimizer_state_bytes"]
+    if zero:  # this rank's 1/N of AdamW's two moments (+ a step counter per owned range)
+        assert abs(ratio - 1 / workers) < 0.01, ratio
+    else:
+        assert ratio == 1.0
+
+
+def test_overlapping_backward_gives_the_same_bits_as_waiting_for_it(tmp_path):
+    model = ["model.hidden=[512,512]", "train.steps=20", "train.optimizer=adamw", "train.lr=1e-3"]  # 301k params
+    args = ["algo=allreduce", "cluster.workers=3", "train.batch_size=32", "algo.bucket_mb=0.2", *model, *FAST]
+    over = train(tmp_path / "overlap", *args)
+    wait = train(tmp_path / "wait", *args, "algo.overlap=false")
+    train(tmp_path / "local", "algo=local", "train.batch_size=96", *model)
+    assert max_abs_diff(tmp_path / "overlap", tmp_path / "wait") == 0.0
+    assert max_abs_diff(tmp_path / "overlap", tmp_path / "local") < 1e-5
+    assert over["buckets"] == 6
+    # with overlap some buckets go round the ring while backward still runs (how many depends on the
+    # machine: 16% on 2 busy cores, where backward takes a few ms); without, none
+    assert over["buckets_during_backward"] > 0 and wait["buckets_during_backward"] == 0
+
+
+def test_fp16_ring_trains_and_sends_half_the_bytes(tmp_path):
+    args = ["algo=allreduce", "cluster.workers=2", "train.batch_size=32", "train.steps=30", *FAST]
+    plain = train(tmp_path / "none", *args)
+    half = train(tmp_path / "fp16", *args, "algo.compression=fp16")
+    assert half["final_loss"] < 0.8 * 2.3  # learning: digits start at ln(10) = 2.30
+    assert abs(half["final_loss"] - plain["final_loss"]) < 0.01
+    assert 0.45 < half["bytes_sent_per_step"] / plain["bytes_sent_per_step"] < 0.6
+
+
+def test_a_sigkilled_worker_stops_the_ring_with_its_rank_named(tmp_path):
+    # delay_s caps the ring at ~20 steps/s: the kill lands long before the run's end
+    with Cluster(tmp_path, "allreduce", "train.steps=2000", "train.log_every=5", *FAST,
+                 "cluster.nodes=[{delay_s: 0.05},{delay_s: 0.05},{delay_s: 0.05}]", workers=3,
+                 port=free_ports("127.0.0.1", 3)) as c:
+        for r in range(3):
+            c.worker(r)
+        c.wait_for_step(10)
+        c.kill("worker1")
+        killed = time.monotonic()
+        for name in ("worker0", "worker2"):
+            assert c.wait(name, timeout=60) == 2, c.output(name)[-3000:]
+            assert "rank 1 lost: silent for more than cluster.liveness_s=3" in c.output(name)
+        assert time.monotonic() - killed < 3 + 10  # the liveness window, plus exit; no hang
+    assert c.metrics()[-1]["step"] < 2000
+
+
+def test_with_curve_a_stranger_without_the_key_gets_nothing_through(tmp_path):
+    make_keys(tmp_path / "keys")
+    port = free_ports("127.0.0.1", 2)
+    args = ["train.steps=60", *FAST, "cluster.nodes=[{delay_s: 0.02},{delay_s: 0.02}]"]
+    clean = train(tmp_path / "clean", "algo=allreduce", "cluster.workers=2", *args)
+    with Cluster(tmp_path / "curve", "allreduce", *args, f"cluster.keys={tmp_path / 'keys'}", port=port) as c:
+        c.worker(0)
+        c.worker(1)
+        c.wait_for_step(10)
+        raw = zmq.Context.instance().socket(zmq.DEALER)  # no CURVE keys at all
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.connect(f"tcp://127.0.0.1:{port}")
+        for _ in range(3):  # a heartbeat and a chunk claiming to be rank 1's (which would be a protocol error)
+            raw.send_multipart(wire.encode("heartbeat", {"rank": 1}))
+            raw.send_multipart(wire.encode("ring", {"rank": 1, "step": 0, "op": "rs", "bucket": 0, "hop": 0},
+                                           {"x": torch.full((10,), 1e6)}))
+        assert not raw.poll(1000)  # no answer: the handshake never completed
+        raw.close()
+        assert c.wait("worker0") == 0, c.output("worker0")[-3000:]
+        assert c.wait("worker1") == 0, c.output("worker1")[-3000:]
+        s = c.summary()
+    assert s["rejected_messages"] == {}  # nothing even reached the decoder
+    assert max_abs_diff(tmp_path / "curve", tmp_path / "clean") == 0.0
+    assert s["final_loss"] == clean["final_loss"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("algo.zero=2", "algo.zero=2 is invalid"),
+    ("algo.bucket_mb=0", "algo.bucket_mb=0 is invalid"),
+    ("algo.compression=gzip", "codec 'gzip' is unknown"),
+])
+def test_bad_allreduce_settings_are_one_line_errors(override, message):
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        cfg = compose("config", overrides=["algo=allreduce", override])
+    with pytest.raises(ConfigError, match=message):
+        check(cfg)
