@@ -9,7 +9,6 @@ import pytest
 import torch
 import zmq
 from hydra import compose, initialize_config_dir
-from safetensors.torch import load_file
 
 from smolcluster.algorithms.allreduce import check
 from smolcluster.errors import ConfigError
@@ -19,7 +18,7 @@ from smolcluster.transport import make_keys, wire
 from smolcluster.transport.ring import RingLink
 from tests.cluster_util import Cluster
 from tests.conftest import train
-from tests.test_syncps import max_abs_diff
+from tests.equivalence import adamw_diff, max_abs_diff
 
 FAST = ["cluster.heartbeat_s=0.2", "cluster.liveness_s=3", "cluster.connect_timeout_s=60"]
 
@@ -107,32 +106,6 @@ def local_gpt2(tmp_path_factory, gpt2_common):
     return run, train(run, "algo=local", "train.batch_size=8", *gpt2_common)
 
 
-def diff_vs_local(a_dir, b_dir) -> tuple[float, float, int]:
-    """(max |a - b| over every parameter but the noisy ones, max over the noisy ones, how many of those > 1e-5).
-
-    Noisy: GPT-2's attention key bias (its gradient is exactly zero in exact arithmetic, see
-    test_syncps.max_abs_diff) and the token embedding, where a token's gradient can cancel to nearly zero in
-    a step: AdamW normalises it, so rounding noise of 1e-7 relative becomes an lr-sized step on a few dozen
-    of its 500k values (here 1.8e-5 at lr=1e-3, the same bit for bit for syncps). A wrong sum moves them all.
-    """
-    a = load_file(a_dir / "checkpoint.safetensors")
-    b = load_file(b_dir / "checkpoint.safetensors")
-    rest, noisy, count = 0.0, 0.0, 0
-    for k in a:
-        diff = (a[k] - b[k]).abs().reshape(-1)
-        if k.endswith("attn.c_attn.bias"):  # [query | key | value]
-            n = diff.numel() // 3
-            loud, quiet = diff[n : 2 * n], torch.cat([diff[:n], diff[2 * n :]])
-        elif k.endswith("wte.weight"):
-            loud, quiet = diff, diff[:0]
-        else:
-            loud, quiet = diff[:0], diff
-        rest = max(rest, float(quiet.max()) if quiet.numel() else 0.0)
-        noisy = max(noisy, float(loud.max()) if loud.numel() else 0.0)
-        count += int((loud > 1e-5).sum())
-    return rest, noisy, count
-
-
 @pytest.mark.parametrize("workers,zero", [(2, 0), (3, 0), (2, 1), (3, 1)])
 def test_allreduce_equals_local_gpt2_tiny_adamw(tmp_path, gpt2_common, local_gpt2, workers, zero):
     # 3 workers with batches 4+2+2: the same global batch of 8 as 2 x 4, the ranks weighted by samples (weights
@@ -142,7 +115,7 @@ def test_allreduce_equals_local_gpt2_tiny_adamw(tmp_path, gpt2_common, local_gpt
               *FAST, "algo.bucket_mb=0.25")  # several buckets
     local_dir, local = local_gpt2
     assert s["steps"] == 20 and s["samples"] == 20 * 8 and s["ring"] == workers
-    rest, noisy, count = diff_vs_local(tmp_path, local_dir)
+    rest, noisy, count = adamw_diff(tmp_path, local_dir)
     assert rest < 1e-5 and noisy < 1e-4 and count < 100, (rest, noisy, count)
     assert abs(s["final_loss"] - local["final_loss"]) < 1e-4
     # each rank sends 2(N-1)/N of the float32 gradient per step (+ headers, the loss, and ZeRO's parameters

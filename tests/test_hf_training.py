@@ -17,6 +17,7 @@ from smolcluster.data.text import EOS, embedded_corpus
 from smolcluster.models.gpt2 import build_gpt2
 from smolcluster.models.hf import SUPPORTED, build_causal_lm, save_hf_dir
 from tests.conftest import run_cli, train
+from tests.equivalence import max_abs_diff
 
 FAST = ["cluster.heartbeat_s=0.2", "cluster.liveness_s=3", "cluster.connect_timeout_s=60"]
 # A few seconds of training on the embedded corpus: 2 layers, 32-token windows, a 512-token BPE. SGD with
@@ -30,12 +31,6 @@ SMALL = ["data=text", "data.vocab_size=512", "model.n_layer=2", "model.block_siz
 @pytest.fixture(scope="module")
 def tok_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tok")  # the corpus's BPE is trained once for the module
-
-
-def max_abs_diff(a_dir: Path, b_dir: Path) -> float:
-    a, b = load_file(a_dir / "checkpoint.safetensors"), load_file(b_dir / "checkpoint.safetensors")
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
 def write_tokenizer(d: Path, vocab_size: int = 300, eos: str = "<|im_end|>") -> Tokenizer:
