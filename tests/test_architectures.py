@@ -242,6 +242,13 @@ def test_two_stages_20_steps_end_on_the_local_parameters(tmp_path, model):
     diff = max_diff(mp, local)
     assert diff <= 1e-5, diff
     assert s["eval_loss"] == pytest.approx(ref["eval_loss"], abs=1e-5)
+    # the merged run is a Hugging Face directory too, holding exactly the trained parameters
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "mp" / "hf")
+    assert hf.config.model_type == model.removesuffix("-tiny")
+    assert max(float((p.detach() - mp[n]).abs().max()) for n, p in hf.named_parameters()) == 0.0
+    assert (tmp_path / "mp" / "hf" / "tokenizer.json").is_file()
 
 
 def test_a_run_directory_serves_its_hf_directory(saved, tmp_path):

@@ -41,6 +41,7 @@ from smolcluster.data.sharding import Sharder
 from smolcluster.errors import ConfigError, PeerError
 from smolcluster.flat import FlatParams
 from smolcluster.models import build_model, count_parameters, fingerprint
+from smolcluster.models.hf import is_hf_model
 from smolcluster.optim import build_optimizer, lr_at, set_lr
 from smolcluster.pipeline import shards
 from smolcluster.pipeline.architectures import FAMILIES, Architecture, family_for
@@ -128,6 +129,8 @@ class StageTrainer:
             if meta.get("fingerprint") not in (None, self.fingerprint):
                 raise ConfigError(f"resume={cfg.resume}: the checkpoint is of another model "
                                   f"(fingerprint {meta['fingerprint']} != {self.fingerprint})")
+        # a transformers model's run is also written as a Hugging Face directory once its shards merge
+        self.hf_config = full.config.to_dict() if is_hf_model(full) else None
         self.specs, stage, self.arch = split_for_training(full, self.n, node_weights(cfg.cluster, self.n), rank)
         self.decoder = self.arch is not None  # embeddings and head are named in the partition
         del full  # from here on this process holds only its stage
@@ -306,8 +309,14 @@ class StageTrainer:
         return bool(every) and self.step % every == 0 and self.step < self.end_step
 
     def save(self) -> Path:
-        return shards.save_shard(self.run_dir, self.rank, self.n, self.stage, self.optimizer, self.step,
-                                 {"fingerprint": self.fingerprint, "algo": "mp"})
+        extra = {"fingerprint": self.fingerprint, "algo": "mp"}
+        tok = self.data.tokenizer
+        if self.last and tok is not None and not (self.run_dir / "tokenizer.json").is_file():
+            tok.save(self.run_dir / "tokenizer.json")  # inference decodes with the run's own tokenizer
+        if self.hf_config is not None:
+            extra["hf_config"] = self.hf_config
+            extra["tokenizer"] = str(getattr(tok, "path", None) or self.run_dir / "tokenizer.json") if tok else None
+        return shards.save_shard(self.run_dir, self.rank, self.n, self.stage, self.optimizer, self.step, extra)
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> dict | None:

@@ -155,6 +155,15 @@ def merge(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
             lambda tmp: save_file(out, str(tmp), metadata={"step": str(meta["step"])}))
     _atomic(dest / checkpoint.META, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
     logger.info(f"merged {len(shards)} shards (step {meta['step']}) into {dest / checkpoint.TENSORS}")
+    if first.get("hf_config"):  # a transformers model: the merged run as a Hugging Face directory too
+        from transformers import AutoConfig
+
+        from smolcluster.models.hf import save_hf_dir
+
+        hf = dict(first["hf_config"])
+        tok = first.get("tokenizer")
+        save_hf_dir(params, AutoConfig.for_model(hf.pop("model_type"), **hf), dest / "hf",
+                    tok if tok and Path(tok).is_file() else None)
     return dest / checkpoint.TENSORS
 
 
