@@ -477,6 +477,7 @@ class StageServer:
                     beacon["serving"] = not any(self.mesh.peers[n].lost for n in self.names if n in self.mesh.peers)
                     beacon["requests"], beacon["waiting"] = len(self.requests), len(self.waiting)
                     beacon["kv_bytes"] = self.kv_bytes()
+                    beacon["active"] = list(self.requests)[:64]  # (what a health check or a test looks at)
                     # Everything that has arrived is handled before the next step, so it joins that step.
                     timeout = 0.0 if (self.due or self.prefilling) else self.sc.heartbeat_s
                     for _ in range(256):

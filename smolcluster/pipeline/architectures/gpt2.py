@@ -117,9 +117,14 @@ class Attention(nn.Module):
             k, v = k.contiguous(), v.contiguous()
         if past is not None:
             past[:] = [k, v]
-        # Prefill (q_len > 1) on an empty cache is plain causal; one new token attends to everything.
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, scale=self.scaling,
-                                              is_causal=q.shape[2] > 1)
+        q_len, kv_len = q.shape[2], k.shape[2]
+        # Prefill (q_len > 1) on an empty cache is plain causal; one new token attends to everything;
+        # a later chunk of a prompt (chunked prefill) sees the whole past and is causal within itself.
+        mask = None
+        if 1 < q_len < kv_len:
+            mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=self.scaling,
+                                              is_causal=q_len > 1 and mask is None)
 
 
 class MLP(nn.Module):

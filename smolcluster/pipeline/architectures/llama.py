@@ -191,6 +191,8 @@ class Attention(nn.Module):
             k_pos = torch.arange(kv_len, device=q.device) + (past_len + q_len - kv_len)
             diff = q_pos[:, None] - k_pos[None, :]
             mask = ((diff >= 0) & (diff < self.window)).view(1, 1, q_len, kv_len)
+        elif 1 < q_len < kv_len:  # a later chunk of a prompt: the whole past, causal within the chunk
+            mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)
         kw = {}
         if self.groups > 1:
             if mask is None:
