@@ -142,7 +142,7 @@ def pipeline_from_config(cfg, prompt: str | None = None) -> InferencePipeline:
                 info["weights"], stages=int(cfg.stages), n_head=info["config"].get("n_head"), head=cfg.head,
                 tokenizer=tok, eos_ids=info["eos"] if info["eos"] is not None else getattr(tok, "eos_id", None),
                 stage_weights=node_weights(c, int(cfg.stages)), host=c.host, heartbeat_s=c.heartbeat_s,
-                liveness_s=c.liveness_s, connect_timeout_s=c.connect_timeout_s,
+                liveness_s=c.liveness_s, connect_timeout_s=c.connect_timeout_s, kv_cache_mb=kv_cache_mb(cfg),
                 env={"SMOLCLUSTER_LOG_LEVEL": cfg.get("stage_log_level") or "WARNING"})
         except BaseException:
             if tmp is not None:
@@ -192,4 +192,12 @@ def serve_config_from(cfg) -> ServeConfig:
                        head_first=cfg.head == "first", stage_weights=node_weights(c, n),
                        heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s, connect_timeout_s=c.connect_timeout_s,
                        max_bytes=int(c.max_message_mb) * 1024 * 1024, keys_dir=c.get("keys"),
-                       threads=node.threads, log_level=cfg.get("stage_log_level"))
+                       threads=node.threads, log_level=cfg.get("stage_log_level"), kv_cache_mb=kv_cache_mb(cfg))
+
+
+def kv_cache_mb(cfg) -> float | None:
+    """``serve.kv_cache_mb``: each stage's KV-cache budget (None: a quarter of the stage node's memory)."""
+    value = (cfg.get("serve") or {}).get("kv_cache_mb")
+    if value is not None and float(value) <= 0:
+        raise ConfigError(f"serve.kv_cache_mb={value} must be positive (or null: a quarter of the node's memory)")
+    return None if value is None else float(value)

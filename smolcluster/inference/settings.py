@@ -100,8 +100,9 @@ class Serve:
     port: int = 7860
     model_name: str | None = None
     api_key: str | None = None
-    max_active: int = 4
+    max_active: int = 16
     max_waiting: int = 64
+    kv_cache_mb: float | None = None
     reconnect: bool = True
     ui: bool = True
     log_level: str = "warning"
@@ -138,9 +139,15 @@ class _Common:
 
 
 @dataclass
+class StageServe:
+    kv_cache_mb: float | None = None  # each stage's KV-cache budget; null: a quarter of the node's memory
+
+
+@dataclass
 class InferConfig(_Common):
     prompt: str | None = None
     rank: int | None = None
+    serve: StageServe = field(default_factory=StageServe)
 
 
 @dataclass

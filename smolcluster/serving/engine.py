@@ -237,7 +237,7 @@ class Generation:
 
 
 class Engine:
-    def __init__(self, connect: Callable[[], object], *, max_active: int = 4, max_waiting: int = 64,
+    def __init__(self, connect: Callable[[], object], *, max_active: int = 16, max_waiting: int = 64,
                  reconnect: bool = True, watch_s: float = 0.25, max_backoff_s: float = 30.0,
                  chat_template: ChatTemplate | None = None):
         """``connect()`` returns a ready :class:`~smolcluster.inference.InferencePipeline` (called again
