@@ -3,7 +3,8 @@
 In process, every family: requests of different prompt lengths prefilled (in chunks) and decoded
 in shared steps (:class:`Batch`), joining and leaving at different steps, give each request's solo greedy
 tokens, token for token, and logits within 1e-4 of its solo run. Through real stage processes on
-loopback (GPT-2, 2 stages): 8 concurrent greedy requests equal their solo runs; seeded sampling is
+loopback (GPT-2, 2 stages, and Qwen3 with the head on the last stage): 8 concurrent greedy
+requests equal their solo runs; seeded sampling is
 the same alone and in a batch; a request cancelled mid-batch leaves every stage's active set while
 the others go on and finish unchanged; the KV-cache budget full -> requests wait, then run.
 """
@@ -144,3 +145,16 @@ def test_a_full_kv_budget_queues_requests_and_serves_them_later(pipe):
     first_done = min(r.finished_at for r in reqs[:2])
     assert all(r.first_token_at >= first_done for r in reqs[2:])  # they started once one had left
     assert wait_until(lambda: beacons(pipe, "kv_bytes") == [0, 0] and beacons(pipe, "waiting")[0] == 0)
+
+
+def test_a_llama_pipeline_with_the_head_last_batches_eight_requests_as_each_alone(tmp_path):
+    model = build("qwen3")  # Llama-shaped, with grouped-query heads and q/k norms; untied head on the last stage
+    model.save_pretrained(tmp_path)
+    vocab = model.config.vocab_size
+    prompts = [prompt(90 + i, 2 + 4 * i, vocab) for i in range(8)]
+    lengths = [4 + 2 * i for i in range(8)]
+    with InferencePipeline.start_local(tmp_path, stages=2, head="last", heartbeat_s=0.1, liveness_s=5.0, eos_ids=[],
+                                       prefill_chunk=8) as p:
+        alone = [p.submit(q, max_new_tokens=n).tokens() for q, n in zip(prompts, lengths)]
+        reqs = [p.submit(q, max_new_tokens=n) for q, n in zip(prompts, lengths)]
+        assert [r.tokens() for r in reqs] == alone
