@@ -11,7 +11,11 @@ depend on the weights' values):
   holding the whole model (``transformers`` + ``generate``), and vs the pipeline's own
   code run as one stage;
 - how long a killed stage takes to surface as a PeerError at the caller;
-- ``algo=mp`` training samples/s with ``microbatches=4`` vs 1 (2 stages, gpt2-tiny).
+- ``algo=mp`` training samples/s with ``microbatches=4`` vs 1 (2 stages, gpt2-tiny);
+- continuous batching: aggregate decode tokens/s at 1, 4, 8 and 16 requests in flight (8 prompts
+  of different lengths, cycled) through 2 stages, p50/p95 per-token latency at each level, vs
+  ``transformers`` ``generate`` on the same 8 prompts batched with (left) padding
+  (``--batching-only`` runs just this).
 
 Stages get ``cores // stages`` threads each (the launcher's default); the baseline
 is the better of torch's default (all cores) and one thread.
@@ -129,6 +133,61 @@ def compare_speed(model, pipe: InferencePipeline, prompt: list[int], n: int, rep
     return best
 
 
+# -- continuous batching ------------------------------------------------------------------------
+LEVELS = (1, 4, 8, 16)
+
+
+def batching_prompts(vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(2)
+    return [torch.randint(0, vocab, (8 + 4 * i,), generator=g).tolist() for i in range(8)]
+
+
+def batched_level(pipe: InferencePipeline, prompts: list[list[int]], n: int, k: int) -> dict:
+    """k requests at once: aggregate decode tokens/s and the gaps between a request's tokens."""
+    t = time.perf_counter()
+    reqs = [pipe.submit(prompts[i % len(prompts)], max_new_tokens=n, stop_at_eos=False) for i in range(k)]
+    total = sum(len(r.tokens()) for r in reqs)
+    wall = time.perf_counter() - t
+    gaps = sorted(b - a for r in reqs for a, b in zip(r.token_at, r.token_at[1:]))
+    return {"tps": total / wall, "p50_ms": 1000 * gaps[len(gaps) // 2], "p95_ms": 1000 * gaps[int(len(gaps) * 0.95)]}
+
+
+def hf_padded_batch_tps(model, prompts: list[list[int]], n: int) -> float:
+    """``generate`` over the prompts as one left-padded batch (greedy, KV cache): tokens/s."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, attention_mask=mask)
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=2, **kw)  # warm up
+        t = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+    return len(prompts) * (out.shape[1] - width) / (time.perf_counter() - t)
+
+
+def batching_rows(name: str, run_dir: Path, model, n: int, repeats: int) -> list[dict]:
+    prompts = batching_prompts(VOCAB[name])
+    hf = max(hf_padded_batch_tps(model, prompts, n) for _ in range(repeats))
+    best: dict[int, dict] = {}
+    with InferencePipeline.start_local(run_dir, n_head=model_config(name)["n_head"], stages=2, env=QUIET) as pipe:
+        batched_level(pipe, prompts, 4, 4)  # warm up
+        for _ in range(repeats):
+            for k in LEVELS:
+                got = batched_level(pipe, prompts, n, k)
+                if k not in best or got["tps"] > best[k]["tps"]:
+                    best[k] = got
+    rows = []
+    for k in LEVELS:
+        b = best[k]
+        rows.append({"metric": f"batched decode tokens/s, {k} in flight", "model": f"{name}, 2 stages",
+                     "pipeline (2 stages)": b["tps"], "baseline": best[1]["tps"], "ratio": b["tps"] / best[1]["tps"],
+                     "vs generate, 8 padded": b["tps"] / hf, "p50 ms/token": b["p50_ms"],
+                     "p95 ms/token": b["p95_ms"]})
+    rows.append({"metric": "transformers generate, the 8 prompts batched with padding, tokens/s",
+                 "model": name, "pipeline (2 stages)": best[8]["tps"], "baseline": hf, "ratio": best[8]["tps"] / hf})
+    return rows
+
+
 # -- memory ------------------------------------------------------------------------------------
 _HF_PROCESS = """
 import resource, sys, torch
@@ -212,9 +271,20 @@ def main(argv: list[str]) -> int:
     p.add_argument("--concurrent", type=int, default=4)
     p.add_argument("--train-steps", type=int, default=30)
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--batching-only", action="store_true", help="only the continuous-batching levels")
     args = p.parse_args(argv)
     setup_logging(level="WARNING")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if args.batching_only:
+        rows = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in args.models.split(","):
+                model = save_model(name, Path(tmp) / name)
+                rows += batching_rows(name, Path(tmp) / name, model, args.new_tokens, args.repeats)
+                del model
+        write_report("pipeline-batching", rows, {"cpu_count": os.cpu_count(), "new_tokens": args.new_tokens,
+                                                 "levels": list(LEVELS)})
+        return 0
     rows: list[dict] = []
     capacity = parallel_capacity()
     rows.append({"metric": "machine: 2 compute processes at once vs 1 (ideal 2)", "model": "-",
@@ -243,6 +313,7 @@ def main(argv: list[str]) -> int:
                      "pipeline (2 stages)": b["together"], "baseline": b["alone"], "ratio": b["together"] / b["alone"]},
                 ]
                 extra[f"stage_peak_rss_mb[{tag}]"] = peaks
+            rows += batching_rows(name, run_dir, model, args.new_tokens, args.repeats)
             del model
             if name == "gpt2":
                 hf_peak = hf_process_peak_mb(name, run_dir, 8)

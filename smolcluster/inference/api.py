@@ -59,7 +59,8 @@ class InferencePipeline:
                     stage_weights: list[float] | None = None, host: str = "127.0.0.1",
                     heartbeat_s: float = 1.0, liveness_s: float = 10.0, connect_timeout_s: float = 120.0,
                     threads: int | None = None, log_path: str | Path | None = None,
-                    max_requests: int = 64, env: dict | None = None) -> InferencePipeline:
+                    max_requests: int = 64, kv_cache_mb: float | None = None, prefill_chunk: int = 256,
+                    env: dict | None = None) -> InferencePipeline:
         """Start ``stages`` stage processes on this machine and connect to them.
 
         ``weights``: a Hugging Face model directory (any supported family), a run directory
@@ -69,6 +70,8 @@ class InferencePipeline:
         keeps the LM head on stage 0 with the embedding it is tied to (each stage holds
         only its share); ``last`` puts it on the last stage as in training. ``tokenizer``:
         an object with ``encode``/``decode`` (default: the run's ``tokenizer.json`` if any).
+        ``kv_cache_mb``: each stage's KV-cache budget (default a quarter of the node's memory);
+        requests beyond it wait at stage 0. ``prefill_chunk``: prompt tokens per batched step at most.
         """
         if head not in ("first", "last"):
             raise ConfigError(f"head={head!r} is invalid: choose first or last")
@@ -89,7 +92,8 @@ class InferencePipeline:
                                  nodes=nodes, head_first=head == "first",
                                  stage_weights=stage_weights, heartbeat_s=heartbeat_s, liveness_s=liveness_s,
                                  connect_timeout_s=connect_timeout_s, exit_with_head=True, threads=threads,
-                                 max_requests=max_requests)
+                                 max_requests=max_requests, kv_cache_mb=kv_cache_mb,
+                                 prefill_chunk=prefill_chunk)
                 path = workdir / f"stage-{rank}.json"
                 path.write_text(sc.dumps())
                 children.start(f"stage {rank}", [sys.executable, "-u", "-m", "smolcluster.inference.serve", str(path)],

@@ -49,6 +49,7 @@ class Request:
         self.error: Exception | None = None
         self.submitted_at = time.perf_counter()
         self.first_token_at: float | None = None
+        self.token_at: list[float] = []  # when each token arrived (per-token latency)
         self.finished_at: float | None = None
         self._client, self._decode = client, decode
         self._events: queue.Queue = queue.Queue()
@@ -57,8 +58,9 @@ class Request:
 
     # -- called by the I/O thread -----------------------------------------------------------
     def _push(self, token: int, index: int, done: bool, reason: str) -> None:
+        self.token_at.append(time.perf_counter())
         if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
+            self.first_token_at = self.token_at[-1]
         self._events.put((token, index))
         if done:
             self._finish(reason)

@@ -146,7 +146,7 @@ def pipeline_from_config(cfg: Pipeline, prompt: str | None = None) -> InferenceP
                 info["weights"], stages=cfg.stages, n_head=info["config"].get("n_head"), head=cfg.head.value,
                 tokenizer=tok, eos_ids=info["eos"] if info["eos"] is not None else getattr(tok, "eos_id", None),
                 stage_weights=node_weights(c, cfg.stages), host=c.host, heartbeat_s=c.heartbeat_s,
-                liveness_s=c.liveness_s, connect_timeout_s=c.connect_timeout_s,
+                liveness_s=c.liveness_s, connect_timeout_s=c.connect_timeout_s, kv_cache_mb=cfg.kv_cache_mb,
                 env={"SMOLCLUSTER_LOG_LEVEL": cfg.stage_log_level or "WARNING"})
         except BaseException:
             if tmp is not None:
@@ -194,4 +194,5 @@ def serve_config_from(cfg: Pipeline) -> ServeConfig:
                        nodes=[{"address": x.address, "bind": x.bind} for x in nodes],
                        head_first=cfg.head is HeadPlace.first, stage_weights=node_weights(c, n),
                        heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s, connect_timeout_s=c.connect_timeout_s,
-                       max_bytes=c.max_bytes, keys_dir=c.keys, threads=node.threads, log_level=cfg.stage_log_level)
+                       max_bytes=c.max_bytes, keys_dir=c.keys, threads=node.threads, log_level=cfg.stage_log_level,
+                       kv_cache_mb=cfg.kv_cache_mb)

@@ -7,24 +7,30 @@ A stage imports torch, numpy and zmq, never ``transformers``, and reads only its
 tensors from the model's files, so its memory is its share of the model. It speaks every
 family in ``smolcluster.pipeline.architectures``, told which by the model's ``config.json``.
 
-The token loop. A head (the caller's process) sends ``submit`` (the prompt's ids and
-sampling settings) to stage 0, which makes the request's KV cache, embeds the prompt
-and runs its blocks; each stage hands its output to the next (``hidden``), the first
-of which also introduces the request (so no stage can hear of a request late: a
-submit sent to every stage could be overtaken on another link).
-The stage holding the head (ln_f + LM head) turns the last position into logits,
-picks the token (greedy or seeded sampling), and sends it to the head that asked
-(``token``, streamed as it is made) and on to stage 0, which embeds it and starts the
-next step. Where the head sits:
+The token loop, batched (continuous batching). A head (the caller's process) sends ``submit``
+(the prompt's ids and sampling settings) to stage 0, which admits it when every stage's KV-cache
+budget has room for its prompt plus ``max_new_tokens`` (else it waits, in arrival order: memory is
+reserved up front, so a stage never runs out mid-answer). Stage 0 then runs *steps*: one forward
+over every running request's next token (decode) plus at most ``prefill_chunk`` tokens of prompts
+(chunked prefill: a long prompt joins in slices, so it delays the running decodes by one chunk's
+forward per step at most). The rows are concatenated, each request with its own position and its
+own KV cache (:class:`~smolcluster.pipeline.architectures.base.Batch` says why ragged); requests join
+at the next step and leave at any step. Each stage hands the step's output to the next
+(``hidden``: the rows' request ids and sizes; a request's first rows also introduce it, so no
+stage can hear of a request late). The stage holding the head (ln_f + LM head) picks each finished
+row's token (greedy, or sampled with the request's own seeded generator, so a request's tokens do
+not depend on what else is in the batch), streams it to the head that asked (``token``), and hands
+the step's results to stage 0 (``step``), which schedules the next step. Where the head sits:
 
 - ``head_first`` (default): on stage 0, beside the embedding it is tied to, so the
   embedding is held once; the last stage sends its hidden state back round the ring.
 - otherwise on the last stage (as in training), which then holds its own copy.
 
 Both cost the same hops per token. A request ends on any of its EOS ids, ``max_new_tokens``, or the
-context (when feeding the token back would need position ``n_positions``), or when its head cancels it;
-every stage then frees its cache. Several requests are in flight at once: a stage
-serves messages in arrival order, so their steps interleave through the stages.
+context (when feeding the token back would need position ``n_positions``), or when its head cancels it
+(the head tells every stage) or goes away; every stage then frees its cache at once. Two or more
+steps can be in flight round the ring at once (requests that joined while one was out), which keeps
+every stage busy.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from loguru import logger
 from smolcluster.errors import ConfigError, PeerError, SmolclusterError
 from smolcluster.inference.sampling import SamplingParams, make_generator, next_token
 from smolcluster.pipeline.architectures import KVCache, family_for
+from smolcluster.pipeline.architectures.base import Batch
 from smolcluster.pipeline.mesh import Envelope, Mesh, PeerLost
 from smolcluster.pipeline.partition import stage_name
 from smolcluster.pipeline.weights import load_stage
@@ -68,7 +75,10 @@ class ServeConfig:
     keys_dir: str | None = None
     exit_with_head: bool = False      # started by a head: exit when it is gone (or never comes)
     threads: int | None = None
-    max_requests: int = 64
+    max_requests: int = 64            # requests running at once; more wait at stage 0
+    max_waiting: int = 256            # requests waiting for room; more are refused ("retry later")
+    kv_cache_mb: float | None = None  # KV-cache budget per stage; None: a quarter of this node's memory
+    prefill_chunk: int = 256          # prompt tokens per step at most (chunked prefill)
     log_level: str | None = None      # None: SMOLCLUSTER_LOG_LEVEL or INFO
     extra: dict = field(default_factory=dict)
 
@@ -90,6 +100,29 @@ class RequestState:
     prompt_len: int
     generated: int = 0
     generator: torch.Generator | None = None
+    prompt: np.ndarray | None = None  # stage 0: the prompt, fed in chunks
+    fed: int = 0                      # stage 0: prompt tokens sent into the pipeline so far
+    reserved: list[int] = field(default_factory=list)  # stage 0: KV bytes held for it on each stage
+
+
+def node_memory_bytes() -> int:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@dataclass
+class Step:
+    """One forward's rows: ``sizes[i]`` tokens of ``reqs[i]``; ``emit[i]``: they end its prompt or are a
+    decode, so the head picks a token from its last row (else a prompt chunk, more to come)."""
+
+    reqs: list[str]
+    sizes: list[int]
+    emit: list[bool]
+    intro: dict = field(default_factory=dict)  # req -> what a later stage needs to start it
+
+    def fields(self) -> dict:
+        return {"reqs": self.reqs, "sizes": self.sizes, "emit": self.emit, "intro": self.intro}
 
 
 class StageServer:
@@ -107,7 +140,18 @@ class StageServer:
         self.me = self.names[sc.rank]
         self.requests: dict[str, RequestState] = {}
         self.closed: OrderedDict[str, str] = OrderedDict()
-        self.work: deque[tuple[str, int]] = deque()  # stage 0: (request, token) whose next step is due
+        # Stage 0's schedule: decodes due (request -> its last token), prompts with chunks left,
+        # requests waiting for KV room (their submit's fields), and the KV bytes reserved per stage.
+        self.due: dict[str, int] = {}
+        self.prefilling: deque[str] = deque()
+        self.waiting: deque[tuple[str, str, dict, np.ndarray]] = deque()
+        self.reserved = [0] * sc.n_stages
+        # The budget is the same number on every stage; stage 0 reserves against each stage's own
+        # bytes per position (its share of the blocks), in the stage's dtype (its parameters').
+        budget_mb = sc.kv_cache_mb if sc.kv_cache_mb else node_memory_bytes() / 4 / 2**20
+        self.kv_budget = int(budget_mb * 2**20)
+        element = next(self.stage.parameters()).element_size()
+        self.kv_per_token = [self.arch.kv_bytes_per_token(len(sp.blocks), element) for sp in self.specs]
         self.to_heads: list[tuple[str, dict]] = []  # tokens made this turn, for their heads
         self.heads: set[str] = set()
         self.stopping = False
@@ -126,7 +170,7 @@ class StageServer:
         self.mesh.beacon = {
             "role": "stage", "rank": sc.rank, "stages": sc.n_stages, "head_rank": self.head_rank,
             "serving": False, "blocks": [self.spec.blocks.start, self.spec.blocks.stop],
-            "shape": self.arch.describe(),
+            "shape": self.arch.describe(), "kv_budget": self.kv_budget,
         }
         others = [n for n in self.names if n != self.me]
         self.mesh.wait_ready(others, sc.connect_timeout_s, " (the other inference stages)")
@@ -144,7 +188,7 @@ class StageServer:
 
     def on_lost(self, peer: str, message: str) -> None:
         if peer in self.heads:
-            dropped = self.drop_requests(lambda st: st.head == peer)
+            dropped = self.drop_requests(lambda head: head == peer)
             logger.warning(f"{self.me}: head {peer} is gone; freed {dropped} of its requests")
             self.heads.discard(peer)
             self.mesh.remove_peer(peer)
@@ -157,19 +201,28 @@ class StageServer:
         for head in self.heads:
             if head in self.mesh.peers:
                 self.mesh.send(head, "mp.lost", {"stage": peer, "message": message})
-        self.drop_requests(lambda st: True)
+        self.drop_requests(lambda head: True)
 
     def drop_requests(self, which) -> int:
-        gone = [req for req, st in self.requests.items() if which(st)]
+        gone = [req for req, st in self.requests.items() if which(st.head)]
+        gone += [w[0] for w in self.waiting if which(w[1])]
         for req in gone:
             self.close(req, "dropped")
         return len(gone)
 
     def close(self, req: str, why: str) -> None:
-        self.requests.pop(req, None)  # its KV cache goes with it
+        st = self.requests.pop(req, None)  # its KV cache goes with it
         self.closed[req] = why
         while len(self.closed) > _CLOSED_MEMORY:
             self.closed.popitem(last=False)
+        if self.sc.rank != 0:
+            return
+        self.due.pop(req, None)  # (a stale entry in `prefilling` is skipped when its turn comes)
+        if st is not None:
+            self.reserved = [r - n for r, n in zip(self.reserved, st.reserved)]
+        elif any(w[0] == req for w in self.waiting):
+            self.waiting = deque(w for w in self.waiting if w[0] != req)
+        self.admit_waiting()
 
     def tell_head(self, st: RequestState, kind: str, fields: dict) -> None:
         if st.head in self.mesh.peers:
@@ -185,7 +238,16 @@ class StageServer:
                 self.mesh.send(name, "mp.error", {"req": req, "message": message}, tag=req)
         self.close(req, "error")
 
-    # -- the token loop ---------------------------------------------------------------------
+    # -- admission (stage 0) ----------------------------------------------------------------
+    def kv_need(self, prompt_len: int, max_new_tokens: int) -> list[int]:
+        """KV bytes a request can come to on each stage: its prompt and every token it may add."""
+        positions = min(prompt_len + max_new_tokens, self.arch.context)
+        return [positions * per for per in self.kv_per_token]
+
+    def fits(self, need: list[int]) -> bool:
+        return (len(self.requests) < self.sc.max_requests
+                and all(r + n <= self.kv_budget for r, n in zip(self.reserved, need)))
+
     def on_submit(self, env: Envelope) -> None:
         f, req = env.fields, env.fields["req"]
         ids = env.tensors.get("ids")
@@ -201,10 +263,17 @@ class StageServer:
             problem = "eos must be a list of token ids"
         elif f["max_new_tokens"] < 1:
             problem = "max_new_tokens must be at least 1"
-        elif req in self.requests:
+        elif req in self.requests or any(w[0] == req for w in self.waiting):
             problem = f"request id {req} is already in flight"
-        elif len(self.requests) >= self.sc.max_requests:
-            problem = f"{self.me} already serves {self.sc.max_requests} requests; retry later"
+        elif len(self.waiting) >= self.sc.max_waiting:
+            problem = f"{self.me} already has {self.sc.max_waiting} requests waiting for room; retry later"
+        else:
+            need = self.kv_need(len(ids), int(f["max_new_tokens"]))
+            worst = max(range(len(need)), key=lambda r: need[r])
+            if need[worst] > self.kv_budget:
+                problem = (f"this request needs {need[worst] / 2**20:.1f} MB of KV cache on stage {worst}, more "
+                           f"than its budget serve.kv_cache_mb={self.kv_budget / 2**20:.1f}: lower max_tokens "
+                           f"or raise serve.kv_cache_mb")
         params = SamplingParams(float(f["temperature"]), int(f["top_k"]), float(f["top_p"]), int(f["seed"]))
         if problem is None:
             try:
@@ -212,13 +281,26 @@ class StageServer:
             except ConfigError as e:
                 problem = str(e)
         if problem is not None:
-            if self.sc.rank == 0:  # every stage checks alike; one answer is enough
-                self.mesh.send(env.src, "mp.error", {"req": req, "message": problem}, tag=req)
+            self.mesh.send(env.src, "mp.error", {"req": req, "message": problem}, tag=req)
             self.close(req, "refused")
             return
-        self.start(req, env.src, params, int(f["max_new_tokens"]), f["eos"], len(ids))
-        x = self.stage.embed(torch.from_numpy(np.array(ids)).unsqueeze(0), 0)
-        self.forward_out(req, self.requests[req], self.stage.run_blocks(x, self.requests[req].cache))
+        self.closed.pop(req, None)
+        self.waiting.append((req, env.src, dict(f), np.array(ids)))
+        self.admit_waiting()
+
+    def admit_waiting(self) -> None:
+        """Start waiting requests, in arrival order, while every stage's KV budget has room."""
+        while self.waiting:
+            req, head, f, ids = self.waiting[0]
+            need = self.kv_need(len(ids), int(f["max_new_tokens"]))
+            if not self.fits(need):
+                return
+            self.waiting.popleft()
+            params = SamplingParams(float(f["temperature"]), int(f["top_k"]), float(f["top_p"]), int(f["seed"]))
+            st = self.start(req, head, params, int(f["max_new_tokens"]), f["eos"], len(ids))
+            st.prompt, st.reserved = ids, need
+            self.reserved = [r + n for r, n in zip(self.reserved, need)]
+            self.prefilling.append(req)
 
     def start(self, req: str, head: str, params: SamplingParams, max_new_tokens: int, eos: list[int],
               prompt_len: int) -> RequestState:
@@ -228,76 +310,132 @@ class StageServer:
         self.requests[req] = st
         return st
 
-    def forward_out(self, req: str, st: RequestState, x: torch.Tensor) -> None:
+    # -- the token loop ---------------------------------------------------------------------
+    def step(self) -> None:
+        """Stage 0: one forward over every due decode and up to ``prefill_chunk`` prompt tokens."""
+        step, ids = Step([], [], []), []
+        for req, token in self.due.items():
+            step.reqs.append(req), step.sizes.append(1), step.emit.append(True)
+            ids.append(token)
+        self.due.clear()
+        room = self.sc.prefill_chunk
+        while self.prefilling and room > 0:
+            req = self.prefilling.popleft()
+            st = self.requests.get(req)
+            if st is None:  # cancelled while waiting for its next chunk
+                continue
+            n = min(room, len(st.prompt) - st.fed)
+            if st.fed == 0:
+                p = st.params
+                step.intro[req] = {"head": st.head, "max_new_tokens": st.max_new_tokens,
+                                   "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p,
+                                   "seed": p.seed, "eos": st.eos, "prompt_len": st.prompt_len}
+            ids.extend(int(t) for t in st.prompt[st.fed:st.fed + n])
+            st.fed += n
+            room -= n
+            step.reqs.append(req), step.sizes.append(n), step.emit.append(st.fed == len(st.prompt))
+        if not step.reqs:
+            return
+        batch = Batch([self.requests[r].cache for r in step.reqs], step.sizes)
+        try:
+            x = self.stage.embed(torch.tensor([ids]), batch.positions())
+            x = self.stage.run_blocks(x, batch)
+        except Exception as e:
+            logger.exception(f"{self.me}: a step failed")
+            for req in step.reqs:
+                self.fail(req, f"{self.me} failed on a step: {type(e).__name__}: {e}")
+            return
+        self.forward_out(step, x)
+
+    def forward_out(self, step: Step, x: torch.Tensor) -> None:
         """Hand this stage's output on: to the next stage, round the ring to stage 0, or to the head."""
         rank, last = self.sc.rank, self.sc.n_stages - 1
         if rank == last and self.has_head:
-            self.emit(req, st, x)
+            self.emit(step, x)
             return
-        fields = {"req": req}
-        if st.cache.length == x.shape[1] and rank < last:  # the prefill: introduce the request downstream
-            p = st.params
-            fields.update(head=st.head, max_new_tokens=st.max_new_tokens, temperature=p.temperature,
-                          top_k=p.top_k, top_p=p.top_p, seed=p.seed, eos=st.eos, prompt_len=st.prompt_len)
+        fields = step.fields()
+        if rank == last:  # round the ring: stage 0 knows these requests already
+            fields["intro"] = {}
         dst = self.names[rank + 1] if rank < last else self.names[0]
-        self.mesh.send(dst, "mp.hidden", fields, {"x": x.numpy()}, tag=req)
+        self.mesh.send(dst, "mp.hidden", fields, {"x": x.numpy()}, tag=step.reqs[0])
 
     def on_hidden(self, env: Envelope) -> None:
-        f, req = env.fields, env.fields["req"]
-        st = self.requests.get(req)
-        if st is None and "head" in f and req not in self.closed:
-            params = SamplingParams(float(f["temperature"]), int(f["top_k"]), float(f["top_p"]), int(f["seed"]))
-            st = self.start(req, f["head"], params, f["max_new_tokens"], f["eos"], f["prompt_len"])
-        if st is None:
-            self.unknown(req, env)
-            return
+        f = env.fields
+        step = Step(list(f["reqs"]), list(f["sizes"]), list(f["emit"]), dict(f["intro"]))
+        for req, intro in step.intro.items():
+            if req not in self.requests and req not in self.closed:
+                params = SamplingParams(float(intro["temperature"]), int(intro["top_k"]), float(intro["top_p"]),
+                                        int(intro["seed"]))
+                self.start(req, intro["head"], params, intro["max_new_tokens"], intro["eos"], intro["prompt_len"])
         x = torch.from_numpy(env.tensors["x"])
+        # Rows of requests cancelled meanwhile are dropped; the rest go on unchanged.
+        keep = [i for i, req in enumerate(step.reqs) if req in self.requests]
+        if len(keep) < len(step.reqs):
+            if not keep:
+                return
+            starts = [sum(step.sizes[:i]) for i in range(len(step.sizes))]
+            x = torch.cat([x[:, starts[i]:starts[i] + step.sizes[i]] for i in keep], dim=1)
+            step = Step([step.reqs[i] for i in keep], [step.sizes[i] for i in keep], [step.emit[i] for i in keep],
+                        {r: v for r, v in step.intro.items() if r in self.requests})
         if self.sc.rank == 0:  # the ring's return: stage 0 holds the head
-            self.emit(req, st, x)
+            self.emit(step, x)
         else:
-            self.forward_out(req, st, self.stage.run_blocks(x, st.cache))
+            batch = Batch([self.requests[r].cache for r in step.reqs], step.sizes)
+            self.forward_out(step, self.stage.run_blocks(x, batch))
 
-    def emit(self, req: str, st: RequestState, x: torch.Tensor) -> None:
-        """Pick the next token, stream it to the head, and start the next step (or finish)."""
-        logits = self.stage.logits(x, last_only=True)[0, -1]
-        token = next_token(logits, st.params, st.generator)
-        st.generated += 1
-        if token in st.eos:
-            reason = "eos"
-        elif st.generated >= st.max_new_tokens:
-            reason = "length"
-        elif st.prompt_len + st.generated > self.arch.context:
-            reason = "context"  # feeding this token back would need a position the model does not have
-        else:
-            reason = ""
-        fields = {"req": req, "token": token, "index": st.generated - 1, "done": bool(reason), "reason": reason}
-        for r, name in enumerate(self.names):
-            # Stage 0 needs every token (it embeds it next); the others only need to hear the end.
-            if name != self.me and (r == 0 or reason):
-                self.mesh.send(name, "mp.token", fields, tag=req)
-        # The head hears of it once the next step is on its way: streaming is off the critical path.
-        self.to_heads.append((st.head, fields))
-        if reason:
-            self.close(req, reason)
-        elif self.sc.rank == 0:
-            self.work.append((req, token))
-
-    def on_token(self, env: Envelope) -> None:
-        f, req = env.fields, env.fields["req"]
-        if f["done"]:
-            self.close(req, f["reason"])
-        elif self.sc.rank == 0:
-            if req in self.requests:
-                self.work.append((req, f["token"]))
+    def emit(self, step: Step, x: torch.Tensor) -> None:
+        """Pick each finished row's token, stream it to its head, and hand the step's results to stage 0."""
+        last_rows = Batch([], step.sizes).last_rows()
+        rows = [last_rows[i] for i, e in enumerate(step.emit) if e]
+        logits = self.stage.logits(x[:, rows, :]) if rows else None
+        tokens, ended = [], []
+        k = 0
+        for req, emit in zip(step.reqs, step.emit):
+            if not emit:
+                tokens.append(-1)  # a prompt chunk: the next one is due
+                continue
+            st = self.requests[req]
+            token = next_token(logits[0, k], st.params, st.generator)
+            k += 1
+            st.generated += 1
+            if token in st.eos:
+                reason = "eos"
+            elif st.generated >= st.max_new_tokens:
+                reason = "length"
+            elif st.prompt_len + st.generated > self.arch.context:
+                reason = "context"  # feeding this token back would need a position the model does not have
             else:
-                self.unknown(req, env)
+                reason = ""
+            tokens.append(token)
+            # The head hears of it once the next step is on its way: streaming is off the critical path.
+            self.to_heads.append((st.head, {"req": req, "token": token, "index": st.generated - 1,
+                                            "done": bool(reason), "reason": reason}))
+            if reason:
+                ended.append((req, reason))
+        results = {"reqs": step.reqs, "tokens": tokens, "ended": ended}
+        if ended:  # the other stages free these caches now
+            for r, name in enumerate(self.names):
+                if name != self.me and r != 0:
+                    self.mesh.send(name, "mp.done", {"ended": ended}, tag=ended[0][0])
+        if self.sc.rank == 0:
+            self.schedule(results)
+        else:
+            self.mesh.send(self.names[0], "mp.step", results, tag=step.reqs[0])
 
-    def next_step(self, req: str, token: int) -> None:
-        st = self.requests.get(req)
-        if st is None:  # cancelled meanwhile
-            return
-        x = self.stage.embed(torch.tensor([[token]]), st.cache.length)
-        self.forward_out(req, st, self.stage.run_blocks(x, st.cache))
+    def schedule(self, results: dict) -> None:
+        """Stage 0: after a step came back, its requests' next steps are due (or they ended)."""
+        for req, reason in results["ended"]:
+            self.close(req, reason)
+        continuing = []
+        for req, token in zip(results["reqs"], results["tokens"]):
+            if req not in self.requests:
+                continue
+            if token < 0:
+                continuing.append(req)
+            else:
+                self.due[req] = token
+        # A prompt half fed goes first, so it starts answering soonest.
+        self.prefilling.extendleft(reversed(continuing))
 
     def unknown(self, req: str, env: Envelope) -> None:
         if req not in self.closed:
@@ -309,8 +447,11 @@ class StageServer:
             self.on_submit(env)
         elif kind == "mp.hidden":
             self.on_hidden(env)
-        elif kind == "mp.token":
-            self.on_token(env)
+        elif kind == "mp.step":
+            self.schedule(env.fields)
+        elif kind == "mp.done":
+            for req, reason in env.fields["ended"]:
+                self.close(req, reason)
         elif kind in ("mp.cancel", "mp.error"):
             # Remembered even when the request has not reached this stage yet (the head's cancel can
             # overtake the previous stage's first hidden): its late arrival is then ignored.
@@ -323,34 +464,39 @@ class StageServer:
         else:
             logger.warning(f"{self.me}: ignored {kind!r} from {env.src}")
 
+    def kv_bytes(self) -> int:
+        return sum(st.cache.nbytes() for st in self.requests.values())
+
     def run(self) -> None:
         self.connect()
         started = time.monotonic()
         try:
             with torch.inference_mode():
                 while not self.stopping:
-                    self.mesh.beacon["serving"] = not any(
-                        self.mesh.peers[n].lost for n in self.names if n in self.mesh.peers)
-                    self.mesh.beacon["requests"] = len(self.requests)
-                    try:
-                        env = self.mesh.recv(0.0 if self.work else self.sc.heartbeat_s)
-                    except PeerLost as e:
-                        self.on_lost(e.peer, str(e))
-                        continue
-                    except PeerError as e:  # a sequence gap: the in-flight requests cannot be trusted
-                        logger.error(str(e))
-                        for req in list(self.requests):
-                            self.fail(req, str(e))
-                        continue
-                    if env is not None:
-                        self.dispatch(env)
-                    if self.work:  # one step of a due request per turn: requests interleave fairly
-                        req, token = self.work.popleft()
+                    beacon = self.mesh.beacon
+                    beacon["serving"] = not any(self.mesh.peers[n].lost for n in self.names if n in self.mesh.peers)
+                    beacon["requests"], beacon["waiting"] = len(self.requests), len(self.waiting)
+                    beacon["kv_bytes"] = self.kv_bytes()
+                    beacon["active"] = list(self.requests)[:64]  # (what a health check or a test looks at)
+                    # Everything that has arrived is handled before the next step, so it joins that step.
+                    timeout = 0.0 if (self.due or self.prefilling) else self.sc.heartbeat_s
+                    for _ in range(256):
                         try:
-                            self.next_step(req, token)
-                        except Exception as e:
-                            logger.exception(f"{self.me}: the next step of {req} failed")
-                            self.fail(req, f"{self.me} failed on a step: {type(e).__name__}: {e}")
+                            env = self.mesh.recv(timeout)
+                        except PeerLost as e:
+                            self.on_lost(e.peer, str(e))
+                            break
+                        except PeerError as e:  # a sequence gap: the in-flight requests cannot be trusted
+                            logger.error(str(e))
+                            for req in list(self.requests):
+                                self.fail(req, str(e))
+                            break
+                        if env is None:
+                            break
+                        self.dispatch(env)
+                        timeout = 0.0
+                    if self.sc.rank == 0:
+                        self.step()
                     for head, fields in self.to_heads:
                         if head in self.mesh.peers:
                             self.mesh.send(head, "mp.token", fields, tag=fields["req"])
@@ -367,14 +513,15 @@ class StageServer:
             self.handle(env)
         except SmolclusterError as e:
             self.fail_env(env, str(e))
-        except Exception as e:  # a bug or a bad tensor: fail that request, keep serving the rest
+        except Exception as e:  # a bug or a bad tensor: fail those requests, keep serving the rest
             logger.exception(f"{self.me}: {env.kind} from {env.src} failed")
             self.fail_env(env, f"{self.me} failed on {env.kind}: {type(e).__name__}: {e}")
 
     def fail_env(self, env: Envelope, message: str) -> None:
-        req = env.fields.get("req")
-        if isinstance(req, str) and req:
-            self.fail(req, message)
+        reqs = env.fields.get("reqs") or [env.fields.get("req")]
+        for req in reqs:
+            if isinstance(req, str) and req:
+                self.fail(req, message)
 
 
 def serve(sc: ServeConfig) -> None:

@@ -84,6 +84,7 @@ class Pipeline:
     head_port: int = 0
     stage_log_level: str | None = None
     seed: int = 0
+    kv_cache_mb: float | None = None  # each stage's KV-cache budget (serve.kv_cache_mb); None: a quarter of its memory
     links: Links = field(default_factory=Links)
 
 
@@ -100,8 +101,9 @@ class Serve:
     port: int = 7860
     model_name: str | None = None
     api_key: str | None = None
-    max_active: int = 4
+    max_active: int = 16
     max_waiting: int = 64
+    kv_cache_mb: float | None = None
     reconnect: bool = True
     ui: bool = True
     log_level: str = "warning"
@@ -138,9 +140,15 @@ class _Common:
 
 
 @dataclass
+class StageServe:
+    kv_cache_mb: float | None = None  # each stage's KV-cache budget; null: a quarter of the node's memory
+
+
+@dataclass
 class InferConfig(_Common):
     prompt: str | None = None
     rank: int | None = None
+    serve: StageServe = field(default_factory=StageServe)
 
 
 @dataclass
@@ -168,10 +176,13 @@ def _pipeline(cfg) -> Pipeline:
     stages = int(cfg.stages)
     if stages < 1:
         raise ConfigError(f"stages={stages} is invalid: a pipeline needs at least one stage")
+    kv = cfg.serve.kv_cache_mb
+    if kv is not None and kv <= 0:
+        raise ConfigError(f"serve.kv_cache_mb={kv} must be positive (or null: a quarter of the node's memory)")
     return Pipeline(model=_plain(cfg.model), data=_plain(cfg.data), checkpoint=cfg.checkpoint, stages=stages,
                     head=HeadPlace(cfg.head), role=Role(cfg.role), rank=cfg.get("rank"), head_host=cfg.head_host,
                     head_port=int(cfg.head_port), stage_log_level=cfg.stage_log_level, seed=int(cfg.seed),
-                    links=Links.of(_plain(cfg.cluster)))
+                    kv_cache_mb=kv, links=Links.of(_plain(cfg.cluster)))
 
 
 def _sampling(cfg) -> Sampling:

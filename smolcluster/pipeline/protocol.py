@@ -17,7 +17,7 @@ from smolcluster.transport import wire
 _NUM = (int, float)
 _COMMON = {"src": str, "seq": int}
 
-# What a request's first ``hidden`` message carries, so later stages learn of it in order
+# What a request's first ``hidden`` rows carry (``intro[req]``), so later stages learn of it in order
 # (a head's ``submit`` goes to stage 0 only: nothing can overtake it on another link).
 REQUEST_FIELDS = {"head": str, "max_new_tokens": int, "temperature": _NUM, "top_k": int, "top_p": _NUM,
                   "seed": int, "eos": list, "prompt_len": int}  # eos: the ids generation stops at
@@ -36,7 +36,10 @@ KINDS: dict[str, tuple[dict, bool]] = {
     "mp.submit": ({"req": str, **{k: v for k, v in REQUEST_FIELDS.items() if k not in ("head", "prompt_len")}},
                   True),                                        # tensors: ids, the prompt
     # Not `finite`: a NaN in inference only spoils that request's tokens, and the check costs ~20 us a hop.
-    "mp.hidden": ({"req": str}, False),                         # tensors: x, hidden states for the next stage
+    # A batched step's rows: reqs[i] has sizes[i] rows of x; emit[i]: its last row makes a token.
+    "mp.hidden": ({"reqs": list, "sizes": list, "emit": list, "intro": dict}, False),  # tensors: x
+    "mp.step": ({"reqs": list, "tokens": list, "ended": list}, False),  # to stage 0: a step's tokens (-1: chunk)
+    "mp.done": ({"ended": list}, False),                        # [req, reason] pairs: free their caches
     "mp.token": ({"req": str, "token": int, "index": int, "done": bool, "reason": str}, False),
     "mp.cancel": ({"req": str}, False),
     "mp.error": ({"req": str, "message": str}, False),
@@ -45,8 +48,7 @@ KINDS: dict[str, tuple[dict, bool]] = {
 }
 
 for _kind, (_fields, _finite) in KINDS.items():
-    wire.register_kind(_kind, {**_COMMON, **_fields}, finite=_finite,
-                       optional=REQUEST_FIELDS if _kind == "mp.hidden" else None)
+    wire.register_kind(_kind, {**_COMMON, **_fields}, finite=_finite)
 
 
 def encode(kind: str, fields: dict, tensors: dict[str, np.ndarray] | None) -> list:

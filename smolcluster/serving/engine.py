@@ -237,7 +237,7 @@ class Generation:
 
 
 class Engine:
-    def __init__(self, connect: Callable[[], object], *, max_active: int = 4, max_waiting: int = 64,
+    def __init__(self, connect: Callable[[], object], *, max_active: int = 16, max_waiting: int = 64,
                  reconnect: bool = True, watch_s: float = 0.25, max_backoff_s: float = 30.0,
                  chat_template: ChatTemplate | None = None):
         """``connect()`` returns a ready :class:`~smolcluster.inference.InferencePipeline` (called again
@@ -352,7 +352,9 @@ class Engine:
             out.update(status="down", message=error or "closed")
         if pipe is not None:
             client = pipe.client
-            out["stages"] = [{"name": s, "requests": client.mesh.peers[s].info.get("requests"),
+            info = {s: client.mesh.peers[s].info for s in client.stages}
+            out["stages"] = [{"name": s, "requests": info[s].get("requests"), "waiting": info[s].get("waiting"),
+                              "kv_bytes": info[s].get("kv_bytes"), "kv_budget": info[s].get("kv_budget"),
                               "lost": client.mesh.peers[s].lost} for s in client.stages]
             out["in_flight"] = client.in_flight()
         elif down:

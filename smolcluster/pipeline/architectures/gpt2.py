@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smolcluster.errors import ConfigError
-from smolcluster.pipeline.architectures.base import Architecture, KVCache, refuse
+from smolcluster.pipeline.architectures.base import Architecture, Batch, KVCache, as_batch, refuse
 
 
 @dataclass(frozen=True)
@@ -92,26 +92,39 @@ class Attention(nn.Module):
         self.c_attn = Conv1D(n_embd, 3 * n_embd)
         self.c_proj = Conv1D(n_embd, n_embd)
 
-    def forward(self, x: torch.Tensor, past: list[torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, segments: list | None) -> torch.Tensor:
+        """``segments``: None (training: plain causal), else one (past [k, v], first row, rows, past
+        length) per request, from :meth:`Batch.segments`; each request attends over its own cache."""
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         shape = (*k.shape[:-1], -1, self.head_dim)
         q, k, v = q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
-        if past is None:
+        if segments is None:
+            out = self.attend(q, k, v, None)
+        elif len(segments) == 1:
+            out = self.attend(q, k, v, segments[0][0])
+        else:
+            out = torch.cat([self.attend(q[:, :, a:a + n], k[:, :, a:a + n], v[:, :, a:a + n], past)
+                             for past, a, n, _ in segments], dim=2)
+        out = out.transpose(1, 2).contiguous()
+        return self.c_proj(out.reshape(*out.shape[:-2], -1).contiguous())
+
+    def attend(self, q, k, v, past: list[torch.Tensor] | None) -> torch.Tensor:
+        if past:
+            k, v = torch.cat([past[0], k], dim=-2), torch.cat([past[1], v], dim=-2)
+        else:
             # transformers runs even training through a DynamicCache, whose torch.cat makes k/v
             # contiguous; match that layout so sdpa takes the same kernel path.
             k, v = k.contiguous(), v.contiguous()
-        else:
-            if past:
-                k, v = torch.cat([past[0], k], dim=-2), torch.cat([past[1], v], dim=-2)
-            else:
-                k, v = k.contiguous(), v.contiguous()
+        if past is not None:
             past[:] = [k, v]
-        q_len = q.shape[2]
-        # Prefill (q_len > 1) on an empty cache is plain causal; one new token attends to everything.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, scale=self.scaling,
-                                             is_causal=q_len > 1)
-        out = out.transpose(1, 2).contiguous()
-        return self.c_proj(out.reshape(*out.shape[:-2], -1).contiguous())
+        q_len, kv_len = q.shape[2], k.shape[2]
+        # Prefill (q_len > 1) on an empty cache is plain causal; one new token attends to everything;
+        # a later chunk of a prompt (chunked prefill) sees the whole past and is causal within itself.
+        mask = None
+        if 1 < q_len < kv_len:
+            mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=self.scaling,
+                                              is_causal=q_len > 1 and mask is None)
 
 
 class MLP(nn.Module):
@@ -132,8 +145,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(shape.n_embd, eps=shape.eps)
         self.mlp = MLP(shape.n_embd)
 
-    def forward(self, x: torch.Tensor, past: list[torch.Tensor] | None = None) -> torch.Tensor:
-        x = self.attn(self.ln_1(x), past) + x
+    def forward(self, x: torch.Tensor, segments: list | None = None) -> torch.Tensor:
+        x = self.attn(self.ln_1(x), segments) + x
         return x + self.mlp(self.ln_2(x))
 
 
@@ -161,16 +174,21 @@ class GPT2Stage(nn.Module):
         if head:
             t.ln_f = nn.LayerNorm(shape.n_embd, eps=shape.eps)
 
-    def embed(self, ids: torch.Tensor, past_len: int = 0) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, past_len: int | torch.Tensor = 0) -> torch.Tensor:
+        """``past_len``: the first token's position, or every token's (a :meth:`Batch.positions`)."""
         t = self.transformer
-        positions = (torch.arange(ids.shape[1], device=ids.device) + past_len).unsqueeze(0)
+        if isinstance(past_len, torch.Tensor):
+            positions = past_len
+        else:
+            positions = (torch.arange(ids.shape[1], device=ids.device) + past_len).unsqueeze(0)
         return t.wte(ids) + t.wpe(positions)
 
-    def run_blocks(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def run_blocks(self, x: torch.Tensor, cache: KVCache | Batch | None = None) -> torch.Tensor:
+        batch = as_batch(x, cache)
         for j, block in enumerate(self.transformer.h.values()):
-            x = block(x, cache.layers[j] if cache is not None else None)
-        if cache is not None:
-            cache.length += x.shape[1]
+            x = block(x, batch.segments(j) if batch is not None else None)
+        if batch is not None:
+            batch.advance()
         return x
 
     def logits(self, x: torch.Tensor, last_only: bool = False) -> torch.Tensor:
@@ -220,6 +238,9 @@ class GPT2(Architecture):
 
     def param_shapes(self, embed: bool, head: bool, blocks: range) -> list[tuple[str, tuple]]:
         return param_shapes(self.shape, embed, head, blocks)
+
+    def kv_bytes_per_token(self, n_blocks: int, element_size: int) -> int:
+        return 2 * n_blocks * self.shape.n_embd * element_size
 
     def stage(self, embed: bool, head: bool, blocks: range) -> GPT2Stage:
         return GPT2Stage(self.shape, embed, head, blocks)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smolcluster.errors import ConfigError
-from smolcluster.pipeline.architectures.base import Architecture, KVCache, refuse
+from smolcluster.pipeline.architectures.base import Architecture, Batch, KVCache, as_batch, refuse
 
 
 @dataclass(frozen=True)
@@ -149,8 +149,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(s.head_dim, s.eps)
             self.k_norm = RMSNorm(s.head_dim, s.eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: list[torch.Tensor] | None,
-                past_len: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list | None) -> torch.Tensor:
+        """``segments``: None (training), else one (past [k, v], first row, rows, past length) per
+        request, from :meth:`Batch.segments`; each request attends over its own cache."""
         input_shape = x.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         if hasattr(self, "q_norm"):
@@ -162,6 +163,17 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(hidden_shape).transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q, k = (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+        if segments is None:
+            out = self.attend(q, k, v, None, 0)
+        elif len(segments) == 1:
+            out = self.attend(q, k, v, segments[0][0], segments[0][3])
+        else:
+            out = torch.cat([self.attend(q[:, :, a:a + n], k[:, :, a:a + n], v[:, :, a:a + n], past, past_len)
+                             for past, a, n, past_len in segments], dim=1)
+        return self.o_proj(out.reshape(*input_shape, -1).contiguous())
+
+    def attend(self, q, k, v, past: list[torch.Tensor] | None, past_len: int) -> torch.Tensor:
+        """One request's attention, (1, rows, heads, head_dim)."""
         # transformers keeps keys in a cache even when training; its torch.cat makes them contiguous.
         if past:
             k, v = torch.cat([past[0], k], dim=-2), torch.cat([past[1], v], dim=-2)
@@ -175,10 +187,12 @@ class Attention(nn.Module):
         mask = None
         if self.window is not None and kv_len >= self.window:
             # transformers materialises the sliding-window mask once the keys reach the window.
-            q_pos = torch.arange(q_len, device=x.device) + past_len
-            k_pos = torch.arange(kv_len, device=x.device) + (past_len + q_len - kv_len)
+            q_pos = torch.arange(q_len, device=q.device) + past_len
+            k_pos = torch.arange(kv_len, device=q.device) + (past_len + q_len - kv_len)
             diff = q_pos[:, None] - k_pos[None, :]
             mask = ((diff >= 0) & (diff < self.window)).view(1, 1, q_len, kv_len)
+        elif 1 < q_len < kv_len:  # a later chunk of a prompt: the whole past, causal within the chunk
+            mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)
         kw = {}
         if self.groups > 1:
             if mask is None:
@@ -189,8 +203,7 @@ class Attention(nn.Module):
                 k, v = repeat_kv(k, self.groups), repeat_kv(v, self.groups)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=self.scaling,
                                              is_causal=q_len > 1 and mask is None, **kw)
-        out = out.reshape(out.shape[0], -1, q_len, v.shape[-1]).transpose(1, 2).contiguous()
-        return self.o_proj(out.reshape(*input_shape, -1).contiguous())
+        return out.reshape(out.shape[0], -1, q_len, v.shape[-1]).transpose(1, 2).contiguous()
 
 
 class MLP(nn.Module):
@@ -212,8 +225,8 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(s.hidden, s.eps)
         self.post_attention_layernorm = RMSNorm(s.hidden, s.eps)
 
-    def forward(self, x, cos, sin, past=None, past_len: int = 0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, past, past_len)
+    def forward(self, x, cos, sin, segments=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segments)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -239,22 +252,25 @@ class LlamaStage(nn.Module):
         # Real memory even when the stage is built on the meta device: nothing loads it from a file.
         self.register_buffer("inv_freq", inv_freq(dict(s.rope), s.head_dim), persistent=False)
 
-    def embed(self, ids: torch.Tensor, past_len: int = 0) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, past_len: int | torch.Tensor = 0) -> torch.Tensor:
         return self.model.embed_tokens(ids)
 
-    def rope(self, x: torch.Tensor, past_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = (torch.arange(x.shape[1], device=x.device) + past_len).unsqueeze(0)
+    def rope(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)  # (attention_scaling is 1 for these rope types)
 
-    def run_blocks(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        past_len = cache.length if cache is not None else 0
-        cos, sin = self.rope(x, past_len)
+    def run_blocks(self, x: torch.Tensor, cache: KVCache | Batch | None = None) -> torch.Tensor:
+        batch = as_batch(x, cache)
+        if batch is None:
+            positions = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+        else:
+            positions = batch.positions(x.device)
+        cos, sin = self.rope(x, positions)
         for j, block in enumerate(self.model.layers.values()):
-            x = block(x, cos, sin, cache.layers[j] if cache is not None else None, past_len)
-        if cache is not None:
-            cache.length += x.shape[1]
+            x = block(x, cos, sin, batch.segments(j) if batch is not None else None)
+        if batch is not None:
+            batch.advance()
         return x
 
     def logits(self, x: torch.Tensor, last_only: bool = False) -> torch.Tensor:
@@ -313,6 +329,9 @@ class Llama(Architecture):
             if not s.tied:
                 out.append(("lm_head.weight", (s.vocab_size, h)))
         return out
+
+    def kv_bytes_per_token(self, n_blocks: int, element_size: int) -> int:
+        return 2 * n_blocks * self.shape.n_kv_head * self.shape.head_dim * element_size
 
     def stage(self, embed: bool, head: bool, blocks: range) -> LlamaStage:
         return LlamaStage(self.shape, embed, head, blocks)
