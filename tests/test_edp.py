@@ -239,7 +239,7 @@ def test_edp_stop_after_then_resume_continues_to_the_end(tmp_path):
     assert first["steps"] == 60 and first["applied"] == 60
     assert json.loads((tmp_path / "checkpoint.json").read_text())["step"] == 60
     resumed = run(tmp_path, *common, f"resume={tmp_path}")
-    assert resumed["steps"] == 120 and resumed["applied"] == 60  # the remaining 60 updates, no more
+    assert resumed["steps"] == 120 and resumed["applied"] == 120  # the whole run's: 60 before, the remaining 60 after
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "loss" in r]
     assert [r["step"] for r in logged] == list(range(10, 121, 10))  # appended: 10..60, then 70..120
