@@ -247,3 +247,10 @@ def test_edp_stop_after_then_resume_continues_to_the_end(tmp_path):
     # and step 70's lr is the 120-step cosine's (0.05 decaying to 0.005), not a fresh schedule's
     assert logged[6]["loss"] < logged[0]["loss"] / 2
     assert logged[6]["lr"] == pytest.approx(0.005 + 0.0225 * (1 + math.cos(math.pi * 69 / 120)))
+    # one run's files: counters go on from the checkpoint's, the restart is an event, worker history is kept
+    assert [r["event"] for r in rows if "event" in r] == ["resumed"]
+    assert all(r["samples"] == 64 * r["step"] for r in logged)  # an EDP update is one worker's batch
+    assert resumed["samples"] == 64 * 120 and resumed["wall_s"] > first["wall_s"]
+    assert sum(w["applied"] for w in resumed["workers"].values()) == 120
+    assert all(w["rejoins"] == 1 and w["joined_step"] == 60 for w in resumed["workers"].values())
+    assert resumed["bytes_received"] > first["bytes_received"] * 1.9
