@@ -2,7 +2,9 @@
 
 An algorithm is a policy on top of this: ``local`` calls :meth:`Trainer.step_local`
 in a loop; the parameter server gets gradients from the wire, puts them in
-``trainer.flat.grads`` and calls :meth:`Trainer.apply_gradients`.
+``trainer.flat.grads`` and calls :meth:`Trainer.apply_gradients`. Every algorithm then hands
+its row of figures to :meth:`Trainer.after_step`, the one home of the cadence (grad norms, eval,
+log, checkpoint), and counts samples and time on the Trainer, which a resume carries on.
 """
 
 from __future__ import annotations
