@@ -2,7 +2,9 @@
 
 An algorithm is a policy on top of this: ``local`` calls :meth:`Trainer.step_local`
 in a loop; the parameter server gets gradients from the wire, puts them in
-``trainer.flat.grads`` and calls :meth:`Trainer.apply_gradients`.
+``trainer.flat.grads`` and calls :meth:`Trainer.apply_gradients`. Every algorithm then hands
+its row of figures to :meth:`Trainer.after_step`, the one home of the cadence (grad norms, eval,
+log, checkpoint), and counts samples and time on the Trainer, which a resume carries on.
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ class Trainer:
         # The schedule always spans total_steps; stop_after only ends this process early (resume continues).
         self.end_step = min(self.total_steps, cfg.train.get("stop_after") or self.total_steps)
         self.step = 0
+        # The run's counters, carried across resumes in the checkpoint's JSON (``run``): samples trained on and
+        # training wall time (waiting for workers and the time between a crash and its restart not counted).
+        self.samples, self.wall_before, self.t0 = 0, 0.0, time.perf_counter()
+        self.carried: dict = {}  # the rest of ``run`` from the checkpoint: an algorithm's own counters, worker history
+        self.resumed_from: Path | None = None
         # Per-layer gradient norms every N steps (logging.grad_norm_every), measured before clipping.
         self.grad_norm_every = int(cfg.get("logging", {}).get("grad_norm_every") or 0)
         self.grad_norms: dict[str, float] = {}
@@ -94,16 +101,37 @@ class Trainer:
         lr = self.apply_gradients()
         return loss, n, lr
 
-    def after_step(self, recorder, run_dir: str | Path, row: dict) -> None:
+    def after_step(self, recorder, run_dir: str | Path, row: dict, run_state=None) -> dict:
         """The cadence after a step: grad norms and a due evaluation join ``row``, which is logged (if not
-        empty), and a due checkpoint is written."""
+        empty), and a due checkpoint is written, with ``run_state()`` (the algorithm's counters) in its JSON.
+        Returns the evaluation, if one was due (else an empty dict)."""
         row.update(self.pop_grad_norms())
-        if self.due(self.train.eval_every):
-            row.update(self.evaluate())
+        evaluation = self.evaluate() if self.due(self.train.eval_every) else {}
+        row.update(evaluation)
         if row:
             recorder.log(self.step, **row)
         if self.due(self.train.checkpoint_every):
-            self.save(run_dir)
+            self.save(run_dir, run_state() if run_state is not None else None)
+        return evaluation
+
+    # -- the run's clock and counters (one run, however many times it was resumed) ---------------
+    def start_clock(self, recorder=None) -> None:
+        """Start timing training (not the wait for workers); metrics.jsonl's ``time`` goes on from the checkpoint's.
+        A resumed run's restart is recorded there as an event row at the checkpoint's step."""
+        self.t0 = time.perf_counter()
+        if recorder is not None:
+            recorder.t0 = time.time() - self.wall_before
+            if self.resumed_from is not None:
+                recorder.event(self.step, "resumed", resumed_from=str(self.resumed_from),
+                               dropped_rows=recorder.dropped_rows)
+
+    @property
+    def elapsed(self) -> float:
+        return self.wall_before + time.perf_counter() - self.t0
+
+    @property
+    def rate(self) -> float:
+        return self.samples / max(self.elapsed, 1e-9)
 
     def optimizer_state_bytes(self) -> int:
         """Bytes held by the optimizer's state tensors (AdamW: two moments per parameter)."""
@@ -117,13 +145,15 @@ class Trainer:
         return evaluate(self.model, self.data.test_x, self.data.test_y, self.kind, self.device,
                         max_samples=self.train.eval_samples)
 
-    def save(self, run_dir: str | Path, extra: dict | None = None) -> Path:
+    def save(self, run_dir: str | Path, run_state: dict | None = None) -> Path:
+        """Weights, optimizer and, in the JSON's ``run``, the counters a resume carries on (plus ``run_state``)."""
         tok = self.data.tokenizer
         if tok is not None and not (Path(run_dir) / "tokenizer.json").is_file():
             tok.save(Path(run_dir) / "tokenizer.json")  # inference and chat decode with the run's own tokenizer
         path = checkpoint.save(run_dir, self.model, self.optimizer, self.step,
                                {"fingerprint": self.fingerprint, "model": OmegaConf.to_container(self.cfg.model, resolve=True),
-                                **(extra or {})})
+                                "run": {"samples": self.samples, "wall_s": round(self.elapsed, 3),
+                                        **(run_state or {})}})
         if is_hf_model(self.model):  # also as a Hugging Face directory: the result goes anywhere transformers does
             tok_file = None if tok is None else (getattr(tok, "path", None) or Path(run_dir) / "tokenizer.json")
             save_hf_dir(self.model, None, Path(run_dir) / "hf", tok_file)
@@ -132,22 +162,28 @@ class Trainer:
     def resume(self, path: str | Path) -> dict:
         meta = checkpoint.load(path, self.model, self.optimizer)
         self.step = int(meta["step"])
+        self.carried = dict(meta.get("run") or {})
+        self.samples = int(self.carried.pop("samples", 0))
+        self.wall_before = float(self.carried.pop("wall_s", 0.0))
+        self.resumed_from = checkpoint.resolve(path)
         logger.info(f"resumed from {checkpoint.resolve(path)} at step {self.step}")
         return meta
 
     def due(self, every: int) -> bool:
         return bool(every) and self.step % every == 0 and self.step < self.end_step
 
-    def summary(self, algo: str, samples: int, wall_s: float, final_loss: float | None,
-                evaluation: dict, run_dir: Path, **extra) -> dict:
+    def summary(self, algo: str, final_loss: float | None, evaluation: dict, run_dir: Path, **extra) -> dict:
+        """The whole run's figures (a resumed run's counters go on from its checkpoint's)."""
+        wall_s = self.elapsed
         return {
             "algo": algo,
             "model": self.cfg.model.name,
             "data": self.cfg.data.name,
             "steps": self.step,
-            "samples": samples,
+            "samples": self.samples,
             "wall_s": round(wall_s, 3),
-            "samples_per_s": round(samples / wall_s, 2) if wall_s > 0 else None,
+            "samples_per_s": round(self.samples / wall_s, 2) if wall_s > 0 else None,
+            **({"resumed_from": str(self.resumed_from)} if self.resumed_from else {}),
             "final_loss": final_loss,
             **evaluation,
             "params": self.num_params,
@@ -174,19 +210,3 @@ class LossWindow:
         if not self.values:
             return None
         return float(torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in self.values]).mean())
-
-
-class Throughput:
-    def __init__(self):
-        self.t0, self.samples = time.perf_counter(), 0
-
-    def add(self, n: int) -> None:
-        self.samples += n
-
-    @property
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
-
-    @property
-    def rate(self) -> float:
-        return self.samples / max(self.elapsed, 1e-9)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -205,3 +206,17 @@ def test_bad_allreduce_settings_are_one_line_errors(override, message):
         cfg = compose("config", overrides=["algo=allreduce", override])
     with pytest.raises(ConfigError, match=message):
         check(cfg)
+
+
+def test_stopped_and_resumed_ring_ends_like_local_and_reads_as_one_run(tmp_path):
+    args = ["algo=allreduce", "cluster.workers=2", "train.batch_size=32", "train.steps=20", "train.log_every=5", *FAST]
+    first = train(tmp_path / "run", *args, "train.stop_after=10")
+    s = train(tmp_path / "run", *args, f"resume={tmp_path / 'run'}")
+    train(tmp_path / "local", "algo=local", "train.batch_size=64", "train.steps=20")
+    assert first["steps"] == 10 and s["steps"] == 20
+    assert max_abs_diff(tmp_path / "run", tmp_path / "local") < 1e-5
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if r.strip()]
+    assert [r["step"] for r in rows if "loss" in r] == [5, 10, 15, 20]
+    assert [(r["step"], r["event"]) for r in rows if "event" in r] == [(10, "resumed")]
+    assert s["samples"] == 20 * 64 and all(r["samples"] == 64 * r["step"] for r in rows if "loss" in r)
+    assert s["bytes_sent"] == pytest.approx(2 * first["bytes_sent"], rel=0.05)  # counted from step 0, not from 10

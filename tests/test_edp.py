@@ -17,6 +17,7 @@ from smolcluster.trainer import Trainer
 from smolcluster.transport import wire
 from tests.cluster_util import Cluster
 from tests.conftest import train
+from tests.test_syncps import log_seconds
 
 FAST = ["cluster.heartbeat_s=0.2", "cluster.liveness_s=3", "cluster.connect_timeout_s=60"]
 
@@ -239,7 +240,7 @@ def test_edp_stop_after_then_resume_continues_to_the_end(tmp_path):
     assert first["steps"] == 60 and first["applied"] == 60
     assert json.loads((tmp_path / "checkpoint.json").read_text())["step"] == 60
     resumed = run(tmp_path, *common, f"resume={tmp_path}")
-    assert resumed["steps"] == 120 and resumed["applied"] == 60  # the remaining 60 updates, no more
+    assert resumed["steps"] == 120 and resumed["applied"] == 120  # the whole run's: 60 before, the remaining 60 after
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "loss" in r]
     assert [r["step"] for r in logged] == list(range(10, 121, 10))  # appended: 10..60, then 70..120
@@ -247,3 +248,39 @@ def test_edp_stop_after_then_resume_continues_to_the_end(tmp_path):
     # and step 70's lr is the 120-step cosine's (0.05 decaying to 0.005), not a fresh schedule's
     assert logged[6]["loss"] < logged[0]["loss"] / 2
     assert logged[6]["lr"] == pytest.approx(0.005 + 0.0225 * (1 + math.cos(math.pi * 69 / 120)))
+    # one run's files: counters go on from the checkpoint's, the restart is an event, worker history is kept
+    assert [r["event"] for r in rows if "event" in r] == ["resumed"]
+    assert all(r["samples"] == 64 * r["step"] for r in logged)  # an EDP update is one worker's batch
+    assert resumed["samples"] == 64 * 120 and resumed["wall_s"] > first["wall_s"]
+    assert sum(w["applied"] for w in resumed["workers"].values()) == 120
+    assert all(w["rejoins"] == 1 and w["joined_step"] == 60 for w in resumed["workers"].values())
+    assert resumed["bytes_received"] > first["bytes_received"] * 1.9
+
+
+def test_a_killed_edp_server_resumed_keeps_every_count_and_its_workers_rejoin_within_liveness(tmp_path):
+    n, liveness = 300, 3
+    with Cluster(tmp_path, "edp", f"train.steps={n}", "train.checkpoint_every=25", "train.log_every=5", *FAST,
+                 "cluster.nodes=[{delay_s: 0.05},{delay_s: 0.05}]") as c:
+        c.server()
+        c.worker(0)
+        c.worker(1)
+        c.wait_for_step(60)
+        c.kill("server")
+        ckpt_step = json.loads((tmp_path / "checkpoint.json").read_text())["step"]
+        c.server(f"resume={tmp_path}")
+        assert c.wait("server", timeout=240) == 0, c.output("server")[-3000:]
+        for w in ("worker0", "worker1"):
+            assert c.wait(w, timeout=30) == 0, c.output(w)[-2000:]
+        s, rows, log = c.summary(), c.metrics(), c.output("server").splitlines()
+    assert s["steps"] == n and ckpt_step >= 50
+    logged = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in logged] == list(range(5, n + 1, 5))  # each update logged once
+    assert [(r["step"], r["event"]) for r in rows if "event" in r] == [(ckpt_step, "resumed")]
+    assert all(r["samples"] == 64 * r["step"] for r in logged) and s["samples"] == 64 * n
+    # every update applied is one worker's, counted across the restart: the per-worker counts add up to the run's
+    assert s["applied"] == n and sum(w["applied"] for w in s["workers"].values()) == n
+    assert all(w["rejoins"] == 1 and w["joined_step"] >= ckpt_step for w in s["workers"].values())
+    # both workers found the new server within liveness_s of its start (its log's clock)
+    started = log_seconds(next(x for x in log if "edp server on" in x))
+    joined = [log_seconds(x) for x in log if " joined from node " in x]
+    assert len(joined) == 2 and max(joined) - started < liveness + 1.0, (started, joined)

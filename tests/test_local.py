@@ -70,6 +70,20 @@ def test_gpt2_tiny_learns_shakespeare_and_resume_matches_uninterrupted(tmp_path,
     assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
 
 
+def test_a_run_stopped_and_resumed_in_its_own_directory_reads_as_one_run(tmp_path):
+    common = ["algo=local", "train.steps=40", "train.log_every=5", "train.checkpoint_every=10"]
+    first = train(tmp_path, *common, "train.stop_after=25")  # its last checkpoint is at step 25
+    assert first["steps"] == 25
+    s = train(tmp_path, *common, f"resume={tmp_path}")
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in logged] == list(range(5, 41, 5))  # each step once
+    assert all(r["samples"] == 64 * r["step"] for r in logged)
+    assert [(r["step"], r["event"]) for r in rows if "event" in r] == [(25, "resumed")]
+    assert [r["time"] for r in rows] == sorted(r["time"] for r in rows)
+    assert s["samples"] == 64 * 40 and s["wall_s"] > first["wall_s"]
+
+
 def test_help_and_cfg_job_work_as_hydra_users_expect():
     out = run_cli("smolcluster.train", "--help").stdout
     assert "algo: " in out or "algo:" in out

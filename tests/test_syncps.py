@@ -65,8 +65,18 @@ def test_sigkill_a_worker_mid_run_the_rest_finishes(tmp_path):
     assert losses[-1] < min(before)  # still learning after the loss of a worker
 
 
-def test_server_killed_and_restarted_with_resume_continues_from_checkpoint(tmp_path):
-    args = ["train.steps=200", "train.checkpoint_every=25", "train.log_every=5", "algo.straggler_timeout=2",
+def log_seconds(line: str) -> float:
+    """Seconds since midnight of a console log line (``HH:MM:SS.mmm ...``)."""
+    h, m, sec = line.split()[0].split(":")
+    return int(h) * 3600 + int(m) * 60 + float(sec)
+
+
+def test_server_killed_and_restarted_with_resume_reads_as_one_run_and_ends_like_local(tmp_path):
+    """SIGKILL the server between checkpoints, restart it with resume: the run's files read as one run, the
+    workers find the new server within cluster.liveness_s, and the weights end as an uninterrupted run's."""
+    n, liveness = 200, 3
+    # straggler_timeout=20: without the ping, a worker would wait 23 s for weights before re-registering
+    args = [f"train.steps={n}", "train.checkpoint_every=25", "train.log_every=5", "algo.straggler_timeout=20",
             *FAST, "cluster.nodes=[{delay_s: 0.05},{delay_s: 0.05}]"]
     with Cluster(tmp_path / "run", "syncps", *args) as c:
         c.server()
@@ -76,15 +86,42 @@ def test_server_killed_and_restarted_with_resume_continues_from_checkpoint(tmp_p
         c.kill("server")
         ckpt_step = json.loads((tmp_path / "run" / "checkpoint.json").read_text())["step"]
         assert ckpt_step >= 50 and ckpt_step % 25 == 0
+        replayed = [r for r in c.metrics() if r["step"] > ckpt_step]  # logged, then lost with the server
         c.server(f"resume={tmp_path / 'run'}")
         assert c.wait("server", timeout=240) == 0, c.output("server")[-3000:]
         for w in ("worker0", "worker1"):
             assert c.wait(w, timeout=30) == 0, c.output(w)[-2000:]
-        s = c.summary()
-    assert s["steps"] == 200
-    assert f"resumed from {tmp_path / 'run'}/checkpoint.safetensors at step {ckpt_step}" in c.output("server")
-    steps = [r["step"] for r in c.metrics()]
-    assert ckpt_step + 5 in steps  # logging picked up right after the checkpoint step
+        s, rows, log = c.summary(), c.metrics(), c.output("server").splitlines()
+    assert s["steps"] == n
+    assert f"resumed from {tmp_path / 'run'}/checkpoint.safetensors at step {ckpt_step}" in "\n".join(log)
+
+    # metrics.jsonl: each step logged once, counters cumulative, the restart one event row
+    events = [r for r in rows if "event" in r]
+    assert len(events) == 1 and events[0]["event"] == "resumed" and events[0]["step"] == ckpt_step
+    assert events[0]["dropped_rows"] == len(replayed)
+    logged = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in logged] == list(range(5, n + 1, 5))
+    assert s["straggler_skips"] == 0
+    assert all(r["samples"] == 128 * r["step"] for r in logged)  # two workers x 64, from step 0
+    times = [r["time"] for r in rows]
+    assert times == sorted(times)  # the clock goes on from the checkpoint's, it does not restart at 0
+    # summary.json: the whole run
+    assert s["samples"] == 128 * n and s["resumed_from"].endswith("checkpoint.safetensors")
+    assert s["wall_s"] >= logged[-1]["time"] * 0.99 and s["samples_per_s"] == pytest.approx(s["samples"] / s["wall_s"], rel=0.01)
+    for rank in ("0", "1"):  # each worker's history carried across the restart
+        w = s["workers"][rank]
+        assert w["applied"] == n and w["samples"] == 64 * n and w["rejoins"] == 1 and w["joined_step"] == ckpt_step
+    assert s["bytes_received"] > sum(w["bytes_received"] for w in s["workers"].values()) * 0.99
+    assert s["bytes_received"] >= n * 2 * 4 * 0.99 * s["params"]  # n steps x 2 workers x fp32 gradients
+
+    # the workers re-registered within liveness_s of the new server's start (its log's clock)
+    started = log_seconds(next(x for x in log if "syncps server on" in x))
+    joined = [log_seconds(x) for x in log if " joined from node " in x]
+    assert len(joined) == 2 and max(joined) - started < liveness + 1.0, (started, joined)
+
+    # and it ends where an uninterrupted run on the union of the batches does
+    train(tmp_path / "local", "algo=local", "train.batch_size=128", f"train.steps={n}")
+    assert max_abs_diff(tmp_path / "run", tmp_path / "local") < 1e-5
 
 
 def test_worker_with_a_foreign_model_is_refused_on_both_sides(tmp_path):

@@ -184,14 +184,19 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
     ring = RingRunner(link, trainer, overlap=bool(cfg.algo.overlap))
     sharded = ShardedOptimizer(trainer, link) if zero else None
     codec, tr, lead = codecs(cfg.algo)[0], trainer.train, rank == 0
-    recorder = open_recorder(cfg, run_dir, append=bool(cfg.resume), files=lead)
-    window, ring_s, samples = LossWindow(tr.log_every), 0.0, 0
+    recorder = open_recorder(cfg, run_dir, files=lead, keep_until=trainer.step if cfg.resume else None)
+    window, ring_s = LossWindow(tr.log_every), 0.0
+    sent_before = trainer.carried.get("bytes_sent", 0)  # rank 0's bytes before a resume: its counters go on
+
+    def run_state() -> dict:  # what the checkpoint's JSON carries for a resume, besides samples and wall time
+        return {"bytes_sent": sent_before + link.bytes_sent}
+
     logger.info(f"allreduce rank {rank}/{n} on {nodes[rank].bind} -> rank {link.succ} at {nodes[link.succ].address}: "
                 f"model={cfg.model.name} ({trainer.num_params:,} params) zero={zero} compression={codec} "
                 f"overlap={bool(cfg.algo.overlap)}")
     try:
         ring.call(link.connect, trainer.fingerprint, cluster.connect_timeout_s)
-        t0, recorder.t0 = time.perf_counter(), time.time()
+        trainer.start_clock(recorder)
         while trainer.step < trainer.end_step:
             sent = link.bytes_sent
             tasks = ring.start(trainer.step, sizes[rank] / total, link.reduce_scatter if zero else link.allreduce, codec)
@@ -213,29 +218,28 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
                     ring.call(link.all_gather, p, "none", name)  # parameters: never lossy (no error feedback)
                 ring_s += time.perf_counter() - t_ring
             window.add(float(stats[:, 0].sum()))
-            samples += total
+            trainer.samples += total
             if not lead:
                 continue
             step, row = trainer.step, {}
             if step % tr.log_every == 0 or step == trainer.end_step:
-                rate = samples / max(time.perf_counter() - t0, 1e-9)
-                row = {"loss": window.mean(), "lr": lr, "samples": samples, "samples_per_s": round(rate, 2),
-                       "bytes_sent": link.bytes_sent, "bytes_sent_step": link.bytes_sent - sent,
+                rate = trainer.rate
+                row = {"loss": window.mean(), "lr": lr, "samples": trainer.samples, "samples_per_s": round(rate, 2),
+                       "bytes_sent": sent_before + link.bytes_sent, "bytes_sent_step": link.bytes_sent - sent,
                        "allreduce_s": round(ring_s / step, 6)}
                 logger.info(f"step {step}/{trainer.end_step} loss {row['loss']:.4f} ({rate:,.0f} samples/s, "
                             f"ring {1000 * ring_s / step:.1f} ms/step)")
-            trainer.after_step(recorder, run_dir, row)
-        wall = time.perf_counter() - t0
+            trainer.after_step(recorder, run_dir, row, run_state)
         if not lead:
             return None
         evaluation = trainer.evaluate()
         recorder.log(trainer.step, **evaluation)
-        trainer.save(run_dir)
-        steps = max(1, trainer.step)
+        trainer.save(run_dir, run_state())
+        steps, sent = max(1, trainer.step), sent_before + link.bytes_sent
         summary = trainer.summary(
-            "allreduce", samples, wall, window.mean(), evaluation, run_dir, ring=n, zero=zero,
+            "allreduce", window.mean(), evaluation, run_dir, ring=n, zero=zero,
             optimizer_state_bytes=sharded.state_bytes() if zero else trainer.optimizer_state_bytes(),
-            bytes_sent=link.bytes_sent, bytes_sent_per_step=round(link.bytes_sent / steps),
+            bytes_sent=sent, bytes_sent_per_step=round(sent / steps),
             allreduce_s_per_step=round(ring_s / steps, 6), buckets=len(ring.order),
             buckets_during_backward=round(ring.early / max(1, ring.total), 4), rejected_messages=dict(link.rejected))
         return recorder.finish(summary)

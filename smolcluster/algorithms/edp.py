@@ -45,12 +45,15 @@ class EdpServer(ServerBase):
             self.trainer.total_steps *= cfg.cluster.workers
             self.trainer.end_step = min(self.trainer.total_steps, cfg.train.get("stop_after") or self.trainer.total_steps)
         self.rule, self.max_staleness = cfg.algo.staleness_rule, int(cfg.algo.max_staleness)
-        self.applied = self.dropped = 0
+        self.applied, self.dropped = self.trainer.carried.get("applied", 0), self.trainer.carried.get("dropped", 0)
         self.started = False  # True once algo.min_workers have registered
         self.window_stale: dict[int, list[int]] = {}  # per rank, since the last logged step
         self.window_loss: list[float] = []
         # Weights each recent version was sent with, for delay compensation (dc) only.
         self.history: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+
+    def run_state(self) -> dict:
+        return {**super().run_state(), "applied": self.applied, "dropped": self.dropped}
 
     def send_weights(self, worker: WorkerInfo, kind: str = "weights") -> None:
         if self.rule == "dc" and self.trainer.step not in self.history:
@@ -147,7 +150,7 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> None:
             if local_step % pull_every == 0:
                 link.client.send("pull", {"rank": rank})
                 msg = link.recv(wait_s)
-                while msg is not None and msg.kind == "error":
+                while msg is not None and msg.kind == "error" and msg.fields["reason"] != "unregistered":
                     logger.error(f"server rejected our message: {msg.fields['reason']}: {msg.fields['detail']}")
                     msg = link.recv(wait_s)
             else:
@@ -162,6 +165,9 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> None:
                 return
             if msg.kind in ("weights", "welcome"):
                 link.load(msg)
+            elif msg.kind == "error" and msg.fields["reason"] == "unregistered":
+                logger.warning(f"the server at {link.address} does not know us (restarted?); re-registering")
+                link.register()
             elif msg.kind != "error":
                 raise PeerError(f"unexpected {msg.kind!r} from the server")
     finally:

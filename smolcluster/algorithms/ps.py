@@ -83,6 +83,24 @@ class WorkerInfo:
     rejoins: int = 0          # registrations after the first (a restarted or reconnected worker)
     stale: list[int] = field(default_factory=list)
 
+    def state(self) -> dict:
+        """Its history, for the checkpoint's JSON (a resumed server carries it on)."""
+        out = {k: getattr(self, k) for k in ("node", "device", "batch_size", "joined_step", "lost_step", "applied",
+                                             "skipped", "samples", "last_loss", "bytes_received", "rejoins")}
+        out["staleness_hist"] = np.bincount(np.asarray(self.stale, dtype=np.int64)).tolist() if self.stale else []
+        return out
+
+    @classmethod
+    def restore(cls, rank: int, state: dict) -> WorkerInfo:
+        """A worker known from the checkpoint: not alive until it registers with this server (and its
+        registration then continues this history)."""
+        hist = state.get("staleness_hist") or []
+        w = cls(rank, b"", state["node"], state["device"], state["batch_size"], alive=False,
+                stale=np.repeat(np.arange(len(hist)), hist).tolist())
+        for k in ("joined_step", "lost_step", "applied", "skipped", "samples", "last_loss", "bytes_received", "rejoins"):
+            setattr(w, k, state.get(k, getattr(w, k)))
+        return w
+
     def report(self) -> dict:
         out = {k: getattr(self, k) for k in ("node", "device", "batch_size", "joined_step", "lost_step", "applied",
                                              "skipped", "samples", "last_loss", "bytes_received", "samples_per_s",
@@ -114,22 +132,27 @@ class ServerBase:
         (self.run_dir / "server.json").write_text(json.dumps({"address": self.endpoint.address,
                                                               "port": self.endpoint.port, "algo": self.algo}))
         self.workers: dict[int, WorkerInfo] = {}
-        self.recorder = open_recorder(cfg, self.run_dir, append=bool(cfg.resume))
+        self.recorder = open_recorder(cfg, self.run_dir, keep_until=self.trainer.step if cfg.resume else None)
         self.ema = {n: t.detach().clone() for n, t in self.flat.params.items()} if cfg.algo.get("ema") else None
-        self.samples = 0
-        self.bytes_sent = self.bytes_received = 0
-        self.t0 = time.perf_counter()
+        carried = self.trainer.carried  # a resumed run goes on counting where its checkpoint stopped
+        self.bytes_sent, self.bytes_received = carried.get("bytes_sent", 0), carried.get("bytes_received", 0)
+        for rank, state in carried.get("workers", {}).items():
+            self.workers[int(rank)] = WorkerInfo.restore(int(rank), state)
         self._weights: tuple[int, dict[str, np.ndarray]] | None = None
         self.last_lr: float | None = None
-        self._last_eval: dict = {}
         logger.info(f"{self.algo} server on {self.endpoint.address}: model={cfg.model.name} "
                     f"({self.trainer.num_params:,} params) steps={self.trainer.step}->{self.trainer.end_step} "
                     f"waiting for {self.cluster.workers} workers")
 
     def start_clock(self) -> None:
         """Throughput and metrics.jsonl times count training, not waiting for workers to start."""
-        self.t0 = time.perf_counter()
-        self.recorder.t0 = time.time()
+        self.trainer.start_clock(self.recorder)
+
+    def run_state(self) -> dict:
+        """What a checkpoint records for a resume to carry on (besides the trainer's samples and wall time):
+        traffic and each worker's history. Policies add their own counters."""
+        return {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
+                "workers": {str(r): w.state() for r, w in sorted(self.workers.items())}}
 
     # -- membership -------------------------------------------------------------------------
     def live(self) -> list[WorkerInfo]:
@@ -225,6 +248,9 @@ class ServerBase:
             return self.on_register(peer, msg)
         worker = self.worker_for(peer)
         if worker is None:
+            if msg.kind == "ping":  # a worker of an earlier server (this one restarted): it re-registers
+                self.endpoint.send(peer, "error", {"reason": "unregistered", "detail": "this server does not know you"})
+                return
             if msg.kind == "heartbeat":
                 w = self.workers.get(msg.fields["rank"])
                 if w is not None and w.alive:
@@ -247,7 +273,7 @@ class ServerBase:
             worker.alive, worker.lost_step = False, self.trainer.step
             logger.info(f"worker {worker.rank} left at step {self.trainer.step}")
             self.on_lost(worker)
-        elif msg.kind != "heartbeat":
+        elif msg.kind not in ("heartbeat", "ping"):
             self.endpoint.rejected["unexpected_kind"] += 1
             self.endpoint.send(peer, "error", {"reason": "unexpected_kind", "detail": f"server does not take {msg.kind!r}"})
 
@@ -256,29 +282,22 @@ class ServerBase:
 
     # -- after each optimizer step ----------------------------------------------------------
     def after_step(self, loss: float | None, samples: int, **metrics) -> None:
-        self.samples += samples
+        trainer = self.trainer
+        trainer.samples += samples
         if self.ema is not None:
             decay = float(self.cfg.algo.ema)
             for name, t in self.flat.params.items():
                 self.ema[name].lerp_(t.detach(), 1 - decay)
-        step, tr = self.trainer.step, self.tr
+        step = trainer.step
         row: dict = {}
-        if step % tr.log_every == 0 or step == self.trainer.end_step:
-            elapsed = time.perf_counter() - self.t0
-            row = {"loss": loss, "lr": self.last_lr, "samples": self.samples,
-                   "samples_per_s": round(self.samples / elapsed, 2), "bytes_sent": self.bytes_sent,
+        if step % self.tr.log_every == 0 or step == trainer.end_step:
+            row = {"loss": loss, "lr": self.last_lr, "samples": trainer.samples,
+                   "samples_per_s": round(trainer.rate, 2), "bytes_sent": self.bytes_sent,
                    "bytes_received": self.bytes_received, "peers_alive": len(self.live()), **metrics}
             row.update({f"loss/{w.rank}": w.last_loss for w in self.workers.values() if w.last_loss is not None})
             logger.info(f"step {step}/{self.trainer.end_step} loss {loss:.4f} "
                         f"({row['samples_per_s']:,.0f} samples/s, {row['peers_alive']} workers)")
-        row.update(self.trainer.pop_grad_norms())
-        if self.trainer.due(tr.eval_every):
-            self._last_eval = self.trainer.evaluate()
-            row.update(self._last_eval)
-        if row:
-            self.recorder.log(step, **row)
-        if self.trainer.due(tr.checkpoint_every):
-            self.trainer.save(self.run_dir)
+        trainer.after_step(self.recorder, self.run_dir, row, self.run_state)
 
     def wait_for_workers(self, count: int) -> None:
         deadline = time.monotonic() + self.cluster.connect_timeout_s
@@ -301,10 +320,9 @@ class ServerBase:
             evaluation.update({f"ema_{k}": v for k, v in self.trainer.evaluate().items()})
             self.flat.load_params(saved)
         self.recorder.log(self.trainer.step, **evaluation)
-        self.trainer.save(self.run_dir)
-        wall = time.perf_counter() - self.t0
+        self.trainer.save(self.run_dir, self.run_state())
         summary = self.trainer.summary(
-            self.algo, self.samples, wall, self.final_loss(), evaluation, self.run_dir,
+            self.algo, self.final_loss(), evaluation, self.run_dir,
             workers={str(r): w.report() for r, w in sorted(self.workers.items())},
             workers_lost=sorted(r for r, w in self.workers.items() if not w.alive),
             rejected_messages=dict(self.endpoint.rejected), bytes_sent=self.bytes_sent,
@@ -398,6 +416,14 @@ class WorkerLink:
         if self.recorder is not None:
             self.recorder.finish(None)
             self.recorder = None
+
+    def ping(self) -> None:
+        """Ask the server whether it knows us: a restarted one answers ``unregistered`` (the live one, nothing),
+        so a worker finds a new server within its ping interval instead of after its longest wait."""
+        try:
+            self.client.send("ping", {"rank": self.rank})
+        except PeerError:
+            pass  # no server to hear it yet: the next ping tries again
 
     def recv(self, timeout_s: float) -> Message | None:
         return self.client.recv(int(timeout_s * 1000))

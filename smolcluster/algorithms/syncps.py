@@ -30,7 +30,10 @@ class SyncServer(ServerBase):
     def __init__(self, cfg: DictConfig, run_dir: Path):
         super().__init__(cfg, run_dir)
         self.pending: dict[int, tuple[dict[str, torch.Tensor], int, float]] = {}
-        self.straggler_skips = 0
+        self.straggler_skips = self.trainer.carried.get("straggler_skips", 0)
+
+    def run_state(self) -> dict:
+        return {**super().run_state(), "straggler_skips": self.straggler_skips}
 
     def on_grad(self, worker: WorkerInfo, msg: Message, grads: dict[str, torch.Tensor]) -> None:
         f = msg.fields
@@ -95,18 +98,30 @@ class SyncServer(ServerBase):
 
 def next_message(link: WorkerLink, wait_s: float) -> Message | None:
     """The server's next word for us, skipping errors (logged) and weights that a newer version in the queue
-    replaces: a straggler then computes on the current step, not on every step it missed, one by one."""
-    msg = None
-    while (got := link.recv(0 if msg is not None else wait_s)) is not None:
+    replaces: a straggler then computes on the current step, not on every step it missed, one by one.
+
+    None after ``wait_s`` of silence. Silent for ``cluster.liveness_s / 2``, the worker pings: the server may be
+    waiting for a straggler (it ignores the ping) or may have been restarted (it answers ``unregistered``, which
+    is returned: the caller re-registers)."""
+    msg, deadline = None, time.monotonic() + wait_s
+    ping_s = link.cluster.liveness_s / 2
+    while True:
+        got = link.recv(0 if msg is not None else min(ping_s, max(0.0, deadline - time.monotonic())))
+        if got is None:
+            if msg is not None or time.monotonic() >= deadline:
+                return msg
+            link.ping()
+            continue
         if got.kind == "error":
+            if got.fields["reason"] == "unregistered":
+                return got
             logger.error(f"server rejected our message: {got.fields['reason']}: {got.fields['detail']}")
             continue
         if msg is not None:
             link.bytes_received += msg.nbytes  # received, then superseded
         msg = got
         if msg.kind != "weights":
-            break
-    return msg
+            return msg
 
 
 def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> None:
@@ -127,6 +142,9 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> None:
             msg = next_message(link, wait_s)
             if msg is None:
                 logger.warning(f"no weights from {link.address} for {wait_s:.0f}s; re-registering")
+                msg = link.register()
+            elif msg.kind == "error":  # unregistered: a restarted server
+                logger.warning(f"the server at {link.address} does not know us (restarted?); re-registering")
                 msg = link.register()
             elif msg.kind == "stop":
                 logger.info(f"worker {rank} done: {msg.fields['reason']}")

@@ -19,13 +19,26 @@ class RunRecorder:
 
     Each row also gets, when due, this process's hardware use (every ``hardware_every``
     steps) and the bandwidth implied by its ``bytes_sent`` / ``bytes_received`` totals.
+
+    ``keep_until=N`` (a run resumed from its step-N checkpoint) keeps the rows up to step N and drops
+    the later ones (``dropped_rows``): those steps are trained again, and each step is logged once.
     """
 
     def __init__(self, run_dir: str | Path, sinks: list | None = None, append: bool = False,
-                 files: bool = True, hardware_every: int = 0):
+                 files: bool = True, hardware_every: int = 0, keep_until: int | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.dropped_rows = 0
+        if files and keep_until is not None:
+            append = True
+            if self.metrics_path.is_file():
+                rows = self.metrics_path.read_text().splitlines(keepends=True)
+                kept = [r for r in rows if r.strip() and json.loads(r)["step"] <= keep_until]
+                self.dropped_rows = sum(1 for r in rows if r.strip()) - len(kept)
+                tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.tmp")
+                tmp.write_text("".join(kept))
+                tmp.replace(self.metrics_path)
         self._file = self.metrics_path.open("a" if append else "w", buffering=1) if files else None
         self.sinks = list(sinks or [])
         self.t0 = time.time()
@@ -56,6 +69,13 @@ class RunRecorder:
                 sink.log(step, metrics)
             except Exception as e:  # a tracker must never take training down
                 logger.warning(f"metrics sink {type(sink).__name__} failed: {e}")
+        return row
+
+    def event(self, step: int, name: str, **info) -> dict:
+        """A row that marks something that happened (``{"step": 600, "event": "resumed", ...}``), in the file only."""
+        row = {"step": step, "time": round(time.time() - self.t0, 4), "event": name, **info}
+        if self._file is not None:
+            self._file.write(json.dumps(row, default=str) + "\n")
         return row
 
     def finish(self, summary: dict | None) -> dict | None:
@@ -113,11 +133,13 @@ def plot_losses(metrics_path: str | Path, out: str | Path, title: str = "") -> P
     return Path(out)
 
 
-def open_recorder(cfg, run_dir: str | Path, append: bool = False, files: bool = True) -> RunRecorder:
-    """A recorder for this node, with the W&B / Prometheus sinks that ``logging`` config enables."""
+def open_recorder(cfg, run_dir: str | Path, append: bool = False, files: bool = True,
+                  keep_until: int | None = None) -> RunRecorder:
+    """A recorder for this node, with the W&B / Prometheus sinks that ``logging`` config enables
+    (``keep_until``: resuming from that step's checkpoint, see :class:`RunRecorder`)."""
     from smolcluster.telemetry.logging import identity
     from smolcluster.telemetry.sinks import build_sinks
 
     sinks = build_sinks(cfg, run_dir=Path(run_dir), identity=identity())
-    return RunRecorder(run_dir, sinks, append=append, files=files,
+    return RunRecorder(run_dir, sinks, append=append, files=files, keep_until=keep_until,
                        hardware_every=cfg.logging.get("hardware_every", 0))

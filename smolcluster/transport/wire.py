@@ -70,6 +70,7 @@ register_kind("grad", {"rank": int, "step": int, "version": int, "samples": int,
               optional={"samples_per_s": _NUM, **_ANY_METRICS}, finite=True)
 register_kind("weights", {"step": int, "version": int})
 register_kind("pull", {"rank": int})
+register_kind("ping", {"rank": int})  # a waiting worker: "do you know me?" (see WorkerLink.ping)
 register_kind("heartbeat", {"rank": int}, optional={"role": str})
 register_kind("error", {"reason": str, "detail": str})
 register_kind("bye", {"rank": int})
