@@ -26,6 +26,7 @@ from smolcluster.errors import ConfigError
 from smolcluster.inference.client import PipelineClient, Request
 from smolcluster.inference.serve import ServeConfig
 from smolcluster.pipeline.launch import Children, free_ports, stage_env
+from smolcluster.pipeline.quantize import StageFormat, resolve_device
 from smolcluster.pipeline.weights import eos_ids, find_model
 
 
@@ -59,7 +60,9 @@ class InferencePipeline:
                     stage_weights: list[float] | None = None, host: str = "127.0.0.1",
                     heartbeat_s: float = 1.0, liveness_s: float = 10.0, connect_timeout_s: float = 120.0,
                     threads: int | None = None, log_path: str | Path | None = None,
-                    max_requests: int = 64, env: dict | None = None) -> InferencePipeline:
+                    max_requests: int = 64, env: dict | None = None, precision: str = "fp32",
+                    quantize: str = "none", quantize_group: int = 64, device: str | None = None,
+                    formats: list[dict] | None = None) -> InferencePipeline:
         """Start ``stages`` stage processes on this machine and connect to them.
 
         ``weights``: a Hugging Face model directory (any supported family), a run directory
@@ -69,6 +72,8 @@ class InferencePipeline:
         keeps the LM head on stage 0 with the embedding it is tied to (each stage holds
         only its share); ``last`` puts it on the last stage as in training. ``tokenizer``:
         an object with ``encode``/``decode`` (default: the run's ``tokenizer.json`` if any).
+        ``precision`` / ``quantize`` / ``quantize_group`` / ``device``: how every stage holds its weights
+        (:mod:`smolcluster.pipeline.quantize`); ``formats[i]`` (those keys) overrides them for stage i.
         """
         if head not in ("first", "last"):
             raise ConfigError(f"head={head!r} is invalid: choose first or last")
@@ -77,6 +82,12 @@ class InferencePipeline:
             from smolcluster.data.text import TextTokenizer
 
             tokenizer = TextTokenizer.load(info["tokenizer"])
+        base_fmt = {"precision": precision, "quantize": quantize, "quantize_group": quantize_group, "device": device}
+        given = list(formats or [])
+        formats = [{**base_fmt, **{k: v for k, v in (given[r] if r < len(given) else {}).items() if v is not None}}
+                   for r in range(stages)]
+        for f in formats:  # a bad value is refused here, in one line, before any stage starts
+            StageFormat(f["precision"], f["quantize"], f["quantize_group"], resolve_device(f["device"]))
         if eos_ids is None:
             eos_ids = info["eos"] if info["eos"] is not None else getattr(tokenizer, "eos_id", None)
         workdir = Path(tempfile.mkdtemp(prefix="smolcluster-infer-"))
@@ -89,7 +100,7 @@ class InferencePipeline:
                                  nodes=nodes, head_first=head == "first",
                                  stage_weights=stage_weights, heartbeat_s=heartbeat_s, liveness_s=liveness_s,
                                  connect_timeout_s=connect_timeout_s, exit_with_head=True, threads=threads,
-                                 max_requests=max_requests)
+                                 max_requests=max_requests, **formats[rank])
                 path = workdir / f"stage-{rank}.json"
                 path.write_text(sc.dumps())
                 children.start(f"stage {rank}", [sys.executable, "-u", "-m", "smolcluster.inference.serve", str(path)],

@@ -125,6 +125,24 @@ def check_prompt_fits(prompt: str, tokenizer, config: dict) -> None:
                           "(the pipeline never truncates silently)")
 
 
+def stage_formats(cfg, n_stages: int) -> list[dict]:
+    """Each stage's weight format and device: ``precision`` / ``quantize`` / ``quantize_group``, overridden per
+    node by ``cluster.nodes[i].precision`` / ``.quantize``, and ``cluster.nodes[i].device``. Checked here, so a
+    bad value is refused before any stage starts."""
+    from smolcluster.pipeline.quantize import StageFormat
+
+    nodes = list(cfg.cluster.get("nodes") or [])
+    out = []
+    for rank in range(n_stages):
+        node = dict(nodes[rank]) if rank < len(nodes) and nodes[rank] else {}
+        fmt = {"precision": str(node.get("precision") or cfg.get("precision", "fp32")),
+               "quantize": str(node.get("quantize") or cfg.get("quantize", "none")),
+               "quantize_group": int(cfg.get("quantize_group", 64)), "device": node.get("device")}
+        StageFormat(fmt["precision"], fmt["quantize"], fmt["quantize_group"])
+        out.append(fmt)
+    return out
+
+
 def pipeline_from_config(cfg, prompt: str | None = None) -> InferencePipeline:
     """Start the stages here (``role=launch``) or connect to a cluster's (``role=head``).
 
@@ -141,7 +159,8 @@ def pipeline_from_config(cfg, prompt: str | None = None) -> InferencePipeline:
             pipe = InferencePipeline.start_local(
                 info["weights"], stages=int(cfg.stages), n_head=info["config"].get("n_head"), head=cfg.head,
                 tokenizer=tok, eos_ids=info["eos"] if info["eos"] is not None else getattr(tok, "eos_id", None),
-                stage_weights=node_weights(c, int(cfg.stages)), host=c.host, heartbeat_s=c.heartbeat_s,
+                stage_weights=node_weights(c, int(cfg.stages)), formats=stage_formats(cfg, int(cfg.stages)),
+                host=c.host, heartbeat_s=c.heartbeat_s,
                 liveness_s=c.liveness_s, connect_timeout_s=c.connect_timeout_s,
                 env={"SMOLCLUSTER_LOG_LEVEL": cfg.get("stage_log_level") or "WARNING"})
         except BaseException:
@@ -185,6 +204,7 @@ def serve_config_from(cfg) -> ServeConfig:
     if not cfg.get("checkpoint") and not cfg.model.get("pretrained"):
         raise ConfigError("a cluster stage needs weights every node agrees on: give checkpoint=RUN_DIR or "
                           "model.pretrained=DIR (copied to every node)")
+    fmt = stage_formats(cfg, n)[int(cfg.rank)]
     info, _, _ = resolve_model(cfg, need_tokenizer=False)
     node = nodes[int(cfg.rank)]
     return ServeConfig(rank=int(cfg.rank), n_stages=n, weights=str(info["weights"]), config=info["config"],
@@ -192,4 +212,4 @@ def serve_config_from(cfg) -> ServeConfig:
                        head_first=cfg.head == "first", stage_weights=node_weights(c, n),
                        heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s, connect_timeout_s=c.connect_timeout_s,
                        max_bytes=int(c.max_message_mb) * 1024 * 1024, keys_dir=c.get("keys"),
-                       threads=node.threads, log_level=cfg.get("stage_log_level"))
+                       threads=node.threads, log_level=cfg.get("stage_log_level"), **fmt)

@@ -45,6 +45,7 @@ from smolcluster.inference.sampling import SamplingParams, make_generator, next_
 from smolcluster.pipeline.architectures import KVCache, family_for
 from smolcluster.pipeline.mesh import Envelope, Mesh, PeerLost
 from smolcluster.pipeline.partition import stage_name
+from smolcluster.pipeline.quantize import StageFormat, resolve_device
 from smolcluster.pipeline.weights import load_stage
 
 _CLOSED_MEMORY = 10_000  # finished request ids remembered, so their stragglers are dropped quietly
@@ -70,6 +71,10 @@ class ServeConfig:
     threads: int | None = None
     max_requests: int = 64
     log_level: str | None = None      # None: SMOLCLUSTER_LOG_LEVEL or INFO
+    precision: str = "fp32"           # fp32 | bf16 | fp16: weights, KV cache and the activations sent
+    quantize: str = "none"            # none | int8 | int4 (weight-only, applied as the stage loads)
+    quantize_group: int = 64          # int4's group size (32 | 64 | 128)
+    device: str | None = None         # cpu | cuda | cuda:N | mps | auto (None: cpu)
     extra: dict = field(default_factory=dict)
 
     def dumps(self) -> str:
@@ -102,7 +107,11 @@ class StageServer:
         self.spec = self.specs[sc.rank]
         self.head_rank = 0 if sc.head_first else sc.n_stages - 1
         self.has_head = sc.rank == self.head_rank
-        self.stage = load_stage(sc.weights, sc.config, self.spec.blocks, embed=self.spec.first, head=self.has_head)
+        self.fmt = StageFormat(sc.precision, sc.quantize, sc.quantize_group, resolve_device(sc.device))
+        self.stage = load_stage(sc.weights, sc.config, self.spec.blocks, embed=self.spec.first, head=self.has_head,
+                                fmt=self.fmt)
+        # Activations arrive in whatever type the sender computes in; this stage computes in its own.
+        self.device, self.dtype = self.stage.device, self.stage.compute_dtype
         self.names = [stage_name(r) for r in range(sc.n_stages)]
         self.me = self.names[sc.rank]
         self.requests: dict[str, RequestState] = {}
@@ -112,7 +121,8 @@ class StageServer:
         self.heads: set[str] = set()
         self.stopping = False
         params = sum(p.numel() for p in self.stage.parameters())
-        logger.info(f"{self.spec.describe(self.has_head, self.spec.first)}: {params:,} params from {sc.weights}")
+        logger.info(f"{self.spec.describe(self.has_head, self.spec.first)}: {params:,} params from {sc.weights} "
+                    f"({self.fmt.precision}, quantize={self.fmt.quantize}, on {self.fmt.device})")
 
     # -- links ------------------------------------------------------------------------------
     def connect(self) -> None:
@@ -217,7 +227,7 @@ class StageServer:
             self.close(req, "refused")
             return
         self.start(req, env.src, params, int(f["max_new_tokens"]), f["eos"], len(ids))
-        x = self.stage.embed(torch.from_numpy(np.array(ids)).unsqueeze(0), 0)
+        x = self.stage.embed(torch.from_numpy(np.array(ids)).unsqueeze(0).to(self.device), 0)
         self.forward_out(req, self.requests[req], self.stage.run_blocks(x, self.requests[req].cache))
 
     def start(self, req: str, head: str, params: SamplingParams, max_new_tokens: int, eos: list[int],
@@ -240,7 +250,8 @@ class StageServer:
             fields.update(head=st.head, max_new_tokens=st.max_new_tokens, temperature=p.temperature,
                           top_k=p.top_k, top_p=p.top_p, seed=p.seed, eos=st.eos, prompt_len=st.prompt_len)
         dst = self.names[rank + 1] if rank < last else self.names[0]
-        self.mesh.send(dst, "mp.hidden", fields, {"x": x.numpy()}, tag=req)
+        # Sent in the compute type (bf16/fp16: half fp32's bytes); the wire copies it off a GPU.
+        self.mesh.send(dst, "mp.hidden", fields, {"x": x}, tag=req)
 
     def on_hidden(self, env: Envelope) -> None:
         f, req = env.fields, env.fields["req"]
@@ -251,7 +262,8 @@ class StageServer:
         if st is None:
             self.unknown(req, env)
             return
-        x = torch.from_numpy(env.tensors["x"])
+        x = env.tensors["x"]  # numpy, or torch for bfloat16 (numpy has none)
+        x = (x if isinstance(x, torch.Tensor) else torch.from_numpy(x)).to(self.device, self.dtype)
         if self.sc.rank == 0:  # the ring's return: stage 0 holds the head
             self.emit(req, st, x)
         else:
@@ -259,7 +271,7 @@ class StageServer:
 
     def emit(self, req: str, st: RequestState, x: torch.Tensor) -> None:
         """Pick the next token, stream it to the head, and start the next step (or finish)."""
-        logits = self.stage.logits(x, last_only=True)[0, -1]
+        logits = self.stage.logits(x, last_only=True)[0, -1].float().cpu()
         token = next_token(logits, st.params, st.generator)
         st.generated += 1
         if token in st.eos:
@@ -296,7 +308,7 @@ class StageServer:
         st = self.requests.get(req)
         if st is None:  # cancelled meanwhile
             return
-        x = self.stage.embed(torch.tensor([[token]]), st.cache.length)
+        x = self.stage.embed(torch.tensor([[token]], device=self.device), st.cache.length)
         self.forward_out(req, st, self.stage.run_blocks(x, st.cache))
 
     def unknown(self, req: str, env: Envelope) -> None:

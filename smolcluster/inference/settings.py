@@ -85,6 +85,9 @@ class Pipeline:
     stage_log_level: str | None = None
     seed: int = 0
     links: Links = field(default_factory=Links)
+    precision: str = "fp32"
+    quantize: str = "none"
+    quantize_group: int = 64
 
 
 @dataclass
@@ -130,6 +133,9 @@ class _Common:
     head_port: int = 0
     stage_log_level: str | None = None
     seed: int = 0
+    precision: str = "fp32"       # fp32 | bf16 | fp16 (cluster.nodes[i].precision overrides per node)
+    quantize: str = "none"        # none | int8 | int4 (cluster.nodes[i].quantize overrides per node)
+    quantize_group: int = 64      # int4's group size: 32 | 64 | 128
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_k: int = 0
@@ -171,7 +177,8 @@ def _pipeline(cfg) -> Pipeline:
     return Pipeline(model=_plain(cfg.model), data=_plain(cfg.data), checkpoint=cfg.checkpoint, stages=stages,
                     head=HeadPlace(cfg.head), role=Role(cfg.role), rank=cfg.get("rank"), head_host=cfg.head_host,
                     head_port=int(cfg.head_port), stage_log_level=cfg.stage_log_level, seed=int(cfg.seed),
-                    links=Links.of(_plain(cfg.cluster)))
+                    links=Links.of(_plain(cfg.cluster)), precision=str(cfg.precision), quantize=str(cfg.quantize),
+                    quantize_group=int(cfg.quantize_group))
 
 
 def _sampling(cfg) -> Sampling:
