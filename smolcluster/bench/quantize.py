@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from smolcluster.pipeline.launch import stage_env
+
 FORMATS = [("fp32", "none"), ("bf16", "none"), ("fp32", "int8"), ("fp32", "int4")]
 TARGETS = {("bf16", "none"): 0.5, ("fp32", "int8"): 1.0, ("fp32", "int4"): 5.0}  # ppl % over fp32 allowed
 
@@ -39,7 +41,8 @@ def probe(weights: str, precision: str, quantize: str, group: int = 64) -> dict:
     """In a fresh process: RSS after imports, then peak RSS once the whole model is loaded as one stage."""
     code = ("import json, sys; from smolcluster.bench.quantize import _probe_main; "
             f"_probe_main({weights!r}, {precision!r}, {quantize!r}, {group})")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    env = stage_env(1)  # what a stage process runs with
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -50,6 +53,13 @@ def _probe_main(weights: str, precision: str, quantize: str, group: int) -> None
     src = find_model(weights)
     n_layer = src.config.get("n_layer") or src.config["num_hidden_layers"]
     fmt = StageFormat(precision, quantize, group)
+    # Run the conversion code once on a small tensor first: the first call of each torch op pages in
+    # its code (part of what imports cost every process), which is not the model's memory.
+    from smolcluster.pipeline import quantize as qz
+
+    w = torch.randn(64, 128)
+    q, _ = qz.int4_groups(w, 32)
+    qz.int8_rows(w, fmt.dtype), torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), w.to(fmt.dtype)
     before = _status_mb("VmRSS")
     stage = load_stage(src.weights, src.config, range(n_layer), embed=True, head=True, fmt=fmt)
     peak = _status_mb("VmHWM")

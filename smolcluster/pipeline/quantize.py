@@ -38,7 +38,7 @@ from smolcluster.errors import ConfigError
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANTIZE = ("none", "int8", "int4")
 GROUP_SIZES = (32, 64, 128)
-_CHUNK_BYTES = 4 << 20  # a big tensor is read and converted this many bytes at a time
+_CHUNK_BYTES = 1 << 20  # a big tensor is read and converted this many bytes at a time
 
 
 @dataclass(frozen=True)
