@@ -151,9 +151,10 @@ def big_models(out: Path) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m smolcluster.bench quantize", description=__doc__.split("\n")[0])
-    p.add_argument("--corpus", default="../shared/data/tinyshakespeare/input.txt")
+    p.add_argument("--corpus", default="/work/shared/data/tinyshakespeare/input.txt")
     p.add_argument("--steps", type=int, default=300, help="training steps of each tiny model")
     p.add_argument("--tokens", type=int, default=32, help="greedy tokens compared and timed")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens perplexity is measured on")
     p.add_argument("--group", type=int, default=64, help="int4 group size")
     p.add_argument("--skip-big", action="store_true", help="only the trained tiny models")
     p.add_argument("--out", default=".")
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     text = read_corpus(args.corpus)
     split = int(len(text) * 0.9)
     tok = get_tokenizer(text, "bpe", 4096)
-    held = torch.tensor(tok.encode(text[split:]), dtype=torch.long)
+    # torch's CPU int4 kernel costs one decode step per row, so held-out text is kept to --eval-tokens.
+    held = torch.tensor(tok.encode(text[split:])[: args.eval_tokens + 1], dtype=torch.long)
     rows, extra = [], {}
     with tempfile.TemporaryDirectory(prefix="smolcluster-bench-quantize-") as tmp:
         tmp = Path(tmp)
