@@ -179,3 +179,19 @@ def test_stage_processes_on_cuda_generate_like_one_cpu_process(models):
     with InferencePipeline.start_local(path, stages=2, device="cuda", heartbeat_s=0.2, liveness_s=5.0) as pipe:
         got = pipe.submit(prompt, max_new_tokens=10, stop_at_eos=False).tokens()
     assert got == want
+
+
+def test_cluster_nodes_override_the_runs_format_per_stage():
+    from omegaconf import OmegaConf
+
+    from smolcluster.inference.from_config import stage_formats
+
+    cfg = OmegaConf.create({"precision": "bf16", "quantize": "none", "quantize_group": 32,
+                            "cluster": {"nodes": [{"quantize": "int8"}, None, {"precision": "fp16", "device": "cpu"}]}})
+    assert stage_formats(cfg, 3) == [
+        {"precision": "bf16", "quantize": "int8", "quantize_group": 32, "device": None},
+        {"precision": "bf16", "quantize": "none", "quantize_group": 32, "device": None},
+        {"precision": "fp16", "quantize": "none", "quantize_group": 32, "device": "cpu"}]
+    cfg.cluster.nodes[1] = {"precision": "fp64"}
+    with pytest.raises(ConfigError, match="precision='fp64' is invalid"):
+        stage_formats(cfg, 3)
