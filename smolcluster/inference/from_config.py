@@ -152,6 +152,7 @@ def pipeline_from_config(cfg, prompt: str | None = None) -> InferencePipeline:
     if cfg.role == "launch":
         from smolcluster.pipeline.partition import node_weights
 
+        formats = stage_formats(cfg, int(cfg.stages))  # a bad value is refused before the model is read
         info, tok, tmp = resolve_model(cfg)
         try:
             if prompt is not None:
@@ -159,7 +160,7 @@ def pipeline_from_config(cfg, prompt: str | None = None) -> InferencePipeline:
             pipe = InferencePipeline.start_local(
                 info["weights"], stages=int(cfg.stages), n_head=info["config"].get("n_head"), head=cfg.head,
                 tokenizer=tok, eos_ids=info["eos"] if info["eos"] is not None else getattr(tok, "eos_id", None),
-                stage_weights=node_weights(c, int(cfg.stages)), formats=stage_formats(cfg, int(cfg.stages)),
+                stage_weights=node_weights(c, int(cfg.stages)), formats=formats,
                 host=c.host, heartbeat_s=c.heartbeat_s,
                 liveness_s=c.liveness_s, connect_timeout_s=c.connect_timeout_s,
                 env={"SMOLCLUSTER_LOG_LEVEL": cfg.get("stage_log_level") or "WARNING"})
