@@ -195,3 +195,43 @@ def test_cluster_nodes_override_the_runs_format_per_stage():
     cfg.cluster.nodes[1] = {"precision": "fp64"}
     with pytest.raises(ConfigError, match="precision='fp64' is invalid"):
         stage_formats(cfg, 3)
+
+
+def test_partition_auto_places_blocks_by_memory_and_refuses_what_cannot_fit(tmp_path):
+    """Three nodes offering 1, 2 and 3 parts: blocks in proportion, each stage under its node; too little
+    memory is refused in one line naming what is missing and what would help."""
+    from omegaconf import OmegaConf
+
+    from smolcluster.inference.from_config import stage_formats, stage_weights_for
+    from smolcluster.pipeline.architectures import family_for
+    from smolcluster.pipeline.placement import MARGIN, stage_bytes
+
+    config = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048,
+              "num_hidden_layers": 24, "num_attention_heads": 12, "num_key_value_heads": 4,
+              "max_position_embeddings": 1024, "tie_word_embeddings": False}
+    arch = family_for(config)
+
+    def cfg(memory_gb, **kw):
+        return OmegaConf.create({"stages": len(memory_gb), "head": "last", "partition": "auto", **kw,
+                                 "cluster": {"nodes": [{"memory_gb": m} for m in memory_gb]}})
+
+    c = cfg([0.5, 1.0, 1.5])
+    weights = stage_weights_for(c, {"config": config}, stage_formats(c, 3), local=False)
+    specs = arch.plan(3, weights, head_first=False)
+    counts = [len(s.blocks) for s in specs]
+    assert counts[0] <= counts[1] < counts[2] and sum(counts) == 24, counts  # (min-max split: ties unbroken)
+    fmt = stage_formats(c, 3)
+    from smolcluster.pipeline.quantize import StageFormat
+
+    for s, m in zip(specs, (0.5, 1.0, 1.5), strict=True):
+        need = stage_bytes(arch, StageFormat(fmt[s.rank]["precision"]), s.blocks, s.first, s.rank == 2, 1)
+        assert need <= m * (1 - MARGIN) * 2**30, (s.rank, need)
+    with pytest.raises(ConfigError, match=r"does not fit: stage \d needs .* GB missing.*more stages, "
+                                          r"precision=bf16.*quantize=int8"):
+        c = cfg([0.45, 0.45, 0.45])
+        stage_weights_for(c, {"config": config}, stage_formats(c, 3), local=False)
+    c = cfg([0.45, 0.45, 0.45], quantize="int8", precision="fp32", quantize_group=64)  # the same nodes fit int8
+    stage_weights_for(c, {"config": config}, stage_formats(c, 3), local=False)
+    with pytest.raises(ConfigError, match="needs cluster.nodes\\[0\\].memory_gb"):
+        c = OmegaConf.create({"stages": 2, "head": "first", "partition": "auto", "cluster": {}})
+        stage_weights_for(c, {"config": config}, stage_formats(c, 2), local=False)

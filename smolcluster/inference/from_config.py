@@ -143,6 +143,26 @@ def stage_formats(cfg, n_stages: int) -> list[dict]:
     return out
 
 
+def stage_weights_for(cfg, info: dict, formats: list[dict], local: bool) -> list[float]:
+    """``partition=even``: ``cluster.nodes[i].weight``; ``partition=auto``: by each node's memory, the model
+    refused in one line when it cannot fit (:mod:`smolcluster.pipeline.placement`)."""
+    from smolcluster.pipeline.partition import node_weights
+
+    n, kind = int(cfg.stages), str(cfg.get("partition", "even"))
+    if kind == "even":
+        return node_weights(cfg.cluster, n)
+    if kind != "auto":
+        raise ConfigError(f"partition={kind!r} is invalid: choose even (cluster.nodes[i].weight) or auto (by memory)")
+    from smolcluster.pipeline.architectures import family_for
+    from smolcluster.pipeline.placement import auto_weights, node_memory
+    from smolcluster.pipeline.quantize import StageFormat
+
+    requests = int(cfg.serve.max_active) if cfg.get("serve") is not None else 1
+    fmts = [StageFormat(f["precision"], f["quantize"], f["quantize_group"]) for f in formats]
+    return auto_weights(family_for(info["config"]), fmts, node_memory(cfg.cluster, n, local), cfg.head == "first",
+                        requests)
+
+
 def pipeline_from_config(cfg, prompt: str | None = None) -> InferencePipeline:
     """Start the stages here (``role=launch``) or connect to a cluster's (``role=head``).
 
@@ -150,8 +170,6 @@ def pipeline_from_config(cfg, prompt: str | None = None) -> InferencePipeline:
     """
     c = cfg.cluster
     if cfg.role == "launch":
-        from smolcluster.pipeline.partition import node_weights
-
         formats = stage_formats(cfg, int(cfg.stages))  # a bad value is refused before the model is read
         info, tok, tmp = resolve_model(cfg)
         try:
@@ -160,7 +178,7 @@ def pipeline_from_config(cfg, prompt: str | None = None) -> InferencePipeline:
             pipe = InferencePipeline.start_local(
                 info["weights"], stages=int(cfg.stages), n_head=info["config"].get("n_head"), head=cfg.head,
                 tokenizer=tok, eos_ids=info["eos"] if info["eos"] is not None else getattr(tok, "eos_id", None),
-                stage_weights=node_weights(c, int(cfg.stages)), formats=formats,
+                stage_weights=stage_weights_for(cfg, info, formats, local=True), formats=formats,
                 host=c.host, heartbeat_s=c.heartbeat_s,
                 liveness_s=c.liveness_s, connect_timeout_s=c.connect_timeout_s,
                 env={"SMOLCLUSTER_LOG_LEVEL": cfg.get("stage_log_level") or "WARNING"})
@@ -194,7 +212,6 @@ def pipeline_from_config(cfg, prompt: str | None = None) -> InferencePipeline:
 def serve_config_from(cfg) -> ServeConfig:
     """``role=stage rank=N``: this node's stage of a cluster, from the same config every node uses."""
     from smolcluster.pipeline.nodes import stage_nodes
-    from smolcluster.pipeline.partition import node_weights
 
     if cfg.get("rank") is None:
         raise ConfigError("role=stage needs its rank: add rank=N (0 <= N < stages)")
@@ -205,12 +222,13 @@ def serve_config_from(cfg) -> ServeConfig:
     if not cfg.get("checkpoint") and not cfg.model.get("pretrained"):
         raise ConfigError("a cluster stage needs weights every node agrees on: give checkpoint=RUN_DIR or "
                           "model.pretrained=DIR (copied to every node)")
-    fmt = stage_formats(cfg, n)[int(cfg.rank)]
+    formats = stage_formats(cfg, n)
+    fmt = formats[int(cfg.rank)]
     info, _, _ = resolve_model(cfg, need_tokenizer=False)
     node = nodes[int(cfg.rank)]
     return ServeConfig(rank=int(cfg.rank), n_stages=n, weights=str(info["weights"]), config=info["config"],
                        nodes=[{"address": x.address, "bind": x.bind} for x in nodes],
-                       head_first=cfg.head == "first", stage_weights=node_weights(c, n),
+                       head_first=cfg.head == "first", stage_weights=stage_weights_for(cfg, info, formats, local=False),
                        heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s, connect_timeout_s=c.connect_timeout_s,
                        max_bytes=int(c.max_message_mb) * 1024 * 1024, keys_dir=c.get("keys"),
                        threads=node.threads, log_level=cfg.get("stage_log_level"), **fmt)

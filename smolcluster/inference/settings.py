@@ -136,6 +136,7 @@ class _Common:
     precision: str = "fp32"       # fp32 | bf16 | fp16 (cluster.nodes[i].precision overrides per node)
     quantize: str = "none"        # none | int8 | int4 (cluster.nodes[i].quantize overrides per node)
     quantize_group: int = 64      # int4's group size: 32 | 64 | 128
+    partition: str = "even"       # even (cluster.nodes[i].weight) | auto (by cluster.nodes[i].memory_gb)
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_k: int = 0
