@@ -241,8 +241,12 @@ def convert(name: str, shape: tuple, read_rows: Callable[[int, int], torch.Tenso
         return {name: out.to(dev)}
     if target.transposed:
         w = read_rows(0, rows).t()  # (out, in) view of GPT-2's (in, out)
-        if target.kind == "int8":
-            q, s = int8_rows(w, dtype)
+        if target.kind == "int8":  # quantized a few output channels at a time: small temporaries
+            n_out = w.shape[0]
+            q, s = torch.empty(w.shape, dtype=torch.int8), torch.empty(n_out, dtype=dtype)
+            step = max(1, _CHUNK_BYTES // (w.shape[1] * 4))
+            for r in range(0, n_out, step):
+                q[r: r + step], s[r: r + step] = int8_rows(w[r: r + step], dtype)
             return {f"{base}.qweight": q.to(dev), f"{base}.scales": s.to(dev)}
         q, sz = int4_groups(w, fmt.group_size)
         return {f"{base}.qweight": torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1),
