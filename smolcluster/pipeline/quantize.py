@@ -13,12 +13,13 @@
   embedding and LM head are int8 then (a lookup table of int4 groups has no kernel, and
   the head is where int4 costs the most quality).
 
-Why torch's ops and not ``torchao``: torchao 0.18 is a wheel built against one torch
-release (its C++ kernels refuse a torch they were not built for), adds ~1 s of imports
-to every stage, and its weight-only int8/int4 paths on CPU call these same aten kernels.
-What is written here is only what the kernels do not do: computing the integers and
-scales (a few lines each), and reading a large tensor in row chunks so the full-precision
-tensor is never resident beside its quantized copy (:func:`convert`).
+Why torch's ops and not ``torchao``: torchao 0.18 is on PyPI, but it was not installed into the
+shared environment or tried against torch 2.13 here (its compiled kernels are built per torch
+release), and its CPU weight-only int8/int4 paths call these same aten kernels anyway. What is
+written here is only what the kernels do not do: computing the integers and scales (a few
+lines each), a dequantize-then-matmul for int8 prefills (torch's int8 CPU kernel runs row by
+row), and reading a large tensor in row chunks so the full-precision tensor is never resident
+beside its quantized copy (:func:`convert`).
 
 Norms, biases and position embeddings stay in the compute type: they are a rounding
 error of the memory and carry the numerics that matter.
