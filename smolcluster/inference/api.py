@@ -26,6 +26,7 @@ from smolcluster.errors import ConfigError
 from smolcluster.inference.client import PipelineClient, Request
 from smolcluster.inference.serve import ServeConfig
 from smolcluster.pipeline.launch import Children, free_ports, stage_env
+from smolcluster.pipeline.quantize import StageFormat, resolve_device
 from smolcluster.pipeline.weights import eos_ids, find_model
 
 
@@ -60,7 +61,9 @@ class InferencePipeline:
                     heartbeat_s: float = 1.0, liveness_s: float = 10.0, connect_timeout_s: float = 120.0,
                     threads: int | None = None, log_path: str | Path | None = None,
                     max_requests: int = 64, kv_cache_mb: float | None = None, prefill_chunk: int = 256,
-                    env: dict | None = None) -> InferencePipeline:
+                    env: dict | None = None, precision: str = "fp32", quantize: str = "none",
+                    quantize_group: int = 64, device: str | None = None,
+                    formats: list[dict] | None = None) -> InferencePipeline:
         """Start ``stages`` stage processes on this machine and connect to them.
 
         ``weights``: a Hugging Face model directory (any supported family), a run directory
@@ -72,6 +75,8 @@ class InferencePipeline:
         an object with ``encode``/``decode`` (default: the run's ``tokenizer.json`` if any).
         ``kv_cache_mb``: each stage's KV-cache budget (default a quarter of the node's memory);
         requests beyond it wait at stage 0. ``prefill_chunk``: prompt tokens per batched step at most.
+        ``precision`` / ``quantize`` / ``quantize_group`` / ``device``: how every stage holds its weights
+        (:mod:`smolcluster.pipeline.quantize`); ``formats[i]`` (those keys) overrides them for stage i.
         """
         if head not in ("first", "last"):
             raise ConfigError(f"head={head!r} is invalid: choose first or last")
@@ -80,6 +85,12 @@ class InferencePipeline:
             from smolcluster.data.text import TextTokenizer
 
             tokenizer = TextTokenizer.load(info["tokenizer"])
+        base_fmt = {"precision": precision, "quantize": quantize, "quantize_group": quantize_group, "device": device}
+        given = list(formats or [])
+        formats = [{**base_fmt, **{k: v for k, v in (given[r] if r < len(given) else {}).items() if v is not None}}
+                   for r in range(stages)]
+        for f in formats:  # a bad value is refused here, in one line, before any stage starts
+            StageFormat(f["precision"], f["quantize"], f["quantize_group"], resolve_device(f["device"]))
         if eos_ids is None:
             eos_ids = info["eos"] if info["eos"] is not None else getattr(tokenizer, "eos_id", None)
         workdir = Path(tempfile.mkdtemp(prefix="smolcluster-infer-"))
@@ -93,7 +104,7 @@ class InferencePipeline:
                                  stage_weights=stage_weights, heartbeat_s=heartbeat_s, liveness_s=liveness_s,
                                  connect_timeout_s=connect_timeout_s, exit_with_head=True, threads=threads,
                                  max_requests=max_requests, kv_cache_mb=kv_cache_mb,
-                                 prefill_chunk=prefill_chunk)
+                                 prefill_chunk=prefill_chunk, **formats[rank])
                 path = workdir / f"stage-{rank}.json"
                 path.write_text(sc.dumps())
                 children.start(f"stage {rank}", [sys.executable, "-u", "-m", "smolcluster.inference.serve", str(path)],

@@ -129,6 +129,40 @@ def check_prompt_fits(prompt: str, tokenizer, config: dict) -> None:
                           "(the pipeline never truncates silently)")
 
 
+def stage_formats(cfg: Pipeline) -> list[dict]:
+    """Each stage's weight format and device: ``precision`` / ``quantize`` / ``quantize_group``, overridden per
+    node by ``cluster.nodes[i].precision`` / ``.quantize``, and ``cluster.nodes[i].device``. Checked here, so a
+    bad value is refused before any stage starts."""
+    from smolcluster.pipeline.quantize import StageFormat
+
+    nodes = list(cfg.links.nodes or [])
+    out = []
+    for rank in range(cfg.stages):
+        node = dict(nodes[rank]) if rank < len(nodes) and nodes[rank] else {}
+        fmt = {"precision": str(node.get("precision") or cfg.precision),
+               "quantize": str(node.get("quantize") or cfg.quantize),
+               "quantize_group": cfg.quantize_group, "device": node.get("device")}
+        StageFormat(fmt["precision"], fmt["quantize"], fmt["quantize_group"])
+        out.append(fmt)
+    return out
+
+
+def stage_weights_for(cfg: Pipeline, info: dict, formats: list[dict], local: bool) -> list[float]:
+    """``partition=even``: ``cluster.nodes[i].weight``; ``partition=auto``: by each node's memory, the model
+    refused in one line when it cannot fit (:mod:`smolcluster.pipeline.placement`)."""
+    from smolcluster.pipeline.partition import node_weights
+
+    if cfg.partition == "even":
+        return node_weights(cfg.links, cfg.stages)
+    from smolcluster.pipeline.architectures import family_for
+    from smolcluster.pipeline.placement import auto_weights, node_memory
+    from smolcluster.pipeline.quantize import StageFormat
+
+    fmts = [StageFormat(f["precision"], f["quantize"], f["quantize_group"]) for f in formats]
+    return auto_weights(family_for(info["config"]), fmts, node_memory(cfg.links, cfg.stages, local),
+                        cfg.head is HeadPlace.first, cfg.max_active)
+
+
 def pipeline_from_config(cfg: Pipeline, prompt: str | None = None) -> InferencePipeline:
     """Start the stages here (``role=launch``) or connect to a cluster's (``role=head``).
 
@@ -136,8 +170,7 @@ def pipeline_from_config(cfg: Pipeline, prompt: str | None = None) -> InferenceP
     """
     c = cfg.links
     if cfg.role is Role.launch:
-        from smolcluster.pipeline.partition import node_weights
-
+        formats = stage_formats(cfg)  # a bad value is refused before the model is read
         info, tok, tmp = resolve_model(cfg)
         try:
             if prompt is not None:
@@ -145,8 +178,9 @@ def pipeline_from_config(cfg: Pipeline, prompt: str | None = None) -> InferenceP
             pipe = InferencePipeline.start_local(
                 info["weights"], stages=cfg.stages, n_head=info["config"].get("n_head"), head=cfg.head.value,
                 tokenizer=tok, eos_ids=info["eos"] if info["eos"] is not None else getattr(tok, "eos_id", None),
-                stage_weights=node_weights(c, cfg.stages), host=c.host, heartbeat_s=c.heartbeat_s,
-                liveness_s=c.liveness_s, connect_timeout_s=c.connect_timeout_s, kv_cache_mb=cfg.kv_cache_mb,
+                stage_weights=stage_weights_for(cfg, info, formats, local=True), formats=formats,
+                host=c.host, heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s,
+                connect_timeout_s=c.connect_timeout_s, kv_cache_mb=cfg.kv_cache_mb,
                 env={"SMOLCLUSTER_LOG_LEVEL": cfg.stage_log_level or "WARNING"})
         except BaseException:
             if tmp is not None:
@@ -177,7 +211,6 @@ def pipeline_from_config(cfg: Pipeline, prompt: str | None = None) -> InferenceP
 def serve_config_from(cfg: Pipeline) -> ServeConfig:
     """``role=stage rank=N``: this node's stage of a cluster, from the same config every node uses."""
     from smolcluster.pipeline.nodes import stage_nodes
-    from smolcluster.pipeline.partition import node_weights
 
     if cfg.rank is None:
         raise ConfigError("role=stage needs its rank: add rank=N (0 <= N < stages)")
@@ -188,11 +221,14 @@ def serve_config_from(cfg: Pipeline) -> ServeConfig:
     if not cfg.checkpoint and not cfg.model.get("pretrained"):
         raise ConfigError("a cluster stage needs weights every node agrees on: give checkpoint=RUN_DIR or "
                           "model.pretrained=DIR (copied to every node)")
+    formats = stage_formats(cfg)
+    fmt = formats[int(cfg.rank)]
     info, _, _ = resolve_model(cfg, need_tokenizer=False)
     node = nodes[cfg.rank]
     return ServeConfig(rank=cfg.rank, n_stages=n, weights=str(info["weights"]), config=info["config"],
                        nodes=[{"address": x.address, "bind": x.bind} for x in nodes],
-                       head_first=cfg.head is HeadPlace.first, stage_weights=node_weights(c, n),
+                       head_first=cfg.head is HeadPlace.first,
+                       stage_weights=stage_weights_for(cfg, info, formats, local=False),
                        heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s, connect_timeout_s=c.connect_timeout_s,
                        max_bytes=c.max_bytes, keys_dir=c.keys, threads=node.threads, log_level=cfg.stage_log_level,
-                       kv_cache_mb=cfg.kv_cache_mb)
+                       kv_cache_mb=cfg.kv_cache_mb, **fmt)

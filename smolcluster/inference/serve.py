@@ -52,6 +52,7 @@ from smolcluster.pipeline.architectures import KVCache, family_for
 from smolcluster.pipeline.architectures.base import Batch
 from smolcluster.pipeline.mesh import Envelope, Mesh, PeerLost
 from smolcluster.pipeline.partition import stage_name
+from smolcluster.pipeline.quantize import StageFormat, resolve_device
 from smolcluster.pipeline.weights import load_stage
 
 _CLOSED_MEMORY = 10_000  # finished request ids remembered, so their stragglers are dropped quietly
@@ -80,6 +81,10 @@ class ServeConfig:
     kv_cache_mb: float | None = None  # KV-cache budget per stage; None: a quarter of this node's memory
     prefill_chunk: int = 256          # prompt tokens per step at most (chunked prefill)
     log_level: str | None = None      # None: SMOLCLUSTER_LOG_LEVEL or INFO
+    precision: str = "fp32"           # fp32 | bf16 | fp16: weights, KV cache and the activations sent
+    quantize: str = "none"            # none | int8 | int4 (weight-only, applied as the stage loads)
+    quantize_group: int = 64          # int4's group size (32 | 64 | 128)
+    device: str | None = None         # cpu | cuda | cuda:N | mps | auto (None: cpu)
     extra: dict = field(default_factory=dict)
 
     def dumps(self) -> str:
@@ -135,7 +140,11 @@ class StageServer:
         self.spec = self.specs[sc.rank]
         self.head_rank = 0 if sc.head_first else sc.n_stages - 1
         self.has_head = sc.rank == self.head_rank
-        self.stage = load_stage(sc.weights, sc.config, self.spec.blocks, embed=self.spec.first, head=self.has_head)
+        self.fmt = StageFormat(sc.precision, sc.quantize, sc.quantize_group, resolve_device(sc.device))
+        self.stage = load_stage(sc.weights, sc.config, self.spec.blocks, embed=self.spec.first, head=self.has_head,
+                                fmt=self.fmt)
+        # Activations arrive in whatever type the sender computes in; this stage computes in its own.
+        self.device, self.dtype = self.stage.device, self.stage.compute_dtype
         self.names = [stage_name(r) for r in range(sc.n_stages)]
         self.me = self.names[sc.rank]
         self.requests: dict[str, RequestState] = {}
@@ -156,7 +165,8 @@ class StageServer:
         self.heads: set[str] = set()
         self.stopping = False
         params = sum(p.numel() for p in self.stage.parameters())
-        logger.info(f"{self.spec.describe(self.has_head, self.spec.first)}: {params:,} params from {sc.weights}")
+        logger.info(f"{self.spec.describe(self.has_head, self.spec.first)}: {params:,} params from {sc.weights} "
+                    f"({self.fmt.precision}, quantize={self.fmt.quantize}, on {self.fmt.device})")
 
     # -- links ------------------------------------------------------------------------------
     def connect(self) -> None:
@@ -338,7 +348,7 @@ class StageServer:
             return
         batch = Batch([self.requests[r].cache for r in step.reqs], step.sizes)
         try:
-            x = self.stage.embed(torch.tensor([ids]), batch.positions())
+            x = self.stage.embed(torch.tensor([ids], device=self.device), batch.positions())
             x = self.stage.run_blocks(x, batch)
         except Exception as e:
             logger.exception(f"{self.me}: a step failed")
@@ -357,7 +367,8 @@ class StageServer:
         if rank == last:  # round the ring: stage 0 knows these requests already
             fields["intro"] = {}
         dst = self.names[rank + 1] if rank < last else self.names[0]
-        self.mesh.send(dst, "mp.hidden", fields, {"x": x.numpy()}, tag=step.reqs[0])
+        # Sent in the compute type (bf16/fp16: half fp32's bytes); the wire copies it off a GPU.
+        self.mesh.send(dst, "mp.hidden", fields, {"x": x}, tag=step.reqs[0])
 
     def on_hidden(self, env: Envelope) -> None:
         f = env.fields
@@ -367,7 +378,8 @@ class StageServer:
                 params = SamplingParams(float(intro["temperature"]), int(intro["top_k"]), float(intro["top_p"]),
                                         int(intro["seed"]))
                 self.start(req, intro["head"], params, intro["max_new_tokens"], intro["eos"], intro["prompt_len"])
-        x = torch.from_numpy(env.tensors["x"])
+        x = env.tensors["x"]  # numpy, or torch for bfloat16 (numpy has none)
+        x = (x if isinstance(x, torch.Tensor) else torch.from_numpy(x)).to(self.device, self.dtype)
         # Rows of requests cancelled meanwhile are dropped; the rest go on unchanged.
         keep = [i for i, req in enumerate(step.reqs) if req in self.requests]
         if len(keep) < len(step.reqs):
@@ -387,7 +399,7 @@ class StageServer:
         """Pick each finished row's token, stream it to its head, and hand the step's results to stage 0."""
         last_rows = Batch([], step.sizes).last_rows()
         rows = [last_rows[i] for i, e in enumerate(step.emit) if e]
-        logits = self.stage.logits(x[:, rows, :]) if rows else None
+        logits = self.stage.logits(x[:, rows, :]).float().cpu() if rows else None
         tokens, ended = [], []
         k = 0
         for req, emit in zip(step.reqs, step.emit):

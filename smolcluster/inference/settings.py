@@ -86,6 +86,11 @@ class Pipeline:
     seed: int = 0
     kv_cache_mb: float | None = None  # each stage's KV-cache budget (serve.kv_cache_mb); None: a quarter of its memory
     links: Links = field(default_factory=Links)
+    precision: str = "fp32"
+    quantize: str = "none"
+    quantize_group: int = 64
+    partition: str = "even"           # even (cluster.nodes[i].weight) | auto (by each node's memory)
+    max_active: int = 1               # requests at once (the chat's serve.max_active): partition=auto's KV need
 
 
 @dataclass
@@ -132,6 +137,10 @@ class _Common:
     head_port: int = 0
     stage_log_level: str | None = None
     seed: int = 0
+    precision: str = "fp32"       # fp32 | bf16 | fp16 (cluster.nodes[i].precision overrides per node)
+    quantize: str = "none"        # none | int8 | int4 (cluster.nodes[i].quantize overrides per node)
+    quantize_group: int = 64      # int4's group size: 32 | 64 | 128
+    partition: str = "even"       # even (cluster.nodes[i].weight) | auto (by cluster.nodes[i].memory_gb)
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_k: int = 0
@@ -176,13 +185,18 @@ def _pipeline(cfg) -> Pipeline:
     stages = int(cfg.stages)
     if stages < 1:
         raise ConfigError(f"stages={stages} is invalid: a pipeline needs at least one stage")
+    partition = str(cfg.partition)
+    if partition not in ("even", "auto"):
+        raise ConfigError(f"partition={partition!r} is invalid: choose even (cluster.nodes[i].weight) or auto (by memory)")
     kv = cfg.serve.kv_cache_mb
     if kv is not None and kv <= 0:
         raise ConfigError(f"serve.kv_cache_mb={kv} must be positive (or null: a quarter of the node's memory)")
     return Pipeline(model=_plain(cfg.model), data=_plain(cfg.data), checkpoint=cfg.checkpoint, stages=stages,
                     head=HeadPlace(cfg.head), role=Role(cfg.role), rank=cfg.get("rank"), head_host=cfg.head_host,
                     head_port=int(cfg.head_port), stage_log_level=cfg.stage_log_level, seed=int(cfg.seed),
-                    kv_cache_mb=kv, links=Links.of(_plain(cfg.cluster)))
+                    kv_cache_mb=kv, links=Links.of(_plain(cfg.cluster)), precision=str(cfg.precision),
+                    quantize=str(cfg.quantize), quantize_group=int(cfg.quantize_group), partition=partition,
+                    max_active=int(cfg.serve.get("max_active") or 1))
 
 
 def _sampling(cfg) -> Sampling:

@@ -52,6 +52,10 @@ def free_ports(host: str, n: int, tries: int = 50) -> int:
 
 def stage_env(n_stages: int, extra: dict | None = None) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra or {})}
+    # glibc raises its mmap threshold after a large block is freed, so the chunks a stage reads
+    # and converts its weights through would stay in the heap (RSS) after use; a fixed threshold
+    # hands every large block back to the OS when freed (see pipeline/quantize.py).
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     if "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n_stages))
     return env

@@ -55,9 +55,11 @@ def encode(kind: str, fields: dict, tensors: dict[str, np.ndarray] | None) -> li
     return wire.encode(kind, fields, tensors)
 
 
-def decode(frames: list, max_bytes: int) -> tuple[str, dict, dict[str, np.ndarray]]:
+def decode(frames: list, max_bytes: int) -> tuple[str, dict, dict]:
     """Validate and decode (raises wire.WireError on anything malformed or not a pipeline kind)."""
     msg = wire.decode(frames, max_bytes=max_bytes)
     if msg.kind not in KINDS:
         raise wire.WireError("unknown_kind", f"{msg.kind!r} is not a pipeline message")
-    return msg.kind, msg.fields, msg.tensors
+    # numpy has no bfloat16: such a tensor is handed over as torch (a zero-copy view of the frame).
+    tensors = {k: msg.tensor(k) if msg.dtypes.get(k) == "bfloat16" else v for k, v in msg.tensors.items()}
+    return msg.kind, msg.fields, tensors

@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 
 from smolcluster.errors import ConfigError
+from smolcluster.pipeline import quantize
 from smolcluster.pipeline.architectures import family_for
+from smolcluster.pipeline.quantize import StageFormat
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8}
@@ -50,9 +52,27 @@ def read_header(path: str | Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def read_tensors(path: str | Path, keys: dict[str, str], dtype: torch.dtype | None = None
-                 ) -> dict[str, torch.Tensor]:
-    """``{name: tensor}`` for ``keys = {name: key in file}``; each tensor read straight into its own memory."""
+def _readinto(f, offset: int, t: torch.Tensor, what: str) -> None:
+    """Fill ``t``'s memory from file ``f`` at ``offset`` (no intermediate buffer)."""
+    nbytes = t.numel() * t.element_size()
+    f.seek(offset)
+    view = memoryview(t.view(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
+    got = 0
+    while got < nbytes:
+        n = f.readinto(view[got:])
+        if not n:
+            raise ConfigError(f"{what} is truncated")
+        got += n
+
+
+def read_tensors(path: str | Path, keys: dict[str, str], dtype: torch.dtype | None = None,
+                 convert=None) -> dict[str, torch.Tensor]:
+    """``{name: tensor}`` for ``keys = {name: key in file}``; each tensor read straight into its own memory.
+
+    ``convert(name, shape, read_rows)``, when given, builds a tensor's state-dict entries itself from
+    ``read_rows(r0, r1)`` (rows of the file's tensor): precision and quantization applied as it is
+    read, a chunk at a time (:func:`smolcluster.pipeline.quantize.convert`).
+    """
     path = Path(path)
     header, base = read_header(path)
     out: dict[str, torch.Tensor] = {}
@@ -65,18 +85,22 @@ def read_tensors(path: str | Path, keys: dict[str, str], dtype: torch.dtype | No
             if file_dtype is None:
                 raise ConfigError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
             start, end = info["data_offsets"]
-            t = torch.empty(info["shape"], dtype=file_dtype)
-            nbytes = t.numel() * t.element_size()
+            shape = tuple(info["shape"])
+            nbytes = torch.Size(shape).numel() * file_dtype.itemsize
             if end - start != nbytes:
                 raise ConfigError(f"{path}: tensor {key!r} is {end - start} bytes, its shape needs {nbytes}")
-            f.seek(base + start)
-            view = memoryview(t.view(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
-            got = 0
-            while got < nbytes:
-                n = f.readinto(view[got:])
-                if not n:
-                    raise ConfigError(f"{path} is truncated (tensor {key!r})")
-                got += n
+            if convert is not None:
+                row = (torch.Size(shape[1:]).numel() if shape else 1) * file_dtype.itemsize
+
+                def read_rows(r0: int, r1: int, shape=shape, start=start, row=row, key=key, file_dtype=file_dtype):
+                    t = torch.empty((r1 - r0, *shape[1:]) if shape else (), dtype=file_dtype)
+                    _readinto(f, base + start + r0 * row, t, f"{path} (tensor {key!r})")
+                    return t
+
+                out.update(convert(name, shape, read_rows))
+                continue
+            t = torch.empty(shape, dtype=file_dtype)
+            _readinto(f, base + start, t, f"{path} (tensor {key!r})")
             out[name] = t if dtype is None or t.dtype == dtype else t.to(dtype)
     return out
 
@@ -184,11 +208,17 @@ def tensor_files(weights: Path) -> dict[str, Path]:
 
 
 def load_stage(weights: str | Path, config: dict, blocks: range, embed: bool, head: bool,
-               dtype: torch.dtype = torch.float32):
-    """A stage of the model ``config`` describes, its parameters read from ``weights`` (nothing else allocated)."""
+               fmt: StageFormat | None = None):
+    """A stage of the model ``config`` describes, its parameters read from ``weights`` (nothing else allocated).
+
+    ``fmt``: the precision, quantization and device its weights take as each is read
+    (:mod:`smolcluster.pipeline.quantize`); default fp32 on the CPU.
+    """
+    fmt = fmt or StageFormat()
     arch = family_for(config)
     with torch.device("meta"):
         stage = arch.stage(embed, head, blocks)
+    targets = quantize.prepare(stage, fmt)
     files = tensor_files(Path(weights))
     wanted = arch.param_shapes(embed, head, blocks)
     keys: dict[str, str] = {}
@@ -203,13 +233,19 @@ def load_stage(weights: str | Path, config: dict, blocks: range, embed: bool, he
     by_file: dict[Path, dict[str, str]] = {}
     for name, key in keys.items():
         by_file.setdefault(files[key], {})[name] = key
+    expected = dict(wanted)
+
+    def convert(name, shape, read_rows):
+        if shape != expected[name]:
+            raise ConfigError(f"{weights}: tensor {keys[name]!r} has shape {shape}, the model's config.json says "
+                              f"{expected[name]}")
+        return quantize.convert(name, shape, read_rows, fmt, targets)
+
     for path, names in by_file.items():
-        tensors.update(read_tensors(path, names, dtype))
-    for name, shape in wanted:
-        if tuple(tensors[name].shape) != shape:
-            raise ConfigError(f"{weights}: tensor {keys[name]!r} has shape {tuple(tensors[name].shape)}, the "
-                              f"model's config.json says {shape}")
+        tensors.update(read_tensors(path, names, convert=convert))
     stage.load_state_dict(tensors, strict=True, assign=True)
+    stage.to(fmt.device)  # the buffers built in place (RoPE frequencies); the weights are there already
+    stage.compute_dtype, stage.device = fmt.dtype, torch.device(fmt.device)
     return stage.eval().requires_grad_(False)
 
 

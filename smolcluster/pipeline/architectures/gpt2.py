@@ -29,6 +29,7 @@ from torch import nn
 
 from smolcluster.errors import ConfigError
 from smolcluster.pipeline.architectures.base import Architecture, Batch, KVCache, as_batch, refuse
+from smolcluster.pipeline.quantize import project
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,7 @@ class GPT2Stage(nn.Module):
         x = self.transformer.ln_f(x)
         if last_only:
             x = x[:, -1:, :]  # what generate() does (logits_to_keep=1): only the next token's logits
-        return F.linear(x, self.transformer.wte.weight)
+        return project(x, self.transformer.wte)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         if self.has_embed:

@@ -23,6 +23,7 @@ from torch import nn
 
 from smolcluster.errors import ConfigError
 from smolcluster.pipeline.architectures.base import Architecture, Batch, KVCache, as_batch, refuse
+from smolcluster.pipeline.quantize import project
 
 
 @dataclass(frozen=True)
@@ -277,8 +278,7 @@ class LlamaStage(nn.Module):
         x = self.model.norm(x)
         if last_only:
             x = x[:, -1:, :]  # what generate() does (logits_to_keep=1): only the next token's logits
-        weight = self.model.embed_tokens.weight if self.shape.tied else self.lm_head.weight
-        return F.linear(x, weight)
+        return project(x, self.model.embed_tokens if self.shape.tied else self.lm_head)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         if self.has_embed:

@@ -1,0 +1,214 @@
+"""``python -m smolcluster.bench quantize``: what precision and quantization cost and save, measured in one run.
+
+- Quality: gpt2-tiny and llama-tiny are trained briefly here on tinyshakespeare, then each
+  format's perplexity on held-out text (the last 10% of the corpus) is compared with fp32's,
+  and bf16's greedy continuation of a held-out prompt with fp32's (first 32 tokens).
+- Memory: the model a stage adds (peak RSS minus RSS after its imports, before any weight is
+  read), each format in a fresh process, for GPT-2 124M and a Llama-family model of the same
+  size (random init: memory and speed do not depend on the weights' values).
+- Speed: greedy decode tokens/s of the whole model as one stage (KV cache), each format vs fp32.
+
+Each model is one stage holding everything (embedding, blocks, head), loaded by the same
+``load_stage`` a pipeline stage runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from smolcluster.pipeline.launch import stage_env
+
+FORMATS = [("fp32", "none"), ("bf16", "none"), ("fp32", "int8"), ("fp32", "int4")]
+TARGETS = {("bf16", "none"): 0.5, ("fp32", "int8"): 1.0, ("fp32", "int4"): 5.0}  # ppl % over fp32 allowed
+
+
+def _status_mb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def probe(weights: str, precision: str, quantize: str, group: int = 64) -> dict:
+    """In a fresh process: RSS after imports, then peak RSS once the whole model is loaded as one stage."""
+    code = ("import json, sys; from smolcluster.bench.quantize import _probe_main; "
+            f"_probe_main({weights!r}, {precision!r}, {quantize!r}, {group})")
+    env = stage_env(1)  # what a stage process runs with
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _probe_main(weights: str, precision: str, quantize: str, group: int) -> None:
+    from smolcluster.pipeline.quantize import StageFormat
+    from smolcluster.pipeline.weights import find_model, load_stage
+
+    src = find_model(weights)
+    n_layer = src.config.get("n_layer") or src.config["num_hidden_layers"]
+    fmt = StageFormat(precision, quantize, group)
+    # Run the conversion code once on a small tensor first: the first call of each torch op pages in
+    # its code (part of what imports cost every process), which is not the model's memory.
+    from smolcluster.pipeline import quantize as qz
+
+    w = torch.randn(64, 128)
+    q, _ = qz.int4_groups(w, 32)
+    qz.int8_rows(w, fmt.dtype), torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), w.to(fmt.dtype)
+    before = _status_mb("VmRSS")
+    stage = load_stage(src.weights, src.config, range(n_layer), embed=True, head=True, fmt=fmt)
+    peak = _status_mb("VmHWM")
+    held = sum(t.numel() * t.element_size() for t in (*stage.parameters(), *stage.buffers())) / 2**20
+    print(json.dumps({"rss_imports_mb": before, "peak_mb": peak, "added_mb": peak - before, "tensors_mb": held}))
+
+
+def load(weights: str | Path, precision: str = "fp32", quantize: str = "none", group: int = 64):
+    from smolcluster.pipeline.quantize import StageFormat
+    from smolcluster.pipeline.weights import find_model, load_stage
+
+    src = find_model(weights)
+    n_layer = src.config.get("n_layer") or src.config["num_hidden_layers"]
+    return load_stage(src.weights, src.config, range(n_layer), embed=True, head=True,
+                      fmt=StageFormat(precision, quantize, group))
+
+
+@torch.inference_mode()
+def perplexity(stage, ids: torch.Tensor, block: int) -> float:
+    n = (len(ids) - 1) // block
+    x, y = ids[: n * block].view(n, block), ids[1: n * block + 1].view(n, block)
+    losses = []
+    for i in range(0, n, 16):
+        logits = stage(x[i: i + 16]).float()
+        losses.append(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                        y[i: i + 16].reshape(-1), reduction="sum"))
+    return float(torch.exp(torch.stack(losses).sum() / y.numel()))
+
+
+@torch.inference_mode()
+def greedy(stage, prompt: torch.Tensor, n: int) -> tuple[list[int], float]:
+    """``n`` greedy tokens with a KV cache; returns them and decode tokens/s (after the prefill)."""
+    from smolcluster.pipeline.architectures import KVCache
+
+    cache = KVCache(len(stage.blocks))
+    x = stage.run_blocks(stage.embed(prompt[None], 0), cache)
+    out = [int(stage.logits(x, last_only=True)[0, -1].argmax())]
+    t0 = time.perf_counter()
+    for _ in range(n - 1):
+        x = stage.run_blocks(stage.embed(torch.tensor([[out[-1]]]), cache.length), cache)
+        out.append(int(stage.logits(x, last_only=True)[0, -1].argmax()))
+    return out, (n - 1) / (time.perf_counter() - t0)
+
+
+def train_tiny(name: str, text: str, tok, out: Path, steps: int, block: int = 64) -> Path:
+    """A model of conf/model/NAME.yaml trained ``steps`` steps on ``text``, saved as a Hugging Face directory."""
+    from omegaconf import OmegaConf
+
+    from smolcluster.models import build_model
+    from smolcluster.paths import CONFIG_DIR
+
+    torch.manual_seed(0)
+    cfg = OmegaConf.load(CONFIG_DIR / "model" / f"{name}.yaml")
+    model = build_model(cfg, {"vocab_size": tok.vocab_size, "eos_token_id": tok.eos_id}).train()
+    ids = torch.tensor(tok.encode(text), dtype=torch.long)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        lr = 3e-3 * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - step / steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        starts = torch.randint(0, len(ids) - block - 1, (16,), generator=g)
+        x = torch.stack([ids[s: s + block] for s in starts])
+        y = torch.stack([ids[s + 1: s + block + 1] for s in starts])
+        logits = model(x).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    print(f"{name}: {steps} steps, last train loss {loss.item():.3f}", file=sys.stderr)
+    model.eval().save_pretrained(out / name)
+    return out / name
+
+
+def big_models(out: Path) -> dict[str, Path]:
+    """GPT-2 124M and a Llama-family model of the same size (12 x 768, GQA 12/4, 32k vocab), random init."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from smolcluster.models.gpt2 import build_gpt2
+
+    torch.manual_seed(0)
+    build_gpt2().save_pretrained(out / "gpt2-124M")
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                      num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=1024,
+                      tie_word_embeddings=False, bos_token_id=None, eos_token_id=None)
+    LlamaForCausalLM(cfg).save_pretrained(out / "llama-125M")
+    return {"gpt2-124M": out / "gpt2-124M", "llama-125M": out / "llama-125M"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m smolcluster.bench quantize", description=__doc__.split("\n")[0])
+    p.add_argument("--corpus", default="/work/shared/data/tinyshakespeare/input.txt")
+    p.add_argument("--steps", type=int, default=300, help="training steps of each tiny model")
+    p.add_argument("--tokens", type=int, default=32, help="greedy tokens compared and timed")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens perplexity is measured on")
+    p.add_argument("--group", type=int, default=32, help="int4 group size (32 divides llama-tiny's 352-wide MLP)")
+    p.add_argument("--skip-big", action="store_true", help="only the trained tiny models")
+    p.add_argument("--only-big", action="store_true", help="only the 124M models' memory and speed")
+    p.add_argument("--big-tokens", type=int, default=16, help="decode tokens timed on the 124M models")
+    p.add_argument("--out", default=".")
+    args = p.parse_args(argv)
+    from smolcluster.bench.report import write_report
+    from smolcluster.data.text import get_tokenizer, read_corpus
+
+    text = read_corpus(args.corpus)
+    split = int(len(text) * 0.9)
+    tok = get_tokenizer(text, "bpe", 4096)
+    # torch's CPU int4 kernel costs one decode step per row, so held-out text is kept to --eval-tokens.
+    held = torch.tensor(tok.encode(text[split:])[: args.eval_tokens + 1], dtype=torch.long)
+    rows, extra = [], {}
+    with tempfile.TemporaryDirectory(prefix="smolcluster-bench-quantize-") as tmp:
+        tmp = Path(tmp)
+        for name in () if args.only_big else ("gpt2-tiny", "llama-tiny"):
+            d = train_tiny(name, text[:split], tok, tmp, args.steps)
+            base_ppl = base_tokens = base_tps = None
+            for precision, quantize in FORMATS:
+                stage = load(d, precision, quantize, args.group)
+                ppl = perplexity(stage, held, 64)
+                toks, tps = greedy(stage, held[:16], args.tokens)
+                if base_ppl is None:
+                    base_ppl, base_tokens, base_tps = ppl, toks, tps
+                agree = next((i for i, (a, b) in enumerate(zip(toks, base_tokens, strict=True)) if a != b), len(toks))
+                d_ppl = 100 * (ppl / base_ppl - 1)
+                target = TARGETS.get((precision, quantize))
+                rows.append({"model": name, "format": f"{precision}/{quantize}", "ppl": ppl, "ppl_vs_fp32_%": d_ppl,
+                             "target_%": "" if target is None else f"<= {target}",
+                             "greedy_agree": f"{agree}/{len(toks)}", "decode_tok_s": tps,
+                             "speed_vs_fp32": tps / base_tps})
+        if not args.skip_big:
+            for name, d in big_models(tmp).items():
+                base_mem = base_tps = None
+                prompt = torch.arange(16) % 1000
+                for precision, quantize in FORMATS:
+                    mem = probe(str(d), precision, quantize, args.group)
+                    stage = load(d, precision, quantize, args.group)
+                    _, tps = greedy(stage, prompt, args.big_tokens)
+                    del stage
+                    if base_mem is None:
+                        base_mem, base_tps = mem, tps
+                    rows.append({"model": name, "format": f"{precision}/{quantize}",
+                                 "added_mb": mem["added_mb"], "added_vs_fp32": mem["added_mb"] / base_mem["added_mb"],
+                                 "peak_rss_mb": mem["peak_mb"], "tensors_mb": mem["tensors_mb"],
+                                 "decode_tok_s": tps, "speed_vs_fp32": tps / base_tps})
+    extra["threads"] = torch.get_num_threads()
+    extra["note"] = ("added_mb = peak RSS minus RSS after imports (before weights); targets: int8 <= 0.3x, "
+                     "bf16 <= 0.55x of fp32")
+    write_report("quantize-big" if args.only_big else "quantize", rows, extra, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

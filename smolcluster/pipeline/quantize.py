@@ -1,0 +1,275 @@
+"""Precision and weight-only quantization, applied to a stage tensor by tensor as it loads.
+
+    precision = fp32 | bf16 | fp16     the type weights are held in, and activations, KV cache and
+                                       the wire carry (half the bytes of fp32 for bf16/fp16)
+    quantize  = none | int8 | int4     weight-only: the blocks' Linear weights (and the token
+                                       embedding / LM head) as integers plus scales
+
+- ``int8``: symmetric, one scale per output channel (each row of an ``out x in`` weight);
+  matmuls by ``torch.ops.aten._weight_int8pack_mm`` (torch's own CPU kernel).
+- ``int4``: asymmetric, group-wise along the input dim (``group_size`` 32/64/128), scale
+  and zero per group; packed and multiplied by torch's tinygemm CPU kernels
+  (``_convert_weight_to_int4pack_for_cpu`` / ``_weight_int4pack_mm_for_cpu``). The token
+  embedding and LM head are int8 then (a lookup table of int4 groups has no kernel, and
+  the head is where int4 costs the most quality).
+
+Why torch's ops and not ``torchao``: torchao 0.18 is on PyPI, but it was not installed into the
+shared environment or tried against torch 2.13 here (its compiled kernels are built per torch
+release), and its CPU weight-only int8/int4 paths call these same aten kernels anyway. What is
+written here is only what the kernels do not do: computing the integers and scales (a few
+lines each), a dequantize-then-matmul for int8 prefills (torch's int8 CPU kernel runs row by
+row), and reading a large tensor in row chunks so the full-precision tensor is never resident
+beside its quantized copy (:func:`convert`).
+
+Norms, biases and position embeddings stay in the compute type: they are a rounding
+error of the memory and carry the numerics that matter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smolcluster.errors import ConfigError
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QUANTIZE = ("none", "int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+_CHUNK_BYTES = 1 << 20  # a big tensor is read and converted this many bytes at a time
+
+
+@dataclass(frozen=True)
+class StageFormat:
+    """How a stage holds its weights: compute precision, weight quantization, and the device."""
+
+    precision: str = "fp32"
+    quantize: str = "none"
+    group_size: int = 64
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision={self.precision!r} is invalid: choose {' | '.join(PRECISIONS)}")
+        if self.quantize not in QUANTIZE:
+            raise ConfigError(f"quantize={self.quantize!r} is invalid: choose {' | '.join(QUANTIZE)}")
+        if self.group_size not in GROUP_SIZES:
+            raise ConfigError(f"quantize_group={self.group_size!r} is invalid: choose "
+                              f"{' | '.join(map(str, GROUP_SIZES))}")
+        if self.quantize == "int4" and torch.device(self.device).type != "cpu":
+            raise ConfigError(f"quantize=int4 runs on CPU stages only (torch's packed int4 CPU kernel); on "
+                              f"{self.device} use quantize=int8 or precision=bf16/fp16")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return PRECISIONS[self.precision]
+
+
+def resolve_device(device: str | None) -> str:
+    """``cpu`` / ``cuda`` / ``cuda:N`` / ``mps`` / ``auto`` (cuda if present, else mps, else cpu), checked here."""
+    device = device or "cpu"
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        raise ConfigError(f"device={device!r} is invalid: choose cpu, cuda, cuda:N, mps or auto") from e
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r}: this machine has no CUDA device (torch sees none); use cpu or auto")
+    if kind == "cuda" and torch.device(device).index is not None and torch.device(device).index >= \
+            torch.cuda.device_count():
+        raise ConfigError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"device={device!r}: MPS is not available here (Apple silicon + a macOS torch build)")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device={device!r} is invalid: choose cpu, cuda, cuda:N, mps or auto")
+    return device
+
+
+# -- the integers ---------------------------------------------------------------------------------
+def int8_rows(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: ``w ~= q * scale[:, None]``."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
+    return q, scale.to(dtype)
+
+
+def int4_groups(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit per group of ``group`` inputs: q in [0, 15] (int32) and (in/group, out, 2) scale/zero,
+    in tinygemm's convention ``w ~= (q - 8) * scale + zero``."""
+    n, k = w.shape
+    g = w.float().view(n, k // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-6)
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.int32).view(n, k)
+    zero = lo + 8 * scale
+    return q, torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+
+
+# -- the modules a quantized stage holds ------------------------------------------------------------
+class Int8Linear(nn.Module):
+    """``y = x @ (q * scale).T + bias``; also a token lookup table when it replaces an embedding."""
+
+    def __init__(self, n_in: int, n_out: int, bias: bool, padding_idx: int | None = None):
+        super().__init__()
+        self.n_in, self.n_out, self.padding_idx = n_in, n_out, padding_idx
+        self.register_buffer("qweight", torch.empty(n_out, n_in, dtype=torch.int8))
+        self.register_buffer("scales", torch.empty(n_out))
+        self.bias = nn.Parameter(torch.empty(n_out)) if bias else None
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.n_in)
+        if x2.device.type == "cpu" and x2.shape[0] == 1:
+            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales)
+        else:
+            # Several rows (a prompt's prefill), or cuda / mps: dequantize on the fly (int8 storage, a
+            # compute-type matmul). torch's CPU int8 kernel runs row by row: measured here, a 64-row
+            # prefill through it was ~20x slower than this; for one row (decode) they are on a par.
+            y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scales
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.n_out)
+
+    forward = project
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight[ids].to(self.scales.dtype) * self.scales[ids, None]
+
+
+class Int8Embedding(Int8Linear):
+    """An int8 token embedding (rows are tokens): ``forward`` looks up, ``project`` is the tied LM head."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lookup(ids)
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, n_in: int, n_out: int, bias: bool, group: int):
+        super().__init__()
+        self.n_in, self.n_out, self.group = n_in, n_out, group
+        self.register_buffer("qweight", torch.empty(n_out, n_in // 2, dtype=torch.uint8))
+        self.register_buffer("scales_zeros", torch.empty(n_in // group, n_out, 2))
+        self.bias = nn.Parameter(torch.empty(n_out)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.n_in).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group, self.scales_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.n_out)
+
+
+def project(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """An LM head: ``x @ weight.T`` of an embedding or Linear, float or quantized."""
+    if hasattr(module, "project"):
+        return module.project(x)
+    return F.linear(x, module.weight)
+
+
+# -- applying a format to a stage as it loads --------------------------------------------------------
+@dataclass
+class _Target:
+    kind: str            # "int8" | "int4"
+    transposed: bool     # GPT-2's Conv1D stores (in, out)
+
+
+def prepare(stage: nn.Module, fmt: StageFormat) -> dict[str, _Target]:
+    """Swap the stage's (meta) Linear / Conv1D / Embedding modules for quantized ones; returns which
+    file tensors (by parameter name) must be quantized, and how."""
+    if fmt.quantize == "none":
+        return {}
+    from smolcluster.pipeline.architectures.gpt2 import Conv1D
+
+    targets: dict[str, _Target] = {}
+    for name, module in list(stage.named_modules()):
+        if not name:
+            continue
+        if isinstance(module, nn.Embedding):
+            if name.endswith("wpe"):  # positions: small, and added to every hidden state
+                continue
+            new = Int8Embedding(module.embedding_dim, module.num_embeddings, False, module.padding_idx)
+            kind, transposed = "int8", False
+        elif isinstance(module, (nn.Linear, Conv1D)):
+            transposed = isinstance(module, Conv1D)
+            n_in, n_out = (module.weight.shape[0], module.weight.shape[1]) if transposed else \
+                (module.weight.shape[1], module.weight.shape[0])
+            head = name == "lm_head"
+            kind = "int8" if fmt.quantize == "int8" or head else "int4"
+            if kind == "int4" and n_in % fmt.group_size:
+                raise ConfigError(f"quantize=int4: {name} has {n_in} inputs, not a multiple of "
+                                  f"quantize_group={fmt.group_size}; choose a group that divides it")
+            bias = module.bias is not None
+            new = Int8Linear(n_in, n_out, bias) if kind == "int8" else Int4Linear(n_in, n_out, bias, fmt.group_size)
+        else:
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        setattr(stage.get_submodule(parent_name) if parent_name else stage, attr, new)
+        targets[f"{name}.weight"] = _Target(kind, transposed)
+    return targets
+
+
+def convert(name: str, shape: tuple, read_rows: Callable[[int, int], torch.Tensor], fmt: StageFormat,
+            targets: dict[str, _Target]) -> dict[str, torch.Tensor]:
+    """The state-dict entries for file tensor ``name``, built from ``read_rows(r0, r1)`` (file rows, file dtype).
+
+    A tensor is read a chunk of rows at a time into its final form, so no full-precision copy of
+    it is ever resident (GPT-2's Conv1D weights, stored (in, out), are read whole: quantizing per
+    output channel needs every row; they are one block's matrix, not the model).
+    """
+    dev, dtype, target = fmt.device, fmt.dtype, targets.get(name)
+    rows = shape[0] if shape else 1
+    row_bytes = max(1, (torch.Size(shape[1:]).numel() if len(shape) > 1 else 1) * 4)
+    step = max(1, _CHUNK_BYTES // row_bytes)
+    base = name.removesuffix(".weight")
+    if target is None:
+        if not shape:
+            return {name: read_rows(0, 1).to(dev)}
+        first = read_rows(0, min(rows, step))
+        if not first.is_floating_point():
+            out = torch.empty(shape, dtype=first.dtype)
+        else:
+            out = torch.empty(shape, dtype=dtype)
+        out[: first.shape[0]] = first
+        del first
+        for r in range(step, rows, step):
+            out[r: r + step] = read_rows(r, min(rows, r + step))
+        return {name: out.to(dev)}
+    if target.transposed:
+        w = read_rows(0, rows).t()  # (out, in) view of GPT-2's (in, out)
+        if target.kind == "int8":  # quantized a few output channels at a time: small temporaries
+            n_out = w.shape[0]
+            q, s = torch.empty(w.shape, dtype=torch.int8), torch.empty(n_out, dtype=dtype)
+            step = max(1, _CHUNK_BYTES // (w.shape[1] * 4))
+            for r in range(0, n_out, step):
+                q[r: r + step], s[r: r + step] = int8_rows(w[r: r + step], dtype)
+            return {f"{base}.qweight": q.to(dev), f"{base}.scales": s.to(dev)}
+        q, sz = int4_groups(w, fmt.group_size)
+        return {f"{base}.qweight": torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1),
+                f"{base}.scales_zeros": sz.to(dtype)}
+    if target.kind == "int8":
+        q = torch.empty(shape, dtype=torch.int8)
+        s = torch.empty(rows, dtype=dtype)
+        for r in range(0, rows, step):
+            q[r: r + step], s[r: r + step] = int8_rows(read_rows(r, min(rows, r + step)), dtype)
+        return {f"{base}.qweight": q.to(dev), f"{base}.scales": s.to(dev)}
+    # int4: groups run along a row, so rows quantize independently; the packing kernel needs the whole
+    # (out, in) int32 matrix (one block's, freed at once).
+    q = torch.empty(shape, dtype=torch.int32)
+    sz = torch.empty(shape[1] // fmt.group_size, rows, 2, dtype=dtype)
+    for r in range(0, rows, step):
+        q[r: r + step], sz[:, r: r + step] = int4_groups(read_rows(r, min(rows, r + step)), fmt.group_size)
+    return {f"{base}.qweight": torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), f"{base}.scales_zeros": sz}
+
+
+def compute_dtype(stage: nn.Module) -> torch.dtype:
+    """The stage's compute type: that of its floating-point tensors (activations are cast to it on arrival)."""
+    for t in (*stage.parameters(), *stage.buffers()):
+        if t.is_floating_point() and t.device.type != "meta" and t.dtype != torch.float32:
+            return t.dtype
+    return torch.float32
