@@ -178,6 +178,7 @@ def serve_config_from(cfg: Pipeline) -> ServeConfig:
     """``role=stage rank=N``: this node's stage of a cluster, from the same config every node uses."""
     from smolcluster.pipeline.nodes import stage_nodes
     from smolcluster.pipeline.partition import node_weights
+    from smolcluster.security import check_bind
 
     if cfg.rank is None:
         raise ConfigError("role=stage needs its rank: add rank=N (0 <= N < stages)")
@@ -188,8 +189,9 @@ def serve_config_from(cfg: Pipeline) -> ServeConfig:
     if not cfg.checkpoint and not cfg.model.get("pretrained"):
         raise ConfigError("a cluster stage needs weights every node agrees on: give checkpoint=RUN_DIR or "
                           "model.pretrained=DIR (copied to every node)")
-    info, _, _ = resolve_model(cfg, need_tokenizer=False)
     node = nodes[cfg.rank]
+    check_bind([node.bind], c.keys, c.insecure, f"stage {cfg.rank}")
+    info, _, _ = resolve_model(cfg, need_tokenizer=False)
     return ServeConfig(rank=cfg.rank, n_stages=n, weights=str(info["weights"]), config=info["config"],
                        nodes=[{"address": x.address, "bind": x.bind} for x in nodes],
                        head_first=cfg.head is HeadPlace.first, stage_weights=node_weights(c, n),
