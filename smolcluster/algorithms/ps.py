@@ -13,6 +13,7 @@ flat buffer and pushes its flat gradient; each algorithm writes its own loop.
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,8 @@ class WorkerInfo:
     samples_per_s: float | None = None  # the worker's own throughput, from its last gradient (EDP)
     rejoins: int = 0          # registrations after the first (a restarted or reconnected worker)
     stale: list[int] = field(default_factory=list)
+    session: str | None = None  # the registering process's token: its heartbeats carry it
+    key: str | None = None      # its CURVE public key (z85), with cluster.keys
 
     def report(self) -> dict:
         out = {k: getattr(self, k) for k in ("node", "device", "batch_size", "joined_step", "lost_step", "applied",
@@ -141,11 +144,12 @@ class ServerBase:
                 return w
         return None
 
-    def refuse(self, peer: bytes, why: str, reason: str) -> None:
-        """Turn a registration away; counted per ``why`` in the summary's rejected_messages like any bad message."""
+    def refuse(self, peer: bytes, why: str, reason: str, retry: bool = False) -> None:
+        """Turn a registration away; counted per ``why`` in the summary's rejected_messages like any bad message.
+        ``retry``: the worker may try again later (its rank is taken by a live connection)."""
         self.endpoint.rejected[f"refused_{why}"] += 1
         logger.warning(f"refused a worker: {reason}")
-        self.endpoint.send(peer, "refuse", {"reason": reason})
+        self.endpoint.send(peer, "refuse", {"reason": reason, **({"retry": True} if retry else {})})
 
     def on_register(self, peer: bytes, msg: Message) -> None:
         f = msg.fields
@@ -159,10 +163,19 @@ class ServerBase:
                                      "every node must use the same model config")
         if not 0 <= rank < self.cluster.workers:
             return self.refuse(peer, "rank", f"rank {rank} is outside 0..{self.cluster.workers - 1} (cluster.workers)")
-        old = self.workers.get(rank)
+        old, session = self.workers.get(rank), f.get("session")
         if old is not None and old.alive and old.peer != peer:
+            # A live rank is not taken over by a stranger: only the same process reconnecting (its session)
+            # or, with keys, the same client key (a restarted worker) may. Anyone else waits until the old
+            # connection is declared lost (a restarted keyless worker retries until then).
+            same = (session is not None and session == old.session) or (
+                msg.sender_key is not None and msg.sender_key == old.key)
+            if not same:
+                return self.refuse(peer, "takeover", f"worker {rank} is connected and alive: a new connection "
+                                   "takes its rank only once the old one is lost", retry=True)
             logger.warning(f"worker {rank} re-registered from a new connection; the old one is dropped")
-        self.workers[rank] = WorkerInfo(rank, peer, f["node"], f["device"], f["batch_size"], joined_step=self.trainer.step)
+        self.workers[rank] = WorkerInfo(rank, peer, f["node"], f["device"], f["batch_size"], joined_step=self.trainer.step,
+                                        session=session, key=msg.sender_key)
         if old is not None:  # keep its history across reconnects (lost_step: when it was last lost)
             for k in ("applied", "skipped", "samples", "bytes_received", "stale", "lost_step"):
                 setattr(self.workers[rank], k, getattr(old, k))
@@ -227,7 +240,7 @@ class ServerBase:
         if worker is None:
             if msg.kind == "heartbeat":
                 w = self.workers.get(msg.fields["rank"])
-                if w is not None and w.alive:
+                if w is not None and w.alive and msg.fields.get("session") == w.session:
                     w.last_seen = time.monotonic()
                 return
             if msg.kind != "bye":
@@ -333,6 +346,7 @@ class WorkerLink:
         # This node's own metrics (no metrics.jsonl: the server writes the run's): Prometheus, W&B, hardware.
         self.recorder = open_recorder(cfg, run_dir, files=False) if run_dir is not None else None
         self.samples, self.t0 = 0, time.perf_counter()
+        self.session = secrets.token_hex(8)  # this process's registration: reconnecting keeps it, a restart does not
         self._last: tuple[int, float] | None = None  # (step, loss) of the last step done
         self._logged_step: int | None = None
 
@@ -340,7 +354,8 @@ class WorkerLink:
         self.close()
         self.client = ClientEndpoint(self.address, max_bytes=max_bytes(self.cluster), curve_dir=self.cluster.get("keys"))
         self.heartbeat = Heartbeat(self.address, rank=self.rank, interval_s=self.cluster.heartbeat_s,
-                                   max_bytes=max_bytes(self.cluster), curve_dir=self.cluster.get("keys"))
+                                   max_bytes=max_bytes(self.cluster), curve_dir=self.cluster.get("keys"),
+                                   session=self.session)
         self.heartbeat.start()
 
     def register(self) -> Message:
@@ -351,9 +366,14 @@ class WorkerLink:
             self.client.send("register", {
                 "rank": self.rank, "node": self.settings["name"], "device": str(self.trainer.device),
                 "batch_size": self.settings["batch_size"], "protocol": PROTOCOL,
-                "fingerprint": self.trainer.fingerprint, "algo": self.algo})
+                "fingerprint": self.trainer.fingerprint, "algo": self.algo, "session": self.session})
             msg = self.client.recv(2000)
             if msg is None:
+                continue
+            if msg.kind == "refuse" and msg.fields.get("retry"):
+                # our rank is still held by a live connection (our previous process, not yet declared lost)
+                logger.warning(f"worker {self.rank}: {msg.fields['reason']}; retrying")
+                time.sleep(min(1.0, self.cluster.liveness_s / 4))
                 continue
             if msg.kind == "refuse":
                 raise PeerError(f"the server at {self.address} refused worker {self.rank}: {msg.fields['reason']}")
