@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 
 from smolcluster.cluster import worker_settings
 from smolcluster.errors import ConfigError, PeerError
+from smolcluster.security import GradientGuard, grad_norm
 from smolcluster.telemetry.run_files import open_recorder
 from smolcluster.trainer import Trainer
 from smolcluster.transport import ClientEndpoint, Heartbeat, Message, ServerEndpoint, wire
@@ -82,6 +83,7 @@ class WorkerInfo:
     bytes_received: int = 0
     samples_per_s: float | None = None  # the worker's own throughput, from its last gradient (EDP)
     rejoins: int = 0          # registrations after the first (a restarted or reconnected worker)
+    rejected: int = 0         # gradients rejected as outliers (train.max_grad_norm_ratio), never applied
     stale: list[int] = field(default_factory=list)
     session: str | None = None  # the registering process's token: its heartbeats carry it
     key: str | None = None      # its CURVE public key (z85), with cluster.keys
@@ -89,7 +91,7 @@ class WorkerInfo:
     def report(self) -> dict:
         out = {k: getattr(self, k) for k in ("node", "device", "batch_size", "joined_step", "lost_step", "applied",
                                              "skipped", "samples", "last_loss", "bytes_received", "samples_per_s",
-                                             "rejoins")}
+                                             "rejoins", "rejected")}
         out["alive"] = self.alive
         if self.stale:
             s = np.asarray(self.stale)
@@ -117,6 +119,7 @@ class ServerBase:
         (self.run_dir / "server.json").write_text(json.dumps({"address": self.endpoint.address,
                                                               "port": self.endpoint.port, "algo": self.algo}))
         self.workers: dict[int, WorkerInfo] = {}
+        self.guard = GradientGuard.from_config(cfg.train)
         self.recorder = open_recorder(cfg, self.run_dir, append=bool(cfg.resume))
         self.ema = {n: t.detach().clone() for n, t in self.flat.params.items()} if cfg.algo.get("ema") else None
         self.samples = 0
@@ -227,6 +230,13 @@ class ServerBase:
                 return None
             out[name] = torch.from_numpy(np.asarray(arr, dtype=np.float32).reshape(-1))
         return out
+
+    def accept_gradient(self, worker: WorkerInfo, grads: dict[str, torch.Tensor]) -> bool:
+        """The outlier rule (security.GradientGuard): False, counted, for a gradient never to apply."""
+        if self.guard.check(grad_norm(grads.values()), f"worker {worker.rank}'s gradient"):
+            return True
+        worker.rejected += 1
+        return False
 
     def poll(self, timeout_s: float) -> None:
         """Handle at most one message (or time out); every message refreshes its sender's liveness."""
