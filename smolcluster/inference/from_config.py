@@ -186,11 +186,11 @@ def serve_config_from(cfg: Pipeline) -> ServeConfig:
     nodes = stage_nodes(c, n)
     if not 0 <= cfg.rank < n:
         raise ConfigError(f"rank={cfg.rank} is invalid for stages={n}: use 0..{n - 1}")
+    check_bind([nodes[cfg.rank].bind], c.keys, c.insecure, f"stage {cfg.rank}")
     if not cfg.checkpoint and not cfg.model.get("pretrained"):
         raise ConfigError("a cluster stage needs weights every node agrees on: give checkpoint=RUN_DIR or "
                           "model.pretrained=DIR (copied to every node)")
     node = nodes[cfg.rank]
-    check_bind([node.bind], c.keys, c.insecure, f"stage {cfg.rank}")
     info, _, _ = resolve_model(cfg, need_tokenizer=False)
     return ServeConfig(rank=cfg.rank, n_stages=n, weights=str(info["weights"]), config=info["config"],
                        nodes=[{"address": x.address, "bind": x.bind} for x in nodes],
