@@ -85,8 +85,8 @@ class GradientGuard:
 
     @classmethod
     def from_config(cls, train) -> GradientGuard:
-        return cls(train.get("max_grad_norm_ratio", 10.0), train.get("grad_norm_window", 50),
-                   train.get("grad_norm_warmup", 5))
+        return cls(getattr(train, "max_grad_norm_ratio", 10.0), getattr(train, "grad_norm_window", 50),
+                   getattr(train, "grad_norm_warmup", 5))
 
     def bound(self) -> float | None:
         """The largest norm accepted now, or None while warming up or with the bound off."""

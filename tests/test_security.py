@@ -189,8 +189,9 @@ def test_allreduce_skips_a_step_whose_reduced_gradient_blew_up_on_every_rank(tmp
     s = train(tmp_path / "guarded", *common)
     assert s["steps"] == 60 and s["gradients_rejected"] == 6, s  # steps 9, 19, ..., 59
     assert s["eval_accuracy"] >= 0.85, s["eval_accuracy"]
-    off = train(tmp_path / "off", *common, "train.max_grad_norm_ratio=0")  # the rule off: the blow-ups land
-    assert off["gradients_rejected"] == 0 and off["eval_accuracy"] < 0.5, off["eval_accuracy"]
+    off = train(tmp_path / "off", *common, "train.max_grad_norm_ratio=0")  # the norm bound off: the blow-ups land
+    # (and the wrecked model's next gradients are not even finite: those are still rejected)
+    assert off["eval_accuracy"] < 0.5, off["eval_accuracy"]
 
 
 def test_the_guard_is_a_robust_bound_with_a_warm_up_and_an_off_switch():
