@@ -5,7 +5,9 @@ the exposure is the point."""
 from __future__ import annotations
 
 import ipaddress
+import shutil
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +15,8 @@ import zmq
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
+from smolcluster.algorithms.ps import max_bytes
+from smolcluster.algorithms.syncps import SyncServer
 from smolcluster.errors import ConfigError
 from smolcluster.inference.from_config import serve_config_from
 from smolcluster.inference.settings import chat_settings, infer_settings
@@ -20,7 +24,7 @@ from smolcluster.paths import CONFIG_DIR
 from smolcluster.security import GradientGuard, check_api, is_loopback
 from smolcluster.serving.config import serve
 from smolcluster.trainer import Trainer
-from smolcluster.transport import wire
+from smolcluster.transport import ClientEndpoint, make_keys, wire
 from tests.cluster_util import Cluster
 from tests.conftest import run_cli, train
 
@@ -201,3 +205,41 @@ def test_the_guard_is_a_robust_bound_with_a_warm_up_and_an_off_switch():
     assert not g.check(11.0) and g.check(9.0) and not g.check(float("nan")) and g.rejected == 2
     off = GradientGuard(ratio=0)
     assert all(off.check(x) for x in (1.0, 1e12)) and not off.check(float("inf"))
+
+
+def test_with_curve_a_live_rank_is_taken_over_only_by_its_own_client_key(tmp_path):
+    """With keys the server knows which client key each connection used (ZAP's User-Id): the same key (a
+    restarted worker) takes its live rank over; another authorized key is refused while the rank is alive."""
+    keys, other = tmp_path / "keys", tmp_path / "other"
+    make_keys(keys, clients=2)  # client and client1, both in authorized/
+    other.mkdir()
+    shutil.copy(keys / "server.key", other / "server.key")
+    shutil.copy(keys / "client1.key_secret", other / "client.key_secret")
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        cfg = compose("config", overrides=["algo=syncps", "cluster.workers=1", f"cluster.keys={keys}", "run_id=k"])
+    server = SyncServer(cfg, tmp_path)
+    hello = {"rank": 0, "node": "n", "device": "cpu", "batch_size": 64, "protocol": wire.PROTOCOL_VERSION,
+             "fingerprint": server.trainer.fingerprint, "algo": "syncps"}
+
+    def register(curve_dir):
+        client = ClientEndpoint(server.endpoint.address, max_bytes=max_bytes(cfg.cluster), curve_dir=str(curve_dir))
+        client.send("register", hello)
+        deadline = time.monotonic() + 30
+        while not client.pending() and time.monotonic() < deadline:
+            server.poll(0.05)
+        reply = client.recv(1000)
+        client.close()
+        return reply
+
+    try:
+        assert register(keys).kind == "welcome"
+        first = server.workers[0]
+        assert first.key is not None and first.alive
+        refused = register(other)  # authorized, but not the key rank 0 registered with
+        assert refused.kind == "refuse" and refused.fields.get("retry")
+        assert server.workers[0] is first and server.endpoint.rejected["refused_takeover"] == 1
+        assert register(keys).kind == "welcome"  # its own key: a restarted worker takes its rank back
+        assert server.workers[0] is not first and server.workers[0].rejoins == 1
+    finally:
+        server.endpoint.close()
+        server.recorder.finish(None)
