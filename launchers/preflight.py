@@ -24,6 +24,7 @@ import smolcluster
 from launchers.cluster_file import Node
 from launchers.remote import NO_PYTHON, NO_WORKDIR, SSH_FAILED, host_command, python_script
 from smolcluster.errors import PeerError
+from smolcluster.security import KEYS_FIX, is_loopback
 
 # Runs on the node with its own Python; stdlib only, so it reports missing packages instead of failing.
 PROBE = r'''
@@ -246,6 +247,12 @@ KEY_FILES = {"server": ["server.key_secret", "authorized"], "worker": ["server.k
 
 def _keys_check(report: NodeReport, facts: dict, cluster: DictConfig) -> None:
     if not cluster.get("keys"):
+        bind = str(cluster.get("bind") or cluster.host)
+        if not is_loopback(bind):  # what every node's own start-up check (smolcluster.security) will say
+            if cluster.get("insecure"):
+                report.add("keys", WARN, f"none: cluster.insecure=true, so anyone who reaches {bind} can join the run")
+            else:
+                report.add("keys", FAIL, f"none, and the cluster binds {bind}: every node will refuse to start; {KEYS_FIX}")
         return
     if not facts.get("keys_dir"):
         report.add("keys", FAIL, f"key dir {cluster.get('keys')} not found in {facts['cwd']}: copy the keys "

@@ -53,6 +53,7 @@ def worker_settings(cluster: DictConfig, rank: int, train: DictConfig) -> dict:
         "batch_size": int(node.get("batch_size", train.batch_size)),
         "device": node.get("device", None),
         "delay_s": float(node.get("delay_s", 0.0)),
+        "blowup_every": int(node.get("blowup_every", 0)),  # test knob (allreduce): every Nth step's gradient x 1e6
         "host": node.get("host", None),
         "name": node.get("name", f"worker{rank}"),
     }

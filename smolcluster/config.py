@@ -7,6 +7,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from smolcluster.errors import ConfigError
+from smolcluster.security import check_bind
 from smolcluster.telemetry import wandb_sink
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -49,6 +50,10 @@ def validate(cfg: DictConfig) -> None:
         _int(cfg, key, allow_zero=True)
     _number(cfg, "train.lr", allow_zero=False)
     _number(cfg, "train.grad_clip")
+    if OmegaConf.select(cfg, "train.max_grad_norm_ratio") is not None:
+        _number(cfg, "train.max_grad_norm_ratio")
+        _int(cfg, "train.grad_norm_window")
+        _int(cfg, "train.grad_norm_warmup", allow_zero=True)
     _number(cfg, "train.weight_decay")
     _choice(cfg, "train.optimizer", OPTIMIZERS)
     if OmegaConf.select(cfg, "logging") is not None:
@@ -57,6 +62,10 @@ def validate(cfg: DictConfig) -> None:
         _int(cfg, "logging.grad_norm_every", allow_zero=True)
         _int(cfg, "logging.hardware_every", allow_zero=True)
     _choice(cfg, "train.schedule", SCHEDULES)
+    if cfg.algo.name != "local":
+        # every distributed role checks, so a keyless LAN run is refused (or warned about) on every node
+        c = cfg.cluster
+        check_bind([c.get("bind") or c.host], c.get("keys"), bool(c.get("insecure")), f"algo={cfg.algo.name}")
     kind = cfg.model.get("kind")
     if kind not in ("classifier", "lm"):
         raise ConfigError(f"model.kind={kind!r} is invalid: choose classifier or lm")

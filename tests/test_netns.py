@@ -116,7 +116,8 @@ def _cluster_file(conf_dir: Path, net: Lan) -> None:
     """conf_dir/cluster/netns.yaml: the repo's local cluster file with this LAN's addresses."""
     cluster = OmegaConf.load(REPO / "conf" / "cluster" / "local.yaml")
     cluster.merge_with({
-        "name": "netns", "host": net.ip["srv"], "port": PORT, "bind": "0.0.0.0", "workers": 2,
+        # keyless on purpose (a private test LAN): without insecure=true a 0.0.0.0 bind is refused
+        "name": "netns", "host": net.ip["srv"], "port": PORT, "bind": "0.0.0.0", "workers": 2, "insecure": True,
         # a worker step costs >= delay_s, so the run lasts long enough to pull a cable in the middle
         "nodes": [{"name": "w0", "host": net.ip["w0"], "delay_s": 0.06},
                   {"name": "w1", "host": net.ip["w1"], "delay_s": 0.06}],

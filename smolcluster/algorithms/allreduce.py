@@ -16,6 +16,7 @@ the gradients. Rank 0 writes the run's files; a rank that goes silent stops the 
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 import threading
@@ -34,6 +35,7 @@ from smolcluster.errors import ConfigError
 from smolcluster.optim import build_optimizer
 from smolcluster.pipeline.launch import Children, child_overrides, free_ports, stage_env
 from smolcluster.pipeline.nodes import stage_nodes
+from smolcluster.security import GradientGuard
 from smolcluster.telemetry.run_files import open_recorder
 from smolcluster.trainer import LossWindow, Trainer
 from smolcluster.transport.ring import RingLink
@@ -47,6 +49,13 @@ def check(cfg: DictConfig) -> None:
     if not isinstance(mb, (int, float)) or isinstance(mb, bool) or mb <= 0:
         raise ConfigError(f"algo.bucket_mb={mb!r} is invalid: it must be a positive number of MB, e.g. 25")
     codecs(a)  # an unknown algo.compression is a one-line error listing the codecs
+
+
+def owned_sq_norm(trainer: Trainer, link: RingLink) -> float:
+    """Squared norm of the parts of the reduced gradient this rank owns (holds complete after reduce-scatter);
+    summed over the ranks, the whole gradient's."""
+    return sum(float(g[lo:hi].double().pow(2).sum()) for g in trainer.flat.grads.values()
+               for lo, hi in link.owned(g.numel(), g.element_size()))
 
 
 class ShardedOptimizer:
@@ -66,9 +75,6 @@ class ShardedOptimizer:
             str(i): v for i, v in enumerate(self.views)}))
         self.max_norm, trainer.train.grad_clip = trainer.train.grad_clip, 0.0  # clipped here, with the global norm
         trainer.grad_norm_every = 0  # per-layer norms would need the whole gradient on one rank
-
-    def sq_norm(self) -> float:
-        return float(sum(v.grad.double().pow(2).sum() for v in self.views)) if self.views else 0.0
 
     def step(self, total_sq_norm: float) -> float:
         """Clip by the global norm (as torch's clip_grad_norm_ does), then Trainer.apply_gradients on the shard.
@@ -186,6 +192,7 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
     codec, tr, lead = codecs(cfg.algo)[0], trainer.train, rank == 0
     recorder = open_recorder(cfg, run_dir, files=lead, keep_until=trainer.step if cfg.resume else None)
     window, ring_s = LossWindow(tr.log_every), 0.0
+    guard, lr = GradientGuard.from_config(tr), None
     sent_before = trainer.carried.get("bytes_sent", 0)  # rank 0's bytes before a resume: its counters go on
 
     def run_state() -> dict:  # what the checkpoint's JSON carries for a resume, besides samples and wall time
@@ -199,7 +206,10 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
         trainer.start_clock(recorder)
         while trainer.step < trainer.end_step:
             sent = link.bytes_sent
-            tasks = ring.start(trainer.step, sizes[rank] / total, link.reduce_scatter if zero else link.allreduce, codec)
+            scale = sizes[rank] / total
+            if settings["blowup_every"] and trainer.step % settings["blowup_every"] == settings["blowup_every"] - 1:
+                scale *= 1e6  # test knob: a buggy node (an fp16 overflow) sends a huge gradient now and then
+            tasks = ring.start(trainer.step, scale, link.reduce_scatter if zero else link.allreduce, codec)
             try:
                 loss, count = trainer.compute_gradients(trainer.step, rank)
             finally:
@@ -209,9 +219,15 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
             t_ring = time.perf_counter()
             for task in tasks:
                 task.result()  # (a PeerError from the ring thread is raised here)
-            stats = ring.call(link.gather_scalars, [float(loss) * count / total, sharded.sq_norm() if zero else 0.0])
+            stats = ring.call(link.gather_scalars, [float(loss) * count / total, owned_sq_norm(trainer, link)])
             ring_s += time.perf_counter() - t_ring  # the part of the ring's time that backward did not hide
-            lr = sharded.step(float(stats[:, 1].sum())) if zero else trainer.apply_gradients()
+            sq_norm = float(stats[:, 1].double().sum())  # the summed gradient's, from every rank's owned chunks
+            # the outlier rule on the reduced gradient: every rank holds the same table and the same history,
+            # so every rank decides the same and a rejected step is skipped everywhere
+            if guard.check(math.sqrt(sq_norm), f"step {trainer.step}'s gradient"):
+                lr = sharded.step(sq_norm) if zero else trainer.apply_gradients()
+            else:
+                trainer.step += 1  # not applied; the schedule moves on as everywhere else
             if zero:
                 t_ring = time.perf_counter()
                 for name, p in trainer.flat.params.items():
@@ -226,7 +242,7 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
                 rate = trainer.rate
                 row = {"loss": window.mean(), "lr": lr, "samples": trainer.samples, "samples_per_s": round(rate, 2),
                        "bytes_sent": sent_before + link.bytes_sent, "bytes_sent_step": link.bytes_sent - sent,
-                       "allreduce_s": round(ring_s / step, 6)}
+                       "allreduce_s": round(ring_s / step, 6), "gradients_rejected": guard.rejected}
                 logger.info(f"step {step}/{trainer.end_step} loss {row['loss']:.4f} ({rate:,.0f} samples/s, "
                             f"ring {1000 * ring_s / step:.1f} ms/step)")
             trainer.after_step(recorder, run_dir, row, run_state)
@@ -241,7 +257,8 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
             optimizer_state_bytes=sharded.state_bytes() if zero else trainer.optimizer_state_bytes(),
             bytes_sent=sent, bytes_sent_per_step=round(sent / steps),
             allreduce_s_per_step=round(ring_s / steps, 6), buckets=len(ring.order),
-            buckets_during_backward=round(ring.early / max(1, ring.total), 4), rejected_messages=dict(link.rejected))
+            buckets_during_backward=round(ring.early / max(1, ring.total), 4), rejected_messages=dict(link.rejected),
+            gradients_rejected=guard.rejected)
         return recorder.finish(summary)
     finally:
         ring.close()

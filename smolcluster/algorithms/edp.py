@@ -78,6 +78,8 @@ class EdpServer(ServerBase):
             self.dropped += 1
             logger.debug(f"dropped worker {worker.rank}'s gradient: staleness {s} outside 0..algo.max_staleness={self.max_staleness}")
             return
+        if not self.accept_gradient(worker, grads):
+            return
         flat = self.trainer.flat
         for name, g in flat.grads.items():
             g.copy_(grads[name])
@@ -101,7 +103,7 @@ class EdpServer(ServerBase):
         rank (who is slow, who is stale: what one wants to see when running EDP on unlike machines)."""
         every = [s for stale in self.window_stale.values() for s in stale]
         row = {"staleness_mean": float(np.mean(every)), "staleness_max": int(max(every)),
-               "applied": self.applied, "dropped": self.dropped,
+               "applied": self.applied, "dropped": self.dropped, "gradients_rejected": self.guard.rejected,
                "bytes_per_update": round(self.bytes_received / max(1, self.applied + self.dropped))}
         for rank, stale in sorted(self.window_stale.items()):
             row[f"staleness/{rank}"] = float(np.mean(stale))
@@ -122,7 +124,7 @@ class EdpServer(ServerBase):
             if not self.live():
                 logger.warning("no live workers; waiting for one to join")
                 self.wait_for_workers(1)
-        return self.finish(applied=self.applied, dropped=self.dropped)
+        return self.finish(applied=self.applied, dropped=self.dropped, gradients_rejected=self.guard.rejected)
 
 
 def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> None:

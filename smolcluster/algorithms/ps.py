@@ -13,6 +13,7 @@ flat buffer and pushes its flat gradient; each algorithm writes its own loop.
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from omegaconf import DictConfig
 
 from smolcluster.cluster import worker_settings
 from smolcluster.errors import ConfigError, PeerError
+from smolcluster.security import GradientGuard, grad_norm
 from smolcluster.telemetry.run_files import open_recorder
 from smolcluster.trainer import Trainer
 from smolcluster.transport import ClientEndpoint, Heartbeat, Message, ServerEndpoint, wire
@@ -81,7 +83,10 @@ class WorkerInfo:
     bytes_received: int = 0
     samples_per_s: float | None = None  # the worker's own throughput, from its last gradient (EDP)
     rejoins: int = 0          # registrations after the first (a restarted or reconnected worker)
+    rejected: int = 0         # gradients rejected as outliers (train.max_grad_norm_ratio), never applied
     stale: list[int] = field(default_factory=list)
+    session: str | None = None  # the registering process's token: its heartbeats carry it
+    key: str | None = None      # its CURVE public key (z85), with cluster.keys
 
     def state(self) -> dict:
         """Its history, for the checkpoint's JSON (a resumed server carries it on)."""
@@ -104,7 +109,7 @@ class WorkerInfo:
     def report(self) -> dict:
         out = {k: getattr(self, k) for k in ("node", "device", "batch_size", "joined_step", "lost_step", "applied",
                                              "skipped", "samples", "last_loss", "bytes_received", "samples_per_s",
-                                             "rejoins")}
+                                             "rejoins", "rejected")}
         out["alive"] = self.alive
         if self.stale:
             s = np.asarray(self.stale)
@@ -132,6 +137,7 @@ class ServerBase:
         (self.run_dir / "server.json").write_text(json.dumps({"address": self.endpoint.address,
                                                               "port": self.endpoint.port, "algo": self.algo}))
         self.workers: dict[int, WorkerInfo] = {}
+        self.guard = GradientGuard.from_config(cfg.train)
         self.recorder = open_recorder(cfg, self.run_dir, keep_until=self.trainer.step if cfg.resume else None)
         self.ema = {n: t.detach().clone() for n, t in self.flat.params.items()} if cfg.algo.get("ema") else None
         carried = self.trainer.carried  # a resumed run goes on counting where its checkpoint stopped
@@ -164,11 +170,12 @@ class ServerBase:
                 return w
         return None
 
-    def refuse(self, peer: bytes, why: str, reason: str) -> None:
-        """Turn a registration away; counted per ``why`` in the summary's rejected_messages like any bad message."""
+    def refuse(self, peer: bytes, why: str, reason: str, retry: bool = False) -> None:
+        """Turn a registration away; counted per ``why`` in the summary's rejected_messages like any bad message.
+        ``retry``: the worker may try again later (its rank is taken by a live connection)."""
         self.endpoint.rejected[f"refused_{why}"] += 1
         logger.warning(f"refused a worker: {reason}")
-        self.endpoint.send(peer, "refuse", {"reason": reason})
+        self.endpoint.send(peer, "refuse", {"reason": reason, **({"retry": True} if retry else {})})
 
     def on_register(self, peer: bytes, msg: Message) -> None:
         f = msg.fields
@@ -182,10 +189,19 @@ class ServerBase:
                                      "every node must use the same model config")
         if not 0 <= rank < self.cluster.workers:
             return self.refuse(peer, "rank", f"rank {rank} is outside 0..{self.cluster.workers - 1} (cluster.workers)")
-        old = self.workers.get(rank)
+        old, session = self.workers.get(rank), f.get("session")
         if old is not None and old.alive and old.peer != peer:
+            # A live rank is not taken over by a stranger: only the same process reconnecting (its session)
+            # or, with keys, the same client key (a restarted worker) may. Anyone else waits until the old
+            # connection is declared lost (a restarted keyless worker retries until then).
+            same = (session is not None and session == old.session) or (
+                msg.sender_key is not None and msg.sender_key == old.key)
+            if not same:
+                return self.refuse(peer, "takeover", f"worker {rank} is connected and alive: a new connection "
+                                   "takes its rank only once the old one is lost", retry=True)
             logger.warning(f"worker {rank} re-registered from a new connection; the old one is dropped")
-        self.workers[rank] = WorkerInfo(rank, peer, f["node"], f["device"], f["batch_size"], joined_step=self.trainer.step)
+        self.workers[rank] = WorkerInfo(rank, peer, f["node"], f["device"], f["batch_size"], joined_step=self.trainer.step,
+                                        session=session, key=msg.sender_key)
         if old is not None:  # keep its history across reconnects (lost_step: when it was last lost)
             for k in ("applied", "skipped", "samples", "bytes_received", "stale", "lost_step"):
                 setattr(self.workers[rank], k, getattr(old, k))
@@ -238,6 +254,13 @@ class ServerBase:
             out[name] = torch.from_numpy(np.asarray(arr, dtype=np.float32).reshape(-1))
         return out
 
+    def accept_gradient(self, worker: WorkerInfo, grads: dict[str, torch.Tensor]) -> bool:
+        """The outlier rule (security.GradientGuard): False, counted, for a gradient never to apply."""
+        if self.guard.check(grad_norm(grads.values()), f"worker {worker.rank}'s gradient"):
+            return True
+        worker.rejected += 1
+        return False
+
     def poll(self, timeout_s: float) -> None:
         """Handle at most one message (or time out); every message refreshes its sender's liveness."""
         got = self.endpoint.recv(int(timeout_s * 1000))
@@ -253,7 +276,7 @@ class ServerBase:
                 return
             if msg.kind == "heartbeat":
                 w = self.workers.get(msg.fields["rank"])
-                if w is not None and w.alive:
+                if w is not None and w.alive and msg.fields.get("session") == w.session:
                     w.last_seen = time.monotonic()
                 return
             if msg.kind != "bye":
@@ -351,6 +374,7 @@ class WorkerLink:
         # This node's own metrics (no metrics.jsonl: the server writes the run's): Prometheus, W&B, hardware.
         self.recorder = open_recorder(cfg, run_dir, files=False) if run_dir is not None else None
         self.samples, self.t0 = 0, time.perf_counter()
+        self.session = secrets.token_hex(8)  # this process's registration: reconnecting keeps it, a restart does not
         self._last: tuple[int, float] | None = None  # (step, loss) of the last step done
         self._logged_step: int | None = None
 
@@ -358,7 +382,8 @@ class WorkerLink:
         self.close()
         self.client = ClientEndpoint(self.address, max_bytes=max_bytes(self.cluster), curve_dir=self.cluster.get("keys"))
         self.heartbeat = Heartbeat(self.address, rank=self.rank, interval_s=self.cluster.heartbeat_s,
-                                   max_bytes=max_bytes(self.cluster), curve_dir=self.cluster.get("keys"))
+                                   max_bytes=max_bytes(self.cluster), curve_dir=self.cluster.get("keys"),
+                                   session=self.session)
         self.heartbeat.start()
 
     def register(self) -> Message:
@@ -369,9 +394,14 @@ class WorkerLink:
             self.client.send("register", {
                 "rank": self.rank, "node": self.settings["name"], "device": str(self.trainer.device),
                 "batch_size": self.settings["batch_size"], "protocol": PROTOCOL,
-                "fingerprint": self.trainer.fingerprint, "algo": self.algo})
+                "fingerprint": self.trainer.fingerprint, "algo": self.algo, "session": self.session})
             msg = self.client.recv(2000)
             if msg is None:
+                continue
+            if msg.kind == "refuse" and msg.fields.get("retry"):
+                # our rank is still held by a live connection (our previous process, not yet declared lost)
+                logger.warning(f"worker {self.rank}: {msg.fields['reason']}; retrying")
+                time.sleep(min(1.0, self.cluster.liveness_s / 4))
                 continue
             if msg.kind == "refuse":
                 raise PeerError(f"the server at {self.address} refused worker {self.rank}: {msg.fields['reason']}")

@@ -30,6 +30,7 @@ class SyncServer(ServerBase):
     def __init__(self, cfg: DictConfig, run_dir: Path):
         super().__init__(cfg, run_dir)
         self.pending: dict[int, tuple[dict[str, torch.Tensor], int, float]] = {}
+        self.rejected: set[int] = set()  # ranks whose gradient for this step was an outlier: answered, not applied
         self.straggler_skips = self.trainer.carried.get("straggler_skips", 0)
 
     def run_state(self) -> dict:
@@ -41,6 +42,9 @@ class SyncServer(ServerBase):
             # not counted again: run() counted the step as skipped when the barrier moved on without it
             logger.debug(f"discarded worker {worker.rank}'s gradient for past step {f['step']}")
             return
+        if not self.accept_gradient(worker, grads):
+            self.rejected.add(worker.rank)
+            return
         # grads are views of the received frame; they are consumed in barrier() before the next recv
         self.pending[worker.rank] = (grads, f["samples"], f["loss"])
         worker.last_loss = f["loss"]
@@ -49,8 +53,8 @@ class SyncServer(ServerBase):
         """Wait until every live worker's gradient for this step is in, or the straggler timeout passes."""
         deadline = time.monotonic() + self.cfg.algo.straggler_timeout
         while True:
-            waiting = [w.rank for w in self.live() if w.rank not in self.pending]
-            if not waiting:
+            waiting = [w.rank for w in self.live() if w.rank not in self.pending and w.rank not in self.rejected]
+            if not waiting and (self.pending or self.rejected):
                 return []
             if time.monotonic() > deadline and self.pending:
                 return waiting
@@ -83,17 +87,26 @@ class SyncServer(ServerBase):
                 self.straggler_skips += 1
                 logger.warning(f"step {trainer.step}: worker {rank} is a straggler (> algo.straggler_timeout="
                                f"{self.cfg.algo.straggler_timeout}s); skipped for this step")
+            self.rejected.clear()
+            if not self.pending:  # every gradient of this step was an outlier: the step passes, nothing applied
+                logger.warning(f"step {trainer.step}: every gradient was rejected; the step is skipped")
+                trainer.step += 1
+                self.send_all_weights()
+                continue
             samples, loss = self.average()
             for rank in self.pending:
                 self.workers[rank].applied += 1
                 self.workers[rank].samples += self.pending[rank][1]
             self.pending.clear()
             self.last_lr = trainer.apply_gradients()
-            self.after_step(loss, samples, straggler_skips=self.straggler_skips)
-            if trainer.step < trainer.end_step:
-                for w in self.live():
-                    self.send_weights(w)
-        return self.finish(straggler_skips=self.straggler_skips)
+            self.after_step(loss, samples, straggler_skips=self.straggler_skips, gradients_rejected=self.guard.rejected)
+            self.send_all_weights()
+        return self.finish(straggler_skips=self.straggler_skips, gradients_rejected=self.guard.rejected)
+
+    def send_all_weights(self) -> None:
+        if self.trainer.step < self.trainer.end_step:
+            for w in self.live():
+                self.send_weights(w)
 
 
 def next_message(link: WorkerLink, wait_s: float) -> Message | None:

@@ -211,6 +211,7 @@ def pipeline_from_config(cfg: Pipeline, prompt: str | None = None) -> InferenceP
 def serve_config_from(cfg: Pipeline) -> ServeConfig:
     """``role=stage rank=N``: this node's stage of a cluster, from the same config every node uses."""
     from smolcluster.pipeline.nodes import stage_nodes
+    from smolcluster.security import check_bind
 
     if cfg.rank is None:
         raise ConfigError("role=stage needs its rank: add rank=N (0 <= N < stages)")
@@ -218,13 +219,14 @@ def serve_config_from(cfg: Pipeline) -> ServeConfig:
     nodes = stage_nodes(c, n)
     if not 0 <= cfg.rank < n:
         raise ConfigError(f"rank={cfg.rank} is invalid for stages={n}: use 0..{n - 1}")
+    check_bind([nodes[cfg.rank].bind], c.keys, c.insecure, f"stage {cfg.rank}")
     if not cfg.checkpoint and not cfg.model.get("pretrained"):
         raise ConfigError("a cluster stage needs weights every node agrees on: give checkpoint=RUN_DIR or "
                           "model.pretrained=DIR (copied to every node)")
     formats = stage_formats(cfg)
     fmt = formats[int(cfg.rank)]
-    info, _, _ = resolve_model(cfg, need_tokenizer=False)
     node = nodes[cfg.rank]
+    info, _, _ = resolve_model(cfg, need_tokenizer=False)
     return ServeConfig(rank=cfg.rank, n_stages=n, weights=str(info["weights"]), config=info["config"],
                        nodes=[{"address": x.address, "bind": x.bind} for x in nodes],
                        head_first=cfg.head is HeadPlace.first,

@@ -54,6 +54,7 @@ class Links:
     port: int | None = None
     bind: str | None = None
     keys: str | None = None
+    insecure: bool = False  # listen beyond loopback without keys (refused otherwise)
     heartbeat_s: float = 1.0
     liveness_s: float = 10.0
     connect_timeout_s: float = 60.0
@@ -106,6 +107,7 @@ class Serve:
     port: int = 7860
     model_name: str | None = None
     api_key: str | None = None
+    insecure: bool = False  # serve beyond loopback without an API key (refused otherwise)
     max_active: int = 16
     max_waiting: int = 64
     kv_cache_mb: float | None = None

@@ -8,6 +8,7 @@ from loguru import logger
 
 from smolcluster.errors import ConfigError
 from smolcluster.inference.settings import ChatSettings, Pipeline, Role
+from smolcluster.security import check_api
 from smolcluster.serving.engine import ChatDefaults, Engine
 from smolcluster.serving.prompting import ChatTemplate
 
@@ -68,6 +69,7 @@ def serve(s: ChatSettings) -> None:
     """Bind the port (fail fast if taken), start the pipeline, serve until Ctrl-C, shut everything down."""
     from smolcluster.serving.app import WebServer, bind, build_app
 
+    check_api(s.serve.host, s.serve.api_key, s.serve.insecure)
     sock = bind(s.serve.host, s.serve.port)
     try:
         engine = engine_from_config(s)

@@ -197,6 +197,7 @@ class ServerEndpoint(_Endpoint):
         _curve_server(sock, curve_dir)
         _bind(sock, bind)
         super().__init__(sock, max_bytes)
+        self.curve = bool(curve_dir)
 
     def recv(self, timeout_ms: int) -> tuple[bytes, wire.Message] | None:
         """The next valid message, or None after ``timeout_ms``. Never raises on bad input:
@@ -204,7 +205,10 @@ class ServerEndpoint(_Endpoint):
         for frames in self._recv_frames(timeout_ms):
             peer = frames[0].bytes
             try:
-                return peer, wire.decode(frames[1:], max_bytes=self.max_bytes)
+                msg = wire.decode(frames[1:], max_bytes=self.max_bytes)
+                if self.curve:  # ZAP's User-Id for an authenticated CURVE client: its public key (z85)
+                    msg.sender_key = frames[-1].get("User-Id")
+                return peer, msg
             except wire.WireError as e:
                 self.rejected[e.reason] += 1
                 logger.error(f"rejected a message from peer {peer.hex()[:8]}: {e}")
@@ -266,8 +270,11 @@ class Heartbeat:
     so a worker stays alive to the server while its main thread computes a long step."""
 
     def __init__(self, address: str, *, rank: int, interval_s: float, max_bytes: int,
-                 curve_dir: str | None = None, role: str = "worker"):
+                 curve_dir: str | None = None, role: str = "worker", session: str | None = None):
         self.address, self.rank, self.interval_s, self.role = address, rank, interval_s, role
+        # the registration this process made: the server credits beats only to that registration, so a
+        # restarted process (or a stranger) beating as the same rank cannot keep a dead one alive
+        self.session = session
         self.max_bytes, self.curve_dir = max_bytes, curve_dir
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{rank}", daemon=True)
@@ -286,7 +293,10 @@ class Heartbeat:
         try:
             while not self._stop.is_set():
                 try:
-                    client.send("heartbeat", {"rank": self.rank, "role": self.role})
+                    beat = {"rank": self.rank, "role": self.role}
+                    if self.session:
+                        beat["session"] = self.session
+                    client.send("heartbeat", beat)
                     self.beats += 1
                 except PeerError:
                     pass  # not connected yet, or queue full: the next beat tries again

@@ -63,15 +63,15 @@ _NUM = (int, float)
 _ANY_METRICS = {"metrics": dict}
 # Parameter server (syncps, edp)
 register_kind("register", {"rank": int, "node": str, "device": str, "batch_size": int, "protocol": int,
-                           "fingerprint": str, "algo": str}, optional=_ANY_METRICS)
+                           "fingerprint": str, "algo": str}, optional={"session": str, **_ANY_METRICS})
 register_kind("welcome", {"rank": int, "step": int, "version": int})
-register_kind("refuse", {"reason": str})
+register_kind("refuse", {"reason": str}, optional={"retry": bool})  # retry: try again later (a live rank)
 register_kind("grad", {"rank": int, "step": int, "version": int, "samples": int, "loss": _NUM},
               optional={"samples_per_s": _NUM, **_ANY_METRICS}, finite=True)
 register_kind("weights", {"step": int, "version": int})
 register_kind("pull", {"rank": int})
 register_kind("ping", {"rank": int})  # a waiting worker: "do you know me?" (see WorkerLink.ping)
-register_kind("heartbeat", {"rank": int}, optional={"role": str})
+register_kind("heartbeat", {"rank": int}, optional={"role": str, "session": str})
 register_kind("error", {"reason": str, "detail": str})
 register_kind("bye", {"rank": int})
 register_kind("stop", {"reason": str})
@@ -84,6 +84,7 @@ class Message:
     tensors: dict[str, np.ndarray]  # codec "none": views of the received frames (no copy)
     nbytes: int = 0  # bytes on the wire, header included
     dtypes: dict[str, str] = field(default_factory=dict)  # wire dtype per tensor ("bfloat16" arrives as uint16)
+    sender_key: str | None = None  # the sender's CURVE public key (z85), on a CURVE server; else None
 
     def tensor(self, name: str, *, copy: bool = False) -> torch.Tensor:
         """The tensor as torch (bfloat16 restored from its raw bits).
