@@ -36,15 +36,21 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from smolcluster import checkpoint
 from smolcluster.bench.report import write_report
 from smolcluster.errors import PeerError
 from smolcluster.inference import InferencePipeline
 from smolcluster.paths import CONFIG_DIR
 from smolcluster.telemetry.logging import setup_logging
 
-VOCAB = {"gpt2-tiny": 4096, "gpt2": 50257}  # the BPE text runs train offline / GPT-2's own tokenizer
+VOCAB = {"gpt2-tiny": 4096, "gpt2": 50257, "smollm2-135m": 49152}  # the offline BPE / GPT-2's / SmolLM2's
 QUIET = {"SMOLCLUSTER_LOG_LEVEL": "WARNING"}
+# The Llama-family bench model: SmolLM2-135M's shape (about GPT-2 small's size), random init, since speed and
+# memory do not depend on the weights' values. Its config is written by hand: nothing is downloaded.
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                    rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, tie_word_embeddings=True,
+                    bos_token_id=None, eos_token_id=None)
+PEAK_RSS_MODELS = ("gpt2", "smollm2-135m")  # the sizes where a stage's memory share is worth measuring
 
 
 def model_config(name: str) -> dict:
@@ -53,11 +59,18 @@ def model_config(name: str) -> dict:
 
 
 def save_model(name: str, out: Path):
-    from smolcluster.models.gpt2 import build_gpt2
-
+    """A seeded random init of ``name``, written as a Hugging Face directory (what the stages and the
+    single-process baseline both load)."""
     torch.manual_seed(0)
-    model = build_gpt2(vocab_size=VOCAB[name], **model_config(name)).eval()
-    checkpoint.save(out, model, None, 0)
+    if name == "smollm2-135m":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).eval()
+    else:
+        from smolcluster.models.gpt2 import build_gpt2
+
+        model = build_gpt2(vocab_size=VOCAB[name], **model_config(name)).eval()
+    model.save_pretrained(out)
     return model
 
 
@@ -169,7 +182,7 @@ def batching_rows(name: str, run_dir: Path, model, n: int, repeats: int) -> list
     prompts = batching_prompts(VOCAB[name])
     hf = max(hf_padded_batch_tps(model, prompts, n) for _ in range(repeats))
     best: dict[int, dict] = {}
-    with InferencePipeline.start_local(run_dir, n_head=model_config(name)["n_head"], stages=2, env=QUIET) as pipe:
+    with InferencePipeline.start_local(run_dir, stages=2, env=QUIET) as pipe:
         batched_level(pipe, prompts, 4, 4)  # warm up
         for _ in range(repeats):
             for k in LEVELS:
@@ -191,11 +204,11 @@ def batching_rows(name: str, run_dir: Path, model, n: int, repeats: int) -> list
 # -- memory ------------------------------------------------------------------------------------
 _HF_PROCESS = """
 import resource, sys, torch
-from smolcluster import checkpoint
-from smolcluster.models.gpt2 import build_gpt2
-model = build_gpt2(vocab_size={vocab}, **{shape}).eval()
-if sys.argv[1] != "-":
-    checkpoint.load(sys.argv[1], model)
+from transformers import AutoConfig, AutoModelForCausalLM
+if sys.argv[2] == "load":
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+else:
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(sys.argv[1])).eval()
 with torch.inference_mode():
     model.generate(torch.zeros(1, 16, dtype=torch.long), max_new_tokens={n}, do_sample=False, pad_token_id=0,
                    eos_token_id=None)
@@ -203,10 +216,10 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 
 
-def hf_process_peak_mb(name: str, run_dir: Path | None, n: int) -> float:
-    """Peak RSS of one process holding the whole model with transformers (run_dir=None: random init, no load)."""
-    code = _HF_PROCESS.format(vocab=VOCAB[name], shape=model_config(name), n=n)
-    out = subprocess.run([sys.executable, "-c", code, str(run_dir or "-")], capture_output=True, text=True, check=True,
+def hf_process_peak_mb(run_dir: Path, n: int, load: bool = True) -> float:
+    """Peak RSS of one process holding the whole model with transformers (load=False: random init, no load)."""
+    out = subprocess.run([sys.executable, "-c", _HF_PROCESS.format(n=n), str(run_dir), "load" if load else "init"],
+                         capture_output=True, text=True, check=True,
                          env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -216,8 +229,8 @@ def stage_peaks_mb(pipe: InferencePipeline) -> list[float]:
 
 
 # -- failure detection -------------------------------------------------------------------------
-def kill_detection_s(run_dir: Path, n_head: int, liveness_s: float) -> float:
-    pipe = InferencePipeline.start_local(run_dir, n_head=n_head, stages=2, heartbeat_s=0.2, liveness_s=liveness_s,
+def kill_detection_s(run_dir: Path, liveness_s: float) -> float:
+    pipe = InferencePipeline.start_local(run_dir, stages=2, heartbeat_s=0.2, liveness_s=liveness_s,
                                          env=QUIET)
     try:
         reqs = [pipe.submit([1, 2, 3], max_new_tokens=250, stop_at_eos=False) for _ in range(16)]
@@ -264,7 +277,8 @@ def train_samples_per_s(microbatches: int, steps: int, out: Path) -> float:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m smolcluster.bench pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="gpt2-tiny,gpt2")
+    p.add_argument("--models", default="gpt2-tiny,gpt2,smollm2-135m",
+                   help="of gpt2-tiny, gpt2 (124M), smollm2-135m (the Llama family at GPT-2 small's size)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
@@ -296,11 +310,10 @@ def main(argv: list[str]) -> int:
         for name in args.models.split(","):
             run_dir = tmp / name
             model = save_model(name, run_dir)
-            n_head = model_config(name)["n_head"]
             prompt = torch.randint(0, VOCAB[name], (args.prompt_len,), generator=torch.Generator().manual_seed(1))
             prompt = prompt.tolist()
             for head in ("first", "last"):
-                with InferencePipeline.start_local(run_dir, n_head=n_head, stages=2, head=head, env=QUIET) as pipe:
+                with InferencePipeline.start_local(run_dir, stages=2, head=head, env=QUIET) as pipe:
                     b = compare_speed(model, pipe, prompt, args.new_tokens, args.repeats, args.concurrent)
                     peaks = stage_peaks_mb(pipe)
                 tag = f"{name}, head {head}"
@@ -315,23 +328,22 @@ def main(argv: list[str]) -> int:
                 extra[f"stage_peak_rss_mb[{tag}]"] = peaks
             rows += batching_rows(name, run_dir, model, args.new_tokens, args.repeats)
             del model
-            if name == "gpt2":
-                hf_peak = hf_process_peak_mb(name, run_dir, 8)
-                hf_init_peak = hf_process_peak_mb(name, None, 8)
-                with InferencePipeline.start_local(run_dir, n_head=n_head, stages=1, env=QUIET) as pipe:
+            if name in PEAK_RSS_MODELS:
+                hf_peak = hf_process_peak_mb(run_dir, 8)
+                hf_init_peak = hf_process_peak_mb(run_dir, 8, load=False)
+                with InferencePipeline.start_local(run_dir, stages=1, env=QUIET) as pipe:
                     pipe.submit(prompt, max_new_tokens=8, stop_at_eos=False).tokens()
                     lean_peak = stage_peaks_mb(pipe)[0]
-                extra["single_process_peak_rss_mb"] = {
+                extra[f"single_process_peak_rss_mb[{name}]"] = {
                     "transformers: load checkpoint + generate (baseline)": hf_peak,
                     "transformers: random init + generate, no load": hf_init_peak,
                     "pipeline stage code, 1 stage holding everything": lean_peak}
                 for head in ("first", "last"):
-                    for rank, mb in enumerate(extra[f"stage_peak_rss_mb[gpt2, head {head}]"]):
-                        rows.append({"metric": f"peak RSS MB, stage {rank}/2", "model": f"gpt2, head {head}",
+                    for rank, mb in enumerate(extra[f"stage_peak_rss_mb[{name}, head {head}]"]):
+                        rows.append({"metric": f"peak RSS MB, stage {rank}/2", "model": f"{name}, head {head}",
                                      "pipeline (2 stages)": mb, "baseline": hf_peak, "ratio": mb / hf_peak,
                                      "vs HF no load": mb / hf_init_peak, "vs 1-stage pipeline": mb / lean_peak})
-        detect = kill_detection_s(tmp / args.models.split(",")[0], model_config(args.models.split(",")[0])["n_head"],
-                                  liveness_s=2.0)
+        detect = kill_detection_s(tmp / args.models.split(",")[0], liveness_s=2.0)
         rows.append({"metric": "killed stage -> PeerError at the caller, s", "model": "liveness_s=2.0",
                      "pipeline (2 stages)": detect, "baseline": 2.0, "ratio": detect / 2.0})
         if not args.skip_train:
