@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +31,7 @@ from smolcluster.algorithms.ps import batch_sizes, codecs, max_bytes
 from smolcluster.cluster import worker_settings
 from smolcluster.errors import ConfigError
 from smolcluster.optim import build_optimizer
-from smolcluster.pipeline.launch import Children, child_overrides, free_ports, stage_env
+from smolcluster.pipeline.launch import launch_ranks
 from smolcluster.pipeline.nodes import stage_nodes
 from smolcluster.security import GradientGuard
 from smolcluster.telemetry.run_files import open_recorder
@@ -269,26 +267,8 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
 def launch(cfg: DictConfig, run_dir: Path) -> dict:
     """``role=launch``: every rank as a ``python -m smolcluster.train`` child on this machine."""
     n = int(cfg.cluster.workers)
-    port = cfg.cluster.port or free_ports(cfg.cluster.host, n)
-    common = [*child_overrides(), f"cluster.port={port}", f"++run_id={cfg.run_id}", f"hydra.run.dir={run_dir}",
-              "hydra.output_subdir=null", "train.progress=false"]
-    children = Children()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM unwinds like Ctrl-C: stop the children
-    logger.info(f"launching algo=allreduce on this machine: a ring of {n} on ports {port}..{port + n - 1}, "
-                f"run dir {run_dir}")
-    try:
-        for rank in range(n):
-            children.start(f"worker {rank}", [sys.executable, "-u", "-m", "smolcluster.train", *common,
-                                              "role=worker", f"rank={rank}"], stage_env(n))
-        children.wait_all()
-    finally:
-        children.stop()
-        signal.signal(signal.SIGTERM, previous)
+    launch_ranks(cfg, run_dir, n, "worker", f"algo=allreduce (a ring of {n})")
     return json.loads((Path(run_dir) / "summary.json").read_text())
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict | None:

@@ -97,7 +97,7 @@ class Children:
             if failed:
                 name, code = failed
                 self.stop()
-                raise PeerError(f"{name} exited with code {code}; stopped the rest of the pipeline (its log is above)")
+                raise PeerError(f"{name} exited with code {code}; stopped the others (its log is above)")
             if all(p.poll() == 0 for p in self.procs.values()):
                 return
             time.sleep(poll_s)
@@ -139,25 +139,32 @@ def child_overrides() -> list[str]:
     return [o for o in task if not o.startswith(_HERE_KEYS)]
 
 
-def launch_training(cfg, run_dir: Path) -> dict:
-    """``algo=mp role=launch``: every stage as a ``python -m smolcluster.train`` child; merge their shards."""
-    from smolcluster.pipeline import shards
-
-    n = int(cfg.algo.stages)
+def launch_ranks(cfg, run_dir: Path, n: int, role: str, what: str) -> None:
+    """Ranks 0..n-1 of ``role`` as ``python -m smolcluster.train`` children on this machine (mp's stages,
+    allreduce's ring), on consecutive ports; returns when every one has exited cleanly. The first to fail
+    stops the rest (PeerError naming it), and so do Ctrl-C and SIGTERM."""
     port = cfg.cluster.port or free_ports(cfg.cluster.host, n)
     common = [*child_overrides(), f"cluster.port={port}", f"++run_id={cfg.run_id}", f"hydra.run.dir={run_dir}",
               "hydra.output_subdir=null", "train.progress=false"]
     children = Children()
     previous = signal.getsignal(signal.SIGTERM)
     sigterm_as_interrupt()  # SIGTERM unwinds like Ctrl-C: stop the children
-    logger.info(f"launching algo=mp on this machine: {n} stages on ports {port}..{port + n - 1}, run dir {run_dir}")
+    logger.info(f"launching {what} on this machine: ports {port}..{port + n - 1}, run dir {run_dir}")
     try:
         for rank in range(n):
-            children.start(f"stage {rank}", [sys.executable, "-u", "-m", "smolcluster.train", *common,
-                                             "role=stage", f"rank={rank}"], stage_env(n))
+            children.start(f"{role} {rank}", [sys.executable, "-u", "-m", "smolcluster.train", *common,
+                                              f"role={role}", f"rank={rank}"], stage_env(n))
         children.wait_all()
     finally:
         children.stop()
         signal.signal(signal.SIGTERM, previous)
+
+
+def launch_training(cfg, run_dir: Path) -> dict:
+    """``algo=mp role=launch``: every stage as a ``python -m smolcluster.train`` child; merge their shards."""
+    from smolcluster.pipeline import shards
+
+    n = int(cfg.algo.stages)
+    launch_ranks(cfg, run_dir, n, "stage", f"algo=mp ({n} stages)")
     shards.merge(run_dir)
     return json.loads((Path(run_dir) / "summary.json").read_text())
