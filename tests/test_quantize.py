@@ -96,8 +96,9 @@ def test_the_memory_a_stage_adds_is_its_formats_not_fp32s(tmp_path):
 
 def test_the_wire_carries_bf16_hidden_states_in_half_the_bytes():
     x = torch.randn(1, 7, 256)
-    frames32 = protocol.encode("mp.hidden", {"src": "s", "seq": 1, "req": "r"}, {"x": x})
-    frames16 = protocol.encode("mp.hidden", {"src": "s", "seq": 1, "req": "r"}, {"x": x.bfloat16()})
+    step = {"src": "s", "seq": 1, "reqs": ["r"], "sizes": [7], "emit": [True], "intro": {}}
+    frames32 = protocol.encode("mp.hidden", step, {"x": x})
+    frames16 = protocol.encode("mp.hidden", step, {"x": x.bfloat16()})
     size = [sum(len(f) if isinstance(f, bytes) else f.nbytes for f in fr[1:]) for fr in (frames32, frames16)]
     assert size == [7 * 256 * 4, 7 * 256 * 2]
     _, _, tensors = protocol.decode([bytes(memoryview(f)) for f in frames16], 1 << 20)
@@ -182,27 +183,25 @@ def test_stage_processes_on_cuda_generate_like_one_cpu_process(models):
 
 
 def test_cluster_nodes_override_the_runs_format_per_stage():
-    from omegaconf import OmegaConf
-
     from smolcluster.inference.from_config import stage_formats
+    from smolcluster.inference.settings import Links, Pipeline
 
-    cfg = OmegaConf.create({"precision": "bf16", "quantize": "none", "quantize_group": 32,
-                            "cluster": {"nodes": [{"quantize": "int8"}, None, {"precision": "fp16", "device": "cpu"}]}})
-    assert stage_formats(cfg, 3) == [
+    cfg = Pipeline(stages=3, precision="bf16", quantize="none", quantize_group=32,
+                   links=Links(nodes=[{"quantize": "int8"}, None, {"precision": "fp16", "device": "cpu"}]))
+    assert stage_formats(cfg) == [
         {"precision": "bf16", "quantize": "int8", "quantize_group": 32, "device": None},
         {"precision": "bf16", "quantize": "none", "quantize_group": 32, "device": None},
         {"precision": "fp16", "quantize": "none", "quantize_group": 32, "device": "cpu"}]
-    cfg.cluster.nodes[1] = {"precision": "fp64"}
+    cfg.links.nodes[1] = {"precision": "fp64"}
     with pytest.raises(ConfigError, match="precision='fp64' is invalid"):
-        stage_formats(cfg, 3)
+        stage_formats(cfg)
 
 
 def test_partition_auto_places_blocks_by_memory_and_refuses_what_cannot_fit(tmp_path):
     """Three nodes offering 1, 2 and 3 parts: blocks in proportion, each stage under its node; too little
     memory is refused in one line naming what is missing and what would help."""
-    from omegaconf import OmegaConf
-
     from smolcluster.inference.from_config import stage_formats, stage_weights_for
+    from smolcluster.inference.settings import HeadPlace, Links, Pipeline
     from smolcluster.pipeline.architectures import family_for
     from smolcluster.pipeline.placement import MARGIN, stage_bytes
 
@@ -212,15 +211,15 @@ def test_partition_auto_places_blocks_by_memory_and_refuses_what_cannot_fit(tmp_
     arch = family_for(config)
 
     def cfg(memory_gb, **kw):
-        return OmegaConf.create({"stages": len(memory_gb), "head": "last", "partition": "auto", **kw,
-                                 "cluster": {"nodes": [{"memory_gb": m} for m in memory_gb]}})
+        return Pipeline(stages=len(memory_gb), head=HeadPlace.last, partition="auto", **kw,
+                        links=Links(nodes=[{"memory_gb": m} for m in memory_gb]))
 
     c = cfg([0.5, 1.0, 1.5])
-    weights = stage_weights_for(c, {"config": config}, stage_formats(c, 3), local=False)
+    weights = stage_weights_for(c, {"config": config}, stage_formats(c), local=False)
     specs = arch.plan(3, weights, head_first=False)
     counts = [len(s.blocks) for s in specs]
     assert counts[0] <= counts[1] < counts[2] and sum(counts) == 24, counts  # (min-max split: ties unbroken)
-    fmt = stage_formats(c, 3)
+    fmt = stage_formats(c)
     from smolcluster.pipeline.quantize import StageFormat
 
     for s, m in zip(specs, (0.5, 1.0, 1.5), strict=True):
@@ -229,9 +228,9 @@ def test_partition_auto_places_blocks_by_memory_and_refuses_what_cannot_fit(tmp_
     with pytest.raises(ConfigError, match=r"does not fit: stage \d needs .* GB missing.*more stages, "
                                           r"precision=bf16.*quantize=int8"):
         c = cfg([0.45, 0.45, 0.45])
-        stage_weights_for(c, {"config": config}, stage_formats(c, 3), local=False)
+        stage_weights_for(c, {"config": config}, stage_formats(c), local=False)
     c = cfg([0.45, 0.45, 0.45], quantize="int8", precision="fp32", quantize_group=64)  # the same nodes fit int8
-    stage_weights_for(c, {"config": config}, stage_formats(c, 3), local=False)
+    stage_weights_for(c, {"config": config}, stage_formats(c), local=False)
     with pytest.raises(ConfigError, match="needs cluster.nodes\\[0\\].memory_gb"):
-        c = OmegaConf.create({"stages": 2, "head": "first", "partition": "auto", "cluster": {}})
-        stage_weights_for(c, {"config": config}, stage_formats(c, 2), local=False)
+        c = Pipeline(stages=2, head=HeadPlace.first, partition="auto")
+        stage_weights_for(c, {"config": config}, stage_formats(c), local=False)
