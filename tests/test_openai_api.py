@@ -16,13 +16,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from smolcluster import checkpoint
+from smolcluster.bench.common import write_tiny_run
 from smolcluster.data.text import TextTokenizer
 from smolcluster.inference import InferencePipeline
-from smolcluster.models.gpt2 import build_gpt2
 from smolcluster.serving.app import WebServer, build_app
 from smolcluster.serving.engine import Engine, Settings
 from smolcluster.serving.fair_queue import FairQueue
@@ -32,25 +29,6 @@ from tests.conftest import run_cli, wait_until
 MODEL = "tiny"
 CONTEXT = 256
 SLOW_CONTEXT = 1024  # the model for the cancel tests: a long answer takes seconds, so a cancel lands mid-answer
-
-
-def write_tiny_run(d: Path, n_positions: int, vocab: int = 500, seed: int = 0,
-                   n_layer: int = 2, n_embd: int = 64) -> Path:
-    """A run directory as ``train`` writes it: a seeded random GPT-2 (n_head=4, as model=gpt2-tiny says)
-    in checkpoint.safetensors, and a byte-level BPE of its vocabulary in tokenizer.json."""
-    torch.manual_seed(seed)
-    model = build_gpt2(vocab_size=vocab, n_layer=n_layer, n_head=4, n_embd=n_embd, n_positions=n_positions).eval()
-    checkpoint.save(d, model, None, 0)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    from pydoc_data.topics import topics
-
-    tok.train_from_iterator(list(topics.values())[:200], trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tok.save(str(d / "tokenizer.json"))
-    return d
 
 
 class Served:

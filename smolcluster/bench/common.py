@@ -1,4 +1,5 @@
-"""What the in-process ``algo=local`` benchmarks share: their data arguments and their config."""
+"""What the benchmarks share: the in-process ``algo=local`` benches' data arguments and config, and a tiny
+run directory for the serving benches (and tests)."""
 
 from __future__ import annotations
 
@@ -26,3 +27,29 @@ def local_config(args: argparse.Namespace, *extra: str) -> DictConfig:
         overrides.append(f"data.root={args.root}")
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
         return compose("config", overrides=overrides)
+
+
+def write_tiny_run(d: Path, n_positions: int, vocab: int = 500, seed: int = 0,
+                   n_layer: int = 2, n_embd: int = 64) -> Path:
+    """A run directory as ``train`` writes it, for the serving benchmarks and tests: a seeded random GPT-2
+    (n_head=4, as model=gpt2-tiny says) in checkpoint.safetensors, and a byte-level BPE of its vocabulary
+    in tokenizer.json."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from smolcluster import checkpoint
+    from smolcluster.models.gpt2 import build_gpt2
+
+    torch.manual_seed(seed)
+    model = build_gpt2(vocab_size=vocab, n_layer=n_layer, n_head=4, n_embd=n_embd, n_positions=n_positions).eval()
+    checkpoint.save(d, model, None, 0)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    from pydoc_data.topics import topics
+
+    tok.train_from_iterator(list(topics.values())[:200], trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok.save(str(d / "tokenizer.json"))
+    return d

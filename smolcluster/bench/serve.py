@@ -20,9 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-from smolcluster import checkpoint
+from smolcluster.bench.common import write_tiny_run
 from smolcluster.bench.report import write_report
 from smolcluster.telemetry.logging import setup_logging
 
@@ -30,23 +28,7 @@ MODEL = "tiny"
 
 
 def write_run(d: Path, vocab: int = 512, context: int = 256) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from smolcluster.models.gpt2 import build_gpt2
-
-    torch.manual_seed(0)
-    checkpoint.save(d, build_gpt2(vocab_size=vocab, n_layer=2, n_head=4, n_embd=64, n_positions=context).eval(),
-                    None, 0)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    from pydoc_data.topics import topics
-
-    tok.train_from_iterator(list(topics.values())[:200], trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tok.save(str(d / "tokenizer.json"))
-    return d
+    return write_tiny_run(d, context, vocab=vocab)
 
 
 async def one_client(http, user: int, deadline: float, max_tokens: int, log: list) -> None:
