@@ -7,9 +7,10 @@ import signal
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
 from smolcluster import checkpoint
+from smolcluster.bench.common import write_tiny_run
 from smolcluster.errors import ConfigError, PeerError
 from smolcluster.inference import InferencePipeline
 from smolcluster.models.gpt2 import build_gpt2
@@ -21,19 +22,9 @@ VOCAB, CONTEXT = 500, 128
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A seeded random GPT-2 (4 layers) saved as a run directory, with a BPE tokenizer of its vocabulary."""
-    d = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
+    d = write_tiny_run(tmp_path_factory.mktemp("model"), CONTEXT, vocab=VOCAB, n_layer=4)
     hf = build_gpt2(vocab_size=VOCAB, n_layer=4, n_head=4, n_embd=64, n_positions=CONTEXT).eval()
-    checkpoint.save(d, hf, None, 0)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    from pydoc_data.topics import topics
-
-    tok.train_from_iterator(list(topics.values())[:200], trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tok.save(str(d / "tokenizer.json"))
+    checkpoint.load(d, hf)
     return d, hf
 
 
