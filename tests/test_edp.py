@@ -235,7 +235,8 @@ def test_per_worker_metrics_show_which_worker_is_slow(tmp_path):
 
 
 def test_edp_stop_after_then_resume_continues_to_the_end(tmp_path):
-    common = ["train.steps=120", "train.log_every=10"]
+    # min_workers=2: both workers are in both runs from the first update (one alone could make all 60)
+    common = ["train.steps=120", "train.log_every=10", "algo.min_workers=2"]
     first = run(tmp_path, *common, "train.stop_after=60")
     assert first["steps"] == 60 and first["applied"] == 60
     assert json.loads((tmp_path / "checkpoint.json").read_text())["step"] == 60
@@ -254,7 +255,12 @@ def test_edp_stop_after_then_resume_continues_to_the_end(tmp_path):
     assert resumed["samples"] == 64 * 120 and resumed["wall_s"] > first["wall_s"]
     assert sum(w["applied"] for w in resumed["workers"].values()) == 120
     assert all(w["rejoins"] == 1 and w["joined_step"] == 60 for w in resumed["workers"].values())
-    assert resumed["bytes_received"] > first["bytes_received"] * 1.9
+    # each worker's counters went on from the checkpoint's (gradients skipped as stale make bytes vary run to run)
+    for rank, before in first["workers"].items():
+        after = resumed["workers"][rank]
+        assert all(after[k] >= before[k] for k in ("applied", "skipped", "samples", "bytes_received")), (before, after)
+    assert resumed["bytes_received"] == sum(w["bytes_received"] for w in resumed["workers"].values())
+    assert resumed["bytes_received"] > first["bytes_received"]
 
 
 def test_a_killed_edp_server_resumed_keeps_every_count_and_its_workers_rejoin_within_liveness(tmp_path):
