@@ -24,12 +24,15 @@ from smolcluster.telemetry.logging import setup_logging
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="chat")
 def main(cfg: DictConfig) -> None:
     sigterm_as_interrupt()  # the stages are stopped on SIGTERM as on Ctrl-C
-    setup_logging(role="chat", algo="chat", level=cfg.logging.level, loki=cfg.logging.get("loki"))
     from smolcluster.inference.settings import chat_settings
     from smolcluster.serving.config import serve
 
     try:
-        serve(chat_settings(cfg))  # the one read of Hydra's config: typed settings from here on
+        s = chat_settings(cfg)  # the one read of Hydra's config: typed settings from here on
+        t = s.pipeline.telemetry  # (logging.prometheus / run_dir: what smolcluster.top reads)
+        setup_logging(role="head", algo="chat", level=cfg.logging.level, loki=cfg.logging.get("loki"),
+                      run_id=t.get("run_id", ""), run_dir=t.get("run_dir"))
+        serve(s)
     except SmolclusterError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -46,7 +46,8 @@ def run(cfg: DictConfig) -> dict | None:
     s = infer_settings(cfg)  # the one read of Hydra's config: typed settings from here on
     p = s.pipeline
     setup_logging(role="stage" if p.role is Role.stage else "infer", rank=p.rank if p.rank is not None else "",
-                  algo="infer", level=cfg.logging.level, loki=cfg.logging.get("loki"))
+                  algo="infer", level=cfg.logging.level, loki=cfg.logging.get("loki"),
+                  run_id=p.telemetry.get("run_id", ""), run_dir=p.telemetry.get("run_dir"))
     if p.role is Role.stage:
         from smolcluster.inference.from_config import serve_config_from
         from smolcluster.inference.serve import StageServer

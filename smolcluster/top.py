@@ -25,7 +25,7 @@ from pathlib import Path
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from smolcluster.telemetry.prometheus import LABELS, METRICS
+from smolcluster.telemetry.prometheus import LABELS, METRICS, SERVING_METRICS
 
 # exposition name -> the short key the view uses (the metrics.jsonl key it came from)
 _KEYS = {"smolcluster_steps": "step", "smolcluster_samples": "samples", "smolcluster_bytes_sent": "bytes_sent",
@@ -34,8 +34,12 @@ _KEYS = {"smolcluster_steps": "step", "smolcluster_samples": "samples", "smolclu
          "smolcluster_eval_loss": "eval_loss", "smolcluster_eval_accuracy": "eval_accuracy",
          "smolcluster_learning_rate": "lr", "smolcluster_staleness_mean": "staleness_mean",
          "smolcluster_staleness_max": "staleness_max", "smolcluster_peers_alive": "peers_alive",
-         "smolcluster_cpu_percent": "cpu_percent", "smolcluster_rss_bytes": "rss_bytes"}
-assert {n.removesuffix("_total") for n in METRICS} <= set(_KEYS), "a metric the view does not know"
+         "smolcluster_cpu_percent": "cpu_percent", "smolcluster_rss_bytes": "rss_bytes",
+         # inference stages and the chat head (telemetry/serving.py)
+         "smolcluster_requests_active": "active", "smolcluster_requests_waiting": "waiting",
+         "smolcluster_kv_cache_bytes": "kv_bytes", "smolcluster_kv_cache_budget_bytes": "kv_budget",
+         "smolcluster_tokens": "tokens"}
+assert {n.removesuffix("_total") for n in [*METRICS, *SERVING_METRICS]} <= set(_KEYS), "a metric the view does not know"
 
 
 # -- where the nodes are -------------------------------------------------------------------------
@@ -81,6 +85,12 @@ class Node:
     rates: dict = field(default_factory=dict)  # per-second rates of counters, from the last two scrapes
 
     @property
+    def serving(self) -> bool:
+        """An inference stage or head (its own table: requests, tokens/s, KV) rather than a training node."""
+        return "active" in self.values or self.labels.get("role") in ("stage", "head") and \
+            self.labels.get("algo") in ("infer", "chat")
+
+    @property
     def name(self) -> str:
         role, rank = self.labels.get("role", "?"), self.labels.get("rank", "")
         return f"{self.labels.get('node', '?')} {role}{rank}"
@@ -124,7 +134,7 @@ class ClusterView:
                 continue
             labels, values = got
             dt = now - node.seen_at if node.up else 0.0
-            for key in ("step", "samples", "bytes_sent", "bytes_received"):
+            for key in ("step", "samples", "bytes_sent", "bytes_received", "tokens"):
                 if dt > 0 and key in values and key in node.values:
                     node.rates[key] = max(0.0, values[key] - node.values[key]) / dt
             node.labels, node.values, node.up, node.seen_at = labels, values, True, now
@@ -187,13 +197,32 @@ def row_of(node: Node) -> tuple[str, ...]:
             _num(v.get("cpu_percent"), ".0f"), _bytes(v.get("rss_bytes")))
 
 
-def rich_table(nodes: list[Node]):
+SERVING_COLUMNS = ("node", "role", "state", "active", "waiting", "tokens/s", "tokens", "KV MB", "KV budget MB",
+                   "CPU %", "RSS")
+
+
+def serving_row_of(node: Node) -> tuple[str, ...]:
+    v, r, lb = node.values, node.rates, node.labels
+    kv, budget = v.get("kv_bytes"), v.get("kv_budget")
+    return (lb.get("node", "?"), f"{lb.get('role', '')}{lb.get('rank', '')}", "up" if node.up else "DOWN",
+            _num(v.get("active"), ".0f"), _num(v.get("waiting"), ".0f"), _num(r.get("tokens"), ".1f"),
+            _num(v.get("tokens"), ".0f"), _num(kv and kv / 2**20, ".2f"), _num(budget and budget / 2**20, ".0f"),
+            _num(v.get("cpu_percent"), ".0f"), _bytes(v.get("rss_bytes")))
+
+
+def rich_tables(nodes: list[Node]) -> list:
+    """A training table and an inference table, each when it has nodes."""
     from rich.table import Table
 
-    table = Table(*COLUMNS, title="smolcluster")
-    for node in nodes:
-        table.add_row(*row_of(node))
-    return table
+    kinds = [("smolcluster", COLUMNS, row_of, [n for n in nodes if not n.serving]),
+             ("smolcluster inference", SERVING_COLUMNS, serving_row_of, [n for n in nodes if n.serving])]
+    out = []
+    for title, columns, row, group in [k for k in kinds if k[3]] or kinds[:1]:
+        table = Table(*columns, title=title)
+        for node in group:
+            table.add_row(*row(node))
+        out.append(table)
+    return out
 
 
 def make_app(view: ClusterView, interval_s: float):
@@ -204,17 +233,18 @@ def make_app(view: ClusterView, interval_s: float):
     class TopApp(App):
         TITLE = "smolcluster top"
         BINDINGS = [("q", "quit", "Quit")]
-        CSS = "DataTable { height: auto; max-height: 60%; } #logs { height: 1fr; border-top: solid $accent; }"
+        CSS = "DataTable { height: auto; max-height: 40%; } #logs { height: 1fr; border-top: solid $accent; }"
 
         def compose(self) -> ComposeResult:
             yield Header()
-            yield DataTable(id="nodes", zebra_stripes=True)
+            yield DataTable(id="nodes", zebra_stripes=True)  # training nodes
+            yield DataTable(id="stages", zebra_stripes=True)  # inference stages and heads
             yield Static("", id="logs")
             yield Footer()
 
         def on_mount(self) -> None:
-            table = self.query_one(DataTable)
-            table.add_columns(*COLUMNS)
+            self.query_one("#nodes", DataTable).add_columns(*COLUMNS)
+            self.query_one("#stages", DataTable).add_columns(*SERVING_COLUMNS)
             self.polls = 0
             self.refresh_view()
             self.set_interval(interval_s, self.refresh_view)
@@ -228,10 +258,13 @@ def make_app(view: ClusterView, interval_s: float):
             self.call_from_thread(self._show, nodes, logs)
 
         def _show(self, nodes: list[Node], logs: dict) -> None:
-            table = self.query_one(DataTable)
-            table.clear()
-            for node in nodes:
-                table.add_row(*row_of(node), key=node.url)
+            for table_id, row, serving in (("#nodes", row_of, False), ("#stages", serving_row_of, True)):
+                table = self.query_one(table_id, DataTable)
+                table.clear()
+                group = [n for n in nodes if n.serving == serving]
+                for node in group:
+                    table.add_row(*row(node), key=node.url)
+                table.display = bool(group) or (table_id == "#nodes" and not nodes)
             where = view.run_dir or ", ".join(view.static) or "nothing"
             self.sub_title = f"{len(nodes)} nodes · {where}"
             text = [f"[b]{name}[/b]\n" + "\n".join(f"  {line}" for line in lines) for name, lines in logs.items() if lines]
@@ -274,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         console = Console()
         if not console.is_terminal:
             console.width = 160  # a pipe or a file: do not squeeze the columns to 80
-        console.print(rich_table(nodes))
+        for table in rich_tables(nodes):
+            console.print(table)
         view.close()
         return 0 if any(n.up for n in nodes) else 1
     make_app(view, args.interval).run()

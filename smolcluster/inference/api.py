@@ -63,7 +63,7 @@ class InferencePipeline:
                     max_requests: int = 64, kv_cache_mb: float | None = None, prefill_chunk: int = 256,
                     env: dict | None = None, precision: str = "fp32", quantize: str = "none",
                     quantize_group: int = 64, device: str | None = None,
-                    formats: list[dict] | None = None) -> InferencePipeline:
+                    formats: list[dict] | None = None, telemetry: dict | None = None) -> InferencePipeline:
         """Start ``stages`` stage processes on this machine and connect to them.
 
         ``weights``: a Hugging Face model directory (any supported family), a run directory
@@ -77,6 +77,8 @@ class InferencePipeline:
         requests beyond it wait at stage 0. ``prefill_chunk``: prompt tokens per batched step at most.
         ``precision`` / ``quantize`` / ``quantize_group`` / ``device``: how every stage holds its weights
         (:mod:`smolcluster.pipeline.quantize`); ``formats[i]`` (those keys) overrides them for stage i.
+        ``telemetry``: ``{"prometheus_port", "run_dir", "run_id"}``: each stage serves its figures there and
+        announces itself in ``run_dir/endpoints/`` (:mod:`smolcluster.telemetry.serving`).
         """
         if head not in ("first", "last"):
             raise ConfigError(f"head={head!r} is invalid: choose first or last")
@@ -104,7 +106,7 @@ class InferencePipeline:
                                  stage_weights=stage_weights, heartbeat_s=heartbeat_s, liveness_s=liveness_s,
                                  connect_timeout_s=connect_timeout_s, exit_with_head=True, threads=threads,
                                  max_requests=max_requests, kv_cache_mb=kv_cache_mb,
-                                 prefill_chunk=prefill_chunk, **formats[rank])
+                                 prefill_chunk=prefill_chunk, extra={"telemetry": telemetry or {}}, **formats[rank])
                 path = workdir / f"stage-{rank}.json"
                 path.write_text(sc.dumps())
                 children.start(f"stage {rank}", [sys.executable, "-u", "-m", "smolcluster.inference.serve", str(path)],

@@ -181,7 +181,7 @@ def pipeline_from_config(cfg: Pipeline, prompt: str | None = None) -> InferenceP
                 stage_weights=stage_weights_for(cfg, info, formats, local=True), formats=formats,
                 host=c.host, heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s,
                 connect_timeout_s=c.connect_timeout_s, kv_cache_mb=cfg.kv_cache_mb,
-                env={"SMOLCLUSTER_LOG_LEVEL": cfg.stage_log_level or "WARNING"})
+                env={"SMOLCLUSTER_LOG_LEVEL": cfg.stage_log_level or "WARNING"}, telemetry=cfg.telemetry)
         except BaseException:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -233,4 +233,4 @@ def serve_config_from(cfg: Pipeline) -> ServeConfig:
                        stage_weights=stage_weights_for(cfg, info, formats, local=False),
                        heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s, connect_timeout_s=c.connect_timeout_s,
                        max_bytes=c.max_bytes, keys_dir=c.keys, threads=node.threads, log_level=cfg.stage_log_level,
-                       kv_cache_mb=cfg.kv_cache_mb, **fmt)
+                       kv_cache_mb=cfg.kv_cache_mb, extra={"telemetry": cfg.telemetry}, **fmt)

@@ -167,6 +167,11 @@ class StageServer:
         params = sum(p.numel() for p in self.stage.parameters())
         logger.info(f"{self.spec.describe(self.has_head, self.spec.first)}: {params:,} params from {sc.weights} "
                     f"({self.fmt.precision}, quantize={self.fmt.quantize}, on {self.fmt.device})")
+        # Prometheus for smolcluster.top (telemetry/serving.py): set once per step, a no-op without a port
+        from smolcluster.telemetry.logging import identity
+        from smolcluster.telemetry.serving import open_serving_metrics
+
+        self.metrics = open_serving_metrics(sc.extra.get("telemetry"), identity(), sc.rank, self.kv_budget)
 
     # -- links ------------------------------------------------------------------------------
     def connect(self) -> None:
@@ -360,6 +365,7 @@ class StageServer:
     def forward_out(self, step: Step, x: torch.Tensor) -> None:
         """Hand this stage's output on: to the next stage, round the ring to stage 0, or to the head."""
         rank, last = self.sc.rank, self.sc.n_stages - 1
+        self.metrics.tokens(x.shape[1])  # (every stage's forward ends here, once per step)
         if rank == last and self.has_head:
             self.emit(step, x)
             return
@@ -490,6 +496,7 @@ class StageServer:
                     beacon["requests"], beacon["waiting"] = len(self.requests), len(self.waiting)
                     beacon["kv_bytes"] = self.kv_bytes()
                     beacon["active"] = list(self.requests)[:64]  # (what a health check or a test looks at)
+                    self.metrics.step(len(self.requests), len(self.waiting), beacon["kv_bytes"])
                     # Everything that has arrived is handled before the next step, so it joins that step.
                     timeout = 0.0 if (self.due or self.prefilling) else self.sc.heartbeat_s
                     for _ in range(256):
@@ -519,6 +526,7 @@ class StageServer:
                         self.stopping = True
         finally:
             self.mesh.close()
+            self.metrics.close()
 
     def dispatch(self, env: Envelope) -> None:
         try:
@@ -539,7 +547,9 @@ class StageServer:
 def serve(sc: ServeConfig) -> None:
     from smolcluster.telemetry.logging import setup_logging
 
-    setup_logging(role="stage", rank=sc.rank, algo="infer", level=sc.log_level)
+    telemetry = sc.extra.get("telemetry") or {}  # logging.prometheus / run_dir, for smolcluster.top
+    setup_logging(role="stage", rank=sc.rank, algo="infer", level=sc.log_level, run_id=telemetry.get("run_id", ""),
+                  run_dir=telemetry.get("run_dir"))
     StageServer(sc).run()
 
 

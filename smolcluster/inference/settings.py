@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from enum import Enum
+from pathlib import Path
 from typing import Any  # noqa: UP035 -- Hydra's structured configs need typing.Optional on py3.10
 
 from hydra.core.config_store import ConfigStore
@@ -92,6 +93,7 @@ class Pipeline:
     quantize_group: int = 64
     partition: str = "even"           # even (cluster.nodes[i].weight) | auto (by each node's memory)
     max_active: int = 1               # requests at once (the chat's serve.max_active): partition=auto's KV need
+    telemetry: dict = field(default_factory=dict)  # logging.prometheus / run_dir: what smolcluster.top reads
 
 
 @dataclass
@@ -198,7 +200,26 @@ def _pipeline(cfg) -> Pipeline:
                     head_port=int(cfg.head_port), stage_log_level=cfg.stage_log_level, seed=int(cfg.seed),
                     kv_cache_mb=kv, links=Links.of(_plain(cfg.cluster)), precision=str(cfg.precision),
                     quantize=str(cfg.quantize), quantize_group=int(cfg.quantize_group), partition=partition,
-                    max_active=int(cfg.serve.get("max_active") or 1))
+                    max_active=int(cfg.serve.get("max_active") or 1), telemetry=_telemetry(cfg))
+
+
+def _telemetry(cfg) -> dict:
+    """``logging.prometheus.port`` (the head takes it, stage i port + 1 + i; 0: any free port) and
+    ``logging.run_dir``, where every node announces its endpoint for ``smolcluster.top`` (default with a
+    port: ``runs/serve/DATE/TIME``, a fresh directory each start, which ``top`` finds as the newest run)."""
+    log = _plain(cfg.get("logging"))
+    prom = log.get("prometheus") or {}
+    port, run_dir = prom.get("port"), log.get("run_dir")
+    if port is None:
+        return {"run_dir": run_dir} if run_dir else {}
+    if not run_dir:
+        import time
+
+        run_dir = str(Path("runs", "serve", time.strftime("%Y-%m-%d"), time.strftime("%H-%M-%S")).resolve())
+    from smolcluster.cluster import new_run_id
+
+    return {"prometheus_port": int(port), "prometheus_addr": prom.get("addr"), "run_dir": str(run_dir),
+            "run_id": new_run_id()}
 
 
 def _sampling(cfg) -> Sampling:

@@ -59,10 +59,13 @@ def engine_from_config(s: ChatSettings) -> Engine:
         raise ConfigError("role=stage is not for the chat: choose launch (start the stages here) or head (connect "
                           "to stages already running; start those with python -m smolcluster.infer role=stage rank=N)")
     from smolcluster.inference.from_config import pipeline_from_config
+    from smolcluster.telemetry.logging import identity
+    from smolcluster.telemetry.serving import open_serving_metrics
 
+    metrics = open_serving_metrics(s.pipeline.telemetry, identity())  # this head's figures for smolcluster.top
     return Engine(lambda: pipeline_from_config(s.pipeline), max_active=s.serve.max_active,
                   max_waiting=s.serve.max_waiting, reconnect=s.serve.reconnect,
-                  chat_template=chat_template(s.pipeline)).start()
+                  chat_template=chat_template(s.pipeline), metrics=metrics).start()
 
 
 def serve(s: ChatSettings) -> None:

@@ -239,11 +239,12 @@ class Generation:
 class Engine:
     def __init__(self, connect: Callable[[], object], *, max_active: int = 16, max_waiting: int = 64,
                  reconnect: bool = True, watch_s: float = 0.25, max_backoff_s: float = 30.0,
-                 chat_template: ChatTemplate | None = None):
+                 chat_template: ChatTemplate | None = None, metrics=None):
         """``connect()`` returns a ready :class:`~smolcluster.inference.InferencePipeline` (called again
         to reconnect). At most ``max_active`` requests run in the pipeline at once; at most
         ``max_waiting`` more wait for a slot. ``chat_template``: the model's, if it has one
-        (else conversations become a transcript)."""
+        (else conversations become a transcript). ``metrics``: this head's Prometheus figures
+        (:func:`~smolcluster.telemetry.serving.open_serving_metrics`), updated every ``watch_s``."""
         self._connect = connect
         self.chat_template = chat_template
         self.queue = FairQueue(max_active, max_waiting)
@@ -262,6 +263,9 @@ class Engine:
         self.model_info: dict = {}
         self.stages = 0
         self.reconnects = 0
+        from smolcluster.telemetry.serving import OFF
+
+        self.metrics, self._tokens_done, self._tokens_counted = metrics or OFF, 0, 0
 
     def start(self) -> Engine:
         """Connect (raises if the pipeline cannot be built) and watch it from then on."""
@@ -321,6 +325,17 @@ class Engine:
     def _forget(self, gen: Generation) -> None:
         with self._lock:
             self._live.pop(gen.id, None)
+            self._tokens_done += gen.completion_tokens  # (for the tokens counter: no per-token cost)
+
+    def _publish(self) -> None:
+        """The head's Prometheus figures, from the supervisor thread every ``watch_s``."""
+        with self._lock:
+            tokens = self._tokens_done + sum(g.completion_tokens for g in self._live.values())
+        q = self.queue.stats()
+        self.metrics.step(q["active"], q["waiting"])
+        if tokens > self._tokens_counted:
+            self.metrics.tokens(tokens - self._tokens_counted)
+            self._tokens_counted = tokens
 
     # -- the pipeline's state --------------------------------------------------------------------------
     def pipeline(self):
@@ -364,6 +379,7 @@ class Engine:
     def _supervise(self) -> None:
         backoff = 1.0
         while not self._stop.wait(self.watch_s):
+            self._publish()
             with self._lock:
                 pipe = self._pipe
             error = pipe.client.error if pipe is not None else None
@@ -415,3 +431,4 @@ class Engine:
             pipe, self._pipe, self._down = self._pipe, None, "closed"
         if pipe is not None:
             self._close_pipe(pipe)
+        self.metrics.close()

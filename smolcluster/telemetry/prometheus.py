@@ -44,6 +44,20 @@ _COUNTERS = {
 }
 METRICS = {name: help_ for name, help_ in [*_GAUGES.values(), *_COUNTERS.values()]}
 
+# An inference stage's or chat head's figures (telemetry/serving.py sets them once per stage step).
+SERVING_GAUGES = {
+    "active": ("smolcluster_requests_active", "requests running in the pipeline (their KV caches held here)"),
+    "waiting": ("smolcluster_requests_waiting", "requests waiting: for KV room (stage 0) or a slot (head)"),
+    "kv_bytes": ("smolcluster_kv_cache_bytes", "KV-cache bytes the running requests hold on this stage"),
+    "kv_budget": ("smolcluster_kv_cache_budget_bytes", "this stage's KV-cache budget (serve.kv_cache_mb)"),
+    "cpu_percent": _GAUGES["cpu_percent"],
+    "rss_bytes": _GAUGES["rss_bytes"],
+}
+SERVING_COUNTERS = {
+    "tokens": ("smolcluster_tokens_total", "tokens through this stage's layers (head: tokens answered)"),
+}
+SERVING_METRICS = {name: help_ for name, help_ in [*SERVING_GAUGES.values(), *SERVING_COUNTERS.values()]}
+
 
 def port_for(base: int, role: str, rank) -> int:
     """The port this node serves /metrics on: base for the server, base+1+r for worker r, base+i for stage i."""
@@ -59,14 +73,16 @@ def port_for(base: int, role: str, rank) -> int:
 class PrometheusSink:
     """A metrics sink (``log(step, row)`` / ``close(summary)``) that serves what it is given on HTTP."""
 
-    def __init__(self, port: int, identity: dict, addr: str = "0.0.0.0"):
+    def __init__(self, port: int, identity: dict, addr: str = "0.0.0.0", gauges: dict = _GAUGES,
+                 counters: dict = _COUNTERS):
+        """``gauges`` / ``counters``: the families served (a training node's, or SERVING_GAUGES / _COUNTERS)."""
         self.registry = CollectorRegistry()
         values = [str(identity.get(k, "")) for k in LABELS]
         self.gauges = {key: Gauge(name, help_, LABELS, registry=self.registry).labels(*values)
-                       for key, (name, help_) in _GAUGES.items()}
+                       for key, (name, help_) in gauges.items()}
         self.counters = {key: Counter(name, help_, LABELS, registry=self.registry).labels(*values)
-                         for key, (name, help_) in _COUNTERS.items()}
-        self.totals = dict.fromkeys(_COUNTERS, 0.0)
+                         for key, (name, help_) in counters.items()}
+        self.totals = dict.fromkeys(counters, 0.0)
         self.server, self.thread = start_http_server(port, addr=addr, registry=self.registry)
         self.port, self.addr, self.identity = self.server.server_address[1], addr, identity
         logger.info(f"prometheus metrics on http://{addr}:{self.port}/metrics")
@@ -92,6 +108,6 @@ class PrometheusSink:
                 self.counters[key].inc(value - self.totals[key])
                 self.totals[key] = value
 
-    def close(self, summary: dict | None = None) -> None:
+    def close(self, summary: dict | None = None, exit_code: int = 0) -> None:
         self.server.shutdown()
         self.server.server_close()
