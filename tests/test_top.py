@@ -73,3 +73,75 @@ def test_live_view_of_a_syncps_run(tmp_path):
     announced = [json.loads(p.read_text()) for p in sorted((run_dir / "endpoints").iterdir())]
     assert sorted(a["role"] + a["rank"] for a in announced) == ["server", "worker0", "worker1"]
     assert all(a["url"].startswith("http://127.0.0.1:") and a["run_id"] == "test" for a in announced)
+
+
+def test_live_view_of_a_two_stage_inference_pipeline(tmp_path):
+    """Both stages and the head in top's inference table: tokens/s > 0 while requests stream, KV back to 0 after."""
+    from smolcluster.bench.common import write_tiny_run
+    from smolcluster.inference import InferencePipeline
+    from smolcluster.serving.engine import Engine, Settings
+    from smolcluster.telemetry.serving import open_serving_metrics
+
+    model, run_dir = write_tiny_run(tmp_path / "model", n_positions=1024), tmp_path / "serve"
+    telemetry = {"prometheus_port": 0, "run_dir": str(run_dir), "run_id": "inf"}
+    head = open_serving_metrics(telemetry, {"run_id": "inf", "node": "local", "role": "head", "rank": "",
+                                            "algo": "chat"})
+    pipe = InferencePipeline.start_local(model, stages=2, n_head=4, kv_cache_mb=64, heartbeat_s=0.2, telemetry=telemetry)
+    engine = Engine(lambda: pipe, max_active=4, reconnect=False, watch_s=0.1, metrics=head).start()
+    try:
+        view = ClusterView(run_dir=run_dir)
+
+        def by_role() -> dict[str, object]:
+            return {f"{n.labels['role']}{n.labels['rank']}": n for n in view.poll() if n.up}
+
+        assert wait_until(lambda: sorted(by_role()) == ["head", "stage0", "stage1"], 60), view.nodes
+        assert all(n.serving for n in by_role().values())
+        budget = 64 * 2**20
+        assert {k: n.values["kv_budget"] for k, n in by_role().items() if k != "head"} == {"stage0": budget,
+                                                                                            "stage1": budget}
+        # four answers that run to the context (no EOS): long enough to watch them stream
+        gens = [engine.submit(list(range(1 + i, 9 + i)), user=f"u{i}",
+                              settings=Settings(max_new_tokens=1000, stop_at_eos=False)) for i in range(4)]
+        streaming = None
+        while not any(g.state == "done" for g in gens):
+            nodes = by_role()
+            if len(nodes) == 3 and all(n.rates.get("tokens", 0) > 0 and n.values["active"] > 0 for n in nodes.values()):
+                streaming = {k: (n.rates["tokens"], n.values["active"], n.values.get("kv_bytes")) for k, n in nodes.items()}
+                break
+        assert streaming is not None, "never saw every node busy with tokens/s > 0 while the requests streamed"
+        assert streaming["stage0"][2] > 0 and streaming["stage1"][2] > 0  # their KV caches held
+        for g in gens:
+            g.cancel()
+        assert all(g.wait(30) for g in gens)
+
+        def idle() -> bool:
+            nodes = by_role()
+            return len(nodes) == 3 and all(n.values["active"] == 0 and n.values.get("kv_bytes", 0) == 0
+                                           for n in nodes.values())
+
+        assert wait_until(idle, 30), {k: n.values for k, n in by_role().items()}
+        stages = by_role()
+        # every token of every answer went through both stages' layers (prompts too), and the head counted
+        # those it streamed
+        answered = sum(g.completion_tokens for g in gens)
+        assert wait_until(lambda: by_role()["head"].values["tokens"] == answered, 10)
+        assert stages["stage0"].values["tokens"] >= answered + 4 * 8 - 4
+
+        async def drive() -> list:
+            app = make_app(ClusterView(run_dir=run_dir), interval_s=0.2)
+            async with app.run_test(size=(160, 40)) as pilot:
+                table = app.query_one("#stages")
+                for _ in range(300):
+                    await pilot.pause(0.1)
+                    if table.row_count == 3 and app.polls >= 2:
+                        break
+                assert not app.query_one("#nodes").display  # no training table for an inference run
+                return [table.get_row_at(i) for i in range(table.row_count)]
+
+        rows = asyncio.run(drive())
+        assert sorted(r[1] for r in rows) == ["head", "stage0", "stage1"] and all(r[2] == "up" for r in rows)
+        assert all(r[3] == "0" for r in rows)  # nothing active any more
+    finally:
+        engine.close()
+    proc = run_cli("smolcluster.top", "--run-dir", str(run_dir), "--once", "--interval", "0.1", check=False)
+    assert "smolcluster inference" in proc.stdout and "stage1" in proc.stdout and "DOWN" in proc.stdout
