@@ -21,7 +21,9 @@ from smolcluster.cluster import new_run_id, node_name
 from smolcluster.config import validate
 from smolcluster.errors import SmolclusterError
 from smolcluster.paths import CONFIG_DIR
+from smolcluster.supervisor import sigterm_as_interrupt
 from smolcluster.telemetry.logging import setup_logging
+from smolcluster.telemetry.run_files import abort_open
 
 
 def describe(summary: dict) -> str:
@@ -55,8 +57,13 @@ def run(cfg: DictConfig) -> dict | None:
 
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
+    sigterm_as_interrupt()  # SIGTERM unwinds like Ctrl-C: children stopped, run files and W&B runs closed
     try:
-        run(cfg)
+        try:
+            run(cfg)
+        except BaseException as e:
+            abort_open(e)  # recorders not finished: a last "stopped" row, files closed, W&B given the exit code
+            raise
     except SmolclusterError as e:
         logger.error(str(e))
         print(f"error: {e}", file=sys.stderr)

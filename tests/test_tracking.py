@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -166,3 +167,24 @@ def test_a_taken_metrics_port_is_reported_and_training_goes_on(tmp_path):
                     f"logging.prometheus.port={port}")
     assert f"port {port} is not free" in p.stderr and "logging.prometheus.port=N" in p.stderr
     assert json.loads(Path(tmp_path / "summary.json").read_text())["steps"] == 20
+
+
+def test_sigterm_closes_a_nodes_run_files_and_finishes_its_wandb_run(tmp_path):
+    """SIGTERM mid-run unwinds like Ctrl-C: the worker's and the server's W&B runs are finished with exit code 130,
+    and metrics.jsonl is complete, its last row saying the server stopped."""
+    with Cluster(tmp_path, "syncps", "train.steps=100000", "train.log_every=2", "logging.wandb.mode=offline", *FAST,
+                 "cluster.nodes=[{delay_s: 0.02}]", workers=1) as c:
+        c.server()
+        c.worker(0)
+        c.wait_for_step(6)
+        c.kill("worker0", signal.SIGTERM)  # mid-run: the server is waiting for its gradient
+        c.kill("server", signal.SIGTERM)
+        codes = {name: p.returncode for name, p in c.procs.items()}
+        assert codes == {"server": 130, "worker0": 130}, c.output("server")[-3000:] + c.output("worker0")[-3000:]
+    runs = {r.name.rsplit("-", 1)[1]: r for r in map(read_run, sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb")))}
+    assert {k: r.exit_code for k, r in runs.items()} == {"server": 130, "worker0": 130}
+    assert max(runs["worker0"].history) >= 6 and max(runs["server"].history) >= 6  # what they logged is kept
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]  # every line whole
+    assert rows[-1]["event"] == "stopped" and rows[-1]["exit_code"] == 130
+    assert rows[-1]["step"] == rows[-2]["step"] >= 6 and rows[-1]["reason"] == "KeyboardInterrupt"
+    assert not (tmp_path / "summary.json").exists()  # the run did not finish: no summary

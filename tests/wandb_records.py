@@ -44,6 +44,7 @@ class Run:
     name: str = ""
     config: dict = field(default_factory=dict)
     history: dict[int, dict] = field(default_factory=dict)  # step -> {key: value}
+    exit_code: int | None = None  # set when the run was finished (wandb.finish): its exit code
 
 
 def read_run(path: Path) -> Run:
@@ -53,6 +54,8 @@ def read_run(path: Path) -> Run:
         if kind == "run":
             run.group, run.job_type, run.name = rec.run.run_group, rec.run.job_type, rec.run.display_name
             run.config.update({u.key: json.loads(u.value_json) for u in rec.run.config.update})
+        elif kind == "exit":
+            run.exit_code = rec.exit.exit_code
         elif kind == "history":
             row = run.history.setdefault(rec.history.step.num, {})
             for item in rec.history.item:

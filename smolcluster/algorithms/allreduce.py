@@ -258,6 +258,9 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
             buckets_during_backward=round(ring.early / max(1, ring.total), 4), rejected_messages=dict(link.rejected),
             gradients_rejected=guard.rejected)
         return recorder.finish(summary)
+    except BaseException as e:  # SIGTERM (as KeyboardInterrupt), a lost peer: files closed, W&B records why
+        recorder.abort(e)
+        raise
     finally:
         ring.close()
         if not lead:

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from smolcluster.algorithms.ps import ServerBase, WorkerInfo, WorkerLink, batch_sizes, run_role
 from smolcluster.cluster import worker_settings
 from smolcluster.errors import ConfigError, PeerError
+from smolcluster.telemetry.run_files import exit_code_of
 from smolcluster.trainer import Trainer
 from smolcluster.transport import Message
 from smolcluster.transport.compression import ErrorFeedback
@@ -172,6 +173,9 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> None:
                 link.register()
             elif msg.kind != "error":
                 raise PeerError(f"unexpected {msg.kind!r} from the server")
+    except BaseException as e:  # SIGTERM (as KeyboardInterrupt), a lost server: the W&B run records why
+        link.finish(exit_code_of(e))
+        raise
     finally:
         link.finish()
 

@@ -440,11 +440,12 @@ class WorkerLink:
                               bytes_sent=self.bytes_sent, bytes_received=self.bytes_received)
             self._logged_step = step
 
-    def finish(self) -> None:
+    def finish(self, exit_code: int = 0) -> None:
+        """Close the link and this worker's sinks (``exit_code``: non-zero when stopped early; W&B records it)."""
         self.close()
         self._log_row()  # the last figures, also for a worker that did fewer than log_every steps
         if self.recorder is not None:
-            self.recorder.finish(None)
+            self.recorder.finish(None, exit_code=exit_code)
             self.recorder = None
 
     def ping(self) -> None:

@@ -63,7 +63,7 @@ class StepLines:
             logger.info(f"step {step} loss {metrics['loss']:.4f} lr {metrics['lr']:.4g} "
                         f"samples/s {metrics['samples_per_s']:,.0f}")
 
-    def close(self, summary) -> None:
+    def close(self, summary, exit_code: int = 0) -> None:
         pass
 
 

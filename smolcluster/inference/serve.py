@@ -558,6 +558,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m smolcluster.inference.serve STAGE.json", file=sys.stderr)
         return 2
+    from smolcluster.supervisor import sigterm_as_interrupt
+
+    sigterm_as_interrupt()  # SIGTERM unwinds: the mesh and the metrics endpoint are closed on the way out
     try:
         serve(ServeConfig.loads(Path(argv[0]).read_text()))
     except SmolclusterError as e:

@@ -3,6 +3,11 @@
 One :class:`RunRecorder` per run (the server's or the local process's); it also
 fans each logged step out to the optional sinks (W&B, Prometheus) built from
 ``logging`` config.
+
+A node stopped early (SIGTERM, Ctrl-C, an error) closes what it opened too: its
+code calls :meth:`RunRecorder.abort`, or the entry point calls :func:`abort_open`
+for every recorder not finished, so ``metrics.jsonl`` ends with a ``stopped`` row
+and the W&B run is finished with the exit code.
 """
 
 from __future__ import annotations
@@ -12,6 +17,22 @@ import time
 from pathlib import Path
 
 from loguru import logger
+
+_open: list[RunRecorder] = []  # recorders not finished yet, for abort_open
+
+
+def exit_code_of(exc: BaseException | None) -> int:
+    """The exit code a run stopped by ``exc`` records: 130 interrupted (Ctrl-C, or SIGTERM: see
+    smolcluster.supervisor), 2 a one-line error, a SystemExit's own code, else 1."""
+    from smolcluster.errors import SmolclusterError
+
+    if exc is None:
+        return 0
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else 1
+    return 2 if isinstance(exc, SmolclusterError) else 1
 
 
 class RunRecorder:
@@ -46,6 +67,8 @@ class RunRecorder:
         self._hardware = None
         self._next_hardware = 0
         self._last_bytes: dict[str, tuple[float, float]] = {}
+        self.last_step, self.finished = 0, False
+        _open.append(self)
 
     def log(self, step: int, **metrics) -> dict:
         now = time.time()
@@ -62,6 +85,7 @@ class RunRecorder:
                     metrics[f"{key}_per_s"] = round((metrics[key] - last[1]) / (now - last[0]), 1)
                 self._last_bytes[key] = (now, metrics[key])
         row = {"step": step, "time": round(now - self.t0, 4), **metrics}
+        self.last_step = step
         if self._file is not None:
             self._file.write(json.dumps(row, default=float) + "\n")
         for sink in self.sinks:
@@ -78,9 +102,16 @@ class RunRecorder:
             self._file.write(json.dumps(row, default=str) + "\n")
         return row
 
-    def finish(self, summary: dict | None) -> dict | None:
+    def finish(self, summary: dict | None, exit_code: int = 0) -> dict | None:
+        """Close metrics.jsonl (writing summary.json and loss.png beside it) and every sink; once only."""
+        if self.finished:
+            return summary
+        self.finished = True
+        if self in _open:
+            _open.remove(self)
         if self._file is not None:
             self._file.close()
+        if self._file is not None and summary is not None:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
             try:
                 plot_losses(self.metrics_path, self.run_dir / "loss.png", title=f"{summary.get('algo')} / {summary.get('model')}")
@@ -88,10 +119,26 @@ class RunRecorder:
                 logger.warning(f"could not draw loss.png: {e}")
         for sink in self.sinks:
             try:
-                sink.close(summary)
+                sink.close(summary, exit_code=exit_code)
             except Exception as e:
                 logger.warning(f"metrics sink {type(sink).__name__} failed to close: {e}")
         return summary
+
+
+    def abort(self, exc: BaseException | None = None, exit_code: int | None = None) -> None:
+        """The node stops before the end (``exc``: why): a last ``stopped`` row, the file closed, the sinks closed
+        with the exit code (W&B records it). No summary.json: the run did not finish. A no-op after finish."""
+        if self.finished:
+            return
+        code = exit_code_of(exc) if exit_code is None else exit_code
+        self.event(self.last_step, "stopped", exit_code=code, reason=type(exc).__name__ if exc else "")
+        self.finish(None, exit_code=code)
+
+
+def abort_open(exc: BaseException | None = None, exit_code: int | None = None) -> None:
+    """Abort every recorder of this process not finished yet (the entry point's last word on an early stop)."""
+    for recorder in list(_open):
+        recorder.abort(exc, exit_code)
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -1,6 +1,6 @@
 """Build the optional metrics sinks a node's ``logging`` config turns on: W&B and Prometheus.
 
-A sink has ``log(step, metrics)`` and ``close(summary)``; :class:`~smolcluster.telemetry.run_files.RunRecorder`
+A sink has ``log(step, metrics)`` and ``close(summary, exit_code=0)``; :class:`~smolcluster.telemetry.run_files.RunRecorder`
 fans every logged row out to them. A sink that cannot start (a port taken, W&B
 failing) is logged with the fix and left out: tracking never takes training down.
 """

@@ -73,7 +73,8 @@ class WandbSink:
         if row:
             self.run.log(row, step=step)
 
-    def close(self, summary: dict | None = None) -> None:
+    def close(self, summary: dict | None = None, exit_code: int = 0) -> None:
+        """Finish the run: W&B records ``exit_code`` (non-zero: the node was stopped or failed)."""
         if summary:
             self.run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
-        self.run.finish()
+        self.run.finish(exit_code=exit_code)
