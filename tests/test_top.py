@@ -95,7 +95,7 @@ def test_live_view_of_a_two_stage_inference_pipeline(tmp_path):
             return {f"{n.labels['role']}{n.labels['rank']}": n for n in view.poll() if n.up}
 
         assert wait_until(lambda: sorted(by_role()) == ["head", "stage0", "stage1"], 60), view.nodes
-        assert all(n.serving for n in by_role().values())
+        assert all(n.serving for n in by_role().values()) and "kv_bytes" not in by_role()["head"].values
         budget = 64 * 2**20
         assert {k: n.values["kv_budget"] for k, n in by_role().items() if k != "head"} == {"stage0": budget,
                                                                                             "stage1": budget}

@@ -25,9 +25,11 @@ _HARDWARE_EVERY_S = 1.0  # CPU / RSS are read (a few syscalls) at most this ofte
 class ServingMetrics:
     def __init__(self, port: int, identity: dict, run_dir: str | Path | None = None, addr: str = "0.0.0.0",
                  kv_budget: int | None = None):
-        self.sink = PrometheusSink(port, identity, addr=addr, gauges=SERVING_GAUGES, counters=SERVING_COUNTERS)
+        """``kv_budget``: a stage's (None: the head, which holds no KV cache and serves no KV gauges)."""
+        gauges = {k: v for k, v in SERVING_GAUGES.items() if kv_budget is not None or not k.startswith("kv_")}
+        self.sink = PrometheusSink(port, identity, addr=addr, gauges=gauges, counters=SERVING_COUNTERS)
         g = self.sink.gauges
-        self._active, self._waiting, self._kv = g["active"], g["waiting"], g["kv_bytes"]
+        self._active, self._waiting, self._kv = g["active"], g["waiting"], g.get("kv_bytes")
         self._tokens = self.sink.counters["tokens"]
         if kv_budget is not None:
             g["kv_budget"].set(kv_budget)
@@ -36,10 +38,10 @@ class ServingMetrics:
             self.sink.announce(Path(run_dir))
 
     def step(self, active: int, waiting: int, kv_bytes: int | None = None) -> None:
-        """The state after a step: requests running and waiting, KV bytes held (None: not a stage)."""
+        """The state after a step: requests running and waiting, KV bytes held (a stage's)."""
         self._active.set(active)
         self._waiting.set(waiting)
-        if kv_bytes is not None:
+        if self._kv is not None:
             self._kv.set(kv_bytes)
         now = time.monotonic()
         if now >= self._next_hardware:
