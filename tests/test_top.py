@@ -145,3 +145,21 @@ def test_live_view_of_a_two_stage_inference_pipeline(tmp_path):
         engine.close()
     proc = run_cli("smolcluster.top", "--run-dir", str(run_dir), "--once", "--interval", "0.1", check=False)
     assert "smolcluster inference" in proc.stdout and "stage1" in proc.stdout and "DOWN" in proc.stdout
+
+
+def test_inference_configs_name_the_port_and_run_dir_top_reads(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from smolcluster.inference.settings import chat_settings, infer_settings
+    from smolcluster.paths import CONFIG_DIR
+    from smolcluster.telemetry.serving import serving_port
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        t = chat_settings(compose("chat", ["logging.prometheus.port=9500", f"logging.run_dir={tmp_path}"])).pipeline.telemetry
+        assert (t["prometheus_port"], t["run_dir"]) == (9500, str(tmp_path)) and t["run_id"].startswith("r")
+        assert infer_settings(compose("infer", [])).pipeline.telemetry == {}  # no port: nothing published
+        default = infer_settings(compose("infer", ["logging.prometheus.port=0"])).pipeline.telemetry
+        assert default["prometheus_port"] == 0 and "/runs/serve/" in default["run_dir"]
+    # the head takes the base, stage i base + 1 + i; 0 stays "any free port"
+    assert (serving_port(9500, None), serving_port(9500, 0), serving_port(9500, 1), serving_port(0, 3)) == \
+        (9500, 9501, 9502, 0)
