@@ -14,6 +14,7 @@ part inference uses of the cluster is typed in :class:`Links`.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
@@ -213,8 +214,6 @@ def _telemetry(cfg) -> dict:
     if port is None:
         return {"run_dir": run_dir} if run_dir else {}
     if not run_dir:
-        import time
-
         run_dir = str(Path("runs", "serve", time.strftime("%Y-%m-%d"), time.strftime("%H-%M-%S")).resolve())
     from smolcluster.cluster import new_run_id
 
