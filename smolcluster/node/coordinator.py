@@ -165,6 +165,28 @@ def write_cluster(path: Path, cfg: DictConfig, server: NodeInfo, workers: list[N
     logger.info(f"wrote the discovered cluster to {path} (use it with --config-dir or conf/cluster/)")
 
 
+def _value(v) -> str:
+    if isinstance(v, bool) or v is None:
+        return {True: "true", False: "false", None: "null"}[v]
+    if isinstance(v, str):
+        return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return repr(v)
+
+
+def nodes_override(c: DictConfig, workers: list[NodeInfo]) -> str:
+    """``cluster.nodes=[...]`` for the roles: the user's per-rank settings (batch_size, delay_s, ...) with each
+    rank's node name and host from discovery."""
+    user = OmegaConf.to_container(c.nodes, resolve=True) if c.get("nodes") else []
+    entries = []
+    for r, n in enumerate(workers):
+        mine = user[r] if r < len(user) and isinstance(user[r], dict) else {}
+        entry = {k: v for k, v in mine.items() if isinstance(v, (str, int, float, bool))}
+        entry.setdefault("name", n.name)
+        entry["host"] = n.host
+        entries.append("{" + ",".join(f"{k}:{_value(v)}" for k, v in entry.items()) + "}")
+    return f"cluster.nodes=[{','.join(entries)}]"
+
+
 def _files(d: Path, names: dict[str, str]) -> dict[str, str]:
     return {dest: (d / src).read_text() for dest, src in names.items()}
 
@@ -311,8 +333,7 @@ def run_auto(cfg: DictConfig, run_dir: Path) -> dict:
         keys = run_dir / "keys"
         make_keys(keys, clients=len(worker_nodes))
         common = [o for o in child_overrides(cfg) if not o.startswith(_OWN)]
-        nodes_arg = ",".join(f"{{name:'{n.name}',host:'{n.host}'}}" for n in worker_nodes)
-        common += [f"cluster.workers={len(worker_nodes)}", f"cluster.nodes=[{nodes_arg}]"]
+        common += [f"cluster.workers={len(worker_nodes)}", nodes_override(c, worker_nodes)]
         server_keys = _files(keys, {"server.key": "server.key", "server.key_secret": "server.key_secret"})
         for i, _ in enumerate(worker_nodes):
             client = "client" if i == 0 else f"client{i}"
