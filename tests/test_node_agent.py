@@ -260,9 +260,10 @@ def test_three_agents_by_static_peers_with_multicast_blocked(tmp_path, lan, proc
     for port in lan.port_of.values():  # the switch floods no multicast (mDNS's 224.0.0.251) to any port
         subprocess.run(["bridge", "-n", lan.ns["sw"], "link", "set", "dev", port, "mcast_flood", "off"], check=True)
     _lan_agents(tmp_path, lan, procs)
-    blind = coordinator(tmp_path, "cluster.discover_only=true", ns=lan.ns["srv"])
+    blind = coordinator(tmp_path, "cluster.discover_only=true", "cluster.expect=3", ns=lan.ns["srv"])
     procs.append(blind)
-    assert blind.wait() == 2 and "cluster=auto found no agents" in blind.text()  # mDNS really is blocked
+    # mDNS really is blocked: only the agent in the coordinator's own namespace answers (multicast loopback)
+    assert blind.wait() == 2 and "error: cluster.expect=3 agents, found 1 (srv)" in blind.text(), blind.text()
     peers = ",".join(f"{ip}:5660" for ip in lan.ip.values())
     c = coordinator(tmp_path, "cluster.mdns=false", f"cluster.peers=[{peers}]", *LAN_RUN, ns=lan.ns["srv"])
     procs.append(c)
