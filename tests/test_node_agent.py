@@ -101,9 +101,9 @@ def agent(tmp: Path, name: str, *extra: str, ns: str | None = None, port: int = 
     return proc, int(ready.read_text())
 
 
-def coordinator(tmp: Path, *overrides: str, ns: str | None = None) -> Proc:
+def coordinator(tmp: Path, *overrides: str, ns: str | None = None, run: str = "run") -> Proc:
     return Proc([sys.executable, "-u", "-m", "smolcluster.train", "cluster=auto", f"cluster.state_dir={tmp / 'coord'}",
-                 f"hydra.run.dir={tmp / 'run'}", "hydra.output_subdir=null", "train.progress=false",
+                 f"hydra.run.dir={tmp / run}", "hydra.output_subdir=null", "train.progress=false",
                  "cluster.discover_s=2", *overrides], ns=ns)
 
 
@@ -188,6 +188,7 @@ def test_pairing_with_the_code_then_syncps_mnist_through_two_agents(tmp_path, pr
     wait_gone(role_pids(a) + role_pids(b))  # nothing left running
 
 
+@pytest.mark.slow
 def test_an_agent_killed_mid_run_is_reported_and_syncps_goes_on(tmp_path, procs):
     names = ["a", "b", "c"]
     codes = prepare(tmp_path, names)
@@ -237,11 +238,11 @@ def _lan_agents(tmp: Path, lan: Lan, procs: list) -> None:
         procs.append(p)
 
 
-def _check_lan_run(c: Proc, tmp: Path, lan: Lan, steps: int, found_by: str) -> None:
+def _check_lan_run(c: Proc, tmp: Path, lan: Lan, steps: int, found_by: str, run: str = "run") -> None:
     assert c.wait(timeout=240) == 0, c.text()[-4000:]
     for host in lan.ip:
         assert re.search(rf"^{host}\s+{lan.ip[host]}:5660 .* {found_by}$", c.text(), re.M), c.text()[:3000]
-    summary = json.loads((tmp / "run" / "summary.json").read_text())
+    summary = json.loads((tmp / run / "summary.json").read_text())
     assert summary["steps"] == steps and summary["eval_accuracy"] > 0.5
     assert {summary["workers"][r]["node"] for r in ("0", "1")} == {"w0", "w1"}
 
@@ -249,16 +250,15 @@ def _check_lan_run(c: Proc, tmp: Path, lan: Lan, steps: int, found_by: str) -> N
 LAN_RUN = ["cluster.server=srv", "algo=syncps", "train.steps=40", "train.log_every=10"]
 
 
-def test_three_agents_on_a_lan_found_by_mdns(tmp_path, lan, procs):
-    _lan_agents(tmp_path, lan, procs)
-    c = coordinator(tmp_path, "cluster.expect=3", "cluster.discover_s=20", *LAN_RUN, ns=lan.ns["srv"])
-    procs.append(c)
-    _check_lan_run(c, tmp_path, lan, 40, "mdns")
+@pytest.mark.slow
+def test_three_agents_on_a_lan_by_static_peers_with_multicast_blocked_then_by_mdns(tmp_path, lan, procs):
+    """One LAN, three agents, two runs: with multicast blocked on the switch through ``cluster.peers``,
+    then, multicast back on, found by mDNS alone (no peers, no cluster file, no SSH)."""
+    def flood(on: str) -> None:  # the switch floods multicast (mDNS's 224.0.0.251) to its ports, or not
+        for port in lan.port_of.values():
+            subprocess.run(["bridge", "-n", lan.ns["sw"], "link", "set", "dev", port, "mcast_flood", on], check=True)
 
-
-def test_three_agents_by_static_peers_with_multicast_blocked(tmp_path, lan, procs):
-    for port in lan.port_of.values():  # the switch floods no multicast (mDNS's 224.0.0.251) to any port
-        subprocess.run(["bridge", "-n", lan.ns["sw"], "link", "set", "dev", port, "mcast_flood", "off"], check=True)
+    flood("off")
     _lan_agents(tmp_path, lan, procs)
     blind = coordinator(tmp_path, "cluster.discover_only=true", "cluster.expect=3", ns=lan.ns["srv"])
     procs.append(blind)
@@ -268,3 +268,23 @@ def test_three_agents_by_static_peers_with_multicast_blocked(tmp_path, lan, proc
     c = coordinator(tmp_path, "cluster.mdns=false", f"cluster.peers=[{peers}]", *LAN_RUN, ns=lan.ns["srv"])
     procs.append(c)
     _check_lan_run(c, tmp_path, lan, 40, "peer")
+
+    flood("on")
+    c = coordinator(tmp_path, "cluster.expect=3", "cluster.discover_s=20", *LAN_RUN, ns=lan.ns["srv"], run="run2")
+    procs.append(c)
+    _check_lan_run(c, tmp_path, lan, 40, "mdns", run="run2")
+
+
+def test_a_version_mismatch_is_one_line_naming_the_node():
+    from smolcluster.errors import ConfigError
+    from smolcluster.node.discovery import NodeInfo
+    from smolcluster.node.protocol import VERSION
+
+    key = "x" * 40
+    node = NodeInfo("pi", "10.0.0.5", 5660, key, fingerprint(key), "0.0.9", 1, "cpu", 4, 3.5)
+    with pytest.raises(ConfigError, match=rf"node pi \(10.0.0.5:5660\) runs smolcluster 0.0.9 .* this coordinator "
+                                          rf"runs {re.escape(VERSION)}"):
+        node.check()
+    node.version, node.fingerprint = VERSION, "0" * 16
+    with pytest.raises(ConfigError, match="does not match its fingerprint"):
+        node.check()
