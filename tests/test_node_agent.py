@@ -86,19 +86,29 @@ def prepare(tmp: Path, names) -> dict[str, str]:
     return {n: pairing_code(public_key(identity(tmp / n / "identity") / "server.key"), coord) for n in names}
 
 
-def agent(tmp: Path, name: str, *extra: str, ns: str | None = None, port: int = 0,
-          bind: str = "127.0.0.1") -> tuple[Proc, int]:
-    """An agent process, once it listens: (process, control port)."""
-    ready = tmp / f"{name}.ready"
+def spawn_agent(tmp: Path, name: str, *extra: str, ns: str | None = None, port: int = 0,
+                bind: str = "127.0.0.1") -> Proc:
     mdns = [] if ns else ["--no-mdns"]  # on the shared host, never advertise
-    proc = Proc([sys.executable, "-u", "-m", "smolcluster.node", "--state-dir", str(tmp / name), "--name", name,
-                 "--port", str(port), "--bind", bind, "--ready-file", str(ready), *mdns, *extra], ns=ns)
-    deadline = time.monotonic() + 60
+    return Proc([sys.executable, "-u", "-m", "smolcluster.node", "--state-dir", str(tmp / name), "--name", name,
+                 "--port", str(port), "--bind", bind, "--ready-file", str(tmp / f"{name}.ready"), *mdns, *extra],
+                ns=ns)
+
+
+def listening(tmp: Path, name: str, proc: Proc) -> int:
+    """The agent's control port, once it listens."""
+    ready, deadline = tmp / f"{name}.ready", time.monotonic() + 90
     while not ready.is_file() or not ready.read_text():
         assert proc.p.poll() is None, f"agent {name} exited {proc.p.returncode}:\n{proc.text()}"
         assert time.monotonic() < deadline, f"agent {name} did not start listening:\n{proc.text()}"
         time.sleep(0.05)
-    return proc, int(ready.read_text())
+    return int(ready.read_text())
+
+
+def agents(tmp: Path, spec: dict[str, list[str]], procs: list, **kw) -> dict[str, tuple[Proc, int]]:
+    """Start agents together (each imports torch once: in parallel, not one after another)."""
+    started = {name: spawn_agent(tmp, name, *extra, **kw.get(name, {})) for name, extra in spec.items()}
+    procs += started.values()
+    return {name: (p, listening(tmp, name, p)) for name, p in started.items()}
 
 
 def coordinator(tmp: Path, *overrides: str, ns: str | None = None, run: str = "run") -> Proc:
@@ -127,8 +137,7 @@ def procs():
 
 
 def test_an_unpaired_coordinator_is_refused(tmp_path, procs):
-    a, port = agent(tmp_path, "a")
-    procs.append(a)
+    (a, port), = agents(tmp_path, {"a": []}, procs).values()
     # a control client with a key of its own: encrypted, but not obeyed
     from smolcluster.errors import ConfigError
     from smolcluster.node import discovery
@@ -155,9 +164,7 @@ def test_an_unpaired_coordinator_is_refused(tmp_path, procs):
 
 def test_pairing_with_the_code_then_syncps_mnist_through_two_agents(tmp_path, procs, mnist_root):
     codes = prepare(tmp_path, ["b"])  # b pairs by --accept-code (automation); a by the operator's command
-    a, pa = agent(tmp_path, "a")
-    b, pb = agent(tmp_path, "b", "--accept-code", codes["b"])
-    procs += [a, b]
+    (a, pa), (b, pb) = agents(tmp_path, {"a": [], "b": ["--accept-code", codes["b"]]}, procs).values()
     steps = 30
     c = coordinator(tmp_path, "cluster.mdns=false", f"cluster.peers=[127.0.0.1:{pa},127.0.0.1:{pb}]",
                     "cluster.server=a", "cluster.pair_timeout_s=60", "algo=syncps", "data=mnist",
@@ -192,8 +199,7 @@ def test_pairing_with_the_code_then_syncps_mnist_through_two_agents(tmp_path, pr
 def test_an_agent_killed_mid_run_is_reported_and_syncps_goes_on(tmp_path, procs):
     names = ["a", "b", "c"]
     codes = prepare(tmp_path, names)
-    started = {n: agent(tmp_path, n, "--accept-code", codes[n]) for n in names}
-    procs += [p for p, _ in started.values()]
+    started = agents(tmp_path, {n: ["--accept-code", codes[n]] for n in names}, procs)
     liveness, steps = 3.0, 150
     peers = ",".join(f"127.0.0.1:{port}" for _, port in started.values())
     c = coordinator(tmp_path, "cluster.mdns=false", f"cluster.peers=[{peers}]", "cluster.server=a",
@@ -233,9 +239,8 @@ def lan():
 
 def _lan_agents(tmp: Path, lan: Lan, procs: list) -> None:
     codes = prepare(tmp, lan.ip)
-    for host in lan.ip:
-        p, _ = agent(tmp, host, "--accept-code", codes[host], ns=lan.ns[host], port=5660, bind="0.0.0.0")
-        procs.append(p)
+    agents(tmp, {host: ["--accept-code", codes[host]] for host in lan.ip}, procs,
+           **{host: {"ns": lan.ns[host], "port": 5660, "bind": "0.0.0.0"} for host in lan.ip})
 
 
 def _check_lan_run(c: Proc, tmp: Path, lan: Lan, steps: int, found_by: str, run: str = "run") -> None:

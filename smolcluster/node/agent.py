@@ -26,7 +26,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from smolcluster.cluster import node_name, python_cmd
+from smolcluster.cluster import free_port, node_name, python_cmd
 from smolcluster.node.pairing import (
     Allowlist,
     confirm_path,
@@ -135,7 +135,14 @@ class Agent:
             path = rdir / "keys" / fname
             path.write_text(text)
             path.chmod(0o600)
-        cmd = [*python_cmd(), *f["args"], f"role={role}", f"run_id={f['run_id']}", f"hydra.run.dir={rdir}",
+        args, port = list(f["args"]), None
+        if role == "server" and "cluster.port=0" in args:
+            # a port picked here and told at once, so the coordinator starts the workers while the server
+            # still imports torch (they retry until it listens) instead of after
+            bind = next((a.split("=", 1)[1] for a in args if a.startswith("cluster.bind=")), "127.0.0.1")
+            port = free_port(bind)
+            args[args.index("cluster.port=0")] = f"cluster.port={port}"
+        cmd = [*python_cmd(), *args, f"role={role}", f"run_id={f['run_id']}", f"hydra.run.dir={rdir}",
                "hydra.output_subdir=null", "train.progress=false", f"node={self.name}"]
         if f.get("rank") is not None:
             cmd.append(f"rank={f['rank']}")
@@ -147,7 +154,7 @@ class Agent:
         r = self.roles[name] = Role(name, role, proc, rdir, peer)
         threading.Thread(target=_read_lines, args=(proc, r.lines), daemon=True).start()
         logger.info(f"started {name} ({role}) for run {f['run_id']}: pid {proc.pid}")
-        self.control.send(peer, "role_state", {"name": name, "state": "running"})
+        self.control.send(peer, "role_state", {"name": name, "state": "running", **({"port": port} if port else {})})
 
     def _check_start(self, f: dict) -> str | None:
         if f["role"] not in ROLES:

@@ -6,7 +6,7 @@
                   other node (accelerators first; every node when there is only one); cluster.workers=N cycles
     4. keys       a fresh CURVE set for this run: the server's pair to the server's node only, one client
                   pair per worker, all sent over the encrypted control channel (never copied by hand)
-    5. run        start the server, wait until it listens, start the workers; relay their logs
+    5. run        start the server (on a port its agent picks), then the workers; relay their logs
                   ``[node:role]``; a heartbeat (``status``) to every agent each cluster.heartbeat_s
     6. stop       on success, Ctrl-C, SIGTERM or failure: ``stop_roles`` to every agent, and wait
 
@@ -343,8 +343,8 @@ def run_auto(cfg: DictConfig, run_dir: Path) -> dict:
         slink = links[server_node.name]
         run.start(slink, "server", "server", None,
                   [*common, f"cluster.host={host}", f"cluster.bind={bind}", "cluster.port=0"], server_keys)
-        port = run.wait_for(slink, "server", ("listening",), float(c.connect_timeout_s), "start listening")["port"]
-        logger.info(f"server listening on {server_node.name} at {host}:{port}")
+        port = run.wait_for(slink, "server", ("running", "listening"), float(c.connect_timeout_s), "start")["port"]
+        logger.info(f"server starting on {server_node.name} at {host}:{port}")
         for r, n in enumerate(worker_nodes):
             client = "client" if r == 0 else f"client{r}"
             wkeys = _files(keys, {"server.key": "server.key", "client.key": f"{client}.key",
