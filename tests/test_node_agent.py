@@ -223,6 +223,35 @@ def test_an_agent_killed_mid_run_is_reported_and_syncps_goes_on(tmp_path, procs)
     assert summary["workers"]["0"]["applied"] > summary["workers"]["1"]["applied"]
 
 
+@pytest.mark.slow
+def test_a_failing_role_or_sigterm_to_the_coordinator_stops_every_role_everywhere(tmp_path, procs):
+    codes = prepare(tmp_path, ["a", "b"])
+    started = agents(tmp_path, {n: ["--accept-code", codes[n]] for n in codes}, procs)
+    peers = ",".join(f"127.0.0.1:{port}" for _, port in started.values())
+    # roles that fail as they start (no data there): one line naming the node, nothing left running
+    c = coordinator(tmp_path, "cluster.mdns=false", f"cluster.peers=[{peers}]", "cluster.server=a", "algo=syncps",
+                    "data=mnist", f"data.root={tmp_path / 'nowhere'}", run="failed")
+    procs.append(c)
+    assert c.wait(timeout=120) == 2
+    errors = [line for line in c.text().splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.match(r"error: node (a|b) \(127.0.0.1:\d+\): (the server|worker 0) exited with "
+                                         r"code \d+ \(its log is above\); stopped the run everywhere", errors[0]), errors
+    wait_gone(role_pids(started["a"][0]) + role_pids(started["b"][0]))
+    # then a healthy run, ended by SIGTERM to the coordinator: every role stops, the agents stay
+    c = coordinator(tmp_path, "cluster.mdns=false", f"cluster.peers=[{peers}]", "cluster.server=a", "algo=edp",
+                    "train.steps=100000", "train.log_every=1", "cluster.nodes=[{delay_s: 0.02}]")
+    procs.append(c)
+    c.wait_for(r"\[a:server\] .*step 5/", timeout=120)
+    pids = [role_pids(started[n][0])[-1] for n in ("a", "b")]  # this run's roles (the first run's are gone)
+    assert len(pids) == 2 and all(psutil.pid_exists(p) for p in pids)
+    c.p.send_signal(signal.SIGTERM)
+    assert c.wait(timeout=60) == 130
+    wait_gone(pids)
+    for agent_proc, _ in started.values():
+        assert agent_proc.p.poll() is None  # the agents stay, ready for the next run
+        agent_proc.wait_for(r"stopping every role: the coordinator interrupted", timeout=5)
+
+
 # -- three machines on a bridge (network namespaces) ---------------------------------------------------------
 
 @pytest.fixture

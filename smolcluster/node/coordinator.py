@@ -39,7 +39,8 @@ from smolcluster.transport import ClientEndpoint, make_keys
 ALGOS = ("syncps", "edp")  # server + workers; allreduce and mp through agents are not wired yet
 # what the coordinator decides per run: never forwarded from the user's command line to the roles
 _OWN = ("cluster.host=", "cluster.bind=", "cluster.workers=", "cluster.keys=", "cluster.nodes=", "cluster.peers=",
-        "cluster.write=", "cluster.server=", "cluster.discover_only=", "cluster.expect=", "node=", "cluster.insecure=")
+        "cluster.write=", "cluster.server=", "cluster.discover_only=", "cluster.expect=", "node=", "cluster.insecure=",
+        "hydra.", "hydra/")  # Hydra's own settings stay with the coordinator (agents refuse them)
 FINAL = ("exited", "stopped", "failed")
 
 
