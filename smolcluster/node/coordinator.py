@@ -355,6 +355,8 @@ def run_auto(cfg: DictConfig, run_dir: Path) -> dict:
         summary = run.supervise(slink)
         run.stop_everywhere("the run finished")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        logger.info(f"the server's run files (metrics.jsonl, checkpoint) are on {server_node.name}, in its agent's "
+                    f"STATE/runs/{cfg.run_id}/server/; here: summary.json")
         return summary
     except BaseException as e:
         why = "interrupted" if isinstance(e, KeyboardInterrupt) else f"failed: {e}"
