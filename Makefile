@@ -8,7 +8,7 @@ CLUSTER ?= lan-example
 SWEEP   ?= algo=syncps,edp train.lr=0.02,0.05
 PYTEST_ARGS ?=
 
-.PHONY: help install top train train-gpt2 train-edp train-mp infer chat test test-deps lint bench keys clean launch cluster-check sweep observability-up observability-down
+.PHONY: help install node top train train-gpt2 train-edp train-mp infer chat test test-deps lint bench keys clean launch cluster-check sweep observability-up observability-down
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-20s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ infer: install  ## stream text from gpt2-tiny through 2 pipeline stages (ARGS="c
 
 chat: install  ## Gradio chat + OpenAI-compatible API on gpt2-tiny in 2 local stages (ARGS="checkpoint=RUN_DIR serve.port=8000")
 	$(BIN)/python -m smolcluster.chat $(ARGS)
+
+node: install  ## the node agent for cluster=auto (ARGS="--port 5660"); confirm a coordinator: python -m smolcluster.node pair CODE
+	$(BIN)/python -m smolcluster.node $(ARGS)
 
 top: install  ## live terminal view of a run: make top ARGS="--run-dir RUN_DIR" (nodes need logging.prometheus.port=0 or N)
 	$(BIN)/python -m smolcluster.top $(ARGS)

@@ -47,7 +47,12 @@ def run(cfg: DictConfig) -> dict | None:
     validate(cfg)
     if cfg.model.get("deprecated"):
         logger.warning(cfg.model.deprecated)
-    summary = algorithms.get(cfg.algo.name).run(cfg, run_dir)
+    if role == "launch" and cfg.cluster.get("name") == "auto":  # through the node agents on the LAN
+        from smolcluster.node.coordinator import run_auto
+
+        summary = run_auto(cfg, run_dir)
+    else:
+        summary = algorithms.get(cfg.algo.name).run(cfg, run_dir)
     if summary and role in ("main", "launch", "server"):
         logger.success(describe(summary))
         hf = ", hf/ (a Hugging Face model directory)" if (run_dir / "hf" / "config.json").is_file() else ""

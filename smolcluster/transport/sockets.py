@@ -75,15 +75,27 @@ def _load(path: Path, what: str) -> tuple[bytes, bytes | None]:
     return zmq.auth.load_certificate(str(path))
 
 
-def _start_authenticator(authorized: Path) -> str:
+def _start_authenticator(authorized: Path, allow_any: bool = False) -> str:
     """One ZAP handler per process: only client keys in ``authorized/`` may connect.
 
     Returns a ZAP domain of this directory's own; a socket that sets ``zap_domain`` to it is
     judged against these keys even when the process serves several key directories. Sockets
     without a domain use the most recently configured directory (ZAP's "*" domain). The keys
     are read now: a key added to ``authorized/`` later needs a restart.
+
+    ``allow_any``: every client key may connect (still encrypted, and each message carries the
+    sender's key in ``Message.sender_key``): a node agent decides per message whom it obeys.
     """
     global _authenticator
+    if allow_any:
+        with _auth_lock:
+            if _authenticator is None:
+                from zmq.auth.thread import ThreadAuthenticator
+
+                _authenticator = ThreadAuthenticator(_context())
+                _authenticator.start()
+            _authenticator.configure_curve(domain="smolcluster:any", location=zmq.auth.CURVE_ALLOW_ANY)
+        return "smolcluster:any"
     if not authorized.is_dir():
         raise ConfigError(f"cluster.keys: {authorized} is missing (the client keys this server lets in); "
                           "make keys with python -m smolcluster.keys --dir DIR")
@@ -99,13 +111,14 @@ def _start_authenticator(authorized: Path) -> str:
     return domain
 
 
-def _curve_server(sock: zmq.Socket, curve_dir: str | None) -> None:
-    """Make a binding socket a CURVE server that lets in only ``curve_dir/authorized/`` clients."""
+def _curve_server(sock: zmq.Socket, curve_dir: str | None, allow_any: bool = False) -> None:
+    """Make a binding socket a CURVE server that lets in only ``curve_dir/authorized/`` clients
+    (any client with ``allow_any``)."""
     if not curve_dir:
         return
     d = Path(curve_dir).expanduser()
     pub, sec = _load(d / "server.key_secret", "the server's secret key")
-    sock.zap_domain = _start_authenticator(d / "authorized").encode()
+    sock.zap_domain = _start_authenticator(d / "authorized", allow_any).encode()
     sock.curve_server, sock.curve_publickey, sock.curve_secretkey = True, pub, sec
 
 
@@ -189,12 +202,13 @@ class _Endpoint:
 class ServerEndpoint(_Endpoint):
     """ROUTER, bound. ``recv`` returns ``(peer, Message)`` or None after ``timeout_ms``."""
 
-    def __init__(self, bind: str, *, max_bytes: int, curve_dir: str | None = None, hwm: int = 1000):
+    def __init__(self, bind: str, *, max_bytes: int, curve_dir: str | None = None, hwm: int = 1000,
+                 allow_any_client: bool = False):
         sock = _context().socket(zmq.ROUTER)
         _configure(sock, max_bytes, hwm)
         # a message to a vanished peer raises (and is logged below) instead of vanishing silently
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        _curve_server(sock, curve_dir)
+        _curve_server(sock, curve_dir, allow_any_client)
         _bind(sock, bind)
         super().__init__(sock, max_bytes)
         self.curve = bool(curve_dir)

@@ -1,0 +1,155 @@
+"""Finding agents: DNS-SD/mDNS with python-zeroconf, and static peers where multicast does not pass.
+
+An agent advertises ``NAME._smolcluster._tcp.local.`` with its address, control port and a TXT
+record of public facts: version, node protocol, device, cores, usable memory, its CURVE public key
+and that key's fingerprint. A coordinator browses for a bounded time (``cluster.discover_s``,
+ending early once ``cluster.expect`` agents answered). ``cluster.peers: [host:port, ...]`` asks
+each agent's info port (control port + 1, plain: public facts only) for the same facts.
+
+Nothing here is trusted: a key learned from the network is checked by the pairing code
+(see :mod:`smolcluster.node.pairing`) before the agent and coordinator trust each other.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import asdict, dataclass
+
+from loguru import logger
+
+from smolcluster.errors import ConfigError
+from smolcluster.node.pairing import fingerprint
+from smolcluster.node.protocol import MAX_BYTES, NODE_PROTOCOL, SERVICE_TYPE, VERSION
+from smolcluster.transport import ClientEndpoint
+
+
+@dataclass
+class NodeInfo:
+    name: str
+    host: str
+    port: int          # control port (CURVE); the info port is port + 1
+    key: str           # the agent's CURVE public key (z85)
+    fingerprint: str
+    version: str
+    protocol: int
+    device: str
+    cores: int
+    memory_gb: float
+    source: str = "mdns"
+
+    def where(self) -> str:
+        return f"{self.name} ({self.host}:{self.port})"
+
+    def check(self) -> None:
+        """Same smolcluster version and node protocol as this coordinator, and a key matching its fingerprint."""
+        if self.protocol != NODE_PROTOCOL or self.version != VERSION:
+            raise ConfigError(f"node {self.where()} runs smolcluster {self.version} (node protocol {self.protocol}); "
+                              f"this coordinator runs {VERSION} (protocol {NODE_PROTOCOL}): install the same "
+                              "version on every machine")
+        if fingerprint(self.key) != self.fingerprint:
+            raise ConfigError(f"node {self.where()} advertises a key that does not match its fingerprint: "
+                              "not a smolcluster agent, or tampered with")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def local_addresses() -> list[str]:
+    """This machine's IPv4 addresses beyond loopback (loopback when there are none)."""
+    import ifaddr
+
+    found = [ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips
+             if isinstance(ip.ip, str) and not ip.ip.startswith("127.")]
+    return found or ["127.0.0.1"]
+
+
+class Advertisement:
+    """This agent on mDNS while it lives; ``close`` withdraws it (a goodbye packet)."""
+
+    def __init__(self, name: str, port: int, facts: dict, addresses: list[str]):
+        from zeroconf import IPVersion, ServiceInfo, Zeroconf
+
+        props = {k: str(v) for k, v in facts.items()}
+        self.info = ServiceInfo(SERVICE_TYPE, f"{name}.{SERVICE_TYPE}", port=port, properties=props,
+                                parsed_addresses=addresses, server=f"{name}.local.")
+        self.zc = Zeroconf(ip_version=IPVersion.V4Only)
+        self.zc.register_service(self.info, allow_name_change=True)
+
+    def close(self) -> None:
+        try:
+            self.zc.unregister_service(self.info)
+        finally:
+            self.zc.close()
+
+
+def _from_service(info) -> NodeInfo | None:
+    p = {k.decode(): (v or b"").decode() for k, v in info.properties.items()}
+    addrs = info.parsed_addresses()
+    try:
+        return NodeInfo(name=p["name"], host=addrs[0], port=int(info.port), key=p["key"],
+                        fingerprint=p["fingerprint"], version=p["version"], protocol=int(p["protocol"]),
+                        device=p["device"], cores=int(p["cores"]), memory_gb=float(p["memory_gb"]), source="mdns")
+    except (KeyError, ValueError, IndexError) as e:
+        logger.warning(f"ignored a malformed smolcluster advertisement {info.name}: {e!r}")
+        return None
+
+
+def browse(seconds: float, expect: int | None = None) -> list[NodeInfo]:
+    """Agents answering on mDNS within ``seconds`` (sooner once ``expect`` have answered)."""
+    from zeroconf import IPVersion, ServiceBrowser, ServiceListener, Zeroconf
+
+    names: list[str] = []
+
+    class Listener(ServiceListener):
+        def add_service(self, zc, type_, name):
+            names.append(name)
+
+        def update_service(self, zc, type_, name):
+            pass
+
+        def remove_service(self, zc, type_, name):
+            pass
+
+    zc = Zeroconf(ip_version=IPVersion.V4Only)
+    found: dict[str, NodeInfo] = {}
+    try:
+        browser = ServiceBrowser(zc, SERVICE_TYPE, Listener())
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not (expect and len(found) >= expect):
+            for name in [n for n in names if n not in found]:
+                info = zc.get_service_info(SERVICE_TYPE, name, timeout=2000)
+                node = _from_service(info) if info else None
+                if node:
+                    found[name] = node
+            time.sleep(0.05)
+        browser.cancel()
+    finally:
+        zc.close()
+    return list(found.values())
+
+
+def split_peer(peer: str) -> tuple[str, int]:
+    host, _, port = str(peer).rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"cluster.peers: {peer!r} is not host:port (the agent's control port, e.g. 10.0.0.5:5660)")
+    return host.strip("[]"), int(port)
+
+
+def ask(peer: str, timeout_s: float = 5.0) -> NodeInfo:
+    """An agent's public facts from its info port (control port + 1)."""
+    host, port = split_peer(peer)
+    client = ClientEndpoint(f"tcp://{host}:{port + 1}", max_bytes=MAX_BYTES)
+    try:
+        client.send("node_hello", {"protocol": NODE_PROTOCOL, "version": VERSION, "name": socket.gethostname()})
+        msg = client.recv(int(timeout_s * 1000))
+    finally:
+        client.close()
+    if msg is None or msg.kind != "node_info":
+        raise ConfigError(f"cluster.peers: no smolcluster agent answers at {host}:{port} within {timeout_s:g}s "
+                          "(is `python -m smolcluster.node` running there, and ports "
+                          f"{port} and {port + 1} open?)")
+    f = msg.fields
+    return NodeInfo(name=f["name"], host=host, port=port, key=f["key"], fingerprint=f["fingerprint"],
+                    version=f["version"], protocol=f["protocol"], device=f["device"], cores=f["cores"],
+                    memory_gb=float(f["memory_gb"]), source="peer")

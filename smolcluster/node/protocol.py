@@ -1,0 +1,64 @@
+"""The control channel's messages: kinds on the project's validated wire format (msgpack headers, no pickle).
+
+    coordinator -> agent                        agent -> coordinator
+    node_hello {protocol, version}              node_info {name, version, protocol, facts..., paired}
+    pair_request {name}                         pair_state {state: pending|paired, code}
+    start_role {name, role, rank, run_id,       role_state {name, state, code?, port?, detail?, summary?}
+                args, keys}                     role_log {name, lines}
+    status {}                                   node_status {roles}
+    stop_roles {reason}                         refuse {reason}  (an unpaired key, a bad request)
+                                                node_bye {reason} (the agent is shutting down)
+
+A coordinator sends ``status`` every ``cluster.heartbeat_s``; an agent silent for
+``cluster.liveness_s`` has vanished. An agent whose coordinator goes silent that long stops
+the roles it started for it (nothing is left running when a coordinator dies).
+"""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+
+from smolcluster import __version__
+from smolcluster.transport import register_kind
+
+NODE_PROTOCOL = 1
+VERSION = __version__
+SERVICE_TYPE = "_smolcluster._tcp.local."
+ROLES = ("server", "worker", "stage", "head")
+MAX_BYTES = 16 << 20  # control messages are small: keys, overrides, log lines, a summary
+
+_NUM = (int, float)
+register_kind("node_hello", {"protocol": int, "version": str}, optional={"name": str})
+register_kind("node_info", {"name": str, "version": str, "protocol": int, "device": str, "cores": int,
+                            "memory_gb": _NUM, "fingerprint": str, "key": str, "port": int},
+              optional={"paired": bool})
+register_kind("pair_request", {"name": str})
+register_kind("pair_state", {"state": str, "code": str})
+register_kind("start_role", {"name": str, "role": str, "run_id": str, "args": list, "keys": dict},
+              optional={"rank": int})
+register_kind("role_state", {"name": str, "state": str},
+              optional={"code": int, "port": int, "detail": str, "summary": dict})
+register_kind("role_log", {"name": str, "lines": list})
+register_kind("status", {})
+register_kind("node_status", {"roles": dict})
+register_kind("stop_roles", {"reason": str})
+register_kind("node_bye", {"reason": str})
+
+
+def device_kind() -> str:
+    """cuda / mps / cpu: what ``device=auto`` would pick here (torch is imported only for this)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def facts() -> dict:
+    """What an agent advertises about its machine (the facts placement uses)."""
+    return {"device": device_kind(), "cores": os.cpu_count() or 1,
+            "memory_gb": round(psutil.virtual_memory().available / 2**30, 2)}
