@@ -204,7 +204,8 @@ class Launch:
 
     def attach_command(self) -> str:
         """The head's command line: same cluster file (written here too), same model options as the stages."""
-        return shlex.join(["python", "-m", "smolcluster.chat", "role=head", f"--config-dir={self.run_dir}/.launch",
+        # --config-dir first: Hydra's parser takes no option after the overrides
+        return shlex.join(["python", "-m", "smolcluster.chat", f"--config-dir={self.run_dir}/.launch", "role=head",
                            f"cluster={self.group}", *[o for o in self.overrides if not o.startswith("logging.")]])
 
     def supervise(self, poll_s: float = 0.2, finish_grace_s: float = 20.0) -> None:
