@@ -449,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     memory, speed = resources.describe(facts)
     usable = resources.usable_bytes(facts, args.device)
     print("| check | detail |\n|---|---|")
-    print(f"| memory | {memory} |\n| usable for a {args.device} stage | {resources.gb(usable)} |\n| speed | {speed} |")
+    print(f"| memory | {memory} |\n| usable by a stage (device={args.device}) | {resources.gb(usable)} |\n| speed | {speed} |")
     sys.stdout.flush()
     return 0
 
