@@ -39,9 +39,24 @@ def _read_int(path: str) -> int | None:
     return int(text) if text.isdigit() else None  # v2 writes "max" for no limit
 
 
+def _file_cache(directory: str, key: str) -> int:
+    """The page cache a cgroup's usage includes (reclaimable: the kernel drops it before failing)."""
+    try:
+        with open(os.path.join(directory, "memory.stat")) as f:
+            for line in f:
+                name, _, value = line.partition(" ")
+                if name == key and value.strip().isdigit():
+                    return int(value)
+    except OSError:
+        pass
+    return 0
+
+
 def cgroup_memory(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> dict | None:
     """The tightest memory limit on this process's cgroup and its ancestors (v2 ``memory.max``, v1
-    ``memory.limit_in_bytes``), with the usage charged against it; None when no limit applies."""
+    ``memory.limit_in_bytes``), with the usage charged against it and what of that usage cannot be reclaimed
+    (``held``: usage less file cache, as smolcluster/pipeline/placement.py counts it); None when no limit
+    applies."""
     try:
         with open(proc_cgroup) as f:
             lines = f.read().splitlines()
@@ -51,10 +66,11 @@ def cgroup_memory(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/c
     for line in lines:
         hid, controllers, path = line.split(":", 2)
         if hid == "0" and controllers == "":
-            version, base, limit_file, usage_file = 2, root, "memory.max", "memory.current"
+            version, base, limit_file, usage_file, cache_key = 2, root, "memory.max", "memory.current", "file"
         elif "memory" in controllers.split(","):
-            version, base, limit_file, usage_file = 1, os.path.join(root, "memory"), "memory.limit_in_bytes", \
-                "memory.usage_in_bytes"
+            version, base, limit_file, usage_file, cache_key = (1, os.path.join(root, "memory"),
+                                                                "memory.limit_in_bytes", "memory.usage_in_bytes",
+                                                                "total_cache")
         else:
             continue
         parts = [p for p in path.split("/") if p]
@@ -65,8 +81,9 @@ def cgroup_memory(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/c
             if limit is None or limit >= 1 << 60:  # v1 writes a huge number for "no limit"
                 continue
             if best is None or limit < best["limit"]:
-                usage = _read_int(os.path.join(d, usage_file))
-                best = {"version": version, "path": d, "limit": limit, "usage": usage}
+                usage = _read_int(os.path.join(d, usage_file)) or 0
+                best = {"version": version, "path": d, "limit": limit, "usage": usage,
+                        "held": max(0, usage - _file_cache(d, cache_key))}
     return best
 
 
@@ -119,7 +136,7 @@ def usable_bytes(facts: dict, device: str | None = None) -> int | None:
     have = ram.get("available", ram.get("total"))
     cg = facts.get("cgroup")
     if cg:
-        headroom = cg["limit"] - (cg.get("usage") or 0)
+        headroom = cg["limit"] - cg.get("held", cg.get("usage") or 0)
         have = headroom if have is None else min(have, headroom)
     return have
 
@@ -143,7 +160,8 @@ def describe(facts: dict) -> tuple[str, str]:
     ram, cg = facts.get("ram") or {}, facts.get("cgroup")
     memory = f"RAM {gb(ram.get('total'))}, {gb(ram.get('available'))} available"
     if cg:
-        memory += f"; cgroup v{cg['version']} limit {gb(cg['limit'])} ({gb(cg.get('usage'))} used)"
+        memory += (f"; cgroup v{cg['version']} limit {gb(cg['limit'])} at {cg['path']} ({gb(cg.get('usage'))} used, "
+                   f"{gb(cg.get('held'))} not reclaimable)")
     for g in facts.get("vram") or []:
         memory += f"; {g['device']} {g['name']}: {gb(g['free'])} free of {gb(g['total'])}"
     memory += f"; usable {gb(usable_bytes(facts))}"

@@ -46,8 +46,8 @@ def test_a_cgroup_v1_limit_caps_what_the_node_offers(tmp_path):
         facts = local_facts(f"echo $$ > {group}/cgroup.procs && ")
         cg = facts["cgroup"]
         assert cg["version"] == 1 and cg["limit"] == limit and cg["path"] == str(group)
-        assert 0 < cg["usage"] < limit
-        assert facts["usable_bytes"] == limit - cg["usage"] < facts["ram"]["available"]
+        assert 0 < cg["held"] <= cg["usage"] < limit
+        assert facts["usable_bytes"] == limit - cg["held"] < facts["ram"]["available"]
     finally:
         group.rmdir()  # its one process has exited
 
@@ -59,13 +59,14 @@ def test_cgroup_v2_the_tightest_limit_of_the_process_and_its_ancestors(tmp_path)
     b.mkdir(parents=True)
     (b / "memory.max").write_text("max\n")             # the process's own cgroup: no limit
     (b.parent / "memory.max").write_text(str(3 << 30))  # its parent's binds it
-    (b.parent / "memory.current").write_text(str(1 << 30))
+    (b.parent / "memory.current").write_text(str(3 << 29))
+    (b.parent / "memory.stat").write_text(f"anon {1 << 30}\nfile {1 << 29}\n")  # page cache: reclaimable
     (tmp_path / "fs" / "memory.max").write_text("max\n")
     cg = resources.cgroup_memory(str(tmp_path / "proc"), str(tmp_path / "fs"))
-    assert cg == {"version": 2, "path": str(b.parent), "limit": 3 << 30, "usage": 1 << 30}
+    assert cg == {"version": 2, "path": str(b.parent), "limit": 3 << 30, "usage": 3 << 29, "held": 1 << 30}
     facts = {"ram": {"total": 8 << 30, "available": 6 << 30}, "cgroup": cg,
              "vram": [{"device": "cuda:0", "name": "x", "free": 5 << 30, "total": 8 << 30}]}
-    assert resources.usable_bytes(facts) == 2 << 30            # the cgroup's headroom, under available RAM
+    assert resources.usable_bytes(facts) == 2 << 30            # limit less what is held, under available RAM
     assert resources.usable_bytes(facts, "cuda") == 5 << 30    # a cuda stage: the GPU's free memory
     (tmp_path / "proc").write_text("0::/\n")
     assert resources.cgroup_memory(str(tmp_path / "proc"), str(tmp_path / "fs")) is None
