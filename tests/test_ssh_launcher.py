@@ -203,22 +203,23 @@ def test_launch_trains_syncps_through_ssh(sshd, tmp_path):
     assert not wait_until_gone(str(run_dir), timeout=10)
 
 
-@pytest.mark.parametrize("broken, why", [
-    ({"python": "/nonexistent/bin/python"}, "python /nonexistent/bin/python not found"),
-    ({"port": "closed"}, "Connection refused (try: ssh -p "),
+@pytest.mark.parametrize("broken, why, algo", [
+    ({"python": "/nonexistent/bin/python"}, "python /nonexistent/bin/python not found", "syncps"),
+    ({"port": "closed"}, "Connection refused (try: ssh -p ", "syncps"),
+    ({"python": "/nonexistent/bin/python"}, "python /nonexistent/bin/python not found", "allreduce"),  # no server
 ])
-def test_a_failing_worker_stops_the_whole_cluster(sshd, tmp_path, broken, why):
+def test_a_failing_worker_stops_the_whole_cluster(sshd, tmp_path, broken, why, algo):
     run_dir = tmp_path / "run"
     if broken.get("port") == "closed":
         broken = {"port": free_port()}  # nothing listens there: worker 1's SSH login fails
     path = cluster_file(tmp_path / "c.yaml", sshd, port=free_port(), node1_ssh=broken)
     got = launcher("launch", "--cluster", str(path), "--no-check", "--run-dir", str(run_dir),
-                   "algo=syncps", "train.steps=1000")
+                   f"algo={algo}", "train.steps=1000")
     assert got.returncode == 1
     error = got.stderr.strip().splitlines()[-1]
     assert error.startswith("error: worker 1 (charlie, root@127.0.0.1:") and why in error, got.stderr
     assert "stopped the other nodes" in error
-    # the server and worker 0 had started over SSH; none of them is left running
+    # the server (syncps) and worker 0 had started over SSH; none of them is left running
     assert not wait_until_gone(str(run_dir), timeout=30)
 
 
