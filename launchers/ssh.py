@@ -247,7 +247,9 @@ class Launch:
                 announced = True
                 echo(f"[launcher] stages ready: {len(self.roles)} stages serve; attach a head with\n"
                      f"    {self.attach_command()}\n"
-                     "(or smolcluster.infer role=head ... prompt=...); Ctrl-C here stops the stages")
+                     "(add head_host=ADDRESS, this machine's address as the stages reach it, unless that is "
+                     "cluster.host; smolcluster.infer takes the same arguments and prompt=...); Ctrl-C here stops "
+                     "the stages")
             time.sleep(poll_s)
 
     def stop(self) -> None:
