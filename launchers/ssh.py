@@ -113,7 +113,7 @@ def layout(cfg: DictConfig, serving: bool = False) -> tuple[list[Node], int | No
 
 def run_check(cfg: DictConfig, nodes: list[Node], max_skew_s: float) -> int | None:
     """Print the preflight table; returns the port the cluster can use, or raises if a check failed. With
-    ``partition=auto``, a stage node without ``memory_gb`` gets the usable memory its preflight measured."""
+    ``partition=auto``, a stage node without ``memory_gb`` / ``gflops`` gets what its preflight measured."""
     logger.info(f"preflight on {len(nodes)} nodes: " + ", ".join(n.describe() for n in nodes))
     reports, port = check(cfg.cluster, nodes, max_skew_s=max_skew_s)
     print(format_reports(reports), flush=True)
@@ -122,14 +122,15 @@ def run_check(cfg: DictConfig, nodes: list[Node], max_skew_s: float) -> int | No
         raise PeerError(f"preflight failed on {', '.join(failed)}: fix the FAIL rows above "
                         "(or launch with --no-check to start anyway)")
     if cfg.get("partition") == "auto":
-        fill_memory(cfg, reports)
+        fill_measured(cfg, reports)
     return port
 
 
-def fill_memory(cfg: DictConfig, reports) -> None:
-    """``partition=auto`` places blocks by ``cluster.nodes[i].memory_gb`` (smolcluster/pipeline/placement.py):
-    where the cluster file does not say, use what the node's preflight measured (available RAM within its
-    cgroup's limit, or the free VRAM of a cuda stage's GPU), so every stage plans with the same numbers."""
+def fill_measured(cfg: DictConfig, reports) -> None:
+    """``partition=auto`` places blocks by ``cluster.nodes[i].memory_gb`` and, when every node has one, prefers
+    the faster by ``cluster.nodes[i].gflops`` (smolcluster/pipeline/placement.py): where the cluster file does not
+    say, use what the node's preflight measured (usable memory: available RAM within its cgroup's limit, or the
+    free VRAM of a cuda stage's GPU; the matmul rate on the stage's device), so every stage plans the same."""
     nodes = list(OmegaConf.to_container(cfg.cluster.get("nodes") or [], resolve=True))
     filled = []
     for r in reports:
@@ -142,10 +143,17 @@ def fill_memory(cfg: DictConfig, reports) -> None:
         if entry.get("memory_gb") is None:
             entry["memory_gb"] = round(usable / 2**30, 3)
             filled.append(f"{r.node.label} {entry['memory_gb']} GB")
+        rates = (r.facts.get("resources") or {}).get("gflops") or {}
+        device = str(entry.get("device") or "auto")
+        gpu = device if ":" in device else "cuda:0" if device in ("cuda", "auto") else None
+        rate = rates.get(gpu) or (rates.get("cpu") if device in ("cpu", "auto") else None)
+        if entry.get("gflops") is None and rate:
+            entry["gflops"] = rate
+            filled.append(f"{r.node.label} {rate} GFLOP/s")
     if filled:
         with open_dict(cfg):
             cfg.cluster.nodes = nodes
-        logger.info("partition=auto: memory measured by the preflight: " + ", ".join(filled))
+        logger.info("partition=auto: measured by the preflight: " + ", ".join(filled))
 
 
 def role_args(node: Node, common: list[str], lead: bool, serving: bool = False) -> list[str]:

@@ -70,3 +70,25 @@ def test_cgroup_v2_the_tightest_limit_of_the_process_and_its_ancestors(tmp_path)
     assert resources.usable_bytes(facts, "cuda") == 5 << 30    # a cuda stage: the GPU's free memory
     (tmp_path / "proc").write_text("0::/\n")
     assert resources.cgroup_memory(str(tmp_path / "proc"), str(tmp_path / "fs")) is None
+
+
+def test_partition_auto_prefers_the_faster_node_when_its_share_fits():
+    """With every node's measured speed (cluster.nodes[i].gflops), blocks go by speed unless that split
+    overflows a node's memory; then the split by memory stands."""
+    from smolcluster.pipeline.architectures import family_for
+    from smolcluster.pipeline.placement import auto_weights, prefer_faster
+    from smolcluster.pipeline.quantize import StageFormat
+
+    arch = family_for({"model_type": "gpt2", "n_layer": 8, "n_embd": 1024, "n_head": 8, "vocab_size": 500,
+                       "n_positions": 128})  # ~50 MB of fp32 weights per block
+    fmts = [StageFormat("fp32", "none", 64)] * 2
+    speed = [10.0, 30.0]
+    roomy = [4 << 30, 4 << 30]
+    weights = prefer_faster(arch, fmts, roomy, speed, True, 1, auto_weights(arch, fmts, roomy, True, 1))
+    assert weights == speed
+    blocks = [len(s.blocks) for s in arch.plan(2, weights, head_first=True)]
+    assert blocks[1] > blocks[0]  # the 3x faster node takes most blocks (stage 0 also holds embedding + head)
+    tight = [4 << 30, 600 << 20]  # the fast node cannot hold its speed share (6 blocks + runtime: 594 MB)
+    by_memory = auto_weights(arch, fmts, tight, True, 1)
+    assert prefer_faster(arch, fmts, tight, speed, True, 1, by_memory) == by_memory
+    assert [len(s.blocks) for s in arch.plan(2, by_memory, head_first=True)][1] < blocks[1]

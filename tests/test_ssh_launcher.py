@@ -292,8 +292,8 @@ def test_launch_trains_mp_stages_through_ssh_and_merges_their_shards(sshd, tmp_p
 
 
 def test_serve_starts_inference_stages_a_chat_head_attaches_and_stopping_stops_them(sshd, tmp_path):
-    """``serve``: mp inference stages over SSH, placed by partition=auto on the memory each node's preflight
-    measured; ``chat role=head`` attaches with the printed command and answers exactly transformers' greedy
+    """``serve``: mp inference stages over SSH, placed by partition=auto on the memory and speed each node's
+    preflight measured; ``chat role=head`` attaches with the printed command and answers exactly transformers' greedy
     text; SIGTERM to the launcher leaves nothing running."""
     import httpx
     import torch
@@ -321,7 +321,7 @@ def test_serve_starts_inference_stages_a_chat_head_attaches_and_stopping_stops_t
         assert attach[:5] == ["python", "-m", "smolcluster.chat", f"--config-dir={run_dir}/.launch", "role=head"]
         # partition=auto: each stage planned with the usable memory its node's preflight measured
         shipped = OmegaConf.load(next((run_dir / ".launch" / "cluster").glob("launch-*.yaml")))
-        assert all(0 < n["memory_gb"] < 10_000 for n in shipped["nodes"]), shipped["nodes"]
+        assert all(0 < n["memory_gb"] < 10_000 and n["gflops"] > 0 for n in shipped["nodes"]), shipped["nodes"]
         head_log = (tmp_path / "head.log").open("w")
         head = subprocess.Popen([sys.executable, *attach[1:], "serve.port=0", "serve.ui=false"], cwd=REPO,
                                 stdout=subprocess.PIPE, stderr=head_log, text=True)
