@@ -344,7 +344,7 @@ def launch(args: argparse.Namespace, attempts: int = 3) -> int:
                 raise PeerError(f"{nodes[0].describe()} failed: {e}") from None
             run.stop()
             port = free_ports_on(cfg.cluster, nodes[0], 1 if nodes[0].role == "server" else len(nodes))
-            logger.warning(f"the server's port was taken after the preflight ({e}); retrying on port {port}")
+            logger.warning(f"a port was taken after the preflight ({e}); retrying on port {port}")
         except KeyboardInterrupt:
             logger.warning("interrupted: stopping every node")
             run.stop()
