@@ -7,6 +7,7 @@ per-task command once per task, with the variables Slurm sets for a task (``SLUR
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -51,24 +52,29 @@ def test_allreduce_sbatch_script_runs_one_rank_per_task(tmp_path):
     assert (run_dir / ".hydra" / "config.yaml").is_file()  # rank 0 records the config; rank 1 does not overwrite
 
 
-def test_task_layout_across_nodes_and_its_errors(tmp_path):
+def test_task_layout_across_nodes_and_its_errors(tmp_path, monkeypatch, capsys):
     from omegaconf import OmegaConf
 
+    from launchers import slurm as launcher
+
     run_dir = tmp_path / "run"
-    got = slurm("script", "--cluster", "local", "--run-dir", str(run_dir), "algo=mp", "algo.stages=3")
-    assert got.returncode == 0, got.stderr
-    assert "#SBATCH --ntasks=3" in got.stdout and "#SBATCH --nodes=3" in got.stdout
-    assert got.stdout.rstrip().splitlines()[-1].endswith(f"-m smolcluster.pipeline.merge {run_dir}")
-    # stage 2 of 3 on the third node: every stage's host from the allocation, non-loopback binds 0.0.0.0
-    env = {"SLURM_PROCID": "2", "SLURM_NTASKS": "3", "SLURM_JOB_ID": "5", "SMOLCLUSTER_HOSTS": "n1,n2,n3"}
-    # the task execs train, whose start-up check refuses a non-loopback bind without keys: one line, no hang
-    bad = slurm("task", "--cluster", "local", "--run-dir", str(run_dir), "algo=mp", "algo.stages=3", env=env)
+    assert launcher.main(["script", "--cluster", "local", "--run-dir", str(run_dir), "algo=mp", "algo.stages=3"]) == 0
+    script = capsys.readouterr().out
+    assert "#SBATCH --ntasks=3" in script and "#SBATCH --nodes=3" in script
+    assert script.rstrip().splitlines()[-1].endswith(f"-m smolcluster.pipeline.merge {run_dir}")
+    # stage 2 of 3 on the third node of the allocation (what Slurm and the script set for that task)
+    for key, value in {"SLURM_PROCID": "2", "SLURM_NTASKS": "3", "SLURM_JOB_ID": "5",
+                       "SMOLCLUSTER_HOSTS": "n1,n2,n3"}.items():
+        monkeypatch.setenv(key, value)
+    args = ["task", "--cluster", "local", "--run-dir", str(run_dir), "algo=mp", "algo.stages=3"]
+    argv = launcher.task_command(argparse.Namespace(
+        cluster="local", run_dir=str(run_dir), tasks_per_node=1, overrides=["algo=mp", "algo.stages=3"]))
+    assert argv[-5:] == ["run_id=slurm-5", f"hydra.run.dir={run_dir}", "train.progress=false", "role=stage", "rank=2"]
     cluster = OmegaConf.load(run_dir / ".launch" / "cluster" / "slurm-5-2.yaml")
+    # every stage's host from the allocation; peers on other nodes connect in, so it binds 0.0.0.0
     assert cluster.host == "n1" and [n.host for n in cluster.nodes] == ["n1", "n2", "n3"]
     assert cluster.bind == "0.0.0.0" and cluster.port == 20005
-    assert bad.returncode != 0 and "keys" in bad.stderr
-    wrong = slurm("task", "--cluster", "local", "--run-dir", str(run_dir), "algo=mp", "algo.stages=3",
-                  env={**env, "SLURM_NTASKS": "2"})
-    assert wrong.returncode == 1
-    assert wrong.stderr.strip() == ("error: the job step has 2 tasks but algo=mp needs 3 (stage 0, stage 1, stage 2):"
-                                    " regenerate the script for this config")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    assert launcher.main(args) == 1
+    assert capsys.readouterr().err.strip() == ("error: the job step has 2 tasks but algo=mp needs 3 (stage 0, stage 1, "
+                                               "stage 2): regenerate the script for this config")
