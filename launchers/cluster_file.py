@@ -14,7 +14,7 @@ launcher reads:
       env: {}            # extra environment for the role, e.g. {OMP_NUM_THREADS: "4"}
       local: false       # true = run on this machine directly, without SSH
     server: {name: macmini, host: 192.168.1.10, ssh: {...}}   # host defaults to the top-level host
-    nodes:               # one entry per worker rank; host is where it runs
+    nodes:               # one entry per worker rank (allreduce: per ring rank; mp: per stage); host is where it runs
       - {name: laptop, host: 192.168.1.11, ssh: {user: ada}}
 
 A node's own ``ssh`` block overrides the defaults key by key.
@@ -58,14 +58,14 @@ class SshSpec:
 
 @dataclass
 class Node:
-    role: str             # server | worker
-    rank: int | None      # worker rank; None for the server
+    role: str             # server | worker | stage
+    rank: int | None      # worker / stage rank; None for the server
     name: str             # the node name in logs (SMOLCLUSTER_NODE)
     ssh: SshSpec
 
     @property
     def label(self) -> str:
-        return "server" if self.role == "server" else f"worker {self.rank}"
+        return "server" if self.role == "server" else f"{self.role} {self.rank}"
 
     def describe(self) -> str:
         return f"{self.label} ({self.name}, {self.ssh.target})"
@@ -110,6 +110,23 @@ def _ssh_spec(where: str, host: str | None, defaults: dict, own) -> SshSpec:
         raise ConfigError(f"{where}.ssh.options must be a list of ssh -o options, e.g. [ConnectTimeout=5]")
     merged["env"] = {str(k): str(v) for k, v in (merged["env"] or {}).items()}
     return SshSpec(host=str(host or "localhost"), **merged)
+
+
+def rank_nodes(cluster: DictConfig, n: int, role: str) -> list[Node]:
+    """Ranks 0..n-1 and no server (allreduce's ring, mp's stages): rank r runs on ``cluster.nodes[r].host``,
+    where it also listens (as :func:`smolcluster.pipeline.nodes.stage_nodes` reads it), else on cluster.host."""
+    defaults = {**SSH_DEFAULTS, **(OmegaConf.to_container(cluster.ssh) if cluster.get("ssh") else {})}
+    entries = list(cluster.get("nodes") or [])
+    if not cluster.get("host") and len(entries) < n:
+        raise ConfigError(f"{n} {role}s but cluster.nodes lists {len(entries)} nodes and cluster.host is not set: "
+                          "give one nodes entry (with its host) per rank")
+    nodes = []
+    for rank in range(n):
+        entry = (entries[rank] if rank < len(entries) else None) or {}
+        nodes.append(Node(role, rank, entry.get("name") or f"{role}{rank}",
+                          _ssh_spec(f"cluster.nodes[{rank}]", entry.get("host") or cluster.get("host"), defaults,
+                                    entry.get("ssh"))))
+    return nodes
 
 
 def cluster_nodes(cluster: DictConfig) -> list[Node]:

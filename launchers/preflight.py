@@ -17,18 +17,23 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
 
 from omegaconf import DictConfig
 
 import smolcluster
+from launchers import resources
 from launchers.cluster_file import Node
 from launchers.remote import NO_PYTHON, NO_WORKDIR, SSH_FAILED, host_command, python_script
 from smolcluster.errors import PeerError
 from smolcluster.security import KEYS_FIX, is_loopback
 
-# Runs on the node with its own Python; stdlib only, so it reports missing packages instead of failing.
-PROBE = r'''
-import json, os, platform, select, socket, sys, threading, time
+# Runs on the node with its own Python after resources.py's source (memory and speed); stdlib only at
+# import, so it reports missing packages instead of failing. Args: listen (bind + port, or ports=N
+# consecutive free ones from 0) and resolve (the hosts this node must reach).
+PROBE_BODY = r'''
+import json, platform, select, socket, sys, threading
 a = json.loads(sys.argv[1])
 out = {"hostname": socket.gethostname(), "python": platform.python_version(),
        "platform": platform.platform(terse=True), "cwd": os.getcwd(), "writable": os.access(".", os.W_OK)}
@@ -53,28 +58,43 @@ if not a.get("port_only"):  # the full check; a port-only probe skips the slow i
         out["mps"] = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     except Exception:
         pass
+    out["resources"] = resources(probe_speed=a.get("speed", True))
 if a.get("keys"):
     kd = os.path.expanduser(a["keys"])
     out["keys_dir"] = os.path.isdir(kd)
     out["keys_missing"] = [f for f in a["key_files"] if not os.path.exists(os.path.join(kd, f))]
-listener = None
-if a["role"] == "server":
+listeners = []
+if a.get("listen"):
     bind = "" if a["bind"] in ("0.0.0.0", "*", "") else a["bind"]
+    want = int(a.get("ports") or 1)
+    for _ in range(50):  # port 0 + ports=N: the first of N consecutive free ports
+        try:
+            first = socket.socket()
+            first.bind((bind, int(a["port"] or 0)))
+            listeners = [first]
+            for p in range(first.getsockname()[1] + 1, first.getsockname()[1] + want):
+                s = socket.socket()
+                listeners.append(s)
+                s.bind((bind, p))
+            break
+        except OSError as e:
+            for s in listeners:
+                s.close()
+            listeners = []
+            if a["port"]:
+                out["port_error"] = f"{e.strerror or e} (bind {a['bind']}:{a['port']})"
+                break
+    if listeners:
+        for s in listeners:
+            s.listen(16)
+        out["port"] = listeners[0].getsockname()[1]
+for host in a.get("resolve") or []:
     try:
-        listener = socket.socket()
-        listener.bind((bind, int(a["port"] or 0)))
-        listener.listen(16)
-        out["port"] = listener.getsockname()[1]
+        socket.getaddrinfo(host, None)
     except OSError as e:
-        out["port_error"] = f"{e.strerror or e} (bind {a['bind']}:{a['port']})"
-        listener = None
-else:
-    try:
-        out["server_ip"] = socket.getaddrinfo(a["server_host"], None)[0][4][0]
-    except OSError as e:
-        out["resolve_error"] = f"cannot resolve {a['server_host']}: {e}"
+        out["resolve_error"] = f"cannot resolve {host}: {e}"
 
-def accept():
+def accept(listener):
     while True:
         try:
             conn, _ = listener.accept()
@@ -82,8 +102,8 @@ def accept():
         except OSError:
             return
 
-if listener is not None:
-    threading.Thread(target=accept, daemon=True).start()
+for s in listeners:
+    threading.Thread(target=accept, args=(s,), daemon=True).start()
 print(json.dumps(out), flush=True)
 # then answer requests until the launcher closes stdin (or a minute passes)
 deadline = time.time() + 60
@@ -104,6 +124,7 @@ while time.time() < deadline:
         except OSError as e:
             print(json.dumps({"connect": f"{e.strerror or e}"}), flush=True)
 '''
+PROBE = Path(resources.__file__).read_text() + PROBE_BODY
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
@@ -210,7 +231,7 @@ def _unreachable(report: NodeReport, probe: Probe) -> None:
         report.add("probe", FAIL, f"the probe ended with code {code}: {last}")
 
 
-def _node_checks(report: NodeReport, facts: dict, cluster: DictConfig, node_cfg: dict) -> None:
+def _node_checks(report: NodeReport, facts: dict, cluster: DictConfig, node_cfg: dict, kind: str) -> None:
     node = report.node
     report.add("ssh", OK, f"{node.ssh.target} is {facts['hostname']} ({facts['platform']})")
     py = tuple(int(x) for x in facts["python"].split(".")[:2])
@@ -231,21 +252,41 @@ def _node_checks(report: NodeReport, facts: dict, cluster: DictConfig, node_cfg:
     if not facts["writable"]:
         report.add("workdir", FAIL, f"{facts['cwd']} is not writable: run files cannot be written there")
     if "cuda" not in facts:  # torch did not import: the packages row already says so
-        return _keys_check(report, facts, cluster)
+        return _keys_check(report, facts, cluster, kind)
     want = str(node_cfg.get("device") or "auto")
     have = "cuda" if facts.get("cuda") else "mps" if facts.get("mps") else "cpu"
     if want.startswith("cuda") and not facts.get("cuda") or want == "mps" and not facts.get("mps"):
         report.add("device", FAIL, f"device={want} but this node has {have}: set its device to auto or {have}")
     else:
         report.add("device", OK, f"{want} ({have} available)")
-    _keys_check(report, facts, cluster)
+    _resources_check(report, facts, want)
+    _keys_check(report, facts, cluster, kind)
+
+
+def _resources_check(report: NodeReport, facts: dict, device: str) -> None:
+    """Memory and speed rows; ``facts["usable_bytes"]`` is what ``partition=auto`` may plan with."""
+    res = facts.get("resources")
+    if not res:
+        return
+    memory, speed = resources.describe(res)
+    usable = resources.usable_bytes(res, device)
+    facts["usable_bytes"] = usable
+    cg = res.get("cgroup")
+    if device.startswith("cuda") and usable is not None:
+        memory += f"; a cuda stage gets {resources.gb(usable)}"
+    report.add("memory", OK if usable is None or usable >= 512 << 20 else WARN,
+               memory if usable is None or usable >= 512 << 20 else
+               memory + ": under 512 MB usable, even a small stage may not load" + (
+                   f" (the cgroup at {cg['path']} caps this process)" if cg else ""))
+    report.add("speed", OK, speed)
 
 
 # What each role reads from the key dir (python -m smolcluster.keys writes them all).
 KEY_FILES = {"server": ["server.key_secret", "authorized"], "worker": ["server.key", "client.key_secret"]}
+KEY_FILES["peer"] = KEY_FILES["server"] + KEY_FILES["worker"]  # a rank (ring, stage) listens and connects
 
 
-def _keys_check(report: NodeReport, facts: dict, cluster: DictConfig) -> None:
+def _keys_check(report: NodeReport, facts: dict, cluster: DictConfig, kind: str) -> None:
     if not cluster.get("keys"):
         bind = str(cluster.get("bind") or cluster.host)
         if not is_loopback(bind):  # what every node's own start-up check (smolcluster.security) will say
@@ -259,22 +300,46 @@ def _keys_check(report: NodeReport, facts: dict, cluster: DictConfig) -> None:
                    "(python -m smolcluster.keys --dir keys/) to every node")
     elif facts.get("keys_missing"):
         report.add("keys", FAIL, f"{cluster.get('keys')} lacks {', '.join(facts['keys_missing'])}, which the "
-                   f"{report.node.role} needs: copy them from the machine that made the keys")
+                   f"{report.node.label} needs: copy them from the machine that made the keys")
     elif facts.get("curve") is False:
         report.add("keys", FAIL, "this node's libzmq has no CURVE support: reinstall pyzmq from wheels")
     else:
-        report.add("keys", OK, f"{cluster.get('keys')}: {', '.join(KEY_FILES[report.node.role])}; CURVE available")
+        report.add("keys", OK, f"{cluster.get('keys')}: {', '.join(KEY_FILES[kind])}; CURVE available")
+
+
+def _ranks_layout(nodes: list[Node]) -> bool:
+    """No server: every node is a rank that listens on its own port and reaches the others (ring, stages)."""
+    return nodes[0].role != "server"
+
+
+def rank_addresses(cluster: DictConfig, n: int, port: int) -> list[tuple[str, int]]:
+    """(host, port) each rank listens on: ``cluster.nodes[r].host/port``, else cluster.host and port + r."""
+    from smolcluster.pipeline.nodes import stage_nodes
+
+    links = SimpleNamespace(host=cluster.host, port=port, bind=cluster.get("bind"), nodes=cluster.get("nodes"))
+    return [(s.host, s.port) for s in stage_nodes(links, n)]
 
 
 def check(cluster: DictConfig, nodes: list[Node], max_skew_s: float = 2.0) -> tuple[list[NodeReport], int | None]:
-    """Run every node's checks in parallel; returns the reports and the port the server could bind."""
-    server = nodes[0]
+    """Run every node's checks in parallel; returns the reports and the port the cluster can use (the server's,
+    or the first rank's: rank r listens on port + r unless its node sets one)."""
+    ranks = _ranks_layout(nodes)
     node_cfgs = list(cluster.get("nodes") or [])
     keys = cluster.get("keys")
-    probes = [Probe(server, {"role": "server", "bind": str(cluster.get("bind") or "0.0.0.0"),
-                             "port": cluster.get("port"), "keys": keys, "key_files": KEY_FILES["server"]})]
-    probes += [Probe(n, {"role": "worker", "server_host": str(cluster.host), "keys": keys,
-                         "key_files": KEY_FILES["worker"]}) for n in nodes[1:]]
+    bind = str(cluster.get("bind") or ("0.0.0.0" if not ranks else cluster.host))
+    base = cluster.get("port")
+    if ranks:
+        if base is None and not all(len(node_cfgs) > r and (node_cfgs[r] or {}).get("port") for r in range(len(nodes))):
+            base = free_ports_on(cluster, nodes[0], len(nodes))
+        addresses = rank_addresses(cluster, len(nodes), base)
+        probes = [Probe(n, {"listen": True, "bind": bind, "port": addresses[i][1], "keys": keys,
+                            "key_files": KEY_FILES["peer"], "resolve": sorted({h for h, _ in addresses})})
+                  for i, n in enumerate(nodes)]
+    else:
+        probes = [Probe(nodes[0], {"listen": True, "bind": bind, "port": base, "keys": keys,
+                                   "key_files": KEY_FILES["server"]})]
+        probes += [Probe(n, {"resolve": [str(cluster.host)], "keys": keys, "key_files": KEY_FILES["worker"]})
+                   for n in nodes[1:]]
     reports = [NodeReport(p.node) for p in probes]
     port = None
     try:
@@ -285,8 +350,8 @@ def check(cluster: DictConfig, nodes: list[Node], max_skew_s: float = 2.0) -> tu
                 _unreachable(report, probe)
                 continue
             report.facts = f
-            cfg = dict(node_cfgs[report.node.rank]) if report.node.rank is not None and report.node.rank < len(node_cfgs) else {}
-            _node_checks(report, f, cluster, cfg)
+            cfg = dict(node_cfgs[report.node.rank] or {}) if report.node.rank is not None and report.node.rank < len(node_cfgs) else {}
+            _node_checks(report, f, cluster, cfg, "peer" if ranks else report.node.role)
             offset = probe.clock_offset()
             if offset is not None:
                 skew, err = offset
@@ -295,27 +360,42 @@ def check(cluster: DictConfig, nodes: list[Node], max_skew_s: float = 2.0) -> tu
                 if status == FAIL:
                     detail += f", over --max-skew {max_skew_s}s: sync the clocks (NTP: timedatectl set-ntp true)"
                 report.add("clock", status, detail)
-        sf = facts[0]
-        if sf is not None:
-            if "port_error" in sf:
-                reports[0].add("port", FAIL, f"cannot listen on port {cluster.get('port')}: {sf['port_error']}: "
-                               "pick another cluster.port or stop what holds it")
+        listening = list(zip(reports, facts)) if ranks else [(reports[0], facts[0])]
+        for report, f in listening:
+            if f is None:
+                continue
+            if "port_error" in f:
+                report.add("port", FAIL, f"cannot listen: {f['port_error']}: pick another cluster.port (or "
+                           "cluster.nodes[i].port) or stop what holds it")
             else:
-                port = int(sf["port"])
-                what = f"port {port} is free" if cluster.get("port") else f"port: null, {port} would be used"
-                reports[0].add("port", OK, f"{what} (bind {cluster.get('bind') or '0.0.0.0'})")
-        for report, probe, f in zip(reports[1:], probes[1:], facts[1:]):
+                what = f"port {f['port']} is free" if cluster.get("port") else f"port: null, {f['port']} would be used"
+                report.add("port", OK, f"{what} (bind {bind})")
+        if ranks:
+            if all(f is not None and "port" in f for f in facts):
+                port = base if base is not None else facts[0]["port"]
+            # every rank connects to every other one: the ring's and the pipeline's links, whichever way round
+            targets = [(r.node, a) for r, a in zip(reports, addresses)]
+        else:
+            port = int(facts[0]["port"]) if facts[0] is not None and "port" in facts[0] else None
+            targets = [(nodes[0], (str(cluster.host), port))] if port is not None else []
+        for report, probe, f in zip(reports, probes, facts):
             if f is None:
                 continue
             if "resolve_error" in f:
-                report.add("reach", FAIL, f["resolve_error"] + ": fix cluster.host")
-            elif port is not None:
-                got = probe.ask(f"connect {cluster.host} {port}", timeout=15) or {"connect": "no answer"}
-                if got["connect"] == "ok":
-                    report.add("reach", OK, f"connected to {cluster.host}:{port}")
-                else:
-                    report.add("reach", FAIL, f"cannot connect to {cluster.host}:{port}: {got['connect']}: "
-                               f"is cluster.host the server's address, and TCP {port} open in its firewall?")
+                report.add("reach", FAIL, f["resolve_error"] + ": fix cluster.host / cluster.nodes[i].host")
+                continue
+            reached, failed = [], []
+            for node, (host, p) in targets:
+                if node is report.node:
+                    continue
+                got = probe.ask(f"connect {host} {p}", timeout=15) or {"connect": "no answer"}
+                (reached if got["connect"] == "ok" else failed).append((node, host, p, got["connect"]))
+            if failed:
+                node, host, p, why = failed[0]
+                report.add("reach", FAIL, f"cannot connect to {host}:{p} ({node.label}): {why}: is that its "
+                           f"address, and TCP {p} open in its firewall?")
+            elif reached:
+                report.add("reach", OK, "connected to " + ", ".join(f"{h}:{p}" for _, h, p, _ in reached))
         versions = {r.facts["packages"]["torch"] for r in reports if r.facts} - {None}
         if len(versions) > 1:  # works (the wire carries raw arrays), but numerics may differ slightly
             reports[0].add("torch", WARN, f"torch versions differ across nodes: {', '.join(sorted(versions))}")
@@ -325,16 +405,16 @@ def check(cluster: DictConfig, nodes: list[Node], max_skew_s: float = 2.0) -> tu
     return reports, port
 
 
-def free_server_port(cluster: DictConfig, server: Node) -> int:
-    """A port the server's host can listen on now (asked on that host, not here)."""
-    probe = Probe(server, {"role": "server", "bind": str(cluster.get("bind") or "0.0.0.0"), "port": 0,
-                           "port_only": True})
+def free_ports_on(cluster: DictConfig, node: Node, n: int = 1) -> int:
+    """The first of ``n`` consecutive ports the node's host can listen on now (asked on that host, not here)."""
+    probe = Probe(node, {"listen": True, "bind": str(cluster.get("bind") or "0.0.0.0"), "port": 0, "ports": n,
+                         "port_only": True})
     try:
         got = probe.reply(timeout=60)
     finally:
         probe.close()
     if not got or "port" not in got:
-        raise PeerError(f"could not get a free port from {server.describe()}: "
+        raise PeerError(f"could not get a free port from {node.describe()}: "
                         f"{(got or {}).get('port_error') or ' '.join(probe.said) or 'no answer'}")
     return int(got["port"])
 
@@ -349,3 +429,30 @@ def format_reports(reports: list[NodeReport]) -> str:
     lines.append(f"preflight FAILED on {', '.join(failed)}" if failed else
                  f"preflight ok: {len(reports)} nodes ready")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m launchers.preflight --local``: this machine's memory and speed, as the preflight reports a
+    node's (``python -m launchers.ssh check --cluster ...`` does every node of a cluster file)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m launchers.preflight", description=main.__doc__)
+    parser.add_argument("--local", action="store_true", required=True, help="probe this machine")
+    parser.add_argument("--device", default="auto", help="the device a stage would use here (cpu, cuda, cuda:N)")
+    parser.add_argument("--json", action="store_true", help="print the raw facts as JSON")
+    args = parser.parse_args(argv)
+    facts = resources.resources()
+    if args.json:
+        print(json.dumps({**facts, "usable_bytes": resources.usable_bytes(facts, args.device)}, indent=2))
+        return 0
+    memory, speed = resources.describe(facts)
+    usable = resources.usable_bytes(facts, args.device)
+    print("| check | detail |\n|---|---|")
+    print(f"| memory | {memory} |\n| usable by a stage (device={args.device}) | {resources.gb(usable)} |\n| speed | {speed} |")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

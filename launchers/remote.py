@@ -19,6 +19,8 @@ from pathlib import Path
 
 from launchers.cluster_file import Node, SshSpec
 
+SERVING = ": serving at "  # what an inference stage logs (at INFO) once it takes requests
+
 # Exit codes of the wrapper itself (the role's own codes pass through unchanged).
 NO_WORKDIR, CANNOT_WRITE, NO_PYTHON, SSH_FAILED = 97, 98, 127, 255
 
@@ -81,11 +83,13 @@ def _prelude(spec: SshSpec, files: dict[str, str] | None = None) -> list[str]:
     return lines
 
 
-def role_script(spec: SshSpec, node_name: str, args: list[str], files: dict[str, str] | None = None) -> str:
-    """The ``sh`` script that runs ``python -u -m smolcluster.train ARGS`` on the node until stdin closes."""
+def role_script(spec: SshSpec, node_name: str, args: list[str], files: dict[str, str] | None = None,
+                module: str = "smolcluster.train") -> str:
+    """The ``sh`` script that runs ``python -u -m MODULE ARGS`` on the node until stdin closes (``MODULE``:
+    smolcluster.train for every training role, smolcluster.infer for an inference stage)."""
     env = {"PYTHONUNBUFFERED": "1", "SMOLCLUSTER_NODE": node_name, **spec.env}
     env_words = " ".join(shlex.quote(f"{k}={v}") for k, v in env.items())
-    train = " ".join([sh_path(spec.python), "-u", "-m", "smolcluster.train", *map(shlex.quote, args)])
+    train = " ".join([sh_path(spec.python), "-u", "-m", module, *map(shlex.quote, args)])
     return "\n".join([
         *_prelude(spec, files),
         "exec 3<&0",  # a background job's stdin is /dev/null in sh: keep the session's stdin as fd 3
@@ -111,10 +115,11 @@ class RemoteRole:
     """A role running on a node: its process (ssh or sh), a relay thread, the log's last lines."""
 
     def __init__(self, node: Node, args: list[str], files: dict[str, str] | None = None,
-                 log_path: Path | None = None):
-        self.node, self.args, self.files, self.log_path = node, args, files, log_path
+                 log_path: Path | None = None, module: str = "smolcluster.train"):
+        self.node, self.args, self.files, self.log_path, self.module = node, args, files, log_path, module
         self.proc: subprocess.Popen | None = None
         self.tail: deque[str] = deque(maxlen=60)
+        self.serving = threading.Event()  # an inference stage said it serves
         self._relay: threading.Thread | None = None
 
     @property
@@ -122,7 +127,8 @@ class RemoteRole:
         return f"[{self.node.label}]"
 
     def command(self) -> list[str]:
-        return host_command(self.node.ssh, role_script(self.node.ssh, self.node.name, self.args, self.files))
+        return host_command(self.node.ssh, role_script(self.node.ssh, self.node.name, self.args, self.files,
+                                                       self.module))
 
     def start(self) -> None:
         # a session of its own: Ctrl-C in the launcher's terminal reaches the launcher only,
@@ -137,6 +143,8 @@ class RemoteRole:
         try:
             for line in iter(self.proc.stdout.readline, ""):
                 self.tail.append(line.rstrip("\n"))
+                if SERVING in line:
+                    self.serving.set()
                 echo(f"{self.prefix} {line}")
                 if log:
                     log.write(line)

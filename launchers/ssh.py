@@ -3,14 +3,26 @@
     python -m launchers.ssh check  --cluster lan-example
     python -m launchers.ssh launch --cluster lan-example algo=syncps train.steps=500 train.lr=0.02
     python -m launchers.ssh launch --cluster my-cluster.yaml --keep-going algo=edp
+    python -m launchers.ssh launch --cluster lan-example algo=allreduce      # the ring: no server
+    python -m launchers.ssh launch --cluster lan-example algo=mp algo.stages=3 model=gpt2-tiny data=text
+    python -m launchers.ssh serve  --cluster lan-example checkpoint=RUN_DIR stages=3   # inference stages
 
 ``--cluster`` is a name in conf/cluster/ or a path to a YAML file; everything after the
 options is a Hydra override given to every role. ``launch`` runs ``check`` first (skip with
-``--no-check``), then starts the server and each worker over SSH, prints every node's output
-with a ``[server]`` / ``[worker N]`` prefix (also kept in RUN_DIR/launch/NODE.log here), and
-ends when the server finishes. If a role fails, every other role is stopped and the launcher
-exits 1 naming the node and why (``--keep-going``: a worker may fail and the server carries
-on without it, as it does when a host disappears). Ctrl-C stops every node.
+``--no-check``), then starts every role over SSH: syncps/edp's server and each worker
+(``cluster.nodes[r]``), allreduce's ranks (``cluster.nodes[r]``, no server) or mp's stages
+(``cluster.nodes[i]``). It prints every node's output with a ``[server]`` / ``[worker N]`` /
+``[stage N]`` prefix (also kept in RUN_DIR/launch/NODE.log here), and ends when the node that
+writes the run's files finishes (the server; allreduce's rank 0; mp's last stage, after which
+the stages' checkpoint shards are merged on its host). If a role fails, every other role is
+stopped and the launcher exits 1 naming the node and why (``--keep-going``: a syncps/edp worker
+may fail and the server carries on without it, as it does when a host disappears). Ctrl-C
+stops every node.
+
+``serve`` starts ``python -m smolcluster.infer role=stage rank=i`` on each stage's node, prints
+the ``chat role=head`` / ``infer role=head`` command that attaches to them once every stage
+serves, and keeps them up until Ctrl-C or SIGTERM (which stops them all). ``check algo=mp`` /
+``algo=allreduce`` checks the ranks' layout (each listens on its port, every other reaches it).
 
 The run directory (``runs/DATE/TIME-ALGO-MODEL-RUNID``) is relative to each node's working
 dir; the server's summary.json is copied back into the same path here.
@@ -35,48 +47,73 @@ if __package__ in (None, ""):  # `python launchers/ssh.py ...` from anywhere: ma
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 from loguru import logger  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
-from launchers.cluster_file import Node, cluster_nodes, load_cluster  # noqa: E402
-from launchers.preflight import check, format_reports, free_server_port  # noqa: E402
-from launchers.remote import RemoteRole, host_command, sh_path  # noqa: E402
+from launchers.cluster_file import Node, cluster_nodes, load_cluster, rank_nodes  # noqa: E402
+from launchers.preflight import check, format_reports, free_ports_on  # noqa: E402
+from launchers.remote import RemoteRole, echo, host_command, python_script, sh_path  # noqa: E402
 from smolcluster.cluster import new_run_id  # noqa: E402
 from smolcluster.config import validate  # noqa: E402
 from smolcluster.errors import ConfigError, PeerError, SmolclusterError  # noqa: E402
 from smolcluster.paths import CONFIG_DIR  # noqa: E402
 
-CLUSTER_ALGOS = ("syncps", "edp")  # one server + N workers; mp (pipeline stages) is not launched here yet
+SERVER_ALGOS = ("syncps", "edp")               # one server + cluster.workers workers
+CLUSTER_ALGOS = (*SERVER_ALGOS, "allreduce", "mp")  # allreduce: a ring of cluster.workers; mp: algo.stages stages
 # Overrides the launcher sets for every role itself.
 _LAUNCHER_KEYS = ("role=", "rank=", "cluster=", "cluster.port=", "run_id=", "hydra.run.dir=",
                   "hydra.output_subdir=", "train.progress=", "--config-dir")
 
 
-def compose_config(cluster_ref: str, overrides: list[str], need_algo: bool = True) -> tuple[DictConfig, str]:
-    """The full config every role will see, composed here first so a typo fails before any SSH."""
+def compose_config(cluster_ref: str, overrides: list[str], need_algo: bool = True,
+                   config: str = "config") -> tuple[DictConfig, str]:
+    """The full config every role will see (``config``: train's, or ``infer`` for inference stages), composed
+    here first so a typo fails before any SSH."""
     path, _ = load_cluster(cluster_ref)
     name = f"launch-{path.stem}"
     bad = [o for o in overrides if o.startswith(("role=", "rank=", "cluster="))]
     if bad:
         raise ConfigError(f"{' '.join(bad)}: the launcher sets role, rank and the cluster itself; "
                           "pick the cluster with --cluster")
+    if config == "infer":
+        from smolcluster.inference import settings  # noqa: F401  (registers infer's schema with Hydra)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "cluster").mkdir()
         (Path(tmp) / "cluster" / f"{name}.yaml").write_text(path.read_text())
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             try:
-                cfg = compose("config", overrides=[f"cluster={name}", f"hydra.searchpath=[file://{tmp}]",
+                cfg = compose(config, overrides=[f"cluster={name}", f"hydra.searchpath=[file://{tmp}]",
                                                    *[o for o in overrides if not o.startswith("hydra.")]])
             except Exception as e:
                 why = str(e).split("Config search path")[0].strip().replace("\n\n", " ").replace("\n\t", " ")
                 raise ConfigError(f"cannot compose the config with {' '.join(overrides)}: {why}") from None
+    if config == "infer":
+        from smolcluster.inference.settings import infer_settings
+
+        infer_settings(cfg)  # the stages' own checks (stages, partition, ...), here first
+        return cfg, path.stem
     validate(cfg)
     if need_algo and cfg.algo.name not in CLUSTER_ALGOS:
-        raise ConfigError(f"algo={cfg.algo.name} does not run as a server and workers: add algo=syncps or algo=edp")
+        raise ConfigError(f"algo={cfg.algo.name} runs in one process: launch algo=syncps, edp, allreduce or mp")
     return cfg, path.stem
 
 
+def layout(cfg: DictConfig, serving: bool = False) -> tuple[list[Node], int | None]:
+    """Every role's node, and the index of the one that writes the run's files and whose end ends the run
+    (None for inference stages, which serve until stopped)."""
+    if serving:
+        return rank_nodes(cfg.cluster, int(cfg.stages), "stage"), None
+    algo = cfg.algo.name if "algo" in cfg else None
+    if algo == "allreduce":
+        return rank_nodes(cfg.cluster, int(cfg.cluster.workers), "worker"), 0
+    if algo == "mp":
+        n = int(cfg.algo.stages)
+        return rank_nodes(cfg.cluster, n, "stage"), n - 1
+    return cluster_nodes(cfg.cluster), 0
+
+
 def run_check(cfg: DictConfig, nodes: list[Node], max_skew_s: float) -> int | None:
-    """Print the preflight table; returns the port the server can use, or raises if a check failed."""
+    """Print the preflight table; returns the port the cluster can use, or raises if a check failed. With
+    ``partition=auto``, a stage node without ``memory_gb`` / ``gflops`` gets what its preflight measured."""
     logger.info(f"preflight on {len(nodes)} nodes: " + ", ".join(n.describe() for n in nodes))
     reports, port = check(cfg.cluster, nodes, max_skew_s=max_skew_s)
     print(format_reports(reports), flush=True)
@@ -84,45 +121,87 @@ def run_check(cfg: DictConfig, nodes: list[Node], max_skew_s: float) -> int | No
     if failed:
         raise PeerError(f"preflight failed on {', '.join(failed)}: fix the FAIL rows above "
                         "(or launch with --no-check to start anyway)")
+    if cfg.get("partition") == "auto":
+        fill_measured(cfg, reports)
     return port
 
 
-def role_args(node: Node, common: list[str]) -> list[str]:
+def fill_measured(cfg: DictConfig, reports) -> None:
+    """``partition=auto`` places blocks by ``cluster.nodes[i].memory_gb`` and, when every node has one, prefers
+    the faster by ``cluster.nodes[i].gflops`` (smolcluster/pipeline/placement.py): where the cluster file does not
+    say, use what the node's preflight measured (usable memory: available RAM within its cgroup's limit, or the
+    free VRAM of a cuda stage's GPU; the matmul rate on the stage's device), so every stage plans the same."""
+    nodes = list(OmegaConf.to_container(cfg.cluster.get("nodes") or [], resolve=True))
+    filled = []
+    for r in reports:
+        usable = r.facts.get("usable_bytes")
+        if r.node.rank is None or usable is None:
+            continue
+        while len(nodes) <= r.node.rank:
+            nodes.append({})
+        entry = nodes[r.node.rank] = dict(nodes[r.node.rank] or {})
+        if entry.get("memory_gb") is None:
+            entry["memory_gb"] = round(usable / 2**30, 3)
+            filled.append(f"{r.node.label} {entry['memory_gb']} GB")
+        rates = (r.facts.get("resources") or {}).get("gflops") or {}
+        device = str(entry.get("device") or "auto")
+        gpu = device if ":" in device else "cuda:0" if device in ("cuda", "auto") else None
+        rate = rates.get(gpu) or (rates.get("cpu") if device in ("cpu", "auto") else None)
+        if entry.get("gflops") is None and rate:
+            entry["gflops"] = rate
+            filled.append(f"{r.node.label} {rate} GFLOP/s")
+    if filled:
+        with open_dict(cfg):
+            cfg.cluster.nodes = nodes
+        logger.info("partition=auto: measured by the preflight: " + ", ".join(filled))
+
+
+def role_args(node: Node, common: list[str], lead: bool, serving: bool = False) -> list[str]:
     if node.role == "server":
         return [*common, "role=server"]
-    # the server records the run's .hydra/; workers sharing its host and run dir must not overwrite it
-    return [*common, "role=worker", f"rank={node.rank}", "hydra.output_subdir=null"]
+    args = [*common, f"role={node.role}", f"rank={node.rank}"]
+    # the lead records the run's .hydra/; other roles sharing its host and run dir must not overwrite it
+    return args if lead or serving else [*args, "hydra.output_subdir=null"]
 
 
 class Launch:
     """Every role of one run: start, relay, supervise, stop."""
 
     def __init__(self, cfg: DictConfig, nodes: list[Node], overrides: list[str], cluster_stem: str,
-                 port: int, keep_going: bool = False, run_dir: str | None = None):
-        self.cfg, self.nodes, self.keep_going = cfg, nodes, keep_going
+                 port: int, keep_going: bool = False, run_dir: str | None = None, lead: int | None = 0,
+                 serving: bool = False):
+        self.cfg, self.nodes, self.keep_going, self.lead, self.serving = cfg, nodes, keep_going, lead, serving
         self.run_id = new_run_id()
         now = datetime.now()
-        self.run_dir = run_dir or (f"runs/{now:%Y-%m-%d}/{now:%H-%M-%S}-{cfg.algo.name}-{cfg.model.name}-"
-                                   f"{self.run_id}")
+        what = "serve" if serving else cfg.algo.name
+        self.run_dir = run_dir or f"runs/{now:%Y-%m-%d}/{now:%H-%M-%S}-{what}-{cfg.model.name}-{self.run_id}"
         cluster = OmegaConf.to_container(cfg.cluster, resolve=True)
         cluster["port"] = port
-        group = f"launch-{self.run_id}"
+        self.group = group = f"launch-{self.run_id}"
         # ship the composed cluster file with the run: every node reads exactly what was checked here
         self.files = {f"{self.run_dir}/.launch/cluster/{group}.yaml":
                       f"# {cluster_stem}, as launched (run {self.run_id})\n" + OmegaConf.to_yaml(cluster)}
-        common = [f"--config-dir={self.run_dir}/.launch", f"cluster={group}",
-                  *[o for o in overrides if not o.startswith(_LAUNCHER_KEYS)],
-                  f"cluster.port={port}", f"run_id={self.run_id}", f"hydra.run.dir={self.run_dir}",
-                  "train.progress=false"]
+        self.overrides = [o for o in overrides if not o.startswith(_LAUNCHER_KEYS)]
+        common = [f"--config-dir={self.run_dir}/.launch", f"cluster={group}", *self.overrides, f"cluster.port={port}"]
+        if serving:  # a stage says when it serves at INFO; the attach command is printed once all have
+            common += [] if any(o.startswith("logging.level=") for o in overrides) else ["logging.level=INFO"]
+        else:
+            common += [f"run_id={self.run_id}", f"hydra.run.dir={self.run_dir}", "train.progress=false"]
         self.local_dir = Path(self.run_dir) / "launch"
-        self.roles = [RemoteRole(n, role_args(n, common), self.files,
-                                 self.local_dir / f"{n.label.replace(' ', '')}.log") for n in nodes]
+        module = "smolcluster.infer" if serving else "smolcluster.train"
+        self.roles = [RemoteRole(n, role_args(n, common, i == lead, serving), self.files,
+                                 self.local_dir / f"{n.label.replace(' ', '')}.log", module)
+                      for i, n in enumerate(nodes)]
         self.lost: list[str] = []
 
     def start(self) -> None:
         self.local_dir.mkdir(parents=True, exist_ok=True)
+        for rel, text in self.files.items():  # here too: a head attaches with the same cluster file
+            Path(rel).parent.mkdir(parents=True, exist_ok=True)
+            Path(rel).write_text(text + "\n")
         (self.local_dir / "launch.json").write_text(json.dumps({
-            "run_id": self.run_id, "run_dir": self.run_dir,
+            "run_id": self.run_id, "run_dir": self.run_dir, "cluster": self.group,
+            **({"attach": self.attach_command()} if self.serving else {}),
             "nodes": [{"label": r.node.label, "name": r.node.name, "target": r.node.ssh.target,
                        "workdir": r.node.ssh.workdir, "command": shlex.join(r.command()[:-1]) + " SCRIPT",
                        "args": r.args} for r in self.roles]}, indent=2))
@@ -131,32 +210,54 @@ class Launch:
         for role in self.roles:
             role.start()
 
+    def attach_command(self) -> str:
+        """The head's command line: same cluster file (written here too), same model options as the stages."""
+        # --config-dir first: Hydra's parser takes no option after the overrides
+        return shlex.join(["python", "-m", "smolcluster.chat", f"--config-dir={self.run_dir}/.launch", "role=head",
+                           f"cluster={self.group}", *[o for o in self.overrides if not o.startswith("logging.")]])
+
     def supervise(self, poll_s: float = 0.2, finish_grace_s: float = 20.0) -> None:
-        """Until the server finishes; a failed role stops the run (a worker: unless keep_going)."""
-        server, workers = self.roles[0], self.roles[1:]
+        """Until the lead finishes (inference stages: until stopped); a failed role stops the run (a syncps/edp
+        worker: unless keep_going)."""
+        lead = self.roles[self.lead] if self.lead is not None else None
+        others = [r for r in self.roles if r is not lead]
+        announced = False
         while True:
-            code = server.poll()
+            code = lead.poll() if lead is not None else None
             if code is not None:
                 if code != 0:
-                    server.join()
-                    if any("Address already in use" in line for line in server.tail):
-                        raise PortTaken(server.why())
-                    raise PeerError(f"{server.node.describe()} failed: {server.why()}")
-                # the server told the workers to stop: give them time to say goodbye on their own
+                    lead.join()
+                    if any("Address already in use" in line for line in lead.tail):
+                        raise PortTaken(lead.why())
+                    raise PeerError(f"{lead.node.describe()} failed: {lead.why()}")
+                # the lead told the others to stop: give them time to say goodbye on their own
                 deadline = time.monotonic() + finish_grace_s
-                while any(w.poll() is None for w in workers) and time.monotonic() < deadline:
+                while any(w.poll() is None for w in others) and time.monotonic() < deadline:
                     time.sleep(poll_s)
                 return
-            for w in workers:
+            for w in others:
                 wcode = w.poll()
-                if wcode in (None, 0) or w.node.label in self.lost:
+                if wcode is None or w.node.label in self.lost or wcode == 0 and lead is not None:
                     continue
                 w.join()
-                if not self.keep_going:
+                if any("Address already in use" in line for line in w.tail):
+                    raise PortTaken(w.why())
+                if wcode == 0:  # an inference stage ended by itself (a head asked it to shut down)
+                    if all(r.poll() is not None for r in self.roles):
+                        return
+                    continue
+                if not (self.keep_going and self.nodes[0].role == "server"):
                     raise PeerError(f"{w.node.describe()} failed: {w.why()}; stopped the other nodes")
                 self.lost.append(w.node.label)
                 logger.warning(f"{w.node.describe()} failed: {w.why()}; carrying on without it "
                                "(--keep-going: the server drops it after cluster.liveness_s)")
+            if self.serving and not announced and all(r.serving.is_set() for r in self.roles):
+                announced = True
+                echo(f"[launcher] stages ready: {len(self.roles)} stages serve; attach a head with\n"
+                     f"    {self.attach_command()}\n"
+                     "(add head_host=ADDRESS, this machine's address as the stages reach it, unless that is "
+                     "cluster.host; smolcluster.infer takes the same arguments and prompt=...); Ctrl-C here stops "
+                     "the stages")
             time.sleep(poll_s)
 
     def stop(self) -> None:
@@ -170,10 +271,28 @@ class Launch:
         for t in threads:
             t.join(timeout=30)
 
+    def merge_shards(self) -> None:
+        """mp: merge the stages' checkpoint shards into checkpoint.safetensors on the last stage's host (where
+        every shard is when the stages share its working dir; otherwise say how to gather them)."""
+        spec = self.nodes[self.lead].ssh
+        script = python_script(spec, "import sys; from smolcluster.pipeline.merge import main; sys.exit(main())",
+                               [self.run_dir])
+        try:
+            got = subprocess.run(host_command(spec, script), capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            got = None
+        if got is not None and got.returncode == 0:
+            logger.info(f"merged the stages' shards into {self.run_dir}/checkpoint.safetensors on {spec.target}")
+            return
+        why = (got.stderr.strip().splitlines() or ["?"])[-1] if got else "timed out"
+        logger.warning(f"could not merge the stages' shards on {spec.target} ({why}): copy every "
+                       f"{self.run_dir}/stage-*-of-*.safetensors to one machine and run "
+                       f"python -m smolcluster.pipeline.merge {self.run_dir}")
+
     def fetch_summary(self) -> dict | None:
-        """Copy the server's summary.json into the same run dir here (unless it is already here)."""
+        """Copy the lead's summary.json into the same run dir here (unless it is already here)."""
         local = Path(self.run_dir) / "summary.json"
-        server = self.nodes[0].ssh
+        server = self.nodes[self.lead].ssh
         script = f"cd {sh_path(server.workdir)} && cat {shlex.quote(self.run_dir)}/summary.json"
         try:
             got = subprocess.run(host_command(server, script), capture_output=True, text=True, timeout=60)
@@ -199,20 +318,22 @@ def _raise_interrupt(signum, frame):
 
 
 def launch(args: argparse.Namespace, attempts: int = 3) -> int:
-    if not any(o.startswith(("algo=", "+algo=")) for o in args.overrides):
+    if args.command == "launch" and not any(o.startswith(("algo=", "+algo=")) for o in args.overrides):
         # the config's default (local) is one process; a cluster file means a parameter server
         args.overrides = ["algo=syncps", *args.overrides]
         logger.info("no algo given: using algo=syncps (add algo=edp for the asynchronous one)")
-    cfg, stem = compose_config(args.cluster, args.overrides)
-    nodes = cluster_nodes(cfg.cluster)
+    serving = args.command == "serve"
+    cfg, stem = compose_config(args.cluster, args.overrides, config="infer" if serving else "config")
+    nodes, lead = layout(cfg, serving)
     port = cfg.cluster.port
     if not args.no_check:
         port = run_check(cfg, nodes, args.max_skew_s)
     elif port is None:
-        port = free_server_port(cfg.cluster, nodes[0])
+        port = free_ports_on(cfg.cluster, nodes[0], 1 if nodes[0].role == "server" else len(nodes))
     signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` stops the cluster like Ctrl-C does
     for attempt in range(1, attempts + 1):
-        run = Launch(cfg, nodes, args.overrides, stem, int(port), keep_going=args.keep_going, run_dir=args.run_dir)
+        run = Launch(cfg, nodes, args.overrides, stem, int(port), keep_going=args.keep_going, run_dir=args.run_dir,
+                     lead=lead, serving=serving)
         try:
             run.start()
             run.supervise()
@@ -222,19 +343,25 @@ def launch(args: argparse.Namespace, attempts: int = 3) -> int:
             if cfg.cluster.port is not None or attempt == attempts:
                 raise PeerError(f"{nodes[0].describe()} failed: {e}") from None
             run.stop()
-            port = free_server_port(cfg.cluster, nodes[0])
-            logger.warning(f"the server's port was taken after the preflight ({e}); retrying on port {port}")
+            port = free_ports_on(cfg.cluster, nodes[0], 1 if nodes[0].role == "server" else len(nodes))
+            logger.warning(f"a port was taken after the preflight ({e}); retrying on port {port}")
         except KeyboardInterrupt:
             logger.warning("interrupted: stopping every node")
             run.stop()
             return 130
         finally:
             run.stop()
+    if serving:
+        logger.success("every stage has stopped")
+        return 0
+    if cfg.algo.name == "mp":
+        run.merge_shards()
     summary = run.fetch_summary()
     if summary:
         logger.success(f"run {run.run_id} finished: {summary.get('steps')} steps, final loss "
                        f"{summary.get('final_loss')}, eval {summary.get('eval_accuracy', summary.get('eval_loss'))}")
-    logger.success(f"run dir {run.run_dir} (summary.json, launch/ node logs here; run files on the server)")
+    logger.success(f"run dir {run.run_dir} (summary.json, launch/ node logs here; run files on "
+                   f"{run.nodes[run.lead].describe()})")
     return 0
 
 
@@ -242,14 +369,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launchers.ssh", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("check", "preflight every node: SSH, Python and packages, port, reachability, clock"),
-                       ("launch", "start the server and every worker on their hosts and supervise them")):
+    for name, text in (("check", "preflight every node: SSH, Python and packages, port, reachability, clock, "
+                                 "memory and speed"),
+                       ("launch", "start every training role (server + workers, ring ranks, mp stages) on its host"),
+                       ("serve", "start inference stages (smolcluster.infer role=stage) on their hosts for a head")):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--cluster", required=True, help="a name in conf/cluster/ or a path to a cluster YAML")
         p.add_argument("--max-skew-s", type=float, default=2.0, help="largest clock offset allowed (s)")
-        if name == "launch":
+        if name in ("launch", "serve"):
             p.add_argument("--no-check", action="store_true", help="skip the preflight")
-            p.add_argument("--keep-going", action="store_true",
+            p.add_argument("--keep-going", action="store_true", default=False,
                            help="a failed worker does not stop the run (the server continues without it)")
             p.add_argument("--run-dir", default=None, help="run dir, relative to each node's workdir")
         p.add_argument("overrides", nargs="*", help="Hydra overrides for every role, e.g. algo=syncps train.lr=0.01")
@@ -260,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "check":
             cfg, _ = compose_config(args.cluster, args.overrides, need_algo=False)
-            run_check(cfg, cluster_nodes(cfg.cluster), args.max_skew_s)
+            run_check(cfg, layout(cfg)[0], args.max_skew_s)
             return 0
         return launch(args)
     except SmolclusterError as e:

@@ -203,22 +203,23 @@ def test_launch_trains_syncps_through_ssh(sshd, tmp_path):
     assert not wait_until_gone(str(run_dir), timeout=10)
 
 
-@pytest.mark.parametrize("broken, why", [
-    ({"python": "/nonexistent/bin/python"}, "python /nonexistent/bin/python not found"),
-    ({"port": "closed"}, "Connection refused (try: ssh -p "),
+@pytest.mark.parametrize("broken, why, algo", [
+    ({"python": "/nonexistent/bin/python"}, "python /nonexistent/bin/python not found", "syncps"),
+    ({"port": "closed"}, "Connection refused (try: ssh -p ", "syncps"),
+    ({"python": "/nonexistent/bin/python"}, "python /nonexistent/bin/python not found", "allreduce"),  # no server
 ])
-def test_a_failing_worker_stops_the_whole_cluster(sshd, tmp_path, broken, why):
+def test_a_failing_worker_stops_the_whole_cluster(sshd, tmp_path, broken, why, algo):
     run_dir = tmp_path / "run"
     if broken.get("port") == "closed":
         broken = {"port": free_port()}  # nothing listens there: worker 1's SSH login fails
     path = cluster_file(tmp_path / "c.yaml", sshd, port=free_port(), node1_ssh=broken)
     got = launcher("launch", "--cluster", str(path), "--no-check", "--run-dir", str(run_dir),
-                   "algo=syncps", "train.steps=1000")
+                   f"algo={algo}", "train.steps=1000")
     assert got.returncode == 1
     error = got.stderr.strip().splitlines()[-1]
     assert error.startswith("error: worker 1 (charlie, root@127.0.0.1:") and why in error, got.stderr
     assert "stopped the other nodes" in error
-    # the server and worker 0 had started over SSH; none of them is left running
+    # the server (syncps) and worker 0 had started over SSH; none of them is left running
     assert not wait_until_gone(str(run_dir), timeout=30)
 
 
@@ -246,3 +247,110 @@ def test_sigterm_to_the_launcher_stops_every_node(sshd, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+
+
+def test_launch_trains_allreduce_ranks_through_ssh(sshd, tmp_path):
+    """algo=allreduce: no server; each rank starts over SSH on cluster.nodes[r] and the ring finishes the run."""
+    run_dir = tmp_path / "run"
+    before = sshd.logins()
+    got = launcher("launch", "--cluster", str(cluster_file(tmp_path / "c.yaml", sshd)), "--run-dir", str(run_dir),
+                   "algo=allreduce", "train.steps=6", "train.log_every=2")
+    assert got.returncode == 0, got.stdout[-4000:] + got.stderr[-4000:]
+    rows = [line for line in got.stdout.splitlines() if line.startswith("| ")]
+    # the ranks' layout: each rank listens on its own port, and the other reached it
+    for rank in (0, 1):
+        mine = [r for r in rows if r.startswith(f"| worker {rank} (")]
+        assert all(r.split(" | ")[2] == "ok" for r in mine), mine
+        assert {r.split(" | ")[1] for r in mine} >= {"ssh", "port", "reach", "memory", "speed"}, mine
+    assert not any(r.startswith("| server") for r in rows)
+    assert {p for p in ("[worker 0] ", "[worker 1] ", "[server] ") if p in got.stdout} == {"[worker 0] ", "[worker 1] "}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["algo"] == "allreduce" and summary["steps"] == 6
+    assert summary["samples"] == 6 * (32 + 16)  # both ranks' batches (cluster.nodes[r].batch_size) every step
+    launch = json.loads((run_dir / "launch" / "launch.json").read_text())
+    assert [(n["label"], [a for a in n["args"] if a.startswith(("role=", "rank="))]) for n in launch["nodes"]] == [
+        ("worker 0", ["role=worker", "rank=0"]), ("worker 1", ["role=worker", "rank=1"])]
+    # 2 preflight probes + 1 for a free port range + 2 ranks + fetching summary.json
+    retries = (got.stderr + got.stdout).count("retrying on port")
+    assert sshd.logins() - before == 6 + 3 * retries
+    assert not wait_until_gone(str(run_dir), timeout=10)
+
+
+@pytest.mark.slow
+def test_launch_trains_mp_stages_through_ssh_and_merges_their_shards(sshd, tmp_path):
+    run_dir = tmp_path / "run"
+    got = launcher("launch", "--no-check", "--cluster", str(cluster_file(tmp_path / "c.yaml", sshd)),
+                   "--run-dir", str(run_dir), "algo=mp", "algo.stages=2", "train.steps=4", "train.log_every=2")
+    assert got.returncode == 0, got.stdout[-4000:] + got.stderr[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["algo"] == "mp" and summary["steps"] == 4 and summary["stages"] == 2
+    for rank in (0, 1):  # each stage ran on its node and saved its shard; the launcher merged them
+        assert (run_dir / f"stage-{rank}-of-2.safetensors").is_file()
+        assert "linked with" in (run_dir / "launch" / f"stage{rank}.log").read_text()
+    assert (run_dir / "checkpoint.safetensors").is_file() and "merged the stages' shards" in got.stderr
+    assert not wait_until_gone(str(run_dir), timeout=10)
+
+
+def test_serve_starts_inference_stages_a_chat_head_attaches_and_stopping_stops_them(sshd, tmp_path):
+    """``serve``: mp inference stages over SSH, placed by partition=auto on the memory and speed each node's
+    preflight measured; ``chat role=head`` attaches with the printed command and answers exactly transformers' greedy
+    text; SIGTERM to the launcher leaves nothing running."""
+    import httpx
+    import torch
+
+    from smolcluster import checkpoint
+    from smolcluster.bench.common import write_tiny_run
+    from smolcluster.models.gpt2 import build_gpt2
+    from tests.test_infer import hf_greedy
+
+    model = write_tiny_run(tmp_path / "model", n_positions=256)
+    run_dir = tmp_path / "serve"
+    out = (tmp_path / "launcher.out").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "launchers.ssh", "serve", "--cluster",
+                             str(cluster_file(tmp_path / "c.yaml", sshd)), "--run-dir", str(run_dir),
+                             f"checkpoint={model}", "stages=2", "partition=auto"],
+                            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    head = None
+    try:
+        text = lambda: (tmp_path / "launcher.out").read_text()  # noqa: E731
+        deadline = time.monotonic() + 150
+        while "stages ready" not in text():
+            assert proc.poll() is None and time.monotonic() < deadline, text()[-4000:]
+            time.sleep(0.2)
+        attach = text().split("attach a head with\n")[1].splitlines()[0].split()
+        assert attach[:5] == ["python", "-m", "smolcluster.chat", f"--config-dir={run_dir}/.launch", "role=head"]
+        # partition=auto: each stage planned with the usable memory its node's preflight measured
+        shipped = OmegaConf.load(next((run_dir / ".launch" / "cluster").glob("launch-*.yaml")))
+        assert all(0 < n["memory_gb"] < 10_000 and n["gflops"] > 0 for n in shipped["nodes"]), shipped["nodes"]
+        head_log = (tmp_path / "head.log").open("w")
+        head = subprocess.Popen([sys.executable, *attach[1:], "serve.port=0", "serve.ui=false"], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=head_log, text=True)
+        url = None
+        for line in iter(head.stdout.readline, ""):
+            if "smolcluster chat: http://" in line:
+                url = line.split("smolcluster chat: ")[1].split()[0].rstrip("/")
+                break
+        assert url, (tmp_path / "head.log").read_text()[-3000:]
+        prompt, n = "The meaning of life is", 12
+        r = httpx.post(f"{url}/v1/completions", timeout=60,
+                       json={"model": model.name, "prompt": prompt, "max_tokens": n, "temperature": 0})
+        assert r.status_code == 200, r.text
+        hf = build_gpt2(vocab_size=500, n_layer=2, n_head=4, n_embd=64, n_positions=256).eval()
+        checkpoint.load(model, hf)
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(model / "tokenizer.json"))
+        with torch.no_grad():
+            want = tok.decode(hf_greedy(hf, tok.encode(prompt).ids, n))
+        assert r.json()["choices"][0]["text"] == want and r.json()["usage"]["completion_tokens"] == n
+        head.send_signal(signal.SIGINT)
+        assert head.wait(timeout=30) == 0
+        assert len(processes_mentioning(f"{run_dir}/.launch")) >= 2  # the stages outlive the head
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130
+        assert not wait_until_gone(str(run_dir), timeout=30)
+    finally:
+        for p in (head, proc):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)

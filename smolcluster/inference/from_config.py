@@ -149,18 +149,24 @@ def stage_formats(cfg: Pipeline) -> list[dict]:
 
 def stage_weights_for(cfg: Pipeline, info: dict, formats: list[dict], local: bool) -> list[float]:
     """``partition=even``: ``cluster.nodes[i].weight``; ``partition=auto``: by each node's memory, the model
-    refused in one line when it cannot fit (:mod:`smolcluster.pipeline.placement`)."""
+    refused in one line when it cannot fit, or by each node's speed (``cluster.nodes[i].gflops``) when every
+    node has one and that split fits too (:mod:`smolcluster.pipeline.placement`)."""
     from smolcluster.pipeline.partition import node_weights
 
     if cfg.partition == "even":
         return node_weights(cfg.links, cfg.stages)
     from smolcluster.pipeline.architectures import family_for
-    from smolcluster.pipeline.placement import auto_weights, node_memory
+    from smolcluster.pipeline.placement import auto_weights, node_memory, prefer_faster
     from smolcluster.pipeline.quantize import StageFormat
 
     fmts = [StageFormat(f["precision"], f["quantize"], f["quantize_group"]) for f in formats]
-    return auto_weights(family_for(info["config"]), fmts, node_memory(cfg.links, cfg.stages, local),
-                        cfg.head is HeadPlace.first, cfg.max_active)
+    arch, memory = family_for(info["config"]), node_memory(cfg.links, cfg.stages, local)
+    weights = auto_weights(arch, fmts, memory, cfg.head is HeadPlace.first, cfg.max_active)
+    nodes = list(cfg.links.nodes or [])
+    speed = [(dict(nodes[i]) if i < len(nodes) and nodes[i] else {}).get("gflops") for i in range(cfg.stages)]
+    if all(isinstance(g, (int, float)) and not isinstance(g, bool) and g > 0 for g in speed):
+        return prefer_faster(arch, fmts, memory, speed, cfg.head is HeadPlace.first, cfg.max_active, weights)
+    return weights
 
 
 def pipeline_from_config(cfg: Pipeline, prompt: str | None = None) -> InferencePipeline:

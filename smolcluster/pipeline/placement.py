@@ -37,6 +37,19 @@ def kv_bytes_per_block(arch: Architecture, fmt: StageFormat, tokens: int) -> int
     return 2 * width * tokens * fmt.dtype.itemsize
 
 
+def prefer_faster(arch: Architecture, formats: list[StageFormat], memory: list, gflops: list[float],
+                  head_first: bool, requests: int, by_memory: list[float]) -> list[float]:
+    """Stage weights in proportion to each node's measured speed (``cluster.nodes[i].gflops``, which the SSH
+    launcher's preflight records), so stages take about equal time, when that split fits every node's memory;
+    else ``by_memory`` (:func:`auto_weights`' split, already checked)."""
+    n = len(gflops)
+    head_rank = 0 if head_first else n - 1
+    for s, f, m in zip(arch.plan(n, gflops, head_first=head_first), formats, memory, strict=True):
+        if stage_bytes(arch, f, s.blocks, s.first, s.rank == head_rank, requests) > getattr(m, "bytes", m) * (1 - MARGIN):
+            return by_memory
+    return list(gflops)
+
+
 def stage_bytes(arch: Architecture, fmt: StageFormat, blocks: range, embed: bool, head: bool,
                 requests: int) -> int:
     none = range(0)
