@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -236,6 +237,7 @@ def main(argv: list[str]) -> int:
         return 2
 
     import tempfile
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops the runs and removes the LAN
     base = Path(args.keep or tempfile.mkdtemp(prefix="scaling-"))
     rows: list[dict] = []
     started = time.monotonic()
