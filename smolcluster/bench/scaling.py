@@ -197,7 +197,10 @@ def plot(rows: list[dict], path: Path) -> Path | None:
             ax.set_ylabel("samples/s")
             ax.set_xticks(sorted({r["workers"] for r in rows}))
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            if ax.lines:
+                ax.legend(fontsize=8)
+            else:
+                ax.set_visible(False)  # this model was not run on this link
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
