@@ -190,8 +190,8 @@ def plot(rows: list[dict], path: Path) -> Path | None:
             for algo in dict.fromkeys(r["algo"] for r in rows):
                 pts = sorted((r["workers"], r["samples_per_s"]) for r in rows
                              if r["model"] == model and r["link"] == link and r["algo"] == algo)
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=algo)
+                if pts:  # one colour per algorithm in every panel
+                    ax.plot(*zip(*pts), marker="o", label=algo, color=f"C{list(ALGOS).index(algo)}")
             ax.set_title(f"{model}, {link} links")
             ax.set_xlabel("workers")
             ax.set_ylabel("samples/s")
