@@ -3,9 +3,9 @@ namespace with its own IP address, joined by a bridge, running ``syncps`` throug
 file (``--config-dir DIR cluster=netns``), exactly as on separate machines; then one worker's
 cable is pulled mid-run (its switch port goes down) and the run must still finish.
 
-    [ns srv 10.213.N.1] --veth--+
-    [ns w0  10.213.N.10] --veth-+-- br0 in [ns sw]   (a switch of its own: no host firewall rules apply)
-    [ns w1  10.213.N.11] --veth-+
+    [ns srv 10.213.N.10] --veth-+
+    [ns w0  10.213.N.11] --veth-+-- br0 in [ns sw]   (a switch of its own: no host firewall rules apply)
+    [ns w1  10.213.N.12] --veth-+   (smolcluster.bench.netns.Lan)
 
 Needs root and iproute2 (`apt-get install -y iproute2`); skips with the reason otherwise.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,88 +23,18 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from smolcluster.bench.netns import Lan, netns_unavailable
 from tests.conftest import REPO
 
 PORT = 5555  # every namespace has its own port space: a fixed port cannot collide with the host's
 
 
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=20)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)} failed: {proc.stderr.strip()}")
-    return proc
-
-
-def _netns_unavailable() -> str | None:
-    if sys.platform != "linux":
-        return "network namespaces are Linux-only"
-    if os.geteuid() != 0:
-        return "needs root to create network namespaces (ip netns)"
-    if shutil.which("ip") is None:
-        return "needs iproute2: apt-get install -y iproute2"
-    probe = f"scprobe{os.getpid()}"
-    got = _ip("netns", "add", probe, check=False)
-    if got.returncode != 0:
-        return f"cannot create a network namespace here: {got.stderr.strip()}"
-    _ip("netns", "del", probe, check=False)
-    return None
-
-
-class Lan:
-    """Namespaces srv, w0, w1 on a bridge in namespace sw; torn down in :meth:`close` whatever happened."""
-
-    def __init__(self) -> None:
-        tag = f"{os.getpid() % 100000}"
-        self.subnet = f"10.213.{os.getpid() % 200 + 20}"
-        self.ns = {name: f"sc{tag}{name}" for name in ("sw", "srv", "w0", "w1")}
-        self.ip = {"srv": f"{self.subnet}.1", "w0": f"{self.subnet}.10", "w1": f"{self.subnet}.11"}
-        self.port_of = {}  # host -> its switch port (the veth end inside sw)
-
-    def build(self) -> Lan:
-        for ns in self.ns.values():
-            _ip("netns", "add", ns)
-        sw = self.ns["sw"]
-        _ip("-n", sw, "link", "add", "br0", "type", "bridge")
-        _ip("-n", sw, "link", "set", "br0", "up")
-        for host in ("srv", "w0", "w1"):
-            port = f"p{host}"
-            self.port_of[host] = port
-            # create the pair inside the host's namespace, then move one end into the switch
-            _ip("-n", self.ns[host], "link", "add", "eth0", "type", "veth", "peer", "name", port)
-            _ip("-n", self.ns[host], "link", "set", port, "netns", sw)
-            _ip("-n", sw, "link", "set", port, "master", "br0")
-            _ip("-n", sw, "link", "set", port, "up")
-            _ip("-n", self.ns[host], "addr", "add", f"{self.ip[host]}/24", "dev", "eth0")
-            _ip("-n", self.ns[host], "link", "set", "eth0", "up")
-            _ip("-n", self.ns[host], "link", "set", "lo", "up")
-        return self
-
-    def pull_cable(self, host: str) -> None:
-        _ip("-n", self.ns["sw"], "link", "set", self.port_of[host], "down")
-
-    def established_peers(self, host: str, port: int) -> set[str]:
-        """Remote addresses of the TCP connections to ``port`` inside ``host``'s namespace."""
-        out = subprocess.run(["ip", "netns", "exec", self.ns[host], "ss", "-Htn", "state", "established"],
-                             capture_output=True, text=True, timeout=20).stdout
-        peers = set()
-        for line in out.splitlines():
-            cols = line.split()
-            local, remote = cols[-2], cols[-1]
-            if local.endswith(f":{port}"):
-                peers.add(remote.rsplit(":", 1)[0])
-        return peers
-
-    def close(self) -> None:
-        for ns in self.ns.values():
-            _ip("netns", "del", ns, check=False)  # deleting a namespace deletes its links too
-
-
 @pytest.fixture
 def lan():
-    reason = _netns_unavailable()
+    reason = netns_unavailable()
     if reason:
         pytest.skip(reason)
-    net = Lan()
+    net = Lan(["srv", "w0", "w1"])
     try:
         yield net.build()
     finally:

@@ -8,7 +8,7 @@ import sys
 
 import smolcluster.bench as pkg
 
-_NOT_BENCHES = {"report", "common", "__main__"}
+_NOT_BENCHES = {"report", "common", "netns", "__main__"}
 
 
 def available() -> list[str]:

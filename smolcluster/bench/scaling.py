@@ -1,0 +1,302 @@
+"""``python -m smolcluster.bench scaling``: how each data-parallel algorithm scales on a real (shaped) LAN.
+
+Every node runs in its own network namespace on a bridge (:mod:`smolcluster.bench.netns`), each link shaped
+with ``tc ... tbf`` to the rate of a home LAN, both ways. For each link rate, model and worker count we run
+``syncps``, ``edp`` (server in its own namespace), ``allreduce``, ``allreduce algo.zero=1`` and PyTorch DDP
+(gloo, one process per namespace, the script below) and report:
+
+- samples/s over the steady state (the first ``--warmup`` steps excluded), from the run's metrics.jsonl;
+- bytes sent per step by the busiest node (the server for syncps/edp, rank 0 for a ring; for DDP its
+  namespace's eth0 TX counter, so that one includes TCP/IP headers) and the formula's figure:
+  N x M (a server sends every worker a weight copy) or 2(N-1)/N x M (ring), M = the fp32 gradient's bytes;
+- scaling efficiency: samples/s at N over N x samples/s of the same algorithm with one worker on that link;
+- the ratios issue 14 asks for: allreduce / DDP at the most workers on each link, allreduce / syncps there
+  on the slowest link.
+
+Every process runs with one intra-op thread (``OMP_NUM_THREADS=1``): with 4 workers on a 2-core machine the
+workers are CPU-starved anyway; the per-worker batches are small so that at 100 Mbit/s the link, not the
+compute, sets the step time. Needs root, iproute2 and tc. Writes bench-scaling.json and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from smolcluster.bench.netns import Lan, netns_unavailable, parse_rate
+from smolcluster.bench.report import write_report
+
+PORT = 5555
+MODELS = {
+    "mlp": ["model=mlp", "data=mnist", "data.root={root}", "train.batch_size=64"],
+    "gpt2-tiny": ["model=gpt2-tiny", "data=text", "data.path={text}", "train.batch_size=8",
+                  "train.optimizer=adamw", "train.lr=1e-3"],
+}
+STEPS = {"mlp": 100, "gpt2-tiny": 20}
+ALGOS = {  # name -> (algo overrides, has a server)
+    "syncps": (["algo=syncps"], True),
+    "edp": (["algo=edp"], True),
+    "allreduce": (["algo=allreduce"], False),
+    "zero1": (["algo=allreduce", "algo.zero=1"], False),
+    "ddp": ([], False),
+}
+
+
+def overrides_of(model: str, args: argparse.Namespace) -> list[str]:
+    return [o.format(root=args.root, text=args.text) for o in MODELS[model]]
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
+                                                        os.environ.get("PYTHONPATH")]))}
+
+
+def wait_all(procs: dict[str, subprocess.Popen], logs: dict[str, Path], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    try:
+        for host, p in procs.items():
+            code = p.wait(timeout=max(1.0, deadline - time.monotonic()))
+            if code != 0:
+                raise RuntimeError(f"{host} exited {code}:\n{logs[host].read_text()[-3000:]}")
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+
+
+def steady(rows: list[dict], warmup: int) -> tuple[float, float]:
+    """(samples/s, samples per byte sent) between the first row at or past ``warmup`` and the last one."""
+    rows = [r for r in rows if "samples" in r]
+    first = next(r for r in rows if r["step"] >= warmup)
+    last = rows[-1]
+    samples = last["samples"] - first["samples"]
+    sent = last.get("bytes_sent", 0) - first.get("bytes_sent", 0)  # (algo=local sends nothing)
+    return samples / (last["time"] - first["time"]), sent / samples
+
+
+def run_smolcluster(lan: Lan, algo: str, n: int, model_args: list[str], steps: int, warmup: int,
+                    batch: int, run_dir: Path) -> dict:
+    algo_args, has_server = ALGOS[algo]
+    if algo == "allreduce" and n == 1:
+        algo_args = ["algo=local"]  # a ring of one is training alone (and RingLink needs a peer)
+    workers = [f"w{r}" for r in range(n)]
+    nodes = ", ".join(f"{{name: {h}, host: '{lan.ip[h]}'}}" for h in workers)
+    # EDP applies one worker's batch per update: N x steps updates train on as many samples as the others
+    total = steps * n if algo == "edp" else steps
+    extra = [f"algo.min_workers={n}"] if algo == "edp" else []
+    common = [sys.executable, "-m", "smolcluster.train", *algo_args, *model_args, *extra,
+              f"cluster.workers={n}", f"cluster.nodes=[{nodes}]", f"cluster.port={PORT}", "cluster.bind=0.0.0.0",
+              "cluster.insecure=true", f"cluster.host='{lan.ip['srv']}'", "cluster.connect_timeout_s=120",
+              f"train.steps={total}", f"train.log_every={1 if algo != 'edp' else n}", "train.eval_every=0",
+              "train.eval_samples=64", "train.progress=false", "logging.level=WARNING", "run_id=scaling",
+              f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
+    roles = {h: ["role=worker", f"rank={r}"] for r, h in enumerate(workers)}
+    if has_server:
+        roles = {"srv": ["role=server"], **roles}
+    run_dir.mkdir(parents=True)
+    logs = {h: run_dir / f"{h}.out" for h in roles}
+    procs = {h: subprocess.Popen([*lan.exec(h), *common, *args], stdout=logs[h].open("w"), stderr=subprocess.STDOUT,
+                                 env={**env(), "SMOLCLUSTER_NODE": h}) for h, args in roles.items()}
+    wait_all(procs, logs, timeout=900)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rate, bytes_per_sample = steady(rows, warmup * (n if algo == "edp" else 1))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"samples_per_s": rate, "bytes_per_step": bytes_per_sample * batch * n,
+            "params": summary.get("num_params") or summary.get("params")}
+
+
+def run_ddp(lan: Lan, n: int, model_args: list[str], steps: int, warmup: int, run_dir: Path) -> dict:
+    run_dir.mkdir(parents=True)
+    out = run_dir / "ddp.json"
+    procs, logs = {}, {}
+    for r in range(n):
+        host = f"w{r}"
+        logs[host] = run_dir / f"{host}.out"
+        spec = json.dumps({"rank": r, "world": n, "master": lan.ip["w0"], "port": PORT, "overrides": model_args,
+                           "steps": steps, "warmup": warmup, "out": str(out)})
+        procs[host] = subprocess.Popen([*lan.exec(host), sys.executable, "-m", "smolcluster.bench.scaling", spec],
+                                       stdout=logs[host].open("w"), stderr=subprocess.STDOUT,
+                                       env={**env(), "GLOO_SOCKET_IFNAME": "eth0" if n > 1 else "lo"})
+    wait_all(procs, logs, timeout=900)
+    return json.loads(out.read_text())
+
+
+def ddp_rank(spec: dict) -> None:
+    """One DDP-gloo rank inside its namespace (``python -m smolcluster.bench.scaling SPEC_JSON``): the same
+    model, data slice and optimizer as ``bench ddp``; rank 0 reports samples/s and its eth0 TX bytes per step."""
+    import torch
+    import torch.distributed as dist
+    from hydra import compose, initialize_config_dir
+    from torch.nn.parallel import DistributedDataParallel
+
+    from smolcluster.objective import loss_fn
+    from smolcluster.paths import CONFIG_DIR
+    from smolcluster.trainer import Trainer
+
+    rank, world, steps, warmup = spec["rank"], spec["world"], spec["steps"], spec["warmup"]
+    os.environ.update(MASTER_ADDR=spec["master"] if world > 1 else "127.0.0.1", MASTER_PORT=str(spec["port"]))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        cfg = compose("config", overrides=spec["overrides"])
+    trainer = Trainer(cfg, [cfg.train.batch_size] * world, with_optimizer=False)
+    model = DistributedDataParallel(trainer.model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01) if cfg.train.optimizer == "sgd" else \
+        torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tx = Path("/sys/class/net/eth0/statistics/tx_bytes")
+    for step in range(steps):
+        if step == warmup:
+            dist.barrier()
+            t0, sent0 = time.perf_counter(), int(tx.read_text())
+        x, y = trainer.batch(step, rank)
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step()
+    dist.barrier()
+    elapsed, sent = time.perf_counter() - t0, int(tx.read_text()) - sent0
+    if rank == 0:
+        Path(spec["out"]).write_text(json.dumps({
+            "samples_per_s": (steps - warmup) * cfg.train.batch_size * world / elapsed,
+            "bytes_per_step": sent / (steps - warmup), "params": trainer.num_params}))
+    dist.destroy_process_group()
+
+
+def formula(algo: str, n: int, m: int) -> float:
+    if algo in ("syncps", "edp"):
+        return n * m  # the server sends each worker a copy of the weights
+    return 2 * (n - 1) / n * m  # ring (and gloo's ring all-reduce): reduce-scatter + all-gather
+
+
+def plot(rows: list[dict], path: Path) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    links = list(dict.fromkeys(r["link"] for r in rows))
+    fig, axes = plt.subplots(len(models), len(links), figsize=(5 * len(links), 3.6 * len(models)), squeeze=False)
+    for i, model in enumerate(models):
+        for j, link in enumerate(links):
+            ax = axes[i][j]
+            for algo in dict.fromkeys(r["algo"] for r in rows):
+                pts = sorted((r["workers"], r["samples_per_s"]) for r in rows
+                             if r["model"] == model and r["link"] == link and r["algo"] == algo)
+                if pts:  # one colour per algorithm in every panel
+                    ax.plot(*zip(*pts), marker="o", label=algo, color=f"C{list(ALGOS).index(algo)}")
+            ax.set_title(f"{model}, {link} links")
+            ax.set_xlabel("workers")
+            ax.set_ylabel("samples/s")
+            ax.set_xticks(sorted({r["workers"] for r in rows}))
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=8)
+            else:
+                ax.set_visible(False)  # this model was not run on this link
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m smolcluster.bench scaling", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="gpt2-tiny,mlp")
+    p.add_argument("--workers", default="1,2,4")
+    p.add_argument("--links", default="1gbit,100mbit", help="tbf rates, e.g. 1gbit,100mbit")
+    p.add_argument("--algos", default=",".join(ALGOS), help=f"any of {', '.join(ALGOS)}")
+    p.add_argument("--steps", type=int, default=0,
+                   help="steps per run (default: " + ", ".join(f"{k} {v}" for k, v in STEPS.items()) + ")")
+    shared = Path(os.environ.get("SMOLCLUSTER_SHARED_DATA", "../shared/data"))
+    p.add_argument("--root", default=str(shared / "mnist"), help="MNIST IDX directory")
+    p.add_argument("--text", default=str(shared / "tinyshakespeare" / "input.txt"))
+    p.add_argument("--plot", default="bench-scaling.png")
+    p.add_argument("--keep", default=None, help="keep every run's directory under this path")
+    args = p.parse_args(argv)
+    args.root, args.text = str(Path(args.root).resolve()), str(Path(args.text).resolve())  # the runs' cwd differs
+    models, links = args.models.split(","), args.links.split(",")
+    algos, counts = args.algos.split(","), sorted(int(x) for x in args.workers.split(","))
+    for name, known in (("model", MODELS), ("algo", ALGOS)):
+        bad = [x for x in (models if name == "model" else algos) if x not in known]
+        if bad:
+            p.error(f"unknown {name} {bad}: choose from {', '.join(known)}")
+    for link in links:
+        try:
+            parse_rate(link)
+        except ValueError as e:
+            p.error(str(e))
+    reason = netns_unavailable(shaping=True)
+    if reason:
+        print(f"error: bench scaling {reason}", file=sys.stderr)
+        return 2
+
+    import tempfile
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops the runs and removes the LAN
+    base = Path(args.keep or tempfile.mkdtemp(prefix="scaling-"))
+    rows: list[dict] = []
+    started = time.monotonic()
+    for link in links:
+        lan = Lan(["srv", *(f"w{r}" for r in range(max(counts)))], rate=link).build()
+        try:
+            for model in models:
+                model_args = overrides_of(model, args)
+                batch = int(next(o.split("=")[1] for o in model_args if o.startswith("train.batch_size=")))
+                steps = args.steps or STEPS[model]
+                warmup = max(2, steps // 4)
+                one: dict[str, float] = {}
+                for n in counts:
+                    for algo in algos:
+                        if algo == "zero1" and n == 1:
+                            continue  # nothing to shard: its baseline is allreduce's
+                        run_dir = base / f"{link}-{model}-{algo}-{n}"
+                        t0 = time.monotonic()
+                        got = run_ddp(lan, n, model_args, steps, warmup, run_dir) if algo == "ddp" else \
+                            run_smolcluster(lan, algo, n, model_args, steps, warmup, batch, run_dir)
+                        m = 4 * int(got["params"])
+                        if n == 1:
+                            one[algo] = got["samples_per_s"]
+                        base_rate = one.get(algo) or one.get("allreduce" if algo == "zero1" else algo)
+                        row = {"link": link, "model": model, "algo": algo, "workers": n,
+                               "samples_per_s": round(got["samples_per_s"], 1),
+                               "MB_sent_per_node_step": round(got["bytes_per_step"] / 1e6, 3),
+                               "formula_MB": round(formula(algo, n, m) / 1e6, 3),
+                               "efficiency": round(got["samples_per_s"] / (n * base_rate), 3) if base_rate else None,
+                               "run_s": round(time.monotonic() - t0, 1)}
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+        finally:
+            lan.close()
+
+    def rate(link, model, algo, n):
+        return next((r["samples_per_s"] for r in rows if (r["link"], r["model"], r["algo"], r["workers"])
+                     == (link, model, algo, n)), None)
+
+    top, slow = counts[-1], min(links, key=parse_rate)
+    ratios = {}
+    for model in models:
+        for link in links:
+            a, d = rate(link, model, "allreduce", top), rate(link, model, "ddp", top)
+            if a and d:
+                ratios[f"{model} allreduce/ddp at {top} workers, {link}"] = round(a / d, 3)
+        a, s = rate(slow, model, "allreduce", top), rate(slow, model, "syncps", top)
+        if a and s:
+            ratios[f"{model} allreduce/syncps at {top} workers, {slow}"] = round(a / s, 3)
+    png = plot(rows, Path(args.plot))
+    write_report("scaling", rows, {"ratios": ratios, "goals": "allreduce >= 0.9x ddp at 4 workers on both links; "
+                                   ">= 3x syncps at 4 workers on 100mbit; bytes within 10% of the formula",
+                                   "cores": os.cpu_count(), "threads_per_process": 1, "plot": str(png),
+                                   "wall_s": round(time.monotonic() - started, 1)})
+    return 0
+
+
+if __name__ == "__main__":  # one DDP rank, started by run_ddp inside a namespace
+    ddp_rank(json.loads(sys.argv[1]))
