@@ -314,7 +314,9 @@ class StageServer:
 
     def start(self, req: str, head: str, params: SamplingParams, max_new_tokens: int, eos: list[int],
               prompt_len: int) -> RequestState:
-        st = RequestState(head, KVCache(len(self.spec.blocks)), params, max_new_tokens, eos, prompt_len)
+        # The cache grows (doubling) up to the positions stage 0 reserved for it in the budget, never past them.
+        limit = min(prompt_len + max_new_tokens, self.arch.context)
+        st = RequestState(head, KVCache(len(self.spec.blocks), limit), params, max_new_tokens, eos, prompt_len)
         if self.has_head and not params.greedy:
             st.generator = make_generator(params.seed)
         self.requests[req] = st
