@@ -401,7 +401,9 @@ class StageServer:
         """Pick each finished row's token, stream it to its head, and hand the step's results to stage 0."""
         last_rows = Batch([], step.sizes).last_rows()
         rows = [last_rows[i] for i, e in enumerate(step.emit) if e]
-        logits = self.stage.logits(x[:, rows, :]).float().cpu() if rows else None
+        if len(rows) < x.shape[1]:
+            x = x[:, rows, :]  # (a step of decodes only: every row is a last row, no gather)
+        logits = self.stage.logits(x).float().cpu() if rows else None
         tokens, ended = [], []
         k = 0
         for req, emit in zip(step.reqs, step.emit):
@@ -479,19 +481,29 @@ class StageServer:
             logger.warning(f"{self.me}: ignored {kind!r} from {env.src}")
 
     def kv_bytes(self) -> int:
+        """KV-cache bytes this stage holds: its requests' buffers' capacity (what memory really holds)."""
         return sum(st.cache.nbytes() for st in self.requests.values())
+
+    def refresh_beacon(self) -> None:
+        beacon = self.mesh.beacon
+        beacon["serving"] = not any(self.mesh.peers[n].lost for n in self.names if n in self.mesh.peers)
+        beacon["requests"], beacon["waiting"] = len(self.requests), len(self.waiting)
+        beacon["kv_bytes"] = self.kv_bytes()
+        beacon["active"] = list(self.requests)[:64]  # (what a health check or a test looks at)
 
     def run(self) -> None:
         self.connect()
         started = time.monotonic()
         try:
             with torch.inference_mode():
+                beacon_due = 0.0
                 while not self.stopping:
-                    beacon = self.mesh.beacon
-                    beacon["serving"] = not any(self.mesh.peers[n].lost for n in self.names if n in self.mesh.peers)
-                    beacon["requests"], beacon["waiting"] = len(self.requests), len(self.waiting)
-                    beacon["kv_bytes"] = self.kv_bytes()
-                    beacon["active"] = list(self.requests)[:64]  # (what a health check or a test looks at)
+                    # The beacon leaves with each heartbeat: refreshing it every turn of this loop (per token)
+                    # cost ~10-30 us/turn of the hop (profiled, see docs/benchmarks.md); 20 times per beat is plenty.
+                    now = time.monotonic()
+                    if now >= beacon_due:
+                        self.refresh_beacon()
+                        beacon_due = now + self.sc.heartbeat_s / 20
                     # Everything that has arrived is handled before the next step, so it joins that step.
                     timeout = 0.0 if (self.due or self.prefilling) else self.sc.heartbeat_s
                     for _ in range(256):

@@ -120,6 +120,8 @@ class Batch:
 
     def positions(self, device=None) -> torch.Tensor:
         """Every token's position, (1, total): each request's continue from its cache's length."""
+        if len(self.caches) == sum(self.sizes):  # one token each (decodes): one small tensor, not a cat
+            return torch.tensor([[c.length for c in self.caches]], device=device)
         return torch.cat([torch.arange(c.length, c.length + n, device=device)
                           for c, n in zip(self.caches, self.sizes)]).unsqueeze(0)
 
