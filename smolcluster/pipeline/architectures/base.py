@@ -19,6 +19,7 @@ parameter memory (``plan``).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -116,7 +117,7 @@ class Batch:
 
     def __init__(self, caches: list[KVCache], sizes: list[int]):
         self.caches, self.sizes = caches, sizes
-        self.starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.starts = [0, *itertools.accumulate(sizes)][:len(sizes)]
 
     def positions(self, device=None) -> torch.Tensor:
         """Every token's position, (1, total): each request's continue from its cache's length."""
