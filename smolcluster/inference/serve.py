@@ -31,6 +31,11 @@ context (when feeding the token back would need position ``n_positions``), or wh
 (the head tells every stage) or goes away; every stage then frees its cache at once. Two or more
 steps can be in flight round the ring at once (requests that joined while one was out), which keeps
 every stage busy.
+
+What crossing a stage costs per token (profiled on one gpt2-tiny request, docs/benchmarks.md): the
+sends (the wire's encode + zmq) and the receiver's decode checks, then this loop's Python; waiting
+on the socket itself is ~0.02 ms a hop. So the loop keeps per-token work small: the beacon is
+refreshed a few times per heartbeat, not per turn, and a step of decodes skips the row gather.
 """
 
 from __future__ import annotations
