@@ -38,7 +38,9 @@ class KVCache:
     budget): appending n tokens one at a time copies O(n) elements in all, where growing by
     ``torch.cat`` per token copied the whole cache every token (O(n^2)). Doubling rather than
     allocating ``limit`` up front, since most answers end (EOS) long before ``max_new_tokens``;
-    :meth:`nbytes` reports the capacity held, never more than the stage reserved.
+    :meth:`nbytes` reports the capacity held, never more than the stage reserved. Why a buffer per
+    request rather than one padded batch cache or paged blocks: see :class:`Batch` (a request's
+    attention reads its own contiguous keys, exactly as a solo run; freeing it frees its memory).
 
     A sliding-window block (``keep`` set) holds only the ``keep`` latest keys: they sit in
     ``[lo, hi)`` of the buffer; at the buffer's end they move back to its start, and the capacity
