@@ -90,6 +90,12 @@ class KVCache:
         self.lo[j], self.hi[j] = lo, hi
         return k_all, v_all
 
+    @property
+    def layers(self) -> list[list[torch.Tensor]]:
+        """``layers[j] = [k, v]``: block j's held keys and values (views; empty before its first step)."""
+        return [[] if k is None else [k[:, :, lo:hi], v[:, :, lo:hi]]
+                for k, v, lo, hi in zip(self.keys, self.values, self.lo, self.hi)]
+
     def held(self, j: int) -> int:
         """Keys block j holds (== length unless a sliding window dropped older ones)."""
         return self.hi[j] - self.lo[j]
