@@ -158,3 +158,26 @@ def test_a_llama_pipeline_with_the_head_last_batches_eight_requests_as_each_alon
         alone = [p.submit(q, max_new_tokens=n).tokens() for q, n in zip(prompts, lengths)]
         reqs = [p.submit(q, max_new_tokens=n) for q, n in zip(prompts, lengths)]
         assert [r.tokens() for r in reqs] == alone
+
+
+@pytest.mark.parametrize("keep", [None, 5])
+def test_the_kv_cache_grows_by_doubling_to_its_limit_and_attends_over_exactly_what_a_cat_would_keep(keep):
+    g = torch.Generator().manual_seed(3)
+    cache = KVCache(1, limit=100)
+    ks, vs, capacities = [], [], []
+    for n in [7] + [1] * 92:  # a 7-token prompt, then decodes: 99 positions, within the limit
+        k, v = torch.randn(1, 2, n, 4, generator=g), torch.randn(1, 2, n, 4, generator=g)
+        k_all, v_all = cache.append(0, k, v, keep=keep)
+        held_before = sum(t.shape[2] for t in ks)
+        ks.append(k), vs.append(v)
+        want_k, want_v = torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+        if keep is not None:  # the window: the `keep` latest earlier keys, then the new ones
+            first = max(0, held_before - keep)
+            want_k, want_v = want_k[:, :, first:], want_v[:, :, first:]
+        assert torch.equal(k_all, want_k) and torch.equal(v_all, want_v)
+        capacities.append(cache.keys[0].shape[2])
+        assert cache.nbytes() == 2 * capacities[-1] * 2 * 4 * 4  # reported: the capacity held, K and V
+    if keep is None:
+        assert sorted(set(capacities)) == [32, 64, 100]  # doubled, then capped at the reserved positions
+    else:
+        assert max(capacities) <= 32 and cache.held(0) == keep

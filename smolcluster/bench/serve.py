@@ -7,7 +7,12 @@ processes (``serve.max_active`` and ``serve.max_waiting`` as given). Every reque
 complete (its stream ends with ``[DONE]`` after exactly ``max_tokens`` tokens, as
 ``usage.completion_tokens`` says) or get a 429; none may be lost or answered twice (each
 carries its own ``user`` + index, checked against the answers). Reported: requests completed
-and refused, p50/p95 time to first token, aggregate tokens/s, and the stages' peak RSS.
+and refused, p50/p95 time to first token, aggregate tokens/s, and the stages' RSS.
+
+Memory is bounded: each stage's RSS, sampled (``psutil``) every 50 ms during the load, must stay
+under its *baseline* (its RSS once serving, after a warm-up request: weights, code, allocator)
+plus the KV-cache budget plus ``--rss-slack-mb`` (per-step activations and allocator slack, which
+the budget does not count); the bench fails (exit 1) otherwise.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import asyncio
 import json
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -82,6 +88,37 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(len(values) * q))] if values else float("nan")
 
 
+class RssSampler:
+    """The peak RSS of some processes, sampled every ``every_s`` by a thread (VmHWM would include startup)."""
+
+    def __init__(self, pids: list[int], every_s: float = 0.05):
+        import psutil
+
+        self.procs = [psutil.Process(pid) for pid in pids]
+        self.peak_mb = [0.0] * len(pids)
+        self.every_s, self._stop = every_s, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def now_mb(self) -> list[float]:
+        return [p.memory_info().rss / 2**20 for p in self.procs]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak_mb = [max(a, b) for a, b in zip(self.peak_mb, self.now_mb())]
+            except Exception:  # a stage gone mid-load: the request log says so
+                return
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m smolcluster.bench serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,6 +128,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-active", type=int, default=16)
     p.add_argument("--max-waiting", type=int, default=32)
     p.add_argument("--kv-cache-mb", type=float, default=64.0)
+    p.add_argument("--rss-slack-mb", type=float, default=64.0,
+                   help="allowed over baseline + KV budget per stage (activations, allocator)")
     args = p.parse_args(argv)
     setup_logging(level="WARNING")
     from smolcluster.bench.pipeline import stage_peaks_mb
@@ -106,9 +145,13 @@ def main(argv: list[str]) -> int:
         try:
             server = WebServer(build_app(engine, MODEL, ui=False)).start()
             try:
-                t = time.perf_counter()
-                log = asyncio.run(load(server.url, args.clients, args.seconds, args.max_tokens))
-                wall = time.perf_counter() - t
+                asyncio.run(load(server.url, 1, 0.01, args.max_tokens))  # warm-up: one request through
+                pids = [p.pid for p in engine._pipe._children.procs.values()]
+                with RssSampler(pids) as rss:
+                    baseline = rss.now_mb()
+                    t = time.perf_counter()
+                    log = asyncio.run(load(server.url, args.clients, args.seconds, args.max_tokens))
+                    wall = time.perf_counter() - t
                 peaks = stage_peaks_mb(engine._pipe) if engine._pipe is not None else []
             finally:
                 server.stop()
@@ -128,7 +171,16 @@ def main(argv: list[str]) -> int:
         {"metric": "aggregate tokens/s", "model": f"max_tokens {args.max_tokens}",
          "value": round(sum(e["tokens"] for e in ok) / wall, 1)},
     ]
+    bound = [b + args.kv_cache_mb + args.rss_slack_mb for b in baseline]
+    over = [r for r, (m, b) in enumerate(zip(rss.peak_mb, bound)) if m > b]
+    rows.append({"metric": "stage RSS during the load, MB: baseline -> peak (bound)", "model": "per stage",
+                 "value": ", ".join(f"{b:.0f} -> {m:.0f} ({c:.0f})" for b, m, c in zip(baseline, rss.peak_mb, bound))})
     write_report("serve", rows, {"cpu_count": os.cpu_count(), "stage_peak_rss_mb": peaks,
+                                 "stage_baseline_rss_mb": baseline, "stage_load_peak_rss_mb": rss.peak_mb,
+                                 "rss_slack_mb": args.rss_slack_mb,
                                  "max_active": args.max_active, "max_waiting": args.max_waiting,
                                  "kv_cache_mb": args.kv_cache_mb, "lost": lost[:5]})
-    return 1 if lost or len(tags) != len(set(tags)) else 0
+    if over:
+        print(f"FAIL: stage(s) {over} went over baseline + kv_cache_mb={args.kv_cache_mb:g} + "
+              f"rss_slack_mb={args.rss_slack_mb:g}")
+    return 1 if lost or len(tags) != len(set(tags)) or over else 0

@@ -31,6 +31,11 @@ context (when feeding the token back would need position ``n_positions``), or wh
 (the head tells every stage) or goes away; every stage then frees its cache at once. Two or more
 steps can be in flight round the ring at once (requests that joined while one was out), which keeps
 every stage busy.
+
+What crossing a stage costs per token (profiled on one gpt2-tiny request, docs/benchmarks.md): the
+sends (the wire's encode + zmq) and the receiver's decode checks, then this loop's Python; waiting
+on the socket itself is ~0.02 ms a hop. So the loop keeps per-token work small: the beacon is
+refreshed a few times per heartbeat, not per turn, and a step of decodes skips the row gather.
 """
 
 from __future__ import annotations
@@ -319,7 +324,9 @@ class StageServer:
 
     def start(self, req: str, head: str, params: SamplingParams, max_new_tokens: int, eos: list[int],
               prompt_len: int) -> RequestState:
-        st = RequestState(head, KVCache(len(self.spec.blocks)), params, max_new_tokens, eos, prompt_len)
+        # The cache grows (doubling) up to the positions stage 0 reserved for it in the budget, never past them.
+        limit = min(prompt_len + max_new_tokens, self.arch.context)
+        st = RequestState(head, KVCache(len(self.spec.blocks), limit), params, max_new_tokens, eos, prompt_len)
         if self.has_head and not params.greedy:
             st.generator = make_generator(params.seed)
         self.requests[req] = st
@@ -405,7 +412,9 @@ class StageServer:
         """Pick each finished row's token, stream it to its head, and hand the step's results to stage 0."""
         last_rows = Batch([], step.sizes).last_rows()
         rows = [last_rows[i] for i, e in enumerate(step.emit) if e]
-        logits = self.stage.logits(x[:, rows, :]).float().cpu() if rows else None
+        if len(rows) < x.shape[1]:
+            x = x[:, rows, :]  # (a step of decodes only: every row is a last row, no gather)
+        logits = self.stage.logits(x).float().cpu() if rows else None
         tokens, ended = [], []
         k = 0
         for req, emit in zip(step.reqs, step.emit):
@@ -483,20 +492,30 @@ class StageServer:
             logger.warning(f"{self.me}: ignored {kind!r} from {env.src}")
 
     def kv_bytes(self) -> int:
+        """KV-cache bytes this stage holds: its requests' buffers' capacity (what memory really holds)."""
         return sum(st.cache.nbytes() for st in self.requests.values())
+
+    def refresh_beacon(self) -> None:
+        beacon = self.mesh.beacon
+        beacon["serving"] = not any(self.mesh.peers[n].lost for n in self.names if n in self.mesh.peers)
+        beacon["requests"], beacon["waiting"] = len(self.requests), len(self.waiting)
+        beacon["kv_bytes"] = self.kv_bytes()
+        beacon["active"] = list(self.requests)[:64]  # (what a health check or a test looks at)
+        self.metrics.step(len(self.requests), len(self.waiting), beacon["kv_bytes"])  # the same counts, for top
 
     def run(self) -> None:
         self.connect()
         started = time.monotonic()
         try:
             with torch.inference_mode():
+                beacon_due = 0.0
                 while not self.stopping:
-                    beacon = self.mesh.beacon
-                    beacon["serving"] = not any(self.mesh.peers[n].lost for n in self.names if n in self.mesh.peers)
-                    beacon["requests"], beacon["waiting"] = len(self.requests), len(self.waiting)
-                    beacon["kv_bytes"] = self.kv_bytes()
-                    beacon["active"] = list(self.requests)[:64]  # (what a health check or a test looks at)
-                    self.metrics.step(len(self.requests), len(self.waiting), beacon["kv_bytes"])
+                    # The beacon leaves with each heartbeat: refreshing it every turn of this loop (per token)
+                    # cost ~10-30 us/turn of the hop (profiled, see docs/benchmarks.md); 20 times per beat is plenty.
+                    now = time.monotonic()
+                    if now >= beacon_due:
+                        self.refresh_beacon()
+                        beacon_due = now + self.sc.heartbeat_s / 20
                     # Everything that has arrived is handled before the next step, so it joins that step.
                     timeout = 0.0 if (self.due or self.prefilling) else self.sc.heartbeat_s
                     for _ in range(256):

@@ -30,6 +30,8 @@ DTYPES: dict[str, np.dtype] = {
     "int64": np.dtype(np.int64), "bool": np.dtype(np.bool_),
 }
 _FLOATS = {"float32", "float16", "bfloat16"}
+# dtype -> its wire name, looked up per tensor sent (``ndarray.dtype.name`` costs ~3 us: it is a hop's hot path)
+_WIRE_NAME = {dt: name for name, dt in DTYPES.items() if name != "bfloat16"}
 _MAX_TENSORS = 64
 _MAX_HEADER = 1 << 20
 
@@ -107,7 +109,8 @@ class Message:
 
 def _as_array(t) -> np.ndarray:
     if isinstance(t, torch.Tensor):
-        t = t.detach()
+        if t.requires_grad:
+            t = t.detach()
         if t.device.type != "cpu":
             t = t.cpu()
         if t.dtype == torch.bfloat16:
@@ -119,9 +122,9 @@ def _as_array(t) -> np.ndarray:
 def _dtype_name(arr: np.ndarray, t) -> str:
     if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16:
         return "bfloat16"
-    name = arr.dtype.name
-    if name not in DTYPES:
-        raise WireError("dtype", f"cannot send dtype {name}; allowed: {', '.join(DTYPES)}")
+    name = _WIRE_NAME.get(arr.dtype)
+    if name is None:
+        raise WireError("dtype", f"cannot send dtype {arr.dtype.name}; allowed: {', '.join(DTYPES)}")
     return name
 
 
@@ -191,11 +194,10 @@ def decode(frames: list, *, max_bytes: int) -> Message:
     if schema is None:
         raise WireError("unknown_kind", f"kind {kind!r}")
     fields = {k: v for k, v in header.items() if k not in ("v", "kind", "tensors")}
-    for key, want in schema.fields.items():
+    for key in schema.fields:
         if key not in fields:
             raise WireError("missing_field", f"{kind}.{key}")
-        _check_type(kind, key, fields[key], want)
-    for key, value in fields.items():
+    for key, value in fields.items():  # (each field checked once: this runs per pipeline hop)
         want = schema.fields.get(key) or schema.optional.get(key)
         if want is None:
             raise WireError("unknown_field", f"{kind}.{key}")

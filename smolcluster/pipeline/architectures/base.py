@@ -19,6 +19,7 @@ parameter memory (``plan``).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -28,18 +29,80 @@ from smolcluster.errors import ConfigError
 
 
 class KVCache:
-    """One request's keys and values on one stage: ``layers[j] = [k, v]`` for the stage's j-th block.
+    """One request's keys and values on one stage, for each of the stage's blocks.
+
+    Layout: per block, one preallocated ``(1, kv_heads, capacity, head_dim)`` buffer for keys and
+    one for values; a step writes its new rows in place and attention reads a view of the filled
+    part. When a step needs more room the buffer's capacity doubles (one copy of what it holds), up
+    to ``limit`` positions (the prompt plus ``max_new_tokens``, which the stage reserved in its
+    budget): appending n tokens one at a time copies O(n) elements in all, where growing by
+    ``torch.cat`` per token copied the whole cache every token (O(n^2)). Doubling rather than
+    allocating ``limit`` up front, since most answers end (EOS) long before ``max_new_tokens``;
+    :meth:`nbytes` reports the capacity held, never more than the stage reserved. Why a buffer per
+    request rather than one padded batch cache or paged blocks: see :class:`Batch` (a request's
+    attention reads its own contiguous keys, exactly as a solo run; freeing it frees its memory).
+
+    A sliding-window block (``keep`` set) holds only the ``keep`` latest keys: they sit in
+    ``[lo, hi)`` of the buffer; at the buffer's end they move back to its start, and the capacity
+    is kept at least twice what a step needs, so that copy happens once per ~``keep`` tokens.
 
     ``length`` counts every position seen (the next token's position), also when a sliding
     window keeps fewer keys than that.
     """
 
-    def __init__(self, n_layers: int):
-        self.layers: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+    MIN_CAPACITY = 32  # positions first allocated: a short answer never reallocates
+
+    def __init__(self, n_layers: int, limit: int | None = None):
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+        self.lo, self.hi = [0] * n_layers, [0] * n_layers  # the held keys: [lo, hi) of the buffer
+        self.limit = limit
         self.length = 0
 
+    def append(self, j: int, k: torch.Tensor, v: torch.Tensor, keep: int | None = None):
+        """Store block j's new keys/values ``(1, heads, n, head_dim)``; return every key and value the new
+        queries attend to (the held ones, then the new), as views of the buffers."""
+        n = k.shape[2]
+        buf_k, buf_v, lo, hi = self.keys[j], self.values[j], self.lo[j], self.hi[j]
+        capacity = 0 if buf_k is None else buf_k.shape[2]
+        if hi + n > capacity:
+            held = hi - lo
+            if lo > 0 and held + n <= capacity // 2:  # a sliding window at the end: move it to the start
+                buf_k[:, :, :held] = buf_k[:, :, lo:hi].clone()
+                buf_v[:, :, :held] = buf_v[:, :, lo:hi].clone()
+            else:  # double (at most to the limit), keeping only what is held
+                want = max(held + n, 2 * capacity, self.MIN_CAPACITY)
+                if self.limit is not None:
+                    want = max(held + n, min(want, self.limit))
+                new_k = k.new_empty(k.shape[0], k.shape[1], want, k.shape[3])
+                new_v = v.new_empty(v.shape[0], v.shape[1], want, v.shape[3])
+                if held:
+                    new_k[:, :, :held] = buf_k[:, :, lo:hi]
+                    new_v[:, :, :held] = buf_v[:, :, lo:hi]
+                buf_k, buf_v = self.keys[j], self.values[j] = new_k, new_v
+            lo, hi = 0, held
+        buf_k[:, :, hi:hi + n] = k
+        buf_v[:, :, hi:hi + n] = v
+        k_all, v_all = buf_k[:, :, lo:hi + n], buf_v[:, :, lo:hi + n]
+        hi += n
+        if keep is not None and hi - lo > keep:
+            lo = hi - keep
+        self.lo[j], self.hi[j] = lo, hi
+        return k_all, v_all
+
+    @property
+    def layers(self) -> list[list[torch.Tensor]]:
+        """``layers[j] = [k, v]``: block j's held keys and values (views; empty before its first step)."""
+        return [[] if k is None else [k[:, :, lo:hi], v[:, :, lo:hi]]
+                for k, v, lo, hi in zip(self.keys, self.values, self.lo, self.hi)]
+
+    def held(self, j: int) -> int:
+        """Keys block j holds (== length unless a sliding window dropped older ones)."""
+        return self.hi[j] - self.lo[j]
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for kv in self.layers for t in kv)
+        """Bytes reserved (the buffers' capacity), which is what the stage's memory holds."""
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
 
 
 class Batch:
@@ -62,16 +125,18 @@ class Batch:
 
     def __init__(self, caches: list[KVCache], sizes: list[int]):
         self.caches, self.sizes = caches, sizes
-        self.starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.starts = [0, *itertools.accumulate(sizes)][:len(sizes)]
 
     def positions(self, device=None) -> torch.Tensor:
         """Every token's position, (1, total): each request's continue from its cache's length."""
+        if len(self.caches) == sum(self.sizes):  # one token each (decodes): one small tensor, not a cat
+            return torch.tensor([[c.length for c in self.caches]], device=device)
         return torch.cat([torch.arange(c.length, c.length + n, device=device)
                           for c, n in zip(self.caches, self.sizes)]).unsqueeze(0)
 
-    def segments(self, j: int) -> list[tuple[list[torch.Tensor], int, int, int]]:
-        """For the stage's j-th block: (that request's [k, v], first row, rows, positions before)."""
-        return [(c.layers[j], a, n, c.length) for c, a, n in zip(self.caches, self.starts, self.sizes)]
+    def segments(self, j: int) -> list[tuple[KVCache, int, int, int]]:
+        """For the stage's j-th block: (that request's cache, first row, rows, positions before)."""
+        return [(c, a, n, c.length) for c, a, n in zip(self.caches, self.starts, self.sizes)]
 
     def advance(self) -> None:
         for c, n in zip(self.caches, self.sizes):

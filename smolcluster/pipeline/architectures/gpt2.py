@@ -4,7 +4,7 @@ Why not Hugging Face's modules? A stage process should hold only its share of th
 model, and importing ``transformers`` alone costs ~150 MB of RSS. So this file
 re-states GPT-2's forward pass with the very same tensor operations, in the same
 order, as ``transformers``' ``GPT2LMHeadModel`` (sdpa attention, ``addmm``
-Conv1D, tanh-GELU, ``torch.cat`` KV cache): outputs and gradients match it bit
+Conv1D, tanh-GELU): outputs and gradients match it bit
 for bit, which the tests check.
 
 Parameter names are the full model's ``named_parameters()`` names
@@ -93,31 +93,29 @@ class Attention(nn.Module):
         self.c_attn = Conv1D(n_embd, 3 * n_embd)
         self.c_proj = Conv1D(n_embd, n_embd)
 
-    def forward(self, x: torch.Tensor, segments: list | None) -> torch.Tensor:
-        """``segments``: None (training: plain causal), else one (past [k, v], first row, rows, past
-        length) per request, from :meth:`Batch.segments`; each request attends over its own cache."""
+    def forward(self, x: torch.Tensor, segments: list | None, j: int = 0) -> torch.Tensor:
+        """``segments``: None (training: plain causal), else one (cache, first row, rows, past length)
+        per request, from :meth:`Batch.segments`; each request attends over its own cache's block j."""
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         shape = (*k.shape[:-1], -1, self.head_dim)
         q, k, v = q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
         if segments is None:
-            out = self.attend(q, k, v, None)
+            out = self.attend(q, k, v, None, j)
         elif len(segments) == 1:
-            out = self.attend(q, k, v, segments[0][0])
+            out = self.attend(q, k, v, segments[0][0], j)
         else:
-            out = torch.cat([self.attend(q[:, :, a:a + n], k[:, :, a:a + n], v[:, :, a:a + n], past)
-                             for past, a, n, _ in segments], dim=2)
+            out = torch.cat([self.attend(q[:, :, a:a + n], k[:, :, a:a + n], v[:, :, a:a + n], cache, j)
+                             for cache, a, n, _ in segments], dim=2)
         out = out.transpose(1, 2).contiguous()
         return self.c_proj(out.reshape(*out.shape[:-2], -1).contiguous())
 
-    def attend(self, q, k, v, past: list[torch.Tensor] | None) -> torch.Tensor:
-        if past:
-            k, v = torch.cat([past[0], k], dim=-2), torch.cat([past[1], v], dim=-2)
+    def attend(self, q, k, v, cache: KVCache | None, j: int) -> torch.Tensor:
+        if cache is not None:
+            k, v = cache.append(j, k, v)  # views of the request's preallocated buffers
         else:
             # transformers runs even training through a DynamicCache, whose torch.cat makes k/v
             # contiguous; match that layout so sdpa takes the same kernel path.
             k, v = k.contiguous(), v.contiguous()
-        if past is not None:
-            past[:] = [k, v]
         q_len, kv_len = q.shape[2], k.shape[2]
         # Prefill (q_len > 1) on an empty cache is plain causal; one new token attends to everything;
         # a later chunk of a prompt (chunked prefill) sees the whole past and is causal within itself.
@@ -146,8 +144,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(shape.n_embd, eps=shape.eps)
         self.mlp = MLP(shape.n_embd)
 
-    def forward(self, x: torch.Tensor, segments: list | None = None) -> torch.Tensor:
-        x = self.attn(self.ln_1(x), segments) + x
+    def forward(self, x: torch.Tensor, segments: list | None = None, j: int = 0) -> torch.Tensor:
+        x = self.attn(self.ln_1(x), segments, j) + x
         return x + self.mlp(self.ln_2(x))
 
 
@@ -187,7 +185,7 @@ class GPT2Stage(nn.Module):
     def run_blocks(self, x: torch.Tensor, cache: KVCache | Batch | None = None) -> torch.Tensor:
         batch = as_batch(x, cache)
         for j, block in enumerate(self.transformer.h.values()):
-            x = block(x, batch.segments(j) if batch is not None else None)
+            x = block(x, batch.segments(j) if batch is not None else None, j)
         if batch is not None:
             batch.advance()
         return x

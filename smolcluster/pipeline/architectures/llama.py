@@ -150,9 +150,10 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(s.head_dim, s.eps)
             self.k_norm = RMSNorm(s.head_dim, s.eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list | None) -> torch.Tensor:
-        """``segments``: None (training), else one (past [k, v], first row, rows, past length) per
-        request, from :meth:`Batch.segments`; each request attends over its own cache."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list | None,
+                j: int = 0) -> torch.Tensor:
+        """``segments``: None (training), else one (cache, first row, rows, past length) per request,
+        from :meth:`Batch.segments`; each request attends over its own cache's block j."""
         input_shape = x.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         if hasattr(self, "q_norm"):
@@ -165,26 +166,23 @@ class Attention(nn.Module):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q, k = (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
         if segments is None:
-            out = self.attend(q, k, v, None, 0)
+            out = self.attend(q, k, v, None, j, 0)
         elif len(segments) == 1:
-            out = self.attend(q, k, v, segments[0][0], segments[0][3])
+            out = self.attend(q, k, v, segments[0][0], j, segments[0][3])
         else:
-            out = torch.cat([self.attend(q[:, :, a:a + n], k[:, :, a:a + n], v[:, :, a:a + n], past, past_len)
-                             for past, a, n, past_len in segments], dim=1)
+            out = torch.cat([self.attend(q[:, :, a:a + n], k[:, :, a:a + n], v[:, :, a:a + n], cache, j, past_len)
+                             for cache, a, n, past_len in segments], dim=1)
         return self.o_proj(out.reshape(*input_shape, -1).contiguous())
 
-    def attend(self, q, k, v, past: list[torch.Tensor] | None, past_len: int) -> torch.Tensor:
+    def attend(self, q, k, v, cache: KVCache | None, j: int, past_len: int) -> torch.Tensor:
         """One request's attention, (1, rows, heads, head_dim)."""
-        # transformers keeps keys in a cache even when training; its torch.cat makes them contiguous.
-        if past:
-            k, v = torch.cat([past[0], k], dim=-2), torch.cat([past[1], v], dim=-2)
+        if cache is not None:
+            # A sliding window keeps only the window - 1 latest keys: the next query sees those and itself.
+            k, v = cache.append(j, k, v, keep=self.window - 1 if self.window is not None else None)
         else:
+            # transformers keeps keys in a cache even when training; its torch.cat makes them contiguous.
             k, v = k.contiguous(), v.contiguous()
         q_len, kv_len = q.shape[2], k.shape[2]
-        if past is not None:
-            # A sliding window keeps only the window - 1 latest keys: the next query sees those and itself.
-            keep = self.window - 1 if self.window is not None else kv_len
-            past[:] = [k[:, :, -keep:, :], v[:, :, -keep:, :]] if kv_len > keep else [k, v]
         mask = None
         if self.window is not None and kv_len >= self.window:
             # transformers materialises the sliding-window mask once the keys reach the window.
@@ -226,8 +224,8 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(s.hidden, s.eps)
         self.post_attention_layernorm = RMSNorm(s.hidden, s.eps)
 
-    def forward(self, x, cos, sin, segments=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segments)
+    def forward(self, x, cos, sin, segments=None, j: int = 0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segments, j)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -269,7 +267,7 @@ class LlamaStage(nn.Module):
             positions = batch.positions(x.device)
         cos, sin = self.rope(x, positions)
         for j, block in enumerate(self.model.layers.values()):
-            x = block(x, cos, sin, batch.segments(j) if batch is not None else None)
+            x = block(x, cos, sin, batch.segments(j) if batch is not None else None, j)
         if batch is not None:
             batch.advance()
         return x
