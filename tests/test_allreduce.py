@@ -33,7 +33,7 @@ def ring_threads(world: int, fn, **kw) -> dict:
     def one(rank):
         link = RingLink(rank, addrs, addrs[rank], max_bytes=1 << 30, heartbeat_s=0.1, liveness_s=5, **kw)
         try:
-            link.connect("model", 30)
+            link.reform(0, "model", 30, min_members=world)
             out[rank] = fn(link)
         except Exception as e:  # reported by the main thread
             errors.append(e)
