@@ -16,6 +16,7 @@ the gradients. Rank 0 writes the run's files; a rank that goes silent stops the 
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import math
 import threading
@@ -210,6 +211,14 @@ def state_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
     return out
 
 
+def weights_sha(trainer: Trainer) -> str:
+    """A short digest of the weights: every member's is the same after a step (the log and events show it)."""
+    h = hashlib.sha256()
+    for flat in trainer.flat.params.values():
+        h.update(flat.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def load_state(trainer: Trainer, msg) -> None:
     flats = list(trainer.flat.params.values())
     for flat in flats:
@@ -341,6 +350,7 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
             logger.info(f"allreduce rank {rank}: took the weights and optimizer state of step {trainer.step} "
                         f"from rank {d['source']}")
         event = history.change(trainer.step, d["epoch"], old, d["members"])
+        sha = weights_sha(trainer)
         split = shares(sizes, link.members)
         trainer.sharder = Sharder(len(trainer.data.train_x), split, cfg.seed)
         share = split[rank]
@@ -348,9 +358,10 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
             sharded = ShardedOptimizer(trainer, link)
         take_lead(trainer.step)
         if lead and (not first or d["behind"]):
-            recorder.event(trainer.step, "membership", **{k: v for k, v in event.items() if k != "step"})
+            recorder.event(trainer.step, "membership", weights_sha=sha, **{k: v for k, v in event.items() if k != "step"})
         logger.info(f"allreduce rank {rank}: ring epoch {d['epoch']} of ranks {link.members} from step "
-                    f"{trainer.step} (joined {event['joined']}, left {event['left']}); batch share {share}")
+                    f"{trainer.step} (joined {event['joined']}, left {event['left']}); batch share {share}; "
+                    f"weights sha256 {sha}")
 
     def gather(step_loss, count, staleness: int, bufs: dict) -> torch.Tensor:
         """Runs on the ring thread after the step's buckets: the table every member decides from."""
