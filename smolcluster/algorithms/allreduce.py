@@ -242,6 +242,9 @@ class Membership:
         self.workers = {r: {"joined_step": None, "left_step": None, "steps": 0, "staleness": {}} for r in range(slots)}
         self.events: list[dict] = []
 
+    def members(self) -> list[int]:
+        return [r for r, w in self.workers.items() if w["joined_step"] is not None and w["left_step"] is None]
+
     def change(self, step: int, epoch: int, old: list[int], new: list[int]) -> dict:
         joined, left = [r for r in new if r not in old], [r for r in old if r not in new]
         for r in joined:
@@ -328,7 +331,6 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
     def form(first: bool) -> None:
         """Agree on the ring with every live rank (the first time too), catch up if behind, re-shard the data."""
         nonlocal share, sharded
-        old = [] if first else list(link.members)
         link.leaving.clear()
         d = ring.call(link.reform, trainer.step, trainer.fingerprint, cluster.connect_timeout_s,
                       min_workers if first else 1)
@@ -349,7 +351,7 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
             trainer.wall_before, trainer.t0 = run["wall_s"], time.perf_counter()
             logger.info(f"allreduce rank {rank}: took the weights and optimizer state of step {trainer.step} "
                         f"from rank {d['source']}")
-        event = history.change(trainer.step, d["epoch"], old, d["members"])
+        event = history.change(trainer.step, d["epoch"], history.members(), d["members"])
         sha = weights_sha(trainer)
         split = shares(sizes, link.members)
         trainer.sharder = Sharder(len(trainer.data.train_x), split, cfg.seed)
