@@ -371,6 +371,7 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
                  for lo, hi in link.owned(g.numel(), g.element_size()))
         return link.gather_scalars([float(step_loss) * count / total, sq, float(staleness), float(elastic and bool(link.joiners))])
 
+    sent_last = [0]  # link.bytes_sent after the last applied step
     inflight: collections.deque = collections.deque()  # steps whose gradients are on the ring, oldest first
 
     def compute(t: int) -> None:
@@ -427,7 +428,8 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
         mine.append(item.staleness)
         step, row = trainer.step, {}
         if step % tr.log_every == 0 or step == trainer.end_step:
-            row = {"bytes_sent": sent_before + link.bytes_sent, "allreduce_s": round(ring_s / max(1, step), 6),
+            row = {"bytes_sent": sent_before + link.bytes_sent, "bytes_sent_step": link.bytes_sent - sent_last[0],
+                   "allreduce_s": round(ring_s / max(1, step), 6),
                    "staleness_mean": round(sum(mine) / len(mine), 4), "staleness_max": max(mine),
                    "peers_alive": link.world - 1}
             if lead:
@@ -442,6 +444,7 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
             trainer.after_step(recorder, run_dir, row, run_state)
         elif row:
             recorder.log(step, **row)  # a worker's own sinks (Prometheus, W&B): its bytes, timings, staleness
+        sent_last[0] = link.bytes_sent
         return bool(stats[:, 3].sum())
 
     logger.info(f"allreduce rank {rank}/{n} on {nodes[rank].bind}: model={cfg.model.name} "
