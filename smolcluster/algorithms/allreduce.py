@@ -461,18 +461,22 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
                                                    or inflight[0].stats.done()):
                     rejoin = apply(inflight.popleft())
                 if rejoin:
-                    raise RingBroken(f"ring rank {rank}: a rank asks to join at step {trainer.step}")
-                if t < trainer.end_step:
+                    logger.info(f"allreduce rank {rank}: a rank asks to join: re-forming the ring at step {trainer.step}")
+                elif t < trainer.end_step:
                     compute(t)
                     t += 1
+                    continue
+                else:
+                    continue
             except RingBroken as e:
                 if not elastic:
                     raise PeerError(f"{e}; stopping the run (algo.zero=1 or algo.elastic=false)") from None
                 logger.warning(f"{e}: re-forming the ring from the last completed step")
-                ring.drain([f for item in inflight for f in (*item.tasks, item.stats)])
-                inflight.clear()
-                form(first=False)
-                t = trainer.step
+            # every member gets here at the same step boundary (a join) or soon after the break (a loss)
+            ring.drain([f for item in inflight for f in (*item.tasks, item.stats)])
+            inflight.clear()
+            form(first=False)
+            t = trainer.step
         if not lead:
             return None
         evaluation = trainer.evaluate()
