@@ -321,8 +321,8 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
             recorder = open_recorder(cfg, run_dir, files=lead, append=not fresh,
                                      keep_until=trainer.step if cfg.resume else None)
             trainer.start_clock(recorder)
-        elif lead and recorder._file is None:
-            recorder = RunRecorder(run_dir, sinks=recorder.sinks, append=True)
+        elif lead and recorder._file is None:  # rows of steps after ours (the last lead's half step) go
+            recorder = RunRecorder(run_dir, sinks=recorder.sinks, keep_until=step)
             recorder.t0 = time.time() - trainer.elapsed
         elif not lead and recorder._file is not None:
             recorder._file.close()
