@@ -180,12 +180,17 @@ class RingLink:
         now = time.monotonic()
         return {self.rank} | {r for r, t in self.last_seen.items() if t is not None and now - t <= self.liveness_s}
 
+    def _broken(self, message: str, lost: set[int] | None = None) -> RingBroken:
+        """This epoch is over for us: every later send or receive fails fast until :meth:`reform`."""
+        self.leaving.set()
+        return RingBroken(message, lost)
+
     def _check_liveness(self) -> None:
         now = time.monotonic()
         lost = sorted(r for r in self.members if r != self.rank and now - (self.last_seen[r] or now) > self.liveness_s)
         if lost:
-            raise RingBroken(f"ring rank {self.rank}: rank {', '.join(map(str, lost))} lost: silent for more than "
-                             f"cluster.liveness_s={self.liveness_s}s", lost=set(lost))
+            raise self._broken(f"ring rank {self.rank}: rank {', '.join(map(str, lost))} lost: silent for more "
+                               f"than cluster.liveness_s={self.liveness_s}s", set(lost))
 
     def _control(self, msg: wire.Message) -> None:
         """A membership message that came in while the ring runs: note a join, or raise RingBroken."""
@@ -198,13 +203,13 @@ class RingLink:
                 logger.info(f"ring rank {self.rank}: rank {r} asks to join (at the next step boundary)")
             self.joiners[r] = f
             if r in self.sessions:
-                raise RingBroken(f"ring rank {self.rank}: rank {r} restarted", lost={r})
+                raise self._broken(f"ring rank {self.rank}: rank {r} restarted", {r})
         elif kind == "ring_reform" and f["epoch"] == self.epoch and r in self.sessions:
-            raise RingBroken(f"ring rank {self.rank}: rank {r} left the ring's epoch {self.epoch}")
+            raise self._broken(f"ring rank {self.rank}: rank {r} left the ring's epoch {self.epoch}")
         elif kind == "ring_refused":
             raise PeerError(f["reason"])
         elif kind in ("ring_epoch", "ring_state") and f["epoch"] > self.epoch:
-            raise RingBroken(f"ring rank {self.rank}: rank {r} is in a newer epoch ({f['epoch']}) than ours")
+            raise self._broken(f"ring rank {self.rank}: rank {r} is in a newer epoch ({f['epoch']}) than ours")
         # anything else is from an older epoch: already dealt with
 
     def recv(self, kind: str, **expect):
@@ -225,7 +230,7 @@ class RingLink:
                 self.stale += 1  # sent before the ring re-formed
                 continue
             if msg.fields["epoch"] > self.epoch:
-                raise RingBroken(f"ring rank {self.rank}: a ring of epoch {msg.fields['epoch']} runs without us")
+                raise self._broken(f"ring rank {self.rank}: a ring of epoch {msg.fields['epoch']} runs without us")
             if msg.kind != kind or msg.fields["rank"] != self.pred or any(msg.fields.get(k) != v for k, v in expect.items()):
                 raise PeerError(f"ring rank {self.rank}: expected {kind} {expect} from rank {self.pred}, got "
                                 f"{msg.kind} {msg.fields} (are all ranks running the same config?)")
@@ -378,11 +383,13 @@ class RingLink:
         return got
 
     def _send_frames(self, frames: list) -> None:
+        if self.leaving.is_set():
+            raise RingBroken(f"ring rank {self.rank}: leaving the ring's epoch {self.epoch}")
         try:
             self._to(self.succ).sock.send_multipart(frames, copy=False)
         except zmq.Again:
-            raise RingBroken(f"ring rank {self.rank}: could not send to rank {self.succ}: it is gone or stuck",
-                             lost={self.succ}) from None
+            raise self._broken(f"ring rank {self.rank}: could not send to rank {self.succ}: it is gone or stuck",
+                               {self.succ}) from None
         self.bytes_sent += sum(len(f) if isinstance(f, (bytes, zmq.Frame)) else memoryview(f).nbytes for f in frames)
 
     def _parts(self, flat: torch.Tensor, bucket_bytes: int | None, only: int | None):
