@@ -331,7 +331,6 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
     def form(first: bool) -> None:
         """Agree on the ring with every live rank (the first time too), catch up if behind, re-shard the data."""
         nonlocal share, sharded
-        link.leaving.clear()
         d = ring.call(link.reform, trainer.step, trainer.fingerprint, cluster.connect_timeout_s,
                       min_workers if first else 1)
         if rank == d["source"]:
@@ -459,7 +458,8 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
                 # apply the oldest step on the ring when it must be (K steps behind, or the run's end) or is done
                 while inflight and not rejoin and (t - inflight[0].step > K or t >= trainer.end_step
                                                    or inflight[0].stats.done()):
-                    rejoin = apply(inflight.popleft())
+                    rejoin = apply(inflight[0])  # (still in flight if it raises: drain() waits for its tasks)
+                    inflight.popleft()
                 if rejoin:
                     logger.info(f"allreduce rank {rank}: a rank asks to join: re-forming the ring at step {trainer.step}")
                 elif t < trainer.end_step:

@@ -242,6 +242,7 @@ class RingLink:
         rank completed. Returns the decision: ``epoch``, ``step`` (everyone goes on from it), ``source``, ``members``
         and ``behind`` (the members that must :meth:`recv_state` from the source). Also the first forming of the
         ring: every rank starts here, and the coordinator waits for ``min_members`` ranks."""
+        self.leaving.clear()  # (on the ring's thread: every task queued before this one has run)
         if self.epoch >= 0:
             for r in self.members:
                 if r != self.rank:
