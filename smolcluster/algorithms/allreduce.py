@@ -10,7 +10,19 @@ gradient per step whatever N is; a parameter server's link carries 2N copies.
 ``algo.zero=1`` (ZeRO stage 1): after the reduce-scatter a rank holds the complete
 sum only for the chunks it owns; it keeps optimizer state for those alone (1/N of
 it), steps them, and the all-gather then carries the updated parameters instead of
-the gradients. Rank 0 writes the run's files; a rank that goes silent stops the run.
+the gradients.
+
+Elastic: a lost rank breaks the ring's epoch; the survivors agree on a new one
+(:meth:`RingLink.reform`: the lowest live rank decides the members and the step, the
+highest completed one), members that are behind take the weights and optimizer
+state of that step from the source, and the step's global batch is split over the
+members (:func:`shares`), so the run stays ``local``'s. A new rank joins the same
+way at a step boundary. ZeRO-1 is not elastic: a lost rank stops the run.
+
+``algo.max_staleness=K``: a rank computes step t once the reduced gradient of step
+t-K-1 is applied (step t's is summed in the background meanwhile), so it runs at
+most K steps ahead of the slowest; every rank applies the same reduced gradients in
+the same order. The lowest member writes the run's files.
 """
 
 from __future__ import annotations
