@@ -33,7 +33,7 @@ def ring_threads(world: int, fn, **kw) -> dict:
     def one(rank):
         link = RingLink(rank, addrs, addrs[rank], max_bytes=1 << 30, heartbeat_s=0.1, liveness_s=5, **kw)
         try:
-            link.connect("model", 30)
+            link.reform(0, "model", 30, min_members=world)
             out[rank] = fn(link)
         except Exception as e:  # reported by the main thread
             errors.append(e)
@@ -153,9 +153,10 @@ def test_fp16_ring_trains_and_sends_half_the_bytes(tmp_path):
     assert 0.45 < half["bytes_sent_per_step"] / plain["bytes_sent_per_step"] < 0.6
 
 
-def test_a_sigkilled_worker_stops_the_ring_with_its_rank_named(tmp_path):
+def test_zero1_ring_stops_on_a_lost_rank_naming_it(tmp_path):
+    # ZeRO-1 is not elastic (a lost rank takes its optimizer shard along): the survivors stop, naming it.
     # delay_s caps the ring at ~20 steps/s: the kill lands long before the run's end
-    with Cluster(tmp_path, "allreduce", "train.steps=2000", "train.log_every=5", *FAST,
+    with Cluster(tmp_path, "allreduce", "algo.zero=1", "train.steps=2000", "train.log_every=5", *FAST,
                  "cluster.nodes=[{delay_s: 0.05},{delay_s: 0.05},{delay_s: 0.05}]", workers=3,
                  port=free_ports("127.0.0.1", 3)) as c:
         for r in range(3):
@@ -168,6 +169,101 @@ def test_a_sigkilled_worker_stops_the_ring_with_its_rank_named(tmp_path):
             assert "rank 1 lost: silent for more than cluster.liveness_s=3" in c.output(name)
         assert time.monotonic() - killed < 3 + 10  # the liveness window, plus exit; no hang
     assert c.metrics()[-1]["step"] < 2000
+
+
+def events(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("event") == "membership"]
+
+
+MNIST_ARGS = ["train.batch_size=32", "train.steps=120", "train.log_every=5", "train.lr=0.05"]
+
+
+@pytest.fixture(scope="module")
+def local_mnist(tmp_path_factory):
+    from tests.conftest import MNIST
+    if not (MNIST / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"real MNIST subset not found in {MNIST} (set SMOLCLUSTER_SHARED_DATA)")
+    run = tmp_path_factory.mktemp("local_mnist")
+    data = ["data=mnist", f"data.root={MNIST}", "data.download=false"]
+    return run, data, train(run, "algo=local", *data, *MNIST_ARGS[1:], "train.batch_size=96")
+
+
+def test_a_sigkilled_worker_leaves_a_2_ring_that_finishes_like_local(tmp_path, local_mnist):
+    """3 ranks on MNIST, rank 0 (the coordinator and the run files' writer) SIGKILLed mid-run: ranks 1 and 2 agree
+    on epoch 1 from the last completed step, split the global batch of 96 between them (48 each) and finish, rank
+    1 writing the files on. Every step trained on local's batch, so the result is local's (batch 96) up to
+    summation order; the partial step the kill interrupted is trained once."""
+    local_dir, data, local = local_mnist
+    with Cluster(tmp_path, "allreduce", *data, *MNIST_ARGS, *FAST,
+                 "cluster.nodes=[{delay_s: 0.05},{delay_s: 0.05},{delay_s: 0.05}]", workers=3,
+                 port=free_ports("127.0.0.1", 3)) as c:
+        for r in range(3):
+            c.worker(r)
+        c.wait_for_step(20)
+        c.kill("worker0")
+        for name in ("worker1", "worker2"):
+            assert c.wait(name, timeout=120) == 0, c.output(name)[-3000:]
+        # one survivor finds rank 0 silent; the other may hear first that the ring is being re-formed
+        assert any("rank 0 lost: silent for more than cluster.liveness_s=3" in c.output(n) for n in ("worker1", "worker2"))
+        s, rows = c.summary(), c.metrics()
+    [ev] = events(rows)
+    assert ev["left"] == [0] and ev["members"] == [1, 2] and ev["epoch"] == 1 and 20 <= ev["step"] < 120
+    assert s["steps"] == 120 and s["ring"] == 2 and s["samples"] == 120 * 96
+    assert s["membership"][-1]["left"] == [0]
+    w = s["workers"]
+    assert w["0"]["left_step"] == ev["step"] and w["0"]["steps"] == ev["step"]
+    assert w["1"]["steps"] == w["2"]["steps"] == 120 and w["1"]["left_step"] is None
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 120  # each step logged once, in order
+    assert s["eval_accuracy"] > 0.85 and abs(s["eval_accuracy"] - local["eval_accuracy"]) < 0.005
+    assert max_abs_diff(tmp_path, local_dir) < 1e-4
+
+
+def test_a_late_joiner_starts_from_the_rings_weights(tmp_path):
+    """min_workers=2: ranks 0 and 1 start the ring; rank 2, started after step 5, joins at a step boundary with
+    the ring's weights and optimizer state (the same sha256 as the ring's at that step) and the run ends like local."""
+    args = ["train.batch_size=32", "train.steps=200", "train.log_every=5", "train.optimizer=adamw", "train.lr=1e-3"]
+    # delay_s: ranks 0 and 1 take >= 20 s for the run, so rank 2 (a new process: seconds to start) joins mid-run
+    with Cluster(tmp_path, "allreduce", *args, *FAST, "algo.min_workers=2",
+                 "cluster.nodes=[{delay_s: 0.1},{delay_s: 0.1},{delay_s: 0}]", workers=3,
+                 port=free_ports("127.0.0.1", 3)) as c:
+        c.worker(0)
+        c.worker(1)
+        c.wait_for_step(5)
+        c.worker(2)
+        for name in ("worker0", "worker1", "worker2"):
+            assert c.wait(name, timeout=180) == 0, c.output(name)[-3000:]
+        s, rows = c.summary(), c.metrics()
+        joiner = c.output("worker2")
+    [ev] = events(rows)
+    assert ev["joined"] == [2] and ev["members"] == [0, 1, 2] and 5 <= ev["step"] < 200
+    assert f"from step {ev['step']} (joined [2], left []); batch share 32; weights sha256 {ev['weights_sha']}" in joiner
+    assert f"took the weights and optimizer state of step {ev['step']} from rank 0" in joiner
+    assert s["ring"] == 3 and s["workers"]["2"]["joined_step"] == ev["step"]
+    assert s["workers"]["2"]["steps"] == 200 - ev["step"] and s["workers"]["0"]["steps"] == 200
+    # before the join 2 ranks took 48 samples each of every step's 96, after it 3 took 32: local's batches
+    local = train(tmp_path / "local", "algo=local", *args, "train.batch_size=96")
+    assert max_abs_diff(tmp_path, tmp_path / "local") < 1e-4
+    assert abs(s["final_loss"] - local["final_loss"]) < 1e-3
+
+
+def test_bounded_staleness_lets_the_fast_rank_run_at_most_k_ahead(tmp_path):
+    """max_staleness=2, rank 1 throttled: rank 0 computes its gradients on weights up to 2 updates old (it runs
+    ahead), never more; the slow rank's are fresher; every rank applies the same reduced gradients, so it learns."""
+    rows_args = ["algo=allreduce", "cluster.workers=2", "train.batch_size=32", "train.steps=40", "train.log_every=1",
+                 "algo.max_staleness=2", "cluster.nodes=[{delay_s: 0},{delay_s: 0.05}]", *FAST]
+    s = train(tmp_path, *rows_args)
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines() if r.strip()]
+    fast = [r["staleness/rank0"] for r in rows if "staleness/rank0" in r]
+    slow = [r["staleness/rank1"] for r in rows if "staleness/rank1" in r]
+    assert len(fast) == len(slow) == 40
+    assert max(fast) == 2 and min(fast) >= 0 and max(slow) <= 2
+    # measured: fast 1.9 (0, 1, then 2 from step 2 on), slow about 1 (it waits less long for what is on the ring)
+    assert sum(fast) / 40 > 1.5 and sum(fast) / 40 > sum(slow) / 40 + 0.5, (fast, slow)
+    w = s["workers"]
+    assert w["0"]["staleness_max"] == 2 and w["0"]["staleness_mean"] == pytest.approx(sum(fast) / 40)
+    assert set(w["0"]["staleness"]) <= {"0", "1", "2"} and sum(w["0"]["staleness"].values()) == 40
+    assert s["max_staleness"] == 2 and s["final_loss"] < 0.8 * 2.3  # digits start at ln(10) = 2.30
 
 
 def test_with_curve_a_stranger_without_the_key_gets_nothing_through(tmp_path):
@@ -200,6 +296,8 @@ def test_with_curve_a_stranger_without_the_key_gets_nothing_through(tmp_path):
     ("algo.zero=2", "algo.zero=2 is invalid"),
     ("algo.bucket_mb=0", "algo.bucket_mb=0 is invalid"),
     ("algo.compression=gzip", "codec 'gzip' is unknown"),
+    ("algo.max_staleness=-1", "algo.max_staleness=-1 is invalid"),
+    ("algo.min_workers=9", "algo.min_workers=9 is invalid"),
 ])
 def test_bad_allreduce_settings_are_one_line_errors(override, message):
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):

@@ -10,11 +10,25 @@ gradient per step whatever N is; a parameter server's link carries 2N copies.
 ``algo.zero=1`` (ZeRO stage 1): after the reduce-scatter a rank holds the complete
 sum only for the chunks it owns; it keeps optimizer state for those alone (1/N of
 it), steps them, and the all-gather then carries the updated parameters instead of
-the gradients. Rank 0 writes the run's files; a rank that goes silent stops the run.
+the gradients.
+
+Elastic: a lost rank breaks the ring's epoch; the survivors agree on a new one
+(:meth:`RingLink.reform`: the lowest live rank decides the members and the step, the
+highest completed one), members that are behind take the weights and optimizer
+state of that step from the source, and the step's global batch is split over the
+members (:func:`shares`), so the run stays ``local``'s. A new rank joins the same
+way at a step boundary. ZeRO-1 is not elastic: a lost rank stops the run.
+
+``algo.max_staleness=K``: a rank computes step t once the reduced gradient of step
+t-K-1 is applied (step t's is summed in the background meanwhile), so it runs at
+most K steps ahead of the slowest; every rank applies the same reduced gradients in
+the same order. The lowest member writes the run's files.
 """
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import json
 import math
 import threading
@@ -29,14 +43,15 @@ from omegaconf import DictConfig
 
 from smolcluster.algorithms.ps import batch_sizes, codecs, max_bytes
 from smolcluster.cluster import worker_settings
-from smolcluster.errors import ConfigError
+from smolcluster.data.sharding import Sharder
+from smolcluster.errors import ConfigError, PeerError
 from smolcluster.optim import build_optimizer
 from smolcluster.pipeline.launch import launch_ranks
 from smolcluster.pipeline.nodes import stage_nodes
 from smolcluster.security import GradientGuard
-from smolcluster.telemetry.run_files import open_recorder
+from smolcluster.telemetry.run_files import RunRecorder, open_recorder
 from smolcluster.trainer import LossWindow, Trainer
-from smolcluster.transport.ring import RingLink
+from smolcluster.transport.ring import RingBroken, RingLink
 
 
 def check(cfg: DictConfig) -> None:
@@ -47,13 +62,16 @@ def check(cfg: DictConfig) -> None:
     if not isinstance(mb, (int, float)) or isinstance(mb, bool) or mb <= 0:
         raise ConfigError(f"algo.bucket_mb={mb!r} is invalid: it must be a positive number of MB, e.g. 25")
     codecs(a)  # an unknown algo.compression is a one-line error listing the codecs
-
-
-def owned_sq_norm(trainer: Trainer, link: RingLink) -> float:
-    """Squared norm of the parts of the reduced gradient this rank owns (holds complete after reduce-scatter);
-    summed over the ranks, the whole gradient's."""
-    return sum(float(g[lo:hi].double().pow(2).sum()) for g in trainer.flat.grads.values()
-               for lo, hi in link.owned(g.numel(), g.element_size()))
+    k = a.get("max_staleness", 0)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise ConfigError(f"algo.max_staleness={k!r} is invalid: a whole number of steps >= 0 (0 = synchronous)")
+    if k and a.get("zero"):
+        raise ConfigError("algo.max_staleness>0 with algo.zero=1 is not supported: ZeRO-1 steps each shard in "
+                          "lock-step; use algo.zero=0 or algo.max_staleness=0")
+    m = a.get("min_workers")
+    if m is not None and (not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= cfg.cluster.workers):
+        raise ConfigError(f"algo.min_workers={m!r} is invalid: between 1 and cluster.workers "
+                          f"({cfg.cluster.workers}), or null for all of them")
 
 
 class ShardedOptimizer:
@@ -100,7 +118,8 @@ class RingRunner:
     by this rank's share of the samples and sends it round the ring. With ``overlap``, gradient hooks mark
     buckets complete during backward (DDP's trick), so communication runs behind the earlier layers'
     compute; without, all buckets are marked complete when backward returns. The order, and so the sums,
-    are the same either way."""
+    are the same either way. Under ``max_staleness`` the tasks work on a copy of the step's gradient
+    (``bufs``), so the next steps' backward can run while it is on the ring."""
 
     def __init__(self, link: RingLink, trainer: Trainer, overlap: bool):
         self.link, self.grads = link, trainer.flat.grads
@@ -135,14 +154,17 @@ class RingRunner:
     def call(self, fn, *args):
         return self.pool.submit(fn, *args).result()
 
-    def start(self, step: int, scale: float, op, codec: str) -> list:
-        """Queue this step's bucket tasks; call before backward."""
+    def submit(self, fn, *args):
+        return self.pool.submit(fn, *args)
+
+    def start(self, step: int, scale: float, op, codec: str, bufs: dict | None = None) -> list:
+        """Queue this step's bucket tasks; call before backward (or after it, with ``bufs``)."""
         self.left, self.in_backward = dict(self.members), True
         self.total += len(self.order)
         for event in self.ready.values():
             event.clear()
         self.pool.submit(setattr, self.link, "step", step)
-        return [self.pool.submit(self._bucket, key, scale, op, codec) for key in self.order]
+        return [self.pool.submit(self._bucket, key, scale, op, codec, bufs or self.grads) for key in self.order]
 
     def backward_done(self) -> None:
         """Every bucket is complete (also one whose parameters got no gradient this step)."""
@@ -150,26 +172,132 @@ class RingRunner:
         for event in self.ready.values():
             event.set()
 
-    def _bucket(self, key: tuple, scale: float, op, codec: str) -> None:
+    def _bucket(self, key: tuple, scale: float, op, codec: str, grads: dict) -> None:
         name, b = key
         self.ready[key].wait()
+        if self.link.leaving.is_set():
+            raise RingBroken(f"ring rank {self.link.rank}: leaving the ring's epoch {self.link.epoch}")
         self.early += self.in_backward  # this bucket goes round the ring while backward still runs
-        lo, hi = self.link.buckets(self.grads[name].numel(), self.grads[name].element_size())[b]
-        self.grads[name][lo:hi].mul_(scale)  # the ring sums: sum_r (n_r / N) grad_r = the union batch's mean
-        op(self.grads[name], codec, name, only=b)
+        lo, hi = self.link.buckets(grads[name].numel(), grads[name].element_size())[b]
+        grads[name][lo:hi].mul_(scale)  # the ring sums: sum_r (n_r / N) grad_r = the union batch's mean
+        op(grads[name], codec, name, only=b)
+
+    def drain(self, pending) -> None:
+        """After a RingBroken: make every queued task fail fast and wait for them, so the thread is free."""
+        self.link.leaving.set()
+        self.backward_done()
+        for fut in pending:
+            try:
+                fut.result()
+            except Exception:  # noqa: S110 - each meets the same broken epoch; the first error is being handled
+                pass
 
     def close(self) -> None:
         """After a failure too: tasks still queued are dropped (each would only meet the same lost rank)."""
+        self.link.leaving.set()
         self.backward_done()
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.link.close()  # (the ring thread has ended: the sockets are ours again)
 
 
+def shares(sizes: list[int], members: list[int]) -> list[int]:
+    """Each slot's part of a step's global batch when ``members`` are the ring. The global batch stays
+    ``sum(sizes)`` whoever is in the ring (so step s trains on the same samples as ``algo=local``); the
+    members split it in proportion to their configured batch sizes (all present: exactly those)."""
+    total, have = sum(sizes), sum(sizes[r] for r in members)
+    out = [0] * len(sizes)
+    for r in members:
+        out[r] = total * sizes[r] // have
+    for r in members[: total - sum(out)]:
+        out[r] += 1
+    return out
+
+
+def state_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """What a rank that is behind needs besides the counters: the flat parameters and the optimizer's state."""
+    out = {f"param/{name}": flat for name, flat in trainer.flat.params.items()}
+    for i, flat in enumerate(trainer.flat.params.values()):
+        for key, value in trainer.optimizer.state.get(flat, {}).items():
+            if torch.is_tensor(value):
+                out[f"optim/{i}/{key}"] = value
+    return out
+
+
+def weights_sha(trainer: Trainer) -> str:
+    """A short digest of the weights: every member's is the same after a step (the log and events show it)."""
+    h = hashlib.sha256()
+    for flat in trainer.flat.params.values():
+        h.update(flat.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_state(trainer: Trainer, msg) -> None:
+    flats = list(trainer.flat.params.values())
+    for flat in flats:
+        trainer.optimizer.state.pop(flat, None)
+    with torch.no_grad():
+        for key in msg.tensors:
+            kind, rest = key.split("/", 1)
+            t = msg.tensor(key, copy=True)
+            if kind == "param":
+                trainer.flat.params[rest].copy_(t.to(trainer.device))
+            else:
+                i, name = rest.split("/", 1)
+                trainer.optimizer.state[flats[int(i)]][name] = t.to(trainer.device)
+
+
+class Membership:
+    """Who was in the ring when, as every member sees it (decisions and the per-step table are the same on
+    every member; a rank that joins gets the history in the source's state): per-worker steps and staleness."""
+
+    def __init__(self, slots: int):
+        self.workers = {r: {"joined_step": None, "left_step": None, "steps": 0, "staleness": {}} for r in range(slots)}
+        self.events: list[dict] = []
+
+    def members(self) -> list[int]:
+        return [r for r, w in self.workers.items() if w["joined_step"] is not None and w["left_step"] is None]
+
+    def change(self, step: int, epoch: int, old: list[int], new: list[int]) -> dict:
+        joined, left = [r for r in new if r not in old], [r for r in old if r not in new]
+        for r in joined:
+            self.workers[r].update(joined_step=step, left_step=None)
+        for r in left:
+            self.workers[r]["left_step"] = step
+        event = {"step": step, "epoch": epoch, "members": new, "joined": joined, "left": left}
+        self.events.append(event)
+        return event
+
+    def stepped(self, members: list[int], staleness: list[int]) -> None:
+        for r, k in zip(members, staleness):
+            w = self.workers[r]
+            w["steps"] += 1
+            w["staleness"][str(k)] = w["staleness"].get(str(k), 0) + 1
+
+    def summary(self) -> dict:
+        out = {}
+        for r, w in self.workers.items():
+            n = sum(w["staleness"].values())
+            mean = sum(int(k) * v for k, v in w["staleness"].items()) / n if n else None
+            out[str(r)] = {**w, "staleness_mean": None if mean is None else round(mean, 4),
+                           "staleness_max": max(map(int, w["staleness"]), default=None)}
+        return out
+
+    def to_json(self) -> dict:
+        return {"workers": {str(r): w for r, w in self.workers.items()}, "events": self.events}
+
+    def load(self, d: dict) -> None:
+        self.workers = {int(r): w for r, w in d["workers"].items()}
+        self.events = d["events"]
+
+
 def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
-    cluster, zero = cfg.cluster, int(cfg.algo.zero)
+    cluster, zero, algo = cfg.cluster, int(cfg.algo.zero), cfg.algo
     n = int(cluster.workers)
     if not 0 <= rank < n:
         raise ConfigError(f"rank={rank} is outside 0..{n - 1} (cluster.workers)")
+    K = int(algo.get("max_staleness") or 0)
+    elastic = bool(algo.get("elastic", True)) and not zero  # ZeRO-1: a lost rank takes its optimizer shard along
+    min_workers = int(algo.get("min_workers") or n)
     settings = worker_settings(cluster, rank, cfg.train)
     sizes = batch_sizes(cfg)
     total = sum(sizes)
@@ -184,66 +312,183 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
     nodes = stage_nodes(cluster, n)  # rank r's address: the same rule as a pipeline stage's
     link = RingLink(rank, [nd.address for nd in nodes], nodes[rank].bind, max_bytes=max_bytes(cluster),
                     heartbeat_s=cluster.heartbeat_s, liveness_s=cluster.liveness_s, keys_dir=cluster.get("keys"),
-                    bucket_bytes=int(cfg.algo.bucket_mb * 2**20))
-    ring = RingRunner(link, trainer, overlap=bool(cfg.algo.overlap))
-    sharded = ShardedOptimizer(trainer, link) if zero else None
-    codec, tr, lead = codecs(cfg.algo)[0], trainer.train, rank == 0
-    recorder = open_recorder(cfg, run_dir, files=lead, keep_until=trainer.step if cfg.resume else None)
-    window, ring_s = LossWindow(tr.log_every), 0.0
-    guard, lr = GradientGuard.from_config(tr), None
-    sent_before = trainer.carried.get("bytes_sent", 0)  # rank 0's bytes before a resume: its counters go on
+                    bucket_bytes=int(algo.bucket_mb * 2**20))
+    ring = RingRunner(link, trainer, overlap=bool(algo.overlap) and K == 0)
+    codec, tr = codecs(algo)[0], trainer.train
+    window, ring_s, mine = LossWindow(tr.log_every), 0.0, collections.deque(maxlen=max(1, tr.log_every))
+    guard, lr, sharded = GradientGuard.from_config(tr), None, None
+    history = Membership(n)
+    sent_before = trainer.carried.get("bytes_sent", 0)  # the lead's bytes before a resume: its counters go on
+    recorder, lead, share = None, False, sizes[rank]
 
     def run_state() -> dict:  # what the checkpoint's JSON carries for a resume, besides samples and wall time
         return {"bytes_sent": sent_before + link.bytes_sent}
 
-    logger.info(f"allreduce rank {rank}/{n} on {nodes[rank].bind} -> rank {link.succ} at {nodes[link.succ].address}: "
-                f"model={cfg.model.name} ({trainer.num_params:,} params) zero={zero} compression={codec} "
-                f"overlap={bool(cfg.algo.overlap)}")
-    try:
-        ring.call(link.connect, trainer.fingerprint, cluster.connect_timeout_s)
-        trainer.start_clock(recorder)
-        while trainer.step < trainer.end_step:
-            sent = link.bytes_sent
-            scale = sizes[rank] / total
-            if settings["blowup_every"] and trainer.step % settings["blowup_every"] == settings["blowup_every"] - 1:
-                scale *= 1e6  # test knob: a buggy node (an fp16 overflow) sends a huge gradient now and then
-            tasks = ring.start(trainer.step, scale, link.reduce_scatter if zero else link.allreduce, codec)
+    def take_lead(step: int) -> None:
+        """The lowest member writes the run's files (a new lead appends to what the last one wrote)."""
+        nonlocal recorder, lead
+        lead = rank == link.members[0]
+        if recorder is None:
+            fresh = step == 0 or cfg.resume
+            recorder = open_recorder(cfg, run_dir, files=lead, append=not fresh,
+                                     keep_until=trainer.step if cfg.resume else None)
+            trainer.start_clock(recorder)
+        elif lead and recorder._file is None:  # rows of steps after ours (the last lead's half step) go
+            recorder = RunRecorder(run_dir, sinks=recorder.sinks, keep_until=step)
+            recorder.t0 = time.time() - trainer.elapsed
+        elif not lead and recorder._file is not None:
+            recorder._file.close()
+            recorder._file = None
+
+    def form(first: bool) -> None:
+        """Agree on the ring with every live rank (the first time too), catch up if behind, re-shard the data."""
+        nonlocal share, sharded
+        d = ring.call(link.reform, trainer.step, trainer.fingerprint, cluster.connect_timeout_s,
+                      min_workers if first else 1)
+        if rank == d["source"]:
+            run = json.dumps({"samples": trainer.samples, "guard": list(guard.norms), "rejected": guard.rejected,
+                              "history": history.to_json(), "wall_s": trainer.elapsed})
+            for r in d["behind"]:
+                ring.call(link.send_state, r, trainer.step, state_tensors(trainer), run)
+        elif rank in d["behind"]:
+            msg = ring.call(link.recv_state, d["source"])
+            load_state(trainer, msg)
+            run = json.loads(msg.fields["run"])
+            trainer.step, trainer.samples = msg.fields["step"], run["samples"]
+            guard.norms.clear()
+            guard.norms.extend(run["guard"])
+            guard.rejected = run["rejected"]
+            history.load(run["history"])
+            trainer.wall_before, trainer.t0 = run["wall_s"], time.perf_counter()
+            logger.info(f"allreduce rank {rank}: took the weights and optimizer state of step {trainer.step} "
+                        f"from rank {d['source']}")
+        event = history.change(trainer.step, d["epoch"], history.members(), d["members"])
+        sha = weights_sha(trainer)
+        split = shares(sizes, link.members)
+        trainer.sharder = Sharder(len(trainer.data.train_x), split, cfg.seed)
+        share = split[rank]
+        if zero:
+            sharded = ShardedOptimizer(trainer, link)
+        take_lead(trainer.step)
+        if lead and (not first or d["behind"]):
+            recorder.event(trainer.step, "membership", weights_sha=sha, **{k: v for k, v in event.items() if k != "step"})
+        logger.info(f"allreduce rank {rank}: ring epoch {d['epoch']} of ranks {link.members} from step "
+                    f"{trainer.step} (joined {event['joined']}, left {event['left']}); batch share {share}; "
+                    f"weights sha256 {sha}")
+
+    def gather(step_loss, count, staleness: int, bufs: dict) -> torch.Tensor:
+        """Runs on the ring thread after the step's buckets: the table every member decides from."""
+        sq = sum(float(g[lo:hi].double().pow(2).sum()) for g in bufs.values()
+                 for lo, hi in link.owned(g.numel(), g.element_size()))
+        return link.gather_scalars([float(step_loss) * count / total, sq, float(staleness), float(elastic and bool(link.joiners))])
+
+    sent_last = [0]  # link.bytes_sent after the last applied step
+    inflight: collections.deque = collections.deque()  # steps whose gradients are on the ring, oldest first
+
+    def compute(t: int) -> None:
+        scale = share / total
+        if settings["blowup_every"] and t % settings["blowup_every"] == settings["blowup_every"] - 1:
+            scale *= 1e6  # test knob: a buggy node (an fp16 overflow) sends a huge gradient now and then
+        op = link.reduce_scatter if zero else link.allreduce
+        staleness = t - trainer.step  # updates this gradient's weights lack
+        if K == 0:  # the ring works on the gradient buffer itself, bucket by bucket as backward fills it
+            tasks = ring.start(t, scale, op, codec)
             try:
-                loss, count = trainer.compute_gradients(trainer.step, rank)
+                loss, count = trainer.compute_gradients(t, rank)
             finally:
                 ring.backward_done()
-            if settings["delay_s"]:
-                time.sleep(settings["delay_s"])  # test knob: make this node artificially slow
+            bufs = trainer.flat.grads
+        else:  # a copy: the next step's backward overwrites the buffer while this one is on the ring
+            loss, count = trainer.compute_gradients(t, rank)
+            bufs = {k: g.clone() for k, g in trainer.flat.grads.items()}
+            tasks = ring.start(t, scale, op, codec, bufs)
+            ring.backward_done()
+        if settings["delay_s"]:
+            time.sleep(settings["delay_s"])  # test knob: make this node artificially slow
+        inflight.append(SimpleNamespace(step=t, tasks=tasks, bufs=bufs, staleness=staleness,
+                                        stats=ring.submit(gather, loss, count, staleness, bufs)))
+
+    def apply(item) -> bool:
+        """Apply a step's reduced gradient (every member applies the same ones in the same order); True when a
+        rank asked to join and the ring re-forms now (every member read the same table, so all do)."""
+        nonlocal ring_s, lr
+        t_ring = time.perf_counter()
+        for task in item.tasks:
+            task.result()  # (a PeerError from the ring thread is raised here)
+        stats = item.stats.result()
+        ring_s += time.perf_counter() - t_ring  # the part of the ring's time that backward did not hide
+        if item.bufs is not trainer.flat.grads:
+            for name, g in item.bufs.items():
+                trainer.flat.grads[name].copy_(g)
+        sq_norm = float(stats[:, 1].double().sum())  # the summed gradient's, from every member's owned chunks
+        # the outlier rule on the reduced gradient: every rank holds the same table and the same history,
+        # so every rank decides the same and a rejected step is skipped everywhere
+        if guard.check(math.sqrt(sq_norm), f"step {trainer.step}'s gradient"):
+            lr = sharded.step(sq_norm) if zero else trainer.apply_gradients()
+        else:
+            trainer.step += 1  # not applied; the schedule moves on as everywhere else
+        if zero:
             t_ring = time.perf_counter()
-            for task in tasks:
-                task.result()  # (a PeerError from the ring thread is raised here)
-            stats = ring.call(link.gather_scalars, [float(loss) * count / total, owned_sq_norm(trainer, link)])
-            ring_s += time.perf_counter() - t_ring  # the part of the ring's time that backward did not hide
-            sq_norm = float(stats[:, 1].double().sum())  # the summed gradient's, from every rank's owned chunks
-            # the outlier rule on the reduced gradient: every rank holds the same table and the same history,
-            # so every rank decides the same and a rejected step is skipped everywhere
-            if guard.check(math.sqrt(sq_norm), f"step {trainer.step}'s gradient"):
-                lr = sharded.step(sq_norm) if zero else trainer.apply_gradients()
-            else:
-                trainer.step += 1  # not applied; the schedule moves on as everywhere else
-            if zero:
-                t_ring = time.perf_counter()
-                for name, p in trainer.flat.params.items():
-                    ring.call(link.all_gather, p, "none", name)  # parameters: never lossy (no error feedback)
-                ring_s += time.perf_counter() - t_ring
-            window.add(float(stats[:, 0].sum()))
-            trainer.samples += total
-            if not lead:
-                continue
-            step, row = trainer.step, {}
-            if step % tr.log_every == 0 or step == trainer.end_step:
+            for name, p in trainer.flat.params.items():
+                ring.call(link.all_gather, p, "none", name)  # parameters: never lossy (no error feedback)
+            ring_s += time.perf_counter() - t_ring
+        window.add(float(stats[:, 0].sum()))
+        trainer.samples += total
+        staleness = [int(v) for v in stats[:, 2].tolist()]
+        history.stepped(link.members, staleness)
+        mine.append(item.staleness)
+        step, row = trainer.step, {}
+        if step % tr.log_every == 0 or step == trainer.end_step:
+            row = {"bytes_sent": sent_before + link.bytes_sent, "bytes_sent_step": link.bytes_sent - sent_last[0],
+                   "allreduce_s": round(ring_s / max(1, step), 6),
+                   "staleness_mean": round(sum(mine) / len(mine), 4), "staleness_max": max(mine),
+                   "peers_alive": link.world - 1}
+            if lead:
                 rate = trainer.rate
-                row = {"loss": window.mean(), "lr": lr, "samples": trainer.samples, "samples_per_s": round(rate, 2),
-                       "bytes_sent": sent_before + link.bytes_sent, "bytes_sent_step": link.bytes_sent - sent,
-                       "allreduce_s": round(ring_s / step, 6), "gradients_rejected": guard.rejected}
+                row.update(loss=window.mean(), lr=lr, samples=trainer.samples, samples_per_s=round(rate, 2),
+                           gradients_rejected=guard.rejected, ring=link.world)
+                if K:
+                    row.update({f"staleness/rank{r}": k for r, k in zip(link.members, staleness)})
                 logger.info(f"step {step}/{trainer.end_step} loss {row['loss']:.4f} ({rate:,.0f} samples/s, "
-                            f"ring {1000 * ring_s / step:.1f} ms/step)")
+                            f"ring {1000 * ring_s / step:.1f} ms/step, {link.world} ranks)")
+        if lead:
             trainer.after_step(recorder, run_dir, row, run_state)
+        elif row:
+            recorder.log(step, **row)  # a worker's own sinks (Prometheus, W&B): its bytes, timings, staleness
+        sent_last[0] = link.bytes_sent
+        return bool(stats[:, 3].sum())
+
+    logger.info(f"allreduce rank {rank}/{n} on {nodes[rank].bind}: model={cfg.model.name} "
+                f"({trainer.num_params:,} params) zero={zero} compression={codec} overlap={bool(algo.overlap) and K == 0} "
+                f"max_staleness={K} elastic={elastic}")
+    try:
+        form(first=True)
+        t = trainer.step  # the next step whose gradient to compute (up to K ahead of the last applied)
+        while trainer.step < trainer.end_step:
+            try:
+                rejoin = False
+                # apply the oldest step on the ring when it must be (K steps behind, or the run's end) or is done
+                while inflight and not rejoin and (t - inflight[0].step > K or t >= trainer.end_step
+                                                   or inflight[0].stats.done()):
+                    rejoin = apply(inflight[0])  # (still in flight if it raises: drain() waits for its tasks)
+                    inflight.popleft()
+                if rejoin:
+                    logger.info(f"allreduce rank {rank}: a rank asks to join: re-forming the ring at step {trainer.step}")
+                elif t < trainer.end_step:
+                    compute(t)
+                    t += 1
+                    continue
+                else:
+                    continue
+            except RingBroken as e:
+                if not elastic:
+                    raise PeerError(f"{e}; stopping the run (algo.zero=1 or algo.elastic=false)") from None
+                logger.warning(f"{e}: re-forming the ring from the last completed step")
+            # every member gets here at the same step boundary (a join) or soon after the break (a loss)
+            ring.drain([f for item in inflight for f in (*item.tasks, item.stats)])
+            inflight.clear()
+            form(first=False)
+            t = trainer.step
         if not lead:
             return None
         evaluation = trainer.evaluate()
@@ -251,19 +496,20 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
         trainer.save(run_dir, run_state())
         steps, sent = max(1, trainer.step), sent_before + link.bytes_sent
         summary = trainer.summary(
-            "allreduce", window.mean(), evaluation, run_dir, ring=n, zero=zero,
+            "allreduce", window.mean(), evaluation, run_dir, ring=link.world, zero=zero, max_staleness=K,
             optimizer_state_bytes=sharded.state_bytes() if zero else trainer.optimizer_state_bytes(),
             bytes_sent=sent, bytes_sent_per_step=round(sent / steps),
             allreduce_s_per_step=round(ring_s / steps, 6), buckets=len(ring.order),
             buckets_during_backward=round(ring.early / max(1, ring.total), 4), rejected_messages=dict(link.rejected),
-            gradients_rejected=guard.rejected)
+            gradients_rejected=guard.rejected, stale_messages=link.stale, membership=history.events,
+            workers=history.summary())
         return recorder.finish(summary)
     except BaseException as e:  # SIGTERM (as KeyboardInterrupt), a lost peer: files closed, W&B records why
         recorder.abort(e)
         raise
     finally:
         ring.close()
-        if not lead:
+        if recorder is not None and not lead:
             recorder.finish(None)
 
 

@@ -1,28 +1,58 @@
 """The ring of ``algo=allreduce``: each rank binds one inbox and sends to its successor; collectives on top.
 
-    RingLink.reduce_scatter(flat)   sum a flat buffer across ranks; rank r ends owning chunk (r+1) % N of each bucket
-    RingLink.all_gather(flat)       every rank copies each bucket's owned chunk from its owner
+    RingLink.reduce_scatter(flat)   sum a flat buffer across members; the member at ring position p ends owning
+                                    chunk (p+1) % N of each bucket
+    RingLink.all_gather(flat)       every member copies each bucket's owned chunk from its owner
     allreduce = reduce_scatter + all_gather: each rank sends 2(N-1)/N of the buffer, whatever N is.
+    RingLink.reform(step, ...)      agree with the other live ranks on a new membership (an epoch): see below
 
 A buffer is cut into buckets (``bucket_bytes``); each bucket into N chunks. In
-reduce-scatter hop ``h`` rank r sends its partial sum of chunk (r - h) to r+1 and
-adds the one of chunk (r - h - 1) it receives from r-1; after N-1 hops chunk
-(r + 1) is complete at r. All-gather passes the complete chunks on the same way.
-The predecessor's messages arrive in the order they were sent (one TCP
-connection), so every message must be exactly the next one expected: anything else
-is a protocol error. All-gather forwards the received frames unchanged, so every
-rank ends with the same bytes, also under a lossy codec.
+reduce-scatter hop ``h`` the member at position p sends its partial sum of chunk
+(p - h) to the next member and adds the one of chunk (p - h - 1) it receives from
+the previous; after N-1 hops chunk (p + 1) is complete at p. All-gather passes the
+complete chunks on the same way. The predecessor's messages arrive in the order
+they were sent (one TCP connection), so every message of the current epoch must be
+exactly the next one expected: anything else is a protocol error. All-gather
+forwards the received frames unchanged, so every rank ends with the same bytes,
+also under a lossy codec.
 
-Liveness: every rank beats to every other rank from a background thread
-(:class:`~smolcluster.transport.sockets.Heartbeat`); a rank silent for
-``liveness_s`` while we wait is a :class:`PeerError` naming it. Every receive is
-bounded. CURVE: the inbox is a CURVE server, the outbox a client (``keys_dir``).
+Membership (elastic): ``addresses`` are the ring's slots (rank r listens on
+``addresses[r]``); the *members* are the slots in the current epoch, in rank order.
+Every ring message carries its epoch; one from an older epoch is dropped. A rank
+that finds a member silent for ``liveness_s``, or hears that a member left or
+restarted, raises :class:`RingBroken`; the caller then calls :meth:`reform`:
+
+1. it tells the members of its epoch that it left (``ring_reform``), so nobody waits
+   on it for the liveness window;
+2. it sends a report (rank, session, epoch, last completed step) to the
+   coordinator, the lowest rank it hears heartbeats from (again whenever that
+   changes: a dead coordinator is replaced within the liveness window);
+3. the coordinator waits until it holds a report from every slot it hears
+   heartbeats from, drops the silent ones, and decides: members = the reporters,
+   step = the highest completed step among them, source = the lowest member at that
+   step, epoch = the highest reported epoch + 1; it sends that decision to each
+   member, and the decision is the agreement (nobody else decides anything).
+4. every member at a lower step (mid-step when the ring broke, or a new rank)
+   receives the source's weights and optimizer state (``send_state``/``recv_state``)
+   and everyone goes on from ``step``: a partial step is discarded everywhere.
+
+New ranks join the same way: a rank starts with epoch -1 and sends its report to
+every slot until a decision includes it; running members note the request and
+re-form at the next step boundary (the caller decides when). This assumes crash-stop
+failures on one network (a partition could elect two coordinators).
+
+Liveness: every rank beats to every slot from a background thread
+(:class:`~smolcluster.transport.sockets.Heartbeat`); a member silent for
+``liveness_s`` while we wait is lost. Every receive is bounded. CURVE: the inbox is
+a CURVE server, the outboxes clients (``keys_dir``).
 """
 
 from __future__ import annotations
 
 import collections
+import threading
 import time
+import uuid
 
 import msgpack
 import torch
@@ -41,10 +71,26 @@ from smolcluster.transport.sockets import (
     _curve_server,
 )
 
-wire.register_kind("ring_hello", {"rank": int, "world": int, "fingerprint": str, "protocol": int})
 # not finite=True: a NaN gradient reaches every rank as it would reach algo=local, instead of being dropped and
 # leaving the ring waiting on a message that never comes
-wire.register_kind("ring", {"rank": int, "step": int, "op": str, "bucket": int, "hop": int})
+wire.register_kind("ring", {"rank": int, "epoch": int, "step": int, "op": str, "bucket": int, "hop": int})
+# membership: "here I am at this step" (to the coordinator; a new rank to every slot), "I left epoch E",
+# the coordinator's decision, the source's weights for a rank that is behind, a refusal
+wire.register_kind("ring_report", {"rank": int, "session": str, "epoch": int, "step": int, "fingerprint": str,
+                                   "protocol": int})
+wire.register_kind("ring_reform", {"rank": int, "epoch": int})
+wire.register_kind("ring_epoch", {"rank": int, "epoch": int, "step": int, "source": int, "members": list,
+                                  "sessions": list, "behind": list})
+wire.register_kind("ring_state", {"rank": int, "epoch": int, "step": int}, optional={"run": str})
+wire.register_kind("ring_refused", {"rank": int, "reason": str})
+
+
+class RingBroken(PeerError):
+    """The current epoch's ring cannot go on (a member lost, left or restarted); :meth:`RingLink.reform` mends it."""
+
+    def __init__(self, message: str, lost: set[int] | None = None):
+        super().__init__(message)
+        self.lost = set(lost or ())
 
 
 def chunk_bounds(n: int, world: int) -> list[tuple[int, int]]:
@@ -61,24 +107,51 @@ def chunk_bounds(n: int, world: int) -> list[tuple[int, int]]:
 class RingLink:
     def __init__(self, rank: int, addresses: list[str], bind: str, *, max_bytes: int, heartbeat_s: float,
                  liveness_s: float, keys_dir: str | None = None, bucket_bytes: int = 25 << 20):
-        self.rank, self.world = rank, len(addresses)
-        self.pred, self.succ = (rank - 1) % self.world, (rank + 1) % self.world
-        self.max_bytes, self.liveness_s, self.bucket_bytes = max_bytes, liveness_s, bucket_bytes
+        self.rank, self.addresses, self.slots = rank, list(addresses), len(addresses)
+        self.max_bytes, self.liveness_s, self.bucket_bytes, self.keys_dir = max_bytes, liveness_s, bucket_bytes, keys_dir
+        self.session = uuid.uuid4().hex[:12]  # this process: a restarted rank has another
+        self.heartbeat_s, self._born = heartbeat_s, time.monotonic()
+        self.leaving = threading.Event()  # set by the caller's thread: stop waiting, this epoch is being left
+        self.epoch = -1  # not in a ring yet
+        self.sessions: dict[int, str] = {}  # member -> its process's session, from the decision
+        self.joiners: dict[int, dict] = {}  # slot -> report of a rank asking to join (the caller re-forms at a step boundary)
         self.bytes_sent = 0
         self.rejected: collections.Counter[str] = collections.Counter()
+        self.stale = 0  # ring messages of an older epoch, dropped
         self.step = 0  # stamped on every ring message: a message from another step is a protocol error
         self._residual: dict[str, torch.Tensor] = {}  # error feedback, per (buffer, bucket, hop)
-        self._early: collections.deque = collections.deque()  # ring messages that came in during connect()
+        self._early: collections.deque = collections.deque()  # ring messages of our epoch that came in early
+        self._ahead: list = []  # ring / ring_state messages of an epoch being decided
         self.inbox = _context().socket(zmq.ROUTER)
         _configure(self.inbox, max_bytes, 100_000)
         _curve_server(self.inbox, keys_dir)
         _bind(self.inbox, bind)
         self.poller = zmq.Poller()
         self.poller.register(self.inbox, zmq.POLLIN)
-        self.out = ClientEndpoint(addresses[self.succ], max_bytes=max_bytes, curve_dir=keys_dir, hwm=100_000)
+        self._outs: dict[int, ClientEndpoint] = {}  # slot -> our DEALER to it (the successor's carries the ring)
         self.beats = [Heartbeat(a, rank=rank, interval_s=heartbeat_s, max_bytes=max_bytes, curve_dir=keys_dir,
                                 role="ring").start() for r, a in enumerate(addresses) if r != rank]
-        self.last_seen = {r: None for r in range(self.world) if r != rank}  # None: not heard from yet
+        self.last_seen = {r: None for r in range(self.slots) if r != rank}  # None: not heard from yet
+        self._set_members(list(range(self.slots)))
+
+    def _set_members(self, members: list[int]) -> None:
+        self.members, self.world = list(members), len(members)
+        self.pos = self.members.index(self.rank)  # our place on the ring: chunks are cut by position
+        self.pred = self.members[(self.pos - 1) % self.world]
+        self.succ = self.members[(self.pos + 1) % self.world]
+
+    def _to(self, r: int) -> ClientEndpoint:
+        if r not in self._outs:
+            self._outs[r] = ClientEndpoint(self.addresses[r], max_bytes=self.max_bytes, curve_dir=self.keys_dir,
+                                           hwm=100_000)
+        return self._outs[r]
+
+    def _tell(self, r: int, kind: str, fields: dict) -> None:
+        """A membership message to slot ``r``; never blocks (a dead slot's queue is bounded and dropped on close)."""
+        try:
+            self._to(r).sock.send_multipart(wire.encode(kind, fields), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     # -- receiving ----------------------------------------------------------------------------
     def _recv_one(self, timeout_s: float):
@@ -102,53 +175,185 @@ class RingLink:
                 return msg, frames
         return None
 
+    def alive(self) -> set[int]:
+        """The slots heard from within ``liveness_s`` (and this rank)."""
+        now = time.monotonic()
+        return {self.rank} | {r for r, t in self.last_seen.items() if t is not None and now - t <= self.liveness_s}
+
+    def _broken(self, message: str, lost: set[int] | None = None) -> RingBroken:
+        """This epoch is over for us: every later send or receive fails fast until :meth:`reform`."""
+        self.leaving.set()
+        return RingBroken(message, lost)
+
     def _check_liveness(self) -> None:
         now = time.monotonic()
-        lost = sorted(r for r, t in self.last_seen.items() if t is not None and now - t > self.liveness_s)
+        lost = sorted(r for r in self.members if r != self.rank and now - (self.last_seen[r] or now) > self.liveness_s)
         if lost:
-            raise PeerError(f"ring rank {self.rank}: rank {', '.join(map(str, lost))} lost: silent for more than "
-                            f"cluster.liveness_s={self.liveness_s}s; stopping the run")
+            raise self._broken(f"ring rank {self.rank}: rank {', '.join(map(str, lost))} lost: silent for more "
+                               f"than cluster.liveness_s={self.liveness_s}s", set(lost))
+
+    def _control(self, msg: wire.Message) -> None:
+        """A membership message that came in while the ring runs: note a join, or raise RingBroken."""
+        f, kind = msg.fields, msg.kind
+        r = f["rank"]
+        if kind == "ring_report":
+            if self.sessions.get(r) == f["session"]:
+                return  # a report of ours or of a joiner's that crossed the decision
+            if r not in self.joiners:
+                logger.info(f"ring rank {self.rank}: rank {r} asks to join (at the next step boundary)")
+            self.joiners[r] = f
+            if r in self.sessions:
+                raise self._broken(f"ring rank {self.rank}: rank {r} restarted", {r})
+        elif kind == "ring_reform" and f["epoch"] == self.epoch and r in self.sessions:
+            raise self._broken(f"ring rank {self.rank}: rank {r} left the ring's epoch {self.epoch}")
+        elif kind == "ring_refused":
+            raise PeerError(f["reason"])
+        elif kind in ("ring_epoch", "ring_state") and f["epoch"] > self.epoch:
+            raise self._broken(f"ring rank {self.rank}: rank {r} is in a newer epoch ({f['epoch']}) than ours")
+        # anything else is from an older epoch: already dealt with
 
     def recv(self, kind: str, **expect):
-        """The predecessor's next message, which must be ``kind`` with these fields; a silent rank is a PeerError."""
+        """The predecessor's next message, which must be ``kind`` with these fields; a lost member, or a member
+        leaving, is a RingBroken."""
         while True:
+            if self.leaving.is_set():
+                raise RingBroken(f"ring rank {self.rank}: leaving the ring's epoch {self.epoch}")
             got = self._early.popleft() if self._early else self._recv_one(min(self.liveness_s / 4, 0.5))
             if got is None:
                 self._check_liveness()  # judged only with the inbox drained: queued beats count
                 continue
             msg, frames = got
-            if msg.kind == "ring_hello":
-                continue  # a repeat from a rank that started late; the first one was checked
+            if msg.kind != "ring":
+                self._control(msg)
+                continue
+            if msg.fields["epoch"] < self.epoch:
+                self.stale += 1  # sent before the ring re-formed
+                continue
+            if msg.fields["epoch"] > self.epoch:
+                raise self._broken(f"ring rank {self.rank}: a ring of epoch {msg.fields['epoch']} runs without us")
             if msg.kind != kind or msg.fields["rank"] != self.pred or any(msg.fields.get(k) != v for k, v in expect.items()):
                 raise PeerError(f"ring rank {self.rank}: expected {kind} {expect} from rank {self.pred}, got "
                                 f"{msg.kind} {msg.fields} (are all ranks running the same config?)")
             return msg, frames
 
-    # -- joining ------------------------------------------------------------------------------
-    def connect(self, fingerprint: str, timeout_s: float) -> None:
-        """Say hello to the successor and wait until every rank has been heard from and the predecessor's
-        model and protocol match ours (each rank checks its predecessor, so the ring checks everyone)."""
-        self.out.send("ring_hello", {"rank": self.rank, "world": self.world, "fingerprint": fingerprint,
-                                     "protocol": wire.PROTOCOL_VERSION})
-        deadline = time.monotonic() + timeout_s
-        hello = None
-        while hello is None or any(t is None for t in self.last_seen.values()):
-            if time.monotonic() > deadline:
-                missing = [r for r, t in self.last_seen.items() if t is None] or [self.pred]
-                raise PeerError(f"ring rank {self.rank}: rank {', '.join(map(str, missing))} not heard from within "
-                                f"cluster.connect_timeout_s={timeout_s}s: start every rank (role=worker rank=N) "
-                                "and check cluster.nodes hosts/ports")
-            got = self._recv_one(0.2)
-            if got is not None and got[0].kind == "ring_hello" and got[0].fields["rank"] == self.pred:
-                hello = got[0].fields
-            elif got is not None:
-                self._early.append(got)  # the predecessor is ready before us: its first chunk is for recv()
-        if hello["world"] != self.world or hello["protocol"] != wire.PROTOCOL_VERSION:
-            raise PeerError(f"ring rank {self.rank}: rank {self.pred} runs a ring of {hello['world']} with protocol "
-                            f"{hello['protocol']}, we run {self.world} with {wire.PROTOCOL_VERSION}")
-        if hello["fingerprint"] != fingerprint:
-            raise PeerError(f"ring rank {self.rank}: rank {self.pred}'s model fingerprint {hello['fingerprint']} != "
-                            f"ours {fingerprint}: every rank must use the same model config")
+    # -- membership ---------------------------------------------------------------------------
+    def reform(self, step: int, fingerprint: str, timeout_s: float, min_members: int = 1) -> dict:
+        """Agree with every live rank on the next epoch (see the module docstring); ``step`` is the last step this
+        rank completed. Returns the decision: ``epoch``, ``step`` (everyone goes on from it), ``source``, ``members``
+        and ``behind`` (the members that must :meth:`recv_state` from the source). Also the first forming of the
+        ring: every rank starts here, and the coordinator waits for ``min_members`` ranks."""
+        self.leaving.clear()  # (on the ring's thread: every task queued before this one has run)
+        if self.epoch >= 0:
+            for r in self.members:
+                if r != self.rank:
+                    self._tell(r, "ring_reform", {"rank": self.rank, "epoch": self.epoch})
+        mine = {"rank": self.rank, "session": self.session, "epoch": self.epoch, "step": step,
+                "fingerprint": fingerprint, "protocol": wire.PROTOCOL_VERSION}
+        reports, refused = {**self.joiners, self.rank: mine}, set()
+        told, told_at, deadline = None, 0.0, time.monotonic() + timeout_s
+        while True:
+            alive = self.alive() - refused
+            coord = min(alive)
+            # a rank that has just started first listens a few beats long, so it knows every live slot before
+            # it would coordinate (else two ranks starting apart could each form a ring of their own)
+            settled = self.epoch >= 0 or time.monotonic() - self._born > 3 * self.heartbeat_s
+            if coord == self.rank and settled and alive <= reports.keys() and len(alive) >= min_members:
+                return self._decide({r: reports[r] for r in sorted(alive)})
+            now = time.monotonic()
+            if coord != self.rank and (told != coord or now - told_at > 1.0):
+                # a new rank does not know who coordinates: it asks every slot (a running member notes a join)
+                for r in [coord] if self.epoch >= 0 else [r for r in range(self.slots) if r != self.rank]:
+                    self._tell(r, "ring_report", mine)
+                told, told_at = coord, now
+            if now > deadline:
+                raise PeerError(f"ring rank {self.rank}: no ring formed within {timeout_s}s (heard from ranks "
+                                f"{sorted(alive)}, reports from {sorted(reports)}, want {min_members}): start every "
+                                "rank (role=worker rank=N) and check cluster.nodes hosts/ports")
+            got = self._recv_one(0.1)
+            if got is None:
+                continue
+            msg, f = got[0], got[0].fields
+            if msg.kind == "ring_report":
+                if f["fingerprint"] != fingerprint or f["protocol"] != wire.PROTOCOL_VERSION:
+                    reason = (f"ring rank {f['rank']}: refused by rank {self.rank}: model fingerprint "
+                              f"{f['fingerprint']} / protocol {f['protocol']} != ours {fingerprint} / "
+                              f"{wire.PROTOCOL_VERSION}: every rank must use the same model config")
+                    logger.error(reason)
+                    self._tell(f["rank"], "ring_refused", {"rank": self.rank, "reason": reason})
+                    refused.add(f["rank"])
+                else:
+                    reports[f["rank"]] = f
+            elif msg.kind == "ring_epoch" and f["epoch"] > self.epoch:
+                if self.session not in f["sessions"] or f["members"][f["sessions"].index(self.session)] != self.rank:
+                    raise PeerError(f"ring rank {self.rank}: left out of epoch {f['epoch']} by rank {f['rank']} "
+                                    "(it did not hear from us in time)")
+                self._adopt(f)
+                return f
+            elif msg.kind == "ring_refused":
+                raise PeerError(f["reason"])
+            elif msg.kind in ("ring", "ring_state") and f["epoch"] > self.epoch:
+                self._ahead.append(got)  # from a rank that entered the new epoch before us
+            # else: older epochs' ring messages and reform notices: this reform covers them
+
+    def _decide(self, reports: dict[int, dict]) -> dict:
+        """The coordinator's decision over the live ranks' reports; sent to every member."""
+        members = sorted(reports)
+        step = max(rep["step"] for rep in reports.values())
+        decision = {"rank": self.rank, "epoch": max(rep["epoch"] for rep in reports.values()) + 1, "step": step,
+                    "source": min(r for r in members if reports[r]["step"] == step), "members": members,
+                    "sessions": [reports[r]["session"] for r in members],
+                    "behind": [r for r in members if reports[r]["step"] != step]}
+        for r in members:
+            if r != self.rank:
+                self._tell(r, "ring_epoch", decision)
+        self._adopt(decision)
+        return decision
+
+    def _adopt(self, d: dict) -> None:
+        self.epoch = d["epoch"]
+        self._set_members(d["members"])
+        self.sessions = dict(zip(d["members"], d["sessions"]))
+        self.joiners = {r: f for r, f in self.joiners.items() if r not in self.sessions}
+        self._residual.clear()  # error feedback belongs to the old ring's chunks
+        now = time.monotonic()
+        for r in self.members:
+            if r != self.rank and self.last_seen[r] is None:
+                self.last_seen[r] = now  # the coordinator heard it; our clock for it starts now
+        ahead, self._ahead = self._ahead, []
+        ours = [g for g in ahead if g[0].fields["epoch"] == self.epoch]
+        self._early = collections.deque(g for g in ours if g[0].kind == "ring")
+        self._states = [g for g in ours if g[0].kind == "ring_state"]
+
+    def send_state(self, to: int, step: int, tensors: dict[str, torch.Tensor], run: str = "{}") -> None:
+        """The weights and optimizer state of ``step`` to a member that is behind (uncompressed)."""
+        frames = wire.encode("ring_state", {"rank": self.rank, "epoch": self.epoch, "step": step, "run": run},
+                             {k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        size = sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in frames)
+        if size > self.max_bytes:
+            raise PeerError(f"ring rank {self.rank}: the training state ({size >> 20} MB) is over "
+                            "cluster.max_message_mb: raise it so a rank can join")
+        try:
+            self._to(to).sock.send_multipart(frames, copy=False)
+        except zmq.Again:
+            raise RingBroken(f"ring rank {self.rank}: could not send the state to rank {to}", lost={to}) from None
+        self.bytes_sent += size
+
+    def recv_state(self, source: int) -> wire.Message:
+        """The source's ``ring_state`` for this epoch (ring messages of this epoch that come first are kept)."""
+        while True:
+            got = self._states.pop(0) if self._states else self._recv_one(min(self.liveness_s / 4, 0.5))
+            if got is None:
+                self._check_liveness()
+                continue
+            msg = got[0]
+            if msg.kind == "ring_state" and msg.fields["epoch"] == self.epoch and msg.fields["rank"] == source:
+                return msg
+            if msg.kind == "ring" and msg.fields["epoch"] == self.epoch:
+                self._early.append(got)
+            elif msg.kind == "ring" and msg.fields["epoch"] < self.epoch:
+                self.stale += 1
+            elif msg.kind != "ring":
+                self._control(msg)
 
     # -- collectives ----------------------------------------------------------------------------
     def buckets(self, n: int, itemsize: int, bucket_bytes: int | None = None) -> list[tuple[int, int]]:
@@ -159,14 +364,14 @@ class RingLink:
         """The ranges of a flat buffer of ``n`` elements that this rank holds complete after reduce_scatter."""
         out = []
         for lo, hi in self.buckets(n, itemsize):
-            a, b = chunk_bounds(hi - lo, self.world)[self.succ]
+            a, b = chunk_bounds(hi - lo, self.world)[(self.pos + 1) % self.world]
             out.append((lo + a, lo + b))
         return out
 
     def _send(self, op: str, bucket: int, hop: int, x: torch.Tensor, codec: str, key: str) -> torch.Tensor | None:
         """Send ``x``. With a lossy codec, ``x`` plus what this hop's encoding lost last time (error feedback:
         delayed, not lost); returns exactly what the successor will decode."""
-        fields = {"rank": self.rank, "step": self.step, "op": op, "bucket": bucket, "hop": hop}
+        fields = {"rank": self.rank, "epoch": self.epoch, "step": self.step, "op": op, "bucket": bucket, "hop": hop}
         if not get_codec(codec).lossy:
             self._send_frames(wire.encode("ring", fields, {"x": x}))
             return None
@@ -179,10 +384,13 @@ class RingLink:
         return got
 
     def _send_frames(self, frames: list) -> None:
+        if self.leaving.is_set():
+            raise RingBroken(f"ring rank {self.rank}: leaving the ring's epoch {self.epoch}")
         try:
-            self.out.sock.send_multipart(frames, copy=False)
+            self._to(self.succ).sock.send_multipart(frames, copy=False)
         except zmq.Again:
-            raise PeerError(f"ring rank {self.rank}: could not send to rank {self.succ}: it is gone or stuck") from None
+            raise self._broken(f"ring rank {self.rank}: could not send to rank {self.succ}: it is gone or stuck",
+                               {self.succ}) from None
         self.bytes_sent += sum(len(f) if isinstance(f, (bytes, zmq.Frame)) else memoryview(f).nbytes for f in frames)
 
     def _parts(self, flat: torch.Tensor, bucket_bytes: int | None, only: int | None):
@@ -204,11 +412,11 @@ class RingLink:
         for b, part in self._parts(flat, bucket_bytes, only):
             chunks = chunk_bounds(part.numel(), self.world)
             for hop in range(self.world - 1):
-                a, z = chunks[(self.rank - hop) % self.world]
+                a, z = chunks[(self.pos - hop) % self.world]
                 # zero-copy: this chunk is not written again before the successor has consumed it
                 self._send("rs", b, hop, part[a:z], codec, f"{name}/{b}/{hop}")
                 msg, _ = self.recv("ring", step=self.step, op="rs", bucket=b, hop=hop)
-                a, z = chunks[(self.rank - hop - 1) % self.world]
+                a, z = chunks[(self.pos - hop - 1) % self.world]
                 self._take(msg, part[a:z], add=True)
 
     def all_gather(self, flat: torch.Tensor, codec: str = "none", name: str = "grad",
@@ -219,14 +427,14 @@ class RingLink:
             return
         for b, part in self._parts(flat, bucket_bytes, only):
             chunks = chunk_bounds(part.numel(), self.world)
-            a, z = chunks[self.succ]
+            a, z = chunks[(self.pos + 1) % self.world]
             # a copy: zmq sends after we return, and the next step writes this buffer
             got = self._send("ag", b, 0, part[a:z].clone(), codec, f"{name}/{b}/ag")
             if got is not None:
                 part[a:z].copy_(got)
             for hop in range(self.world - 1):
                 msg, frames = self.recv("ring", step=self.step, op="ag", bucket=b, hop=hop)
-                a, z = chunks[(self.rank - hop) % self.world]
+                a, z = chunks[(self.pos - hop) % self.world]
                 self._take(msg, part[a:z], add=False)
                 if hop < self.world - 2:  # pass it on as received; the last hop's chunk belongs to our successor
                     self._forward(frames, hop + 1)
@@ -236,11 +444,11 @@ class RingLink:
         self.all_gather(flat, codec, name, only=only)
 
     def gather_scalars(self, values: list[float]) -> torch.Tensor:
-        """Every rank's ``values`` as a (world, k) tensor: an allreduce in one bucket where each rank fills only
+        """Every member's ``values`` as a (world, k) tensor, in ring order (``members``): an allreduce in one bucket where each rank fills only
         its own row (= its chunk), so each sum is one value plus zeros: exact and the same everywhere."""
         k = len(values)
         t = torch.zeros(self.world * k, dtype=torch.float32)
-        t[self.rank * k : (self.rank + 1) * k] = torch.tensor(values, dtype=torch.float32)
+        t[self.pos * k : (self.pos + 1) * k] = torch.tensor(values, dtype=torch.float32)
         self.reduce_scatter(t, "none", "scalars", bucket_bytes=t.numel() * 4)
         self.all_gather(t, "none", "scalars", bucket_bytes=t.numel() * 4)
         return t.view(self.world, k)
@@ -265,5 +473,6 @@ class RingLink:
         """Stop beating; what is still queued for the successor gets ``linger_s`` to leave."""
         for hb in self.beats:
             hb.stop()
-        self.out.close(linger_s=linger_s)
+        for r, out in self._outs.items():
+            out.close(linger_s=linger_s if r == self.succ else 0.0)
         self.inbox.close(linger=0)
