@@ -113,7 +113,8 @@ class Trainer:
         """The cadence after a step: grad norms and a due evaluation join ``row``, which is logged (if not
         empty), and a due checkpoint is written, with ``run_state()`` (the algorithm's counters) in its JSON.
         Returns the evaluation, if one was due (else an empty dict)."""
-        row.update(self.pop_grad_norms())
+        if self.grad_norms:
+            row.update(self.pop_grad_norms())
         evaluation = self.evaluate() if self.due(self.train.eval_every) else {}
         row.update(evaluation)
         if row:
