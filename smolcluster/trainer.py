@@ -169,7 +169,8 @@ class Trainer:
 
     def run_counters(self, run_state: dict | None = None) -> dict:
         """The checkpoint JSON's ``run``: samples and wall time so far, plus the algorithm's ``run_state``."""
-        return {"samples": self.samples, "wall_s": round(self.elapsed, 3), **(run_state or {})}
+        # wall_s unrounded: a resumed run's clock starts there, and must not start before the last row's time
+        return {"samples": self.samples, "wall_s": self.elapsed, **(run_state or {})}
 
     def resume(self, path: str | Path) -> dict:
         meta = checkpoint.load(path, self.model, self.optimizer)
