@@ -4,7 +4,9 @@ An algorithm is a policy on top of this: ``local`` calls :meth:`Trainer.step_loc
 in a loop; the parameter server gets gradients from the wire, puts them in
 ``trainer.flat.grads`` and calls :meth:`Trainer.apply_gradients`. Every algorithm then hands
 its row of figures to :meth:`Trainer.after_step`, the one home of the cadence (grad norms, eval,
-log, checkpoint), and counts samples and time on the Trainer, which a resume carries on.
+log, checkpoint), and counts samples and time on the Trainer, which a resume carries on. A pipeline
+stage (:class:`smolcluster.pipeline.gpipe.StageTrainer`) is a Trainer over its part of the model
+(:meth:`Trainer.own_part`), with its own clip, evaluation and checkpoint.
 """
 
 from __future__ import annotations
