@@ -4,7 +4,9 @@ An algorithm is a policy on top of this: ``local`` calls :meth:`Trainer.step_loc
 in a loop; the parameter server gets gradients from the wire, puts them in
 ``trainer.flat.grads`` and calls :meth:`Trainer.apply_gradients`. Every algorithm then hands
 its row of figures to :meth:`Trainer.after_step`, the one home of the cadence (grad norms, eval,
-log, checkpoint), and counts samples and time on the Trainer, which a resume carries on.
+log, checkpoint), and counts samples and time on the Trainer, which a resume carries on. A pipeline
+stage (:class:`smolcluster.pipeline.gpipe.StageTrainer`) is a Trainer over its part of the model
+(:meth:`Trainer.own_part`), with its own clip, evaluation and checkpoint.
 """
 
 from __future__ import annotations
@@ -38,11 +40,11 @@ class Trainer:
         self.device = pick_device(device or cfg.device)
         self.data = data or build_data(cfg.data, cfg.model)
         torch.manual_seed(cfg.seed)  # the same seed on every process: identical initial weights
-        self.model = build_model(cfg.model, self.data.info).to(self.device)
+        whole = build_model(cfg.model, self.data.info)
+        self.fingerprint, self.num_params = fingerprint(whole), count_parameters(whole)  # of the whole model
+        self.model = self.own_part(whole).to(self.device)
         self.model.train()
         self.flat = FlatParams(self.model)
-        self.fingerprint = fingerprint(self.model)
-        self.num_params = count_parameters(self.model)
         self.optimizer = build_optimizer(self.model, self.train, self.flat) if with_optimizer else None
         self.sharder = Sharder(len(self.data.train_x), batch_sizes, cfg.seed)
         steps = cfg.train.steps or cfg.train.epochs * self.sharder.steps_per_epoch
@@ -58,6 +60,10 @@ class Trainer:
         # Per-layer gradient norms every N steps (logging.grad_norm_every), measured before clipping.
         self.grad_norm_every = int(cfg.get("logging", {}).get("grad_norm_every") or 0)
         self.grad_norms: dict[str, float] = {}
+
+    def own_part(self, whole: torch.nn.Module) -> torch.nn.Module:
+        """The part of the model this process trains: all of it (a pipeline stage keeps its layers)."""
+        return whole
 
     # -- one step ---------------------------------------------------------------------------
     def batch(self, step: int, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,12 +82,16 @@ class Trainer:
         """Clip, set the scheduled learning rate (times ``scale``) and step the optimizer."""
         if self.grad_norm_every and (self.step + 1) % self.grad_norm_every == 0:
             self.grad_norms = self.layer_grad_norms()
-        clip_(list(self.flat.params.values()), self.train.grad_clip)
+        self.clip_gradients()
         lr = lr_at(self.step, self.train, self.total_steps)
         set_lr(self.optimizer, lr * scale)
         self.optimizer.step()
         self.step += 1
         return lr
+
+    def clip_gradients(self) -> None:
+        """Clip to train.grad_clip by the global norm of this process's gradient (a pipeline stage's spans stages)."""
+        clip_(self.flat.params.values(), self.train.grad_clip)
 
     def layer_grad_norms(self) -> dict[str, float]:
         """``grad_norm/<parameter>`` for every parameter, plus the global ``grad_norm`` (one device sync)."""
@@ -105,7 +115,8 @@ class Trainer:
         """The cadence after a step: grad norms and a due evaluation join ``row``, which is logged (if not
         empty), and a due checkpoint is written, with ``run_state()`` (the algorithm's counters) in its JSON.
         Returns the evaluation, if one was due (else an empty dict)."""
-        row.update(self.pop_grad_norms())
+        if self.grad_norms:
+            row.update(self.pop_grad_norms())
         evaluation = self.evaluate() if self.due(self.train.eval_every) else {}
         row.update(evaluation)
         if row:
@@ -152,21 +163,29 @@ class Trainer:
             tok.save(Path(run_dir) / "tokenizer.json")  # inference and chat decode with the run's own tokenizer
         path = checkpoint.save(run_dir, self.model, self.optimizer, self.step,
                                {"fingerprint": self.fingerprint, "model": OmegaConf.to_container(self.cfg.model, resolve=True),
-                                "run": {"samples": self.samples, "wall_s": round(self.elapsed, 3),
-                                        **(run_state or {})}})
+                                "run": self.run_counters(run_state)})
         if is_hf_model(self.model):  # also as a Hugging Face directory: the result goes anywhere transformers does
             tok_file = None if tok is None else (getattr(tok, "path", None) or Path(run_dir) / "tokenizer.json")
             save_hf_dir(self.model, None, Path(run_dir) / "hf", tok_file)
         return path
 
+    def run_counters(self, run_state: dict | None = None) -> dict:
+        """The checkpoint JSON's ``run``: samples and wall time so far, plus the algorithm's ``run_state``."""
+        # wall_s unrounded: a resumed run's clock starts there, and must not start before the last row's time
+        return {"samples": self.samples, "wall_s": self.elapsed, **(run_state or {})}
+
     def resume(self, path: str | Path) -> dict:
         meta = checkpoint.load(path, self.model, self.optimizer)
+        return self.carry_on(checkpoint.resolve(path), meta)
+
+    def carry_on(self, path: Path, meta: dict) -> dict:
+        """Take the run up where the checkpoint at ``path`` (already loaded) stopped: its step and counters."""
         self.step = int(meta["step"])
         self.carried = dict(meta.get("run") or {})
         self.samples = int(self.carried.pop("samples", 0))
         self.wall_before = float(self.carried.pop("wall_s", 0.0))
-        self.resumed_from = checkpoint.resolve(path)
-        logger.info(f"resumed from {checkpoint.resolve(path)} at step {self.step}")
+        self.resumed_from = path
+        logger.info(f"resumed from {path} at step {self.step}")
         return meta
 
     def due(self, every: int) -> bool:

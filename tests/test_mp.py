@@ -97,6 +97,32 @@ def test_mlp_three_stages_microbatched_and_clipped_resume_from_shards_like_local
     assert s["eval_accuracy"] == pytest.approx(local_summary["eval_accuracy"], abs=2e-3)
 
 
+@pytest.mark.slow
+def test_a_run_stopped_and_resumed_in_its_own_directory_reads_as_one_run_and_ends_like_local(tmp_path):
+    """Stop at step 25, resume into the same directory: each step logged once, counters cumulative, one
+    ``resumed`` event; the data order depends on the step alone, so the end equals ``local``'s (1e-5)."""
+    common = ["algo=mp", *MLP, "train.log_every=5", "train.checkpoint_every=10"]
+    run_local(tmp_path / "local", *MLP, "train.log_every=5")
+    mp = tmp_path / "mp"
+    first = train(mp, *common, "train.stop_after=25", env=ONE_THREAD)
+    assert first["steps"] == 25 and first["samples"] == 64 * 25
+    s = train(mp, *common, f"resume={mp}", env=ONE_THREAD)
+    rows = [json.loads(x) for x in (mp / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in logged] == list(range(5, 41, 5))  # each step once
+    assert all(r["samples"] == 64 * r["step"] for r in logged)
+    sent = [r["bytes_sent"] for r in logged]
+    assert sent == sorted(sent) and sent[0] > 0  # the last stage's traffic goes on counting after the resume
+    assert [(r["step"], r["event"]) for r in rows if "event" in r] == [(25, "resumed")]
+    assert [r["time"] for r in rows] == sorted(r["time"] for r in rows)
+    assert s["steps"] == 40 and s["samples"] == 64 * 40 and s["wall_s"] > first["wall_s"]
+    assert s["resumed_from"].startswith(str(mp))
+    assert max_diff(params_of(mp), params_of(tmp_path / "local")) <= 1e-5
+    local_loss = [r["loss"] for r in (json.loads(x) for x in (tmp_path / "local" / "metrics.jsonl").read_text()
+                                      .splitlines()) if "loss" in r]
+    assert [r["loss"] for r in logged] == pytest.approx(local_loss, abs=1e-5)
+
+
 def test_bad_pipeline_settings_fail_with_a_clear_message(tmp_path):
     p = run_cli("smolcluster.train", f"hydra.run.dir={tmp_path}", "algo=mp", "algo.microbatches=5", check=False)
     assert p.returncode == 2

@@ -10,7 +10,6 @@ So a Raspberry Pi never holds back a Mac mini: it just contributes less, and lat
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -19,11 +18,8 @@ import torch
 from loguru import logger
 from omegaconf import DictConfig
 
-from smolcluster.algorithms.ps import ServerBase, WorkerInfo, WorkerLink, batch_sizes, run_role
-from smolcluster.cluster import worker_settings
-from smolcluster.errors import ConfigError, PeerError
-from smolcluster.telemetry.run_files import exit_code_of
-from smolcluster.trainer import Trainer
+from smolcluster.algorithms.ps import ServerBase, Worker, WorkerInfo, run_role
+from smolcluster.errors import ConfigError
 from smolcluster.transport import Message
 from smolcluster.transport.compression import ErrorFeedback
 
@@ -128,57 +124,34 @@ class EdpServer(ServerBase):
         return self.finish(applied=self.applied, dropped=self.dropped, gradients_rejected=self.guard.rejected)
 
 
-def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> None:
-    settings = worker_settings(cfg.cluster, rank, cfg.train)
-    trainer = Trainer(cfg, batch_sizes(cfg), with_optimizer=False, device=settings["device"])
-    link = WorkerLink(cfg, rank, trainer, "edp", run_dir)
-    feedback = ErrorFeedback(link.codec) if link.codec != "none" else None
-    pull_every, delay = max(1, int(cfg.algo.pull_every)), settings["delay_s"]
-    wait_s = cfg.cluster.liveness_s
-    msg = link.register()
-    # Continue through this worker's shard from about where the cluster is.
-    local_step = msg.fields["step"] // max(1, cfg.cluster.workers)
-    t0, samples = time.perf_counter(), 0
-    try:
-        while True:
-            loss, n = trainer.compute_gradients(local_step, rank)
-            local_step += 1
-            samples += n
-            if delay:
-                time.sleep(delay)  # test knob: cluster.nodes[rank].delay_s makes this node slower
-            if feedback is not None:
-                feedback.compensate(trainer.flat.grads)  # add last residual, keep the new one
-            link.push(local_step, float(loss), n, samples_per_s=samples / (time.perf_counter() - t0))
-            link.report(local_step, loss, n)
-            if local_step % pull_every == 0:
-                link.client.send("pull", {"rank": rank})
-                msg = link.recv(wait_s)
-                while msg is not None and msg.kind == "error" and msg.fields["reason"] != "unregistered":
-                    logger.error(f"server rejected our message: {msg.fields['reason']}: {msg.fields['detail']}")
-                    msg = link.recv(wait_s)
-            else:
-                msg = link.recv(0)
-            if msg is None:
-                if local_step % pull_every == 0:
-                    logger.warning(f"no weights from {link.address} for {wait_s:.0f}s; re-registering")
-                    link.register()
-                continue
-            if msg.kind == "stop":
-                logger.info(f"worker {rank} done: {msg.fields['reason']} ({link.bytes_sent:,} bytes sent)")
-                return
-            if msg.kind in ("weights", "welcome"):
-                link.load(msg)
-            elif msg.kind == "error" and msg.fields["reason"] == "unregistered":
-                logger.warning(f"the server at {link.address} does not know us (restarted?); re-registering")
-                link.register()
-            elif msg.kind != "error":
-                raise PeerError(f"unexpected {msg.kind!r} from the server")
-    except BaseException as e:  # SIGTERM (as KeyboardInterrupt), a lost server: the W&B run records why
-        link.finish(exit_code_of(e))
-        raise
-    finally:
-        link.finish()
+class EdpWorker(Worker):
+    """Goes through its own shard step after step; asks for fresh weights every ``algo.pull_every`` steps (and
+    takes any that arrived meanwhile), never waits otherwise. Lossy gradient codecs get error feedback."""
+
+    algo = "edp"
+
+    def __init__(self, cfg: DictConfig, run_dir: Path | None, rank: int):
+        super().__init__(cfg, run_dir, rank)
+        self.feedback = ErrorFeedback(self.link.codec) if self.link.codec != "none" else None
+        self.pull_every = max(1, int(cfg.algo.pull_every))
+
+    def first_step(self, welcome: Message) -> int:
+        return welcome.fields["step"] // max(1, self.cfg.cluster.workers)  # about where the cluster is in its shard
+
+    def next_step(self, step: int, weights: Message | None) -> int:
+        return step + 1
+
+    def after_push(self, step: int) -> float:
+        if (step + 1) % self.pull_every:
+            return 0.0
+        self.link.client.send("pull", {"rank": self.rank})  # fresh weights, please (and wait for them)
+        return self.cfg.cluster.liveness_s
+
+    def push(self, step: int, loss: float, samples: int) -> None:
+        if self.feedback is not None:
+            self.feedback.compensate(self.trainer.flat.grads)  # add last residual, keep the new one
+        self.link.push(step, loss, samples, samples_per_s=self.link.rate(samples))
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict | None:
-    return run_role(cfg, run_dir, EdpServer, run_worker)
+    return run_role(cfg, run_dir, EdpServer, EdpWorker)

@@ -6,8 +6,10 @@ The server side (:class:`ServerBase`) owns the model, optimizer and schedule (a
 subclass decides *when* gradients are applied: SyncPS behind a per-step barrier,
 EDP on arrival, weighed by staleness.
 
-The worker side (:class:`WorkerLink`) registers, receives weights into the model's
-flat buffer and pushes its flat gradient; each algorithm writes its own loop.
+The worker side is one loop (:class:`Worker`): compute a gradient, push it through
+its :class:`WorkerLink` (registration, weights in, gradients out), take the server's next
+word. A policy says which batch comes next and whether to wait for fresh weights: SyncPS
+waits after every step, EDP only every ``algo.pull_every`` steps.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from omegaconf import DictConfig
 from smolcluster.cluster import worker_settings
 from smolcluster.errors import ConfigError, PeerError
 from smolcluster.security import GradientGuard, grad_norm
-from smolcluster.telemetry.run_files import open_recorder
+from smolcluster.telemetry.run_files import exit_code_of, open_recorder
 from smolcluster.trainer import Trainer
 from smolcluster.transport import ClientEndpoint, Heartbeat, Message, ServerEndpoint, wire
 from smolcluster.transport.compression import get_codec
@@ -432,11 +434,14 @@ class WorkerLink:
         if step % self.trainer.train.log_every == 0:
             self._log_row()
 
+    def rate(self, pending: int = 0) -> float:
+        """This worker's samples/s since it started (``pending``: samples of a step not yet reported)."""
+        return (self.samples + pending) / max(time.perf_counter() - self.t0, 1e-9)
+
     def _log_row(self) -> None:
         if self.recorder is not None and self._last is not None and self._last[0] != self._logged_step:
             step, loss = self._last
-            rate = self.samples / max(time.perf_counter() - self.t0, 1e-9)
-            self.recorder.log(step, loss=loss, samples=self.samples, samples_per_s=round(rate, 2),
+            self.recorder.log(step, loss=loss, samples=self.samples, samples_per_s=round(self.rate(), 2),
                               bytes_sent=self.bytes_sent, bytes_received=self.bytes_received)
             self._logged_step = step
 
@@ -471,7 +476,101 @@ class WorkerLink:
             self.client = None
 
 
-def run_role(cfg: DictConfig, run_dir: Path, server_cls, worker_fn) -> dict | None:
+def next_message(link: WorkerLink, wait_s: float) -> Message | None:
+    """The server's next word for us, skipping errors (logged) and weights that a newer version in the queue
+    replaces: a straggler then computes on the current step, not on every step it missed, one by one.
+
+    None after ``wait_s`` of silence (``wait_s=0``: nothing is queued). Silent for ``cluster.liveness_s / 2``,
+    the worker pings: the server may be busy (it ignores the ping) or may have been restarted (it answers
+    ``unregistered``, which is returned: the caller re-registers)."""
+    msg, deadline = None, time.monotonic() + wait_s
+    ping_s = link.cluster.liveness_s / 2
+    while True:
+        got = link.recv(0 if msg is not None else min(ping_s, max(0.0, deadline - time.monotonic())))
+        if got is None:
+            if msg is not None or time.monotonic() >= deadline:
+                return msg
+            link.ping()
+            continue
+        if got.kind == "error":
+            if got.fields["reason"] == "unregistered":
+                return got
+            logger.error(f"server rejected our message: {got.fields['reason']}: {got.fields['detail']}")
+            continue
+        if msg is not None:
+            link.bytes_received += msg.nbytes  # received, then superseded
+        msg = got
+        if msg.kind != "weights":
+            return msg
+
+
+class Worker:
+    """A parameter-server worker: gradient of a batch, push, then the server's next word (new weights, stop).
+
+    A policy subclass says which batch comes next (:meth:`first_step`, :meth:`next_step`) and how long to wait
+    for the server after a push (:meth:`after_push`). A worker that hears nothing for that long, or that a restarted
+    server does not know, registers again."""
+
+    algo = "ps"
+
+    def __init__(self, cfg: DictConfig, run_dir: Path | None, rank: int):
+        self.cfg, self.rank = cfg, rank
+        device = worker_settings(cfg.cluster, rank, cfg.train)["device"]  # per-node device from the cluster file
+        self.trainer = Trainer(cfg, batch_sizes(cfg), with_optimizer=False, device=device)
+        self.link = WorkerLink(cfg, rank, self.trainer, self.algo, run_dir)
+        self.delay = self.link.settings["delay_s"]  # test knob: make this node artificially slow
+
+    # -- the policy -------------------------------------------------------------------------
+    def first_step(self, welcome: Message) -> int:
+        """The step whose batch to compute first after (re-)registering."""
+        return welcome.fields["step"]
+
+    def next_step(self, step: int, weights: Message | None) -> int:
+        """The step whose batch comes after ``step``'s, given the weights just loaded (None: no new ones)."""
+        return weights.fields["step"] if weights is not None else step + 1
+
+    def after_push(self, step: int) -> float:
+        """After pushing ``step``'s gradient: how long to wait for the server's word (0: only look at what came)."""
+        return self.cfg.algo.straggler_timeout + self.cfg.cluster.liveness_s
+
+    def push(self, step: int, loss: float, samples: int) -> None:
+        self.link.push(step, loss, samples)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> None:
+        link, trainer = self.link, self.trainer
+        step = self.first_step(link.register())
+        try:
+            while True:
+                loss, n = trainer.compute_gradients(step, self.rank)
+                if self.delay:
+                    time.sleep(self.delay)
+                self.push(step, float(loss), n)
+                link.report(step + 1, loss, n)
+                wait_s = self.after_push(step)
+                msg = next_message(link, wait_s)
+                if msg is None and not wait_s:
+                    step = self.next_step(step, None)
+                elif msg is None or msg.kind == "error":  # silent too long, or a restarted server (unregistered)
+                    why = f"no weights for {wait_s:.0f}s" if msg is None else "the server does not know us (restarted?)"
+                    logger.warning(f"worker {self.rank}: {why}; re-registering with {link.address}")
+                    step = self.first_step(link.register())
+                elif msg.kind == "stop":
+                    logger.info(f"worker {self.rank} done: {msg.fields['reason']} ({link.bytes_sent:,} bytes sent)")
+                    return
+                elif msg.kind in ("weights", "welcome"):
+                    link.load(msg)
+                    step = self.next_step(step, msg)
+                else:
+                    raise PeerError(f"unexpected {msg.kind!r} from the server")
+        except BaseException as e:  # SIGTERM (as KeyboardInterrupt), a lost server: the W&B run records why
+            link.finish(exit_code_of(e))
+            raise
+        finally:
+            link.finish()
+
+
+def run_role(cfg: DictConfig, run_dir: Path, server_cls, worker_cls) -> dict | None:
     """Dispatch on ``role``: launch the whole cluster locally, or be its server or one worker."""
     role = cfg.role
     if role == "launch":
@@ -484,7 +583,6 @@ def run_role(cfg: DictConfig, run_dir: Path, server_cls, worker_fn) -> dict | No
     if role == "worker":
         if cfg.rank is None:
             raise ConfigError("role=worker needs its rank: add rank=N (0 <= N < cluster.workers)")
-        worker_fn(cfg, run_dir, int(cfg.rank))
+        worker_cls(cfg, run_dir, int(cfg.rank)).run()
         return None
     raise ConfigError(f"role={role!r} is invalid: choose launch (start everything here), server or worker")
-

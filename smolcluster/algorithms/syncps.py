@@ -17,11 +17,7 @@ import torch
 from loguru import logger
 from omegaconf import DictConfig
 
-from smolcluster.algorithms.ps import ServerBase, WorkerInfo, WorkerLink, batch_sizes, run_role
-from smolcluster.cluster import worker_settings
-from smolcluster.errors import PeerError
-from smolcluster.telemetry.run_files import exit_code_of
-from smolcluster.trainer import Trainer
+from smolcluster.algorithms.ps import ServerBase, Worker, WorkerInfo, run_role
 from smolcluster.transport import Message
 
 
@@ -110,69 +106,12 @@ class SyncServer(ServerBase):
                 self.send_weights(w)
 
 
-def next_message(link: WorkerLink, wait_s: float) -> Message | None:
-    """The server's next word for us, skipping errors (logged) and weights that a newer version in the queue
-    replaces: a straggler then computes on the current step, not on every step it missed, one by one.
+class SyncWorker(Worker):
+    """Computes the batch of the step the server's weights are at, then waits for the next weights
+    (the shared loop's defaults: :class:`~smolcluster.algorithms.ps.Worker`)."""
 
-    None after ``wait_s`` of silence. Silent for ``cluster.liveness_s / 2``, the worker pings: the server may be
-    waiting for a straggler (it ignores the ping) or may have been restarted (it answers ``unregistered``, which
-    is returned: the caller re-registers)."""
-    msg, deadline = None, time.monotonic() + wait_s
-    ping_s = link.cluster.liveness_s / 2
-    while True:
-        got = link.recv(0 if msg is not None else min(ping_s, max(0.0, deadline - time.monotonic())))
-        if got is None:
-            if msg is not None or time.monotonic() >= deadline:
-                return msg
-            link.ping()
-            continue
-        if got.kind == "error":
-            if got.fields["reason"] == "unregistered":
-                return got
-            logger.error(f"server rejected our message: {got.fields['reason']}: {got.fields['detail']}")
-            continue
-        if msg is not None:
-            link.bytes_received += msg.nbytes  # received, then superseded
-        msg = got
-        if msg.kind != "weights":
-            return msg
-
-
-def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> None:
-    device = worker_settings(cfg.cluster, rank, cfg.train)["device"]  # per-node device from the cluster file
-    trainer = Trainer(cfg, batch_sizes(cfg), with_optimizer=False, device=device)
-    link = WorkerLink(cfg, rank, trainer, "syncps", run_dir)
-    delay = link.settings["delay_s"]  # test knob: make this node artificially slow
-    wait_s = cfg.algo.straggler_timeout + cfg.cluster.liveness_s
-    msg = link.register()
-    try:
-        while True:
-            step = msg.fields["step"]
-            loss, n = trainer.compute_gradients(step, rank)
-            if delay:
-                time.sleep(delay)
-            link.push(step, float(loss), n)
-            link.report(step + 1, loss, n)
-            msg = next_message(link, wait_s)
-            if msg is None:
-                logger.warning(f"no weights from {link.address} for {wait_s:.0f}s; re-registering")
-                msg = link.register()
-            elif msg.kind == "error":  # unregistered: a restarted server
-                logger.warning(f"the server at {link.address} does not know us (restarted?); re-registering")
-                msg = link.register()
-            elif msg.kind == "stop":
-                logger.info(f"worker {rank} done: {msg.fields['reason']}")
-                return
-            elif msg.kind == "welcome" or msg.kind == "weights":
-                link.load(msg)
-            else:
-                raise PeerError(f"unexpected {msg.kind!r} from the server")
-    except BaseException as e:  # SIGTERM (as KeyboardInterrupt), a lost server: the W&B run records why
-        link.finish(exit_code_of(e))
-        raise
-    finally:
-        link.finish()
+    algo = "syncps"
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict | None:
-    return run_role(cfg, run_dir, SyncServer, run_worker)
+    return run_role(cfg, run_dir, SyncServer, SyncWorker)

@@ -15,34 +15,27 @@ Then, before every stage steps its own optimizer:
 - gradient clipping needs the *global* norm: stages swap squared norms (the tied
   copy counted once) and scale by the same factor as ``clip_grad_norm_``.
 
-The schedule, data order, optimizer and learning-rate code are those of
-``algo=local`` (Sharder, build_optimizer, lr_at, FlatParams), which is why 20 steps
-of ``mp`` end on the same parameters as ``local``.
+A stage is a :class:`~smolcluster.trainer.Trainer` holding its part of the model: the
+schedule, data order, optimizer, learning rate, cadence and checkpoints' counters are
+``algo=local``'s, which is why 20 steps of ``mp`` end on the same parameters as ``local``
+and a resumed run reads as one.
 """
 
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from loguru import logger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from smolcluster import checkpoint
-from smolcluster.cluster import pick_device
-from smolcluster.data import build_data
-from smolcluster.data.sharding import Sharder
 from smolcluster.errors import ConfigError, PeerError
-from smolcluster.flat import FlatParams
-from smolcluster.models import build_model, count_parameters, fingerprint
 from smolcluster.models.hf import is_hf_model
-from smolcluster.optim import build_optimizer, lr_at, set_lr
 from smolcluster.pipeline import shards
 from smolcluster.pipeline.architectures import FAMILIES, Architecture, family_for
 from smolcluster.pipeline.mesh import Envelope, Mesh
@@ -50,7 +43,7 @@ from smolcluster.pipeline.nodes import stage_nodes
 from smolcluster.pipeline.partition import StageSpec, node_weights, plan, stage_name
 from smolcluster.pipeline.sequential import block_groups, find_sequential, sequential_stage
 from smolcluster.telemetry.run_files import open_recorder
-from smolcluster.trainer import LossWindow
+from smolcluster.trainer import LossWindow, Trainer
 
 EVAL_BATCH = 512  # the batch objective.evaluate uses, so eval sums match algo=local's
 
@@ -101,65 +94,75 @@ def split_for_training(full: torch.nn.Module, n_stages: int, weights: list[float
     return specs, sequential_stage(full, spec.blocks, spec.first, spec.last), None
 
 
-class StageTrainer:
+class StageTrainer(Trainer):
+    """A :class:`~smolcluster.trainer.Trainer` whose model is one stage: it keeps the Trainer's schedule, cadence
+    (:meth:`Trainer.after_step`), run counters, resume-as-one-run and summary, and replaces the parts a pipeline
+    does differently: the step (GPipe), the gradient clip (by the norm across stages), evaluation (through every
+    stage) and the checkpoint (one shard per stage)."""
+
     def __init__(self, cfg: DictConfig, run_dir: Path, rank: int):
-        self.cfg, self.run_dir, self.rank = cfg, Path(run_dir), rank
-        self.tr = SimpleNamespace(**OmegaConf.to_container(cfg.train, resolve=True))
+        self.run_dir, self.rank = Path(run_dir), rank
         self.n, self.M = int(cfg.algo.stages), int(cfg.algo.microbatches)
         if not 0 <= rank < self.n:
             raise ConfigError(f"rank={rank} is invalid for algo.stages={self.n}: use 0..{self.n - 1}")
-        if self.M < 1 or self.tr.batch_size % self.M:
+        if self.M < 1 or cfg.train.batch_size % self.M:
             raise ConfigError(f"algo.microbatches={self.M} must be positive and divide train.batch_size="
-                              f"{self.tr.batch_size}")
+                              f"{cfg.train.batch_size}")
         self.nodes = stage_nodes(cfg.cluster, self.n)
         self.node = self.nodes[rank]
-        self.device = pick_device(self.node.device or cfg.device)
         if self.node.threads:
             torch.set_num_threads(self.node.threads)
-        self.data = build_data(cfg.data, cfg.model)
-        torch.manual_seed(cfg.seed)  # as Trainer does: every stage builds the same initial model
-        full = build_model(cfg.model, self.data.info)
-        self.fingerprint, self.num_params = fingerprint(full), count_parameters(full)
-        self.kind = cfg.model.kind
-        full_layout = [(name, p.numel()) for name, p in full.named_parameters()]
-        resume_path, meta = None, None
+        super().__init__(cfg, [cfg.train.batch_size], device=self.node.device)  # own_part() splits the model
+        self.grad_norm_every = 0  # per-layer norms would cover this stage's layers only
+        self.lr: float | None = None
+        self.bytes_before = (0, 0)  # a resumed stage's traffic so far (mesh counters start at 0)
         if cfg.resume:
-            resume_path = shards.resolve_resume(cfg.resume)
-            meta = checkpoint.load(resume_path, full)
-            if meta.get("fingerprint") not in (None, self.fingerprint):
-                raise ConfigError(f"resume={cfg.resume}: the checkpoint is of another model "
-                                  f"(fingerprint {meta['fingerprint']} != {self.fingerprint})")
-        # a transformers model's run is also written as a Hugging Face directory once its shards merge
-        self.hf_config = full.config.to_dict() if is_hf_model(full) else None
-        self.specs, stage, self.arch = split_for_training(full, self.n, node_weights(cfg.cluster, self.n), rank)
-        self.decoder = self.arch is not None  # embeddings and head are named in the partition
-        del full  # from here on this process holds only its stage
-        self.spec = self.specs[rank]
-        self.first, self.last = self.spec.first, self.spec.last
-        self.stage = stage.to(self.device).train()
-        self.flat = FlatParams(self.stage)
-        self.optimizer = build_optimizer(self.stage, self.tr, self.flat)
-        self.step = 0
-        if meta is not None:
-            names = [n for n, _ in self.stage.named_parameters()]
-            state = shards.stage_optimizer_state(resume_path, full_layout, names, meta)
-            if state is not None:
-                self.optimizer.load_state_dict(state)
-            self.step = int(meta["step"])
-            logger.info(f"stage {rank} resumed from {resume_path} at step {self.step}")
+            self.resume(cfg.resume)
         self.tied = self.decoder and self.arch.tied and self.n > 1 and (self.first or self.last)
-        self.sharder = Sharder(len(self.data.train_x), [self.tr.batch_size], cfg.seed)
-        steps = cfg.train.steps or cfg.train.epochs * self.sharder.steps_per_epoch
-        self.total_steps = int(steps)
-        self.end_step = min(self.total_steps, cfg.train.get("stop_after") or self.total_steps)
         self.names = [stage_name(r) for r in range(self.n)]
         self.me = self.names[rank]
         self.prev = self.names[rank - 1] if rank > 0 else None
         self.next = self.names[rank + 1] if rank < self.n - 1 else None
         self.pending: dict[tuple, Envelope] = {}
         self.mesh: Mesh | None = None
-        logger.info(f"{self.spec.describe(self.last and self.decoder, self.first and self.decoder)}: {sum(p.numel() for p in self.stage.parameters()):,} "
-                    f"of {self.num_params:,} params, device={self.device}")
+        logger.info(f"{self.spec.describe(self.last and self.decoder, self.first and self.decoder)}: "
+                    f"{sum(p.numel() for p in self.model.parameters()):,} of {self.num_params:,} params, "
+                    f"device={self.device}")
+
+    def own_part(self, whole: torch.nn.Module) -> torch.nn.Module:
+        self.whole_layout = [(name, p.numel()) for name, p in whole.named_parameters()]
+        # a transformers model's run is also written as a Hugging Face directory once its shards merge
+        self.hf_config = whole.config.to_dict() if is_hf_model(whole) else None
+        self.specs, stage, self.arch = split_for_training(whole, self.n, node_weights(self.cfg.cluster, self.n),
+                                                          self.rank)
+        self.decoder = self.arch is not None  # embeddings and head are named in the partition
+        self.spec = self.specs[self.rank]
+        self.first, self.last = self.spec.first, self.spec.last
+        return stage  # from here on this process holds only its stage
+
+    def resume(self, path: str | Path) -> dict:
+        """This stage's layers (by their whole-model names) and its slice of the optimizer state, from a
+        whole checkpoint (the run's shards are merged into one first); then the run goes on as Trainer's does."""
+        path = shards.resolve_resume(path)
+        meta = checkpoint.load_meta(path)
+        if meta.get("fingerprint") not in (None, self.fingerprint):
+            raise ConfigError(f"resume={self.cfg.resume}: the checkpoint is of another model "
+                              f"(fingerprint {meta['fingerprint']} != {self.fingerprint})")
+        checkpoint.load(path, self.model)
+        state = shards.stage_optimizer_state(path, self.whole_layout, [n for n, _ in self.model.named_parameters()],
+                                             meta)
+        if state is not None:
+            self.optimizer.load_state_dict(state)
+        self.carry_on(path, meta)
+        # each stage's traffic goes on from its own counters (with another number of stages, from 0)
+        stages = self.carried.pop("stages", None) or []
+        mine = stages[self.rank] if len(stages) == self.n else {}
+        self.bytes_before = (int(mine.get("bytes_sent", 0)), int(mine.get("bytes_received", 0)))
+        return meta
+
+    def traffic(self) -> dict:
+        return {"bytes_sent": self.bytes_before[0] + self.mesh.bytes_sent,
+                "bytes_received": self.bytes_before[1] + self.mesh.bytes_received}
 
     # -- links ------------------------------------------------------------------------------
     def connect(self) -> None:
@@ -222,7 +225,7 @@ class StageTrainer:
             else:
                 env = self.expect("mp.act", self.prev, step, m, "train")
                 inp = tensor_of(env.tensors["x"], self.device).requires_grad_()
-            out = self.stage(inp)
+            out = self.model(inp)
             if self.last:
                 loss = self.loss_of(out, ys[m]) / M
                 loss.backward()
@@ -239,25 +242,22 @@ class StageTrainer:
                 self.send(self.prev, "mp.grad", {"step": step, "mb": m}, {"g": array_of(inp.grad)})
         if self.tied:
             self.sum_tied_gradient()
-        if self.tr.grad_clip > 0:
-            self.clip_global()
-        lr = lr_at(step, self.tr, self.total_steps)
-        set_lr(self.optimizer, lr)
-        self.optimizer.step()
-        self.step += 1
-        self.lr = lr
+        self.lr = self.apply_gradients()  # clip_gradients() below, the schedule, the optimizer, step + 1
         return total
 
     def sum_tied_gradient(self) -> None:
-        grad = dict(self.stage.named_parameters())[self.arch.embed_name].grad
+        grad = dict(self.model.named_parameters())[self.arch.embed_name].grad
         other = self.names[-1] if self.first else self.names[0]
         # A clone: the in-place add below must not change what is still queued for sending.
         self.send(other, "mp.tied", {"step": self.step}, {"g": array_of(grad.clone())})
         env = self.expect("mp.tied", other, self.step)
         grad.add_(tensor_of(env.tensors["g"], self.device))  # a + b == b + a: both copies get the same sum
 
-    def clip_global(self) -> None:
-        sq = sum(float(p.grad.double().pow(2).sum()) for name, p in self.stage.named_parameters()
+    def clip_gradients(self) -> None:
+        """Clip by the norm of the whole model's gradient: the stages swap their squared norms."""
+        if self.train.grad_clip <= 0:
+            return
+        sq = sum(float(p.grad.double().pow(2).sum()) for name, p in self.model.named_parameters()
                  if not (self.tied and self.last and name == self.arch.embed_name))  # the tied copy counts once
         for other in self.names:
             if other != self.me:
@@ -268,7 +268,7 @@ class StageTrainer:
                 parts[other] = float(self.expect("mp.norm", other, self.step).fields["sq"])
         # The same order on every stage, then clip_grad_norm_'s float32 arithmetic.
         total = torch.tensor(math.sqrt(sum(parts[n] for n in self.names)), dtype=torch.float32)
-        coef = torch.clamp(self.tr.grad_clip / (total + 1e-6), max=1.0)
+        coef = torch.clamp(self.train.grad_clip / (total + 1e-6), max=1.0)
         for g in self.flat.grads.values():
             g.mul_(coef.to(g.device))
 
@@ -277,8 +277,8 @@ class StageTrainer:
     def evaluate(self) -> dict:
         """Held-out loss through the pipeline, in the batches objective.evaluate uses."""
         x, y = self.data.test_x, self.data.test_y
-        n = len(x) if not self.tr.eval_samples else min(self.tr.eval_samples, len(x))
-        self.stage.eval()
+        n = len(x) if not self.train.eval_samples else min(self.train.eval_samples, len(x))
+        self.model.eval()
         loss_sum, correct, count = 0.0, 0, 0
         for b, i in enumerate(range(0, n, EVAL_BATCH)):
             j = min(i + EVAL_BATCH, n)
@@ -286,7 +286,7 @@ class StageTrainer:
                 inp = x[i:j].to(self.device)
             else:
                 inp = tensor_of(self.expect("mp.act", self.prev, self.step, b, "eval").tensors["x"], self.device)
-            out = self.stage(inp)
+            out = self.model(inp)
             if self.last:
                 yb = y[i:j].to(self.device)
                 flat_logits, flat_y = out.reshape(-1, out.shape[-1]), yb.reshape(-1)
@@ -295,7 +295,7 @@ class StageTrainer:
                 count += flat_y.numel()
             else:
                 self.send(self.next, "mp.act", {"step": self.step, "mb": b, "phase": "eval"}, {"x": array_of(out)})
-        self.stage.train()
+        self.model.train()
         if not self.last:
             return {}
         out = {"eval_loss": loss_sum / count}
@@ -305,79 +305,57 @@ class StageTrainer:
             out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50.0))
         return out
 
-    def due(self, every: int) -> bool:
-        return bool(every) and self.step % every == 0 and self.step < self.end_step
-
-    def save(self) -> Path:
-        extra = {"fingerprint": self.fingerprint, "algo": "mp"}
+    def save(self, run_dir: str | Path, run_state: dict | None = None) -> Path:
+        """This stage's shard; its JSON's ``run`` holds the run's counters and this stage's traffic."""
+        run_dir = Path(run_dir)
+        extra = {"fingerprint": self.fingerprint, "algo": "mp", "run": self.run_counters({**self.traffic(),
+                                                                                           **(run_state or {})})}
         tok = self.data.tokenizer
-        if self.last and tok is not None and not (self.run_dir / "tokenizer.json").is_file():
-            tok.save(self.run_dir / "tokenizer.json")  # inference decodes with the run's own tokenizer
+        if self.last and tok is not None and not (run_dir / "tokenizer.json").is_file():
+            tok.save(run_dir / "tokenizer.json")  # inference decodes with the run's own tokenizer
         if self.hf_config is not None:
             extra["hf_config"] = self.hf_config
-            extra["tokenizer"] = str(getattr(tok, "path", None) or self.run_dir / "tokenizer.json") if tok else None
-        return shards.save_shard(self.run_dir, self.rank, self.n, self.stage, self.optimizer, self.step, extra)
+            extra["tokenizer"] = str(getattr(tok, "path", None) or run_dir / "tokenizer.json") if tok else None
+        return shards.save_shard(run_dir, self.rank, self.n, self.model, self.optimizer, self.step, extra)
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> dict | None:
         self.connect()
-        tr = self.tr
-        # Every stage reports to its own sinks (Prometheus, W&B); only the last writes the run's files.
-        recorder = open_recorder(self.cfg, self.run_dir, append=bool(self.cfg.resume), files=self.last)
-        window, samples, t0 = LossWindow(tr.log_every), 0, time.perf_counter()
-        evaluation: dict = {}
+        tr = self.train
+        # Every stage reports to its own sinks (Prometheus, W&B); only the last writes the run's files, and a
+        # resumed run's rows after its checkpoint's step are dropped (those steps are trained again).
+        recorder = open_recorder(self.cfg, self.run_dir, files=self.last,
+                                 keep_until=self.step if self.resumed_from else None)
+        window = LossWindow(tr.log_every)
         try:
             if tr.eval_every and self.step == 0:
                 evaluation = self.evaluate()
                 if self.last:
                     recorder.log(0, **evaluation)
+            self.start_clock(recorder)
             while self.step < self.end_step:
                 loss = self.train_step()
-                samples += tr.batch_size
-                row: dict = {}
+                self.samples += tr.batch_size
                 if self.last:
                     window.add(loss)
+                row: dict = {}
                 if self.step % tr.log_every == 0 or self.step == self.end_step:
-                    rate = samples / max(time.perf_counter() - t0, 1e-9)
                     row = {"loss": window.mean()} if self.last else {}  # only the last stage sees the loss
-                    row.update(lr=self.lr, samples=samples, samples_per_s=round(rate, 2),
-                               epoch=round(self.sharder.epoch_of(self.step), 4))
-                if self.due(tr.eval_every):
-                    evaluation = self.evaluate()
-                    row.update(evaluation)
-                if row:
-                    recorder.log(self.step, **row, bytes_sent=self.mesh.bytes_sent, bytes_received=self.mesh.bytes_received)
-                if self.due(tr.checkpoint_every):
-                    self.save()
-            wall = time.perf_counter() - t0
+                    row.update(lr=self.lr, samples=self.samples, samples_per_s=round(self.rate, 2),
+                               epoch=round(self.sharder.epoch_of(self.step), 4), **self.traffic())
+                self.after_step(recorder, self.run_dir, row)
             evaluation = self.evaluate()
-            self.save()
-            summary = None
             if self.last:
                 recorder.log(self.step, **evaluation)
-                summary = self.summary(samples, wall, window.mean(), evaluation)
+            self.save(self.run_dir)  # after the last row: a resume's clock goes on from past it
+            summary = None
+            if self.last:
+                summary = self.summary(
+                    "mp", window.mean(), evaluation, self.run_dir, stages=self.n, microbatches=self.M,
+                    partition=[s.describe(s.last and self.decoder, s.first and self.decoder) for s in self.specs],
+                    **self.traffic())
             recorder.finish(summary)
             self.mesh.goodbye([n for n in self.names if n != self.me], float(self.cfg.cluster.liveness_s))
             return summary
         finally:
             self.mesh.close()
-
-    def summary(self, samples: int, wall_s: float, final_loss, evaluation: dict) -> dict:
-        return {
-            "algo": "mp",
-            "model": self.cfg.model.name,
-            "data": self.cfg.data.name,
-            "steps": self.step,
-            "samples": samples,
-            "wall_s": round(wall_s, 3),
-            "samples_per_s": round(samples / wall_s, 2) if wall_s > 0 else None,
-            "final_loss": final_loss,
-            **evaluation,
-            "params": self.num_params,
-            "device": str(self.device),
-            "run_dir": str(self.run_dir),
-            "stages": self.n,
-            "microbatches": self.M,
-            "partition": [s.describe(s.last and self.decoder, s.first and self.decoder) for s in self.specs],
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
-        }

@@ -145,6 +145,8 @@ def merge(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     first = metas[0]
     meta = {"step": first["step"], "algo": "mp", "merged_from": [p.name for _, p in sorted(shards.items())],
             "fingerprint": fingerprint_of([(n, params[n].shape, params[n].dtype) for n in order])}
+    if "run" in metas[-1]:  # the run's counters (the last stage's, which wrote the run's files), each stage's traffic
+        meta["run"] = {**metas[-1]["run"], "stages": [m.get("run", {}) for m in metas]}
     if "optim_param_groups" in first:
         meta["optim_param_groups"] = first["optim_param_groups"]
         if first.get("optim_scalars"):
