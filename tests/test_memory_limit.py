@@ -137,8 +137,13 @@ def model(tmp_path_factory):
     return d, config
 
 
+_REFERENCE: dict = {}
+
+
 def reference(model, fmt: StageFormat) -> list[int]:
     """Greedy tokens of the whole model in ``fmt``, in this process (the equivalence the stages must meet)."""
+    if fmt in _REFERENCE:
+        return _REFERENCE[fmt]
     d, config = model
     stage = load_stage(d, config, range(12), embed=True, head=True, fmt=fmt)
     cache, out = KVCache(12), []
@@ -147,6 +152,7 @@ def reference(model, fmt: StageFormat) -> list[int]:
         for _ in range(TOKENS):
             out.append(int(stage.logits(x, last_only=True)[0, -1].float().argmax()))
             x = stage.run_blocks(stage.embed(torch.tensor([[out[-1]]]), cache.length), cache)
+    _REFERENCE[fmt] = out
     return out
 
 
@@ -159,7 +165,7 @@ def start_stages(model, where: list[Node], weights: list[float] | None, fmt: Sta
     procs = []
     for rank, node in enumerate(where):
         sc = ServeConfig(rank=rank, n_stages=n, weights=str(d), config=config, nodes=addr, stage_weights=weights,
-                         exit_with_head=True, threads=1, heartbeat_s=0.2, liveness_s=5.0, connect_timeout_s=60,
+                         exit_with_head=True, threads=1, heartbeat_s=0.2, liveness_s=5.0, connect_timeout_s=300,
                          kv_cache_mb=16, precision=fmt.precision, quantize=fmt.quantize)
         path = tmp / f"stage-{rank}.json"
         path.write_text(sc.dumps())
@@ -179,7 +185,7 @@ def generate_under_limits(model, where: list[Node], weights, fmt: StageFormat, t
     """Start the stages, generate, and report each one's peak while it still runs."""
     procs, addresses = start_stages(model, where, weights, fmt, tmp)
     try:
-        with InferencePipeline.connect(addresses, heartbeat_s=0.2, liveness_s=5.0, connect_timeout_s=60) as pipe:
+        with InferencePipeline.connect(addresses, heartbeat_s=0.2, liveness_s=5.0, connect_timeout_s=300) as pipe:
             got = pipe.submit(PROMPT, max_new_tokens=TOKENS, stop_at_eos=False).tokens()
             blocks = pipe.client.partition
             report = [{"stage": r, "limit_mb": node.limit / MB, "peak_charged_mb": node.read(
@@ -262,15 +268,18 @@ def test_partition_auto_follows_three_limits_and_refuses_an_impossible_fit(model
     for row in run[1:]:
         assert row["oom_kills"] == 0 and row["peak_charged_mb"] < row["limit_mb"], row
 
-    # Half of each: no placement fits. Refused in one line by the launcher, and no process is left running.
-    launch = nodes(sum(limits))
-    gb = ",".join(f"{{memory_gb:{limit / 2 / 2**30:.4f}}}" for limit in limits)
-    launcher = launch.run([sys.executable, "-m", "smolcluster.infer", f"model.pretrained={d}", "stages=3",
-                           "partition=auto", f"cluster.nodes=[{gb}]", "prompt=hello", "max_new_tokens=4"],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=stage_env(3))
-    _, err = launcher.communicate(timeout=120)
-    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
-    print(lines)
-    assert launcher.returncode == 2 and len(lines) == 1, err
-    assert "does not fit" in lines[0] and "cluster.nodes[" in lines[0] and "missing" in lines[0], lines[0]
-    assert launch.pids() == []
+    # Half of each: no placement fits. Refused in one line before any stage starts: no process left running.
+    import psutil
+
+    from smolcluster.errors import ConfigError
+    from smolcluster.inference.from_config import pipeline_from_config
+    from smolcluster.inference.settings import Links, Pipeline
+
+    cfg = Pipeline(model={"pretrained": str(d)}, stages=3, partition="auto",
+                   links=Links(nodes=[{"memory_gb": limit / 2 / 2**30} for limit in limits]))
+    with pytest.raises(ConfigError) as refused:
+        pipeline_from_config(cfg, prompt="hello")
+    print(refused.value)
+    assert "\n" not in str(refused.value)
+    assert "does not fit" in str(refused.value) and "cluster.nodes[" in str(refused.value)
+    assert psutil.Process().children(recursive=True) == []

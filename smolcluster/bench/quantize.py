@@ -104,8 +104,9 @@ def greedy(stage, prompt: torch.Tensor, n: int) -> tuple[list[int], float]:
     return out, (n - 1) / (time.perf_counter() - t0)
 
 
-def train_tiny(name: str, text: str, tok, out: Path, steps: int, block: int = 64) -> Path:
-    """A model of conf/model/NAME.yaml trained ``steps`` steps on ``text``, saved as a Hugging Face directory."""
+def train_tiny(name: str, text: str, tok, out: Path, steps: int, block: int = 64, batch: int = 16) -> Path:
+    """A model of conf/model/NAME.yaml trained ``steps`` steps on ``text`` (AdamW, warmup then linear decay to
+    10%), saved as a Hugging Face directory."""
     from omegaconf import OmegaConf
 
     from smolcluster.models import build_model
@@ -117,11 +118,12 @@ def train_tiny(name: str, text: str, tok, out: Path, steps: int, block: int = 64
     ids = torch.tensor(tok.encode(text), dtype=torch.long)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
     for step in range(steps):
-        lr = 3e-3 * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - step / steps))
+        lr = 3e-3 * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * (1 - step / steps))
         for group in opt.param_groups:
             group["lr"] = lr
-        starts = torch.randint(0, len(ids) - block - 1, (16,), generator=g)
+        starts = torch.randint(0, len(ids) - block - 1, (batch,), generator=g)
         x = torch.stack([ids[s: s + block] for s in starts])
         y = torch.stack([ids[s + 1: s + block + 1] for s in starts])
         logits = model(x).logits
@@ -129,7 +131,8 @@ def train_tiny(name: str, text: str, tok, out: Path, steps: int, block: int = 64
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    print(f"{name}: {steps} steps, last train loss {loss.item():.3f}", file=sys.stderr)
+    print(f"{name}: {steps} steps of {batch} x {block} tokens in {time.perf_counter() - t0:.0f} s, last train loss "
+          f"{loss.item():.3f}", file=sys.stderr)
     model.eval().save_pretrained(out / name)
     return out / name
 
@@ -152,13 +155,14 @@ def big_models(out: Path) -> dict[str, Path]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m smolcluster.bench quantize", description=__doc__.split("\n")[0])
     p.add_argument("--corpus", default="/work/shared/data/tinyshakespeare/input.txt")
-    p.add_argument("--steps", type=int, default=300, help="training steps of each tiny model")
+    p.add_argument("--steps", type=int, default=1500, help="training steps of each tiny model (16 x 64 tokens)")
+    p.add_argument("--models", default="gpt2-tiny,llama-tiny", help="which tiny models to train and compare")
     p.add_argument("--tokens", type=int, default=32, help="greedy tokens compared and timed")
     p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens perplexity is measured on")
     p.add_argument("--group", type=int, default=32, help="int4 group size (32 divides llama-tiny's 352-wide MLP)")
     p.add_argument("--skip-big", action="store_true", help="only the trained tiny models")
     p.add_argument("--only-big", action="store_true", help="only the 124M models' memory and speed")
-    p.add_argument("--big-tokens", type=int, default=16, help="decode tokens timed on the 124M models")
+    p.add_argument("--big-tokens", type=int, default=16, help="decode tokens timed on the 124M models (0: memory only)")
     p.add_argument("--out", default=".")
     args = p.parse_args(argv)
     from smolcluster.bench.report import write_report
@@ -172,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, extra = [], {}
     with tempfile.TemporaryDirectory(prefix="smolcluster-bench-quantize-") as tmp:
         tmp = Path(tmp)
-        for name in () if args.only_big else ("gpt2-tiny", "llama-tiny"):
+        for name in () if args.only_big else args.models.split(","):
             d = train_tiny(name, text[:split], tok, tmp, args.steps)
             base_ppl = base_tokens = base_tps = None
             for precision, quantize in FORMATS:
@@ -194,9 +198,11 @@ def main(argv: list[str] | None = None) -> int:
                 prompt = torch.arange(16) % 1000
                 for precision, quantize in FORMATS:
                     mem = probe(str(d), precision, quantize, args.group)
-                    stage = load(d, precision, quantize, args.group)
-                    _, tps = greedy(stage, prompt, args.big_tokens)
-                    del stage
+                    tps = float("nan")
+                    if args.big_tokens:
+                        stage = load(d, precision, quantize, args.group)
+                        _, tps = greedy(stage, prompt, args.big_tokens)
+                        del stage
                     if base_mem is None:
                         base_mem, base_tps = mem, tps
                     rows.append({"model": name, "format": f"{precision}/{quantize}",
