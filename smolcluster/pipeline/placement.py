@@ -28,6 +28,11 @@ RUNTIME_BYTES = 200 << 20
 MARGIN = 0.10               # of each node's memory kept free
 
 
+def size(n: float) -> str:
+    """Bytes for a person: GB, or MB below one GB (test-sized nodes)."""
+    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
+
+
 def bytes_per_param(fmt: StageFormat, ends: bool) -> float:
     """Bytes a parameter costs in ``fmt``: blocks' linear weights, or the embedding / head (``ends``)."""
     if fmt.quantize == "none":
@@ -160,11 +165,6 @@ def node_memory(cluster, n_stages: int, local: bool) -> list[NodeMemory]:
         else:
             out.append(NodeMemory(int(gb * (1 << 30)), f"cluster.nodes[{i}].memory_gb={gb}"))
     return out
-
-
-def size(n: float) -> str:
-    """Bytes for a person: GB, or MB below one GB (test-sized nodes)."""
-    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
 
 
 def auto_weights(arch: Architecture, formats: list[StageFormat], memory: list[NodeMemory | int],
