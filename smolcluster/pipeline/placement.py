@@ -163,7 +163,7 @@ def node_memory(cluster, n_stages: int, local: bool) -> list[NodeMemory]:
         elif not isinstance(gb, (int, float)) or isinstance(gb, bool) or gb <= 0:
             raise ConfigError(f"cluster.nodes[{i}].memory_gb={gb!r} is invalid: give a positive number of GB")
         else:
-            out.append(NodeMemory(int(gb * (1 << 30)), f"cluster.nodes[{i}].memory_gb={gb}"))
+            out.append(NodeMemory(int(gb * (1 << 30)), f"cluster.nodes[{i}].memory_gb={gb:g}"))
     return out
 
 
