@@ -90,18 +90,24 @@ def perplexity(stage, ids: torch.Tensor, block: int) -> float:
 
 
 @torch.inference_mode()
-def greedy(stage, prompt: torch.Tensor, n: int) -> tuple[list[int], float]:
-    """``n`` greedy tokens with a KV cache; returns them and decode tokens/s (after the prefill)."""
+def greedy(stage, prompt: torch.Tensor, n: int) -> tuple[list[int], float, list[float]]:
+    """``n`` greedy tokens with a KV cache; returns them, decode tokens/s (after the prefill), and each step's
+    gap between the top two logits (a near-tie is where another format may fairly pick the other token)."""
     from smolcluster.pipeline.architectures import KVCache
+
+    def pick(x):
+        top = stage.logits(x, last_only=True)[0, -1].float().topk(2).values
+        return float(top[0] - top[1])
 
     cache = KVCache(len(stage.blocks))
     x = stage.run_blocks(stage.embed(prompt[None], 0), cache)
-    out = [int(stage.logits(x, last_only=True)[0, -1].argmax())]
+    out, gaps = [int(stage.logits(x, last_only=True)[0, -1].argmax())], [pick(x)]
     t0 = time.perf_counter()
     for _ in range(n - 1):
         x = stage.run_blocks(stage.embed(torch.tensor([[out[-1]]]), cache.length), cache)
         out.append(int(stage.logits(x, last_only=True)[0, -1].argmax()))
-    return out, (n - 1) / (time.perf_counter() - t0)
+        gaps.append(pick(x))
+    return out, (n - 1) / (time.perf_counter() - t0), gaps
 
 
 def train_tiny(name: str, text: str, tok, out: Path, steps: int, block: int = 64, batch: int = 16) -> Path:
@@ -182,15 +188,18 @@ def main(argv: list[str] | None = None) -> int:
             for precision, quantize in FORMATS:
                 stage = load(d, precision, quantize, args.group)
                 ppl = perplexity(stage, held, 64)
-                toks, tps = greedy(stage, held[:16], args.tokens)
+                toks, tps, gaps = greedy(stage, held[:16], args.tokens)
                 if base_ppl is None:
-                    base_ppl, base_tokens, base_tps = ppl, toks, tps
+                    base_ppl, base_tokens, base_tps, base_gaps = ppl, toks, tps, gaps
                 agree = next((i for i, (a, b) in enumerate(zip(toks, base_tokens, strict=True)) if a != b), len(toks))
                 d_ppl = 100 * (ppl / base_ppl - 1)
                 target = TARGETS.get((precision, quantize))
                 rows.append({"model": name, "format": f"{precision}/{quantize}", "ppl": ppl, "ppl_vs_fp32_%": d_ppl,
                              "target_%": "" if target is None else f"<= {target}",
-                             "greedy_agree": f"{agree}/{len(toks)}", "decode_tok_s": tps,
+                             "greedy_agree": f"{agree}/{len(toks)}",
+                             # fp32's top-two logit gap where this format first picked otherwise
+                             "fp32_gap_there": "" if agree == len(toks) else round(base_gaps[agree], 4),
+                             "decode_tok_s": tps,
                              "speed_vs_fp32": tps / base_tps})
         if not args.skip_big:
             for name, d in big_models(tmp).items():
@@ -201,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                     tps = float("nan")
                     if args.big_tokens:
                         stage = load(d, precision, quantize, args.group)
-                        _, tps = greedy(stage, prompt, args.big_tokens)
+                        _, tps, _ = greedy(stage, prompt, args.big_tokens)
                         del stage
                     if base_mem is None:
                         base_mem, base_tps = mem, tps
