@@ -1,6 +1,6 @@
 """``python -m smolcluster.bench quantize``: what precision and quantization cost and save, measured in one run.
 
-- Quality: gpt2-tiny and llama-tiny are trained briefly here on tinyshakespeare, then each
+- Quality: gpt2-tiny and llama-tiny are trained here on tinyshakespeare (``--steps``), then each
   format's perplexity on held-out text (the last 10% of the corpus) is compared with fp32's,
   and bf16's greedy continuation of a held-out prompt with fp32's (first 32 tokens).
 - Memory: the model a stage adds (peak RSS minus RSS after its imports, before any weight is
