@@ -89,9 +89,10 @@ def test_the_memory_a_stage_adds_is_its_formats_not_fp32s(tmp_path):
     assert fp32["added_mb"] > 0.9 * fp32["tensors_mb"] > 40  # the measure sees the model
     bf16 = probe(str(tmp_path), "bf16", "none")
     int8 = probe(str(tmp_path), "fp32", "int8")
-    # Seen: bf16 0.51x, int8 0.39x (of which ~7 MB is fixed, whatever the model's size).
-    assert bf16["added_mb"] < 0.6 * fp32["added_mb"], (bf16, fp32)
-    assert int8["added_mb"] < 0.5 * fp32["added_mb"], (int8, fp32)
+    # Seen: bf16 0.52x, int8 0.33x (17.5 MB for 13.3 MB held: ~4 MB is fixed, whatever the model's size;
+    # 0.39x before GPT-2's (in, out) weights were quantized in chunks of rows).
+    assert bf16["added_mb"] < 0.58 * fp32["added_mb"], (bf16, fp32)
+    assert int8["added_mb"] < 0.4 * fp32["added_mb"], (int8, fp32)
 
 
 def test_the_wire_carries_bf16_hidden_states_in_half_the_bytes():
@@ -225,7 +226,7 @@ def test_partition_auto_places_blocks_by_memory_and_refuses_what_cannot_fit(tmp_
     for s, m in zip(specs, (0.5, 1.0, 1.5), strict=True):
         need = stage_bytes(arch, StageFormat(fmt[s.rank]["precision"]), s.blocks, s.first, s.rank == 2, 1)
         assert need <= m * (1 - MARGIN) * 2**30, (s.rank, need)
-    with pytest.raises(ConfigError, match=r"does not fit: stage \d needs .* GB missing.*more stages, "
+    with pytest.raises(ConfigError, match=r"does not fit: stage \d needs .* [GM]B missing.*more stages, "
                                           r"precision=bf16.*quantize=int8"):
         c = cfg([0.45, 0.45, 0.45])
         stage_weights_for(c, {"config": config}, stage_formats(c), local=False)

@@ -1,6 +1,6 @@
 """``python -m smolcluster.bench quantize``: what precision and quantization cost and save, measured in one run.
 
-- Quality: gpt2-tiny and llama-tiny are trained briefly here on tinyshakespeare, then each
+- Quality: gpt2-tiny and llama-tiny are trained here on tinyshakespeare (``--steps``), then each
   format's perplexity on held-out text (the last 10% of the corpus) is compared with fp32's,
   and bf16's greedy continuation of a held-out prompt with fp32's (first 32 tokens).
 - Memory: the model a stage adds (peak RSS minus RSS after its imports, before any weight is
@@ -90,22 +90,29 @@ def perplexity(stage, ids: torch.Tensor, block: int) -> float:
 
 
 @torch.inference_mode()
-def greedy(stage, prompt: torch.Tensor, n: int) -> tuple[list[int], float]:
-    """``n`` greedy tokens with a KV cache; returns them and decode tokens/s (after the prefill)."""
+def greedy(stage, prompt: torch.Tensor, n: int) -> tuple[list[int], float, list[float]]:
+    """``n`` greedy tokens with a KV cache; returns them, decode tokens/s (after the prefill), and each step's
+    gap between the top two logits (a near-tie is where another format may fairly pick the other token)."""
     from smolcluster.pipeline.architectures import KVCache
+
+    def pick(x):
+        top = stage.logits(x, last_only=True)[0, -1].float().topk(2).values
+        return float(top[0] - top[1])
 
     cache = KVCache(len(stage.blocks))
     x = stage.run_blocks(stage.embed(prompt[None], 0), cache)
-    out = [int(stage.logits(x, last_only=True)[0, -1].argmax())]
+    out, gaps = [int(stage.logits(x, last_only=True)[0, -1].argmax())], [pick(x)]
     t0 = time.perf_counter()
     for _ in range(n - 1):
         x = stage.run_blocks(stage.embed(torch.tensor([[out[-1]]]), cache.length), cache)
         out.append(int(stage.logits(x, last_only=True)[0, -1].argmax()))
-    return out, (n - 1) / (time.perf_counter() - t0)
+        gaps.append(pick(x))
+    return out, (n - 1) / (time.perf_counter() - t0), gaps
 
 
-def train_tiny(name: str, text: str, tok, out: Path, steps: int, block: int = 64) -> Path:
-    """A model of conf/model/NAME.yaml trained ``steps`` steps on ``text``, saved as a Hugging Face directory."""
+def train_tiny(name: str, text: str, tok, out: Path, steps: int, block: int = 64, batch: int = 16) -> Path:
+    """A model of conf/model/NAME.yaml trained ``steps`` steps on ``text`` (AdamW, warmup then linear decay to
+    10%), saved as a Hugging Face directory."""
     from omegaconf import OmegaConf
 
     from smolcluster.models import build_model
@@ -117,11 +124,12 @@ def train_tiny(name: str, text: str, tok, out: Path, steps: int, block: int = 64
     ids = torch.tensor(tok.encode(text), dtype=torch.long)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
     for step in range(steps):
-        lr = 3e-3 * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - step / steps))
+        lr = 3e-3 * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * (1 - step / steps))
         for group in opt.param_groups:
             group["lr"] = lr
-        starts = torch.randint(0, len(ids) - block - 1, (16,), generator=g)
+        starts = torch.randint(0, len(ids) - block - 1, (batch,), generator=g)
         x = torch.stack([ids[s: s + block] for s in starts])
         y = torch.stack([ids[s + 1: s + block + 1] for s in starts])
         logits = model(x).logits
@@ -129,7 +137,8 @@ def train_tiny(name: str, text: str, tok, out: Path, steps: int, block: int = 64
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    print(f"{name}: {steps} steps, last train loss {loss.item():.3f}", file=sys.stderr)
+    print(f"{name}: {steps} steps of {batch} x {block} tokens in {time.perf_counter() - t0:.0f} s, last train loss "
+          f"{loss.item():.3f}", file=sys.stderr)
     model.eval().save_pretrained(out / name)
     return out / name
 
@@ -152,13 +161,14 @@ def big_models(out: Path) -> dict[str, Path]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m smolcluster.bench quantize", description=__doc__.split("\n")[0])
     p.add_argument("--corpus", default="/work/shared/data/tinyshakespeare/input.txt")
-    p.add_argument("--steps", type=int, default=300, help="training steps of each tiny model")
+    p.add_argument("--steps", type=int, default=1500, help="training steps of each tiny model (16 x 64 tokens)")
+    p.add_argument("--models", default="gpt2-tiny,llama-tiny", help="which tiny models to train and compare")
     p.add_argument("--tokens", type=int, default=32, help="greedy tokens compared and timed")
     p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens perplexity is measured on")
     p.add_argument("--group", type=int, default=32, help="int4 group size (32 divides llama-tiny's 352-wide MLP)")
     p.add_argument("--skip-big", action="store_true", help="only the trained tiny models")
     p.add_argument("--only-big", action="store_true", help="only the 124M models' memory and speed")
-    p.add_argument("--big-tokens", type=int, default=16, help="decode tokens timed on the 124M models")
+    p.add_argument("--big-tokens", type=int, default=16, help="decode tokens timed on the 124M models (0: memory only)")
     p.add_argument("--out", default=".")
     args = p.parse_args(argv)
     from smolcluster.bench.report import write_report
@@ -172,21 +182,24 @@ def main(argv: list[str] | None = None) -> int:
     rows, extra = [], {}
     with tempfile.TemporaryDirectory(prefix="smolcluster-bench-quantize-") as tmp:
         tmp = Path(tmp)
-        for name in () if args.only_big else ("gpt2-tiny", "llama-tiny"):
+        for name in () if args.only_big else args.models.split(","):
             d = train_tiny(name, text[:split], tok, tmp, args.steps)
             base_ppl = base_tokens = base_tps = None
             for precision, quantize in FORMATS:
                 stage = load(d, precision, quantize, args.group)
                 ppl = perplexity(stage, held, 64)
-                toks, tps = greedy(stage, held[:16], args.tokens)
+                toks, tps, gaps = greedy(stage, held[:16], args.tokens)
                 if base_ppl is None:
-                    base_ppl, base_tokens, base_tps = ppl, toks, tps
+                    base_ppl, base_tokens, base_tps, base_gaps = ppl, toks, tps, gaps
                 agree = next((i for i, (a, b) in enumerate(zip(toks, base_tokens, strict=True)) if a != b), len(toks))
                 d_ppl = 100 * (ppl / base_ppl - 1)
                 target = TARGETS.get((precision, quantize))
                 rows.append({"model": name, "format": f"{precision}/{quantize}", "ppl": ppl, "ppl_vs_fp32_%": d_ppl,
                              "target_%": "" if target is None else f"<= {target}",
-                             "greedy_agree": f"{agree}/{len(toks)}", "decode_tok_s": tps,
+                             "greedy_agree": f"{agree}/{len(toks)}",
+                             # fp32's top-two logit gap where this format first picked otherwise
+                             "fp32_gap_there": "" if agree == len(toks) else round(base_gaps[agree], 4),
+                             "decode_tok_s": tps,
                              "speed_vs_fp32": tps / base_tps})
         if not args.skip_big:
             for name, d in big_models(tmp).items():
@@ -194,9 +207,11 @@ def main(argv: list[str] | None = None) -> int:
                 prompt = torch.arange(16) % 1000
                 for precision, quantize in FORMATS:
                     mem = probe(str(d), precision, quantize, args.group)
-                    stage = load(d, precision, quantize, args.group)
-                    _, tps = greedy(stage, prompt, args.big_tokens)
-                    del stage
+                    tps = float("nan")
+                    if args.big_tokens:
+                        stage = load(d, precision, quantize, args.group)
+                        _, tps, _ = greedy(stage, prompt, args.big_tokens)
+                        del stage
                     if base_mem is None:
                         base_mem, base_tps = mem, tps
                     rows.append({"model": name, "format": f"{precision}/{quantize}",

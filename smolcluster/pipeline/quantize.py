@@ -219,8 +219,8 @@ def convert(name: str, shape: tuple, read_rows: Callable[[int, int], torch.Tenso
     """The state-dict entries for file tensor ``name``, built from ``read_rows(r0, r1)`` (file rows, file dtype).
 
     A tensor is read a chunk of rows at a time into its final form, so no full-precision copy of
-    it is ever resident (GPT-2's Conv1D weights, stored (in, out), are read whole: quantizing per
-    output channel needs every row; they are one block's matrix, not the model).
+    it is ever resident (for int4, GPT-2's Conv1D weights, stored (in, out), are read whole: one
+    block's matrix, not the model).
     """
     dev, dtype, target = fmt.device, fmt.dtype, targets.get(name)
     rows = shape[0] if shape else 1
@@ -240,16 +240,22 @@ def convert(name: str, shape: tuple, read_rows: Callable[[int, int], torch.Tenso
         for r in range(step, rows, step):
             out[r: r + step] = read_rows(r, min(rows, r + step))
         return {name: out.to(dev)}
-    if target.transposed:
-        w = read_rows(0, rows).t()  # (out, in) view of GPT-2's (in, out)
-        if target.kind == "int8":  # quantized a few output channels at a time: small temporaries
-            n_out = w.shape[0]
-            q, s = torch.empty(w.shape, dtype=torch.int8), torch.empty(n_out, dtype=dtype)
-            step = max(1, _CHUNK_BYTES // (w.shape[1] * 4))
-            for r in range(0, n_out, step):
-                q[r: r + step], s[r: r + step] = int8_rows(w[r: r + step], dtype)
-            return {f"{base}.qweight": q.to(dev), f"{base}.scales": s.to(dev)}
-        q, sz = int4_groups(w, fmt.group_size)
+    if target.transposed and target.kind == "int8":
+        # GPT-2's Conv1D weight is stored (in, out): an output channel is a column. Two passes over chunks
+        # of the file's rows, so no more than a chunk is ever in full precision: the columns' absolute
+        # maxima (the scales), then each chunk quantized and written transposed.
+        n_in, n_out = shape
+        amax = torch.zeros(n_out)
+        for r in range(0, n_in, step):
+            amax = torch.maximum(amax, read_rows(r, min(n_in, r + step)).float().abs().amax(dim=0))
+        scale = (amax / 127).clamp(min=1e-12)
+        q = torch.empty(n_out, n_in, dtype=torch.int8)
+        for r in range(0, n_in, step):
+            chunk = read_rows(r, min(n_in, r + step)).float()
+            q[:, r: r + step] = torch.round(chunk / scale).clamp_(-127, 127).to(torch.int8).t()
+        return {f"{base}.qweight": q.to(dev), f"{base}.scales": scale.to(dtype).to(dev)}
+    if target.transposed:  # int4: the (out, in) int32 matrix the packing kernel needs is one block's, freed at once
+        q, sz = int4_groups(read_rows(0, rows).t(), fmt.group_size)
         return {f"{base}.qweight": torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1),
                 f"{base}.scales_zeros": sz.to(dtype)}
     if target.kind == "int8":
