@@ -34,6 +34,7 @@ _KEYS = {"smolcluster_steps": "step", "smolcluster_samples": "samples", "smolclu
          "smolcluster_eval_loss": "eval_loss", "smolcluster_eval_accuracy": "eval_accuracy",
          "smolcluster_learning_rate": "lr", "smolcluster_staleness_mean": "staleness_mean",
          "smolcluster_staleness_max": "staleness_max", "smolcluster_peers_alive": "peers_alive",
+         "smolcluster_allreduce_seconds": "allreduce_s",
          "smolcluster_cpu_percent": "cpu_percent", "smolcluster_rss_bytes": "rss_bytes",
          # inference stages and the chat head (telemetry/serving.py)
          "smolcluster_requests_active": "active", "smolcluster_requests_waiting": "waiting",

@@ -25,7 +25,7 @@ import pytest
 
 from smolcluster.node.pairing import fingerprint, identity, pairing_code, public_key
 from tests.conftest import REPO
-from tests.test_netns import Lan, _netns_unavailable
+from smolcluster.bench.netns import Lan, netns_unavailable
 
 
 class Proc:
@@ -256,10 +256,10 @@ def test_a_failing_role_or_sigterm_to_the_coordinator_stops_every_role_everywher
 
 @pytest.fixture
 def lan():
-    reason = _netns_unavailable()
+    reason = netns_unavailable()
     if reason:
         pytest.skip(reason)
-    net = Lan()
+    net = Lan(["srv", "w0", "w1"])
     try:
         yield net.build()
     finally:
