@@ -58,3 +58,19 @@ def wait_until(cond, timeout_s: float = 30.0, every_s: float = 0.05) -> bool:
             return True
         time.sleep(every_s)
     return False
+
+
+@pytest.fixture
+def lan():
+    """Three hosts (srv, w0, w1) in network namespaces on a bridge (smolcluster.bench.netns.Lan); skips with the
+    reason where namespaces are not available (not root, no iproute2)."""
+    from smolcluster.bench.netns import Lan, netns_unavailable
+
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    net = Lan(["srv", "w0", "w1"])
+    try:
+        yield net.build()
+    finally:
+        net.close()

@@ -23,22 +23,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from smolcluster.bench.netns import Lan, netns_unavailable
+from smolcluster.bench.netns import Lan
 from tests.conftest import REPO
 
 PORT = 5555  # every namespace has its own port space: a fixed port cannot collide with the host's
-
-
-@pytest.fixture
-def lan():
-    reason = netns_unavailable()
-    if reason:
-        pytest.skip(reason)
-    net = Lan(["srv", "w0", "w1"])
-    try:
-        yield net.build()
-    finally:
-        net.close()
 
 
 def _cluster_file(conf_dir: Path, net: Lan) -> None:

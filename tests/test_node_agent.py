@@ -23,9 +23,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from smolcluster.bench.netns import Lan
 from smolcluster.node.pairing import fingerprint, identity, pairing_code, public_key
 from tests.conftest import REPO
-from smolcluster.bench.netns import Lan, netns_unavailable
 
 
 class Proc:
@@ -253,18 +253,6 @@ def test_a_failing_role_or_sigterm_to_the_coordinator_stops_every_role_everywher
 
 
 # -- three machines on a bridge (network namespaces) ---------------------------------------------------------
-
-@pytest.fixture
-def lan():
-    reason = netns_unavailable()
-    if reason:
-        pytest.skip(reason)
-    net = Lan(["srv", "w0", "w1"])
-    try:
-        yield net.build()
-    finally:
-        net.close()
-
 
 def _lan_agents(tmp: Path, lan: Lan, procs: list) -> None:
     codes = prepare(tmp, lan.ip)
