@@ -318,3 +318,20 @@ def test_stopped_and_resumed_ring_ends_like_local_and_reads_as_one_run(tmp_path)
     assert [(r["step"], r["event"]) for r in rows if "event" in r] == [(10, "resumed")]
     assert s["samples"] == 20 * 64 and all(r["samples"] == 64 * r["step"] for r in rows if "loss" in r)
     assert s["bytes_sent"] == pytest.approx(2 * first["bytes_sent"], rel=0.05)  # counted from step 0, not from 10
+
+
+@pytest.mark.parametrize("old, new, goes_on", [
+    ([0, 1, 2], [0, 1], True), ([0, 1, 2], [1, 2], True), ([0, 1, 2], [2], False),   # 3 -> 2 goes on, 1 stops
+    ([0, 1], [0], True), ([0, 1], [1], False),                                       # a tie: the side with rank 0
+    ([0, 1, 2, 3], [2, 3], False), ([0, 1, 2, 3], [0, 1], True),
+    ([0, 1], [0, 1, 2], True), ([], [2], True),                                      # a joiner; the first ring
+])
+def test_only_the_side_of_a_cut_ring_holding_a_majority_goes_on(old, new, goes_on):
+    from smolcluster.algorithms.allreduce import check_quorum
+    from smolcluster.errors import PeerError
+
+    if goes_on:
+        check_quorum(new[0], old, new)
+    else:
+        with pytest.raises(PeerError, match="not a majority"):
+            check_quorum(new[0], old, new)

@@ -76,7 +76,7 @@ def test_partition_auto_prefers_the_faster_node_when_its_share_fits():
     """With every node's measured speed (cluster.nodes[i].gflops), blocks go by speed unless that split
     overflows a node's memory; then the split by memory stands."""
     from smolcluster.pipeline.architectures import family_for
-    from smolcluster.pipeline.placement import auto_weights, prefer_faster
+    from smolcluster.pipeline.placement import MARGIN, auto_weights, prefer_faster, stage_bytes
     from smolcluster.pipeline.quantize import StageFormat
 
     arch = family_for({"model_type": "gpt2", "n_layer": 8, "n_embd": 1024, "n_head": 8, "vocab_size": 500,
@@ -88,7 +88,9 @@ def test_partition_auto_prefers_the_faster_node_when_its_share_fits():
     assert weights == speed
     blocks = [len(s.blocks) for s in arch.plan(2, weights, head_first=True)]
     assert blocks[1] > blocks[0]  # the 3x faster node takes most blocks (stage 0 also holds embedding + head)
-    tight = [4 << 30, 600 << 20]  # the fast node cannot hold its speed share (6 blocks + runtime: 594 MB)
+    # the fast node's memory just short of its speed share (its blocks, KV and runtime, plus the margin)
+    fast = arch.plan(2, speed, head_first=True)[1]
+    tight = [4 << 30, int(stage_bytes(arch, fmts[1], fast.blocks, fast.first, False, 1) / (1 - MARGIN)) - (4 << 20)]
     by_memory = auto_weights(arch, fmts, tight, True, 1)
     assert prefer_faster(arch, fmts, tight, speed, True, 1, by_memory) == by_memory
     assert [len(s.blocks) for s in arch.plan(2, by_memory, head_first=True)][1] < blocks[1]

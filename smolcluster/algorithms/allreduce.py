@@ -74,6 +74,19 @@ def check(cfg: DictConfig) -> None:
                           f"({cfg.cluster.workers}), or null for all of them")
 
 
+def check_quorum(rank: int, old: list[int], new: list[int]) -> None:
+    """A cut cable looks, from each side, exactly like the other side dying. Only the side that holds a majority of
+    the last ring (or exactly half of it, including its lowest rank) goes on, so a partition cannot leave two rings
+    training apart and writing the same run's files; the other side stops with this message. (The price: a 2-ring
+    that loses rank 0 stops rather than going on alone; restart rank 0, or resume.)"""
+    kept = set(old) & set(new)
+    if not old or 2 * len(kept) > len(old) or (2 * len(kept) == len(old) and min(old) in kept):
+        return
+    raise PeerError(f"ring rank {rank}: only ranks {sorted(kept)} of the last ring {old} are reachable, not a "
+                    f"majority: stopping so that one ring goes on, not two (check this node's network; restart it "
+                    f"to join the ring again)")
+
+
 class ShardedOptimizer:
     """ZeRO-1: the optimizer over this rank's owned ranges of the flat buffers (views, so a step writes the
     model's own parameters), and the global-norm clipping that needs every rank's shard."""
@@ -345,6 +358,7 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
         nonlocal share, sharded
         d = ring.call(link.reform, trainer.step, trainer.fingerprint, cluster.connect_timeout_s,
                       min_workers if first else 1)
+        check_quorum(rank, history.members(), d["members"])
         if rank == d["source"]:
             run = json.dumps({"samples": trainer.samples, "guard": list(guard.norms), "rejected": guard.rejected,
                               "history": history.to_json(), "wall_s": trainer.elapsed})
