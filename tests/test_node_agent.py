@@ -438,6 +438,38 @@ def test_infer_cluster_auto_runs_the_stages_on_two_agents_and_generates_greedy_t
     wait_gone(role_pids(started["a"][0]) + role_pids(started["b"][0]))
 
 
+def test_top_sees_the_roles_an_agent_started(tmp_path, procs):
+    """With logging.prometheus.port=0 each role serves /metrics on its node and announces it in its own run dir
+    there; the agents pass the announcements on and the coordinator lists them in its run dir, which
+    ``smolcluster.top`` reads as it reads a run on one machine: both roles, the step rising, the loss."""
+    from smolcluster.top import ClusterView, endpoints_of
+
+    codes = prepare(tmp_path, ["a", "b"])
+    started = agents(tmp_path, {n: ["--accept-code", codes[n]] for n in codes}, procs)
+    peers = ",".join(f"127.0.0.1:{port}" for _, port in started.values())
+    c = coordinator(tmp_path, f"cluster.peers=[{peers}]", "cluster.mdns=false", "cluster.server=a", "algo=syncps",
+                    "train.steps=100000", "train.log_every=1", "logging.prometheus.port=0",
+                    "cluster.nodes=[{delay_s: 0.02}]")
+    procs.append(c)
+    view, deadline, seen = ClusterView(run_dir=tmp_path / "run"), time.monotonic() + 120, {}
+    try:
+        while time.monotonic() < deadline:
+            assert c.p.poll() is None, c.text()[-4000:]
+            for node in view.poll():
+                if node.up and node.values.get("step", 0) > 0 and "loss" in node.values:
+                    seen.setdefault(node.name, []).append(node.values["step"])
+            if {"a server", "b worker0"} <= set(seen) and seen["a server"][-1] > seen["a server"][0]:
+                break
+            time.sleep(0.2)
+        assert {"a server", "b worker0"} <= set(seen), (seen, endpoints_of(tmp_path / "run"), c.text()[-3000:])
+        assert seen["a server"][-1] > seen["a server"][0]  # the step rises
+    finally:
+        view.close()
+    c.p.send_signal(signal.SIGTERM)
+    assert c.wait(timeout=60) == 130
+    wait_gone(role_pids(started["a"][0]) + role_pids(started["b"][0]))
+
+
 # -- three machines on a bridge (network namespaces) ---------------------------------------------------------
 
 def _lan_agents(tmp: Path, lan: Lan, procs: list) -> None:

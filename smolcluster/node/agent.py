@@ -79,6 +79,8 @@ class Role:
     state: str = "running"
     lines: queue.Queue = field(default_factory=queue.Queue)
     held: list = field(default_factory=list)  # its reserved ports' sockets, let go when it exits
+    announced: set = field(default_factory=set)  # endpoints/*.json files already told to the coordinator
+    looked_at: float = 0.0
 
     def release(self) -> None:
         for s in self.held:
@@ -232,6 +234,9 @@ class Agent:
                 lines.append(r.lines.get_nowait())
             if lines:
                 self.control.send(r.owner, "role_log", {"name": r.name, "lines": lines})
+            if r.state in ("running", "listening") and time.monotonic() - r.looked_at > 1.0:
+                r.looked_at = time.monotonic()
+                self.tell_endpoints(r)
             if r.state == "running" and r.role == "server" and (r.dir / "server.json").is_file():
                 try:
                     port = int(json.loads((r.dir / "server.json").read_text())["port"])
@@ -248,6 +253,19 @@ class Agent:
                     out["summary"] = json.loads((r.dir / "summary.json").read_text())
                 logger.info(f"{r.name} exited with code {code}")
                 self.control.send(r.owner, "role_state", out)
+
+    def tell_endpoints(self, r: Role) -> None:
+        """The /metrics URLs the role announced in its run dir (logging.prometheus.port), so the coordinator's
+        run dir lists them for ``smolcluster.top`` as a run on one machine does."""
+        for path in sorted((r.dir / "endpoints").glob("*.json")):
+            if path.name in r.announced:
+                continue
+            try:
+                info = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # being written
+            r.announced.add(path.name)
+            self.control.send(r.owner, "role_endpoint", {"name": r.name, "file": path.name, "endpoint": info})
 
     def orphaned(self) -> bool:
         """Roles run, but their coordinator has been silent past owner_timeout_s: it is gone."""

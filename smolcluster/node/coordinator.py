@@ -28,6 +28,7 @@ to start or exits non-zero stops the run everywhere.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import sys
@@ -37,6 +38,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from loguru import logger
 from omegaconf import DictConfig, OmegaConf
@@ -234,8 +236,9 @@ def _why(rs: dict) -> str:
 
 
 class Run:
-    def __init__(self, what: str, run_id: str, c: DictConfig, links: dict[str, AgentLink]):
-        self.what, self.run_id, self.c, self.links = what, run_id, c, links
+    def __init__(self, what: str, run_id: str, c: DictConfig, links: dict[str, AgentLink],
+                 run_dir: Path | None = None):
+        self.what, self.run_id, self.c, self.links, self.run_dir = what, run_id, c, links, run_dir
         self.last_beat = 0.0
         self.essential: set[str] = set()  # nodes whose loss stops the run
 
@@ -279,10 +282,27 @@ class Run:
             link.roles[f["name"]] = {**link.roles.get(f["name"], {}), **f}
             if f["state"] == "failed":
                 raise PeerError(f"node {link.node.where()} could not start {f['name']}: {f.get('detail')}")
+        elif msg.kind == "role_endpoint":
+            self.announce(link, f)
         elif msg.kind == "node_bye":
             self.vanished(link, f["reason"])
         elif msg.kind == "refuse":
             raise ConfigError(f"node {link.node.where()} refused: {f['reason']}")
+
+    def announce(self, link: AgentLink, f: dict) -> None:
+        """A role's /metrics URL into RUN_DIR/endpoints/ here, where ``smolcluster.top`` looks (the URL's
+        loopback host, what a role serving every interface writes, becomes its node's address)."""
+        if self.run_dir is None or not re.fullmatch(r"[\w.-]+\.json", f["file"]) or f["file"].startswith("."):
+            return
+        info = {k: str(v) for k, v in f["endpoint"].items()}
+        url = urlsplit(info.get("url", ""))
+        if url.scheme != "http" or url.port is None:
+            return
+        if is_loopback(url.hostname or "") and not is_loopback(link.node.host):
+            info["url"] = urlunsplit(url._replace(netloc=f"{link.node.host}:{url.port}"))
+        path = self.run_dir / "endpoints" / f["file"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(info))
 
     def vanished(self, link: AgentLink, why: str) -> None:
         link.alive = False
@@ -402,7 +422,7 @@ def run_auto(cfg: DictConfig, run_dir: Path) -> dict:
                           "drop cluster=auto")
     sigterm_as_interrupt()
     nodes, links, my_key = connect(c)
-    run = Run(algo, str(cfg.run_id), c, links)
+    run = Run(algo, str(cfg.run_id), c, links, run_dir)
     try:
         if algo in ("syncps", "edp"):
             server_node, worker_nodes = place(nodes, c)
@@ -519,7 +539,8 @@ def _agent_stages(cfg: DictConfig, p):
                           "model.pretrained=DIR (the same path on every node)")
     sigterm_as_interrupt()
     nodes, links, my_key = connect(c)
-    run = Run("inference", new_run_id(), c, links)
+    run_dir = p.telemetry.get("run_dir")  # logging.run_dir: the stages' /metrics are listed there too
+    run = Run("inference", new_run_id(), c, links, Path(run_dir) if run_dir else None)
     keys = Path(tempfile.mkdtemp(prefix="smolcluster-run-keys-"))
     stop = threading.Event()
 

@@ -6,6 +6,7 @@
     reserve {name, bind, count}                 reserved {name, ports}  (held for that role: see agent.py)
     start_role {name, role, rank, run_id,       role_state {name, state, code?, port?, detail?, summary?}
                 args, keys, program?}           role_log {name, lines}
+                                                role_endpoint {name, file, endpoint}  (its /metrics, for top)
     status {}                                   node_status {roles}
     stop_roles {reason}                         refuse {reason}  (an unpaired key, a bad request)
                                                 node_bye {reason} (the agent is shutting down)
@@ -45,6 +46,7 @@ register_kind("start_role", {"name": str, "role": str, "run_id": str, "args": li
 register_kind("role_state", {"name": str, "state": str},
               optional={"code": int, "port": int, "detail": str, "summary": dict})
 register_kind("role_log", {"name": str, "lines": list})
+register_kind("role_endpoint", {"name": str, "file": str, "endpoint": dict})
 register_kind("status", {})
 register_kind("node_status", {"roles": dict})
 register_kind("stop_roles", {"reason": str})
