@@ -201,7 +201,8 @@ class Agent:
                 s.close()
             held = []
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", "SMOLCLUSTER_NODE": self.name},  # logs, top
+                                start_new_session=True,
                                 preexec_fn=_die_with_parent)
         r = self.roles[name] = Role(name, role, proc, rdir, peer, held=held)
         threading.Thread(target=_read_lines, args=(proc, r.lines), daemon=True).start()

@@ -559,7 +559,9 @@ def _agent_stages(cfg: DictConfig, p):
             pair(link, my_key, c)
         ranks = place_ranks(nodes, p.stages)
         run.essential = {x.name for x in ranks}
-        ports = run.start_ranks(ranks, "stage", _stage_overrides(), keys, program="infer", head=True,
+        args = [*(o for o in _stage_overrides() if not o.startswith(("stages=", "head="))), f"stages={p.stages}",
+                f"head={p.head.value}"]  # chat's defaults are not necessarily infer's: say them
+        ports = run.start_ranks(ranks, "stage", args, keys, program="infer", head=True,
                                 defaults=[{"memory_gb": x.memory_gb} for x in ranks])
         head = keys / "head"  # the head: a client of every stage, and the server they connect back to
         (head / "authorized").mkdir(parents=True)
