@@ -312,21 +312,6 @@ class Run:
         logger.error(f"node {link.node.where()} vanished ({why}); it ran {held}: {self.what} goes on "
                      "without it as the algorithm defines")
 
-    def wait_for(self, link: AgentLink, name: str, states: tuple[str, ...], timeout_s: float, what: str) -> dict:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self.pump()
-            st = link.roles.get(name, {})
-            if st.get("state") in states:
-                return st
-            if st.get("state") in FINAL:
-                raise PeerError(f"node {link.node.where()}: {_label(name)} exited with code {st.get('code')} before "
-                                f"{what} {_why(st)}")
-            if not link.alive:
-                raise PeerError(f"node {link.node.where()} vanished before {name} {what}")
-            time.sleep(0.05)
-        raise PeerError(f"node {link.node.where()}: {name} did not {what} within {timeout_s:g}s")
-
     def check_roles(self) -> None:
         """A role that exited non-zero (or failed to start) raises, naming its node and its reason."""
         for link in self.links.values():
@@ -424,13 +409,13 @@ def run_auto(cfg: DictConfig, run_dir: Path) -> dict:
     nodes, links, my_key = connect(c)
     run = Run(algo, str(cfg.run_id), c, links, run_dir)
     try:
+        server_node, worker_nodes, ranks = None, None, None
         if algo in ("syncps", "edp"):
             server_node, worker_nodes = place(nodes, c)
-            ranks = None
+        elif algo == "allreduce":
+            ranks = place_ranks(nodes, int(c.workers) if c.get("workers") else len(nodes))
         else:
-            server_node, worker_nodes = None, None
-            ranks = place_ranks(nodes, int(c.workers) if algo == "allreduce" and c.get("workers") else
-                                len(nodes) if algo == "allreduce" else int(cfg.algo.stages))
+            ranks = place_ranks(nodes, int(cfg.algo.stages))
         if c.get("write"):
             write_cluster(Path(str(c.write)).expanduser(), cfg, server_node, worker_nodes or ranks)
         for link in links.values():
@@ -448,6 +433,7 @@ def run_auto(cfg: DictConfig, run_dir: Path) -> dict:
         else:  # mp: a pipeline needs every stage; the last writes the run's files
             run.essential = {x.name for x in ranks}
             logger.info(f"placing mp: {len(ranks)} stages, layers in proportion to each node's free memory")
+            common = [o for o in common if not o.startswith("algo.stages=")]
             run.start_ranks(ranks, "stage", [*common, f"algo.stages={len(ranks)}"], run_dir / "keys",
                             defaults=[{"weight": x.memory_gb} for x in ranks])
             lead, name = links[ranks[-1].name], f"stage {len(ranks) - 1}"
