@@ -416,6 +416,12 @@ def test_infer_cluster_auto_runs_the_stages_on_two_agents_and_generates_greedy_t
     from smolcluster.bench.common import write_tiny_run
     from smolcluster.models.gpt2 import build_gpt2
 
+    # without weights every node can read, nothing is discovered or started: one line
+    bare = subprocess.run([sys.executable, "-m", "smolcluster.infer", "cluster=auto", "cluster.mdns=false",
+                           "prompt=x"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bare.returncode == 2 and bare.stderr.strip().splitlines()[-1] == (
+        "error: cluster=auto stages need weights every node agrees on: give checkpoint=RUN_DIR or "
+        "model.pretrained=DIR (the same path on every node)"), bare.stderr
     d = write_tiny_run(tmp_path / "model", 128, vocab=500, n_layer=4)
     hf = build_gpt2(vocab_size=500, n_layer=4, n_head=4, n_embd=64, n_positions=128).eval()
     checkpoint.load(d, hf)

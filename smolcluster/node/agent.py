@@ -21,6 +21,7 @@ listen on ...: is another server using the port?") that the coordinator reports.
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import json
 import os
 import queue
@@ -153,8 +154,6 @@ class Agent:
 
     # -- roles --------------------------------------------------------------------------------------
     def reserve(self, peer: bytes, f: dict) -> None:
-        import ipaddress
-
         name, count = f["name"], f["count"]
         try:
             ipaddress.ip_address(f["bind"])
