@@ -107,7 +107,8 @@ class Agent:
         self.roles: dict[str, Role] = {}
         self.pending: dict[str, str] = {}  # code -> coordinator key awaiting the operator
         self.owner_seen: dict[bytes, float] = {}
-        self.reserved: dict[str, list[socket.socket]] = {}  # role name -> ports held for it, not started yet
+        # role name -> (the coordinator that asked, the ports held for the role): reserved, not started yet
+        self.reserved: dict[str, tuple[bytes, list[socket.socket]]] = {}
 
     # -- control messages ---------------------------------------------------------------------------
     def handle(self, peer: bytes, msg) -> None:
@@ -163,14 +164,14 @@ class Agent:
         if not 1 <= count <= 16:
             self.control.send(peer, "refuse", {"reason": f"reserve: count={count} must be 1..16"})
             return
-        for s in self.reserved.pop(name, []):  # a coordinator asking again: the new ports replace the old
+        for s in self.reserved.pop(name, (peer, []))[1]:  # a coordinator asking again: new ports replace the old
             s.close()
         try:
             socks = [reserve_port(f["bind"]) for _ in range(count)]
         except OSError as e:
             self.control.send(peer, "refuse", {"reason": f"cannot reserve a port on {f['bind']}: {e}"})
             return
-        self.reserved[name] = socks
+        self.reserved[name] = (peer, socks)
         self.control.send(peer, "reserved", {"name": name, "ports": [s.getsockname()[1] for s in socks]})
 
     def start(self, peer: bytes, f: dict) -> None:
@@ -194,7 +195,7 @@ class Agent:
             cmd.append(f"rank={f['rank']}")
         if f["keys"]:
             cmd.append(f"cluster.keys={rdir / 'keys'}")
-        held = self.reserved.pop(name, [])
+        held = self.reserved.pop(name, (peer, []))[1]
         if sys.platform != "linux":  # BSD's SO_REUSEADDR would keep the role itself off the port
             for s in held:
                 s.close()
@@ -271,6 +272,7 @@ class Agent:
         """Roles run, but their coordinator has been silent past owner_timeout_s: it is gone."""
         now = time.monotonic()
         live = {r.owner for r in self.roles.values() if r.proc.poll() is None}
+        live |= {owner for owner, _ in self.reserved.values()}  # ports held for roles never started
         return any(now - self.owner_seen.get(o, now) > self.owner_timeout_s for o in live)
 
     def stop_all(self, grace_s: float = 10.0) -> None:
@@ -287,7 +289,7 @@ class Agent:
             except subprocess.TimeoutExpired:
                 os.killpg(r.proc.pid, signal.SIGKILL)
                 r.proc.wait(timeout=5)
-        for s in (s for socks in self.reserved.values() for s in socks):
+        for s in (s for _, socks in self.reserved.values() for s in socks):
             s.close()
         self.reserved.clear()
         for r in live:
