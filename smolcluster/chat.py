@@ -3,6 +3,7 @@
     python -m smolcluster.chat                                  # random-init gpt2-tiny, 2 local stages
     python -m smolcluster.chat checkpoint=RUN_DIR serve.port=8000
     python -m smolcluster.chat role=head checkpoint=RUN_DIR cluster=lan-example head_host=HOST
+    python -m smolcluster.chat cluster=auto checkpoint=RUN_DIR     # the stages on the node agents
 
 The page is at ``http://HOST:PORT/``, the API under ``/v1`` (docs/inference.md).
 """
@@ -25,6 +26,7 @@ from smolcluster.telemetry.logging import setup_logging
 def main(cfg: DictConfig) -> None:
     sigterm_as_interrupt()  # the stages are stopped on SIGTERM as on Ctrl-C
     from smolcluster.inference.settings import chat_settings
+    from smolcluster.node.coordinator import agent_stages
     from smolcluster.serving.config import serve
 
     try:
@@ -32,7 +34,8 @@ def main(cfg: DictConfig) -> None:
         t = s.pipeline.telemetry  # (logging.prometheus / run_dir: what smolcluster.top reads)
         setup_logging(role="head", algo="chat", level=cfg.logging.level, loki=cfg.logging.get("loki"),
                       run_id=t.get("run_id", ""), run_dir=t.get("run_dir"))
-        serve(s)
+        with agent_stages(cfg, s.pipeline):  # cluster=auto: the stages on the node agents, the head here
+            serve(s)
     except SmolclusterError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

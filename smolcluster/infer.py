@@ -6,6 +6,7 @@
     python -m smolcluster.infer prompt="'To be, or not to be'"   # or quoted twice: a bare comma is a Hydra list
     python -m smolcluster.infer role=stage rank=0 checkpoint=RUN_DIR cluster=lan     # one stage of a cluster
     python -m smolcluster.infer role=head checkpoint=RUN_DIR cluster=lan prompt="..."  # use running stages
+    python -m smolcluster.infer cluster=auto checkpoint=RUN_DIR prompt="..."  # stages on the node agents
 
 The generated text goes to stdout; timings and the finish reason to stderr.
 """
@@ -56,8 +57,9 @@ def run(cfg: DictConfig) -> dict | None:
         return None
     prompt = read_prompt(s)
     from smolcluster.inference.from_config import pipeline_from_config
+    from smolcluster.node.coordinator import agent_stages
 
-    with pipeline_from_config(p, prompt=prompt) as pipe:
+    with agent_stages(cfg, p), pipeline_from_config(p, prompt=prompt) as pipe:  # cluster=auto: stages on agents
         t0 = time.perf_counter()
         sp = s.sampling
         req = pipe.submit(prompt, max_new_tokens=sp.max_new_tokens, temperature=sp.temperature, top_k=sp.top_k,

@@ -235,7 +235,7 @@ def test_a_failing_role_or_sigterm_to_the_coordinator_stops_every_role_everywher
     assert c.wait(timeout=120) == 2
     errors = [line for line in c.text().splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and re.match(r"error: node (a|b) \(127.0.0.1:\d+\): (the server|worker 0) exited with "
-                                         r"code \d+ \(its log is above\); stopped the run everywhere", errors[0]), errors
+                                         r"code \d+ \(.+\); stopped the run everywhere", errors[0]), errors
     wait_gone(role_pids(started["a"][0]) + role_pids(started["b"][0]))
     # then a healthy run, ended by SIGTERM to the coordinator: every role stops, the agents stay
     c = coordinator(tmp_path, "cluster.mdns=false", f"cluster.peers=[{peers}]", "cluster.server=a", "algo=edp",
@@ -250,6 +250,230 @@ def test_a_failing_role_or_sigterm_to_the_coordinator_stops_every_role_everywher
     for agent_proc, _ in started.values():
         assert agent_proc.p.poll() is None  # the agents stay, ready for the next run
         agent_proc.wait_for(r"stopping every role: the coordinator interrupted", timeout=5)
+
+
+def paired_link(tmp: Path, name: str, port: int):
+    """A control link to agent ``name`` from the test's coordinator identity, paired (the agent has --accept-code)."""
+    from smolcluster.node import discovery
+    from smolcluster.node.coordinator import AgentLink
+
+    link = AgentLink(discovery.ask(f"127.0.0.1:{port}"), identity(tmp / "coord" / "coordinator" / "identity"),
+                     tmp / "coord" / "links")
+    assert link.request("pair_request", {"name": "test"}, "pair_state", 10).fields["state"] == "paired"
+    return link
+
+
+def test_a_reserved_port_is_the_roles_alone_and_a_taken_one_is_one_line(tmp_path, procs):
+    """Race-free ports: the agent holds the port it reserved for a role, so no other program can bind it (a
+    plain bind fails) while the role's own ZeroMQ bind succeeds beside it. A port taken all the same: the role
+    fails with one line the coordinator repeats, naming the node and the port."""
+    import socket
+
+    import zmq
+    from omegaconf import OmegaConf
+
+    from smolcluster.errors import PeerError
+    from smolcluster.node.coordinator import Run
+
+    codes = prepare(tmp_path, ["a"])
+    (a, port), = agents(tmp_path, {"a": ["--accept-code", codes["a"]]}, procs).values()
+    link = paired_link(tmp_path, "a", port)
+    run = Run("syncps", "r1", OmegaConf.create({"heartbeat_s": 0.5, "liveness_s": 10.0}), {"a": link})
+    squatter = socket.socket()
+    try:
+        reserved = run.reserve(link, "server", "127.0.0.1")
+        with pytest.raises(OSError, match="in use"):
+            squatter.bind(("127.0.0.1", reserved))
+        role = zmq.Context.instance().socket(zmq.ROUTER)
+        role.bind(f"tcp://127.0.0.1:{reserved}")  # what the role itself does: it gets the port
+        role.close(linger=0)
+        # a port some other program listens on: the server cannot have it, and the error says which
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        run.start(link, "server", "server", None, ["algo=syncps", "cluster.host=127.0.0.1", "cluster.bind=127.0.0.1",
+                                                   f"cluster.port={taken}", "train.steps=5"], {})
+        with pytest.raises(PeerError, match=rf"node a \(127.0.0.1:\d+\): the server exited with code 2 \(cannot "
+                                            rf"listen on tcp://127.0.0.1:{taken} .*another server using the port"):
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                run.pump()
+                run.check_roles()
+                time.sleep(0.05)
+    finally:
+        squatter.close()
+        link.close()
+    wait_gone(role_pids(a))
+
+
+def ring_keys_of(tmp: Path, agent: str) -> set[str]:
+    return {str(p.relative_to(d)) for d in (tmp / agent / "runs").glob("*/*/keys") for p in d.rglob("*.key*")}
+
+
+def checkpoint_of(tmp: Path, agent: str, run_id: str, role: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(tmp / agent / "runs" / run_id / role / "checkpoint.safetensors")
+
+
+RING = ["algo=allreduce", "data=mnist", "train.steps=60", "train.log_every=10", "cluster.heartbeat_s=0.5",
+        "cluster.nodes=[{delay_s: 0.03},{delay_s: 0.03}]"]
+
+
+def test_allreduce_through_two_agents_and_a_stranger_on_its_ports_changes_nothing(tmp_path, procs, mnist_root):
+    """A ring of two ranks placed on two agents trains MNIST to the end; run again with a stranger on both
+    ranks' ports while it trains (plain ZeroMQ garbage, and a CURVE client that knows the run's server public
+    key but holds no key of the run): its handshakes fail, and the run ends on bit-identical weights."""
+    import torch
+    import zmq
+    from zmq.utils.monitor import recv_monitor_message
+
+    codes = prepare(tmp_path, ["a", "b"])
+    started = agents(tmp_path, {n: ["--accept-code", codes[n]] for n in codes}, procs)
+    peers = ",".join(f"127.0.0.1:{port}" for _, port in started.values())
+    ring = [f"cluster.peers=[{peers}]", "cluster.mdns=false", f"data.root={mnist_root}", *RING]
+    c = coordinator(tmp_path, *ring, "run_id=quiet")
+    procs.append(c)
+    assert c.wait(timeout=240) == 0, c.text()[-4000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["algo"] == "allreduce" and summary["steps"] == 60 and summary["ring"] == 2
+    assert summary["eval_accuracy"] > 0.6  # MNIST subset after 60 steps (chance: 0.10)
+    assert re.search(r"\[a:worker [01]\]", c.text()) and re.search(r"\[b:worker [01]\]", c.text())  # one rank each
+    for n in ("a", "b"):  # each rank binds and connects: the run's server pair, its client pair, both members' keys
+        assert ring_keys_of(tmp_path, n) == {"server.key", "server.key_secret", "client.key", "client.key_secret",
+                                             "authorized/client.key", "authorized/client1.key"}
+    lead = "a" if "[a:worker 0]" in c.text() else "b"
+    quiet = checkpoint_of(tmp_path, lead, "quiet", "worker_0")
+    wait_gone(role_pids(started["a"][0]) + role_pids(started["b"][0]))
+
+    c = coordinator(tmp_path, *ring, "run_id=disturbed", run="run2")
+    procs.append(c)
+    _, m = c.wait_for(r"started 2 workers: worker 0 on \w+ \(127.0.0.1:(\d+)\), worker 1 on \w+ \(127.0.0.1:(\d+)\)")
+    ports = [int(m.group(1)), int(m.group(2))]
+    c.wait_for(r"\[\w:worker 0\] .*step 10/", timeout=120)
+    server_key = next((tmp_path / lead / "runs" / "disturbed").glob("worker_0/keys/server.key"))
+    ctx, socks, monitors = zmq.Context.instance(), [], []
+    try:
+        for p in ports:
+            plain = ctx.socket(zmq.DEALER)
+            keyed = ctx.socket(zmq.DEALER)
+            keyed.curve_serverkey = zmq.auth.load_certificate(str(server_key))[0]
+            keyed.curve_publickey, keyed.curve_secretkey = zmq.curve_keypair()
+            for s in (plain, keyed):
+                monitors.append(s.get_monitor_socket())
+                s.connect(f"tcp://127.0.0.1:{p}")
+                socks.append(s)
+                # garbage, then frames shaped like the ring's own (a report claiming to be rank 1)
+                s.send_multipart([b"\x00" * 64, b"garbage"], flags=zmq.NOBLOCK)
+                s.send_multipart([b"\x82\xa4kind\xabring_report", b"\x00" * 1024], flags=zmq.NOBLOCK)
+        failed, succeeded = set(), 0
+        deadline = time.monotonic() + 30
+        while len(failed) < len(monitors) and time.monotonic() < deadline:  # every stranger's handshake fails
+            for i, mon in enumerate(monitors):
+                if mon.poll(50):
+                    ev = recv_monitor_message(mon)["event"]
+                    if ev in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_AUTH,
+                              zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                        failed.add(i)
+                    succeeded += ev == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        assert len(failed) == len(monitors) and succeeded == 0, (failed, succeeded)
+    finally:
+        for s in socks:
+            s.disable_monitor()
+            s.close(linger=0)
+        for mon in monitors:
+            mon.close(linger=0)
+    assert c.wait(timeout=240) == 0, c.text()[-4000:]
+    disturbed = checkpoint_of(tmp_path, lead, "disturbed", "worker_0")
+    assert quiet.keys() == disturbed.keys() and all(torch.equal(quiet[k], disturbed[k]) for k in quiet)
+    assert json.loads((tmp_path / "run2" / "summary.json").read_text())["eval_loss"] == summary["eval_loss"]
+    wait_gone(role_pids(started["a"][0]) + role_pids(started["b"][0]))
+
+
+def test_mp_two_stages_through_two_agents(tmp_path, procs):
+    codes = prepare(tmp_path, ["a", "b"])
+    started = agents(tmp_path, {n: ["--accept-code", codes[n]] for n in codes}, procs)
+    peers = ",".join(f"127.0.0.1:{port}" for _, port in started.values())
+    c = coordinator(tmp_path, f"cluster.peers=[{peers}]", "cluster.mdns=false", "algo=mp", "model=mlp",
+                    "data=digits", "train.steps=40", "train.lr=0.05", "train.log_every=10")
+    procs.append(c)
+    assert c.wait(timeout=240) == 0, c.text()[-4000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["algo"] == "mp" and s["stages"] == 2 and s["steps"] == 40
+    assert s["eval_accuracy"] > 0.5, s  # digits (chance: 0.10)
+    for n in ("a", "b"):  # one stage on each agent, each with its own shard of the checkpoint
+        assert len(list((tmp_path / n / "runs").glob("*/stage_*/stage-*-of-2.safetensors"))) == 1
+    wait_gone(role_pids(started["a"][0]) + role_pids(started["b"][0]))
+
+
+def test_infer_cluster_auto_runs_the_stages_on_two_agents_and_generates_greedy_text(tmp_path, procs):
+    """``infer cluster=auto``: two stages on two agents (keys made for the run), the head here; the text is
+    Hugging Face's greedy generate of the same weights (which local stages match, tests/test_infer.py)."""
+    import torch
+    from tokenizers import Tokenizer
+
+    from smolcluster import checkpoint
+    from smolcluster.bench.common import write_tiny_run
+    from smolcluster.models.gpt2 import build_gpt2
+
+    # without weights every node can read, nothing is discovered or started: one line
+    bare = subprocess.run([sys.executable, "-m", "smolcluster.infer", "cluster=auto", "cluster.mdns=false",
+                           "prompt=x"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bare.returncode == 2 and bare.stderr.strip().splitlines()[-1] == (
+        "error: cluster=auto stages need weights every node agrees on: give checkpoint=RUN_DIR or "
+        "model.pretrained=DIR (the same path on every node)"), bare.stderr
+    d = write_tiny_run(tmp_path / "model", 128, vocab=500, n_layer=4)
+    hf = build_gpt2(vocab_size=500, n_layer=4, n_head=4, n_embd=64, n_positions=128).eval()
+    checkpoint.load(d, hf)
+    codes = prepare(tmp_path, ["a", "b"])
+    started = agents(tmp_path, {n: ["--accept-code", codes[n]] for n in codes}, procs)
+    peers = ",".join(f"127.0.0.1:{port}" for _, port in started.values())
+    c = Proc([sys.executable, "-u", "-m", "smolcluster.infer", "cluster=auto", f"cluster.state_dir={tmp_path / 'coord'}",
+              "cluster.mdns=false", f"cluster.peers=[{peers}]", f"checkpoint={d}", "prompt=class Foo",
+              "max_new_tokens=10", "stop_at_eos=false", "cluster.heartbeat_s=0.2"])
+    procs.append(c)
+    assert c.wait(timeout=180) == 0, c.text()[-4000:]
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    ids = tok.encode("class Foo").ids
+    want = hf.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
+    text = "class Foo" + tok.decode(want[0, len(ids):].tolist())
+    assert text in c.text(), c.text()[-3000:]
+    assert "10 tokens in" in c.text() and "2 stages" in c.text()
+    for n in ("a", "b"):
+        assert len(list((tmp_path / n / "runs").glob("*/stage_*/keys/server.key_secret"))) == 1
+    wait_gone(role_pids(started["a"][0]) + role_pids(started["b"][0]))
+
+
+def test_top_sees_the_roles_an_agent_started(tmp_path, procs):
+    """With logging.prometheus.port=0 each role serves /metrics on its node and announces it in its own run dir
+    there; the agents pass the announcements on and the coordinator lists them in its run dir, which
+    ``smolcluster.top`` reads as it reads a run on one machine: both roles, the step rising, the loss."""
+    from smolcluster.top import ClusterView, endpoints_of
+
+    codes = prepare(tmp_path, ["a", "b"])
+    started = agents(tmp_path, {n: ["--accept-code", codes[n]] for n in codes}, procs)
+    peers = ",".join(f"127.0.0.1:{port}" for _, port in started.values())
+    c = coordinator(tmp_path, f"cluster.peers=[{peers}]", "cluster.mdns=false", "cluster.server=a", "algo=syncps",
+                    "train.steps=100000", "train.log_every=1", "logging.prometheus.port=0",
+                    "cluster.nodes=[{delay_s: 0.02}]")
+    procs.append(c)
+    view, deadline, seen = ClusterView(run_dir=tmp_path / "run"), time.monotonic() + 120, {}
+    try:
+        while time.monotonic() < deadline:
+            assert c.p.poll() is None, c.text()[-4000:]
+            for node in view.poll():
+                if node.up and node.values.get("step", 0) > 0 and "loss" in node.values:
+                    seen.setdefault(node.name, []).append(node.values["step"])
+            if {"a server", "b worker0"} <= set(seen) and seen["a server"][-1] > seen["a server"][0]:
+                break
+            time.sleep(0.2)
+        assert {"a server", "b worker0"} <= set(seen), (seen, endpoints_of(tmp_path / "run"), c.text()[-3000:])
+        assert seen["a server"][-1] > seen["a server"][0]  # the step rises
+    finally:
+        view.close()
+    c.p.send_signal(signal.SIGTERM)
+    assert c.wait(timeout=60) == 130
+    wait_gone(role_pids(started["a"][0]) + role_pids(started["b"][0]))
 
 
 # -- three machines on a bridge (network namespaces) ---------------------------------------------------------
@@ -300,10 +524,10 @@ def test_three_agents_on_a_lan_by_static_peers_with_multicast_blocked_then_by_md
 def test_a_version_mismatch_is_one_line_naming_the_node():
     from smolcluster.errors import ConfigError
     from smolcluster.node.discovery import NodeInfo
-    from smolcluster.node.protocol import VERSION
+    from smolcluster.node.protocol import NODE_PROTOCOL, VERSION
 
     key = "x" * 40
-    node = NodeInfo("pi", "10.0.0.5", 5660, key, fingerprint(key), "0.0.9", 1, "cpu", 4, 3.5)
+    node = NodeInfo("pi", "10.0.0.5", 5660, key, fingerprint(key), "0.0.9", NODE_PROTOCOL, "cpu", 4, 3.5)
     with pytest.raises(ConfigError, match=rf"node pi \(10.0.0.5:5660\) runs smolcluster 0.0.9 .* this coordinator "
                                           rf"runs {re.escape(VERSION)}"):
         node.check()

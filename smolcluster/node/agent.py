@@ -7,16 +7,27 @@ A role is ``python -m smolcluster.train role=R rank=N ...`` as a child process; 
 streamed back line by line, its state reported, and the run's keys (sent by the coordinator over
 the encrypted channel) written next to it with mode 0600. Children die with the agent
 (SIGTERM/Ctrl-C stop and wait for them; on Linux even a SIGKILL'd agent takes them along).
+
+Ports without a race: every address a run's roles must know before they start (the server's, each
+ring rank's, each pipeline stage's) is a port this agent *reserves* (``reserve``) and holds for the
+role: a socket bound with SO_REUSEADDR that never listens. No other program's ``bind`` gets that
+port meanwhile, nor does the OS hand it out for an outgoing connection, while the role's own bind
+(ZeroMQ sets SO_REUSEADDR too) succeeds beside it; the agent lets go when the role exits. (Outside
+Linux the reservation is let go just before the role starts.) A port taken all the same, by
+another program binding it with SO_REUSEADDR explicitly, fails the role with one line ("cannot
+listen on ...: is another server using the port?") that the coordinator reports.
 """
 
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import json
 import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +37,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from smolcluster.cluster import free_port, node_name, python_cmd
+from smolcluster.cluster import node_name
 from smolcluster.node.pairing import (
     Allowlist,
     confirm_path,
@@ -35,7 +46,7 @@ from smolcluster.node.pairing import (
     pairing_code,
     public_key,
 )
-from smolcluster.node.protocol import MAX_BYTES, NODE_PROTOCOL, ROLES, VERSION, facts
+from smolcluster.node.protocol import MAX_BYTES, NODE_PROTOCOL, PROGRAMS, ROLES, VERSION, facts
 from smolcluster.supervisor import sigterm_as_interrupt
 from smolcluster.transport import ServerEndpoint
 
@@ -51,6 +62,14 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def reserve_port(bind: str) -> socket.socket:
+    """A free port on ``bind``, held (bound with SO_REUSEADDR, never listening) until the role binds it itself."""
+    s = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((bind, 0))
+    return s
+
+
 @dataclass
 class Role:
     name: str
@@ -60,6 +79,14 @@ class Role:
     owner: bytes
     state: str = "running"
     lines: queue.Queue = field(default_factory=queue.Queue)
+    held: list = field(default_factory=list)  # its reserved ports' sockets, let go when it exits
+    announced: set = field(default_factory=set)  # endpoints/*.json files already told to the coordinator
+    looked_at: float = 0.0
+
+    def release(self) -> None:
+        for s in self.held:
+            s.close()
+        self.held.clear()
 
 
 class Agent:
@@ -80,6 +107,8 @@ class Agent:
         self.roles: dict[str, Role] = {}
         self.pending: dict[str, str] = {}  # code -> coordinator key awaiting the operator
         self.owner_seen: dict[bytes, float] = {}
+        # role name -> (the coordinator that asked, the ports held for the role): reserved, not started yet
+        self.reserved: dict[str, tuple[bytes, list[socket.socket]]] = {}
 
     # -- control messages ---------------------------------------------------------------------------
     def handle(self, peer: bytes, msg) -> None:
@@ -96,6 +125,8 @@ class Agent:
             self.control.send(peer, "refuse", {"reason": NOT_PAIRED})
         elif msg.kind == "status":
             self.control.send(peer, "node_status", {"roles": {n: r.state for n, r in self.roles.items()}})
+        elif msg.kind == "reserve":
+            self.reserve(peer, msg.fields)
         elif msg.kind == "start_role":
             self.start(peer, msg.fields)
         elif msg.kind == "stop_roles":
@@ -123,6 +154,26 @@ class Agent:
         return {"state": "pending", "code": code}
 
     # -- roles --------------------------------------------------------------------------------------
+    def reserve(self, peer: bytes, f: dict) -> None:
+        name, count = f["name"], f["count"]
+        try:
+            ipaddress.ip_address(f["bind"])
+        except ValueError:
+            self.control.send(peer, "refuse", {"reason": f"reserve: bind={f['bind']!r} is not an IP address"})
+            return
+        if not 1 <= count <= 16:
+            self.control.send(peer, "refuse", {"reason": f"reserve: count={count} must be 1..16"})
+            return
+        for s in self.reserved.pop(name, (peer, []))[1]:  # a coordinator asking again: new ports replace the old
+            s.close()
+        try:
+            socks = [reserve_port(f["bind"]) for _ in range(count)]
+        except OSError as e:
+            self.control.send(peer, "refuse", {"reason": f"cannot reserve a port on {f['bind']}: {e}"})
+            return
+        self.reserved[name] = (peer, socks)
+        self.control.send(peer, "reserved", {"name": name, "ports": [s.getsockname()[1] for s in socks]})
+
     def start(self, peer: bytes, f: dict) -> None:
         name, role = f["name"], f["role"]
         bad = self._check_start(f)
@@ -135,30 +186,34 @@ class Agent:
             path = rdir / "keys" / fname
             path.write_text(text)
             path.chmod(0o600)
-        args, port = list(f["args"]), None
-        if role == "server" and "cluster.port=0" in args:
-            # a port picked here and told at once, so the coordinator starts the workers while the server
-            # still imports torch (they retry until it listens) instead of after
-            bind = next((a.split("=", 1)[1] for a in args if a.startswith("cluster.bind=")), "127.0.0.1")
-            port = free_port(bind)
-            args[args.index("cluster.port=0")] = f"cluster.port={port}"
-        cmd = [*python_cmd(), *args, f"role={role}", f"run_id={f['run_id']}", f"hydra.run.dir={rdir}",
-               "hydra.output_subdir=null", "train.progress=false", f"node={self.name}"]
+        program = f.get("program") or "train"
+        cmd = [sys.executable, "-u", "-m", f"smolcluster.{program}", *f["args"], f"role={role}",
+               f"hydra.run.dir={rdir}", "hydra.output_subdir=null"]
+        if program == "train":  # (inference's schema has no run id, node name or progress bar)
+            cmd += [f"run_id={f['run_id']}", "train.progress=false", f"node={self.name}"]
         if f.get("rank") is not None:
             cmd.append(f"rank={f['rank']}")
         if f["keys"]:
             cmd.append(f"cluster.keys={rdir / 'keys'}")
+        held = self.reserved.pop(name, (peer, []))[1]
+        if sys.platform != "linux":  # BSD's SO_REUSEADDR would keep the role itself off the port
+            for s in held:
+                s.close()
+            held = []
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", "SMOLCLUSTER_NODE": self.name},  # logs, top
+                                start_new_session=True,
                                 preexec_fn=_die_with_parent)
-        r = self.roles[name] = Role(name, role, proc, rdir, peer)
+        r = self.roles[name] = Role(name, role, proc, rdir, peer, held=held)
         threading.Thread(target=_read_lines, args=(proc, r.lines), daemon=True).start()
         logger.info(f"started {name} ({role}) for run {f['run_id']}: pid {proc.pid}")
-        self.control.send(peer, "role_state", {"name": name, "state": "running", **({"port": port} if port else {})})
+        self.control.send(peer, "role_state", {"name": name, "state": "running"})
 
     def _check_start(self, f: dict) -> str | None:
         if f["role"] not in ROLES:
             return f"role={f['role']!r} is not one of {', '.join(ROLES)}"
+        if (f.get("program") or "train") not in PROGRAMS:
+            return f"program={f.get('program')!r} is not one of {', '.join(PROGRAMS)}"
         if f["name"] in self.roles and self.roles[f["name"]].proc.poll() is None:
             return f"{f['name']} is already running here"
         if not all(isinstance(a, str) for a in f["args"]):
@@ -180,6 +235,9 @@ class Agent:
                 lines.append(r.lines.get_nowait())
             if lines:
                 self.control.send(r.owner, "role_log", {"name": r.name, "lines": lines})
+            if r.state in ("running", "listening") and time.monotonic() - r.looked_at > 1.0:
+                r.looked_at = time.monotonic()
+                self.tell_endpoints(r)
             if r.state == "running" and r.role == "server" and (r.dir / "server.json").is_file():
                 try:
                     port = int(json.loads((r.dir / "server.json").read_text())["port"])
@@ -190,16 +248,31 @@ class Agent:
             code = r.proc.poll()
             if code is not None and r.state in ("running", "listening") and r.lines.empty():
                 r.state = f"exited {code}"
+                r.release()
                 out = {"name": r.name, "state": "exited", "code": code}
                 if (r.dir / "summary.json").is_file():
                     out["summary"] = json.loads((r.dir / "summary.json").read_text())
                 logger.info(f"{r.name} exited with code {code}")
                 self.control.send(r.owner, "role_state", out)
 
+    def tell_endpoints(self, r: Role) -> None:
+        """The /metrics URLs the role announced in its run dir (logging.prometheus.port), so the coordinator's
+        run dir lists them for ``smolcluster.top`` as a run on one machine does."""
+        for path in sorted((r.dir / "endpoints").glob("*.json")):
+            if path.name in r.announced:
+                continue
+            try:
+                info = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # being written
+            r.announced.add(path.name)
+            self.control.send(r.owner, "role_endpoint", {"name": r.name, "file": path.name, "endpoint": info})
+
     def orphaned(self) -> bool:
         """Roles run, but their coordinator has been silent past owner_timeout_s: it is gone."""
         now = time.monotonic()
         live = {r.owner for r in self.roles.values() if r.proc.poll() is None}
+        live |= {owner for owner, _ in self.reserved.values()}  # ports held for roles never started
         return any(now - self.owner_seen.get(o, now) > self.owner_timeout_s for o in live)
 
     def stop_all(self, grace_s: float = 10.0) -> None:
@@ -216,7 +289,11 @@ class Agent:
             except subprocess.TimeoutExpired:
                 os.killpg(r.proc.pid, signal.SIGKILL)
                 r.proc.wait(timeout=5)
+        for s in (s for _, socks in self.reserved.values() for s in socks):
+            s.close()
+        self.reserved.clear()
         for r in live:
+            r.release()
             r.state = f"stopped ({r.proc.returncode})"
             self.control.send(r.owner, "role_state", {"name": r.name, "state": "stopped", "code": r.proc.returncode})
 

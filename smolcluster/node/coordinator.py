@@ -1,31 +1,49 @@
-"""``python -m smolcluster.train cluster=auto ...``: find the paired agents, place the roles, run through them.
+"""``python -m smolcluster.train cluster=auto ...`` (and ``infer`` / ``chat``): find the paired agents, place
+the roles, run through them.
 
     1. discover   mDNS for cluster.discover_s (early once cluster.expect answered) + cluster.peers
     2. check      same version and node protocol everywhere; pair (code on both screens) where not yet
-    3. place      the server on cluster.server (or the node with the most free memory), one worker on each
-                  other node (accelerators first; every node when there is only one); cluster.workers=N cycles
-    4. keys       a fresh CURVE set for this run: the server's pair to the server's node only, one client
-                  pair per worker, all sent over the encrypted control channel (never copied by hand)
-    5. run        start the server (on a port its agent picks), then the workers; relay their logs
-                  ``[node:role]``; a heartbeat (``status``) to every agent each cluster.heartbeat_s
+    3. place      syncps/edp: the server on cluster.server (or the node with the most free memory), one
+                  worker on each other node (accelerators first; every node when there is only one);
+                  allreduce: a ring rank on every node (cluster.workers=N cycles the nodes);
+                  mp / inference: algo.stages / stages stages on the nodes by free memory, most first
+                  (mp: each stage's share of the layers in proportion to its node's free memory, unless
+                  cluster.nodes[i].weight says; inference: cluster.nodes[i].memory_gb for partition=auto)
+    4. keys       a fresh CURVE set for this run, sent over the encrypted control channel (never copied by
+                  hand): syncps/edp: the server's pair to the server's node only, one client pair per worker;
+                  ring ranks and stages (each both binds and connects): the server pair, their own client
+                  pair and every member's public client key
+    5. run        reserve each listening role's port on its agent (held for it: no race, see agent.py),
+                  start every role; relay their logs ``[node:role]``; a heartbeat (``status``) to every
+                  agent each cluster.heartbeat_s. Inference: the head runs here, in infer / chat
     6. stop       on success, Ctrl-C, SIGTERM or failure: ``stop_roles`` to every agent, and wait
 
 A node silent for cluster.liveness_s has vanished: one error line naming it; the run goes on as
-the algorithm defines when it only held workers (the server drops them), and stops everywhere when
-it held the server. A role that fails to start or exits non-zero stops the run everywhere.
+the algorithm defines when that node held nothing the run needs (syncps/edp workers: the server
+drops them; allreduce ranks but rank 0: the ring re-forms), and stops everywhere when it held the
+server, allreduce's rank 0 (which writes the run's files), or a pipeline stage. A role that fails
+to start or exits non-zero stops the run everywhere.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import socket
 import sys
+import tempfile
+import threading
 import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 
+from smolcluster.cluster import new_run_id
 from smolcluster.errors import ConfigError, PeerError
 from smolcluster.launch_local import child_overrides
 from smolcluster.node import discovery
@@ -36,12 +54,16 @@ from smolcluster.security import is_loopback
 from smolcluster.supervisor import sigterm_as_interrupt
 from smolcluster.transport import ClientEndpoint, make_keys
 
-ALGOS = ("syncps", "edp")  # server + workers; allreduce and mp through agents are not wired yet
+ALGOS = ("syncps", "edp", "allreduce", "mp")
 # what the coordinator decides per run: never forwarded from the user's command line to the roles
 _OWN = ("cluster.host=", "cluster.bind=", "cluster.workers=", "cluster.keys=", "cluster.nodes=", "cluster.peers=",
         "cluster.write=", "cluster.server=", "cluster.discover_only=", "cluster.expect=", "node=", "cluster.insecure=",
         "hydra.", "hydra/")  # Hydra's own settings stay with the coordinator (agents refuse them)
 FINAL = ("exited", "stopped", "failed")
+# infer / chat overrides a stage takes (the head's sampling, prompt and serve keys stay here)
+_STAGE_KEYS = ("checkpoint=", "model=", "model.", "+model.", "data=", "data.", "stages=", "head=", "seed=",
+               "precision=", "quantize=", "quantize_group=", "partition=", "stage_log_level=", "serve.kv_cache_mb=",
+               "cluster.heartbeat_s=", "cluster.liveness_s=", "cluster.connect_timeout_s=", "cluster.max_message_mb=")
 
 
 class AgentLink:
@@ -152,13 +174,20 @@ def place(nodes: list[NodeInfo], c: DictConfig) -> tuple[NodeInfo, list[NodeInfo
     return server, [hosts[r % len(hosts)] for r in range(count)]
 
 
-def write_cluster(path: Path, cfg: DictConfig, server: NodeInfo, workers: list[NodeInfo]) -> None:
+def place_ranks(nodes: list[NodeInfo], count: int) -> list[NodeInfo]:
+    """rank -> node for a ring or a pipeline: accelerators first, then the most free memory; cycles past the end."""
+    order = sorted(nodes, key=lambda n: (n.device == "cpu", -n.memory_gb, n.name))
+    return [order[r % len(order)] for r in range(count)]
+
+
+def write_cluster(path: Path, cfg: DictConfig, server: NodeInfo | None, workers: list[NodeInfo]) -> None:
     """The discovered cluster as a normal cluster file (conf/cluster/lan-example.yaml's shape)."""
     c = cfg.cluster
-    out = {"name": path.stem, "host": server.host, "port": 5555, "bind": "0.0.0.0", "workers": len(workers),
+    first = server or workers[0]
+    out = {"name": path.stem, "host": first.host, "port": 5555, "bind": "0.0.0.0", "workers": len(workers),
            "keys": None, "insecure": False, "heartbeat_s": c.heartbeat_s, "liveness_s": c.liveness_s,
            "connect_timeout_s": c.connect_timeout_s, "max_message_mb": c.max_message_mb,
-           "server": {"name": server.name, "host": server.host},
+           **({"server": {"name": server.name, "host": server.host}} if server else {}),
            "nodes": [{"name": n.name, "host": n.host, "device": n.device} for n in workers]}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("# written by smolcluster cluster=auto: set keys (python -m smolcluster.keys) before a LAN run\n"
@@ -174,16 +203,21 @@ def _value(v) -> str:
     return repr(v)
 
 
-def nodes_override(c: DictConfig, workers: list[NodeInfo]) -> str:
+def nodes_override(c: DictConfig, workers: list[NodeInfo], ports: list[int] | None = None,
+                   defaults: list[dict] | None = None) -> str:
     """``cluster.nodes=[...]`` for the roles: the user's per-rank settings (batch_size, delay_s, ...) with each
-    rank's node name and host from discovery."""
+    rank's node name and host from discovery (and its reserved port; ``defaults``: where the user set none)."""
     user = OmegaConf.to_container(c.nodes, resolve=True) if c.get("nodes") else []
     entries = []
     for r, n in enumerate(workers):
         mine = user[r] if r < len(user) and isinstance(user[r], dict) else {}
         entry = {k: v for k, v in mine.items() if isinstance(v, (str, int, float, bool))}
         entry.setdefault("name", n.name)
+        for k, v in (defaults[r] if defaults else {}).items():
+            entry.setdefault(k, v)
         entry["host"] = n.host
+        if ports:
+            entry["port"] = ports[r]
         entries.append("{" + ",".join(f"{k}:{_value(v)}" for k, v in entry.items()) + "}")
     return f"cluster.nodes=[{','.join(entries)}]"
 
@@ -192,14 +226,29 @@ def _files(d: Path, names: dict[str, str]) -> dict[str, str]:
     return {dest: (d / src).read_text() for dest, src in names.items()}
 
 
-class Run:
-    def __init__(self, cfg: DictConfig, links: dict[str, AgentLink], run_dir: Path):
-        self.cfg, self.c, self.links, self.run_dir = cfg, cfg.cluster, links, run_dir
-        self.last_beat = 0.0
-        self.server_node: str | None = None
+def _label(name: str) -> str:
+    return "the server" if name == "server" else name
 
-    def start(self, link: AgentLink, name: str, role: str, rank: int | None, args: list[str], keys: dict) -> None:
-        fields = {"name": name, "role": role, "run_id": str(self.cfg.run_id), "args": args, "keys": keys}
+
+def _why(rs: dict) -> str:
+    """The role's own one-line error when it printed one, else a pointer to its log."""
+    return f"({rs['error']})" if rs.get("error") else "(its log is above)"
+
+
+class Run:
+    def __init__(self, what: str, run_id: str, c: DictConfig, links: dict[str, AgentLink],
+                 run_dir: Path | None = None):
+        self.what, self.run_id, self.c, self.links, self.run_dir = what, run_id, c, links, run_dir
+        self.last_beat = 0.0
+        self.essential: set[str] = set()  # nodes whose loss stops the run
+
+    def reserve(self, link: AgentLink, name: str, bind: str) -> int:
+        """A port on ``link``'s node, held there for role ``name`` until it listens (before anything starts)."""
+        return int(link.request("reserve", {"name": name, "bind": bind, "count": 1}, "reserved", 10).fields["ports"][0])
+
+    def start(self, link: AgentLink, name: str, role: str, rank: int | None, args: list[str], keys: dict,
+              program: str = "train") -> None:
+        fields = {"name": name, "role": role, "run_id": self.run_id, "args": args, "keys": keys, "program": program}
         if rank is not None:
             fields["rank"] = rank
         link.roles[name] = {"name": name, "state": "starting"}
@@ -227,55 +276,63 @@ class Run:
         if msg.kind == "role_log":
             for line in f["lines"]:
                 sys.stderr.write(f"[{link.name}:{f['name']}] {line}\n")
+                if line.startswith("error: "):  # the role's one-line reason, for the coordinator's own
+                    link.roles.setdefault(f["name"], {})["error"] = line[len("error: "):]
         elif msg.kind == "role_state":
-            link.roles[f["name"]] = f
+            link.roles[f["name"]] = {**link.roles.get(f["name"], {}), **f}
             if f["state"] == "failed":
                 raise PeerError(f"node {link.node.where()} could not start {f['name']}: {f.get('detail')}")
+        elif msg.kind == "role_endpoint":
+            self.announce(link, f)
         elif msg.kind == "node_bye":
             self.vanished(link, f["reason"])
         elif msg.kind == "refuse":
             raise ConfigError(f"node {link.node.where()} refused: {f['reason']}")
 
+    def announce(self, link: AgentLink, f: dict) -> None:
+        """A role's /metrics URL into RUN_DIR/endpoints/ here, where ``smolcluster.top`` looks (the URL's
+        loopback host, what a role serving every interface writes, becomes its node's address)."""
+        if self.run_dir is None or not re.fullmatch(r"[\w.-]+\.json", f["file"]) or f["file"].startswith("."):
+            return
+        info = {k: str(v) for k, v in f["endpoint"].items()}
+        url = urlsplit(info.get("url", ""))
+        if url.scheme != "http" or url.port is None:
+            return
+        if is_loopback(url.hostname or "") and not is_loopback(link.node.host):
+            info["url"] = urlunsplit(url._replace(netloc=f"{link.node.host}:{url.port}"))
+        path = self.run_dir / "endpoints" / f["file"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(info))
+
     def vanished(self, link: AgentLink, why: str) -> None:
         link.alive = False
         held = ", ".join(link.roles) or "no roles"
-        if link.name == self.server_node:
-            raise PeerError(f"node {link.node.where()} vanished ({why}); it ran the server ({held}): "
-                            "stopped the run everywhere")
-        logger.error(f"node {link.node.where()} vanished ({why}); it ran {held}: {self.cfg.algo.name} goes on "
+        if link.name in self.essential:
+            raise PeerError(f"node {link.node.where()} vanished ({why}); it ran {held}: stopped the run everywhere")
+        logger.error(f"node {link.node.where()} vanished ({why}); it ran {held}: {self.what} goes on "
                      "without it as the algorithm defines")
 
-    def wait_for(self, link: AgentLink, name: str, states: tuple[str, ...], timeout_s: float, what: str) -> dict:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self.pump()
-            st = link.roles.get(name, {})
-            if st.get("state") in states:
-                return st
-            if st.get("state") in FINAL:
-                raise PeerError(f"node {link.node.where()}: {name} exited with code {st.get('code')} before "
-                                f"{what} (its log is above)")
-            if not link.alive:
-                raise PeerError(f"node {link.node.where()} vanished before {name} {what}")
-            time.sleep(0.05)
-        raise PeerError(f"node {link.node.where()}: {name} did not {what} within {timeout_s:g}s")
+    def check_roles(self) -> None:
+        """A role that exited non-zero (or failed to start) raises, naming its node and its reason."""
+        for link in self.links.values():
+            for name, rs in link.roles.items():
+                if link.alive and rs.get("state") in FINAL and rs.get("code") not in (0, None):
+                    raise PeerError(f"node {link.node.where()}: {_label(name)} exited with code {rs.get('code')} "
+                                    f"{_why(rs)}; stopped the run everywhere")
 
-    def supervise(self, server: AgentLink) -> dict:
-        """Until the server exits: a worker failing or the server's node vanishing raises."""
+    def supervise(self, lead: AgentLink, name: str) -> dict:
+        """Until the lead role (the one that writes the run's files) exits: a role failing or a node the run
+        needs vanishing raises."""
         while True:
             self.pump()
-            st = server.roles.get("server", {})
+            st = lead.roles.get(name, {})
             if st.get("state") in FINAL:
                 if st.get("code") != 0 or "summary" not in st:
-                    raise PeerError(f"node {server.node.where()}: the server exited with code {st.get('code')} "
-                                    "(its log is above); stopped the run everywhere")
+                    raise PeerError(f"node {lead.node.where()}: {_label(name)} exited with code {st.get('code')} "
+                                    f"{_why(st)}; stopped the run everywhere")
                 self._let_workers_finish()
                 return st["summary"]
-            for link in self.links.values():
-                for name, rs in link.roles.items():
-                    if link.alive and rs.get("state") in ("exited", "stopped") and rs.get("code") not in (0, None):
-                        raise PeerError(f"node {link.node.where()}: {name} exited with code {rs.get('code')} "
-                                        "(its log is above); stopped the run everywhere")
+            self.check_roles()
             time.sleep(0.05)
 
     def _let_workers_finish(self, grace_s: float = 10.0) -> None:
@@ -306,57 +363,88 @@ class Run:
             time.sleep(0.05)
         logger.error(f"no confirmation that these roles stopped: {running}")
 
+    def start_ranks(self, ranks: list[NodeInfo], role: str, args: list[str], keys_dir: Path, *,
+                    program: str = "train", defaults: list[dict] | None = None, head: bool = False) -> list[int]:
+        """A ring's ranks or a pipeline's stages, rank r on ``ranks[r]``: each binds a port its agent reserved,
+        knows every other's, and holds the run's server pair, its own client pair and every member's public
+        client key (``head``: one client pair more, for the head that runs here). Returns the ports."""
+        n = len(ranks)
+        make_keys(keys_dir, clients=n + int(head))
+        bind = "127.0.0.1" if all(is_loopback(x.host) for x in ranks) else "0.0.0.0"  # keys make a LAN bind safe
+        ports = [self.reserve(self.links[x.name], f"{role} {r}", bind) for r, x in enumerate(ranks)]
+        common = [*args, f"cluster.host={ranks[0].host}", f"cluster.bind={bind}", f"cluster.port={ports[0]}",
+                  nodes_override(self.c, ranks, ports, defaults)]
+        shared = _files(keys_dir, {"server.key": "server.key", "server.key_secret": "server.key_secret"})
+        for f in sorted((keys_dir / "authorized").glob("*.key")):
+            shared[f"authorized/{f.name}"] = f.read_text()
+        for r, x in enumerate(ranks):
+            client = _client(r)
+            keys = {**shared, **_files(keys_dir, {"client.key": f"{client}.key",
+                                                  "client.key_secret": f"{client}.key_secret"})}
+            self.start(self.links[x.name], f"{role} {r}", role, r, common, keys, program)
+        logger.info(f"started {n} {role}s: " + ", ".join(f"{role} {r} on {x.name} ({x.host}:{ports[r]})"
+                                                         for r, x in enumerate(ranks)))
+        return ports
 
-def run_auto(cfg: DictConfig, run_dir: Path) -> dict:
-    c = cfg.cluster
-    if cfg.algo.name not in ALGOS:
-        raise ConfigError(f"cluster=auto runs {', '.join(ALGOS)} so far, not algo={cfg.algo.name}: use a cluster file "
-                          "(python -m launchers.ssh, or write one with cluster.write=FILE)")
-    sigterm_as_interrupt()
+
+def _client(i: int) -> str:
+    return "client" if i == 0 else f"client{i}"
+
+
+def connect(c: DictConfig) -> tuple[list[NodeInfo], dict[str, AgentLink], str]:
+    """Discover the agents, show them, open a control link to each; (nodes, links, this coordinator's key)."""
     state = Path(str(c.state_dir)).expanduser() / "coordinator"
     id_dir = identity(state / "identity")
-    my_key = public_key(id_dir / "client.key")
     nodes = discover(c)
     show(nodes)
-    server_node, worker_nodes = place(nodes, c)
-    if c.get("write"):
-        write_cluster(Path(str(c.write)).expanduser(), cfg, server_node, worker_nodes)
-    links = {n.name: AgentLink(n, id_dir, state / "links") for n in nodes}
-    run = Run(cfg, links, run_dir)
-    run.server_node = server_node.name
+    return nodes, {n.name: AgentLink(n, id_dir, state / "links") for n in nodes}, public_key(id_dir / "client.key")
+
+
+def run_auto(cfg: DictConfig, run_dir: Path) -> dict:
+    c, algo = cfg.cluster, cfg.algo.name
+    if algo not in ALGOS:
+        raise ConfigError(f"cluster=auto runs {', '.join(ALGOS)}, not algo={algo} (which runs in one process): "
+                          "drop cluster=auto")
+    sigterm_as_interrupt()
+    nodes, links, my_key = connect(c)
+    run = Run(algo, str(cfg.run_id), c, links, run_dir)
     try:
+        server_node, worker_nodes, ranks = None, None, None
+        if algo in ("syncps", "edp"):
+            server_node, worker_nodes = place(nodes, c)
+        elif algo == "allreduce":
+            ranks = place_ranks(nodes, int(c.workers) if c.get("workers") else len(nodes))
+        else:
+            ranks = place_ranks(nodes, int(cfg.algo.stages))
+        if c.get("write"):
+            write_cluster(Path(str(c.write)).expanduser(), cfg, server_node, worker_nodes or ranks)
         for link in links.values():
             pair(link, my_key, c)
         if c.get("discover_only"):
             return {}
-        logger.info(f"placing {cfg.algo.name}: server on {server_node.name}, "
-                    + ", ".join(f"worker {r} on {n.name}" for r, n in enumerate(worker_nodes)))
-        keys = run_dir / "keys"
-        make_keys(keys, clients=len(worker_nodes))
         common = [o for o in child_overrides(cfg) if not o.startswith(_OWN)]
-        common += [f"cluster.workers={len(worker_nodes)}", nodes_override(c, worker_nodes)]
-        server_keys = _files(keys, {"server.key": "server.key", "server.key_secret": "server.key_secret"})
-        for i, _ in enumerate(worker_nodes):
-            client = "client" if i == 0 else f"client{i}"
-            server_keys[f"authorized/{client}.key"] = (keys / "authorized" / f"{client}.key").read_text()
-        host = server_node.host
-        bind = host if is_loopback(host) else "0.0.0.0"  # keys make a LAN bind safe (security.check_bind)
-        slink = links[server_node.name]
-        run.start(slink, "server", "server", None,
-                  [*common, f"cluster.host={host}", f"cluster.bind={bind}", "cluster.port=0"], server_keys)
-        port = run.wait_for(slink, "server", ("running", "listening"), float(c.connect_timeout_s), "start")["port"]
-        logger.info(f"server starting on {server_node.name} at {host}:{port}")
-        for r, n in enumerate(worker_nodes):
-            client = "client" if r == 0 else f"client{r}"
-            wkeys = _files(keys, {"server.key": "server.key", "client.key": f"{client}.key",
-                                  "client.key_secret": f"{client}.key_secret"})
-            run.start(links[n.name], f"worker {r}", "worker", r,
-                      [*common, f"cluster.host={host}", f"cluster.port={port}"], wkeys)
-        summary = run.supervise(slink)
+        if ranks is None:
+            lead, name = _start_ps(run, cfg, run_dir, server_node, worker_nodes, common)
+        elif algo == "allreduce":
+            run.essential = {ranks[0].name}  # rank 0 writes the run's files; the ring re-forms without the others
+            logger.info(f"placing allreduce: a ring of {len(ranks)}")
+            run.start_ranks(ranks, "worker", [*common, f"cluster.workers={len(ranks)}"], run_dir / "keys")
+            lead, name = links[ranks[0].name], "worker 0"
+        else:  # mp: a pipeline needs every stage; the last writes the run's files
+            run.essential = {x.name for x in ranks}
+            logger.info(f"placing mp: {len(ranks)} stages, layers in proportion to each node's free memory")
+            common = [o for o in common if not o.startswith("algo.stages=")]
+            run.start_ranks(ranks, "stage", [*common, f"algo.stages={len(ranks)}"], run_dir / "keys",
+                            defaults=[{"weight": x.memory_gb} for x in ranks])
+            lead, name = links[ranks[-1].name], f"stage {len(ranks) - 1}"
+        summary = run.supervise(lead, name)
         run.stop_everywhere("the run finished")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        logger.info(f"the server's run files (metrics.jsonl, checkpoint) are on {server_node.name}, in its agent's "
-                    f"STATE/runs/{cfg.run_id}/server/; here: summary.json")
+        where = f"STATE/runs/{cfg.run_id}/{name.replace(' ', '_')}/"
+        shards = (" (mp: each stage's checkpoint shard is in its node's STATE/runs/RUN_ID/stage_N/; merge them with "
+                  "smolcluster.pipeline.merge once copied together)" if algo == "mp" else "")
+        logger.info(f"the run's files (metrics.jsonl, checkpoint) are on {lead.name}, in its agent's {where}; "
+                    f"here: summary.json{shards}")
         return summary
     except BaseException as e:
         why = "interrupted" if isinstance(e, KeyboardInterrupt) else f"failed: {e}"
@@ -365,3 +453,131 @@ def run_auto(cfg: DictConfig, run_dir: Path) -> dict:
     finally:
         for link in links.values():
             link.close()
+
+
+def _start_ps(run: Run, cfg: DictConfig, run_dir: Path, server_node: NodeInfo, worker_nodes: list[NodeInfo],
+              common: list[str]) -> tuple[AgentLink, str]:
+    """syncps / edp: the server on a port its agent holds for it, then the workers (which retry until it listens)."""
+    c, links = cfg.cluster, run.links
+    run.essential = {server_node.name}
+    logger.info(f"placing {cfg.algo.name}: server on {server_node.name}, "
+                + ", ".join(f"worker {r} on {n.name}" for r, n in enumerate(worker_nodes)))
+    keys = run_dir / "keys"
+    make_keys(keys, clients=len(worker_nodes))
+    common = [*common, f"cluster.workers={len(worker_nodes)}", nodes_override(c, worker_nodes)]
+    server_keys = _files(keys, {"server.key": "server.key", "server.key_secret": "server.key_secret"})
+    for i, _ in enumerate(worker_nodes):
+        server_keys[f"authorized/{_client(i)}.key"] = (keys / "authorized" / f"{_client(i)}.key").read_text()
+    host = server_node.host
+    bind = host if is_loopback(host) else "0.0.0.0"  # keys make a LAN bind safe (security.check_bind)
+    slink = links[server_node.name]
+    port = run.reserve(slink, "server", bind)
+    run.start(slink, "server", "server", None,
+              [*common, f"cluster.host={host}", f"cluster.bind={bind}", f"cluster.port={port}"], server_keys)
+    logger.info(f"server starting on {server_node.name} at {host}:{port}")
+    for r, n in enumerate(worker_nodes):
+        wkeys = _files(keys, {"server.key": "server.key", "client.key": f"{_client(r)}.key",
+                              "client.key_secret": f"{_client(r)}.key_secret"})
+        run.start(links[n.name], f"worker {r}", "worker", r, [*common, f"cluster.host={host}", f"cluster.port={port}"],
+                  wkeys)
+    return slink, "server"
+
+
+# -- inference: the stages on the agents, the head here ---------------------------------------------------------
+
+def _towards(host: str) -> str:
+    """This machine's address as ``host`` reaches it (the route's source address; no packet is sent)."""
+    if is_loopback(host):
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((host, 9))
+        return s.getsockname()[0]
+
+
+def _stage_overrides() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = list(HydraConfig.get().overrides.task)
+    except (ValueError, ImportError):
+        task = []
+    return [o for o in task if o.startswith(_STAGE_KEYS)]
+
+
+def agent_stages(cfg: DictConfig, pipeline):
+    """``infer`` / ``chat`` with ``cluster=auto``: a context in which ``pipeline`` (the typed
+    :class:`~smolcluster.inference.settings.Pipeline`, changed in place to ``role=head``) attaches to stages the
+    agents run. Anything else: nothing to do."""
+    from smolcluster.inference.settings import Role
+
+    if cfg.cluster.get("name") != "auto" or pipeline.role is not Role.launch:
+        return nullcontext()
+    return _agent_stages(cfg, pipeline)
+
+
+@contextmanager
+def _agent_stages(cfg: DictConfig, p):
+    from smolcluster.inference.settings import Role
+
+    c = cfg.cluster
+    if not p.checkpoint and not p.model.get("pretrained"):
+        raise ConfigError("cluster=auto stages need weights every node agrees on: give checkpoint=RUN_DIR or "
+                          "model.pretrained=DIR (the same path on every node)")
+    sigterm_as_interrupt()
+    nodes, links, my_key = connect(c)
+    run_dir = p.telemetry.get("run_dir")  # logging.run_dir: the stages' /metrics are listed there too
+    run = Run("inference", new_run_id(), c, links, Path(run_dir) if run_dir else None)
+    keys = Path(tempfile.mkdtemp(prefix="smolcluster-run-keys-"))
+    stop = threading.Event()
+
+    def keep() -> None:  # heartbeats and the stages' logs while the head serves (the agents stop orphaned roles)
+        try:
+            while not stop.is_set():
+                run.pump()
+                run.check_roles()
+                stop.wait(0.1)
+        except Exception as e:  # a stage gone: the head hears it on its own links too, and says so
+            logger.error(str(e))
+
+    keeper = None
+    try:
+        for link in links.values():
+            pair(link, my_key, c)
+        ranks = place_ranks(nodes, p.stages)
+        run.essential = {x.name for x in ranks}
+        args = [*(o for o in _stage_overrides() if not o.startswith(("stages=", "head="))), f"stages={p.stages}",
+                f"head={p.head.value}"]  # chat's defaults are not necessarily infer's: say them
+        ports = run.start_ranks(ranks, "stage", args, keys, program="infer", head=True,
+                                defaults=[{"memory_gb": x.memory_gb} for x in ranks])
+        head = keys / "head"  # the head: a client of every stage, and the server they connect back to
+        (head / "authorized").mkdir(parents=True)
+        for name in ("server.key", "server.key_secret"):
+            shutil.copyfile(keys / name, head / name)
+        for f in (keys / "authorized").glob("*.key"):
+            shutil.copyfile(f, head / "authorized" / f.name)
+        shutil.copyfile(keys / f"{_client(len(ranks))}.key", head / "client.key")
+        shutil.copyfile(keys / f"{_client(len(ranks))}.key_secret", head / "client.key_secret")
+        for f in head.rglob("*_secret"):
+            f.chmod(0o600)
+        p.role = Role.head
+        p.head_host = p.head_host or _towards(ranks[0].host)
+        p.links = replace(p.links, host=ranks[0].host, port=ports[0], keys=str(head),
+                          nodes=[{"host": x.host, "port": ports[r]} for r, x in enumerate(ranks)])
+        keeper = threading.Thread(target=keep, daemon=True, name="agent-heartbeat")
+        keeper.start()
+        yield run
+    except BaseException as e:
+        why = "interrupted" if isinstance(e, KeyboardInterrupt) else f"failed: {e}"
+        stop.set()
+        if keeper is not None:
+            keeper.join()
+        run.stop_everywhere(f"the coordinator {why}")
+        raise
+    else:
+        stop.set()
+        keeper.join()
+        run.stop_everywhere("the head finished")
+    finally:
+        for link in links.values():
+            link.close()
+        shutil.rmtree(keys, ignore_errors=True)

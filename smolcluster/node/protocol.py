@@ -3,8 +3,10 @@
     coordinator -> agent                        agent -> coordinator
     node_hello {protocol, version}              node_info {name, version, protocol, facts..., paired}
     pair_request {name}                         pair_state {state: pending|paired, code}
+    reserve {name, bind, count}                 reserved {name, ports}  (held for that role: see agent.py)
     start_role {name, role, rank, run_id,       role_state {name, state, code?, port?, detail?, summary?}
-                args, keys}                     role_log {name, lines}
+                args, keys, program?}           role_log {name, lines}
+                                                role_endpoint {name, file, endpoint}  (its /metrics, for top)
     status {}                                   node_status {roles}
     stop_roles {reason}                         refuse {reason}  (an unpaired key, a bad request)
                                                 node_bye {reason} (the agent is shutting down)
@@ -23,10 +25,11 @@ import psutil
 from smolcluster import __version__
 from smolcluster.transport import register_kind
 
-NODE_PROTOCOL = 1
+NODE_PROTOCOL = 2  # 2: reserve/reserved, start_role's program (smolcluster.train or .infer)
 VERSION = __version__
 SERVICE_TYPE = "_smolcluster._tcp.local."
 ROLES = ("server", "worker", "stage", "head")
+PROGRAMS = ("train", "infer")  # python -m smolcluster.PROGRAM: training roles, inference stages
 MAX_BYTES = 16 << 20  # control messages are small: keys, overrides, log lines, a summary
 
 _NUM = (int, float)
@@ -36,11 +39,14 @@ register_kind("node_info", {"name": str, "version": str, "protocol": int, "devic
               optional={"paired": bool})
 register_kind("pair_request", {"name": str})
 register_kind("pair_state", {"state": str, "code": str})
+register_kind("reserve", {"name": str, "bind": str, "count": int})
+register_kind("reserved", {"name": str, "ports": list})
 register_kind("start_role", {"name": str, "role": str, "run_id": str, "args": list, "keys": dict},
-              optional={"rank": int})
+              optional={"rank": int, "program": str})
 register_kind("role_state", {"name": str, "state": str},
               optional={"code": int, "port": int, "detail": str, "summary": dict})
 register_kind("role_log", {"name": str, "lines": list})
+register_kind("role_endpoint", {"name": str, "file": str, "endpoint": dict})
 register_kind("status", {})
 register_kind("node_status", {"roles": dict})
 register_kind("stop_roles", {"reason": str})
