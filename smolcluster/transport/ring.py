@@ -116,6 +116,7 @@ class RingLink:
         self.sessions: dict[int, str] = {}  # member -> its process's session, from the decision
         self.joiners: dict[int, dict] = {}  # slot -> report of a rank asking to join (the caller re-forms at a step boundary)
         self.bytes_sent = 0
+        self.wait_s = 0.0  # time blocked on the predecessor's ring messages (the link, or a slower peer)
         self.rejected: collections.Counter[str] = collections.Counter()
         self.stale = 0  # ring messages of an older epoch, dropped
         self.step = 0  # stamped on every ring message: a message from another step is a protocol error
@@ -218,7 +219,12 @@ class RingLink:
         while True:
             if self.leaving.is_set():
                 raise RingBroken(f"ring rank {self.rank}: leaving the ring's epoch {self.epoch}")
-            got = self._early.popleft() if self._early else self._recv_one(min(self.liveness_s / 4, 0.5))
+            if self._early:
+                got = self._early.popleft()
+            else:
+                t0 = time.perf_counter()
+                got = self._recv_one(min(self.liveness_s / 4, 0.5))
+                self.wait_s += time.perf_counter() - t0
             if got is None:
                 self._check_liveness()  # judged only with the inbox drained: queued beats count
                 continue
