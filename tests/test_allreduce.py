@@ -50,8 +50,11 @@ def ring_threads(world: int, fn, **kw) -> dict:
 
 
 @pytest.mark.parametrize("codec", ["none", "fp16", "int8"])
-def test_ring_allreduce_sums_and_every_rank_ends_with_the_same_bytes(codec):
-    world, n = 3, 10_007  # not a multiple of the world size; 4000-byte buckets: 11 of them
+@pytest.mark.parametrize("n,bucket", [(10_007, 4000), (200_003, 400_000)])
+def test_ring_allreduce_sums_and_every_rank_ends_with_the_same_bytes(codec, n, bucket):
+    # n not a multiple of the world size; 4000-byte buckets: 11 of them, each chunk one message; 400 kB buckets:
+    # 3 of them, the last short, each chunk of 133 kB sent as 2 segments (ring.SEGMENTS)
+    world = 3
     data = [torch.randn(n, generator=torch.Generator().manual_seed(r)) for r in range(world)]
 
     def fn(link):
@@ -59,7 +62,7 @@ def test_ring_allreduce_sums_and_every_rank_ends_with_the_same_bytes(codec):
         link.allreduce(x, codec)
         return x, link.bytes_sent
 
-    out = ring_threads(world, fn, bucket_bytes=4000)
+    out = ring_threads(world, fn, bucket_bytes=bucket)
     want = sum(data)
     tol = {"none": 1e-6, "fp16": 1e-2, "int8": 0.1}[codec]
     for r in range(world):
