@@ -155,7 +155,7 @@ class RingRunner:
         self.members: dict[tuple, int] = dict.fromkeys(self.order, 0)  # parameters touching each bucket
         self.left: dict[tuple, int] = {}
         self.early = self.total = 0
-        self.busy_s = 0.0  # the ring thread's time on bucket tasks, from a bucket's gradient being ready
+        self.busy_s = 0.0  # the ring thread's time on a step's collectives, from a bucket's gradient being ready
         self.in_backward = False
         if overlap:
             for p in trainer.model.parameters():
@@ -180,8 +180,16 @@ class RingRunner:
     def call(self, fn, *args):
         return self.pool.submit(fn, *args).result()
 
-    def submit(self, fn, *args):
-        return self.pool.submit(fn, *args)
+    def work(self, fn, *args):
+        """Queue a collective of the step (counted in ``busy_s``, as the buckets are)."""
+        return self.pool.submit(self._timed, fn, *args)
+
+    def _timed(self, fn, *args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.busy_s += time.perf_counter() - t0
 
     def start(self, step: int, scale: float, op, codec: str, bufs: dict | None = None) -> list:
         """Queue this step's bucket tasks; call before backward (or after it, with ``bufs``)."""
@@ -441,7 +449,7 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
         if settings["delay_s"]:
             time.sleep(settings["delay_s"])  # test knob: make this node artificially slow
         inflight.append(SimpleNamespace(step=t, tasks=tasks, bufs=bufs, staleness=staleness,
-                                        stats=ring.submit(gather, loss, count, staleness, bufs)))
+                                        stats=ring.work(gather, loss, count, staleness, bufs)))
 
     def apply(item) -> bool:
         """Apply a step's reduced gradient (every member applies the same ones in the same order); True when a
@@ -468,7 +476,7 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
         if zero:
             t_ring = time.perf_counter()
             for name, p in trainer.flat.params.items():
-                ring.call(link.all_gather, p, "none", name)  # parameters: never lossy (no error feedback)
+                ring.work(link.all_gather, p, "none", name).result()  # parameters: never lossy (no error feedback)
             ring_s += time.perf_counter() - t_ring
         window.add(float(stats[:, 0].sum()))
         trainer.samples += total
@@ -497,9 +505,10 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
         return bool(stats[:, 3].sum())
 
     def seconds_per_step() -> dict:
-        """This process's steps: forward+backward, the ring's work on the gradient buckets (from a bucket
-        being ready; hidden behind backward or not), the part of it spent waiting for the predecessor's
-        chunks (the link), the part of the ring's time the step waited for (not hidden), the optimizer."""
+        """This process's steps: forward+backward, the ring's collectives (the gradient buckets from each being
+        ready, hidden behind backward or not; the stats table; ZeRO's parameters), the part of that spent
+        waiting for the predecessor's chunks (the link), the part the step waited for (not hidden), the
+        optimizer."""
         k = max(1, timed["steps"])
         return {"compute": round(timed["compute"] / k, 4), "ring": round(ring.busy_s / k, 4),
                 "ring_waiting": round(link.wait_s / k, 4), "ring_not_hidden": round(ring_s / k, 4),
