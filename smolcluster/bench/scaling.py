@@ -196,6 +196,7 @@ def plot(rows: list[dict], path: Path) -> Path | None:
             ax.set_title(f"{model}, {link} links")
             ax.set_xlabel("workers")
             ax.set_ylabel("samples/s")
+            ax.set_ylim(bottom=0)  # differences in proportion to the rates
             ax.set_xticks(sorted({r["workers"] for r in rows}))
             ax.grid(alpha=0.3)
             if ax.lines:
