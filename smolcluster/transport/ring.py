@@ -10,7 +10,8 @@ A buffer is cut into buckets (``bucket_bytes``); each bucket into N chunks. In
 reduce-scatter hop ``h`` the member at position p sends its partial sum of chunk
 (p - h) to the next member and adds the one of chunk (p - h - 1) it receives from
 the previous; after N-1 hops chunk (p + 1) is complete at p. All-gather passes the
-complete chunks on the same way. The predecessor's messages arrive in the order
+complete chunks on the same way. A large chunk travels as segments (``SEGMENTS``), each
+sent on as soon as it is added, so the link does not idle between hops. The predecessor's messages arrive in the order
 they were sent (one TCP connection), so every message of the current epoch must be
 exactly the next one expected: anything else is a protocol error. All-gather
 forwards the received frames unchanged, so every rank ends with the same bytes,
