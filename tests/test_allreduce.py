@@ -50,8 +50,11 @@ def ring_threads(world: int, fn, **kw) -> dict:
 
 
 @pytest.mark.parametrize("codec", ["none", "fp16", "int8"])
-def test_ring_allreduce_sums_and_every_rank_ends_with_the_same_bytes(codec):
-    world, n = 3, 10_007  # not a multiple of the world size; 4000-byte buckets: 11 of them
+@pytest.mark.parametrize("n,bucket", [(10_007, 4000), (200_003, 400_000)])
+def test_ring_allreduce_sums_and_every_rank_ends_with_the_same_bytes(codec, n, bucket):
+    # n not a multiple of the world size; 4000-byte buckets: 11 of them, each chunk one message; 400 kB buckets:
+    # 3 of them, the last short, each chunk of 133 kB sent as 2 segments (ring.SEGMENTS)
+    world = 3
     data = [torch.randn(n, generator=torch.Generator().manual_seed(r)) for r in range(world)]
 
     def fn(link):
@@ -59,7 +62,7 @@ def test_ring_allreduce_sums_and_every_rank_ends_with_the_same_bytes(codec):
         link.allreduce(x, codec)
         return x, link.bytes_sent
 
-    out = ring_threads(world, fn, bucket_bytes=4000)
+    out = ring_threads(world, fn, bucket_bytes=bucket)
     want = sum(data)
     tol = {"none": 1e-6, "fp16": 1e-2, "int8": 0.1}[codec]
     for r in range(world):
@@ -142,6 +145,18 @@ def test_overlapping_backward_gives_the_same_bits_as_waiting_for_it(tmp_path):
     # with overlap some buckets go round the ring while backward still runs (how many depends on the
     # machine: 16% on 2 busy cores, where backward takes a few ms); without, none
     assert over["buckets_during_backward"] > 0 and wait["buckets_during_backward"] == 0
+    t = over["seconds_per_step"]  # where rank 0's steps went: waiting for chunks is part of the ring's work
+    assert t["compute"] > 0 and 0 < t["ring_waiting"] <= t["ring"] and t["optimizer"] > 0, t
+
+
+def test_auto_buckets_cut_the_gradient_in_about_8_between_1_and_25_mb():
+    from smolcluster.algorithms.allreduce import bucket_bytes
+
+    def auto(mb):
+        return bucket_bytes("auto", {"float32": torch.empty(int(mb * 2**20) // 4)}) / 2**20
+
+    assert auto(0.4) == 1 and auto(5.4) == 1 and auto(16) == 2 and auto(500) == 25  # MLP, gpt2-tiny, GPT-2 small
+    assert bucket_bytes(0.25, {}) == 2**18  # a number is the size
 
 
 def test_fp16_ring_trains_and_sends_half_the_bytes(tmp_path):

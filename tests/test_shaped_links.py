@@ -126,6 +126,8 @@ def test_allreduce_on_shaped_links_sends_the_ring_formula_and_reforms_without_a_
         # the links are really shaped: rank 0's share of the ring cannot cross its 100 Mbit/s faster than that
         span = rows[measure_to - 1]["time"] - rows[1]["time"]
         assert span >= 0.8 * sum(sent[1:]) / RATE_BYTES_S, (span, sent)
+        # ... and shaped as a switch port does: by queueing, not by dropping the ring's large writes
+        assert [lan.dropped(h) for h in lan.names] == [0] * n
 
         lan.pull_cable("w2")
         cut = time.monotonic()

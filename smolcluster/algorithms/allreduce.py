@@ -59,8 +59,8 @@ def check(cfg: DictConfig) -> None:
     if a.get("zero") not in (0, 1):
         raise ConfigError(f"algo.zero={a.get('zero')!r} is invalid: 0 (every rank steps everything) or 1 (ZeRO-1)")
     mb = a.get("bucket_mb")
-    if not isinstance(mb, (int, float)) or isinstance(mb, bool) or mb <= 0:
-        raise ConfigError(f"algo.bucket_mb={mb!r} is invalid: it must be a positive number of MB, e.g. 25")
+    if mb != "auto" and (not isinstance(mb, (int, float)) or isinstance(mb, bool) or mb <= 0):
+        raise ConfigError(f"algo.bucket_mb={mb!r} is invalid: auto, or a positive number of MB, e.g. 25")
     codecs(a)  # an unknown algo.compression is a one-line error listing the codecs
     k = a.get("max_staleness", 0)
     if not isinstance(k, int) or isinstance(k, bool) or k < 0:
@@ -72,6 +72,18 @@ def check(cfg: DictConfig) -> None:
     if m is not None and (not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= cfg.cluster.workers):
         raise ConfigError(f"algo.min_workers={m!r} is invalid: between 1 and cluster.workers "
                           f"({cfg.cluster.workers}), or null for all of them")
+
+
+def bucket_bytes(bucket_mb, grads: dict[str, torch.Tensor]) -> int:
+    """``algo.bucket_mb`` in bytes; ``auto``: the gradient in about 8 buckets, between 1 MB and DDP's 25 MB. A
+    bucket goes round the ring once backward has filled it, so a model in one bucket (gpt2-tiny's 5.4 MB under
+    25 MB) sends nothing until backward ends; 1 MB buckets let the link work during backward (measured on 100
+    Mbit/s links: 2 ranks 1.2x the samples/s of one bucket). Smaller ones would cost more per-message latency
+    (2(N-1) hops per bucket) than they hide."""
+    if bucket_mb != "auto":
+        return int(bucket_mb * 2**20)
+    total = sum(g.numel() * g.element_size() for g in grads.values())
+    return min(25 << 20, max(1 << 20, total // 8))
 
 
 def check_quorum(rank: int, old: list[int], new: list[int]) -> None:
@@ -143,6 +155,7 @@ class RingRunner:
         self.members: dict[tuple, int] = dict.fromkeys(self.order, 0)  # parameters touching each bucket
         self.left: dict[tuple, int] = {}
         self.early = self.total = 0
+        self.busy_s = 0.0  # the ring thread's time on a step's collectives, from a bucket's gradient being ready
         self.in_backward = False
         if overlap:
             for p in trainer.model.parameters():
@@ -167,8 +180,16 @@ class RingRunner:
     def call(self, fn, *args):
         return self.pool.submit(fn, *args).result()
 
-    def submit(self, fn, *args):
-        return self.pool.submit(fn, *args)
+    def work(self, fn, *args):
+        """Queue a collective of the step (counted in ``busy_s``, as the buckets are)."""
+        return self.pool.submit(self._timed, fn, *args)
+
+    def _timed(self, fn, *args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.busy_s += time.perf_counter() - t0
 
     def start(self, step: int, scale: float, op, codec: str, bufs: dict | None = None) -> list:
         """Queue this step's bucket tasks; call before backward (or after it, with ``bufs``)."""
@@ -191,9 +212,11 @@ class RingRunner:
         if self.link.leaving.is_set():
             raise RingBroken(f"ring rank {self.link.rank}: leaving the ring's epoch {self.link.epoch}")
         self.early += self.in_backward  # this bucket goes round the ring while backward still runs
+        t0 = time.perf_counter()
         lo, hi = self.link.buckets(grads[name].numel(), grads[name].element_size())[b]
         grads[name][lo:hi].mul_(scale)  # the ring sums: sum_r (n_r / N) grad_r = the union batch's mean
         op(grads[name], codec, name, only=b)
+        self.busy_s += time.perf_counter() - t0
 
     def drain(self, pending) -> None:
         """After a RingBroken: make every queued task fail fast and wait for them, so the thread is free."""
@@ -325,10 +348,12 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
     nodes = stage_nodes(cluster, n)  # rank r's address: the same rule as a pipeline stage's
     link = RingLink(rank, [nd.address for nd in nodes], nodes[rank].bind, max_bytes=max_bytes(cluster),
                     heartbeat_s=cluster.heartbeat_s, liveness_s=cluster.liveness_s, keys_dir=cluster.get("keys"),
-                    bucket_bytes=int(algo.bucket_mb * 2**20))
+                    bucket_bytes=bucket_bytes(algo.bucket_mb, trainer.flat.grads))
     ring = RingRunner(link, trainer, overlap=bool(algo.overlap) and K == 0)
     codec, tr = codecs(algo)[0], trainer.train
     window, ring_s, mine = LossWindow(tr.log_every), 0.0, collections.deque(maxlen=max(1, tr.log_every))
+    # where a step's time goes in this process (summary.json's seconds_per_step)
+    timed = {"compute": 0.0, "optimizer": 0.0, "steps": 0}
     guard, lr, sharded = GradientGuard.from_config(tr), None, None
     history = Membership(n)
     sent_before = trainer.carried.get("bytes_sent", 0)  # the lead's bytes before a resume: its counters go on
@@ -407,20 +432,24 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
         staleness = t - trainer.step  # updates this gradient's weights lack
         if K == 0:  # the ring works on the gradient buffer itself, bucket by bucket as backward fills it
             tasks = ring.start(t, scale, op, codec)
+            t0 = time.perf_counter()
             try:
                 loss, count = trainer.compute_gradients(t, rank)
             finally:
                 ring.backward_done()
+            timed["compute"] += time.perf_counter() - t0
             bufs = trainer.flat.grads
         else:  # a copy: the next step's backward overwrites the buffer while this one is on the ring
+            t0 = time.perf_counter()
             loss, count = trainer.compute_gradients(t, rank)
+            timed["compute"] += time.perf_counter() - t0
             bufs = {k: g.clone() for k, g in trainer.flat.grads.items()}
             tasks = ring.start(t, scale, op, codec, bufs)
             ring.backward_done()
         if settings["delay_s"]:
             time.sleep(settings["delay_s"])  # test knob: make this node artificially slow
         inflight.append(SimpleNamespace(step=t, tasks=tasks, bufs=bufs, staleness=staleness,
-                                        stats=ring.submit(gather, loss, count, staleness, bufs)))
+                                        stats=ring.work(gather, loss, count, staleness, bufs)))
 
     def apply(item) -> bool:
         """Apply a step's reduced gradient (every member applies the same ones in the same order); True when a
@@ -437,14 +466,17 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
         sq_norm = float(stats[:, 1].double().sum())  # the summed gradient's, from every member's owned chunks
         # the outlier rule on the reduced gradient: every rank holds the same table and the same history,
         # so every rank decides the same and a rejected step is skipped everywhere
+        t_opt = time.perf_counter()
         if guard.check(math.sqrt(sq_norm), f"step {trainer.step}'s gradient"):
             lr = sharded.step(sq_norm) if zero else trainer.apply_gradients()
         else:
             trainer.step += 1  # not applied; the schedule moves on as everywhere else
+        timed["optimizer"] += time.perf_counter() - t_opt
+        timed["steps"] += 1
         if zero:
             t_ring = time.perf_counter()
             for name, p in trainer.flat.params.items():
-                ring.call(link.all_gather, p, "none", name)  # parameters: never lossy (no error feedback)
+                ring.work(link.all_gather, p, "none", name).result()  # parameters: never lossy (no error feedback)
             ring_s += time.perf_counter() - t_ring
         window.add(float(stats[:, 0].sum()))
         trainer.samples += total
@@ -471,6 +503,16 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
             recorder.log(step, **row)  # a worker's own sinks (Prometheus, W&B): its bytes, timings, staleness
         sent_last[0] = link.bytes_sent
         return bool(stats[:, 3].sum())
+
+    def seconds_per_step() -> dict:
+        """This process's steps: forward+backward, the ring's collectives (the gradient buckets from each being
+        ready, hidden behind backward or not; the stats table; ZeRO's parameters), the part of that spent
+        waiting for the predecessor's chunks (the link), the part the step waited for (not hidden), the
+        optimizer."""
+        k = max(1, timed["steps"])
+        return {"compute": round(timed["compute"] / k, 4), "ring": round(ring.busy_s / k, 4),
+                "ring_waiting": round(link.wait_s / k, 4), "ring_not_hidden": round(ring_s / k, 4),
+                "optimizer": round(timed["optimizer"] / k, 4)}
 
     logger.info(f"allreduce rank {rank}/{n} on {nodes[rank].bind}: model={cfg.model.name} "
                 f"({trainer.num_params:,} params) zero={zero} compression={codec} overlap={bool(algo.overlap) and K == 0} "
@@ -514,6 +556,7 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
             optimizer_state_bytes=sharded.state_bytes() if zero else trainer.optimizer_state_bytes(),
             bytes_sent=sent, bytes_sent_per_step=round(sent / steps),
             allreduce_s_per_step=round(ring_s / steps, 6), buckets=len(ring.order),
+            seconds_per_step=seconds_per_step(), bucket_bytes=link.bucket_bytes,
             buckets_during_backward=round(ring.early / max(1, ring.total), 4), rejected_messages=dict(link.rejected),
             gradients_rejected=guard.rejected, stale_messages=link.stale, membership=history.events,
             workers=history.summary())

@@ -110,7 +110,8 @@ def run_smolcluster(lan: Lan, algo: str, n: int, model_args: list[str], steps: i
     rate, bytes_per_sample = steady(rows, warmup * (n if algo == "edp" else 1))
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"samples_per_s": rate, "bytes_per_step": bytes_per_sample * batch * n,
-            "params": summary.get("num_params") or summary.get("params")}
+            "params": summary.get("num_params") or summary.get("params"),
+            "seconds_per_step": summary.get("seconds_per_step")}  # a ring's rank 0: where its step time went
 
 
 def run_ddp(lan: Lan, n: int, model_args: list[str], steps: int, warmup: int, run_dir: Path) -> dict:
@@ -195,6 +196,7 @@ def plot(rows: list[dict], path: Path) -> Path | None:
             ax.set_title(f"{model}, {link} links")
             ax.set_xlabel("workers")
             ax.set_ylabel("samples/s")
+            ax.set_ylim(bottom=0)  # differences in proportion to the rates
             ax.set_xticks(sorted({r["workers"] for r in rows}))
             ax.grid(alpha=0.3)
             if ax.lines:
@@ -269,8 +271,13 @@ def main(argv: list[str]) -> int:
                                "samples_per_s": round(got["samples_per_s"], 1),
                                "MB_sent_per_node_step": round(got["bytes_per_step"] / 1e6, 3),
                                "formula_MB": round(formula(algo, n, m) / 1e6, 3),
+                               "bytes_vs_formula": round(got["bytes_per_step"] / formula(algo, n, m), 3) if n > 1 else None,
                                "efficiency": round(got["samples_per_s"] / (n * base_rate), 3) if base_rate else None,
                                "run_s": round(time.monotonic() - t0, 1)}
+                        if got.get("seconds_per_step"):  # a ring's rank 0: where a step went, in seconds
+                            t = got["seconds_per_step"]
+                            row["rank0_step"] = (f"compute {t['compute']:.3f}, ring {t['ring']:.3f} (not hidden "
+                                                 f"{t['ring_not_hidden']:.3f}), optimizer {t['optimizer']:.3f}")
                         rows.append(row)
                         print(json.dumps(row), flush=True)
         finally:
@@ -280,16 +287,15 @@ def main(argv: list[str]) -> int:
         return next((r["samples_per_s"] for r in rows if (r["link"], r["model"], r["algo"], r["workers"])
                      == (link, model, algo, n)), None)
 
-    top, slow = counts[-1], min(links, key=parse_rate)
-    ratios = {}
+    ratios = {}  # at every worker count above one (the goals are at 4)
     for model in models:
         for link in links:
-            a, d = rate(link, model, "allreduce", top), rate(link, model, "ddp", top)
-            if a and d:
-                ratios[f"{model} allreduce/ddp at {top} workers, {link}"] = round(a / d, 3)
-        a, s = rate(slow, model, "allreduce", top), rate(slow, model, "syncps", top)
-        if a and s:
-            ratios[f"{model} allreduce/syncps at {top} workers, {slow}"] = round(a / s, 3)
+            for n in (c for c in counts if c > 1):
+                a = rate(link, model, "allreduce", n)
+                for other in ("ddp", "syncps"):
+                    o = rate(link, model, other, n)
+                    if a and o:
+                        ratios[f"{model} allreduce/{other} at {n} workers, {link}"] = round(a / o, 3)
     png = plot(rows, Path(args.plot))
     write_report("scaling", rows, {"ratios": ratios, "goals": "allreduce >= 0.9x ddp at 4 workers on both links; "
                                    ">= 3x syncps at 4 workers on 100mbit; bytes within 10% of the formula",

@@ -10,7 +10,8 @@ A buffer is cut into buckets (``bucket_bytes``); each bucket into N chunks. In
 reduce-scatter hop ``h`` the member at position p sends its partial sum of chunk
 (p - h) to the next member and adds the one of chunk (p - h - 1) it receives from
 the previous; after N-1 hops chunk (p + 1) is complete at p. All-gather passes the
-complete chunks on the same way. The predecessor's messages arrive in the order
+complete chunks on the same way. A large chunk travels as segments (``SEGMENTS``), each
+sent on as soon as it is added, so the link does not idle between hops. The predecessor's messages arrive in the order
 they were sent (one TCP connection), so every message of the current epoch must be
 exactly the next one expected: anything else is a protocol error. All-gather
 forwards the received frames unchanged, so every rank ends with the same bytes,
@@ -73,7 +74,7 @@ from smolcluster.transport.sockets import (
 
 # not finite=True: a NaN gradient reaches every rank as it would reach algo=local, instead of being dropped and
 # leaving the ring waiting on a message that never comes
-wire.register_kind("ring", {"rank": int, "epoch": int, "step": int, "op": str, "bucket": int, "hop": int})
+wire.register_kind("ring", {"rank": int, "epoch": int, "step": int, "op": str, "bucket": int, "hop": int, "seg": int})
 # membership: "here I am at this step" (to the coordinator; a new rank to every slot), "I left epoch E",
 # the coordinator's decision, the source's weights for a rank that is behind, a refusal
 wire.register_kind("ring_report", {"rank": int, "session": str, "epoch": int, "step": int, "fingerprint": str,
@@ -91,6 +92,14 @@ class RingBroken(PeerError):
     def __init__(self, message: str, lost: set[int] | None = None):
         super().__init__(message)
         self.lost = set(lost or ())
+
+
+# A hop's chunk travels as SEGMENTS messages when it is at least SEGMENT_MIN_BYTES: a rank sends segment s of the
+# next hop as soon as it has added segment s of this one, so the next hop's first segment is already on the wire
+# while it waits for this hop's last. Without that the link idles at every hop for the time a rank takes to be
+# scheduled, receive, add and send (measured: 4 ranks on 100 Mbit/s, 1 MB buckets: the ring took 0.75 s for
+# 0.65 s of wire time). The chunks and their sums are the same either way.
+SEGMENTS, SEGMENT_MIN_BYTES = 2, 64 << 10
 
 
 def chunk_bounds(n: int, world: int) -> list[tuple[int, int]]:
@@ -116,6 +125,7 @@ class RingLink:
         self.sessions: dict[int, str] = {}  # member -> its process's session, from the decision
         self.joiners: dict[int, dict] = {}  # slot -> report of a rank asking to join (the caller re-forms at a step boundary)
         self.bytes_sent = 0
+        self.wait_s = 0.0  # time blocked on the predecessor's ring messages (the link, or a slower peer)
         self.rejected: collections.Counter[str] = collections.Counter()
         self.stale = 0  # ring messages of an older epoch, dropped
         self.step = 0  # stamped on every ring message: a message from another step is a protocol error
@@ -218,7 +228,12 @@ class RingLink:
         while True:
             if self.leaving.is_set():
                 raise RingBroken(f"ring rank {self.rank}: leaving the ring's epoch {self.epoch}")
-            got = self._early.popleft() if self._early else self._recv_one(min(self.liveness_s / 4, 0.5))
+            if self._early:
+                got = self._early.popleft()
+            else:
+                t0 = time.perf_counter()
+                got = self._recv_one(min(self.liveness_s / 4, 0.5))
+                self.wait_s += time.perf_counter() - t0
             if got is None:
                 self._check_liveness()  # judged only with the inbox drained: queued beats count
                 continue
@@ -368,10 +383,12 @@ class RingLink:
             out.append((lo + a, lo + b))
         return out
 
-    def _send(self, op: str, bucket: int, hop: int, x: torch.Tensor, codec: str, key: str) -> torch.Tensor | None:
+    def _send(self, op: str, bucket: int, hop: int, seg: int, x: torch.Tensor, codec: str,
+              key: str) -> torch.Tensor | None:
         """Send ``x``. With a lossy codec, ``x`` plus what this hop's encoding lost last time (error feedback:
         delayed, not lost); returns exactly what the successor will decode."""
-        fields = {"rank": self.rank, "epoch": self.epoch, "step": self.step, "op": op, "bucket": bucket, "hop": hop}
+        fields = {"rank": self.rank, "epoch": self.epoch, "step": self.step, "op": op, "bucket": bucket, "hop": hop,
+                  "seg": seg}
         if not get_codec(codec).lossy:
             self._send_frames(wire.encode("ring", fields, {"x": x}))
             return None
@@ -404,20 +421,29 @@ class RingLink:
                 if cpu is not part:
                     part.copy_(cpu)
 
+    def _segments(self, part: torch.Tensor) -> list[list[tuple[int, int]]]:
+        """Per chunk of a bucket, its segments' ranges (the same on every rank: they depend on sizes only)."""
+        segs = SEGMENTS if part.numel() * part.element_size() // self.world >= SEGMENT_MIN_BYTES else 1
+        return [[(a + lo, a + hi) for lo, hi in chunk_bounds(z - a, segs)]
+                for a, z in chunk_bounds(part.numel(), self.world)]
+
     def reduce_scatter(self, flat: torch.Tensor, codec: str = "none", name: str = "grad",
                        bucket_bytes: int | None = None, only: int | None = None) -> None:
         """In place: after it, ``flat[owned()]`` holds the sum over ranks (the rest holds partial sums)."""
         if self.world == 1:
             return
         for b, part in self._parts(flat, bucket_bytes, only):
-            chunks = chunk_bounds(part.numel(), self.world)
+            chunks = self._segments(part)
+            # hop h sends chunk pos-h and adds chunk pos-h-1 from the predecessor, which hop h+1 sends on;
+            # zero-copy: a chunk is not written again before the successor has consumed it
+            for s, (a, z) in enumerate(chunks[self.pos]):
+                self._send("rs", b, 0, s, part[a:z], codec, f"{name}/{b}/0/{s}")
             for hop in range(self.world - 1):
-                a, z = chunks[(self.pos - hop) % self.world]
-                # zero-copy: this chunk is not written again before the successor has consumed it
-                self._send("rs", b, hop, part[a:z], codec, f"{name}/{b}/{hop}")
-                msg, _ = self.recv("ring", step=self.step, op="rs", bucket=b, hop=hop)
-                a, z = chunks[(self.pos - hop - 1) % self.world]
-                self._take(msg, part[a:z], add=True)
+                for s, (a, z) in enumerate(chunks[(self.pos - hop - 1) % self.world]):
+                    msg, _ = self.recv("ring", step=self.step, op="rs", bucket=b, hop=hop, seg=s)
+                    self._take(msg, part[a:z], add=True)
+                    if hop < self.world - 2:
+                        self._send("rs", b, hop + 1, s, part[a:z], codec, f"{name}/{b}/{hop + 1}/{s}")
 
     def all_gather(self, flat: torch.Tensor, codec: str = "none", name: str = "grad",
                    bucket_bytes: int | None = None, only: int | None = None) -> None:
@@ -426,18 +452,18 @@ class RingLink:
         if self.world == 1:
             return
         for b, part in self._parts(flat, bucket_bytes, only):
-            chunks = chunk_bounds(part.numel(), self.world)
-            a, z = chunks[(self.pos + 1) % self.world]
-            # a copy: zmq sends after we return, and the next step writes this buffer
-            got = self._send("ag", b, 0, part[a:z].clone(), codec, f"{name}/{b}/ag")
-            if got is not None:
-                part[a:z].copy_(got)
+            chunks = self._segments(part)
+            for s, (a, z) in enumerate(chunks[(self.pos + 1) % self.world]):
+                # a copy: zmq sends after we return, and the next step writes this buffer
+                got = self._send("ag", b, 0, s, part[a:z].clone(), codec, f"{name}/{b}/ag/{s}")
+                if got is not None:
+                    part[a:z].copy_(got)
             for hop in range(self.world - 1):
-                msg, frames = self.recv("ring", step=self.step, op="ag", bucket=b, hop=hop)
-                a, z = chunks[(self.pos - hop) % self.world]
-                self._take(msg, part[a:z], add=False)
-                if hop < self.world - 2:  # pass it on as received; the last hop's chunk belongs to our successor
-                    self._forward(frames, hop + 1)
+                for s, (a, z) in enumerate(chunks[(self.pos - hop) % self.world]):
+                    msg, frames = self.recv("ring", step=self.step, op="ag", bucket=b, hop=hop, seg=s)
+                    self._take(msg, part[a:z], add=False)
+                    if hop < self.world - 2:  # pass it on as received; the last hop's chunk is our successor's
+                        self._forward(frames, hop + 1)
 
     def allreduce(self, flat: torch.Tensor, codec: str = "none", name: str = "grad", only: int | None = None) -> None:
         self.reduce_scatter(flat, codec, name, only=only)
