@@ -76,8 +76,7 @@ class Conv1D(nn.Module):
         self.bias = nn.Parameter(torch.empty(nf))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size_out = x.size()[:-1] + (self.nf,)
-        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+        return torch.addmm(self.bias, x.view(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], self.nf)
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -106,8 +105,9 @@ class Attention(nn.Module):
         else:
             out = torch.cat([self.attend(q[:, :, a:a + n], k[:, :, a:a + n], v[:, :, a:a + n], cache, j)
                              for cache, a, n, _ in segments], dim=2)
-        out = out.transpose(1, 2).contiguous()
-        return self.c_proj(out.reshape(*out.shape[:-2], -1).contiguous())
+        # (batch, heads, rows, head_dim) -> (batch, rows, n_embd): transformers' transpose + contiguous + reshape,
+        # in one copy (reshape copies a transposed tensor into contiguous memory: the same values)
+        return self.c_proj(out.transpose(1, 2).reshape(*x.shape[:-1], self.n_embd))
 
     def attend(self, q, k, v, cache: KVCache | None, j: int) -> torch.Tensor:
         if cache is not None:
