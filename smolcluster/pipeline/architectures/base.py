@@ -136,8 +136,8 @@ class Batch:
         return torch.cat([torch.arange(c.length, c.length + n, device=device)
                           for c, n in zip(self.caches, self.sizes)]).unsqueeze(0)
 
-    def segments(self, j: int) -> list[tuple[KVCache, int, int, int]]:
-        """For the stage's j-th block: (that request's cache, first row, rows, positions before)."""
+    def segments(self) -> list[tuple[KVCache, int, int, int]]:
+        """Per request: (its cache, first row, rows, positions before); the same for every block of a step."""
         return [(c, a, n, c.length) for c, a, n in zip(self.caches, self.starts, self.sizes)]
 
     def advance(self) -> None:
