@@ -32,10 +32,12 @@ context (when feeding the token back would need position ``n_positions``), or wh
 steps can be in flight round the ring at once (requests that joined while one was out), which keeps
 every stage busy.
 
-What crossing a stage costs per token (profiled on one gpt2-tiny request, docs/benchmarks.md): the
-sends (the wire's encode + zmq) and the receiver's decode checks, then this loop's Python; waiting
-on the socket itself is ~0.02 ms a hop. So the loop keeps per-token work small: the beacon is
-refreshed a few times per heartbeat, not per turn, and a step of decodes skips the row gather.
+What crossing a stage costs per token (traced on one gpt2-tiny request, docs/benchmarks.md): zmq's
+thread hand-offs (a hop wakes the sender's and the receiver's I/O threads and the receiving loop,
+~0.1-0.15 ms on a busy 2-core machine) far more than the wire's encode and checks (~5 and ~10 us),
+then the interpreter: Python is ~40% of a stage's CPU. So the loop keeps per-token work small: the
+beacon is refreshed a few times per heartbeat, not per turn, a step of decodes skips the row gather,
+and greedy rows take their tokens from one argmax.
 """
 
 from __future__ import annotations
@@ -415,6 +417,9 @@ class StageServer:
         if len(rows) < x.shape[1]:
             x = x[:, rows, :]  # (a step of decodes only: every row is a last row, no gather)
         logits = self.stage.logits(x).float().cpu() if rows else None
+        # Every row's greedy pick in one argmax (a row's own argmax, so the same token; a per-row call cost
+        # ~10 us a request); only sampled rows go through next_token one by one.
+        picks = logits[0].argmax(-1).tolist() if rows else None
         tokens, ended = [], []
         k = 0
         for req, emit in zip(step.reqs, step.emit):
@@ -422,7 +427,7 @@ class StageServer:
                 tokens.append(-1)  # a prompt chunk: the next one is due
                 continue
             st = self.requests[req]
-            token = next_token(logits[0, k], st.params, st.generator)
+            token = picks[k] if st.params.greedy else next_token(logits[0, k], st.params, st.generator)
             k += 1
             st.generated += 1
             if token in st.eos:

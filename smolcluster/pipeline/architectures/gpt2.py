@@ -76,8 +76,7 @@ class Conv1D(nn.Module):
         self.bias = nn.Parameter(torch.empty(nf))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size_out = x.size()[:-1] + (self.nf,)
-        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+        return torch.addmm(self.bias, x.view(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], self.nf)
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +95,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, segments: list | None, j: int = 0) -> torch.Tensor:
         """``segments``: None (training: plain causal), else one (cache, first row, rows, past length)
         per request, from :meth:`Batch.segments`; each request attends over its own cache's block j."""
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = self.c_attn.forward(x).split(self.n_embd, dim=2)
         shape = (*k.shape[:-1], -1, self.head_dim)
         q, k, v = q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
         if segments is None:
@@ -106,8 +105,9 @@ class Attention(nn.Module):
         else:
             out = torch.cat([self.attend(q[:, :, a:a + n], k[:, :, a:a + n], v[:, :, a:a + n], cache, j)
                              for cache, a, n, _ in segments], dim=2)
-        out = out.transpose(1, 2).contiguous()
-        return self.c_proj(out.reshape(*out.shape[:-2], -1).contiguous())
+        # (batch, heads, rows, head_dim) -> (batch, rows, n_embd): transformers' transpose + contiguous + reshape,
+        # in one copy (reshape copies a transposed tensor into contiguous memory: the same values)
+        return self.c_proj.forward(out.transpose(1, 2).reshape(*x.shape[:-1], self.n_embd))
 
     def attend(self, q, k, v, cache: KVCache | None, j: int) -> torch.Tensor:
         if cache is not None:
@@ -133,7 +133,7 @@ class MLP(nn.Module):
         self.c_proj = Conv1D(4 * n_embd, n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(gelu_new(self.c_fc(x)))
+        return self.c_proj.forward(gelu_new(self.c_fc.forward(x)))
 
 
 class Block(nn.Module):
@@ -145,8 +145,11 @@ class Block(nn.Module):
         self.mlp = MLP(shape.n_embd)
 
     def forward(self, x: torch.Tensor, segments: list | None = None, j: int = 0) -> torch.Tensor:
-        x = self.attn(self.ln_1(x), segments, j) + x
-        return x + self.mlp(self.ln_2(x))
+        # Submodules run through .forward(), not nn.Module.__call__: its hook checks cost ~2 us a call, and a
+        # decode step makes 8 such calls per block, a fifth of a gpt2-tiny block's CPU time (measured,
+        # docs/benchmarks.md). Nothing registers hooks on a stage's modules.
+        x = self.attn.forward(self.ln_1.forward(x), segments, j) + x
+        return x + self.mlp.forward(self.ln_2.forward(x))
 
 
 class GPT2Stage(nn.Module):
@@ -184,8 +187,9 @@ class GPT2Stage(nn.Module):
 
     def run_blocks(self, x: torch.Tensor, cache: KVCache | Batch | None = None) -> torch.Tensor:
         batch = as_batch(x, cache)
+        segments = batch.segments() if batch is not None else None
         for j, block in enumerate(self.transformer.h.values()):
-            x = block(x, batch.segments(j) if batch is not None else None, j)
+            x = block.forward(x, segments, j)
         if batch is not None:
             batch.advance()
         return x

@@ -266,8 +266,9 @@ class LlamaStage(nn.Module):
         else:
             positions = batch.positions(x.device)
         cos, sin = self.rope(x, positions)
+        segments = batch.segments() if batch is not None else None
         for j, block in enumerate(self.model.layers.values()):
-            x = block(x, cos, sin, batch.segments(j) if batch is not None else None, j)
+            x = block(x, cos, sin, segments, j)
         if batch is not None:
             batch.advance()
         return x
