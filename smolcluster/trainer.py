@@ -221,6 +221,7 @@ class Trainer:
             **evaluation,
             "params": self.num_params,
             "device": str(self.device),
+            "threads": torch.get_num_threads(),  # intra-op threads: CPU sums round by thread count
             "optimizer_state_bytes": self.optimizer_state_bytes(),
             "run_dir": str(run_dir),
             **extra,
