@@ -54,7 +54,8 @@ def test_custom_module_through_target(tmp_path):
 def test_gpt2_tiny_learns_shakespeare_and_resume_matches_uninterrupted(tmp_path, shakespeare):
     common = ["algo=local", "model=gpt2-tiny", "data=text", f"data.path={shakespeare}", "model.n_layer=2",
               "model.block_size=32", "train.batch_size=8", "train.optimizer=adamw", "train.lr=3e-3",
-              "train.warmup_steps=10", "train.eval_samples=128", f"data.cache_dir={tmp_path / 'tok'}"]
+              "train.warmup_steps=10", "train.eval_samples=128", f"data.cache_dir={tmp_path / 'tok'}",
+              "train.log_every=1"]  # every step's loss: a mismatch names the first step that differs
     full = train(tmp_path / "full", *common, "train.steps=120", "train.eval_every=60")
     evals = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     start = next(r["eval_loss"] for r in evals if r["step"] == 0 and "eval_loss" in r)
@@ -67,7 +68,14 @@ def test_gpt2_tiny_learns_shakespeare_and_resume_matches_uninterrupted(tmp_path,
     a = load_file(tmp_path / "full" / "checkpoint.safetensors")
     b = load_file(tmp_path / "resumed" / "checkpoint.safetensors")
     assert a.keys() == b.keys()
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    if diff != 0.0:  # say where it went apart: which process's losses first differ, and the thread counts
+        losses = {d: {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())
+                      if "loss" in r} for d in ("full", "half", "resumed")}
+        split = [(d, min((s for s in losses[d] if losses[d][s] != losses["full"].get(s)), default=None))
+                 for d in ("half", "resumed")]
+        threads = [json.loads((tmp_path / d / "summary.json").read_text()).get("threads") for d in ("full", "half", "resumed")]
+        raise AssertionError(f"resumed != uninterrupted by max-abs {diff}; first differing step {split}; threads {threads}")
 
 
 def test_a_run_stopped_and_resumed_in_its_own_directory_reads_as_one_run(tmp_path):
