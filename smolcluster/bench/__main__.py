@@ -7,6 +7,7 @@ import pkgutil
 import sys
 
 import smolcluster.bench as pkg
+from smolcluster.errors import SmolclusterError
 
 _NOT_BENCHES = {"report", "common", "netns", "__main__"}
 
@@ -26,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown benchmark {name!r}; choose one of: {', '.join(names)}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"smolcluster.bench.{name}")
-    return int(module.main(argv[1:]) or 0)
+    try:
+        return int(module.main(argv[1:]) or 0)
+    except SmolclusterError as e:  # a missing file or a bad option: one line, as train/infer print it
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
