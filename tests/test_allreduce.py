@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 
@@ -184,6 +185,21 @@ def test_zero1_ring_stops_on_a_lost_rank_naming_it(tmp_path):
             assert "rank 1 lost: silent for more than cluster.liveness_s=3" in c.output(name)
         assert time.monotonic() - killed < 3 + 10  # the liveness window, plus exit; no hang
     assert c.metrics()[-1]["step"] < 2000
+
+
+def test_sigterm_stops_a_rank_still_waiting_for_its_ring(tmp_path):
+    # Seen on CI: a launcher retried on another port and stopped its first attempt, but rank 1, forming a ring
+    # with a rank 0 that had failed, ignored SIGTERM until cluster.connect_timeout_s and outlived the launcher.
+    with Cluster(tmp_path, "allreduce", "train.steps=20", "cluster.heartbeat_s=0.2", "cluster.liveness_s=3",
+                 "cluster.connect_timeout_s=600", workers=2, port=free_ports("127.0.0.1", 2)) as c:
+        c.worker(1)  # rank 0 never comes
+        deadline = time.monotonic() + 120
+        while "allreduce rank 1/2 on" not in c.output("worker1"):  # it is forming the ring
+            assert c.procs["worker1"].poll() is None and time.monotonic() < deadline, c.output("worker1")[-3000:]
+            time.sleep(0.1)
+        c.procs["worker1"].send_signal(signal.SIGTERM)
+        assert c.wait("worker1", timeout=60) == 130, c.output("worker1")[-3000:]  # not after 600 s
+        assert "Traceback" not in c.output("worker1")
 
 
 def events(rows: list[dict]) -> list[dict]:

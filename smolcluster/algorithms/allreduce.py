@@ -229,7 +229,9 @@ class RingRunner:
                 pass
 
     def close(self) -> None:
-        """After a failure too: tasks still queued are dropped (each would only meet the same lost rank)."""
+        """After a failure too: tasks still queued are dropped (each would only meet the same lost rank), and the
+        running one stops waiting (``link.stopped``: a rank forming its ring when SIGTERM came exits at once)."""
+        self.link.stopped.set()
         self.link.leaving.set()
         self.backward_done()
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -562,7 +564,8 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
             workers=history.summary())
         return recorder.finish(summary)
     except BaseException as e:  # SIGTERM (as KeyboardInterrupt), a lost peer: files closed, W&B records why
-        recorder.abort(e)
+        if recorder is not None:  # (None: stopped before the ring first formed)
+            recorder.abort(e)
         raise
     finally:
         ring.close()

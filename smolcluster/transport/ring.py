@@ -121,6 +121,10 @@ class RingLink:
         self.session = uuid.uuid4().hex[:12]  # this process: a restarted rank has another
         self.heartbeat_s, self._born = heartbeat_s, time.monotonic()
         self.leaving = threading.Event()  # set by the caller's thread: stop waiting, this epoch is being left
+        # set by the owner when its process stops (SIGTERM, an error, the end): every wait here ends at once,
+        # so the ring thread is free to join (a rank still forming its ring would otherwise wait out
+        # cluster.connect_timeout_s, and outlive a launcher that stopped it)
+        self.stopped = threading.Event()
         self.epoch = -1  # not in a ring yet
         self.sessions: dict[int, str] = {}  # member -> its process's session, from the decision
         self.joiners: dict[int, dict] = {}  # slot -> report of a rank asking to join (the caller re-forms at a step boundary)
@@ -165,7 +169,10 @@ class RingLink:
 
     # -- receiving ----------------------------------------------------------------------------
     def _recv_one(self, timeout_s: float):
-        """(message, raw frames) of the next valid message, or None after ``timeout_s``; heartbeats are consumed."""
+        """(message, raw frames) of the next valid message, or None after ``timeout_s``; heartbeats are consumed.
+        Every wait on the ring polls through here in slices of at most 0.5 s, so :attr:`stopped` ends it."""
+        if self.stopped.is_set():
+            raise PeerError(f"ring rank {self.rank}: stopped")
         deadline = time.monotonic() + timeout_s
         while self.poller.poll(max(0, int((deadline - time.monotonic()) * 1000))):
             frames = self.inbox.recv_multipart(copy=False)[1:]  # drop the ROUTER's peer identity
