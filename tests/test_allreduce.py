@@ -51,10 +51,10 @@ def ring_threads(world: int, fn, **kw) -> dict:
 
 
 @pytest.mark.parametrize("codec", ["none", "fp16", "int8"])
-@pytest.mark.parametrize("n,bucket", [(10_007, 4000), (200_003, 400_000)])
+@pytest.mark.parametrize("n,bucket", [(10_007, 4000), (600_011, 1_000_000)])
 def test_ring_allreduce_sums_and_every_rank_ends_with_the_same_bytes(codec, n, bucket):
-    # n not a multiple of the world size; 4000-byte buckets: 11 of them, each chunk one message; 400 kB buckets:
-    # 3 of them, the last short, each chunk of 133 kB sent as 2 segments (ring.SEGMENTS)
+    # n not a multiple of the world size; 4000-byte buckets: 11 of them, each chunk one message; 1 MB buckets:
+    # 3 of them, chunks of 333 kB sent as 2 segments (ring.SEGMENTS), the last bucket's of 133 kB whole
     world = 3
     data = [torch.randn(n, generator=torch.Generator().manual_seed(r)) for r in range(world)]
 
@@ -72,6 +72,36 @@ def test_ring_allreduce_sums_and_every_rank_ends_with_the_same_bytes(codec, n, b
     if codec == "none":  # each rank sends 2(N-1)/N of the buffer (+ a small header per message)
         payload = 2 * (world - 1) / world * n * 4
         assert payload < out[0][1] < payload * 1.1, out[0][1]
+
+
+@pytest.mark.parametrize("codec", ["none", "int8"])
+def test_stats_rows_ride_on_the_last_bucket_with_no_message_of_their_own(codec):
+    """allreduce(row=...) brings every member's row (the per-step stats table) on the last bucket's all-gather:
+    the same table as a gather_scalars round, exact (float64, never through the codec), in ring order, and the
+    same sums and message count as an allreduce without rows."""
+    world, n = 3, 600_011  # 2 buckets of 1 MB, chunks of 333 kB in 2 segments; a last one's of 133 kB whole
+
+    def fn(link):
+        sent = []
+        real = link._send_frames
+        link._send_frames = lambda frames: (sent.append(1), real(frames))  # count the messages, send them
+        x, y = (torch.randn(n, generator=torch.Generator().manual_seed(link.rank)) for _ in range(2))
+        y.copy_(x)
+        link.allreduce(x, codec)
+        plain = len(sent)
+        mine = [float(link.rank), 1 / 3 + link.rank, 1e-12 * (link.rank + 1)]
+        table = link.allreduce(y, codec, row=lambda: mine)
+        return x, y, table, len(sent) - plain, plain, link.gather_scalars(mine), len(sent) - 2 * plain
+
+    out = ring_threads(world, fn, bucket_bytes=1_000_000)
+    want = torch.tensor([[float(r), 1 / 3 + r, 1e-12 * (r + 1)] for r in range(world)], dtype=torch.float64)
+    for r in range(world):
+        x, y, table, with_rows, plain, gathered, gather_msgs = out[r]
+        assert torch.equal(table, want) and torch.equal(gathered, want)  # exact, rank r's row at position r
+        if codec == "none":  # (lossy: the second allreduce's error feedback differs, as for any second call)
+            assert torch.equal(x, y)
+        assert with_rows == plain == (2 * 2 + 1) * 2 * (world - 1)  # segments x (rs + ag) x hops
+        assert gather_msgs == world - 1  # a table round of its own (ZeRO-1's): one all-gather
 
 
 def test_ring_error_feedback_keeps_int8_rounding_from_adding_up():

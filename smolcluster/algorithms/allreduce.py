@@ -28,6 +28,7 @@ the same order. The lowest member writes the run's files.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import json
 import math
@@ -191,14 +192,17 @@ class RingRunner:
         finally:
             self.busy_s += time.perf_counter() - t0
 
-    def start(self, step: int, scale: float, op, codec: str, bufs: dict | None = None) -> list:
-        """Queue this step's bucket tasks; call before backward (or after it, with ``bufs``)."""
+    def start(self, step: int, scale: float, op, codec: str, bufs: dict | None = None, row=None) -> list:
+        """Queue this step's bucket tasks; call before backward (or after it, with ``bufs``). ``row`` (a callable
+        giving this rank's stats once its sums are complete) rides on the last bucket's all-gather: the last
+        task returns every member's row (:meth:`RingLink.all_gather`)."""
         self.left, self.in_backward = dict(self.members), True
         self.total += len(self.order)
         for event in self.ready.values():
             event.clear()
         self.pool.submit(setattr, self.link, "step", step)
-        return [self.pool.submit(self._bucket, key, scale, op, codec, bufs or self.grads) for key in self.order]
+        return [self.pool.submit(self._bucket, key, scale, op, codec, bufs or self.grads,
+                                 row if key == self.order[-1] else None) for key in self.order]
 
     def backward_done(self) -> None:
         """Every bucket is complete (also one whose parameters got no gradient this step)."""
@@ -206,7 +210,7 @@ class RingRunner:
         for event in self.ready.values():
             event.set()
 
-    def _bucket(self, key: tuple, scale: float, op, codec: str, grads: dict) -> None:
+    def _bucket(self, key: tuple, scale: float, op, codec: str, grads: dict, row=None):
         name, b = key
         self.ready[key].wait()
         if self.link.leaving.is_set():
@@ -215,8 +219,10 @@ class RingRunner:
         t0 = time.perf_counter()
         lo, hi = self.link.buckets(grads[name].numel(), grads[name].element_size())[b]
         grads[name][lo:hi].mul_(scale)  # the ring sums: sum_r (n_r / N) grad_r = the union batch's mean
-        op(grads[name], codec, name, only=b)
-        self.busy_s += time.perf_counter() - t0
+        try:
+            return op(grads[name], codec, name, only=b, **({"row": row} if row else {}))
+        finally:
+            self.busy_s += time.perf_counter() - t0
 
     def drain(self, pending) -> None:
         """After a RingBroken: make every queued task fail fast and wait for them, so the thread is free."""
@@ -417,11 +423,16 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
                     f"{trainer.step} (joined {event['joined']}, left {event['left']}); batch share {share}; "
                     f"weights sha256 {sha}")
 
-    def gather(step_loss, count, staleness: int, bufs: dict) -> torch.Tensor:
-        """Runs on the ring thread after the step's buckets: the table every member decides from."""
-        sq = sum(float(g[lo:hi].double().pow(2).sum()) for g in bufs.values()
+    def stats_row(got: SimpleNamespace, staleness: int) -> list[float]:
+        """On the ring thread, once this rank's owned chunks of the step's sum are complete: its row of the table
+        every member decides from (its loss share, the squared norm of its owned chunks, its staleness, whether
+        a rank asks to join)."""
+        got.known.wait()  # backward has returned (compute sets it, also when it fails)
+        if got.loss is None:
+            raise PeerError(f"allreduce rank {rank}: the step's gradient computation failed")
+        sq = sum(float(g[lo:hi].double().pow(2).sum()) for g in got.bufs.values()
                  for lo, hi in link.owned(g.numel(), g.element_size()))
-        return link.gather_scalars([float(step_loss) * count / total, sq, float(staleness), float(elastic and bool(link.joiners))])
+        return [float(got.loss) * got.count / total, sq, float(staleness), float(elastic and bool(link.joiners))]
 
     sent_last = [0]  # link.bytes_sent after the last applied step
     inflight: collections.deque = collections.deque()  # steps whose gradients are on the ring, oldest first
@@ -432,26 +443,33 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
             scale *= 1e6  # test knob: a buggy node (an fp16 overflow) sends a huge gradient now and then
         op = link.reduce_scatter if zero else link.allreduce
         staleness = t - trainer.step  # updates this gradient's weights lack
+        got = SimpleNamespace(known=threading.Event(), loss=None, count=0, bufs=trainer.flat.grads)
+        # the stats table rides on the gradient's last bucket (no round of its own); ZeRO-1 needs it before the
+        # parameters' all-gather, so there it is a round of its own after the reduce-scatter
+        row = None if zero else functools.partial(stats_row, got, staleness)
         if K == 0:  # the ring works on the gradient buffer itself, bucket by bucket as backward fills it
-            tasks = ring.start(t, scale, op, codec)
+            tasks = ring.start(t, scale, op, codec, row=row)
             t0 = time.perf_counter()
             try:
-                loss, count = trainer.compute_gradients(t, rank)
+                got.loss, got.count = trainer.compute_gradients(t, rank)
             finally:
+                got.known.set()
                 ring.backward_done()
             timed["compute"] += time.perf_counter() - t0
-            bufs = trainer.flat.grads
         else:  # a copy: the next step's backward overwrites the buffer while this one is on the ring
             t0 = time.perf_counter()
-            loss, count = trainer.compute_gradients(t, rank)
+            try:
+                got.loss, got.count = trainer.compute_gradients(t, rank)
+            finally:
+                got.known.set()
             timed["compute"] += time.perf_counter() - t0
-            bufs = {k: g.clone() for k, g in trainer.flat.grads.items()}
-            tasks = ring.start(t, scale, op, codec, bufs)
+            got.bufs = {k: g.clone() for k, g in trainer.flat.grads.items()}
+            tasks = ring.start(t, scale, op, codec, got.bufs, row=row)
             ring.backward_done()
         if settings["delay_s"]:
             time.sleep(settings["delay_s"])  # test knob: make this node artificially slow
-        inflight.append(SimpleNamespace(step=t, tasks=tasks, bufs=bufs, staleness=staleness,
-                                        stats=ring.work(gather, loss, count, staleness, bufs)))
+        stats = ring.work(lambda: link.gather_scalars(stats_row(got, staleness))) if zero else tasks[-1]
+        inflight.append(SimpleNamespace(step=t, tasks=tasks, bufs=got.bufs, staleness=staleness, stats=stats))
 
     def apply(item) -> bool:
         """Apply a step's reduced gradient (every member applies the same ones in the same order); True when a
@@ -508,7 +526,7 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
 
     def seconds_per_step() -> dict:
         """This process's steps: forward+backward, the ring's collectives (the gradient buckets from each being
-        ready, hidden behind backward or not; the stats table; ZeRO's parameters), the part of that spent
+        ready, hidden behind backward or not, the stats table riding on the last; ZeRO's stats and parameters), the part of that spent
         waiting for the predecessor's chunks (the link), the part the step waited for (not hidden), the
         optimizer."""
         k = max(1, timed["steps"])

@@ -56,6 +56,7 @@ import time
 import uuid
 
 import msgpack
+import numpy as np
 import torch
 import zmq
 from loguru import logger
@@ -97,9 +98,11 @@ class RingBroken(PeerError):
 # A hop's chunk travels as SEGMENTS messages when it is at least SEGMENT_MIN_BYTES: a rank sends segment s of the
 # next hop as soon as it has added segment s of this one, so the next hop's first segment is already on the wire
 # while it waits for this hop's last. Without that the link idles at every hop for the time a rank takes to be
-# scheduled, receive, add and send (measured: 4 ranks on 100 Mbit/s, 1 MB buckets: the ring took 0.75 s for
-# 0.65 s of wire time). The chunks and their sums are the same either way.
-SEGMENTS, SEGMENT_MIN_BYTES = 2, 64 << 10
+# scheduled, receive, add and send (measured: 4 ranks on 100 Mbit/s, 1 MB buckets, so 256 kB chunks: the ring took
+# 0.75 s for 0.65 s of wire time). A smaller chunk goes whole: each message costs CPU, and at 1 Gbit/s the link
+# stays busy anyway (4 ranks, the MNIST MLP's 110 kB chunks: 6.7-7.0 ms per all-reduce whole, 8.4-8.7 ms in 2
+# segments, 1.8 vs 2.1 ms of CPU per rank; the wire needs 5.3 ms). The chunks and their sums are the same either way.
+SEGMENTS, SEGMENT_MIN_BYTES = 2, 256 << 10
 
 
 def chunk_bounds(n: int, world: int) -> list[tuple[int, int]]:
@@ -391,17 +394,19 @@ class RingLink:
         return out
 
     def _send(self, op: str, bucket: int, hop: int, seg: int, x: torch.Tensor, codec: str,
-              key: str) -> torch.Tensor | None:
-        """Send ``x``. With a lossy codec, ``x`` plus what this hop's encoding lost last time (error feedback:
-        delayed, not lost); returns exactly what the successor will decode."""
+              key: str, row: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Send ``x`` (and ``row``, per-rank values that ride along: float64 bits as int64, never through a codec).
+        With a lossy codec, ``x`` plus what this hop's encoding lost last time (error feedback: delayed, not
+        lost); returns exactly what the successor will decode."""
         fields = {"rank": self.rank, "epoch": self.epoch, "step": self.step, "op": op, "bucket": bucket, "hop": hop,
                   "seg": seg}
+        tensors = {"x": x} if row is None else {"x": x, "row": row}
         if not get_codec(codec).lossy:
-            self._send_frames(wire.encode("ring", fields, {"x": x}))
+            self._send_frames(wire.encode("ring", fields, tensors))
             return None
         if key in self._residual:
-            x = x + self._residual[key]
-        frames = wire.encode("ring", fields, {"x": x}, codec)
+            x = tensors["x"] = x + self._residual[key]
+        frames = wire.encode("ring", fields, tensors, codec)
         got = wire.decode(frames, max_bytes=self.max_bytes).tensor("x")  # the receiver's decode, bit for bit
         self._residual[key] = x - got
         self._send_frames(frames)
@@ -453,38 +458,61 @@ class RingLink:
                         self._send("rs", b, hop + 1, s, part[a:z], codec, f"{name}/{b}/{hop + 1}/{s}")
 
     def all_gather(self, flat: torch.Tensor, codec: str = "none", name: str = "grad",
-                   bucket_bytes: int | None = None, only: int | None = None) -> None:
+                   bucket_bytes: int | None = None, only: int | None = None, row=None) -> torch.Tensor | None:
         """In place: every rank's ``flat[owned()]`` is copied to the others. Under a lossy codec the owner keeps
-        exactly what the others decode (so every replica is the same), error feedback keeping the difference."""
+        exactly what the others decode (so every replica is the same), error feedback keeping the difference.
+
+        ``row``: a callable returning this rank's per-step values (floats), called once this rank's owned
+        chunks are complete (before the last bucket's all-gather starts); each rank's row rides on the first
+        segment of its owned chunk's messages, which pass every other rank unchanged, so this returns every
+        member's row as a (world, k) float64 table in ring order, the same on every rank, at no extra hop."""
         if self.world == 1:
-            return
-        for b, part in self._parts(flat, bucket_bytes, only):
+            return torch.tensor([row()], dtype=torch.float64) if row else None
+        table = None
+        parts = list(self._parts(flat, bucket_bytes, only))
+        for i, (b, part) in enumerate(parts):
             chunks = self._segments(part)
+            mine = None
+            if row is not None and i == len(parts) - 1:
+                mine = torch.tensor(row(), dtype=torch.float64).view(torch.int64)  # the bits: exact
+                table = torch.empty(self.world, mine.numel(), dtype=torch.int64)
+                table[self.pos] = mine
             for s, (a, z) in enumerate(chunks[(self.pos + 1) % self.world]):
                 # a copy: zmq sends after we return, and the next step writes this buffer
-                got = self._send("ag", b, 0, s, part[a:z].clone(), codec, f"{name}/{b}/ag/{s}")
+                got = self._send("ag", b, 0, s, part[a:z].clone(), codec, f"{name}/{b}/ag/{s}",
+                                 mine if s == 0 else None)
                 if got is not None:
                     part[a:z].copy_(got)
             for hop in range(self.world - 1):
                 for s, (a, z) in enumerate(chunks[(self.pos - hop) % self.world]):
                     msg, frames = self.recv("ring", step=self.step, op="ag", bucket=b, hop=hop, seg=s)
                     self._take(msg, part[a:z], add=False)
+                    if mine is not None and s == 0:  # the row of chunk (pos - hop)'s owner, at pos - hop - 1
+                        got = msg.tensors.get("row")
+                        if got is None or got.shape != (table.shape[1],) or got.dtype != np.int64:
+                            raise PeerError(f"ring rank {self.rank}: rank {self.pred}'s message carries no row of "
+                                            f"{table.shape[1]} values (are all ranks running the same version?)")
+                        table[(self.pos - hop - 1) % self.world] = torch.from_numpy(got)
                     if hop < self.world - 2:  # pass it on as received; the last hop's chunk is our successor's
                         self._forward(frames, hop + 1)
+        return None if table is None else table.view(torch.float64)
 
-    def allreduce(self, flat: torch.Tensor, codec: str = "none", name: str = "grad", only: int | None = None) -> None:
+    def allreduce(self, flat: torch.Tensor, codec: str = "none", name: str = "grad", only: int | None = None,
+                  row=None) -> torch.Tensor | None:
+        """Sum ``flat`` across members in place; with ``row``, also every member's row (see :meth:`all_gather`)."""
         self.reduce_scatter(flat, codec, name, only=only)
-        self.all_gather(flat, codec, name, only=only)
+        return self.all_gather(flat, codec, name, only=only, row=row)
 
     def gather_scalars(self, values: list[float]) -> torch.Tensor:
-        """Every member's ``values`` as a (world, k) tensor, in ring order (``members``): an allreduce in one bucket where each rank fills only
-        its own row (= its chunk), so each sum is one value plus zeros: exact and the same everywhere."""
+        """Every member's ``values`` as a (world, k) float64 tensor, in ring order (``members``): one all-gather
+        (N-1 hops) of a buffer whose chunks are the rows, each rank starting as the owner of its own.
+        (``algo.zero=1`` needs this round: its stats are due before the all-gather of the parameters; otherwise
+        the row rides the gradient's last bucket, :meth:`allreduce`'s ``row``.)"""
         k = len(values)
-        t = torch.zeros(self.world * k, dtype=torch.float32)
-        t[self.pos * k : (self.pos + 1) * k] = torch.tensor(values, dtype=torch.float32)
-        self.reduce_scatter(t, "none", "scalars", bucket_bytes=t.numel() * 4)
-        self.all_gather(t, "none", "scalars", bucket_bytes=t.numel() * 4)
-        return t.view(self.world, k)
+        t = torch.zeros(self.world, k, dtype=torch.float64)
+        t[(self.pos + 1) % self.world] = torch.tensor(values, dtype=torch.float64)  # chunk pos+1 is ours
+        self.all_gather(t.view(torch.int64).view(-1), "none", "scalars", bucket_bytes=t.numel() * 8)  # the bits
+        return t.roll(-1, dims=0)  # row i held chunk i+1
 
     def _take(self, msg: wire.Message, into: torch.Tensor, add: bool) -> None:
         got = msg.tensor("x")
