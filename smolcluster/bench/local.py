@@ -34,11 +34,10 @@ from smolcluster.telemetry.logging import setup_logging
 from smolcluster.telemetry.run_files import read_metrics
 from smolcluster.trainer import Trainer
 
-CPU: dict[str, float] = {}  # the last timed loop's CPU seconds over its training steps
 
-
-def plain_loop(cfg, data, steps: int) -> float:
-    """The loop a PyTorch user writes by hand: shuffle, slice, forward, backward, step."""
+def plain_loop(cfg, data, steps: int) -> tuple[float, float]:
+    """The loop a PyTorch user writes by hand: shuffle, slice, forward, backward, step.
+    Returns its samples/s and CPU seconds over the steps."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.info)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
@@ -52,16 +51,16 @@ def plain_loop(cfg, data, steps: int) -> float:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    CPU["s"] = time.thread_time() - c0
-    return steps * bs / (time.perf_counter() - t0)
+    cpu_s = time.thread_time() - c0
+    return steps * bs / (time.perf_counter() - t0), cpu_s
 
 
 @contextlib.contextmanager
-def cpu_clock():
-    """Measure ``algo=local``'s CPU time from :meth:`Trainer.start_clock` (where its samples/s clock starts)
-    to its final evaluation, the first after the loop (train.eval_every=0): instrumentation, undone on exit."""
+def cpu_clock(marks: dict[str, float]):
+    """Mark ``algo=local``'s CPU time (``t0``, ``t1``) at :meth:`Trainer.start_clock` (where its samples/s
+    clock starts) and at its final evaluation, the first after the loop (train.eval_every=0): measuring
+    instrumentation, undone on exit."""
     start, evaluate = Trainer.start_clock, Trainer.evaluate
-    marks: dict[str, float] = {}
 
     def timed_start(self, recorder=None):
         start(self, recorder)
@@ -77,14 +76,16 @@ def cpu_clock():
         yield
     finally:
         Trainer.start_clock, Trainer.evaluate = start, evaluate
-    CPU["s"] = marks["t1"] - marks["t0"]
 
 
-def training_rate(cfg) -> float:
-    """``algo=local``'s samples/s over its training steps: the last logged training row's."""
-    with tempfile.TemporaryDirectory() as d, cpu_clock():
+def training_rate(cfg) -> tuple[float, float]:
+    """``algo=local``'s samples/s over its training steps (the last logged training row's) and its CPU
+    seconds over them."""
+    marks: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as d, cpu_clock(marks):
         local.run(cfg, Path(d))
-        return [r for r in read_metrics(Path(d) / "metrics.jsonl") if "loss" in r][-1]["samples_per_s"]
+        rate = [r for r in read_metrics(Path(d) / "metrics.jsonl") if "loss" in r][-1]["samples_per_s"]
+    return rate, marks["t1"] - marks["t0"]
 
 
 def main(argv: list[str]) -> int:
@@ -108,8 +109,9 @@ def main(argv: list[str]) -> int:
         # one round runs the three loops back to back, in alternating order, so a disturbance that lasts
         # about a round hits a round's three alike, and neither side always runs first
         for name in (list(loops) if r % 2 == 0 else list(reversed(loops))):
-            rates[name].append(loops[name]())
-            cpu_us[name].append(CPU["s"] / args.steps * 1e6)
+            rate, cpu_s = loops[name]()
+            rates[name].append(rate)
+            cpu_us[name].append(cpu_s / args.steps * 1e6)
     ratios = {k: [v / p for v, p in zip(rates[k], rates["plain"])] for k in ("ours", "quiet")}
     ratio = {k: statistics.median(v) for k, v in ratios.items()}
     # CPU-time overhead per round (ours' CPU per step over the plain loop's, minus 1), median of rounds
