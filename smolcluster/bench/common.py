@@ -4,6 +4,7 @@ run directory for the serving benches (and tests)."""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -14,7 +15,9 @@ from smolcluster.paths import CONFIG_DIR
 
 def add_local_args(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--data", default="mnist", choices=["mnist", "digits"])
-    p.add_argument("--root", default=str(Path("../shared/data/mnist")), help="MNIST IDX directory")
+    shared = Path(os.environ.get("SMOLCLUSTER_SHARED_DATA", "../shared/data"))
+    p.add_argument("--root", default=str(shared / "mnist"),
+                   help="MNIST IDX directory (default: $SMOLCLUSTER_SHARED_DATA/mnist, else ../shared/data/mnist)")
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch-size", type=int, default=64)
 
