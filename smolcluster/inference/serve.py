@@ -37,7 +37,10 @@ thread hand-offs (a hop wakes the sender's and the receiver's I/O threads and th
 ~0.1-0.15 ms on a busy 2-core machine) far more than the wire's encode and checks (~5 and ~10 us),
 then the interpreter: Python is ~40% of a stage's CPU. So the loop keeps per-token work small: the
 beacon is refreshed a few times per heartbeat, not per turn, a step of decodes skips the row gather,
-and greedy rows take their tokens from one argmax.
+greedy rows take their tokens from one argmax, and the stage's modules are pinned as plain attributes
+(:func:`~smolcluster.pipeline.architectures.base.pin_attributes`); the wire packs headers with one
+reusable msgpack Packer (a Packer per message mapped and unmapped 256 KiB under the stages' fixed mmap
+threshold).
 """
 
 from __future__ import annotations
