@@ -19,6 +19,7 @@ from smolcluster.inference.sampling import SamplingParams, next_token
 from smolcluster.models.gpt2 import gpt2_config
 from smolcluster.models.hf import SUPPORTED, family_config
 from smolcluster.pipeline.architectures import FAMILIES, KVCache, family_for
+from smolcluster.pipeline.architectures.base import pin_attributes
 from smolcluster.pipeline.weights import find_model, load_stage, tensor_files
 
 VOCAB = 101
@@ -151,6 +152,25 @@ def test_split_stages_equal_the_transformers_forward_and_generate(saved, case):
             assert greedy(stages, head_rank, p, 12) == want, (case, n_stages)
         short = prompt(2, 5)  # a short prompt, generation crossing the window / scaling boundary
         assert greedy(stages, head_rank, short, 40) == hf_greedy(model, short, 40)
+
+
+def test_a_pinned_stage_computes_the_same_and_a_reassigned_parameter_is_not_stale(saved):
+    """Serving pins a stage's parameters and submodules as plain attributes (fast lookups): the same
+    tensors, so the same logits bit for bit; a parameter assigned later replaces the pinned copy."""
+    d, _ = saved("gpt2")
+    stages, head_rank = stages_of(d, 2, head_first=True)
+    ids = torch.tensor([prompt(3, 20)])
+    with torch.inference_mode():
+        want = chained_logits(stages, head_rank, ids)
+        for s in stages:
+            pin_attributes(s)
+        assert torch.equal(chained_logits(stages, head_rank, ids), want)
+    ln_f = stages[0].transformer.ln_f
+    assert vars(ln_f)["weight"] is ln_f._parameters["weight"]  # pinned
+    ln_f.weight = torch.nn.Parameter(torch.zeros_like(ln_f.weight))
+    assert "weight" not in vars(ln_f) and ln_f.weight is ln_f._parameters["weight"]
+    with torch.inference_mode():
+        assert not torch.equal(chained_logits(stages, head_rank, ids), want)  # the new weight is used
 
 
 # -- bad weights ---------------------------------------------------------------------------------

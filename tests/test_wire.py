@@ -140,3 +140,23 @@ def test_deep_or_huge_headers_are_rejected_not_crashing():
     with pytest.raises(WireError) as e:
         decode([b"\0" * (2 << 20)], max_bytes=8 << 20)
     assert e.value.reason == "oversize"
+
+
+def test_headers_are_packbs_bytes_after_a_refused_one_and_from_many_threads():
+    """encode reuses one msgpack Packer per thread: its bytes must stay exactly packb's (the wire format),
+    a header refused half-packed must leave nothing behind, and threads must not mix their headers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def fields(i: int) -> dict:
+        return {"rank": i, "step": 7 * i, "version": 1, "samples": 8, "loss": 0.5 + i}
+
+    def want(i: int) -> bytes:
+        return msgpack.packb({"v": wire.PROTOCOL_VERSION, "kind": "grad", **fields(i), "tensors": []},
+                             use_bin_type=True)
+
+    with pytest.raises(TypeError):
+        encode("grad", {**fields(1), "loss": object()})  # refused after rank/step/... were packed
+    assert encode("grad", fields(2))[0] == want(2)
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: encode("grad", fields(i))[0], range(2000)))
+    assert got == [want(i) for i in range(2000)]

@@ -95,7 +95,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, segments: list | None, j: int = 0) -> torch.Tensor:
         """``segments``: None (training: plain causal), else one (cache, first row, rows, past length)
         per request, from :meth:`Batch.segments`; each request attends over its own cache's block j."""
-        q, k, v = self.c_attn.forward(x).split(self.n_embd, dim=2)
+        q, k, v = self.c_attn.forward(x).chunk(3, dim=2)  # (Tensor.split is a Python wrapper; chunk: the same views)
         shape = (*k.shape[:-1], -1, self.head_dim)
         q, k, v = q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
         if segments is None:
@@ -183,7 +183,7 @@ class GPT2Stage(nn.Module):
             positions = past_len
         else:
             positions = (torch.arange(ids.shape[1], device=ids.device) + past_len).unsqueeze(0)
-        return t.wte(ids) + t.wpe(positions)
+        return t.wte.forward(ids) + t.wpe.forward(positions)  # .forward: no hook checks (see Block.forward)
 
     def run_blocks(self, x: torch.Tensor, cache: KVCache | Batch | None = None) -> torch.Tensor:
         batch = as_batch(x, cache)
@@ -195,7 +195,7 @@ class GPT2Stage(nn.Module):
         return x
 
     def logits(self, x: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        x = self.transformer.ln_f(x)
+        x = self.transformer.ln_f.forward(x)
         if last_only:
             x = x[:, -1:, :]  # what generate() does (logits_to_keep=1): only the next token's logits
         return project(x, self.transformer.wte)
