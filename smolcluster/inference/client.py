@@ -57,11 +57,15 @@ class Request:
         self._text = ""
 
     # -- called by the I/O thread -----------------------------------------------------------
-    def _push(self, token: int, index: int, done: bool, reason: str) -> None:
-        self.token_at.append(time.perf_counter())
-        if self.first_token_at is None:
-            self.first_token_at = self.token_at[-1]
-        self._events.put((token, index))
+    def _push(self, tokens: list[int], index: int, ages: list[float], done: bool, reason: str) -> None:
+        """Tokens from ``index`` on; each was made ``ages[i]`` seconds before its stage sent them (a stage holds
+        a request's tokens up to ``stream_interval_ms`` and sends them together)."""
+        now = time.perf_counter()
+        for i, (token, age) in enumerate(zip(tokens, ages)):
+            self.token_at.append(now - age)
+            if self.first_token_at is None:
+                self.first_token_at = self.token_at[-1]
+            self._events.put((token, index + i))
         if done:
             self._finish(reason)
 
@@ -268,9 +272,19 @@ class PipelineClient:
                 if req is not None and (env.kind == "mp.error" or (env.kind == "mp.token" and env.fields["done"])):
                     del self._requests[req_id]
             if env.kind == "mp.token":
-                if req is not None:
-                    f = env.fields
-                    req._push(f["token"], f["index"], f["done"], f["reason"])
+                f = env.fields
+                tokens, ages = f["tokens"], f["ages"]
+                if (len(tokens) != len(ages) or not all(type(t) is int for t in tokens)
+                        or not all(type(a) in (int, float) and 0 <= a < 3600 for a in ages)):
+                    problem = (f"a malformed mp.token from {env.src}: {len(tokens)} tokens, {len(ages)} ages "
+                               "(are the stages running this version of smolcluster?)")
+                    logger.error(f"head: {problem}")
+                    if req is not None:  # its tokens are lost: the request cannot go on
+                        with self._lock:
+                            self._requests.pop(req.id, None)
+                        req._finish("error", PeerError(problem))
+                elif req is not None:
+                    req._push(tokens, f["index"], ages, f["done"], f["reason"])
             elif env.kind == "mp.error":
                 if req is not None:
                     req._finish("error", PeerError(env.fields["message"]))

@@ -40,7 +40,8 @@ KINDS: dict[str, tuple[dict, bool]] = {
     "mp.hidden": ({"reqs": list, "sizes": list, "emit": list, "intro": dict}, False),  # tensors: x
     "mp.step": ({"reqs": list, "tokens": list, "ended": list}, False),  # to stage 0: a step's tokens (-1: chunk)
     "mp.done": ({"ended": list}, False),                        # [req, reason] pairs: free their caches
-    "mp.token": ({"req": str, "token": int, "index": int, "done": bool, "reason": str}, False),
+    # to a head: a request's tokens from `index` on, each made `ages[i]` seconds before this was sent
+    "mp.token": ({"req": str, "tokens": list, "index": int, "ages": list, "done": bool, "reason": str}, False),
     "mp.cancel": ({"req": str}, False),
     "mp.error": ({"req": str, "message": str}, False),
     "mp.lost": ({"stage": str, "message": str}, False),          # to heads: a stage lost its neighbour
