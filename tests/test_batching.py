@@ -11,6 +11,8 @@ the others go on and finish unchanged; the KV-cache budget full -> requests wait
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -145,6 +147,26 @@ def test_a_full_kv_budget_queues_requests_and_serves_them_later(pipe):
     first_done = min(r.finished_at for r in reqs[:2])
     assert all(r.first_token_at >= first_done for r in reqs[2:])  # they started once one had left
     assert wait_until(lambda: beacons(pipe, "kv_bytes") == [0, 0] and beacons(pipe, "waiting")[0] == 0)
+
+
+def test_a_stage_streams_tokens_held_back_together_each_with_the_time_it_was_made(tmp_path):
+    torch.manual_seed(1)
+    hf = build_gpt2(vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32, n_positions=128).eval()
+    checkpoint.save(tmp_path, hf, None, 0)
+    ids = prompt(7, 5)
+    with InferencePipeline.start_local(tmp_path, n_head=2, stages=2, eos_ids=[], heartbeat_s=0.1,
+                                       stream_interval_ms=0) as p:
+        alone = p.submit(ids, max_new_tokens=40).tokens()
+    # An interval longer than the request: the first token comes at once, the other 39 with the last.
+    with InferencePipeline.start_local(tmp_path, n_head=2, stages=2, eos_ids=[], heartbeat_s=0.1,
+                                       stream_interval_ms=60_000) as p:
+        r = p.submit(ids, max_new_tokens=40)
+        seen = [(tok.id, time.perf_counter()) for tok in r]
+    assert [t for t, _ in seen] == alone and r.finish_reason == "length"
+    # Token 1 travelled with token 39, so it was seen only once that one had been made ...
+    assert seen[1][1] >= r.token_at[-1]
+    # ... yet each keeps its own time: made one after another, not all at the moment they arrived.
+    assert r.token_at == sorted(r.token_at) and len(set(r.token_at[1:])) == 39
 
 
 def test_a_llama_pipeline_with_the_head_last_batches_eight_requests_as_each_alone(tmp_path):

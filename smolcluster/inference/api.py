@@ -61,7 +61,7 @@ class InferencePipeline:
                     heartbeat_s: float = 1.0, liveness_s: float = 10.0, connect_timeout_s: float = 120.0,
                     threads: int | None = None, log_path: str | Path | None = None,
                     max_requests: int = 64, kv_cache_mb: float | None = None, prefill_chunk: int = 256,
-                    env: dict | None = None, precision: str = "fp32", quantize: str = "none",
+                    stream_interval_ms: float = 20.0, env: dict | None = None, precision: str = "fp32", quantize: str = "none",
                     quantize_group: int = 64, device: str | None = None,
                     formats: list[dict] | None = None, telemetry: dict | None = None) -> InferencePipeline:
         """Start ``stages`` stage processes on this machine and connect to them.
@@ -75,6 +75,8 @@ class InferencePipeline:
         an object with ``encode``/``decode`` (default: the run's ``tokenizer.json`` if any).
         ``kv_cache_mb``: each stage's KV-cache budget (default a quarter of the node's memory);
         requests beyond it wait at stage 0. ``prefill_chunk``: prompt tokens per batched step at most.
+        ``stream_interval_ms``: a request's tokens reach this head at most this often, together (its first and
+        last at once; 0: each token as it is made); each keeps the time it was made.
         ``precision`` / ``quantize`` / ``quantize_group`` / ``device``: how every stage holds its weights
         (:mod:`smolcluster.pipeline.quantize`); ``formats[i]`` (those keys) overrides them for stage i.
         ``telemetry``: ``{"prometheus_port", "run_dir", "run_id"}``: each stage serves its figures there and
@@ -106,7 +108,7 @@ class InferencePipeline:
                                  stage_weights=stage_weights, heartbeat_s=heartbeat_s, liveness_s=liveness_s,
                                  connect_timeout_s=connect_timeout_s, exit_with_head=True, threads=threads,
                                  max_requests=max_requests, kv_cache_mb=kv_cache_mb,
-                                 prefill_chunk=prefill_chunk, extra={"telemetry": telemetry or {}}, **formats[rank])
+                                 prefill_chunk=prefill_chunk, stream_interval_ms=stream_interval_ms, extra={"telemetry": telemetry or {}}, **formats[rank])
                 path = workdir / f"stage-{rank}.json"
                 path.write_text(sc.dumps())
                 children.start(f"stage {rank}", [sys.executable, "-u", "-m", "smolcluster.inference.serve", str(path)],
