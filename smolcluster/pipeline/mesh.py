@@ -204,7 +204,9 @@ class Mesh:
             except Exception as e:  # a malformed message is logged and dropped, never fatal
                 logger.error(f"{self.name}: dropped a malformed message on topic {topic!r}: {e}")
                 continue
-            nbytes = sum(f.nbytes if hasattr(f, "nbytes") else len(f) for f in frames)
+            # len(), not hasattr(f, "nbytes"): a zmq.Frame has no nbytes, and pyzmq's __getattr__ raising for
+            # it cost ~12 us a message (py-spy: 3.6% of a gpt2-tiny stage's CPU)
+            nbytes = sum(len(f) for f in frames)
             self.bytes_received += nbytes
             src = fields.get("src")
             peer = self.peers.get(src)

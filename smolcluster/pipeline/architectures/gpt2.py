@@ -80,7 +80,12 @@ class Conv1D(nn.Module):
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
-    """OpenAI GPT's tanh GELU, written exactly as transformers' NewGELUActivation."""
+    """OpenAI GPT's tanh GELU. Training: written exactly as transformers' NewGELUActivation, so ``algo=mp``
+    stays bit-identical to ``local``. Serving (inference mode): torch's fused tanh GELU, the same function in
+    one op instead of eight, within 2.4e-7 of it (~14 us less per block at decode on CPU, where a gpt2-tiny
+    token costs ~1.2 ms; docs/benchmarks.md)."""
+    if torch.is_inference_mode_enabled():
+        return F.gelu(x, approximate="tanh")
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
