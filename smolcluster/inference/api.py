@@ -61,8 +61,8 @@ class InferencePipeline:
                     heartbeat_s: float = 1.0, liveness_s: float = 10.0, connect_timeout_s: float = 120.0,
                     threads: int | None = None, log_path: str | Path | None = None,
                     max_requests: int = 64, kv_cache_mb: float | None = None, prefill_chunk: int = 256,
-                    stream_interval_ms: float = 20.0, env: dict | None = None, precision: str = "fp32", quantize: str = "none",
-                    quantize_group: int = 64, device: str | None = None,
+                    stream_interval_ms: float = 20.0, env: dict | None = None, precision: str = "fp32",
+                    quantize: str = "none", quantize_group: int = 64, device: str | None = None,
                     formats: list[dict] | None = None, telemetry: dict | None = None) -> InferencePipeline:
         """Start ``stages`` stage processes on this machine and connect to them.
 
@@ -108,7 +108,8 @@ class InferencePipeline:
                                  stage_weights=stage_weights, heartbeat_s=heartbeat_s, liveness_s=liveness_s,
                                  connect_timeout_s=connect_timeout_s, exit_with_head=True, threads=threads,
                                  max_requests=max_requests, kv_cache_mb=kv_cache_mb,
-                                 prefill_chunk=prefill_chunk, stream_interval_ms=stream_interval_ms, extra={"telemetry": telemetry or {}}, **formats[rank])
+                                 prefill_chunk=prefill_chunk, stream_interval_ms=stream_interval_ms,
+                                 extra={"telemetry": telemetry or {}}, **formats[rank])
                 path = workdir / f"stage-{rank}.json"
                 path.write_text(sc.dumps())
                 children.start(f"stage {rank}", [sys.executable, "-u", "-m", "smolcluster.inference.serve", str(path)],

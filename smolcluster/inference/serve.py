@@ -154,7 +154,7 @@ class StageServer:
         self.fmt = StageFormat(sc.precision, sc.quantize, sc.quantize_group, resolve_device(sc.device))
         self.stage = load_stage(sc.weights, sc.config, self.spec.blocks, embed=self.spec.first, head=self.has_head,
                                 fmt=self.fmt)
-        pin_attributes(self.stage)  # loaded for good: attribute lookups per token cost ~100 us otherwise
+        pin_attributes(self.stage)  # loaded for good: nn.Module's attribute lookups cost ~1-1.5 us each otherwise
         # Activations arrive in whatever type the sender computes in; this stage computes in its own.
         self.device, self.dtype = self.stage.device, self.stage.compute_dtype
         self.names = [stage_name(r) for r in range(sc.n_stages)]
@@ -347,9 +347,9 @@ class StageServer:
         """Stage 0: one forward over every due decode and up to ``prefill_chunk`` prompt tokens."""
         step, ids = Step([], [], []), []
         # Every stage busy: the running requests go round as n_stages groups (steps), so while one stage
-        # works on a group the others work on theirs. A single step of all of them would leave all but one
-        # stage idle at any moment (measured, GPT-2 124M, 2 stages on 2 cores, 8 in flight: one group
-        # 0.76x of generate on the 8 prompts padded, docs/benchmarks.md). The rest stay due for the next turn.
+        # works on a group the others work on theirs; a single step of all of them leaves all but one stage
+        # idle (2 stages, 8 in flight: gpt2-tiny +19% tokens/s with 2 groups, GPT-2 124M +3%,
+        # docs/benchmarks.md). The rest stay due for the next turn.
         room = -(-len(self.requests) // self.sc.n_stages)
         for req in list(self.due)[:room]:
             step.reqs.append(req), step.sizes.append(1), step.emit.append(True)
@@ -470,8 +470,9 @@ class StageServer:
     def stream_due(self) -> float:
         """When the held tokens must leave: at once for a request's first or last token, else
         ``stream_interval_ms`` after the oldest. Why hold them: each message wakes the head's I/O thread and
-        its reader (~0.1 ms of CPU per token, on cores the stages may share: one gpt2-tiny request made
-        ~8% more tokens/s with 20 ms batches, docs/benchmarks.md), while people read a few tokens a second.
+        its reader (the head's process took ~130 us of CPU per gpt2-tiny token, ~25 with 20 ms batches, on
+        cores the stages may share: one request went from 0.82x to 0.86x of generate), while people read a
+        few tokens a second.
         A model slower than the interval per token streams every token as it is made."""
         due = float("inf")
         for _, made, done, _ in self.to_heads.values():
