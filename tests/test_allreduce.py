@@ -79,7 +79,7 @@ def test_stats_rows_ride_on_the_last_bucket_with_no_message_of_their_own(codec):
     """allreduce(row=...) brings every member's row (the per-step stats table) on the last bucket's all-gather:
     the same table as a gather_scalars round, exact (float64, never through the codec), in ring order, and the
     same sums and message count as an allreduce without rows."""
-    world, n = 3, 600_011  # 2 buckets of 1 MB, chunks of 333 kB in 2 segments; a last one's of 133 kB whole
+    world, n = 3, 600_011  # 3 buckets: 2 of 1 MB (chunks of 333 kB, 2 segments), a last of 0.4 MB (133 kB, whole)
 
     def fn(link):
         sent = []
