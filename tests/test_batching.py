@@ -169,6 +169,33 @@ def test_a_stage_streams_tokens_held_back_together_each_with_the_time_it_was_mad
     assert r.token_at == sorted(r.token_at) and len(set(r.token_at[1:])) == 39
 
 
+@pytest.mark.parametrize("turns", [True, False])
+def test_stages_taking_turns_run_one_step_of_every_request_else_one_group_per_stage(tmp_path, turns):
+    """Co-located stages of a large model take turns (forced here on a small one): each step carries every
+    running request. Otherwise stage 0 sends them round as one group per stage, so both stages work at
+    once. Either way each request equals its solo run."""
+    torch.manual_seed(2)
+    hf = build_gpt2(vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32, n_positions=128).eval()
+    checkpoint.save(tmp_path, hf, None, 0)
+    prompts = [prompt(120 + i, 3) for i in range(8)]
+    with InferencePipeline.start_local(tmp_path, n_head=2, stages=2, eos_ids=[], heartbeat_s=0.1, turns=turns) as p:
+        rows = 8 * (3 + 40 - 1)  # 8 requests' prompt tokens and fed-back tokens, each once through stage 1
+
+        def stage1_after(total_rows: int) -> tuple[int, int]:  # (steps, rows) once its heartbeat shows them all
+            assert wait_until(lambda: beacons(p, "rows")[1] == total_rows), beacons(p, "rows")
+            return beacons(p, "steps")[1], total_rows
+
+        alone = [p.submit(q, max_new_tokens=40).tokens() for q in prompts]
+        steps_alone, _ = stage1_after(rows)
+        reqs = [p.submit(q, max_new_tokens=40) for q in prompts]
+        assert [r.tokens() for r in reqs] == alone
+        steps, _ = stage1_after(2 * rows)
+    per_step = rows / (steps - steps_alone)
+    # 8 decodes a step (the first steps may carry fewer, as requests arrive), or at most ceil(8 / 2) = 4
+    # (plus the prompts' rows, once each)
+    assert (per_step > 6) if turns else (per_step < 4.5), per_step
+
+
 def test_a_llama_pipeline_with_the_head_last_batches_eight_requests_as_each_alone(tmp_path):
     model = build("qwen3")  # Llama-shaped, with grouped-query heads and q/k norms; untied head on the last stage
     model.save_pretrained(tmp_path)

@@ -15,6 +15,7 @@ later submits) within ``liveness_s``.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -25,7 +26,7 @@ from loguru import logger
 from smolcluster.errors import ConfigError
 from smolcluster.inference.client import PipelineClient, Request
 from smolcluster.inference.serve import ServeConfig
-from smolcluster.pipeline.launch import Children, free_ports, stage_env
+from smolcluster.pipeline.launch import Children, co_located_env, free_ports, stage_env
 from smolcluster.pipeline.quantize import StageFormat, resolve_device
 from smolcluster.pipeline.weights import eos_ids, find_model
 
@@ -63,7 +64,8 @@ class InferencePipeline:
                     max_requests: int = 64, kv_cache_mb: float | None = None, prefill_chunk: int = 256,
                     stream_interval_ms: float = 20.0, env: dict | None = None, precision: str = "fp32",
                     quantize: str = "none", quantize_group: int = 64, device: str | None = None,
-                    formats: list[dict] | None = None, telemetry: dict | None = None) -> InferencePipeline:
+                    formats: list[dict] | None = None, telemetry: dict | None = None,
+                    co_located: bool = True, turns: bool | None = None) -> InferencePipeline:
         """Start ``stages`` stage processes on this machine and connect to them.
 
         ``weights``: a Hugging Face model directory (any supported family), a run directory
@@ -81,6 +83,10 @@ class InferencePipeline:
         (:mod:`smolcluster.pipeline.quantize`); ``formats[i]`` (those keys) overrides them for stage i.
         ``telemetry``: ``{"prometheus_port", "run_dir", "run_id"}``: each stage serves its figures there and
         announces itself in ``run_dir/endpoints/`` (:mod:`smolcluster.telemetry.serving`).
+        ``co_located`` (default): the stages share this machine's cores: when a stage is large enough for
+        threads to pay (``turns``; None: 16M parameters or more) they take turns, each with all the cores
+        (or ``threads``), on one step of every running request; else each has ``cores // stages`` threads
+        and they work on ``stages`` steps at once, as stages on separate machines do (``co_located=False``).
         """
         if head not in ("first", "last"):
             raise ConfigError(f"head={head!r} is invalid: choose first or last")
@@ -109,11 +115,12 @@ class InferencePipeline:
                                  connect_timeout_s=connect_timeout_s, exit_with_head=True, threads=threads,
                                  max_requests=max_requests, kv_cache_mb=kv_cache_mb,
                                  prefill_chunk=prefill_chunk, stream_interval_ms=stream_interval_ms,
-                                 extra={"telemetry": telemetry or {}}, **formats[rank])
+                                 co_located=co_located, turns=turns, extra={"telemetry": telemetry or {}}, **formats[rank])
                 path = workdir / f"stage-{rank}.json"
                 path.write_text(sc.dumps())
                 children.start(f"stage {rank}", [sys.executable, "-u", "-m", "smolcluster.inference.serve", str(path)],
-                               stage_env(stages, env))
+                               stage_env(stages, co_located_env(env) if co_located else env,
+                                         threads or (os.cpu_count() if co_located else None)))
             client = cls._connect_while_watching(children, [n["address"] for n in nodes], host=host,
                                                  heartbeat_s=heartbeat_s, liveness_s=liveness_s,
                                                  connect_timeout_s=connect_timeout_s,

@@ -65,6 +65,7 @@ from smolcluster.pipeline.partition import stage_name
 from smolcluster.pipeline.quantize import StageFormat, resolve_device
 from smolcluster.pipeline.weights import load_stage
 
+TURNS_MIN_PARAMS = 16_000_000  # co-located stages take turns with all cores from this stage size (parameters)
 _CLOSED_MEMORY = 10_000  # finished request ids remembered, so their stragglers are dropped quietly
 
 
@@ -91,6 +92,8 @@ class ServeConfig:
     kv_cache_mb: float | None = None  # KV-cache budget per stage; None: a quarter of this node's memory
     prefill_chunk: int = 256          # prompt tokens per step at most (chunked prefill)
     stream_interval_ms: float = 20.0  # a request's tokens reach its head at most this often (0: each at once)
+    co_located: bool = False          # every stage shares this one machine's cores (see StageServer.turns)
+    turns: bool | None = None         # take turns with all cores on one step; None: when co-located and large
     log_level: str | None = None      # None: SMOLCLUSTER_LOG_LEVEL or INFO
     precision: str = "fp32"           # fp32 | bf16 | fp16: weights, KV cache and the activations sent
     quantize: str = "none"            # none | int8 | int4 (weight-only, applied as the stage loads)
@@ -157,14 +160,26 @@ class StageServer:
         pin_attributes(self.stage)  # loaded for good: nn.Module's attribute lookups cost ~1-1.5 us each otherwise
         # Activations arrive in whatever type the sender computes in; this stage computes in its own.
         self.device, self.dtype = self.stage.device, self.stage.compute_dtype
+        # Stages sharing one machine take turns, each with all its cores, on one step of every running request,
+        # when a stage is big enough for threads to pay (GPT-2 124M: 1.06x of generate for one request and
+        # 1.27x of padded generate at 8 in flight, against 0.66x and 0.75x for one thread each; gpt2-tiny,
+        # whose forward is ~0.4 ms, lost a third that way: docs/benchmarks.md). Otherwise, as on separate
+        # machines, each has its share of the cores and they work on n_stages steps at once.
+        largest = max(self.arch.numel(s.first, r == self.head_rank, s.blocks) for r, s in enumerate(self.specs))
+        self.turns = sc.turns if sc.turns is not None else sc.co_located and largest >= TURNS_MIN_PARAMS
+        if sc.co_located and not self.turns and not sc.threads:
+            torch.set_num_threads(max(1, torch.get_num_threads() // sc.n_stages))
         self.names = [stage_name(r) for r in range(sc.n_stages)]
         self.me = self.names[sc.rank]
         self.requests: dict[str, RequestState] = {}
         self.closed: OrderedDict[str, str] = OrderedDict()
-        # Stage 0's schedule: decodes due (request -> its last token), prompts with chunks left,
-        # requests waiting for KV room (their submit's fields), and the KV bytes reserved per stage.
+        # Stage 0's schedule: decodes due (request -> its last token), prompts with chunks left, requests whose
+        # step is out round the ring, requests waiting for KV room (their submit's fields), and the KV bytes
+        # reserved per stage.
         self.due: dict[str, int] = {}
         self.prefilling: deque[str] = deque()
+        self.out: set[str] = set()
+        self.forwards = self.rows = 0  # this stage's forwards (steps) and the rows they carried
         self.waiting: deque[tuple[str, str, dict, np.ndarray]] = deque()
         self.reserved = [0] * sc.n_stages
         # The budget is the same number on every stage; stage 0 reserves against each stage's own
@@ -247,6 +262,7 @@ class StageServer:
         if self.sc.rank != 0:
             return
         self.due.pop(req, None)  # (a stale entry in `prefilling` is skipped when its turn comes)
+        self.out.discard(req)
         if st is not None:
             self.reserved = [r - n for r, n in zip(self.reserved, st.reserved)]
         elif any(w[0] == req for w in self.waiting):
@@ -343,14 +359,21 @@ class StageServer:
         return st
 
     # -- the token loop ---------------------------------------------------------------------
+    def can_step(self) -> bool:
+        """Stage 0: a step has work, and may leave now (co-located stages take turns: one step at a time)."""
+        return bool(self.due or self.prefilling) and not (self.turns and self.out)
+
     def step(self) -> None:
         """Stage 0: one forward over every due decode and up to ``prefill_chunk`` prompt tokens."""
+        if not self.can_step():
+            return
         step, ids = Step([], [], []), []
-        # Every stage busy: the running requests go round as n_stages groups (steps), so while one stage
-        # works on a group the others work on theirs; a single step of all of them leaves all but one stage
-        # idle (2 stages, 8 in flight: gpt2-tiny +19% tokens/s with 2 groups, GPT-2 124M +3%,
-        # docs/benchmarks.md). The rest stay due for the next turn.
-        room = -(-len(self.requests) // self.sc.n_stages)
+        # Stages working at once: the running requests go round as n_stages groups (steps), so while one stage
+        # works on a group the others work on theirs; a single step of all of them would leave all but one
+        # stage idle (2 stages, 8 in flight: gpt2-tiny +19% tokens/s with 2 groups). Stages taking turns
+        # (self.turns) run one step of every request: each weight is read once per round, not once per group.
+        # The rest stay due for the next turn.
+        room = len(self.requests) if self.turns else -(-len(self.requests) // self.sc.n_stages)
         for req in list(self.due)[:room]:
             step.reqs.append(req), step.sizes.append(1), step.emit.append(True)
             ids.append(self.due.pop(req))
@@ -372,6 +395,7 @@ class StageServer:
             step.reqs.append(req), step.sizes.append(n), step.emit.append(st.fed == len(st.prompt))
         if not step.reqs:
             return
+        self.out.update(step.reqs)
         batch = Batch([self.requests[r].cache for r in step.reqs], step.sizes)
         try:
             x = self.stage.embed(torch.tensor([ids], device=self.device), batch.positions())
@@ -387,6 +411,7 @@ class StageServer:
         """Hand this stage's output on: to the next stage, round the ring to stage 0, or to the head."""
         rank, last = self.sc.rank, self.sc.n_stages - 1
         self.metrics.tokens(x.shape[1])  # (every stage's forward ends here, once per step)
+        self.forwards, self.rows = self.forwards + 1, self.rows + x.shape[1]
         if rank == last and self.has_head:
             self.emit(step, x)
             return
@@ -494,6 +519,7 @@ class StageServer:
 
     def schedule(self, results: dict) -> None:
         """Stage 0: after a step came back, its requests' next steps are due (or they ended)."""
+        self.out.difference_update(results["reqs"])
         for req, reason in results["ended"]:
             self.close(req, reason)
         continuing = []
@@ -543,6 +569,7 @@ class StageServer:
         beacon["serving"] = not any(self.mesh.peers[n].lost for n in self.names if n in self.mesh.peers)
         beacon["requests"], beacon["waiting"] = len(self.requests), len(self.waiting)
         beacon["kv_bytes"] = self.kv_bytes()
+        beacon["steps"], beacon["rows"] = self.forwards, self.rows  # rows / steps: how many requests a step carries
         beacon["active"] = list(self.requests)[:64]  # (what a health check or a test looks at)
         self.metrics.step(len(self.requests), len(self.waiting), beacon["kv_bytes"])  # the same counts, for top
 
@@ -560,7 +587,7 @@ class StageServer:
                         self.refresh_beacon()
                         beacon_due = now + self.sc.heartbeat_s / 20
                     # Everything that has arrived is handled before the next step, so it joins that step.
-                    timeout = 0.0 if (self.due or self.prefilling) else self.sc.heartbeat_s
+                    timeout = 0.0 if self.sc.rank == 0 and self.can_step() else self.sc.heartbeat_s
                     if self.to_heads:  # tokens held back are sent when due, even if nothing else comes
                         timeout = min(timeout, max(0.0, self.stream_due() - now))
                     for _ in range(256):

@@ -50,15 +50,36 @@ def free_ports(host: str, n: int, tries: int = 50) -> int:
     raise PeerError(f"found no {n} consecutive free ports on {host}; set cluster.port")
 
 
-def stage_env(n_stages: int, extra: dict | None = None) -> dict:
+def stage_env(n_stages: int, extra: dict | None = None, threads: int | None = None) -> dict:
+    """A stage process's environment. ``threads``: its OpenMP threads (default: ``cores // n_stages``, for
+    stages that compute at once); unless ``OMP_NUM_THREADS`` is set already."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra or {})}
     # glibc raises its mmap threshold after a large block is freed, so the chunks a stage reads
     # and converts its weights through would stay in the heap (RSS) after use; a fixed threshold
     # hands every large block back to the OS when freed (see pipeline/quantize.py).
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     if "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n_stages))
+        env["OMP_NUM_THREADS"] = str(threads or max(1, (os.cpu_count() or 1) // n_stages))
     return env
+
+
+def co_located_env(extra: dict | None = None) -> dict:
+    """What stages that share one machine's cores and take turns on them add to their environment.
+
+    Each stage's OpenMP threads spin a short while after each parallel region, then sleep: long enough
+    to bridge the gaps between one forward's ops (waking a sleeping thread costs ~10-50 us a region, and
+    a forward has hundreds), short enough that a stage that has handed its step on gives the cores back
+    to the next at once. libgomp's default spin (300k iterations) kept an idle stage spinning into the
+    next stage's turn; ``OMP_WAIT_POLICY=PASSIVE`` (no spin) slowed each forward by a half. Measured on
+    GPT-2 124M (docs/benchmarks.md). Kept if the caller set ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY``.
+    """
+    env = dict(extra or {})
+    if not {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & (set(env) | set(os.environ)):
+        env["GOMP_SPINCOUNT"] = str(CO_LOCATED_SPINCOUNT)
+    return env
+
+
+CO_LOCATED_SPINCOUNT = 20_000
 
 
 class Children:

@@ -218,7 +218,7 @@ def load_stage(weights: str | Path, config: dict, blocks: range, embed: bool, he
     arch = family_for(config)
     with torch.device("meta"):
         stage = arch.stage(embed, head, blocks)
-    targets = quantize.prepare(stage, fmt)
+    targets = quantize.prepare(stage, fmt, head=arch.head_name.removesuffix(".weight") if head else None)
     files = tensor_files(Path(weights))
     wanted = arch.param_shapes(embed, head, blocks)
     keys: dict[str, str] = {}
