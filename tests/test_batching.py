@@ -169,8 +169,8 @@ def test_a_stage_streams_tokens_held_back_together_each_with_the_time_it_was_mad
     assert r.token_at == sorted(r.token_at) and len(set(r.token_at[1:])) == 39
 
 
-@pytest.mark.parametrize("turns", [True, False])
-def test_stages_taking_turns_run_one_step_of_every_request_else_one_group_per_stage(tmp_path, turns):
+@pytest.mark.parametrize(("turns", "head"), [(True, "first"), (True, "last"), (False, "first")])
+def test_stages_taking_turns_run_one_step_of_every_request_else_one_group_per_stage(tmp_path, turns, head):
     """Co-located stages of a large model take turns (forced here on a small one): each step carries every
     running request. Otherwise stage 0 sends them round as one group per stage, so both stages work at
     once. Either way each request equals its solo run."""
@@ -178,7 +178,8 @@ def test_stages_taking_turns_run_one_step_of_every_request_else_one_group_per_st
     hf = build_gpt2(vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32, n_positions=128).eval()
     checkpoint.save(tmp_path, hf, None, 0)
     prompts = [prompt(120 + i, 3) for i in range(8)]
-    with InferencePipeline.start_local(tmp_path, n_head=2, stages=2, eos_ids=[], heartbeat_s=0.1, turns=turns) as p:
+    with InferencePipeline.start_local(tmp_path, n_head=2, stages=2, head=head, eos_ids=[], heartbeat_s=0.1,
+                                       turns=turns) as p:
         rows = 8 * (3 + 40 - 1)  # 8 requests' prompt tokens and fed-back tokens, each once through stage 1
 
         def stage1_after(total_rows: int) -> tuple[int, int]:  # (steps, rows) once its heartbeat shows them all

@@ -17,8 +17,9 @@ depend on the weights' values):
   ``transformers`` ``generate`` on the same 8 prompts batched with (left) padding
   (``--batching-only`` runs just this).
 
-Stages get ``cores // stages`` threads each (the launcher's default); the baseline
-is the better of torch's default (all cores) and one thread.
+The stages run on this machine as ``InferencePipeline.start_local`` starts them (co-located: a model of
+16M parameters a stage or more takes turns with all cores, a smaller one gets ``cores // stages`` threads
+a stage; docs/inference.md); the baseline is the better of torch's default (all cores) and one thread.
 """
 
 from __future__ import annotations
