@@ -1,4 +1,12 @@
-"""What every process that starts others shares: SIGTERM unwinds like Ctrl-C, so its children are stopped.
+"""The child-process supervisor: what every process that starts others shares.
+
+- :class:`Children`: child processes in their own process groups, their output relayed line by
+  line with a ``[name]`` prefix; the first to fail stops the rest (:class:`PeerError` naming it).
+  Used by the star launcher (``launch_local``), ``algo=mp`` / ``algo=allreduce`` launches and
+  inference's local stages.
+- :func:`stop_process_groups`: SIGTERM, a grace period, then SIGKILL (the agent's roles too).
+- :func:`child_overrides`: the user's Hydra overrides, to hand on to children.
+- :func:`sigterm_as_interrupt`: SIGTERM unwinds like Ctrl-C, so children are stopped.
 
 Python's default SIGTERM ends the process on the spot: no ``finally`` runs, and child
 processes (a chat's stages, a launcher's workers) are left to notice on their own that
@@ -9,8 +17,20 @@ files closed.
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from smolcluster.errors import PeerError
+
+# Overrides a launcher sets for each child itself (a user's value would clash with them).
+_PER_CHILD_KEYS = ("role=", "rank=", "cluster.port=", "run_id=", "++run_id=", "+run_id=", "hydra.run.dir=",
+                   "hydra.output_subdir=", "train.progress=")
 
 
 def _interrupt(signum, frame):
@@ -25,3 +45,89 @@ def sigterm_as_interrupt() -> None:
     """
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
+
+
+def child_overrides() -> list[str]:
+    """The user's command-line overrides, minus the ones the launcher sets per child."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = list(HydraConfig.get().overrides.task)
+    except (ValueError, ImportError):  # not under Hydra (tests calling a launcher directly)
+        task = []
+    return [o for o in task if not o.startswith(_PER_CHILD_KEYS)]
+
+
+def stop_process_groups(procs: Iterable[subprocess.Popen], grace_s: float = 10.0) -> None:
+    """SIGTERM every live process's group, wait up to ``grace_s`` in all, then SIGKILL what is left."""
+    procs = list(procs)
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(timeout=5)
+
+
+class Children:
+    """Child processes started in their own process groups, output relayed line by line with a prefix."""
+
+    def __init__(self, log_path: Path | None = None):
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.log = open(log_path, "a", buffering=1) if log_path else None  # noqa: SIM115
+
+    def start(self, name: str, cmd: list[str], env: dict, cwd: str | None = None) -> subprocess.Popen:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                             cwd=cwd, start_new_session=True)
+        self.procs[name] = p
+        threading.Thread(target=self._relay, args=(p, f"[{name}]"), daemon=True).start()
+        return p
+
+    def _relay(self, proc: subprocess.Popen, prefix: str) -> None:
+        for line in iter(proc.stdout.readline, ""):
+            if self.log is not None:
+                self.log.write(f"{prefix} {line}")
+            else:
+                sys.stderr.write(f"{prefix} {line}")
+        proc.stdout.close()
+
+    def failed(self) -> tuple[str, int] | None:
+        for name, p in self.procs.items():
+            code = p.poll()
+            if code is not None and code != 0:
+                return name, code
+        return None
+
+    def wait_all(self, until: str | None = None, poll_s: float = 0.1) -> None:
+        """Until every child (or just ``until``) has exited cleanly; the first to fail raises PeerError
+        (the rest are stopped)."""
+        while True:
+            failed = self.failed()
+            if failed:
+                name, code = failed
+                self.stop()
+                raise PeerError(f"{name} exited with code {code}; stopped the others (its log is above)")
+            done = [self.procs[until]] if until is not None else self.procs.values()
+            if all(p.poll() == 0 for p in done):
+                return
+            time.sleep(poll_s)
+
+    def stop(self, grace_s: float = 10.0, exit_first_s: float = 0.0) -> None:
+        """Give the children ``exit_first_s`` to exit by themselves, then SIGTERM, then SIGKILL."""
+        deadline = time.monotonic() + exit_first_s
+        while time.monotonic() < deadline and any(p.poll() is None for p in self.procs.values()):
+            time.sleep(0.05)
+        stop_process_groups(self.procs.values(), grace_s)
+        if self.log is not None:
+            self.log.close()
+            self.log = None

@@ -26,9 +26,10 @@ from loguru import logger
 from smolcluster.errors import ConfigError
 from smolcluster.inference.client import PipelineClient, Request
 from smolcluster.inference.serve import ServeConfig
-from smolcluster.pipeline.launch import Children, co_located_env, free_ports, stage_env
+from smolcluster.pipeline.launch import co_located_env, free_ports, stage_env
 from smolcluster.pipeline.quantize import StageFormat, resolve_device
 from smolcluster.pipeline.weights import eos_ids, find_model
+from smolcluster.supervisor import Children
 
 
 def describe_weights(source: str | Path, n_head: int | None = None, default_n_head: int | None = None) -> dict:

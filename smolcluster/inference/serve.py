@@ -161,9 +161,9 @@ class StageServer:
         # Activations arrive in whatever type the sender computes in; this stage computes in its own.
         self.device, self.dtype = self.stage.device, self.stage.compute_dtype
         # Stages sharing one machine take turns, each with all its cores, on one step of every running request,
-        # when a stage is big enough for threads to pay (GPT-2 124M: 1.06x of generate for one request and
-        # 1.27x of padded generate at 8 in flight, against 0.66x and 0.75x for one thread each; gpt2-tiny,
-        # whose forward is ~0.4 ms, lost a third that way: docs/benchmarks.md). Otherwise, as on separate
+        # when a stage is big enough for threads to pay (GPT-2 124M in bench pipeline: 1.11x of generate for one
+        # request and 1.30x of padded generate at 8 in flight, against 0.62x and 0.79x with one thread each;
+        # gpt2-tiny, whose forward is ~0.4 ms, lost a third that way: docs/benchmarks.md). Otherwise, as on separate
         # machines, each has its share of the cores and they work on n_stages steps at once.
         largest = max(self.arch.numel(s.first, r == self.head_rank, s.blocks) for r, s in enumerate(self.specs))
         self.turns = sc.turns if sc.turns is not None else sc.co_located and largest >= TURNS_MIN_PARAMS

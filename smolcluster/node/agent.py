@@ -47,7 +47,7 @@ from smolcluster.node.pairing import (
     public_key,
 )
 from smolcluster.node.protocol import MAX_BYTES, NODE_PROTOCOL, PROGRAMS, ROLES, VERSION, facts
-from smolcluster.supervisor import sigterm_as_interrupt
+from smolcluster.supervisor import sigterm_as_interrupt, stop_process_groups
 from smolcluster.transport import ServerEndpoint
 
 # the run's key files an agent accepts, and nothing else (no paths of the coordinator's choosing)
@@ -277,18 +277,7 @@ class Agent:
 
     def stop_all(self, grace_s: float = 10.0) -> None:
         live = [r for r in self.roles.values() if r.proc.poll() is None]
-        for r in live:
-            try:
-                os.killpg(r.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace_s
-        for r in live:
-            try:
-                r.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(r.proc.pid, signal.SIGKILL)
-                r.proc.wait(timeout=5)
+        stop_process_groups([r.proc for r in live], grace_s)
         for s in (s for _, socks in self.reserved.values() for s in socks):
             s.close()
         self.reserved.clear()

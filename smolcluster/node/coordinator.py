@@ -45,13 +45,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from smolcluster.cluster import new_run_id
 from smolcluster.errors import ConfigError, PeerError
-from smolcluster.launch_local import child_overrides
 from smolcluster.node import discovery
 from smolcluster.node.discovery import NodeInfo
 from smolcluster.node.pairing import identity, pairing_code, public_key, write_public_key
 from smolcluster.node.protocol import MAX_BYTES, NODE_PROTOCOL, VERSION
 from smolcluster.security import is_loopback
-from smolcluster.supervisor import sigterm_as_interrupt
+from smolcluster.supervisor import child_overrides, sigterm_as_interrupt
 from smolcluster.transport import ClientEndpoint, make_keys
 
 ALGOS = ("syncps", "edp", "allreduce", "mp")
@@ -422,7 +421,7 @@ def run_auto(cfg: DictConfig, run_dir: Path) -> dict:
             pair(link, my_key, c)
         if c.get("discover_only"):
             return {}
-        common = [o for o in child_overrides(cfg) if not o.startswith(_OWN)]
+        common = [o for o in child_overrides() if not o.startswith(_OWN)]
         if ranks is None:
             lead, name = _start_ps(run, cfg, run_dir, server_node, worker_nodes, common)
         elif algo == "allreduce":

@@ -1,9 +1,10 @@
 """Start pipeline stages as child processes on this machine, relay their output, stop them all together.
 
-Used by ``algo=mp`` training (``role=launch``) and by inference when it starts its
-own stages. Stages share the machine's cores: unless ``OMP_NUM_THREADS`` is set,
-each gets ``cores // stages`` threads, so stages working at once do not fight over
-cores. If any child fails, the others are stopped and the error names it.
+Used by ``algo=mp`` / ``algo=allreduce`` training (``role=launch``) and by inference when it starts
+its own stages (the children themselves: :class:`smolcluster.supervisor.Children`). Stages share the
+machine's cores: unless ``OMP_NUM_THREADS`` is set, each gets ``cores // stages`` threads, so stages
+working at once do not fight over cores; inference's stages of a large model take turns with all of
+them instead (:func:`co_located_env`). If any child fails, the others are stopped and the error names it.
 """
 
 from __future__ import annotations
@@ -12,19 +13,13 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 from loguru import logger
 
 from smolcluster.errors import PeerError
-from smolcluster.supervisor import sigterm_as_interrupt
-
-_HERE_KEYS = ("role=", "rank=", "cluster.port=", "run_id=", "++run_id=", "+run_id=", "hydra.run.dir=", "hydra.output_subdir=",
-              "train.progress=")
+from smolcluster.supervisor import Children, child_overrides, sigterm_as_interrupt
 
 
 def free_ports(host: str, n: int, tries: int = 50) -> int:
@@ -67,11 +62,12 @@ def co_located_env(extra: dict | None = None) -> dict:
     """What stages that share one machine's cores and take turns on them add to their environment.
 
     Each stage's OpenMP threads spin a short while after each parallel region, then sleep: long enough
-    to bridge the gaps between one forward's ops (waking a sleeping thread costs ~10-50 us a region, and
-    a forward has hundreds), short enough that a stage that has handed its step on gives the cores back
-    to the next at once. libgomp's default spin (300k iterations) kept an idle stage spinning into the
-    next stage's turn; ``OMP_WAIT_POLICY=PASSIVE`` (no spin) slowed each forward by a half. Measured on
-    GPT-2 124M (docs/benchmarks.md). Kept if the caller set ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY``.
+    to bridge the gaps between one forward's ops, short enough that a stage that has handed its step on
+    gives the cores to the next at once. Measured on GPT-2 124M (docs/benchmarks.md): with libgomp's
+    default spin (300k iterations) an idle stage spins into the next stage's turn (1.11-1.20x of padded
+    ``generate`` at 8 in flight and 0.86-0.91x of ``generate`` for one request, against 1.25-1.26x and
+    1.09-1.13x with 20k in the same rounds); ``OMP_WAIT_POLICY=PASSIVE`` (no spin) made an 8-row step a
+    third slower (47.3 -> 62.6 ms). Kept if the caller set ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY``.
     """
     env = dict(extra or {})
     if not {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & (set(env) | set(os.environ)):
@@ -80,84 +76,6 @@ def co_located_env(extra: dict | None = None) -> dict:
 
 
 CO_LOCATED_SPINCOUNT = 20_000
-
-
-class Children:
-    """Child processes started in their own process groups, output relayed line by line with a prefix."""
-
-    def __init__(self, log_path: Path | None = None):
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.log = open(log_path, "a", buffering=1) if log_path else None  # noqa: SIM115
-
-    def start(self, name: str, cmd: list[str], env: dict, cwd: str | None = None) -> subprocess.Popen:
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                             cwd=cwd, start_new_session=True)
-        self.procs[name] = p
-        threading.Thread(target=self._relay, args=(p, f"[{name}]"), daemon=True).start()
-        return p
-
-    def _relay(self, proc: subprocess.Popen, prefix: str) -> None:
-        for line in iter(proc.stdout.readline, ""):
-            if self.log is not None:
-                self.log.write(f"{prefix} {line}")
-            else:
-                sys.stderr.write(f"{prefix} {line}")
-        proc.stdout.close()
-
-    def failed(self) -> tuple[str, int] | None:
-        for name, p in self.procs.items():
-            code = p.poll()
-            if code is not None and code != 0:
-                return name, code
-        return None
-
-    def wait_all(self, poll_s: float = 0.1) -> None:
-        """Until every child exits; the first to fail raises PeerError (the rest are stopped)."""
-        while True:
-            failed = self.failed()
-            if failed:
-                name, code = failed
-                self.stop()
-                raise PeerError(f"{name} exited with code {code}; stopped the others (its log is above)")
-            if all(p.poll() == 0 for p in self.procs.values()):
-                return
-            time.sleep(poll_s)
-
-    def stop(self, grace_s: float = 10.0, exit_first_s: float = 0.0) -> None:
-        """Give the children ``exit_first_s`` to exit by themselves, then SIGTERM, then SIGKILL."""
-        deadline = time.monotonic() + exit_first_s
-        while time.monotonic() < deadline and any(p.poll() is None for p in self.procs.values()):
-            time.sleep(0.05)
-        for p in self.procs.values():
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + grace_s
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait(timeout=5)
-        if self.log is not None:
-            self.log.close()
-            self.log = None
-
-
-def child_overrides() -> list[str]:
-    """The user's command-line overrides, minus the ones the launcher sets per child."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        task = list(HydraConfig.get().overrides.task)
-    except (ValueError, ImportError):  # not under Hydra
-        task = []
-    return [o for o in task if not o.startswith(_HERE_KEYS)]
 
 
 def launch_ranks(cfg, run_dir: Path, n: int, role: str, what: str) -> None:

@@ -170,8 +170,8 @@ class TransposedHead(nn.Module):
 
     Why: on the CPU, MKL's fp32 ``x @ W.T`` for an LM head's shape (a few rows against a
     ~50k x 768 weight) is slow: measured on this project's 2-core Xeon, GPT-2's head took 18.5 ms for
-    8 rows and 5.4 ms for one, against 9.2 and 4.4 ms for the same product on the transposed copy (a
-    batched decode step of GPT-2 124M spends a quarter of its time there). Large prefills are on a
+    8 rows and 5.4 ms for one, against 9.2 and 4.4 ms for the same product on the transposed copy (an
+    8-row decode step of GPT-2 124M spent 17.9 of its 47.3 ms there). Large prefills are on a
     par, and bf16 is not faster this way, so only fp32 CPU stages hold their head so (:func:`prepare`).
     A head tied to the token embedding is held once, this way round: ``forward`` looks tokens up in
     its columns (~7 us for a decode step's token, ~0.8 ms for 256 prompt tokens).
