@@ -182,15 +182,15 @@ def test_stages_taking_turns_run_one_step_of_every_request_else_one_group_per_st
                                        turns=turns) as p:
         rows = 8 * (3 + 40 - 1)  # 8 requests' prompt tokens and fed-back tokens, each once through stage 1
 
-        def stage1_after(total_rows: int) -> tuple[int, int]:  # (steps, rows) once its heartbeat shows them all
+        def stage1_steps(total_rows: int) -> int:  # stage 1's steps, once its heartbeat shows all those rows
             assert wait_until(lambda: beacons(p, "rows")[1] == total_rows), beacons(p, "rows")
-            return beacons(p, "steps")[1], total_rows
+            return beacons(p, "steps")[1]
 
         alone = [p.submit(q, max_new_tokens=40).tokens() for q in prompts]
-        steps_alone, _ = stage1_after(rows)
+        steps_alone = stage1_steps(rows)
         reqs = [p.submit(q, max_new_tokens=40) for q in prompts]
         assert [r.tokens() for r in reqs] == alone
-        steps, _ = stage1_after(2 * rows)
+        steps = stage1_steps(2 * rows)
     per_step = rows / (steps - steps_alone)
     # 8 decodes a step (the first steps may carry fewer, as requests arrive), or at most ceil(8 / 2) = 4
     # (plus the prompts' rows, once each)
