@@ -32,6 +32,7 @@ def launch(cfg: DictConfig, run_dir: Path, extra: list[str] | None = None) -> di
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **os.environ, "PYTHONUNBUFFERED": "1"}
     children = Children()
     sigterm_as_interrupt()  # so the finally below stops every child
+    ended = False
     try:
         # The server binds the port it is given, or (port null) one the OS picks and reports in
         # server.json: no race with other jobs of a parallel sweep for a "free" port.
@@ -45,8 +46,11 @@ def launch(cfg: DictConfig, run_dir: Path, extra: list[str] | None = None) -> di
             children.start(f"worker {r}", [*python_cmd(), *common, "role=worker", f"rank={r}", f"cluster.port={port}"],
                            env)
         children.wait_all(until="server")  # the first child to fail stops the rest (PeerError naming it)
+        ended = True
     finally:
-        children.stop(exit_first_s=10)  # the server told the workers to stop: a moment to exit on their own
+        # After a clean end the server has told the workers to stop: a moment to exit on their own.
+        # On a failure, Ctrl-C or SIGTERM they are stopped at once.
+        children.stop(exit_first_s=10 if ended else 0)
     return json.loads((run_dir / "summary.json").read_text())
 
 
