@@ -37,14 +37,14 @@ def launch(cfg: DictConfig, run_dir: Path, extra: list[str] | None = None) -> di
         # The server binds the port it is given, or (port null) one the OS picks and reports in
         # server.json: no race with other jobs of a parallel sweep for a "free" port.
         (run_dir / "server.json").unlink(missing_ok=True)
-        server = children.start("server", [*python_cmd(), *common, "role=server", f"cluster.port={cfg.cluster.port or 0}"],
-                                env)
+        server = children.start("server", [*python_cmd(), *common, "role=server",
+                                           f"cluster.port={cfg.cluster.port or 0}"], env)
         port = _wait_for_port(run_dir / "server.json", server, cfg.cluster.connect_timeout_s)
         logger.info(f"launching {cfg.algo.name} on this machine: server on port {port} + {n} workers, "
                     f"run dir {run_dir}")
         for r in range(n):
-            children.start(f"worker {r}", [*python_cmd(), *common, "role=worker", f"rank={r}", f"cluster.port={port}"],
-                           env)
+            children.start(f"worker {r}", [*python_cmd(), *common, "role=worker", f"rank={r}",
+                                           f"cluster.port={port}"], env)
         children.wait_all(until="server")  # the first child to fail stops the rest (PeerError naming it)
         ended = True
     finally:

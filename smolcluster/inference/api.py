@@ -116,7 +116,8 @@ class InferencePipeline:
                                  connect_timeout_s=connect_timeout_s, exit_with_head=True, threads=threads,
                                  max_requests=max_requests, kv_cache_mb=kv_cache_mb,
                                  prefill_chunk=prefill_chunk, stream_interval_ms=stream_interval_ms,
-                                 co_located=co_located, turns=turns, extra={"telemetry": telemetry or {}}, **formats[rank])
+                                 co_located=co_located, turns=turns, extra={"telemetry": telemetry or {}},
+                                 **formats[rank])
                 path = workdir / f"stage-{rank}.json"
                 path.write_text(sc.dumps())
                 children.start(f"stage {rank}", [sys.executable, "-u", "-m", "smolcluster.inference.serve", str(path)],

@@ -569,7 +569,7 @@ class StageServer:
         beacon["serving"] = not any(self.mesh.peers[n].lost for n in self.names if n in self.mesh.peers)
         beacon["requests"], beacon["waiting"] = len(self.requests), len(self.waiting)
         beacon["kv_bytes"] = self.kv_bytes()
-        beacon["steps"], beacon["rows"] = self.forwards, self.rows  # rows / steps: how many requests a step carries
+        beacon["steps"], beacon["rows"] = self.forwards, self.rows  # rows / steps: the tokens a step carries
         beacon["active"] = list(self.requests)[:64]  # (what a health check or a test looks at)
         self.metrics.step(len(self.requests), len(self.waiting), beacon["kv_bytes"])  # the same counts, for top
 

@@ -58,6 +58,9 @@ def stage_env(n_stages: int, extra: dict | None = None, threads: int | None = No
     return env
 
 
+CO_LOCATED_SPINCOUNT = 20_000  # OpenMP spin iterations after a parallel region (see co_located_env)
+
+
 def co_located_env(extra: dict | None = None) -> dict:
     """What stages that share one machine's cores and take turns on them add to their environment.
 
@@ -74,8 +77,6 @@ def co_located_env(extra: dict | None = None) -> dict:
         env["GOMP_SPINCOUNT"] = str(CO_LOCATED_SPINCOUNT)
     return env
 
-
-CO_LOCATED_SPINCOUNT = 20_000
 
 
 def launch_ranks(cfg, run_dir: Path, n: int, role: str, what: str) -> None:

@@ -160,7 +160,8 @@ def pin_attributes(stage: nn.Module) -> None:
     ``module.weight`` on an ``nn.Module`` is slow: the parameter lives in ``_parameters``, so the normal
     lookup fails first (CPython formats an AttributeError message and discards it) and then
     ``nn.Module.__getattr__`` runs in Python: ~1-1.5 us a lookup, ~20 lookups per GPT-2 block (perf:
-    ``PyUnicode_FromFormatV`` and ``slot_tp_getattr_hook`` on every stage's profile). A copy in the instance ``__dict__`` is found at once. The same objects, so
+    ``PyUnicode_FromFormatV`` and ``slot_tp_getattr_hook`` on every stage's profile). A copy in the
+    instance ``__dict__`` is found at once. The same objects, so
     the same values: outputs do not change. Only for a stage that is done loading and never changes again
     (serving): a later ``module.x = ...`` goes through ``nn.Module.__setattr__``, which drops the pinned copy,
     but code that replaces ``_parameters`` entries directly (``module.to()`` with parameter overwriting,
