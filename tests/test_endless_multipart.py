@@ -12,7 +12,7 @@ an allreduce ring rank, two pipeline stages), then on every TCP port the process
   monitor reports ``HANDSHAKE_FAILED_AUTH``; it never reports success).
 
 The role's RSS must stay within ``RSS_BOUND`` of what it was before, and it must keep serving a
-real client afterwards (training steps advance; the stages answer a head).
+real client afterwards (training steps advance; the stages answer a keyed head).
 """
 
 from __future__ import annotations
@@ -28,13 +28,15 @@ import zmq
 import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
+from smolcluster.data.text import TextTokenizer
+from smolcluster.inference import InferencePipeline
 from smolcluster.pipeline.launch import free_ports
 from smolcluster.transport import make_keys
 from smolcluster.transport.pubsub import SUBSCRIPTION_MAX_BYTES, Inbox, Outbox
 from smolcluster.transport.ring import RingLink
 from smolcluster.transport.sockets import ServerEndpoint
 from tests.cluster_util import Cluster
-from tests.conftest import REPO, run_cli, wait_until
+from tests.conftest import REPO, wait_until
 from tests.test_openai_api import write_tiny_run
 
 STREAM_BYTES = 300 * 2**20   # what the raw peer would send if nobody stopped it
@@ -186,9 +188,15 @@ def test_pipeline_stages_keep_their_memory_and_serve_a_head_under_endless_multip
             assert s.poll() is None, f"stage {r} exited {s.returncode}; see {logs[r].name}"
         for s in stages:  # a stage's inbox is a SUB: the peers speak PUB
             attack(s.pid, keys, b"PUB", zmq.PUB)
-        p = run_cli("smolcluster.infer", "role=head", *common, "prompt=Hello", "max_new_tokens=5", "temperature=0",
-                    timeout=180)
-        assert p.stdout.startswith("Hello") and len(p.stdout) > len("Hello\n")
+        # a keyed head (in this process) is served: greedy tokens, as many as asked
+        head = InferencePipeline.connect([f"tcp://127.0.0.1:{port + r}" for r in range(2)], heartbeat_s=0.2,
+                                         liveness_s=5, keys_dir=str(keys),
+                                         tokenizer=TextTokenizer.load(run_dir / "tokenizer.json"))
+        try:
+            req = head.submit("Hello", max_new_tokens=5, stop_at_eos=False)
+            assert req.text() and req.finish_reason == "length"
+        finally:
+            head.close()
         assert [s.poll() for s in stages] == [None, None]
     finally:
         for s in stages:
