@@ -65,14 +65,14 @@ def ready(socket_type: bytes) -> bytes:
     return b"\x04" + bytes([len(body)]) + body
 
 
-def raw_endless_multipart(port: int, socket_type: bytes) -> tuple[int, bool]:
+def raw_endless_multipart(port: int, socket_type: bytes, total: int = STREAM_BYTES) -> tuple[int, bool]:
     """Stream one never-ending multipart message to ``port``; (bytes sent, whether the server cut us off)."""
     frame = b"\x03" + struct.pack(">Q", FRAME) + b"\x00" * FRAME  # MORE | LONG, 60 KB of body
     sent = 0
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         try:
             sock.sendall(greeting() + ready(socket_type))
-            while sent < STREAM_BYTES:
+            while sent < total:
                 sock.sendall(frame)
                 sent += len(frame)
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
@@ -147,6 +147,19 @@ def test_every_listening_socket_bounds_a_frame_with_maxmsgsize(keys):
         for s in (server, inbox, outbox):
             s.close()
         ring.close()
+
+
+def test_without_keys_the_raw_peer_streams_on_unchecked(tmp_path):
+    """The control (and the hole a keyless run leaves to local processes): a keyless socket takes the
+    peer's frames as a valid ZMTP peer's, buffering the unfinished message, and never cuts it off."""
+    port = free_ports("127.0.0.1", 1)
+    server = ServerEndpoint(f"tcp://127.0.0.1:{port}", max_bytes=5 << 20)
+    try:
+        sent, cut = raw_endless_multipart(port, b"DEALER", total=32 << 20)
+        assert not cut and sent >= 32 << 20
+        assert not server.pending()  # the message never ends, so nothing is delivered: it only grows
+    finally:
+        server.close()
 
 
 def last_step(c: Cluster) -> int:
