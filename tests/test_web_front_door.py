@@ -147,6 +147,8 @@ def test_the_allowed_hosts_are_loopback_the_bound_address_and_serve_allowed_host
     assert allowed_hosts("127.0.0.1") == sorted(["localhost", "127.0.0.1", "[::1]"])
     assert set(allowed_hosts("192.0.2.5", ["chat.lab", "*.lab.example"])) == {
         "localhost", "127.0.0.1", "[::1]", "192.0.2.5", "chat.lab", "*.lab.example"}
+    assert "9lives.lan" in allowed_hosts("9lives.lan")  # a name, even one that starts with a digit
+    assert allowed_hosts("::") == allowed_hosts("0.0.0.0")
     everywhere = allowed_hosts("0.0.0.0")
     assert socket.gethostname().lower() in everywhere and "127.0.0.1" in everywhere
     assert len(everywhere) > 4  # this machine's own addresses too

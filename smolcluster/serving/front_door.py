@@ -54,13 +54,21 @@ def allowed_hosts(host: str, extra: list[str] | None = None) -> list[str]:
     listens beyond loopback the address it binds (every local address and the hostname for 0.0.0.0 / ::)."""
     names = [*LOOPBACK_NAMES, *(extra or [])]
     if not is_loopback(host):
-        if host in ("", "*") or (host[0].isdigit() or ":" in host) and ipaddress.ip_address(host).is_unspecified:
+        if is_wildcard(host):
             names += [a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs
                       if a.family in (socket.AF_INET, socket.AF_INET6)]
             names += [socket.gethostname(), f"{socket.gethostname()}.local", socket.getfqdn()]
         else:
             names.append(host)
     return sorted({f"[{n}]" if ":" in n and not n.startswith("[") else n.lower() for n in names})
+
+
+def is_wildcard(host: str) -> bool:
+    """Whether ``host`` means every interface (0.0.0.0, ::, empty, *)."""
+    try:
+        return host in ("", "*") or ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:  # a host name
+        return False
 
 
 async def answer(send: Send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
