@@ -198,8 +198,9 @@ def pair(node: NodeInfo, my_key: str, store: AgentStore, c: DictConfig, state: P
             time.sleep(0.3)
     finally:
         mine.unlink(missing_ok=True)  # one-shot: a late confirmation of this code does nothing
-    raise ConfigError(f"node {where}: pairing code {code} was not confirmed within cluster.pair_timeout_s="
-                      f"{c.pair_timeout_s}s on {' and '.join(t.split(':')[0] for t in todo)}: run again and confirm")
+    on = "both machines" if len(todo) == 2 else "this machine" if not known else "the node"
+    raise ConfigError(f"node {where}: pairing code {code} was not confirmed on {on} within cluster.pair_timeout_s="
+                      f"{c.pair_timeout_s}s: run again and confirm it there")
 
 
 def place(nodes: list[NodeInfo], c: DictConfig) -> tuple[NodeInfo, list[NodeInfo]]:
