@@ -85,11 +85,6 @@ class Pending:
     expires: float
 
 
-def control_keys(allow: Allowlist) -> dict:
-    """The control port's key check: the allowlist, asked by ZAP for each connecting key."""
-    return {"allow_any_client": True}
-
-
 def _die_with_parent() -> None:
     """In the child before exec: SIGTERM it when the agent dies, however it dies (Linux)."""
     if sys.platform == "linux":
@@ -134,7 +129,7 @@ class Agent:
         self.allow = Allowlist(self.state_dir)
         self.owner_timeout_s = owner_timeout_s
         self.control = ServerEndpoint(f"tcp://{bind}:{port}", max_bytes=MAX_BYTES, curve_dir=str(self.id_dir),
-                                      **control_keys(self.allow))
+                                      authorize=self.allow.__contains__)  # ZAP asks for each connecting key
         self.port = self.control.port
         self.facts = {"name": self.name, "version": VERSION, "protocol": NODE_PROTOCOL, **facts(),
                       "fingerprint": fingerprint(self.key), "key": self.key, "port": self.port}
@@ -161,7 +156,7 @@ class Agent:
     def _handle(self, peer: bytes, msg) -> None:
         key = msg.sender_key
         paired = key in self.allow
-        if not paired:  # (the ZAP callback already keeps unpaired keys out; this holds if a key was forgotten)
+        if not paired:  # (ZAP keeps unpaired keys out at the handshake; this holds for a key forgotten since)
             logger.warning(f"refused {printable(msg.kind)} from an unpaired coordinator (key "
                            f"{fingerprint(key or '')})")
             self.control.send(peer, "refuse", {"reason": NOT_PAIRED})
