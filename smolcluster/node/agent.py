@@ -243,6 +243,8 @@ class Agent:
         with self.lock:
             self.expire(now)
             for f in (list(d.iterdir())[:64] if d.is_dir() else []):
+                if f.is_dir() and not f.is_symlink():
+                    continue  # not something `pair` writes
                 p = self.pending.pop(f.name, None)
                 f.unlink(missing_ok=True)
                 if p is None:
