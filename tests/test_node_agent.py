@@ -217,7 +217,10 @@ def test_pairing_with_the_code_then_syncps_mnist_through_two_agents(tmp_path, pr
     assert run_keys["a"] == {"server.key", "server.key_secret", "authorized/client.key"}
     assert run_keys["b"] == {"server.key", "client.key", "client.key_secret"}
     secret = next((tmp_path / "a" / "runs").glob("*/server/keys/server.key_secret"))
-    assert secret.stat().st_mode & 0o777 == 0o600
+    assert secret.stat().st_mode & 0o777 == 0o600 and secret.parent.stat().st_mode & 0o777 == 0o700
+    here = tmp_path / "run" / "keys"  # the coordinator's copy of the run's keys: secrets 0600 in a 0700 dir
+    assert here.stat().st_mode & 0o777 == 0o700
+    assert {f.stat().st_mode & 0o777 for f in here.glob("*_secret")} == {0o600}
     wait_gone(role_pids(a) + role_pids(b))  # nothing left running
 
 
