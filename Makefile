@@ -38,7 +38,7 @@ infer: install  ## stream text from gpt2-tiny through 2 pipeline stages (ARGS="c
 chat: install  ## Gradio chat + OpenAI-compatible API on gpt2-tiny in 2 local stages (ARGS="checkpoint=RUN_DIR serve.port=8000")
 	$(BIN)/python -m smolcluster.chat $(ARGS)
 
-node: install  ## the node agent for cluster=auto (ARGS="--port 5660"); confirm a coordinator: python -m smolcluster.node pair CODE
+node: install  ## the node agent for cluster=auto (ARGS="--port 5660"); confirm a pairing: python -m smolcluster.node pair CODE (on both machines)
 	$(BIN)/python -m smolcluster.node $(ARGS)
 
 top: install  ## live terminal view of a run: make top ARGS="--run-dir RUN_DIR" (nodes need logging.prometheus.port=0 or N)
