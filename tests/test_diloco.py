@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -34,7 +35,8 @@ def reference(overrides: list[str]) -> dict[str, torch.Tensor]:
     """DiLoCo (Douillard et al. 2023, Algorithm 1) and Streaming DiLoCo's fragments, plainly, in one process:
     two replicas each take inner steps on their shard; at a fragment's sync step the pseudo-gradients
     (global - local, weighted by batch share) are averaged; ``overlap_steps`` later the outer Nesterov step
-    (m = mu m + g; global -= lr (g + mu m)) updates the global fragment, merged into each replica."""
+    (m = mu m + g; global -= lr (g + mu m)) updates the global fragment, merged into each replica. The first
+    ``warmup_sync_steps`` steps average the gradients instead; the rounds count from there."""
     cfg = compose_cfg("algo=diloco", "cluster.workers=2", *overrides)
     a = cfg.algo
     reps = [Trainer(cfg, [cfg.train.batch_size] * 2) for _ in range(2)]
@@ -49,10 +51,17 @@ def reference(overrides: list[str]) -> dict[str, torch.Tensor]:
             for r, rep in enumerate(reps):
                 with torch.enable_grad():
                     rep.compute_gradients(rep.step, r)
+            if reps[0].step < a.warmup_sync_steps:  # warmup: every replica steps on the mean gradient
+                mean = sum(next(iter(rep.flat.grads.values())) * 0.5 for rep in reps)
+                for rep in reps:
+                    next(iter(rep.flat.grads.values())).copy_(mean)
+            for rep in reps:
                 rep.apply_gradients()
             s = reps[0].step
+            if s == a.warmup_sync_steps:
+                glob.copy_(flats[0])
             for p in range(F):
-                if s % H == (p + 1) * H // F % H:
+                if s > a.warmup_sync_steps and (s - a.warmup_sync_steps) % H == (p + 1) * H // F % H:
                     lo, hi = cuts[p], cuts[p + 1]
                     d = [(glob[lo:hi] - f[lo:hi]) * 0.5 for f in flats]
                     waiting.append((s + a.overlap_steps, p, d[0] + d[1]))
@@ -99,7 +108,7 @@ def test_h1_outer_sgd_lr1_equals_allreduce_and_local(tmp_path):
 
 @pytest.mark.parametrize("extra", [[], STREAM], ids=["diloco", "streaming"])
 def test_two_ranks_equal_the_papers_algorithm_written_plainly(tmp_path, extra):
-    over = [*ADAMW, *extra] if extra else [*ADAMW, "algo.inner_steps=4"]
+    over = [*ADAMW, *extra] if extra else [*ADAMW, "algo.inner_steps=4", "algo.warmup_sync_steps=2"]
     s = train(tmp_path, "algo=diloco", "cluster.workers=2", *over, *FAST)
     want = reference(over)
     d = diff_to(tmp_path, want)
@@ -108,11 +117,12 @@ def test_two_ranks_equal_the_papers_algorithm_written_plainly(tmp_path, extra):
     outer = [(r["step"], r.get("fragment"), r.get("synced_at")) for r in rows if "outer_step" in r]
     if extra:  # fragment 0 syncs at 2, 6, 10 (merged a step later), fragment 1 at 4, 8 and 12 (merged at the end)
         assert outer == [(3, 0, 2), (5, 1, 4), (7, 0, 6), (9, 1, 8), (11, 0, 10), (12, 1, 12)], outer
-    else:
-        assert outer == [(4, 0, 4), (8, 0, 8), (12, 0, 12)], outer
-    # a sync sends 2(N-1)/N of the (fragment of the) model: 3 model-sized syncs in 12 steps, allreduce's 12
+    else:  # 2 warmup steps with the gradient summed, then rounds of 4 from step 2
+        assert outer == [(6, 0, 6), (10, 0, 10)], outer
+    # a sync sends 2(N-1)/N of the (fragment of the) model: 3 model-sized syncs in 12 steps (and 2 warmup
+    # steps + 2 rounds), allreduce's 12
     model = 2 * 1 / 2 * s["params"] * 4
-    assert model * 3 < s["bytes_sent"] < model * 3 * 1.1, (s["bytes_sent"], model)
+    assert model * 3 < s["bytes_sent"] < model * 4 * 1.1, (s["bytes_sent"], model)
     assert s["final_loss"] < rows[0]["loss"]  # it learns
 
 
@@ -152,3 +162,25 @@ def test_bad_diloco_settings_are_one_line_errors(override, message):
     cfg = compose_cfg("algo=diloco", "algo.inner_steps=4" if "inner" not in override else override, override)
     with pytest.raises(ConfigError, match=message):
         check(cfg)
+
+
+def test_the_desk_puts_each_nodes_processes_in_its_cpu_budget_and_namespace():
+    """bench/desk.py: a command started through Desk.exec runs in its host's cgroup (with the quota asked for)
+    and network namespace (its own address), and the groups are gone after close."""
+    from smolcluster.bench.desk import Desk, cgroup_unavailable
+    from smolcluster.bench.netns import netns_unavailable
+
+    reason = netns_unavailable(shaping=True) or cgroup_unavailable()
+    if reason:
+        pytest.skip(reason)
+    desk = Desk(["a", "b"], rate="20mbit", cpus={"a": 0.45, "b": 0.9}).build()
+    try:
+        for host, cores in (("a", 0.45), ("b", 0.9)):
+            out = subprocess.run([*desk.exec(host), "sh", "-c", "cat /proc/self/cgroup; ip -4 -o addr show eth0"],
+                                 capture_output=True, text=True, timeout=30, check=True).stdout
+            cpu_line = next(line for line in out.splitlines() if ":cpu," in line or ":cpu:" in line)
+            assert cpu_line.endswith("/" + desk.groups[host].name), cpu_line
+            assert desk.ip[host] in out and desk.quota(host) == cores
+    finally:
+        desk.close()
+    assert not any(g.exists() for g in desk.groups.values())

@@ -13,6 +13,8 @@ F contiguous fragments; fragment p syncs after the steps s with s % H == ((p+1)H
 over the round and the link carries 1/F of the model at a time. With ``algo.overlap_steps`` (tau) a fragment's
 all-reduce runs on the ring thread during the next tau inner steps, and its outer step is merged then:
 local = alpha * local + (1 - alpha) * global (``algo.merge_alpha``; 0 = replace, plain DiLoCo's).
+``algo.warmup_sync_steps=W``: the first W steps are allreduce's (the gradient summed every step), and the rounds
+count from step W.
 
 ``algo.codec``: the pseudo-gradient's chunks on the ring (none, fp16, bf16, int8, int4), with the ring's error
 feedback (per buffer, bucket and hop): a rank's residual is carried to the next round and into its checkpoint.
@@ -58,6 +60,7 @@ def _whole(a, key: str, low: int) -> int:
 def check(cfg: DictConfig) -> None:
     a = cfg.algo
     h, f, tau = _whole(a, "inner_steps", 1), _whole(a, "fragments", 1), _whole(a, "overlap_steps", 0)
+    _whole(a, "warmup_sync_steps", 0)
     if f > h:
         raise ConfigError(f"algo.fragments={f} exceeds algo.inner_steps={h}: each fragment needs its own step of "
                           f"the round to sync at; lower algo.fragments or raise algo.inner_steps")
@@ -85,6 +88,12 @@ class Outer:
                        for p in range(fragments)]
         self.weights = [self.local(p).clone() for p in range(fragments)]
         self.sgd = torch.optim.SGD(self.weights, lr=lr, momentum=momentum, nesterov=momentum > 0)
+
+    def reset(self) -> None:
+        """The global weights := this rank's (after warmup, when every rank's are the same)."""
+        with torch.no_grad():
+            for p, w in enumerate(self.weights):
+                w.copy_(self.local(p))
 
     def local(self, p: int) -> torch.Tensor:
         """Fragment p of this rank's weights, as one float32 vector."""
@@ -190,7 +199,7 @@ class Worker:
         if cfg.resume:
             t.resume(cfg.resume)
         self.H, self.F, self.tau, self.alpha = int(a.inner_steps), int(a.fragments), int(a.overlap_steps), float(a.merge_alpha)
-        self.codec = a.codec
+        self.codec, self.warmup = a.codec, int(a.warmup_sync_steps)
         self.offsets = [(p + 1) * self.H // self.F % self.H for p in range(self.F)]
         self.outer = Outer(t.flat.params, self.F, float(a.outer_lr), float(a.outer_momentum))
         nodes = stage_nodes(cluster, self.n)
@@ -200,8 +209,9 @@ class Worker:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="ring")  # every socket operation, one after another
         self.pending: list = []  # (fragment, sync step, merge step, future of (sum, table)), oldest first
         self.window, self.since = LossWindow(t.train.log_every), []  # inner losses: the log's, since the last sync
-        self.outer_steps, self.ring_s, self.sent_before = int(t.carried.get("outer_steps", 0)), 0.0, 0
-        self.sent_before = int(t.carried.get("bytes_sent", 0))
+        # the run's counters go on from a resumed checkpoint's (the lead's)
+        self.outer_steps, self.sent_before = int(t.carried.get("outer_steps", 0)), int(t.carried.get("bytes_sent", 0))
+        self.ring_s = 0.0  # time spent waiting for a sync's sum: the part the inner steps did not hide
         self.recorder, self.lead = None, rank == 0
 
     # -- the ring ------------------------------------------------------------------------------
@@ -226,6 +236,12 @@ class Worker:
     def _reduce(self, step: int, buf: torch.Tensor, name: str, row: list[float]):
         self.link.step = step  # stamped on the messages: every rank syncs the same fragment at the same step
         return buf, self.link.allreduce(buf, self.codec, name, row=lambda: row)
+
+    def _reduce_gradients(self, step: int) -> None:
+        """Warmup: allreduce's step (the union batch's mean gradient on every rank), uncompressed."""
+        self.link.step = step
+        for name, g in self.trainer.flat.grads.items():
+            self.link.allreduce(g.mul_(self.sizes[self.rank] / self.total), "none", f"grad/{name}")
 
     def sync(self, p: int) -> None:
         """Start fragment p's all-reduce of its pseudo-gradient (the ring thread works on it meanwhile)."""
@@ -264,13 +280,17 @@ class Worker:
     def inner_step(self) -> dict:
         t = self.trainer
         loss, _ = t.compute_gradients(t.step, self.rank)
+        if t.step < self.warmup:
+            self.pool.submit(self._reduce_gradients, t.step).result()
         lr = t.apply_gradients()
         t.samples += self.total
         self.window.add(loss)
         self.since.append(loss)
         row = {}
+        if t.step == self.warmup:
+            self.outer.reset()  # the first round starts from the weights every rank now has
         for p, off in enumerate(self.offsets):
-            if t.step % self.H == off:
+            if t.step > self.warmup and (t.step - self.warmup) % self.H == off:
                 self.sync(p)
         while self.pending and self.pending[0][2] <= t.step:
             row.update(self.merge(self.pending.pop(0)))
