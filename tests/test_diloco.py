@@ -151,12 +151,46 @@ def test_int4_error_feedback_is_carried_across_rounds_and_resume(tmp_path):
     assert max_abs_diff(tmp_path / "dropped", tmp_path / "whole") > 1e-6
 
 
+def test_timed_rounds_let_the_fast_rank_step_more_and_weigh_each_by_its_samples(tmp_path):
+    """algo.round_s: rank 1 is slowed (cluster.nodes[1].delay_s), so within the same round time it takes fewer
+    inner steps; the weights equal a plain replay of the logged rounds: each rank's steps, its pseudo-gradient
+    weighted by its samples, the outer Nesterov step."""
+    over = [*ADAMW, "train.steps=40", "algo.round_s=0.3"]
+    s = train(tmp_path, "algo=diloco", "cluster.workers=2", *over, "cluster.nodes=[{},{delay_s: 0.03}]", *FAST)
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines() if r.strip()]
+    rounds = [(r["round_steps/rank0"], r["round_steps/rank1"]) for r in rows if "outer_step" in r]
+    assert len(rounds) == s["outer_steps"] >= 2
+    fast, slow = (sum(n[i] for n in rounds[1:]) for i in (0, 1))  # rounds after the first: steps from the rate
+    assert fast > 2 * slow, rounds
+    assert s["samples"] == 16 * sum(a + b for a, b in rounds) >= 40 * 32  # ends once the global budget is met
+    cfg = compose_cfg("algo=diloco", "cluster.workers=2", *over)
+    a = cfg.algo
+    reps = [Trainer(cfg, [16, 16]) for _ in range(2)]
+    flats = [next(iter(r.flat.params.values())) for r in reps]
+    glob, mom = flats[0].detach().clone(), torch.zeros_like(flats[0])
+    with torch.no_grad():
+        for steps in rounds:
+            for r, rep in enumerate(reps):
+                for _ in range(steps[r]):
+                    with torch.enable_grad():
+                        rep.compute_gradients(rep.step, r)
+                    rep.apply_gradients()
+            g = sum((glob - f) * (16 * n / (16 * sum(steps))) for f, n in zip(flats, steps))
+            mom = a.outer_momentum * mom + g
+            glob -= a.outer_lr * (g + a.outer_momentum * mom)
+            for f in flats:
+                f.copy_(glob)
+    want = {name: p.detach().clone() for name, p in reps[0].model.named_parameters()}
+    assert diff_to(tmp_path, want) < 1e-6, diff_to(tmp_path, want)
+
+
 @pytest.mark.parametrize("override,message", [
     ("algo.inner_steps=0", "algo.inner_steps=0 is invalid"),
     ("algo.fragments=8", "exceeds algo.inner_steps"),
     ("algo.overlap_steps=50", "must be below algo.inner_steps"),
     ("algo.outer_momentum=1.5", "algo.outer_momentum=1.5 is invalid"),
     ("algo.codec=int3", "codec 'int3' is unknown"),
+    ("algo.round_s=0", "algo.round_s=0 is invalid"),
 ])
 def test_bad_diloco_settings_are_one_line_errors(override, message):
     cfg = compose_cfg("algo=diloco", "algo.inner_steps=4" if "inner" not in override else override, override)

@@ -16,6 +16,11 @@ local = alpha * local + (1 - alpha) * global (``algo.merge_alpha``; 0 = replace,
 ``algo.warmup_sync_steps=W``: the first W steps are allreduce's (the gradient summed every step), and the rounds
 count from step W.
 
+``algo.round_s=T`` (unlike machines): rounds by time instead of by H. In its first round a rank takes inner steps
+until T seconds have passed; the rate it measured sets its next round's number of steps (rate x T), so a fast
+rank takes more steps and nobody waits for the slowest. Each pseudo-gradient is weighted by the samples the rank
+trained on in the round; the run ends once the ranks together trained on ``train.steps`` x the global batch.
+
 ``algo.codec``: the pseudo-gradient's chunks on the ring (none, fp16, bf16, int8, int4), with the ring's error
 feedback (per buffer, bucket and hop): a rank's residual is carried to the next round and into its checkpoint.
 
@@ -30,6 +35,7 @@ import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from loguru import logger
@@ -73,6 +79,15 @@ def check(cfg: DictConfig) -> None:
                 or (key == "outer_lr" and v == 0):
             raise ConfigError(f"algo.{key}={v!r} is invalid: a number in {'(0, inf)' if key == 'outer_lr' else '[0, 1)'}")
     get_codec(a.codec)  # an unknown codec is a one-line error listing them
+    t = a.get("round_s")
+    if t is not None:
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or t <= 0:
+            raise ConfigError(f"algo.round_s={t!r} is invalid: seconds per round (> 0), or null for algo.inner_steps")
+        if f > 1 or tau:
+            raise ConfigError("algo.round_s works with plain DiLoCo only: set algo.fragments=1 algo.overlap_steps=0")
+        if cfg.get("resume") or cfg.train.get("stop_after"):
+            raise ConfigError("algo.round_s runs cannot be stopped and resumed (the ranks are at different steps): "
+                              "drop resume= / train.stop_after, or use fixed rounds (algo.round_s=null)")
     mb = a.get("bucket_mb")
     if mb != "auto" and (not isinstance(mb, (int, float)) or isinstance(mb, bool) or mb <= 0):
         raise ConfigError(f"algo.bucket_mb={mb!r} is invalid: auto, or a positive number of MB, e.g. 25")
@@ -213,6 +228,9 @@ class Worker:
         self.outer_steps, self.sent_before = int(t.carried.get("outer_steps", 0)), int(t.carried.get("bytes_sent", 0))
         self.ring_s = 0.0  # time spent waiting for a sync's sum: the part the inner steps did not hide
         self.recorder, self.lead = None, rank == 0
+        self.round_s, self.budget = a.get("round_s"), None  # round_s: this round's steps (None: until T passes)
+        self.round = SimpleNamespace(t0=time.perf_counter(), steps=0, samples=0)
+        self.delay_s = worker_settings(cluster, rank, cfg.train)["delay_s"]  # test knob: an artificially slow node
 
     # -- the ring ------------------------------------------------------------------------------
     def form(self) -> None:
@@ -230,12 +248,46 @@ class Worker:
         self.recorder = open_recorder(self.cfg, self.run_dir, files=self.lead,
                                       keep_until=t.step if self.cfg.resume else None)
         t.start_clock(self.recorder)
+        self.round.t0 = time.perf_counter()  # (round_s: the first round's clock starts with training)
         logger.info(f"diloco rank {self.rank}: ring of ranks {self.link.members} from step {t.step}; H={self.H} "
                     f"fragments={self.F} overlap_steps={self.tau} codec={self.codec}")
 
     def _reduce(self, step: int, buf: torch.Tensor, name: str, row: list[float]):
         self.link.step = step  # stamped on the messages: every rank syncs the same fragment at the same step
         return buf, self.link.allreduce(buf, self.codec, name, row=lambda: row)
+
+    def _gather(self, stamp: int, row: list[float]) -> torch.Tensor:
+        self.link.step = stamp
+        return self.link.gather_scalars(row)
+
+    def timed_round(self) -> dict:
+        """``algo.round_s``: count this step into the round; once the round is over, sync, weighting the
+        pseudo-gradient by this rank's samples, and apply the outer step at once."""
+        r = self.round
+        r.steps, r.samples = r.steps + 1, r.samples + self.sizes[self.rank]
+        elapsed = time.perf_counter() - r.t0
+        if (elapsed < self.round_s) if self.budget is None else (r.steps < self.budget):
+            return {}
+        self.budget = max(1, round(r.steps / elapsed * self.round_s))  # this round's rate sets the next's steps
+        stamp = self.outer_steps  # the ranks are at different steps: the round number tells the messages apart
+        loss = float(torch.stack(self.since).float().mean())
+        self.since = []
+        table = self.pool.submit(self._gather, stamp, [r.samples, r.steps, loss]).result()
+        samples = float(table[:, 0].sum())
+        buf = self.outer.pseudo_gradient(0, r.samples / samples)
+        self.pending.append((0, stamp, 0, self.pool.submit(self._reduce, stamp, buf, "fragment0",
+                                                           [loss * r.samples / samples])))
+        row = self.merge(self.pending.pop(0))
+        self.trainer.samples += int(samples)
+        row.update({f"round_steps/rank{m}": int(n) for m, n in zip(self.link.members, table[:, 1].tolist())})
+        self.round = SimpleNamespace(t0=time.perf_counter(), steps=0, samples=0)
+        return row
+
+    def finished(self) -> bool:
+        t = self.trainer
+        if self.round_s:  # every rank read the same table: all stop after the same round
+            return t.samples >= t.total_steps * self.total
+        return t.step >= t.end_step
 
     def _reduce_gradients(self, step: int) -> None:
         """Warmup: allreduce's step (the union batch's mean gradient on every rank), uncompressed."""
@@ -280,17 +332,23 @@ class Worker:
     def inner_step(self) -> dict:
         t = self.trainer
         loss, _ = t.compute_gradients(t.step, self.rank)
+        if self.delay_s:
+            time.sleep(self.delay_s)
         if t.step < self.warmup:
             self.pool.submit(self._reduce_gradients, t.step).result()
         lr = t.apply_gradients()
-        t.samples += self.total
         self.window.add(loss)
         self.since.append(loss)
         row = {}
+        if t.step <= self.warmup or not self.round_s:
+            t.samples += self.total  # (round_s: counted at each sync, from every rank's count)
         if t.step == self.warmup:
             self.outer.reset()  # the first round starts from the weights every rank now has
+            self.round.t0 = time.perf_counter()
+        if self.round_s and t.step > self.warmup:
+            row.update(self.timed_round())
         for p, off in enumerate(self.offsets):
-            if t.step > self.warmup and (t.step - self.warmup) % self.H == off:
+            if not self.round_s and t.step > self.warmup and (t.step - self.warmup) % self.H == off:
                 self.sync(p)
         while self.pending and self.pending[0][2] <= t.step:
             row.update(self.merge(self.pending.pop(0)))
@@ -306,7 +364,7 @@ class Worker:
         t = self.trainer
         try:
             self.form()
-            while t.step < t.end_step:
+            while not self.finished():
                 row = self.inner_step()
                 if self.lead:
                     t.after_step(self.recorder, self.run_dir, row, self.run_state)
@@ -314,7 +372,7 @@ class Worker:
                     self.recorder.log(t.step, **row)
                 if t.due(t.train.checkpoint_every):
                     self.save()
-            if t.step == t.total_steps:  # the run's end: merge what is still on the ring
+            if t.step >= t.total_steps or self.round_s:  # the run's end: merge what is still on the ring
                 while self.pending:
                     self.recorder.log(t.step, **self.merge(self.pending.pop(0)))
             self.save()
@@ -337,7 +395,7 @@ class Worker:
         t.save(self.run_dir, self.run_state())
         steps = max(1, t.step)
         summary = t.summary("diloco", self.window.mean(), evaluation, self.run_dir, ring=self.link.world,
-                            inner_steps=self.H, fragments=self.F, overlap_steps=self.tau, codec=self.codec,
+                            inner_steps=self.H, round_s=self.round_s, fragments=self.F, overlap_steps=self.tau, codec=self.codec,
                             outer_steps=self.outer_steps, bytes_sent=self.sent(),
                             bytes_sent_per_step=round(self.sent() / steps),
                             sync_s_not_hidden_per_step=round(self.ring_s / steps, 6))
