@@ -221,3 +221,11 @@ def test_the_desk_puts_each_nodes_processes_in_its_cpu_budget_and_namespace():
     finally:
         desk.close()
     assert not any(g.exists() for g in desk.groups.values())
+
+
+def test_the_launchers_start_diloco_as_a_ring_of_workers():
+    from launchers.slurm import lead_task, roles
+    from launchers.ssh import compose_config
+
+    cfg, _ = compose_config("local", ["algo=diloco", "cluster.workers=3"])  # refused before for an unknown algo
+    assert roles(cfg) == [("worker", 0), ("worker", 1), ("worker", 2)] and lead_task(cfg) == 0

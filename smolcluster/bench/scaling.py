@@ -20,7 +20,7 @@ compute, sets the step time. Needs root, iproute2 and tc. Writes bench-scaling.j
 ``--cpu C --speeds 1,1,2,4`` make it an emulated desk (:mod:`smolcluster.bench.desk`): worker r runs under a CPU
 budget of C x speeds[r mod len] cores (a cgroup v1 cfs quota), so one worker and N workers get the same compute
 per node, and unlike speeds emulate unlike machines. ``diloco`` and ``streaming`` (F=4, tau=1) sync every
-``INNER_STEPS`` steps.
+``INNER_STEPS`` steps, ``timed`` every ``ROUND_S`` seconds (``algo.round_s``).
 """
 
 from __future__ import annotations
@@ -54,9 +54,11 @@ ALGOS = {  # name -> (algo overrides, has a server)
     "diloco": (["algo=diloco", "algo.inner_steps={h}"], False),
     "streaming": (["algo=diloco", "algo.inner_steps={h}", "algo.fragments=4", "algo.overlap_steps=1",
                    "algo.merge_alpha=0.5"], False),
+    "timed": (["algo=diloco", "algo.round_s={t}"], False),  # rounds of ROUND_S seconds (unlike machines)
 }
 INNER_STEPS = 10  # diloco's H here: several outer syncs within a benchmark's steps
-RINGS = ("allreduce", "diloco", "streaming")  # a ring of one is training alone: algo=local
+ROUND_S = 0.25  # timed's rounds
+RINGS = ("allreduce", "diloco", "streaming", "timed")  # a ring of one is training alone: algo=local
 
 
 def overrides_of(model: str, args: argparse.Namespace) -> list[str]:
@@ -96,7 +98,7 @@ def steady(rows: list[dict], warmup: int) -> tuple[float, float]:
 def run_smolcluster(lan: Lan, algo: str, n: int, model_args: list[str], steps: int, warmup: int,
                     batch: int, run_dir: Path) -> dict:
     algo_args, has_server = ALGOS[algo]
-    algo_args = [a.format(h=INNER_STEPS) for a in algo_args]
+    algo_args = [a.format(h=INNER_STEPS, t=ROUND_S) for a in algo_args]
     if algo in RINGS and n == 1:
         algo_args = ["algo=local"]  # a ring of one is training alone (and RingLink needs a peer)
     workers = [f"w{r}" for r in range(n)]
@@ -184,8 +186,8 @@ def ddp_rank(spec: dict) -> None:
 def formula(algo: str, n: int, m: int) -> float:
     if algo in ("syncps", "edp"):
         return n * m  # the server sends each worker a copy of the weights
-    if algo in ("diloco", "streaming"):
-        return 2 * (n - 1) / n * m / INNER_STEPS  # the ring's, once a round
+    if algo in ("diloco", "streaming", "timed"):
+        return 2 * (n - 1) / n * m / INNER_STEPS  # the ring's, once a round (timed: as many steps as fit in one)
     return 2 * (n - 1) / n * m  # ring (and gloo's ring all-reduce): reduce-scatter + all-gather
 
 
