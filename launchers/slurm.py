@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # `python launchers/slurm.py ...` from anywhere
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from launchers.ssh import SERVER_ALGOS, compose_config  # noqa: E402
+from launchers.ssh import RING_ALGOS, SERVER_ALGOS, compose_config  # noqa: E402
 from smolcluster.errors import ConfigError, SmolclusterError  # noqa: E402
 from smolcluster.security import is_loopback  # noqa: E402
 
@@ -41,7 +41,7 @@ def roles(cfg) -> list[tuple[str, int | None]]:
     algo = cfg.algo.name
     if algo in SERVER_ALGOS:
         return [("server", None), *[("worker", r) for r in range(int(cfg.cluster.workers))]]
-    if algo == "allreduce":
+    if algo in RING_ALGOS:
         return [("worker", r) for r in range(int(cfg.cluster.workers))]
     return [("stage", r) for r in range(int(cfg.algo.stages))]
 

@@ -58,7 +58,8 @@ from smolcluster.errors import ConfigError, PeerError, SmolclusterError  # noqa:
 from smolcluster.paths import CONFIG_DIR  # noqa: E402
 
 SERVER_ALGOS = ("syncps", "edp")               # one server + cluster.workers workers
-CLUSTER_ALGOS = (*SERVER_ALGOS, "allreduce", "mp")  # allreduce: a ring of cluster.workers; mp: algo.stages stages
+RING_ALGOS = ("allreduce", "diloco")           # a ring of cluster.workers ranks, no server
+CLUSTER_ALGOS = (*SERVER_ALGOS, *RING_ALGOS, "mp")  # mp: algo.stages stages
 # Overrides the launcher sets for every role itself.
 _LAUNCHER_KEYS = ("role=", "rank=", "cluster=", "cluster.port=", "run_id=", "hydra.run.dir=",
                   "hydra.output_subdir=", "train.progress=", "--config-dir")
@@ -93,7 +94,7 @@ def compose_config(cluster_ref: str, overrides: list[str], need_algo: bool = Tru
         return cfg, path.stem
     validate(cfg)
     if need_algo and cfg.algo.name not in CLUSTER_ALGOS:
-        raise ConfigError(f"algo={cfg.algo.name} runs in one process: launch algo=syncps, edp, allreduce or mp")
+        raise ConfigError(f"algo={cfg.algo.name} runs in one process: launch algo=syncps, edp, allreduce, diloco or mp")
     return cfg, path.stem
 
 
@@ -103,7 +104,7 @@ def layout(cfg: DictConfig, serving: bool = False) -> tuple[list[Node], int | No
     if serving:
         return rank_nodes(cfg.cluster, int(cfg.stages), "stage"), None
     algo = cfg.algo.name if "algo" in cfg else None
-    if algo == "allreduce":
+    if algo in RING_ALGOS:
         return rank_nodes(cfg.cluster, int(cfg.cluster.workers), "worker"), 0
     if algo == "mp":
         n = int(cfg.algo.stages)

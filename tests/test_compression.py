@@ -113,3 +113,40 @@ def test_error_feedback_keeps_the_sum_of_what_was_sent_on_track():
 def test_unknown_codec_lists_the_valid_ones():
     with pytest.raises(ConfigError, match="none, fp16, bf16, int8"):
         get_codec("zstd")
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float32, st.integers(0, 5000).map(lambda n: (n,)), elements=finite), st.sampled_from([2, 6, 2048]))
+def test_int4_matches_the_textbook_quantiser_two_values_a_byte(arr, chunk):
+    from smolcluster.transport.compression import Int4
+
+    frames = [bytes(f) for f in wire.encode("grad", GRAD, {"g": arr}, codec=Int4(chunk))]
+    out = wire.decode(frames, max_bytes=1 << 30).tensors["g"]
+    n = arr.size
+    assert out.shape == arr.shape and len(frames[1]) == (n + 1) // 2 + 4 * (-(-n // chunk))
+    blocks = np.zeros(-(-n // chunk) * chunk, np.float32)
+    blocks[:n] = arr
+    blocks = blocks.reshape(-1, chunk)
+    scale = (np.abs(blocks).max(axis=1) / np.float32(7)).astype(np.float32)
+    q = np.rint(blocks / np.where(scale > 0, scale, 1)[:, None]).clip(-7, 7)
+    assert np.array_equal(out, (q * scale[:, None]).reshape(-1)[:n])
+    assert np.all(np.abs(out - arr) <= np.repeat(scale, chunk)[:n] / 2 + 1e-6 * np.abs(arr) + 1e-38)  # half a step
+    # (+1e-38: a subnormal chunk's absmax / 7 underflows to a zero scale, sent as 0)
+
+
+def test_int4_is_about_eight_times_smaller_and_error_feedback_keeps_its_sum_on_track():
+    arr = np.random.default_rng(0).normal(size=1_000_000).astype(np.float32)
+    raw = sum(memoryview(f).nbytes for f in wire.encode("grad", GRAD, {"g": arr}))
+    small = sum(memoryview(f).nbytes for f in wire.encode("grad", GRAD, {"g": arr}, codec="int4"))
+    assert 7.9 < raw / small < 8.0
+    rng, codec, fb = np.random.default_rng(2), get_codec("int4"), ErrorFeedback("int4")
+    true_sum, sent = np.zeros(4096, np.float32), np.zeros(4096, np.float32)
+    for _ in range(200):
+        g = rng.normal(size=4096).astype(np.float32)
+        true_sum += g
+        t = {"g": torch.from_numpy(g.copy())}
+        fb.compensate(t)
+        p, meta = codec.encode(t["g"].numpy())
+        sent += codec.decode(memoryview(p).cast("B"), meta, 4096)
+    # what was sent differs from the true sum by one step's rounding (the residual), not 200 steps' worth
+    assert np.abs(sent - true_sum).max() < np.abs(g).max() / 7, np.abs(sent - true_sum).max()

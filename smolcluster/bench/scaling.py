@@ -16,6 +16,11 @@ with ``tc ... tbf`` to the rate of a home LAN, both ways. For each link rate, mo
 Every process runs with one intra-op thread (``OMP_NUM_THREADS=1``): with 4 workers on a 2-core machine the
 workers are CPU-starved anyway; the per-worker batches are small so that at 100 Mbit/s the link, not the
 compute, sets the step time. Needs root, iproute2 and tc. Writes bench-scaling.json and a PNG plot.
+
+``--cpu C --speeds 1,1,2,4`` make it an emulated desk (:mod:`smolcluster.bench.desk`): worker r runs under a CPU
+budget of C x speeds[r mod len] cores (a cgroup v1 cfs quota), so one worker and N workers get the same compute
+per node, and unlike speeds emulate unlike machines. ``diloco`` and ``streaming`` (F=4, tau=1) sync every
+``INNER_STEPS`` steps, ``timed`` every ``ROUND_S`` seconds (``algo.round_s``).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+from smolcluster.bench.desk import Desk, cgroup_unavailable
 from smolcluster.bench.netns import Lan, netns_unavailable, parse_rate
 from smolcluster.bench.report import write_report
 
@@ -45,7 +51,14 @@ ALGOS = {  # name -> (algo overrides, has a server)
     "allreduce": (["algo=allreduce"], False),
     "zero1": (["algo=allreduce", "algo.zero=1"], False),
     "ddp": ([], False),
+    "diloco": (["algo=diloco", "algo.inner_steps={h}"], False),
+    "streaming": (["algo=diloco", "algo.inner_steps={h}", "algo.fragments=4", "algo.overlap_steps=1",
+                   "algo.merge_alpha=0.5"], False),
+    "timed": (["algo=diloco", "algo.round_s={t}"], False),  # rounds of ROUND_S seconds (unlike machines)
 }
+INNER_STEPS = 10  # diloco's H here: several outer syncs within a benchmark's steps
+ROUND_S = 0.25  # timed's rounds
+RINGS = ("allreduce", "diloco", "streaming", "timed")  # a ring of one is training alone: algo=local
 
 
 def overrides_of(model: str, args: argparse.Namespace) -> list[str]:
@@ -85,7 +98,8 @@ def steady(rows: list[dict], warmup: int) -> tuple[float, float]:
 def run_smolcluster(lan: Lan, algo: str, n: int, model_args: list[str], steps: int, warmup: int,
                     batch: int, run_dir: Path) -> dict:
     algo_args, has_server = ALGOS[algo]
-    if algo == "allreduce" and n == 1:
+    algo_args = [a.format(h=INNER_STEPS, t=ROUND_S) for a in algo_args]
+    if algo in RINGS and n == 1:
         algo_args = ["algo=local"]  # a ring of one is training alone (and RingLink needs a peer)
     workers = [f"w{r}" for r in range(n)]
     nodes = ", ".join(f"{{name: {h}, host: '{lan.ip[h]}'}}" for h in workers)
@@ -172,6 +186,8 @@ def ddp_rank(spec: dict) -> None:
 def formula(algo: str, n: int, m: int) -> float:
     if algo in ("syncps", "edp"):
         return n * m  # the server sends each worker a copy of the weights
+    if algo in ("diloco", "streaming", "timed"):
+        return 2 * (n - 1) / n * m / INNER_STEPS  # the ring's, once a round (timed: as many steps as fit in one)
     return 2 * (n - 1) / n * m  # ring (and gloo's ring all-reduce): reduce-scatter + all-gather
 
 
@@ -209,6 +225,15 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
+def budgets(args: argparse.Namespace, n: int) -> dict[str, float]:
+    """Host -> cores (the server gets one unit); empty without ``--cpu``."""
+    if not args.cpu and not args.speeds:
+        return {}
+    speeds = [float(x) for x in (args.speeds or "1").split(",")]
+    unit = args.cpu or 0.45
+    return {"srv": unit, **{f"w{r}": unit * speeds[r % len(speeds)] for r in range(n)}}
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m smolcluster.bench scaling", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -216,6 +241,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--workers", default="1,2,4")
     p.add_argument("--links", default="1gbit,100mbit", help="tbf rates, e.g. 1gbit,100mbit")
     p.add_argument("--algos", default=",".join(ALGOS), help=f"any of {', '.join(ALGOS)}")
+    p.add_argument("--speeds", default=None,
+                   help="CPU budgets in proportion, worker r gets speeds[r mod len] x --cpu cores, e.g. 1,1,2,4")
+    p.add_argument("--cpu", type=float, default=None,
+                   help="cores per unit of speed (cgroup v1 cfs quota), e.g. 0.45; default: no budget")
     p.add_argument("--steps", type=int, default=0,
                    help="steps per run (default: " + ", ".join(f"{k} {v}" for k, v in STEPS.items()) + ")")
     shared = Path(os.environ.get("SMOLCLUSTER_SHARED_DATA", "../shared/data"))
@@ -236,7 +265,7 @@ def main(argv: list[str]) -> int:
             parse_rate(link)
         except ValueError as e:
             p.error(str(e))
-    reason = netns_unavailable(shaping=True)
+    reason = netns_unavailable(shaping=True) or ((args.cpu or args.speeds) and cgroup_unavailable())
     if reason:
         print(f"error: bench scaling {reason}", file=sys.stderr)
         return 2
@@ -247,7 +276,7 @@ def main(argv: list[str]) -> int:
     rows: list[dict] = []
     started = time.monotonic()
     for link in links:
-        lan = Lan(["srv", *(f"w{r}" for r in range(max(counts)))], rate=link).build()
+        lan = Desk(["srv", *(f"w{r}" for r in range(max(counts)))], rate=link, cpus=budgets(args, max(counts))).build()
         try:
             for model in models:
                 model_args = overrides_of(model, args)

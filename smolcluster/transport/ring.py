@@ -412,6 +412,14 @@ class RingLink:
         self._send_frames(frames)
         return got
 
+    def residuals(self) -> dict[str, torch.Tensor]:
+        """The error-feedback residuals (per buffer name, bucket, hop, segment), for a checkpoint."""
+        return dict(self._residual)
+
+    def load_residuals(self, residuals: dict[str, torch.Tensor]) -> None:
+        """Carry a checkpoint's residuals on (after the first :meth:`reform`, which clears them; same members)."""
+        self._residual.update(residuals)
+
     def _send_frames(self, frames: list) -> None:
         if self.leaving.is_set():
             raise RingBroken(f"ring rank {self.rank}: leaving the ring's epoch {self.epoch}")

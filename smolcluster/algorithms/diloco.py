@@ -1,0 +1,422 @@
+"""``algo=diloco``: DiLoCo and Streaming DiLoCo on the ring: many local steps, one outer sync a round.
+
+DiLoCo (Douillard et al. 2023, arXiv 2311.08105): every rank takes ``algo.inner_steps`` (H) steps of the inner
+optimizer (``train.optimizer``; its state stays on the rank) on its own shard of each step's global batch
+(``data/sharding.py``, as ``algo=allreduce``). Then the ranks sum the pseudo-gradient, the round's start weights
+minus the rank's weights, each weighted by its share of the samples, over the ring
+(:meth:`RingLink.allreduce`, bucketed as allreduce's), and every rank applies the same outer step to the start
+weights: SGD with Nesterov momentum (``algo.outer_lr``, ``algo.outer_momentum``). The result is every rank's
+weights for the next round. A rank sends 2(N-1)/N of the model once a round instead of once a step.
+
+Streaming DiLoCo (Douillard et al. 2025, arXiv 2501.18512), ``algo.fragments=F``: the flat parameters are cut into
+F contiguous fragments; fragment p syncs after the steps s with s % H == ((p+1)H/F) % H, so the syncs are spread
+over the round and the link carries 1/F of the model at a time. With ``algo.overlap_steps`` (tau) a fragment's
+all-reduce runs on the ring thread during the next tau inner steps, and its outer step is merged then:
+local = alpha * local + (1 - alpha) * global (``algo.merge_alpha``; 0 = replace, plain DiLoCo's).
+``algo.warmup_sync_steps=W``: the first W steps are allreduce's (the gradient summed every step), and the rounds
+count from step W.
+
+``algo.round_s=T`` (unlike machines): rounds by time instead of by H. In its first round a rank takes inner steps
+until T seconds have passed; the rate it measured sets its next round's number of steps (rate x T), so a fast
+rank takes more steps and nobody waits for the slowest. Each pseudo-gradient is weighted by the samples the rank
+trained on in the round; the run ends once the ranks together trained on ``train.steps`` x the global batch.
+
+``algo.codec``: the pseudo-gradient's chunks on the ring (none, fp16, bf16, int8, int4), with the ring's error
+feedback (per buffer, bucket and hop): a rank's residual is carried to the next round and into its checkpoint.
+
+Checkpoints: the lead writes ``checkpoint.safetensors`` (its weights and inner optimizer) as allreduce does; every
+rank also writes ``diloco-rankR.safetensors`` (:func:`save_rank_state`), so a resumed run goes on as one run.
+Not elastic: a lost rank stops the run (resume from the last checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from loguru import logger
+from omegaconf import DictConfig
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from smolcluster import checkpoint
+from smolcluster.algorithms.allreduce import bucket_bytes, state_tensors
+from smolcluster.algorithms.ps import batch_sizes, max_bytes
+from smolcluster.cluster import worker_settings
+from smolcluster.errors import ConfigError, PeerError
+from smolcluster.pipeline.launch import launch_ranks
+from smolcluster.pipeline.nodes import stage_nodes
+from smolcluster.telemetry.run_files import open_recorder
+from smolcluster.trainer import LossWindow, Trainer
+from smolcluster.transport.compression import get_codec
+from smolcluster.transport.ring import RingLink, chunk_bounds
+
+
+def _whole(a, key: str, low: int) -> int:
+    v = a.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or v < low:
+        raise ConfigError(f"algo.{key}={v!r} is invalid: a whole number >= {low}")
+    return v
+
+
+def check(cfg: DictConfig) -> None:
+    a = cfg.algo
+    h, f, tau = _whole(a, "inner_steps", 1), _whole(a, "fragments", 1), _whole(a, "overlap_steps", 0)
+    _whole(a, "warmup_sync_steps", 0)
+    if f > h:
+        raise ConfigError(f"algo.fragments={f} exceeds algo.inner_steps={h}: each fragment needs its own step of "
+                          f"the round to sync at; lower algo.fragments or raise algo.inner_steps")
+    if tau >= h:
+        raise ConfigError(f"algo.overlap_steps={tau} must be below algo.inner_steps={h}: a fragment's outer step "
+                          "is merged before its next sync")
+    for key, lo, hi in (("outer_lr", 0.0, None), ("outer_momentum", 0.0, 1.0), ("merge_alpha", 0.0, 1.0)):
+        v = a.get(key)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < lo or (hi is not None and v >= hi) \
+                or (key == "outer_lr" and v == 0):
+            raise ConfigError(f"algo.{key}={v!r} is invalid: a number in {'(0, inf)' if key == 'outer_lr' else '[0, 1)'}")
+    get_codec(a.codec)  # an unknown codec is a one-line error listing them
+    t = a.get("round_s")
+    if t is not None:
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or t <= 0:
+            raise ConfigError(f"algo.round_s={t!r} is invalid: seconds per round (> 0), or null for algo.inner_steps")
+        if f > 1 or tau:
+            raise ConfigError("algo.round_s works with plain DiLoCo only: set algo.fragments=1 algo.overlap_steps=0")
+        if cfg.get("resume") or cfg.train.get("stop_after"):
+            raise ConfigError("algo.round_s runs cannot be stopped and resumed (the ranks are at different steps): "
+                              "drop resume= / train.stop_after, or use fixed rounds (algo.round_s=null)")
+    mb = a.get("bucket_mb")
+    if mb != "auto" and (not isinstance(mb, (int, float)) or isinstance(mb, bool) or mb <= 0):
+        raise ConfigError(f"algo.bucket_mb={mb!r} is invalid: auto, or a positive number of MB, e.g. 25")
+
+
+class Outer:
+    """The outer optimizer: per fragment, the global weights (float32 copies of the fragment's ranges of the
+    flat parameters, concatenated) and torch's SGD with Nesterov momentum on them."""
+
+    def __init__(self, flat: dict[str, torch.Tensor], fragments: int, lr: float, momentum: float):
+        self.flat = flat
+        self.ranges = [{name: chunk_bounds(t.numel(), fragments)[p] for name, t in flat.items()}
+                       for p in range(fragments)]
+        self.weights = [self.local(p).clone() for p in range(fragments)]
+        self.sgd = torch.optim.SGD(self.weights, lr=lr, momentum=momentum, nesterov=momentum > 0)
+
+    def reset(self) -> None:
+        """The global weights := this rank's (after warmup, when every rank's are the same)."""
+        with torch.no_grad():
+            for p, w in enumerate(self.weights):
+                w.copy_(self.local(p))
+
+    def local(self, p: int) -> torch.Tensor:
+        """Fragment p of this rank's weights, as one float32 vector."""
+        return torch.cat([self.flat[n].detach()[lo:hi].float().cpu() for n, (lo, hi) in self.ranges[p].items()])
+
+    def pseudo_gradient(self, p: int, weight: float) -> torch.Tensor:
+        """(global - local) * this rank's share of the samples: the ring's sum is the weighted mean."""
+        return (self.weights[p] - self.local(p)).mul_(weight)
+
+    def step(self, p: int, summed: torch.Tensor, alpha: float) -> None:
+        """Apply the outer step to fragment p's global weights and merge them into this rank's weights."""
+        w = self.weights[p]
+        w.grad = summed
+        self.sgd.step()  # (the other fragments have no grad: SGD skips them)
+        w.grad = None
+        at = 0
+        with torch.no_grad():
+            for name, (lo, hi) in self.ranges[p].items():
+                local, new = self.flat[name][lo:hi], w[at : at + hi - lo]
+                at += hi - lo
+                if alpha:
+                    local.mul_(alpha).add_(new.to(local), alpha=1 - alpha)
+                else:
+                    local.copy_(new)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for p, w in enumerate(self.weights):
+            out[f"outer/{p}"] = w.detach()
+            buf = self.sgd.state.get(w, {}).get("momentum_buffer")
+            if buf is not None:
+                out[f"momentum/{p}"] = buf
+        return out
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, w in enumerate(self.weights):
+                w.copy_(tensors[f"outer/{p}"])
+                if f"momentum/{p}" in tensors:
+                    self.sgd.state[w]["momentum_buffer"] = tensors[f"momentum/{p}"].clone()
+
+
+def rank_state_path(run_dir: str | Path, rank: int) -> Path:
+    return Path(run_dir) / f"diloco-rank{rank}.safetensors"
+
+
+def save_rank_state(path: Path, trainer: Trainer, outer: Outer, residuals: dict, pending: list, meta: dict) -> None:
+    """What only this rank knows: its weights and inner optimizer state, the outer state, its error-feedback
+    residuals and the reduced pseudo-gradients not merged yet (``pending``: (fragment, step, merge_at, sum,
+    table)). Atomic, as checkpoints are."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_tensors(trainer).items()}
+    tensors.update({k: v.contiguous() for k, v in outer.tensors().items()})
+    tensors.update({f"ef/{k}": v.detach().cpu().contiguous() for k, v in residuals.items()})
+    for j, (_, _, _, summed, table) in enumerate(pending):
+        tensors[f"pending/{j}"], tensors[f"pending_table/{j}"] = summed.contiguous(), table.contiguous()
+    meta = {**meta, "pending": [list(item[:3]) for item in pending]}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"diloco": json.dumps(meta)})
+    tmp.replace(path)
+
+
+def load_rank_state(path: Path, trainer: Trainer, outer: Outer) -> tuple[dict, dict, list]:
+    """Restore :func:`save_rank_state`'s file into ``trainer`` and ``outer``; returns (meta, residuals, pending)."""
+    if not path.is_file():
+        raise ConfigError(f"resume: no {path.name} in {path.parent} (each rank's DiLoCo state): resume a run "
+                          "directory that an algo=diloco run with the same cluster.workers checkpointed")
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["diloco"])
+        t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
+    if meta["step"] != trainer.step:
+        raise ConfigError(f"resume: {path.name} is of step {meta['step']}, checkpoint.safetensors of step "
+                          f"{trainer.step}: the run directory holds checkpoints of two runs")
+    flats = list(trainer.flat.params.values())
+    with torch.no_grad():
+        for name, flat in trainer.flat.params.items():
+            flat.copy_(t[f"param/{name}"].to(flat))
+        for flat in flats:
+            trainer.optimizer.state.pop(flat, None)
+        for key, v in t.items():
+            if key.startswith("optim/"):
+                i, name = key.split("/", 2)[1:]
+                trainer.optimizer.state[flats[int(i)]][name] = v.to(trainer.device)
+    outer.load(t)
+    residuals = {k.removeprefix("ef/"): v for k, v in t.items() if k.startswith("ef/")}
+    pending = [(p, s, m, t[f"pending/{j}"], t[f"pending_table/{j}"]) for j, (p, s, m) in enumerate(meta["pending"])]
+    return meta, residuals, pending
+
+
+class Worker:
+    """One rank: inner steps, fragment syncs on the ring thread, outer steps, the run's files."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, rank: int):
+        a, cluster = cfg.algo, cfg.cluster
+        self.cfg, self.run_dir, self.rank, self.n = cfg, run_dir, rank, int(cluster.workers)
+        if not 0 <= rank < self.n:
+            raise ConfigError(f"rank={rank} is outside 0..{self.n - 1} (cluster.workers)")
+        if cluster.get("port") is None:
+            raise ConfigError("cluster.port is not set: give rank 0's port on every node (cluster.port=5555; rank r "
+                              "listens on port + r, or on cluster.nodes[r].port)")
+        self.sizes = batch_sizes(cfg)
+        self.total = sum(self.sizes)
+        self.trainer = t = Trainer(cfg, self.sizes, device=worker_settings(cluster, rank, cfg.train)["device"])
+        if cfg.resume:
+            t.resume(cfg.resume)
+        self.H, self.F, self.tau, self.alpha = int(a.inner_steps), int(a.fragments), int(a.overlap_steps), float(a.merge_alpha)
+        self.codec, self.warmup = a.codec, int(a.warmup_sync_steps)
+        self.offsets = [(p + 1) * self.H // self.F % self.H for p in range(self.F)]
+        self.outer = Outer(t.flat.params, self.F, float(a.outer_lr), float(a.outer_momentum))
+        nodes = stage_nodes(cluster, self.n)
+        self.link = RingLink(rank, [nd.address for nd in nodes], nodes[rank].bind, max_bytes=max_bytes(cluster),
+                             heartbeat_s=cluster.heartbeat_s, liveness_s=cluster.liveness_s,
+                             keys_dir=cluster.get("keys"), bucket_bytes=bucket_bytes(a.bucket_mb, t.flat.params))
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="ring")  # every socket operation, one after another
+        self.pending: list = []  # (fragment, sync step, merge step, future of (sum, table)), oldest first
+        self.window, self.since = LossWindow(t.train.log_every), []  # inner losses: the log's, since the last sync
+        # the run's counters go on from a resumed checkpoint's (the lead's)
+        self.outer_steps, self.sent_before = int(t.carried.get("outer_steps", 0)), int(t.carried.get("bytes_sent", 0))
+        self.ring_s = 0.0  # time spent waiting for a sync's sum: the part the inner steps did not hide
+        self.recorder, self.lead = None, rank == 0
+        self.round_s, self.budget = a.get("round_s"), None  # round_s: this round's steps (None: until T passes)
+        self.round = SimpleNamespace(t0=time.perf_counter(), steps=0, samples=0)
+        self.delay_s = worker_settings(cluster, rank, cfg.train)["delay_s"]  # test knob: an artificially slow node
+
+    # -- the ring ------------------------------------------------------------------------------
+    def form(self) -> None:
+        t, c = self.trainer, self.cfg.cluster
+        d = self.pool.submit(self.link.reform, t.step, t.fingerprint, c.connect_timeout_s, self.n).result()
+        if d["behind"]:
+            raise PeerError(f"diloco rank {self.rank}: ranks {d['behind']} are behind step {d['step']}: every rank "
+                            "must start from the same step (resume all of them from the same run directory)")
+        if self.cfg.resume:
+            path = rank_state_path(checkpoint.resolve(self.cfg.resume).parent, self.rank)
+            meta, residuals, pending = load_rank_state(path, t, self.outer)
+            self.link.load_residuals(residuals)  # (after reform, which clears them)
+            self.pending = [(p, s, m, _done((summed, table))) for p, s, m, summed, table in pending]
+        self.lead = self.rank == self.link.members[0]
+        self.recorder = open_recorder(self.cfg, self.run_dir, files=self.lead,
+                                      keep_until=t.step if self.cfg.resume else None)
+        t.start_clock(self.recorder)
+        self.round.t0 = time.perf_counter()  # (round_s: the first round's clock starts with training)
+        logger.info(f"diloco rank {self.rank}: ring of ranks {self.link.members} from step {t.step}; H={self.H} "
+                    f"fragments={self.F} overlap_steps={self.tau} codec={self.codec}")
+
+    def _reduce(self, step: int, buf: torch.Tensor, name: str, row: list[float]):
+        self.link.step = step  # stamped on the messages: every rank syncs the same fragment at the same step
+        return buf, self.link.allreduce(buf, self.codec, name, row=lambda: row)
+
+    def _gather(self, stamp: int, row: list[float]) -> torch.Tensor:
+        self.link.step = stamp
+        return self.link.gather_scalars(row)
+
+    def timed_round(self) -> dict:
+        """``algo.round_s``: count this step into the round; once the round is over, sync, weighting the
+        pseudo-gradient by this rank's samples, and apply the outer step at once."""
+        r = self.round
+        r.steps, r.samples = r.steps + 1, r.samples + self.sizes[self.rank]
+        elapsed = time.perf_counter() - r.t0
+        if (elapsed < self.round_s) if self.budget is None else (r.steps < self.budget):
+            return {}
+        self.budget = max(1, round(r.steps / elapsed * self.round_s))  # this round's rate sets the next's steps
+        stamp = self.outer_steps  # the ranks are at different steps: the round number tells the messages apart
+        loss = float(torch.stack(self.since).float().mean())
+        self.since = []
+        table = self.pool.submit(self._gather, stamp, [r.samples, r.steps, loss]).result()
+        samples = float(table[:, 0].sum())
+        buf = self.outer.pseudo_gradient(0, r.samples / samples)
+        self.pending.append((0, stamp, 0, self.pool.submit(self._reduce, stamp, buf, "fragment0",
+                                                           [loss * r.samples / samples])))
+        row = self.merge(self.pending.pop(0))
+        self.trainer.samples += int(samples)
+        row.update({f"round_steps/rank{m}": int(n) for m, n in zip(self.link.members, table[:, 1].tolist())})
+        self.round = SimpleNamespace(t0=time.perf_counter(), steps=0, samples=0)
+        return row
+
+    def finished(self) -> bool:
+        t = self.trainer
+        if self.round_s:  # every rank read the same table: all stop after the same round
+            return t.samples >= t.total_steps * self.total
+        return t.step >= t.end_step
+
+    def _reduce_gradients(self, step: int) -> None:
+        """Warmup: allreduce's step (the union batch's mean gradient on every rank), uncompressed."""
+        self.link.step = step
+        for name, g in self.trainer.flat.grads.items():
+            self.link.allreduce(g.mul_(self.sizes[self.rank] / self.total), "none", f"grad/{name}")
+
+    def sync(self, p: int) -> None:
+        """Start fragment p's all-reduce of its pseudo-gradient (the ring thread works on it meanwhile)."""
+        s = self.trainer.step
+        buf = self.outer.pseudo_gradient(p, self.sizes[self.rank] / self.total)
+        loss = float(torch.stack(self.since).float().mean()) if self.since else 0.0
+        self.since = []
+        row = [loss * self.sizes[self.rank] / self.total]
+        self.pending.append((p, s, s + self.tau, self.pool.submit(self._reduce, s, buf, f"fragment{p}", row)))
+
+    def merge(self, item) -> dict:
+        """Wait for a fragment's sum and apply the outer step: the same on every rank."""
+        p, s, _, future = item
+        t0 = time.perf_counter()
+        summed, table = future.result()  # (a PeerError from the ring thread is raised here)
+        self.ring_s += time.perf_counter() - t0  # the part of the sync the inner steps did not hide
+        self.outer.step(p, summed, self.alpha)
+        self.outer_steps += 1
+        return {"outer_step": self.outer_steps, "fragment": p, "synced_at": s,
+                "outer_loss": round(float(table[:, 0].sum()), 6), "bytes_sent": self.sent()}
+
+    def sent(self) -> int:
+        return self.sent_before + self.link.bytes_sent
+
+    def run_state(self) -> dict:  # the checkpoint JSON's counters, besides samples and wall time
+        return {"bytes_sent": self.sent(), "outer_steps": self.outer_steps}
+
+    def save(self) -> None:
+        """Every rank's own state (the lead's checkpoint.safetensors is written by the caller)."""
+        done = [(p, s, m, *future.result()) for p, s, m, future in self.pending]  # sums wait, merged later
+        meta = {"step": self.trainer.step, "rank": self.rank}
+        save_rank_state(rank_state_path(self.run_dir, self.rank), self.trainer, self.outer,
+                        self.pool.submit(self.link.residuals).result(), done, meta)
+
+    # -- the run ---------------------------------------------------------------------------------
+    def inner_step(self) -> dict:
+        t = self.trainer
+        loss, _ = t.compute_gradients(t.step, self.rank)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if t.step < self.warmup:
+            self.pool.submit(self._reduce_gradients, t.step).result()
+        lr = t.apply_gradients()
+        self.window.add(loss)
+        self.since.append(loss)
+        row = {}
+        if t.step <= self.warmup or not self.round_s:
+            t.samples += self.total  # (round_s: counted at each sync, from every rank's count)
+        if t.step == self.warmup:
+            self.outer.reset()  # the first round starts from the weights every rank now has
+            self.round.t0 = time.perf_counter()
+        if self.round_s and t.step > self.warmup:
+            row.update(self.timed_round())
+        for p, off in enumerate(self.offsets):
+            if not self.round_s and t.step > self.warmup and (t.step - self.warmup) % self.H == off:
+                self.sync(p)
+        while self.pending and self.pending[0][2] <= t.step:
+            row.update(self.merge(self.pending.pop(0)))
+        if t.step % t.train.log_every == 0 or t.step == t.end_step:
+            row.update(bytes_sent=self.sent(), outer_steps=self.outer_steps)
+            if self.lead:
+                row.update(loss=self.window.mean(), lr=lr, samples=t.samples, samples_per_s=round(t.rate, 2))
+                logger.info(f"step {t.step}/{t.end_step} loss {row['loss']:.4f} ({t.rate:,.0f} samples/s, "
+                            f"{self.outer_steps} outer steps, {self.sent() / 1e6:.1f} MB sent)")
+        return row
+
+    def run(self) -> dict | None:
+        t = self.trainer
+        try:
+            self.form()
+            while not self.finished():
+                row = self.inner_step()
+                if self.lead:
+                    t.after_step(self.recorder, self.run_dir, row, self.run_state)
+                elif row:
+                    self.recorder.log(t.step, **row)
+                if t.due(t.train.checkpoint_every):
+                    self.save()
+            if t.step >= t.total_steps or self.round_s:  # the run's end: merge what is still on the ring
+                while self.pending:
+                    self.recorder.log(t.step, **self.merge(self.pending.pop(0)))
+            self.save()
+            return self.finish() if self.lead else None
+        except BaseException as e:  # SIGTERM (as KeyboardInterrupt), a lost peer: files closed, W&B records why
+            if self.recorder is not None:
+                self.recorder.abort(e)
+            raise
+        finally:
+            self.link.stopped.set()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.link.close()
+            if self.recorder is not None and not self.lead:
+                self.recorder.finish(None)
+
+    def finish(self) -> dict:
+        t = self.trainer
+        evaluation = t.evaluate()
+        self.recorder.log(t.step, **evaluation)
+        t.save(self.run_dir, self.run_state())
+        steps = max(1, t.step)
+        summary = t.summary("diloco", self.window.mean(), evaluation, self.run_dir, ring=self.link.world,
+                            inner_steps=self.H, round_s=self.round_s, fragments=self.F, overlap_steps=self.tau, codec=self.codec,
+                            outer_steps=self.outer_steps, bytes_sent=self.sent(),
+                            bytes_sent_per_step=round(self.sent() / steps),
+                            sync_s_not_hidden_per_step=round(self.ring_s / steps, 6))
+        return self.recorder.finish(summary)
+
+
+def _done(value) -> Future:
+    f: Future = Future()
+    f.set_result(value)
+    return f
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict | None:
+    check(cfg)
+    if cfg.role == "launch":
+        n = int(cfg.cluster.workers)
+        launch_ranks(cfg, run_dir, n, "worker", f"algo=diloco (a ring of {n})")
+        return json.loads((Path(run_dir) / "summary.json").read_text())
+    if cfg.role == "worker":
+        if cfg.rank is None:
+            raise ConfigError("role=worker needs its rank: add rank=N (0 <= N < cluster.workers)")
+        return Worker(cfg, run_dir, int(cfg.rank)).run()
+    raise ConfigError(f"role={cfg.role!r} is invalid for algo=diloco: choose launch (every rank here) or worker "
+                      "(there is no server)")

@@ -1,0 +1,231 @@
+"""algo=diloco: equivalence with allreduce/local (H=1) and with DiLoCo's Algorithm 1 written plainly here (also
+Streaming DiLoCo's fragments and overlap), the codec's error feedback carried across rounds and resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from smolcluster.algorithms.diloco import check
+from smolcluster.errors import ConfigError
+from smolcluster.paths import CONFIG_DIR
+from smolcluster.trainer import Trainer
+from tests.conftest import train
+from tests.equivalence import max_abs_diff
+
+FAST = ["cluster.heartbeat_s=0.2", "cluster.liveness_s=3", "cluster.connect_timeout_s=60"]
+MODEL = ["model.hidden=[64]", "train.batch_size=16", "train.steps=12", "train.log_every=2"]
+ADAMW = ["train.optimizer=adamw", "train.lr=3e-3", *MODEL]
+STREAM = ["algo.inner_steps=4", "algo.fragments=2", "algo.overlap_steps=1", "algo.merge_alpha=0.5"]
+
+
+def compose_cfg(*overrides: str):
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        return compose("config", overrides=list(overrides))
+
+
+def reference(overrides: list[str]) -> dict[str, torch.Tensor]:
+    """DiLoCo (Douillard et al. 2023, Algorithm 1) and Streaming DiLoCo's fragments, plainly, in one process:
+    two replicas each take inner steps on their shard; at a fragment's sync step the pseudo-gradients
+    (global - local, weighted by batch share) are averaged; ``overlap_steps`` later the outer Nesterov step
+    (m = mu m + g; global -= lr (g + mu m)) updates the global fragment, merged into each replica. The first
+    ``warmup_sync_steps`` steps average the gradients instead; the rounds count from there."""
+    cfg = compose_cfg("algo=diloco", "cluster.workers=2", *overrides)
+    a = cfg.algo
+    reps = [Trainer(cfg, [cfg.train.batch_size] * 2) for _ in range(2)]
+    flats = [next(iter(r.flat.params.values())) for r in reps]  # the MLP: one float32 flat buffer
+    n, F, H = flats[0].numel(), a.fragments, a.inner_steps
+    cuts = [p * (n // F) + min(p, n % F) for p in range(F + 1)]  # F contiguous pieces, the first ones longer
+    glob = flats[0].detach().clone()
+    mom = torch.zeros_like(glob)
+    waiting = []  # (merge step, fragment, averaged pseudo-gradient)
+    with torch.no_grad():
+        for _ in range(reps[0].total_steps):
+            for r, rep in enumerate(reps):
+                with torch.enable_grad():
+                    rep.compute_gradients(rep.step, r)
+            if reps[0].step < a.warmup_sync_steps:  # warmup: every replica steps on the mean gradient
+                mean = sum(next(iter(rep.flat.grads.values())) * 0.5 for rep in reps)
+                for rep in reps:
+                    next(iter(rep.flat.grads.values())).copy_(mean)
+            for rep in reps:
+                rep.apply_gradients()
+            s = reps[0].step
+            if s == a.warmup_sync_steps:
+                glob.copy_(flats[0])
+            for p in range(F):
+                if s > a.warmup_sync_steps and (s - a.warmup_sync_steps) % H == (p + 1) * H // F % H:
+                    lo, hi = cuts[p], cuts[p + 1]
+                    d = [(glob[lo:hi] - f[lo:hi]) * 0.5 for f in flats]
+                    waiting.append((s + a.overlap_steps, p, d[0] + d[1]))
+            due = [w for w in waiting if w[0] <= s or s == reps[0].total_steps]
+            for _, p, g in due:
+                lo, hi = cuts[p], cuts[p + 1]
+                mom[lo:hi] = a.outer_momentum * mom[lo:hi] + g
+                step = g + a.outer_momentum * mom[lo:hi] if a.outer_momentum else g
+                glob[lo:hi] -= a.outer_lr * step
+                for f in flats:
+                    f[lo:hi] = a.merge_alpha * f[lo:hi] + (1 - a.merge_alpha) * glob[lo:hi]
+            waiting = [w for w in waiting if w not in due]
+    return {name: p.detach().clone() for name, p in reps[0].model.named_parameters()}
+
+
+def diff_to(run_dir, weights: dict[str, torch.Tensor]) -> float:
+    got = load_file(run_dir / "checkpoint.safetensors")
+    return max(float((got[k] - w).abs().max()) for k, w in weights.items())
+
+
+def weights_diff(a_dir, b_dir) -> float:
+    """Max |a - b| over the weights (not the inner optimizer's state: a rank's own, not the union's)."""
+    a, b = load_file(a_dir / "checkpoint.safetensors"), load_file(b_dir / "checkpoint.safetensors")
+    keys = [k for k in a if not k.startswith("optim/")]
+    assert keys and keys == [k for k in b if not k.startswith("optim/")]
+    return max(float((a[k] - b[k]).abs().max()) for k in keys)
+
+
+def test_h1_outer_sgd_lr1_equals_allreduce_and_local(tmp_path):
+    """H=1, outer lr 1, no outer momentum: global - (global - mean of the locals) = the mean of one SGD step from
+    the same weights, which (SGD with momentum, weight decay: all linear in the gradient) is the step on the
+    mean gradient: allreduce's, and local's on the union of the batches."""
+    args = [*MODEL, "train.optimizer=sgd", "train.weight_decay=0.01", "cluster.workers=2", *FAST]
+    s = train(tmp_path / "diloco", "algo=diloco", "algo.inner_steps=1", "algo.outer_lr=1", "algo.outer_momentum=0",
+              *args)
+    ar = train(tmp_path / "allreduce", "algo=allreduce", *args)
+    train(tmp_path / "local", "algo=local", *[a for a in args if "batch_size" not in a and "cluster" not in a],
+          "train.batch_size=32")
+    assert s["steps"] == 12 and s["outer_steps"] == 12 and s["samples"] == 12 * 32
+    assert weights_diff(tmp_path / "diloco", tmp_path / "allreduce") < 1e-6
+    assert weights_diff(tmp_path / "diloco", tmp_path / "local") < 1e-6
+    assert s["bytes_sent"] == pytest.approx(ar["bytes_sent"], rel=0.05)  # one model-sized sync a step, as allreduce
+
+
+@pytest.mark.parametrize("extra", [[], STREAM], ids=["diloco", "streaming"])
+def test_two_ranks_equal_the_papers_algorithm_written_plainly(tmp_path, extra):
+    over = [*ADAMW, *extra] if extra else [*ADAMW, "algo.inner_steps=4", "algo.warmup_sync_steps=2"]
+    s = train(tmp_path, "algo=diloco", "cluster.workers=2", *over, *FAST)
+    want = reference(over)
+    d = diff_to(tmp_path, want)
+    assert d < 1e-6, d
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines() if r.strip()]
+    outer = [(r["step"], r.get("fragment"), r.get("synced_at")) for r in rows if "outer_step" in r]
+    if extra:  # fragment 0 syncs at 2, 6, 10 (merged a step later), fragment 1 at 4, 8 and 12 (merged at the end)
+        assert outer == [(3, 0, 2), (5, 1, 4), (7, 0, 6), (9, 1, 8), (11, 0, 10), (12, 1, 12)], outer
+    else:  # 2 warmup steps with the gradient summed, then rounds of 4 from step 2
+        assert outer == [(6, 0, 6), (10, 0, 10)], outer
+    # a sync sends 2(N-1)/N of the (fragment of the) model: 3 model-sized syncs in 12 steps (and 2 warmup
+    # steps + 2 rounds), allreduce's 12
+    model = 2 * 1 / 2 * s["params"] * 4
+    assert model * 3 < s["bytes_sent"] < model * 4 * 1.1, (s["bytes_sent"], model)
+    assert s["final_loss"] < rows[0]["loss"]  # it learns
+
+
+def test_int4_error_feedback_is_carried_across_rounds_and_resume(tmp_path):
+    """A stopped and resumed int4 run equals the uninterrupted one to the bit, with a fragment's sum still
+    pending at the stop; resumed without its error-feedback residuals it does not (they matter, and are carried)."""
+    args = ["algo=diloco", "cluster.workers=2", *ADAMW, *STREAM, "algo.codec=int4", "algo.overlap_steps=2", *FAST]
+    whole = train(tmp_path / "whole", *args)
+    first = train(tmp_path / "run", *args, "train.stop_after=7")  # fragment 0 synced at 6, merged at 8
+    state = load_file(tmp_path / "run" / "diloco-rank1.safetensors")
+    ef = [v for k, v in state.items() if k.startswith("ef/")]
+    assert ef and all(float(v.abs().max()) > 0 for v in ef)  # what int4 rounding left out, per bucket and hop
+    assert "pending/0" in state and first["outer_steps"] == 2
+    shutil.copytree(tmp_path / "run", tmp_path / "dropped")
+    s = train(tmp_path / "run", *args, f"resume={tmp_path / 'run'}")
+    assert s["steps"] == 12 and s["outer_steps"] == whole["outer_steps"] == 6
+    assert max_abs_diff(tmp_path / "run", tmp_path / "whole") == 0.0
+    assert s["bytes_sent"] == pytest.approx(whole["bytes_sent"], rel=0.02)  # counted from step 0
+    for r in range(2):  # the same run without the residuals: the next rounds send other values
+        path = tmp_path / "dropped" / f"diloco-rank{r}.safetensors"
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        kept = {k: v for k, v in load_file(path).items() if not k.startswith("ef/")}
+        save_file(kept, str(path), metadata=meta)
+    train(tmp_path / "dropped", *args, f"resume={tmp_path / 'dropped'}")
+    assert max_abs_diff(tmp_path / "dropped", tmp_path / "whole") > 1e-6
+
+
+def test_timed_rounds_let_the_fast_rank_step_more_and_weigh_each_by_its_samples(tmp_path):
+    """algo.round_s: rank 1 is slower (cluster.nodes[r].delay_s), so within the same round time it takes fewer
+    inner steps; the weights equal a plain replay of the logged rounds: each rank's steps, its pseudo-gradient
+    weighted by its samples, the outer Nesterov step."""
+    # the delays cap each rank's rate (rank 0 <= 40 steps a 0.2 s round, rank 1 <= 4), so the global budget of
+    # 60 x 32 samples takes at least 3 rounds on any machine
+    over = [*ADAMW, "train.steps=60", "algo.round_s=0.2"]
+    s = train(tmp_path, "algo=diloco", "cluster.workers=2", *over, "cluster.nodes=[{delay_s: 0.005},{delay_s: 0.05}]",
+              *FAST)
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines() if r.strip()]
+    rounds = [(r["round_steps/rank0"], r["round_steps/rank1"]) for r in rows if "outer_step" in r]
+    assert len(rounds) == s["outer_steps"] >= 3
+    fast, slow = (sum(n[i] for n in rounds[1:]) for i in (0, 1))  # rounds after the first: steps from the rate
+    assert fast > slow, rounds
+    assert s["samples"] == 16 * sum(a + b for a, b in rounds) >= 60 * 32  # ends once the global budget is met
+    cfg = compose_cfg("algo=diloco", "cluster.workers=2", *over)
+    a = cfg.algo
+    reps = [Trainer(cfg, [16, 16]) for _ in range(2)]
+    flats = [next(iter(r.flat.params.values())) for r in reps]
+    glob, mom = flats[0].detach().clone(), torch.zeros_like(flats[0])
+    with torch.no_grad():
+        for steps in rounds:
+            for r, rep in enumerate(reps):
+                for _ in range(steps[r]):
+                    with torch.enable_grad():
+                        rep.compute_gradients(rep.step, r)
+                    rep.apply_gradients()
+            g = sum((glob - f) * (16 * n / (16 * sum(steps))) for f, n in zip(flats, steps))
+            mom = a.outer_momentum * mom + g
+            glob -= a.outer_lr * (g + a.outer_momentum * mom)
+            for f in flats:
+                f.copy_(glob)
+    want = {name: p.detach().clone() for name, p in reps[0].model.named_parameters()}
+    assert diff_to(tmp_path, want) < 1e-6, diff_to(tmp_path, want)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("algo.inner_steps=0", "algo.inner_steps=0 is invalid"),
+    ("algo.fragments=8", "exceeds algo.inner_steps"),
+    ("algo.overlap_steps=50", "must be below algo.inner_steps"),
+    ("algo.outer_momentum=1.5", "algo.outer_momentum=1.5 is invalid"),
+    ("algo.codec=int3", "codec 'int3' is unknown"),
+    ("algo.round_s=0", "algo.round_s=0 is invalid"),
+])
+def test_bad_diloco_settings_are_one_line_errors(override, message):
+    cfg = compose_cfg("algo=diloco", "algo.inner_steps=4" if "inner" not in override else override, override)
+    with pytest.raises(ConfigError, match=message):
+        check(cfg)
+
+
+def test_the_desk_puts_each_nodes_processes_in_its_cpu_budget_and_namespace():
+    """bench/desk.py: a command started through Desk.exec runs in its host's cgroup (with the quota asked for)
+    and network namespace (its own address), and the groups are gone after close."""
+    from smolcluster.bench.desk import Desk, cgroup_unavailable
+    from smolcluster.bench.netns import netns_unavailable
+
+    reason = netns_unavailable(shaping=True) or cgroup_unavailable()
+    if reason:
+        pytest.skip(reason)
+    desk = Desk(["a", "b"], rate="20mbit", cpus={"a": 0.45, "b": 0.9}).build()
+    try:
+        for host, cores in (("a", 0.45), ("b", 0.9)):
+            out = subprocess.run([*desk.exec(host), "sh", "-c", "cat /proc/self/cgroup; ip -4 -o addr show eth0"],
+                                 capture_output=True, text=True, timeout=30, check=True).stdout
+            cpu_line = next(line for line in out.splitlines() if ":cpu," in line or ":cpu:" in line)
+            assert cpu_line.endswith("/" + desk.groups[host].name), cpu_line
+            assert desk.ip[host] in out and desk.quota(host) == cores
+    finally:
+        desk.close()
+    assert not any(g.exists() for g in desk.groups.values())
+
+
+def test_the_launchers_start_diloco_as_a_ring_of_workers():
+    from launchers.slurm import lead_task, roles
+    from launchers.ssh import compose_config
+
+    cfg, _ = compose_config("local", ["algo=diloco", "cluster.workers=3"])  # refused before for an unknown algo
+    assert roles(cfg) == [("worker", 0), ("worker", 1), ("worker", 2)] and lead_task(cfg) == 0
