@@ -1,0 +1,104 @@
+"""LoRA fine-tuning (``train.lora.enabled=true``): peft's LoRA layers on a frozen base.
+
+The base model (``model.pretrained=DIR``, or a named config's seeded init) is built as usual, cast
+to ``train.lora.base_precision`` and frozen; :func:`apply` wraps it with ``peft.get_peft_model``,
+so the adapters are peft's own layers and its config format. Only the adapters require
+gradients, and everything downstream keys on that: :class:`smolcluster.flat.FlatParams` holds
+only trainable parameters, so the optimizer, every wire message (``flat.grads``/``flat.params``)
+and every checkpoint carry only the adapters.
+
+A checkpoint also writes ``RUN_DIR/adapter/`` with ``PeftModel.save_pretrained`` (what
+``PeftModel.from_pretrained(base, dir)`` loads), and with ``merge=true`` ``RUN_DIR/hf/``, the base
+with the adapters merged in, as a Hugging Face directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from smolcluster.errors import ConfigError
+
+# What a base may be held in; adapters are always float32 (peft's autocast_adapter_dtype).
+BASE_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The attention and MLP projections of each family (their module names in transformers).
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+
+
+def enabled(train_cfg) -> bool:
+    lora = train_cfg.get("lora") if hasattr(train_cfg, "get") else getattr(train_cfg, "lora", None)
+    return bool(lora and lora.get("enabled"))
+
+
+def lora_config(lora: dict, model: nn.Module):
+    """The ``peft.LoraConfig`` for ``train.lora``; target modules default to the family's projections."""
+    from peft import LoraConfig
+
+    family = getattr(getattr(model, "config", None), "model_type", None)
+    targets = lora.get("target_modules") or DEFAULT_TARGETS.get(family)
+    if not targets:
+        raise ConfigError(f"train.lora: no default target modules for model type {family!r}; name them, "
+                          "e.g. train.lora.target_modules=[fc1,fc2]")
+    return LoraConfig(r=int(lora["r"]), lora_alpha=float(lora["alpha"]), lora_dropout=float(lora.get("dropout") or 0),
+                      target_modules=list(targets), bias="none", task_type="CAUSAL_LM" if family else None,
+                      fan_in_fan_out=family == "gpt2")  # GPT-2's projections are Conv1D (in x out)
+
+
+def apply(model: nn.Module, lora: dict, seed: int) -> nn.Module:
+    """``model`` frozen in ``lora.base_precision`` with peft's LoRA adapters (float32, seeded by ``seed``)."""
+    from peft import get_peft_model
+
+    precision = lora.get("base_precision", "fp32")
+    if precision not in BASE_PRECISIONS:
+        raise ConfigError(f"train.lora.base_precision={precision!r}: choose {' | '.join(BASE_PRECISIONS)}")
+    config = lora_config(lora, model)
+    model = model.to(BASE_PRECISIONS[precision])
+    # Seeded here, not by whatever the base's construction drew: the adapters' init is the same
+    # whether the base was loaded or built, on every process and for the peft reference.
+    torch.manual_seed(seed)
+    try:
+        peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
+    except ValueError as e:  # "Target modules {...} not found in the base model"
+        raise ConfigError(f"train.lora.target_modules={config.target_modules}: {e}") from None
+    return peft_model
+
+
+def trainable_bytes(model: nn.Module) -> tuple[int, int, int]:
+    """(trainable parameters, all parameters, bytes of the trainable ones)."""
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    return (sum(p.numel() for p in trainable), sum(p.numel() for p in params),
+            sum(p.numel() * p.element_size() for p in trainable))
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
+    """``out_dir`` as a PEFT adapter directory (adapter_config.json + adapter_model.safetensors), each file
+    landing by an atomic rename so a crash mid-write leaves it whole."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(str(tmp))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f in tmp.iterdir():
+            f.replace(out_dir / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def merged(model: nn.Module) -> nn.Module:
+    """A copy of the base with the adapters merged into its weights (``merge_and_unload``); ``model`` is untouched."""
+    with torch.no_grad():
+        return copy.deepcopy(model).merge_and_unload()

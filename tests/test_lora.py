@@ -1,0 +1,156 @@
+"""LoRA fine-tuning (``train.lora``): against a plain PyTorch loop over ``peft.get_peft_model``, the
+distributed algorithms against ``local``, and the adapter directory against ``PeftModel.from_pretrained``.
+
+The bases are random-init Llama and Qwen3 directories (``save_pretrained``, with a small BPE tokenizer),
+built once for the module."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from smolcluster.data.text import embedded_corpus
+from smolcluster.models.lora import DEFAULT_TARGETS
+from smolcluster.paths import CONFIG_DIR
+from smolcluster.trainer import Trainer
+from tests.conftest import train
+from tests.test_hf_training import pretrained_dir
+
+SEED, STEPS, LR, R, ALPHA = 0, 20, 1e-3, 4, 8.0
+FAST = ["cluster.heartbeat_s=0.2", "cluster.liveness_s=3", "cluster.connect_timeout_s=60"]
+
+
+def overrides(bases: dict, family: str, *extra: str) -> list[str]:
+    return ["model=llama-tiny", f"model.pretrained={bases[family]}", "model.block_size=32", "data=text",
+            f"data.path={bases['corpus']}",
+            f"train.steps={STEPS}", "train.optimizer=adamw", f"train.lr={LR}", "train.schedule=constant",
+            "train.eval_samples=16", "train.lora.enabled=true", f"train.lora.r={R}", f"train.lora.alpha={ALPHA}",
+            f"seed={SEED}", *extra]
+
+
+def trainer_for(bases: dict, family: str, *extra: str) -> Trainer:
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        cfg = compose("config", overrides=["algo=local", "train.batch_size=8", *overrides(bases, family, *extra)])
+    return Trainer(cfg, [8], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory) -> dict:
+    """The two base model directories, and ``corpus``: 40 kB of the embedded corpus (encoding it all costs seconds)."""
+    out = {family: pretrained_dir(tmp_path_factory.mktemp(family), family) for family in ("llama", "qwen3")}
+    out["corpus"] = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    out["corpus"].write_text(embedded_corpus()[:40_000])
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(bases) -> dict:
+    """Per family: our ``local`` LoRA run of STEPS steps."""
+    out = {}
+    for family in ("llama", "qwen3"):
+        t = trainer_for(bases, family)
+        for _ in range(STEPS):
+            t.step_local()
+        out[family] = t
+    return out
+
+
+def peft_reference(base_dir, family: str, batches):
+    """The reference: peft's model over the transformers base, AdamW on its trainable parameters."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="sdpa")
+    torch.manual_seed(SEED)
+    model = get_peft_model(base, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=DEFAULT_TARGETS[family],
+                                            task_type="CAUSAL_LM"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.95), weight_decay=0.0)
+    for x, y in batches:
+        logits = model(x).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_local_lora_equals_a_plain_loop_over_peft_get_peft_model(bases, trained, family):
+    ours = trained[family]
+    batches = [ours.batch(step) for step in range(STEPS)]
+    ref = peft_reference(bases[family], family, batches)
+    ref_params = {n: p for n, p in ref.named_parameters() if p.requires_grad}
+    our_params = {n: p for n, p in ours.model.named_parameters() if p.requires_grad}
+    assert our_params.keys() == ref_params.keys() and all("lora_" in n for n in our_params)
+    diff = max(float((our_params[n] - ref_params[n]).detach().abs().max()) for n in our_params)
+    assert diff < 1e-6, diff
+    moved = max(float(p.detach().abs().max()) for n, p in our_params.items() if "lora_B" in n)  # B starts at zero
+    assert moved > 1e-3, moved
+    # only the adapters are in the flat buffers and the optimizer: the base stays frozen
+    n_adapter = sum(p.numel() for p in our_params.values())
+    assert ours.flat.numel() == n_adapter < ours.num_params / 10
+    opt_params = [p for g in ours.optimizer.param_groups for p in g["params"]]
+    assert sum(p.numel() for p in opt_params) == n_adapter
+    base_w = dict(ours.model.named_parameters())
+    ref_w = dict(ref.named_parameters())
+    name = next(n for n in base_w if n.endswith("q_proj.base_layer.weight"))
+    assert torch.equal(base_w[name], ref_w[name])
+
+
+def test_adapter_and_merged_directories_load_with_peft_and_transformers(bases, trained, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ours = trained["qwen3"]
+    ours.train.lora["merge"] = True
+    ours.save(tmp_path)
+    ckpt = safe_open(str(tmp_path / "checkpoint.safetensors"), framework="pt")
+    names = [k for k in ckpt.keys() if not k.startswith("optim/")]
+    assert names and all(".lora_A." in k or ".lora_B." in k for k in names)  # no base tensor in the checkpoint
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == R
+    x = ours.data.test_x[:4]
+    ours.model.eval()
+    with torch.no_grad():
+        mine = ours.model(x).logits
+    base = AutoModelForCausalLM.from_pretrained(bases["qwen3"], dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert float((loaded(x).logits - mine).abs().max()) < 1e-5
+        assert float((merged(x).logits - mine).abs().max()) < 1e-5
+
+
+def test_a_stopped_and_resumed_lora_run_ends_as_one_run(bases, trained, tmp_path):
+    first = trainer_for(bases, "llama", "train.stop_after=10")
+    while first.step < first.end_step:
+        first.step_local()
+    first.save(tmp_path)
+    second = trainer_for(bases, "llama")
+    second.resume(tmp_path)
+    while second.step < STEPS:
+        second.step_local()
+    full = dict(trained["llama"].model.named_parameters())
+    assert max(float((p - full[n]).detach().abs().max()) for n, p in second.model.named_parameters()) == 0.0
+
+
+@pytest.mark.parametrize("algo", ["syncps", "allreduce"])
+def test_distributed_lora_equals_local_and_checkpoints_only_adapters(bases, trained, tmp_path, algo):
+    """2 workers of batch 4 against the in-process ``local`` run of batch 8 (allreduce with ZeRO-1)."""
+    extra = ["algo.zero=1"] if algo == "allreduce" else []
+    dist = train(tmp_path, f"algo={algo}", "cluster.workers=2", "train.batch_size=4", *extra,
+                 *overrides(bases, "llama"), *FAST)
+    local = trained["llama"]
+    assert dist["steps"] == STEPS and dist["trainable_params"] == local.flat.numel() < local.num_params / 10
+    ours = load_file(tmp_path / "checkpoint.safetensors")
+    params = {k: v for k, v in ours.items() if not k.startswith("optim/")}
+    expected = {n: p.detach() for n, p in local.model.named_parameters() if p.requires_grad}
+    assert params.keys() == expected.keys()  # the adapters and nothing else
+    diff = max(float((params[n] - expected[n]).abs().max()) for n in params)
+    assert diff < 1e-6, diff
