@@ -154,3 +154,10 @@ def test_distributed_lora_equals_local_and_checkpoints_only_adapters(bases, trai
     assert params.keys() == expected.keys()  # the adapters and nothing else
     diff = max(float((params[n] - expected[n]).abs().max()) for n in params)
     assert diff < 1e-6, diff
+    # the wire carried the adapters' gradients (float32), a tenth of what the whole model's would be
+    adapter_bytes = 4 * local.flat.numel()
+    if algo == "syncps":  # each of 2 workers sends one gradient per step
+        per_grad = dist["bytes_received"] / (2 * STEPS)
+        assert adapter_bytes <= per_grad < 1.2 * adapter_bytes, (per_grad, adapter_bytes)
+    else:  # a 2-rank ring: a reduce-scatter and an all-gather of half the buffer each
+        assert adapter_bytes <= dist["bytes_sent_per_step"] < 1.2 * adapter_bytes, (dist["bytes_sent_per_step"], adapter_bytes)
