@@ -64,6 +64,7 @@ class Trainer:
         # Per-layer gradient norms every N steps (logging.grad_norm_every), measured before clipping.
         self.grad_norm_every = int(cfg.get("logging", {}).get("grad_norm_every") or 0)
         self.grad_norms: dict[str, float] = {}
+        self._sizes_logged = False
 
     def own_part(self, whole: torch.nn.Module) -> torch.nn.Module:
         """The part of the model this process trains: all of it (a pipeline stage keeps its layers)."""
@@ -139,6 +140,9 @@ class Trainer:
         evaluation = self.evaluate() if self.due(self.train.eval_every) else {}
         row.update(evaluation)
         if row:
+            if not self._sizes_logged:  # once a process: what it trains (top shows it, LoRA's few percent)
+                row.update(trainable_params=self.flat.numel(), params=self.num_params)
+                self._sizes_logged = True
             recorder.log(self.step, **row)
         if self.due(self.train.checkpoint_every):
             self.save(run_dir, run_state() if run_state is not None else None)

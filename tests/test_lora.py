@@ -61,12 +61,12 @@ def trained(bases) -> dict:
     return out
 
 
-def peft_reference(base_dir, family: str, batches):
-    """The reference: peft's model over the transformers base, AdamW on its trainable parameters."""
+def peft_reference(base_dir, family: str, batches, dtype=torch.float32):
+    """The reference: peft's model over the transformers base (in ``dtype``), AdamW on its trainable parameters."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="sdpa")
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, attn_implementation="sdpa")
     torch.manual_seed(SEED)
     model = get_peft_model(base, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=DEFAULT_TARGETS[family],
                                             task_type="CAUSAL_LM"))
@@ -102,6 +102,28 @@ def test_local_lora_equals_a_plain_loop_over_peft_get_peft_model(bases, trained,
     ref_w = dict(ref.named_parameters())
     name = next(n for n in base_w if n.endswith("q_proj.base_layer.weight"))
     assert torch.equal(base_w[name], ref_w[name])
+
+
+def test_a_bf16_base_holds_its_weights_in_bf16_and_trains_float32_adapters_as_peft_does(bases):
+    ours = trainer_for(bases, "llama", "train.lora.base_precision=bf16")
+    for _ in range(5):
+        ours.step_local()
+    ref = peft_reference(bases["llama"], "llama", [ours.batch(step) for step in range(5)], dtype=torch.bfloat16)
+    dtypes = {p.dtype for n, p in ours.model.named_parameters() if not p.requires_grad}
+    assert dtypes == {torch.bfloat16} and list(ours.flat.params) == ["float32"]
+    ref_params = dict(ref.named_parameters())
+    diff = max(float((p - ref_params[n]).detach().abs().max()) for n, p in ours.model.named_parameters()
+               if p.requires_grad)
+    assert diff < 1e-6, diff
+
+
+def test_top_shows_trainable_parameters_and_bytes_per_step():
+    from smolcluster.top import Node, row_of
+
+    node = Node("u", labels={"node": "n", "role": "server"}, values={"trainable_params": 11264, "params": 175424},
+                rates={"step": 2.0, "bytes_sent": 90112.0})
+    row = row_of(node)
+    assert "11,264/175,424 (6.4%)" in row and "44.0 KB" in row  # 90112 B/s at 2 steps/s
 
 
 def test_adapter_and_merged_directories_load_with_peft_and_transformers(bases, trained, tmp_path):
@@ -147,6 +169,9 @@ def test_distributed_lora_equals_local_and_checkpoints_only_adapters(bases, trai
     dist = train(tmp_path, f"algo={algo}", "cluster.workers=2", "train.batch_size=4", *extra,
                  *overrides(bases, "llama"), *FAST)
     local = trained["llama"]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    sizes = next(r for r in rows if "trainable_params" in r)  # what top shows
+    assert (sizes["trainable_params"], sizes["params"]) == (local.flat.numel(), local.num_params)
     assert dist["steps"] == STEPS and dist["trainable_params"] == local.flat.numel() < local.num_params / 10
     ours = load_file(tmp_path / "checkpoint.safetensors")
     params = {k: v for k, v in ours.items() if not k.startswith("optim/")}

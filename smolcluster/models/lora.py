@@ -63,7 +63,10 @@ def apply(model: nn.Module, lora: dict, seed: int) -> nn.Module:
     if precision not in BASE_PRECISIONS:
         raise ConfigError(f"train.lora.base_precision={precision!r}: choose {' | '.join(BASE_PRECISIONS)}")
     config = lora_config(lora, model)
-    model = model.to(BASE_PRECISIONS[precision])
+    dtype = BASE_PRECISIONS[precision]
+    with torch.no_grad():  # the weights only: model.to() would also round buffers (RoPE's inv_freq stays float32,
+        for p in model.parameters():  # as from_pretrained(dtype=...) leaves it)
+            p.data = p.data.to(dtype)
     # Seeded here, not by whatever the base's construction drew: the adapters' init is the same
     # whether the base was loaded or built, on every process and for the peft reference.
     torch.manual_seed(seed)
