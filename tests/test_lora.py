@@ -186,3 +186,29 @@ def test_distributed_lora_equals_local_and_checkpoints_only_adapters(bases, trai
         assert adapter_bytes <= per_grad < 1.2 * adapter_bytes, (per_grad, adapter_bytes)
     else:  # a 2-rank ring: a reduce-scatter and an all-gather of half the buffer each
         assert adapter_bytes <= dist["bytes_sent_per_step"] < 1.2 * adapter_bytes, (dist["bytes_sent_per_step"], adapter_bytes)
+
+
+@pytest.mark.parametrize(("extra", "expect"), [
+    (["algo=mp"], "train.lora with algo=mp is not supported yet"),
+    (["train.lora.base_precision=int4"], "train.lora.base_precision='int4' is invalid"),
+    (["train.lora.r=0"], "train.lora.r=0 is invalid"),
+])
+def test_a_bad_lora_config_is_refused_naming_the_key(extra, expect):
+    from smolcluster.config import validate
+    from smolcluster.errors import ConfigError
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        cfg = compose("config", overrides=["model=llama-tiny", "data=text", "train.lora.enabled=true", *extra])
+    with pytest.raises(ConfigError, match=expect):
+        validate(cfg)
+
+
+def test_lora_on_a_model_without_known_projections_asks_for_target_modules():
+    from smolcluster.errors import ConfigError
+    from smolcluster.models import lora
+    from smolcluster.models.mlp import MLP
+
+    with pytest.raises(ConfigError, match=r"e.g. train.lora.target_modules=\[1,3\] \(its Linear layers: 1, 3, 5\)"):
+        lora.apply(MLP(in_features=8, num_classes=2), {"r": 2, "alpha": 4}, seed=0)
+    with pytest.raises(ConfigError, match=r"target_modules=\['nope'\].*not found.*its Linear layers: 1, 3, 5"):
+        lora.apply(MLP(in_features=8, num_classes=2), {"r": 2, "alpha": 4, "target_modules": ["nope"]}, seed=0)

@@ -48,8 +48,9 @@ def lora_config(lora: dict, model: nn.Module):
     family = getattr(getattr(model, "config", None), "model_type", None)
     targets = lora.get("target_modules") or DEFAULT_TARGETS.get(family)
     if not targets:
-        raise ConfigError(f"train.lora: no default target modules for model type {family!r}; name them, "
-                          "e.g. train.lora.target_modules=[fc1,fc2]")
+        raise ConfigError(f"train.lora: no default target modules for model type {family!r}; name them, e.g. "
+                          f"train.lora.target_modules=[{','.join(linear_names(model)[:2])}] (its Linear layers: "
+                          f"{', '.join(linear_names(model)) or 'none'})")
     return LoraConfig(r=int(lora["r"]), lora_alpha=float(lora["alpha"]), lora_dropout=float(lora.get("dropout") or 0),
                       target_modules=list(targets), bias="none", task_type="CAUSAL_LM" if family else None,
                       fan_in_fan_out=family == "gpt2")  # GPT-2's projections are Conv1D (in x out)
@@ -73,16 +74,14 @@ def apply(model: nn.Module, lora: dict, seed: int) -> nn.Module:
     try:
         peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
     except ValueError as e:  # "Target modules {...} not found in the base model"
-        raise ConfigError(f"train.lora.target_modules={config.target_modules}: {e}") from None
+        raise ConfigError(f"train.lora.target_modules={sorted(config.target_modules)}: {e} (its Linear layers: "
+                          f"{', '.join(linear_names(model)) or 'none'})") from None
     return peft_model
 
 
-def trainable_bytes(model: nn.Module) -> tuple[int, int, int]:
-    """(trainable parameters, all parameters, bytes of the trainable ones)."""
-    params = list(model.parameters())
-    trainable = [p for p in params if p.requires_grad]
-    return (sum(p.numel() for p in trainable), sum(p.numel() for p in params),
-            sum(p.numel() * p.element_size() for p in trainable))
+def linear_names(model: nn.Module) -> list[str]:
+    """The distinct last names of ``model``'s Linear layers: what target_modules may name."""
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
