@@ -70,6 +70,11 @@ def peft_reference(base_dir, family: str, batches, dtype=torch.float32):
     torch.manual_seed(SEED)
     model = get_peft_model(base, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=DEFAULT_TARGETS[family],
                                             task_type="CAUSAL_LM"))
+    return peft_train(model, batches)
+
+
+def peft_train(model, batches):
+    """A plain PyTorch loop: AdamW on the model's trainable parameters, one step per batch."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.95), weight_decay=0.0)
     for x, y in batches:
@@ -115,6 +120,41 @@ def test_a_bf16_base_holds_its_weights_in_bf16_and_trains_float32_adapters_as_pe
     diff = max(float((p - ref_params[n]).detach().abs().max()) for n, p in ours.model.named_parameters()
                if p.requires_grad)
     assert diff < 1e-6, diff
+
+
+def test_an_int8_base_trains_as_peft_does_over_its_dequantized_weights(bases, tmp_path):
+    """The reference holds each adapted projection's weight as ``q * scale`` in float32: the same numbers the
+    int8 rows stand for (ours scales after the matmul, so the two round differently: 1e-5)."""
+    from peft.tuners.lora import LoraLayer
+
+    from smolcluster.models.lora import dequantized
+    from smolcluster.pipeline.quantize import Int8Linear
+
+    ours = trainer_for(bases, "llama", "train.lora.base_precision=int8")
+    for _ in range(5):
+        ours.step_local()
+    layers = [m for m in ours.model.modules() if isinstance(m, LoraLayer)]
+    assert layers and all(isinstance(m.base_layer, Int8Linear) and m.base_layer.qweight.dtype == torch.int8
+                          for m in layers)
+    ref = peft_reference(bases["llama"], "llama", [], dtype=torch.float32)
+    with torch.no_grad():  # the reference's frozen weights := ours, dequantized
+        ref_layers = [m for m in ref.modules() if isinstance(m, LoraLayer)]
+        for mine, theirs in zip(layers, ref_layers, strict=True):
+            theirs.base_layer.weight.copy_(dequantized(mine.base_layer).weight)
+    ref = peft_train(ref, [ours.batch(step) for step in range(5)])
+    ref_params = dict(ref.named_parameters())
+    diff = max(float((p - ref_params[n]).detach().abs().max()) for n, p in ours.model.named_parameters()
+               if p.requires_grad)
+    assert diff < 1e-5, diff
+    ours.train.lora["merge"] = True
+    ours.save(tmp_path)  # merges the dequantized base
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    x = ours.data.test_x[:2]
+    ours.model.eval()
+    with torch.no_grad():
+        assert float((merged(x).logits - ours.model(x).logits).abs().max()) < 1e-4
 
 
 def test_top_shows_trainable_parameters_and_bytes_per_step():

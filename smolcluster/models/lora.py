@@ -2,7 +2,8 @@
 
 The base model (``model.pretrained=DIR``, or a named config's seeded init) is built as usual, cast
 to ``train.lora.base_precision`` and frozen; :func:`apply` wraps it with ``peft.get_peft_model``,
-so the adapters are peft's own layers and its config format. Only the adapters require
+so the adapters are peft's own layers and its config format (an int8 base: each adapted
+projection's base layer then becomes the pipeline's ``Int8Linear``). Only the adapters require
 gradients, and everything downstream keys on that: :class:`smolcluster.flat.FlatParams` holds
 only trainable parameters, so the optimizer, every wire message (``flat.grads``/``flat.params``)
 and every checkpoint carry only the adapters.
@@ -15,17 +16,17 @@ with the adapters merged in, as a Hugging Face directory.
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from smolcluster.errors import ConfigError
+from smolcluster.models.hf import staged_dir
 
-# What a base may be held in; adapters are always float32 (peft's autocast_adapter_dtype).
-BASE_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# What a base may be held in; adapters are always float32 (peft's autocast_adapter_dtype). int8: the adapted
+# projections as int8 rows + scales (the pipeline's Int8Linear, dequantized on the fly), the rest float32.
+BASE_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
 # The attention and MLP projections of each family (their module names in transformers).
 DEFAULT_TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -73,10 +74,42 @@ def apply(model: nn.Module, lora: dict, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     try:
         peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
+        if precision == "int8":
+            quantize_bases(peft_model)
     except ValueError as e:  # "Target modules {...} not found in the base model"
         raise ConfigError(f"train.lora.target_modules={sorted(config.target_modules)}: {e} (its Linear layers: "
                           f"{', '.join(linear_names(model)) or 'none'})") from None
     return peft_model
+
+
+def quantize_bases(model: nn.Module) -> None:
+    """Every adapted projection's frozen weight as int8 rows + scales (``pipeline.quantize.Int8Linear``): peft's
+    LoRA layer calls its ``base_layer`` as a function, so the integer module takes the Linear's place there."""
+    from peft.tuners.lora import LoraLayer
+
+    from smolcluster.pipeline.quantize import Int8Linear, int8_rows
+
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if not isinstance(module, LoraLayer):
+            continue
+        if type(base) is not nn.Linear:
+            raise ConfigError(f"train.lora.base_precision=int8 quantizes nn.Linear projections, not "
+                              f"{type(base).__name__} (GPT-2's Conv1D): use fp32 or bf16")
+        q = Int8Linear(base.in_features, base.out_features, bias=base.bias is not None)
+        q.qweight, q.scales = int8_rows(base.weight.detach(), torch.float32)
+        if base.bias is not None:
+            q.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=False)
+        module.base_layer = q
+
+
+def dequantized(module: nn.Module) -> nn.Linear:
+    """An Int8Linear back as a float32 nn.Linear (``q * scale``), for merging."""
+    linear = nn.Linear(module.n_in, module.n_out, bias=module.bias is not None)
+    linear.weight.data = module.qweight.float() * module.scales[:, None]
+    if module.bias is not None:
+        linear.bias.data = module.bias.detach().clone()
+    return linear
 
 
 def linear_names(model: nn.Module) -> list[str]:
@@ -88,19 +121,18 @@ def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
     """``out_dir`` as a PEFT adapter directory (adapter_config.json + adapter_model.safetensors), each file
     landing by an atomic rename so a crash mid-write leaves it whole."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for f in tmp.iterdir():
-            f.replace(out_dir / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
 def merged(model: nn.Module) -> nn.Module:
     """A copy of the base with the adapters merged into its weights (``merge_and_unload``); ``model`` is untouched."""
+    from smolcluster.pipeline.quantize import Int8Linear
+
     with torch.no_grad():
-        return copy.deepcopy(model).merge_and_unload()
+        model = copy.deepcopy(model)
+        for module in model.modules():  # an int8 base merges as its dequantized weights
+            if isinstance(getattr(module, "base_layer", None), Int8Linear):
+                module.base_layer = dequantized(module.base_layer)
+        return model.merge_and_unload()
