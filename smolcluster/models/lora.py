@@ -38,8 +38,8 @@ DEFAULT_TARGETS = {
 
 
 def enabled(train_cfg) -> bool:
-    lora = train_cfg.get("lora") if hasattr(train_cfg, "get") else getattr(train_cfg, "lora", None)
-    return bool(lora and lora.get("enabled"))
+    """``train.lora.enabled`` (a config without the key: no LoRA)."""
+    return bool((train_cfg.get("lora") or {}).get("enabled"))
 
 
 def lora_config(lora: dict, model: nn.Module):
