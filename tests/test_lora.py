@@ -252,3 +252,16 @@ def test_lora_on_a_model_without_known_projections_asks_for_target_modules():
         lora.apply(MLP(in_features=8, num_classes=2), {"r": 2, "alpha": 4}, seed=0)
     with pytest.raises(ConfigError, match=r"target_modules=\['nope'\].*not found.*its Linear layers: 1, 3, 5"):
         lora.apply(MLP(in_features=8, num_classes=2), {"r": 2, "alpha": 4, "target_modules": ["nope"]}, seed=0)
+
+
+def test_edp_trains_only_the_adapters_to_completion(bases, tmp_path):
+    """EDP applies gradients as they come (no equality with local): it finishes, and the server's wire and
+    checkpoint carry the adapters only."""
+    s = train(tmp_path, "algo=edp", "cluster.workers=2", "train.batch_size=4", *overrides(bases, "llama"),
+              "train.steps=8", *FAST)
+    assert s["steps"] == 8 and s["applied"] == 8
+    with safe_open(str(tmp_path / "checkpoint.safetensors"), framework="pt") as f:
+        assert all(".lora_" in k or k.startswith("optim/") for k in f.keys())
+    per_grad = s["bytes_received"] / sum(w["applied"] + w.get("dropped", 0) for w in s["workers"].values())
+    assert 4 * s["trainable_params"] <= per_grad < 1.2 * 4 * s["trainable_params"], per_grad
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
