@@ -62,9 +62,12 @@ def _chat(data_cfg: DictConfig, model_cfg: DictConfig) -> DataBundle:
     from smolcluster.data import chat, text
 
     model_dir = data_cfg.get("template_dir") or model_cfg.get("pretrained")
-    if not model_dir or not Path(model_dir).expanduser().is_dir():
+    if not model_dir:
         raise ConfigError("data=chat renders conversations with a model directory's chat template: give "
                           "model.pretrained=DIR (or data.template_dir=DIR)")
+    if not Path(model_dir).expanduser().is_dir():
+        raise ConfigError(f"data=chat: {model_dir} is not a directory; give the model directory whose chat template "
+                          "renders the conversations (model.pretrained=DIR or data.template_dir=DIR)")
     if not data_cfg.get("path"):
         raise ConfigError("data=chat needs data.path=FILE.jsonl (one {\"messages\": [...]} conversation a line)")
     tx, ty, vx, vy = chat.load(data_cfg, model_cfg.block_size, model_dir)
