@@ -1,7 +1,8 @@
 """Checkpoints: tensors in ``checkpoint.safetensors``, step and optimizer settings in ``checkpoint.json``.
 
 Model parameters are stored under their ``named_parameters`` names (so a
-pipeline stage can load just its own layers by name); optimizer state tensors
+pipeline stage can load just its own layers by name), trainable ones only (a LoRA run's frozen
+base is rebuilt from ``model.pretrained`` or the seed, and only its adapters are stored); optimizer state tensors
 under ``optim/<param index>/<key>``. Writes are atomic (temp file + rename) so
 a crash mid-write never leaves a torn checkpoint.
 """
@@ -32,7 +33,7 @@ def save(run_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer
          extra: dict | None = None) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters()}
+    tensors = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
     meta: dict = {"step": step, **(extra or {})}
     if optimizer is not None:
         state = optimizer.state_dict()
@@ -73,6 +74,8 @@ def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | 
         keys = set(f.keys())
         with torch.no_grad():
             for name, p in model.named_parameters():
+                if not p.requires_grad:
+                    continue
                 key = prefix + name
                 if key not in keys:
                     raise ConfigError(f"checkpoint {file} has no tensor {key!r}: it was written by another model")

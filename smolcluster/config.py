@@ -66,15 +66,16 @@ def validate(cfg: DictConfig) -> None:
         # every distributed role checks, so a keyless LAN run is refused (or warned about) on every node
         c = cfg.cluster
         check_bind([c.get("bind") or c.host], c.get("keys"), bool(c.get("insecure")), f"algo={cfg.algo.name}")
+    _check_lora(cfg)
     kind = cfg.model.get("kind")
     if kind not in ("classifier", "lm"):
         raise ConfigError(f"model.kind={kind!r} is invalid: choose classifier or lm")
-    if kind == "lm" and cfg.data.name != "text":
+    if kind == "lm" and cfg.data.name not in ("text", "chat"):
         raise ConfigError(
             f"model={cfg.model.name} is a language model but data={cfg.data.name}: add data=text "
             "(and data.path=FILE for your own corpus)"
         )
-    if kind == "classifier" and cfg.data.name == "text":
+    if kind == "classifier" and cfg.data.name in ("text", "chat"):
         raise ConfigError(f"model={cfg.model.name} is a classifier but data=text: use data=digits or data=mnist")
     pretrained = cfg.model.get("pretrained")
     if pretrained and Path(str(pretrained)).expanduser().is_dir():
@@ -86,3 +87,17 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"model.block_size={block} exceeds model.n_positions={positions}: lower model.block_size"
         )
+
+
+def _check_lora(cfg: DictConfig) -> None:
+    if not OmegaConf.select(cfg, "train.lora.enabled"):
+        return
+    from smolcluster.models.lora import BASE_PRECISIONS
+
+    _int(cfg, "train.lora.r")
+    _number(cfg, "train.lora.alpha", allow_zero=False)
+    _number(cfg, "train.lora.dropout")
+    _choice(cfg, "train.lora.base_precision", tuple(BASE_PRECISIONS))
+    if cfg.algo.name == "mp":
+        raise ConfigError("train.lora with algo=mp is not supported yet: a pipeline stage is not a peft model; "
+                          "use algo=local, syncps, edp or allreduce")

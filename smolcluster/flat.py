@@ -3,6 +3,10 @@
 This is what lets a whole step cross the wire as one frame per dtype, with no
 per-tensor Python loop on the hot path: the flat gradient *is* every ``p.grad``
 and the flat parameter buffer *is* every ``p.data``.
+
+Only trainable parameters (``requires_grad``) are flattened: a frozen base under LoRA
+(:mod:`smolcluster.models.lora`) stays where it is, so the buffers, the optimizer over them and
+every message built from them carry only the adapters.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ class FlatParams:
     def __init__(self, model: nn.Module):
         self.model = model
         groups: dict[torch.dtype, list[nn.Parameter]] = {}
-        for p in model.parameters():  # parameters() de-duplicates tied weights
+        # parameters() de-duplicates tied weights
+        self.tensors = [p for p in model.parameters() if p.requires_grad]  # the parameters the buffers hold
+        for p in self.tensors:
             groups.setdefault(p.dtype, []).append(p)
         self.params: dict[str, torch.Tensor] = {}
         self.grads: dict[str, torch.Tensor] = {}

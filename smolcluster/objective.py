@@ -12,7 +12,8 @@ from smolcluster.models import model_output_logits
 
 
 def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy: over samples (classifier) or over every token (language model)."""
+    """Mean cross-entropy: over samples (classifier) or over every token (language model) whose target is not
+    -100 (``F.cross_entropy``'s ignore_index: what data=chat puts on every token but the assistant's)."""
     logits = model_output_logits(model(x))
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
@@ -30,10 +31,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str, devi
         logits = model_output_logits(model(xb))
         flat_logits, flat_y = logits.reshape(-1, logits.shape[-1]), yb.reshape(-1)
         total_loss += F.cross_entropy(flat_logits, flat_y, reduction="sum").item()
-        correct += (flat_logits.argmax(-1) == flat_y).sum().item()
-        count += flat_y.numel()
+        scored = flat_y != -100  # targets data=chat masks out (cross_entropy's ignore_index)
+        correct += (flat_logits.argmax(-1) == flat_y)[scored].sum().item()
+        count += scored.sum().item()
     model.train(was_training)
-    out = {"eval_loss": total_loss / count}
+    out = {"eval_loss": total_loss / max(count, 1)}
     if kind == "classifier":
         out["eval_accuracy"] = correct / count
     else:

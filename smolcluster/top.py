@@ -37,6 +37,7 @@ _KEYS = {"smolcluster_steps": "step", "smolcluster_samples": "samples", "smolclu
          "smolcluster_staleness_max": "staleness_max", "smolcluster_peers_alive": "peers_alive",
          "smolcluster_allreduce_seconds": "allreduce_s",
          "smolcluster_cpu_percent": "cpu_percent", "smolcluster_rss_bytes": "rss_bytes",
+         "smolcluster_trainable_parameters": "trainable_params", "smolcluster_parameters": "params",
          # inference stages and the chat head (telemetry/serving.py)
          "smolcluster_requests_active": "active", "smolcluster_requests_waiting": "waiting",
          "smolcluster_kv_cache_bytes": "kv_bytes", "smolcluster_kv_cache_budget_bytes": "kv_budget",
@@ -169,7 +170,7 @@ class ClusterView:
 
 # -- how it looks ----------------------------------------------------------------------------------
 COLUMNS = ("node", "role", "state", "step", "steps/s", "loss", "samples/s", "staleness", "sent/s", "recv/s",
-           "peers", "CPU %", "RSS")
+           "sent/step", "trainable", "peers", "CPU %", "RSS")
 
 
 def _num(value, fmt: str) -> str:
@@ -195,8 +196,16 @@ def row_of(node: Node) -> tuple[str, ...]:
     staleness = None if "staleness_mean" not in v else f"{v['staleness_mean']:.1f}/{v.get('staleness_max', 0):.0f}"
     return (lb.get("node", "?"), f"{lb.get('role', '')}{lb.get('rank', '')}", "up" if node.up else "DOWN",
             _num(v.get("step"), ".0f"), _num(r.get("step"), ".1f"), _num(v.get("loss"), ".4f"),
-            _num(v.get("samples_per_s"), ".0f"), staleness or "-", _rate(r.get("bytes_sent")), _rate(r.get("bytes_received")), _num(v.get("peers_alive"), ".0f"),
-            _num(v.get("cpu_percent"), ".0f"), _bytes(v.get("rss_bytes")))
+            _num(v.get("samples_per_s"), ".0f"), staleness or "-", _rate(r.get("bytes_sent")), _rate(r.get("bytes_received")),
+            _bytes(r["bytes_sent"] / r["step"]) if r.get("step") and "bytes_sent" in r else "-", _trainable(v),
+            _num(v.get("peers_alive"), ".0f"), _num(v.get("cpu_percent"), ".0f"), _bytes(v.get("rss_bytes")))
+
+
+def _trainable(v: dict) -> str:
+    """Trainable / all parameters (a LoRA run trains a few percent of them)."""
+    if v.get("trainable_params") is None or not v.get("params"):
+        return "-"
+    return f"{v['trainable_params']:,.0f}/{v['params']:,.0f} ({v['trainable_params'] / v['params']:.1%})"
 
 
 SERVING_COLUMNS = ("node", "role", "state", "active", "waiting", "tokens/s", "tokens", "KV MB", "KV budget MB",

@@ -56,6 +56,8 @@ def run(cfg: DictConfig) -> dict | None:
     if summary and role in ("main", "launch", "server"):
         logger.success(describe(summary))
         hf = ", hf/ (a Hugging Face model directory)" if (run_dir / "hf" / "config.json").is_file() else ""
+        if (run_dir / "adapter" / "adapter_config.json").is_file():
+            hf += ", adapter/ (a PEFT LoRA adapter)"
         logger.success(f"run files: {run_dir}/ (metrics.jsonl, summary.json, checkpoint.safetensors, loss.png{hf})")
     return summary
 

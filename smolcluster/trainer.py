@@ -24,7 +24,7 @@ from smolcluster.cluster import pick_device
 from smolcluster.data import DataBundle, build_data
 from smolcluster.data.sharding import Sharder
 from smolcluster.flat import FlatParams
-from smolcluster.models import build_model, count_parameters, fingerprint
+from smolcluster.models import build_model, count_parameters, fingerprint, lora
 from smolcluster.models.hf import is_hf_model, save_hf_dir
 from smolcluster.objective import evaluate, loss_fn
 from smolcluster.optim import build_optimizer, clip_, lr_at, set_lr
@@ -41,6 +41,9 @@ class Trainer:
         self.data = data or build_data(cfg.data, cfg.model)
         torch.manual_seed(cfg.seed)  # the same seed on every process: identical initial weights
         whole = build_model(cfg.model, self.data.info)
+        self.lora = lora.enabled(cfg.train)
+        if self.lora:  # the base frozen, peft's adapters the only trainable parameters
+            whole = lora.apply(whole, self.train.lora, cfg.seed)
         self.fingerprint, self.num_params = fingerprint(whole), count_parameters(whole)  # of the whole model
         self.model = self.own_part(whole).to(self.device)
         self.model.train()
@@ -61,6 +64,7 @@ class Trainer:
         # Per-layer gradient norms every N steps (logging.grad_norm_every), measured before clipping.
         self.grad_norm_every = int(cfg.get("logging", {}).get("grad_norm_every") or 0)
         self.grad_norms: dict[str, float] = {}
+        self._sizes_logged = False
 
     def own_part(self, whole: torch.nn.Module) -> torch.nn.Module:
         """The part of the model this process trains: all of it (a pipeline stage keeps its layers)."""
@@ -136,6 +140,9 @@ class Trainer:
         evaluation = self.evaluate() if self.due(self.train.eval_every) else {}
         row.update(evaluation)
         if row:
+            if not self._sizes_logged:  # once a process: what it trains (top shows it, LoRA's few percent)
+                row.update(trainable_params=self.flat.numel(), params=self.num_params)
+                self._sizes_logged = True
             recorder.log(self.step, **row)
         if self.due(self.train.checkpoint_every):
             self.save(run_dir, run_state() if run_state is not None else None)
@@ -180,8 +187,12 @@ class Trainer:
         path = checkpoint.save(run_dir, self.model, self.optimizer, self.step,
                                {"fingerprint": self.fingerprint, "model": OmegaConf.to_container(self.cfg.model, resolve=True),
                                 "run": self.run_counters(run_state)})
-        if is_hf_model(self.model):  # also as a Hugging Face directory: the result goes anywhere transformers does
-            tok_file = None if tok is None else (getattr(tok, "path", None) or Path(run_dir) / "tokenizer.json")
+        tok_file = None if tok is None else (getattr(tok, "path", None) or Path(run_dir) / "tokenizer.json")
+        if self.lora:  # the adapters as peft writes them; with merge=true also the merged model as hf/
+            lora.save_adapter(self.model, Path(run_dir) / "adapter")
+            if self.train.lora.get("merge"):
+                save_hf_dir(lora.merged(self.model), None, Path(run_dir) / "hf", tok_file)
+        elif is_hf_model(self.model):  # also as a Hugging Face directory: the result goes anywhere transformers does
             save_hf_dir(self.model, None, Path(run_dir) / "hf", tok_file)
         return path
 
@@ -222,6 +233,7 @@ class Trainer:
             "final_loss": final_loss,
             **evaluation,
             "params": self.num_params,
+            "trainable_params": self.flat.numel(),
             "device": str(self.device),
             "threads": torch.get_num_threads(),  # intra-op threads: CPU sums round by thread count
             "optimizer_state_bytes": self.optimizer_state_bytes(),

@@ -159,7 +159,7 @@ class RingRunner:
         self.busy_s = 0.0  # the ring thread's time on a step's collectives, from a bucket's gradient being ready
         self.in_backward = False
         if overlap:
-            for p in trainer.model.parameters():
+            for p in trainer.flat.tensors:
                 keys = self._buckets_of(p)
                 for key in keys:
                     self.members[key] += 1

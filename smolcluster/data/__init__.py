@@ -1,4 +1,4 @@
-"""Data sets as in-memory tensors, usable offline: digits (embedded), MNIST (IDX files), text.
+"""Data sets as in-memory tensors, usable offline: digits (embedded), MNIST (IDX files), text, chat (JSONL).
 
 Every loader returns a :class:`DataBundle`; samples are rows of ``train_x``/``train_y``
 and batches are picked by index (see :mod:`smolcluster.data.sharding`).
@@ -52,4 +52,24 @@ def build_data(data_cfg: DictConfig, model_cfg: DictConfig) -> DataBundle:
         tx, ty = text.windows(ids[:-n_val], model_cfg.block_size)
         vx, vy = text.windows(ids[-n_val:], model_cfg.block_size)
         return DataBundle(tx, ty, vx, vy, info={"vocab_size": tok.vocab_size, "eos_token_id": tok.eos_id}, tokenizer=tok)
-    raise ConfigError(f"data={name!r} is unknown: choose digits, mnist or text")
+    if name == "chat":
+        return _chat(data_cfg, model_cfg)
+    raise ConfigError(f"data={name!r} is unknown: choose digits, mnist, text or chat")
+
+
+def _chat(data_cfg: DictConfig, model_cfg: DictConfig) -> DataBundle:
+    """Conversations rendered with the chat template of the model directory (model.pretrained, or data.template_dir)."""
+    from smolcluster.data import chat, text
+
+    model_dir = data_cfg.get("template_dir") or model_cfg.get("pretrained")
+    if not model_dir:
+        raise ConfigError("data=chat renders conversations with a model directory's chat template: give "
+                          "model.pretrained=DIR (or data.template_dir=DIR)")
+    if not Path(model_dir).expanduser().is_dir():
+        raise ConfigError(f"data=chat: {model_dir} is not a directory; give the model directory whose chat template "
+                          "renders the conversations (model.pretrained=DIR or data.template_dir=DIR)")
+    if not data_cfg.get("path"):
+        raise ConfigError("data=chat needs data.path=FILE.jsonl (one {\"messages\": [...]} conversation a line)")
+    tx, ty, vx, vy = chat.load(data_cfg, model_cfg.block_size, model_dir)
+    tok = text.TextTokenizer.load(Path(model_dir).expanduser() / "tokenizer.json")
+    return DataBundle(tx, ty, vx, vy, info={"vocab_size": tok.vocab_size, "eos_token_id": tok.eos_id}, tokenizer=tok)

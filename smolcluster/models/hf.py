@@ -145,6 +145,22 @@ def _no_progress_bars():
             hf_logging.enable_progress_bar()
 
 
+@contextmanager
+def staged_dir(out_dir: Path):
+    """A fresh sibling of ``out_dir`` to write a directory into; when the block ends well, each file moves
+    into ``out_dir`` by an atomic rename, so a crash mid-write leaves every file whole (old or new)."""
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f in tmp.iterdir():
+            f.replace(out_dir / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def is_hf_model(model) -> bool:
     """A ``transformers`` PreTrainedModel (without importing transformers when nothing did yet)."""
     transformers = sys.modules.get("transformers")
@@ -194,9 +210,7 @@ def save_hf_dir(model_or_state, config, out_dir: str | Path, tokenizer_path: str
         state = dict(model_or_state)
         with torch.device("meta"):  # only the module tree: save_pretrained reads its tied-weight and naming rules
             model = AutoModelForCausalLM.from_config(config, dtype=next(iter(state.values())).dtype)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged_dir(out_dir) as tmp:
         # one file however large (transformers would shard at 50GB): the directory a run hands over stays simple;
         # no "Writing model shards" bar in the middle of a training log
         with _no_progress_bars():
@@ -210,9 +224,4 @@ def save_hf_dir(model_or_state, config, out_dir: str | Path, tokenizer_path: str
             if not (tmp / "tokenizer_config.json").is_file():
                 (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(tokenizer_path, config),
                                                                       indent=2))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for f in tmp.iterdir():
-            f.replace(out_dir / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

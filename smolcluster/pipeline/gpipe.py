@@ -291,8 +291,9 @@ class StageTrainer(Trainer):
                 yb = y[i:j].to(self.device)
                 flat_logits, flat_y = out.reshape(-1, out.shape[-1]), yb.reshape(-1)
                 loss_sum += F.cross_entropy(flat_logits, flat_y, reduction="sum").item()
-                correct += (flat_logits.argmax(-1) == flat_y).sum().item()
-                count += flat_y.numel()
+                scored = flat_y != -100  # data=chat's masked targets (objective.evaluate counts the same)
+                correct += (flat_logits.argmax(-1) == flat_y)[scored].sum().item()
+                count += scored.sum().item()
             else:
                 self.send(self.next, "mp.act", {"step": self.step, "mb": b, "phase": "eval"}, {"x": array_of(out)})
         self.model.train()

@@ -145,12 +145,15 @@ class ChatTemplate:
         special = {i for i, t in tok.added_tokens_decoder.items() if t.special}
         return ids[0] if ids and ids[0] in special else None
 
-    def render(self, messages: list[tuple[str, str]]) -> tuple[str, list[int]]:
+    def render(self, messages: list[tuple[str, str]], add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+        """The text and ids of ``messages``, ending with the cue for the assistant's answer (or, without
+        ``add_generation_prompt``, as a finished conversation: the training data of ``data=chat``)."""
         import jinja2
 
         convo = [{"role": "system" if role == "developer" else role, "content": text} for role, text in messages]
         try:
-            text = self.tokenizer.apply_chat_template(convo, add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(convo, add_generation_prompt=add_generation_prompt,
+                                                      tokenize=False)
         except jinja2.TemplateError as e:  # "System role not supported", "roles must alternate", ...
             raise ValueError(f"the model's chat template refuses this conversation: {e}") from None
         # as apply_chat_template(tokenize=True) does: the template writes its own BOS and control tokens

@@ -34,6 +34,8 @@ _GAUGES = {
     "peers_alive": ("smolcluster_peers_alive", "workers (or stages) this node currently hears from"),
     "cpu_percent": ("smolcluster_cpu_percent", "CPU use of this process (100 = one core)"),
     "rss_bytes": ("smolcluster_rss_bytes", "resident memory of this process"),
+    "trainable_params": ("smolcluster_trainable_parameters", "parameters this process trains (LoRA: its adapters)"),
+    "params": ("smolcluster_parameters", "parameters of the whole model, frozen ones included"),
 }
 # metrics.jsonl key -> (exposition name, help). Counters: the row holds the running total.
 _COUNTERS = {

@@ -1,0 +1,138 @@
+"""LoRA fine-tuning (``train.lora.enabled=true``): peft's LoRA layers on a frozen base.
+
+The base model (``model.pretrained=DIR``, or a named config's seeded init) is built as usual, cast
+to ``train.lora.base_precision`` and frozen; :func:`apply` wraps it with ``peft.get_peft_model``,
+so the adapters are peft's own layers and its config format (an int8 base: each adapted
+projection's base layer then becomes the pipeline's ``Int8Linear``). Only the adapters require
+gradients, and everything downstream keys on that: :class:`smolcluster.flat.FlatParams` holds
+only trainable parameters, so the optimizer, every wire message (``flat.grads``/``flat.params``)
+and every checkpoint carry only the adapters.
+
+A checkpoint also writes ``RUN_DIR/adapter/`` with ``PeftModel.save_pretrained`` (what
+``PeftModel.from_pretrained(base, dir)`` loads), and with ``merge=true`` ``RUN_DIR/hf/``, the base
+with the adapters merged in, as a Hugging Face directory.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from smolcluster.errors import ConfigError
+from smolcluster.models.hf import staged_dir
+
+# What a base may be held in; adapters are always float32 (peft's autocast_adapter_dtype). int8: the adapted
+# projections as int8 rows + scales (the pipeline's Int8Linear, dequantized on the fly), the rest float32.
+BASE_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
+# The attention and MLP projections of each family (their module names in transformers).
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+
+
+def enabled(train_cfg) -> bool:
+    """``train.lora.enabled`` (a config without the key: no LoRA)."""
+    return bool((train_cfg.get("lora") or {}).get("enabled"))
+
+
+def lora_config(lora: dict, model: nn.Module):
+    """The ``peft.LoraConfig`` for ``train.lora``; target modules default to the family's projections."""
+    from peft import LoraConfig
+
+    family = getattr(getattr(model, "config", None), "model_type", None)
+    targets = lora.get("target_modules") or DEFAULT_TARGETS.get(family)
+    if not targets:
+        raise ConfigError(f"train.lora: no default target modules for model type {family!r}; name them, e.g. "
+                          f"train.lora.target_modules=[{','.join(linear_names(model)[:2])}] (its Linear layers: "
+                          f"{', '.join(linear_names(model)) or 'none'})")
+    return LoraConfig(r=int(lora["r"]), lora_alpha=float(lora["alpha"]), lora_dropout=float(lora.get("dropout") or 0),
+                      target_modules=list(targets), bias="none", task_type="CAUSAL_LM" if family else None,
+                      fan_in_fan_out=family == "gpt2")  # GPT-2's projections are Conv1D (in x out)
+
+
+def apply(model: nn.Module, lora: dict, seed: int) -> nn.Module:
+    """``model`` frozen in ``lora.base_precision`` with peft's LoRA adapters (float32, seeded by ``seed``)."""
+    from peft import get_peft_model
+
+    precision = lora.get("base_precision", "fp32")
+    if precision not in BASE_PRECISIONS:
+        raise ConfigError(f"train.lora.base_precision={precision!r}: choose {' | '.join(BASE_PRECISIONS)}")
+    config = lora_config(lora, model)
+    dtype = BASE_PRECISIONS[precision]
+    with torch.no_grad():  # the weights only: model.to() would also round buffers (RoPE's inv_freq stays float32,
+        for p in model.parameters():  # as from_pretrained(dtype=...) leaves it)
+            p.data = p.data.to(dtype)
+    # Seeded here, not by whatever the base's construction drew: the adapters' init is the same
+    # whether the base was loaded or built, on every process and for the peft reference.
+    torch.manual_seed(seed)
+    try:
+        peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
+        if precision == "int8":
+            quantize_bases(peft_model)
+    except ValueError as e:  # "Target modules {...} not found in the base model"
+        raise ConfigError(f"train.lora.target_modules={sorted(config.target_modules)}: {e} (its Linear layers: "
+                          f"{', '.join(linear_names(model)) or 'none'})") from None
+    return peft_model
+
+
+def quantize_bases(model: nn.Module) -> None:
+    """Every adapted projection's frozen weight as int8 rows + scales (``pipeline.quantize.Int8Linear``): peft's
+    LoRA layer calls its ``base_layer`` as a function, so the integer module takes the Linear's place there."""
+    from peft.tuners.lora import LoraLayer
+
+    from smolcluster.pipeline.quantize import Int8Linear, int8_rows
+
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if not isinstance(module, LoraLayer):
+            continue
+        if type(base) is not nn.Linear:
+            raise ConfigError(f"train.lora.base_precision=int8 quantizes nn.Linear projections, not "
+                              f"{type(base).__name__} (GPT-2's Conv1D): use fp32 or bf16")
+        q = Int8Linear(base.in_features, base.out_features, bias=base.bias is not None)
+        q.qweight, q.scales = int8_rows(base.weight.detach(), torch.float32)
+        if base.bias is not None:
+            q.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=False)
+        module.base_layer = q
+
+
+def dequantized(module: nn.Module) -> nn.Linear:
+    """An Int8Linear back as a float32 nn.Linear (``q * scale``), for merging."""
+    linear = nn.Linear(module.n_in, module.n_out, bias=module.bias is not None)
+    linear.weight.data = module.qweight.float() * module.scales[:, None]
+    if module.bias is not None:
+        linear.bias.data = module.bias.detach().clone()
+    return linear
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """The distinct last names of ``model``'s Linear layers: what target_modules may name."""
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
+    """``out_dir`` as a PEFT adapter directory (adapter_config.json + adapter_model.safetensors), each file
+    landing by an atomic rename so a crash mid-write leaves it whole."""
+    out_dir = Path(out_dir)
+    with staged_dir(out_dir) as tmp:
+        model.save_pretrained(str(tmp))
+    return out_dir
+
+
+def merged(model: nn.Module) -> nn.Module:
+    """A copy of the base with the adapters merged into its weights (``merge_and_unload``); ``model`` is untouched."""
+    from smolcluster.pipeline.quantize import Int8Linear
+
+    with torch.no_grad():
+        model = copy.deepcopy(model)
+        for module in model.modules():  # an int8 base merges as its dequantized weights
+            if isinstance(getattr(module, "base_layer", None), Int8Linear):
+                module.base_layer = dequantized(module.base_layer)
+        return model.merge_and_unload()
