@@ -65,7 +65,9 @@ def run(cfg: DictConfig) -> dict | None:
         req = pipe.submit(prompt, max_new_tokens=sp.max_new_tokens, temperature=sp.temperature, top_k=sp.top_k,
                           top_p=sp.top_p, seed=p.seed, stop_at_eos=sp.stop_at_eos)
         sys.stdout.write(prompt)
+        text = []
         for tok in req:
+            text.append(tok.text)
             sys.stdout.write(tok.text)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -76,7 +78,17 @@ def run(cfg: DictConfig) -> dict | None:
                  "ttft_ms": round(ttft, 1), "finish_reason": req.finish_reason, "stages": pipe.stages}
         print(f"[{n} tokens in {wall:.2f}s, {stats['tokens_per_s']} tokens/s, first token after {ttft:.0f} ms, "
               f"{pipe.stages} stages, finished: {req.finish_reason}]", file=sys.stderr)
+        if req.ids and not "".join(text).strip():
+            print(whitespace_hint(len(req.ids), sp.temperature), file=sys.stderr)
         return stats
+
+
+def whitespace_hint(n: int, temperature: float) -> str:
+    """Why a run can print nothing visible: a briefly trained model's likeliest token is often a newline."""
+    how = ("greedy decoding (temperature=0) repeats the likeliest token; try temperature=0.8 top_p=0.95"
+           if temperature == 0 else "sampling did too")
+    return (f"note: the {n} generated tokens are only whitespace: {how}, or train the model longer "
+            "(a short run's likeliest token is often a newline)")
 
 
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="infer")

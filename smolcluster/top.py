@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -226,6 +227,23 @@ def rich_tables(nodes: list[Node]) -> list:
     return out
 
 
+def no_logs_hint(view: ClusterView) -> str:
+    """Why the log pane is empty, in the words that fit this view."""
+    if view.run_dir is None:
+        return "(no log lines: give --run-dir RUN_DIR for them)"
+    return (f"(no log lines in {view.run_dir} for these nodes: a node on another machine writes its log "
+            "into the run directory there)")
+
+
+def no_nodes_reason(view: ClusterView, nodes: list[Node]) -> str:
+    """One line on why ``--once`` found nothing to show."""
+    if nodes:
+        return f"none of the {len(nodes)} nodes answered on /metrics: the run has ended or its nodes are down"
+    where = f"{view.run_dir}" if view.run_dir is not None else "the given --targets"
+    return (f"no node publishes metrics for {where}: start the run with logging.prometheus.port=0 (or N), "
+            "or give --targets host:port")
+
+
 def make_app(view: ClusterView, interval_s: float):
     """The Textual app (built here so ``--once`` never imports Textual)."""
     from textual.app import App, ComposeResult
@@ -269,7 +287,7 @@ def make_app(view: ClusterView, interval_s: float):
             where = view.run_dir or ", ".join(view.static) or "nothing"
             self.sub_title = f"{len(nodes)} nodes · {where}"
             text = [f"[b]{name}[/b]\n" + "\n".join(f"  {line}" for line in lines) for name, lines in logs.items() if lines]
-            self.query_one("#logs", Static).update("\n".join(text) or "(no log lines: give --run-dir for them)")
+            self.query_one("#logs", Static).update("\n".join(text) or no_logs_hint(view))
             self.polls += 1
 
         def on_unmount(self) -> None:
@@ -308,10 +326,13 @@ def main(argv: list[str] | None = None) -> int:
         console = Console()
         if not console.is_terminal:
             console.width = 160  # a pipe or a file: do not squeeze the columns to 80
-        for table in rich_tables(nodes):
-            console.print(table)
         view.close()
-        return 0 if any(n.up for n in nodes) else 1
+        for table in rich_tables(nodes) if nodes else []:
+            console.print(table)
+        if not any(n.up for n in nodes):
+            print(f"smolcluster top: {no_nodes_reason(view, nodes)}", file=sys.stderr)
+            return 1
+        return 0
     make_app(view, args.interval).run()
     return 0
 

@@ -177,6 +177,12 @@ def test_two_curve_servers_in_one_process_each_admit_only_their_own_clients(tmp_
     make_keys(tmp_path / "b")
     sa = ServerEndpoint("tcp://127.0.0.1:*", max_bytes=MB, curve_dir=str(tmp_path / "a"))
     sb = ServerEndpoint("tcp://127.0.0.1:*", max_bytes=MB, curve_dir=str(tmp_path / "b"))
+    # a third server in the same process admits every key (as a node agent's pairing port did with
+    # pyzmq's process-wide allow-any): that must not open a's or b's door to a stranger
+    make_keys(tmp_path / "c")
+    admitted = []
+    sc = ServerEndpoint("tcp://127.0.0.1:*", max_bytes=MB, curve_dir=str(tmp_path / "c"),
+                        authorize=lambda key: admitted.append(key) or True)
     # b's client, given a's server key: it can reach a's server but holds no key a lets in
     (tmp_path / "b2").mkdir()
     (tmp_path / "b2" / "server.key").write_bytes((tmp_path / "a" / "server.key").read_bytes())
@@ -194,12 +200,30 @@ def test_two_curve_servers_in_one_process_each_admit_only_their_own_clients(tmp_
             c.send("heartbeat", {"rank": rank})
         got_a, got_b = sa.recv(3000), sb.recv(3000)
         assert got_a[1].fields["rank"] == 1 and got_b[1].fields["rank"] == 2
-        assert sa.recv(500) is None
+        # the stranger's key reaches c, which admits it and names it as the sender
+        (tmp_path / "b3").mkdir()
+        (tmp_path / "b3" / "server.key").write_bytes((tmp_path / "c" / "server.key").read_bytes())
+        (tmp_path / "b3" / "client.key_secret").write_bytes((tmp_path / "b" / "client.key_secret").read_bytes())
+        clients.append(ClientEndpoint(sc.address, max_bytes=MB, curve_dir=str(tmp_path / "b3")))
+        clients[-1].send("heartbeat", {"rank": 3})
+        got_c = sc.recv(3000)
+        stranger = (tmp_path / "b" / "client.key").read_text().split('public-key = "')[1].split('"')[0]
+        assert got_c[1].fields["rank"] == 3 and got_c[1].sender_key == stranger and admitted == [stranger]
+        # a fresh handshake with a, after c admitted every key: still refused
+        late = ClientEndpoint(sa.address, max_bytes=MB, curve_dir=str(tmp_path / "b2"))
+        clients.append(late)
+        late.sock.setsockopt(zmq.SNDTIMEO, 1000)
+        try:
+            late.send("heartbeat", {"rank": 9})
+        except PeerError:
+            pass
+        assert sa.recv(1000) is None
     finally:
         for c in clients:
             c.close()
         sa.close()
         sb.close()
+        sc.close()
 
 
 def test_keys_cli_makes_one_pair_per_worker_and_each_gets_in(tmp_path, capsys):

@@ -70,6 +70,7 @@ def test_live_view_of_a_syncps_run(tmp_path):
     # --once prints a table naming every announced node, and exits 1 when none answers any more
     proc = run_cli("smolcluster.top", "--run-dir", str(run_dir), "--once", "--interval", "0.1", check=False)
     assert proc.returncode == 1 and "worker0" in proc.stdout and "DOWN" in proc.stdout
+    assert "none of the 3 nodes answered" in proc.stderr
     announced = [json.loads(p.read_text()) for p in sorted((run_dir / "endpoints").iterdir())]
     assert sorted(a["role"] + a["rank"] for a in announced) == ["server", "worker0", "worker1"]
     assert all(a["url"].startswith("http://127.0.0.1:") and a["run_id"] == "test" for a in announced)
@@ -163,3 +164,11 @@ def test_inference_configs_name_the_port_and_run_dir_top_reads(tmp_path):
     # the head takes the base, stage i base + 1 + i; 0 stays "any free port"
     assert (serving_port(9500, None), serving_port(9500, 0), serving_port(9500, 1), serving_port(0, 3)) == \
         (9500, 9501, 9502, 0)
+
+
+def test_once_on_a_run_without_metrics_says_why_instead_of_an_empty_table(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    proc = run_cli("smolcluster.top", "--run-dir", str(run_dir), "--once", "--interval", "0.01", check=False)
+    assert proc.returncode == 1 and proc.stdout.strip() == ""
+    assert "logging.prometheus.port=0" in proc.stderr and str(run_dir) in proc.stderr

@@ -99,7 +99,7 @@ class Agent:
         self.allow = Allowlist(self.state_dir)
         self.accept_code, self.owner_timeout_s = accept_code, owner_timeout_s
         self.control = ServerEndpoint(f"tcp://{bind}:{port}", max_bytes=MAX_BYTES, curve_dir=str(self.id_dir),
-                                      allow_any_client=True)
+                                      authorize=lambda key: True)
         self.info = ServerEndpoint(f"tcp://{bind}:{self.control.port + 1}", max_bytes=1 << 16)
         self.port = self.control.port
         self.facts = {"name": self.name, "version": VERSION, "protocol": NODE_PROTOCOL, **facts(),

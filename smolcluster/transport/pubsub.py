@@ -23,20 +23,20 @@ from pathlib import Path
 import zmq
 
 from smolcluster.errors import PeerError
-from smolcluster.transport.sockets import _configure, _context, _load, _start_authenticator
+from smolcluster.transport.sockets import _configure, _context, _key_domain, _load
 
 # Generous queues: a drop at the high-water mark is detected by sequence numbers, never silent.
 _HWM = 100_000
 
 
-def _server_keys(keys_dir: str | None) -> tuple[bytes, bytes] | None:
-    """An inbox is a CURVE server: the cluster's server key pair, only authorized/ clients let in."""
+def _server_keys(keys_dir: str | None) -> tuple[bytes, bytes, str] | None:
+    """An inbox is a CURVE server: the cluster's server key pair, only authorized/ clients let in
+    (returns the key pair and the ZAP domain that judges them)."""
     if not keys_dir:
         return None
     d = Path(keys_dir).expanduser()
     pub, sec = _load(d / "server.key_secret", "the server's secret key")
-    _start_authenticator(d / "authorized")
-    return pub, sec
+    return pub, sec, _key_domain(d / "authorized")
 
 
 def _client_keys(keys_dir: str | None) -> tuple[bytes, bytes, bytes] | None:
@@ -58,8 +58,9 @@ class Inbox:
         _configure(self.sock, max_bytes, hwm)
         curve = _server_keys(keys_dir)
         if curve is not None:
+            self.sock.zap_domain = curve[2].encode()
             self.sock.curve_server = True
-            self.sock.curve_publickey, self.sock.curve_secretkey = curve
+            self.sock.curve_publickey, self.sock.curve_secretkey = curve[:2]
         for t in topics:  # the node's own topic first, so it is live whenever "all" is
             self.sock.setsockopt(zmq.SUBSCRIBE, t.encode())
         try:

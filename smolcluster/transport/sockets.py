@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import zmq
@@ -34,7 +35,7 @@ from smolcluster.transport import wire
 
 _SEND_TIMEOUT_MS = 30_000
 _auth_lock = threading.Lock()
-_authenticator = None
+_authenticator_thread = None
 
 
 def _context() -> zmq.Context:
@@ -78,50 +79,66 @@ def _load(path: Path, what: str) -> tuple[bytes, bytes | None]:
     return zmq.auth.load_certificate(str(path))
 
 
-def _start_authenticator(authorized: Path, allow_any: bool = False) -> str:
-    """One ZAP handler per process: only client keys in ``authorized/`` may connect.
+class _KeyCheck:
+    """pyzmq's credentials-provider protocol: ``callback(domain, z85_key) -> bool``, one per ZAP domain.
 
-    Returns a ZAP domain of this directory's own; a socket that sets ``zap_domain`` to it is
-    judged against these keys even when the process serves several key directories. Sockets
-    without a domain use the most recently configured directory (ZAP's "*" domain). The keys
-    are read now: a key added to ``authorized/`` later needs a restart.
-
-    ``allow_any``: every client key may connect (still encrypted, and each message carries the
-    sender's key in ``Message.sender_key``): a node agent decides per message whom it obeys.
+    Why callbacks and not ``configure_curve(location=CURVE_ALLOW_ANY)``: pyzmq's allow-any is one flag
+    for the whole process, so one socket that admits any key made every keyed socket of the process
+    admit strangers. A callback is judged per domain, and an error in it refuses the key.
     """
-    global _authenticator
-    if allow_any:
-        with _auth_lock:
-            if _authenticator is None:
-                from zmq.auth.thread import ThreadAuthenticator
 
-                _authenticator = ThreadAuthenticator(_context())
-                _authenticator.start()
-            _authenticator.configure_curve(domain="smolcluster:any", location=zmq.auth.CURVE_ALLOW_ANY)
-        return "smolcluster:any"
+    def __init__(self, allowed: Callable[[str], bool], what: str):
+        self.allowed, self.what = allowed, what
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        try:
+            return bool(self.allowed(key.decode("ascii")))
+        except Exception as e:  # a broken check refuses; it never admits
+            logger.error(f"{self.what}: the key check failed ({e!r}); refused the client")
+            return False
+
+
+def _authenticator():
+    global _authenticator_thread
+    with _auth_lock:
+        if _authenticator_thread is None:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            _authenticator_thread = ThreadAuthenticator(_context())
+            _authenticator_thread.start()
+        return _authenticator_thread
+
+
+def authorized_keys(authorized: Path) -> frozenset[str]:
+    """The z85 public keys in a directory of ``*.key`` files (``authorized/``)."""
     if not authorized.is_dir():
         raise ConfigError(f"cluster.keys: {authorized} is missing (the client keys this server lets in); "
                           "make keys with python -m smolcluster.keys --dir DIR")
-    domain = f"smolcluster:{authorized.resolve()}"
-    with _auth_lock:
-        if _authenticator is None:
-            from zmq.auth.thread import ThreadAuthenticator
+    return frozenset(k.decode("ascii") for k in zmq.auth.load_certificates(str(authorized)))
 
-            _authenticator = ThreadAuthenticator(_context())
-            _authenticator.start()
-        _authenticator.configure_curve(domain=domain, location=str(authorized))
-        _authenticator.configure_curve(domain="*", location=str(authorized))
+
+def _key_domain(authorized: Path | None = None, authorize: Callable[[str], bool] | None = None) -> str:
+    """Register a ZAP domain whose clients are judged by ``authorize(z85_key)``, or by the keys in
+    ``authorized/`` (read now: a key added later needs a restart). Returns the domain to set on a
+    socket; a socket without one is refused every key (pyzmq: "Unknown domain")."""
+    if authorize is None:
+        keys = authorized_keys(authorized)
+        domain, authorize, what = f"smolcluster:{authorized.resolve()}", keys.__contains__, str(authorized)
+    else:
+        domain, what = f"smolcluster:check:{id(authorize):x}", getattr(authorize, "__qualname__", "authorize")
+    _authenticator().configure_curve_callback(domain=domain, credentials_provider=_KeyCheck(authorize, what))
     return domain
 
 
-def _curve_server(sock: zmq.Socket, curve_dir: str | None, allow_any: bool = False) -> None:
-    """Make a binding socket a CURVE server that lets in only ``curve_dir/authorized/`` clients
-    (any client with ``allow_any``)."""
+def _curve_server(sock: zmq.Socket, curve_dir: str | None,
+                  authorize: Callable[[str], bool] | None = None) -> None:
+    """Make a binding socket a CURVE server. Clients are judged by ``authorize(z85_key)`` when given,
+    else only the keys in ``curve_dir/authorized/`` get in."""
     if not curve_dir:
         return
     d = Path(curve_dir).expanduser()
     pub, sec = _load(d / "server.key_secret", "the server's secret key")
-    sock.zap_domain = _start_authenticator(d / "authorized", allow_any).encode()
+    sock.zap_domain = _key_domain(d / "authorized", authorize).encode()
     sock.curve_server, sock.curve_publickey, sock.curve_secretkey = True, pub, sec
 
 
@@ -234,15 +251,18 @@ class _Endpoint:
 
 
 class ServerEndpoint(_Endpoint):
-    """ROUTER, bound. ``recv`` returns ``(peer, Message)`` or None after ``timeout_ms``."""
+    """ROUTER, bound. ``recv`` returns ``(peer, Message)`` or None after ``timeout_ms``.
+
+    Keyed (``curve_dir``): only clients that ``authorize(z85_key)`` admits, else those whose public key
+    is in ``curve_dir/authorized/``, finish the handshake; ``Message.sender_key`` is the sender's key."""
 
     def __init__(self, bind: str, *, max_bytes: int, curve_dir: str | None = None, hwm: int = 1000,
-                 allow_any_client: bool = False):
+                 authorize: Callable[[str], bool] | None = None):
         sock = _context().socket(zmq.ROUTER)
         _configure(sock, max_bytes, hwm)
         # a message to a vanished peer raises (and is logged below) instead of vanishing silently
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        _curve_server(sock, curve_dir, allow_any_client)
+        _curve_server(sock, curve_dir, authorize)
         _bind(sock, bind)
         super().__init__(sock, max_bytes)
         self.curve = bool(curve_dir)
