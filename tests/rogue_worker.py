@@ -51,13 +51,16 @@ def main(port: int, rank: int, mode: str, keys: str | None, overrides: list[str]
         msg = client.recv(2000)
     print("registered", flush=True)
     sizes = {name: a.size for name, a in msg.tensors.items()}
-    counts, norm, first = itertools.cycle(FORGED), 1.0, True
+    counts, norm, first, answered = itertools.cycle(FORGED), 1.0, True, set()
     while True:
         if msg.kind == "stop":
             return 0
         if msg.kind in ("welcome", "weights"):
             f = msg.fields
-            if mode == "forge":
+            if mode == "forge" and f["step"] in answered:
+                pass  # a second welcome (registrations queued before the server listened): one gradient per step
+            elif mode == "forge":
+                answered.add(f["step"])
                 norm, n = (1e30, batch) if first else (0.002, next(counts))
                 client.send("grad", {"rank": rank, "step": f["step"], "version": f["version"], "samples": n,
                                      "loss": 0.1}, gradient(sizes, norm))

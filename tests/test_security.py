@@ -7,7 +7,6 @@ from __future__ import annotations
 import ipaddress
 import shutil
 import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ import zmq
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from smolcluster.algorithms.ps import max_bytes
 from smolcluster.algorithms.syncps import SyncServer
 from smolcluster.errors import ConfigError
 from smolcluster.inference.from_config import serve_config_from
@@ -24,8 +22,8 @@ from smolcluster.paths import CONFIG_DIR
 from smolcluster.security import GradientGuard, check_api, is_loopback
 from smolcluster.serving.config import serve
 from smolcluster.trainer import Trainer
-from smolcluster.transport import ClientEndpoint, make_keys, wire
-from tests.cluster_util import Cluster
+from smolcluster.transport import make_keys, wire
+from tests.cluster_util import Cluster, register_with
 from tests.conftest import run_cli, train
 
 FAST = ["cluster.heartbeat_s=0.2", "cluster.liveness_s=3", "cluster.connect_timeout_s=60"]
@@ -226,14 +224,7 @@ def test_with_curve_a_live_rank_is_taken_over_only_by_its_own_client_key(tmp_pat
              "fingerprint": server.trainer.fingerprint, "algo": "syncps"}
 
     def register(curve_dir):
-        client = ClientEndpoint(server.endpoint.address, max_bytes=max_bytes(cfg.cluster), curve_dir=str(curve_dir))
-        client.send("register", hello)
-        deadline = time.monotonic() + 30
-        while not client.pending() and time.monotonic() < deadline:
-            server.poll(0.05)
-        reply = client.recv(1000)
-        client.close()
-        return reply
+        return register_with(server, hello, curve_dir)
 
     try:
         assert register(keys).kind == "welcome"

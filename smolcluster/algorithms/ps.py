@@ -307,8 +307,10 @@ class ServerBase:
             return 0.0
         scale = self.guard.check(grad_norm(grads.values()), f"worker {worker.rank}'s gradient", source=str(worker.rank),
                                  version=msg.fields["version"])
-        worker.rejected += scale == 0.0
-        worker.clipped += 0.0 < scale < 1.0
+        if scale == 0.0:
+            worker.rejected += 1
+        elif scale < 1.0:
+            worker.clipped += 1
         return scale
 
     def guard_counts(self) -> dict:
