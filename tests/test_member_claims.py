@@ -160,22 +160,27 @@ def compose_cfg(*overrides: str):
 
 
 def test_a_worker_key_claiming_another_rank_is_refused(tmp_path):
+    """Rank 0's key claiming rank 1 is refused (naming the key rank 1 needs); so is rank 0's own key with a batch
+    the server did not assign; each key then registers as its own rank."""
     keys = tmp_path / "keys"
     make_keys(keys, clients=2)
     cfg = compose_cfg("cluster.workers=2", f"cluster.keys={keys}")
     server = SyncServer(cfg, tmp_path)
     fp = server.trainer.fingerprint
 
-    def register(rank: int, key: str):
-        return register_with(server, {"rank": rank, "node": "n", "device": "cpu", "batch_size": 64, "fingerprint": fp,
-                                      "protocol": wire.PROTOCOL_VERSION, "algo": "syncps"}, keys, key)
+    def register(rank: int, key: str, batch: int = 64):
+        return register_with(server, {"rank": rank, "node": "n", "device": "cpu", "batch_size": batch,
+                                      "fingerprint": fp, "protocol": wire.PROTOCOL_VERSION, "algo": "syncps"}, keys, key)
 
     try:
         refused = register(1, "client")  # rank 0's key claims rank 1
         assert refused.kind == "refuse" and not refused.fields.get("retry"), refused.fields
         assert "authorized/client1.key" in refused.fields["reason"] and "rank 0's" in refused.fields["reason"]
+        bigger = register(0, "client", batch=128)  # its own key, but a batch the server did not assign
+        assert bigger.kind == "refuse" and "assigns it 64" in bigger.fields["reason"], bigger.fields
         assert register(1, "client1").kind == "welcome" and register(0, "client").kind == "welcome"
-        assert server.endpoint.rejected["refused_rank_key"] == 1 and sorted(server.workers) == [0, 1]
+        assert server.endpoint.rejected["refused_rank_key"] == server.endpoint.rejected["refused_batch"] == 1
+        assert sorted(server.workers) == [0, 1]
     finally:
         server.endpoint.close()
         server.recorder.finish(None)
