@@ -1,6 +1,7 @@
 # smolcluster: every target sets up .venv first (idempotent; a no-op when nothing changed).
 PYTHON ?= python3
 VENV   ?= .venv
+GRAFANA_PASSWORD_FILE := observability/.grafana-admin-password
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed.stamp
 ARGS   ?=
@@ -37,7 +38,7 @@ infer: install  ## stream text from gpt2-tiny through 2 pipeline stages (ARGS="c
 chat: install  ## Gradio chat + OpenAI-compatible API on gpt2-tiny in 2 local stages (ARGS="checkpoint=RUN_DIR serve.port=8000")
 	$(BIN)/python -m smolcluster.chat $(ARGS)
 
-node: install  ## the node agent for cluster=auto (ARGS="--port 5660"); confirm a coordinator: python -m smolcluster.node pair CODE
+node: install  ## the node agent for cluster=auto (ARGS="--port 5660"); confirm a pairing: python -m smolcluster.node pair CODE (on both machines)
 	$(BIN)/python -m smolcluster.node $(ARGS)
 
 top: install  ## live terminal view of a run: make top ARGS="--run-dir RUN_DIR" (nodes need logging.prometheus.port=0 or N)
@@ -55,13 +56,15 @@ cluster-check: install  ## preflight every node of a cluster file: make cluster-
 sweep: install  ## Hydra multirun + sweep.md/sweep.csv: make sweep SWEEP="algo=syncps,edp train.lr=0.02,0.05"
 	$(BIN)/python -m smolcluster.train -m $(SWEEP) $(ARGS)
 
-observability-up:  ## start Loki + Grafana + Prometheus (docker compose) and print the URLs and the overrides to use
-	docker compose -f observability/docker-compose.yml up -d
-	@echo "Grafana:    http://localhost:3000  (dashboard smolcluster; anonymous admin, or log in as admin/admin)"
+observability-up:  ## start Loki + Grafana + Prometheus on this machine's loopback (docker compose); print the URLs
+	@test -n "$$GRAFANA_ADMIN_PASSWORD" || test -s $(GRAFANA_PASSWORD_FILE) || \
+	  (umask 077 && $(PYTHON) -c "import secrets; print(secrets.token_urlsafe(18))" > $(GRAFANA_PASSWORD_FILE))
+	GRAFANA_ADMIN_PASSWORD="$${GRAFANA_ADMIN_PASSWORD:-$$(cat $(GRAFANA_PASSWORD_FILE))}" docker compose -f observability/docker-compose.yml up -d
+	@echo "Grafana:    http://localhost:3000  (dashboard smolcluster; user admin, password \$$GRAFANA_ADMIN_PASSWORD or the one generated in $(GRAFANA_PASSWORD_FILE))"
 	@echo "Loki:       http://localhost:3100"
-	@echo "Prometheus: http://localhost:9090  (scrapes host.docker.internal:9400-9405 + observability/targets.json)"
+	@echo "Prometheus: http://localhost:9090  (scrapes 127.0.0.1:9400-9405 + observability/targets.json)"
 	@echo "train with: logging.loki.url=http://localhost:3100 logging.prometheus.port=9400"
-	@echo "  (other machines: use this host's address instead of localhost, and list their host:port in observability/targets.json)"
+	@echo "  (all three listen on loopback only; other machines: see docs/logging.md, Exposing the endpoints)"
 
 observability-down:  ## stop the observability stack (its data volumes are kept)
 	docker compose -f observability/docker-compose.yml down

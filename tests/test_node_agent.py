@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 from smolcluster.bench.netns import Lan
-from smolcluster.node.pairing import fingerprint, identity, pairing_code, public_key
+from smolcluster.node.pairing import AgentStore, Allowlist, fingerprint, identity, public_key
 from tests.conftest import REPO
 
 
@@ -80,10 +80,15 @@ class Proc:
                 self.p.wait(timeout=5)
 
 
-def prepare(tmp: Path, names) -> dict[str, str]:
-    """Make the agents' and the coordinator's key pairs up front; the pairing code of each agent."""
+def prepare(tmp: Path, names) -> dict[str, list]:
+    """Pair the test's coordinator and these agents up front, as confirming the code on both machines does: each
+    agent keeps the coordinator's key, the coordinator each agent's name and key. {name: []} (no extra flags)."""
     coord = public_key(identity(tmp / "coord" / "coordinator" / "identity") / "client.key")
-    return {n: pairing_code(public_key(identity(tmp / n / "identity") / "server.key"), coord) for n in names}
+    store = AgentStore(tmp / "coord" / "coordinator")
+    for n in names:
+        Allowlist(tmp / n).add(coord)
+        store.add(n, public_key(identity(tmp / n / "identity") / "server.key"))
+    return {n: [] for n in names}
 
 
 def spawn_agent(tmp: Path, name: str, *extra: str, ns: str | None = None, port: int = 0,
@@ -128,6 +133,32 @@ def wait_gone(pids: list[int], timeout: float = 20) -> None:
         time.sleep(0.1)
 
 
+def handshake(port: int, server_key: str, id_dir: Path, kind: str = "status") -> str:
+    """Connect to an agent's control port as the client pair in ``id_dir`` and send ``kind``: how the CURVE
+    handshake ended ("succeeded", "failed (auth)", ...), from the socket's own monitor events."""
+    import zmq
+    from zmq.utils.monitor import recv_monitor_message
+
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.curve_serverkey = server_key.encode()
+    s.curve_publickey, s.curve_secretkey = zmq.auth.load_certificate(str(id_dir / "client.key_secret"))
+    mon = s.get_monitor_socket()
+    ends = {zmq.EVENT_HANDSHAKE_SUCCEEDED: "succeeded", zmq.EVENT_HANDSHAKE_FAILED_AUTH: "failed (auth)",
+            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "failed (protocol)", zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "failed"}
+    try:
+        s.connect(f"tcp://127.0.0.1:{port}")
+        s.send_multipart([b"\x81\xa4kind\xa9" + kind.encode()[:9].ljust(9)], flags=zmq.NOBLOCK)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if mon.poll(100) and (event := recv_monitor_message(mon)["event"]) in ends:
+                return ends[event]
+        raise AssertionError(f"no CURVE handshake with 127.0.0.1:{port} within 30s")
+    finally:
+        s.disable_monitor()
+        mon.close(linger=0)
+        s.close(linger=0)
+
+
 @pytest.fixture
 def procs():
     started: list[Proc] = []
@@ -138,22 +169,14 @@ def procs():
 
 def test_an_unpaired_coordinator_is_refused(tmp_path, procs):
     (a, port), = agents(tmp_path, {"a": []}, procs).values()
-    # a control client with a key of its own: encrypted, but not obeyed
-    from smolcluster.errors import ConfigError
+    # a control client with a key of its own (not paired): its CURVE handshake fails, nothing it sends gets in
     from smolcluster.node import discovery
-    from smolcluster.node.coordinator import AgentLink
 
     info = discovery.ask(f"127.0.0.1:{port}")
     assert info.name == "a" and info.fingerprint == fingerprint(info.key) and info.source == "peer"
     stranger = identity(tmp_path / "stranger")
-    link = AgentLink(info, stranger, tmp_path / "links")
-    try:
-        with pytest.raises(ConfigError, match=r"node a \(127.0.0.1:\d+\) refused: not paired"):
-            link.request("start_role", {"name": "server", "role": "server", "run_id": "r1", "args": [], "keys": {}},
-                         "role_state", 10)
-    finally:
-        link.close()
-    assert not (tmp_path / "a" / "runs").exists()  # nothing was started
+    assert handshake(port, info.key, stranger, "start_role") == "failed (auth)"
+    assert not list((tmp_path / "a" / "runs").iterdir())  # nothing was started
     # the coordinator, told not to wait for an operator: one line naming the node, exit 2
     c = coordinator(tmp_path, "cluster.mdns=false", f"cluster.peers=[127.0.0.1:{port}]", "cluster.pair_timeout_s=0")
     procs.append(c)
@@ -163,24 +186,27 @@ def test_an_unpaired_coordinator_is_refused(tmp_path, procs):
 
 
 def test_pairing_with_the_code_then_syncps_mnist_through_two_agents(tmp_path, procs, mnist_root):
-    codes = prepare(tmp_path, ["b"])  # b pairs by --accept-code (automation); a by the operator's command
-    (a, pa), (b, pb) = agents(tmp_path, {"a": [], "b": ["--accept-code", codes["b"]]}, procs).values()
+    prepare(tmp_path, ["b"])  # b was paired before (automation: the stores written); a by the operator's commands
+    (a, pa), (b, pb) = agents(tmp_path, {"a": [], "b": []}, procs).values()
     steps = 30
     c = coordinator(tmp_path, "cluster.mdns=false", f"cluster.peers=[127.0.0.1:{pa},127.0.0.1:{pb}]",
                     "cluster.server=a", "cluster.pair_timeout_s=60", "algo=syncps", "data=mnist",
                     f"data.root={mnist_root}", f"train.steps={steps}", "train.log_every=10")
     procs.append(c)
-    # both screens show the same code; the operator confirms it on a's machine
+    # both screens show the same code; the operator confirms it on both machines
     _, on_agent = a.wait_for(r"code (\d{6})\. If the coordinator shows the same code")
     _, on_coord = c.wait_for(r"pairing with node a .*: code (\d{6})")
     assert on_agent.group(1) == on_coord.group(1)
-    subprocess.run([sys.executable, "-m", "smolcluster.node", "pair", on_agent.group(1), "--state-dir",
-                    str(tmp_path / "a")], cwd=REPO, check=True, capture_output=True, timeout=60)
+    for state in (tmp_path / "a", tmp_path / "coord" / "coordinator"):
+        subprocess.run([sys.executable, "-m", "smolcluster.node", "pair", on_agent.group(1), "--state-dir",
+                        str(state)], cwd=REPO, check=True, capture_output=True, timeout=60)
     assert c.wait(timeout=240) == 0, c.text()[-4000:]
 
     coord_key = public_key(tmp_path / "coord" / "coordinator" / "identity" / "client.key")
-    for n in ("a", "b"):  # each agent now keeps the coordinator's key: later runs need no pairing
+    for n in ("a", "b"):  # each side now keeps the other's key: later runs need no pairing
         assert [public_key(f) for f in (tmp_path / n / "paired").glob("*.key")] == [coord_key]
+        assert public_key(tmp_path / "coord" / "coordinator" / "agents" / f"{n}.key") == public_key(
+            tmp_path / n / "identity" / "server.key")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == steps and summary["workers"]["0"]["node"] == "b"
     assert summary["eval_accuracy"] > 0.5  # MNIST subset after 30 steps (chance: 0.10)
@@ -191,7 +217,10 @@ def test_pairing_with_the_code_then_syncps_mnist_through_two_agents(tmp_path, pr
     assert run_keys["a"] == {"server.key", "server.key_secret", "authorized/client.key"}
     assert run_keys["b"] == {"server.key", "client.key", "client.key_secret"}
     secret = next((tmp_path / "a" / "runs").glob("*/server/keys/server.key_secret"))
-    assert secret.stat().st_mode & 0o777 == 0o600
+    assert secret.stat().st_mode & 0o777 == 0o600 and secret.parent.stat().st_mode & 0o777 == 0o700
+    here = tmp_path / "run" / "keys"  # the coordinator's copy of the run's keys: secrets 0600 in a 0700 dir
+    assert here.stat().st_mode & 0o777 == 0o700
+    assert {f.stat().st_mode & 0o777 for f in here.glob("*_secret")} == {0o600}
     wait_gone(role_pids(a) + role_pids(b))  # nothing left running
 
 
@@ -199,7 +228,7 @@ def test_pairing_with_the_code_then_syncps_mnist_through_two_agents(tmp_path, pr
 def test_an_agent_killed_mid_run_is_reported_and_syncps_goes_on(tmp_path, procs):
     names = ["a", "b", "c"]
     codes = prepare(tmp_path, names)
-    started = agents(tmp_path, {n: ["--accept-code", codes[n]] for n in names}, procs)
+    started = agents(tmp_path, codes, procs)
     liveness, steps = 3.0, 150
     peers = ",".join(f"127.0.0.1:{port}" for _, port in started.values())
     c = coordinator(tmp_path, "cluster.mdns=false", f"cluster.peers=[{peers}]", "cluster.server=a",
@@ -226,7 +255,7 @@ def test_an_agent_killed_mid_run_is_reported_and_syncps_goes_on(tmp_path, procs)
 @pytest.mark.slow
 def test_a_failing_role_or_sigterm_to_the_coordinator_stops_every_role_everywhere(tmp_path, procs):
     codes = prepare(tmp_path, ["a", "b"])
-    started = agents(tmp_path, {n: ["--accept-code", codes[n]] for n in codes}, procs)
+    started = agents(tmp_path, codes, procs)
     peers = ",".join(f"127.0.0.1:{port}" for _, port in started.values())
     # roles that fail as they start (no data there): one line naming the node, nothing left running
     c = coordinator(tmp_path, "cluster.mdns=false", f"cluster.peers=[{peers}]", "cluster.server=a", "algo=syncps",
@@ -253,13 +282,13 @@ def test_a_failing_role_or_sigterm_to_the_coordinator_stops_every_role_everywher
 
 
 def paired_link(tmp: Path, name: str, port: int):
-    """A control link to agent ``name`` from the test's coordinator identity, paired (the agent has --accept-code)."""
+    """A control link to agent ``name`` from the test's coordinator identity (paired by ``prepare``)."""
     from smolcluster.node import discovery
     from smolcluster.node.coordinator import AgentLink
 
     link = AgentLink(discovery.ask(f"127.0.0.1:{port}"), identity(tmp / "coord" / "coordinator" / "identity"),
                      tmp / "coord" / "links")
-    assert link.request("pair_request", {"name": "test"}, "pair_state", 10).fields["state"] == "paired"
+    assert link.request("node_hello", {"protocol": 3, "version": "?"}, "node_info", 10).fields["paired"]
     return link
 
 
@@ -276,7 +305,7 @@ def test_a_reserved_port_is_the_roles_alone_and_a_taken_one_is_one_line(tmp_path
     from smolcluster.node.coordinator import Run
 
     codes = prepare(tmp_path, ["a"])
-    (a, port), = agents(tmp_path, {"a": ["--accept-code", codes["a"]]}, procs).values()
+    (a, port), = agents(tmp_path, codes, procs).values()
     link = paired_link(tmp_path, "a", port)
     run = Run("syncps", "r1", OmegaConf.create({"heartbeat_s": 0.5, "liveness_s": 10.0}), {"a": link})
     squatter = socket.socket()
@@ -329,7 +358,7 @@ def test_allreduce_through_two_agents_and_a_stranger_on_its_ports_changes_nothin
     from zmq.utils.monitor import recv_monitor_message
 
     codes = prepare(tmp_path, ["a", "b"])
-    started = agents(tmp_path, {n: ["--accept-code", codes[n]] for n in codes}, procs)
+    started = agents(tmp_path, codes, procs)
     peers = ",".join(f"127.0.0.1:{port}" for _, port in started.values())
     ring = [f"cluster.peers=[{peers}]", "cluster.mdns=false", f"data.root={mnist_root}", *RING]
     c = coordinator(tmp_path, *ring, "run_id=quiet")
@@ -392,7 +421,7 @@ def test_allreduce_through_two_agents_and_a_stranger_on_its_ports_changes_nothin
 
 def test_mp_two_stages_through_two_agents(tmp_path, procs):
     codes = prepare(tmp_path, ["a", "b"])
-    started = agents(tmp_path, {n: ["--accept-code", codes[n]] for n in codes}, procs)
+    started = agents(tmp_path, codes, procs)
     peers = ",".join(f"127.0.0.1:{port}" for _, port in started.values())
     c = coordinator(tmp_path, f"cluster.peers=[{peers}]", "cluster.mdns=false", "algo=mp", "model=mlp",
                     "data=digits", "train.steps=40", "train.lr=0.05", "train.log_every=10")
@@ -426,7 +455,7 @@ def test_infer_cluster_auto_runs_the_stages_on_two_agents_and_generates_greedy_t
     hf = build_gpt2(vocab_size=500, n_layer=4, n_head=4, n_embd=64, n_positions=128).eval()
     checkpoint.load(d, hf)
     codes = prepare(tmp_path, ["a", "b"])
-    started = agents(tmp_path, {n: ["--accept-code", codes[n]] for n in codes}, procs)
+    started = agents(tmp_path, codes, procs)
     peers = ",".join(f"127.0.0.1:{port}" for _, port in started.values())
     c = Proc([sys.executable, "-u", "-m", "smolcluster.infer", "cluster=auto", f"cluster.state_dir={tmp_path / 'coord'}",
               "cluster.mdns=false", f"cluster.peers=[{peers}]", f"checkpoint={d}", "prompt=class Foo",
@@ -451,7 +480,7 @@ def test_top_sees_the_roles_an_agent_started(tmp_path, procs):
     from smolcluster.top import ClusterView, endpoints_of
 
     codes = prepare(tmp_path, ["a", "b"])
-    started = agents(tmp_path, {n: ["--accept-code", codes[n]] for n in codes}, procs)
+    started = agents(tmp_path, codes, procs)
     peers = ",".join(f"127.0.0.1:{port}" for _, port in started.values())
     c = coordinator(tmp_path, f"cluster.peers=[{peers}]", "cluster.mdns=false", "cluster.server=a", "algo=syncps",
                     "train.steps=100000", "train.log_every=1", "logging.prometheus.port=0",
@@ -480,7 +509,7 @@ def test_top_sees_the_roles_an_agent_started(tmp_path, procs):
 
 def _lan_agents(tmp: Path, lan: Lan, procs: list) -> None:
     codes = prepare(tmp, lan.ip)
-    agents(tmp, {host: ["--accept-code", codes[host]] for host in lan.ip}, procs,
+    agents(tmp, codes, procs,
            **{host: {"ns": lan.ns[host], "port": 5660, "bind": "0.0.0.0"} for host in lan.ip})
 
 

@@ -423,10 +423,9 @@ def test_grafana_provisioning():
     by_uid = {d["uid"]: d for d in ds["datasources"]}
     assert by_uid["loki"]["type"] == "loki" and by_uid["prometheus"]["type"] == "prometheus"
     services = load_yaml(COMPOSE)["services"]
-    for d in ds["datasources"]:  # reached by compose service name and the port it listens on
-        m = re.fullmatch(r"http://([a-z0-9_-]+):(\d+)/?", d["url"])
-        assert m and m.group(1) in services, d["url"]
-        assert any(p.endswith(f":{m.group(2)}") for p in services[m.group(1)]["ports"]), d["url"]
+    for d in ds["datasources"]:  # the host's loopback (every service shares the host's network), its port
+        m = re.fullmatch(r"http://127\.0\.0\.1:(\d+)/?", d["url"])
+        assert m and listens(services[d["type"]])[1] == m.group(1), d["url"]
 
     providers = load_yaml(PROVIDERS)
     assert providers["apiVersion"] == 1
@@ -437,6 +436,27 @@ def test_grafana_provisioning():
     home = services["grafana"]["environment"].get("GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH")
     assert home is None or host_path("grafana", home).resolve() == DASHBOARD.resolve()
     assert host_path("grafana", "/etc/grafana/provisioning/datasources").resolve() == DATASOURCES.parent.resolve()
+
+
+def listens(service: dict) -> tuple[str, str]:
+    """(default address, port) a compose service listens on, from its command line or environment."""
+    env = service.get("environment", {})
+    if "GF_SERVER_HTTP_ADDR" in env:
+        return default_of(env["GF_SERVER_HTTP_ADDR"]), env["GF_SERVER_HTTP_PORT"]
+    for arg in service["command"]:
+        if arg.startswith(("--web.listen-address=", "-server.http-listen-address=")):
+            value = default_of(arg.split("=", 1)[1])
+            if arg.startswith("--web"):
+                return tuple(value.rsplit(":", 1))
+            cfg = load_yaml(host_path("loki", "/etc/loki/loki.yml"))
+            return value, str(cfg["server"]["http_listen_port"])
+    raise AssertionError(f"no listen address in {service}")
+
+
+def default_of(value: str) -> str:
+    """What compose makes of ``${VAR:-default}`` when VAR is unset."""
+    m = re.fullmatch(r"\$\{\w+:-([^}]*)\}", value)
+    return m.group(1) if m else value
 
 
 def host_path(service: str, container_path: str) -> Path:
@@ -453,13 +473,15 @@ def test_compose_file():
     compose = load_yaml(COMPOSE)
     services = compose["services"]
     assert set(services) == {"loki", "grafana", "prometheus"}
-    want = {"loki": ("grafana/loki:3.", "3100:3100"), "grafana": ("grafana/grafana:1", "3000:3000"),
-            "prometheus": ("prom/prometheus:v", "9090:9090")}
+    want = {"loki": ("grafana/loki:3.", "3100"), "grafana": ("grafana/grafana:1", "3000"),
+            "prometheus": ("prom/prometheus:v", "9090")}
     for name, (image, port) in want.items():
         s = services[name]
         assert s["image"].startswith(image) and re.search(r":v?\d+\.\d+\.\d+$", s["image"]), \
             f"{name}: pin the image version ({s['image']})"
-        assert port in s["ports"], name
+        # off the LAN by default: the host's network, listening on loopback, nothing published
+        assert s["network_mode"] == "host" and "ports" not in s, name
+        assert listens(s) == ("127.0.0.1", port), name
         for vol in s.get("volumes", []):
             src = vol.split(":")[0]
             if src.startswith((".", "/")):
@@ -470,15 +492,19 @@ def test_compose_file():
     assert any(v.split(":")[1] == "/var/lib/grafana" for v in services["grafana"]["volumes"])
     assert any(v.split(":")[1] == "/prometheus" for v in services["prometheus"]["volumes"])
     assert any(v.split(":")[1] == "/loki" for v in services["loki"]["volumes"])
-    # Prometheus reaches the nodes on the Docker host; it reads the repo's config and targets
-    assert "host.docker.internal:host-gateway" in services["prometheus"]["extra_hosts"]
+    # Prometheus reads the repo's config and targets; nobody can stop or reload it over HTTP
+    assert not any("lifecycle" in a or "admin-api" in a for a in services["prometheus"]["command"])
     (config,) = [a.split("=", 1)[1] for a in services["prometheus"]["command"] if a.startswith("--config.file=")]
     assert host_path("prometheus", config) == PROM_CONFIG.resolve()
     assert (host_path("prometheus", config).parent / "targets.json").resolve() == TARGETS.resolve()
     (loki_config,) = [a.split("=", 1)[1] for a in services["loki"]["command"] if a.startswith("-config.file=")]
     assert host_path("loki", loki_config).is_file()
+    # Loki's gRPC port stays on loopback too (host network)
+    assert "-server.grpc-listen-address=127.0.0.1" in services["loki"]["command"]
+    # Grafana: no anonymous access, no admin/admin: the password comes from the environment, required
     env = services["grafana"]["environment"]
-    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "true" and env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Admin"
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false" and "GF_AUTH_ANONYMOUS_ORG_ROLE" not in env
+    assert re.fullmatch(r"\$\{GRAFANA_ADMIN_PASSWORD:\?.+\}", env["GF_SECURITY_ADMIN_PASSWORD"])
 
 
 def test_loki_config():
@@ -496,7 +522,7 @@ def test_prometheus_targets():
     cfg = load_yaml(PROM_CONFIG)
     (job,) = cfg["scrape_configs"]
     static = [t for group in job["static_configs"] for t in group["targets"]]
-    assert static == [f"host.docker.internal:{p}" for p in range(9400, 9406)]
+    assert static == [f"127.0.0.1:{p}" for p in range(9400, 9406)]
     assert [f for sd in job["file_sd_configs"] for f in sd["files"]] == ["targets.json"]
     groups = json.loads(TARGETS.read_text())
     assert isinstance(groups, list)
@@ -525,5 +551,6 @@ def test_make_targets():
     assert "docker compose -f observability/docker-compose.yml up -d" in r.stdout
     assert "docker compose -f observability/docker-compose.yml down" in r.stdout
     for text in ("http://localhost:3000", "http://localhost:3100", "http://localhost:9090",
-                 "logging.loki.url=", "logging.prometheus.port="):
+                 "logging.loki.url=", "logging.prometheus.port=", "GRAFANA_ADMIN_PASSWORD"):
         assert text in r.stdout, text
+    assert "admin/admin" not in r.stdout and "anonymous" not in r.stdout

@@ -34,13 +34,13 @@ SLOW_CONTEXT = 1024  # the model for the cancel tests: a long answer takes secon
 class Served:
     """A started engine + web server; ``url`` is the API's base."""
 
-    def __init__(self, run_dir: Path, *, liveness_s: float = 5.0, max_active: int = 4):
+    def __init__(self, run_dir: Path, *, liveness_s: float = 5.0, max_active: int = 4, **app_kw):
         self.run_dir = run_dir
         self.engine = Engine(lambda: InferencePipeline.start_local(run_dir, stages=2, n_head=4, heartbeat_s=0.2,
                                                                    liveness_s=liveness_s),
                              max_active=max_active).start()
         try:
-            self.server = WebServer(build_app(self.engine, MODEL, ui=False)).start()
+            self.server = WebServer(build_app(self.engine, MODEL, **{"ui": False, **app_kw})).start()
         except BaseException:
             self.engine.close()
             raise

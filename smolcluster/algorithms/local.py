@@ -24,7 +24,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if tr.eval_every and trainer.step == 0:
         recorder.log(0, **trainer.evaluate())  # the starting point of the eval curve
     bar = tqdm(total=trainer.end_step, initial=trainer.step, desc="train", unit="step",
-               disable=not tr.progress, dynamic_ncols=True)
+               disable=None if tr.progress else True, dynamic_ncols=True)  # None: only on a terminal
     trainer.start_clock(recorder)
     while trainer.step < trainer.end_step:
         loss, n, lr = trainer.step_local()

@@ -111,6 +111,8 @@ class Serve:
     model_name: str | None = None
     api_key: str | None = None
     insecure: bool = False  # serve beyond loopback without an API key (refused otherwise)
+    allowed_hosts: list[str] = field(default_factory=list)  # Host names answered besides loopback's and the bound host
+    max_body_mb: float = 8.0  # a larger request body is refused (413) before it is parsed
     max_active: int = 16
     max_waiting: int = 64
     kv_cache_mb: float | None = None
@@ -234,4 +236,10 @@ def chat_settings(cfg) -> ChatSettings:
     serve = Serve(**_plain(cfg.serve))
     if serve.max_active < 1:
         raise ConfigError(f"serve.max_active={serve.max_active} must be at least 1")
+    if serve.max_body_mb <= 0:
+        raise ConfigError(f"serve.max_body_mb={serve.max_body_mb} must be positive")
+    bad = [h for h in serve.allowed_hosts if "*" in h[1:] or (h.startswith("*") and h != "*" and h[:2] != "*.")]
+    if bad:
+        raise ConfigError(f"serve.allowed_hosts: {bad} are not host names: use a name, an address, "
+                          "'*.example.com' for a domain's names or '*' for any")
     return ChatSettings(_pipeline(cfg), _sampling(cfg), serve, str(cfg.system_prompt or ""))

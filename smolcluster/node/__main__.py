@@ -1,7 +1,8 @@
 """``python -m smolcluster.node``: the agent; ``python -m smolcluster.node pair CODE``: confirm a pairing.
 
     python -m smolcluster.node [--port 5660] [--state-dir ~/.smolcluster/node]
-    python -m smolcluster.node pair 123456 [--state-dir ~/.smolcluster/node]
+    python -m smolcluster.node pair 123456 [--state-dir ~/.smolcluster/node]          # on the agent's machine
+    python -m smolcluster.node pair 123456 --state-dir ~/.smolcluster/coordinator     # on the coordinator's
     python -m smolcluster.node forget      # unpair every coordinator
 """
 
@@ -21,14 +22,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("command", nargs="?", default="run", choices=("run", "pair", "forget"))
     p.add_argument("code", nargs="?", help="pair: the 6-digit code the coordinator shows")
     p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE,
-                   help="this agent's key pair, paired coordinators and run files (default ~/.smolcluster/node)")
+                   help="this agent's key pair, paired coordinators and run files (default ~/.smolcluster/node); "
+                   "pair: a coordinator's is its cluster.state_dir/coordinator")
     p.add_argument("--port", type=int, default=5660, help="control port (CURVE); port+1 answers public facts")
     p.add_argument("--bind", default="0.0.0.0", help="listen address (default every interface)")
     p.add_argument("--name", default=None, help="this node's name (default: SMOLCLUSTER_NODE or the host name)")
     p.add_argument("--advertise", default=None, help="the address to advertise on mDNS (default: every IPv4 one)")
     p.add_argument("--no-mdns", dest="mdns", action="store_false", help="do not advertise (static peers only)")
-    p.add_argument("--accept-code", default=None,
-                   help="for automation: accept the coordinator whose pairing code is this (once seen elsewhere)")
     p.add_argument("--owner-timeout", type=float, default=15.0,
                    help="stop a coordinator's roles after it has been silent this many seconds")
     p.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)  # tests: written once listening
@@ -39,12 +39,13 @@ def main(argv: list[str] | None = None) -> int:
             print("error: pair needs the 6-digit code the coordinator shows: python -m smolcluster.node pair 123456",
                   file=sys.stderr)
             return 2
-        from smolcluster.node.pairing import confirm_path
+        from smolcluster.node.pairing import confirm_path, write_private
 
         path = confirm_path(state, args.code)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("confirmed\n")
-        print(f"confirmed code {args.code}: the agent using {state} pairs with that coordinator at its next request")
+        if not path.exists():
+            write_private(path, "confirmed\n")
+        print(f"confirmed code {args.code}: the agent or coordinator using {state} pairs with the key it showed "
+              "that code for (once; an expired code does nothing)")
         return 0
     if args.command == "forget":
         shutil.rmtree(state / "paired", ignore_errors=True)

@@ -1,12 +1,16 @@
 """The agent: one long-running process per machine that runs ``smolcluster.train`` roles for a paired coordinator.
 
-It binds two ports: the control port (a CURVE ROUTER with the agent's own key pair; any key may
-connect and is encrypted, but only a paired coordinator's key is obeyed) and the info port
-(control + 1, plain: it answers ``node_hello`` with public facts, for ``cluster.peers``).
-A role is ``python -m smolcluster.train role=R rank=N ...`` as a child process; its output is
-streamed back line by line, its state reported, and the run's keys (sent by the coordinator over
-the encrypted channel) written next to it with mode 0600. Children die with the agent
-(SIGTERM/Ctrl-C stop and wait for them; on Linux even a SIGKILL'd agent takes them along).
+It binds two ports. The control port is a CURVE ROUTER with the agent's own key pair that lets in
+only the keys of coordinators it has paired with (ZAP asks the allowlist for each connecting key;
+a stranger's handshake fails before it can send a frame). The info port (control + 1) is a tiny
+bounded TCP responder (infoport.py): public facts for ``cluster.peers``, and the pairing exchange
+(commit, nonce, reveal; the operator confirms the code with ``python -m smolcluster.node pair CODE``).
+A role is ``python -m smolcluster.train role=R rank=N ...`` (or ``smolcluster.infer``) as a child
+process with overrides checked by overrides.py; its output is streamed back line by line, its
+state reported, and the run's keys (sent by the coordinator over the encrypted channel, checked
+to be z85 CURVE keys) written next to it, new files, 0600 in 0700 directories. Children die with
+the agent (SIGTERM/Ctrl-C stop and wait for them; on Linux even a SIGKILL'd agent takes them along).
+One bad request is answered with ``refuse`` and logged; it never ends the agent.
 
 Ports without a race: every address a run's roles must know before they start (the server's, each
 ring rank's, each pipeline stage's) is a port this agent *reserves* (``reserve``) and holds for the
@@ -26,6 +30,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,22 +43,46 @@ from pathlib import Path
 from loguru import logger
 
 from smolcluster.cluster import node_name
+from smolcluster.node.infoport import InfoPort
+from smolcluster.node.overrides import check_override
 from smolcluster.node.pairing import (
+    SAFE_NAME,
+    Z85_KEY,
     Allowlist,
-    confirm_path,
+    commitment,
     fingerprint,
     identity,
+    nonce,
     pairing_code,
+    parse_certificate,
+    printable,
+    private_dir,
     public_key,
+    write_private,
 )
 from smolcluster.node.protocol import MAX_BYTES, NODE_PROTOCOL, PROGRAMS, ROLES, VERSION, facts
 from smolcluster.supervisor import sigterm_as_interrupt, stop_process_groups
 from smolcluster.transport import ServerEndpoint
 
 # the run's key files an agent accepts, and nothing else (no paths of the coordinator's choosing)
-KEY_FILES = re.compile(r"(server\.key(_secret)?|client\.key(_secret)?|authorized/client[0-9]*\.key)")
-NOT_PAIRED = ("not paired: this node obeys only coordinators it has paired with (start the coordinator, "
-              "then confirm its code here with python -m smolcluster.node pair CODE)")
+KEY_FILES = re.compile(r"(server\.key(_secret)?|client\.key(_secret)?|authorized/client[0-9]{0,4}\.key)")
+ROLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _-]{0,31}")  # "server", "worker 3", "stage 1"
+NOT_PAIRED = ("not paired: this node obeys only coordinators it has paired with (run the coordinator with "
+              "cluster.pair_timeout_s=120 and confirm the code it shows on both machines)")
+PAIR_TTL_S = 300.0  # a code not confirmed within this is void
+MAX_PENDING = 16  # pairings awaiting an operator at once
+PAIR_EVERY_S = 1.0  # one pairing exchange per source address this often
+
+
+def refusal(reason: str) -> dict:
+    return {"kind": "refuse", "reason": reason}
+
+
+@dataclass
+class Pending:
+    key: str
+    name: str
+    expires: float
 
 
 def _die_with_parent() -> None:
@@ -91,38 +120,50 @@ class Role:
 
 class Agent:
     def __init__(self, state_dir: Path, *, port: int, bind: str = "0.0.0.0", name: str | None = None,
-                 accept_code: str | None = None, owner_timeout_s: float = 15.0):
-        self.state_dir = Path(state_dir).expanduser()
+                 owner_timeout_s: float = 15.0):
+        self.state_dir = private_dir(Path(state_dir))
+        self.runs = private_dir(self.state_dir / "runs")
         self.name = name or node_name()
         self.id_dir = identity(self.state_dir / "identity")
         self.key = public_key(self.id_dir / "server.key")
         self.allow = Allowlist(self.state_dir)
-        self.accept_code, self.owner_timeout_s = accept_code, owner_timeout_s
+        self.owner_timeout_s = owner_timeout_s
         self.control = ServerEndpoint(f"tcp://{bind}:{port}", max_bytes=MAX_BYTES, curve_dir=str(self.id_dir),
-                                      authorize=lambda key: True)
-        self.info = ServerEndpoint(f"tcp://{bind}:{self.control.port + 1}", max_bytes=1 << 16)
+                                      authorize=self.allow.__contains__)  # ZAP asks for each connecting key
         self.port = self.control.port
         self.facts = {"name": self.name, "version": VERSION, "protocol": NODE_PROTOCOL, **facts(),
                       "fingerprint": fingerprint(self.key), "key": self.key, "port": self.port}
         self.roles: dict[str, Role] = {}
-        self.pending: dict[str, str] = {}  # code -> coordinator key awaiting the operator
+        self.lock = threading.Lock()  # the pairing state: the info port's threads and the main loop share it
+        self.pending: dict[str, Pending] = {}  # code -> the coordinator awaiting the operator's confirmation
+        self.last_ask: dict[str, float] = {}  # source address -> its last pairing exchange (rate limit)
+        self.looked_for_confirms = 0.0
         self.owner_seen: dict[bytes, float] = {}
         # role name -> (the coordinator that asked, the ports held for the role): reserved, not started yet
         self.reserved: dict[str, tuple[bytes, list[socket.socket]]] = {}
+        self.info = InfoPort(bind, self.port + 1, self.answer_info)
 
-    # -- control messages ---------------------------------------------------------------------------
+    # -- control messages (CURVE; only paired coordinators' keys get through) ---------------------------
     def handle(self, peer: bytes, msg) -> None:
+        """One request; whatever is wrong with it is logged and answered, never fatal to the agent."""
+        try:
+            self._handle(peer, msg)
+        except Exception as e:
+            logger.error(f"refused a bad {printable(msg.kind)} request: {printable(repr(e), 300)}")
+            self.control.send(peer, "refuse", {"reason": f"bad {printable(msg.kind)} request: "
+                                                         f"{printable(str(e), 300)}"})
+
+    def _handle(self, peer: bytes, msg) -> None:
         key = msg.sender_key
         paired = key in self.allow
-        if paired:
-            self.owner_seen[peer] = time.monotonic()
-        if msg.kind == "node_hello":
-            self.control.send(peer, "node_info", {**self.facts, "paired": paired})
-        elif msg.kind == "pair_request":
-            self.control.send(peer, "pair_state", self.pair(key, msg.fields["name"]))
-        elif not paired:
-            logger.warning(f"refused {msg.kind} from an unpaired coordinator (key {fingerprint(key or '')})")
+        if not paired:  # (ZAP keeps unpaired keys out at the handshake; this holds for a key forgotten since)
+            logger.warning(f"refused {printable(msg.kind)} from an unpaired coordinator (key "
+                           f"{fingerprint(key or '')})")
             self.control.send(peer, "refuse", {"reason": NOT_PAIRED})
+            return
+        self.owner_seen[peer] = time.monotonic()
+        if msg.kind == "node_hello":
+            self.control.send(peer, "node_info", {**self.facts, "paired": True})
         elif msg.kind == "status":
             self.control.send(peer, "node_status", {"roles": {n: r.state for n, r in self.roles.items()}})
         elif msg.kind == "reserve":
@@ -130,32 +171,96 @@ class Agent:
         elif msg.kind == "start_role":
             self.start(peer, msg.fields)
         elif msg.kind == "stop_roles":
-            logger.info(f"stopping every role: {msg.fields['reason']}")
+            logger.info(f"stopping every role: {printable(msg.fields['reason'], 300)}")
             self.stop_all()
         else:
-            self.control.send(peer, "refuse", {"reason": f"an agent does not take {msg.kind!r} messages"})
+            self.control.send(peer, "refuse", {"reason": f"an agent does not take {printable(msg.kind)!r} messages"})
 
-    def pair(self, key: str, who: str) -> dict:
-        code = pairing_code(self.key, key)
+    # -- the info port (plain, bounded: see infoport.py): public facts and the pairing exchange ----------
+    def answer_info(self, msg: dict, session: dict) -> dict | None:
+        kind = msg.get("kind")
+        if kind == "node_hello":
+            return {"kind": "node_info", **self.facts}
+        if kind == "pair_status" and isinstance(msg.get("key"), str):
+            with self.lock:
+                waiting = any(p.key == msg["key"] for p in self.pending.values())
+            state = "paired" if msg["key"] in self.allow else "pending" if waiting else "unknown"
+            return {"kind": "pair_state", "state": state}
+        if kind == "pair_commit":
+            return self.pair_commit(msg, session)
+        if kind == "pair_reveal" and "commit" in session and isinstance(msg.get("nonce"), str):
+            return self.pair_reveal(msg["nonce"], session)
+        return None
+
+    def pair_commit(self, msg: dict, session: dict) -> dict:
+        key, commit, who = msg.get("key"), msg.get("commit"), printable(msg.get("name", "?"))
+        if not (isinstance(key, str) and Z85_KEY.fullmatch(key) and isinstance(commit, str)
+                and re.fullmatch(r"[0-9a-f]{64}", commit)):
+            return refusal("pair_commit needs a z85 key and a sha256 commitment")
         if key in self.allow:
-            return {"state": "paired", "code": code}
-        confirmed = confirm_path(self.state_dir, code)
-        if self.accept_code == code or confirmed.is_file():
-            confirmed.unlink(missing_ok=True)
-            self.allow.add(key)
-            self.pending.pop(code, None)
-            logger.success(f"paired with coordinator {who} (key {fingerprint(key)}, code {code})")
-            return {"state": "paired", "code": code}
-        if code not in self.pending:
-            self.pending[code] = key
-            logger.warning(f"pairing request from coordinator {who} (key {fingerprint(key)}): code {code}. "
-                           f"If the coordinator shows the same code, confirm with: python -m smolcluster.node "
-                           f"pair {code} --state-dir {self.state_dir}")
-        return {"state": "pending", "code": code}
+            return {"kind": "pair_state", "state": "paired"}
+        now, source = time.monotonic(), session["source"]
+        with self.lock:
+            if now - self.last_ask.get(source, -PAIR_EVERY_S) < PAIR_EVERY_S:
+                return refusal(f"one pairing request per {PAIR_EVERY_S:g}s from {source}: try again shortly")
+            if len(self.last_ask) > 1024:  # forget sources that are quiet anyway
+                self.last_ask = {s: t for s, t in self.last_ask.items() if now - t < PAIR_EVERY_S}
+            self.last_ask[source] = now
+            self.expire(now)
+            if len(self.pending) >= MAX_PENDING and all(p.key != key for p in self.pending.values()):
+                return refusal(f"{MAX_PENDING} pairings already await an operator here: try again later")
+        session.update(key=key, commit=commit, name=who, nonce=nonce())
+        return {"kind": "pair_nonce", "key": self.key, "nonce": session["nonce"]}
+
+    def pair_reveal(self, coordinator_nonce: str, session: dict) -> dict:
+        key = session["key"]
+        if commitment(key, coordinator_nonce) != session.pop("commit"):
+            logger.warning(f"pairing from {session['source']} refused: its nonce does not match its commitment")
+            return refusal("the revealed nonce does not match the commitment: not pairing")
+        code = pairing_code(self.key, key, session["nonce"], coordinator_nonce)
+        with self.lock:
+            for c in [c for c, p in self.pending.items() if p.key == key]:  # a new exchange replaces its old code
+                del self.pending[c]
+            self.pending[code] = Pending(key, session["name"], time.monotonic() + PAIR_TTL_S)
+        logger.warning(f"pairing request from coordinator {session['name']} at {session['source']} (key "
+                       f"{fingerprint(key)}): code {code}. If the coordinator shows the same code, confirm within "
+                       f"{PAIR_TTL_S / 60:g} min: python -m smolcluster.node pair {code} --state-dir {self.state_dir}")
+        return {"kind": "pair_state", "state": "pending"}
+
+    def expire(self, now: float) -> None:
+        for code in [c for c, p in self.pending.items() if p.expires < now]:
+            logger.info(f"pairing code {code} expired unconfirmed")
+            del self.pending[code]
+
+    def take_confirmations(self) -> None:
+        """Codes the operator confirmed (``smolcluster.node pair CODE``): each pairs exactly the key it was shown
+        with, once; a confirmation of no waiting code is dropped (codes are one-shot)."""
+        now = time.monotonic()
+        if now - self.looked_for_confirms < 0.2:
+            return
+        self.looked_for_confirms = now
+        d = self.state_dir / "confirm"
+        with self.lock:
+            self.expire(now)
+            for f in (list(d.iterdir())[:64] if d.is_dir() else []):
+                if f.is_dir() and not f.is_symlink():
+                    continue  # not something `pair` writes
+                p = self.pending.pop(f.name, None)
+                f.unlink(missing_ok=True)
+                if p is None:
+                    logger.warning(f"no pairing waits for code {printable(f.name, 16)} (expired, or never shown): "
+                                   "ignored")
+                    continue
+                self.allow.add(p.key)
+                logger.success(f"paired with coordinator {p.name} (key {fingerprint(p.key)})")
 
     # -- roles --------------------------------------------------------------------------------------
     def reserve(self, peer: bytes, f: dict) -> None:
         name, count = f["name"], f["count"]
+        if not ROLE_NAME.fullmatch(name) or (name not in self.reserved and len(self.reserved) >= 64):
+            self.control.send(peer, "refuse", {"reason": f"reserve: name {printable(name)!r} is not a role name, "
+                                                         "or 64 reservations are held already"})
+            return
         try:
             ipaddress.ip_address(f["bind"])
         except ValueError:
@@ -177,22 +282,21 @@ class Agent:
     def start(self, peer: bytes, f: dict) -> None:
         name, role = f["name"], f["role"]
         bad = self._check_start(f)
+        rdir = self.runs / f["run_id"] / name.replace(" ", "_") if not bad else None
+        if rdir is not None and not rdir.resolve().is_relative_to(self.runs.resolve()):
+            bad = f"run_id/name lead outside {self.runs}"
         if bad:
-            self.control.send(peer, "role_state", {"name": name, "state": "failed", "detail": bad})
+            logger.warning(f"refused to start {printable(name)}: {bad}")
+            self.control.send(peer, "role_state", {"name": printable(name), "state": "failed", "detail": bad})
             return
-        rdir = self.state_dir / "runs" / f["run_id"] / name.replace(" ", "_")
-        (rdir / "keys" / "authorized").mkdir(parents=True, exist_ok=True)
-        for fname, text in f["keys"].items():
-            path = rdir / "keys" / fname
-            path.write_text(text)
-            path.chmod(0o600)
+        self.write_keys(rdir, f["keys"])
         program = f.get("program") or "train"
         cmd = [sys.executable, "-u", "-m", f"smolcluster.{program}", *f["args"], f"role={role}",
                f"hydra.run.dir={rdir}", "hydra.output_subdir=null"]
         if program == "train":  # (inference's schema has no run id, node name or progress bar)
             cmd += [f"run_id={f['run_id']}", "train.progress=false", f"node={self.name}"]
         if f.get("rank") is not None:
-            cmd.append(f"rank={f['rank']}")
+            cmd.append(f"rank={int(f['rank'])}")
         if f["keys"]:
             cmd.append(f"cluster.keys={rdir / 'keys'}")
         held = self.reserved.pop(name, (peer, []))[1]
@@ -209,23 +313,41 @@ class Agent:
         logger.info(f"started {name} ({role}) for run {f['run_id']}: pid {proc.pid}")
         self.control.send(peer, "role_state", {"name": name, "state": "running"})
 
+    @staticmethod
+    def write_keys(rdir: Path, keys: dict) -> None:
+        """The run's key files, rebuilt from the z85 keys found in what was sent (already checked), each new and 0600
+        in 0700 directories; a rerun of the role replaces its old keys/ directory."""
+        kdir = private_dir(rdir) / "keys"
+        if os.path.lexists(kdir):
+            shutil.rmtree(kdir)  # (refuses a symlink, and deletes links inside without following them)
+        private_dir(kdir / "authorized")
+        for fname, text in keys.items():
+            write_private(kdir / fname, parse_certificate(text, fname.endswith("_secret")))
+
     def _check_start(self, f: dict) -> str | None:
+        """Why this start_role is refused (None: it is not). What it may ask for: docs/setup_cluster.md."""
         if f["role"] not in ROLES:
-            return f"role={f['role']!r} is not one of {', '.join(ROLES)}"
-        if (f.get("program") or "train") not in PROGRAMS:
-            return f"program={f.get('program')!r} is not one of {', '.join(PROGRAMS)}"
+            return f"role={printable(f['role'])!r} is not one of {', '.join(ROLES)}"
+        program = f.get("program") or "train"
+        if program not in PROGRAMS:
+            return f"program={printable(program)!r} is not one of {', '.join(PROGRAMS)}"
+        if not ROLE_NAME.fullmatch(f["name"]):
+            return f"name {printable(f['name'])!r} must be a short plain name (letters, digits, space, - and _)"
+        if not SAFE_NAME.fullmatch(f["run_id"]) or "." in f["run_id"]:
+            return f"run_id {printable(f['run_id'])!r} must be letters, digits, - and _"
         if f["name"] in self.roles and self.roles[f["name"]].proc.poll() is None:
             return f"{f['name']} is already running here"
-        if not all(isinstance(a, str) for a in f["args"]):
-            return "args must be strings (key=value overrides)"
-        # overrides only: nothing that makes Hydra instantiate code or move the run's files
         for a in f["args"]:
-            if a.startswith(("hydra", "+hydra", "~hydra", "role=", "rank=")) or "_target_" in a:
-                return f"override {a!r} is not allowed through an agent"
-        if any(not KEY_FILES.fullmatch(k) or not isinstance(v, str) for k, v in f["keys"].items()):
-            return "keys may only be server.key[_secret], client.key[_secret] and authorized/clientN.key"
-        if not f["run_id"].replace("-", "").replace("_", "").isalnum():
-            return f"run_id {f['run_id']!r} must be letters, digits, - and _"
+            bad = check_override(a, program)
+            if bad:
+                return bad
+        for k, v in f["keys"].items():
+            if not KEY_FILES.fullmatch(k) or not isinstance(v, str):
+                return "keys may only be server.key[_secret], client.key[_secret] and authorized/clientN.key"
+            try:
+                parse_certificate(v, k.endswith("_secret"))
+            except ValueError as e:
+                return f"key file {k}: {e}"
         return None
 
     def poll_roles(self) -> None:
@@ -297,16 +419,11 @@ class Agent:
             got = self.control.recv(50)
             if got:
                 self.handle(*got)
-            asked = self.info.recv(0)
-            if asked and asked[1].kind == "node_hello":
-                self.info.send(asked[0], "node_info", self.facts)
             self.poll_roles()
             if self.orphaned():
                 logger.error(f"the coordinator has been silent for {self.owner_timeout_s:g}s: stopping its roles")
                 self.stop_all()
-            for code in list(self.pending):  # `smolcluster.node pair CODE` may have confirmed one meanwhile
-                if confirm_path(self.state_dir, code).is_file():
-                    self.pair(self.pending[code], "(confirmed by the operator)")
+            self.take_confirmations()  # `smolcluster.node pair CODE` may have confirmed one meanwhile
 
     def close(self, reason: str = "the agent is shutting down") -> None:
         owners = {r.owner for r in self.roles.values() if r.proc.poll() is None}
@@ -326,8 +443,7 @@ def _read_lines(proc: subprocess.Popen, out: queue.Queue) -> None:
 def run_agent(args) -> int:
     from smolcluster.node.discovery import Advertisement, local_addresses
 
-    agent = Agent(args.state_dir, port=args.port, bind=args.bind, name=args.name, accept_code=args.accept_code,
-                  owner_timeout_s=args.owner_timeout)
+    agent = Agent(args.state_dir, port=args.port, bind=args.bind, name=args.name, owner_timeout_s=args.owner_timeout)
     sigterm_as_interrupt()
     ad = None
     try:

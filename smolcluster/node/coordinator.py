@@ -2,7 +2,9 @@
 the roles, run through them.
 
     1. discover   mDNS for cluster.discover_s (early once cluster.expect answered) + cluster.peers
-    2. check      same version and node protocol everywhere; pair (code on both screens) where not yet
+    2. check      same version and node protocol everywhere; pair where not yet: a code on both screens,
+                  confirmed on both machines; only agents in this coordinator's store (STATE/coordinator/agents/)
+                  get a control link, a role or a key, whatever else they claim
     3. place      syncps/edp: the server on cluster.server (or the node with the most free memory), one
                   worker on each other node (accelerators first; every node when there is only one);
                   allreduce: a ring rank on every node (cluster.workers=N cycles the nodes);
@@ -47,8 +49,20 @@ from smolcluster.cluster import new_run_id
 from smolcluster.errors import ConfigError, PeerError
 from smolcluster.node import discovery
 from smolcluster.node.discovery import NodeInfo
-from smolcluster.node.pairing import identity, pairing_code, public_key, write_public_key
-from smolcluster.node.protocol import MAX_BYTES, NODE_PROTOCOL, VERSION
+from smolcluster.node.infoport import exchange
+from smolcluster.node.pairing import (
+    AgentStore,
+    commitment,
+    confirm_path,
+    identity,
+    nonce,
+    pairing_code,
+    private_dir,
+    public_key,
+    write_private,
+    write_public_key,
+)
+from smolcluster.node.protocol import MAX_BYTES
 from smolcluster.security import is_loopback
 from smolcluster.supervisor import child_overrides, sigterm_as_interrupt
 from smolcluster.transport import ClientEndpoint, make_keys
@@ -70,10 +84,10 @@ class AgentLink:
 
     def __init__(self, node: NodeInfo, id_dir: Path, links_dir: Path):
         self.node, self.name = node, node.name
-        d = links_dir / node.fingerprint
+        d = private_dir(links_dir / node.fingerprint)
         write_public_key(d / "server.key", node.key)  # the agent's key: CURVE checks we reach *that* agent
-        shutil.copyfile(id_dir / "client.key_secret", d / "client.key_secret")
-        (d / "client.key_secret").chmod(0o600)
+        (d / "client.key_secret").unlink(missing_ok=True)
+        write_private(d / "client.key_secret", (id_dir / "client.key_secret").read_text())
         self.ep = ClientEndpoint(f"tcp://{node.host}:{node.port}", max_bytes=MAX_BYTES, curve_dir=str(d))
         self.last_seen = time.monotonic()
         self.alive = True
@@ -130,31 +144,63 @@ def show(nodes: list[NodeInfo]) -> None:
               f"{n.fingerprint}  {n.source}", file=sys.stderr)
 
 
-def pair(link: AgentLink, my_key: str, c: DictConfig) -> None:
-    info = link.request("node_hello", {"protocol": NODE_PROTOCOL, "version": VERSION}, "node_info", 10).fields
-    if info["key"] != link.node.key or info["version"] != VERSION or info["protocol"] != NODE_PROTOCOL:
-        raise ConfigError(f"node {link.node.where()} answers with another key or version than it advertised")
-    if info.get("paired"):
+def _info(node: NodeInfo, requests: list) -> list[dict]:
+    try:
+        return exchange(node.host, node.port + 1, requests)
+    except (OSError, ValueError) as e:
+        raise PeerError(f"node {node.where()}: its info port {node.port + 1} does not answer ({e})") from None
+
+
+def _start_pairing(node: NodeInfo, my_key: str) -> str:
+    """The commit / nonce / reveal exchange with the agent; the code both screens show."""
+    mine = nonce()
+    replies = _info(node, [{"kind": "pair_commit", "key": my_key, "commit": commitment(my_key, mine),
+                            "name": socket.gethostname()},
+                           lambda r: {"kind": "pair_reveal", "nonce": mine}])
+    if replies[-1]["kind"] == "refuse" or len(replies) < 2:
+        raise ConfigError(f"node {node.where()} refused to pair: {replies[-1].get('reason', replies[-1])}")
+    theirs = replies[0]
+    if theirs.get("key") != node.key or not isinstance(theirs.get("nonce"), str):
+        raise ConfigError(f"node {node.where()} pairs under another key than it advertised: not pairing")
+    return pairing_code(node.key, my_key, theirs["nonce"], mine)
+
+
+def pair(node: NodeInfo, my_key: str, store: AgentStore, c: DictConfig, state: Path) -> None:
+    """Returns once this coordinator and the agent each hold the other's key (asking the operator where one does
+    not); else a ConfigError naming the node. Nothing the agent says makes it trusted here: only the operator's
+    confirmation of the code (``smolcluster.node pair CODE --state-dir STATE``) adds it to ``store``."""
+    known = store.knows(node.name, node.key)  # (raises for a known name with another key)
+    agent_knows = _info(node, [{"kind": "pair_status", "key": my_key}])[0].get("state") == "paired"
+    if known and agent_knows:
         return
-    where = link.node.where()
+    where = node.where()
     if float(c.pair_timeout_s) <= 0:
         raise ConfigError(f"node {where} has not paired with this coordinator: set cluster.pair_timeout_s=120 "
-                          "and confirm the code it shows there with python -m smolcluster.node pair CODE")
-    code = pairing_code(link.node.key, my_key)
-    logger.warning(f"pairing with node {where} (key {link.node.fingerprint}): code {code}. If that machine shows "
-                   f"the same code, confirm there: python -m smolcluster.node pair {code}")
+                          "and confirm the code both machines show, on both, with python -m smolcluster.node pair CODE")
+    code = _start_pairing(node, my_key)
+    here = f"python -m smolcluster.node pair {code} --state-dir {state}"
+    todo = [*(["there: python -m smolcluster.node pair " + code] if not agent_knows else []),
+            *([f"here: {here}"] if not known else [])]
+    logger.warning(f"pairing with node {where} (key {node.fingerprint}): code {code}. If that machine shows the "
+                   f"same code, confirm {' and '.join(todo)}")
+    mine = confirm_path(state, code)
     deadline = time.monotonic() + float(c.pair_timeout_s)
-    while time.monotonic() < deadline:
-        state = link.request("pair_request", {"name": "coordinator"}, "pair_state", 10).fields
-        if state["code"] != code:
-            raise ConfigError(f"node {where} computes pairing code {state['code']}, this coordinator {code}: someone "
-                              "between the two changed a key; not pairing")
-        if state["state"] == "paired":
-            logger.success(f"paired with node {where}")
-            return
-        time.sleep(0.3)
-    raise ConfigError(f"node {where}: pairing code {code} was not confirmed within cluster.pair_timeout_s="
-                      f"{c.pair_timeout_s}s: run python -m smolcluster.node pair {code} on it")
+    try:
+        while time.monotonic() < deadline:
+            if not known and mine.is_file():
+                store.add(node.name, node.key)
+                known = True
+            if not agent_knows:
+                agent_knows = _info(node, [{"kind": "pair_status", "key": my_key}])[0].get("state") == "paired"
+            if known and agent_knows:
+                logger.success(f"paired with node {where}")
+                return
+            time.sleep(0.3)
+    finally:
+        mine.unlink(missing_ok=True)  # one-shot: a late confirmation of this code does nothing
+    on = "both machines" if len(todo) == 2 else "this machine" if not known else "the node"
+    raise ConfigError(f"node {where}: pairing code {code} was not confirmed on {on} within cluster.pair_timeout_s="
+                      f"{c.pair_timeout_s}s: run again and confirm it there")
 
 
 def place(nodes: list[NodeInfo], c: DictConfig) -> tuple[NodeInfo, list[NodeInfo]]:
@@ -368,7 +414,7 @@ class Run:
         knows every other's, and holds the run's server pair, its own client pair and every member's public
         client key (``head``: one client pair more, for the head that runs here). Returns the ports."""
         n = len(ranks)
-        make_keys(keys_dir, clients=n + int(head))
+        run_keys(keys_dir, clients=n + int(head))
         bind = "127.0.0.1" if all(is_loopback(x.host) for x in ranks) else "0.0.0.0"  # keys make a LAN bind safe
         ports = [self.reserve(self.links[x.name], f"{role} {r}", bind) for r, x in enumerate(ranks)]
         common = [*args, f"cluster.host={ranks[0].host}", f"cluster.bind={bind}", f"cluster.port={ports[0]}",
@@ -386,17 +432,30 @@ class Run:
         return ports
 
 
+def run_keys(d: Path, clients: int) -> None:
+    """A fresh CURVE set for one run: secrets 0600 in a 0700 directory (made private before any key is in it)."""
+    private_dir(d / "authorized")
+    private_dir(d)
+    make_keys(d, clients=clients)
+    for f in d.glob("*_secret"):
+        f.chmod(0o600)
+
+
 def _client(i: int) -> str:
     return "client" if i == 0 else f"client{i}"
 
 
-def connect(c: DictConfig) -> tuple[list[NodeInfo], dict[str, AgentLink], str]:
-    """Discover the agents, show them, open a control link to each; (nodes, links, this coordinator's key)."""
-    state = Path(str(c.state_dir)).expanduser() / "coordinator"
+def connect(c: DictConfig) -> tuple[list[NodeInfo], dict[str, AgentLink]]:
+    """Discover the agents, show them, pair where needed, open a control link to each (all paired)."""
+    state = private_dir(Path(str(c.state_dir)).expanduser() / "coordinator")
     id_dir = identity(state / "identity")
+    my_key = public_key(id_dir / "client.key")
     nodes = discover(c)
     show(nodes)
-    return nodes, {n.name: AgentLink(n, id_dir, state / "links") for n in nodes}, public_key(id_dir / "client.key")
+    store = AgentStore(state)
+    for n in nodes:
+        pair(n, my_key, store, c, state)
+    return nodes, {n.name: AgentLink(n, id_dir, state / "links") for n in nodes}
 
 
 def run_auto(cfg: DictConfig, run_dir: Path) -> dict:
@@ -405,7 +464,7 @@ def run_auto(cfg: DictConfig, run_dir: Path) -> dict:
         raise ConfigError(f"cluster=auto runs {', '.join(ALGOS)}, not algo={algo} (which runs in one process): "
                           "drop cluster=auto")
     sigterm_as_interrupt()
-    nodes, links, my_key = connect(c)
+    nodes, links = connect(c)
     run = Run(algo, str(cfg.run_id), c, links, run_dir)
     try:
         server_node, worker_nodes, ranks = None, None, None
@@ -417,8 +476,6 @@ def run_auto(cfg: DictConfig, run_dir: Path) -> dict:
             ranks = place_ranks(nodes, int(cfg.algo.stages))
         if c.get("write"):
             write_cluster(Path(str(c.write)).expanduser(), cfg, server_node, worker_nodes or ranks)
-        for link in links.values():
-            pair(link, my_key, c)
         if c.get("discover_only"):
             return {}
         common = [o for o in child_overrides() if not o.startswith(_OWN)]
@@ -462,7 +519,7 @@ def _start_ps(run: Run, cfg: DictConfig, run_dir: Path, server_node: NodeInfo, w
     logger.info(f"placing {cfg.algo.name}: server on {server_node.name}, "
                 + ", ".join(f"worker {r} on {n.name}" for r, n in enumerate(worker_nodes)))
     keys = run_dir / "keys"
-    make_keys(keys, clients=len(worker_nodes))
+    run_keys(keys, clients=len(worker_nodes))
     common = [*common, f"cluster.workers={len(worker_nodes)}", nodes_override(c, worker_nodes)]
     server_keys = _files(keys, {"server.key": "server.key", "server.key_secret": "server.key_secret"})
     for i, _ in enumerate(worker_nodes):
@@ -523,7 +580,7 @@ def _agent_stages(cfg: DictConfig, p):
         raise ConfigError("cluster=auto stages need weights every node agrees on: give checkpoint=RUN_DIR or "
                           "model.pretrained=DIR (the same path on every node)")
     sigterm_as_interrupt()
-    nodes, links, my_key = connect(c)
+    nodes, links = connect(c)
     run_dir = p.telemetry.get("run_dir")  # logging.run_dir: the stages' /metrics are listed there too
     run = Run("inference", new_run_id(), c, links, Path(run_dir) if run_dir else None)
     keys = Path(tempfile.mkdtemp(prefix="smolcluster-run-keys-"))
@@ -540,8 +597,6 @@ def _agent_stages(cfg: DictConfig, p):
 
     keeper = None
     try:
-        for link in links.values():
-            pair(link, my_key, c)
         ranks = place_ranks(nodes, p.stages)
         run.essential = {x.name for x in ranks}
         args = [*(o for o in _stage_overrides() if not o.startswith(("stages=", "head="))), f"stages={p.stages}",
@@ -549,7 +604,7 @@ def _agent_stages(cfg: DictConfig, p):
         ports = run.start_ranks(ranks, "stage", args, keys, program="infer", head=True,
                                 defaults=[{"memory_gb": x.memory_gb} for x in ranks])
         head = keys / "head"  # the head: a client of every stage, and the server they connect back to
-        (head / "authorized").mkdir(parents=True)
+        private_dir(head / "authorized")
         for name in ("server.key", "server.key_secret"):
             shutil.copyfile(keys / name, head / name)
         for f in (keys / "authorized").glob("*.key"):

@@ -4,24 +4,25 @@ An agent advertises ``NAME._smolcluster._tcp.local.`` with its address, control 
 record of public facts: version, node protocol, device, cores, usable memory, its CURVE public key
 and that key's fingerprint. A coordinator browses for a bounded time (``cluster.discover_s``,
 ending early once ``cluster.expect`` agents answered). ``cluster.peers: [host:port, ...]`` asks
-each agent's info port (control port + 1, plain: public facts only) for the same facts.
+each agent's info port (control port + 1: a bounded JSON-lines responder, see infoport.py) for the
+same facts.
 
 Nothing here is trusted: a key learned from the network is checked by the pairing code
-(see :mod:`smolcluster.node.pairing`) before the agent and coordinator trust each other.
+(see :mod:`smolcluster.node.pairing`) before the agent and coordinator trust each other, and
+an agent's facts (device, memory) are used for placement only once it is paired.
 """
 
 from __future__ import annotations
 
-import socket
 import time
 from dataclasses import asdict, dataclass
 
 from loguru import logger
 
 from smolcluster.errors import ConfigError
+from smolcluster.node.infoport import exchange
 from smolcluster.node.pairing import fingerprint
-from smolcluster.node.protocol import MAX_BYTES, NODE_PROTOCOL, SERVICE_TYPE, VERSION
-from smolcluster.transport import ClientEndpoint
+from smolcluster.node.protocol import NODE_PROTOCOL, SERVICE_TYPE, VERSION
 
 
 @dataclass
@@ -139,17 +140,14 @@ def split_peer(peer: str) -> tuple[str, int]:
 def ask(peer: str, timeout_s: float = 5.0) -> NodeInfo:
     """An agent's public facts from its info port (control port + 1)."""
     host, port = split_peer(peer)
-    client = ClientEndpoint(f"tcp://{host}:{port + 1}", max_bytes=MAX_BYTES)
     try:
-        client.send("node_hello", {"protocol": NODE_PROTOCOL, "version": VERSION, "name": socket.gethostname()})
-        msg = client.recv(int(timeout_s * 1000))
-    finally:
-        client.close()
-    if msg is None or msg.kind != "node_info":
+        f = exchange(host, port + 1, [{"kind": "node_hello"}], timeout_s)[0]
+        if f.get("kind") != "node_info":
+            raise ValueError(f"answered {str(f.get('kind'))[:40]}")
+        return NodeInfo(name=str(f["name"]), host=host, port=port, key=str(f["key"]),
+                        fingerprint=str(f["fingerprint"]), version=str(f["version"]), protocol=int(f["protocol"]),
+                        device=str(f["device"]), cores=int(f["cores"]), memory_gb=float(f["memory_gb"]), source="peer")
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"cluster.peers: no smolcluster agent answers at {host}:{port} within {timeout_s:g}s "
-                          "(is `python -m smolcluster.node` running there, and ports "
-                          f"{port} and {port + 1} open?)")
-    f = msg.fields
-    return NodeInfo(name=f["name"], host=host, port=port, key=f["key"], fingerprint=f["fingerprint"],
-                    version=f["version"], protocol=f["protocol"], device=f["device"], cores=f["cores"],
-                    memory_gb=float(f["memory_gb"]), source="peer")
+                          f"({e}): is `python -m smolcluster.node` running there, and ports "
+                          f"{port} and {port + 1} open?") from None

@@ -1,8 +1,8 @@
 """The control channel's messages: kinds on the project's validated wire format (msgpack headers, no pickle).
+(Public facts and pairing go over the info port instead: infoport.py.)
 
     coordinator -> agent                        agent -> coordinator
     node_hello {protocol, version}              node_info {name, version, protocol, facts..., paired}
-    pair_request {name}                         pair_state {state: pending|paired, code}
     reserve {name, bind, count}                 reserved {name, ports}  (held for that role: see agent.py)
     start_role {name, role, rank, run_id,       role_state {name, state, code?, port?, detail?, summary?}
                 args, keys, program?}           role_log {name, lines}
@@ -25,7 +25,7 @@ import psutil
 from smolcluster import __version__
 from smolcluster.transport import register_kind
 
-NODE_PROTOCOL = 2  # 2: reserve/reserved, start_role's program (smolcluster.train or .infer)
+NODE_PROTOCOL = 3  # 3: the bounded info port and mutual pairing (2: reserve/reserved, start_role's program)
 VERSION = __version__
 SERVICE_TYPE = "_smolcluster._tcp.local."
 ROLES = ("server", "worker", "stage", "head")
@@ -37,8 +37,6 @@ register_kind("node_hello", {"protocol": int, "version": str}, optional={"name":
 register_kind("node_info", {"name": str, "version": str, "protocol": int, "device": str, "cores": int,
                             "memory_gb": _NUM, "fingerprint": str, "key": str, "port": int},
               optional={"paired": bool})
-register_kind("pair_request", {"name": str})
-register_kind("pair_state", {"state": str, "code": str})
 register_kind("reserve", {"name": str, "bind": str, "count": int})
 register_kind("reserved", {"name": str, "ports": list})
 register_kind("start_role", {"name": str, "role": str, "run_id": str, "args": list, "keys": dict},

@@ -13,26 +13,36 @@ import threading
 import time
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp
 
 from smolcluster.errors import ConfigError, PeerError
 from smolcluster.serving.engine import ChatDefaults, Engine
+from smolcluster.serving.front_door import allowed_hosts as allowed_hosts_for
+from smolcluster.serving.front_door import front_door
 from smolcluster.serving.openai_api import OpenAIAPI
 
 
 def build_app(engine: Engine, model_name: str, defaults: ChatDefaults | None = None,
-              api_key: str | None = None, ui: bool = True) -> FastAPI:
+              api_key: str | None = None, ui: bool = True, host: str = "127.0.0.1",
+              allowed_hosts: list[str] | None = None, max_body_mb: float = 8.0) -> ASGIApp:
+    """The API and chat page behind the front door (Host check, ``api_key`` on every route but
+    ``/health``, bodies up to ``max_body_mb``); ``host`` is where it listens (its names are allowed)."""
     defaults = defaults or ChatDefaults()
     app = FastAPI(title="smolcluster", summary="OpenAI-compatible API and chat on a smolcluster inference pipeline")
-    OpenAIAPI(engine, model_name, chat_max_tokens=defaults.max_new_tokens, api_key=api_key).install(app)
+    OpenAIAPI(engine, model_name, chat_max_tokens=defaults.max_new_tokens).install(app)
 
     @app.get("/health")
-    def health() -> JSONResponse:
-        """200 when the pipeline takes requests, 503 when it is down; stage and queue figures either way."""
+    def health(request: Request) -> JSONResponse:
+        """200 when the pipeline takes requests, 503 when it is down; with the key (or on a keyless server)
+        stage and queue figures too, without it only the status."""
         h = engine.health()
+        code = 200 if h["status"] == "ok" else 503
+        if not request.scope.get("smolcluster.keyed", True):
+            return JSONResponse({"status": h["status"]}, status_code=code)
         h["model"] = model_name
-        return JSONResponse(h, status_code=200 if h["status"] == "ok" else 503)
+        return JSONResponse(h, status_code=code)
 
     if ui:
         import gradio as gr
@@ -40,7 +50,8 @@ def build_app(engine: Engine, model_name: str, defaults: ChatDefaults | None = N
         from smolcluster.serving.chat_ui import build_chat_ui
 
         app = gr.mount_gradio_app(app, build_chat_ui(engine, defaults, model_name), path="/", footer_links=["api"])
-    return app
+    return front_door(app, api_key=api_key, hosts=allowed_hosts_for(host, allowed_hosts),
+                      max_body_bytes=int(max_body_mb * 2**20))
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -69,8 +80,10 @@ class WebServer:
                  sock: socket.socket | None = None):
         self.sock = sock if sock is not None else bind(host, port)
         self.host, self.port = host, self.sock.getsockname()[1]
+        # proxy_headers off: no proxy is in front, so a client's X-Forwarded-For must not rename it (its
+        # address is its fair-queue identity)
         self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3,
-                                                    lifespan="on"))
+                                                    lifespan="on", proxy_headers=False))
         self._thread: threading.Thread | None = None
 
     @property

@@ -3,8 +3,8 @@
 The pipeline interleaves the requests in flight one step at a time, so every active
 request slows the others a little; past a few per stage, more only adds latency. A
 :class:`FairQueue` keeps at most ``slots`` requests in the pipeline and makes the rest
-wait. Waiting requests are grouped by user (a browser session, or the API's ``user``
-field / client address). A free slot goes to the waiting user with the fewest requests
+wait. Waiting requests are grouped by user (a browser session, or the API client's
+address: never the body's ``user`` field, which a client could rename at will). A free slot goes to the waiting user with the fewest requests
 running, then to the one served least recently, then to the one who came first; so
 one user who sends ten requests delays another user's single request by at most one
 of them, not ten.

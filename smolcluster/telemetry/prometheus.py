@@ -74,7 +74,7 @@ def port_for(base: int, role: str, rank) -> int:
 class PrometheusSink:
     """A metrics sink (``log(step, row)`` / ``close(summary)``) that serves what it is given on HTTP."""
 
-    def __init__(self, port: int, identity: dict, addr: str = "0.0.0.0", gauges: dict = _GAUGES,
+    def __init__(self, port: int, identity: dict, addr: str = "127.0.0.1", gauges: dict = _GAUGES,
                  counters: dict = _COUNTERS):
         """``gauges`` / ``counters``: the families served (a training node's, or SERVING_GAUGES / _COUNTERS)."""
         self.registry = CollectorRegistry()

@@ -23,7 +23,7 @@ _HARDWARE_EVERY_S = 1.0  # CPU / RSS are read (a few syscalls) at most this ofte
 
 
 class ServingMetrics:
-    def __init__(self, port: int, identity: dict, run_dir: str | Path | None = None, addr: str = "0.0.0.0",
+    def __init__(self, port: int, identity: dict, run_dir: str | Path | None = None, addr: str = "127.0.0.1",
                  kv_budget: int | None = None):
         """``kv_budget``: a stage's (None: the head, which holds no KV cache and serves no KV gauges)."""
         gauges = {k: v for k, v in SERVING_GAUGES.items() if kv_budget is not None or not k.startswith("kv_")}
@@ -91,7 +91,7 @@ def open_serving_metrics(telemetry: dict | None, identity: dict, rank: int | Non
         return OFF
     port = serving_port(int(telemetry["prometheus_port"]), rank)
     try:
-        return ServingMetrics(port, identity, telemetry.get("run_dir"), telemetry.get("prometheus_addr") or "0.0.0.0",
+        return ServingMetrics(port, identity, telemetry.get("run_dir"), telemetry.get("prometheus_addr") or "127.0.0.1",
                               kv_budget)
     except OSError as e:
         logger.warning(f"no prometheus endpoint: port {port} is not free ({e}); choose another base with "

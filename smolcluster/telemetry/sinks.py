@@ -23,7 +23,7 @@ def build_sinks(cfg, *, run_dir: Path, identity: dict) -> list:
     if prom.get("port") is not None:
         port = port_for(int(prom["port"]), identity.get("role", ""), identity.get("rank") or 0)
         try:
-            sink = PrometheusSink(port, identity, addr=prom.get("addr") or "0.0.0.0")
+            sink = PrometheusSink(port, identity, addr=prom.get("addr") or "127.0.0.1")
             sinks.append(sink)
             sink.announce(run_dir)
         except OSError as e:

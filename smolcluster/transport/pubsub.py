@@ -27,6 +27,7 @@ from smolcluster.transport.sockets import _configure, _context, _key_domain, _lo
 
 # Generous queues: a drop at the high-water mark is detected by sequence numbers, never silent.
 _HWM = 100_000
+SUBSCRIPTION_MAX_BYTES = 1024
 
 
 def _server_keys(keys_dir: str | None) -> tuple[bytes, bytes, str] | None:
@@ -92,7 +93,9 @@ class Outbox:
 
     def __init__(self, keys_dir: str | None = None, hwm: int = _HWM):
         self.sock = _context().socket(zmq.PUB)
-        _configure(self.sock, 1 << 62, hwm)
+        _configure(self.sock, 1 << 62, hwm)  # sends are bounded by each receiving inbox
+        # what a PUB receives are its subscribers' topics (a few bytes): a larger frame drops the peer
+        self.sock.setsockopt(zmq.MAXMSGSIZE, SUBSCRIPTION_MAX_BYTES)
         curve = _client_keys(keys_dir)
         if curve is not None:
             self.sock.curve_serverkey, self.sock.curve_publickey, self.sock.curve_secretkey = curve
