@@ -28,6 +28,7 @@ from launchers.cluster_file import Node
 from launchers.remote import NO_PYTHON, NO_WORKDIR, SSH_FAILED, host_command, python_script
 from smolcluster.errors import PeerError
 from smolcluster.security import KEYS_FIX, is_loopback
+from smolcluster.transport import client_key_name
 
 # Runs on the node with its own Python after resources.py's source (memory and speed); stdlib only at
 # import, so it reports missing packages instead of failing. Args: listen (bind + port, or ports=N
@@ -62,7 +63,8 @@ if not a.get("port_only"):  # the full check; a port-only probe skips the slow i
 if a.get("keys"):
     kd = os.path.expanduser(a["keys"])
     out["keys_dir"] = os.path.isdir(kd)
-    out["keys_missing"] = [f for f in a["key_files"] if not os.path.exists(os.path.join(kd, f))]
+    out["keys_missing"] = [f for f in a["key_files"]
+                           if not any(os.path.exists(os.path.join(kd, alt)) for alt in f.split("|"))]
 listeners = []
 if a.get("listen"):
     bind = "" if a["bind"] in ("0.0.0.0", "*", "") else a["bind"]
@@ -281,9 +283,15 @@ def _resources_check(report: NodeReport, facts: dict, device: str) -> None:
     report.add("speed", OK, speed)
 
 
-# What each role reads from the key dir (python -m smolcluster.keys writes them all).
+# What each role reads from the key dir (python -m smolcluster.keys writes them all; "a|b": either will do).
 KEY_FILES = {"server": ["server.key_secret", "authorized"], "worker": ["server.key", "client.key_secret"]}
 KEY_FILES["peer"] = KEY_FILES["server"] + KEY_FILES["worker"]  # a rank (ring, stage) listens and connects
+
+
+def worker_key_files(rank: int) -> list[str]:
+    """Worker ``rank`` connects with its own pair, ``clientN.key_secret``, or that file renamed client.key_secret."""
+    own = f"{client_key_name(rank)}.key_secret"
+    return ["server.key", own if rank == 0 else f"{own}|client.key_secret"]
 
 
 def _keys_check(report: NodeReport, facts: dict, cluster: DictConfig, kind: str) -> None:
@@ -338,8 +346,8 @@ def check(cluster: DictConfig, nodes: list[Node], max_skew_s: float = 2.0) -> tu
     else:
         probes = [Probe(nodes[0], {"listen": True, "bind": bind, "port": base, "keys": keys,
                                    "key_files": KEY_FILES["server"]})]
-        probes += [Probe(n, {"resolve": [str(cluster.host)], "keys": keys, "key_files": KEY_FILES["worker"]})
-                   for n in nodes[1:]]
+        probes += [Probe(n, {"resolve": [str(cluster.host)], "keys": keys, "key_files": worker_key_files(rank)})
+                   for rank, n in enumerate(nodes[1:])]
     reports = [NodeReport(p.node) for p in probes]
     port = None
     try:

@@ -54,6 +54,8 @@ def worker_settings(cluster: DictConfig, rank: int, train: DictConfig) -> dict:
         "device": node.get("device", None),
         "delay_s": float(node.get("delay_s", 0.0)),
         "blowup_every": int(node.get("blowup_every", 0)),  # test knob (allreduce): every Nth step's gradient x 1e6
+        # test knob (allreduce): every Nth step this rank blows up its reduced chunks but reports their old norm
+        "lie_norm_every": int(node.get("lie_norm_every", 0)),
         "host": node.get("host", None),
         "name": node.get("name", f"worker{rank}"),
     }

@@ -52,6 +52,8 @@ def validate(cfg: DictConfig) -> None:
     _number(cfg, "train.grad_clip")
     if OmegaConf.select(cfg, "train.max_grad_norm_ratio") is not None:
         _number(cfg, "train.max_grad_norm_ratio")
+        if OmegaConf.select(cfg, "train.max_grad_norm") is not None:
+            _number(cfg, "train.max_grad_norm")
         _int(cfg, "train.grad_norm_window")
         _int(cfg, "train.grad_norm_warmup", allow_zero=True)
     _number(cfg, "train.weight_decay")

@@ -3,9 +3,9 @@
 - ``check_bind``: a server, worker or stage listening beyond loopback without CURVE keys would let anyone
   on the network join the run; it refuses unless the user says ``cluster.insecure=true`` (then warns).
 - ``check_api``: the chat/API server beyond loopback without ``serve.api_key`` likewise (``serve.insecure``).
-- :class:`GradientGuard`: a gradient whose norm is non-finite, or more than ``ratio`` times the median
-  of the last ``window`` accepted norms, is rejected and counted instead of applied. Keys stop a
-  stranger; this stops a buggy node (an fp16 overflow) or a stranger on a keyless run.
+- :class:`GradientGuard`: a gradient whose norm is non-finite or above an absolute cap is rejected and
+  counted; one above ``ratio`` times a median that no single worker can move is clipped to it and counted.
+  Keys stop a stranger; this bounds a buggy node (an fp16 overflow) or a malicious member.
 """
 
 from __future__ import annotations
@@ -71,41 +71,87 @@ def check_api(host: str, api_key: str | None, insecure: bool) -> None:
 
 
 class GradientGuard:
-    """Reject a gradient whose norm is non-finite or above ``ratio`` x the median of recent accepted norms.
+    """The bound on one gradient's norm: an absolute cap from the first step, then a robust bound that one
+    source cannot move.
 
-    The median of the last ``window`` accepted norms is robust: a minority of huge gradients cannot drag the
-    bound up. The first ``warmup`` gradients are only checked for finiteness (there is no range yet).
-    ``ratio <= 0`` turns the norm bound off (non-finite gradients are still rejected).
+    - non-finite, or above ``cap`` (``train.max_grad_norm``): rejected and counted, never applied (a norm that
+      large is a broken node or an attack; clipping it would still hand SGD a step ``cap`` long).
+    - above ``ratio`` x the median (after ``warmup`` recorded norms): clipped to that bound and counted. A
+      clipped gradient moves the model no further than an accepted one at the bound could, so clipping is as
+      safe as rejecting and keeps the honest part of an occasional spike.
+
+    The median is the smaller of two: the global median of the last ``window`` recorded norms, and the lower
+    median of each source's own median. Each source (a worker) records at most one norm per weights version,
+    and a clipped norm is recorded at the bound: so a worker that sends three gradients per honest one, or
+    ever larger ones, cannot drag the bound up (with two sources it can lower it, never raise it).
+    ``ratio <= 0`` turns the robust bound off, ``cap <= 0`` the cap (non-finite gradients are still rejected).
     """
 
-    def __init__(self, ratio: float = 10.0, window: int = 50, warmup: int = 5):
-        self.ratio, self.warmup = float(ratio), int(warmup)
-        self.norms: collections.deque[float] = collections.deque(maxlen=max(1, int(window)))
-        self.rejected = 0
+    def __init__(self, ratio: float = 10.0, window: int = 50, warmup: int = 5, cap: float = 1e4):
+        self.ratio, self.warmup, self.cap = float(ratio), int(warmup), float(cap)
+        self.window = max(1, int(window))
+        self.norms: collections.deque[float] = collections.deque(maxlen=self.window)
+        self.per_source: dict[str, collections.deque[float]] = {}
+        self.seen: dict[str, collections.deque[int]] = {}  # the versions each source has recorded a norm for
+        self.rejected = self.clipped = 0
+        self._warned: set[str] = set()
 
     @classmethod
     def from_config(cls, train) -> GradientGuard:
         return cls(getattr(train, "max_grad_norm_ratio", 10.0), getattr(train, "grad_norm_window", 50),
-                   getattr(train, "grad_norm_warmup", 5))
+                   getattr(train, "grad_norm_warmup", 5), getattr(train, "max_grad_norm", 1e4))
 
     def bound(self) -> float | None:
-        """The largest norm accepted now, or None while warming up or with the bound off."""
-        if self.ratio <= 0 or len(self.norms) < min(self.warmup, self.norms.maxlen):
+        """The robust bound now (norms above it are clipped to it), or None while warming up or when off."""
+        if self.ratio <= 0 or len(self.norms) < min(self.warmup, self.window):
             return None
-        ordered = sorted(self.norms)
-        return self.ratio * ordered[len(ordered) // 2]
+        median = _median(self.norms)
+        mine = [_median(d) for d in self.per_source.values() if d]
+        if len(mine) > 1:
+            median = min(median, sorted(mine)[(len(mine) - 1) // 2])
+        return self.ratio * median
 
-    def check(self, norm: float, who: str = "a gradient") -> bool:
-        """True: apply it (and remember its norm). False: rejected, counted and logged."""
+    def check(self, norm: float, who: str = "a gradient", source: str | None = None, version: int | None = None
+              ) -> float:
+        """How much of the gradient to apply: 1.0 as it is, 0 < s < 1 clipped to the bound, 0.0 rejected."""
+        if not math.isfinite(norm) or (self.cap > 0 and norm > self.cap):
+            self.rejected += 1
+            why = "not finite" if not math.isfinite(norm) else f"> train.max_grad_norm={self.cap:g}"
+            logger.warning(f"rejected {who}: norm {norm:.4g} is {why}; {self.rejected} rejected so far")
+            return 0.0
         limit = self.bound()
-        if math.isfinite(norm) and (limit is None or norm <= limit):
-            self.norms.append(norm)
-            return True
-        self.rejected += 1
-        why = "not finite" if not math.isfinite(norm) else f"> {self.ratio:g} x the recent median ({limit:.4g})"
-        logger.warning(f"rejected {who}: norm {norm:.4g} is {why} (train.max_grad_norm_ratio); "
-                       f"{self.rejected} rejected so far")
-        return False
+        scale = 1.0 if limit is None or norm <= limit else limit / norm
+        if scale < 1.0:
+            self.clipped += 1
+            if source not in self._warned:  # once per source: a steady attacker does not flood the log
+                self._warned.add(source)
+                logger.warning(f"clipped {who}: norm {norm:.4g} > {self.ratio:g} x the recent median ({limit:.4g}, "
+                               f"train.max_grad_norm_ratio); further clips of it are counted, not logged")
+        self._record(min(norm, limit) if limit is not None else norm, source, version)
+        return scale
+
+    def _record(self, norm: float, source: str | None, version: int | None) -> None:
+        if source is not None:
+            seen = self.seen.setdefault(source, collections.deque(maxlen=self.window))
+            if version is not None and version in seen:
+                return  # one norm per source per version
+            seen.append(version)
+            self.per_source.setdefault(source, collections.deque(maxlen=self.window)).append(norm)
+        self.norms.append(norm)
+
+    def state(self) -> dict:
+        """What a rank handing over its state (allreduce) passes on for the next one to decide alike."""
+        return {"norms": list(self.norms), "rejected": self.rejected, "clipped": self.clipped}
+
+    def load(self, state: dict) -> None:
+        self.norms.clear()
+        self.norms.extend(state["norms"])
+        self.rejected, self.clipped = state["rejected"], state.get("clipped", 0)
+
+
+def _median(values) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
 
 
 def grad_norm(tensors) -> float:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from smolcluster.cluster import free_port
+from smolcluster.transport import ClientEndpoint
 from tests.conftest import REPO
 
 
@@ -90,3 +91,17 @@ class Cluster:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def register_with(server, fields: dict, curve_dir, client_key: str = "client"):
+    """Register with an in-process parameter server (``server.poll`` runs here) as a CURVE client holding
+    ``curve_dir/<client_key>.key_secret``; the server's reply (welcome / refuse), or None after 30 s."""
+    client = ClientEndpoint(server.endpoint.address, max_bytes=server.endpoint.max_bytes, curve_dir=str(curve_dir),
+                            client_key=client_key)
+    client.send("register", fields)
+    deadline = time.monotonic() + 30
+    while not client.pending() and time.monotonic() < deadline:
+        server.poll(0.05)
+    reply = client.recv(1000)
+    client.close()
+    return reply

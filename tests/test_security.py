@@ -7,7 +7,6 @@ from __future__ import annotations
 import ipaddress
 import shutil
 import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ import zmq
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from smolcluster.algorithms.ps import max_bytes
 from smolcluster.algorithms.syncps import SyncServer
 from smolcluster.errors import ConfigError
 from smolcluster.inference.from_config import serve_config_from
@@ -24,8 +22,8 @@ from smolcluster.paths import CONFIG_DIR
 from smolcluster.security import GradientGuard, check_api, is_loopback
 from smolcluster.serving.config import serve
 from smolcluster.trainer import Trainer
-from smolcluster.transport import ClientEndpoint, make_keys, wire
-from tests.cluster_util import Cluster
+from smolcluster.transport import make_keys, wire
+from tests.cluster_util import Cluster, register_with
 from tests.conftest import run_cli, train
 
 FAST = ["cluster.heartbeat_s=0.2", "cluster.liveness_s=3", "cluster.connect_timeout_s=60"]
@@ -186,30 +184,34 @@ def test_a_rogue_pushing_huge_gradients_has_them_rejected_and_counted(tmp_path):
 
 
 def test_allreduce_skips_a_step_whose_reduced_gradient_blew_up_on_every_rank(tmp_path):
-    """A buggy rank (an fp16 overflow) sends its gradient x 1e6 every 10th step: those steps are skipped on every
-    rank alike (the ring stays in lockstep and finishes), counted, and the model trains as without them."""
+    """A buggy rank (an fp16 overflow) sends its gradient x 1e6 every 10th step: those steps are skipped (or
+    clipped) on every rank alike (the ring stays in lockstep and finishes), counted, and the model trains as without them."""
     common = ["algo=allreduce", "cluster.workers=2", "train.steps=60", "train.log_every=10",
               "cluster.nodes=[{},{blowup_every: 10}]"]
     s = train(tmp_path / "guarded", *common)
-    assert s["steps"] == 60 and s["gradients_rejected"] == 6, s  # steps 9, 19, ..., 59
+    # steps 9, 19, ..., 59: rejected above train.max_grad_norm, else clipped to the robust bound
+    assert s["steps"] == 60 and s["gradients_rejected"] + s["gradients_clipped"] == 6, s
     assert s["eval_accuracy"] >= 0.85, s["eval_accuracy"]
-    off = train(tmp_path / "off", *common, "train.max_grad_norm_ratio=0")  # the norm bound off: the blow-ups land
+    # the norm guard off (its robust bound and its absolute cap): the blow-ups land
+    off = train(tmp_path / "off", *common, "train.max_grad_norm_ratio=0", "train.max_grad_norm=0")
     # (and the wrecked model's next gradients are not even finite: those are still rejected)
     assert off["eval_accuracy"] < 0.5, off["eval_accuracy"]
 
 
 def test_the_guard_is_a_robust_bound_with_a_warm_up_and_an_off_switch():
-    g = GradientGuard(ratio=10, window=5, warmup=3)
-    assert g.check(1e9) and g.check(1.0) and g.check(1.0)  # warm-up: finite is enough
+    g = GradientGuard(ratio=10, window=5, warmup=3, cap=0)  # the absolute cap: tests/test_member_claims.py
+    assert g.check(1e9) == g.check(1.0) == g.check(1.0) == 1.0  # warm-up: finite is enough
     assert g.bound() == 10.0  # the median of [1e9, 1, 1]: one huge norm does not move it
-    assert not g.check(11.0) and g.check(9.0) and not g.check(float("nan")) and g.rejected == 2
-    off = GradientGuard(ratio=0)
-    assert all(off.check(x) for x in (1.0, 1e12)) and not off.check(float("inf"))
+    assert g.check(11.0) == 10 / 11 and g.check(9.0) == 1.0 and g.check(float("nan")) == 0.0  # clipped; rejected
+    assert (g.clipped, g.rejected) == (1, 1)
+    off = GradientGuard(ratio=0, cap=0)
+    assert off.check(1.0) == off.check(1e12) == 1.0 and off.check(float("inf")) == 0.0
 
 
 def test_with_curve_a_live_rank_is_taken_over_only_by_its_own_client_key(tmp_path):
     """With keys the server knows which client key each connection used (ZAP's User-Id): the same key (a
-    restarted worker) takes its live rank over; another authorized key is refused while the rank is alive."""
+    restarted worker) takes its live rank over; another authorized key is refused (it is rank 1's: rank N
+    registers only with authorized/clientN.key)."""
     keys, other = tmp_path / "keys", tmp_path / "other"
     make_keys(keys, clients=2)  # client and client1, both in authorized/
     other.mkdir()
@@ -222,22 +224,15 @@ def test_with_curve_a_live_rank_is_taken_over_only_by_its_own_client_key(tmp_pat
              "fingerprint": server.trainer.fingerprint, "algo": "syncps"}
 
     def register(curve_dir):
-        client = ClientEndpoint(server.endpoint.address, max_bytes=max_bytes(cfg.cluster), curve_dir=str(curve_dir))
-        client.send("register", hello)
-        deadline = time.monotonic() + 30
-        while not client.pending() and time.monotonic() < deadline:
-            server.poll(0.05)
-        reply = client.recv(1000)
-        client.close()
-        return reply
+        return register_with(server, hello, curve_dir)
 
     try:
         assert register(keys).kind == "welcome"
         first = server.workers[0]
         assert first.key is not None and first.alive
         refused = register(other)  # authorized, but not the key rank 0 registered with
-        assert refused.kind == "refuse" and refused.fields.get("retry")
-        assert server.workers[0] is first and server.endpoint.rejected["refused_takeover"] == 1
+        assert refused.kind == "refuse" and not refused.fields.get("retry"), refused.fields
+        assert server.workers[0] is first and server.endpoint.rejected["refused_rank_key"] == 1
         assert register(keys).kind == "welcome"  # its own key: a restarted worker takes its rank back
         assert server.workers[0] is not first and server.workers[0].rejoins == 1
     finally:

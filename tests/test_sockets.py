@@ -230,7 +230,7 @@ def test_keys_cli_makes_one_pair_per_worker_and_each_gets_in(tmp_path, capsys):
     keys = tmp_path / "keys"
     assert keys_main(["--dir", str(keys), "--clients", "3"]) == 0
     out = capsys.readouterr().out
-    assert "client2.key_secret -> " in out and "server.key_secret" in out
+    assert "rank 2: " in out and "client2.key_secret" in out and "server.key_secret" in out
     assert sorted(p.name for p in (keys / "authorized").iterdir()) == ["client.key", "client1.key", "client2.key"]
     assert keys_main(["--dir", str(keys)]) == 2  # refuses to overwrite without --force
     server = ServerEndpoint("tcp://127.0.0.1:*", max_bytes=MB, curve_dir=str(keys))

@@ -52,7 +52,7 @@ from smolcluster.pipeline.nodes import stage_nodes
 from smolcluster.security import GradientGuard
 from smolcluster.telemetry.run_files import RunRecorder, open_recorder
 from smolcluster.trainer import LossWindow, Trainer
-from smolcluster.transport.ring import RingBroken, RingLink
+from smolcluster.transport.ring import RingBroken, RingLink, chunk_bounds
 
 
 def check(cfg: DictConfig) -> None:
@@ -98,6 +98,28 @@ def check_quorum(rank: int, old: list[int], new: list[int]) -> None:
     raise PeerError(f"ring rank {rank}: only ranks {sorted(kept)} of the last ring {old} are reachable, not a "
                     f"majority: stopping so that one ring goes on, not two (check this node's network; restart it "
                     f"to join the ring again)")
+
+
+def owners_sq_norms(link: RingLink, bufs: dict[str, torch.Tensor]) -> list[float]:
+    """Per ring position, the squared norm of the chunks that member owns, computed here from the reduced gradient
+    this rank holds (its own chunks and what the all-gather delivered): the expression each member's stats row
+    uses for its own, so an honest report matches it bit for bit on like devices."""
+    out = []
+    for p in range(link.world):
+        sq = 0
+        for g in bufs.values():
+            for lo, hi in link.buckets(g.numel(), g.element_size()):
+                a, b = chunk_bounds(hi - lo, link.world)[(p + 1) % link.world]
+                sq += float(g[lo + a:lo + b].double().pow(2).sum())
+        out.append(sq)
+    return out
+
+
+def forged_norms(computed: list[float], reported: list[float]) -> list[int]:
+    """The ring positions whose reported chunk norm disagrees with the one computed from their chunks beyond
+    float rounding across devices (1e-6 relative: a lie that small moves nothing)."""
+    return [p for p, (got, said) in enumerate(zip(computed, reported))
+            if not abs(got - said) <= 1e-6 * max(got, said, 1e-30)]
 
 
 class ShardedOptimizer:
@@ -393,8 +415,8 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
                       min_workers if first else 1)
         check_quorum(rank, history.members(), d["members"])
         if rank == d["source"]:
-            run = json.dumps({"samples": trainer.samples, "guard": list(guard.norms), "rejected": guard.rejected,
-                              "history": history.to_json(), "wall_s": trainer.elapsed})
+            run = json.dumps({"samples": trainer.samples, "guard": guard.state(), "history": history.to_json(),
+                              "wall_s": trainer.elapsed})
             for r in d["behind"]:
                 ring.call(link.send_state, r, trainer.step, state_tensors(trainer), run)
         elif rank in d["behind"]:
@@ -402,9 +424,7 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
             load_state(trainer, msg)
             run = json.loads(msg.fields["run"])
             trainer.step, trainer.samples = msg.fields["step"], run["samples"]
-            guard.norms.clear()
-            guard.norms.extend(run["guard"])
-            guard.rejected = run["rejected"]
+            guard.load(run["guard"])
             history.load(run["history"])
             trainer.wall_before, trainer.t0 = run["wall_s"], time.perf_counter()
             logger.info(f"allreduce rank {rank}: took the weights and optimizer state of step {trainer.step} "
@@ -432,6 +452,10 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
             raise PeerError(f"allreduce rank {rank}: the step's gradient computation failed")
         sq = sum(float(g[lo:hi].double().pow(2).sum()) for g in got.bufs.values()
                  for lo, hi in link.owned(g.numel(), g.element_size()))
+        if got.lie:  # test knob: a lying rank blows up the chunks it owns (not yet sent) but reports their old norm
+            for g in got.bufs.values():
+                for lo, hi in link.owned(g.numel(), g.element_size()):
+                    g[lo:hi].mul_(1e6)
         return [float(got.loss) * got.count / total, sq, float(staleness), float(elastic and bool(link.joiners))]
 
     sent_last = [0]  # link.bytes_sent after the last applied step
@@ -443,7 +467,8 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
             scale *= 1e6  # test knob: a buggy node (an fp16 overflow) sends a huge gradient now and then
         op = link.reduce_scatter if zero else link.allreduce
         staleness = t - trainer.step  # updates this gradient's weights lack
-        got = SimpleNamespace(known=threading.Event(), loss=None, count=0, bufs=trainer.flat.grads)
+        lie = settings["lie_norm_every"] and t % settings["lie_norm_every"] == settings["lie_norm_every"] - 1
+        got = SimpleNamespace(known=threading.Event(), loss=None, count=0, bufs=trainer.flat.grads, lie=lie)
         # the stats table rides on the gradient's last bucket (no round of its own); ZeRO-1 needs it before the
         # parameters' all-gather, so there it is a round of its own after the reduce-scatter
         row = None if zero else functools.partial(stats_row, got, staleness)
@@ -484,11 +509,31 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
             for name, g in item.bufs.items():
                 trainer.flat.grads[name].copy_(g)
         sq_norm = float(stats[:, 1].double().sum())  # the summed gradient's, from every member's owned chunks
-        # the outlier rule on the reduced gradient: every rank holds the same table and the same history,
-        # so every rank decides the same and a rejected step is skipped everywhere
+        # Each member reports its owned chunks' norm; every rank checks those reports against the chunks it
+        # received (all ranks hold the same bytes, so all find the same liars). ZeRO-1 holds only its own chunks
+        # reduced, and a rank there owns its shard of the weights outright: nothing to check against.
+        forged = []
+        if not zero:
+            computed = owners_sq_norms(link, item.bufs)
+            if math.isfinite(sum(computed)):
+                forged = forged_norms(computed, stats[:, 1].tolist())
+            else:  # whatever the reports say: the guard rejects it as not finite
+                sq_norm = math.inf
+        # the guard on the reduced gradient: every rank holds the same table and the same history, so every
+        # rank decides the same and a rejected step is skipped (a clipped one scaled) everywhere
         t_opt = time.perf_counter()
-        if guard.check(math.sqrt(sq_norm), f"step {trainer.step}'s gradient"):
-            lr = sharded.step(sq_norm) if zero else trainer.apply_gradients()
+        scale = 0.0
+        if forged:
+            guard.rejected += 1
+            logger.warning(f"step {trainer.step}'s gradient rejected: rank(s) {[link.members[p] for p in forged]} "
+                           "reported a norm of their chunks that the chunks received here do not have")
+        else:
+            scale = guard.check(math.sqrt(sq_norm), f"step {trainer.step}'s gradient")
+        if scale:
+            if scale != 1.0:  # clipped to the guard's bound
+                for g in trainer.flat.grads.values():
+                    g.mul_(scale)
+            lr = sharded.step(sq_norm * scale * scale) if zero else trainer.apply_gradients()
         else:
             trainer.step += 1  # not applied; the schedule moves on as everywhere else
         timed["optimizer"] += time.perf_counter() - t_opt
@@ -512,7 +557,7 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
             if lead:
                 rate = trainer.rate
                 row.update(loss=window.mean(), lr=lr, samples=trainer.samples, samples_per_s=round(rate, 2),
-                           gradients_rejected=guard.rejected, ring=link.world)
+                           gradients_rejected=guard.rejected, gradients_clipped=guard.clipped, ring=link.world)
                 if K:
                     row.update({f"staleness/rank{r}": k for r, k in zip(link.members, staleness)})
                 logger.info(f"step {step}/{trainer.end_step} loss {row['loss']:.4f} ({rate:,.0f} samples/s, "
@@ -578,7 +623,8 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
             allreduce_s_per_step=round(ring_s / steps, 6), buckets=len(ring.order),
             seconds_per_step=seconds_per_step(), bucket_bytes=link.bucket_bytes,
             buckets_during_backward=round(ring.early / max(1, ring.total), 4), rejected_messages=dict(link.rejected),
-            gradients_rejected=guard.rejected, stale_messages=link.stale, membership=history.events,
+            gradients_rejected=guard.rejected, gradients_clipped=guard.clipped, stale_messages=link.stale,
+            membership=history.events,
             workers=history.summary())
         return recorder.finish(summary)
     except BaseException as e:  # SIGTERM (as KeyboardInterrupt), a lost peer: files closed, W&B records why

@@ -63,7 +63,8 @@ class EdpServer(ServerBase):
         f = msg.fields
         s = self.trainer.step - f["version"]
         worker.last_loss = f["loss"]
-        worker.samples_per_s = f.get("samples_per_s")
+        rate = f.get("samples_per_s")  # the worker's own word, shown as such: a number, never negative
+        worker.samples_per_s = rate if rate is None or rate >= 0 else None
         if not self.started or self.trainer.step >= self.trainer.end_step:
             # before algo.min_workers have registered (the wait polls the socket, so early workers'
             # gradients arrive), or after the last update: not applied, not a staleness drop
@@ -75,17 +76,20 @@ class EdpServer(ServerBase):
             self.dropped += 1
             logger.debug(f"dropped worker {worker.rank}'s gradient: staleness {s} outside 0..algo.max_staleness={self.max_staleness}")
             return
-        if not self.accept_gradient(worker, grads):
+        scale = self.accept_gradient(worker, msg, grads)
+        if not scale:
             return
-        flat = self.trainer.flat
+        flat, n = self.trainer.flat, self.assigned[worker.rank]  # the weight it was assigned, not what it says
         for name, g in flat.grads.items():
             g.copy_(grads[name])
+            if scale != 1.0:  # clipped to the norm guard's bound
+                g.mul_(scale)
             old = self.history.get(f["version"]) if self.rule == "dc" else None
             if old is not None and s > 0:  # DC-ASGD: g + lambda * g * g * (w_now - w_then)
                 g.add_(g * g * (flat.params[name] - old[name].to(g.device)), alpha=self.cfg.algo.dc_lambda)
         self.last_lr = self.trainer.apply_gradients(staleness_scale(s, self.rule))
         worker.applied += 1
-        worker.samples += f["samples"]
+        worker.samples += n
         self.applied += 1
         self.window_stale.setdefault(worker.rank, []).append(s)
         self.window_loss.append(f["loss"])
@@ -93,14 +97,14 @@ class EdpServer(ServerBase):
         loss = float(np.mean(self.window_loss[-self.tr.log_every:]))
         if len(self.window_loss) > 4 * self.tr.log_every:
             del self.window_loss[: -self.tr.log_every]
-        self.after_step(loss, f["samples"], **metrics)
+        self.after_step(loss, n, **metrics)
 
     def window_metrics(self) -> dict:
         """A logged step's row: staleness over the window since the last one and counts so far, overall and per
         rank (who is slow, who is stale: what one wants to see when running EDP on unlike machines)."""
         every = [s for stale in self.window_stale.values() for s in stale]
         row = {"staleness_mean": float(np.mean(every)), "staleness_max": int(max(every)),
-               "applied": self.applied, "dropped": self.dropped, "gradients_rejected": self.guard.rejected,
+               "applied": self.applied, "dropped": self.dropped, **self.guard_counts(),
                "bytes_per_update": round(self.bytes_received / max(1, self.applied + self.dropped))}
         for rank, stale in sorted(self.window_stale.items()):
             row[f"staleness/{rank}"] = float(np.mean(stale))
@@ -121,7 +125,7 @@ class EdpServer(ServerBase):
             if not self.live():
                 logger.warning("no live workers; waiting for one to join")
                 self.wait_for_workers(1)
-        return self.finish(applied=self.applied, dropped=self.dropped, gradients_rejected=self.guard.rejected)
+        return self.finish(applied=self.applied, dropped=self.dropped, **self.guard_counts())
 
 
 class EdpWorker(Worker):

@@ -27,10 +27,18 @@ from omegaconf import DictConfig
 
 from smolcluster.cluster import worker_settings
 from smolcluster.errors import ConfigError, PeerError
-from smolcluster.security import GradientGuard, grad_norm
+from smolcluster.security import GradientGuard, grad_norm, is_loopback
 from smolcluster.telemetry.run_files import exit_code_of, open_recorder
 from smolcluster.trainer import Trainer
-from smolcluster.transport import ClientEndpoint, Heartbeat, Message, ServerEndpoint, wire
+from smolcluster.transport import (
+    ClientEndpoint,
+    Heartbeat,
+    Message,
+    ServerEndpoint,
+    client_key_name,
+    client_ranks,
+    wire,
+)
 from smolcluster.transport.compression import get_codec
 
 PROTOCOL = wire.PROTOCOL_VERSION
@@ -67,6 +75,22 @@ def to_numpy(flat: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {name: t.detach().cpu().numpy() for name, t in flat.items()}
 
 
+def rank_keys(cluster: DictConfig) -> dict[str, int] | None:
+    """With keys, ``{client public key: the rank it may register as}`` (``authorized/clientN.key``: rank N);
+    None when any authorized client may take any rank: no keys, or one client key shared by every worker, which
+    only a loopback server accepts (off loopback a shared key would let one worker claim every rank)."""
+    if not cluster.get("keys"):
+        return None
+    ranks = client_ranks(cluster.get("keys"))
+    if set(ranks.values()) != {0} or cluster.workers == 1:
+        return ranks
+    if is_loopback(cluster.bind):
+        return None
+    raise ConfigError(f"cluster.keys={cluster.get('keys')} has one client key for {cluster.workers} workers, and the server "
+                      f"listens on {cluster.bind}: make one per worker (python -m smolcluster.keys --dir DIR "
+                      f"--workers {cluster.workers}) so a worker's key cannot claim another's rank")
+
+
 @dataclass
 class WorkerInfo:
     rank: int
@@ -85,7 +109,9 @@ class WorkerInfo:
     bytes_received: int = 0
     samples_per_s: float | None = None  # the worker's own throughput, from its last gradient (EDP)
     rejoins: int = 0          # registrations after the first (a restarted or reconnected worker)
-    rejected: int = 0         # gradients rejected as outliers (train.max_grad_norm_ratio), never applied
+    rejected: int = 0         # gradients rejected by the norm guard (non-finite, > train.max_grad_norm), never applied
+    clipped: int = 0          # gradients clipped to the norm guard's robust bound (train.max_grad_norm_ratio)
+    bad_samples: int = 0      # gradients rejected for a sample count outside 1..its assigned batch, never applied
     stale: list[int] = field(default_factory=list)
     session: str | None = None  # the registering process's token: its heartbeats carry it
     key: str | None = None      # its CURVE public key (z85), with cluster.keys
@@ -111,7 +137,7 @@ class WorkerInfo:
     def report(self) -> dict:
         out = {k: getattr(self, k) for k in ("node", "device", "batch_size", "joined_step", "lost_step", "applied",
                                              "skipped", "samples", "last_loss", "bytes_received", "samples_per_s",
-                                             "rejoins", "rejected")}
+                                             "rejoins", "rejected", "clipped", "bad_samples")}
         out["alive"] = self.alive
         if self.stale:
             s = np.asarray(self.stale)
@@ -139,6 +165,8 @@ class ServerBase:
         (self.run_dir / "server.json").write_text(json.dumps({"address": self.endpoint.address,
                                                               "port": self.endpoint.port, "algo": self.algo}))
         self.workers: dict[int, WorkerInfo] = {}
+        self.assigned = batch_sizes(cfg)  # each rank's batch: its gradient's weight, whatever it reports
+        self.key_ranks = rank_keys(self.cluster)
         self.guard = GradientGuard.from_config(cfg.train)
         self.recorder = open_recorder(cfg, self.run_dir, keep_until=self.trainer.step if cfg.resume else None)
         self.ema = {n: t.detach().clone() for n, t in self.flat.params.items()} if cfg.algo.get("ema") else None
@@ -191,6 +219,14 @@ class ServerBase:
                                      "every node must use the same model config")
         if not 0 <= rank < self.cluster.workers:
             return self.refuse(peer, "rank", f"rank {rank} is outside 0..{self.cluster.workers - 1} (cluster.workers)")
+        if self.key_ranks is not None and self.key_ranks.get(msg.sender_key) != rank:
+            held = self.key_ranks.get(msg.sender_key)
+            return self.refuse(peer, "rank_key", f"rank {rank} registers only with the client key "
+                               f"authorized/{client_key_name(rank)}.key; this key "
+                               + (f"is rank {held}'s" if held is not None else "is no clientN.key"))
+        if f["batch_size"] != self.assigned[rank]:
+            return self.refuse(peer, "batch", f"worker {rank} says batch {f['batch_size']} but the server assigns it "
+                               f"{self.assigned[rank]}: every node must use the same cluster config")
         old, session = self.workers.get(rank), f.get("session")
         if old is not None and old.alive and old.peer != peer:
             # A live rank is not taken over by a stranger: only the same process reconnecting (its session)
@@ -202,10 +238,11 @@ class ServerBase:
                 return self.refuse(peer, "takeover", f"worker {rank} is connected and alive: a new connection "
                                    "takes its rank only once the old one is lost", retry=True)
             logger.warning(f"worker {rank} re-registered from a new connection; the old one is dropped")
-        self.workers[rank] = WorkerInfo(rank, peer, f["node"], f["device"], f["batch_size"], joined_step=self.trainer.step,
+        self.workers[rank] = WorkerInfo(rank, peer, f["node"], f["device"], self.assigned[rank], joined_step=self.trainer.step,
                                         session=session, key=msg.sender_key)
         if old is not None:  # keep its history across reconnects (lost_step: when it was last lost)
-            for k in ("applied", "skipped", "samples", "bytes_received", "stale", "lost_step"):
+            for k in ("applied", "skipped", "samples", "bytes_received", "stale", "lost_step", "rejected", "clipped",
+                      "bad_samples"):
                 setattr(self.workers[rank], k, getattr(old, k))
             self.workers[rank].rejoins = old.rejoins + 1
         logger.info(f"worker {rank} joined from node {f['node']} ({f['device']}, batch {f['batch_size']}) at step {self.trainer.step}")
@@ -256,12 +293,32 @@ class ServerBase:
             out[name] = torch.from_numpy(np.asarray(arr, dtype=np.float32).reshape(-1))
         return out
 
-    def accept_gradient(self, worker: WorkerInfo, grads: dict[str, torch.Tensor]) -> bool:
-        """The outlier rule (security.GradientGuard): False, counted, for a gradient never to apply."""
-        if self.guard.check(grad_norm(grads.values()), f"worker {worker.rank}'s gradient"):
-            return True
-        worker.rejected += 1
-        return False
+    def accept_gradient(self, worker: WorkerInfo, msg: Message, grads: dict[str, torch.Tensor]) -> float:
+        """How much of a worker's gradient to apply: 1.0, less when clipped to the norm guard's bound, 0.0 when
+        rejected (counted): a sample count outside 1..its assigned batch, or the guard's rule (security.py).
+        The weight it gets is its assigned batch (``self.assigned``), never the count it reports."""
+        n = msg.fields["samples"]
+        if not 0 < n <= self.assigned[worker.rank]:
+            worker.bad_samples += 1
+            self.endpoint.rejected["bad_samples"] += 1
+            if worker.bad_samples == 1:  # once per worker: a forger does not flood the log
+                logger.warning(f"rejected worker {worker.rank}'s gradient: it reports {n} samples, outside "
+                               f"1..{self.assigned[worker.rank]} (its assigned batch); its further ones are counted")
+            return 0.0
+        scale = self.guard.check(grad_norm(grads.values()), f"worker {worker.rank}'s gradient", source=str(worker.rank),
+                                 version=msg.fields["version"])
+        if scale == 0.0:
+            worker.rejected += 1
+        elif scale < 1.0:
+            worker.clipped += 1
+        return scale
+
+    def guard_counts(self) -> dict:
+        """The norm guard's figures for metrics rows and the summary."""
+        bound = self.guard.bound()
+        return {"gradients_rejected": self.guard.rejected, "gradients_clipped": self.guard.clipped,
+                "bad_samples": self.endpoint.rejected["bad_samples"],
+                **({"grad_norm_bound": round(bound, 6)} if bound is not None else {})}
 
     def poll(self, timeout_s: float) -> None:
         """Handle at most one message (or time out); every message refreshes its sender's liveness."""
@@ -382,10 +439,12 @@ class WorkerLink:
 
     def _connect(self) -> None:
         self.close()
-        self.client = ClientEndpoint(self.address, max_bytes=max_bytes(self.cluster), curve_dir=self.cluster.get("keys"))
+        key = client_key_name(self.rank)  # DIR/clientN.key_secret when this node has it, else client.key_secret
+        self.client = ClientEndpoint(self.address, max_bytes=max_bytes(self.cluster), curve_dir=self.cluster.get("keys"),
+                                     client_key=key)
         self.heartbeat = Heartbeat(self.address, rank=self.rank, interval_s=self.cluster.heartbeat_s,
                                    max_bytes=max_bytes(self.cluster), curve_dir=self.cluster.get("keys"),
-                                   session=self.session)
+                                   session=self.session, client_key=key)
         self.heartbeat.start()
 
     def register(self) -> Message:

@@ -1,7 +1,8 @@
 """``algo=syncps``: synchronous parameter server.
 
 Every step is a barrier: the server waits for the gradient of every live worker
-for that step (:meth:`SyncServer.barrier`), averages them weighted by samples,
+for that step (:meth:`SyncServer.barrier`), averages them weighted by each worker's
+assigned batch (never the count it reports; see ``ServerBase.accept_gradient``),
 steps the optimizer once and sends the new weights to everyone. A worker later
 than ``algo.straggler_timeout`` is skipped for that step; one that misses its
 heartbeats leaves the barrier; one that comes back re-registers and continues
@@ -26,8 +27,9 @@ class SyncServer(ServerBase):
 
     def __init__(self, cfg: DictConfig, run_dir: Path):
         super().__init__(cfg, run_dir)
-        self.pending: dict[int, tuple[dict[str, torch.Tensor], int, float]] = {}
-        self.rejected: set[int] = set()  # ranks whose gradient for this step was an outlier: answered, not applied
+        # rank -> (gradient, its weight: the assigned batch, its loss, how much of it to apply: < 1 when clipped)
+        self.pending: dict[int, tuple[dict[str, torch.Tensor], int, float, float]] = {}
+        self.rejected: set[int] = set()  # ranks whose gradient for this step was rejected: answered, not applied
         self.straggler_skips = self.trainer.carried.get("straggler_skips", 0)
 
     def run_state(self) -> dict:
@@ -39,11 +41,12 @@ class SyncServer(ServerBase):
             # not counted again: run() counted the step as skipped when the barrier moved on without it
             logger.debug(f"discarded worker {worker.rank}'s gradient for past step {f['step']}")
             return
-        if not self.accept_gradient(worker, grads):
+        scale = self.accept_gradient(worker, msg, grads)
+        if not scale:
             self.rejected.add(worker.rank)
             return
         # grads are views of the received frame; they are consumed in barrier() before the next recv
-        self.pending[worker.rank] = (grads, f["samples"], f["loss"])
+        self.pending[worker.rank] = (grads, self.assigned[worker.rank], f["loss"], scale)
         worker.last_loss = f["loss"]
 
     def barrier(self) -> list[int]:
@@ -64,13 +67,13 @@ class SyncServer(ServerBase):
             self.check_liveness()
 
     def average(self) -> tuple[int, float]:
-        """flat.grads = sum(samples_r * grad_r) / sum(samples_r)."""
-        total = sum(n for _, n, _ in self.pending.values())
+        """flat.grads = sum(batch_r * scale_r * grad_r) / sum(batch_r) (scale_r < 1: clipped by the norm guard)."""
+        total = sum(n for _, n, _, _ in self.pending.values())
         for name, g in self.trainer.flat.grads.items():
             g.zero_()
-            for grads, n, _ in self.pending.values():
-                g.add_(grads[name].to(g.device), alpha=n / total)
-        loss = sum(loss * n for _, n, loss in self.pending.values()) / total
+            for grads, n, _, scale in self.pending.values():
+                g.add_(grads[name].to(g.device), alpha=n / total if scale == 1.0 else n / total * scale)
+        loss = sum(loss * n for _, n, loss, _ in self.pending.values()) / total
         return total, loss
 
     def run(self) -> dict:
@@ -96,9 +99,9 @@ class SyncServer(ServerBase):
                 self.workers[rank].samples += self.pending[rank][1]
             self.pending.clear()
             self.last_lr = trainer.apply_gradients()
-            self.after_step(loss, samples, straggler_skips=self.straggler_skips, gradients_rejected=self.guard.rejected)
+            self.after_step(loss, samples, straggler_skips=self.straggler_skips, **self.guard_counts())
             self.send_all_weights()
-        return self.finish(straggler_skips=self.straggler_skips, gradients_rejected=self.guard.rejected)
+        return self.finish(straggler_skips=self.straggler_skips, **self.guard_counts())
 
     def send_all_weights(self) -> None:
         if self.trainer.step < self.trainer.end_step:

@@ -12,6 +12,8 @@ from smolcluster.transport.sockets import (
     ClientEndpoint,
     Heartbeat,
     ServerEndpoint,
+    client_key_name,
+    client_ranks,
     make_keys,
 )
 from smolcluster.transport.wire import (
@@ -36,6 +38,8 @@ __all__ = [
     "decode",
     "encode",
     "get_codec",
+    "client_key_name",
+    "client_ranks",
     "make_keys",
     "register_kind",
     "wire",

@@ -18,6 +18,9 @@ The pipeline's PUB/SUB links live in ``pubsub.py``: one PUB/SUB stack, not two.
 from __future__ import annotations
 
 import collections
+import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -139,13 +142,16 @@ def _curve_server(sock: zmq.Socket, curve_dir: str | None,
     sock.curve_server, sock.curve_publickey, sock.curve_secretkey = True, pub, sec
 
 
-def _curve_client(sock: zmq.Socket, curve_dir: str | None) -> None:
-    """Make a connecting socket a CURVE client: this node's key pair and the server's public key."""
+def _curve_client(sock: zmq.Socket, curve_dir: str | None, client_key: str = "client") -> None:
+    """Make a connecting socket a CURVE client: this node's key pair and the server's public key.
+    ``client_key``: the pair to use (a worker's own, ``clientN``), else ``client`` (see :func:`client_key_name`)."""
     if not curve_dir:
         return
     d = Path(curve_dir).expanduser()
     server_pub, _ = _load(d / "server.key", "the server's public key")
-    pub, sec = _load(d / "client.key_secret", "this node's client secret key")
+    if not (d / f"{client_key}.key_secret").is_file():
+        client_key = "client"
+    pub, sec = _load(d / f"{client_key}.key_secret", "this node's client secret key")
     sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server_pub, pub, sec
 
 
@@ -158,24 +164,52 @@ def _bind(sock: zmq.Socket, bind: str) -> None:
                         "Pick another cluster.port") from e
 
 
-def make_keys(directory: str | Path, clients: int = 1) -> dict[str, Path]:
-    """Write a server key pair and ``clients`` client key pairs; clients' public keys go to authorized/.
+def client_key_name(rank: int) -> str:
+    """The client pair that rank ``rank`` holds: ``client`` for rank 0, ``clientN`` for rank N. The server lets
+    rank N register only with the public key ``authorized/clientN.key``."""
+    return "client" if rank == 0 else f"client{rank}"
 
-    Replaces any keys already there, and empties ``authorized/`` first so an old client
-    key cannot linger. Layout: see ``python -m smolcluster.keys --help``.
+
+def client_ranks(curve_dir: str | Path) -> dict[str, int]:
+    """``{z85 public key: rank}`` from ``authorized/client.key`` (rank 0) and ``authorized/clientN.key``."""
+    out = {}
+    for path in sorted((Path(curve_dir).expanduser() / "authorized").glob("client*.key")):
+        suffix = path.stem.removeprefix("client")
+        if suffix == "" or suffix.isdigit():
+            out[zmq.auth.load_certificate(str(path))[0].decode()] = int(suffix or 0)
+    return out
+
+
+def make_keys(directory: str | Path, clients: int = 1) -> dict[str, Path]:
+    """Write a server key pair and ``clients`` client key pairs (``client``, ``client1``, ...: one per worker
+    rank); the clients' public keys also go to authorized/.
+
+    Replaces any keys already there, and empties ``authorized/`` first so an old client key cannot linger.
+    Secret files are 0600 and the directories 0700 from the start: each file is written in a fresh private
+    directory and renamed into place (a rename replaces a planted symlink, never writes through it).
+    Layout: see ``python -m smolcluster.keys --help``.
     """
     d = Path(directory)
-    (d / "authorized").mkdir(parents=True, exist_ok=True)
-    for old in (d / "authorized").glob("*.key"):
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if (d / "authorized").is_symlink():
+        raise ConfigError(f"{d / 'authorized'} is a symlink: refusing to write keys through it (remove it)")
+    (d / "authorized").mkdir(mode=0o700, exist_ok=True)
+    for sub in (d, d / "authorized"):
+        sub.chmod(0o700)
+    for old in [*(d / "authorized").glob("*.key"), *d.glob("client*.key"), *d.glob("client*.key_secret")]:
         old.unlink()
-    pub, sec = zmq.auth.create_certificates(str(d), "server")
-    made = {"server_public": Path(pub), "server_secret": Path(sec)}
-    for i in range(clients):
-        name = "client" if i == 0 else f"client{i}"
-        pub, sec = zmq.auth.create_certificates(str(d), name)
-        Path(pub).replace(d / "authorized" / Path(pub).name)
-        (d / Path(pub).name).write_bytes((d / "authorized" / Path(pub).name).read_bytes())
-        made[f"{name}_secret"] = Path(sec)
+    made = {}
+    with tempfile.TemporaryDirectory(dir=d) as tmp:  # 0700: no one else can open a file in it meanwhile
+        for name in ["server", *(client_key_name(r) for r in range(clients))]:
+            pub, sec = (Path(p) for p in zmq.auth.create_certificates(tmp, name))
+            sec.chmod(0o600)
+            if name != "server":
+                shutil.copyfile(pub, Path(tmp) / "authorized.key")
+                os.replace(Path(tmp) / "authorized.key", d / "authorized" / pub.name)
+            os.replace(pub, d / pub.name)
+            os.replace(sec, d / sec.name)
+            made[f"{name}_secret"] = d / sec.name
+    made["server_public"] = d / "server.key"
     return made
 
 
@@ -268,13 +302,13 @@ class ClientEndpoint(_Endpoint):
     """DEALER, connecting (and reconnecting) to a server."""
 
     def __init__(self, connect: str, *, max_bytes: int, identity: bytes | None = None,
-                 curve_dir: str | None = None, hwm: int = 1000):
+                 curve_dir: str | None = None, hwm: int = 1000, client_key: str = "client"):
         sock = _context().socket(zmq.DEALER)
         _configure(sock, max_bytes, hwm)
         sock.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
         if identity:
             sock.setsockopt(zmq.IDENTITY, identity)
-        _curve_client(sock, curve_dir)
+        _curve_client(sock, curve_dir, client_key)
         sock.connect(connect)
         self.target = connect
         super().__init__(sock, max_bytes)
@@ -304,12 +338,13 @@ class Heartbeat:
     so a worker stays alive to the server while its main thread computes a long step."""
 
     def __init__(self, address: str, *, rank: int, interval_s: float, max_bytes: int,
-                 curve_dir: str | None = None, role: str = "worker", session: str | None = None):
+                 curve_dir: str | None = None, role: str = "worker", session: str | None = None,
+                 client_key: str = "client"):
         self.address, self.rank, self.interval_s, self.role = address, rank, interval_s, role
         # the registration this process made: the server credits beats only to that registration, so a
         # restarted process (or a stranger) beating as the same rank cannot keep a dead one alive
         self.session = session
-        self.max_bytes, self.curve_dir = max_bytes, curve_dir
+        self.max_bytes, self.curve_dir, self.client_key = max_bytes, curve_dir, client_key
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{rank}", daemon=True)
         self.beats = 0
@@ -317,7 +352,8 @@ class Heartbeat:
     def start(self) -> Heartbeat:
         # Made here, so a bad key directory raises in the caller; from now on only the thread
         # touches the socket (Thread.start() is the memory barrier zmq asks for on a hand-over).
-        self._client = ClientEndpoint(self.address, max_bytes=self.max_bytes, curve_dir=self.curve_dir, hwm=10)
+        self._client = ClientEndpoint(self.address, max_bytes=self.max_bytes, curve_dir=self.curve_dir, hwm=10,
+                                      client_key=self.client_key)
         self._client.sock.setsockopt(zmq.SNDTIMEO, 0)
         self._thread.start()
         return self
