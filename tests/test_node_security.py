@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from smolcluster.errors import ConfigError
 from smolcluster.node import discovery
-from smolcluster.node.coordinator import AgentLink, pair
+from smolcluster.node.coordinator import AgentLink, ask_operator, pair
 from smolcluster.node.infoport import MAX_CONNECTIONS, exchange
 from smolcluster.node.pairing import (
     AgentStore,
@@ -193,6 +193,21 @@ def test_a_code_cannot_be_ground_and_confirmation_pairs_exactly_the_key_shown(ag
     for f in (tmp / "a" / "paired").glob("*.key"):  # leave the agent paired with the test's coordinator only
         if public_key(f) == legit:
             f.unlink()
+
+
+def test_an_operator_at_the_coordinators_terminal_confirms_with_y_and_anything_else_confirms_nothing(
+        tmp_path, monkeypatch):
+    """At a terminal the coordinator asks; 'y' writes the confirmation `node pair CODE` would, 'n' writes none."""
+    import io
+
+    for answer, confirmed in (("y\n", True), ("n\n", False)):
+        path = tmp_path / answer.strip() / "confirm" / "123456"
+        monkeypatch.setattr(sys, "stdin", io.StringIO(answer))
+        asker = ask_operator("Does node x show the code 123456? [y/N] ", path)
+        asker.join(timeout=30)
+        assert not asker.is_alive() and path.is_file() == confirmed
+        if confirmed:
+            assert path.read_text() == "confirmed\n" and oct(path.stat().st_mode & 0o777) == "0o600"
 
 
 def test_pairing_requests_are_rate_limited_per_source_and_the_pending_set_is_capped(agent):

@@ -178,12 +178,15 @@ def pair(node: NodeInfo, my_key: str, store: AgentStore, c: DictConfig, state: P
         raise ConfigError(f"node {where} has not paired with this coordinator: set cluster.pair_timeout_s=120 "
                           "and confirm the code both machines show, on both, with python -m smolcluster.node pair CODE")
     code = _start_pairing(node, my_key)
-    here = f"python -m smolcluster.node pair {code} --state-dir {state}"
+    at_terminal = sys.stdin is not None and sys.stdin.isatty()
+    here = ("with 'y' below, or " if at_terminal else "") + f"python -m smolcluster.node pair {code} --state-dir {state}"
     todo = [*(["there: python -m smolcluster.node pair " + code] if not agent_knows else []),
             *([f"here: {here}"] if not known else [])]
     logger.warning(f"pairing with node {where} (key {node.fingerprint}): code {code}. If that machine shows the "
                    f"same code, confirm {' and '.join(todo)}")
     mine = confirm_path(state, code)
+    if not known and at_terminal:
+        ask_operator(f"Does node {where} show the code {code}? [y/N] ", mine)
     deadline = time.monotonic() + float(c.pair_timeout_s)
     try:
         while time.monotonic() < deadline:
@@ -201,6 +204,23 @@ def pair(node: NodeInfo, my_key: str, store: AgentStore, c: DictConfig, state: P
     on = "both machines" if len(todo) == 2 else "this machine" if not known else "the node"
     raise ConfigError(f"node {where}: pairing code {code} was not confirmed on {on} within cluster.pair_timeout_s="
                       f"{c.pair_timeout_s}s: run again and confirm it there")
+
+
+def ask_operator(question: str, confirm: Path) -> threading.Thread:
+    """At a terminal, the operator confirms here by answering ``y``: the answer writes the same file that
+    ``python -m smolcluster.node pair CODE`` would, so either way ends the wait. A thread, so the wait keeps its
+    deadline and notices the agent's side meanwhile."""
+    def ask() -> None:
+        try:
+            answer = input(question)
+        except (EOFError, OSError):
+            return
+        if answer.strip().lower() in ("y", "yes") and not confirm.exists():
+            write_private(confirm, "confirmed\n")
+
+    asker = threading.Thread(target=ask, name="pair-confirm", daemon=True)
+    asker.start()
+    return asker
 
 
 def place(nodes: list[NodeInfo], c: DictConfig) -> tuple[NodeInfo, list[NodeInfo]]:
