@@ -6,19 +6,23 @@
                                        embedding / LM head) as integers plus scales
 
 - ``int8``: symmetric, one scale per output channel (each row of an ``out x in`` weight);
-  matmuls by ``torch.ops.aten._weight_int8pack_mm`` (torch's own CPU kernel).
+  a CPU stage's decode-sized matmuls (up to ``PACKED_ROWS`` rows) by
+  ``torch.ops.aten._weight_int8pack_mm`` (torch's own CPU kernel), larger ones dequantized.
 - ``int4``: asymmetric, group-wise along the input dim (``group_size`` 32/64/128), scale
   and zero per group; packed and multiplied by torch's tinygemm CPU kernels
   (``_convert_weight_to_int4pack_for_cpu`` / ``_weight_int4pack_mm_for_cpu``). The token
   embedding and LM head are int8 then (a lookup table of int4 groups has no kernel, and
   the head is where int4 costs the most quality).
+- Both packed kernels get their activations in bf16 (see ``KERNEL_DTYPE``); ``kernels(fmt)`` says
+  which path a stage's matmuls take on its machine (bf16: oneDNN where the CPU has AMX or
+  AVX512-BF16, else torch's bf16-load / fp32-math kernels).
 
 Why torch's ops and not ``torchao``: torchao 0.18 is on PyPI, but it was not installed into the
 shared environment or tried against torch 2.13 here (its compiled kernels are built per torch
 release), and its CPU weight-only int8/int4 paths call these same aten kernels anyway. What is
 written here is only what the kernels do not do: computing the integers and scales (a few
-lines each), a dequantize-then-matmul for int8 prefills (torch's int8 CPU kernel runs row by
-row), and reading a large tensor in row chunks so the full-precision tensor is never resident
+lines each), a dequantize-then-matmul for int8 prefills (torch's int8 CPU kernel tiles a few
+rows at a time), and reading a large tensor in row chunks so the full-precision tensor is never resident
 beside its quantized copy (:func:`convert`).
 
 Norms, biases and position embeddings stay in the compute type: they are a rounding
@@ -150,7 +154,8 @@ def int4_groups(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor
 # back: one bf16 rounding of the input and output, well inside int8's own error (tests/test_quantize.py).
 KERNEL_DTYPE = torch.bfloat16
 # Up to this many rows (decode steps, small batches) an int8 matmul runs on the packed kernel; a prefill's
-# many rows run faster dequantized (the kernel tiles few rows at a time): bench quantize --rows.
+# many rows run faster dequantized (the kernel tiles a few rows at a time; on this project's 2-core Xeon the
+# packed kernel led for a 1536 x 576 weight up to ~16 rows and the dequantized product at 64).
 PACKED_ROWS = 16
 
 
