@@ -175,9 +175,11 @@ def smollm2_shaped(out: Path) -> Path:
     return out / "smollm2-135M-shaped"
 
 
-# Run in a child under the code tree being timed (its PYTHONPATH): only the stage API that trees share.
+# Run in a child under the code tree being timed (its PYTHONPATH; -P keeps the working directory off sys.path),
+# using only the stage API that trees share.
 _DECODE_ROUND = """
 import json, sys, time, torch
+import smolcluster
 from smolcluster.bench.quantize import load
 from smolcluster.pipeline.architectures import KVCache
 weights, formats, prompt_len, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -196,7 +198,7 @@ with torch.inference_mode():
                 tok = int(stage.logits(x, last_only=True)[0, -1].argmax())
         out[f] = (n - 1) / (time.perf_counter() - t0)
         del stage
-print(json.dumps(out))
+print(json.dumps({"tree": smolcluster.__file__, "tok_s": out}))
 """
 
 
@@ -218,19 +220,26 @@ def decode(args) -> int:
             for tree, src in (trees.items() if r % 2 == 0 else reversed(trees.items())):
                 env = stage_env(1, {"PYTHONPATH": src}, threads=args.threads)
                 order = formats if r % 2 == 0 else formats[::-1]
-                out = subprocess.run([sys.executable, "-c", _DECODE_ROUND, str(weights), json.dumps(order), "16",
+                out = subprocess.run([sys.executable, "-P", "-c", _DECODE_ROUND, str(weights), json.dumps(order), "16",
                                       str(args.tokens)], capture_output=True, text=True, env=env, cwd=os.getcwd())
                 if out.returncode:
                     raise RuntimeError(f"decode round under {src} failed:\n{out.stderr[-2000:]}")
-                for f, tps in json.loads(out.stdout.strip().splitlines()[-1]).items():
+                got = json.loads(out.stdout.strip().splitlines()[-1])
+                if not got["tree"].startswith(src):
+                    raise RuntimeError(f"the round meant for {src} imported {got['tree']}")
+                for f, tps in got["tok_s"].items():
                     runs.setdefault((tree, f), []).append(tps)
                 print(f"round {r + 1}/{args.rounds} {tree}: " + ", ".join(
                     f"{f} {runs[tree, f][-1]:.1f}" for f in formats), file=sys.stderr)
     med = {k: statistics.median(v) for k, v in runs.items()}
-    base = med["this", "fp32/none"]
-    rows = [{"tree": tree, "format": f, "decode_tok_s_median": med[tree, f], "vs_this_fp32": med[tree, f] / base,
-             "vs_same_tree_fp32": med[tree, f] / med[tree, "fp32/none"],
-             "vs_baseline_same_format": med[tree, f] / med["baseline", f] if "baseline" in trees else ""}
+
+    def ratio(a, b):  # the median of per-round ratios: a busy machine's load moves both sides of one round alike
+        return statistics.median(x / y for x, y in zip(runs[a], runs[b], strict=True))
+
+    rows = [{"tree": tree, "format": f, "decode_tok_s_median": med[tree, f],
+             "vs_same_tree_fp32": ratio((tree, f), (tree, formats[0])),
+             "vs_this_fp32": ratio((tree, f), ("this", formats[0])),
+             "vs_baseline_same_format": ratio((tree, f), ("baseline", f)) if "baseline" in trees else ""}
             for tree in trees for f in formats]
     write_report("quantize-decode", rows, {"threads": args.threads, "rounds": args.rounds, "tokens": args.tokens,
                                           "trees": trees, "runs": {f"{t}:{f}": v for (t, f), v in runs.items()}},
