@@ -251,7 +251,10 @@ def test_real_stage_processes_generate_like_transformers_and_stop_at_every_eos(s
     (served / "generation_config.json").write_text(json.dumps({"eos_token_id": [a, b]}))
     with InferencePipeline.start_local(served, stages=stages, head=head, heartbeat_s=0.2, liveness_s=5.0) as pipe:
         assert pipe.eos_ids == [a, b]
-        assert pipe.model_info == {"architecture": model.config.model_type, "context": 128, "vocab_size": VOCAB}
+        from smolcluster.pipeline.quantize import StageFormat, kernels
+
+        assert pipe.model_info == {"architecture": model.config.model_type, "context": 128, "vocab_size": VOCAB,
+                                   "kernels": [kernels(StageFormat())] * stages}
         assert len(pipe.client.partition) == stages
         reqs = [pipe.submit(p, max_new_tokens=30, stop_at_eos=False) for p in (p1, p2, prompt(5, 1))]
         assert [r.tokens() for r in reqs] == [hf_greedy(model, p, 30) for p in (p1, p2, prompt(5, 1))]

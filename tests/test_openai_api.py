@@ -20,6 +20,7 @@ import pytest
 from smolcluster.bench.common import write_tiny_run
 from smolcluster.data.text import TextTokenizer
 from smolcluster.inference import InferencePipeline
+from smolcluster.pipeline.quantize import StageFormat, kernels
 from smolcluster.serving.app import WebServer, build_app
 from smolcluster.serving.engine import Engine, Settings
 from smolcluster.serving.fair_queue import FairQueue
@@ -115,6 +116,7 @@ def test_models_lists_the_served_model(served):
     body = r.json()
     assert body["object"] == "list" and [m["id"] for m in body["data"]] == [MODEL]
     assert body["data"][0]["object"] == "model" and body["data"][0]["context_length"] == CONTEXT
+    assert body["data"][0]["kernels"] == [kernels(StageFormat())] * 2  # each stage's matmul path, said by the stage
     assert served.http.get(f"/v1/models/{MODEL}").json()["id"] == MODEL
     r = served.http.get("/v1/models/gpt-4")
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"

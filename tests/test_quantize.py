@@ -13,7 +13,16 @@ from smolcluster.inference import InferencePipeline
 from smolcluster.models.gpt2 import build_gpt2
 from smolcluster.pipeline import protocol
 from smolcluster.pipeline.architectures import KVCache
-from smolcluster.pipeline.quantize import StageFormat, resolve_device
+from smolcluster.pipeline.quantize import (
+    PACKED_ROWS,
+    Int4Linear,
+    Int8Linear,
+    StageFormat,
+    int4_groups,
+    int8_rows,
+    kernels,
+    resolve_device,
+)
 from smolcluster.pipeline.weights import load_stage
 
 # Max |logit - fp32 logit| / max |fp32 logit| seen on these tiny random models (x ~2 margin):
@@ -116,7 +125,46 @@ def greedy(stage, prompt: list[int], n: int) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("precision,quantize", [("bf16", "none"), ("fp32", "int8")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_int8_and_int4_matmuls_equal_the_dequantized_product(dtype):
+    """The packed CPU kernels (bf16 activations) against x @ dequantized(W).T in fp64, on random weights, for a
+    decode row, a small batch, and (int4) a prefill's rows. Tolerance: the bf16 rounding of the activations and
+    of the output, ~2**-8 of the largest output (both kernels sum in fp32)."""
+    g = torch.Generator().manual_seed(3)
+    w, bias = torch.randn(96, 128, generator=g), torch.randn(96, generator=g)
+    q8, s8 = int8_rows(w, dtype)
+    lin8 = Int8Linear(128, 96, bias=True)
+    lin8.load_state_dict({"qweight": q8, "scales": s8, "bias": bias.to(dtype)}, assign=True)
+    q4, sz = int4_groups(w, 32)
+    lin4 = Int4Linear(128, 96, bias=False, group=32)
+    lin4.load_state_dict({"qweight": torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4, 1),
+                          "scales_zeros": sz.to(dtype)}, assign=True)
+    scale, zero = sz.double().unbind(-1)  # (groups, out) each
+    w4 = ((q4.double().view(96, 4, 32) - 8) * scale.t()[..., None] + zero.t()[..., None]).view(96, 128)
+    w8 = q8.double() * s8.double()[:, None]
+    for rows in (1, 4, PACKED_ROWS, 40):
+        x = torch.randn(rows, 128, generator=g).to(dtype)
+        with torch.inference_mode():
+            got8, got4 = lin8(x), lin4(x)
+        assert got8.dtype == got4.dtype == dtype
+        want8, want4 = x.double() @ w8.t() + bias.to(dtype).double(), x.double() @ w4.t()
+        for got, want in ((got8, want8), (got4, want4)):
+            err = float((got.double() - want).abs().max() / want.abs().max())
+            assert err < 2 ** -7, (dtype, rows, err)
+            assert err > 0 or dtype == torch.bfloat16  # fp32 activations: the kernel really rounded to bf16
+
+
+def test_every_cpu_stage_says_which_kernels_its_matmuls_run():
+    isa = torch.backends.cpu.get_cpu_capability()
+    assert kernels(StageFormat("fp32", "int8")).startswith("int8: aten._weight_int8pack_mm")
+    assert kernels(StageFormat("bf16", "int4")).startswith("int4: aten._weight_int4pack_mm_for_cpu")
+    assert kernels(StageFormat("fp32")).startswith("fp32: MKL")
+    bf16 = kernels(StageFormat("bf16"))
+    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    assert bf16.startswith("bf16: oneDNN" if native else f"bf16: aten cpublas, bf16 loads, fp32 math ({isa})")
+
+
+@pytest.mark.parametrize("precision,quantize", [("bf16", "none"), ("fp32", "int8"), ("fp32", "int4")])
 def test_generation_through_stage_processes_equals_the_same_format_in_one_process(models, precision, quantize):
     """Real stage processes (1 thread each, as here): the same tokens as the whole model in this format."""
     path, _ = models["llama"]

@@ -8,6 +8,11 @@
   size (random init: memory and speed do not depend on the weights' values).
 - Speed: greedy decode tokens/s of the whole model as one stage (KV cache), each format vs fp32.
 
+- ``--decode``: only decode speed, the issue-24 measurement: a SmolLM2-135M-shaped Llama (random init,
+  30 x 576, GQA 9/3, tied head), one request, each format in interleaved rounds (one fresh process per
+  round and code tree, formats in turn inside it), medians and ratios to fp32; ``--baseline DIR`` also
+  times another checkout's code (e.g. ``main``) in the same rounds.
+
 Each model is one stage holding everything (embedding, blocks, head), loaded by the same
 ``load_stage`` a pipeline stage runs.
 """
@@ -158,6 +163,90 @@ def big_models(out: Path) -> dict[str, Path]:
     return {"gpt2-124M": out / "gpt2-124M", "llama-125M": out / "llama-125M"}
 
 
+def smollm2_shaped(out: Path) -> Path:
+    """A random-init Llama of SmolLM2-135M's shape: 30 layers, 576 wide, GQA 9/3, 49152 vocab, tied head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                      tie_word_embeddings=True, rope_theta=100000.0, bos_token_id=None, eos_token_id=None)
+    LlamaForCausalLM(cfg).save_pretrained(out / "smollm2-135M-shaped")
+    return out / "smollm2-135M-shaped"
+
+
+# Run in a child under the code tree being timed (its PYTHONPATH; -P keeps the working directory off sys.path),
+# using only the stage API that trees share.
+_DECODE_ROUND = """
+import json, sys, time, torch
+import smolcluster
+from smolcluster.bench.quantize import load
+from smolcluster.pipeline.architectures import KVCache
+weights, formats, prompt_len, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+prompt = (torch.arange(prompt_len) % 1000)[None]
+out = {}
+with torch.inference_mode():
+    for f in formats:
+        precision, quantize = f.split("/")
+        stage = load(weights, precision, quantize, 64)
+        for steps in (4, n):  # a short pass warms up (first-call costs, page faults), the second is timed
+            cache = KVCache(len(stage.blocks))
+            tok = int(stage.logits(stage.run_blocks(stage.embed(prompt, 0), cache), last_only=True)[0, -1].argmax())
+            t0 = time.perf_counter()
+            for _ in range(steps - 1):
+                x = stage.run_blocks(stage.embed(torch.tensor([[tok]]), cache.length), cache)
+                tok = int(stage.logits(x, last_only=True)[0, -1].argmax())
+        out[f] = (n - 1) / (time.perf_counter() - t0)
+        del stage
+print(json.dumps({"tree": smolcluster.__file__, "tok_s": out}))
+"""
+
+
+def decode(args) -> int:
+    """Decode tokens/s of one request per format (and per code tree), in interleaved rounds; medians and ratios."""
+    import os
+    import statistics
+
+    from smolcluster.bench.report import write_report
+
+    trees = {"this": str(Path(__file__).resolve().parents[2])}
+    if args.baseline:
+        trees["baseline"] = str(Path(args.baseline).resolve())
+    formats = args.formats.split(",")
+    runs: dict[tuple[str, str], list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="smolcluster-bench-decode-") as tmp:
+        weights = smollm2_shaped(Path(tmp))
+        for r in range(args.rounds):
+            for tree, src in (trees.items() if r % 2 == 0 else reversed(trees.items())):
+                env = stage_env(1, {"PYTHONPATH": src}, threads=args.threads)
+                order = formats if r % 2 == 0 else formats[::-1]
+                out = subprocess.run([sys.executable, "-P", "-c", _DECODE_ROUND, str(weights), json.dumps(order), "16",
+                                      str(args.tokens)], capture_output=True, text=True, env=env, cwd=os.getcwd())
+                if out.returncode:
+                    raise RuntimeError(f"decode round under {src} failed:\n{out.stderr[-2000:]}")
+                got = json.loads(out.stdout.strip().splitlines()[-1])
+                if not got["tree"].startswith(src):
+                    raise RuntimeError(f"the round meant for {src} imported {got['tree']}")
+                for f, tps in got["tok_s"].items():
+                    runs.setdefault((tree, f), []).append(tps)
+                print(f"round {r + 1}/{args.rounds} {tree}: " + ", ".join(
+                    f"{f} {runs[tree, f][-1]:.1f}" for f in formats), file=sys.stderr)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+
+    def ratio(a, b):  # the median of per-round ratios: a busy machine's load moves both sides of one round alike
+        return statistics.median(x / y for x, y in zip(runs[a], runs[b], strict=True))
+
+    rows = [{"tree": tree, "format": f, "decode_tok_s_median": med[tree, f],
+             "vs_same_tree_fp32": ratio((tree, f), (tree, formats[0])),
+             "vs_this_fp32": ratio((tree, f), ("this", formats[0])),
+             "vs_baseline_same_format": ratio((tree, f), ("baseline", f)) if "baseline" in trees else ""}
+            for tree in trees for f in formats]
+    write_report("quantize-decode", rows, {"threads": args.threads, "rounds": args.rounds, "tokens": args.tokens,
+                                          "trees": trees, "runs": {f"{t}:{f}": v for (t, f), v in runs.items()}},
+                 args.out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m smolcluster.bench quantize", description=__doc__.split("\n")[0])
     p.add_argument("--corpus", default="/work/shared/data/tinyshakespeare/input.txt")
@@ -169,8 +258,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-big", action="store_true", help="only the trained tiny models")
     p.add_argument("--only-big", action="store_true", help="only the 124M models' memory and speed")
     p.add_argument("--big-tokens", type=int, default=16, help="decode tokens timed on the 124M models (0: memory only)")
+    p.add_argument("--decode", action="store_true", help="only decode tokens/s of a SmolLM2-135M-shaped Llama")
+    p.add_argument("--baseline", help="with --decode: another checkout whose code is timed in the same rounds")
+    p.add_argument("--rounds", type=int, default=5, help="with --decode: interleaved rounds (medians reported)")
+    p.add_argument("--threads", type=int, default=2, help="with --decode: the stage's threads")
+    p.add_argument("--formats", default=",".join(f"{p}/{q}" for p, q in FORMATS),
+                   help="with --decode: precision/quantize pairs timed (fp32/none first: the ratios' base)")
     p.add_argument("--out", default=".")
     args = p.parse_args(argv)
+    if args.decode:
+        return decode(args)
     from smolcluster.bench.report import write_report
     from smolcluster.data.text import get_tokenizer, read_corpus
 

@@ -205,9 +205,9 @@ class InferencePipeline:
 
     @property
     def model_info(self) -> dict:
-        """What /v1/models reports: the architecture, context length and vocabulary size."""
+        """What /v1/models reports: the architecture, context length, vocabulary size, each stage's matmul kernels."""
         return {"architecture": self.client.shape.get("model_type", "gpt2"), "context": self.client.context,
-                "vocab_size": self.client.shape["vocab_size"]}
+                "vocab_size": self.client.shape["vocab_size"], "kernels": self.client.kernels}
 
     @property
     def stages(self) -> int:

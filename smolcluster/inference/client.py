@@ -198,6 +198,7 @@ class PipelineClient:
         self.shape = dict(infos[0]["shape"])
         self.head_rank = int(infos[0]["head_rank"])
         self.partition = [info.get("blocks") for info in infos]
+        self.kernels = [info.get("kernels", "") for info in infos]  # each stage's matmul kernels, in words
 
     @property
     def context(self) -> int:

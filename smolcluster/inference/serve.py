@@ -62,7 +62,7 @@ from smolcluster.pipeline.architectures import KVCache, family_for
 from smolcluster.pipeline.architectures.base import Batch, pin_attributes
 from smolcluster.pipeline.mesh import Envelope, Mesh, PeerLost
 from smolcluster.pipeline.partition import stage_name
-from smolcluster.pipeline.quantize import StageFormat, resolve_device
+from smolcluster.pipeline.quantize import StageFormat, kernels, resolve_device
 from smolcluster.pipeline.weights import load_stage
 
 TURNS_MIN_PARAMS = 16_000_000  # co-located stages take turns with all cores from this stage size (parameters)
@@ -195,7 +195,8 @@ class StageServer:
         self.stopping = False
         params = sum(p.numel() for p in self.stage.parameters())
         logger.info(f"{self.spec.describe(self.has_head, self.spec.first)}: {params:,} params from {sc.weights} "
-                    f"({self.fmt.precision}, quantize={self.fmt.quantize}, on {self.fmt.device})")
+                    f"({self.fmt.precision}, quantize={self.fmt.quantize}, on {self.fmt.device}; "
+                    f"matmuls: {kernels(self.fmt)})")
         # Prometheus for smolcluster.top (telemetry/serving.py): set once per step, a no-op without a port
         from smolcluster.telemetry.logging import identity
         from smolcluster.telemetry.serving import open_serving_metrics
@@ -214,7 +215,7 @@ class StageServer:
         self.mesh.beacon = {
             "role": "stage", "rank": sc.rank, "stages": sc.n_stages, "head_rank": self.head_rank,
             "serving": False, "blocks": [self.spec.blocks.start, self.spec.blocks.stop],
-            "shape": self.arch.describe(), "kv_budget": self.kv_budget,
+            "shape": self.arch.describe(), "kv_budget": self.kv_budget, "kernels": kernels(self.fmt),
         }
         others = [n for n in self.names if n != self.me]
         self.mesh.wait_ready(others, sc.connect_timeout_s, " (the other inference stages)")

@@ -6,19 +6,23 @@
                                        embedding / LM head) as integers plus scales
 
 - ``int8``: symmetric, one scale per output channel (each row of an ``out x in`` weight);
-  matmuls by ``torch.ops.aten._weight_int8pack_mm`` (torch's own CPU kernel).
+  a CPU stage's decode-sized matmuls (up to ``PACKED_ROWS`` rows) by
+  ``torch.ops.aten._weight_int8pack_mm`` (torch's own CPU kernel), larger ones dequantized.
 - ``int4``: asymmetric, group-wise along the input dim (``group_size`` 32/64/128), scale
   and zero per group; packed and multiplied by torch's tinygemm CPU kernels
   (``_convert_weight_to_int4pack_for_cpu`` / ``_weight_int4pack_mm_for_cpu``). The token
   embedding and LM head are int8 then (a lookup table of int4 groups has no kernel, and
   the head is where int4 costs the most quality).
+- Both packed kernels get their activations in bf16 (see ``KERNEL_DTYPE``); ``kernels(fmt)`` says
+  which path a stage's matmuls take on its machine (bf16: oneDNN where the CPU has AMX or
+  AVX512-BF16, else torch's bf16-load / fp32-math kernels).
 
 Why torch's ops and not ``torchao``: torchao 0.18 is on PyPI, but it was not installed into the
 shared environment or tried against torch 2.13 here (its compiled kernels are built per torch
 release), and its CPU weight-only int8/int4 paths call these same aten kernels anyway. What is
 written here is only what the kernels do not do: computing the integers and scales (a few
-lines each), a dequantize-then-matmul for int8 prefills (torch's int8 CPU kernel runs row by
-row), and reading a large tensor in row chunks so the full-precision tensor is never resident
+lines each), a dequantize-then-matmul for int8 prefills (torch's int8 CPU kernel tiles a few
+rows at a time), and reading a large tensor in row chunks so the full-precision tensor is never resident
 beside its quantized copy (:func:`convert`).
 
 Norms, biases and position embeddings stay in the compute type: they are a rounding
@@ -91,6 +95,36 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
+def cpu_isa() -> str:
+    """The CPU's best instructions for low-precision matmuls, as torch sees them."""
+    if torch.cpu._is_amx_tile_supported():
+        return "AMX"
+    if torch.cpu._is_avx512_bf16_supported():
+        return "AVX512-BF16"
+    return torch.backends.cpu.get_cpu_capability()  # AVX512 | AVX2 | DEFAULT (or an ARM capability)
+
+
+def kernels(fmt: StageFormat) -> str:
+    """Which matmul kernels a stage of this format runs, on this machine, in words (its startup line, the
+    stage's beacon, ``/v1/models``)."""
+    if torch.device(fmt.device).type != "cpu":
+        return f"{fmt.device}: {fmt.precision} matmuls" + ("" if fmt.quantize == "none" else
+                                                          f" on {fmt.quantize} weights dequantized per matmul")
+    isa = cpu_isa()
+    if fmt.quantize == "int8":
+        return f"int8: aten._weight_int8pack_mm, bf16 activations ({isa}); prefills dequantized"
+    if fmt.quantize == "int4":
+        return f"int4: aten._weight_int4pack_mm_for_cpu, bf16 activations ({isa}); embedding and head int8"
+    if fmt.precision == "fp32":
+        return f"fp32: MKL sgemm ({isa})"
+    if fmt.precision == "bf16" and isa in ("AMX", "AVX512-BF16"):
+        return f"bf16: oneDNN ({isa})"
+    # torch sends a bf16/fp16 matmul to oneDNN only where the CPU has native bf16 (AMX, AVX512-BF16) or fp16
+    # (AMX-FP16, AVX512-FP16) instructions; elsewhere to its own kernels, which load 16-bit weights and
+    # multiply in fp32 (half the bytes read, no converted copy of the weights): bench quantize --decode.
+    return f"{fmt.precision}: aten cpublas, {fmt.precision} loads, fp32 math ({isa})"
+
+
 # -- the integers ---------------------------------------------------------------------------------
 def int8_rows(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row: ``w ~= q * scale[:, None]``."""
@@ -113,6 +147,18 @@ def int4_groups(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 # -- the modules a quantized stage holds ------------------------------------------------------------
+# torch's packed int8/int4 CPU kernels (aten/src/ATen/native/cpu/int8mm_kernel.cpp, int4mm_kernel.cpp) are
+# vectorized (AVX512 / AVX2) for bf16 activations only: for fp32 or fp16 ones they fall back to a scalar
+# loop, 10-100x slower for a decode step's row (measured here, docs/benchmarks.md "Packed kernels"). So a
+# CPU stage hands them its activations in bf16, whatever its compute type, and gets fp32 sums rounded to bf16
+# back: one bf16 rounding of the input and output, well inside int8's own error (tests/test_quantize.py).
+KERNEL_DTYPE = torch.bfloat16
+# Up to this many rows (decode steps, small batches) an int8 matmul runs on the packed kernel; a prefill's
+# many rows run faster dequantized (the kernel tiles a few rows at a time; on this project's 2-core Xeon the
+# packed kernel led for a 1536 x 576 weight up to ~16 rows and the dequantized product at 64).
+PACKED_ROWS = 16
+
+
 class Int8Linear(nn.Module):
     """``y = x @ (q * scale).T + bias``; also a token lookup table when it replaces an embedding."""
 
@@ -123,14 +169,19 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", torch.empty(n_out))
         self.bias = nn.Parameter(torch.empty(n_out)) if bias else None
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        # The packed kernel takes its scales in its activations' type: a bf16 view of them (2 bytes an
+        # output channel; the same tensor in a bf16 stage), outside the state dict.
+        self.kernel_scales = self.scales.to(KERNEL_DTYPE)
+
     def project(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.n_in)
-        if x2.device.type == "cpu" and x2.shape[0] == 1:
-            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales)
+        if x2.device.type == "cpu" and x2.shape[0] <= PACKED_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(KERNEL_DTYPE).contiguous(), self.qweight,
+                                                   self.kernel_scales).to(x.dtype)
         else:
-            # Several rows (a prompt's prefill), or cuda / mps: dequantize on the fly (int8 storage, a
-            # compute-type matmul). torch's CPU int8 kernel runs row by row: measured here, a 64-row
-            # prefill through it was ~20x slower than this; for one row (decode) they are on a par.
+            # A prefill's many rows, or cuda / mps: dequantize on the fly (int8 storage, a compute-type matmul).
             y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scales
         if self.bias is not None:
             y = y + self.bias
@@ -157,9 +208,14 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_zeros", torch.empty(n_in // group, n_out, 2))
         self.bias = nn.Parameter(torch.empty(n_out)) if bias else None
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.kernel_scales_zeros = self.scales_zeros.to(KERNEL_DTYPE)  # as Int8Linear's kernel_scales
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.n_in).contiguous()
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group, self.scales_zeros)
+        x2 = x.reshape(-1, self.n_in).to(KERNEL_DTYPE).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group,
+                                                       self.kernel_scales_zeros).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.n_out)

@@ -107,7 +107,7 @@ class OpenAIAPI:
         info = self.engine.model_info
         return ModelCard(id=self.model_name, created=self.created, owned_by="smolcluster",
                          architecture=info["architecture"], context_length=info["context"],
-                         vocab_size=info["vocab_size"])
+                         vocab_size=info["vocab_size"], kernels=info.get("kernels", []))
 
     async def list_models(self) -> JSONResponse:
         return JSONResponse(dump(ModelList(object="list", data=[self.model_card()])))

@@ -275,6 +275,8 @@ class ModelCard(BaseModel):
     architecture: str = Field(description="The model family (config.json's model_type): gpt2, llama, qwen2, ...")
     context_length: int = Field(description="Tokens of prompt and answer together.")
     vocab_size: int
+    kernels: list[str] = Field(default_factory=list, description="Each pipeline stage's matmul kernels, in words "
+                               "(its precision's path on its machine: packed int8/int4, oneDNN bf16, ...).")
 
 
 class ModelList(BaseModel):
