@@ -65,7 +65,7 @@ from smolcluster.node.pairing import (
 from smolcluster.node.protocol import MAX_BYTES
 from smolcluster.security import is_loopback
 from smolcluster.supervisor import child_overrides, sigterm_as_interrupt
-from smolcluster.transport import ClientEndpoint, make_keys
+from smolcluster.transport import ClientEndpoint, client_key_name, make_keys
 
 ALGOS = ("syncps", "edp", "allreduce", "mp")
 # what the coordinator decides per run: never forwarded from the user's command line to the roles
@@ -443,7 +443,7 @@ class Run:
         for f in sorted((keys_dir / "authorized").glob("*.key")):
             shared[f"authorized/{f.name}"] = f.read_text()
         for r, x in enumerate(ranks):
-            client = _client(r)
+            client = client_key_name(r)
             keys = {**shared, **_files(keys_dir, {"client.key": f"{client}.key",
                                                   "client.key_secret": f"{client}.key_secret"})}
             self.start(self.links[x.name], f"{role} {r}", role, r, common, keys, program)
@@ -459,10 +459,6 @@ def run_keys(d: Path, clients: int) -> None:
     make_keys(d, clients=clients)
     for f in d.glob("*_secret"):
         f.chmod(0o600)
-
-
-def _client(i: int) -> str:
-    return "client" if i == 0 else f"client{i}"
 
 
 def connect(c: DictConfig) -> tuple[list[NodeInfo], dict[str, AgentLink]]:
@@ -543,7 +539,7 @@ def _start_ps(run: Run, cfg: DictConfig, run_dir: Path, server_node: NodeInfo, w
     common = [*common, f"cluster.workers={len(worker_nodes)}", nodes_override(c, worker_nodes)]
     server_keys = _files(keys, {"server.key": "server.key", "server.key_secret": "server.key_secret"})
     for i, _ in enumerate(worker_nodes):
-        server_keys[f"authorized/{_client(i)}.key"] = (keys / "authorized" / f"{_client(i)}.key").read_text()
+        server_keys[f"authorized/{client_key_name(i)}.key"] = (keys / "authorized" / f"{client_key_name(i)}.key").read_text()
     host = server_node.host
     bind = host if is_loopback(host) else "0.0.0.0"  # keys make a LAN bind safe (security.check_bind)
     slink = links[server_node.name]
@@ -552,8 +548,8 @@ def _start_ps(run: Run, cfg: DictConfig, run_dir: Path, server_node: NodeInfo, w
               [*common, f"cluster.host={host}", f"cluster.bind={bind}", f"cluster.port={port}"], server_keys)
     logger.info(f"server starting on {server_node.name} at {host}:{port}")
     for r, n in enumerate(worker_nodes):
-        wkeys = _files(keys, {"server.key": "server.key", "client.key": f"{_client(r)}.key",
-                              "client.key_secret": f"{_client(r)}.key_secret"})
+        wkeys = _files(keys, {"server.key": "server.key", "client.key": f"{client_key_name(r)}.key",
+                              "client.key_secret": f"{client_key_name(r)}.key_secret"})
         run.start(links[n.name], f"worker {r}", "worker", r, [*common, f"cluster.host={host}", f"cluster.port={port}"],
                   wkeys)
     return slink, "server"
@@ -629,8 +625,8 @@ def _agent_stages(cfg: DictConfig, p):
             shutil.copyfile(keys / name, head / name)
         for f in (keys / "authorized").glob("*.key"):
             shutil.copyfile(f, head / "authorized" / f.name)
-        shutil.copyfile(keys / f"{_client(len(ranks))}.key", head / "client.key")
-        shutil.copyfile(keys / f"{_client(len(ranks))}.key_secret", head / "client.key_secret")
+        shutil.copyfile(keys / f"{client_key_name(len(ranks))}.key", head / "client.key")
+        shutil.copyfile(keys / f"{client_key_name(len(ranks))}.key_secret", head / "client.key_secret")
         for f in head.rglob("*_secret"):
             f.chmod(0o600)
         p.role = Role.head
