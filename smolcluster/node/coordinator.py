@@ -179,7 +179,8 @@ def pair(node: NodeInfo, my_key: str, store: AgentStore, c: DictConfig, state: P
                           "and confirm the code both machines show, on both, with python -m smolcluster.node pair CODE")
     code = _start_pairing(node, my_key)
     at_terminal = sys.stdin is not None and sys.stdin.isatty()
-    here = ("with 'y' below, or " if at_terminal else "") + f"python -m smolcluster.node pair {code} --state-dir {state}"
+    here = f"python -m smolcluster.node pair {code} --state-dir {state}"
+    here = f"with 'y' below, or {here}" if at_terminal else here
     todo = [*(["there: python -m smolcluster.node pair " + code] if not agent_knows else []),
             *([f"here: {here}"] if not known else [])]
     logger.warning(f"pairing with node {where} (key {node.fingerprint}): code {code}. If that machine shows the "
@@ -539,7 +540,8 @@ def _start_ps(run: Run, cfg: DictConfig, run_dir: Path, server_node: NodeInfo, w
     common = [*common, f"cluster.workers={len(worker_nodes)}", nodes_override(c, worker_nodes)]
     server_keys = _files(keys, {"server.key": "server.key", "server.key_secret": "server.key_secret"})
     for i, _ in enumerate(worker_nodes):
-        server_keys[f"authorized/{client_key_name(i)}.key"] = (keys / "authorized" / f"{client_key_name(i)}.key").read_text()
+        name = f"{client_key_name(i)}.key"
+        server_keys[f"authorized/{name}"] = (keys / "authorized" / name).read_text()
     host = server_node.host
     bind = host if is_loopback(host) else "0.0.0.0"  # keys make a LAN bind safe (security.check_bind)
     slink = links[server_node.name]
