@@ -394,15 +394,17 @@ class RingLink:
         return out
 
     def _send(self, op: str, bucket: int, hop: int, seg: int, x: torch.Tensor, codec: str,
-              key: str, row: torch.Tensor | None = None) -> torch.Tensor | None:
+              key: str | None, row: torch.Tensor | None = None) -> torch.Tensor | None:
         """Send ``x`` (and ``row``, per-rank values that ride along: float64 bits as int64, never through a codec).
         With a lossy codec, ``x`` plus what this hop's encoding lost last time (error feedback: delayed, not
         lost); returns exactly what the successor will decode."""
-        fields = {"rank": self.rank, "epoch": self.epoch, "step": self.step, "op": op, "bucket": bucket, "hop": hop,
-                  "seg": seg}
+        fields = self._fields(op, bucket, hop, seg)
         tensors = {"x": x} if row is None else {"x": x, "row": row}
         if not get_codec(codec).lossy:
             self._send_frames(wire.encode("ring", fields, tensors))
+            return None
+        if key is None:  # already fed back (:meth:`_feed_back`): x is what goes out
+            self._send_frames(wire.encode("ring", fields, tensors, codec))
             return None
         if key in self._residual:
             x = tensors["x"] = x + self._residual[key]
@@ -411,6 +413,22 @@ class RingLink:
         self._residual[key] = x - got
         self._send_frames(frames)
         return got
+
+    def _fields(self, op: str, bucket: int, hop: int, seg: int) -> dict:
+        return {"rank": self.rank, "epoch": self.epoch, "step": self.step, "op": op, "bucket": bucket, "hop": hop,
+                "seg": seg}
+
+    def _feed_back(self, x: torch.Tensor, codec: str, key: str, op: str, bucket: int, hop: int,
+                   seg: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Under a lossy codec: (``x`` plus what this hop's encoding lost last time, what the receiver will
+        decode of it), the residual updated; then ``_send(..., key=None)`` sends the first without feeding back
+        again (the codec is deterministic: the same bytes)."""
+        if key in self._residual:
+            x = x + self._residual[key]
+        frames = wire.encode("ring", self._fields(op, bucket, hop, seg), {"x": x}, codec)
+        got = wire.decode(frames, max_bytes=self.max_bytes).tensor("x")
+        self._residual[key] = x - got
+        return x, got
 
     def residuals(self) -> dict[str, torch.Tensor]:
         """The error-feedback residuals (per buffer name, bucket, hop, segment), for a checkpoint."""
@@ -478,14 +496,24 @@ class RingLink:
             return torch.tensor([row()], dtype=torch.float64) if row else None
         table = None
         parts = list(self._parts(flat, bucket_bytes, only))
+        lossy = get_codec(codec).lossy
         for i, (b, part) in enumerate(parts):
             chunks = self._segments(part)
+            owned = chunks[(self.pos + 1) % self.world]
             mine = None
             if row is not None and i == len(parts) - 1:
+                # under a lossy codec the owned chunk becomes what the others decode first, so the row (the
+                # owner's figures of its chunks, which the others check) describes the bytes every rank holds
+                fed = [self._feed_back(part[a:z].clone(), codec, f"{name}/{b}/ag/{s}", "ag", b, 0, s)
+                       for s, (a, z) in enumerate(owned)] if lossy else []
+                for (a, z), (_, got) in zip(owned, fed):
+                    part[a:z].copy_(got)
                 mine = torch.tensor(row(), dtype=torch.float64).view(torch.int64)  # the bits: exact
                 table = torch.empty(self.world, mine.numel(), dtype=torch.int64)
                 table[self.pos] = mine
-            for s, (a, z) in enumerate(chunks[(self.pos + 1) % self.world]):
+                for s, (x, _) in enumerate(fed):
+                    self._send("ag", b, 0, s, x, codec, None, mine if s == 0 else None)
+            for s, (a, z) in enumerate(owned if not (mine is not None and lossy) else []):
                 # a copy: zmq sends after we return, and the next step writes this buffer
                 got = self._send("ag", b, 0, s, part[a:z].clone(), codec, f"{name}/{b}/ag/{s}",
                                  mine if s == 0 else None)
