@@ -71,13 +71,35 @@ def raw_endless_multipart(port: int, socket_type: bytes, total: int = STREAM_BYT
     sent = 0
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         try:
-            sock.sendall(greeting() + ready(socket_type))
+            # a real peer's handshake, in order: frames sent before the server's READY are read as handshake
+            # commands and refused (ZMTP_UNEXPECTED_COMMAND), which would make a cut-off of a race
+            sock.sendall(greeting())
+            if not read_exactly(sock, 64):  # the server's greeting (a keyed one names CURVE, then hangs up)
+                return sent, True
+            sock.sendall(ready(socket_type))
+            head = read_exactly(sock, 2)  # the server's READY: flags, size, body
+            if not head or not read_exactly(sock, head[1]):
+                return sent, True
             while sent < total:
                 sock.sendall(frame)
                 sent += len(frame)
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             return sent, True
     return sent, False
+
+
+def read_exactly(sock: socket.socket, n: int) -> bytes:
+    """``n`` bytes from ``sock``, or b"" once the peer hung up."""
+    out = b""
+    try:
+        while len(out) < n:
+            part = sock.recv(n - len(out))
+            if not part:
+                return b""
+            out += part
+    except ConnectionResetError:
+        return b""
+    return out
 
 
 def unauthorized_curve_peer(port: int, server_public: bytes, sock_type: int) -> list[int]:
