@@ -84,11 +84,15 @@ class GradientGuard:
     median of each source's own median. Each source (a worker) records at most one norm per weights version,
     and a clipped norm is recorded at the bound: so a worker that sends three gradients per honest one, or
     ever larger ones, cannot drag the bound up (with two sources it can lower it, never raise it).
+    The robust bound waits for ``min_sources`` sources too (a server passes the workers it waits for): one
+    source that reaches the server first, alone, would otherwise set the median it is then held to.
     ``ratio <= 0`` turns the robust bound off, ``cap <= 0`` the cap (non-finite gradients are still rejected).
     """
 
-    def __init__(self, ratio: float = 10.0, window: int = 50, warmup: int = 5, cap: float = 1e4):
+    def __init__(self, ratio: float = 10.0, window: int = 50, warmup: int = 5, cap: float = 1e4,
+                 min_sources: int = 1):
         self.ratio, self.warmup, self.cap = float(ratio), int(warmup), float(cap)
+        self.min_sources = max(1, int(min_sources))
         self.window = max(1, int(window))
         self.norms: collections.deque[float] = collections.deque(maxlen=self.window)
         self.per_source: dict[str, collections.deque[float]] = {}
@@ -97,13 +101,15 @@ class GradientGuard:
         self._warned: set[str] = set()
 
     @classmethod
-    def from_config(cls, train) -> GradientGuard:
+    def from_config(cls, train, min_sources: int = 1) -> GradientGuard:
         return cls(getattr(train, "max_grad_norm_ratio", 10.0), getattr(train, "grad_norm_window", 50),
-                   getattr(train, "grad_norm_warmup", 5), getattr(train, "max_grad_norm", 1e4))
+                   getattr(train, "grad_norm_warmup", 5), getattr(train, "max_grad_norm", 1e4), min_sources)
 
     def bound(self) -> float | None:
         """The robust bound now (norms above it are clipped to it), or None while warming up or when off."""
         if self.ratio <= 0 or len(self.norms) < min(self.warmup, self.window):
+            return None
+        if self.min_sources > 1 and len(self.per_source) < self.min_sources:
             return None
         median = _median(self.norms)
         mine = [_median(d) for d in self.per_source.values() if d]

@@ -118,6 +118,22 @@ def test_one_source_cannot_drag_the_bound_up_by_sending_more_or_larger_gradients
     assert g.clipped >= 3 * 300 - 10, g.clipped
 
 
+def test_a_source_that_arrives_first_alone_does_not_set_the_bound():
+    """The drift attacker reaches the server before the honest worker's first gradient (CI's loaded machine did
+    this): its 1, 10, 100, 1e3, 1e3 filled the warmup alone and set the bound to 1e4. A server that waits for
+    two workers gives no bound until both have sent one, and then the honest norms bound it."""
+    alone, waits = GradientGuard(ratio=10, warmup=5, cap=1e4), GradientGuard(ratio=10, warmup=5, cap=1e4,
+                                                                                min_sources=2)
+    for g in (alone, waits):
+        for version, norm in enumerate([1, 10, 100, 1e3, 1e3, 1e3]):
+            g.check(norm, source="1", version=version)
+    assert alone.bound() == 1e4 and waits.bound() is None
+    assert waits.check(1e3, source="1", version=6) == 1.0  # still under the cap, as before any bound
+    assert waits.check(1.2, source="0", version=7) == 1.0
+    assert waits.bound() == 12.0  # the lower of the sources' medians, x 10
+    assert waits.check(1e3, source="1", version=8) == 12.0 / 1e3
+
+
 def test_edp_drift_attack_leaves_the_bound_near_honest_norms(tmp_path, mnist_root):
     """The same attack by a real rogue process against an edp server: 300 updates later the bound that the
     server logs is still near honest norms (an MLP's gradient norms are O(1); the old guard's reached 7e36) and

@@ -167,7 +167,8 @@ class ServerBase:
         self.workers: dict[int, WorkerInfo] = {}
         self.assigned = batch_sizes(cfg)  # each rank's batch: its gradient's weight, whatever it reports
         self.key_ranks = rank_keys(self.cluster)
-        self.guard = GradientGuard.from_config(cfg.train)
+        # the bound waits until every worker the server waits for has sent a gradient (edp: algo.min_workers)
+        self.guard = GradientGuard.from_config(cfg.train, int(cfg.algo.get("min_workers") or self.cluster.workers))
         self.recorder = open_recorder(cfg, self.run_dir, keep_until=self.trainer.step if cfg.resume else None)
         self.ema = {n: t.detach().clone() for n, t in self.flat.params.items()} if cfg.algo.get("ema") else None
         carried = self.trainer.carried  # a resumed run goes on counting where its checkpoint stopped
