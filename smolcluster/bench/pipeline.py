@@ -283,6 +283,47 @@ def train_samples_per_s(microbatches: int, steps: int, out: Path) -> float:
     return json.loads((out / "summary.json").read_text())["samples_per_s"]
 
 
+def model_rows(name: str, run_dir: Path, args, extra: dict) -> list[dict]:
+    """One model's rows: the 2-stage pipeline against `generate` (head first and last), continuous batching,
+    and, for the models in PEAK_RSS_MODELS, each stage's peak RSS against transformers' own process."""
+    rows: list[dict] = []
+    model = save_model(name, run_dir)
+    prompt = torch.randint(0, VOCAB[name], (args.prompt_len,), generator=torch.Generator().manual_seed(1))
+    prompt = prompt.tolist()
+    for head in ("first", "last"):
+        with InferencePipeline.start_local(run_dir, stages=2, head=head, env=QUIET) as pipe:
+            b = compare_speed(model, pipe, prompt, args.new_tokens, args.repeats, args.concurrent)
+            peaks = stage_peaks_mb(pipe)
+        tag = f"{name}, head {head}"
+        rows += [
+            {"metric": "decode tokens/s, 1 request", "model": tag, "pipeline (2 stages)": b["tps"],
+             "baseline": b["hf_tps"], "ratio": b["tps"] / b["hf_tps"]},
+            {"metric": "time to first token, ms", "model": tag, "pipeline (2 stages)": b["ttft"] * 1000,
+             "baseline": b["hf_ttft"] * 1000, "ratio": b["ttft"] / b["hf_ttft"]},
+            {"metric": f"aggregate tokens/s, {args.concurrent} in flight vs one at a time", "model": tag,
+             "pipeline (2 stages)": b["together"], "baseline": b["alone"], "ratio": b["together"] / b["alone"]},
+        ]
+        extra[f"stage_peak_rss_mb[{tag}]"] = peaks
+    rows += batching_rows(name, run_dir, model, args.new_tokens, args.repeats)
+    del model
+    if name in PEAK_RSS_MODELS:
+        hf_peak = hf_process_peak_mb(run_dir, 8)
+        hf_init_peak = hf_process_peak_mb(run_dir, 8, load=False)
+        with InferencePipeline.start_local(run_dir, stages=1, env=QUIET) as pipe:
+            pipe.submit(prompt, max_new_tokens=8, stop_at_eos=False).tokens()
+            lean_peak = stage_peaks_mb(pipe)[0]
+        extra[f"single_process_peak_rss_mb[{name}]"] = {
+            "transformers: load checkpoint + generate (baseline)": hf_peak,
+            "transformers: random init + generate, no load": hf_init_peak,
+            "pipeline stage code, 1 stage holding everything": lean_peak}
+        for head in ("first", "last"):
+            for rank, mb in enumerate(extra[f"stage_peak_rss_mb[{name}, head {head}]"]):
+                rows.append({"metric": f"peak RSS MB, stage {rank}/2", "model": f"{name}, head {head}",
+                             "pipeline (2 stages)": mb, "baseline": hf_peak, "ratio": mb / hf_peak,
+                             "vs HF no load": mb / hf_init_peak, "vs 1-stage pipeline": mb / lean_peak})
+    return rows
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m smolcluster.bench pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -317,41 +358,7 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for name in args.models.split(","):
-            run_dir = tmp / name
-            model = save_model(name, run_dir)
-            prompt = torch.randint(0, VOCAB[name], (args.prompt_len,), generator=torch.Generator().manual_seed(1))
-            prompt = prompt.tolist()
-            for head in ("first", "last"):
-                with InferencePipeline.start_local(run_dir, stages=2, head=head, env=QUIET) as pipe:
-                    b = compare_speed(model, pipe, prompt, args.new_tokens, args.repeats, args.concurrent)
-                    peaks = stage_peaks_mb(pipe)
-                tag = f"{name}, head {head}"
-                rows += [
-                    {"metric": "decode tokens/s, 1 request", "model": tag, "pipeline (2 stages)": b["tps"],
-                     "baseline": b["hf_tps"], "ratio": b["tps"] / b["hf_tps"]},
-                    {"metric": "time to first token, ms", "model": tag, "pipeline (2 stages)": b["ttft"] * 1000,
-                     "baseline": b["hf_ttft"] * 1000, "ratio": b["ttft"] / b["hf_ttft"]},
-                    {"metric": f"aggregate tokens/s, {args.concurrent} in flight vs one at a time", "model": tag,
-                     "pipeline (2 stages)": b["together"], "baseline": b["alone"], "ratio": b["together"] / b["alone"]},
-                ]
-                extra[f"stage_peak_rss_mb[{tag}]"] = peaks
-            rows += batching_rows(name, run_dir, model, args.new_tokens, args.repeats)
-            del model
-            if name in PEAK_RSS_MODELS:
-                hf_peak = hf_process_peak_mb(run_dir, 8)
-                hf_init_peak = hf_process_peak_mb(run_dir, 8, load=False)
-                with InferencePipeline.start_local(run_dir, stages=1, env=QUIET) as pipe:
-                    pipe.submit(prompt, max_new_tokens=8, stop_at_eos=False).tokens()
-                    lean_peak = stage_peaks_mb(pipe)[0]
-                extra[f"single_process_peak_rss_mb[{name}]"] = {
-                    "transformers: load checkpoint + generate (baseline)": hf_peak,
-                    "transformers: random init + generate, no load": hf_init_peak,
-                    "pipeline stage code, 1 stage holding everything": lean_peak}
-                for head in ("first", "last"):
-                    for rank, mb in enumerate(extra[f"stage_peak_rss_mb[{name}, head {head}]"]):
-                        rows.append({"metric": f"peak RSS MB, stage {rank}/2", "model": f"{name}, head {head}",
-                                     "pipeline (2 stages)": mb, "baseline": hf_peak, "ratio": mb / hf_peak,
-                                     "vs HF no load": mb / hf_init_peak, "vs 1-stage pipeline": mb / lean_peak})
+            rows += model_rows(name, tmp / name, args, extra)
         detect = kill_detection_s(tmp / args.models.split(",")[0], liveness_s=2.0)
         rows.append({"metric": "killed stage -> PeerError at the caller, s", "model": "liveness_s=2.0",
                      "pipeline (2 stages)": detect, "baseline": 2.0, "ratio": detect / 2.0})

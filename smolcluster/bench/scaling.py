@@ -234,6 +234,67 @@ def budgets(args: argparse.Namespace, n: int) -> dict[str, float]:
     return {"srv": unit, **{f"w{r}": unit * speeds[r % len(speeds)] for r in range(n)}}
 
 
+def measure(args, base: Path, models: list[str], links: list[str], algos: list[str], counts: list[int]
+            ) -> list[dict]:
+    """Every (link, model, algo, workers) run on one emulated desk per link: a row each, printed as it ends."""
+    rows: list[dict] = []
+    for link in links:
+        lan = Desk(["srv", *(f"w{r}" for r in range(max(counts)))], rate=link, cpus=budgets(args, max(counts))).build()
+        try:
+            for model in models:
+                model_args = overrides_of(model, args)
+                batch = int(next(o.split("=")[1] for o in model_args if o.startswith("train.batch_size=")))
+                steps = args.steps or STEPS[model]
+                warmup = max(2, steps // 4)
+                one: dict[str, float] = {}
+                for n in counts:
+                    for algo in algos:
+                        if algo == "zero1" and n == 1:
+                            continue  # nothing to shard: its baseline is allreduce's
+                        run_dir = base / f"{link}-{model}-{algo}-{n}"
+                        t0 = time.monotonic()
+                        got = run_ddp(lan, n, model_args, steps, warmup, run_dir) if algo == "ddp" else \
+                            run_smolcluster(lan, algo, n, model_args, steps, warmup, batch, run_dir)
+                        m = 4 * int(got["params"])
+                        if n == 1:
+                            one[algo] = got["samples_per_s"]
+                        base_rate = one.get(algo) or one.get("allreduce" if algo == "zero1" else algo)
+                        row = {"link": link, "model": model, "algo": algo, "workers": n,
+                               "samples_per_s": round(got["samples_per_s"], 1),
+                               "MB_sent_per_node_step": round(got["bytes_per_step"] / 1e6, 3),
+                               "formula_MB": round(formula(algo, n, m) / 1e6, 3),
+                               "bytes_vs_formula": round(got["bytes_per_step"] / formula(algo, n, m), 3) if n > 1 else None,
+                               "efficiency": round(got["samples_per_s"] / (n * base_rate), 3) if base_rate else None,
+                               "run_s": round(time.monotonic() - t0, 1)}
+                        if got.get("seconds_per_step"):  # a ring's rank 0: where a step went, in seconds
+                            t = got["seconds_per_step"]
+                            row["rank0_step"] = (f"compute {t['compute']:.3f}, ring {t['ring']:.3f} (not hidden "
+                                                 f"{t['ring_not_hidden']:.3f}), optimizer {t['optimizer']:.3f}")
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+        finally:
+            lan.close()
+    return rows
+
+
+def allreduce_ratios(rows: list[dict], models: list[str], links: list[str], counts: list[int]) -> dict:
+    """allreduce's samples/s over ddp's and syncps's at every worker count above one (the goals are at 4)."""
+    def rate(link, model, algo, n):
+        return next((r["samples_per_s"] for r in rows if (r["link"], r["model"], r["algo"], r["workers"])
+                     == (link, model, algo, n)), None)
+
+    ratios = {}
+    for model in models:
+        for link in links:
+            for n in (c for c in counts if c > 1):
+                a = rate(link, model, "allreduce", n)
+                for other in ("ddp", "syncps"):
+                    o = rate(link, model, other, n)
+                    if a and o:
+                        ratios[f"{model} allreduce/{other} at {n} workers, {link}"] = round(a / o, 3)
+    return ratios
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m smolcluster.bench scaling", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -273,58 +334,9 @@ def main(argv: list[str]) -> int:
     import tempfile
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops the runs and removes the LAN
     base = Path(args.keep or tempfile.mkdtemp(prefix="scaling-"))
-    rows: list[dict] = []
     started = time.monotonic()
-    for link in links:
-        lan = Desk(["srv", *(f"w{r}" for r in range(max(counts)))], rate=link, cpus=budgets(args, max(counts))).build()
-        try:
-            for model in models:
-                model_args = overrides_of(model, args)
-                batch = int(next(o.split("=")[1] for o in model_args if o.startswith("train.batch_size=")))
-                steps = args.steps or STEPS[model]
-                warmup = max(2, steps // 4)
-                one: dict[str, float] = {}
-                for n in counts:
-                    for algo in algos:
-                        if algo == "zero1" and n == 1:
-                            continue  # nothing to shard: its baseline is allreduce's
-                        run_dir = base / f"{link}-{model}-{algo}-{n}"
-                        t0 = time.monotonic()
-                        got = run_ddp(lan, n, model_args, steps, warmup, run_dir) if algo == "ddp" else \
-                            run_smolcluster(lan, algo, n, model_args, steps, warmup, batch, run_dir)
-                        m = 4 * int(got["params"])
-                        if n == 1:
-                            one[algo] = got["samples_per_s"]
-                        base_rate = one.get(algo) or one.get("allreduce" if algo == "zero1" else algo)
-                        row = {"link": link, "model": model, "algo": algo, "workers": n,
-                               "samples_per_s": round(got["samples_per_s"], 1),
-                               "MB_sent_per_node_step": round(got["bytes_per_step"] / 1e6, 3),
-                               "formula_MB": round(formula(algo, n, m) / 1e6, 3),
-                               "bytes_vs_formula": round(got["bytes_per_step"] / formula(algo, n, m), 3) if n > 1 else None,
-                               "efficiency": round(got["samples_per_s"] / (n * base_rate), 3) if base_rate else None,
-                               "run_s": round(time.monotonic() - t0, 1)}
-                        if got.get("seconds_per_step"):  # a ring's rank 0: where a step went, in seconds
-                            t = got["seconds_per_step"]
-                            row["rank0_step"] = (f"compute {t['compute']:.3f}, ring {t['ring']:.3f} (not hidden "
-                                                 f"{t['ring_not_hidden']:.3f}), optimizer {t['optimizer']:.3f}")
-                        rows.append(row)
-                        print(json.dumps(row), flush=True)
-        finally:
-            lan.close()
-
-    def rate(link, model, algo, n):
-        return next((r["samples_per_s"] for r in rows if (r["link"], r["model"], r["algo"], r["workers"])
-                     == (link, model, algo, n)), None)
-
-    ratios = {}  # at every worker count above one (the goals are at 4)
-    for model in models:
-        for link in links:
-            for n in (c for c in counts if c > 1):
-                a = rate(link, model, "allreduce", n)
-                for other in ("ddp", "syncps"):
-                    o = rate(link, model, other, n)
-                    if a and o:
-                        ratios[f"{model} allreduce/{other} at {n} workers, {link}"] = round(a / o, 3)
+    rows = measure(args, base, models, links, algos, counts)
+    ratios = allreduce_ratios(rows, models, links, counts)
     png = plot(rows, Path(args.plot))
     write_report("scaling", rows, {"ratios": ratios, "goals": "allreduce >= 0.9x ddp at 4 workers on both links; "
                                    ">= 3x syncps at 4 workers on 100mbit; bytes within 10% of the formula",
