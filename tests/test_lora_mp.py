@@ -151,3 +151,17 @@ def test_what_a_pipeline_cannot_adapt_is_refused_in_one_line():
     gpt2 = lora.apply(build_gpt2(vocab_size=64, n_layer=2, n_head=2, n_embd=32, n_positions=32), LORA, seed=0)
     with pytest.raises(ConfigError, match="Conv1D.*use algo=local, syncps, edp or allreduce for GPT-2"):
         split_for_training(gpt2, 2, [1.0, 1.0], 0, LORA)
+
+
+def test_a_bf16_stage_sends_its_activations_as_bf16_bits():
+    """numpy has no bfloat16: a stage over a bf16 base hands the wire torch tensors, and gets them back exact."""
+    from smolcluster.pipeline import protocol
+    from smolcluster.pipeline.gpipe import array_of, tensor_of
+
+    x = torch.randn(2, 16, 8).to(torch.bfloat16)
+    frames = protocol.encode("mp.act", {"step": 3, "mb": 0, "phase": "train", "src": "s0", "seq": 1},
+                             {"x": array_of(x)})
+    _, _, tensors = protocol.decode([bytes(f) for f in frames], 1 << 20)
+    got = tensor_of(tensors["x"], torch.device("cpu"))
+    assert got.dtype == torch.bfloat16 and torch.equal(got, x)
+    assert len(bytes(frames[-1])) == 2 * x.numel()  # two bytes a value on the wire
