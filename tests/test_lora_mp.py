@@ -110,11 +110,12 @@ def test_the_merged_adapter_is_locals_and_loads_with_peft(runs, tmp_path):
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_stages_hold_the_base_in_its_precision_and_compute_the_whole_models_logits(precision):
-    """The two stages of a peft model over a bf16 or int8 base (adapters moved off zero) chain to its logits."""
+    """The two stages of a peft model over a bf16 or int8 base (adapters moved off zero, the head tied: the last
+    stage holds a frozen copy of the embedding) chain to its logits."""
     from smolcluster.pipeline.quantize import Int8Linear
 
     torch.manual_seed(0)
-    whole = lora.apply(build_causal_lm("llama", vocab_size=64, n_layer=2, n_embd=32, n_head=2),
+    whole = lora.apply(build_causal_lm("llama", vocab_size=64, n_layer=2, n_embd=32, n_head=2, tie_embeddings=True),
                        {**LORA, "base_precision": precision}, seed=0)
     with torch.no_grad():
         for name, p in whole.named_parameters():

@@ -198,7 +198,11 @@ def write_hf(run_dir: Path, dest: Path, meta: dict, params: dict[str, torch.Tens
             return
         params = {}
         for rank in range(n):  # a tied embedding is in two parts: the same frozen tensor
-            params.update(load_file(hf_part_path(run_dir, rank, n)))
+            part = hf_part_path(run_dir, rank, n)
+            if not part.is_file():
+                raise ConfigError(f"{part} is missing: train.lora.merge=true builds hf/ from every stage's merged "
+                                  "part; copy each stage's stage-<rank>-of-<n>.hf.safetensors beside its shard")
+            params.update(load_file(part))
     save_hf_dir(params, config, dest / "hf", tok if tok and Path(tok).is_file() else None)
 
 
