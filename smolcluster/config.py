@@ -100,6 +100,6 @@ def _check_lora(cfg: DictConfig) -> None:
     _number(cfg, "train.lora.alpha", allow_zero=False)
     _number(cfg, "train.lora.dropout")
     _choice(cfg, "train.lora.base_precision", tuple(BASE_PRECISIONS))
-    if cfg.algo.name == "mp":
-        raise ConfigError("train.lora with algo=mp is not supported yet: a pipeline stage is not a peft model; "
-                          "use algo=local, syncps, edp or allreduce")
+    if cfg.algo.name == "mp" and cfg.model.get("kind") != "lm":
+        raise ConfigError(f"train.lora with algo=mp adapts a language model's decoder blocks, not model="
+                          f"{cfg.model.name}: use algo=local, syncps, edp or allreduce")

@@ -229,7 +229,6 @@ def test_distributed_lora_equals_local_and_checkpoints_only_adapters(bases, trai
 
 
 @pytest.mark.parametrize(("extra", "expect"), [
-    (["algo=mp"], "train.lora with algo=mp is not supported yet"),
     (["train.lora.base_precision=int4"], "train.lora.base_precision='int4' is invalid"),
     (["train.lora.r=0"], "train.lora.r=0 is invalid"),
 ])

@@ -11,6 +11,9 @@ and every checkpoint carry only the adapters.
 A checkpoint also writes ``RUN_DIR/adapter/`` with ``PeftModel.save_pretrained`` (what
 ``PeftModel.from_pretrained(base, dir)`` loads), and with ``merge=true`` ``RUN_DIR/hf/``, the base
 with the adapters merged in, as a Hugging Face directory.
+
+Under ``algo=mp`` each pipeline stage wraps its own blocks the same way (:func:`wrap_stage`) and checkpoints
+its adapters as a shard; merging the shards writes ``adapter/`` through :func:`save_whole_adapter`.
 """
 
 from __future__ import annotations
@@ -80,6 +83,46 @@ def apply(model: nn.Module, lora: dict, seed: int) -> nn.Module:
         raise ConfigError(f"train.lora.target_modules={sorted(config.target_modules)}: {e} (its Linear layers: "
                           f"{', '.join(linear_names(model)) or 'none'})") from None
     return peft_model
+
+
+def wrap_stage(stage: nn.Module, whole: nn.Module, lora: dict) -> nn.Module:
+    """A pipeline stage (built on the meta device) wrapped as :func:`apply` wrapped ``whole``: peft's LoRA layers
+    on the same target modules, int8 bases where ``whole``'s are; the caller then assigns it ``whole``'s tensors.
+
+    ``get_peft_model`` (task_type None: a stage's forward is its own, not a causal LM's) rather than
+    ``inject_adapter_in_model``: its ``base_model.model.`` prefix makes the stage's parameter names exactly the
+    whole peft model's, so the stage takes its adapters (seeded over the whole model, as ``local``'s) from
+    ``whole`` by name and its checkpoint shards merge into the very checkpoint ``algo=local`` writes.
+    """
+    from peft import get_peft_model
+
+    config = copy.deepcopy(whole.peft_config["default"])
+    config.task_type, config.base_model_name_or_path = None, None  # the stage is no transformers model
+    try:
+        stage = get_peft_model(stage, config)
+    except ValueError as e:  # "Target module Conv1D() is not supported": the pipeline's own GPT-2 layer
+        raise ConfigError(f"train.lora with algo=mp: {e} (the pipeline's GPT-2 stages hold their own Conv1D): "
+                          "use algo=local, syncps, edp or allreduce for GPT-2") from None
+    if lora.get("base_precision") == "int8":
+        quantize_bases(stage)
+    return stage
+
+
+def save_whole_adapter(hf_config, lora: dict, adapters: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
+    """``out_dir`` as :func:`save_adapter` writes it for the whole model, from its adapter tensors by name (a
+    pipeline's merged shards): peft's model over the base built on the meta device (no base weights are read),
+    the adapters assigned, ``save_pretrained``. The same adapter_config.json and tensors as ``algo=local``'s."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(hf_config)
+        model = get_peft_model(base, lora_config(lora, base))
+    unknown = model.load_state_dict(adapters, assign=True, strict=False).unexpected_keys
+    if unknown:
+        raise ConfigError(f"{out_dir}: the shards' adapter {unknown[0]} is not in a {hf_config.model_type} "
+                          "with train.lora's target modules: merge shards of one run")
+    return save_adapter(model, out_dir)
 
 
 def quantize_bases(model: nn.Module) -> None:

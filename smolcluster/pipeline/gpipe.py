@@ -35,6 +35,7 @@ from omegaconf import DictConfig
 
 from smolcluster import checkpoint
 from smolcluster.errors import ConfigError, PeerError
+from smolcluster.models import lora
 from smolcluster.models.hf import is_hf_model
 from smolcluster.pipeline import shards
 from smolcluster.pipeline.architectures import FAMILIES, Architecture, family_for
@@ -51,27 +52,32 @@ EVAL_BATCH = 512  # the batch objective.evaluate uses, so eval sums match algo=l
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
-def tensor_of(arr: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(arr).to(device)
+def tensor_of(arr: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    return (arr if torch.is_tensor(arr) else torch.from_numpy(arr)).to(device)  # bfloat16 arrives as torch
 
 
-def array_of(t: torch.Tensor) -> np.ndarray:
-    """A numpy view of a contiguous CPU tensor (a copy only when it lives on an accelerator).
+def array_of(t: torch.Tensor) -> np.ndarray | torch.Tensor:
+    """A numpy view of a contiguous CPU tensor (a copy only when it lives on an accelerator); a bfloat16 one (a
+    LoRA stage over a bf16 base) stays torch, which numpy cannot hold: the wire carries its raw bits.
 
     Sends are zero-copy: zmq reads this memory later, from its I/O thread. So a tensor
     handed to a send must never be written to afterwards (send a clone if it will be).
     """
-    return t.detach().cpu().contiguous().numpy()
+    t = t.detach().cpu().contiguous()
+    return t if t.dtype == torch.bfloat16 else t.numpy()
 
 
-def split_for_training(full: torch.nn.Module, n_stages: int, weights: list[float], rank: int
+def split_for_training(full: torch.nn.Module, n_stages: int, weights: list[float], rank: int, lora_cfg=None
                        ) -> tuple[list[StageSpec], torch.nn.Module, Architecture | None]:
     """This rank's stage, holding (views of) the full model's own tensors: the same initial weights.
 
     A decoder of a supported family (``config.model_type``) is split into the pipeline's own
     stage modules; a model that is one ``nn.Sequential`` into runs of its modules (no architecture).
+    Under LoRA (``lora_cfg``: train.lora, ``full`` the peft model of :func:`smolcluster.models.lora.apply`) the
+    stage is wrapped with peft as ``full`` is and takes its frozen base and its adapters from it.
     """
-    config = getattr(full, "config", None)
+    base = full.get_base_model() if lora_cfg else full
+    config = getattr(base, "config", None)
     if config is not None and getattr(config, "model_type", None) in FAMILIES:
         config = config.to_dict()
         drops = {k: config[k] for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout")
@@ -84,14 +90,33 @@ def split_for_training(full: torch.nn.Module, n_stages: int, weights: list[float
         spec = specs[rank]
         with torch.device("meta"):
             stage = arch.stage(spec.first, spec.last, spec.blocks)
-        params = dict(full.named_parameters())
-        stage.load_state_dict({n: params[n].detach() for n, _ in stage.named_parameters()}, assign=True)
+            if lora_cfg:
+                stage = lora.wrap_stage(stage, full, lora_cfg)
+                check_adapted(stage, arch)
+        own = full.state_dict()  # parameters, and an int8 base's integer rows and scales (buffers)
+        stage.load_state_dict({n: own[n].detach() for n in stage.state_dict()}, assign=True)
         return specs, stage, arch
+    if lora_cfg:
+        raise ConfigError(f"train.lora with algo=mp adapts a transformers decoder's stages; this model "
+                          f"({type(base).__name__}) is split as an nn.Sequential: use algo=local, syncps, edp or "
+                          "allreduce")
     _, seq = find_sequential(full)
     costs = [sum(p.numel() for i in g for p in seq[i].parameters()) for g in block_groups(seq)]
     specs = plan(costs, n_stages, weights)
     spec = specs[rank]
     return specs, sequential_stage(full, spec.blocks, spec.first, spec.last), None
+
+
+def check_adapted(stage: torch.nn.Module, arch: Architecture) -> None:
+    """Refuse an adapted embedding or head: a stage projects onto the vocabulary with its weight (``project``),
+    bypassing a LoRA layer's forward, and a tied embedding's adapter would have to cross between stages."""
+    from peft.tuners.lora import LoraLayer
+
+    outside = {arch.embed_name.removesuffix(".weight"), arch.head_name.removesuffix(".weight")}
+    for name, module in stage.get_base_model().named_modules():
+        if isinstance(module, LoraLayer) and name in outside:
+            raise ConfigError(f"train.lora.target_modules adapts {name} under algo=mp, which adapts the decoder "
+                              "blocks only: leave it out of train.lora.target_modules")
 
 
 class StageTrainer(Trainer):
@@ -118,7 +143,8 @@ class StageTrainer(Trainer):
         self.bytes_before = (0, 0)  # a resumed stage's traffic so far (mesh counters start at 0)
         if cfg.resume:
             self.resume(cfg.resume)
-        self.tied = self.decoder and self.arch.tied and self.n > 1 and (self.first or self.last)
+        # (LoRA: the embedding is frozen base, nothing to sum)
+        self.tied = self.decoder and self.arch.tied and self.n > 1 and (self.first or self.last) and not self.lora
         self.names = [stage_name(r) for r in range(self.n)]
         self.me = self.names[rank]
         self.prev = self.names[rank - 1] if rank > 0 else None
@@ -130,11 +156,13 @@ class StageTrainer(Trainer):
                     f"device={self.device}")
 
     def own_part(self, whole: torch.nn.Module) -> torch.nn.Module:
-        self.whole_layout = [(name, p.numel()) for name, p in whole.named_parameters()]
-        # a transformers model's run is also written as a Hugging Face directory once its shards merge
-        self.hf_config = whole.config.to_dict() if is_hf_model(whole) else None
+        # what the checkpoint holds (a LoRA run's: the adapters), in the whole model's order
+        self.whole_layout = [(name, p.numel()) for name, p in whole.named_parameters() if p.requires_grad]
+        # a transformers model's run is also written as a Hugging Face directory (LoRA: adapter/) once its shards merge
+        base = whole.get_base_model() if self.lora else whole
+        self.hf_config = base.config.to_dict() if is_hf_model(base) else None
         self.specs, stage, self.arch = split_for_training(whole, self.n, node_weights(self.cfg.cluster, self.n),
-                                                          self.rank)
+                                                          self.rank, self.train.lora if self.lora else None)
         self.decoder = self.arch is not None  # embeddings and head are named in the partition
         self.spec = self.specs[self.rank]
         self.first, self.last = self.spec.first, self.spec.last
@@ -149,8 +177,8 @@ class StageTrainer(Trainer):
             raise ConfigError(f"resume={self.cfg.resume}: the checkpoint is of another model "
                               f"(fingerprint {meta['fingerprint']} != {self.fingerprint})")
         checkpoint.load(path, self.model)
-        state = shards.stage_optimizer_state(path, self.whole_layout, [n for n, _ in self.model.named_parameters()],
-                                             meta)
+        trained = [n for n, p in self.model.named_parameters() if p.requires_grad]  # the optimizer's (LoRA: adapters)
+        state = shards.stage_optimizer_state(path, self.whole_layout, trained, meta)
         if state is not None:
             self.optimizer.load_state_dict(state)
         self.carry_on(path, meta)
@@ -258,7 +286,7 @@ class StageTrainer(Trainer):
         if self.train.grad_clip <= 0:
             return
         sq = sum(float(p.grad.double().pow(2).sum()) for name, p in self.model.named_parameters()
-                 if not (self.tied and self.last and name == self.arch.embed_name))  # the tied copy counts once
+                 if p.requires_grad and not (self.tied and self.last and name == self.arch.embed_name))  # the tied copy counts once
         for other in self.names:
             if other != self.me:
                 self.send(other, "mp.norm", {"step": self.step, "sq": sq})
@@ -317,6 +345,11 @@ class StageTrainer(Trainer):
         if self.hf_config is not None:
             extra["hf_config"] = self.hf_config
             extra["tokenizer"] = str(getattr(tok, "path", None) or run_dir / "tokenizer.json") if tok else None
+        if self.lora:  # merging the shards writes adapter/ (and with merge=true hf/, from each stage's merged part)
+            extra["lora"] = self.train.lora
+            if self.train.lora.get("merge"):
+                merged = lora.merged(self.model)
+                shards.save_hf_part(run_dir, self.rank, self.n, {n: p for n, p in merged.named_parameters()})
         return shards.save_shard(run_dir, self.rank, self.n, self.model, self.optimizer, self.step, extra)
 
     # -- the loop ---------------------------------------------------------------------------

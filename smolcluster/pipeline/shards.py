@@ -2,7 +2,10 @@
 
 A shard ``stage-<rank>-of-<n>.safetensors`` holds the stage's parameters under the
 full model's names and its optimizer state per parameter (``optim/<name>/<key>``);
-``stage-<rank>-of-<n>.json`` holds the step, the parameter order and optimizer settings.
+``stage-<rank>-of-<n>.json`` holds the step, the parameter order and optimizer settings. Only trainable
+parameters are saved, as :func:`smolcluster.checkpoint.save` does: a LoRA stage's shard holds its adapters;
+merging writes ``adapter/`` from them (and, with ``train.lora.merge``, ``hf/`` from the stages' merged parts
+``stage-<rank>-of-<n>.hf.safetensors``).
 
 The merged ``checkpoint.safetensors`` has exactly the layout ``algo=local`` writes
 (parameters by name, optimizer state as one flat buffer ``optim/0/<key>`` in the
@@ -23,7 +26,7 @@ from pathlib import Path
 
 import torch
 from loguru import logger
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from smolcluster import checkpoint
 from smolcluster.errors import ConfigError
@@ -56,7 +59,7 @@ def save_shard(run_dir: str | Path, rank: int, n: int, stage: torch.nn.Module, o
     """Write this stage's parameters and optimizer state (one flat buffer, see FlatParams)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    named = list(stage.named_parameters())
+    named = [(name, p) for name, p in stage.named_parameters() if p.requires_grad]
     tensors = {name: p.detach().cpu().contiguous() for name, p in named}
     offsets = flat_offsets([(name, p.numel()) for name, p in named])
     total = sum(p.numel() for _, p in named)
@@ -78,6 +81,18 @@ def save_shard(run_dir: str | Path, rank: int, n: int, stage: torch.nn.Module, o
     file, meta_file = shard_paths(run_dir, rank, n)
     _atomic(file, lambda tmp: save_file(tensors, str(tmp), metadata={"step": str(step)}))
     _atomic(meta_file, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+    return file
+
+
+def hf_part_path(run_dir: Path, rank: int, n: int) -> Path:
+    return Path(run_dir) / f"stage-{rank}-of-{n}.hf.safetensors"
+
+
+def save_hf_part(run_dir: Path, rank: int, n: int, tensors: dict[str, torch.Tensor]) -> Path:
+    """A LoRA stage's part of the merged Hugging Face model (its base with the adapters merged in), by name."""
+    file = hf_part_path(run_dir, rank, n)
+    state = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    _atomic(file, lambda tmp: save_file(state, str(tmp)))
     return file
 
 
@@ -143,8 +158,11 @@ def merge(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     for key, value in scalar_state.items():
         out[f"optim/0/{key}"] = value
     first = metas[0]
+    # a LoRA run's checkpoint holds the adapters only: its fingerprint is the whole model's, as the stages hashed it
+    fingerprint = first["fingerprint"] if first.get("lora") else fingerprint_of(
+        [(n, params[n].shape, params[n].dtype) for n in order])
     meta = {"step": first["step"], "algo": "mp", "merged_from": [p.name for _, p in sorted(shards.items())],
-            "fingerprint": fingerprint_of([(n, params[n].shape, params[n].dtype) for n in order])}
+            "fingerprint": fingerprint}
     if "run" in metas[-1]:  # the run's counters (the last stage's, which wrote the run's files), each stage's traffic
         meta["run"] = {**metas[-1]["run"], "stages": [m.get("run", {}) for m in metas]}
     if "optim_param_groups" in first:
@@ -158,15 +176,34 @@ def merge(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     _atomic(dest / checkpoint.META, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
     logger.info(f"merged {len(shards)} shards (step {meta['step']}) into {dest / checkpoint.TENSORS}")
     if first.get("hf_config"):  # a transformers model: the merged run as a Hugging Face directory too
-        from transformers import AutoConfig
-
-        from smolcluster.models.hf import save_hf_dir
-
-        hf = dict(first["hf_config"])
-        tok = first.get("tokenizer")
-        save_hf_dir(params, AutoConfig.for_model(hf.pop("model_type"), **hf), dest / "hf",
-                    tok if tok and Path(tok).is_file() else None)
+        write_hf(run_dir, dest, first, params, len(shards))
     return dest / checkpoint.TENSORS
+
+
+def write_hf(run_dir: Path, dest: Path, meta: dict, params: dict[str, torch.Tensor], n: int) -> None:
+    """``dest/hf/`` from the merged parameters; a LoRA run's ``dest/adapter/`` from its merged adapters, and
+    with ``train.lora.merge`` its ``hf/`` from the stages' merged parts."""
+    from transformers import AutoConfig
+
+    from smolcluster.models.hf import save_hf_dir
+
+    hf = dict(meta["hf_config"])
+    config = AutoConfig.for_model(hf.pop("model_type"), **hf)
+    tok = meta.get("tokenizer")
+    if meta.get("lora"):
+        from smolcluster.models.lora import save_whole_adapter
+
+        save_whole_adapter(config, meta["lora"], params, dest / "adapter")
+        if not meta["lora"].get("merge"):
+            return
+        params = {}
+        for rank in range(n):  # a tied embedding is in two parts: the same frozen tensor
+            part = hf_part_path(run_dir, rank, n)
+            if not part.is_file():
+                raise ConfigError(f"{part} is missing: train.lora.merge=true builds hf/ from every stage's merged "
+                                  "part; copy each stage's stage-<rank>-of-<n>.hf.safetensors beside its shard")
+            params.update(load_file(part))
+    save_hf_dir(params, config, dest / "hf", tok if tok and Path(tok).is_file() else None)
 
 
 def resolve_resume(path: str | Path) -> Path:
