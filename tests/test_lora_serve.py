@@ -9,7 +9,6 @@ none share the stages' batches and each equals its solo run; the API lists ``bas
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import httpx
