@@ -22,6 +22,7 @@ from smolcluster.inference.adapters import attach, check_adapters
 from smolcluster.models.hf import family_config
 from smolcluster.pipeline.architectures import KVCache
 from smolcluster.pipeline.architectures.base import Batch
+from smolcluster.pipeline.quantize import StageFormat
 from smolcluster.pipeline.weights import find_model, load_stage
 from smolcluster.serving.app import WebServer, build_app
 from smolcluster.serving.engine import Engine
@@ -111,28 +112,41 @@ def test_served_greedy_equals_peft_generate_and_mixed_requests_equal_their_solo_
         pipe.submit(prompt(4, 3), adapter="gamma")
 
 
-def test_one_batch_of_rows_for_two_adapters_and_none_equals_each_request_alone(saved):
-    """In one process, one forward of a stage: three requests' rows, each through its own adapter (or none)."""
+PROMPTS = [prompt(5, 6), prompt(6, 3), prompt(7, 9)]
+MIXED = [0, 1, -1]  # PROMPTS[i] through alpha, beta, the base
+BASE = [-1, -1, -1]
+
+
+def one_forward(saved, prompts: list[list[int]], which: list[int], fmt: StageFormat = StageFormat()) -> torch.Tensor:
+    """One forward of a whole-model stage in this process, every prompt's rows in one batch, ``prompts[i]``'s
+    through adapter ``which[i]`` (0: alpha, 1: beta, -1: none); the logits, (rows, vocab) in float32."""
     model_dir, adapters = saved
     source = find_model(model_dir)
-    stage = load_stage(source.weights, source.config, range(3), embed=True, head=True)
+    stage = load_stage(source.weights, source.config, range(3), embed=True, head=True, fmt=fmt)
     router = attach(stage, source.config, {k: str(v) for k, v in adapters.items()}, torch.device("cpu"))
-    prompts = [prompt(5, 6), prompt(6, 3), prompt(7, 9)]
-    which = [0, 1, -1]  # alpha, beta, the base
-
-    def forward(ids: list[list[int]], adapters: list[int]) -> torch.Tensor:
-        router.route(adapters, [len(p) for p in ids])
-        batch = Batch([KVCache(3) for _ in ids], [len(p) for p in ids])
-        x = stage.embed(torch.tensor([sum(ids, [])]), batch.positions())
-        return stage.logits(stage.run_blocks(x, batch))[0]
-
+    router.route(which, [len(p) for p in prompts])
+    batch = Batch([KVCache(3) for _ in prompts], [len(p) for p in prompts])
     with torch.inference_mode():
-        together = forward(prompts, which)
-        alone = torch.cat([forward([p], [k]) for p, k in zip(prompts, which)])
-        base = torch.cat([forward([p], [-1]) for p in prompts])
+        x = stage.embed(torch.tensor([sum(prompts, [])]), batch.positions()).to(stage.compute_dtype)
+        return stage.logits(stage.run_blocks(x, batch))[0].float()
+
+
+def test_one_batch_of_rows_for_two_adapters_and_none_equals_each_request_alone(saved):
+    together = one_forward(saved, PROMPTS, MIXED)
+    alone = torch.cat([one_forward(saved, [p], [k]) for p, k in zip(PROMPTS, MIXED)])
+    base = one_forward(saved, PROMPTS, BASE)
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
-    assert (together[:15] - base[:15]).abs().max() > 0.1  # the adapted rows really moved
-    torch.testing.assert_close(together[15:], base[15:], atol=1e-5, rtol=1e-5)  # the base's rows: the base
+    assert (together[:9] - base[:9]).abs().max() > 1.0  # the adapted rows really moved
+    torch.testing.assert_close(together[9:], base[9:], atol=1e-5, rtol=1e-5)  # the base's rows: the base
+
+
+@pytest.mark.parametrize("fmt", [StageFormat("bf16"), StageFormat("fp32", "int8")], ids=["bf16", "int8"])
+def test_quantized_stages_apply_the_adapters_in_float32_on_their_activations(saved, fmt):
+    """Off by no more than the format costs the base alone: the adapters' float32 path adds no error of its own."""
+    exact, exact_base = one_forward(saved, PROMPTS, MIXED), one_forward(saved, PROMPTS, BASE)
+    quant_error = (one_forward(saved, PROMPTS, BASE, fmt) - exact_base).abs().max()
+    assert (one_forward(saved, PROMPTS, MIXED, fmt) - exact).abs().max() <= 2 * quant_error
+    assert quant_error < 0.3 < (exact - exact_base).abs().max()  # the adapters move logits far more than that
 
 
 def test_the_api_lists_base_and_base_name_and_routes_by_model(served):
