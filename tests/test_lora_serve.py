@@ -17,7 +17,6 @@ import torch
 
 from smolcluster.bench.common import write_tokenizer
 from smolcluster.errors import ConfigError
-from smolcluster.inference import InferencePipeline
 from smolcluster.inference.adapters import attach, check_adapters
 from smolcluster.models.hf import family_config
 from smolcluster.pipeline.architectures import KVCache
@@ -25,8 +24,7 @@ from smolcluster.pipeline.architectures.base import Batch
 from smolcluster.pipeline.quantize import StageFormat
 from smolcluster.pipeline.weights import find_model, load_stage
 from smolcluster.serving.app import WebServer, build_app
-from smolcluster.serving.engine import Engine
-from tests.conftest import run_cli
+from tests.conftest import run_cli, wait_until
 
 VOCAB, CONTEXT, MODEL = 300, 128, "tiny-llama"
 SHAPE = dict(vocab_size=VOCAB, n_layer=3, n_head=4, n_embd=32, n_kv_head=2, intermediate_size=64, n_positions=CONTEXT)
@@ -81,11 +79,21 @@ def prompt(seed: int, n: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def served(saved):
-    """Two local stages serving both adapters, behind the OpenAI API."""
+    """``python -m smolcluster.chat model.pretrained=DIR adapters={alpha:..,beta:..}``'s engine (2 local stages,
+    from the Hydra config as the command composes it), behind the OpenAI API."""
+    from hydra import compose, initialize_config_dir
+
+    from smolcluster.inference.settings import chat_settings
+    from smolcluster.paths import CONFIG_DIR
+    from smolcluster.serving.config import engine_from_config, model_name
+
     model_dir, adapters = saved
-    engine = Engine(lambda: InferencePipeline.start_local(model_dir, stages=2, heartbeat_s=0.2, liveness_s=5.0,
-                                                          adapters={k: str(v) for k, v in adapters.items()}),
-                    max_active=4).start()
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        cfg = compose("chat", [f"model.pretrained={model_dir}", "cluster.heartbeat_s=0.2", "cluster.liveness_s=5",
+                               f"adapters={{alpha:{adapters['alpha']},beta:{adapters['beta']}}}"])
+    settings = chat_settings(cfg)
+    assert model_name(settings) == MODEL
+    engine = engine_from_config(settings)
     server = WebServer(build_app(engine, MODEL, ui=False)).start()
     try:
         with httpx.Client(base_url=server.url, timeout=60) as http:
@@ -93,6 +101,11 @@ def served(saved):
     finally:
         server.stop()
         engine.close()
+
+
+def mixed_steps(pipe) -> list[int]:
+    """Per stage, its steps whose rows went through more than one adapter (the base counting as one)."""
+    return [pipe.client.mesh.peers[s].info.get("mixed_steps") for s in pipe.client.stages]
 
 
 def test_served_greedy_equals_peft_generate_and_mixed_requests_equal_their_solo_runs(served, saved):
@@ -106,8 +119,11 @@ def test_served_greedy_equals_peft_generate_and_mixed_requests_equal_their_solo_
         solo[adapter] = pipe.submit(p, max_new_tokens=16, stop_at_eos=False, adapter=adapter).tokens()
         assert solo[adapter] == peft_greedy(model_dir, adapters.get(adapter), p, 16), adapter
     assert len({tuple(t) for t in solo.values()}) == 3  # the adapters change the answers
+    assert not any(mixed_steps(pipe))  # (None before a stage's first full beacon)
     reqs = [pipe.submit(p, max_new_tokens=16, stop_at_eos=False, adapter=a) for a, p in cases]  # together
     assert [r.tokens() for r in reqs] == [solo[a] for a, _ in cases]
+    # they shared steps: rows of different adapters (or of one and the base) in one forward, on each stage
+    assert wait_until(lambda: min(mixed_steps(pipe)) > 0, 10), mixed_steps(pipe)
     with pytest.raises(ConfigError, match="no adapter 'gamma': the stages serve adapters alpha, beta"):
         pipe.submit(prompt(4, 3), adapter="gamma")
 

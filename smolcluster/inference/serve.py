@@ -189,6 +189,7 @@ class StageServer:
         self.prefilling: deque[str] = deque()
         self.out: set[str] = set()
         self.forwards = self.rows = 0  # this stage's forwards (steps) and the rows they carried
+        self.mixed = 0  # steps whose rows went through more than one adapter (or one and the base): multi-LoRA
         self.waiting: deque[tuple[str, str, dict, np.ndarray]] = deque()
         self.reserved = [0] * sc.n_stages
         # The budget is the same number on every stage; stage 0 reserves against each stage's own
@@ -427,7 +428,9 @@ class StageServer:
         """The step's rows as a batch of its requests' caches; each row routed to its request's adapter."""
         states = [self.requests[r] for r in step.reqs]
         if self.lora is not None:
-            self.lora.route([self.lora.index.get(st.adapter, -1) for st in states], step.sizes)
+            adapters = [self.lora.index.get(st.adapter, -1) for st in states]
+            self.lora.route(adapters, step.sizes)
+            self.mixed += len(set(adapters)) > 1
         return Batch([st.cache for st in states], step.sizes)
 
     def forward_out(self, step: Step, x: torch.Tensor) -> None:
@@ -597,6 +600,7 @@ class StageServer:
         beacon["requests"], beacon["waiting"] = len(self.requests), len(self.waiting)
         beacon["kv_bytes"] = self.kv_bytes()
         beacon["steps"], beacon["rows"] = self.forwards, self.rows  # rows / steps: the tokens a step carries
+        beacon["mixed_steps"] = self.mixed
         beacon["active"] = list(self.requests)[:64]  # (what a health check or a test looks at)
         self.metrics.step(len(self.requests), len(self.waiting), beacon["kv_bytes"])  # the same counts, for top
 
