@@ -133,36 +133,69 @@ MIXED = [0, 1, -1]  # PROMPTS[i] through alpha, beta, the base
 BASE = [-1, -1, -1]
 
 
-def one_forward(saved, prompts: list[list[int]], which: list[int], fmt: StageFormat = StageFormat()) -> torch.Tensor:
-    """One forward of a whole-model stage in this process, every prompt's rows in one batch, ``prompts[i]``'s
-    through adapter ``which[i]`` (0: alpha, 1: beta, -1: none); the logits, (rows, vocab) in float32."""
+@pytest.fixture(scope="module")
+def forward(saved):
+    """``forward(prompts, which, fmt)``: one forward of a whole-model stage in this process, every prompt's rows in
+    one batch, ``prompts[i]``'s through adapter ``which[i]`` (0: alpha, 1: beta, -1: none); the logits, (rows,
+    vocab) in float32. Each answer is kept: the tests compare the same few runs."""
     model_dir, adapters = saved
     source = find_model(model_dir)
-    stage = load_stage(source.weights, source.config, range(3), embed=True, head=True, fmt=fmt)
-    router = attach(stage, source.config, {k: str(v) for k, v in adapters.items()}, torch.device("cpu"))
-    router.route(which, [len(p) for p in prompts])
-    batch = Batch([KVCache(3) for _ in prompts], [len(p) for p in prompts])
-    with torch.inference_mode():
-        x = stage.embed(torch.tensor([sum(prompts, [])]), batch.positions()).to(stage.compute_dtype)
-        return stage.logits(stage.run_blocks(x, batch))[0].float()
+    cache: dict = {}
+
+    def run(prompts: list[list[int]], which: list[int], fmt: StageFormat = StageFormat()) -> torch.Tensor:
+        key = (tuple(map(tuple, prompts)), tuple(which), fmt)
+        if key not in cache:
+            stage = load_stage(source.weights, source.config, range(3), embed=True, head=True, fmt=fmt)
+            router = attach(stage, source.config, {k: str(v) for k, v in adapters.items()}, torch.device("cpu"))
+            router.route(which, [len(p) for p in prompts])
+            batch = Batch([KVCache(3) for _ in prompts], [len(p) for p in prompts])
+            with torch.inference_mode():
+                x = stage.embed(torch.tensor([sum(prompts, [])]), batch.positions()).to(stage.compute_dtype)
+                cache[key] = stage.logits(stage.run_blocks(x, batch))[0].float()
+        return cache[key]
+
+    return run
 
 
-def test_one_batch_of_rows_for_two_adapters_and_none_equals_each_request_alone(saved):
-    together = one_forward(saved, PROMPTS, MIXED)
-    alone = torch.cat([one_forward(saved, [p], [k]) for p, k in zip(PROMPTS, MIXED)])
-    base = one_forward(saved, PROMPTS, BASE)
+def test_one_batch_of_rows_for_two_adapters_and_none_equals_each_request_alone(forward):
+    together = forward(PROMPTS, MIXED)
+    alone = torch.cat([forward([p], [k]) for p, k in zip(PROMPTS, MIXED)])
+    base = forward(PROMPTS, BASE)
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
     assert (together[:9] - base[:9]).abs().max() > 1.0  # the adapted rows really moved
     torch.testing.assert_close(together[9:], base[9:], atol=1e-5, rtol=1e-5)  # the base's rows: the base
 
 
 @pytest.mark.parametrize("fmt", [StageFormat("bf16"), StageFormat("fp32", "int8")], ids=["bf16", "int8"])
-def test_quantized_stages_apply_the_adapters_in_float32_on_their_activations(saved, fmt):
+def test_quantized_stages_apply_the_adapters_in_float32_on_their_activations(forward, fmt):
     """Off by no more than the format costs the base alone: the adapters' float32 path adds no error of its own."""
-    exact, exact_base = one_forward(saved, PROMPTS, MIXED), one_forward(saved, PROMPTS, BASE)
-    quant_error = (one_forward(saved, PROMPTS, BASE, fmt) - exact_base).abs().max()
-    assert (one_forward(saved, PROMPTS, MIXED, fmt) - exact).abs().max() <= 2 * quant_error
+    exact, exact_base = forward(PROMPTS, MIXED), forward(PROMPTS, BASE)
+    quant_error = (forward(PROMPTS, BASE, fmt) - exact_base).abs().max()
+    assert (forward(PROMPTS, MIXED, fmt) - exact).abs().max() <= 2 * quant_error
     assert quant_error < 0.3 < (exact - exact_base).abs().max()  # the adapters move logits far more than that
+
+
+def test_gpt2_adapters_on_its_conv1d_projections_equal_peft(tmp_path):
+    """GPT-2's projections are Conv1D (weight stored in x out; peft's fan_in_fan_out): the same A/B math."""
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+
+    from smolcluster.models.gpt2 import build_gpt2
+
+    torch.manual_seed(0)
+    build_gpt2(vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=32, n_positions=CONTEXT).save_pretrained(tmp_path / "m")
+    save_adapter(GPT2LMHeadModel.from_pretrained(tmp_path / "m"), tmp_path / "a", 1, r=4, lora_alpha=8,
+                 target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
+    ids = torch.tensor([prompt(9, 9)])
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tmp_path / "m"), tmp_path / "a")(ids).logits[0]
+    source = find_model(tmp_path / "m")
+    stage = load_stage(source.weights, source.config, range(2), embed=True, head=True)
+    attach(stage, source.config, {"a": str(tmp_path / "a")}, torch.device("cpu")).route([0], [9])
+    batch = Batch([KVCache(2)], [9])
+    with torch.inference_mode():
+        got = stage.logits(stage.run_blocks(stage.embed(ids, batch.positions()), batch))[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_the_api_lists_base_and_base_name_and_routes_by_model(served):

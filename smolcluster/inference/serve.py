@@ -367,8 +367,8 @@ class StageServer:
               prompt_len: int, adapter: str = "") -> RequestState:
         # The cache grows (doubling) up to the positions stage 0 reserved for it in the budget, never past them.
         limit = min(prompt_len + max_new_tokens, self.arch.context)
-        st = RequestState(head, KVCache(len(self.spec.blocks), limit), params, max_new_tokens, eos, prompt_len)
-        st.adapter = adapter
+        st = RequestState(head, KVCache(len(self.spec.blocks), limit), params, max_new_tokens, eos, prompt_len,
+                          adapter=adapter)
         if self.has_head and not params.greedy:
             st.generator = make_generator(params.seed)
         self.requests[req] = st
