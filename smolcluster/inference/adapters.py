@@ -79,15 +79,8 @@ def projections(config: dict) -> dict[str, tuple[int, int]]:
     return out
 
 
-def read_adapter(name: str, path: str | Path, config: dict, shapes: dict[str, tuple[int, int]] | None = None) -> Adapter:
-    """Adapter ``name`` at ``path``, checked against the served model (``config``: its config.json dict)."""
-    from safetensors import safe_open
-
-    where = f"adapters.{name}={path}"
-    if not NAME.match(str(name)):
-        raise ConfigError(f"adapters: {name!r} is not an adapter name: use letters, digits, '.', '_' or '-' "
-                          "(the API's model id is BASE:NAME)")
-    path = Path(path).expanduser()
+def lora_config(path: Path, where: str) -> dict:
+    """The adapter's ``adapter_config.json``, refused when it is no plain LoRA."""
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise ConfigError(f"{where}: no {CONFIG_FILE} + {WEIGHTS_FILE} there: give a PEFT adapter directory "
                           "(what PeftModel.save_pretrained writes, e.g. a LoRA run's RUN_DIR/adapter)")
@@ -99,6 +92,19 @@ def read_adapter(name: str, path: str | Path, config: dict, shapes: dict[str, tu
         if value != fine and value not in (None, {}, [], False):
             raise ConfigError(f"{where}: {key}={cfg[key]!r} is not supported by serving (it applies plain LoRA, "
                               "base(x) + scale * B(A(x))): serve the merged model instead (train.lora.merge=true)")
+    return cfg
+
+
+def read_adapter(name: str, path: str | Path, config: dict, shapes: dict[str, tuple[int, int]] | None = None) -> Adapter:
+    """Adapter ``name`` at ``path``, checked against the served model (``config``: its config.json dict)."""
+    from safetensors import safe_open
+
+    where = f"adapters.{name}={path}"
+    if not NAME.match(str(name)):
+        raise ConfigError(f"adapters: {name!r} is not an adapter name: use letters, digits, '.', '_' or '-' "
+                          "(the API's model id is BASE:NAME)")
+    path = Path(path).expanduser()
+    cfg = lora_config(path, where)
     r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
     scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
     base = cfg.get("base_model_name_or_path")
