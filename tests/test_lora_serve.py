@@ -216,6 +216,20 @@ def test_the_api_lists_base_and_base_name_and_routes_by_model(served):
                                             f"'{MODEL}', '{MODEL}:alpha', '{MODEL}:beta'")
 
 
+def stage_config(model_dir: Path, adapters: str):
+    """``python -m smolcluster.infer role=stage rank=1 ... adapters=ADAPTERS``'s stage config (nothing started)."""
+    from hydra import compose, initialize_config_dir
+
+    from smolcluster.inference.from_config import serve_config_from
+    from smolcluster.inference.settings import infer_settings
+    from smolcluster.paths import CONFIG_DIR
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        cfg = compose("infer", ["role=stage", "rank=1", "cluster.port=6100", f"model.pretrained={model_dir}",
+                                f"adapters={adapters}"])
+    return serve_config_from(infer_settings(cfg).pipeline)
+
+
 def test_adapters_that_do_not_fit_the_model_are_refused_in_one_line(saved, tmp_path):
     model_dir, adapters = saved
     config = find_model(model_dir).config
@@ -240,6 +254,10 @@ def test_adapters_that_do_not_fit_the_model_are_refused_in_one_line(saved, tmp_p
         check_adapters({"dora": str(dora)}, config)
     with pytest.raises(ConfigError, match="no adapter_config.json"):
         check_adapters({"x": str(tmp_path)}, config)
+    # a cluster node's stage (infer role=stage rank=N): its config takes the adapters, checked, or refuses them
+    assert stage_config(model_dir, f"{{ok:{adapters['alpha']}}}").adapters == {"ok": str(adapters["alpha"])}
+    with pytest.raises(ConfigError, match=r"^adapters.wide=.* does not fit the served model"):
+        stage_config(model_dir, f"{{ok:{adapters['alpha']},wide:{wide}}}")
     # the command line: refused before any stage starts, exit 2, one line
     p = run_cli("smolcluster.infer", f"model.pretrained={model_dir}", f"adapters={{ok:{adapters['alpha']},wide:{wide}}}",
                 "prompt=hi", timeout=120, check=False)
