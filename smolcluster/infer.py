@@ -7,6 +7,7 @@
     python -m smolcluster.infer role=stage rank=0 checkpoint=RUN_DIR cluster=lan     # one stage of a cluster
     python -m smolcluster.infer role=head checkpoint=RUN_DIR cluster=lan prompt="..."  # use running stages
     python -m smolcluster.infer cluster=auto checkpoint=RUN_DIR prompt="..."  # stages on the node agents
+    python -m smolcluster.infer model.pretrained=BASE adapters={sql:RUN_DIR/adapter} adapter=sql prompt="..."
 
 The generated text goes to stdout; timings and the finish reason to stderr.
 """
@@ -63,7 +64,7 @@ def run(cfg: DictConfig) -> dict | None:
         t0 = time.perf_counter()
         sp = s.sampling
         req = pipe.submit(prompt, max_new_tokens=sp.max_new_tokens, temperature=sp.temperature, top_k=sp.top_k,
-                          top_p=sp.top_p, seed=p.seed, stop_at_eos=sp.stop_at_eos)
+                          top_p=sp.top_p, seed=p.seed, stop_at_eos=sp.stop_at_eos, adapter=s.adapter)
         sys.stdout.write(prompt)
         text = []
         for tok in req:

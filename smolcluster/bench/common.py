@@ -38,7 +38,6 @@ def write_tiny_run(d: Path, n_positions: int, vocab: int = 500, seed: int = 0,
     (n_head=4, as model=gpt2-tiny says) in checkpoint.safetensors, and a byte-level BPE of its vocabulary
     in tokenizer.json."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from smolcluster import checkpoint
     from smolcluster.models.gpt2 import build_gpt2
@@ -46,6 +45,14 @@ def write_tiny_run(d: Path, n_positions: int, vocab: int = 500, seed: int = 0,
     torch.manual_seed(seed)
     model = build_gpt2(vocab_size=vocab, n_layer=n_layer, n_head=4, n_embd=n_embd, n_positions=n_positions).eval()
     checkpoint.save(d, model, None, 0)
+    write_tokenizer(d, vocab)
+    return d
+
+
+def write_tokenizer(d: Path, vocab: int) -> Path:
+    """``d/tokenizer.json``: a byte-level BPE of ``vocab`` tokens (at least 257), trained on Python's help topics."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

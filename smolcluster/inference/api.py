@@ -24,6 +24,7 @@ from pathlib import Path
 from loguru import logger
 
 from smolcluster.errors import ConfigError
+from smolcluster.inference.adapters import check_adapters
 from smolcluster.inference.client import PipelineClient, Request
 from smolcluster.inference.serve import ServeConfig
 from smolcluster.pipeline.launch import co_located_env, free_ports, stage_env
@@ -66,7 +67,8 @@ class InferencePipeline:
                     stream_interval_ms: float = 20.0, env: dict | None = None, precision: str = "fp32",
                     quantize: str = "none", quantize_group: int = 64, device: str | None = None,
                     formats: list[dict] | None = None, telemetry: dict | None = None,
-                    co_located: bool = True, turns: bool | None = None) -> InferencePipeline:
+                    co_located: bool = True, turns: bool | None = None,
+                    adapters: dict[str, str] | None = None) -> InferencePipeline:
         """Start ``stages`` stage processes on this machine and connect to them.
 
         ``weights``: a Hugging Face model directory (any supported family), a run directory
@@ -88,6 +90,8 @@ class InferencePipeline:
         threads to pay (``turns``; None: 16M parameters or more) they take turns, each with all the cores
         (or ``threads``), on one step of every running request; else each has ``cores // stages`` threads
         and they work on ``stages`` steps at once, as stages on separate machines do (``co_located=False``).
+        ``adapters``: ``{name: PEFT directory}``, LoRA adapters a request may name (``submit(adapter=name)``),
+        each checked against the model here, before any stage starts (:mod:`smolcluster.inference.adapters`).
         """
         if head not in ("first", "last"):
             raise ConfigError(f"head={head!r} is invalid: choose first or last")
@@ -102,6 +106,7 @@ class InferencePipeline:
                    for r in range(stages)]
         for f in formats:  # a bad value is refused here, in one line, before any stage starts
             StageFormat(f["precision"], f["quantize"], f["quantize_group"], resolve_device(f["device"]))
+        adapters = check_adapters(adapters, info["config"])
         if eos_ids is None:
             eos_ids = info["eos"] if info["eos"] is not None else getattr(tokenizer, "eos_id", None)
         workdir = Path(tempfile.mkdtemp(prefix="smolcluster-infer-"))
@@ -116,7 +121,8 @@ class InferencePipeline:
                                  connect_timeout_s=connect_timeout_s, exit_with_head=True, threads=threads,
                                  max_requests=max_requests, kv_cache_mb=kv_cache_mb,
                                  prefill_chunk=prefill_chunk, stream_interval_ms=stream_interval_ms,
-                                 co_located=co_located, turns=turns, extra={"telemetry": telemetry or {}},
+                                 co_located=co_located, turns=turns, adapters=adapters,
+                                 extra={"telemetry": telemetry or {}},
                                  **formats[rank])
                 path = workdir / f"stage-{rank}.json"
                 path.write_text(sc.dumps())
@@ -187,12 +193,14 @@ class InferencePipeline:
         return [int(t) for t in prompt]
 
     def submit(self, prompt: str | list[int], *, max_new_tokens: int = 64, temperature: float = 0.0,
-               top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True) -> Request:
+               top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
+               adapter: str | None = None) -> Request:
         """Start generating; returns at once. ``temperature=0`` is greedy; ``seed=None`` picks one
-        (``request.seed``). Raises ConfigError for a bad prompt (e.g. longer than the context)."""
+        (``request.seed``); ``adapter``: one of :attr:`adapters` (None: the base model). Raises ConfigError
+        for a bad prompt (e.g. longer than the context) or an adapter the stages do not serve."""
         eos = self.eos_ids if stop_at_eos else None
         return self.client.submit(self.encode(prompt), max_new_tokens=max_new_tokens, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, seed=seed, eos=eos)
+                                  top_k=top_k, top_p=top_p, seed=seed, eos=eos, adapter=adapter or "")
 
     def generate(self, prompt: str | list[int], **kw) -> str:
         """Submit and wait: the generated text."""
@@ -208,6 +216,11 @@ class InferencePipeline:
         """What /v1/models reports: the architecture, context length, vocabulary size, each stage's matmul kernels."""
         return {"architecture": self.client.shape.get("model_type", "gpt2"), "context": self.client.context,
                 "vocab_size": self.client.shape["vocab_size"], "kernels": self.client.kernels}
+
+    @property
+    def adapters(self) -> list[str]:
+        """The LoRA adapters a request may name (every stage serves the same)."""
+        return self.client.adapters
 
     @property
     def stages(self) -> int:

@@ -195,10 +195,14 @@ class PipelineClient:
             if info.get("shape") != infos[0].get("shape"):
                 raise ConfigError(f"stage {r} serves a model of shape {info.get('shape')}, stage 0 "
                                   f"{infos[0].get('shape')}: start every stage with the same weights")
+            if info.get("adapters", []) != infos[0].get("adapters", []):
+                raise ConfigError(f"stage {r} serves adapters {info.get('adapters')}, stage 0 "
+                                  f"{infos[0].get('adapters')}: start every stage with the same adapters=")
         self.shape = dict(infos[0]["shape"])
         self.head_rank = int(infos[0]["head_rank"])
         self.partition = [info.get("blocks") for info in infos]
         self.kernels = [info.get("kernels", "") for info in infos]  # each stage's matmul kernels, in words
+        self.adapters: list[str] = list(infos[0].get("adapters", []))  # the LoRA adapters a request may name
 
     @property
     def context(self) -> int:
@@ -206,8 +210,10 @@ class PipelineClient:
 
     # -- requests ---------------------------------------------------------------------------
     def submit(self, ids: list[int], *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int | None = None, eos: int | list[int] | None = None) -> Request:
-        """Start generating ``ids``' continuation; it stops at any id in ``eos`` (one id or several)."""
+               top_p: float = 1.0, seed: int | None = None, eos: int | list[int] | None = None,
+               adapter: str = "") -> Request:
+        """Start generating ``ids``' continuation; it stops at any id in ``eos`` (one id or several).
+        ``adapter``: one of the stages' LoRA adapters (``self.adapters``), or "" for the base model."""
         if self.error is not None:
             raise self.error
         if self._closed:
@@ -221,6 +227,9 @@ class PipelineClient:
         vocab = int(self.shape["vocab_size"])
         if min(ids) < 0 or max(ids) >= vocab:
             raise ConfigError(f"prompt token ids must be in [0, {vocab}): is the tokenizer the model's?")
+        if adapter and adapter not in self.adapters:
+            raise ConfigError(f"no adapter {adapter!r}: the stages serve adapters "
+                              f"{', '.join(self.adapters) or 'none'} (start them with adapters={{NAME:DIR}})")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
         params = SamplingParams(float(temperature), int(top_k), float(top_p),
@@ -229,7 +238,7 @@ class PipelineClient:
         with self._lock:
             self._requests[req.id] = req
         fields = {"req": req.id, "max_new_tokens": max_new_tokens, "temperature": params.temperature,
-                  "top_k": params.top_k, "top_p": params.top_p, "seed": params.seed,
+                  "top_k": params.top_k, "top_p": params.top_p, "seed": params.seed, "adapter": adapter,
                   "eos": [] if eos is None else [int(eos)] if isinstance(eos, (int, np.integer)) else [int(t) for t in eos]}
         self.mesh.send(self.stages[0], "mp.submit", fields, {"ids": np.asarray(ids, dtype=np.int64)}, tag=req.id)
         return req

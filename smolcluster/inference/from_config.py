@@ -187,7 +187,8 @@ def pipeline_from_config(cfg: Pipeline, prompt: str | None = None) -> InferenceP
                 stage_weights=stage_weights_for(cfg, info, formats, local=True), formats=formats,
                 host=c.host, heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s,
                 connect_timeout_s=c.connect_timeout_s, kv_cache_mb=cfg.kv_cache_mb,
-                env={"SMOLCLUSTER_LOG_LEVEL": cfg.stage_log_level or "WARNING"}, telemetry=cfg.telemetry)
+                env={"SMOLCLUSTER_LOG_LEVEL": cfg.stage_log_level or "WARNING"}, telemetry=cfg.telemetry,
+                adapters=cfg.adapters)
         except BaseException:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -233,10 +234,13 @@ def serve_config_from(cfg: Pipeline) -> ServeConfig:
     fmt = formats[int(cfg.rank)]
     node = nodes[cfg.rank]
     info, _, _ = resolve_model(cfg, need_tokenizer=False)
+    from smolcluster.inference.adapters import check_adapters
+
     return ServeConfig(rank=cfg.rank, n_stages=n, weights=str(info["weights"]), config=info["config"],
                        nodes=[{"address": x.address, "bind": x.bind} for x in nodes],
                        head_first=cfg.head is HeadPlace.first,
                        stage_weights=stage_weights_for(cfg, info, formats, local=False),
                        heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s, connect_timeout_s=c.connect_timeout_s,
                        max_bytes=c.max_bytes, keys_dir=c.keys, threads=node.threads, log_level=cfg.stage_log_level,
-                       kv_cache_mb=cfg.kv_cache_mb, extra={"telemetry": cfg.telemetry}, **fmt)
+                       kv_cache_mb=cfg.kv_cache_mb, adapters=check_adapters(cfg.adapters, info["config"]),
+                       extra={"telemetry": cfg.telemetry}, **fmt)

@@ -57,6 +57,7 @@ import torch
 from loguru import logger
 
 from smolcluster.errors import ConfigError, PeerError, SmolclusterError
+from smolcluster.inference.adapters import adapter_numel, attach
 from smolcluster.inference.sampling import SamplingParams, make_generator, next_token
 from smolcluster.pipeline.architectures import KVCache, family_for
 from smolcluster.pipeline.architectures.base import Batch, pin_attributes
@@ -99,6 +100,7 @@ class ServeConfig:
     quantize: str = "none"            # none | int8 | int4 (weight-only, applied as the stage loads)
     quantize_group: int = 64          # int4's group size (32 | 64 | 128)
     device: str | None = None         # cpu | cuda | cuda:N | mps | auto (None: cpu)
+    adapters: dict = field(default_factory=dict)  # LoRA adapters a request may name: {name: PEFT directory}
     extra: dict = field(default_factory=dict)
 
     def dumps(self) -> str:
@@ -122,6 +124,12 @@ class RequestState:
     prompt: np.ndarray | None = None  # stage 0: the prompt, fed in chunks
     fed: int = 0                      # stage 0: prompt tokens sent into the pipeline so far
     reserved: list[int] = field(default_factory=list)  # stage 0: KV bytes held for it on each stage
+    adapter: str = ""                 # the LoRA adapter its rows go through ("": none)
+
+
+def unknown_adapter(name: str, adapters: dict) -> str:
+    served = ", ".join(adapters) or "none"
+    return f"no adapter {name!r} here: this pipeline serves adapters {served} (give adapters={{{name}:DIR}})"
 
 
 def node_memory_bytes() -> int:
@@ -157,6 +165,7 @@ class StageServer:
         self.fmt = StageFormat(sc.precision, sc.quantize, sc.quantize_group, resolve_device(sc.device))
         self.stage = load_stage(sc.weights, sc.config, self.spec.blocks, embed=self.spec.first, head=self.has_head,
                                 fmt=self.fmt)
+        self.lora = attach(self.stage, sc.config, sc.adapters, self.stage.device)  # None without adapters
         pin_attributes(self.stage)  # loaded for good: nn.Module's attribute lookups cost ~1-1.5 us each otherwise
         # Activations arrive in whatever type the sender computes in; this stage computes in its own.
         self.device, self.dtype = self.stage.device, self.stage.compute_dtype
@@ -180,6 +189,7 @@ class StageServer:
         self.prefilling: deque[str] = deque()
         self.out: set[str] = set()
         self.forwards = self.rows = 0  # this stage's forwards (steps) and the rows they carried
+        self.mixed = 0  # steps whose rows went through more than one adapter (or one and the base): multi-LoRA
         self.waiting: deque[tuple[str, str, dict, np.ndarray]] = deque()
         self.reserved = [0] * sc.n_stages
         # The budget is the same number on every stage; stage 0 reserves against each stage's own
@@ -194,9 +204,10 @@ class StageServer:
         self.heads: set[str] = set()
         self.stopping = False
         params = sum(p.numel() for p in self.stage.parameters())
+        lora = f"; adapters {', '.join(sc.adapters)}: {adapter_numel(self.stage):,} params" if sc.adapters else ""
         logger.info(f"{self.spec.describe(self.has_head, self.spec.first)}: {params:,} params from {sc.weights} "
                     f"({self.fmt.precision}, quantize={self.fmt.quantize}, on {self.fmt.device}; "
-                    f"matmuls: {kernels(self.fmt)})")
+                    f"matmuls: {kernels(self.fmt)}{lora})")
         # Prometheus for smolcluster.top (telemetry/serving.py): set once per step, a no-op without a port
         from smolcluster.telemetry.logging import identity
         from smolcluster.telemetry.serving import open_serving_metrics
@@ -216,6 +227,7 @@ class StageServer:
             "role": "stage", "rank": sc.rank, "stages": sc.n_stages, "head_rank": self.head_rank,
             "serving": False, "blocks": [self.spec.blocks.start, self.spec.blocks.stop],
             "shape": self.arch.describe(), "kv_budget": self.kv_budget, "kernels": kernels(self.fmt),
+            "adapters": list(self.sc.adapters),
         }
         others = [n for n in self.names if n != self.me]
         self.mesh.wait_ready(others, sc.connect_timeout_s, " (the other inference stages)")
@@ -310,6 +322,8 @@ class StageServer:
             problem = "eos must be a list of token ids"
         elif f["max_new_tokens"] < 1:
             problem = "max_new_tokens must be at least 1"
+        elif f["adapter"] and f["adapter"] not in self.sc.adapters:
+            problem = unknown_adapter(f["adapter"], self.sc.adapters)
         elif req in self.requests or any(w[0] == req for w in self.waiting):
             problem = f"request id {req} is already in flight"
         elif len(self.waiting) >= self.sc.max_waiting:
@@ -344,16 +358,17 @@ class StageServer:
                 return
             self.waiting.popleft()
             params = SamplingParams(float(f["temperature"]), int(f["top_k"]), float(f["top_p"]), int(f["seed"]))
-            st = self.start(req, head, params, int(f["max_new_tokens"]), f["eos"], len(ids))
+            st = self.start(req, head, params, int(f["max_new_tokens"]), f["eos"], len(ids), f["adapter"])
             st.prompt, st.reserved = ids, need
             self.reserved = [r + n for r, n in zip(self.reserved, need)]
             self.prefilling.append(req)
 
     def start(self, req: str, head: str, params: SamplingParams, max_new_tokens: int, eos: list[int],
-              prompt_len: int) -> RequestState:
+              prompt_len: int, adapter: str = "") -> RequestState:
         # The cache grows (doubling) up to the positions stage 0 reserved for it in the budget, never past them.
         limit = min(prompt_len + max_new_tokens, self.arch.context)
-        st = RequestState(head, KVCache(len(self.spec.blocks), limit), params, max_new_tokens, eos, prompt_len)
+        st = RequestState(head, KVCache(len(self.spec.blocks), limit), params, max_new_tokens, eos, prompt_len,
+                          adapter=adapter)
         if self.has_head and not params.greedy:
             st.generator = make_generator(params.seed)
         self.requests[req] = st
@@ -389,7 +404,8 @@ class StageServer:
                 p = st.params
                 step.intro[req] = {"head": st.head, "max_new_tokens": st.max_new_tokens,
                                    "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p,
-                                   "seed": p.seed, "eos": st.eos, "prompt_len": st.prompt_len}
+                                   "seed": p.seed, "eos": st.eos, "prompt_len": st.prompt_len,
+                                   "adapter": st.adapter}
             ids.extend(int(t) for t in st.prompt[st.fed:st.fed + n])
             st.fed += n
             room -= n
@@ -397,7 +413,7 @@ class StageServer:
         if not step.reqs:
             return
         self.out.update(step.reqs)
-        batch = Batch([self.requests[r].cache for r in step.reqs], step.sizes)
+        batch = self.batch(step)
         try:
             x = self.stage.embed(torch.tensor([ids], device=self.device), batch.positions())
             x = self.stage.run_blocks(x, batch)
@@ -407,6 +423,15 @@ class StageServer:
                 self.fail(req, f"{self.me} failed on a step: {type(e).__name__}: {e}")
             return
         self.forward_out(step, x)
+
+    def batch(self, step: Step) -> Batch:
+        """The step's rows as a batch of its requests' caches; each row routed to its request's adapter."""
+        states = [self.requests[r] for r in step.reqs]
+        if self.lora is not None:
+            adapters = [self.lora.index.get(st.adapter, -1) for st in states]
+            self.lora.route(adapters, step.sizes)
+            self.mixed += len(set(adapters)) > 1
+        return Batch([st.cache for st in states], step.sizes)
 
     def forward_out(self, step: Step, x: torch.Tensor) -> None:
         """Hand this stage's output on: to the next stage, round the ring to stage 0, or to the head."""
@@ -430,7 +455,12 @@ class StageServer:
             if req not in self.requests and req not in self.closed:
                 params = SamplingParams(float(intro["temperature"]), int(intro["top_k"]), float(intro["top_p"]),
                                         int(intro["seed"]))
-                self.start(req, intro["head"], params, intro["max_new_tokens"], intro["eos"], intro["prompt_len"])
+                adapter = intro.get("adapter", "")
+                if adapter and adapter not in self.sc.adapters:
+                    raise ConfigError(f"{self.me}: {unknown_adapter(adapter, self.sc.adapters)} (start every "
+                                      "stage with the same adapters=)")
+                self.start(req, intro["head"], params, intro["max_new_tokens"], intro["eos"], intro["prompt_len"],
+                           adapter)
         x = env.tensors["x"]  # numpy, or torch for bfloat16 (numpy has none)
         x = (x if isinstance(x, torch.Tensor) else torch.from_numpy(x)).to(self.device, self.dtype)
         # Rows of requests cancelled meanwhile are dropped; the rest go on unchanged.
@@ -445,8 +475,7 @@ class StageServer:
         if self.sc.rank == 0:  # the ring's return: stage 0 holds the head
             self.emit(step, x)
         else:
-            batch = Batch([self.requests[r].cache for r in step.reqs], step.sizes)
-            self.forward_out(step, self.stage.run_blocks(x, batch))
+            self.forward_out(step, self.stage.run_blocks(x, self.batch(step)))
 
     def emit(self, step: Step, x: torch.Tensor) -> None:
         """Pick each finished row's token, stream it to its head, and hand the step's results to stage 0."""
@@ -571,6 +600,7 @@ class StageServer:
         beacon["requests"], beacon["waiting"] = len(self.requests), len(self.waiting)
         beacon["kv_bytes"] = self.kv_bytes()
         beacon["steps"], beacon["rows"] = self.forwards, self.rows  # rows / steps: the tokens a step carries
+        beacon["mixed_steps"] = self.mixed
         beacon["active"] = list(self.requests)[:64]  # (what a health check or a test looks at)
         self.metrics.step(len(self.requests), len(self.waiting), beacon["kv_bytes"])  # the same counts, for top
 

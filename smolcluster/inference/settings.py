@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any  # noqa: UP035 -- Hydra's structured configs need typing.Optional on py3.10
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from smolcluster.errors import ConfigError
 
@@ -95,13 +95,17 @@ class Pipeline:
     partition: str = "even"           # even (cluster.nodes[i].weight) | auto (by each node's memory)
     max_active: int = 1               # requests at once (the chat's serve.max_active): partition=auto's KV need
     telemetry: dict = field(default_factory=dict)  # logging.prometheus / run_dir: what smolcluster.top reads
+    adapters: dict = field(default_factory=dict)   # {name: PEFT adapter dir}: LoRA adapters a request may name
 
 
 @dataclass
 class InferSettings:
+    """``adapter``: which of ``pipeline.adapters`` the prompt goes through (None: the base model)."""
+
     pipeline: Pipeline
     sampling: Sampling
     prompt: str | None = None
+    adapter: str | None = None
 
 
 @dataclass
@@ -153,6 +157,7 @@ class _Common:
     top_k: int = 0
     top_p: float = 1.0
     stop_at_eos: bool = True
+    adapters: Any = None  # {name: PEFT adapter dir}, served per request (Any: a typed dict would refuse new names)
 
 
 @dataclass
@@ -163,6 +168,7 @@ class StageServe:
 @dataclass
 class InferConfig(_Common):
     prompt: str | None = None
+    adapter: str | None = None
     rank: int | None = None
     serve: StageServe = field(default_factory=StageServe)
 
@@ -203,7 +209,18 @@ def _pipeline(cfg) -> Pipeline:
                     head_port=int(cfg.head_port), stage_log_level=cfg.stage_log_level, seed=int(cfg.seed),
                     kv_cache_mb=kv, links=Links.of(_plain(cfg.cluster)), precision=str(cfg.precision),
                     quantize=str(cfg.quantize), quantize_group=int(cfg.quantize_group), partition=partition,
-                    max_active=int(cfg.serve.get("max_active") or 1), telemetry=_telemetry(cfg))
+                    max_active=int(cfg.serve.get("max_active") or 1), telemetry=_telemetry(cfg),
+                    adapters=_adapters(cfg.get("adapters")))
+
+
+def _adapters(node) -> dict[str, str]:
+    """``adapters={name:DIR,...}`` (or ``+adapters.name=DIR``) as ``{name: dir}``."""
+    if node is None:
+        return {}
+    if not isinstance(node, DictConfig) or any(not isinstance(v, str) for v in node.values()):
+        raise ConfigError(f"adapters={node}: give {{name:DIR,...}}, each DIR a PEFT adapter directory "
+                          "(a LoRA run's RUN_DIR/adapter)")
+    return {str(k): str(v) for k, v in node.items()}
 
 
 def _telemetry(cfg) -> dict:
@@ -229,7 +246,8 @@ def _sampling(cfg) -> Sampling:
 
 
 def infer_settings(cfg) -> InferSettings:
-    return InferSettings(_pipeline(cfg), _sampling(cfg), None if cfg.prompt is None else str(cfg.prompt))
+    return InferSettings(_pipeline(cfg), _sampling(cfg), None if cfg.prompt is None else str(cfg.prompt),
+                         cfg.adapter or None)
 
 
 def chat_settings(cfg) -> ChatSettings:

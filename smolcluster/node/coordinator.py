@@ -76,7 +76,8 @@ FINAL = ("exited", "stopped", "failed")
 # infer / chat overrides a stage takes (the head's sampling, prompt and serve keys stay here)
 _STAGE_KEYS = ("checkpoint=", "model=", "model.", "+model.", "data=", "data.", "stages=", "head=", "seed=",
                "precision=", "quantize=", "quantize_group=", "partition=", "stage_log_level=", "serve.kv_cache_mb=",
-               "cluster.heartbeat_s=", "cluster.liveness_s=", "cluster.connect_timeout_s=", "cluster.max_message_mb=")
+               "cluster.heartbeat_s=", "cluster.liveness_s=", "cluster.connect_timeout_s=", "cluster.max_message_mb=",
+               "adapters=", "adapters.", "+adapters.")
 
 
 class AgentLink:

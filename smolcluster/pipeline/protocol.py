@@ -20,7 +20,8 @@ _COMMON = {"src": str, "seq": int}
 # What a request's first ``hidden`` rows carry (``intro[req]``), so later stages learn of it in order
 # (a head's ``submit`` goes to stage 0 only: nothing can overtake it on another link).
 REQUEST_FIELDS = {"head": str, "max_new_tokens": int, "temperature": _NUM, "top_k": int, "top_p": _NUM,
-                  "seed": int, "eos": list, "prompt_len": int}  # eos: the ids generation stops at
+                  "seed": int, "eos": list, "prompt_len": int,  # eos: the ids generation stops at
+                  "adapter": str}  # the LoRA adapter the request's rows go through ("": the base model)
 
 # kind -> (required fields, finite?)
 KINDS: dict[str, tuple[dict, bool]] = {

@@ -3,7 +3,8 @@
 Each browser session is one user of the engine's fair queue (its Gradio
 ``session_hash``). The answer streams into the chat as the pipeline makes it; Stop
 cancels the session's request in the pipeline (every stage frees its KV cache) and
-the answer ends with what was made so far. The conversation is turned into a prompt
+the answer ends with what was made so far; with LoRA adapters served, a menu picks the base
+model or an adapter. The conversation is turned into a prompt
 by :mod:`smolcluster.serving.prompting` as the API does (the model's chat template, or a
 transcript), oldest turns left out when it does not fit.
 """
@@ -53,7 +54,7 @@ def build_chat_ui(engine: Engine, defaults: ChatDefaults, model_name: str) -> gr
     context = engine.context
 
     def respond(message: str, history: list[dict], system: str, temperature: float, top_p: float,
-                max_new_tokens: float, request: gr.Request) -> Iterator[tuple]:
+                max_new_tokens: float, model: str | None = None, request: gr.Request = None) -> Iterator[tuple]:
         history = list(history or [])
         if not message or not message.strip():
             yield history, message, "Type a message first."
@@ -65,7 +66,8 @@ def build_chat_ui(engine: Engine, defaults: ChatDefaults, model_name: str) -> gr
             prompt = build_chat_prompt(conversation(history, system, message), fmt, prompt_budget(context, max_new))
             gen = engine.submit(prompt.ids, user=user, settings=Settings.for_chat(
                 fmt, max_new_tokens=max_new, temperature=float(temperature), top_k=defaults.top_k,
-                top_p=float(top_p), stop_at_eos=defaults.stop_at_eos))
+                top_p=float(top_p), stop_at_eos=defaults.stop_at_eos,
+                adapter=model[len(model_name) + 1:] if model and model != model_name else ""))
         except (PromptTooLong, PipelineDown, QueueFull, ValueError) as e:  # ValueError: the template refused
             yield history, message, f"**error:** {e}"
             return
@@ -112,9 +114,13 @@ def build_chat_ui(engine: Engine, defaults: ChatDefaults, model_name: str) -> gr
                 top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p", elem_id="top_p")
                 max_new = gr.Slider(1, context, value=min(defaults.max_new_tokens, context), step=1,
                                     label="Max new tokens", elem_id="max_new_tokens")
+            # LoRA adapters (adapters=): the base model or BASE:NAME, as the API names them
+            models = [model_name, *(f"{model_name}:{a}" for a in engine.adapters)]
+            model = gr.Dropdown(models, value=model_name, label="Model (base or LoRA adapter)", elem_id="model",
+                                visible=len(models) > 1)
             clear = gr.Button("Clear the conversation", elem_id="clear")
 
-        inputs = [box, chatbot, system, temperature, top_p, max_new]
+        inputs = [box, chatbot, system, temperature, top_p, max_new, model]
         outputs = [chatbot, box, stats]
         # Gradio's own queue would run one answer at a time; the engine's fair queue decides instead.
         for trigger in (box.submit, send.click):

@@ -52,6 +52,7 @@ class Settings:
     stop_ids: tuple[int, ...] = ()    # tokens that end the answer, unshown (a chat template's end of turn)
     stop_at_eos: bool = True
     trim_leading_space: bool = False  # chat answers: drop the space the model puts after "Assistant:"
+    adapter: str = ""                 # the LoRA adapter it goes through ("": the base model)
 
     @classmethod
     def for_chat(cls, fmt: ChatFormat, stop: tuple[str, ...] = (), **kw) -> Settings:
@@ -185,7 +186,8 @@ class Generation:
                 self.state = "running"
             pipe = engine.pipeline()
             request = pipe.submit(self.prompt_ids, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                                  top_k=s.top_k, top_p=s.top_p, seed=s.seed, stop_at_eos=s.stop_at_eos)
+                                  top_k=s.top_k, top_p=s.top_p, seed=s.seed, stop_at_eos=s.stop_at_eos,
+                                  adapter=s.adapter)
             self.started_at = request.submitted_at
             with self._lock:
                 self._request, cancelled = request, self._cancelled
@@ -261,6 +263,7 @@ class Engine:
         self.context = 0
         self.vocab_size = 0
         self.model_info: dict = {}
+        self.adapters: list[str] = []  # the LoRA adapters the stages serve (what a request may name)
         self.stages = 0
         self.reconnects = 0
         from smolcluster.telemetry.serving import OFF
@@ -285,6 +288,7 @@ class Engine:
         self.context = pipe.context
         self.vocab_size = int(pipe.client.shape["vocab_size"])
         self.model_info = pipe.model_info
+        self.adapters = pipe.adapters
         self.stages = pipe.stages
 
     @property

@@ -83,15 +83,15 @@ class OpenAIAPI:
 
     @property
     def limits(self) -> ModelLimits:
-        return ModelLimits(self.model_name, self.engine.context, self.engine.vocab_size)
+        return ModelLimits(self.model_name, self.engine.context, self.engine.vocab_size, tuple(self.engine.adapters))
 
     def install(self, app: FastAPI) -> None:
         """Add the routes (before any catch-all mount such as the chat page's)."""
         app.add_exception_handler(APIError, lambda _req, e: error_response(e))
         app.add_exception_handler(RequestValidationError, self.invalid_request)
         app.add_exception_handler(Exception, self.internal_error)
-        app.add_api_route("/v1/models", self.list_models, methods=["GET"],
-                          response_model=ModelList, responses=ERRORS, summary="The model served here")
+        app.add_api_route("/v1/models", self.list_models, methods=["GET"], response_model=ModelList,
+                          responses=ERRORS, summary="The model served here, and BASE:NAME for each LoRA adapter")
         app.add_api_route("/v1/models/{model_id:path}", self.get_model, methods=["GET"],
                           response_model=ModelCard, responses=ERRORS, summary="One model")
         app.add_api_route("/v1/completions", self.completions, methods=["POST"],
@@ -103,20 +103,19 @@ class OpenAIAPI:
         app.openapi = with_streams(app, app.openapi)
 
     # -- routes ---------------------------------------------------------------------------------------
-    def model_card(self) -> ModelCard:
+    def model_card(self, model_id: str) -> ModelCard:
         info = self.engine.model_info
-        return ModelCard(id=self.model_name, created=self.created, owned_by="smolcluster",
+        return ModelCard(id=model_id, created=self.created, owned_by="smolcluster",
                          architecture=info["architecture"], context_length=info["context"],
-                         vocab_size=info["vocab_size"], kernels=info.get("kernels", []))
+                         vocab_size=info["vocab_size"], kernels=info.get("kernels", []),
+                         parent=self.model_name if model_id != self.model_name else None)
 
     async def list_models(self) -> JSONResponse:
-        return JSONResponse(dump(ModelList(object="list", data=[self.model_card()])))
+        return JSONResponse(dump(ModelList(object="list", data=[self.model_card(m) for m in self.limits.ids])))
 
     async def get_model(self, model_id: str) -> JSONResponse:
-        if model_id != self.model_name:
-            raise APIError(404, f"The model '{model_id}' does not exist: this server serves '{self.model_name}'",
-                           "model", "model_not_found")
-        return JSONResponse(dump(self.model_card()))
+        self.limits.adapter(model_id)  # 404 for an id not served here
+        return JSONResponse(dump(self.model_card(model_id)))
 
     async def not_found(self, rest: str, request: Request) -> JSONResponse:
         known = {"models", "completions", "chat/completions"}

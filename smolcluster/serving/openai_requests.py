@@ -53,13 +53,20 @@ class ModelLimits:
     name: str
     context: int
     vocab_size: int
+    adapters: tuple[str, ...] = ()  # LoRA adapters served: model ids NAME:ADAPTER
 
+    @property
+    def ids(self) -> list[str]:
+        """The model ids requests may name: the base model's, then each adapter's ``BASE:NAME``."""
+        return [self.name, *(f"{self.name}:{a}" for a in self.adapters)]
 
-def check_model(req: SamplingRequest, limits: ModelLimits) -> str:
-    if req.model != limits.name:
-        raise APIError(404, f"The model '{req.model}' does not exist: this server serves '{limits.name}'", "model",
-                       "model_not_found")
-    return req.model
+    def adapter(self, model: str) -> str:
+        """The adapter a model id names ("" for the base model); 404 for any other id."""
+        if model not in self.ids:
+            served = ", ".join(f"'{m}'" for m in self.ids)
+            raise APIError(404, f"The model '{model}' does not exist: this server serves {served}", "model",
+                           "model_not_found")
+        return model[len(self.name) + 1:]
 
 
 def sampling(req: SamplingRequest, max_tokens: int | None, default_max_tokens: int) -> dict:
@@ -93,7 +100,7 @@ def _parsed(chat: bool, req: SamplingRequest, model: str, ids: list[int], text: 
 # -- the two endpoints --------------------------------------------------------------------------------------
 def parse_completion(req: CompletionRequest, limits: ModelLimits, tokenizer,
                      default_max_tokens: int = 16) -> ParsedRequest:
-    model = check_model(req, limits)
+    model, adapter = req.model, limits.adapter(req.model)
     if isinstance(req.prompt, str):
         ids, text = tokenizer.encode(req.prompt), req.prompt
         if not ids:
@@ -104,13 +111,13 @@ def parse_completion(req: CompletionRequest, limits: ModelLimits, tokenizer,
             raise bad("prompt", f"'prompt' token ids must be in [0, {limits.vocab_size}): got {bad_ids[:5]}")
         ids, text = list(req.prompt), tokenizer.decode(req.prompt)
     _check_fits(len(ids), limits, "prompt")
-    settings = Settings(**sampling(req, req.max_tokens, default_max_tokens), stop=stops(req))
+    settings = Settings(**sampling(req, req.max_tokens, default_max_tokens), stop=stops(req), adapter=adapter)
     return _parsed(False, req, model, ids, text, settings, echo=bool(req.echo))
 
 
 def parse_chat(req: ChatCompletionRequest, limits: ModelLimits, fmt: ChatFormat,
                default_max_tokens: int) -> ParsedRequest:
-    model = check_model(req, limits)
+    model, adapter = req.model, limits.adapter(req.model)
     messages = [(m.role, m.text) for m in req.messages]
     if not any(text.strip() for _, text in messages):
         raise bad("messages", "every message in 'messages' is empty: say something", "empty_prompt")
@@ -123,5 +130,5 @@ def parse_chat(req: ChatCompletionRequest, limits: ModelLimits, fmt: ChatFormat,
     except ValueError as e:  # the model's chat template refused the conversation
         raise bad("messages", f"'messages': {e}") from None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    settings = Settings.for_chat(fmt, stops(req), **sampling(req, max_tokens, default_max_tokens))
+    settings = Settings.for_chat(fmt, stops(req), **sampling(req, max_tokens, default_max_tokens), adapter=adapter)
     return _parsed(True, req, model, prompt.ids, prompt.text, settings)
