@@ -229,3 +229,21 @@ def test_the_launchers_start_diloco_as_a_ring_of_workers():
 
     cfg, _ = compose_config("local", ["algo=diloco", "cluster.workers=3"])  # refused before for an unknown algo
     assert roles(cfg) == [("worker", 0), ("worker", 1), ("worker", 2)] and lead_task(cfg) == 0
+
+
+def test_fine_tuning_a_pretrained_directory_at_h1_equals_local(tmp_path):
+    """``model.pretrained=``: both ranks start from the Hugging Face directory's weights, and at H=1, outer lr 1,
+    no momentum and SGD inner (the equivalence above) the fine-tuned weights are local's on the union batch."""
+    from tests.test_hf_training import FAST as HF_FAST
+    from tests.test_hf_training import SMALL, hf_logits, pretrained_dir
+
+    src = pretrained_dir(tmp_path / "llama", "llama")
+    common = ["model=llama-tiny", f"model.pretrained={src}", *SMALL, "train.steps=6"]
+    s = train(tmp_path / "diloco", "algo=diloco", "cluster.workers=2", "train.batch_size=4", "algo.inner_steps=1",
+              "algo.outer_lr=1", "algo.outer_momentum=0", *common, *HF_FAST)
+    train(tmp_path / "local", "algo=local", "train.batch_size=8", *common)
+    assert s["steps"] == 6 and s["outer_steps"] == 6
+    d = weights_diff(tmp_path / "diloco", tmp_path / "local")  # (the SGD momentum is each rank's own)
+    assert d < 1e-5, d
+    x = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(0))
+    assert (hf_logits(tmp_path / "diloco" / "hf", x) - hf_logits(src, x)).abs().max() > 1e-4  # fine-tuned
