@@ -227,6 +227,11 @@ class Worker:
         # the run's counters go on from a resumed checkpoint's (the lead's)
         self.outer_steps, self.sent_before = int(t.carried.get("outer_steps", 0)), int(t.carried.get("bytes_sent", 0))
         self.ring_s = 0.0  # time spent waiting for a sync's sum: the part the inner steps did not hide
+        # what top shows of this rank's rounds (a round ends with its last fragment's outer step): how many, the
+        # inner steps and bytes sent of the last one, this rank's own inner samples/s
+        self.rounds = int(t.carried.get("rounds", 0))
+        self.last_round: dict = {}
+        self.mark = SimpleNamespace(step=t.step, sent=0, t0=time.perf_counter(), steps=0)
         self.recorder, self.lead = None, rank == 0
         self.round_s, self.budget = a.get("round_s"), None  # round_s: this round's steps (None: until T passes)
         self.round = SimpleNamespace(t0=time.perf_counter(), steps=0, samples=0)
@@ -249,6 +254,7 @@ class Worker:
                                       keep_until=t.step if self.cfg.resume else None)
         t.start_clock(self.recorder)
         self.round.t0 = time.perf_counter()  # (round_s: the first round's clock starts with training)
+        self.mark = SimpleNamespace(step=t.step, sent=self.sent(), t0=time.perf_counter(), steps=0)
         logger.info(f"diloco rank {self.rank}: ring of ranks {self.link.members} from step {t.step}; H={self.H} "
                     f"fragments={self.F} overlap_steps={self.tau} codec={self.codec}")
 
@@ -312,14 +318,26 @@ class Worker:
         self.ring_s += time.perf_counter() - t0  # the part of the sync the inner steps did not hide
         self.outer.step(p, summed, self.alpha)
         self.outer_steps += 1
-        return {"outer_step": self.outer_steps, "fragment": p, "synced_at": s,
-                "outer_loss": round(float(table[:, 0].sum()), 6), "bytes_sent": self.sent()}
+        row = {"outer_step": self.outer_steps, "fragment": p, "synced_at": s,
+               "outer_loss": round(float(table[:, 0].sum()), 6), "bytes_sent": self.sent()}
+        if p == self.F - 1:
+            self.end_round()
+            row.update(self.last_round)
+        return row
+
+    def end_round(self) -> None:
+        """A round is over (its last fragment merged): its inner steps and bytes sent on this rank."""
+        t, m = self.trainer, self.mark
+        self.rounds += 1
+        self.last_round = {"rounds": self.rounds, "round_inner_steps": t.step - m.step,
+                           "round_bytes_sent": self.sent() - m.sent}
+        m.step, m.sent = t.step, self.sent()
 
     def sent(self) -> int:
         return self.sent_before + self.link.bytes_sent
 
     def run_state(self) -> dict:  # the checkpoint JSON's counters, besides samples and wall time
-        return {"bytes_sent": self.sent(), "outer_steps": self.outer_steps}
+        return {"bytes_sent": self.sent(), "outer_steps": self.outer_steps, "rounds": self.rounds}
 
     def save(self) -> None:
         """Every rank's own state (the lead's checkpoint.safetensors is written by the caller)."""
@@ -339,12 +357,14 @@ class Worker:
         lr = t.apply_gradients()
         self.window.add(loss)
         self.since.append(loss)
+        self.mark.steps += 1
         row = {}
         if t.step <= self.warmup or not self.round_s:
             t.samples += self.total  # (round_s: counted at each sync, from every rank's count)
         if t.step == self.warmup:
             self.outer.reset()  # the first round starts from the weights every rank now has
             self.round.t0 = time.perf_counter()
+            self.mark.step, self.mark.sent = t.step, self.sent()
         if self.round_s and t.step > self.warmup:
             row.update(self.timed_round())
         for p, off in enumerate(self.offsets):
@@ -353,7 +373,9 @@ class Worker:
         while self.pending and self.pending[0][2] <= t.step:
             row.update(self.merge(self.pending.pop(0)))
         if t.step % t.train.log_every == 0 or t.step == t.end_step:
-            row.update(bytes_sent=self.sent(), outer_steps=self.outer_steps)
+            own = self.mark.steps * self.sizes[self.rank] / max(1e-9, time.perf_counter() - self.mark.t0)
+            row.update(bytes_sent=self.sent(), outer_steps=self.outer_steps, inner_samples_per_s=round(own, 2),
+                       **self.last_round)
             if self.lead:
                 row.update(loss=self.window.mean(), lr=lr, samples=t.samples, samples_per_s=round(t.rate, 2))
                 logger.info(f"step {t.step}/{t.end_step} loss {row['loss']:.4f} ({t.rate:,.0f} samples/s, "
@@ -396,7 +418,7 @@ class Worker:
         steps = max(1, t.step)
         summary = t.summary("diloco", self.window.mean(), evaluation, self.run_dir, ring=self.link.world,
                             inner_steps=self.H, round_s=self.round_s, fragments=self.F, overlap_steps=self.tau, codec=self.codec,
-                            outer_steps=self.outer_steps, bytes_sent=self.sent(),
+                            outer_steps=self.outer_steps, rounds=self.rounds, bytes_sent=self.sent(),
                             bytes_sent_per_step=round(self.sent() / steps),
                             sync_s_not_hidden_per_step=round(self.ring_s / steps, 6))
         return self.recorder.finish(summary)
