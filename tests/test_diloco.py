@@ -247,3 +247,22 @@ def test_fine_tuning_a_pretrained_directory_at_h1_equals_local(tmp_path):
     assert d < 1e-5, d
     x = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(0))
     assert (hf_logits(tmp_path / "diloco" / "hf", x) - hf_logits(src, x)).abs().max() > 1e-4  # fine-tuned
+
+
+def test_metrics_and_the_loss_plot_mark_every_outer_step(tmp_path):
+    """Each outer step is a row of metrics.jsonl (its fragment, the step it synced at, the round's figures at a
+    round's end), and the loss plot draws a tick at each of those steps."""
+    from matplotlib.collections import LineCollection
+
+    from smolcluster.telemetry.run_files import loss_figure, read_metrics
+
+    s = train(tmp_path, "algo=diloco", "cluster.workers=2", *ADAMW, "train.steps=9", "train.log_every=2",
+              "algo.inner_steps=3", *FAST)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    outer = [r for r in rows if "outer_step" in r]
+    assert [(r["step"], r["outer_step"], r["rounds"], r["round_inner_steps"]) for r in outer] == [
+        (3, 1, 1, 3), (6, 2, 2, 3), (9, 3, 3, 3)] and s["rounds"] == 3
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    ax = loss_figure(rows).axes[0]
+    ticks = [c for c in ax.collections if isinstance(c, LineCollection) and c.get_label() == "outer step"]
+    assert len(ticks) == 1 and sorted(seg[0][0] for seg in ticks[0].get_segments()) == [3, 6, 9]
