@@ -266,3 +266,45 @@ def test_metrics_and_the_loss_plot_mark_every_outer_step(tmp_path):
     ax = loss_figure(rows).axes[0]
     ticks = [c for c in ax.collections if isinstance(c, LineCollection) and c.get_label() == "outer step"]
     assert len(ticks) == 1 and sorted(seg[0][0] for seg in ticks[0].get_segments()) == [3, 6, 9]
+
+
+def test_a_late_joiner_takes_the_outer_momentum_and_a_lost_rank_leaves_the_run_going(tmp_path):
+    """3 slots, algo.min_workers=2: ranks 0 and 1 start the ring; rank 2, started after the first round, joins
+    between rounds with rank 0's weights and outer state; then rank 1 is killed mid-round and 0 and 2 finish. The
+    round it broke is synced again by the two (no outer step lost or doubled), and at the end the joiner's outer
+    weights and Nesterov momentum are rank 0's, bit for bit (a fresh momentum would differ in every later step)."""
+    from smolcluster.pipeline.launch import free_ports
+    from smolcluster.telemetry.run_files import read_metrics
+    from tests.cluster_util import Cluster
+    from tests.conftest import wait_until
+
+    # rank 1 sets the ring's pace (0.2 s a step) while it is in it: time for rank 2, a new process, to join
+    # before the end; without it the run goes at rank 0's 0.05 s
+    args = [*ADAMW, "train.steps=200", "train.log_every=4", "algo.inner_steps=4", "algo.min_workers=2", *FAST,
+            "cluster.nodes=[{delay_s: 0.05},{delay_s: 0.2},{delay_s: 0}]"]
+    with Cluster(tmp_path, "diloco", *args, workers=3, port=free_ports("127.0.0.1", 3)) as c:
+        def outer_rows(after: int = 0) -> list:
+            return [r for r in c.metrics() if "outer_step" in r and r["step"] > after]
+
+        c.worker(0)
+        c.worker(1)
+        assert wait_until(lambda: outer_rows(), 120), c.output("worker0")[-3000:]
+        c.worker(2)
+        took = "took the weights, inner optimizer and outer state (momentum included) of step "
+        assert wait_until(lambda: took in c.output("worker2"), 120), c.output("worker2")[-3000:]
+        joined = int(c.output("worker2").split(took)[1].split()[0])
+        assert wait_until(lambda: outer_rows(joined), 60), c.output("worker0")[-3000:]  # a round of three
+        c.kill("worker1")
+        for name in ("worker0", "worker2"):
+            assert c.wait(name, timeout=180) == 0, c.output(name)[-3000:]
+        s = c.summary()
+    events = [(e["step"], e["members"], e["joined"], e["left"]) for e in s["membership"][1:]]
+    assert len(events) == 2 and events[0] == (joined, [0, 1, 2], [2], []), events
+    left_at = events[1][0]
+    assert events[1][1:] == ([0, 2], [], [1]) and joined < left_at < 200 and left_at % 4 == 0, events
+    assert s["steps"] == 200 and s["outer_steps"] == s["rounds"] == 50 and s["ring"] == 2
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "outer_step" in r] == list(range(4, 201, 4))
+    lead, joiner = (load_file(tmp_path / f"diloco-rank{r}.safetensors") for r in (0, 2))
+    for key in ("momentum/0", "outer/0", *(k for k in lead if k.startswith("param/"))):
+        assert torch.equal(lead[key], joiner[key]), key
+    assert float(lead["momentum/0"].abs().max()) > 0 and s["final_loss"] < 2.0
