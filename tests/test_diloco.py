@@ -308,3 +308,13 @@ def test_a_late_joiner_takes_the_outer_momentum_and_a_lost_rank_leaves_the_run_g
     for key in ("momentum/0", "outer/0", *(k for k in lead if k.startswith("param/"))):
         assert torch.equal(lead[key], joiner[key]), key
     assert float(lead["momentum/0"].abs().max()) > 0 and s["final_loss"] < 2.0
+
+
+@pytest.mark.parametrize("override,message", [
+    ("algo.min_workers=3", "algo.min_workers=3 is invalid"),
+    ("algo.fragments=2", "algo.min_workers below cluster.workers needs an elastic ring"),
+])
+def test_joining_later_needs_an_elastic_ring(override, message):
+    cfg = compose_cfg("algo=diloco", "cluster.workers=2", "algo.inner_steps=4", "algo.min_workers=1", override)
+    with pytest.raises(ConfigError, match=message):
+        check(cfg)

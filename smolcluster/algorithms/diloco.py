@@ -26,7 +26,12 @@ feedback (per buffer, bucket and hop): a rank's residual is carried to the next 
 
 Checkpoints: the lead writes ``checkpoint.safetensors`` (its weights and inner optimizer) as allreduce does; every
 rank also writes ``diloco-rankR.safetensors`` (:func:`save_rank_state`), so a resumed run goes on as one run.
-Not elastic: a lost rank stops the run (resume from the last checkpoint).
+Elastic (plain DiLoCo: ``fragments=1``, ``overlap_steps=0``, ``round_s=null``): the ring re-forms as allreduce's
+(:meth:`RingLink.reform`). A lost rank breaks the next sync; the survivors re-form and sync that round again,
+each weighted by its share of the round's samples over theirs, and split the next steps' batches among
+themselves. A new rank asks to join; the next sync's table tells every member, so all re-form at that round's end
+and the newcomer takes a peer's weights, inner optimizer state and outer state (weights, Nesterov momentum). With
+fragments, overlap or round_s a lost rank stops the run (resume from the last checkpoint).
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ the roles, run through them.
 
 A node silent for cluster.liveness_s has vanished: one error line naming it; the run goes on as
 the algorithm defines when that node held nothing the run needs (syncps/edp workers: the server
-drops them; allreduce/diloco ranks but rank 0: the ring re-forms), and stops everywhere when it held the
+drops them; allreduce/diloco ranks but rank 0: the ring re-forms; diloco with fragments, overlap
+or round_s stops), and stops everywhere when it held the
 server, allreduce's rank 0 (which writes the run's files), or a pipeline stage. A role that fails
 to start or exits non-zero stops the run everywhere.
 """
