@@ -20,6 +20,17 @@ def test_targets_parse_ports_and_ranges():
         parse_targets("9400")
 
 
+async def settled(app, pilot, table_id: str, rows: int, polls: int):
+    """The app's table once it shows ``rows`` rows after at least ``polls`` polls (or after 30 s: the caller's
+    asserts then say what it shows)."""
+    table = app.query_one(table_id)
+    for _ in range(300):
+        await pilot.pause(0.1)
+        if table.row_count == rows and app.polls >= polls:
+            break
+    return table
+
+
 def _steps(view: ClusterView) -> dict[str, float]:
     return {n.name: n.values.get("step", -1) for n in view.poll() if n.up}
 
@@ -45,11 +56,7 @@ def test_live_view_of_a_syncps_run(tmp_path):
         async def drive() -> tuple[int, list[str], str]:
             app = make_app(ClusterView(run_dir=run_dir), interval_s=0.2)
             async with app.run_test(size=(160, 40)) as pilot:
-                table = app.query_one("#nodes")
-                for _ in range(300):
-                    await pilot.pause(0.1)
-                    if table.row_count == 3 and app.polls >= 3:
-                        break
+                table = await settled(app, pilot, "#nodes", 3, 3)
                 rows = [table.get_row_at(i) for i in range(table.row_count)]
                 logs = str(app.query_one("#logs").render())
                 (tmp_path / "top.svg").write_text(app.export_screenshot())
@@ -131,11 +138,7 @@ def test_live_view_of_a_two_stage_inference_pipeline(tmp_path):
         async def drive() -> list:
             app = make_app(ClusterView(run_dir=run_dir), interval_s=0.2)
             async with app.run_test(size=(160, 40)) as pilot:
-                table = app.query_one("#stages")
-                for _ in range(300):
-                    await pilot.pause(0.1)
-                    if table.row_count == 3 and app.polls >= 2:
-                        break
+                table = await settled(app, pilot, "#stages", 3, 2)
                 assert not app.query_one("#nodes").display  # no training table for an inference run
                 return [table.get_row_at(i) for i in range(table.row_count)]
 
@@ -213,11 +216,7 @@ def test_a_diloco_lora_run_shows_each_nodes_rounds_and_its_adapter_sized_sync(tm
         async def drive() -> tuple[list, list]:  # the terminal UI adds the round columns once it sees a diloco node
             app = make_app(ClusterView(run_dir=run_dir), interval_s=0.2)
             async with app.run_test(size=(200, 40)) as pilot:
-                table = app.query_one("#nodes")
-                for _ in range(300):
-                    await pilot.pause(0.1)
-                    if table.row_count == 2 and app.polls >= 2:
-                        break
+                table = await settled(app, pilot, "#nodes", 2, 2)
                 return [str(col.label) for col in table.columns.values()], [table.get_row_at(i) for i in range(2)]
 
         columns, rows = asyncio.run(drive())
