@@ -38,6 +38,9 @@ _KEYS = {"smolcluster_steps": "step", "smolcluster_samples": "samples", "smolclu
          "smolcluster_allreduce_seconds": "allreduce_s",
          "smolcluster_cpu_percent": "cpu_percent", "smolcluster_rss_bytes": "rss_bytes",
          "smolcluster_trainable_parameters": "trainable_params", "smolcluster_parameters": "params",
+         # algo=diloco's rounds
+         "smolcluster_rounds": "rounds", "smolcluster_round_inner_steps": "round_inner_steps",
+         "smolcluster_round_bytes_sent": "round_bytes_sent", "smolcluster_inner_samples_per_second": "inner_samples_per_s",
          # inference stages and the chat head (telemetry/serving.py)
          "smolcluster_requests_active": "active", "smolcluster_requests_waiting": "waiting",
          "smolcluster_kv_cache_bytes": "kv_bytes", "smolcluster_kv_cache_budget_bytes": "kv_budget",
@@ -171,6 +174,13 @@ class ClusterView:
 # -- how it looks ----------------------------------------------------------------------------------
 COLUMNS = ("node", "role", "state", "step", "steps/s", "loss", "samples/s", "staleness", "sent/s", "recv/s",
            "sent/step", "trainable", "peers", "CPU %", "RSS")
+# added when a node runs algo=diloco: its rounds, the inner steps and bytes sent of its last round, its own
+# inner samples/s (its samples/s column is the lead's, for the whole ring)
+ROUND_COLUMNS = ("rounds", "inner/round", "sent/round", "inner samples/s")
+
+
+def training_columns(nodes: list[Node]) -> tuple[str, ...]:
+    return COLUMNS + ROUND_COLUMNS if any("rounds" in n.values for n in nodes) else COLUMNS
 
 
 def _num(value, fmt: str) -> str:
@@ -191,7 +201,15 @@ def _rate(value) -> str:
     return "-" if value is None else _bytes(value) + "/s"
 
 
-def row_of(node: Node) -> tuple[str, ...]:
+def row_of(node: Node, rounds: bool = False) -> tuple[str, ...]:
+    """The node's training row (``rounds``: with the ROUND_COLUMNS)."""
+    v = node.values
+    extra = (_num(v.get("rounds"), ".0f"), _num(v.get("round_inner_steps"), ".0f"), _bytes(v.get("round_bytes_sent")),
+             _num(v.get("inner_samples_per_s"), ".0f")) if rounds else ()
+    return _base_row(node) + extra
+
+
+def _base_row(node: Node) -> tuple[str, ...]:
     v, r, lb = node.values, node.rates, node.labels
     staleness = None if "staleness_mean" not in v else f"{v['staleness_mean']:.1f}/{v.get('staleness_max', 0):.0f}"
     return (lb.get("node", "?"), f"{lb.get('role', '')}{lb.get('rank', '')}", "up" if node.up else "DOWN",
@@ -225,7 +243,9 @@ def rich_tables(nodes: list[Node]) -> list:
     """A training table and an inference table, each when it has nodes."""
     from rich.table import Table
 
-    kinds = [("smolcluster", COLUMNS, row_of, [n for n in nodes if not n.serving]),
+    training = [n for n in nodes if not n.serving]
+    columns = training_columns(training)
+    kinds = [("smolcluster", columns, lambda n: row_of(n, columns != COLUMNS), training),
              ("smolcluster inference", SERVING_COLUMNS, serving_row_of, [n for n in nodes if n.serving])]
     out = []
     for title, columns, row, group in [k for k in kinds if k[3]] or kinds[:1]:
@@ -286,7 +306,14 @@ def make_app(view: ClusterView, interval_s: float):
             self.call_from_thread(self._show, nodes, logs)
 
         def _show(self, nodes: list[Node], logs: dict) -> None:
-            for table_id, row, serving in (("#nodes", row_of, False), ("#stages", serving_row_of, True)):
+            training = [n for n in nodes if not n.serving]
+            columns = training_columns(training)
+            table = self.query_one("#nodes", DataTable)
+            if len(table.columns) != len(columns):  # a diloco node appeared: its round columns
+                table.clear(columns=True)
+                table.add_columns(*columns)
+            row_of_node = lambda n: row_of(n, columns != COLUMNS)  # noqa: E731
+            for table_id, row, serving in (("#nodes", row_of_node, False), ("#stages", serving_row_of, True)):
                 table = self.query_one(table_id, DataTable)
                 table.clear()
                 group = [n for n in nodes if n.serving == serving]

@@ -229,3 +229,92 @@ def test_the_launchers_start_diloco_as_a_ring_of_workers():
 
     cfg, _ = compose_config("local", ["algo=diloco", "cluster.workers=3"])  # refused before for an unknown algo
     assert roles(cfg) == [("worker", 0), ("worker", 1), ("worker", 2)] and lead_task(cfg) == 0
+
+
+def test_fine_tuning_a_pretrained_directory_at_h1_equals_local(tmp_path):
+    """``model.pretrained=``: both ranks start from the Hugging Face directory's weights, and at H=1, outer lr 1,
+    no momentum and SGD inner (the equivalence above) the fine-tuned weights are local's on the union batch."""
+    from tests.test_hf_training import FAST as HF_FAST
+    from tests.test_hf_training import SMALL, hf_logits, pretrained_dir
+
+    src = pretrained_dir(tmp_path / "llama", "llama")
+    common = ["model=llama-tiny", f"model.pretrained={src}", *SMALL, "train.steps=6"]
+    s = train(tmp_path / "diloco", "algo=diloco", "cluster.workers=2", "train.batch_size=4", "algo.inner_steps=1",
+              "algo.outer_lr=1", "algo.outer_momentum=0", *common, *HF_FAST)
+    train(tmp_path / "local", "algo=local", "train.batch_size=8", *common)
+    assert s["steps"] == 6 and s["outer_steps"] == 6
+    d = weights_diff(tmp_path / "diloco", tmp_path / "local")  # (the SGD momentum is each rank's own)
+    assert d < 1e-5, d
+    x = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(0))
+    assert (hf_logits(tmp_path / "diloco" / "hf", x) - hf_logits(src, x)).abs().max() > 1e-4  # fine-tuned
+
+
+def test_metrics_and_the_loss_plot_mark_every_outer_step(tmp_path):
+    """Each outer step is a row of metrics.jsonl (its fragment, the step it synced at, the round's figures at a
+    round's end), and the loss plot draws a tick at each of those steps."""
+    from matplotlib.collections import LineCollection
+
+    from smolcluster.telemetry.run_files import loss_figure, read_metrics
+
+    s = train(tmp_path, "algo=diloco", "cluster.workers=2", *ADAMW, "train.steps=9", "train.log_every=2",
+              "algo.inner_steps=3", *FAST)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    outer = [r for r in rows if "outer_step" in r]
+    assert [(r["step"], r["outer_step"], r["rounds"], r["round_inner_steps"]) for r in outer] == [
+        (3, 1, 1, 3), (6, 2, 2, 3), (9, 3, 3, 3)] and s["rounds"] == 3
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    ax = loss_figure(rows).axes[0]
+    ticks = [c for c in ax.collections if isinstance(c, LineCollection) and c.get_label() == "outer step"]
+    assert len(ticks) == 1 and sorted(seg[0][0] for seg in ticks[0].get_segments()) == [3, 6, 9]
+
+
+def test_a_late_joiner_takes_the_outer_momentum_and_a_lost_rank_leaves_the_run_going(tmp_path):
+    """3 slots, algo.min_workers=2: ranks 0 and 1 start the ring; rank 2, started after the first round, joins
+    between rounds with rank 0's weights and outer state; then rank 1 is killed mid-round and 0 and 2 finish. The
+    round it broke is synced again by the two (no outer step lost or doubled), and at the end the joiner's outer
+    weights and Nesterov momentum are rank 0's, bit for bit (a fresh momentum would differ in every later step)."""
+    from smolcluster.pipeline.launch import free_ports
+    from smolcluster.telemetry.run_files import read_metrics
+    from tests.cluster_util import Cluster
+    from tests.conftest import wait_until
+
+    # rank 1 sets the ring's pace (0.2 s a step) while it is in it: time for rank 2, a new process, to join
+    # before the end; without it the run goes at rank 0's 0.05 s
+    args = [*ADAMW, "train.steps=200", "train.log_every=4", "algo.inner_steps=4", "algo.min_workers=2", *FAST,
+            "cluster.nodes=[{delay_s: 0.05},{delay_s: 0.2},{delay_s: 0}]"]
+    with Cluster(tmp_path, "diloco", *args, workers=3, port=free_ports("127.0.0.1", 3)) as c:
+        def outer_rows(after: int = 0) -> list:
+            return [r for r in c.metrics() if "outer_step" in r and r["step"] > after]
+
+        c.worker(0)
+        c.worker(1)
+        assert wait_until(lambda: outer_rows(), 120), c.output("worker0")[-3000:]
+        c.worker(2)
+        took = "took the weights, inner optimizer and outer state (momentum included) of step "
+        assert wait_until(lambda: took in c.output("worker2"), 120), c.output("worker2")[-3000:]
+        joined = int(c.output("worker2").split(took)[1].split()[0])
+        assert wait_until(lambda: outer_rows(joined), 60), c.output("worker0")[-3000:]  # a round of three
+        c.kill("worker1")
+        for name in ("worker0", "worker2"):
+            assert c.wait(name, timeout=180) == 0, c.output(name)[-3000:]
+        s = c.summary()
+    events = [(e["step"], e["members"], e["joined"], e["left"]) for e in s["membership"][1:]]
+    assert len(events) == 2 and events[0] == (joined, [0, 1, 2], [2], []), events
+    left_at = events[1][0]
+    assert events[1][1:] == ([0, 2], [], [1]) and joined < left_at < 200 and left_at % 4 == 0, events
+    assert s["steps"] == 200 and s["outer_steps"] == s["rounds"] == 50 and s["ring"] == 2
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "outer_step" in r] == list(range(4, 201, 4))
+    lead, joiner = (load_file(tmp_path / f"diloco-rank{r}.safetensors") for r in (0, 2))
+    for key in ("momentum/0", "outer/0", *(k for k in lead if k.startswith("param/"))):
+        assert torch.equal(lead[key], joiner[key]), key
+    assert float(lead["momentum/0"].abs().max()) > 0 and s["final_loss"] < 2.0
+
+
+@pytest.mark.parametrize("override,message", [
+    ("algo.min_workers=3", "algo.min_workers=3 is invalid"),
+    ("algo.fragments=2", "algo.min_workers below cluster.workers needs an elastic ring"),
+])
+def test_joining_later_needs_an_elastic_ring(override, message):
+    cfg = compose_cfg("algo=diloco", "cluster.workers=2", "algo.inner_steps=4", "algo.min_workers=1", override)
+    with pytest.raises(ConfigError, match=message):
+        check(cfg)

@@ -20,6 +20,17 @@ def test_targets_parse_ports_and_ranges():
         parse_targets("9400")
 
 
+async def settled(app, pilot, table_id: str, rows: int, polls: int):
+    """The app's table once it shows ``rows`` rows after at least ``polls`` polls (or after 30 s: the caller's
+    asserts then say what it shows)."""
+    table = app.query_one(table_id)
+    for _ in range(300):
+        await pilot.pause(0.1)
+        if table.row_count == rows and app.polls >= polls:
+            break
+    return table
+
+
 def _steps(view: ClusterView) -> dict[str, float]:
     return {n.name: n.values.get("step", -1) for n in view.poll() if n.up}
 
@@ -45,11 +56,7 @@ def test_live_view_of_a_syncps_run(tmp_path):
         async def drive() -> tuple[int, list[str], str]:
             app = make_app(ClusterView(run_dir=run_dir), interval_s=0.2)
             async with app.run_test(size=(160, 40)) as pilot:
-                table = app.query_one("#nodes")
-                for _ in range(300):
-                    await pilot.pause(0.1)
-                    if table.row_count == 3 and app.polls >= 3:
-                        break
+                table = await settled(app, pilot, "#nodes", 3, 3)
                 rows = [table.get_row_at(i) for i in range(table.row_count)]
                 logs = str(app.query_one("#logs").render())
                 (tmp_path / "top.svg").write_text(app.export_screenshot())
@@ -131,11 +138,7 @@ def test_live_view_of_a_two_stage_inference_pipeline(tmp_path):
         async def drive() -> list:
             app = make_app(ClusterView(run_dir=run_dir), interval_s=0.2)
             async with app.run_test(size=(160, 40)) as pilot:
-                table = app.query_one("#stages")
-                for _ in range(300):
-                    await pilot.pause(0.1)
-                    if table.row_count == 3 and app.polls >= 2:
-                        break
+                table = await settled(app, pilot, "#stages", 3, 2)
                 assert not app.query_one("#nodes").display  # no training table for an inference run
                 return [table.get_row_at(i) for i in range(table.row_count)]
 
@@ -172,3 +175,49 @@ def test_once_on_a_run_without_metrics_says_why_instead_of_an_empty_table(tmp_pa
     proc = run_cli("smolcluster.top", "--run-dir", str(run_dir), "--once", "--interval", "0.01", check=False)
     assert proc.returncode == 1 and proc.stdout.strip() == ""
     assert "logging.prometheus.port=0" in proc.stderr and str(run_dir) in proc.stderr
+
+
+def test_a_diloco_lora_run_shows_each_nodes_rounds_and_its_adapter_sized_sync(tmp_path):
+    """A live diloco LoRA fine-tune of a tiny Llama directory, watched through its nodes' /metrics: every rank shows
+    its rounds rising, H inner steps a round, the bytes of its last round (a 2-ring sends each rank the adapters'
+    size once a round: only the adapters travel) and its own inner samples/s; the lead shows trainable/all."""
+    from smolcluster.data.text import embedded_corpus
+    from smolcluster.top import ROUND_COLUMNS, row_of, training_columns
+    from tests.test_hf_training import pretrained_dir
+
+    base = pretrained_dir(tmp_path / "base", "llama")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(embedded_corpus()[:20_000])
+    run_dir = tmp_path / "run"
+    with Cluster(run_dir, "diloco", "logging.prometheus.port=0", "model=llama-tiny", f"model.pretrained={base}",
+                 "model.block_size=32", "data=text", f"data.path={corpus}", "train.lora.enabled=true",
+                 "train.lora.r=4", "train.batch_size=4", "train.steps=100000", "train.log_every=5",
+                 "algo.inner_steps=5", "cluster.nodes=[{delay_s: 0.02},{delay_s: 0.02}]") as c:
+        c.worker(0)
+        c.worker(1)
+        view = ClusterView(run_dir=run_dir)
+
+        def ranks() -> dict:
+            return {n.labels["rank"]: n for n in view.poll() if n.up and n.values.get("rounds", 0) >= 2}
+
+        assert wait_until(lambda: sorted(ranks()) == ["0", "1"], 180), c.output("worker0")[-3000:]
+        nodes = ranks()
+        lead = nodes["0"].values
+        trainable, params = lead["trainable_params"], lead["params"]
+        assert 0 < trainable < params / 10  # the adapters
+        for n in nodes.values():
+            v = n.values
+            assert v["round_inner_steps"] == 5 and v["inner_samples_per_s"] > 0
+            assert 4 * trainable <= v["round_bytes_sent"] < 1.2 * 4 * trainable, (v["round_bytes_sent"], trainable)
+        assert training_columns(list(nodes.values()))[-len(ROUND_COLUMNS):] == ROUND_COLUMNS
+        row = row_of(nodes["0"], rounds=True)
+        assert row[-3] == "5" and f"{trainable:,.0f}/{params:,.0f}" in row[11], row
+
+        async def drive() -> tuple[list, list]:  # the terminal UI adds the round columns once it sees a diloco node
+            app = make_app(ClusterView(run_dir=run_dir), interval_s=0.2)
+            async with app.run_test(size=(200, 40)) as pilot:
+                table = await settled(app, pilot, "#nodes", 2, 2)
+                return [str(col.label) for col in table.columns.values()], [table.get_row_at(i) for i in range(2)]
+
+        columns, rows = asyncio.run(drive())
+        assert tuple(columns[-len(ROUND_COLUMNS):]) == ROUND_COLUMNS and all(r[-3] == "5" for r in rows), (columns, rows)

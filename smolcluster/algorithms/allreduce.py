@@ -356,6 +356,19 @@ class Membership:
         self.events = d["events"]
 
 
+def hand_over_files(recorder: RunRecorder, lead: bool, run_dir: Path, trainer: Trainer, step: int) -> RunRecorder:
+    """After a ring re-formed: a rank that now leads (the lowest member) appends to the metrics.jsonl the last lead
+    wrote, dropping rows of steps after ``step`` (the last lead's partial step, trained again); one that no
+    longer leads stops writing it."""
+    if lead and recorder._file is None:
+        recorder = RunRecorder(run_dir, sinks=recorder.sinks, keep_until=step)
+        recorder.t0 = time.time() - trainer.elapsed
+    elif not lead and recorder._file is not None:
+        recorder._file.close()
+        recorder._file = None
+    return recorder
+
+
 def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
     cluster, zero, algo = cfg.cluster, int(cfg.algo.zero), cfg.algo
     n = int(cluster.workers)
@@ -401,12 +414,8 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
             recorder = open_recorder(cfg, run_dir, files=lead, append=not fresh,
                                      keep_until=trainer.step if cfg.resume else None)
             trainer.start_clock(recorder)
-        elif lead and recorder._file is None:  # rows of steps after ours (the last lead's half step) go
-            recorder = RunRecorder(run_dir, sinks=recorder.sinks, keep_until=step)
-            recorder.t0 = time.time() - trainer.elapsed
-        elif not lead and recorder._file is not None:
-            recorder._file.close()
-            recorder._file = None
+        else:
+            recorder = hand_over_files(recorder, lead, run_dir, trainer, step)
 
     def form(first: bool) -> None:
         """Agree on the ring with every live rank (the first time too), catch up if behind, re-shard the data."""

@@ -26,7 +26,12 @@ feedback (per buffer, bucket and hop): a rank's residual is carried to the next 
 
 Checkpoints: the lead writes ``checkpoint.safetensors`` (its weights and inner optimizer) as allreduce does; every
 rank also writes ``diloco-rankR.safetensors`` (:func:`save_rank_state`), so a resumed run goes on as one run.
-Not elastic: a lost rank stops the run (resume from the last checkpoint).
+Elastic (plain DiLoCo: ``fragments=1``, ``overlap_steps=0``, ``round_s=null``): the ring re-forms as allreduce's
+(:meth:`RingLink.reform`). A lost rank breaks the next sync; the survivors re-form and sync that round again,
+each weighted by its share of the round's samples over theirs, and split the next steps' batches among
+themselves. A new rank asks to join; the next sync's table tells every member, so all re-form at that round's end
+and the newcomer takes a peer's weights, inner optimizer state and outer state (weights, Nesterov momentum). With
+fragments, overlap or round_s a lost rank stops the run (resume from the last checkpoint).
 """
 
 from __future__ import annotations
@@ -44,16 +49,25 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from smolcluster import checkpoint
-from smolcluster.algorithms.allreduce import bucket_bytes, state_tensors
+from smolcluster.algorithms.allreduce import (
+    Membership,
+    bucket_bytes,
+    check_quorum,
+    hand_over_files,
+    shares,
+    state_tensors,
+    weights_sha,
+)
 from smolcluster.algorithms.ps import batch_sizes, max_bytes
 from smolcluster.cluster import worker_settings
+from smolcluster.data.sharding import Sharder
 from smolcluster.errors import ConfigError, PeerError
 from smolcluster.pipeline.launch import launch_ranks
 from smolcluster.pipeline.nodes import stage_nodes
 from smolcluster.telemetry.run_files import open_recorder
 from smolcluster.trainer import LossWindow, Trainer
 from smolcluster.transport.compression import get_codec
-from smolcluster.transport.ring import RingLink, chunk_bounds
+from smolcluster.transport.ring import RingBroken, RingLink, chunk_bounds
 
 
 def _whole(a, key: str, low: int) -> int:
@@ -91,6 +105,13 @@ def check(cfg: DictConfig) -> None:
     mb = a.get("bucket_mb")
     if mb != "auto" and (not isinstance(mb, (int, float)) or isinstance(mb, bool) or mb <= 0):
         raise ConfigError(f"algo.bucket_mb={mb!r} is invalid: auto, or a positive number of MB, e.g. 25")
+    m = a.get("min_workers")
+    if m is not None and (not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= cfg.cluster.workers):
+        raise ConfigError(f"algo.min_workers={m!r} is invalid: between 1 and cluster.workers "
+                          f"({cfg.cluster.workers}), or null for all of them")
+    if m is not None and m < cfg.cluster.workers and (f > 1 or tau or t is not None or a.get("elastic") is False):
+        raise ConfigError("algo.min_workers below cluster.workers needs an elastic ring (ranks join later): "
+                          "algo.fragments=1 algo.overlap_steps=0 algo.round_s=null algo.elastic=true")
 
 
 class Outer:
@@ -170,17 +191,9 @@ def save_rank_state(path: Path, trainer: Trainer, outer: Outer, residuals: dict,
     tmp.replace(path)
 
 
-def load_rank_state(path: Path, trainer: Trainer, outer: Outer) -> tuple[dict, dict, list]:
-    """Restore :func:`save_rank_state`'s file into ``trainer`` and ``outer``; returns (meta, residuals, pending)."""
-    if not path.is_file():
-        raise ConfigError(f"resume: no {path.name} in {path.parent} (each rank's DiLoCo state): resume a run "
-                          "directory that an algo=diloco run with the same cluster.workers checkpointed")
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["diloco"])
-        t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
-    if meta["step"] != trainer.step:
-        raise ConfigError(f"resume: {path.name} is of step {meta['step']}, checkpoint.safetensors of step "
-                          f"{trainer.step}: the run directory holds checkpoints of two runs")
+def load_tensors(trainer: Trainer, outer: Outer, t: dict[str, torch.Tensor]) -> None:
+    """A rank's weights, inner optimizer state and outer state (weights, momentum) from ``t`` (:func:`state_tensors`
+    and :meth:`Outer.tensors`' keys): from its own file on resume, from a peer's on joining."""
     flats = list(trainer.flat.params.values())
     with torch.no_grad():
         for name, flat in trainer.flat.params.items():
@@ -192,6 +205,20 @@ def load_rank_state(path: Path, trainer: Trainer, outer: Outer) -> tuple[dict, d
                 i, name = key.split("/", 2)[1:]
                 trainer.optimizer.state[flats[int(i)]][name] = v.to(trainer.device)
     outer.load(t)
+
+
+def load_rank_state(path: Path, trainer: Trainer, outer: Outer) -> tuple[dict, dict, list]:
+    """Restore :func:`save_rank_state`'s file into ``trainer`` and ``outer``; returns (meta, residuals, pending)."""
+    if not path.is_file():
+        raise ConfigError(f"resume: no {path.name} in {path.parent} (each rank's DiLoCo state): resume a run "
+                          "directory that an algo=diloco run with the same cluster.workers checkpointed")
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["diloco"])
+        t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
+    if meta["step"] != trainer.step:
+        raise ConfigError(f"resume: {path.name} is of step {meta['step']}, checkpoint.safetensors of step "
+                          f"{trainer.step}: the run directory holds checkpoints of two runs")
+    load_tensors(trainer, outer, t)
     residuals = {k.removeprefix("ef/"): v for k, v in t.items() if k.startswith("ef/")}
     pending = [(p, s, m, t[f"pending/{j}"], t[f"pending_table/{j}"]) for j, (p, s, m) in enumerate(meta["pending"])]
     return meta, residuals, pending
@@ -227,34 +254,105 @@ class Worker:
         # the run's counters go on from a resumed checkpoint's (the lead's)
         self.outer_steps, self.sent_before = int(t.carried.get("outer_steps", 0)), int(t.carried.get("bytes_sent", 0))
         self.ring_s = 0.0  # time spent waiting for a sync's sum: the part the inner steps did not hide
+        # what top shows of this rank's rounds (a round ends with its last fragment's outer step): how many, the
+        # inner steps and bytes sent of the last one, this rank's own inner samples/s
+        self.rounds = int(t.carried.get("rounds", 0))
+        self.last_round: dict = {}
+        self.mark = SimpleNamespace(step=t.step, sent=0, t0=time.perf_counter(), steps=0)
         self.recorder, self.lead = None, rank == 0
         self.round_s, self.budget = a.get("round_s"), None  # round_s: this round's steps (None: until T passes)
         self.round = SimpleNamespace(t0=time.perf_counter(), steps=0, samples=0)
         self.delay_s = worker_settings(cluster, rank, cfg.train)["delay_s"]  # test knob: an artificially slow node
+        # elastic: the ring re-forms without a lost rank and takes in new ones between rounds (plain DiLoCo: with
+        # fragments or overlap a fragment is always in flight, with round_s the ranks are at different steps)
+        self.elastic = bool(a.get("elastic", True)) and self.F == 1 and not self.tau and not self.round_s
+        self.min_workers = int(a.get("min_workers") or self.n)
+        self.history, self.split = Membership(self.n), list(self.sizes)  # split: each member's share of a step
+        self.owed = False  # this rank's last sync broke: the ring owes it
+        self.reform_due = False  # a rank asked to join (every member read it in the same table), or the ring broke
 
     # -- the ring ------------------------------------------------------------------------------
-    def form(self) -> None:
+    def form(self, first: bool) -> None:
+        """Agree on the ring with every live rank (the first time too); a rank that is behind (a joiner, or one
+        whose last round's sync broke while a peer's completed) takes the source's state; the data is re-split
+        over the members; a sync the ring owes (it broke during it) is done again by the new ring.
+
+        The ring's reform compares steps; a rank reports ``2 * step + 1``, or ``2 * step`` while it owes the sync
+        of ``step`` (its all-reduce broke), so a rank that completed a round's outer step is ahead of one that
+        did not at the same step, and the decision says whether the new ring owes that sync."""
         t, c = self.trainer, self.cfg.cluster
-        d = self.pool.submit(self.link.reform, t.step, t.fingerprint, c.connect_timeout_s, self.n).result()
-        if d["behind"]:
-            raise PeerError(f"diloco rank {self.rank}: ranks {d['behind']} are behind step {d['step']}: every rank "
-                            "must start from the same step (resume all of them from the same run directory)")
-        if self.cfg.resume:
+        old_split = self.split
+        d = self.pool.submit(self.link.reform, 2 * t.step + (not self.owed), t.fingerprint, c.connect_timeout_s,
+                             self.min_workers if first else 1).result()
+        check_quorum(self.rank, self.history.members(), d["members"])
+        if d["behind"] and (first and self.cfg.resume or not self.elastic):
+            raise PeerError(f"diloco rank {self.rank}: ranks {d['behind']} are behind the ring's step: every rank "
+                            "must start from the same step (resume all of them from the same run directory; "
+                            "ranks join a running ring only with algo.fragments=1, overlap_steps=0, round_s=null)")
+        self.catch_up(d)
+        self.owed = d["step"] % 2 == 0
+        if first and self.cfg.resume:
             path = rank_state_path(checkpoint.resolve(self.cfg.resume).parent, self.rank)
             meta, residuals, pending = load_rank_state(path, t, self.outer)
             self.link.load_residuals(residuals)  # (after reform, which clears them)
             self.pending = [(p, s, m, _done((summed, table))) for p, s, m, summed, table in pending]
-        self.lead = self.rank == self.link.members[0]
-        self.recorder = open_recorder(self.cfg, self.run_dir, files=self.lead,
-                                      keep_until=t.step if self.cfg.resume else None)
-        t.start_clock(self.recorder)
-        self.round.t0 = time.perf_counter()  # (round_s: the first round's clock starts with training)
-        logger.info(f"diloco rank {self.rank}: ring of ranks {self.link.members} from step {t.step}; H={self.H} "
+        event = self.history.change(t.step, d["epoch"], self.history.members(), d["members"])
+        self.split = shares(self.sizes, self.link.members)
+        t.sharder = Sharder(len(t.data.train_x), self.split, self.cfg.seed)
+        self.take_lead(first)
+        if self.lead and (not first or d["behind"]):
+            self.recorder.event(t.step, "membership", weights_sha=weights_sha(t),
+                                **{k: v for k, v in event.items() if k != "step"})
+        logger.info(f"diloco rank {self.rank}: ring epoch {d['epoch']} of ranks {self.link.members} from step {t.step} "
+                    f"(joined {event['joined']}, left {event['left']}); batch share {self.split[self.rank]}; H={self.H} "
                     f"fragments={self.F} overlap_steps={self.tau} codec={self.codec}")
+        if self.owed:  # the members that trained this round weigh in by their shares of it, a rank behind not
+            mine = 0.0 if self.rank in d["behind"] else old_split[self.rank] / sum(
+                old_split[m] for m in d["members"] if m not in d["behind"])
+            self.sync(0, weight=mine)
+            self.recorder.log(t.step, **self.merge(self.pending.pop(0)))
+            self.owed = False
+        self.reform_due = False
+
+    def catch_up(self, d: dict) -> None:
+        """The source sends its state to the ranks behind; such a rank takes the weights, the inner optimizer's
+        state, the outer weights and Nesterov momentum, the step and the run's counters."""
+        t = self.trainer
+        if self.rank == d["source"]:
+            run = json.dumps({"samples": t.samples, "outer_steps": self.outer_steps, "rounds": self.rounds,
+                              "history": self.history.to_json(), "wall_s": t.elapsed})
+            tensors = {**state_tensors(t), **self.outer.tensors()}
+            for r in d["behind"]:
+                self.pool.submit(self.link.send_state, r, d["step"], tensors, run).result()
+        elif self.rank in d["behind"]:
+            msg = self.pool.submit(self.link.recv_state, d["source"]).result()
+            load_tensors(t, self.outer, {k: msg.tensor(k, copy=True) for k in msg.tensors})
+            run = json.loads(msg.fields["run"])
+            t.step, t.samples = d["step"] // 2, run["samples"]
+            self.outer_steps, self.rounds = run["outer_steps"], run["rounds"]
+            self.history.load(run["history"])
+            t.wall_before, t.t0 = run["wall_s"], time.perf_counter()
+            self.mark = SimpleNamespace(step=t.step, sent=self.sent(), t0=time.perf_counter(), steps=0)
+            logger.info(f"diloco rank {self.rank}: took the weights, inner optimizer and outer state (momentum "
+                        f"included) of step {t.step} from rank {d['source']}")
+
+    def take_lead(self, first: bool) -> None:
+        """The lowest member writes the run's files (a new lead appends to what the last one wrote)."""
+        t = self.trainer
+        self.lead = self.rank == self.link.members[0]
+        if self.recorder is None:
+            self.recorder = open_recorder(self.cfg, self.run_dir, files=self.lead, append=t.step > 0 and not self.cfg.resume,
+                                          keep_until=t.step if self.cfg.resume else None)
+            t.start_clock(self.recorder)
+            self.round.t0 = time.perf_counter()  # (round_s: the first round's clock starts with training)
+            self.mark = SimpleNamespace(step=t.step, sent=self.sent(), t0=time.perf_counter(), steps=0)
+        else:
+            self.recorder = hand_over_files(self.recorder, self.lead, self.run_dir, t, t.step)
 
     def _reduce(self, step: int, buf: torch.Tensor, name: str, row: list[float]):
+        """On the ring thread. The row gains whether a rank asks to join (the ring thread notes that)."""
         self.link.step = step  # stamped on the messages: every rank syncs the same fragment at the same step
-        return buf, self.link.allreduce(buf, self.codec, name, row=lambda: row)
+        return buf, self.link.allreduce(buf, self.codec, name, row=lambda: [*row, float(bool(self.link.joiners))])
 
     def _gather(self, stamp: int, row: list[float]) -> torch.Tensor:
         self.link.step = stamp
@@ -287,39 +385,58 @@ class Worker:
         t = self.trainer
         if self.round_s:  # every rank read the same table: all stop after the same round
             return t.samples >= t.total_steps * self.total
-        return t.step >= t.end_step
+        return t.step >= t.end_step and not self.reform_due  # (a sync the ring owes is done first)
 
     def _reduce_gradients(self, step: int) -> None:
         """Warmup: allreduce's step (the union batch's mean gradient on every rank), uncompressed."""
         self.link.step = step
         for name, g in self.trainer.flat.grads.items():
-            self.link.allreduce(g.mul_(self.sizes[self.rank] / self.total), "none", f"grad/{name}")
+            self.link.allreduce(g.mul_(self.split[self.rank] / self.total), "none", f"grad/{name}")
 
-    def sync(self, p: int) -> None:
-        """Start fragment p's all-reduce of its pseudo-gradient (the ring thread works on it meanwhile)."""
+    def sync(self, p: int, weight: float | None = None) -> None:
+        """Start fragment p's all-reduce of its pseudo-gradient (the ring thread works on it meanwhile), weighted
+        by this rank's share of the samples (``weight``: another)."""
         s = self.trainer.step
-        buf = self.outer.pseudo_gradient(p, self.sizes[self.rank] / self.total)
+        weight = self.split[self.rank] / self.total if weight is None else weight
+        buf = self.outer.pseudo_gradient(p, weight)
         loss = float(torch.stack(self.since).float().mean()) if self.since else 0.0
         self.since = []
-        row = [loss * self.sizes[self.rank] / self.total]
+        row = [loss * weight]
         self.pending.append((p, s, s + self.tau, self.pool.submit(self._reduce, s, buf, f"fragment{p}", row)))
 
     def merge(self, item) -> dict:
         """Wait for a fragment's sum and apply the outer step: the same on every rank."""
         p, s, _, future = item
         t0 = time.perf_counter()
-        summed, table = future.result()  # (a PeerError from the ring thread is raised here)
+        try:
+            summed, table = future.result()  # (a PeerError from the ring thread is raised here)
+        except RingBroken:
+            self.owed = True  # (on the ring's every live rank: none applied this outer step)
+            raise
         self.ring_s += time.perf_counter() - t0  # the part of the sync the inner steps did not hide
+        self.reform_due = self.reform_due or self.elastic and bool(table[:, -1].sum())
         self.outer.step(p, summed, self.alpha)
         self.outer_steps += 1
-        return {"outer_step": self.outer_steps, "fragment": p, "synced_at": s,
-                "outer_loss": round(float(table[:, 0].sum()), 6), "bytes_sent": self.sent()}
+        row = {"outer_step": self.outer_steps, "fragment": p, "synced_at": s,
+               "outer_loss": round(float(table[:, 0].sum()), 6), "bytes_sent": self.sent()}
+        if p == self.F - 1:
+            self.end_round()
+            row.update(self.last_round)
+        return row
+
+    def end_round(self) -> None:
+        """A round is over (its last fragment merged): its inner steps and bytes sent on this rank."""
+        t, m = self.trainer, self.mark
+        self.rounds += 1
+        self.last_round = {"rounds": self.rounds, "round_inner_steps": t.step - m.step,
+                           "round_bytes_sent": self.sent() - m.sent}
+        m.step, m.sent = t.step, self.sent()
 
     def sent(self) -> int:
         return self.sent_before + self.link.bytes_sent
 
     def run_state(self) -> dict:  # the checkpoint JSON's counters, besides samples and wall time
-        return {"bytes_sent": self.sent(), "outer_steps": self.outer_steps}
+        return {"bytes_sent": self.sent(), "outer_steps": self.outer_steps, "rounds": self.rounds}
 
     def save(self) -> None:
         """Every rank's own state (the lead's checkpoint.safetensors is written by the caller)."""
@@ -339,12 +456,14 @@ class Worker:
         lr = t.apply_gradients()
         self.window.add(loss)
         self.since.append(loss)
+        self.mark.steps += 1
         row = {}
         if t.step <= self.warmup or not self.round_s:
             t.samples += self.total  # (round_s: counted at each sync, from every rank's count)
         if t.step == self.warmup:
             self.outer.reset()  # the first round starts from the weights every rank now has
             self.round.t0 = time.perf_counter()
+            self.mark.step, self.mark.sent = t.step, self.sent()
         if self.round_s and t.step > self.warmup:
             row.update(self.timed_round())
         for p, off in enumerate(self.offsets):
@@ -353,7 +472,9 @@ class Worker:
         while self.pending and self.pending[0][2] <= t.step:
             row.update(self.merge(self.pending.pop(0)))
         if t.step % t.train.log_every == 0 or t.step == t.end_step:
-            row.update(bytes_sent=self.sent(), outer_steps=self.outer_steps)
+            own = self.mark.steps * self.sizes[self.rank] / max(1e-9, time.perf_counter() - self.mark.t0)
+            row.update(bytes_sent=self.sent(), outer_steps=self.outer_steps, inner_samples_per_s=round(own, 2),
+                       **self.last_round)
             if self.lead:
                 row.update(loss=self.window.mean(), lr=lr, samples=t.samples, samples_per_s=round(t.rate, 2))
                 logger.info(f"step {t.step}/{t.end_step} loss {row['loss']:.4f} ({t.rate:,.0f} samples/s, "
@@ -363,9 +484,21 @@ class Worker:
     def run(self) -> dict | None:
         t = self.trainer
         try:
-            self.form()
+            self.form(first=True)
             while not self.finished():
-                row = self.inner_step()
+                try:
+                    if self.reform_due:
+                        logger.info(f"diloco rank {self.rank}: re-forming the ring at step {t.step}")
+                        self.form(first=False)
+                        continue
+                    row = self.inner_step()
+                except RingBroken as e:
+                    if not self.elastic:
+                        raise PeerError(f"{e}; stopping the run (algo.fragments > 1, overlap_steps > 0, round_s or "
+                                        "algo.elastic=false: a lost rank stops the run; resume it)") from None
+                    logger.warning(f"{e}: re-forming the ring")
+                    self.reform_due = True
+                    continue
                 if self.lead:
                     t.after_step(self.recorder, self.run_dir, row, self.run_state)
                 elif row:
@@ -396,9 +529,9 @@ class Worker:
         steps = max(1, t.step)
         summary = t.summary("diloco", self.window.mean(), evaluation, self.run_dir, ring=self.link.world,
                             inner_steps=self.H, round_s=self.round_s, fragments=self.F, overlap_steps=self.tau, codec=self.codec,
-                            outer_steps=self.outer_steps, bytes_sent=self.sent(),
+                            outer_steps=self.outer_steps, rounds=self.rounds, bytes_sent=self.sent(),
                             bytes_sent_per_step=round(self.sent() / steps),
-                            sync_s_not_hidden_per_step=round(self.ring_s / steps, 6))
+                            sync_s_not_hidden_per_step=round(self.ring_s / steps, 6), membership=self.history.events)
         return self.recorder.finish(summary)
 
 

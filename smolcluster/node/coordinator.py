@@ -7,7 +7,7 @@ the roles, run through them.
                   get a control link, a role or a key, whatever else they claim
     3. place      syncps/edp: the server on cluster.server (or the node with the most free memory), one
                   worker on each other node (accelerators first; every node when there is only one);
-                  allreduce: a ring rank on every node (cluster.workers=N cycles the nodes);
+                  allreduce, diloco: a ring rank on every node (cluster.workers=N cycles the nodes);
                   mp / inference: algo.stages / stages stages on the nodes by free memory, most first
                   (mp: each stage's share of the layers in proportion to its node's free memory, unless
                   cluster.nodes[i].weight says; inference: cluster.nodes[i].memory_gb for partition=auto)
@@ -22,7 +22,8 @@ the roles, run through them.
 
 A node silent for cluster.liveness_s has vanished: one error line naming it; the run goes on as
 the algorithm defines when that node held nothing the run needs (syncps/edp workers: the server
-drops them; allreduce ranks but rank 0: the ring re-forms), and stops everywhere when it held the
+drops them; allreduce/diloco ranks but rank 0: the ring re-forms; diloco with fragments, overlap
+or round_s stops), and stops everywhere when it held the
 server, allreduce's rank 0 (which writes the run's files), or a pipeline stage. A role that fails
 to start or exits non-zero stops the run everywhere.
 """
@@ -67,7 +68,8 @@ from smolcluster.security import is_loopback
 from smolcluster.supervisor import child_overrides, sigterm_as_interrupt
 from smolcluster.transport import ClientEndpoint, client_key_name, make_keys
 
-ALGOS = ("syncps", "edp", "allreduce", "mp")
+ALGOS = ("syncps", "edp", "allreduce", "diloco", "mp")
+RINGS = ("allreduce", "diloco")  # a rank on every node, rank 0 writing the run's files
 # what the coordinator decides per run: never forwarded from the user's command line to the roles
 _OWN = ("cluster.host=", "cluster.bind=", "cluster.workers=", "cluster.keys=", "cluster.nodes=", "cluster.peers=",
         "cluster.write=", "cluster.server=", "cluster.discover_only=", "cluster.expect=", "node=", "cluster.insecure=",
@@ -488,7 +490,7 @@ def run_auto(cfg: DictConfig, run_dir: Path) -> dict:
         server_node, worker_nodes, ranks = None, None, None
         if algo in ("syncps", "edp"):
             server_node, worker_nodes = place(nodes, c)
-        elif algo == "allreduce":
+        elif algo in RINGS:
             ranks = place_ranks(nodes, int(c.workers) if c.get("workers") else len(nodes))
         else:
             ranks = place_ranks(nodes, int(cfg.algo.stages))
@@ -499,9 +501,9 @@ def run_auto(cfg: DictConfig, run_dir: Path) -> dict:
         common = [o for o in child_overrides() if not o.startswith(_OWN)]
         if ranks is None:
             lead, name = _start_ps(run, cfg, run_dir, server_node, worker_nodes, common)
-        elif algo == "allreduce":
+        elif algo in RINGS:
             run.essential = {ranks[0].name}  # rank 0 writes the run's files; the ring re-forms without the others
-            logger.info(f"placing allreduce: a ring of {len(ranks)}")
+            logger.info(f"placing {algo}: a ring of {len(ranks)}")
             run.start_ranks(ranks, "worker", [*common, f"cluster.workers={len(ranks)}"], run_dir / "keys")
             lead, name = links[ranks[0].name], "worker 0"
         else:  # mp: a pipeline needs every stage; the last writes the run's files

@@ -36,6 +36,9 @@ _GAUGES = {
     "rss_bytes": ("smolcluster_rss_bytes", "resident memory of this process"),
     "trainable_params": ("smolcluster_trainable_parameters", "parameters this process trains (LoRA: its adapters)"),
     "params": ("smolcluster_parameters", "parameters of the whole model, frozen ones included"),
+    "round_inner_steps": ("smolcluster_round_inner_steps", "diloco: inner steps this node took in its last round"),
+    "round_bytes_sent": ("smolcluster_round_bytes_sent", "diloco: bytes this node sent in its last round (the outer sync)"),
+    "inner_samples_per_s": ("smolcluster_inner_samples_per_second", "diloco: samples/s of this node's own inner steps"),
 }
 # metrics.jsonl key -> (exposition name, help). Counters: the row holds the running total.
 _COUNTERS = {
@@ -44,6 +47,7 @@ _COUNTERS = {
     "bytes_sent": ("smolcluster_bytes_sent_total", "bytes this node sent on the wire"),
     "bytes_received": ("smolcluster_bytes_received_total", "bytes this node received from the wire"),
     "dropped": ("smolcluster_gradients_dropped_total", "EDP: gradients dropped as too stale"),
+    "rounds": ("smolcluster_rounds_total", "diloco: rounds completed (each ends with an outer step of every fragment)"),
 }
 METRICS = {name: help_ for name, help_ in [*_GAUGES.values(), *_COUNTERS.values()]}
 

@@ -150,13 +150,23 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def plot_losses(metrics_path: str | Path, out: str | Path, title: str = "") -> Path:
-    """Train loss (and per-worker loss when present) and eval loss against step."""
+    """Train loss (and per-worker loss when present) and eval loss against step; see :func:`loss_figure`."""
+    import matplotlib.pyplot as plt
+
+    fig = loss_figure(read_metrics(metrics_path), title)
+    fig.savefig(out)
+    plt.close(fig)
+    return Path(out)
+
+
+def loss_figure(rows: list[dict], title: str = ""):
+    """The losses of ``rows`` against step, and a tick at the foot of the plot at each outer step (``algo=diloco``'s
+    rows with ``outer_step``: where the ranks synced and the loss may jump)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(metrics_path)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     series: dict[str, tuple[list, list]] = {}
     for r in rows:
@@ -168,16 +178,17 @@ def plot_losses(metrics_path: str | Path, out: str | Path, title: str = "") -> P
     for key, (xs, ys) in sorted(series.items()):
         style = dict(marker="o", lw=2) if key == "eval_loss" else dict(lw=1.5 if key == "loss" else 0.8)
         ax.plot(xs, ys, label=key.replace("loss/", "worker "), **style)
+    outer = [r["step"] for r in rows if "outer_step" in r]
+    if outer:  # in axes height (0 to 6%), whatever the loss's scale
+        ax.vlines(outer, 0, 0.06, transform=ax.get_xaxis_transform(), colors="tab:gray", lw=1, label="outer step")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if series:
+    if series or outer:
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return Path(out)
+    return fig
 
 
 def open_recorder(cfg, run_dir: str | Path, append: bool = False, files: bool = True,
