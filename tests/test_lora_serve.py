@@ -263,3 +263,24 @@ def test_adapters_that_do_not_fit_the_model_are_refused_in_one_line(saved, tmp_p
                 "prompt=hi", timeout=120, check=False)
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and lines[-1].startswith("error: adapters.wide=") and "does not fit" in lines[-1]
+
+
+def test_a_broken_adapter_directory_is_refused_in_one_line_naming_the_file(saved, tmp_path):
+    import json
+    import shutil
+
+    model_dir, adapters = saved
+    config = find_model(model_dir).config
+    broken = Path(shutil.copytree(adapters["beta"], tmp_path / "broken"))
+    good_config = (broken / "adapter_config.json").read_text()
+    (broken / "adapter_config.json").write_text(good_config[:-20])  # cut short
+    with pytest.raises(ConfigError, match=rf"^adapters.b={broken}: {broken}/adapter_config.json is not valid JSON"):
+        check_adapters({"b": str(broken)}, config)
+    (broken / "adapter_config.json").write_text(json.dumps({**json.loads(good_config), "lora_alpha": None}))
+    with pytest.raises(ConfigError, match=r"adapter_config.json has no number 'lora_alpha': re-save it"):
+        check_adapters({"b": str(broken)}, config)
+    (broken / "adapter_config.json").write_text(good_config)
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    with pytest.raises(ConfigError, match=rf"{weights} is not a readable safetensors file .*: re-save the adapter"):
+        check_adapters({"b": str(broken)}, config)

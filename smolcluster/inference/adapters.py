@@ -84,7 +84,16 @@ def lora_config(path: Path, where: str) -> dict:
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise ConfigError(f"{where}: no {CONFIG_FILE} + {WEIGHTS_FILE} there: give a PEFT adapter directory "
                           "(what PeftModel.save_pretrained writes, e.g. a LoRA run's RUN_DIR/adapter)")
-    cfg = json.loads((path / CONFIG_FILE).read_text())
+    resave = "re-save it with PeftModel.save_pretrained (or train it again with train.lora)"
+    try:
+        cfg = json.loads((path / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{where}: {path / CONFIG_FILE} is not valid JSON ({e}): {resave}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{where}: {path / CONFIG_FILE} is not a JSON object: {resave}")
+    missing = [k for k in ("r", "lora_alpha") if not isinstance(cfg.get(k), (int, float))]
+    if cfg.get("peft_type") == "LORA" and missing:
+        raise ConfigError(f"{where}: {path / CONFIG_FILE} has no number {missing[0]!r}: {resave}")
     if cfg.get("peft_type") != "LORA":
         raise ConfigError(f"{where}: a {cfg.get('peft_type')} adapter; serving applies LoRA adapters only")
     for key, fine in UNSUPPORTED.items():
@@ -95,10 +104,20 @@ def lora_config(path: Path, where: str) -> dict:
     return cfg
 
 
+def read_header(file: Path, where: str) -> dict[str, tuple[int, ...]]:
+    """``{tensor name: shape}`` of an adapter's safetensors file, refused in one line when it is no such file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    except SafetensorError as e:
+        raise ConfigError(f"{where}: {file} is not a readable safetensors file ({e}): re-save the adapter with "
+                          "PeftModel.save_pretrained (or copy it again: it may be truncated)") from None
+
+
 def read_adapter(name: str, path: str | Path, config: dict, shapes: dict[str, tuple[int, int]] | None = None) -> Adapter:
     """Adapter ``name`` at ``path``, checked against the served model (``config``: its config.json dict)."""
-    from safetensors import safe_open
-
     where = f"adapters.{name}={path}"
     if not NAME.match(str(name)):
         raise ConfigError(f"adapters: {name!r} is not an adapter name: use letters, digits, '.', '_' or '-' "
@@ -114,8 +133,7 @@ def read_adapter(name: str, path: str | Path, config: dict, shapes: dict[str, tu
     if model_class and served_class and model_class != served_class:
         raise ConfigError(f"{where} was trained on a {model_class}, the served model is a {served_class}: {fix}")
     shapes = projections(config) if shapes is None else shapes
-    with safe_open(str(path / WEIGHTS_FILE), "pt") as f:
-        header = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    header = read_header(path / WEIGHTS_FILE, where)
     modules: dict[str, tuple[str, str]] = {}
     for key in header:
         module, _, kind = key.removeprefix(PREFIX).rpartition(".lora_")
