@@ -284,3 +284,22 @@ def test_a_broken_adapter_directory_is_refused_in_one_line_naming_the_file(saved
     weights.write_bytes(weights.read_bytes()[:-100])  # truncated
     with pytest.raises(ConfigError, match=rf"{weights} is not a readable safetensors file .*: re-save the adapter"):
         check_adapters({"b": str(broken)}, config)
+
+
+def test_stages_must_serve_the_same_files_under_each_adapter_name_in_any_order(saved, tmp_path):
+    import shutil
+
+    from smolcluster.inference.adapters import digest
+    from smolcluster.inference.client import check_same_adapters
+
+    _, adapters = saved
+    alpha, beta = digest(adapters["alpha"]), digest(adapters["beta"])
+    assert digest(Path(shutil.copytree(adapters["alpha"], tmp_path / "copy"))) == alpha != beta
+    check_same_adapters([{"alpha": alpha, "beta": beta}, {"beta": beta, "alpha": alpha}])  # order is no matter
+    with pytest.raises(ConfigError) as e:  # node A: sql -> alpha's files, node B: sql -> beta's
+        check_same_adapters([{"sql": alpha}, {"sql": alpha}, {"sql": beta}])
+    assert str(e.value) == (f"adapter 'sql': its files differ between stages 0 ({alpha[:12]}), 1 ({alpha[:12]}), "
+                            f"2 ({beta[:12]}): start every stage with the same adapters= (the same files under "
+                            "each name)")
+    with pytest.raises(ConfigError, match=r"^adapter 'sql': stages \[1\] do not serve it, stages \[0\] do: start"):
+        check_same_adapters([{"sql": alpha}, {}])

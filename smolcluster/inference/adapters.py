@@ -26,6 +26,7 @@ missing, or its matrices' shapes differ) is refused in one line naming the misma
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -59,6 +60,18 @@ class Adapter:
     path: Path
     scale: float                              # lora_alpha / r (or / sqrt(r): use_rslora)
     modules: dict[str, tuple[str, str]]       # module name (the stage's) -> (A key, B key) in the file
+    digest: str                               # sha256 of its config and weights: stages serving a name agree on it
+
+
+def digest(path: Path) -> str:
+    """sha256 of an adapter's config and weights files' bytes: what stages compare, so a name means one adapter
+    (names alone would let two nodes serve different directories under one name)."""
+    h = hashlib.sha256()
+    for file in (CONFIG_FILE, WEIGHTS_FILE):
+        with open(path / file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):  # (hashlib.file_digest needs Python 3.11)
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def projections(config: dict) -> dict[str, tuple[int, int]]:
@@ -156,7 +169,7 @@ def read_adapter(name: str, path: str | Path, config: dict, shapes: dict[str, tu
     if extra:  # a trained copy of a whole layer (modules_to_save, an adapted embedding's base), DoRA's magnitudes
         raise ConfigError(f"{where}: tensor {extra[0]!r} is not a LoRA A/B matrix; serving applies plain LoRA "
                           "(serve the merged model instead: train.lora.merge=true)")
-    return Adapter(str(name), path, scale, modules)
+    return Adapter(str(name), path, scale, modules, digest(path))
 
 
 def check_adapters(adapters: dict | None, config: dict) -> dict[str, str]:
@@ -170,6 +183,7 @@ class Router:
 
     def __init__(self, names: list[str], device):
         self.names, self.index, self.device = names, {n: i for i, n in enumerate(names)}, device
+        self.digests: dict[str, str] = {}  # name -> its adapter's digest, for the stage's beacon
         self.groups: list[tuple[int, torch.Tensor | None]] = []  # (adapter, its rows; None: every row)
 
     def route(self, adapters: list[int], sizes: list[int]) -> None:
@@ -220,6 +234,7 @@ def attach(stage: nn.Module, config: dict, adapters: dict[str, str], device) -> 
     wrapped: dict[str, LoRALinear] = {}
     for k, (name, path) in enumerate(adapters.items()):
         adapter = read_adapter(name, path, config, shapes)
+        router.digests[name] = adapter.digest
         with safe_open(str(adapter.path / WEIGHTS_FILE), "pt") as f:
             for module, (a, b) in adapter.modules.items():
                 if module not in own:  # another stage's block

@@ -227,7 +227,7 @@ class StageServer:
             "role": "stage", "rank": sc.rank, "stages": sc.n_stages, "head_rank": self.head_rank,
             "serving": False, "blocks": [self.spec.blocks.start, self.spec.blocks.stop],
             "shape": self.arch.describe(), "kv_budget": self.kv_budget, "kernels": kernels(self.fmt),
-            "adapters": list(self.sc.adapters),
+            "adapters": self.lora.digests if self.lora else {},  # {name: digest}: the head checks stages agree
         }
         others = [n for n in self.names if n != self.me]
         self.mesh.wait_ready(others, sc.connect_timeout_s, " (the other inference stages)")
