@@ -124,7 +124,7 @@ def test_served_greedy_equals_peft_generate_and_mixed_requests_equal_their_solo_
     assert [r.tokens() for r in reqs] == [solo[a] for a, _ in cases]
     # they shared steps: rows of different adapters (or of one and the base) in one forward, on each stage
     assert wait_until(lambda: min(mixed_steps(pipe)) > 0, 10), mixed_steps(pipe)
-    with pytest.raises(ConfigError, match="no adapter 'gamma': the stages serve adapters alpha, beta"):
+    with pytest.raises(ConfigError, match="no adapter 'gamma' here: this pipeline serves adapters alpha, beta"):
         pipe.submit(prompt(4, 3), adapter="gamma")
 
 

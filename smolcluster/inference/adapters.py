@@ -74,6 +74,26 @@ def digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def unknown_adapter(name: str, served) -> str:
+    """What a request naming an adapter the pipeline does not serve is told (by the head and by stage 0)."""
+    return (f"no adapter {name!r} here: this pipeline serves adapters {', '.join(served) or 'none'} "
+            f"(start every stage with adapters={{{name}:DIR}})")
+
+
+def model_ids(base: str, served) -> list[str]:
+    """The model ids a request may name (the API's and the chat UI's): the base model's, then ``BASE:NAME`` for
+    each adapter served."""
+    return [base, *(f"{base}:{a}" for a in served)]
+
+
+def adapter_of(model: str, base: str, served) -> str | None:
+    """The adapter model id ``model`` names ("": the base model; None: an id not served here)."""
+    if model == base:
+        return ""
+    name = model.removeprefix(f"{base}:")
+    return name if name != model and name in served else None
+
+
 def projections(config: dict) -> dict[str, tuple[int, int]]:
     """``{module name: (in, out)}`` of the served model's blocks' projections (what an adapter may adapt),
     from the whole model built on the meta device (no memory)."""

@@ -23,6 +23,7 @@ import numpy as np
 from loguru import logger
 
 from smolcluster.errors import ConfigError, PeerError
+from smolcluster.inference.adapters import unknown_adapter
 from smolcluster.inference.sampling import SamplingParams
 from smolcluster.pipeline.mesh import Mesh, PeerLost
 from smolcluster.pipeline.partition import stage_name
@@ -240,8 +241,7 @@ class PipelineClient:
         if min(ids) < 0 or max(ids) >= vocab:
             raise ConfigError(f"prompt token ids must be in [0, {vocab}): is the tokenizer the model's?")
         if adapter and adapter not in self.adapters:
-            raise ConfigError(f"no adapter {adapter!r}: the stages serve adapters "
-                              f"{', '.join(self.adapters) or 'none'} (start them with adapters={{NAME:DIR}})")
+            raise ConfigError(unknown_adapter(adapter, self.adapters))
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
         params = SamplingParams(float(temperature), int(top_k), float(top_p),

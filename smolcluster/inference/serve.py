@@ -57,7 +57,7 @@ import torch
 from loguru import logger
 
 from smolcluster.errors import ConfigError, PeerError, SmolclusterError
-from smolcluster.inference.adapters import adapter_numel, attach
+from smolcluster.inference.adapters import adapter_numel, attach, unknown_adapter
 from smolcluster.inference.sampling import SamplingParams, make_generator, next_token
 from smolcluster.pipeline.architectures import KVCache, family_for
 from smolcluster.pipeline.architectures.base import Batch, pin_attributes
@@ -125,11 +125,6 @@ class RequestState:
     fed: int = 0                      # stage 0: prompt tokens sent into the pipeline so far
     reserved: list[int] = field(default_factory=list)  # stage 0: KV bytes held for it on each stage
     adapter: str = ""                 # the LoRA adapter its rows go through ("": none)
-
-
-def unknown_adapter(name: str, adapters: dict) -> str:
-    served = ", ".join(adapters) or "none"
-    return f"no adapter {name!r} here: this pipeline serves adapters {served} (give adapters={{{name}:DIR}})"
 
 
 def node_memory_bytes() -> int:
