@@ -303,3 +303,21 @@ def test_stages_must_serve_the_same_files_under_each_adapter_name_in_any_order(s
                             "each name)")
     with pytest.raises(ConfigError, match=r"^adapter 'sql': stages \[1\] do not serve it, stages \[0\] do: start"):
         check_same_adapters([{"sql": alpha}, {}])
+
+
+def test_a_request_intro_with_a_field_of_the_wrong_type_is_refused_naming_it():
+    """What ``mp.hidden`` nests (``intro[req]``) is checked as the wire checks a message's own fields."""
+    from smolcluster.errors import PeerError
+    from smolcluster.inference.serve import check_intro
+
+    good = {"head": "h", "max_new_tokens": 4, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 1, "eos": [2],
+            "prompt_len": 3, "adapter": "alpha"}
+    check_intro("r1", good, "stage-0")
+    with pytest.raises(PeerError) as e:
+        check_intro("r1", {**good, "adapter": ["alpha"]}, "stage-0")
+    assert str(e.value) == ("stage-0 introduced request 'r1' with adapter=['alpha'] (adapter must be str): every "
+                            "stage must run the same smolcluster version")
+    with pytest.raises(PeerError, match=r"with top_k=None \(top_k must be int\)"):
+        check_intro("r1", {k: v for k, v in good.items() if k != "top_k"}, "stage-0")
+    with pytest.raises(PeerError, match=r"with temperature=True \(temperature must be int or float\)"):
+        check_intro("r1", {**good, "temperature": True}, "stage-0")

@@ -63,6 +63,7 @@ from smolcluster.pipeline.architectures import KVCache, family_for
 from smolcluster.pipeline.architectures.base import Batch, pin_attributes
 from smolcluster.pipeline.mesh import Envelope, Mesh, PeerLost
 from smolcluster.pipeline.partition import stage_name
+from smolcluster.pipeline.protocol import REQUEST_FIELDS
 from smolcluster.pipeline.quantize import StageFormat, kernels, resolve_device
 from smolcluster.pipeline.weights import load_stage
 
@@ -125,6 +126,20 @@ class RequestState:
     fed: int = 0                      # stage 0: prompt tokens sent into the pipeline so far
     reserved: list[int] = field(default_factory=list)  # stage 0: KV bytes held for it on each stage
     adapter: str = ""                 # the LoRA adapter its rows go through ("": none)
+
+
+def check_intro(req, intro, src: str) -> None:
+    """A request's intro (``mp.hidden``'s ``intro[req]``) typed as :data:`protocol.REQUEST_FIELDS` says: the wire
+    checks a message's own fields, not what nests in them, and a wrong type would fail deep in a step."""
+    if not isinstance(intro, dict):
+        raise PeerError(f"{src} introduced request {req!r} with {type(intro).__name__}, not a dict of "
+                        "its settings: every stage must run the same smolcluster version")
+    for key, kind in REQUEST_FIELDS.items():
+        value = intro.get(key)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            want = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise PeerError(f"{src} introduced request {req!r} with {key}={value!r} ({key} must be {want}): every "
+                            "stage must run the same smolcluster version")
 
 
 def node_memory_bytes() -> int:
@@ -448,9 +463,10 @@ class StageServer:
         step = Step(list(f["reqs"]), list(f["sizes"]), list(f["emit"]), dict(f["intro"]))
         for req, intro in step.intro.items():
             if req not in self.requests and req not in self.closed:
+                check_intro(req, intro, env.src)
                 params = SamplingParams(float(intro["temperature"]), int(intro["top_k"]), float(intro["top_p"]),
                                         int(intro["seed"]))
-                adapter = intro.get("adapter", "")
+                adapter = intro["adapter"]
                 if adapter and adapter not in self.sc.adapters:
                     raise ConfigError(f"{self.me}: {unknown_adapter(adapter, self.sc.adapters)} (start every "
                                       "stage with the same adapters=)")
