@@ -108,6 +108,23 @@ def test_the_merged_adapter_is_locals_and_loads_with_peft(runs, tmp_path):
         assert float((merged(x).logits - mine).abs().max()) < 1e-5
 
 
+def test_a_merged_part_from_another_step_is_refused(runs, tmp_path):
+    """Each stage's merged part (merge=true) carries its step; hf/ is built only from the checkpoint's step."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from smolcluster.pipeline.shards import merge
+
+    run = shutil.copytree(runs["mp"], tmp_path / "run", ignore=shutil.ignore_patterns("hf", "adapter"))
+    part = run / "stage-1-of-2.hf.safetensors"
+    with safe_open(str(part), framework="pt") as f:
+        assert f.metadata() == {"step": str(STEPS)}
+    save_file(load_file(part), str(part), metadata={"step": str(STEPS // 2)})  # a part left from an earlier save
+    with pytest.raises(ConfigError, match=rf"^{part} is from step {STEPS // 2}, the shards from step {STEPS}: rerun"):
+        merge(run)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_stages_hold_the_base_in_its_precision_and_compute_the_whole_models_logits(precision):
     """The two stages of a peft model over a bf16 or int8 base (adapters moved off zero, the head tied: the last

@@ -349,7 +349,8 @@ class StageTrainer(Trainer):
             extra["lora"] = self.train.lora
             if self.train.lora.get("merge"):
                 merged = lora.merged(self.model)
-                shards.save_hf_part(run_dir, self.rank, self.n, {n: p for n, p in merged.named_parameters()})
+                shards.save_hf_part(run_dir, self.rank, self.n, {n: p for n, p in merged.named_parameters()},
+                                    self.step)
         return shards.save_shard(run_dir, self.rank, self.n, self.model, self.optimizer, self.step, extra)
 
     # -- the loop ---------------------------------------------------------------------------
