@@ -166,6 +166,11 @@ def test_what_a_pipeline_cannot_adapt_is_refused_in_one_line():
                        {**LORA, "target_modules": ["q_proj", "lm_head"]}, seed=0)
     with pytest.raises(ConfigError, match="adapts lm_head under algo=mp, which adapts the decoder blocks only"):
         split_for_training(whole, 2, [1.0, 1.0], 1, LORA)
+    only_block0 = lora.apply(build_causal_lm("llama", vocab_size=64, n_layer=2, n_embd=32, n_head=2),
+                             {**LORA, "target_modules": ["layers.0.self_attn.q_proj"]}, seed=0)
+    with pytest.raises(ConfigError, match=r"^train.lora.target_modules=\['layers.0.self_attn.q_proj'\]: stage 1 "
+                                          r"\(blocks 1-1\) holds none of them \(Target modules"):
+        split_for_training(only_block0, 2, [1.0, 1.0], 1, LORA)
     gpt2 = lora.apply(build_gpt2(vocab_size=64, n_layer=2, n_head=2, n_embd=32, n_positions=32), LORA, seed=0)
     with pytest.raises(ConfigError, match="Conv1D.*use algo=local, syncps, edp or allreduce for GPT-2"):
         split_for_training(gpt2, 2, [1.0, 1.0], 0, LORA)

@@ -85,7 +85,7 @@ def apply(model: nn.Module, lora: dict, seed: int) -> nn.Module:
     return peft_model
 
 
-def wrap_stage(stage: nn.Module, whole: nn.Module, lora: dict) -> nn.Module:
+def wrap_stage(stage: nn.Module, whole: nn.Module, lora: dict, where: str = "this stage") -> nn.Module:
     """A pipeline stage (built on the meta device) wrapped as :func:`apply` wrapped ``whole``: peft's LoRA layers
     on the same target modules, int8 bases where ``whole``'s are; the caller then assigns it ``whole``'s tensors.
 
@@ -100,9 +100,14 @@ def wrap_stage(stage: nn.Module, whole: nn.Module, lora: dict) -> nn.Module:
     config.task_type, config.base_model_name_or_path = None, None  # the stage is no transformers model
     try:
         stage = get_peft_model(stage, config)
-    except ValueError as e:  # "Target module Conv1D() is not supported": the pipeline's own GPT-2 layer
-        raise ConfigError(f"train.lora with algo=mp: {e} (the pipeline's GPT-2 stages hold their own Conv1D): "
-                          "use algo=local, syncps, edp or allreduce for GPT-2") from None
+    except ValueError as e:
+        if "Conv1D" in str(e):  # "Target module Conv1D() is not supported": the pipeline's own GPT-2 layer
+            raise ConfigError(f"train.lora with algo=mp: {e} (the pipeline's GPT-2 stages hold their own Conv1D): "
+                              "use algo=local, syncps, edp or allreduce for GPT-2") from None
+        # e.g. "Target modules {...} not found in the base model": the whole model has them, this stage's blocks not
+        raise ConfigError(f"train.lora.target_modules={sorted(config.target_modules)}: {where} holds none of them "
+                          f"({e}); under algo=mp every stage adapts its own blocks: name projections every block "
+                          f"has (its Linear layers: {', '.join(linear_names(stage)) or 'none'})") from None
     if lora.get("base_precision") == "int8":
         quantize_bases(stage)
     return stage
