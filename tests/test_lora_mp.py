@@ -176,6 +176,21 @@ def test_what_a_pipeline_cannot_adapt_is_refused_in_one_line():
         split_for_training(gpt2, 2, [1.0, 1.0], 0, LORA)
 
 
+def test_the_adapter_directory_is_refused_when_the_shards_lack_or_add_an_adapter(tmp_path):
+    torch.manual_seed(0)
+    whole = lora.apply(build_causal_lm("llama", vocab_size=64, n_layer=2, n_embd=32, n_head=2), LORA, seed=0)
+    adapters = {n: p.detach() for n, p in whole.named_parameters() if p.requires_grad}
+    config, gone = whole.get_base_model().config, sorted(adapters)[0]
+    lora.save_whole_adapter(config, LORA, adapters, tmp_path / "whole")
+    assert load_file(tmp_path / "whole" / "adapter_model.safetensors").keys() == {
+        k.replace(".default", "") for k in adapters}
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}/part: the shards lack adapter {gone} of a llama with "
+                                          "train.lora's target modules: merge shards of one run$"):
+        lora.save_whole_adapter(config, LORA, {k: v for k, v in adapters.items() if k != gone}, tmp_path / "part")
+    with pytest.raises(ConfigError, match="the shards' adapter extra.lora_A.weight is not in a llama"):
+        lora.save_whole_adapter(config, LORA, {**adapters, "extra.lora_A.weight": adapters[gone]}, tmp_path / "more")
+
+
 def test_a_bf16_stage_sends_its_activations_as_bf16_bits():
     """numpy has no bfloat16: a stage over a bf16 base hands the wire torch tensors, and gets them back exact."""
     from smolcluster.pipeline import protocol

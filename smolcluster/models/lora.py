@@ -123,10 +123,14 @@ def save_whole_adapter(hf_config, lora: dict, adapters: dict[str, torch.Tensor],
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(hf_config)
         model = get_peft_model(base, lora_config(lora, base))
-    unknown = model.load_state_dict(adapters, assign=True, strict=False).unexpected_keys
-    if unknown:
-        raise ConfigError(f"{out_dir}: the shards' adapter {unknown[0]} is not in a {hf_config.model_type} "
-                          "with train.lora's target modules: merge shards of one run")
+    keys = model.load_state_dict(adapters, assign=True, strict=False)
+    # An adapter the shards lack would stay a meta tensor ("Cannot copy out of meta tensor" as it is saved).
+    missing = [k for k in keys.missing_keys if ".lora_" in k]
+    if keys.unexpected_keys or missing:
+        problem = (f"the shards' adapter {keys.unexpected_keys[0]} is not in" if keys.unexpected_keys else
+                   f"the shards lack adapter {missing[0]} of")
+        raise ConfigError(f"{out_dir}: {problem} a {hf_config.model_type} with train.lora's target modules: "
+                          "merge shards of one run")
     return save_adapter(model, out_dir)
 
 
