@@ -154,13 +154,30 @@ def test_stages_hold_the_base_in_its_precision_and_compute_the_whole_models_logi
     assert diff < 1e-6, diff  # the stages compute transformers' ops in the base's precision, op for op
 
 
-def test_what_a_pipeline_cannot_adapt_is_refused_in_one_line():
+def gpt2_config_dir(tmp_path):
+    """A model directory whose config.json says GPT-2 (all validation reads of it)."""
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    return tmp_path / "gpt2"
+
+
+def test_what_a_pipeline_cannot_adapt_is_refused_in_one_line(tmp_path):
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
         cfg = compose("config", overrides=["algo=mp", "model=mlp", "data=digits", "train.lora.enabled=true"])
     from smolcluster.config import validate
 
     with pytest.raises(ConfigError, match="train.lora with algo=mp adapts a language model's decoder blocks"):
         validate(cfg)
+    # refused as the config is validated, so every process stops at once (GPT-2, the embedding or LM head)
+    for model, more, want in [("gpt2-tiny", [], "GPT-2 stages hold their own Conv1D.*allreduce for GPT-2$"),
+                              ("llama-tiny", ["train.lora.target_modules=[q_proj,lm_head]"],
+                               "^train.lora.target_modules names lm_head under algo=mp, which adapts the decoder"),
+                              ("llama-tiny", [f"model.pretrained={gpt2_config_dir(tmp_path)}"], "GPT-2 stages")]:
+        with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+            cfg = compose("config", overrides=["algo=mp", f"model={model}", "data=text", "train.lora.enabled=true",
+                                               *more])
+        with pytest.raises(ConfigError, match=want):
+            validate(cfg)
     torch.manual_seed(0)
     whole = lora.apply(build_causal_lm("llama", vocab_size=64, n_layer=2, n_embd=32, n_head=2),
                        {**LORA, "target_modules": ["q_proj", "lm_head"]}, seed=0)
