@@ -12,10 +12,10 @@ every adapter's ``lora_A`` / ``lora_B`` matrices and wraps each adapted projecti
 
 as peft's ``LoraLayer`` does (its order of operations, in float32 on any base format), one gather per
 adapter present in the step: Punica's and LoRAX's multi-LoRA batching, with a plain gather standing in
-for their segmented GPU kernels (the stage's matmuls, not this, dominate a CPU step).
+for their segmented GPU kernels.
 
-Why the config is read as JSON, not with ``peft.LoraConfig``: importing peft pulls in ``transformers``
-(~8 s and ~170 MB more per stage process, measured here), and stages never import it. The format is
+Why the config is read as JSON, not with ``peft.LoraConfig``: importing peft pulls in ``transformers``, which
+stages otherwise never import (its start-up time and memory in every stage process). The format is
 peft's; the keys read are peft's names, and every option that changes a LoRA layer's output beyond the
 formula above is refused by name (:data:`UNSUPPORTED`) rather than served wrong.
 
