@@ -130,6 +130,24 @@ def test_served_greedy_equals_peft_generate_and_mixed_requests_equal_their_solo_
         pipe.submit(prompt(4, 3), adapter="gamma")
 
 
+def test_stage_0_refuses_an_adapter_it_does_not_serve_and_the_caller_hears_why(served):
+    """Around the head's own check (its list of adapters given one more name): the stage's refusal reaches the
+    request, and the pipeline serves on."""
+    from smolcluster.errors import PeerError
+
+    engine, _ = served
+    pipe = engine.pipeline()
+    pipe.client.adapters.append("gamma")
+    try:
+        req = pipe.submit(prompt(4, 3), max_new_tokens=2, adapter="gamma")  # the head lets it through
+        with pytest.raises(PeerError, match=r"^no adapter 'gamma' here: this pipeline serves adapters alpha, beta "
+                                            r"\(start every stage with adapters=\{gamma:DIR\}\)$"):
+            req.tokens()
+    finally:
+        pipe.client.adapters.remove("gamma")
+    assert len(pipe.submit(prompt(4, 3), max_new_tokens=2, stop_at_eos=False, adapter="beta").tokens()) == 2
+
+
 PROMPTS = [prompt(5, 6), prompt(6, 3), prompt(7, 9)]
 MIXED = [0, 1, -1]  # PROMPTS[i] through alpha, beta, the base
 BASE = [-1, -1, -1]
