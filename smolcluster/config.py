@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -100,6 +101,32 @@ def _check_lora(cfg: DictConfig) -> None:
     _number(cfg, "train.lora.alpha", allow_zero=False)
     _number(cfg, "train.lora.dropout")
     _choice(cfg, "train.lora.base_precision", tuple(BASE_PRECISIONS))
-    if cfg.algo.name == "mp" and cfg.model.get("kind") != "lm":
+    if cfg.algo.name != "mp":
+        return
+    # Refused here, not as a stage builds: every process stops at once instead of its peers waiting for it.
+    if cfg.model.get("kind") != "lm":
         raise ConfigError(f"train.lora with algo=mp adapts a language model's decoder blocks, not model="
                           f"{cfg.model.name}: use algo=local, syncps, edp or allreduce")
+    if _model_type(cfg) == "gpt2":
+        raise ConfigError("train.lora with algo=mp: the pipeline's GPT-2 stages hold their own Conv1D, which peft "
+                          "does not wrap: use algo=local, syncps, edp or allreduce for GPT-2")
+    for target in OmegaConf.select(cfg, "train.lora.target_modules") or []:
+        if str(target).rsplit(".", 1)[-1] in ("lm_head", "embed_tokens", "wte"):
+            raise ConfigError(f"train.lora.target_modules names {target} under algo=mp, which adapts the decoder "
+                              "blocks only (a stage projects onto the vocabulary with the embedding's weight, "
+                              "bypassing a LoRA layer): drop it, or use algo=local, syncps, edp or allreduce")
+
+
+def _model_type(cfg: DictConfig) -> str | None:
+    """The model's family as far as the config tells: a local ``model.pretrained`` directory's config.json
+    decides it (as it does when the model is built), else GPT-2's builder or ``model.family``."""
+    pretrained = cfg.model.get("pretrained")
+    config = Path(str(pretrained)).expanduser() / "config.json" if pretrained else None
+    if config is not None and config.is_file():
+        try:
+            return json.loads(config.read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            return None  # the model's loader says what is wrong with it
+    if str(cfg.model.get("_target_", "")).endswith(".build_gpt2"):
+        return "gpt2"
+    return cfg.model.get("family")

@@ -108,6 +108,23 @@ def test_the_merged_adapter_is_locals_and_loads_with_peft(runs, tmp_path):
         assert float((merged(x).logits - mine).abs().max()) < 1e-5
 
 
+def test_a_merged_part_from_another_step_is_refused(runs, tmp_path):
+    """Each stage's merged part (merge=true) carries its step; hf/ is built only from the checkpoint's step."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from smolcluster.pipeline.shards import merge
+
+    run = shutil.copytree(runs["mp"], tmp_path / "run", ignore=shutil.ignore_patterns("hf", "adapter"))
+    part = run / "stage-1-of-2.hf.safetensors"
+    with safe_open(str(part), framework="pt") as f:
+        assert f.metadata() == {"step": str(STEPS)}
+    save_file(load_file(part), str(part), metadata={"step": str(STEPS // 2)})  # a part left from an earlier save
+    with pytest.raises(ConfigError, match=rf"^{part} is from step {STEPS // 2}, the shards from step {STEPS}: rerun"):
+        merge(run)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_stages_hold_the_base_in_its_precision_and_compute_the_whole_models_logits(precision):
     """The two stages of a peft model over a bf16 or int8 base (adapters moved off zero, the head tied: the last
@@ -137,21 +154,58 @@ def test_stages_hold_the_base_in_its_precision_and_compute_the_whole_models_logi
     assert diff < 1e-6, diff  # the stages compute transformers' ops in the base's precision, op for op
 
 
-def test_what_a_pipeline_cannot_adapt_is_refused_in_one_line():
+def gpt2_config_dir(tmp_path):
+    """A model directory whose config.json says GPT-2 (all validation reads of it)."""
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    return tmp_path / "gpt2"
+
+
+def test_what_a_pipeline_cannot_adapt_is_refused_in_one_line(tmp_path):
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
         cfg = compose("config", overrides=["algo=mp", "model=mlp", "data=digits", "train.lora.enabled=true"])
     from smolcluster.config import validate
 
     with pytest.raises(ConfigError, match="train.lora with algo=mp adapts a language model's decoder blocks"):
         validate(cfg)
+    # refused as the config is validated, so every process stops at once (GPT-2, the embedding or LM head)
+    for model, more, want in [("gpt2-tiny", [], "GPT-2 stages hold their own Conv1D.*allreduce for GPT-2$"),
+                              ("llama-tiny", ["train.lora.target_modules=[q_proj,lm_head]"],
+                               "^train.lora.target_modules names lm_head under algo=mp, which adapts the decoder"),
+                              ("llama-tiny", [f"model.pretrained={gpt2_config_dir(tmp_path)}"], "GPT-2 stages")]:
+        with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+            cfg = compose("config", overrides=["algo=mp", f"model={model}", "data=text", "train.lora.enabled=true",
+                                               *more])
+        with pytest.raises(ConfigError, match=want):
+            validate(cfg)
     torch.manual_seed(0)
     whole = lora.apply(build_causal_lm("llama", vocab_size=64, n_layer=2, n_embd=32, n_head=2),
                        {**LORA, "target_modules": ["q_proj", "lm_head"]}, seed=0)
     with pytest.raises(ConfigError, match="adapts lm_head under algo=mp, which adapts the decoder blocks only"):
         split_for_training(whole, 2, [1.0, 1.0], 1, LORA)
+    only_block0 = lora.apply(build_causal_lm("llama", vocab_size=64, n_layer=2, n_embd=32, n_head=2),
+                             {**LORA, "target_modules": ["layers.0.self_attn.q_proj"]}, seed=0)
+    with pytest.raises(ConfigError, match=r"^train.lora.target_modules=\['layers.0.self_attn.q_proj'\]: stage 1 "
+                                          r"\(blocks 1-1\) holds none of them \(Target modules"):
+        split_for_training(only_block0, 2, [1.0, 1.0], 1, LORA)
     gpt2 = lora.apply(build_gpt2(vocab_size=64, n_layer=2, n_head=2, n_embd=32, n_positions=32), LORA, seed=0)
     with pytest.raises(ConfigError, match="Conv1D.*use algo=local, syncps, edp or allreduce for GPT-2"):
         split_for_training(gpt2, 2, [1.0, 1.0], 0, LORA)
+
+
+def test_the_adapter_directory_is_refused_when_the_shards_lack_or_add_an_adapter(tmp_path):
+    torch.manual_seed(0)
+    whole = lora.apply(build_causal_lm("llama", vocab_size=64, n_layer=2, n_embd=32, n_head=2), LORA, seed=0)
+    adapters = {n: p.detach() for n, p in whole.named_parameters() if p.requires_grad}
+    config, gone = whole.get_base_model().config, sorted(adapters)[0]
+    lora.save_whole_adapter(config, LORA, adapters, tmp_path / "whole")
+    assert load_file(tmp_path / "whole" / "adapter_model.safetensors").keys() == {
+        k.replace(".default", "") for k in adapters}
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}/part: the shards lack adapter {gone} of a llama with "
+                                          "train.lora's target modules: merge shards of one run$"):
+        lora.save_whole_adapter(config, LORA, {k: v for k, v in adapters.items() if k != gone}, tmp_path / "part")
+    with pytest.raises(ConfigError, match="the shards' adapter extra.lora_A.weight is not in a llama"):
+        lora.save_whole_adapter(config, LORA, {**adapters, "extra.lora_A.weight": adapters[gone]}, tmp_path / "more")
 
 
 def test_a_bf16_stage_sends_its_activations_as_bf16_bits():

@@ -119,13 +119,33 @@ def test_served_greedy_equals_peft_generate_and_mixed_requests_equal_their_solo_
         solo[adapter] = pipe.submit(p, max_new_tokens=16, stop_at_eos=False, adapter=adapter).tokens()
         assert solo[adapter] == peft_greedy(model_dir, adapters.get(adapter), p, 16), adapter
     assert len({tuple(t) for t in solo.values()}) == 3  # the adapters change the answers
-    assert not any(mixed_steps(pipe))  # (None before a stage's first full beacon)
+    # (None until a stage's beacon after it serves): one at a time, no step mixed adapters
+    assert wait_until(lambda: all(isinstance(m, int) for m in mixed_steps(pipe)), 60), mixed_steps(pipe)
+    assert not any(mixed_steps(pipe)), mixed_steps(pipe)
     reqs = [pipe.submit(p, max_new_tokens=16, stop_at_eos=False, adapter=a) for a, p in cases]  # together
     assert [r.tokens() for r in reqs] == [solo[a] for a, _ in cases]
     # they shared steps: rows of different adapters (or of one and the base) in one forward, on each stage
-    assert wait_until(lambda: min(mixed_steps(pipe)) > 0, 10), mixed_steps(pipe)
-    with pytest.raises(ConfigError, match="no adapter 'gamma': the stages serve adapters alpha, beta"):
+    assert wait_until(lambda: min((m or 0) for m in mixed_steps(pipe)) > 0, 60), mixed_steps(pipe)
+    with pytest.raises(ConfigError, match="no adapter 'gamma' here: this pipeline serves adapters alpha, beta"):
         pipe.submit(prompt(4, 3), adapter="gamma")
+
+
+def test_stage_0_refuses_an_adapter_it_does_not_serve_and_the_caller_hears_why(served):
+    """Around the head's own check (its list of adapters given one more name): the stage's refusal reaches the
+    request, and the pipeline serves on."""
+    from smolcluster.errors import PeerError
+
+    engine, _ = served
+    pipe = engine.pipeline()
+    pipe.client.adapters.append("gamma")
+    try:
+        req = pipe.submit(prompt(4, 3), max_new_tokens=2, adapter="gamma")  # the head lets it through
+        with pytest.raises(PeerError, match=r"^no adapter 'gamma' here: this pipeline serves adapters alpha, beta "
+                                            r"\(start every stage with adapters=\{gamma:DIR\}\)$"):
+            req.tokens()
+    finally:
+        pipe.client.adapters.remove("gamma")
+    assert len(pipe.submit(prompt(4, 3), max_new_tokens=2, stop_at_eos=False, adapter="beta").tokens()) == 2
 
 
 PROMPTS = [prompt(5, 6), prompt(6, 3), prompt(7, 9)]
@@ -263,3 +283,61 @@ def test_adapters_that_do_not_fit_the_model_are_refused_in_one_line(saved, tmp_p
                 "prompt=hi", timeout=120, check=False)
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and lines[-1].startswith("error: adapters.wide=") and "does not fit" in lines[-1]
+
+
+def test_a_broken_adapter_directory_is_refused_in_one_line_naming_the_file(saved, tmp_path):
+    import json
+    import shutil
+
+    model_dir, adapters = saved
+    config = find_model(model_dir).config
+    broken = Path(shutil.copytree(adapters["beta"], tmp_path / "broken"))
+    good_config = (broken / "adapter_config.json").read_text()
+    (broken / "adapter_config.json").write_text(good_config[:-20])  # cut short
+    with pytest.raises(ConfigError, match=rf"^adapters.b={broken}: {broken}/adapter_config.json is not valid JSON"):
+        check_adapters({"b": str(broken)}, config)
+    (broken / "adapter_config.json").write_text(json.dumps({**json.loads(good_config), "lora_alpha": None}))
+    with pytest.raises(ConfigError, match=r"adapter_config.json has no number 'lora_alpha': re-save it"):
+        check_adapters({"b": str(broken)}, config)
+    (broken / "adapter_config.json").write_text(good_config)
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    with pytest.raises(ConfigError, match=rf"{weights} is not a readable safetensors file .*: re-save the adapter"):
+        check_adapters({"b": str(broken)}, config)
+
+
+def test_stages_must_serve_the_same_files_under_each_adapter_name_in_any_order(saved, tmp_path):
+    import shutil
+
+    from smolcluster.inference.adapters import digest
+    from smolcluster.inference.client import check_same_adapters
+
+    _, adapters = saved
+    alpha, beta = digest(adapters["alpha"]), digest(adapters["beta"])
+    assert digest(Path(shutil.copytree(adapters["alpha"], tmp_path / "copy"))) == alpha != beta
+    check_same_adapters([{"alpha": alpha, "beta": beta}, {"beta": beta, "alpha": alpha}])  # order is no matter
+    with pytest.raises(ConfigError) as e:  # node A: sql -> alpha's files, node B: sql -> beta's
+        check_same_adapters([{"sql": alpha}, {"sql": alpha}, {"sql": beta}])
+    assert str(e.value) == (f"adapter 'sql': its files differ between stages 0 ({alpha[:12]}), 1 ({alpha[:12]}), "
+                            f"2 ({beta[:12]}): start every stage with the same adapters= (the same files under "
+                            "each name)")
+    with pytest.raises(ConfigError, match=r"^adapter 'sql': stages \[1\] do not serve it, stages \[0\] do: start"):
+        check_same_adapters([{"sql": alpha}, {}])
+
+
+def test_a_request_intro_with_a_field_of_the_wrong_type_is_refused_naming_it():
+    """What ``mp.hidden`` nests (``intro[req]``) is checked as the wire checks a message's own fields."""
+    from smolcluster.errors import PeerError
+    from smolcluster.inference.serve import check_intro
+
+    good = {"head": "h", "max_new_tokens": 4, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 1, "eos": [2],
+            "prompt_len": 3, "adapter": "alpha"}
+    check_intro("r1", good, "stage-0")
+    with pytest.raises(PeerError) as e:
+        check_intro("r1", {**good, "adapter": ["alpha"]}, "stage-0")
+    assert str(e.value) == ("stage-0 introduced request 'r1' with adapter=['alpha'] (adapter must be str): every "
+                            "stage must run the same smolcluster version")
+    with pytest.raises(PeerError, match=r"with top_k=None \(top_k must be int\)"):
+        check_intro("r1", {k: v for k, v in good.items() if k != "top_k"}, "stage-0")
+    with pytest.raises(PeerError, match=r"with temperature=True \(temperature must be int or float\)"):
+        check_intro("r1", {**good, "temperature": True}, "stage-0")

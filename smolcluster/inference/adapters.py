@@ -12,10 +12,10 @@ every adapter's ``lora_A`` / ``lora_B`` matrices and wraps each adapted projecti
 
 as peft's ``LoraLayer`` does (its order of operations, in float32 on any base format), one gather per
 adapter present in the step: Punica's and LoRAX's multi-LoRA batching, with a plain gather standing in
-for their segmented GPU kernels (the stage's matmuls, not this, dominate a CPU step).
+for their segmented GPU kernels.
 
-Why the config is read as JSON, not with ``peft.LoraConfig``: importing peft pulls in ``transformers``
-(~8 s and ~170 MB more per stage process, measured here), and stages never import it. The format is
+Why the config is read as JSON, not with ``peft.LoraConfig``: importing peft pulls in ``transformers``, which
+stages otherwise never import (its start-up time and memory in every stage process). The format is
 peft's; the keys read are peft's names, and every option that changes a LoRA layer's output beyond the
 formula above is refused by name (:data:`UNSUPPORTED`) rather than served wrong.
 
@@ -26,6 +26,7 @@ missing, or its matrices' shapes differ) is refused in one line naming the misma
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -59,6 +60,38 @@ class Adapter:
     path: Path
     scale: float                              # lora_alpha / r (or / sqrt(r): use_rslora)
     modules: dict[str, tuple[str, str]]       # module name (the stage's) -> (A key, B key) in the file
+    digest: str                               # sha256 of its config and weights: stages serving a name agree on it
+
+
+def digest(path: Path) -> str:
+    """sha256 of an adapter's config and weights files' bytes: what stages compare, so a name means one adapter
+    (names alone would let two nodes serve different directories under one name)."""
+    h = hashlib.sha256()
+    for file in (CONFIG_FILE, WEIGHTS_FILE):
+        with open(path / file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):  # (hashlib.file_digest needs Python 3.11)
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def unknown_adapter(name: str, served) -> str:
+    """What a request naming an adapter the pipeline does not serve is told (by the head and by stage 0)."""
+    return (f"no adapter {name!r} here: this pipeline serves adapters {', '.join(served) or 'none'} "
+            f"(start every stage with adapters={{{name}:DIR}})")
+
+
+def model_ids(base: str, served) -> list[str]:
+    """The model ids a request may name (the API's and the chat UI's): the base model's, then ``BASE:NAME`` for
+    each adapter served."""
+    return [base, *(f"{base}:{a}" for a in served)]
+
+
+def adapter_of(model: str, base: str, served) -> str | None:
+    """The adapter model id ``model`` names ("": the base model; None: an id not served here)."""
+    if model == base:
+        return ""
+    name = model.removeprefix(f"{base}:")
+    return name if name != model and name in served else None
 
 
 def projections(config: dict) -> dict[str, tuple[int, int]]:
@@ -84,7 +117,16 @@ def lora_config(path: Path, where: str) -> dict:
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise ConfigError(f"{where}: no {CONFIG_FILE} + {WEIGHTS_FILE} there: give a PEFT adapter directory "
                           "(what PeftModel.save_pretrained writes, e.g. a LoRA run's RUN_DIR/adapter)")
-    cfg = json.loads((path / CONFIG_FILE).read_text())
+    resave = "re-save it with PeftModel.save_pretrained (or train it again with train.lora)"
+    try:
+        cfg = json.loads((path / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{where}: {path / CONFIG_FILE} is not valid JSON ({e}): {resave}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{where}: {path / CONFIG_FILE} is not a JSON object: {resave}")
+    missing = [k for k in ("r", "lora_alpha") if not isinstance(cfg.get(k), (int, float))]
+    if cfg.get("peft_type") == "LORA" and missing:
+        raise ConfigError(f"{where}: {path / CONFIG_FILE} has no number {missing[0]!r}: {resave}")
     if cfg.get("peft_type") != "LORA":
         raise ConfigError(f"{where}: a {cfg.get('peft_type')} adapter; serving applies LoRA adapters only")
     for key, fine in UNSUPPORTED.items():
@@ -95,10 +137,20 @@ def lora_config(path: Path, where: str) -> dict:
     return cfg
 
 
+def read_header(file: Path, where: str) -> dict[str, tuple[int, ...]]:
+    """``{tensor name: shape}`` of an adapter's safetensors file, refused in one line when it is no such file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    except SafetensorError as e:
+        raise ConfigError(f"{where}: {file} is not a readable safetensors file ({e}): re-save the adapter with "
+                          "PeftModel.save_pretrained (or copy it again: it may be truncated)") from None
+
+
 def read_adapter(name: str, path: str | Path, config: dict, shapes: dict[str, tuple[int, int]] | None = None) -> Adapter:
     """Adapter ``name`` at ``path``, checked against the served model (``config``: its config.json dict)."""
-    from safetensors import safe_open
-
     where = f"adapters.{name}={path}"
     if not NAME.match(str(name)):
         raise ConfigError(f"adapters: {name!r} is not an adapter name: use letters, digits, '.', '_' or '-' "
@@ -114,8 +166,7 @@ def read_adapter(name: str, path: str | Path, config: dict, shapes: dict[str, tu
     if model_class and served_class and model_class != served_class:
         raise ConfigError(f"{where} was trained on a {model_class}, the served model is a {served_class}: {fix}")
     shapes = projections(config) if shapes is None else shapes
-    with safe_open(str(path / WEIGHTS_FILE), "pt") as f:
-        header = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    header = read_header(path / WEIGHTS_FILE, where)
     modules: dict[str, tuple[str, str]] = {}
     for key in header:
         module, _, kind = key.removeprefix(PREFIX).rpartition(".lora_")
@@ -138,7 +189,7 @@ def read_adapter(name: str, path: str | Path, config: dict, shapes: dict[str, tu
     if extra:  # a trained copy of a whole layer (modules_to_save, an adapted embedding's base), DoRA's magnitudes
         raise ConfigError(f"{where}: tensor {extra[0]!r} is not a LoRA A/B matrix; serving applies plain LoRA "
                           "(serve the merged model instead: train.lora.merge=true)")
-    return Adapter(str(name), path, scale, modules)
+    return Adapter(str(name), path, scale, modules, digest(path))
 
 
 def check_adapters(adapters: dict | None, config: dict) -> dict[str, str]:
@@ -152,6 +203,7 @@ class Router:
 
     def __init__(self, names: list[str], device):
         self.names, self.index, self.device = names, {n: i for i, n in enumerate(names)}, device
+        self.digests: dict[str, str] = {}  # name -> its adapter's digest, for the stage's beacon
         self.groups: list[tuple[int, torch.Tensor | None]] = []  # (adapter, its rows; None: every row)
 
     def route(self, adapters: list[int], sizes: list[int]) -> None:
@@ -202,6 +254,7 @@ def attach(stage: nn.Module, config: dict, adapters: dict[str, str], device) -> 
     wrapped: dict[str, LoRALinear] = {}
     for k, (name, path) in enumerate(adapters.items()):
         adapter = read_adapter(name, path, config, shapes)
+        router.digests[name] = adapter.digest
         with safe_open(str(adapter.path / WEIGHTS_FILE), "pt") as f:
             for module, (a, b) in adapter.modules.items():
                 if module not in own:  # another stage's block

@@ -48,6 +48,17 @@ def describe_weights(source: str | Path, n_head: int | None = None, default_n_he
     return {"weights": model.weights, "config": model.config, "tokenizer": tokenizer, "eos": eos_ids(model)}
 
 
+def checked_formats(base: dict, given: list[dict] | None, stages: int) -> list[dict]:
+    """Each stage's format: ``base`` with ``given[rank]``'s keys over it, each checked here, in one line, before any
+    stage starts."""
+    given = list(given or [])
+    formats = [{**base, **{k: v for k, v in (given[r] if r < len(given) else {}).items() if v is not None}}
+               for r in range(stages)]
+    for f in formats:
+        StageFormat(f["precision"], f["quantize"], f["quantize_group"], resolve_device(f["device"]))
+    return formats
+
+
 class InferencePipeline:
     def __init__(self, client: PipelineClient, tokenizer=None, eos_ids: int | list[int] | None = None,
                  children: Children | None = None, workdir: Path | None = None):
@@ -101,11 +112,7 @@ class InferencePipeline:
 
             tokenizer = TextTokenizer.load(info["tokenizer"])
         base_fmt = {"precision": precision, "quantize": quantize, "quantize_group": quantize_group, "device": device}
-        given = list(formats or [])
-        formats = [{**base_fmt, **{k: v for k, v in (given[r] if r < len(given) else {}).items() if v is not None}}
-                   for r in range(stages)]
-        for f in formats:  # a bad value is refused here, in one line, before any stage starts
-            StageFormat(f["precision"], f["quantize"], f["quantize_group"], resolve_device(f["device"]))
+        formats = checked_formats(base_fmt, formats, stages)
         adapters = check_adapters(adapters, info["config"])
         if eos_ids is None:
             eos_ids = info["eos"] if info["eos"] is not None else getattr(tokenizer, "eos_id", None)

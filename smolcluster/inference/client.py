@@ -23,6 +23,7 @@ import numpy as np
 from loguru import logger
 
 from smolcluster.errors import ConfigError, PeerError
+from smolcluster.inference.adapters import unknown_adapter
 from smolcluster.inference.sampling import SamplingParams
 from smolcluster.pipeline.mesh import Mesh, PeerLost
 from smolcluster.pipeline.partition import stage_name
@@ -148,6 +149,20 @@ class Request:
         self._client.cancel(self)
 
 
+def check_same_adapters(served: list[dict[str, str]]) -> None:
+    """``served[r]``: stage r's ``{adapter name: digest}``. Every stage must serve the same adapters (in any
+    order): a request's rows go through the adapter its name means on each stage."""
+    for name in sorted(set().union(*served)):
+        digests = [s.get(name) for s in served]
+        if len(set(digests)) > 1:
+            have = [r for r, d in enumerate(digests) if d is not None]
+            lacking = [r for r, d in enumerate(digests) if d is None]
+            problem = (f"stages {lacking} do not serve it, stages {have} do" if lacking else
+                       "its files differ between stages " + ", ".join(f"{r} ({d[:12]})" for r, d in enumerate(digests)))
+            raise ConfigError(f"adapter {name!r}: {problem}: start every stage with the same adapters= "
+                              "(the same files under each name)")
+
+
 class PipelineClient:
     def __init__(self, addresses: list[str], *, host: str = "127.0.0.1", port: int = 0, heartbeat_s: float = 1.0,
                  liveness_s: float = 10.0, connect_timeout_s: float = 60.0, max_bytes: int = 2 << 30,
@@ -195,14 +210,12 @@ class PipelineClient:
             if info.get("shape") != infos[0].get("shape"):
                 raise ConfigError(f"stage {r} serves a model of shape {info.get('shape')}, stage 0 "
                                   f"{infos[0].get('shape')}: start every stage with the same weights")
-            if info.get("adapters", []) != infos[0].get("adapters", []):
-                raise ConfigError(f"stage {r} serves adapters {info.get('adapters')}, stage 0 "
-                                  f"{infos[0].get('adapters')}: start every stage with the same adapters=")
+        check_same_adapters([info.get("adapters") or {} for info in infos])
         self.shape = dict(infos[0]["shape"])
         self.head_rank = int(infos[0]["head_rank"])
         self.partition = [info.get("blocks") for info in infos]
         self.kernels = [info.get("kernels", "") for info in infos]  # each stage's matmul kernels, in words
-        self.adapters: list[str] = list(infos[0].get("adapters", []))  # the LoRA adapters a request may name
+        self.adapters: list[str] = list(infos[0].get("adapters") or {})  # the LoRA adapters a request may name
 
     @property
     def context(self) -> int:
@@ -228,8 +241,7 @@ class PipelineClient:
         if min(ids) < 0 or max(ids) >= vocab:
             raise ConfigError(f"prompt token ids must be in [0, {vocab}): is the tokenizer the model's?")
         if adapter and adapter not in self.adapters:
-            raise ConfigError(f"no adapter {adapter!r}: the stages serve adapters "
-                              f"{', '.join(self.adapters) or 'none'} (start them with adapters={{NAME:DIR}})")
+            raise ConfigError(unknown_adapter(adapter, self.adapters))
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
         params = SamplingParams(float(temperature), int(top_k), float(top_p),

@@ -14,6 +14,7 @@ from pathlib import Path
 from loguru import logger
 
 from smolcluster.errors import ConfigError
+from smolcluster.inference.adapters import check_adapters
 from smolcluster.inference.api import InferencePipeline, describe_weights
 from smolcluster.inference.serve import ServeConfig
 from smolcluster.inference.settings import HeadPlace, Pipeline, Role
@@ -234,7 +235,6 @@ def serve_config_from(cfg: Pipeline) -> ServeConfig:
     fmt = formats[int(cfg.rank)]
     node = nodes[cfg.rank]
     info, _, _ = resolve_model(cfg, need_tokenizer=False)
-    from smolcluster.inference.adapters import check_adapters
 
     return ServeConfig(rank=cfg.rank, n_stages=n, weights=str(info["weights"]), config=info["config"],
                        nodes=[{"address": x.address, "bind": x.bind} for x in nodes],

@@ -57,12 +57,13 @@ import torch
 from loguru import logger
 
 from smolcluster.errors import ConfigError, PeerError, SmolclusterError
-from smolcluster.inference.adapters import adapter_numel, attach
+from smolcluster.inference.adapters import adapter_numel, attach, unknown_adapter
 from smolcluster.inference.sampling import SamplingParams, make_generator, next_token
 from smolcluster.pipeline.architectures import KVCache, family_for
 from smolcluster.pipeline.architectures.base import Batch, pin_attributes
 from smolcluster.pipeline.mesh import Envelope, Mesh, PeerLost
 from smolcluster.pipeline.partition import stage_name
+from smolcluster.pipeline.protocol import REQUEST_FIELDS
 from smolcluster.pipeline.quantize import StageFormat, kernels, resolve_device
 from smolcluster.pipeline.weights import load_stage
 
@@ -127,9 +128,18 @@ class RequestState:
     adapter: str = ""                 # the LoRA adapter its rows go through ("": none)
 
 
-def unknown_adapter(name: str, adapters: dict) -> str:
-    served = ", ".join(adapters) or "none"
-    return f"no adapter {name!r} here: this pipeline serves adapters {served} (give adapters={{{name}:DIR}})"
+def check_intro(req, intro, src: str) -> None:
+    """A request's intro (``mp.hidden``'s ``intro[req]``) typed as :data:`protocol.REQUEST_FIELDS` says: the wire
+    checks a message's own fields, not what nests in them, and a wrong type would fail deep in a step."""
+    if not isinstance(intro, dict):
+        raise PeerError(f"{src} introduced request {req!r} with {type(intro).__name__}, not a dict of "
+                        "its settings: every stage must run the same smolcluster version")
+    for key, kind in REQUEST_FIELDS.items():
+        value = intro.get(key)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            want = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise PeerError(f"{src} introduced request {req!r} with {key}={value!r} ({key} must be {want}): every "
+                            "stage must run the same smolcluster version")
 
 
 def node_memory_bytes() -> int:
@@ -227,7 +237,7 @@ class StageServer:
             "role": "stage", "rank": sc.rank, "stages": sc.n_stages, "head_rank": self.head_rank,
             "serving": False, "blocks": [self.spec.blocks.start, self.spec.blocks.stop],
             "shape": self.arch.describe(), "kv_budget": self.kv_budget, "kernels": kernels(self.fmt),
-            "adapters": list(self.sc.adapters),
+            "adapters": self.lora.digests if self.lora else {},  # {name: digest}: the head checks stages agree
         }
         others = [n for n in self.names if n != self.me]
         self.mesh.wait_ready(others, sc.connect_timeout_s, " (the other inference stages)")
@@ -453,9 +463,10 @@ class StageServer:
         step = Step(list(f["reqs"]), list(f["sizes"]), list(f["emit"]), dict(f["intro"]))
         for req, intro in step.intro.items():
             if req not in self.requests and req not in self.closed:
+                check_intro(req, intro, env.src)
                 params = SamplingParams(float(intro["temperature"]), int(intro["top_k"]), float(intro["top_p"]),
                                         int(intro["seed"]))
-                adapter = intro.get("adapter", "")
+                adapter = intro["adapter"]
                 if adapter and adapter not in self.sc.adapters:
                     raise ConfigError(f"{self.me}: {unknown_adapter(adapter, self.sc.adapters)} (start every "
                                       "stage with the same adapters=)")

@@ -85,7 +85,7 @@ def apply(model: nn.Module, lora: dict, seed: int) -> nn.Module:
     return peft_model
 
 
-def wrap_stage(stage: nn.Module, whole: nn.Module, lora: dict) -> nn.Module:
+def wrap_stage(stage: nn.Module, whole: nn.Module, lora: dict, where: str = "this stage") -> nn.Module:
     """A pipeline stage (built on the meta device) wrapped as :func:`apply` wrapped ``whole``: peft's LoRA layers
     on the same target modules, int8 bases where ``whole``'s are; the caller then assigns it ``whole``'s tensors.
 
@@ -100,9 +100,14 @@ def wrap_stage(stage: nn.Module, whole: nn.Module, lora: dict) -> nn.Module:
     config.task_type, config.base_model_name_or_path = None, None  # the stage is no transformers model
     try:
         stage = get_peft_model(stage, config)
-    except ValueError as e:  # "Target module Conv1D() is not supported": the pipeline's own GPT-2 layer
-        raise ConfigError(f"train.lora with algo=mp: {e} (the pipeline's GPT-2 stages hold their own Conv1D): "
-                          "use algo=local, syncps, edp or allreduce for GPT-2") from None
+    except ValueError as e:
+        if "Conv1D" in str(e):  # "Target module Conv1D() is not supported": the pipeline's own GPT-2 layer
+            raise ConfigError(f"train.lora with algo=mp: {e} (the pipeline's GPT-2 stages hold their own Conv1D): "
+                              "use algo=local, syncps, edp or allreduce for GPT-2") from None
+        # e.g. "Target modules {...} not found in the base model": the whole model has them, this stage's blocks not
+        raise ConfigError(f"train.lora.target_modules={sorted(config.target_modules)}: {where} holds none of them "
+                          f"({e}); under algo=mp every stage adapts its own blocks: name projections every block "
+                          f"has (its Linear layers: {', '.join(linear_names(stage)) or 'none'})") from None
     if lora.get("base_precision") == "int8":
         quantize_bases(stage)
     return stage
@@ -118,10 +123,14 @@ def save_whole_adapter(hf_config, lora: dict, adapters: dict[str, torch.Tensor],
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(hf_config)
         model = get_peft_model(base, lora_config(lora, base))
-    unknown = model.load_state_dict(adapters, assign=True, strict=False).unexpected_keys
-    if unknown:
-        raise ConfigError(f"{out_dir}: the shards' adapter {unknown[0]} is not in a {hf_config.model_type} "
-                          "with train.lora's target modules: merge shards of one run")
+    keys = model.load_state_dict(adapters, assign=True, strict=False)
+    # An adapter the shards lack would stay a meta tensor ("Cannot copy out of meta tensor" as it is saved).
+    missing = [k for k in keys.missing_keys if ".lora_" in k]
+    if keys.unexpected_keys or missing:
+        problem = (f"the shards' adapter {keys.unexpected_keys[0]} is not in" if keys.unexpected_keys else
+                   f"the shards lack adapter {missing[0]} of")
+        raise ConfigError(f"{out_dir}: {problem} a {hf_config.model_type} with train.lora's target modules: "
+                          "merge shards of one run")
     return save_adapter(model, out_dir)
 
 

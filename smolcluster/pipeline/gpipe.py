@@ -91,7 +91,8 @@ def split_for_training(full: torch.nn.Module, n_stages: int, weights: list[float
         with torch.device("meta"):
             stage = arch.stage(spec.first, spec.last, spec.blocks)
             if lora_cfg:
-                stage = lora.wrap_stage(stage, full, lora_cfg)
+                where = f"stage {rank} (blocks {spec.blocks.start}-{spec.blocks.stop - 1})"
+                stage = lora.wrap_stage(stage, full, lora_cfg, where)
                 check_adapted(stage, arch)
         own = full.state_dict()  # parameters, and an int8 base's integer rows and scales (buffers)
         stage.load_state_dict({n: own[n].detach() for n in stage.state_dict()}, assign=True)
@@ -349,7 +350,8 @@ class StageTrainer(Trainer):
             extra["lora"] = self.train.lora
             if self.train.lora.get("merge"):
                 merged = lora.merged(self.model)
-                shards.save_hf_part(run_dir, self.rank, self.n, {n: p for n, p in merged.named_parameters()})
+                shards.save_hf_part(run_dir, self.rank, self.n, {n: p for n, p in merged.named_parameters()},
+                                    self.step)
         return shards.save_shard(run_dir, self.rank, self.n, self.model, self.optimizer, self.step, extra)
 
     # -- the loop ---------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from loguru import logger
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from smolcluster import checkpoint
@@ -88,11 +89,12 @@ def hf_part_path(run_dir: Path, rank: int, n: int) -> Path:
     return Path(run_dir) / f"stage-{rank}-of-{n}.hf.safetensors"
 
 
-def save_hf_part(run_dir: Path, rank: int, n: int, tensors: dict[str, torch.Tensor]) -> Path:
-    """A LoRA stage's part of the merged Hugging Face model (its base with the adapters merged in), by name."""
+def save_hf_part(run_dir: Path, rank: int, n: int, tensors: dict[str, torch.Tensor], step: int) -> Path:
+    """A LoRA stage's part of the merged Hugging Face model (its base with the adapters merged in), by name;
+    its step is kept so the merge takes only parts of the checkpoint's step."""
     file = hf_part_path(run_dir, rank, n)
     state = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    _atomic(file, lambda tmp: save_file(state, str(tmp)))
+    _atomic(file, lambda tmp: save_file(state, str(tmp), metadata={"step": str(step)}))
     return file
 
 
@@ -202,6 +204,11 @@ def write_hf(run_dir: Path, dest: Path, meta: dict, params: dict[str, torch.Tens
             if not part.is_file():
                 raise ConfigError(f"{part} is missing: train.lora.merge=true builds hf/ from every stage's merged "
                                   "part; copy each stage's stage-<rank>-of-<n>.hf.safetensors beside its shard")
+            with safe_open(str(part), "pt") as f:
+                part_step = (f.metadata() or {}).get("step")
+            if part_step != str(meta["step"]):
+                raise ConfigError(f"{part} is from step {part_step}, the shards from step {meta['step']}: rerun or "
+                                  "resume so every stage writes both at the same step")
             params.update(load_file(part))
     save_hf_dir(params, config, dest / "hf", tok if tok and Path(tok).is_file() else None)
 

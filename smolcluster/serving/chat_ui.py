@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import gradio as gr
 
+from smolcluster.inference.adapters import adapter_of, model_ids
 from smolcluster.serving.engine import ChatDefaults, Engine, Generation, PipelineDown, Settings
 from smolcluster.serving.fair_queue import QueueFull
 from smolcluster.serving.prompting import (
@@ -62,12 +63,16 @@ def build_chat_ui(engine: Engine, defaults: ChatDefaults, model_name: str) -> gr
         user = f"ui:{request.session_hash if request is not None else 'anonymous'}"
         max_new = int(max_new_tokens)
         fmt = engine.chat_format
+        adapter = adapter_of(model or model_name, model_name, engine.adapters)
+        if adapter is None:
+            yield history, message, f"**error:** this server does not serve the model {model!r}"
+            return
         try:
             prompt = build_chat_prompt(conversation(history, system, message), fmt, prompt_budget(context, max_new))
             gen = engine.submit(prompt.ids, user=user, settings=Settings.for_chat(
                 fmt, max_new_tokens=max_new, temperature=float(temperature), top_k=defaults.top_k,
                 top_p=float(top_p), stop_at_eos=defaults.stop_at_eos,
-                adapter=model[len(model_name) + 1:] if model and model != model_name else ""))
+                adapter=adapter))
         except (PromptTooLong, PipelineDown, QueueFull, ValueError) as e:  # ValueError: the template refused
             yield history, message, f"**error:** {e}"
             return
@@ -115,7 +120,7 @@ def build_chat_ui(engine: Engine, defaults: ChatDefaults, model_name: str) -> gr
                 max_new = gr.Slider(1, context, value=min(defaults.max_new_tokens, context), step=1,
                                     label="Max new tokens", elem_id="max_new_tokens")
             # LoRA adapters (adapters=): the base model or BASE:NAME, as the API names them
-            models = [model_name, *(f"{model_name}:{a}" for a in engine.adapters)]
+            models = model_ids(model_name, engine.adapters)
             model = gr.Dropdown(models, value=model_name, label="Model (base or LoRA adapter)", elem_id="model",
                                 visible=len(models) > 1)
             clear = gr.Button("Clear the conversation", elem_id="clear")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from smolcluster.inference.adapters import adapter_of, model_ids
 from smolcluster.serving.engine import Settings
 from smolcluster.serving.openai_schema import (
     ChatCompletionRequest,
@@ -58,15 +59,16 @@ class ModelLimits:
     @property
     def ids(self) -> list[str]:
         """The model ids requests may name: the base model's, then each adapter's ``BASE:NAME``."""
-        return [self.name, *(f"{self.name}:{a}" for a in self.adapters)]
+        return model_ids(self.name, self.adapters)
 
     def adapter(self, model: str) -> str:
         """The adapter a model id names ("" for the base model); 404 for any other id."""
-        if model not in self.ids:
+        adapter = adapter_of(model, self.name, self.adapters)
+        if adapter is None:
             served = ", ".join(f"'{m}'" for m in self.ids)
             raise APIError(404, f"The model '{model}' does not exist: this server serves {served}", "model",
                            "model_not_found")
-        return model[len(self.name) + 1:]
+        return adapter
 
 
 def sampling(req: SamplingRequest, max_tokens: int | None, default_max_tokens: int) -> dict:
