@@ -2,22 +2,23 @@
 
 The base is a seeded random-init Llama of SmolLM2-135M's shape (``--layers`` fewer blocks for a quick run)
 saved as a Hugging Face directory, with a byte-level BPE and a ChatML chat template built from the data
-(offline). The data are Tiny Shakespeare as conversations (``data=chat``): each speech is a user turn and
-the speech that answers it the assistant's, so the loss is on the answering speech only. Both are written
-into a temporary directory, never into the repository.
+(offline); ``--base DIR`` takes a pretrained instruct model instead. The data are Tiny Shakespeare as
+conversations (``data=chat``): each speech is a user turn and the speech that answers it the assistant's,
+so the loss is on the answering speech only. Both are written into a temporary directory, never into the
+repository.
 
-Three arms train with ``algo=allreduce`` on 2 workers (a ring: each node a worker, so each node's memory is
-its own model, gradient and optimizer; the algorithm for slow links, docs/benchmarks.md#scaling):
-``full`` (every weight), ``lora`` (peft adapters on the attention and MLP projections, fp32 base) and
-``lora-int8`` (the same adapters over an int8 base). Two phases:
+Three arms train with ``algo=allreduce`` on 2 workers (a ring: each node a worker holding its own model,
+gradient and optimizer; the algorithm for slow links, docs/benchmarks.md#scaling): ``full`` (every weight),
+``lora`` (peft adapters on the attention and MLP projections, fp32 base) and ``lora-int8`` (the same over
+an int8 base). Each arm runs ``--steps`` steps through ``bench scaling``'s runner and reports:
 
-- quality (unshaped, loopback, the local launcher): ``--steps`` steps of each arm, then the eval loss on
-  the held-out conversations, and the per-node peak RSS (the worker's ``ru_maxrss`` from ``wait4``: its
-  whole life, model load and the final checkpoint included; the larger of the two workers);
-- link (as root with network namespaces: :class:`smolcluster.bench.desk.Desk`, ``--link`` tbf-shaped
-  links, ``--cpu`` budgets optional): ``--link-steps`` steps of ``full`` and ``lora`` through
-  ``bench scaling``'s runner, for steady-state steps/s and the bytes a node sends per step. Without root
-  (or ``--link none``) steps/s and bytes come from the quality phase, and the report says unshaped.
+- steps/s over its first ``--link-steps`` steps on ``--link`` tbf-shaped links (as root with network
+  namespaces: a :class:`smolcluster.bench.desk.Desk`, ``--cpu`` budgets optional); the links are unshaped
+  once the run's metrics show that step, so a long full fine-tune does not crawl. Without namespaces (or
+  ``--link none``) the nodes share loopback, unshaped, and the steps/s are over every step;
+- the bytes a node sends per step, and the eval loss on the held-out conversations after ``--steps``;
+- per-node peak RSS: each worker's ``ru_maxrss`` from ``wait4``, its whole life (load, training, eval and
+  the final checkpoint), the larger of the two.
 
 Every ratio is LoRA over full fine-tuning in the same run. Writes bench-lora.json.
 """
@@ -188,6 +189,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="quick defaults: " + ", ".join(f"{k}={v}" for k, v in SMALL.items()))
     p.add_argument("--layers", type=int, default=30, help="transformer blocks (SmolLM2-135M: 30)")
+    p.add_argument("--base", default=None, help="a pretrained model directory with a chat template (e.g. "
+                   "SmolLM2-135M-Instruct's) instead of the random init: an eval loss that means something")
     p.add_argument("--steps", type=int, default=200, help="steps of each arm; the eval loss is after them")
     p.add_argument("--link-steps", type=int, default=10, help="the first steps, on shaped links: steps/s")
     p.add_argument("--link", default="100mbit", help="tbf rate of every link (root + netns), or none")
@@ -230,6 +233,8 @@ def hosts_for(args: argparse.Namespace):
 def main(argv: list[str]) -> int:
     args = parse(argv)
     text = Path(args.text).expanduser()
+    if args.base and not (Path(args.base) / "config.json").is_file():
+        raise DataError(f"--base {args.base}: no config.json there; give a Hugging Face model directory")
     if not text.is_file():
         raise DataError(f"--text {text}: no such file; point it (or $SMOLCLUSTER_SHARED_DATA) at Tiny Shakespeare's input.txt")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops the runs and removes the LAN
@@ -238,7 +243,8 @@ def main(argv: list[str]) -> int:
         work = Path(args.keep or tmp)
         (work / "base").mkdir(parents=True, exist_ok=True)
         chat = work / "chat.jsonl"
-        base = write_base(work / "base", write_chat(text, chat, args.conversations), args.layers)
+        corpus = write_chat(text, chat, args.conversations)
+        base = Path(args.base) if args.base else write_base(work / "base", corpus, args.layers)
         hosts, link = hosts_for(args)
         arms = {}
         try:
@@ -248,8 +254,9 @@ def main(argv: list[str]) -> int:
         finally:
             hosts.close()
     rows, extra = report(arms, args, link)
+    shape = args.base or f"random-init SmolLM2-135M shape, {args.layers} layers"
     write_report("lora", rows, {**extra, "link": link, "arms": arms, "algo": f"allreduce, {WORKERS} workers",
-                                "shape": f"SmolLM2-135M, {args.layers} layers",
+                                "base": shape,
                                 "settings": {k: v for k, v in vars(args).items() if k not in ("keep", "small", "out")},
                                 "load_average": os.getloadavg(), "cores": os.cpu_count(),
                                 "wall_s": round(time.monotonic() - started, 1)}, out_dir=args.out)
