@@ -116,8 +116,10 @@ def unshape_after(lan: Desk, run_dir: Path, step: int):
     metrics = run_dir / "metrics.jsonl"
 
     def tick() -> None:
-        if lan.rate and metrics.is_file() and any(
-                json.loads(line).get("step", 0) >= step for line in metrics.read_text().splitlines()[-3:] if line):
+        if not lan.rate or not metrics.is_file():
+            return
+        done = metrics.read_text().split("\n")[:-1]  # whole lines only: the writer may be mid-line
+        if any(json.loads(line).get("step", 0) >= step for line in done[-3:] if line.strip()):
             lan.unshape()
     return tick
 
