@@ -18,17 +18,26 @@ def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
+# The most logits one evaluation batch may hold (floats): a language model's logits are rows x tokens x vocab,
+# so 512 rows of 128 tokens over SmolLM2's 49k vocabulary would be 13 GB. Batches of LM rows are sized to this.
+LOGITS_BUDGET = 2**25
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str, device: torch.device,
-             batch_size: int = 512, max_samples: int = 0) -> dict[str, float]:
+             batch_size: int = 512, max_samples: int = 0, logits_budget: int = LOGITS_BUDGET) -> dict[str, float]:
     """Loss (and accuracy for classifiers) on held-out data; restores the model's train/eval mode."""
     was_training = model.training
     model.eval()
     n = len(x) if not max_samples else min(max_samples, len(x))
     total_loss, correct, count = 0.0, 0, 0
-    for i in range(0, n, batch_size):
-        xb, yb = x[i : min(i + batch_size, n)].to(device), y[i : min(i + batch_size, n)].to(device)
+    i, rows = 0, 1 if kind == "lm" else batch_size  # an LM's first row tells how large its logits are
+    while i < n:
+        xb, yb = x[i : min(i + rows, n)].to(device), y[i : min(i + rows, n)].to(device)
+        i += len(xb)
         logits = model_output_logits(model(xb))
+        if kind == "lm":
+            rows = max(1, min(batch_size, logits_budget * len(xb) // logits.numel()))
         flat_logits, flat_y = logits.reshape(-1, logits.shape[-1]), yb.reshape(-1)
         total_loss += F.cross_entropy(flat_logits, flat_y, reduction="sum").item()
         scored = flat_y != -100  # targets data=chat masks out (cross_entropy's ignore_index)

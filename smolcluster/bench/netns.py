@@ -85,9 +85,8 @@ class Lan:
                 ip("-n", ns, "addr", "add", f"{self.ip[host]}/24", "dev", "eth0")
                 ip("-n", ns, "link", "set", "eth0", "up")
                 ip("-n", ns, "link", "set", "lo", "up")
-                if self.rate:
-                    self._shape(ns, "eth0")
-                    self._shape(sw, port)
+            if self.rate:
+                self.shape(self.rate)
         except BaseException:
             self.close()
             raise
@@ -105,6 +104,21 @@ class Lan:
                              capture_output=True, text=True, timeout=20)
         if got.returncode != 0:
             raise RuntimeError(f"tc tbf on {dev} in {ns} failed: {got.stderr.strip()}")
+
+    def shape(self, rate: str) -> None:
+        """Every link shaped to ``rate``, both ways."""
+        self.rate = rate
+        for host in self.names:
+            self._shape(self.ns[host], "eth0")
+            self._shape(self.ns["sw"], self.port_of[host])
+
+    def unshape(self) -> None:
+        """Every link back to veth speed (the tbf qdiscs removed, in both directions), while traffic flows."""
+        for host in self.names:
+            for ns, dev in ((self.ns[host], "eth0"), (self.ns["sw"], self.port_of[host])):
+                subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"],
+                               capture_output=True, text=True, timeout=20)
+        self.rate = None
 
     def dropped(self, host: str) -> int:
         """Packets the tbf on ``host``'s link dropped, both directions (``tc -s qdisc``'s ``dropped``)."""

@@ -71,23 +71,35 @@ def env() -> dict:
                                                         os.environ.get("PYTHONPATH")]))}
 
 
-def wait_all(procs: dict[str, subprocess.Popen], logs: dict[str, Path], timeout: float) -> None:
+def wait_all(procs: dict[str, subprocess.Popen], logs: dict[str, Path], timeout: float,
+             on_tick=None) -> dict[str, float]:
+    """Wait for every process to exit 0 (``on_tick()`` between polls); each one's peak RSS in MB, its
+    ``ru_maxrss`` as ``wait4`` reports it (``Popen.wait`` drops the rusage)."""
     deadline = time.monotonic() + timeout
+    peaks: dict[str, float] = {}
     try:
         for host, p in procs.items():
-            code = p.wait(timeout=max(1.0, deadline - time.monotonic()))
-            if code != 0:
-                raise RuntimeError(f"{host} exited {code}:\n{logs[host].read_text()[-3000:]}")
+            while not (got := os.wait4(p.pid, os.WNOHANG))[0]:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{host} still running after {timeout:.0f}s:\n{logs[host].read_text()[-3000:]}")
+                if on_tick:
+                    on_tick()
+                time.sleep(0.1)
+            p.returncode, peaks[host] = os.waitstatus_to_exitcode(got[1]), got[2].ru_maxrss / 1024
+            if p.returncode != 0:
+                raise RuntimeError(f"{host} exited {p.returncode}:\n{logs[host].read_text()[-3000:]}")
     finally:
         for p in procs.values():
             if p.poll() is None:
                 p.kill()
                 p.wait(timeout=10)
+    return peaks
 
 
-def steady(rows: list[dict], warmup: int) -> tuple[float, float]:
-    """(samples/s, samples per byte sent) between the first row at or past ``warmup`` and the last one."""
-    rows = [r for r in rows if "samples" in r]
+def steady(rows: list[dict], warmup: int, last_step: int | None = None) -> tuple[float, float]:
+    """(samples/s, bytes sent per sample) between the first row at or past ``warmup`` and the last one (at or
+    before ``last_step``)."""
+    rows = [r for r in rows if "samples" in r and (last_step is None or r["step"] <= last_step)]
     first = next(r for r in rows if r["step"] >= warmup)
     last = rows[-1]
     samples = last["samples"] - first["samples"]
@@ -96,7 +108,10 @@ def steady(rows: list[dict], warmup: int) -> tuple[float, float]:
 
 
 def run_smolcluster(lan: Lan, algo: str, n: int, model_args: list[str], steps: int, warmup: int,
-                    batch: int, run_dir: Path) -> dict:
+                    batch: int, run_dir: Path, extra_args: tuple[str, ...] = (), port: int = PORT,
+                    on_tick=None, timeout: float = 900) -> dict:
+    """One run of ``algo`` on ``lan``'s hosts (``extra_args`` last, so they win); its steady-state figures,
+    metrics rows, summary and each process's peak RSS. ``on_tick`` runs while it waits."""
     algo_args, has_server = ALGOS[algo]
     algo_args = [a.format(h=INNER_STEPS, t=ROUND_S) for a in algo_args]
     if algo in RINGS and n == 1:
@@ -107,11 +122,11 @@ def run_smolcluster(lan: Lan, algo: str, n: int, model_args: list[str], steps: i
     total = steps * n if algo == "edp" else steps
     extra = [f"algo.min_workers={n}"] if algo == "edp" else []
     common = [sys.executable, "-m", "smolcluster.train", *algo_args, *model_args, *extra,
-              f"cluster.workers={n}", f"cluster.nodes=[{nodes}]", f"cluster.port={PORT}", "cluster.bind=0.0.0.0",
+              f"cluster.workers={n}", f"cluster.nodes=[{nodes}]", f"cluster.port={port}", "cluster.bind=0.0.0.0",
               "cluster.insecure=true", f"cluster.host='{lan.ip['srv']}'", "cluster.connect_timeout_s=120",
               f"train.steps={total}", f"train.log_every={1 if algo != 'edp' else n}", "train.eval_every=0",
               "train.eval_samples=64", "train.progress=false", "logging.level=WARNING", "run_id=scaling",
-              f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
+              f"hydra.run.dir={run_dir}", "hydra.output_subdir=null", *extra_args]
     roles = {h: ["role=worker", f"rank={r}"] for r, h in enumerate(workers)}
     if has_server:
         roles = {"srv": ["role=server"], **roles}
@@ -119,13 +134,14 @@ def run_smolcluster(lan: Lan, algo: str, n: int, model_args: list[str], steps: i
     logs = {h: run_dir / f"{h}.out" for h in roles}
     procs = {h: subprocess.Popen([*lan.exec(h), *common, *args], stdout=logs[h].open("w"), stderr=subprocess.STDOUT,
                                  env={**env(), "SMOLCLUSTER_NODE": h}) for h, args in roles.items()}
-    wait_all(procs, logs, timeout=900)
+    peaks = wait_all(procs, logs, timeout, on_tick)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     rate, bytes_per_sample = steady(rows, warmup * (n if algo == "edp" else 1))
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"samples_per_s": rate, "bytes_per_step": bytes_per_sample * batch * n,
             "params": summary.get("num_params") or summary.get("params"),
-            "seconds_per_step": summary.get("seconds_per_step")}  # a ring's rank 0: where its step time went
+            "seconds_per_step": summary.get("seconds_per_step"),  # a ring's rank 0: where its step time went
+            "rows": rows, "summary": summary, "peak_rss_mb": peaks}
 
 
 def run_ddp(lan: Lan, n: int, model_args: list[str], steps: int, warmup: int, run_dir: Path) -> dict:
