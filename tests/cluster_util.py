@@ -14,6 +14,18 @@ from smolcluster.cluster import free_port
 from smolcluster.transport import ClientEndpoint
 from tests.conftest import REPO
 
+# A role's process with its imports done, held until the test releases it: the heavy imports (torch, the
+# algorithm) are most of a fresh process's start-up, seconds on a loaded machine.
+HELD = """import importlib, runpy, sys
+for module in sys.argv[1].split(","):
+    importlib.import_module(module)
+print("imported; waiting for the test to release me", flush=True)
+sys.stdin.readline()
+sys.argv = ["smolcluster.train", *sys.argv[2:]]
+runpy.run_module("smolcluster.train", run_name="__main__", alter_sys=True)
+"""
+IMPORTS = "torch,hydra,smolcluster.config,smolcluster.telemetry.run_files,smolcluster.algorithms.{algo}"  # what train.py uses
+
 
 class Cluster:
     """One server and N workers as separate processes sharing a run dir and a port."""
@@ -27,21 +39,42 @@ class Cluster:
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
 
-    def start(self, name: str, *args: str) -> subprocess.Popen:
+    def start(self, name: str, *args: str, held: bool = False) -> subprocess.Popen:
+        """Start ``python -m smolcluster.train`` with the cluster's overrides and ``args``. ``held``: import
+        everything, then wait for :meth:`release` (a late joiner or a restarted role then arrives within its
+        config and model set-up, not after a whole start-up, so the others' runs can be short)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         log = self.run_dir / f"{name.replace(' ', '_')}.out"
         self.logs[name] = log
-        proc = subprocess.Popen([sys.executable, "-m", "smolcluster.train", *self.common, *args], cwd=REPO,
-                                stdout=log.open("w"), stderr=subprocess.STDOUT,
+        cmd = ["-c", HELD, IMPORTS.format(algo=self.algo)] if held else ["-m", "smolcluster.train"]
+        proc = subprocess.Popen([sys.executable, *cmd, *self.common, *args], cwd=REPO, stdout=log.open("w"),
+                                stderr=subprocess.STDOUT, stdin=subprocess.PIPE if held else None,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
         self.procs[name] = proc
         return proc
 
-    def server(self, *args: str) -> subprocess.Popen:
-        return self.start("server", "role=server", *args)
+    def release(self, name: str, timeout: float = 180) -> None:
+        """Let a role started with ``held=True`` run, once its imports are done."""
+        self.wait_for_line(name, "imported; waiting for the test", timeout)
+        self.procs[name].stdin.write(b"go\n")
+        self.procs[name].stdin.close()
 
-    def worker(self, rank: int, *args: str) -> subprocess.Popen:
-        return self.start(f"worker{rank}", "role=worker", f"rank={rank}", *args)
+    def wait_for_line(self, name: str, text: str, timeout: float = 120) -> None:
+        """Wait until ``text`` appears in ``name``'s output, failing at once if ``name`` exits first."""
+        deadline = time.monotonic() + timeout
+        while text not in self.output(name):
+            if self.procs[name].poll() is not None:
+                raise AssertionError(f"{name} exited {self.procs[name].returncode} before {text!r}\n"
+                                     f"{self.output(name)[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} from {name} within {timeout}s\n{self.output(name)[-3000:]}")
+            time.sleep(0.05)
+
+    def server(self, *args: str, name: str = "server", held: bool = False) -> subprocess.Popen:
+        return self.start(name, "role=server", *args, held=held)
+
+    def worker(self, rank: int, *args: str, name: str | None = None, held: bool = False) -> subprocess.Popen:
+        return self.start(name or f"worker{rank}", "role=worker", f"rank={rank}", *args, held=held)
 
     def output(self, name: str) -> str:
         return self.logs[name].read_text() if name in self.logs else ""

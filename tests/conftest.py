@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +32,38 @@ def shakespeare() -> Path:
     return SHAKESPEARE
 
 
+def tokenizer_cache(cache_dir: Path, corpus: Path | None = None, vocab_size: int = 4096) -> Path:
+    """A ``data.cache_dir`` holding the corpus's BPE, trained here as a run would (``data.tokenizer=auto``): runs
+    started together then read it instead of each training the same one."""
+    from smolcluster.data import text
+
+    text.get_tokenizer(text.read_corpus(str(corpus) if corpus else None), "auto", vocab_size, str(cache_dir))
+    return cache_dir
+
+
+@pytest.fixture(scope="session")
+def shakespeare_bpe(tmp_path_factory) -> Path:
+    """A ``data.cache_dir`` with Tiny Shakespeare's BPE (the default vocabulary) trained."""
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"Tiny Shakespeare not found at {SHAKESPEARE}")
+    return tokenizer_cache(tmp_path_factory.mktemp("tok"), SHAKESPEARE)
+
+
+@pytest.fixture(scope="session")
+def gpt2_common(shakespeare_bpe) -> list[str]:
+    """gpt2-tiny on Tiny Shakespeare for 20 AdamW steps: the equivalence runs' shared settings."""
+    tok = shakespeare_bpe
+    return ["model=gpt2-tiny", "data=text", f"data.path={SHAKESPEARE}", "model.n_layer=2", "model.block_size=32",
+            "train.optimizer=adamw", "train.lr=1e-3", "train.steps=20", f"data.cache_dir={tok}"]
+
+
+@pytest.fixture(scope="session")
+def local_gpt2(tmp_path_factory, gpt2_common) -> tuple[Path, dict]:
+    """The ``local`` reference of the gpt2-tiny equivalence tests (global batch 8): its run dir and summary."""
+    run = tmp_path_factory.mktemp("local_gpt2")
+    return run, train(run, "algo=local", "train.batch_size=8", *gpt2_common)
+
+
 def run_cli(module: str, *args: str, timeout: float = 300, env: dict | None = None,
             check: bool = True) -> subprocess.CompletedProcess:
     """Run ``python -m module args`` from the repo root, as a user would."""
@@ -48,6 +81,29 @@ def train(run_dir: Path, *overrides: str, timeout: float = 300, **kw) -> dict:
     run_cli("smolcluster.train", f"hydra.run.dir={run_dir}", "train.progress=false", *overrides,
             timeout=timeout, **kw)
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def train_together(*runs: tuple[Path, list[str]], timeout: float = 300, env: dict | None = None) -> list[dict]:
+    """Several independent ``train`` runs at once, each ``(run_dir, overrides)``; their summaries, in order.
+    On two cores one run's start-up (imports, mostly one core) overlaps another's, instead of following it."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    logs = [tempfile.TemporaryFile("w+") for _ in runs]  # (not pipes: a full one would stall its run)
+    procs = [subprocess.Popen([sys.executable, "-m", "smolcluster.train", f"hydra.run.dir={run_dir}",
+                               "train.progress=false", *overrides], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                              text=True, env=full_env) for (run_dir, overrides), log in zip(runs, logs)]
+    deadline = time.monotonic() + timeout
+    try:
+        for (_, overrides), proc, log in zip(runs, procs, logs):
+            if proc.wait(timeout=max(1.0, deadline - time.monotonic())) != 0:
+                log.seek(0)
+                raise AssertionError(f"train {' '.join(overrides)} exited {proc.returncode}\n{log.read()[-8000:]}")
+    finally:
+        for proc, log in zip(procs, logs):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    return [json.loads((run_dir / "summary.json").read_text()) for run_dir, _ in runs]
 
 
 def wait_until(cond, timeout_s: float = 30.0, every_s: float = 0.05) -> bool:

@@ -16,8 +16,9 @@ from safetensors.torch import load_file, save_file
 from smolcluster.algorithms.diloco import check
 from smolcluster.errors import ConfigError
 from smolcluster.paths import CONFIG_DIR
+from smolcluster.pipeline.launch import free_ports
 from smolcluster.trainer import Trainer
-from tests.conftest import train
+from tests.conftest import train, train_together
 from tests.equivalence import max_abs_diff
 
 FAST = ["cluster.heartbeat_s=0.2", "cluster.liveness_s=3", "cluster.connect_timeout_s=60"]
@@ -130,24 +131,26 @@ def test_int4_error_feedback_is_carried_across_rounds_and_resume(tmp_path):
     """A stopped and resumed int4 run equals the uninterrupted one to the bit, with a fragment's sum still
     pending at the stop; resumed without its error-feedback residuals it does not (they matter, and are carried)."""
     args = ["algo=diloco", "cluster.workers=2", *ADAMW, *STREAM, "algo.codec=int4", "algo.overlap_steps=2", *FAST]
-    whole = train(tmp_path / "whole", *args)
-    first = train(tmp_path / "run", *args, "train.stop_after=7")  # fragment 0 synced at 6, merged at 8
+    port = free_ports("127.0.0.1", 8)  # two rings at a time (the independent runs at once), each on its own ports
+    ports = [f"cluster.port={port + 2 * i}" for i in range(4)]
+    whole, first = train_together((tmp_path / "whole", [*args, ports[0]]),  # fragment 0 synced at 6, merged at 8:
+                                  (tmp_path / "run", [*args, ports[1], "train.stop_after=7"]))  # pending at 7
     state = load_file(tmp_path / "run" / "diloco-rank1.safetensors")
     ef = [v for k, v in state.items() if k.startswith("ef/")]
     assert ef and all(float(v.abs().max()) > 0 for v in ef)  # what int4 rounding left out, per bucket and hop
     assert "pending/0" in state and first["outer_steps"] == 2
     shutil.copytree(tmp_path / "run", tmp_path / "dropped")
-    s = train(tmp_path / "run", *args, f"resume={tmp_path / 'run'}")
-    assert s["steps"] == 12 and s["outer_steps"] == whole["outer_steps"] == 6
-    assert max_abs_diff(tmp_path / "run", tmp_path / "whole") == 0.0
-    assert s["bytes_sent"] == pytest.approx(whole["bytes_sent"], rel=0.02)  # counted from step 0
     for r in range(2):  # the same run without the residuals: the next rounds send other values
         path = tmp_path / "dropped" / f"diloco-rank{r}.safetensors"
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
         kept = {k: v for k, v in load_file(path).items() if not k.startswith("ef/")}
         save_file(kept, str(path), metadata=meta)
-    train(tmp_path / "dropped", *args, f"resume={tmp_path / 'dropped'}")
+    s, _ = train_together((tmp_path / "run", [*args, ports[2], f"resume={tmp_path / 'run'}"]),
+                          (tmp_path / "dropped", [*args, ports[3], f"resume={tmp_path / 'dropped'}"]))
+    assert s["steps"] == 12 and s["outer_steps"] == whole["outer_steps"] == 6
+    assert max_abs_diff(tmp_path / "run", tmp_path / "whole") == 0.0
+    assert s["bytes_sent"] == pytest.approx(whole["bytes_sent"], rel=0.02)  # counted from step 0
     assert max_abs_diff(tmp_path / "dropped", tmp_path / "whole") > 1e-6
 
 

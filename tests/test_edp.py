@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +16,6 @@ from smolcluster.trainer import Trainer
 from smolcluster.transport import wire
 from tests.cluster_util import Cluster
 from tests.conftest import train
-from tests.test_syncps import log_seconds
 
 FAST = ["cluster.heartbeat_s=0.2", "cluster.liveness_s=3", "cluster.connect_timeout_s=60"]
 
@@ -66,31 +64,37 @@ def test_the_old_codec_key_still_works_and_weights_compression_is_separate(tmp_p
 
 @pytest.mark.slow
 def test_a_worker_joining_late_trains_on_current_weights_and_killing_any_worker_never_stalls(tmp_path):
-    # delay_s caps each worker at 10 steps/s whatever the machine's speed, so the newcomer's start-up (seconds)
-    # leaves it steps to do; every wait below is for a state (a step reached, a join logged), not a duration
-    with Cluster(tmp_path, "edp", "train.steps=600", "train.log_every=10", *FAST,
-                 "cluster.nodes=[{delay_s: 0.1},{delay_s: 0.1}]") as c:
+    # delay_s caps each worker at 20 steps/s whatever the machine's speed; the newcomer is started with the others
+    # but held (imported, not registered) until step 40, so it joins within its set-up and the run can be short.
+    # Every wait below is for a state (a step reached, a join or a loss logged), not a duration.
+    n = 300
+    with Cluster(tmp_path, "edp", f"train.steps={n}", "train.log_every=10", *FAST,
+                 "cluster.nodes=[{delay_s: 0.05},{delay_s: 0.05}]") as c:
         c.server()
         c.worker(0)
-        c.wait_for_step(110)
-        c.worker(1)  # joins a run well under way
-        deadline = time.monotonic() + 120
-        while "worker 1 joined" not in c.output("server") and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert "worker 1 joined" in c.output("server"), c.output("server")[-3000:]
-        c.wait_for_step(c.metrics()[-1]["step"] + 30)  # both push for a while
+        c.worker(1, held=True)
+        c.wait_for_step(40)
+        c.release("worker1")  # joins a run well under way
+        c.wait_for_line("server", "worker 1 joined")
+        c.wait_for_step(c.metrics()[-1]["step"] + 20)  # both push for a while
         killed_at = c.metrics()[-1]["step"]
         c.kill("worker0")  # the original worker dies; the newcomer carries on alone
+        c.wait_for_line("server", "worker 0 (worker0) lost")  # (fails if the run ends first)
         assert c.wait("server", timeout=300) == 0, c.output("server")[-3000:]
-        s = c.summary()
+        s, rows = c.summary(), c.metrics()
     w1 = s["workers"]["1"]
-    assert w1["joined_step"] > 100 and w1["applied"] > 100
-    # it started from the current weights: its gradients were fresh, not hundreds of versions old
+    assert w1["joined_step"] >= 40 and w1["applied"] > 100
+    # it started from the current weights: its gradients were fresh, not joined_step (>= 40) versions old
     assert w1["staleness_max"] <= 30 and w1["staleness_mean"] < 2  # (one slow first step under load: a few)
-    assert killed_at < 500, f"the kill came at step {killed_at}: too late to show the newcomer carrying on alone"
-    assert s["workers_lost"] == [0] and s["steps"] == 600
-    assert s["workers"]["0"]["lost_step"] >= killed_at
-    losses = [r["loss"] for r in c.metrics() if r.get("loss") is not None]
+    assert s["workers_lost"] == [0] and s["steps"] == n
+    lost = s["workers"]["0"]["lost_step"]
+    assert killed_at <= lost < n
+    # from the loss on, every update was the newcomer's: worker 0's count stands still, worker 1's goes on to the end
+    after = [r for r in rows if "applied" in r and r["step"] > lost]
+    assert len(after) >= 2 and after[-1]["step"] == n, f"the loss (step {lost}) came too late to show more: {after}"
+    assert {r["applied/0"] for r in after} == {s["workers"]["0"]["applied"]}
+    assert after[-1]["applied/1"] == w1["applied"] > after[0]["applied/1"]
+    losses = [r["loss"] for r in rows if r.get("loss") is not None]
     assert losses[-1] < losses[0] / 2
 
 
@@ -107,16 +111,14 @@ def test_training_waits_for_min_workers_and_an_early_workers_gradients_are_not_a
                  "cluster.nodes=[{delay_s: 0.02},{delay_s: 0.02}]") as c:
         c.server()
         c.worker(0)  # computes and pushes from its welcome on; the server must not step yet
-        deadline = time.monotonic() + 60
-        while "worker 0 joined" not in c.output("server") and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(3)  # over a hundred of worker 0's gradients arrive meanwhile
-        assert c.metrics() == [] and not re.search(r"step \d+/200", c.output("server"))  # no update yet
-        c.worker(1)
+        c.wait_for_line("server", "worker 0 joined")
+        c.worker(1)  # a fresh process: worker 0 pushes dozens of gradients while it starts
         assert c.wait("server", timeout=120) == 0, c.output("server")[-3000:]
-        s = c.summary()
+        s, log = c.summary(), c.output("server")
     w0, w1 = s["workers"]["0"], s["workers"]["1"]
     assert w0["joined_step"] == 0 and w1["joined_step"] == 0  # training began only when both were in
+    first_step = re.search(r"step \d+/200", log)
+    assert first_step and log.index("worker 1 joined") < first_step.start()  # no update logged before that
     assert w0["skipped"] > 10 and w0["applied"] > 0 and w1["applied"] > 0  # the early ones were not applied
     assert w0["applied"] + w1["applied"] == s["applied"] == 200  # (gradients queued before the start may arrive too stale: dropped)
 
@@ -264,21 +266,24 @@ def test_edp_stop_after_then_resume_continues_to_the_end(tmp_path):
     assert resumed["bytes_received"] > first["bytes_received"]
 
 
-def test_a_killed_edp_server_resumed_keeps_every_count_and_its_workers_rejoin_within_liveness(tmp_path):
-    n, liveness = 300, 3
+def test_a_killed_edp_server_resumed_keeps_every_count_and_its_workers_rejoin(tmp_path):
+    n = 300
     with Cluster(tmp_path, "edp", f"train.steps={n}", "train.checkpoint_every=25", "train.log_every=5", *FAST,
                  "cluster.nodes=[{delay_s: 0.05},{delay_s: 0.05}]") as c:
         c.server()
         c.worker(0)
         c.worker(1)
+        # the new server: started now, held (imported) until the old one is killed, so it is up within its set-up
+        c.server(f"resume={tmp_path}", name="new server", held=True)
         c.wait_for_step(60)
         c.kill("server")
         ckpt_step = json.loads((tmp_path / "checkpoint.json").read_text())["step"]
-        c.server(f"resume={tmp_path}")
-        assert c.wait("server", timeout=240) == 0, c.output("server")[-3000:]
+        c.release("new server")
+        assert c.wait("new server", timeout=240) == 0, c.output("new server")[-3000:]
         for w in ("worker0", "worker1"):
             assert c.wait(w, timeout=30) == 0, c.output(w)[-2000:]
-        s, rows, log = c.summary(), c.metrics(), c.output("server").splitlines()
+        s, rows, log = c.summary(), c.metrics(), c.output("new server").splitlines()
+        workers = [c.output(w) for w in ("worker0", "worker1")]
     assert s["steps"] == n and ckpt_step >= 50
     logged = [r for r in rows if "loss" in r]
     assert [r["step"] for r in logged] == list(range(5, n + 1, 5))  # each update logged once
@@ -287,7 +292,7 @@ def test_a_killed_edp_server_resumed_keeps_every_count_and_its_workers_rejoin_wi
     # every update applied is one worker's, counted across the restart: the per-worker counts add up to the run's
     assert s["applied"] == n and sum(w["applied"] for w in s["workers"].values()) == n
     assert all(w["rejoins"] == 1 and w["joined_step"] >= ckpt_step for w in s["workers"].values())
-    # both workers found the new server within liveness_s of its start (its log's clock)
-    started = log_seconds(next(x for x in log if "edp server on" in x))
-    joined = [log_seconds(x) for x in log if " joined from node " in x]
-    assert len(joined) == 2 and max(joined) - started < liveness + 1.0, (started, joined)
+    # both workers registered again, with the new server, which welcomed each once
+    assert len([x for x in log if " joined from node " in x]) == 2
+    for out in workers:
+        assert len(re.findall(r"worker \d registered with ", out)) == 2, out[-3000:]

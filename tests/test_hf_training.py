@@ -16,7 +16,7 @@ from smolcluster import checkpoint
 from smolcluster.data.text import EOS, embedded_corpus
 from smolcluster.models.gpt2 import build_gpt2
 from smolcluster.models.hf import SUPPORTED, build_causal_lm, save_hf_dir
-from tests.conftest import run_cli, train
+from tests.conftest import run_cli, tokenizer_cache, train, train_together
 from tests.equivalence import max_abs_diff
 
 FAST = ["cluster.heartbeat_s=0.2", "cluster.liveness_s=3", "cluster.connect_timeout_s=60"]
@@ -30,7 +30,7 @@ SMALL = ["data=text", "data.vocab_size=512", "model.n_layer=2", "model.block_siz
 
 @pytest.fixture(scope="module")
 def tok_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("tok")  # the corpus's BPE is trained once for the module
+    return tokenizer_cache(tmp_path_factory.mktemp("tok"), vocab_size=512)  # the corpus's BPE, trained once
 
 
 def write_tokenizer(d: Path, vocab_size: int = 300, eos: str = "<|im_end|>") -> Tokenizer:
@@ -70,8 +70,13 @@ def hf_logits(hf_dir: Path, x: torch.Tensor) -> torch.Tensor:
 
 def test_llama_tiny_syncps_equals_local_and_a_resumed_local_run_ends_bit_identical(tmp_path, tok_cache):
     common = ["model=llama-tiny", *SMALL, "train.steps=20", f"data.cache_dir={tok_cache}"]
-    s = train(tmp_path / "ps", "algo=syncps", "cluster.workers=2", "train.batch_size=4", *common, *FAST)
-    train(tmp_path / "local", "algo=local", "train.batch_size=8", *common)
+    local = ["algo=local", "train.batch_size=8", *common]
+    # the three runs that do not depend on another at once; one intra-op thread in every local run (the resumed
+    # one's included), so that the bit-for-bit comparison below compares the same sums
+    one = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    s, _, _ = train_together(
+        (tmp_path / "ps", ["algo=syncps", "cluster.workers=2", "train.batch_size=4", *common, *FAST]),
+        (tmp_path / "local", local), (tmp_path / "half", [*local, "train.stop_after=10"]), env=one)
     assert s["steps"] == 20 and s["workers"]["0"]["applied"] == s["workers"]["1"]["applied"] == 20
     diff = max_abs_diff(tmp_path / "ps", tmp_path / "local")
     assert diff < 1e-5, diff
@@ -79,11 +84,10 @@ def test_llama_tiny_syncps_equals_local_and_a_resumed_local_run_ends_bit_identic
     assert json.loads((tmp_path / "ps" / "hf" / "config.json").read_text())["model_type"] == "llama"
 
     # resume: stopped at step 10 (RUN_DIR/hf is that step), resumed, it ends where the uninterrupted run did
-    train(tmp_path / "half", "algo=local", "train.batch_size=8", *common, "train.stop_after=10")
     half_hf = load_file(tmp_path / "half" / "hf" / "model.safetensors")
     half = load_file(tmp_path / "half" / "checkpoint.safetensors")
     assert all(torch.equal(half_hf[k], half[k]) for k in half_hf)
-    r = train(tmp_path / "resumed", "algo=local", "train.batch_size=8", *common, f"resume={tmp_path / 'half'}")
+    r = train(tmp_path / "resumed", *local, f"resume={tmp_path / 'half'}", env=one)
     assert r["steps"] == 20 and max_abs_diff(tmp_path / "local", tmp_path / "resumed") == 0.0
     a = load_file(tmp_path / "local" / "hf" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "hf" / "model.safetensors")

@@ -38,13 +38,11 @@ def test_sigterm_to_chat_stops_its_stages_at_once(tmp_path):
     try:
         children = psutil.Process(proc.pid).children(recursive=True)
         assert len([c for c in children if "smolcluster.inference.serve" in " ".join(c.cmdline())]) == 2
-        t = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
         # with liveness_s=60 a stage left behind would linger a minute; stopped, they are gone in seconds
         assert wait_until(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children),
                           15), [c.pid for c in children if c.is_running()]
-        assert time.monotonic() - t < 15
     finally:
         for c in psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []:
             c.kill()

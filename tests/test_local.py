@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, run_cli, train
+from tests.conftest import REPO, run_cli, train, train_together
 
 
 def test_the_readme_default_job_beats_90_percent_on_embedded_digits_and_writes_run_files(tmp_path):
@@ -51,23 +51,23 @@ def test_custom_module_through_target(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpt2_tiny_learns_shakespeare_and_resume_matches_uninterrupted(tmp_path, shakespeare):
+def test_gpt2_tiny_learns_shakespeare_and_resume_matches_uninterrupted(tmp_path, shakespeare, shakespeare_bpe):
     common = ["algo=local", "model=gpt2-tiny", "data=text", f"data.path={shakespeare}", "model.n_layer=2",
               "model.block_size=32", "train.batch_size=8", "train.optimizer=adamw", "train.lr=3e-3",
-              "train.warmup_steps=10", "train.eval_samples=128", f"data.cache_dir={tmp_path / 'tok'}",
-              "train.log_every=1"]  # every step's loss: a mismatch names the first step that differs
+              "train.warmup_steps=10", "train.eval_samples=128", f"data.cache_dir={shakespeare_bpe}",
+              "train.log_every=1", "train.steps=120"]  # every step's loss: a mismatch names the first step that differs
     # One intra-op thread in all three processes: the only way found to make a resumed run differ (0.054
     # max-abs, seen once on a busy CI run, never reproduced) is a different thread count, which splits
-    # reductions differently; pinned, a difference here can only be the resume's own.
-    one = {"env": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}}
-    full = train(tmp_path / "full", *common, "train.steps=120", "train.eval_every=60", **one)
+    # reductions differently; pinned, a difference here can only be the resume's own. (And the whole run and
+    # the one stopped halfway, a run of 60 steps with the same 120-step schedule, run at once on two cores.)
+    one = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    full, _ = train_together((tmp_path / "full", [*common, "train.eval_every=60"]),
+                             (tmp_path / "half", [*common, "train.stop_after=60"]), env=one)
     evals = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     start = next(r["eval_loss"] for r in evals if r["step"] == 0 and "eval_loss" in r)
     assert full["eval_loss"] < start - 1.5, (start, full["eval_loss"])
 
-    # stop halfway (a run of 60 steps with the same 120-step schedule), then resume it
-    train(tmp_path / "half", *common, "train.steps=120", "train.stop_after=60", **one)
-    resumed = train(tmp_path / "resumed", *common, "train.steps=120", f"resume={tmp_path / 'half'}", **one)
+    resumed = train(tmp_path / "resumed", *common, f"resume={tmp_path / 'half'}", env=one)
     assert resumed["steps"] == 120
     a = load_file(tmp_path / "full" / "checkpoint.safetensors")
     b = load_file(tmp_path / "resumed" / "checkpoint.safetensors")

@@ -40,29 +40,34 @@ def rogue(c: Cluster, rank: int, mode: str, *overrides: str, keys=None) -> subpr
 
 # -- sample counts come from assignment (and the cap holds from step 0) --------------------------------------
 
-def syncps_mnist(run_dir, mnist_root, attacked: bool) -> dict:
-    data = ["data=mnist", f"data.root={mnist_root}", "data.download=false", "model.hidden=[32]"]
-    with Cluster(run_dir, "syncps", "train.steps=150", "train.log_every=50", *FAST, *data, workers=3) as c:
-        c.server()
-        c.worker(0)
-        c.worker(1)
-        if attacked:
-            rogue(c, 2, "forge", *data)
-        else:
-            c.worker(2)
-        assert c.wait("server", timeout=300) == 0, c.output("server")[-3000:]
-        if attacked:
-            assert c.procs["rogue2"].wait(timeout=60) == 0, c.output("rogue2")[-3000:]
-        return {**c.summary(), "rows": c.metrics()}
+def syncps_mnist(c: Cluster, data: list[str], attacked: bool) -> None:
+    """Start a server and three workers, the third a rogue forging its sample counts if ``attacked``."""
+    c.server()
+    c.worker(0)
+    c.worker(1)
+    if attacked:
+        rogue(c, 2, "forge", *data)
+    else:
+        c.worker(2)
 
 
 @pytest.fixture(scope="module")
 def forged(tmp_path_factory):
+    """An honest and an attacked run, at once (on two cores, one's start-up overlaps the other's)."""
     mnist_root = MNIST
     if not (mnist_root / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"real MNIST not found in {mnist_root} (set SMOLCLUSTER_SHARED_DATA)")
     d = tmp_path_factory.mktemp("forged")
-    return syncps_mnist(d / "honest", mnist_root, False), syncps_mnist(d / "attacked", mnist_root, True)
+    data = ["data=mnist", f"data.root={mnist_root}", "data.download=false", "model.hidden=[32]"]
+    runs = ["train.steps=150", "train.log_every=50", *FAST, *data]
+    with Cluster(d / "honest", "syncps", *runs, workers=3) as honest, \
+            Cluster(d / "attacked", "syncps", *runs, workers=3) as attacked:
+        syncps_mnist(honest, data, False)
+        syncps_mnist(attacked, data, True)
+        for c in (honest, attacked):
+            assert c.wait("server", timeout=300) == 0, c.output("server")[-3000:]
+        assert attacked.procs["rogue2"].wait(timeout=60) == 0, attacked.output("rogue2")[-3000:]
+        return tuple({**c.summary(), "rows": c.metrics()} for c in (honest, attacked))
 
 
 def test_forged_sample_counts_are_rejected_and_the_run_is_as_accurate_as_an_honest_one(forged):

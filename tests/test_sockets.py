@@ -48,8 +48,7 @@ def test_router_dealer_roundtrip_with_a_large_tensor(server):
 def test_recv_times_out_in_bounded_time(server):
     t0 = time.monotonic()
     assert server.recv(200) is None
-    # it did wait (not an instant None), and it came back (the 30 s bound only catches a hang)
-    assert 0.15 < time.monotonic() - t0 < 30
+    assert time.monotonic() - t0 > 0.15  # it did wait (not an instant None); a hang fails on pytest's timeout
 
 
 def test_hostile_frames_are_counted_answered_and_the_server_keeps_serving(server):

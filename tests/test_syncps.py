@@ -28,12 +28,9 @@ def test_syncps_equals_local_on_the_union_of_batches_mlp(tmp_path):
 
 
 @pytest.mark.slow
-def test_syncps_equals_local_gpt2_tiny(tmp_path, shakespeare):
-    common = ["model=gpt2-tiny", "data=text", f"data.path={shakespeare}", "model.n_layer=2", "model.block_size=32",
-              "train.optimizer=adamw", "train.lr=1e-3", "train.steps=20", f"data.cache_dir={tmp_path / 'tok'}"]
-    train(tmp_path / "ps", "algo=syncps", "cluster.workers=2", "train.batch_size=4", *common, *FAST)
-    train(tmp_path / "local", "algo=local", "train.batch_size=8", *common)
-    rest, noisy, count = adamw_diff(tmp_path / "ps", tmp_path / "local")
+def test_syncps_equals_local_gpt2_tiny(tmp_path, gpt2_common, local_gpt2):
+    train(tmp_path, "algo=syncps", "cluster.workers=2", "train.batch_size=4", *gpt2_common, *FAST)
+    rest, noisy, count = adamw_diff(tmp_path, local_gpt2[0])
     assert rest < 1e-5 and noisy < 1e-4 and count < 100, (rest, noisy, count)
 
 
@@ -45,8 +42,9 @@ def test_syncps_mnist_two_workers_three_epochs_reaches_95_percent(tmp_path, mnis
 
 
 def test_sigkill_a_worker_mid_run_the_rest_finishes(tmp_path):
-    # delay_s caps the workers at 20 steps/s: the kill lands well before the run's end on any machine
-    with Cluster(tmp_path, "syncps", "train.steps=300", "train.log_every=5", *FAST,
+    # delay_s caps the workers at 20 steps/s: the kill lands before the run's end on any machine, and from then on
+    # every step waits for worker 1 until it is declared lost, so the loss is surely before the end too
+    with Cluster(tmp_path, "syncps", "train.steps=150", "train.log_every=5", *FAST,
                  "cluster.nodes=[{delay_s: 0.05},{delay_s: 0.05}]") as c:
         c.server()
         c.worker(0)
@@ -57,41 +55,39 @@ def test_sigkill_a_worker_mid_run_the_rest_finishes(tmp_path):
         assert c.wait("server", timeout=240) == 0, c.output("server")[-3000:]
         assert c.wait("worker0", timeout=30) == 0
         s = c.summary()
-    assert s["steps"] == 300 and s["workers_lost"] == [1]
+    assert s["steps"] == 150 and s["workers_lost"] == [1]
     assert s["workers"]["1"]["lost_step"] >= killed_at
-    assert s["workers"]["0"]["applied"] == 300
+    assert s["workers"]["0"]["applied"] == 150
     losses = [r["loss"] for r in c.metrics() if r.get("loss") is not None]
     before = [r["loss"] for r in c.metrics() if r.get("loss") is not None and r["step"] <= killed_at]
     assert losses[-1] < min(before)  # still learning after the loss of a worker
 
 
-def log_seconds(line: str) -> float:
-    """Seconds since midnight of a console log line (``HH:MM:SS.mmm ...``)."""
-    h, m, sec = line.split()[0].split(":")
-    return int(h) * 3600 + int(m) * 60 + float(sec)
-
-
 def test_server_killed_and_restarted_with_resume_reads_as_one_run_and_ends_like_local(tmp_path):
     """SIGKILL the server between checkpoints, restart it with resume: the run's files read as one run, the
-    workers find the new server within cluster.liveness_s, and the weights end as an uninterrupted run's."""
-    n, liveness = 200, 3
-    # straggler_timeout=20: without the ping, a worker would wait 23 s for weights before re-registering
+    workers find the new server by their ping (not by waiting out their longest wait), and the weights end as an
+    uninterrupted run's."""
+    n = 200
+    # straggler_timeout=20: without the ping, a worker would wait 23 s for weights and then log "no weights for"
     args = [f"train.steps={n}", "train.checkpoint_every=25", "train.log_every=5", "algo.straggler_timeout=20",
             *FAST, "cluster.nodes=[{delay_s: 0.05},{delay_s: 0.05}]"]
     with Cluster(tmp_path / "run", "syncps", *args) as c:
         c.server()
         c.worker(0)
         c.worker(1)
+        # the new server: started now, held (imported) until the old one is killed, so it is up within its set-up
+        c.server(f"resume={tmp_path / 'run'}", name="new server", held=True)
         c.wait_for_step(60)
         c.kill("server")
         ckpt_step = json.loads((tmp_path / "run" / "checkpoint.json").read_text())["step"]
         assert ckpt_step >= 50 and ckpt_step % 25 == 0
         replayed = [r for r in c.metrics() if r["step"] > ckpt_step]  # logged, then lost with the server
-        c.server(f"resume={tmp_path / 'run'}")
-        assert c.wait("server", timeout=240) == 0, c.output("server")[-3000:]
+        c.release("new server")
+        assert c.wait("new server", timeout=240) == 0, c.output("new server")[-3000:]
         for w in ("worker0", "worker1"):
             assert c.wait(w, timeout=30) == 0, c.output(w)[-2000:]
-        s, rows, log = c.summary(), c.metrics(), c.output("server").splitlines()
+        s, rows, log = c.summary(), c.metrics(), c.output("new server").splitlines()
+        workers = [c.output(w) for w in ("worker0", "worker1")]
     assert s["steps"] == n
     assert f"resumed from {tmp_path / 'run'}/checkpoint.safetensors at step {ckpt_step}" in "\n".join(log)
 
@@ -114,10 +110,11 @@ def test_server_killed_and_restarted_with_resume_reads_as_one_run_and_ends_like_
     assert s["bytes_received"] > sum(w["bytes_received"] for w in s["workers"].values()) * 0.99
     assert s["bytes_received"] >= n * 2 * 4 * 0.99 * s["params"]  # n steps x 2 workers x fp32 gradients
 
-    # the workers re-registered within liveness_s of the new server's start (its log's clock)
-    started = log_seconds(next(x for x in log if "syncps server on" in x))
-    joined = [log_seconds(x) for x in log if " joined from node " in x]
-    assert len(joined) == 2 and max(joined) - started < liveness + 1.0, (started, joined)
+    # each worker re-registered because the new server answered its ping with "unregistered"
+    assert len([x for x in log if " joined from node " in x]) == 2
+    for out in workers:
+        assert "the server does not know us (restarted?); re-registering" in out, out[-3000:]
+        assert "no weights for" not in out, out[-3000:]
 
     # and it ends where an uninterrupted run on the union of the batches does
     train(tmp_path / "local", "algo=local", "train.batch_size=128", f"train.steps={n}")
@@ -136,12 +133,10 @@ def test_worker_with_a_foreign_model_is_refused_on_both_sides(tmp_path):
 
 
 def test_worker_without_a_server_gives_up_with_a_clear_error(tmp_path):
-    t0 = time.monotonic()
     proc = run_cli("smolcluster.train", "algo=syncps", "role=worker", "rank=0", "cluster.port=1",
                    "cluster.connect_timeout_s=3", f"hydra.run.dir={tmp_path}", check=False, timeout=120)
     assert proc.returncode == 2
     assert "could not reach the server at tcp://127.0.0.1:1 for cluster.connect_timeout_s=3" in proc.stderr
-    assert time.monotonic() - t0 < 100  # start-up (torch import) + 3 s of trying: bounded, not a hang
 
 
 def test_launcher_stops_everything_and_names_the_failed_child(tmp_path):
@@ -181,24 +176,22 @@ def test_a_straggler_is_skipped_and_the_others_apply_every_step(tmp_path):
 
 
 def test_a_killed_worker_restarted_with_its_rank_rejoins_on_current_weights(tmp_path):
-    # delay_s caps worker 0 at 8 steps/s: after the kill the run has ~19 s left, time for a new process
-    # to import torch, load its data and register even on a slow, loaded machine
-    n = 200
+    # delay_s caps the workers at 16 steps/s; the new process for rank 1 is started with the others but held
+    # (imported, not registered) until the old one is declared lost, so it rejoins within its set-up, mid-run
+    n = 140
     with Cluster(tmp_path, "syncps", f"train.steps={n}", "train.log_every=5", "algo.straggler_timeout=3", *FAST,
-                 "cluster.nodes=[{delay_s: 0.12},{delay_s: 0.12}]") as c:
+                 "cluster.nodes=[{delay_s: 0.06},{delay_s: 0.06}]") as c:
         c.server()
         c.worker(0)
         c.worker(1)
+        c.worker(1, name="new worker1", held=True)  # a new process with the same rank
         c.wait_for_step(40)  # trained far enough that its weights are told from the initial ones by the loss
         killed_at = c.metrics()[-1]["step"]  # read before the kill: it is then surely before the loss
         c.kill("worker1")
-        deadline = time.monotonic() + 60
-        while "worker 1 (worker1) lost" not in c.output("server"):
-            assert time.monotonic() < deadline, c.output("server")[-3000:]
-            time.sleep(0.1)
-        c.worker(1)  # a new process with the same rank
+        c.wait_for_line("server", "worker 1 (worker1) lost")
+        c.release("new worker1")
         assert c.wait("server", timeout=240) == 0, c.output("server")[-3000:]
-        for w in ("worker0", "worker1"):
+        for w in ("worker0", "new worker1"):
             assert c.wait(w, timeout=30) == 0, c.output(w)[-2000:]
         s = c.summary()
         rows = c.metrics()
@@ -235,20 +228,22 @@ def test_a_server_busy_longer_than_liveness_keeps_workers_whose_heartbeats_wait_
             server.poll(0.1)
         assert [w.rank for w in server.live()] == [0, 1]
 
-        time.sleep(2.5)  # busy: the server reads nothing; ~25 beats from each worker queue up meanwhile
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 1.0:
+        time.sleep(2.5)  # busy (an eval, a checkpoint save): it reads nothing for longer than liveness_s, while
+        # ~25 beats from each worker queue up; then it judges silence after each message, as its loop does
+        while True:
             server.poll(0.01)
             server.check_liveness()
-        assert [w.rank for w in server.live()] == [0, 1]
+            assert [w.rank for w in server.live()] == [0, 1]  # a queued beat is not silence
+            if not server.endpoint.pending():
+                break
 
-        beats[1].stop()  # and a worker that really falls silent is still lost, within liveness_s
-        t0 = time.monotonic()
-        while 1 in [w.rank for w in server.live()] and time.monotonic() - t0 < 10:
+        beats[1].stop()  # and a worker that really falls silent is still lost, while the one that beats is not
+        deadline = time.monotonic() + 30
+        while 1 in [w.rank for w in server.live()]:
+            assert time.monotonic() < deadline, "worker 1 fell silent but was not declared lost within 30 s"
             server.poll(0.01)
             server.check_liveness()
-        lost_after = time.monotonic() - t0
-        assert [w.rank for w in server.live()] == [0] and 0.8 < lost_after < 5, lost_after
+        assert [w.rank for w in server.live()] == [0]
     finally:
         for b in beats:
             b.stop()
