@@ -458,6 +458,56 @@ def test_diloco_through_two_agents_syncs_the_same_outer_state_on_both_nodes(ring
     wait_gone(role_pids(started["a"][0]) + role_pids(started["b"][0]))
 
 
+def test_lora_diloco_on_chat_data_through_two_agents_syncs_the_same_adapters_on_both_nodes(ring_agents, procs):
+    """LoRA fine-tuning (``train.lora.*``, ``data=chat data.path=FILE``) through agents: every override passes the
+    agents' checks and reaches both ranks. The run trains the adapters only (the summary's trainable_params, the
+    ring's bytes a round: one adapter's float32 size), both nodes end on bit-identical outer adapters, and the
+    lead's ``RUN_DIR/adapter/`` (in its agent's run directory) loads with peft onto the base it was trained from."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from smolcluster.models.hf import build_causal_lm
+    from tests.test_chat_data import CHATML_GENERATION, MULTI_TURN, SHORT
+    from tests.test_chat_template import save_tokenizer
+
+    tmp, started = ring_agents
+    base = tmp / "instruct"  # a path on the agents' machine (here: the same one), as data.path is
+    torch.manual_seed(0)
+    build_causal_lm("llama", vocab_size=len(save_tokenizer(base, CHATML_GENERATION)), n_layer=1, n_head=2,
+                    n_embd=32, n_positions=128).save_pretrained(base)
+    jsonl = tmp / "chat.jsonl"
+    jsonl.write_text("".join(json.dumps({"messages": m}) + "\n" for m in [MULTI_TURN, SHORT] * 8))
+    peers = ",".join(f"127.0.0.1:{port}" for _, port in started.values())
+    c = coordinator(tmp, f"cluster.peers=[{peers}]", "cluster.mdns=false", "algo=diloco", "algo.inner_steps=2",
+                    "model=llama-tiny", f"model.pretrained={base}", "model.block_size=48", "data=chat",
+                    f"data.path={jsonl}", "train.batch_size=4", "train.steps=8", "train.log_every=2",
+                    "train.optimizer=adamw", "train.lr=0.01", "train.lora.enabled=true", "train.lora.r=4",
+                    "train.lora.alpha=8", "train.lora.target_modules=[q_proj,v_proj]", "cluster.heartbeat_s=0.5",
+                    "run_id=lora", run="run_lora")
+    procs.append(c)
+    assert c.wait(timeout=240) == 0, c.text()[-4000:]
+    s = json.loads((tmp / "run_lora" / "summary.json").read_text())
+    assert s["algo"] == "diloco" and s["ring"] == 2 and s["steps"] == 8 and s["outer_steps"] == 4
+    adapter_numel = 2 * 4 * (32 + 32)  # one layer: q_proj and v_proj (32 -> 32, no GQA here), A and B of rank 4
+    assert s["trainable_params"] == adapter_numel < s["params"] / 20, s
+    # a 2-ring sends 2(N-1)/N = one pseudo-gradient a round: the adapters' float32 bytes, not the model's
+    assert 4 * adapter_numel <= s["bytes_sent"] / s["outer_steps"] < 1.2 * 4 * adapter_numel, s["bytes_sent"]
+    states = [load_file(f) for n in ("a", "b") for f in (tmp / n / "runs" / "lora").glob("worker_*/diloco-rank*")]
+    assert len(states) == 2 and states[0]["outer/0"].numel() == adapter_numel
+    assert torch.equal(states[0]["outer/0"], states[1]["outer/0"]) and float(states[0]["outer/0"].abs().max()) > 0
+    lead = "a" if re.search(r"\[a:worker 0\]", c.text()) else "b"
+    run_dir = tmp / lead / "runs" / "lora" / "worker_0"
+    saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                      run_dir / "adapter")
+    loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert sum(t.numel() for t in saved.values()) == sum(p.numel() for p in loaded.values()) == adapter_numel
+    assert max(float(p.detach().abs().max()) for n, p in loaded.items() if "lora_B" in n) > 0  # B starts at zero
+    wait_gone(role_pids(started["a"][0]) + role_pids(started["b"][0]))
+
+
 def test_mp_two_stages_through_two_agents(tmp_path, procs):
     codes = prepare(tmp_path, ["a", "b"])
     started = agents(tmp_path, codes, procs)
