@@ -7,6 +7,7 @@ offline (a BPE tokenizer with that template beside a random-init Llama)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,13 +35,23 @@ MULTI_TURN = [{"role": "system", "content": "You are terse."},
 SHORT = [{"role": "user", "content": "What does yield do?"}, {"role": "assistant", "content": "It pauses."}]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("instruct")
+def instruct_dir(d: Path) -> Path:
+    """A random-init one-layer Llama (hidden 32) with a ChatML tokenizer whose template marks the assistant turns."""
     tok = save_tokenizer(d, CHATML_GENERATION)
     torch.manual_seed(0)
     build_causal_lm("llama", vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32, n_positions=128).save_pretrained(d)
     return d
+
+
+def write_chat(path: Path, copies: int = 4) -> Path:
+    """A JSONL file of ``copies`` times the multi-turn and the short conversation."""
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in [MULTI_TURN, SHORT] * copies))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return instruct_dir(tmp_path_factory.mktemp("instruct"))
 
 
 def test_the_labels_are_exactly_the_assistant_spans_of_apply_chat_template(model_dir):
@@ -81,8 +92,7 @@ def test_rows_pad_cut_drop_and_pack_as_configured():
 
 
 def test_a_lora_run_on_chat_data_is_trained_on_the_assistant_tokens_only(model_dir, tmp_path):
-    path = tmp_path / "chat.jsonl"
-    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in [MULTI_TURN, SHORT] * 4))
+    path = write_chat(tmp_path / "chat.jsonl")
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
         cfg = compose("config", overrides=["algo=local", "model=llama-tiny", f"model.pretrained={model_dir}",
                                            "model.block_size=48", "data=chat", f"data.path={path}",

@@ -468,17 +468,11 @@ def test_lora_diloco_on_chat_data_through_two_agents_syncs_the_same_adapters_on_
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from smolcluster.models.hf import build_causal_lm
-    from tests.test_chat_data import CHATML_GENERATION, MULTI_TURN, SHORT
-    from tests.test_chat_template import save_tokenizer
+    from tests.test_chat_data import instruct_dir, write_chat
 
     tmp, started = ring_agents
-    base = tmp / "instruct"  # a path on the agents' machine (here: the same one), as data.path is
-    torch.manual_seed(0)
-    build_causal_lm("llama", vocab_size=len(save_tokenizer(base, CHATML_GENERATION)), n_layer=1, n_head=2,
-                    n_embd=32, n_positions=128).save_pretrained(base)
-    jsonl = tmp / "chat.jsonl"
-    jsonl.write_text("".join(json.dumps({"messages": m}) + "\n" for m in [MULTI_TURN, SHORT] * 8))
+    # paths on the agents' machine (here: the same one): each role reads them where it runs
+    base, jsonl = instruct_dir(tmp / "instruct"), write_chat(tmp / "chat.jsonl", copies=8)
     peers = ",".join(f"127.0.0.1:{port}" for _, port in started.values())
     c = coordinator(tmp, f"cluster.peers=[{peers}]", "cluster.mdns=false", "algo=diloco", "algo.inner_steps=2",
                     "model=llama-tiny", f"model.pretrained={base}", "model.block_size=48", "data=chat",

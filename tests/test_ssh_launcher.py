@@ -250,11 +250,20 @@ def test_sigterm_to_the_launcher_stops_every_node(sshd, tmp_path):
 
 
 def test_launch_trains_allreduce_ranks_through_ssh(sshd, tmp_path):
-    """algo=allreduce: no server; each rank starts over SSH on cluster.nodes[r] and the ring finishes the run."""
+    """algo=allreduce: no server; each rank starts over SSH on cluster.nodes[r] and the ring finishes the run. It is
+    a LoRA fine-tune on chat data: ``train.lora.*`` and ``data.path`` reach both ranks word for word (a list value
+    included, through the remote shell), only the adapters train, and rank 0 writes RUN_DIR/adapter/."""
+    from tests.test_chat_data import instruct_dir, write_chat
+
     run_dir = tmp_path / "run"
+    # 54 training conversations: the global batch is the nodes' 32 + 16
+    base, jsonl = instruct_dir(tmp_path / "instruct"), write_chat(tmp_path / "chat me.jsonl", copies=30)
+    lora = [f"model.pretrained={base}", f"data.path={jsonl}", "train.lora.enabled=true", "train.lora.r=4",
+            "train.lora.target_modules=[q_proj,v_proj]"]
     before = sshd.logins()
     got = launcher("launch", "--cluster", str(cluster_file(tmp_path / "c.yaml", sshd)), "--run-dir", str(run_dir),
-                   "algo=allreduce", "train.steps=6", "train.log_every=2")
+                   "algo=allreduce", "train.steps=6", "train.log_every=2", "model=llama-tiny", "model.block_size=48",
+                   "data=chat", *lora)
     assert got.returncode == 0, got.stdout[-4000:] + got.stderr[-4000:]
     rows = [line for line in got.stdout.splitlines() if line.startswith("| ")]
     # the ranks' layout: each rank listens on its own port, and the other reached it
@@ -267,9 +276,15 @@ def test_launch_trains_allreduce_ranks_through_ssh(sshd, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["algo"] == "allreduce" and summary["steps"] == 6
     assert summary["samples"] == 6 * (32 + 16)  # both ranks' batches (cluster.nodes[r].batch_size) every step
+    adapter_numel = 2 * 4 * (32 + 32)  # one layer: q_proj and v_proj (32 -> 32), A and B of rank 4
+    assert summary["trainable_params"] == adapter_numel < summary["params"] / 20, summary
+    assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["target_modules"] in (
+        ["q_proj", "v_proj"], ["v_proj", "q_proj"])
     launch = json.loads((run_dir / "launch" / "launch.json").read_text())
     assert [(n["label"], [a for a in n["args"] if a.startswith(("role=", "rank="))]) for n in launch["nodes"]] == [
         ("worker 0", ["role=worker", "rank=0"]), ("worker 1", ["role=worker", "rank=1"])]
+    assert all([a for a in n["args"] if a.startswith(("model.pretrained=", "data.path=", "train.lora."))] == lora
+               for n in launch["nodes"])
     # 2 preflight probes + 1 for a free port range + 2 ranks + fetching summary.json
     retries = (got.stderr + got.stdout).count("retrying on port")
     assert sshd.logins() - before == 6 + 3 * retries
