@@ -3,7 +3,8 @@
 On loopback (agents with ``--state-dir`` in tmp, found through ``cluster.peers``; mDNS stays off
 there so no test ever sees another test's agents): an unpaired coordinator is refused; pairing
 with the code shown on both sides, then a ``syncps`` MNIST run through two agents; an agent
-killed mid-run is reported within the heartbeat window and the run goes on without its worker.
+killed mid-run is reported within the heartbeat window and the run goes on without its worker; allreduce,
+diloco and a LoRA fine-tune on chat data (diloco) through a shared pair of agents.
 Across network namespaces (as ``test_netns.py``, needs root): three agents found by mDNS over
 the bridge, and again by ``cluster.peers`` with multicast blocked on the bridge.
 """

@@ -2,8 +2,9 @@
 
 The test makes a host key and a client key in a tmp dir, runs ``/usr/sbin/sshd -D`` on a free
 port with a config that trusts only that key, and points a cluster file's three nodes at it.
-Every role then really starts through ``ssh``: the preflight, a SyncPS run, a failing worker
-that must stop the rest, and SIGTERM to the launcher that must stop every node.
+Every role then really starts through ``ssh``: the preflight, a SyncPS run, an allreduce LoRA
+fine-tune on chat data, a failing worker that must stop the rest, and SIGTERM to the launcher that
+must stop every node.
 
 Needs root (sshd) and Debian's openssh-server (`apt-get install -y openssh-server`); skips
 with the reason otherwise.
@@ -249,7 +250,7 @@ def test_sigterm_to_the_launcher_stops_every_node(sshd, tmp_path):
             proc.wait(timeout=10)
 
 
-def test_launch_trains_allreduce_ranks_through_ssh(sshd, tmp_path):
+def test_launch_trains_allreduce_ranks_through_ssh_as_a_lora_fine_tune_on_chat_data(sshd, tmp_path):
     """algo=allreduce: no server; each rank starts over SSH on cluster.nodes[r] and the ring finishes the run. It is
     a LoRA fine-tune on chat data: ``train.lora.*`` and ``data.path`` reach both ranks word for word (a list value
     included, through the remote shell), only the adapters train, and rank 0 writes RUN_DIR/adapter/."""
