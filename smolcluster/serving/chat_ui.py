@@ -51,6 +51,24 @@ def conversation(history: list[dict], system: str, message: str) -> list[tuple[s
     return msgs
 
 
+def stream_answer(gen: Generation, history: list[dict], note: str) -> Iterator[tuple]:
+    """(history, "", status) each time the answer grows or its place in the queue moves; the answer is the
+    history's last message."""
+    yield history, "", f"queued: {gen.position()} ahead" if gen.state == "queued" else "…"
+    try:
+        for piece in gen.stream(poll_s=0.5):
+            if piece is None:
+                if gen.state == "queued":
+                    yield history, "", f"queued: {gen.position()} ahead"
+                continue
+            history[-1] = {"role": "assistant", "content": gen.text}
+            yield history, "", stats_line(gen, note)
+        history[-1] = {"role": "assistant", "content": gen.text}
+        yield history, "", stats_line(gen, note)
+    finally:
+        gen.cancel()  # the page went away mid-answer: free the pipeline's caches
+
+
 def build_chat_ui(engine: Engine, defaults: ChatDefaults, model_name: str) -> gr.Blocks:
     context = engine.context
 
@@ -78,19 +96,7 @@ def build_chat_ui(engine: Engine, defaults: ChatDefaults, model_name: str) -> gr
             return
         history += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
         note = f" · {prompt.dropped} oldest messages left out to fit the context" if prompt.dropped else ""
-        yield history, "", f"queued: {gen.position()} ahead" if gen.state == "queued" else "…"
-        try:
-            for piece in gen.stream(poll_s=0.5):
-                if piece is None:
-                    if gen.state == "queued":
-                        yield history, "", f"queued: {gen.position()} ahead"
-                    continue
-                history[-1] = {"role": "assistant", "content": gen.text}
-                yield history, "", stats_line(gen, note)
-            history[-1] = {"role": "assistant", "content": gen.text}
-            yield history, "", stats_line(gen, note)
-        finally:
-            gen.cancel()  # the page went away mid-answer: free the pipeline's caches
+        yield from stream_answer(gen, history, note)
 
     def stop(request: gr.Request) -> None:
         if request is not None:
