@@ -264,3 +264,28 @@ def test_edp_trains_only_the_adapters_to_completion(bases, tmp_path):
     per_grad = s["bytes_received"] / sum(w["applied"] + w.get("dropped", 0) for w in s["workers"].values())
     assert 4 * s["trainable_params"] <= per_grad < 1.2 * 4 * s["trainable_params"], per_grad
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_a_base_read_tensor_by_tensor_equals_the_loaded_model_cast(bases, family, precision):
+    """``lora.build`` reads a pretrained directory straight into the base precision (int8 rows quantized as read);
+    the result is bit for bit ``load_pretrained`` then ``apply``: every tensor, buffers and int8 rows included."""
+    from smolcluster.models import lora
+    from smolcluster.models.hf import load_pretrained
+
+    cfg = {"r": R, "alpha": ALPHA, "base_precision": precision}
+    model_cfg = {"_target_": "smolcluster.models.hf.build_causal_lm", "pretrained": str(bases[family])}
+    ours = lora.build(model_cfg, {}, cfg, SEED)
+    ref = lora.apply(load_pretrained(str(bases[family])), cfg, SEED)
+    mine, theirs = ours.state_dict(), ref.state_dict()
+    assert mine.keys() == theirs.keys()
+    assert any(k.endswith(".qweight") for k in mine) == (precision == "int8")
+    for k, t in theirs.items():
+        assert mine[k].dtype == t.dtype and torch.equal(mine[k], t), k
+    for k, t in ref.named_buffers():  # RoPE's frequencies (no file holds them)
+        assert torch.equal(dict(ours.named_buffers())[k], t), k
+    assert ours.peft_config["default"].to_dict() == ref.peft_config["default"].to_dict()
+    x = torch.randint(0, 50, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(ours.eval()(x).logits, ref.eval()(x).logits)
