@@ -40,10 +40,11 @@ class Trainer:
         self.device = pick_device(device or cfg.device)
         self.data = data or build_data(cfg.data, cfg.model)
         torch.manual_seed(cfg.seed)  # the same seed on every process: identical initial weights
-        whole = build_model(cfg.model, self.data.info)
         self.lora = lora.enabled(cfg.train)
-        if self.lora:  # the base frozen, peft's adapters the only trainable parameters
-            whole = lora.apply(whole, self.train.lora, cfg.seed)
+        if self.lora:  # the base frozen (read straight into its precision), peft's adapters the only trainable ones
+            whole = lora.build(cfg.model, self.data.info, self.train.lora, cfg.seed)
+        else:
+            whole = build_model(cfg.model, self.data.info)
         self.fingerprint, self.num_params = fingerprint(whole), count_parameters(whole)  # of the whole model
         self.model = self.own_part(whole).to(self.device)
         self.model.train()

@@ -264,3 +264,70 @@ def test_edp_trains_only_the_adapters_to_completion(bases, tmp_path):
     per_grad = s["bytes_received"] / sum(w["applied"] + w.get("dropped", 0) for w in s["workers"].values())
     assert 4 * s["trainable_params"] <= per_grad < 1.2 * 4 * s["trainable_params"], per_grad
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_a_base_read_tensor_by_tensor_equals_the_loaded_model_cast(bases, family, precision):
+    """``lora.build`` reads a pretrained directory straight into the base precision (int8 rows quantized as read);
+    the result is bit for bit ``load_pretrained`` then ``apply``: every tensor, buffers and int8 rows included."""
+    from smolcluster.models import lora
+    from smolcluster.models.hf import load_pretrained
+
+    cfg = {"r": R, "alpha": ALPHA, "base_precision": precision}
+    model_cfg = {"_target_": "smolcluster.models.hf.build_causal_lm", "pretrained": str(bases[family])}
+    ours = lora.build(model_cfg, {}, cfg, SEED)
+    ref = lora.apply(load_pretrained(str(bases[family])), cfg, SEED)
+    mine, theirs = ours.state_dict(), ref.state_dict()
+    assert mine.keys() == theirs.keys()
+    assert any(k.endswith(".qweight") for k in mine) == (precision == "int8")
+    for k, t in theirs.items():
+        assert mine[k].dtype == t.dtype and torch.equal(mine[k], t), k
+    for k, t in ref.named_buffers():  # RoPE's frequencies (no file holds them)
+        assert torch.equal(dict(ours.named_buffers())[k], t), k
+    assert ours.peft_config["default"].to_dict() == ref.peft_config["default"].to_dict()
+    x = torch.randint(0, 50, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(ours.eval()(x).logits, ref.eval()(x).logits)
+
+
+RSS_PROBE = """
+import json, sys
+from smolcluster.models import lora
+import peft, transformers  # imported before the baseline: only the load is measured
+
+def status_mb(key):  # VmHWM, not ru_maxrss: that one keeps the parent's size from before the fork's exec
+    line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
+    return int(line.split()[1]) / 1024
+
+before = status_mb("VmRSS")
+model_cfg = {"_target_": "smolcluster.models.hf.build_causal_lm", "pretrained": sys.argv[1]}
+lora.build(model_cfg, {}, {"r": 4, "alpha": 8, "base_precision": sys.argv[2]}, 0)
+print(json.dumps({"grew_mb": status_mb("VmHWM") - before}))
+"""
+
+
+def test_an_int8_base_loads_in_a_fraction_of_the_float32_models_memory(tmp_path):
+    """A fresh process's peak RSS growth while it builds the LoRA model: with an int8 base it holds the integer
+    rows, never the float32 projections (34M parameters: 134 MB in float32, 34 MB in int8)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from smolcluster.pipeline.launch import stage_env
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+                                 num_attention_heads=8)).save_pretrained(tmp_path)
+    grew = {}
+    for precision in ("fp32", "int8"):
+        out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(tmp_path), precision], capture_output=True,
+                             text=True, env=stage_env(1, {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}),
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        grew[precision] = json.loads(out.stdout.strip().splitlines()[-1])["grew_mb"]
+    assert grew["fp32"] > 100, grew  # the float32 projections alone are 134 MB
+    assert grew["int8"] < 0.4 * grew["fp32"], grew

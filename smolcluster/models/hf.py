@@ -119,12 +119,17 @@ def load_pretrained(pretrained: str, vocab_size: int | None = None):
                                                              dtype="float32")
         except (OSError, ValueError) as e:
             raise ConfigError(f"model.pretrained={pretrained}: could not load it ({e})") from e
+    check_vocab(pretrained, model, vocab_size)
+    return model
+
+
+def check_vocab(pretrained: str, model, vocab_size: int | None) -> None:
+    """Refuse a data tokenizer with more ids than ``model`` has embedding rows."""
     rows = model.get_input_embeddings().num_embeddings
     if vocab_size is not None and vocab_size > rows:
         raise ConfigError(f"model.pretrained={pretrained}: the data's tokenizer has {vocab_size} tokens, the model "
                           f"only {rows}: train with the model's own tokenizer (its tokenizer.json in that "
                           "directory, or data.tokenizer=PATH)")
-    return model
 
 
 # Tokenizer files a model directory may carry beside tokenizer.json; copied as they are (chat template included).

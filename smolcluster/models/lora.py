@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from smolcluster.errors import ConfigError
-from smolcluster.models.hf import staged_dir
+from smolcluster.models.hf import FAMILIES, check_vocab, read_config, staged_dir
 
 # What a base may be held in; adapters are always float32 (peft's autocast_adapter_dtype). int8: the adapted
 # projections as int8 rows + scales (the pipeline's Int8Linear, dequantized on the fly), the rest float32.
@@ -60,8 +60,9 @@ def lora_config(lora: dict, model: nn.Module):
                       fan_in_fan_out=family == "gpt2")  # GPT-2's projections are Conv1D (in x out)
 
 
-def apply(model: nn.Module, lora: dict, seed: int) -> nn.Module:
-    """``model`` frozen in ``lora.base_precision`` with peft's LoRA adapters (float32, seeded by ``seed``)."""
+def apply(model: nn.Module, lora: dict, seed: int, quantized: dict | None = None) -> nn.Module:
+    """``model`` frozen in ``lora.base_precision`` with peft's LoRA adapters (float32, seeded by ``seed``).
+    ``quantized``: int8 bases already read (:func:`load_base`), by module name."""
     from peft import get_peft_model
 
     precision = lora.get("base_precision", "fp32")
@@ -78,11 +79,91 @@ def apply(model: nn.Module, lora: dict, seed: int) -> nn.Module:
     try:
         peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
         if precision == "int8":
-            quantize_bases(peft_model)
+            quantize_bases(peft_model, quantized)
     except ValueError as e:  # "Target modules {...} not found in the base model"
         raise ConfigError(f"train.lora.target_modules={sorted(config.target_modules)}: {e} (its Linear layers: "
                           f"{', '.join(linear_names(model)) or 'none'})") from None
     return peft_model
+
+
+def build(model_cfg, data_info: dict, lora: dict, seed: int) -> nn.Module:
+    """The peft model ``train.lora`` trains. A pretrained Llama/Mistral/Qwen directory is read tensor by tensor
+    into the base precision (:func:`load_base`), so a process never holds the float32 model; any other model
+    is built as usual (``build_model``) and then cast."""
+    from smolcluster.models import build_model
+
+    pretrained = model_cfg.get("pretrained")
+    if (pretrained and str(model_cfg.get("_target_", "")).endswith("hf.build_causal_lm")
+            and Path(pretrained).expanduser().is_dir() and read_config(pretrained)["model_type"] in FAMILIES):
+        base, quantized = load_base(pretrained, lora, data_info.get("vocab_size"))
+        return apply(base, lora, seed, quantized)
+    return apply(build_model(model_cfg, data_info), lora, seed)
+
+
+def load_base(pretrained: str, lora: dict, vocab_size: int | None = None) -> tuple[nn.Module, dict]:
+    """The model of a Hugging Face directory, built on the meta device and each tensor then read from its
+    safetensors file into ``lora.base_precision`` (the pipeline's reader and converter: a large tensor a chunk of
+    rows at a time). With int8, every projection ``train.lora`` adapts is quantized as it is read; those come
+    back as ``{module name: (qweight, scales)}`` (``int8_rows`` of the float32 weight, row by row: the same
+    integers as quantizing the loaded model), their Linear holding a zero-byte placeholder weight until
+    :func:`quantize_bases` swaps it out. The result equals ``load_pretrained`` then :func:`apply`'s cast."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from smolcluster.pipeline import quantize
+    from smolcluster.pipeline.weights import read_tensors, tensor_files
+
+    precision = lora.get("base_precision", "fp32")
+    if precision not in BASE_PRECISIONS:
+        raise ConfigError(f"train.lora.base_precision={precision!r}: choose {' | '.join(BASE_PRECISIONS)}")
+    d = Path(pretrained).expanduser()
+    config = AutoConfig.from_pretrained(d, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    model.name_or_path = config._name_or_path = str(d)  # as from_pretrained records it (peft's adapter config)
+    targets = {}
+    if precision == "int8":
+        lcfg = lora_config(lora, model)
+        targets = {f"{n}.weight": quantize._Target("int8", False) for n, m in model.named_modules()
+                   if type(m) is nn.Linear and check_target_module_exists(lcfg, n)}
+    fmt = quantize.StageFormat(precision="bf16" if precision == "bf16" else "fp32")
+    files, wanted = tensor_files(d), {n for n, _ in model.named_parameters()}
+    by_file: dict[Path, dict[str, str]] = {}
+    for key, path in files.items():
+        if key not in wanted:
+            raise ConfigError(f"model.pretrained={pretrained}: tensor {key!r} is not in a {config.model_type} "
+                              "of its config.json: the directory mixes two models")
+        by_file.setdefault(path, {})[key] = key
+    state: dict[str, torch.Tensor] = {}
+    for path, keys in by_file.items():
+        state.update(read_tensors(path, keys, convert=lambda n, shape, rows: quantize.convert(n, shape, rows, fmt,
+                                                                                           targets)))
+    quantized = {}
+    for name in (t.removesuffix(".weight") for t in targets):
+        module = model.get_submodule(name)
+        quantized[name] = state.pop(f"{name}.qweight"), state.pop(f"{name}.scales")
+        # peft reads a base layer's shape, device and dtype, never its values: one float stands for them all
+        module.weight = nn.Parameter(torch.zeros(()).expand(module.out_features, module.in_features),
+                                     requires_grad=False)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()  # a tied head is stored once (the embedding): point it there again
+    _build_buffers(model)
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise ConfigError(f"model.pretrained={pretrained}: no tensor {left[0]!r} in its safetensors files")
+    if (d / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(d, local_files_only=True)
+    check_vocab(pretrained, model, vocab_size)
+    return model, quantized
+
+
+def _build_buffers(model: nn.Module) -> None:
+    """The buffers no file holds (RoPE's frequencies), left on the meta device by a meta build: each module
+    holding one is built again, on the CPU, from the model's config (what ``from_config`` did)."""
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, type(module)(config=model.config))
 
 
 def wrap_stage(stage: nn.Module, whole: nn.Module, lora: dict, where: str = "this stage") -> nn.Module:
@@ -134,14 +215,15 @@ def save_whole_adapter(hf_config, lora: dict, adapters: dict[str, torch.Tensor],
     return save_adapter(model, out_dir)
 
 
-def quantize_bases(model: nn.Module) -> None:
+def quantize_bases(model: nn.Module, quantized: dict | None = None) -> None:
     """Every adapted projection's frozen weight as int8 rows + scales (``pipeline.quantize.Int8Linear``): peft's
-    LoRA layer calls its ``base_layer`` as a function, so the integer module takes the Linear's place there."""
+    LoRA layer calls its ``base_layer`` as a function, so the integer module takes the Linear's place there.
+    ``quantized``: ``{module name in the base: (qweight, scales)}`` already read (:func:`load_base`)."""
     from peft.tuners.lora import LoraLayer
 
-    from smolcluster.pipeline.quantize import Int8Linear, int8_rows
+    from smolcluster.pipeline.quantize import KERNEL_DTYPE, Int8Linear, int8_rows
 
-    for module in model.modules():
+    for name, module in model.named_modules():
         base = getattr(module, "base_layer", None)
         if not isinstance(module, LoraLayer):
             continue
@@ -149,7 +231,9 @@ def quantize_bases(model: nn.Module) -> None:
             raise ConfigError(f"train.lora.base_precision=int8 quantizes nn.Linear projections, not "
                               f"{type(base).__name__} (GPT-2's Conv1D): use fp32 or bf16")
         q = Int8Linear(base.in_features, base.out_features, bias=base.bias is not None)
-        q.qweight, q.scales = int8_rows(base.weight.detach(), torch.float32)
+        read = (quantized or {}).get(name.removeprefix("base_model.model."))
+        q.qweight, q.scales = read if read is not None else int8_rows(base.weight.detach(), torch.float32)
+        q.kernel_scales = q.scales.to(KERNEL_DTYPE)  # as Int8Linear's state-dict load sets it (its packed kernel)
         if base.bias is not None:
             q.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=False)
         module.base_layer = q

@@ -159,6 +159,21 @@ KERNEL_DTYPE = torch.bfloat16
 PACKED_ROWS = 16
 
 
+class _DequantizedMatmul(torch.autograd.Function):
+    """``F.linear(x, q) * scales`` whose backward dequantizes ``q`` again: autograd would save the float copy
+    of the weight for it, one per projection, so training a frozen int8 base would hold the float model."""
+
+    @staticmethod
+    def forward(ctx, x, q, scales):
+        ctx.save_for_backward(q, scales)
+        return F.linear(x, q.to(x.dtype)) * scales
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, scales = ctx.saved_tensors
+        return (grad * scales) @ q.to(grad.dtype), None, None
+
+
 class Int8Linear(nn.Module):
     """``y = x @ (q * scale).T + bias``; also a token lookup table when it replaces an embedding."""
 
@@ -180,6 +195,8 @@ class Int8Linear(nn.Module):
         if x2.device.type == "cpu" and x2.shape[0] <= PACKED_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(x2.to(KERNEL_DTYPE).contiguous(), self.qweight,
                                                    self.kernel_scales).to(x.dtype)
+        elif x2.requires_grad:  # training through a frozen int8 base (LoRA): keep int8 rows for the backward
+            y = _DequantizedMatmul.apply(x2, self.qweight, self.scales)
         else:
             # A prefill's many rows, or cuda / mps: dequantize on the fly (int8 storage, a compute-type matmul).
             y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scales
