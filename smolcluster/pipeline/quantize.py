@@ -192,11 +192,11 @@ class Int8Linear(nn.Module):
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.n_in)
-        if x2.device.type == "cpu" and x2.shape[0] <= PACKED_ROWS:
+        if x2.requires_grad:  # training through a frozen int8 base (LoRA): keep int8 rows for the backward
+            y = _DequantizedMatmul.apply(x2, self.qweight, self.scales)
+        elif x2.device.type == "cpu" and x2.shape[0] <= PACKED_ROWS:  # (the packed kernel has no backward)
             y = torch.ops.aten._weight_int8pack_mm(x2.to(KERNEL_DTYPE).contiguous(), self.qweight,
                                                    self.kernel_scales).to(x.dtype)
-        elif x2.requires_grad:  # training through a frozen int8 base (LoRA): keep int8 rows for the backward
-            y = _DequantizedMatmul.apply(x2, self.qweight, self.scales)
         else:
             # A prefill's many rows, or cuda / mps: dequantize on the fly (int8 storage, a compute-type matmul).
             y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scales
