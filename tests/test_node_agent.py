@@ -647,3 +647,40 @@ def test_a_version_mismatch_is_one_line_naming_the_node():
     node.version, node.fingerprint = VERSION, "0" * 16
     with pytest.raises(ConfigError, match="does not match its fingerprint"):
         node.check()
+
+
+def test_an_agent_whose_info_port_is_taken_says_so_and_one_on_port_0_picks_a_free_pair(tmp_path):
+    """The info port is the control port + 1. Asked for P with P + 1 held by another socket, the agent refuses
+    in one line naming the info port (it used to die on a bare OSError, and with --port 0 the OS's pick could
+    land there: a CI failure); on port 0 it takes a pair whose upper port is free."""
+    import socket
+
+    from smolcluster.errors import ConfigError
+    from smolcluster.node.agent import Agent
+
+    def free(port: int) -> bool:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return True
+            except OSError:
+                return False
+
+    while True:  # a held port whose neighbour below is free, for the control port
+        held = socket.socket()
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        if free(taken - 1):
+            break
+        held.close()
+    try:
+        with pytest.raises(ConfigError, match=f"port {taken} \\(the info port, --port \\+ 1\\) cannot be bound"):
+            Agent(tmp_path / "a", port=taken - 1, bind="127.0.0.1", name="a")
+        agent = Agent(tmp_path / "b", port=0, bind="127.0.0.1", name="b")
+        try:
+            assert agent.info.port == agent.port + 1 and agent.facts["port"] == agent.port
+        finally:
+            agent.close()
+    finally:
+        held.close()

@@ -51,9 +51,14 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(state / "paired", ignore_errors=True)
         print(f"forgot every paired coordinator ({state}/paired/)")
         return 0
+    from smolcluster.errors import SmolclusterError
     from smolcluster.node.agent import run_agent
 
-    return run_agent(args)
+    try:
+        return run_agent(args)
+    except SmolclusterError as e:  # a port in use: one line, as train/infer print it
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

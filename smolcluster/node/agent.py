@@ -43,6 +43,7 @@ from pathlib import Path
 from loguru import logger
 
 from smolcluster.cluster import node_name
+from smolcluster.errors import ConfigError
 from smolcluster.node.infoport import InfoPort
 from smolcluster.node.overrides import check_override
 from smolcluster.node.pairing import (
@@ -128,11 +129,8 @@ class Agent:
         self.key = public_key(self.id_dir / "server.key")
         self.allow = Allowlist(self.state_dir)
         self.owner_timeout_s = owner_timeout_s
-        self.control = ServerEndpoint(f"tcp://{bind}:{port}", max_bytes=MAX_BYTES, curve_dir=str(self.id_dir),
-                                      authorize=self.allow.__contains__)  # ZAP asks for each connecting key
-        self.port = self.control.port
         self.facts = {"name": self.name, "version": VERSION, "protocol": NODE_PROTOCOL, **facts(),
-                      "fingerprint": fingerprint(self.key), "key": self.key, "port": self.port}
+                      "fingerprint": fingerprint(self.key), "key": self.key, "port": port}
         self.roles: dict[str, Role] = {}
         self.lock = threading.Lock()  # the pairing state: the info port's threads and the main loop share it
         self.pending: dict[str, Pending] = {}  # code -> the coordinator awaiting the operator's confirmation
@@ -141,7 +139,23 @@ class Agent:
         self.owner_seen: dict[bytes, float] = {}
         # role name -> (the coordinator that asked, the ports held for the role): reserved, not started yet
         self.reserved: dict[str, tuple[bytes, list[socket.socket]]] = {}
-        self.info = InfoPort(bind, self.port + 1, self.answer_info)
+        self.control, self.info = self._listen(bind, port)
+        self.port = self.facts["port"] = self.control.port
+
+    def _listen(self, bind: str, port: int, tries: int = 20) -> tuple[ServerEndpoint, InfoPort]:
+        """The control port and the info port just above it. With ``port`` 0 the OS picks the control port, and
+        the one above may be taken (another process's connection): then another pair is tried."""
+        for _ in range(tries if port == 0 else 1):
+            control = ServerEndpoint(f"tcp://{bind}:{port}", max_bytes=MAX_BYTES, curve_dir=str(self.id_dir),
+                                     authorize=self.allow.__contains__)  # ZAP asks for each connecting key
+            try:
+                return control, InfoPort(bind, control.port + 1, self.answer_info)
+            except OSError as e:
+                control.close()
+                if port:
+                    raise ConfigError(f"port {port + 1} (the info port, --port + 1) cannot be bound: {e.strerror}; "
+                                      "choose a --port whose next port is free") from None
+        raise ConfigError(f"no free pair of ports (P, P + 1) on {bind} after {tries} tries: give --port")
 
     # -- control messages (CURVE; only paired coordinators' keys get through) ---------------------------
     def handle(self, peer: bytes, msg) -> None:
