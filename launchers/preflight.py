@@ -328,6 +328,19 @@ def rank_addresses(cluster: DictConfig, n: int, port: int) -> list[tuple[str, in
     return [(s.host, s.port) for s in stage_nodes(links, n)]
 
 
+def _port_reports(listening: list[tuple[NodeReport, dict | None]], cluster: DictConfig, bind: str) -> None:
+    """Each listening node's port check: free (or the one ``port: null`` would use), or why it cannot listen."""
+    for report, f in listening:
+        if f is None:
+            continue
+        if "port_error" in f:
+            report.add("port", FAIL, f"cannot listen: {f['port_error']}: pick another cluster.port (or "
+                       "cluster.nodes[i].port) or stop what holds it")
+        else:
+            what = f"port {f['port']} is free" if cluster.get("port") else f"port: null, {f['port']} would be used"
+            report.add("port", OK, f"{what} (bind {bind})")
+
+
 def check(cluster: DictConfig, nodes: list[Node], max_skew_s: float = 2.0) -> tuple[list[NodeReport], int | None]:
     """Run every node's checks in parallel; returns the reports and the port the cluster can use (the server's,
     or the first rank's: rank r listens on port + r unless its node sets one)."""
@@ -368,16 +381,7 @@ def check(cluster: DictConfig, nodes: list[Node], max_skew_s: float = 2.0) -> tu
                 if status == FAIL:
                     detail += f", over --max-skew {max_skew_s}s: sync the clocks (NTP: timedatectl set-ntp true)"
                 report.add("clock", status, detail)
-        listening = list(zip(reports, facts)) if ranks else [(reports[0], facts[0])]
-        for report, f in listening:
-            if f is None:
-                continue
-            if "port_error" in f:
-                report.add("port", FAIL, f"cannot listen: {f['port_error']}: pick another cluster.port (or "
-                           "cluster.nodes[i].port) or stop what holds it")
-            else:
-                what = f"port {f['port']} is free" if cluster.get("port") else f"port: null, {f['port']} would be used"
-                report.add("port", OK, f"{what} (bind {bind})")
+        _port_reports(list(zip(reports, facts)) if ranks else [(reports[0], facts[0])], cluster, bind)
         if ranks:
             if all(f is not None and "port" in f for f in facts):
                 port = base if base is not None else facts[0]["port"]
