@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -115,7 +116,10 @@ def llama_cpp_source(version: str, given: str | None) -> Path:
                        and m.name[len(prefix):].startswith(wanted)]
             for m in members:
                 m.name = m.name[len(prefix):]
-            tar.extractall(cache, members=members, filter="data")
+            # into a temporary directory first: an interrupted extraction never looks like a cached one
+            tar.extractall(Path(tmp) / "llama.cpp", members=members, filter="data")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(Path(tmp) / "llama.cpp", cache)
     return cache
 
 
