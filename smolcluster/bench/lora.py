@@ -17,8 +17,9 @@ an int8 base). Each arm runs ``--steps`` steps through ``bench scaling``'s runne
   once the run's metrics show that step, so a long full fine-tune does not crawl. Without namespaces (or
   ``--link none``) the nodes share loopback, unshaped, and the steps/s are over every step;
 - the bytes a node sends per step, and the eval loss on the held-out conversations after ``--steps``;
-- per-node peak RSS: each worker's ``ru_maxrss`` from ``wait4``, its whole life (load, training, eval and
-  the final checkpoint), the larger of the two.
+- per-node peak RSS: each worker's ``ru_maxrss`` over its whole life (load, training, eval and the final
+  checkpoint), the larger of the two; taken by a bare spawner (:func:`smolcluster.bench.scaling.measured`)
+  so that it is the worker's own peak, not this process's size at the fork.
 
 Every ratio is LoRA over full fine-tuning in the same run. Writes bench-lora.json.
 """

@@ -71,29 +71,50 @@ def env() -> dict:
                                                         os.environ.get("PYTHONPATH")]))}
 
 
+# Runs a command and writes its peak RSS (KiB) to a file. A child's ``ru_maxrss`` counts the memory of the
+# process that spawned it (Linux carries the old address space's high-water mark across exec), so a worker
+# started straight from this torch-importing bench would read at least the bench's own size. Spawned from
+# this bare interpreter (-S: no site, a few MB) instead, ``wait4`` gives the worker's own peak.
+PEAK_RSS = """import os, signal, sys
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+for s in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(s, lambda n, f: os.kill(pid, n))
+_, status, usage = os.wait4(pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))"""
+
+
+def measured(cmd: list[str], peak_file: Path) -> list[str]:
+    """``cmd`` run so that its peak RSS lands in ``peak_file`` (read by :func:`wait_all`)."""
+    return [sys.executable, "-S", "-c", PEAK_RSS, str(peak_file), *cmd]
+
+
 def wait_all(procs: dict[str, subprocess.Popen], logs: dict[str, Path], timeout: float,
              on_tick=None) -> dict[str, float]:
-    """Wait for every process to exit 0 (``on_tick()`` between polls); each one's peak RSS in MB, its
-    ``ru_maxrss`` as ``wait4`` reports it (``Popen.wait`` drops the rusage)."""
+    """Wait for every process to exit 0 (``on_tick()`` between polls); each one's peak RSS in MB where it
+    was started by :func:`measured` (``LOG.peak`` beside its log)."""
     deadline = time.monotonic() + timeout
-    peaks: dict[str, float] = {}
     try:
         for host, p in procs.items():
-            while not (got := os.wait4(p.pid, os.WNOHANG))[0]:
+            while p.poll() is None:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{host} still running after {timeout:.0f}s:\n{logs[host].read_text()[-3000:]}")
                 if on_tick:
                     on_tick()
                 time.sleep(0.1)
-            p.returncode, peaks[host] = os.waitstatus_to_exitcode(got[1]), got[2].ru_maxrss / 1024
             if p.returncode != 0:
                 raise RuntimeError(f"{host} exited {p.returncode}:\n{logs[host].read_text()[-3000:]}")
     finally:
         for p in procs.values():
             if p.poll() is None:
-                p.kill()
-                p.wait(timeout=10)
-    return peaks
+                p.terminate()  # the PEAK_RSS wrapper passes it on; a kill would orphan the worker
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(timeout=10)
+    peaks = {h: logs[h].with_suffix(".peak") for h in procs}
+    return {h: int(f.read_text()) / 1024 for h, f in peaks.items() if f.is_file()}
 
 
 def steady(rows: list[dict], warmup: int, last_step: int | None = None) -> tuple[float, float]:
@@ -132,7 +153,8 @@ def run_smolcluster(lan: Lan, algo: str, n: int, model_args: list[str], steps: i
         roles = {"srv": ["role=server"], **roles}
     run_dir.mkdir(parents=True)
     logs = {h: run_dir / f"{h}.out" for h in roles}
-    procs = {h: subprocess.Popen([*lan.exec(h), *common, *args], stdout=logs[h].open("w"), stderr=subprocess.STDOUT,
+    procs = {h: subprocess.Popen(measured([*lan.exec(h), *common, *args], logs[h].with_suffix(".peak")),
+                                 stdout=logs[h].open("w"), stderr=subprocess.STDOUT,
                                  env={**env(), "SMOLCLUSTER_NODE": h}) for h, args in roles.items()}
     peaks = wait_all(procs, logs, timeout, on_tick)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
