@@ -25,7 +25,7 @@ from smolcluster.data import DataBundle, build_data
 from smolcluster.data.sharding import Sharder
 from smolcluster.flat import FlatParams
 from smolcluster.models import build_model, count_parameters, fingerprint, lora
-from smolcluster.models.hf import is_hf_model, save_hf_dir
+from smolcluster.models.hf import checkpoint_activations, is_hf_model, save_hf_dir
 from smolcluster.objective import evaluate, loss_fn
 from smolcluster.optim import build_optimizer, clip_, lr_at, set_lr
 
@@ -45,6 +45,8 @@ class Trainer:
             whole = lora.build(cfg.model, self.data.info, self.train.lora, cfg.seed)
         else:
             whole = build_model(cfg.model, self.data.info)
+        if getattr(self.train, "activation_checkpointing", False):
+            checkpoint_activations(whole, cfg.model.name)
         self.fingerprint, self.num_params = fingerprint(whole), count_parameters(whole)  # of the whole model
         self.model = self.own_part(whole).to(self.device)
         self.model.train()

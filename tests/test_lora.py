@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from smolcluster.data.text import embedded_corpus
+from smolcluster.errors import ConfigError
 from smolcluster.models.lora import DEFAULT_TARGETS
 from smolcluster.paths import CONFIG_DIR
 from smolcluster.trainer import Trainer
@@ -155,6 +156,38 @@ def test_an_int8_base_trains_as_peft_does_over_its_dequantized_weights(bases, tm
     ours.model.eval()
     with torch.no_grad():
         assert float((merged(x).logits - ours.model(x).logits).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("extra", [("train.lora.base_precision=int8",), ("train.lora.enabled=false",)],
+                         ids=["lora-int8", "full"])
+def test_activation_checkpointing_gives_the_same_training_with_one_blocks_activations(bases, extra):
+    """``train.activation_checkpointing``: the same weights after 3 steps (LoRA over a frozen int8 base, whose
+    first block gets an input needing no grad, and a full fine-tune), while the graph keeps far fewer tensors."""
+    runs = {}
+    for on in (False, True):
+        t = trainer_for(bases, "llama", *extra, f"train.activation_checkpointing={str(on).lower()}")
+        saved: list[int] = []  # what autograd keeps for the backward, counted over the first forward
+
+        def count(x, saved=saved):
+            saved.append(x.numel())
+            return x
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda x: x):
+            t.step_local()
+        for _ in range(2):
+            t.step_local()
+        runs[on] = (t, sum(saved))
+    (plain, kept), (ckpt, kept_ckpt) = runs[False], runs[True]
+    theirs = dict(ckpt.model.named_parameters())
+    diff = max(float((p - theirs[n]).detach().abs().max()) for n, p in plain.model.named_parameters())
+    assert diff < 1e-6, diff
+    assert kept_ckpt < 0.7 * kept, (kept_ckpt, kept)
+
+
+def test_activation_checkpointing_is_refused_for_a_model_without_blocks():
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        cfg = compose("config", overrides=["algo=local", "model.hidden=[8]", "train.activation_checkpointing=true"])
+    with pytest.raises(ConfigError, match="activation_checkpointing=true: model=mlp has no transformer blocks"):
+        Trainer(cfg, [8], device="cpu")
 
 
 def test_top_shows_trainable_parameters_and_bytes_per_step():

@@ -10,7 +10,9 @@ repository.
 Three arms train with ``algo=allreduce`` on 2 workers (a ring: each node a worker holding its own model,
 gradient and optimizer; the algorithm for slow links, docs/benchmarks.md#scaling): ``full`` (every weight),
 ``lora`` (peft adapters on the attention and MLP projections, fp32 base) and ``lora-int8`` (the same over
-an int8 base). Each arm runs ``--steps`` steps through ``bench scaling``'s runner and reports:
+an int8 base). Every arm checkpoints activations (``train.activation_checkpointing``, QLoRA's recipe;
+``--no-activation-checkpointing`` to hold them all). Each arm runs ``--steps`` steps through ``bench
+scaling``'s runner and reports:
 
 - steps/s over its first ``--link-steps`` steps on ``--link`` tbf-shaped links (as root with network
   namespaces: a :class:`smolcluster.bench.desk.Desk`, ``--cpu`` budgets optional); the links are unshaped
@@ -136,6 +138,7 @@ def run_arm(hosts, arm: str, args: argparse.Namespace, base: Path, chat: Path, r
     model_args = ["model=llama-tiny", f"model.pretrained={base}", f"model.block_size={args.block}", "data=chat",
                   f"data.path={chat}", f"train.batch_size={args.batch_size}", "train.optimizer=adamw",
                   "train.schedule=constant", "logging.hardware_every=0", "logging.grad_norm_every=0",
+                  f"train.activation_checkpointing={str(args.activation_checkpointing).lower()}",
                   *(a.format(lr_full=args.lr_full, lr_lora=args.lr_lora) for a in ARMS[arm])]
     extra = (f"train.eval_samples={args.eval_samples}", *(() if shaped else ("cluster.bind=127.0.0.1",)))
     try:
@@ -202,6 +205,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--block", type=int, default=128, help="tokens per row (model.block_size)")
     p.add_argument("--lr-full", type=float, default=3e-4)
     p.add_argument("--lr-lora", type=float, default=2e-3)
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="every arm keeps one block's activations, as QLoRA's recipe does (default), so the memory "
+                   "ratios compare weights and optimizer state, not activations that no arm needs to hold")
     p.add_argument("--eval-samples", type=int, default=64, help="held-out rows the eval loss is over")
     p.add_argument("--conversations", type=int, default=4000, help="Tiny Shakespeare speech pairs (the last "
                    "10%% held out)")

@@ -172,6 +172,18 @@ def is_hf_model(model) -> bool:
     return transformers is not None and isinstance(model, transformers.PreTrainedModel)
 
 
+def checkpoint_activations(model, model_name: str) -> None:
+    """Keep only each transformer block's input for the backward and recompute the rest of the block there
+    (``train.activation_checkpointing``): a block's activations instead of all of them, for a second forward.
+    The gradients are the same (the recompute replays the same ops and RNG). Non-reentrant checkpoints: a
+    frozen embedding (LoRA) gives the first block an input that needs no grad, which reentrant ones mishandle."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the HF model
+    if not is_hf_model(base) or not base.supports_gradient_checkpointing:
+        raise ConfigError(f"train.activation_checkpointing=true: model={model_name} has no transformer blocks "
+                          "to checkpoint; it works for the Hugging Face families (gpt2, llama, qwen, mistral, ...)")
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _tokenizer_config(tokenizer_json: Path, config) -> dict:
     """A ``tokenizer_config.json`` for a bare ``tokenizer.json`` (a BPE trained on the corpus, GPT-2's):
     ``AutoTokenizer`` then loads it as a ``PreTrainedTokenizerFast`` that knows its end-of-text token."""
