@@ -19,7 +19,12 @@ from omegaconf import DictConfig
 
 from smolcluster.cluster import python_cmd
 from smolcluster.errors import PeerError
-from smolcluster.supervisor import Children, child_overrides, sigterm_as_interrupt
+from smolcluster.supervisor import (
+    Children,
+    child_overrides,
+    sigterm_as_interrupt,
+    stop_process_groups,
+)
 
 
 def launch(cfg: DictConfig, run_dir: Path, extra: list[str] | None = None) -> dict:
@@ -48,10 +53,22 @@ def launch(cfg: DictConfig, run_dir: Path, extra: list[str] | None = None) -> di
         children.wait_all(until="server")  # the first child to fail stops the rest (PeerError naming it)
         ended = True
     finally:
-        # After a clean end the server has told the workers to stop: a moment to exit on their own.
-        # On a failure, Ctrl-C or SIGTERM they are stopped at once.
+        # After a clean end the server has told the workers it saw to stop: a moment to exit on their own.
+        # One that never registered (edp ends without it) was told nothing, and on a failure, Ctrl-C or
+        # SIGTERM every one is stopped at once.
+        seen = _registered(run_dir) if ended else set()
+        stop_process_groups([p for name, p in children.procs.items()
+                             if name.startswith("worker ") and name.split()[1] not in seen])
         children.stop(exit_first_s=10 if ended else 0)
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def _registered(run_dir: Path) -> set[str]:
+    """The ranks (as strings) the server's summary lists: the workers that joined the run."""
+    try:
+        return set(json.loads((run_dir / "summary.json").read_text()).get("workers", {}))
+    except (OSError, ValueError):
+        return set()
 
 
 def _wait_for_port(path: Path, server: subprocess.Popen, timeout_s: float) -> int:

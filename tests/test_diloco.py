@@ -91,20 +91,20 @@ def weights_diff(a_dir, b_dir) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in keys)
 
 
-def test_h1_outer_sgd_lr1_equals_allreduce_and_local(tmp_path):
+def test_h1_outer_sgd_lr1_equals_local_on_the_union_batch(tmp_path):
     """H=1, outer lr 1, no outer momentum: global - (global - mean of the locals) = the mean of one SGD step from
     the same weights, which (SGD with momentum, weight decay: all linear in the gradient) is the step on the
     mean gradient: allreduce's, and local's on the union of the batches."""
     args = [*MODEL, "train.optimizer=sgd", "train.weight_decay=0.01", "cluster.workers=2", *FAST]
     s = train(tmp_path / "diloco", "algo=diloco", "algo.inner_steps=1", "algo.outer_lr=1", "algo.outer_momentum=0",
               *args)
-    ar = train(tmp_path / "allreduce", "algo=allreduce", *args)
     train(tmp_path / "local", "algo=local", *[a for a in args if "batch_size" not in a and "cluster" not in a],
           "train.batch_size=32")
     assert s["steps"] == 12 and s["outer_steps"] == 12 and s["samples"] == 12 * 32
-    assert weights_diff(tmp_path / "diloco", tmp_path / "allreduce") < 1e-6
+    # local on the union batch is what allreduce equals (test_allreduce), so this is allreduce's result too
     assert weights_diff(tmp_path / "diloco", tmp_path / "local") < 1e-6
-    assert s["bytes_sent"] == pytest.approx(ar["bytes_sent"], rel=0.05)  # one model-sized sync a step, as allreduce
+    ring = 2 * 1 / 2 * s["params"] * 4  # one model-sized sync a step, as allreduce: 2(N-1)/N of the float32 weights
+    assert ring * 12 < s["bytes_sent"] < ring * 12 * 1.05, (s["bytes_sent"], ring)
 
 
 @pytest.mark.parametrize("extra", [[], STREAM], ids=["diloco", "streaming"])
