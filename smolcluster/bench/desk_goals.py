@@ -87,7 +87,7 @@ def peak_rate(rows: list[dict], window: float) -> float:
     pts = [(r["time"], r["bytes_sent"]) for r in rows if "bytes_sent" in r and "time" in r]
     best, j = 0, 0
     for t, sent in pts:
-        while pts[j][0] < t - window:
+        while pts[j][0] <= t - window:  # the window is (t - window, t]
             j += 1
         before = pts[j - 1][1] if j else 0  # the count just before the window opened
         best = max(best, sent - before)
