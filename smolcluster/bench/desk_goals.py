@@ -131,19 +131,19 @@ def run_one(hosts, name: str, n: int, args, model: str, run_dir: Path, stop_afte
 
 def hosts_for(args, link: str, speeds: list[float] | None):
     """A Desk of ``--workers`` nodes (CPU budgets at ``--cpu`` x speeds) on ``link``, or Loopback where
-    namespaces are not available; and what the links are."""
+    namespaces are not available."""
     if args.unshaped:
-        return Loopback(), f"unshaped loopback ({args.unshaped})"
+        return Loopback()
     names = [f"w{r}" for r in range(args.workers)]
     speeds = speeds or [1.0]
     cpus = {h: args.cpu * speeds[r % len(speeds)] for r, h in enumerate(names)} if args.cpu else {}
-    return Desk(["srv", *names], rate=link, cpus=cpus).build(), f"{link} shaped"
+    return Desk(["srv", *names], rate=link, cpus=cpus).build()
 
 
 def measure(args, base: Path, model: str, link: str) -> dict:
     """Every run of one model on one link: name -> run (see run_one)."""
     runs: dict[str, dict] = {}
-    hosts, _ = hosts_for(args, link, None)
+    hosts = hosts_for(args, link, None)
     try:
         runs["local"] = run_one(hosts, "local", 1, args, model, base / f"{model}-{link}-local", None)
         if runs["local"]["time"] is None:
@@ -157,7 +157,7 @@ def measure(args, base: Path, model: str, link: str) -> dict:
     if link == args.unlike_link:
         local = runs["local"]
         round_s = args.round_s or args.inner_steps * local["time"] / max(1, local["steps"])
-        hosts, _ = hosts_for(args, link, args.speeds)
+        hosts = hosts_for(args, link, args.speeds)
         try:
             for name in ("fixed_H", "round_s"):
                 runs[name] = run_one(hosts, name, args.workers, args, model, base / f"{model}-{link}-{name}",
@@ -285,7 +285,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=4, help="N, the nodes of each multi-node run")
     p.add_argument("--cpu", type=float, default=0.45, help="cores per node (cgroup cfs quota); 0: no budgets")
     p.add_argument("--speeds", default="1,1,2,4", help="unlike machines: node r gets speeds[r mod len] x --cpu")
-    p.add_argument("--unlike-link", default="100mbit", help="the link of the fixed_H / round_s runs ('' skips them)")
+    p.add_argument("--unlike-link", default="100mbit", help="the link (one of --links) of the fixed_H / round_s runs ('' skips them)")
     p.add_argument("--steps", type=int, default=0, help="steps of every run (default: " +
                    ", ".join(f"{k} {v}" for k, v in STEPS.items()) + ")")
     p.add_argument("--eval-every", type=int, default=25, help="steps between evals (a multiple of H sees the "
