@@ -40,10 +40,11 @@ def test_bench_desk_reports_every_goal_from_real_runs(tmp_path):
     local = runs["local"]
     assert local["steps"] == 12 and local["eval_loss"] == local["curve"][-1]["eval_loss"] and local["bytes_sent"] == 0
     for name, run in runs.items():
-        assert not run["stopped"] and run["curve"][-1]["step"] == 12, (name, run)
-        # 64 a node a step; round_s's rounds end once the nodes together trained as many (the fast one more steps)
-        assert run["samples"] == 12 * 64 * run["nodes"] or name == "round_s" and run["samples"] >= 12 * 64 * 2, \
-            (name, run)
+        assert not run["stopped"], (name, run)
+        if name == "round_s":  # its rounds end once the nodes together trained as many samples: the fast one
+            assert run["samples"] >= 12 * 64 * 2 and run["curve"][-1]["step"] <= 12, run  # more, slow rank 0 fewer
+        else:  # 64 a node a step
+            assert run["samples"] == 12 * 64 * run["nodes"] and run["curve"][-1]["step"] == 12, (name, run)
     # DDP-gloo steps the runs' own optimizer on its averaged gradient: the same curve as our ring's
     assert [p["eval_loss"] for p in runs["ddp"]["curve"]] == pytest.approx(
         [p["eval_loss"] for p in runs["allreduce"]["curve"]], abs=1e-5)

@@ -124,7 +124,8 @@ def run_one(hosts, name: str, n: int, args, model: str, run_dir: Path, stop_afte
            "time": points[-1]["time"] if points else None, "samples": samples, "bytes_sent": sent,
            "bytes_per_sample": sent / samples if samples else None,
            "eval_loss": points[-1]["eval_loss"] if points else None, "curve": points,
-           "params": got.get("params") or next((r["params"] for r in rows if "params" in r), None), "run_s": round(time.monotonic() - t0, 1)}
+           "params": got.get("params") or next((r["params"] for r in rows if "params" in r), None),
+           "run_s": round(time.monotonic() - t0, 1)}
     print(json.dumps({k: v for k, v in out.items() if k != "curve"}), flush=True)
     return {**out, "rows": rows}
 
@@ -199,7 +200,8 @@ def goals(runs: dict, args, model: str, link: str) -> list[dict]:
     def row(goal: str, measure: str, value: float | None, why: str = "", note: str = "") -> None:
         out.append({"model": model, "link": link, "measure": measure,
                     "value": sig(value), "goal": GOALS.get(goal, ""),
-                    "status": verdict(goal, value, why) if goal in GOALS else (why or "reported"), "note": note})
+                    "status": verdict(goal, value, why) if goal in GOALS else why if value is None else "reported",
+                    "note": note})
 
     for name in ("diloco", "streaming", "allreduce", "ddp"):
         if name in runs:
