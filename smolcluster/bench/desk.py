@@ -16,6 +16,7 @@ from pathlib import Path
 from smolcluster.bench.netns import Lan
 
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
+SHARES = 262_144  # cgroup v1's largest cpu.shares (see Desk.build)
 PERIOD_US = 100_000  # the kernel's default CFS period: a budget of 0.45 core is 45 ms of CPU every 100 ms
 
 
@@ -45,6 +46,11 @@ class Desk(Lan):
                 group.mkdir(exist_ok=True)
                 (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
                 (group / "cpu.cfs_quota_us").write_text(str(max(1000, int(cores * PERIOD_US))))  # >= 1 ms
+                # the quota is a ceiling, not a guarantee: under contention CFS splits the CPU by weight, and a group
+                # of the default weight (1024) is one entity against every busy process of the root group, so other
+                # load on the box would push a node below its budget. The highest weight (262144) makes the node
+                # win any contention up to its quota, which still caps it: the budget holds both ways.
+                (group / "cpu.shares").write_text(str(SHARES))
         except BaseException:
             self.close()
             raise

@@ -34,8 +34,8 @@ def write_report(
     print(f"\n## bench {name}\n")
     print(markdown_table(rows))
     if extra:
-        for k, v in extra.items():
-            print(f"\n- {k}: {v}")
+        for k, v in extra.items():  # (a long value, such as a run's curves, only in the JSON)
+            print(f"\n- {k}: {v if len(str(v)) < 400 else '(in the JSON)'}")
     path = Path(out_dir) / f"bench-{name}.json"
     payload = {
         "bench": name,

@@ -43,8 +43,12 @@ MODELS = {
     "mlp": ["model=mlp", "data=mnist", "data.root={root}", "train.batch_size=64"],
     "gpt2-tiny": ["model=gpt2-tiny", "data=text", "data.path={text}", "train.batch_size=8",
                   "train.optimizer=adamw", "train.lr=1e-3"],
+    # a Llama (RMSNorm, RoPE, GQA, SwiGLU) of 12.6M parameters: big enough that a sync costs seconds on a home link
+    "llama-tiny": ["model=llama-tiny", "model.n_embd=384", "model.n_layer=6", "model.n_head=6", "model.n_kv_head=2",
+                   "model.intermediate_size=1024", "data=text", "data.path={text}", "train.batch_size=8",
+                   "train.optimizer=adamw", "train.lr=1e-3"],
 }
-STEPS = {"mlp": 100, "gpt2-tiny": 20}
+STEPS = {"mlp": 100, "gpt2-tiny": 20, "llama-tiny": 10}
 ALGOS = {  # name -> (algo overrides, has a server)
     "syncps": (["algo=syncps"], True),
     "edp": (["algo=edp"], True),
@@ -90,13 +94,17 @@ def measured(cmd: list[str], peak_file: Path) -> list[str]:
 
 
 def wait_all(procs: dict[str, subprocess.Popen], logs: dict[str, Path], timeout: float,
-             on_tick=None) -> dict[str, float]:
+             on_tick=None, stop_after_s: float | None = None) -> dict[str, float]:
     """Wait for every process to exit 0 (``on_tick()`` between polls); each one's peak RSS in MB where it
-    was started by :func:`measured` (``LOG.peak`` beside its log)."""
+    was started by :func:`measured` (``LOG.peak`` beside its log). ``stop_after_s``: a time budget, after which
+    every process is stopped (SIGTERM) and the run counts as cut short, not failed."""
     deadline = time.monotonic() + timeout
+    stop_at = None if stop_after_s is None else time.monotonic() + stop_after_s
     try:
         for host, p in procs.items():
             while p.poll() is None:
+                if stop_at is not None and time.monotonic() > stop_at:
+                    return {}  # (the finally below stops them all)
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{host} still running after {timeout:.0f}s:\n{logs[host].read_text()[-3000:]}")
                 if on_tick:
@@ -130,9 +138,10 @@ def steady(rows: list[dict], warmup: int, last_step: int | None = None) -> tuple
 
 def run_smolcluster(lan: Lan, algo: str, n: int, model_args: list[str], steps: int, warmup: int,
                     batch: int, run_dir: Path, extra_args: tuple[str, ...] = (), port: int = PORT,
-                    on_tick=None, timeout: float = 900) -> dict:
+                    on_tick=None, timeout: float = 900, stop_after_s: float | None = None) -> dict:
     """One run of ``algo`` on ``lan``'s hosts (``extra_args`` last, so they win); its steady-state figures,
-    metrics rows, summary and each process's peak RSS. ``on_tick`` runs while it waits."""
+    metrics rows, summary and each process's peak RSS. ``on_tick`` runs while it waits. A run stopped at
+    ``stop_after_s`` has ``stopped`` set, the rows it wrote, and no summary."""
     algo_args, has_server = ALGOS[algo]
     algo_args = [a.format(h=INNER_STEPS, t=ROUND_S) for a in algo_args]
     if algo in RINGS and n == 1:
@@ -156,35 +165,56 @@ def run_smolcluster(lan: Lan, algo: str, n: int, model_args: list[str], steps: i
     procs = {h: subprocess.Popen(measured([*lan.exec(h), *common, *args], logs[h].with_suffix(".peak")),
                                  stdout=logs[h].open("w"), stderr=subprocess.STDOUT,
                                  env={**env(), "SMOLCLUSTER_NODE": h}) for h, args in roles.items()}
-    peaks = wait_all(procs, logs, timeout, on_tick)
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    peaks = wait_all(procs, logs, timeout, on_tick, stop_after_s)
+    rows = read_rows(run_dir / "metrics.jsonl")
+    done = (run_dir / "summary.json").is_file()
+    if not done:  # stopped at its time budget: the figures of the rows it wrote
+        return {"stopped": True, "rows": rows, "summary": {}, "peak_rss_mb": peaks,
+                "params": next((r["params"] for r in rows if "params" in r), None)}
     rate, bytes_per_sample = steady(rows, warmup * (n if algo == "edp" else 1))
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"samples_per_s": rate, "bytes_per_step": bytes_per_sample * batch * n,
             "params": summary.get("num_params") or summary.get("params"),
             "seconds_per_step": summary.get("seconds_per_step"),  # a ring's rank 0: where its step time went
-            "rows": rows, "summary": summary, "peak_rss_mb": peaks}
+            "rows": rows, "summary": summary, "peak_rss_mb": peaks, "stopped": False}
 
 
-def run_ddp(lan: Lan, n: int, model_args: list[str], steps: int, warmup: int, run_dir: Path) -> dict:
+def read_rows(path: Path) -> list[dict]:
+    """A JSON-lines file's whole lines (a writer stopped mid-line leaves a partial last one), [] if absent."""
+    if not path.is_file():
+        return []
+    lines = path.read_text().split("\n")[:-1]
+    return [json.loads(x) for x in lines if x.strip()]
+
+
+def run_ddp(lan: Lan, n: int, model_args: list[str], steps: int, warmup: int, run_dir: Path,
+            eval_every: int = 0, eval_samples: int = 64, stop_after_s: float | None = None,
+            timeout: float = 900, trainer_optimizer: bool = False) -> dict:
+    """One DDP-gloo run on ``lan``'s hosts: rank 0's steady figures (absent if stopped at ``stop_after_s``) and
+    ``rows``, metrics-like rows (step, time, samples, bytes_sent, eval_loss) every ``eval_every`` steps."""
     run_dir.mkdir(parents=True)
-    out = run_dir / "ddp.json"
+    out, rows = run_dir / "ddp.json", run_dir / "metrics.jsonl"
     procs, logs = {}, {}
+    ifname = "eth0" if n > 1 and isinstance(lan, Lan) else "lo"  # (hosts on loopback: bench desk's fallback)
     for r in range(n):
         host = f"w{r}"
         logs[host] = run_dir / f"{host}.out"
         spec = json.dumps({"rank": r, "world": n, "master": lan.ip["w0"], "port": PORT, "overrides": model_args,
-                           "steps": steps, "warmup": warmup, "out": str(out)})
+                           "steps": steps, "warmup": warmup, "out": str(out), "rows": str(rows),
+                           "eval_every": eval_every, "eval_samples": eval_samples, "ifname": ifname,
+                           "trainer_optimizer": trainer_optimizer})
         procs[host] = subprocess.Popen([*lan.exec(host), sys.executable, "-m", "smolcluster.bench.scaling", spec],
                                        stdout=logs[host].open("w"), stderr=subprocess.STDOUT,
-                                       env={**env(), "GLOO_SOCKET_IFNAME": "eth0" if n > 1 else "lo"})
-    wait_all(procs, logs, timeout=900)
-    return json.loads(out.read_text())
+                                       env={**env(), "GLOO_SOCKET_IFNAME": ifname})
+    wait_all(procs, logs, timeout, stop_after_s=stop_after_s)
+    got = json.loads(out.read_text()) if out.is_file() else {"stopped": True}
+    return {"stopped": False, **got, "rows": read_rows(rows)}
 
 
 def ddp_rank(spec: dict) -> None:
     """One DDP-gloo rank inside its namespace (``python -m smolcluster.bench.scaling SPEC_JSON``): the same
-    model, data slice and optimizer as ``bench ddp``; rank 0 reports samples/s and its eth0 TX bytes per step."""
+    model, data slice and optimizer as ``bench ddp``; rank 0 reports samples/s and its eth0 TX bytes per step,
+    and every ``eval_every`` steps appends a row (with its eval loss) to ``rows``."""
     import torch
     import torch.distributed as dist
     from hydra import compose, initialize_config_dir
@@ -198,20 +228,31 @@ def ddp_rank(spec: dict) -> None:
     os.environ.update(MASTER_ADDR=spec["master"] if world > 1 else "127.0.0.1", MASTER_PORT=str(spec["port"]))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
-        cfg = compose("config", overrides=spec["overrides"])
-    trainer = Trainer(cfg, [cfg.train.batch_size] * world, with_optimizer=False)
+        cfg = compose("config", overrides=[*spec["overrides"], f"train.steps={steps}",  # (the lr schedule's length)
+                                           f"train.eval_samples={spec.get('eval_samples', 64)}"])
+    # trainer_optimizer: the runs' own optimizer and schedule (train.*), stepped on the gradients DDP averaged
+    # into the trainer's flat buffer (copied into the existing .grad views), so its loss curve compares with ours
+    own = bool(spec.get("trainer_optimizer"))
+    trainer = Trainer(cfg, [cfg.train.batch_size] * world, with_optimizer=own)
     model = DistributedDataParallel(trainer.model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01) if cfg.train.optimizer == "sgd" else \
-        torch.optim.AdamW(model.parameters(), lr=1e-3)
-    tx = Path("/sys/class/net/eth0/statistics/tx_bytes")
+    opt = trainer.optimizer if own else torch.optim.SGD(model.parameters(), lr=0.01) \
+        if cfg.train.optimizer == "sgd" else torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tx = Path(f"/sys/class/net/{spec.get('ifname', 'eth0')}/statistics/tx_bytes")
+    every, start, sent_start = spec.get("eval_every", 0), time.perf_counter(), int(tx.read_text())
     for step in range(steps):
         if step == warmup:
             dist.barrier()
             t0, sent0 = time.perf_counter(), int(tx.read_text())
         x, y = trainer.batch(step, rank)
-        opt.zero_grad()
+        trainer.flat.zero_grad() if own else opt.zero_grad()
         loss_fn(model, x, y).backward()
-        opt.step()
+        trainer.apply_gradients() if own else opt.step()
+        if rank == 0 and every and ((step + 1) % every == 0 or step + 1 == steps):
+            row = {"step": step + 1, "samples": (step + 1) * cfg.train.batch_size * world,
+                   "bytes_sent": int(tx.read_text()) - sent_start, **trainer.evaluate(),
+                   "time": time.perf_counter() - start, "params": trainer.num_params}
+            with open(spec["rows"], "a") as f:  # a line at a time: a run stopped at its budget keeps its rows
+                f.write(json.dumps(row) + "\n")
     dist.barrier()
     elapsed, sent = time.perf_counter() - t0, int(tx.read_text()) - sent0
     if rank == 0:

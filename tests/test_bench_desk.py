@@ -1,0 +1,65 @@
+"""``bench desk`` at its tiniest (MNIST MLP, 12 steps, 2 nodes, H=4): every run of issue 23's goals really
+trains, on shaped links and CPU budgets where namespaces are available (else on loopback), and the report holds
+every goal with figures that follow from what ran."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from smolcluster.bench.desk_goals import peak_rate, time_to
+from tests.conftest import run_cli
+
+MEASURES = {
+    "diloco time to target / local's": "<= 0.4", "streaming time to target / local's": "",
+    "allreduce time to target / local's": "", "ddp time to target / local's": "",
+    "bytes per sample, diloco / allreduce": "<= 0.01", "eval loss at equal samples, diloco / allreduce": "<= 1.03",
+    "peak link use, streaming / diloco": "<= 0.3", "eval loss, streaming / diloco": "<= 1.01",
+    "unlike machines, fixed_H time to target / round_s's": ">= 1.5",
+}
+
+
+@pytest.mark.timeout(600)  # 7 runs of 1-2 processes each, one after another: a minute on a crowded machine
+def test_bench_desk_reports_every_goal_from_real_runs(tmp_path):
+    proc = run_cli("smolcluster.bench", "desk", "--models", "mlp", "--links", "100mbit", "--workers", "2",
+                   "--steps", "12", "--inner-steps", "4", "--eval-every", "4", "--eval-samples", "64",
+                   "--speeds", "1,2", "--cpu", "1", "--out", str(tmp_path), "--keep", str(tmp_path / "work"),
+                   timeout=500)
+    out = json.loads((tmp_path / "bench-desk.json").read_text())
+    rows = {r["measure"]: r for r in out["rows"]}
+    assert {m: r["goal"] for m, r in rows.items()} == MEASURES
+    for r in rows.values():
+        assert r["status"] in ("met", "not met", "reported") or r["status"].startswith(("not measured", "not reached"))
+        assert (r["value"] is None) == (r["status"] != "met" and r["status"] != "not met" and r["status"] != "reported")
+    assert (tmp_path / "diloco.png").stat().st_size > 10_000
+    assert "| diloco time to target / local's |" in proc.stdout.replace("| mlp | 100mbit ", "")
+
+    runs = out["runs"]["mlp, 100mbit"]
+    assert set(runs) == {"local", "diloco", "streaming", "allreduce", "ddp", "fixed_H", "round_s"}
+    local = runs["local"]
+    assert local["steps"] == 12 and local["eval_loss"] == local["curve"][-1]["eval_loss"] and local["bytes_sent"] == 0
+    for name, run in runs.items():
+        assert not run["stopped"], (name, run)
+        if name == "round_s":  # its rounds end once the nodes together trained as many samples: the fast one
+            assert run["samples"] >= 12 * 64 * 2 and run["curve"][-1]["step"] <= 12, run  # more, slow rank 0 fewer
+        else:  # 64 a node a step
+            assert run["samples"] == 12 * 64 * run["nodes"] and run["curve"][-1]["step"] == 12, (name, run)
+    # DDP-gloo steps the runs' own optimizer on its averaged gradient: the same curve as our ring's
+    assert [p["eval_loss"] for p in runs["ddp"]["curve"]] == pytest.approx(
+        [p["eval_loss"] for p in runs["allreduce"]["curve"]], abs=1e-5)
+    # diloco sends the ring's share of the weights once every H=4 steps, allreduce the gradient's every step
+    assert 0.2 < rows["bytes per sample, diloco / allreduce"]["value"] < 0.3
+    assert rows["unlike machines, fixed_H time to target / round_s's"]["note"].startswith("speeds 1,2, round_s")
+    if out["links"] != "tbf shaped":
+        pytest.skip(f"ran unshaped on loopback: {out['unshaped_because']}")
+
+
+def test_peak_link_use_is_the_most_bytes_in_a_window():
+    """One 4 MB sync a second against 1 MB every quarter second: a quarter-second window tells them apart."""
+    whole = [{"time": t / 100, "bytes_sent": 4_000_000 * (t // 100)} for t in range(1, 400)]
+    streamed = [{"time": t / 100, "bytes_sent": 1_000_000 * (t // 25)} for t in range(1, 400)]
+    assert peak_rate(whole, 0.25) == pytest.approx(4_000_000 / 0.25)
+    assert peak_rate(streamed, 0.25) / peak_rate(whole, 0.25) == pytest.approx(0.25)
+    curve = [{"time": 1.0, "eval_loss": 3.0}, {"time": 2.0, "eval_loss": 2.0}, {"time": 3.0, "eval_loss": 1.5}]
+    assert time_to(curve, 2.0) == 2.0 and time_to(curve, 1.5, within=2.5) is None and time_to(curve, 1.0) is None
