@@ -130,3 +130,26 @@ def test_weights_travel_to_agents_that_cannot_read_the_model(tmp_path, procs):
         assert "weights: sent" not in c.text() and "weights:" not in c.text().replace(last, "")
     wait_gone([pid for p in started.values() for pid in role_pids(p)])
     assert json.loads((tmp_path / "coord" / "coordinator" / "weight-hashes.json").read_text())
+
+
+def test_the_cache_keeps_what_hashes_right_resumes_a_partial_entry_and_drops_a_corrupt_one(tmp_path):
+    import hashlib
+
+    from smolcluster.node.weightcache import CacheError, WeightCache
+
+    data = bytes(range(256)) * 40
+    sha, cache = hashlib.sha256(data).hexdigest(), WeightCache(tmp_path / "w")
+    assert cache.status({sha: len(data)}) == {sha: 0}
+    assert not cache.write(sha, len(data), 0, data[:3000])
+    assert WeightCache(tmp_path / "w").status({sha: len(data)}) == {sha: 3000}  # what arrived stays
+    with pytest.raises(CacheError, match="at byte 0, but 3000 bytes are here"):
+        cache.write(sha, len(data), 0, data[:10])
+    assert cache.write(sha, len(data), 3000, data[3000:])
+    assert cache.path(sha).read_bytes() == data and cache.status({sha: len(data)}) == {sha: len(data)}
+    cache.path(sha).write_bytes(data[:-1] + b"x")  # flipped on disk: dropped, to be fetched again
+    assert cache.status({sha: len(data)}) == {sha: 0} and not cache.path(sha).exists()
+    with pytest.raises(CacheError, match="hashes to"):  # arrived whole but wrong: discarded
+        cache.write(sha, len(data), 0, data[:-1] + b"x")
+    assert cache.status({sha: len(data)}) == {sha: 0}
+    with pytest.raises(CacheError, match="not a sha256"):
+        cache.path("../../etc/passwd")
