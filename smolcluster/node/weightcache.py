@@ -4,8 +4,8 @@ An entry is a file named by the sha256 of its bytes: one tensor as a one-tensor 
 header + the bytes a head read by range from the model's file), or a small file that travels with a stage
 (``config.json``, ``tokenizer.json``). ``blobs/<sha>`` holds what arrived whole and hashed right;
 ``partial/<sha>`` what is still arriving, appended in order, so an interrupted transfer resumes where it
-stopped. An entry is verified twice: when its last byte arrives (a mismatch deletes it and the sender
-starts it again) and when a head asks what is here (:meth:`WeightCache.status` re-hashes every blob it
+stopped. An entry is verified twice: when its last byte arrives (hashed as its chunks arrive; a mismatch
+deletes it and the sender starts it again) and when a head asks what is here (:meth:`WeightCache.status` re-hashes every blob it
 asks about, so a byte flipped on disk since is found and fetched again).
 
 The interface: :meth:`status` (what of these entries is here, whole or in part), :meth:`write` (one chunk
@@ -28,12 +28,17 @@ class CacheError(ValueError):
     """A chunk the cache cannot take (wrong offset, past the entry's end, a bad name)."""
 
 
-def file_sha256(path: Path) -> str:
+def file_hash(path: Path):
+    """The running sha256 of a file's bytes (read a MiB at a time)."""
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         while chunk := f.read(_READ):
             h.update(chunk)
-    return h.hexdigest()
+    return h
+
+
+def file_sha256(path: Path) -> str:
+    return file_hash(path).hexdigest()
 
 
 class WeightCache:
@@ -42,6 +47,7 @@ class WeightCache:
         self.blobs, self.partial = self.root / "blobs", self.root / "partial"
         for d in (self.root, self.blobs, self.partial):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.hashing: dict[str, tuple] = {}  # entry -> (sha256 of its partial bytes so far, their length)
 
     @staticmethod
     def _name(sha: str) -> str:
@@ -80,14 +86,20 @@ class WeightCache:
             raise CacheError(f"entry {sha[:12]}: a chunk at byte {offset}, but {have} bytes are here")
         if offset + len(data) > size:
             raise CacheError(f"entry {sha[:12]}: a chunk ends at byte {offset + len(data)}, past its size {size}")
+        h, hashed = self.hashing.get(sha, (None, -1))
+        if hashed != have:  # resumed (or first) write: hash what is on disk once, then as chunks arrive
+            h = file_hash(part) if have else hashlib.sha256()
         with open(part, "ab", buffering=0) as f:
             f.write(data)
+        h.update(data)
+        self.hashing[sha] = (h, offset + len(data))
         if offset + len(data) < size:
             return False
-        got = file_sha256(part)
-        if got != sha:
+        del self.hashing[sha]
+        if h.hexdigest() != sha:
             part.unlink()
-            raise CacheError(f"entry {sha[:12]} arrived whole but hashes to {got[:12]}: discarded, send it again")
+            raise CacheError(f"entry {sha[:12]} arrived whole but hashes to {h.hexdigest()[:12]}: discarded, send "
+                             "it again")
         os.replace(part, self.path(sha))
         return True
 
