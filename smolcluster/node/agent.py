@@ -295,6 +295,7 @@ class Agent:
             for path, size in f["files"].items())
         self.control.send(peer, "weights_status", {"have": self.cache.status(entries),
                                                    "free": self.cache.free_bytes(), "readable": readable})
+        self.owner_seen[peer] = time.monotonic()  # (re-hashing a large cache is no silence of the coordinator's)
 
     def weights_chunk(self, peer: bytes, msg) -> None:
         f, data = msg.fields, msg.tensors.get("data")

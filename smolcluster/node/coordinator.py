@@ -640,9 +640,14 @@ def _agent_stages(cfg: DictConfig, p):
         run.essential = {x.name for x in ranks}
         args = [*(o for o in _stage_overrides() if not o.startswith(("stages=", "head="))), f"stages={p.stages}",
                 f"head={p.head.value}"]  # chat's defaults are not necessarily infer's: say them
-        models = None if mode == "shared" else lambda entries: _send_weights(run, cfg, p, ranks, entries, mode)
-        ports = run.start_ranks(ranks, "stage", args, keys, program="infer", head=True,
-                                defaults=[{"memory_gb": x.memory_gb} for x in ranks], models=models)
+        defaults, models = [{"memory_gb": x.memory_gb} for x in ranks], None
+        if mode != "shared":  # planned (the model hashed) before any port is held for a stage: that may take a while
+            info, plans = _plan_weights(cfg, p, node_entries(c, ranks, None, defaults))
+
+            def models(_entries: list[dict]) -> list:
+                return _send_weights(run, cfg, ranks, info, plans, mode)
+        ports = run.start_ranks(ranks, "stage", args, keys, program="infer", head=True, defaults=defaults,
+                                models=models)
         head = keys / "head"  # the head: a client of every stage, and the server they connect back to
         private_dir(head / "authorized")
         for name in ("server.key", "server.key_secret"):
@@ -677,16 +682,23 @@ def _agent_stages(cfg: DictConfig, p):
         shutil.rmtree(keys, ignore_errors=True)
 
 
-def _send_weights(run: Run, cfg: DictConfig, p, ranks: list[NodeInfo], entries: list[dict], mode: str) -> list:
-    """Each stage's share of the weights into its agent's cache (weightsend.py); per rank the ``model`` its
-    start_role carries, or None where the agent reads the model files itself (``cluster.weights=auto``)."""
+def _plan_weights(cfg: DictConfig, p, entries: list[dict]) -> tuple[dict, list]:
+    """The model's description and each stage's share of it, hashed (weightsend.plan_stages)."""
     from smolcluster.inference.from_config import resolve_model
     from smolcluster.node import weightsend
 
-    c = cfg.cluster
     info, _, _ = resolve_model(p, need_tokenizer=False)
-    state = Path(str(c.state_dir)).expanduser() / "coordinator"
-    plans = weightsend.plan_stages(p, info, entries, weightsend.HashBook(state / "weight-hashes.json"))
-    transfers, readable = weightsend.prepare(run.links, ranks, plans, weightsend.model_files(info), mode)
+    state = Path(str(cfg.cluster.state_dir)).expanduser() / "coordinator"
+    return info, weightsend.plan_stages(p, info, entries, weightsend.HashBook(state / "weight-hashes.json"))
+
+
+def _send_weights(run: Run, cfg: DictConfig, ranks: list[NodeInfo], info: dict, plans: list, mode: str) -> list:
+    """Each stage's share of the weights into its agent's cache (weightsend.py); per rank the ``model`` its
+    start_role carries, or None where the agent reads the model files itself (``cluster.weights=auto``)."""
+    from smolcluster.node import weightsend
+
+    c = cfg.cluster
+    transfers, readable = weightsend.prepare(run.links, ranks, plans, weightsend.model_files(info), mode,
+                                             float(c.heartbeat_s))
     weightsend.stream(transfers, float(c.heartbeat_s), float(c.liveness_s), on_message=run.handle)
     return [None if reads else plan.manifest() for plan, reads in zip(plans, readable, strict=True)]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 import sys
 import time
@@ -108,7 +109,9 @@ class HashBook:
         e.sha = self.known[mark] = h.hexdigest()
 
     def save(self) -> None:
-        self.file.write_text(json.dumps(self.known))
+        tmp = self.file.with_name(f".{self.file.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(self.known))
+        tmp.replace(self.file)  # (two heads at once: each writes whole, the last one wins)
 
 
 @dataclass
@@ -180,23 +183,44 @@ class Transfer:
     last_ack: float = field(default_factory=time.monotonic)
 
 
-def ask(link, entries: dict[str, Entry], files: dict[str, int], timeout_s: float) -> dict:
-    return link.request("weights_ask", {"entries": {sha: e.size for sha, e in entries.items()}, "files": files},
-                        "weights_status", timeout_s).fields
+def ask_all(asks: dict, heartbeat_s: float, timeout_s: float) -> dict[str, dict]:
+    """``weights_ask`` to every agent at once (each re-hashes what it holds), beating the others meanwhile;
+    ``{node name: its weights_status fields}``."""
+    for link, entries, files in asks.values():
+        link.ep.send("weights_ask", {"entries": {sha: e.size for sha, e in entries.items()}, "files": files})
+    answers, deadline, beat = {}, time.monotonic() + timeout_s, time.monotonic()
+    while len(answers) < len(asks):
+        for name, (link, _, _) in asks.items():
+            while name not in answers and (msg := link.ep.recv(0)) is not None:
+                link.last_seen = time.monotonic()
+                if msg.kind == "refuse":
+                    raise ConfigError(f"node {link.node.where()} refused: {msg.fields['reason']}")
+                if msg.kind == "weights_status":
+                    answers[name] = msg.fields
+        now = time.monotonic()
+        if now > deadline:
+            late = ", ".join(link.node.where() for n, (link, _, _) in asks.items() if n not in answers)
+            raise PeerError(f"node {late} did not say what weights it holds within {timeout_s:g}s")
+        if now - beat > heartbeat_s:
+            for link, _, _ in asks.values():
+                link.ep.send("status", {})
+            beat = now
+        time.sleep(0.01)
+    return answers
 
 
 def prepare(links: dict, ranks: list, plans: list[StagePlan], files: dict[str, int], mode: str,
-            timeout_s: float = 120.0) -> tuple[list[Transfer], list[bool]]:
+            heartbeat_s: float = 1.0, timeout_s: float = 600.0) -> tuple[list[Transfer], list[bool]]:
     """Ask every stage's agent what it holds; refuse a node without the disk for the rest, before anything is sent.
     Returns (a transfer per agent with something to send, per rank: whether it reads the model files itself)."""
     by_node: dict[str, dict[str, Entry]] = {}
     for node, plan in zip(ranks, plans, strict=True):
         by_node.setdefault(node.name, {}).update((e.sha, e) for e in plan.entries())
-    transfers, readable = [], {}
+    shown = files if mode == "auto" else {}
+    status = ask_all({n: (links[n], entries, shown) for n, entries in by_node.items()}, heartbeat_s, timeout_s)
+    transfers = []
     for name, entries in by_node.items():
-        link = links[name]
-        st = ask(link, entries, files if mode == "auto" else {}, timeout_s)
-        readable[name] = st["readable"]
+        link, st = links[name], status[name]
         if st["readable"]:
             say(f"weights: {link.node.where()} reads the model files itself: nothing to send")
             continue
@@ -211,7 +235,7 @@ def prepare(links: dict, ranks: list, plans: list[StagePlan], files: dict[str, i
         say(f"weights: {link.node.where()} holds {human(cached)} of its {human(cached + need)} already; "
             f"{len(todo)} of {len(entries)} entries to send")
         transfers.append(Transfer(link, todo, entries))
-    return transfers, [readable[x.name] for x in ranks]
+    return transfers, [status[x.name]["readable"] for x in ranks]
 
 
 def stream(transfers: list[Transfer], heartbeat_s: float, liveness_s: float, on_message=None) -> int:
