@@ -41,7 +41,7 @@ from smolcluster.errors import ConfigError, PeerError
 from smolcluster.node.protocol import CHUNK
 from smolcluster.pipeline.placement import size as human
 
-WINDOW = 8  # chunks in flight per agent: enough to fill a LAN link while acknowledgements return
+WINDOW = 16  # chunks in flight per agent: a LAN link stays full while a busy agent is slow to acknowledge
 DISK_MARGIN = 64 << 20  # left free on a node's disk beyond the weights
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
