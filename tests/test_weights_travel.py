@@ -24,9 +24,11 @@ from pathlib import Path
 import pytest
 
 from smolcluster.pipeline.weights import read_header
+from tests import test_node_agent
 from tests.test_node_agent import Proc, listening, prepare, role_pids, wait_gone
 
 ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+procs = test_node_agent.procs  # the fixture: every process a test starts is stopped after it
 
 
 def hidden_agent(tmp: Path, name: str, hide: Path, tiny_cache: bool = False) -> Proc:
@@ -50,14 +52,6 @@ def cached_keys(state: Path) -> dict[str, Path]:
             header, _ = read_header(blob)
             out.update(dict.fromkeys(header, blob))
     return out
-
-
-@pytest.fixture
-def procs():
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.stop()
 
 
 def test_weights_travel_to_agents_that_cannot_read_the_model(tmp_path, procs):
