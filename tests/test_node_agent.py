@@ -529,12 +529,12 @@ def test_infer_cluster_auto_runs_the_stages_on_two_agents_and_generates_greedy_t
     from smolcluster.bench.common import write_tiny_run
     from smolcluster.models.gpt2 import build_gpt2
 
-    # without weights every node can read, nothing is discovered or started: one line
+    # without weights, nothing is discovered or started: one line
     bare = subprocess.run([sys.executable, "-m", "smolcluster.infer", "cluster=auto", "cluster.mdns=false",
                            "prompt=x"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bare.returncode == 2 and bare.stderr.strip().splitlines()[-1] == (
-        "error: cluster=auto stages need weights every node agrees on: give checkpoint=RUN_DIR or "
-        "model.pretrained=DIR (the same path on every node)"), bare.stderr
+        "error: cluster=auto stages need weights: give checkpoint=RUN_DIR or model.pretrained=DIR (on this "
+        "machine: each stage's share travels to its node)"), bare.stderr
     d = write_tiny_run(tmp_path / "model", 128, vocab=500, n_layer=4)
     hf = build_gpt2(vocab_size=500, n_layer=4, n_head=4, n_embd=64, n_positions=128).eval()
     checkpoint.load(d, hf)
@@ -552,6 +552,7 @@ def test_infer_cluster_auto_runs_the_stages_on_two_agents_and_generates_greedy_t
     text = "class Foo" + tok.decode(want[0, len(ids):].tolist())
     assert text in c.text(), c.text()[-3000:]
     assert "10 tokens in" in c.text() and "2 stages" in c.text()
+    assert c.text().count("reads the model files itself: nothing to send") == 2  # as before: no weights travel
     for n in ("a", "b"):
         assert len(list((tmp_path / n / "runs").glob("*/stage_*/keys/server.key_secret"))) == 1
     wait_gone(role_pids(started["a"][0]) + role_pids(started["b"][0]))

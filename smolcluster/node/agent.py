@@ -61,12 +61,24 @@ from smolcluster.node.pairing import (
     public_key,
     write_private,
 )
-from smolcluster.node.protocol import MAX_BYTES, NODE_PROTOCOL, PROGRAMS, ROLES, VERSION, facts
+from smolcluster.node.protocol import (
+    CHUNK,
+    MAX_BYTES,
+    NODE_PROTOCOL,
+    PROGRAMS,
+    ROLES,
+    VERSION,
+    facts,
+)
+from smolcluster.node.weightcache import CacheError, WeightCache
 from smolcluster.supervisor import sigterm_as_interrupt, stop_process_groups
 from smolcluster.transport import ServerEndpoint
 
 # the run's key files an agent accepts, and nothing else (no paths of the coordinator's choosing)
 KEY_FILES = re.compile(r"(server\.key(_secret)?|client\.key(_secret)?|authorized/client[0-9]{0,4}\.key)")
+# the files beside a stage's tensors that a head may send (config.json always; the tokenizer's with stage 0)
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json")
 ROLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _-]{0,31}")  # "server", "worker 3", "stage 1"
 NOT_PAIRED = ("not paired: this node obeys only coordinators it has paired with (run the coordinator with "
               "cluster.pair_timeout_s=120 and confirm the code it shows on both machines)")
@@ -124,6 +136,7 @@ class Agent:
                  owner_timeout_s: float = 15.0):
         self.state_dir = private_dir(Path(state_dir))
         self.runs = private_dir(self.state_dir / "runs")
+        self.cache = WeightCache(self.state_dir / "weights")  # weights a head sent (weightcache.py)
         self.name = name or node_name()
         self.id_dir = identity(self.state_dir / "identity")
         self.key = public_key(self.id_dir / "server.key")
@@ -184,6 +197,10 @@ class Agent:
             self.reserve(peer, msg.fields)
         elif msg.kind == "start_role":
             self.start(peer, msg.fields)
+        elif msg.kind == "weights_ask":
+            self.weights_ask(peer, msg.fields)
+        elif msg.kind == "weights_chunk":
+            self.weights_chunk(peer, msg)
         elif msg.kind == "stop_roles":
             logger.info(f"stopping every role: {printable(msg.fields['reason'], 300)}")
             self.stop_all()
@@ -268,6 +285,56 @@ class Agent:
                 self.allow.add(p.key)
                 logger.success(f"paired with coordinator {p.name} (key {fingerprint(p.key)})")
 
+    # -- weights that travel (weightsend.py on the head) ---------------------------------------------
+    def weights_ask(self, peer: bytes, f: dict) -> None:
+        """What of these cache entries is here (re-hashed: a corrupt one is dropped), the disk's room, and whether
+        the head's own model files are readable here as they are there (then nothing needs sending)."""
+        entries = {sha: int(size) for sha, size in f["entries"].items()}
+        readable = bool(f["files"]) and all(
+            isinstance(path, str) and Path(path).is_file() and Path(path).stat().st_size == size
+            for path, size in f["files"].items())
+        self.control.send(peer, "weights_status", {"have": self.cache.status(entries),
+                                                   "free": self.cache.free_bytes(), "readable": readable})
+        self.owner_seen[peer] = time.monotonic()  # (re-hashing a large cache is no silence of the coordinator's)
+
+    def weights_chunk(self, peer: bytes, msg) -> None:
+        f, data = msg.fields, msg.tensors.get("data")
+        if data is None or data.dtype.itemsize != 1 or data.nbytes > CHUNK:
+            raise CacheError(f"a weights chunk carries one uint8 tensor 'data' of at most {CHUNK} bytes")
+        ack = {"sha": f["sha"], "offset": f["offset"], "n": int(data.nbytes)}
+        try:
+            state = "done" if self.cache.write(f["sha"], f["size"], f["offset"], memoryview(data)) else "partial"
+        except CacheError as e:
+            logger.warning(str(e))
+            state = "bad"
+        self.control.send(peer, "weights_ack", {**ack, "state": state})
+
+    def model_dir(self, rdir: Path, model: dict) -> Path:
+        """A stage's model directory built from the cache: its files and one-tensor safetensors files linked, and
+        an index naming which holds each tensor (as a sharded Hugging Face directory has)."""
+        files, tensors = model["config_files"], model["tensors"]
+        if not isinstance(files, dict) or not isinstance(tensors, dict) or "config.json" not in files:
+            raise CacheError("model needs config_files (with config.json) and tensors")
+        d = rdir / "model"
+        if os.path.lexists(d):
+            shutil.rmtree(d)
+        private_dir(d)
+        for name, sha in files.items():
+            if name not in MODEL_FILES:
+                raise CacheError(f"model file {printable(name)!r} is not one of {', '.join(MODEL_FILES)}")
+            os.symlink(self._cached(sha), d / name)
+        for sha in set(tensors.values()):
+            os.symlink(self._cached(sha), d / f"{sha}.safetensors")
+        index = {"metadata": {}, "weight_map": {str(k): f"{sha}.safetensors" for k, sha in tensors.items()}}
+        (d / "model.safetensors.index.json").write_text(json.dumps(index))
+        return d
+
+    def _cached(self, sha: str) -> Path:
+        path = self.cache.path(sha)
+        if not path.is_file():
+            raise CacheError(f"cache entry {sha[:12]} is not here: send the weights first")
+        return path
+
     # -- roles --------------------------------------------------------------------------------------
     def reserve(self, peer: bytes, f: dict) -> None:
         name, count = f["name"], f["count"]
@@ -304,8 +371,9 @@ class Agent:
             self.control.send(peer, "role_state", {"name": printable(name), "state": "failed", "detail": bad})
             return
         self.write_keys(rdir, f["keys"])
+        model = [f"checkpoint={self.model_dir(rdir, f['model'])}"] if f.get("model") else []
         program = f.get("program") or "train"
-        cmd = [sys.executable, "-u", "-m", f"smolcluster.{program}", *f["args"], f"role={role}",
+        cmd = [sys.executable, "-u", "-m", f"smolcluster.{program}", *f["args"], *model, f"role={role}",
                f"hydra.run.dir={rdir}", "hydra.output_subdir=null"]
         if program == "train":  # (inference's schema has no run id, node name or progress bar)
             cmd += [f"run_id={f['run_id']}", "train.progress=false", f"node={self.name}"]

@@ -75,6 +75,7 @@ _OWN = ("cluster.host=", "cluster.bind=", "cluster.workers=", "cluster.keys=", "
         "cluster.write=", "cluster.server=", "cluster.discover_only=", "cluster.expect=", "node=", "cluster.insecure=",
         "hydra.", "hydra/")  # Hydra's own settings stay with the coordinator (agents refuse them)
 FINAL = ("exited", "stopped", "failed")
+WEIGHT_MODES = ("auto", "send", "shared")  # cluster.weights: inference's weights travel to the stages (weightsend.py)
 # infer / chat overrides a stage takes (the head's sampling, prompt and serve keys stay here)
 _STAGE_KEYS = ("checkpoint=", "model=", "model.", "+model.", "data=", "data.", "stages=", "head=", "seed=",
                "precision=", "quantize=", "quantize_group=", "partition=", "stage_log_level=", "serve.kv_cache_mb=",
@@ -272,10 +273,10 @@ def _value(v) -> str:
     return repr(v)
 
 
-def nodes_override(c: DictConfig, workers: list[NodeInfo], ports: list[int] | None = None,
-                   defaults: list[dict] | None = None) -> str:
-    """``cluster.nodes=[...]`` for the roles: the user's per-rank settings (batch_size, delay_s, ...) with each
-    rank's node name and host from discovery (and its reserved port; ``defaults``: where the user set none)."""
+def node_entries(c: DictConfig, workers: list[NodeInfo], ports: list[int] | None = None,
+                 defaults: list[dict] | None = None) -> list[dict]:
+    """Each rank's ``cluster.nodes`` entry: the user's per-rank settings (batch_size, delay_s, ...) with its node's
+    name and host from discovery (and its reserved port; ``defaults``: where the user set none)."""
     user = OmegaConf.to_container(c.nodes, resolve=True) if c.get("nodes") else []
     entries = []
     for r, n in enumerate(workers):
@@ -287,7 +288,15 @@ def nodes_override(c: DictConfig, workers: list[NodeInfo], ports: list[int] | No
         entry["host"] = n.host
         if ports:
             entry["port"] = ports[r]
-        entries.append("{" + ",".join(f"{k}:{_value(v)}" for k, v in entry.items()) + "}")
+        entries.append(entry)
+    return entries
+
+
+def nodes_override(c: DictConfig, workers: list[NodeInfo], ports: list[int] | None = None,
+                   defaults: list[dict] | None = None) -> str:
+    """``cluster.nodes=[...]`` for the roles (:func:`node_entries`)."""
+    entries = ("{" + ",".join(f"{k}:{_value(v)}" for k, v in e.items()) + "}"
+               for e in node_entries(c, workers, ports, defaults))
     return f"cluster.nodes=[{','.join(entries)}]"
 
 
@@ -316,10 +325,13 @@ class Run:
         return int(link.request("reserve", {"name": name, "bind": bind, "count": 1}, "reserved", 10).fields["ports"][0])
 
     def start(self, link: AgentLink, name: str, role: str, rank: int | None, args: list[str], keys: dict,
-              program: str = "train") -> None:
+              program: str = "train", model: dict | None = None) -> None:
         fields = {"name": name, "role": role, "run_id": self.run_id, "args": args, "keys": keys, "program": program}
         if rank is not None:
             fields["rank"] = rank
+        if model is not None:  # the stage reads the weights sent to its agent's cache, not the head's paths
+            fields["model"] = model
+            fields["args"] = [a for a in args if not a.startswith(("checkpoint=", "model.pretrained="))]
         link.roles[name] = {"name": name, "state": "starting"}
         link.ep.send("start_role", fields)
 
@@ -433,10 +445,12 @@ class Run:
         logger.error(f"no confirmation that these roles stopped: {running}")
 
     def start_ranks(self, ranks: list[NodeInfo], role: str, args: list[str], keys_dir: Path, *,
-                    program: str = "train", defaults: list[dict] | None = None, head: bool = False) -> list[int]:
+                    program: str = "train", defaults: list[dict] | None = None, head: bool = False,
+                    models=None) -> list[int]:
         """A ring's ranks or a pipeline's stages, rank r on ``ranks[r]``: each binds a port its agent reserved,
         knows every other's, and holds the run's server pair, its own client pair and every member's public
-        client key (``head``: one client pair more, for the head that runs here). Returns the ports."""
+        client key (``head``: one client pair more, for the head that runs here). ``models(node entries)``, once
+        the ports are held: each rank's ``model`` for start_role (or None), weights sent. Returns the ports."""
         n = len(ranks)
         run_keys(keys_dir, clients=n + int(head))
         bind = "127.0.0.1" if all(is_loopback(x.host) for x in ranks) else "0.0.0.0"  # keys make a LAN bind safe
@@ -446,11 +460,12 @@ class Run:
         shared = _files(keys_dir, {"server.key": "server.key", "server.key_secret": "server.key_secret"})
         for f in sorted((keys_dir / "authorized").glob("*.key")):
             shared[f"authorized/{f.name}"] = f.read_text()
+        model = models(node_entries(self.c, ranks, ports, defaults)) if models else [None] * n
         for r, x in enumerate(ranks):
             client = client_key_name(r)
             keys = {**shared, **_files(keys_dir, {"client.key": f"{client}.key",
                                                   "client.key_secret": f"{client}.key_secret"})}
-            self.start(self.links[x.name], f"{role} {r}", role, r, common, keys, program)
+            self.start(self.links[x.name], f"{role} {r}", role, r, common, keys, program, model[r])
         logger.info(f"started {n} {role}s: " + ", ".join(f"{role} {r} on {x.name} ({x.host}:{ports[r]})"
                                                          for r, x in enumerate(ranks)))
         return ports
@@ -598,8 +613,11 @@ def _agent_stages(cfg: DictConfig, p):
 
     c = cfg.cluster
     if not p.checkpoint and not p.model.get("pretrained"):
-        raise ConfigError("cluster=auto stages need weights every node agrees on: give checkpoint=RUN_DIR or "
-                          "model.pretrained=DIR (the same path on every node)")
+        raise ConfigError("cluster=auto stages need weights: give checkpoint=RUN_DIR or model.pretrained=DIR "
+                          "(on this machine: each stage's share travels to its node)")
+    mode = str(c.get("weights") or "auto")
+    if mode not in WEIGHT_MODES:
+        raise ConfigError(f"cluster.weights={mode} is not one of {', '.join(WEIGHT_MODES)}")
     sigterm_as_interrupt()
     nodes, links = connect(c)
     run_dir = p.telemetry.get("run_dir")  # logging.run_dir: the stages' /metrics are listed there too
@@ -622,8 +640,14 @@ def _agent_stages(cfg: DictConfig, p):
         run.essential = {x.name for x in ranks}
         args = [*(o for o in _stage_overrides() if not o.startswith(("stages=", "head="))), f"stages={p.stages}",
                 f"head={p.head.value}"]  # chat's defaults are not necessarily infer's: say them
-        ports = run.start_ranks(ranks, "stage", args, keys, program="infer", head=True,
-                                defaults=[{"memory_gb": x.memory_gb} for x in ranks])
+        defaults, models = [{"memory_gb": x.memory_gb} for x in ranks], None
+        if mode != "shared":  # planned (the model hashed) before any port is held for a stage: that may take a while
+            info, plans = _plan_weights(cfg, p, node_entries(c, ranks, None, defaults))
+
+            def models(_entries: list[dict]) -> list:
+                return _send_weights(run, cfg, ranks, info, plans, mode)
+        ports = run.start_ranks(ranks, "stage", args, keys, program="infer", head=True, defaults=defaults,
+                                models=models)
         head = keys / "head"  # the head: a client of every stage, and the server they connect back to
         private_dir(head / "authorized")
         for name in ("server.key", "server.key_secret"):
@@ -656,3 +680,25 @@ def _agent_stages(cfg: DictConfig, p):
         for link in links.values():
             link.close()
         shutil.rmtree(keys, ignore_errors=True)
+
+
+def _plan_weights(cfg: DictConfig, p, entries: list[dict]) -> tuple[dict, list]:
+    """The model's description and each stage's share of it, hashed (weightsend.plan_stages)."""
+    from smolcluster.inference.from_config import resolve_model
+    from smolcluster.node import weightsend
+
+    info, _, _ = resolve_model(p, need_tokenizer=False)
+    state = Path(str(cfg.cluster.state_dir)).expanduser() / "coordinator"
+    return info, weightsend.plan_stages(p, info, entries, weightsend.HashBook(state / "weight-hashes.json"))
+
+
+def _send_weights(run: Run, cfg: DictConfig, ranks: list[NodeInfo], info: dict, plans: list, mode: str) -> list:
+    """Each stage's share of the weights into its agent's cache (weightsend.py); per rank the ``model`` its
+    start_role carries, or None where the agent reads the model files itself (``cluster.weights=auto``)."""
+    from smolcluster.node import weightsend
+
+    c = cfg.cluster
+    transfers, readable = weightsend.prepare(run.links, ranks, plans, weightsend.model_files(info), mode,
+                                             float(c.heartbeat_s))
+    weightsend.stream(transfers, float(c.heartbeat_s), float(c.liveness_s), on_message=run.handle)
+    return [None if reads else plan.manifest() for plan, reads in zip(plans, readable, strict=True)]

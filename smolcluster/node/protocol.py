@@ -5,11 +5,20 @@
     node_hello {protocol, version}              node_info {name, version, protocol, facts..., paired}
     reserve {name, bind, count}                 reserved {name, ports}  (held for that role: see agent.py)
     start_role {name, role, rank, run_id,       role_state {name, state, code?, port?, detail?, summary?}
-                args, keys, program?}           role_log {name, lines}
+                args, keys, program?, model?}   role_log {name, lines}
                                                 role_endpoint {name, file, endpoint}  (its /metrics, for top)
     status {}                                   node_status {roles}
     stop_roles {reason}                         refuse {reason}  (an unpaired key, a bad request)
                                                 node_bye {reason} (the agent is shutting down)
+    weights_ask {entries, files}                weights_status {have, free, readable}
+    weights_chunk {sha, size, offset} + data    weights_ack {sha, offset, n, state}
+
+Weights that travel (weightsend.py, weightcache.py): ``weights_ask`` names the cache entries a stage needs
+({sha256: size}) and the head's own model files ({path: size}); the agent answers what of each entry it holds
+(``have``), its free disk, and whether it reads those very files itself (then nothing is sent). Chunks of at
+most ``CHUNK`` bytes follow, each acknowledged (``state``: partial, done, or bad: the entry hashed wrong and
+was discarded). ``start_role``'s ``model`` ({config_files: {name: sha}, tensors: {key: sha}}) has the agent
+build the stage's model directory from its cache.
 
 A coordinator sends ``status`` every ``cluster.heartbeat_s``; an agent silent for
 ``cluster.liveness_s`` has vanished. An agent whose coordinator goes silent that long stops
@@ -25,12 +34,13 @@ import psutil
 from smolcluster import __version__
 from smolcluster.transport import register_kind
 
-NODE_PROTOCOL = 3  # 3: the bounded info port and mutual pairing (2: reserve/reserved, start_role's program)
+NODE_PROTOCOL = 4  # 4: weights that travel (weights_ask, weights_chunk); 3: the bounded info port and mutual pairing (2: reserve/reserved, start_role's program)
 VERSION = __version__
 SERVICE_TYPE = "_smolcluster._tcp.local."
 ROLES = ("server", "worker", "stage", "head")
 PROGRAMS = ("train", "infer")  # python -m smolcluster.PROGRAM: training roles, inference stages
-MAX_BYTES = 16 << 20  # control messages are small: keys, overrides, log lines, a summary
+MAX_BYTES = 16 << 20  # control messages are small: keys, overrides, log lines, a summary, a weights chunk
+CHUNK = 1 << 20  # a weights chunk's bytes at most (many in flight: weightsend.WINDOW)
 
 _NUM = (int, float)
 register_kind("node_hello", {"protocol": int, "version": str}, optional={"name": str})
@@ -40,7 +50,7 @@ register_kind("node_info", {"name": str, "version": str, "protocol": int, "devic
 register_kind("reserve", {"name": str, "bind": str, "count": int})
 register_kind("reserved", {"name": str, "ports": list})
 register_kind("start_role", {"name": str, "role": str, "run_id": str, "args": list, "keys": dict},
-              optional={"rank": int, "program": str})
+              optional={"rank": int, "program": str, "model": dict})
 register_kind("role_state", {"name": str, "state": str},
               optional={"code": int, "port": int, "detail": str, "summary": dict})
 register_kind("role_log", {"name": str, "lines": list})
@@ -49,6 +59,10 @@ register_kind("status", {})
 register_kind("node_status", {"roles": dict})
 register_kind("stop_roles", {"reason": str})
 register_kind("node_bye", {"reason": str})
+register_kind("weights_ask", {"entries": dict, "files": dict})
+register_kind("weights_status", {"have": dict, "free": int, "readable": bool})
+register_kind("weights_chunk", {"sha": str, "size": int, "offset": int})
+register_kind("weights_ack", {"sha": str, "offset": int, "n": int, "state": str})
 
 
 def device_kind() -> str:

@@ -207,6 +207,19 @@ def tensor_files(weights: Path) -> dict[str, Path]:
     return dict.fromkeys(header, weights)
 
 
+def stage_keys(weights: str | Path, files: dict[str, Path], wanted: list[tuple[str, tuple]]) -> dict[str, str]:
+    """``{parameter name: tensor key in the files}`` of a stage's parameters ``wanted`` (``arch.param_shapes``)."""
+    keys: dict[str, str] = {}
+    for name, _ in wanted:
+        # GPT-2's original files name tensors without the "transformer." prefix.
+        key = name if name in files else name.removeprefix("transformer.")
+        if key not in files:
+            hint = " (the model's config.json says tie_word_embeddings=false)" if name == "lm_head.weight" else ""
+            raise ConfigError(f"{weights} has no tensor {name!r}{hint}: it was written for another model")
+        keys[name] = key
+    return keys
+
+
 def load_stage(weights: str | Path, config: dict, blocks: range, embed: bool, head: bool,
                fmt: StageFormat | None = None):
     """A stage of the model ``config`` describes, its parameters read from ``weights`` (nothing else allocated).
@@ -221,14 +234,7 @@ def load_stage(weights: str | Path, config: dict, blocks: range, embed: bool, he
     targets = quantize.prepare(stage, fmt, head=arch.head_name.removesuffix(".weight") if head else None)
     files = tensor_files(Path(weights))
     wanted = arch.param_shapes(embed, head, blocks)
-    keys: dict[str, str] = {}
-    for name, _ in wanted:
-        # GPT-2's original files name tensors without the "transformer." prefix.
-        key = name if name in files else name.removeprefix("transformer.")
-        if key not in files:
-            hint = " (the model's config.json says tie_word_embeddings=false)" if name == "lm_head.weight" else ""
-            raise ConfigError(f"{weights} has no tensor {name!r}{hint}: it was written for another model")
-        keys[name] = key
+    keys = stage_keys(weights, files, wanted)
     tensors: dict[str, torch.Tensor] = {}
     by_file: dict[Path, dict[str, str]] = {}
     for name, key in keys.items():

@@ -1,0 +1,149 @@
+"""Weights that travel: ``infer cluster=auto`` sends each stage its share of the model into its agent's cache.
+
+Real agents on loopback. As root, each agent runs in its own mount namespace where a tmpfs hides the
+directory holding the model, so no agent (nor the stages it starts) can read the model's files: only the
+head, this process's child, can. (Without root the agents could read them, and ``cluster.weights=send``
+makes the head send all the same.) One sequence of runs on one pair of agents:
+
+1. first run: every stage's cache holds exactly its own tensors (the stage-0 node: the embedding and the
+   tokenizer; the other: the blocks), and the greedy text is ``transformers``' generate of the same weights;
+2. second run: 0 bytes of weights sent (the log line the head prints), the same text;
+3. a byte flipped in one cached tensor on one node and another tensor cut to a partial entry on the other:
+   exactly the flipped entry's bytes plus the partial's rest are sent, and the text is the same;
+4. a third agent whose cache sits on a 1 MB tmpfs is refused in one line before anything is sent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from smolcluster.pipeline.weights import read_header
+from tests import test_node_agent
+from tests.test_node_agent import Proc, listening, prepare, role_pids, wait_gone
+
+ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+procs = test_node_agent.procs  # the fixture: every process a test starts is stopped after it
+
+
+def hidden_agent(tmp: Path, name: str, hide: Path, tiny_cache: bool = False) -> Proc:
+    """An agent (``--state-dir tmp/name``) that cannot see ``hide`` (a tmpfs over it, in its own mount namespace)."""
+    cmd = [sys.executable, "-u", "-m", "smolcluster.node", "--state-dir", str(tmp / name), "--name", name,
+           "--port", "0", "--bind", "127.0.0.1", "--ready-file", str(tmp / f"{name}.ready"), "--no-mdns"]
+    if not ROOT:
+        return Proc(cmd)
+    mounts = f"mount -t tmpfs none {hide}"
+    if tiny_cache:
+        (tmp / name / "weights").mkdir(parents=True, exist_ok=True)
+        mounts += f" && mount -t tmpfs -o size=1m none {tmp / name / 'weights'}"
+    return Proc(["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{mounts} && exec "$@"', "sh", *cmd])
+
+
+def cached_keys(state: Path) -> dict[str, Path]:
+    """{tensor key: blob} of the one-tensor safetensors entries in an agent's cache."""
+    out = {}
+    for blob in (state / "weights" / "blobs").iterdir():
+        if blob.read_bytes()[:1] != b"{":  # (config.json and the tokenizer's files are JSON)
+            header, _ = read_header(blob)
+            out.update(dict.fromkeys(header, blob))
+    return out
+
+
+def test_weights_travel_to_agents_that_cannot_read_the_model(tmp_path, procs):
+    import torch
+    from tokenizers import Tokenizer
+
+    from smolcluster import checkpoint
+    from smolcluster.bench.common import write_tiny_run
+    from smolcluster.models.gpt2 import build_gpt2
+
+    d = write_tiny_run(tmp_path / "models" / "tiny", 128, vocab=500, n_layer=4)
+    hf = build_gpt2(vocab_size=500, n_layer=4, n_head=4, n_embd=64, n_positions=128).eval()
+    checkpoint.load(d, hf)
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    ids = tok.encode("class Foo").ids
+    want = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    text = "class Foo" + tok.decode(want[0, len(ids):].tolist())
+
+    prepare(tmp_path, ["a", "b", "c"])
+    started = {n: hidden_agent(tmp_path, n, tmp_path / "models", tiny_cache=n == "c") for n in ("a", "b", "c")}
+    procs += started.values()
+    ports = {n: listening(tmp_path, n, p) for n, p in started.items()}
+
+    def infer(*names: str) -> Proc:
+        peers = ",".join(f"127.0.0.1:{ports[n]}" for n in names)
+        c = Proc([sys.executable, "-u", "-m", "smolcluster.infer", "cluster=auto", f"cluster.peers=[{peers}]",
+                  f"cluster.state_dir={tmp_path / 'coord'}", "cluster.mdns=false", f"checkpoint={d}",
+                  "prompt=class Foo", "max_new_tokens=8", "stop_at_eos=false", "cluster.heartbeat_s=0.2",
+                  *([] if ROOT else ["cluster.weights=send"])])
+        procs.append(c)
+        return c
+
+    def run_ok() -> int:
+        c = infer("a", "b")
+        assert c.wait(timeout=180) == 0, c.text()[-4000:]
+        assert text in c.text(), c.text()[-3000:]
+        return int(re.search(r"weights: sent (\d+) bytes in all", c.text()).group(1))
+
+    sent = run_ok()
+    first = next(n for n in ("a", "b") if list((tmp_path / n / "runs").glob("*/stage_0")))
+    other = "b" if first == "a" else "a"
+    keys = {n: cached_keys(tmp_path / n) for n in ("a", "b")}
+    header, _ = read_header(d / "checkpoint.safetensors")
+    assert set(keys[first]) | set(keys[other]) == set(header) and not set(keys[first]) & set(keys[other])
+    assert "transformer.wte.weight" in keys[first]
+    assert {"transformer.h.3.attn.c_attn.weight", "transformer.h.2.mlp.c_fc.weight"} <= set(keys[other])
+    assert sent == sum(b.stat().st_size for n in ("a", "b") for b in (tmp_path / n / "weights" / "blobs").iterdir())
+    assert len(list((tmp_path / first / "runs").glob("*/stage_0/model/tokenizer.json"))) == 1
+    assert not list((tmp_path / other / "runs").glob("*/stage_*/model/tokenizer.json"))
+
+    assert run_ok() == 0  # the same weights again: nothing sent
+
+    flipped = keys[first]["transformer.wte.weight"]  # one byte flipped on disk, amid the embedding's bytes
+    raw = bytearray(flipped.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    flipped.write_bytes(raw)
+    cut = keys[other]["transformer.h.3.mlp.c_fc.weight"]  # an interrupted transfer: 1000 bytes arrived
+    whole = cut.stat().st_size
+    (tmp_path / other / "weights" / "partial" / cut.name).write_bytes(cut.read_bytes()[:1000])
+    cut.unlink()
+    assert run_ok() == len(raw) + whole - 1000
+    assert flipped.read_bytes() != bytes(raw) and cut.is_file()
+
+    if ROOT:  # a node without the disk for its share: one line, and nothing sent to any node
+        c = infer("c")
+        assert c.wait(timeout=120) == 2, c.text()[-3000:]
+        last = c.text().strip().splitlines()[-1]
+        assert re.fullmatch(r"error: node c \(.*\) has \d+ [MG]B free for its weight cache, its stages' weights "
+                            r"need .* more: .*", last), last
+        assert "weights: sent" not in c.text() and "weights:" not in c.text().replace(last, "")
+    wait_gone([pid for p in started.values() for pid in role_pids(p)])
+    assert json.loads((tmp_path / "coord" / "coordinator" / "weight-hashes.json").read_text())
+
+
+def test_the_cache_keeps_what_hashes_right_resumes_a_partial_entry_and_drops_a_corrupt_one(tmp_path):
+    import hashlib
+
+    from smolcluster.node.weightcache import CacheError, WeightCache
+
+    data = bytes(range(256)) * 40
+    sha, cache = hashlib.sha256(data).hexdigest(), WeightCache(tmp_path / "w")
+    assert cache.status({sha: len(data)}) == {sha: 0}
+    assert not cache.write(sha, len(data), 0, data[:3000])
+    assert WeightCache(tmp_path / "w").status({sha: len(data)}) == {sha: 3000}  # what arrived stays
+    with pytest.raises(CacheError, match="at byte 0, but 3000 bytes are here"):
+        cache.write(sha, len(data), 0, data[:10])
+    assert cache.write(sha, len(data), 3000, data[3000:])
+    assert cache.path(sha).read_bytes() == data and cache.status({sha: len(data)}) == {sha: len(data)}
+    cache.path(sha).write_bytes(data[:-1] + b"x")  # flipped on disk: dropped, to be fetched again
+    assert cache.status({sha: len(data)}) == {sha: 0} and not cache.path(sha).exists()
+    with pytest.raises(CacheError, match="hashes to"):  # arrived whole but wrong: discarded
+        cache.write(sha, len(data), 0, data[:-1] + b"x")
+    assert cache.status({sha: len(data)}) == {sha: 0}
+    with pytest.raises(CacheError, match="not a sha256"):
+        cache.path("../../etc/passwd")
