@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 from loguru import logger
 
 from smolcluster.errors import ConfigError
 from smolcluster.inference.adapters import check_adapters
-from smolcluster.inference.api import InferencePipeline, describe_weights
+from smolcluster.inference.api import InferencePipeline, check_speculate, describe_weights
 from smolcluster.inference.serve import ServeConfig
 from smolcluster.inference.settings import HeadPlace, Pipeline, Role
 
@@ -189,7 +190,7 @@ def pipeline_from_config(cfg: Pipeline, prompt: str | None = None) -> InferenceP
                 host=c.host, heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s,
                 connect_timeout_s=c.connect_timeout_s, kv_cache_mb=cfg.kv_cache_mb,
                 env={"SMOLCLUSTER_LOG_LEVEL": cfg.stage_log_level or "WARNING"}, telemetry=cfg.telemetry,
-                adapters=cfg.adapters)
+                adapters=cfg.adapters, speculate=asdict(cfg.speculate))
         except BaseException:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -243,4 +244,5 @@ def serve_config_from(cfg: Pipeline) -> ServeConfig:
                        heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s, connect_timeout_s=c.connect_timeout_s,
                        max_bytes=c.max_bytes, keys_dir=c.keys, threads=node.threads, log_level=cfg.stage_log_level,
                        kv_cache_mb=cfg.kv_cache_mb, adapters=check_adapters(cfg.adapters, info["config"]),
+                       speculate=check_speculate(asdict(cfg.speculate), info["config"], cfg.head.value),
                        extra={"telemetry": cfg.telemetry}, **fmt)
