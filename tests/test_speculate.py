@@ -81,14 +81,26 @@ def test_greedy_speculation_equals_plain_decoding_for_every_family_and_drafter(t
     assert 0 < accepted < drafted, (accepted, drafted)
 
 
-def test_a_draft_model_that_is_the_target_has_every_proposal_kept(tmp_path):
-    build("llama").save_pretrained(tmp_path)
-    with InferencePipeline.start_local(tmp_path, stages=2, heartbeat_s=0.1, liveness_s=5.0, eos_ids=[],
-                                       speculate={"k": K, "draft": str(tmp_path)}) as pipe:
-        plain = pipe.submit(repeating(5), max_new_tokens=30, speculate="off").tokens()
-        assert [pipe.submit(repeating(5), max_new_tokens=30).tokens() for _ in range(2)] == [plain, plain]
+def test_a_draft_model_that_is_the_target_has_every_proposal_kept_as_requests_and_top_report(tmp_path):
+    from smolcluster.top import SERVING_COLUMNS, ClusterView, serving_row_of
+
+    model, run_dir = tmp_path / "model", tmp_path / "serve"
+    build("llama").save_pretrained(model)
+    telemetry = {"prometheus_port": 0, "run_dir": str(run_dir), "run_id": "spec"}
+    with InferencePipeline.start_local(model, stages=2, heartbeat_s=0.1, liveness_s=5.0, eos_ids=[],
+                                       speculate={"k": K, "draft": str(model)}, telemetry=telemetry) as pipe:
+        plain = pipe.submit(repeating(5), max_new_tokens=30, speculate="off")
+        assert plain.tokens() and plain.drafted == 0
+        reqs = [pipe.submit(repeating(5), max_new_tokens=30) for _ in range(2)]
+        assert [r.tokens() for r in reqs] == [plain.tokens()] * 2
         # 29 tokens after the first one (the prompt's): 5 passes of 4 proposals and 5 tokens, then one of 3 and 4
-        assert wait_until(lambda: speculated(pipe) == (2 * 23, 2 * 23), 10), speculated(pipe)
+        assert [(r.drafted, r.accepted) for r in reqs] == [(23, 23)] * 2
+        assert wait_until(lambda: speculated(pipe) == (46, 46), 10), speculated(pipe)
+        view = ClusterView(run_dir=run_dir)
+        stage0 = lambda: next((n for n in view.poll() if n.up and n.labels["rank"] == "0"), None)  # noqa: E731
+        assert wait_until(lambda: stage0() is not None and stage0().values.get("drafted") == 46, 30), view.nodes
+        row = dict(zip(SERVING_COLUMNS, serving_row_of(stage0())))
+        assert row["accepted %"] == "100"
 
 
 # -- in process ------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ class Request:
         self.first_token_at: float | None = None
         self.token_at: list[float] = []  # when each token arrived (per-token latency)
         self.finished_at: float | None = None
+        self.drafted = self.accepted = 0  # speculative decoding: tokens proposed for it, and kept
         self._client, self._decode = client, decode
         self._events: queue.Queue = queue.Queue()
         self._finished = threading.Event()
@@ -308,6 +309,7 @@ class PipelineClient:
                             self._requests.pop(req.id, None)
                         req._finish("error", PeerError(problem))
                 elif req is not None:
+                    req.drafted, req.accepted = f["drafted"], f["accepted"]
                     req._push(tokens, f["index"], ages, f["done"], f["reason"])
             elif env.kind == "mp.error":
                 if req is not None:

@@ -132,6 +132,8 @@ class RequestState:
     drafts: list[int] = field(default_factory=list)  # stage 0: the proposals out in its current step
     q: torch.Tensor | None = None     # ... and their drafter's probabilities (None: point masses)
     trim: int | None = None           # stage 0: cut every stage's cache to this length before its next step
+    drafted: int = 0                  # stage 0: proposals made for it, and kept (its acceptance rate)
+    accepted: int = 0
 
 
 def check_intro(req, intro, src: str) -> None:
@@ -597,6 +599,8 @@ class StageServer:
         made, kept = accept(logits, st.drafts, st.q, st.params, st.generator)
         self.speculator.drafted += len(st.drafts)
         self.speculator.accepted += kept
+        st.drafted += len(st.drafts)
+        st.accepted += kept
         if kept < len(st.drafts):
             st.trim = st.cache.length - (len(st.drafts) - kept)
         return made
@@ -615,9 +619,9 @@ class StageServer:
             elif st.prompt_len + st.generated > self.arch.context:
                 reason = "context"  # feeding this token back would need a position the model does not have
             # The head hears of it once the next step is on its way: streaming is off the critical path.
-            out = self.to_heads.setdefault(req, [st.head, [], False, ""])
+            out = self.to_heads.setdefault(req, [st.head, [], False, "", 0, 0])
             out[1].append((token, st.generated - 1, time.monotonic()))
-            out[2], out[3] = bool(reason), reason
+            out[2], out[3], out[4], out[5] = bool(reason), reason, st.drafted, st.accepted
             if reason:
                 break
         return reason
@@ -630,7 +634,7 @@ class StageServer:
         few tokens a second.
         A model slower than the interval per token streams every token as it is made."""
         due = float("inf")
-        for _, made, done, _ in self.to_heads.values():
+        for _, made, done, *_ in self.to_heads.values():
             if done or made[0][1] == 0:
                 return 0.0
             due = min(due, made[0][2] + self.stream_s)
@@ -640,11 +644,12 @@ class StageServer:
         """Send every held token to its head, one message per request (with each token's age, so the head
         knows when it was made: per-token latency stays measurable)."""
         now = time.monotonic()
-        for req, (head, made, done, reason) in self.to_heads.items():
+        for req, (head, made, done, reason, drafted, accepted) in self.to_heads.items():
             if head in self.mesh.peers:
                 self.mesh.send(head, "mp.token", {"req": req, "tokens": [t for t, _, _ in made], "index": made[0][1],
                                                   "ages": [now - at for _, _, at in made], "done": done,
-                                                  "reason": reason}, tag=req)
+                                                  "reason": reason, "drafted": drafted, "accepted": accepted},
+                               tag=req)
         self.to_heads.clear()
 
     def schedule(self, results: dict) -> None:

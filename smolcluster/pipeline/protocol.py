@@ -44,7 +44,9 @@ KINDS: dict[str, tuple[dict, bool]] = {
     "mp.step": ({"reqs": list, "tokens": list, "ended": list}, False),  # to stage 0: a step's tokens (-1: chunk)
     "mp.done": ({"ended": list}, False),                        # [req, reason] pairs: free their caches
     # to a head: a request's tokens from `index` on, each made `ages[i]` seconds before this was sent
-    "mp.token": ({"req": str, "tokens": list, "index": int, "ages": list, "done": bool, "reason": str}, False),
+    # drafted / accepted: its speculative decoding totals so far (speculate.py; 0 without)
+    "mp.token": ({"req": str, "tokens": list, "index": int, "ages": list, "done": bool, "reason": str,
+                  "drafted": int, "accepted": int}, False),
     "mp.cancel": ({"req": str}, False),
     "mp.error": ({"req": str, "message": str}, False),
     "mp.lost": ({"stage": str, "message": str}, False),          # to heads: a stage lost its neighbour
