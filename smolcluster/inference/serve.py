@@ -26,7 +26,10 @@ the step's results to stage 0 (``step``), which schedules the next step. Where t
   embedding is held once; the last stage sends its hidden state back round the ring.
 - otherwise on the last stage (as in training), which then holds its own copy.
 
-Both cost the same hops per token. A request ends on any of its EOS ids, ``max_new_tokens``, or the
+Both cost the same hops per token. With ``speculate.k`` (head first only), stage 0 proposes tokens after a
+decode's last one and the step carries them as more rows of that request; the head keeps what the target
+agrees with, and the next step's ``trim`` cuts the rejected rows from every stage's cache (speculate.py).
+A request ends on any of its EOS ids, ``max_new_tokens``, or the
 context (when feeding the token back would need position ``n_positions``), or when its head cancels it
 (the head tells every stage) or goes away; every stage then frees its cache at once. Two or more
 steps can be in flight round the ring at once (requests that joined while one was out), which keeps
