@@ -101,6 +101,12 @@ def test_a_draft_model_that_is_the_target_has_every_proposal_kept_as_requests_an
         assert wait_until(lambda: stage0() is not None and stage0().values.get("drafted") == 46, 30), view.nodes
         row = dict(zip(SERVING_COLUMNS, serving_row_of(stage0())))
         assert row["accepted %"] == "100"
+        # Sampled through the draft model (its proposals drawn from q, checked by accept/resample): a seed's
+        # tokens are its own, run after run.
+        kw = dict(max_new_tokens=20, temperature=0.9, top_p=0.95, seed=7)
+        first = pipe.submit(repeating(6), **kw)
+        assert len(first.tokens()) == 20 and first.drafted > 0
+        assert pipe.submit(repeating(6), **kw).tokens() == first.tokens()
 
 
 # -- in process ------------------------------------------------------------------------------------
