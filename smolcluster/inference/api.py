@@ -63,7 +63,7 @@ def check_speculate(speculate: dict | None, config: dict, head: str) -> dict:
     """``speculate`` ({"k", "lookup", "draft"}) checked against the model before any stage starts ({}: off)."""
     from smolcluster.inference.settings import Speculate
 
-    spec = Speculate(**(speculate or {})).check().fields()
+    spec = Speculate(**(speculate or {})).check().check_draft().fields()
     if spec and head != "first":
         raise ConfigError("speculate.k needs head=first: stage 0 proposes the tokens and checks them, so the LM "
                           "head must sit there")

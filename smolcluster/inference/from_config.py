@@ -217,6 +217,14 @@ def pipeline_from_config(cfg: Pipeline, prompt: str | None = None) -> InferenceP
                       "or head (connect to running stages)")
 
 
+def stage_speculate(cfg: Pipeline, config: dict) -> dict:
+    """``speculate.*`` for this stage: stage 0 proposes (its draft model must be on its node); the others only
+    keep ``k`` positions of slack in sliding windows for the cut (serve.ServeConfig.speculate)."""
+    if cfg.rank == 0:
+        return check_speculate(asdict(cfg.speculate), config, cfg.head.value)
+    return {"k": cfg.speculate.k} if cfg.speculate.k > 0 else {}
+
+
 def serve_config_from(cfg: Pipeline) -> ServeConfig:
     """``role=stage rank=N``: this node's stage of a cluster, from the same config every node uses."""
     from smolcluster.pipeline.nodes import stage_nodes
@@ -244,5 +252,5 @@ def serve_config_from(cfg: Pipeline) -> ServeConfig:
                        heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s, connect_timeout_s=c.connect_timeout_s,
                        max_bytes=c.max_bytes, keys_dir=c.keys, threads=node.threads, log_level=cfg.stage_log_level,
                        kv_cache_mb=cfg.kv_cache_mb, adapters=check_adapters(cfg.adapters, info["config"]),
-                       speculate=check_speculate(asdict(cfg.speculate), info["config"], cfg.head.value),
+                       speculate=stage_speculate(cfg, info["config"]),
                        extra={"telemetry": cfg.telemetry}, **fmt)

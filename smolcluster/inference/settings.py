@@ -68,7 +68,11 @@ class Speculate:
         if self.k and not self.lookup and not self.draft:
             raise ConfigError(f"speculate.k={self.k} needs a drafter: add speculate.lookup=N (n-grams from the "
                               "context) or speculate.draft=DIR (a small model with the same tokenizer)")
-        if self.draft and not (Path(self.draft).expanduser() / "config.json").is_file():
+        return self
+
+    def check_draft(self) -> Speculate:
+        """The draft directory, where it is read (stage 0's node, or the launching machine)."""
+        if self.k and self.draft and not (Path(self.draft).expanduser() / "config.json").is_file():
             raise ConfigError(f"speculate.draft={self.draft}: no config.json there; give a Hugging Face model "
                               "directory (save_pretrained's output) of a model with the target's tokenizer")
         return self
