@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
     text = read_corpus(args.corpus)
     split = int(len(text) * 0.9)
-    tok = get_tokenizer(text, "bpe", 4096)
+    tok = get_tokenizer(text, "bpe", 4096)  # (trained once, then read from ~/.cache/smolcluster)
+    print(f"tokenizer: {tok.vocab_size} tokens; training the target and the draft", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="smolcluster-bench-speculate-") as tmp:
         tmp = Path(tmp)
         target = train_tiny("gpt2-tiny", text[:split], tok, tmp, args.steps)
