@@ -77,8 +77,12 @@ def run(cfg: DictConfig) -> dict | None:
         ttft = (req.first_token_at - req.submitted_at) * 1000 if req.first_token_at else float("nan")
         stats = {"tokens": n, "wall_s": round(wall, 3), "tokens_per_s": round(n / wall, 2) if wall else None,
                  "ttft_ms": round(ttft, 1), "finish_reason": req.finish_reason, "stages": pipe.stages}
+        speculated = ""
+        if req.drafted:  # speculate.k: how many of the proposed tokens the target kept
+            stats.update(drafted=req.drafted, accepted=req.accepted, acceptance=round(req.accepted / req.drafted, 3))
+            speculated = f", {req.accepted}/{req.drafted} proposed tokens accepted"
         print(f"[{n} tokens in {wall:.2f}s, {stats['tokens_per_s']} tokens/s, first token after {ttft:.0f} ms, "
-              f"{pipe.stages} stages, finished: {req.finish_reason}]", file=sys.stderr)
+              f"{pipe.stages} stages{speculated}, finished: {req.finish_reason}]", file=sys.stderr)
         if req.ids and not "".join(text).strip():
             print(whitespace_hint(len(req.ids), sp.temperature), file=sys.stderr)
         return stats

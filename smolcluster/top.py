@@ -44,7 +44,8 @@ _KEYS = {"smolcluster_steps": "step", "smolcluster_samples": "samples", "smolclu
          # inference stages and the chat head (telemetry/serving.py)
          "smolcluster_requests_active": "active", "smolcluster_requests_waiting": "waiting",
          "smolcluster_kv_cache_bytes": "kv_bytes", "smolcluster_kv_cache_budget_bytes": "kv_budget",
-         "smolcluster_tokens": "tokens"}
+         "smolcluster_tokens": "tokens", "smolcluster_speculative_drafted": "drafted",
+         "smolcluster_speculative_accepted": "accepted"}
 assert {n.removesuffix("_total") for n in [*METRICS, *SERVING_METRICS]} <= set(_KEYS), "a metric the view does not know"
 
 
@@ -227,15 +228,17 @@ def _trainable(v: dict) -> str:
 
 
 SERVING_COLUMNS = ("node", "role", "state", "active", "waiting", "tokens/s", "tokens", "KV MB", "KV budget MB",
-                   "CPU %", "RSS")
+                   "accepted %", "CPU %", "RSS")
 
 
 def serving_row_of(node: Node) -> tuple[str, ...]:
     v, r, lb = node.values, node.rates, node.labels
     kv, budget = v.get("kv_bytes"), v.get("kv_budget")
+    drafted = v.get("drafted")  # speculate.k on stage 0: the share of proposed tokens the target kept
     return (lb.get("node", "?"), f"{lb.get('role', '')}{lb.get('rank', '')}", "up" if node.up else "DOWN",
             _num(v.get("active"), ".0f"), _num(v.get("waiting"), ".0f"), _num(r.get("tokens"), ".1f"),
             _num(v.get("tokens"), ".0f"), _num(kv and kv / 2**20, ".2f"), _num(budget and budget / 2**20, ".0f"),
+            _num(100 * v.get("accepted", 0) / drafted if drafted else None, ".0f"),
             _num(v.get("cpu_percent"), ".0f"), _bytes(v.get("rss_bytes")))
 
 

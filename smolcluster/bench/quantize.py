@@ -115,16 +115,17 @@ def greedy(stage, prompt: torch.Tensor, n: int) -> tuple[list[int], float, list[
     return out, (n - 1) / (time.perf_counter() - t0), gaps
 
 
-def train_tiny(name: str, text: str, tok, out: Path, steps: int, block: int = 64, batch: int = 16) -> Path:
-    """A model of conf/model/NAME.yaml trained ``steps`` steps on ``text`` (AdamW, warmup then linear decay to
-    10%), saved as a Hugging Face directory."""
+def train_tiny(name: str, text: str, tok, out: Path, steps: int, block: int = 64, batch: int = 16,
+               overrides: dict | None = None, save_as: str | None = None) -> Path:
+    """A model of conf/model/NAME.yaml (``overrides`` on its keys) trained ``steps`` steps on ``text`` (AdamW,
+    warmup then linear decay to 10%), saved as a Hugging Face directory ``out/save_as`` (default NAME)."""
     from omegaconf import OmegaConf
 
     from smolcluster.models import build_model
     from smolcluster.paths import CONFIG_DIR
 
     torch.manual_seed(0)
-    cfg = OmegaConf.load(CONFIG_DIR / "model" / f"{name}.yaml")
+    cfg = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "model" / f"{name}.yaml"), overrides or {})
     model = build_model(cfg, {"vocab_size": tok.vocab_size, "eos_token_id": tok.eos_id}).train()
     ids = torch.tensor(tok.encode(text), dtype=torch.long)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
@@ -142,6 +143,7 @@ def train_tiny(name: str, text: str, tok, out: Path, steps: int, block: int = 64
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    name = save_as or name
     print(f"{name}: {steps} steps of {batch} x {block} tokens in {time.perf_counter() - t0:.0f} s, last train loss "
           f"{loss.item():.3f}", file=sys.stderr)
     model.eval().save_pretrained(out / name)

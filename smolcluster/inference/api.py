@@ -59,6 +59,21 @@ def checked_formats(base: dict, given: list[dict] | None, stages: int) -> list[d
     return formats
 
 
+def check_speculate(speculate: dict | None, config: dict, head: str) -> dict:
+    """``speculate`` ({"k", "lookup", "draft"}) checked against the model before any stage starts ({}: off)."""
+    from smolcluster.inference.settings import Speculate
+
+    spec = Speculate(**(speculate or {})).check().check_draft().fields()
+    if spec and head != "first":
+        raise ConfigError("speculate.k needs head=first: stage 0 proposes the tokens and checks them, so the LM "
+                          "head must sit there")
+    if spec.get("draft"):
+        from smolcluster.inference.speculate import draft_config
+
+        draft_config(spec["draft"], config)
+    return spec
+
+
 class InferencePipeline:
     def __init__(self, client: PipelineClient, tokenizer=None, eos_ids: int | list[int] | None = None,
                  children: Children | None = None, workdir: Path | None = None):
@@ -79,7 +94,7 @@ class InferencePipeline:
                     quantize: str = "none", quantize_group: int = 64, device: str | None = None,
                     formats: list[dict] | None = None, telemetry: dict | None = None,
                     co_located: bool = True, turns: bool | None = None,
-                    adapters: dict[str, str] | None = None) -> InferencePipeline:
+                    adapters: dict[str, str] | None = None, speculate: dict | None = None) -> InferencePipeline:
         """Start ``stages`` stage processes on this machine and connect to them.
 
         ``weights``: a Hugging Face model directory (any supported family), a run directory
@@ -103,6 +118,8 @@ class InferencePipeline:
         and they work on ``stages`` steps at once, as stages on separate machines do (``co_located=False``).
         ``adapters``: ``{name: PEFT directory}``, LoRA adapters a request may name (``submit(adapter=name)``),
         each checked against the model here, before any stage starts (:mod:`smolcluster.inference.adapters`).
+        ``speculate``: ``{"k", "lookup", "draft"}`` (:class:`~smolcluster.inference.settings.Speculate`), stage 0
+        proposes and the pipeline checks k tokens per pass (:mod:`smolcluster.inference.speculate`).
         """
         if head not in ("first", "last"):
             raise ConfigError(f"head={head!r} is invalid: choose first or last")
@@ -114,6 +131,7 @@ class InferencePipeline:
         base_fmt = {"precision": precision, "quantize": quantize, "quantize_group": quantize_group, "device": device}
         formats = checked_formats(base_fmt, formats, stages)
         adapters = check_adapters(adapters, info["config"])
+        speculate = check_speculate(speculate, info["config"], head)
         if eos_ids is None:
             eos_ids = info["eos"] if info["eos"] is not None else getattr(tokenizer, "eos_id", None)
         workdir = Path(tempfile.mkdtemp(prefix="smolcluster-infer-"))
@@ -128,7 +146,7 @@ class InferencePipeline:
                                  connect_timeout_s=connect_timeout_s, exit_with_head=True, threads=threads,
                                  max_requests=max_requests, kv_cache_mb=kv_cache_mb,
                                  prefill_chunk=prefill_chunk, stream_interval_ms=stream_interval_ms,
-                                 co_located=co_located, turns=turns, adapters=adapters,
+                                 co_located=co_located, turns=turns, adapters=adapters, speculate=speculate,
                                  extra={"telemetry": telemetry or {}},
                                  **formats[rank])
                 path = workdir / f"stage-{rank}.json"
@@ -201,13 +219,15 @@ class InferencePipeline:
 
     def submit(self, prompt: str | list[int], *, max_new_tokens: int = 64, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
-               adapter: str | None = None) -> Request:
+               adapter: str | None = None, speculate: str = "") -> Request:
         """Start generating; returns at once. ``temperature=0`` is greedy; ``seed=None`` picks one
-        (``request.seed``); ``adapter``: one of :attr:`adapters` (None: the base model). Raises ConfigError
+        (``request.seed``); ``adapter``: one of :attr:`adapters` (None: the base model); ``speculate``: the
+        drafter ("": the stages' default; off, lookup or draft: docs/inference.md). Raises ConfigError
         for a bad prompt (e.g. longer than the context) or an adapter the stages do not serve."""
         eos = self.eos_ids if stop_at_eos else None
         return self.client.submit(self.encode(prompt), max_new_tokens=max_new_tokens, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, seed=seed, eos=eos, adapter=adapter or "")
+                                  top_k=top_k, top_p=top_p, seed=seed, eos=eos, adapter=adapter or "",
+                                  speculate=speculate)
 
     def generate(self, prompt: str | list[int], **kw) -> str:
         """Submit and wait: the generated text."""

@@ -52,6 +52,7 @@ class Request:
         self.first_token_at: float | None = None
         self.token_at: list[float] = []  # when each token arrived (per-token latency)
         self.finished_at: float | None = None
+        self.drafted = self.accepted = 0  # speculative decoding: tokens proposed for it, and kept
         self._client, self._decode = client, decode
         self._events: queue.Queue = queue.Queue()
         self._finished = threading.Event()
@@ -224,9 +225,10 @@ class PipelineClient:
     # -- requests ---------------------------------------------------------------------------
     def submit(self, ids: list[int], *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int | None = None, eos: int | list[int] | None = None,
-               adapter: str = "") -> Request:
+               adapter: str = "", speculate: str = "") -> Request:
         """Start generating ``ids``' continuation; it stops at any id in ``eos`` (one id or several).
-        ``adapter``: one of the stages' LoRA adapters (``self.adapters``), or "" for the base model."""
+        ``adapter``: one of the stages' LoRA adapters (``self.adapters``), or "" for the base model.
+        ``speculate``: its drafter, "" (the stages' ``speculate`` default), off, lookup or draft."""
         if self.error is not None:
             raise self.error
         if self._closed:
@@ -251,6 +253,7 @@ class PipelineClient:
             self._requests[req.id] = req
         fields = {"req": req.id, "max_new_tokens": max_new_tokens, "temperature": params.temperature,
                   "top_k": params.top_k, "top_p": params.top_p, "seed": params.seed, "adapter": adapter,
+                  "speculate": str(speculate),
                   "eos": [] if eos is None else [int(eos)] if isinstance(eos, (int, np.integer)) else [int(t) for t in eos]}
         self.mesh.send(self.stages[0], "mp.submit", fields, {"ids": np.asarray(ids, dtype=np.int64)}, tag=req.id)
         return req
@@ -306,6 +309,7 @@ class PipelineClient:
                             self._requests.pop(req.id, None)
                         req._finish("error", PeerError(problem))
                 elif req is not None:
+                    req.drafted, req.accepted = f["drafted"], f["accepted"]
                     req._push(tokens, f["index"], ages, f["done"], f["reason"])
             elif env.kind == "mp.error":
                 if req is not None:

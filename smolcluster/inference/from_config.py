@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 from loguru import logger
 
 from smolcluster.errors import ConfigError
 from smolcluster.inference.adapters import check_adapters
-from smolcluster.inference.api import InferencePipeline, describe_weights
+from smolcluster.inference.api import InferencePipeline, check_speculate, describe_weights
 from smolcluster.inference.serve import ServeConfig
 from smolcluster.inference.settings import HeadPlace, Pipeline, Role
 
@@ -189,7 +190,7 @@ def pipeline_from_config(cfg: Pipeline, prompt: str | None = None) -> InferenceP
                 host=c.host, heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s,
                 connect_timeout_s=c.connect_timeout_s, kv_cache_mb=cfg.kv_cache_mb,
                 env={"SMOLCLUSTER_LOG_LEVEL": cfg.stage_log_level or "WARNING"}, telemetry=cfg.telemetry,
-                adapters=cfg.adapters)
+                adapters=cfg.adapters, speculate=asdict(cfg.speculate))
         except BaseException:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -214,6 +215,14 @@ def pipeline_from_config(cfg: Pipeline, prompt: str | None = None) -> InferenceP
         return pipe
     raise ConfigError(f"role={cfg.role.value} does not start a pipeline: choose launch (start the stages here) "
                       "or head (connect to running stages)")
+
+
+def stage_speculate(cfg: Pipeline, config: dict) -> dict:
+    """``speculate.*`` for this stage: stage 0 proposes (its draft model must be on its node); the others only
+    keep ``k`` positions of slack in sliding windows for the cut (serve.ServeConfig.speculate)."""
+    if cfg.rank == 0:
+        return check_speculate(asdict(cfg.speculate), config, cfg.head.value)
+    return {"k": cfg.speculate.k} if cfg.speculate.k > 0 else {}
 
 
 def serve_config_from(cfg: Pipeline) -> ServeConfig:
@@ -243,4 +252,5 @@ def serve_config_from(cfg: Pipeline) -> ServeConfig:
                        heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s, connect_timeout_s=c.connect_timeout_s,
                        max_bytes=c.max_bytes, keys_dir=c.keys, threads=node.threads, log_level=cfg.stage_log_level,
                        kv_cache_mb=cfg.kv_cache_mb, adapters=check_adapters(cfg.adapters, info["config"]),
+                       speculate=stage_speculate(cfg, info["config"]),
                        extra={"telemetry": cfg.telemetry}, **fmt)

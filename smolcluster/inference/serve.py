@@ -26,7 +26,10 @@ the step's results to stage 0 (``step``), which schedules the next step. Where t
   embedding is held once; the last stage sends its hidden state back round the ring.
 - otherwise on the last stage (as in training), which then holds its own copy.
 
-Both cost the same hops per token. A request ends on any of its EOS ids, ``max_new_tokens``, or the
+Both cost the same hops per token. With ``speculate.k`` (head first only), stage 0 proposes tokens after a
+decode's last one and the step carries them as more rows of that request; the head keeps what the target
+agrees with, and the next step's ``trim`` cuts the rejected rows from every stage's cache (speculate.py).
+A request ends on any of its EOS ids, ``max_new_tokens``, or the
 context (when feeding the token back would need position ``n_positions``), or when its head cancels it
 (the head tells every stage) or goes away; every stage then frees its cache at once. Two or more
 steps can be in flight round the ring at once (requests that joined while one was out), which keeps
@@ -102,6 +105,7 @@ class ServeConfig:
     quantize_group: int = 64          # int4's group size (32 | 64 | 128)
     device: str | None = None         # cpu | cuda | cuda:N | mps | auto (None: cpu)
     adapters: dict = field(default_factory=dict)  # LoRA adapters a request may name: {name: PEFT directory}
+    speculate: dict = field(default_factory=dict)  # {"k", "lookup", "draft"}: settings.Speculate.fields() ({}: off)
     extra: dict = field(default_factory=dict)
 
     def dumps(self) -> str:
@@ -126,6 +130,13 @@ class RequestState:
     fed: int = 0                      # stage 0: prompt tokens sent into the pipeline so far
     reserved: list[int] = field(default_factory=list)  # stage 0: KV bytes held for it on each stage
     adapter: str = ""                 # the LoRA adapter its rows go through ("": none)
+    drafter: str = "off"              # stage 0: lookup | draft | off (speculate.py)
+    history: list[int] | None = None  # stage 0, speculating: the prompt and every token made
+    drafts: list[int] = field(default_factory=list)  # stage 0: the proposals out in its current step
+    q: torch.Tensor | None = None     # ... and their drafter's probabilities (None: point masses)
+    trim: int | None = None           # stage 0: cut every stage's cache to this length before its next step
+    drafted: int = 0                  # stage 0: proposals made for it, and kept (its acceptance rate)
+    accepted: int = 0
 
 
 def check_intro(req, intro, src: str) -> None:
@@ -157,9 +168,10 @@ class Step:
     sizes: list[int]
     emit: list[bool]
     intro: dict = field(default_factory=dict)  # req -> what a later stage needs to start it
+    trim: dict = field(default_factory=dict)   # req -> its cache's length before these rows (rejected proposals cut)
 
     def fields(self) -> dict:
-        return {"reqs": self.reqs, "sizes": self.sizes, "emit": self.emit, "intro": self.intro}
+        return {"reqs": self.reqs, "sizes": self.sizes, "emit": self.emit, "intro": self.intro, "trim": self.trim}
 
 
 class StageServer:
@@ -223,6 +235,18 @@ class StageServer:
         from smolcluster.telemetry.serving import open_serving_metrics
 
         self.metrics = open_serving_metrics(sc.extra.get("telemetry"), identity(), sc.rank, self.kv_budget)
+        self.speculator = self.open_speculator()
+
+    def open_speculator(self):
+        """Stage 0's drafters when ``speculate.k`` is set (they need the head here, beside the schedule)."""
+        if not self.sc.speculate or self.sc.rank != 0:
+            return None
+        if not self.has_head:
+            raise ConfigError("speculate.k needs head=first: the proposals are checked where the schedule is "
+                              "(stage 0), so the LM head must sit there")
+        from smolcluster.inference.speculate import Speculator
+
+        return Speculator(self.sc.speculate, self.sc.config, self.fmt)
 
     # -- links ------------------------------------------------------------------------------
     def connect(self) -> None:
@@ -284,6 +308,8 @@ class StageServer:
             self.closed.popitem(last=False)
         if self.sc.rank != 0:
             return
+        if self.speculator is not None:
+            self.speculator.forget(req)
         self.due.pop(req, None)  # (a stale entry in `prefilling` is skipped when its turn comes)
         self.out.discard(req)
         if st is not None:
@@ -334,6 +360,11 @@ class StageServer:
             problem = "max_new_tokens must be at least 1"
         elif f["adapter"] and f["adapter"] not in self.sc.adapters:
             problem = unknown_adapter(f["adapter"], self.sc.adapters)
+        elif self.drafter(f["speculate"]) is None:
+            served = f"speculate.k={self.speculator.k}, drafters: {self.speculator.default}" if self.speculator else \
+                "no speculate.k"
+            problem = (f"speculate={f['speculate']!r} is not served here ({served}): ask for one of \"\" (the "
+                       "default), off, lookup or draft that the stages were started with")
         elif req in self.requests or any(w[0] == req for w in self.waiting):
             problem = f"request id {req} is already in flight"
         elif len(self.waiting) >= self.sc.max_waiting:
@@ -370,6 +401,9 @@ class StageServer:
             params = SamplingParams(float(f["temperature"]), int(f["top_k"]), float(f["top_p"]), int(f["seed"]))
             st = self.start(req, head, params, int(f["max_new_tokens"]), f["eos"], len(ids), f["adapter"])
             st.prompt, st.reserved = ids, need
+            st.drafter = self.drafter(f["speculate"])
+            if st.drafter != "off":
+                st.history = ids.tolist()
             self.reserved = [r + n for r, n in zip(self.reserved, need)]
             self.prefilling.append(req)
 
@@ -377,12 +411,19 @@ class StageServer:
               prompt_len: int, adapter: str = "") -> RequestState:
         # The cache grows (doubling) up to the positions stage 0 reserved for it in the budget, never past them.
         limit = min(prompt_len + max_new_tokens, self.arch.context)
-        st = RequestState(head, KVCache(len(self.spec.blocks), limit), params, max_new_tokens, eos, prompt_len,
+        slack = int(self.sc.speculate.get("k", 0))  # rejected proposals are cut from the cache (KVCache.truncate)
+        st = RequestState(head, KVCache(len(self.spec.blocks), limit, slack), params, max_new_tokens, eos, prompt_len,
                           adapter=adapter)
         if self.has_head and not params.greedy:
             st.generator = make_generator(params.seed)
         self.requests[req] = st
         return st
+
+    def drafter(self, asked: str) -> str | None:
+        """The drafter a request asking for ``asked`` gets: off, lookup or draft (None: not served here)."""
+        if self.speculator is None:
+            return "off" if asked in ("", "off") else None
+        return self.speculator.drafter(asked)
 
     # -- the token loop ---------------------------------------------------------------------
     def can_step(self) -> bool:
@@ -400,9 +441,18 @@ class StageServer:
         # (self.turns) run one step of every request: each weight is read once per round, not once per group.
         # The rest stay due for the next turn.
         room = len(self.requests) if self.turns else -(-len(self.requests) // self.sc.n_stages)
-        for req in list(self.due)[:room]:
-            step.reqs.append(req), step.sizes.append(1), step.emit.append(True)
-            ids.append(self.due.pop(req))
+        decodes = [(req, self.due.pop(req)) for req in list(self.due)[:room]]
+        proposals = self.propose([req for req, _ in decodes]) if self.speculator is not None else {}
+        for req, token in decodes:
+            st = self.requests[req]
+            st.drafts, st.q = proposals.get(req, ([], None))
+            if st.trim is not None:  # rejected proposals of its last step: cut here, and on each stage it reaches
+                step.trim[req] = st.trim
+                st.cache.truncate(st.trim)
+                st.trim = None
+            step.reqs.append(req), step.sizes.append(1 + len(st.drafts)), step.emit.append(True)
+            ids.append(token)
+            ids.extend(st.drafts)
         room = self.sc.prefill_chunk
         while self.prefilling and room > 0:
             req = self.prefilling.popleft()
@@ -434,6 +484,20 @@ class StageServer:
             return
         self.forward_out(step, x)
 
+    def propose(self, reqs: list[str]) -> dict:
+        """Proposals for this step's speculating decodes, each at most as many as it may still make (and the
+        context holds) less the one token the pass makes of its own."""
+        from smolcluster.inference.speculate import Want
+
+        wants = []
+        for req in reqs:
+            st = self.requests[req]
+            if st.drafter == "off":
+                continue
+            k = min(self.speculator.k, st.max_new_tokens - st.generated - 1, self.arch.context - len(st.history))
+            wants.append((st.drafter, Want(req, st.history, k, st.params, st.generator)))
+        return self.speculator.propose(wants)
+
     def batch(self, step: Step) -> Batch:
         """The step's rows as a batch of its requests' caches; each row routed to its request's adapter."""
         states = [self.requests[r] for r in step.reqs]
@@ -452,15 +516,15 @@ class StageServer:
             self.emit(step, x)
             return
         fields = step.fields()
-        if rank == last:  # round the ring: stage 0 knows these requests already
-            fields["intro"] = {}
+        if rank == last:  # round the ring: stage 0 knows these requests already (and has cut their caches)
+            fields["intro"], fields["trim"] = {}, {}
         dst = self.names[rank + 1] if rank < last else self.names[0]
         # Sent in the compute type (bf16/fp16: half fp32's bytes); the wire copies it off a GPU.
         self.mesh.send(dst, "mp.hidden", fields, {"x": x}, tag=step.reqs[0])
 
     def on_hidden(self, env: Envelope) -> None:
         f = env.fields
-        step = Step(list(f["reqs"]), list(f["sizes"]), list(f["emit"]), dict(f["intro"]))
+        step = Step(list(f["reqs"]), list(f["sizes"]), list(f["emit"]), dict(f["intro"]), dict(f["trim"]))
         for req, intro in step.intro.items():
             if req not in self.requests and req not in self.closed:
                 check_intro(req, intro, env.src)
@@ -472,6 +536,9 @@ class StageServer:
                                       "stage with the same adapters=)")
                 self.start(req, intro["head"], params, intro["max_new_tokens"], intro["eos"], intro["prompt_len"],
                            adapter)
+        for req, length in step.trim.items():  # rejected proposals: before this step's rows (speculate.py)
+            if req in self.requests:
+                self.requests[req].cache.truncate(int(length))
         x = env.tensors["x"]  # numpy, or torch for bfloat16 (numpy has none)
         x = (x if isinstance(x, torch.Tensor) else torch.from_numpy(x)).to(self.device, self.dtype)
         # Rows of requests cancelled meanwhile are dropped; the rest go on unchanged.
@@ -489,9 +556,12 @@ class StageServer:
             self.forward_out(step, self.stage.run_blocks(x, self.batch(step)))
 
     def emit(self, step: Step, x: torch.Tensor) -> None:
-        """Pick each finished row's token, stream it to its head, and hand the step's results to stage 0."""
+        """Pick each finished row's token(s), stream them to its head, and hand the step's results to stage 0."""
         last_rows = Batch([], step.sizes).last_rows()
-        rows = [last_rows[i] for i, e in enumerate(step.emit) if e]
+        # A speculating decode's last 1 + len(drafts) rows are scored (speculate.py); any other, its last row.
+        spans = [(last_rows[i] - len(self.requests[req].drafts), last_rows[i] + 1)
+                 for i, (req, e) in enumerate(zip(step.reqs, step.emit)) if e]
+        rows = [r for a, b in spans for r in range(a, b)]
         if len(rows) < x.shape[1]:
             x = x[:, rows, :]  # (a step of decodes only: every row is a last row, no gather)
         logits = self.stage.logits(x).float().cpu() if rows else None
@@ -505,22 +575,13 @@ class StageServer:
                 tokens.append(-1)  # a prompt chunk: the next one is due
                 continue
             st = self.requests[req]
-            token = picks[k] if st.params.greedy else next_token(logits[0, k], st.params, st.generator)
-            k += 1
-            st.generated += 1
-            if token in st.eos:
-                reason = "eos"
-            elif st.generated >= st.max_new_tokens:
-                reason = "length"
-            elif st.prompt_len + st.generated > self.arch.context:
-                reason = "context"  # feeding this token back would need a position the model does not have
+            if st.drafts:
+                made = self.verify(st, logits[0, k:k + len(st.drafts) + 1])
             else:
-                reason = ""
-            tokens.append(token)
-            # The head hears of it once the next step is on its way: streaming is off the critical path.
-            out = self.to_heads.setdefault(req, [st.head, [], False, ""])
-            out[1].append((token, st.generated - 1, time.monotonic()))
-            out[2], out[3] = bool(reason), reason
+                made = [picks[k] if st.params.greedy else next_token(logits[0, k], st.params, st.generator)]
+            k += len(st.drafts) + 1
+            reason = self.take(req, st, made)
+            tokens.append(made[-1])  # (what the next step feeds)
             if reason:
                 ended.append((req, reason))
         results = {"reqs": step.reqs, "tokens": tokens, "ended": ended}
@@ -533,6 +594,41 @@ class StageServer:
         else:
             self.mesh.send(self.names[0], "mp.step", results, tag=step.reqs[0])
 
+    def verify(self, st: RequestState, logits: torch.Tensor) -> list[int]:
+        """A speculating step's tokens: the proposals the target keeps and its own next one; the rejected
+        proposals' positions are cut from every stage's cache before the request's next step."""
+        from smolcluster.inference.speculate import accept
+
+        made, kept = accept(logits, st.drafts, st.q, st.params, st.generator)
+        self.speculator.drafted += len(st.drafts)
+        self.speculator.accepted += kept
+        st.drafted += len(st.drafts)
+        st.accepted += kept
+        if kept < len(st.drafts):
+            st.trim = st.cache.length - (len(st.drafts) - kept)
+        return made
+
+    def take(self, req: str, st: RequestState, made: list[int]) -> str:
+        """Count a step's tokens, up to the first that ends the request; held for its head. The reason it ended."""
+        reason = ""
+        for token in made:
+            st.generated += 1
+            if st.history is not None:
+                st.history.append(token)
+            if token in st.eos:
+                reason = "eos"
+            elif st.generated >= st.max_new_tokens:
+                reason = "length"
+            elif st.prompt_len + st.generated > self.arch.context:
+                reason = "context"  # feeding this token back would need a position the model does not have
+            # The head hears of it once the next step is on its way: streaming is off the critical path.
+            out = self.to_heads.setdefault(req, [st.head, [], False, "", 0, 0])
+            out[1].append((token, st.generated - 1, time.monotonic()))
+            out[2], out[3], out[4], out[5] = bool(reason), reason, st.drafted, st.accepted
+            if reason:
+                break
+        return reason
+
     def stream_due(self) -> float:
         """When the held tokens must leave: at once for a request's first or last token, else
         ``stream_interval_ms`` after the oldest. Why hold them: each message wakes the head's I/O thread and
@@ -541,7 +637,7 @@ class StageServer:
         few tokens a second.
         A model slower than the interval per token streams every token as it is made."""
         due = float("inf")
-        for _, made, done, _ in self.to_heads.values():
+        for _, made, done, *_ in self.to_heads.values():
             if done or made[0][1] == 0:
                 return 0.0
             due = min(due, made[0][2] + self.stream_s)
@@ -551,11 +647,12 @@ class StageServer:
         """Send every held token to its head, one message per request (with each token's age, so the head
         knows when it was made: per-token latency stays measurable)."""
         now = time.monotonic()
-        for req, (head, made, done, reason) in self.to_heads.items():
+        for req, (head, made, done, reason, drafted, accepted) in self.to_heads.items():
             if head in self.mesh.peers:
                 self.mesh.send(head, "mp.token", {"req": req, "tokens": [t for t, _, _ in made], "index": made[0][1],
                                                   "ages": [now - at for _, _, at in made], "done": done,
-                                                  "reason": reason}, tag=req)
+                                                  "reason": reason, "drafted": drafted, "accepted": accepted},
+                               tag=req)
         self.to_heads.clear()
 
     def schedule(self, results: dict) -> None:
@@ -612,6 +709,9 @@ class StageServer:
         beacon["kv_bytes"] = self.kv_bytes()
         beacon["steps"], beacon["rows"] = self.forwards, self.rows  # rows / steps: the tokens a step carries
         beacon["mixed_steps"] = self.mixed
+        if self.speculator is not None:  # acceptance rate: accepted / drafted
+            beacon["drafted"], beacon["accepted"] = self.speculator.drafted, self.speculator.accepted
+            self.metrics.speculated(self.speculator.drafted, self.speculator.accepted)
         beacon["active"] = list(self.requests)[:64]  # (what a health check or a test looks at)
         self.metrics.step(len(self.requests), len(self.waiting), beacon["kv_bytes"])  # the same counts, for top
 

@@ -49,6 +49,43 @@ class Sampling:
 
 
 @dataclass
+class Speculate:
+    """Speculative decoding (``speculate.*``): stage 0 proposes ``k`` tokens per decode, the pipeline scores them
+    in one pass (:mod:`smolcluster.inference.speculate`). ``lookup``: the longest n-gram (up to ``lookup``
+    tokens) ending the context is found earlier in it and what followed is proposed; ``draft``: a small Hugging
+    Face model directory with the target's tokenizer, run on stage 0. Both given: ``draft`` is the default
+    and a request may name either (``submit(speculate="lookup")``)."""
+
+    k: int = 0                 # tokens proposed per decode step (0: off)
+    lookup: int = 0            # prompt-lookup n-gram size (0: off)
+    draft: str | None = None   # a draft model directory (None: off)
+
+    def check(self) -> Speculate:
+        if self.k < 0:
+            raise ConfigError(f"speculate.k={self.k} is invalid: use 0 (off) or the tokens to propose per step")
+        if self.lookup < 0:
+            raise ConfigError(f"speculate.lookup={self.lookup} is invalid: use 0 (off) or an n-gram size (e.g. 3)")
+        if self.k and not self.lookup and not self.draft:
+            raise ConfigError(f"speculate.k={self.k} needs a drafter: add speculate.lookup=N (n-grams from the "
+                              "context) or speculate.draft=DIR (a small model with the same tokenizer)")
+        return self
+
+    def check_draft(self) -> Speculate:
+        """The draft directory, where it is read (stage 0's node, or the launching machine)."""
+        if self.k and self.draft and not (Path(self.draft).expanduser() / "config.json").is_file():
+            raise ConfigError(f"speculate.draft={self.draft}: no config.json there; give a Hugging Face model "
+                              "directory (save_pretrained's output) of a model with the target's tokenizer")
+        return self
+
+    def fields(self) -> dict:
+        """What a stage's :class:`~smolcluster.inference.serve.ServeConfig` carries ({} when off)."""
+        if not self.k:
+            return {}
+        draft = str(Path(self.draft).expanduser().resolve()) if self.draft else None
+        return {"k": self.k, "lookup": self.lookup, "draft": draft}
+
+
+@dataclass
 class Links:
     """The cluster config's keys inference uses: where stages listen, how links are kept and secured."""
 
@@ -96,6 +133,7 @@ class Pipeline:
     max_active: int = 1               # requests at once (the chat's serve.max_active): partition=auto's KV need
     telemetry: dict = field(default_factory=dict)  # logging.prometheus / run_dir: what smolcluster.top reads
     adapters: dict = field(default_factory=dict)   # {name: PEFT adapter dir}: LoRA adapters a request may name
+    speculate: Speculate = field(default_factory=Speculate)
 
 
 @dataclass
@@ -158,6 +196,7 @@ class _Common:
     top_p: float = 1.0
     stop_at_eos: bool = True
     adapters: Any = None  # {name: PEFT adapter dir}, served per request (Any: a typed dict would refuse new names)
+    speculate: Speculate = field(default_factory=Speculate)
 
 
 @dataclass
@@ -210,7 +249,7 @@ def _pipeline(cfg) -> Pipeline:
                     kv_cache_mb=kv, links=Links.of(_plain(cfg.cluster)), precision=str(cfg.precision),
                     quantize=str(cfg.quantize), quantize_group=int(cfg.quantize_group), partition=partition,
                     max_active=int(cfg.serve.get("max_active") or 1), telemetry=_telemetry(cfg),
-                    adapters=_adapters(cfg.get("adapters")))
+                    adapters=_adapters(cfg.get("adapters")), speculate=Speculate(**_plain(cfg.speculate)).check())
 
 
 def _adapters(node) -> dict[str, str]:

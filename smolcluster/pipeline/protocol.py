@@ -34,15 +34,19 @@ KINDS: dict[str, tuple[dict, bool]] = {
     "mp.tied": ({"step": int}, True),                           # tensors: g, this stage's tied-embedding grad
     "mp.norm": ({"step": int, "sq": _NUM}, True),               # squared grad norm, for global clipping
     # inference
-    "mp.submit": ({"req": str, **{k: v for k, v in REQUEST_FIELDS.items() if k not in ("head", "prompt_len")}},
+    # speculate: which drafter proposes its tokens ("": the stages' default, off, lookup, draft; speculate.py)
+    "mp.submit": ({"req": str, "speculate": str, **{k: v for k, v in REQUEST_FIELDS.items() if k not in ("head", "prompt_len")}},
                   True),                                        # tensors: ids, the prompt
     # Not `finite`: a NaN in inference only spoils that request's tokens, and the check costs ~20 us a hop.
     # A batched step's rows: reqs[i] has sizes[i] rows of x; emit[i]: its last row makes a token.
-    "mp.hidden": ({"reqs": list, "sizes": list, "emit": list, "intro": dict}, False),  # tensors: x
+    # trim[req]: cut its KV cache to this length before its rows (speculative decoding's rejected proposals).
+    "mp.hidden": ({"reqs": list, "sizes": list, "emit": list, "intro": dict, "trim": dict}, False),  # tensors: x
     "mp.step": ({"reqs": list, "tokens": list, "ended": list}, False),  # to stage 0: a step's tokens (-1: chunk)
     "mp.done": ({"ended": list}, False),                        # [req, reason] pairs: free their caches
     # to a head: a request's tokens from `index` on, each made `ages[i]` seconds before this was sent
-    "mp.token": ({"req": str, "tokens": list, "index": int, "ages": list, "done": bool, "reason": str}, False),
+    # drafted / accepted: its speculative decoding totals so far (speculate.py; 0 without)
+    "mp.token": ({"req": str, "tokens": list, "index": int, "ages": list, "done": bool, "reason": str,
+                  "drafted": int, "accepted": int}, False),
     "mp.cancel": ({"req": str}, False),
     "mp.error": ({"req": str, "message": str}, False),
     "mp.lost": ({"stage": str, "message": str}, False),          # to heads: a stage lost its neighbour

@@ -374,6 +374,7 @@ class Engine:
             info = {s: client.mesh.peers[s].info for s in client.stages}
             out["stages"] = [{"name": s, "requests": info[s].get("requests"), "waiting": info[s].get("waiting"),
                               "kv_bytes": info[s].get("kv_bytes"), "kv_budget": info[s].get("kv_budget"),
+                              "drafted": info[s].get("drafted"), "accepted": info[s].get("accepted"),
                               "lost": client.mesh.peers[s].lost} for s in client.stages]
             out["in_flight"] = client.in_flight()
         elif down:

@@ -62,6 +62,8 @@ SERVING_GAUGES = {
 }
 SERVING_COUNTERS = {
     "tokens": ("smolcluster_tokens_total", "tokens through this stage's layers (head: tokens answered)"),
+    "drafted": ("smolcluster_speculative_drafted_total", "tokens proposed by speculative decoding (stage 0)"),
+    "accepted": ("smolcluster_speculative_accepted_total", "proposed tokens the target kept (stage 0)"),
 }
 SERVING_METRICS = {name: help_ for name, help_ in [*SERVING_GAUGES.values(), *SERVING_COUNTERS.values()]}
 

@@ -34,6 +34,7 @@ class ServingMetrics:
         if kv_budget is not None:
             g["kv_budget"].set(kv_budget)
         self._hardware, self._next_hardware = None, 0.0
+        self._spec: dict[str, int] = {}
         if run_dir is not None:
             self.sink.announce(Path(run_dir))
 
@@ -57,6 +58,13 @@ class ServingMetrics:
         """``n`` more tokens through this stage's layers (a head: answered)."""
         self._tokens.inc(n)
 
+    def speculated(self, drafted: int, accepted: int) -> None:
+        """Stage 0's speculative decoding totals so far (proposed, kept): the counters catch up to them."""
+        for key, total in (("drafted", drafted), ("accepted", accepted)):
+            counter = self.sink.counters[key]
+            counter.inc(total - self._spec.get(key, 0))
+            self._spec[key] = total
+
     def close(self) -> None:
         self.sink.close()
 
@@ -68,6 +76,9 @@ class _Off:
         pass
 
     def tokens(self, n: int) -> None:
+        pass
+
+    def speculated(self, drafted: int, accepted: int) -> None:
         pass
 
     def close(self) -> None:

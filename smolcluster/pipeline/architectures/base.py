@@ -48,11 +48,16 @@ class KVCache:
 
     ``length`` counts every position seen (the next token's position), also when a sliding
     window keeps fewer keys than that.
+
+    :meth:`truncate` forgets the latest positions (speculative decoding's rejected proposals); a sliding
+    window then keeps ``slack`` keys beyond ``keep``, so that cutting up to ``slack`` positions still leaves
+    every key the window needs (attention masks by position, so the older extra keys are never seen).
     """
 
     MIN_CAPACITY = 32  # positions first allocated: a short answer never reallocates
 
-    def __init__(self, n_layers: int, limit: int | None = None):
+    def __init__(self, n_layers: int, limit: int | None = None, slack: int = 0):
+        self.slack = slack
         self.keys: list[torch.Tensor | None] = [None] * n_layers
         self.values: list[torch.Tensor | None] = [None] * n_layers
         self.lo, self.hi = [0] * n_layers, [0] * n_layers  # the held keys: [lo, hi) of the buffer
@@ -87,8 +92,8 @@ class KVCache:
         buf_v.narrow(2, hi, n).copy_(v)
         k_all, v_all = buf_k.narrow(2, lo, hi + n - lo), buf_v.narrow(2, lo, hi + n - lo)
         hi += n
-        if keep is not None and hi - lo > keep:
-            lo = hi - keep
+        if keep is not None and hi - lo > keep + self.slack:
+            lo = hi - keep - self.slack
         self.lo[j], self.hi[j] = lo, hi
         return k_all, v_all
 
@@ -101,6 +106,16 @@ class KVCache:
     def held(self, j: int) -> int:
         """Keys block j holds (== length unless a sliding window dropped older ones)."""
         return self.hi[j] - self.lo[j]
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from ``length`` on (at most ``slack`` of them under a sliding window)."""
+        cut = self.length - length
+        if cut <= 0:
+            return
+        for j, buf in enumerate(self.keys):
+            if buf is not None:
+                self.hi[j] = max(self.lo[j], self.hi[j] - cut)
+        self.length = length
 
     def nbytes(self) -> int:
         """Bytes reserved (the buffers' capacity), which is what the stage's memory holds."""

@@ -1,0 +1,114 @@
+"""``python -m smolcluster.bench speculate``: speculative decoding's tokens/s through 2 stages, against none.
+
+A 4-layer target (``gpt2-tiny``) and a 1-layer draft (the same with ``n_layer=1``) are trained ``--steps``
+steps on Tiny Shakespeare with the same byte-level BPE (``bench quantize``'s trainer), in a temporary
+directory. One pipeline of 2 local stage processes serves the target with ``speculate.k=--k``, both
+drafters (``lookup=--lookup``, ``draft=`` the 1-layer model); one greedy request at a time is timed per arm,
+in interleaved rounds:
+
+- ``off``: no speculation (the base of every ratio);
+- ``draft``: the draft model proposes, on a held-out passage to continue;
+- ``lookup``: prompt lookup, on an "edit this passage" prompt: a held-out passage, then its start again, so
+  the answer can quote its context (``off`` is timed on the same prompt for that ratio).
+
+Reported per arm: median tokens/s (from submission to the last token, ``--tokens`` tokens, no EOS), the
+median of per-round ratios to ``off`` on the same prompt, the acceptance rate (tokens kept / proposed),
+and whether the tokens equal ``off``'s (greedy: they must). Goals (issue 25): >= 1.6x with the draft model,
+>= 1.5x with lookup. The stages share this machine (loopback links: a hop is cheap here, so what
+speculation saves, one round of hops per kept token, is smaller than across machines). Writes
+bench-speculate.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+GOALS = {"draft": 1.6, "lookup": 1.5}
+
+
+def timed(pipe, prompt: list[int], n: int, how: str) -> tuple[list[int], float, tuple[int, int]]:
+    """One greedy request: its tokens, tokens/s (submission to last token) and (proposed, kept)."""
+    req = pipe.submit(prompt, max_new_tokens=n, stop_at_eos=False, speculate=how)
+    tokens = req.tokens()
+    return tokens, len(tokens) / (req.finished_at - req.submitted_at), (req.drafted, req.accepted)
+
+
+def prompts(text: str, tok, length: int) -> dict[str, list[int]]:
+    """The draft arm's passage to continue; the lookup arm's passage followed by its own start (to edit)."""
+    ids = tok.encode(text)
+    passage = ids[:length]
+    return {"draft": passage, "lookup": passage + tok.encode("\n\n") + passage[: length // 4]}
+
+
+def measure(pipe, prompt: dict[str, list[int]], args) -> list[dict]:
+    runs: dict[str, list[float]] = {}
+    ratios: dict[str, list[float]] = {}
+    counts: dict[str, list[int]] = {"draft": [0, 0], "lookup": [0, 0]}
+    same = {"draft": True, "lookup": True}
+    for r in range(args.rounds):
+        for arm in ("draft", "lookup") if r % 2 == 0 else ("lookup", "draft"):
+            base, base_tps, _ = timed(pipe, prompt[arm], args.tokens, "off")
+            tokens, tps, (drafted, accepted) = timed(pipe, prompt[arm], args.tokens, arm)
+            runs.setdefault(f"off ({arm}'s prompt)", []).append(base_tps)
+            runs.setdefault(arm, []).append(tps)
+            ratios.setdefault(arm, []).append(tps / base_tps)
+            counts[arm][0] += drafted
+            counts[arm][1] += accepted
+            same[arm] &= tokens == base
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.1f} tok/s" for k, v in runs.items()),
+              file=sys.stderr)
+    rows = [{"arm": k, "tok_s_median": statistics.median(v)} for k, v in runs.items() if k.startswith("off")]
+    for arm in ("draft", "lookup"):
+        drafted, accepted = counts[arm]
+        ratio = statistics.median(ratios[arm])  # per-round ratios: load moves both sides of a round alike
+        rows.append({"arm": arm, "tok_s_median": statistics.median(runs[arm]), "vs_off": ratio,
+                     "goal": f">= {GOALS[arm]}", "met": ratio >= GOALS[arm],
+                     "acceptance": accepted / drafted if drafted else 0.0,
+                     "tokens_per_pass": "", "same_tokens_as_off": same[arm]})
+        # each pass makes its kept proposals plus one: the mean tokens a round of hops carried
+        passes = args.rounds * (args.tokens - 1) - accepted
+        rows[-1]["tokens_per_pass"] = args.rounds * (args.tokens - 1) / passes if passes else ""
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m smolcluster.bench speculate", description=__doc__.split("\n")[0])
+    p.add_argument("--corpus", default="/work/shared/data/tinyshakespeare/input.txt")
+    p.add_argument("--steps", type=int, default=1500, help="training steps of the target and the draft")
+    p.add_argument("--k", type=int, default=4, help="speculate.k: tokens proposed per pass")
+    p.add_argument("--lookup", type=int, default=3, help="speculate.lookup: the n-gram size")
+    p.add_argument("--tokens", type=int, default=128, help="greedy tokens per timed request")
+    p.add_argument("--prompt-tokens", type=int, default=96, help="the held-out passage's length")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians reported)")
+    p.add_argument("--out", default=".")
+    args = p.parse_args(argv)
+    from smolcluster.bench.quantize import train_tiny
+    from smolcluster.bench.report import write_report
+    from smolcluster.data.text import get_tokenizer, read_corpus
+    from smolcluster.inference import InferencePipeline
+
+    text = read_corpus(args.corpus)
+    split = int(len(text) * 0.9)
+    tok = get_tokenizer(text, "bpe", 4096)  # (trained once, then read from ~/.cache/smolcluster)
+    print(f"tokenizer: {tok.vocab_size} tokens; training the target and the draft", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="smolcluster-bench-speculate-") as tmp:
+        tmp = Path(tmp)
+        target = train_tiny("gpt2-tiny", text[:split], tok, tmp, args.steps)
+        draft = train_tiny("gpt2-tiny", text[:split], tok, tmp, args.steps, overrides={"n_layer": 1},
+                           save_as="gpt2-tiny-1layer")
+        spec = {"k": args.k, "lookup": args.lookup, "draft": str(draft)}
+        with InferencePipeline.start_local(target, stages=2, tokenizer=tok, eos_ids=[], speculate=spec) as pipe:
+            context = pipe.context - args.tokens
+            prompt = {k: v[-context:] for k, v in prompts(text[split:], tok, args.prompt_tokens).items()}
+            rows = measure(pipe, prompt, args)
+    write_report("speculate", rows, {"steps": args.steps, "k": args.k, "lookup": args.lookup, "tokens": args.tokens,
+                                     "rounds": args.rounds, "stages": 2, "co_located": True}, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""Speculative decoding: stage 0 proposes tokens, the pipeline scores them all in one pass.
+
+A pipeline pays every stage and every hop for each token. With ``speculate.k=K``, stage 0 proposes up
+to K tokens after a request's last one (a *drafter*), feeds the last token and the K proposals through
+the stages as one step of K+1 rows (a short prefill on top of each stage's KV cache), and the head
+(on stage 0: speculation needs ``head=first``) keeps the longest prefix the target agrees with plus
+the target's own next token: 1 to K+1 tokens per pass, for one round of hops. The rejected rows'
+keys and values are cut from every stage's cache by the next step's ``trim`` field
+(:meth:`~smolcluster.pipeline.architectures.base.KVCache.truncate`).
+
+Drafters (:class:`Speculator`):
+
+- ``lookup=N`` (prompt lookup): the longest n-gram, N tokens down to 1, that ends the context and
+  occurs earlier in it; propose the tokens that followed its latest earlier occurrence. No model:
+  it pays on text that quotes its context (edits, code, summaries with citations).
+- ``draft=DIR``: a small model with the target's tokenizer, every block on stage 0 with its own KV
+  cache per request (the project's stage code, not ``transformers``), decoded K tokens ahead.
+
+Acceptance (:func:`accept`): greedy keeps a proposal while it equals the target's argmax, so the
+output is the non-speculative output token for token. Sampling uses standard speculative sampling
+(Leviathan et al. 2023, Chen et al. 2023): proposal ``d`` drawn from ``q`` is kept with probability
+``min(1, p(d)/q(d))``, else the token is drawn from ``norm(max(0, p - q))`` and the pass ends; after
+K kept, one more from ``p``. Every token is then distributed as the target's ``p`` (with the request's
+temperature / top-k / top-p applied to both). A lookup proposal is a point mass (``q(d) = 1``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+
+from smolcluster.errors import ConfigError
+from smolcluster.inference.sampling import SamplingParams, filter_logits
+
+DRAFTERS = ("lookup", "draft")
+
+
+def lookup(history: list[int], n: int, k: int) -> list[int]:
+    """Up to ``k`` tokens that followed the latest earlier occurrence of the longest n-gram (``n`` down to 1)
+    ending ``history``; [] when none occurs."""
+    seq = np.asarray(history, dtype=np.int64)
+    for m in range(min(n, len(seq) - 1), 0, -1):
+        # Windows starting at 0 .. len-1-m: each is followed by at least one token.
+        windows = sliding_window_view(seq[:-1], m)
+        hits = np.flatnonzero((windows == seq[-m:]).all(axis=1))
+        if len(hits):
+            start = int(hits[-1]) + m
+            return seq[start:start + k].tolist()
+    return []
+
+
+def accept(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, params: SamplingParams,
+           generator: torch.Generator | None) -> tuple[list[int], int]:
+    """The tokens one verified pass makes, and how many proposals were kept.
+
+    ``logits``: the target's ``(len(drafts) + 1, V)``, row i scoring the token after proposal i-1;
+    ``q``: the drafter's ``(len(drafts), V)`` probabilities (None: point masses, a lookup's or greedy)."""
+    if params.greedy:
+        picks = logits.argmax(-1).tolist()
+        kept = 0
+        while kept < len(drafts) and picks[kept] == drafts[kept]:
+            kept += 1
+        return drafts[:kept] + [picks[kept]], kept
+    p = torch.stack([filter_logits(row, params).softmax(-1) for row in logits])
+    for i, d in enumerate(drafts):
+        q_d = 1.0 if q is None else float(q[i, d])
+        if float(torch.rand(1, generator=generator)) * q_d < float(p[i, d]):  # i.e. u < min(1, p/q)
+            continue
+        residual = p[i].clone()
+        if q is None:
+            residual[d] = 0.0
+        else:
+            residual = (residual - q[i]).clamp_(min=0.0)
+        if float(residual.sum()) <= 0:  # (p == q to rounding: then p itself)
+            residual = p[i]
+        return drafts[:i] + [int(torch.multinomial(residual, 1, generator=generator))], i
+    return drafts + [int(torch.multinomial(p[-1], 1, generator=generator))], len(drafts)
+
+
+def draft_config(directory: str | Path, target: dict) -> dict:
+    """The draft model's config.json, refused in one line when its vocabulary is not the target's."""
+    from smolcluster.pipeline.architectures import family_for
+    from smolcluster.pipeline.weights import find_model
+
+    config = find_model(directory).config
+    ours, theirs = family_for(config).vocab_size, family_for(target).vocab_size
+    if ours != theirs:
+        raise ConfigError(f"speculate.draft={directory} has a vocabulary of {ours} tokens, the served model "
+                          f"{theirs}: a draft model must share the target's tokenizer")
+    return config
+
+
+@dataclass
+class Want:
+    """One request's proposal to make: its tokens so far, at most ``k`` proposals, how to pick them."""
+
+    req: str
+    history: list[int]
+    k: int
+    params: SamplingParams
+    generator: torch.Generator | None
+
+
+class DraftModel:
+    """A small model on stage 0, decoding ahead of every speculating request, with a KV cache per request that
+    keeps whatever of the request's tokens it has already seen."""
+
+    def __init__(self, directory: str, target: dict, fmt, slack: int):
+        from smolcluster.pipeline.architectures import family_for
+        from smolcluster.pipeline.architectures.base import pin_attributes
+        from smolcluster.pipeline.weights import find_model, load_stage
+
+        source = find_model(directory)
+        draft_config(directory, target)
+        self.arch = family_for(source.config)
+        self.stage = load_stage(source.weights, source.config, range(self.arch.n_layer), embed=True, head=True,
+                                fmt=fmt)
+        pin_attributes(self.stage)
+        self.slack = slack
+        self.seen: dict[str, tuple[object, list[int]]] = {}  # req -> (its KVCache, the tokens in it)
+
+    def forget(self, req: str) -> None:
+        self.seen.pop(req, None)
+
+    def _rows(self, want: Want) -> list[int]:
+        """Cut the request's draft cache back to what it shares with its history; the rest are the rows to feed."""
+        from smolcluster.pipeline.architectures import KVCache
+
+        cache, fed = self.seen.get(want.req) or (KVCache(self.arch.n_layer, slack=self.slack), [])
+        common = 0
+        for a, b in zip(fed, want.history):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(want.history) - 1)  # the last token is always fed: its logits pick the first
+        cache.truncate(common)
+        del fed[common:]
+        self.seen[want.req] = (cache, fed)
+        return want.history[common:]
+
+    def propose(self, wants: list[Want]) -> dict[str, tuple[list[int], torch.Tensor | None]]:
+        """Each request's proposals and their probabilities (None when greedy), all requests in one forward per
+        proposal (a :class:`Batch`, as the stages run)."""
+        from smolcluster.pipeline.architectures.base import Batch
+
+        for w in wants:  # the proposals fed back (all but the last) need positions the draft model has
+            w.k = min(w.k, self.arch.context - len(w.history) + 1)
+        wants = [w for w in wants if w.k > 0]
+        out = {w.req: ([], []) for w in wants}
+        rows = {w.req: self._rows(w) for w in wants}
+        device = self.stage.device
+        while wants:
+            caches = []
+            for w in wants:
+                cache, fed = self.seen[w.req]
+                caches.append(cache)
+                fed.extend(rows[w.req])
+            batch = Batch(caches, [len(rows[w.req]) for w in wants])
+            ids = torch.tensor([[t for w in wants for t in rows[w.req]]], device=device)
+            h = self.stage.run_blocks(self.stage.embed(ids, batch.positions(device)), batch)
+            logits = self.stage.logits(h[:, batch.last_rows(), :]).float().cpu()[0]
+            for w, row in zip(wants, logits):
+                drafts, probs = out[w.req]
+                if w.params.greedy:
+                    drafts.append(int(row.argmax()))
+                else:
+                    probs.append(filter_logits(row, w.params).softmax(-1))
+                    drafts.append(int(torch.multinomial(probs[-1], 1, generator=w.generator)))
+                rows[w.req] = [drafts[-1]]
+            wants = [w for w in wants if len(out[w.req][0]) < w.k]  # the last proposal is never fed
+        return {req: (d, torch.stack(p) if p else None) for req, (d, p) in out.items()}
+
+
+class Speculator:
+    """Stage 0's drafters: ``propose`` for one step's speculating decodes; ``forget`` when a request ends."""
+
+    def __init__(self, spec: dict, target: dict, fmt):
+        self.k, self.n = int(spec["k"]), int(spec.get("lookup") or 0)
+        self.draft = DraftModel(spec["draft"], target, fmt, self.k) if spec.get("draft") else None
+        self.default = "draft" if self.draft is not None else "lookup"
+        self.drafted = self.accepted = 0  # proposals made and kept, since the stage started
+
+    def drafter(self, asked: str) -> str | None:
+        """Which drafter a request asking for ``asked`` gets ("": the default; "off": none); None when not served."""
+        if asked == "off":
+            return "off"
+        name = asked or self.default
+        return name if (name == "draft" and self.draft) or (name == "lookup" and self.n) else None
+
+    def propose(self, wants: list[tuple[str, Want]]) -> dict[str, tuple[list[int], torch.Tensor | None]]:
+        """``wants``: (drafter, Want) pairs; lookup's are point masses (no probabilities)."""
+        out = {w.req: (lookup(w.history, self.n, w.k), None) for name, w in wants if name == "lookup" and w.k > 0}
+        drafted = [w for name, w in wants if name == "draft" and w.k > 0]
+        if drafted:
+            out.update(self.draft.propose(drafted))
+        return out
+
+    def forget(self, req: str) -> None:
+        if self.draft is not None:
+            self.draft.forget(req)
