@@ -369,230 +369,256 @@ def hand_over_files(recorder: RunRecorder, lead: bool, run_dir: Path, trainer: T
     return recorder
 
 
-def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
-    cluster, zero, algo = cfg.cluster, int(cfg.algo.zero), cfg.algo
-    n = int(cluster.workers)
-    if not 0 <= rank < n:
-        raise ConfigError(f"rank={rank} is outside 0..{n - 1} (cluster.workers)")
-    K = int(algo.get("max_staleness") or 0)
-    elastic = bool(algo.get("elastic", True)) and not zero  # ZeRO-1: a lost rank takes its optimizer shard along
-    min_workers = int(algo.get("min_workers") or n)
-    settings = worker_settings(cluster, rank, cfg.train)
-    sizes = batch_sizes(cfg)
-    total = sum(sizes)
-    trainer = Trainer(cfg, sizes, device=settings["device"], with_optimizer=not zero)
-    if cfg.resume:
-        trainer.resume(cfg.resume)
-        if zero:
-            logger.warning("algo.zero=1 checkpoints hold the weights only: the optimizer state starts afresh")
-    if cluster.get("port") is None:
-        raise ConfigError("cluster.port is not set: give rank 0's port on every node (cluster.port=5555; rank r "
-                          "listens on port + r, or on cluster.nodes[r].port)")
-    nodes = stage_nodes(cluster, n)  # rank r's address: the same rule as a pipeline stage's
-    link = RingLink(rank, [nd.address for nd in nodes], nodes[rank].bind, max_bytes=max_bytes(cluster),
-                    heartbeat_s=cluster.heartbeat_s, liveness_s=cluster.liveness_s, keys_dir=cluster.get("keys"),
-                    bucket_bytes=bucket_bytes(algo.bucket_mb, trainer.flat.grads))
-    ring = RingRunner(link, trainer, overlap=bool(algo.overlap) and K == 0)
-    codec, tr = codecs(algo)[0], trainer.train
-    window, ring_s, mine = LossWindow(tr.log_every), 0.0, collections.deque(maxlen=max(1, tr.log_every))
-    # where a step's time goes in this process (summary.json's seconds_per_step)
-    timed = {"compute": 0.0, "optimizer": 0.0, "steps": 0}
-    guard, lr, sharded = GradientGuard.from_config(tr), None, None
-    history = Membership(n)
-    sent_before = trainer.carried.get("bytes_sent", 0)  # the lead's bytes before a resume: its counters go on
-    recorder, lead, share = None, False, sizes[rank]
+class RingWorker:
+    """One rank of the ring: forms it with the live ranks, computes its slice of each step's gradient while the
+    ring sums the buckets, applies the sum (every member the same ones, in the same order), re-forms the ring
+    when a rank is lost or asks to join, and (the lowest member) writes the run's files."""
 
-    def run_state() -> dict:  # what the checkpoint's JSON carries for a resume, besides samples and wall time
-        return {"bytes_sent": sent_before + link.bytes_sent}
+    def __init__(self, cfg: DictConfig, run_dir: Path, rank: int):
+        cluster, algo = cfg.cluster, cfg.algo
+        self.cfg, self.run_dir, self.rank = cfg, run_dir, rank
+        self.zero, self.n = int(algo.zero), int(cluster.workers)
+        if not 0 <= rank < self.n:
+            raise ConfigError(f"rank={rank} is outside 0..{self.n - 1} (cluster.workers)")
+        self.K = int(algo.get("max_staleness") or 0)
+        # ZeRO-1: a lost rank takes its optimizer shard along
+        self.elastic = bool(algo.get("elastic", True)) and not self.zero
+        self.min_workers = int(algo.get("min_workers") or self.n)
+        self.settings = worker_settings(cluster, rank, cfg.train)
+        self.sizes = batch_sizes(cfg)
+        self.total = sum(self.sizes)
+        self.trainer = trainer = Trainer(cfg, self.sizes, device=self.settings["device"], with_optimizer=not self.zero)
+        if cfg.resume:
+            trainer.resume(cfg.resume)
+            if self.zero:
+                logger.warning("algo.zero=1 checkpoints hold the weights only: the optimizer state starts afresh")
+        if cluster.get("port") is None:
+            raise ConfigError("cluster.port is not set: give rank 0's port on every node (cluster.port=5555; rank r "
+                              "listens on port + r, or on cluster.nodes[r].port)")
+        self.nodes = stage_nodes(cluster, self.n)  # rank r's address: the same rule as a pipeline stage's
+        self.link = RingLink(rank, [nd.address for nd in self.nodes], self.nodes[rank].bind,
+                             max_bytes=max_bytes(cluster), heartbeat_s=cluster.heartbeat_s,
+                             liveness_s=cluster.liveness_s, keys_dir=cluster.get("keys"),
+                             bucket_bytes=bucket_bytes(algo.bucket_mb, trainer.flat.grads))
+        self.overlap = bool(algo.overlap) and self.K == 0
+        self.ring = RingRunner(self.link, trainer, overlap=self.overlap)
+        self.codec, self.tr = codecs(algo)[0], trainer.train
+        self.window, self.ring_s = LossWindow(self.tr.log_every), 0.0
+        self.mine: collections.deque = collections.deque(maxlen=max(1, self.tr.log_every))  # this rank's staleness
+        # where a step's time goes in this process (summary.json's seconds_per_step)
+        self.timed = {"compute": 0.0, "optimizer": 0.0, "steps": 0}
+        self.guard, self.lr, self.sharded = GradientGuard.from_config(self.tr), None, None
+        self.history = Membership(self.n)
+        self.sent_before = trainer.carried.get("bytes_sent", 0)  # the lead's bytes before a resume: counters go on
+        self.recorder: RunRecorder | None = None
+        self.lead, self.share = False, self.sizes[rank]
+        self.sent_last = 0  # link.bytes_sent after the last applied step
+        self.inflight: collections.deque = collections.deque()  # steps whose gradients are on the ring, oldest first
 
-    def take_lead(step: int) -> None:
+    def run_state(self) -> dict:  # what the checkpoint's JSON carries for a resume, besides samples and wall time
+        return {"bytes_sent": self.sent_before + self.link.bytes_sent}
+
+    def take_lead(self, step: int) -> None:
         """The lowest member writes the run's files (a new lead appends to what the last one wrote)."""
-        nonlocal recorder, lead
-        lead = rank == link.members[0]
-        if recorder is None:
+        self.lead = self.rank == self.link.members[0]
+        if self.recorder is None:
+            cfg, trainer = self.cfg, self.trainer
             fresh = step == 0 or cfg.resume
-            recorder = open_recorder(cfg, run_dir, files=lead, append=not fresh,
-                                     keep_until=trainer.step if cfg.resume else None)
-            trainer.start_clock(recorder)
+            self.recorder = open_recorder(cfg, self.run_dir, files=self.lead, append=not fresh,
+                                          keep_until=trainer.step if cfg.resume else None)
+            trainer.start_clock(self.recorder)
         else:
-            recorder = hand_over_files(recorder, lead, run_dir, trainer, step)
+            self.recorder = hand_over_files(self.recorder, self.lead, self.run_dir, self.trainer, step)
 
-    def form(first: bool) -> None:
+    def form(self, first: bool) -> None:
         """Agree on the ring with every live rank (the first time too), catch up if behind, re-shard the data."""
-        nonlocal share, sharded
-        d = ring.call(link.reform, trainer.step, trainer.fingerprint, cluster.connect_timeout_s,
-                      min_workers if first else 1)
+        trainer, link, rank, history = self.trainer, self.link, self.rank, self.history
+        d = self.ring.call(link.reform, trainer.step, trainer.fingerprint, self.cfg.cluster.connect_timeout_s,
+                           self.min_workers if first else 1)
         check_quorum(rank, history.members(), d["members"])
         if rank == d["source"]:
-            run = json.dumps({"samples": trainer.samples, "guard": guard.state(), "history": history.to_json(),
+            run = json.dumps({"samples": trainer.samples, "guard": self.guard.state(), "history": history.to_json(),
                               "wall_s": trainer.elapsed})
             for r in d["behind"]:
-                ring.call(link.send_state, r, trainer.step, state_tensors(trainer), run)
+                self.ring.call(link.send_state, r, trainer.step, state_tensors(trainer), run)
         elif rank in d["behind"]:
-            msg = ring.call(link.recv_state, d["source"])
+            msg = self.ring.call(link.recv_state, d["source"])
             load_state(trainer, msg)
             run = json.loads(msg.fields["run"])
             trainer.step, trainer.samples = msg.fields["step"], run["samples"]
-            guard.load(run["guard"])
+            self.guard.load(run["guard"])
             history.load(run["history"])
             trainer.wall_before, trainer.t0 = run["wall_s"], time.perf_counter()
             logger.info(f"allreduce rank {rank}: took the weights and optimizer state of step {trainer.step} "
                         f"from rank {d['source']}")
         event = history.change(trainer.step, d["epoch"], history.members(), d["members"])
         sha = weights_sha(trainer)
-        split = shares(sizes, link.members)
-        trainer.sharder = Sharder(len(trainer.data.train_x), split, cfg.seed)
-        share = split[rank]
-        if zero:
-            sharded = ShardedOptimizer(trainer, link)
-        take_lead(trainer.step)
-        if lead and (not first or d["behind"]):
-            recorder.event(trainer.step, "membership", weights_sha=sha, **{k: v for k, v in event.items() if k != "step"})
+        split = shares(self.sizes, link.members)
+        trainer.sharder = Sharder(len(trainer.data.train_x), split, self.cfg.seed)
+        self.share = split[rank]
+        if self.zero:
+            self.sharded = ShardedOptimizer(trainer, link)
+        self.take_lead(trainer.step)
+        if self.lead and (not first or d["behind"]):
+            self.recorder.event(trainer.step, "membership", weights_sha=sha,
+                                **{k: v for k, v in event.items() if k != "step"})
         logger.info(f"allreduce rank {rank}: ring epoch {d['epoch']} of ranks {link.members} from step "
-                    f"{trainer.step} (joined {event['joined']}, left {event['left']}); batch share {share}; "
+                    f"{trainer.step} (joined {event['joined']}, left {event['left']}); batch share {self.share}; "
                     f"weights sha256 {sha}")
 
-    def stats_row(got: SimpleNamespace, staleness: int) -> list[float]:
+    def stats_row(self, got: SimpleNamespace, staleness: int) -> list[float]:
         """On the ring thread, once this rank's owned chunks of the step's sum are complete: its row of the table
         every member decides from (its loss share, the squared norm of its owned chunks, its staleness, whether
         a rank asks to join)."""
         got.known.wait()  # backward has returned (compute sets it, also when it fails)
         if got.loss is None:
-            raise PeerError(f"allreduce rank {rank}: the step's gradient computation failed")
+            raise PeerError(f"allreduce rank {self.rank}: the step's gradient computation failed")
+        owned = self.link.owned
         sq = sum(float(g[lo:hi].double().pow(2).sum()) for g in got.bufs.values()
-                 for lo, hi in link.owned(g.numel(), g.element_size()))
+                 for lo, hi in owned(g.numel(), g.element_size()))
         if got.lie:  # test knob: a lying rank blows up the chunks it owns (not yet sent) but reports their old norm
             for g in got.bufs.values():
-                for lo, hi in link.owned(g.numel(), g.element_size()):
+                for lo, hi in owned(g.numel(), g.element_size()):
                     g[lo:hi].mul_(1e6)
-        return [float(got.loss) * got.count / total, sq, float(staleness), float(elastic and bool(link.joiners))]
+        return [float(got.loss) * got.count / self.total, sq, float(staleness),
+                float(self.elastic and bool(self.link.joiners))]
 
-    sent_last = [0]  # link.bytes_sent after the last applied step
-    inflight: collections.deque = collections.deque()  # steps whose gradients are on the ring, oldest first
-
-    def compute(t: int) -> None:
-        scale = share / total
+    def compute(self, t: int) -> None:
+        """Step ``t``'s gradient of this rank's slice, put on the ring (bucket by bucket as backward fills them,
+        or a copy when steps overlap: ``max_staleness``)."""
+        trainer, link, ring, settings = self.trainer, self.link, self.ring, self.settings
+        scale = self.share / self.total
         if settings["blowup_every"] and t % settings["blowup_every"] == settings["blowup_every"] - 1:
             scale *= 1e6  # test knob: a buggy node (an fp16 overflow) sends a huge gradient now and then
-        op = link.reduce_scatter if zero else link.allreduce
+        op = link.reduce_scatter if self.zero else link.allreduce
         staleness = t - trainer.step  # updates this gradient's weights lack
         lie = settings["lie_norm_every"] and t % settings["lie_norm_every"] == settings["lie_norm_every"] - 1
         got = SimpleNamespace(known=threading.Event(), loss=None, count=0, bufs=trainer.flat.grads, lie=lie)
         # the stats table rides on the gradient's last bucket (no round of its own); ZeRO-1 needs it before the
         # parameters' all-gather, so there it is a round of its own after the reduce-scatter
-        row = None if zero else functools.partial(stats_row, got, staleness)
-        if K == 0:  # the ring works on the gradient buffer itself, bucket by bucket as backward fills it
-            tasks = ring.start(t, scale, op, codec, row=row)
+        row = None if self.zero else functools.partial(self.stats_row, got, staleness)
+        if self.K == 0:  # the ring works on the gradient buffer itself, bucket by bucket as backward fills it
+            tasks = ring.start(t, scale, op, self.codec, row=row)
             t0 = time.perf_counter()
             try:
-                got.loss, got.count = trainer.compute_gradients(t, rank)
+                got.loss, got.count = trainer.compute_gradients(t, self.rank)
             finally:
                 got.known.set()
                 ring.backward_done()
-            timed["compute"] += time.perf_counter() - t0
+            self.timed["compute"] += time.perf_counter() - t0
         else:  # a copy: the next step's backward overwrites the buffer while this one is on the ring
             t0 = time.perf_counter()
             try:
-                got.loss, got.count = trainer.compute_gradients(t, rank)
+                got.loss, got.count = trainer.compute_gradients(t, self.rank)
             finally:
                 got.known.set()
-            timed["compute"] += time.perf_counter() - t0
+            self.timed["compute"] += time.perf_counter() - t0
             got.bufs = {k: g.clone() for k, g in trainer.flat.grads.items()}
-            tasks = ring.start(t, scale, op, codec, got.bufs, row=row)
+            tasks = ring.start(t, scale, op, self.codec, got.bufs, row=row)
             ring.backward_done()
         if settings["delay_s"]:
             time.sleep(settings["delay_s"])  # test knob: make this node artificially slow
-        stats = ring.work(lambda: link.gather_scalars(stats_row(got, staleness))) if zero else tasks[-1]
-        inflight.append(SimpleNamespace(step=t, tasks=tasks, bufs=got.bufs, staleness=staleness, stats=stats))
+        stats = ring.work(lambda: link.gather_scalars(self.stats_row(got, staleness))) if self.zero else tasks[-1]
+        self.inflight.append(SimpleNamespace(step=t, tasks=tasks, bufs=got.bufs, staleness=staleness, stats=stats))
 
-    def apply(item) -> bool:
+    def apply(self, item) -> bool:
         """Apply a step's reduced gradient (every member applies the same ones in the same order); True when a
         rank asked to join and the ring re-forms now (every member read the same table, so all do)."""
-        nonlocal ring_s, lr
+        trainer, ring = self.trainer, self.ring
         t_ring = time.perf_counter()
         for task in item.tasks:
             task.result()  # (a PeerError from the ring thread is raised here)
         stats = item.stats.result()
-        ring_s += time.perf_counter() - t_ring  # the part of the ring's time that backward did not hide
+        self.ring_s += time.perf_counter() - t_ring  # the part of the ring's time that backward did not hide
         if item.bufs is not trainer.flat.grads:
             for name, g in item.bufs.items():
                 trainer.flat.grads[name].copy_(g)
+        t_opt = time.perf_counter()
+        self.step_if_sound(item, stats)
+        self.timed["optimizer"] += time.perf_counter() - t_opt
+        self.timed["steps"] += 1
+        if self.zero:
+            t_ring = time.perf_counter()
+            for name, p in trainer.flat.params.items():
+                ring.work(self.link.all_gather, p, "none", name).result()  # parameters: never lossy (no error feedback)
+            self.ring_s += time.perf_counter() - t_ring
+        self.window.add(float(stats[:, 0].sum()))
+        trainer.samples += self.total
+        staleness = [int(v) for v in stats[:, 2].tolist()]
+        self.history.stepped(self.link.members, staleness)
+        self.mine.append(item.staleness)
+        self.log_step(staleness)
+        self.sent_last = self.link.bytes_sent
+        return bool(stats[:, 3].sum())
+
+    def step_if_sound(self, item, stats: torch.Tensor) -> None:
+        """The guard on the reduced gradient, then the optimizer step: every rank holds the same table and the
+        same history, so every rank decides the same, and a rejected step is skipped (a clipped one scaled)
+        everywhere."""
+        trainer, link = self.trainer, self.link
         sq_norm = float(stats[:, 1].double().sum())  # the summed gradient's, from every member's owned chunks
         # Each member reports its owned chunks' norm; every rank checks those reports against the chunks it
         # received (all ranks hold the same bytes, so all find the same liars). ZeRO-1 holds only its own chunks
         # reduced, and a rank there owns its shard of the weights outright: nothing to check against.
         forged = []
-        if not zero:
+        if not self.zero:
             computed = owners_sq_norms(link, item.bufs)
             if math.isfinite(sum(computed)):
                 forged = forged_norms(computed, stats[:, 1].tolist())
             else:  # whatever the reports say: the guard rejects it as not finite
                 sq_norm = math.inf
-        # the guard on the reduced gradient: every rank holds the same table and the same history, so every
-        # rank decides the same and a rejected step is skipped (a clipped one scaled) everywhere
-        t_opt = time.perf_counter()
         scale = 0.0
         if forged:
-            guard.rejected += 1
+            self.guard.rejected += 1
             logger.warning(f"step {trainer.step}'s gradient rejected: rank(s) {[link.members[p] for p in forged]} "
                            "reported a norm of their chunks that the chunks received here do not have")
         else:
-            scale = guard.check(math.sqrt(sq_norm), f"step {trainer.step}'s gradient")
+            scale = self.guard.check(math.sqrt(sq_norm), f"step {trainer.step}'s gradient")
         if scale:
             if scale != 1.0:  # clipped to the guard's bound
                 for g in trainer.flat.grads.values():
                     g.mul_(scale)
-            lr = sharded.step(sq_norm * scale * scale) if zero else trainer.apply_gradients()
+            self.lr = self.sharded.step(sq_norm * scale * scale) if self.zero else trainer.apply_gradients()
         else:
             trainer.step += 1  # not applied; the schedule moves on as everywhere else
-        timed["optimizer"] += time.perf_counter() - t_opt
-        timed["steps"] += 1
-        if zero:
-            t_ring = time.perf_counter()
-            for name, p in trainer.flat.params.items():
-                ring.work(link.all_gather, p, "none", name).result()  # parameters: never lossy (no error feedback)
-            ring_s += time.perf_counter() - t_ring
-        window.add(float(stats[:, 0].sum()))
-        trainer.samples += total
-        staleness = [int(v) for v in stats[:, 2].tolist()]
-        history.stepped(link.members, staleness)
-        mine.append(item.staleness)
-        step, row = trainer.step, {}
-        if step % tr.log_every == 0 or step == trainer.end_step:
-            row = {"bytes_sent": sent_before + link.bytes_sent, "bytes_sent_step": link.bytes_sent - sent_last[0],
-                   "allreduce_s": round(ring_s / max(1, step), 6),
+
+    def log_step(self, staleness: list[int]) -> None:
+        """A metrics row every ``log_every`` steps (the lead's with the run's loss), the lead's checkpoints."""
+        trainer, link, step, row = self.trainer, self.link, self.trainer.step, {}
+        if step % self.tr.log_every == 0 or step == trainer.end_step:
+            mine = self.mine
+            row = {"bytes_sent": self.sent_before + link.bytes_sent, "bytes_sent_step": link.bytes_sent - self.sent_last,
+                   "allreduce_s": round(self.ring_s / max(1, step), 6),
                    "staleness_mean": round(sum(mine) / len(mine), 4), "staleness_max": max(mine),
                    "peers_alive": link.world - 1}
-            if lead:
+            if self.lead:
                 rate = trainer.rate
-                row.update(loss=window.mean(), lr=lr, samples=trainer.samples, samples_per_s=round(rate, 2),
-                           gradients_rejected=guard.rejected, gradients_clipped=guard.clipped, ring=link.world)
-                if K:
+                row.update(loss=self.window.mean(), lr=self.lr, samples=trainer.samples, samples_per_s=round(rate, 2),
+                           gradients_rejected=self.guard.rejected, gradients_clipped=self.guard.clipped,
+                           ring=link.world)
+                if self.K:
                     row.update({f"staleness/rank{r}": k for r, k in zip(link.members, staleness)})
                 logger.info(f"step {step}/{trainer.end_step} loss {row['loss']:.4f} ({rate:,.0f} samples/s, "
-                            f"ring {1000 * ring_s / step:.1f} ms/step, {link.world} ranks)")
-        if lead:
-            trainer.after_step(recorder, run_dir, row, run_state)
+                            f"ring {1000 * self.ring_s / step:.1f} ms/step, {link.world} ranks)")
+        if self.lead:
+            trainer.after_step(self.recorder, self.run_dir, row, self.run_state)
         elif row:
-            recorder.log(step, **row)  # a worker's own sinks (Prometheus, W&B): its bytes, timings, staleness
-        sent_last[0] = link.bytes_sent
-        return bool(stats[:, 3].sum())
+            self.recorder.log(step, **row)  # a worker's own sinks (Prometheus, W&B): its bytes, timings, staleness
 
-    def seconds_per_step() -> dict:
+    def seconds_per_step(self) -> dict:
         """This process's steps: forward+backward, the ring's collectives (the gradient buckets from each being
-        ready, hidden behind backward or not, the stats table riding on the last; ZeRO's stats and parameters), the part of that spent
-        waiting for the predecessor's chunks (the link), the part the step waited for (not hidden), the
-        optimizer."""
-        k = max(1, timed["steps"])
-        return {"compute": round(timed["compute"] / k, 4), "ring": round(ring.busy_s / k, 4),
-                "ring_waiting": round(link.wait_s / k, 4), "ring_not_hidden": round(ring_s / k, 4),
+        ready, hidden behind backward or not, the stats table riding on the last; ZeRO's stats and parameters),
+        the part of that spent waiting for the predecessor's chunks (the link), the part the step waited for (not
+        hidden), the optimizer."""
+        k, timed = max(1, self.timed["steps"]), self.timed
+        return {"compute": round(timed["compute"] / k, 4), "ring": round(self.ring.busy_s / k, 4),
+                "ring_waiting": round(self.link.wait_s / k, 4), "ring_not_hidden": round(self.ring_s / k, 4),
                 "optimizer": round(timed["optimizer"] / k, 4)}
 
-    logger.info(f"allreduce rank {rank}/{n} on {nodes[rank].bind}: model={cfg.model.name} "
-                f"({trainer.num_params:,} params) zero={zero} compression={codec} overlap={bool(algo.overlap) and K == 0} "
-                f"max_staleness={K} elastic={elastic}")
-    try:
-        form(first=True)
+    def train_steps(self) -> None:
+        """Up to the run's end: compute step t while earlier steps' sums are on the ring (up to K of them), apply
+        them in order, re-form the ring on a lost rank or a joiner."""
+        trainer, inflight, K = self.trainer, self.inflight, self.K
         t = trainer.step  # the next step whose gradient to compute (up to K ahead of the last applied)
         while trainer.step < trainer.end_step:
             try:
@@ -600,50 +626,62 @@ def run_worker(cfg: DictConfig, run_dir: Path, rank: int) -> dict | None:
                 # apply the oldest step on the ring when it must be (K steps behind, or the run's end) or is done
                 while inflight and not rejoin and (t - inflight[0].step > K or t >= trainer.end_step
                                                    or inflight[0].stats.done()):
-                    rejoin = apply(inflight[0])  # (still in flight if it raises: drain() waits for its tasks)
+                    rejoin = self.apply(inflight[0])  # (still in flight if it raises: drain() waits for its tasks)
                     inflight.popleft()
                 if rejoin:
-                    logger.info(f"allreduce rank {rank}: a rank asks to join: re-forming the ring at step {trainer.step}")
+                    logger.info(f"allreduce rank {self.rank}: a rank asks to join: re-forming the ring at step "
+                                f"{trainer.step}")
                 elif t < trainer.end_step:
-                    compute(t)
+                    self.compute(t)
                     t += 1
                     continue
                 else:
                     continue
             except RingBroken as e:
-                if not elastic:
+                if not self.elastic:
                     raise PeerError(f"{e}; stopping the run (algo.zero=1 or algo.elastic=false)") from None
                 logger.warning(f"{e}: re-forming the ring from the last completed step")
             # every member gets here at the same step boundary (a join) or soon after the break (a loss)
-            ring.drain([f for item in inflight for f in (*item.tasks, item.stats)])
+            self.ring.drain([f for item in inflight for f in (*item.tasks, item.stats)])
             inflight.clear()
-            form(first=False)
+            self.form(first=False)
             t = trainer.step
-        if not lead:
-            return None
+
+    def summary(self) -> dict:
+        """The lead's end: evaluate, checkpoint, summary.json."""
+        trainer, link, ring = self.trainer, self.link, self.ring
         evaluation = trainer.evaluate()
-        recorder.log(trainer.step, **evaluation)
-        trainer.save(run_dir, run_state())
-        steps, sent = max(1, trainer.step), sent_before + link.bytes_sent
+        self.recorder.log(trainer.step, **evaluation)
+        trainer.save(self.run_dir, self.run_state())
+        steps, sent = max(1, trainer.step), self.sent_before + link.bytes_sent
         summary = trainer.summary(
-            "allreduce", window.mean(), evaluation, run_dir, ring=link.world, zero=zero, max_staleness=K,
-            optimizer_state_bytes=sharded.state_bytes() if zero else trainer.optimizer_state_bytes(),
+            "allreduce", self.window.mean(), evaluation, self.run_dir, ring=link.world, zero=self.zero,
+            max_staleness=self.K,
+            optimizer_state_bytes=self.sharded.state_bytes() if self.zero else trainer.optimizer_state_bytes(),
             bytes_sent=sent, bytes_sent_per_step=round(sent / steps),
-            allreduce_s_per_step=round(ring_s / steps, 6), buckets=len(ring.order),
-            seconds_per_step=seconds_per_step(), bucket_bytes=link.bucket_bytes,
+            allreduce_s_per_step=round(self.ring_s / steps, 6), buckets=len(ring.order),
+            seconds_per_step=self.seconds_per_step(), bucket_bytes=link.bucket_bytes,
             buckets_during_backward=round(ring.early / max(1, ring.total), 4), rejected_messages=dict(link.rejected),
-            gradients_rejected=guard.rejected, gradients_clipped=guard.clipped, stale_messages=link.stale,
-            membership=history.events,
-            workers=history.summary())
-        return recorder.finish(summary)
-    except BaseException as e:  # SIGTERM (as KeyboardInterrupt), a lost peer: files closed, W&B records why
-        if recorder is not None:  # (None: stopped before the ring first formed)
-            recorder.abort(e)
-        raise
-    finally:
-        ring.close()
-        if recorder is not None and not lead:
-            recorder.finish(None)
+            gradients_rejected=self.guard.rejected, gradients_clipped=self.guard.clipped, stale_messages=link.stale,
+            membership=self.history.events, workers=self.history.summary())
+        return self.recorder.finish(summary)
+
+    def run(self) -> dict | None:
+        logger.info(f"allreduce rank {self.rank}/{self.n} on {self.nodes[self.rank].bind}: model={self.cfg.model.name} "
+                    f"({self.trainer.num_params:,} params) zero={self.zero} compression={self.codec} "
+                    f"overlap={self.overlap} max_staleness={self.K} elastic={self.elastic}")
+        try:
+            self.form(first=True)
+            self.train_steps()
+            return self.summary() if self.lead else None
+        except BaseException as e:  # SIGTERM (as KeyboardInterrupt), a lost peer: files closed, W&B records why
+            if self.recorder is not None:  # (None: stopped before the ring first formed)
+                self.recorder.abort(e)
+            raise
+        finally:
+            self.ring.close()
+            if self.recorder is not None and not self.lead:
+                self.recorder.finish(None)
 
 
 def launch(cfg: DictConfig, run_dir: Path) -> dict:
@@ -660,6 +698,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     if cfg.role == "worker":
         if cfg.rank is None:
             raise ConfigError("role=worker needs its rank: add rank=N (0 <= N < cluster.workers)")
-        return run_worker(cfg, run_dir, int(cfg.rank))
+        return RingWorker(cfg, run_dir, int(cfg.rank)).run()
     raise ConfigError(f"role={cfg.role!r} is invalid for algo=allreduce: choose launch (every rank here) or worker "
                       "(there is no server)")
