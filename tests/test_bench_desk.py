@@ -25,6 +25,7 @@ def test_bench_desk_reports_every_goal_from_real_runs(tmp_path):
     proc = run_cli("smolcluster.bench", "desk", "--models", "mlp", "--links", "100mbit", "--workers", "2",
                    "--steps", "12", "--inner-steps", "4", "--eval-every", "4", "--eval-samples", "64",
                    "--speeds", "1,2", "--cpu", "1", "--out", str(tmp_path), "--keep", str(tmp_path / "work"),
+                   "--budget", "1000", "--startup-s", "400",  # what the report holds, not speed: no run cut short
                    timeout=500)
     out = json.loads((tmp_path / "bench-desk.json").read_text())
     rows = {r["measure"]: r for r in out["rows"]}

@@ -145,5 +145,11 @@ def test_the_cache_keeps_what_hashes_right_resumes_a_partial_entry_and_drops_a_c
     with pytest.raises(CacheError, match="hashes to"):  # arrived whole but wrong: discarded
         cache.write(sha, len(data), 0, data[:-1] + b"x")
     assert cache.status({sha: len(data)}) == {sha: 0}
+    # an agent stopped between the last write and the move leaves a whole partial entry: moved in if right
+    (cache.partial / sha).write_bytes(data)
+    assert WeightCache(tmp_path / "w").status({sha: len(data)}) == {sha: len(data)} and cache.path(sha).is_file()
+    cache.path(sha).unlink()
+    (cache.partial / sha).write_bytes(data[:-1] + b"x")  # ... and dropped if not
+    assert cache.status({sha: len(data)}) == {sha: 0} and not (cache.partial / sha).exists()
     with pytest.raises(CacheError, match="not a sha256"):
         cache.path("../../etc/passwd")

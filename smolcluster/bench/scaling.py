@@ -80,9 +80,12 @@ def env() -> dict:
 # started straight from this torch-importing bench would read at least the bench's own size. Spawned from
 # this bare interpreter (-S: no site, a few MB) instead, ``wait4`` gives the worker's own peak.
 PEAK_RSS = """import os, signal, sys
-pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+got = []  # a signal before the spawn returns: passed on once there is a child
 for s in (signal.SIGTERM, signal.SIGINT):
-    signal.signal(s, lambda n, f: os.kill(pid, n))
+    signal.signal(s, lambda n, f: os.kill(pid, n) if "pid" in globals() else got.append(n))
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+for n in got:
+    os.kill(pid, n)
 _, status, usage = os.wait4(pid, 0)
 open(sys.argv[1], "w").write(str(usage.ru_maxrss))
 sys.exit(os.waitstatus_to_exitcode(status))"""

@@ -538,7 +538,11 @@ class StageServer:
                            adapter)
         for req, length in step.trim.items():  # rejected proposals: before this step's rows (speculate.py)
             if req in self.requests:
-                self.requests[req].cache.truncate(int(length))
+                cache = self.requests[req].cache
+                if not isinstance(length, int) or not 0 <= length <= cache.length:
+                    raise PeerError(f"{self.me}: {env.src} asked to cut request {req}'s cache to {length!r} of "
+                                    f"{cache.length} positions (a stage of another version?)")
+                cache.truncate(length)
         x = env.tensors["x"]  # numpy, or torch for bfloat16 (numpy has none)
         x = (x if isinstance(x, torch.Tensor) else torch.from_numpy(x)).to(self.device, self.dtype)
         # Rows of requests cancelled meanwhile are dropped; the rest go on unchanged.
@@ -549,7 +553,8 @@ class StageServer:
             starts = [sum(step.sizes[:i]) for i in range(len(step.sizes))]
             x = torch.cat([x[:, starts[i]:starts[i] + step.sizes[i]] for i in keep], dim=1)
             step = Step([step.reqs[i] for i in keep], [step.sizes[i] for i in keep], [step.emit[i] for i in keep],
-                        {r: v for r, v in step.intro.items() if r in self.requests})
+                        {r: v for r, v in step.intro.items() if r in self.requests},
+                        {r: v for r, v in step.trim.items() if r in self.requests})  # the next stages cut too
         if self.sc.rank == 0:  # the ring's return: stage 0 holds the head
             self.emit(step, x)
         else:

@@ -331,7 +331,7 @@ class Run:
             fields["rank"] = rank
         if model is not None:  # the stage reads the weights sent to its agent's cache, not the head's paths
             fields["model"] = model
-            fields["args"] = [a for a in args if not a.startswith(("checkpoint=", "model.pretrained="))]
+            fields["args"] = [a for a in args if not a.lstrip("+").startswith(("checkpoint=", "model.pretrained="))]
         link.roles[name] = {"name": name, "state": "starting"}
         link.ep.send("start_role", fields)
 

@@ -61,7 +61,8 @@ class WeightCache:
     def status(self, entries: dict[str, int]) -> dict[str, int]:
         """``{sha: bytes here}`` for ``entries = {sha: size}``: ``size`` for a whole entry that hashes right, the
         length of what arrived so far of one arriving, 0 for none. A whole entry whose bytes no longer hash to
-        its name, or a partial one longer than its size, is deleted (and reported 0)."""
+        its name, or a partial one longer than its size, is deleted (and reported 0); a partial one that is whole
+        and hashes right (the agent stopped between its last write and the move) is moved in."""
         out = {}
         for sha, size in entries.items():
             blob, part = self.path(sha), self.partial / sha
@@ -71,7 +72,13 @@ class WeightCache:
                     continue
                 blob.unlink()  # corrupt: fetched again
             have = part.stat().st_size if part.is_file() else 0
-            if have > size:
+            if have == size and have:  # whole, but the agent stopped before moving it in (write's last lines)
+                self.hashing.pop(sha, None)
+                if file_sha256(part) == sha:
+                    os.replace(part, blob)
+                    out[sha] = size
+                    continue
+            if have >= size and have:
                 part.unlink()
                 have = 0
             out[sha] = have

@@ -114,7 +114,10 @@ class KVCache:
             return
         for j, buf in enumerate(self.keys):
             if buf is not None:
-                self.hi[j] = max(self.lo[j], self.hi[j] - cut)
+                if self.hi[j] - cut < self.lo[j]:  # the window's slack is sized so that this never happens
+                    raise RuntimeError(f"KV cache: a cut of {cut} positions is more than block {j} holds past its "
+                                       f"window ({self.hi[j] - self.lo[j]}); the proposals outran the slack")
+                self.hi[j] -= cut
         self.length = length
 
     def nbytes(self) -> int:
