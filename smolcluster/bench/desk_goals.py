@@ -218,7 +218,7 @@ def goals(runs: dict, args, model: str, link: str) -> list[dict]:
         row("quality", "eval loss at equal samples, diloco / allreduce", both and both[0] / both[1],
             "no common eval step", both and f"step {both[2]}: {both[0]:.4f} vs {both[1]:.4f}")
     s = runs.get("streaming")
-    if d and s:
+    if d and s and d["time"]:  # (no time: diloco wrote no row)
         window = args.window_s or args.inner_steps * d["time"] / max(1, d["steps"]) / 8
         peak_d, peak_s = peak_rate(d["rows"], window), peak_rate(s["rows"], window)
         row("streaming_peak", "peak link use, streaming / diloco", peak_s / peak_d if peak_d else None, "no bytes",
@@ -332,16 +332,17 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops the runs and removes the desk
-    base = Path(args.keep or tempfile.mkdtemp(prefix="desk-"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     results, rows = {}, []
-    for model in args.models:
-        for link in args.links:
-            runs = measure(args, base, model, link)
-            results[f"{model}, {link}"] = runs
-            rows += goals(runs, args, model, link)
+    with tempfile.TemporaryDirectory(prefix="desk-") as tmp:  # the runs' directories, unless --keep
+        base = Path(args.keep or tmp)
+        for model in args.models:
+            for link in args.links:
+                runs = measure(args, base, model, link)
+                results[f"{model}, {link}"] = runs
+                rows += goals(runs, args, model, link)
     print("\n## runs\n")
     print(markdown_table([{"model, link": k, **{c: r[c] for c in ("run", "nodes", "steps", "time", "eval_loss",
                                                                     "bytes_per_sample", "stopped", "run_s")}}

@@ -15,6 +15,7 @@ per second / ``--rate`` (goal >= 0.8). A second run with the same weights must s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import signal
@@ -43,8 +44,9 @@ def pair(tmp: Path) -> None:
         store.add(n, public_key(identity(tmp / n / "identity") / "server.key"))
 
 
-def start_agents(lan: Lan, tmp: Path) -> list[subprocess.Popen]:
-    procs = []
+def start_agents(lan: Lan, tmp: Path, procs: list[subprocess.Popen]) -> None:
+    """Every agent in its namespace, appended to ``procs`` as it starts (the caller stops them, also when one
+    fails to start); returns once each has written its ready file."""
     for n in AGENTS:
         log = open(tmp / f"{n}.log", "w")  # noqa: SIM115 (the agent writes it until it is stopped)
         procs.append(subprocess.Popen(
@@ -57,7 +59,6 @@ def start_agents(lan: Lan, tmp: Path) -> list[subprocess.Popen]:
             if p.poll() is not None or time.monotonic() > deadline:
                 raise ConfigError(f"agent {n} did not start: {(tmp / f'{n}.log').read_text()[-2000:]}")
             time.sleep(0.1)
-    return procs
 
 
 def head_run(lan: Lan, tmp: Path, model: Path) -> tuple[int, float, str]:
@@ -94,12 +95,13 @@ def main(argv: list[str]) -> int:
         try:
             model = write_tiny_run(tmp / "model", 128, vocab=500, n_layer=n_layer, n_embd=n_embd)
             pair(tmp)
-            procs = start_agents(lan, tmp)
+            start_agents(lan, tmp, procs)
             sent, took, _ = head_run(lan, tmp, model)
             again, _, _ = head_run(lan, tmp, model)
         finally:
             for proc in procs:
-                os.killpg(proc.pid, signal.SIGTERM)
+                with contextlib.suppress(ProcessLookupError):  # (one that already exited)
+                    os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(timeout=30)
             lan.close()
     bits_per_s = sent * 8 / took

@@ -195,6 +195,9 @@ def ask_all(asks: dict, heartbeat_s: float, timeout_s: float) -> dict[str, dict]
                 link.last_seen = time.monotonic()
                 if msg.kind == "refuse":
                     raise ConfigError(f"node {link.node.where()} refused: {msg.fields['reason']}")
+                if msg.kind == "node_bye":  # shutting down: no answer will come
+                    raise PeerError(f"node {link.node.where()} left while saying what weights it holds: "
+                                    f"{msg.fields['reason']}")
                 if msg.kind == "weights_status":
                     answers[name] = msg.fields
         now = time.monotonic()
