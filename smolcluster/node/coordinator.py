@@ -118,15 +118,16 @@ class AgentLink:
 
 def discover(c: DictConfig) -> list[NodeInfo]:
     found: dict[str, NodeInfo] = {}
-    for peer in c.get("peers") or []:
-        n = discovery.ask(str(peer))
+    peers = discovery.peer_list(c.get("peers"))
+    for peer in peers:
+        n = discovery.ask(peer)
         found[n.fingerprint] = n
     if c.get("mdns", True):
         for n in discovery.browse(float(c.discover_s), expect=c.get("expect")):
             found.setdefault(n.fingerprint, n)
     nodes = sorted(found.values(), key=lambda n: n.name)
     if not nodes:
-        raise ConfigError(f"cluster=auto found no agents (mDNS for {c.discover_s:g}s, {len(c.get('peers') or [])} "
+        raise ConfigError(f"cluster=auto found no agents (mDNS for {c.discover_s:g}s, {len(peers)} "
                           "static peers): start `python -m smolcluster.node` on each machine, or list them in "
                           "cluster.peers=[HOST:5660,...] where multicast does not pass")
     if c.get("expect") and len(nodes) < c.expect:

@@ -130,6 +130,16 @@ def browse(seconds: float, expect: int | None = None) -> list[NodeInfo]:
     return list(found.values())
 
 
+def peer_list(peers) -> list[str]:
+    """``cluster.peers`` as a list: ``[a:5660, b:5660]``, or one ``host:port`` (or ``a:5660,b:5660``) without the
+    brackets, which Hydra reads as a string (it was iterated a character at a time)."""
+    if not peers:
+        return []
+    if isinstance(peers, str):
+        return [p.strip() for p in peers.split(",") if p.strip()]
+    return [str(p) for p in peers]
+
+
 def split_peer(peer: str) -> tuple[str, int]:
     host, _, port = str(peer).rpartition(":")
     if not host or not port.isdigit():
