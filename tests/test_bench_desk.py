@@ -42,8 +42,8 @@ def test_bench_desk_reports_every_goal_from_real_runs(tmp_path):
     assert local["steps"] == 12 and local["eval_loss"] == local["curve"][-1]["eval_loss"] and local["bytes_sent"] == 0
     for name, run in runs.items():
         assert not run["stopped"], (name, run)
-        if name == "round_s":  # its rounds end once the nodes together trained as many samples: the fast one
-            assert run["samples"] >= 12 * 64 * 2 and run["curve"][-1]["step"] <= 12, run  # more, slow rank 0 fewer
+        if name == "round_s":  # its rounds end once the nodes together trained as many samples (how many of
+            assert run["samples"] >= 12 * 64 * 2, run  # them rank 0 took depends on how the OS shares the cores)
         else:  # 64 a node a step
             assert run["samples"] == 12 * 64 * run["nodes"] and run["curve"][-1]["step"] == 12, (name, run)
     # DDP-gloo steps the runs' own optimizer on its averaged gradient: the same curve as our ring's
