@@ -147,8 +147,7 @@ class InferencePipeline:
                                  max_requests=max_requests, kv_cache_mb=kv_cache_mb,
                                  prefill_chunk=prefill_chunk, stream_interval_ms=stream_interval_ms,
                                  co_located=co_located, turns=turns, adapters=adapters, speculate=speculate,
-                                 extra={"telemetry": telemetry or {}},
-                                 **formats[rank])
+                                 extra={"telemetry": telemetry or {}}, **formats[rank])
                 path = workdir / f"stage-{rank}.json"
                 path.write_text(sc.dumps())
                 children.start(f"stage {rank}", [sys.executable, "-u", "-m", "smolcluster.inference.serve", str(path)],
