@@ -153,3 +153,34 @@ def test_the_cache_keeps_what_hashes_right_resumes_a_partial_entry_and_drops_a_c
     assert cache.status({sha: len(data)}) == {sha: 0} and not (cache.partial / sha).exists()
     with pytest.raises(CacheError, match="not a sha256"):
         cache.path("../../etc/passwd")
+
+
+def test_the_cache_prunes_least_recently_used_entries_of_other_models_and_matches_files_by_content(tmp_path):
+    import hashlib
+
+    from smolcluster.node.weightcache import DISK_MARGIN, WeightCache
+
+    cache = WeightCache(tmp_path / "w", cap_bytes=3000)
+    blobs = [bytes([i]) * 1000 for i in range(4)]
+    shas = [hashlib.sha256(b).hexdigest() for b in blobs]
+    for i, (sha, b) in enumerate(zip(shas[:3], blobs[:3])):
+        assert cache.write(sha, 1000, 0, b)
+        os.utime(cache.path(sha), ns=(i * 10**9, i * 10**9))  # written oldest first: 0, 1, 2
+    assert cache.status({shas[0]: 1000}) == {shas[0]: 1000}  # asked for: 0 is now the most recently used
+    # a run needing 0 and a new 1000-byte entry, under a 3000-byte cap: one of 1 and 2 must go, the older (1)
+    assert cache.make_room({shas[0], shas[3]}, 1000) == 1000
+    assert [cache.path(s).is_file() for s in shas[:3]] == [True, False, True]
+    assert cache.make_room({shas[0], shas[3]}, 1000) == 0 and cache.used_bytes() == 2000  # it fits now
+    # what the run needs is never pruned, even when it cannot fit (the head then refuses the node)
+    assert cache.make_room({shas[0], shas[2]}, 10**15) == 0 and cache.path(shas[0]).is_file()
+    # without a cap, only the disk bounds the cache: nothing is pruned while the disk has room
+    assert WeightCache(tmp_path / "w").make_room(set(), 1000 - DISK_MARGIN) == 0
+
+    model, other = tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors"
+    for f, b in ((model, blobs[0]), (other, blobs[1])):  # same size, different bytes (another checkpoint)
+        f.parent.mkdir()
+        f.write_bytes(b)
+    assert cache.file_matches(str(model), 1000, shas[0])
+    assert not cache.file_matches(str(other), 1000, shas[0])  # same path and size elsewhere is not enough
+    assert not cache.file_matches(str(model), 999, shas[0]) and not cache.file_matches(str(tmp_path / "x"), 1, "")
+    assert json.loads((tmp_path / "w" / "files.json").read_text())  # hashed once, remembered per size and mtime

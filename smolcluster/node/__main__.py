@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-mdns", dest="mdns", action="store_false", help="do not advertise (static peers only)")
     p.add_argument("--owner-timeout", type=float, default=15.0,
                    help="stop a coordinator's roles after it has been silent this many seconds")
+    p.add_argument("--weights-cache-gb", type=float, default=None,
+                   help="most disk the weights heads send may take (default: the disk, less 64 MB); least "
+                        "recently used models' weights are deleted first")
     p.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)  # tests: written once listening
     args = p.parse_args(argv)
     state = args.state_dir.expanduser()

@@ -133,10 +133,10 @@ class Role:
 
 class Agent:
     def __init__(self, state_dir: Path, *, port: int, bind: str = "0.0.0.0", name: str | None = None,
-                 owner_timeout_s: float = 15.0):
+                 owner_timeout_s: float = 15.0, weights_cache_bytes: int | None = None):
         self.state_dir = private_dir(Path(state_dir))
         self.runs = private_dir(self.state_dir / "runs")
-        self.cache = WeightCache(self.state_dir / "weights")  # weights a head sent (weightcache.py)
+        self.cache = WeightCache(self.state_dir / "weights", weights_cache_bytes)  # weights a head sent (weightcache.py)
         self.name = name or node_name()
         self.id_dir = identity(self.state_dir / "identity")
         self.key = public_key(self.id_dir / "server.key")
@@ -291,10 +291,13 @@ class Agent:
         the head's own model files are readable here as they are there (then nothing needs sending)."""
         entries = {sha: int(size) for sha, size in f["entries"].items()}
         readable = bool(f["files"]) and all(
-            isinstance(path, str) and Path(path).is_file() and Path(path).stat().st_size == size
-            for path, size in f["files"].items())
-        self.control.send(peer, "weights_status", {"have": self.cache.status(entries),
-                                                   "free": self.cache.free_bytes(), "readable": readable})
+            isinstance(path, str) and isinstance(v, list) and len(v) == 2
+            and self.cache.file_matches(path, int(v[0]), str(v[1])) for path, v in f["files"].items())
+        have = {} if readable else self.cache.status(entries)
+        if not readable:  # room for what is missing: least recently used entries of other models go first
+            self.cache.make_room(set(entries), sum(size - have[sha] for sha, size in entries.items()))
+        self.control.send(peer, "weights_status", {"have": have, "free": self.cache.free_bytes(),
+                                                   "readable": readable})
         self.owner_seen[peer] = time.monotonic()  # (re-hashing a large cache is no silence of the coordinator's)
 
     def weights_chunk(self, peer: bytes, msg) -> None:
@@ -525,7 +528,8 @@ def _read_lines(proc: subprocess.Popen, out: queue.Queue) -> None:
 def run_agent(args) -> int:
     from smolcluster.node.discovery import Advertisement, local_addresses
 
-    agent = Agent(args.state_dir, port=args.port, bind=args.bind, name=args.name, owner_timeout_s=args.owner_timeout)
+    agent = Agent(args.state_dir, port=args.port, bind=args.bind, name=args.name, owner_timeout_s=args.owner_timeout,
+                  weights_cache_bytes=int(args.weights_cache_gb * 2**30) if args.weights_cache_gb else None)
     sigterm_as_interrupt()
     ad = None
     try:

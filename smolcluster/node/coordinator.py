@@ -689,8 +689,13 @@ def _plan_weights(cfg: DictConfig, p, entries: list[dict]) -> tuple[dict, list]:
     from smolcluster.node import weightsend
 
     info, _, _ = resolve_model(p, need_tokenizer=False)
-    state = Path(str(cfg.cluster.state_dir)).expanduser() / "coordinator"
-    return info, weightsend.plan_stages(p, info, entries, weightsend.HashBook(state / "weight-hashes.json"))
+    return info, weightsend.plan_stages(p, info, entries, _hash_book(cfg))
+
+
+def _hash_book(cfg: DictConfig):
+    from smolcluster.node.weightsend import HashBook
+
+    return HashBook(Path(str(cfg.cluster.state_dir)).expanduser() / "coordinator" / "weight-hashes.json")
 
 
 def _send_weights(run: Run, cfg: DictConfig, ranks: list[NodeInfo], info: dict, plans: list, mode: str) -> list:
@@ -699,7 +704,7 @@ def _send_weights(run: Run, cfg: DictConfig, ranks: list[NodeInfo], info: dict, 
     from smolcluster.node import weightsend
 
     c = cfg.cluster
-    transfers, readable = weightsend.prepare(run.links, ranks, plans, weightsend.model_files(info), mode,
-                                             float(c.heartbeat_s))
+    files = weightsend.model_files(info, _hash_book(cfg)) if mode == "auto" else {}
+    transfers, readable = weightsend.prepare(run.links, ranks, plans, files, float(c.heartbeat_s))
     weightsend.stream(transfers, float(c.heartbeat_s), float(c.liveness_s), on_message=run.handle)
     return [None if reads else plan.manifest() for plan, reads in zip(plans, readable, strict=True)]

@@ -14,8 +14,9 @@
     weights_chunk {sha, size, offset} + data    weights_ack {sha, offset, n, state}
 
 Weights that travel (weightsend.py, weightcache.py): ``weights_ask`` names the cache entries a stage needs
-({sha256: size}) and the head's own model files ({path: size}); the agent answers what of each entry it holds
-(``have``), its free disk, and whether it reads those very files itself (then nothing is sent). Chunks of at
+({sha256: size}) and, for ``cluster.weights=auto``, the head's own model files ({path: [size, sha256]}); the
+agent answers whether it reads those very files itself (same path, size and sha256: then nothing is sent), or
+else what of each entry it holds (``have``, after pruning others' entries to make room) and its free disk. Chunks of at
 most ``CHUNK`` bytes follow, each acknowledged (``state``: partial, done, or bad: the entry hashed wrong and
 was discarded). ``start_role``'s ``model`` ({config_files: {name: sha}, tensors: {key: sha}}) has the agent
 build the stage's model directory from its cache.
@@ -34,7 +35,7 @@ import psutil
 from smolcluster import __version__
 from smolcluster.transport import register_kind
 
-NODE_PROTOCOL = 4  # 4: weights that travel (weights_ask, weights_chunk); 3: the bounded info port and mutual pairing (2: reserve/reserved, start_role's program)
+NODE_PROTOCOL = 5  # 5: weights_ask's files carry [size, sha256]; 4: weights that travel (weights_ask, weights_chunk); 3: the bounded info port and mutual pairing (2: reserve/reserved, start_role's program)
 VERSION = __version__
 SERVICE_TYPE = "_smolcluster._tcp.local."
 ROLES = ("server", "worker", "stage", "head")

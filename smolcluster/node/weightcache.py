@@ -8,13 +8,24 @@ stopped. An entry is verified twice: when its last byte arrives (hashed as its c
 deletes it and the sender starts it again) and when a head asks what is here (:meth:`WeightCache.status` re-hashes every blob it
 asks about, so a byte flipped on disk since is found and fetched again).
 
+The cache is pruned least recently used first: an entry's mtime is touched each time a head asks for it, and
+:meth:`make_room` (called when a head asks) deletes the entries that ask does not name, oldest first, until
+what is missing fits on the disk (``DISK_MARGIN`` left free) and under the agent's ``--weights-cache-gb`` cap.
+So the cache grows with the models served and never fills the disk.
+
+``cluster.weights=auto`` sends nothing to an agent that reads the head's very model files itself. "The very
+files" means the same path, size and sha256: :meth:`file_matches` hashes a file once per (size, mtime) and
+remembers it in ``files.json`` (two machines can hold different checkpoints of the same size at the same path).
+
 The interface: :meth:`status` (what of these entries is here, whole or in part), :meth:`write` (one chunk
-at its offset), :meth:`path` (a whole entry's file), :meth:`free_bytes` (room left on the disk).
+at its offset), :meth:`path` (a whole entry's file), :meth:`free_bytes` (room left on the disk),
+:meth:`make_room`, :meth:`file_matches`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -22,6 +33,7 @@ from pathlib import Path
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 _READ = 1 << 20
+DISK_MARGIN = 64 << 20  # left free on a node's disk beyond its weights
 
 
 class CacheError(ValueError):
@@ -42,8 +54,8 @@ def file_sha256(path: Path) -> str:
 
 
 class WeightCache:
-    def __init__(self, root: Path):
-        self.root = Path(root)
+    def __init__(self, root: Path, cap_bytes: int | None = None):
+        self.root, self.cap = Path(root), cap_bytes
         self.blobs, self.partial = self.root / "blobs", self.root / "partial"
         for d in (self.root, self.blobs, self.partial):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -68,6 +80,7 @@ class WeightCache:
             blob, part = self.path(sha), self.partial / sha
             if blob.is_file():
                 if blob.stat().st_size == size and file_sha256(blob) == sha:
+                    os.utime(blob)  # used: the last to be pruned
                     out[sha] = size
                     continue
                 blob.unlink()  # corrupt: fetched again
@@ -112,3 +125,42 @@ class WeightCache:
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
+
+    def used_bytes(self) -> int:
+        return sum(f.stat().st_size for d in (self.blobs, self.partial) for f in d.iterdir())
+
+    def make_room(self, keep: set[str], need: int) -> int:
+        """Delete entries (whole or partial) not in ``keep``, least recently used first, until ``need`` more bytes
+        fit on the disk with ``DISK_MARGIN`` to spare and under the cap. Returns the bytes freed; what is kept
+        may still not fit (the head then refuses the node in one line)."""
+        others = sorted((f for d in (self.blobs, self.partial) for f in d.iterdir() if f.name not in keep),
+                        key=lambda f: f.stat().st_mtime_ns)
+        used, freed = self.used_bytes(), 0
+        for f in others:
+            short = need + DISK_MARGIN - self.free_bytes()
+            if short <= 0 and (self.cap is None or used + need <= self.cap):
+                break
+            n = f.stat().st_size
+            f.unlink()
+            self.hashing.pop(f.name, None)
+            used, freed = used - n, freed + n
+        return freed
+
+    def file_matches(self, path: str, size: int, sha: str) -> bool:
+        """Whether ``path`` is a file of ``size`` bytes hashing to ``sha`` (its hash remembered per size and
+        mtime, so a model directory is read once, not on every run)."""
+        p = Path(path)
+        if not p.is_file() or p.stat().st_size != size:
+            return False
+        book_file = self.root / "files.json"
+        try:
+            book = json.loads(book_file.read_text()) if book_file.is_file() else {}
+        except ValueError:
+            book = {}
+        mark = f"{p.resolve()}|{size}|{p.stat().st_mtime_ns}"
+        if mark not in book:
+            book[mark] = file_sha256(p)
+            tmp = book_file.with_name(f".files.{os.getpid()}")
+            tmp.write_text(json.dumps(book))
+            tmp.replace(book_file)
+        return book[mark] == sha

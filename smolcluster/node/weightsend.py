@@ -8,9 +8,11 @@ starting them:
             file (its header written here + the tensor's bytes, read by byte range from the model's own file),
             named by its sha256. ``config.json`` travels with every stage, the tokenizer's files with stage 0.
 2. ask      each agent what of its entries it already holds (it re-hashes them: weightcache.py), its free
-            disk, and whether it can read this very model directory itself (``cluster.weights=auto``: then
-            it is not sent, and the stage reads the directory as it always did). A node whose disk is too
-            small is refused in one line here, before anything is sent to any node.
+            disk, and whether it can read this very model directory itself (``cluster.weights=auto``: the
+            same paths, sizes and sha256; then nothing is sent, and the stage reads the directory as it
+            always did). The agent first prunes other models' entries, least recently used first, to make
+            room (weightcache.py). A node whose disk is still too small is refused in one line here, before
+            anything is sent to any node.
 3. stream   what is missing, in chunks of protocol.CHUNK bytes with WINDOW chunks in flight per agent, to
             every agent at once over its encrypted control channel; an entry that arrives corrupt is sent
             again; a half-sent entry is resumed from where it stopped. A tqdm bar shows MB/s and time left.
@@ -39,10 +41,10 @@ from loguru import logger
 
 from smolcluster.errors import ConfigError, PeerError
 from smolcluster.node.protocol import CHUNK
+from smolcluster.node.weightcache import DISK_MARGIN
 from smolcluster.pipeline.placement import size as human
 
 WINDOW = 16  # chunks in flight per agent: a LAN link stays full while a busy agent is slow to acknowledge
-DISK_MARGIN = 64 << 20  # left free on a node's disk beyond the weights
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
@@ -161,13 +163,20 @@ def plan_stages(p, info: dict, node_entries: list[dict], book: HashBook) -> list
     return plans
 
 
-def model_files(info: dict) -> dict[str, int]:
-    """The head's model files, {absolute path: size}: an agent that reads the same is sent nothing."""
+def model_files(info: dict, book: HashBook) -> dict[str, list]:
+    """The head's model files, {absolute path: [size, sha256]}: an agent that reads the same is sent nothing."""
     from smolcluster.pipeline.weights import INDEX, tensor_files
 
     src = Path(info["weights"]).resolve()
-    paths = set(tensor_files(src).values()) | {src / n for n in ("config.json", INDEX) if src.is_dir()}
-    return {str(Path(x).resolve()): Path(x).stat().st_size for x in paths if Path(x).is_file()}
+    paths = {Path(x).resolve() for x in tensor_files(src).values()}
+    paths |= {src / n for n in ("config.json", INDEX) if src.is_dir()}
+    out = {}
+    for x in sorted(x for x in paths if x.is_file()):
+        whole = Entry(b"", x, 0, x.stat().st_size)
+        book.fill(whole)
+        out[str(x)] = [whole.size, whole.sha]
+    book.save()
+    return out
 
 
 @dataclass
@@ -212,15 +221,15 @@ def ask_all(asks: dict, heartbeat_s: float, timeout_s: float) -> dict[str, dict]
     return answers
 
 
-def prepare(links: dict, ranks: list, plans: list[StagePlan], files: dict[str, int], mode: str,
+def prepare(links: dict, ranks: list, plans: list[StagePlan], files: dict[str, list],
             heartbeat_s: float = 1.0, timeout_s: float = 600.0) -> tuple[list[Transfer], list[bool]]:
-    """Ask every stage's agent what it holds; refuse a node without the disk for the rest, before anything is sent.
+    """Ask every stage's agent what it holds (``files``: the head's model files, for ``cluster.weights=auto``; {}
+    to send regardless); refuse a node without the disk for the rest, before anything is sent.
     Returns (a transfer per agent with something to send, per rank: whether it reads the model files itself)."""
     by_node: dict[str, dict[str, Entry]] = {}
     for node, plan in zip(ranks, plans, strict=True):
         by_node.setdefault(node.name, {}).update((e.sha, e) for e in plan.entries())
-    shown = files if mode == "auto" else {}
-    status = ask_all({n: (links[n], entries, shown) for n, entries in by_node.items()}, heartbeat_s, timeout_s)
+    status = ask_all({n: (links[n], entries, files) for n, entries in by_node.items()}, heartbeat_s, timeout_s)
     transfers = []
     for name, entries in by_node.items():
         link, st = links[name], status[name]
