@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from smolcluster.errors import ConfigError
+from smolcluster.paths import CONFIG_DIR
 from smolcluster.security import check_bind
 from smolcluster.telemetry import wandb_sink
 
@@ -39,6 +41,31 @@ def _choice(cfg: DictConfig, key: str, choices: tuple[str, ...]) -> None:
     value = OmegaConf.select(cfg, key)
     if value not in choices:
         raise ConfigError(f"{key}={value!r} is invalid: choose one of {', '.join(choices)}")
+
+
+OPEN_GROUPS = ("model", "hydra")  # take keys the defaults do not list: a custom model's kwargs, Hydra's own
+
+
+def refuse_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
+    """Refuse ``+train.stpes=100``: a key the defaults do not have would be stored and ignored. Hydra itself
+    refuses the typo without ``+``, then advises adding the ``+``; this check ends that road with the near
+    name. (``++key`` is Hydra's explicit "set or add", and is left to the user.)"""
+    groups = {d.name for d in CONFIG_DIR.iterdir() if d.is_dir()}
+    for o in overrides:
+        if not o.startswith("+") or o.startswith("++"):
+            continue
+        key = o[1:].split("=", 1)[0]
+        parts = key.split(".")
+        if parts[0] in OPEN_GROUPS or (len(parts) == 1 and parts[0] in groups):
+            continue
+        parent = OmegaConf.select(cfg, ".".join(parts[:-1])) if len(parts) > 1 else cfg
+        known = [k for k in (parent.keys() if isinstance(parent, DictConfig) else []) if k != parts[-1]]
+        where = ".".join(parts[:-1])
+        near = difflib.get_close_matches(parts[-1], known, n=1)
+        hint = (f"did you mean {where + '.' if where else ''}{near[0]}?" if near else
+                f"{where or 'the top level'} has {', '.join(map(str, known))}" if known else
+                f"{where} takes no settings")
+        raise ConfigError(f"{key} is not a setting (it would be stored and ignored): {hint}")
 
 
 def validate(cfg: DictConfig) -> None:

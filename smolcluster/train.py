@@ -18,7 +18,7 @@ from omegaconf import DictConfig, open_dict
 
 from smolcluster import algorithms
 from smolcluster.cluster import new_run_id, node_name
-from smolcluster.config import validate
+from smolcluster.config import refuse_added_keys, validate
 from smolcluster.errors import SmolclusterError
 from smolcluster.paths import CONFIG_DIR
 from smolcluster.supervisor import sigterm_as_interrupt
@@ -44,6 +44,7 @@ def run(cfg: DictConfig) -> dict | None:
     setup_logging(node=cfg.get("node") or node_name(), role=role, rank=cfg.rank if cfg.rank is not None else "",
                   algo=cfg.algo.name, run_id=cfg.run_id, run_dir=run_dir, level=cfg.logging.level,
                   loki=cfg.logging.get("loki"))
+    refuse_added_keys(cfg, list(HydraConfig.get().overrides.task))
     validate(cfg)
     if cfg.model.get("deprecated"):
         logger.warning(cfg.model.deprecated)
