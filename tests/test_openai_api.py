@@ -223,6 +223,7 @@ BAD_COMPLETIONS = [
     ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ({"prompt": "hi", "max_tokens": "10"}, 400, "max_tokens"),
     ({"prompt": "hi", "max_tokens": True}, 400, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),  # past the context: refused, not cut
     ({"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
     ({"prompt": "hi", "temperature": 3}, 400, "temperature"),
     ({"prompt": "hi", "top_p": 1.5}, 400, "top_p"),
@@ -250,6 +251,7 @@ BAD_CHATS = [
     ({"messages": [{"role": "user", "content": "  "}]}, 400, "messages"),
     ({"messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
     ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -1}, 400, "max_completion_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 256}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "tools"),
 ]
 

@@ -92,6 +92,15 @@ def _check_fits(n: int, limits: ModelLimits, param: str) -> None:
                        f"{param} is {n} tokens: shorten it", param, "context_length_exceeded")
 
 
+def _check_room(n: int, asked: int | None, limits: ModelLimits, param: str) -> None:
+    """A ``max_tokens`` the client set that cannot fit after its prompt is refused (OpenAI's 400), not quietly
+    cut; the server's default is only a ceiling (generation also ends at the context)."""
+    if asked is not None and n + asked > limits.context:
+        raise APIError(400, f"This model's maximum context length is {limits.context} tokens. However, you "
+                       f"requested {n + asked} tokens ({n} in the prompt, {asked} in the completion): lower "
+                       f"{param} to at most {limits.context - n}", param, "context_length_exceeded")
+
+
 def _parsed(chat: bool, req: SamplingRequest, model: str, ids: list[int], text: str, settings: Settings,
             echo: bool = False) -> ParsedRequest:
     stream = bool(req.stream)
@@ -113,6 +122,7 @@ def parse_completion(req: CompletionRequest, limits: ModelLimits, tokenizer,
             raise bad("prompt", f"'prompt' token ids must be in [0, {limits.vocab_size}): got {bad_ids[:5]}")
         ids, text = list(req.prompt), tokenizer.decode(req.prompt)
     _check_fits(len(ids), limits, "prompt")
+    _check_room(len(ids), req.max_tokens, limits, "max_tokens")
     settings = Settings(**sampling(req, req.max_tokens, default_max_tokens), stop=stops(req), adapter=adapter)
     return _parsed(False, req, model, ids, text, settings, echo=bool(req.echo))
 
@@ -132,5 +142,7 @@ def parse_chat(req: ChatCompletionRequest, limits: ModelLimits, fmt: ChatFormat,
     except ValueError as e:  # the model's chat template refused the conversation
         raise bad("messages", f"'messages': {e}") from None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    _check_room(len(prompt.ids), max_tokens, limits,
+                "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
     settings = Settings.for_chat(fmt, stops(req), **sampling(req, max_tokens, default_max_tokens), adapter=adapter)
     return _parsed(True, req, model, prompt.ids, prompt.text, settings)
