@@ -56,10 +56,14 @@ def run(cfg: DictConfig) -> dict | None:
         summary = algorithms.get(cfg.algo.name).run(cfg, run_dir)
     if summary and role in ("main", "launch", "server"):
         logger.success(describe(summary))
-        hf = ", hf/ (a Hugging Face model directory)" if (run_dir / "hf" / "config.json").is_file() else ""
+        files = [n for n in ("metrics.jsonl", "summary.json", "checkpoint.safetensors", "loss.png")
+                 if (run_dir / n).is_file()]  # (a cluster=auto run's are on its lead node: said above)
+        if (run_dir / "hf" / "config.json").is_file():
+            files.append("hf/ (a Hugging Face model directory)")
         if (run_dir / "adapter" / "adapter_config.json").is_file():
-            hf += ", adapter/ (a PEFT LoRA adapter)"
-        logger.success(f"run files: {run_dir}/ (metrics.jsonl, summary.json, checkpoint.safetensors, loss.png{hf})")
+            files.append("adapter/ (a PEFT LoRA adapter)")
+        if files:
+            logger.success(f"run files: {run_dir}/ ({', '.join(files)})")
     return summary
 
 

@@ -280,7 +280,10 @@ class StageServer:
     def on_lost(self, peer: str, message: str) -> None:
         if peer in self.heads:
             dropped = self.drop_requests(lambda head: head == peer)
-            logger.warning(f"{self.me}: head {peer} is gone; freed {dropped} of its requests")
+            if dropped:  # a head that left mid-request; one whose requests were all answered just finished
+                logger.warning(f"{self.me}: head {peer} is gone; freed {dropped} of its requests")
+            else:
+                logger.info(f"{self.me}: head {peer} left")
             self.heads.discard(peer)
             self.mesh.remove_peer(peer)
             if self.sc.exit_with_head and not self.heads:

@@ -84,7 +84,8 @@ def serve(s: ChatSettings) -> None:
         app = build_app(engine, name, chat_defaults(s), api_key=s.serve.api_key, ui=s.serve.ui, host=s.serve.host,
                         allowed_hosts=s.serve.allowed_hosts, max_body_mb=s.serve.max_body_mb)
         server = WebServer(app, s.serve.host, log_level=s.serve.log_level, sock=sock)
-        print(f"smolcluster chat: {server.url}/  ·  OpenAI API: {server.url}/v1  ·  model {name!r}  ·  "
+        page = "" if s.serve.ui else " (no page here: serve.ui=false)"
+        print(f"smolcluster chat: {server.url}/{page}  ·  OpenAI API: {server.url}/v1  ·  model {name!r}  ·  "
               f"{engine.stages} stages, context {engine.context}", flush=True)
         server.run()
     finally:
