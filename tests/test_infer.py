@@ -164,6 +164,10 @@ def test_infer_cli_streams_the_greedy_text(model_dir):
     assert "10 tokens in" in p.stderr and "finished: length" in p.stderr
     bad = run_cli("smolcluster.infer", f"checkpoint={d}", "prompt=" + "x " * 400, check=False, timeout=180)
     assert bad.returncode == 2 and "longer than the model's context of 128" in bad.stderr
+    many = run_cli("smolcluster.infer", f"checkpoint={d}", "prompt=x", "stages=5", check=False, timeout=180)
+    assert many.returncode == 2 and many.stderr.strip().splitlines()[-1] == (  # refused before any stage starts
+        "error: stages=5 but the model has 4 blocks: use at most stages=4 (each stage holds one block or more)")
+    assert "exited" not in many.stderr and many.stderr.count("error:") == 1, many.stderr
 
 
 def test_heads_come_and_go_on_stages_started_as_cluster_nodes(model_dir, tmp_path):

@@ -131,6 +131,16 @@ def check_prompt_fits(prompt: str, tokenizer, config: dict) -> None:
                           "(the pipeline never truncates silently)")
 
 
+def check_stages(stages: int, config: dict) -> None:
+    """More stages than blocks, refused before any stage starts (each stage would refuse it on its own)."""
+    from smolcluster.pipeline.architectures import family_for
+
+    blocks = family_for(config).n_layer
+    if stages > blocks:
+        raise ConfigError(f"stages={stages} but the model has {blocks} blocks: use at most stages={blocks} "
+                          "(each stage holds one block or more)")
+
+
 def stage_formats(cfg: Pipeline) -> list[dict]:
     """Each stage's weight format and device: ``precision`` / ``quantize`` / ``quantize_group``, overridden per
     node by ``cluster.nodes[i].precision`` / ``.quantize``, and ``cluster.nodes[i].device``. Checked here, so a
@@ -181,6 +191,7 @@ def pipeline_from_config(cfg: Pipeline, prompt: str | None = None) -> InferenceP
         formats = stage_formats(cfg)  # a bad value is refused before the model is read
         info, tok, tmp = resolve_model(cfg)
         try:
+            check_stages(cfg.stages, info["config"])
             if prompt is not None:
                 check_prompt_fits(prompt, tok, info["config"])
             pipe = InferencePipeline.start_local(

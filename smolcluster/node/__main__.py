@@ -4,6 +4,7 @@
     python -m smolcluster.node pair 123456 [--state-dir ~/.smolcluster/node]          # on the agent's machine
     python -m smolcluster.node pair 123456 --state-dir ~/.smolcluster/coordinator     # on the coordinator's
     python -m smolcluster.node forget      # unpair every coordinator
+    python -m smolcluster.node run --help  # the agent's options
 """
 
 from __future__ import annotations
@@ -16,29 +17,51 @@ from pathlib import Path
 DEFAULT_STATE = Path("~/.smolcluster/node")
 
 
-def main(argv: list[str] | None = None) -> int:
+COMMANDS = ("run", "pair", "forget")
+FLAGS = ("--no-mdns", "-h", "--help")  # the options that take no value
+
+
+def _command_first(argv: list[str]) -> list[str]:
+    """``run`` is the default command, and options may come before the command: move it to the front."""
+    for i, a in enumerate(argv):
+        takes_value = i > 0 and argv[i - 1].startswith("-") and "=" not in argv[i - 1] and argv[i - 1] not in FLAGS
+        if not a.startswith("-") and not takes_value:
+            return [a, *argv[:i], *argv[i + 1:]] if a in COMMANDS else argv
+    return argv if any(a in ("-h", "--help") for a in argv) else ["run", *argv]
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m smolcluster.node", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", default="run", choices=("run", "pair", "forget"))
-    p.add_argument("code", nargs="?", help="pair: the 6-digit code the coordinator shows")
-    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE,
-                   help="this agent's key pair, paired coordinators and run files (default ~/.smolcluster/node); "
-                   "pair: a coordinator's is its cluster.state_dir/coordinator")
-    p.add_argument("--port", type=int, default=5660, help="control port (CURVE); port+1 answers public facts")
-    p.add_argument("--bind", default="0.0.0.0", help="listen address (default every interface)")
-    p.add_argument("--name", default=None, help="this node's name (default: SMOLCLUSTER_NODE or the host name)")
-    p.add_argument("--advertise", default=None, help="the address to advertise on mDNS (default: every IPv4 one)")
-    p.add_argument("--no-mdns", dest="mdns", action="store_false", help="do not advertise (static peers only)")
-    p.add_argument("--owner-timeout", type=float, default=15.0,
-                   help="stop a coordinator's roles after it has been silent this many seconds")
-    p.add_argument("--weights-cache-gb", type=float, default=None,
-                   help="most disk the weights heads send may take (default: the disk, less 64 MB); least "
-                        "recently used models' weights are deleted first")
-    p.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)  # tests: written once listening
-    args = p.parse_args(argv)
+    commands = p.add_subparsers(dest="command", metavar="{run,pair,forget}")
+    state_help = ("this agent's key pair, paired coordinators and run files (default ~/.smolcluster/node); "
+                  "pair: a coordinator's is its cluster.state_dir/coordinator")
+    run = commands.add_parser("run", help="the agent (the default command)")
+    pair = commands.add_parser("pair", help="confirm the pairing code a coordinator or agent shows",
+                               description="Confirm a pairing: run where the code should be accepted.")
+    pair.add_argument("code", help="the 6-digit code the coordinator (or agent) shows")
+    forget = commands.add_parser("forget", help="unpair every coordinator")
+    for sub in (run, pair, forget):
+        sub.add_argument("--state-dir", type=Path, default=DEFAULT_STATE, help=state_help)
+    run.add_argument("--port", type=int, default=5660, help="control port (CURVE); port+1 answers public facts")
+    run.add_argument("--bind", default="0.0.0.0", help="listen address (default every interface)")
+    run.add_argument("--name", default=None, help="this node's name (default: SMOLCLUSTER_NODE or the host name)")
+    run.add_argument("--advertise", default=None, help="the address to advertise on mDNS (default: every IPv4 one)")
+    run.add_argument("--no-mdns", dest="mdns", action="store_false", help="do not advertise (static peers only)")
+    run.add_argument("--owner-timeout", type=float, default=15.0,
+                     help="stop a coordinator's roles after it has been silent this many seconds")
+    run.add_argument("--weights-cache-gb", type=float, default=None,
+                     help="most disk the weights heads send may take (default: the disk, less 64 MB); least "
+                          "recently used models' weights are deleted first")
+    run.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)  # tests: written once listening
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(_command_first(list(sys.argv[1:] if argv is None else argv)))
     state = args.state_dir.expanduser()
     if args.command == "pair":
-        if not (args.code and args.code.isdigit() and len(args.code) == 6):
+        if not (args.code.isdigit() and len(args.code) == 6):
             print("error: pair needs the 6-digit code the coordinator shows: python -m smolcluster.node pair 123456",
                   file=sys.stderr)
             return 2

@@ -186,7 +186,8 @@ def pair(node: NodeInfo, my_key: str, store: AgentStore, c: DictConfig, state: P
     at_terminal = sys.stdin is not None and sys.stdin.isatty()
     here = f"python -m smolcluster.node pair {code} --state-dir {state}"
     here = f"with 'y' below, or {here}" if at_terminal else here
-    todo = [*(["there: python -m smolcluster.node pair " + code] if not agent_knows else []),
+    there = f"python -m smolcluster.node pair {code} (with --state-dir as its agent was started, if not the default)"
+    todo = [*([f"there: {there}"] if not agent_knows else []),
             *([f"here: {here}"] if not known else [])]
     logger.warning(f"pairing with node {where} (key {node.fingerprint}): code {code}. If that machine shows the "
                    f"same code, confirm {' and '.join(todo)}")

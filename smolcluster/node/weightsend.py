@@ -258,7 +258,7 @@ def stream(transfers: list[Transfer], heartbeat_s: float, liveness_s: float, on_
     total = sum(e.size - off for t in transfers for e, off in t.todo)
     files: dict = {}
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="weights", file=sys.stderr,
-               disable=total == 0, mininterval=0.5)
+               disable=True if total == 0 else None, mininterval=0.5)  # None: only on a terminal (no \r frames in logs)
     beat, start = time.monotonic(), time.monotonic()
     try:
         while any(t.todo or t.in_flight for t in transfers):
