@@ -686,3 +686,11 @@ def test_an_agent_whose_info_port_is_taken_says_so_and_one_on_port_0_picks_a_fre
             agent.close()
     finally:
         held.close()
+
+
+def test_an_agent_advertises_only_where_it_listens():
+    from smolcluster.node.discovery import advertised_addresses, local_addresses
+
+    assert advertised_addresses("127.0.0.1") == ["127.0.0.1"]  # not this host's LAN address: nobody answers there
+    assert advertised_addresses("10.1.2.3", "192.168.1.9") == ["192.168.1.9"]  # --advertise wins (a NAT)
+    assert advertised_addresses("0.0.0.0") == local_addresses()

@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--port", type=int, default=5660, help="control port (CURVE); port+1 answers public facts")
     run.add_argument("--bind", default="0.0.0.0", help="listen address (default every interface)")
     run.add_argument("--name", default=None, help="this node's name (default: SMOLCLUSTER_NODE or the host name)")
-    run.add_argument("--advertise", default=None, help="the address to advertise on mDNS (default: every IPv4 one)")
+    run.add_argument("--advertise", default=None, help="the address to advertise on mDNS (default: --bind's, or every IPv4 one)")
     run.add_argument("--no-mdns", dest="mdns", action="store_false", help="do not advertise (static peers only)")
     run.add_argument("--owner-timeout", type=float, default=15.0,
                      help="stop a coordinator's roles after it has been silent this many seconds")

@@ -526,7 +526,7 @@ def _read_lines(proc: subprocess.Popen, out: queue.Queue) -> None:
 
 
 def run_agent(args) -> int:
-    from smolcluster.node.discovery import Advertisement, local_addresses
+    from smolcluster.node.discovery import Advertisement, advertised_addresses
 
     agent = Agent(args.state_dir, port=args.port, bind=args.bind, name=args.name, owner_timeout_s=args.owner_timeout,
                   weights_cache_bytes=int(args.weights_cache_gb * 2**30) if args.weights_cache_gb else None)
@@ -534,7 +534,7 @@ def run_agent(args) -> int:
     ad = None
     try:
         if args.mdns:
-            addresses = [args.advertise] if args.advertise else local_addresses()
+            addresses = advertised_addresses(args.bind, args.advertise)
             try:
                 ad = Advertisement(agent.name, agent.port, agent.facts, addresses)
                 logger.info(f"advertised on mDNS as {ad.info.name} at {', '.join(addresses)}")

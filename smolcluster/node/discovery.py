@@ -56,6 +56,14 @@ class NodeInfo:
         return asdict(self)
 
 
+def advertised_addresses(bind: str, advertise: str | None = None) -> list[str]:
+    """Where an agent says it is: ``--advertise``, else the one address it listens on, else (bound to every
+    interface) every IPv4 address here. Never an address it does not listen on."""
+    if advertise:
+        return [advertise]
+    return local_addresses() if bind in ("0.0.0.0", "*", "::", "") else [bind]
+
+
 def local_addresses() -> list[str]:
     """This machine's IPv4 addresses beyond loopback (loopback when there are none)."""
     import ifaddr
