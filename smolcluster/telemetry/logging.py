@@ -31,7 +31,7 @@ _loki: LokiSink | None = None
 
 def setup_logging(
     *,
-    node: str = "local",
+    node: str | None = None,
     role: str = "main",
     rank: int | str = "",
     algo: str = "",
@@ -47,6 +47,10 @@ def setup_logging(
     """
     global _configured, _loki
     level = level or os.environ.get("SMOLCLUSTER_LOG_LEVEL", "INFO")
+    if node is None:  # this machine's name (an agent's role: the agent's --name), as train's nodes log
+        from smolcluster.cluster import node_name
+
+        node = node_name()
     identity = {"run_id": run_id, "node": node, "role": role, "rank": str(rank), "algo": algo}
     if _loki is not None:  # flush it while the console is still there for its last drop count
         _loki.close()
