@@ -48,6 +48,8 @@ class Trainer:
         if getattr(self.train, "activation_checkpointing", False):
             checkpoint_activations(whole, cfg.model.name)
         self.fingerprint, self.num_params = fingerprint(whole), count_parameters(whole)  # of the whole model
+        self.model_desc = describe_model(cfg.model, whole)
+        self.model_name = self.model_desc["name"]
         self.model = self.own_part(whole).to(self.device)
         self.model.train()
         self.flat = FlatParams(self.model)
@@ -188,7 +190,7 @@ class Trainer:
         if tok is not None and not (Path(run_dir) / "tokenizer.json").is_file():
             tok.save(Path(run_dir) / "tokenizer.json")  # inference and chat decode with the run's own tokenizer
         path = checkpoint.save(run_dir, self.model, self.optimizer, self.step,
-                               {"fingerprint": self.fingerprint, "model": OmegaConf.to_container(self.cfg.model, resolve=True),
+                               {"fingerprint": self.fingerprint, "model": self.model_desc,
                                 "run": self.run_counters(run_state)})
         tok_file = None if tok is None else (getattr(tok, "path", None) or Path(run_dir) / "tokenizer.json")
         if self.lora:  # the adapters as peft writes them; with merge=true also the merged model as hf/
@@ -226,7 +228,7 @@ class Trainer:
         wall_s = self.elapsed
         return {
             "algo": algo,
-            "model": self.cfg.model.name,
+            "model": self.model_name,
             "data": self.cfg.data.name,
             "steps": self.step,
             "samples": self.samples,
@@ -242,8 +244,24 @@ class Trainer:
             "optimizer_state_bytes": self.optimizer_state_bytes(),
             "run_dir": str(run_dir),
             **extra,
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "config": {**OmegaConf.to_container(self.cfg, resolve=True), "model": self.model_desc},
         }
+
+
+def describe_model(model_cfg: DictConfig, whole: torch.nn.Module) -> dict:
+    """The model a run trains, as logs, summary.json and the checkpoint name it: ``model=``'s settings, or, with
+    ``model.pretrained=DIR``, what that directory holds (its config.json decides the family, width and tying,
+    whatever ``model=`` preset named the run)."""
+    desc = OmegaConf.to_container(model_cfg, resolve=True)
+    config = getattr(whole, "config", None)
+    if not desc.get("pretrained") or config is None:
+        return desc
+    get = lambda *keys: next((getattr(config, k) for k in keys if getattr(config, k, None) is not None), None)  # noqa: E731
+    return {"name": Path(str(desc["pretrained"])).name or str(desc["pretrained"]), "kind": desc.get("kind", "lm"),
+            "pretrained": desc["pretrained"], "family": config.model_type,
+            "n_layer": get("num_hidden_layers", "n_layer"), "n_embd": get("hidden_size", "n_embd"),
+            "n_head": get("num_attention_heads", "n_head"), "vocab_size": config.vocab_size,
+            "tie_embeddings": bool(getattr(config, "tie_word_embeddings", False)), "preset": desc.get("name")}
 
 
 class LossWindow:

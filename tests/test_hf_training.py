@@ -128,11 +128,16 @@ def test_fine_tune_a_sharded_qwen3_directory_with_syncps_equals_local_and_hf_dir
     assert gen["eos_token_id"] == tok.eos_token_id
 
 
-def test_edp_fine_tunes_a_llama_directory_to_completion(tmp_path):
-    src = pretrained_dir(tmp_path / "llama", "llama")
+def test_edp_fine_tunes_a_qwen2_directory_to_completion_and_names_the_model_it_loaded(tmp_path):
+    # a Qwen2 directory fine-tuned under the llama-tiny preset (128 wide, untied)
+    src = pretrained_dir(tmp_path / "my-qwen", "qwen2", tie_embeddings=True)
     s = train(tmp_path / "run", "algo=edp", "cluster.workers=2", "model=llama-tiny", f"model.pretrained={src}",
               *SMALL, "train.steps=12", "train.batch_size=4", *FAST)
     assert s["steps"] == 12 and s["applied"] == 12 and s["workers_lost"] == []
+    # the run describes the model it loaded, not the preset that named the run
+    loaded = {"name": "my-qwen", "family": "qwen2", "n_embd": 64, "n_layer": 2, "tie_embeddings": True}
+    assert s["model"] == "my-qwen" and loaded.items() <= s["config"]["model"].items(), s["config"]["model"]
+    assert loaded.items() <= json.loads((tmp_path / "run" / "checkpoint.json").read_text())["model"].items()
     x = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(0))
     assert (hf_logits(tmp_path / "run" / "hf", x) - hf_logits(src, x)).abs().max() > 1e-4  # fine-tuned
 

@@ -667,7 +667,7 @@ class RingWorker:
         return self.recorder.finish(summary)
 
     def run(self) -> dict | None:
-        logger.info(f"allreduce rank {self.rank}/{self.n} on {self.nodes[self.rank].bind}: model={self.cfg.model.name} "
+        logger.info(f"allreduce rank {self.rank}/{self.n} on {self.nodes[self.rank].bind}: model={self.trainer.model_name} "
                     f"({self.trainer.num_params:,} params) zero={self.zero} compression={self.codec} "
                     f"overlap={self.overlap} max_staleness={self.K} elastic={self.elastic}")
         try:

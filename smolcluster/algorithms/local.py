@@ -18,7 +18,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         trainer.resume(cfg.resume)
     tr = trainer.train
     recorder = open_recorder(cfg, run_dir, keep_until=trainer.step if cfg.resume else None)
-    logger.info(f"algo=local model={cfg.model.name} ({trainer.num_params:,} params) data={cfg.data.name} "
+    logger.info(f"algo=local model={trainer.model_name} ({trainer.num_params:,} params) data={cfg.data.name} "
                 f"device={trainer.device} steps={trainer.end_step}/{trainer.total_steps} batch={tr.batch_size}")
     window = LossWindow(tr.log_every)
     if tr.eval_every and trainer.step == 0:

@@ -177,7 +177,7 @@ class ServerBase:
             self.workers[int(rank)] = WorkerInfo.restore(int(rank), state)
         self._weights: tuple[int, dict[str, np.ndarray]] | None = None
         self.last_lr: float | None = None
-        logger.info(f"{self.algo} server on {self.endpoint.address}: model={cfg.model.name} "
+        logger.info(f"{self.algo} server on {self.endpoint.address}: model={self.trainer.model_name} "
                     f"({self.trainer.num_params:,} params) steps={self.trainer.step}->{self.trainer.end_step} "
                     f"waiting for {self.cluster.workers} workers")
 
