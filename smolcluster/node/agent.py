@@ -528,6 +528,9 @@ def _read_lines(proc: subprocess.Popen, out: queue.Queue) -> None:
 def run_agent(args) -> int:
     from smolcluster.node.discovery import Advertisement, advertised_addresses
 
+    from smolcluster.telemetry.logging import setup_logging
+
+    setup_logging(node=args.name or node_name(), role="agent")  # the format every other node's lines have
     agent = Agent(args.state_dir, port=args.port, bind=args.bind, name=args.name, owner_timeout_s=args.owner_timeout,
                   weights_cache_bytes=int(args.weights_cache_gb * 2**30) if args.weights_cache_gb else None)
     sigterm_as_interrupt()
