@@ -5,7 +5,9 @@ next turn (the first turn's prompt, its answer, a new message) reuses the cached
 ``/metrics`` count, and its greedy tokens equal the same pipeline's with the cache off and ``transformers``'
 generate; requests sharing a prefix batched together each equal their reference; the same prompt through a LoRA
 adapter and through the base model never shares KV (equal to ``peft``); a KV budget too small for two
-conversations evicts the least recently used blocks and still answers right. In process: the block chain.
+conversations evicts the least recently used blocks and still answers right; ``top`` shows the hits. In process:
+the block chain, a block's copy of a cache, a store whose request is gone reported (a stage then has stage 0
+forget the block).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def cached(model, tmp_path_factory):
                                        **STAGE) as pipe:
         assert wait_until(lambda: len(list((run_dir / "endpoints").glob("*stage*.json"))) == 2, 30)
         urls = [json.loads(p.read_text())["url"] for p in sorted((run_dir / "endpoints").glob("*stage*.json"))]
-        yield pipe, urls
+        yield pipe, urls, run_dir
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +77,9 @@ def settled(urls: list[str], want: dict) -> list[dict]:
 
 
 def test_a_chats_next_turn_reuses_the_cached_prefix_with_the_same_tokens(cached, uncached, model):
-    pipe, urls = cached
+    from smolcluster.top import SERVING_COLUMNS, ClusterView, serving_row_of
+
+    pipe, urls, run_dir = cached
     first = prompt(1, 70)
     answer = pipe.submit(first, max_new_tokens=10).tokens()
     assert answer == uncached.submit(first, max_new_tokens=10).tokens()
@@ -93,10 +97,17 @@ def test_a_chats_next_turn_reuses_the_cached_prefix_with_the_same_tokens(cached,
     assert [r.tokens() for r in reqs] == [uncached.submit(p, max_new_tokens=6).tokens() for p in prompts]
     # each reused the 103 positions of the turn it continues: 6 blocks, 96 tokens
     settled(urls, {"hits": 4, "saved": 64 + 3 * 96})
+    view, rows = ClusterView(run_dir=run_dir), []
+
+    def hits_in_top() -> list[str]:  # top's column, per stage
+        rows[:] = [dict(zip(SERVING_COLUMNS, serving_row_of(n))) for n in view.poll() if n.up]
+        return [r["prefix hits"] for r in rows]
+
+    assert wait_until(lambda: hits_in_top() == ["4", "4"], 30), rows
 
 
 def test_an_adapter_and_the_base_model_never_share_kv(cached, model):
-    pipe, urls = cached
+    pipe, urls, _ = cached
     before = scrape(urls)[0]
     ids = prompt(3, 50)
     base = pipe.submit(ids, max_new_tokens=8).tokens()
@@ -131,3 +142,25 @@ def test_block_keys_chain_the_prefix_and_the_adapter():
     k1 = chain(root, ids[:16])
     assert chain(root, ids[:16]) == k1 != chain(other, ids[:16])  # the same tokens through an adapter: another key
     assert chain(k1, ids[16:]) != chain(root, ids[16:])  # a block's key depends on every block before it
+
+
+def test_blocks_copy_a_caches_positions_and_a_store_for_a_request_gone_is_reported():
+    import torch
+
+    from smolcluster.inference.prefix import PrefixCache
+    from smolcluster.pipeline.architectures import KVCache
+
+    cache, kv = KVCache(2), torch.randn(2, 1, 2, 40, 8)  # 2 blocks, 40 positions of (1, heads 2, n, 8)
+    for j in range(2):
+        cache.append(j, kv[j].clone(), kv[1 - j].clone())
+    cache.length = 40
+    prefix = PrefixCache(16)
+    assert prefix.apply([["s", "k0", "r", 0], ["s", "k1", "r", 1], ["s", "k2", "gone", 2]], {"r": cache}) == ["k2"]
+    assert prefix.nbytes == 2 * 2 * 2 * (16 * 2 * 8 * 4)  # 2 blocks x 2 layers x (keys, values)
+    fresh = KVCache(2)
+    prefix.load(["k0", "k1"], fresh)
+    assert fresh.length == 32 and (prefix.hits, prefix.saved) == (1, 32)
+    for (k, v), (k0, v0) in zip(fresh.layers, cache.layers):
+        assert torch.equal(k, k0[:, :, :32]) and torch.equal(v, v0[:, :, :32])
+    prefix.apply([["e", "k1"]], {})
+    assert prefix.match(["k0", "k1"]) == 1 and prefix.nbytes == 2 * 2 * (16 * 2 * 8 * 4)

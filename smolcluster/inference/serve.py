@@ -285,6 +285,7 @@ class StageServer:
             "serving": False, "blocks": [self.spec.blocks.start, self.spec.blocks.stop],
             "shape": self.arch.describe(), "kv_budget": self.kv_budget, "kernels": kernels(self.fmt),
             "adapters": self.lora.digests if self.lora else {},  # {name: digest}: the head checks stages agree
+            "prefix_block": self.prefix.block if self.prefix else 0,  # the prefix cache's (0: off); the same
         }
         others = [n for n in self.names if n != self.me]
         self.mesh.wait_ready(others, sc.connect_timeout_s, " (the other inference stages)")
