@@ -817,7 +817,7 @@ class StageServer:
         elif kind == "mp.prefix":  # a step's prefix-cache ops, its rows all dropped on the way
             self.replay(env.fields["ops"])
             if self.sc.rank < self.sc.n_stages - 1:
-                self.mesh.send(self.names[self.sc.rank + 1], "mp.prefix", env.fields, tag="prefix")
+                self.mesh.send(self.names[self.sc.rank + 1], "mp.prefix", {"ops": env.fields["ops"]}, tag="prefix")
         elif kind == "mp.forget":  # blocks a stage could not store: no request may start from them again
             for key in env.fields["keys"]:
                 if self.prefix is not None and key in self.prefix:
