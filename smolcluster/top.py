@@ -45,7 +45,8 @@ _KEYS = {"smolcluster_steps": "step", "smolcluster_samples": "samples", "smolclu
          "smolcluster_requests_active": "active", "smolcluster_requests_waiting": "waiting",
          "smolcluster_kv_cache_bytes": "kv_bytes", "smolcluster_kv_cache_budget_bytes": "kv_budget",
          "smolcluster_tokens": "tokens", "smolcluster_speculative_drafted": "drafted",
-         "smolcluster_speculative_accepted": "accepted"}
+         "smolcluster_speculative_accepted": "accepted", "smolcluster_prefix_hits": "prefix_hits",
+         "smolcluster_prefix_tokens_saved": "prefix_tokens", "smolcluster_prefix_cache_bytes": "prefix_bytes"}
 assert {n.removesuffix("_total") for n in [*METRICS, *SERVING_METRICS]} <= set(_KEYS), "a metric the view does not know"
 
 
@@ -228,7 +229,7 @@ def _trainable(v: dict) -> str:
 
 
 SERVING_COLUMNS = ("node", "role", "state", "active", "waiting", "tokens/s", "tokens", "KV MB", "KV budget MB",
-                   "accepted %", "CPU %", "RSS")
+                   "accepted %", "prefix hits", "CPU %", "RSS")
 
 
 def serving_row_of(node: Node) -> tuple[str, ...]:
@@ -239,6 +240,7 @@ def serving_row_of(node: Node) -> tuple[str, ...]:
             _num(v.get("active"), ".0f"), _num(v.get("waiting"), ".0f"), _num(r.get("tokens"), ".1f"),
             _num(v.get("tokens"), ".0f"), _num(kv and kv / 2**20, ".2f"), _num(budget and budget / 2**20, ".0f"),
             _num(100 * v.get("accepted", 0) / drafted if drafted else None, ".0f"),
+            _num(v.get("prefix_hits"), ".0f"),  # requests that started from the prefix cache (inference/prefix.py)
             _num(v.get("cpu_percent"), ".0f"), _bytes(v.get("rss_bytes")))
 
 

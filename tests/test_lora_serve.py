@@ -331,7 +331,7 @@ def test_a_request_intro_with_a_field_of_the_wrong_type_is_refused_naming_it():
     from smolcluster.inference.serve import check_intro
 
     good = {"head": "h", "max_new_tokens": 4, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 1, "eos": [2],
-            "prompt_len": 3, "adapter": "alpha"}
+            "prompt_len": 3, "adapter": "alpha", "prefix": []}
     check_intro("r1", good, "stage-0")
     with pytest.raises(PeerError) as e:
         check_intro("r1", {**good, "adapter": ["alpha"]}, "stage-0")

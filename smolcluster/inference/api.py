@@ -94,7 +94,8 @@ class InferencePipeline:
                     quantize: str = "none", quantize_group: int = 64, device: str | None = None,
                     formats: list[dict] | None = None, telemetry: dict | None = None,
                     co_located: bool = True, turns: bool | None = None,
-                    adapters: dict[str, str] | None = None, speculate: dict | None = None) -> InferencePipeline:
+                    adapters: dict[str, str] | None = None, speculate: dict | None = None,
+                    prefix_cache: bool = True, prefix_block: int = 32) -> InferencePipeline:
         """Start ``stages`` stage processes on this machine and connect to them.
 
         ``weights``: a Hugging Face model directory (any supported family), a run directory
@@ -120,6 +121,8 @@ class InferencePipeline:
         each checked against the model here, before any stage starts (:mod:`smolcluster.inference.adapters`).
         ``speculate``: ``{"k", "lookup", "draft"}`` (:class:`~smolcluster.inference.settings.Speculate`), stage 0
         proposes and the pipeline checks k tokens per pass (:mod:`smolcluster.inference.speculate`).
+        ``prefix_cache``: stages keep served prefixes' KV in blocks of ``prefix_block`` tokens, and a prompt that
+        starts with one prefills only the rest (:mod:`smolcluster.inference.prefix`).
         """
         if head not in ("first", "last"):
             raise ConfigError(f"head={head!r} is invalid: choose first or last")
@@ -147,6 +150,7 @@ class InferencePipeline:
                                  max_requests=max_requests, kv_cache_mb=kv_cache_mb,
                                  prefill_chunk=prefill_chunk, stream_interval_ms=stream_interval_ms,
                                  co_located=co_located, turns=turns, adapters=adapters, speculate=speculate,
+                                 prefix_cache=prefix_cache, prefix_block=prefix_block,
                                  extra={"telemetry": telemetry or {}}, **formats[rank])
                 path = workdir / f"stage-{rank}.json"
                 path.write_text(sc.dumps())

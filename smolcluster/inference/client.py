@@ -212,6 +212,10 @@ class PipelineClient:
                 raise ConfigError(f"stage {r} serves a model of shape {info.get('shape')}, stage 0 "
                                   f"{infos[0].get('shape')}: start every stage with the same weights")
         check_same_adapters([info.get("adapters") or {} for info in infos])
+        blocks = [info.get("prefix_block", 0) for info in infos]
+        if len(set(blocks)) > 1:  # stage 0 decides what every stage reuses: the others must hold the same blocks
+            raise ConfigError(f"the stages' prefix caches differ (serve.prefix_block per stage, 0: off: {blocks}): "
+                              "start every stage with the same serve.prefix_cache and serve.prefix_block")
         self.shape = dict(infos[0]["shape"])
         self.head_rank = int(infos[0]["head_rank"])
         self.partition = [info.get("blocks") for info in infos]

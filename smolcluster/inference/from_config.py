@@ -201,7 +201,8 @@ def pipeline_from_config(cfg: Pipeline, prompt: str | None = None) -> InferenceP
                 host=c.host, heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s,
                 connect_timeout_s=c.connect_timeout_s, kv_cache_mb=cfg.kv_cache_mb,
                 env={"SMOLCLUSTER_LOG_LEVEL": cfg.stage_log_level or "WARNING"}, telemetry=cfg.telemetry,
-                adapters=cfg.adapters, speculate=asdict(cfg.speculate))
+                adapters=cfg.adapters, speculate=asdict(cfg.speculate), prefix_cache=cfg.prefix_cache,
+                prefix_block=cfg.prefix_block)
         except BaseException:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -263,5 +264,6 @@ def serve_config_from(cfg: Pipeline) -> ServeConfig:
                        heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s, connect_timeout_s=c.connect_timeout_s,
                        max_bytes=c.max_bytes, keys_dir=c.keys, threads=node.threads, log_level=cfg.stage_log_level,
                        kv_cache_mb=cfg.kv_cache_mb, adapters=check_adapters(cfg.adapters, info["config"]),
-                       speculate=stage_speculate(cfg, info["config"]),
+                       speculate=stage_speculate(cfg, info["config"]), prefix_cache=cfg.prefix_cache,
+                       prefix_block=cfg.prefix_block,
                        extra={"telemetry": cfg.telemetry}, **fmt)

@@ -61,6 +61,7 @@ from loguru import logger
 
 from smolcluster.errors import ConfigError, PeerError, SmolclusterError
 from smolcluster.inference.adapters import adapter_numel, attach, unknown_adapter
+from smolcluster.inference.prefix import PrefixCache, chain, root_key
 from smolcluster.inference.sampling import SamplingParams, make_generator, next_token
 from smolcluster.pipeline.architectures import KVCache, family_for
 from smolcluster.pipeline.architectures.base import Batch, pin_attributes
@@ -106,6 +107,8 @@ class ServeConfig:
     device: str | None = None         # cpu | cuda | cuda:N | mps | auto (None: cpu)
     adapters: dict = field(default_factory=dict)  # LoRA adapters a request may name: {name: PEFT directory}
     speculate: dict = field(default_factory=dict)  # {"k", "lookup", "draft"}: settings.Speculate.fields() ({}: off)
+    prefix_cache: bool = True         # keep served prefixes' KV for requests that start with them (prefix.py)
+    prefix_block: int = 32            # ... in blocks of this many tokens
     extra: dict = field(default_factory=dict)
 
     def dumps(self) -> str:
@@ -137,6 +140,10 @@ class RequestState:
     trim: int | None = None           # stage 0: cut every stage's cache to this length before its next step
     drafted: int = 0                  # stage 0: proposals made for it, and kept (its acceptance rate)
     accepted: int = 0
+    keys: list[str] = field(default_factory=list)  # stage 0: its tokens' prefix-cache chain (prefix.py)
+    stored: int = 0                   # stage 0: its blocks offered to the prefix cache so far
+    reused: list[str] = field(default_factory=list)  # stage 0: the blocks it starts from, until its intro names them
+    introduced: bool = False          # stage 0: its first rows have left (with its intro)
 
 
 def check_intro(req, intro, src: str) -> None:
@@ -169,9 +176,11 @@ class Step:
     emit: list[bool]
     intro: dict = field(default_factory=dict)  # req -> what a later stage needs to start it
     trim: dict = field(default_factory=dict)   # req -> its cache's length before these rows (rejected proposals cut)
+    prefix: list = field(default_factory=list)  # stage 0's prefix-cache decisions, replayed first (prefix.py)
 
     def fields(self) -> dict:
-        return {"reqs": self.reqs, "sizes": self.sizes, "emit": self.emit, "intro": self.intro, "trim": self.trim}
+        return {"reqs": self.reqs, "sizes": self.sizes, "emit": self.emit, "intro": self.intro, "trim": self.trim,
+                "prefix": self.prefix}
 
 
 class StageServer:
@@ -236,6 +245,7 @@ class StageServer:
 
         self.metrics = open_serving_metrics(sc.extra.get("telemetry"), identity(), sc.rank, self.kv_budget)
         self.speculator = self.open_speculator()
+        self.prefix = self.open_prefix()
 
     def open_speculator(self):
         """Stage 0's drafters when ``speculate.k`` is set (they need the head here, beside the schedule)."""
@@ -247,6 +257,19 @@ class StageServer:
         from smolcluster.inference.speculate import Speculator
 
         return Speculator(self.sc.speculate, self.sc.config, self.fmt)
+
+    def open_prefix(self) -> PrefixCache | None:
+        """Every stage's prefix cache, unless off or the model slides a window (its caches drop old keys)."""
+        sc = self.sc
+        if not sc.prefix_cache or any(w is not None for w in getattr(self.arch.shape, "windows", ())):
+            return None
+        if isinstance(sc.prefix_block, bool) or not isinstance(sc.prefix_block, int) or sc.prefix_block < 1:
+            raise ConfigError(f"serve.prefix_block={sc.prefix_block!r} is invalid: give the prefix cache's block "
+                              "size in tokens (e.g. 32), or serve.prefix_cache=false to turn it off")
+        # Stage 0's root key: what besides the ids makes the KV (the adapter joins per request, prefix.root_key).
+        self.prefix_identity = {"weights": sc.weights, "precision": sc.precision, "quantize": sc.quantize,
+                                "group": sc.quantize_group, "block": sc.prefix_block}
+        return PrefixCache(sc.prefix_block)
 
     # -- links ------------------------------------------------------------------------------
     def connect(self) -> None:
@@ -262,6 +285,7 @@ class StageServer:
             "serving": False, "blocks": [self.spec.blocks.start, self.spec.blocks.stop],
             "shape": self.arch.describe(), "kv_budget": self.kv_budget, "kernels": kernels(self.fmt),
             "adapters": self.lora.digests if self.lora else {},  # {name: digest}: the head checks stages agree
+            "prefix_block": self.prefix.block if self.prefix else 0,  # the prefix cache's (0: off); the same
         }
         others = [n for n in self.names if n != self.me]
         self.mesh.wait_ready(others, sc.connect_timeout_s, " (the other inference stages)")
@@ -343,8 +367,28 @@ class StageServer:
         return [positions * per for per in self.kv_per_token]
 
     def fits(self, need: list[int]) -> bool:
-        return (len(self.requests) < self.sc.max_requests
-                and all(r + n <= self.kv_budget for r, n in zip(self.reserved, need)))
+        return len(self.requests) < self.sc.max_requests and self.kv_fits(need)
+
+    def kv_fits(self, need: list[int]) -> bool:
+        """``need`` more bytes fit every stage's budget beside the reserved and the prefix cache's blocks."""
+        cached = self.prefix.tokens() if self.prefix is not None else 0
+        return all(r + cached * per + n <= self.kv_budget
+                   for r, per, n in zip(self.reserved, self.kv_per_token, need))
+
+    def make_room(self, need: list[int], keep: set[str] | frozenset = frozenset()) -> bool:
+        """Stage 0: evict the prefix cache's least recently used blocks until ``need`` fits; whether it does. Kept:
+        ``keep`` and the blocks a request not yet introduced to the other stages starts from."""
+        if self.kv_fits(need):
+            return True
+        if self.prefix is None:
+            return False
+        keep = keep | {key for st in self.requests.values() for key in st.reused}
+        for key in [k for k in self.prefix.blocks if k not in keep]:
+            self.prefix.evict(key)
+            self.prefix.ops.append(["e", key])
+            if self.kv_fits(need):
+                return True
+        return False
 
     def on_submit(self, env: Envelope) -> None:
         f, req = env.fields, env.fields["req"]
@@ -398,17 +442,64 @@ class StageServer:
         while self.waiting:
             req, head, f, ids = self.waiting[0]
             need = self.kv_need(len(ids), int(f["max_new_tokens"]))
-            if not self.fits(need):
+            keys = self.prompt_keys(ids, f["adapter"])
+            if len(self.requests) >= self.sc.max_requests or not self.make_room(need):
                 return
             self.waiting.popleft()
             params = SamplingParams(float(f["temperature"]), int(f["top_k"]), float(f["top_p"]), int(f["seed"]))
             st = self.start(req, head, params, int(f["max_new_tokens"]), f["eos"], len(ids), f["adapter"])
             st.prompt, st.reserved = ids, need
             st.drafter = self.drafter(f["speculate"])
-            if st.drafter != "off":
+            if st.drafter != "off" or self.prefix is not None:
                 st.history = ids.tolist()
             self.reserved = [r + n for r, n in zip(self.reserved, need)]
+            if keys:
+                self.reuse(st, keys)
             self.prefilling.append(req)
+
+    def prompt_keys(self, ids: np.ndarray, adapter: str) -> list[str]:
+        """Stage 0: the prefix-cache keys of a prompt's whole blocks but its last token (which is always fed); the
+        cache's matching ones marked used, so they are the last evicted to make room for it."""
+        if self.prefix is None:
+            return []
+        block, keys, parent = self.prefix.block, [], root_key(self.prefix_identity, adapter)
+        for i in range((len(ids) - 1) // block):
+            parent = chain(parent, ids[i * block:(i + 1) * block])
+            keys.append(parent)
+        self.prefix.touch(keys[:self.prefix.match(keys)])
+        return keys
+
+    def reuse(self, st: RequestState, keys: list[str]) -> None:
+        """Stage 0: start a new request from the longest prefix of its prompt the cache holds; its intro will
+        name those blocks to the other stages, which copy them too (prefix.py)."""
+        st.keys = keys
+        n = self.prefix.match(keys)
+        if n:
+            st.reused = keys[:n]
+            self.prefix.load(st.reused, st.cache)
+            st.stored, st.fed = n, n * self.prefix.block
+
+    def offer_blocks(self, req: str, st: RequestState) -> None:
+        """Stage 0, building a step: the blocks now whole in a request's cache join the prefix cache, here now and
+        on the other stages with this step (its ops). Room is made by evicting least recently used blocks (not
+        this chain's); a block that finds none ends the request's offers."""
+        block, length = self.prefix.block, st.cache.length
+        offered = st.stored
+        while (st.stored + 1) * block <= length:
+            i = st.stored
+            if i == len(st.keys):
+                parent = st.keys[-1] if st.keys else root_key(self.prefix_identity, st.adapter)
+                st.keys.append(chain(parent, st.history[i * block:(i + 1) * block]))
+            key = st.keys[i]
+            if key not in self.prefix:
+                if not self.make_room([block * per for per in self.kv_per_token], set(st.keys[:i])):
+                    st.stored = 1 << 30  # no room: its later blocks would hang off a missing one
+                    break
+                self.prefix.store(key, st.cache, i)
+                self.prefix.ops.append(["s", key, req, i])
+            st.stored += 1
+        if st.stored > offered:
+            self.prefix.touch(st.keys[:st.stored])
 
     def start(self, req: str, head: str, params: SamplingParams, max_new_tokens: int, eos: list[int],
               prompt_len: int, adapter: str = "") -> RequestState:
@@ -453,6 +544,8 @@ class StageServer:
                 step.trim[req] = st.trim
                 st.cache.truncate(st.trim)
                 st.trim = None
+            if self.prefix is not None:
+                self.offer_blocks(req, st)
             step.reqs.append(req), step.sizes.append(1 + len(st.drafts)), step.emit.append(True)
             ids.append(token)
             ids.extend(st.drafts)
@@ -463,18 +556,23 @@ class StageServer:
             if st is None:  # cancelled while waiting for its next chunk
                 continue
             n = min(room, len(st.prompt) - st.fed)
-            if st.fed == 0:
+            if self.prefix is not None:
+                self.offer_blocks(req, st)
+            if not st.introduced:
                 p = st.params
                 step.intro[req] = {"head": st.head, "max_new_tokens": st.max_new_tokens,
                                    "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p,
                                    "seed": p.seed, "eos": st.eos, "prompt_len": st.prompt_len,
-                                   "adapter": st.adapter}
+                                   "adapter": st.adapter, "prefix": st.reused}
+                st.introduced, st.reused = True, []
             ids.extend(int(t) for t in st.prompt[st.fed:st.fed + n])
             st.fed += n
             room -= n
             step.reqs.append(req), step.sizes.append(n), step.emit.append(st.fed == len(st.prompt))
         if not step.reqs:
             return
+        if self.prefix is not None:
+            step.prefix, self.prefix.ops = self.prefix.ops, []
         self.out.update(step.reqs)
         batch = self.batch(step)
         try:
@@ -520,14 +618,16 @@ class StageServer:
             return
         fields = step.fields()
         if rank == last:  # round the ring: stage 0 knows these requests already (and has cut their caches)
-            fields["intro"], fields["trim"] = {}, {}
+            fields["intro"], fields["trim"], fields["prefix"] = {}, {}, []
         dst = self.names[rank + 1] if rank < last else self.names[0]
         # Sent in the compute type (bf16/fp16: half fp32's bytes); the wire copies it off a GPU.
         self.mesh.send(dst, "mp.hidden", fields, {"x": x}, tag=step.reqs[0])
 
     def on_hidden(self, env: Envelope) -> None:
         f = env.fields
-        step = Step(list(f["reqs"]), list(f["sizes"]), list(f["emit"]), dict(f["intro"]), dict(f["trim"]))
+        step = Step(list(f["reqs"]), list(f["sizes"]), list(f["emit"]), dict(f["intro"]), dict(f["trim"]),
+                    list(f["prefix"]))
+        self.replay(step.prefix)  # stage 0's prefix-cache decisions, before any request that relies on them
         for req, intro in step.intro.items():
             if req not in self.requests and req not in self.closed:
                 check_intro(req, intro, env.src)
@@ -537,8 +637,10 @@ class StageServer:
                 if adapter and adapter not in self.sc.adapters:
                     raise ConfigError(f"{self.me}: {unknown_adapter(adapter, self.sc.adapters)} (start every "
                                       "stage with the same adapters=)")
-                self.start(req, intro["head"], params, intro["max_new_tokens"], intro["eos"], intro["prompt_len"],
-                           adapter)
+                st = self.start(req, intro["head"], params, intro["max_new_tokens"], intro["eos"],
+                                intro["prompt_len"], adapter)
+                if intro["prefix"]:
+                    self.load_prefix(req, st, intro["prefix"])
         for req, length in step.trim.items():  # rejected proposals: before this step's rows (speculate.py)
             if req in self.requests:
                 cache = self.requests[req].cache
@@ -552,16 +654,40 @@ class StageServer:
         keep = [i for i, req in enumerate(step.reqs) if req in self.requests]
         if len(keep) < len(step.reqs):
             if not keep:
+                if step.prefix and self.sc.rank < self.sc.n_stages - 1:  # the next stages replay them all the same
+                    self.mesh.send(self.names[self.sc.rank + 1], "mp.prefix", {"ops": step.prefix}, tag="prefix")
                 return
             starts = [sum(step.sizes[:i]) for i in range(len(step.sizes))]
             x = torch.cat([x[:, starts[i]:starts[i] + step.sizes[i]] for i in keep], dim=1)
             step = Step([step.reqs[i] for i in keep], [step.sizes[i] for i in keep], [step.emit[i] for i in keep],
                         {r: v for r, v in step.intro.items() if r in self.requests},
-                        {r: v for r, v in step.trim.items() if r in self.requests})  # the next stages cut too
+                        {r: v for r, v in step.trim.items() if r in self.requests},  # the next stages cut too
+                        step.prefix)
         if self.sc.rank == 0:  # the ring's return: stage 0 holds the head
             self.emit(step, x)
         else:
             self.forward_out(step, self.stage.run_blocks(x, self.batch(step)))
+
+    def replay(self, ops: list) -> None:
+        """Stages past 0: apply stage 0's prefix-cache ops; a block this stage could not store (its request was
+        cancelled here first) is reported to stage 0, which forgets it everywhere."""
+        if not ops or self.prefix is None:
+            return
+        lost = self.prefix.apply(ops, {req: st.cache for req, st in self.requests.items()})
+        if lost:
+            self.mesh.send(self.names[0], "mp.forget", {"keys": lost}, tag="prefix")
+
+    def load_prefix(self, req: str, st: RequestState, keys: list) -> None:
+        """Stages past 0: a new request starts from the blocks stage 0 chose; one missing here fails it (its
+        output would be wrong), and stage 0 forgets the missing ones so that a retry prefills in full."""
+        missing = [k for k in keys if self.prefix is None or k not in self.prefix]
+        if not missing:
+            self.prefix.load(keys, st.cache)
+            return
+        self.mesh.send(self.names[0], "mp.forget", {"keys": missing}, tag="prefix")
+        self.fail(req, f"{self.me} lacks {len(missing)} of the {len(keys)} prefix-cache blocks request {req} starts "
+                       "from (its store here was overtaken by a cancel, or this stage runs serve.prefix_cache=false "
+                       "unlike stage 0); stage 0 forgets them: retry the request")
 
     def emit(self, step: Step, x: torch.Tensor) -> None:
         """Pick each finished row's token(s), stream them to its head, and hand the step's results to stage 0."""
@@ -691,6 +817,15 @@ class StageServer:
             self.on_hidden(env)
         elif kind == "mp.step":
             self.schedule(env.fields)
+        elif kind == "mp.prefix":  # a step's prefix-cache ops, its rows all dropped on the way
+            self.replay(env.fields["ops"])
+            if self.sc.rank < self.sc.n_stages - 1:
+                self.mesh.send(self.names[self.sc.rank + 1], "mp.prefix", {"ops": env.fields["ops"]}, tag="prefix")
+        elif kind == "mp.forget":  # blocks a stage could not store: no request may start from them again
+            for key in env.fields["keys"]:
+                if self.prefix is not None and key in self.prefix:
+                    self.prefix.evict(key)
+                    self.prefix.ops.append(["e", key])
         elif kind == "mp.done":
             for req, reason in env.fields["ended"]:
                 self.close(req, reason)
@@ -717,6 +852,10 @@ class StageServer:
         beacon["kv_bytes"] = self.kv_bytes()
         beacon["steps"], beacon["rows"] = self.forwards, self.rows  # rows / steps: the tokens a step carries
         beacon["mixed_steps"] = self.mixed
+        if self.prefix is not None:  # hits and tokens saved count every stage's copies (the same on each)
+            p = self.prefix
+            beacon["prefix_hits"], beacon["prefix_tokens"], beacon["prefix_bytes"] = p.hits, p.saved, p.nbytes
+            self.metrics.prefix(p.hits, p.saved, p.nbytes)
         if self.speculator is not None:  # acceptance rate: accepted / drafted
             beacon["drafted"], beacon["accepted"] = self.speculator.drafted, self.speculator.accepted
             self.metrics.speculated(self.speculator.drafted, self.speculator.accepted)

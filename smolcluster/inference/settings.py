@@ -134,6 +134,8 @@ class Pipeline:
     telemetry: dict = field(default_factory=dict)  # logging.prometheus / run_dir: what smolcluster.top reads
     adapters: dict = field(default_factory=dict)   # {name: PEFT adapter dir}: LoRA adapters a request may name
     speculate: Speculate = field(default_factory=Speculate)
+    prefix_cache: bool = True         # serve.prefix_cache: stages keep served prefixes' KV (inference/prefix.py)
+    prefix_block: int = 32            # serve.prefix_block: ... in blocks of this many tokens
 
 
 @dataclass
@@ -158,6 +160,8 @@ class Serve:
     max_active: int = 16
     max_waiting: int = 64
     kv_cache_mb: float | None = None
+    prefix_cache: bool = True  # stages keep served prefixes' KV (inference/prefix.py)
+    prefix_block: int = 32     # ... in blocks of this many tokens
     reconnect: bool = True
     ui: bool = True
     log_level: str = "warning"
@@ -202,6 +206,8 @@ class _Common:
 @dataclass
 class StageServe:
     kv_cache_mb: float | None = None  # each stage's KV-cache budget; null: a quarter of the node's memory
+    prefix_cache: bool = True         # stages keep served prefixes' KV (inference/prefix.py)
+    prefix_block: int = 32            # ... in blocks of this many tokens
 
 
 @dataclass
@@ -243,13 +249,18 @@ def _pipeline(cfg) -> Pipeline:
     kv = cfg.serve.kv_cache_mb
     if kv is not None and kv <= 0:
         raise ConfigError(f"serve.kv_cache_mb={kv} must be positive (or null: a quarter of the node's memory)")
+    block = int(cfg.serve.prefix_block)
+    if block < 1:
+        raise ConfigError(f"serve.prefix_block={block} is invalid: give the prefix cache's block size in tokens "
+                          "(e.g. 32), or serve.prefix_cache=false to turn it off")
     return Pipeline(model=_plain(cfg.model), data=_plain(cfg.data), checkpoint=cfg.checkpoint, stages=stages,
                     head=HeadPlace(cfg.head), role=Role(cfg.role), rank=cfg.get("rank"), head_host=cfg.head_host,
                     head_port=int(cfg.head_port), stage_log_level=cfg.stage_log_level, seed=int(cfg.seed),
                     kv_cache_mb=kv, links=Links.of(_plain(cfg.cluster)), precision=str(cfg.precision),
                     quantize=str(cfg.quantize), quantize_group=int(cfg.quantize_group), partition=partition,
                     max_active=int(cfg.serve.get("max_active") or 1), telemetry=_telemetry(cfg),
-                    adapters=_adapters(cfg.get("adapters")), speculate=Speculate(**_plain(cfg.speculate)).check())
+                    adapters=_adapters(cfg.get("adapters")), speculate=Speculate(**_plain(cfg.speculate)).check(),
+                    prefix_cache=bool(cfg.serve.prefix_cache), prefix_block=block)
 
 
 def _adapters(node) -> dict[str, str]:

@@ -21,7 +21,8 @@ _COMMON = {"src": str, "seq": int}
 # (a head's ``submit`` goes to stage 0 only: nothing can overtake it on another link).
 REQUEST_FIELDS = {"head": str, "max_new_tokens": int, "temperature": _NUM, "top_k": int, "top_p": _NUM,
                   "seed": int, "eos": list, "prompt_len": int,  # eos: the ids generation stops at
-                  "adapter": str}  # the LoRA adapter the request's rows go through ("": the base model)
+                  "adapter": str,  # the LoRA adapter the request's rows go through ("": the base model)
+                  "prefix": list}  # the prefix-cache blocks (keys) it starts from (inference/prefix.py)
 
 # kind -> (required fields, finite?)
 KINDS: dict[str, tuple[dict, bool]] = {
@@ -35,12 +36,16 @@ KINDS: dict[str, tuple[dict, bool]] = {
     "mp.norm": ({"step": int, "sq": _NUM}, True),               # squared grad norm, for global clipping
     # inference
     # speculate: which drafter proposes its tokens ("": the stages' default, off, lookup, draft; speculate.py)
-    "mp.submit": ({"req": str, "speculate": str, **{k: v for k, v in REQUEST_FIELDS.items() if k not in ("head", "prompt_len")}},
+    "mp.submit": ({"req": str, "speculate": str, **{k: v for k, v in REQUEST_FIELDS.items() if k not in ("head", "prompt_len", "prefix")}},
                   True),                                        # tensors: ids, the prompt
     # Not `finite`: a NaN in inference only spoils that request's tokens, and the check costs ~20 us a hop.
     # A batched step's rows: reqs[i] has sizes[i] rows of x; emit[i]: its last row makes a token.
     # trim[req]: cut its KV cache to this length before its rows (speculative decoding's rejected proposals).
-    "mp.hidden": ({"reqs": list, "sizes": list, "emit": list, "intro": dict, "trim": dict}, False),  # tensors: x
+    # prefix: stage 0's prefix-cache ops, replayed first: ["e", key] evicts, ["s", key, req, i] stores block i.
+    "mp.hidden": ({"reqs": list, "sizes": list, "emit": list, "intro": dict, "trim": dict, "prefix": list},
+                  False),  # tensors: x
+    "mp.prefix": ({"ops": list}, False),                        # a step's prefix ops, its rows all dropped
+    "mp.forget": ({"keys": list}, False),                       # to stage 0: blocks a stage could not store
     "mp.step": ({"reqs": list, "tokens": list, "ended": list}, False),  # to stage 0: a step's tokens (-1: chunk)
     "mp.done": ({"ended": list}, False),                        # [req, reason] pairs: free their caches
     # to a head: a request's tokens from `index` on, each made `ages[i]` seconds before this was sent

@@ -57,6 +57,7 @@ SERVING_GAUGES = {
     "waiting": ("smolcluster_requests_waiting", "requests waiting: for KV room (stage 0) or a slot (head)"),
     "kv_bytes": ("smolcluster_kv_cache_bytes", "KV-cache bytes the running requests hold on this stage"),
     "kv_budget": ("smolcluster_kv_cache_budget_bytes", "this stage's KV-cache budget (serve.kv_cache_mb)"),
+    "kv_prefix_bytes": ("smolcluster_prefix_cache_bytes", "KV-cache bytes the prefix cache's blocks hold here"),
     "cpu_percent": _GAUGES["cpu_percent"],
     "rss_bytes": _GAUGES["rss_bytes"],
 }
@@ -64,6 +65,8 @@ SERVING_COUNTERS = {
     "tokens": ("smolcluster_tokens_total", "tokens through this stage's layers (head: tokens answered)"),
     "drafted": ("smolcluster_speculative_drafted_total", "tokens proposed by speculative decoding (stage 0)"),
     "accepted": ("smolcluster_speculative_accepted_total", "proposed tokens the target kept (stage 0)"),
+    "prefix_hits": ("smolcluster_prefix_hits_total", "requests that started from the prefix cache's blocks"),
+    "prefix_tokens": ("smolcluster_prefix_tokens_saved_total", "prompt tokens not prefilled: the prefix cache had them"),
 }
 SERVING_METRICS = {name: help_ for name, help_ in [*SERVING_GAUGES.values(), *SERVING_COUNTERS.values()]}
 

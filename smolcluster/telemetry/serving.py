@@ -34,7 +34,7 @@ class ServingMetrics:
         if kv_budget is not None:
             g["kv_budget"].set(kv_budget)
         self._hardware, self._next_hardware = None, 0.0
-        self._spec: dict[str, int] = {}
+        self._totals: dict[str, int] = {}
         if run_dir is not None:
             self.sink.announce(Path(run_dir))
 
@@ -60,10 +60,17 @@ class ServingMetrics:
 
     def speculated(self, drafted: int, accepted: int) -> None:
         """Stage 0's speculative decoding totals so far (proposed, kept): the counters catch up to them."""
-        for key, total in (("drafted", drafted), ("accepted", accepted)):
-            counter = self.sink.counters[key]
-            counter.inc(total - self._spec.get(key, 0))
-            self._spec[key] = total
+        self._catch_up(drafted=drafted, accepted=accepted)
+
+    def prefix(self, hits: int, tokens: int, nbytes: int) -> None:
+        """The prefix cache's totals so far (requests that reused blocks, tokens they skipped) and its bytes."""
+        self._catch_up(prefix_hits=hits, prefix_tokens=tokens)
+        self.sink.gauges["kv_prefix_bytes"].set(nbytes)
+
+    def _catch_up(self, **totals: int) -> None:
+        for key, total in totals.items():
+            self.sink.counters[key].inc(total - self._totals.get(key, 0))
+            self._totals[key] = total
 
     def close(self) -> None:
         self.sink.close()
@@ -79,6 +86,9 @@ class _Off:
         pass
 
     def speculated(self, drafted: int, accepted: int) -> None:
+        pass
+
+    def prefix(self, hits: int, tokens: int, nbytes: int) -> None:
         pass
 
     def close(self) -> None:
