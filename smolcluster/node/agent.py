@@ -527,7 +527,6 @@ def _read_lines(proc: subprocess.Popen, out: queue.Queue) -> None:
 
 def run_agent(args) -> int:
     from smolcluster.node.discovery import Advertisement, advertised_addresses
-
     from smolcluster.telemetry.logging import setup_logging
 
     setup_logging(node=args.name or node_name(), role="agent")  # the format every other node's lines have
