@@ -15,6 +15,7 @@ makes the head send all the same.) One sequence of runs on one pair of agents:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -25,6 +26,7 @@ import pytest
 
 from smolcluster.pipeline.weights import read_header
 from tests import test_node_agent
+from tests.test_lora_serve import save_adapter
 from tests.test_node_agent import Proc, listening, prepare, role_pids, wait_gone
 
 ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -56,6 +58,7 @@ def cached_keys(state: Path) -> dict[str, Path]:
 
 def test_weights_travel_to_agents_that_cannot_read_the_model(tmp_path, procs):
     import torch
+    from peft import PeftModel
     from tokenizers import Tokenizer
 
     from smolcluster import checkpoint
@@ -65,10 +68,18 @@ def test_weights_travel_to_agents_that_cannot_read_the_model(tmp_path, procs):
     d = write_tiny_run(tmp_path / "models" / "tiny", 128, vocab=500, n_layer=4)
     hf = build_gpt2(vocab_size=500, n_layer=4, n_head=4, n_embd=64, n_positions=128).eval()
     checkpoint.load(d, hf)
+    adapter = save_adapter(copy.deepcopy(hf), tmp_path / "models" / "lora", 1, r=4, lora_alpha=8,
+                           target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
     tok = Tokenizer.from_file(str(d / "tokenizer.json"))
     ids = tok.encode("class Foo").ids
-    want = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
-    text = "class Foo" + tok.decode(want[0, len(ids):].tolist())
+
+    def greedy(model) -> str:
+        want = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=0,
+                              eos_token_id=None)
+        return "class Foo" + tok.decode(want[0, len(ids):].tolist())
+
+    text, tuned = greedy(hf), greedy(PeftModel.from_pretrained(copy.deepcopy(hf), adapter).eval())
+    assert tuned != text  # (the adapter changes the answer: the run through it proves it was applied)
 
     prepare(tmp_path, ["a", "b", "c"])
     started = {n: hidden_agent(tmp_path, n, tmp_path / "models", tiny_cache=n == "c") for n in ("a", "b", "c")}
@@ -76,33 +87,39 @@ def test_weights_travel_to_agents_that_cannot_read_the_model(tmp_path, procs):
     ports = {n: listening(tmp_path, n, p) for n, p in started.items()}
 
     def infer(*names: str) -> Proc:
+        extra = [n for n in names if "=" in n]
+        names = tuple(n for n in names if "=" not in n)
         peers = ",".join(f"127.0.0.1:{ports[n]}" for n in names)
         c = Proc([sys.executable, "-u", "-m", "smolcluster.infer", "cluster=auto", f"cluster.peers=[{peers}]",
                   f"cluster.state_dir={tmp_path / 'coord'}", "cluster.mdns=false", f"checkpoint={d}",
                   "prompt=class Foo", "max_new_tokens=8", "stop_at_eos=false", "cluster.heartbeat_s=0.2",
-                  *([] if ROOT else ["cluster.weights=send"])])
+                  *([] if ROOT else ["cluster.weights=send"]), *extra])
         procs.append(c)
         return c
 
-    def run_ok() -> int:
-        c = infer("a", "b")
+    def run_ok(*extra: str, want: str = text) -> int:
+        c = infer("a", "b", *extra)
         assert c.wait(timeout=180) == 0, c.text()[-4000:]
-        assert text in c.text(), c.text()[-3000:]
+        assert want in c.text(), c.text()[-3000:]
         return int(re.search(r"weights: sent (\d+) bytes in all", c.text()).group(1))
 
-    sent = run_ok()
+    lora = f"adapters={{tuned:{adapter}}}"  # the LoRA adapter travels with the weights: each stage applies it
+    sent = run_ok(lora)
     first = next(n for n in ("a", "b") if list((tmp_path / n / "runs").glob("*/stage_0")))
     other = "b" if first == "a" else "a"
-    keys = {n: cached_keys(tmp_path / n) for n in ("a", "b")}
+    everything = {n: cached_keys(tmp_path / n) for n in ("a", "b")}
+    keys = {n: {k: b for k, b in got.items() if ".lora_" not in k} for n, got in everything.items()}
     header, _ = read_header(d / "checkpoint.safetensors")
     assert set(keys[first]) | set(keys[other]) == set(header) and not set(keys[first]) & set(keys[other])
+    lora_keys = set(read_header(adapter / "adapter_model.safetensors")[0]) - {"__metadata__"}
+    assert all(lora_keys == set(everything[n]) - set(keys[n]) for n in ("a", "b"))  # both stages hold it whole
     assert "transformer.wte.weight" in keys[first]
     assert {"transformer.h.3.attn.c_attn.weight", "transformer.h.2.mlp.c_fc.weight"} <= set(keys[other])
     assert sent == sum(b.stat().st_size for n in ("a", "b") for b in (tmp_path / n / "weights" / "blobs").iterdir())
     assert len(list((tmp_path / first / "runs").glob("*/stage_0/model/tokenizer.json"))) == 1
     assert not list((tmp_path / other / "runs").glob("*/stage_*/model/tokenizer.json"))
 
-    assert run_ok() == 0  # the same weights again: nothing sent
+    assert run_ok(lora, "adapter=tuned", want=tuned) == 0  # the same weights again: nothing sent; the adapter's text
 
     flipped = keys[first]["transformer.wte.weight"]  # one byte flipped on disk, amid the embedding's bytes
     raw = bytearray(flipped.read_bytes())

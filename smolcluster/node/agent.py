@@ -79,6 +79,9 @@ KEY_FILES = re.compile(r"(server\.key(_secret)?|client\.key(_secret)?|authorized
 # the files beside a stage's tensors that a head may send (config.json always; the tokenizer's with stage 0)
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json")
+# a LoRA adapter's files (inference/adapters.py), and its name as a directory: nothing of the head's choosing
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 ROLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _-]{0,31}")  # "server", "worker 3", "stage 1"
 NOT_PAIRED = ("not paired: this node obeys only coordinators it has paired with (run the coordinator with "
               "cluster.pair_timeout_s=120 and confirm the code it shows on both machines)")
@@ -332,6 +335,25 @@ class Agent:
         (d / "model.safetensors.index.json").write_text(json.dumps(index))
         return d
 
+    def adapter_dirs(self, rdir: Path, model: dict) -> list[str]:
+        """The LoRA adapters that travelled with a stage (``model["adapters"]``: {name: {file: sha}}), each a PEFT
+        directory of links into the cache; the ``adapters.NAME=DIR`` overrides that point the stage at them."""
+        adapters = model.get("adapters") or {}
+        if not isinstance(adapters, dict):
+            raise CacheError("model adapters must be {name: {file: sha256}}")
+        out = []
+        for name, files in adapters.items():
+            if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name) or not isinstance(files, dict):
+                raise CacheError(f"adapter name {printable(str(name))!r} is not a plain name ({ADAPTER_NAME.pattern})")
+            d = rdir / "adapters" / name
+            private_dir(d)
+            for file, sha in files.items():
+                if file not in ADAPTER_FILES:
+                    raise CacheError(f"adapter file {printable(str(file))!r} is not one of {', '.join(ADAPTER_FILES)}")
+                os.symlink(self._cached(sha), d / file)
+            out.append(f"adapters.{name}={d}")
+        return out
+
     def _cached(self, sha: str) -> Path:
         path = self.cache.path(sha)
         if not path.is_file():
@@ -374,7 +396,8 @@ class Agent:
             self.control.send(peer, "role_state", {"name": printable(name), "state": "failed", "detail": bad})
             return
         self.write_keys(rdir, f["keys"])
-        model = [f"checkpoint={self.model_dir(rdir, f['model'])}"] if f.get("model") else []
+        model = [f"checkpoint={self.model_dir(rdir, f['model'])}", *self.adapter_dirs(rdir, f["model"])] \
+            if f.get("model") else []
         program = f.get("program") or "train"
         cmd = [sys.executable, "-u", "-m", f"smolcluster.{program}", *f["args"], *model, f"role={role}",
                f"hydra.run.dir={rdir}", "hydra.output_subdir=null"]

@@ -648,7 +648,7 @@ def _agent_stages(cfg: DictConfig, p):
             info, plans = _plan_weights(cfg, p, node_entries(c, ranks, None, defaults))
 
             def models(_entries: list[dict]) -> list:
-                return _send_weights(run, cfg, ranks, info, plans, mode)
+                return _send_weights(run, cfg, ranks, info, plans, mode, p.adapters)
         ports = run.start_ranks(ranks, "stage", args, keys, program="infer", head=True, defaults=defaults,
                                 models=models)
         head = keys / "head"  # the head: a client of every stage, and the server they connect back to
@@ -700,13 +700,14 @@ def _hash_book(cfg: DictConfig):
     return HashBook(Path(str(cfg.cluster.state_dir)).expanduser() / "coordinator" / "weight-hashes.json")
 
 
-def _send_weights(run: Run, cfg: DictConfig, ranks: list[NodeInfo], info: dict, plans: list, mode: str) -> list:
+def _send_weights(run: Run, cfg: DictConfig, ranks: list[NodeInfo], info: dict, plans: list, mode: str,
+                  adapters: dict) -> list:
     """Each stage's share of the weights into its agent's cache (weightsend.py); per rank the ``model`` its
     start_role carries, or None where the agent reads the model files itself (``cluster.weights=auto``)."""
     from smolcluster.node import weightsend
 
     c = cfg.cluster
-    files = weightsend.model_files(info, _hash_book(cfg)) if mode == "auto" else {}
+    files = weightsend.model_files(info, _hash_book(cfg), adapters) if mode == "auto" else {}
     transfers, readable = weightsend.prepare(run.links, ranks, plans, files, float(c.heartbeat_s))
     weightsend.stream(transfers, float(c.heartbeat_s), float(c.liveness_s), on_message=run.handle)
     return [None if reads else plan.manifest() for plan, reads in zip(plans, readable, strict=True)]

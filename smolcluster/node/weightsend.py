@@ -6,7 +6,8 @@ starting them:
 1. plan     each stage's tensors, from the same partition its stage will compute (placement by memory, the
             stage's blocks, embedding and head); each tensor becomes a cache entry: a one-tensor safetensors
             file (its header written here + the tensor's bytes, read by byte range from the model's own file),
-            named by its sha256. ``config.json`` travels with every stage, the tokenizer's files with stage 0.
+            named by its sha256. ``config.json`` travels with every stage, the tokenizer's files with stage 0,
+            each LoRA adapter's two files (``adapters=``) with every stage.
 2. ask      each agent what of its entries it already holds (it re-hashes them: weightcache.py), its free
             disk, and whether it can read this very model directory itself (``cluster.weights=auto``: the
             same paths, sizes and sha256; then nothing is sent, and the stage reads the directory as it
@@ -45,6 +46,7 @@ from smolcluster.node.weightcache import DISK_MARGIN
 from smolcluster.pipeline.placement import size as human
 
 WINDOW = 16  # chunks in flight per agent: a LAN link stays full while a busy agent is slow to acknowledge
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a PEFT LoRA directory (inference/adapters.py)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
@@ -120,19 +122,23 @@ class HashBook:
 class StagePlan:
     tensors: dict[str, Entry]                                 # tensor key -> its entry
     config_files: dict[str, Entry] = field(default_factory=dict)
+    adapters: dict[str, dict[str, Entry]] = field(default_factory=dict)  # LoRA name -> its files (every stage)
 
     def entries(self) -> list[Entry]:
-        return [*self.config_files.values(), *self.tensors.values()]
+        return [*self.config_files.values(), *self.tensors.values(),
+                *(e for files in self.adapters.values() for e in files.values())]
 
     def manifest(self) -> dict:
         return {"config_files": {n: e.sha for n, e in self.config_files.items()},
-                "tensors": {k: e.sha for k, e in self.tensors.items()}}
+                "tensors": {k: e.sha for k, e in self.tensors.items()},
+                "adapters": {a: {n: e.sha for n, e in files.items()} for a, files in self.adapters.items()}}
 
 
 def plan_stages(p, info: dict, node_entries: list[dict], book: HashBook) -> list[StagePlan]:
     """Each stage's entries, from the partition its stage computes from the same settings (from_config)."""
     from dataclasses import replace
 
+    from smolcluster.inference.adapters import check_adapters
     from smolcluster.inference.from_config import stage_formats, stage_weights_for
     from smolcluster.inference.settings import HeadPlace
     from smolcluster.pipeline.architectures import family_for
@@ -147,6 +153,9 @@ def plan_stages(p, info: dict, node_entries: list[dict], book: HashBook) -> list
     config = src / "config.json" if src.is_dir() and (src / "config.json").is_file() else None
     common = {"config.json": Entry(config.read_bytes() if config else json.dumps(info["config"]).encode())}
     tok_dir = Path(info["tokenizer"]).parent if info.get("tokenizer") else None
+    # every stage applies each adapter to its own blocks: the adapter's two small files travel whole to each
+    check_adapters(p.adapters, info["config"])  # (a misfit or missing adapter: one line before anything is read)
+    adapters = {name: {f: Entry((Path(d) / f).read_bytes()) for f in ADAPTER_FILES} for name, d in (p.adapters or {}).items()}
     plans = []
     for r, s in enumerate(arch.plan(p.stages, weights, head_first=p.head is HeadPlace.first)):
         keys = stage_keys(src, files, arch.param_shapes(s.first, r == head_rank, s.blocks))
@@ -156,20 +165,22 @@ def plan_stages(p, info: dict, node_entries: list[dict], book: HashBook) -> list
             tensors[key] = tensor_entry(files[key], key, header[key], base)
         extra = {n: Entry((tok_dir / n).read_bytes()) for n in TOKENIZER_FILES
                  if r == 0 and tok_dir is not None and (tok_dir / n).is_file()}
-        plans.append(StagePlan(tensors, {**common, **extra}))
+        plans.append(StagePlan(tensors, {**common, **extra}, adapters))
     for e in (e for plan in plans for e in plan.entries()):
         book.fill(e)
     book.save()
     return plans
 
 
-def model_files(info: dict, book: HashBook) -> dict[str, list]:
-    """The head's model files, {absolute path: [size, sha256]}: an agent that reads the same is sent nothing."""
+def model_files(info: dict, book: HashBook, adapters: dict | None = None) -> dict[str, list]:
+    """The head's model (and LoRA adapters') files, {absolute path: [size, sha256]}: an agent that reads the same
+    is sent nothing."""
     from smolcluster.pipeline.weights import INDEX, tensor_files
 
     src = Path(info["weights"]).resolve()
     paths = {Path(x).resolve() for x in tensor_files(src).values()}
     paths |= {src / n for n in ("config.json", INDEX) if src.is_dir()}
+    paths |= {(Path(d) / f).resolve() for d in (adapters or {}).values() for f in ADAPTER_FILES}
     out = {}
     for x in sorted(x for x in paths if x.is_file()):
         whole = Entry(b"", x, 0, x.stat().st_size)
