@@ -140,6 +140,8 @@ class Agent:
         self.state_dir = private_dir(Path(state_dir))
         self.runs = private_dir(self.state_dir / "runs")
         self.cache = WeightCache(self.state_dir / "weights", weights_cache_bytes)  # weights a head sent (weightcache.py)
+        self.cache_lock = threading.Lock()  # the cache: a weights_ask's thread re-hashes it while chunks may arrive
+        self.outbox: queue.Queue = queue.Queue()  # (peer, kind, fields) from threads: the loop owns the socket
         self.name = name or node_name()
         self.id_dir = identity(self.state_dir / "identity")
         self.key = public_key(self.id_dir / "server.key")
@@ -293,15 +295,23 @@ class Agent:
         """What of these cache entries is here (re-hashed: a corrupt one is dropped), the disk's room, and whether
         the head's own model files are readable here as they are there (then nothing needs sending)."""
         entries = {sha: int(size) for sha, size in f["entries"].items()}
-        readable = bool(f["files"]) and all(
-            isinstance(path, str) and isinstance(v, list) and len(v) == 2
-            and self.cache.file_matches(path, int(v[0]), str(v[1])) for path, v in f["files"].items())
-        have = {} if readable else self.cache.status(entries)
-        if not readable:  # room for what is missing: least recently used entries of other models go first
-            self.cache.make_room(set(entries), sum(size - have[sha] for sha, size in entries.items()))
-        self.control.send(peer, "weights_status", {"have": have, "free": self.cache.free_bytes(),
-                                                   "readable": readable})
-        self.owner_seen[peer] = time.monotonic()  # (re-hashing a large cache is no silence of the coordinator's)
+        files = {path: v for path, v in f["files"].items()
+                 if isinstance(path, str) and isinstance(v, list) and len(v) == 2}
+        readable = bool(f["files"]) and len(files) == len(f["files"])
+
+        def answer() -> None:  # re-hashing gigabytes takes a while: off the loop, which keeps answering status
+            try:
+                with self.cache_lock:
+                    ok = readable and all(self.cache.file_matches(x, int(v[0]), str(v[1])) for x, v in files.items())
+                    have = {} if ok else self.cache.status(entries)
+                    if not ok:  # room for what is missing: least recently used entries of other models go first
+                        self.cache.make_room(set(entries), sum(size - have[sha] for sha, size in entries.items()))
+                    reply = ("weights_status", {"have": have, "free": self.cache.free_bytes(), "readable": ok})
+            except Exception as e:  # (a file vanished mid-hash, a bad size): answered, never a silent wait
+                reply = ("refuse", {"reason": f"bad weights_ask request: {printable(str(e), 300)}"})
+            self.outbox.put((peer, *reply))
+
+        threading.Thread(target=answer, daemon=True, name="weights-ask").start()
 
     def weights_chunk(self, peer: bytes, msg) -> None:
         f, data = msg.fields, msg.tensors.get("data")
@@ -309,7 +319,9 @@ class Agent:
             raise CacheError(f"a weights chunk carries one uint8 tensor 'data' of at most {CHUNK} bytes")
         ack = {"sha": f["sha"], "offset": f["offset"], "n": int(data.nbytes)}
         try:
-            state = "done" if self.cache.write(f["sha"], f["size"], f["offset"], memoryview(data)) else "partial"
+            with self.cache_lock:
+                done = self.cache.write(f["sha"], f["size"], f["offset"], memoryview(data))
+            state = "done" if done else "partial"
         except CacheError as e:
             logger.warning(str(e))
             state = "bad"
@@ -527,6 +539,8 @@ class Agent:
             got = self.control.recv(50)
             if got:
                 self.handle(*got)
+            while not self.outbox.empty():
+                self.control.send(*self.outbox.get())
             self.poll_roles()
             if self.orphaned():
                 logger.error(f"the coordinator has been silent for {self.owner_timeout_s:g}s: stopping its roles")
