@@ -188,20 +188,24 @@ def test_an_unpaired_coordinator_is_refused(tmp_path, procs):
 
 
 def test_pairing_with_the_code_then_syncps_mnist_through_two_agents(tmp_path, procs, mnist_root):
-    prepare(tmp_path, ["b"])  # b was paired before (automation: the stores written); a by the operator's commands
-    (a, pa), (b, pb) = agents(tmp_path, {"a": [], "b": []}, procs).values()
+    (a, pa), (b, pb) = agents(tmp_path, {"a": [], "b": []}, procs).values()  # both paired by the operator
     steps = 30
     c = coordinator(tmp_path, "cluster.mdns=false", f"cluster.peers=[127.0.0.1:{pa},127.0.0.1:{pb}]",
                     "cluster.server=a", "cluster.pair_timeout_s=60", "algo=syncps", "data=mnist",
                     f"data.root={mnist_root}", f"train.steps={steps}", "train.log_every=10")
     procs.append(c)
-    # both screens show the same code; the operator confirms it on both machines
-    _, on_agent = a.wait_for(r"code (\d{6})\. If the coordinator shows the same code")
-    _, on_coord = c.wait_for(r"pairing with node a .*: code (\d{6})")
-    assert on_agent.group(1) == on_coord.group(1)
-    for state in (tmp_path / "a", tmp_path / "coord" / "coordinator"):
-        subprocess.run([sys.executable, "-m", "smolcluster.node", "pair", on_agent.group(1), "--state-dir",
-                        str(state)], cwd=REPO, check=True, capture_output=True, timeout=60)
+    # each agent's screen and the coordinator's show the same code, every code before any is confirmed (one walk
+    # past the machines); the operator confirms each on both machines
+    codes = {}
+    for name, agent in (("a", a), ("b", b)):
+        _, on_agent = agent.wait_for(r"code (\d{6})\. If the coordinator shows the same code")
+        _, on_coord = c.wait_for(rf"pairing with node {name} .*: code (\d{{6}})")
+        assert on_agent.group(1) == on_coord.group(1)
+        codes[name] = on_agent.group(1)
+    for name, code in codes.items():
+        for state in (tmp_path / name, tmp_path / "coord" / "coordinator"):
+            subprocess.run([sys.executable, "-m", "smolcluster.node", "pair", code, "--state-dir", str(state)],
+                           cwd=REPO, check=True, capture_output=True, timeout=60)
     assert c.wait(timeout=240) == 0, c.text()[-4000:]
 
     coord_key = public_key(tmp_path / "coord" / "coordinator" / "identity" / "client.key")

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from smolcluster.errors import ConfigError
 from smolcluster.node import discovery
-from smolcluster.node.coordinator import AgentLink, ask_operator, pair
+from smolcluster.node.coordinator import AgentLink, ask_operator, pair_all
 from smolcluster.node.infoport import MAX_CONNECTIONS, exchange
 from smolcluster.node.pairing import (
     AgentStore,
@@ -94,8 +94,8 @@ def test_a_rogue_agent_claiming_paired_cuda_999gb_gets_no_role_and_no_key(tmp_pa
     rport = int((tmp_path / "rogue.ready").read_text())
     state = tmp_path / "coord" / "coordinator"  # (the coordinator's own pairing step, in this process)
     with pytest.raises(ConfigError) as e:
-        pair(discovery.ask(f"127.0.0.1:{rport}"), public_key(state / "identity" / "client.key"), AgentStore(state),
-             OmegaConf.create({"pair_timeout_s": 2}), state)
+        pair_all([discovery.ask(f"127.0.0.1:{rport}")], public_key(state / "identity" / "client.key"),
+                 AgentStore(state), OmegaConf.create({"pair_timeout_s": 2}), state)
     assert re.fullmatch(r"node a now presents key \w{16}, not the key this coordinator paired with \(\w{16}\): if that "
                         r"machine was reinstalled, re-pair with rm .*/coordinator/agents/a.key and run again",
                         str(e.value)), str(e.value)
@@ -197,17 +197,17 @@ def test_a_code_cannot_be_ground_and_confirmation_pairs_exactly_the_key_shown(ag
 
 def test_an_operator_at_the_coordinators_terminal_confirms_with_y_and_anything_else_confirms_nothing(
         tmp_path, monkeypatch):
-    """At a terminal the coordinator asks; 'y' writes the confirmation `node pair CODE` would, 'n' writes none."""
+    """At a terminal the coordinator asks, one node after another; 'y' writes the confirmation `node pair CODE`
+    would, 'n' writes none, and a code confirmed by the command meanwhile is not asked about."""
     import io
 
-    for answer, confirmed in (("y\n", True), ("n\n", False)):
-        path = tmp_path / answer.strip() / "confirm" / "123456"
-        monkeypatch.setattr(sys, "stdin", io.StringIO(answer))
-        asker = ask_operator("Does node x show the code 123456? [y/N] ", path)
-        asker.join(timeout=30)
-        assert not asker.is_alive() and path.is_file() == confirmed
-        if confirmed:
-            assert path.read_text() == "confirmed\n" and oct(path.stat().st_mode & 0o777) == "0o600"
+    paths = [tmp_path / n / "confirm" / "123456" for n in ("y", "n", "done", "y2")]
+    write_private(paths[2], "confirmed\n")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\nn\ny\n"))  # three answers for the three still open
+    asker = ask_operator([(f"Does node {p.parent.parent.name} show the code 123456? [y/N] ", p) for p in paths])
+    asker.join(timeout=30)
+    assert not asker.is_alive() and [p.is_file() for p in paths] == [True, False, True, True]
+    assert paths[0].read_text() == "confirmed\n" and oct(paths[0].stat().st_mode & 0o777) == "0o600"
 
 
 def test_pairing_requests_are_rate_limited_per_source_and_the_pending_set_is_capped(agent):

@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -171,60 +171,89 @@ def _start_pairing(node: NodeInfo, my_key: str) -> str:
     return pairing_code(node.key, my_key, theirs["nonce"], mine)
 
 
-def pair(node: NodeInfo, my_key: str, store: AgentStore, c: DictConfig, state: Path) -> None:
-    """Returns once this coordinator and the agent each hold the other's key (asking the operator where one does
-    not); else a ConfigError naming the node. Nothing the agent says makes it trusted here: only the operator's
-    confirmation of the code (``smolcluster.node pair CODE --state-dir STATE``) adds it to ``store``."""
+@dataclass
+class Pairing:
+    """One agent being paired: the code both screens show, and which side has confirmed it so far."""
+
+    node: NodeInfo
+    code: str
+    known: bool        # this coordinator keeps the agent's key (the operator confirmed here)
+    agent_knows: bool  # the agent keeps this coordinator's key (the operator confirmed there)
+    confirm: Path      # the file a confirmation here writes
+
+    def todo(self) -> list[str]:
+        return ["there"] * (not self.agent_knows) + ["here"] * (not self.known)
+
+
+def pair_all(nodes: list[NodeInfo], my_key: str, store: AgentStore, c: DictConfig, state: Path) -> None:
+    """Returns once this coordinator and every agent each hold the other's key (asking the operator where one
+    does not); else a ConfigError naming the nodes. Every code is shown at once, so the operator confirms them
+    in one walk past the machines. Nothing an agent says makes it trusted here: only the operator's
+    confirmation of its code (``smolcluster.node pair CODE --state-dir STATE``) adds it to ``store``."""
+    waiting = [x for x in (_begin_pairing(n, my_key, store, c, state) for n in nodes) if x is not None]
+    if not waiting:
+        return
+    if sys.stdin is not None and sys.stdin.isatty():  # one question after another, on one thread
+        ask_operator([(f"Does node {x.node.where()} show the code {x.code}? [y/N] ", x.confirm)
+                      for x in waiting if not x.known])
+    deadline = time.monotonic() + float(c.pair_timeout_s)
+    try:
+        while waiting and time.monotonic() < deadline:
+            for x in waiting:
+                if not x.known and x.confirm.is_file():
+                    store.add(x.node.name, x.node.key)
+                    x.known = True
+                if not x.agent_knows:
+                    x.agent_knows = _info(x.node, [{"kind": "pair_status", "key": my_key}])[0].get("state") == "paired"
+                if x.known and x.agent_knows:
+                    logger.success(f"paired with node {x.node.where()}")
+            waiting = [x for x in waiting if x.todo()]
+            time.sleep(0.3)
+    finally:
+        for x in waiting:
+            x.confirm.unlink(missing_ok=True)  # one-shot: a late confirmation of this code does nothing
+    if waiting:
+        where = {"there here": "both machines", "here": "this machine", "there": "the node"}
+        late = "; ".join(f"node {x.node.where()}: pairing code {x.code} was not confirmed on "
+                         f"{where[' '.join(x.todo())]}" for x in waiting)
+        raise ConfigError(f"{late} within cluster.pair_timeout_s={c.pair_timeout_s}s: run again and confirm it there")
+
+
+def _begin_pairing(node: NodeInfo, my_key: str, store: AgentStore, c: DictConfig, state: Path) -> Pairing | None:
+    """Start pairing with one agent and show its code; None when both sides already hold the other's key."""
     known = store.knows(node.name, node.key)  # (raises for a known name with another key)
     agent_knows = _info(node, [{"kind": "pair_status", "key": my_key}])[0].get("state") == "paired"
     if known and agent_knows:
-        return
+        return None
     where = node.where()
     if float(c.pair_timeout_s) <= 0:
         raise ConfigError(f"node {where} has not paired with this coordinator: set cluster.pair_timeout_s=120 "
                           "and confirm the code both machines show, on both, with python -m smolcluster.node pair CODE")
     code = _start_pairing(node, my_key)
-    at_terminal = sys.stdin is not None and sys.stdin.isatty()
+    x = Pairing(node, code, known, agent_knows, confirm_path(state, code))
     here = f"python -m smolcluster.node pair {code} --state-dir {state}"
-    here = f"with 'y' below, or {here}" if at_terminal else here
+    here = f"with 'y' below, or {here}" if sys.stdin is not None and sys.stdin.isatty() else here
     there = f"python -m smolcluster.node pair {code} (with --state-dir as its agent was started, if not the default)"
-    todo = [*([f"there: {there}"] if not agent_knows else []),
-            *([f"here: {here}"] if not known else [])]
+    todo = [*([f"there: {there}"] if not agent_knows else []), *([f"here: {here}"] if not known else [])]
     logger.warning(f"pairing with node {where} (key {node.fingerprint}): code {code}. If that machine shows the "
                    f"same code, confirm {' and '.join(todo)}")
-    mine = confirm_path(state, code)
-    if not known and at_terminal:
-        ask_operator(f"Does node {where} show the code {code}? [y/N] ", mine)
-    deadline = time.monotonic() + float(c.pair_timeout_s)
-    try:
-        while time.monotonic() < deadline:
-            if not known and mine.is_file():
-                store.add(node.name, node.key)
-                known = True
-            if not agent_knows:
-                agent_knows = _info(node, [{"kind": "pair_status", "key": my_key}])[0].get("state") == "paired"
-            if known and agent_knows:
-                logger.success(f"paired with node {where}")
-                return
-            time.sleep(0.3)
-    finally:
-        mine.unlink(missing_ok=True)  # one-shot: a late confirmation of this code does nothing
-    on = "both machines" if len(todo) == 2 else "this machine" if not known else "the node"
-    raise ConfigError(f"node {where}: pairing code {code} was not confirmed on {on} within cluster.pair_timeout_s="
-                      f"{c.pair_timeout_s}s: run again and confirm it there")
+    return x
 
 
-def ask_operator(question: str, confirm: Path) -> threading.Thread:
-    """At a terminal, the operator confirms here by answering ``y``: the answer writes the same file that
-    ``python -m smolcluster.node pair CODE`` would, so either way ends the wait. A thread, so the wait keeps its
-    deadline and notices the agent's side meanwhile."""
+def ask_operator(questions: list[tuple[str, Path]]) -> threading.Thread:
+    """At a terminal, the operator confirms here by answering ``y``, one question at a time: the answer writes
+    the same file that ``python -m smolcluster.node pair CODE`` would, so either way ends the wait. A thread, so
+    the wait keeps its deadline and notices the agents' side meanwhile."""
     def ask() -> None:
-        try:
-            answer = input(question)
-        except (EOFError, OSError):
-            return
-        if answer.strip().lower() in ("y", "yes") and not confirm.exists():
-            write_private(confirm, "confirmed\n")
+        for question, confirm in questions:
+            if confirm.exists():  # confirmed with the command meanwhile
+                continue
+            try:
+                answer = input(question)
+            except (EOFError, OSError):
+                return
+            if answer.strip().lower() in ("y", "yes") and not confirm.exists():
+                write_private(confirm, "confirmed\n")
 
     asker = threading.Thread(target=ask, name="pair-confirm", daemon=True)
     asker.start()
@@ -491,8 +520,7 @@ def connect(c: DictConfig) -> tuple[list[NodeInfo], dict[str, AgentLink]]:
     nodes = discover(c)
     show(nodes)
     store = AgentStore(state)
-    for n in nodes:
-        pair(n, my_key, store, c, state)
+    pair_all(nodes, my_key, store, c, state)
     return nodes, {n.name: AgentLink(n, id_dir, state / "links") for n in nodes}
 
 
