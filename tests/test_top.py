@@ -156,7 +156,7 @@ def test_inference_configs_name_the_port_and_run_dir_top_reads(tmp_path):
 
     from smolcluster.inference.settings import chat_settings, infer_settings
     from smolcluster.paths import CONFIG_DIR
-    from smolcluster.telemetry.serving import serving_port
+    from smolcluster.telemetry.prometheus import metrics_port
 
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
         t = chat_settings(compose("chat", ["logging.prometheus.port=9500", f"logging.run_dir={tmp_path}"])).pipeline.telemetry
@@ -164,8 +164,9 @@ def test_inference_configs_name_the_port_and_run_dir_top_reads(tmp_path):
         assert infer_settings(compose("infer", [])).pipeline.telemetry == {}  # no port: nothing published
         default = infer_settings(compose("infer", ["logging.prometheus.port=0"])).pipeline.telemetry
         assert default["prometheus_port"] == 0 and "/runs/serve/" in default["run_dir"]
-    # the head takes the base, stage i base + 1 + i; 0 stays "any free port"
-    assert (serving_port(9500, None), serving_port(9500, 0), serving_port(9500, 1), serving_port(0, 3)) == \
+    # the head takes the base, stage i base + 1 + i (as a training server and its workers or stages); 0 stays
+    # "any free port"
+    assert (metrics_port(9500, None), metrics_port(9500, 0), metrics_port(9500, 1), metrics_port(0, 3)) == \
         (9500, 9501, 9502, 0)
 
 

@@ -4,10 +4,10 @@ Every series carries the node's identity (:data:`LABELS`), so one Prometheus
 scraping every node of a cluster can tell them apart; ``observability/`` has the
 scrape config and a Grafana dashboard that query exactly the names in :data:`METRICS`.
 
-Ports: ``logging.prometheus.port`` is the base. The server (or the single
-``local``/``main`` process) takes the base, worker ``r`` takes ``base + 1 + r`` and
-pipeline stage ``i`` takes ``base + i``, so several nodes on one machine never
-collide. ``0`` lets the OS choose; the chosen port is logged.
+Ports (:func:`metrics_port`, training and inference alike): ``logging.prometheus.port`` is the base.
+The node that coordinates (a server, the single ``local`` process, a chat head) takes the base; worker or
+pipeline stage ``r`` takes ``base + 1 + r``, so several nodes on one machine never collide. ``0`` lets the
+OS choose; the chosen port is logged.
 """
 
 from __future__ import annotations
@@ -71,15 +71,13 @@ SERVING_COUNTERS = {
 SERVING_METRICS = {name: help_ for name, help_ in [*SERVING_GAUGES.values(), *SERVING_COUNTERS.values()]}
 
 
-def port_for(base: int, role: str, rank) -> int:
-    """The port this node serves /metrics on: base for the server, base+1+r for worker r, base+i for stage i."""
-    if base == 0:
-        return 0
-    if role == "worker":
-        return base + 1 + int(rank)
-    if role == "stage":
-        return base + int(rank)
-    return base
+RANKED_ROLES = ("worker", "stage")  # the roles whose nodes are numbered: they take base + 1 + rank
+
+
+def metrics_port(base: int, rank: int | None) -> int:
+    """The port a node serves /metrics on: ``base`` for the one that coordinates (a server, a local run, a chat
+    head), ``base + 1 + r`` for rank ``r`` (a worker, a training or inference stage); 0 stays 0 (any free port)."""
+    return 0 if base == 0 else base + (0 if rank is None else 1 + int(rank))
 
 
 class PrometheusSink:

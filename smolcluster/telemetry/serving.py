@@ -17,7 +17,12 @@ from pathlib import Path
 
 from loguru import logger
 
-from smolcluster.telemetry.prometheus import SERVING_COUNTERS, SERVING_GAUGES, PrometheusSink
+from smolcluster.telemetry.prometheus import (
+    SERVING_COUNTERS,
+    SERVING_GAUGES,
+    PrometheusSink,
+    metrics_port,
+)
 
 _HARDWARE_EVERY_S = 1.0  # CPU / RSS are read (a few syscalls) at most this often, not every step
 
@@ -98,11 +103,6 @@ class _Off:
 OFF = _Off()
 
 
-def serving_port(base: int, rank: int | None) -> int:
-    """The head (``rank=None``) takes ``base``, stage ``i`` takes ``base + 1 + i``; 0 stays 0 (any free port)."""
-    return 0 if base == 0 else base + (0 if rank is None else 1 + int(rank))
-
-
 def open_serving_metrics(telemetry: dict | None, identity: dict, rank: int | None = None,
                          kv_budget: int | None = None) -> ServingMetrics | _Off:
     """This node's metrics, when ``telemetry`` (``{"prometheus_port", "prometheus_addr", "run_dir"}``, from
@@ -110,7 +110,7 @@ def open_serving_metrics(telemetry: dict | None, identity: dict, rank: int | Non
     telemetry = telemetry or {}
     if telemetry.get("prometheus_port") is None:
         return OFF
-    port = serving_port(int(telemetry["prometheus_port"]), rank)
+    port = metrics_port(int(telemetry["prometheus_port"]), rank)
     try:
         return ServingMetrics(port, identity, telemetry.get("run_dir"), telemetry.get("prometheus_addr") or "127.0.0.1",
                               kv_budget)

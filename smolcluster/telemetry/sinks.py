@@ -12,7 +12,7 @@ from pathlib import Path
 from loguru import logger
 from omegaconf import OmegaConf
 
-from smolcluster.telemetry.prometheus import PrometheusSink, port_for
+from smolcluster.telemetry.prometheus import RANKED_ROLES, PrometheusSink, metrics_port
 from smolcluster.telemetry.wandb_sink import WandbSink, resolve_mode
 
 
@@ -21,7 +21,8 @@ def build_sinks(cfg, *, run_dir: Path, identity: dict) -> list:
     logging_cfg, sinks = cfg.logging, []
     prom = logging_cfg.get("prometheus") or {}
     if prom.get("port") is not None:
-        port = port_for(int(prom["port"]), identity.get("role", ""), identity.get("rank") or 0)
+        ranked = identity.get("role", "") in RANKED_ROLES
+        port = metrics_port(int(prom["port"]), int(identity.get("rank") or 0) if ranked else None)
         try:
             sink = PrometheusSink(port, identity, addr=prom.get("addr") or "127.0.0.1")
             sinks.append(sink)
