@@ -17,6 +17,7 @@ from loguru import logger
 from omegaconf import DictConfig, open_dict
 
 from smolcluster import algorithms
+from smolcluster.algorithms import launcher
 from smolcluster.cluster import new_run_id, node_name
 from smolcluster.config import validate
 from smolcluster.errors import SmolclusterError
@@ -51,6 +52,8 @@ def run(cfg: DictConfig) -> dict | None:
         from smolcluster.node.coordinator import run_auto
 
         summary = run_auto(cfg, run_dir)
+    elif role == "launch":  # every role as a child here; this process never imports torch
+        summary = launcher.launch(cfg, run_dir)
     else:
         summary = algorithms.get(cfg.algo.name).run(cfg, run_dir)
     if summary and role in ("main", "launch", "server"):
