@@ -22,7 +22,7 @@ from smolcluster.cluster import new_run_id, node_name
 from smolcluster.config import validate
 from smolcluster.errors import SmolclusterError
 from smolcluster.paths import CONFIG_DIR
-from smolcluster.supervisor import sigterm_as_interrupt
+from smolcluster.supervisor import exit_without_teardown, sigterm_as_interrupt
 from smolcluster.telemetry.logging import setup_logging
 from smolcluster.telemetry.run_files import abort_open
 
@@ -86,4 +86,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main()  # errors exit inside (codes 2, 130; a traceback for a bug)
+    exit_without_teardown()
