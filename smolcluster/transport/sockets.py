@@ -62,6 +62,8 @@ def let_lingering_leave() -> None:
     block for good, so it runs on a daemon thread)."""
     left = _linger_until - time.monotonic()
     if left > 0:
+        if _authenticator_thread is not None:  # CURVE's ZAP handler: its sockets would hold term for the whole linger
+            _authenticator_thread.stop()
         term = threading.Thread(target=_context().term, daemon=True, name="zmq-term")
         term.start()
         term.join(left)
