@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from smolcluster.errors import SmolclusterError
 from smolcluster.inference import settings  # noqa: F401  (registers the chat schema before hydra.main runs)
 from smolcluster.paths import CONFIG_DIR
-from smolcluster.supervisor import sigterm_as_interrupt
+from smolcluster.supervisor import exit_without_teardown, sigterm_as_interrupt
 from smolcluster.telemetry.logging import setup_logging
 
 
@@ -44,4 +44,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main()  # errors exit inside (codes 2, 130; a traceback for a bug)
+    exit_without_teardown()

@@ -6,15 +6,20 @@ import os
 import socket
 import sys
 import uuid
+from typing import TYPE_CHECKING
 
-import torch
 from omegaconf import DictConfig
 
 from smolcluster.errors import ConfigError
 
+if TYPE_CHECKING:
+    import torch
+
 
 def pick_device(pref: str = "auto") -> torch.device:
     """cuda > mps > cpu for ``auto``; an explicit choice that is not available is an error."""
+    import torch  # here, not at the top: a launcher imports this module and never needs torch
+
     if pref in (None, "auto"):
         if torch.cuda.is_available():
             return torch.device("cuda")

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from smolcluster.errors import ConfigError, SmolclusterError
 from smolcluster.inference.settings import InferSettings, Role, infer_settings
 from smolcluster.paths import CONFIG_DIR
-from smolcluster.supervisor import sigterm_as_interrupt
+from smolcluster.supervisor import exit_without_teardown, sigterm_as_interrupt
 from smolcluster.telemetry.logging import setup_logging
 
 NO_PROMPT = ('no prompt: add prompt="your text" (quote commas twice: prompt="\'To be, or not to be\'"), '
@@ -110,4 +110,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main()  # errors exit inside (codes 2, 130; a traceback for a bug)
+    exit_without_teardown()

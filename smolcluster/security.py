@@ -15,7 +15,6 @@ import ipaddress
 import math
 import socket
 
-import torch
 from loguru import logger
 
 from smolcluster.errors import ConfigError
@@ -162,4 +161,6 @@ def _median(values) -> float:
 
 def grad_norm(tensors) -> float:
     """The global L2 norm of a collection of tensors, in float64 (a 1e6-per-value gradient does not overflow)."""
+    import torch  # here, not at the top: config checks import this module in a launcher that never needs torch
+
     return math.sqrt(sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in tensors))

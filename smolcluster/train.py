@@ -17,11 +17,12 @@ from loguru import logger
 from omegaconf import DictConfig, open_dict
 
 from smolcluster import algorithms
+from smolcluster.algorithms import launcher
 from smolcluster.cluster import new_run_id, node_name
 from smolcluster.config import refuse_added_keys, validate
 from smolcluster.errors import SmolclusterError
 from smolcluster.paths import CONFIG_DIR
-from smolcluster.supervisor import sigterm_as_interrupt
+from smolcluster.supervisor import exit_without_teardown, sigterm_as_interrupt
 from smolcluster.telemetry.logging import setup_logging
 from smolcluster.telemetry.run_files import abort_open
 
@@ -52,6 +53,8 @@ def run(cfg: DictConfig) -> dict | None:
         from smolcluster.node.coordinator import run_auto
 
         summary = run_auto(cfg, run_dir)
+    elif role == "launch":  # every role as a child here; this process never imports torch
+        summary = launcher.launch(cfg, run_dir)
     else:
         summary = algorithms.get(cfg.algo.name).run(cfg, run_dir)
     if summary and role in ("main", "launch", "server"):
@@ -88,4 +91,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main()  # errors exit inside (codes 2, 130; a traceback for a bug)
+    exit_without_teardown()

@@ -10,7 +10,14 @@ from tests.conftest import REPO, run_cli, train, train_together
 
 
 def test_the_readme_default_job_beats_90_percent_on_embedded_digits_and_writes_run_files(tmp_path):
-    s = train(tmp_path)  # exactly what `make train` runs: no overrides
+    # exactly what `make train` runs (no overrides), with every process's imports listed on its stderr
+    proc = run_cli("smolcluster.train", f"hydra.run.dir={tmp_path}", "train.progress=false",
+                   env={"PYTHONPROFILEIMPORTTIME": "1"})
+    s = json.loads((tmp_path / "summary.json").read_text())
+    # The launcher starts the children without torch (its import would delay the first child); they import it.
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    assert "smolcluster.algorithms.launcher" in imported and "torch" not in imported
+    assert any(line.startswith("[worker 0] import time:") and line.endswith("| torch") for line in proc.stderr.splitlines())
     assert s["algo"] == "syncps" and s["model"] == "mlp" and s["data"] == "digits"
     assert s["eval_accuracy"] > 0.90
     for key in ("steps", "samples", "wall_s", "samples_per_s", "final_loss", "eval_loss"):

@@ -10,7 +10,7 @@ import pkgutil
 
 from smolcluster.errors import ConfigError
 
-_HELPERS = {"ps"}  # shared machinery, not an algorithm of its own
+_HELPERS = {"ps", "launcher"}  # shared machinery, not algorithms of their own
 
 
 def available() -> list[str]:

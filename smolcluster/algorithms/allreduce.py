@@ -42,37 +42,18 @@ import torch
 from loguru import logger
 from omegaconf import DictConfig
 
-from smolcluster.algorithms.ps import batch_sizes, codecs, max_bytes
+from smolcluster.algorithms.launcher import check_allreduce as check
+from smolcluster.algorithms.launcher import codecs, launch_ring
+from smolcluster.algorithms.ps import batch_sizes, max_bytes
 from smolcluster.cluster import worker_settings
 from smolcluster.data.sharding import Sharder
 from smolcluster.errors import ConfigError, PeerError
 from smolcluster.optim import build_optimizer
-from smolcluster.pipeline.launch import launch_ranks
 from smolcluster.pipeline.nodes import stage_nodes
 from smolcluster.security import GradientGuard
 from smolcluster.telemetry.run_files import RunRecorder, open_recorder
 from smolcluster.trainer import LossWindow, Trainer
 from smolcluster.transport.ring import RingBroken, RingLink, chunk_bounds
-
-
-def check(cfg: DictConfig) -> None:
-    a = cfg.algo
-    if a.get("zero") not in (0, 1):
-        raise ConfigError(f"algo.zero={a.get('zero')!r} is invalid: 0 (every rank steps everything) or 1 (ZeRO-1)")
-    mb = a.get("bucket_mb")
-    if mb != "auto" and (not isinstance(mb, (int, float)) or isinstance(mb, bool) or mb <= 0):
-        raise ConfigError(f"algo.bucket_mb={mb!r} is invalid: auto, or a positive number of MB, e.g. 25")
-    codecs(a)  # an unknown algo.compression is a one-line error listing the codecs
-    k = a.get("max_staleness", 0)
-    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-        raise ConfigError(f"algo.max_staleness={k!r} is invalid: a whole number of steps >= 0 (0 = synchronous)")
-    if k and a.get("zero"):
-        raise ConfigError("algo.max_staleness>0 with algo.zero=1 is not supported: ZeRO-1 steps each shard in "
-                          "lock-step; use algo.zero=0 or algo.max_staleness=0")
-    m = a.get("min_workers")
-    if m is not None and (not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= cfg.cluster.workers):
-        raise ConfigError(f"algo.min_workers={m!r} is invalid: between 1 and cluster.workers "
-                          f"({cfg.cluster.workers}), or null for all of them")
 
 
 def bucket_bytes(bucket_mb, grads: dict[str, torch.Tensor]) -> int:
@@ -684,17 +665,10 @@ class RingWorker:
                 self.recorder.finish(None)
 
 
-def launch(cfg: DictConfig, run_dir: Path) -> dict:
-    """``role=launch``: every rank as a ``python -m smolcluster.train`` child on this machine."""
-    n = int(cfg.cluster.workers)
-    launch_ranks(cfg, run_dir, n, "worker", f"algo=allreduce (a ring of {n})")
-    return json.loads((Path(run_dir) / "summary.json").read_text())
-
-
 def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     check(cfg)
     if cfg.role == "launch":
-        return launch(cfg, run_dir)
+        return launch_ring(cfg, run_dir)
     if cfg.role == "worker":
         if cfg.rank is None:
             raise ConfigError("role=worker needs its rank: add rank=N (0 <= N < cluster.workers)")

@@ -58,60 +58,16 @@ from smolcluster.algorithms.allreduce import (
     state_tensors,
     weights_sha,
 )
+from smolcluster.algorithms.launcher import check_diloco as check
+from smolcluster.algorithms.launcher import launch_ring
 from smolcluster.algorithms.ps import batch_sizes, max_bytes
 from smolcluster.cluster import worker_settings
 from smolcluster.data.sharding import Sharder
 from smolcluster.errors import ConfigError, PeerError
-from smolcluster.pipeline.launch import launch_ranks
 from smolcluster.pipeline.nodes import stage_nodes
 from smolcluster.telemetry.run_files import open_recorder
 from smolcluster.trainer import LossWindow, Trainer
-from smolcluster.transport.compression import get_codec
 from smolcluster.transport.ring import RingBroken, RingLink, chunk_bounds
-
-
-def _whole(a, key: str, low: int) -> int:
-    v = a.get(key)
-    if not isinstance(v, int) or isinstance(v, bool) or v < low:
-        raise ConfigError(f"algo.{key}={v!r} is invalid: a whole number >= {low}")
-    return v
-
-
-def check(cfg: DictConfig) -> None:
-    a = cfg.algo
-    h, f, tau = _whole(a, "inner_steps", 1), _whole(a, "fragments", 1), _whole(a, "overlap_steps", 0)
-    _whole(a, "warmup_sync_steps", 0)
-    if f > h:
-        raise ConfigError(f"algo.fragments={f} exceeds algo.inner_steps={h}: each fragment needs its own step of "
-                          f"the round to sync at; lower algo.fragments or raise algo.inner_steps")
-    if tau >= h:
-        raise ConfigError(f"algo.overlap_steps={tau} must be below algo.inner_steps={h}: a fragment's outer step "
-                          "is merged before its next sync")
-    for key, lo, hi in (("outer_lr", 0.0, None), ("outer_momentum", 0.0, 1.0), ("merge_alpha", 0.0, 1.0)):
-        v = a.get(key)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < lo or (hi is not None and v >= hi) \
-                or (key == "outer_lr" and v == 0):
-            raise ConfigError(f"algo.{key}={v!r} is invalid: a number in {'(0, inf)' if key == 'outer_lr' else '[0, 1)'}")
-    get_codec(a.codec)  # an unknown codec is a one-line error listing them
-    t = a.get("round_s")
-    if t is not None:
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or t <= 0:
-            raise ConfigError(f"algo.round_s={t!r} is invalid: seconds per round (> 0), or null for algo.inner_steps")
-        if f > 1 or tau:
-            raise ConfigError("algo.round_s works with plain DiLoCo only: set algo.fragments=1 algo.overlap_steps=0")
-        if cfg.get("resume") or cfg.train.get("stop_after"):
-            raise ConfigError("algo.round_s runs cannot be stopped and resumed (the ranks are at different steps): "
-                              "drop resume= / train.stop_after, or use fixed rounds (algo.round_s=null)")
-    mb = a.get("bucket_mb")
-    if mb != "auto" and (not isinstance(mb, (int, float)) or isinstance(mb, bool) or mb <= 0):
-        raise ConfigError(f"algo.bucket_mb={mb!r} is invalid: auto, or a positive number of MB, e.g. 25")
-    m = a.get("min_workers")
-    if m is not None and (not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= cfg.cluster.workers):
-        raise ConfigError(f"algo.min_workers={m!r} is invalid: between 1 and cluster.workers "
-                          f"({cfg.cluster.workers}), or null for all of them")
-    if m is not None and m < cfg.cluster.workers and (f > 1 or tau or t is not None or a.get("elastic") is False):
-        raise ConfigError("algo.min_workers below cluster.workers needs an elastic ring (ranks join later): "
-                          "algo.fragments=1 algo.overlap_steps=0 algo.round_s=null algo.elastic=true")
 
 
 class Outer:
@@ -544,9 +500,7 @@ def _done(value) -> Future:
 def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     check(cfg)
     if cfg.role == "launch":
-        n = int(cfg.cluster.workers)
-        launch_ranks(cfg, run_dir, n, "worker", f"algo=diloco (a ring of {n})")
-        return json.loads((Path(run_dir) / "summary.json").read_text())
+        return launch_ring(cfg, run_dir)
     if cfg.role == "worker":
         if cfg.rank is None:
             raise ConfigError("role=worker needs its rank: add rank=N (0 <= N < cluster.workers)")

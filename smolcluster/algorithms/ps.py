@@ -25,6 +25,7 @@ import torch
 from loguru import logger
 from omegaconf import DictConfig
 
+from smolcluster.algorithms.launcher import codecs
 from smolcluster.cluster import worker_settings
 from smolcluster.errors import ConfigError, PeerError
 from smolcluster.security import GradientGuard, grad_norm, is_loopback
@@ -39,7 +40,6 @@ from smolcluster.transport import (
     client_ranks,
     wire,
 )
-from smolcluster.transport.compression import get_codec
 
 PROTOCOL = wire.PROTOCOL_VERSION
 
@@ -56,18 +56,6 @@ def server_address(cluster: DictConfig) -> str:
 
 def batch_sizes(cfg: DictConfig) -> list[int]:
     return [worker_settings(cfg.cluster, r, cfg.train)["batch_size"] for r in range(cfg.cluster.workers)]
-
-
-def codecs(algo: DictConfig) -> tuple[str, str]:
-    """(gradient codec, weights codec). ``algo.codec`` is the old name of ``algo.compression`` (the yaml makes it
-    follow ``compression``, so either override works). Weights default to uncompressed: a worker's weights have
-    no error feedback, so int8 rounding would accumulate in every copy instead of being made up later."""
-    grads, weights = algo.get("codec", "none"), algo.get("weights_compression", "none")
-    get_codec(grads)  # an unknown name is a ConfigError listing the valid ones
-    if get_codec(weights).name == "int8":
-        raise ConfigError("algo.weights_compression=int8 is not supported (no error feedback for weights): "
-                          "choose none, fp16 or bf16")
-    return grads, weights
 
 
 def to_numpy(flat: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:

@@ -950,4 +950,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from smolcluster.supervisor import exit_without_teardown
+
+    exit_without_teardown(main())  # 0, 2 or 130: each after the stage has unwound (a bug's traceback exits 1)

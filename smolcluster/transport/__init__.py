@@ -4,43 +4,26 @@
     compression  none / fp16 / bf16 / int8 codecs and error feedback
     sockets      ROUTER/DEALER endpoints, heartbeats, CURVE keys
     pubsub       the pipeline's PUB/SUB links (one bound inbox per node, one outbox to many)
+
+The names below load on first use (PEP 562): a launcher that only checks a codec's name imports
+``compression`` without torch and zmq, which are most of a process's start-up.
 """
 
-from smolcluster.transport import compression, wire
-from smolcluster.transport.compression import Codec, ErrorFeedback, get_codec
-from smolcluster.transport.sockets import (
-    ClientEndpoint,
-    Heartbeat,
-    ServerEndpoint,
-    client_key_name,
-    client_ranks,
-    make_keys,
-)
-from smolcluster.transport.wire import (
-    PROTOCOL_VERSION,
-    Message,
-    WireError,
-    decode,
-    encode,
-    register_kind,
-)
+import importlib
 
-__all__ = [
-    "PROTOCOL_VERSION",
-    "ClientEndpoint",
-    "Codec",
-    "ErrorFeedback",
-    "Heartbeat",
-    "Message",
-    "ServerEndpoint",
-    "WireError",
-    "compression",
-    "decode",
-    "encode",
-    "get_codec",
-    "client_key_name",
-    "client_ranks",
-    "make_keys",
-    "register_kind",
-    "wire",
-]
+_HOMES = {
+    "PROTOCOL_VERSION": "wire", "Message": "wire", "WireError": "wire", "decode": "wire", "encode": "wire",
+    "register_kind": "wire",
+    "Codec": "compression", "ErrorFeedback": "compression", "get_codec": "compression",
+    "ClientEndpoint": "sockets", "Heartbeat": "sockets", "ServerEndpoint": "sockets", "client_key_name": "sockets",
+    "client_ranks": "sockets", "make_keys": "sockets",
+}
+__all__ = [*_HOMES, "compression", "wire"]
+
+
+def __getattr__(name: str):
+    if name in ("compression", "wire", "sockets", "pubsub"):
+        return importlib.import_module(f"{__name__}.{name}")
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,8 +9,12 @@ input, so quantisation error is delayed, not lost.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Codec:
@@ -47,6 +51,8 @@ class Bf16(Codec):
     name, lossy = "bf16", True
 
     def encode(self, arr):
+        import torch  # here, not at the top: a launcher checks codec names without importing torch
+
         return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(torch.bfloat16).view(torch.uint16).numpy(), {}
 
     def decode(self, buf, meta, count):
@@ -188,6 +194,8 @@ class ErrorFeedback:
 
     def compensate(self, tensors: dict[str, torch.Tensor]) -> None:
         """In place: tensors += residual; residual = tensors - decode(encode(tensors))."""
+        import torch  # here, not at the top: see Bf16.encode
+
         if not self.codec.lossy:
             return
         for name, t in tensors.items():

@@ -36,6 +36,7 @@ from smolcluster.transport import wire
 _SEND_TIMEOUT_MS = 30_000
 _auth_lock = threading.Lock()
 _authenticator_thread = None
+_linger_until = 0.0  # when the last linger given to close() ends (let_lingering_leave waits for no later)
 
 
 def _context() -> zmq.Context:
@@ -52,6 +53,20 @@ def _context() -> zmq.Context:
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_FLOOR_MS = 10_000
 MIN_LINK_BYTES_PER_S = 1_000_000  # 8 Mbit/s: a weak Wi-Fi link to a Raspberry Pi
+
+
+def let_lingering_leave() -> None:
+    """Before a process ends without the interpreter's teardown (``os._exit``, which stops zmq's I/O thread at
+    once): let sockets closed with a linger send what they still queue. Terminating the context returns as soon
+    as they have, and waits no longer than the last linger given (past it, with a socket still open, it would
+    block for good, so it runs on a daemon thread)."""
+    left = _linger_until - time.monotonic()
+    if left > 0:
+        if _authenticator_thread is not None:  # CURVE's ZAP handler: its sockets would hold term for the whole linger
+            _authenticator_thread.stop()
+        term = threading.Thread(target=_context().term, daemon=True, name="zmq-term")
+        term.start()
+        term.join(left)
 
 
 def heartbeat_timeout_ms(max_bytes: int) -> int:
@@ -235,8 +250,10 @@ class _Endpoint:
 
     def close(self, linger_s: float = 0.0) -> None:
         """Close now; with ``linger_s``, messages still queued get at most that long to leave."""
+        global _linger_until
         if not self.sock.closed:
             self.sock.close(linger=int(linger_s * 1000))
+            _linger_until = max(_linger_until, time.monotonic() + linger_s)
 
     @property
     def address(self) -> str:
