@@ -106,6 +106,22 @@ def test_a_chats_next_turn_reuses_the_cached_prefix_with_the_same_tokens(cached,
     assert wait_until(lambda: hits_in_top() == ["4", "4"], 30), rows
 
 
+def test_with_the_head_on_the_last_stage_the_next_turn_reuses_the_answers_blocks_too(model, uncached):
+    # head=last: the tokens are picked on the last stage, and stage 0 (which keys the blocks) learns them from
+    # each step's results. 40 prompt tokens and a 40-token answer leave 79 positions cached: 4 blocks, 64 tokens
+    # (the prompt's alone would be 2 blocks, 32), each keyed by the tokens it really holds.
+    first = prompt(1, 40)
+    with InferencePipeline.start_local(model[0], head="last", **STAGE) as pipe:
+        info = lambda key: [pipe.client.mesh.peers[s].info.get(key) for s in pipe.client.stages]  # noqa: E731
+        answer = pipe.submit(first, max_new_tokens=40).tokens()
+        turn = first + answer + prompt(2, 5)
+        again = pipe.submit(turn, max_new_tokens=4).tokens()
+        assert wait_until(lambda: info("prefix_hits") == [1, 1], 10), info("prefix_hits")
+        assert info("prefix_tokens") == [64, 64]
+    assert [answer, again] == [uncached.submit(first, max_new_tokens=40).tokens(),
+                               uncached.submit(turn, max_new_tokens=4).tokens()]
+
+
 def test_an_adapter_and_the_base_model_never_share_kv(cached, model):
     pipe, urls, _ = cached
     before = scrape(urls)[0]

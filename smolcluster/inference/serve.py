@@ -134,7 +134,7 @@ class RequestState:
     reserved: list[int] = field(default_factory=list)  # stage 0: KV bytes held for it on each stage
     adapter: str = ""                 # the LoRA adapter its rows go through ("": none)
     drafter: str = "off"              # stage 0: lookup | draft | off (speculate.py)
-    history: list[int] | None = None  # stage 0, speculating: the prompt and every token made
+    history: list[int] | None = None  # stage 0, speculating or caching prefixes: the prompt and every token made
     drafts: list[int] = field(default_factory=list)  # stage 0: the proposals out in its current step
     q: torch.Tensor | None = None     # ... and their drafter's probabilities (None: point masses)
     trim: int | None = None           # stage 0: cut every stage's cache to this length before its next step
@@ -800,8 +800,13 @@ class StageServer:
                 continue
             if token < 0:
                 continuing.append(req)
-            else:
-                self.due[req] = token
+                continue
+            self.due[req] = token
+            st = self.requests[req]
+            if not self.has_head and st.history is not None:
+                # head=last: the head's `take` ran on another stage, so the prefix cache's keys (offer_blocks)
+                # learn the answer here; one token a step (speculation, with several, needs head=first)
+                st.history.append(token)
         # A prompt half fed goes first, so it starts answering soonest.
         self.prefilling.extendleft(reversed(continuing))
 
