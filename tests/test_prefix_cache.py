@@ -180,3 +180,38 @@ def test_blocks_copy_a_caches_positions_and_a_store_for_a_request_gone_is_report
         assert torch.equal(k, k0[:, :, :32]) and torch.equal(v, v0[:, :, :32])
     prefix.apply([["e", "k1"]], {})
     assert prefix.match(["k0", "k1"]) == 1 and prefix.nbytes == 2 * 2 * (16 * 2 * 8 * 4)
+
+
+def stage0(budget: int, reserved: int, blocks: int):
+    """Stage 0's admission state in process (1 byte a position, one stage) with ``blocks`` blocks of 16 cached,
+    their keys k0, k1, ..."""
+    import types
+
+    import torch
+
+    from smolcluster.inference.prefix import PrefixCache
+    from smolcluster.inference.serve import StageServer
+    from smolcluster.pipeline.architectures import KVCache
+
+    s = types.SimpleNamespace(kv_budget=budget, reserved=[reserved], kv_per_token=[1], requests={},
+                              prefix=PrefixCache(16))
+    s.kv_fits = types.MethodType(StageServer.kv_fits, s)
+    s.make_room = types.MethodType(StageServer.make_room, s)
+    cache = KVCache(1)
+    cache.append(0, torch.randn(1, 1, 16 * blocks, 4), torch.randn(1, 1, 16 * blocks, 4))
+    cache.length = 16 * blocks
+    for i in range(blocks):
+        s.prefix.store(f"k{i}", cache, i)
+    return s
+
+
+def test_make_room_evicts_nothing_for_a_request_that_cannot_fit_anyway():
+    # 1000 positions, 900 reserved by a running request, 3 blocks (48) cached: 200 more never fit
+    s = stage0(1000, 900, 3)
+    assert not s.make_room([200])
+    assert list(s.prefix.blocks) == ["k0", "k1", "k2"] and s.prefix.ops == []
+    # 60 fit once 1 block is gone (52 free + 16): the least recently used one, k0, and only it
+    assert s.make_room([60])
+    assert list(s.prefix.blocks) == ["k1", "k2"] and s.prefix.ops == [["e", "k0"]]
+    # kept blocks are never evicted: 90 would need all 2, but k2 is kept
+    assert not s.make_room([90], {"k2"}) and list(s.prefix.blocks) == ["k1", "k2"]

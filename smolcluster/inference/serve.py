@@ -369,9 +369,10 @@ class StageServer:
     def fits(self, need: list[int]) -> bool:
         return len(self.requests) < self.sc.max_requests and self.kv_fits(need)
 
-    def kv_fits(self, need: list[int]) -> bool:
-        """``need`` more bytes fit every stage's budget beside the reserved and the prefix cache's blocks."""
-        cached = self.prefix.tokens() if self.prefix is not None else 0
+    def kv_fits(self, need: list[int], evicted: int = 0) -> bool:
+        """``need`` more bytes fit every stage's budget beside the reserved and the prefix cache's blocks (less
+        ``evicted`` of them)."""
+        cached = (len(self.prefix.blocks) - evicted) * self.prefix.block if self.prefix is not None else 0
         return all(r + cached * per + n <= self.kv_budget
                    for r, per, n in zip(self.reserved, self.kv_per_token, need))
 
@@ -383,7 +384,10 @@ class StageServer:
         if self.prefix is None:
             return False
         keep = keep | {key for st in self.requests.values() for key in st.reused}
-        for key in [k for k in self.prefix.blocks if k not in keep]:
+        evictable = [k for k in self.prefix.blocks if k not in keep]
+        if not self.kv_fits(need, len(evictable)):
+            return False  # it cannot fit whatever goes: keep the blocks for the requests that can reuse them
+        for key in evictable:
             self.prefix.evict(key)
             self.prefix.ops.append(["e", key])
             if self.kv_fits(need):
