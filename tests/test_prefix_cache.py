@@ -215,3 +215,43 @@ def test_make_room_evicts_nothing_for_a_request_that_cannot_fit_anyway():
     assert list(s.prefix.blocks) == ["k1", "k2"] and s.prefix.ops == [["e", "k0"]]
     # kept blocks are never evicted: 90 would need all 2, but k2 is kept
     assert not s.make_room([90], {"k2"}) and list(s.prefix.blocks) == ["k1", "k2"]
+
+
+def test_malformed_prefix_ops_intros_and_senders_are_refused_and_the_cache_is_unchanged():
+    import types
+
+    import torch
+
+    from smolcluster.errors import PeerError
+    from smolcluster.inference.prefix import PrefixCache
+    from smolcluster.inference.serve import StageServer, check_intro
+    from smolcluster.pipeline.architectures import KVCache
+
+    cache = KVCache(1)
+    cache.append(0, torch.randn(1, 1, 48, 4), torch.randn(1, 1, 48, 4))
+    cache.length = 48  # 3 whole blocks of 16
+    prefix = PrefixCache(16)
+    prefix.apply([["s", "k0", "r", 0]], {"r": cache})
+    one = prefix.nbytes
+    prefix.store("k0", cache, 0)  # stored again: replaced, counted once
+    assert prefix.nbytes == one == 16 * 4 * 4 * 2
+    for bad in (["s", "k3", "r", 3], ["s", "k9", "r", -1], ["s", "k1", "r", True], ["s", "k1", 7, 1],
+                ["s", "k1", "r"], ["e", ["k0"]], ["e", "k0", 1], ["x", "k0"], "e", None):
+        with pytest.raises(PeerError, match="malformed"):
+            prefix.apply([["e", "k0"], ["s", "k2", "r", 2], bad], {"r": cache})  # good ops first, the bad one last
+        assert list(prefix.blocks) == ["k0"] and prefix.nbytes == one, bad
+    # an intro naming keys that are not str, or blocks reaching its prompt's last token
+    good = {"head": "h", "max_new_tokens": 4, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0, "eos": [],
+            "prompt_len": 33, "adapter": "", "prefix": ["a", "b"]}
+    check_intro("r1", good, "stage-0", 16)
+    for keys in (["a", 5], ["a", "b", "c"]):
+        with pytest.raises(PeerError, match="prefix="):
+            check_intro("r1", {**good, "prefix": keys}, "stage-0", 16)
+    # ops only from the previous stage, forgets only from a stage
+    s = types.SimpleNamespace(me="s1", names=["s0", "s1", "s2"], sc=types.SimpleNamespace(rank=1, n_stages=3),
+                              prefix=prefix)
+    for kind, src, fields in (("mp.prefix", "s2", {"ops": [["e", "k0"]]}), ("mp.prefix", "h1", {"ops": [["e", "k0"]]}),
+                              ("mp.forget", "h1", {"keys": ["k0"]}), ("mp.forget", "s2", {"keys": [["k0"]]})):
+        with pytest.raises(PeerError, match=src):
+            StageServer.handle(s, types.SimpleNamespace(kind=kind, src=src, fields=fields))
+        assert list(prefix.blocks) == ["k0"], (kind, src)

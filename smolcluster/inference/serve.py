@@ -146,9 +146,10 @@ class RequestState:
     introduced: bool = False          # stage 0: its first rows have left (with its intro)
 
 
-def check_intro(req, intro, src: str) -> None:
+def check_intro(req, intro, src: str, block: int = 0) -> None:
     """A request's intro (``mp.hidden``'s ``intro[req]``) typed as :data:`protocol.REQUEST_FIELDS` says: the wire
-    checks a message's own fields, not what nests in them, and a wrong type would fail deep in a step."""
+    checks a message's own fields, not what nests in them, and a wrong type would fail deep in a step. Its
+    ``prefix`` names block keys (``block`` tokens each) short of its prompt (whose last token is always fed)."""
     if not isinstance(intro, dict):
         raise PeerError(f"{src} introduced request {req!r} with {type(intro).__name__}, not a dict of "
                         "its settings: every stage must run the same smolcluster version")
@@ -158,6 +159,11 @@ def check_intro(req, intro, src: str) -> None:
             want = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
             raise PeerError(f"{src} introduced request {req!r} with {key}={value!r} ({key} must be {want}): every "
                             "stage must run the same smolcluster version")
+    keys = intro["prefix"]
+    if not all(isinstance(k, str) for k in keys) or (keys and len(keys) * block >= intro["prompt_len"]):
+        raise PeerError(f"{src} introduced request {req!r} with prefix={keys!r}: it must name block keys (str) of "
+                        f"fewer than its {intro['prompt_len']} prompt tokens ({block} a block); every stage must run "
+                        "the same smolcluster version")
 
 
 def node_memory_bytes() -> int:
@@ -634,7 +640,7 @@ class StageServer:
         self.replay(step.prefix)  # stage 0's prefix-cache decisions, before any request that relies on them
         for req, intro in step.intro.items():
             if req not in self.requests and req not in self.closed:
-                check_intro(req, intro, env.src)
+                check_intro(req, intro, env.src, self.prefix.block if self.prefix is not None else 0)
                 params = SamplingParams(float(intro["temperature"]), int(intro["top_k"]), float(intro["top_p"]),
                                         int(intro["seed"]))
                 adapter = intro["adapter"]
@@ -827,11 +833,17 @@ class StageServer:
         elif kind == "mp.step":
             self.schedule(env.fields)
         elif kind == "mp.prefix":  # a step's prefix-cache ops, its rows all dropped on the way
+            if self.sc.rank == 0 or env.src != self.names[self.sc.rank - 1]:
+                raise PeerError(f"{self.me}: prefix-cache ops from {env.src}, not from the previous stage; ignored")
             self.replay(env.fields["ops"])
             if self.sc.rank < self.sc.n_stages - 1:
                 self.mesh.send(self.names[self.sc.rank + 1], "mp.prefix", {"ops": env.fields["ops"]}, tag="prefix")
         elif kind == "mp.forget":  # blocks a stage could not store: no request may start from them again
-            for key in env.fields["keys"]:
+            keys = env.fields["keys"]
+            if env.src not in self.names or not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+                raise PeerError(f"{self.me}: mp.forget from {env.src} with keys={keys!r}: only a stage may have "
+                                "stage 0 forget prefix-cache blocks, named by their keys (str); ignored")
+            for key in keys:
                 if self.prefix is not None and key in self.prefix:
                     self.prefix.evict(key)
                     self.prefix.ops.append(["e", key])
@@ -919,6 +931,8 @@ class StageServer:
         try:
             self.handle(env)
         except SmolclusterError as e:
+            if not (env.fields.get("reqs") or env.fields.get("req")):  # no request to tell: the log does
+                logger.error(str(e))
             self.fail_env(env, str(e))
         except Exception as e:  # a bug or a bad tensor: fail those requests, keep serving the rest
             logger.exception(f"{self.me}: {env.kind} from {env.src} failed")
