@@ -5,9 +5,10 @@ next turn (the first turn's prompt, its answer, a new message) reuses the cached
 ``/metrics`` count, and its greedy tokens equal the same pipeline's with the cache off and ``transformers``'
 generate; requests sharing a prefix batched together each equal their reference; the same prompt through a LoRA
 adapter and through the base model never shares KV (equal to ``peft``); a KV budget too small for two
-conversations evicts the least recently used blocks and still answers right; ``top`` shows the hits. In process:
-the block chain, a block's copy of a cache, a store whose request is gone reported (a stage then has stage 0
-forget the block).
+conversations evicts the least recently used blocks and still answers right; ``top`` shows the hits; with the head
+on the last stage the next turn reuses the answer's blocks too. In process: the block chain, a block's copy of a
+cache, a store whose request is gone reported (a stage then has stage 0 forget the block), room made for a request
+that cannot fit anyway evicting nothing, malformed ops, intros and senders refused with the cache unchanged.
 """
 
 from __future__ import annotations
@@ -180,6 +181,8 @@ def test_blocks_copy_a_caches_positions_and_a_store_for_a_request_gone_is_report
         assert torch.equal(k, k0[:, :, :32]) and torch.equal(v, v0[:, :, :32])
     prefix.apply([["e", "k1"]], {})
     assert prefix.match(["k0", "k1"]) == 1 and prefix.nbytes == 2 * 2 * (16 * 2 * 8 * 4)
+    prefix.clear()  # (a stage was lost): empty, its totals kept
+    assert (len(prefix.blocks), prefix.nbytes, prefix.hits, prefix.saved) == (0, 0, 1, 32)
 
 
 def stage0(budget: int, reserved: int, blocks: int):

@@ -90,6 +90,13 @@ class PrefixCache:
         if kv is not None:
             self.nbytes -= sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
 
+    def clear(self) -> None:
+        """Drop every block and every op not yet sent (a stage was lost); the counters go on (they feed
+        Prometheus counters, which never go down)."""
+        self.blocks.clear()
+        self.nbytes = 0
+        self.ops.clear()
+
     def load(self, keys: list[str], cache: KVCache) -> None:
         """Fill a new request's empty cache with the blocks ``keys`` (its prompt's first, in order)."""
         for j in range(len(cache.keys)):

@@ -326,6 +326,8 @@ class StageServer:
             if head in self.mesh.peers:
                 self.mesh.send(head, "mp.lost", {"stage": peer, "message": message})
         self.drop_requests(lambda head: True)
+        if self.prefix is not None:  # a restarted stage starts empty: so do the others, never to disagree
+            self.prefix.clear()
 
     def drop_requests(self, which) -> int:
         gone = [req for req, st in self.requests.items() if which(st.head)]
@@ -590,6 +592,8 @@ class StageServer:
             x = self.stage.run_blocks(x, batch)
         except Exception as e:
             logger.exception(f"{self.me}: a step failed")
+            if self.prefix is not None:  # its ops (already applied here) leave with the next step
+                self.prefix.ops[:0] = step.prefix
             for req in step.reqs:
                 self.fail(req, f"{self.me} failed on a step: {type(e).__name__}: {e}")
             return
@@ -638,6 +642,14 @@ class StageServer:
         step = Step(list(f["reqs"]), list(f["sizes"]), list(f["emit"]), dict(f["intro"]), dict(f["trim"]),
                     list(f["prefix"]))
         self.replay(step.prefix)  # stage 0's prefix-cache decisions, before any request that relies on them
+        try:
+            self.run_hidden(env, step)
+        except Exception:  # the step's requests fail (dispatch), its ops still reach the next stages
+            self.pass_ops(step.prefix)
+            raise
+
+    def run_hidden(self, env: Envelope, step: Step) -> None:
+        """A step's rows here: start the requests it introduces, cut the caches it trims, run the blocks."""
         for req, intro in step.intro.items():
             if req not in self.requests and req not in self.closed:
                 check_intro(req, intro, env.src, self.prefix.block if self.prefix is not None else 0)
@@ -664,8 +676,7 @@ class StageServer:
         keep = [i for i, req in enumerate(step.reqs) if req in self.requests]
         if len(keep) < len(step.reqs):
             if not keep:
-                if step.prefix and self.sc.rank < self.sc.n_stages - 1:  # the next stages replay them all the same
-                    self.mesh.send(self.names[self.sc.rank + 1], "mp.prefix", {"ops": step.prefix}, tag="prefix")
+                self.pass_ops(step.prefix)
                 return
             starts = [sum(step.sizes[:i]) for i in range(len(step.sizes))]
             x = torch.cat([x[:, starts[i]:starts[i] + step.sizes[i]] for i in keep], dim=1)
@@ -677,6 +688,12 @@ class StageServer:
             self.emit(step, x)
         else:
             self.forward_out(step, self.stage.run_blocks(x, self.batch(step)))
+
+    def pass_ops(self, ops: list) -> None:
+        """Hand stage 0's prefix-cache ops on without rows (``mp.prefix``: a step's rows all dropped, or its step
+        failed here), so the next stages' blocks still mirror stage 0's."""
+        if ops and self.sc.rank < self.sc.n_stages - 1:
+            self.mesh.send(self.names[self.sc.rank + 1], "mp.prefix", {"ops": ops}, tag="prefix")
 
     def replay(self, ops: list) -> None:
         """Stages past 0: apply stage 0's prefix-cache ops; a block this stage could not store (its request was
@@ -836,8 +853,7 @@ class StageServer:
             if self.sc.rank == 0 or env.src != self.names[self.sc.rank - 1]:
                 raise PeerError(f"{self.me}: prefix-cache ops from {env.src}, not from the previous stage; ignored")
             self.replay(env.fields["ops"])
-            if self.sc.rank < self.sc.n_stages - 1:
-                self.mesh.send(self.names[self.sc.rank + 1], "mp.prefix", {"ops": env.fields["ops"]}, tag="prefix")
+            self.pass_ops(env.fields["ops"])
         elif kind == "mp.forget":  # blocks a stage could not store: no request may start from them again
             keys = env.fields["keys"]
             if env.src not in self.names or not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
