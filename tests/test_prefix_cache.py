@@ -5,9 +5,10 @@ next turn (the first turn's prompt, its answer, a new message) reuses the cached
 ``/metrics`` count, and its greedy tokens equal the same pipeline's with the cache off and ``transformers``'
 generate; requests sharing a prefix batched together each equal their reference; the same prompt through a LoRA
 adapter and through the base model never shares KV (equal to ``peft``); a KV budget too small for two
-conversations evicts the least recently used blocks and still answers right; ``top`` shows the hits. In process:
-the block chain, a block's copy of a cache, a store whose request is gone reported (a stage then has stage 0
-forget the block).
+conversations evicts the least recently used blocks and still answers right; ``top`` shows the hits; with the head
+on the last stage the next turn reuses the answer's blocks too. In process: the block chain, a block's copy of a
+cache, a store whose request is gone reported (a stage then has stage 0 forget the block), room made for a request
+that cannot fit anyway evicting nothing, malformed ops, intros and senders refused with the cache unchanged.
 """
 
 from __future__ import annotations
@@ -106,6 +107,22 @@ def test_a_chats_next_turn_reuses_the_cached_prefix_with_the_same_tokens(cached,
     assert wait_until(lambda: hits_in_top() == ["4", "4"], 30), rows
 
 
+def test_with_the_head_on_the_last_stage_the_next_turn_reuses_the_answers_blocks_too(model, uncached):
+    # head=last: the tokens are picked on the last stage, and stage 0 (which keys the blocks) learns them from
+    # each step's results. 40 prompt tokens and a 40-token answer leave 79 positions cached: 4 blocks, 64 tokens
+    # (the prompt's alone would be 2 blocks, 32), each keyed by the tokens it really holds.
+    first = prompt(1, 40)
+    with InferencePipeline.start_local(model[0], head="last", **STAGE) as pipe:
+        info = lambda key: [pipe.client.mesh.peers[s].info.get(key) for s in pipe.client.stages]  # noqa: E731
+        answer = pipe.submit(first, max_new_tokens=40).tokens()
+        turn = first + answer + prompt(2, 5)
+        again = pipe.submit(turn, max_new_tokens=4).tokens()
+        assert wait_until(lambda: info("prefix_hits") == [1, 1], 10), info("prefix_hits")
+        assert info("prefix_tokens") == [64, 64]
+    assert [answer, again] == [uncached.submit(first, max_new_tokens=40).tokens(),
+                               uncached.submit(turn, max_new_tokens=4).tokens()]
+
+
 def test_an_adapter_and_the_base_model_never_share_kv(cached, model):
     pipe, urls, _ = cached
     before = scrape(urls)[0]
@@ -164,3 +181,80 @@ def test_blocks_copy_a_caches_positions_and_a_store_for_a_request_gone_is_report
         assert torch.equal(k, k0[:, :, :32]) and torch.equal(v, v0[:, :, :32])
     prefix.apply([["e", "k1"]], {})
     assert prefix.match(["k0", "k1"]) == 1 and prefix.nbytes == 2 * 2 * (16 * 2 * 8 * 4)
+    prefix.clear()  # (a stage was lost): empty, its totals kept
+    assert (len(prefix.blocks), prefix.nbytes, prefix.hits, prefix.saved) == (0, 0, 1, 32)
+
+
+def stage0(budget: int, reserved: int, blocks: int):
+    """Stage 0's admission state in process (1 byte a position, one stage) with ``blocks`` blocks of 16 cached,
+    their keys k0, k1, ..."""
+    import types
+
+    import torch
+
+    from smolcluster.inference.prefix import PrefixCache
+    from smolcluster.inference.serve import StageServer
+    from smolcluster.pipeline.architectures import KVCache
+
+    s = types.SimpleNamespace(kv_budget=budget, reserved=[reserved], kv_per_token=[1], requests={},
+                              prefix=PrefixCache(16))
+    s.kv_fits = types.MethodType(StageServer.kv_fits, s)
+    s.make_room = types.MethodType(StageServer.make_room, s)
+    cache = KVCache(1)
+    cache.append(0, torch.randn(1, 1, 16 * blocks, 4), torch.randn(1, 1, 16 * blocks, 4))
+    cache.length = 16 * blocks
+    for i in range(blocks):
+        s.prefix.store(f"k{i}", cache, i)
+    return s
+
+
+def test_make_room_evicts_nothing_for_a_request_that_cannot_fit_anyway():
+    # 1000 positions, 900 reserved by a running request, 3 blocks (48) cached: 200 more never fit
+    s = stage0(1000, 900, 3)
+    assert not s.make_room([200])
+    assert list(s.prefix.blocks) == ["k0", "k1", "k2"] and s.prefix.ops == []
+    # 60 fit once 1 block is gone (52 free + 16): the least recently used one, k0, and only it
+    assert s.make_room([60])
+    assert list(s.prefix.blocks) == ["k1", "k2"] and s.prefix.ops == [["e", "k0"]]
+    # kept blocks are never evicted: 90 would need all 2, but k2 is kept
+    assert not s.make_room([90], {"k2"}) and list(s.prefix.blocks) == ["k1", "k2"]
+
+
+def test_malformed_prefix_ops_intros_and_senders_are_refused_and_the_cache_is_unchanged():
+    import types
+
+    import torch
+
+    from smolcluster.errors import PeerError
+    from smolcluster.inference.prefix import PrefixCache
+    from smolcluster.inference.serve import StageServer, check_intro
+    from smolcluster.pipeline.architectures import KVCache
+
+    cache = KVCache(1)
+    cache.append(0, torch.randn(1, 1, 48, 4), torch.randn(1, 1, 48, 4))
+    cache.length = 48  # 3 whole blocks of 16
+    prefix = PrefixCache(16)
+    prefix.apply([["s", "k0", "r", 0]], {"r": cache})
+    one = prefix.nbytes
+    prefix.store("k0", cache, 0)  # stored again: replaced, counted once
+    assert prefix.nbytes == one == 16 * 4 * 4 * 2
+    for bad in (["s", "k3", "r", 3], ["s", "k9", "r", -1], ["s", "k1", "r", True], ["s", "k1", 7, 1],
+                ["s", "k1", "r"], ["e", ["k0"]], ["e", "k0", 1], ["x", "k0"], "e", None):
+        with pytest.raises(PeerError, match="malformed"):
+            prefix.apply([["e", "k0"], ["s", "k2", "r", 2], bad], {"r": cache})  # good ops first, the bad one last
+        assert list(prefix.blocks) == ["k0"] and prefix.nbytes == one, bad
+    # an intro naming keys that are not str, or blocks reaching its prompt's last token
+    good = {"head": "h", "max_new_tokens": 4, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0, "eos": [],
+            "prompt_len": 33, "adapter": "", "prefix": ["a", "b"]}
+    check_intro("r1", good, "stage-0", 16)
+    for keys in (["a", 5], ["a", "b", "c"]):
+        with pytest.raises(PeerError, match="prefix="):
+            check_intro("r1", {**good, "prefix": keys}, "stage-0", 16)
+    # ops only from the previous stage, forgets only from a stage
+    s = types.SimpleNamespace(me="s1", names=["s0", "s1", "s2"], sc=types.SimpleNamespace(rank=1, n_stages=3),
+                              prefix=prefix)
+    for kind, src, fields in (("mp.prefix", "s2", {"ops": [["e", "k0"]]}), ("mp.prefix", "h1", {"ops": [["e", "k0"]]}),
+                              ("mp.forget", "h1", {"keys": ["k0"]}), ("mp.forget", "s2", {"keys": [["k0"]]})):
+        with pytest.raises(PeerError, match=src):
+            StageServer.handle(s, types.SimpleNamespace(kind=kind, src=src, fields=fields))
+        assert list(prefix.blocks) == ["k0"], (kind, src)

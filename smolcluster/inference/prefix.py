@@ -29,6 +29,7 @@ from collections import OrderedDict
 
 import torch
 
+from smolcluster.errors import PeerError
 from smolcluster.pipeline.architectures import KVCache
 
 
@@ -80,6 +81,7 @@ class PrefixCache:
         """Copy positions ``[index * block, (index + 1) * block)`` of a request's cache (the same on every stage)."""
         a = index * self.block
         kv = [(k[:, :, a:a + self.block].clone(), v[:, :, a:a + self.block].clone()) for k, v in cache.layers]
+        self.evict(key)  # (a key stored again replaces its block, counted once)
         self.blocks[key] = kv
         self.nbytes += sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
 
@@ -87,6 +89,13 @@ class PrefixCache:
         kv = self.blocks.pop(key, None)
         if kv is not None:
             self.nbytes -= sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+
+    def clear(self) -> None:
+        """Drop every block and every op not yet sent (a stage was lost); the counters go on (they feed
+        Prometheus counters, which never go down)."""
+        self.blocks.clear()
+        self.nbytes = 0
+        self.ops.clear()
 
     def load(self, keys: list[str], cache: KVCache) -> None:
         """Fill a new request's empty cache with the blocks ``keys`` (its prompt's first, in order)."""
@@ -100,7 +109,10 @@ class PrefixCache:
 
     def apply(self, ops: list, caches: dict[str, KVCache]) -> list[str]:
         """Replay stage 0's decisions: ``["e", key]`` evicts, ``["s", key, req, index]`` stores a block of that
-        request's cache. The keys it could not store (their request is gone here)."""
+        request's cache. The keys it could not store (their request is gone here). Every op is checked before any
+        is applied: a malformed one (a peer of another version) is refused, naming it, and the cache is unchanged."""
+        for op in ops:
+            self.check(op, caches)
         lost = []
         for op in ops:
             if op[0] == "e":
@@ -110,3 +122,17 @@ class PrefixCache:
             else:
                 lost.append(op[1])
         return lost
+
+    def check(self, op, caches: dict[str, KVCache]) -> None:
+        """One op as :meth:`apply` takes it: the wire checks a message's own fields, not what nests in them, and
+        a store past its request's cache would keep a short block that a later request loads as a whole one."""
+        ok = isinstance(op, (list, tuple)) and len(op) >= 2 and isinstance(op[1], str)
+        if ok and op[0] == "s":
+            ok = (len(op) == 4 and isinstance(op[2], str) and isinstance(op[3], int) and not isinstance(op[3], bool)
+                  and op[3] >= 0 and (op[2] not in caches or (op[3] + 1) * self.block <= caches[op[2]].length))
+        elif ok:
+            ok = op[0] == "e" and len(op) == 2
+        if not ok:
+            raise PeerError(f"prefix-cache op {op!r} is malformed: an op is [\"e\", key] or [\"s\", key, request, "
+                            f"block index] within that request's cache (blocks of {self.block}); every stage must run "
+                            "the same smolcluster version")

@@ -134,7 +134,7 @@ class RequestState:
     reserved: list[int] = field(default_factory=list)  # stage 0: KV bytes held for it on each stage
     adapter: str = ""                 # the LoRA adapter its rows go through ("": none)
     drafter: str = "off"              # stage 0: lookup | draft | off (speculate.py)
-    history: list[int] | None = None  # stage 0, speculating: the prompt and every token made
+    history: list[int] | None = None  # stage 0, speculating or caching prefixes: the prompt and every token made
     drafts: list[int] = field(default_factory=list)  # stage 0: the proposals out in its current step
     q: torch.Tensor | None = None     # ... and their drafter's probabilities (None: point masses)
     trim: int | None = None           # stage 0: cut every stage's cache to this length before its next step
@@ -146,9 +146,10 @@ class RequestState:
     introduced: bool = False          # stage 0: its first rows have left (with its intro)
 
 
-def check_intro(req, intro, src: str) -> None:
+def check_intro(req, intro, src: str, block: int = 0) -> None:
     """A request's intro (``mp.hidden``'s ``intro[req]``) typed as :data:`protocol.REQUEST_FIELDS` says: the wire
-    checks a message's own fields, not what nests in them, and a wrong type would fail deep in a step."""
+    checks a message's own fields, not what nests in them, and a wrong type would fail deep in a step. Its
+    ``prefix`` names block keys (``block`` tokens each) short of its prompt (whose last token is always fed)."""
     if not isinstance(intro, dict):
         raise PeerError(f"{src} introduced request {req!r} with {type(intro).__name__}, not a dict of "
                         "its settings: every stage must run the same smolcluster version")
@@ -158,6 +159,11 @@ def check_intro(req, intro, src: str) -> None:
             want = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
             raise PeerError(f"{src} introduced request {req!r} with {key}={value!r} ({key} must be {want}): every "
                             "stage must run the same smolcluster version")
+    keys = intro["prefix"]
+    if not all(isinstance(k, str) for k in keys) or (keys and len(keys) * block >= intro["prompt_len"]):
+        raise PeerError(f"{src} introduced request {req!r} with prefix={keys!r}: it must name block keys (str) of "
+                        f"fewer than its {intro['prompt_len']} prompt tokens ({block} a block); every stage must run "
+                        "the same smolcluster version")
 
 
 def node_memory_bytes() -> int:
@@ -320,6 +326,8 @@ class StageServer:
             if head in self.mesh.peers:
                 self.mesh.send(head, "mp.lost", {"stage": peer, "message": message})
         self.drop_requests(lambda head: True)
+        if self.prefix is not None:  # a restarted stage starts empty: so do the others, never to disagree
+            self.prefix.clear()
 
     def drop_requests(self, which) -> int:
         gone = [req for req, st in self.requests.items() if which(st.head)]
@@ -369,9 +377,10 @@ class StageServer:
     def fits(self, need: list[int]) -> bool:
         return len(self.requests) < self.sc.max_requests and self.kv_fits(need)
 
-    def kv_fits(self, need: list[int]) -> bool:
-        """``need`` more bytes fit every stage's budget beside the reserved and the prefix cache's blocks."""
-        cached = self.prefix.tokens() if self.prefix is not None else 0
+    def kv_fits(self, need: list[int], evicted: int = 0) -> bool:
+        """``need`` more bytes fit every stage's budget beside the reserved and the prefix cache's blocks (less
+        ``evicted`` of them)."""
+        cached = (len(self.prefix.blocks) - evicted) * self.prefix.block if self.prefix is not None else 0
         return all(r + cached * per + n <= self.kv_budget
                    for r, per, n in zip(self.reserved, self.kv_per_token, need))
 
@@ -383,7 +392,10 @@ class StageServer:
         if self.prefix is None:
             return False
         keep = keep | {key for st in self.requests.values() for key in st.reused}
-        for key in [k for k in self.prefix.blocks if k not in keep]:
+        evictable = [k for k in self.prefix.blocks if k not in keep]
+        if not self.kv_fits(need, len(evictable)):
+            return False  # it cannot fit whatever goes: keep the blocks for the requests that can reuse them
+        for key in evictable:
             self.prefix.evict(key)
             self.prefix.ops.append(["e", key])
             if self.kv_fits(need):
@@ -580,6 +592,8 @@ class StageServer:
             x = self.stage.run_blocks(x, batch)
         except Exception as e:
             logger.exception(f"{self.me}: a step failed")
+            if self.prefix is not None:  # its ops (already applied here) leave with the next step
+                self.prefix.ops[:0] = step.prefix
             for req in step.reqs:
                 self.fail(req, f"{self.me} failed on a step: {type(e).__name__}: {e}")
             return
@@ -628,9 +642,17 @@ class StageServer:
         step = Step(list(f["reqs"]), list(f["sizes"]), list(f["emit"]), dict(f["intro"]), dict(f["trim"]),
                     list(f["prefix"]))
         self.replay(step.prefix)  # stage 0's prefix-cache decisions, before any request that relies on them
+        try:
+            self.run_hidden(env, step)
+        except Exception:  # the step's requests fail (dispatch), its ops still reach the next stages
+            self.pass_ops(step.prefix)
+            raise
+
+    def run_hidden(self, env: Envelope, step: Step) -> None:
+        """A step's rows here: start the requests it introduces, cut the caches it trims, run the blocks."""
         for req, intro in step.intro.items():
             if req not in self.requests and req not in self.closed:
-                check_intro(req, intro, env.src)
+                check_intro(req, intro, env.src, self.prefix.block if self.prefix is not None else 0)
                 params = SamplingParams(float(intro["temperature"]), int(intro["top_k"]), float(intro["top_p"]),
                                         int(intro["seed"]))
                 adapter = intro["adapter"]
@@ -654,8 +676,7 @@ class StageServer:
         keep = [i for i, req in enumerate(step.reqs) if req in self.requests]
         if len(keep) < len(step.reqs):
             if not keep:
-                if step.prefix and self.sc.rank < self.sc.n_stages - 1:  # the next stages replay them all the same
-                    self.mesh.send(self.names[self.sc.rank + 1], "mp.prefix", {"ops": step.prefix}, tag="prefix")
+                self.pass_ops(step.prefix)
                 return
             starts = [sum(step.sizes[:i]) for i in range(len(step.sizes))]
             x = torch.cat([x[:, starts[i]:starts[i] + step.sizes[i]] for i in keep], dim=1)
@@ -667,6 +688,12 @@ class StageServer:
             self.emit(step, x)
         else:
             self.forward_out(step, self.stage.run_blocks(x, self.batch(step)))
+
+    def pass_ops(self, ops: list) -> None:
+        """Hand stage 0's prefix-cache ops on without rows (``mp.prefix``: a step's rows all dropped, or its step
+        failed here), so the next stages' blocks still mirror stage 0's."""
+        if ops and self.sc.rank < self.sc.n_stages - 1:
+            self.mesh.send(self.names[self.sc.rank + 1], "mp.prefix", {"ops": ops}, tag="prefix")
 
     def replay(self, ops: list) -> None:
         """Stages past 0: apply stage 0's prefix-cache ops; a block this stage could not store (its request was
@@ -800,8 +827,13 @@ class StageServer:
                 continue
             if token < 0:
                 continuing.append(req)
-            else:
-                self.due[req] = token
+                continue
+            self.due[req] = token
+            st = self.requests[req]
+            if not self.has_head and st.history is not None:
+                # head=last: the head's `take` ran on another stage, so the prefix cache's keys (offer_blocks)
+                # learn the answer here; one token a step (speculation, with several, needs head=first)
+                st.history.append(token)
         # A prompt half fed goes first, so it starts answering soonest.
         self.prefilling.extendleft(reversed(continuing))
 
@@ -818,11 +850,16 @@ class StageServer:
         elif kind == "mp.step":
             self.schedule(env.fields)
         elif kind == "mp.prefix":  # a step's prefix-cache ops, its rows all dropped on the way
+            if self.sc.rank == 0 or env.src != self.names[self.sc.rank - 1]:
+                raise PeerError(f"{self.me}: prefix-cache ops from {env.src}, not from the previous stage; ignored")
             self.replay(env.fields["ops"])
-            if self.sc.rank < self.sc.n_stages - 1:
-                self.mesh.send(self.names[self.sc.rank + 1], "mp.prefix", {"ops": env.fields["ops"]}, tag="prefix")
+            self.pass_ops(env.fields["ops"])
         elif kind == "mp.forget":  # blocks a stage could not store: no request may start from them again
-            for key in env.fields["keys"]:
+            keys = env.fields["keys"]
+            if env.src not in self.names or not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+                raise PeerError(f"{self.me}: mp.forget from {env.src} with keys={keys!r}: only a stage may have "
+                                "stage 0 forget prefix-cache blocks, named by their keys (str); ignored")
+            for key in keys:
                 if self.prefix is not None and key in self.prefix:
                     self.prefix.evict(key)
                     self.prefix.ops.append(["e", key])
@@ -910,6 +947,8 @@ class StageServer:
         try:
             self.handle(env)
         except SmolclusterError as e:
+            if not (env.fields.get("reqs") or env.fields.get("req")):  # no request to tell: the log does
+                logger.error(str(e))
             self.fail_env(env, str(e))
         except Exception as e:  # a bug or a bad tensor: fail those requests, keep serving the rest
             logger.exception(f"{self.me}: {env.kind} from {env.src} failed")
