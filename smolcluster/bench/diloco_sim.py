@@ -36,10 +36,10 @@ from smolcluster.algorithms.diloco import Outer
 from smolcluster.bench.report import write_report
 from smolcluster.bench.scaling import MODELS
 
-# paper: the DiLoCo paper's outer Nesterov; avg: plain averaging; the rest: what the sweep in docs/benchmarks.md
-# found. s: the K-node run's schedule length as a fraction of N.
-DEFAULT_CONFIGS = ("H=100,olr=0.7,om=0.9", "H=100,olr=1,om=0", "H=25,olr=1,om=0,s=0.4",
-                   "H=25,olr=0.7,om=0.9,s=0.4", "H=25,olr=1,om=0,lr=2e-3,s=0.4", "w=all,s=0.4")
+# allreduce as the bound of what these samples give a data-parallel run; diloco with plain averaging and with the
+# paper's outer Nesterov at H=25, each with its schedule ending at N/3 steps; bench desk's diloco (H=100, the paper's).
+DEFAULT_CONFIGS = ("w=all,s=0.3334", "H=25,olr=1,om=0,s=0.3334", "H=25,olr=0.7,om=0.9,s=0.3334",
+                   "H=100,olr=0.7,om=0.9")
 KEYS = {"H": int, "olr": float, "om": float, "lr": float, "w": str, "s": float}
 
 
@@ -49,8 +49,9 @@ def parse_config(text: str) -> dict:
     out = {"H": 100, "olr": 0.7, "om": 0.9, "lr": None, "w": "0", "s": 1.0}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
-        if key not in KEYS or not value:
-            raise SystemExit(f"error: config {text!r}: {item!r} is not one of {', '.join(k + '=...' for k in KEYS)}")
+        if key not in KEYS or not value or key == "w" and value != "all" and not value.isdigit():
+            raise SystemExit(f"error: config {text!r}: {item!r} is not one of {', '.join(k + '=...' for k in KEYS)} "
+                             "(w: a number of steps or all)")
         out[key] = KEYS[key](value)
     return out
 
