@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from smolcluster.bench.diloco_sim import main, parse_config
 
 
@@ -24,6 +26,6 @@ def test_diloco_sim_reports_each_config(shakespeare, tmp_path):
     steps = out["curves"]["H=3,olr=1,om=0"][-1]["step"]  # (6, or 3 where it reached the target there)
     assert diloco["outer_steps"] == steps // 3
     # a ring of 2 sends the float32 model once per sync: every step for allreduce, every 3rd for H=3
-    assert diloco["bytes_per_sample"] * 3 == allreduce["bytes_per_sample"]
+    assert diloco["bytes_per_sample"] == pytest.approx(allreduce["bytes_per_sample"] / 3, abs=0.1)
     assert allreduce["bytes_per_sample"] == 1_350_400 * 4 / (8 * 2)  # gpt2-tiny's parameters, batch 8 x 2 workers
     assert (tmp_path / "diloco-sim.png").is_file()
