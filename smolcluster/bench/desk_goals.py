@@ -6,8 +6,9 @@ For each model and link:
 
 1. ``local``: one node trains ``--steps`` steps, evaluating every ``--eval-every``. Its final eval loss is the
    **target**, its training time T the unit of every time ratio.
-2. ``--workers`` nodes of the same budget each run ``--algos`` for ``--steps`` steps (so N times the samples):
-   ``diloco`` (H = ``--inner-steps``, ``--codec``), ``streaming`` (the same with F=4 fragments, tau=1,
+2. ``--workers`` nodes of the same budget each run ``--algos`` for ``--schedule`` x ``--steps`` steps (their lr
+   schedule's length; by default as many, so N times the samples): ``diloco`` (H = ``--inner-steps``, ``--codec``,
+   ``--outer-lr``, ``--outer-momentum``), ``streaming`` (the same with F=4 fragments, tau=1,
    alpha=0.5), ``allreduce`` and DDP-gloo. A run still going at ``--budget`` x T is stopped there.
 3. On the link ``--unlike-link`` only: the nodes at ``--speeds`` x ``--cpu`` cores (unlike machines), diloco
    with fixed H (``fixed_H``) against rounds by time (``round_s``: ``--round-s``, by default H x local's seconds
