@@ -10,7 +10,7 @@ import smolcluster.bench as pkg
 from smolcluster.errors import SmolclusterError
 
 _NOT_BENCHES = {"report", "common", "netns", "desk", "__main__"}
-_NAMED = {"desk_goals": "desk"}  # module -> bench name (desk.py is the emulated desk the benches share)
+_NAMED = {"desk_goals": "desk", "diloco_sim": "diloco-sim"}  # module -> bench name (desk.py is the emulated desk the benches share)
 
 
 def available() -> list[str]:

@@ -6,8 +6,9 @@ For each model and link:
 
 1. ``local``: one node trains ``--steps`` steps, evaluating every ``--eval-every``. Its final eval loss is the
    **target**, its training time T the unit of every time ratio.
-2. ``--workers`` nodes of the same budget each run ``--algos`` for ``--steps`` steps (so N times the samples):
-   ``diloco`` (H = ``--inner-steps``, ``--codec``), ``streaming`` (the same with F=4 fragments, tau=1,
+2. ``--workers`` nodes of the same budget each run ``--algos`` for ``--schedule`` x ``--steps`` steps (their lr
+   schedule's length; by default as many, so N times the samples): ``diloco`` (H = ``--inner-steps``, ``--codec``,
+   ``--outer-lr``, ``--outer-momentum``), ``streaming`` (the same with F=4 fragments, tau=1,
    alpha=0.5), ``allreduce`` and DDP-gloo. A run still going at ``--budget`` x T is stopped there.
 3. On the link ``--unlike-link`` only: the nodes at ``--speeds`` x ``--cpu`` cores (unlike machines), diloco
    with fixed H (``fixed_H``) against rounds by time (``round_s``: ``--round-s``, by default H x local's seconds
@@ -57,12 +58,13 @@ from smolcluster.bench.scaling import MODELS, PORT, overrides_of, run_ddp, run_s
 from smolcluster.cluster import free_port
 
 STEPS = {"mlp": 600, "gpt2-tiny": 600, "llama-tiny": 400}
+OUTER = ["algo.codec={codec}", "algo.outer_lr={olr}", "algo.outer_momentum={om}"]
 RUNS = {  # bench run -> (scaling.ALGOS name, extra overrides): `local` is allreduce on one node (algo=local)
     "local": ("allreduce", []), "allreduce": ("allreduce", []), "ddp": ("ddp", []),
-    "diloco": ("diloco", ["algo.inner_steps={h}", "algo.codec={codec}"]),
-    "streaming": ("streaming", ["algo.inner_steps={h}", "algo.codec={codec}"]),
-    "fixed_H": ("diloco", ["algo.inner_steps={h}", "algo.codec={codec}"]),
-    "round_s": ("timed", ["algo.round_s={t}", "algo.codec={codec}"]),
+    "diloco": ("diloco", ["algo.inner_steps={h}", *OUTER]),
+    "streaming": ("streaming", ["algo.inner_steps={h}", *OUTER]),
+    "fixed_H": ("diloco", ["algo.inner_steps={h}", *OUTER]),
+    "round_s": ("timed", ["algo.round_s={t}", *OUTER]),
 }
 GOALS = {"time_to_target": "<= 0.4", "bytes_per_sample": "<= 0.01", "quality": "<= 1.03",
          "unlike_machines": ">= 1.5", "streaming_peak": "<= 0.3", "streaming_quality": "<= 1.01"}
@@ -102,6 +104,8 @@ def run_one(hosts, name: str, n: int, args, model: str, run_dir: Path, stop_afte
     """One run of bench run ``name`` on ``n`` of ``hosts``' nodes: its eval curve, rows and final figures."""
     algo, extra = RUNS[name]
     steps = args.steps or STEPS[model]
+    if n > 1:  # the multi-node runs' schedule: train.steps (the lr decays to its floor by the run's end)
+        steps = max(1, round(steps * args.schedule))
     model_args = overrides_of(model, args)
     t0 = time.monotonic()
     if algo == "ddp":
@@ -109,7 +113,8 @@ def run_one(hosts, name: str, n: int, args, model: str, run_dir: Path, stop_afte
                       timeout=args.timeout, trainer_optimizer=True)
     else:
         batch = int(next(o.split("=")[1] for o in model_args if o.startswith("train.batch_size=")))
-        extra = [e.format(h=args.inner_steps, t=round_s, codec=args.codec) for e in extra]
+        extra = [e.format(h=args.inner_steps, t=round_s, codec=args.codec, olr=args.outer_lr, om=args.outer_momentum)
+                 for e in extra]
         extra += [f"train.eval_every={args.eval_every}", f"train.eval_samples={args.eval_samples}",
                   "train.log_every=1"]
         got = run_smolcluster(hosts, algo, n, model_args, steps, 2, batch, run_dir, tuple(extra),
@@ -294,6 +299,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    "outer step's weights); must divide --steps")
     p.add_argument("--eval-samples", type=int, default=256, help="test samples (LMs: blocks) of each eval")
     p.add_argument("--inner-steps", type=int, default=100, help="H, diloco's inner steps per round")
+    p.add_argument("--outer-lr", type=float, default=0.7, help="diloco's algo.outer_lr")
+    p.add_argument("--outer-momentum", type=float, default=0.9, help="diloco's algo.outer_momentum (Nesterov)")
+    p.add_argument("--schedule", type=float, default=1.0,
+                   help="the multi-node runs' steps (their lr schedule's length) as a fraction of --steps")
     p.add_argument("--codec", default="none", help="diloco's outer-gradient codec: none, fp16, bf16, int8, int4")
     p.add_argument("--round-s", type=float, default=0.0,
                    help="round_s's rounds in seconds (default 0: H x local's measured seconds per step)")
