@@ -113,13 +113,16 @@ class Children:
 
     def __init__(self, log_path: Path | None = None):
         self.procs: dict[str, subprocess.Popen] = {}
+        self.relays: list[threading.Thread] = []  # joined at stop: a child's last lines are copied before we end
         self.log = open(log_path, "a", buffering=1) if log_path else None  # noqa: SIM115
 
     def start(self, name: str, cmd: list[str], env: dict, cwd: str | None = None) -> subprocess.Popen:
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                              cwd=cwd, start_new_session=True)
         self.procs[name] = p
-        threading.Thread(target=self._relay, args=(p, f"[{name}]"), daemon=True).start()
+        relay = threading.Thread(target=self._relay, args=(p, f"[{name}]"), daemon=True)
+        relay.start()
+        self.relays.append(relay)
         return p
 
     def _relay(self, proc: subprocess.Popen, prefix: str) -> None:
@@ -157,6 +160,9 @@ class Children:
         while time.monotonic() < deadline and any(p.poll() is None for p in self.procs.values()):
             time.sleep(0.05)
         stop_process_groups(self.procs.values(), grace_s)
+        deadline = time.monotonic() + 5.0  # (a grandchild still holding a pipe open: bounded)
+        for relay in self.relays:
+            relay.join(max(0.0, deadline - time.monotonic()))
         if self.log is not None:
             self.log.close()
             self.log = None

@@ -208,6 +208,8 @@ def test_pairing_with_the_code_then_syncps_mnist_through_two_agents(tmp_path, pr
                            cwd=REPO, check=True, capture_output=True, timeout=60)
     assert c.wait(timeout=240) == 0, c.text()[-4000:]
 
+    # one-shot: no confirmation is left behind to pair a later key whose code happens to match
+    assert not list((tmp_path / "coord" / "coordinator" / "confirm").glob("*"))
     coord_key = public_key(tmp_path / "coord" / "coordinator" / "identity" / "client.key")
     for n in ("a", "b"):  # each side now keeps the other's key: later runs need no pairing
         assert [public_key(f) for f in (tmp_path / n / "paired").glob("*.key")] == [coord_key]

@@ -188,8 +188,12 @@ def test_the_cache_prunes_least_recently_used_entries_of_other_models_and_matche
     assert cache.make_room({shas[0], shas[3]}, 1000) == 1000
     assert [cache.path(s).is_file() for s in shas[:3]] == [True, False, True]
     assert cache.make_room({shas[0], shas[3]}, 1000) == 0 and cache.used_bytes() == 2000  # it fits now
-    # what the run needs is never pruned, even when it cannot fit (the head then refuses the node)
-    assert cache.make_room({shas[0], shas[2]}, 10**15) == 0 and cache.path(shas[0]).is_file()
+    assert cache.room() == 1000 + DISK_MARGIN  # what a head may count on here: the cap's rest (the disk has more)
+    # an ask that cannot fit whatever is pruned prunes nothing (the head refuses the node; other models stay)
+    assert cache.make_room({shas[0]}, 10**15) == 0 and cache.path(shas[2]).is_file()
+    # an entry used in the last IN_USE_S (another head's stage about to load it) is never pruned
+    os.utime(cache.path(shas[2]))
+    assert cache.make_room({shas[0]}, 2000) == 0 and cache.path(shas[2]).is_file()
     # without a cap, only the disk bounds the cache: nothing is pruned while the disk has room
     assert WeightCache(tmp_path / "w").make_room(set(), 1000 - DISK_MARGIN) == 0
 

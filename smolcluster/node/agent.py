@@ -81,7 +81,7 @@ MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "token
                "special_tokens_map.json")
 # a LoRA adapter's files (inference/adapters.py), and its name as a directory: nothing of the head's choosing
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")  # (a Hydra key: adapters.NAME=DIR)
 ROLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _-]{0,31}")  # "server", "worker 3", "stage 1"
 NOT_PAIRED = ("not paired: this node obeys only coordinators it has paired with (run the coordinator with "
               "cluster.pair_timeout_s=120 and confirm the code it shows on both machines)")
@@ -306,7 +306,7 @@ class Agent:
                     have = {} if ok else self.cache.status(entries)
                     if not ok:  # room for what is missing: least recently used entries of other models go first
                         self.cache.make_room(set(entries), sum(size - have[sha] for sha, size in entries.items()))
-                    reply = ("weights_status", {"have": have, "free": self.cache.free_bytes(), "readable": ok})
+                    reply = ("weights_status", {"have": have, "free": self.cache.room(), "readable": ok})
             except Exception as e:  # (a file vanished mid-hash, a bad size): answered, never a silent wait
                 reply = ("refuse", {"reason": f"bad weights_ask request: {printable(str(e), 300)}"})
             self.outbox.put((peer, *reply))
@@ -354,6 +354,8 @@ class Agent:
         if not isinstance(adapters, dict):
             raise CacheError("model adapters must be {name: {file: sha256}}")
         out = []
+        if os.path.lexists(rdir / "adapters"):  # (a role started again in the same run directory)
+            shutil.rmtree(rdir / "adapters")
         for name, files in adapters.items():
             if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name) or not isinstance(files, dict):
                 raise CacheError(f"adapter name {printable(str(name))!r} is not a plain name ({ADAPTER_NAME.pattern})")

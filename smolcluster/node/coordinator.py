@@ -58,6 +58,7 @@ from smolcluster.node.pairing import (
     identity,
     nonce,
     pairing_code,
+    printable,
     private_dir,
     public_key,
     write_private,
@@ -193,8 +194,9 @@ def pair_all(nodes: list[NodeInfo], my_key: str, store: AgentStore, c: DictConfi
     waiting = [x for x in (_begin_pairing(n, my_key, store, c, state) for n in nodes) if x is not None]
     if not waiting:
         return
+    shown = list(waiting)
     if sys.stdin is not None and sys.stdin.isatty():  # one question after another, on one thread
-        ask_operator([(f"Does node {x.node.where()} show the code {x.code}? [y/N] ", x.confirm)
+        ask_operator([(f"Does node {printable(x.node.where(), 120)} show the code {x.code}? [y/N] ", x.confirm)
                       for x in waiting if not x.known])
     deadline = time.monotonic() + float(c.pair_timeout_s)
     try:
@@ -210,8 +212,8 @@ def pair_all(nodes: list[NodeInfo], my_key: str, store: AgentStore, c: DictConfi
             waiting = [x for x in waiting if x.todo()]
             time.sleep(0.3)
     finally:
-        for x in waiting:
-            x.confirm.unlink(missing_ok=True)  # one-shot: a late confirmation of this code does nothing
+        for x in shown:
+            x.confirm.unlink(missing_ok=True)  # one-shot: neither a late confirmation nor a used one counts again
     if waiting:
         where = {"there here": "both machines", "here": "this machine", "there": "the node"}
         late = "; ".join(f"node {x.node.where()}: pairing code {x.code} was not confirmed on "
@@ -231,6 +233,7 @@ def _begin_pairing(node: NodeInfo, my_key: str, store: AgentStore, c: DictConfig
                           "and confirm the code both machines show, on both, with python -m smolcluster.node pair CODE")
     code = _start_pairing(node, my_key)
     x = Pairing(node, code, known, agent_knows, confirm_path(state, code))
+    x.confirm.unlink(missing_ok=True)  # a confirmation written before this code was shown confirms nothing
     here = f"python -m smolcluster.node pair {code} --state-dir {state}"
     here = f"with 'y' below, or {here}" if sys.stdin is not None and sys.stdin.isatty() else here
     there = f"python -m smolcluster.node pair {code} (with --state-dir as its agent was started, if not the default)"

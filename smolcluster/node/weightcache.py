@@ -9,8 +9,9 @@ deletes it and the sender starts it again) and when a head asks what is here (:m
 asks about, so a byte flipped on disk since is found and fetched again).
 
 The cache is pruned least recently used first: an entry's mtime is touched each time a head asks for it, and
-:meth:`make_room` (called when a head asks) deletes the entries that ask does not name, oldest first, until
-what is missing fits on the disk (``DISK_MARGIN`` left free) and under the agent's ``--weights-cache-gb`` cap.
+:meth:`make_room` (called when a head asks) deletes the entries that ask does not name and that nothing used
+lately, oldest first, until what is missing fits on the disk (``DISK_MARGIN`` left free) and under the agent's
+``--weights-cache-gb`` cap, or nothing when that cannot be reached; :meth:`room` is what the head is told.
 So the cache grows with the models served and never fills the disk.
 
 ``cluster.weights=auto`` sends nothing to an agent that reads the head's very model files itself. "The very
@@ -29,11 +30,13 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 _READ = 1 << 20
 DISK_MARGIN = 64 << 20  # left free on a node's disk beyond its weights
+IN_USE_S = 600.0  # an entry asked for or written this recently may be about to be loaded by a stage: never pruned
 
 
 class CacheError(ValueError):
@@ -126,16 +129,28 @@ class WeightCache:
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 
+    def room(self) -> int:
+        """The bytes a head may count on here, ``DISK_MARGIN`` included as it expects: the disk's free space, or
+        less under the ``--weights-cache-gb`` cap."""
+        free = self.free_bytes()
+        return free if self.cap is None else min(free, self.cap - self.used_bytes() + DISK_MARGIN)
+
     def used_bytes(self) -> int:
         return sum(f.stat().st_size for d in (self.blobs, self.partial) for f in d.iterdir())
 
     def make_room(self, keep: set[str], need: int) -> int:
         """Delete entries (whole or partial) not in ``keep``, least recently used first, until ``need`` more bytes
-        fit on the disk with ``DISK_MARGIN`` to spare and under the cap. Returns the bytes freed; what is kept
-        may still not fit (the head then refuses the node in one line)."""
-        others = sorted((f for d in (self.blobs, self.partial) for f in d.iterdir() if f.name not in keep),
-                        key=lambda f: f.stat().st_mtime_ns)
+        fit on the disk with ``DISK_MARGIN`` to spare and under the cap. Entries used in the last ``IN_USE_S``
+        (another head's run starting, a transfer arriving) are never deleted, and nothing is deleted when even
+        deleting every candidate would not make room (the head then refuses the node in one line, and the cache
+        keeps what other models need). Returns the bytes freed."""
+        recent = time.time() - IN_USE_S
+        others = sorted((f for d in (self.blobs, self.partial) for f in d.iterdir()
+                         if f.name not in keep and f.stat().st_mtime < recent), key=lambda f: f.stat().st_mtime_ns)
         used, freed = self.used_bytes(), 0
+        could = sum(f.stat().st_size for f in others)
+        if need + DISK_MARGIN > self.free_bytes() + could or (self.cap is not None and used - could + need > self.cap):
+            return 0
         for f in others:
             short = need + DISK_MARGIN - self.free_bytes()
             if short <= 0 and (self.cap is None or used + need <= self.cap):
