@@ -119,10 +119,8 @@ class InferencePipeline:
         and they work on ``stages`` steps at once, as stages on separate machines do (``co_located=False``).
         ``adapters``: ``{name: PEFT directory}``, LoRA adapters a request may name (``submit(adapter=name)``),
         each checked against the model here, before any stage starts (:mod:`smolcluster.inference.adapters`).
-        ``speculate``: ``{"k", "lookup", "draft"}`` (:class:`~smolcluster.inference.settings.Speculate`), stage 0
-        proposes and the pipeline checks k tokens per pass (:mod:`smolcluster.inference.speculate`).
-        ``prefix_cache``: stages keep served prefixes' KV in blocks of ``prefix_block`` tokens, and a prompt that
-        starts with one prefills only the rest (:mod:`smolcluster.inference.prefix`).
+        ``speculate``: ``{"k", "lookup", "draft"}``, stage 0 proposes k tokens a pass (:mod:`.speculate`).
+        ``prefix_cache``: stages keep served prefixes' KV in blocks of ``prefix_block`` tokens (:mod:`.prefix`).
         """
         if head not in ("first", "last"):
             raise ConfigError(f"head={head!r} is invalid: choose first or last")
@@ -131,8 +129,8 @@ class InferencePipeline:
             from smolcluster.data.text import TextTokenizer
 
             tokenizer = TextTokenizer.load(info["tokenizer"])
-        base_fmt = {"precision": precision, "quantize": quantize, "quantize_group": quantize_group, "device": device}
-        formats = checked_formats(base_fmt, formats, stages)
+        formats = checked_formats({"precision": precision, "quantize": quantize, "quantize_group": quantize_group,
+                                   "device": device}, formats, stages)
         adapters = check_adapters(adapters, info["config"])
         speculate = check_speculate(speculate, info["config"], head)
         if eos_ids is None:
@@ -143,15 +141,14 @@ class InferencePipeline:
         children = Children(log_path)
         try:
             for rank in range(stages):
-                sc = ServeConfig(rank=rank, n_stages=stages, weights=str(info["weights"]), config=info["config"],
-                                 nodes=nodes, head_first=head == "first",
-                                 stage_weights=stage_weights, heartbeat_s=heartbeat_s, liveness_s=liveness_s,
-                                 connect_timeout_s=connect_timeout_s, exit_with_head=True, threads=threads,
-                                 max_requests=max_requests, kv_cache_mb=kv_cache_mb,
-                                 prefill_chunk=prefill_chunk, stream_interval_ms=stream_interval_ms,
-                                 co_located=co_located, turns=turns, adapters=adapters, speculate=speculate,
-                                 prefix_cache=prefix_cache, prefix_block=prefix_block,
-                                 extra={"telemetry": telemetry or {}}, **formats[rank])
+                sc = ServeConfig(
+                    rank=rank, n_stages=stages, weights=str(info["weights"]), config=info["config"], nodes=nodes,
+                    head_first=head == "first", stage_weights=stage_weights, heartbeat_s=heartbeat_s,
+                    liveness_s=liveness_s, connect_timeout_s=connect_timeout_s, exit_with_head=True, threads=threads,
+                    max_requests=max_requests, kv_cache_mb=kv_cache_mb, prefill_chunk=prefill_chunk,
+                    stream_interval_ms=stream_interval_ms, co_located=co_located, turns=turns, adapters=adapters,
+                    speculate=speculate, prefix_cache=prefix_cache, prefix_block=prefix_block,
+                    extra={"telemetry": telemetry or {}}, **formats[rank])
                 path = workdir / f"stage-{rank}.json"
                 path.write_text(sc.dumps())
                 children.start(f"stage {rank}", [sys.executable, "-u", "-m", "smolcluster.inference.serve", str(path)],
