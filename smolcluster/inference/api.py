@@ -162,8 +162,7 @@ class InferencePipeline:
             children.stop()
             shutil.rmtree(workdir, ignore_errors=True)
             raise
-        logger.info(f"inference pipeline: {stages} local stages, blocks {client.partition}, head on stage "
-                    f"{client.head_rank}")
+        logger.info(f"inference pipeline: {stages} local stages, blocks {client.partition}, head {client.head_rank}")
         return cls(client, tokenizer, eos_ids, children, workdir)
 
     @staticmethod
