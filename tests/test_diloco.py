@@ -197,9 +197,12 @@ def test_timed_rounds_let_the_fast_rank_step_more_and_weigh_each_by_its_samples(
     ("algo.outer_momentum=1.5", "algo.outer_momentum=1.5 is invalid"),
     ("algo.codec=int3", "codec 'int3' is unknown"),
     ("algo.round_s=0", "algo.round_s=0 is invalid"),
+    ("algo.bucket_mb=0", "algo.bucket_mb=0 is invalid"),
+    ("algo.min_workers=9", "algo.min_workers=9 is invalid"),
+    ("algo.fragments=2 algo.min_workers=1", "needs an elastic ring"),
 ])
 def test_bad_diloco_settings_are_one_line_errors(override, message):
-    cfg = compose_cfg("algo=diloco", "algo.inner_steps=4" if "inner" not in override else override, override)
+    cfg = compose_cfg("algo=diloco", "algo.inner_steps=4" if "inner" not in override else override, *override.split())
     with pytest.raises(ConfigError, match=message):
         check(cfg)
 

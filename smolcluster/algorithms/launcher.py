@@ -57,9 +57,7 @@ def check_allreduce(cfg: DictConfig) -> None:
     a = cfg.algo
     if a.get("zero") not in (0, 1):
         raise ConfigError(f"algo.zero={a.get('zero')!r} is invalid: 0 (every rank steps everything) or 1 (ZeRO-1)")
-    mb = a.get("bucket_mb")
-    if mb != "auto" and (not isinstance(mb, (int, float)) or isinstance(mb, bool) or mb <= 0):
-        raise ConfigError(f"algo.bucket_mb={mb!r} is invalid: auto, or a positive number of MB, e.g. 25")
+    _check_bucket(a)
     codecs(a)  # an unknown algo.compression is a one-line error listing the codecs
     k = a.get("max_staleness", 0)
     if not isinstance(k, int) or isinstance(k, bool) or k < 0:
@@ -67,10 +65,21 @@ def check_allreduce(cfg: DictConfig) -> None:
     if k and a.get("zero"):
         raise ConfigError("algo.max_staleness>0 with algo.zero=1 is not supported: ZeRO-1 steps each shard in "
                           "lock-step; use algo.zero=0 or algo.max_staleness=0")
-    m = a.get("min_workers")
+    _min_workers(cfg)
+
+
+def _check_bucket(a) -> None:
+    mb = a.get("bucket_mb")
+    if mb != "auto" and (not isinstance(mb, (int, float)) or isinstance(mb, bool) or mb <= 0):
+        raise ConfigError(f"algo.bucket_mb={mb!r} is invalid: auto, or a positive number of MB, e.g. 25")
+
+
+def _min_workers(cfg: DictConfig) -> int | None:
+    m = cfg.algo.get("min_workers")
     if m is not None and (not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= cfg.cluster.workers):
         raise ConfigError(f"algo.min_workers={m!r} is invalid: between 1 and cluster.workers "
                           f"({cfg.cluster.workers}), or null for all of them")
+    return m
 
 
 def _whole(a, key: str, low: int) -> int:
@@ -105,13 +114,8 @@ def check_diloco(cfg: DictConfig) -> None:
         if cfg.get("resume") or cfg.train.get("stop_after"):
             raise ConfigError("algo.round_s runs cannot be stopped and resumed (the ranks are at different steps): "
                               "drop resume= / train.stop_after, or use fixed rounds (algo.round_s=null)")
-    mb = a.get("bucket_mb")
-    if mb != "auto" and (not isinstance(mb, (int, float)) or isinstance(mb, bool) or mb <= 0):
-        raise ConfigError(f"algo.bucket_mb={mb!r} is invalid: auto, or a positive number of MB, e.g. 25")
-    m = a.get("min_workers")
-    if m is not None and (not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= cfg.cluster.workers):
-        raise ConfigError(f"algo.min_workers={m!r} is invalid: between 1 and cluster.workers "
-                          f"({cfg.cluster.workers}), or null for all of them")
+    _check_bucket(a)
+    m = _min_workers(cfg)
     if m is not None and m < cfg.cluster.workers and (f > 1 or tau or t is not None or a.get("elastic") is False):
         raise ConfigError("algo.min_workers below cluster.workers needs an elastic ring (ranks join later): "
                           "algo.fragments=1 algo.overlap_steps=0 algo.round_s=null algo.elastic=true")
