@@ -44,6 +44,10 @@ def chain(parent: str, ids) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+def _nbytes(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+
+
 class PrefixCache:
     """One stage's blocks: key -> per block of the stage's layers, its (keys, values) for ``block`` positions.
 
@@ -83,12 +87,12 @@ class PrefixCache:
         kv = [(k[:, :, a:a + self.block].clone(), v[:, :, a:a + self.block].clone()) for k, v in cache.layers]
         self.evict(key)  # (a key stored again replaces its block, counted once)
         self.blocks[key] = kv
-        self.nbytes += sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+        self.nbytes += _nbytes(kv)
 
     def evict(self, key: str) -> None:
         kv = self.blocks.pop(key, None)
         if kv is not None:
-            self.nbytes -= sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+            self.nbytes -= _nbytes(kv)
 
     def clear(self) -> None:
         """Drop every block and every op not yet sent (a stage was lost); the counters go on (they feed
