@@ -28,6 +28,11 @@ def local_config(args: argparse.Namespace, *extra: str) -> DictConfig:
                  "train.progress=false", "algo=local", *extra]
     if args.data == "mnist":
         overrides.append(f"data.root={args.root}")
+    return compose_config(overrides)
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The training config ``python -m smolcluster.train OVERRIDES`` would run (Hydra's compose, in process)."""
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
         return compose("config", overrides=overrides)
 

@@ -20,11 +20,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from hydra import compose, initialize_config_dir
 
+from smolcluster.bench.common import compose_config
 from smolcluster.bench.report import write_report
 from smolcluster.cluster import free_port
-from smolcluster.paths import CONFIG_DIR
 
 MODELS = {
     "mlp": ["model=mlp", "data=mnist", "data.root={root}", "train.batch_size=64"],
@@ -42,8 +41,7 @@ def _ddp_worker(rank: int, world: int, port: int, overrides: list[str], steps: i
     from smolcluster.objective import loss_fn
     from smolcluster.trainer import Trainer
 
-    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
-        cfg = compose("config", overrides=overrides)
+    cfg = compose_config(overrides)
     trainer = Trainer(cfg, [cfg.train.batch_size] * world, with_optimizer=False)
     model = DistributedDataParallel(trainer.model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01) if cfg.train.optimizer == "sgd" else \

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from smolcluster.algorithms.diloco import Outer
+from smolcluster.bench.common import compose_config
 from smolcluster.bench.report import write_report
 from smolcluster.bench.scaling import MODELS
 
@@ -56,20 +57,11 @@ def parse_config(text: str) -> dict:
     return out
 
 
-def compose_cfg(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    from smolcluster.paths import CONFIG_DIR
-
-    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
-        return compose("config", overrides=overrides)
-
-
 def run_local(base: list[str], data, steps: int, every: int) -> list[dict]:
     """One node, N steps: its eval curve (step, eval loss)."""
     from smolcluster.trainer import Trainer
 
-    cfg = compose_cfg([*base, f"train.steps={steps}"])
+    cfg = compose_config([*base, f"train.steps={steps}"])
     t = Trainer(cfg, [cfg.train.batch_size], data=data)
     curve = []
     while t.step < steps:
@@ -85,7 +77,7 @@ def run_config(base: list[str], data, c: dict, k: int, n: int, every: int, targe
     from smolcluster.trainer import Trainer
 
     sched = max(1, round(c["s"] * n))
-    cfg = compose_cfg([*base, f"train.steps={sched}", *([f"train.lr={c['lr']}"] if c["lr"] else [])])
+    cfg = compose_config([*base, f"train.steps={sched}", *([f"train.lr={c['lr']}"] if c["lr"] else [])])
     b = cfg.train.batch_size
     workers = [Trainer(cfg, [b] * k, data=data) for _ in range(k)]
     outers = [Outer(w.flat.params, 1, c["olr"], c["om"]) for w in workers]
@@ -179,7 +171,7 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     base = [o.format(root="", text=Path(args.text).resolve()) for o in MODELS[args.model]]
     base += [f"train.eval_samples={args.eval_samples}", "logging.grad_norm_every=0"]
-    cfg = compose_cfg(base)
+    cfg = compose_config(base)
     data = build_data(cfg.data, cfg.model)
     started, out = time.monotonic(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

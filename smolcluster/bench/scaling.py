@@ -220,19 +220,17 @@ def ddp_rank(spec: dict) -> None:
     and every ``eval_every`` steps appends a row (with its eval loss) to ``rows``."""
     import torch
     import torch.distributed as dist
-    from hydra import compose, initialize_config_dir
     from torch.nn.parallel import DistributedDataParallel
 
+    from smolcluster.bench.common import compose_config
     from smolcluster.objective import loss_fn
-    from smolcluster.paths import CONFIG_DIR
     from smolcluster.trainer import Trainer
 
     rank, world, steps, warmup = spec["rank"], spec["world"], spec["steps"], spec["warmup"]
     os.environ.update(MASTER_ADDR=spec["master"] if world > 1 else "127.0.0.1", MASTER_PORT=str(spec["port"]))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
-        cfg = compose("config", overrides=[*spec["overrides"], f"train.steps={steps}",  # (the lr schedule's length)
-                                           f"train.eval_samples={spec.get('eval_samples', 64)}"])
+    cfg = compose_config([*spec["overrides"], f"train.steps={steps}",  # (the lr schedule's length)
+                          f"train.eval_samples={spec.get('eval_samples', 64)}"])
     # trainer_optimizer: the runs' own optimizer and schedule (train.*), stepped on the gradients DDP averaged
     # into the trainer's flat buffer (copied into the existing .grad views), so its loss curve compares with ours
     own = bool(spec.get("trainer_optimizer"))
