@@ -15,6 +15,13 @@ def test_digits_are_real_8x8_images_with_fixed_split():
     assert set(ty.tolist()) == set(range(10))
     tx2, _, vx2, _ = digits.load()
     assert torch.equal(vx, vx2) and torch.equal(tx, tx2)
+    # read straight from scikit-learn's file (no sklearn import in the run's processes): its own loader's images
+    from sklearn.datasets import load_digits
+    ref = load_digits()
+    perm = torch.randperm(1797, generator=torch.Generator().manual_seed(1234))  # the fixed split's order
+    want = (torch.tensor(ref.data, dtype=torch.float32) / 16.0 - 0.3) / 0.4
+    assert torch.equal(torch.cat([vx, tx]), want[perm])
+    assert torch.equal(torch.cat([vy, ty]), torch.tensor(ref.target)[perm])
 
 
 def test_mnist_reads_the_real_subset(mnist_root):
