@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from smolcluster.errors import ConfigError
+from smolcluster.optim import FlatOptimizer
 
 TENSORS, META = "checkpoint.safetensors", "checkpoint.json"
 
@@ -29,7 +30,7 @@ def _atomic_write(path: Path, write) -> None:
     tmp.replace(path)
 
 
-def save(run_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, step: int,
+def save(run_dir: str | Path, model: nn.Module, optimizer: FlatOptimizer | None, step: int,
          extra: dict | None = None) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -64,7 +65,7 @@ def load_meta(path: str | Path) -> dict:
     return json.loads(meta.read_text()) if meta.is_file() else {"step": 0}
 
 
-def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+def load(path: str | Path, model: nn.Module, optimizer: FlatOptimizer | None = None,
          prefix: str = "") -> dict:
     """Load parameters (only those the model has, optionally under ``prefix``) and optimizer state."""
     file = resolve(path)

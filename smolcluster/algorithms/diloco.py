@@ -64,6 +64,7 @@ from smolcluster.algorithms.ps import batch_sizes, max_bytes
 from smolcluster.cluster import worker_settings
 from smolcluster.data.sharding import Sharder
 from smolcluster.errors import ConfigError, PeerError
+from smolcluster.optim import sgd
 from smolcluster.pipeline.nodes import stage_nodes
 from smolcluster.telemetry.run_files import open_recorder
 from smolcluster.trainer import LossWindow, Trainer
@@ -72,14 +73,14 @@ from smolcluster.transport.ring import RingBroken, RingLink, chunk_bounds
 
 class Outer:
     """The outer optimizer: per fragment, the global weights (float32 copies of the fragment's ranges of the
-    flat parameters, concatenated) and torch's SGD with Nesterov momentum on them."""
+    flat parameters, concatenated) and SGD with Nesterov momentum on them (optim.sgd: torch's arithmetic)."""
 
     def __init__(self, flat: dict[str, torch.Tensor], fragments: int, lr: float, momentum: float):
         self.flat = flat
         self.ranges = [{name: chunk_bounds(t.numel(), fragments)[p] for name, t in flat.items()}
                        for p in range(fragments)]
         self.weights = [self.local(p).clone() for p in range(fragments)]
-        self.sgd = torch.optim.SGD(self.weights, lr=lr, momentum=momentum, nesterov=momentum > 0)
+        self.sgd = sgd(self.weights, lr=lr, momentum=momentum, nesterov=momentum > 0)
 
     def reset(self) -> None:
         """The global weights := this rank's (after warmup, when every rank's are the same)."""
