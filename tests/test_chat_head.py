@@ -50,7 +50,8 @@ def test_chat_head_on_running_stages_equals_infer_and_leaves_the_stages_serving(
     common = [f"checkpoint={run_dir}", "stages=2", f"cluster.port={port}", "cluster.heartbeat_s=0.2",
               "cluster.liveness_s=3"]
     stage_logs = [(tmp_path / f"stage{r}.log").open("w") for r in range(2)]
-    stages = [subprocess.Popen([sys.executable, "-m", "smolcluster.infer", "role=stage", f"rank={r}", *common],
+    stages = [subprocess.Popen([sys.executable, "-u", "-m", "smolcluster.infer", "role=stage", f"rank={r}", *common,
+                               "logging.level=INFO"],  # (their "head ... left" lines: waited for below)
                                cwd=REPO, stdout=stage_logs[r], stderr=subprocess.STDOUT) for r in range(2)]
     head = None
     head_log = (tmp_path / "chat.log").open("w")
@@ -75,15 +76,17 @@ def test_chat_head_on_running_stages_equals_infer_and_leaves_the_stages_serving(
 
         head.send_signal(signal.SIGINT)  # as Ctrl-C: the head leaves; stages it did not start stay up
         assert head.wait(timeout=30) == 0, f"the chat head exited {head.returncode}; see {head_log.name}"
-        left_at = time.monotonic()
         assert [s.poll() for s in stages] == [None, None], "a stage stopped when the chat head left"
 
         # a second head on the same stages: python -m smolcluster.infer, greedy, same prompt and length
         p = run_cli("smolcluster.infer", "role=head", *common, f"prompt={PROMPT}", f"max_new_tokens={MAX_NEW}",
                     "temperature=0", timeout=180)
         assert p.stdout == PROMPT + api_text + "\n"
-        # by now the stages have noticed both heads gone (liveness_s=3): they must still be serving
-        time.sleep(max(0.0, left_at + 4.0 - time.monotonic()))
+        # once every stage has noticed both heads gone (liveness_s=3), they must still be serving
+        def both_heads_left() -> bool:
+            return all(len(re.findall(r"head \S+ left", (tmp_path / f"stage{r}.log").read_text())) >= 2
+                       for r in range(2))
+        assert wait_until(both_heads_left, timeout_s=60), "the stages did not notice both heads leave"
         assert [s.poll() for s in stages] == [None, None], "a stage stopped after its heads left"
     finally:
         if head is not None and head.poll() is None:
