@@ -54,7 +54,8 @@ def ids(seed: int, n: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def chat(tmp_path_factory):
-    """(base URL, the chat process, the model dir, its tokenizer) of a chat serving 2 replicas x 2 stages."""
+    """(base URL, the chat process, the model dir, its tokenizer, its run dir) of a chat serving 2 replicas x 2
+    stages, each node announcing its /metrics."""
     from smolcluster.data.text import TextTokenizer
 
     root = tmp_path_factory.mktemp("replicas")
@@ -62,9 +63,10 @@ def chat(tmp_path_factory):
     log = (root / "chat.log").open("w")
     proc, url = start_chat_head(["role=launch", f"model.pretrained={model}", "stages=2", "replicas=2",
                                  "serve.port=0", "serve.ui=false", f"serve.prefix_block={BLOCK}",
-                                 "cluster.heartbeat_s=0.2", "cluster.liveness_s=3"], log)
+                                 "cluster.heartbeat_s=0.2", "cluster.liveness_s=3", "logging.prometheus.port=0",
+                                 f"logging.run_dir={root / 'run'}"], log)
     try:
-        yield url, proc, model, TextTokenizer.load(model / "tokenizer.json")
+        yield url, proc, model, TextTokenizer.load(model / "tokenizer.json"), root / "run"
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -87,7 +89,7 @@ def replicas(url: str) -> list[dict]:
 
 
 def test_concurrent_requests_spread_over_both_replicas_and_equal_transformers(chat):
-    url, _, model, tok = chat
+    url, _, model, tok, run_dir = chat
     prompts = [ids(i, 5 + 3 * i) for i in range(6)]
     out: dict[int, dict] = {}
     threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, complete(url, prompts[i], 12)))
@@ -101,10 +103,25 @@ def test_concurrent_requests_spread_over_both_replicas_and_equal_transformers(ch
         assert out[i]["choices"][0]["text"] == tok.decode(hf_greedy(model, p, 12)), f"prompt {i}"
     served = [r["served"] for r in replicas(url)]
     assert sum(served) >= len(prompts) and min(served) >= 2, served  # both replicas took their share
+    # the head's /metrics has the same per replica; top has a line per replica's stage
+    (head,) = [json.loads(p.read_text())["url"] for p in (run_dir / "endpoints").glob("*head*.json")]
+    metric = lambda name: [float(ln.split()[-1]) for ln in httpx.get(head, timeout=10).text.splitlines()  # noqa: E731
+                           if ln.startswith(name + "{") and 'replica="' in ln]
+    assert wait_until(lambda: metric("smolcluster_replica_requests_served") == served, 30), metric(
+        "smolcluster_replica_requests_served")
+    assert metric("smolcluster_replica_up") == [1.0, 1.0]
+    from smolcluster.top import ClusterView
+
+    def stage_lines() -> list[str]:  # top's rows of the stages that answer, e.g. "HOST-r0 stage1"
+        return sorted(n.name for n in ClusterView(run_dir=run_dir).poll() if n.up and n.labels.get("role") == "stage")
+
+    assert wait_until(lambda: len(stage_lines()) == 4, 30), stage_lines()
+    stages = stage_lines()
+    assert [s.split("-")[-1] for s in stages] == ["r0 stage0", "r0 stage1", "r1 stage0", "r1 stage1"], stages
 
 
 def test_a_conversations_next_turn_goes_to_the_replica_holding_its_prefix(chat):
-    url, _, model, tok = chat
+    url, _, model, tok, _ = chat
     first = ids(100, 3 * BLOCK + 5)
     before = replicas(url)
     answer = complete(url, first, 20)["choices"][0]["text"]
@@ -136,7 +153,7 @@ def stage_pid(chat_proc: subprocess.Popen, replica: int, rank: int) -> int:
 
 
 def test_a_lost_replica_fails_its_requests_clearly_while_the_other_serves(chat):
-    url, proc, model, tok = chat
+    url, proc, model, tok, _ = chat
     body = {"model": "model", "prompt": ids(200, 8), "max_tokens": 1000, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
         lines = r.iter_lines()

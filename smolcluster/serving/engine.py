@@ -413,6 +413,9 @@ class Engine:
         if tokens > self._tokens_counted:
             self.metrics.tokens(tokens - self._tokens_counted)
             self._tokens_counted = tokens
+        if len(self.replicas) > 1:
+            self.metrics.replicas([{"replica": r.index, "up": int(r.error() is None), "load": r.load,
+                                    "served": r.served} for r in self.replicas])
 
     # -- the pipelines' state --------------------------------------------------------------------------
     def pipeline(self):
