@@ -5,7 +5,8 @@
     sudo python -m smolcluster.bench replicas --cpu 0.3 --rounds 1 --tokens 16   # a quick look
 
 A Desk (bench/desk.py): a head and 4 nodes, each a network namespace on a ``--rate`` bridge, each node under a
-CPU budget of ``--cpu`` cores. Every node runs one stage (``python -m smolcluster.infer role=stage``, one
+CPU budget of ``--cpu`` cores, the head under ``--head-cpu`` (a machine of its own, which the budget's top weight
+keeps from losing its share to other load on the box). Every node runs one stage (``python -m smolcluster.infer role=stage``, one
 thread) of a random-init GPT-2 (``--layers`` blocks of ``--embd``) written as ``train`` writes a run: nodes 0, 1
 are the first pipeline, nodes 2, 3 the second. In the head's namespace a driver (this module, ``--drive``)
 builds the chat's engine as ``python -m smolcluster.chat role=head replicas=R`` does (its config composed with
@@ -13,7 +14,9 @@ the nodes listed, replica r's stage i being node r*2+i), warms each replica with
 ``--requests`` greedy requests at once (``--prompt`` random tokens each, ``--tokens`` new tokens, EOS off).
 tokens/s = tokens made / the time from the first submit to the last token. Each round measures replicas=1 (on
 nodes 0, 1) and then replicas=2 (all four), fresh prompts each (so no prefix-cache hit helps either). The
-reported ratio is the median round's; goal >= 1.8.
+reported ratio is the median round's; goal >= 1.8. Beside it, each run's (replicas=1 / replicas=2) head CPU over
+the timed part, in cores, and the share of CFS periods in which the stage nodes ran out of their budget (near 1:
+the stages' CPU is what limits; far below it: something else, such as the head, is).
 """
 
 from __future__ import annotations
@@ -78,12 +81,21 @@ def drive(args: argparse.Namespace) -> dict:
     try:
         run(args.replicas)  # warm-up: one request per replica (first-call allocations, page faults)
         served = [r.served for r in engine.replicas]
+        cpu0 = time.process_time()
         seconds, _ = run(args.requests)
+        head_cores = (time.process_time() - cpu0) / seconds  # is the head (engine + clients) what limits?
         per_replica = [r.served - s for r, s in zip(engine.replicas, served)]
     finally:
         engine.close()
     return {"replicas": args.replicas, "seconds": round(seconds, 3),
-            "tokens_per_s": round(args.requests * args.tokens / seconds, 2), "requests_per_replica": per_replica}
+            "tokens_per_s": round(args.requests * args.tokens / seconds, 2), "requests_per_replica": per_replica,
+            "head_cores": round(head_cores, 2)}
+
+
+def throttled(desk, nodes) -> tuple[int, int]:
+    """(CFS periods, periods the quota ran out) of ``nodes``' CPU groups so far: how often they were at budget."""
+    stats = [dict(line.split() for line in (desk.groups[n] / "cpu.stat").read_text().splitlines()) for n in nodes]
+    return sum(int(x["nr_periods"]) for x in stats), sum(int(x["nr_throttled"]) for x in stats)
 
 
 def run_driver(desk, args: argparse.Namespace, run: Path, replicas: int, seed: int) -> dict:
@@ -91,11 +103,14 @@ def run_driver(desk, args: argparse.Namespace, run: Path, replicas: int, seed: i
            f"--run={run}", f"--replicas={replicas}", f"--ips={','.join(desk.ip[n] for n in NODES)}",
            f"--head={desk.ip['head']}", f"--requests={args.requests}", f"--prompt={args.prompt}",
            f"--tokens={args.tokens}", f"--seed={seed}"]
+    used = NODES[:2 * replicas]
+    periods, hits = throttled(desk, used)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
     if out.returncode != 0 or line is None:
         raise ConfigError(f"the driver failed (exit {out.returncode}):\n{(out.stdout + out.stderr)[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+    periods, hits = (b - a for a, b in zip((periods, hits), throttled(desk, used)))
+    return {**json.loads(line[len("RESULT "):]), "at_budget": round(hits / max(1, periods), 2)}
 
 
 def measure(args: argparse.Namespace, tmp: Path) -> list[dict]:
@@ -103,7 +118,8 @@ def measure(args: argparse.Namespace, tmp: Path) -> list[dict]:
     from smolcluster.bench.desk import Desk
 
     run = write_tiny_run(tmp / "run", 256, vocab=500, n_layer=args.layers, n_embd=args.embd)
-    desk = Desk(["head", *NODES], rate=args.rate, cpus={n: args.cpu for n in NODES}).build()
+    cpus = {**{n: args.cpu for n in NODES}, **({"head": args.head_cpu} if args.head_cpu else {})}
+    desk = Desk(["head", *NODES], rate=args.rate, cpus=cpus).build()
     procs = []
     try:
         ips = [desk.ip[n] for n in NODES]
@@ -119,7 +135,9 @@ def measure(args: argparse.Namespace, tmp: Path) -> list[dict]:
             two = run_driver(desk, args, run, 2, seed=2 * r + 1)
             rows.append({"round": r, "one_tokens_per_s": one["tokens_per_s"], "two_tokens_per_s": two["tokens_per_s"],
                          "ratio": round(two["tokens_per_s"] / one["tokens_per_s"], 3),
-                         "two_requests_per_replica": two["requests_per_replica"]})
+                         "two_requests_per_replica": two["requests_per_replica"],
+                         "head_cores": f"{one['head_cores']} / {two['head_cores']}",
+                         "stages_at_budget": f"{one['at_budget']} / {two['at_budget']}"})
             print(json.dumps(rows[-1]), flush=True)
         return rows
     finally:
@@ -136,6 +154,8 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m smolcluster.bench replicas", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", type=float, default=0.45, help="cores per node (cgroup cfs quota)")
+    p.add_argument("--head-cpu", type=float, default=1.0, help="the head's cores (its own machine; 0: no budget, "
+                   "so it competes with whatever else runs)")
     p.add_argument("--rate", default="1gbit", help="every link's tbf rate")
     p.add_argument("--requests", type=int, default=16, help="concurrent requests (serve.max_active too)")
     p.add_argument("--prompt", type=int, default=64, help="prompt tokens of each request")
@@ -163,7 +183,8 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="smolcluster-bench-replicas-") as d:
         rows = measure(args, Path(d))
     ratio = statistics.median(r["ratio"] for r in rows)
-    write_report("replicas", rows, {"setup": f"4 nodes x {args.cpu} core, {args.rate}, {args.requests} requests of "
+    write_report("replicas", rows, {"setup": f"4 nodes x {args.cpu} core, head {args.head_cpu or 'unbudgeted'}, "
+                                              f"{args.rate}, {args.requests} requests of "
                                               f"{args.prompt}+{args.tokens} tokens, GPT-2 {args.layers}x{args.embd}",
                                     "median_ratio": ratio, "goal": "ratio >= 1.8", "met": ratio >= 1.8})
     return 0

@@ -304,17 +304,19 @@ class Engine:
         def build(r: Replica) -> None:
             try:
                 pipes[r.index] = r.connect()
-            except BaseException as e:
+            except Exception as e:
                 pipes[r.index] = e
 
-        threads = [threading.Thread(target=build, args=(r,), daemon=True) for r in self.replicas]
+        # the first here (a Ctrl-C while it starts unwinds it as it always has), the others beside it
+        threads = [threading.Thread(target=build, args=(r,), daemon=True) for r in self.replicas[1:]]
         for t in threads:
             t.start()
+        build(self.replicas[0])
         for t in threads:
             t.join()
-        failed = next((p for p in pipes if isinstance(p, BaseException)), None)
+        failed = next((p for p in pipes if isinstance(p, Exception)), None)
         for r, pipe in zip(self.replicas, pipes):
-            if not isinstance(pipe, BaseException):
+            if pipe is not None and not isinstance(pipe, Exception):
                 self._adopt(r, pipe)
         if failed is not None:
             self.close()
