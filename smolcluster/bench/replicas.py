@@ -1,7 +1,7 @@
 """``python -m smolcluster.bench replicas``: the chat's ``replicas=2`` (2 pipelines of 2 stages) against
 ``replicas=1`` (one pipeline of 2 stages), behind one head, at ``--requests`` concurrent requests.
 
-    sudo python -m smolcluster.bench replicas                                  # 4 nodes of 0.45 core, 3 rounds
+    sudo python -m smolcluster.bench replicas                                  # 4 nodes of 0.45 core, head 0.5, 3 rounds
     sudo python -m smolcluster.bench replicas --cpu 0.3 --rounds 1 --tokens 16   # a quick look
 
 A Desk (bench/desk.py): a head and 4 nodes, each a network namespace on a ``--rate`` bridge, each node under a
@@ -154,7 +154,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m smolcluster.bench replicas", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", type=float, default=0.45, help="cores per node (cgroup cfs quota)")
-    p.add_argument("--head-cpu", type=float, default=1.0, help="the head's cores (its own machine; 0: no budget, "
+    p.add_argument("--head-cpu", type=float, default=0.5, help="the head's cores (its own machine; 0: no budget, "
                    "so it competes with whatever else runs)")
     p.add_argument("--rate", default="1gbit", help="every link's tbf rate")
     p.add_argument("--requests", type=int, default=16, help="concurrent requests (serve.max_active too)")
