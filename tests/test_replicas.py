@@ -23,6 +23,7 @@ from smolcluster.bench.common import write_tokenizer
 from smolcluster.serving.router import STICKY_SLACK, Router
 from tests.conftest import wait_until
 from tests.test_chat_head import start_chat_head
+from tests.test_lora_serve import peft_greedy
 
 VOCAB, BLOCK = 500, 16
 
@@ -39,13 +40,7 @@ def tiny_gpt2(d):
 
 
 def hf_greedy(model_dir, ids: list[int], n: int) -> list[int]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    with torch.no_grad():
-        out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0,
-                             eos_token_id=None)
-    return out[0, len(ids):].tolist()
+    return peft_greedy(model_dir, None, ids, n)  # transformers' generate, greedy (no adapter)
 
 
 def ids(seed: int, n: int) -> list[int]:
@@ -186,3 +181,33 @@ def test_the_router_prefers_the_prefix_holder_unless_it_is_much_busier():
     assert router.pick(turn, [0, 0], [False, False], [0, 0]) is None
     router.forget(0)
     assert router.holding(turn, [True, True]) == (None, 0)
+
+
+def test_replica_settings_split_the_cluster_and_bad_counts_are_refused_in_one_line():
+    from hydra import compose, initialize_config_dir
+
+    from smolcluster.errors import ConfigError
+    from smolcluster.inference.from_config import replica_settings
+    from smolcluster.inference.settings import chat_settings, infer_settings
+    from smolcluster.paths import CONFIG_DIR
+
+    def settings(name: str, *overrides: str):
+        with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+            cfg = compose(name, overrides=list(overrides))
+        return (chat_settings if name == "chat" else infer_settings)(cfg)
+
+    nodes = "++cluster.nodes=[{host:a},{host:b},{host:c},{host:d}]"
+    head = settings("chat", "role=head", "replicas=2", "cluster.port=7000", nodes).pipeline
+    assert [[n["host"] for n in replica_settings(head, r).links.nodes] for r in (0, 1)] == [["a", "b"], ["c", "d"]]
+    by_port = settings("chat", "role=head", "replicas=2", "cluster.port=7000").pipeline
+    assert [replica_settings(by_port, r).links.port for r in (0, 1)] == [7000, 7002]
+    launch = settings("chat", "replicas=3", "logging.prometheus.port=9400").pipeline
+    assert [replica_settings(launch, r).telemetry["prometheus_port"] for r in range(3)] == [9400, 9402, 9404]
+    with pytest.raises(ConfigError, match=r"replicas=3 x stages=2 needs 6 cluster.nodes, the cluster lists 4.*"
+                                          r"replicas=2"):
+        replica_settings(settings("chat", "role=head", "replicas=3", "cluster.port=7000", nodes).pipeline, 0)
+    for name, bad, message in (("chat", "replicas=0", "replicas=0 is invalid"),
+                               ("chat", "replicas=-1", "replicas=-1 is invalid"),
+                               ("infer", "replicas=2", "is for the chat server")):
+        with pytest.raises(ConfigError, match=message):
+            settings(name, bad)
