@@ -35,6 +35,10 @@ from pathlib import Path
 from smolcluster.errors import ConfigError
 
 PORT = 5710
+# A decode step here takes milliseconds, and stages hand steps to each other: with the Desk's 100 ms period a node
+# of 0.3 core runs 30 ms and then stops for 70, stalling its pipeline's other stage with it, where a slower machine
+# would run on, only slower. A 10 ms period keeps a budget close to a slower CPU at this timescale.
+PERIOD_US = 10_000
 NODES = ("n0", "n1", "n2", "n3")
 
 
@@ -120,6 +124,9 @@ def measure(args: argparse.Namespace, tmp: Path) -> list[dict]:
     run = write_tiny_run(tmp / "run", 256, vocab=500, n_layer=args.layers, n_embd=args.embd)
     cpus = {**{n: args.cpu for n in NODES}, **({"head": args.head_cpu} if args.head_cpu else {})}
     desk = Desk(["head", *NODES], rate=args.rate, cpus=cpus).build()
+    for host, cores in cpus.items():  # a finer CFS period than the Desk's 100 ms (see PERIOD_US)
+        (desk.groups[host] / "cpu.cfs_quota_us").write_text(str(max(1000, int(cores * PERIOD_US))))
+        (desk.groups[host] / "cpu.cfs_period_us").write_text(str(PERIOD_US))
     procs = []
     try:
         ips = [desk.ip[n] for n in NODES]
