@@ -4,7 +4,8 @@ A tiny random-init GPT-2 saved with ``save_pretrained``. Concurrent greedy compl
 ``transformers``' greedy tokens and both replicas serve some (the head's per-replica counters in ``/health``);
 a conversation's next turn goes to the replica that served its first turn, whose stage 0 counts a prefix-cache
 hit; a replica whose stage is killed fails its request in flight naming the replica and the stage, the other
-replica answers the next request, and the lost one is rebuilt. In process: the router's rule.
+replica answers the next request, and the lost one is rebuilt. The head's /metrics and ``top`` show each replica.
+In process: the router's rule; each replica's share of the cluster; bad replica counts refused in one line.
 """
 
 from __future__ import annotations
