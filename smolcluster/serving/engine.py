@@ -189,8 +189,8 @@ class Generation:
                     reason = "cancelled"
                     return
                 self.state = "running"
-            replica = engine._route(self)
-            request = replica.pipe.submit(self.prompt_ids, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+            replica, pipe = engine._route(self)
+            request = pipe.submit(self.prompt_ids, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                                   top_k=s.top_k, top_p=s.top_p, seed=s.seed, stop_at_eos=s.stop_at_eos,
                                   adapter=s.adapter)
             self.started_at = request.submitted_at
@@ -374,9 +374,9 @@ class Engine:
         with self._lock:
             return list(self._live.values())
 
-    def _route(self, gen: Generation) -> Replica:
+    def _route(self, gen: Generation) -> tuple[Replica, object]:
         """The replica ``gen`` runs on (:meth:`Router.pick <smolcluster.serving.router.Router.pick>`), counted
-        there until :meth:`_forget`."""
+        there until :meth:`_forget`, and its pipeline as it was then (a lost one fails the submit with its error)."""
         keys = self.router.keys(gen.prompt_ids, gen.settings.adapter)
         with self._lock:
             live = [r.error() is None for r in self.replicas]
@@ -386,9 +386,9 @@ class Engine:
                 replica.load += 1
                 replica.served += 1
                 self.router.remember(keys, i)
-        if i is None:
-            self.pipeline()  # raises PipelineDown, saying why
-        return replica
+                return replica, replica.pipe
+        self.pipeline()  # raises PipelineDown, saying why
+        raise PipelineDown("no replica takes requests")  # (a replica came back in between: retry)
 
     def _forget(self, gen: Generation, replica: Replica | None = None) -> None:
         answered = gen._request is not None and gen.error is None and replica is not None
