@@ -231,8 +231,9 @@ def pipeline_from_config(cfg: Pipeline, prompt: str | None = None) -> InferenceP
 
 
 def _stage_env(cfg: Pipeline) -> dict:
-    """Local stages' environment: R co-located replicas split the cores between them (each replica's stages as
-    one pipeline would have them), unless OMP_NUM_THREADS is set already."""
+    """Local stages' environment: R co-located replicas split the cores between them, unless OMP_NUM_THREADS is set
+    already; within its share each replica's stages split it or take turns on it as one pipeline's do
+    (serve.StageServer.turns)."""
     env = {"SMOLCLUSTER_LOG_LEVEL": cfg.stage_log_level or "WARNING"}
     if cfg.replicas == 1:
         return env
@@ -240,7 +241,7 @@ def _stage_env(cfg: Pipeline) -> dict:
 
     env["SMOLCLUSTER_NODE"] = f"{node_name()}-r{cfg.replica}"  # top's line and endpoint file per replica's stage
     if "OMP_NUM_THREADS" not in os.environ:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (cfg.replicas * cfg.stages)))
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.replicas))
     return env
 
 
