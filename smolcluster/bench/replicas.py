@@ -125,8 +125,9 @@ def measure(args: argparse.Namespace, tmp: Path) -> list[dict]:
     cpus = {**{n: args.cpu for n in NODES}, **({"head": args.head_cpu} if args.head_cpu else {})}
     desk = Desk(["head", *NODES], rate=args.rate, cpus=cpus).build()
     for host, cores in cpus.items():  # a finer CFS period than the Desk's 100 ms (see PERIOD_US)
-        (desk.groups[host] / "cpu.cfs_quota_us").write_text(str(max(1000, int(cores * PERIOD_US))))
-        (desk.groups[host] / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+        period = max(PERIOD_US, int(1000 / cores) + 1)  # (the kernel's smallest quota is 1 ms)
+        (desk.groups[host] / "cpu.cfs_quota_us").write_text(str(int(cores * period)))
+        (desk.groups[host] / "cpu.cfs_period_us").write_text(str(period))
     procs = []
     try:
         ips = [desk.ip[n] for n in NODES]
