@@ -146,13 +146,13 @@ def main(argv: list[str]) -> int:
             server = WebServer(build_app(engine, MODEL, ui=False)).start()
             try:
                 asyncio.run(load(server.url, 1, 0.01, args.max_tokens))  # warm-up: one request through
-                pids = [p.pid for p in engine._pipe._children.procs.values()]
+                pids = [p.pid for p in engine.replicas[0].pipe._children.procs.values()]
                 with RssSampler(pids) as rss:
                     baseline = rss.now_mb()
                     t = time.perf_counter()
                     log = asyncio.run(load(server.url, args.clients, args.seconds, args.max_tokens))
                     wall = time.perf_counter() - t
-                peaks = stage_peaks_mb(engine._pipe) if engine._pipe is not None else []
+                peaks = stage_peaks_mb(engine.replicas[0].pipe) if engine.replicas[0].pipe is not None else []
             finally:
                 server.stop()
         finally:

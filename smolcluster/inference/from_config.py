@@ -7,9 +7,10 @@ takes plain arguments and dataclasses.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from loguru import logger
@@ -200,7 +201,7 @@ def pipeline_from_config(cfg: Pipeline, prompt: str | None = None) -> InferenceP
                 stage_weights=stage_weights_for(cfg, info, formats, local=True), formats=formats,
                 host=c.host, heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s,
                 connect_timeout_s=c.connect_timeout_s, kv_cache_mb=cfg.kv_cache_mb,
-                env={"SMOLCLUSTER_LOG_LEVEL": cfg.stage_log_level or "WARNING"}, telemetry=cfg.telemetry,
+                env=_stage_env(cfg), telemetry=cfg.telemetry,
                 adapters=cfg.adapters, speculate=asdict(cfg.speculate), prefix_cache=cfg.prefix_cache,
                 prefix_block=cfg.prefix_block)
         except BaseException:
@@ -227,6 +228,44 @@ def pipeline_from_config(cfg: Pipeline, prompt: str | None = None) -> InferenceP
         return pipe
     raise ConfigError(f"role={cfg.role.value} does not start a pipeline: choose launch (start the stages here) "
                       "or head (connect to running stages)")
+
+
+def _stage_env(cfg: Pipeline) -> dict:
+    """Local stages' environment: R co-located replicas split the cores between them, unless OMP_NUM_THREADS is set
+    already; within its share each replica's stages split it or take turns on it as one pipeline's do
+    (serve.StageServer.turns)."""
+    env = {"SMOLCLUSTER_LOG_LEVEL": cfg.stage_log_level or "WARNING"}
+    if cfg.replicas == 1:
+        return env
+    from smolcluster.cluster import node_name
+
+    env["SMOLCLUSTER_NODE"] = f"{node_name()}-r{cfg.replica}"  # top's line and endpoint file per replica's stage
+    if "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.replicas))
+    return env
+
+
+def replica_settings(cfg: Pipeline, r: int) -> Pipeline:
+    """Replica ``r``'s pipeline of ``cfg.replicas``. ``role=head``: its stages are cluster nodes
+    ``r*stages .. r*stages+stages-1`` (or listen on ``cluster.port + r*stages + i``); ``role=launch``: its stages
+    announce /metrics on ports after the replicas before it (stage i of replica r: base + 1 + r*stages + i) under
+    the node name ``NODE-rR``."""
+    if cfg.replicas == 1:
+        return cfg
+    n, first = cfg.stages, r * cfg.stages
+    links, nodes = cfg.links, list(cfg.links.nodes or [])
+    if cfg.role is Role.head and nodes:
+        if len(nodes) < cfg.replicas * n:
+            raise ConfigError(f"replicas={cfg.replicas} x stages={n} needs {cfg.replicas * n} cluster.nodes, the "
+                              f"cluster lists {len(nodes)}: list every replica's stages (replica r's stage i is "
+                              f"node r*stages+i), or use replicas={max(1, len(nodes) // n)}")
+        links = replace(links, nodes=nodes[first:first + n])
+    elif cfg.role is Role.head and links.port is not None:
+        links = replace(links, port=int(links.port) + first)
+    telemetry = dict(cfg.telemetry)
+    if telemetry.get("prometheus_port"):  # 0 (any free port) stays 0
+        telemetry["prometheus_port"] = int(telemetry["prometheus_port"]) + first
+    return replace(cfg, links=links, telemetry=telemetry, replica=r)
 
 
 def stage_speculate(cfg: Pipeline, config: dict) -> dict:

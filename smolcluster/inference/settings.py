@@ -136,6 +136,8 @@ class Pipeline:
     speculate: Speculate = field(default_factory=Speculate)
     prefix_cache: bool = True         # serve.prefix_cache: stages keep served prefixes' KV (inference/prefix.py)
     prefix_block: int = 32            # serve.prefix_block: ... in blocks of this many tokens
+    replicas: int = 1                 # chat: this many pipelines of ``stages`` stages behind one head (serving/engine.py)
+    replica: int = 0                  # which of them this is (from_config.replica_settings)
 
 
 @dataclass
@@ -184,6 +186,7 @@ class _Common:
     logging: Any = MISSING
     checkpoint: str | None = None
     stages: int = 2
+    replicas: int = 1             # chat: pipelines of `stages` stages behind one head (infer: 1)
     head: HeadPlace = HeadPlace.first
     role: Role = Role.launch
     head_host: str | None = None
@@ -253,6 +256,10 @@ def _pipeline(cfg) -> Pipeline:
     if block < 1:
         raise ConfigError(f"serve.prefix_block={block} is invalid: give the prefix cache's block size in tokens "
                           "(e.g. 32), or serve.prefix_cache=false to turn it off")
+    replicas = int(cfg.replicas)
+    if replicas < 1:
+        raise ConfigError(f"replicas={replicas} is invalid: give how many pipelines of stages={stages} to serve "
+                          "from (1: one pipeline)")
     return Pipeline(model=_plain(cfg.model), data=_plain(cfg.data), checkpoint=cfg.checkpoint, stages=stages,
                     head=HeadPlace(cfg.head), role=Role(cfg.role), rank=cfg.get("rank"), head_host=cfg.head_host,
                     head_port=int(cfg.head_port), stage_log_level=cfg.stage_log_level, seed=int(cfg.seed),
@@ -260,7 +267,7 @@ def _pipeline(cfg) -> Pipeline:
                     quantize=str(cfg.quantize), quantize_group=int(cfg.quantize_group), partition=partition,
                     max_active=int(cfg.serve.get("max_active") or 1), telemetry=_telemetry(cfg),
                     adapters=_adapters(cfg.get("adapters")), speculate=Speculate(**_plain(cfg.speculate)).check(),
-                    prefix_cache=bool(cfg.serve.prefix_cache), prefix_block=block)
+                    prefix_cache=bool(cfg.serve.prefix_cache), prefix_block=block, replicas=replicas)
 
 
 def _adapters(node) -> dict[str, str]:
@@ -296,6 +303,9 @@ def _sampling(cfg) -> Sampling:
 
 
 def infer_settings(cfg) -> InferSettings:
+    if int(cfg.replicas) != 1:
+        raise ConfigError(f"replicas={cfg.replicas} is for the chat server (python -m smolcluster.chat): infer "
+                          "answers one prompt, which one pipeline serves; drop replicas=")
     return InferSettings(_pipeline(cfg), _sampling(cfg), None if cfg.prompt is None else str(cfg.prompt),
                          cfg.adapter or None)
 

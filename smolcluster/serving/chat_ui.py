@@ -108,7 +108,8 @@ def build_chat_ui(engine: Engine, defaults: ChatDefaults, model_name: str) -> gr
 
     with gr.Blocks(title=f"smolcluster chat: {model_name}") as demo:
         rendering = "its chat template" if engine.chat_template is not None else "a User:/Assistant: transcript"
-        gr.Markdown(f"### smolcluster chat · `{model_name}` · {engine.stages} pipeline stages · "
+        replicas = f" x {len(engine.replicas)} replicas" if len(engine.replicas) > 1 else ""
+        gr.Markdown(f"### smolcluster chat · `{model_name}` · {engine.stages} pipeline stages{replicas} · "
                     f"context {context} tokens · {rendering}")
         chatbot = gr.Chatbot(elem_id="chatbot", height=420, show_label=False, feedback_options=None)
         with gr.Row():

@@ -58,14 +58,16 @@ def engine_from_config(s: ChatSettings) -> Engine:
     if s.pipeline.role is Role.stage:
         raise ConfigError("role=stage is not for the chat: choose launch (start the stages here) or head (connect "
                           "to stages already running; start those with python -m smolcluster.infer role=stage rank=N)")
-    from smolcluster.inference.from_config import pipeline_from_config
+    from smolcluster.inference.from_config import pipeline_from_config, replica_settings
     from smolcluster.telemetry.logging import identity
     from smolcluster.telemetry.serving import open_serving_metrics
 
+    replicas = [replica_settings(s.pipeline, r) for r in range(s.pipeline.replicas)]  # bad node counts refused here
     metrics = open_serving_metrics(s.pipeline.telemetry, identity())  # this head's figures for smolcluster.top
-    return Engine(lambda: pipeline_from_config(s.pipeline), max_active=s.serve.max_active,
+    return Engine([lambda p=p: pipeline_from_config(p) for p in replicas], max_active=s.serve.max_active,
                   max_waiting=s.serve.max_waiting, reconnect=s.serve.reconnect,
-                  chat_template=chat_template(s.pipeline), metrics=metrics).start()
+                  chat_template=chat_template(s.pipeline), metrics=metrics,
+                  prefix_block=s.pipeline.prefix_block).start()
 
 
 def serve(s: ChatSettings) -> None:
@@ -85,8 +87,9 @@ def serve(s: ChatSettings) -> None:
                         allowed_hosts=s.serve.allowed_hosts, max_body_mb=s.serve.max_body_mb)
         server = WebServer(app, s.serve.host, log_level=s.serve.log_level, sock=sock)
         page = "" if s.serve.ui else " (no page here: serve.ui=false)"
+        replicas = f" x {len(engine.replicas)} replicas" if len(engine.replicas) > 1 else ""
         print(f"smolcluster chat: {server.url}/{page}  ·  OpenAI API: {server.url}/v1  ·  model {name!r}  ·  "
-              f"{engine.stages} stages, context {engine.context}", flush=True)
+              f"{engine.stages} stages{replicas}, context {engine.context}", flush=True)
         server.run()
     finally:
         logger.info("shutting down the pipeline")

@@ -1,4 +1,4 @@
-"""The serving engine: one inference pipeline shared by the chat page and the HTTP API.
+"""The serving engine: one inference pipeline (or ``replicas`` of them) shared by the chat page and the HTTP API.
 
     engine = Engine(lambda: pipeline_from_config(cfg), max_active=4).start()
     gen = engine.submit(ids, user="alice", settings=Settings(max_new_tokens=50, stop=("\\nUser:",)))
@@ -13,6 +13,11 @@ the API). When a stage is lost the pipeline fails every open request; the engine
 answers at once with :class:`PipelineDown` (never a hang) and, with ``reconnect``,
 rebuilds the pipeline in the background with backoff (a cluster's stages keep running;
 local stages are started again).
+
+Replicas. Given one ``connect`` per replica, the engine owns R pipelines behind the same queue:
+each answer goes to one (:mod:`smolcluster.serving.router`: the replica holding its prompt's
+longest cached prefix, else the least loaded), a lost replica fails only its own answers
+(naming it and the stage) and is rebuilt while the others serve.
 """
 
 from __future__ import annotations
@@ -174,7 +179,7 @@ class Generation:
 
     def _run(self) -> None:
         engine, s = self._engine, self.settings
-        reason = "error"
+        reason, replica = "error", None
         try:
             while not engine.queue.wait(self._ticket, 0.5):
                 if engine.closed:
@@ -184,7 +189,7 @@ class Generation:
                     reason = "cancelled"
                     return
                 self.state = "running"
-            pipe = engine.pipeline()
+            replica, pipe = engine._route(self)
             request = pipe.submit(self.prompt_ids, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                                   top_k=s.top_k, top_p=s.top_p, seed=s.seed, stop_at_eos=s.stop_at_eos,
                                   adapter=s.adapter)
@@ -220,8 +225,8 @@ class Generation:
                 self._emit(tail)
             reason = "stop" if stops.stopped or stopped_at_id else FINISH_REASONS.get(request.finish_reason, "stop")
         except PeerError as e:
-            pipe_error = engine.pipeline_error()
-            self.error = PipelineDown(f"the inference pipeline is down: {pipe_error}") if pipe_error else e
+            pipe_error = replica.error() if replica is not None else None
+            self.error = PipelineDown(f"{engine._whose(replica)} is down: {pipe_error}") if pipe_error else e
         except SmolclusterError as e:  # PipelineDown, or a ConfigError the checks before submit missed
             self.error = e
         except Exception as e:  # a bug: keep the server up, fail this answer, keep the traceback in the log
@@ -233,27 +238,49 @@ class Generation:
                 self.finish_reason = "error" if self.error is not None else reason
                 self.state = "done"
             engine.queue.leave(self._ticket)
-            engine._forget(self)
+            engine._forget(self, replica)
             self._done.set()
             self._emit(_END)
 
 
+@dataclass
+class Replica:
+    """One pipeline of the engine's ``replicas``: its connection, state and the head's counts of what it serves."""
+
+    index: int
+    connect: Callable[[], object]
+    pipe: object = None
+    down: str | None = "not started"  # why it takes no requests (None: it does, unless its client failed since)
+    served: int = 0                   # requests routed here
+    load: int = 0                     # routed here and not finished: active + waiting on its stages
+    rebuilding: bool = False
+
+    def error(self) -> str | None:
+        pipe, down = self.pipe, self.down
+        if pipe is not None and pipe.client.error is not None:
+            return str(pipe.client.error)
+        return down
+
+
 class Engine:
-    def __init__(self, connect: Callable[[], object], *, max_active: int = 16, max_waiting: int = 64,
-                 reconnect: bool = True, watch_s: float = 0.25, max_backoff_s: float = 30.0,
-                 chat_template: ChatTemplate | None = None, metrics=None):
+    def __init__(self, connect: Callable[[], object] | list[Callable[[], object]], *, max_active: int = 16,
+                 max_waiting: int = 64, reconnect: bool = True, watch_s: float = 0.25, max_backoff_s: float = 30.0,
+                 chat_template: ChatTemplate | None = None, metrics=None, prefix_block: int = 32):
         """``connect()`` returns a ready :class:`~smolcluster.inference.InferencePipeline` (called again
-        to reconnect). At most ``max_active`` requests run in the pipeline at once; at most
-        ``max_waiting`` more wait for a slot. ``chat_template``: the model's, if it has one
+        to reconnect); a list of them: one replica each, every request routed to one (:mod:`.router`,
+        ``prefix_block``: the stages' block size). At most ``max_active`` requests run at once, over all replicas;
+        at most ``max_waiting`` more wait for a slot. ``chat_template``: the model's, if it has one
         (else conversations become a transcript). ``metrics``: this head's Prometheus figures
         (:func:`~smolcluster.telemetry.serving.open_serving_metrics`), updated every ``watch_s``."""
-        self._connect = connect
+        from smolcluster.serving.router import Router
+
+        connects = connect if isinstance(connect, list) else [connect]
+        self.replicas = [Replica(i, c) for i, c in enumerate(connects)]
+        self.router = Router(prefix_block)
         self.chat_template = chat_template
         self.queue = FairQueue(max_active, max_waiting)
         self.reconnect, self.watch_s, self.max_backoff_s = reconnect, watch_s, max_backoff_s
         self.closed = False
-        self._pipe = None
-        self._down: str | None = "not started"
         self._lock = threading.Lock()
         self._live: dict[str, Generation] = {}
         self._ids = itertools.count()
@@ -271,8 +298,29 @@ class Engine:
         self.metrics, self._tokens_done, self._tokens_counted = metrics or OFF, 0, 0
 
     def start(self) -> Engine:
-        """Connect (raises if the pipeline cannot be built) and watch it from then on."""
-        self._adopt(self._connect())
+        """Connect every replica, at once (raises if one cannot be built), and watch them from then on."""
+        pipes: list = [None] * len(self.replicas)
+
+        def build(r: Replica) -> None:
+            try:
+                pipes[r.index] = r.connect()
+            except Exception as e:
+                pipes[r.index] = e
+
+        # the first here (a Ctrl-C while it starts unwinds it as it always has), the others beside it
+        threads = [threading.Thread(target=build, args=(r,), daemon=True) for r in self.replicas[1:]]
+        for t in threads:
+            t.start()
+        build(self.replicas[0])
+        for t in threads:
+            t.join()
+        failed = next((p for p in pipes if isinstance(p, Exception)), None)
+        for r, pipe in zip(self.replicas, pipes):
+            if pipe is not None and not isinstance(pipe, Exception):
+                self._adopt(r, pipe)
+        if failed is not None:
+            self.close()
+            raise failed
         if self.tokenizer is None:
             self.close()
             raise ConfigError("the pipeline has no tokenizer: the chat and the API work on text (give "
@@ -281,9 +329,9 @@ class Engine:
         self._supervisor.start()
         return self
 
-    def _adopt(self, pipe) -> None:
+    def _adopt(self, replica: Replica, pipe) -> None:
         with self._lock:
-            self._pipe, self._down = pipe, None
+            replica.pipe, replica.down = pipe, None
         self.tokenizer = pipe.tokenizer
         self.context = pipe.context
         self.vocab_size = int(pipe.client.shape["vocab_size"])
@@ -299,7 +347,7 @@ class Engine:
     # -- requests --------------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], *, user: str, settings: Settings,
                loop: asyncio.AbstractEventLoop | None = None) -> Generation:
-        """Queue an answer; returns at once. Raises :class:`PipelineDown` when the pipeline is down,
+        """Queue an answer; returns at once. Raises :class:`PipelineDown` when every replica is down,
         :class:`~smolcluster.serving.fair_queue.QueueFull` when too many wait."""
         if self.closed:
             raise PipelineDown("the server is shutting down")
@@ -326,10 +374,37 @@ class Engine:
         with self._lock:
             return list(self._live.values())
 
-    def _forget(self, gen: Generation) -> None:
+    def _route(self, gen: Generation) -> tuple[Replica, object]:
+        """The replica ``gen`` runs on (:meth:`Router.pick <smolcluster.serving.router.Router.pick>`), counted
+        there until :meth:`_forget`, and its pipeline as it was then (a lost one fails the submit with its error)."""
+        keys = self.router.keys(gen.prompt_ids, gen.settings.adapter)
+        with self._lock:
+            live = [r.error() is None for r in self.replicas]
+            i = self.router.pick(keys, [r.load for r in self.replicas], live, [r.served for r in self.replicas])
+            if i is not None:
+                replica = self.replicas[i]
+                replica.load += 1
+                replica.served += 1
+                self.router.remember(keys, i)
+                return replica, replica.pipe
+        self.pipeline()  # raises PipelineDown, saying why
+        raise PipelineDown("no replica takes requests")  # (a replica came back in between: retry)
+
+    def _forget(self, gen: Generation, replica: Replica | None = None) -> None:
+        answered = gen._request is not None and gen.error is None and replica is not None
+        keys = self.router.keys(gen.prompt_ids + gen._request.ids, gen.settings.adapter) if answered else []
         with self._lock:
             self._live.pop(gen.id, None)
             self._tokens_done += gen.completion_tokens  # (for the tokens counter: no per-token cost)
+            if replica is not None:
+                replica.load -= 1
+            if keys:  # its stages cached the answer's blocks too: a conversation's next turn starts with them
+                self.router.remember(keys, replica.index)
+
+    def _whose(self, replica: Replica | None) -> str:
+        if len(self.replicas) == 1 or replica is None:
+            return "the inference pipeline"
+        return f"replica {replica.index}'s pipeline"
 
     def _publish(self) -> None:
         """The head's Prometheus figures, from the supervisor thread every ``watch_s``."""
@@ -340,80 +415,101 @@ class Engine:
         if tokens > self._tokens_counted:
             self.metrics.tokens(tokens - self._tokens_counted)
             self._tokens_counted = tokens
+        if len(self.replicas) > 1:
+            self.metrics.replicas([{"replica": r.index, "up": int(r.error() is None), "load": r.load,
+                                    "served": r.served} for r in self.replicas])
 
-    # -- the pipeline's state --------------------------------------------------------------------------
+    # -- the pipelines' state --------------------------------------------------------------------------
     def pipeline(self):
-        """The pipeline, or :class:`PipelineDown` saying why there is none."""
-        with self._lock:
-            pipe, down = self._pipe, self._down
-        if pipe is not None and pipe.client.error is not None:
-            down = str(pipe.client.error)
-        if pipe is None or down is not None:
-            more = "; reconnecting in the background, retry in a few seconds" if self.reconnect else \
-                "; restart the server"
-            raise PipelineDown(f"the inference pipeline is down ({down}){more}")
-        return pipe
+        """A live replica's pipeline (the first), or :class:`PipelineDown` saying why there is none."""
+        for r in self.replicas:
+            pipe = r.pipe
+            if pipe is not None and r.error() is None:
+                return pipe
+        more = "; reconnecting in the background, retry in a few seconds" if self.reconnect else \
+            "; restart the server"
+        if len(self.replicas) == 1:
+            raise PipelineDown(f"the inference pipeline is down ({self.replicas[0].error()}){more}")
+        why = "; ".join(f"replica {r.index}: {r.error()}" for r in self.replicas)
+        raise PipelineDown(f"every replica's inference pipeline is down ({why}){more}")
 
     def pipeline_error(self) -> str | None:
-        with self._lock:
-            pipe, down = self._pipe, self._down
-        if pipe is not None and pipe.client.error is not None:
-            return str(pipe.client.error)
-        return down
+        """Why no replica takes requests (None: one does)."""
+        errors = [r.error() for r in self.replicas]
+        if any(e is None for e in errors):
+            return None
+        return errors[0] if len(errors) == 1 else "; ".join(f"replica {i}: {e}" for i, e in enumerate(errors))
 
     def health(self) -> dict:
-        with self._lock:
-            pipe, down = self._pipe, self._down
         out: dict = {"status": "ok", "context": self.context, "queue": self.queue.stats(),
                      "reconnects": self.reconnects}
         error = self.pipeline_error()
         if self.closed or error is not None:
             out.update(status="down", message=error or "closed")
-        if pipe is not None:
-            client = pipe.client
-            info = {s: client.mesh.peers[s].info for s in client.stages}
-            out["stages"] = [{"name": s, "requests": info[s].get("requests"), "waiting": info[s].get("waiting"),
-                              "kv_bytes": info[s].get("kv_bytes"), "kv_budget": info[s].get("kv_budget"),
-                              "drafted": info[s].get("drafted"), "accepted": info[s].get("accepted"),
-                              "lost": client.mesh.peers[s].lost} for s in client.stages]
-            out["in_flight"] = client.in_flight()
-        elif down:
-            out["stages"] = []
+        out["stages"], out["replicas"] = [], []
+        for r in self.replicas:
+            pipe, r_error = r.pipe, r.error()
+            entry = {"replica": r.index, "status": "ok" if r_error is None else "down", "served": r.served,
+                     "load": r.load, "prefix_hits": None, "message": r_error}
+            if pipe is not None:
+                client = pipe.client
+                info = {s: client.mesh.peers[s].info for s in client.stages}
+                out["stages"] += [{"name": s, "replica": r.index, "requests": info[s].get("requests"),
+                                   "waiting": info[s].get("waiting"), "kv_bytes": info[s].get("kv_bytes"),
+                                   "kv_budget": info[s].get("kv_budget"), "drafted": info[s].get("drafted"),
+                                   "accepted": info[s].get("accepted"), "lost": client.mesh.peers[s].lost}
+                                  for s in client.stages]
+                out["in_flight"] = out.get("in_flight", 0) + client.in_flight()
+                entry["prefix_hits"] = info[client.stages[0]].get("prefix_hits")
+            out["replicas"].append(entry)
         return out
 
     def _supervise(self) -> None:
-        backoff = 1.0
         while not self._stop.wait(self.watch_s):
             self._publish()
-            with self._lock:
-                pipe = self._pipe
-            error = pipe.client.error if pipe is not None else None
-            if pipe is not None and error is None:
-                continue
+            for r in self.replicas:
+                self._watch(r)
+
+    def _watch(self, r: Replica) -> None:
+        """A lost replica is marked down (its requests fail, new ones go to the others), closed and, with
+        ``reconnect``, rebuilt in its own thread while the others serve."""
+        with self._lock:
+            pipe, error = r.pipe, r.pipe.client.error if r.pipe is not None else None
+            if r.rebuilding or (pipe is not None and error is None) or (pipe is None and not self.reconnect):
+                return
             if pipe is not None:
-                logger.error(f"inference pipeline lost: {error}")
-                with self._lock:
-                    self._pipe, self._down = None, str(error)
-                self._close_pipe(pipe)
-            if not self.reconnect:
-                continue
-            logger.info("reconnecting the inference pipeline")
+                r.pipe, r.down = None, str(error)
+                self.router.forget(r.index)
+            r.rebuilding = True
+        if pipe is not None:
+            logger.error(f"{self._whose(r)} lost: {error}")
+        threading.Thread(target=self._rebuild, args=(r, pipe), name=f"serving-rebuild-{r.index}",
+                         daemon=True).start()
+
+    def _rebuild(self, r: Replica, old) -> None:
+        if old is not None:
+            self._close_pipe(old)
+        backoff = 1.0
+        while self.reconnect and not self._stop.is_set():
+            logger.info(f"reconnecting {self._whose(r)}")
             try:
-                new = self._connect()
+                new = r.connect()
             except Exception as e:
                 logger.error(f"reconnecting failed: {e}; next try in {backoff:.0f}s")
                 with self._lock:
-                    self._down = f"{self._down.split('; reconnecting failed')[0]}; reconnecting failed: {e}"
+                    r.down = f"{(r.down or '').split('; reconnecting failed')[0]}; reconnecting failed: {e}"
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.max_backoff_s)
                 continue
             if self._stop.is_set():
                 self._close_pipe(new)
-                return
-            self._adopt(new)
+                break
+            self._adopt(r, new)
             self.reconnects += 1
-            backoff = 1.0
-            logger.info("inference pipeline back")
+            logger.info(f"{self._whose(r)} back")
+            break
+        with self._lock:
+            r.rebuilding = False
 
     @staticmethod
     def _close_pipe(pipe) -> None:
@@ -423,7 +519,7 @@ class Engine:
             logger.debug(f"closing the old pipeline: {e}")
 
     def close(self) -> None:
-        """Cancel every answer, stop watching, shut the pipeline down. Safe to call twice."""
+        """Cancel every answer, stop watching, shut every replica down (at once). Safe to call twice."""
         if self.closed:
             return
         self.closed = True
@@ -433,7 +529,12 @@ class Engine:
         if self._supervisor is not None:
             self._supervisor.join(timeout=5)
         with self._lock:
-            pipe, self._pipe, self._down = self._pipe, None, "closed"
-        if pipe is not None:
-            self._close_pipe(pipe)
+            pipes = [r.pipe for r in self.replicas if r.pipe is not None]
+            for r in self.replicas:
+                r.pipe, r.down = None, "closed"
+        closing = [threading.Thread(target=self._close_pipe, args=(p,), daemon=True) for p in pipes]
+        for t in closing:
+            t.start()
+        for t in closing:
+            t.join()
         self.metrics.close()

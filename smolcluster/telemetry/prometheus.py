@@ -68,6 +68,13 @@ SERVING_COUNTERS = {
     "prefix_hits": ("smolcluster_prefix_hits_total", "requests that started from the prefix cache's blocks"),
     "prefix_tokens": ("smolcluster_prefix_tokens_saved_total", "prompt tokens not prefilled: the prefix cache had them"),
 }
+# A chat head's replicas (replicas>1), one series per replica (label ``replica``); top shows each replica's
+# stages instead (their node is NAME-rR), so these are for Prometheus and /health's readers.
+REPLICA_GAUGES = {
+    "up": ("smolcluster_replica_up", "1 while this replica's pipeline takes requests, 0 while it is lost or rebuilt"),
+    "load": ("smolcluster_replica_load", "requests routed to this replica and not finished (active + waiting there)"),
+    "served": ("smolcluster_replica_requests_served", "requests routed to this replica since the head started"),
+}
 SERVING_METRICS = {name: help_ for name, help_ in [*SERVING_GAUGES.values(), *SERVING_COUNTERS.values()]}
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 from loguru import logger
 
 from smolcluster.telemetry.prometheus import (
+    LABELS,
+    REPLICA_GAUGES,
     SERVING_COUNTERS,
     SERVING_GAUGES,
     PrometheusSink,
@@ -40,6 +42,7 @@ class ServingMetrics:
             g["kv_budget"].set(kv_budget)
         self._hardware, self._next_hardware = None, 0.0
         self._totals: dict[str, int] = {}
+        self._replicas: dict | None = None
         if run_dir is not None:
             self.sink.announce(Path(run_dir))
 
@@ -72,6 +75,18 @@ class ServingMetrics:
         self._catch_up(prefix_hits=hits, prefix_tokens=tokens)
         self.sink.gauges["kv_prefix_bytes"].set(nbytes)
 
+    def replicas(self, states: list[dict]) -> None:
+        """A head's replicas: each ``{"replica", "up", "load", "served"}`` (REPLICA_GAUGES, labelled by replica)."""
+        if self._replicas is None:
+            from prometheus_client import Gauge
+
+            self._replicas = {key: Gauge(name, help_, (*LABELS, "replica"), registry=self.sink.registry)
+                              for key, (name, help_) in REPLICA_GAUGES.items()}
+        values = [str(self.sink.identity.get(k, "")) for k in LABELS]
+        for state in states:
+            for key, gauge in self._replicas.items():
+                gauge.labels(*values, str(state["replica"])).set(state[key])
+
     def _catch_up(self, **totals: int) -> None:
         for key, total in totals.items():
             self.sink.counters[key].inc(total - self._totals.get(key, 0))
@@ -94,6 +109,9 @@ class _Off:
         pass
 
     def prefix(self, hits: int, tokens: int, nbytes: int) -> None:
+        pass
+
+    def replicas(self, states: list[dict]) -> None:
         pass
 
     def close(self) -> None:

@@ -1,0 +1,214 @@
+"""``python -m smolcluster.chat replicas=2``: two pipelines of two stage processes behind one head, on loopback.
+
+A tiny random-init GPT-2 saved with ``save_pretrained``. Concurrent greedy completions each equal
+``transformers``' greedy tokens and both replicas serve some (the head's per-replica counters in ``/health``);
+a conversation's next turn goes to the replica that served its first turn, whose stage 0 counts a prefix-cache
+hit; a replica whose stage is killed fails its request in flight naming the replica and the stage, the other
+replica answers the next request, and the lost one is rebuilt. The head's /metrics and ``top`` show each replica.
+In process: the router's rule; each replica's share of the cluster; bad replica counts refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+
+import httpx
+import psutil
+import pytest
+import torch
+
+from smolcluster.bench.common import write_tokenizer
+from smolcluster.serving.router import STICKY_SLACK, Router
+from tests.conftest import wait_until
+from tests.test_chat_head import start_chat_head
+from tests.test_lora_serve import peft_greedy
+
+VOCAB, BLOCK = 500, 16
+
+
+def tiny_gpt2(d):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=1024, n_embd=64, n_layer=2, n_head=4,
+                        initializer_range=0.2)  # far from uniform logits, so greedy decoding tests something
+    GPT2LMHeadModel(config).eval().save_pretrained(d)
+    write_tokenizer(d, VOCAB)
+    return d
+
+
+def hf_greedy(model_dir, ids: list[int], n: int) -> list[int]:
+    return peft_greedy(model_dir, None, ids, n)  # transformers' generate, greedy (no adapter)
+
+
+def ids(seed: int, n: int) -> list[int]:
+    return torch.randint(1, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory):
+    """(base URL, the chat process, the model dir, its tokenizer, its run dir) of a chat serving 2 replicas x 2
+    stages, each node announcing its /metrics."""
+    from smolcluster.data.text import TextTokenizer
+
+    root = tmp_path_factory.mktemp("replicas")
+    model = tiny_gpt2(root / "model")
+    log = (root / "chat.log").open("w")
+    proc, url = start_chat_head(["role=launch", f"model.pretrained={model}", "stages=2", "replicas=2",
+                                 "serve.port=0", "serve.ui=false", f"serve.prefix_block={BLOCK}",
+                                 "cluster.heartbeat_s=0.2", "cluster.liveness_s=3", "logging.prometheus.port=0",
+                                 f"logging.run_dir={root / 'run'}"], log)
+    try:
+        yield url, proc, model, TextTokenizer.load(model / "tokenizer.json"), root / "run"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+
+
+def complete(url: str, prompt: list[int], n: int) -> dict:
+    r = httpx.post(f"{url}/v1/completions", json={"model": "model", "prompt": prompt, "max_tokens": n,
+                                                  "temperature": 0}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def replicas(url: str) -> list[dict]:
+    return httpx.get(f"{url}/health", timeout=30).json()["replicas"]
+
+
+def test_concurrent_requests_spread_over_both_replicas_and_equal_transformers(chat):
+    url, _, model, tok, run_dir = chat
+    prompts = [ids(i, 5 + 3 * i) for i in range(6)]
+    out: dict[int, dict] = {}
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, complete(url, prompts[i], 12)))
+               for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert sorted(out) == list(range(len(prompts))), "a request did not answer"
+    for i, p in enumerate(prompts):
+        assert out[i]["choices"][0]["text"] == tok.decode(hf_greedy(model, p, 12)), f"prompt {i}"
+    served = [r["served"] for r in replicas(url)]
+    assert sum(served) >= len(prompts) and min(served) >= 2, served  # both replicas took their share
+    # the head's /metrics has the same per replica; top has a line per replica's stage
+    (head,) = [json.loads(p.read_text())["url"] for p in (run_dir / "endpoints").glob("*head*.json")]
+    metric = lambda name: [float(ln.split()[-1]) for ln in httpx.get(head, timeout=10).text.splitlines()  # noqa: E731
+                           if ln.startswith(name + "{") and 'replica="' in ln]
+    assert wait_until(lambda: metric("smolcluster_replica_requests_served") == served, 30), metric(
+        "smolcluster_replica_requests_served")
+    assert metric("smolcluster_replica_up") == [1.0, 1.0]
+    from smolcluster.top import ClusterView
+
+    def stage_lines() -> list[str]:  # top's rows of the stages that answer, e.g. "HOST-r0 stage1"
+        return sorted(n.name for n in ClusterView(run_dir=run_dir).poll() if n.up and n.labels.get("role") == "stage")
+
+    assert wait_until(lambda: len(stage_lines()) == 4, 30), stage_lines()
+    stages = stage_lines()
+    assert [s.split("-")[-1] for s in stages] == ["r0 stage0", "r0 stage1", "r1 stage0", "r1 stage1"], stages
+
+
+def test_a_conversations_next_turn_goes_to_the_replica_holding_its_prefix(chat):
+    url, _, model, tok, _ = chat
+    first = ids(100, 3 * BLOCK + 5)
+    before = replicas(url)
+    answer = complete(url, first, 20)["choices"][0]["text"]
+    after = replicas(url)
+    (held,) = [r for r in range(2) if after[r]["served"] == before[r]["served"] + 1]
+    hits = after[held]["prefix_hits"]
+    # the next turn re-sends the first prompt and its answer, then a new message
+    turn = first + tok.encode(answer) + ids(101, 7)
+    assert tok.decode(turn[len(first):len(first) + len(tok.encode(answer))]) == answer
+    again = complete(url, turn, 10)["choices"][0]["text"]
+    assert again == tok.decode(hf_greedy(model, turn, 10))
+    now = replicas(url)
+    assert [r["served"] for r in now] == [a["served"] + (r == held) for r, a in enumerate(after)], now
+    assert wait_until(lambda: replicas(url)[held]["prefix_hits"] == hits + 1, 30), replicas(url)
+
+
+def stage_pid(chat_proc: subprocess.Popen, replica: int, rank: int) -> int:
+    """The pid of one replica's stage ``rank`` (a chat's replica r runs its stages as node NAME-rR)."""
+    found = []
+    for p in psutil.Process(chat_proc.pid).children(recursive=True):
+        try:
+            if p.environ().get("SMOLCLUSTER_NODE", "").endswith(f"-r{replica}") and \
+                    p.cmdline()[-1].endswith(f"stage-{rank}.json"):
+                found.append(p.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
+            continue
+    assert len(found) == 1, f"replica {replica}'s stage {rank}: {found}"
+    return found[0]
+
+
+def test_a_lost_replica_fails_its_requests_clearly_while_the_other_serves(chat):
+    url, proc, model, tok, _ = chat
+    body = {"model": "model", "prompt": ids(200, 8), "max_tokens": 1000, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+        lines = r.iter_lines()
+        next(line for line in lines if line.startswith("data: {"))  # it is answering
+        (busy,) = [x["replica"] for x in replicas(url) if x["load"] == 1]
+        psutil.Process(stage_pid(proc, busy, 1)).send_signal(signal.SIGKILL)
+        events = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+    message = events[-1]["error"]["message"]
+    assert f"replica {busy}'s pipeline is down" in message and "s1 at tcp://127.0.0.1:" in message, message
+    other = 1 - busy
+    served = replicas(url)[other]["served"]
+    prompt = ids(201, 9)
+    assert complete(url, prompt, 8)["choices"][0]["text"] == tok.decode(hf_greedy(model, prompt, 8))
+    assert replicas(url)[other]["served"] == served + 1
+    # the lost replica is rebuilt (its stages started again) while the other kept serving
+    assert wait_until(lambda: replicas(url)[busy]["status"] == "ok", 120), replicas(url)
+    assert httpx.get(f"{url}/health", timeout=30).json()["reconnects"] == 1
+
+
+def test_the_router_prefers_the_prefix_holder_unless_it_is_much_busier():
+    router = Router(block=4)
+    conv = router.keys(list(range(10)))
+    assert len(conv) == 2 and router.keys(list(range(10)), adapter="a")[0] != conv[0]  # an adapter's own chain
+    assert router.pick(conv, [0, 0], [True, True], [3, 1]) == 1      # nobody holds it: least loaded, least served
+    router.remember(conv, 0)
+    turn = router.keys(list(range(10)) + [7, 7, 7, 7])
+    assert turn[:2] == conv and router.pick(turn, [2, 0], [True, True], [0, 0]) == 0
+    assert router.pick(turn, [STICKY_SLACK + 1, 0], [True, True], [0, 0]) == 1  # much busier: spread
+    assert router.pick(turn, [0, 5], [False, True], [0, 0]) == 1                 # the holder is down
+    assert router.pick(turn, [0, 0], [False, False], [0, 0]) is None
+    router.forget(0)
+    assert router.holding(turn, [True, True]) == (None, 0)
+
+
+def test_replica_settings_split_the_cluster_and_bad_counts_are_refused_in_one_line():
+    from hydra import compose, initialize_config_dir
+
+    from smolcluster.errors import ConfigError
+    from smolcluster.inference.from_config import replica_settings
+    from smolcluster.inference.settings import chat_settings, infer_settings
+    from smolcluster.paths import CONFIG_DIR
+
+    def settings(name: str, *overrides: str):
+        with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+            cfg = compose(name, overrides=list(overrides))
+        return (chat_settings if name == "chat" else infer_settings)(cfg)
+
+    nodes = "++cluster.nodes=[{host:a},{host:b},{host:c},{host:d}]"
+    head = settings("chat", "role=head", "replicas=2", "cluster.port=7000", nodes).pipeline
+    assert [[n["host"] for n in replica_settings(head, r).links.nodes] for r in (0, 1)] == [["a", "b"], ["c", "d"]]
+    by_port = settings("chat", "role=head", "replicas=2", "cluster.port=7000").pipeline
+    assert [replica_settings(by_port, r).links.port for r in (0, 1)] == [7000, 7002]
+    launch = settings("chat", "replicas=3", "logging.prometheus.port=9400").pipeline
+    assert [replica_settings(launch, r).telemetry["prometheus_port"] for r in range(3)] == [9400, 9402, 9404]
+    with pytest.raises(ConfigError, match=r"replicas=3 x stages=2 needs 6 cluster.nodes, the cluster lists 4.*"
+                                          r"replicas=2"):
+        replica_settings(settings("chat", "role=head", "replicas=3", "cluster.port=7000", nodes).pipeline, 0)
+    for name, bad, message in (("chat", "replicas=0", "replicas=0 is invalid"),
+                               ("chat", "replicas=-1", "replicas=-1 is invalid"),
+                               ("infer", "replicas=2", "is for the chat server")):
+        with pytest.raises(ConfigError, match=message):
+            settings(name, bad)
