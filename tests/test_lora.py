@@ -19,6 +19,7 @@ from smolcluster.data.text import embedded_corpus
 from smolcluster.errors import ConfigError
 from smolcluster.models.lora import DEFAULT_TARGETS
 from smolcluster.paths import CONFIG_DIR
+from smolcluster.train_settings import train_config
 from smolcluster.trainer import Trainer
 from tests.conftest import train
 from tests.test_hf_training import pretrained_dir
@@ -37,7 +38,7 @@ def overrides(bases: dict, family: str, *extra: str) -> list[str]:
 
 def trainer_for(bases: dict, family: str, *extra: str) -> Trainer:
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
-        cfg = compose("config", overrides=["algo=local", "train.batch_size=8", *overrides(bases, family, *extra)])
+        cfg = train_config(compose("config", overrides=["algo=local", "train.batch_size=8", *overrides(bases, family, *extra)]))
     return Trainer(cfg, [8], device="cpu")
 
 
@@ -185,7 +186,7 @@ def test_activation_checkpointing_gives_the_same_training_with_one_blocks_activa
 
 def test_activation_checkpointing_is_refused_for_a_model_without_blocks():
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
-        cfg = compose("config", overrides=["algo=local", "model.hidden=[8]", "train.activation_checkpointing=true"])
+        cfg = train_config(compose("config", overrides=["algo=local", "model.hidden=[8]", "train.activation_checkpointing=true"]))
     with pytest.raises(ConfigError, match="activation_checkpointing=true: model=mlp has no transformer blocks"):
         Trainer(cfg, [8], device="cpu")
 
