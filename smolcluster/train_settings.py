@@ -18,6 +18,7 @@ a :func:`dataclasses.replace` copy, never edits the shared one.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from smolcluster.errors import ConfigError
 
 MB = 1024 * 1024
+_KINDS = {int: "a whole number", float: "a number", bool: "true or false"}
 
 
 # -- train.*, logging.* ------------------------------------------------------------------------------
@@ -226,12 +228,26 @@ class ClusterSpec:
 
     @classmethod
     def of(cls, c: dict) -> ClusterSpec:
-        return cls(name=c.get("name"), host=str(c.get("host") or "127.0.0.1"), port=c.get("port"),
-                   bind=c.get("bind"), workers=int(c.get("workers") or 1), nodes=list(c.get("nodes") or []),
-                   keys=c.get("keys"), insecure=bool(c.get("insecure")), heartbeat_s=float(c.get("heartbeat_s", 1.0)),
-                   liveness_s=float(c.get("liveness_s", 10.0)),
-                   connect_timeout_s=float(c.get("connect_timeout_s", 60.0)),
-                   max_bytes=int(c.get("max_message_mb", 2048)) * MB)
+        """The cluster group (open: a cluster file is the user's) read with its types checked here."""
+        def typed(key: str, kind: type, default):
+            value = c.get(key, default)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = value is None or (isinstance(value, bool) if kind is bool else
+                                   number and (kind is float or float(value).is_integer()))
+            if not ok:
+                raise ConfigError(f"cluster.{key}={value!r} is invalid: it must be {_KINDS[kind]}")
+            return None if value is None else kind(value)
+
+        nodes = c.get("nodes") or []
+        if not isinstance(nodes, list) or any(n is not None and not isinstance(n, dict) for n in nodes):
+            raise ConfigError(f"cluster.nodes={nodes!r} is invalid: give a list of per-node settings, "
+                              "e.g. cluster.nodes=[{batch_size: 32},{device: cpu}]")
+        return cls(name=c.get("name"), host=str(c.get("host") or "127.0.0.1"), port=typed("port", int, None),
+                   bind=c.get("bind"), workers=typed("workers", int, 1) or 1, nodes=list(nodes),
+                   keys=c.get("keys"), insecure=bool(typed("insecure", bool, False)),
+                   heartbeat_s=typed("heartbeat_s", float, 1.0), liveness_s=typed("liveness_s", float, 10.0),
+                   connect_timeout_s=typed("connect_timeout_s", float, 60.0),
+                   max_bytes=typed("max_message_mb", int, 2048) * MB)
 
     def worker(self, rank: int, batch_size: int) -> NodeSpec:
         """Rank ``rank``'s settings: ``cluster.nodes[rank]`` overrides the defaults."""
@@ -297,6 +313,35 @@ def register() -> None:
 
 
 register()
+
+
+OPEN_GROUPS = ("model", "hydra")  # take keys the defaults do not list: a custom model's kwargs, Hydra's own
+
+
+def refuse_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
+    """Refuse ``+train.stpes=100``: a key the defaults do not have would be stored and ignored. Hydra itself
+    refuses the typo without ``+``, then advises adding the ``+``; this check ends that road with the near
+    name. (``++key`` is Hydra's explicit "set or add", and is left to the user.)"""
+    from smolcluster.paths import (
+        CONFIG_DIR,  # (paths registers this module's schemas: imported here, not above)
+    )
+
+    groups = {d.name for d in CONFIG_DIR.iterdir() if d.is_dir()}
+    for o in overrides:
+        if not o.startswith("+") or o.startswith("++"):
+            continue
+        key = o[1:].split("=", 1)[0]
+        parts = key.split(".")
+        if parts[0] in OPEN_GROUPS or (len(parts) == 1 and parts[0] in groups):
+            continue
+        parent = OmegaConf.select(cfg, ".".join(parts[:-1])) if len(parts) > 1 else cfg
+        known = [k for k in (parent.keys() if isinstance(parent, DictConfig) else []) if k != parts[-1]]
+        where = ".".join(parts[:-1])
+        near = difflib.get_close_matches(parts[-1], known, n=1)
+        hint = (f"did you mean {where + '.' if where else ''}{near[0]}?" if near else
+                f"{where or 'the top level'} has {', '.join(map(str, known))}" if known else
+                f"{where} takes no settings")
+        raise ConfigError(f"{key} is not a setting (it would be stored and ignored): {hint}")
 
 
 def train_config(cfg: DictConfig) -> TrainConfig:

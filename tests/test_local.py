@@ -121,6 +121,7 @@ def test_help_and_cfg_job_work_as_hydra_users_expect():
         ("data=mnist data.root=/no/such/dir", "not found in /no/such/dir"),
         ("resume=/no/such/run", "resume=/no/such/run: no checkpoint.safetensors"),
         ("+train.stpes=100", "train.stpes is not a setting (it would be stored and ignored): did you mean train.steps?"),
+        ("cluster.liveness_s=abc", "cluster.liveness_s='abc' is invalid: it must be a number"),  # an open group's key
     ],
 )
 def test_bad_config_is_one_clear_line_not_a_traceback(override, expect, tmp_path):

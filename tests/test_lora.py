@@ -273,7 +273,7 @@ def test_a_bad_lora_config_is_refused_naming_the_key(extra, expect):
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
         cfg = compose("config", overrides=["model=llama-tiny", "data=text", "train.lora.enabled=true", *extra])
     with pytest.raises(ConfigError, match=expect):
-        validate(cfg)
+        validate(train_config(cfg))
 
 
 def test_lora_on_a_model_without_known_projections_asks_for_target_modules():
