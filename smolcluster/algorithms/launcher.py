@@ -58,7 +58,7 @@ def check_allreduce(cfg: TrainConfig) -> None:
     _check_bucket(a)
     codecs(a.codec)  # an unknown algo.compression is a one-line error listing the codecs
     k = a.max_staleness
-    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+    if k < 0:
         raise ConfigError(f"algo.max_staleness={k!r} is invalid: a whole number of steps >= 0 (0 = synchronous)")
     if k and a.zero:
         raise ConfigError("algo.max_staleness>0 with algo.zero=1 is not supported: ZeRO-1 steps each shard in "
@@ -74,7 +74,7 @@ def _check_bucket(a: AlgoSettings) -> None:
 
 def _min_workers(cfg: TrainConfig) -> int | None:
     m = cfg.algo.min_workers
-    if m is not None and (not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= cfg.cluster.workers):
+    if m is not None and not 1 <= m <= cfg.cluster.workers:
         raise ConfigError(f"algo.min_workers={m!r} is invalid: between 1 and cluster.workers "
                           f"({cfg.cluster.workers}), or null for all of them")
     return m
@@ -82,7 +82,7 @@ def _min_workers(cfg: TrainConfig) -> int | None:
 
 def _whole(a: AlgoSettings, key: str, low: int) -> int:
     v = getattr(a, key)
-    if not isinstance(v, int) or isinstance(v, bool) or v < low:
+    if v < low:  # (a whole number: the schema types it)
         raise ConfigError(f"algo.{key}={v!r} is invalid: a whole number >= {low}")
     return v
 
@@ -99,14 +99,13 @@ def check_diloco(cfg: TrainConfig) -> None:
                           "is merged before its next sync")
     for key, lo, hi in (("outer_lr", 0.0, None), ("outer_momentum", 0.0, 1.0), ("merge_alpha", 0.0, 1.0)):
         v = getattr(a, key)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < lo or (hi is not None and v >= hi) \
-                or (key == "outer_lr" and v == 0):
-            raise ConfigError(f"algo.{key}={v!r} is invalid: a number in {'(0, inf)' if key == 'outer_lr' else '[0, 1)'}")
+        if v < lo or (hi is not None and v >= hi) or (key == "outer_lr" and v == 0):
+            raise ConfigError(f"algo.{key}={v:g} is invalid: a number in {'(0, inf)' if key == 'outer_lr' else '[0, 1)'}")
     get_codec(a.codec)  # an unknown codec is a one-line error listing them
     t = a.round_s
     if t is not None:
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or t <= 0:
-            raise ConfigError(f"algo.round_s={t!r} is invalid: seconds per round (> 0), or null for algo.inner_steps")
+        if t <= 0:
+            raise ConfigError(f"algo.round_s={t:g} is invalid: seconds per round (> 0), or null for algo.inner_steps")
         if f > 1 or tau:
             raise ConfigError("algo.round_s works with plain DiLoCo only: set algo.fragments=1 algo.overlap_steps=0")
         if cfg.resume or cfg.train.stop_after:
