@@ -18,6 +18,7 @@ a :func:`dataclasses.replace` copy, never edits the shared one.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,8 +45,7 @@ class LoraSettings:
 
     def as_dict(self) -> dict:
         """What :mod:`smolcluster.models.lora` takes (it serves inference's adapters too, as dicts)."""
-        return {"enabled": self.enabled, "r": self.r, "alpha": self.alpha, "dropout": self.dropout,
-                "target_modules": self.target_modules, "base_precision": self.base_precision, "merge": self.merge}
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -242,8 +242,9 @@ class ClusterSpec:
         if not isinstance(nodes, list) or any(n is not None and not isinstance(n, dict) for n in nodes):
             raise ConfigError(f"cluster.nodes={nodes!r} is invalid: give a list of per-node settings, "
                               "e.g. cluster.nodes=[{batch_size: 32},{device: cpu}]")
+        workers = typed("workers", int, 1)  # null (cluster=auto: the coordinator decides, and passes it on)
         return cls(name=c.get("name"), host=str(c.get("host") or "127.0.0.1"), port=typed("port", int, None),
-                   bind=c.get("bind"), workers=typed("workers", int, 1) or 1, nodes=list(nodes),
+                   bind=c.get("bind"), workers=1 if workers is None else workers, nodes=list(nodes),
                    keys=c.get("keys"), insecure=bool(typed("insecure", bool, False)),
                    heartbeat_s=typed("heartbeat_s", float, 1.0), liveness_s=typed("liveness_s", float, 10.0),
                    connect_timeout_s=typed("connect_timeout_s", float, 60.0),
@@ -322,9 +323,8 @@ def refuse_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
     """Refuse ``+train.stpes=100``: a key the defaults do not have would be stored and ignored. Hydra itself
     refuses the typo without ``+``, then advises adding the ``+``; this check ends that road with the near
     name. (``++key`` is Hydra's explicit "set or add", and is left to the user.)"""
-    from smolcluster.paths import (
-        CONFIG_DIR,  # (paths registers this module's schemas: imported here, not above)
-    )
+    # here, not at the top: importing paths registers this module's schemas
+    from smolcluster.paths import CONFIG_DIR
 
     groups = {d.name for d in CONFIG_DIR.iterdir() if d.is_dir()}
     for o in overrides:
