@@ -6,6 +6,7 @@ built once for the module."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -148,7 +149,7 @@ def test_an_int8_base_trains_as_peft_does_over_its_dequantized_weights(bases, tm
     diff = max(float((p - ref_params[n]).detach().abs().max()) for n, p in ours.model.named_parameters()
                if p.requires_grad)
     assert diff < 1e-5, diff
-    ours.train.lora["merge"] = True
+    ours.train = dataclasses.replace(ours.train, lora=dataclasses.replace(ours.train.lora, merge=True))  # this run's copy
     ours.save(tmp_path)  # merges the dequantized base
     from transformers import AutoModelForCausalLM
 
@@ -205,7 +206,7 @@ def test_adapter_and_merged_directories_load_with_peft_and_transformers(bases, t
     from transformers import AutoModelForCausalLM
 
     ours = trained["qwen3"]
-    ours.train.lora["merge"] = True
+    ours.train = dataclasses.replace(ours.train, lora=dataclasses.replace(ours.train.lora, merge=True))  # this run's copy
     ours.save(tmp_path)
     ckpt = safe_open(str(tmp_path / "checkpoint.safetensors"), framework="pt")
     names = [k for k in ckpt.keys() if not k.startswith("optim/")]
