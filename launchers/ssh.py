@@ -56,6 +56,7 @@ from smolcluster.cluster import new_run_id  # noqa: E402
 from smolcluster.config import validate  # noqa: E402
 from smolcluster.errors import ConfigError, PeerError, SmolclusterError  # noqa: E402
 from smolcluster.paths import CONFIG_DIR  # noqa: E402
+from smolcluster.train_settings import train_config  # noqa: E402
 
 SERVER_ALGOS = ("syncps", "edp")               # one server + cluster.workers workers
 RING_ALGOS = ("allreduce", "diloco")           # a ring of cluster.workers ranks, no server
@@ -92,7 +93,7 @@ def compose_config(cluster_ref: str, overrides: list[str], need_algo: bool = Tru
 
         infer_settings(cfg)  # the stages' own checks (stages, partition, ...), here first
         return cfg, path.stem
-    validate(cfg)
+    validate(train_config(cfg))
     if need_algo and cfg.algo.name not in CLUSTER_ALGOS:
         raise ConfigError(f"algo={cfg.algo.name} runs in one process: launch algo=syncps, edp, allreduce, diloco or mp")
     return cfg, path.stem

@@ -8,8 +8,6 @@ import sys
 import uuid
 from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig
-
 from smolcluster.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -48,25 +46,6 @@ def new_run_id() -> str:
     """A fresh run id. The letter in front matters: launchers pass it on as ``run_id=ID`` and Hydra
     reads a bare ``35e71139`` as the float 35e71139 (inf) and ``12345678`` as an int."""
     return "r" + uuid.uuid4().hex[:8]
-
-
-def worker_settings(cluster: DictConfig, rank: int, train: DictConfig) -> dict:
-    """Per-worker batch size, device and test-only delay: cluster.nodes[rank] overrides the defaults."""
-    nodes = list(cluster.get("nodes") or [])
-    node = dict(nodes[rank]) if rank < len(nodes) and nodes[rank] else {}
-    out = {
-        "batch_size": int(node.get("batch_size", train.batch_size)),
-        "device": node.get("device", None),
-        "delay_s": float(node.get("delay_s", 0.0)),
-        "blowup_every": int(node.get("blowup_every", 0)),  # test knob (allreduce): every Nth step's gradient x 1e6
-        # test knob (allreduce): every Nth step this rank blows up its reduced chunks but reports their old norm
-        "lie_norm_every": int(node.get("lie_norm_every", 0)),
-        "host": node.get("host", None),
-        "name": node.get("name", f"worker{rank}"),
-    }
-    if out["batch_size"] <= 0:
-        raise ConfigError(f"cluster.nodes[{rank}].batch_size={out['batch_size']} must be positive")
-    return out
 
 
 def python_cmd() -> list[str]:

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 from loguru import logger
-from omegaconf import DictConfig
 
 from smolcluster.cluster import python_cmd
 from smolcluster.errors import PeerError
@@ -25,9 +24,10 @@ from smolcluster.supervisor import (
     sigterm_as_interrupt,
     stop_process_groups,
 )
+from smolcluster.train_settings import TrainConfig
 
 
-def launch(cfg: DictConfig, run_dir: Path, extra: list[str] | None = None) -> dict:
+def launch(cfg: TrainConfig, run_dir: Path, extra: list[str] | None = None) -> dict:
     common = [*child_overrides(), *(extra or []), f"run_id={cfg.run_id}", f"hydra.run.dir={run_dir}",
               "hydra.output_subdir=null", "train.progress=false"]
     n = cfg.cluster.workers

@@ -19,12 +19,13 @@ from omegaconf import DictConfig, open_dict
 from smolcluster import algorithms
 from smolcluster.algorithms import launcher
 from smolcluster.cluster import new_run_id, node_name
-from smolcluster.config import refuse_added_keys, validate
+from smolcluster.config import validate
 from smolcluster.errors import SmolclusterError
 from smolcluster.paths import CONFIG_DIR
 from smolcluster.supervisor import exit_without_teardown, sigterm_as_interrupt
 from smolcluster.telemetry.logging import setup_logging
 from smolcluster.telemetry.run_files import abort_open
+from smolcluster.train_settings import refuse_added_keys, train_config
 
 
 def describe(summary: dict) -> str:
@@ -46,7 +47,8 @@ def run(cfg: DictConfig) -> dict | None:
                   algo=cfg.algo.name, run_id=cfg.run_id, run_dir=run_dir, level=cfg.logging.level,
                   loki=cfg.logging.get("loki"))
     refuse_added_keys(cfg, list(HydraConfig.get().overrides.task))
-    validate(cfg)
+    tc = train_config(cfg)  # the one read of Hydra's config: typed settings from here on
+    validate(tc)
     if cfg.model.get("deprecated"):
         logger.warning(cfg.model.deprecated)
     if role == "launch" and cfg.cluster.get("name") == "auto":  # through the node agents on the LAN
@@ -54,9 +56,9 @@ def run(cfg: DictConfig) -> dict | None:
 
         summary = run_auto(cfg, run_dir)
     elif role == "launch":  # every role as a child here; this process never imports torch
-        summary = launcher.launch(cfg, run_dir)
+        summary = launcher.launch(tc, run_dir)
     else:
-        summary = algorithms.get(cfg.algo.name).run(cfg, run_dir)
+        summary = algorithms.get(tc.algo.name).run(tc, run_dir)
     if summary and role in ("main", "launch", "server"):
         logger.success(describe(summary))
         files = [n for n in ("metrics.jsonl", "summary.json", "checkpoint.safetensors", "loss.png")

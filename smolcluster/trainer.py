@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from loguru import logger
-from omegaconf import DictConfig, OmegaConf
 
 from smolcluster import checkpoint
 from smolcluster.cluster import pick_device
@@ -28,25 +26,25 @@ from smolcluster.models import build_model, count_parameters, fingerprint, lora
 from smolcluster.models.hf import checkpoint_activations, is_hf_model, save_hf_dir
 from smolcluster.objective import evaluate, loss_fn
 from smolcluster.optim import build_optimizer, clip_, lr_at, set_lr
+from smolcluster.train_settings import TrainConfig
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, batch_sizes: list[int], *, device: str | None = None,
+    def __init__(self, cfg: TrainConfig, batch_sizes: list[int], *, device: str | None = None,
                  with_optimizer: bool = True, data: DataBundle | None = None):
         self.cfg = cfg
-        # Plain attributes: OmegaConf lookups cost microseconds each, too slow for the per-step path.
-        self.train = SimpleNamespace(**OmegaConf.to_container(cfg.train, resolve=True))
-        self.kind = cfg.model.kind
+        self.train = cfg.train  # shared, never edited: an algorithm that needs other values copies it (replace)
+        self.kind = cfg.model["kind"]
         self.device = pick_device(device or cfg.device)
         self.data = data or build_data(cfg.data, cfg.model)
         torch.manual_seed(cfg.seed)  # the same seed on every process: identical initial weights
-        self.lora = lora.enabled(cfg.train)
+        self.lora = cfg.train.lora.enabled
         if self.lora:  # the base frozen (read straight into its precision), peft's adapters the only trainable ones
-            whole = lora.build(cfg.model, self.data.info, self.train.lora, cfg.seed)
+            whole = lora.build(cfg.model, self.data.info, self.train.lora.as_dict(), cfg.seed)
         else:
             whole = build_model(cfg.model, self.data.info)
-        if getattr(self.train, "activation_checkpointing", False):
-            checkpoint_activations(whole, cfg.model.name)
+        if self.train.activation_checkpointing:
+            checkpoint_activations(whole, cfg.model["name"])
         self.fingerprint, self.num_params = fingerprint(whole), count_parameters(whole)  # of the whole model
         self.model_desc = describe_model(cfg.model, whole)
         self.model_name = self.model_desc["name"]
@@ -59,7 +57,7 @@ class Trainer:
         steps = cfg.train.steps or cfg.train.epochs * self.sharder.steps_per_epoch
         self.total_steps = int(steps)
         # The schedule always spans total_steps; stop_after only ends this process early (resume continues).
-        self.end_step = min(self.total_steps, cfg.train.get("stop_after") or self.total_steps)
+        self.end_step = min(self.total_steps, cfg.train.stop_after or self.total_steps)
         self.step = 0
         # The run's counters, carried across resumes in the checkpoint's JSON (``run``): samples trained on and
         # training wall time (waiting for workers and the time between a crash and its restart not counted).
@@ -67,7 +65,7 @@ class Trainer:
         self.carried: dict = {}  # the rest of ``run`` from the checkpoint: an algorithm's own counters, worker history
         self.resumed_from: Path | None = None
         # Per-layer gradient norms every N steps (logging.grad_norm_every), measured before clipping.
-        self.grad_norm_every = int(cfg.get("logging", {}).get("grad_norm_every") or 0)
+        self.grad_norm_every = cfg.logging.grad_norm_every
         self.grad_norms: dict[str, float] = {}
         self._sizes_logged = False
 
@@ -195,7 +193,7 @@ class Trainer:
         tok_file = None if tok is None else (getattr(tok, "path", None) or Path(run_dir) / "tokenizer.json")
         if self.lora:  # the adapters as peft writes them; with merge=true also the merged model as hf/
             lora.save_adapter(self.model, Path(run_dir) / "adapter")
-            if self.train.lora.get("merge"):
+            if self.train.lora.merge:
                 save_hf_dir(lora.merged(self.model), None, Path(run_dir) / "hf", tok_file)
         elif is_hf_model(self.model):  # also as a Hugging Face directory: the result goes anywhere transformers does
             save_hf_dir(self.model, None, Path(run_dir) / "hf", tok_file)
@@ -229,7 +227,7 @@ class Trainer:
         return {
             "algo": algo,
             "model": self.model_name,
-            "data": self.cfg.data.name,
+            "data": self.cfg.data["name"],
             "steps": self.step,
             "samples": self.samples,
             "wall_s": round(wall_s, 3),
@@ -244,15 +242,15 @@ class Trainer:
             "optimizer_state_bytes": self.optimizer_state_bytes(),
             "run_dir": str(run_dir),
             **extra,
-            "config": {**OmegaConf.to_container(self.cfg, resolve=True), "model": self.model_desc},
+            "config": {**self.cfg.composed, "model": self.model_desc},
         }
 
 
-def describe_model(model_cfg: DictConfig, whole: torch.nn.Module) -> dict:
+def describe_model(model_cfg: dict, whole: torch.nn.Module) -> dict:
     """The model a run trains, as logs, summary.json and the checkpoint name it: ``model=``'s settings, or, with
     ``model.pretrained=DIR``, what that directory holds (its config.json decides the family, width and tying,
     whatever ``model=`` preset named the run)."""
-    desc = OmegaConf.to_container(model_cfg, resolve=True)
+    desc = dict(model_cfg)
     config = getattr(whole, "config", None)
     if not desc.get("pretrained") or config is None:
         return desc

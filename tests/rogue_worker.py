@@ -21,6 +21,7 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 
 from smolcluster.paths import CONFIG_DIR
+from smolcluster.train_settings import train_config
 from smolcluster.trainer import Trainer
 from smolcluster.transport import ClientEndpoint, client_key_name, wire
 
@@ -34,7 +35,7 @@ def gradient(sizes: dict[str, int], norm: float) -> dict[str, np.ndarray]:
 
 def main(port: int, rank: int, mode: str, keys: str | None, overrides: list[str]) -> int:
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
-        cfg = compose("config", overrides=overrides)
+        cfg = train_config(compose("config", overrides=overrides))
     trainer = Trainer(cfg, [int(cfg.train.batch_size)] * int(cfg.cluster.workers), with_optimizer=False)
     client = ClientEndpoint(f"tcp://127.0.0.1:{port}", max_bytes=1 << 28, curve_dir=keys,
                             client_key=client_key_name(rank))

@@ -16,6 +16,7 @@ from smolcluster.algorithms.allreduce import check
 from smolcluster.errors import ConfigError
 from smolcluster.paths import CONFIG_DIR
 from smolcluster.pipeline.launch import free_ports
+from smolcluster.train_settings import train_config
 from smolcluster.transport import make_keys, wire
 from smolcluster.transport.ring import RingLink
 from tests.cluster_util import Cluster
@@ -348,7 +349,7 @@ def test_with_curve_a_stranger_without_the_key_gets_nothing_through(tmp_path):
 ])
 def test_bad_allreduce_settings_are_one_line_errors(override, message):
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
-        cfg = compose("config", overrides=["algo=allreduce", override])
+        cfg = train_config(compose("config", overrides=["algo=allreduce", override]))
     with pytest.raises(ConfigError, match=message):
         check(cfg)
 

@@ -19,6 +19,7 @@ from smolcluster.errors import DataError
 from smolcluster.models.hf import build_causal_lm
 from smolcluster.paths import CONFIG_DIR
 from smolcluster.serving.prompting import ChatTemplate
+from smolcluster.train_settings import train_config
 from smolcluster.trainer import Trainer
 from tests.test_chat_template import save_tokenizer
 
@@ -97,7 +98,7 @@ def test_a_lora_run_on_chat_data_is_trained_on_the_assistant_tokens_only(model_d
         cfg = compose("config", overrides=["algo=local", "model=llama-tiny", f"model.pretrained={model_dir}",
                                            "model.block_size=48", "data=chat", f"data.path={path}",
                                            "train.batch_size=4", "train.steps=2", "train.lora.enabled=true"])
-    t = Trainer(cfg, [4], device="cpu")
+    t = Trainer(train_config(cfg), [4], device="cpu")
     x, y = t.batch(0)
     assert (y == chat.IGNORE).any() and (y != chat.IGNORE).any()
     with torch.no_grad():

@@ -17,6 +17,7 @@ from smolcluster.algorithms.diloco import check
 from smolcluster.errors import ConfigError
 from smolcluster.paths import CONFIG_DIR
 from smolcluster.pipeline.launch import free_ports
+from smolcluster.train_settings import train_config
 from smolcluster.trainer import Trainer
 from tests.conftest import train, train_together
 from tests.equivalence import max_abs_diff
@@ -29,7 +30,7 @@ STREAM = ["algo.inner_steps=4", "algo.fragments=2", "algo.overlap_steps=1", "alg
 
 def compose_cfg(*overrides: str):
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
-        return compose("config", overrides=list(overrides))
+        return train_config(compose("config", overrides=list(overrides)))
 
 
 def reference(overrides: list[str]) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ import zmq
 from hydra import compose, initialize_config_dir
 
 from smolcluster.paths import CONFIG_DIR
+from smolcluster.train_settings import train_config
 from smolcluster.trainer import Trainer
 from smolcluster.transport import wire
 from tests.cluster_util import Cluster
@@ -100,7 +101,7 @@ def test_a_worker_joining_late_trains_on_current_weights_and_killing_any_worker_
 
 def fingerprint() -> str:
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
-        cfg = compose("config", overrides=["algo=edp"])
+        cfg = train_config(compose("config", overrides=["algo=edp"]))
     return Trainer(cfg, [64], with_optimizer=False).fingerprint
 
 

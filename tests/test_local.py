@@ -121,6 +121,7 @@ def test_help_and_cfg_job_work_as_hydra_users_expect():
         ("data=mnist data.root=/no/such/dir", "not found in /no/such/dir"),
         ("resume=/no/such/run", "resume=/no/such/run: no checkpoint.safetensors"),
         ("+train.stpes=100", "train.stpes is not a setting (it would be stored and ignored): did you mean train.steps?"),
+        ("cluster.liveness_s=abc", "cluster.liveness_s='abc' is invalid: it must be a number"),  # an open group's key
     ],
 )
 def test_bad_config_is_one_clear_line_not_a_traceback(override, expect, tmp_path):
@@ -129,6 +130,44 @@ def test_bad_config_is_one_clear_line_not_a_traceback(override, expect, tmp_path
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expect in errors[0], proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "why"),
+    [
+        ("train.lr=abc", "train.lr", "Value 'abc' of type 'str' could not be converted to Float"),
+        ("algo=allreduce algo.zero=abc", "algo.zero", "could not be converted to Integer"),
+        ("logging.prometheus.port=x", "logging.prometheus.port", "could not be converted to Integer"),
+        ("algo=local algo.zero=1", "algo.zero", "Key 'zero' not in 'LocalSettings'"),  # another algorithm's key
+    ],
+)
+def test_a_mistyped_override_of_a_typed_key_fails_while_composing_before_any_process_starts(override, key, why,
+                                                                                             tmp_path):
+    proc = run_cli("smolcluster.train", f"hydra.run.dir={tmp_path}", *override.split(), check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"full_key: {key}" in proc.stderr and why in proc.stderr, proc.stderr[-3000:]
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # no run files, no log: nothing was started
+
+
+def test_train_config_types_the_composed_config_once():
+    from hydra import compose, initialize_config_dir
+
+    from smolcluster.paths import CONFIG_DIR
+    from smolcluster.train_settings import EdpSettings, TrainConfig, train_config
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        cfg = compose("config", overrides=["algo=edp", "algo.compression=int8", "train.lr=1", "run_id=r1",
+                                           "cluster.workers=3", "cluster.max_message_mb=3",
+                                           "cluster.nodes=[{batch_size: 16, device: cpu}, {}, {name: pi, delay_s: 0.5}]"])
+    tc = train_config(cfg)
+    assert isinstance(tc, TrainConfig) and isinstance(tc.algo, EdpSettings)
+    assert tc.algo.codec == "int8"  # the old name follows compression (${.compression}), resolved
+    assert tc.train.lr == 1.0 and isinstance(tc.train.lr, float)
+    assert tc.cluster.max_bytes == 3 * 1024 * 1024  # cluster.max_message_mb, converted here once
+    assert tc.batch_sizes() == [16, 64, 64]
+    first, third = tc.cluster.worker(0, 64), tc.cluster.worker(2, 64)
+    assert (first.name, first.device, third.name, third.delay_s) == ("worker0", "cpu", "pi", 0.5)
+    assert tc.composed["algo"]["compression"] == "int8" and tc.model["name"] == "mlp"  # plain data
 
 
 def test_unknown_model_lists_the_choices():

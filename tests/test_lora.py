@@ -6,6 +6,7 @@ built once for the module."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -19,6 +20,7 @@ from smolcluster.data.text import embedded_corpus
 from smolcluster.errors import ConfigError
 from smolcluster.models.lora import DEFAULT_TARGETS
 from smolcluster.paths import CONFIG_DIR
+from smolcluster.train_settings import train_config
 from smolcluster.trainer import Trainer
 from tests.conftest import train
 from tests.test_hf_training import pretrained_dir
@@ -37,7 +39,7 @@ def overrides(bases: dict, family: str, *extra: str) -> list[str]:
 
 def trainer_for(bases: dict, family: str, *extra: str) -> Trainer:
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
-        cfg = compose("config", overrides=["algo=local", "train.batch_size=8", *overrides(bases, family, *extra)])
+        cfg = train_config(compose("config", overrides=["algo=local", "train.batch_size=8", *overrides(bases, family, *extra)]))
     return Trainer(cfg, [8], device="cpu")
 
 
@@ -147,7 +149,7 @@ def test_an_int8_base_trains_as_peft_does_over_its_dequantized_weights(bases, tm
     diff = max(float((p - ref_params[n]).detach().abs().max()) for n, p in ours.model.named_parameters()
                if p.requires_grad)
     assert diff < 1e-5, diff
-    ours.train.lora["merge"] = True
+    ours.train = dataclasses.replace(ours.train, lora=dataclasses.replace(ours.train.lora, merge=True))  # this run's copy
     ours.save(tmp_path)  # merges the dequantized base
     from transformers import AutoModelForCausalLM
 
@@ -185,7 +187,7 @@ def test_activation_checkpointing_gives_the_same_training_with_one_blocks_activa
 
 def test_activation_checkpointing_is_refused_for_a_model_without_blocks():
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
-        cfg = compose("config", overrides=["algo=local", "model.hidden=[8]", "train.activation_checkpointing=true"])
+        cfg = train_config(compose("config", overrides=["algo=local", "model.hidden=[8]", "train.activation_checkpointing=true"]))
     with pytest.raises(ConfigError, match="activation_checkpointing=true: model=mlp has no transformer blocks"):
         Trainer(cfg, [8], device="cpu")
 
@@ -204,7 +206,7 @@ def test_adapter_and_merged_directories_load_with_peft_and_transformers(bases, t
     from transformers import AutoModelForCausalLM
 
     ours = trained["qwen3"]
-    ours.train.lora["merge"] = True
+    ours.train = dataclasses.replace(ours.train, lora=dataclasses.replace(ours.train.lora, merge=True))  # this run's copy
     ours.save(tmp_path)
     ckpt = safe_open(str(tmp_path / "checkpoint.safetensors"), framework="pt")
     names = [k for k in ckpt.keys() if not k.startswith("optim/")]
@@ -272,7 +274,7 @@ def test_a_bad_lora_config_is_refused_naming_the_key(extra, expect):
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
         cfg = compose("config", overrides=["model=llama-tiny", "data=text", "train.lora.enabled=true", *extra])
     with pytest.raises(ConfigError, match=expect):
-        validate(cfg)
+        validate(train_config(cfg))
 
 
 def test_lora_on_a_model_without_known_projections_asks_for_target_modules():

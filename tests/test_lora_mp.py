@@ -165,9 +165,10 @@ def test_what_a_pipeline_cannot_adapt_is_refused_in_one_line(tmp_path):
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
         cfg = compose("config", overrides=["algo=mp", "model=mlp", "data=digits", "train.lora.enabled=true"])
     from smolcluster.config import validate
+    from smolcluster.train_settings import train_config
 
     with pytest.raises(ConfigError, match="train.lora with algo=mp adapts a language model's decoder blocks"):
-        validate(cfg)
+        validate(train_config(cfg))
     # refused as the config is validated, so every process stops at once (GPT-2, the embedding or LM head)
     for model, more, want in [("gpt2-tiny", [], "GPT-2 stages hold their own Conv1D.*allreduce for GPT-2$"),
                               ("llama-tiny", ["train.lora.target_modules=[q_proj,lm_head]"],
@@ -177,7 +178,7 @@ def test_what_a_pipeline_cannot_adapt_is_refused_in_one_line(tmp_path):
             cfg = compose("config", overrides=["algo=mp", f"model={model}", "data=text", "train.lora.enabled=true",
                                                *more])
         with pytest.raises(ConfigError, match=want):
-            validate(cfg)
+            validate(train_config(cfg))
     torch.manual_seed(0)
     whole = lora.apply(build_causal_lm("llama", vocab_size=64, n_layer=2, n_embd=32, n_head=2),
                        {**LORA, "target_modules": ["q_proj", "lm_head"]}, seed=0)

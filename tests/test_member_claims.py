@@ -19,6 +19,7 @@ from smolcluster.errors import ConfigError
 from smolcluster.keys import main as keys_main
 from smolcluster.paths import CONFIG_DIR
 from smolcluster.security import GradientGuard
+from smolcluster.train_settings import train_config
 from smolcluster.transport import client_key_name, client_ranks, make_keys, wire
 from tests.cluster_util import Cluster, register_with
 from tests.conftest import MNIST, REPO, train
@@ -177,7 +178,7 @@ def test_allreduce_catches_a_rank_that_lies_about_its_chunks_norm(tmp_path):
 
 def compose_cfg(*overrides: str):
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
-        return compose("config", overrides=["algo=syncps", "run_id=k", *overrides])
+        return train_config(compose("config", overrides=["algo=syncps", "run_id=k", *overrides]))
 
 
 def test_a_worker_key_claiming_another_rank_is_refused(tmp_path):

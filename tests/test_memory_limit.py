@@ -284,3 +284,15 @@ def test_partition_auto_follows_three_limits_and_refuses_an_impossible_fit(model
     assert "\n" not in str(refused.value)
     assert "does not fit" in str(refused.value) and "cluster.nodes[" in str(refused.value)
     assert set(psutil.Process().children(recursive=True)) - before == set()  # no stage was started
+
+
+def test_a_node_agent_advertises_the_memory_of_its_cgroup_not_of_the_machine(nodes):
+    """node/protocol.facts() (what an agent tells the coordinator, which places roles by it) reads memory as the
+    preflight and partition=auto do: within the agent's cgroup limit, far below this machine's MemAvailable."""
+    limit = 300 * MB
+    node = nodes(limit)
+    probe = node.run([sys.executable, "-c", "from smolcluster.node.protocol import facts; print(facts()['memory_gb'])"],
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = probe.communicate(timeout=120)
+    assert probe.returncode == 0, err[-2000:]
+    assert 0 < float(out) <= limit / 2**30, (out, limit)

@@ -1,6 +1,5 @@
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from smolcluster import checkpoint
 from smolcluster.errors import ConfigError
@@ -9,7 +8,7 @@ from smolcluster.models import build_model, fingerprint
 
 
 def cfg(**kw):
-    return OmegaConf.create(kw)
+    return dict(kw)
 
 
 def test_mlp_adapts_to_input_size():

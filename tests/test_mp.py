@@ -21,6 +21,7 @@ from smolcluster.algorithms import local
 from smolcluster.models.gpt2 import build_gpt2
 from smolcluster.paths import CONFIG_DIR
 from smolcluster.telemetry.logging import setup_logging
+from smolcluster.train_settings import train_config
 from tests.conftest import run_cli, train
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -42,7 +43,7 @@ def run_local(run_dir: Path, *overrides: str) -> dict:
     """``algo=local`` in this process, on one thread like each stage."""
     setup_logging(level="WARNING")
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
-        cfg = compose("config", overrides=["algo=local", "train.progress=false", *overrides])
+        cfg = train_config(compose("config", overrides=["algo=local", "train.progress=false", *overrides]))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -21,6 +21,7 @@ from smolcluster.inference.settings import chat_settings, infer_settings
 from smolcluster.paths import CONFIG_DIR
 from smolcluster.security import GradientGuard, check_api, is_loopback
 from smolcluster.serving.config import serve
+from smolcluster.train_settings import train_config
 from smolcluster.trainer import Trainer
 from smolcluster.transport import make_keys, wire
 from tests.cluster_util import Cluster, register_with
@@ -94,7 +95,7 @@ def test_chat_on_a_non_loopback_host_without_an_api_key_refuses():
 def fingerprint(algo: str) -> str:
     """The model fingerprint a stranger computes from the public model definition (names and shapes)."""
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
-        cfg = compose("config", overrides=[f"algo={algo}"])
+        cfg = train_config(compose("config", overrides=[f"algo={algo}"]))
     return Trainer(cfg, [64], with_optimizer=False).fingerprint
 
 
@@ -218,7 +219,7 @@ def test_with_curve_a_live_rank_is_taken_over_only_by_its_own_client_key(tmp_pat
     shutil.copy(keys / "server.key", other / "server.key")
     shutil.copy(keys / "client1.key_secret", other / "client.key_secret")
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
-        cfg = compose("config", overrides=["algo=syncps", "cluster.workers=1", f"cluster.keys={keys}", "run_id=k"])
+        cfg = train_config(compose("config", overrides=["algo=syncps", "cluster.workers=1", f"cluster.keys={keys}", "run_id=k"]))
     server = SyncServer(cfg, tmp_path)
     hello = {"rank": 0, "node": "n", "device": "cpu", "batch_size": 64, "protocol": wire.PROTOCOL_VERSION,
              "fingerprint": server.trainer.fingerprint, "algo": "syncps"}

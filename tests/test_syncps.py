@@ -8,9 +8,9 @@ import time
 import pytest
 from hydra import compose, initialize_config_dir
 
-from smolcluster.algorithms.ps import max_bytes
 from smolcluster.algorithms.syncps import SyncServer
 from smolcluster.paths import CONFIG_DIR
+from smolcluster.train_settings import train_config
 from smolcluster.transport import ClientEndpoint, Heartbeat, wire
 from tests.cluster_util import Cluster
 from tests.conftest import run_cli, train
@@ -211,18 +211,18 @@ def test_a_killed_worker_restarted_with_its_rank_rejoins_on_current_weights(tmp_
 def test_a_server_busy_longer_than_liveness_keeps_workers_whose_heartbeats_wait_in_its_queue(tmp_path):
     """An eval or a checkpoint save can outlast cluster.liveness_s: workers that beat all along are not lost."""
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
-        cfg = compose("config", overrides=["algo=syncps", "cluster.liveness_s=1", "run_id=busy"])
+        cfg = train_config(compose("config", overrides=["algo=syncps", "cluster.liveness_s=1", "run_id=busy"]))
     server = SyncServer(cfg, tmp_path)
     workers, beats = [], []
     try:
         for rank in (0, 1):  # registered as real workers do, then beating from a thread of their own
-            w = ClientEndpoint(server.endpoint.address, max_bytes=max_bytes(cfg.cluster))
+            w = ClientEndpoint(server.endpoint.address, max_bytes=cfg.cluster.max_bytes)
             w.send("register", {"rank": rank, "node": f"n{rank}", "device": "cpu", "batch_size": 64,
                                 "protocol": wire.PROTOCOL_VERSION, "fingerprint": server.trainer.fingerprint,
                                 "algo": "syncps"})
             workers.append(w)
             beats.append(Heartbeat(server.endpoint.address, rank=rank, interval_s=0.1,
-                                   max_bytes=max_bytes(cfg.cluster)).start())
+                                   max_bytes=cfg.cluster.max_bytes).start())
         deadline = time.monotonic() + 30
         while len(server.live()) < 2 and time.monotonic() < deadline:
             server.poll(0.1)

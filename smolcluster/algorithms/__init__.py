@@ -1,6 +1,7 @@
-"""Training algorithms: each is one module with ``run(cfg, run_dir) -> dict`` (the run's summary).
+"""Training algorithms: each is one module with ``run(cfg: TrainConfig, run_dir) -> dict`` (the run's summary).
 
-A new strategy is a new file here plus a ``conf/algo/NAME.yaml``; nothing else changes.
+A new strategy is a new file here, a ``conf/algo/NAME.yaml`` naming ``NAME_schema`` in its defaults, and that
+schema: a dataclass of its settings in ``smolcluster/train_settings.py``'s ``ALGOS``.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ the same order. The lowest member writes the run's files.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import hashlib
 import json
@@ -40,18 +41,16 @@ from types import SimpleNamespace
 
 import torch
 from loguru import logger
-from omegaconf import DictConfig
 
 from smolcluster.algorithms.launcher import check_allreduce as check
 from smolcluster.algorithms.launcher import codecs, launch_ring
-from smolcluster.algorithms.ps import batch_sizes, max_bytes
-from smolcluster.cluster import worker_settings
 from smolcluster.data.sharding import Sharder
 from smolcluster.errors import ConfigError, PeerError
 from smolcluster.optim import build_optimizer
 from smolcluster.pipeline.nodes import stage_nodes
 from smolcluster.security import GradientGuard
 from smolcluster.telemetry.run_files import RunRecorder, open_recorder
+from smolcluster.train_settings import TrainConfig
 from smolcluster.trainer import LossWindow, Trainer
 from smolcluster.transport.ring import RingBroken, RingLink, chunk_bounds
 
@@ -118,7 +117,8 @@ class ShardedOptimizer:
                     self.views.append(view)
         self.optimizer = build_optimizer(trainer.model, trainer.train, SimpleNamespace(params={
             str(i): v for i, v in enumerate(self.views)}))
-        self.max_norm, trainer.train.grad_clip = trainer.train.grad_clip, 0.0  # clipped here, with the global norm
+        # clipped here, with the global norm: the trainer's own clip off in its copy of train.*
+        self.max_norm, trainer.train = trainer.train.grad_clip, dataclasses.replace(trainer.train, grad_clip=0.0)
         trainer.grad_norm_every = 0  # per-layer norms would need the whole gradient on one rank
 
     def step(self, total_sq_norm: float) -> float:
@@ -355,35 +355,35 @@ class RingWorker:
     ring sums the buckets, applies the sum (every member the same ones, in the same order), re-forms the ring
     when a rank is lost or asks to join, and (the lowest member) writes the run's files."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, rank: int):
+    def __init__(self, cfg: TrainConfig, run_dir: Path, rank: int):
         cluster, algo = cfg.cluster, cfg.algo
         self.cfg, self.run_dir, self.rank = cfg, run_dir, rank
-        self.zero, self.n = int(algo.zero), int(cluster.workers)
+        self.zero, self.n = algo.zero, cluster.workers
         if not 0 <= rank < self.n:
             raise ConfigError(f"rank={rank} is outside 0..{self.n - 1} (cluster.workers)")
-        self.K = int(algo.get("max_staleness") or 0)
+        self.K = algo.max_staleness
         # ZeRO-1: a lost rank takes its optimizer shard along
-        self.elastic = bool(algo.get("elastic", True)) and not self.zero
-        self.min_workers = int(algo.get("min_workers") or self.n)
-        self.settings = worker_settings(cluster, rank, cfg.train)
-        self.sizes = batch_sizes(cfg)
+        self.elastic = algo.elastic and not self.zero
+        self.min_workers = algo.min_workers or self.n
+        self.settings = cluster.worker(rank, cfg.train.batch_size)
+        self.sizes = cfg.batch_sizes()
         self.total = sum(self.sizes)
-        self.trainer = trainer = Trainer(cfg, self.sizes, device=self.settings["device"], with_optimizer=not self.zero)
+        self.trainer = trainer = Trainer(cfg, self.sizes, device=self.settings.device, with_optimizer=not self.zero)
         if cfg.resume:
             trainer.resume(cfg.resume)
             if self.zero:
                 logger.warning("algo.zero=1 checkpoints hold the weights only: the optimizer state starts afresh")
-        if cluster.get("port") is None:
+        if cluster.port is None:
             raise ConfigError("cluster.port is not set: give rank 0's port on every node (cluster.port=5555; rank r "
                               "listens on port + r, or on cluster.nodes[r].port)")
         self.nodes = stage_nodes(cluster, self.n)  # rank r's address: the same rule as a pipeline stage's
         self.link = RingLink(rank, [nd.address for nd in self.nodes], self.nodes[rank].bind,
-                             max_bytes=max_bytes(cluster), heartbeat_s=cluster.heartbeat_s,
-                             liveness_s=cluster.liveness_s, keys_dir=cluster.get("keys"),
+                             max_bytes=cluster.max_bytes, heartbeat_s=cluster.heartbeat_s,
+                             liveness_s=cluster.liveness_s, keys_dir=cluster.keys,
                              bucket_bytes=bucket_bytes(algo.bucket_mb, trainer.flat.grads))
-        self.overlap = bool(algo.overlap) and self.K == 0
+        self.overlap = algo.overlap and self.K == 0
         self.ring = RingRunner(self.link, trainer, overlap=self.overlap)
-        self.codec, self.tr = codecs(algo)[0], trainer.train
+        self.codec, self.tr = codecs(algo.codec)[0], trainer.train
         self.window, self.ring_s = LossWindow(self.tr.log_every), 0.0
         self.mine: collections.deque = collections.deque(maxlen=max(1, self.tr.log_every))  # this rank's staleness
         # where a step's time goes in this process (summary.json's seconds_per_step)
@@ -469,11 +469,11 @@ class RingWorker:
         or a copy when steps overlap: ``max_staleness``)."""
         trainer, link, ring, settings = self.trainer, self.link, self.ring, self.settings
         scale = self.share / self.total
-        if settings["blowup_every"] and t % settings["blowup_every"] == settings["blowup_every"] - 1:
+        if settings.blowup_every and t % settings.blowup_every == settings.blowup_every - 1:
             scale *= 1e6  # test knob: a buggy node (an fp16 overflow) sends a huge gradient now and then
         op = link.reduce_scatter if self.zero else link.allreduce
         staleness = t - trainer.step  # updates this gradient's weights lack
-        lie = settings["lie_norm_every"] and t % settings["lie_norm_every"] == settings["lie_norm_every"] - 1
+        lie = settings.lie_norm_every and t % settings.lie_norm_every == settings.lie_norm_every - 1
         got = SimpleNamespace(known=threading.Event(), loss=None, count=0, bufs=trainer.flat.grads, lie=lie)
         # the stats table rides on the gradient's last bucket (no round of its own); ZeRO-1 needs it before the
         # parameters' all-gather, so there it is a round of its own after the reduce-scatter
@@ -497,8 +497,8 @@ class RingWorker:
             got.bufs = {k: g.clone() for k, g in trainer.flat.grads.items()}
             tasks = ring.start(t, scale, op, self.codec, got.bufs, row=row)
             ring.backward_done()
-        if settings["delay_s"]:
-            time.sleep(settings["delay_s"])  # test knob: make this node artificially slow
+        if settings.delay_s:
+            time.sleep(settings.delay_s)  # test knob: make this node artificially slow
         stats = ring.work(lambda: link.gather_scalars(self.stats_row(got, staleness))) if self.zero else tasks[-1]
         self.inflight.append(SimpleNamespace(step=t, tasks=tasks, bufs=got.bufs, staleness=staleness, stats=stats))
 
@@ -665,7 +665,7 @@ class RingWorker:
                 self.recorder.finish(None)
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict | None:
+def run(cfg: TrainConfig, run_dir: Path) -> dict | None:
     check(cfg)
     if cfg.role == "launch":
         return launch_ring(cfg, run_dir)

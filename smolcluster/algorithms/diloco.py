@@ -44,7 +44,6 @@ from types import SimpleNamespace
 
 import torch
 from loguru import logger
-from omegaconf import DictConfig
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -60,13 +59,12 @@ from smolcluster.algorithms.allreduce import (
 )
 from smolcluster.algorithms.launcher import check_diloco as check
 from smolcluster.algorithms.launcher import launch_ring
-from smolcluster.algorithms.ps import batch_sizes, max_bytes
-from smolcluster.cluster import worker_settings
 from smolcluster.data.sharding import Sharder
 from smolcluster.errors import ConfigError, PeerError
 from smolcluster.optim import sgd
 from smolcluster.pipeline.nodes import stage_nodes
 from smolcluster.telemetry.run_files import open_recorder
+from smolcluster.train_settings import TrainConfig
 from smolcluster.trainer import LossWindow, Trainer
 from smolcluster.transport.ring import RingBroken, RingLink, chunk_bounds
 
@@ -184,27 +182,28 @@ def load_rank_state(path: Path, trainer: Trainer, outer: Outer) -> tuple[dict, d
 class Worker:
     """One rank: inner steps, fragment syncs on the ring thread, outer steps, the run's files."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, rank: int):
+    def __init__(self, cfg: TrainConfig, run_dir: Path, rank: int):
         a, cluster = cfg.algo, cfg.cluster
-        self.cfg, self.run_dir, self.rank, self.n = cfg, run_dir, rank, int(cluster.workers)
+        self.cfg, self.run_dir, self.rank, self.n = cfg, run_dir, rank, cluster.workers
         if not 0 <= rank < self.n:
             raise ConfigError(f"rank={rank} is outside 0..{self.n - 1} (cluster.workers)")
-        if cluster.get("port") is None:
+        if cluster.port is None:
             raise ConfigError("cluster.port is not set: give rank 0's port on every node (cluster.port=5555; rank r "
                               "listens on port + r, or on cluster.nodes[r].port)")
-        self.sizes = batch_sizes(cfg)
+        self.sizes = cfg.batch_sizes()
         self.total = sum(self.sizes)
-        self.trainer = t = Trainer(cfg, self.sizes, device=worker_settings(cluster, rank, cfg.train)["device"])
+        node = cluster.worker(rank, cfg.train.batch_size)
+        self.trainer = t = Trainer(cfg, self.sizes, device=node.device)
         if cfg.resume:
             t.resume(cfg.resume)
-        self.H, self.F, self.tau, self.alpha = int(a.inner_steps), int(a.fragments), int(a.overlap_steps), float(a.merge_alpha)
-        self.codec, self.warmup = a.codec, int(a.warmup_sync_steps)
+        self.H, self.F, self.tau, self.alpha = a.inner_steps, a.fragments, a.overlap_steps, a.merge_alpha
+        self.codec, self.warmup = a.codec, a.warmup_sync_steps
         self.offsets = [(p + 1) * self.H // self.F % self.H for p in range(self.F)]
-        self.outer = Outer(t.flat.params, self.F, float(a.outer_lr), float(a.outer_momentum))
+        self.outer = Outer(t.flat.params, self.F, a.outer_lr, a.outer_momentum)
         nodes = stage_nodes(cluster, self.n)
-        self.link = RingLink(rank, [nd.address for nd in nodes], nodes[rank].bind, max_bytes=max_bytes(cluster),
+        self.link = RingLink(rank, [nd.address for nd in nodes], nodes[rank].bind, max_bytes=cluster.max_bytes,
                              heartbeat_s=cluster.heartbeat_s, liveness_s=cluster.liveness_s,
-                             keys_dir=cluster.get("keys"), bucket_bytes=bucket_bytes(a.bucket_mb, t.flat.params))
+                             keys_dir=cluster.keys, bucket_bytes=bucket_bytes(a.bucket_mb, t.flat.params))
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="ring")  # every socket operation, one after another
         self.pending: list = []  # (fragment, sync step, merge step, future of (sum, table)), oldest first
         self.window, self.since = LossWindow(t.train.log_every), []  # inner losses: the log's, since the last sync
@@ -217,13 +216,13 @@ class Worker:
         self.last_round: dict = {}
         self.mark = SimpleNamespace(step=t.step, sent=0, t0=time.perf_counter(), steps=0)
         self.recorder, self.lead = None, rank == 0
-        self.round_s, self.budget = a.get("round_s"), None  # round_s: this round's steps (None: until T passes)
+        self.round_s, self.budget = a.round_s, None  # round_s: this round's steps (None: until T passes)
         self.round = SimpleNamespace(t0=time.perf_counter(), steps=0, samples=0)
-        self.delay_s = worker_settings(cluster, rank, cfg.train)["delay_s"]  # test knob: an artificially slow node
+        self.delay_s = node.delay_s  # test knob: an artificially slow node
         # elastic: the ring re-forms without a lost rank and takes in new ones between rounds (plain DiLoCo: with
         # fragments or overlap a fragment is always in flight, with round_s the ranks are at different steps)
-        self.elastic = bool(a.get("elastic", True)) and self.F == 1 and not self.tau and not self.round_s
-        self.min_workers = int(a.get("min_workers") or self.n)
+        self.elastic = a.elastic and self.F == 1 and not self.tau and not self.round_s
+        self.min_workers = a.min_workers or self.n
         self.history, self.split = Membership(self.n), list(self.sizes)  # split: each member's share of a step
         self.owed = False  # this rank's last sync broke: the ring owes it
         self.reform_due = False  # a rank asked to join (every member read it in the same table), or the ring broke
@@ -498,7 +497,7 @@ def _done(value) -> Future:
     return f
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict | None:
+def run(cfg: TrainConfig, run_dir: Path) -> dict | None:
     check(cfg)
     if cfg.role == "launch":
         return launch_ring(cfg, run_dir)

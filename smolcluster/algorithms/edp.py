@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from loguru import logger
-from omegaconf import DictConfig
 
 from smolcluster.algorithms.ps import ServerBase, Worker, WorkerInfo, run_role
 from smolcluster.errors import ConfigError
+from smolcluster.train_settings import TrainConfig
 from smolcluster.transport import Message
 from smolcluster.transport.compression import ErrorFeedback
 
@@ -34,14 +34,14 @@ def staleness_scale(staleness: int, rule: str) -> float:
 class EdpServer(ServerBase):
     algo = "edp"
 
-    def __init__(self, cfg: DictConfig, run_dir: Path):
+    def __init__(self, cfg: TrainConfig, run_dir: Path):
         if cfg.algo.staleness_rule not in RULES:
             raise ConfigError(f"algo.staleness_rule={cfg.algo.staleness_rule!r} is invalid: choose one of {', '.join(RULES)}")
         super().__init__(cfg, run_dir)
         if not cfg.train.steps:  # an update uses one worker's batch, a SyncPS step all of them: same sample budget
             self.trainer.total_steps *= cfg.cluster.workers
-            self.trainer.end_step = min(self.trainer.total_steps, cfg.train.get("stop_after") or self.trainer.total_steps)
-        self.rule, self.max_staleness = cfg.algo.staleness_rule, int(cfg.algo.max_staleness)
+            self.trainer.end_step = min(self.trainer.total_steps, cfg.train.stop_after or self.trainer.total_steps)
+        self.rule, self.max_staleness = cfg.algo.staleness_rule, cfg.algo.max_staleness
         self.applied, self.dropped = self.trainer.carried.get("applied", 0), self.trainer.carried.get("dropped", 0)
         self.started = False  # True once algo.min_workers have registered
         self.window_stale: dict[int, list[int]] = {}  # per rank, since the last logged step
@@ -116,7 +116,7 @@ class EdpServer(ServerBase):
         return row
 
     def run(self) -> dict:
-        self.wait_for_workers(int(self.cfg.algo.min_workers))
+        self.wait_for_workers(self.cfg.algo.min_workers or 1)
         self.started = True
         self.start_clock()
         while self.trainer.step < self.trainer.end_step:
@@ -134,10 +134,10 @@ class EdpWorker(Worker):
 
     algo = "edp"
 
-    def __init__(self, cfg: DictConfig, run_dir: Path | None, rank: int):
+    def __init__(self, cfg: TrainConfig, run_dir: Path | None, rank: int):
         super().__init__(cfg, run_dir, rank)
         self.feedback = ErrorFeedback(self.link.codec) if self.link.codec != "none" else None
-        self.pull_every = max(1, int(cfg.algo.pull_every))
+        self.pull_every = max(1, cfg.algo.pull_every)
 
     def first_step(self, welcome: Message) -> int:
         return welcome.fields["step"] // max(1, self.cfg.cluster.workers)  # about where the cluster is in its shard
@@ -157,5 +157,5 @@ class EdpWorker(Worker):
         self.link.push(step, loss, samples, samples_per_s=self.link.rate(samples))
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict | None:
+def run(cfg: TrainConfig, run_dir: Path) -> dict | None:
     return run_role(cfg, run_dir, EdpServer, EdpWorker)

@@ -5,20 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from loguru import logger
-from omegaconf import DictConfig
 from tqdm import tqdm
 
 from smolcluster.telemetry.run_files import open_recorder
+from smolcluster.train_settings import TrainConfig
 from smolcluster.trainer import LossWindow, Trainer
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
+def run(cfg: TrainConfig, run_dir: Path) -> dict:
     trainer = Trainer(cfg, [cfg.train.batch_size])
     if cfg.resume:
         trainer.resume(cfg.resume)
     tr = trainer.train
     recorder = open_recorder(cfg, run_dir, keep_until=trainer.step if cfg.resume else None)
-    logger.info(f"algo=local model={trainer.model_name} ({trainer.num_params:,} params) data={cfg.data.name} "
+    logger.info(f"algo=local model={trainer.model_name} ({trainer.num_params:,} params) data={cfg.data['name']} "
                 f"device={trainer.device} steps={trainer.end_step}/{trainer.total_steps} batch={tr.batch_size}")
     window = LossWindow(tr.log_every)
     if tr.eval_every and trainer.step == 0:

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig
-
 from smolcluster.errors import ConfigError
+from smolcluster.train_settings import TrainConfig
 
 
-def check(cfg: DictConfig) -> None:
-    stages, mb = cfg.algo.get("stages"), cfg.algo.get("microbatches")
+def check(cfg: TrainConfig) -> None:
+    stages, mb = cfg.algo.stages, cfg.algo.microbatches
     if not isinstance(stages, int) or stages < 1:
         raise ConfigError(f"algo.stages={stages!r} is invalid: it must be a positive integer (e.g. algo.stages=2)")
     if not isinstance(mb, int) or mb < 1 or cfg.train.batch_size % mb:
@@ -24,7 +23,7 @@ def check(cfg: DictConfig) -> None:
                           f"{cfg.train.batch_size}")
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict | None:
+def run(cfg: TrainConfig, run_dir: Path) -> dict | None:
     check(cfg)
     if cfg.role == "launch":
         from smolcluster.pipeline.launch import launch_training

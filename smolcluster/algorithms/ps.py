@@ -23,13 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from loguru import logger
-from omegaconf import DictConfig
 
 from smolcluster.algorithms.launcher import codecs
-from smolcluster.cluster import worker_settings
 from smolcluster.errors import ConfigError, PeerError
 from smolcluster.security import GradientGuard, grad_norm, is_loopback
 from smolcluster.telemetry.run_files import exit_code_of, open_recorder
+from smolcluster.train_settings import ClusterSpec, TrainConfig
 from smolcluster.trainer import Trainer
 from smolcluster.transport import (
     ClientEndpoint,
@@ -44,18 +43,10 @@ from smolcluster.transport import (
 PROTOCOL = wire.PROTOCOL_VERSION
 
 
-def max_bytes(cluster: DictConfig) -> int:
-    return int(cluster.max_message_mb) * 1024 * 1024
-
-
-def server_address(cluster: DictConfig) -> str:
+def server_address(cluster: ClusterSpec) -> str:
     if not cluster.port:
         raise PeerError("cluster.port is not set: give the server's port (cluster.port=5555) on every node")
     return f"tcp://{cluster.host}:{cluster.port}"
-
-
-def batch_sizes(cfg: DictConfig) -> list[int]:
-    return [worker_settings(cfg.cluster, r, cfg.train)["batch_size"] for r in range(cfg.cluster.workers)]
 
 
 def to_numpy(flat: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -63,18 +54,18 @@ def to_numpy(flat: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {name: t.detach().cpu().numpy() for name, t in flat.items()}
 
 
-def rank_keys(cluster: DictConfig) -> dict[str, int] | None:
+def rank_keys(cluster: ClusterSpec) -> dict[str, int] | None:
     """With keys, ``{client public key: the rank it may register as}`` (``authorized/clientN.key``: rank N);
     None when any authorized client may take any rank: no keys, or one client key shared by every worker, which
     only a loopback server accepts (off loopback a shared key would let one worker claim every rank)."""
-    if not cluster.get("keys"):
+    if not cluster.keys:
         return None
-    ranks = client_ranks(cluster.get("keys"))
+    ranks = client_ranks(cluster.keys)
     if set(ranks.values()) != {0} or cluster.workers == 1:
         return ranks
     if is_loopback(cluster.bind):
         return None
-    raise ConfigError(f"cluster.keys={cluster.get('keys')} has one client key for {cluster.workers} workers, and the server "
+    raise ConfigError(f"cluster.keys={cluster.keys} has one client key for {cluster.workers} workers, and the server "
                       f"listens on {cluster.bind}: make one per worker (python -m smolcluster.keys --dir DIR "
                       f"--workers {cluster.workers}) so a worker's key cannot claim another's rank")
 
@@ -138,27 +129,27 @@ class WorkerInfo:
 class ServerBase:
     algo = "ps"
 
-    def __init__(self, cfg: DictConfig, run_dir: Path):
+    def __init__(self, cfg: TrainConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.cluster = cfg.cluster
-        self.trainer = Trainer(cfg, batch_sizes(cfg))
+        self.trainer = Trainer(cfg, cfg.batch_sizes())
         if cfg.resume:
             self.trainer.resume(cfg.resume)
         self.tr = self.trainer.train
         self.flat = self.trainer.flat
-        self.weights_codec = codecs(cfg.algo)[1]  # also checks the gradient codec's name before anyone connects
+        self.weights_codec = codecs(cfg.algo.codec, cfg.algo.weights_compression)[1]  # also checks the gradient codec's name before anyone connects
         port = self.cluster.port or "*"  # 0 / null: let the OS pick, then tell everyone through server.json
         self.endpoint = ServerEndpoint(f"tcp://{self.cluster.bind}:{port}",
-                                       max_bytes=max_bytes(self.cluster), curve_dir=self.cluster.get("keys"))
+                                       max_bytes=self.cluster.max_bytes, curve_dir=self.cluster.keys)
         (self.run_dir / "server.json").write_text(json.dumps({"address": self.endpoint.address,
                                                               "port": self.endpoint.port, "algo": self.algo}))
         self.workers: dict[int, WorkerInfo] = {}
-        self.assigned = batch_sizes(cfg)  # each rank's batch: its gradient's weight, whatever it reports
+        self.assigned = cfg.batch_sizes()  # each rank's batch: its gradient's weight, whatever it reports
         self.key_ranks = rank_keys(self.cluster)
         # the bound waits until every worker the server waits for has sent a gradient (edp: algo.min_workers)
-        self.guard = GradientGuard.from_config(cfg.train, int(cfg.algo.get("min_workers") or self.cluster.workers))
+        self.guard = GradientGuard.from_config(cfg.train, cfg.algo.min_workers or self.cluster.workers)
         self.recorder = open_recorder(cfg, self.run_dir, keep_until=self.trainer.step if cfg.resume else None)
-        self.ema = {n: t.detach().clone() for n, t in self.flat.params.items()} if cfg.algo.get("ema") else None
+        self.ema = {n: t.detach().clone() for n, t in self.flat.params.items()} if cfg.algo.ema else None
         carried = self.trainer.carried  # a resumed run goes on counting where its checkpoint stopped
         self.bytes_sent, self.bytes_received = carried.get("bytes_sent", 0), carried.get("bytes_received", 0)
         for rank, state in carried.get("workers", {}).items():
@@ -409,12 +400,12 @@ class ServerBase:
 class WorkerLink:
     """A worker's connection to the server: register (with retries), weights in, gradients out."""
 
-    def __init__(self, cfg: DictConfig, rank: int, trainer: Trainer, algo: str, run_dir: Path | None = None):
+    def __init__(self, cfg: TrainConfig, rank: int, trainer: Trainer, algo: str, run_dir: Path | None = None):
         self.cfg, self.rank, self.trainer, self.algo = cfg, rank, trainer, algo
         self.cluster = cfg.cluster
-        self.settings = worker_settings(self.cluster, rank, cfg.train)
+        self.node = self.cluster.worker(rank, cfg.train.batch_size)
         self.address = server_address(self.cluster)
-        self.codec = codecs(cfg.algo)[0]
+        self.codec = codecs(cfg.algo.codec)[0]
         self.client: ClientEndpoint | None = None
         self.heartbeat: Heartbeat | None = None
         self.bytes_sent = self.bytes_received = 0
@@ -429,10 +420,10 @@ class WorkerLink:
     def _connect(self) -> None:
         self.close()
         key = client_key_name(self.rank)  # DIR/clientN.key_secret when this node has it, else client.key_secret
-        self.client = ClientEndpoint(self.address, max_bytes=max_bytes(self.cluster), curve_dir=self.cluster.get("keys"),
+        self.client = ClientEndpoint(self.address, max_bytes=self.cluster.max_bytes, curve_dir=self.cluster.keys,
                                      client_key=key)
         self.heartbeat = Heartbeat(self.address, rank=self.rank, interval_s=self.cluster.heartbeat_s,
-                                   max_bytes=max_bytes(self.cluster), curve_dir=self.cluster.get("keys"),
+                                   max_bytes=self.cluster.max_bytes, curve_dir=self.cluster.keys,
                                    session=self.session, client_key=key)
         self.heartbeat.start()
 
@@ -442,8 +433,8 @@ class WorkerLink:
         while time.monotonic() < deadline:
             self._connect()
             self.client.send("register", {
-                "rank": self.rank, "node": self.settings["name"], "device": str(self.trainer.device),
-                "batch_size": self.settings["batch_size"], "protocol": PROTOCOL,
+                "rank": self.rank, "node": self.node.name, "device": str(self.trainer.device),
+                "batch_size": self.node.batch_size, "protocol": PROTOCOL,
                 "fingerprint": self.trainer.fingerprint, "algo": self.algo, "session": self.session})
             msg = self.client.recv(2000)
             if msg is None:
@@ -561,12 +552,12 @@ class Worker:
 
     algo = "ps"
 
-    def __init__(self, cfg: DictConfig, run_dir: Path | None, rank: int):
+    def __init__(self, cfg: TrainConfig, run_dir: Path | None, rank: int):
         self.cfg, self.rank = cfg, rank
-        device = worker_settings(cfg.cluster, rank, cfg.train)["device"]  # per-node device from the cluster file
-        self.trainer = Trainer(cfg, batch_sizes(cfg), with_optimizer=False, device=device)
+        device = cfg.cluster.worker(rank, cfg.train.batch_size).device  # per-node device from the cluster file
+        self.trainer = Trainer(cfg, cfg.batch_sizes(), with_optimizer=False, device=device)
         self.link = WorkerLink(cfg, rank, self.trainer, self.algo, run_dir)
-        self.delay = self.link.settings["delay_s"]  # test knob: make this node artificially slow
+        self.delay = self.link.node.delay_s  # test knob: make this node artificially slow
 
     # -- the policy -------------------------------------------------------------------------
     def first_step(self, welcome: Message) -> int:
@@ -618,7 +609,7 @@ class Worker:
             link.finish()
 
 
-def run_role(cfg: DictConfig, run_dir: Path, server_cls, worker_cls) -> dict | None:
+def run_role(cfg: TrainConfig, run_dir: Path, server_cls, worker_cls) -> dict | None:
     """Dispatch on ``role``: launch the whole cluster locally, or be its server or one worker."""
     role = cfg.role
     if role == "launch":

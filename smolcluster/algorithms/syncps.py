@@ -16,16 +16,16 @@ from pathlib import Path
 
 import torch
 from loguru import logger
-from omegaconf import DictConfig
 
 from smolcluster.algorithms.ps import ServerBase, Worker, WorkerInfo, run_role
+from smolcluster.train_settings import TrainConfig
 from smolcluster.transport import Message
 
 
 class SyncServer(ServerBase):
     algo = "syncps"
 
-    def __init__(self, cfg: DictConfig, run_dir: Path):
+    def __init__(self, cfg: TrainConfig, run_dir: Path):
         super().__init__(cfg, run_dir)
         # rank -> (gradient, its weight: the assigned batch, its loss, how much of it to apply: < 1 when clipped)
         self.pending: dict[int, tuple[dict[str, torch.Tensor], int, float, float]] = {}
@@ -116,5 +116,5 @@ class SyncWorker(Worker):
     algo = "syncps"
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict | None:
+def run(cfg: TrainConfig, run_dir: Path) -> dict | None:
     return run_role(cfg, run_dir, SyncServer, SyncWorker)

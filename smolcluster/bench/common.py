@@ -8,9 +8,9 @@ import os
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 
 from smolcluster.paths import CONFIG_DIR
+from smolcluster.train_settings import TrainConfig, train_config
 
 
 def add_local_args(p: argparse.ArgumentParser, steps: int) -> None:
@@ -22,7 +22,7 @@ def add_local_args(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--batch-size", type=int, default=64)
 
 
-def local_config(args: argparse.Namespace, *extra: str) -> DictConfig:
+def local_config(args: argparse.Namespace, *extra: str) -> TrainConfig:
     """The composed config of an ``algo=local`` run on ``args``' data, steps and batch size."""
     overrides = [f"data={args.data}", f"train.steps={args.steps}", f"train.batch_size={args.batch_size}",
                  "train.progress=false", "algo=local", *extra]
@@ -31,10 +31,10 @@ def local_config(args: argparse.Namespace, *extra: str) -> DictConfig:
     return compose_config(overrides)
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
+def compose_config(overrides: list[str]) -> TrainConfig:
     """The training config ``python -m smolcluster.train OVERRIDES`` would run (Hydra's compose, in process)."""
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
-        return compose("config", overrides=overrides)
+        return train_config(compose("config", overrides=overrides))
 
 
 def write_tiny_run(d: Path, n_positions: int, vocab: int = 500, seed: int = 0,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import multiprocessing
 import os
 import statistics
@@ -29,7 +30,6 @@ from pathlib import Path
 
 import torch
 from loguru import logger
-from omegaconf import OmegaConf
 
 from smolcluster.algorithms import local
 from smolcluster.bench.common import add_local_args, local_config
@@ -110,7 +110,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # keep BLAS threads out of the noise; the pusher thread competes for the GIL
     cfg = local_config(args, "train.log_every=1")
-    loki_defaults = OmegaConf.to_container(cfg.logging.loki)
+    loki_defaults = dataclasses.asdict(cfg.logging.loki)
 
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()

@@ -126,7 +126,7 @@ def train_tiny(name: str, text: str, tok, out: Path, steps: int, block: int = 64
 
     torch.manual_seed(0)
     cfg = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "model" / f"{name}.yaml"), overrides or {})
-    model = build_model(cfg, {"vocab_size": tok.vocab_size, "eos_token_id": tok.eos_id}).train()
+    model = build_model(OmegaConf.to_container(cfg, resolve=True), {"vocab_size": tok.vocab_size, "eos_token_id": tok.eos_id}).train()
     ids = torch.tensor(tok.encode(text), dtype=torch.long)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)

@@ -6,11 +6,11 @@ and batches are picked by index (see :mod:`smolcluster.data.sharding`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
 from smolcluster.errors import ConfigError
 
@@ -25,8 +25,8 @@ class DataBundle:
     tokenizer: object | None = None
 
 
-def build_data(data_cfg: DictConfig, model_cfg: DictConfig) -> DataBundle:
-    name = data_cfg.name
+def build_data(data_cfg: Mapping, model_cfg: Mapping) -> DataBundle:
+    name = data_cfg["name"]
     if name == "digits":
         from smolcluster.data import digits
 
@@ -35,7 +35,7 @@ def build_data(data_cfg: DictConfig, model_cfg: DictConfig) -> DataBundle:
     if name == "mnist":
         from smolcluster.data import mnist
 
-        tx, ty, vx, vy = mnist.load(data_cfg.root, download=bool(data_cfg.get("download", False)),
+        tx, ty, vx, vy = mnist.load(data_cfg["root"], download=bool(data_cfg.get("download", False)),
                                     mirror=data_cfg.get("mirror") or mnist.MIRROR)
         return DataBundle(tx, ty, vx, vy, info={"in_features": tx.shape[1], "num_classes": 10})
     if name == "text":
@@ -48,16 +48,16 @@ def build_data(data_cfg: DictConfig, model_cfg: DictConfig) -> DataBundle:
             kind = str(Path(pretrained).expanduser() / "tokenizer.json")  # its ids are the model's vocabulary
         tok = text.get_tokenizer(corpus, kind, data_cfg.get("vocab_size", 4096), data_cfg.get("cache_dir"))
         ids = torch.tensor(tok.encode(corpus), dtype=torch.long)
-        n_val = max(int(len(ids) * data_cfg.get("val_fraction", 0.1)), model_cfg.block_size + 1)
-        tx, ty = text.windows(ids[:-n_val], model_cfg.block_size)
-        vx, vy = text.windows(ids[-n_val:], model_cfg.block_size)
+        n_val = max(int(len(ids) * data_cfg.get("val_fraction", 0.1)), model_cfg["block_size"] + 1)
+        tx, ty = text.windows(ids[:-n_val], model_cfg["block_size"])
+        vx, vy = text.windows(ids[-n_val:], model_cfg["block_size"])
         return DataBundle(tx, ty, vx, vy, info={"vocab_size": tok.vocab_size, "eos_token_id": tok.eos_id}, tokenizer=tok)
     if name == "chat":
         return _chat(data_cfg, model_cfg)
     raise ConfigError(f"data={name!r} is unknown: choose digits, mnist, text or chat")
 
 
-def _chat(data_cfg: DictConfig, model_cfg: DictConfig) -> DataBundle:
+def _chat(data_cfg: Mapping, model_cfg: Mapping) -> DataBundle:
     """Conversations rendered with the chat template of the model directory (model.pretrained, or data.template_dir)."""
     from smolcluster.data import chat, text
 
@@ -70,6 +70,6 @@ def _chat(data_cfg: DictConfig, model_cfg: DictConfig) -> DataBundle:
                           "renders the conversations (model.pretrained=DIR or data.template_dir=DIR)")
     if not data_cfg.get("path"):
         raise ConfigError("data=chat needs data.path=FILE.jsonl (one {\"messages\": [...]} conversation a line)")
-    tx, ty, vx, vy = chat.load(data_cfg, model_cfg.block_size, model_dir)
+    tx, ty, vx, vy = chat.load(data_cfg, model_cfg["block_size"], model_dir)
     tok = text.TextTokenizer.load(Path(model_dir).expanduser() / "tokenizer.json")
     return DataBundle(tx, ty, vx, vy, info={"vocab_size": tok.vocab_size, "eos_token_id": tok.eos_id}, tokenizer=tok)

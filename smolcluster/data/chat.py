@@ -123,7 +123,7 @@ def load(data_cfg, block: int, model_dir: str | Path):
     if fmt is None:
         raise DataError(f"{model_dir} has no chat template (tokenizer_config.json chat_template or chat_template.jinja): "
                         "data=chat renders conversations with it; give model.pretrained=DIR of an instruct model")
-    conversations = read_conversations(data_cfg.path)
+    conversations = read_conversations(data_cfg["path"])
     encoded = [encode(fmt, m) for m in conversations]
     n_val = max(1, int(len(encoded) * data_cfg.get("val_fraction", 0.1))) if len(encoded) > 1 else 0
     pad_id = fmt.tokenizer.pad_token_id if fmt.tokenizer.pad_token_id is not None else (fmt.end_ids or (0,))[0]

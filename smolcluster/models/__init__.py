@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+from collections.abc import Mapping
 
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_method, instantiate
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from smolcluster.errors import ConfigError
@@ -23,8 +23,9 @@ from smolcluster.errors import ConfigError
 _META_KEYS = ("name", "kind", "deprecated")
 
 
-def build_model(model_cfg: DictConfig | dict, data_info: dict) -> nn.Module:
-    cfg = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else dict(model_cfg)
+def build_model(model_cfg: Mapping, data_info: dict) -> nn.Module:
+    """``model_cfg``: the model group as plain data (a TrainConfig's or inference Pipeline's ``model``)."""
+    cfg = dict(model_cfg)
     target = cfg.get("_target_")
     if not target:
         raise ConfigError(f"model={cfg.get('name')!r} has no _target_: name the nn.Module class, e.g. model._target_=mypkg.MyNet")

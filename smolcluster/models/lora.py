@@ -40,11 +40,6 @@ DEFAULT_TARGETS = {
 }
 
 
-def enabled(train_cfg) -> bool:
-    """``train.lora.enabled`` (a config without the key: no LoRA)."""
-    return bool((train_cfg.get("lora") or {}).get("enabled"))
-
-
 def lora_config(lora: dict, model: nn.Module):
     """The ``peft.LoraConfig`` for ``train.lora``; target modules default to the family's projections."""
     from peft import LoraConfig

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import os
 
-import psutil
-
 from smolcluster import __version__
 from smolcluster.transport import register_kind
 
@@ -78,6 +76,9 @@ def device_kind() -> str:
 
 
 def facts() -> dict:
-    """What an agent advertises about its machine (the facts placement uses)."""
+    """What an agent advertises about its machine (the facts placement uses). Its memory is what a new process
+    may use here, within this agent's cgroup limit (a container's), as the preflight and partition=auto count it."""
+    from smolcluster.pipeline.placement import usable_memory  # (imports torch, as device_kind does)
+
     return {"device": device_kind(), "cores": os.cpu_count() or 1,
-            "memory_gb": round(psutil.virtual_memory().available / 2**30, 2)}
+            "memory_gb": round(usable_memory().bytes / 2**30, 2)}

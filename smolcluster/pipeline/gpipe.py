@@ -31,7 +31,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from loguru import logger
-from omegaconf import DictConfig
 
 from smolcluster import checkpoint
 from smolcluster.errors import ConfigError, PeerError
@@ -44,6 +43,7 @@ from smolcluster.pipeline.nodes import stage_nodes
 from smolcluster.pipeline.partition import StageSpec, node_weights, plan, stage_name
 from smolcluster.pipeline.sequential import block_groups, find_sequential, sequential_stage
 from smolcluster.telemetry.run_files import open_recorder
+from smolcluster.train_settings import TrainConfig
 from smolcluster.trainer import LossWindow, Trainer
 
 EVAL_BATCH = 512  # the batch objective.evaluate uses, so eval sums match algo=local's
@@ -126,9 +126,9 @@ class StageTrainer(Trainer):
     does differently: the step (GPipe), the gradient clip (by the norm across stages), evaluation (through every
     stage) and the checkpoint (one shard per stage)."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, rank: int):
+    def __init__(self, cfg: TrainConfig, run_dir: Path, rank: int):
         self.run_dir, self.rank = Path(run_dir), rank
-        self.n, self.M = int(cfg.algo.stages), int(cfg.algo.microbatches)
+        self.n, self.M = cfg.algo.stages, cfg.algo.microbatches
         if not 0 <= rank < self.n:
             raise ConfigError(f"rank={rank} is invalid for algo.stages={self.n}: use 0..{self.n - 1}")
         if self.M < 1 or cfg.train.batch_size % self.M:
@@ -163,7 +163,7 @@ class StageTrainer(Trainer):
         base = whole.get_base_model() if self.lora else whole
         self.hf_config = base.config.to_dict() if is_hf_model(base) else None
         self.specs, stage, self.arch = split_for_training(whole, self.n, node_weights(self.cfg.cluster, self.n),
-                                                          self.rank, self.train.lora if self.lora else None)
+                                                          self.rank, self.train.lora.as_dict() if self.lora else None)
         self.decoder = self.arch is not None  # embeddings and head are named in the partition
         self.spec = self.specs[self.rank]
         self.first, self.last = self.spec.first, self.spec.last
@@ -197,7 +197,7 @@ class StageTrainer(Trainer):
     def connect(self) -> None:
         c = self.cfg.cluster
         self.mesh = Mesh(self.me, self.node.bind, heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s,
-                         max_bytes=int(c.max_message_mb) * 1024 * 1024, keys_dir=c.get("keys"))
+                         max_bytes=c.max_bytes, keys_dir=c.keys)
         for node in self.nodes:
             if node.rank != self.rank:
                 self.mesh.add_peer(self.names[node.rank], node.address)
@@ -347,8 +347,8 @@ class StageTrainer(Trainer):
             extra["hf_config"] = self.hf_config
             extra["tokenizer"] = str(getattr(tok, "path", None) or run_dir / "tokenizer.json") if tok else None
         if self.lora:  # merging the shards writes adapter/ (and with merge=true hf/, from each stage's merged part)
-            extra["lora"] = self.train.lora
-            if self.train.lora.get("merge"):
+            extra["lora"] = self.train.lora.as_dict()
+            if self.train.lora.merge:
                 merged = lora.merged(self.model)
                 shards.save_hf_part(run_dir, self.rank, self.n, {n: p for n, p in merged.named_parameters()},
                                     self.step)

@@ -200,4 +200,4 @@ def open_recorder(cfg, run_dir: str | Path, append: bool = False, files: bool = 
 
     sinks = build_sinks(cfg, run_dir=Path(run_dir), identity=identity())
     return RunRecorder(run_dir, sinks, append=append, files=files, keep_until=keep_until,
-                       hardware_every=cfg.logging.get("hardware_every", 0))
+                       hardware_every=cfg.logging.hardware_every)

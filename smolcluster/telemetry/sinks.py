@@ -10,32 +10,30 @@ from __future__ import annotations
 from pathlib import Path
 
 from loguru import logger
-from omegaconf import OmegaConf
 
 from smolcluster.telemetry.prometheus import RANKED_ROLES, PrometheusSink, metrics_port
 from smolcluster.telemetry.wandb_sink import WandbSink, resolve_mode
 
 
 def build_sinks(cfg, *, run_dir: Path, identity: dict) -> list:
-    """The sinks ``cfg.logging`` enables; W&B gets the whole resolved config as its run config."""
-    logging_cfg, sinks = cfg.logging, []
-    prom = logging_cfg.get("prometheus") or {}
-    if prom.get("port") is not None:
+    """The sinks ``cfg.logging`` enables (``cfg``: a :class:`~smolcluster.train_settings.TrainConfig`); W&B gets
+    the whole resolved config as its run config."""
+    sinks, prom = [], cfg.logging.prometheus
+    if prom.port is not None:
         ranked = identity.get("role", "") in RANKED_ROLES
-        port = metrics_port(int(prom["port"]), int(identity.get("rank") or 0) if ranked else None)
+        port = metrics_port(prom.port, int(identity.get("rank") or 0) if ranked else None)
         try:
-            sink = PrometheusSink(port, identity, addr=prom.get("addr") or "127.0.0.1")
+            sink = PrometheusSink(port, identity, addr=prom.addr or "127.0.0.1")
             sinks.append(sink)
             sink.announce(run_dir)
         except OSError as e:
             logger.warning(f"no prometheus endpoint: port {port} is not free ({e}); choose another base with "
                            "logging.prometheus.port=N (workers use N+1+rank) or 0 for any free port")
-    wcfg = logging_cfg.get("wandb") or {}
-    mode = resolve_mode(wcfg.get("mode") or "disabled")
+    wcfg = cfg.logging.wandb
+    mode = resolve_mode(wcfg.mode or "disabled")
     if mode != "disabled":
         try:
-            config = OmegaConf.to_container(cfg, resolve=True)  # only W&B wants it: no cost otherwise
-            sinks.append(WandbSink(wcfg, run_dir, identity, config, mode))
+            sinks.append(WandbSink(wcfg, run_dir, identity, cfg.composed, mode))
         except Exception as e:  # wandb raises its own zoo of errors; none of them may stop training
             logger.warning(f"W&B tracking is off for this run: wandb.init failed: {e}")
     return sinks

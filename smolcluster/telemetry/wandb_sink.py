@@ -61,8 +61,8 @@ class WandbSink:
 
         name = f"{identity.get('node', 'node')}-{identity.get('role', '')}{identity.get('rank', '')}"
         self.run = wandb.init(
-            project=wcfg.get("project") or "smolcluster", entity=wcfg.get("entity"),
-            group=wcfg.get("group") or identity.get("run_id") or None, job_type=identity.get("role"),
+            project=wcfg.project or "smolcluster", entity=wcfg.entity,
+            group=wcfg.group or identity.get("run_id") or None, job_type=identity.get("role"),
             name=name, dir=str(run_dir), config=config, mode=mode, tags=[identity.get("algo", "")],
             settings=wandb.Settings(console="off", silent=True),
         )
