@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from smolcluster.train_settings import TrainSettings
 
 
 class FlatOptimizer:
@@ -96,7 +99,7 @@ def adamw(params, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.01, eps
     return FlatOptimizer(params, "adamw", lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
 
 
-def build_optimizer(model: nn.Module, train: SimpleNamespace, flat=None) -> FlatOptimizer:
+def build_optimizer(model: nn.Module, train: TrainSettings, flat=None) -> FlatOptimizer:
     """SGD or AdamW. Given the model's FlatParams, it steps the flat buffers: one fused update
     per dtype instead of one per tensor (the same arithmetic, element for element)."""
     params = list(flat.params.values()) if flat is not None else [p for p in model.parameters() if p.requires_grad]
@@ -105,7 +108,7 @@ def build_optimizer(model: nn.Module, train: SimpleNamespace, flat=None) -> Flat
     return adamw(params, lr=train.lr, betas=train.betas, weight_decay=train.weight_decay)
 
 
-def lr_at(step: int, train: SimpleNamespace, total_steps: int) -> float:
+def lr_at(step: int, train: TrainSettings, total_steps: int) -> float:
     """Linear warmup to train.lr, then cosine decay to lr * min_lr_ratio (or constant)."""
     if train.warmup_steps and step < train.warmup_steps:
         return train.lr * (step + 1) / train.warmup_steps
