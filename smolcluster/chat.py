@@ -15,7 +15,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from smolcluster.errors import ConfigError, SmolclusterError
+from smolcluster.errors import SmolclusterError
 from smolcluster.inference import settings  # noqa: F401  (registers the chat schema before hydra.main runs)
 from smolcluster.paths import CONFIG_DIR
 from smolcluster.supervisor import exit_without_teardown, sigterm_as_interrupt
@@ -31,9 +31,6 @@ def main(cfg: DictConfig) -> None:
 
     try:
         s = chat_settings(cfg)  # the one read of Hydra's config: typed settings from here on
-        if s.pipeline.replicas > 1 and cfg.cluster.get("name") == "auto":
-            raise ConfigError(f"replicas={s.pipeline.replicas} with cluster=auto is not built yet: serve replicas "
-                              "with role=launch (local) or role=head (each replica's stages listed in the cluster)")
         t = s.pipeline.telemetry  # (logging.prometheus / run_dir: what smolcluster.top reads)
         setup_logging(role="head", algo="chat", level=cfg.logging.level, loki=cfg.logging.get("loki"),
                       run_id=t.get("run_id", ""), run_dir=t.get("run_dir"))

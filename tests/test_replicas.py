@@ -22,9 +22,12 @@ import torch
 
 from smolcluster.bench.common import write_tokenizer
 from smolcluster.serving.router import STICKY_SLACK, Router
+from tests import test_node_agent
 from tests.conftest import wait_until
 from tests.test_chat_head import start_chat_head
 from tests.test_lora_serve import peft_greedy
+
+procs = test_node_agent.procs  # the fixture: every process a test starts is stopped after it
 
 VOCAB, BLOCK = 500, 16
 
@@ -212,3 +215,66 @@ def test_replica_settings_split_the_cluster_and_bad_counts_are_refused_in_one_li
                                ("infer", "replicas=2", "is for the chat server")):
         with pytest.raises(ConfigError, match=message):
             settings(name, bad)
+
+
+def test_cluster_auto_serves_two_replicas_from_two_agents_equal_to_transformers(tmp_path, procs):
+    """``chat cluster=auto replicas=2 stages=1``: each replica's stage on an agent of its own, its weights sent to
+    that agent's cache (``cluster.weights=send``), its own run keys; concurrent greedy completions equal
+    ``transformers`` and both replicas serve some; Ctrl-C stops every stage on both agents."""
+    import sys
+
+    from smolcluster.data.text import TextTokenizer
+    from tests.test_node_agent import Proc, agents, prepare, role_pids, wait_gone  # (the agents' own fixtures)
+
+    model = tiny_gpt2(tmp_path / "model")
+    tok = TextTokenizer.load(model / "tokenizer.json")
+    started = agents(tmp_path, prepare(tmp_path, ["a", "b"]), procs)
+    peers = ",".join(f"127.0.0.1:{port}" for _, port in started.values())
+    chat = Proc([sys.executable, "-u", "-m", "smolcluster.chat", "cluster=auto", "cluster.mdns=false",
+                 f"cluster.peers=[{peers}]", f"cluster.state_dir={tmp_path / 'coord'}", "cluster.weights=send",
+                 "cluster.heartbeat_s=0.2", f"model.pretrained={model}", "stages=1", "replicas=2", "serve.port=0",
+                 "serve.ui=false"])
+    procs.append(chat)
+    _, m = chat.wait_for(r"smolcluster chat: (http://\S+)/ ", timeout=180)
+    url = m.group(1)
+    assert "1 stages x 2 replicas" in chat.text()
+    prompts = [ids(300 + i, 4 + 3 * i) for i in range(4)]
+    out: dict[int, dict] = {}
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, complete(url, prompts[i], 10)))
+               for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert sorted(out) == list(range(len(prompts))), "a request did not answer"
+    for i, p in enumerate(prompts):
+        assert out[i]["choices"][0]["text"] == tok.decode(hf_greedy(model, p, 10)), f"prompt {i}"
+    served = [r["served"] for r in replicas(url)]
+    assert sum(served) == len(prompts) and min(served) >= 1, served  # both replicas took their share
+    # one replica's stage on each agent, each sent its weights, each with its own run keys
+    held = {n: sorted(x.name for x in (tmp_path / n / "runs").glob("*/r*_stage_0")) for n in ("a", "b")}
+    assert sorted(held["a"] + held["b"]) == ["r0_stage_0", "r1_stage_0"], held
+    keys = [(tmp_path / n / "runs").glob("*/r*_stage_0/keys/server.key") for n in ("a", "b")]
+    assert len({k.read_text() for found in keys for k in found}) == 2
+    assert chat.text().count("entries to send") == 2, chat.text()[-3000:]
+    chat.p.send_signal(signal.SIGINT)
+    assert chat.wait(timeout=60) == 0, chat.text()[-3000:]
+    wait_gone(role_pids(started["a"][0]) + role_pids(started["b"][0]))
+
+
+def test_cluster_auto_refuses_more_replicas_than_its_agents_hold_in_one_line():
+    from smolcluster.errors import ConfigError
+    from smolcluster.node.coordinator import place_replicas
+    from smolcluster.node.discovery import NodeInfo
+
+    def node(name: str, gb: float) -> NodeInfo:
+        return NodeInfo(name=name, host="127.0.0.1", port=5660, key="k", fingerprint=name, version="v",
+                        protocol=1, device="cpu", cores=1, memory_gb=gb)
+
+    nodes = [node("a", 4), node("b", 16), node("c", 8), node("d", 2), node("e", 1)]
+    # stage 0 of both replicas on the two largest nodes, stage 1 on the next two; one node per stage
+    assert [[n.name for n in r] for r in place_replicas(nodes, 2, 2)] == [["b", "a"], ["c", "d"]]
+    assert [n.name for n in place_replicas(nodes[:1], 2, 1)[0]] == ["a", "a"]  # one replica cycles, as before
+    with pytest.raises(ConfigError, match=r"^replicas=3 x stages=2 needs 6 agents \(a node per stage\), found 5: "
+                                          r"2 replicas fit, use replicas=2"):
+        place_replicas(nodes, 2, 3)
