@@ -224,7 +224,7 @@ def test_cluster_auto_serves_two_replicas_from_two_agents_equal_to_transformers(
     import sys
 
     from smolcluster.data.text import TextTokenizer
-    from tests.test_node_agent import Proc, agents, prepare, role_pids, wait_gone  # (the agents' own fixtures)
+    from tests.test_node_agent import Proc, agents, prepare, role_pids, wait_gone
 
     model = tiny_gpt2(tmp_path / "model")
     tok = TextTokenizer.load(model / "tokenizer.json")
