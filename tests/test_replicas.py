@@ -6,6 +6,8 @@ a conversation's next turn goes to the replica that served its first turn, whose
 hit; a replica whose stage is killed fails its request in flight naming the replica and the stage, the other
 replica answers the next request, and the lost one is rebuilt. The head's /metrics and ``top`` show each replica.
 In process: the router's rule; each replica's share of the cluster; bad replica counts refused in one line.
+With ``cluster=auto``: two replicas of one stage on two real agents, their weights sent, equal to
+``transformers``; more replicas than the agents hold refused in one line.
 """
 
 from __future__ import annotations

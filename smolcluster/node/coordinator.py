@@ -11,6 +11,7 @@ the roles, run through them.
                   mp / inference: algo.stages / stages stages on the nodes by free memory, most first
                   (mp: each stage's share of the layers in proportion to its node's free memory, unless
                   cluster.nodes[i].weight says; inference: cluster.nodes[i].memory_gb for partition=auto)
+                  chat replicas=R: R pipelines, a node per stage, each its own ports and keys (place_replicas)
     4. keys       a fresh CURVE set for this run, sent over the encrypted control channel (never copied by
                   hand): syncps/edp: the server's pair to the server's node only, one client pair per worker;
                   ring ranks and stages (each both binds and connects): the server pair, their own client
