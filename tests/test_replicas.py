@@ -226,7 +226,8 @@ def test_replica_settings_split_the_cluster_and_bad_counts_are_refused_in_one_li
 def test_cluster_auto_serves_two_replicas_from_two_agents_equal_to_transformers(tmp_path, procs):
     """``chat cluster=auto replicas=2 stages=1``: each replica's stage on an agent of its own, its weights sent to
     that agent's cache (``cluster.weights=send``), its own run keys; concurrent greedy completions equal
-    ``transformers`` and both replicas serve some; Ctrl-C stops every stage on both agents."""
+    ``transformers`` and both replicas serve some; one agent's stage killed downs its replica alone, the other
+    answers; Ctrl-C stops every stage on both agents."""
     import sys
 
     from smolcluster.data.text import TextTokenizer
@@ -238,8 +239,8 @@ def test_cluster_auto_serves_two_replicas_from_two_agents_equal_to_transformers(
     peers = ",".join(f"127.0.0.1:{port}" for _, port in started.values())
     chat = Proc([sys.executable, "-u", "-m", "smolcluster.chat", "cluster=auto", "cluster.mdns=false",
                  f"cluster.peers=[{peers}]", f"cluster.state_dir={tmp_path / 'coord'}", "cluster.weights=send",
-                 "cluster.heartbeat_s=0.2", f"model.pretrained={model}", "stages=1", "replicas=2", "serve.port=0",
-                 "serve.ui=false"])
+                 "cluster.heartbeat_s=0.2", "cluster.liveness_s=5", f"model.pretrained={model}", "stages=1",
+                 "replicas=2", "serve.port=0", "serve.ui=false"])
     procs.append(chat)
     _, m = chat.wait_for(r"smolcluster chat: (http://\S+)/ ", timeout=180)
     url = m.group(1)
@@ -253,6 +254,15 @@ def test_cluster_auto_serves_two_replicas_from_two_agents_equal_to_transformers(
     keys = [(tmp_path / n / "runs").glob("*/r*_stage_0/keys/server.key") for n in ("a", "b")]
     assert len({k.read_text() for found in keys for k in found}) == 2
     assert chat.text().count("entries to send") == 2, chat.text()[-3000:]
+    # b's stage killed: its replica is down, a's keeps serving (the coordinator stops nothing)
+    lost = int(held["b"][0][1])
+    (pid,) = role_pids(started["b"][0])
+    psutil.Process(pid).send_signal(signal.SIGKILL)
+    assert wait_until(lambda: replicas(url)[lost]["status"] == "down", 60), replicas(url)
+    before = replicas(url)[1 - lost]["served"]
+    equal_transformers_at_once(url, model, tok, [ids(310, 6)], 8)
+    assert replicas(url)[1 - lost]["served"] == before + 1
+    assert chat.p.poll() is None and "stopped the run everywhere" not in chat.text(), chat.text()[-3000:]
     chat.p.send_signal(signal.SIGINT)
     assert chat.wait(timeout=60) == 0, chat.text()[-3000:]
     wait_gone(role_pids(started["a"][0]) + role_pids(started["b"][0]))
