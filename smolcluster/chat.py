@@ -4,6 +4,7 @@
     python -m smolcluster.chat checkpoint=RUN_DIR serve.port=8000
     python -m smolcluster.chat role=head checkpoint=RUN_DIR cluster=lan-example head_host=HOST
     python -m smolcluster.chat cluster=auto checkpoint=RUN_DIR     # the stages on the node agents
+    python -m smolcluster.chat cluster=auto checkpoint=RUN_DIR replicas=2   # 2 pipelines on the agents, one API
 
 The page is at ``http://HOST:PORT/``, the API under ``/v1`` (docs/inference.md).
 """
