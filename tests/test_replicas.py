@@ -282,5 +282,7 @@ def test_cluster_auto_refuses_more_replicas_than_its_agents_hold_in_one_line():
     assert [[n.name for n in r] for r in place_replicas(nodes, 2, 2)] == [["b", "a"], ["c", "d"]]
     assert [n.name for n in place_replicas(nodes[:1], 2, 1)[0]] == ["a", "a"]  # one replica cycles, as before
     with pytest.raises(ConfigError, match=r"^replicas=3 x stages=2 needs 6 agents \(a node per stage\), found 5: "
-                                          r"2 replicas fit, use replicas=2"):
+                                          r"2 replicas fit: use replicas=2, or start more agents$"):
         place_replicas(nodes, 2, 3)
+    with pytest.raises(ConfigError, match=r"found 3: use replicas=1 \(one pipeline may share nodes\)"):
+        place_replicas(nodes[:3], 2, 2)

@@ -724,9 +724,10 @@ def place_replicas(nodes: list[NodeInfo], stages: int, replicas: int) -> list[li
     if replicas == 1:
         return [place_ranks(nodes, stages)]
     if len(nodes) < replicas * stages:
+        fit = len(nodes) // stages
+        use = f"{fit} replicas fit: use replicas={fit}" if fit > 1 else "use replicas=1 (one pipeline may share nodes)"
         raise ConfigError(f"replicas={replicas} x stages={stages} needs {replicas * stages} agents (a node per "
-                          f"stage), found {len(nodes)}: {len(nodes) // stages} replicas fit, use "
-                          f"replicas={max(1, len(nodes) // stages)} or start more agents")
+                          f"stage), found {len(nodes)}: {use}, or start more agents")
     order = place_ranks(nodes, replicas * stages)
     return [[order[i * replicas + r] for i in range(stages)] for r in range(replicas)]
 
