@@ -4,6 +4,7 @@
     python -m smolcluster.chat checkpoint=RUN_DIR serve.port=8000
     python -m smolcluster.chat role=head checkpoint=RUN_DIR cluster=lan-example head_host=HOST
     python -m smolcluster.chat cluster=auto checkpoint=RUN_DIR     # the stages on the node agents
+    python -m smolcluster.chat cluster=auto checkpoint=RUN_DIR replicas=2   # 2 pipelines on the agents, one API
 
 The page is at ``http://HOST:PORT/``, the API under ``/v1`` (docs/inference.md).
 """
@@ -15,7 +16,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from smolcluster.errors import ConfigError, SmolclusterError
+from smolcluster.errors import SmolclusterError
 from smolcluster.inference import settings  # noqa: F401  (registers the chat schema before hydra.main runs)
 from smolcluster.paths import CONFIG_DIR
 from smolcluster.supervisor import exit_without_teardown, sigterm_as_interrupt
@@ -31,9 +32,6 @@ def main(cfg: DictConfig) -> None:
 
     try:
         s = chat_settings(cfg)  # the one read of Hydra's config: typed settings from here on
-        if s.pipeline.replicas > 1 and cfg.cluster.get("name") == "auto":
-            raise ConfigError(f"replicas={s.pipeline.replicas} with cluster=auto is not built yet: serve replicas "
-                              "with role=launch (local) or role=head (each replica's stages listed in the cluster)")
         t = s.pipeline.telemetry  # (logging.prometheus / run_dir: what smolcluster.top reads)
         setup_logging(role="head", algo="chat", level=cfg.logging.level, loki=cfg.logging.get("loki"),
                       run_id=t.get("run_id", ""), run_dir=t.get("run_dir"))

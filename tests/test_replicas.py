@@ -6,6 +6,8 @@ a conversation's next turn goes to the replica that served its first turn, whose
 hit; a replica whose stage is killed fails its request in flight naming the replica and the stage, the other
 replica answers the next request, and the lost one is rebuilt. The head's /metrics and ``top`` show each replica.
 In process: the router's rule; each replica's share of the cluster; bad replica counts refused in one line.
+With ``cluster=auto``: two replicas of one stage on two real agents, their weights sent, equal to
+``transformers``; more replicas than the agents hold refused in one line.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ import torch
 
 from smolcluster.bench.common import write_tokenizer
 from smolcluster.serving.router import STICKY_SLACK, Router
+from tests import test_node_agent
 from tests.conftest import wait_until
 from tests.test_chat_head import start_chat_head
 from tests.test_lora_serve import peft_greedy
+
+procs = test_node_agent.procs  # the fixture: every process a test starts is stopped after it
 
 VOCAB, BLOCK = 500, 16
 
@@ -80,15 +85,10 @@ def complete(url: str, prompt: list[int], n: int) -> dict:
     return r.json()
 
 
-def replicas(url: str) -> list[dict]:
-    return httpx.get(f"{url}/health", timeout=30).json()["replicas"]
-
-
-def test_concurrent_requests_spread_over_both_replicas_and_equal_transformers(chat):
-    url, _, model, tok, run_dir = chat
-    prompts = [ids(i, 5 + 3 * i) for i in range(6)]
+def equal_transformers_at_once(url: str, model, tok, prompts: list[list[int]], n: int) -> None:
+    """Greedy completions of ``prompts``, all sent at once, each equal to ``transformers``' greedy tokens."""
     out: dict[int, dict] = {}
-    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, complete(url, prompts[i], 12)))
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, complete(url, prompts[i], n)))
                for i in range(len(prompts))]
     for t in threads:
         t.start()
@@ -96,9 +96,18 @@ def test_concurrent_requests_spread_over_both_replicas_and_equal_transformers(ch
         t.join(timeout=180)
     assert sorted(out) == list(range(len(prompts))), "a request did not answer"
     for i, p in enumerate(prompts):
-        assert out[i]["choices"][0]["text"] == tok.decode(hf_greedy(model, p, 12)), f"prompt {i}"
+        assert out[i]["choices"][0]["text"] == tok.decode(hf_greedy(model, p, n)), f"prompt {i}"
+
+
+def replicas(url: str) -> list[dict]:
+    return httpx.get(f"{url}/health", timeout=30).json()["replicas"]
+
+
+def test_concurrent_requests_spread_over_both_replicas_and_equal_transformers(chat):
+    url, _, model, tok, run_dir = chat
+    equal_transformers_at_once(url, model, tok, [ids(i, 5 + 3 * i) for i in range(6)], 12)
     served = [r["served"] for r in replicas(url)]
-    assert sum(served) >= len(prompts) and min(served) >= 2, served  # both replicas took their share
+    assert sum(served) >= 6 and min(served) >= 2, served  # both replicas took their share
     # the head's /metrics has the same per replica; top has a line per replica's stage
     (head,) = [json.loads(p.read_text())["url"] for p in (run_dir / "endpoints").glob("*head*.json")]
     metric = lambda name: [float(ln.split()[-1]) for ln in httpx.get(head, timeout=10).text.splitlines()  # noqa: E731
@@ -212,3 +221,68 @@ def test_replica_settings_split_the_cluster_and_bad_counts_are_refused_in_one_li
                                ("infer", "replicas=2", "is for the chat server")):
         with pytest.raises(ConfigError, match=message):
             settings(name, bad)
+
+
+def test_cluster_auto_serves_two_replicas_from_two_agents_equal_to_transformers(tmp_path, procs):
+    """``chat cluster=auto replicas=2 stages=1``: each replica's stage on an agent of its own, its weights sent to
+    that agent's cache (``cluster.weights=send``), its own run keys; concurrent greedy completions equal
+    ``transformers`` and both replicas serve some; one agent's stage killed downs its replica alone, the other
+    answers; Ctrl-C stops every stage on both agents."""
+    import sys
+
+    from smolcluster.data.text import TextTokenizer
+    from tests.test_node_agent import Proc, agents, prepare, role_pids, wait_gone
+
+    model = tiny_gpt2(tmp_path / "model")
+    tok = TextTokenizer.load(model / "tokenizer.json")
+    started = agents(tmp_path, prepare(tmp_path, ["a", "b"]), procs)
+    peers = ",".join(f"127.0.0.1:{port}" for _, port in started.values())
+    chat = Proc([sys.executable, "-u", "-m", "smolcluster.chat", "cluster=auto", "cluster.mdns=false",
+                 f"cluster.peers=[{peers}]", f"cluster.state_dir={tmp_path / 'coord'}", "cluster.weights=send",
+                 "cluster.heartbeat_s=0.2", "cluster.liveness_s=5", f"model.pretrained={model}", "stages=1",
+                 "replicas=2", "serve.port=0", "serve.ui=false"])
+    procs.append(chat)
+    _, m = chat.wait_for(r"smolcluster chat: (http://\S+)/ ", timeout=180)
+    url = m.group(1)
+    assert "1 stages x 2 replicas" in chat.text()
+    equal_transformers_at_once(url, model, tok, [ids(300 + i, 4 + 3 * i) for i in range(4)], 10)
+    served = [r["served"] for r in replicas(url)]
+    assert sum(served) == 4 and min(served) >= 1, served  # both replicas took their share
+    # one replica's stage on each agent, each sent its weights, each with its own run keys
+    held = {n: sorted(x.name for x in (tmp_path / n / "runs").glob("*/r*_stage_0")) for n in ("a", "b")}
+    assert sorted(held["a"] + held["b"]) == ["r0_stage_0", "r1_stage_0"], held
+    keys = [(tmp_path / n / "runs").glob("*/r*_stage_0/keys/server.key") for n in ("a", "b")]
+    assert len({k.read_text() for found in keys for k in found}) == 2
+    assert chat.text().count("entries to send") == 2, chat.text()[-3000:]
+    # b's stage killed: its replica is down, a's keeps serving (the coordinator stops nothing)
+    lost = int(held["b"][0][1])
+    (pid,) = role_pids(started["b"][0])
+    psutil.Process(pid).send_signal(signal.SIGKILL)
+    assert wait_until(lambda: replicas(url)[lost]["status"] == "down", 60), replicas(url)
+    before = replicas(url)[1 - lost]["served"]
+    equal_transformers_at_once(url, model, tok, [ids(310, 6)], 8)
+    assert replicas(url)[1 - lost]["served"] == before + 1
+    assert chat.p.poll() is None and "stopped the run everywhere" not in chat.text(), chat.text()[-3000:]
+    chat.p.send_signal(signal.SIGINT)
+    assert chat.wait(timeout=60) == 0, chat.text()[-3000:]
+    wait_gone(role_pids(started["a"][0]) + role_pids(started["b"][0]))
+
+
+def test_cluster_auto_refuses_more_replicas_than_its_agents_hold_in_one_line():
+    from smolcluster.errors import ConfigError
+    from smolcluster.node.coordinator import place_replicas
+    from smolcluster.node.discovery import NodeInfo
+
+    def node(name: str, gb: float) -> NodeInfo:
+        return NodeInfo(name=name, host="127.0.0.1", port=5660, key="k", fingerprint=name, version="v",
+                        protocol=1, device="cpu", cores=1, memory_gb=gb)
+
+    nodes = [node("a", 4), node("b", 16), node("c", 8), node("d", 2), node("e", 1)]
+    # stage 0 of both replicas on the two largest nodes, stage 1 on the next two; one node per stage
+    assert [[n.name for n in r] for r in place_replicas(nodes, 2, 2)] == [["b", "a"], ["c", "d"]]
+    assert [n.name for n in place_replicas(nodes[:1], 2, 1)[0]] == ["a", "a"]  # one replica cycles, as before
+    with pytest.raises(ConfigError, match=r"^replicas=3 x stages=2 needs 6 agents \(a node per stage\), found 5: "
+                                          r"2 replicas fit: use replicas=2, or start more agents$"):
+        place_replicas(nodes, 2, 3)
+    with pytest.raises(ConfigError, match=r"found 3: use replicas=1 \(one pipeline may share nodes\)"):
+        place_replicas(nodes[:3], 2, 2)

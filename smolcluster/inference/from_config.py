@@ -249,12 +249,15 @@ def replica_settings(cfg: Pipeline, r: int) -> Pipeline:
     """Replica ``r``'s pipeline of ``cfg.replicas``. ``role=head``: its stages are cluster nodes
     ``r*stages .. r*stages+stages-1`` (or listen on ``cluster.port + r*stages + i``); ``role=launch``: its stages
     announce /metrics on ports after the replicas before it (stage i of replica r: base + 1 + r*stages + i) under
-    the node name ``NODE-rR``."""
+    the node name ``NODE-rR``. ``cluster=auto``: the links the coordinator made for replica ``r``'s stages
+    (``replica_links``: their addresses and the head's keys for them)."""
     if cfg.replicas == 1:
         return cfg
     n, first = cfg.stages, r * cfg.stages
     links, nodes = cfg.links, list(cfg.links.nodes or [])
-    if cfg.role is Role.head and nodes:
+    if cfg.replica_links:
+        links = cfg.replica_links[r]
+    elif cfg.role is Role.head and nodes:
         if len(nodes) < cfg.replicas * n:
             raise ConfigError(f"replicas={cfg.replicas} x stages={n} needs {cfg.replicas * n} cluster.nodes, the "
                               f"cluster lists {len(nodes)}: list every replica's stages (replica r's stage i is "

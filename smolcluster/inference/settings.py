@@ -138,6 +138,7 @@ class Pipeline:
     prefix_block: int = 32            # serve.prefix_block: ... in blocks of this many tokens
     replicas: int = 1                 # chat: this many pipelines of ``stages`` stages behind one head (serving/engine.py)
     replica: int = 0                  # which of them this is (from_config.replica_settings)
+    replica_links: list = field(default_factory=list)  # cluster=auto: each replica's Links (node/coordinator.py)
 
 
 @dataclass

@@ -11,6 +11,7 @@ the roles, run through them.
                   mp / inference: algo.stages / stages stages on the nodes by free memory, most first
                   (mp: each stage's share of the layers in proportion to its node's free memory, unless
                   cluster.nodes[i].weight says; inference: cluster.nodes[i].memory_gb for partition=auto)
+                  chat replicas=R: R pipelines, a node per stage, each its own ports and keys (place_replicas)
     4. keys       a fresh CURVE set for this run, sent over the encrypted control channel (never copied by
                   hand): syncps/edp: the server's pair to the server's node only, one client pair per worker;
                   ring ranks and stages (each both binds and connects): the server pair, their own client
@@ -481,15 +482,16 @@ class Run:
 
     def start_ranks(self, ranks: list[NodeInfo], role: str, args: list[str], keys_dir: Path, *,
                     program: str = "train", defaults: list[dict] | None = None, head: bool = False,
-                    models=None) -> list[int]:
+                    models=None, prefix: str = "") -> list[int]:
         """A ring's ranks or a pipeline's stages, rank r on ``ranks[r]``: each binds a port its agent reserved,
         knows every other's, and holds the run's server pair, its own client pair and every member's public
         client key (``head``: one client pair more, for the head that runs here). ``models(node entries)``, once
-        the ports are held: each rank's ``model`` for start_role (or None), weights sent. Returns the ports."""
+        the ports are held: each rank's ``model`` for start_role (or None), weights sent. ``prefix``: before each
+        role's name (``r1 stage 0``: one replica's of several). Returns the ports."""
         n = len(ranks)
         run_keys(keys_dir, clients=n + int(head))
         bind = "127.0.0.1" if all(is_loopback(x.host) for x in ranks) else "0.0.0.0"  # keys make a LAN bind safe
-        ports = [self.reserve(self.links[x.name], f"{role} {r}", bind) for r, x in enumerate(ranks)]
+        ports = [self.reserve(self.links[x.name], f"{prefix}{role} {r}", bind) for r, x in enumerate(ranks)]
         common = [*args, f"cluster.host={ranks[0].host}", f"cluster.bind={bind}", f"cluster.port={ports[0]}",
                   nodes_override(self.c, ranks, ports, defaults)]
         shared = _files(keys_dir, {"server.key": "server.key", "server.key_secret": "server.key_secret"})
@@ -500,8 +502,8 @@ class Run:
             client = client_key_name(r)
             keys = {**shared, **_files(keys_dir, {"client.key": f"{client}.key",
                                                   "client.key_secret": f"{client}.key_secret"})}
-            self.start(self.links[x.name], f"{role} {r}", role, r, common, keys, program, model[r])
-        logger.info(f"started {n} {role}s: " + ", ".join(f"{role} {r} on {x.name} ({x.host}:{ports[r]})"
+            self.start(self.links[x.name], f"{prefix}{role} {r}", role, r, common, keys, program, model[r])
+        logger.info(f"started {n} {prefix}{role}s: " + ", ".join(f"{role} {r} on {x.name} ({x.host}:{ports[r]})"
                                                          for r, x in enumerate(ranks)))
         return ports
 
@@ -660,42 +662,41 @@ def _agent_stages(cfg: DictConfig, p):
     stop = threading.Event()
 
     def keep() -> None:  # heartbeats and the stages' logs while the head serves (the agents stop orphaned roles)
-        try:
-            while not stop.is_set():
+        while not stop.is_set():
+            try:
                 run.pump()
-                run.check_roles()
-                stop.wait(0.1)
-        except Exception as e:  # a stage gone: the head hears it on its own links too, and says so
-            logger.error(str(e))
+                if p.replicas == 1:  # (replicas: the engine fails a lost stage's replica alone and routes around it)
+                    run.check_roles()
+            except Exception as e:  # a stage gone: the head hears it on its own links too, and says so
+                logger.error(str(e))
+                if p.replicas == 1:
+                    return
+            stop.wait(0.1)
 
     keeper = None
     try:
-        ranks = place_ranks(nodes, p.stages)
-        run.essential = {x.name for x in ranks}
-        args = [*(o for o in _stage_overrides() if not o.startswith(("stages=", "head="))), f"stages={p.stages}",
-                f"head={p.head.value}"]  # chat's defaults are not necessarily infer's: say them
-        defaults, models = [{"memory_gb": x.memory_gb} for x in ranks], None
+        replicas = place_replicas(nodes, p.stages, p.replicas)
+        # one replica: a lost node stops the run; several: it downs only its replica, the others keep the heartbeat
+        run.essential = {x.name for x in replicas[0]} if p.replicas == 1 else set()
+        args = [*(o for o in _stage_overrides() if not o.startswith(("stages=", "head="))),
+                f"stages={p.stages}", f"head={p.head.value}"]  # chat's defaults are not necessarily infer's: say them
+        # stage i of every replica plans with the least memory among their nodes: the same split, one weight plan
+        defaults = [{"memory_gb": min(ranks[i].memory_gb for ranks in replicas)} for i in range(p.stages)]
+        plan = None
         if mode != "shared":  # planned (the model hashed) before any port is held for a stage: that may take a while
-            info, plans = _plan_weights(cfg, p, node_entries(c, ranks, None, defaults))
-
-            def models(_entries: list[dict]) -> list:
-                return _send_weights(run, cfg, ranks, info, plans, mode, p.adapters)
-        ports = run.start_ranks(ranks, "stage", args, keys, program="infer", head=True, defaults=defaults,
-                                models=models)
-        head = keys / "head"  # the head: a client of every stage, and the server they connect back to
-        private_dir(head / "authorized")
-        for name in ("server.key", "server.key_secret"):
-            shutil.copyfile(keys / name, head / name)
-        for f in (keys / "authorized").glob("*.key"):
-            shutil.copyfile(f, head / "authorized" / f.name)
-        shutil.copyfile(keys / f"{client_key_name(len(ranks))}.key", head / "client.key")
-        shutil.copyfile(keys / f"{client_key_name(len(ranks))}.key_secret", head / "client.key_secret")
-        for f in head.rglob("*_secret"):
-            f.chmod(0o600)
+            plan = _plan_weights(cfg, p, node_entries(c, replicas[0], None, defaults))
+        sets = []
+        for r, ranks in enumerate(replicas):  # each replica its own pipeline: its ports, its mesh, its keys
+            models = None if plan is None else (
+                lambda _entries, ranks=ranks: _send_weights(run, cfg, ranks, *plan, mode, p.adapters))
+            d = keys / f"r{r}"
+            ports = run.start_ranks(ranks, "stage", args, d, program="infer", head=True, defaults=defaults,
+                                    models=models, prefix=f"r{r} " if p.replicas > 1 else "")
+            sets.append(replace(p.links, host=ranks[0].host, port=ports[0], keys=str(_head_keys(d, len(ranks))),
+                                nodes=[{"host": x.host, "port": ports[i]} for i, x in enumerate(ranks)]))
         p.role = Role.head
-        p.head_host = p.head_host or _towards(ranks[0].host)
-        p.links = replace(p.links, host=ranks[0].host, port=ports[0], keys=str(head),
-                          nodes=[{"host": x.host, "port": ports[r]} for r, x in enumerate(ranks)])
+        p.head_host = p.head_host or _towards(replicas[0][0].host)
+        p.links, p.replica_links = sets[0], sets  # (from_config.replica_settings hands replica r its set)
         keeper = threading.Thread(target=keep, daemon=True, name="agent-heartbeat")
         keeper.start()
         yield run
@@ -714,6 +715,37 @@ def _agent_stages(cfg: DictConfig, p):
         for link in links.values():
             link.close()
         shutil.rmtree(keys, ignore_errors=True)
+
+
+def place_replicas(nodes: list[NodeInfo], stages: int, replicas: int) -> list[list[NodeInfo]]:
+    """Each replica's stage nodes. One replica: :func:`place_ranks` (cycling past the end). Several: a node each,
+    stage i of every replica on the i-th group of ``replicas`` nodes by :func:`place_ranks`' order (stage 0, which
+    holds the embedding, on the largest), refused in one line when there are too few nodes."""
+    if replicas == 1:
+        return [place_ranks(nodes, stages)]
+    if len(nodes) < replicas * stages:
+        fit = len(nodes) // stages
+        use = f"{fit} replicas fit: use replicas={fit}" if fit > 1 else "use replicas=1 (one pipeline may share nodes)"
+        raise ConfigError(f"replicas={replicas} x stages={stages} needs {replicas * stages} agents (a node per "
+                          f"stage), found {len(nodes)}: {use}, or start more agents")
+    order = place_ranks(nodes, replicas * stages)
+    return [[order[i * replicas + r] for i in range(stages)] for r in range(replicas)]
+
+
+def _head_keys(keys: Path, stages: int) -> Path:
+    """The head's keys for one pipeline's run set in ``keys``: a client of every stage (the last client pair), and
+    the server they connect back to (the run's server pair, every stage's client key authorized)."""
+    head = keys / "head"
+    private_dir(head / "authorized")
+    for name in ("server.key", "server.key_secret"):
+        shutil.copyfile(keys / name, head / name)
+    for f in (keys / "authorized").glob("*.key"):
+        shutil.copyfile(f, head / "authorized" / f.name)
+    shutil.copyfile(keys / f"{client_key_name(stages)}.key", head / "client.key")
+    shutil.copyfile(keys / f"{client_key_name(stages)}.key_secret", head / "client.key_secret")
+    for f in head.rglob("*_secret"):
+        f.chmod(0o600)
+    return head
 
 
 def _plan_weights(cfg: DictConfig, p, entries: list[dict]) -> tuple[dict, list]:
