@@ -4,9 +4,9 @@ A 4-layer target (``gpt2-tiny``) is trained ``--steps`` steps on Tiny Shakespear
 (``bench quantize``'s trainer), in a temporary directory; the 1-layer draft (the same with ``n_layer=1``) is
 distilled from it (``--draft distill``, the default: the target's embeddings, first block and final norm, then
 ``--steps`` steps fitting the target's next-token distribution on the same text) or trained on the text as the
-target was (``--draft train``). One pipeline of 2 local stage processes serves the target with ``speculate.k=--k``, both
-drafters (``lookup=--lookup``, ``draft=`` the 1-layer model); one greedy request at a time is timed per arm,
-in interleaved rounds:
+target was (``--draft train``). One pipeline of 2 local stage processes serves the target with
+``speculate.k=--k``, both drafters (``lookup=--lookup``, ``draft=`` the 1-layer model); one greedy request at a
+time is timed per arm, in interleaved rounds:
 
 - ``off``: no speculation (the base of every ratio);
 - ``draft``: the draft model proposes, on a held-out passage to continue;
@@ -156,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
             context = pipe.context - args.tokens
             prompt = {k: v[-context:] for k, v in prompts(text[split:], tok, args.prompt_tokens).items()}
             rows = measure(pipe, prompt, args)
-    write_report("speculate", rows, {"steps": args.steps, "draft": args.draft, "k": args.k, "lookup": args.lookup, "tokens": args.tokens,
-                                     "rounds": args.rounds, "stages": 2, "co_located": True}, args.out)
+    write_report("speculate", rows, {"steps": args.steps, "draft": args.draft, "k": args.k, "lookup": args.lookup,
+                                     "tokens": args.tokens, "rounds": args.rounds, "stages": 2, "co_located": True},
+                 args.out)
     return 0
 
 
