@@ -1,10 +1,12 @@
 """``python -m smolcluster.bench speculate``: speculative decoding's tokens/s through 2 stages, against none.
 
-A 4-layer target (``gpt2-tiny``) and a 1-layer draft (the same with ``n_layer=1``) are trained ``--steps``
-steps on Tiny Shakespeare with the same byte-level BPE (``bench quantize``'s trainer), in a temporary
-directory. One pipeline of 2 local stage processes serves the target with ``speculate.k=--k``, both
-drafters (``lookup=--lookup``, ``draft=`` the 1-layer model); one greedy request at a time is timed per arm,
-in interleaved rounds:
+A 4-layer target (``gpt2-tiny``) is trained ``--steps`` steps on Tiny Shakespeare with a byte-level BPE
+(``bench quantize``'s trainer), in a temporary directory; the 1-layer draft (the same with ``n_layer=1``) is
+distilled from it (``--draft distill``, the default: the target's embeddings, first block and final norm, then
+``--steps`` steps fitting the target's next-token distribution on the same text) or trained on the text as the
+target was (``--draft train``). One pipeline of 2 local stage processes serves the target with
+``speculate.k=--k``, both drafters (``lookup=--lookup``, ``draft=`` the 1-layer model); one greedy request at a
+time is timed per arm, in interleaved rounds:
 
 - ``off``: no speculation (the base of every ratio);
 - ``draft``: the draft model proposes, on a held-out passage to continue;
@@ -22,12 +24,55 @@ bench-speculate.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import torch
+
 GOALS = {"draft": 1.6, "lookup": 1.5}
+
+
+def distill_draft(target_dir: Path, text: str, tok, out: Path, steps: int, block: int = 64,
+                  batch: int = 16) -> Path:
+    """The 1-layer draft, distilled: the target's embeddings, first block and final norm, then ``steps`` steps
+    (``train_tiny``'s batches and schedule) fitting its next-token distribution to the target's (KL) on ``text``.
+    Why: a draft pays only when the target agrees with it; trained on the text alone it learns the text, this
+    way it learns the target (DistillSpec, Zhou et al. 2023)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    target = AutoModelForCausalLM.from_pretrained(target_dir).eval()
+    config = copy.deepcopy(target.config)
+    config.n_layer = 1
+    draft = AutoModelForCausalLM.from_config(config)
+    kept = {k: v for k, v in target.state_dict().items() if not k.startswith("transformer.h.") or
+            k.startswith("transformer.h.0.")}
+    draft.load_state_dict(kept)
+    draft.train()
+    ids = torch.tensor(tok.encode(text), dtype=torch.long)
+    opt = torch.optim.AdamW(draft.parameters(), lr=3e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(1)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = 3e-3 * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * (1 - step / steps))
+        starts = torch.randint(0, len(ids) - block, (batch,), generator=g)
+        x = torch.stack([ids[s: s + block] for s in starts])
+        with torch.no_grad():
+            p = target(x).logits.log_softmax(-1).flatten(0, 1)
+        q = draft(x).logits.log_softmax(-1).flatten(0, 1)
+        loss = torch.nn.functional.kl_div(q, p, log_target=True, reduction="batchmean")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    print(f"draft distilled from the target: {steps} steps of {batch} x {block} tokens in "
+          f"{time.perf_counter() - t0:.0f} s, last KL {loss.item():.3f}", file=sys.stderr)
+    draft.eval().save_pretrained(out / "gpt2-tiny-1layer-distilled")
+    return out / "gpt2-tiny-1layer-distilled"
 
 
 def timed(pipe, prompt: list[int], n: int, how: str) -> tuple[list[int], float, tuple[int, int]]:
@@ -79,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m smolcluster.bench speculate", description=__doc__.split("\n")[0])
     p.add_argument("--corpus", default="/work/shared/data/tinyshakespeare/input.txt")
     p.add_argument("--steps", type=int, default=1500, help="training steps of the target and the draft")
+    p.add_argument("--draft", choices=("distill", "train"), default="distill",
+                   help="the 1-layer draft: distilled from the target (its first layer, embeddings and final norm, "
+                        "then fit to its outputs), or trained on the text like the target")
     p.add_argument("--k", type=int, default=4, help="speculate.k: tokens proposed per pass")
     p.add_argument("--lookup", type=int, default=3, help="speculate.lookup: the n-gram size")
     p.add_argument("--tokens", type=int, default=128, help="greedy tokens per timed request")
@@ -98,15 +146,19 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="smolcluster-bench-speculate-") as tmp:
         tmp = Path(tmp)
         target = train_tiny("gpt2-tiny", text[:split], tok, tmp, args.steps)
-        draft = train_tiny("gpt2-tiny", text[:split], tok, tmp, args.steps, overrides={"n_layer": 1},
-                           save_as="gpt2-tiny-1layer")
+        if args.draft == "distill":
+            draft = distill_draft(target, text[:split], tok, tmp, args.steps)
+        else:
+            draft = train_tiny("gpt2-tiny", text[:split], tok, tmp, args.steps, overrides={"n_layer": 1},
+                               save_as="gpt2-tiny-1layer")
         spec = {"k": args.k, "lookup": args.lookup, "draft": str(draft)}
         with InferencePipeline.start_local(target, stages=2, tokenizer=tok, eos_ids=[], speculate=spec) as pipe:
             context = pipe.context - args.tokens
             prompt = {k: v[-context:] for k, v in prompts(text[split:], tok, args.prompt_tokens).items()}
             rows = measure(pipe, prompt, args)
-    write_report("speculate", rows, {"steps": args.steps, "k": args.k, "lookup": args.lookup, "tokens": args.tokens,
-                                     "rounds": args.rounds, "stages": 2, "co_located": True}, args.out)
+    write_report("speculate", rows, {"steps": args.steps, "draft": args.draft, "k": args.k, "lookup": args.lookup,
+                                     "tokens": args.tokens, "rounds": args.rounds, "stages": 2, "co_located": True},
+                 args.out)
     return 0
 
 
