@@ -28,8 +28,7 @@ the step's results to stage 0 (``step``), which schedules the next step. Where t
 
 Both cost the same hops per token. With ``speculate.k`` (head first only), stage 0 proposes tokens after a
 decode's last one and the step carries them as more rows of that request; the head keeps what the target
-agrees with, and the next step's ``trim`` cuts the rejected rows from every stage's cache (speculate.py);
-while a step is out, stage 0's draft model drafts ahead of its greedy requests (``draft_ahead``).
+agrees with, and the next step's ``trim`` cuts the rejected rows from every stage's cache (speculate.py).
 A request ends on any of its EOS ids, ``max_new_tokens``, or the
 context (when feeding the token back would need position ``n_positions``), or when its head cancels it
 (the head tells every stage) or goes away; every stage then frees its cache at once. Two or more

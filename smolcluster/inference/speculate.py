@@ -14,8 +14,7 @@ Drafters (:class:`Speculator`):
   occurs earlier in it; propose the tokens that followed its latest earlier occurrence. No model:
   it pays on text that quotes its context (edits, code, summaries with citations).
 - ``draft=DIR``: a small model with the target's tokenizer, every block on stage 0 with its own KV
-  cache per request (the project's stage code, not ``transformers``), decoded K tokens ahead; for greedy
-  requests it keeps drafting while their step is out (:meth:`DraftModel.ahead`).
+  cache per request (the project's stage code, not ``transformers``), decoded K tokens ahead.
 
 Acceptance (:func:`accept`): greedy keeps a proposal while it equals the target's argmax, so the
 output is the non-speculative output token for token. Sampling uses standard speculative sampling
