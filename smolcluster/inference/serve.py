@@ -628,13 +628,7 @@ class StageServer:
                 # the next pass's proposals at most: its K+1 tokens, then K more (and no more than it may make)
                 end = len(st.history) + min(2 * self.speculator.k, st.max_new_tokens - st.generated)
                 reqs.append((req, min(end, draft.arch.context)))
-        try:
-            return draft.ahead(reqs)
-        except Exception:  # only proposals are lost: those requests draft afresh at their next step
-            logger.exception(f"{self.me}: drafting ahead failed")
-            for req, _ in reqs:
-                draft.forget(req)
-            return False
+        return draft.ahead(reqs)
 
     def batch(self, step: Step) -> Batch:
         """The step's rows as a batch of its requests' caches; each row routed to its request's adapter."""
