@@ -251,7 +251,6 @@ class StageServer:
 
         self.metrics = open_serving_metrics(sc.extra.get("telemetry"), identity(), sc.rank, self.kv_budget)
         self.speculator = self.open_speculator()
-        self.ahead = False  # stage 0: the draft model has more to draft ahead while steps are out (draft_ahead)
         self.prefix = self.open_prefix()
 
     def open_speculator(self):
@@ -614,22 +613,6 @@ class StageServer:
             wants.append((st.drafter, Want(req, st.history, k, st.params, st.generator)))
         return self.speculator.propose(wants)
 
-    def draft_ahead(self) -> bool:
-        """Stage 0, its steps out: the draft model drafts one more token ahead for the greedy requests whose
-        proposals are being verified (speculate.py: DraftModel.ahead), polling the sockets between tokens. False
-        when it has nothing to do until a step returns; never when stages take turns for the cores."""
-        draft = self.speculator.draft if self.speculator is not None else None
-        if draft is None or self.turns or self.can_step() or not self.out:
-            return False
-        reqs = []
-        for req in self.out:
-            st = self.requests.get(req)
-            if st is not None and st.drafts and st.drafter == "draft" and st.params.greedy:
-                # the next pass's proposals at most: its K+1 tokens, then K more (and no more than it may make)
-                end = len(st.history) + min(2 * self.speculator.k, st.max_new_tokens - st.generated)
-                reqs.append((req, min(end, draft.arch.context)))
-        return draft.ahead(reqs)
-
     def batch(self, step: Step) -> Batch:
         """The step's rows as a batch of its requests' caches; each row routed to its request's adapter."""
         states = [self.requests[r] for r in step.reqs]
@@ -912,9 +895,6 @@ class StageServer:
             self.metrics.prefix(p.hits, p.saved, p.nbytes)
         if self.speculator is not None:  # acceptance rate: accepted / drafted
             beacon["drafted"], beacon["accepted"] = self.speculator.drafted, self.speculator.accepted
-            if self.speculator.draft is not None:  # tokens drafted ahead while steps were out, and proposed later
-                beacon["ahead_made"], beacon["ahead_used"] = self.speculator.draft.ahead_made, \
-                    self.speculator.draft.ahead_used
             self.metrics.speculated(self.speculator.drafted, self.speculator.accepted)
         beacon["active"] = list(self.requests)[:64]  # (what a health check or a test looks at)
         self.metrics.step(len(self.requests), len(self.waiting), beacon["kv_bytes"])  # the same counts, for top
@@ -933,7 +913,7 @@ class StageServer:
                         self.refresh_beacon()
                         beacon_due = now + self.sc.heartbeat_s / 20
                     # Everything that has arrived is handled before the next step, so it joins that step.
-                    timeout = 0.0 if self.sc.rank == 0 and (self.can_step() or self.ahead) else self.sc.heartbeat_s
+                    timeout = 0.0 if self.sc.rank == 0 and self.can_step() else self.sc.heartbeat_s
                     if self.to_heads:  # tokens held back are sent when due, even if nothing else comes
                         timeout = min(timeout, max(0.0, self.stream_due() - now))
                     for _ in range(256):
@@ -953,7 +933,6 @@ class StageServer:
                         timeout = 0.0
                     if self.sc.rank == 0:
                         self.step()
-                        self.ahead = self.draft_ahead()
                     if self.to_heads and time.monotonic() >= self.stream_due():
                         self.stream()
                     if (self.sc.exit_with_head and not self.heads

@@ -107,18 +107,9 @@ class Want:
 
 class DraftModel:
     """A small model on stage 0, decoding ahead of every speculating request, with a KV cache per request that
-    keeps whatever of the request's tokens it has already seen.
+    keeps whatever of the request's tokens it has already seen."""
 
-    Greedy requests keep the draft's *chain*: every token fed past the request's history is the draft's own
-    argmax, and ``pred`` its argmax after the last token fed. So a history that is a prefix of what was fed
-    (every proposal kept, and the target's next token the one the draft guessed) finds its next proposals
-    ready, and :meth:`ahead` can extend the chain while the step is out in the pipeline (stage 0 is idle
-    then): the next pass's drafting overlapped with this pass's verification, assuming every proposal is
-    kept. When the assumption fails the cache is cut back to what the history shares (:meth:`_rows`), as
-    after any rejected proposal; the verification is unchanged, so the output is too.
-    """
-
-    def __init__(self, directory: str, target: dict, fmt, k: int):
+    def __init__(self, directory: str, target: dict, fmt, slack: int):
         from smolcluster.pipeline.architectures import family_for
         from smolcluster.pipeline.architectures.base import pin_attributes
         from smolcluster.pipeline.weights import find_model, load_stage
@@ -129,93 +120,59 @@ class DraftModel:
         self.stage = load_stage(source.weights, source.config, range(self.arch.n_layer), embed=True, head=True,
                                 fmt=fmt)
         pin_attributes(self.stage)
-        self.k = k
-        self.slack = 2 * k + 2  # a cut may drop what ran ahead: up to K proposals, the guess and K more
-        self.seen: dict[str, list] = {}  # req -> [its KVCache, the tokens in it, greedy argmax after them or None]
-        self.ahead_made = self.ahead_used = 0  # tokens drafted ahead, and those a later step proposed
+        self.slack = slack
+        self.seen: dict[str, tuple[object, list[int]]] = {}  # req -> (its KVCache, the tokens in it)
 
     def forget(self, req: str) -> None:
         self.seen.pop(req, None)
 
-    def _rows(self, want: Want) -> tuple[list[int], list[int]]:
-        """Cut the request's draft cache back to what it shares with its history. Returns the proposals already
-        made (a greedy chain the history is a prefix of) and the rows to feed next."""
+    def _rows(self, want: Want) -> list[int]:
+        """Cut the request's draft cache back to what it shares with its history; the rest are the rows to feed."""
         from smolcluster.pipeline.architectures import KVCache
 
-        if want.req not in self.seen:
-            self.seen[want.req] = [KVCache(self.arch.n_layer, slack=self.slack), [], None]
-        seen = self.seen[want.req]
-        cache, fed, pred = seen
-        history = want.history
+        cache, fed = self.seen.get(want.req) or (KVCache(self.arch.n_layer, slack=self.slack), [])
         common = 0
-        for a, b in zip(fed, history):
+        for a, b in zip(fed, want.history):
             if a != b:
                 break
             common += 1
-        if want.params.greedy and pred is not None and common == len(history):
-            ready = (fed[common:] + [pred])[:want.k]
-            self.ahead_used += len(ready)
-            return ready, ready[-1:]
-        common = min(common, len(history) - 1)  # the last token is always fed: its logits pick the first
+        common = min(common, len(want.history) - 1)  # the last token is always fed: its logits pick the first
         cache.truncate(common)
         del fed[common:]
-        seen[2] = None
-        return [], history[common:]
-
-    def _forward(self, reqs: list[str], rows: list[list[int]]) -> torch.Tensor:
-        """Feed each request its rows (all requests in one forward, a :class:`Batch` as the stages run); the
-        logits after each one's last row, ``(len(reqs), V)``."""
-        from smolcluster.pipeline.architectures.base import Batch
-
-        caches = []
-        for req, r in zip(reqs, rows):
-            cache, fed, _ = self.seen[req]
-            caches.append(cache)
-            fed.extend(r)
-        batch = Batch(caches, [len(r) for r in rows])
-        device = self.stage.device
-        ids = torch.tensor([[t for r in rows for t in r]], device=device)
-        h = self.stage.run_blocks(self.stage.embed(ids, batch.positions(device)), batch)
-        last = h if h.shape[1] == len(reqs) else h[:, batch.last_rows(), :]
-        return self.stage.logits(last).float().cpu()[0]
+        self.seen[want.req] = (cache, fed)
+        return want.history[common:]
 
     def propose(self, wants: list[Want]) -> dict[str, tuple[list[int], torch.Tensor | None]]:
-        """Each request's proposals and their probabilities (None when greedy), one forward per proposal."""
+        """Each request's proposals and their probabilities (None when greedy), all requests in one forward per
+        proposal (a :class:`Batch`, as the stages run)."""
+        from smolcluster.pipeline.architectures.base import Batch
+
         for w in wants:  # the proposals fed back (all but the last) need positions the draft model has
             w.k = min(w.k, self.arch.context - len(w.history) + 1)
         wants = [w for w in wants if w.k > 0]
-        out, rows = {}, {}
-        for w in wants:
-            ready, rows[w.req] = self._rows(w)
-            out[w.req] = (ready, [])
-        wants = [w for w in wants if len(out[w.req][0]) < w.k]
+        out = {w.req: ([], []) for w in wants}
+        rows = {w.req: self._rows(w) for w in wants}
+        device = self.stage.device
         while wants:
-            logits = self._forward([w.req for w in wants], [rows[w.req] for w in wants])
+            caches = []
+            for w in wants:
+                cache, fed = self.seen[w.req]
+                caches.append(cache)
+                fed.extend(rows[w.req])
+            batch = Batch(caches, [len(rows[w.req]) for w in wants])
+            ids = torch.tensor([[t for w in wants for t in rows[w.req]]], device=device)
+            h = self.stage.run_blocks(self.stage.embed(ids, batch.positions(device)), batch)
+            logits = self.stage.logits(h[:, batch.last_rows(), :]).float().cpu()[0]
             for w, row in zip(wants, logits):
                 drafts, probs = out[w.req]
                 if w.params.greedy:
                     drafts.append(int(row.argmax()))
-                    self.seen[w.req][2] = drafts[-1]
                 else:
                     probs.append(filter_logits(row, w.params).softmax(-1))
                     drafts.append(int(torch.multinomial(probs[-1], 1, generator=w.generator)))
                 rows[w.req] = [drafts[-1]]
             wants = [w for w in wants if len(out[w.req][0]) < w.k]  # the last proposal is never fed
         return {req: (d, torch.stack(p) if p else None) for req, (d, p) in out.items()}
-
-    def ahead(self, reqs: list[tuple[str, int]]) -> bool:
-        """While their steps are out: extend greedy chains by one token, for ``reqs`` (request, the tokens it may
-        yet feed the draft: its history's length plus all it may make), at most ``2k + 1`` tokens past the
-        proposals' start. False when none had room (nothing to do until a step returns)."""
-        todo = [req for req, room in reqs if (s := self.seen.get(req)) is not None and s[2] is not None
-                and len(s[1]) < room]
-        if not todo:
-            return False
-        logits = self._forward(todo, [[self.seen[req][2]] for req in todo])
-        for req, pick in zip(todo, logits.argmax(-1).tolist()):
-            self.seen[req][2] = pick
-        self.ahead_made += len(todo)
-        return True
 
 
 class Speculator:
