@@ -5,6 +5,8 @@ value is refused in one line naming the key. In-process: no stages are started."
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import fields
 
 import pytest
@@ -109,3 +111,10 @@ def test_a_bad_override_is_refused_before_anything_starts():
         infer_settings(composed("infer", ["top_p=2.0"]))
     with pytest.raises(ConfigError, match=r"^temperature=-1\.0 is invalid"):
         chat_settings(composed("chat", ["temperature=-1"]))
+
+
+def test_the_schemas_import_it_without_torch():
+    """A bad override or --help answers before torch loads, though the schemas import SamplingParams."""
+    code = "import sys, smolcluster.inference.settings; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"

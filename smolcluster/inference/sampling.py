@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import astuple, dataclass, replace
-
-import torch
+from typing import TYPE_CHECKING
 
 from smolcluster.errors import ConfigError
+
+# torch is imported where it is used: the infer/chat schemas import SamplingParams, and a bad override
+# or --help must answer before torch loads (sys.modules makes the per-call import a dict lookup)
+if TYPE_CHECKING:
+    import torch
 
 WIRE_FIELDS = ("temperature", "top_k", "top_p", "seed")  # what mp.submit carries (pipeline/protocol.py)
 
@@ -77,6 +81,8 @@ class SamplingParams:
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, top-k and top-p applied to a 1-D logits vector (a new tensor)."""
+    import torch
+
     logits = logits.float() / params.temperature
     if params.top_k > 0 and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
@@ -93,6 +99,8 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """One token id from the last position's logits (shape (V,))."""
+    import torch
+
     if params.greedy:
         return int(torch.argmax(logits))
     probs = filter_logits(logits, params).softmax(-1)
@@ -100,4 +108,6 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
 
 
 def make_generator(seed: int) -> torch.Generator:
+    import torch
+
     return torch.Generator().manual_seed(int(seed))
