@@ -1,7 +1,7 @@
 """``python -m smolcluster.infer``: generate through a pipeline of stages, printing tokens as they arrive.
 
     python -m smolcluster.infer model=gpt2-tiny prompt="Once upon a time" max_new_tokens=50
-    python -m smolcluster.infer checkpoint=RUN_DIR prompt="ROMEO:" temperature=0.8 top_p=0.95 seed=1
+    python -m smolcluster.infer checkpoint=RUN_DIR prompt="ROMEO:" temperature=0.8 top_p=0.95 sampling_seed=1
     echo "To be, or not to be" | python -m smolcluster.infer checkpoint=RUN_DIR   # the prompt on stdin
     python -m smolcluster.infer prompt="'To be, or not to be'"   # or quoted twice: a bare comma is a Hydra list
     python -m smolcluster.infer role=stage rank=0 checkpoint=RUN_DIR cluster=lan     # one stage of a cluster
@@ -62,9 +62,8 @@ def run(cfg: DictConfig) -> dict | None:
 
     with agent_stages(cfg, p), pipeline_from_config(p, prompt=prompt) as pipe:  # cluster=auto: stages on agents
         t0 = time.perf_counter()
-        sp = s.sampling
-        req = pipe.submit(prompt, max_new_tokens=sp.max_new_tokens, temperature=sp.temperature, top_k=sp.top_k,
-                          top_p=sp.top_p, seed=p.seed, stop_at_eos=sp.stop_at_eos, adapter=s.adapter)
+        req = pipe.submit(prompt, max_new_tokens=s.max_new_tokens, sampling=s.sampling, stop_at_eos=s.stop_at_eos,
+                          adapter=s.adapter)
         sys.stdout.write(prompt)
         text = []
         for tok in req:
@@ -81,10 +80,13 @@ def run(cfg: DictConfig) -> dict | None:
         if req.drafted:  # speculate.k: how many of the proposed tokens the target kept
             stats.update(drafted=req.drafted, accepted=req.accepted, acceptance=round(req.accepted / req.drafted, 3))
             speculated = f", {req.accepted}/{req.drafted} proposed tokens accepted"
+        if not s.sampling.greedy:  # the seed drawn when none was given: sampling_seed=N repeats this answer
+            stats["sampling_seed"] = req.seed
+            speculated += f", sampling_seed={req.seed}"
         print(f"[{n} tokens in {wall:.2f}s, {stats['tokens_per_s']} tokens/s, first token after {ttft:.0f} ms, "
               f"{pipe.stages} stages{speculated}, finished: {req.finish_reason}]", file=sys.stderr)
         if req.ids and not "".join(text).strip():
-            print(whitespace_hint(len(req.ids), sp.temperature), file=sys.stderr)
+            print(whitespace_hint(len(req.ids), s.sampling.temperature), file=sys.stderr)
         return stats
 
 

@@ -13,6 +13,7 @@ from smolcluster import checkpoint
 from smolcluster.bench.common import write_tiny_run
 from smolcluster.errors import ConfigError, PeerError
 from smolcluster.inference import InferencePipeline
+from smolcluster.inference.sampling import SamplingParams
 from smolcluster.models.gpt2 import build_gpt2
 from tests.conftest import run_cli, wait_until
 
@@ -65,8 +66,17 @@ def test_sampling_is_seeded_per_request_and_filters_apply(two_stages, model_dir)
     b = two_stages.submit(p, max_new_tokens=20, temperature=1.0, top_p=0.9, seed=7, stop_at_eos=False)
     c = two_stages.submit(p, max_new_tokens=20, temperature=1.0, top_p=0.9, seed=8, stop_at_eos=False)
     k1 = two_stages.submit(p, max_new_tokens=20, temperature=0.7, top_k=1, seed=9, stop_at_eos=False)
-    assert a.tokens() == b.tokens() != c.tokens()
+    # a SamplingParams is the same request as its fields; an unset seed is drawn once and repeats the answer
+    d = two_stages.submit(p, max_new_tokens=20, sampling=SamplingParams(1.0, top_p=0.9, seed=7), stop_at_eos=False)
+    fresh = two_stages.submit(p, max_new_tokens=20, sampling=SamplingParams(1.0, top_p=0.9), stop_at_eos=False)
+    again = two_stages.submit(p, max_new_tokens=20, temperature=1.0, top_p=0.9, seed=fresh.seed, stop_at_eos=False)
+    assert a.tokens() == b.tokens() == d.tokens() != c.tokens()
+    assert isinstance(fresh.seed, int) and fresh.tokens() == again.tokens()
     assert k1.tokens() == hf_greedy(hf, p, 20)  # top_k=1 leaves only the argmax
+    with pytest.raises(ConfigError, match=r"^top_p=1\.5 is invalid"):
+        two_stages.submit(p, top_p=1.5)
+    with pytest.raises(ConfigError, match=r"submit\(\) got \['temprature'\]: the sampling keywords are"):
+        two_stages.submit(p, temprature=1.0)
 
 
 def test_text_prompts_stream_decoded_text(two_stages, model_dir):

@@ -71,7 +71,7 @@ def drive(args: argparse.Namespace) -> dict:
             f"serve.max_active={args.requests}", "logging.level=WARNING"])
     engine = engine_from_config(chat_settings(cfg))
     gen = torch.Generator().manual_seed(args.seed)
-    settings = Settings(max_new_tokens=args.tokens, temperature=0.0, stop_at_eos=False)
+    settings = Settings(max_new_tokens=args.tokens, stop_at_eos=False)  # greedy: the default
 
     def run(n: int) -> tuple[float, list]:
         prompts = [torch.randint(1, 500, (args.prompt,), generator=gen).tolist() for _ in range(n)]

@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from loguru import logger
@@ -26,6 +27,7 @@ from loguru import logger
 from smolcluster.errors import ConfigError
 from smolcluster.inference.adapters import check_adapters
 from smolcluster.inference.client import PipelineClient, Request
+from smolcluster.inference.sampling import WIRE_FIELDS, SamplingParams
 from smolcluster.inference.serve import ServeConfig
 from smolcluster.pipeline.launch import co_located_env, free_ports, stage_env
 from smolcluster.pipeline.quantize import StageFormat, resolve_device
@@ -216,17 +218,21 @@ class InferencePipeline:
             return self.tokenizer.encode(prompt)
         return [int(t) for t in prompt]
 
-    def submit(self, prompt: str | list[int], *, max_new_tokens: int = 64, temperature: float = 0.0,
-               top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
-               adapter: str | None = None, speculate: str = "") -> Request:
-        """Start generating; returns at once. ``temperature=0`` is greedy; ``seed=None`` picks one
-        (``request.seed``); ``adapter``: one of :attr:`adapters` (None: the base model); ``speculate``: the
-        drafter ("": the stages' default; off, lookup or draft: docs/inference.md). Raises ConfigError
-        for a bad prompt (e.g. longer than the context) or an adapter the stages do not serve."""
+    def submit(self, prompt: str | list[int], *, max_new_tokens: int = 64, sampling: SamplingParams | None = None,
+               stop_at_eos: bool = True, adapter: str | None = None, speculate: str = "", **knobs) -> Request:
+        """Start generating; returns at once. ``sampling`` (default :class:`SamplingParams`: greedy), or its
+        fields one by one (``temperature=0.8, top_p=0.95, seed=1``: they replace ``sampling``'s); a seed of
+        None picks one (``request.seed``). ``adapter``: one of :attr:`adapters` (None: the base model);
+        ``speculate``: the drafter ("": the stages' default; off, lookup or draft: docs/inference.md).
+        Raises ConfigError for a bad prompt (e.g. longer than the context), a bad sampling value, or an
+        adapter the stages do not serve."""
+        unknown = set(knobs) - set(WIRE_FIELDS)
+        if unknown:
+            raise ConfigError(f"submit() got {sorted(unknown)}: the sampling keywords are {list(WIRE_FIELDS)}")
+        sampling = replace(sampling or SamplingParams(), **knobs)
         eos = self.eos_ids if stop_at_eos else None
-        return self.client.submit(self.encode(prompt), max_new_tokens=max_new_tokens, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, seed=seed, eos=eos, adapter=adapter or "",
-                                  speculate=speculate)
+        return self.client.submit(self.encode(prompt), max_new_tokens=max_new_tokens, sampling=sampling, eos=eos,
+                                  adapter=adapter or "", speculate=speculate)
 
     def generate(self, prompt: str | list[int], **kw) -> str:
         """Submit and wait: the generated text."""

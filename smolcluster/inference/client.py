@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import queue
-import secrets
 import threading
 import time
 import uuid
@@ -227,10 +226,10 @@ class PipelineClient:
         return int(self.shape["n_positions"])
 
     # -- requests ---------------------------------------------------------------------------
-    def submit(self, ids: list[int], *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int | None = None, eos: int | list[int] | None = None,
-               adapter: str = "", speculate: str = "") -> Request:
+    def submit(self, ids: list[int], *, max_new_tokens: int = 64, sampling: SamplingParams = SamplingParams(),
+               eos: int | list[int] | None = None, adapter: str = "", speculate: str = "") -> Request:
         """Start generating ``ids``' continuation; it stops at any id in ``eos`` (one id or several).
+        ``sampling``: its seed None picks one (``request.params.seed``).
         ``adapter``: one of the stages' LoRA adapters (``self.adapters``), or "" for the base model.
         ``speculate``: its drafter, "" (the stages' ``speculate`` default), off, lookup or draft."""
         if self.error is not None:
@@ -250,13 +249,11 @@ class PipelineClient:
             raise ConfigError(unknown_adapter(adapter, self.adapters))
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
-        params = SamplingParams(float(temperature), int(top_k), float(top_p),
-                                secrets.randbelow(2**31) if seed is None else int(seed)).check()
+        params = sampling.check().resolved()
         req = Request(self, f"{self.name}-{next(self._ids)}", ids, params, max_new_tokens, self.decode)
         with self._lock:
             self._requests[req.id] = req
-        fields = {"req": req.id, "max_new_tokens": max_new_tokens, "temperature": params.temperature,
-                  "top_k": params.top_k, "top_p": params.top_p, "seed": params.seed, "adapter": adapter,
+        fields = {"req": req.id, "max_new_tokens": max_new_tokens, **params.to_wire(), "adapter": adapter,
                   "speculate": str(speculate),
                   "eos": [] if eos is None else [int(eos)] if isinstance(eos, (int, np.integer)) else [int(t) for t in eos]}
         self.mesh.send(self.stages[0], "mp.submit", fields, {"ids": np.asarray(ids, dtype=np.int64)}, tag=req.id)

@@ -435,7 +435,7 @@ class StageServer:
                 problem = (f"this request needs {need[worst] / 2**20:.1f} MB of KV cache on stage {worst}, more "
                            f"than its budget serve.kv_cache_mb={self.kv_budget / 2**20:.1f}: lower max_tokens "
                            f"or raise serve.kv_cache_mb")
-        params = SamplingParams(float(f["temperature"]), int(f["top_k"]), float(f["top_p"]), int(f["seed"]))
+        params = SamplingParams.from_wire(f)
         if problem is None:
             try:
                 params.check()
@@ -458,7 +458,7 @@ class StageServer:
             if len(self.requests) >= self.sc.max_requests or not self.make_room(need):
                 return
             self.waiting.popleft()
-            params = SamplingParams(float(f["temperature"]), int(f["top_k"]), float(f["top_p"]), int(f["seed"]))
+            params = SamplingParams.from_wire(f)
             st = self.start(req, head, params, int(f["max_new_tokens"]), f["eos"], len(ids), f["adapter"])
             st.prompt, st.reserved = ids, need
             st.drafter = self.drafter(f["speculate"])
@@ -571,10 +571,8 @@ class StageServer:
             if self.prefix is not None:
                 self.offer_blocks(req, st)
             if not st.introduced:
-                p = st.params
-                step.intro[req] = {"head": st.head, "max_new_tokens": st.max_new_tokens,
-                                   "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p,
-                                   "seed": p.seed, "eos": st.eos, "prompt_len": st.prompt_len,
+                step.intro[req] = {"head": st.head, "max_new_tokens": st.max_new_tokens, **st.params.to_wire(),
+                                   "eos": st.eos, "prompt_len": st.prompt_len,
                                    "adapter": st.adapter, "prefix": st.reused}
                 st.introduced, st.reused = True, []
             ids.extend(int(t) for t in st.prompt[st.fed:st.fed + n])
@@ -653,8 +651,7 @@ class StageServer:
         for req, intro in step.intro.items():
             if req not in self.requests and req not in self.closed:
                 check_intro(req, intro, env.src, self.prefix.block if self.prefix is not None else 0)
-                params = SamplingParams(float(intro["temperature"]), int(intro["top_k"]), float(intro["top_p"]),
-                                        int(intro["seed"]))
+                params = SamplingParams.from_wire(intro)
                 adapter = intro["adapter"]
                 if adapter and adapter not in self.sc.adapters:
                     raise ConfigError(f"{self.me}: {unknown_adapter(adapter, self.sc.adapters)} (start every "

@@ -24,6 +24,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from smolcluster.errors import ConfigError
+from smolcluster.inference.sampling import SamplingParams
 
 
 class Role(Enum):
@@ -35,17 +36,6 @@ class Role(Enum):
 class HeadPlace(Enum):
     first = "first"  # the LM head on stage 0, beside the embedding it is tied to (held once)
     last = "last"    # on the last stage, as in training
-
-
-@dataclass
-class Sampling:
-    """What an answer defaults to: infer's one request, the chat page's controls, the API's defaults."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    stop_at_eos: bool = True
 
 
 @dataclass
@@ -146,7 +136,9 @@ class InferSettings:
     """``adapter``: which of ``pipeline.adapters`` the prompt goes through (None: the base model)."""
 
     pipeline: Pipeline
-    sampling: Sampling
+    sampling: SamplingParams
+    max_new_tokens: int = 64
+    stop_at_eos: bool = True
     prompt: str | None = None
     adapter: str | None = None
 
@@ -172,9 +164,14 @@ class Serve:
 
 @dataclass
 class ChatSettings:
+    """``sampling``, ``max_new_tokens``, ``stop_at_eos``: what the chat page's answers start at (and the API's
+    chat ``max_tokens`` default)."""
+
     pipeline: Pipeline
-    sampling: Sampling
+    sampling: SamplingParams
     serve: Serve
+    max_new_tokens: int = 128
+    stop_at_eos: bool = True
     system_prompt: str = ""
 
 
@@ -199,9 +196,12 @@ class _Common:
     quantize_group: int = 64      # int4's group size: 32 | 64 | 128
     partition: str = "even"       # even (cluster.nodes[i].weight) | auto (by cluster.nodes[i].memory_gb)
     max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
+    # sampling: the keys are SamplingParams' (sampling_seed is its seed: `seed` is the random init's), and
+    # so are the defaults; the yaml files leave them out, so they are defined in inference/sampling.py alone
+    temperature: float = SamplingParams.temperature
+    top_k: int = SamplingParams.top_k
+    top_p: float = SamplingParams.top_p
+    sampling_seed: int | None = SamplingParams.seed
     stop_at_eos: bool = True
     adapters: Any = None  # {name: PEFT adapter dir}, served per request (Any: a typed dict would refuse new names)
     speculate: Speculate = field(default_factory=Speculate)
@@ -298,17 +298,23 @@ def _telemetry(cfg) -> dict:
             "run_id": new_run_id()}
 
 
-def _sampling(cfg) -> Sampling:
-    return Sampling(max_new_tokens=int(cfg.max_new_tokens), temperature=float(cfg.temperature), top_k=int(cfg.top_k),
-                    top_p=float(cfg.top_p), stop_at_eos=bool(cfg.stop_at_eos))
+def _sampling(cfg) -> SamplingParams:
+    return SamplingParams(float(cfg.temperature), int(cfg.top_k), float(cfg.top_p), cfg.sampling_seed).check()
+
+
+def _length(cfg) -> int:
+    n = int(cfg.max_new_tokens)
+    if n < 1:
+        raise ConfigError(f"max_new_tokens={n} is invalid: give how many tokens to generate at most (e.g. 64)")
+    return n
 
 
 def infer_settings(cfg) -> InferSettings:
     if int(cfg.replicas) != 1:
         raise ConfigError(f"replicas={cfg.replicas} is for the chat server (python -m smolcluster.chat): infer "
                           "answers one prompt, which one pipeline serves; drop replicas=")
-    return InferSettings(_pipeline(cfg), _sampling(cfg), None if cfg.prompt is None else str(cfg.prompt),
-                         cfg.adapter or None)
+    return InferSettings(_pipeline(cfg), _sampling(cfg), _length(cfg), bool(cfg.stop_at_eos),
+                         None if cfg.prompt is None else str(cfg.prompt), cfg.adapter or None)
 
 
 def chat_settings(cfg) -> ChatSettings:
@@ -321,4 +327,5 @@ def chat_settings(cfg) -> ChatSettings:
     if bad:
         raise ConfigError(f"serve.allowed_hosts: {bad} are not host names: use a name, an address, "
                           "'*.example.com' for a domain's names or '*' for any")
-    return ChatSettings(_pipeline(cfg), _sampling(cfg), serve, str(cfg.system_prompt or ""))
+    return ChatSettings(_pipeline(cfg), _sampling(cfg), serve, _length(cfg), bool(cfg.stop_at_eos),
+                        str(cfg.system_prompt or ""))

@@ -12,6 +12,7 @@ transcript), oldest turns left out when it does not fit.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 import gradio as gr
 
@@ -88,9 +89,8 @@ def build_chat_ui(engine: Engine, defaults: ChatDefaults, model_name: str) -> gr
         try:
             prompt = build_chat_prompt(conversation(history, system, message), fmt, prompt_budget(context, max_new))
             gen = engine.submit(prompt.ids, user=user, settings=Settings.for_chat(
-                fmt, max_new_tokens=max_new, temperature=float(temperature), top_k=defaults.top_k,
-                top_p=float(top_p), stop_at_eos=defaults.stop_at_eos,
-                adapter=adapter))
+                fmt, max_new_tokens=max_new, stop_at_eos=defaults.stop_at_eos, adapter=adapter,
+                sampling=replace(defaults.sampling, temperature=float(temperature), top_p=float(top_p))))
         except (PromptTooLong, PipelineDown, QueueFull, ValueError) as e:  # ValueError: the template refused
             yield history, message, f"**error:** {e}"
             return
@@ -121,9 +121,9 @@ def build_chat_ui(engine: Engine, defaults: ChatDefaults, model_name: str) -> gr
         with gr.Accordion("Settings", open=False):
             system = gr.Textbox(label="System prompt", value=defaults.system_prompt, lines=2)
             with gr.Row():
-                temperature = gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05,
+                temperature = gr.Slider(0.0, 2.0, value=defaults.sampling.temperature, step=0.05,
                                         label="Temperature (0 = greedy)", elem_id="temperature")
-                top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p", elem_id="top_p")
+                top_p = gr.Slider(0.05, 1.0, value=defaults.sampling.top_p, step=0.05, label="Top-p", elem_id="top_p")
                 max_new = gr.Slider(1, context, value=min(defaults.max_new_tokens, context), step=1,
                                     label="Max new tokens", elem_id="max_new_tokens")
             # LoRA adapters (adapters=): the base model or BASE:NAME, as the API names them

@@ -25,9 +25,8 @@ def model_name(s: ChatSettings) -> str:
 
 
 def chat_defaults(s: ChatSettings) -> ChatDefaults:
-    sp = s.sampling
-    return ChatDefaults(max_new_tokens=sp.max_new_tokens, temperature=sp.temperature, top_p=sp.top_p,
-                        top_k=sp.top_k, system_prompt=s.system_prompt, stop_at_eos=sp.stop_at_eos)
+    return ChatDefaults(max_new_tokens=s.max_new_tokens, sampling=s.sampling, system_prompt=s.system_prompt,
+                        stop_at_eos=s.stop_at_eos)
 
 
 def model_dir(cfg: Pipeline) -> Path | None:

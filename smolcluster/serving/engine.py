@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from loguru import logger
 
 from smolcluster.errors import ConfigError, PeerError, SmolclusterError
+from smolcluster.inference.sampling import SamplingParams
 from smolcluster.serving.fair_queue import FairQueue
 from smolcluster.serving.prompting import ChatFormat, ChatTemplate, Transcript
 from smolcluster.serving.stops import LeadingSpaceTrimmer, StopMatcher
@@ -49,10 +50,7 @@ class PipelineDown(SmolclusterError):
 @dataclass(frozen=True)
 class Settings:
     max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
+    sampling: SamplingParams = SamplingParams()
     stop: tuple[str, ...] = ()
     stop_ids: tuple[int, ...] = ()    # tokens that end the answer, unshown (a chat template's end of turn)
     stop_at_eos: bool = True
@@ -71,9 +69,7 @@ class ChatDefaults:
     """What the chat page's controls start at (and the API's chat ``max_tokens`` default)."""
 
     max_new_tokens: int = 128
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 0
+    sampling: SamplingParams = SamplingParams()  # the page's temperature / top-p sliders start at its values
     system_prompt: str = ""
     stop_at_eos: bool = True
 
@@ -190,9 +186,8 @@ class Generation:
                     return
                 self.state = "running"
             replica, pipe = engine._route(self)
-            request = pipe.submit(self.prompt_ids, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                                  top_k=s.top_k, top_p=s.top_p, seed=s.seed, stop_at_eos=s.stop_at_eos,
-                                  adapter=s.adapter)
+            request = pipe.submit(self.prompt_ids, max_new_tokens=s.max_new_tokens, sampling=s.sampling,
+                                  stop_at_eos=s.stop_at_eos, adapter=s.adapter)
             self.started_at = request.submitted_at
             with self._lock:
                 self._request, cancelled = request, self._cancelled

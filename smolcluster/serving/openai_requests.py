@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from smolcluster.inference.adapters import adapter_of, model_ids
+from smolcluster.inference.sampling import SamplingParams
 from smolcluster.serving.engine import Settings
 from smolcluster.serving.openai_schema import (
     ChatCompletionRequest,
@@ -72,13 +73,9 @@ class ModelLimits:
 
 
 def sampling(req: SamplingRequest, max_tokens: int | None, default_max_tokens: int) -> dict:
-    """The engine's sampling settings for a request (OpenAI's defaults where it gives none)."""
-    temperature = req.temperature if req.temperature is not None else 1.0
-    top_p = req.top_p if req.top_p is not None else 1.0
-    if top_p == 0.0:  # only the most likely token is left: greedy
-        temperature, top_p = 0.0, 1.0
+    """The engine's settings for a request's length and sampling (OpenAI's defaults where it gives none)."""
     return {"max_new_tokens": max_tokens if max_tokens is not None else default_max_tokens,
-            "temperature": temperature, "top_p": top_p, "top_k": req.top_k or 0, "seed": req.seed}
+            "sampling": SamplingParams.from_openai(req.temperature, req.top_p, req.top_k, req.seed)}
 
 
 def stops(req: SamplingRequest) -> tuple[str, ...]:
