@@ -286,3 +286,41 @@ def test_cluster_auto_refuses_more_replicas_than_its_agents_hold_in_one_line():
         place_replicas(nodes, 2, 3)
     with pytest.raises(ConfigError, match=r"found 3: use replicas=1 \(one pipeline may share nodes\)"):
         place_replicas(nodes[:3], 2, 2)
+
+
+def test_replicas_resolved_at_once_from_a_random_init_serve_the_same_weights():
+    """Engine.start builds replicas in parallel threads: each random init must be the same weights, not draws from
+    one global generator racing another."""
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+    from safetensors.torch import load
+
+    from smolcluster.inference.from_config import replica_settings, resolve_model
+    from smolcluster.inference.settings import chat_settings
+    from smolcluster.paths import CONFIG_DIR
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        cfg = chat_settings(compose("chat", overrides=["replicas=3", "seed=5"])).pipeline
+    start, out = threading.Barrier(3), [None] * 3
+
+    def resolve(r: int) -> None:
+        start.wait(timeout=60)
+        out[r] = resolve_model(replica_settings(cfg, r))
+
+    threads = [threading.Thread(target=resolve, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert all(o is not None for o in out), "a replica's resolve_model failed (see the thread's traceback)"
+    try:
+        files = [sorted(tmp.glob("*.safetensors")) for _, _, tmp in out]
+        assert files[0] and [f.name for f in files[0]] == [f.name for f in files[1]] == [f.name for f in files[2]]
+        weights = [{k: v for f in fs for k, v in load(f.read_bytes()).items()} for fs in files]
+        assert weights[0].keys() == weights[1].keys() == weights[2].keys()
+        for name, w in weights[0].items():
+            assert torch.equal(w, weights[1][name]) and torch.equal(w, weights[2][name]), name
+    finally:
+        for _, _, tmp in out:
+            shutil.rmtree(tmp, ignore_errors=True)

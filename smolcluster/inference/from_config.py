@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -73,6 +74,17 @@ def resolve_model(cfg: Pipeline, need_tokenizer: bool = True) -> tuple[dict, obj
             raise ConfigError(f"model.pretrained={cfg.model['pretrained']}: no tokenizer.json there; download the "
                               "model's tokenizer files with it")
         return info, tok, None
+    with _RANDOM_INIT:
+        return _random_init(cfg, n_head)
+
+
+# Replicas resolve their models in parallel threads (serving.engine.Engine.start): the random init seeds and draws
+# from torch's global generator and imports transformers lazily (not thread-safe), so one build at a time makes
+# every replica's init the same weights.
+_RANDOM_INIT = threading.Lock()
+
+
+def _random_init(cfg: Pipeline, n_head) -> tuple[dict, object, Path]:
     import torch
     from transformers import PreTrainedModel
 
