@@ -211,6 +211,9 @@ def test_replica_settings_split_the_cluster_and_bad_counts_are_refused_in_one_li
     assert [[n["host"] for n in replica_settings(head, r).links.nodes] for r in (0, 1)] == [["a", "b"], ["c", "d"]]
     by_port = settings("chat", "role=head", "replicas=2", "cluster.port=7000").pipeline
     assert [replica_settings(by_port, r).links.port for r in (0, 1)] == [7000, 7002]
+    assert [replica_settings(by_port, r).head_port for r in (0, 1)] == [0, 0]  # any free port, each its own
+    fixed = settings("chat", "role=head", "replicas=3", "cluster.port=7000", "head_port=6000").pipeline
+    assert [replica_settings(fixed, r).head_port for r in range(3)] == [6000, 6001, 6002]
     launch = settings("chat", "replicas=3", "logging.prometheus.port=9400").pipeline
     assert [replica_settings(launch, r).telemetry["prometheus_port"] for r in range(3)] == [9400, 9402, 9404]
     with pytest.raises(ConfigError, match=r"replicas=3 x stages=2 needs 6 cluster.nodes, the cluster lists 4.*"

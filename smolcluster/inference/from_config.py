@@ -262,7 +262,8 @@ def replica_settings(cfg: Pipeline, r: int) -> Pipeline:
     ``r*stages .. r*stages+stages-1`` (or listen on ``cluster.port + r*stages + i``); ``role=launch``: its stages
     announce /metrics on ports after the replicas before it (stage i of replica r: base + 1 + r*stages + i) under
     the node name ``NODE-rR``. ``cluster=auto``: the links the coordinator made for replica ``r``'s stages
-    (``replica_links``: their addresses and the head's keys for them)."""
+    (``replica_links``: their addresses and the head's keys for them). A fixed ``head_port``: replica r's head
+    binds ``head_port + r``."""
     if cfg.replicas == 1:
         return cfg
     n, first = cfg.stages, r * cfg.stages
@@ -280,7 +281,8 @@ def replica_settings(cfg: Pipeline, r: int) -> Pipeline:
     telemetry = dict(cfg.telemetry)
     if telemetry.get("prometheus_port"):  # 0 (any free port) stays 0
         telemetry["prometheus_port"] = int(telemetry["prometheus_port"]) + first
-    return replace(cfg, links=links, telemetry=telemetry, replica=r)
+    head_port = cfg.head_port + r if cfg.head_port else 0  # each replica's head socket binds a port of its own
+    return replace(cfg, links=links, telemetry=telemetry, replica=r, head_port=head_port)
 
 
 def stage_speculate(cfg: Pipeline, config: dict) -> dict:
