@@ -200,6 +200,7 @@ def test_replica_settings_split_the_cluster_and_bad_counts_are_refused_in_one_li
     from smolcluster.inference.from_config import replica_settings
     from smolcluster.inference.settings import chat_settings, infer_settings
     from smolcluster.paths import CONFIG_DIR
+    from smolcluster.pipeline.nodes import stage_nodes
 
     def settings(name: str, *overrides: str):
         with initialize_config_dir(str(CONFIG_DIR), version_base=None):
@@ -219,6 +220,14 @@ def test_replica_settings_split_the_cluster_and_bad_counts_are_refused_in_one_li
     with pytest.raises(ConfigError, match=r"replicas=3 x stages=2 needs 6 cluster.nodes, the cluster lists 4.*"
                                           r"replicas=2"):
         replica_settings(settings("chat", "role=head", "replicas=3", "cluster.port=7000", nodes).pipeline, 0)
+    same = "++cluster.nodes=[{host:a},{host:b},{host:a},{host:b}]"  # no ports: both replicas on a:7000, b:7001
+    with pytest.raises(ConfigError, match=r"replicas 0 and 1 both reach a stage at tcp://a:7000.*"
+                                          r"cluster.nodes\[i\].port"):
+        replica_settings(settings("chat", "role=head", "replicas=2", "cluster.port=7000", same).pipeline, 1)
+    ported = "++cluster.nodes=[{host:a},{host:b},{host:a,port:7100},{host:b,port:7101}]"
+    assert [n.address for n in stage_nodes(replica_settings(settings(
+        "chat", "role=head", "replicas=2", "cluster.port=7000", ported).pipeline, 1).links, 2)] == [
+        "tcp://a:7100", "tcp://b:7101"]
     for name, bad, message in (("chat", "replicas=0", "replicas=0 is invalid"),
                                ("chat", "replicas=-1", "replicas=-1 is invalid"),
                                ("infer", "replicas=2", "is for the chat server")):

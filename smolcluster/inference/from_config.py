@@ -276,6 +276,7 @@ def replica_settings(cfg: Pipeline, r: int) -> Pipeline:
                               f"cluster lists {len(nodes)}: list every replica's stages (replica r's stage i is "
                               f"node r*stages+i), or use replicas={max(1, len(nodes) // n)}")
         links = replace(links, nodes=nodes[first:first + n])
+        _check_distinct_replicas(cfg, nodes)
     elif cfg.role is Role.head and links.port is not None:
         links = replace(links, port=int(links.port) + first)
     telemetry = dict(cfg.telemetry)
@@ -283,6 +284,20 @@ def replica_settings(cfg: Pipeline, r: int) -> Pipeline:
         telemetry["prometheus_port"] = int(telemetry["prometheus_port"]) + first
     head_port = cfg.head_port + r if cfg.head_port else 0  # each replica's head socket binds a port of its own
     return replace(cfg, links=links, telemetry=telemetry, replica=r, head_port=head_port)
+
+
+def _check_distinct_replicas(cfg: Pipeline, nodes: list) -> None:
+    """Refuse replicas whose stages resolve to the same addresses: nodes without a port each number theirs from
+    ``cluster.port + i`` within their replica, so two replicas on the same hosts would share every stage."""
+    from smolcluster.pipeline.nodes import stage_nodes
+
+    n, seen = cfg.stages, {}
+    for r in range(cfg.replicas):
+        for node in stage_nodes(replace(cfg.links, nodes=nodes[r * n:r * n + n]), n):
+            if node.address in seen:
+                raise ConfigError(f"replicas {seen[node.address]} and {r} both reach a stage at {node.address}: "
+                                  f"give every node its own port (cluster.nodes[i].port) or host")
+            seen[node.address] = r
 
 
 def stage_speculate(cfg: Pipeline, config: dict) -> dict:
