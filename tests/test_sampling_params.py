@@ -111,6 +111,9 @@ def test_a_bad_override_is_refused_before_anything_starts():
         infer_settings(composed("infer", ["top_p=2.0"]))
     with pytest.raises(ConfigError, match=r"^temperature=-1\.0 is invalid"):
         chat_settings(composed("chat", ["temperature=-1"]))
+    for name, settings in (("infer", infer_settings), ("chat", chat_settings)):  # named as given, not seed=
+        with pytest.raises(ConfigError, match=r"^sampling_seed=-1 is invalid: use an integer in \[0, 2\*\*63\)"):
+            settings(composed(name, ["sampling_seed=-1"]))
 
 
 def test_the_schemas_import_it_without_torch():

@@ -36,8 +36,9 @@ class SamplingParams:
     top_p: float = 1.0          # 1 = off
     seed: int | None = None     # None = a fresh one per request (see :meth:`resolved`)
 
-    def check(self) -> SamplingParams:
-        """Itself, or a ConfigError naming the first bad key and its valid range."""
+    def check(self, seed_key: str = "seed") -> SamplingParams:
+        """Itself, or a ConfigError naming the first bad key and its valid range (``seed_key``: the seed's name
+        where it was given, e.g. infer's ``sampling_seed``)."""
         if not (self.temperature >= 0):
             raise ConfigError(f"temperature={self.temperature} is invalid: use 0 (greedy) or a positive number")
         if not isinstance(self.top_k, int) or self.top_k < 0:
@@ -45,7 +46,7 @@ class SamplingParams:
         if not (0 < self.top_p <= 1):
             raise ConfigError(f"top_p={self.top_p} is invalid: it must be in (0, 1] (1 = off)")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
-            raise ConfigError(f"seed={self.seed} is invalid: use an integer in [0, 2**63), or null for a fresh one")
+            raise ConfigError(f"{seed_key}={self.seed} is invalid: use an integer in [0, 2**63), or null for a fresh one")
         return self
 
     @property

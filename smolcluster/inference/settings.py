@@ -299,7 +299,7 @@ def _telemetry(cfg) -> dict:
 
 
 def _sampling(cfg) -> SamplingParams:
-    return SamplingParams(float(cfg.temperature), int(cfg.top_k), float(cfg.top_p), cfg.sampling_seed).check()
+    return SamplingParams(float(cfg.temperature), int(cfg.top_k), float(cfg.top_p), cfg.sampling_seed).check("sampling_seed")
 
 
 def _length(cfg) -> int:
