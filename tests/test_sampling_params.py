@@ -59,6 +59,24 @@ def test_command_line_keys_still_set_it_and_the_sampling_seed_is_its_own_key():
     assert (chat.sampling.temperature, chat.sampling.top_p, chat.max_new_tokens) == (0.7, 0.9, 128)
 
 
+def test_the_old_seed_for_sampling_with_given_weights_is_warned_about_naming_sampling_seed():
+    from loguru import logger
+
+    said: list[str] = []
+    sink = logger.add(lambda m: said.append(m.record["message"]), level="WARNING")
+    try:
+        for overrides in (["seed=9", "temperature=0.8", "checkpoint=/runs/x"],         # warned
+                          ["seed=9", "temperature=0.8", "+model.pretrained=/models/x"],  # warned
+                          ["seed=9", "temperature=0.8"],                # seeds the random init: its job
+                          ["seed=9", "checkpoint=/runs/x"],             # greedy: no sampling to seed
+                          ["temperature=0.8", "checkpoint=/runs/x"]):   # seed left alone
+            infer_settings(composed("infer", overrides))
+    finally:
+        logger.remove(sink)
+    warned = [m for m in said if "sampling_seed=9" in m]
+    assert len(warned) == 2 and "seed=9 only seeds a random init" in warned[0]
+
+
 def test_wire_round_trip_keeps_every_field_and_the_protocols_names():
     p = SamplingParams(temperature=0.9, top_k=40, top_p=0.92, seed=123456789)
     wire = p.to_wire()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any  # noqa: UP035 -- Hydra's structured configs need typing.Optional on py3.10
 
 from hydra.core.config_store import ConfigStore
+from loguru import logger
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from smolcluster.errors import ConfigError
@@ -313,8 +314,18 @@ def infer_settings(cfg) -> InferSettings:
     if int(cfg.replicas) != 1:
         raise ConfigError(f"replicas={cfg.replicas} is for the chat server (python -m smolcluster.chat): infer "
                           "answers one prompt, which one pipeline serves; drop replicas=")
-    return InferSettings(_pipeline(cfg), _sampling(cfg), _length(cfg), bool(cfg.stop_at_eos),
-                         None if cfg.prompt is None else str(cfg.prompt), cfg.adapter or None)
+    s = InferSettings(_pipeline(cfg), _sampling(cfg), _length(cfg), bool(cfg.stop_at_eos),
+                      None if cfg.prompt is None else str(cfg.prompt), cfg.adapter or None)
+    _warn_seed_unused(s)
+    return s
+
+
+def _warn_seed_unused(s: InferSettings) -> None:
+    """``seed=N`` once seeded the sampler too; with given weights it now does nothing, so say which key does."""
+    p = s.pipeline
+    if p.seed != Pipeline.seed and (p.checkpoint or p.model.get("pretrained")) and not s.sampling.greedy:
+        logger.warning(f"seed={p.seed} only seeds a random init, and the weights here are given: it does not "
+                       f"seed sampling; use sampling_seed={p.seed} to repeat an answer")
 
 
 def chat_settings(cfg) -> ChatSettings:
