@@ -50,6 +50,13 @@ def _choice(cfg: TrainConfig, key: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{key}={value!r} is invalid: choose one of {', '.join(choices)}")
 
 
+def _betas(cfg: TrainConfig) -> None:
+    betas = list(cfg.train.betas)
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise ConfigError(f"train.betas={betas} is invalid: give AdamW's two decay rates, each in [0, 1), "
+                          "e.g. train.betas=[0.9,0.95]")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Raise :class:`ConfigError` for the first invalid value found."""
     _int(cfg, "train.batch_size")
@@ -67,6 +74,8 @@ def validate(cfg: TrainConfig) -> None:
         _int(cfg, "train.grad_norm_window")
         _int(cfg, "train.grad_norm_warmup", allow_zero=True)
     _number(cfg, "train.weight_decay")
+    _number(cfg, "train.momentum")
+    _betas(cfg)
     _choice(cfg, "train.optimizer", OPTIMIZERS)
     _choice(cfg, "logging.wandb.mode", wandb_sink.MODES)
     _int(cfg, "logging.prometheus.port", allow_none=True, allow_zero=True)

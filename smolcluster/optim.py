@@ -92,10 +92,15 @@ class FlatOptimizer:
 
 
 def sgd(params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False) -> FlatOptimizer:
+    if momentum < 0:  # what torch.optim.SGD refuses
+        raise ValueError(f"Invalid momentum value: {momentum} (it must be >= 0)")
     return FlatOptimizer(params, "sgd", lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
 
 
 def adamw(params, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.01, eps: float = 1e-8) -> FlatOptimizer:
+    betas = tuple(betas)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):  # what torch.optim.AdamW refuses
+        raise ValueError(f"Invalid betas {betas}: give two values, each in [0, 1)")
     return FlatOptimizer(params, "adamw", lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
 
 

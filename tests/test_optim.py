@@ -59,3 +59,37 @@ def test_steps_equal_torch_optim_bit_for_bit_and_resume_from_torchs_saved_state(
 def test_a_state_of_another_shape_is_refused():
     with pytest.raises(ValueError, match="groups of sizes"):
         sgd(_params(torch.float32), lr=0.1).load_state_dict({"state": {}, "param_groups": [{"params": [0]}]})
+
+
+@pytest.mark.parametrize(("override", "expect"), [
+    ("train.momentum=-0.5", r"^train\.momentum=-0\.5 is invalid: it must be a non-negative number"),
+    ("train.betas=[0.9,1.0]", r"^train\.betas=\[0\.9, 1\.0\] is invalid: give AdamW's two decay rates, each in \[0, 1\)"),
+    ("train.betas=[-0.1,0.9]", r"^train\.betas=\[-0\.1, 0\.9\] is invalid"),
+    ("train.betas=[0.9,0.95,0.99]", r"^train\.betas=\[0\.9, 0\.95, 0\.99\] is invalid"),
+])
+def test_optimizer_values_torch_refuses_are_refused_naming_the_key(override, expect):
+    from hydra import compose, initialize_config_dir
+
+    from smolcluster.config import validate
+    from smolcluster.errors import ConfigError
+    from smolcluster.paths import CONFIG_DIR
+    from smolcluster.train_settings import train_config
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        cfg = compose("config", overrides=["algo=local", override])
+    with pytest.raises(ConfigError, match=expect):
+        validate(train_config(cfg))
+
+
+def test_sgd_and_adamw_refuse_what_torch_optim_refuses():
+    """As torch.optim.SGD / AdamW do: the callers that build them without validate() (diloco's outer step)."""
+    p = [torch.zeros(3, requires_grad=True)]
+    with pytest.raises(ValueError, match="momentum"):
+        torch.optim.SGD(p, lr=0.1, momentum=-0.1)
+    with pytest.raises(ValueError, match="momentum"):
+        sgd(p, lr=0.1, momentum=-0.1)
+    for betas in ((0.9, 1.0), (-0.1, 0.9), (0.9, 0.95, 0.99)):
+        with pytest.raises(ValueError, match="betas"):
+            adamw(p, lr=0.1, betas=betas)
+    sgd(p, lr=0.1, momentum=0.0)
+    adamw(p, lr=0.1, betas=(0.0, 0.0))  # the edges torch accepts
