@@ -57,6 +57,13 @@ def _betas(cfg: TrainConfig) -> None:
                           "e.g. train.betas=[0.9,0.95]")
 
 
+def _edp_min_workers(cfg: TrainConfig) -> None:
+    m, n = getattr(cfg.algo, "min_workers", None), cfg.cluster.workers  # (edp's key; the rings check theirs)
+    if cfg.algo.name == "edp" and not (_is_int(m) and 1 <= m <= n):
+        raise ConfigError(f"algo.min_workers={m!r} is invalid: how many workers edp waits for before training, "
+                          f"between 1 and cluster.workers ({n})")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Raise :class:`ConfigError` for the first invalid value found."""
     _int(cfg, "train.batch_size")
@@ -82,6 +89,7 @@ def validate(cfg: TrainConfig) -> None:
     _int(cfg, "logging.grad_norm_every", allow_zero=True)
     _int(cfg, "logging.hardware_every", allow_zero=True)
     _choice(cfg, "train.schedule", SCHEDULES)
+    _edp_min_workers(cfg)
     if cfg.algo.name != "local":
         # every distributed role checks, so a keyless LAN run is refused (or warned about) on every node
         c = cfg.cluster

@@ -134,7 +134,6 @@ class PSSettings(AlgoSettings):
     weights_compression: str = "none"
     codec: str = "none"            # the old name of compression (the yaml makes it ${.compression})
     ema: float = 0.0
-    min_workers: int | None = None  # edp: start once this many registered; both: the guard's per-worker quorum
 
 
 @dataclass
@@ -148,7 +147,7 @@ class EdpSettings(PSSettings):
     dc_lambda: float = 0.04
     max_staleness: int = 8
     pull_every: int = 1
-    min_workers: int | None = 1
+    min_workers: int = 1  # start once this many registered; also the gradient guard's quorum (syncps: every worker)
 
 
 @dataclass

@@ -297,3 +297,26 @@ def test_a_killed_edp_server_resumed_keeps_every_count_and_its_workers_rejoin(tm
     assert len([x for x in log if " joined from node " in x]) == 2
     for out in workers:
         assert len(re.findall(r"worker \d registered with ", out)) == 2, out[-3000:]
+
+
+def test_min_workers_is_edps_key_in_1_to_cluster_workers_and_not_syncps():
+    """syncps waits for every worker (its gradient guard's quorum too): algo.min_workers there would have turned
+    the guard's robust clip off silently, so it is not a syncps setting; edp's is checked against the cluster."""
+    from hydra.errors import ConfigCompositionException
+
+    from smolcluster.config import validate
+    from smolcluster.errors import ConfigError
+
+    def composed(*overrides: str):
+        with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+            return compose("config", overrides=["cluster.workers=2", *overrides])
+
+    validate(train_config(composed("algo=edp", "algo.min_workers=2")))
+    assert train_config(composed("algo=edp")).algo.min_workers == 1
+    for bad in ("0", "3"):
+        with pytest.raises(ConfigError, match=rf"^algo.min_workers={bad} is invalid: "
+                                              r".*between 1 and cluster.workers \(2\)"):
+            validate(train_config(composed("algo=edp", f"algo.min_workers={bad}")))
+    for refused in (("algo=edp", "algo.min_workers=null"), ("algo=syncps", "algo.min_workers=5")):
+        with pytest.raises(ConfigCompositionException, match="algo.min_workers"):  # the schema types it (or not)
+            composed(*refused)

@@ -116,7 +116,7 @@ class EdpServer(ServerBase):
         return row
 
     def run(self) -> dict:
-        self.wait_for_workers(self.cfg.algo.min_workers or 1)
+        self.wait_for_workers(self.cfg.algo.min_workers)
         self.started = True
         self.start_clock()
         while self.trainer.step < self.trainer.end_step:

@@ -147,7 +147,8 @@ class ServerBase:
         self.assigned = cfg.batch_sizes()  # each rank's batch: its gradient's weight, whatever it reports
         self.key_ranks = rank_keys(self.cluster)
         # the bound waits until every worker the server waits for has sent a gradient (edp: algo.min_workers)
-        self.guard = GradientGuard.from_config(cfg.train, cfg.algo.min_workers or self.cluster.workers)
+        quorum = cfg.algo.min_workers if self.algo == "edp" else self.cluster.workers
+        self.guard = GradientGuard.from_config(cfg.train, quorum)
         self.recorder = open_recorder(cfg, self.run_dir, keep_until=self.trainer.step if cfg.resume else None)
         self.ema = {n: t.detach().clone() for n, t in self.flat.params.items()} if cfg.algo.ema else None
         carried = self.trainer.carried  # a resumed run goes on counting where its checkpoint stopped
