@@ -258,6 +258,8 @@ class Replica:
 
 
 class Engine:
+    REBUILD_JOIN_S = 30.0  # close() waits this long for a reconnect in progress (a connect's own timeout ends it)
+
     def __init__(self, connect: Callable[[], object] | list[Callable[[], object]], *, max_active: int = 16,
                  max_waiting: int = 64, reconnect: bool = True, watch_s: float = 0.25, max_backoff_s: float = 30.0,
                  chat_template: ChatTemplate | None = None, metrics=None, prefix_block: int = 32):
@@ -281,6 +283,7 @@ class Engine:
         self._ids = itertools.count()
         self._stop = threading.Event()
         self._supervisor: threading.Thread | None = None
+        self._rebuilds: list[threading.Thread] = []  # the supervisor's reconnect threads, joined by close()
         self.tokenizer = None
         self.context = 0
         self.vocab_size = 0
@@ -478,8 +481,9 @@ class Engine:
             r.rebuilding = True
         if pipe is not None:
             logger.error(f"{self._whose(r)} lost: {error}")
-        threading.Thread(target=self._rebuild, args=(r, pipe), name=f"serving-rebuild-{r.index}",
-                         daemon=True).start()
+        t = threading.Thread(target=self._rebuild, args=(r, pipe), name=f"serving-rebuild-{r.index}", daemon=True)
+        self._rebuilds = [*(x for x in self._rebuilds if x.is_alive()), t]
+        t.start()
 
     def _rebuild(self, r: Replica, old) -> None:
         if old is not None:
@@ -523,6 +527,11 @@ class Engine:
             g.cancel()
         if self._supervisor is not None:
             self._supervisor.join(timeout=5)
+        for t in self._rebuilds:  # a pipeline a rebuild adopts now is closed below, not left running
+            t.join(timeout=self.REBUILD_JOIN_S)
+            if t.is_alive():
+                logger.warning(f"{t.name} still connecting after {self.REBUILD_JOIN_S:.0f}s: leaving it (it closes "
+                               "what it builds once it sees the engine closed)")
         with self._lock:
             pipes = [r.pipe for r in self.replicas if r.pipe is not None]
             for r in self.replicas:
