@@ -59,7 +59,8 @@ def _betas(cfg: TrainConfig) -> None:
 
 def _edp_min_workers(cfg: TrainConfig) -> None:
     m, n = getattr(cfg.algo, "min_workers", None), cfg.cluster.workers  # (edp's key; the rings check theirs)
-    if cfg.algo.name == "edp" and not (_is_int(m) and 1 <= m <= n):
+    auto = cfg.cluster.name == "auto" and cfg.role == "launch"  # the coordinator counts the workers later
+    if cfg.algo.name == "edp" and not (_is_int(m) and 1 <= m and (auto or m <= n)):
         raise ConfigError(f"algo.min_workers={m!r} is invalid: how many workers edp waits for before training, "
                           f"between 1 and cluster.workers ({n})")
 
