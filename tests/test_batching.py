@@ -165,8 +165,10 @@ def test_a_stage_streams_tokens_held_back_together_each_with_the_time_it_was_mad
     assert [t for t, _ in seen] == alone and r.finish_reason == "length"
     # Token 1 travelled with token 39, so it was seen only once that one had been made ...
     assert seen[1][1] >= r.token_at[-1]
-    # ... yet each keeps its own time: made one after another, not all at the moment they arrived.
-    assert r.token_at == sorted(r.token_at) and len(set(r.token_at[1:])) == 39
+    # ... yet each keeps its own time: made one after another, not all at the moment they arrived. (Only within
+    # the one message: the head dates a message's tokens from its own arrival, so token 0, alone in an earlier
+    # message, carries that message's delivery delay; under load it can date after tokens 1-5 were made.)
+    assert r.token_at[1:] == sorted(r.token_at[1:]) and len(set(r.token_at[1:])) == 39
 
 
 @pytest.mark.parametrize(("turns", "head"), [(True, "first"), (True, "last"), (False, "first")])
