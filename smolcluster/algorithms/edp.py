@@ -34,6 +34,9 @@ def staleness_scale(staleness: int, rule: str) -> float:
 class EdpServer(ServerBase):
     algo = "edp"
 
+    def quorum(self, cfg: TrainConfig) -> int:
+        return cfg.algo.min_workers  # training starts once this many registered
+
     def __init__(self, cfg: TrainConfig, run_dir: Path):
         if cfg.algo.staleness_rule not in RULES:
             raise ConfigError(f"algo.staleness_rule={cfg.algo.staleness_rule!r} is invalid: choose one of {', '.join(RULES)}")
@@ -116,7 +119,7 @@ class EdpServer(ServerBase):
         return row
 
     def run(self) -> dict:
-        self.wait_for_workers(self.cfg.algo.min_workers)
+        self.wait_for_workers(self.quorum(self.cfg))
         self.started = True
         self.start_clock()
         while self.trainer.step < self.trainer.end_step:

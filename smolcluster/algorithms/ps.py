@@ -129,6 +129,10 @@ class WorkerInfo:
 class ServerBase:
     algo = "ps"
 
+    def quorum(self, cfg: TrainConfig) -> int:
+        """How many workers the server waits for: every one (edp: ``algo.min_workers``)."""
+        return cfg.cluster.workers
+
     def __init__(self, cfg: TrainConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.cluster = cfg.cluster
@@ -146,9 +150,8 @@ class ServerBase:
         self.workers: dict[int, WorkerInfo] = {}
         self.assigned = cfg.batch_sizes()  # each rank's batch: its gradient's weight, whatever it reports
         self.key_ranks = rank_keys(self.cluster)
-        # the bound waits until every worker the server waits for has sent a gradient (edp: algo.min_workers)
-        quorum = cfg.algo.min_workers if self.algo == "edp" else self.cluster.workers
-        self.guard = GradientGuard.from_config(cfg.train, quorum)
+        # the bound waits until every worker the server waits for has sent a gradient
+        self.guard = GradientGuard.from_config(cfg.train, self.quorum(cfg))
         self.recorder = open_recorder(cfg, self.run_dir, keep_until=self.trainer.step if cfg.resume else None)
         self.ema = {n: t.detach().clone() for n, t in self.flat.params.items()} if cfg.algo.ema else None
         carried = self.trainer.carried  # a resumed run goes on counting where its checkpoint stopped
