@@ -114,7 +114,7 @@ def _ssh_spec(where: str, host: str | None, defaults: dict, own) -> SshSpec:
 
 def rank_nodes(cluster: DictConfig, n: int, role: str) -> list[Node]:
     """Ranks 0..n-1 and no server (allreduce's ring, mp's stages): rank r runs on ``cluster.nodes[r].host``,
-    where it also listens (as :func:`smolcluster.pipeline.nodes.stage_nodes` reads it), else on cluster.host."""
+    where it also listens (as :func:`smolcluster.launch.nodes.stage_nodes` reads it), else on cluster.host."""
     defaults = {**SSH_DEFAULTS, **(OmegaConf.to_container(cluster.ssh) if cluster.get("ssh") else {})}
     entries = list(cluster.get("nodes") or [])
     if not cluster.get("host") and len(entries) < n:

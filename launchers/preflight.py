@@ -322,7 +322,7 @@ def _ranks_layout(nodes: list[Node]) -> bool:
 
 def rank_addresses(cluster: DictConfig, n: int, port: int) -> list[tuple[str, int]]:
     """(host, port) each rank listens on: ``cluster.nodes[r].host/port``, else cluster.host and port + r."""
-    from smolcluster.pipeline.nodes import stage_nodes
+    from smolcluster.launch.nodes import stage_nodes
 
     links = SimpleNamespace(host=cluster.host, port=port, bind=cluster.get("bind"), nodes=cluster.get("nodes"))
     return [(s.host, s.port) for s in stage_nodes(links, n)]

@@ -32,7 +32,8 @@ if __package__ in (None, ""):  # `python launchers/slurm.py ...` from anywhere
 from omegaconf import OmegaConf  # noqa: E402
 
 from launchers.ssh import RING_ALGOS, SERVER_ALGOS, compose_config  # noqa: E402
-from smolcluster.errors import ConfigError, SmolclusterError  # noqa: E402
+from smolcluster.errors import ConfigError  # noqa: E402
+from smolcluster.launch.cli import command  # noqa: E402
 from smolcluster.security import is_loopback  # noqa: E402
 
 
@@ -130,6 +131,7 @@ def task_command(args: argparse.Namespace) -> list[str]:
     return [sys.executable, "-u", "-m", "smolcluster.train", *argv]
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launchers.slurm", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -149,18 +151,14 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--time-min", type=int, default=60)
         p.add_argument("overrides", nargs="*", help="Hydra overrides for every role, e.g. algo=allreduce")
     args = parser.parse_args(argv)
-    try:
-        if args.tasks_per_node < 1:
-            raise ConfigError(f"--tasks-per-node={args.tasks_per_node} must be at least 1")
-        if args.command == "script":
-            sys.stdout.write(script(args))
-            return 0
-        cmd = task_command(args)
-        sys.stdout.flush()
-        os.execv(cmd[0], cmd)
-    except SmolclusterError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if args.tasks_per_node < 1:
+        raise ConfigError(f"--tasks-per-node={args.tasks_per_node} must be at least 1")
+    if args.command == "script":
+        sys.stdout.write(script(args))
+        return 0
+    cmd = task_command(args)
+    sys.stdout.flush()
+    os.execv(cmd[0], cmd)
 
 
 if __name__ == "__main__":

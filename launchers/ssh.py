@@ -15,7 +15,7 @@ options is a Hydra override given to every role. ``launch`` runs ``check`` first
 ``[stage N]`` prefix (also kept in RUN_DIR/launch/NODE.log here), and ends when the node that
 writes the run's files finishes (the server; allreduce's rank 0; mp's last stage, after which
 the stages' checkpoint shards are merged on its host). If a role fails, every other role is
-stopped and the launcher exits 1 naming the node and why (``--keep-going``: a syncps/edp worker
+stopped and the launcher exits 2 naming the node and why (``--keep-going``: a syncps/edp worker
 may fail and the server carries on without it, as it does when a host disappears). Ctrl-C
 stops every node.
 
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -54,16 +53,18 @@ from launchers.preflight import check, format_reports, free_ports_on  # noqa: E4
 from launchers.remote import RemoteRole, echo, host_command, python_script, sh_path  # noqa: E402
 from smolcluster.cluster import new_run_id  # noqa: E402
 from smolcluster.config import validate  # noqa: E402
-from smolcluster.errors import ConfigError, PeerError, SmolclusterError  # noqa: E402
+from smolcluster.errors import ConfigError, PeerError  # noqa: E402
+from smolcluster.launch.cli import command  # noqa: E402
+from smolcluster.launch.overrides import child_overrides  # noqa: E402
+from smolcluster.launch.supervisor import Supervisor, sigterm_as_interrupt  # noqa: E402
 from smolcluster.paths import CONFIG_DIR  # noqa: E402
 from smolcluster.train_settings import train_config  # noqa: E402
 
 SERVER_ALGOS = ("syncps", "edp")               # one server + cluster.workers workers
 RING_ALGOS = ("allreduce", "diloco")           # a ring of cluster.workers ranks, no server
 CLUSTER_ALGOS = (*SERVER_ALGOS, *RING_ALGOS, "mp")  # mp: algo.stages stages
-# Overrides the launcher sets for every role itself.
-_LAUNCHER_KEYS = ("role=", "rank=", "cluster=", "cluster.port=", "run_id=", "hydra.run.dir=",
-                  "hydra.output_subdir=", "train.progress=", "--config-dir")
+# Overrides this launcher sets for every role itself, besides those every launcher sets (child_overrides).
+_LAUNCHER_KEYS = ("cluster=", "--config-dir")
 
 
 def compose_config(cluster_ref: str, overrides: list[str], need_algo: bool = True,
@@ -166,8 +167,9 @@ def role_args(node: Node, common: list[str], lead: bool, serving: bool = False) 
     return args if lead or serving else [*args, "hydra.output_subdir=null"]
 
 
-class Launch:
-    """Every role of one run: start, relay, supervise, stop."""
+class Launch(Supervisor):
+    """The SSH backend of the supervisor (smolcluster/launch/supervisor.py): every role of one run on its host
+    (:class:`~launchers.remote.RemoteRole`): start, relay, supervise, stop."""
 
     def __init__(self, cfg: DictConfig, nodes: list[Node], overrides: list[str], cluster_stem: str,
                  port: int, keep_going: bool = False, run_dir: str | None = None, lead: int | None = 0,
@@ -183,7 +185,7 @@ class Launch:
         # ship the composed cluster file with the run: every node reads exactly what was checked here
         self.files = {f"{self.run_dir}/.launch/cluster/{group}.yaml":
                       f"# {cluster_stem}, as launched (run {self.run_id})\n" + OmegaConf.to_yaml(cluster)}
-        self.overrides = [o for o in overrides if not o.startswith(_LAUNCHER_KEYS)]
+        self.overrides = child_overrides(overrides, drop=_LAUNCHER_KEYS)
         common = [f"--config-dir={self.run_dir}/.launch", f"cluster={group}", *self.overrides, f"cluster.port={port}"]
         if serving:  # a stage says when it serves at INFO; the attach command is printed once all have
             common += [] if any(o.startswith("logging.level=") for o in overrides) else ["logging.level=INFO"]
@@ -195,6 +197,7 @@ class Launch:
                                  self.local_dir / f"{n.label.replace(' ', '')}.log", module)
                       for i, n in enumerate(nodes)]
         self.lost: list[str] = []
+        self.announced = False  # serving: the attach command has been printed
 
     def start(self) -> None:
         self.local_dir.mkdir(parents=True, exist_ok=True)
@@ -219,48 +222,56 @@ class Launch:
                            f"cluster={self.group}", *[o for o in self.overrides if not o.startswith("logging.")]])
 
     def supervise(self, poll_s: float = 0.2, finish_grace_s: float = 20.0) -> None:
-        """Until the lead finishes (inference stages: until stopped); a failed role stops the run (a syncps/edp
-        worker: unless keep_going)."""
-        lead = self.roles[self.lead] if self.lead is not None else None
-        others = [r for r in self.roles if r is not lead]
-        announced = False
-        while True:
-            code = lead.poll() if lead is not None else None
-            if code is not None:
-                if code != 0:
-                    lead.join()
-                    if any("Address already in use" in line for line in lead.tail):
-                        raise PortTaken(lead.why())
-                    raise PeerError(f"{lead.node.describe()} failed: {lead.why()}")
-                # the lead told the others to stop: give them time to say goodbye on their own
-                deadline = time.monotonic() + finish_grace_s
-                while any(w.poll() is None for w in others) and time.monotonic() < deadline:
-                    time.sleep(poll_s)
-                return
-            for w in others:
-                wcode = w.poll()
-                if wcode is None or w.node.label in self.lost or wcode == 0 and lead is not None:
-                    continue
-                w.join()
-                if any("Address already in use" in line for line in w.tail):
-                    raise PortTaken(w.why())
-                if wcode == 0:  # an inference stage ended by itself (a head asked it to shut down)
-                    if all(r.poll() is not None for r in self.roles):
-                        return
-                    continue
-                if not (self.keep_going and self.nodes[0].role == "server"):
-                    raise PeerError(f"{w.node.describe()} failed: {w.why()}; stopped the other nodes")
-                self.lost.append(w.node.label)
-                logger.warning(f"{w.node.describe()} failed: {w.why()}; carrying on without it "
-                               "(--keep-going: the server drops it after cluster.liveness_s)")
-            if self.serving and not announced and all(r.serving.is_set() for r in self.roles):
-                announced = True
-                echo(f"[launcher] stages ready: {len(self.roles)} stages serve; attach a head with\n"
-                     f"    {self.attach_command()}\n"
-                     "(add head_host=ADDRESS, this machine's address as the stages reach it, unless that is "
-                     "cluster.host; smolcluster.infer takes the same arguments and prompt=...); Ctrl-C here stops "
-                     "the stages")
+        """Until the lead finishes (inference stages: until every stage has ended); a failed role stops the run
+        (a syncps/edp worker: unless keep_going)."""
+        if self.lead is None:
+            self.wait(lambda: all(r.poll() is not None for r in self.roles), poll_s)
+            return
+        lead = self.roles[self.lead]
+        self.wait(lambda: lead.poll() == 0, poll_s)
+        # the lead told the others to stop: give them time to say goodbye on their own
+        deadline = time.monotonic() + finish_grace_s
+        while any(w.poll() is None for w in self.roles) and time.monotonic() < deadline:
             time.sleep(poll_s)
+
+    def failed(self) -> str | None:
+        """Why the run fails: the lead failed, or another role did (a syncps/edp worker with keep_going is only
+        noted in ``lost``). Once the lead has finished cleanly, nothing else counts. A role that found its port
+        taken raises PortTaken (the launcher may retry on another)."""
+        lead = self.roles[self.lead] if self.lead is not None else None
+        code = lead.poll() if lead is not None else None
+        if code is not None:
+            return None if code == 0 else self._why_ended(lead)
+        for w in self.roles:
+            wcode = w.poll()
+            if w is lead or wcode is None or w.node.label in self.lost or wcode == 0 and lead is not None:
+                continue
+            why = self._why_ended(w)
+            if wcode == 0:  # an inference stage ended by itself (a head asked it to shut down)
+                continue
+            if not (self.keep_going and self.nodes[0].role == "server"):
+                return f"{why}; stopped the other nodes"
+            self.lost.append(w.node.label)
+            logger.warning(f"{why}; carrying on without it (--keep-going: the server drops it after "
+                           "cluster.liveness_s)")
+        return None
+
+    @staticmethod
+    def _why_ended(role: RemoteRole) -> str:
+        role.join()  # its last lines are in
+        if any("Address already in use" in line for line in role.tail):
+            raise PortTaken(role.why())
+        return f"{role.node.describe()} failed: {role.why()}"
+
+    def tick(self) -> None:
+        """Serving: once every stage serves, say how to attach a head (once)."""
+        if self.serving and not self.announced and all(r.serving.is_set() for r in self.roles):
+            self.announced = True
+            echo(f"[launcher] stages ready: {len(self.roles)} stages serve; attach a head with\n"
+                 f"    {self.attach_command()}\n"
+                 "(add head_host=ADDRESS, this machine's address as the stages reach it, unless that is "
+                 "cluster.host; smolcluster.infer takes the same arguments and prompt=...); Ctrl-C here stops "
+                 "the stages")
 
     def stop(self) -> None:
         """Stop every role that still runs, all at once (each waits for its own grace)."""
@@ -315,10 +326,6 @@ class PortTaken(PeerError):
     """The server could not listen on its port: something took it after the preflight found it free."""
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def launch(args: argparse.Namespace, attempts: int = 3) -> int:
     if args.command == "launch" and not any(o.startswith(("algo=", "+algo=")) for o in args.overrides):
         # the config's default (local) is one process; a cluster file means a parameter server
@@ -332,7 +339,7 @@ def launch(args: argparse.Namespace, attempts: int = 3) -> int:
         port = run_check(cfg, nodes, args.max_skew_s)
     elif port is None:
         port = free_ports_on(cfg.cluster, nodes[0], 1 if nodes[0].role == "server" else len(nodes))
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` stops the cluster like Ctrl-C does
+    sigterm_as_interrupt()  # `kill` stops the cluster like Ctrl-C does
     for attempt in range(1, attempts + 1):
         run = Launch(cfg, nodes, args.overrides, stem, int(port), keep_going=args.keep_going, run_dir=args.run_dir,
                      lead=lead, serving=serving)
@@ -367,6 +374,7 @@ def launch(args: argparse.Namespace, attempts: int = 3) -> int:
     return 0
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launchers.ssh", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -388,15 +396,11 @@ def main(argv: list[str] | None = None) -> int:
     logger.remove()
     logger.add(sys.stderr, format="<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> "
                "<cyan>[launcher]</cyan> {message}", level="INFO")
-    try:
-        if args.command == "check":
-            cfg, _ = compose_config(args.cluster, args.overrides, need_algo=False)
-            run_check(cfg, layout(cfg)[0], args.max_skew_s)
-            return 0
-        return launch(args)
-    except SmolclusterError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if args.command == "check":
+        cfg, _ = compose_config(args.cluster, args.overrides, need_algo=False)
+        run_check(cfg, layout(cfg)[0], args.max_skew_s)
+        return 0
+    return launch(args)
 
 
 if __name__ == "__main__":

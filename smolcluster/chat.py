@@ -11,15 +11,13 @@ The page is at ``http://HOST:PORT/``, the API under ``/v1`` (docs/inference.md).
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
-from smolcluster.errors import SmolclusterError
 from smolcluster.inference import settings  # noqa: F401  (registers the chat schema before hydra.main runs)
+from smolcluster.launch.cli import user_errors
+from smolcluster.launch.supervisor import exit_without_teardown, sigterm_as_interrupt
 from smolcluster.paths import CONFIG_DIR
-from smolcluster.supervisor import exit_without_teardown, sigterm_as_interrupt
 from smolcluster.telemetry.logging import setup_logging
 
 
@@ -30,18 +28,16 @@ def main(cfg: DictConfig) -> None:
     from smolcluster.node.coordinator import agent_stages
     from smolcluster.serving.config import serve
 
-    try:
+    with user_errors():
         s = chat_settings(cfg)  # the one read of Hydra's config: typed settings from here on
         t = s.pipeline.telemetry  # (logging.prometheus / run_dir: what smolcluster.top reads)
         setup_logging(role="head", algo="chat", level=cfg.logging.level, loki=cfg.logging.get("loki"),
                       run_id=t.get("run_id", ""), run_dir=t.get("run_dir"))
-        with agent_stages(cfg, s.pipeline):  # cluster=auto: the stages on the node agents, the head here
-            serve(s)
-    except SmolclusterError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        pass
+        try:
+            with agent_stages(cfg, s.pipeline):  # cluster=auto: the stages on the node agents, the head here
+                serve(s)
+        except KeyboardInterrupt:
+            pass  # Ctrl-C is how a chat ends: exit 0
 
 
 if __name__ == "__main__":

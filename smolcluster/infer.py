@@ -20,10 +20,11 @@ import time
 import hydra
 from omegaconf import DictConfig
 
-from smolcluster.errors import ConfigError, SmolclusterError
+from smolcluster.errors import ConfigError
 from smolcluster.inference.settings import InferSettings, Role, infer_settings
+from smolcluster.launch.cli import user_errors
+from smolcluster.launch.supervisor import exit_without_teardown, sigterm_as_interrupt
 from smolcluster.paths import CONFIG_DIR
-from smolcluster.supervisor import exit_without_teardown, sigterm_as_interrupt
 from smolcluster.telemetry.logging import setup_logging
 
 NO_PROMPT = ('no prompt: add prompt="your text" (quote commas twice: prompt="\'To be, or not to be\'"), '
@@ -101,14 +102,8 @@ def whitespace_hint(n: int, temperature: float) -> str:
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="infer")
 def main(cfg: DictConfig) -> None:
     sigterm_as_interrupt()  # stages started here are stopped on SIGTERM as on Ctrl-C
-    try:
+    with user_errors(interrupted="interrupted"):
         run(cfg)
-    except SmolclusterError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
@@ -21,8 +20,9 @@ from smolcluster.algorithms import launcher
 from smolcluster.cluster import new_run_id, node_name
 from smolcluster.config import validate
 from smolcluster.errors import SmolclusterError
+from smolcluster.launch.cli import user_errors
+from smolcluster.launch.supervisor import exit_without_teardown, sigterm_as_interrupt
 from smolcluster.paths import CONFIG_DIR
-from smolcluster.supervisor import exit_without_teardown, sigterm_as_interrupt
 from smolcluster.telemetry.logging import setup_logging
 from smolcluster.telemetry.run_files import abort_open
 from smolcluster.train_settings import refuse_added_keys, train_config
@@ -75,21 +75,18 @@ def run(cfg: DictConfig) -> dict | None:
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     sigterm_as_interrupt()  # SIGTERM unwinds like Ctrl-C: children stopped, run files and W&B runs closed
-    try:
+    with user_errors(on_error=_log_or_hand_to_sweep, interrupted="interrupted"):
         try:
             run(cfg)
         except BaseException as e:
             abort_open(e)  # recorders not finished: a last "stopped" row, files closed, W&B given the exit code
             raise
-    except SmolclusterError as e:
-        logger.error(str(e))
-        print(f"error: {e}", file=sys.stderr)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # let Hydra record the failed job (the sweep table lists it) and go on
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+
+
+def _log_or_hand_to_sweep(e: SmolclusterError) -> None:
+    logger.error(str(e))
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise e  # let Hydra record the failed job (the sweep table lists it) and go on
 
 
 if __name__ == "__main__":

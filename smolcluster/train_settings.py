@@ -210,7 +210,7 @@ class NodeSpec:
 @dataclass(frozen=True)
 class ClusterSpec:
     """The cluster keys training reads. ``nodes`` stays the raw per-node dicts: launchers, placement and the
-    pipeline's :func:`~smolcluster.pipeline.nodes.stage_nodes` read keys of their own there."""
+    pipeline's :func:`~smolcluster.launch.nodes.stage_nodes` read keys of their own there."""
 
     name: str | None = None
     host: str = "127.0.0.1"

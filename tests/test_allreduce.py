@@ -14,8 +14,8 @@ from hydra import compose, initialize_config_dir
 
 from smolcluster.algorithms.allreduce import check
 from smolcluster.errors import ConfigError
+from smolcluster.launch.local import free_ports
 from smolcluster.paths import CONFIG_DIR
-from smolcluster.pipeline.launch import free_ports
 from smolcluster.train_settings import train_config
 from smolcluster.transport import make_keys, wire
 from smolcluster.transport.ring import RingLink

@@ -17,7 +17,7 @@ import time
 
 import httpx
 
-from smolcluster.pipeline.launch import free_ports
+from smolcluster.launch.local import free_ports
 from tests.conftest import REPO, run_cli
 from tests.test_openai_api import wait_until, write_tiny_run
 

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from smolcluster.algorithms.diloco import check
 from smolcluster.errors import ConfigError
+from smolcluster.launch.local import free_ports
 from smolcluster.paths import CONFIG_DIR
-from smolcluster.pipeline.launch import free_ports
 from smolcluster.train_settings import train_config
 from smolcluster.trainer import Trainer
 from tests.conftest import train, train_together
@@ -280,7 +280,7 @@ def test_a_late_joiner_takes_the_outer_momentum_and_a_lost_rank_leaves_the_run_g
     between rounds with rank 0's weights and outer state; then rank 1 is killed mid-round and 0 and 2 finish. The
     round it broke is synced again by the two (no outer step lost or doubled), and at the end the joiner's outer
     weights and Nesterov momentum are rank 0's, bit for bit (a fresh momentum would differ in every later step)."""
-    from smolcluster.pipeline.launch import free_ports
+    from smolcluster.launch.local import free_ports
     from smolcluster.telemetry.run_files import read_metrics
     from tests.cluster_util import Cluster
     from tests.conftest import wait_until

@@ -30,7 +30,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from smolcluster.data.text import TextTokenizer
 from smolcluster.inference import InferencePipeline
-from smolcluster.pipeline.launch import free_ports
+from smolcluster.launch.local import free_ports
 from smolcluster.transport import make_keys
 from smolcluster.transport.pubsub import SUBSCRIPTION_MAX_BYTES, Inbox, Outbox
 from smolcluster.transport.ring import RingLink

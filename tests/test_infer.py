@@ -185,7 +185,7 @@ def test_heads_come_and_go_on_stages_started_as_cluster_nodes(model_dir, tmp_pat
     import subprocess
     import sys
 
-    from smolcluster.pipeline.launch import free_ports
+    from smolcluster.launch.local import free_ports
     from tests.conftest import REPO
 
     d, hf = model_dir

@@ -352,7 +352,7 @@ def test_an_int8_base_loads_in_a_fraction_of_the_float32_models_memory(tmp_path)
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from smolcluster.pipeline.launch import stage_env
+    from smolcluster.launch.threads import stage_env
 
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,

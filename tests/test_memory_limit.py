@@ -31,8 +31,9 @@ import torch
 
 from smolcluster.inference.api import InferencePipeline
 from smolcluster.inference.serve import ServeConfig
+from smolcluster.launch.local import free_ports
+from smolcluster.launch.threads import stage_env
 from smolcluster.pipeline.architectures import KVCache, family_for
-from smolcluster.pipeline.launch import free_ports, stage_env
 from smolcluster.pipeline.placement import MARGIN, RUNTIME_BYTES, NodeMemory, auto_weights
 from smolcluster.pipeline.quantize import StageFormat
 from smolcluster.pipeline.weights import load_stage

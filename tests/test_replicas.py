@@ -201,8 +201,8 @@ def test_replica_settings_split_the_cluster_and_bad_counts_are_refused_in_one_li
     from smolcluster.errors import ConfigError
     from smolcluster.inference.from_config import replica_settings
     from smolcluster.inference.settings import chat_settings, infer_settings
+    from smolcluster.launch.nodes import stage_nodes
     from smolcluster.paths import CONFIG_DIR
-    from smolcluster.pipeline.nodes import stage_nodes
 
     def settings(name: str, *overrides: str):
         with initialize_config_dir(str(CONFIG_DIR), version_base=None):

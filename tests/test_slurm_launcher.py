@@ -75,6 +75,6 @@ def test_task_layout_across_nodes_and_its_errors(tmp_path, monkeypatch, capsys):
     assert cluster.host == "n1" and [n.host for n in cluster.nodes] == ["n1", "n2", "n3"]
     assert cluster.bind == "0.0.0.0" and cluster.port == 20005
     monkeypatch.setenv("SLURM_NTASKS", "2")
-    assert launcher.main(args) == 1
+    assert launcher.main(args) == 2
     assert capsys.readouterr().err.strip() == ("error: the job step has 2 tasks but algo=mp needs 3 (stage 0, stage 1, "
                                                "stage 2): regenerate the script for this config")

@@ -154,7 +154,7 @@ def wait_until_gone(text: str, timeout: float = 30) -> list[psutil.Process]:
 def test_check_names_the_node_that_cannot_run(sshd, tmp_path):
     path = cluster_file(tmp_path / "c.yaml", sshd, node1_ssh={"python": "/nonexistent/bin/python"})
     got = launcher("check", "--cluster", str(path))
-    assert got.returncode == 1
+    assert got.returncode == 2
     rows = [line for line in got.stdout.splitlines() if line.startswith("| ")]
     assert any(r.startswith("| worker 1 (charlie") and "| python | FAIL | python /nonexistent/bin/python not found"
                in r for r in rows), rows
@@ -216,7 +216,7 @@ def test_a_failing_worker_stops_the_whole_cluster(sshd, tmp_path, broken, why, a
     path = cluster_file(tmp_path / "c.yaml", sshd, port=free_port(), node1_ssh=broken)
     got = launcher("launch", "--cluster", str(path), "--no-check", "--run-dir", str(run_dir),
                    f"algo={algo}", "train.steps=1000")
-    assert got.returncode == 1
+    assert got.returncode == 2
     error = got.stderr.strip().splitlines()[-1]
     assert error.startswith("error: worker 1 (charlie, root@127.0.0.1:") and why in error, got.stderr
     assert "stopped the other nodes" in error

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from smolcluster.pipeline import launch
+from smolcluster.launch import local
 from smolcluster.telemetry.prometheus import LABELS, METRICS
 from tests.cluster_util import Cluster
 from tests.conftest import run_cli, train
@@ -26,7 +26,7 @@ FAST = ["cluster.heartbeat_s=0.2", "cluster.liveness_s=3", "cluster.connect_time
 
 def free_ports(n: int) -> int:
     """A base port with base..base+n-1 all free right now."""
-    return launch.free_ports("127.0.0.1", n)
+    return local.free_ports("127.0.0.1", n)
 
 
 def test_an_offline_wandb_run_per_node_holds_the_metrics(tmp_path):

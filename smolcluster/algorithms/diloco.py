@@ -61,8 +61,8 @@ from smolcluster.algorithms.launcher import check_diloco as check
 from smolcluster.algorithms.launcher import launch_ring
 from smolcluster.data.sharding import Sharder
 from smolcluster.errors import ConfigError, PeerError
+from smolcluster.launch.nodes import stage_nodes
 from smolcluster.optim import sgd
-from smolcluster.pipeline.nodes import stage_nodes
 from smolcluster.telemetry.run_files import open_recorder
 from smolcluster.train_settings import TrainConfig
 from smolcluster.trainer import LossWindow, Trainer

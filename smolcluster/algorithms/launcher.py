@@ -20,7 +20,7 @@ def launch(cfg: TrainConfig, run_dir: Path) -> dict | None:
     """``role=launch`` of ``cfg.algo.name``; an algorithm not listed here launches through its own module."""
     name = cfg.algo.name
     if name in ("syncps", "edp"):  # a server and its workers
-        from smolcluster.launch_local import launch as launch_star
+        from smolcluster.launch.local import launch_star
 
         return launch_star(cfg, run_dir)
     if name in RING_CHECKS:
@@ -33,7 +33,7 @@ def launch(cfg: TrainConfig, run_dir: Path) -> dict | None:
 
 def launch_ring(cfg: TrainConfig, run_dir: Path) -> dict:
     """Every rank of a ring (``allreduce``, ``diloco``) as a ``python -m smolcluster.train`` child here."""
-    from smolcluster.pipeline.launch import launch_ranks
+    from smolcluster.launch.local import launch_ranks
 
     n = int(cfg.cluster.workers)
     launch_ranks(cfg, run_dir, n, "worker", f"algo={cfg.algo.name} (a ring of {n})")

@@ -26,7 +26,7 @@ def check(cfg: TrainConfig) -> None:
 def run(cfg: TrainConfig, run_dir: Path) -> dict | None:
     check(cfg)
     if cfg.role == "launch":
-        from smolcluster.pipeline.launch import launch_training
+        from smolcluster.launch.local import launch_training
 
         return launch_training(cfg, run_dir)
     if cfg.role == "stage":

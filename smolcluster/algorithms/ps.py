@@ -617,9 +617,9 @@ def run_role(cfg: TrainConfig, run_dir: Path, server_cls, worker_cls) -> dict | 
     """Dispatch on ``role``: launch the whole cluster locally, or be its server or one worker."""
     role = cfg.role
     if role == "launch":
-        from smolcluster.launch_local import launch
+        from smolcluster.launch.local import launch_star
 
-        return launch(cfg, run_dir)
+        return launch_star(cfg, run_dir)
     if role == "server":
         server = server_cls(cfg, run_dir)
         return server.run()

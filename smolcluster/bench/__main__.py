@@ -7,7 +7,7 @@ import pkgutil
 import sys
 
 import smolcluster.bench as pkg
-from smolcluster.errors import SmolclusterError
+from smolcluster.launch.cli import command
 
 _NOT_BENCHES = {"report", "common", "netns", "desk", "__main__"}
 _NAMED = {"desk_goals": "desk", "diloco_sim": "diloco-sim"}  # module -> bench name (desk.py is the emulated desk the benches share)
@@ -18,6 +18,7 @@ def available() -> list[str]:
                   if m.name not in _NOT_BENCHES)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     names = available()
@@ -29,11 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown benchmark {name!r}; choose one of: {', '.join(names)}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"smolcluster.bench.{next((m for m, b in _NAMED.items() if b == name), name)}")
-    try:
-        return int(module.main(argv[1:]) or 0)
-    except SmolclusterError as e:  # a missing file or a bad option: one line, as train/infer print it
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return int(module.main(argv[1:]) or 0)  # a missing file or a bad option: one line (@command)
 
 
 if __name__ == "__main__":

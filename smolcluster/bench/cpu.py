@@ -231,7 +231,7 @@ print(json.dumps({"tokens": tokens, "tok_s": tok_s}))
 
 
 def decode_in_child(side: str, path: Path, fmt: str, prompt: list[int], n: int, threads: int) -> dict:
-    from smolcluster.pipeline.launch import stage_env
+    from smolcluster.launch.threads import stage_env
 
     arg = "/".join(FORMATS[fmt][0]) if side == "ours1" else fmt
     got = subprocess.run([sys.executable, "-c", _DECODE, side, str(path), arg, json.dumps(prompt), str(n),

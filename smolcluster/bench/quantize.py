@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from smolcluster.pipeline.launch import stage_env
+from smolcluster.launch.threads import stage_env
 
 FORMATS = [("fp32", "none"), ("bf16", "none"), ("fp32", "int8"), ("fp32", "int4")]
 TARGETS = {("bf16", "none"): 0.5, ("fp32", "int8"): 1.0, ("fp32", "int4"): 5.0}  # ppl % over fp32 allowed

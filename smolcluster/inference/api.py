@@ -24,15 +24,16 @@ from pathlib import Path
 
 from loguru import logger
 
-from smolcluster.errors import ConfigError
+from smolcluster.errors import ConfigError, PeerError
 from smolcluster.inference.adapters import check_adapters
 from smolcluster.inference.client import PipelineClient, Request
 from smolcluster.inference.sampling import WIRE_FIELDS, SamplingParams
 from smolcluster.inference.serve import ServeConfig
-from smolcluster.pipeline.launch import co_located_env, free_ports, stage_env
+from smolcluster.launch.local import free_ports
+from smolcluster.launch.supervisor import Children
+from smolcluster.launch.threads import co_located_env, stage_env
 from smolcluster.pipeline.quantize import StageFormat, resolve_device
 from smolcluster.pipeline.weights import eos_ids, find_model
-from smolcluster.supervisor import Children
 
 
 def describe_weights(source: str | Path, n_head: int | None = None, default_n_head: int | None = None) -> dict:
@@ -182,15 +183,13 @@ class InferencePipeline:
 
         t = threading.Thread(target=connect, daemon=True)
         t.start()
-        while t.is_alive():
-            t.join(timeout=0.1)
-            failed = children.failed()
-            if failed is not None:
-                t.join(timeout=1)
-                if "client" in result:
-                    result["client"].close()
-                name, code = failed
-                raise ConfigError(f"{name} exited with code {code} while starting (its log is above)")
+        try:
+            children.wait(until=lambda: not t.is_alive())
+        except PeerError as e:
+            t.join(timeout=1)
+            if "client" in result:
+                result["client"].close()
+            raise ConfigError(f"{e} while starting (its log is above)") from None
         if "error" in result:
             raise result["error"]
         return result["client"]

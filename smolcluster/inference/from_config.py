@@ -7,7 +7,6 @@ takes plain arguments and dataclasses.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import threading
@@ -224,7 +223,7 @@ def pipeline_from_config(cfg: Pipeline, prompt: str | None = None) -> InferenceP
             pipe._cleanup.append(tmp)
         return pipe
     if cfg.role is Role.head:
-        from smolcluster.pipeline.nodes import stage_nodes
+        from smolcluster.launch.nodes import stage_nodes
 
         tok = tokenizer_for_head(cfg)
         addresses = [n.address for n in stage_nodes(c, cfg.stages)]
@@ -250,11 +249,10 @@ def _stage_env(cfg: Pipeline) -> dict:
     if cfg.replicas == 1:
         return env
     from smolcluster.cluster import node_name
+    from smolcluster.launch.threads import thread_env, threads_each
 
     env["SMOLCLUSTER_NODE"] = f"{node_name()}-r{cfg.replica}"  # top's line and endpoint file per replica's stage
-    if "OMP_NUM_THREADS" not in os.environ:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.replicas))
-    return env
+    return thread_env(env, threads_each(cfg.replicas))
 
 
 def replica_settings(cfg: Pipeline, r: int) -> Pipeline:
@@ -289,7 +287,7 @@ def replica_settings(cfg: Pipeline, r: int) -> Pipeline:
 def _check_distinct_replicas(cfg: Pipeline, nodes: list) -> None:
     """Refuse replicas whose stages resolve to the same addresses: nodes without a port each number theirs from
     ``cluster.port + i`` within their replica, so two replicas on the same hosts would share every stage."""
-    from smolcluster.pipeline.nodes import stage_nodes
+    from smolcluster.launch.nodes import stage_nodes
 
     n, seen = cfg.stages, {}
     for r in range(cfg.replicas):
@@ -310,7 +308,7 @@ def stage_speculate(cfg: Pipeline, config: dict) -> dict:
 
 def serve_config_from(cfg: Pipeline) -> ServeConfig:
     """``role=stage rank=N``: this node's stage of a cluster, from the same config every node uses."""
-    from smolcluster.pipeline.nodes import stage_nodes
+    from smolcluster.launch.nodes import stage_nodes
     from smolcluster.security import check_bind
 
     if cfg.rank is None:

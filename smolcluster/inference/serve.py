@@ -63,6 +63,8 @@ from smolcluster.errors import ConfigError, PeerError, SmolclusterError
 from smolcluster.inference.adapters import adapter_numel, attach, unknown_adapter
 from smolcluster.inference.prefix import PrefixCache, chain, root_key
 from smolcluster.inference.sampling import SamplingParams, make_generator, next_token
+from smolcluster.launch.cli import command
+from smolcluster.launch.threads import threads_each
 from smolcluster.pipeline.architectures import KVCache, family_for
 from smolcluster.pipeline.architectures.base import Batch, pin_attributes
 from smolcluster.pipeline.mesh import Envelope, Mesh, PeerLost
@@ -214,7 +216,7 @@ class StageServer:
         largest = max(self.arch.numel(s.first, r == self.head_rank, s.blocks) for r, s in enumerate(self.specs))
         self.turns = sc.turns if sc.turns is not None else sc.co_located and largest >= TURNS_MIN_PARAMS
         if sc.co_located and not self.turns and not sc.threads:
-            torch.set_num_threads(max(1, torch.get_num_threads() // sc.n_stages))
+            torch.set_num_threads(threads_each(sc.n_stages, torch.get_num_threads()))
         self.names = [stage_name(r) for r in range(sc.n_stages)]
         self.me = self.names[sc.rank]
         self.requests: dict[str, RequestState] = {}
@@ -967,25 +969,20 @@ def serve(sc: ServeConfig) -> None:
     StageServer(sc).run()
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m smolcluster.inference.serve STAGE.json", file=sys.stderr)
         return 2
-    from smolcluster.supervisor import sigterm_as_interrupt
+    from smolcluster.launch.supervisor import sigterm_as_interrupt
 
     sigterm_as_interrupt()  # SIGTERM unwinds: the mesh and the metrics endpoint are closed on the way out
-    try:
-        serve(ServeConfig.loads(Path(argv[0]).read_text()))
-    except SmolclusterError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    serve(ServeConfig.loads(Path(argv[0]).read_text()))
     return 0
 
 
 if __name__ == "__main__":
-    from smolcluster.supervisor import exit_without_teardown
+    from smolcluster.launch.supervisor import exit_without_teardown
 
     exit_without_teardown(main())  # 0, 2 or 130: each after the stage has unwound (a bug's traceback exits 1)

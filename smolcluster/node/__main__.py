@@ -14,6 +14,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from smolcluster.launch.cli import command
+
 DEFAULT_STATE = Path("~/.smolcluster/node")
 
 
@@ -57,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(_command_first(list(sys.argv[1:] if argv is None else argv)))
     state = args.state_dir.expanduser()
@@ -77,17 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(state / "paired", ignore_errors=True)
         print(f"forgot every paired coordinator ({state}/paired/)")
         return 0
-    from smolcluster.errors import SmolclusterError
     from smolcluster.node.agent import run_agent
 
-    try:
-        return run_agent(args)
-    except SmolclusterError as e:  # a port in use: one line, as train/infer print it
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_agent(args)  # a port in use: one line (@command)
 
 
 if __name__ == "__main__":
-    from smolcluster.supervisor import exit_without_teardown
+    from smolcluster.launch.supervisor import exit_without_teardown
 
     exit_without_teardown(main())  # 0, 2 or 130 (SIGTERM): each after the agent has unwound

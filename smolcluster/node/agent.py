@@ -44,8 +44,9 @@ from loguru import logger
 
 from smolcluster.cluster import node_name
 from smolcluster.errors import ConfigError
+from smolcluster.launch.overrides import check_override
+from smolcluster.launch.supervisor import sigterm_as_interrupt, stop_process_groups
 from smolcluster.node.infoport import InfoPort
-from smolcluster.node.overrides import check_override
 from smolcluster.node.pairing import (
     SAFE_NAME,
     Z85_KEY,
@@ -71,7 +72,6 @@ from smolcluster.node.protocol import (
     facts,
 )
 from smolcluster.node.weightcache import CacheError, WeightCache
-from smolcluster.supervisor import sigterm_as_interrupt, stop_process_groups
 from smolcluster.transport import ServerEndpoint
 
 # the run's key files an agent accepts, and nothing else (no paths of the coordinator's choosing)

@@ -49,6 +49,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from smolcluster.cluster import new_run_id
 from smolcluster.errors import ConfigError, PeerError
+from smolcluster.launch.overrides import child_overrides
+from smolcluster.launch.supervisor import Supervisor, sigterm_as_interrupt
 from smolcluster.node import discovery
 from smolcluster.node.discovery import NodeInfo
 from smolcluster.node.infoport import exchange
@@ -67,7 +69,6 @@ from smolcluster.node.pairing import (
 )
 from smolcluster.node.protocol import MAX_BYTES
 from smolcluster.security import is_loopback
-from smolcluster.supervisor import child_overrides, sigterm_as_interrupt
 from smolcluster.transport import ClientEndpoint, client_key_name, make_keys
 
 ALGOS = ("syncps", "edp", "allreduce", "diloco", "mp")
@@ -349,12 +350,21 @@ def _why(rs: dict) -> str:
     return f"({rs['error']})" if rs.get("error") else "(its log is above)"
 
 
-class Run:
+def _ended_badly(link: AgentLink, name: str, rs: dict) -> str:
+    return (f"node {link.node.where()}: {_label(name)} exited with code {rs.get('code')} {_why(rs)}; "
+            "stopped the run everywhere")
+
+
+class Run(Supervisor):
+    """The node-agent backend of the supervisor (smolcluster/launch/supervisor.py): roles started through each
+    node's agent, their output and state arriving over its control link (:meth:`pump`, on every poll)."""
+
     def __init__(self, what: str, run_id: str, c: DictConfig, links: dict[str, AgentLink],
                  run_dir: Path | None = None):
         self.what, self.run_id, self.c, self.links, self.run_dir = what, run_id, c, links, run_dir
         self.last_beat = 0.0
         self.essential: set[str] = set()  # nodes whose loss stops the run
+        self.lead: tuple[AgentLink, str] | None = None  # the role whose end ends the run (supervise)
 
     def reserve(self, link: AgentLink, name: str, bind: str) -> int:
         """A port on ``link``'s node, held there for role ``name`` until it listens (before anything starts)."""
@@ -429,28 +439,39 @@ class Run:
         logger.error(f"node {link.node.where()} vanished ({why}); it ran {held}: {self.what} goes on "
                      "without it as the algorithm defines")
 
-    def check_roles(self) -> None:
-        """A role that exited non-zero (or failed to start) raises, naming its node and its reason."""
+    def tick(self) -> None:
+        self.pump()
+
+    def failed(self) -> str | None:
+        """A role that exited non-zero (or failed to start), naming its node and its reason. Once the lead has
+        ended, its own end alone counts: cleanly with a summary, or not."""
+        if self.lead is not None:
+            link, name = self.lead
+            st = link.roles.get(name, {})
+            if st.get("state") in FINAL:
+                return None if st.get("code") == 0 and "summary" in st else _ended_badly(link, name, st)
         for link in self.links.values():
             for name, rs in link.roles.items():
                 if link.alive and rs.get("state") in FINAL and rs.get("code") not in (0, None):
-                    raise PeerError(f"node {link.node.where()}: {_label(name)} exited with code {rs.get('code')} "
-                                    f"{_why(rs)}; stopped the run everywhere")
+                    return _ended_badly(link, name, rs)
+        return None
+
+    def check_roles(self) -> None:
+        """A role that exited non-zero (or failed to start) raises, naming its node and its reason."""
+        why = self.failed()
+        if why is not None:
+            raise PeerError(why)
+
+    def stop(self) -> None:
+        self.stop_everywhere("the coordinator stopped the run")
 
     def supervise(self, lead: AgentLink, name: str) -> dict:
         """Until the lead role (the one that writes the run's files) exits: a role failing or a node the run
         needs vanishing raises."""
-        while True:
-            self.pump()
-            st = lead.roles.get(name, {})
-            if st.get("state") in FINAL:
-                if st.get("code") != 0 or "summary" not in st:
-                    raise PeerError(f"node {lead.node.where()}: {_label(name)} exited with code {st.get('code')} "
-                                    f"{_why(st)}; stopped the run everywhere")
-                self._let_workers_finish()
-                return st["summary"]
-            self.check_roles()
-            time.sleep(0.05)
+        self.lead = (lead, name)
+        self.wait(lambda: lead.roles.get(name, {}).get("state") in FINAL, poll_s=0.05)
+        self._let_workers_finish()
+        return lead.roles[name]["summary"]
 
     def _let_workers_finish(self, grace_s: float = 10.0) -> None:
         """The server told its workers to stop: give them a moment to exit on their own."""
@@ -549,7 +570,7 @@ def run_auto(cfg: DictConfig, run_dir: Path) -> dict:
             write_cluster(Path(str(c.write)).expanduser(), cfg, server_node, worker_nodes or ranks)
         if c.get("discover_only"):
             return {}
-        common = [o for o in child_overrides() if not o.startswith(_OWN)]
+        common = child_overrides(drop=_OWN)
         if ranks is None:
             lead, name = _start_ps(run, cfg, run_dir, server_node, worker_nodes, common)
         elif algo in RINGS:
@@ -622,16 +643,6 @@ def _towards(host: str) -> str:
         return s.getsockname()[0]
 
 
-def _stage_overrides() -> list[str]:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        task = list(HydraConfig.get().overrides.task)
-    except (ValueError, ImportError):
-        task = []
-    return [o for o in task if o.startswith(_STAGE_KEYS)]
-
-
 def agent_stages(cfg: DictConfig, pipeline):
     """``infer`` / ``chat`` with ``cluster=auto``: a context in which ``pipeline`` (the typed
     :class:`~smolcluster.inference.settings.Pipeline`, changed in place to ``role=head``) attaches to stages the
@@ -678,7 +689,7 @@ def _agent_stages(cfg: DictConfig, p):
         replicas = place_replicas(nodes, p.stages, p.replicas)
         # one replica: a lost node stops the run; several: it downs only its replica, the others keep the heartbeat
         run.essential = {x.name for x in replicas[0]} if p.replicas == 1 else set()
-        args = [*(o for o in _stage_overrides() if not o.startswith(("stages=", "head="))),
+        args = [*child_overrides(drop=("stages=", "head="), keep=_STAGE_KEYS),
                 f"stages={p.stages}", f"head={p.head.value}"]  # chat's defaults are not necessarily infer's: say them
         # stage i of every replica plans with the least memory among their nodes: the same split, one weight plan
         defaults = [{"memory_gb": min(ranks[i].memory_gb for ranks in replicas)} for i in range(p.stages)]

@@ -34,12 +34,12 @@ from loguru import logger
 
 from smolcluster import checkpoint
 from smolcluster.errors import ConfigError, PeerError
+from smolcluster.launch.nodes import stage_nodes
 from smolcluster.models import lora
 from smolcluster.models.hf import is_hf_model
 from smolcluster.pipeline import shards
 from smolcluster.pipeline.architectures import FAMILIES, Architecture, family_for
 from smolcluster.pipeline.mesh import Envelope, Mesh
-from smolcluster.pipeline.nodes import stage_nodes
 from smolcluster.pipeline.partition import StageSpec, node_weights, plan, stage_name
 from smolcluster.pipeline.sequential import block_groups, find_sequential, sequential_stage
 from smolcluster.telemetry.run_files import open_recorder

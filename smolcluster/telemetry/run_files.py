@@ -23,7 +23,7 @@ _open: list[RunRecorder] = []  # recorders not finished yet, for abort_open
 
 def exit_code_of(exc: BaseException | None) -> int:
     """The exit code a run stopped by ``exc`` records: 130 interrupted (Ctrl-C, or SIGTERM: see
-    smolcluster.supervisor), 2 a one-line error, a SystemExit's own code, else 1."""
+    smolcluster.launch.supervisor), 2 a one-line error, a SystemExit's own code, else 1."""
     from smolcluster.errors import SmolclusterError
 
     if exc is None:

@@ -1,13 +1,19 @@
-"""The child-process supervisor: what every process that starts others shares.
+"""The supervisor: one interface for every process that starts and watches others.
 
-- :class:`Children`: child processes in their own process groups, their output relayed line by
-  line with a ``[name]`` prefix; the first to fail stops the rest (:class:`PeerError` naming it).
-  Used by the star launcher (``launch_local``), ``algo=mp`` / ``algo=allreduce`` launches and
-  inference's local stages.
-- :func:`stop_process_groups`: SIGTERM, a grace period, then SIGKILL (the agent's roles too).
-- :func:`child_overrides`: the user's Hydra overrides, to hand on to children.
-- :func:`sigterm_as_interrupt`: SIGTERM unwinds like Ctrl-C, so children are stopped.
-- :func:`exit_without_teardown`: a process that ended cleanly exits without freeing its modules.
+:class:`Supervisor` is what every backend shares: roles started by name, their output relayed line by line
+with a ``[name]`` prefix, :meth:`Supervisor.wait` until a state is reached (the first role to fail raises a
+:class:`PeerError` naming it), and leaving its ``with`` block stops every role still running, whether it is left
+by a return, an error, Ctrl-C or SIGTERM (which unwinds like Ctrl-C inside the block). Backends:
+
+- :class:`Children` (local): child processes in their own process groups on this machine. Used by the
+  star and ring launchers (:mod:`smolcluster.launch.local`) and inference's local stages.
+- ``launchers/ssh.py`` ``Launch`` (SSH): one ``launchers/remote.py`` ``RemoteRole`` per host.
+- ``node/coordinator.py`` ``Run`` (agent): roles a paired node agent started, their state and output over its
+  control link (the agent's side, ``node/agent.py``, runs its roles as local process groups, stopped with
+  :func:`stop_process_groups`).
+
+Also here: :func:`stop_process_groups` (SIGTERM, a grace period, then SIGKILL), :func:`sigterm_as_interrupt`
+and :func:`exit_without_teardown`.
 
 Python's default SIGTERM ends the process on the spot: no ``finally`` runs, and child
 processes (a chat's stages, a launcher's workers) are left to notice on their own that
@@ -25,14 +31,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from smolcluster.errors import PeerError
-
-# Overrides a launcher sets for each child itself (a user's value would clash with them).
-_PER_CHILD_KEYS = ("role=", "rank=", "cluster.port=", "run_id=", "++run_id=", "+run_id=", "hydra.run.dir=",
-                   "hydra.output_subdir=", "train.progress=")
 
 
 def _interrupt(signum, frame):
@@ -76,17 +78,6 @@ def exit_without_teardown(code: int = 0) -> None:
     os._exit(code)
 
 
-def child_overrides() -> list[str]:
-    """The user's command-line overrides, minus the ones the launcher sets per child."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        task = list(HydraConfig.get().overrides.task)
-    except (ValueError, ImportError):  # not under Hydra (tests calling a launcher directly)
-        task = []
-    return [o for o in task if not o.startswith(_PER_CHILD_KEYS)]
-
-
 def stop_process_groups(procs: Iterable[subprocess.Popen], grace_s: float = 10.0) -> None:
     """SIGTERM every live process's group, wait up to ``grace_s`` in all, then SIGKILL what is left."""
     procs = list(procs)
@@ -108,8 +99,51 @@ def stop_process_groups(procs: Iterable[subprocess.Popen], grace_s: float = 10.0
             p.wait(timeout=5)
 
 
-class Children:
-    """Child processes started in their own process groups, output relayed line by line with a prefix."""
+class Supervisor:
+    """Roles started by one process, watched until a state; what every backend implements.
+
+    A backend says which role failed (:meth:`failed`, one line naming it, or raising its own error), how to
+    stop every role (:meth:`stop`) and, if it must, what to do on every poll (:meth:`tick`: an agent link's
+    messages). ``with supervisor:`` makes SIGTERM unwind like Ctrl-C and stops every role on the way out.
+    """
+
+    def failed(self) -> str | None:
+        """Why the first role that failed failed (one line naming it); None while none has."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop every role still running."""
+        raise NotImplementedError
+
+    def tick(self) -> None:
+        """Work done on every poll of :meth:`wait` (e.g. take a control link's messages)."""
+
+    def wait(self, until: Callable[[], bool], poll_s: float = 0.1) -> None:
+        """Until ``until()`` holds; the first role to fail raises PeerError (checked first, on every poll)."""
+        while True:
+            self.tick()
+            why = self.failed()
+            if why is not None:
+                raise PeerError(why)
+            if until():
+                return
+            time.sleep(poll_s)
+
+    def __enter__(self):
+        self._previous_sigterm = signal.getsignal(signal.SIGTERM)
+        sigterm_as_interrupt()  # SIGTERM unwinds like Ctrl-C: through __exit__, which stops every role
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.stop()
+        finally:
+            if threading.current_thread() is threading.main_thread() and self._previous_sigterm is not None:
+                signal.signal(signal.SIGTERM, self._previous_sigterm)
+
+
+class Children(Supervisor):
+    """The local backend: child processes in their own process groups, output relayed line by line with a prefix."""
 
     def __init__(self, log_path: Path | None = None):
         self.procs: dict[str, subprocess.Popen] = {}
@@ -133,26 +167,22 @@ class Children:
                 sys.stderr.write(f"{prefix} {line}")
         proc.stdout.close()
 
-    def failed(self) -> tuple[str, int] | None:
+    def failed(self) -> str | None:
         for name, p in self.procs.items():
             code = p.poll()
             if code is not None and code != 0:
-                return name, code
+                return f"{name} exited with code {code}"
         return None
 
     def wait_all(self, until: str | None = None, poll_s: float = 0.1) -> None:
         """Until every child (or just ``until``) has exited cleanly; the first to fail raises PeerError
         (the rest are stopped)."""
-        while True:
-            failed = self.failed()
-            if failed:
-                name, code = failed
-                self.stop()
-                raise PeerError(f"{name} exited with code {code}; stopped the others (its log is above)")
-            done = [self.procs[until]] if until is not None else self.procs.values()
-            if all(p.poll() == 0 for p in done):
-                return
-            time.sleep(poll_s)
+        done = [self.procs[until]] if until is not None else list(self.procs.values())
+        try:
+            self.wait(lambda: all(p.poll() == 0 for p in done), poll_s)
+        except PeerError as e:
+            self.stop()
+            raise PeerError(f"{e}; stopped the others (its log is above)") from None
 
     def stop(self, grace_s: float = 10.0, exit_first_s: float = 0.0) -> None:
         """Give the children ``exit_first_s`` to exit by themselves, then SIGTERM, then SIGKILL."""

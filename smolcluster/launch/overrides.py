@@ -1,6 +1,13 @@
-"""What a paired coordinator may tell a role an agent starts: plain ``key=value`` overrides, nothing more.
+"""The one override filter: which of the user's Hydra overrides a launcher hands on to the roles it starts.
 
-Each argument is parsed by Hydra's own override parser (the one ``python -m smolcluster.train``
+- :func:`child_overrides`: the user's overrides minus the ones every launcher sets per role itself (role, rank,
+  port, run id, run dir), minus a caller's own (``drop``), or only those a caller's roles take (``keep``). Used by
+  the local launchers (:mod:`.local`), the SSH launcher (``launchers/ssh.py``) and the coordinator of node agents
+  (``node/coordinator.py``).
+- :func:`check_override`: the agent's side, what a paired coordinator may tell a role an agent starts: plain
+  ``key=value`` overrides, nothing more.
+
+Each argument an agent receives is parsed by Hydra's own override parser (the one ``python -m smolcluster.train``
 will use), so what is checked here is what Hydra will do. Allowed: ``key=value`` (Hydra's CHANGE)
 of a key the program's config has (``conf/config.yaml`` for train, ``conf/infer.yaml`` for infer),
 a config group picked by a plain name (``model=gpt2-tiny``: a file of the agent's own ``conf/``).
@@ -20,8 +27,26 @@ from omegaconf import OmegaConf
 from smolcluster.node.pairing import SAFE_NAME, printable
 from smolcluster.paths import CONFIG_DIR
 
+# Overrides every launcher sets for each role itself (a user's value would clash with them).
+LAUNCHER_SETS = ("role=", "rank=", "cluster.port=", "run_id=", "++run_id=", "+run_id=", "hydra.run.dir=",
+                 "hydra.output_subdir=", "train.progress=")
 _CONFIG = {"train": "config.yaml", "infer": "infer.yaml"}
 _NOT_THROUGH_AN_AGENT = ("hydra", "role", "rank", "defaults")
+
+
+def child_overrides(overrides: list[str] | None = None, *, drop: tuple[str, ...] = (),
+                    keep: tuple[str, ...] | None = None) -> list[str]:
+    """``overrides`` (default: this Hydra run's command line) to hand on to children: minus :data:`LAUNCHER_SETS`
+    and the prefixes in ``drop``; with ``keep``, only those starting with one of its prefixes."""
+    if overrides is None:
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            overrides = list(HydraConfig.get().overrides.task)
+        except (ValueError, ImportError):  # not under Hydra (tests calling a launcher directly)
+            overrides = []
+    out = [o for o in overrides if not o.startswith((*LAUNCHER_SETS, *drop))]
+    return out if keep is None else [o for o in out if o.startswith(keep)]
 
 
 @functools.cache
