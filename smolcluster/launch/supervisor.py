@@ -150,21 +150,24 @@ class Children(Supervisor):
         self.relays: list[threading.Thread] = []  # joined at stop: a child's last lines are copied before we end
         self.log = open(log_path, "a", buffering=1) if log_path else None  # noqa: SIM115
 
-    def start(self, name: str, cmd: list[str], env: dict, cwd: str | None = None) -> subprocess.Popen:
+    def start(self, name: str, cmd: list[str], env: dict, cwd: str | None = None,
+              on_line: Callable[[str], None] | None = None, preexec_fn=None) -> subprocess.Popen:
+        """Start ``name``; each line it prints goes to ``on_line`` (default: here, as ``[name] line``)."""
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                             cwd=cwd, start_new_session=True)
+                             cwd=cwd, start_new_session=True, preexec_fn=preexec_fn)
         self.procs[name] = p
-        relay = threading.Thread(target=self._relay, args=(p, f"[{name}]"), daemon=True)
+        relay = threading.Thread(target=self._relay, args=(p, on_line or self._printer(f"[{name}]")), daemon=True)
         relay.start()
         self.relays.append(relay)
         return p
 
-    def _relay(self, proc: subprocess.Popen, prefix: str) -> None:
+    def _printer(self, prefix: str) -> Callable[[str], None]:
+        return lambda line: (self.log or sys.stderr).write(f"{prefix} {line}")
+
+    @staticmethod
+    def _relay(proc: subprocess.Popen, on_line: Callable[[str], None]) -> None:
         for line in iter(proc.stdout.readline, ""):
-            if self.log is not None:
-                self.log.write(f"{prefix} {line}")
-            else:
-                sys.stderr.write(f"{prefix} {line}")
+            on_line(line)
         proc.stdout.close()
 
     def failed(self) -> str | None:

@@ -45,7 +45,7 @@ from loguru import logger
 from smolcluster.cluster import node_name
 from smolcluster.errors import ConfigError
 from smolcluster.launch.overrides import check_override
-from smolcluster.launch.supervisor import sigterm_as_interrupt, stop_process_groups
+from smolcluster.launch.supervisor import Children, sigterm_as_interrupt, stop_process_groups
 from smolcluster.node.infoport import InfoPort
 from smolcluster.node.pairing import (
     SAFE_NAME,
@@ -150,6 +150,7 @@ class Agent:
         self.facts = {"name": self.name, "version": VERSION, "protocol": NODE_PROTOCOL, **facts(),
                       "fingerprint": fingerprint(self.key), "key": self.key, "port": port}
         self.roles: dict[str, Role] = {}
+        self.children = Children()  # the roles' processes (the local backend); their lines go to the coordinator
         self.lock = threading.Lock()  # the pairing state: the info port's threads and the main loop share it
         self.pending: dict[str, Pending] = {}  # code -> the coordinator awaiting the operator's confirmation
         self.last_ask: dict[str, float] = {}  # source address -> its last pairing exchange (rate limit)
@@ -426,12 +427,11 @@ class Agent:
             for s in held:
                 s.close()
             held = []
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", "SMOLCLUSTER_NODE": self.name},  # logs, top
-                                start_new_session=True,
-                                preexec_fn=_die_with_parent)
-        r = self.roles[name] = Role(name, role, proc, rdir, peer, held=held)
-        threading.Thread(target=_read_lines, args=(proc, r.lines), daemon=True).start()
+        lines: queue.Queue = queue.Queue()
+        proc = self.children.start(name, cmd, {**os.environ, "PYTHONUNBUFFERED": "1", "SMOLCLUSTER_NODE": self.name},
+                                   on_line=lambda line: lines.put(line.rstrip("\n")[:2000]),  # (logs, top: the node)
+                                   preexec_fn=_die_with_parent)
+        self.roles[name] = Role(name, role, proc, rdir, peer, lines=lines, held=held)
         logger.info(f"started {name} ({role}) for run {f['run_id']}: pid {proc.pid}")
         self.control.send(peer, "role_state", {"name": name, "state": "running"})
 
@@ -556,12 +556,6 @@ class Agent:
             self.control.send(peer, "node_bye", {"reason": reason})
         self.control.close(linger_s=1.0)
         self.info.close()
-
-
-def _read_lines(proc: subprocess.Popen, out: queue.Queue) -> None:
-    for line in iter(proc.stdout.readline, ""):
-        out.put(line.rstrip("\n")[:2000])
-    proc.stdout.close()
 
 
 def run_agent(args) -> int:
