@@ -24,7 +24,6 @@ import functools
 
 from omegaconf import OmegaConf
 
-from smolcluster.node.pairing import SAFE_NAME, printable
 from smolcluster.paths import CONFIG_DIR
 
 # Overrides every launcher sets for each role itself (a user's value would clash with them).
@@ -71,6 +70,9 @@ def check_override(arg, program: str) -> str | None:
     """None for an override an agent passes on; else why not (one line)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import OverrideType
+
+    # (imported here: node.pairing brings zmq, which a launcher filtering overrides never needs)
+    from smolcluster.node.pairing import SAFE_NAME, printable
 
     if not isinstance(arg, str):
         return "args must be strings (key=value overrides)"
