@@ -15,6 +15,6 @@
 ``slurm``         an sbatch script with one Slurm task per role, and the task's own start-up
 
 On one machine, ``python -m smolcluster.train algo=syncps`` starts everything itself
-(``smolcluster/launch_local.py``); on Slurm, ``hydra/launcher=slurm`` (conf/hydra/launcher/) runs
+(``smolcluster/launch/local.py``); on Slurm, ``hydra/launcher=slurm`` (conf/hydra/launcher/) runs
 one-node jobs, and ``launchers.slurm`` one run over several nodes.
 """
