@@ -27,6 +27,7 @@ from launchers import resources
 from launchers.cluster_file import Node
 from launchers.remote import NO_PYTHON, NO_WORKDIR, SSH_FAILED, host_command, python_script
 from smolcluster.errors import PeerError
+from smolcluster.launch.cli import command
 from smolcluster.security import KEYS_FIX, is_loopback
 from smolcluster.transport import client_key_name
 
@@ -443,6 +444,7 @@ def format_reports(reports: list[NodeReport]) -> str:
     return "\n".join(lines)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     """``python -m launchers.preflight --local``: this machine's memory and speed, as the preflight reports a
     node's (``python -m launchers.ssh check --cluster ...`` does every node of a cluster file)."""

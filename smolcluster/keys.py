@@ -20,9 +20,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from smolcluster.launch.cli import command
 from smolcluster.transport import make_keys
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m smolcluster.keys", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -28,6 +28,8 @@ from hydra.types import RunMode
 from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 
+from smolcluster.launch.cli import command
+
 # The summary.json figures that go into the table, in this order (those no job has are left out).
 FIGURES = ("algo", "model", "data", "steps", "samples", "wall_s", "samples_per_s", "final_loss",
            "eval_loss", "eval_accuracy", "workers_lost")
@@ -162,6 +164,7 @@ class SweepTable(Callback):
         logger.success(f"sweep table: {md} and {csv_path}")
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0] in ("-h", "--help"):

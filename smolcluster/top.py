@@ -26,6 +26,7 @@ from pathlib import Path
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from smolcluster.launch.cli import command
 from smolcluster.telemetry.prometheus import LABELS, METRICS, SERVING_METRICS
 
 # exposition name -> the short key the view uses (the metrics.jsonl key it came from)
@@ -337,6 +338,7 @@ def make_app(view: ClusterView, interval_s: float):
     return TopApp()
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m smolcluster.top", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,

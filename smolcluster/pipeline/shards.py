@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from smolcluster import checkpoint
 from smolcluster.errors import ConfigError
+from smolcluster.launch.cli import command
 from smolcluster.pipeline.weights import read_header, read_tensors
 
 _SHARD = re.compile(r"stage-(\d+)-of-(\d+)\.safetensors$")
@@ -253,15 +254,12 @@ def stage_optimizer_state(path: Path, full_layout: list[tuple[str, int]], stage_
     return {"state": {0: st} if st else {}, "param_groups": groups}
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
         print("usage: python -m smolcluster.pipeline.merge RUN_DIR\n\nMerge stage-<rank>-of-<n> shards "
               "into RUN_DIR/checkpoint.safetensors", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    try:
-        print(merge(argv[0]))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    print(merge(argv[0]))
     return 0
