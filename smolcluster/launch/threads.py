@@ -34,7 +34,7 @@ def stage_env(n_stages: int, extra: dict | None = None, threads: int | None = No
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra or {})}
     # glibc raises its mmap threshold after a large block is freed, so the chunks a stage reads
     # and converts its weights through would stay in the heap (RSS) after use; a fixed threshold
-    # hands every large block back to the OS when freed (see inference/quantize.py).
+    # hands every large block back to the OS when freed (see pipeline/quantize.py).
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     return thread_env(env, threads or threads_each(n_stages))
 
