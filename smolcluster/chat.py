@@ -22,22 +22,22 @@ from smolcluster.telemetry.logging import setup_logging
 
 
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="chat")
+@user_errors()  # a SmolclusterError: one line, exit 2
 def main(cfg: DictConfig) -> None:
     sigterm_as_interrupt()  # the stages are stopped on SIGTERM as on Ctrl-C
     from smolcluster.inference.settings import chat_settings
     from smolcluster.node.coordinator import agent_stages
     from smolcluster.serving.config import serve
 
-    with user_errors():
+    try:
         s = chat_settings(cfg)  # the one read of Hydra's config: typed settings from here on
         t = s.pipeline.telemetry  # (logging.prometheus / run_dir: what smolcluster.top reads)
         setup_logging(role="head", algo="chat", level=cfg.logging.level, loki=cfg.logging.get("loki"),
                       run_id=t.get("run_id", ""), run_dir=t.get("run_dir"))
-        try:
-            with agent_stages(cfg, s.pipeline):  # cluster=auto: the stages on the node agents, the head here
-                serve(s)
-        except KeyboardInterrupt:
-            pass  # Ctrl-C is how a chat ends: exit 0
+        with agent_stages(cfg, s.pipeline):  # cluster=auto: the stages on the node agents, the head here
+            serve(s)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how a chat ends: exit 0
 
 
 if __name__ == "__main__":

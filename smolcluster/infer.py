@@ -100,10 +100,10 @@ def whitespace_hint(n: int, temperature: float) -> str:
 
 
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="infer")
+@user_errors(interrupted="interrupted")  # a SmolclusterError: one line, exit 2; Ctrl-C: 130
 def main(cfg: DictConfig) -> None:
     sigterm_as_interrupt()  # stages started here are stopped on SIGTERM as on Ctrl-C
-    with user_errors(interrupted="interrupted"):
-        run(cfg)
+    run(cfg)
 
 
 if __name__ == "__main__":

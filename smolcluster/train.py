@@ -72,21 +72,21 @@ def run(cfg: DictConfig) -> dict | None:
     return summary
 
 
-@hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
-    sigterm_as_interrupt()  # SIGTERM unwinds like Ctrl-C: children stopped, run files and W&B runs closed
-    with user_errors(on_error=_log_or_hand_to_sweep, interrupted="interrupted"):
-        try:
-            run(cfg)
-        except BaseException as e:
-            abort_open(e)  # recorders not finished: a last "stopped" row, files closed, W&B given the exit code
-            raise
-
-
 def _log_or_hand_to_sweep(e: SmolclusterError) -> None:
     logger.error(str(e))
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         raise e  # let Hydra record the failed job (the sweep table lists it) and go on
+
+
+@hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
+@user_errors(on_error=_log_or_hand_to_sweep, interrupted="interrupted")  # one line, exit 2; Ctrl-C: 130
+def main(cfg: DictConfig) -> None:
+    sigterm_as_interrupt()  # SIGTERM unwinds like Ctrl-C: children stopped, run files and W&B runs closed
+    try:
+        run(cfg)
+    except BaseException as e:
+        abort_open(e)  # recorders not finished: a last "stopped" row, files closed, W&B given the exit code
+        raise
 
 
 if __name__ == "__main__":
