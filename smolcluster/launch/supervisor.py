@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def stop_process_groups(procs: Iterable[subprocess.Popen], grace_s: float = 10.0
             p.wait(timeout=5)
 
 
-class Supervisor:
+class Supervisor(ABC):
     """Roles started by one process, watched until a state; what every backend implements.
 
     A backend says which role failed (:meth:`failed`, one line naming it, or raising its own error), how to
@@ -107,15 +108,15 @@ class Supervisor:
     messages). ``with supervisor:`` makes SIGTERM unwind like Ctrl-C and stops every role on the way out.
     """
 
+    @abstractmethod
     def failed(self) -> str | None:
         """Why the first role that failed failed (one line naming it); None while none has."""
-        raise NotImplementedError
 
+    @abstractmethod
     def stop(self) -> None:
         """Stop every role still running."""
-        raise NotImplementedError
 
-    def tick(self) -> None:
+    def tick(self) -> None:  # noqa: B027  (optional: most backends have nothing to do per poll)
         """Work done on every poll of :meth:`wait` (e.g. take a control link's messages)."""
 
     def wait(self, until: Callable[[], bool], poll_s: float = 0.1) -> None:
