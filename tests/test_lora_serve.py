@@ -328,7 +328,7 @@ def test_stages_must_serve_the_same_files_under_each_adapter_name_in_any_order(s
 def test_a_request_intro_with_a_field_of_the_wrong_type_is_refused_naming_it():
     """What ``mp.hidden`` nests (``intro[req]``) is checked as the wire checks a message's own fields."""
     from smolcluster.errors import PeerError
-    from smolcluster.inference.serve import check_intro
+    from smolcluster.inference.stage import check_intro
 
     good = {"head": "h", "max_new_tokens": 4, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 1, "eos": [2],
             "prompt_len": 3, "adapter": "alpha", "prefix": []}

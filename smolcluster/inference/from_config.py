@@ -19,7 +19,7 @@ from loguru import logger
 from smolcluster.errors import ConfigError
 from smolcluster.inference.adapters import check_adapters
 from smolcluster.inference.api import InferencePipeline, check_speculate, describe_weights
-from smolcluster.inference.serve import ServeConfig
+from smolcluster.inference.stage import ServeConfig
 from smolcluster.inference.settings import HeadPlace, Pipeline, Role
 
 
@@ -245,7 +245,7 @@ def pipeline_from_config(cfg: Pipeline, prompt: str | None = None) -> InferenceP
 def _stage_env(cfg: Pipeline) -> dict:
     """Local stages' environment: R co-located replicas split the cores between them, unless OMP_NUM_THREADS is set
     already; within its share each replica's stages split it or take turns on it as one pipeline's do
-    (serve.StageServer.turns)."""
+    (stage.StageServer.turns)."""
     env = {"SMOLCLUSTER_LOG_LEVEL": cfg.stage_log_level or "WARNING"}
     if cfg.replicas == 1:
         return env
@@ -302,7 +302,7 @@ def _check_distinct_replicas(cfg: Pipeline, nodes: list) -> None:
 
 def stage_speculate(cfg: Pipeline, config: dict) -> dict:
     """``speculate.*`` for this stage: stage 0 proposes (its draft model must be on its node); the others only
-    keep ``k`` positions of slack in sliding windows for the cut (serve.ServeConfig.speculate)."""
+    keep ``k`` positions of slack in sliding windows for the cut (stage.ServeConfig.speculate)."""
     if cfg.rank == 0:
         return check_speculate(asdict(cfg.speculate), config, cfg.head.value)
     return {"k": cfg.speculate.k} if cfg.speculate.k > 0 else {}

@@ -69,7 +69,7 @@ class Speculate:
         return self
 
     def fields(self) -> dict:
-        """What a stage's :class:`~smolcluster.inference.serve.ServeConfig` carries ({} when off)."""
+        """What a stage's :class:`~smolcluster.inference.stage.ServeConfig` carries ({} when off)."""
         if not self.k:
             return {}
         draft = str(Path(self.draft).expanduser().resolve()) if self.draft else None
