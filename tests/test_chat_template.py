@@ -25,7 +25,6 @@ from smolcluster.inference.settings import Pipeline
 from smolcluster.models.gpt2 import build_gpt2
 from smolcluster.serving.app import WebServer, build_app
 from smolcluster.serving.config import chat_template
-from smolcluster.serving.engine import ChatDefaults, Engine
 from smolcluster.serving.prompting import (
     ChatTemplate,
     PromptTooLong,
@@ -33,6 +32,7 @@ from smolcluster.serving.prompting import (
     build_chat_prompt,
     render,
 )
+from smolcluster.serving.sessions import ChatDefaults, Sessions
 
 VOCAB, CONTEXT, MAX_NEW = 400, 256, 24
 MODEL = "tiny-instruct"
@@ -194,7 +194,7 @@ def test_the_chat_finds_the_template_of_the_model_it_serves(chat_model, tmp_path
 @pytest.fixture(scope="module")
 def served(chat_model):
     d = chat_model["dir"]
-    engine = Engine(lambda: InferencePipeline.start_local(d, stages=2, heartbeat_s=0.2, liveness_s=5.0),
+    engine = Sessions(lambda: InferencePipeline.start_local(d, stages=2, heartbeat_s=0.2, liveness_s=5.0),
                     chat_template=ChatTemplate.load(d)).start()
     try:
         server = WebServer(build_app(engine, MODEL, ChatDefaults(max_new_tokens=MAX_NEW), ui=False)).start()

@@ -85,7 +85,7 @@ def served(saved):
 
     from smolcluster.inference.settings import chat_settings
     from smolcluster.paths import CONFIG_DIR
-    from smolcluster.serving.config import engine_from_config, model_name
+    from smolcluster.serving.config import model_name, sessions_from_config
 
     model_dir, adapters = saved
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
@@ -93,7 +93,7 @@ def served(saved):
                                f"adapters={{alpha:{adapters['alpha']},beta:{adapters['beta']}}}"])
     settings = chat_settings(cfg)
     assert model_name(settings) == MODEL
-    engine = engine_from_config(settings)
+    engine = sessions_from_config(settings)
     server = WebServer(build_app(engine, MODEL, ui=False)).start()
     try:
         with httpx.Client(base_url=server.url, timeout=60) as http:

@@ -22,9 +22,9 @@ from smolcluster.data.text import TextTokenizer
 from smolcluster.inference import InferencePipeline
 from smolcluster.pipeline.quantize import StageFormat, kernels
 from smolcluster.serving.app import WebServer, build_app
-from smolcluster.serving.engine import Engine, Settings
 from smolcluster.serving.fair_queue import FairQueue
 from smolcluster.serving.prompting import render
+from smolcluster.serving.sessions import Sessions, Settings
 from tests.conftest import run_cli, wait_until
 
 MODEL = "tiny"
@@ -37,7 +37,7 @@ class Served:
 
     def __init__(self, run_dir: Path, *, liveness_s: float = 5.0, max_active: int = 4, **app_kw):
         self.run_dir = run_dir
-        self.engine = Engine(lambda: InferencePipeline.start_local(run_dir, stages=2, n_head=4, heartbeat_s=0.2,
+        self.engine = Sessions(lambda: InferencePipeline.start_local(run_dir, stages=2, n_head=4, heartbeat_s=0.2,
                                                                    liveness_s=liveness_s),
                              max_active=max_active).start()
         try:

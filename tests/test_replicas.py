@@ -303,7 +303,7 @@ def test_cluster_auto_refuses_more_replicas_than_its_agents_hold_in_one_line():
 
 
 def test_replicas_resolved_at_once_from_a_random_init_serve_the_same_weights():
-    """Engine.start builds replicas in parallel threads: each random init must be the same weights, not draws from
+    """Sessions.start builds replicas in parallel threads: each random init must be the same weights, not draws from
     one global generator racing another."""
     import shutil
 
@@ -354,7 +354,7 @@ def own_stages() -> list[psutil.Process]:
 
 def test_closing_the_engine_waits_for_a_reconnect_in_progress_and_closes_what_it_built(tmp_path):
     from smolcluster.inference import InferencePipeline
-    from smolcluster.serving.engine import Engine
+    from smolcluster.serving.sessions import Sessions
 
     model = tiny_gpt2(tmp_path / "model")
     connects: list[int] = []
@@ -363,7 +363,7 @@ def test_closing_the_engine_waits_for_a_reconnect_in_progress_and_closes_what_it
         connects.append(1)
         return InferencePipeline.start_local(model, stages=2, heartbeat_s=0.2, liveness_s=3)
 
-    engine = Engine(connect, watch_s=0.1).start()
+    engine = Sessions(connect, watch_s=0.1).start()
     engine.REBUILD_JOIN_S = 300.0  # a loaded machine starts stages slowly; the join must outlast the start
     try:
         (stage1,) = [p for p in own_stages() if p.cmdline()[-1].endswith("stage-1.json")]

@@ -87,7 +87,7 @@ def test_live_view_of_a_two_stage_inference_pipeline(tmp_path):
     """Both stages and the head in top's inference table: tokens/s > 0 while requests stream, KV back to 0 after."""
     from smolcluster.bench.common import write_tiny_run
     from smolcluster.inference import InferencePipeline
-    from smolcluster.serving.engine import Engine, Settings
+    from smolcluster.serving.sessions import Sessions, Settings
     from smolcluster.telemetry.serving import open_serving_metrics
 
     model, run_dir = write_tiny_run(tmp_path / "model", n_positions=1024), tmp_path / "serve"
@@ -95,7 +95,7 @@ def test_live_view_of_a_two_stage_inference_pipeline(tmp_path):
     head = open_serving_metrics(telemetry, {"run_id": "inf", "node": "local", "role": "head", "rank": "",
                                             "algo": "chat"})
     pipe = InferencePipeline.start_local(model, stages=2, n_head=4, kv_cache_mb=64, heartbeat_s=0.2, telemetry=telemetry)
-    engine = Engine(lambda: pipe, max_active=4, reconnect=False, watch_s=0.1, metrics=head).start()
+    engine = Sessions(lambda: pipe, max_active=4, reconnect=False, watch_s=0.1, metrics=head).start()
     try:
         view = ClusterView(run_dir=run_dir)
 

@@ -60,8 +60,8 @@ def drive(args: argparse.Namespace) -> dict:
 
     from smolcluster.inference.settings import chat_settings
     from smolcluster.paths import CONFIG_DIR
-    from smolcluster.serving.config import engine_from_config
-    from smolcluster.serving.engine import Settings
+    from smolcluster.serving.config import sessions_from_config
+    from smolcluster.serving.sessions import Settings
 
     ips = args.ips.split(",")[:2 * args.replicas]
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
@@ -69,7 +69,7 @@ def drive(args: argparse.Namespace) -> dict:
             f"checkpoint={args.run}", "role=head", f"replicas={args.replicas}", "stages=2", f"head_host={args.head}",
             f"++cluster.nodes={nodes_override(ips)}", f"cluster.port={PORT}", "cluster.connect_timeout_s=600",
             f"serve.max_active={args.requests}", "logging.level=WARNING"])
-    engine = engine_from_config(chat_settings(cfg))
+    engine = sessions_from_config(chat_settings(cfg))
     gen = torch.Generator().manual_seed(args.seed)
     settings = Settings(max_new_tokens=args.tokens, stop_at_eos=False)  # greedy: the default
 

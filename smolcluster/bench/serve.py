@@ -135,11 +135,11 @@ def main(argv: list[str]) -> int:
     from smolcluster.bench.pipeline import stage_peaks_mb
     from smolcluster.inference import InferencePipeline
     from smolcluster.serving.app import WebServer, build_app
-    from smolcluster.serving.engine import Engine
+    from smolcluster.serving.sessions import Sessions
 
     with tempfile.TemporaryDirectory() as tmp:
         run = write_run(Path(tmp))
-        engine = Engine(lambda: InferencePipeline.start_local(run, stages=2, n_head=4, kv_cache_mb=args.kv_cache_mb,
+        engine = Sessions(lambda: InferencePipeline.start_local(run, stages=2, n_head=4, kv_cache_mb=args.kv_cache_mb,
                                                               env={"SMOLCLUSTER_LOG_LEVEL": "WARNING"}),
                         max_active=args.max_active, max_waiting=args.max_waiting).start()
         try:

@@ -19,8 +19,8 @@ from loguru import logger
 from smolcluster.errors import ConfigError
 from smolcluster.inference.adapters import check_adapters
 from smolcluster.inference.api import InferencePipeline, check_speculate, describe_weights
-from smolcluster.inference.stage import ServeConfig
 from smolcluster.inference.settings import HeadPlace, Pipeline, Role
+from smolcluster.inference.stage import ServeConfig
 
 
 def _run_data(run_dir: Path) -> dict | None:
@@ -78,7 +78,7 @@ def resolve_model(cfg: Pipeline, need_tokenizer: bool = True) -> tuple[dict, obj
         return _random_init(cfg, n_head)
 
 
-# Replicas resolve their models in parallel threads (serving.engine.Engine.start): the random init seeds and draws
+# Replicas resolve their models in parallel threads (serving.sessions.Sessions.start): the random init seeds and draws
 # from torch's global generator and imports transformers lazily (not thread-safe), so one build at a time makes
 # every replica's init the same weights.
 _RANDOM_INIT = threading.Lock()

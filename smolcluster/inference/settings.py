@@ -127,7 +127,7 @@ class Pipeline:
     speculate: Speculate = field(default_factory=Speculate)
     prefix_cache: bool = True         # serve.prefix_cache: stages keep served prefixes' KV (inference/prefix.py)
     prefix_block: int = 32            # serve.prefix_block: ... in blocks of this many tokens
-    replicas: int = 1                 # chat: this many pipelines of ``stages`` stages behind one head (serving/engine.py)
+    replicas: int = 1                 # chat: this many pipelines of ``stages`` stages behind one head (serving/sessions.py)
     replica: int = 0                  # which of them this is (from_config.replica_settings)
     replica_links: list = field(default_factory=list)  # cluster=auto: each replica's Links (node/coordinator.py)
 

@@ -18,13 +18,13 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp
 
 from smolcluster.errors import ConfigError, PeerError
-from smolcluster.serving.engine import ChatDefaults, Engine
 from smolcluster.serving.front_door import allowed_hosts as allowed_hosts_for
 from smolcluster.serving.front_door import front_door
 from smolcluster.serving.openai_api import OpenAIAPI
+from smolcluster.serving.sessions import ChatDefaults, Sessions
 
 
-def build_app(engine: Engine, model_name: str, defaults: ChatDefaults | None = None,
+def build_app(engine: Sessions, model_name: str, defaults: ChatDefaults | None = None,
               api_key: str | None = None, ui: bool = True, host: str = "127.0.0.1",
               allowed_hosts: list[str] | None = None, max_body_mb: float = 8.0) -> ASGIApp:
     """The API and chat page behind the front door (Host check, ``api_key`` on every route but

@@ -17,7 +17,6 @@ from dataclasses import replace
 import gradio as gr
 
 from smolcluster.inference.adapters import adapter_of, model_ids
-from smolcluster.serving.engine import ChatDefaults, Engine, Generation, PipelineDown, Settings
 from smolcluster.serving.fair_queue import QueueFull
 from smolcluster.serving.prompting import (
     PromptTooLong,
@@ -25,6 +24,7 @@ from smolcluster.serving.prompting import (
     message_text,
     prompt_budget,
 )
+from smolcluster.serving.sessions import ChatDefaults, Generation, PipelineDown, Sessions, Settings
 
 
 def stats_line(gen: Generation, note: str = "") -> str:
@@ -70,7 +70,7 @@ def stream_answer(gen: Generation, history: list[dict], note: str) -> Iterator[t
         gen.cancel()  # the page went away mid-answer: free the pipeline's caches
 
 
-def build_chat_ui(engine: Engine, defaults: ChatDefaults, model_name: str) -> gr.Blocks:
+def build_chat_ui(engine: Sessions, defaults: ChatDefaults, model_name: str) -> gr.Blocks:
     context = engine.context
 
     def respond(message: str, history: list[dict], system: str, temperature: float, top_p: float,

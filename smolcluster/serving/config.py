@@ -9,8 +9,8 @@ from loguru import logger
 from smolcluster.errors import ConfigError
 from smolcluster.inference.settings import ChatSettings, Pipeline, Role
 from smolcluster.security import check_api
-from smolcluster.serving.engine import ChatDefaults, Engine
 from smolcluster.serving.prompting import ChatTemplate
+from smolcluster.serving.sessions import ChatDefaults, Sessions
 
 
 def model_name(s: ChatSettings) -> str:
@@ -52,7 +52,7 @@ def chat_template(cfg: Pipeline) -> ChatTemplate | None:
     return template
 
 
-def engine_from_config(s: ChatSettings) -> Engine:
+def sessions_from_config(s: ChatSettings) -> Sessions:
     """Start (``role=launch``) or join (``role=head``) the pipeline and wrap it in a started engine."""
     if s.pipeline.role is Role.stage:
         raise ConfigError("role=stage is not for the chat: choose launch (start the stages here) or head (connect "
@@ -63,7 +63,7 @@ def engine_from_config(s: ChatSettings) -> Engine:
 
     replicas = [replica_settings(s.pipeline, r) for r in range(s.pipeline.replicas)]  # bad node counts refused here
     metrics = open_serving_metrics(s.pipeline.telemetry, identity())  # this head's figures for smolcluster.top
-    return Engine([lambda p=p: pipeline_from_config(p) for p in replicas], max_active=s.serve.max_active,
+    return Sessions([lambda p=p: pipeline_from_config(p) for p in replicas], max_active=s.serve.max_active,
                   max_waiting=s.serve.max_waiting, reconnect=s.serve.reconnect,
                   chat_template=chat_template(s.pipeline), metrics=metrics,
                   prefix_block=s.pipeline.prefix_block).start()
@@ -76,7 +76,7 @@ def serve(s: ChatSettings) -> None:
     check_api(s.serve.host, s.serve.api_key, s.serve.insecure)
     sock = bind(s.serve.host, s.serve.port)
     try:
-        engine = engine_from_config(s)
+        engine = sessions_from_config(s)
     except BaseException:
         sock.close()
         raise

@@ -28,7 +28,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from loguru import logger
 from pydantic.json_schema import models_json_schema
 
-from smolcluster.serving.engine import Engine, Generation, PipelineDown
 from smolcluster.serving.fair_queue import QueueFull
 from smolcluster.serving.openai_requests import (
     APIError,
@@ -55,6 +54,7 @@ from smolcluster.serving.openai_schema import (
     dump,
     validation_error,
 )
+from smolcluster.serving.sessions import Generation, PipelineDown, Sessions
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what in (
@@ -76,7 +76,7 @@ def generation_error(gen: Generation) -> APIError:
 
 
 class OpenAIAPI:
-    def __init__(self, engine: Engine, model_name: str, *, chat_max_tokens: int = 128, created: int | None = None):
+    def __init__(self, engine: Sessions, model_name: str, *, chat_max_tokens: int = 128, created: int | None = None):
         self.engine, self.model_name = engine, model_name
         self.chat_max_tokens = chat_max_tokens
         self.created = created if created is not None else int(time.time())

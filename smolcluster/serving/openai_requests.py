@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 from smolcluster.inference.adapters import adapter_of, model_ids
 from smolcluster.inference.sampling import SamplingParams
-from smolcluster.serving.engine import Settings
 from smolcluster.serving.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
     SamplingRequest,
 )
 from smolcluster.serving.prompting import ChatFormat, PromptTooLong, build_chat_prompt
+from smolcluster.serving.sessions import Settings
 
 
 class APIError(Exception):

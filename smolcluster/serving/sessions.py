@@ -1,7 +1,8 @@
-"""The serving engine: one inference pipeline (or ``replicas`` of them) shared by the chat page and the HTTP API.
+"""The sessions: every user's answers multiplexed onto one inference pipeline (or ``replicas`` of them), shared by
+the chat page and the HTTP API. (The batching itself is the stages' work: :mod:`smolcluster.inference.stage`.)
 
-    engine = Engine(lambda: pipeline_from_config(cfg), max_active=4).start()
-    gen = engine.submit(ids, user="alice", settings=Settings(max_new_tokens=50, stop=("\\nUser:",)))
+    sessions = Sessions(lambda: pipeline_from_config(cfg), max_active=4).start()
+    gen = sessions.submit(ids, user="alice", settings=Settings(max_new_tokens=50, stop=("\\nUser:",)))
     for piece in gen.stream():   # text as it is made (stop strings already cut)
         ...
     gen.cancel()                 # the pipeline frees the request's KV caches
@@ -9,12 +10,12 @@
 Each :class:`Generation` waits for a slot in a :class:`~smolcluster.serving.fair_queue.FairQueue`,
 then runs in its own thread: it submits to the pipeline, applies the stop strings and
 hands the text to its consumer (a blocking iterator for Gradio, an ``async`` one for
-the API). When a stage is lost the pipeline fails every open request; the engine then
-answers at once with :class:`PipelineDown` (never a hang) and, with ``reconnect``,
+the API). When a stage is lost the pipeline fails every open request; the sessions then
+answer at once with :class:`PipelineDown` (never a hang) and, with ``reconnect``,
 rebuilds the pipeline in the background with backoff (a cluster's stages keep running;
 local stages are started again).
 
-Replicas. Given one ``connect`` per replica, the engine owns R pipelines behind the same queue:
+Replicas. Given one ``connect`` per replica, :class:`Sessions` owns R pipelines behind the same queue:
 each answer goes to one (:mod:`smolcluster.serving.router`: the replica holding its prompt's
 longest cached prefix, else the least loaded), a lost replica fails only its own answers
 (naming it and the stage) and is rebuilt while the others serve.
@@ -93,7 +94,7 @@ class Generation:
     finished_at: float | None = None
 
     def __post_init__(self):
-        self._engine: Engine | None = None
+        self._engine: Sessions | None = None
         self._ticket = None
         self._request = None
         self._cancelled = False
@@ -240,7 +241,7 @@ class Generation:
 
 @dataclass
 class Replica:
-    """One pipeline of the engine's ``replicas``: its connection, state and the head's counts of what it serves."""
+    """One pipeline of the sessions' ``replicas``: its connection, state and the head's counts of what it serves."""
 
     index: int
     connect: Callable[[], object]
@@ -257,7 +258,7 @@ class Replica:
         return down
 
 
-class Engine:
+class Sessions:
     REBUILD_JOIN_S = 30.0  # close() waits this long for a reconnect in progress (a connect's own timeout ends it)
 
     def __init__(self, connect: Callable[[], object] | list[Callable[[], object]], *, max_active: int = 16,
@@ -295,7 +296,7 @@ class Engine:
 
         self.metrics, self._tokens_done, self._tokens_counted = metrics or OFF, 0, 0
 
-    def start(self) -> Engine:
+    def start(self) -> Sessions:
         """Connect every replica, at once (raises if one cannot be built), and watch them from then on."""
         pipes: list = [None] * len(self.replicas)
 
@@ -531,7 +532,7 @@ class Engine:
             t.join(timeout=self.REBUILD_JOIN_S)
             if t.is_alive():
                 logger.warning(f"{t.name} still connecting after {self.REBUILD_JOIN_S:.0f}s: leaving it (it closes "
-                               "what it builds once it sees the engine closed)")
+                               "what it builds once it sees the sessions closed)")
         with self._lock:
             pipes = [r.pipe for r in self.replicas if r.pipe is not None]
             for r in self.replicas:
