@@ -83,9 +83,9 @@ def served(saved):
     from the Hydra config as the command composes it), behind the OpenAI API."""
     from hydra import compose, initialize_config_dir
 
-    from smolcluster.inference.settings import chat_settings
     from smolcluster.paths import CONFIG_DIR
     from smolcluster.serving.config import model_name, sessions_from_config
+    from smolcluster.serving.settings import chat_settings
 
     model_dir, adapters = saved
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):

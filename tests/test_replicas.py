@@ -200,9 +200,10 @@ def test_replica_settings_split_the_cluster_and_bad_counts_are_refused_in_one_li
 
     from smolcluster.errors import ConfigError
     from smolcluster.inference.from_config import replica_settings
-    from smolcluster.inference.settings import chat_settings, infer_settings
+    from smolcluster.inference.settings import infer_settings
     from smolcluster.paths import CONFIG_DIR
     from smolcluster.pipeline.nodes import stage_nodes
+    from smolcluster.serving.settings import chat_settings
 
     def settings(name: str, *overrides: str):
         with initialize_config_dir(str(CONFIG_DIR), version_base=None):
@@ -311,8 +312,8 @@ def test_replicas_resolved_at_once_from_a_random_init_serve_the_same_weights():
     from safetensors.torch import load
 
     from smolcluster.inference.from_config import replica_settings, resolve_model
-    from smolcluster.inference.settings import chat_settings
     from smolcluster.paths import CONFIG_DIR
+    from smolcluster.serving.settings import chat_settings
 
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
         cfg = chat_settings(compose("chat", overrides=["replicas=3", "seed=5"])).pipeline

@@ -154,8 +154,9 @@ def test_live_view_of_a_two_stage_inference_pipeline(tmp_path):
 def test_inference_configs_name_the_port_and_run_dir_top_reads(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from smolcluster.inference.settings import chat_settings, infer_settings
+    from smolcluster.inference.settings import infer_settings
     from smolcluster.paths import CONFIG_DIR
+    from smolcluster.serving.settings import chat_settings
     from smolcluster.telemetry.prometheus import metrics_port
 
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):

@@ -58,10 +58,10 @@ def drive(args: argparse.Namespace) -> dict:
     import torch
     from hydra import compose, initialize_config_dir
 
-    from smolcluster.inference.settings import chat_settings
     from smolcluster.paths import CONFIG_DIR
     from smolcluster.serving.config import sessions_from_config
     from smolcluster.serving.sessions import Settings
+    from smolcluster.serving.settings import chat_settings
 
     ips = args.ips.split(",")[:2 * args.replicas]
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):

@@ -1,4 +1,4 @@
-"""From the ``chat`` settings (``conf/chat.yaml``, typed in ``inference/settings.py``) to a running engine and web server."""
+"""From the ``chat`` settings (``conf/chat.yaml``, typed in ``serving/settings.py``) to running sessions and a web server."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from pathlib import Path
 from loguru import logger
 
 from smolcluster.errors import ConfigError
-from smolcluster.inference.settings import ChatSettings, Pipeline, Role
+from smolcluster.inference.settings import Pipeline, Role
 from smolcluster.security import check_api
 from smolcluster.serving.prompting import ChatTemplate
 from smolcluster.serving.sessions import ChatDefaults, Sessions
+from smolcluster.serving.settings import ChatSettings
 
 
 def model_name(s: ChatSettings) -> str:
