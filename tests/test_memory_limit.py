@@ -30,10 +30,10 @@ import pytest
 import torch
 
 from smolcluster.inference.api import InferencePipeline
+from smolcluster.inference.placement import MARGIN, RUNTIME_BYTES, NodeMemory, auto_weights
 from smolcluster.inference.stage import ServeConfig
 from smolcluster.pipeline.architectures import KVCache, family_for
 from smolcluster.pipeline.launch import free_ports, stage_env
-from smolcluster.pipeline.placement import MARGIN, RUNTIME_BYTES, NodeMemory, auto_weights
 from smolcluster.pipeline.quantize import StageFormat
 from smolcluster.pipeline.weights import load_stage
 

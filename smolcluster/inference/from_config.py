@@ -175,13 +175,13 @@ def stage_formats(cfg: Pipeline) -> list[dict]:
 def stage_weights_for(cfg: Pipeline, info: dict, formats: list[dict], local: bool) -> list[float]:
     """``partition=even``: ``cluster.nodes[i].weight``; ``partition=auto``: by each node's memory, the model
     refused in one line when it cannot fit, or by each node's speed (``cluster.nodes[i].gflops``) when every
-    node has one and that split fits too (:mod:`smolcluster.pipeline.placement`)."""
+    node has one and that split fits too (:mod:`smolcluster.inference.placement`)."""
     from smolcluster.pipeline.partition import node_weights
 
     if cfg.partition == "even":
         return node_weights(cfg.links, cfg.stages)
+    from smolcluster.inference.placement import auto_weights, node_memory, prefer_faster
     from smolcluster.pipeline.architectures import family_for
-    from smolcluster.pipeline.placement import auto_weights, node_memory, prefer_faster
     from smolcluster.pipeline.quantize import StageFormat
 
     fmts = [StageFormat(f["precision"], f["quantize"], f["quantize_group"]) for f in formats]
