@@ -181,7 +181,7 @@ def main(argv: list[str]) -> int:
         print("RESULT " + json.dumps(drive(args)), flush=True)
         return 0
     from smolcluster.bench.desk import cgroup_unavailable
-    from smolcluster.bench.netns import netns_unavailable
+    from smolcluster.testing.netns import netns_unavailable
 
     why = netns_unavailable(shaping=True) or cgroup_unavailable()
     if why:
