@@ -54,7 +54,7 @@ def chat_template(cfg: Pipeline) -> ChatTemplate | None:
 
 
 def sessions_from_config(s: ChatSettings) -> Sessions:
-    """Start (``role=launch``) or join (``role=head``) the pipeline and wrap it in a started engine."""
+    """Start (``role=launch``) or join (``role=head``) the pipeline and wrap it in started Sessions."""
     if s.pipeline.role is Role.stage:
         raise ConfigError("role=stage is not for the chat: choose launch (start the stages here) or head (connect "
                           "to stages already running; start those with python -m smolcluster.infer role=stage rank=N)")
@@ -77,20 +77,20 @@ def serve(s: ChatSettings) -> None:
     check_api(s.serve.host, s.serve.api_key, s.serve.insecure)
     sock = bind(s.serve.host, s.serve.port)
     try:
-        engine = sessions_from_config(s)
+        sessions = sessions_from_config(s)
     except BaseException:
         sock.close()
         raise
     try:
         name = model_name(s)
-        app = build_app(engine, name, chat_defaults(s), api_key=s.serve.api_key, ui=s.serve.ui, host=s.serve.host,
+        app = build_app(sessions, name, chat_defaults(s), api_key=s.serve.api_key, ui=s.serve.ui, host=s.serve.host,
                         allowed_hosts=s.serve.allowed_hosts, max_body_mb=s.serve.max_body_mb)
         server = WebServer(app, s.serve.host, log_level=s.serve.log_level, sock=sock)
         page = "" if s.serve.ui else " (no page here: serve.ui=false)"
-        replicas = f" x {len(engine.replicas)} replicas" if len(engine.replicas) > 1 else ""
+        replicas = f" x {len(sessions.replicas)} replicas" if len(sessions.replicas) > 1 else ""
         print(f"smolcluster chat: {server.url}/{page}  ·  OpenAI API: {server.url}/v1  ·  model {name!r}  ·  "
-              f"{engine.stages} stages{replicas}, context {engine.context}", flush=True)
+              f"{sessions.stages} stages{replicas}, context {sessions.context}", flush=True)
         server.run()
     finally:
         logger.info("shutting down the pipeline")
-        engine.close()
+        sessions.close()

@@ -94,7 +94,7 @@ class Generation:
     finished_at: float | None = None
 
     def __post_init__(self):
-        self._engine: Sessions | None = None
+        self._sessions: Sessions | None = None
         self._ticket = None
         self._request = None
         self._cancelled = False
@@ -142,14 +142,14 @@ class Generation:
             request, ticket = self._request, self._ticket
         if request is not None:
             request.cancel()
-        elif ticket is not None and self._engine is not None:
-            self._engine.queue.leave(ticket)  # wakes the runner, which finishes as cancelled
+        elif ticket is not None and self._sessions is not None:
+            self._sessions.queue.leave(ticket)  # wakes the runner, which finishes as cancelled
 
     def position(self) -> int:
         """Requests that will start before this one (0 once it runs)."""
-        if self.state != "queued" or self._engine is None or self._ticket is None:
+        if self.state != "queued" or self._sessions is None or self._ticket is None:
             return 0
-        return self._engine.queue.position(self._ticket)
+        return self._sessions.queue.position(self._ticket)
 
     def stats(self) -> dict:
         """Tokens, tokens/s (from submission to the pipeline to the end), time to first token
@@ -175,18 +175,18 @@ class Generation:
             pass
 
     def _run(self) -> None:
-        engine, s = self._engine, self.settings
+        sessions, s = self._sessions, self.settings
         reason, replica = "error", None
         try:
-            while not engine.queue.wait(self._ticket, 0.5):
-                if engine.closed:
+            while not sessions.queue.wait(self._ticket, 0.5):
+                if sessions.closed:
                     self.cancel()
             with self._lock:
                 if self._cancelled:
                     reason = "cancelled"
                     return
                 self.state = "running"
-            replica, pipe = engine._route(self)
+            replica, pipe = sessions._route(self)
             request = pipe.submit(self.prompt_ids, max_new_tokens=s.max_new_tokens, sampling=s.sampling,
                                   stop_at_eos=s.stop_at_eos, adapter=s.adapter)
             self.started_at = request.submitted_at
@@ -222,7 +222,7 @@ class Generation:
             reason = "stop" if stops.stopped or stopped_at_id else FINISH_REASONS.get(request.finish_reason, "stop")
         except PeerError as e:
             pipe_error = replica.error() if replica is not None else None
-            self.error = PipelineDown(f"{engine._whose(replica)} is down: {pipe_error}") if pipe_error else e
+            self.error = PipelineDown(f"{sessions._whose(replica)} is down: {pipe_error}") if pipe_error else e
         except SmolclusterError as e:  # PipelineDown, or a ConfigError the checks before submit missed
             self.error = e
         except Exception as e:  # a bug: keep the server up, fail this answer, keep the traceback in the log
@@ -233,8 +233,8 @@ class Generation:
             with self._lock:
                 self.finish_reason = "error" if self.error is not None else reason
                 self.state = "done"
-            engine.queue.leave(self._ticket)
-            engine._forget(self, replica)
+            sessions.queue.leave(self._ticket)
+            sessions._forget(self, replica)
             self._done.set()
             self._emit(_END)
 
@@ -352,7 +352,7 @@ class Sessions:
             raise PipelineDown("the server is shutting down")
         self.pipeline()  # fail fast rather than queue behind a pipeline that is down
         gen = Generation(f"gen-{next(self._ids)}", user, list(prompt_ids), settings)
-        gen._engine = self
+        gen._sessions = self
         if loop is not None:
             gen._loop, gen._events = loop, asyncio.Queue()
         gen._ticket = self.queue.join(user)
