@@ -353,7 +353,7 @@ def own_stages() -> list[psutil.Process]:
     return out
 
 
-def test_closing_the_engine_waits_for_a_reconnect_in_progress_and_closes_what_it_built(tmp_path):
+def test_closing_the_sessions_waits_for_a_reconnect_in_progress_and_closes_what_it_built(tmp_path):
     from smolcluster.inference import InferencePipeline
     from smolcluster.serving.sessions import Sessions
 
