@@ -14,10 +14,10 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from smolcluster.inference import settings  # noqa: F401  (registers the chat schema before hydra.main runs)
 from smolcluster.launch.cli import user_errors
 from smolcluster.launch.supervisor import exit_without_teardown, sigterm_as_interrupt
 from smolcluster.paths import CONFIG_DIR
+from smolcluster.serving import settings  # noqa: F401  (registers the chat schema before hydra.main runs)
 from smolcluster.telemetry.logging import setup_logging
 
 
@@ -25,9 +25,9 @@ from smolcluster.telemetry.logging import setup_logging
 @user_errors()  # a SmolclusterError: one line, exit 2
 def main(cfg: DictConfig) -> None:
     sigterm_as_interrupt()  # the stages are stopped on SIGTERM as on Ctrl-C
-    from smolcluster.inference.settings import chat_settings
     from smolcluster.node.coordinator import agent_stages
     from smolcluster.serving.config import serve
+    from smolcluster.serving.settings import chat_settings
 
     try:
         s = chat_settings(cfg)  # the one read of Hydra's config: typed settings from here on

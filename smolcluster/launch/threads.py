@@ -5,7 +5,7 @@ One rule for every place that picks a thread count: processes that compute at th
 Every process running torch's default pool on all cores would oversubscribe the machine, and OpenMP's
 spin-waits then cost far more than they save. Users: the star and ring launchers (:mod:`.local`), inference's
 local stages and replicas (``inference/api.py``, ``inference/from_config.py``), the stage server's own share
-(``inference/serve.py``) and the benchmarks that start children.
+(``inference/stage.py``) and the benchmarks that start children.
 """
 
 from __future__ import annotations
