@@ -157,6 +157,7 @@ class Children(Supervisor):
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                              cwd=cwd, start_new_session=True, preexec_fn=preexec_fn)
         self.procs[name] = p
+        self.relays = [r for r in self.relays if r.is_alive()]  # (a node agent starts roles for as long as it runs)
         relay = threading.Thread(target=self._relay, args=(p, on_line or self._printer(f"[{name}]")), daemon=True)
         relay.start()
         self.relays.append(relay)
