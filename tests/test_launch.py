@@ -114,3 +114,15 @@ def test_a_user_error_is_one_line_and_exit_2_ctrl_c_is_130(capsys):
     assert capsys.readouterr().err == "error: worker 1 exited with code 2\n"
     with pytest.raises(ZeroDivisionError), user_errors():  # a bug keeps its traceback
         raise ZeroDivisionError
+
+
+def _main(cfg):
+    raise ConfigError("bad")
+
+
+def test_a_decorated_hydra_main_still_pickles_for_submitit():
+    cloudpickle = pytest.importorskip("cloudpickle")  # what Hydra's submitit launcher pickles the main with
+    main = cloudpickle.loads(cloudpickle.dumps(user_errors(interrupted="interrupted")(_main)))
+    with pytest.raises(SystemExit) as e:
+        main(None)
+    assert e.value.code == 2

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from contextlib import contextmanager
+from contextlib import ContextDecorator
 
 from smolcluster.errors import SmolclusterError
 
@@ -22,24 +22,32 @@ def _said(e: SmolclusterError) -> int:
     return USER_ERROR
 
 
-@contextmanager
-def user_errors(on_error=None, interrupted: str | None = None):
-    """Around a Hydra command's work: a SmolclusterError prints one line and exits 2, KeyboardInterrupt exits 130.
+class user_errors(ContextDecorator):  # noqa: N801  (used as a decorator, named like one)
+    """Around a Hydra command's main (as its decorator, or a ``with`` block): a SmolclusterError prints one line
+    and exits 2, KeyboardInterrupt exits 130.
 
     ``on_error(e)``: called after the line is printed (e.g. to log it); it may re-raise to hand the error on
-    instead (a Hydra multirun records the failed job). ``interrupted``: a line printed on Ctrl-C.
+    instead (a Hydra multirun records the failed job). ``interrupted``: a line printed on Ctrl-C. A class, not
+    a generator: a Hydra launcher (submitit) pickles the decorated main.
     """
-    try:
-        yield
-    except SmolclusterError as e:
-        code = _said(e)
-        if on_error is not None:
-            on_error(e)
-        sys.exit(code)
-    except KeyboardInterrupt:
-        if interrupted:
-            print(interrupted, file=sys.stderr)
-        sys.exit(INTERRUPTED)
+
+    def __init__(self, on_error=None, interrupted: str | None = None):
+        self.on_error, self.interrupted = on_error, interrupted
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb) -> bool:
+        if isinstance(e, SmolclusterError):
+            code = _said(e)
+            if self.on_error is not None:
+                self.on_error(e)
+            sys.exit(code)
+        if isinstance(e, KeyboardInterrupt):
+            if self.interrupted:
+                print(self.interrupted, file=sys.stderr)
+            sys.exit(INTERRUPTED)
+        return False
 
 
 def command(main):
