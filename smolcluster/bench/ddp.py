@@ -24,7 +24,6 @@ import torch.multiprocessing as mp
 from smolcluster.bench.common import compose_config
 from smolcluster.bench.report import write_report
 from smolcluster.cluster import free_port
-from smolcluster.launch.threads import threads_each
 
 MODELS = {
     "mlp": ["model=mlp", "data=mnist", "data.root={root}", "train.batch_size=64"],
@@ -35,7 +34,7 @@ MODELS = {
 
 def _ddp_worker(rank: int, world: int, port: int, overrides: list[str], steps: int, warmup: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(threads_each(world))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from torch.nn.parallel import DistributedDataParallel
 
