@@ -27,7 +27,7 @@ feedback (per buffer, bucket and hop): a rank's residual is carried to the next 
 Checkpoints: the lead writes ``checkpoint.safetensors`` (its weights and inner optimizer) as allreduce does; every
 rank also writes ``diloco-rankR.safetensors`` (:func:`save_rank_state`), so a resumed run goes on as one run.
 Elastic (plain DiLoCo: ``fragments=1``, ``overlap_steps=0``, ``round_s=null``): the ring re-forms as allreduce's
-(:meth:`RingLink.reform`). A lost rank breaks the next sync; the survivors re-form and sync that round again,
+(:meth:`~smolcluster.algorithms.membership.Agreement.reform`). A lost rank breaks the next sync; the survivors re-form and sync that round again,
 each weighted by its share of the round's samples over theirs, and split the next steps' batches among
 themselves. A new rank asks to join; the next sync's table tells every member, so all re-form at that round's end
 and the newcomer takes a peer's weights, inner optimizer state and outer state (weights, Nesterov momentum). With
@@ -49,9 +49,7 @@ from safetensors.torch import save_file
 
 from smolcluster import checkpoint
 from smolcluster.algorithms.allreduce import (
-    Membership,
     bucket_bytes,
-    check_quorum,
     hand_over_files,
     shares,
     state_tensors,
@@ -59,6 +57,7 @@ from smolcluster.algorithms.allreduce import (
 )
 from smolcluster.algorithms.launcher import check_diloco as check
 from smolcluster.algorithms.launcher import launch_ring
+from smolcluster.algorithms.membership import Agreement, Decision, Membership, check_quorum
 from smolcluster.data.sharding import Sharder
 from smolcluster.errors import ConfigError, PeerError
 from smolcluster.optim import sgd
@@ -204,6 +203,7 @@ class Worker:
         self.link = RingLink(rank, [nd.address for nd in nodes], nodes[rank].bind, max_bytes=cluster.max_bytes,
                              heartbeat_s=cluster.heartbeat_s, liveness_s=cluster.liveness_s,
                              keys_dir=cluster.keys, bucket_bytes=bucket_bytes(a.bucket_mb, t.flat.params))
+        self.agreement = Agreement(self.link)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="ring")  # every socket operation, one after another
         self.pending: list = []  # (fragment, sync step, merge step, future of (sum, table)), oldest first
         self.window, self.since = LossWindow(t.train.log_every), []  # inner losses: the log's, since the last sync
@@ -230,67 +230,74 @@ class Worker:
     # -- the ring ------------------------------------------------------------------------------
     def form(self, first: bool) -> None:
         """Agree on the ring with every live rank (the first time too); a rank that is behind (a joiner, or one
-        whose last round's sync broke while a peer's completed) takes the source's state; the data is re-split
-        over the members; a sync the ring owes (it broke during it) is done again by the new ring.
+        whose last round's sync broke while a peer's completed) catches up; the data is re-split over the
+        members; a sync the ring owes (it broke during it) is done again by the new ring.
 
-        The ring's reform compares steps; a rank reports ``2 * step + 1``, or ``2 * step`` while it owes the sync
+        The agreement compares steps; a rank reports ``2 * step + 1``, or ``2 * step`` while it owes the sync
         of ``step`` (its all-reduce broke), so a rank that completed a round's outer step is ahead of one that
         did not at the same step, and the decision says whether the new ring owes that sync."""
         t, c = self.trainer, self.cfg.cluster
         old_split = self.split
-        d = self.pool.submit(self.link.reform, 2 * t.step + (not self.owed), t.fingerprint, c.connect_timeout_s,
+        d = self.pool.submit(self.agreement.reform, 2 * t.step + (not self.owed), t.fingerprint, c.connect_timeout_s,
                              self.min_workers if first else 1).result()
-        check_quorum(self.rank, self.history.members(), d["members"])
-        if d["behind"] and (first and self.cfg.resume or not self.elastic):
-            raise PeerError(f"diloco rank {self.rank}: ranks {d['behind']} are behind the ring's step: every rank "
+        check_quorum(self.rank, self.history.members(), d.members)
+        if d.behind and (first and self.cfg.resume or not self.elastic):
+            raise PeerError(f"diloco rank {self.rank}: ranks {d.behind} are behind the ring's step: every rank "
                             "must start from the same step (resume all of them from the same run directory; "
                             "ranks join a running ring only with algo.fragments=1, overlap_steps=0, round_s=null)")
         self.catch_up(d)
-        self.owed = d["step"] % 2 == 0
+        self.owed = d.step % 2 == 0
         if first and self.cfg.resume:
-            path = rank_state_path(checkpoint.resolve(self.cfg.resume).parent, self.rank)
-            meta, residuals, pending = load_rank_state(path, t, self.outer)
-            self.link.load_residuals(residuals)  # (after reform, which clears them)
-            self.pending = [(p, s, m, _done((summed, table))) for p, s, m, summed, table in pending]
-        event = self.history.change(t.step, d["epoch"], self.history.members(), d["members"])
+            self.resume_own_state()
+        event = self.history.change(t.step, d.epoch, self.history.members(), d.members)
         self.split = shares(self.sizes, self.link.members)
         t.sharder = Sharder(len(t.data.train_x), self.split, self.cfg.seed)
         self.take_lead(first)
-        if self.lead and (not first or d["behind"]):
+        if self.lead and (not first or d.behind):
             self.recorder.event(t.step, "membership", weights_sha=weights_sha(t),
                                 **{k: v for k, v in event.items() if k != "step"})
-        logger.info(f"diloco rank {self.rank}: ring epoch {d['epoch']} of ranks {self.link.members} from step {t.step} "
+        logger.info(f"diloco rank {self.rank}: ring epoch {d.epoch} of ranks {self.link.members} from step {t.step} "
                     f"(joined {event['joined']}, left {event['left']}); batch share {self.split[self.rank]}; H={self.H} "
                     f"fragments={self.F} overlap_steps={self.tau} codec={self.codec}")
-        if self.owed:  # the members that trained this round weigh in by their shares of it, a rank behind not
-            mine = 0.0 if self.rank in d["behind"] else old_split[self.rank] / sum(
-                old_split[m] for m in d["members"] if m not in d["behind"])
-            self.sync(0, weight=mine)
-            self.recorder.log(t.step, **self.merge(self.pending.pop(0)))
-            self.owed = False
+        if self.owed:
+            self.sync_owed(d, old_split)
         self.reform_due = False
 
-    def catch_up(self, d: dict) -> None:
+    def catch_up(self, d: Decision) -> None:
         """The source sends its state to the ranks behind; such a rank takes the weights, the inner optimizer's
         state, the outer weights and Nesterov momentum, the step and the run's counters."""
         t = self.trainer
-        if self.rank == d["source"]:
-            run = json.dumps({"samples": t.samples, "outer_steps": self.outer_steps, "rounds": self.rounds,
-                              "history": self.history.to_json(), "wall_s": t.elapsed})
-            tensors = {**state_tensors(t), **self.outer.tensors()}
-            for r in d["behind"]:
-                self.pool.submit(self.link.send_state, r, d["step"], tensors, run).result()
-        elif self.rank in d["behind"]:
-            msg = self.pool.submit(self.link.recv_state, d["source"]).result()
-            load_tensors(t, self.outer, {k: msg.tensor(k, copy=True) for k in msg.tensors})
-            run = json.loads(msg.fields["run"])
-            t.step, t.samples = d["step"] // 2, run["samples"]
-            self.outer_steps, self.rounds = run["outer_steps"], run["rounds"]
-            self.history.load(run["history"])
-            t.wall_before, t.t0 = run["wall_s"], time.perf_counter()
-            self.mark = SimpleNamespace(step=t.step, sent=self.sent(), t0=time.perf_counter(), steps=0)
-            logger.info(f"diloco rank {self.rank}: took the weights, inner optimizer and outer state (momentum "
-                        f"included) of step {t.step} from rank {d['source']}")
+        got = self.pool.submit(self.agreement.catch_up, d, lambda: ({**state_tensors(t), **self.outer.tensors()}, {
+            "samples": t.samples, "outer_steps": self.outer_steps, "rounds": self.rounds,
+            "history": self.history.to_json(), "wall_s": t.elapsed})).result()
+        if got is None:
+            return
+        msg, run = got
+        load_tensors(t, self.outer, {k: msg.tensor(k, copy=True) for k in msg.tensors})
+        t.step, t.samples = d.step // 2, run["samples"]
+        self.outer_steps, self.rounds = run["outer_steps"], run["rounds"]
+        self.history.load(run["history"])
+        t.wall_before, t.t0 = run["wall_s"], time.perf_counter()
+        self.mark = SimpleNamespace(step=t.step, sent=self.sent(), t0=time.perf_counter(), steps=0)
+        logger.info(f"diloco rank {self.rank}: took the weights, inner optimizer and outer state (momentum "
+                    f"included) of step {t.step} from rank {d.source}")
+
+    def resume_own_state(self) -> None:
+        """This rank's own state from the resumed run directory (:func:`load_rank_state`); the residuals after
+        the first agreement, which clears them."""
+        path = rank_state_path(checkpoint.resolve(self.cfg.resume).parent, self.rank)
+        _, residuals, pending = load_rank_state(path, self.trainer, self.outer)
+        self.link.load_residuals(residuals)
+        self.pending = [(p, s, m, _done((summed, table))) for p, s, m, summed, table in pending]
+
+    def sync_owed(self, d: Decision, old_split: list[int]) -> None:
+        """The sync the last ring broke in, done again by the new one: the members that trained this round weigh
+        in by their shares of it, a rank behind not."""
+        mine = 0.0 if self.rank in d.behind else old_split[self.rank] / sum(
+            old_split[m] for m in d.members if m not in d.behind)
+        self.sync(0, weight=mine)
+        self.recorder.log(self.trainer.step, **self.merge(self.pending.pop(0)))
+        self.owed = False
 
     def take_lead(self, first: bool) -> None:
         """The lowest member writes the run's files (a new lead appends to what the last one wrote)."""
@@ -308,7 +315,7 @@ class Worker:
     def _reduce(self, step: int, buf: torch.Tensor, name: str, row: list[float]):
         """On the ring thread. The row gains whether a rank asks to join (the ring thread notes that)."""
         self.link.step = step  # stamped on the messages: every rank syncs the same fragment at the same step
-        return buf, self.link.allreduce(buf, self.codec, name, row=lambda: [*row, float(bool(self.link.joiners))])
+        return buf, self.link.allreduce(buf, self.codec, name, row=lambda: [*row, float(bool(self.agreement.joiners))])
 
     def _gather(self, stamp: int, row: list[float]) -> torch.Tensor:
         self.link.step = stamp
