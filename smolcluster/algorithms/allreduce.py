@@ -61,9 +61,9 @@ from smolcluster.transport.ring import RingBroken, RingLink, chunk_bounds
 def bucket_bytes(bucket_mb, grads: dict[str, torch.Tensor]) -> int:
     """``algo.bucket_mb`` in bytes; ``auto``: the gradient in about 8 buckets, between 1 MB and DDP's 25 MB. A
     bucket goes round the ring once backward has filled it, so a model in one bucket (gpt2-tiny's 5.4 MB under
-    25 MB) sends nothing until backward ends; 1 MB buckets let the link work during backward (measured on 100
-    Mbit/s links: 2 ranks 1.2x the samples/s of one bucket). Smaller ones would cost more per-message latency
-    (2(N-1) hops per bucket) than they hide."""
+    25 MB) sends nothing until backward ends; 1 MB buckets let the link work during backward (``bench scaling``
+    on 100 Mbit/s links). Smaller ones would cost more per-message latency (2(N-1) hops per bucket) than they
+    hide."""
     if bucket_mb != "auto":
         return int(bucket_mb * 2**20)
     total = sum(g.numel() * g.element_size() for g in grads.values())

@@ -71,11 +71,10 @@ class RingBroken(PeerError):
 
 # A hop's chunk travels as SEGMENTS messages when it is at least SEGMENT_MIN_BYTES: a rank sends segment s of the
 # next hop as soon as it has added segment s of this one, so the next hop's first segment is already on the wire
-# while it waits for this hop's last. Without that the link idles at every hop for the time a rank takes to be
-# scheduled, receive, add and send (measured: 4 ranks on 100 Mbit/s, 1 MB buckets, so 256 kB chunks: the ring took
-# 0.75 s for 0.65 s of wire time). A smaller chunk goes whole: each message costs CPU, and at 1 Gbit/s the link
-# stays busy anyway (4 ranks, the MNIST MLP's 110 kB chunks: 6.7-7.0 ms per all-reduce whole, 8.4-8.7 ms in 2
-# segments, 1.8 vs 2.1 ms of CPU per rank; the wire needs 5.3 ms). The chunks and their sums are the same either way.
+# while it waits for this hop's last. Without that a slow link idles at every hop for the time a rank takes to be
+# scheduled, receive, add and send. A smaller chunk goes whole: each message costs CPU, and on a fast link the
+# link stays busy anyway. The chunks and their sums are the same either way. (`python -m smolcluster.bench scaling`
+# measures the ring on 100 Mbit/s and 1 Gbit/s links.)
 SEGMENTS, SEGMENT_MIN_BYTES = 2, 256 << 10
 
 
