@@ -467,9 +467,10 @@ class RingWorker:
                 self.trainer.flat.grads[name].copy_(g)
         return stats
 
-    def apply(self, item, stats: torch.Tensor) -> list[int]:
+    def apply(self, item, stats: torch.Tensor) -> bool:
         """Apply a step's reduced gradient (every member applies the same ones in the same order; ZeRO-1: then
-        the updated parameters' all-gather); returns every member's staleness, in ring order."""
+        the updated parameters' all-gather) and log the step; True when a rank asked to join and the ring
+        re-forms now (every member read the same table, so all do)."""
         trainer, ring = self.trainer, self.ring
         t_opt = time.perf_counter()
         self.step_if_sound(item, stats)
@@ -485,7 +486,9 @@ class RingWorker:
         staleness = [int(v) for v in stats[:, 2].tolist()]
         self.history.stepped(self.link.members, staleness)
         self.mine.append(item.staleness)
-        return staleness
+        self.log_step(staleness)
+        self.sent_last = self.link.bytes_sent
+        return bool(stats[:, 3].sum())
 
     def step_if_sound(self, item, stats: torch.Tensor) -> None:
         """The guard on the reduced gradient, then the optimizer step: every rank holds the same table and the
@@ -578,17 +581,14 @@ class RingWorker:
 
     def apply_due(self, t: int) -> bool:
         """Reduce, apply and log the oldest step on the ring while one is due (K steps behind step ``t``, the
-        run's end, or already summed); True when a rank asks to join (every member read the same table, so all
-        re-form now)."""
+        run's end, or already summed); True when a rank asks to join (the ring re-forms now)."""
         inflight = self.inflight
         while inflight and (t - inflight[0].step > self.K or t >= self.trainer.end_step
                             or inflight[0].stats.done()):
             item = inflight[0]  # (still in flight if a phase raises: drain() waits for its tasks)
-            stats = self.reduce(item)
-            self.log_step(self.apply(item, stats))
-            self.sent_last = self.link.bytes_sent
+            join = self.apply(item, self.reduce(item))
             inflight.popleft()
-            if stats[:, 3].sum():
+            if join:
                 return True
         return False
 
