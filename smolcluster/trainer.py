@@ -286,10 +286,11 @@ class LossWindow:
 class RunLoop:
     """The run around an algorithm's steps, the same for every algorithm.
 
-    :meth:`start` (the step-0 evaluation, the progress bar, the clock), :meth:`record` after each step (the loss
-    window, samples, the log row every ``train.log_every`` steps and at the end, :meth:`Trainer.after_step`'s
-    eval and checkpoint), :meth:`finish` (the final evaluation, save, summary.json). :meth:`run` is the whole of
-    it for an algorithm that pulls its steps; one driven by messages (EDP's server, the ring) calls the parts.
+    :meth:`start` (the step-0 evaluation, the progress bar, the clock); :meth:`record` after each step, which is
+    :meth:`count` (the loss window, samples) then :meth:`after_step` (the log row every ``train.log_every`` steps
+    and at the end, :meth:`Trainer.after_step`'s eval and checkpoint); :meth:`finish` (the final evaluation, save,
+    summary.json). :meth:`run` is the whole of it for an algorithm that pulls its steps; one driven by messages
+    (EDP's server, the ring) calls the parts.
 
     ``fields()``: the algorithm's own fields of a log row. ``note(row)``: the tail of the log line of a lead's row
     (None: no line). ``run_state()``: its counters for a checkpoint's JSON. ``window``: how many steps the logged
@@ -321,14 +322,22 @@ class RunLoop:
         return t.step % t.train.log_every == 0 or t.step == t.end_step
 
     def record(self, loss, samples: int, lr: float | None, row: dict | None = None) -> dict:
-        """Count a step the trainer took (``loss`` None: not known here). ``row``: fields logged at this step
-        whatever the cadence (DiLoCo's outer steps). Returns the evaluation, if one was due."""
-        t = self.trainer
+        """A step the trainer took: :meth:`count` it, then :meth:`after_step`."""
+        self.count(loss, samples)
+        return self.after_step(lr, row)
+
+    def count(self, loss, samples: int) -> None:
+        """Count a step's loss (None: not known here) and samples."""
         if loss is not None:
             self.window.add(loss)
-        t.samples += samples
+        self.trainer.samples += samples
         if self.bar is not None:
             self.bar.update(1)
+
+    def after_step(self, lr: float | None, row: dict | None = None) -> dict:
+        """The step's row and cadence. ``row``: fields logged at this step whatever the cadence (DiLoCo's outer
+        steps). Returns the evaluation, if one was due."""
+        t = self.trainer
         row = dict(row or {})
         if self.log_due():
             row.update(self.log_row(lr))
