@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from smolcluster.bench.desk_goals import peak_rate, time_to
+from smolcluster.bench.desk_goals import one_line, peak_rate, time_to
 from smolcluster.bench.torchft_peer import unavailable
 from tests.conftest import run_cli
 
@@ -80,3 +80,12 @@ def test_peak_link_use_is_the_most_bytes_in_a_window():
     assert peak_rate(streamed, 0.25) / peak_rate(whole, 0.25) == pytest.approx(0.25)
     curve = [{"time": 1.0, "eval_loss": 3.0}, {"time": 2.0, "eval_loss": 2.0}, {"time": 3.0, "eval_loss": 1.5}]
     assert time_to(curve, 2.0) == 2.0 and time_to(curve, 1.5, within=2.5) is None and time_to(curve, 1.0) is None
+
+
+def test_a_failed_peer_is_one_line_naming_the_host_and_the_error():
+    """The peer's row says why it could not run in one line: the exception, not the traceback around it."""
+    tail = ("w1 exited 1:\nTraceback (most recent call last):\n  File \"x.py\", line 3, in <module>\n"
+            "    raise MissingConfigException(\nhydra.errors.MissingConfigException: Could not find 'model/nosuch'\n"
+            "\nSearch path:\n\tprovider=main\n")
+    assert one_line(tail) == "w1 exited 1: hydra.errors.MissingConfigException: Could not find 'model/nosuch'"
+    assert one_line("w0 still running after 60s:\nstep 3\n\n") == "w0 still running after 60s: step 3"

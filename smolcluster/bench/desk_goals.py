@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -154,11 +155,18 @@ def run_peer(hosts, n: int, args, model_args: list[str], steps: int, run_dir: Pa
             return run_torchft(hosts, n, model_args, steps, run_dir, inner_steps=args.inner_steps,
                                outer_lr=args.outer_lr, outer_momentum=args.outer_momentum, eval_every=args.eval_every,
                                eval_samples=args.eval_samples, stop_after_s=stop_after_s, timeout=args.timeout)
-        except RuntimeError as e:  # "HOST exited N:\nLOG TAIL": the host and the log's last line (the error)
-            head, *tail = str(e).strip().splitlines()
-            why = f"torchft {head.rstrip(':')}: {next((x for x in reversed(tail) if x.strip()), '')}"[:300]
+        except RuntimeError as e:
+            why = f"torchft {one_line(str(e))}"
     print(f"torchft did not run: {why}", flush=True)
     return {"stopped": False, "rows": [], "why": why}
+
+
+def one_line(failure: str) -> str:
+    """wait_all's "HOST exited N:\nLOG TAIL" as one line: the host, and the tail's last exception line (else its
+    last line)."""
+    head, *tail = failure.strip().splitlines() or [""]
+    error = [x for x in tail if re.match(r"[\w.]*(Error|Exception)\b", x)] or [x for x in tail if x.strip()]
+    return f"{head.rstrip(':')}: {error[-1] if error else ''}"[:300]
 
 
 def hosts_for(args, link: str, speeds: list[float] | None):

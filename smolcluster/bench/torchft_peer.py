@@ -29,6 +29,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+from smolcluster.bench.netns import Lan
 from smolcluster.bench.scaling import PORT, env, read_rows, wait_all
 from smolcluster.cluster import free_port
 
@@ -57,7 +58,7 @@ def run_torchft(hosts, n: int, model_args: list[str], steps: int, run_dir: Path,
     """One torchft DiLoCo run on ``hosts``' nodes w0..w{n-1} (lighthouse on ``srv``): its metrics-like rows, and
     ``stopped`` if cut short at ``stop_after_s``. Raises RuntimeError (a replica's log tail) if one fails."""
     run_dir.mkdir(parents=True)
-    desk = bool(hosts.exec("w0"))  # namespaces: one address each, fixed ports; loopback: free ones
+    desk = isinstance(hosts, Lan)  # namespaces: an address each, fixed ports; loopback (no namespaces): free ones
     ifname = "eth0" if desk else "lo"
     lh_port = LIGHTHOUSE_PORT if desk else free_port()
     # the heartbeat timeout is generous: a heartbeat queued behind a round's sync on a slow link is not a death
@@ -81,7 +82,11 @@ def run_torchft(hosts, n: int, model_args: list[str], steps: int, run_dir: Path,
         wait_all(procs, logs, timeout, stop_after_s=stop_after_s)
     finally:
         lh.terminate()
-        lh.wait(timeout=10)
+        try:
+            lh.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            lh.kill()
+            lh.wait(timeout=10)
     rows = read_rows(run_dir / "metrics.jsonl")
     return {"stopped": not rows or rows[-1]["step"] < steps, "rows": rows,
             "params": next((r["params"] for r in rows if "params" in r), None)}
@@ -132,7 +137,7 @@ def replica(spec: dict) -> None:
     inner = inner_optimizer(model, train)
     outer = torch.optim.SGD(model.parameters(), lr=spec["outer_lr"], momentum=spec["outer_momentum"],
                             nesterov=spec["outer_momentum"] > 0)
-    store, manager = manager_of(spec, model, inner)
+    store, manager = manager_of(spec, model, inner)  # (the store lives as long as this process: peers may read it)
     manager.start_quorum()  # forms the gloo group across the replicas: the clock starts once it has
     tx = Path(f"/sys/class/net/{spec['ifname']}/statistics/tx_bytes")
     every, start, sent0 = spec["eval_every"], time.perf_counter(), int(tx.read_text())
@@ -152,7 +157,6 @@ def replica(spec: dict) -> None:
                 with open(spec["rows"], "a") as f:  # a line at a time: a run stopped at its budget keeps its rows
                     f.write(json.dumps(row) + "\n")
     manager.shutdown(wait=False)
-    del store
 
 
 if __name__ == "__main__":
