@@ -29,9 +29,9 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from smolcluster.bench.netns import Lan
 from smolcluster.bench.scaling import PORT, env, read_rows, wait_all
 from smolcluster.cluster import free_port
+from smolcluster.testing.netns import Lan
 
 LIGHTHOUSE_PORT = 29510  # torchft_lighthouse's default
 
