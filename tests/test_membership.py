@@ -12,7 +12,7 @@ import torch
 
 from smolcluster.algorithms.membership import Agreement, Decision
 from smolcluster.errors import PeerError
-from smolcluster.pipeline.launch import free_ports
+from smolcluster.launch.local import free_ports
 from smolcluster.transport.ring import RingLink
 
 TIMEOUT_S = 60
