@@ -195,13 +195,21 @@ ALGOS: dict[str, type[AlgoSettings]] = {
 # -- cluster.* ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class NodeSpec:
-    """One worker rank's settings: its ``cluster.nodes[rank]`` entry over the defaults (``train.batch_size``)."""
+    """One rank's ``cluster.nodes[rank]`` entry, typed (:meth:`ClusterSpec.node`): a training worker's (its batch
+    size over ``train.batch_size``), a ring rank's or a pipeline stage's."""
 
     rank: int
     name: str
     batch_size: int
     device: str | None = None
     host: str | None = None
+    port: int | None = None          # where a ring rank / stage listens (None: cluster.port + rank)
+    threads: int | None = None       # a stage's torch threads
+    weight: float = 1.0              # its share of a pipeline's layers (mp, partition=even)
+    memory_gb: float | None = None   # what the node offers its stage (partition=auto; None: measured here)
+    gflops: float | None = None      # its measured speed (partition=auto prefers the faster)
+    precision: str | None = None     # inference: this stage's precision / quantize over the command's
+    quantize: str | None = None
     delay_s: float = 0.0          # test knob: make this node artificially slow
     blowup_every: int = 0         # test knob (allreduce): every Nth step's gradient x 1e6
     lie_norm_every: int = 0       # test knob (allreduce): every Nth step blow up the reduced chunks, report old norm
@@ -301,12 +309,34 @@ class ClusterSpec:
         auto = dataclasses.asdict(self.auto) if self.auto else {}
         return {**self.rest, **typed, **auto, "max_message_mb": self.max_bytes // MB, "nodes": list(self.nodes)}
 
-    def worker(self, rank: int, batch_size: int) -> NodeSpec:
-        """Rank ``rank``'s settings: ``cluster.nodes[rank]`` overrides the defaults."""
+    def node(self, rank: int, batch_size: int = 0) -> NodeSpec:
+        """Rank ``rank``'s ``cluster.nodes[rank]`` entry, typed and checked (the defaults where the list ends or
+        the entry is null): the one reader of a node's settings."""
         node = dict(self.nodes[rank]) if rank < len(self.nodes) and self.nodes[rank] else {}
-        spec = NodeSpec(rank, str(node.get("name", f"worker{rank}")), int(node.get("batch_size", batch_size)),
-                        node.get("device"), node.get("host"), float(node.get("delay_s", 0.0)),
+        where = f"cluster.nodes[{rank}]"
+
+        def number(key: str, default, why: str):
+            value = node.get(key, default)
+            if value is None and default is not None or value is not None and (
+                    isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ConfigError(f"{where}.{key}={value!r} {why}")
+            return value
+
+        threads = node.get("threads")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ConfigError(f"{where}.threads={threads!r} must be a positive integer")
+        port = node.get("port")
+        return NodeSpec(rank, str(node.get("name", f"worker{rank}")), int(node.get("batch_size", batch_size)),
+                        node.get("device"), node.get("host"), None if port is None else int(port), threads,
+                        float(number("weight", 1.0, "is invalid: it must be a positive number")),
+                        number("memory_gb", None, "is invalid: give a positive number of GB"),
+                        number("gflops", None, "is invalid: give the node's measured GFLOP/s"),
+                        node.get("precision"), node.get("quantize"), float(node.get("delay_s", 0.0)),
                         int(node.get("blowup_every", 0)), int(node.get("lie_norm_every", 0)))
+
+    def worker(self, rank: int, batch_size: int) -> NodeSpec:
+        """Training rank ``rank``'s settings: ``cluster.nodes[rank]`` overrides the defaults."""
+        spec = self.node(rank, batch_size)
         if spec.batch_size <= 0:
             raise ConfigError(f"cluster.nodes[{rank}].batch_size={spec.batch_size} must be positive")
         return spec

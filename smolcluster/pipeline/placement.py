@@ -161,20 +161,16 @@ def usable_memory() -> NodeMemory:
 def node_memory(cluster, n_stages: int, local: bool) -> list[NodeMemory]:
     """What each stage's node offers: ``cluster.nodes[i].memory_gb``, else (local stages) a share of what this
     machine offers (:func:`usable_memory`)."""
-    nodes = list(getattr(cluster, "nodes", None) or []) if cluster is not None else []
     out = []
     here = None
     for i in range(n_stages):
-        node = nodes[i] if i < len(nodes) and nodes[i] else {}
-        gb = node.get("memory_gb")
+        gb = cluster.node(i).memory_gb if cluster is not None else None
         if gb is None:
             if not local:
                 raise ConfigError(f"partition=auto needs cluster.nodes[{i}].memory_gb (the node's usable memory "
                                   "in GB) for a stage on another machine")
             here = here or usable_memory()
             out.append(NodeMemory(here.bytes // n_stages, f"1/{n_stages} of this machine's {here.source}"))
-        elif not isinstance(gb, (int, float)) or isinstance(gb, bool) or gb <= 0:
-            raise ConfigError(f"cluster.nodes[{i}].memory_gb={gb!r} is invalid: give a positive number of GB")
         else:
             out.append(NodeMemory(int(gb * (1 << 30)), f"cluster.nodes[{i}].memory_gb={gb:g}"))
     return out
