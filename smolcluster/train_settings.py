@@ -8,8 +8,10 @@ algorithms, the trainer and the recorder take that object. Children of a launch 
 Hydra overrides on the command line, and re-compose and re-type them.
 
 The model and data groups stay open (a ``_target_`` model takes its own keys; both are instantiated): they
-arrive as plain dicts. So does the cluster file's open part (per-node keys read by launchers and placement,
-a cluster=auto run's discovery keys); what training reads of it is typed in :class:`ClusterSpec`.
+arrive as plain dicts. The cluster group is open too (a cluster file is the user's): :class:`ClusterSpec` reads
+it, for training, inference (``Pipeline.links``), the cluster=auto coordinator (:class:`AutoSpec`) and the
+launchers (:class:`LaunchSpec`, built by :func:`launch_spec` where they compose the config); a node's
+``cluster.nodes[i]`` entry is read by :meth:`ClusterSpec.node` alone.
 
 The schema dataclasses are not frozen: Hydra merges the yaml and the overrides into them, which a frozen
 dataclass refuses. Code that needs other values (a pipeline stage's own clip, allreduce's scaled steps) makes
