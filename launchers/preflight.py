@@ -20,9 +20,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import smolcluster
-from launchers import resources
 from launchers.cluster_file import Node
 from launchers.remote import NO_PYTHON, NO_WORKDIR, SSH_FAILED, host_command, python_script
+from smolcluster import resources
 from smolcluster.errors import PeerError
 from smolcluster.security import KEYS_FIX, is_loopback
 from smolcluster.train_settings import ClusterSpec
