@@ -220,7 +220,7 @@ def pair_all(nodes: list[NodeInfo], my_key: str, store: AgentStore, c: AutoSpec,
         where = {"there here": "both machines", "here": "this machine", "there": "the node"}
         late = "; ".join(f"node {x.node.where()}: pairing code {x.code} was not confirmed on "
                          f"{where[' '.join(x.todo())]}" for x in waiting)
-        raise ConfigError(f"{late} within cluster.pair_timeout_s={c.pair_timeout_s}s: run again and confirm it there")
+        raise ConfigError(f"{late} within cluster.pair_timeout_s={c.pair_timeout_s:g}s: run again and confirm it there")
 
 
 def _begin_pairing(node: NodeInfo, my_key: str, store: AgentStore, c: AutoSpec, state: Path) -> Pairing | None:
