@@ -3,7 +3,7 @@
 Stdlib only at import, because the preflight ships this file's source to every node and runs it
 with the node's own Python (:data:`launchers.preflight.PROBE`); torch is imported inside
 :func:`speed` and :func:`vram`, so a node without it still reports its memory. The one count of a
-node's memory: :func:`usable_bytes` here, which ``pipeline/placement.usable_memory`` (partition=auto,
+node's memory: :func:`usable_bytes` here, which ``inference/placement.usable_memory`` (partition=auto,
 an agent's advertised facts, a stage's KV default) reads too.
 
     python -m launchers.preflight --local     # this machine's facts, as the preflight reports a node's

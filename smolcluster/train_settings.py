@@ -198,7 +198,11 @@ ALGOS: dict[str, type[AlgoSettings]] = {
 @dataclass(frozen=True)
 class NodeSpec:
     """One rank's ``cluster.nodes[rank]`` entry, typed (:meth:`ClusterSpec.node`): a training worker's (its batch
-    size over ``train.batch_size``), a ring rank's or a pipeline stage's."""
+    size over ``train.batch_size``), a ring rank's or a pipeline stage's.
+
+    The last three are test knobs, not settings a real run wants: they make a node slow or faulty on purpose,
+    for the tests and benchmarks (``bench edp``) that need an unlike or misbehaving member on one machine.
+    Off (0) by default."""
 
     rank: int
     name: str
@@ -212,9 +216,10 @@ class NodeSpec:
     gflops: float | None = None      # its measured speed (partition=auto prefers the faster)
     precision: str | None = None     # inference: this stage's precision / quantize over the command's
     quantize: str | None = None
-    delay_s: float = 0.0          # test knob: make this node artificially slow
-    blowup_every: int = 0         # test knob (allreduce): every Nth step's gradient x 1e6
-    lie_norm_every: int = 0       # test knob (allreduce): every Nth step blow up the reduced chunks, report old norm
+    # -- test knobs (tests and benchmarks only) --
+    delay_s: float = 0.0          # sleep this long after every step: an artificially slow node
+    blowup_every: int = 0         # (allreduce) every Nth step's gradient x 1e6: a node whose gradient blows up
+    lie_norm_every: int = 0       # (allreduce) every Nth step blow up the reduced chunks, report the old norm: a liar
 
 
 def message_bytes(cluster: dict) -> int:
