@@ -51,7 +51,7 @@ from smolcluster.optim import build_optimizer
 from smolcluster.pipeline.nodes import stage_nodes
 from smolcluster.telemetry.run_files import RunRecorder, open_recorder
 from smolcluster.train_settings import TrainConfig
-from smolcluster.trainer import LossWindow, Trainer
+from smolcluster.trainer import RunLoop, Trainer
 from smolcluster.transport.ring import RingBroken, RingLink, chunk_bounds
 
 
@@ -384,7 +384,7 @@ class RingWorker:
         self.overlap = algo.overlap and self.K == 0
         self.ring = RingRunner(self.link, trainer, overlap=self.overlap)
         self.codec, self.tr = codecs(algo.codec)[0], trainer.train
-        self.window, self.ring_s = LossWindow(self.tr.log_every), 0.0
+        self.ring_s = 0.0
         self.mine: collections.deque = collections.deque(maxlen=max(1, self.tr.log_every))  # this rank's staleness
         # where a step's time goes in this process (summary.json's seconds_per_step)
         self.timed = {"compute": 0.0, "optimizer": 0.0, "steps": 0}
@@ -395,6 +395,10 @@ class RingWorker:
         self.lead, self.share = False, self.sizes[rank]
         self.sent_last = 0  # link.bytes_sent after the last applied step
         self.inflight: collections.deque = collections.deque()  # steps whose gradients are on the ring, oldest first
+        self.staleness: list[int] = []  # each member's, of the last applied step
+        self.loop = RunLoop(trainer, None, run_dir, fields=self.row_fields, run_state=self.run_state,
+                            note=lambda row: f"ring {1000 * self.ring_s / self.trainer.step:.1f} ms/step, "
+                                             f"{self.link.world} ranks")
 
     def run_state(self) -> dict:  # what the checkpoint's JSON carries for a resume, besides samples and wall time
         return {"bytes_sent": self.sent_before + self.link.bytes_sent}
@@ -523,12 +527,10 @@ class RingWorker:
             for name, p in trainer.flat.params.items():
                 ring.work(self.link.all_gather, p, "none", name).result()  # parameters: never lossy (no error feedback)
             self.ring_s += time.perf_counter() - t_ring
-        self.window.add(float(stats[:, 0].sum()))
-        trainer.samples += self.total
-        staleness = [int(v) for v in stats[:, 2].tolist()]
-        self.history.stepped(self.link.members, staleness)
+        self.staleness = [int(v) for v in stats[:, 2].tolist()]
+        self.history.stepped(self.link.members, self.staleness)
         self.mine.append(item.staleness)
-        self.log_step(staleness)
+        self.log_step(float(stats[:, 0].sum()))
         self.sent_last = self.link.bytes_sent
         return bool(stats[:, 3].sum())
 
@@ -563,28 +565,24 @@ class RingWorker:
         else:
             trainer.step += 1  # not applied; the schedule moves on as everywhere else
 
-    def log_step(self, staleness: list[int]) -> None:
-        """A metrics row every ``log_every`` steps (the lead's with the run's loss), the lead's checkpoints."""
-        trainer, link, step, row = self.trainer, self.link, self.trainer.step, {}
-        if step % self.tr.log_every == 0 or step == trainer.end_step:
-            mine = self.mine
-            row = {"bytes_sent": self.sent_before + link.bytes_sent, "bytes_sent_step": link.bytes_sent - self.sent_last,
-                   "allreduce_s": round(self.ring_s / max(1, step), 6),
-                   "staleness_mean": round(sum(mine) / len(mine), 4), "staleness_max": max(mine),
-                   "peers_alive": link.world - 1}
-            if self.lead:
-                rate = trainer.rate
-                row.update(loss=self.window.mean(), lr=self.lr, samples=trainer.samples, samples_per_s=round(rate, 2),
-                           gradients_rejected=self.guard.rejected, gradients_clipped=self.guard.clipped,
-                           ring=link.world)
-                if self.K:
-                    row.update({f"staleness/rank{r}": k for r, k in zip(link.members, staleness)})
-                logger.info(f"step {step}/{trainer.end_step} loss {row['loss']:.4f} ({rate:,.0f} samples/s, "
-                            f"ring {1000 * self.ring_s / step:.1f} ms/step, {link.world} ranks)")
+    def log_step(self, loss: float) -> None:
+        """The run loop counts the applied step: a metrics row every ``log_every`` steps (the lead's with the run's
+        loss), the lead's evaluations and checkpoints."""
+        self.loop.recorder, self.loop.lead = self.recorder, self.lead  # (both move when the ring re-forms)
+        self.loop.record(loss, self.total, self.lr)
+
+    def row_fields(self) -> dict:
+        """This rank's part of a log row (its bytes, timings, staleness), the lead's the guard's and ring's too."""
+        link, step, mine = self.link, self.trainer.step, self.mine
+        row = {"bytes_sent": self.sent_before + link.bytes_sent, "bytes_sent_step": link.bytes_sent - self.sent_last,
+               "allreduce_s": round(self.ring_s / max(1, step), 6),
+               "staleness_mean": round(sum(mine) / len(mine), 4), "staleness_max": max(mine),
+               "peers_alive": link.world - 1}
         if self.lead:
-            trainer.after_step(self.recorder, self.run_dir, row, self.run_state)
-        elif row:
-            self.recorder.log(step, **row)  # a worker's own sinks (Prometheus, W&B): its bytes, timings, staleness
+            row.update(gradients_rejected=self.guard.rejected, gradients_clipped=self.guard.clipped, ring=link.world)
+            if self.K:
+                row.update({f"staleness/rank{r}": k for r, k in zip(link.members, self.staleness)})
+        return row
 
     def seconds_per_step(self) -> dict:
         """This process's steps: forward+backward, the ring's collectives (the gradient buckets from each being
@@ -631,12 +629,10 @@ class RingWorker:
     def summary(self) -> dict:
         """The lead's end: evaluate, checkpoint, summary.json."""
         trainer, link, ring = self.trainer, self.link, self.ring
-        evaluation = trainer.evaluate()
-        self.recorder.log(trainer.step, **evaluation)
-        trainer.save(self.run_dir, self.run_state())
         steps, sent = max(1, trainer.step), self.sent_before + link.bytes_sent
-        summary = trainer.summary(
-            "allreduce", self.window.mean(), evaluation, self.run_dir, ring=link.world, zero=self.zero,
+        self.loop.recorder = self.recorder
+        return self.loop.finish(
+            "allreduce", ring=link.world, zero=self.zero,
             max_staleness=self.K,
             optimizer_state_bytes=self.sharded.state_bytes() if self.zero else trainer.optimizer_state_bytes(),
             bytes_sent=sent, bytes_sent_per_step=round(sent / steps),
@@ -645,7 +641,6 @@ class RingWorker:
             buckets_during_backward=round(ring.early / max(1, ring.total), 4), rejected_messages=dict(link.rejected),
             gradients_rejected=self.guard.rejected, gradients_clipped=self.guard.clipped, stale_messages=link.stale,
             membership=self.history.events, workers=self.history.summary())
-        return self.recorder.finish(summary)
 
     def run(self) -> dict | None:
         logger.info(f"allreduce rank {self.rank}/{self.n} on {self.nodes[self.rank].bind}: model={self.trainer.model_name} "

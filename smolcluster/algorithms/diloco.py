@@ -65,7 +65,7 @@ from smolcluster.optim import sgd
 from smolcluster.pipeline.nodes import stage_nodes
 from smolcluster.telemetry.run_files import open_recorder
 from smolcluster.train_settings import TrainConfig
-from smolcluster.trainer import LossWindow, Trainer
+from smolcluster.trainer import RunLoop, Trainer
 from smolcluster.transport.ring import RingBroken, RingLink, chunk_bounds
 
 
@@ -206,7 +206,9 @@ class Worker:
                              keys_dir=cluster.keys, bucket_bytes=bucket_bytes(a.bucket_mb, t.flat.params))
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="ring")  # every socket operation, one after another
         self.pending: list = []  # (fragment, sync step, merge step, future of (sum, table)), oldest first
-        self.window, self.since = LossWindow(t.train.log_every), []  # inner losses: the log's, since the last sync
+        self.since: list = []  # inner losses since the last sync
+        self.loop = RunLoop(t, None, run_dir, fields=self.row_fields, run_state=self.run_state,
+                            note=lambda row: f"{self.outer_steps} outer steps, {self.sent() / 1e6:.1f} MB sent")
         # the run's counters go on from a resumed checkpoint's (the lead's)
         self.outer_steps, self.sent_before = int(t.carried.get("outer_steps", 0)), int(t.carried.get("bytes_sent", 0))
         self.ring_s = 0.0  # time spent waiting for a sync's sum: the part the inner steps did not hide
@@ -402,7 +404,9 @@ class Worker:
                         self.pool.submit(self.link.residuals).result(), done, meta)
 
     # -- the run ---------------------------------------------------------------------------------
-    def inner_step(self) -> dict:
+    def inner_step(self) -> tuple[float, dict]:
+        """One inner step (counted at once: a sync after it may break the ring) and the syncs and outer steps due
+        after it: (lr, the outer steps' row)."""
         t = self.trainer
         loss, _ = t.compute_gradients(t.step, self.rank)
         if self.delay_s:
@@ -410,12 +414,11 @@ class Worker:
         if t.step < self.warmup:
             self.pool.submit(self._reduce_gradients, t.step).result()
         lr = t.apply_gradients()
-        self.window.add(loss)
         self.since.append(loss)
         self.mark.steps += 1
         row = {}
-        if t.step <= self.warmup or not self.round_s:
-            t.samples += self.total  # (round_s: counted at each sync, from every rank's count)
+        # (round_s: samples counted at each sync, from every rank's count)
+        self.loop.count(loss, self.total if t.step <= self.warmup or not self.round_s else 0)
         if t.step == self.warmup:
             self.outer.reset()  # the first round starts from the weights every rank now has
             self.round.t0 = time.perf_counter()
@@ -427,15 +430,13 @@ class Worker:
                 self.sync(p)
         while self.pending and self.pending[0][2] <= t.step:
             row.update(self.merge(self.pending.pop(0)))
-        if t.step % t.train.log_every == 0 or t.step == t.end_step:
-            own = self.mark.steps * self.sizes[self.rank] / max(1e-9, time.perf_counter() - self.mark.t0)
-            row.update(bytes_sent=self.sent(), outer_steps=self.outer_steps, inner_samples_per_s=round(own, 2),
-                       **self.last_round)
-            if self.lead:
-                row.update(loss=self.window.mean(), lr=lr, samples=t.samples, samples_per_s=round(t.rate, 2))
-                logger.info(f"step {t.step}/{t.end_step} loss {row['loss']:.4f} ({t.rate:,.0f} samples/s, "
-                            f"{self.outer_steps} outer steps, {self.sent() / 1e6:.1f} MB sent)")
-        return row
+        return lr, row
+
+    def row_fields(self) -> dict:
+        """This rank's part of a log row: bytes sent, outer steps, its own inner samples/s, its last round."""
+        own = self.mark.steps * self.sizes[self.rank] / max(1e-9, time.perf_counter() - self.mark.t0)
+        return dict(bytes_sent=self.sent(), outer_steps=self.outer_steps, inner_samples_per_s=round(own, 2),
+                    **self.last_round)
 
     def run(self) -> dict | None:
         t = self.trainer
@@ -447,7 +448,7 @@ class Worker:
                         logger.info(f"diloco rank {self.rank}: re-forming the ring at step {t.step}")
                         self.form(first=False)
                         continue
-                    row = self.inner_step()
+                    took = self.inner_step()
                 except RingBroken as e:
                     if not self.elastic:
                         raise PeerError(f"{e}; stopping the run (algo.fragments > 1, overlap_steps > 0, round_s or "
@@ -455,10 +456,8 @@ class Worker:
                     logger.warning(f"{e}: re-forming the ring")
                     self.reform_due = True
                     continue
-                if self.lead:
-                    t.after_step(self.recorder, self.run_dir, row, self.run_state)
-                elif row:
-                    self.recorder.log(t.step, **row)
+                self.loop.recorder, self.loop.lead = self.recorder, self.lead  # (both move when the ring re-forms)
+                self.loop.after_step(*took)
                 if t.due(t.train.checkpoint_every):
                     self.save()
             if t.step >= t.total_steps or self.round_s:  # the run's end: merge what is still on the ring
@@ -478,17 +477,14 @@ class Worker:
                 self.recorder.finish(None)
 
     def finish(self) -> dict:
-        t = self.trainer
-        evaluation = t.evaluate()
-        self.recorder.log(t.step, **evaluation)
-        t.save(self.run_dir, self.run_state())
-        steps = max(1, t.step)
-        summary = t.summary("diloco", self.window.mean(), evaluation, self.run_dir, ring=self.link.world,
-                            inner_steps=self.H, round_s=self.round_s, fragments=self.F, overlap_steps=self.tau, codec=self.codec,
-                            outer_steps=self.outer_steps, rounds=self.rounds, bytes_sent=self.sent(),
-                            bytes_sent_per_step=round(self.sent() / steps),
-                            sync_s_not_hidden_per_step=round(self.ring_s / steps, 6), membership=self.history.events)
-        return self.recorder.finish(summary)
+        steps = max(1, self.trainer.step)
+        self.loop.recorder = self.recorder
+        return self.loop.finish("diloco", ring=self.link.world, inner_steps=self.H, round_s=self.round_s,
+                                fragments=self.F, overlap_steps=self.tau, codec=self.codec,
+                                outer_steps=self.outer_steps, rounds=self.rounds, bytes_sent=self.sent(),
+                                bytes_sent_per_step=round(self.sent() / steps),
+                                sync_s_not_hidden_per_step=round(self.ring_s / steps, 6),
+                                membership=self.history.events)
 
 
 def _done(value) -> Future:
