@@ -25,10 +25,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from smolcluster.errors import ConfigError
 from smolcluster.paths import CONFIG_DIR
+from smolcluster.train_settings import LaunchSpec
 
 SSH_DEFAULTS = {"user": None, "port": None, "identity": None, "python": ".venv/bin/python",
                 "workdir": "~/smolcluster", "options": [], "env": {}, "local": False}
@@ -83,21 +84,22 @@ def find_cluster_file(ref: str | Path) -> Path:
     raise ConfigError(f"cluster file {ref!r} not found: give a path to a YAML file or one of: {known}")
 
 
-def load_cluster(ref: str | Path) -> tuple[Path, DictConfig]:
+def load_cluster(ref: str | Path) -> tuple[Path, dict]:
+    """The cluster file ``ref`` names, checked to be a YAML mapping (the launchers compose it into the config)."""
     path = find_cluster_file(ref)
     try:
         cluster = OmegaConf.load(path)
     except Exception as e:
         raise ConfigError(f"cluster file {path} is not valid YAML: {e}") from None
-    if not isinstance(cluster, DictConfig):
+    if not OmegaConf.is_dict(cluster):
         raise ConfigError(f"cluster file {path} must be a mapping (host: ..., port: ..., nodes: [...])")
-    return path, cluster
+    return path, OmegaConf.to_container(cluster)
 
 
 def _ssh_spec(where: str, host: str | None, defaults: dict, own) -> SshSpec:
-    if own is not None and not isinstance(own, (dict, DictConfig)):
+    if own is not None and not isinstance(own, dict):
         raise ConfigError(f"{where}.ssh must be a mapping like {{user: pi, workdir: ~/smolcluster}}")
-    merged = {**defaults, **(OmegaConf.to_container(own) if isinstance(own, DictConfig) else (own or {}))}
+    merged = {**defaults, **(own or {})}
     unknown = sorted(set(merged) - set(SSH_DEFAULTS) - {"host"})
     if unknown:
         raise ConfigError(f"{where}.ssh has unknown keys {unknown}: use {sorted(SSH_DEFAULTS)} (and host)")
@@ -112,35 +114,44 @@ def _ssh_spec(where: str, host: str | None, defaults: dict, own) -> SshSpec:
     return SshSpec(host=str(host or "localhost"), **merged)
 
 
-def rank_nodes(cluster: DictConfig, n: int, role: str) -> list[Node]:
+def _ssh_defaults(spec: LaunchSpec) -> dict:
+    own = spec.cluster.rest.get("ssh") or {}
+    if not isinstance(own, dict):
+        raise ConfigError("cluster.ssh must be a mapping like {user: pi, workdir: ~/smolcluster}")
+    return {**SSH_DEFAULTS, **own}
+
+
+def rank_nodes(spec: LaunchSpec, n: int, role: str) -> list[Node]:
     """Ranks 0..n-1 and no server (allreduce's ring, mp's stages): rank r runs on ``cluster.nodes[r].host``,
     where it also listens (as :func:`smolcluster.launch.nodes.stage_nodes` reads it), else on cluster.host."""
-    defaults = {**SSH_DEFAULTS, **(OmegaConf.to_container(cluster.ssh) if cluster.get("ssh") else {})}
-    entries = list(cluster.get("nodes") or [])
-    if not cluster.get("host") and len(entries) < n:
+    defaults = _ssh_defaults(spec)
+    entries = spec.cluster.nodes
+    host = spec.cluster.host if spec.host_given else None
+    if not host and len(entries) < n:
         raise ConfigError(f"{n} {role}s but cluster.nodes lists {len(entries)} nodes and cluster.host is not set: "
                           "give one nodes entry (with its host) per rank")
     nodes = []
     for rank in range(n):
         entry = (entries[rank] if rank < len(entries) else None) or {}
         nodes.append(Node(role, rank, entry.get("name") or f"{role}{rank}",
-                          _ssh_spec(f"cluster.nodes[{rank}]", entry.get("host") or cluster.get("host"), defaults,
-                                    entry.get("ssh"))))
+                          _ssh_spec(f"cluster.nodes[{rank}]", entry.get("host") or host, defaults, entry.get("ssh"))))
     return nodes
 
 
-def cluster_nodes(cluster: DictConfig) -> list[Node]:
+def cluster_nodes(spec: LaunchSpec) -> list[Node]:
     """The server and every worker rank, each with where and how to start it."""
-    defaults = {**SSH_DEFAULTS, **(OmegaConf.to_container(cluster.ssh) if cluster.get("ssh") else {})}
-    workers = cluster.get("workers")
-    if not isinstance(workers, int) or workers < 1:
+    defaults, cluster = _ssh_defaults(spec), spec.cluster
+    workers = cluster.workers
+    if workers < 1:
         raise ConfigError(f"cluster.workers={workers!r} must be a positive integer")
-    if not cluster.get("host"):
+    if not spec.host_given:
         raise ConfigError("cluster.host is not set: give the server's address as the workers reach it")
-    server = cluster.get("server") or {}
+    server = cluster.rest.get("server") or {}
+    if not isinstance(server, dict):
+        raise ConfigError("cluster.server must be a mapping like {name: macmini, host: 192.168.1.10}")
     nodes = [Node("server", None, server.get("name") or "server",
                   _ssh_spec("cluster.server", server.get("host") or cluster.host, defaults, server.get("ssh")))]
-    entries = list(cluster.get("nodes") or [])
+    entries = cluster.nodes
     if len(entries) < workers:
         raise ConfigError(f"cluster.workers={workers} but cluster.nodes lists {len(entries)} nodes: "
                           "the SSH launcher needs one nodes entry (with its host) per worker rank")

@@ -16,19 +16,17 @@ import queue
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import SimpleNamespace
-
-from omegaconf import DictConfig
 
 import smolcluster
-from launchers import resources
 from launchers.cluster_file import Node
 from launchers.remote import NO_PYTHON, NO_WORKDIR, SSH_FAILED, host_command, python_script
+from smolcluster import resources
 from smolcluster.errors import PeerError
 from smolcluster.launch.cli import command
 from smolcluster.security import KEYS_FIX, is_loopback
+from smolcluster.train_settings import ClusterSpec
 from smolcluster.transport import client_key_name
 
 # Runs on the node with its own Python after resources.py's source (memory and speed); stdlib only at
@@ -234,7 +232,7 @@ def _unreachable(report: NodeReport, probe: Probe) -> None:
         report.add("probe", FAIL, f"the probe ended with code {code}: {last}")
 
 
-def _node_checks(report: NodeReport, facts: dict, cluster: DictConfig, node_cfg: dict, kind: str) -> None:
+def _node_checks(report: NodeReport, facts: dict, cluster: ClusterSpec, node_cfg: dict, kind: str) -> None:
     node = report.node
     report.add("ssh", OK, f"{node.ssh.target} is {facts['hostname']} ({facts['platform']})")
     py = tuple(int(x) for x in facts["python"].split(".")[:2])
@@ -295,25 +293,25 @@ def worker_key_files(rank: int) -> list[str]:
     return ["server.key", own if rank == 0 else f"{own}|client.key_secret"]
 
 
-def _keys_check(report: NodeReport, facts: dict, cluster: DictConfig, kind: str) -> None:
-    if not cluster.get("keys"):
-        bind = str(cluster.get("bind") or cluster.host)
+def _keys_check(report: NodeReport, facts: dict, cluster: ClusterSpec, kind: str) -> None:
+    if not cluster.keys:
+        bind = str(cluster.bind or cluster.host)
         if not is_loopback(bind):  # what every node's own start-up check (smolcluster.security) will say
-            if cluster.get("insecure"):
+            if cluster.insecure:
                 report.add("keys", WARN, f"none: cluster.insecure=true, so anyone who reaches {bind} can join the run")
             else:
                 report.add("keys", FAIL, f"none, and the cluster binds {bind}: every node will refuse to start; {KEYS_FIX}")
         return
     if not facts.get("keys_dir"):
-        report.add("keys", FAIL, f"key dir {cluster.get('keys')} not found in {facts['cwd']}: copy the keys "
+        report.add("keys", FAIL, f"key dir {cluster.keys} not found in {facts['cwd']}: copy the keys "
                    "(python -m smolcluster.keys --dir keys/) to every node")
     elif facts.get("keys_missing"):
-        report.add("keys", FAIL, f"{cluster.get('keys')} lacks {', '.join(facts['keys_missing'])}, which the "
+        report.add("keys", FAIL, f"{cluster.keys} lacks {', '.join(facts['keys_missing'])}, which the "
                    f"{report.node.label} needs: copy them from the machine that made the keys")
     elif facts.get("curve") is False:
         report.add("keys", FAIL, "this node's libzmq has no CURVE support: reinstall pyzmq from wheels")
     else:
-        report.add("keys", OK, f"{cluster.get('keys')}: {', '.join(KEY_FILES[kind])}; CURVE available")
+        report.add("keys", OK, f"{cluster.keys}: {', '.join(KEY_FILES[kind])}; CURVE available")
 
 
 def _ranks_layout(nodes: list[Node]) -> bool:
@@ -321,15 +319,14 @@ def _ranks_layout(nodes: list[Node]) -> bool:
     return nodes[0].role != "server"
 
 
-def rank_addresses(cluster: DictConfig, n: int, port: int) -> list[tuple[str, int]]:
+def rank_addresses(cluster: ClusterSpec, n: int, port: int) -> list[tuple[str, int]]:
     """(host, port) each rank listens on: ``cluster.nodes[r].host/port``, else cluster.host and port + r."""
     from smolcluster.launch.nodes import stage_nodes
 
-    links = SimpleNamespace(host=cluster.host, port=port, bind=cluster.get("bind"), nodes=cluster.get("nodes"))
-    return [(s.host, s.port) for s in stage_nodes(links, n)]
+    return [(s.host, s.port) for s in stage_nodes(replace(cluster, port=port), n)]
 
 
-def _port_reports(listening: list[tuple[NodeReport, dict | None]], cluster: DictConfig, bind: str) -> None:
+def _port_reports(listening: list[tuple[NodeReport, dict | None]], cluster: ClusterSpec, bind: str) -> None:
     """Each listening node's port check: free (or the one ``port: null`` would use), or why it cannot listen."""
     for report, f in listening:
         if f is None:
@@ -338,18 +335,18 @@ def _port_reports(listening: list[tuple[NodeReport, dict | None]], cluster: Dict
             report.add("port", FAIL, f"cannot listen: {f['port_error']}: pick another cluster.port (or "
                        "cluster.nodes[i].port) or stop what holds it")
         else:
-            what = f"port {f['port']} is free" if cluster.get("port") else f"port: null, {f['port']} would be used"
+            what = f"port {f['port']} is free" if cluster.port else f"port: null, {f['port']} would be used"
             report.add("port", OK, f"{what} (bind {bind})")
 
 
-def check(cluster: DictConfig, nodes: list[Node], max_skew_s: float = 2.0) -> tuple[list[NodeReport], int | None]:
+def check(cluster: ClusterSpec, nodes: list[Node], max_skew_s: float = 2.0) -> tuple[list[NodeReport], int | None]:
     """Run every node's checks in parallel; returns the reports and the port the cluster can use (the server's,
     or the first rank's: rank r listens on port + r unless its node sets one)."""
     ranks = _ranks_layout(nodes)
-    node_cfgs = list(cluster.get("nodes") or [])
-    keys = cluster.get("keys")
-    bind = str(cluster.get("bind") or ("0.0.0.0" if not ranks else cluster.host))
-    base = cluster.get("port")
+    node_cfgs = cluster.nodes
+    keys = cluster.keys
+    bind = str(cluster.bind or ("0.0.0.0" if not ranks else cluster.host))
+    base = cluster.port
     if ranks:
         if base is None and not all(len(node_cfgs) > r and (node_cfgs[r] or {}).get("port") for r in range(len(nodes))):
             base = free_ports_on(cluster, nodes[0], len(nodes))
@@ -418,9 +415,9 @@ def check(cluster: DictConfig, nodes: list[Node], max_skew_s: float = 2.0) -> tu
     return reports, port
 
 
-def free_ports_on(cluster: DictConfig, node: Node, n: int = 1) -> int:
+def free_ports_on(cluster: ClusterSpec, node: Node, n: int = 1) -> int:
     """The first of ``n`` consecutive ports the node's host can listen on now (asked on that host, not here)."""
-    probe = Probe(node, {"listen": True, "bind": str(cluster.get("bind") or "0.0.0.0"), "port": 0, "ports": n,
+    probe = Probe(node, {"listen": True, "bind": str(cluster.bind or "0.0.0.0"), "port": 0, "ports": n,
                          "port_only": True})
     try:
         got = probe.reply(timeout=60)

@@ -35,38 +35,38 @@ from launchers.ssh import RING_ALGOS, SERVER_ALGOS, compose_config  # noqa: E402
 from smolcluster.errors import ConfigError  # noqa: E402
 from smolcluster.launch.cli import command  # noqa: E402
 from smolcluster.security import is_loopback  # noqa: E402
+from smolcluster.train_settings import LaunchSpec  # noqa: E402
 
 
-def roles(cfg) -> list[tuple[str, int | None]]:
+def roles(spec: LaunchSpec) -> list[tuple[str, int | None]]:
     """(role, rank) of task 0, 1, ...: syncps/edp's server first, else ring ranks / pipeline stages."""
-    algo = cfg.algo.name
-    if algo in SERVER_ALGOS:
-        return [("server", None), *[("worker", r) for r in range(int(cfg.cluster.workers))]]
-    if algo in RING_ALGOS:
-        return [("worker", r) for r in range(int(cfg.cluster.workers))]
-    return [("stage", r) for r in range(int(cfg.algo.stages))]
+    if spec.algo in SERVER_ALGOS:
+        return [("server", None), *[("worker", r) for r in range(spec.cluster.workers)]]
+    if spec.algo in RING_ALGOS:
+        return [("worker", r) for r in range(spec.cluster.workers)]
+    return [("stage", r) for r in range(spec.stages)]
 
 
-def lead_task(cfg) -> int:
+def lead_task(spec: LaunchSpec) -> int:
     """The task that writes the run's files (.hydra/, summary.json): the server, ring rank 0, mp's last stage."""
-    return len(roles(cfg)) - 1 if cfg.algo.name == "mp" else 0
+    return len(roles(spec)) - 1 if spec.algo == "mp" else 0
 
 
 def script(args: argparse.Namespace) -> str:
-    cfg, _ = compose_config(args.cluster, args.overrides)
+    spec, _ = compose_config(args.cluster, args.overrides)
     Path(args.run_dir).mkdir(parents=True, exist_ok=True)  # Slurm opens --output there before the script runs
-    n = len(roles(cfg))
+    n = len(roles(spec))
     nodes = math.ceil(n / args.tasks_per_node)
     python = args.python or sys.executable
     task = [python, "-u", "-m", "launchers.slurm", "task", "--cluster", str(Path(args.cluster).resolve())
             if Path(args.cluster).is_file() else args.cluster, "--run-dir", args.run_dir,
             "--tasks-per-node", str(args.tasks_per_node), *args.overrides]
-    sbatch = [f"--job-name=smolcluster-{cfg.algo.name}", f"--nodes={nodes}", f"--ntasks={n}",
+    sbatch = [f"--job-name=smolcluster-{spec.algo}", f"--nodes={nodes}", f"--ntasks={n}",
               f"--ntasks-per-node={args.tasks_per_node}", f"--cpus-per-task={args.cpus_per_task}",
               f"--time={args.time_min}", f"--output={args.run_dir}/slurm-%j.out"]
     sbatch += [f"--partition={args.partition}"] if args.partition else []
     sbatch += [f"--gpus-per-task={args.gpus_per_task}"] if args.gpus_per_task else []
-    lines = ["#!/bin/bash", f"# {cfg.algo.name}: {n} tasks ({', '.join(_label(r) for r in roles(cfg))}), "
+    lines = ["#!/bin/bash", f"# {spec.algo}: {n} tasks ({', '.join(_label(r) for r in roles(spec))}), "
              f"written by python -m launchers.slurm script",
              *[f"#SBATCH {s}" for s in sbatch],
              "set -euo pipefail",
@@ -75,7 +75,7 @@ def script(args: argparse.Namespace) -> str:
              'export SMOLCLUSTER_HOSTS="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | paste -sd, -)"',
              "export PYTHONUNBUFFERED=1",
              f"srun --kill-on-bad-exit=1 --distribution=block {shlex.join(task)}"]
-    if cfg.algo.name == "mp":  # each stage saved its shard into the shared run dir
+    if spec.algo == "mp":  # each stage saved its shard into the shared run dir
         lines.append(f"{shlex.quote(python)} -m smolcluster.pipeline.merge {shlex.quote(args.run_dir)}")
     return "\n".join(lines) + "\n"
 
@@ -97,10 +97,10 @@ def task_command(args: argparse.Namespace) -> list[str]:
     hosts = [h for h in os.environ.get("SMOLCLUSTER_HOSTS", "").split(",") if h]
     if not hosts:
         raise ConfigError("$SMOLCLUSTER_HOSTS is empty: the sbatch script sets it from $SLURM_JOB_NODELIST")
-    cfg, _ = compose_config(args.cluster, args.overrides)
-    layout = roles(cfg)
+    spec, _ = compose_config(args.cluster, args.overrides)
+    layout = roles(spec)
     if ntasks != len(layout):
-        raise ConfigError(f"the job step has {ntasks} tasks but algo={cfg.algo.name} needs {len(layout)} "
+        raise ConfigError(f"the job step has {ntasks} tasks but algo={spec.algo} needs {len(layout)} "
                           f"({', '.join(_label(r) for r in layout)}): regenerate the script for this config")
 
     def host(task: int) -> str:
@@ -109,12 +109,12 @@ def task_command(args: argparse.Namespace) -> list[str]:
             raise ConfigError(f"task {task} would run on node {index} but the allocation has {len(hosts)} nodes")
         return hosts[index]
 
-    cluster = OmegaConf.to_container(cfg.cluster, resolve=True)
+    cluster = spec.cluster.as_file()
     cluster["port"] = cluster.get("port") or 20000 + int(job) % 20000  # the same on every task of the job
     if not all(is_loopback(h) for h in hosts):
         cluster["bind"] = "0.0.0.0"  # peers on other nodes connect in (cluster.keys, or insecure, as ever)
     cluster["host"] = host(0)  # the server, or rank 0
-    if cfg.algo.name not in SERVER_ALGOS:  # every rank listens on its own node: cluster.nodes[r].host
+    if spec.algo not in SERVER_ALGOS:  # every rank listens on its own node: cluster.nodes[r].host
         nodes = list(cluster.get("nodes") or [])
         nodes += [{}] * (len(layout) - len(nodes))
         cluster["nodes"] = [{**(nodes[r] or {}), "host": host(r)} for r in range(len(layout))]
@@ -127,7 +127,7 @@ def task_command(args: argparse.Namespace) -> list[str]:
             *[o for o in args.overrides if not o.startswith(("role=", "rank=", "cluster="))],
             f"run_id=slurm-{job}", f"hydra.run.dir={args.run_dir}", "train.progress=false", f"role={role}"]
     argv += [] if rank is None else [f"rank={rank}"]
-    argv += [] if procid == lead_task(cfg) else ["hydra.output_subdir=null"]
+    argv += [] if procid == lead_task(spec) else ["hydra.output_subdir=null"]
     return [sys.executable, "-u", "-m", "smolcluster.train", *argv]
 
 

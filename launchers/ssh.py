@@ -38,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -46,7 +47,7 @@ if __package__ in (None, ""):  # `python launchers/ssh.py ...` from anywhere: ma
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 from loguru import logger  # noqa: E402
-from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 from launchers.cluster_file import Node, cluster_nodes, load_cluster, rank_nodes  # noqa: E402
 from launchers.preflight import check, format_reports, free_ports_on  # noqa: E402
@@ -58,7 +59,7 @@ from smolcluster.launch.cli import command  # noqa: E402
 from smolcluster.launch.overrides import child_overrides  # noqa: E402
 from smolcluster.launch.supervisor import Supervisor, sigterm_as_interrupt  # noqa: E402
 from smolcluster.paths import CONFIG_DIR  # noqa: E402
-from smolcluster.train_settings import train_config  # noqa: E402
+from smolcluster.train_settings import LaunchSpec, launch_spec, train_config  # noqa: E402
 
 SERVER_ALGOS = ("syncps", "edp")               # one server + cluster.workers workers
 RING_ALGOS = ("allreduce", "diloco")           # a ring of cluster.workers ranks, no server
@@ -68,9 +69,9 @@ _LAUNCHER_KEYS = ("cluster=", "--config-dir")
 
 
 def compose_config(cluster_ref: str, overrides: list[str], need_algo: bool = True,
-                   config: str = "config") -> tuple[DictConfig, str]:
+                   config: str = "config") -> tuple[LaunchSpec, str]:
     """The full config every role will see (``config``: train's, or ``infer`` for inference stages), composed
-    here first so a typo fails before any SSH."""
+    here first so a typo fails before any SSH; returned as what the launcher reads of it."""
     path, _ = load_cluster(cluster_ref)
     name = f"launch-{path.stem}"
     bad = [o for o in overrides if o.startswith(("role=", "rank=", "cluster="))]
@@ -93,48 +94,47 @@ def compose_config(cluster_ref: str, overrides: list[str], need_algo: bool = Tru
         from smolcluster.inference.settings import infer_settings
 
         infer_settings(cfg)  # the stages' own checks (stages, partition, ...), here first
-        return cfg, path.stem
+        return launch_spec(cfg), path.stem
     validate(train_config(cfg))
     if need_algo and cfg.algo.name not in CLUSTER_ALGOS:
         raise ConfigError(f"algo={cfg.algo.name} runs in one process: launch algo=syncps, edp, allreduce, diloco or mp")
-    return cfg, path.stem
+    return launch_spec(cfg), path.stem
 
 
-def layout(cfg: DictConfig, serving: bool = False) -> tuple[list[Node], int | None]:
+def layout(spec: LaunchSpec, serving: bool = False) -> tuple[list[Node], int | None]:
     """Every role's node, and the index of the one that writes the run's files and whose end ends the run
     (None for inference stages, which serve until stopped)."""
     if serving:
-        return rank_nodes(cfg.cluster, int(cfg.stages), "stage"), None
-    algo = cfg.algo.name if "algo" in cfg else None
-    if algo in RING_ALGOS:
-        return rank_nodes(cfg.cluster, int(cfg.cluster.workers), "worker"), 0
-    if algo == "mp":
-        n = int(cfg.algo.stages)
-        return rank_nodes(cfg.cluster, n, "stage"), n - 1
-    return cluster_nodes(cfg.cluster), 0
+        return rank_nodes(spec, spec.stages, "stage"), None
+    if spec.algo in RING_ALGOS:
+        return rank_nodes(spec, spec.cluster.workers, "worker"), 0
+    if spec.algo == "mp":
+        return rank_nodes(spec, spec.stages, "stage"), spec.stages - 1
+    return cluster_nodes(spec), 0
 
 
-def run_check(cfg: DictConfig, nodes: list[Node], max_skew_s: float) -> int | None:
+def run_check(spec: LaunchSpec, nodes: list[Node], max_skew_s: float) -> tuple[int | None, LaunchSpec]:
     """Print the preflight table; returns the port the cluster can use, or raises if a check failed. With
-    ``partition=auto``, a stage node without ``memory_gb`` / ``gflops`` gets what its preflight measured."""
+    ``partition=auto``, a stage node without ``memory_gb`` / ``gflops`` gets what its preflight measured (in
+    the spec returned)."""
     logger.info(f"preflight on {len(nodes)} nodes: " + ", ".join(n.describe() for n in nodes))
-    reports, port = check(cfg.cluster, nodes, max_skew_s=max_skew_s)
+    reports, port = check(spec.cluster, nodes, max_skew_s=max_skew_s)
     print(format_reports(reports), flush=True)
     failed = [r.node.describe() for r in reports if r.failed]
     if failed:
         raise PeerError(f"preflight failed on {', '.join(failed)}: fix the FAIL rows above "
                         "(or launch with --no-check to start anyway)")
-    if cfg.get("partition") == "auto":
-        fill_measured(cfg, reports)
-    return port
+    if spec.partition == "auto":
+        spec = fill_measured(spec, reports)
+    return port, spec
 
 
-def fill_measured(cfg: DictConfig, reports) -> None:
+def fill_measured(spec: LaunchSpec, reports) -> LaunchSpec:
     """``partition=auto`` places blocks by ``cluster.nodes[i].memory_gb`` and, when every node has one, prefers
     the faster by ``cluster.nodes[i].gflops`` (smolcluster/inference/placement.py): where the cluster file does not
     say, use what the node's preflight measured (usable memory: available RAM within its cgroup's limit, or the
     free VRAM of a cuda stage's GPU; the matmul rate on the stage's device), so every stage plans the same."""
-    nodes = list(OmegaConf.to_container(cfg.cluster.get("nodes") or [], resolve=True))
+    nodes = list(spec.cluster.nodes)
     filled = []
     for r in reports:
         usable = r.facts.get("usable_bytes")
@@ -153,10 +153,10 @@ def fill_measured(cfg: DictConfig, reports) -> None:
         if entry.get("gflops") is None and rate:
             entry["gflops"] = rate
             filled.append(f"{r.node.label} {rate} GFLOP/s")
-    if filled:
-        with open_dict(cfg):
-            cfg.cluster.nodes = nodes
-        logger.info("partition=auto: measured by the preflight: " + ", ".join(filled))
+    if not filled:
+        return spec
+    logger.info("partition=auto: measured by the preflight: " + ", ".join(filled))
+    return replace(spec, cluster=replace(spec.cluster, nodes=nodes))
 
 
 def role_args(node: Node, common: list[str], lead: bool, serving: bool = False) -> list[str]:
@@ -171,16 +171,15 @@ class Launch(Supervisor):
     """The SSH backend of the supervisor (smolcluster/launch/supervisor.py): every role of one run on its host
     (:class:`~launchers.remote.RemoteRole`): start, relay, supervise, stop."""
 
-    def __init__(self, cfg: DictConfig, nodes: list[Node], overrides: list[str], cluster_stem: str,
+    def __init__(self, spec: LaunchSpec, nodes: list[Node], overrides: list[str], cluster_stem: str,
                  port: int, keep_going: bool = False, run_dir: str | None = None, lead: int | None = 0,
                  serving: bool = False):
-        self.cfg, self.nodes, self.keep_going, self.lead, self.serving = cfg, nodes, keep_going, lead, serving
+        self.spec, self.nodes, self.keep_going, self.lead, self.serving = spec, nodes, keep_going, lead, serving
         self.run_id = new_run_id()
         now = datetime.now()
-        what = "serve" if serving else cfg.algo.name
-        self.run_dir = run_dir or f"runs/{now:%Y-%m-%d}/{now:%H-%M-%S}-{what}-{cfg.model.name}-{self.run_id}"
-        cluster = OmegaConf.to_container(cfg.cluster, resolve=True)
-        cluster["port"] = port
+        what = "serve" if serving else spec.algo
+        self.run_dir = run_dir or f"runs/{now:%Y-%m-%d}/{now:%H-%M-%S}-{what}-{spec.model}-{self.run_id}"
+        cluster = {**spec.cluster.as_file(), "port": port}
         self.group = group = f"launch-{self.run_id}"
         # ship the composed cluster file with the run: every node reads exactly what was checked here
         self.files = {f"{self.run_dir}/.launch/cluster/{group}.yaml":
@@ -332,16 +331,16 @@ def launch(args: argparse.Namespace, attempts: int = 3) -> int:
         args.overrides = ["algo=syncps", *args.overrides]
         logger.info("no algo given: using algo=syncps (add algo=edp for the asynchronous one)")
     serving = args.command == "serve"
-    cfg, stem = compose_config(args.cluster, args.overrides, config="infer" if serving else "config")
-    nodes, lead = layout(cfg, serving)
-    port = cfg.cluster.port
+    spec, stem = compose_config(args.cluster, args.overrides, config="infer" if serving else "config")
+    nodes, lead = layout(spec, serving)
+    port = spec.cluster.port
     if not args.no_check:
-        port = run_check(cfg, nodes, args.max_skew_s)
+        port, spec = run_check(spec, nodes, args.max_skew_s)
     elif port is None:
-        port = free_ports_on(cfg.cluster, nodes[0], 1 if nodes[0].role == "server" else len(nodes))
+        port = free_ports_on(spec.cluster, nodes[0], 1 if nodes[0].role == "server" else len(nodes))
     sigterm_as_interrupt()  # `kill` stops the cluster like Ctrl-C does
     for attempt in range(1, attempts + 1):
-        run = Launch(cfg, nodes, args.overrides, stem, int(port), keep_going=args.keep_going, run_dir=args.run_dir,
+        run = Launch(spec, nodes, args.overrides, stem, int(port), keep_going=args.keep_going, run_dir=args.run_dir,
                      lead=lead, serving=serving)
         try:
             run.start()
@@ -349,10 +348,10 @@ def launch(args: argparse.Namespace, attempts: int = 3) -> int:
             break
         except PortTaken as e:
             # only a port we picked ourselves may be swapped; the user's own cluster.port is a hard error
-            if cfg.cluster.port is not None or attempt == attempts:
+            if spec.cluster.port is not None or attempt == attempts:
                 raise PeerError(f"{nodes[0].describe()} failed: {e}") from None
             run.stop()
-            port = free_ports_on(cfg.cluster, nodes[0], 1 if nodes[0].role == "server" else len(nodes))
+            port = free_ports_on(spec.cluster, nodes[0], 1 if nodes[0].role == "server" else len(nodes))
             logger.warning(f"a port was taken after the preflight ({e}); retrying on port {port}")
         except KeyboardInterrupt:
             logger.warning("interrupted: stopping every node")
@@ -363,7 +362,7 @@ def launch(args: argparse.Namespace, attempts: int = 3) -> int:
     if serving:
         logger.success("every stage has stopped")
         return 0
-    if cfg.algo.name == "mp":
+    if spec.algo == "mp":
         run.merge_shards()
     summary = run.fetch_summary()
     if summary:
@@ -397,8 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     logger.add(sys.stderr, format="<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> "
                "<cyan>[launcher]</cyan> {message}", level="INFO")
     if args.command == "check":
-        cfg, _ = compose_config(args.cluster, args.overrides, need_algo=False)
-        run_check(cfg, layout(cfg)[0], args.max_skew_s)
+        spec, _ = compose_config(args.cluster, args.overrides, need_algo=False)
+        run_check(spec, layout(spec)[0], args.max_skew_s)
         return 0
     return launch(args)
 

@@ -34,7 +34,7 @@ def main(cfg: DictConfig) -> None:
         t = s.pipeline.telemetry  # (logging.prometheus / run_dir: what smolcluster.top reads)
         setup_logging(role="head", algo="chat", level=cfg.logging.level, loki=cfg.logging.get("loki"),
                       run_id=t.get("run_id", ""), run_dir=t.get("run_dir"))
-        with agent_stages(cfg, s.pipeline):  # cluster=auto: the stages on the node agents, the head here
+        with agent_stages(s.pipeline):  # cluster=auto: the stages on the node agents, the head here
             serve(s)
     except KeyboardInterrupt:
         pass  # Ctrl-C is how a chat ends: exit 0

@@ -61,7 +61,7 @@ def run(cfg: DictConfig) -> dict | None:
     from smolcluster.inference.from_config import pipeline_from_config
     from smolcluster.node.coordinator import agent_stages
 
-    with agent_stages(cfg, p), pipeline_from_config(p, prompt=prompt) as pipe:  # cluster=auto: stages on agents
+    with agent_stages(p), pipeline_from_config(p, prompt=prompt) as pipe:  # cluster=auto: stages on agents
         t0 = time.perf_counter()
         req = pipe.submit(prompt, max_new_tokens=s.max_new_tokens, sampling=s.sampling, stop_at_eos=s.stop_at_eos,
                           adapter=s.adapter)

@@ -144,7 +144,11 @@ def write_table(sweep_dir: str | Path) -> tuple[Path, Path]:
 
 
 class SweepTable(Callback):
-    """Hydra callback: keep ``sweep.md`` / ``sweep.csv`` in the sweep directory up to date."""
+    """Hydra callback: keep ``sweep.md`` / ``sweep.csv`` in the sweep directory up to date.
+
+    Its two methods are entry points: Hydra calls them with its composed config (a ``DictConfig``, the
+    callback interface's type). They read only ``hydra.mode`` and ``hydra.sweep.dir`` from it; everything
+    below takes the sweep directory as a Path."""
 
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN:

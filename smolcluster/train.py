@@ -51,10 +51,10 @@ def run(cfg: DictConfig) -> dict | None:
     validate(tc)
     if cfg.model.get("deprecated"):
         logger.warning(cfg.model.deprecated)
-    if role == "launch" and cfg.cluster.get("name") == "auto":  # through the node agents on the LAN
+    if role == "launch" and tc.cluster.auto is not None:  # through the node agents on the LAN
         from smolcluster.node.coordinator import run_auto
 
-        summary = run_auto(cfg, run_dir)
+        summary = run_auto(tc, run_dir)
     elif role == "launch":  # every role as a child here; this process never imports torch
         summary = launcher.launch(tc, run_dir)
     else:

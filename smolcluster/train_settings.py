@@ -8,8 +8,10 @@ algorithms, the trainer and the recorder take that object. Children of a launch 
 Hydra overrides on the command line, and re-compose and re-type them.
 
 The model and data groups stay open (a ``_target_`` model takes its own keys; both are instantiated): they
-arrive as plain dicts. So does the cluster file's open part (per-node keys read by launchers and placement,
-a cluster=auto run's discovery keys); what training reads of it is typed in :class:`ClusterSpec`.
+arrive as plain dicts. The cluster group is open too (a cluster file is the user's): :class:`ClusterSpec` reads
+it, for training, inference (``Pipeline.links``), the cluster=auto coordinator (:class:`AutoSpec`) and the
+launchers (:class:`LaunchSpec`, built by :func:`launch_spec` where they compose the config); a node's
+``cluster.nodes[i]`` entry is read by :meth:`ClusterSpec.node` alone.
 
 The schema dataclasses are not frozen: Hydra merges the yaml and the overrides into them, which a frozen
 dataclass refuses. Code that needs other values (a pipeline stage's own clip, allreduce's scaled steps) makes
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -195,7 +197,8 @@ ALGOS: dict[str, type[AlgoSettings]] = {
 # -- cluster.* ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class NodeSpec:
-    """One worker rank's settings: its ``cluster.nodes[rank]`` entry over the defaults (``train.batch_size``).
+    """One rank's ``cluster.nodes[rank]`` entry, typed (:meth:`ClusterSpec.node`): a training worker's (its batch
+    size over ``train.batch_size``), a ring rank's or a pipeline stage's.
 
     The last three are test knobs, not settings a real run wants: they make a node slow or faulty on purpose,
     for the tests and benchmarks (``bench edp``) that need an unlike or misbehaving member on one machine.
@@ -206,16 +209,73 @@ class NodeSpec:
     batch_size: int
     device: str | None = None
     host: str | None = None
+    port: int | None = None          # where a ring rank / stage listens (None: cluster.port + rank)
+    threads: int | None = None       # a stage's torch threads
+    weight: float = 1.0              # its share of a pipeline's layers (mp, partition=even)
+    memory_gb: float | None = None   # what the node offers its stage (partition=auto; None: measured here)
+    gflops: float | None = None      # its measured speed (partition=auto prefers the faster)
+    precision: str | None = None     # inference: this stage's precision / quantize over the command's
+    quantize: str | None = None
     # -- test knobs (tests and benchmarks only) --
     delay_s: float = 0.0          # sleep this long after every step: an artificially slow node
     blowup_every: int = 0         # (allreduce) every Nth step's gradient x 1e6: a node whose gradient blows up
     lie_norm_every: int = 0       # (allreduce) every Nth step blow up the reduced chunks, report the old norm: a liar
 
 
+def message_bytes(cluster: dict) -> int:
+    """``cluster.max_message_mb`` in bytes: the one conversion of the message-size limit (training's and
+    inference's links both take :attr:`ClusterSpec.max_bytes`)."""
+    mb = _typed(cluster, "max_message_mb", int, 2048)
+    if mb is None or mb < 1:
+        raise ConfigError(f"cluster.max_message_mb={mb!r} is invalid: give the largest message in MB, e.g. 2048")
+    return mb * MB
+
+
+def _typed(c: dict, key: str, kind: type, default):
+    """``cluster.KEY`` checked to be ``kind`` (or null): the cluster group is open, so Hydra checks none of it."""
+    value = c.get(key, default)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = value is None or (isinstance(value, bool) if kind is bool else
+                           number and (kind is float or float(value).is_integer()))
+    if not ok:
+        raise ConfigError(f"cluster.{key}={value!r} is invalid: it must be {_KINDS[kind]}")
+    return None if value is None else kind(value)
+
+
+@dataclass(frozen=True)
+class AutoSpec:
+    """``cluster=auto``'s own keys (conf/cluster/auto.yaml documents each): how the coordinator
+    (node/coordinator.py) finds, pairs and places the node agents."""
+
+    peers: Any = field(default_factory=list)  # static agents, host:port (a list, or one string: discovery.peer_list)
+    mdns: bool = True
+    discover_s: float = 3.0
+    expect: int | None = None
+    server: str | None = None      # the node for syncps/edp's server (None: the most free memory)
+    workers: int | None = None     # None: one per other node (rings: one per node)
+    pair_timeout_s: float = 120.0
+    state_dir: str = "~/.smolcluster"
+    write: str | None = None
+    discover_only: bool = False
+    weights: str = "auto"          # inference: auto | send | shared (node/weightsend.py)
+
+    @classmethod
+    def of(cls, c: dict) -> AutoSpec:
+        return cls(peers=c.get("peers") or [], mdns=bool(_typed(c, "mdns", bool, True)),
+                   discover_s=_typed(c, "discover_s", float, 3.0), expect=_typed(c, "expect", int, None),
+                   server=None if c.get("server") is None else str(c["server"]),
+                   workers=_typed(c, "workers", int, None), pair_timeout_s=_typed(c, "pair_timeout_s", float, 120.0),
+                   state_dir=str(c.get("state_dir") or "~/.smolcluster"),
+                   write=None if c.get("write") is None else str(c["write"]),
+                   discover_only=bool(_typed(c, "discover_only", bool, False)), weights=str(c.get("weights") or "auto"))
+
+
 @dataclass(frozen=True)
 class ClusterSpec:
-    """The cluster keys training reads. ``nodes`` stays the raw per-node dicts: launchers, placement and the
-    pipeline's :func:`~smolcluster.launch.nodes.stage_nodes` read keys of their own there."""
+    """The cluster group, typed: what training, inference's stages and head, the coordinator and the launchers
+    read. ``nodes`` stays the per-node dicts (:meth:`worker` types a training rank's; stages, placement and the
+    launchers read keys of their own there); ``rest`` keeps the keys no field types (the launchers' ``ssh`` and
+    ``server`` blocks), so :meth:`as_file` writes the cluster file back whole; ``auto``: cluster=auto's keys."""
 
     name: str | None = None
     host: str = "127.0.0.1"
@@ -228,38 +288,62 @@ class ClusterSpec:
     heartbeat_s: float = 1.0
     liveness_s: float = 10.0
     connect_timeout_s: float = 60.0
-    max_bytes: int = 2048 * MB    # cluster.max_message_mb, converted once here
+    max_bytes: int = 2048 * MB    # cluster.max_message_mb (message_bytes)
+    auto: AutoSpec | None = None
+    rest: dict = field(default_factory=dict)
 
     @classmethod
     def of(cls, c: dict) -> ClusterSpec:
         """The cluster group (open: a cluster file is the user's) read with its types checked here."""
-        def typed(key: str, kind: type, default):
-            value = c.get(key, default)
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            ok = value is None or (isinstance(value, bool) if kind is bool else
-                                   number and (kind is float or float(value).is_integer()))
-            if not ok:
-                raise ConfigError(f"cluster.{key}={value!r} is invalid: it must be {_KINDS[kind]}")
-            return None if value is None else kind(value)
-
         nodes = c.get("nodes") or []
         if not isinstance(nodes, list) or any(n is not None and not isinstance(n, dict) for n in nodes):
             raise ConfigError(f"cluster.nodes={nodes!r} is invalid: give a list of per-node settings, "
                               "e.g. cluster.nodes=[{batch_size: 32},{device: cpu}]")
-        workers = typed("workers", int, 1)  # null (cluster=auto: the coordinator decides, and passes it on)
-        return cls(name=c.get("name"), host=str(c.get("host") or "127.0.0.1"), port=typed("port", int, None),
+        workers = _typed(c, "workers", int, 1)  # null (cluster=auto: the coordinator decides, and passes it on)
+        auto = AutoSpec.of(c) if c.get("name") == "auto" else None
+        own = {f.name for f in fields(cls)} | {f.name for f in fields(AutoSpec) if auto} | {"max_message_mb"}
+        return cls(name=c.get("name"), host=str(c.get("host") or "127.0.0.1"), port=_typed(c, "port", int, None),
                    bind=c.get("bind"), workers=1 if workers is None else workers, nodes=list(nodes),
-                   keys=c.get("keys"), insecure=bool(typed("insecure", bool, False)),
-                   heartbeat_s=typed("heartbeat_s", float, 1.0), liveness_s=typed("liveness_s", float, 10.0),
-                   connect_timeout_s=typed("connect_timeout_s", float, 60.0),
-                   max_bytes=typed("max_message_mb", int, 2048) * MB)
+                   keys=c.get("keys"), insecure=bool(_typed(c, "insecure", bool, False)),
+                   heartbeat_s=_typed(c, "heartbeat_s", float, 1.0), liveness_s=_typed(c, "liveness_s", float, 10.0),
+                   connect_timeout_s=_typed(c, "connect_timeout_s", float, 60.0), max_bytes=message_bytes(c),
+                   auto=auto, rest={k: v for k, v in c.items() if k not in own})
+
+    def as_file(self) -> dict:
+        """These settings as a cluster file (plain data), which :meth:`of` reads back the same: what the
+        launchers ship to every node."""
+        typed = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("max_bytes", "auto", "rest")}
+        auto = dataclasses.asdict(self.auto) if self.auto else {}
+        return {**self.rest, **typed, **auto, "max_message_mb": self.max_bytes // MB, "nodes": list(self.nodes)}
+
+    def node(self, rank: int, batch_size: int = 0) -> NodeSpec:
+        """Rank ``rank``'s ``cluster.nodes[rank]`` entry, typed and checked (the defaults where the list ends or
+        the entry is null): the one reader of a node's settings."""
+        node = dict(self.nodes[rank]) if rank < len(self.nodes) and self.nodes[rank] else {}
+        where = f"cluster.nodes[{rank}]"
+
+        def number(key: str, default, why: str):
+            value = node.get(key, default)
+            if value is None and default is not None or value is not None and (
+                    isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ConfigError(f"{where}.{key}={value!r} {why}")
+            return value
+
+        threads = node.get("threads")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ConfigError(f"{where}.threads={threads!r} must be a positive integer")
+        port = node.get("port")
+        return NodeSpec(rank, str(node.get("name", f"worker{rank}")), int(node.get("batch_size", batch_size)),
+                        node.get("device"), node.get("host"), None if port is None else int(port), threads,
+                        float(number("weight", 1.0, "is invalid: it must be a positive number")),
+                        number("memory_gb", None, "is invalid: give a positive number of GB"),
+                        number("gflops", None, "is invalid: give the node's measured GFLOP/s"),
+                        node.get("precision"), node.get("quantize"), float(node.get("delay_s", 0.0)),
+                        int(node.get("blowup_every", 0)), int(node.get("lie_norm_every", 0)))
 
     def worker(self, rank: int, batch_size: int) -> NodeSpec:
-        """Rank ``rank``'s settings: ``cluster.nodes[rank]`` overrides the defaults."""
-        node = dict(self.nodes[rank]) if rank < len(self.nodes) and self.nodes[rank] else {}
-        spec = NodeSpec(rank, str(node.get("name", f"worker{rank}")), int(node.get("batch_size", batch_size)),
-                        node.get("device"), node.get("host"), float(node.get("delay_s", 0.0)),
-                        int(node.get("blowup_every", 0)), int(node.get("lie_norm_every", 0)))
+        """Training rank ``rank``'s settings: ``cluster.nodes[rank]`` overrides the defaults."""
+        spec = self.node(rank, batch_size)
         if spec.batch_size <= 0:
             raise ConfigError(f"cluster.nodes[{rank}].batch_size={spec.batch_size} must be positive")
         return spec
@@ -362,3 +446,26 @@ def train_config(cfg: DictConfig) -> TrainConfig:
         run_id=None if cfg.run_id is None else str(cfg.run_id), seed=int(cfg.seed), device=str(cfg.device),
         resume=None if cfg.resume is None else str(cfg.resume), role=str(cfg.role),
         rank=None if rank is None else int(rank), node=cfg.get("node"), composed=plain)
+
+
+# -- the SSH and Slurm launchers ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class LaunchSpec:
+    """What the SSH and Slurm launchers read of the config they compose (:func:`launch_spec`, once, at their
+    entry): the roles' layout, and the cluster they ship to every node (:meth:`ClusterSpec.as_file`)."""
+
+    cluster: ClusterSpec
+    algo: str | None          # train's algo.name; None: inference stages (``launchers.ssh serve``)
+    stages: int | None        # mp's algo.stages, or inference's stages; None for the others
+    model: str                # model.name (in the run dir's name)
+    partition: str = "even"   # inference: auto fills cluster.nodes[i].memory_gb / gflops from the preflight
+    host_given: bool = True   # the cluster file names cluster.host (a launcher assumes no loopback default)
+
+
+def launch_spec(cfg: DictConfig) -> LaunchSpec:
+    """A composed ``config`` (train) or ``infer`` config as the launchers' :class:`LaunchSpec`."""
+    cluster = OmegaConf.to_container(cfg.cluster, resolve=True)
+    algo = cfg.algo.name if "algo" in cfg else None
+    stages = cfg.algo.stages if algo == "mp" else cfg.get("stages") if algo is None else None
+    return LaunchSpec(ClusterSpec.of(cluster), algo, None if stages is None else int(stages),
+                      str(cfg.model.get("name")), str(cfg.get("partition") or "even"), bool(cluster.get("host")))

@@ -274,10 +274,11 @@ def test_partition_auto_follows_three_limits_and_refuses_an_impossible_fit(model
 
     from smolcluster.errors import ConfigError
     from smolcluster.inference.from_config import pipeline_from_config
-    from smolcluster.inference.settings import Links, Pipeline
+    from smolcluster.inference.settings import Pipeline
+    from smolcluster.train_settings import ClusterSpec
 
     cfg = Pipeline(model={"pretrained": str(d)}, stages=3, partition="auto",
-                   links=Links(nodes=[{"memory_gb": limit / 2 / 2**30} for limit in limits]))
+                   links=ClusterSpec(nodes=[{"memory_gb": limit / 2 / 2**30} for limit in limits]))
     before = set(psutil.Process().children(recursive=True))  # (an earlier test's multiprocessing helper may live on)
     with pytest.raises(ConfigError) as refused:
         pipeline_from_config(cfg, prompt="hello")

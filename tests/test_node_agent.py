@@ -307,15 +307,15 @@ def test_a_reserved_port_is_the_roles_alone_and_a_taken_one_is_one_line(tmp_path
     import socket
 
     import zmq
-    from omegaconf import OmegaConf
 
     from smolcluster.errors import PeerError
     from smolcluster.node.coordinator import Run
+    from smolcluster.train_settings import ClusterSpec
 
     codes = prepare(tmp_path, ["a"])
     (a, port), = agents(tmp_path, codes, procs).values()
     link = paired_link(tmp_path, "a", port)
-    run = Run("syncps", "r1", OmegaConf.create({"heartbeat_s": 0.5, "liveness_s": 10.0}), {"a": link})
+    run = Run("syncps", "r1", ClusterSpec(heartbeat_s=0.5, liveness_s=10.0), {"a": link})
     squatter = socket.socket()
     try:
         reserved = run.reserve(link, "server", "127.0.0.1")

@@ -22,7 +22,6 @@ import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from omegaconf import OmegaConf
 
 from smolcluster.errors import ConfigError
 from smolcluster.node import discovery
@@ -39,6 +38,7 @@ from smolcluster.node.pairing import (
     public_key,
     write_private,
 )
+from smolcluster.train_settings import AutoSpec
 from tests.test_node_agent import Proc, agents, coordinator, handshake, prepare, procs  # noqa: F401 (procs: a fixture)
 
 
@@ -95,7 +95,7 @@ def test_a_rogue_agent_claiming_paired_cuda_999gb_gets_no_role_and_no_key(tmp_pa
     state = tmp_path / "coord" / "coordinator"  # (the coordinator's own pairing step, in this process)
     with pytest.raises(ConfigError) as e:
         pair_all([discovery.ask(f"127.0.0.1:{rport}")], public_key(state / "identity" / "client.key"),
-                 AgentStore(state), OmegaConf.create({"pair_timeout_s": 2}), state)
+                 AgentStore(state), AutoSpec(pair_timeout_s=2), state)
     assert re.fullmatch(r"node a now presents key \w{16}, not the key this coordinator paired with \(\w{16}\): if that "
                         r"machine was reinstalled, re-pair with rm .*/coordinator/agents/a.key and run again",
                         str(e.value)), str(e.value)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from launchers import resources
+from smolcluster import resources
 from tests.conftest import REPO
 
 V1 = Path("/sys/fs/cgroup/memory")

@@ -234,10 +234,11 @@ def test_stage_processes_on_cuda_generate_like_one_cpu_process(models):
 
 def test_cluster_nodes_override_the_runs_format_per_stage():
     from smolcluster.inference.from_config import stage_formats
-    from smolcluster.inference.settings import Links, Pipeline
+    from smolcluster.inference.settings import Pipeline
+    from smolcluster.train_settings import ClusterSpec
 
     cfg = Pipeline(stages=3, precision="bf16", quantize="none", quantize_group=32,
-                   links=Links(nodes=[{"quantize": "int8"}, None, {"precision": "fp16", "device": "cpu"}]))
+                   links=ClusterSpec(nodes=[{"quantize": "int8"}, None, {"precision": "fp16", "device": "cpu"}]))
     assert stage_formats(cfg) == [
         {"precision": "bf16", "quantize": "int8", "quantize_group": 32, "device": None},
         {"precision": "bf16", "quantize": "none", "quantize_group": 32, "device": None},
@@ -252,8 +253,9 @@ def test_partition_auto_places_blocks_by_memory_and_refuses_what_cannot_fit(tmp_
     memory is refused in one line naming what is missing and what would help."""
     from smolcluster.inference.from_config import stage_formats, stage_weights_for
     from smolcluster.inference.placement import MARGIN, stage_bytes
-    from smolcluster.inference.settings import HeadPlace, Links, Pipeline
+    from smolcluster.inference.settings import HeadPlace, Pipeline
     from smolcluster.pipeline.architectures import family_for
+    from smolcluster.train_settings import ClusterSpec
 
     config = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048,
               "num_hidden_layers": 24, "num_attention_heads": 12, "num_key_value_heads": 4,
@@ -262,7 +264,7 @@ def test_partition_auto_places_blocks_by_memory_and_refuses_what_cannot_fit(tmp_
 
     def cfg(memory_gb, **kw):
         return Pipeline(stages=len(memory_gb), head=HeadPlace.last, partition="auto", **kw,
-                        links=Links(nodes=[{"memory_gb": m} for m in memory_gb]))
+                        links=ClusterSpec(nodes=[{"memory_gb": m} for m in memory_gb]))
 
     c = cfg([0.5, 1.0, 1.5])
     weights = stage_weights_for(c, {"config": config}, stage_formats(c), local=False)

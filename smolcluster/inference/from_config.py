@@ -159,13 +159,11 @@ def stage_formats(cfg: Pipeline) -> list[dict]:
     bad value is refused before any stage starts."""
     from smolcluster.pipeline.quantize import StageFormat
 
-    nodes = list(cfg.links.nodes or [])
     out = []
     for rank in range(cfg.stages):
-        node = dict(nodes[rank]) if rank < len(nodes) and nodes[rank] else {}
-        fmt = {"precision": str(node.get("precision") or cfg.precision),
-               "quantize": str(node.get("quantize") or cfg.quantize),
-               "quantize_group": cfg.quantize_group, "device": node.get("device")}
+        node = cfg.links.node(rank)
+        fmt = {"precision": str(node.precision or cfg.precision), "quantize": str(node.quantize or cfg.quantize),
+               "quantize_group": cfg.quantize_group, "device": node.device}
         StageFormat(fmt["precision"], fmt["quantize"], fmt["quantize_group"])
         out.append(fmt)
     return out
@@ -186,9 +184,8 @@ def stage_weights_for(cfg: Pipeline, info: dict, formats: list[dict], local: boo
     fmts = [StageFormat(f["precision"], f["quantize"], f["quantize_group"]) for f in formats]
     arch, memory = family_for(info["config"]), node_memory(cfg.links, cfg.stages, local)
     weights = auto_weights(arch, fmts, memory, cfg.head is HeadPlace.first, cfg.max_active)
-    nodes = list(cfg.links.nodes or [])
-    speed = [(dict(nodes[i]) if i < len(nodes) and nodes[i] else {}).get("gflops") for i in range(cfg.stages)]
-    if all(isinstance(g, (int, float)) and not isinstance(g, bool) and g > 0 for g in speed):
+    speed = [cfg.links.node(i).gflops for i in range(cfg.stages)]
+    if all(g is not None for g in speed):  # (ClusterSpec.node checked each is a positive number)
         return prefer_faster(arch, fmts, memory, speed, cfg.head is HeadPlace.first, cfg.max_active, weights)
     return weights
 

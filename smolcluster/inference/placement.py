@@ -12,10 +12,9 @@ saying how much is missing and what would help.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
+from smolcluster import resources
 from smolcluster.errors import ConfigError
 from smolcluster.pipeline.architectures import Architecture
 from smolcluster.pipeline.quantize import StageFormat
@@ -79,102 +78,33 @@ class NodeMemory:
     source: str
 
 
-_CGROUP_ROOT = Path("/sys/fs/cgroup")
-
-
-def _read_int(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None  # cgroup v2 writes "max" for no limit
-
-
-def cgroup_memory(proc_cgroup: str = "/proc/self/cgroup") -> tuple[int, int, Path] | None:
-    """This process's cgroup memory limit, what the cgroup holds that cannot be reclaimed (its usage less
-    file cache), and the cgroup's directory; None when no limit below the machine's memory is set.
-
-    cgroup v1 (``memory.limit_in_bytes``) and v2 (``memory.max``); a limit set on a parent cgroup
-    binds too, so the smallest on the path up counts. A container's memory limit is one of these.
-    """
-    try:
-        lines = Path(proc_cgroup).read_text().splitlines()
-    except OSError:
-        return None
-    found = None
-    for line in lines:
-        _, controllers, rel = line.split(":", 2)
-        if "memory" in controllers.split(","):  # v1
-            base, limit_file, usage_file, file_keys = (_CGROUP_ROOT / "memory", "memory.limit_in_bytes",
-                                                       "memory.usage_in_bytes", ("total_cache",))
-        elif controllers == "" and (_CGROUP_ROOT / "cgroup.controllers").is_file():  # v2, unified at the root
-            base, limit_file, usage_file, file_keys = _CGROUP_ROOT, "memory.max", "memory.current", ("file",)
-        else:
-            continue
-        d = base / rel.lstrip("/")
-        best = None
-        for c in (d, *d.parents):
-            if base not in (c, *c.parents):
-                break
-            limit = _read_int(c / limit_file)
-            if limit is not None and (best is None or limit < best[0]):
-                best = (limit, c)
-        if best is None:
-            continue
-        usage = _read_int(d / usage_file) or 0
-        stat = {}
-        try:
-            stat = dict(x.split() for x in (d / "memory.stat").read_text().splitlines() if x.count(" ") == 1)
-        except OSError:
-            pass
-        held = max(0, usage - sum(int(stat.get(k, 0)) for k in file_keys))
-        if found is None or best[0] < found[0]:
-            found = (best[0], held, best[1])
-    if found is None:
-        return None
-    phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return found if found[0] < phys else None  # v1 reports "no limit" as a huge number
-
-
-def available_bytes() -> int:
-    """This machine's ``MemAvailable`` (Linux), else total RAM by sysconf."""
-    meminfo = Path("/proc/meminfo")
-    if meminfo.is_file():
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def usable_memory() -> NodeMemory:
     """What this machine offers a new process: ``MemAvailable``, or, when this process runs under a cgroup
     memory limit (a container, a systemd slice, ``cgcreate``), that limit less what the cgroup already holds,
-    whichever is smaller. The preflight reports this as the node's usable memory."""
-    avail = available_bytes()
-    cg = cgroup_memory()
-    if cg is not None and cg[0] - cg[1] < avail:
-        limit, held, where = cg
-        return NodeMemory(limit - held, f"cgroup memory limit {size(limit)} at {where}, {size(held)} of it in use")
-    return NodeMemory(avail, f"MemAvailable {size(avail)}")
+    whichever is smaller. The one count of a node's memory (:func:`smolcluster.resources.usable_bytes`, which the
+    preflight runs on every node): partition=auto, an agent's advertised facts and a stage's KV default read it."""
+    facts = {"ram": resources.meminfo(), "cgroup": resources.cgroup_memory()}
+    have = resources.usable_bytes(facts)
+    ram, cg = facts["ram"], facts["cgroup"]
+    if cg and have < ram.get("available", ram.get("total", have + 1)):
+        return NodeMemory(have, f"cgroup memory limit {size(cg['limit'])} at {cg['path']}, "
+                                f"{size(cg['held'])} of it in use")
+    return NodeMemory(have, f"MemAvailable {size(have)}")
 
 
 def node_memory(cluster, n_stages: int, local: bool) -> list[NodeMemory]:
     """What each stage's node offers: ``cluster.nodes[i].memory_gb``, else (local stages) a share of what this
     machine offers (:func:`usable_memory`)."""
-    nodes = list(getattr(cluster, "nodes", None) or []) if cluster is not None else []
     out = []
     here = None
     for i in range(n_stages):
-        node = nodes[i] if i < len(nodes) and nodes[i] else {}
-        gb = node.get("memory_gb")
+        gb = cluster.node(i).memory_gb if cluster is not None else None
         if gb is None:
             if not local:
                 raise ConfigError(f"partition=auto needs cluster.nodes[{i}].memory_gb (the node's usable memory "
                                   "in GB) for a stage on another machine")
             here = here or usable_memory()
             out.append(NodeMemory(here.bytes // n_stages, f"1/{n_stages} of this machine's {here.source}"))
-        elif not isinstance(gb, (int, float)) or isinstance(gb, bool) or gb <= 0:
-            raise ConfigError(f"cluster.nodes[{i}].memory_gb={gb!r} is invalid: give a positive number of GB")
         else:
             out.append(NodeMemory(int(gb * (1 << 30)), f"cluster.nodes[{i}].memory_gb={gb:g}"))
     return out

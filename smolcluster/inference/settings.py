@@ -9,14 +9,15 @@ The chat command's own settings (``serve.*``, its schema) are in :mod:`smolclust
 on :class:`CommonSchema` and :func:`pipeline_settings` here.
 
 The model, data and cluster groups stay open (any ``_target_`` model takes its own keys,
-a cluster file may carry keys for other commands): they arrive as plain dicts, and the
-part inference uses of the cluster is typed in :class:`Links`.
+a cluster file may carry keys for other commands): the model and data arrive as plain dicts,
+the cluster as training's :class:`~smolcluster.train_settings.ClusterSpec` (one type for it:
+its byte limit converted once, its cluster=auto keys typed for the coordinator).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any  # noqa: UP035 -- Hydra's structured configs need typing.Optional on py3.10
@@ -27,6 +28,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from smolcluster.errors import ConfigError
 from smolcluster.inference.sampling import SamplingParams
+from smolcluster.train_settings import ClusterSpec
 
 
 class Role(Enum):
@@ -78,30 +80,6 @@ class Speculate:
 
 
 @dataclass
-class Links:
-    """The cluster config's keys inference uses: where stages listen, how links are kept and secured."""
-
-    host: str = "127.0.0.1"
-    port: int | None = None
-    bind: str | None = None
-    keys: str | None = None
-    insecure: bool = False  # listen beyond loopback without keys (refused otherwise)
-    heartbeat_s: float = 1.0
-    liveness_s: float = 10.0
-    connect_timeout_s: float = 60.0
-    max_message_mb: int = 2048
-    nodes: list = field(default_factory=list)
-
-    @classmethod
-    def of(cls, cluster: dict) -> Links:
-        return cls(**{f.name: cluster[f.name] for f in fields(cls) if f.name in cluster})
-
-    @property
-    def max_bytes(self) -> int:
-        return int(self.max_message_mb) * 1024 * 1024
-
-
-@dataclass
 class Pipeline:
     """Which model, how many stages, and this process's part in them."""
 
@@ -117,7 +95,7 @@ class Pipeline:
     stage_log_level: str | None = None
     seed: int = 0
     kv_cache_mb: float | None = None  # each stage's KV-cache budget (serve.kv_cache_mb); None: a quarter of its memory
-    links: Links = field(default_factory=Links)
+    links: ClusterSpec = field(default_factory=ClusterSpec)  # where stages listen, how links are kept and secured
     precision: str = "fp32"
     quantize: str = "none"
     quantize_group: int = 64
@@ -130,7 +108,7 @@ class Pipeline:
     prefix_block: int = 32            # serve.prefix_block: ... in blocks of this many tokens
     replicas: int = 1                 # chat: this many pipelines of ``stages`` stages behind one head (serving/sessions.py)
     replica: int = 0                  # which of them this is (from_config.replica_settings)
-    replica_links: list = field(default_factory=list)  # cluster=auto: each replica's Links (node/coordinator.py)
+    replica_links: list = field(default_factory=list)  # cluster=auto: each replica's ClusterSpec (node/coordinator.py)
 
 
 @dataclass
@@ -228,7 +206,7 @@ def pipeline_settings(cfg) -> Pipeline:
     return Pipeline(model=_plain(cfg.model), data=_plain(cfg.data), checkpoint=cfg.checkpoint, stages=stages,
                     head=HeadPlace(cfg.head), role=Role(cfg.role), rank=cfg.get("rank"), head_host=cfg.head_host,
                     head_port=int(cfg.head_port), stage_log_level=cfg.stage_log_level, seed=int(cfg.seed),
-                    kv_cache_mb=kv, links=Links.of(_plain(cfg.cluster)), precision=str(cfg.precision),
+                    kv_cache_mb=kv, links=ClusterSpec.of(_plain(cfg.cluster)), precision=str(cfg.precision),
                     quantize=str(cfg.quantize), quantize_group=int(cfg.quantize_group), partition=partition,
                     max_active=int(cfg.serve.get("max_active") or 1), telemetry=_telemetry(cfg),
                     adapters=_adapters(cfg.get("adapters")), speculate=Speculate(**_plain(cfg.speculate)).check(),

@@ -169,9 +169,11 @@ def check_intro(req, intro, src: str, block: int = 0) -> None:
 
 
 def node_memory_bytes() -> int:
-    import os
+    """What this node offers a stage, counted as placement, the preflight and the agents count it (within its
+    cgroup's limit): the KV budget's default is a quarter of it."""
+    from smolcluster.inference.placement import usable_memory
 
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return usable_memory().bytes
 
 
 @dataclass

@@ -30,25 +30,18 @@ class StageNode:
         return f"tcp://{self.bind_host}:{self.port}"
 
 
-def _node(cluster, rank: int) -> dict:
-    nodes = list(getattr(cluster, "nodes", None) or [])
-    return dict(nodes[rank]) if rank < len(nodes) and nodes[rank] else {}
-
-
 def stage_nodes(cluster, n_stages: int) -> list[StageNode]:
-    """Every stage's node; ``cluster`` is the cluster config (inference's typed Links, or training's node)."""
+    """Every stage's node; ``cluster`` is the :class:`~smolcluster.train_settings.ClusterSpec` (training's, or
+    inference's ``Pipeline.links``)."""
     out = []
     for rank in range(n_stages):
-        node = _node(cluster, rank)
-        port = node.get("port")
+        node = cluster.node(rank)
+        port = node.port
         if port is None:
             if cluster.port is None:
                 raise ConfigError("cluster.port is not set: give the first stage's port (cluster.port=5555; "
                                   "stage i listens on port+i) or cluster.nodes[i].port per stage")
             port = int(cluster.port) + rank
-        threads = node.get("threads")
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
-            raise ConfigError(f"cluster.nodes[{rank}].threads={threads!r} must be a positive integer")
-        out.append(StageNode(rank, str(node.get("host") or cluster.host), int(port),
-                             str(getattr(cluster, "bind", None) or cluster.host), node.get("device"), threads))
+        out.append(StageNode(rank, str(node.host or cluster.host), int(port), str(cluster.bind or cluster.host),
+                             node.device, node.threads))
     return out

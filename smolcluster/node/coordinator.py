@@ -45,7 +45,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from loguru import logger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from smolcluster.cluster import new_run_id
 from smolcluster.errors import ConfigError, PeerError
@@ -69,6 +69,7 @@ from smolcluster.node.pairing import (
 )
 from smolcluster.node.protocol import MAX_BYTES
 from smolcluster.security import is_loopback
+from smolcluster.train_settings import MB, AutoSpec, ClusterSpec, TrainConfig
 from smolcluster.transport import ClientEndpoint, client_key_name, make_keys
 
 ALGOS = ("syncps", "edp", "allreduce", "diloco", "mp")
@@ -120,21 +121,21 @@ class AgentLink:
         self.ep.close()
 
 
-def discover(c: DictConfig) -> list[NodeInfo]:
+def discover(c: AutoSpec) -> list[NodeInfo]:
     found: dict[str, NodeInfo] = {}
-    peers = discovery.peer_list(c.get("peers"))
+    peers = discovery.peer_list(c.peers)
     for peer in peers:
         n = discovery.ask(peer)
         found[n.fingerprint] = n
-    if c.get("mdns", True):
-        for n in discovery.browse(float(c.discover_s), expect=c.get("expect")):
+    if c.mdns:
+        for n in discovery.browse(c.discover_s, expect=c.expect):
             found.setdefault(n.fingerprint, n)
     nodes = sorted(found.values(), key=lambda n: n.name)
     if not nodes:
         raise ConfigError(f"cluster=auto found no agents (mDNS for {c.discover_s:g}s, {len(peers)} "
                           "static peers): start `python -m smolcluster.node` on each machine, or list them in "
                           "cluster.peers=[HOST:5660,...] where multicast does not pass")
-    if c.get("expect") and len(nodes) < c.expect:
+    if c.expect and len(nodes) < c.expect:
         raise ConfigError(f"cluster.expect={c.expect} agents, found {len(nodes)} ({', '.join(n.name for n in nodes)})")
     names = [n.name for n in nodes]
     for n in nodes:  # two agents with one name (cloned machines): tell them apart by key
@@ -188,7 +189,7 @@ class Pairing:
         return ["there"] * (not self.agent_knows) + ["here"] * (not self.known)
 
 
-def pair_all(nodes: list[NodeInfo], my_key: str, store: AgentStore, c: DictConfig, state: Path) -> None:
+def pair_all(nodes: list[NodeInfo], my_key: str, store: AgentStore, c: AutoSpec, state: Path) -> None:
     """Returns once this coordinator and every agent each hold the other's key (asking the operator where one
     does not); else a ConfigError naming the nodes. Every code is shown at once, so the operator confirms them
     in one walk past the machines. Nothing an agent says makes it trusted here: only the operator's
@@ -200,7 +201,7 @@ def pair_all(nodes: list[NodeInfo], my_key: str, store: AgentStore, c: DictConfi
     if sys.stdin is not None and sys.stdin.isatty():  # one question after another, on one thread
         ask_operator([(f"Does node {printable(x.node.where(), 120)} show the code {x.code}? [y/N] ", x.confirm)
                       for x in waiting if not x.known])
-    deadline = time.monotonic() + float(c.pair_timeout_s)
+    deadline = time.monotonic() + c.pair_timeout_s
     try:
         while waiting and time.monotonic() < deadline:
             for x in waiting:
@@ -220,17 +221,17 @@ def pair_all(nodes: list[NodeInfo], my_key: str, store: AgentStore, c: DictConfi
         where = {"there here": "both machines", "here": "this machine", "there": "the node"}
         late = "; ".join(f"node {x.node.where()}: pairing code {x.code} was not confirmed on "
                          f"{where[' '.join(x.todo())]}" for x in waiting)
-        raise ConfigError(f"{late} within cluster.pair_timeout_s={c.pair_timeout_s}s: run again and confirm it there")
+        raise ConfigError(f"{late} within cluster.pair_timeout_s={c.pair_timeout_s:g}s: run again and confirm it there")
 
 
-def _begin_pairing(node: NodeInfo, my_key: str, store: AgentStore, c: DictConfig, state: Path) -> Pairing | None:
+def _begin_pairing(node: NodeInfo, my_key: str, store: AgentStore, c: AutoSpec, state: Path) -> Pairing | None:
     """Start pairing with one agent and show its code; None when both sides already hold the other's key."""
     known = store.knows(node.name, node.key)  # (raises for a known name with another key)
     agent_knows = _info(node, [{"kind": "pair_status", "key": my_key}])[0].get("state") == "paired"
     if known and agent_knows:
         return None
     where = node.where()
-    if float(c.pair_timeout_s) <= 0:
+    if c.pair_timeout_s <= 0:
         raise ConfigError(f"node {where} has not paired with this coordinator: set cluster.pair_timeout_s=120 "
                           "and confirm the code both machines show, on both, with python -m smolcluster.node pair CODE")
     code = _start_pairing(node, my_key)
@@ -265,9 +266,9 @@ def ask_operator(questions: list[tuple[str, Path]]) -> threading.Thread:
     return asker
 
 
-def place(nodes: list[NodeInfo], c: DictConfig) -> tuple[NodeInfo, list[NodeInfo]]:
+def place(nodes: list[NodeInfo], c: AutoSpec) -> tuple[NodeInfo, list[NodeInfo]]:
     """(server node, worker node per rank)."""
-    if c.get("server"):
+    if c.server:
         match = [n for n in nodes if n.name == c.server]
         if not match:
             raise ConfigError(f"cluster.server={c.server} is not among the agents found: "
@@ -277,7 +278,7 @@ def place(nodes: list[NodeInfo], c: DictConfig) -> tuple[NodeInfo, list[NodeInfo
         server = max(nodes, key=lambda n: (n.memory_gb, n.name))
     hosts = sorted((n for n in nodes if n is not server), key=lambda n: (n.device == "cpu", -n.memory_gb, n.name))
     hosts = hosts or [server]
-    count = int(c.workers) if c.get("workers") else len(hosts)
+    count = c.workers or len(hosts)
     return server, [hosts[r % len(hosts)] for r in range(count)]
 
 
@@ -287,13 +288,12 @@ def place_ranks(nodes: list[NodeInfo], count: int) -> list[NodeInfo]:
     return [order[r % len(order)] for r in range(count)]
 
 
-def write_cluster(path: Path, cfg: DictConfig, server: NodeInfo | None, workers: list[NodeInfo]) -> None:
+def write_cluster(path: Path, c: ClusterSpec, server: NodeInfo | None, workers: list[NodeInfo]) -> None:
     """The discovered cluster as a normal cluster file (conf/cluster/lan-example.yaml's shape)."""
-    c = cfg.cluster
     first = server or workers[0]
     out = {"name": path.stem, "host": first.host, "port": 5555, "bind": "0.0.0.0", "workers": len(workers),
            "keys": None, "insecure": False, "heartbeat_s": c.heartbeat_s, "liveness_s": c.liveness_s,
-           "connect_timeout_s": c.connect_timeout_s, "max_message_mb": c.max_message_mb,
+           "connect_timeout_s": c.connect_timeout_s, "max_message_mb": c.max_bytes // MB,
            **({"server": {"name": server.name, "host": server.host}} if server else {}),
            "nodes": [{"name": n.name, "host": n.host, "device": n.device} for n in workers]}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -310,11 +310,11 @@ def _value(v) -> str:
     return repr(v)
 
 
-def node_entries(c: DictConfig, workers: list[NodeInfo], ports: list[int] | None = None,
+def node_entries(c: ClusterSpec, workers: list[NodeInfo], ports: list[int] | None = None,
                  defaults: list[dict] | None = None) -> list[dict]:
     """Each rank's ``cluster.nodes`` entry: the user's per-rank settings (batch_size, delay_s, ...) with its node's
     name and host from discovery (and its reserved port; ``defaults``: where the user set none)."""
-    user = OmegaConf.to_container(c.nodes, resolve=True) if c.get("nodes") else []
+    user = c.nodes
     entries = []
     for r, n in enumerate(workers):
         mine = user[r] if r < len(user) and isinstance(user[r], dict) else {}
@@ -329,7 +329,7 @@ def node_entries(c: DictConfig, workers: list[NodeInfo], ports: list[int] | None
     return entries
 
 
-def nodes_override(c: DictConfig, workers: list[NodeInfo], ports: list[int] | None = None,
+def nodes_override(c: ClusterSpec, workers: list[NodeInfo], ports: list[int] | None = None,
                    defaults: list[dict] | None = None) -> str:
     """``cluster.nodes=[...]`` for the roles (:func:`node_entries`)."""
     entries = ("{" + ",".join(f"{k}:{_value(v)}" for k, v in e.items()) + "}"
@@ -359,7 +359,7 @@ class Run(Supervisor):
     """The node-agent backend of the supervisor (smolcluster/launch/supervisor.py): roles started through each
     node's agent, their output and state arriving over its control link (:meth:`pump`, on every poll)."""
 
-    def __init__(self, what: str, run_id: str, c: DictConfig, links: dict[str, AgentLink],
+    def __init__(self, what: str, run_id: str, c: ClusterSpec, links: dict[str, AgentLink],
                  run_dir: Path | None = None):
         self.what, self.run_id, self.c, self.links, self.run_dir = what, run_id, c, links, run_dir
         self.last_beat = 0.0
@@ -384,7 +384,7 @@ class Run(Supervisor):
     def pump(self) -> None:
         """Take every waiting message from every agent; beat; notice vanished agents."""
         now = time.monotonic()
-        beat = now - self.last_beat >= float(self.c.heartbeat_s)
+        beat = now - self.last_beat >= self.c.heartbeat_s
         for link in self.links.values():
             if not link.alive:
                 continue
@@ -393,7 +393,7 @@ class Run(Supervisor):
                 self.handle(link, msg)
             if beat:
                 link.ep.send("status", {})
-            if link.alive and time.monotonic() - link.last_seen > float(self.c.liveness_s):
+            if link.alive and time.monotonic() - link.last_seen > self.c.liveness_s:
                 self.vanished(link, f"no answer for {self.c.liveness_s:g}s")
         if beat:
             self.last_beat = now
@@ -538,9 +538,9 @@ def run_keys(d: Path, clients: int) -> None:
         f.chmod(0o600)
 
 
-def connect(c: DictConfig) -> tuple[list[NodeInfo], dict[str, AgentLink]]:
+def connect(c: AutoSpec) -> tuple[list[NodeInfo], dict[str, AgentLink]]:
     """Discover the agents, show them, pair where needed, open a control link to each (all paired)."""
-    state = private_dir(Path(str(c.state_dir)).expanduser() / "coordinator")
+    state = private_dir(Path(c.state_dir).expanduser() / "coordinator")
     id_dir = identity(state / "identity")
     my_key = public_key(id_dir / "client.key")
     nodes = discover(c)
@@ -550,29 +550,29 @@ def connect(c: DictConfig) -> tuple[list[NodeInfo], dict[str, AgentLink]]:
     return nodes, {n.name: AgentLink(n, id_dir, state / "links") for n in nodes}
 
 
-def run_auto(cfg: DictConfig, run_dir: Path) -> dict:
-    c, algo = cfg.cluster, cfg.algo.name
+def run_auto(tc: TrainConfig, run_dir: Path) -> dict:
+    c, algo = tc.cluster, tc.algo.name
     if algo not in ALGOS:
         raise ConfigError(f"cluster=auto runs {', '.join(ALGOS)}, not algo={algo} (which runs in one process): "
                           "drop cluster=auto")
     sigterm_as_interrupt()
-    nodes, links = connect(c)
-    run = Run(algo, str(cfg.run_id), c, links, run_dir)
+    nodes, links = connect(c.auto)
+    run = Run(algo, str(tc.run_id), c, links, run_dir)
     try:
         server_node, worker_nodes, ranks = None, None, None
         if algo in ("syncps", "edp"):
-            server_node, worker_nodes = place(nodes, c)
+            server_node, worker_nodes = place(nodes, c.auto)
         elif algo in RINGS:
-            ranks = place_ranks(nodes, int(c.workers) if c.get("workers") else len(nodes))
+            ranks = place_ranks(nodes, c.auto.workers or len(nodes))
         else:
-            ranks = place_ranks(nodes, int(cfg.algo.stages))
-        if c.get("write"):
-            write_cluster(Path(str(c.write)).expanduser(), cfg, server_node, worker_nodes or ranks)
-        if c.get("discover_only"):
+            ranks = place_ranks(nodes, tc.algo.stages)
+        if c.auto.write:
+            write_cluster(Path(c.auto.write).expanduser(), c, server_node, worker_nodes or ranks)
+        if c.auto.discover_only:
             return {}
         common = child_overrides(drop=_OWN)
         if ranks is None:
-            lead, name = _start_ps(run, cfg, run_dir, server_node, worker_nodes, common)
+            lead, name = _start_ps(run, algo, run_dir, server_node, worker_nodes, common)
         elif algo in RINGS:
             run.essential = {ranks[0].name}  # rank 0 writes the run's files; the ring re-forms without the others
             logger.info(f"placing {algo}: a ring of {len(ranks)}")
@@ -588,7 +588,7 @@ def run_auto(cfg: DictConfig, run_dir: Path) -> dict:
         summary = run.supervise(lead, name)
         run.stop_everywhere("the run finished")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        where = f"STATE/runs/{cfg.run_id}/{name.replace(' ', '_')}/"
+        where = f"STATE/runs/{tc.run_id}/{name.replace(' ', '_')}/"
         shards = (" (mp: each stage's checkpoint shard is in its node's STATE/runs/RUN_ID/stage_N/; merge them with "
                   "smolcluster.pipeline.merge once copied together)" if algo == "mp" else "")
         logger.info(f"the run's files (metrics.jsonl, checkpoint) are on {lead.name}, in its agent's {where}; "
@@ -603,12 +603,12 @@ def run_auto(cfg: DictConfig, run_dir: Path) -> dict:
             link.close()
 
 
-def _start_ps(run: Run, cfg: DictConfig, run_dir: Path, server_node: NodeInfo, worker_nodes: list[NodeInfo],
+def _start_ps(run: Run, algo: str, run_dir: Path, server_node: NodeInfo, worker_nodes: list[NodeInfo],
               common: list[str]) -> tuple[AgentLink, str]:
     """syncps / edp: the server on a port its agent holds for it, then the workers (which retry until it listens)."""
-    c, links = cfg.cluster, run.links
+    c, links = run.c, run.links
     run.essential = {server_node.name}
-    logger.info(f"placing {cfg.algo.name}: server on {server_node.name}, "
+    logger.info(f"placing {algo}: server on {server_node.name}, "
                 + ", ".join(f"worker {r} on {n.name}" for r, n in enumerate(worker_nodes)))
     keys = run_dir / "keys"
     run_keys(keys, clients=len(worker_nodes))
@@ -643,30 +643,30 @@ def _towards(host: str) -> str:
         return s.getsockname()[0]
 
 
-def agent_stages(cfg: DictConfig, pipeline):
+def agent_stages(pipeline):
     """``infer`` / ``chat`` with ``cluster=auto``: a context in which ``pipeline`` (the typed
     :class:`~smolcluster.inference.settings.Pipeline`, changed in place to ``role=head``) attaches to stages the
     agents run. Anything else: nothing to do."""
     from smolcluster.inference.settings import Role
 
-    if cfg.cluster.get("name") != "auto" or pipeline.role is not Role.launch:
+    if pipeline.links.auto is None or pipeline.role is not Role.launch:
         return nullcontext()
-    return _agent_stages(cfg, pipeline)
+    return _agent_stages(pipeline)
 
 
 @contextmanager
-def _agent_stages(cfg: DictConfig, p):
+def _agent_stages(p):
     from smolcluster.inference.settings import Role
 
-    c = cfg.cluster
+    c = p.links
     if not p.checkpoint and not p.model.get("pretrained"):
         raise ConfigError("cluster=auto stages need weights: give checkpoint=RUN_DIR or model.pretrained=DIR "
                           "(on this machine: each stage's share travels to its node)")
-    mode = str(c.get("weights") or "auto")
+    mode = c.auto.weights
     if mode not in WEIGHT_MODES:
         raise ConfigError(f"cluster.weights={mode} is not one of {', '.join(WEIGHT_MODES)}")
     sigterm_as_interrupt()
-    nodes, links = connect(c)
+    nodes, links = connect(c.auto)
     run_dir = p.telemetry.get("run_dir")  # logging.run_dir: the stages' /metrics are listed there too
     run = Run("inference", new_run_id(), c, links, Path(run_dir) if run_dir else None)
     keys = Path(tempfile.mkdtemp(prefix="smolcluster-run-keys-"))
@@ -695,11 +695,11 @@ def _agent_stages(cfg: DictConfig, p):
         defaults = [{"memory_gb": min(ranks[i].memory_gb for ranks in replicas)} for i in range(p.stages)]
         plan = None
         if mode != "shared":  # planned (the model hashed) before any port is held for a stage: that may take a while
-            plan = _plan_weights(cfg, p, node_entries(c, replicas[0], None, defaults))
+            plan = _plan_weights(p, node_entries(c, replicas[0], None, defaults))
         sets = []
         for r, ranks in enumerate(replicas):  # each replica its own pipeline: its ports, its mesh, its keys
             models = None if plan is None else (
-                lambda _entries, ranks=ranks: _send_weights(run, cfg, ranks, *plan, mode, p.adapters))
+                lambda _entries, ranks=ranks: _send_weights(run, ranks, *plan, mode, p.adapters))
             d = keys / f"r{r}"
             ports = run.start_ranks(ranks, "stage", args, d, program="infer", head=True, defaults=defaults,
                                     models=models, prefix=f"r{r} " if p.replicas > 1 else "")
@@ -759,29 +759,29 @@ def _head_keys(keys: Path, stages: int) -> Path:
     return head
 
 
-def _plan_weights(cfg: DictConfig, p, entries: list[dict]) -> tuple[dict, list]:
+def _plan_weights(p, entries: list[dict]) -> tuple[dict, list]:
     """The model's description and each stage's share of it, hashed (weightsend.plan_stages)."""
     from smolcluster.inference.from_config import resolve_model
     from smolcluster.node import weightsend
 
     info, _, _ = resolve_model(p, need_tokenizer=False)
-    return info, weightsend.plan_stages(p, info, entries, _hash_book(cfg))
+    return info, weightsend.plan_stages(p, info, entries, _hash_book(p.links.auto))
 
 
-def _hash_book(cfg: DictConfig):
+def _hash_book(c: AutoSpec):
     from smolcluster.node.weightsend import HashBook
 
-    return HashBook(Path(str(cfg.cluster.state_dir)).expanduser() / "coordinator" / "weight-hashes.json")
+    return HashBook(Path(c.state_dir).expanduser() / "coordinator" / "weight-hashes.json")
 
 
-def _send_weights(run: Run, cfg: DictConfig, ranks: list[NodeInfo], info: dict, plans: list, mode: str,
+def _send_weights(run: Run, ranks: list[NodeInfo], info: dict, plans: list, mode: str,
                   adapters: dict) -> list:
     """Each stage's share of the weights into its agent's cache (weightsend.py); per rank the ``model`` its
     start_role carries, or None where the agent reads the model files itself (``cluster.weights=auto``)."""
     from smolcluster.node import weightsend
 
-    c = cfg.cluster
-    files = weightsend.model_files(info, _hash_book(cfg), adapters) if mode == "auto" else {}
-    transfers, readable = weightsend.prepare(run.links, ranks, plans, files, float(c.heartbeat_s))
-    weightsend.stream(transfers, float(c.heartbeat_s), float(c.liveness_s), on_message=run.handle)
+    c = run.c
+    files = weightsend.model_files(info, _hash_book(c.auto), adapters) if mode == "auto" else {}
+    transfers, readable = weightsend.prepare(run.links, ranks, plans, files, c.heartbeat_s)
+    weightsend.stream(transfers, c.heartbeat_s, c.liveness_s, on_message=run.handle)
     return [None if reads else plan.manifest() for plan, reads in zip(plans, readable, strict=True)]

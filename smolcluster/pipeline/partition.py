@@ -96,13 +96,5 @@ def plan(costs: list[float], n_stages: int, weights: list[float] | None = None,
 
 
 def node_weights(cluster, n_stages: int) -> list[float]:
-    """``cluster.nodes[i].weight`` for each stage (1.0 where a node names none)."""
-    nodes = list(getattr(cluster, "nodes", None) or []) if cluster is not None else []
-    out = []
-    for i in range(n_stages):
-        node = nodes[i] if i < len(nodes) and nodes[i] else {}
-        w = node.get("weight", 1.0)
-        if not isinstance(w, (int, float)) or isinstance(w, bool) or w <= 0:
-            raise ConfigError(f"cluster.nodes[{i}].weight={w!r} is invalid: it must be a positive number")
-        out.append(float(w))
-    return out
+    """``cluster.nodes[i].weight`` for each stage (1.0 where a node names none; ``cluster``: a ClusterSpec)."""
+    return [cluster.node(i).weight for i in range(n_stages)] if cluster is not None else [1.0] * n_stages

@@ -2,7 +2,9 @@
 
 Stdlib only at import, because the preflight ships this file's source to every node and runs it
 with the node's own Python (:data:`launchers.preflight.PROBE`); torch is imported inside
-:func:`speed` and :func:`vram`, so a node without it still reports its memory.
+:func:`speed` and :func:`vram`, so a node without it still reports its memory. The one count of a
+node's memory: :func:`usable_bytes` here, which ``inference/placement.usable_memory`` (partition=auto,
+an agent's advertised facts, a stage's KV default) reads too.
 
     python -m launchers.preflight --local     # this machine's facts, as the preflight reports a node's
 """
@@ -55,7 +57,7 @@ def _file_cache(directory: str, key: str) -> int:
 def cgroup_memory(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> dict | None:
     """The tightest memory limit on this process's cgroup and its ancestors (v2 ``memory.max``, v1
     ``memory.limit_in_bytes``), with the usage charged against it and what of that usage cannot be reclaimed
-    (``held``: usage less file cache, as smolcluster/inference/placement.py counts it); None when no limit
+    (``held``: usage less file cache, which the kernel reclaims before it fails an allocation); None when no limit
     applies."""
     try:
         with open(proc_cgroup) as f:
