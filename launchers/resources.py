@@ -55,7 +55,7 @@ def _file_cache(directory: str, key: str) -> int:
 def cgroup_memory(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> dict | None:
     """The tightest memory limit on this process's cgroup and its ancestors (v2 ``memory.max``, v1
     ``memory.limit_in_bytes``), with the usage charged against it and what of that usage cannot be reclaimed
-    (``held``: usage less file cache, as smolcluster/pipeline/placement.py counts it); None when no limit
+    (``held``: usage less file cache, as smolcluster/inference/placement.py counts it); None when no limit
     applies."""
     try:
         with open(proc_cgroup) as f:

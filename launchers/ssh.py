@@ -130,7 +130,7 @@ def run_check(cfg: DictConfig, nodes: list[Node], max_skew_s: float) -> int | No
 
 def fill_measured(cfg: DictConfig, reports) -> None:
     """``partition=auto`` places blocks by ``cluster.nodes[i].memory_gb`` and, when every node has one, prefers
-    the faster by ``cluster.nodes[i].gflops`` (smolcluster/pipeline/placement.py): where the cluster file does not
+    the faster by ``cluster.nodes[i].gflops`` (smolcluster/inference/placement.py): where the cluster file does not
     say, use what the node's preflight measured (usable memory: available RAM within its cgroup's limit, or the
     free VRAM of a cuda stage's GPU; the matmul rate on the stage's device), so every stage plans the same."""
     nodes = list(OmegaConf.to_container(cfg.cluster.get("nodes") or [], resolve=True))

@@ -17,8 +17,8 @@ import hydra
 from omegaconf import DictConfig
 
 from smolcluster.errors import SmolclusterError
-from smolcluster.inference import settings  # noqa: F401  (registers the chat schema before hydra.main runs)
 from smolcluster.paths import CONFIG_DIR
+from smolcluster.serving import settings  # noqa: F401  (registers the chat schema before hydra.main runs)
 from smolcluster.supervisor import exit_without_teardown, sigterm_as_interrupt
 from smolcluster.telemetry.logging import setup_logging
 
@@ -26,9 +26,9 @@ from smolcluster.telemetry.logging import setup_logging
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="chat")
 def main(cfg: DictConfig) -> None:
     sigterm_as_interrupt()  # the stages are stopped on SIGTERM as on Ctrl-C
-    from smolcluster.inference.settings import chat_settings
     from smolcluster.node.coordinator import agent_stages
     from smolcluster.serving.config import serve
+    from smolcluster.serving.settings import chat_settings
 
     try:
         s = chat_settings(cfg)  # the one read of Hydra's config: typed settings from here on

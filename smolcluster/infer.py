@@ -52,7 +52,7 @@ def run(cfg: DictConfig) -> dict | None:
                   run_id=p.telemetry.get("run_id", ""), run_dir=p.telemetry.get("run_dir"))
     if p.role is Role.stage:
         from smolcluster.inference.from_config import serve_config_from
-        from smolcluster.inference.serve import StageServer
+        from smolcluster.inference.stage import StageServer
 
         StageServer(serve_config_from(p)).run()
         return None

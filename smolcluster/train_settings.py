@@ -195,16 +195,21 @@ ALGOS: dict[str, type[AlgoSettings]] = {
 # -- cluster.* ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class NodeSpec:
-    """One worker rank's settings: its ``cluster.nodes[rank]`` entry over the defaults (``train.batch_size``)."""
+    """One worker rank's settings: its ``cluster.nodes[rank]`` entry over the defaults (``train.batch_size``).
+
+    The last three are test knobs, not settings a real run wants: they make a node slow or faulty on purpose,
+    for the tests and benchmarks (``bench edp``) that need an unlike or misbehaving member on one machine.
+    Off (0) by default."""
 
     rank: int
     name: str
     batch_size: int
     device: str | None = None
     host: str | None = None
-    delay_s: float = 0.0          # test knob: make this node artificially slow
-    blowup_every: int = 0         # test knob (allreduce): every Nth step's gradient x 1e6
-    lie_norm_every: int = 0       # test knob (allreduce): every Nth step blow up the reduced chunks, report old norm
+    # -- test knobs (tests and benchmarks only) --
+    delay_s: float = 0.0          # sleep this long after every step: an artificially slow node
+    blowup_every: int = 0         # (allreduce) every Nth step's gradient x 1e6: a node whose gradient blows up
+    lie_norm_every: int = 0       # (allreduce) every Nth step blow up the reduced chunks, report the old norm: a liar
 
 
 @dataclass(frozen=True)

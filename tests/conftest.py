@@ -118,9 +118,9 @@ def wait_until(cond, timeout_s: float = 30.0, every_s: float = 0.05) -> bool:
 
 @pytest.fixture
 def lan():
-    """Three hosts (srv, w0, w1) in network namespaces on a bridge (smolcluster.bench.netns.Lan); skips with the
+    """Three hosts (srv, w0, w1) in network namespaces on a bridge (smolcluster.testing.netns.Lan); skips with the
     reason where namespaces are not available (not root, no iproute2)."""
-    from smolcluster.bench.netns import Lan, netns_unavailable
+    from smolcluster.testing.netns import Lan, netns_unavailable
 
     reason = netns_unavailable()
     if reason:

@@ -336,7 +336,7 @@ def test_a_stage_process_never_imports_transformers(saved):
     from tests.conftest import REPO
 
     d, _ = saved("qwen3")
-    code = ("import sys, json, torch; from smolcluster.inference import serve; "
+    code = ("import sys, json, torch; from smolcluster.inference import stage; "
             "from smolcluster.pipeline.weights import load_stage; "
             f"c = json.load(open({str(d / 'config.json')!r})); "
             f"s = load_stage({str(d)!r}, c, range(1, 3), embed=False, head=True); "

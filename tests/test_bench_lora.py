@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from smolcluster.bench.netns import netns_unavailable
 from smolcluster.models.hf import build_causal_lm
 from smolcluster.objective import evaluate
+from smolcluster.testing.netns import netns_unavailable
 from tests.conftest import run_cli
 
 

@@ -25,7 +25,6 @@ from smolcluster.inference.settings import Pipeline
 from smolcluster.models.gpt2 import build_gpt2
 from smolcluster.serving.app import WebServer, build_app
 from smolcluster.serving.config import chat_template
-from smolcluster.serving.engine import ChatDefaults, Engine
 from smolcluster.serving.prompting import (
     ChatTemplate,
     PromptTooLong,
@@ -33,6 +32,7 @@ from smolcluster.serving.prompting import (
     build_chat_prompt,
     render,
 )
+from smolcluster.serving.sessions import ChatDefaults, Sessions
 
 VOCAB, CONTEXT, MAX_NEW = 400, 256, 24
 MODEL = "tiny-instruct"
@@ -194,17 +194,17 @@ def test_the_chat_finds_the_template_of_the_model_it_serves(chat_model, tmp_path
 @pytest.fixture(scope="module")
 def served(chat_model):
     d = chat_model["dir"]
-    engine = Engine(lambda: InferencePipeline.start_local(d, stages=2, heartbeat_s=0.2, liveness_s=5.0),
+    sessions = Sessions(lambda: InferencePipeline.start_local(d, stages=2, heartbeat_s=0.2, liveness_s=5.0),
                     chat_template=ChatTemplate.load(d)).start()
     try:
-        server = WebServer(build_app(engine, MODEL, ChatDefaults(max_new_tokens=MAX_NEW), ui=False)).start()
+        server = WebServer(build_app(sessions, MODEL, ChatDefaults(max_new_tokens=MAX_NEW), ui=False)).start()
     except BaseException:
-        engine.close()
+        sessions.close()
         raise
     with httpx.Client(base_url=server.url, timeout=60) as http:
-        yield engine, http
+        yield sessions, http
     server.stop()
-    engine.close()
+    sessions.close()
 
 
 def chat(http: httpx.Client, messages: list[tuple[str, str]], **kw) -> dict:
@@ -215,9 +215,9 @@ def chat(http: httpx.Client, messages: list[tuple[str, str]], **kw) -> dict:
 
 
 def test_the_api_renders_with_the_template_and_stops_at_every_eos_id(served, chat_model):
-    engine, http = served
+    sessions, http = served
     decode, outs = chat_model["decode"], chat_model["outs"]
-    assert engine.chat_format.end_ids[:2] == tuple(chat_model["eos"])
+    assert sessions.chat_format.end_ids[:2] == tuple(chat_model["eos"])
     for k, conv in enumerate(CONVERSATIONS):
         w = chat(http, conv)
         answer = w["choices"][0]["message"]["content"]
@@ -240,8 +240,8 @@ def test_the_page_renders_the_conversation_as_the_api_does(served, chat_model):
     """The page's own answer function (what the browser's Send runs) against the API, same conversation."""
     from smolcluster.serving.chat_ui import build_chat_ui
 
-    engine, http = served
-    demo = build_chat_ui(engine, ChatDefaults(max_new_tokens=MAX_NEW), MODEL)
+    sessions, http = served
+    demo = build_chat_ui(sessions, ChatDefaults(max_new_tokens=MAX_NEW), MODEL)
     respond = next(f.fn for f in demo.fns.values() if f.name == "respond")
     for conv in CONVERSATIONS[:3]:
         system = conv[0][1] if conv[0][0] == "system" else ""

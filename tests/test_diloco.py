@@ -212,7 +212,7 @@ def test_the_desk_puts_each_nodes_processes_in_its_cpu_budget_and_namespace():
     """bench/desk.py: a command started through Desk.exec runs in its host's cgroup (with the quota asked for)
     and network namespace (its own address), and the groups are gone after close."""
     from smolcluster.bench.desk import Desk, cgroup_unavailable
-    from smolcluster.bench.netns import netns_unavailable
+    from smolcluster.testing.netns import netns_unavailable
 
     reason = netns_unavailable(shaping=True) or cgroup_unavailable()
     if reason:

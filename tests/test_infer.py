@@ -243,7 +243,7 @@ def test_a_prompt_with_commas_comes_on_stdin_or_quoted_twice(model_dir):
 
 
 def test_overrides_are_type_checked_before_anything_starts():
-    """conf/infer.yaml and conf/chat.yaml are checked against typed schemas (inference/settings.py)."""
+    """conf/infer.yaml and conf/chat.yaml are checked against typed schemas (inference/settings.py, serving/settings.py)."""
     for module, override, says in (("smolcluster.infer", "max_new_tokens=abc", "could not be converted to Integer"),
                                    ("smolcluster.infer", "head=middle", "expected one of [first, last]"),
                                    ("smolcluster.chat", "serve.max_active=lots", "could not be converted to Integer"),

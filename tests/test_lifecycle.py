@@ -37,7 +37,7 @@ def test_sigterm_to_chat_stops_its_stages_at_once(tmp_path):
                      r"smolcluster chat: http://", log)
     try:
         children = psutil.Process(proc.pid).children(recursive=True)
-        assert len([c for c in children if "smolcluster.inference.serve" in " ".join(c.cmdline())]) == 2
+        assert len([c for c in children if "smolcluster.inference.stage" in " ".join(c.cmdline())]) == 2
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
         # with liveness_s=60 a stage left behind would linger a minute; stopped, they are gone in seconds

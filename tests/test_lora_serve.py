@@ -79,13 +79,13 @@ def prompt(seed: int, n: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def served(saved):
-    """``python -m smolcluster.chat model.pretrained=DIR adapters={alpha:..,beta:..}``'s engine (2 local stages,
+    """``python -m smolcluster.chat model.pretrained=DIR adapters={alpha:..,beta:..}``'s sessions (2 local stages,
     from the Hydra config as the command composes it), behind the OpenAI API."""
     from hydra import compose, initialize_config_dir
 
-    from smolcluster.inference.settings import chat_settings
     from smolcluster.paths import CONFIG_DIR
-    from smolcluster.serving.config import engine_from_config, model_name
+    from smolcluster.serving.config import model_name, sessions_from_config
+    from smolcluster.serving.settings import chat_settings
 
     model_dir, adapters = saved
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
@@ -93,14 +93,14 @@ def served(saved):
                                f"adapters={{alpha:{adapters['alpha']},beta:{adapters['beta']}}}"])
     settings = chat_settings(cfg)
     assert model_name(settings) == MODEL
-    engine = engine_from_config(settings)
-    server = WebServer(build_app(engine, MODEL, ui=False)).start()
+    sessions = sessions_from_config(settings)
+    server = WebServer(build_app(sessions, MODEL, ui=False)).start()
     try:
         with httpx.Client(base_url=server.url, timeout=60) as http:
-            yield engine, http
+            yield sessions, http
     finally:
         server.stop()
-        engine.close()
+        sessions.close()
 
 
 def mixed_steps(pipe) -> list[int]:
@@ -109,8 +109,8 @@ def mixed_steps(pipe) -> list[int]:
 
 
 def test_served_greedy_equals_peft_generate_and_mixed_requests_equal_their_solo_runs(served, saved):
-    engine, _ = served
-    pipe = engine.pipeline()
+    sessions, _ = served
+    pipe = sessions.pipeline()
     model_dir, adapters = saved
     assert pipe.adapters == ["alpha", "beta"]
     cases = [("alpha", prompt(1, 7)), ("beta", prompt(2, 19)), (None, prompt(3, 4))]
@@ -135,8 +135,8 @@ def test_stage_0_refuses_an_adapter_it_does_not_serve_and_the_caller_hears_why(s
     request, and the pipeline serves on."""
     from smolcluster.errors import PeerError
 
-    engine, _ = served
-    pipe = engine.pipeline()
+    sessions, _ = served
+    pipe = sessions.pipeline()
     pipe.client.adapters.append("gamma")
     try:
         req = pipe.submit(prompt(4, 3), max_new_tokens=2, adapter="gamma")  # the head lets it through
@@ -219,12 +219,12 @@ def test_gpt2_adapters_on_its_conv1d_projections_equal_peft(tmp_path):
 
 
 def test_the_api_lists_base_and_base_name_and_routes_by_model(served):
-    engine, http = served
+    sessions, http = served
     models = http.get("/v1/models").json()["data"]
     assert [(m["id"], m["parent"]) for m in models] == [(MODEL, None), (f"{MODEL}:alpha", MODEL),
                                                         (f"{MODEL}:beta", MODEL)]
     assert http.get(f"/v1/models/{MODEL}:beta").json()["parent"] == MODEL
-    pipe, ids = engine.pipeline(), prompt(8, 5)
+    pipe, ids = sessions.pipeline(), prompt(8, 5)
     for adapter in ("alpha", "beta", None):
         model = f"{MODEL}:{adapter}" if adapter else MODEL
         r = http.post("/v1/completions", json={"model": model, "prompt": ids, "max_tokens": 10, "temperature": 0})
@@ -328,7 +328,7 @@ def test_stages_must_serve_the_same_files_under_each_adapter_name_in_any_order(s
 def test_a_request_intro_with_a_field_of_the_wrong_type_is_refused_naming_it():
     """What ``mp.hidden`` nests (``intro[req]``) is checked as the wire checks a message's own fields."""
     from smolcluster.errors import PeerError
-    from smolcluster.inference.serve import check_intro
+    from smolcluster.inference.stage import check_intro
 
     good = {"head": "h", "max_new_tokens": 4, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 1, "eos": [2],
             "prompt_len": 3, "adapter": "alpha", "prefix": []}

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
+from smolcluster.algorithms.guard import GradientGuard
 from smolcluster.algorithms.ps import rank_keys
 from smolcluster.algorithms.syncps import SyncServer
 from smolcluster.errors import ConfigError
 from smolcluster.keys import main as keys_main
 from smolcluster.paths import CONFIG_DIR
-from smolcluster.security import GradientGuard
 from smolcluster.train_settings import train_config
 from smolcluster.transport import client_key_name, client_ranks, make_keys, wire
 from tests.cluster_util import Cluster, register_with

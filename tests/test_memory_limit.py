@@ -30,10 +30,10 @@ import pytest
 import torch
 
 from smolcluster.inference.api import InferencePipeline
-from smolcluster.inference.serve import ServeConfig
+from smolcluster.inference.placement import MARGIN, RUNTIME_BYTES, NodeMemory, auto_weights
+from smolcluster.inference.stage import ServeConfig
 from smolcluster.pipeline.architectures import KVCache, family_for
 from smolcluster.pipeline.launch import free_ports, stage_env
-from smolcluster.pipeline.placement import MARGIN, RUNTIME_BYTES, NodeMemory, auto_weights
 from smolcluster.pipeline.quantize import StageFormat
 from smolcluster.pipeline.weights import load_stage
 
@@ -157,7 +157,7 @@ def reference(model, fmt: StageFormat) -> list[int]:
 
 
 def start_stages(model, where: list[Node], weights: list[float] | None, fmt: StageFormat, tmp: Path):
-    """One real stage process per node (``python -m smolcluster.inference.serve``), each inside its cgroup."""
+    """One real stage process per node (``python -m smolcluster.inference.stage``), each inside its cgroup."""
     d, config = model
     n = len(where)
     base = free_ports("127.0.0.1", n)
@@ -169,7 +169,7 @@ def start_stages(model, where: list[Node], weights: list[float] | None, fmt: Sta
                          kv_cache_mb=16, precision=fmt.precision, quantize=fmt.quantize)
         path = tmp / f"stage-{rank}.json"
         path.write_text(sc.dumps())
-        procs.append(node.run([sys.executable, "-u", "-m", "smolcluster.inference.serve", str(path)],
+        procs.append(node.run([sys.executable, "-u", "-m", "smolcluster.inference.stage", str(path)],
                               env=stage_env(n, {"SMOLCLUSTER_LOG_LEVEL": "WARNING"})))
     return procs, [a["address"] for a in addr]
 

@@ -5,7 +5,7 @@ cable is pulled mid-run (its switch port goes down) and the run must still finis
 
     [ns srv 10.213.N.10] --veth-+
     [ns w0  10.213.N.11] --veth-+-- br0 in [ns sw]   (a switch of its own: no host firewall rules apply)
-    [ns w1  10.213.N.12] --veth-+   (smolcluster.bench.netns.Lan)
+    [ns w1  10.213.N.12] --veth-+   (smolcluster.testing.netns.Lan)
 
 Needs root and iproute2 (`apt-get install -y iproute2`); skips with the reason otherwise.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from smolcluster.bench.netns import Lan
+from smolcluster.testing.netns import Lan
 from tests.conftest import REPO
 
 PORT = 5555  # every namespace has its own port space: a fixed port cannot collide with the host's

@@ -24,8 +24,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from smolcluster.bench.netns import Lan
 from smolcluster.node.pairing import AgentStore, Allowlist, fingerprint, identity, public_key
+from smolcluster.testing.netns import Lan
 from tests.conftest import REPO
 
 

@@ -22,9 +22,9 @@ from smolcluster.data.text import TextTokenizer
 from smolcluster.inference import InferencePipeline
 from smolcluster.pipeline.quantize import StageFormat, kernels
 from smolcluster.serving.app import WebServer, build_app
-from smolcluster.serving.engine import Engine, Settings
 from smolcluster.serving.fair_queue import FairQueue
 from smolcluster.serving.prompting import render
+from smolcluster.serving.sessions import Sessions, Settings
 from tests.conftest import run_cli, wait_until
 
 MODEL = "tiny"
@@ -33,17 +33,17 @@ SLOW_CONTEXT = 1024  # the model for the cancel tests: a long answer takes secon
 
 
 class Served:
-    """A started engine + web server; ``url`` is the API's base."""
+    """Started sessions + web server; ``url`` is the API's base."""
 
     def __init__(self, run_dir: Path, *, liveness_s: float = 5.0, max_active: int = 4, **app_kw):
         self.run_dir = run_dir
-        self.engine = Engine(lambda: InferencePipeline.start_local(run_dir, stages=2, n_head=4, heartbeat_s=0.2,
+        self.sessions = Sessions(lambda: InferencePipeline.start_local(run_dir, stages=2, n_head=4, heartbeat_s=0.2,
                                                                    liveness_s=liveness_s),
                              max_active=max_active).start()
         try:
-            self.server = WebServer(build_app(self.engine, MODEL, **{"ui": False, **app_kw})).start()
+            self.server = WebServer(build_app(self.sessions, MODEL, **{"ui": False, **app_kw})).start()
         except BaseException:
-            self.engine.close()
+            self.sessions.close()
             raise
         self.url = self.server.url
         self.http = httpx.Client(base_url=self.url, timeout=60)
@@ -51,10 +51,10 @@ class Served:
     def close(self) -> None:
         self.http.close()
         self.server.stop()
-        self.engine.close()
+        self.sessions.close()
 
     def stage_requests(self) -> list:
-        return [s["requests"] for s in self.engine.health()["stages"]]
+        return [s["requests"] for s in self.sessions.health()["stages"]]
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_models_lists_the_served_model(served):
 
 
 def test_a_greedy_completion_streams_in_steps_and_equals_the_whole_body_and_the_pipeline(served):
-    tok = served.engine.tokenizer
+    tok = served.sessions.tokenizer
     prompt = "The meaning of life is"
     body = completion(prompt=prompt, max_tokens=24)
     whole = served.http.post("/v1/completions", json=body)
@@ -135,7 +135,7 @@ def test_a_greedy_completion_streams_in_steps_and_equals_the_whole_body_and_the_
     assert choice["index"] == 0 and choice["finish_reason"] == "length" and choice["logprobs"] is None
     n_prompt = len(tok.encode(prompt))
     assert w["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 24, "total_tokens": n_prompt + 24}
-    direct = served.engine.pipeline().submit(prompt, max_new_tokens=24)
+    direct = served.sessions.pipeline().submit(prompt, max_new_tokens=24)
     assert choice["text"] == direct.text() != ""
 
     events = sse_events_of(served, body)
@@ -167,7 +167,7 @@ def test_stop_sequences_cut_the_text_and_echo_returns_the_prompt(served):
     assert streamed == text[:text.find(stop)]
     echo = served.http.post("/v1/completions", json=completion(prompt=prompt, max_tokens=30, echo=True)).json()
     assert echo["choices"][0]["text"] == prompt + text
-    ids = served.engine.tokenizer.encode(prompt)  # a prompt of token ids gives the same answer
+    ids = served.sessions.tokenizer.encode(prompt)  # a prompt of token ids gives the same answer
     by_ids = served.http.post("/v1/completions", json=completion(prompt=ids, max_tokens=30)).json()
     assert by_ids["choices"][0]["text"] == text
 
@@ -184,7 +184,7 @@ def test_chat_completions_stream_and_body_agree_and_follow_the_transcript(served
     assert msg["role"] == "assistant" and isinstance(msg["content"], str)
     assert w["choices"][0]["finish_reason"] in ("stop", "length")
     transcript = render([("system", "You are terse."), ("user", "Say hello")])
-    assert w["usage"]["prompt_tokens"] == len(served.engine.tokenizer.encode(transcript))
+    assert w["usage"]["prompt_tokens"] == len(served.sessions.tokenizer.encode(transcript))
     # the same transcript through /v1/completions, cut at the next turn, is the same answer
     raw = served.http.post("/v1/completions", json=completion(
         prompt=transcript, max_tokens=40, stop=["\nUser:", "\nSystem:", "\nAssistant:"])).json()
@@ -273,7 +273,7 @@ def test_a_bad_request_gets_a_4xx_naming_the_field(served, path, body, status, p
         assert set(err) == {"message", "type", "param", "code"}
         assert err["param"] == param and param.split("[")[0] in err["message"]
         assert err["type"] == "invalid_request_error" and err["message"]
-    assert served.engine.health()["queue"]["active"] == 0  # nothing reached the pipeline
+    assert served.sessions.health()["queue"]["active"] == 0  # nothing reached the pipeline
 
 
 def test_malformed_bodies_wrong_methods_and_unknown_paths_get_json_errors_and_the_server_keeps_serving(served):
@@ -342,33 +342,33 @@ def test_a_client_that_hangs_up_mid_stream_cancels_its_request_in_the_pipeline(s
                             json=completion(prompt="Hi", max_tokens=max_tokens, stream=True)) as r:
         lines = r.iter_lines()
         next(line for line in lines if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"])
-        live = served.engine.live()
+        live = served.sessions.live()
         assert len(live) == 1
         gen = live[0]
     # leaving the block closed the connection
     assert gen.wait(30)
     assert gen.finish_reason == "cancelled" and gen.completion_tokens < max_tokens
-    assert wait_until(lambda: served.stage_requests() == [0, 0] and served.engine.health()["in_flight"] == 0)
+    assert wait_until(lambda: served.stage_requests() == [0, 0] and served.sessions.health()["in_flight"] == 0)
 
 
 def test_a_full_queue_is_refused_with_429_and_requests_are_served_fairly(slow_served):
     served = slow_served
-    engine, shared_queue = served.engine, served.engine.queue
-    engine.queue = FairQueue(slots=1, max_waiting=1)  # one answer at a time, one more may wait
+    sessions, shared_queue = served.sessions, served.sessions.queue
+    sessions.queue = FairQueue(slots=1, max_waiting=1)  # one answer at a time, one more may wait
     gens = []
     try:
-        ids = engine.tokenizer.encode("Hi")
-        hog = engine.submit(ids, user="hog", settings=Settings(max_new_tokens=SLOW_CONTEXT - 4, stop_at_eos=False))
-        waiting = engine.submit(ids, user="hog", settings=Settings(max_new_tokens=5))
+        ids = sessions.tokenizer.encode("Hi")
+        hog = sessions.submit(ids, user="hog", settings=Settings(max_new_tokens=SLOW_CONTEXT - 4, stop_at_eos=False))
+        waiting = sessions.submit(ids, user="hog", settings=Settings(max_new_tokens=5))
         gens += [hog, waiting]
         r = served.http.post("/v1/completions", json=completion(prompt="x", max_tokens=2))
         assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
         waiting.cancel()  # leaves the queue without ever reaching the pipeline
         assert waiting.wait(10) and waiting.finish_reason == "cancelled" and waiting.started_at is None
         # hog's next request waits behind alice's, which came later: turns go round-robin over users
-        engine.queue.max_waiting = 8
-        hog2 = engine.submit(ids, user="hog", settings=Settings(max_new_tokens=3))
-        alice = engine.submit(ids, user="alice", settings=Settings(max_new_tokens=3))
+        sessions.queue.max_waiting = 8
+        hog2 = sessions.submit(ids, user="hog", settings=Settings(max_new_tokens=3))
+        alice = sessions.submit(ids, user="alice", settings=Settings(max_new_tokens=3))
         gens += [hog2, alice]
         assert hog.state == "running" and alice.position() == 0 and hog2.position() == 1
         hog.cancel()
@@ -379,15 +379,15 @@ def test_a_full_queue_is_refused_with_429_and_requests_are_served_fairly(slow_se
         for g in gens:
             g.cancel()
             g.wait(30)
-        engine.queue = shared_queue
+        sessions.queue = shared_queue
 
 
 # -- a pipeline that goes down -------------------------------------------------------------------------------
 def test_a_lost_stage_gives_503_at_once_then_the_server_rebuilds_the_pipeline(slow_run_dir):
     s = Served(slow_run_dir, liveness_s=3.0)
-    s.engine.reconnect = False  # first see it down; reconnecting is switched on below
+    s.sessions.reconnect = False  # first see it down; reconnecting is switched on below
     try:
-        procs = list(s.engine.pipeline()._children.procs.values())
+        procs = list(s.sessions.pipeline()._children.procs.values())
         with s.http.stream("POST", "/v1/completions",
                            json=completion(prompt="Hi", max_tokens=SLOW_CONTEXT - 8, stream=True)) as r:
             lines = r.iter_lines()
@@ -409,9 +409,9 @@ def test_a_lost_stage_gives_503_at_once_then_the_server_rebuilds_the_pipeline(sl
                 assert e["code"] == "pipeline_unavailable" and e["type"] == "service_unavailable"
                 assert "pipeline is down" in e["message"] and "stage" in e["message"]
 
-        s.engine.reconnect = True
+        s.sessions.reconnect = True
         assert wait_until(lambda: s.http.get("/health").status_code == 200, timeout_s=90, every_s=0.2)
-        assert s.engine.reconnects == 1 and all(p.poll() is not None for p in procs)
+        assert s.sessions.reconnects == 1 and all(p.poll() is not None for p in procs)
         r = s.http.post("/v1/completions", json=completion(prompt="Hi", max_tokens=5))
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
     finally:
@@ -420,7 +420,7 @@ def test_a_lost_stage_gives_503_at_once_then_the_server_rebuilds_the_pipeline(sl
 
 def test_the_tokenizer_of_the_run_is_what_the_server_uses(served, run_dir):
     tok = TextTokenizer.load(run_dir / "tokenizer.json")
-    assert served.engine.tokenizer.encode("hello world") == tok.encode("hello world")
+    assert served.sessions.tokenizer.encode("hello world") == tok.encode("hello world")
 
 
 # -- the OpenAPI document: what it says is what the server does ----------------------------------------------
@@ -547,7 +547,7 @@ def test_every_documented_field_is_enforced_as_documented(served, path, request_
                 seen["refused"] += 1
             check_answer(doc, r, r.headers["content-type"].startswith("text/event-stream"), chunk, body)
     assert seen["refused"] > 100 and seen["served"] > 50, seen
-    assert served.engine.health()["queue"]["active"] == 0
+    assert served.sessions.health()["queue"]["active"] == 0
 
 
 def test_answers_are_not_held_back_by_nagles_algorithm():

@@ -193,7 +193,7 @@ def stage0(budget: int, reserved: int, blocks: int):
     import torch
 
     from smolcluster.inference.prefix import PrefixCache
-    from smolcluster.inference.serve import StageServer
+    from smolcluster.inference.stage import StageServer
     from smolcluster.pipeline.architectures import KVCache
 
     s = types.SimpleNamespace(kv_budget=budget, reserved=[reserved], kv_per_token=[1], requests={},
@@ -227,7 +227,7 @@ def test_malformed_prefix_ops_intros_and_senders_are_refused_and_the_cache_is_un
 
     from smolcluster.errors import PeerError
     from smolcluster.inference.prefix import PrefixCache
-    from smolcluster.inference.serve import StageServer, check_intro
+    from smolcluster.inference.stage import StageServer, check_intro
     from smolcluster.pipeline.architectures import KVCache
 
     cache = KVCache(1)

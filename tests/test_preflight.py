@@ -75,8 +75,8 @@ def test_cgroup_v2_the_tightest_limit_of_the_process_and_its_ancestors(tmp_path)
 def test_partition_auto_prefers_the_faster_node_when_its_share_fits():
     """With every node's measured speed (cluster.nodes[i].gflops), blocks go by speed unless that split
     overflows a node's memory; then the split by memory stands."""
+    from smolcluster.inference.placement import MARGIN, auto_weights, prefer_faster, stage_bytes
     from smolcluster.pipeline.architectures import family_for
-    from smolcluster.pipeline.placement import MARGIN, auto_weights, prefer_faster, stage_bytes
     from smolcluster.pipeline.quantize import StageFormat
 
     arch = family_for({"model_type": "gpt2", "n_layer": 8, "n_embd": 1024, "n_head": 8, "vocab_size": 500,

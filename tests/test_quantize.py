@@ -251,9 +251,9 @@ def test_partition_auto_places_blocks_by_memory_and_refuses_what_cannot_fit(tmp_
     """Three nodes offering 1, 2 and 3 parts: blocks in proportion, each stage under its node; too little
     memory is refused in one line naming what is missing and what would help."""
     from smolcluster.inference.from_config import stage_formats, stage_weights_for
+    from smolcluster.inference.placement import MARGIN, stage_bytes
     from smolcluster.inference.settings import HeadPlace, Links, Pipeline
     from smolcluster.pipeline.architectures import family_for
-    from smolcluster.pipeline.placement import MARGIN, stage_bytes
 
     config = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048,
               "num_hidden_layers": 24, "num_attention_heads": 12, "num_key_value_heads": 4,

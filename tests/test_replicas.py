@@ -5,7 +5,7 @@ A tiny random-init GPT-2 saved with ``save_pretrained``. Concurrent greedy compl
 a conversation's next turn goes to the replica that served its first turn, whose stage 0 counts a prefix-cache
 hit; a replica whose stage is killed fails its request in flight naming the replica and the stage, the other
 replica answers the next request, and the lost one is rebuilt. The head's /metrics and ``top`` show each replica.
-An engine closed while it rebuilds a lost pipeline waits for the rebuild and leaves none of its stages running.
+Sessions closed while they rebuild a lost pipeline wait for the rebuild and leave none of its stages running.
 In process: the router's rule; each replica's share of the cluster (head ports; shared stage addresses refused); bad
 replica counts refused in one line; replicas resolving one random init at once get the same weights.
 With ``cluster=auto``: two replicas of one stage on two real agents, their weights sent, equal to
@@ -200,9 +200,10 @@ def test_replica_settings_split_the_cluster_and_bad_counts_are_refused_in_one_li
 
     from smolcluster.errors import ConfigError
     from smolcluster.inference.from_config import replica_settings
-    from smolcluster.inference.settings import chat_settings, infer_settings
+    from smolcluster.inference.settings import infer_settings
     from smolcluster.paths import CONFIG_DIR
     from smolcluster.pipeline.nodes import stage_nodes
+    from smolcluster.serving.settings import chat_settings
 
     def settings(name: str, *overrides: str):
         with initialize_config_dir(str(CONFIG_DIR), version_base=None):
@@ -303,7 +304,7 @@ def test_cluster_auto_refuses_more_replicas_than_its_agents_hold_in_one_line():
 
 
 def test_replicas_resolved_at_once_from_a_random_init_serve_the_same_weights():
-    """Engine.start builds replicas in parallel threads: each random init must be the same weights, not draws from
+    """Sessions.start builds replicas in parallel threads: each random init must be the same weights, not draws from
     one global generator racing another."""
     import shutil
 
@@ -311,8 +312,8 @@ def test_replicas_resolved_at_once_from_a_random_init_serve_the_same_weights():
     from safetensors.torch import load
 
     from smolcluster.inference.from_config import replica_settings, resolve_model
-    from smolcluster.inference.settings import chat_settings
     from smolcluster.paths import CONFIG_DIR
+    from smolcluster.serving.settings import chat_settings
 
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
         cfg = chat_settings(compose("chat", overrides=["replicas=3", "seed=5"])).pipeline
@@ -352,9 +353,9 @@ def own_stages() -> list[psutil.Process]:
     return out
 
 
-def test_closing_the_engine_waits_for_a_reconnect_in_progress_and_closes_what_it_built(tmp_path):
+def test_closing_the_sessions_waits_for_a_reconnect_in_progress_and_closes_what_it_built(tmp_path):
     from smolcluster.inference import InferencePipeline
-    from smolcluster.serving.engine import Engine
+    from smolcluster.serving.sessions import Sessions
 
     model = tiny_gpt2(tmp_path / "model")
     connects: list[int] = []
@@ -363,13 +364,13 @@ def test_closing_the_engine_waits_for_a_reconnect_in_progress_and_closes_what_it
         connects.append(1)
         return InferencePipeline.start_local(model, stages=2, heartbeat_s=0.2, liveness_s=3)
 
-    engine = Engine(connect, watch_s=0.1).start()
-    engine.REBUILD_JOIN_S = 300.0  # a loaded machine starts stages slowly; the join must outlast the start
+    sessions = Sessions(connect, watch_s=0.1).start()
+    sessions.REBUILD_JOIN_S = 300.0  # a loaded machine starts stages slowly; the join must outlast the start
     try:
         (stage1,) = [p for p in own_stages() if p.cmdline()[-1].endswith("stage-1.json")]
         stage1.send_signal(signal.SIGKILL)
         assert wait_until(lambda: len(connects) == 2, 120), "the lost pipeline was never rebuilt"
     finally:
-        engine.close()  # while the rebuild is starting its stages
+        sessions.close()  # while the rebuild is starting its stages
     assert [t.name for t in threading.enumerate() if t.name.startswith("serving-rebuild")] == []
     assert wait_until(lambda: not own_stages(), 60), f"the rebuilt pipeline's stages outlived close(): {own_stages()}"

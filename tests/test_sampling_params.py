@@ -19,12 +19,13 @@ from tokenizers.pre_tokenizers import Whitespace
 from smolcluster.data.text import TextTokenizer
 from smolcluster.errors import ConfigError
 from smolcluster.inference.sampling import WIRE_FIELDS, SamplingParams
-from smolcluster.inference.settings import chat_settings, infer_settings
+from smolcluster.inference.settings import infer_settings
 from smolcluster.paths import CONFIG_DIR
 from smolcluster.pipeline.protocol import REQUEST_FIELDS
-from smolcluster.serving.engine import ChatDefaults, Settings
 from smolcluster.serving.openai_requests import ModelLimits, parse_completion
 from smolcluster.serving.openai_schema import CompletionRequest
+from smolcluster.serving.sessions import ChatDefaults, Settings
+from smolcluster.serving.settings import chat_settings
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "sampling_seed")
 

@@ -14,13 +14,15 @@ import zmq
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
+from smolcluster.algorithms.guard import GradientGuard
 from smolcluster.algorithms.syncps import SyncServer
 from smolcluster.errors import ConfigError
 from smolcluster.inference.from_config import serve_config_from
-from smolcluster.inference.settings import chat_settings, infer_settings
+from smolcluster.inference.settings import infer_settings
 from smolcluster.paths import CONFIG_DIR
-from smolcluster.security import GradientGuard, check_api, is_loopback
+from smolcluster.security import check_api, is_loopback
 from smolcluster.serving.config import serve
+from smolcluster.serving.settings import chat_settings
 from smolcluster.train_settings import train_config
 from smolcluster.trainer import Trainer
 from smolcluster.transport import make_keys, wire

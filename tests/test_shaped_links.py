@@ -1,5 +1,5 @@
 """Real separate hosts on slow links: every node in its own network namespace on a bridge
-(:class:`smolcluster.bench.netns.Lan`), every link shaped to 100 Mbit/s each way with ``tc ... tbf``.
+(:class:`smolcluster.testing.netns.Lan`), every link shaped to 100 Mbit/s each way with ``tc ... tbf``.
 
 - ``algo=allreduce`` with 3 ranks: each rank sends 2(N-1)/N x M bytes per step (M = the gradient's bytes),
   and a step takes at least that over the link (the shaping is real); then rank 2's cable is pulled and
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from smolcluster.bench.netns import Lan, netns_unavailable
+from smolcluster.testing.netns import Lan, netns_unavailable
 from tests.conftest import REPO
 
 PORT = 5555

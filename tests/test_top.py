@@ -87,7 +87,7 @@ def test_live_view_of_a_two_stage_inference_pipeline(tmp_path):
     """Both stages and the head in top's inference table: tokens/s > 0 while requests stream, KV back to 0 after."""
     from smolcluster.bench.common import write_tiny_run
     from smolcluster.inference import InferencePipeline
-    from smolcluster.serving.engine import Engine, Settings
+    from smolcluster.serving.sessions import Sessions, Settings
     from smolcluster.telemetry.serving import open_serving_metrics
 
     model, run_dir = write_tiny_run(tmp_path / "model", n_positions=1024), tmp_path / "serve"
@@ -95,7 +95,7 @@ def test_live_view_of_a_two_stage_inference_pipeline(tmp_path):
     head = open_serving_metrics(telemetry, {"run_id": "inf", "node": "local", "role": "head", "rank": "",
                                             "algo": "chat"})
     pipe = InferencePipeline.start_local(model, stages=2, n_head=4, kv_cache_mb=64, heartbeat_s=0.2, telemetry=telemetry)
-    engine = Engine(lambda: pipe, max_active=4, reconnect=False, watch_s=0.1, metrics=head).start()
+    sessions = Sessions(lambda: pipe, max_active=4, reconnect=False, watch_s=0.1, metrics=head).start()
     try:
         view = ClusterView(run_dir=run_dir)
 
@@ -108,7 +108,7 @@ def test_live_view_of_a_two_stage_inference_pipeline(tmp_path):
         assert {k: n.values["kv_budget"] for k, n in by_role().items() if k != "head"} == {"stage0": budget,
                                                                                             "stage1": budget}
         # four answers that run to the context (no EOS): long enough to watch them stream
-        gens = [engine.submit(list(range(1 + i, 9 + i)), user=f"u{i}",
+        gens = [sessions.submit(list(range(1 + i, 9 + i)), user=f"u{i}",
                               settings=Settings(max_new_tokens=1000, stop_at_eos=False)) for i in range(4)]
         streaming = None
         while not any(g.state == "done" for g in gens):
@@ -146,7 +146,7 @@ def test_live_view_of_a_two_stage_inference_pipeline(tmp_path):
         assert sorted(r[1] for r in rows) == ["head", "stage0", "stage1"] and all(r[2] == "up" for r in rows)
         assert all(r[3] == "0" for r in rows)  # nothing active any more
     finally:
-        engine.close()
+        sessions.close()
     proc = run_cli("smolcluster.top", "--run-dir", str(run_dir), "--once", "--interval", "0.1", check=False)
     assert "smolcluster inference" in proc.stdout and "stage1" in proc.stdout and "DOWN" in proc.stdout
 
@@ -154,8 +154,9 @@ def test_live_view_of_a_two_stage_inference_pipeline(tmp_path):
 def test_inference_configs_name_the_port_and_run_dir_top_reads(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from smolcluster.inference.settings import chat_settings, infer_settings
+    from smolcluster.inference.settings import infer_settings
     from smolcluster.paths import CONFIG_DIR
+    from smolcluster.serving.settings import chat_settings
     from smolcluster.telemetry.prometheus import metrics_port
 
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):

@@ -155,9 +155,9 @@ def test_the_allowed_hosts_are_loopback_the_bound_address_and_serve_allowed_host
 
 
 def test_the_user_field_does_not_change_who_waits_in_the_fair_queue(keyed):
-    engine, shared_queue = keyed.engine, keyed.engine.queue
-    engine.queue = FairQueue(slots=1, max_waiting=8)
-    hold = engine.queue.join("holder")  # takes the only slot: the requests below must wait
+    sessions, shared_queue = keyed.sessions, keyed.sessions.queue
+    sessions.queue = FairQueue(slots=1, max_waiting=8)
+    hold = sessions.queue.join("holder")  # takes the only slot: the requests below must wait
     answers: list[int] = []
 
     def ask(user: str) -> None:
@@ -169,13 +169,13 @@ def test_the_user_field_does_not_change_who_waits_in_the_fair_queue(keyed):
     try:
         for t in threads:
             t.start()
-        assert wait_until(lambda: engine.queue.stats()["waiting"] == 3, timeout_s=30), engine.queue.stats()
+        assert wait_until(lambda: sessions.queue.stats()["waiting"] == 3, timeout_s=30), sessions.queue.stats()
         # three names, one client: one user of the queue, named by its address
-        assert engine.queue.stats()["waiting_users"] == 1
-        assert list(engine.queue._waiting) == ["api:127.0.0.1"]
+        assert sessions.queue.stats()["waiting_users"] == 1
+        assert list(sessions.queue._waiting) == ["api:127.0.0.1"]
     finally:
-        engine.queue.leave(hold)
+        sessions.queue.leave(hold)
         for t in threads:
             t.join(60)
-        engine.queue = shared_queue
+        sessions.queue = shared_queue
     assert answers == [200, 200, 200]

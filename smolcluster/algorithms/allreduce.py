@@ -42,13 +42,13 @@ from types import SimpleNamespace
 import torch
 from loguru import logger
 
+from smolcluster.algorithms.guard import GradientGuard
 from smolcluster.algorithms.launcher import check_allreduce as check
 from smolcluster.algorithms.launcher import codecs, launch_ring
 from smolcluster.data.sharding import Sharder
 from smolcluster.errors import ConfigError, PeerError
 from smolcluster.optim import build_optimizer
 from smolcluster.pipeline.nodes import stage_nodes
-from smolcluster.security import GradientGuard
 from smolcluster.telemetry.run_files import RunRecorder, open_recorder
 from smolcluster.train_settings import TrainConfig
 from smolcluster.trainer import LossWindow, Trainer

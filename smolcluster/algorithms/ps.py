@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from loguru import logger
 
+from smolcluster.algorithms.guard import GradientGuard, grad_norm
 from smolcluster.algorithms.launcher import codecs
 from smolcluster.errors import ConfigError, PeerError
-from smolcluster.security import GradientGuard, grad_norm, is_loopback
+from smolcluster.security import is_loopback
 from smolcluster.telemetry.run_files import exit_code_of, open_recorder
 from smolcluster.train_settings import ClusterSpec, TrainConfig
 from smolcluster.trainer import Trainer

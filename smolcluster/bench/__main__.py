@@ -9,7 +9,7 @@ import sys
 import smolcluster.bench as pkg
 from smolcluster.errors import SmolclusterError
 
-_NOT_BENCHES = {"report", "common", "netns", "desk", "__main__"}
+_NOT_BENCHES = {"report", "common", "desk", "__main__"}
 _NAMED = {"desk_goals": "desk", "diloco_sim": "diloco-sim"}  # module -> bench name (desk.py is the emulated desk the benches share)
 
 

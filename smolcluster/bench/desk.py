@@ -1,5 +1,5 @@
 """An emulated desk of unlike machines on one Linux box: each node a network namespace on a shaped bridge
-(:class:`smolcluster.bench.netns.Lan`) with a CPU budget of its own, a cgroup v1 ``cpu`` group whose CFS quota
+(:class:`smolcluster.testing.netns.Lan`) with a CPU budget of its own, a cgroup v1 ``cpu`` group whose CFS quota
 (``cpu.cfs_quota_us`` per ``cpu.cfs_period_us``) is the node's share of a core. With budgets one node and N
 nodes get the same compute per node, so a scaling ratio measures the algorithm, not the box's core count;
 budgets in proportion (``--speeds 1,1,2,4``) emulate machines of unlike speed. Used by ``bench scaling``.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from smolcluster.bench.netns import Lan
+from smolcluster.testing.netns import Lan
 
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 SHARES = 262_144  # cgroup v1's largest cpu.shares (see Desk.build)

@@ -52,10 +52,10 @@ from pathlib import Path
 
 from smolcluster.bench.desk import Desk, cgroup_unavailable
 from smolcluster.bench.lora import Loopback
-from smolcluster.bench.netns import netns_unavailable, parse_rate
 from smolcluster.bench.report import markdown_table, write_report
 from smolcluster.bench.scaling import MODELS, PORT, overrides_of, run_ddp, run_smolcluster
 from smolcluster.cluster import free_port
+from smolcluster.testing.netns import netns_unavailable, parse_rate
 
 STEPS = {"mlp": 600, "gpt2-tiny": 600, "llama-tiny": 400}
 OUTER = ["algo.codec={codec}", "algo.outer_lr={olr}", "algo.outer_momentum={om}"]

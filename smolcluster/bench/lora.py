@@ -39,12 +39,12 @@ import time
 from pathlib import Path
 
 from smolcluster.bench.desk import Desk, cgroup_unavailable
-from smolcluster.bench.netns import netns_unavailable, parse_rate
 from smolcluster.bench.pipeline import SMOLLM2_135M
 from smolcluster.bench.report import write_report
 from smolcluster.bench.scaling import run_smolcluster, steady
 from smolcluster.cluster import free_port
 from smolcluster.errors import DataError
+from smolcluster.testing.netns import netns_unavailable, parse_rate
 
 WORKERS = 2
 ARMS = {  # name -> the arm's overrides on top of the common ones

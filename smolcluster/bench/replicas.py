@@ -9,7 +9,7 @@ CPU budget of ``--cpu`` cores, the head under ``--head-cpu`` (a machine of its o
 keeps from losing its share to other load on the box). Every node runs one stage (``python -m smolcluster.infer role=stage``, one
 thread) of a random-init GPT-2 (``--layers`` blocks of ``--embd``) written as ``train`` writes a run: nodes 0, 1
 are the first pipeline, nodes 2, 3 the second. In the head's namespace a driver (this module, ``--drive``)
-builds the chat's engine as ``python -m smolcluster.chat role=head replicas=R`` does (its config composed with
+builds the chat's sessions as ``python -m smolcluster.chat role=head replicas=R`` does (its config composed with
 the nodes listed, replica r's stage i being node r*2+i), warms each replica with one request, then submits
 ``--requests`` greedy requests at once (``--prompt`` random tokens each, ``--tokens`` new tokens, EOS off).
 tokens/s = tokens made / the time from the first submit to the last token. Each round measures replicas=1 (on
@@ -54,14 +54,14 @@ def nodes_override(ips: list[str]) -> str:
 
 
 def drive(args: argparse.Namespace) -> dict:
-    """In the head's namespace: the chat's engine on ``args.replicas`` pipelines, warmed, then the timed load."""
+    """In the head's namespace: the chat's sessions on ``args.replicas`` pipelines, warmed, then the timed load."""
     import torch
     from hydra import compose, initialize_config_dir
 
-    from smolcluster.inference.settings import chat_settings
     from smolcluster.paths import CONFIG_DIR
-    from smolcluster.serving.config import engine_from_config
-    from smolcluster.serving.engine import Settings
+    from smolcluster.serving.config import sessions_from_config
+    from smolcluster.serving.sessions import Settings
+    from smolcluster.serving.settings import chat_settings
 
     ips = args.ips.split(",")[:2 * args.replicas]
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
@@ -69,14 +69,14 @@ def drive(args: argparse.Namespace) -> dict:
             f"checkpoint={args.run}", "role=head", f"replicas={args.replicas}", "stages=2", f"head_host={args.head}",
             f"++cluster.nodes={nodes_override(ips)}", f"cluster.port={PORT}", "cluster.connect_timeout_s=600",
             f"serve.max_active={args.requests}", "logging.level=WARNING"])
-    engine = engine_from_config(chat_settings(cfg))
+    sessions = sessions_from_config(chat_settings(cfg))
     gen = torch.Generator().manual_seed(args.seed)
     settings = Settings(max_new_tokens=args.tokens, stop_at_eos=False)  # greedy: the default
 
     def run(n: int) -> tuple[float, list]:
         prompts = [torch.randint(1, 500, (args.prompt,), generator=gen).tolist() for _ in range(n)]
         t0 = time.perf_counter()
-        gens = [engine.submit(p, user=f"u{i}", settings=settings) for i, p in enumerate(prompts)]
+        gens = [sessions.submit(p, user=f"u{i}", settings=settings) for i, p in enumerate(prompts)]
         for g in gens:
             if not g.wait(1800) or g.finish_reason != "length" or g.completion_tokens != args.tokens:
                 raise ConfigError(f"a request did not finish: {g.finish_reason} {g.error}")
@@ -84,13 +84,13 @@ def drive(args: argparse.Namespace) -> dict:
 
     try:
         run(args.replicas)  # warm-up: one request per replica (first-call allocations, page faults)
-        served = [r.served for r in engine.replicas]
+        served = [r.served for r in sessions.replicas]
         cpu0 = time.process_time()
         seconds, _ = run(args.requests)
-        head_cores = (time.process_time() - cpu0) / seconds  # is the head (engine + clients) what limits?
-        per_replica = [r.served - s for r, s in zip(engine.replicas, served)]
+        head_cores = (time.process_time() - cpu0) / seconds  # is the head (sessions + clients) what limits?
+        per_replica = [r.served - s for r, s in zip(sessions.replicas, served)]
     finally:
-        engine.close()
+        sessions.close()
     return {"replicas": args.replicas, "seconds": round(seconds, 3),
             "tokens_per_s": round(args.requests * args.tokens / seconds, 2), "requests_per_replica": per_replica,
             "head_cores": round(head_cores, 2)}
@@ -181,7 +181,7 @@ def main(argv: list[str]) -> int:
         print("RESULT " + json.dumps(drive(args)), flush=True)
         return 0
     from smolcluster.bench.desk import cgroup_unavailable
-    from smolcluster.bench.netns import netns_unavailable
+    from smolcluster.testing.netns import netns_unavailable
 
     why = netns_unavailable(shaping=True) or cgroup_unavailable()
     if why:

@@ -1,6 +1,6 @@
 """``python -m smolcluster.bench scaling``: how each data-parallel algorithm scales on a real (shaped) LAN.
 
-Every node runs in its own network namespace on a bridge (:mod:`smolcluster.bench.netns`), each link shaped
+Every node runs in its own network namespace on a bridge (:mod:`smolcluster.testing.netns`), each link shaped
 with ``tc ... tbf`` to the rate of a home LAN, both ways. For each link rate, model and worker count we run
 ``syncps``, ``edp`` (server in its own namespace), ``allreduce``, ``allreduce algo.zero=1`` and PyTorch DDP
 (gloo, one process per namespace, the script below) and report:
@@ -35,8 +35,8 @@ import time
 from pathlib import Path
 
 from smolcluster.bench.desk import Desk, cgroup_unavailable
-from smolcluster.bench.netns import Lan, netns_unavailable, parse_rate
 from smolcluster.bench.report import write_report
+from smolcluster.testing.netns import Lan, netns_unavailable, parse_rate
 
 PORT = 5555
 MODELS = {

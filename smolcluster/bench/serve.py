@@ -135,28 +135,28 @@ def main(argv: list[str]) -> int:
     from smolcluster.bench.pipeline import stage_peaks_mb
     from smolcluster.inference import InferencePipeline
     from smolcluster.serving.app import WebServer, build_app
-    from smolcluster.serving.engine import Engine
+    from smolcluster.serving.sessions import Sessions
 
     with tempfile.TemporaryDirectory() as tmp:
         run = write_run(Path(tmp))
-        engine = Engine(lambda: InferencePipeline.start_local(run, stages=2, n_head=4, kv_cache_mb=args.kv_cache_mb,
+        sessions = Sessions(lambda: InferencePipeline.start_local(run, stages=2, n_head=4, kv_cache_mb=args.kv_cache_mb,
                                                               env={"SMOLCLUSTER_LOG_LEVEL": "WARNING"}),
                         max_active=args.max_active, max_waiting=args.max_waiting).start()
         try:
-            server = WebServer(build_app(engine, MODEL, ui=False)).start()
+            server = WebServer(build_app(sessions, MODEL, ui=False)).start()
             try:
                 asyncio.run(load(server.url, 1, 0.01, args.max_tokens))  # warm-up: one request through
-                pids = [p.pid for p in engine.replicas[0].pipe._children.procs.values()]
+                pids = [p.pid for p in sessions.replicas[0].pipe._children.procs.values()]
                 with RssSampler(pids) as rss:
                     baseline = rss.now_mb()
                     t = time.perf_counter()
                     log = asyncio.run(load(server.url, args.clients, args.seconds, args.max_tokens))
                     wall = time.perf_counter() - t
-                peaks = stage_peaks_mb(engine.replicas[0].pipe) if engine.replicas[0].pipe is not None else []
+                peaks = stage_peaks_mb(sessions.replicas[0].pipe) if sessions.replicas[0].pipe is not None else []
             finally:
                 server.stop()
         finally:
-            engine.close()
+            sessions.close()
     ok = [e for e in log if e["status"] == 200 and e["done"] and e["tokens"] == args.max_tokens]
     refused = [e for e in log if e["status"] == 429]
     lost = [e for e in log if e not in ok and e not in refused]

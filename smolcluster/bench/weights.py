@@ -3,7 +3,7 @@
     sudo python -m smolcluster.bench weights                 # ~500 MB GPT-2-shaped model, 1 Gbit/s links
     sudo python -m smolcluster.bench weights --mb 60         # a quick look
 
-Three hosts on a bridge (network namespaces, every link shaped with tbf to ``--rate`` both ways: bench/netns.py):
+Three hosts on a bridge (network namespaces, every link shaped with tbf to ``--rate`` both ways: testing/netns.py):
 the head and two agents (``python -m smolcluster.node``) paired with it. ``infer cluster=auto
 cluster.weights=send`` sends each of the two stages its share of a random-init model (``--mb`` of float32
 weights), then generates one token; the head's own line ``weights: sent N bytes in all (... in T s ...)``
@@ -25,9 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from smolcluster.bench.netns import Lan, netns_unavailable, parse_rate
 from smolcluster.bench.report import write_report
 from smolcluster.errors import ConfigError
+from smolcluster.testing.netns import Lan, netns_unavailable, parse_rate
 
 PORT = 5660
 AGENTS = ("a", "b")

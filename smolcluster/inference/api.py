@@ -28,7 +28,7 @@ from smolcluster.errors import ConfigError
 from smolcluster.inference.adapters import check_adapters
 from smolcluster.inference.client import PipelineClient, Request
 from smolcluster.inference.sampling import WIRE_FIELDS, SamplingParams
-from smolcluster.inference.serve import ServeConfig
+from smolcluster.inference.stage import ServeConfig
 from smolcluster.pipeline.launch import co_located_env, free_ports, stage_env
 from smolcluster.pipeline.quantize import StageFormat, resolve_device
 from smolcluster.pipeline.weights import eos_ids, find_model
@@ -153,7 +153,7 @@ class InferencePipeline:
                     extra={"telemetry": telemetry or {}}, **formats[rank])
                 path = workdir / f"stage-{rank}.json"
                 path.write_text(sc.dumps())
-                children.start(f"stage {rank}", [sys.executable, "-u", "-m", "smolcluster.inference.serve", str(path)],
+                children.start(f"stage {rank}", [sys.executable, "-u", "-m", "smolcluster.inference.stage", str(path)],
                                stage_env(stages, co_located_env(env) if co_located else env,
                                          threads or (os.cpu_count() if co_located else None)))
             client = cls._connect_while_watching(children, [n["address"] for n in nodes], host=host,

@@ -19,8 +19,8 @@ from loguru import logger
 from smolcluster.errors import ConfigError
 from smolcluster.inference.adapters import check_adapters
 from smolcluster.inference.api import InferencePipeline, check_speculate, describe_weights
-from smolcluster.inference.serve import ServeConfig
 from smolcluster.inference.settings import HeadPlace, Pipeline, Role
+from smolcluster.inference.stage import ServeConfig
 
 
 def _run_data(run_dir: Path) -> dict | None:
@@ -78,7 +78,7 @@ def resolve_model(cfg: Pipeline, need_tokenizer: bool = True) -> tuple[dict, obj
         return _random_init(cfg, n_head)
 
 
-# Replicas resolve their models in parallel threads (serving.engine.Engine.start): the random init seeds and draws
+# Replicas resolve their models in parallel threads (serving.sessions.Sessions.start): the random init seeds and draws
 # from torch's global generator and imports transformers lazily (not thread-safe), so one build at a time makes
 # every replica's init the same weights.
 _RANDOM_INIT = threading.Lock()
@@ -175,13 +175,13 @@ def stage_formats(cfg: Pipeline) -> list[dict]:
 def stage_weights_for(cfg: Pipeline, info: dict, formats: list[dict], local: bool) -> list[float]:
     """``partition=even``: ``cluster.nodes[i].weight``; ``partition=auto``: by each node's memory, the model
     refused in one line when it cannot fit, or by each node's speed (``cluster.nodes[i].gflops``) when every
-    node has one and that split fits too (:mod:`smolcluster.pipeline.placement`)."""
+    node has one and that split fits too (:mod:`smolcluster.inference.placement`)."""
     from smolcluster.pipeline.partition import node_weights
 
     if cfg.partition == "even":
         return node_weights(cfg.links, cfg.stages)
+    from smolcluster.inference.placement import auto_weights, node_memory, prefer_faster
     from smolcluster.pipeline.architectures import family_for
-    from smolcluster.pipeline.placement import auto_weights, node_memory, prefer_faster
     from smolcluster.pipeline.quantize import StageFormat
 
     fmts = [StageFormat(f["precision"], f["quantize"], f["quantize_group"]) for f in formats]
@@ -245,7 +245,7 @@ def pipeline_from_config(cfg: Pipeline, prompt: str | None = None) -> InferenceP
 def _stage_env(cfg: Pipeline) -> dict:
     """Local stages' environment: R co-located replicas split the cores between them, unless OMP_NUM_THREADS is set
     already; within its share each replica's stages split it or take turns on it as one pipeline's do
-    (serve.StageServer.turns)."""
+    (stage.StageServer.turns)."""
     env = {"SMOLCLUSTER_LOG_LEVEL": cfg.stage_log_level or "WARNING"}
     if cfg.replicas == 1:
         return env
@@ -302,7 +302,7 @@ def _check_distinct_replicas(cfg: Pipeline, nodes: list) -> None:
 
 def stage_speculate(cfg: Pipeline, config: dict) -> dict:
     """``speculate.*`` for this stage: stage 0 proposes (its draft model must be on its node); the others only
-    keep ``k`` positions of slack in sliding windows for the cut (serve.ServeConfig.speculate)."""
+    keep ``k`` positions of slack in sliding windows for the cut (stage.ServeConfig.speculate)."""
     if cfg.rank == 0:
         return check_speculate(asdict(cfg.speculate), config, cfg.head.value)
     return {"k": cfg.speculate.k} if cfg.speculate.k > 0 else {}

@@ -6,7 +6,7 @@ follow Hugging Face's order and semantics: temperature, then top-k, then top-p
 (keep the smallest set of tokens whose probability reaches ``top_p``).
 
 :class:`SamplingParams` is the one home of these settings and their defaults: the ``infer`` / ``chat``
-schemas (``inference/settings.py``) take their defaults from it, the engine's ``Settings`` and the chat
+schemas (``inference/settings.py``) take their defaults from it, the chat sessions' ``Settings`` and the chat
 page hold one, the client sends :meth:`~SamplingParams.to_wire` to stage 0, which rebuilds it with
 :meth:`~SamplingParams.from_wire`, and the OpenAI API converts a request with
 :meth:`~SamplingParams.from_openai`. How long an answer runs (``max_new_tokens``, stops, EOS) is not
@@ -31,7 +31,7 @@ WIRE_FIELDS = ("temperature", "top_k", "top_p", "seed")  # what mp.submit carrie
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0    # 0 = greedy (argmax): the default everywhere (infer, chat, the engine)
+    temperature: float = 0.0    # 0 = greedy (argmax): the default everywhere (infer, chat, the sessions)
     top_k: int = 0              # 0 = off
     top_p: float = 1.0          # 1 = off
     seed: int | None = None     # None = a fresh one per request (see :meth:`resolved`)

@@ -1,11 +1,12 @@
-"""The ``infer`` and ``chat`` commands' settings as typed dataclasses: read from Hydra once, at the edge.
+"""The ``infer`` command's settings, and the pipeline settings ``chat`` shares, as typed dataclasses: read from
+Hydra once, at the edge.
 
-``conf/infer.yaml`` and ``conf/chat.yaml`` are validated against :class:`InferConfig` /
-:class:`ChatConfig` (registered in Hydra's ConfigStore and named first in each file's
-defaults list), so a mistyped override fails before anything starts, naming the key
-and what it accepts (``max_new_tokens=abc``, ``role=bogus``, ``head=middle``).
-``infer.py`` and ``chat.py`` then turn the composed config into these objects with
-:func:`infer_settings` / :func:`chat_settings`; nothing below them reads a DictConfig.
+``conf/infer.yaml`` is validated against :class:`InferConfig` (registered in Hydra's ConfigStore and named
+first in the file's defaults list), so a mistyped override fails before anything starts, naming the key
+and what it accepts (``max_new_tokens=abc``, ``role=bogus``, ``head=middle``). ``infer.py`` then turns the
+composed config into these objects with :func:`infer_settings`; nothing below it reads a DictConfig.
+The chat command's own settings (``serve.*``, its schema) are in :mod:`smolcluster.serving.settings`, built
+on :class:`CommonSchema` and :func:`pipeline_settings` here.
 
 The model, data and cluster groups stay open (any ``_target_`` model takes its own keys,
 a cluster file may carry keys for other commands): they arrive as plain dicts, and the
@@ -69,7 +70,7 @@ class Speculate:
         return self
 
     def fields(self) -> dict:
-        """What a stage's :class:`~smolcluster.inference.serve.ServeConfig` carries ({} when off)."""
+        """What a stage's :class:`~smolcluster.inference.stage.ServeConfig` carries ({} when off)."""
         if not self.k:
             return {}
         draft = str(Path(self.draft).expanduser().resolve()) if self.draft else None
@@ -127,7 +128,7 @@ class Pipeline:
     speculate: Speculate = field(default_factory=Speculate)
     prefix_cache: bool = True         # serve.prefix_cache: stages keep served prefixes' KV (inference/prefix.py)
     prefix_block: int = 32            # serve.prefix_block: ... in blocks of this many tokens
-    replicas: int = 1                 # chat: this many pipelines of ``stages`` stages behind one head (serving/engine.py)
+    replicas: int = 1                 # chat: this many pipelines of ``stages`` stages behind one head (serving/sessions.py)
     replica: int = 0                  # which of them this is (from_config.replica_settings)
     replica_links: list = field(default_factory=list)  # cluster=auto: each replica's Links (node/coordinator.py)
 
@@ -144,41 +145,11 @@ class InferSettings:
     adapter: str | None = None
 
 
+# -- the schema Hydra checks the yaml and every override against (chat's extends CommonSchema) -----------------------------------
 @dataclass
-class Serve:
-    host: str = "127.0.0.1"
-    port: int = 7860
-    model_name: str | None = None
-    api_key: str | None = None
-    insecure: bool = False  # serve beyond loopback without an API key (refused otherwise)
-    allowed_hosts: list[str] = field(default_factory=list)  # Host names answered besides loopback's and the bound host
-    max_body_mb: float = 8.0  # a larger request body is refused (413) before it is parsed
-    max_active: int = 16
-    max_waiting: int = 64
-    kv_cache_mb: float | None = None
-    prefix_cache: bool = True  # stages keep served prefixes' KV (inference/prefix.py)
-    prefix_block: int = 32     # ... in blocks of this many tokens
-    reconnect: bool = True
-    ui: bool = True
-    log_level: str = "warning"
+class CommonSchema:
+    """The keys ``infer`` and ``chat`` share: the pipeline, its model and the sampling."""
 
-
-@dataclass
-class ChatSettings:
-    """``sampling``, ``max_new_tokens``, ``stop_at_eos``: what the chat page's answers start at (and the API's
-    chat ``max_tokens`` default)."""
-
-    pipeline: Pipeline
-    sampling: SamplingParams
-    serve: Serve
-    max_new_tokens: int = 128
-    stop_at_eos: bool = True
-    system_prompt: str = ""
-
-
-# -- the schemas Hydra checks the yaml and every override against ------------------------------------
-@dataclass
-class _Common:
     model: Any = MISSING
     data: Any = MISSING
     cluster: Any = MISSING
@@ -216,24 +187,16 @@ class StageServe:
 
 
 @dataclass
-class InferConfig(_Common):
+class InferConfig(CommonSchema):
     prompt: str | None = None
     adapter: str | None = None
     rank: int | None = None
     serve: StageServe = field(default_factory=StageServe)
 
 
-@dataclass
-class ChatConfig(_Common):
-    system_prompt: str = ""
-    serve: Serve = field(default_factory=Serve)
-
-
 def register() -> None:
-    """Make ``infer_schema`` / ``chat_schema`` known to Hydra (called before ``hydra.main`` runs)."""
-    cs = ConfigStore.instance()
-    cs.store(name="infer_schema", node=InferConfig)
-    cs.store(name="chat_schema", node=ChatConfig)
+    """Make ``infer_schema`` known to Hydra (called before ``hydra.main`` runs)."""
+    ConfigStore.instance().store(name="infer_schema", node=InferConfig)
 
 
 register()
@@ -244,7 +207,7 @@ def _plain(node) -> dict:
     return OmegaConf.to_container(node, resolve=True) if node is not None else {}
 
 
-def _pipeline(cfg) -> Pipeline:
+def pipeline_settings(cfg) -> Pipeline:
     stages = int(cfg.stages)
     if stages < 1:
         raise ConfigError(f"stages={stages} is invalid: a pipeline needs at least one stage")
@@ -299,11 +262,11 @@ def _telemetry(cfg) -> dict:
             "run_id": new_run_id()}
 
 
-def _sampling(cfg) -> SamplingParams:
+def sampling_settings(cfg) -> SamplingParams:
     return SamplingParams(float(cfg.temperature), int(cfg.top_k), float(cfg.top_p), cfg.sampling_seed).check("sampling_seed")
 
 
-def _length(cfg) -> int:
+def max_new_tokens_setting(cfg) -> int:
     n = int(cfg.max_new_tokens)
     if n < 1:
         raise ConfigError(f"max_new_tokens={n} is invalid: give how many tokens to generate at most (e.g. 64)")
@@ -314,7 +277,7 @@ def infer_settings(cfg) -> InferSettings:
     if int(cfg.replicas) != 1:
         raise ConfigError(f"replicas={cfg.replicas} is for the chat server (python -m smolcluster.chat): infer "
                           "answers one prompt, which one pipeline serves; drop replicas=")
-    s = InferSettings(_pipeline(cfg), _sampling(cfg), _length(cfg), bool(cfg.stop_at_eos),
+    s = InferSettings(pipeline_settings(cfg), sampling_settings(cfg), max_new_tokens_setting(cfg), bool(cfg.stop_at_eos),
                       None if cfg.prompt is None else str(cfg.prompt), cfg.adapter or None)
     _warn_seed_unused(s)
     return s
@@ -326,17 +289,3 @@ def _warn_seed_unused(s: InferSettings) -> None:
     if p.seed != Pipeline.seed and (p.checkpoint or p.model.get("pretrained")) and not s.sampling.greedy:
         logger.warning(f"seed={p.seed} only seeds a random init, and the weights here are given: it does not "
                        f"seed sampling; use sampling_seed={p.seed} to repeat an answer")
-
-
-def chat_settings(cfg) -> ChatSettings:
-    serve = Serve(**_plain(cfg.serve))
-    if serve.max_active < 1:
-        raise ConfigError(f"serve.max_active={serve.max_active} must be at least 1")
-    if serve.max_body_mb <= 0:
-        raise ConfigError(f"serve.max_body_mb={serve.max_body_mb} must be positive")
-    bad = [h for h in serve.allowed_hosts if "*" in h[1:] or (h.startswith("*") and h != "*" and h[:2] != "*.")]
-    if bad:
-        raise ConfigError(f"serve.allowed_hosts: {bad} are not host names: use a name, an address, "
-                          "'*.example.com' for a domain's names or '*' for any")
-    return ChatSettings(_pipeline(cfg), _sampling(cfg), serve, _length(cfg), bool(cfg.stop_at_eos),
-                        str(cfg.system_prompt or ""))

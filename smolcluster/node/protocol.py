@@ -78,7 +78,8 @@ def device_kind() -> str:
 def facts() -> dict:
     """What an agent advertises about its machine (the facts placement uses). Its memory is what a new process
     may use here, within this agent's cgroup limit (a container's), as the preflight and partition=auto count it."""
-    from smolcluster.pipeline.placement import usable_memory  # (imports torch, as device_kind does)
+    # (the import loads torch, as device_kind does)
+    from smolcluster.inference.placement import usable_memory
 
     return {"device": device_kind(), "cores": os.cpu_count() or 1,
             "memory_gb": round(usable_memory().bytes / 2**30, 2)}

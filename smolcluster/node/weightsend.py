@@ -41,9 +41,9 @@ import numpy as np
 from loguru import logger
 
 from smolcluster.errors import ConfigError, PeerError
+from smolcluster.inference.placement import size as human
 from smolcluster.node.protocol import CHUNK
 from smolcluster.node.weightcache import DISK_MARGIN
-from smolcluster.pipeline.placement import size as human
 
 WINDOW = 16  # chunks in flight per agent: a LAN link stays full while a busy agent is slow to acknowledge
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a PEFT LoRA directory (inference/adapters.py)

@@ -1,7 +1,8 @@
 """Serving an inference pipeline to people and programs: ``python -m smolcluster.chat``.
 
-- ``engine``: one pipeline shared by everyone; each answer a :class:`Generation` (stream, cancel, timings);
-  a lost pipeline answers :class:`PipelineDown` at once and is rebuilt in the background.
+- ``sessions``: every user's answers multiplexed onto one pipeline (or replicas, ``router`` picking one); each
+  answer a :class:`Generation` (stream, cancel, timings); a lost pipeline answers :class:`PipelineDown` at once
+  and is rebuilt in the background.
 - ``fair_queue``: at most N answers in the pipeline, the rest served round-robin over users.
 - ``prompting``: a conversation -> prompt ids cut to the context (the model's chat template, else a
   ``User:/Assistant:`` transcript), for the page and the API alike; ``stops``: stop strings on a stream.

@@ -18,26 +18,26 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp
 
 from smolcluster.errors import ConfigError, PeerError
-from smolcluster.serving.engine import ChatDefaults, Engine
 from smolcluster.serving.front_door import allowed_hosts as allowed_hosts_for
 from smolcluster.serving.front_door import front_door
 from smolcluster.serving.openai_api import OpenAIAPI
+from smolcluster.serving.sessions import ChatDefaults, Sessions
 
 
-def build_app(engine: Engine, model_name: str, defaults: ChatDefaults | None = None,
+def build_app(sessions: Sessions, model_name: str, defaults: ChatDefaults | None = None,
               api_key: str | None = None, ui: bool = True, host: str = "127.0.0.1",
               allowed_hosts: list[str] | None = None, max_body_mb: float = 8.0) -> ASGIApp:
     """The API and chat page behind the front door (Host check, ``api_key`` on every route but
     ``/health``, bodies up to ``max_body_mb``); ``host`` is where it listens (its names are allowed)."""
     defaults = defaults or ChatDefaults()
     app = FastAPI(title="smolcluster", summary="OpenAI-compatible API and chat on a smolcluster inference pipeline")
-    OpenAIAPI(engine, model_name, chat_max_tokens=defaults.max_new_tokens).install(app)
+    OpenAIAPI(sessions, model_name, chat_max_tokens=defaults.max_new_tokens).install(app)
 
     @app.get("/health")
     def health(request: Request) -> JSONResponse:
         """200 when the pipeline takes requests, 503 when it is down; with the key (or on a keyless server)
         stage and queue figures too, without it only the status."""
-        h = engine.health()
+        h = sessions.health()
         code = 200 if h["status"] == "ok" else 503
         if not request.scope.get("smolcluster.keyed", True):
             return JSONResponse({"status": h["status"]}, status_code=code)
@@ -49,7 +49,7 @@ def build_app(engine: Engine, model_name: str, defaults: ChatDefaults | None = N
 
         from smolcluster.serving.chat_ui import build_chat_ui
 
-        app = gr.mount_gradio_app(app, build_chat_ui(engine, defaults, model_name), path="/", footer_links=["api"])
+        app = gr.mount_gradio_app(app, build_chat_ui(sessions, defaults, model_name), path="/", footer_links=["api"])
     return front_door(app, api_key=api_key, hosts=allowed_hosts_for(host, allowed_hosts),
                       max_body_bytes=int(max_body_mb * 2**20))
 

@@ -1,6 +1,6 @@
 """The chat page (Gradio Blocks): streamed answers, sampling controls, a stop button, timings.
 
-Each browser session is one user of the engine's fair queue (its Gradio
+Each browser session is one user of the sessions' fair queue (its Gradio
 ``session_hash``). The answer streams into the chat as the pipeline makes it; Stop
 cancels the session's request in the pipeline (every stage frees its KV cache) and
 the answer ends with what was made so far; with LoRA adapters served, a menu picks the base
@@ -17,7 +17,6 @@ from dataclasses import replace
 import gradio as gr
 
 from smolcluster.inference.adapters import adapter_of, model_ids
-from smolcluster.serving.engine import ChatDefaults, Engine, Generation, PipelineDown, Settings
 from smolcluster.serving.fair_queue import QueueFull
 from smolcluster.serving.prompting import (
     PromptTooLong,
@@ -25,6 +24,7 @@ from smolcluster.serving.prompting import (
     message_text,
     prompt_budget,
 )
+from smolcluster.serving.sessions import ChatDefaults, Generation, PipelineDown, Sessions, Settings
 
 
 def stats_line(gen: Generation, note: str = "") -> str:
@@ -70,8 +70,8 @@ def stream_answer(gen: Generation, history: list[dict], note: str) -> Iterator[t
         gen.cancel()  # the page went away mid-answer: free the pipeline's caches
 
 
-def build_chat_ui(engine: Engine, defaults: ChatDefaults, model_name: str) -> gr.Blocks:
-    context = engine.context
+def build_chat_ui(sessions: Sessions, defaults: ChatDefaults, model_name: str) -> gr.Blocks:
+    context = sessions.context
 
     def respond(message: str, history: list[dict], system: str, temperature: float, top_p: float,
                 max_new_tokens: float, model: str | None = None, request: gr.Request = None) -> Iterator[tuple]:
@@ -81,14 +81,14 @@ def build_chat_ui(engine: Engine, defaults: ChatDefaults, model_name: str) -> gr
             return
         user = f"ui:{request.session_hash if request is not None else 'anonymous'}"
         max_new = int(max_new_tokens)
-        fmt = engine.chat_format
-        adapter = adapter_of(model or model_name, model_name, engine.adapters)
+        fmt = sessions.chat_format
+        adapter = adapter_of(model or model_name, model_name, sessions.adapters)
         if adapter is None:
             yield history, message, f"**error:** this server does not serve the model {model!r}"
             return
         try:
             prompt = build_chat_prompt(conversation(history, system, message), fmt, prompt_budget(context, max_new))
-            gen = engine.submit(prompt.ids, user=user, settings=Settings.for_chat(
+            gen = sessions.submit(prompt.ids, user=user, settings=Settings.for_chat(
                 fmt, max_new_tokens=max_new, stop_at_eos=defaults.stop_at_eos, adapter=adapter,
                 sampling=replace(defaults.sampling, temperature=float(temperature), top_p=float(top_p))))
         except (PromptTooLong, PipelineDown, QueueFull, ValueError) as e:  # ValueError: the template refused
@@ -100,16 +100,16 @@ def build_chat_ui(engine: Engine, defaults: ChatDefaults, model_name: str) -> gr
 
     def stop(request: gr.Request) -> None:
         if request is not None:
-            engine.cancel_user(f"ui:{request.session_hash}")
+            sessions.cancel_user(f"ui:{request.session_hash}")
 
     def clear_chat(request: gr.Request) -> tuple:
         stop(request)
         return [], "", ""
 
     with gr.Blocks(title=f"smolcluster chat: {model_name}") as demo:
-        rendering = "its chat template" if engine.chat_template is not None else "a User:/Assistant: transcript"
-        replicas = f" x {len(engine.replicas)} replicas" if len(engine.replicas) > 1 else ""
-        gr.Markdown(f"### smolcluster chat · `{model_name}` · {engine.stages} pipeline stages{replicas} · "
+        rendering = "its chat template" if sessions.chat_template is not None else "a User:/Assistant: transcript"
+        replicas = f" x {len(sessions.replicas)} replicas" if len(sessions.replicas) > 1 else ""
+        gr.Markdown(f"### smolcluster chat · `{model_name}` · {sessions.stages} pipeline stages{replicas} · "
                     f"context {context} tokens · {rendering}")
         chatbot = gr.Chatbot(elem_id="chatbot", height=420, show_label=False, feedback_options=None)
         with gr.Row():
@@ -127,14 +127,14 @@ def build_chat_ui(engine: Engine, defaults: ChatDefaults, model_name: str) -> gr
                 max_new = gr.Slider(1, context, value=min(defaults.max_new_tokens, context), step=1,
                                     label="Max new tokens", elem_id="max_new_tokens")
             # LoRA adapters (adapters=): the base model or BASE:NAME, as the API names them
-            models = model_ids(model_name, engine.adapters)
+            models = model_ids(model_name, sessions.adapters)
             model = gr.Dropdown(models, value=model_name, label="Model (base or LoRA adapter)", elem_id="model",
                                 visible=len(models) > 1)
             clear = gr.Button("Clear the conversation", elem_id="clear")
 
         inputs = [box, chatbot, system, temperature, top_p, max_new, model]
         outputs = [chatbot, box, stats]
-        # Gradio's own queue would run one answer at a time; the engine's fair queue decides instead.
+        # Gradio's own queue would run one answer at a time; the sessions' fair queue decides instead.
         for trigger in (box.submit, send.click):
             trigger(respond, inputs, outputs, concurrency_limit=None, show_progress="hidden")
         stop_btn.click(stop, None, None, queue=False)

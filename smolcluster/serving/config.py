@@ -1,4 +1,4 @@
-"""From the ``chat`` settings (``conf/chat.yaml``, typed in ``inference/settings.py``) to a running engine and web server."""
+"""From the ``chat`` settings (``conf/chat.yaml``, typed in ``serving/settings.py``) to running sessions and a web server."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from pathlib import Path
 from loguru import logger
 
 from smolcluster.errors import ConfigError
-from smolcluster.inference.settings import ChatSettings, Pipeline, Role
+from smolcluster.inference.settings import Pipeline, Role
 from smolcluster.security import check_api
-from smolcluster.serving.engine import ChatDefaults, Engine
 from smolcluster.serving.prompting import ChatTemplate
+from smolcluster.serving.sessions import ChatDefaults, Sessions
+from smolcluster.serving.settings import ChatSettings
 
 
 def model_name(s: ChatSettings) -> str:
@@ -52,8 +53,8 @@ def chat_template(cfg: Pipeline) -> ChatTemplate | None:
     return template
 
 
-def engine_from_config(s: ChatSettings) -> Engine:
-    """Start (``role=launch``) or join (``role=head``) the pipeline and wrap it in a started engine."""
+def sessions_from_config(s: ChatSettings) -> Sessions:
+    """Start (``role=launch``) or join (``role=head``) the pipeline and wrap it in started Sessions."""
     if s.pipeline.role is Role.stage:
         raise ConfigError("role=stage is not for the chat: choose launch (start the stages here) or head (connect "
                           "to stages already running; start those with python -m smolcluster.infer role=stage rank=N)")
@@ -63,7 +64,7 @@ def engine_from_config(s: ChatSettings) -> Engine:
 
     replicas = [replica_settings(s.pipeline, r) for r in range(s.pipeline.replicas)]  # bad node counts refused here
     metrics = open_serving_metrics(s.pipeline.telemetry, identity())  # this head's figures for smolcluster.top
-    return Engine([lambda p=p: pipeline_from_config(p) for p in replicas], max_active=s.serve.max_active,
+    return Sessions([lambda p=p: pipeline_from_config(p) for p in replicas], max_active=s.serve.max_active,
                   max_waiting=s.serve.max_waiting, reconnect=s.serve.reconnect,
                   chat_template=chat_template(s.pipeline), metrics=metrics,
                   prefix_block=s.pipeline.prefix_block).start()
@@ -76,20 +77,20 @@ def serve(s: ChatSettings) -> None:
     check_api(s.serve.host, s.serve.api_key, s.serve.insecure)
     sock = bind(s.serve.host, s.serve.port)
     try:
-        engine = engine_from_config(s)
+        sessions = sessions_from_config(s)
     except BaseException:
         sock.close()
         raise
     try:
         name = model_name(s)
-        app = build_app(engine, name, chat_defaults(s), api_key=s.serve.api_key, ui=s.serve.ui, host=s.serve.host,
+        app = build_app(sessions, name, chat_defaults(s), api_key=s.serve.api_key, ui=s.serve.ui, host=s.serve.host,
                         allowed_hosts=s.serve.allowed_hosts, max_body_mb=s.serve.max_body_mb)
         server = WebServer(app, s.serve.host, log_level=s.serve.log_level, sock=sock)
         page = "" if s.serve.ui else " (no page here: serve.ui=false)"
-        replicas = f" x {len(engine.replicas)} replicas" if len(engine.replicas) > 1 else ""
+        replicas = f" x {len(sessions.replicas)} replicas" if len(sessions.replicas) > 1 else ""
         print(f"smolcluster chat: {server.url}/{page}  ·  OpenAI API: {server.url}/v1  ·  model {name!r}  ·  "
-              f"{engine.stages} stages{replicas}, context {engine.context}", flush=True)
+              f"{sessions.stages} stages{replicas}, context {sessions.context}", flush=True)
         server.run()
     finally:
         logger.info("shutting down the pipeline")
-        engine.close()
+        sessions.close()

@@ -1,4 +1,4 @@
-"""An OpenAI-compatible HTTP API on the engine: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``.
+"""An OpenAI-compatible HTTP API on the sessions: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``.
 
 ``stream: true`` answers with server-sent events (``data: {chunk}\\n\\n`` per piece of
 text, then ``data: [DONE]``); ``stream: false`` with one JSON body. A client that
@@ -28,7 +28,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from loguru import logger
 from pydantic.json_schema import models_json_schema
 
-from smolcluster.serving.engine import Engine, Generation, PipelineDown
 from smolcluster.serving.fair_queue import QueueFull
 from smolcluster.serving.openai_requests import (
     APIError,
@@ -55,6 +54,7 @@ from smolcluster.serving.openai_schema import (
     dump,
     validation_error,
 )
+from smolcluster.serving.sessions import Generation, PipelineDown, Sessions
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what in (
@@ -76,14 +76,14 @@ def generation_error(gen: Generation) -> APIError:
 
 
 class OpenAIAPI:
-    def __init__(self, engine: Engine, model_name: str, *, chat_max_tokens: int = 128, created: int | None = None):
-        self.engine, self.model_name = engine, model_name
+    def __init__(self, sessions: Sessions, model_name: str, *, chat_max_tokens: int = 128, created: int | None = None):
+        self.sessions, self.model_name = sessions, model_name
         self.chat_max_tokens = chat_max_tokens
         self.created = created if created is not None else int(time.time())
 
     @property
     def limits(self) -> ModelLimits:
-        return ModelLimits(self.model_name, self.engine.context, self.engine.vocab_size, tuple(self.engine.adapters))
+        return ModelLimits(self.model_name, self.sessions.context, self.sessions.vocab_size, tuple(self.sessions.adapters))
 
     def install(self, app: FastAPI) -> None:
         """Add the routes (before any catch-all mount such as the chat page's)."""
@@ -104,7 +104,7 @@ class OpenAIAPI:
 
     # -- routes ---------------------------------------------------------------------------------------
     def model_card(self, model_id: str) -> ModelCard:
-        info = self.engine.model_info
+        info = self.sessions.model_info
         return ModelCard(id=model_id, created=self.created, owned_by="smolcluster",
                          architecture=info["architecture"], context_length=info["context"],
                          vocab_size=info["vocab_size"], kernels=info.get("kernels", []),
@@ -126,11 +126,11 @@ class OpenAIAPI:
                        "/v1/chat/completions", None, "unknown_url")
 
     async def completions(self, body: CompletionRequest, request: Request):
-        parsed = parse_completion(body, self.limits, self.engine.tokenizer)
+        parsed = parse_completion(body, self.limits, self.sessions.tokenizer)
         return await self.run(parsed, request)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
-        parsed = parse_chat(body, self.limits, self.engine.chat_format, self.chat_max_tokens)
+        parsed = parse_chat(body, self.limits, self.sessions.chat_format, self.chat_max_tokens)
         return await self.run(parsed, request)
 
     @staticmethod
@@ -152,7 +152,7 @@ class OpenAIAPI:
         # would otherwise take a fair share per name (the key is one shared secret: it names no one).
         user = request.client.host if request.client else "anonymous"
         try:
-            gen = self.engine.submit(parsed.prompt_ids, user=f"api:{user}", settings=parsed.settings,
+            gen = self.sessions.submit(parsed.prompt_ids, user=f"api:{user}", settings=parsed.settings,
                                      loop=asyncio.get_running_loop())
         except PipelineDown as e:
             raise APIError(503, str(e), None, "pipeline_unavailable", "service_unavailable") from None

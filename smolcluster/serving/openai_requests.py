@@ -1,4 +1,4 @@
-"""Validated OpenAI requests -> what the engine runs, with errors OpenAI clients understand.
+"""Validated OpenAI requests -> what the sessions run, with errors OpenAI clients understand.
 
 The bodies' shapes and types are checked by their models (:mod:`~smolcluster.serving.openai_schema`);
 what needs the model is checked here: the model's name, token ids within its vocabulary,
@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 from smolcluster.inference.adapters import adapter_of, model_ids
 from smolcluster.inference.sampling import SamplingParams
-from smolcluster.serving.engine import Settings
 from smolcluster.serving.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
     SamplingRequest,
 )
 from smolcluster.serving.prompting import ChatFormat, PromptTooLong, build_chat_prompt
+from smolcluster.serving.sessions import Settings
 
 
 class APIError(Exception):
@@ -73,7 +73,7 @@ class ModelLimits:
 
 
 def sampling(req: SamplingRequest, max_tokens: int | None, default_max_tokens: int) -> dict:
-    """The engine's settings for a request's length and sampling (OpenAI's defaults where it gives none)."""
+    """The sessions' settings for a request's length and sampling (OpenAI's defaults where it gives none)."""
     return {"max_new_tokens": max_tokens if max_tokens is not None else default_max_tokens,
             "sampling": SamplingParams.from_openai(req.temperature, req.top_p, req.top_k, req.seed)}
 

@@ -15,7 +15,7 @@ GPT-2 ties the LM head to the token embedding (``transformer.wte.weight``). In
 training the head sits on the last stage (the loss is computed there), so the first
 and last stage each hold a copy under the same name and keep them equal by summing
 their gradients (see ``train.py``). In inference the head may sit on the first stage
-instead, so the embedding is held once (see ``inference/serve.py``).
+instead, so the embedding is held once (see ``inference/stage.py``).
 """
 
 from __future__ import annotations

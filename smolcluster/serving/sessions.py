@@ -1,7 +1,8 @@
-"""The serving engine: one inference pipeline (or ``replicas`` of them) shared by the chat page and the HTTP API.
+"""The sessions: every user's answers multiplexed onto one inference pipeline (or ``replicas`` of them), shared by
+the chat page and the HTTP API. (The batching itself is the stages' work: :mod:`smolcluster.inference.stage`.)
 
-    engine = Engine(lambda: pipeline_from_config(cfg), max_active=4).start()
-    gen = engine.submit(ids, user="alice", settings=Settings(max_new_tokens=50, stop=("\\nUser:",)))
+    sessions = Sessions(lambda: pipeline_from_config(cfg), max_active=4).start()
+    gen = sessions.submit(ids, user="alice", settings=Settings(max_new_tokens=50, stop=("\\nUser:",)))
     for piece in gen.stream():   # text as it is made (stop strings already cut)
         ...
     gen.cancel()                 # the pipeline frees the request's KV caches
@@ -9,12 +10,12 @@
 Each :class:`Generation` waits for a slot in a :class:`~smolcluster.serving.fair_queue.FairQueue`,
 then runs in its own thread: it submits to the pipeline, applies the stop strings and
 hands the text to its consumer (a blocking iterator for Gradio, an ``async`` one for
-the API). When a stage is lost the pipeline fails every open request; the engine then
-answers at once with :class:`PipelineDown` (never a hang) and, with ``reconnect``,
+the API). When a stage is lost the pipeline fails every open request; the sessions then
+answer at once with :class:`PipelineDown` (never a hang) and, with ``reconnect``,
 rebuilds the pipeline in the background with backoff (a cluster's stages keep running;
 local stages are started again).
 
-Replicas. Given one ``connect`` per replica, the engine owns R pipelines behind the same queue:
+Replicas. Given one ``connect`` per replica, :class:`Sessions` owns R pipelines behind the same queue:
 each answer goes to one (:mod:`smolcluster.serving.router`: the replica holding its prompt's
 longest cached prefix, else the least loaded), a lost replica fails only its own answers
 (naming it and the stage) and is rebuilt while the others serve.
@@ -93,7 +94,7 @@ class Generation:
     finished_at: float | None = None
 
     def __post_init__(self):
-        self._engine: Engine | None = None
+        self._sessions: Sessions | None = None
         self._ticket = None
         self._request = None
         self._cancelled = False
@@ -141,14 +142,14 @@ class Generation:
             request, ticket = self._request, self._ticket
         if request is not None:
             request.cancel()
-        elif ticket is not None and self._engine is not None:
-            self._engine.queue.leave(ticket)  # wakes the runner, which finishes as cancelled
+        elif ticket is not None and self._sessions is not None:
+            self._sessions.queue.leave(ticket)  # wakes the runner, which finishes as cancelled
 
     def position(self) -> int:
         """Requests that will start before this one (0 once it runs)."""
-        if self.state != "queued" or self._engine is None or self._ticket is None:
+        if self.state != "queued" or self._sessions is None or self._ticket is None:
             return 0
-        return self._engine.queue.position(self._ticket)
+        return self._sessions.queue.position(self._ticket)
 
     def stats(self) -> dict:
         """Tokens, tokens/s (from submission to the pipeline to the end), time to first token
@@ -174,18 +175,18 @@ class Generation:
             pass
 
     def _run(self) -> None:
-        engine, s = self._engine, self.settings
+        sessions, s = self._sessions, self.settings
         reason, replica = "error", None
         try:
-            while not engine.queue.wait(self._ticket, 0.5):
-                if engine.closed:
+            while not sessions.queue.wait(self._ticket, 0.5):
+                if sessions.closed:
                     self.cancel()
             with self._lock:
                 if self._cancelled:
                     reason = "cancelled"
                     return
                 self.state = "running"
-            replica, pipe = engine._route(self)
+            replica, pipe = sessions._route(self)
             request = pipe.submit(self.prompt_ids, max_new_tokens=s.max_new_tokens, sampling=s.sampling,
                                   stop_at_eos=s.stop_at_eos, adapter=s.adapter)
             self.started_at = request.submitted_at
@@ -221,7 +222,7 @@ class Generation:
             reason = "stop" if stops.stopped or stopped_at_id else FINISH_REASONS.get(request.finish_reason, "stop")
         except PeerError as e:
             pipe_error = replica.error() if replica is not None else None
-            self.error = PipelineDown(f"{engine._whose(replica)} is down: {pipe_error}") if pipe_error else e
+            self.error = PipelineDown(f"{sessions._whose(replica)} is down: {pipe_error}") if pipe_error else e
         except SmolclusterError as e:  # PipelineDown, or a ConfigError the checks before submit missed
             self.error = e
         except Exception as e:  # a bug: keep the server up, fail this answer, keep the traceback in the log
@@ -232,15 +233,15 @@ class Generation:
             with self._lock:
                 self.finish_reason = "error" if self.error is not None else reason
                 self.state = "done"
-            engine.queue.leave(self._ticket)
-            engine._forget(self, replica)
+            sessions.queue.leave(self._ticket)
+            sessions._forget(self, replica)
             self._done.set()
             self._emit(_END)
 
 
 @dataclass
 class Replica:
-    """One pipeline of the engine's ``replicas``: its connection, state and the head's counts of what it serves."""
+    """One pipeline of the sessions' ``replicas``: its connection, state and the head's counts of what it serves."""
 
     index: int
     connect: Callable[[], object]
@@ -257,7 +258,7 @@ class Replica:
         return down
 
 
-class Engine:
+class Sessions:
     REBUILD_JOIN_S = 30.0  # close() waits this long for a reconnect in progress (a connect's own timeout ends it)
 
     def __init__(self, connect: Callable[[], object] | list[Callable[[], object]], *, max_active: int = 16,
@@ -295,7 +296,7 @@ class Engine:
 
         self.metrics, self._tokens_done, self._tokens_counted = metrics or OFF, 0, 0
 
-    def start(self) -> Engine:
+    def start(self) -> Sessions:
         """Connect every replica, at once (raises if one cannot be built), and watch them from then on."""
         pipes: list = [None] * len(self.replicas)
 
@@ -351,7 +352,7 @@ class Engine:
             raise PipelineDown("the server is shutting down")
         self.pipeline()  # fail fast rather than queue behind a pipeline that is down
         gen = Generation(f"gen-{next(self._ids)}", user, list(prompt_ids), settings)
-        gen._engine = self
+        gen._sessions = self
         if loop is not None:
             gen._loop, gen._events = loop, asyncio.Queue()
         gen._ticket = self.queue.join(user)
@@ -531,7 +532,7 @@ class Engine:
             t.join(timeout=self.REBUILD_JOIN_S)
             if t.is_alive():
                 logger.warning(f"{t.name} still connecting after {self.REBUILD_JOIN_S:.0f}s: leaving it (it closes "
-                               "what it builds once it sees the engine closed)")
+                               "what it builds once it sees the sessions closed)")
         with self._lock:
             pipes = [r.pipe for r in self.replicas if r.pipe is not None]
             for r in self.replicas:

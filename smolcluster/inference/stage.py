@@ -1,6 +1,6 @@
 """An inference stage: requests flow through this stage's layers, each with its own KV cache.
 
-    python -m smolcluster.inference.serve STAGE.json    # what a local launch runs per stage
+    python -m smolcluster.inference.stage STAGE.json    # what a local launch runs per stage
     python -m smolcluster.infer role=stage rank=N ...  # the same on a cluster node, from Hydra config
 
 A stage imports torch, numpy and zmq, never ``transformers``, and reads only its own
@@ -970,7 +970,7 @@ def serve(sc: ServeConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m smolcluster.inference.serve STAGE.json", file=sys.stderr)
+        print("usage: python -m smolcluster.inference.stage STAGE.json", file=sys.stderr)
         return 2
     from smolcluster.supervisor import sigterm_as_interrupt
 

@@ -1,6 +1,7 @@
 """A LAN of separate hosts on one Linux machine: each host a network namespace with its own address, all
 plugged into one bridge (a switch in a namespace of its own, so no host firewall rule applies), each link
-optionally shaped with ``tc qdisc ... tbf`` in both directions. Used by ``bench scaling`` and the netns tests.
+optionally shaped with ``tc qdisc ... tbf`` in both directions. Used by the netns tests and the benches
+(scaling, weights, lora, desk, replicas).
 
     [ns h0 SUBNET.10] --veth(eth0 | port ph0)--+
     [ns h1 SUBNET.11] --veth(eth0 | port ph1)--+-- br0 in [ns sw]
