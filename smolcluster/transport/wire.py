@@ -242,13 +242,6 @@ _FINITE_CHUNK = 1 << 22  # elements per isfinite() pass: bounds the temporary bo
 
 def _all_finite(arr: np.ndarray, dtype: str) -> bool:
     flat = arr.reshape(-1)
-    if flat.dtype == np.float32:
-        # a NaN or Inf makes the sum of squares non-finite: one BLAS pass without a temporary, faster than
-        # isfinite() on a gradient the server receives every step; only a non-finite sum (or one that
-        # overflowed) takes the exact pass below
-        with np.errstate(over="ignore", invalid="ignore"):
-            if math.isfinite(np.dot(flat, flat)):
-                return True
     for i in range(0, flat.size, _FINITE_CHUNK):
         part = flat[i : i + _FINITE_CHUNK]
         if dtype == "bfloat16":  # raw bits: NaN/Inf iff all 8 exponent bits are set
