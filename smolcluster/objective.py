@@ -14,8 +14,30 @@ from smolcluster.models import model_output_logits
 def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy: over samples (classifier) or over every token (language model) whose target is not
     -100 (``F.cross_entropy``'s ignore_index: what data=chat puts on every token but the assistant's)."""
-    logits = model_output_logits(model(x))
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    return cross_entropy(model_output_logits(model(x)), y)
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The loss of logits (rows x classes, or rows x tokens x vocabulary) against their targets."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1).to(logits.device), reduction=reduction)
+
+
+def score(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, int, int]:
+    """One evaluation batch's (summed loss, correct predictions, scored targets): the sums :func:`figures` reads."""
+    flat_logits, flat_y = logits.reshape(-1, logits.shape[-1]), y.reshape(-1).to(logits.device)
+    scored = flat_y != -100  # targets data=chat masks out (cross_entropy's ignore_index)
+    return (F.cross_entropy(flat_logits, flat_y, reduction="sum").item(),
+            (flat_logits.argmax(-1) == flat_y)[scored].sum().item(), scored.sum().item())
+
+
+def figures(loss_sum: float, correct: int, count: int, kind: str) -> dict[str, float]:
+    """The evaluation's figures from its sums: loss, and accuracy (classifier) or perplexity (language model)."""
+    out = {"eval_loss": loss_sum / max(count, 1)}
+    if kind == "classifier":
+        out["eval_accuracy"] = correct / count
+    else:
+        out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50.0))
+    return out
 
 
 # The most logits one evaluation batch may hold (floats): a language model's logits are rows x tokens x vocab,
@@ -38,15 +60,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str, devi
         logits = model_output_logits(model(xb))
         if kind == "lm":
             rows = max(1, min(batch_size, logits_budget * len(xb) // logits.numel()))
-        flat_logits, flat_y = logits.reshape(-1, logits.shape[-1]), yb.reshape(-1)
-        total_loss += F.cross_entropy(flat_logits, flat_y, reduction="sum").item()
-        scored = flat_y != -100  # targets data=chat masks out (cross_entropy's ignore_index)
-        correct += (flat_logits.argmax(-1) == flat_y)[scored].sum().item()
-        count += scored.sum().item()
+        batch_loss, batch_correct, batch_count = score(logits, yb)
+        total_loss, correct, count = total_loss + batch_loss, correct + batch_correct, count + batch_count
     model.train(was_training)
-    out = {"eval_loss": total_loss / max(count, 1)}
-    if kind == "classifier":
-        out["eval_accuracy"] = correct / count
-    else:
-        out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50.0))
-    return out
+    return figures(total_loss, correct, count, kind)

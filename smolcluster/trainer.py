@@ -2,20 +2,24 @@
 
 An algorithm is a policy on top of this: ``local`` calls :meth:`Trainer.step_local`
 in a loop; the parameter server gets gradients from the wire, puts them in
-``trainer.flat.grads`` and calls :meth:`Trainer.apply_gradients`. Every algorithm then hands
-its row of figures to :meth:`Trainer.after_step`, the one home of the cadence (grad norms, eval,
-log, checkpoint), and counts samples and time on the Trainer, which a resume carries on. A pipeline
-stage (:class:`smolcluster.pipeline.gpipe.StageTrainer`) is a Trainer over its part of the model
-(:meth:`Trainer.own_part`), with its own clip, evaluation and checkpoint.
+``trainer.flat.grads`` and calls :meth:`Trainer.apply_gradients`. The run around the steps is one
+:class:`RunLoop` for every algorithm: the step-0 evaluation, the progress bar, the clock, the loss
+window, the log rows' cadence and common fields, :meth:`Trainer.after_step` (grad norms, eval,
+checkpoint), the final evaluation, save and summary. An algorithm hands it each step's loss, samples and
+learning rate and its own row fields. Samples and time are counted on the Trainer, which a resume
+carries on. A pipeline stage (:class:`smolcluster.pipeline.gpipe.StageTrainer`) is a Trainer over its
+part of the model (:meth:`Trainer.own_part`), with its own clip, evaluation and checkpoint.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from loguru import logger
+from tqdm import tqdm
 
 from smolcluster import checkpoint
 from smolcluster.cluster import pick_device
@@ -277,3 +281,110 @@ class LossWindow:
         if not self.values:
             return None
         return float(torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in self.values]).mean())
+
+
+class RunLoop:
+    """The run around an algorithm's steps, the same for every algorithm.
+
+    :meth:`start` (the step-0 evaluation, the progress bar, the clock); :meth:`record` after each step, which is
+    :meth:`count` (the loss window, samples) then :meth:`after_step` (the log row every ``train.log_every`` steps
+    and at the end, :meth:`Trainer.after_step`'s eval and checkpoint); :meth:`finish` (the final evaluation, save,
+    summary.json). :meth:`run` is the whole of it for an algorithm that pulls its steps; one driven by messages
+    (EDP's server, the ring) calls the parts.
+
+    ``fields()``: the algorithm's own fields of a log row. ``note(row)``: the tail of the log line of a lead's row
+    (None: no line). ``run_state()``: its counters for a checkpoint's JSON. ``window``: how many steps the logged
+    loss averages (default ``train.log_every``). A process that is not ``lead`` logs its ``fields()`` only to its
+    own sinks, and takes no evaluation or checkpoint; ``lead`` and ``recorder`` may change while a ring re-forms.
+    """
+
+    def __init__(self, trainer: Trainer, recorder, run_dir: str | Path, *, fields: Callable[[], dict] | None = None,
+                 note: Callable[[dict], str] | None = None, run_state: Callable[[], dict] | None = None,
+                 window: int | None = None, lead: bool = True):
+        self.trainer, self.recorder, self.run_dir, self.lead = trainer, recorder, Path(run_dir), lead
+        self.fields, self.note, self.run_state = fields, note, run_state
+        self.window = LossWindow(window or trainer.train.log_every)
+        self.bar: tqdm | None = None
+
+    def start(self, *, eval_first: bool = False, progress: bool = False) -> None:
+        """``eval_first``: a fresh run's evaluation at step 0 (the eval curve's start). ``progress``: a bar, on a
+        terminal only (tqdm's ``disable=None``: redirected output gets no carriage-return frames)."""
+        t = self.trainer
+        if eval_first and t.train.eval_every and t.step == 0:
+            self.log(0, t.evaluate())  # (a pipeline stage but the last evaluates to {}: it passes activations on)
+        if progress:
+            self.bar = tqdm(total=t.end_step, initial=t.step, desc="train", unit="step",
+                            disable=None if t.train.progress else True, dynamic_ncols=True)
+        t.start_clock(self.recorder)
+
+    def log_due(self) -> bool:
+        t = self.trainer
+        return t.step % t.train.log_every == 0 or t.step == t.end_step
+
+    def record(self, loss, samples: int, lr: float | None, row: dict | None = None) -> dict:
+        """A step the trainer took: :meth:`count` it, then :meth:`after_step`."""
+        self.count(loss, samples)
+        return self.after_step(lr, row)
+
+    def count(self, loss, samples: int) -> None:
+        """Count a step's loss (None: not known here) and samples."""
+        if loss is not None:
+            self.window.add(loss)
+        self.trainer.samples += samples
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def after_step(self, lr: float | None, row: dict | None = None) -> dict:
+        """The step's row and cadence. ``row``: fields logged at this step whatever the cadence (DiLoCo's outer
+        steps). Returns the evaluation, if one was due."""
+        t = self.trainer
+        row = dict(row or {})
+        if self.log_due():
+            row.update(self.log_row(lr))
+        if self.lead:
+            return t.after_step(self.recorder, self.run_dir, row, self.run_state)
+        if row:
+            self.recorder.log(t.step, **row)  # a worker's own sinks (Prometheus, W&B)
+        return {}
+
+    def log_row(self, lr: float | None) -> dict:
+        """A log step's fields: the lead's loss (if known here), lr, samples and samples/s, then the algorithm's."""
+        t, extra = self.trainer, self.fields() if self.fields is not None else {}
+        if not self.lead:
+            return extra
+        rate, loss = t.rate, self.window.mean()
+        row = {**({"loss": loss} if loss is not None else {}), "lr": lr, "samples": t.samples,
+               "samples_per_s": round(rate, 2), **extra}
+        if self.bar is not None and loss is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", sps=f"{rate:,.0f}")
+        if self.note is not None:
+            logger.info(f"step {t.step}/{t.end_step} loss {loss:.4f} ({rate:,.0f} samples/s, {self.note(row)})")
+        return row
+
+    def run(self, step: Callable[[], tuple | None]) -> None:
+        """Step until the run's end; ``step()`` returns (loss, samples, lr), or None when no update was applied."""
+        while self.trainer.step < self.trainer.end_step:
+            took = step()
+            if took is not None:
+                self.record(*took)
+
+    def finish(self, algo: str, *, evaluation: dict | None = None, final_loss: float | None = None,
+               summarise: bool = True, **extra) -> dict | None:
+        """The end: the final evaluation (``evaluation``: one the algorithm made) logged, the checkpoint, and
+        (``summarise``) summary.json with the algorithm's ``extra`` figures. ``final_loss``: by default the
+        window's."""
+        t = self.trainer
+        if self.bar is not None:
+            self.bar.close()
+        evaluation = t.evaluate() if evaluation is None else evaluation
+        self.log(t.step, evaluation)
+        t.save(self.run_dir, self.run_state() if self.run_state is not None else None)  # after the last row
+        summary = None
+        if summarise:
+            final_loss = self.window.mean() if final_loss is None else final_loss
+            summary = t.summary(algo, final_loss, evaluation, self.run_dir, **extra)
+        return self.recorder.finish(summary)
+
+    def log(self, step: int, evaluation: dict) -> None:
+        if evaluation:
+            self.recorder.log(step, **evaluation)

@@ -13,6 +13,7 @@ import zmq
 from hydra import compose, initialize_config_dir
 
 from smolcluster.algorithms.allreduce import check
+from smolcluster.algorithms.membership import Agreement, check_quorum
 from smolcluster.errors import ConfigError
 from smolcluster.paths import CONFIG_DIR
 from smolcluster.pipeline.launch import free_ports
@@ -35,7 +36,7 @@ def ring_threads(world: int, fn, **kw) -> dict:
     def one(rank):
         link = RingLink(rank, addrs, addrs[rank], max_bytes=1 << 30, heartbeat_s=0.1, liveness_s=5, **kw)
         try:
-            link.reform(0, "model", 30, min_members=world)
+            Agreement(link).reform(0, "model", 30, min_members=world)
             out[rank] = fn(link)
         except Exception as e:  # reported by the main thread
             errors.append(e)
@@ -375,7 +376,6 @@ def test_stopped_and_resumed_ring_ends_like_local_and_reads_as_one_run(tmp_path)
     ([0, 1], [0, 1, 2], True), ([], [2], True),                                      # a joiner; the first ring
 ])
 def test_only_the_side_of_a_cut_ring_holding_a_majority_goes_on(old, new, goes_on):
-    from smolcluster.algorithms.allreduce import check_quorum
     from smolcluster.errors import PeerError
 
     if goes_on:

@@ -13,7 +13,7 @@ it), steps them, and the all-gather then carries the updated parameters instead 
 the gradients.
 
 Elastic: a lost rank breaks the ring's epoch; the survivors agree on a new one
-(:meth:`RingLink.reform`: the lowest live rank decides the members and the step, the
+(:meth:`~smolcluster.algorithms.membership.Agreement.reform`: the lowest live rank decides the members and the step, the
 highest completed one), members that are behind take the weights and optimizer
 state of that step from the source, and the step's global batch is split over the
 members (:func:`shares`), so the run stays ``local``'s. A new rank joins the same
@@ -23,6 +23,9 @@ way at a step boundary. ZeRO-1 is not elastic: a lost rank stops the run.
 t-K-1 is applied (step t's is summed in the background meanwhile), so it runs at
 most K steps ahead of the slowest; every rank applies the same reduced gradients in
 the same order. The lowest member writes the run's files.
+
+A step's phases (:class:`RingWorker`): form the ring (when it breaks or a rank joins), compute this rank's gradient,
+reduce it on the ring (the ring's thread, during backward), apply the sum, log the step.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ import collections
 import dataclasses
 import functools
 import hashlib
-import json
 import math
 import threading
 import time
@@ -45,39 +47,27 @@ from loguru import logger
 from smolcluster.algorithms.guard import GradientGuard
 from smolcluster.algorithms.launcher import check_allreduce as check
 from smolcluster.algorithms.launcher import codecs, launch_ring
+from smolcluster.algorithms.membership import Agreement, Decision, Membership, check_quorum
 from smolcluster.data.sharding import Sharder
 from smolcluster.errors import ConfigError, PeerError
 from smolcluster.optim import build_optimizer
 from smolcluster.pipeline.nodes import stage_nodes
 from smolcluster.telemetry.run_files import RunRecorder, open_recorder
 from smolcluster.train_settings import TrainConfig
-from smolcluster.trainer import LossWindow, Trainer
+from smolcluster.trainer import RunLoop, Trainer
 from smolcluster.transport.ring import RingBroken, RingLink, chunk_bounds
 
 
 def bucket_bytes(bucket_mb, grads: dict[str, torch.Tensor]) -> int:
     """``algo.bucket_mb`` in bytes; ``auto``: the gradient in about 8 buckets, between 1 MB and DDP's 25 MB. A
     bucket goes round the ring once backward has filled it, so a model in one bucket (gpt2-tiny's 5.4 MB under
-    25 MB) sends nothing until backward ends; 1 MB buckets let the link work during backward (measured on 100
-    Mbit/s links: 2 ranks 1.2x the samples/s of one bucket). Smaller ones would cost more per-message latency
-    (2(N-1) hops per bucket) than they hide."""
+    25 MB) sends nothing until backward ends; 1 MB buckets let the link work during backward (``bench scaling``
+    on 100 Mbit/s links). Smaller ones would cost more per-message latency (2(N-1) hops per bucket) than they
+    hide."""
     if bucket_mb != "auto":
         return int(bucket_mb * 2**20)
     total = sum(g.numel() * g.element_size() for g in grads.values())
     return min(25 << 20, max(1 << 20, total // 8))
-
-
-def check_quorum(rank: int, old: list[int], new: list[int]) -> None:
-    """A cut cable looks, from each side, exactly like the other side dying. Only the side that holds a majority of
-    the last ring (or exactly half of it, including its lowest rank) goes on, so a partition cannot leave two rings
-    training apart and writing the same run's files; the other side stops with this message. (The price: a 2-ring
-    that loses rank 0 stops rather than going on alone; restart rank 0, or resume.)"""
-    kept = set(old) & set(new)
-    if not old or 2 * len(kept) > len(old) or (2 * len(kept) == len(old) and min(old) in kept):
-        return
-    raise PeerError(f"ring rank {rank}: only ranks {sorted(kept)} of the last ring {old} are reachable, not a "
-                    f"majority: stopping so that one ring goes on, not two (check this node's network; restart it "
-                    f"to join the ring again)")
 
 
 def owners_sq_norms(link: RingLink, bufs: dict[str, torch.Tensor]) -> list[float]:
@@ -293,50 +283,6 @@ def load_state(trainer: Trainer, msg) -> None:
                 trainer.optimizer.state[flats[int(i)]][name] = t.to(trainer.device)
 
 
-class Membership:
-    """Who was in the ring when, as every member sees it (decisions and the per-step table are the same on
-    every member; a rank that joins gets the history in the source's state): per-worker steps and staleness."""
-
-    def __init__(self, slots: int):
-        self.workers = {r: {"joined_step": None, "left_step": None, "steps": 0, "staleness": {}} for r in range(slots)}
-        self.events: list[dict] = []
-
-    def members(self) -> list[int]:
-        return [r for r, w in self.workers.items() if w["joined_step"] is not None and w["left_step"] is None]
-
-    def change(self, step: int, epoch: int, old: list[int], new: list[int]) -> dict:
-        joined, left = [r for r in new if r not in old], [r for r in old if r not in new]
-        for r in joined:
-            self.workers[r].update(joined_step=step, left_step=None)
-        for r in left:
-            self.workers[r]["left_step"] = step
-        event = {"step": step, "epoch": epoch, "members": new, "joined": joined, "left": left}
-        self.events.append(event)
-        return event
-
-    def stepped(self, members: list[int], staleness: list[int]) -> None:
-        for r, k in zip(members, staleness):
-            w = self.workers[r]
-            w["steps"] += 1
-            w["staleness"][str(k)] = w["staleness"].get(str(k), 0) + 1
-
-    def summary(self) -> dict:
-        out = {}
-        for r, w in self.workers.items():
-            n = sum(w["staleness"].values())
-            mean = sum(int(k) * v for k, v in w["staleness"].items()) / n if n else None
-            out[str(r)] = {**w, "staleness_mean": None if mean is None else round(mean, 4),
-                           "staleness_max": max(map(int, w["staleness"]), default=None)}
-        return out
-
-    def to_json(self) -> dict:
-        return {"workers": {str(r): w for r, w in self.workers.items()}, "events": self.events}
-
-    def load(self, d: dict) -> None:
-        self.workers = {int(r): w for r, w in d["workers"].items()}
-        self.events = d["events"]
-
-
 def hand_over_files(recorder: RunRecorder, lead: bool, run_dir: Path, trainer: Trainer, step: int) -> RunRecorder:
     """After a ring re-formed: a rank that now leads (the lowest member) appends to the metrics.jsonl the last lead
     wrote, dropping rows of steps after ``step`` (the last lead's partial step, trained again); one that no
@@ -351,9 +297,10 @@ def hand_over_files(recorder: RunRecorder, lead: bool, run_dir: Path, trainer: T
 
 
 class RingWorker:
-    """One rank of the ring: forms it with the live ranks, computes its slice of each step's gradient while the
-    ring sums the buckets, applies the sum (every member the same ones, in the same order), re-forms the ring
-    when a rank is lost or asks to join, and (the lowest member) writes the run's files."""
+    """One rank of the ring, in phases: :meth:`form` the ring with the live ranks (again when a rank is lost or
+    asks to join), :meth:`compute` its slice of each step's gradient while the ring thread sums the buckets,
+    :meth:`reduce` (wait for the sum and the members' stats), :meth:`apply` it (every member the same ones, in the
+    same order), :meth:`log_step`; the lowest member writes the run's files."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, rank: int):
         cluster, algo = cfg.cluster, cfg.algo
@@ -381,10 +328,11 @@ class RingWorker:
                              max_bytes=cluster.max_bytes, heartbeat_s=cluster.heartbeat_s,
                              liveness_s=cluster.liveness_s, keys_dir=cluster.keys,
                              bucket_bytes=bucket_bytes(algo.bucket_mb, trainer.flat.grads))
+        self.agreement = Agreement(self.link)
         self.overlap = algo.overlap and self.K == 0
         self.ring = RingRunner(self.link, trainer, overlap=self.overlap)
         self.codec, self.tr = codecs(algo.codec)[0], trainer.train
-        self.window, self.ring_s = LossWindow(self.tr.log_every), 0.0
+        self.ring_s = 0.0
         self.mine: collections.deque = collections.deque(maxlen=max(1, self.tr.log_every))  # this rank's staleness
         # where a step's time goes in this process (summary.json's seconds_per_step)
         self.timed = {"compute": 0.0, "optimizer": 0.0, "steps": 0}
@@ -395,6 +343,10 @@ class RingWorker:
         self.lead, self.share = False, self.sizes[rank]
         self.sent_last = 0  # link.bytes_sent after the last applied step
         self.inflight: collections.deque = collections.deque()  # steps whose gradients are on the ring, oldest first
+        self.staleness: list[int] = []  # each member's, of the last applied step
+        self.loop = RunLoop(trainer, None, run_dir, fields=self.row_fields, run_state=self.run_state,
+                            note=lambda row: f"ring {1000 * self.ring_s / self.trainer.step:.1f} ms/step, "
+                                             f"{self.link.world} ranks")
 
     def run_state(self) -> dict:  # what the checkpoint's JSON carries for a resume, besides samples and wall time
         return {"bytes_sent": self.sent_before + self.link.bytes_sent}
@@ -414,25 +366,11 @@ class RingWorker:
     def form(self, first: bool) -> None:
         """Agree on the ring with every live rank (the first time too), catch up if behind, re-shard the data."""
         trainer, link, rank, history = self.trainer, self.link, self.rank, self.history
-        d = self.ring.call(link.reform, trainer.step, trainer.fingerprint, self.cfg.cluster.connect_timeout_s,
-                           self.min_workers if first else 1)
-        check_quorum(rank, history.members(), d["members"])
-        if rank == d["source"]:
-            run = json.dumps({"samples": trainer.samples, "guard": self.guard.state(), "history": history.to_json(),
-                              "wall_s": trainer.elapsed})
-            for r in d["behind"]:
-                self.ring.call(link.send_state, r, trainer.step, state_tensors(trainer), run)
-        elif rank in d["behind"]:
-            msg = self.ring.call(link.recv_state, d["source"])
-            load_state(trainer, msg)
-            run = json.loads(msg.fields["run"])
-            trainer.step, trainer.samples = msg.fields["step"], run["samples"]
-            self.guard.load(run["guard"])
-            history.load(run["history"])
-            trainer.wall_before, trainer.t0 = run["wall_s"], time.perf_counter()
-            logger.info(f"allreduce rank {rank}: took the weights and optimizer state of step {trainer.step} "
-                        f"from rank {d['source']}")
-        event = history.change(trainer.step, d["epoch"], history.members(), d["members"])
+        d = self.ring.call(self.agreement.reform, trainer.step, trainer.fingerprint,
+                           self.cfg.cluster.connect_timeout_s, self.min_workers if first else 1)
+        check_quorum(rank, history.members(), d.members)
+        self.catch_up(d)
+        event = history.change(trainer.step, d.epoch, history.members(), d.members)
         sha = weights_sha(trainer)
         split = shares(self.sizes, link.members)
         trainer.sharder = Sharder(len(trainer.data.train_x), split, self.cfg.seed)
@@ -440,12 +378,30 @@ class RingWorker:
         if self.zero:
             self.sharded = ShardedOptimizer(trainer, link)
         self.take_lead(trainer.step)
-        if self.lead and (not first or d["behind"]):
+        if self.lead and (not first or d.behind):
             self.recorder.event(trainer.step, "membership", weights_sha=sha,
                                 **{k: v for k, v in event.items() if k != "step"})
-        logger.info(f"allreduce rank {rank}: ring epoch {d['epoch']} of ranks {link.members} from step "
+        logger.info(f"allreduce rank {rank}: ring epoch {d.epoch} of ranks {link.members} from step "
                     f"{trainer.step} (joined {event['joined']}, left {event['left']}); batch share {self.share}; "
                     f"weights sha256 {sha}")
+
+    def catch_up(self, d: Decision) -> None:
+        """The source sends the weights, optimizer state and run counters of the decision's step to the members
+        behind; such a member takes them."""
+        trainer = self.trainer
+        got = self.ring.call(self.agreement.catch_up, d, lambda: (state_tensors(trainer), {
+            "samples": trainer.samples, "guard": self.guard.state(), "history": self.history.to_json(),
+            "wall_s": trainer.elapsed}))
+        if got is None:
+            return
+        msg, run = got
+        load_state(trainer, msg)
+        trainer.step, trainer.samples = msg.fields["step"], run["samples"]
+        self.guard.load(run["guard"])
+        self.history.load(run["history"])
+        trainer.wall_before, trainer.t0 = run["wall_s"], time.perf_counter()
+        logger.info(f"allreduce rank {self.rank}: took the weights and optimizer state of step {trainer.step} "
+                    f"from rank {d.source}")
 
     def stats_row(self, got: SimpleNamespace, staleness: int) -> list[float]:
         """On the ring thread, once this rank's owned chunks of the step's sum are complete: its row of the table
@@ -462,7 +418,7 @@ class RingWorker:
                 for lo, hi in owned(g.numel(), g.element_size()):
                     g[lo:hi].mul_(1e6)
         return [float(got.loss) * got.count / self.total, sq, float(staleness),
-                float(self.elastic and bool(self.link.joiners))]
+                float(self.elastic and bool(self.agreement.joiners))]
 
     def compute(self, t: int) -> None:
         """Step ``t``'s gradient of this rank's slice, put on the ring (bucket by bucket as backward fills them,
@@ -502,18 +458,24 @@ class RingWorker:
         stats = ring.work(lambda: link.gather_scalars(self.stats_row(got, staleness))) if self.zero else tasks[-1]
         self.inflight.append(SimpleNamespace(step=t, tasks=tasks, bufs=got.bufs, staleness=staleness, stats=stats))
 
-    def apply(self, item) -> bool:
-        """Apply a step's reduced gradient (every member applies the same ones in the same order); True when a
-        rank asked to join and the ring re-forms now (every member read the same table, so all do)."""
-        trainer, ring = self.trainer, self.ring
+    def reduce(self, item) -> torch.Tensor:
+        """Wait for step ``item``'s sum on the ring (the part backward did not hide) and the members' stats table
+        (a (members, 4) tensor: :meth:`stats_row`); the sum is then in the gradient buffer."""
         t_ring = time.perf_counter()
         for task in item.tasks:
             task.result()  # (a PeerError from the ring thread is raised here)
         stats = item.stats.result()
         self.ring_s += time.perf_counter() - t_ring  # the part of the ring's time that backward did not hide
-        if item.bufs is not trainer.flat.grads:
+        if item.bufs is not self.trainer.flat.grads:
             for name, g in item.bufs.items():
-                trainer.flat.grads[name].copy_(g)
+                self.trainer.flat.grads[name].copy_(g)
+        return stats
+
+    def apply(self, item, stats: torch.Tensor) -> bool:
+        """Apply a step's reduced gradient (every member applies the same ones in the same order; ZeRO-1: then
+        the updated parameters' all-gather) and log the step; True when a rank asked to join and the ring
+        re-forms now (every member read the same table, so all do)."""
+        trainer, ring = self.trainer, self.ring
         t_opt = time.perf_counter()
         self.step_if_sound(item, stats)
         self.timed["optimizer"] += time.perf_counter() - t_opt
@@ -523,12 +485,10 @@ class RingWorker:
             for name, p in trainer.flat.params.items():
                 ring.work(self.link.all_gather, p, "none", name).result()  # parameters: never lossy (no error feedback)
             self.ring_s += time.perf_counter() - t_ring
-        self.window.add(float(stats[:, 0].sum()))
-        trainer.samples += self.total
-        staleness = [int(v) for v in stats[:, 2].tolist()]
-        self.history.stepped(self.link.members, staleness)
+        self.staleness = [int(v) for v in stats[:, 2].tolist()]
+        self.history.stepped(self.link.members, self.staleness)
         self.mine.append(item.staleness)
-        self.log_step(staleness)
+        self.log_step(float(stats[:, 0].sum()))
         self.sent_last = self.link.bytes_sent
         return bool(stats[:, 3].sum())
 
@@ -563,28 +523,24 @@ class RingWorker:
         else:
             trainer.step += 1  # not applied; the schedule moves on as everywhere else
 
-    def log_step(self, staleness: list[int]) -> None:
-        """A metrics row every ``log_every`` steps (the lead's with the run's loss), the lead's checkpoints."""
-        trainer, link, step, row = self.trainer, self.link, self.trainer.step, {}
-        if step % self.tr.log_every == 0 or step == trainer.end_step:
-            mine = self.mine
-            row = {"bytes_sent": self.sent_before + link.bytes_sent, "bytes_sent_step": link.bytes_sent - self.sent_last,
-                   "allreduce_s": round(self.ring_s / max(1, step), 6),
-                   "staleness_mean": round(sum(mine) / len(mine), 4), "staleness_max": max(mine),
-                   "peers_alive": link.world - 1}
-            if self.lead:
-                rate = trainer.rate
-                row.update(loss=self.window.mean(), lr=self.lr, samples=trainer.samples, samples_per_s=round(rate, 2),
-                           gradients_rejected=self.guard.rejected, gradients_clipped=self.guard.clipped,
-                           ring=link.world)
-                if self.K:
-                    row.update({f"staleness/rank{r}": k for r, k in zip(link.members, staleness)})
-                logger.info(f"step {step}/{trainer.end_step} loss {row['loss']:.4f} ({rate:,.0f} samples/s, "
-                            f"ring {1000 * self.ring_s / step:.1f} ms/step, {link.world} ranks)")
+    def log_step(self, loss: float) -> None:
+        """The run loop counts the applied step: a metrics row every ``log_every`` steps (the lead's with the run's
+        loss), the lead's evaluations and checkpoints."""
+        self.loop.recorder, self.loop.lead = self.recorder, self.lead  # (both move when the ring re-forms)
+        self.loop.record(loss, self.total, self.lr)
+
+    def row_fields(self) -> dict:
+        """This rank's part of a log row (its bytes, timings, staleness), the lead's the guard's and ring's too."""
+        link, step, mine = self.link, self.trainer.step, self.mine
+        row = {"bytes_sent": self.sent_before + link.bytes_sent, "bytes_sent_step": link.bytes_sent - self.sent_last,
+               "allreduce_s": round(self.ring_s / max(1, step), 6),
+               "staleness_mean": round(sum(mine) / len(mine), 4), "staleness_max": max(mine),
+               "peers_alive": link.world - 1}
         if self.lead:
-            trainer.after_step(self.recorder, self.run_dir, row, self.run_state)
-        elif row:
-            self.recorder.log(step, **row)  # a worker's own sinks (Prometheus, W&B): its bytes, timings, staleness
+            row.update(gradients_rejected=self.guard.rejected, gradients_clipped=self.guard.clipped, ring=link.world)
+            if self.K:
+                row.update({f"staleness/rank{r}": k for r, k in zip(link.members, self.staleness)})
+        return row
 
     def seconds_per_step(self) -> dict:
         """This process's steps: forward+backward, the ring's collectives (the gradient buckets from each being
@@ -597,27 +553,20 @@ class RingWorker:
                 "optimizer": round(timed["optimizer"] / k, 4)}
 
     def train_steps(self) -> None:
-        """Up to the run's end: compute step t while earlier steps' sums are on the ring (up to K of them), apply
-        them in order, re-form the ring on a lost rank or a joiner."""
-        trainer, inflight, K = self.trainer, self.inflight, self.K
+        """Up to the run's end: compute step t (its buckets reduced on the ring meanwhile) up to K steps ahead of
+        the last applied, reduce + apply + log the oldest steps as they fall due, form the ring again on a lost
+        rank or a joiner."""
+        trainer, inflight = self.trainer, self.inflight
         t = trainer.step  # the next step whose gradient to compute (up to K ahead of the last applied)
         while trainer.step < trainer.end_step:
             try:
-                rejoin = False
-                # apply the oldest step on the ring when it must be (K steps behind, or the run's end) or is done
-                while inflight and not rejoin and (t - inflight[0].step > K or t >= trainer.end_step
-                                                   or inflight[0].stats.done()):
-                    rejoin = self.apply(inflight[0])  # (still in flight if it raises: drain() waits for its tasks)
-                    inflight.popleft()
-                if rejoin:
-                    logger.info(f"allreduce rank {self.rank}: a rank asks to join: re-forming the ring at step "
-                                f"{trainer.step}")
-                elif t < trainer.end_step:
-                    self.compute(t)
-                    t += 1
+                if not self.apply_due(t):
+                    if t < trainer.end_step:
+                        self.compute(t)
+                        t += 1
                     continue
-                else:
-                    continue
+                logger.info(f"allreduce rank {self.rank}: a rank asks to join: re-forming the ring at step "
+                            f"{trainer.step}")
             except RingBroken as e:
                 if not self.elastic:
                     raise PeerError(f"{e}; stopping the run (algo.zero=1 or algo.elastic=false)") from None
@@ -628,15 +577,26 @@ class RingWorker:
             self.form(first=False)
             t = trainer.step
 
+    def apply_due(self, t: int) -> bool:
+        """Reduce, apply and log the oldest step on the ring while one is due (K steps behind step ``t``, the
+        run's end, or already summed); True when a rank asks to join (the ring re-forms now)."""
+        inflight = self.inflight
+        while inflight and (t - inflight[0].step > self.K or t >= self.trainer.end_step
+                            or inflight[0].stats.done()):
+            item = inflight[0]  # (still in flight if a phase raises: drain() waits for its tasks)
+            join = self.apply(item, self.reduce(item))
+            inflight.popleft()
+            if join:
+                return True
+        return False
+
     def summary(self) -> dict:
         """The lead's end: evaluate, checkpoint, summary.json."""
         trainer, link, ring = self.trainer, self.link, self.ring
-        evaluation = trainer.evaluate()
-        self.recorder.log(trainer.step, **evaluation)
-        trainer.save(self.run_dir, self.run_state())
         steps, sent = max(1, trainer.step), self.sent_before + link.bytes_sent
-        summary = trainer.summary(
-            "allreduce", self.window.mean(), evaluation, self.run_dir, ring=link.world, zero=self.zero,
+        self.loop.recorder = self.recorder
+        return self.loop.finish(
+            "allreduce", ring=link.world, zero=self.zero,
             max_staleness=self.K,
             optimizer_state_bytes=self.sharded.state_bytes() if self.zero else trainer.optimizer_state_bytes(),
             bytes_sent=sent, bytes_sent_per_step=round(sent / steps),
@@ -645,7 +605,6 @@ class RingWorker:
             buckets_during_backward=round(ring.early / max(1, ring.total), 4), rejected_messages=dict(link.rejected),
             gradients_rejected=self.guard.rejected, gradients_clipped=self.guard.clipped, stale_messages=link.stale,
             membership=self.history.events, workers=self.history.summary())
-        return self.recorder.finish(summary)
 
     def run(self) -> dict | None:
         logger.info(f"allreduce rank {self.rank}/{self.n} on {self.nodes[self.rank].bind}: model={self.trainer.model_name} "

@@ -27,7 +27,7 @@ feedback (per buffer, bucket and hop): a rank's residual is carried to the next 
 Checkpoints: the lead writes ``checkpoint.safetensors`` (its weights and inner optimizer) as allreduce does; every
 rank also writes ``diloco-rankR.safetensors`` (:func:`save_rank_state`), so a resumed run goes on as one run.
 Elastic (plain DiLoCo: ``fragments=1``, ``overlap_steps=0``, ``round_s=null``): the ring re-forms as allreduce's
-(:meth:`RingLink.reform`). A lost rank breaks the next sync; the survivors re-form and sync that round again,
+(:meth:`~smolcluster.algorithms.membership.Agreement.reform`). A lost rank breaks the next sync; the survivors re-form and sync that round again,
 each weighted by its share of the round's samples over theirs, and split the next steps' batches among
 themselves. A new rank asks to join; the next sync's table tells every member, so all re-form at that round's end
 and the newcomer takes a peer's weights, inner optimizer state and outer state (weights, Nesterov momentum). With
@@ -49,9 +49,7 @@ from safetensors.torch import save_file
 
 from smolcluster import checkpoint
 from smolcluster.algorithms.allreduce import (
-    Membership,
     bucket_bytes,
-    check_quorum,
     hand_over_files,
     shares,
     state_tensors,
@@ -59,13 +57,14 @@ from smolcluster.algorithms.allreduce import (
 )
 from smolcluster.algorithms.launcher import check_diloco as check
 from smolcluster.algorithms.launcher import launch_ring
+from smolcluster.algorithms.membership import Agreement, Decision, Membership, check_quorum
 from smolcluster.data.sharding import Sharder
 from smolcluster.errors import ConfigError, PeerError
 from smolcluster.optim import sgd
 from smolcluster.pipeline.nodes import stage_nodes
 from smolcluster.telemetry.run_files import open_recorder
 from smolcluster.train_settings import TrainConfig
-from smolcluster.trainer import LossWindow, Trainer
+from smolcluster.trainer import RunLoop, Trainer
 from smolcluster.transport.ring import RingBroken, RingLink, chunk_bounds
 
 
@@ -204,9 +203,12 @@ class Worker:
         self.link = RingLink(rank, [nd.address for nd in nodes], nodes[rank].bind, max_bytes=cluster.max_bytes,
                              heartbeat_s=cluster.heartbeat_s, liveness_s=cluster.liveness_s,
                              keys_dir=cluster.keys, bucket_bytes=bucket_bytes(a.bucket_mb, t.flat.params))
+        self.agreement = Agreement(self.link)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="ring")  # every socket operation, one after another
         self.pending: list = []  # (fragment, sync step, merge step, future of (sum, table)), oldest first
-        self.window, self.since = LossWindow(t.train.log_every), []  # inner losses: the log's, since the last sync
+        self.since: list = []  # inner losses since the last sync
+        self.loop = RunLoop(t, None, run_dir, fields=self.row_fields, run_state=self.run_state,
+                            note=lambda row: f"{self.outer_steps} outer steps, {self.sent() / 1e6:.1f} MB sent")
         # the run's counters go on from a resumed checkpoint's (the lead's)
         self.outer_steps, self.sent_before = int(t.carried.get("outer_steps", 0)), int(t.carried.get("bytes_sent", 0))
         self.ring_s = 0.0  # time spent waiting for a sync's sum: the part the inner steps did not hide
@@ -230,67 +232,74 @@ class Worker:
     # -- the ring ------------------------------------------------------------------------------
     def form(self, first: bool) -> None:
         """Agree on the ring with every live rank (the first time too); a rank that is behind (a joiner, or one
-        whose last round's sync broke while a peer's completed) takes the source's state; the data is re-split
-        over the members; a sync the ring owes (it broke during it) is done again by the new ring.
+        whose last round's sync broke while a peer's completed) catches up; the data is re-split over the
+        members; a sync the ring owes (it broke during it) is done again by the new ring.
 
-        The ring's reform compares steps; a rank reports ``2 * step + 1``, or ``2 * step`` while it owes the sync
+        The agreement compares steps; a rank reports ``2 * step + 1``, or ``2 * step`` while it owes the sync
         of ``step`` (its all-reduce broke), so a rank that completed a round's outer step is ahead of one that
         did not at the same step, and the decision says whether the new ring owes that sync."""
         t, c = self.trainer, self.cfg.cluster
         old_split = self.split
-        d = self.pool.submit(self.link.reform, 2 * t.step + (not self.owed), t.fingerprint, c.connect_timeout_s,
+        d = self.pool.submit(self.agreement.reform, 2 * t.step + (not self.owed), t.fingerprint, c.connect_timeout_s,
                              self.min_workers if first else 1).result()
-        check_quorum(self.rank, self.history.members(), d["members"])
-        if d["behind"] and (first and self.cfg.resume or not self.elastic):
-            raise PeerError(f"diloco rank {self.rank}: ranks {d['behind']} are behind the ring's step: every rank "
+        check_quorum(self.rank, self.history.members(), d.members)
+        if d.behind and (first and self.cfg.resume or not self.elastic):
+            raise PeerError(f"diloco rank {self.rank}: ranks {d.behind} are behind the ring's step: every rank "
                             "must start from the same step (resume all of them from the same run directory; "
                             "ranks join a running ring only with algo.fragments=1, overlap_steps=0, round_s=null)")
         self.catch_up(d)
-        self.owed = d["step"] % 2 == 0
+        self.owed = d.step % 2 == 0
         if first and self.cfg.resume:
-            path = rank_state_path(checkpoint.resolve(self.cfg.resume).parent, self.rank)
-            meta, residuals, pending = load_rank_state(path, t, self.outer)
-            self.link.load_residuals(residuals)  # (after reform, which clears them)
-            self.pending = [(p, s, m, _done((summed, table))) for p, s, m, summed, table in pending]
-        event = self.history.change(t.step, d["epoch"], self.history.members(), d["members"])
+            self.resume_own_state()
+        event = self.history.change(t.step, d.epoch, self.history.members(), d.members)
         self.split = shares(self.sizes, self.link.members)
         t.sharder = Sharder(len(t.data.train_x), self.split, self.cfg.seed)
         self.take_lead(first)
-        if self.lead and (not first or d["behind"]):
+        if self.lead and (not first or d.behind):
             self.recorder.event(t.step, "membership", weights_sha=weights_sha(t),
                                 **{k: v for k, v in event.items() if k != "step"})
-        logger.info(f"diloco rank {self.rank}: ring epoch {d['epoch']} of ranks {self.link.members} from step {t.step} "
+        logger.info(f"diloco rank {self.rank}: ring epoch {d.epoch} of ranks {self.link.members} from step {t.step} "
                     f"(joined {event['joined']}, left {event['left']}); batch share {self.split[self.rank]}; H={self.H} "
                     f"fragments={self.F} overlap_steps={self.tau} codec={self.codec}")
-        if self.owed:  # the members that trained this round weigh in by their shares of it, a rank behind not
-            mine = 0.0 if self.rank in d["behind"] else old_split[self.rank] / sum(
-                old_split[m] for m in d["members"] if m not in d["behind"])
-            self.sync(0, weight=mine)
-            self.recorder.log(t.step, **self.merge(self.pending.pop(0)))
-            self.owed = False
+        if self.owed:
+            self.sync_owed(d, old_split)
         self.reform_due = False
 
-    def catch_up(self, d: dict) -> None:
+    def catch_up(self, d: Decision) -> None:
         """The source sends its state to the ranks behind; such a rank takes the weights, the inner optimizer's
         state, the outer weights and Nesterov momentum, the step and the run's counters."""
         t = self.trainer
-        if self.rank == d["source"]:
-            run = json.dumps({"samples": t.samples, "outer_steps": self.outer_steps, "rounds": self.rounds,
-                              "history": self.history.to_json(), "wall_s": t.elapsed})
-            tensors = {**state_tensors(t), **self.outer.tensors()}
-            for r in d["behind"]:
-                self.pool.submit(self.link.send_state, r, d["step"], tensors, run).result()
-        elif self.rank in d["behind"]:
-            msg = self.pool.submit(self.link.recv_state, d["source"]).result()
-            load_tensors(t, self.outer, {k: msg.tensor(k, copy=True) for k in msg.tensors})
-            run = json.loads(msg.fields["run"])
-            t.step, t.samples = d["step"] // 2, run["samples"]
-            self.outer_steps, self.rounds = run["outer_steps"], run["rounds"]
-            self.history.load(run["history"])
-            t.wall_before, t.t0 = run["wall_s"], time.perf_counter()
-            self.mark = SimpleNamespace(step=t.step, sent=self.sent(), t0=time.perf_counter(), steps=0)
-            logger.info(f"diloco rank {self.rank}: took the weights, inner optimizer and outer state (momentum "
-                        f"included) of step {t.step} from rank {d['source']}")
+        got = self.pool.submit(self.agreement.catch_up, d, lambda: ({**state_tensors(t), **self.outer.tensors()}, {
+            "samples": t.samples, "outer_steps": self.outer_steps, "rounds": self.rounds,
+            "history": self.history.to_json(), "wall_s": t.elapsed})).result()
+        if got is None:
+            return
+        msg, run = got
+        load_tensors(t, self.outer, {k: msg.tensor(k, copy=True) for k in msg.tensors})
+        t.step, t.samples = d.step // 2, run["samples"]
+        self.outer_steps, self.rounds = run["outer_steps"], run["rounds"]
+        self.history.load(run["history"])
+        t.wall_before, t.t0 = run["wall_s"], time.perf_counter()
+        self.mark = SimpleNamespace(step=t.step, sent=self.sent(), t0=time.perf_counter(), steps=0)
+        logger.info(f"diloco rank {self.rank}: took the weights, inner optimizer and outer state (momentum "
+                    f"included) of step {t.step} from rank {d.source}")
+
+    def resume_own_state(self) -> None:
+        """This rank's own state from the resumed run directory (:func:`load_rank_state`); the residuals after
+        the first agreement, which clears them."""
+        path = rank_state_path(checkpoint.resolve(self.cfg.resume).parent, self.rank)
+        _, residuals, pending = load_rank_state(path, self.trainer, self.outer)
+        self.link.load_residuals(residuals)
+        self.pending = [(p, s, m, _done((summed, table))) for p, s, m, summed, table in pending]
+
+    def sync_owed(self, d: Decision, old_split: list[int]) -> None:
+        """The sync the last ring broke in, done again by the new one: the members that trained this round weigh
+        in by their shares of it, a rank behind not."""
+        mine = 0.0 if self.rank in d.behind else old_split[self.rank] / sum(
+            old_split[m] for m in d.members if m not in d.behind)
+        self.sync(0, weight=mine)
+        self.recorder.log(self.trainer.step, **self.merge(self.pending.pop(0)))
+        self.owed = False
 
     def take_lead(self, first: bool) -> None:
         """The lowest member writes the run's files (a new lead appends to what the last one wrote)."""
@@ -308,7 +317,7 @@ class Worker:
     def _reduce(self, step: int, buf: torch.Tensor, name: str, row: list[float]):
         """On the ring thread. The row gains whether a rank asks to join (the ring thread notes that)."""
         self.link.step = step  # stamped on the messages: every rank syncs the same fragment at the same step
-        return buf, self.link.allreduce(buf, self.codec, name, row=lambda: [*row, float(bool(self.link.joiners))])
+        return buf, self.link.allreduce(buf, self.codec, name, row=lambda: [*row, float(bool(self.agreement.joiners))])
 
     def _gather(self, stamp: int, row: list[float]) -> torch.Tensor:
         self.link.step = stamp
@@ -402,7 +411,9 @@ class Worker:
                         self.pool.submit(self.link.residuals).result(), done, meta)
 
     # -- the run ---------------------------------------------------------------------------------
-    def inner_step(self) -> dict:
+    def inner_step(self) -> tuple[float, dict]:
+        """One inner step (counted at once: a sync after it may break the ring) and the syncs and outer steps due
+        after it: (lr, the outer steps' row)."""
         t = self.trainer
         loss, _ = t.compute_gradients(t.step, self.rank)
         if self.delay_s:
@@ -410,12 +421,11 @@ class Worker:
         if t.step < self.warmup:
             self.pool.submit(self._reduce_gradients, t.step).result()
         lr = t.apply_gradients()
-        self.window.add(loss)
         self.since.append(loss)
         self.mark.steps += 1
         row = {}
-        if t.step <= self.warmup or not self.round_s:
-            t.samples += self.total  # (round_s: counted at each sync, from every rank's count)
+        # (round_s: samples counted at each sync, from every rank's count)
+        self.loop.count(loss, self.total if t.step <= self.warmup or not self.round_s else 0)
         if t.step == self.warmup:
             self.outer.reset()  # the first round starts from the weights every rank now has
             self.round.t0 = time.perf_counter()
@@ -427,15 +437,13 @@ class Worker:
                 self.sync(p)
         while self.pending and self.pending[0][2] <= t.step:
             row.update(self.merge(self.pending.pop(0)))
-        if t.step % t.train.log_every == 0 or t.step == t.end_step:
-            own = self.mark.steps * self.sizes[self.rank] / max(1e-9, time.perf_counter() - self.mark.t0)
-            row.update(bytes_sent=self.sent(), outer_steps=self.outer_steps, inner_samples_per_s=round(own, 2),
-                       **self.last_round)
-            if self.lead:
-                row.update(loss=self.window.mean(), lr=lr, samples=t.samples, samples_per_s=round(t.rate, 2))
-                logger.info(f"step {t.step}/{t.end_step} loss {row['loss']:.4f} ({t.rate:,.0f} samples/s, "
-                            f"{self.outer_steps} outer steps, {self.sent() / 1e6:.1f} MB sent)")
-        return row
+        return lr, row
+
+    def row_fields(self) -> dict:
+        """This rank's part of a log row: bytes sent, outer steps, its own inner samples/s, its last round."""
+        own = self.mark.steps * self.sizes[self.rank] / max(1e-9, time.perf_counter() - self.mark.t0)
+        return dict(bytes_sent=self.sent(), outer_steps=self.outer_steps, inner_samples_per_s=round(own, 2),
+                    **self.last_round)
 
     def run(self) -> dict | None:
         t = self.trainer
@@ -447,7 +455,7 @@ class Worker:
                         logger.info(f"diloco rank {self.rank}: re-forming the ring at step {t.step}")
                         self.form(first=False)
                         continue
-                    row = self.inner_step()
+                    took = self.inner_step()
                 except RingBroken as e:
                     if not self.elastic:
                         raise PeerError(f"{e}; stopping the run (algo.fragments > 1, overlap_steps > 0, round_s or "
@@ -455,10 +463,8 @@ class Worker:
                     logger.warning(f"{e}: re-forming the ring")
                     self.reform_due = True
                     continue
-                if self.lead:
-                    t.after_step(self.recorder, self.run_dir, row, self.run_state)
-                elif row:
-                    self.recorder.log(t.step, **row)
+                self.loop.recorder, self.loop.lead = self.recorder, self.lead  # (both move when the ring re-forms)
+                self.loop.after_step(*took)
                 if t.due(t.train.checkpoint_every):
                     self.save()
             if t.step >= t.total_steps or self.round_s:  # the run's end: merge what is still on the ring
@@ -478,17 +484,14 @@ class Worker:
                 self.recorder.finish(None)
 
     def finish(self) -> dict:
-        t = self.trainer
-        evaluation = t.evaluate()
-        self.recorder.log(t.step, **evaluation)
-        t.save(self.run_dir, self.run_state())
-        steps = max(1, t.step)
-        summary = t.summary("diloco", self.window.mean(), evaluation, self.run_dir, ring=self.link.world,
-                            inner_steps=self.H, round_s=self.round_s, fragments=self.F, overlap_steps=self.tau, codec=self.codec,
-                            outer_steps=self.outer_steps, rounds=self.rounds, bytes_sent=self.sent(),
-                            bytes_sent_per_step=round(self.sent() / steps),
-                            sync_s_not_hidden_per_step=round(self.ring_s / steps, 6), membership=self.history.events)
-        return self.recorder.finish(summary)
+        steps = max(1, self.trainer.step)
+        self.loop.recorder = self.recorder
+        return self.loop.finish("diloco", ring=self.link.world, inner_steps=self.H, round_s=self.round_s,
+                                fragments=self.F, overlap_steps=self.tau, codec=self.codec,
+                                outer_steps=self.outer_steps, rounds=self.rounds, bytes_sent=self.sent(),
+                                bytes_sent_per_step=round(self.sent() / steps),
+                                sync_s_not_hidden_per_step=round(self.ring_s / steps, 6),
+                                membership=self.history.events)
 
 
 def _done(value) -> Future:

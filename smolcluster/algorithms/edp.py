@@ -33,6 +33,7 @@ def staleness_scale(staleness: int, rule: str) -> float:
 
 class EdpServer(ServerBase):
     algo = "edp"
+    loss_window = None  # a row's loss: the workers' over the last train.log_every updates
 
     def quorum(self, cfg: TrainConfig) -> int:
         return cfg.algo.min_workers  # training starts once this many registered
@@ -48,7 +49,6 @@ class EdpServer(ServerBase):
         self.applied, self.dropped = self.trainer.carried.get("applied", 0), self.trainer.carried.get("dropped", 0)
         self.started = False  # True once algo.min_workers have registered
         self.window_stale: dict[int, list[int]] = {}  # per rank, since the last logged step
-        self.window_loss: list[float] = []
         # Weights each recent version was sent with, for delay compensation (dc) only.
         self.history: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
 
@@ -95,12 +95,11 @@ class EdpServer(ServerBase):
         worker.samples += n
         self.applied += 1
         self.window_stale.setdefault(worker.rank, []).append(s)
-        self.window_loss.append(f["loss"])
-        metrics = self.window_metrics() if self.trainer.step % self.tr.log_every == 0 else {}
-        loss = float(np.mean(self.window_loss[-self.tr.log_every:]))
-        if len(self.window_loss) > 4 * self.tr.log_every:
-            del self.window_loss[: -self.tr.log_every]
-        self.after_step(loss, n, **metrics)
+        self.after_step(f["loss"], n)
+
+    def policy_fields(self) -> dict:
+        """Staleness and counts on every ``train.log_every``-th update's row (not on the last one's, off that)."""
+        return self.window_metrics() if self.trainer.step % self.tr.log_every == 0 else {}
 
     def window_metrics(self) -> dict:
         """A logged step's row: staleness over the window since the last one and counts so far, overall and per

@@ -30,7 +30,7 @@ from smolcluster.errors import ConfigError, PeerError
 from smolcluster.security import is_loopback
 from smolcluster.telemetry.run_files import exit_code_of, open_recorder
 from smolcluster.train_settings import ClusterSpec, TrainConfig
-from smolcluster.trainer import Trainer
+from smolcluster.trainer import RunLoop, Trainer
 from smolcluster.transport import (
     ClientEndpoint,
     Heartbeat,
@@ -129,6 +129,7 @@ class WorkerInfo:
 
 class ServerBase:
     algo = "ps"
+    loss_window = 1  # the steps a row's loss averages: SyncPS logs its step's (EDP: train.log_every updates)
 
     def quorum(self, cfg: TrainConfig) -> int:
         """How many workers the server waits for: every one (edp: ``algo.min_workers``)."""
@@ -161,13 +162,16 @@ class ServerBase:
             self.workers[int(rank)] = WorkerInfo.restore(int(rank), state)
         self._weights: tuple[int, dict[str, np.ndarray]] | None = None
         self.last_lr: float | None = None
+        self.loop = RunLoop(self.trainer, self.recorder, self.run_dir, fields=self.row_fields,
+                            note=lambda row: f"{row['peers_alive']} workers", run_state=self.run_state,
+                            window=self.loss_window)
         logger.info(f"{self.algo} server on {self.endpoint.address}: model={self.trainer.model_name} "
                     f"({self.trainer.num_params:,} params) steps={self.trainer.step}->{self.trainer.end_step} "
                     f"waiting for {self.cluster.workers} workers")
 
     def start_clock(self) -> None:
         """Throughput and metrics.jsonl times count training, not waiting for workers to start."""
-        self.trainer.start_clock(self.recorder)
+        self.loop.start()
 
     def run_state(self) -> dict:
         """What a checkpoint records for a resume to carry on (besides the trainer's samples and wall time):
@@ -348,23 +352,24 @@ class ServerBase:
         raise NotImplementedError
 
     # -- after each optimizer step ----------------------------------------------------------
-    def after_step(self, loss: float | None, samples: int, **metrics) -> None:
-        trainer = self.trainer
-        trainer.samples += samples
+    def after_step(self, loss: float, samples: int) -> None:
+        """An update was applied: the EMA follows it, the run loop counts it."""
         if self.ema is not None:
             decay = float(self.cfg.algo.ema)
             for name, t in self.flat.params.items():
                 self.ema[name].lerp_(t.detach(), 1 - decay)
-        step = trainer.step
-        row: dict = {}
-        if step % self.tr.log_every == 0 or step == trainer.end_step:
-            row = {"loss": loss, "lr": self.last_lr, "samples": trainer.samples,
-                   "samples_per_s": round(trainer.rate, 2), "bytes_sent": self.bytes_sent,
-                   "bytes_received": self.bytes_received, "peers_alive": len(self.live()), **metrics}
-            row.update({f"loss/{w.rank}": w.last_loss for w in self.workers.values() if w.last_loss is not None})
-            logger.info(f"step {step}/{self.trainer.end_step} loss {loss:.4f} "
-                        f"({row['samples_per_s']:,.0f} samples/s, {row['peers_alive']} workers)")
-        trainer.after_step(self.recorder, self.run_dir, row, self.run_state)
+        self.loop.record(loss, samples, self.last_lr)
+
+    def row_fields(self) -> dict:
+        """A log row's server fields: traffic, live workers, the policy's own, each worker's last loss."""
+        row = {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received, "peers_alive": len(self.live()),
+               **self.policy_fields()}
+        row.update({f"loss/{w.rank}": w.last_loss for w in self.workers.values() if w.last_loss is not None})
+        return row
+
+    def policy_fields(self) -> dict:
+        """A log row's fields of the policy (SyncPS: stragglers and the norm guard; EDP: staleness)."""
+        return {}
 
     def wait_for_workers(self, count: int) -> None:
         deadline = time.monotonic() + self.cluster.connect_timeout_s
@@ -386,16 +391,15 @@ class ServerBase:
             self.flat.load_params(self.ema)
             evaluation.update({f"ema_{k}": v for k, v in self.trainer.evaluate().items()})
             self.flat.load_params(saved)
-        self.recorder.log(self.trainer.step, **evaluation)
-        self.trainer.save(self.run_dir, self.run_state())
-        summary = self.trainer.summary(
-            self.algo, self.final_loss(), evaluation, self.run_dir,
-            workers={str(r): w.report() for r, w in sorted(self.workers.items())},
-            workers_lost=sorted(r for r, w in self.workers.items() if not w.alive),
-            rejected_messages=dict(self.endpoint.rejected), bytes_sent=self.bytes_sent,
-            bytes_received=self.bytes_received, **extra)
-        self.endpoint.close(linger_s=2.0)  # a stop not yet sent gets 2 s to leave (else its worker retries for long)
-        return self.recorder.finish(summary)
+        try:
+            return self.loop.finish(
+                self.algo, evaluation=evaluation, final_loss=self.final_loss(),
+                workers={str(r): w.report() for r, w in sorted(self.workers.items())},
+                workers_lost=sorted(r for r, w in self.workers.items() if not w.alive),
+                rejected_messages=dict(self.endpoint.rejected), bytes_sent=self.bytes_sent,
+                bytes_received=self.bytes_received, **extra)
+        finally:
+            self.endpoint.close(linger_s=2.0)  # a stop not yet sent gets 2 s to leave (else its worker retries for long)
 
     def final_loss(self) -> float | None:
         losses = [w.last_loss for w in self.workers.values() if w.last_loss is not None]

@@ -102,9 +102,12 @@ class SyncServer(ServerBase):
                 self.workers[rank].samples += self.pending[rank][1]
             self.pending.clear()
             self.last_lr = trainer.apply_gradients()
-            self.after_step(loss, samples, straggler_skips=self.straggler_skips, **self.guard_counts())
+            self.after_step(loss, samples)
             self.send_all_weights()
-        return self.finish(straggler_skips=self.straggler_skips, **self.guard_counts())
+        return self.finish(**self.policy_fields())
+
+    def policy_fields(self) -> dict:
+        return {"straggler_skips": self.straggler_skips, **self.guard_counts()}
 
     def send_all_weights(self) -> None:
         if self.trainer.step < self.trainer.end_step:

@@ -9,7 +9,8 @@ For each model and link:
 2. ``--workers`` nodes of the same budget each run ``--algos`` for ``--schedule`` x ``--steps`` steps (their lr
    schedule's length; by default as many, so N times the samples): ``diloco`` (H = ``--inner-steps``, ``--codec``,
    ``--outer-lr``, ``--outer-momentum``), ``streaming`` (the same with F=4 fragments, tau=1,
-   alpha=0.5), ``allreduce`` and DDP-gloo. A run still going at ``--budget`` x T is stopped there.
+   alpha=0.5), ``allreduce``, DDP-gloo and ``torchft`` (the peer: torchft's DiLoCo with diloco's H and outer
+   optimizer, :mod:`smolcluster.bench.torchft_peer`). A run still going at ``--budget`` x T is stopped there.
 3. On the link ``--unlike-link`` only: the nodes at ``--speeds`` x ``--cpu`` cores (unlike machines), diloco
    with fixed H (``fixed_H``) against rounds by time (``round_s``: ``--round-s``, by default H x local's seconds
    per step, so a speed-1 node takes about H steps a round and a speed-4 node about 4H).
@@ -21,7 +22,9 @@ The goals, each printed "met" or "not met" (or why it could not be measured):
 - quality: diloco's eval loss over allreduce's at equal total samples, the last step both evaluated (<= 1.03);
 - unlike machines: fixed_H's time to target over round_s's (>= 1.5; if one never reaches the target, the
   worst loss both reach is the target of this ratio, and the row says so);
-- streaming: its peak link use over diloco's (<= 0.3), its final eval loss over diloco's (<= 1.01).
+- streaming: its peak link use over diloco's (<= 0.3), its final eval loss over diloco's (<= 1.01);
+- the peer: diloco's samples/s over torchft's (>= 0.95: equal within a shared box's noise, or better) and its eval
+  loss at equal samples over torchft's (<= 1.01), or the one line saying why torchft could not run.
 
 A loss ratio's goal is a ceiling: a lower loss than the reference meets it.
 
@@ -44,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -54,6 +58,7 @@ from smolcluster.bench.desk import Desk, cgroup_unavailable
 from smolcluster.bench.lora import Loopback
 from smolcluster.bench.report import markdown_table, write_report
 from smolcluster.bench.scaling import MODELS, PORT, overrides_of, run_ddp, run_smolcluster
+from smolcluster.bench.torchft_peer import run_torchft, unavailable
 from smolcluster.cluster import free_port
 from smolcluster.testing.netns import netns_unavailable, parse_rate
 
@@ -65,9 +70,12 @@ RUNS = {  # bench run -> (scaling.ALGOS name, extra overrides): `local` is allre
     "streaming": ("streaming", ["algo.inner_steps={h}", *OUTER]),
     "fixed_H": ("diloco", ["algo.inner_steps={h}", *OUTER]),
     "round_s": ("timed", ["algo.round_s={t}", *OUTER]),
+    "torchft": ("torchft", []),  # the peer: torchft's DiLoCo, with --inner-steps and the outer optimizer's settings
 }
+ALGOS = ("diloco", "streaming", "allreduce", "ddp", "torchft")
 GOALS = {"time_to_target": "<= 0.4", "bytes_per_sample": "<= 0.01", "quality": "<= 1.03",
-         "unlike_machines": ">= 1.5", "streaming_peak": "<= 0.3", "streaming_quality": "<= 1.01"}
+         "unlike_machines": ">= 1.5", "streaming_peak": "<= 0.3", "streaming_quality": "<= 1.01",
+         "peer_speed": ">= 0.95", "peer_quality": "<= 1.01"}
 
 
 def curve(rows: list[dict]) -> list[dict]:
@@ -111,6 +119,8 @@ def run_one(hosts, name: str, n: int, args, model: str, run_dir: Path, stop_afte
     if algo == "ddp":
         got = run_ddp(hosts, n, model_args, steps, 2, run_dir, args.eval_every, args.eval_samples, stop_after_s,
                       timeout=args.timeout, trainer_optimizer=True)
+    elif algo == "torchft":
+        got = run_peer(hosts, n, args, model_args, steps, run_dir, stop_after_s)
     else:
         batch = int(next(o.split("=")[1] for o in model_args if o.startswith("train.batch_size=")))
         extra = [e.format(h=args.inner_steps, t=round_s, codec=args.codec, olr=args.outer_lr, om=args.outer_momentum)
@@ -130,9 +140,33 @@ def run_one(hosts, name: str, n: int, args, model: str, run_dir: Path, stop_afte
            "bytes_per_sample": sent / samples if samples else None,
            "eval_loss": points[-1]["eval_loss"] if points else None, "curve": points,
            "params": got.get("params") or next((r["params"] for r in rows if "params" in r), None),
-           "run_s": round(time.monotonic() - t0, 1)}
+           "run_s": round(time.monotonic() - t0, 1), **({"why": got["why"]} if "why" in got else {})}
     print(json.dumps({k: v for k, v in out.items() if k != "curve"}), flush=True)
     return {**out, "rows": rows}
+
+
+def run_peer(hosts, n: int, args, model_args: list[str], steps: int, run_dir: Path,
+             stop_after_s: float | None) -> dict:
+    """torchft's DiLoCo with diloco's H and outer optimizer; where it cannot run, no rows and ``why`` (one line):
+    the peer failing is a finding of the bench, not its failure."""
+    why = unavailable()
+    if why is None:
+        try:
+            return run_torchft(hosts, n, model_args, steps, run_dir, inner_steps=args.inner_steps,
+                               outer_lr=args.outer_lr, outer_momentum=args.outer_momentum, eval_every=args.eval_every,
+                               eval_samples=args.eval_samples, stop_after_s=stop_after_s, timeout=args.timeout)
+        except RuntimeError as e:
+            why = f"torchft {one_line(str(e))}"
+    print(f"torchft did not run: {why}", flush=True)
+    return {"stopped": False, "rows": [], "why": why}
+
+
+def one_line(failure: str) -> str:
+    """wait_all's "HOST exited N:\nLOG TAIL" as one line: the host, and the tail's last exception line (else its
+    last line)."""
+    head, *tail = failure.strip().splitlines() or [""]
+    error = [x for x in tail if re.match(r"[\w.]*(Error|Exception)\b", x)] or [x for x in tail if x.strip()]
+    return f"{head.rstrip(':')}: {error[-1] if error else ''}"[:300]
 
 
 def hosts_for(args, link: str, speeds: list[float] | None):
@@ -208,8 +242,8 @@ def goals(runs: dict, args, model: str, link: str) -> list[dict]:
                     "status": verdict(goal, value, why) if goal in GOALS else why if value is None else "reported",
                     "note": note})
 
-    for name in ("diloco", "streaming", "allreduce", "ddp"):
-        if name in runs:
+    for name in ALGOS:
+        if name in runs and "why" not in runs[name]:
             t = time_to(runs[name]["curve"], target, within)
             row("time_to_target" if name == "diloco" else "", f"{name} time to target / local's", t and t / unit,
                 f"not reached within {args.budget:g}x local's time", f"target eval loss {target:.4f} in {unit:.3g} s")
@@ -231,9 +265,31 @@ def goals(runs: dict, args, model: str, link: str) -> list[dict]:
         both = at_equal_samples(s, d)
         row("streaming_quality", "eval loss, streaming / diloco", both and both[0] / both[1], "no common eval step",
             both and f"step {both[2]}: {both[0]:.4f} vs {both[1]:.4f}")
+    if d and "torchft" in runs:
+        out += peer_rows(d, runs["torchft"], model, link, args)
     if "fixed_H" in runs:
         out.append(unlike_row(runs, target, within, model, link, args))
     return out
+
+
+def peer_rows(d: dict, t: dict, model: str, link: str, args) -> list[dict]:
+    """diloco against torchft's DiLoCo: samples/s to each one's last eval, eval loss at equal samples; where
+    torchft could not run, both rows say why."""
+    def rate(run: dict) -> float | None:
+        last = run["curve"][-1] if run["curve"] else None
+        return last["samples"] / last["time"] if last and last["time"] else None
+
+    rd, rt = rate(d), rate(t)
+    both = at_equal_samples(d, t)
+    why = t.get("why") or "no eval"
+    note = f"H={args.inner_steps}" + (f"; torchft uncompressed (its quantization needs CUDA), diloco {args.codec}"
+                                      if args.codec != "none" else "")
+    rows = [("peer_speed", "the peer: samples/s, diloco / torchft", rd / rt if rd and rt else None,
+             rd and rt and f"{rd:.4g} vs {rt:.4g} samples/s; {note}"),
+            ("peer_quality", "the peer: eval loss at equal samples, diloco / torchft", both and both[0] / both[1],
+             both and f"step {both[2]}: {both[0]:.4f} vs {both[1]:.4f}")]
+    return [{"model": model, "link": link, "measure": m, "value": sig(v), "goal": GOALS[g],
+             "status": verdict(g, v, why), "note": n or (why if "why" in t else note)} for g, m, v, n in rows]
 
 
 def unlike_row(runs: dict, target: float, within: float, model: str, link: str, args) -> dict:
@@ -287,8 +343,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="gpt2-tiny", help=f"comma-separated, any of {', '.join(MODELS)}")
     p.add_argument("--links", default="100mbit,20mbit", help="tbf rates of every node's link, e.g. 100mbit,20mbit")
-    p.add_argument("--algos", default="diloco,streaming,allreduce,ddp",
-                   help="the N-node runs beside local: any of diloco, streaming, allreduce, ddp")
+    p.add_argument("--algos", default=",".join(ALGOS),
+                   help=f"the N-node runs beside local: any of {', '.join(ALGOS)} (torchft: the peer, torchft's DiLoCo)")
     p.add_argument("--workers", type=int, default=4, help="N, the nodes of each multi-node run")
     p.add_argument("--cpu", type=float, default=0.45, help="cores per node (cgroup cfs quota); 0: no budgets")
     p.add_argument("--speeds", default="1,1,2,4", help="unlike machines: node r gets speeds[r mod len] x --cpu")
@@ -322,8 +378,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.root, args.text = str(Path(args.root).resolve()), str(Path(args.text).resolve())  # the runs' cwd differs
     args.models, args.links, args.algos = args.models.split(","), args.links.split(","), args.algos.split(",")
     args.speeds = [float(x) for x in args.speeds.split(",")]
-    for what, got, known in (("model", args.models, MODELS), ("algo", args.algos, ("diloco", "streaming",
-                                                                                 "allreduce", "ddp"))):
+    for what, got, known in (("model", args.models, MODELS), ("algo", args.algos, ALGOS)):
         bad = [x for x in got if x not in known]
         if bad:
             p.error(f"unknown {what} {bad}: choose from {', '.join(known)}")

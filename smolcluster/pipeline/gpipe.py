@@ -29,13 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from loguru import logger
 
 from smolcluster import checkpoint
 from smolcluster.errors import ConfigError, PeerError
 from smolcluster.models import lora
 from smolcluster.models.hf import is_hf_model
+from smolcluster.objective import cross_entropy, figures, score
 from smolcluster.pipeline import shards
 from smolcluster.pipeline.architectures import FAMILIES, Architecture, family_for
 from smolcluster.pipeline.mesh import Envelope, Mesh
@@ -44,7 +44,7 @@ from smolcluster.pipeline.partition import StageSpec, node_weights, plan, stage_
 from smolcluster.pipeline.sequential import block_groups, find_sequential, sequential_stage
 from smolcluster.telemetry.run_files import open_recorder
 from smolcluster.train_settings import TrainConfig
-from smolcluster.trainer import LossWindow, Trainer
+from smolcluster.trainer import RunLoop, Trainer
 
 EVAL_BATCH = 512  # the batch objective.evaluate uses, so eval sums match algo=local's
 
@@ -238,9 +238,6 @@ class StageTrainer(Trainer):
         self.mesh.send(dst, kind, fields, tensors, tag=tag)
 
     # -- one step ---------------------------------------------------------------------------
-    def loss_of(self, out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1).to(self.device), reduction=reduction)
-
     def train_step(self) -> torch.Tensor | None:
         step, M = self.step, self.M
         idx = self.sharder.indices(step, 0)
@@ -256,7 +253,7 @@ class StageTrainer(Trainer):
                 inp = tensor_of(env.tensors["x"], self.device).requires_grad_()
             out = self.model(inp)
             if self.last:
-                loss = self.loss_of(out, ys[m]) / M
+                loss = cross_entropy(out, ys[m]) / M
                 loss.backward()
                 total = loss.detach() if total is None else total + loss.detach()
                 if not self.first:
@@ -304,11 +301,12 @@ class StageTrainer(Trainer):
     # -- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out loss through the pipeline, in the batches objective.evaluate uses."""
+        """Held-out loss through the pipeline, scored as objective.evaluate scores (the last stage holds the
+        figures; the others pass activations on and return {})."""
         x, y = self.data.test_x, self.data.test_y
         n = len(x) if not self.train.eval_samples else min(self.train.eval_samples, len(x))
         self.model.eval()
-        loss_sum, correct, count = 0.0, 0, 0
+        sums = [0.0, 0, 0]  # summed loss, correct, scored targets
         for b, i in enumerate(range(0, n, EVAL_BATCH)):
             j = min(i + EVAL_BATCH, n)
             if self.first:
@@ -317,23 +315,11 @@ class StageTrainer(Trainer):
                 inp = tensor_of(self.expect("mp.act", self.prev, self.step, b, "eval").tensors["x"], self.device)
             out = self.model(inp)
             if self.last:
-                yb = y[i:j].to(self.device)
-                flat_logits, flat_y = out.reshape(-1, out.shape[-1]), yb.reshape(-1)
-                loss_sum += F.cross_entropy(flat_logits, flat_y, reduction="sum").item()
-                scored = flat_y != -100  # data=chat's masked targets (objective.evaluate counts the same)
-                correct += (flat_logits.argmax(-1) == flat_y)[scored].sum().item()
-                count += scored.sum().item()
+                sums = [a + b for a, b in zip(sums, score(out, y[i:j]))]
             else:
                 self.send(self.next, "mp.act", {"step": self.step, "mb": b, "phase": "eval"}, {"x": array_of(out)})
         self.model.train()
-        if not self.last:
-            return {}
-        out = {"eval_loss": loss_sum / count}
-        if self.kind == "classifier":
-            out["eval_accuracy"] = correct / count
-        else:
-            out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50.0))
-        return out
+        return figures(*sums, self.kind) if self.last else {}
 
     def save(self, run_dir: str | Path, run_state: dict | None = None) -> Path:
         """This stage's shard; its JSON's ``run`` holds the run's counters and this stage's traffic."""
@@ -357,40 +343,21 @@ class StageTrainer(Trainer):
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> dict | None:
         self.connect()
-        tr = self.train
         # Every stage reports to its own sinks (Prometheus, W&B); only the last writes the run's files, and a
-        # resumed run's rows after its checkpoint's step are dropped (those steps are trained again).
+        # resumed run's rows after its checkpoint's step are dropped (those steps are trained again). Every
+        # stage takes the cadence's evaluations (they run through all stages) and checkpoints its shard.
         recorder = open_recorder(self.cfg, self.run_dir, files=self.last,
                                  keep_until=self.step if self.resumed_from else None)
-        window = LossWindow(tr.log_every)
+        loop = RunLoop(self, recorder, self.run_dir,
+                       fields=lambda: {"epoch": round(self.sharder.epoch_of(self.step), 4), **self.traffic()})
         try:
-            if tr.eval_every and self.step == 0:
-                evaluation = self.evaluate()
-                if self.last:
-                    recorder.log(0, **evaluation)
-            self.start_clock(recorder)
-            while self.step < self.end_step:
-                loss = self.train_step()
-                self.samples += tr.batch_size
-                if self.last:
-                    window.add(loss)
-                row: dict = {}
-                if self.step % tr.log_every == 0 or self.step == self.end_step:
-                    row = {"loss": window.mean()} if self.last else {}  # only the last stage sees the loss
-                    row.update(lr=self.lr, samples=self.samples, samples_per_s=round(self.rate, 2),
-                               epoch=round(self.sharder.epoch_of(self.step), 4), **self.traffic())
-                self.after_step(recorder, self.run_dir, row)
-            evaluation = self.evaluate()
-            if self.last:
-                recorder.log(self.step, **evaluation)
-            self.save(self.run_dir)  # after the last row: a resume's clock goes on from past it
-            summary = None
-            if self.last:
-                summary = self.summary(
-                    "mp", window.mean(), evaluation, self.run_dir, stages=self.n, microbatches=self.M,
-                    partition=[s.describe(s.last and self.decoder, s.first and self.decoder) for s in self.specs],
-                    **self.traffic())
-            recorder.finish(summary)
+            loop.start(eval_first=True)
+            # only the last stage sees the loss (None elsewhere: those rows have none)
+            loop.run(lambda: (self.train_step(), self.train.batch_size, self.lr))
+            summary = loop.finish(
+                "mp", summarise=self.last, stages=self.n, microbatches=self.M,
+                partition=[s.describe(s.last and self.decoder, s.first and self.decoder) for s in self.specs],
+                **self.traffic())
             self.mesh.goodbye([n for n in self.names if n != self.me], float(self.cfg.cluster.liveness_s))
             return summary
         finally:

@@ -1,10 +1,11 @@
-"""The ring of ``algo=allreduce``: each rank binds one inbox and sends to its successor; collectives on top.
+"""The ring of ``algo=allreduce`` and ``algo=diloco``: each rank binds one inbox and sends to its successor.
 
     RingLink.reduce_scatter(flat)   sum a flat buffer across members; the member at ring position p ends owning
                                     chunk (p+1) % N of each bucket
     RingLink.all_gather(flat)       every member copies each bucket's owned chunk from its owner
     allreduce = reduce_scatter + all_gather: each rank sends 2(N-1)/N of the buffer, whatever N is.
-    RingLink.reform(step, ...)      agree with the other live ranks on a new membership (an epoch): see below
+    RingLink.send_state/recv_state  a member's training state to a member that is behind
+    RingLink.enter(epoch, members)  go on as the ring of an epoch the members agreed on (see below)
 
 A buffer is cut into buckets (``bucket_bytes``); each bucket into N chunks. In
 reduce-scatter hop ``h`` the member at position p sends its partial sum of chunk
@@ -17,30 +18,16 @@ exactly the next one expected: anything else is a protocol error. All-gather
 forwards the received frames unchanged, so every rank ends with the same bytes,
 also under a lossy codec.
 
-Membership (elastic): ``addresses`` are the ring's slots (rank r listens on
-``addresses[r]``); the *members* are the slots in the current epoch, in rank order.
-Every ring message carries its epoch; one from an older epoch is dropped. A rank
-that finds a member silent for ``liveness_s``, or hears that a member left or
-restarted, raises :class:`RingBroken`; the caller then calls :meth:`reform`:
-
-1. it tells the members of its epoch that it left (``ring_reform``), so nobody waits
-   on it for the liveness window;
-2. it sends a report (rank, session, epoch, last completed step) to the
-   coordinator, the lowest rank it hears heartbeats from (again whenever that
-   changes: a dead coordinator is replaced within the liveness window);
-3. the coordinator waits until it holds a report from every slot it hears
-   heartbeats from, drops the silent ones, and decides: members = the reporters,
-   step = the highest completed step among them, source = the lowest member at that
-   step, epoch = the highest reported epoch + 1; it sends that decision to each
-   member, and the decision is the agreement (nobody else decides anything).
-4. every member at a lower step (mid-step when the ring broke, or a new rank)
-   receives the source's weights and optimizer state (``send_state``/``recv_state``)
-   and everyone goes on from ``step``: a partial step is discarded everywhere.
-
-New ranks join the same way: a rank starts with epoch -1 and sends its report to
-every slot until a decision includes it; running members note the request and
-re-form at the next step boundary (the caller decides when). This assumes crash-stop
-failures on one network (a partition could elect two coordinators).
+Epochs: ``addresses`` are the ring's slots (rank r listens on ``addresses[r]``); the
+*members* are the slots in the current epoch, in rank order. Every ring message carries
+its epoch; one from an older epoch is dropped, one from a newer one means a ring runs
+without us (:class:`RingBroken`), as does a member silent for ``liveness_s``. Which
+ranks form an epoch, and from which step, is agreed above the transport
+(:mod:`smolcluster.algorithms.membership`), on control messages this link carries
+for it: :meth:`RingLink.tell` sends one (never blocking), :meth:`RingLink.next_control`
+receives one while no collective runs, and :attr:`RingLink.on_control` is handed each
+one that arrives while a collective waits (it may raise :class:`RingBroken`). Ring
+messages of an epoch not entered yet are kept for it.
 
 Liveness: every rank beats to every slot from a background thread
 (:class:`~smolcluster.transport.sockets.Heartbeat`); a member silent for
@@ -53,7 +40,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-import uuid
+from collections.abc import Callable
 
 import msgpack
 import numpy as np
@@ -64,31 +51,18 @@ from loguru import logger
 from smolcluster.errors import PeerError
 from smolcluster.transport import wire
 from smolcluster.transport.compression import get_codec
-from smolcluster.transport.sockets import (
-    ClientEndpoint,
-    Heartbeat,
-    _bind,
-    _configure,
-    _context,
-    _curve_server,
-)
+from smolcluster.transport.sockets import ClientEndpoint, Heartbeat, bound_socket
 
 # not finite=True: a NaN gradient reaches every rank as it would reach algo=local, instead of being dropped and
 # leaving the ring waiting on a message that never comes
 wire.register_kind("ring", {"rank": int, "epoch": int, "step": int, "op": str, "bucket": int, "hop": int, "seg": int})
-# membership: "here I am at this step" (to the coordinator; a new rank to every slot), "I left epoch E",
-# the coordinator's decision, the source's weights for a rank that is behind, a refusal
-wire.register_kind("ring_report", {"rank": int, "session": str, "epoch": int, "step": int, "fingerprint": str,
-                                   "protocol": int})
-wire.register_kind("ring_reform", {"rank": int, "epoch": int})
-wire.register_kind("ring_epoch", {"rank": int, "epoch": int, "step": int, "source": int, "members": list,
-                                  "sessions": list, "behind": list})
+# the source's weights for a rank that is behind (the membership's own messages: algorithms/membership.py)
 wire.register_kind("ring_state", {"rank": int, "epoch": int, "step": int}, optional={"run": str})
-wire.register_kind("ring_refused", {"rank": int, "reason": str})
 
 
 class RingBroken(PeerError):
-    """The current epoch's ring cannot go on (a member lost, left or restarted); :meth:`RingLink.reform` mends it."""
+    """The current epoch's ring cannot go on (a member lost, left or restarted); the members agree on a new one
+    (:meth:`smolcluster.algorithms.membership.Agreement.reform`) and :meth:`RingLink.enter` it."""
 
     def __init__(self, message: str, lost: set[int] | None = None):
         super().__init__(message)
@@ -97,11 +71,10 @@ class RingBroken(PeerError):
 
 # A hop's chunk travels as SEGMENTS messages when it is at least SEGMENT_MIN_BYTES: a rank sends segment s of the
 # next hop as soon as it has added segment s of this one, so the next hop's first segment is already on the wire
-# while it waits for this hop's last. Without that the link idles at every hop for the time a rank takes to be
-# scheduled, receive, add and send (measured: 4 ranks on 100 Mbit/s, 1 MB buckets, so 256 kB chunks: the ring took
-# 0.75 s for 0.65 s of wire time). A smaller chunk goes whole: each message costs CPU, and at 1 Gbit/s the link
-# stays busy anyway (4 ranks, the MNIST MLP's 110 kB chunks: 6.7-7.0 ms per all-reduce whole, 8.4-8.7 ms in 2
-# segments, 1.8 vs 2.1 ms of CPU per rank; the wire needs 5.3 ms). The chunks and their sums are the same either way.
+# while it waits for this hop's last. Without that a slow link idles at every hop for the time a rank takes to be
+# scheduled, receive, add and send. A smaller chunk goes whole: each message costs CPU, and on a fast link the
+# link stays busy anyway. The chunks and their sums are the same either way. (`python -m smolcluster.bench scaling`
+# measures the ring on 100 Mbit/s and 1 Gbit/s links.)
 SEGMENTS, SEGMENT_MIN_BYTES = 2, 256 << 10
 
 
@@ -117,20 +90,21 @@ def chunk_bounds(n: int, world: int) -> list[tuple[int, int]]:
 
 
 class RingLink:
+    """One rank's end of the ring: its inbox, its links to the other slots, its epoch's members and collectives."""
+
     def __init__(self, rank: int, addresses: list[str], bind: str, *, max_bytes: int, heartbeat_s: float,
                  liveness_s: float, keys_dir: str | None = None, bucket_bytes: int = 25 << 20):
         self.rank, self.addresses, self.slots = rank, list(addresses), len(addresses)
         self.max_bytes, self.liveness_s, self.bucket_bytes, self.keys_dir = max_bytes, liveness_s, bucket_bytes, keys_dir
-        self.session = uuid.uuid4().hex[:12]  # this process: a restarted rank has another
-        self.heartbeat_s, self._born = heartbeat_s, time.monotonic()
+        self.heartbeat_s = heartbeat_s
         self.leaving = threading.Event()  # set by the caller's thread: stop waiting, this epoch is being left
         # set by the owner when its process stops (SIGTERM, an error, the end): every wait here ends at once,
         # so the ring thread is free to join (a rank still forming its ring would otherwise wait out
         # cluster.connect_timeout_s, and outlive a launcher that stopped it)
         self.stopped = threading.Event()
         self.epoch = -1  # not in a ring yet
-        self.sessions: dict[int, str] = {}  # member -> its process's session, from the decision
-        self.joiners: dict[int, dict] = {}  # slot -> report of a rank asking to join (the caller re-forms at a step boundary)
+        # the owner's handler of a control message that comes in while a collective waits (None: dropped)
+        self.on_control: Callable[[wire.Message], None] | None = None
         self.bytes_sent = 0
         self.wait_s = 0.0  # time blocked on the predecessor's ring messages (the link, or a slower peer)
         self.rejected: collections.Counter[str] = collections.Counter()
@@ -138,11 +112,9 @@ class RingLink:
         self.step = 0  # stamped on every ring message: a message from another step is a protocol error
         self._residual: dict[str, torch.Tensor] = {}  # error feedback, per (buffer, bucket, hop)
         self._early: collections.deque = collections.deque()  # ring messages of our epoch that came in early
-        self._ahead: list = []  # ring / ring_state messages of an epoch being decided
-        self.inbox = _context().socket(zmq.ROUTER)
-        _configure(self.inbox, max_bytes, 100_000)
-        _curve_server(self.inbox, keys_dir)
-        _bind(self.inbox, bind)
+        self._ahead: list = []  # ring / ring_state messages of an epoch not entered yet
+        self._states: list = []  # ring_state messages of our epoch that came in before recv_state
+        self.inbox = bound_socket(zmq.ROUTER, bind, max_bytes=max_bytes, hwm=100_000, curve_dir=keys_dir)
         self.poller = zmq.Poller()
         self.poller.register(self.inbox, zmq.POLLIN)
         self._outs: dict[int, ClientEndpoint] = {}  # slot -> our DEALER to it (the successor's carries the ring)
@@ -163,8 +135,8 @@ class RingLink:
                                            hwm=100_000)
         return self._outs[r]
 
-    def _tell(self, r: int, kind: str, fields: dict) -> None:
-        """A membership message to slot ``r``; never blocks (a dead slot's queue is bounded and dropped on close)."""
+    def tell(self, r: int, kind: str, fields: dict) -> None:
+        """A control message to slot ``r``; never blocks (a dead slot's queue is bounded and dropped on close)."""
         try:
             self._to(r).sock.send_multipart(wire.encode(kind, fields), flags=zmq.NOBLOCK)
         except zmq.Again:
@@ -200,8 +172,8 @@ class RingLink:
         now = time.monotonic()
         return {self.rank} | {r for r, t in self.last_seen.items() if t is not None and now - t <= self.liveness_s}
 
-    def _broken(self, message: str, lost: set[int] | None = None) -> RingBroken:
-        """This epoch is over for us: every later send or receive fails fast until :meth:`reform`."""
+    def broken(self, message: str, lost: set[int] | None = None) -> RingBroken:
+        """This epoch is over for us: every later send or receive fails fast until the next :meth:`enter`."""
         self.leaving.set()
         return RingBroken(message, lost)
 
@@ -209,28 +181,19 @@ class RingLink:
         now = time.monotonic()
         lost = sorted(r for r in self.members if r != self.rank and now - (self.last_seen[r] or now) > self.liveness_s)
         if lost:
-            raise self._broken(f"ring rank {self.rank}: rank {', '.join(map(str, lost))} lost: silent for more "
+            raise self.broken(f"ring rank {self.rank}: rank {', '.join(map(str, lost))} lost: silent for more "
                                f"than cluster.liveness_s={self.liveness_s}s", set(lost))
 
     def _control(self, msg: wire.Message) -> None:
-        """A membership message that came in while the ring runs: note a join, or raise RingBroken."""
-        f, kind = msg.fields, msg.kind
-        r = f["rank"]
-        if kind == "ring_report":
-            if self.sessions.get(r) == f["session"]:
-                return  # a report of ours or of a joiner's that crossed the decision
-            if r not in self.joiners:
-                logger.info(f"ring rank {self.rank}: rank {r} asks to join (at the next step boundary)")
-            self.joiners[r] = f
-            if r in self.sessions:
-                raise self._broken(f"ring rank {self.rank}: rank {r} restarted", {r})
-        elif kind == "ring_reform" and f["epoch"] == self.epoch and r in self.sessions:
-            raise self._broken(f"ring rank {self.rank}: rank {r} left the ring's epoch {self.epoch}")
-        elif kind == "ring_refused":
-            raise PeerError(f["reason"])
-        elif kind in ("ring_epoch", "ring_state") and f["epoch"] > self.epoch:
-            raise self._broken(f"ring rank {self.rank}: rank {r} is in a newer epoch ({f['epoch']}) than ours")
-        # anything else is from an older epoch: already dealt with
+        """A message other than the ring's while a collective or :meth:`recv_state` waits: the state of a newer
+        epoch means a ring runs without us; a control message is the owner's (:attr:`on_control`)."""
+        if msg.kind == "ring_state":
+            if msg.fields["epoch"] > self.epoch:
+                raise self.broken(f"ring rank {self.rank}: rank {msg.fields['rank']} is in a newer epoch "
+                                  f"({msg.fields['epoch']}) than ours")
+            return  # of an older epoch, or not for us: already dealt with
+        if self.on_control is not None:
+            self.on_control(msg)
 
     def recv(self, kind: str, **expect):
         """The predecessor's next message, which must be ``kind`` with these fields; a lost member, or a member
@@ -255,90 +218,30 @@ class RingLink:
                 self.stale += 1  # sent before the ring re-formed
                 continue
             if msg.fields["epoch"] > self.epoch:
-                raise self._broken(f"ring rank {self.rank}: a ring of epoch {msg.fields['epoch']} runs without us")
+                raise self.broken(f"ring rank {self.rank}: a ring of epoch {msg.fields['epoch']} runs without us")
             if msg.kind != kind or msg.fields["rank"] != self.pred or any(msg.fields.get(k) != v for k, v in expect.items()):
                 raise PeerError(f"ring rank {self.rank}: expected {kind} {expect} from rank {self.pred}, got "
                                 f"{msg.kind} {msg.fields} (are all ranks running the same config?)")
             return msg, frames
 
-    # -- membership ---------------------------------------------------------------------------
-    def reform(self, step: int, fingerprint: str, timeout_s: float, min_members: int = 1) -> dict:
-        """Agree with every live rank on the next epoch (see the module docstring); ``step`` is the last step this
-        rank completed. Returns the decision: ``epoch``, ``step`` (everyone goes on from it), ``source``, ``members``
-        and ``behind`` (the members that must :meth:`recv_state` from the source). Also the first forming of the
-        ring: every rank starts here, and the coordinator waits for ``min_members`` ranks."""
-        self.leaving.clear()  # (on the ring's thread: every task queued before this one has run)
-        if self.epoch >= 0:
-            for r in self.members:
-                if r != self.rank:
-                    self._tell(r, "ring_reform", {"rank": self.rank, "epoch": self.epoch})
-        mine = {"rank": self.rank, "session": self.session, "epoch": self.epoch, "step": step,
-                "fingerprint": fingerprint, "protocol": wire.PROTOCOL_VERSION}
-        reports, refused = {**self.joiners, self.rank: mine}, set()
-        told, told_at, deadline = None, 0.0, time.monotonic() + timeout_s
-        while True:
-            alive = self.alive() - refused
-            coord = min(alive)
-            # a rank that has just started first listens a few beats long, so it knows every live slot before
-            # it would coordinate (else two ranks starting apart could each form a ring of their own)
-            settled = self.epoch >= 0 or time.monotonic() - self._born > 3 * self.heartbeat_s
-            if coord == self.rank and settled and alive <= reports.keys() and len(alive) >= min_members:
-                return self._decide({r: reports[r] for r in sorted(alive)})
-            now = time.monotonic()
-            if coord != self.rank and (told != coord or now - told_at > 1.0):
-                # a new rank does not know who coordinates: it asks every slot (a running member notes a join)
-                for r in [coord] if self.epoch >= 0 else [r for r in range(self.slots) if r != self.rank]:
-                    self._tell(r, "ring_report", mine)
-                told, told_at = coord, now
-            if now > deadline:
-                raise PeerError(f"ring rank {self.rank}: no ring formed within {timeout_s}s (heard from ranks "
-                                f"{sorted(alive)}, reports from {sorted(reports)}, want {min_members}): start every "
-                                "rank (role=worker rank=N) and check cluster.nodes hosts/ports")
-            got = self._recv_one(0.1)
-            if got is None:
-                continue
-            msg, f = got[0], got[0].fields
-            if msg.kind == "ring_report":
-                if f["fingerprint"] != fingerprint or f["protocol"] != wire.PROTOCOL_VERSION:
-                    reason = (f"ring rank {f['rank']}: refused by rank {self.rank}: model fingerprint "
-                              f"{f['fingerprint']} / protocol {f['protocol']} != ours {fingerprint} / "
-                              f"{wire.PROTOCOL_VERSION}: every rank must use the same model config")
-                    logger.error(reason)
-                    self._tell(f["rank"], "ring_refused", {"rank": self.rank, "reason": reason})
-                    refused.add(f["rank"])
-                else:
-                    reports[f["rank"]] = f
-            elif msg.kind == "ring_epoch" and f["epoch"] > self.epoch:
-                if self.session not in f["sessions"] or f["members"][f["sessions"].index(self.session)] != self.rank:
-                    raise PeerError(f"ring rank {self.rank}: left out of epoch {f['epoch']} by rank {f['rank']} "
-                                    "(it did not hear from us in time)")
-                self._adopt(f)
-                return f
-            elif msg.kind == "ring_refused":
-                raise PeerError(f["reason"])
-            elif msg.kind in ("ring", "ring_state") and f["epoch"] > self.epoch:
-                self._ahead.append(got)  # from a rank that entered the new epoch before us
-            # else: older epochs' ring messages and reform notices: this reform covers them
+    # -- epochs -------------------------------------------------------------------------------------
+    def next_control(self, timeout_s: float) -> wire.Message | None:
+        """While the members agree on an epoch: the next control message, or None after ``timeout_s`` or after a
+        ring message (one of an epoch not entered yet is kept for it; an older one is dropped)."""
+        got = self._recv_one(timeout_s)
+        if got is None:
+            return None
+        if got[0].kind not in ("ring", "ring_state"):
+            return got[0]
+        if got[0].fields["epoch"] > self.epoch:
+            self._ahead.append(got)  # from a rank that entered the new epoch before us
+        return None
 
-    def _decide(self, reports: dict[int, dict]) -> dict:
-        """The coordinator's decision over the live ranks' reports; sent to every member."""
-        members = sorted(reports)
-        step = max(rep["step"] for rep in reports.values())
-        decision = {"rank": self.rank, "epoch": max(rep["epoch"] for rep in reports.values()) + 1, "step": step,
-                    "source": min(r for r in members if reports[r]["step"] == step), "members": members,
-                    "sessions": [reports[r]["session"] for r in members],
-                    "behind": [r for r in members if reports[r]["step"] != step]}
-        for r in members:
-            if r != self.rank:
-                self._tell(r, "ring_epoch", decision)
-        self._adopt(decision)
-        return decision
-
-    def _adopt(self, d: dict) -> None:
-        self.epoch = d["epoch"]
-        self._set_members(d["members"])
-        self.sessions = dict(zip(d["members"], d["sessions"]))
-        self.joiners = {r: f for r, f in self.joiners.items() if r not in self.sessions}
+    def enter(self, epoch: int, members: list[int]) -> None:
+        """Go on as the ring of ``epoch`` with ``members``: its messages that came early are kept, the error
+        feedback of the old ring's chunks is dropped, and a member not heard from yet is given ``liveness_s``."""
+        self.epoch = epoch
+        self._set_members(members)
         self._residual.clear()  # error feedback belongs to the old ring's chunks
         now = time.monotonic()
         for r in self.members:
@@ -435,7 +338,7 @@ class RingLink:
         return dict(self._residual)
 
     def load_residuals(self, residuals: dict[str, torch.Tensor]) -> None:
-        """Carry a checkpoint's residuals on (after the first :meth:`reform`, which clears them; same members)."""
+        """Carry a checkpoint's residuals on (after the first :meth:`enter`, which clears them; same members)."""
         self._residual.update(residuals)
 
     def _send_frames(self, frames: list) -> None:
@@ -444,7 +347,7 @@ class RingLink:
         try:
             self._to(self.succ).sock.send_multipart(frames, copy=False)
         except zmq.Again:
-            raise self._broken(f"ring rank {self.rank}: could not send to rank {self.succ}: it is gone or stuck",
+            raise self.broken(f"ring rank {self.rank}: could not send to rank {self.succ}: it is gone or stuck",
                                {self.succ}) from None
         self.bytes_sent += sum(len(f) if isinstance(f, (bytes, zmq.Frame)) else memoryview(f).nbytes for f in frames)
 

@@ -11,6 +11,7 @@ never raise out of ``recv``.
     ServerEndpoint  ROUTER, binds     recv -> (peer, Message); send(peer, kind, ...)
     ClientEndpoint  DEALER, connects  send(kind, ...); recv -> Message
     Heartbeat       a thread with its own DEALER, beating to a server while the caller computes
+    bound_socket    a listening socket configured as the endpoints' are (the ring's inbox: ``ring.py``)
 
 The pipeline's PUB/SUB links live in ``pubsub.py``: one PUB/SUB stack, not two.
 """
@@ -179,6 +180,17 @@ def _bind(sock: zmq.Socket, bind: str) -> None:
                         "Pick another cluster.port") from e
 
 
+def bound_socket(kind: int, bind: str, *, max_bytes: int, hwm: int, curve_dir: str | None = None,
+                 authorize: Callable[[str], bool] | None = None) -> zmq.Socket:
+    """A listening socket of ``kind`` (zmq.ROUTER, ...) with every socket's bounds and heartbeats, a CURVE server
+    when keyed (:func:`_curve_server`), bound to ``bind`` (a taken port: one clear error)."""
+    sock = _context().socket(kind)
+    _configure(sock, max_bytes, hwm)
+    _curve_server(sock, curve_dir, authorize)
+    _bind(sock, bind)
+    return sock
+
+
 def client_key_name(rank: int) -> str:
     """The client pair that rank ``rank`` holds: ``client`` for rank 0, ``clientN`` for rank N. The server lets
     rank N register only with the public key ``authorized/clientN.key``."""
@@ -275,12 +287,9 @@ class ServerEndpoint(_Endpoint):
 
     def __init__(self, bind: str, *, max_bytes: int, curve_dir: str | None = None, hwm: int = 1000,
                  authorize: Callable[[str], bool] | None = None):
-        sock = _context().socket(zmq.ROUTER)
-        _configure(sock, max_bytes, hwm)
+        sock = bound_socket(zmq.ROUTER, bind, max_bytes=max_bytes, hwm=hwm, curve_dir=curve_dir, authorize=authorize)
         # a message to a vanished peer raises (and is logged below) instead of vanishing silently
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        _curve_server(sock, curve_dir, authorize)
-        _bind(sock, bind)
         super().__init__(sock, max_bytes)
         self.curve = bool(curve_dir)
 
