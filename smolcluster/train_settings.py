@@ -196,13 +196,20 @@ ALGOS: dict[str, type[AlgoSettings]] = {
 
 # -- cluster.* ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class FaultKnobs:
+    """Test knobs, not settings a real run wants: they make a node slow or faulty on purpose, for the tests and
+    benchmarks (``bench edp``, ``bench desk``) that need an unlike or misbehaving member on one machine. Set as
+    ``cluster.nodes[i].delay_s`` etc.; off (0) by default."""
+
+    delay_s: float = 0.0          # sleep this long after every step: an artificially slow node
+    blowup_every: int = 0         # (allreduce) every Nth step's gradient x 1e6: a node whose gradient blows up
+    lie_norm_every: int = 0       # (allreduce) every Nth step blow up the reduced chunks, report the old norm: a liar
+
+
+@dataclass(frozen=True)
 class NodeSpec:
     """One rank's ``cluster.nodes[rank]`` entry, typed (:meth:`ClusterSpec.node`): a training worker's (its batch
-    size over ``train.batch_size``), a ring rank's or a pipeline stage's.
-
-    The last three are test knobs, not settings a real run wants: they make a node slow or faulty on purpose,
-    for the tests and benchmarks (``bench edp``) that need an unlike or misbehaving member on one machine.
-    Off (0) by default."""
+    size over ``train.batch_size``), a ring rank's or a pipeline stage's. ``faults``: its test knobs."""
 
     rank: int
     name: str
@@ -216,10 +223,7 @@ class NodeSpec:
     gflops: float | None = None      # its measured speed (partition=auto prefers the faster)
     precision: str | None = None     # inference: this stage's precision / quantize over the command's
     quantize: str | None = None
-    # -- test knobs (tests and benchmarks only) --
-    delay_s: float = 0.0          # sleep this long after every step: an artificially slow node
-    blowup_every: int = 0         # (allreduce) every Nth step's gradient x 1e6: a node whose gradient blows up
-    lie_norm_every: int = 0       # (allreduce) every Nth step blow up the reduced chunks, report the old norm: a liar
+    faults: FaultKnobs = field(default_factory=lambda: FaultKnobs())
 
 
 def message_bytes(cluster: dict) -> int:
@@ -338,8 +342,9 @@ class ClusterSpec:
                         float(number("weight", 1.0, "is invalid: it must be a positive number")),
                         number("memory_gb", None, "is invalid: give a positive number of GB"),
                         number("gflops", None, "is invalid: give the node's measured GFLOP/s"),
-                        node.get("precision"), node.get("quantize"), float(node.get("delay_s", 0.0)),
-                        int(node.get("blowup_every", 0)), int(node.get("lie_norm_every", 0)))
+                        node.get("precision"), node.get("quantize"),
+                        FaultKnobs(float(node.get("delay_s", 0.0)), int(node.get("blowup_every", 0)),
+                                   int(node.get("lie_norm_every", 0))))
 
     def worker(self, rank: int, batch_size: int) -> NodeSpec:
         """Training rank ``rank``'s settings: ``cluster.nodes[rank]`` overrides the defaults."""

@@ -166,7 +166,7 @@ def test_train_config_types_the_composed_config_once():
     assert tc.cluster.max_bytes == 3 * 1024 * 1024  # cluster.max_message_mb, converted here once
     assert tc.batch_sizes() == [16, 64, 64]
     first, third = tc.cluster.worker(0, 64), tc.cluster.worker(2, 64)
-    assert (first.name, first.device, third.name, third.delay_s) == ("worker0", "cpu", "pi", 0.5)
+    assert (first.name, first.device, third.name, third.faults.delay_s) == ("worker0", "cpu", "pi", 0.5)
     assert tc.composed["algo"]["compression"] == "int8" and tc.model["name"] == "mlp"  # plain data
 
 

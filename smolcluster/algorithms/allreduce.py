@@ -423,13 +423,13 @@ class RingWorker:
     def compute(self, t: int) -> None:
         """Step ``t``'s gradient of this rank's slice, put on the ring (bucket by bucket as backward fills them,
         or a copy when steps overlap: ``max_staleness``)."""
-        trainer, link, ring, settings = self.trainer, self.link, self.ring, self.settings
+        trainer, link, ring, faults = self.trainer, self.link, self.ring, self.settings.faults
         scale = self.share / self.total
-        if settings.blowup_every and t % settings.blowup_every == settings.blowup_every - 1:
+        if faults.blowup_every and t % faults.blowup_every == faults.blowup_every - 1:
             scale *= 1e6  # test knob: a buggy node (an fp16 overflow) sends a huge gradient now and then
         op = link.reduce_scatter if self.zero else link.allreduce
         staleness = t - trainer.step  # updates this gradient's weights lack
-        lie = settings.lie_norm_every and t % settings.lie_norm_every == settings.lie_norm_every - 1
+        lie = faults.lie_norm_every and t % faults.lie_norm_every == faults.lie_norm_every - 1
         got = SimpleNamespace(known=threading.Event(), loss=None, count=0, bufs=trainer.flat.grads, lie=lie)
         # the stats table rides on the gradient's last bucket (no round of its own); ZeRO-1 needs it before the
         # parameters' all-gather, so there it is a round of its own after the reduce-scatter
@@ -453,8 +453,8 @@ class RingWorker:
             got.bufs = {k: g.clone() for k, g in trainer.flat.grads.items()}
             tasks = ring.start(t, scale, op, self.codec, got.bufs, row=row)
             ring.backward_done()
-        if settings.delay_s:
-            time.sleep(settings.delay_s)  # test knob: make this node artificially slow
+        if faults.delay_s:
+            time.sleep(faults.delay_s)  # test knob: make this node artificially slow
         stats = ring.work(lambda: link.gather_scalars(self.stats_row(got, staleness))) if self.zero else tasks[-1]
         self.inflight.append(SimpleNamespace(step=t, tasks=tasks, bufs=got.bufs, staleness=staleness, stats=stats))
 

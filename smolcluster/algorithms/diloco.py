@@ -220,7 +220,7 @@ class Worker:
         self.recorder, self.lead = None, rank == 0
         self.round_s, self.budget = a.round_s, None  # round_s: this round's steps (None: until T passes)
         self.round = SimpleNamespace(t0=time.perf_counter(), steps=0, samples=0)
-        self.delay_s = node.delay_s  # test knob: an artificially slow node
+        self.delay_s = node.faults.delay_s  # test knob: an artificially slow node
         # elastic: the ring re-forms without a lost rank and takes in new ones between rounds (plain DiLoCo: with
         # fragments or overlap a fragment is always in flight, with round_s the ranks are at different steps)
         self.elastic = a.elastic and self.F == 1 and not self.tau and not self.round_s

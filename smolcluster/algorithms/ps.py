@@ -566,7 +566,7 @@ class Worker:
         device = cfg.cluster.worker(rank, cfg.train.batch_size).device  # per-node device from the cluster file
         self.trainer = Trainer(cfg, cfg.batch_sizes(), with_optimizer=False, device=device)
         self.link = WorkerLink(cfg, rank, self.trainer, self.algo, run_dir)
-        self.delay = self.link.node.delay_s  # test knob: make this node artificially slow
+        self.delay = self.link.node.faults.delay_s  # test knob: make this node artificially slow
 
     # -- the policy -------------------------------------------------------------------------
     def first_step(self, welcome: Message) -> int:
