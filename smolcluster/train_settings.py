@@ -295,6 +295,9 @@ class ClusterSpec:
     max_bytes: int = 2048 * MB    # cluster.max_message_mb (message_bytes)
     auto: AutoSpec | None = None
     rest: dict = field(default_factory=dict)
+    # the keys the file has, and those of them it left null: as_file writes back what the file said
+    given: frozenset = field(default=frozenset(), compare=False)
+    nulls: frozenset = field(default=frozenset(), compare=False)
 
     @classmethod
     def of(cls, c: dict) -> ClusterSpec:
@@ -311,12 +314,22 @@ class ClusterSpec:
                    keys=c.get("keys"), insecure=bool(_typed(c, "insecure", bool, False)),
                    heartbeat_s=_typed(c, "heartbeat_s", float, 1.0), liveness_s=_typed(c, "liveness_s", float, 10.0),
                    connect_timeout_s=_typed(c, "connect_timeout_s", float, 60.0), max_bytes=message_bytes(c),
-                   auto=auto, rest={k: v for k, v in c.items() if k not in own})
+                   auto=auto, rest={k: v for k, v in c.items() if k not in own},
+                   given=frozenset(c), nulls=frozenset(k for k, v in c.items() if v is None))
 
     def as_file(self) -> dict:
         """These settings as a cluster file (plain data), which :meth:`of` reads back the same: what the
-        launchers ship to every node."""
-        typed = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("max_bytes", "auto", "rest")}
+        launchers ship to every node. Where a setting still has its default, the file's own word is written back
+        (absent stays absent, null stays null: no ``host`` stays no host); a changed one (``port``) is written."""
+        typed = {}
+        for f in fields(self):
+            if f.name in ("max_bytes", "auto", "rest", "given", "nulls"):
+                continue
+            value = getattr(self, f.name)
+            if value != _default(f) or (f.name in self.given and f.name not in self.nulls):
+                typed[f.name] = value
+            elif f.name in self.nulls:
+                typed[f.name] = None
         auto = dataclasses.asdict(self.auto) if self.auto else {}
         return {**self.rest, **typed, **auto, "max_message_mb": self.max_bytes // MB, "nodes": list(self.nodes)}
 
@@ -467,10 +480,17 @@ class LaunchSpec:
     host_given: bool = True   # the cluster file names cluster.host (a launcher assumes no loopback default)
 
 
+def _default(f):
+    """A dataclass field's default value (its factory's, for a list)."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def launch_spec(cfg: DictConfig) -> LaunchSpec:
     """A composed ``config`` (train) or ``infer`` config as the launchers' :class:`LaunchSpec`."""
     cluster = OmegaConf.to_container(cfg.cluster, resolve=True)
     algo = cfg.algo.name if "algo" in cfg else None
+    if algo is not None and "workers" in cluster and cluster["workers"] is None:  # (null means 1 only for auto)
+        raise ConfigError("cluster.workers=None must be a positive integer: how many workers the launcher starts")
     stages = cfg.algo.stages if algo == "mp" else cfg.get("stages") if algo is None else None
     return LaunchSpec(ClusterSpec.of(cluster), algo, None if stages is None else int(stages),
                       str(cfg.model.get("name")), str(cfg.get("partition") or "even"), bool(cluster.get("host")))

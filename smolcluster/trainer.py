@@ -13,6 +13,7 @@ part of the model (:meth:`Trainer.own_part`), with its own clip, evaluation and 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -280,6 +281,8 @@ class LossWindow:
     def mean(self) -> float | None:
         if not self.values:
             return None
+        if not any(torch.is_tensor(v) for v in self.values):  # a server's losses arrive as floats: keep float64
+            return math.fsum(self.values) / len(self.values)
         return float(torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in self.values]).mean())
 
 

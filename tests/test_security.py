@@ -5,16 +5,18 @@ the exposure is the point."""
 from __future__ import annotations
 
 import ipaddress
+import math
 import shutil
 import subprocess
 
 import numpy as np
 import pytest
+import torch
 import zmq
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from smolcluster.algorithms.guard import GradientGuard
+from smolcluster.algorithms.guard import GradientGuard, grad_norm
 from smolcluster.algorithms.syncps import SyncServer
 from smolcluster.errors import ConfigError
 from smolcluster.inference.from_config import serve_config_from
@@ -241,3 +243,20 @@ def test_with_curve_a_live_rank_is_taken_over_only_by_its_own_client_key(tmp_pat
     finally:
         server.endpoint.close()
         server.recorder.finish(None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_guards_norm_equals_float64s_also_where_float32_overflows_or_underflows(dtype):
+    def exact(ts):
+        return float(torch.linalg.vector_norm(torch.cat([t.double().flatten() for t in ts])))
+
+    big = {torch.float32: 1e20, torch.bfloat16: 1e30, torch.float16: 6e4}[dtype]
+    tiny = {torch.float32: 1e-23, torch.bfloat16: 1e-23, torch.float16: 1e-7}[dtype]
+    cases = [[torch.randn(1000).to(dtype), torch.randn(7, 3).to(dtype)],  # ordinary
+             [torch.full((1000,), big, dtype=dtype)],                       # squares overflow float32
+             [torch.full((1000,), tiny, dtype=dtype), torch.zeros(4, dtype=dtype)]]  # squares underflow
+    for ts in cases:
+        assert grad_norm(ts) == pytest.approx(exact(ts), rel=1e-5)
+    assert grad_norm([torch.full((1000,), tiny, dtype=dtype)]) > 0
+    assert math.isinf(grad_norm([torch.tensor([1.0, float("inf")], dtype=dtype)]))
+    assert math.isnan(grad_norm([torch.tensor([1.0, float("nan")], dtype=dtype)]))

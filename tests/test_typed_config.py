@@ -123,3 +123,21 @@ def test_the_coordinator_places_and_writes_the_cluster_from_typed_settings(tmp_p
     write_cluster(tmp_path / "home.yaml", c, server, workers)
     back = ClusterSpec.of(OmegaConf.to_container(OmegaConf.load(tmp_path / "home.yaml")))
     assert (back.max_bytes, back.heartbeat_s, back.workers, back.rest["server"]["name"]) == (64 * MB, 0.5, 3, "small")
+
+
+def test_every_algorithm_module_is_an_algo_choice_and_back():
+    from smolcluster.algorithms import available
+    # a shared module (ps, guard, membership, ...) listed as an algorithm would be offered in errors as a fix
+    assert set(available()) == {p.stem for p in (Path(CONFIG_DIR) / "algo").glob("*.yaml")}
+
+
+def test_a_launcher_ships_the_users_cluster_file_as_written_and_refuses_a_null_worker_count():
+    from smolcluster.train_settings import launch_spec
+    user = {"nodes": [{"host": "a"}, {"host": "b"}], "keys": None, "insecure": True}
+    spec = ClusterSpec.of(user)
+    shipped = ClusterSpec.of(dict(user, port=None)).as_file()  # what the launchers write, before the port
+    assert "host" not in shipped and "workers" not in shipped and shipped["keys"] is None  # no defaults added
+    assert ClusterSpec.of(shipped) == spec
+    cfg = OmegaConf.create({"cluster": {**user, "workers": None}, "algo": {"name": "syncps"}, "model": {"name": "m"}})
+    with pytest.raises(ConfigError, match=r"cluster.workers=None must be a positive integer"):
+        launch_spec(cfg)

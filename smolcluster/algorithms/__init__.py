@@ -11,7 +11,7 @@ import pkgutil
 
 from smolcluster.errors import ConfigError
 
-_HELPERS = {"ps", "launcher", "guard"}  # shared machinery, not algorithms of their own
+_HELPERS = {"ps", "launcher", "guard", "membership"}  # shared machinery, not algorithms of their own
 
 
 def available() -> list[str]:

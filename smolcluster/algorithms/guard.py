@@ -106,14 +106,16 @@ def _median(values) -> float:
 
 def grad_norm(tensors) -> float:
     """The global L2 norm of a collection of float tensors. Each tensor's norm is taken in float32, and again
-    in float64 only when that overflows (a 1e20-per-value gradient still gets its finite norm): a float64 pass
-    converts every value, several times the cost of the float32 reduction, on the server's hot path once per
-    gradient (``python -m smolcluster.bench ddp``)."""
+    in float64 only when that overflows or underflows (a 1e20- or 1e-23-per-value gradient still gets its
+    finite norm): a float64 pass converts every value, several times the cost of the float32 reduction, on the
+    server's hot path once per gradient (``python -m smolcluster.bench ddp``)."""
     total = 0.0
     for t in tensors:
         # half-precision values are summed in float32 (their own dtype would keep 3 significant digits)
         norm = float(torch.linalg.vector_norm(t, dtype=None if t.dtype.itemsize >= 4 else torch.float32))
-        if math.isinf(norm):  # overflowed in t's dtype, or holds an inf: float64 tells which
+        # inf: overflowed in float32, or holds an inf; 0: all zero, or values below ~1e-19 whose squares
+        # underflow. float64 tells which, and gives the finite norm where there is one.
+        if math.isinf(norm) or norm == 0.0:
             norm = float(torch.linalg.vector_norm(t, dtype=torch.float64))
         total += norm * norm
     return math.sqrt(total)

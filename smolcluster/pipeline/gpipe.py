@@ -354,8 +354,9 @@ class StageTrainer(Trainer):
             loop.start(eval_first=True)
             # only the last stage sees the loss (None elsewhere: those rows have none)
             loop.run(lambda: (self.train_step(), self.train.batch_size, self.lr))
+            # the final evaluation first: its activations cross the mesh, and the summary's traffic counts them
             summary = loop.finish(
-                "mp", summarise=self.last, stages=self.n, microbatches=self.M,
+                "mp", evaluation=self.evaluate(), summarise=self.last, stages=self.n, microbatches=self.M,
                 partition=[s.describe(s.last and self.decoder, s.first and self.decoder) for s in self.specs],
                 **self.traffic())
             self.mesh.goodbye([n for n in self.names if n != self.me], float(self.cfg.cluster.liveness_s))
