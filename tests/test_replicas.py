@@ -400,3 +400,53 @@ def test_closing_the_sessions_waits_for_a_reconnect_in_progress_and_closes_what_
         sessions.close()  # while the rebuild is starting its stages
     assert [t.name for t in threading.enumerate() if t.name.startswith("serving-rebuild")] == []
     assert wait_until(lambda: not own_stages(), 60), f"the rebuilt pipeline's stages outlived close(): {own_stages()}"
+
+
+def test_restarts_are_bounded_and_a_gone_agent_keeps_its_replica_down_in_one_line():
+    """The restart policy's bookkeeping (node/restarts.py), driven through the role states a coordinator's run
+    records (the real restart through agents is the cluster=auto test above): a stage that keeps exiting is started
+    again at most RESTARTS times in a row, then its replica stays down and the head's revive says why; a replica
+    whose agent vanished stays down at once; the other replica is untouched."""
+    from types import SimpleNamespace
+
+    from loguru import logger
+
+    from smolcluster.errors import ReplicaGone
+    from smolcluster.node.restarts import RESTARTS, Restarts
+
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(m.record["message"]), level="ERROR")
+    started: list[str] = []
+    links = {n: SimpleNamespace(alive=True, roles={}, node=SimpleNamespace(where=lambda n=n: n)) for n in "ab"}
+
+    def restart(name: str) -> None:
+        started.append(name)
+        links["b"].roles[name] = {"state": "starting"}
+
+    run = SimpleNamespace(links=links, restart=restart, c=SimpleNamespace(liveness_s=0.0))
+    nodes = [SimpleNamespace(name=n) for n in "ab"]
+    restarts = Restarts(run, [[nodes[0]], [nodes[1]]])
+    try:
+        for n in range(RESTARTS + 1):
+            links["b"].roles["r1 stage 0"] = {"state": "exited", "code": -9}
+            restarts.tick()  # noticed: waiting liveness_s (0 here)
+            restarts.tick()  # started again, unless it gave up
+            if n < RESTARTS:
+                assert started == ["r1 stage 0"] * (n + 1)
+                links["b"].roles["r1 stage 0"] = {"state": "running"}
+                restarts.tick()
+                restarts.revive(1, timeout_s=5)  # back: returns at once
+        assert len(started) == RESTARTS
+        with pytest.raises(ReplicaGone, match=rf"^replica 1 stays down: its stage 0 on node b exited with code -9; "
+                                              rf"started again {RESTARTS} times in a row"):
+            restarts.revive(1, timeout_s=5)
+        assert sum("stays down" in ln for ln in lines) == 1
+        restarts.revive(0, timeout_s=5)  # the other replica never went down
+        links["a"].alive = False
+        restarts.tick()
+        restarts.tick()
+        with pytest.raises(ReplicaGone, match=r"^replica 0 stays down: node a is gone with its stage 0"):
+            restarts.revive(0, timeout_s=5)
+        assert sum("stays down" in ln for ln in lines) == 2 and len(started) == RESTARTS
+    finally:
+        logger.remove(sink)
