@@ -406,7 +406,7 @@ def test_restarts_are_bounded_and_a_gone_agent_keeps_its_replica_down_in_one_lin
     """The restart policy's bookkeeping (node/restarts.py), driven through the role states a coordinator's run
     records (the real restart through agents is the cluster=auto test above): a stage that keeps exiting is started
     again at most RESTARTS times in a row, then its replica stays down and the head's revive says why; a replica
-    whose agent vanished stays down at once; the other replica is untouched."""
+    whose agent vanished stays down at once; the other replica is untouched; close() lets a waiting head go."""
     from types import SimpleNamespace
 
     from loguru import logger
@@ -448,5 +448,15 @@ def test_restarts_are_bounded_and_a_gone_agent_keeps_its_replica_down_in_one_lin
         with pytest.raises(ReplicaGone, match=r"^replica 0 stays down: node a is gone with its stage 0"):
             restarts.revive(0, timeout_s=5)
         assert sum("stays down" in ln for ln in lines) == 2 and len(started) == RESTARTS
+        # a head waiting for a restart while the coordinator stops every stage is let go, not left waiting
+        links["a"].alive, links["a"].roles = True, {"r0 stage 0": {"state": "exited", "code": 1}}
+        closing = Restarts(run, [[nodes[0]], [nodes[1]]])
+        closing.tick()  # noticed: waiting
+        out: list = []
+        waiter = threading.Thread(target=lambda: out.append(pytest.raises(ReplicaGone, closing.revive, 0, 60)))
+        waiter.start()
+        closing.close()
+        waiter.join(timeout=10)
+        assert "the coordinator is stopping the stages" in str(out[0].value)
     finally:
         logger.remove(sink)

@@ -746,11 +746,15 @@ def _agent_stages(p):
         stop.set()
         if keeper is not None:
             keeper.join()
+        if restarts is not None:
+            restarts.close()
         run.stop_everywhere(f"the coordinator {why}")
         raise
     else:
         stop.set()
         keeper.join()
+        if restarts is not None:
+            restarts.close()
         run.stop_everywhere("the head finished")
     finally:
         for link in links.values():

@@ -56,6 +56,7 @@ class Restarts:
         self.stages = [_Stage(r, i, f"r{r} stage {i}", node.name) for r, ranks in enumerate(replicas)
                        for i, node in enumerate(ranks)]
         self.changed = threading.Condition()
+        self.closed = False
         now = time.monotonic()
         for st in self.stages:
             st.started_at = now
@@ -125,7 +126,15 @@ class Restarts:
         is the head's connect's to wait for: its stages' addresses are unchanged.)"""
         mine = [st for st in self.stages if st.replica == r]
         with self.changed:
-            self.changed.wait_for(lambda: all(st.state in ("up", "gone") for st in mine), timeout_s)
+            self.changed.wait_for(lambda: self.closed or all(st.state in ("up", "gone") for st in mine), timeout_s)
         gone = next((st for st in mine if st.state == "gone"), None)
         if gone is not None:
             raise ReplicaGone(gone.why)
+        if self.closed:
+            raise ReplicaGone(f"replica {r} stays down: the coordinator is stopping the stages")
+
+    def close(self) -> None:
+        """No more restarts (the coordinator stops every stage): a head waiting in :meth:`revive` is let go."""
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
