@@ -19,3 +19,7 @@ class DataError(SmolclusterError):
 
 class PeerError(SmolclusterError):
     """A peer refused us, vanished, or could not be reached in time."""
+
+
+class ReplicaGone(PeerError):
+    """A lost replica that will not be started again (its node is gone, or it kept failing): it stays down."""

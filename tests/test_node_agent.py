@@ -302,13 +302,14 @@ def paired_link(tmp: Path, name: str, port: int):
 
 def test_a_reserved_port_is_the_roles_alone_and_a_taken_one_is_one_line(tmp_path, procs):
     """Race-free ports: the agent holds the port it reserved for a role, so no other program can bind it (a
-    plain bind fails) while the role's own ZeroMQ bind succeeds beside it. A port taken all the same: the role
-    fails with one line the coordinator repeats, naming the node and the port."""
+    plain bind fails) while the role's own ZeroMQ bind succeeds beside it; a named port (a role started again) is
+    held the same way, or refused in one line when taken. A port taken all the same: the role fails with one line
+    the coordinator repeats, naming the node and the port."""
     import socket
 
     import zmq
 
-    from smolcluster.errors import PeerError
+    from smolcluster.errors import ConfigError, PeerError
     from smolcluster.node.coordinator import Run
     from smolcluster.train_settings import ClusterSpec
 
@@ -328,6 +329,18 @@ def test_a_reserved_port_is_the_roles_alone_and_a_taken_one_is_one_line(tmp_path
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         taken = squatter.getsockname()[1]
+        # a role started again asks for its own port back (a replica's stage): held the same way, or refused in one
+        # line when another program listens there
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            free = probe.getsockname()[1]
+        ask = {"name": "again", "bind": "127.0.0.1", "count": 1}
+        assert link.request("reserve", {**ask, "port": free}, "reserved", 10).fields["ports"] == [free]
+        with socket.socket() as other, pytest.raises(OSError, match="in use"):
+            other.bind(("127.0.0.1", free))
+        with pytest.raises(ConfigError, match=r"^node a \(127.0.0.1:\d+\) refused: cannot reserve a port on "
+                                              r"127.0.0.1: .*in use"):
+            link.request("reserve", {**ask, "port": taken}, "reserved", 10)
         run.start(link, "server", "server", None, ["algo=syncps", "cluster.host=127.0.0.1", "cluster.bind=127.0.0.1",
                                                    f"cluster.port={taken}", "train.steps=5"], {})
         with pytest.raises(PeerError, match=rf"node a \(127.0.0.1:\d+\): the server exited with code 2 \(cannot "

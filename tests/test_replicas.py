@@ -9,7 +9,8 @@ Sessions closed while they rebuild a lost pipeline wait for the rebuild and leav
 In process: the router's rule; each replica's share of the cluster (head ports; shared stage addresses refused); bad
 replica counts refused in one line; replicas resolving one random init at once get the same weights.
 With ``cluster=auto``: two replicas of one stage on two real agents, their weights sent, equal to
-``transformers``; more replicas than the agents hold refused in one line.
+``transformers``; a killed stage started again on its agent, its replica back and equal to ``transformers``, its
+agent killed: the replica stays down in one line; more replicas than the agents hold refused in one line.
 """
 
 from __future__ import annotations
@@ -105,15 +106,20 @@ def replicas(url: str) -> list[dict]:
     return httpx.get(f"{url}/health", timeout=30).json()["replicas"]
 
 
+def head_metric(run_dir, name: str) -> list[float]:
+    """The head's /metrics values of ``name`` per replica (its URL from RUN_DIR/endpoints/, as top finds it)."""
+    (head,) = [json.loads(p.read_text())["url"] for p in (run_dir / "endpoints").glob("*head*.json")]
+    return [float(ln.split()[-1]) for ln in httpx.get(head, timeout=10).text.splitlines()
+            if ln.startswith(name + "{") and 'replica="' in ln]
+
+
 def test_concurrent_requests_spread_over_both_replicas_and_equal_transformers(chat):
     url, _, model, tok, run_dir = chat
     equal_transformers_at_once(url, model, tok, [ids(i, 5 + 3 * i) for i in range(6)], 12)
     served = [r["served"] for r in replicas(url)]
     assert sum(served) >= 6 and min(served) >= 2, served  # both replicas took their share
     # the head's /metrics has the same per replica; top has a line per replica's stage
-    (head,) = [json.loads(p.read_text())["url"] for p in (run_dir / "endpoints").glob("*head*.json")]
-    metric = lambda name: [float(ln.split()[-1]) for ln in httpx.get(head, timeout=10).text.splitlines()  # noqa: E731
-                           if ln.startswith(name + "{") and 'replica="' in ln]
+    metric = lambda name: head_metric(run_dir, name)  # noqa: E731
     assert wait_until(lambda: metric("smolcluster_replica_requests_served") == served, 30), metric(
         "smolcluster_replica_requests_served")
     assert metric("smolcluster_replica_up") == [1.0, 1.0]
@@ -242,7 +248,9 @@ def test_cluster_auto_serves_two_replicas_from_two_agents_equal_to_transformers(
     """``chat cluster=auto replicas=2 stages=1``: each replica's stage on an agent of its own, its weights sent to
     that agent's cache (``cluster.weights=send``), its own run keys; concurrent greedy completions equal
     ``transformers`` and both replicas serve some; one agent's stage killed downs its replica alone, the other
-    answers; Ctrl-C stops every stage on both agents."""
+    answers, and the coordinator starts that stage again on its agent, at its port: the replica comes back
+    (``smolcluster_replica_up`` 1 again) and serves a request equal to ``transformers``. That agent killed: the
+    replica stays down, one line saying why, the other serves. Ctrl-C stops every stage on both agents."""
     import sys
 
     from smolcluster.data.text import TextTokenizer
@@ -254,8 +262,9 @@ def test_cluster_auto_serves_two_replicas_from_two_agents_equal_to_transformers(
     peers = ",".join(f"127.0.0.1:{port}" for _, port in started.values())
     chat = Proc([sys.executable, "-u", "-m", "smolcluster.chat", "cluster=auto", "cluster.mdns=false",
                  f"cluster.peers=[{peers}]", f"cluster.state_dir={tmp_path / 'coord'}", "cluster.weights=send",
-                 "cluster.heartbeat_s=0.2", "cluster.liveness_s=5", f"model.pretrained={model}", "stages=1",
-                 "replicas=2", "serve.port=0", "serve.ui=false"])
+                 "cluster.heartbeat_s=0.2", "cluster.liveness_s=5", "cluster.connect_timeout_s=30",
+                 f"model.pretrained={model}", "stages=1", "replicas=2", "serve.port=0", "serve.ui=false",
+                 "logging.prometheus.port=0", f"logging.run_dir={tmp_path / 'run'}"])
     procs.append(chat)
     _, m = chat.wait_for(r"smolcluster chat: (http://\S+)/ ", timeout=180)
     url = m.group(1)
@@ -278,6 +287,23 @@ def test_cluster_auto_serves_two_replicas_from_two_agents_equal_to_transformers(
     equal_transformers_at_once(url, model, tok, [ids(310, 6)], 8)
     assert replicas(url)[1 - lost]["served"] == before + 1
     assert chat.p.poll() is None and "stopped the run everywhere" not in chat.text(), chat.text()[-3000:]
+    # the coordinator starts it again on b, where the head finds it: the replica is back
+    assert wait_until(lambda: replicas(url)[lost]["status"] == "ok", 120), (replicas(url), chat.text()[-3000:])
+    assert f"replica {lost}: starting its stage 0 again on node b" in chat.text(), chat.text()[-3000:]
+    assert len(role_pids(started["b"][0])) == 2 and psutil.pid_exists(role_pids(started["b"][0])[-1])
+    assert wait_until(lambda: head_metric(tmp_path / "run", "smolcluster_replica_up") == [1.0, 1.0], 30)
+    served = replicas(url)[lost]["served"]
+    for i in range(4):  # one at a time, each to the least-served live replica: soon the one come back
+        equal_transformers_at_once(url, model, tok, [ids(320 + i, 5 + i)], 8)
+        if replicas(url)[lost]["served"] > served:
+            break
+    assert replicas(url)[lost]["served"] == served + 1, replicas(url)
+    # b's agent killed (its stage dies with it): nothing to start it on, the replica stays down in one line
+    started["b"][0].p.kill()
+    assert wait_until(lambda: "stays down" in (replicas(url)[lost]["message"] or ""), 120), replicas(url)
+    assert chat.text().count(f"replica {lost} stays down: node b") == 1, chat.text()[-3000:]
+    equal_transformers_at_once(url, model, tok, [ids(330, 6)], 8)
+    assert head_metric(tmp_path / "run", "smolcluster_replica_up")[lost] == 0.0
     chat.p.send_signal(signal.SIGINT)
     assert chat.wait(timeout=60) == 0, chat.text()[-3000:]
     wait_gone(role_pids(started["a"][0]) + role_pids(started["b"][0]))
@@ -374,3 +400,63 @@ def test_closing_the_sessions_waits_for_a_reconnect_in_progress_and_closes_what_
         sessions.close()  # while the rebuild is starting its stages
     assert [t.name for t in threading.enumerate() if t.name.startswith("serving-rebuild")] == []
     assert wait_until(lambda: not own_stages(), 60), f"the rebuilt pipeline's stages outlived close(): {own_stages()}"
+
+
+def test_restarts_are_bounded_and_a_gone_agent_keeps_its_replica_down_in_one_line():
+    """The restart policy's bookkeeping (node/restarts.py), driven through the role states a coordinator's run
+    records (the real restart through agents is the cluster=auto test above): a stage that keeps exiting is started
+    again at most RESTARTS times in a row, then its replica stays down and the head's revive says why; a replica
+    whose agent vanished stays down at once; the other replica is untouched; close() lets a waiting head go."""
+    from types import SimpleNamespace
+
+    from loguru import logger
+
+    from smolcluster.errors import ReplicaGone
+    from smolcluster.node.restarts import RESTARTS, Restarts
+
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(m.record["message"]), level="ERROR")
+    started: list[str] = []
+    links = {n: SimpleNamespace(alive=True, roles={}, node=SimpleNamespace(where=lambda n=n: n)) for n in "ab"}
+
+    def restart(name: str) -> None:
+        started.append(name)
+        links["b"].roles[name] = {"state": "starting"}
+
+    run = SimpleNamespace(links=links, restart=restart, c=SimpleNamespace(liveness_s=0.0))
+    nodes = [SimpleNamespace(name=n) for n in "ab"]
+    restarts = Restarts(run, [[nodes[0]], [nodes[1]]])
+    try:
+        for n in range(RESTARTS + 1):
+            links["b"].roles["r1 stage 0"] = {"state": "exited", "code": -9}
+            restarts.tick()  # noticed: waiting liveness_s (0 here)
+            restarts.tick()  # started again, unless it gave up
+            if n < RESTARTS:
+                assert started == ["r1 stage 0"] * (n + 1)
+                links["b"].roles["r1 stage 0"] = {"state": "running"}
+                restarts.tick()
+                restarts.revive(1, timeout_s=5)  # back: returns at once
+        assert len(started) == RESTARTS
+        with pytest.raises(ReplicaGone, match=rf"^replica 1 stays down: its stage 0 on node b exited with code -9; "
+                                              rf"started again {RESTARTS} times in a row"):
+            restarts.revive(1, timeout_s=5)
+        assert sum("stays down" in ln for ln in lines) == 1
+        restarts.revive(0, timeout_s=5)  # the other replica never went down
+        links["a"].alive = False
+        restarts.tick()
+        restarts.tick()
+        with pytest.raises(ReplicaGone, match=r"^replica 0 stays down: node a is gone with its stage 0"):
+            restarts.revive(0, timeout_s=5)
+        assert sum("stays down" in ln for ln in lines) == 2 and len(started) == RESTARTS
+        # a head waiting for a restart while the coordinator stops every stage is let go, not left waiting
+        links["a"].alive, links["a"].roles = True, {"r0 stage 0": {"state": "exited", "code": 1}}
+        closing = Restarts(run, [[nodes[0]], [nodes[1]]])
+        closing.tick()  # noticed: waiting
+        out: list = []
+        waiter = threading.Thread(target=lambda: out.append(pytest.raises(ReplicaGone, closing.revive, 0, 60)))
+        waiter.start()
+        closing.close()
+        waiter.join(timeout=10)
+        assert "the coordinator is stopping the stages" in str(out[0].value)
+    finally:
+        logger.remove(sink)

@@ -107,11 +107,16 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def reserve_port(bind: str) -> socket.socket:
-    """A free port on ``bind``, held (bound with SO_REUSEADDR, never listening) until the role binds it itself."""
+def reserve_port(bind: str, port: int = 0) -> socket.socket:
+    """A free port on ``bind`` (or that ``port``: a role started again where it listened before), held (bound with
+    SO_REUSEADDR, never listening) until the role binds it itself."""
     s = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((bind, 0))
+    try:
+        s.bind((bind, port))
+    except OSError:
+        s.close()
+        raise
     return s
 
 
@@ -390,10 +395,14 @@ class Agent:
         if not 1 <= count <= 16:
             self.control.send(peer, "refuse", {"reason": f"reserve: count={count} must be 1..16"})
             return
+        port = f.get("port", 0)  # a stage started again: the port its pipeline's other stages know
+        if not isinstance(port, int) or not 0 <= port <= 65535 or (port and count != 1):
+            self.control.send(peer, "refuse", {"reason": f"reserve: port={port!r} must be 1..65535, with count=1"})
+            return
         for s in self.reserved.pop(name, (peer, []))[1]:  # a coordinator asking again: new ports replace the old
             s.close()
         try:
-            socks = [reserve_port(f["bind"]) for _ in range(count)]
+            socks = [reserve_port(f["bind"], port) for _ in range(count)]
         except OSError as e:
             self.control.send(peer, "refuse", {"reason": f"cannot reserve a port on {f['bind']}: {e}"})
             return
@@ -411,6 +420,7 @@ class Agent:
             self.control.send(peer, "role_state", {"name": printable(name), "state": "failed", "detail": bad})
             return
         self.write_keys(rdir, f["keys"])
+        shutil.rmtree(rdir / "endpoints", ignore_errors=True)  # a role started again: its last run's URLs are stale
         model = [f"checkpoint={self.model_dir(rdir, f['model'])}", *self.adapter_dirs(rdir, f["model"])] \
             if f.get("model") else []
         program = f.get("program") or "train"

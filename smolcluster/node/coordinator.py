@@ -102,7 +102,9 @@ class AgentLink:
         self.alive = True
         self.roles: dict[str, dict] = {}  # role name -> its last role_state fields
 
-    def request(self, kind: str, fields: dict, want: str, timeout_s: float):
+    def request(self, kind: str, fields: dict, want: str, timeout_s: float, on_other=None):
+        """Send, and wait for the ``want`` answer; other messages meanwhile go to ``on_other(link, msg)`` (a run
+        under way: its roles' logs and states) or are dropped (before any role runs)."""
         self.ep.send(kind, fields)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -114,6 +116,8 @@ class AgentLink:
                 raise ConfigError(f"node {self.node.where()} refused: {msg.fields['reason']}")
             if msg.kind == want:
                 return msg
+            if on_other is not None:
+                on_other(self, msg)
         raise PeerError(f"node {self.node.where()} did not answer {kind} within {timeout_s:g}s "
                         "(agent stopped, or a firewall between here and there?)")
 
@@ -365,10 +369,13 @@ class Run(Supervisor):
         self.last_beat = 0.0
         self.essential: set[str] = set()  # nodes whose loss stops the run
         self.lead: tuple[AgentLink, str] | None = None  # the role whose end ends the run (supervise)
+        self.started: dict[str, tuple[AgentLink, dict, str, int]] = {}  # role -> (link, start_role, bind, port)
 
     def reserve(self, link: AgentLink, name: str, bind: str) -> int:
         """A port on ``link``'s node, held there for role ``name`` until it listens (before anything starts)."""
-        return int(link.request("reserve", {"name": name, "bind": bind, "count": 1}, "reserved", 10).fields["ports"][0])
+        port = int(link.request("reserve", {"name": name, "bind": bind, "count": 1}, "reserved", 10).fields["ports"][0])
+        self.started[name] = (link, {}, bind, port)
+        return port
 
     def start(self, link: AgentLink, name: str, role: str, rank: int | None, args: list[str], keys: dict,
               program: str = "train", model: dict | None = None) -> None:
@@ -378,6 +385,21 @@ class Run(Supervisor):
         if model is not None:  # the stage reads the weights sent to its agent's cache, not the head's paths
             fields["model"] = model
             fields["args"] = [a for a in args if not a.lstrip("+").startswith(("checkpoint=", "model.pretrained="))]
+        link.roles[name] = {"name": name, "state": "starting"}
+        link.ep.send("start_role", fields)
+        _, _, bind, port = self.started.get(name, (link, {}, "", 0))
+        self.started[name] = (link, fields, bind, port)
+
+    def restart(self, name: str) -> None:
+        """Start role ``name`` again as it was started, on its node and its port (held again first), so the roles
+        that know its address (a pipeline's other stages) reach it there; its weights are still in the agent's
+        cache. Raises (PeerError, ConfigError) when its agent cannot hold that port or does not answer."""
+        link, fields, bind, port = self.started[name]
+        if port:
+            got = link.request("reserve", {"name": name, "bind": bind, "count": 1, "port": port}, "reserved",
+                               self.c.liveness_s, on_other=self.handle).fields["ports"][0]
+            if got != port:
+                raise PeerError(f"node {link.node.where()} held port {got} for {name}, not its port {port}")
         link.roles[name] = {"name": name, "state": "starting"}
         link.ep.send("start_role", fields)
 
@@ -646,7 +668,8 @@ def _towards(host: str) -> str:
 def agent_stages(pipeline):
     """``infer`` / ``chat`` with ``cluster=auto``: a context in which ``pipeline`` (the typed
     :class:`~smolcluster.inference.settings.Pipeline`, changed in place to ``role=head``) attaches to stages the
-    agents run. Anything else: nothing to do."""
+    agents run. It gives the replicas' :class:`~smolcluster.node.restarts.Restarts` (``replicas>1``), else None.
+    Anything else: nothing to do."""
     from smolcluster.inference.settings import Role
 
     if pipeline.links.auto is None or pipeline.role is not Role.launch:
@@ -671,6 +694,7 @@ def _agent_stages(p):
     run = Run("inference", new_run_id(), c, links, Path(run_dir) if run_dir else None)
     keys = Path(tempfile.mkdtemp(prefix="smolcluster-run-keys-"))
     stop = threading.Event()
+    restarts = None  # replicas: a lost replica's stages started again on their agents (restarts.py)
 
     def keep() -> None:  # heartbeats and the stages' logs while the head serves (the agents stop orphaned roles)
         while not stop.is_set():
@@ -678,6 +702,8 @@ def _agent_stages(p):
                 run.pump()
                 if p.replicas == 1:  # (replicas: the engine fails a lost stage's replica alone and routes around it)
                     run.check_roles()
+                if restarts is not None:
+                    restarts.tick()
             except Exception as e:  # a stage gone: the head hears it on its own links too, and says so
                 logger.error(str(e))
                 if p.replicas == 1:
@@ -708,19 +734,27 @@ def _agent_stages(p):
         p.role = Role.head
         p.head_host = p.head_host or _towards(replicas[0][0].host)
         p.links, p.replica_links = sets[0], sets  # (from_config.replica_settings hands replica r its set)
+        if p.replicas > 1:
+            from smolcluster.node.restarts import Restarts
+
+            restarts = Restarts(run, replicas)
         keeper = threading.Thread(target=keep, daemon=True, name="agent-heartbeat")
         keeper.start()
-        yield run
+        yield restarts
     except BaseException as e:
         why = "interrupted" if isinstance(e, KeyboardInterrupt) else f"failed: {e}"
         stop.set()
         if keeper is not None:
             keeper.join()
+        if restarts is not None:
+            restarts.close()
         run.stop_everywhere(f"the coordinator {why}")
         raise
     else:
         stop.set()
         keeper.join()
+        if restarts is not None:
+            restarts.close()
         run.stop_everywhere("the head finished")
     finally:
         for link in links.values():

@@ -3,7 +3,7 @@
 
     coordinator -> agent                        agent -> coordinator
     node_hello {protocol, version}              node_info {name, version, protocol, facts..., paired}
-    reserve {name, bind, count}                 reserved {name, ports}  (held for that role: see agent.py)
+    reserve {name, bind, count, port?}          reserved {name, ports}  (held for that role: see agent.py)
     start_role {name, role, rank, run_id,       role_state {name, state, code?, port?, detail?, summary?}
                 args, keys, program?, model?}   role_log {name, lines}
                                                 role_endpoint {name, file, endpoint}  (its /metrics, for top)
@@ -33,7 +33,7 @@ import os
 from smolcluster import __version__
 from smolcluster.transport import register_kind
 
-NODE_PROTOCOL = 5  # 5: weights_ask's files carry [size, sha256]; 4: weights that travel (weights_ask, weights_chunk); 3: the bounded info port and mutual pairing (2: reserve/reserved, start_role's program)
+NODE_PROTOCOL = 6  # 6: reserve may name the port (a replica's stage started again); 5: weights_ask's files carry [size, sha256]; 4: weights that travel (weights_ask, weights_chunk); 3: the bounded info port and mutual pairing (2: reserve/reserved, start_role's program)
 VERSION = __version__
 SERVICE_TYPE = "_smolcluster._tcp.local."
 ROLES = ("server", "worker", "stage", "head")
@@ -46,7 +46,7 @@ register_kind("node_hello", {"protocol": int, "version": str}, optional={"name":
 register_kind("node_info", {"name": str, "version": str, "protocol": int, "device": str, "cores": int,
                             "memory_gb": _NUM, "fingerprint": str, "key": str, "port": int},
               optional={"paired": bool})
-register_kind("reserve", {"name": str, "bind": str, "count": int})
+register_kind("reserve", {"name": str, "bind": str, "count": int}, optional={"port": int})
 register_kind("reserved", {"name": str, "ports": list})
 register_kind("start_role", {"name": str, "role": str, "run_id": str, "args": list, "keys": dict},
               optional={"rank": int, "program": str, "model": dict})

@@ -53,8 +53,10 @@ def chat_template(cfg: Pipeline) -> ChatTemplate | None:
     return template
 
 
-def sessions_from_config(s: ChatSettings) -> Sessions:
-    """Start (``role=launch``) or join (``role=head``) the pipeline and wrap it in started Sessions."""
+def sessions_from_config(s: ChatSettings, revive=None) -> Sessions:
+    """Start (``role=launch``) or join (``role=head``) the pipeline and wrap it in started Sessions. ``revive(r)``:
+    called before replica r (re)connects (``cluster=auto``: waits while the coordinator starts its lost stages
+    again, or raises :class:`~smolcluster.errors.ReplicaGone`)."""
     if s.pipeline.role is Role.stage:
         raise ConfigError("role=stage is not for the chat: choose launch (start the stages here) or head (connect "
                           "to stages already running; start those with python -m smolcluster.infer role=stage rank=N)")
@@ -64,20 +66,27 @@ def sessions_from_config(s: ChatSettings) -> Sessions:
 
     replicas = [replica_settings(s.pipeline, r) for r in range(s.pipeline.replicas)]  # bad node counts refused here
     metrics = open_serving_metrics(s.pipeline.telemetry, identity())  # this head's figures for smolcluster.top
-    return Sessions([lambda p=p: pipeline_from_config(p) for p in replicas], max_active=s.serve.max_active,
+
+    def connect(p):
+        if revive is not None:
+            revive(p.replica)
+        return pipeline_from_config(p)
+
+    return Sessions([lambda p=p: connect(p) for p in replicas], max_active=s.serve.max_active,
                   max_waiting=s.serve.max_waiting, reconnect=s.serve.reconnect,
                   chat_template=chat_template(s.pipeline), metrics=metrics,
                   prefix_block=s.pipeline.prefix_block).start()
 
 
-def serve(s: ChatSettings) -> None:
-    """Bind the port (fail fast if taken), start the pipeline, serve until Ctrl-C, shut everything down."""
+def serve(s: ChatSettings, revive=None) -> None:
+    """Bind the port (fail fast if taken), start the pipeline, serve until Ctrl-C, shut everything down.
+    ``revive``: :func:`sessions_from_config`'s."""
     from smolcluster.serving.app import WebServer, bind, build_app
 
     check_api(s.serve.host, s.serve.api_key, s.serve.insecure)
     sock = bind(s.serve.host, s.serve.port)
     try:
-        sessions = sessions_from_config(s)
+        sessions = sessions_from_config(s, revive)
     except BaseException:
         sock.close()
         raise

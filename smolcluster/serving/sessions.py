@@ -13,7 +13,8 @@ hands the text to its consumer (a blocking iterator for Gradio, an ``async`` one
 the API). When a stage is lost the pipeline fails every open request; the sessions then
 answer at once with :class:`PipelineDown` (never a hang) and, with ``reconnect``,
 rebuilds the pipeline in the background with backoff (a cluster's stages keep running;
-local stages are started again).
+local stages are started again; with ``cluster=auto`` replicas the coordinator starts a lost stage again on its
+agent first, :mod:`smolcluster.node.restarts`).
 
 Replicas. Given one ``connect`` per replica, :class:`Sessions` owns R pipelines behind the same queue:
 each answer goes to one (:mod:`smolcluster.serving.router`: the replica holding its prompt's
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 
 from loguru import logger
 
-from smolcluster.errors import ConfigError, PeerError, SmolclusterError
+from smolcluster.errors import ConfigError, PeerError, ReplicaGone, SmolclusterError
 from smolcluster.inference.sampling import SamplingParams
 from smolcluster.serving.fair_queue import FairQueue
 from smolcluster.serving.prompting import ChatFormat, ChatTemplate, Transcript
@@ -250,6 +251,7 @@ class Replica:
     served: int = 0                   # requests routed here
     load: int = 0                     # routed here and not finished: active + waiting on its stages
     rebuilding: bool = False
+    gone: bool = False                # it will not come back (its connect said ReplicaGone): not rebuilt again
 
     def error(self) -> str | None:
         pipe, down = self.pipe, self.down
@@ -474,7 +476,7 @@ class Sessions:
         ``reconnect``, rebuilt in its own thread while the others serve."""
         with self._lock:
             pipe, error = r.pipe, r.pipe.client.error if r.pipe is not None else None
-            if r.rebuilding or (pipe is not None and error is None) or (pipe is None and not self.reconnect):
+            if r.rebuilding or r.gone or (pipe is not None and error is None) or (pipe is None and not self.reconnect):
                 return
             if pipe is not None:
                 r.pipe, r.down = None, str(error)
@@ -494,6 +496,10 @@ class Sessions:
             logger.info(f"reconnecting {self._whose(r)}")
             try:
                 new = r.connect()
+            except ReplicaGone as e:  # (whoever gave up on it said so in its one line)
+                with self._lock:
+                    r.down, r.gone = str(e), True
+                break
             except Exception as e:
                 logger.error(f"reconnecting failed: {e}; next try in {backoff:.0f}s")
                 with self._lock:
