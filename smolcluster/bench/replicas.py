@@ -85,15 +85,29 @@ def drive(args: argparse.Namespace) -> dict:
     try:
         run(args.replicas)  # warm-up: one request per replica (first-call allocations, page faults)
         served = [r.served for r in sessions.replicas]
+        steps0 = stage_steps(sessions)
         cpu0 = time.process_time()
         seconds, _ = run(args.requests)
         head_cores = (time.process_time() - cpu0) / seconds  # is the head (sessions + clients) what limits?
         per_replica = [r.served - s for r, s in zip(sessions.replicas, served)]
+        steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(steps0, stage_steps(sessions))]
     finally:
         sessions.close()
     return {"replicas": args.replicas, "seconds": round(seconds, 3),
             "tokens_per_s": round(args.requests * args.tokens / seconds, 2), "requests_per_replica": per_replica,
-            "head_cores": round(head_cores, 2)}
+            "head_cores": round(head_cores, 2), "rows_per_step": round(sum(r for _, r in steps) /
+                                                                       max(1, sum(s for s, _ in steps)), 1)}
+
+
+def stage_steps(sessions, timeout_s: float = 10.0) -> list[tuple[int, int]]:
+    """Every stage's (forwards, rows) so far, as its beacon says once it has no request left (a beacon rides the
+    next heartbeat, so this waits for one that shows the stage idle)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        infos = [r.pipe.client.mesh.peers[s].info for r in sessions.replicas for s in r.pipe.client.stages]
+        if all(i.get("requests") == 0 for i in infos) or time.monotonic() > deadline:
+            return [(int(i.get("steps", 0)), int(i.get("rows", 0))) for i in infos]
+        time.sleep(0.05)
 
 
 def throttled(desk, nodes) -> tuple[int, int]:
@@ -108,12 +122,12 @@ def run_driver(desk, args: argparse.Namespace, run: Path, replicas: int, seed: i
            f"--head={desk.ip['head']}", f"--requests={args.requests}", f"--prompt={args.prompt}",
            f"--tokens={args.tokens}", f"--seed={seed}"]
     used = NODES[:2 * replicas]
-    periods, hits = throttled(desk, used)
+    before = throttled(desk, used)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
     if out.returncode != 0 or line is None:
         raise ConfigError(f"the driver failed (exit {out.returncode}):\n{(out.stdout + out.stderr)[-3000:]}")
-    periods, hits = (b - a for a, b in zip((periods, hits), throttled(desk, used)))
+    periods, hits = (b - a for a, b in zip(before, throttled(desk, used)))
     return {**json.loads(line[len("RESULT "):]), "at_budget": round(hits / max(1, periods), 2)}
 
 
@@ -145,6 +159,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> list[dict]:
                          "ratio": round(two["tokens_per_s"] / one["tokens_per_s"], 3),
                          "two_requests_per_replica": two["requests_per_replica"],
                          "head_cores": f"{one['head_cores']} / {two['head_cores']}",
+                         "rows_per_step": f"{one['rows_per_step']} / {two['rows_per_step']}",
                          "stages_at_budget": f"{one['at_budget']} / {two['at_budget']}"})
             print(json.dumps(rows[-1]), flush=True)
         return rows
