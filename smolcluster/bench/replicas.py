@@ -87,7 +87,9 @@ def drive(args: argparse.Namespace) -> dict:
         served = [r.served for r in sessions.replicas]
         steps0 = stage_steps(sessions)
         cpu0 = time.process_time()
+        print("MARK", flush=True)  # the timed part: the bench reads the nodes' CPU groups and the host's CPU here
         seconds, _ = run(args.requests)
+        print("MARK", flush=True)
         head_cores = (time.process_time() - cpu0) / seconds  # is the head (sessions + clients) what limits?
         per_replica = [r.served - s for r, s in zip(sessions.replicas, served)]
         steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(steps0, stage_steps(sessions))]
@@ -95,8 +97,8 @@ def drive(args: argparse.Namespace) -> dict:
         sessions.close()
     return {"replicas": args.replicas, "seconds": round(seconds, 3),
             "tokens_per_s": round(args.requests * args.tokens / seconds, 2), "requests_per_replica": per_replica,
-            "head_cores": round(head_cores, 2), "rows_per_step": round(sum(r for _, r in steps) /
-                                                                       max(1, sum(s for s, _ in steps)), 1)}
+            "head_cores": round(head_cores, 2), "steps": sum(s for s, _ in steps),
+            "rows_per_step": round(sum(r for _, r in steps) / max(1, sum(s for s, _ in steps)), 1)}
 
 
 def stage_steps(sessions, timeout_s: float = 10.0) -> list[tuple[int, int]]:
@@ -110,25 +112,50 @@ def stage_steps(sessions, timeout_s: float = 10.0) -> list[tuple[int, int]]:
         time.sleep(0.05)
 
 
-def throttled(desk, nodes) -> tuple[int, int]:
-    """(CFS periods, periods the quota ran out) of ``nodes``' CPU groups so far: how often they were at budget."""
+def cpu_counts(desk, nodes) -> tuple[int, int, int, float, float]:
+    """``nodes``' CPU groups so far: (CFS periods, periods the quota ran out, CPU microseconds their processes
+    used), and the host's (busy, all) CPU ticks from /proc/stat (is the box itself full, so that no node can reach
+    its budget?)."""
     stats = [dict(line.split() for line in (desk.groups[n] / "cpu.stat").read_text().splitlines()) for n in nodes]
-    return sum(int(x["nr_periods"]) for x in stats), sum(int(x["nr_throttled"]) for x in stats)
+    pids = [p for n in nodes for p in (desk.groups[n] / "cgroup.procs").read_text().split()]
+    host = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = host[3] + host[4]  # idle + iowait
+    return (sum(int(x["nr_periods"]) for x in stats), sum(int(x["nr_throttled"]) for x in stats),
+            sum(process_usec(p) for p in pids), sum(host) - idle, sum(host))
+
+
+def process_usec(pid: str) -> int:
+    """A process's CPU time (every thread, user + system), in microseconds; 0 once it is gone. (cgroup v1's cpu
+    group counts no usage: that is cpuacct's, a hierarchy the Desk does not use.)"""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+    return (int(fields[11]) + int(fields[12])) * 1_000_000 // os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def run_driver(desk, args: argparse.Namespace, run: Path, replicas: int, seed: int) -> dict:
+    """One driver in the head's namespace; the nodes' and the host's CPU counted over its timed part (its MARKs)."""
     cmd = [*desk.exec("head"), sys.executable, "-u", "-m", "smolcluster.bench.replicas", "--drive",
            f"--run={run}", f"--replicas={replicas}", f"--ips={','.join(desk.ip[n] for n in NODES)}",
            f"--head={desk.ip['head']}", f"--requests={args.requests}", f"--prompt={args.prompt}",
            f"--tokens={args.tokens}", f"--seed={seed}"]
     used = NODES[:2 * replicas]
-    before = throttled(desk, used)
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if out.returncode != 0 or line is None:
-        raise ConfigError(f"the driver failed (exit {out.returncode}):\n{(out.stdout + out.stderr)[-3000:]}")
-    periods, hits = (b - a for a, b in zip(before, throttled(desk, used)))
-    return {**json.loads(line[len("RESULT "):]), "at_budget": round(hits / max(1, periods), 2)}
+    marks, lines = [], []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:  # (the driver's own timeouts end it: every wait in it has one)
+            if line.startswith("MARK"):
+                marks.append(cpu_counts(desk, used))
+            lines.append(line)
+    result = next((x for x in lines if x.startswith("RESULT ")), None)
+    if proc.returncode != 0 or result is None or len(marks) != 2:
+        raise ConfigError(f"the driver failed (exit {proc.returncode}):\n{''.join(lines)[-3000:]}")
+    out = json.loads(result[len("RESULT "):])
+    periods, hits, usec, host_busy, host_all = (b - a for a, b in zip(*marks))
+    steps = out.pop("steps")
+    return {**out, "at_budget": round(hits / max(1, periods), 2),
+            "node_busy": round(usec / 1e6 / (args.cpu * len(used) * out["seconds"]), 2),
+            "cpu_ms_per_step": round(usec / 1e3 / max(1, steps), 2), "host_busy": round(host_busy / host_all, 2)}
 
 
 def measure(args: argparse.Namespace, tmp: Path) -> list[dict]:
@@ -160,6 +187,9 @@ def measure(args: argparse.Namespace, tmp: Path) -> list[dict]:
                          "two_requests_per_replica": two["requests_per_replica"],
                          "head_cores": f"{one['head_cores']} / {two['head_cores']}",
                          "rows_per_step": f"{one['rows_per_step']} / {two['rows_per_step']}",
+                         "cpu_ms_per_step": f"{one['cpu_ms_per_step']} / {two['cpu_ms_per_step']}",
+                         "node_busy": f"{one['node_busy']} / {two['node_busy']}",
+                         "host_busy": f"{one['host_busy']} / {two['host_busy']}",
                          "stages_at_budget": f"{one['at_budget']} / {two['at_budget']}"})
             print(json.dumps(rows[-1]), flush=True)
         return rows
