@@ -112,6 +112,42 @@ def stage_steps(sessions, timeout_s: float = 10.0) -> list[tuple[int, int]]:
         time.sleep(0.05)
 
 
+def step_cost(run: Path, rows: list[int], context: int, repeats: int = 60) -> dict[int, float]:
+    """CPU ms (median, one thread) of stage 0's decode step (embedding, its blocks, LM head, greedy picks) at each
+    of ``rows`` requests with ``context`` cached positions: the stage code a node runs, without its messages. Why:
+    at ``--requests`` N a replica's stage steps carry N / 4 rows and one pipeline's N / 2 (2 groups per 2-stage
+    ring), so cost(N / 2) / cost(N / 4) is what 2 replicas can gain over one at most when decoding dominates."""
+    import torch
+
+    from smolcluster.pipeline.architectures import KVCache, family_for
+    from smolcluster.pipeline.architectures.base import Batch, pin_attributes
+    from smolcluster.pipeline.weights import gpt2_config, load_stage
+
+    torch.set_num_threads(1)
+    weights = run / "checkpoint.safetensors"
+    config = gpt2_config(weights, n_head=4)  # (write_tiny_run's heads)
+    spec = family_for(config).plan(2, None, head_first=True)[0]
+    stage = load_stage(weights, config, spec.blocks, embed=True, head=True)
+    pin_attributes(stage)
+    out = {}
+    with torch.inference_mode():
+        for n in rows:
+            caches = [KVCache(len(spec.blocks), context + 1) for _ in range(n)]
+            for c in caches:
+                stage.run_blocks(stage.embed(torch.randint(0, 500, (1, context)), 0), c)
+            times = []
+            for _ in range(repeats):
+                for c in caches:
+                    c.length = context
+                batch = Batch(caches, [1] * n)
+                t0 = time.thread_time()
+                x = stage.run_blocks(stage.embed(torch.randint(0, 500, (1, n)), batch.positions()), batch)
+                stage.logits(x).float()[0].argmax(-1).tolist()
+                times.append(time.thread_time() - t0)
+            out[n] = round(statistics.median(times) * 1000, 2)
+    return out
+
+
 def cpu_counts(desk, nodes) -> tuple[int, int, int, float, float]:
     """``nodes``' CPU groups so far: (CFS periods, periods the quota ran out, CPU microseconds their processes
     used), and the host's (busy, all) CPU ticks from /proc/stat (is the box itself full, so that no node can reach
@@ -158,11 +194,16 @@ def run_driver(desk, args: argparse.Namespace, run: Path, replicas: int, seed: i
             "cpu_ms_per_step": round(usec / 1e3 / max(1, steps), 2), "host_busy": round(host_busy / host_all, 2)}
 
 
-def measure(args: argparse.Namespace, tmp: Path) -> list[dict]:
+def measure(args: argparse.Namespace, tmp: Path) -> tuple[list[dict], dict]:
     from smolcluster.bench.common import write_tiny_run
     from smolcluster.bench.desk import Desk
 
     run = write_tiny_run(tmp / "run", 256, vocab=500, n_layer=args.layers, n_embd=args.embd)
+    # Before the Desk starts (this process, quiet of the nodes): a replica's step (N / 4 rows) against a pipeline's
+    # (N / 2), at the decode's middle context.
+    small, large = max(1, args.requests // 4), max(1, args.requests // 2)
+    cost = step_cost(run, [small, large], min(250, args.prompt + args.tokens // 2))
+    print(json.dumps({"step_cpu_ms": cost, "decode_bound": round(cost[large] / cost[small], 2)}), flush=True)
     cpus = {**{n: args.cpu for n in NODES}, **({"head": args.head_cpu} if args.head_cpu else {})}
     desk = Desk(["head", *NODES], rate=args.rate, cpus=cpus).build()
     for host, cores in cpus.items():  # a finer CFS period than the Desk's 100 ms (see PERIOD_US)
@@ -192,7 +233,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> list[dict]:
                          "host_busy": f"{one['host_busy']} / {two['host_busy']}",
                          "stages_at_budget": f"{one['at_budget']} / {two['at_budget']}"})
             print(json.dumps(rows[-1]), flush=True)
-        return rows
+        return rows, cost
     finally:
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
@@ -234,11 +275,15 @@ def main(argv: list[str]) -> int:
     from smolcluster.bench.report import write_report
 
     with tempfile.TemporaryDirectory(prefix="smolcluster-bench-replicas-") as d:
-        rows = measure(args, Path(d))
+        rows, cost = measure(args, Path(d))
     ratio = statistics.median(r["ratio"] for r in rows)
+    small, large = sorted(cost)
     write_report("replicas", rows, {"setup": f"4 nodes x {args.cpu} core, head {args.head_cpu or 'unbudgeted'}, "
                                               f"{args.rate}, {args.requests} requests of "
                                               f"{args.prompt}+{args.tokens} tokens, GPT-2 {args.layers}x{args.embd}",
+                                    "step_cpu_ms": f"{cost[small]} at {small} rows (a replica's), {cost[large]} at "
+                                                   f"{large} (one pipeline's)",
+                                    "decode_bound": round(cost[large] / cost[small], 2),
                                     "median_ratio": ratio, "goal": "ratio >= 1.8", "met": ratio >= 1.8})
     return 0
 
