@@ -14,9 +14,16 @@ the nodes listed, replica r's stage i being node r*2+i), warms each replica with
 ``--requests`` greedy requests at once (``--prompt`` random tokens each, ``--tokens`` new tokens, EOS off).
 tokens/s = tokens made / the time from the first submit to the last token. Each round measures replicas=1 (on
 nodes 0, 1) and then replicas=2 (all four), fresh prompts each (so no prefix-cache hit helps either). The
-reported ratio is the median round's; goal >= 1.8. Beside it, each run's (replicas=1 / replicas=2) head CPU over
-the timed part, in cores, and the share of CFS periods in which the stage nodes ran out of their budget (near 1:
-the stages' CPU is what limits; far below it: something else, such as the head, is).
+reported ratio is the median round's; goal >= 1.8. Beside it, each run's (replicas=1 / replicas=2), over the
+timed part: the head's CPU in cores; the rows a stage step carried (each stage's beacon; prefill chunks included);
+the nodes' CPU ms per step and their CPU over their budget (``node_busy``); the host's busy share (1: the box itself
+is full); and the share of CFS periods in which the stage nodes ran out of their budget (near 1: the stages' CPU is
+what limits; far below it: something else, such as the head, is).
+
+``decode_bound``, measured before the Desk starts: stage 0's decode-step CPU at a replica's rows (requests / 4:
+4 stage nodes, every one busy) over one pipeline's (requests / 2: its 2 groups). When decoding dominates, every node
+is busy and both run the same number of steps per token, so 2 replicas gain at most that much; a CPU's small
+matmuls cost far less than twice as much at twice the rows in that range (docs/benchmarks.md, bench replicas).
 """
 
 from __future__ import annotations
