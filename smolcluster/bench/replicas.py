@@ -14,9 +14,16 @@ the nodes listed, replica r's stage i being node r*2+i), warms each replica with
 ``--requests`` greedy requests at once (``--prompt`` random tokens each, ``--tokens`` new tokens, EOS off).
 tokens/s = tokens made / the time from the first submit to the last token. Each round measures replicas=1 (on
 nodes 0, 1) and then replicas=2 (all four), fresh prompts each (so no prefix-cache hit helps either). The
-reported ratio is the median round's; goal >= 1.8. Beside it, each run's (replicas=1 / replicas=2) head CPU over
-the timed part, in cores, and the share of CFS periods in which the stage nodes ran out of their budget (near 1:
-the stages' CPU is what limits; far below it: something else, such as the head, is).
+reported ratio is the median round's; goal >= 1.8. Beside it, each run's (replicas=1 / replicas=2), over the
+timed part: the head's CPU in cores; the rows a stage step carried (each stage's beacon; prefill chunks included);
+the nodes' CPU ms per step and their CPU over their budget (``node_busy``); the host's busy share (1: the box itself
+is full); and the share of CFS periods in which the stage nodes ran out of their budget (near 1: the stages' CPU is
+what limits; far below it: something else, such as the head, is).
+
+``decode_bound``, measured before the Desk starts: stage 0's decode-step CPU at a replica's rows (requests / 4:
+4 stage nodes, every one busy) over one pipeline's (requests / 2: its 2 groups). When decoding dominates, every node
+is busy and both run the same number of steps per token, so 2 replicas gain at most that much; a CPU's small
+matmuls cost far less than twice as much at twice the rows in that range (docs/benchmarks.md, bench replicas).
 """
 
 from __future__ import annotations
@@ -85,43 +92,124 @@ def drive(args: argparse.Namespace) -> dict:
     try:
         run(args.replicas)  # warm-up: one request per replica (first-call allocations, page faults)
         served = [r.served for r in sessions.replicas]
+        steps0 = stage_steps(sessions)
         cpu0 = time.process_time()
+        print("MARK", flush=True)  # the timed part: the bench reads the nodes' CPU groups and the host's CPU here
         seconds, _ = run(args.requests)
+        print("MARK", flush=True)
         head_cores = (time.process_time() - cpu0) / seconds  # is the head (sessions + clients) what limits?
         per_replica = [r.served - s for r, s in zip(sessions.replicas, served)]
+        steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(steps0, stage_steps(sessions))]
     finally:
         sessions.close()
     return {"replicas": args.replicas, "seconds": round(seconds, 3),
             "tokens_per_s": round(args.requests * args.tokens / seconds, 2), "requests_per_replica": per_replica,
-            "head_cores": round(head_cores, 2)}
+            "head_cores": round(head_cores, 2), "steps": sum(s for s, _ in steps),
+            "rows_per_step": round(sum(r for _, r in steps) / max(1, sum(s for s, _ in steps)), 1)}
 
 
-def throttled(desk, nodes) -> tuple[int, int]:
-    """(CFS periods, periods the quota ran out) of ``nodes``' CPU groups so far: how often they were at budget."""
+def stage_steps(sessions, timeout_s: float = 10.0) -> list[tuple[int, int]]:
+    """Every stage's (forwards, rows) so far, as its beacon says once it has no request left (a beacon rides the
+    next heartbeat, so this waits for one that shows the stage idle)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        infos = [r.pipe.client.mesh.peers[s].info for r in sessions.replicas for s in r.pipe.client.stages]
+        if all(i.get("requests") == 0 for i in infos) or time.monotonic() > deadline:
+            return [(int(i.get("steps", 0)), int(i.get("rows", 0))) for i in infos]
+        time.sleep(0.05)
+
+
+def step_cost(run: Path, rows: list[int], context: int, repeats: int = 60) -> dict[int, float]:
+    """CPU ms (median, one thread) of stage 0's decode step (embedding, its blocks, LM head, greedy picks) at each
+    of ``rows`` requests with ``context`` cached positions: the stage code a node runs, without its messages. Why:
+    at ``--requests`` N a replica's stage steps carry N / 4 rows and one pipeline's N / 2 (2 groups per 2-stage
+    ring), so cost(N / 2) / cost(N / 4) is what 2 replicas can gain over one at most when decoding dominates."""
+    import torch
+
+    from smolcluster.pipeline.architectures import KVCache, family_for
+    from smolcluster.pipeline.architectures.base import Batch, pin_attributes
+    from smolcluster.pipeline.weights import gpt2_config, load_stage
+
+    torch.set_num_threads(1)
+    weights = run / "checkpoint.safetensors"
+    config = gpt2_config(weights, n_head=4)  # (write_tiny_run's heads)
+    spec = family_for(config).plan(2, None, head_first=True)[0]
+    stage = load_stage(weights, config, spec.blocks, embed=True, head=True)
+    pin_attributes(stage)
+    with torch.inference_mode():
+        caches = {n: [KVCache(len(spec.blocks), context + 1) for _ in range(n)] for n in rows}
+        for c in (c for cs in caches.values() for c in cs):
+            stage.run_blocks(stage.embed(torch.randint(0, 500, (1, context)), 0), c)
+        times: dict[int, list[float]] = {n: [] for n in rows}
+        for _ in range(repeats):  # the row counts in turn, so that other load on the box weighs on each alike
+            for n in rows:
+                for c in caches[n]:
+                    c.length = context
+                batch = Batch(caches[n], [1] * n)
+                t0 = time.thread_time()
+                x = stage.run_blocks(stage.embed(torch.randint(0, 500, (1, n)), batch.positions()), batch)
+                stage.logits(x).float()[0].argmax(-1).tolist()
+                times[n].append(time.thread_time() - t0)
+    # the fastest fifth: steps that other load on the box did not interrupt or evict from the caches
+    return {n: round(statistics.quantiles(t, n=5)[0] * 1000, 2) for n, t in times.items()}
+
+
+def cpu_counts(desk, nodes) -> tuple[int, int, int, float, float]:
+    """``nodes``' CPU groups so far: (CFS periods, periods the quota ran out, CPU microseconds their processes
+    used), and the host's (busy, all) CPU ticks from /proc/stat (is the box itself full, so that no node can reach
+    its budget?)."""
     stats = [dict(line.split() for line in (desk.groups[n] / "cpu.stat").read_text().splitlines()) for n in nodes]
-    return sum(int(x["nr_periods"]) for x in stats), sum(int(x["nr_throttled"]) for x in stats)
+    pids = [p for n in nodes for p in (desk.groups[n] / "cgroup.procs").read_text().split()]
+    host = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = host[3] + host[4]  # idle + iowait
+    return (sum(int(x["nr_periods"]) for x in stats), sum(int(x["nr_throttled"]) for x in stats),
+            sum(process_usec(p) for p in pids), sum(host) - idle, sum(host))
+
+
+def process_usec(pid: str) -> int:
+    """A process's CPU time (every thread, user + system), in microseconds; 0 once it is gone. (cgroup v1's cpu
+    group counts no usage: that is cpuacct's, a hierarchy the Desk does not use.)"""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+    return (int(fields[11]) + int(fields[12])) * 1_000_000 // os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def run_driver(desk, args: argparse.Namespace, run: Path, replicas: int, seed: int) -> dict:
+    """One driver in the head's namespace; the nodes' and the host's CPU counted over its timed part (its MARKs)."""
     cmd = [*desk.exec("head"), sys.executable, "-u", "-m", "smolcluster.bench.replicas", "--drive",
            f"--run={run}", f"--replicas={replicas}", f"--ips={','.join(desk.ip[n] for n in NODES)}",
            f"--head={desk.ip['head']}", f"--requests={args.requests}", f"--prompt={args.prompt}",
            f"--tokens={args.tokens}", f"--seed={seed}"]
     used = NODES[:2 * replicas]
-    periods, hits = throttled(desk, used)
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if out.returncode != 0 or line is None:
-        raise ConfigError(f"the driver failed (exit {out.returncode}):\n{(out.stdout + out.stderr)[-3000:]}")
-    periods, hits = (b - a for a, b in zip((periods, hits), throttled(desk, used)))
-    return {**json.loads(line[len("RESULT "):]), "at_budget": round(hits / max(1, periods), 2)}
+    marks, lines = [], []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:  # (the driver's own timeouts end it: every wait in it has one)
+            if line.startswith("MARK"):
+                marks.append(cpu_counts(desk, used))
+            lines.append(line)
+    result = next((x for x in lines if x.startswith("RESULT ")), None)
+    if proc.returncode != 0 or result is None or len(marks) != 2:
+        raise ConfigError(f"the driver failed (exit {proc.returncode}):\n{''.join(lines)[-3000:]}")
+    out = json.loads(result[len("RESULT "):])
+    periods, hits, usec, host_busy, host_all = (b - a for a, b in zip(*marks))
+    steps = out.pop("steps")
+    return {**out, "at_budget": round(hits / max(1, periods), 2),
+            "node_busy": round(usec / 1e6 / (args.cpu * len(used) * out["seconds"]), 2),
+            "cpu_ms_per_step": round(usec / 1e3 / max(1, steps), 2), "host_busy": round(host_busy / host_all, 2)}
 
 
-def measure(args: argparse.Namespace, tmp: Path) -> list[dict]:
+def measure(args: argparse.Namespace, tmp: Path) -> tuple[list[dict], dict]:
     from smolcluster.bench.common import write_tiny_run
     from smolcluster.bench.desk import Desk
 
     run = write_tiny_run(tmp / "run", 256, vocab=500, n_layer=args.layers, n_embd=args.embd)
+    # Before the Desk starts (this process, quiet of the nodes): a replica's step (N / 4 rows) against a pipeline's
+    # (N / 2), at the decode's middle context.
+    small, large = max(1, args.requests // 4), max(1, args.requests // 2)
+    cost = step_cost(run, [small, large], min(250, args.prompt + args.tokens // 2))
+    print(json.dumps({"step_cpu_ms": cost, "decode_bound": round(cost[large] / cost[small], 2)}), flush=True)
     cpus = {**{n: args.cpu for n in NODES}, **({"head": args.head_cpu} if args.head_cpu else {})}
     desk = Desk(["head", *NODES], rate=args.rate, cpus=cpus).build()
     for host, cores in cpus.items():  # a finer CFS period than the Desk's 100 ms (see PERIOD_US)
@@ -145,9 +233,13 @@ def measure(args: argparse.Namespace, tmp: Path) -> list[dict]:
                          "ratio": round(two["tokens_per_s"] / one["tokens_per_s"], 3),
                          "two_requests_per_replica": two["requests_per_replica"],
                          "head_cores": f"{one['head_cores']} / {two['head_cores']}",
+                         "rows_per_step": f"{one['rows_per_step']} / {two['rows_per_step']}",
+                         "cpu_ms_per_step": f"{one['cpu_ms_per_step']} / {two['cpu_ms_per_step']}",
+                         "node_busy": f"{one['node_busy']} / {two['node_busy']}",
+                         "host_busy": f"{one['host_busy']} / {two['host_busy']}",
                          "stages_at_budget": f"{one['at_budget']} / {two['at_budget']}"})
             print(json.dumps(rows[-1]), flush=True)
-        return rows
+        return rows, cost
     finally:
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
@@ -189,11 +281,15 @@ def main(argv: list[str]) -> int:
     from smolcluster.bench.report import write_report
 
     with tempfile.TemporaryDirectory(prefix="smolcluster-bench-replicas-") as d:
-        rows = measure(args, Path(d))
+        rows, cost = measure(args, Path(d))
     ratio = statistics.median(r["ratio"] for r in rows)
+    small, large = min(cost), max(cost)
     write_report("replicas", rows, {"setup": f"4 nodes x {args.cpu} core, head {args.head_cpu or 'unbudgeted'}, "
                                               f"{args.rate}, {args.requests} requests of "
                                               f"{args.prompt}+{args.tokens} tokens, GPT-2 {args.layers}x{args.embd}",
+                                    "step_cpu_ms": f"{cost[small]} at {small} rows (a replica's), {cost[large]} at "
+                                                   f"{large} (one pipeline's)",
+                                    "decode_bound": round(cost[large] / cost[small], 2),
                                     "median_ratio": ratio, "goal": "ratio >= 1.8", "met": ratio >= 1.8})
     return 0
 
