@@ -6,6 +6,7 @@
     python -m launchers.ssh launch --cluster lan-example algo=allreduce      # the ring: no server
     python -m launchers.ssh launch --cluster lan-example algo=mp algo.stages=3 model=gpt2-tiny data=text
     python -m launchers.ssh serve  --cluster lan-example checkpoint=RUN_DIR stages=3   # inference stages
+    python -m launchers.ssh serve  --cluster lan-example --weights send model.pretrained=DIR stages=2
 
 ``--cluster`` is a name in conf/cluster/ or a path to a YAML file; everything after the
 options is a Hydra override given to every role. ``launch`` runs ``check`` first (skip with
@@ -19,7 +20,9 @@ stopped and the launcher exits 2 naming the node and why (``--keep-going``: a sy
 may fail and the server carries on without it, as it does when a host disappears). Ctrl-C
 stops every node.
 
-``serve`` starts ``python -m smolcluster.infer role=stage rank=i`` on each stage's node, prints
+``serve`` first sends each stage's share of the weights over SSH into its host's cache (``--weights
+auto``: unless the host reads the very model files; launchers/ssh_weights.py), then starts
+``python -m smolcluster.infer role=stage rank=i`` on each stage's node, prints
 the ``chat role=head`` / ``infer role=head`` command that attaches to them once every stage
 serves, and keeps them up until Ctrl-C or SIGTERM (which stops them all). ``check algo=mp`` /
 ``algo=allreduce`` checks the ranks' layout (each listens on its port, every other reaches it).
@@ -347,12 +350,12 @@ def launch(args: argparse.Namespace, attempts: int = 3) -> int:
         port, spec = run_check(spec, nodes, args.max_skew_s)
     elif port is None:
         port = free_ports_on(spec.cluster, nodes[0], 1 if nodes[0].role == "server" else len(nodes))
+    sigterm_as_interrupt()  # `kill` stops the cluster like Ctrl-C does
     extra = None
     if serving:  # each stage's share of the weights into its host's cache (the plan uses the measured memory)
         from launchers.ssh_weights import send_weights
 
         extra = send_weights(pipeline, nodes, list(spec.cluster.nodes), args.weights)
-    sigterm_as_interrupt()  # `kill` stops the cluster like Ctrl-C does
     for attempt in range(1, attempts + 1):
         run = Launch(spec, nodes, args.overrides, stem, int(port), keep_going=args.keep_going, run_dir=args.run_dir,
                      lead=lead, serving=serving, extra=extra)

