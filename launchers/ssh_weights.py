@@ -104,15 +104,20 @@ class Session:
         last = next((e for e in reversed(self.errors) if e.strip()), "(no output)")
         return PeerError(f"weights: the SSH session to {self.where} ended (exit {self.proc.poll()}): {last}")
 
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                self.send({"op": "bye"})
-                self.proc.stdin.close()
-                self.proc.wait(timeout=10)
-            except (PeerError, OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+    def close(self, done: bool = True) -> None:
+        """Say goodbye (``done``), or end the session at once (interrupted: a sender thread may be mid-chunk;
+        the host keeps what arrived whole, and the next run resumes from there)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            if not done:
+                raise OSError("interrupted")
+            self.send({"op": "bye"})
+            self.proc.stdin.close()
+            self.proc.wait(timeout=10)
+        except (PeerError, OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait(timeout=10)
 
 
 def send_weights(p, nodes: list[Node], node_entries: list, mode: str, timeout_s: float = 600.0) -> list[list[str]]:
@@ -157,10 +162,13 @@ def send_weights(p, nodes: list[Node], node_entries: list, mode: str, timeout_s:
             args = s.answer(timeout_s)["args"]
             for r in s.ranks:
                 out[r] = args[f"stage{r}"]
-        return out
-    finally:
+    except BaseException:
         for s in sessions.values():
-            s.close()
+            s.close(done=False)
+        raise
+    for s in sessions.values():
+        s.close()
+    return out
 
 
 def stream(todos: list[tuple[Session, list]], timeout_s: float) -> int:

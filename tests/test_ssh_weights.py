@@ -64,7 +64,7 @@ class Serve:
             [sys.executable, "-m", "launchers.ssh", "serve", "--no-check", "--cluster", str(cluster), "--run-dir",
              str(self.run_dir), *extra, f"checkpoint={model}", "stages=2"],
             cwd=REPO, stdout=self.out_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "HOME": str(tmp / "home")})  # (the launcher's hash book)
 
     def text(self) -> str:
         return self.out_path.read_text()
@@ -183,7 +183,8 @@ def test_a_host_without_room_is_refused_before_anything_is_sent(sshd, tmp_path):
     cluster, _ = stage_cluster(tmp_path, sshd, tmp_path / "model", tiny=True)
     got = subprocess.run([sys.executable, "-m", "launchers.ssh", "serve", "--no-check", "--cluster", str(cluster),
                           "--run-dir", str(tmp_path / "serve"), "--weights", "send", f"checkpoint={model}",
-                          "stages=2"], cwd=REPO, capture_output=True, text=True, timeout=120)
+                          "stages=2"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HOME": str(tmp_path / "home")})
     assert got.returncode == 2, got.stdout[-3000:] + got.stderr[-3000:]
     error = got.stderr.strip().splitlines()[-1]
     assert error.startswith("error: host root@127.0.0.1:") and "free for its weight cache" in error, error
