@@ -69,11 +69,12 @@ def serve(state: Path, inp, out) -> None:
                 raise CacheError(f"a chunk carries 1..{CHUNK} bytes, not {n}")
             data = read_exact(inp, n)
             try:
-                state_ = "done" if cache.write(msg["sha"], int(msg["size"]), int(msg["offset"]), data) else "partial"
+                whole = cache.write(msg["sha"], int(msg["size"]), int(msg["offset"]), data)
+                got = "done" if whole else "partial"
             except CacheError as e:  # a corrupt entry: the launcher sends it again from its start
                 print(f"weights: {e}", file=sys.stderr, flush=True)
-                state_ = "bad"
-            reply(out, {"sha": msg["sha"], "offset": msg["offset"], "n": n, "state": state_})
+                got = "bad"
+            reply(out, {"sha": msg["sha"], "offset": msg["offset"], "n": n, "state": got})
         elif op == "build":
             reply(out, {"args": build(cache, state, msg["stages"])})
         elif op == "bye":
