@@ -32,7 +32,8 @@ from smolcluster.paths import CONFIG_DIR
 from smolcluster.train_settings import LaunchSpec
 
 SSH_DEFAULTS = {"user": None, "port": None, "identity": None, "python": ".venv/bin/python",
-                "workdir": "~/smolcluster", "options": [], "env": {}, "local": False}
+                "workdir": "~/smolcluster", "options": [], "env": {}, "local": False,
+                "state_dir": "~/.smolcluster/node"}
 
 
 @dataclass
@@ -46,6 +47,7 @@ class SshSpec:
     options: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     local: bool = False
+    state_dir: str = "~/.smolcluster/node"  # serve's weight cache there (STATE/weights: an agent's own default)
 
     @property
     def target(self) -> str:

@@ -6,6 +6,7 @@
     python -m launchers.ssh launch --cluster lan-example algo=allreduce      # the ring: no server
     python -m launchers.ssh launch --cluster lan-example algo=mp algo.stages=3 model=gpt2-tiny data=text
     python -m launchers.ssh serve  --cluster lan-example checkpoint=RUN_DIR stages=3   # inference stages
+    python -m launchers.ssh serve  --cluster lan-example --weights send model.pretrained=DIR stages=2
 
 ``--cluster`` is a name in conf/cluster/ or a path to a YAML file; everything after the
 options is a Hydra override given to every role. ``launch`` runs ``check`` first (skip with
@@ -19,7 +20,9 @@ stopped and the launcher exits 2 naming the node and why (``--keep-going``: a sy
 may fail and the server carries on without it, as it does when a host disappears). Ctrl-C
 stops every node.
 
-``serve`` starts ``python -m smolcluster.infer role=stage rank=i`` on each stage's node, prints
+``serve`` first sends each stage's share of the weights over SSH into its host's cache (``--weights
+auto``: unless the host reads the very model files; launchers/ssh_weights.py), then starts
+``python -m smolcluster.infer role=stage rank=i`` on each stage's node, prints
 the ``chat role=head`` / ``infer role=head`` command that attaches to them once every stage
 serves, and keeps them up until Ctrl-C or SIGTERM (which stops them all). ``check algo=mp`` /
 ``algo=allreduce`` checks the ranks' layout (each listens on its port, every other reaches it).
@@ -72,6 +75,13 @@ def compose_config(cluster_ref: str, overrides: list[str], need_algo: bool = Tru
                    config: str = "config") -> tuple[LaunchSpec, str]:
     """The full config every role will see (``config``: train's, or ``infer`` for inference stages), composed
     here first so a typo fails before any SSH; returned as what the launcher reads of it."""
+    spec, stem, _ = compose_settings(cluster_ref, overrides, need_algo, config)
+    return spec, stem
+
+
+def compose_settings(cluster_ref: str, overrides: list[str], need_algo: bool = True,
+                     config: str = "config") -> tuple[LaunchSpec, str, object]:
+    """:func:`compose_config`, and for ``infer`` the stages' typed pipeline settings (None for training)."""
     path, _ = load_cluster(cluster_ref)
     name = f"launch-{path.stem}"
     bad = [o for o in overrides if o.startswith(("role=", "rank=", "cluster="))]
@@ -93,12 +103,12 @@ def compose_config(cluster_ref: str, overrides: list[str], need_algo: bool = Tru
     if config == "infer":
         from smolcluster.inference.settings import infer_settings
 
-        infer_settings(cfg)  # the stages' own checks (stages, partition, ...), here first
-        return launch_spec(cfg), path.stem
+        settings = infer_settings(cfg)  # the stages' own checks (stages, partition, ...), here first
+        return launch_spec(cfg), path.stem, settings.pipeline
     validate(train_config(cfg))
     if need_algo and cfg.algo.name not in CLUSTER_ALGOS:
         raise ConfigError(f"algo={cfg.algo.name} runs in one process: launch algo=syncps, edp, allreduce, diloco or mp")
-    return launch_spec(cfg), path.stem
+    return launch_spec(cfg), path.stem, None
 
 
 def layout(spec: LaunchSpec, serving: bool = False) -> tuple[list[Node], int | None]:
@@ -173,7 +183,7 @@ class Launch(Supervisor):
 
     def __init__(self, spec: LaunchSpec, nodes: list[Node], overrides: list[str], cluster_stem: str,
                  port: int, keep_going: bool = False, run_dir: str | None = None, lead: int | None = 0,
-                 serving: bool = False):
+                 serving: bool = False, extra: list[list[str]] | None = None):
         self.spec, self.nodes, self.keep_going, self.lead, self.serving = spec, nodes, keep_going, lead, serving
         self.run_id = new_run_id()
         now = datetime.now()
@@ -192,7 +202,9 @@ class Launch(Supervisor):
             common += [f"run_id={self.run_id}", f"hydra.run.dir={self.run_dir}", "train.progress=false"]
         self.local_dir = Path(self.run_dir) / "launch"
         module = "smolcluster.infer" if serving else "smolcluster.train"
-        self.roles = [RemoteRole(n, role_args(n, common, i == lead, serving), self.files,
+        # extra: per role, what follows the common overrides (a stage's checkpoint= in its weight cache)
+        self.roles = [RemoteRole(n, [*role_args(n, common, i == lead, serving), *(extra[i] if extra else [])],
+                                 self.files,
                                  self.local_dir / f"{n.label.replace(' ', '')}.log", module)
                       for i, n in enumerate(nodes)]
         self.lost: list[str] = []
@@ -331,7 +343,7 @@ def launch(args: argparse.Namespace, attempts: int = 3) -> int:
         args.overrides = ["algo=syncps", *args.overrides]
         logger.info("no algo given: using algo=syncps (add algo=edp for the asynchronous one)")
     serving = args.command == "serve"
-    spec, stem = compose_config(args.cluster, args.overrides, config="infer" if serving else "config")
+    spec, stem, pipeline = compose_settings(args.cluster, args.overrides, config="infer" if serving else "config")
     nodes, lead = layout(spec, serving)
     port = spec.cluster.port
     if not args.no_check:
@@ -339,9 +351,14 @@ def launch(args: argparse.Namespace, attempts: int = 3) -> int:
     elif port is None:
         port = free_ports_on(spec.cluster, nodes[0], 1 if nodes[0].role == "server" else len(nodes))
     sigterm_as_interrupt()  # `kill` stops the cluster like Ctrl-C does
+    extra = None
+    if serving:  # each stage's share of the weights into its host's cache (the plan uses the measured memory)
+        from launchers.ssh_weights import send_weights
+
+        extra = send_weights(pipeline, nodes, list(spec.cluster.nodes), args.weights)
     for attempt in range(1, attempts + 1):
         run = Launch(spec, nodes, args.overrides, stem, int(port), keep_going=args.keep_going, run_dir=args.run_dir,
-                     lead=lead, serving=serving)
+                     lead=lead, serving=serving, extra=extra)
         try:
             run.start()
             run.supervise()
@@ -390,6 +407,11 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--keep-going", action="store_true", default=False,
                            help="a failed worker does not stop the run (the server continues without it)")
             p.add_argument("--run-dir", default=None, help="run dir, relative to each node's workdir")
+        if name == "serve":
+            p.add_argument("--weights", choices=("auto", "send", "shared"), default="auto",
+                           help="send each stage its share of the weights over SSH into its host's ssh.state_dir "
+                                "cache: auto = unless the host reads the very model files; send = always; "
+                                "shared = never (every host reads checkpoint=/model.pretrained= itself)")
         p.add_argument("overrides", nargs="*", help="Hydra overrides for every role, e.g. algo=syncps train.lr=0.01")
     args = parser.parse_args(argv)
     logger.remove()

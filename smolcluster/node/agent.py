@@ -71,17 +71,11 @@ from smolcluster.node.protocol import (
     VERSION,
     facts,
 )
-from smolcluster.node.weightcache import CacheError, WeightCache
+from smolcluster.node.weightcache import CacheError, WeightCache, adapter_dirs, model_dir
 from smolcluster.transport import ServerEndpoint
 
 # the run's key files an agent accepts, and nothing else (no paths of the coordinator's choosing)
 KEY_FILES = re.compile(r"(server\.key(_secret)?|client\.key(_secret)?|authorized/client[0-9]{0,4}\.key)")
-# the files beside a stage's tensors that a head may send (config.json always; the tokenizer's with stage 0)
-MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json")
-# a LoRA adapter's files (inference/adapters.py), and its name as a directory: nothing of the head's choosing
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")  # (a Hydra key: adapters.NAME=DIR)
 ROLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _-]{0,31}")  # "server", "worker 3", "stage 1"
 NOT_PAIRED = ("not paired: this node obeys only coordinators it has paired with (run the coordinator with "
               "cluster.pair_timeout_s=120 and confirm the code it shows on both machines)")
@@ -300,19 +294,11 @@ class Agent:
     def weights_ask(self, peer: bytes, f: dict) -> None:
         """What of these cache entries is here (re-hashed: a corrupt one is dropped), the disk's room, and whether
         the head's own model files are readable here as they are there (then nothing needs sending)."""
-        entries = {sha: int(size) for sha, size in f["entries"].items()}
-        files = {path: v for path, v in f["files"].items()
-                 if isinstance(path, str) and isinstance(v, list) and len(v) == 2}
-        readable = bool(f["files"]) and len(files) == len(f["files"])
 
         def answer() -> None:  # re-hashing gigabytes takes a while: off the loop, which keeps answering status
             try:
                 with self.cache_lock:
-                    ok = readable and all(self.cache.file_matches(x, int(v[0]), str(v[1])) for x, v in files.items())
-                    have = {} if ok else self.cache.status(entries)
-                    if not ok:  # room for what is missing: least recently used entries of other models go first
-                        self.cache.make_room(set(entries), sum(size - have[sha] for sha, size in entries.items()))
-                    reply = ("weights_status", {"have": have, "free": self.cache.room(), "readable": ok})
+                    reply = ("weights_status", self.cache.answer(f["entries"], f["files"]))
             except Exception as e:  # (a file vanished mid-hash, a bad size): answered, never a silent wait
                 reply = ("refuse", {"reason": f"bad weights_ask request: {printable(str(e), 300)}"})
             self.outbox.put((peer, *reply))
@@ -332,53 +318,6 @@ class Agent:
             logger.warning(str(e))
             state = "bad"
         self.control.send(peer, "weights_ack", {**ack, "state": state})
-
-    def model_dir(self, rdir: Path, model: dict) -> Path:
-        """A stage's model directory built from the cache: its files and one-tensor safetensors files linked, and
-        an index naming which holds each tensor (as a sharded Hugging Face directory has)."""
-        files, tensors = model["config_files"], model["tensors"]
-        if not isinstance(files, dict) or not isinstance(tensors, dict) or "config.json" not in files:
-            raise CacheError("model needs config_files (with config.json) and tensors")
-        d = rdir / "model"
-        if os.path.lexists(d):
-            shutil.rmtree(d)
-        private_dir(d)
-        for name, sha in files.items():
-            if name not in MODEL_FILES:
-                raise CacheError(f"model file {printable(name)!r} is not one of {', '.join(MODEL_FILES)}")
-            os.symlink(self._cached(sha), d / name)
-        for sha in set(tensors.values()):
-            os.symlink(self._cached(sha), d / f"{sha}.safetensors")
-        index = {"metadata": {}, "weight_map": {str(k): f"{sha}.safetensors" for k, sha in tensors.items()}}
-        (d / "model.safetensors.index.json").write_text(json.dumps(index))
-        return d
-
-    def adapter_dirs(self, rdir: Path, model: dict) -> list[str]:
-        """The LoRA adapters that travelled with a stage (``model["adapters"]``: {name: {file: sha}}), each a PEFT
-        directory of links into the cache; the ``adapters.NAME=DIR`` overrides that point the stage at them."""
-        adapters = model.get("adapters") or {}
-        if not isinstance(adapters, dict):
-            raise CacheError("model adapters must be {name: {file: sha256}}")
-        out = []
-        if os.path.lexists(rdir / "adapters"):  # (a role started again in the same run directory)
-            shutil.rmtree(rdir / "adapters")
-        for name, files in adapters.items():
-            if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name) or not isinstance(files, dict):
-                raise CacheError(f"adapter name {printable(str(name))!r} is not a plain name ({ADAPTER_NAME.pattern})")
-            d = rdir / "adapters" / name
-            private_dir(d)
-            for file, sha in files.items():
-                if file not in ADAPTER_FILES:
-                    raise CacheError(f"adapter file {printable(str(file))!r} is not one of {', '.join(ADAPTER_FILES)}")
-                os.symlink(self._cached(sha), d / file)
-            out.append(f"adapters.{name}={d}")
-        return out
-
-    def _cached(self, sha: str) -> Path:
-        path = self.cache.path(sha)
-        if not path.is_file():
-            raise CacheError(f"cache entry {sha[:12]} is not here: send the weights first")
-        return path
 
     # -- roles --------------------------------------------------------------------------------------
     def reserve(self, peer: bytes, f: dict) -> None:
@@ -421,7 +360,8 @@ class Agent:
             return
         self.write_keys(rdir, f["keys"])
         shutil.rmtree(rdir / "endpoints", ignore_errors=True)  # a role started again: its last run's URLs are stale
-        model = [f"checkpoint={self.model_dir(rdir, f['model'])}", *self.adapter_dirs(rdir, f["model"])] \
+        model = [f"checkpoint={model_dir(self.cache, rdir / 'model', f['model'])}",
+                 *adapter_dirs(self.cache, rdir / "adapters", f["model"])] \
             if f.get("model") else []
         program = f.get("program") or "train"
         cmd = [sys.executable, "-u", "-m", f"smolcluster.{program}", *f["args"], *model, f"role={role}",

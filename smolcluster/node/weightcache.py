@@ -20,7 +20,9 @@ remembers it in ``files.json`` (two machines can hold different checkpoints of t
 
 The interface: :meth:`status` (what of these entries is here, whole or in part), :meth:`write` (one chunk
 at its offset), :meth:`path` (a whole entry's file), :meth:`free_bytes` (room left on the disk),
-:meth:`make_room`, :meth:`file_matches`.
+:meth:`make_room`, :meth:`file_matches`; :meth:`answer` (a head's ask, as an agent and the SSH launcher's
+receiver answer it) and :func:`model_dir` / :func:`adapter_dirs` (a stage's model directory of links into the
+cache) serve both ways the weights travel (an agent: node/agent.py; SSH: node/weightrecv.py).
 """
 
 from __future__ import annotations
@@ -33,10 +35,18 @@ import shutil
 import time
 from pathlib import Path
 
+from smolcluster.node.pairing import printable, private_dir
+
 SHA256 = re.compile(r"[0-9a-f]{64}")
 _READ = 1 << 20
 DISK_MARGIN = 64 << 20  # left free on a node's disk beyond its weights
 IN_USE_S = 600.0  # an entry asked for or written this recently may be about to be loaded by a stage: never pruned
+# the files beside a stage's tensors that a head may send (config.json always; the tokenizer's with stage 0)
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json")
+# a LoRA adapter's files (inference/adapters.py), and its name as a directory: nothing of the head's choosing
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")  # (a Hydra key: adapters.NAME=DIR)
 
 
 class CacheError(ValueError):
@@ -179,3 +189,63 @@ class WeightCache:
             tmp.write_text(json.dumps(book))
             tmp.replace(book_file)
         return book[mark] == sha
+
+    def answer(self, entries: dict[str, int], files: dict) -> dict:
+        """A head's ask: ``{have, free, readable}``. ``readable``: every one of the head's model ``files``
+        ({path: [size, sha256]}) is here, the very same (then nothing is sent and nothing re-hashed); otherwise
+        what of ``entries`` ({sha: size}) is here (re-hashed), after making room for the rest."""
+        good = {path: v for path, v in files.items() if isinstance(path, str) and isinstance(v, list) and len(v) == 2}
+        readable = bool(files) and len(good) == len(files) and all(
+            self.file_matches(x, int(v[0]), str(v[1])) for x, v in good.items())
+        have = {} if readable else self.status({sha: int(size) for sha, size in entries.items()})
+        if not readable:  # room for what is missing: least recently used entries of other models go first
+            self.make_room(set(entries), sum(int(size) - have[sha] for sha, size in entries.items()))
+        return {"have": have, "free": self.room(), "readable": readable}
+
+    def cached(self, sha: str) -> Path:
+        path = self.path(sha)
+        if not path.is_file():
+            raise CacheError(f"cache entry {sha[:12]} is not here: send the weights first")
+        return path
+
+
+def model_dir(cache: WeightCache, d: Path, model: dict) -> Path:
+    """A stage's model directory ``d`` built from the cache: its files and one-tensor safetensors files linked, and
+    an index naming which holds each tensor (as a sharded Hugging Face directory has)."""
+    files, tensors = model["config_files"], model["tensors"]
+    if not isinstance(files, dict) or not isinstance(tensors, dict) or "config.json" not in files:
+        raise CacheError("model needs config_files (with config.json) and tensors")
+    if os.path.lexists(d):
+        shutil.rmtree(d)
+    private_dir(d)
+    for name, sha in files.items():
+        if name not in MODEL_FILES:
+            raise CacheError(f"model file {printable(name)!r} is not one of {', '.join(MODEL_FILES)}")
+        os.symlink(cache.cached(sha), d / name)
+    for sha in set(tensors.values()):
+        os.symlink(cache.cached(sha), d / f"{sha}.safetensors")
+    index = {"metadata": {}, "weight_map": {str(k): f"{sha}.safetensors" for k, sha in tensors.items()}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    return d
+
+
+def adapter_dirs(cache: WeightCache, d: Path, model: dict) -> list[str]:
+    """The LoRA adapters that travelled with a stage (``model["adapters"]``: {name: {file: sha}}), each a PEFT
+    directory of links into the cache under ``d``; the ``adapters.NAME=DIR`` overrides that point the stage at
+    them."""
+    adapters = model.get("adapters") or {}
+    if not isinstance(adapters, dict):
+        raise CacheError("model adapters must be {name: {file: sha256}}")
+    out = []
+    if os.path.lexists(d):  # (a role started again in the same run directory)
+        shutil.rmtree(d)
+    for name, files in adapters.items():
+        if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name) or not isinstance(files, dict):
+            raise CacheError(f"adapter name {printable(str(name))!r} is not a plain name ({ADAPTER_NAME.pattern})")
+        private_dir(d / name)
+        for file, sha in files.items():
+            if file not in ADAPTER_FILES:
+                raise CacheError(f"adapter file {printable(str(file))!r} is not one of {', '.join(ADAPTER_FILES)}")
+            os.symlink(cache.cached(sha), d / name / file)
+        out.append(f"adapters.{name}={d / name}")
+    return out

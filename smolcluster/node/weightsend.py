@@ -43,10 +43,9 @@ from loguru import logger
 from smolcluster.errors import ConfigError, PeerError
 from smolcluster.inference.placement import size as human
 from smolcluster.node.protocol import CHUNK
-from smolcluster.node.weightcache import DISK_MARGIN
+from smolcluster.node.weightcache import ADAPTER_FILES, DISK_MARGIN
 
 WINDOW = 16  # chunks in flight per agent: a LAN link stays full while a busy agent is slow to acknowledge
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a PEFT LoRA directory (inference/adapters.py)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
@@ -243,22 +242,30 @@ def prepare(links: dict, ranks: list, plans: list[StagePlan], files: dict[str, l
     status = ask_all({n: (links[n], entries, files) for n, entries in by_node.items()}, heartbeat_s, timeout_s)
     transfers = []
     for name, entries in by_node.items():
-        link, st = links[name], status[name]
-        if st["readable"]:
-            say(f"weights: {link.node.where()} reads the model files itself: nothing to send")
-            continue
-        have = {sha: int(st["have"].get(sha, 0)) for sha in entries}
-        need = sum(e.size - have[sha] for sha, e in entries.items())
-        if need + DISK_MARGIN > st["free"]:
-            raise ConfigError(f"node {link.node.where()} has {human(st['free'])} free for its weight cache, its "
-                              f"stages' weights need {human(need)} more: free disk there (its agent's --state-dir) "
-                              "or leave the node out (cluster.peers)")
-        todo = [(e, have[sha]) for sha, e in entries.items() if have[sha] < e.size]
-        cached = sum(have.values())
-        say(f"weights: {link.node.where()} holds {human(cached)} of its {human(cached + need)} already; "
-            f"{len(todo)} of {len(entries)} entries to send")
-        transfers.append(Transfer(link, todo, entries))
+        todo = what_to_send(f"node {links[name].node.where()}", entries, status[name],
+                            "free disk there (its agent's --state-dir) or leave the node out (cluster.peers)")
+        if todo is not None:
+            transfers.append(Transfer(links[name], todo, entries))
     return transfers, [status[x.name]["readable"] for x in ranks]
+
+
+def what_to_send(where: str, entries: dict[str, Entry], st: dict, fix: str) -> list[tuple[Entry, int]] | None:
+    """From a node's answer to an ask (``st``: weightcache.WeightCache.answer): None when it reads the model files
+    itself, else each missing entry with the offset it resumes from; refuses in one line (``fix``: what to do)
+    when the node's disk has no room for them."""
+    if st["readable"]:
+        say(f"weights: {where} reads the model files itself: nothing to send")
+        return None
+    have = {sha: int(st["have"].get(sha, 0)) for sha in entries}
+    need = sum(e.size - have[sha] for sha, e in entries.items())
+    if need + DISK_MARGIN > st["free"]:
+        raise ConfigError(f"{where} has {human(st['free'])} free for its weight cache, its stages' weights need "
+                          f"{human(need)} more: {fix}")
+    todo = [(e, have[sha]) for sha, e in entries.items() if have[sha] < e.size]
+    cached = sum(have.values())
+    say(f"weights: {where} holds {human(cached)} of its {human(cached + need)} already; "
+        f"{len(todo)} of {len(entries)} entries to send")
+    return todo
 
 
 def stream(transfers: list[Transfer], heartbeat_s: float, liveness_s: float, on_message=None) -> int:
