@@ -155,10 +155,8 @@ def test_speculate_settings_are_refused_in_one_line(tmp_path):
              ({"k": 2, "draft": str(tmp_path / "other")}, f"a vocabulary of {VOCAB + 3} tokens, the served model")]
     for spec, message in cases:
         with pytest.raises(ConfigError, match=message):
-            check_speculate(spec, target, "first")
-    with pytest.raises(ConfigError, match="needs head=first"):
-        check_speculate({"k": 2, "lookup": 2}, target, "last")
-    assert check_speculate({"k": 0, "lookup": 2}, target, "first") == {}  # k=0: off
+            check_speculate(spec, target)
+    assert check_speculate({"k": 0, "lookup": 2}, target) == {}  # k=0: off
 
 
 def two_token_distribution(logits_of, prompt: list[int], vocab: int) -> torch.Tensor:
