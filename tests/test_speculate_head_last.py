@@ -6,7 +6,7 @@ and stage 0 cuts the rest from every stage's cache. Through 2 real stage process
 greedy output equals decoding without speculation token for token, with both drafters, batched;
 sampling through a draft model that is the target keeps every proposal (so the draft's
 probabilities reached the last stage intact: as point masses most would be rejected) and a seed's
-tokens are its own, run after run. Then the budget: a request whose target KV fits but whose draft
+tokens are its own, run after run (through 3 stages: the middle one hands the proposals on). Then the budget: a request whose target KV fits but whose draft
 model's does not is refused naming the draft (and served with lookup); two that fit one at a time
 take turns, where two lookups run together; stage 0 reports the draft's caches.
 """
@@ -23,7 +23,7 @@ from smolcluster.models.gpt2 import gpt2_config
 from smolcluster.pipeline.architectures import family_for
 from tests.conftest import wait_until
 from tests.test_architectures import VOCAB, build
-from tests.test_speculate import K, drafter, repeating, speculated
+from tests.test_speculate import K, both_drafters_equal_plain, drafter, repeating
 
 
 @pytest.mark.parametrize("case", ["gpt2", "llama"])
@@ -31,27 +31,18 @@ def test_greedy_speculation_with_the_head_last_equals_plain_decoding(tmp_path, c
     target, small = tmp_path / "target", tmp_path / "small"
     build(case).save_pretrained(target)
     drafter(case, 1).save_pretrained(small)
-    prompts = [repeating(1), repeating(2, 5, 4), list(range(3, 9))]
-    n = 40
     with InferencePipeline.start_local(target, stages=2, head="last", heartbeat_s=0.1, liveness_s=5.0, eos_ids=[],
                                        speculate={"k": K, "lookup": 3, "draft": str(small)}) as pipe:
         assert pipe.client.head_rank == 1
-        plain = [pipe.submit(p, max_new_tokens=n, speculate="off").tokens() for p in prompts]
-        assert all(len(t) == n for t in plain)
-        for how in ("lookup", "draft"):
-            reqs = [pipe.submit(p, max_new_tokens=n, speculate=how) for p in prompts]
-            reqs.append(pipe.submit(prompts[0], max_new_tokens=n, speculate="off"))
-            assert [r.tokens() for r in reqs] == plain + plain[:1], how
-            assert all(r.drafted > 0 for r in reqs[:2]), [(r.drafted, r.accepted) for r in reqs]
-        assert wait_until(lambda: speculated(pipe)[0] > 0, 10), "stage 0's beacon never counted a proposal"
-        drafted, accepted = speculated(pipe)
+        drafted, accepted = both_drafters_equal_plain(pipe)
     assert 0 < accepted < drafted, (accepted, drafted)  # some kept (lookup), most cut (the 1-layer draft)
 
 
 def test_sampling_with_the_head_last_keeps_a_draft_that_is_the_target_and_its_seed(tmp_path):
     model = tmp_path / "model"
     build("llama").save_pretrained(model)
-    with InferencePipeline.start_local(model, stages=2, head="last", heartbeat_s=0.1, liveness_s=5.0, eos_ids=[],
+    # 3 stages: the middle one hands the proposals and q on
+    with InferencePipeline.start_local(model, stages=3, head="last", heartbeat_s=0.1, liveness_s=5.0, eos_ids=[],
                                        speculate={"k": K, "lookup": 3, "draft": str(model)}) as pipe:
         greedy = pipe.submit(repeating(5), max_new_tokens=30)
         assert greedy.tokens() == pipe.submit(repeating(5), max_new_tokens=30, speculate="off").tokens()

@@ -131,14 +131,14 @@ class RequestState:
     eos: list[int]                    # generation stops at any of these
     prompt_len: int
     generated: int = 0
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # sampled: the head's; head=last, on stage 0: the draft model's
     prompt: np.ndarray | None = None  # stage 0: the prompt, fed in chunks
     fed: int = 0                      # stage 0: prompt tokens sent into the pipeline so far
     reserved: list[int] = field(default_factory=list)  # stage 0: KV bytes held for it on each stage
     adapter: str = ""                 # the LoRA adapter its rows go through ("": none)
     drafter: str = "off"              # stage 0: lookup | draft | off (speculate.py)
     history: list[int] | None = None  # stage 0, speculating or caching prefixes: the prompt and every token made
-    drafts: list[int] = field(default_factory=list)  # stage 0: the proposals out in its current step
+    drafts: list[int] = field(default_factory=list)  # stage 0 and the head's: the proposals out in its current step
     q: torch.Tensor | None = None     # ... and their drafter's probabilities (None: point masses)
     trim: int | None = None           # stage 0: cut every stage's cache to this length before its next step
     drafted: int = 0                  # stage 0: proposals made for it, and kept (its acceptance rate)
