@@ -6,9 +6,10 @@ and stage 0 cuts the rest from every stage's cache. Through 2 real stage process
 greedy output equals decoding without speculation token for token, with both drafters, batched;
 sampling through a draft model that is the target keeps every proposal (so the draft's
 probabilities reached the last stage intact: as point masses most would be rejected) and a seed's
-tokens are its own, run after run (through 3 stages: the middle one hands the proposals on). Then the budget: a request whose target KV fits but whose draft
-model's does not is refused naming the draft (and served with lookup); two that fit one at a time
-take turns, where two lookups run together; stage 0 reports the draft's caches.
+tokens are its own, run after run (through 3 stages: the middle one hands the proposals on). Then
+the budget: a request whose target KV fits but whose draft model's does not is refused naming the
+draft (and served with lookup); two that fit one at a time take turns, where two lookups run
+together; stage 0 reports the draft's caches.
 """
 
 from __future__ import annotations
