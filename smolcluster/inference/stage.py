@@ -466,8 +466,7 @@ class StageServer:
         worst = max(range(len(need)), key=lambda r: need[r])
         if need[worst] <= self.kv_budget:
             return None
-        draft = self.speculator.kv_need(drafter, prompt_len + max_new_tokens) if worst == 0 and self.speculator \
-            else 0
+        draft = self.speculator.kv_need(drafter, prompt_len + max_new_tokens) if worst == 0 and self.speculator else 0
         mb = lambda n: f"{n / 2**20:.2f} MB"  # noqa: E731
         of_it = (f" ({mb(draft)} of it the draft model's, speculate.draft: or ask for speculate=\"lookup\" or "
                  "\"off\")") if draft else ""
