@@ -47,7 +47,8 @@ _KEYS = {"smolcluster_steps": "step", "smolcluster_samples": "samples", "smolclu
          "smolcluster_kv_cache_bytes": "kv_bytes", "smolcluster_kv_cache_budget_bytes": "kv_budget",
          "smolcluster_tokens": "tokens", "smolcluster_speculative_drafted": "drafted",
          "smolcluster_speculative_accepted": "accepted", "smolcluster_prefix_hits": "prefix_hits",
-         "smolcluster_prefix_tokens_saved": "prefix_tokens", "smolcluster_prefix_cache_bytes": "prefix_bytes"}
+         "smolcluster_prefix_tokens_saved": "prefix_tokens", "smolcluster_prefix_cache_bytes": "prefix_bytes",
+         "smolcluster_draft_kv_cache_bytes": "draft_kv_bytes"}
 assert {n.removesuffix("_total") for n in [*METRICS, *SERVING_METRICS]} <= set(_KEYS), "a metric the view does not know"
 
 

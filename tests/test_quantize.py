@@ -107,7 +107,7 @@ def test_the_memory_a_stage_adds_is_its_formats_not_fp32s(tmp_path):
 def test_the_wire_carries_bf16_hidden_states_in_half_the_bytes():
     x = torch.randn(1, 7, 256)
     step = {"src": "s", "seq": 1, "reqs": ["r"], "sizes": [7], "emit": [True], "intro": {}, "trim": {},
-            "prefix": []}
+            "prefix": [], "drafts": {}, "sampled": []}
     frames32 = protocol.encode("mp.hidden", step, {"x": x})
     frames16 = protocol.encode("mp.hidden", step, {"x": x.bfloat16()})
     size = [sum(len(f) if isinstance(f, bytes) else f.nbytes for f in fr[1:]) for fr in (frames32, frames16)]

@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=128, help="greedy tokens per timed request")
     p.add_argument("--prompt-tokens", type=int, default=96, help="the held-out passage's length")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians reported)")
+    p.add_argument("--head", choices=("first", "last"), default="first",
+                   help="where the LM head sits (last: the proposals travel to the last stage with each step)")
     p.add_argument("--out", default=".")
     args = p.parse_args(argv)
     from smolcluster.bench.quantize import train_tiny
@@ -152,12 +154,14 @@ def main(argv: list[str] | None = None) -> int:
             draft = train_tiny("gpt2-tiny", text[:split], tok, tmp, args.steps, overrides={"n_layer": 1},
                                save_as="gpt2-tiny-1layer")
         spec = {"k": args.k, "lookup": args.lookup, "draft": str(draft)}
-        with InferencePipeline.start_local(target, stages=2, tokenizer=tok, eos_ids=[], speculate=spec) as pipe:
+        with InferencePipeline.start_local(target, stages=2, head=args.head, tokenizer=tok, eos_ids=[],
+                                           speculate=spec) as pipe:
             context = pipe.context - args.tokens
             prompt = {k: v[-context:] for k, v in prompts(text[split:], tok, args.prompt_tokens).items()}
             rows = measure(pipe, prompt, args)
     write_report("speculate", rows, {"steps": args.steps, "draft": args.draft, "k": args.k, "lookup": args.lookup,
-                                     "tokens": args.tokens, "rounds": args.rounds, "stages": 2, "co_located": True},
+                                     "tokens": args.tokens, "rounds": args.rounds, "stages": 2, "co_located": True,
+                                     "head": args.head},
                  args.out)
     return 0
 

@@ -62,14 +62,11 @@ def checked_formats(base: dict, given: list[dict] | None, stages: int) -> list[d
     return formats
 
 
-def check_speculate(speculate: dict | None, config: dict, head: str) -> dict:
+def check_speculate(speculate: dict | None, config: dict) -> dict:
     """``speculate`` ({"k", "lookup", "draft"}) checked against the model before any stage starts ({}: off)."""
     from smolcluster.inference.settings import Speculate
 
     spec = Speculate(**(speculate or {})).check().check_draft().fields()
-    if spec and head != "first":
-        raise ConfigError("speculate.k needs head=first: stage 0 proposes the tokens and checks them, so the LM "
-                          "head must sit there")
     if spec.get("draft"):
         from smolcluster.inference.speculate import draft_config
 
@@ -135,7 +132,7 @@ class InferencePipeline:
         formats = checked_formats({"precision": precision, "quantize": quantize, "quantize_group": quantize_group,
                                    "device": device}, formats, stages)
         adapters = check_adapters(adapters, info["config"])
-        speculate = check_speculate(speculate, info["config"], head)
+        speculate = check_speculate(speculate, info["config"])
         if eos_ids is None:
             eos_ids = info["eos"] if info["eos"] is not None else getattr(tokenizer, "eos_id", None)
         workdir = Path(tempfile.mkdtemp(prefix="smolcluster-infer-"))

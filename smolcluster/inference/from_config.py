@@ -299,7 +299,7 @@ def stage_speculate(cfg: Pipeline, config: dict) -> dict:
     """``speculate.*`` for this stage: stage 0 proposes (its draft model must be on its node); the others only
     keep ``k`` positions of slack in sliding windows for the cut (stage.ServeConfig.speculate)."""
     if cfg.rank == 0:
-        return check_speculate(asdict(cfg.speculate), config, cfg.head.value)
+        return check_speculate(asdict(cfg.speculate), config)
     return {"k": cfg.speculate.k} if cfg.speculate.k > 0 else {}
 
 

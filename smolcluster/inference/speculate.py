@@ -2,11 +2,13 @@
 
 A pipeline pays every stage and every hop for each token. With ``speculate.k=K``, stage 0 proposes up
 to K tokens after a request's last one (a *drafter*), feeds the last token and the K proposals through
-the stages as one step of K+1 rows (a short prefill on top of each stage's KV cache), and the head
-(on stage 0: speculation needs ``head=first``) keeps the longest prefix the target agrees with plus
-the target's own next token: 1 to K+1 tokens per pass, for one round of hops. The rejected rows'
-keys and values are cut from every stage's cache by the next step's ``trim`` field
-(:meth:`~smolcluster.pipeline.architectures.base.KVCache.truncate`).
+the stages as one step of K+1 rows (a short prefill on top of each stage's KV cache), and the stage
+holding the LM head keeps the longest prefix the target agrees with plus the target's own next token:
+1 to K+1 tokens per pass, for one round of hops. The proposals are made where the schedule is (stage 0,
+which knows each request's tokens); with ``head=last`` they travel to the last stage with the step
+(``drafts``, and a sampling draft model's probabilities as the tensor ``q``), and the step's results
+say how many were kept. Stage 0 then cuts the rejected rows' keys and values from every stage's cache
+with the next step's ``trim`` field (:meth:`~smolcluster.pipeline.architectures.base.KVCache.truncate`).
 
 Drafters (:class:`Speculator`):
 
@@ -103,6 +105,15 @@ class Want:
     k: int
     params: SamplingParams
     generator: torch.Generator | None
+    limit: int | None = None  # the positions reserved for it (prompt + max_new_tokens): its draft cache's cap
+
+
+def draft_seed(seed: int) -> int:
+    """With ``head=last``, stage 0 draws a sampling draft model's proposals from its own generator, seeded from
+    the request's seed but not equal to it: the last stage's accept/resample draws from one seeded with the
+    seed, and two generators of one seed would draw the same numbers (the proposals would not be independent
+    of the test that keeps them, and the output would no longer be distributed as the target's)."""
+    return (int(seed) ^ 0x5DEECE66D) % 2**63
 
 
 class DraftModel:
@@ -121,16 +132,28 @@ class DraftModel:
                                 fmt=fmt)
         pin_attributes(self.stage)
         self.slack = slack
+        element = next(self.stage.parameters()).element_size()
+        self.kv_per_token = self.arch.kv_bytes_per_token(self.arch.n_layer, element)  # its share of stage 0's budget
         self.seen: dict[str, tuple[object, list[int]]] = {}  # req -> (its KVCache, the tokens in it)
 
     def forget(self, req: str) -> None:
         self.seen.pop(req, None)
 
+    def kv_need(self, positions: int) -> int:
+        """KV bytes a request of ``positions`` (prompt + max_new_tokens) can come to here (never past the context:
+        ``propose`` stops proposing there)."""
+        return min(positions, self.arch.context) * self.kv_per_token
+
+    def nbytes(self) -> int:
+        """KV-cache bytes the draft model's per-request caches hold (their capacity)."""
+        return sum(cache.nbytes() for cache, _ in self.seen.values())
+
     def _rows(self, want: Want) -> list[int]:
         """Cut the request's draft cache back to what it shares with its history; the rest are the rows to feed."""
         from smolcluster.pipeline.architectures import KVCache
 
-        cache, fed = self.seen.get(want.req) or (KVCache(self.arch.n_layer, slack=self.slack), [])
+        limit = min(want.limit or self.arch.context, self.arch.context)  # within what stage 0 reserved for it
+        cache, fed = self.seen.get(want.req) or (KVCache(self.arch.n_layer, limit, self.slack), [])
         common = 0
         for a, b in zip(fed, want.history):
             if a != b:
@@ -202,3 +225,11 @@ class Speculator:
     def forget(self, req: str) -> None:
         if self.draft is not None:
             self.draft.forget(req)
+
+    def kv_need(self, drafter: str, positions: int) -> int:
+        """Stage 0's KV bytes, beyond the target's, of a request with ``drafter`` and ``positions`` reserved."""
+        return self.draft.kv_need(positions) if drafter == "draft" else 0
+
+    def nbytes(self) -> int:
+        """The draft model's KV caches here (0 without one)."""
+        return self.draft.nbytes() if self.draft is not None else 0

@@ -26,9 +26,10 @@ the step's results to stage 0 (``step``), which schedules the next step. Where t
   embedding is held once; the last stage sends its hidden state back round the ring.
 - otherwise on the last stage (as in training), which then holds its own copy.
 
-Both cost the same hops per token. With ``speculate.k`` (head first only), stage 0 proposes tokens after a
-decode's last one and the step carries them as more rows of that request; the head keeps what the target
-agrees with, and the next step's ``trim`` cuts the rejected rows from every stage's cache (speculate.py).
+Both cost the same hops per token. With ``speculate.k``, stage 0 proposes tokens after a decode's last one
+and the step carries them as more rows of that request (with ``head=last``, and its ``drafts`` field, to the
+last stage); the head keeps what the target agrees with, the results tell stage 0 how many (``kept``), and
+the next step's ``trim`` cuts the rejected rows from every stage's cache (speculate.py).
 A request ends on any of its EOS ids, ``max_new_tokens``, or the
 context (when feeding the token back would need position ``n_positions``), or when its head cancels it
 (the head tells every stage) or goes away; every stage then frees its cache at once. Two or more
@@ -130,14 +131,14 @@ class RequestState:
     eos: list[int]                    # generation stops at any of these
     prompt_len: int
     generated: int = 0
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # sampled: the head's; head=last, on stage 0: the draft model's
     prompt: np.ndarray | None = None  # stage 0: the prompt, fed in chunks
     fed: int = 0                      # stage 0: prompt tokens sent into the pipeline so far
     reserved: list[int] = field(default_factory=list)  # stage 0: KV bytes held for it on each stage
     adapter: str = ""                 # the LoRA adapter its rows go through ("": none)
     drafter: str = "off"              # stage 0: lookup | draft | off (speculate.py)
     history: list[int] | None = None  # stage 0, speculating or caching prefixes: the prompt and every token made
-    drafts: list[int] = field(default_factory=list)  # stage 0: the proposals out in its current step
+    drafts: list[int] = field(default_factory=list)  # stage 0 and the head's: the proposals out in its current step
     q: torch.Tensor | None = None     # ... and their drafter's probabilities (None: point masses)
     trim: int | None = None           # stage 0: cut every stage's cache to this length before its next step
     drafted: int = 0                  # stage 0: proposals made for it, and kept (its acceptance rate)
@@ -187,10 +188,19 @@ class Step:
     intro: dict = field(default_factory=dict)  # req -> what a later stage needs to start it
     trim: dict = field(default_factory=dict)   # req -> its cache's length before these rows (rejected proposals cut)
     prefix: list = field(default_factory=list)  # stage 0's prefix-cache decisions, replayed first (prefix.py)
+    drafts: dict = field(default_factory=dict)  # head=last: req -> its proposals, for the last stage to check
+    q: dict = field(default_factory=dict)       # ... req -> their draft model's probabilities (sampled; tensor q)
 
     def fields(self) -> dict:
         return {"reqs": self.reqs, "sizes": self.sizes, "emit": self.emit, "intro": self.intro, "trim": self.trim,
-                "prefix": self.prefix}
+                "prefix": self.prefix, "drafts": self.drafts, "sampled": list(self.q)}
+
+    def only(self, keep: list[int]) -> Step:
+        """The step with only rows groups ``keep`` (the others' requests were cancelled here)."""
+        reqs = [self.reqs[i] for i in keep]
+        return Step(reqs, [self.sizes[i] for i in keep], [self.emit[i] for i in keep],
+                    *({r: v for r, v in d.items() if r in reqs} for d in (self.intro, self.trim)), self.prefix,
+                    *({r: v for r, v in d.items() if r in reqs} for d in (self.drafts, self.q)))
 
 
 class StageServer:
@@ -258,12 +268,10 @@ class StageServer:
         self.prefix = self.open_prefix()
 
     def open_speculator(self):
-        """Stage 0's drafters when ``speculate.k`` is set (they need the head here, beside the schedule)."""
+        """Stage 0's drafters when ``speculate.k`` is set: beside the schedule, which knows each request's tokens
+        (with head=last the proposals travel to the last stage with the step, and the results say what was kept)."""
         if not self.sc.speculate or self.sc.rank != 0:
             return None
-        if not self.has_head:
-            raise ConfigError("speculate.k needs head=first: the proposals are checked where the schedule is "
-                              "(stage 0), so the LM head must sit there")
         from smolcluster.inference.speculate import Speculator
 
         return Speculator(self.sc.speculate, self.sc.config, self.fmt)
@@ -373,10 +381,14 @@ class StageServer:
         self.close(req, "error")
 
     # -- admission (stage 0) ----------------------------------------------------------------
-    def kv_need(self, prompt_len: int, max_new_tokens: int) -> list[int]:
-        """KV bytes a request can come to on each stage: its prompt and every token it may add."""
+    def kv_need(self, prompt_len: int, max_new_tokens: int, drafter: str = "off") -> list[int]:
+        """KV bytes a request can come to on each stage: its prompt and every token it may add; on stage 0 also
+        its draft model's cache (speculate.draft), which holds as many positions of the draft's own shape."""
         positions = min(prompt_len + max_new_tokens, self.arch.context)
-        return [positions * per for per in self.kv_per_token]
+        need = [positions * per for per in self.kv_per_token]
+        if self.speculator is not None:
+            need[0] += self.speculator.kv_need(drafter, prompt_len + max_new_tokens)
+        return need
 
     def fits(self, need: list[int]) -> bool:
         return len(self.requests) < self.sc.max_requests and self.kv_fits(need)
@@ -433,12 +445,7 @@ class StageServer:
         elif len(self.waiting) >= self.sc.max_waiting:
             problem = f"{self.me} already has {self.sc.max_waiting} requests waiting for room; retry later"
         else:
-            need = self.kv_need(len(ids), int(f["max_new_tokens"]))
-            worst = max(range(len(need)), key=lambda r: need[r])
-            if need[worst] > self.kv_budget:
-                problem = (f"this request needs {need[worst] / 2**20:.1f} MB of KV cache on stage {worst}, more "
-                           f"than its budget serve.kv_cache_mb={self.kv_budget / 2**20:.1f}: lower max_tokens "
-                           f"or raise serve.kv_cache_mb")
+            problem = self.too_big(len(ids), int(f["max_new_tokens"]), self.drafter(f["speculate"]))
         params = SamplingParams.from_wire(f)
         if problem is None:
             try:
@@ -453,11 +460,24 @@ class StageServer:
         self.waiting.append((req, env.src, dict(f), np.array(ids)))
         self.admit_waiting()
 
+    def too_big(self, prompt_len: int, max_new_tokens: int, drafter: str) -> str | None:
+        """Why a request can never fit a stage's KV budget, even alone (None: it can)."""
+        need = self.kv_need(prompt_len, max_new_tokens, drafter)
+        worst = max(range(len(need)), key=lambda r: need[r])
+        if need[worst] <= self.kv_budget:
+            return None
+        draft = self.speculator.kv_need(drafter, prompt_len + max_new_tokens) if worst == 0 and self.speculator else 0
+        mb = lambda n: f"{n / 2**20:.2f} MB"  # noqa: E731
+        of_it = (f" ({mb(draft)} of it the draft model's, speculate.draft: or ask for speculate=\"lookup\" or "
+                 "\"off\")") if draft else ""
+        return (f"this request needs {mb(need[worst])} of KV cache on stage {worst}{of_it}, more than its budget "
+                f"serve.kv_cache_mb={self.kv_budget / 2**20:.2f}: lower max_tokens or raise serve.kv_cache_mb")
+
     def admit_waiting(self) -> None:
         """Start waiting requests, in arrival order, while every stage's KV budget has room."""
         while self.waiting:
             req, head, f, ids = self.waiting[0]
-            need = self.kv_need(len(ids), int(f["max_new_tokens"]))
+            need = self.kv_need(len(ids), int(f["max_new_tokens"]), self.drafter(f["speculate"]))
             keys = self.prompt_keys(ids, f["adapter"])
             if len(self.requests) >= self.sc.max_requests or not self.make_room(need):
                 return
@@ -526,6 +546,10 @@ class StageServer:
                           adapter=adapter)
         if self.has_head and not params.greedy:
             st.generator = make_generator(params.seed)
+        elif self.speculator is not None and not params.greedy:  # head=last: the draft model's own (speculate.py)
+            from smolcluster.inference.speculate import draft_seed
+
+            st.generator = make_generator(draft_seed(params.seed))
         self.requests[req] = st
         return st
 
@@ -556,6 +580,10 @@ class StageServer:
         for req, token in decodes:
             st = self.requests[req]
             st.drafts, st.q = proposals.get(req, ([], None))
+            if st.drafts and not self.has_head:  # head=last: the last stage checks them
+                step.drafts[req] = st.drafts
+                if st.q is not None:
+                    step.q[req] = st.q
             if st.trim is not None:  # rejected proposals of its last step: cut here, and on each stage it reaches
                 step.trim[req] = st.trim
                 st.cache.truncate(st.trim)
@@ -612,7 +640,8 @@ class StageServer:
             if st.drafter == "off":
                 continue
             k = min(self.speculator.k, st.max_new_tokens - st.generated - 1, self.arch.context - len(st.history))
-            wants.append((st.drafter, Want(req, st.history, k, st.params, st.generator)))
+            wants.append((st.drafter, Want(req, st.history, k, st.params, st.generator,
+                                           st.prompt_len + st.max_new_tokens)))
         return self.speculator.propose(wants)
 
     def batch(self, step: Step) -> Batch:
@@ -632,17 +661,19 @@ class StageServer:
         if rank == last and self.has_head:
             self.emit(step, x)
             return
-        fields = step.fields()
+        fields, tensors = step.fields(), {"x": x}
         if rank == last:  # round the ring: stage 0 knows these requests already (and has cut their caches)
             fields["intro"], fields["trim"], fields["prefix"] = {}, {}, []
+        elif step.q:  # head=last, sampled through a draft model: its rows of q, in the order of `sampled`
+            tensors["q"] = torch.cat([step.q[r] for r in fields["sampled"]])
         dst = self.names[rank + 1] if rank < last else self.names[0]
         # Sent in the compute type (bf16/fp16: half fp32's bytes); the wire copies it off a GPU.
-        self.mesh.send(dst, "mp.hidden", fields, {"x": x}, tag=step.reqs[0])
+        self.mesh.send(dst, "mp.hidden", fields, tensors, tag=step.reqs[0])
 
     def on_hidden(self, env: Envelope) -> None:
         f = env.fields
         step = Step(list(f["reqs"]), list(f["sizes"]), list(f["emit"]), dict(f["intro"]), dict(f["trim"]),
-                    list(f["prefix"]))
+                    list(f["prefix"]), dict(f["drafts"]))
         self.replay(step.prefix)  # stage 0's prefix-cache decisions, before any request that relies on them
         try:
             self.run_hidden(env, step)
@@ -652,6 +683,8 @@ class StageServer:
 
     def run_hidden(self, env: Envelope, step: Step) -> None:
         """A step's rows here: start the requests it introduces, cut the caches it trims, run the blocks."""
+        if env.fields["sampled"]:
+            step.q = self.split_q(env, step)
         for req, intro in step.intro.items():
             if req not in self.requests and req not in self.closed:
                 check_intro(req, intro, env.src, self.prefix.block if self.prefix is not None else 0)
@@ -681,14 +714,35 @@ class StageServer:
                 return
             starts = [sum(step.sizes[:i]) for i in range(len(step.sizes))]
             x = torch.cat([x[:, starts[i]:starts[i] + step.sizes[i]] for i in keep], dim=1)
-            step = Step([step.reqs[i] for i in keep], [step.sizes[i] for i in keep], [step.emit[i] for i in keep],
-                        {r: v for r, v in step.intro.items() if r in self.requests},
-                        {r: v for r, v in step.trim.items() if r in self.requests},  # the next stages cut too
-                        step.prefix)
+            step = step.only(keep)  # (the kept requests' trims still go on: the next stages cut too)
         if self.sc.rank == 0:  # the ring's return: stage 0 holds the head
             self.emit(step, x)
-        else:
-            self.forward_out(step, self.stage.run_blocks(x, self.batch(step)))
+            return
+        if self.has_head:  # head=last: the proposals this stage checks came with the step
+            self.take_drafts(env, step)
+        self.forward_out(step, self.stage.run_blocks(x, self.batch(step)))
+
+    def take_drafts(self, env: Envelope, step: Step) -> None:
+        """The last stage (head=last): each decode's proposals, checked against its rows, onto its state."""
+        for req, size, emit in zip(step.reqs, step.sizes, step.emit):
+            drafts = step.drafts.get(req, [])
+            if not isinstance(drafts, list) or not all(isinstance(t, int) and 0 <= t < self.arch.vocab_size
+                                                       for t in drafts) or (drafts and len(drafts) + 1 != size):
+                raise PeerError(f"{self.me}: {env.src} sent request {req} proposals {drafts!r} for {size} rows: they "
+                                f"must be token ids, one fewer than its rows (a stage of another version?)")
+            st = self.requests[req]
+            st.drafts, st.q = (drafts, step.q.get(req)) if emit else ([], None)
+
+    def split_q(self, env: Envelope, step: Step) -> dict:
+        """The tensor ``q`` of a step (head=last, sampled drafts): each ``sampled`` request's rows, one a proposal."""
+        q, sampled = env.tensors.get("q"), env.fields["sampled"]
+        sizes = [len(step.drafts.get(r) or []) if isinstance(r, str) else -1 for r in sampled]
+        if q is None or min(sizes, default=0) < 1 or q.ndim != 2 or q.shape != (sum(sizes), self.arch.vocab_size):
+            raise PeerError(f"{self.me}: {env.src} sent q of shape {None if q is None else tuple(q.shape)} for "
+                            f"requests {sampled!r}: it must hold a row per proposal of each, {self.arch.vocab_size} "
+                            "wide (a stage of another version?)")
+        q = q if isinstance(q, torch.Tensor) else torch.from_numpy(q)
+        return dict(zip(sampled, q.split(sizes)))
 
     def pass_ops(self, ops: list) -> None:
         """Hand stage 0's prefix-cache ops on without rows (``mp.prefix``: a step's rows all dropped, or its step
@@ -730,7 +784,7 @@ class StageServer:
         # Every row's greedy pick in one argmax (a row's own argmax, so the same token; a per-row call cost
         # ~10 us a request); only sampled rows go through next_token one by one.
         picks = logits[0].argmax(-1).tolist() if rows else None
-        tokens, ended = [], []
+        tokens, ended, kept = [], [], {}
         k = 0
         for req, emit in zip(step.reqs, step.emit):
             if not emit:
@@ -738,7 +792,7 @@ class StageServer:
                 continue
             st = self.requests[req]
             if st.drafts:
-                made = self.verify(st, logits[0, k:k + len(st.drafts) + 1])
+                made, kept[req] = self.verify(st, logits[0, k:k + len(st.drafts) + 1])
             else:
                 made = [picks[k] if st.params.greedy else next_token(logits[0, k], st.params, st.generator)]
             k += len(st.drafts) + 1
@@ -746,7 +800,7 @@ class StageServer:
             tokens.append(made[-1])  # (what the next step feeds)
             if reason:
                 ended.append((req, reason))
-        results = {"reqs": step.reqs, "tokens": tokens, "ended": ended}
+        results = {"reqs": step.reqs, "tokens": tokens, "ended": ended, "kept": kept}
         if ended:  # the other stages free these caches now
             for r, name in enumerate(self.names):
                 if name != self.me and r != 0:
@@ -756,19 +810,15 @@ class StageServer:
         else:
             self.mesh.send(self.names[0], "mp.step", results, tag=step.reqs[0])
 
-    def verify(self, st: RequestState, logits: torch.Tensor) -> list[int]:
-        """A speculating step's tokens: the proposals the target keeps and its own next one; the rejected
-        proposals' positions are cut from every stage's cache before the request's next step."""
+    def verify(self, st: RequestState, logits: torch.Tensor) -> tuple[list[int], int]:
+        """A speculating step's tokens (the proposals the target keeps and its own next one) and how many
+        proposals were kept: stage 0 cuts the rejected ones' positions from every stage's cache (:meth:`count_kept`)."""
         from smolcluster.inference.speculate import accept
 
         made, kept = accept(logits, st.drafts, st.q, st.params, st.generator)
-        self.speculator.drafted += len(st.drafts)
-        self.speculator.accepted += kept
         st.drafted += len(st.drafts)
         st.accepted += kept
-        if kept < len(st.drafts):
-            st.trim = st.cache.length - (len(st.drafts) - kept)
-        return made
+        return made, kept
 
     def take(self, req: str, st: RequestState, made: list[int]) -> str:
         """Count a step's tokens, up to the first that ends the request; held for its head. The reason it ended."""
@@ -820,6 +870,7 @@ class StageServer:
     def schedule(self, results: dict) -> None:
         """Stage 0: after a step came back, its requests' next steps are due (or they ended)."""
         self.out.difference_update(results["reqs"])
+        self.count_kept(results)
         for req, reason in results["ended"]:
             self.close(req, reason)
         continuing = []
@@ -831,12 +882,34 @@ class StageServer:
                 continue
             self.due[req] = token
             st = self.requests[req]
-            if not self.has_head and st.history is not None:
-                # head=last: the head's `take` ran on another stage, so the prefix cache's keys (offer_blocks)
-                # learn the answer here; one token a step (speculation, with several, needs head=first)
-                st.history.append(token)
+            if not self.has_head:
+                # head=last: the head's `take` ran on another stage, so the drafters and the prefix cache's keys
+                # (offer_blocks) learn the answer here: the proposals the head kept, and its own token
+                made = st.drafts[:results["kept"].get(req, 0)] + [token]
+                st.generated += len(made)
+                if st.history is not None:
+                    st.history.extend(made)
         # A prompt half fed goes first, so it starts answering soonest.
         self.prefilling.extendleft(reversed(continuing))
+
+    def count_kept(self, results: dict) -> None:
+        """Stage 0: what the head said of a step's proposals. Counted (the acceptance rate), and the rejected
+        ones' positions are cut from every stage's cache before the request's next rows (its ``trim``)."""
+        kept = results["kept"]
+        if not isinstance(kept, dict) or not all(isinstance(n, int) and not isinstance(n, bool) for n in kept.values()):
+            raise PeerError(f"{self.me}: a step's results said kept={kept!r}: it must map requests to the proposals "
+                            "kept (int); every stage must run the same smolcluster version")
+        for req, n in kept.items():
+            st = self.requests.get(req)
+            if st is None or self.speculator is None:
+                continue
+            if not 0 <= n <= len(st.drafts):
+                raise PeerError(f"{self.me}: a step's results kept {n} of request {req}'s {len(st.drafts)} "
+                                "proposals; every stage must run the same smolcluster version")
+            self.speculator.drafted += len(st.drafts)
+            self.speculator.accepted += n
+            if n < len(st.drafts):
+                st.trim = st.cache.length - (len(st.drafts) - n)
 
     def unknown(self, req: str, env: Envelope) -> None:
         if req not in self.closed:
@@ -880,14 +953,18 @@ class StageServer:
             logger.warning(f"{self.me}: ignored {kind!r} from {env.src}")
 
     def kv_bytes(self) -> int:
-        """KV-cache bytes this stage holds: its requests' buffers' capacity (what memory really holds)."""
-        return sum(st.cache.nbytes() for st in self.requests.values())
+        """KV-cache bytes this stage holds for its requests: their buffers' capacity (what memory really holds),
+        with the draft model's caches on stage 0 (:meth:`draft_kv_bytes`), which the budget counts too."""
+        return sum(st.cache.nbytes() for st in self.requests.values()) + self.draft_kv_bytes()
+
+    def draft_kv_bytes(self) -> int:
+        return self.speculator.nbytes() if self.speculator is not None else 0
 
     def refresh_beacon(self) -> None:
         beacon = self.mesh.beacon
         beacon["serving"] = not any(self.mesh.peers[n].lost for n in self.names if n in self.mesh.peers)
         beacon["requests"], beacon["waiting"] = len(self.requests), len(self.waiting)
-        beacon["kv_bytes"] = self.kv_bytes()
+        beacon["kv_bytes"], beacon["draft_kv_bytes"] = self.kv_bytes(), self.draft_kv_bytes()
         beacon["steps"], beacon["rows"] = self.forwards, self.rows  # rows / steps: the tokens a step carries
         beacon["mixed_steps"] = self.mixed
         if self.prefix is not None:  # hits and tokens saved count every stage's copies (the same on each)
@@ -898,7 +975,8 @@ class StageServer:
             beacon["drafted"], beacon["accepted"] = self.speculator.drafted, self.speculator.accepted
             self.metrics.speculated(self.speculator.drafted, self.speculator.accepted)
         beacon["active"] = list(self.requests)[:64]  # (what a health check or a test looks at)
-        self.metrics.step(len(self.requests), len(self.waiting), beacon["kv_bytes"])  # the same counts, for top
+        self.metrics.step(len(self.requests), len(self.waiting), beacon["kv_bytes"],  # the same counts, for top
+                          beacon["draft_kv_bytes"])
 
     def run(self) -> None:
         self.connect()

@@ -42,11 +42,14 @@ KINDS: dict[str, tuple[dict, bool]] = {
     # A batched step's rows: reqs[i] has sizes[i] rows of x; emit[i]: its last row makes a token.
     # trim[req]: cut its KV cache to this length before its rows (speculative decoding's rejected proposals).
     # prefix: stage 0's prefix-cache ops, replayed first: ["e", key] evicts, ["s", key, req, i] stores block i.
-    "mp.hidden": ({"reqs": list, "sizes": list, "emit": list, "intro": dict, "trim": dict, "prefix": list},
-                  False),  # tensors: x
+    # drafts[req]: its proposals, for the last stage to check (head=last); sampled: the requests whose draft
+    # model's probabilities are the tensor q's rows, one a proposal, in this order.
+    "mp.hidden": ({"reqs": list, "sizes": list, "emit": list, "intro": dict, "trim": dict, "prefix": list,
+                   "drafts": dict, "sampled": list}, False),  # tensors: x (and q)
     "mp.prefix": ({"ops": list}, False),                        # a step's prefix ops, its rows all dropped
     "mp.forget": ({"keys": list}, False),                       # to stage 0: blocks a stage could not store
-    "mp.step": ({"reqs": list, "tokens": list, "ended": list}, False),  # to stage 0: a step's tokens (-1: chunk)
+    # to stage 0: a step's tokens (-1: chunk; a speculating request's last), kept[req]: its proposals kept
+    "mp.step": ({"reqs": list, "tokens": list, "ended": list, "kept": dict}, False),
     "mp.done": ({"ended": list}, False),                        # [req, reason] pairs: free their caches
     # to a head: a request's tokens from `index` on, each made `ages[i]` seconds before this was sent
     # drafted / accepted: its speculative decoding totals so far (speculate.py; 0 without)

@@ -58,6 +58,8 @@ SERVING_GAUGES = {
     "kv_bytes": ("smolcluster_kv_cache_bytes", "KV-cache bytes the running requests hold on this stage"),
     "kv_budget": ("smolcluster_kv_cache_budget_bytes", "this stage's KV-cache budget (serve.kv_cache_mb)"),
     "kv_prefix_bytes": ("smolcluster_prefix_cache_bytes", "KV-cache bytes the prefix cache's blocks hold here"),
+    "kv_draft_bytes": ("smolcluster_draft_kv_cache_bytes",
+                       "of the KV-cache bytes, those the draft model's caches hold (speculate.draft, stage 0)"),
     "cpu_percent": _GAUGES["cpu_percent"],
     "rss_bytes": _GAUGES["rss_bytes"],
 }

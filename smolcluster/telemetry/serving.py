@@ -37,6 +37,7 @@ class ServingMetrics:
         self.sink = PrometheusSink(port, identity, addr=addr, gauges=gauges, counters=SERVING_COUNTERS)
         g = self.sink.gauges
         self._active, self._waiting, self._kv = g["active"], g["waiting"], g.get("kv_bytes")
+        self._draft_kv = g.get("kv_draft_bytes")
         self._tokens = self.sink.counters["tokens"]
         if kv_budget is not None:
             g["kv_budget"].set(kv_budget)
@@ -46,12 +47,14 @@ class ServingMetrics:
         if run_dir is not None:
             self.sink.announce(Path(run_dir))
 
-    def step(self, active: int, waiting: int, kv_bytes: int | None = None) -> None:
-        """The state after a step: requests running and waiting, KV bytes held (a stage's)."""
+    def step(self, active: int, waiting: int, kv_bytes: int | None = None, draft_kv_bytes: int = 0) -> None:
+        """The state after a step: requests running and waiting, KV bytes held (a stage's; of them, the draft
+        model's on stage 0)."""
         self._active.set(active)
         self._waiting.set(waiting)
         if self._kv is not None:
             self._kv.set(kv_bytes)
+            self._draft_kv.set(draft_kv_bytes)
         now = time.monotonic()
         if now >= self._next_hardware:
             from smolcluster.telemetry.hardware import HardwareSampler
@@ -99,7 +102,7 @@ class ServingMetrics:
 class _Off:
     """A node that publishes nothing: the same calls, doing nothing."""
 
-    def step(self, active: int, waiting: int, kv_bytes: int | None = None) -> None:
+    def step(self, active: int, waiting: int, kv_bytes: int | None = None, draft_kv_bytes: int = 0) -> None:
         pass
 
     def tokens(self, n: int) -> None:

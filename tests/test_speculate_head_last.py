@@ -1,0 +1,122 @@
+"""Speculative decoding with ``head=last``, and the draft model's KV cache in stage 0's budget.
+
+With the LM head on the last stage, stage 0 still proposes (it holds the schedule and each request's
+tokens): the proposals travel with the step, the last stage checks them and says how many it kept,
+and stage 0 cuts the rest from every stage's cache. Through 2 real stage processes on loopback:
+greedy output equals decoding without speculation token for token, with both drafters, batched;
+sampling through a draft model that is the target keeps every proposal (so the draft's
+probabilities reached the last stage intact: as point masses most would be rejected) and a seed's
+tokens are its own, run after run (through 3 stages: the middle one hands the proposals on). Then
+the budget: a request whose target KV fits but whose draft model's does not is refused naming the
+draft (and served with lookup); two that fit one at a time take turns, where two lookups run
+together; stage 0 reports the draft's caches.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from smolcluster.inference import InferencePipeline
+from smolcluster.models.gpt2 import gpt2_config
+from smolcluster.pipeline.architectures import family_for
+from tests.conftest import wait_until
+from tests.test_architectures import VOCAB, build
+from tests.test_speculate import K, both_drafters_equal_plain, drafter, repeating
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama"])
+def test_greedy_speculation_with_the_head_last_equals_plain_decoding(tmp_path, case):
+    target, small = tmp_path / "target", tmp_path / "small"
+    build(case).save_pretrained(target)
+    drafter(case, 1).save_pretrained(small)
+    with InferencePipeline.start_local(target, stages=2, head="last", heartbeat_s=0.1, liveness_s=5.0, eos_ids=[],
+                                       speculate={"k": K, "lookup": 3, "draft": str(small)}) as pipe:
+        assert pipe.client.head_rank == 1
+        drafted, accepted = both_drafters_equal_plain(pipe)
+    assert 0 < accepted < drafted, (accepted, drafted)  # some kept (lookup), most cut (the 1-layer draft)
+
+
+def test_sampling_with_the_head_last_keeps_a_draft_that_is_the_target_and_its_seed(tmp_path):
+    model = tmp_path / "model"
+    build("llama").save_pretrained(model)
+    # 3 stages: the middle one hands the proposals and q on
+    with InferencePipeline.start_local(model, stages=3, head="last", heartbeat_s=0.1, liveness_s=5.0, eos_ids=[],
+                                       speculate={"k": K, "lookup": 3, "draft": str(model)}) as pipe:
+        greedy = pipe.submit(repeating(5), max_new_tokens=30)
+        assert greedy.tokens() == pipe.submit(repeating(5), max_new_tokens=30, speculate="off").tokens()
+        assert (greedy.drafted, greedy.accepted) == (23, 23)  # as with head=first (test_speculate)
+        # Sampled: q (the draft's probabilities) equals the target's p, so every proposal is kept, u * q(d) < p(d)
+        # (had q reached the last stage as point masses, q(d) = 1, a proposal would be kept with p(d) < 1 only).
+        kw = dict(max_new_tokens=30, temperature=0.9, seed=11)
+        first = pipe.submit(repeating(6), **kw)
+        assert len(first.tokens()) == 30 and first.drafted > 10 and first.accepted == first.drafted
+        assert pipe.submit(repeating(6), **kw).tokens() == first.tokens()  # a seed's tokens are its own
+        looked = [pipe.submit(repeating(6), speculate="lookup", **kw) for _ in range(2)]
+        assert looked[0].tokens() == looked[1].tokens() and looked[0].drafted > 0
+
+
+def kv_bytes(model, n_stages: int, positions: int, head_first: bool) -> list[int]:
+    """Each stage's KV bytes for ``positions`` of ``model`` (fp32), split as the stages split it."""
+    arch = family_for(model.config.to_dict())
+    return [positions * arch.kv_bytes_per_token(len(s.blocks), 4) for s in arch.plan(n_stages, head_first=head_first)]
+
+
+def test_the_draft_models_kv_cache_is_in_stage_0s_budget(tmp_path):
+    target, small = tmp_path / "target", tmp_path / "small"
+    model = build("gpt2")
+    model.save_pretrained(target)
+    torch.manual_seed(1)
+    from transformers import GPT2LMHeadModel
+
+    draft = GPT2LMHeadModel(gpt2_config(VOCAB, n_layer=2, n_head=4, n_embd=64, n_positions=128)).eval()
+    draft.save_pretrained(small)
+    prompt, n = repeating(1), 100
+    positions = len(prompt) + n
+    t = kv_bytes(model, 2, positions, True)
+    d = kv_bytes(draft, 1, positions, True)[0]
+    assert t[0] + d > max(t), (t, d)  # the target fits a budget of max(t); with the draft, stage 0 does not
+    kw = dict(stages=2, heartbeat_s=0.05, liveness_s=5.0, eos_ids=[], prefix_cache=False,
+              speculate={"k": K, "lookup": 3, "draft": str(small)})
+    with InferencePipeline.start_local(target, kv_cache_mb=max(t) / 2**20, **kw) as pipe:
+        with pytest.raises(Exception, match=r"on stage 0 \(.* of it the draft model's, speculate.draft"):
+            pipe.submit(prompt, max_new_tokens=n, speculate="draft").tokens()
+        assert len(pipe.submit(prompt, max_new_tokens=n, speculate="lookup").tokens()) == n
+
+    # One request with its draft fits, two do not (two lookups do): they take turns, the lookups run together.
+    budget = max(t[0] + d, 2 * max(t))
+    assert 2 * (t[0] + d) > budget
+    telemetry = {"prometheus_port": 0, "run_dir": str(tmp_path / "serve"), "run_id": "draft-kv"}
+    with InferencePipeline.start_local(target, kv_cache_mb=budget / 2**20, telemetry=telemetry, **kw) as pipe:
+        info = lambda: pipe.client.mesh.peers[pipe.client.stages[0]].info  # noqa: E731
+        seen, phase, done = {"draft": [], "lookup": []}, ["draft"], threading.Event()
+
+        def watch():  # stage 0's beacon as the requests run (the figures /metrics and top show)
+            while not done.is_set():
+                seen[phase[0]].append((info().get("draft_kv_bytes", 0), info().get("waiting", 0)))
+                done.wait(0.005)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            a, b = (pipe.submit(prompt, max_new_tokens=n, speculate="draft") for _ in range(2))
+            assert a.tokens() == b.tokens() and len(a.tokens()) == n
+            assert wait_until(lambda: info().get("draft_kv_bytes") == 0, 10), info()  # freed with them
+            phase[0] = "lookup"
+            c, e = (pipe.submit(prompt, max_new_tokens=n, speculate="lookup") for _ in range(2))
+            assert c.tokens() == e.tokens() == a.tokens()
+        finally:
+            done.set()
+            watcher.join()
+        # the second draft request waited for the first's KV (its draft's included); the lookups never waited
+        assert max(w for _, w in seen["draft"]) == 1 and max(w for _, w in seen["lookup"]) == 0, seen
+        assert 0 < max(k for k, _ in seen["draft"]) <= d, (seen["draft"], d)  # within what was reserved for it
+        assert max(k for k, _ in seen["lookup"]) == 0
+        assert wait_until(lambda: info().get("kv_bytes") == 0, 10), info()
+        from smolcluster.top import ClusterView
+
+        view = ClusterView(run_dir=tmp_path / "serve")
+        stage0 = lambda: next((x for x in view.poll() if x.up and x.labels["rank"] == "0"), None)  # noqa: E731
+        assert wait_until(lambda: stage0() is not None and stage0().values.get("draft_kv_bytes") == 0, 30)
