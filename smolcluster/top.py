@@ -267,7 +267,7 @@ def weights_rows_of(node: Node) -> list[tuple[str, ...]]:
     for (stage, peer), w in sorted(node.values.get("weights", {}).items()):
         need, done, rate = w.get("need", 0), w.get("done", 0), w.get("rate", 0)
         if not need:
-            state, sent = "cached: 0 bytes sent", f"0/{w.get('total', 0) / 2**20:.1f} MB held"
+            state, sent = "cached: 0 bytes sent", f"{w.get('total', 0) / 2**20:.1f} MB held there"
         else:
             state = "sending" if done < need else "done"
             sent = f"{done / 2**20:.1f}/{need / 2**20:.1f} MB"
