@@ -107,3 +107,33 @@ def test_top_shows_a_line_per_stage_while_weights_travel_then_cached_on_a_second
     assert table.count("cached: 0 bytes sent") == 2, table
     assert c.wait(timeout=180) == 0, c.text()[-4000:]
     assert "weights: sent 0 bytes in all" in c.text()
+
+
+def test_the_live_view_has_a_weights_table_and_no_training_table_for_a_head_sending_weights(tmp_path):
+    """The Textual app (not only ``--once``'s tables): the head's weights endpoint, scraped over HTTP, is a
+    line per stage in its own table; the training table stays hidden."""
+    import asyncio
+
+    from smolcluster.telemetry.weights import WeightsMetrics
+    from smolcluster.top import make_app
+    from tests.test_top import settled
+
+    watch = WeightsMetrics({"run_id": "w", "node": "laptop", "algo": "chat"}, tmp_path)
+    try:
+        for done in (0, 50 * 2**20):  # as weightsend.stream does: at the start, then per acknowledged chunk
+            watch.show("0", "a (10.0.0.2:7000)", total=300 * 2**20, need=200 * 2**20, done=done)
+        watch.show("1,2", "b (10.0.0.3:7000)", total=100 * 2**20, need=0, done=0)
+
+        async def drive() -> list:
+            app = make_app(ClusterView(run_dir=tmp_path), interval_s=0.2)
+            async with app.run_test(size=(160, 40)) as pilot:
+                table = await settled(app, pilot, "#weights", 2, 2)
+                assert not app.query_one("#nodes").display and not app.query_one("#stages").display
+                return [table.get_row_at(i) for i in range(table.row_count)]
+
+        rows = asyncio.run(drive())
+    finally:
+        watch.close()
+    assert [r[:4] for r in rows] == [["0", "a (10.0.0.2:7000)", "sending", "50.0/200.0 MB"],
+                                     ["1,2", "b (10.0.0.3:7000)", "cached: 0 bytes sent", "100.0 MB held there"]]
+    assert float(rows[0][4]) > 0 and rows[0][5].endswith("s") and rows[1][4:] == ["-", "-"]
