@@ -5,9 +5,10 @@ replicas ``r1 0``) and ``peer`` (the agent's name and address). They are set onc
 never per byte, and stay after the transfer until the head stops, so ``top`` shows what each stage was sent
 (``cached: 0 bytes sent`` on a second run).
 
-The endpoint is the head's own and short-lived (its /metrics during ``infer`` / ``chat`` ``cluster=auto``): the
-head's serving figures take ``logging.prometheus.port`` only once the stages run, so this one takes a port the
-OS picks and announces it as ``RUN_DIR/endpoints/NODE-weights.json``, where ``top --run-dir`` looks.
+The endpoint is the sender's own: the ``infer`` / ``chat`` head's with ``cluster=auto`` (node/coordinator.py), or
+``launchers.ssh serve --weights``' (launchers/ssh_weights.py, a line per stage host). The head's serving
+figures take ``logging.prometheus.port`` only once the stages run, so this one takes a port the OS picks and
+announces it as ``RUN_DIR/endpoints/NODE-weights.json``, where ``top --run-dir`` looks.
 """
 
 from __future__ import annotations
