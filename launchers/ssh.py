@@ -354,8 +354,12 @@ def launch(args: argparse.Namespace, attempts: int = 3) -> int:
     extra = None
     if serving:  # each stage's share of the weights into its host's cache (the plan uses the measured memory)
         from launchers.ssh_weights import send_weights
+        from smolcluster.cluster import node_name
+        from smolcluster.telemetry.weights import open_weights_metrics
 
-        extra = send_weights(pipeline, nodes, list(spec.cluster.nodes), args.weights)
+        # with logging.prometheus.port: top's line per stage host (it lives as long as this launcher)
+        watch = open_weights_metrics(pipeline.telemetry, {"node": node_name(), "algo": "infer"})
+        extra = send_weights(pipeline, nodes, list(spec.cluster.nodes), args.weights, progress=watch)
     for attempt in range(1, attempts + 1):
         run = Launch(spec, nodes, args.overrides, stem, int(port), keep_going=args.keep_going, run_dir=args.run_dir,
                      lead=lead, serving=serving, extra=extra)

@@ -51,6 +51,12 @@ class Session:
     errors: deque = field(default_factory=lambda: deque(maxlen=20))
     proc: subprocess.Popen | None = None
     sent: int = 0
+    need: int = 0  # bytes to send (grows when a corrupt entry is sent again)
+
+    def show(self, progress) -> None:
+        """This host's figures to ``progress`` (telemetry/weights.WeightsMetrics)."""
+        progress.show(",".join(map(str, self.ranks)), self.where, sum(e.size for e in self.entries.values()),
+                      self.need, self.sent)
 
     @property
     def where(self) -> str:
@@ -120,9 +126,11 @@ class Session:
             self.proc.wait(timeout=10)
 
 
-def send_weights(p, nodes: list[Node], node_entries: list, mode: str, timeout_s: float = 600.0) -> list[list[str]]:
+def send_weights(p, nodes: list[Node], node_entries: list, mode: str, timeout_s: float = 600.0,
+                 progress=None) -> list[list[str]]:
     """Per stage, the overrides that point it at its cached weights on its host ([] where it reads the model's
-    own files: ``shared``, or ``auto`` and the very files are there)."""
+    own files: ``shared``, or ``auto`` and the very files are there). ``progress``: a
+    telemetry/weights.WeightsMetrics for ``top``'s lines (a line per host: its stages)."""
     if mode not in MODES:
         raise ConfigError(f"--weights {mode} is not one of {', '.join(MODES)}")
     if mode == "shared":
@@ -153,7 +161,11 @@ def send_weights(p, nodes: list[Node], node_entries: list, mode: str, timeout_s:
         todos = [(s, what_to_send(f"host {s.where}", s.entries, s.answer(timeout_s),
                                   "free disk there, or point ssh.state_dir at a disk with room"))
                  for s in sessions.values()]
-        stream([(s, todo) for s, todo in todos if todo], timeout_s)
+        for s, todo in todos:
+            s.need = sum(e.size - off for e, off in todo or [])
+            if todo == [] and progress is not None:  # its cache holds everything: top says so
+                s.show(progress)
+        stream([(s, todo) for s, todo in todos if todo], timeout_s, progress)
         out = [[] for _ in nodes]
         for s, todo in todos:
             if todo is None:  # it reads the model files itself
@@ -171,8 +183,9 @@ def send_weights(p, nodes: list[Node], node_entries: list, mode: str, timeout_s:
     return out
 
 
-def stream(todos: list[tuple[Session, list]], timeout_s: float) -> int:
-    """Every host's missing entries, all hosts at once (a thread each); returns the bytes sent."""
+def stream(todos: list[tuple[Session, list]], timeout_s: float, watch=None) -> int:
+    """Every host's missing entries, all hosts at once (a thread each); returns the bytes sent. ``watch``: the
+    WeightsMetrics each host's figures go to, per acknowledged chunk."""
     from tqdm import tqdm
 
     total = sum(e.size - off for _, todo in todos for e, off in todo)
@@ -180,16 +193,21 @@ def stream(todos: list[tuple[Session, list]], timeout_s: float) -> int:
                disable=True if total == 0 else None, mininterval=0.5)  # None: only on a terminal (no \r in logs)
     lock, failed, start = threading.Lock(), [], time.monotonic()
 
-    def progress(n: int) -> None:
+    def progress(s: Session, n: int) -> None:
         with lock:
             bar.update(n)
+            if watch is not None:
+                s.show(watch)
 
     def run(s: Session, todo: list) -> None:
         try:
-            _send_entries(s, todo, progress, timeout_s)
+            _send_entries(s, todo, lambda n: progress(s, n), timeout_s)
         except Exception as e:  # (re-raised below, in the launcher's thread)
             failed.append(e)
 
+    for s, _ in todos:
+        if watch is not None:
+            s.show(watch)
     threads = [threading.Thread(target=run, args=(s, todo), daemon=True, name="weights-send") for s, todo in todos]
     for t in threads:
         t.start()
@@ -231,6 +249,7 @@ def _send_entries(s: Session, todo: list[tuple[Entry, int]], progress, timeout_s
                         raise PeerError(f"weights: {s.where} could not store entry {a['sha'][:12]}: "
                                         f"{(list(s.errors) or ['?'])[-1]}")
                     retries[e.sha] = retries.get(e.sha, 0) + 1
+                    s.need += e.size
                     say(f"weights: entry {e.sha[:12]} arrived corrupt at {s.where}: sending it again")
                     again.append((e, 0))
             todo = again

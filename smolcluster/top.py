@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from smolcluster.launch.cli import command
 from smolcluster.telemetry.prometheus import LABELS, METRICS, SERVING_METRICS
+from smolcluster.telemetry.weights import WEIGHT_LABELS, WEIGHTS_GAUGES
 
 # exposition name -> the short key the view uses (the metrics.jsonl key it came from)
 _KEYS = {"smolcluster_steps": "step", "smolcluster_samples": "samples", "smolcluster_bytes_sent": "bytes_sent",
@@ -50,6 +51,8 @@ _KEYS = {"smolcluster_steps": "step", "smolcluster_samples": "samples", "smolclu
          "smolcluster_prefix_tokens_saved": "prefix_tokens", "smolcluster_prefix_cache_bytes": "prefix_bytes",
          "smolcluster_draft_kv_cache_bytes": "draft_kv_bytes"}
 assert {n.removesuffix("_total") for n in [*METRICS, *SERVING_METRICS]} <= set(_KEYS), "a metric the view does not know"
+# a head's weights in flight (telemetry/weights.py): one series per (stage, peer), kept apart in values["weights"]
+_WEIGHT_KEYS = {name: key for key, (name, _) in WEIGHTS_GAUGES.items()}
 
 
 # -- where the nodes are -------------------------------------------------------------------------
@@ -101,6 +104,11 @@ class Node:
             self.labels.get("algo") in ("infer", "chat")
 
     @property
+    def weights(self) -> bool:
+        """A head's weights endpoint (its table: a line per stage the weights travel to)."""
+        return self.labels.get("role") == "weights"
+
+    @property
     def name(self) -> str:
         role, rank = self.labels.get("role", "?"), self.labels.get("rank", "")
         return f"{self.labels.get('node', '?')} {role}{rank}"
@@ -114,14 +122,18 @@ def scrape(url: str, timeout_s: float = 1.0) -> tuple[dict, dict] | None:
         return None
     labels, values = {}, {}
     for family in text_string_to_metric_families(text):
-        key = _KEYS.get(family.name)
+        key = _KEYS.get(family.name) or _WEIGHT_KEYS.get(family.name)
         if key is None:
             continue
         for sample in family.samples:
             if sample.name.endswith("_created"):
                 continue
             labels = {k: sample.labels.get(k, "") for k in LABELS}
-            values[key] = sample.value
+            if family.name in _WEIGHT_KEYS:  # {(stage, peer): {total, need, done, rate}}
+                where = tuple(sample.labels.get(k, "") for k in WEIGHT_LABELS)
+                values.setdefault("weights", {}).setdefault(where, {})[key] = sample.value
+            else:
+                values[key] = sample.value
     return labels, values
 
 
@@ -246,19 +258,41 @@ def serving_row_of(node: Node) -> tuple[str, ...]:
             _num(v.get("cpu_percent"), ".0f"), _bytes(v.get("rss_bytes")))
 
 
+WEIGHTS_COLUMNS = ("stage", "to", "state", "sent", "MB/s", "time left")
+
+
+def weights_rows_of(node: Node) -> list[tuple[str, ...]]:
+    """A line per stage (per agent: ``stage`` names the stages it runs) the head's weights travel to: MB sent of
+    those to send while in flight, then what was sent (``cached: 0 bytes sent`` when the agent held them all)."""
+    rows = []
+    for (stage, peer), w in sorted(node.values.get("weights", {}).items()):
+        need, done, rate = w.get("need", 0), w.get("done", 0), w.get("rate", 0)
+        if not need:
+            state, sent = "cached: 0 bytes sent", f"{w.get('total', 0) / 2**20:.1f} MB held there"
+        else:
+            state = "sending" if done < need else "done"
+            sent = f"{done / 2**20:.1f}/{need / 2**20:.1f} MB"
+        left = "-" if done >= need or not rate else f"{(need - done) / rate:.0f}s"
+        rows.append((stage, peer, state if node.up else f"{state} (head gone)", sent,
+                     _num(rate / 2**20 if need else None, ".1f"), left))
+    return rows
+
+
 def rich_tables(nodes: list[Node]) -> list:
-    """A training table and an inference table, each when it has nodes."""
+    """A training table, an inference table and the weights' lines, each when it has nodes."""
     from rich.table import Table
 
-    training = [n for n in nodes if not n.serving]
+    training = [n for n in nodes if not n.serving and not n.weights]
     columns = training_columns(training)
-    kinds = [("smolcluster", columns, lambda n: row_of(n, columns != COLUMNS), training),
-             ("smolcluster inference", SERVING_COLUMNS, serving_row_of, [n for n in nodes if n.serving])]
+    kinds = [("smolcluster", columns, lambda n: [row_of(n, columns != COLUMNS)], training),
+             ("smolcluster inference", SERVING_COLUMNS, lambda n: [serving_row_of(n)], [n for n in nodes if n.serving]),
+             ("smolcluster weights", WEIGHTS_COLUMNS, weights_rows_of, [n for n in nodes if n.weights])]
     out = []
-    for title, columns, row, group in [k for k in kinds if k[3]] or kinds[:1]:
+    for title, columns, rows, group in [k for k in kinds if k[3]] or kinds[:1]:
         table = Table(*columns, title=title)
         for node in group:
-            table.add_row(*row(node))
+            for row in rows(node):
+                table.add_row(*row)
         out.append(table)
     return out
 
@@ -294,12 +328,14 @@ def make_app(view: ClusterView, interval_s: float):
             yield Header()
             yield DataTable(id="nodes", zebra_stripes=True)  # training nodes
             yield DataTable(id="stages", zebra_stripes=True)  # inference stages and heads
+            yield DataTable(id="weights", zebra_stripes=True)  # a line per stage the head's weights travel to
             yield Static("", id="logs")
             yield Footer()
 
         def on_mount(self) -> None:
             self.query_one("#nodes", DataTable).add_columns(*COLUMNS)
             self.query_one("#stages", DataTable).add_columns(*SERVING_COLUMNS)
+            self.query_one("#weights", DataTable).add_columns(*WEIGHTS_COLUMNS)
             self.polls = 0
             self.refresh_view()
             self.set_interval(interval_s, self.refresh_view)
@@ -313,19 +349,21 @@ def make_app(view: ClusterView, interval_s: float):
             self.call_from_thread(self._show, nodes, logs)
 
         def _show(self, nodes: list[Node], logs: dict) -> None:
-            training = [n for n in nodes if not n.serving]
+            training = [n for n in nodes if not n.serving and not n.weights]
             columns = training_columns(training)
             table = self.query_one("#nodes", DataTable)
             if len(table.columns) != len(columns):  # a diloco node appeared: its round columns
                 table.clear(columns=True)
                 table.add_columns(*columns)
-            row_of_node = lambda n: row_of(n, columns != COLUMNS)  # noqa: E731
-            for table_id, row, serving in (("#nodes", row_of_node, False), ("#stages", serving_row_of, True)):
+            groups = (("#nodes", lambda n: [row_of(n, columns != COLUMNS)], training),
+                      ("#stages", lambda n: [serving_row_of(n)], [n for n in nodes if n.serving]),
+                      ("#weights", weights_rows_of, [n for n in nodes if n.weights]))
+            for table_id, rows, group in groups:
                 table = self.query_one(table_id, DataTable)
                 table.clear()
-                group = [n for n in nodes if n.serving == serving]
                 for node in group:
-                    table.add_row(*row(node), key=node.url)
+                    for i, row in enumerate(rows(node)):
+                        table.add_row(*row, key=f"{node.url}#{i}")
                 table.display = bool(group) or (table_id == "#nodes" and not nodes)
             where = view.run_dir or ", ".join(view.static) or "nothing"
             self.sub_title = f"{len(nodes)} nodes · {where}"

@@ -205,14 +205,32 @@ def local_stages(tmp: Path, model: Path, monkeypatch) -> tuple:
     return p, nodes, list(spec.cluster.nodes)
 
 
+def top_lines(run_dir: Path) -> dict:
+    """``{(stage, peer): gauges}`` of the weights endpoint announced in ``run_dir``, as ``smolcluster.top`` reads it."""
+    from smolcluster.top import ClusterView
+
+    view = ClusterView(run_dir=run_dir)
+    try:
+        node = next(n for n in view.poll() if n.weights and n.up)
+    finally:
+        view.close()
+    return node.values["weights"]
+
+
 def test_send_weights_to_local_hosts_resumes_a_partial_entry(tmp_path, monkeypatch, capfd):
     from launchers.ssh_weights import send_weights
     from smolcluster.bench.common import write_tiny_run
+    from smolcluster.telemetry.weights import WeightsMetrics
 
     model = write_tiny_run(tmp_path / "model", n_positions=64)
     p, nodes, entries = local_stages(tmp_path, model, monkeypatch)
-    args = send_weights(p, nodes, entries, "send")
+    watch = WeightsMetrics({"run_id": "w", "node": "here"}, tmp_path / "top")  # what top reads: a line per host
+    args = send_weights(p, nodes, entries, "send", progress=watch)
     first = int(SENT.search(capfd.readouterr().err).group(1))
+    lines = top_lines(tmp_path / "top")
+    assert sorted(stage for stage, _ in lines) == ["0", "1"]
+    assert all(w["need"] == w["done"] == w["total"] > 0 for w in lines.values())
+    assert sum(w["done"] for w in lines.values()) == first
     blobs = [sorted((tmp_path / f"state{r}" / "weights" / "blobs").iterdir()) for r in range(2)]
     assert first == sum(b.stat().st_size for bs in blobs for b in bs)
     maps = []
@@ -229,8 +247,13 @@ def test_send_weights_to_local_hosts_resumes_a_partial_entry(tmp_path, monkeypat
     (blob.parent.parent / "partial" / blob.name).write_bytes(half)
     size = blob.stat().st_size
     blob.unlink()
-    assert send_weights(p, nodes, entries, "send") == args
-    assert int(SENT.search(capfd.readouterr().err).group(1)) == size - len(half)
+    try:
+        assert send_weights(p, nodes, entries, "send", progress=watch) == args
+        lines = {stage: w for (stage, _), w in top_lines(tmp_path / "top").items()}
+    finally:
+        watch.close()
+    assert int(SENT.search(capfd.readouterr().err).group(1)) == size - len(half) == lines["1"]["done"]
+    assert lines["1"]["need"] == size - len(half) and lines["0"]["need"] == lines["0"]["done"] == 0  # "cached" in top
     assert blob.is_file() and not (blob.parent.parent / "partial" / blob.name).exists()
 
     # auto: these hosts read the launcher's very files (this machine): nothing sent, the stages read them

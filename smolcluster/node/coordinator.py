@@ -710,7 +710,7 @@ def _agent_stages(p):
                     return
             stop.wait(0.1)
 
-    keeper = None
+    keeper, progress = None, None
     try:
         replicas = place_replicas(nodes, p.stages, p.replicas)
         # one replica: a lost node stops the run; several: it downs only its replica, the others keep the heartbeat
@@ -722,10 +722,12 @@ def _agent_stages(p):
         plan = None
         if mode != "shared":  # planned (the model hashed) before any port is held for a stage: that may take a while
             plan = _plan_weights(p, node_entries(c, replicas[0], None, defaults))
+            progress = _weights_metrics(p)
         sets = []
         for r, ranks in enumerate(replicas):  # each replica its own pipeline: its ports, its mesh, its keys
             models = None if plan is None else (
-                lambda _entries, ranks=ranks: _send_weights(run, ranks, *plan, mode, p.adapters))
+                lambda _entries, ranks=ranks, r=r: _send_weights(run, ranks, *plan, mode, p.adapters, progress,
+                                                                 f"r{r} " if p.replicas > 1 else ""))
             d = keys / f"r{r}"
             ports = run.start_ranks(ranks, "stage", args, d, program="infer", head=True, defaults=defaults,
                                     models=models, prefix=f"r{r} " if p.replicas > 1 else "")
@@ -760,6 +762,8 @@ def _agent_stages(p):
         for link in links.values():
             link.close()
         shutil.rmtree(keys, ignore_errors=True)
+        if progress is not None:
+            progress.close()
 
 
 def place_replicas(nodes: list[NodeInfo], stages: int, replicas: int) -> list[list[NodeInfo]]:
@@ -808,14 +812,24 @@ def _hash_book(c: AutoSpec):
     return HashBook(Path(c.state_dir).expanduser() / "coordinator" / "weight-hashes.json")
 
 
+def _weights_metrics(p):
+    """The head's weights gauges for ``smolcluster.top`` (telemetry/weights.py) with ``logging.prometheus.port``,
+    else None."""
+    from smolcluster.telemetry.logging import identity
+    from smolcluster.telemetry.weights import open_weights_metrics
+
+    return open_weights_metrics(p.telemetry, identity())
+
+
 def _send_weights(run: Run, ranks: list[NodeInfo], info: dict, plans: list, mode: str,
-                  adapters: dict) -> list:
+                  adapters: dict, progress=None, prefix: str = "") -> list:
     """Each stage's share of the weights into its agent's cache (weightsend.py); per rank the ``model`` its
-    start_role carries, or None where the agent reads the model files itself (``cluster.weights=auto``)."""
+    start_role carries, or None where the agent reads the model files itself (``cluster.weights=auto``).
+    ``progress``: :func:`_weights_metrics`'; ``prefix``: the replica's, before its stages' labels there."""
     from smolcluster.node import weightsend
 
     c = run.c
     files = weightsend.model_files(info, _hash_book(c.auto), adapters) if mode == "auto" else {}
-    transfers, readable = weightsend.prepare(run.links, ranks, plans, files, c.heartbeat_s)
-    weightsend.stream(transfers, c.heartbeat_s, c.liveness_s, on_message=run.handle)
+    transfers, readable = weightsend.prepare(run.links, ranks, plans, files, c.heartbeat_s, prefix=prefix)
+    weightsend.stream(transfers, c.heartbeat_s, c.liveness_s, on_message=run.handle, progress=progress)
     return [None if reads else plan.manifest() for plan, reads in zip(plans, readable, strict=True)]

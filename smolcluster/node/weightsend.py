@@ -200,6 +200,18 @@ class Transfer:
     sent: int = 0
     retries: dict[str, int] = field(default_factory=dict)
     last_ack: float = field(default_factory=time.monotonic)
+    stages: str = ""                               # the stages this agent runs ("0", "0,2"; replicas: "r1 0")
+
+    def show(self, progress) -> None:
+        """This transfer's figures to ``progress`` (telemetry/weights.WeightsMetrics, or None: nobody watches)."""
+        if progress is not None:
+            progress.show(self.stages, self.link.node.where(), sum(e.size for e in self.entries.values()),
+                          self.need, self.sent)
+
+    need: int = 0                                  # bytes to send (grows when a corrupt entry is sent again)
+
+    def __post_init__(self) -> None:
+        self.need = sum(e.size - off for e, off in self.todo)
 
 
 def ask_all(asks: dict, heartbeat_s: float, timeout_s: float) -> dict[str, dict]:
@@ -232,20 +244,23 @@ def ask_all(asks: dict, heartbeat_s: float, timeout_s: float) -> dict[str, dict]
 
 
 def prepare(links: dict, ranks: list, plans: list[StagePlan], files: dict[str, list],
-            heartbeat_s: float = 1.0, timeout_s: float = 600.0) -> tuple[list[Transfer], list[bool]]:
+            heartbeat_s: float = 1.0, timeout_s: float = 600.0, prefix: str = "") -> tuple[list[Transfer], list[bool]]:
     """Ask every stage's agent what it holds (``files``: the head's model files, for ``cluster.weights=auto``; {}
     to send regardless); refuse a node without the disk for the rest, before anything is sent.
-    Returns (a transfer per agent with something to send, per rank: whether it reads the model files itself)."""
+    Returns (a transfer per agent that does not read the model files itself, its todo empty when its cache holds
+    everything; per rank: whether it reads the model files itself). ``prefix``: before its stages' label (replicas)."""
     by_node: dict[str, dict[str, Entry]] = {}
-    for node, plan in zip(ranks, plans, strict=True):
+    stages: dict[str, list[str]] = {}
+    for rank, (node, plan) in enumerate(zip(ranks, plans, strict=True)):
         by_node.setdefault(node.name, {}).update((e.sha, e) for e in plan.entries())
+        stages.setdefault(node.name, []).append(str(rank))
     status = ask_all({n: (links[n], entries, files) for n, entries in by_node.items()}, heartbeat_s, timeout_s)
     transfers = []
     for name, entries in by_node.items():
         todo = what_to_send(f"node {links[name].node.where()}", entries, status[name],
                             "free disk there (its agent's --state-dir) or leave the node out (cluster.peers)")
         if todo is not None:
-            transfers.append(Transfer(links[name], todo, entries))
+            transfers.append(Transfer(links[name], todo, entries, stages=prefix + ",".join(stages[name])))
     return transfers, [status[x.name]["readable"] for x in ranks]
 
 
@@ -268,9 +283,10 @@ def what_to_send(where: str, entries: dict[str, Entry], st: dict, fix: str) -> l
     return todo
 
 
-def stream(transfers: list[Transfer], heartbeat_s: float, liveness_s: float, on_message=None) -> int:
+def stream(transfers: list[Transfer], heartbeat_s: float, liveness_s: float, on_message=None, progress=None) -> int:
     """Send every transfer's chunks, WINDOW in flight per agent, all agents at once; returns the bytes sent.
-    An agent that acknowledges nothing for ``liveness_s`` raises (never waits forever)."""
+    An agent that acknowledges nothing for ``liveness_s`` raises (never waits forever). ``progress``: a
+    telemetry/weights.WeightsMetrics that each transfer's figures go to, per acknowledged chunk (``top``'s lines)."""
     from tqdm import tqdm
 
     total = sum(e.size - off for t in transfers for e, off in t.todo)
@@ -278,11 +294,13 @@ def stream(transfers: list[Transfer], heartbeat_s: float, liveness_s: float, on_
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="weights", file=sys.stderr,
                disable=True if total == 0 else None, mininterval=0.5)  # None: only on a terminal (no \r frames in logs)
     beat, start = time.monotonic(), time.monotonic()
+    for t in transfers:
+        t.show(progress)
     try:
         while any(t.todo or t.in_flight for t in transfers):
             for t in transfers:
                 _fill(t, files)
-            moved = sum(_take_acks(t, bar, on_message) for t in transfers)
+            moved = sum(_take_acks(t, bar, on_message, progress) for t in transfers)
             now = time.monotonic()
             if now - beat > heartbeat_s:  # agents whose transfer is done still hear from us (their roles wait)
                 for t in transfers:
@@ -295,7 +313,7 @@ def stream(transfers: list[Transfer], heartbeat_s: float, liveness_s: float, on_
             if not moved:  # nothing arrived: wait a little on one agent that owes acknowledgements
                 waiting = next((t for t in transfers if t.in_flight), None)
                 if waiting is not None and (msg := waiting.link.ep.recv(20)) is not None:
-                    _ack(waiting, msg, bar, on_message)
+                    _ack(waiting, msg, bar, on_message, progress)
     finally:
         bar.close()
         for f in files.values():
@@ -324,14 +342,14 @@ def _fill(t: Transfer, files: dict) -> None:
             t.todo.pop(0)
 
 
-def _take_acks(t: Transfer, bar, on_message) -> int:
+def _take_acks(t: Transfer, bar, on_message, progress) -> int:
     n = 0
     while (msg := t.link.ep.recv(0)) is not None:
-        n += _ack(t, msg, bar, on_message)
+        n += _ack(t, msg, bar, on_message, progress)
     return n
 
 
-def _ack(t: Transfer, msg, bar, on_message) -> int:
+def _ack(t: Transfer, msg, bar, on_message, progress=None) -> int:
     t.link.last_seen = time.monotonic()
     if msg.kind != "weights_ack":
         if on_message is not None:
@@ -348,6 +366,8 @@ def _ack(t: Transfer, msg, bar, on_message) -> int:
         t.retries[e.sha] = t.retries.get(e.sha, 0) + 1
         logger.warning(f"weights: entry {e.sha[:12]} arrived corrupt at {t.link.node.where()}: sending it again")
         t.todo.append((e, 0))
+        t.need += e.size
     t.sent += f["n"]
     bar.update(f["n"])
+    t.show(progress)
     return 1
