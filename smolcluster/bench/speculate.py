@@ -6,16 +6,18 @@ distilled from it (``--draft distill``, the default: the target's embeddings, fi
 ``--steps`` steps fitting the target's next-token distribution on the same text) or trained on the text as the
 target was (``--draft train``). One pipeline of 2 local stage processes serves the target with
 ``speculate.k=--k``, both drafters (``lookup=--lookup``, ``draft=`` the 1-layer model); one greedy request at a
-time is timed per arm, in interleaved rounds:
+time is timed per arm, on ``--prompts`` held-out passages (evenly spaced), in interleaved rounds:
 
-- ``off``: no speculation (the base of every ratio);
-- ``draft``: the draft model proposes, on a held-out passage to continue;
-- ``lookup``: prompt lookup, on an "edit this passage" prompt: a held-out passage, then its start again, so
-  the answer can quote its context (``off`` is timed on the same prompt for that ratio).
+- ``off``: no speculation (the base of every ratio), timed on each prompt just before the arm's request;
+- ``draft``: the draft model proposes, on each held-out passage to continue;
+- ``lookup``: prompt lookup, on "edit this passage" prompts: a held-out passage, then its start again, so
+  the answer can quote its context.
 
-Reported per arm: median tokens/s (from submission to the last token, ``--tokens`` tokens, no EOS), the
-median of per-round ratios to ``off`` on the same prompt, the acceptance rate (tokens kept / proposed),
-and whether the tokens equal ``off``'s (greedy: they must). Goals (issue 25): >= 1.6x with the draft model,
+Reported per arm: median tokens/s over a round's prompts (from submission to the last token, ``--tokens``
+tokens each, no EOS), the median of per-round ratios to ``off`` on the same prompts, the acceptance rate
+(tokens kept / proposed; overall, and the lowest and highest prompt's), and whether the tokens equal
+``off``'s (greedy: they must). Why several prompts: greedy acceptance belongs to one trajectory, and one
+prompt's trajectory made the figure a draw (docs/benchmarks.md, speculate). Goals (issue 25): >= 1.6x with the draft model,
 >= 1.5x with lookup. The stages share this machine (loopback links: a hop is cheap here, so what
 speculation saves, one round of hops per kept token, is smaller than across machines). Writes
 bench-speculate.json.
