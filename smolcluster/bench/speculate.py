@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import sys
 import tempfile
@@ -135,6 +136,33 @@ def measure(pipe, prompt: dict[str, list[list[int]]], args) -> list[dict]:
     return rows
 
 
+def train_pair(where: Path, text: str, tok, args) -> tuple[Path, Path]:
+    """The target and the draft in ``where``: trained there, or (``--pair`` kept from an earlier run) read back, so
+    timing runs can share one pair."""
+    from smolcluster.bench.quantize import train_tiny
+
+    names = ("gpt2-tiny", "gpt2-tiny-1layer-distilled" if args.draft == "distill" else "gpt2-tiny-1layer")
+    if all((where / n / "config.json").is_file() for n in names):
+        vocab = json.loads((where / names[0] / "config.json").read_text())["vocab_size"]
+        if vocab != tok.vocab_size:
+            raise SystemExit(f"--pair {where}: its models have a vocabulary of {vocab}, the tokenizer {tok.vocab_size}; "
+                             f"give --vocab {vocab} or another --pair directory")
+        print(f"the target and the draft: read from {where} (--pair)", file=sys.stderr)
+        return where / names[0], where / names[1]
+    # One thread: the pair's bits then do not depend on the machine's core count (another thread count rounds
+    # the matmuls otherwise, and greedy trajectories, hence acceptance, follow the rounding); and threads that
+    # wait on each other are what a loaded machine starves.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    target = train_tiny("gpt2-tiny", text, tok, where, args.steps)
+    if args.draft == "distill":
+        draft = distill_draft(target, text, tok, where, args.steps)
+    else:
+        draft = train_tiny("gpt2-tiny", text, tok, where, args.steps, overrides={"n_layer": 1}, save_as=names[1])
+    torch.set_num_threads(threads)
+    return target, draft
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m smolcluster.bench speculate", description=__doc__.split("\n")[0])
     p.add_argument("--corpus", default="/work/shared/data/tinyshakespeare/input.txt")
@@ -149,9 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=4, help="held-out passages per arm and round")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians reported)")
     p.add_argument("--vocab", type=int, default=4096, help="the byte-level BPE's vocabulary (target and draft)")
+    p.add_argument("--pair", default=None, help="a directory to keep the trained target and draft in, and to read "
+                                                 "them back from on a later run (default: trained afresh)")
     p.add_argument("--out", default=".")
     args = p.parse_args(argv)
-    from smolcluster.bench.quantize import train_tiny
     from smolcluster.bench.report import write_report
     from smolcluster.data.text import get_tokenizer, read_corpus
     from smolcluster.inference import InferencePipeline
@@ -161,19 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = get_tokenizer(text, "bpe", args.vocab)  # (trained once, then read from ~/.cache/smolcluster)
     print(f"tokenizer: {tok.vocab_size} tokens; training the target and the draft", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="smolcluster-bench-speculate-") as tmp:
-        tmp = Path(tmp)
-        # One thread: the pair's bits then do not depend on the machine's core count (another thread count
-        # rounds the matmuls otherwise, and greedy trajectories, hence acceptance, follow the rounding); and
-        # threads that wait on each other are what a loaded machine starves.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        target = train_tiny("gpt2-tiny", text[:split], tok, tmp, args.steps)
-        if args.draft == "distill":
-            draft = distill_draft(target, text[:split], tok, tmp, args.steps)
-        else:
-            draft = train_tiny("gpt2-tiny", text[:split], tok, tmp, args.steps, overrides={"n_layer": 1},
-                               save_as="gpt2-tiny-1layer")
-        torch.set_num_threads(threads)
+        target, draft = train_pair(Path(args.pair or tmp), text[:split], tok, args)
         spec = {"k": args.k, "lookup": args.lookup, "draft": str(draft)}
         with InferencePipeline.start_local(target, stages=2, tokenizer=tok, eos_ids=[], speculate=spec) as pipe:
             context = pipe.context - args.tokens
