@@ -152,6 +152,7 @@ def train_pair(where: Path, text: str, tok, args) -> tuple[Path, Path]:
     # One thread: the pair's bits then do not depend on the machine's core count (another thread count rounds
     # the matmuls otherwise, and greedy trajectories, hence acceptance, follow the rounding); and threads that
     # wait on each other are what a loaded machine starves.
+    print(f"training the target and the draft in {where}", file=sys.stderr)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     target = train_tiny("gpt2-tiny", text, tok, where, args.steps)
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     text = read_corpus(args.corpus)
     split = int(len(text) * 0.9)
     tok = get_tokenizer(text, "bpe", args.vocab)  # (trained once, then read from ~/.cache/smolcluster)
-    print(f"tokenizer: {tok.vocab_size} tokens; training the target and the draft", file=sys.stderr)
+    print(f"tokenizer: {tok.vocab_size} tokens", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="smolcluster-bench-speculate-") as tmp:
         target, draft = train_pair(Path(args.pair or tmp), text[:split], tok, args)
         spec = {"k": args.k, "lookup": args.lookup, "draft": str(draft)}
