@@ -1,13 +1,13 @@
 """``python -m smolcluster.bench speculate``: speculative decoding's tokens/s through 2 stages, against none.
 
 A 4-layer target (``gpt2-tiny``) is trained ``--steps`` steps on Tiny Shakespeare with a byte-level BPE
-(``bench quantize``'s trainer), in a temporary directory; the 1-layer draft (the same with ``n_layer=1``) is
+(``bench quantize``'s trainer), in a temporary directory (or ``--pair``); the 1-layer draft (the same with ``n_layer=1``) is
 distilled from it (``--draft distill``, the default: the target's embeddings, first block and final norm, then
 ``--steps`` steps fitting the target's next-token distribution on the same text) or trained on the text as the
 target was (``--draft train``). Both share a byte-level BPE of ``--vocab`` tokens; at this width the LM head
 is most of a 1-layer draft's cost, so the vocabulary decides how cheap the draft is next to the target (real pairs:
-a tenth or less; docs/benchmarks.md, speculate, has the ratio per vocabulary). One pipeline of 2 local stage processes serves the target with
-``speculate.k=--k``, both drafters (``lookup=--lookup``, ``draft=`` the 1-layer model); one greedy request at a
+a tenth or less; docs/benchmarks.md, speculate, has the ratio per vocabulary). One pipeline of 2 local stage
+processes serves the target with ``speculate.k=--k``, both drafters (``lookup=--lookup``, ``draft=`` the 1-layer model); one greedy request at a
 time is timed per arm, on ``--prompts`` held-out passages (evenly spaced), in interleaved rounds:
 
 - ``off``: no speculation (the base of every ratio), timed on each prompt just before the arm's request;
