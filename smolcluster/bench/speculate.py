@@ -7,8 +7,8 @@ distilled from it (``--draft distill``, the default: the target's embeddings, fi
 target was (``--draft train``). Both share a byte-level BPE of ``--vocab`` tokens; at this width the LM head
 is most of a 1-layer draft's cost, so the vocabulary decides how cheap the draft is next to the target (real pairs:
 a tenth or less; docs/benchmarks.md, speculate, has the ratio per vocabulary). One pipeline of 2 local stage
-processes serves the target with ``speculate.k=--k``, both drafters (``lookup=--lookup``, ``draft=`` the 1-layer model); one greedy request at a
-time is timed per arm, on ``--prompts`` held-out passages (evenly spaced), in interleaved rounds:
+processes serves the target with ``speculate.k=--k``, both drafters (``lookup=--lookup``, ``draft=`` the
+1-layer model); one greedy request at a time is timed per arm, on ``--prompts`` held-out passages (evenly spaced), in interleaved rounds:
 
 - ``off``: no speculation (the base of every ratio), timed on each prompt just before the arm's request;
 - ``draft``: the draft model proposes, on each held-out passage to continue;
