@@ -1,14 +1,15 @@
 """``python -m smolcluster.bench speculate``: speculative decoding's tokens/s through 2 stages, against none.
 
-A 4-layer target (``gpt2-tiny``) is trained ``--steps`` steps on Tiny Shakespeare with a byte-level BPE
-(``bench quantize``'s trainer), in a temporary directory (or ``--pair``); the 1-layer draft (the same with ``n_layer=1``) is
+A 4-layer target (``gpt2-tiny``) is trained ``--steps`` steps on Tiny Shakespeare with a byte-level BPE (``bench
+quantize``'s trainer), in a temporary directory (or ``--pair``); the 1-layer draft (the same with ``n_layer=1``) is
 distilled from it (``--draft distill``, the default: the target's embeddings, first block and final norm, then
 ``--steps`` steps fitting the target's next-token distribution on the same text) or trained on the text as the
-target was (``--draft train``). Both share a byte-level BPE of ``--vocab`` tokens; at this width the LM head
-is most of a 1-layer draft's cost, so the vocabulary decides how cheap the draft is next to the target (real pairs:
-a tenth or less; docs/benchmarks.md, speculate, has the ratio per vocabulary). One pipeline of 2 local stage
-processes serves the target with ``speculate.k=--k``, both drafters (``lookup=--lookup``, ``draft=`` the
-1-layer model); one greedy request at a time is timed per arm, on ``--prompts`` held-out passages (evenly spaced), in interleaved rounds:
+target was (``--draft train``). Both share a byte-level BPE of ``--vocab`` tokens; at this width the LM head is most
+of a 1-layer draft's cost, so the vocabulary decides how cheap the draft is next to the target (real pairs: a tenth
+or less; docs/benchmarks.md, speculate, has the ratio per vocabulary). One pipeline of 2 local stage processes
+serves the target with ``speculate.k=--k``, both drafters (``lookup=--lookup``, ``draft=`` the 1-layer model); one
+greedy request at a time is timed per arm, on ``--prompts`` held-out passages (evenly spaced), in interleaved
+rounds:
 
 - ``off``: no speculation (the base of every ratio), timed on each prompt just before the arm's request;
 - ``draft``: the draft model proposes, on each held-out passage to continue;
@@ -19,8 +20,8 @@ Reported per arm: median tokens/s over a round's prompts (from submission to the
 tokens each, no EOS), the median of per-round ratios to ``off`` on the same prompts, the acceptance rate
 (tokens kept / proposed; overall, and the lowest and highest prompt's), and whether the tokens equal
 ``off``'s (greedy: they must). Why several prompts: greedy acceptance belongs to one trajectory, and one
-prompt's trajectory made the figure a draw (docs/benchmarks.md, speculate). Goals (issue 25): >= 1.6x with the draft model,
->= 1.5x with lookup. The stages share this machine (loopback links: a hop is cheap here, so what
+prompt's trajectory made the figure a draw (docs/benchmarks.md, speculate). Goals (issue 25): >= 1.6x with the
+draft model, >= 1.5x with lookup. The stages share this machine (loopback links: a hop is cheap here, so what
 speculation saves, one round of hops per kept token, is smaller than across machines). Writes
 bench-speculate.json.
 """
@@ -147,8 +148,8 @@ def train_pair(where: Path, text: str, tok, args) -> tuple[Path, Path]:
     if all((where / n / "config.json").is_file() for n in names):
         vocab = json.loads((where / names[0] / "config.json").read_text())["vocab_size"]
         if vocab != tok.vocab_size:
-            raise SystemExit(f"--pair {where}: its models have a vocabulary of {vocab}, the tokenizer {tok.vocab_size}; "
-                             f"give --vocab {vocab} or another --pair directory")
+            raise SystemExit(f"--pair {where}: its models have a vocabulary of {vocab}, the tokenizer "
+                             f"{tok.vocab_size}; give --vocab {vocab} or another --pair directory")
         print(f"the target and the draft: read from {where} (--pair)", file=sys.stderr)
         return where / names[0], where / names[1]
     # One thread: the pair's bits then do not depend on the machine's core count (another thread count rounds
