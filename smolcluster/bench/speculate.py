@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=96, help="the held-out passage's length")
     p.add_argument("--prompts", type=int, default=4, help="held-out passages per arm and round")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians reported)")
-    p.add_argument("--vocab", type=int, default=4096, help="the byte-level BPE's vocabulary (target and draft)")
+    p.add_argument("--vocab", type=int, default=512,
+                   help="the byte-level BPE's vocabulary (target and draft; 512 keeps the draft's LM head cheap)")
     p.add_argument("--pair", default=None, help="a directory to keep the trained target and draft in, and to read "
                                                  "them back from on a later run (default: trained afresh)")
     p.add_argument("--out", default=".")
