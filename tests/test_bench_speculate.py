@@ -1,12 +1,14 @@
-"""``bench speculate``'s draft recipe: a 1-layer draft distilled from the target agrees with it more than the
-target's own first layer did before the fit (the KL on text it did not train on falls)."""
+"""``bench speculate``'s recipe: a 1-layer draft distilled from the target agrees with it more than the target's
+own first layer did before the fit (the KL on text it did not train on falls); its prompts are several passages."""
 
 from __future__ import annotations
+
+import random
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from smolcluster.bench.speculate import distill_draft
+from smolcluster.bench.speculate import distill_draft, prompts
 from tests.test_architectures import VOCAB, build
 
 
@@ -38,3 +40,14 @@ def test_the_distilled_draft_fits_the_targets_next_token_distribution(tmp_path):
     held_out = torch.tensor([Bytes().encode("".join(chr(97 + (i * 7) % 26) for i in range(64)))])
     before, after = kl_to(target, start, held_out), kl_to(target, draft, held_out)
     assert after < 0.5 * before, (before, after)
+
+
+def test_the_prompts_are_evenly_spaced_held_out_passages_and_the_edits_quote_their_start():
+    rng = random.Random(0)
+    text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(1000))
+    got = prompts(text, Bytes(), length=40, n=4)
+    ids = Bytes().encode(text)
+    starts = [i * ((len(ids) - 40) // 4) for i in range(4)]
+    assert got["draft"] == [ids[s: s + 40] for s in starts] and len({tuple(p) for p in got["draft"]}) == 4
+    for passage, edit in zip(got["draft"], got["lookup"]):
+        assert edit == passage + Bytes().encode("\n\n") + passage[:10]
