@@ -138,8 +138,7 @@ class Restarts:
         logger.error(st.why)
         for other in (x for x in self.stages if x.replica == st.replica):
             other.why = other.why or st.why
-            link = self.run.links[other.node]
-            if link.alive and link.roles.get(other.name, {}).get("state") not in FINAL:
+            if self.run.links[other.node].alive:  # (its process, or the port held for it)
                 self.run.stop_role(other.name, st.why)
             self._set(other, "gone")
 
