@@ -78,7 +78,7 @@ class Restarts:
 
     def tick(self) -> None:
         """Notice ended stages, start them again when due, give up when they will not stay up. Nothing once
-        :meth:`close` d: the coordinator is stopping every stage."""
+        closed (:meth:`close`: the coordinator is stopping every stage)."""
         if self.closed:
             return
         for st in self.stages:
