@@ -484,26 +484,33 @@ def test_restarts_through_real_agents_give_up_in_one_line_and_never_stall_the_he
             restarts.revive(1, timeout_s=5)
         restarts.revive(0, timeout_s=5)
 
-        # closed while a head waits for a restart: it is let go, and nothing is started again
-        run.reserve(links["a"], "r0 stage 0", "127.0.0.1")
-        run.start(links["a"], "r0 stage 0", "stage", 0, [], {}, "infer", pruned)
-        closing = Restarts(run, [[node["a"]]])
-        _beat_until(closing, lambda: closing.stages[0].state == "waiting", 10)
-        out: list = []
-        waiter = threading.Thread(target=lambda: out.append(pytest.raises(ReplicaGone, closing.revive, 0, 60)))
-        waiter.start()
-        closing.close()
-        waiter.join(timeout=10)
-        assert "the coordinator is stopping the stages" in str(out[0].value)
-        closing.stages[0].ended_at -= c.liveness_s  # due now: a tick would restart it, were it not closed
-        closing.beat()
-        assert closing.stages[0].state == "waiting" and not run.restarting
+        _closing_lets_a_waiting_head_go(run, links["a"], node["a"], pruned)
     finally:
         logger.remove(sink)
         if b.p.poll() is None:
             os.kill(b.p.pid, signal.SIGCONT)
         for link in links.values():
             link.close()
+
+
+def _closing_lets_a_waiting_head_go(run, link, node, model: dict) -> None:
+    """Restarts closed while a head waits for a restart: it is let go, and nothing is started again."""
+    from smolcluster.errors import ReplicaGone
+    from smolcluster.node.restarts import Restarts
+
+    run.reserve(link, "r0 stage 0", "127.0.0.1")
+    run.start(link, "r0 stage 0", "stage", 0, [], {}, "infer", model)  # fails at once: its stage is waiting
+    closing = Restarts(run, [[node]])
+    _beat_until(closing, lambda: closing.stages[0].state == "waiting", 10)
+    out: list = []
+    waiter = threading.Thread(target=lambda: out.append(pytest.raises(ReplicaGone, closing.revive, 0, 60)))
+    waiter.start()
+    closing.close()
+    waiter.join(timeout=10)
+    assert "the coordinator is stopping the stages" in str(out[0].value)
+    closing.stages[0].ended_at -= run.c.liveness_s  # due now: a tick would restart it, were it not closed
+    closing.beat()
+    assert closing.stages[0].state == "waiting" and not run.restarting
 
 
 def _bindable(port: int) -> bool:
