@@ -10,7 +10,10 @@ In process: the router's rule; each replica's share of the cluster (head ports; 
 replica counts refused in one line; replicas resolving one random init at once get the same weights.
 With ``cluster=auto``: two replicas of one stage on two real agents, their weights sent, equal to
 ``transformers``; a killed stage started again on its agent, its replica back and equal to ``transformers``, its
-agent killed: the replica stays down in one line; more replicas than the agents hold refused in one line.
+agent killed: the replica stays down in one line; more replicas than the agents hold refused in one line. The
+restart policy through the real coordinator Run and two agents: a refused restart (weights not in the agent's cache)
+gives up in one line and stops the replica's other stage, an unanswered one ends after connect_timeout_s, and no
+heartbeat round waits on an agent (the other agent stays alive).
 """
 
 from __future__ import annotations
