@@ -35,7 +35,7 @@ def main(cfg: DictConfig) -> None:
         setup_logging(role="head", algo="chat", level=cfg.logging.level, loki=cfg.logging.get("loki"),
                       run_id=t.get("run_id", ""), run_dir=t.get("run_dir"))
         with agent_stages(s.pipeline) as restarts:  # cluster=auto: the stages on the node agents, the head here
-            serve(s, revive=restarts.revive if restarts is not None else None)
+            serve(s, restarts)
     except KeyboardInterrupt:
         pass  # Ctrl-C is how a chat ends: exit 0
 

@@ -309,9 +309,12 @@ def test_a_lost_last_message_is_caught_by_the_next_heartbeat():
 
 
 def test_a_restarted_peer_is_not_charged_with_what_its_previous_incarnation_received():
-    """s1 restarts while s0 runs on: s0's next heartbeat still counts the messages it sent the old s1."""
+    """s1 restarts while s0 runs on: s0's next heartbeat still counts the messages it sent the old s1. s0 is told
+    once (on_restarted: an inference stage treats it as a loss, its KV and prefix caches gone with the old s1)."""
     a, b = mesh_pair()
     b2 = None
+    restarted: list[tuple[str, str]] = []
+    a.on_restarted = lambda src, message: restarted.append((src, message))
     try:
         for i in range(10):
             a.send("s1", "mp.grad", {"step": i, "mb": 0}, {"g": np.zeros(3, np.float32)})
@@ -338,6 +341,8 @@ def test_a_restarted_peer_is_not_charged_with_what_its_previous_incarnation_rece
         finally:
             stop.set()
             s0.join()
+        assert len(restarted) == 1 and restarted[0][0] == "s1", restarted  # (within liveness_s: never lost)
+        assert "s1 at tcp://127.0.0.1" in restarted[0][1] and "before it was noticed lost" in restarted[0][1]
         for i in range(5):  # the link starts afresh: exact sequence numbers from 0 again
             a.send("s1", "mp.grad", {"step": i, "mb": 0}, {"g": np.zeros(3, np.float32)})
         assert [recv_one(b2).fields["step"] for _ in range(5)] == list(range(5))

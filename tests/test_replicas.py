@@ -10,7 +10,10 @@ In process: the router's rule; each replica's share of the cluster (head ports; 
 replica counts refused in one line; replicas resolving one random init at once get the same weights.
 With ``cluster=auto``: two replicas of one stage on two real agents, their weights sent, equal to
 ``transformers``; a killed stage started again on its agent, its replica back and equal to ``transformers``, its
-agent killed: the replica stays down in one line; more replicas than the agents hold refused in one line.
+agent killed: the replica stays down in one line; more replicas than the agents hold refused in one line. The
+restart policy through the real coordinator Run and two agents: a refused restart (weights not in the agent's cache)
+gives up in one line and stops the replica's other stage, an unanswered one ends after connect_timeout_s, and no
+heartbeat round waits on an agent (the other agent stays alive).
 """
 
 from __future__ import annotations
@@ -402,61 +405,124 @@ def test_closing_the_sessions_waits_for_a_reconnect_in_progress_and_closes_what_
     assert wait_until(lambda: not own_stages(), 60), f"the rebuilt pipeline's stages outlived close(): {own_stages()}"
 
 
-def test_restarts_are_bounded_and_a_gone_agent_keeps_its_replica_down_in_one_line():
-    """The restart policy's bookkeeping (node/restarts.py), driven through the role states a coordinator's run
-    records (the real restart through agents is the cluster=auto test above): a stage that keeps exiting is started
-    again at most RESTARTS times in a row, then its replica stays down and the head's revive says why; a replica
-    whose agent vanished stays down at once; the other replica is untouched; close() lets a waiting head go."""
-    from types import SimpleNamespace
+def _beat_until(restarts, cond, timeout_s: float, before=None) -> list[float]:
+    """What the coordinator's heartbeat thread does (Restarts.beat every 0.05 s), until ``cond()``: each beat's
+    seconds. ``before()``: called before each beat."""
+    import time
+
+    took, deadline = [], time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"not reached in {timeout_s}s: {[(x.name, x.state) for x in restarts.stages]}"
+        if before is not None:
+            before()
+        t0 = time.monotonic()
+        restarts.beat()
+        took.append(time.monotonic() - t0)
+        time.sleep(0.05)
+    return took
+
+
+def test_restarts_through_real_agents_give_up_in_one_line_and_never_stall_the_heartbeat(tmp_path, procs, monkeypatch):
+    """Restarts (node/restarts.py) with the real Run and two real agents (no stage process: each start fails at once).
+    Replica 1's stage is started on agent b with weights its cache does not hold (as after the cache pruned them):
+    b answers each start ``failed`` naming that; it is started again at most RESTARTS times, then the replica stays
+    down in one line, its other stage (on agent a) is stopped (the port held for it let go), and the head's revive
+    says why. Then b stops answering (SIGSTOP) just as a restart asks it for the stage's port: no beat waits for it,
+    agent a stays alive and its replica up, the restart ends after cluster.connect_timeout_s in one line, and b is
+    declared gone. Closed, nothing is restarted and a head waiting in revive is let go."""
+    import os
+    import time
 
     from loguru import logger
 
     from smolcluster.errors import ReplicaGone
-    from smolcluster.node.restarts import RESTARTS, Restarts
+    from smolcluster.node import restarts as restarts_mod
+    from smolcluster.node.coordinator import Run
+    from smolcluster.node.restarts import Restarts
+    from smolcluster.train_settings import ClusterSpec
+    from tests.test_node_agent import agents, paired_link, prepare
 
+    monkeypatch.setattr(restarts_mod, "RESTARTS", 2)  # (each try waits liveness_s: the test stays short)
+    found = agents(tmp_path, prepare(tmp_path, ["a", "b"]), procs)
+    links = {n: paired_link(tmp_path, n, port) for n, (_, port) in found.items()}
+    c = ClusterSpec(heartbeat_s=0.2, liveness_s=2.0, connect_timeout_s=0.5)
+    run = Run("inference", "rf1", c, links)
+    pruned = {"config_files": {"config.json": "0" * 64}, "tensors": {}}  # b's cache holds none of it
     lines: list[str] = []
     sink = logger.add(lambda m: lines.append(m.record["message"]), level="ERROR")
-    started: list[str] = []
-    links = {n: SimpleNamespace(alive=True, roles={}, node=SimpleNamespace(where=lambda n=n: n)) for n in "ab"}
-
-    def restart(name: str) -> None:
-        started.append(name)
-        links["b"].roles[name] = {"state": "starting"}
-
-    run = SimpleNamespace(links=links, restart=restart, c=SimpleNamespace(liveness_s=0.0))
-    nodes = [SimpleNamespace(name=n) for n in "ab"]
-    restarts = Restarts(run, [[nodes[0]], [nodes[1]]])
+    node = {n: type("Node", (), {"name": n})() for n in "ab"}
+    b = found["b"][0]
     try:
-        for n in range(RESTARTS + 1):
-            links["b"].roles["r1 stage 0"] = {"state": "exited", "code": -9}
-            restarts.tick()  # noticed: waiting liveness_s (0 here)
-            restarts.tick()  # started again, unless it gave up
-            if n < RESTARTS:
-                assert started == ["r1 stage 0"] * (n + 1)
-                links["b"].roles["r1 stage 0"] = {"state": "running"}
-                restarts.tick()
-                restarts.revive(1, timeout_s=5)  # back: returns at once
-        assert len(started) == RESTARTS
-        with pytest.raises(ReplicaGone, match=rf"^replica 1 stays down: its stage 0 on node b exited with code -9; "
-                                              rf"started again {RESTARTS} times in a row"):
+        held = run.reserve(links["a"], "r1 stage 1", "127.0.0.1")  # replica 1's stage 1, never started
+        run.reserve(links["b"], "r1 stage 0", "127.0.0.1")
+        run.start(links["b"], "r1 stage 0", "stage", 0, [], {}, "infer", pruned)
+        restarts = Restarts(run, [[node["a"]], [node["b"], node["a"]]])
+        assert not _bindable(held)
+        _beat_until(restarts, lambda: restarts.stages[1].state == "gone", 30)
+        with pytest.raises(ReplicaGone, match=r"^replica 1 stays down: its stage 0 on node b \(127.0.0.1:\d+\) failed "
+                                              r"\(its weights are not all in this agent's cache \(cache entry 0{12} is "
+                                              r"not here.*the cache may have pruned them.*started again 2 times in a row"):
             restarts.revive(1, timeout_s=5)
-        assert sum("stays down" in ln for ln in lines) == 1
-        restarts.revive(0, timeout_s=5)  # the other replica never went down
-        links["a"].alive = False
-        restarts.tick()
-        restarts.tick()
-        with pytest.raises(ReplicaGone, match=r"^replica 0 stays down: node a is gone with its stage 0"):
-            restarts.revive(0, timeout_s=5)
-        assert sum("stays down" in ln for ln in lines) == 2 and len(started) == RESTARTS
-        # a head waiting for a restart while the coordinator stops every stage is let go, not left waiting
-        links["a"].alive, links["a"].roles = True, {"r0 stage 0": {"state": "exited", "code": 1}}
-        closing = Restarts(run, [[nodes[0]], [nodes[1]]])
-        closing.tick()  # noticed: waiting
-        out: list = []
-        waiter = threading.Thread(target=lambda: out.append(pytest.raises(ReplicaGone, closing.revive, 0, 60)))
-        waiter.start()
-        closing.close()
-        waiter.join(timeout=10)
-        assert "the coordinator is stopping the stages" in str(out[0].value)
+        assert sum("stays down" in ln for ln in lines) == 1, lines
+        assert restarts.stages[2].state == "gone"  # its other stage: stopped, the port held for it let go
+        assert wait_until(lambda: _bindable(held), 10)
+        restarts.revive(0, timeout_s=5)  # the other replica: untouched
+
+        # b stops answering as the restart asks it for the port: the heartbeat thread must not wait for it
+        restarts = Restarts(run, [[node["a"]], [node["b"]]])  # (b's stage is "failed": noticed at once)
+        st = restarts.stages[1]
+        stopped: list[int] = []
+
+        def stop_b_when_due() -> None:
+            if not stopped and st.state == "waiting" and time.monotonic() - st.ended_at >= c.liveness_s:
+                os.kill(b.p.pid, signal.SIGSTOP)
+                stopped.append(b.p.pid)
+
+        lines.clear()
+        took = _beat_until(restarts, lambda: st.state == "gone", 30, before=stop_b_when_due)
+        assert stopped and links["a"].alive and not links["b"].alive
+        assert max(took) < 0.5, f"a beat waited {max(took):.2f}s on an agent"
+        assert any(f"did not start within cluster.connect_timeout_s={c.connect_timeout_s:g}s" in ln for ln in lines)
+        with pytest.raises(ReplicaGone, match=r"^replica 1 stays down: node b \(127.0.0.1:\d+\) is gone with its stage 0"):
+            restarts.revive(1, timeout_s=5)
+        restarts.revive(0, timeout_s=5)
+
+        _closing_lets_a_waiting_head_go(run, links["a"], node["a"], pruned)
     finally:
         logger.remove(sink)
+        if b.p.poll() is None:
+            os.kill(b.p.pid, signal.SIGCONT)
+        for link in links.values():
+            link.close()
+
+
+def _closing_lets_a_waiting_head_go(run, link, node, model: dict) -> None:
+    """Restarts closed while a head waits for a restart: it is let go, and nothing is started again."""
+    from smolcluster.errors import ReplicaGone
+    from smolcluster.node.restarts import Restarts
+
+    run.reserve(link, "r0 stage 0", "127.0.0.1")
+    run.start(link, "r0 stage 0", "stage", 0, [], {}, "infer", model)  # fails at once: its stage is waiting
+    closing = Restarts(run, [[node]])
+    _beat_until(closing, lambda: closing.stages[0].state == "waiting", 10)
+    out: list = []
+    waiter = threading.Thread(target=lambda: out.append(pytest.raises(ReplicaGone, closing.revive, 0, 60)))
+    waiter.start()
+    closing.close()
+    waiter.join(timeout=10)
+    assert "the coordinator is stopping the stages" in str(out[0].value)
+    closing.stages[0].ended_at -= run.c.liveness_s  # due now: a tick would restart it, were it not closed
+    closing.beat()
+    assert closing.stages[0].state == "waiting" and not run.restarting
+
+
+def _bindable(port: int) -> bool:
+    """A plain bind (no SO_REUSEADDR) gets the port: no agent holds it any more."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

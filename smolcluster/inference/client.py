@@ -179,6 +179,7 @@ class PipelineClient:
         self.stages = [stage_name(r) for r in range(len(addresses))]
         for name, address in zip(self.stages, addresses):
             self.mesh.add_peer(name, address)
+        self.mesh.on_restarted = self._stage_restarted
         self.error: PeerError | None = None
         self._requests: dict[str, Request] = {}
         self._lock = threading.Lock()
@@ -191,6 +192,10 @@ class PipelineClient:
             raise
         self._thread = threading.Thread(target=self._io_loop, name=f"pipeline-head-{self.name}", daemon=True)
         self._thread.start()
+
+    @staticmethod
+    def _stage_restarted(src: str, message: str) -> None:
+        raise PeerLost(src, message)  # its requests' KV caches went with it: lost, however fast it came back
 
     def _handshake(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

@@ -295,6 +295,7 @@ class StageServer:
         self.mesh = Mesh(self.me, sc.nodes[sc.rank]["bind"], heartbeat_s=sc.heartbeat_s, liveness_s=sc.liveness_s,
                          max_bytes=sc.max_bytes, keys_dir=sc.keys_dir)
         self.mesh.on_unknown_heartbeat = self.on_new_head
+        self.mesh.on_restarted = self.on_lost  # its requests' KV and its prefix cache are gone: as if lost first
         for r, node in enumerate(sc.nodes):
             if r != sc.rank:
                 self.mesh.add_peer(self.names[r], node["address"])

@@ -102,8 +102,8 @@ def _die_with_parent() -> None:
 
 
 def reserve_port(bind: str, port: int = 0) -> socket.socket:
-    """A free port on ``bind`` (or that ``port``: a role started again where it listened before), held (bound with
-    SO_REUSEADDR, never listening) until the role binds it itself."""
+    """A free port on ``bind`` (or that ``port``, if free: the coordinator names one to start a role again where it
+    listened before), held (bound with SO_REUSEADDR, never listening) until the role binds it itself."""
     s = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -206,6 +206,8 @@ class Agent:
             self.weights_ask(peer, msg.fields)
         elif msg.kind == "weights_chunk":
             self.weights_chunk(peer, msg)
+        elif msg.kind == "stop_roles" and "name" in msg.fields:
+            self.stop_one(msg.fields["name"], msg.fields["reason"])
         elif msg.kind == "stop_roles":
             logger.info(f"stopping every role: {printable(msg.fields['reason'], 300)}")
             self.stop_all()
@@ -322,29 +324,27 @@ class Agent:
     # -- roles --------------------------------------------------------------------------------------
     def reserve(self, peer: bytes, f: dict) -> None:
         name, count = f["name"], f["count"]
+
+        def refuse(reason: str) -> None:  # (named: a coordinator restarting a role matches it to its request)
+            self.control.send(peer, "refuse", {"reason": reason, "name": printable(name, 32)})
+
         if not ROLE_NAME.fullmatch(name) or (name not in self.reserved and len(self.reserved) >= 64):
-            self.control.send(peer, "refuse", {"reason": f"reserve: name {printable(name)!r} is not a role name, "
-                                                         "or 64 reservations are held already"})
-            return
+            return refuse(f"reserve: name {printable(name)!r} is not a role name, or 64 reservations are held already")
         try:
             ipaddress.ip_address(f["bind"])
         except ValueError:
-            self.control.send(peer, "refuse", {"reason": f"reserve: bind={f['bind']!r} is not an IP address"})
-            return
+            return refuse(f"reserve: bind={f['bind']!r} is not an IP address")
         if not 1 <= count <= 16:
-            self.control.send(peer, "refuse", {"reason": f"reserve: count={count} must be 1..16"})
-            return
+            return refuse(f"reserve: count={count} must be 1..16")
         port = f.get("port", 0)  # a stage started again: the port its pipeline's other stages know
         if not isinstance(port, int) or not 0 <= port <= 65535 or (port and count != 1):
-            self.control.send(peer, "refuse", {"reason": f"reserve: port={port!r} must be 1..65535, with count=1"})
-            return
+            return refuse(f"reserve: port={port!r} must be 1..65535, with count=1")
         for s in self.reserved.pop(name, (peer, []))[1]:  # a coordinator asking again: new ports replace the old
             s.close()
         try:
             socks = [reserve_port(f["bind"], port) for _ in range(count)]
         except OSError as e:
-            self.control.send(peer, "refuse", {"reason": f"cannot reserve a port on {f['bind']}: {e}"})
-            return
+            return refuse(f"cannot reserve a port on {f['bind']}: {e}")
         self.reserved[name] = (peer, socks)
         self.control.send(peer, "reserved", {"name": name, "ports": [s.getsockname()[1] for s in socks]})
 
@@ -360,9 +360,15 @@ class Agent:
             return
         self.write_keys(rdir, f["keys"])
         shutil.rmtree(rdir / "endpoints", ignore_errors=True)  # a role started again: its last run's URLs are stale
-        model = [f"checkpoint={model_dir(self.cache, rdir / 'model', f['model'])}",
-                 *adapter_dirs(self.cache, rdir / "adapters", f["model"])] \
-            if f.get("model") else []
+        try:
+            model = [f"checkpoint={model_dir(self.cache, rdir / 'model', f['model'])}",
+                     *adapter_dirs(self.cache, rdir / "adapters", f["model"])] if f.get("model") else []
+        except (CacheError, OSError) as e:  # a role's state, not a bad request: its coordinator gives up on it
+            why = (f"its weights are not all in this agent's cache ({printable(str(e), 300)}; the cache may have "
+                   "pruned them to make room: start the run again, which sends them)")
+            logger.warning(f"could not start {name}: {why}")
+            self.control.send(peer, "role_state", {"name": name, "state": "failed", "detail": why})
+            return
         program = f.get("program") or "train"
         cmd = [sys.executable, "-u", "-m", f"smolcluster.{program}", *f["args"], *model, f"role={role}",
                f"hydra.run.dir={rdir}", "hydra.output_subdir=null"]
@@ -468,6 +474,19 @@ class Agent:
         live = {r.owner for r in self.roles.values() if r.proc.poll() is None}
         live |= {owner for owner, _ in self.reserved.values()}  # ports held for roles never started
         return any(now - self.owner_seen.get(o, now) > self.owner_timeout_s for o in live)
+
+    def stop_one(self, name: str, reason: str) -> None:
+        """Stop role ``name`` alone (a replica that stays down), and let go of a port held for it."""
+        for s in self.reserved.pop(name, (None, []))[1]:
+            s.close()
+        r = self.roles.get(name)
+        if r is None or r.proc.poll() is not None:
+            return
+        logger.info(f"stopping {printable(name)}: {printable(reason, 300)}")
+        stop_process_groups([r.proc], 10.0)
+        r.release()
+        r.state = f"stopped ({r.proc.returncode})"
+        self.control.send(r.owner, "role_state", {"name": r.name, "state": "stopped", "code": r.proc.returncode})
 
     def stop_all(self, grace_s: float = 10.0) -> None:
         live = [r for r in self.roles.values() if r.proc.poll() is None]

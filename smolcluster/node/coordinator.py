@@ -370,6 +370,7 @@ class Run(Supervisor):
         self.essential: set[str] = set()  # nodes whose loss stops the run
         self.lead: tuple[AgentLink, str] | None = None  # the role whose end ends the run (supervise)
         self.started: dict[str, tuple[AgentLink, dict, str, int]] = {}  # role -> (link, start_role, bind, port)
+        self.restarting: dict[str, int] = {}  # role -> its port: restart() asked for it, no answer yet
 
     def reserve(self, link: AgentLink, name: str, bind: str) -> int:
         """A port on ``link``'s node, held there for role ``name`` until it listens (before anything starts)."""
@@ -391,17 +392,40 @@ class Run(Supervisor):
         self.started[name] = (link, fields, bind, port)
 
     def restart(self, name: str) -> None:
-        """Start role ``name`` again as it was started, on its node and its port (held again first), so the roles
-        that know its address (a pipeline's other stages) reach it there; its weights are still in the agent's
-        cache. Raises (PeerError, ConfigError) when its agent cannot hold that port or does not answer."""
+        """Start role ``name`` again as it was started, on its node and its port, so the roles that know its address
+        (a pipeline's other stages) reach it there; its weights are still in the agent's cache. Never waits (the
+        heartbeat thread calls it, and must keep every other agent's link beating): the port is asked for here and
+        the start_role follows when the agent's ``reserved`` arrives (:meth:`handle`); a refusal or a port other
+        than its own marks the role failed. (Restarts gives a start that never answers a deadline.)"""
         link, fields, bind, port = self.started[name]
-        if port:
-            got = link.request("reserve", {"name": name, "bind": bind, "count": 1, "port": port}, "reserved",
-                               self.c.liveness_s, on_other=self.handle).fields["ports"][0]
-            if got != port:
-                raise PeerError(f"node {link.node.where()} held port {got} for {name}, not its port {port}")
         link.roles[name] = {"name": name, "state": "starting"}
-        link.ep.send("start_role", fields)
+        if not port:
+            link.ep.send("start_role", fields)
+            return
+        self.restarting[name] = port
+        link.ep.send("reserve", {"name": name, "bind": bind, "count": 1, "port": port})
+
+    def _reserved(self, link: AgentLink, f: dict) -> None:
+        """The answer to :meth:`restart`'s reserve (matched by its role name): now the start_role."""
+        name = f["name"]
+        port = self.restarting.pop(name, None)
+        if port is None:
+            return  # (start_ranks' own reserves are answered to their request)
+        got = f["ports"][0] if f["ports"] else None
+        if got != port:
+            self._not_restarted(link, name, f"it held port {got} for {name}, not its port {port}")
+            return
+        link.ep.send("start_role", self.started[name][1])
+
+    def _not_restarted(self, link: AgentLink, name: str, why: str) -> None:
+        self.restarting.pop(name, None)
+        link.roles[name] = {"name": name, "state": "failed", "detail": why}
+
+    def stop_role(self, name: str, reason: str) -> None:
+        """Stop role ``name`` alone on its agent (the run's other roles go on)."""
+        link = self.started[name][0]
+        self.restarting.pop(name, None)
+        link.ep.send("stop_roles", {"reason": reason, "name": name})
 
     def pump(self) -> None:
         """Take every waiting message from every agent; beat; notice vanished agents."""
@@ -433,8 +457,12 @@ class Run(Supervisor):
                 raise PeerError(f"node {link.node.where()} could not start {f['name']}: {f.get('detail')}")
         elif msg.kind == "role_endpoint":
             self.announce(link, f)
+        elif msg.kind == "reserved":
+            self._reserved(link, f)
         elif msg.kind == "node_bye":
             self.vanished(link, f["reason"])
+        elif msg.kind == "refuse" and f.get("name") in self.restarting:  # restart()'s reserve, refused
+            self._not_restarted(link, f["name"], f"its port was refused: {f['reason']}")
         elif msg.kind == "refuse":
             raise ConfigError(f"node {link.node.where()} refused: {f['reason']}")
 
@@ -525,16 +553,17 @@ class Run(Supervisor):
 
     def start_ranks(self, ranks: list[NodeInfo], role: str, args: list[str], keys_dir: Path, *,
                     program: str = "train", defaults: list[dict] | None = None, head: bool = False,
-                    models=None, prefix: str = "") -> list[int]:
+                    models=None, replica: int | None = None) -> list[int]:
         """A ring's ranks or a pipeline's stages, rank r on ``ranks[r]``: each binds a port its agent reserved,
         knows every other's, and holds the run's server pair, its own client pair and every member's public
         client key (``head``: one client pair more, for the head that runs here). ``models(node entries)``, once
-        the ports are held: each rank's ``model`` for start_role (or None), weights sent. ``prefix``: before each
-        role's name (``r1 stage 0``: one replica's of several). Returns the ports."""
+        the ports are held: each rank's ``model`` for start_role (or None), weights sent. ``replica``: one replica's
+        of several (its roles' names: :func:`role_name`). Returns the ports."""
         n = len(ranks)
         run_keys(keys_dir, clients=n + int(head))
         bind = "127.0.0.1" if all(is_loopback(x.host) for x in ranks) else "0.0.0.0"  # keys make a LAN bind safe
-        ports = [self.reserve(self.links[x.name], f"{prefix}{role} {r}", bind) for r, x in enumerate(ranks)]
+        names = [role_name(role, r, replica) for r in range(n)]
+        ports = [self.reserve(self.links[x.name], names[r], bind) for r, x in enumerate(ranks)]
         common = [*args, f"cluster.host={ranks[0].host}", f"cluster.bind={bind}", f"cluster.port={ports[0]}",
                   nodes_override(self.c, ranks, ports, defaults)]
         shared = _files(keys_dir, {"server.key": "server.key", "server.key_secret": "server.key_secret"})
@@ -545,10 +574,15 @@ class Run(Supervisor):
             client = client_key_name(r)
             keys = {**shared, **_files(keys_dir, {"client.key": f"{client}.key",
                                                   "client.key_secret": f"{client}.key_secret"})}
-            self.start(self.links[x.name], f"{prefix}{role} {r}", role, r, common, keys, program, model[r])
-        logger.info(f"started {n} {prefix}{role}s: " + ", ".join(f"{role} {r} on {x.name} ({x.host}:{ports[r]})"
-                                                         for r, x in enumerate(ranks)))
+            self.start(self.links[x.name], names[r], role, r, common, keys, program, model[r])
+        logger.info(f"started {n} {role}s: " + ", ".join(f"{names[r]} on {x.name} ({x.host}:{ports[r]})"
+                                                        for r, x in enumerate(ranks)))
         return ports
+
+
+def role_name(role: str, rank: int, replica: int | None = None) -> str:
+    """A role's name on its agent: ``stage 1``; one replica's of several: ``r1 stage 0`` (what Restarts looks for)."""
+    return f"{role} {rank}" if replica is None else f"r{replica} {role} {rank}"
 
 
 def run_keys(d: Path, clients: int) -> None:
@@ -679,91 +713,105 @@ def agent_stages(pipeline):
 
 @contextmanager
 def _agent_stages(p):
-    from smolcluster.inference.settings import Role
-
     c = p.links
     if not p.checkpoint and not p.model.get("pretrained"):
         raise ConfigError("cluster=auto stages need weights: give checkpoint=RUN_DIR or model.pretrained=DIR "
                           "(on this machine: each stage's share travels to its node)")
-    mode = c.auto.weights
-    if mode not in WEIGHT_MODES:
-        raise ConfigError(f"cluster.weights={mode} is not one of {', '.join(WEIGHT_MODES)}")
+    if c.auto.weights not in WEIGHT_MODES:
+        raise ConfigError(f"cluster.weights={c.auto.weights} is not one of {', '.join(WEIGHT_MODES)}")
     sigterm_as_interrupt()
     nodes, links = connect(c.auto)
     run_dir = p.telemetry.get("run_dir")  # logging.run_dir: the stages' /metrics are listed there too
     run = Run("inference", new_run_id(), c, links, Path(run_dir) if run_dir else None)
     keys = Path(tempfile.mkdtemp(prefix="smolcluster-run-keys-"))
     stop = threading.Event()
-    restarts = None  # replicas: a lost replica's stages started again on their agents (restarts.py)
-
-    def keep() -> None:  # heartbeats and the stages' logs while the head serves (the agents stop orphaned roles)
-        while not stop.is_set():
-            try:
-                run.pump()
-                if p.replicas == 1:  # (replicas: the engine fails a lost stage's replica alone and routes around it)
-                    run.check_roles()
-                if restarts is not None:
-                    restarts.tick()
-            except Exception as e:  # a stage gone: the head hears it on its own links too, and says so
-                logger.error(str(e))
-                if p.replicas == 1:
-                    return
-            stop.wait(0.1)
-
-    keeper, progress = None, None
+    restarts, keeper, progress = None, None, None  # replicas: a lost replica's stages started again (restarts.py)
     try:
         replicas = place_replicas(nodes, p.stages, p.replicas)
         # one replica: a lost node stops the run; several: it downs only its replica, the others keep the heartbeat
         run.essential = {x.name for x in replicas[0]} if p.replicas == 1 else set()
-        args = [*child_overrides(drop=("stages=", "head="), keep=_STAGE_KEYS),
-                f"stages={p.stages}", f"head={p.head.value}"]  # chat's defaults are not necessarily infer's: say them
-        # stage i of every replica plans with the least memory among their nodes: the same split, one weight plan
-        defaults = [{"memory_gb": min(ranks[i].memory_gb for ranks in replicas)} for i in range(p.stages)]
-        plan = None
-        if mode != "shared":  # planned (the model hashed) before any port is held for a stage: that may take a while
-            plan = _plan_weights(p, node_entries(c, replicas[0], None, defaults))
-            progress = _weights_metrics(p)
-        sets = []
-        for r, ranks in enumerate(replicas):  # each replica its own pipeline: its ports, its mesh, its keys
-            models = None if plan is None else (
-                lambda _entries, ranks=ranks, r=r: _send_weights(run, ranks, *plan, mode, p.adapters, progress,
-                                                                 f"r{r} " if p.replicas > 1 else ""))
-            d = keys / f"r{r}"
-            ports = run.start_ranks(ranks, "stage", args, d, program="infer", head=True, defaults=defaults,
-                                    models=models, prefix=f"r{r} " if p.replicas > 1 else "")
-            sets.append(replace(p.links, host=ranks[0].host, port=ports[0], keys=str(_head_keys(d, len(ranks))),
-                                nodes=[{"host": x.host, "port": ports[i]} for i, x in enumerate(ranks)]))
-        p.role = Role.head
-        p.head_host = p.head_host or _towards(replicas[0][0].host)
-        p.links, p.replica_links = sets[0], sets  # (from_config.replica_settings hands replica r its set)
+        progress = _start_replicas(run, p, replicas, keys)
         if p.replicas > 1:
             from smolcluster.node.restarts import Restarts
 
             restarts = Restarts(run, replicas)
-        keeper = threading.Thread(target=keep, daemon=True, name="agent-heartbeat")
+        keeper = threading.Thread(target=_keep, args=(run, restarts, stop), daemon=True, name="agent-heartbeat")
         keeper.start()
         yield restarts
     except BaseException as e:
-        why = "interrupted" if isinstance(e, KeyboardInterrupt) else f"failed: {e}"
-        stop.set()
-        if keeper is not None:
-            keeper.join()
-        if restarts is not None:
-            restarts.close()
-        run.stop_everywhere(f"the coordinator {why}")
+        _stop_stages(run, restarts, stop, keeper,
+                     "interrupted" if isinstance(e, KeyboardInterrupt) else f"failed: {e}")
         raise
     else:
-        stop.set()
-        keeper.join()
-        if restarts is not None:
-            restarts.close()
-        run.stop_everywhere("the head finished")
+        _stop_stages(run, restarts, stop, keeper, "finished")
     finally:
         for link in links.values():
             link.close()
         shutil.rmtree(keys, ignore_errors=True)
         if progress is not None:
             progress.close()
+
+
+def _start_replicas(run: Run, p, replicas: list[list[NodeInfo]], keys: Path):
+    """Every replica's stages on their agents (weights sent first where they travel), and ``p`` turned into the
+    head's settings: each replica's links (``p.replica_links``). Returns the weights' /metrics endpoint (for
+    ``top``; the caller closes it), or None where no weights travel."""
+    from smolcluster.inference.settings import Role
+
+    mode = p.links.auto.weights
+    args = [*child_overrides(drop=("stages=", "head="), keep=_STAGE_KEYS),
+            f"stages={p.stages}", f"head={p.head.value}"]  # chat's defaults are not necessarily infer's: say them
+    # stage i of every replica plans with the least memory among their nodes: the same split, one weight plan
+    defaults = [{"memory_gb": min(ranks[i].memory_gb for ranks in replicas)} for i in range(p.stages)]
+    plan, progress = None, None
+    if mode != "shared":  # planned (the model hashed) before any port is held for a stage: that may take a while
+        plan = _plan_weights(p, node_entries(p.links, replicas[0], None, defaults))
+        progress = _weights_metrics(p)
+    sets = []
+    try:
+        for r, ranks in enumerate(replicas):  # each replica its own pipeline: its ports, its mesh, its keys
+            models = None if plan is None else (
+                lambda _entries, ranks=ranks, r=r: _send_weights(run, ranks, *plan, mode, p.adapters, progress,
+                                                                 f"r{r} " if p.replicas > 1 else ""))
+            d = keys / f"r{r}"
+            ports = run.start_ranks(ranks, "stage", args, d, program="infer", head=True, defaults=defaults,
+                                    models=models, replica=r if p.replicas > 1 else None)
+            sets.append(replace(p.links, host=ranks[0].host, port=ports[0], keys=str(_head_keys(d, len(ranks))),
+                                nodes=[{"host": x.host, "port": ports[i]} for i, x in enumerate(ranks)]))
+    except BaseException:
+        if progress is not None:  # (the caller closes it only once it has it)
+            progress.close()
+        raise
+    p.role = Role.head
+    p.head_host = p.head_host or _towards(replicas[0][0].host)
+    p.links, p.replica_links = sets[0], sets  # (from_config.replica_settings hands replica r its set)
+    return progress
+
+
+def _keep(run: Run, restarts, stop: threading.Event) -> None:
+    """The heartbeat thread while the head serves: heartbeats and the stages' logs (the agents stop orphaned
+    roles). One pipeline: a stage lost ends it. Replicas (``restarts``): the engine fails a lost stage's replica
+    alone and routes around it, and :meth:`Restarts.beat` starts that stage again."""
+    while not stop.is_set():
+        if restarts is not None:
+            restarts.beat()
+        else:
+            try:
+                run.pump()
+                run.check_roles()
+            except Exception as e:  # a stage gone: the head hears it on its own links too, and says so
+                logger.error(str(e))
+                return
+        stop.wait(0.1)
+
+
+def _stop_stages(run: Run, restarts, stop: threading.Event, keeper: threading.Thread | None, why: str) -> None:
+    stop.set()
+    if restarts is not None:  # no restart may start a stage while they stop
+        restarts.close()
+    if keeper is not None:
+        keeper.join()
+    run.stop_everywhere(f"the head {why}" if why == "finished" else f"the coordinator {why}")
 
 
 def place_replicas(nodes: list[NodeInfo], stages: int, replicas: int) -> list[list[NodeInfo]]:

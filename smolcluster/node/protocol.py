@@ -8,7 +8,8 @@
                 args, keys, program?, model?}   role_log {name, lines}
                                                 role_endpoint {name, file, endpoint}  (its /metrics, for top)
     status {}                                   node_status {roles}
-    stop_roles {reason}                         refuse {reason}  (an unpaired key, a bad request)
+    stop_roles {reason, name?}                  refuse {reason, name?}  (an unpaired key, a bad request;
+                                                        name: the reservation refused)
                                                 node_bye {reason} (the agent is shutting down)
     weights_ask {entries, files}                weights_status {have, free, readable}
     weights_chunk {sha, size, offset} + data    weights_ack {sha, offset, n, state}
@@ -33,7 +34,7 @@ import os
 from smolcluster import __version__
 from smolcluster.transport import register_kind
 
-NODE_PROTOCOL = 6  # 6: reserve may name the port (a replica's stage started again); 5: weights_ask's files carry [size, sha256]; 4: weights that travel (weights_ask, weights_chunk); 3: the bounded info port and mutual pairing (2: reserve/reserved, start_role's program)
+NODE_PROTOCOL = 7  # 7: stop_roles may name one role, a refused reserve names its role; 6: reserve may name the port (a replica's stage started again); 5: weights_ask's files carry [size, sha256]; 4: weights that travel (weights_ask, weights_chunk); 3: the bounded info port and mutual pairing (2: reserve/reserved, start_role's program)
 VERSION = __version__
 SERVICE_TYPE = "_smolcluster._tcp.local."
 ROLES = ("server", "worker", "stage", "head")
@@ -56,7 +57,7 @@ register_kind("role_log", {"name": str, "lines": list})
 register_kind("role_endpoint", {"name": str, "file": str, "endpoint": dict})
 register_kind("status", {})
 register_kind("node_status", {"roles": dict})
-register_kind("stop_roles", {"reason": str})
+register_kind("stop_roles", {"reason": str}, optional={"name": str})  # name: that role alone
 register_kind("node_bye", {"reason": str})
 register_kind("weights_ask", {"entries": dict, "files": dict})
 register_kind("weights_status", {"have": dict, "free": int, "readable": bool})

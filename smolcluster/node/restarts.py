@@ -2,7 +2,7 @@
 comes back instead of staying down.
 
     restarts = Restarts(run, replicas)    # replicas: each replica's stage nodes (place_replicas)
-    restarts.tick()                       # the coordinator's heartbeat thread, after each run.pump()
+    restarts.beat()                       # the coordinator's heartbeat thread: run.pump(), then tick()
     restarts.revive(r)                    # the head, before it reconnects replica r: waits for a restart under way
 
 A stage whose process exits (killed, crashed, out of memory) is started again as it was started: on its node, on
@@ -15,9 +15,14 @@ have declared the stage lost (failing its requests, emptying the prefix caches, 
 restarted stage's empty one) rather than seeing it come back as if nothing had happened.
 
 Bounded: a stage is started again at most ``RESTARTS`` times in a row (a restart that then serves ``STEADY_S``
-starts the count afresh); after that, or when its node's agent is gone, the replica stays down with one error
-line saying why, and the head stops reconnecting it (:class:`~smolcluster.errors.ReplicaGone`). A stage is only
-restarted on its own agent: moving it to another would change its address, which its replica's other stages hold.
+starts the count afresh); a restart not running within ``cluster.connect_timeout_s`` (its agent refused it, e.g.
+its weights cache pruned the stage's tensors, or never answered) counts as one that did not last. After that, or
+when its node's agent is gone, the replica stays down with one error line saying why, its other stages are
+stopped, and the head stops reconnecting it (:class:`~smolcluster.errors.ReplicaGone`). A stage is only restarted
+on its own agent: moving it to another would change its address, which its replica's other stages hold.
+
+Nothing here waits on an agent: ``tick`` runs on the heartbeat thread, which must keep every other agent's link
+beating (a restart's port is asked for and its answer handled by the run's message loop: ``Run.restart``).
 """
 
 from __future__ import annotations
@@ -29,10 +34,10 @@ from dataclasses import dataclass
 from loguru import logger
 
 from smolcluster.errors import ConfigError, PeerError, ReplicaGone
+from smolcluster.node.coordinator import FINAL, role_name
 
 RESTARTS = 3      # a stage started again at most this many times in a row: no restart loop forever
 STEADY_S = 60.0   # a restarted stage that has run this long counts as recovered: its count starts afresh
-FINAL = ("exited", "stopped", "failed")  # (the coordinator's: a role in one of these is not running)
 
 
 @dataclass
@@ -53,7 +58,7 @@ class Restarts:
         """``run``: the coordinator's :class:`~smolcluster.node.coordinator.Run` that started every replica's stages
         (role ``rR stage I`` on ``replicas[R][I]``)."""
         self.run = run
-        self.stages = [_Stage(r, i, f"r{r} stage {i}", node.name) for r, ranks in enumerate(replicas)
+        self.stages = [_Stage(r, i, role_name("stage", i, r), node.name) for r, ranks in enumerate(replicas)
                        for i, node in enumerate(ranks)]
         self.changed = threading.Condition()
         self.closed = False
@@ -61,9 +66,21 @@ class Restarts:
         for st in self.stages:
             st.started_at = now
 
+    def beat(self) -> None:
+        """One round of the coordinator's heartbeat thread (which owns the agents' links): every agent's messages
+        and heartbeat, then :meth:`tick`. A stage that could not start, or an agent that refused, is one error line
+        (it downs one replica at most: the others serve on)."""
+        try:
+            self.run.pump()
+        except Exception as e:  # (the heartbeat thread goes on whatever one message did)
+            logger.error(str(e))
+        self.tick()
+
     def tick(self) -> None:
-        """From the coordinator's heartbeat thread (which owns the agents' links): notice ended stages, start them
-        again when due, give up when they will not stay up."""
+        """Notice ended stages, start them again when due, give up when they will not stay up. Nothing once
+        closed (:meth:`close`: the coordinator is stopping every stage)."""
+        if self.closed:
+            return
         for st in self.stages:
             try:
                 self._tick(st)
@@ -89,6 +106,10 @@ class Restarts:
         if st.state == "starting" and state in ("running", "listening"):
             self._set(st, "up")
             logger.info(f"replica {st.replica}'s stage {st.index} is running again on {where}")
+        elif st.state == "starting" and time.monotonic() - st.started_at > self.run.c.connect_timeout_s:
+            self.run.restarting.pop(st.name, None)  # a late answer to it starts nothing
+            self._ended(st, f"its stage {st.index} on {where} did not start within cluster.connect_timeout_s="
+                            f"{self.run.c.connect_timeout_s:g}s (its agent did not answer)")
         elif st.state == "waiting" and time.monotonic() - st.ended_at >= self.run.c.liveness_s:
             st.restarts += 1
             logger.warning(f"replica {st.replica}: starting its stage {st.index} again on {where} (restart "
@@ -111,9 +132,15 @@ class Restarts:
         self._set(st, "waiting")
 
     def _give_up(self, st: _Stage, why: str) -> None:
+        """The replica stays down: every stage of it gone, and stopped where its agent lives (no restart loop of
+        the others, no stage left holding memory for a replica that will not serve)."""
         st.why = f"replica {st.replica} stays down: {why}"
         logger.error(st.why)
-        self._set(st, "gone")
+        for other in (x for x in self.stages if x.replica == st.replica):
+            other.why = other.why or st.why
+            if self.run.links[other.node].alive:  # (its process, or the port held for it)
+                self.run.stop_role(other.name, st.why)
+            self._set(other, "gone")
 
     def _set(self, st: _Stage, state: str) -> None:
         with self.changed:

@@ -228,8 +228,10 @@ class Mesh:
             self.on_unknown_heartbeat(src, fields)
             return
         now = time.monotonic()
+        unnoticed = False  # a peer that restarted faster than liveness_s: never reported lost
         if peer.incarnation and fields["inc"] != peer.incarnation:
             logger.warning(f"{self.name}: {src} restarted; its link starts afresh")
+            unnoticed = peer.watched and not peer.lost and not peer.said_bye
             peer.recv_seq = peer.sent_seq = -1
             peer.said_bye = False
         if peer.lost:
@@ -239,6 +241,9 @@ class Mesh:
         peer.last_seen, peer.heard_from = now, True
         peer.heard_us = self.name in fields["heard"]
         peer.info = fields.get("info") or {}
+        if unnoticed:
+            self.on_restarted(src, f"{self.name}: {src} at {peer.address} restarted (a new incarnation) before "
+                                   f"it was noticed lost: what it held is gone")
         claimed = int(fields["sent"].get(self.name, -1))
         if fields["to_inc"].get(self.name) != self.incarnation:
             claimed = -1  # counted for an earlier incarnation of this node (or before it heard us): not ours
@@ -249,6 +254,10 @@ class Mesh:
 
     def on_unknown_heartbeat(self, src: str, fields: dict) -> None:
         """A heartbeat from a node we have no link to (a head announcing itself); the owner may override."""
+
+    def on_restarted(self, src: str, message: str) -> None:
+        """A watched peer's new incarnation heard before its silence was (a restart within ``liveness_s``): the
+        owner may treat it as the loss it was (an inference stage does); by default its link just starts afresh."""
 
     def _check_seq(self, peer: Peer, seq: int) -> None:
         expected = peer.recv_seq + 1

@@ -78,15 +78,17 @@ def sessions_from_config(s: ChatSettings, revive=None) -> Sessions:
                   prefix_block=s.pipeline.prefix_block).start()
 
 
-def serve(s: ChatSettings, revive=None) -> None:
+def serve(s: ChatSettings, restarts=None) -> None:
     """Bind the port (fail fast if taken), start the pipeline, serve until Ctrl-C, shut everything down.
-    ``revive``: :func:`sessions_from_config`'s."""
+    ``restarts`` (``cluster=auto`` replicas: :class:`~smolcluster.node.restarts.Restarts`): its ``revive`` is
+    :func:`sessions_from_config`'s, and it is closed first on the way out, so a rebuild waiting in revive is let go
+    at once and no stage is started again while the sessions close."""
     from smolcluster.serving.app import WebServer, bind, build_app
 
     check_api(s.serve.host, s.serve.api_key, s.serve.insecure)
     sock = bind(s.serve.host, s.serve.port)
     try:
-        sessions = sessions_from_config(s, revive)
+        sessions = sessions_from_config(s, restarts.revive if restarts is not None else None)
     except BaseException:
         sock.close()
         raise
@@ -102,4 +104,6 @@ def serve(s: ChatSettings, revive=None) -> None:
         server.run()
     finally:
         logger.info("shutting down the pipeline")
+        if restarts is not None:
+            restarts.close()
         sessions.close()

@@ -68,7 +68,8 @@ _ANY_METRICS = {"metrics": dict}
 register_kind("register", {"rank": int, "node": str, "device": str, "batch_size": int, "protocol": int,
                            "fingerprint": str, "algo": str}, optional={"session": str, **_ANY_METRICS})
 register_kind("welcome", {"rank": int, "step": int, "version": int})
-register_kind("refuse", {"reason": str}, optional={"retry": bool})  # retry: try again later (a live rank)
+register_kind("refuse", {"reason": str}, optional={"retry": bool, "name": str})  # retry: try again later (a live
+# rank); name: the node agent's reservation it refuses (node/protocol.py)
 register_kind("grad", {"rank": int, "step": int, "version": int, "samples": int, "loss": _NUM},
               optional={"samples_per_s": _NUM, **_ANY_METRICS}, finite=True)
 register_kind("weights", {"step": int, "version": int})
