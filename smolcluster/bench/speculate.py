@@ -145,11 +145,15 @@ def train_pair(where: Path, text: str, tok, args) -> tuple[Path, Path]:
     from smolcluster.bench.quantize import train_tiny
 
     names = ("gpt2-tiny", "gpt2-tiny-1layer-distilled" if args.draft == "distill" else "gpt2-tiny-1layer")
+    # the recipe a kept pair was trained with: acceptance depends on it, so a run reusing the pair must match it
+    recipe = {"steps": args.steps, "draft": args.draft, "vocab": tok.vocab_size}
+    kept = where / "recipe.json"
     if all((where / n / "config.json").is_file() for n in names):
-        vocab = json.loads((where / names[0] / "config.json").read_text())["vocab_size"]
-        if vocab != tok.vocab_size:
-            raise SystemExit(f"--pair {where}: its models have a vocabulary of {vocab}, the tokenizer "
-                             f"{tok.vocab_size}; give --vocab {vocab} or another --pair directory")
+        was = json.loads(kept.read_text()) if kept.is_file() else None
+        if was != recipe:
+            raise SystemExit(f"--pair {where}: its models were trained with {was or 'an unknown recipe'}, this run "
+                             f"asks for {recipe}; give the matching --steps/--draft/--vocab or another --pair "
+                             "directory")
         print(f"the target and the draft: read from {where} (--pair)", file=sys.stderr)
         return where / names[0], where / names[1]
     # One thread: the pair's bits then do not depend on the machine's core count (another thread count rounds
@@ -164,6 +168,7 @@ def train_pair(where: Path, text: str, tok, args) -> tuple[Path, Path]:
     else:
         draft = train_tiny("gpt2-tiny", text, tok, where, args.steps, overrides={"n_layer": 1}, save_as=names[1])
     torch.set_num_threads(threads)
+    kept.write_text(json.dumps(recipe))
     return target, draft
 
 
@@ -188,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
                                                  "them back from on a later run (default: trained afresh)")
     p.add_argument("--out", default=".")
     args = p.parse_args(argv)
+    for name in ("prompts", "rounds", "steps", "tokens"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
     from smolcluster.bench.report import write_report
     from smolcluster.data.text import get_tokenizer, read_corpus
     from smolcluster.inference import InferencePipeline
@@ -199,8 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="smolcluster-bench-speculate-") as tmp:
         target, draft = train_pair(Path(args.pair or tmp), text[:split], tok, args)
         spec = {"k": args.k, "lookup": args.lookup, "draft": str(draft)}
+        # no prefix cache: every arm's request pays its own prefill (a cached prompt would favour whichever arm
+        # follows the first to send it)
         with InferencePipeline.start_local(target, stages=2, head=args.head, tokenizer=tok, eos_ids=[],
-                                           speculate=spec) as pipe:
+                                           speculate=spec, prefix_cache=False) as pipe:
             context = pipe.context - args.tokens
             prompt = {k: [p[-context:] for p in v]
                       for k, v in prompts(text[split:], tok, args.prompt_tokens, args.prompts).items()}

@@ -25,7 +25,7 @@ WEIGHTS_GAUGES = {
     "total": ("smolcluster_weights_bytes", "bytes of weights the stages on this agent need (all their cache entries)"),
     "need": ("smolcluster_weights_bytes_to_send", "of those, the bytes the agent lacked when the transfer began"),
     "done": ("smolcluster_weights_bytes_done", "bytes sent to the agent and acknowledged so far"),
-    "rate": ("smolcluster_weights_bytes_per_second", "mean rate of this agent's transfer so far"),
+    "rate": ("smolcluster_weights_bytes_per_second", "mean rate of this agent's transfer so far (since its first byte)"),
 }
 WEIGHT_LABELS = ("stage", "peer")
 
@@ -45,6 +45,8 @@ class WeightsMetrics:
     def show(self, stage: str, peer: str, total: int, need: int, done: int) -> None:
         """One agent's transfer now: ``done`` of the ``need`` bytes it lacked (of ``total`` its stages use)."""
         now = time.monotonic()
+        if done == 0:  # a transfer (re)starts: its rate counts from here, not from an earlier one's start
+            self._began[(stage, peer)] = now
         began = self._began.setdefault((stage, peer), now)
         values = {"total": total, "need": need, "done": done, "rate": done / (now - began) if now > began else 0.0}
         for key, value in values.items():
