@@ -2,8 +2,9 @@
 
 Real agents on loopback, a real ``infer cluster=auto cluster.weights=send`` head with
 ``logging.prometheus.port=0``: top finds the head's weights endpoint in the run directory. Mid-transfer is a
-state, not a moment: the first poll of top's view that shows a stage part-sent is kept and rendered (each poll is
-a snapshot of its own). A second run with the same weights shows ``cached: 0 bytes sent`` for each stage.
+state, not a moment: each agent holds its second chunk's acknowledgement (the agent's test knob
+``--hold-weights-until``) until top has shown both stages part-sent; that snapshot is kept and rendered. A
+second run with the same weights shows ``cached: 0 bytes sent`` for each stage.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ def test_top_shows_a_line_per_stage_while_weights_travel_then_cached_on_a_second
 
     # ~50 MB of blocks (n_embd=512): each agent's share takes long enough on loopback for top to see it part-sent
     d = write_tiny_run(tmp_path / "model", 64, vocab=500, n_layer=4, n_embd=512)
-    started = agents(tmp_path, prepare(tmp_path, ["a", "b"]), procs)
+    gate = tmp_path / "seen-part-sent"  # each agent holds its second chunk's acknowledgement until this exists
+    spec = {name: [*extra, "--hold-weights-until", str(gate)] for name, extra in prepare(tmp_path, ["a", "b"]).items()}
+    started = agents(tmp_path, spec, procs)
     peers = ",".join(f"127.0.0.1:{port}" for _, port in started.values())
 
     def infer(run_dir: Path) -> Proc:
@@ -72,9 +75,10 @@ def test_top_shows_a_line_per_stage_while_weights_travel_then_cached_on_a_second
     def keep_mid_transfer(view: ClusterView, node) -> None:
         # each poll is a new snapshot (node.values is replaced, not updated): the first part-sent one is kept
         lines = node.values.get("weights", {})
-        if mid or not any(0 < w.get("done", 0) < w.get("need", 0) for w in lines.values()):
+        if mid or len(lines) < 2 or not all(0 < w.get("done", 0) < w.get("need", 0) for w in lines.values()):
             return
         mid.update(lines=lines, table=rendered([node]))
+        gate.touch()  # seen: the agents go on
 
     c = infer(tmp_path / "first")
     node, table = watch(c, tmp_path / "first", lambda lines: len(lines) == 2 and all(

@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="most disk the weights heads send may take (default: the disk, less 64 MB); least "
                           "recently used models' weights are deleted first")
     run.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)  # tests: written once listening
+    # tests: after the first weights chunk, hold the next acknowledgement until this file exists (at most 30 s),
+    # so a transfer is seen part-sent as a state, not caught in a moment (tests/test_weights_top.py)
+    run.add_argument("--hold-weights-until", default=None, help=argparse.SUPPRESS)
     return p
 
 

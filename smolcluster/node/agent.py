@@ -140,6 +140,8 @@ class Agent:
         self.runs = private_dir(self.state_dir / "runs")
         self.cache = WeightCache(self.state_dir / "weights", weights_cache_bytes)  # weights a head sent (weightcache.py)
         self.cache_lock = threading.Lock()  # the cache: a weights_ask's thread re-hashes it while chunks may arrive
+        self.hold_weights_until: Path | None = None  # a test knob (--hold-weights-until): see weights_chunk
+        self.chunks_taken = 0
         self.outbox: queue.Queue = queue.Queue()  # (peer, kind, fields) from threads: the loop owns the socket
         self.name = name or node_name()
         self.id_dir = identity(self.state_dir / "identity")
@@ -312,6 +314,12 @@ class Agent:
         if data is None or data.dtype.itemsize != 1 or data.nbytes > CHUNK:
             raise CacheError(f"a weights chunk carries one uint8 tensor 'data' of at most {CHUNK} bytes")
         ack = {"sha": f["sha"], "offset": f["offset"], "n": int(data.nbytes)}
+        self.chunks_taken += 1
+        if self.hold_weights_until is not None and self.chunks_taken > 1:
+            # the test knob: the transfer stays part-sent until the test has seen it so (bounded: heartbeats wait)
+            deadline = time.monotonic() + 30
+            while not self.hold_weights_until.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
         try:
             with self.cache_lock:
                 done = self.cache.write(f["sha"], f["size"], f["offset"], memoryview(data))
@@ -534,6 +542,7 @@ def run_agent(args) -> int:
     setup_logging(node=args.name or node_name(), role="agent")  # the format every other node's lines have
     agent = Agent(args.state_dir, port=args.port, bind=args.bind, name=args.name, owner_timeout_s=args.owner_timeout,
                   weights_cache_bytes=int(args.weights_cache_gb * 2**30) if args.weights_cache_gb else None)
+    agent.hold_weights_until = Path(args.hold_weights_until) if args.hold_weights_until else None
     sigterm_as_interrupt()
     ad = None
     try:
