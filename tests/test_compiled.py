@@ -47,8 +47,9 @@ def test_compiled_stages_decode_the_eager_tokens_alone_and_batched(pipes):
     lengths = [20, 31, 9]
     want = [eager.submit(p, max_new_tokens=n).tokens() for p, n in zip(prompts, lengths)]
     assert [compiled.submit(p, max_new_tokens=n).tokens() for p, n in zip(prompts, lengths)] == want
-    # Each request's decodes after its first token: 19 + 30 + 8 steps, on each stage, all compiled.
-    assert wait_until(lambda: compiled_steps(compiled) == [57, 57], 10), compiled_steps(compiled)
+    # Every step of one row per request ran compiled on each stage: the decodes after each first token
+    # (19 + 30 + 8) and the one-token prompt's prefill.
+    assert wait_until(lambda: compiled_steps(compiled) == [58, 58], 10), compiled_steps(compiled)
     before = compiled_steps(compiled)[0]
     together = [compiled.submit(p, max_new_tokens=n) for p, n in zip(prompts, lengths)]
     assert [r.tokens() for r in together] == want

@@ -29,10 +29,15 @@ import time
 from pathlib import Path
 
 import torch
-import torch._dynamo
-import torch._inductor.config
-import torch.nn.functional as F
-from loguru import logger
+
+# Inductor's disk cache: the user's TORCHINDUCTOR_CACHE_DIR, else ours (not /tmp, which a reboot may empty). Set
+# before torch._dynamo is imported: importing it fixes the variable to inductor's default.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "smolcluster" / "inductor"))
+
+import torch._dynamo  # noqa: E402
+import torch._inductor.config  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from loguru import logger  # noqa: E402
 
 from smolcluster.errors import ConfigError
 from smolcluster.pipeline.architectures.base import Batch, KVCache
@@ -89,13 +94,6 @@ def gpt2_decode(stage: GPT2Stage, x, pos, slots, ks, vs):
     return x.view(1, rows, -1)
 
 
-def cache_dir() -> str:
-    """Where inductor keeps compiled graphs across runs: ``TORCHINDUCTOR_CACHE_DIR`` if set, else ours."""
-    path = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or str(Path.home() / ".cache" / "smolcluster" / "inductor")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path  # read by inductor when it first compiles
-    return path
-
-
 def buckets_up_to(slots: int) -> list[int]:
     """Row counts a graph is compiled for: powers of two below ``slots``, and ``slots``."""
     out = [1 << i for i in range(slots.bit_length()) if 1 << i < slots]
@@ -129,7 +127,7 @@ class CompiledDecode:
             self.vs = [torch.zeros_like(k) for k in self.ks]
         self.free = list(range(slots))
         self.steps = 0  # decode steps that ran compiled (the beacon shows it)
-        self.cache_dir = cache_dir()
+        self.cache_dir = os.environ["TORCHINDUCTOR_CACHE_DIR"]
         torch._inductor.config.fx_graph_cache = True
         # One graph per bucket, and no more: a shape outside them would recompile mid-serving (fits() keeps them out).
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(self.buckets))
