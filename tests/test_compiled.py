@@ -4,8 +4,8 @@ Through 2 real stage processes on loopback, for a tiny random-init Llama (GQA) a
 stages compile their decode step gives every greedy request the very tokens of the same model's eager
 pipeline, alone and with three requests at once (two in the compiled slots, batched in one graph; the third
 finds no free slot and decodes eagerly beside them), and both stages' beacons count the compiled steps. In
-process: a step of one row padded to a two-row graph, and a request that joins mid-way from the eager path
-(its prefill) into a slot, give the eager tokens; a slot is freed for the next request.
+process: a step of one row padded to a two-row graph after an eager prefill into the slot gives the eager tokens,
+and a slot is freed for the next request; quantized stages and sliding windows are refused in one line.
 
 The first run compiles (minutes on a busy 2-core machine); later runs load the graphs from inductor's disk cache.
 """
@@ -15,8 +15,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from smolcluster.errors import ConfigError
 from smolcluster.inference import InferencePipeline
 from smolcluster.inference.compiled import CompiledDecode
+from smolcluster.inference.stage import ServeConfig, StageServer
 from smolcluster.pipeline.architectures import KVCache
 from smolcluster.pipeline.architectures.base import Batch
 from tests.conftest import wait_until
@@ -58,10 +60,15 @@ def test_compiled_stages_decode_the_eager_tokens_alone_and_batched(pipes):
 
 
 @pytest.fixture(scope="module")
-def llama_stage(tmp_path_factory):
+def llama_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("llama-one")
     build("llama").save_pretrained(d)
-    (stage,), _ = stages_of(d, 1)
+    return d
+
+
+@pytest.fixture(scope="module")
+def llama_stage(llama_dir):
+    (stage,), _ = stages_of(llama_dir, 1)
     return stage
 
 
@@ -90,3 +97,18 @@ def test_a_padded_step_and_a_reused_slot_decode_the_eager_tokens(llama_stage):
             compiled.release(cache)
         assert compiled.steps == 2 * 23
         assert compiled.cache(len(stage.blocks), 65, 0) is None  # longer than the slots' positions: eager
+
+
+def test_what_is_not_compiled_is_refused_in_one_line(llama_dir, tmp_path):
+    from smolcluster.pipeline.weights import find_model
+
+    config = find_model(llama_dir).config
+    node = [{"address": "tcp://127.0.0.1:1", "bind": "tcp://127.0.0.1:1"}]
+    sc = ServeConfig(rank=0, n_stages=1, weights=str(llama_dir), config=config, nodes=node, compile=True,
+                     quantize="int8")
+    with pytest.raises(ConfigError, match="quantize=int8: set compile=false"):
+        StageServer(sc)
+    build("mistral-window").save_pretrained(tmp_path)
+    (stage,), _ = stages_of(tmp_path, 1)
+    with pytest.raises(ConfigError, match="sliding-window attention"):
+        CompiledDecode(stage, 1, 64, torch.float32, "cpu")
