@@ -129,6 +129,10 @@ class CompiledDecode:
         self.steps = 0  # decode steps that ran compiled (the beacon shows it)
         self.cache_dir = os.environ["TORCHINDUCTOR_CACHE_DIR"]
         torch._inductor.config.fx_graph_cache = True
+        # The generated loops single-threaded: a decode step's are a few thousand elements, too few to repay an
+        # OpenMP fork/join, which an oversubscribed machine makes far worse; the matmuls (MKL) and attention keep
+        # the stage's threads (bench quantize --decode --compile, docs/benchmarks.md).
+        torch._inductor.config.cpp.threads = 1
         # One graph per bucket, and no more: a shape outside them would recompile mid-serving (fits() keeps them out).
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(self.buckets))
         ks, vs = self.ks, self.vs
