@@ -11,7 +11,8 @@
 - ``--decode``: only decode speed, the issue-24 measurement: a SmolLM2-135M-shaped Llama (random init,
   30 x 576, GQA 9/3, tied head), one request, each format in interleaved rounds (one fresh process per
   round and code tree, formats in turn inside it), medians and ratios to fp32; ``--baseline DIR`` also
-  times another checkout's code (e.g. ``main``) in the same rounds.
+  times another checkout's code (e.g. ``main``) in the same rounds. A format ``fp32/none/compile`` times
+  the compiled decode step (``compile=true``, :mod:`smolcluster.inference.compiled`; its compile is not timed).
 
 Each model is one stage holding everything (embedding, blocks, head), loaded by the same
 ``load_stage`` a pipeline stage runs.
@@ -189,17 +190,27 @@ prompt = (torch.arange(prompt_len) % 1000)[None]
 out = {}
 with torch.inference_mode():
     for f in formats:
-        precision, quantize = f.split("/")
+        precision, quantize, *how = f.split("/")  # fp32/none/compile: the compiled decode step (compile=true)
         stage = load(weights, precision, quantize, 64)
+        compiled = blocks = None
+        if how == ["compile"]:
+            from smolcluster.inference.compiled import CompiledDecode
+            from smolcluster.inference.stage import ServeConfig
+            from smolcluster.pipeline.architectures.base import Batch
+            compiled = CompiledDecode(stage, 1, ServeConfig.compile_positions, next(stage.parameters()).dtype, "cpu")
+            compiled.warm("bench")
+            blocks = lambda x, cache: compiled.run(x, Batch([cache], [1]))
         for steps in (4, n):  # a short pass warms up (first-call costs, page faults), the second is timed
-            cache = KVCache(len(stage.blocks))
+            cache = compiled.cache(len(stage.blocks), prompt_len + n, 0) if compiled else KVCache(len(stage.blocks))
             tok = int(stage.logits(stage.run_blocks(stage.embed(prompt, 0), cache), last_only=True)[0, -1].argmax())
             t0 = time.perf_counter()
             for _ in range(steps - 1):
-                x = stage.run_blocks(stage.embed(torch.tensor([[tok]]), cache.length), cache)
+                x = (blocks or stage.run_blocks)(stage.embed(torch.tensor([[tok]]), cache.length), cache)
                 tok = int(stage.logits(x, last_only=True)[0, -1].argmax())
+            if compiled:
+                compiled.release(cache)
         out[f] = (n - 1) / (time.perf_counter() - t0)
-        del stage
+        del stage, compiled, blocks
 print(json.dumps({"tree": smolcluster.__file__, "tok_s": out}))
 """
 
@@ -265,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="with --decode: interleaved rounds (medians reported)")
     p.add_argument("--threads", type=int, default=2, help="with --decode: the stage's threads")
     p.add_argument("--formats", default=",".join(f"{p}/{q}" for p, q in FORMATS),
-                   help="with --decode: precision/quantize pairs timed (fp32/none first: the ratios' base)")
+                   help="with --decode: precision/quantize pairs timed (fp32/none first: the ratios' base); "
+                        "add /compile for the compiled decode step (e.g. fp32/none/compile)")
     p.add_argument("--out", default=".")
     args = p.parse_args(argv)
     if args.decode:

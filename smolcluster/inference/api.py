@@ -95,7 +95,8 @@ class InferencePipeline:
                     formats: list[dict] | None = None, telemetry: dict | None = None,
                     co_located: bool = True, turns: bool | None = None,
                     adapters: dict[str, str] | None = None, speculate: dict | None = None,
-                    prefix_cache: bool = True, prefix_block: int = 32) -> InferencePipeline:
+                    prefix_cache: bool = True, prefix_block: int = 32, compile: bool = False,
+                    compile_slots: int = 4) -> InferencePipeline:
         """Start ``stages`` stage processes on this machine and connect to them.
 
         ``weights``: a Hugging Face model directory (any supported family), a run directory
@@ -121,6 +122,9 @@ class InferencePipeline:
         each checked against the model here, before any stage starts (:mod:`smolcluster.inference.adapters`).
         ``speculate``: ``{"k", "lookup", "draft"}``, stage 0 proposes k tokens a pass (:mod:`.speculate`).
         ``prefix_cache``: stages keep served prefixes' KV in blocks of ``prefix_block`` tokens (:mod:`.prefix`).
+        ``compile``: each stage runs decode-only steps of up to ``compile_slots`` requests through
+        ``torch.compile`` (:mod:`.compiled`); it compiles before it serves (minutes the first time on a small
+        CPU, then from the disk cache): leave ``connect_timeout_s`` room for it.
         """
         if head not in ("first", "last"):
             raise ConfigError(f"head={head!r} is invalid: choose first or last")
@@ -147,7 +151,8 @@ class InferencePipeline:
                     liveness_s=liveness_s, connect_timeout_s=connect_timeout_s, exit_with_head=True, threads=threads,
                     max_requests=max_requests, kv_cache_mb=kv_cache_mb, prefill_chunk=prefill_chunk,
                     stream_interval_ms=stream_interval_ms, co_located=co_located, turns=turns, adapters=adapters,
-                    speculate=speculate, prefix_cache=prefix_cache, prefix_block=prefix_block,
+                    speculate=speculate, prefix_cache=prefix_cache, prefix_block=prefix_block, compile=compile,
+                    compile_slots=compile_slots,
                     extra={"telemetry": telemetry or {}}, **formats[rank])
                 path = workdir / f"stage-{rank}.json"
                 path.write_text(sc.dumps())

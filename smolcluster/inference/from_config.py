@@ -211,7 +211,7 @@ def pipeline_from_config(cfg: Pipeline, prompt: str | None = None) -> InferenceP
                 connect_timeout_s=c.connect_timeout_s, kv_cache_mb=cfg.kv_cache_mb,
                 env=_stage_env(cfg), telemetry=cfg.telemetry,
                 adapters=cfg.adapters, speculate=asdict(cfg.speculate), prefix_cache=cfg.prefix_cache,
-                prefix_block=cfg.prefix_block)
+                prefix_block=cfg.prefix_block, compile=cfg.compile)
         except BaseException:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -331,5 +331,5 @@ def serve_config_from(cfg: Pipeline) -> ServeConfig:
                        max_bytes=c.max_bytes, keys_dir=c.keys, threads=node.threads, log_level=cfg.stage_log_level,
                        kv_cache_mb=cfg.kv_cache_mb, adapters=check_adapters(cfg.adapters, info["config"]),
                        speculate=stage_speculate(cfg, info["config"]), prefix_cache=cfg.prefix_cache,
-                       prefix_block=cfg.prefix_block,
+                       prefix_block=cfg.prefix_block, compile=cfg.compile,
                        extra={"telemetry": cfg.telemetry}, **fmt)

@@ -112,6 +112,9 @@ class ServeConfig:
     speculate: dict = field(default_factory=dict)  # {"k", "lookup", "draft"}: settings.Speculate.fields() ({}: off)
     prefix_cache: bool = True         # keep served prefixes' KV for requests that start with them (prefix.py)
     prefix_block: int = 32            # ... in blocks of this many tokens
+    compile: bool = False             # decode-only steps through torch.compile (compiled.py)
+    compile_slots: int = 4            # ... requests holding a static KV slot (the largest compiled step)
+    compile_positions: int = 512      # ... positions per slot (a longer request decodes eagerly)
     extra: dict = field(default_factory=dict)
 
     def dumps(self) -> str:
@@ -220,6 +223,7 @@ class StageServer:
         pin_attributes(self.stage)  # loaded for good: nn.Module's attribute lookups cost ~1-1.5 us each otherwise
         # Activations arrive in whatever type the sender computes in; this stage computes in its own.
         self.device, self.dtype = self.stage.device, self.stage.compute_dtype
+        self.compiled = self.open_compiled()
         # Stages sharing one machine take turns, each with all its cores, on one step of every running request,
         # when a stage is big enough for threads to pay (GPT-2 124M in bench pipeline: 1.11x of generate for one
         # request and 1.30x of padded generate at 8 in flight, against 0.62x and 0.79x with one thread each;
@@ -258,7 +262,9 @@ class StageServer:
         lora = f"; adapters {', '.join(sc.adapters)}: {adapter_numel(self.stage):,} params" if sc.adapters else ""
         logger.info(f"{self.spec.describe(self.has_head, self.spec.first)}: {params:,} params from {sc.weights} "
                     f"({self.fmt.precision}, quantize={self.fmt.quantize}, on {self.fmt.device}; "
-                    f"matmuls: {kernels(self.fmt)}{lora})")
+                    f"matmuls: {kernels(self.fmt)}{lora}; {self.compiled_line()})")
+        if self.compiled is not None:
+            self.compiled.warm(self.me)
         # Prometheus for smolcluster.top (telemetry/serving.py): set once per step, a no-op without a port
         from smolcluster.telemetry.logging import identity
         from smolcluster.telemetry.serving import open_serving_metrics
@@ -266,6 +272,33 @@ class StageServer:
         self.metrics = open_serving_metrics(sc.extra.get("telemetry"), identity(), sc.rank, self.kv_budget)
         self.speculator = self.open_speculator()
         self.prefix = self.open_prefix()
+
+    def open_compiled(self):
+        """The compiled decode step (``compile=true``) and its slot caches; None when off."""
+        sc = self.sc
+        if not sc.compile:
+            return None
+        if sc.quantize != "none" or sc.adapters:
+            raise ConfigError(f"compile=true compiles unquantized stages without LoRA adapters for now; this stage "
+                              f"has quantize={sc.quantize}{' and adapters' if sc.adapters else ''}: set compile=false")
+        from smolcluster.inference.compiled import CompiledDecode
+
+        return CompiledDecode(self.stage, sc.compile_slots, min(sc.compile_positions, self.arch.context), self.dtype,
+                              self.device)
+
+    def compiled_line(self) -> str:
+        """What the startup line says of the compiled path."""
+        c = self.compiled
+        if c is None:
+            return "compiled decode: off"
+        return (f"compiled decode: on, steps of {'/'.join(map(str, c.buckets))} rows, {c.slots} slots of "
+                f"{c.positions} positions")
+
+    def run_blocks(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The stage's blocks over a step: compiled when the step is one the graph covers, else eagerly."""
+        if self.compiled is not None and self.compiled.fits(batch):
+            return self.compiled.run(x, batch)
+        return self.stage.run_blocks(x, batch)
 
     def open_speculator(self):
         """Stage 0's drafters when ``speculate.k`` is set: beside the schedule, which knows each request's tokens
@@ -351,6 +384,8 @@ class StageServer:
 
     def close(self, req: str, why: str) -> None:
         st = self.requests.pop(req, None)  # its KV cache goes with it
+        if st is not None and self.compiled is not None:
+            self.compiled.release(st.cache)
         self.closed[req] = why
         while len(self.closed) > _CLOSED_MEMORY:
             self.closed.popitem(last=False)
@@ -543,7 +578,9 @@ class StageServer:
         # The cache grows (doubling) up to the positions stage 0 reserved for it in the budget, never past them.
         limit = min(prompt_len + max_new_tokens, self.arch.context)
         slack = int(self.sc.speculate.get("k", 0))  # rejected proposals are cut from the cache (KVCache.truncate)
-        st = RequestState(head, KVCache(len(self.spec.blocks), limit, slack), params, max_new_tokens, eos, prompt_len,
+        n = len(self.spec.blocks)
+        cache = self.compiled.cache(n, limit, slack) if self.compiled is not None else None
+        st = RequestState(head, cache or KVCache(n, limit, slack), params, max_new_tokens, eos, prompt_len,
                           adapter=adapter)
         if self.has_head and not params.greedy:
             st.generator = make_generator(params.seed)
@@ -620,7 +657,7 @@ class StageServer:
         batch = self.batch(step)
         try:
             x = self.stage.embed(torch.tensor([ids], device=self.device), batch.positions())
-            x = self.stage.run_blocks(x, batch)
+            x = self.run_blocks(x, batch)
         except Exception as e:
             logger.exception(f"{self.me}: a step failed")
             if self.prefix is not None:  # its ops (already applied here) leave with the next step
@@ -721,7 +758,7 @@ class StageServer:
             return
         if self.has_head:  # head=last: the proposals this stage checks came with the step
             self.take_drafts(env, step)
-        self.forward_out(step, self.stage.run_blocks(x, self.batch(step)))
+        self.forward_out(step, self.run_blocks(x, self.batch(step)))
 
     def take_drafts(self, env: Envelope, step: Step) -> None:
         """The last stage (head=last): each decode's proposals, checked against its rows, onto its state."""
@@ -968,6 +1005,7 @@ class StageServer:
         beacon["kv_bytes"], beacon["draft_kv_bytes"] = self.kv_bytes(), self.draft_kv_bytes()
         beacon["steps"], beacon["rows"] = self.forwards, self.rows  # rows / steps: the tokens a step carries
         beacon["mixed_steps"] = self.mixed
+        beacon["compiled_steps"] = self.compiled.steps if self.compiled is not None else 0
         if self.prefix is not None:  # hits and tokens saved count every stage's copies (the same on each)
             p = self.prefix
             beacon["prefix_hits"], beacon["prefix_tokens"], beacon["prefix_bytes"] = p.hits, p.saved, p.nbytes

@@ -83,7 +83,7 @@ WEIGHT_MODES = ("auto", "send", "shared")  # cluster.weights: inference's weight
 # infer / chat overrides a stage takes (the head's sampling, prompt and serve keys stay here)
 _STAGE_KEYS = ("checkpoint=", "model=", "model.", "+model.", "data=", "data.", "stages=", "head=", "seed=",
                "precision=", "quantize=", "quantize_group=", "partition=", "stage_log_level=", "serve.kv_cache_mb=",
-               "serve.prefix_cache=", "serve.prefix_block=",
+               "serve.prefix_cache=", "serve.prefix_block=", "compile=",
                "cluster.heartbeat_s=", "cluster.liveness_s=", "cluster.connect_timeout_s=", "cluster.max_message_mb=",
                "adapters=", "adapters.", "+adapters.")
 

@@ -1,0 +1,193 @@
+"""Compiled decode steps (``compile=true``): a stage's decode-only steps as one ``torch.compile`` graph.
+
+A decode step's work is small matmuls (one row per request) and many small ops between them; in eager
+PyTorch each op is a Python call and a kernel launch. Inductor (its CPU C++/OpenMP codegen, so the node needs
+a C++ compiler) fuses the ops between the matmuls into a few loops and runs the step without the interpreter.
+
+For that the shapes must stay fixed, as in gpt-fast: every request that can use the compiled path holds a
+*slot* of one preallocated KV cache per block, ``(slots + 1, kv_heads, positions, head_dim)``, and a step
+writes each row's key/value at (its slot, its position) and attends over the slot's whole buffer with the
+positions past its own masked out. The graph then depends only on how many rows the step has, padded up to a
+*bucket* (1, 2, 4, ... up to ``slots``; the padding rows use the spare last slot): one graph per bucket,
+compiled when the stage starts, before it serves, with a log line each.
+
+The request's :class:`~smolcluster.pipeline.architectures.base.KVCache` is a view of its slot, so the eager
+path (prefill chunks, speculation's several rows, prefix-cache copies, truncation) reads and writes the very
+same memory and the two paths hand a request to each other at any step. Steps the graph does not cover run
+eagerly: any step with a prompt chunk or a speculated row, more rows than ``slots``, or a request that found
+no free slot (more running than ``slots``) or may outgrow ``positions``.
+
+Compiled artifacts are cached on disk (inductor's FX graph cache, ``TORCHINDUCTOR_CACHE_DIR``, default
+``~/.cache/smolcluster/inductor``): a stage restarted with the same shapes loads them instead of compiling.
+Whether compiling pays on a CPU: ``bench quantize --decode`` has an eager-vs-compiled arm (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+# Inductor's disk cache: the user's TORCHINDUCTOR_CACHE_DIR, else ours (not /tmp, which a reboot may empty). Set
+# before torch._dynamo is imported: importing it fixes the variable to inductor's default.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "smolcluster" / "inductor"))
+
+import torch._dynamo  # noqa: E402
+import torch._inductor.config  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from loguru import logger  # noqa: E402
+
+from smolcluster.errors import ConfigError
+from smolcluster.pipeline.architectures.base import Batch, KVCache
+from smolcluster.pipeline.architectures.gpt2 import GPT2Stage
+from smolcluster.pipeline.architectures.llama import LlamaStage, rotate_half
+
+
+def llama_decode(stage: LlamaStage, x, pos, slots, ks, vs):
+    """Llama-shaped blocks over one row per request (``x``: (1, rows, hidden)), writing each row's key/value
+    into its slot at its position and attending over the slot's buffer up to that position. The same
+    operations as ``LlamaStage.run_blocks`` in the same order, with the rows as the batch dimension."""
+    s = stage.shape
+    rows, size = x.shape[1], ks[0].shape[2]
+    groups = s.n_head // s.n_kv_head
+    x = x.view(rows, 1, -1)
+    cos, sin = stage.rope(x, pos.view(rows, 1))
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    mask = (torch.arange(size, device=x.device) <= pos.view(rows, 1)).view(rows, 1, 1, size)
+    for block, kc, vc in zip(stage.model.layers.values(), ks, vs):
+        att, h = block.self_attn, block.input_layernorm(x)
+        shape = (rows, 1, -1, s.head_dim)
+        q, k = att.q_proj(h).view(shape), att.k_proj(h).view(shape)
+        if s.qk_norm:
+            q, k = att.q_norm(q), att.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), att.v_proj(h).view(shape).transpose(1, 2)
+        q, k = (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+        kc[slots, :, pos] = k[:, :, 0]
+        vc[slots, :, pos] = v[:, :, 0]
+        # One query per request: each kv head's group of query heads as its sequence (as the eager path does
+        # for a single query with a mask), so grouped-query attention needs no repeated keys.
+        q = q.reshape(rows, s.n_kv_head, groups, s.head_dim)
+        out = F.scaled_dot_product_attention(q, kc[slots], vc[slots], attn_mask=mask, scale=att.scaling)
+        x = x + att.o_proj(out.reshape(rows, 1, -1))
+        x = x + block.mlp(block.post_attention_layernorm(x))
+    return x.view(1, rows, -1)
+
+
+def gpt2_decode(stage: GPT2Stage, x, pos, slots, ks, vs):
+    """GPT-2 blocks over one row per request, as :func:`llama_decode` (``GPT2Stage.run_blocks``'s operations)."""
+    s = stage.shape
+    rows, size, head_dim = x.shape[1], ks[0].shape[2], s.n_embd // s.n_head
+    x = x.view(rows, 1, -1)
+    mask = (torch.arange(size, device=x.device) <= pos.view(rows, 1)).view(rows, 1, 1, size)
+    for block, kc, vc in zip(stage.transformer.h.values(), ks, vs):
+        att = block.attn
+        q, k, v = (t.view(rows, 1, s.n_head, head_dim).transpose(1, 2)
+                   for t in att.c_attn(block.ln_1(x)).chunk(3, dim=2))
+        kc[slots, :, pos] = k[:, :, 0]
+        vc[slots, :, pos] = v[:, :, 0]
+        out = F.scaled_dot_product_attention(q, kc[slots], vc[slots], attn_mask=mask, scale=att.scaling)
+        x = att.c_proj(out.transpose(1, 2).reshape(rows, 1, s.n_embd)) + x
+        # serving's tanh GELU (gpt2.gelu_new in inference mode), named here: the graph has no inference-mode branch
+        x = x + block.mlp.c_proj(F.gelu(block.mlp.c_fc(block.ln_2(x)), approximate="tanh"))
+    return x.view(1, rows, -1)
+
+
+def buckets_up_to(slots: int) -> list[int]:
+    """Row counts a graph is compiled for: powers of two below ``slots``, and ``slots``."""
+    out = [1 << i for i in range(slots.bit_length()) if 1 << i < slots]
+    return [*out, slots]
+
+
+class CompiledDecode:
+    """A stage's compiled decode step and the slot caches it writes (see the module's docstring)."""
+
+    def __init__(self, stage, slots: int, positions: int, dtype: torch.dtype, device, buckets: list[int] | None = None):
+        if isinstance(stage, LlamaStage):
+            s = stage.shape
+            if any(w is not None for w in s.windows):
+                raise ConfigError("compile=true: sliding-window attention (Mistral) is not compiled; set "
+                                  "compile=false for this model")
+            kv_heads, head_dim, self.hidden, decode = s.n_kv_head, s.head_dim, s.hidden, llama_decode
+        elif isinstance(stage, GPT2Stage):
+            s = stage.shape
+            kv_heads, head_dim, self.hidden, decode = s.n_head, s.n_embd // s.n_head, s.n_embd, gpt2_decode
+        else:
+            raise ConfigError(f"compile=true: {type(stage).__name__} has no compiled decode step; set compile=false")
+        if slots < 1 or positions < 1 or (buckets and max(buckets) < slots):
+            raise ConfigError(f"compile_slots={slots}, compile_positions={positions}: both must be at least 1")
+        self.stage, self.slots, self.positions, self.device, self.dtype = stage, slots, positions, device, dtype
+        self.buckets = sorted(buckets) if buckets else buckets_up_to(slots)  # (the largest must be >= slots)
+        n = len(stage.blocks)
+        # One slot more than requests may hold: the padding rows of a bucket write there.
+        with torch.inference_mode():
+            self.ks = [torch.zeros(slots + 1, kv_heads, positions, head_dim, dtype=dtype, device=device)
+                       for _ in range(n)]
+            self.vs = [torch.zeros_like(k) for k in self.ks]
+        self.free = list(range(slots))
+        self.steps = 0  # decode steps that ran compiled (the beacon shows it)
+        self.cache_dir = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+        torch._inductor.config.fx_graph_cache = True
+        # The generated loops single-threaded: a decode step's are a few thousand elements, too few to repay an
+        # OpenMP fork/join, which an oversubscribed machine makes far worse; the matmuls (MKL) and attention keep
+        # the stage's threads (bench quantize --decode --compile, docs/benchmarks.md).
+        torch._inductor.config.cpp.threads = 1
+        # One graph per bucket, and no more: a shape outside them would recompile mid-serving (fits() keeps them out).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(self.buckets))
+        ks, vs = self.ks, self.vs
+
+        def step(x, pos, slots_):
+            return decode(stage, x, pos, slots_, ks, vs)
+
+        self.fn = torch.compile(step, dynamic=False, fullgraph=True)
+
+    def warm(self, name: str) -> None:
+        """Compile every bucket's graph now, before the stage serves (a step then never waits on a compiler)."""
+        for rows in self.buckets:
+            logger.info(f"{name}: compiling the decode step for {rows} row(s) x {self.positions} positions "
+                        f"(inductor; once per shape, then from the cache in {self.cache_dir})...")
+            t0 = time.perf_counter()
+            pad = torch.full((rows,), self.slots, dtype=torch.long, device=self.device)
+            with torch.inference_mode():
+                self.fn(torch.zeros(1, rows, self.hidden, dtype=self.dtype, device=self.device),
+                        torch.zeros(rows, dtype=torch.long, device=self.device), pad)
+            logger.info(f"{name}: decode step for {rows} row(s) ready in {time.perf_counter() - t0:.1f}s")
+
+    def cache(self, n_layers: int, limit: int, slack: int) -> KVCache | None:
+        """A request's KV cache in a free slot (None: none free, or it may outgrow the slots' positions)."""
+        if not self.free or limit > self.positions:
+            return None
+        slot = self.free.pop()
+        cache = KVCache(n_layers, limit, slack)
+        cache.keys = [k[slot:slot + 1] for k in self.ks]
+        cache.values = [v[slot:slot + 1] for v in self.vs]
+        cache.slot = slot
+        return cache
+
+    def release(self, cache: KVCache) -> None:
+        """A request's slot is free again (its cache is gone with it)."""
+        slot = getattr(cache, "slot", None)
+        if slot is not None:
+            cache.slot = None
+            self.free.append(slot)
+
+    def fits(self, batch: Batch) -> bool:
+        """A step the graph covers: one row per request, each in a slot, at most ``slots`` of them."""
+        return (len(batch.caches) <= self.slots and len(batch.caches) == sum(batch.sizes)
+                and all(getattr(c, "slot", None) is not None for c in batch.caches))
+
+    def run(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The compiled step over ``x`` (one row per request of ``batch``); each cache advances one position."""
+        rows = len(batch.caches)
+        bucket = next(b for b in self.buckets if b >= rows)
+        slots = [c.slot for c in batch.caches] + [self.slots] * (bucket - rows)
+        pos = [c.length for c in batch.caches] + [0] * (bucket - rows)
+        if bucket > rows:
+            x = torch.cat([x, x.new_zeros(1, bucket - rows, x.shape[2])], dim=1)
+        out = self.fn(x, torch.tensor(pos, device=self.device), torch.tensor(slots, device=self.device))
+        for c in batch.caches:
+            c.hi = [h + 1 for h in c.hi]
+            c.length += 1
+        self.steps += 1
+        return out[:, :rows] if bucket > rows else out

@@ -1,0 +1,114 @@
+"""Compiled decode steps (``compile=true``, :mod:`smolcluster.inference.compiled`): the same tokens as eager.
+
+Through 2 real stage processes on loopback, for a tiny random-init Llama (GQA) and GPT-2: a pipeline whose
+stages compile their decode step gives every greedy request the very tokens of the same model's eager
+pipeline, alone and with three requests at once (two in the compiled slots, batched in one graph; the third
+finds no free slot and decodes eagerly beside them), and both stages' beacons count the compiled steps. In
+process: a step of one row padded to a two-row graph after an eager prefill into the slot gives the eager tokens,
+and a slot is freed for the next request; quantized stages and sliding windows are refused in one line.
+
+The first run compiles (minutes on a busy 2-core machine); later runs load the graphs from inductor's disk cache.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from smolcluster.errors import ConfigError
+from smolcluster.inference import InferencePipeline
+from smolcluster.inference.compiled import CompiledDecode
+from smolcluster.inference.stage import ServeConfig, StageServer
+from smolcluster.pipeline.architectures import KVCache
+from smolcluster.pipeline.architectures.base import Batch
+from tests.conftest import wait_until
+from tests.test_architectures import build, stages_of
+from tests.test_batching import prompt
+
+STAGE = dict(stages=2, heartbeat_s=0.1, liveness_s=5.0, eos_ids=[], connect_timeout_s=1200.0)
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def pipes(request, tmp_path_factory):
+    """(the compiled pipeline, the eager one, the vocabulary) of one tiny model."""
+    d = tmp_path_factory.mktemp(request.param)
+    model = build(request.param)
+    model.save_pretrained(d)
+    with InferencePipeline.start_local(d, compile=True, compile_slots=2, **STAGE) as compiled, \
+            InferencePipeline.start_local(d, **STAGE) as eager:
+        yield compiled, eager, model.config.vocab_size
+
+
+def compiled_steps(p: InferencePipeline) -> list[int]:
+    return [p.client.mesh.peers[s].info.get("compiled_steps") or 0 for s in p.client.stages]
+
+
+def test_compiled_stages_decode_the_eager_tokens_alone_and_batched(pipes):
+    compiled, eager, vocab = pipes
+    prompts = [prompt(i, n, vocab) for i, n in enumerate([1, 5, 12])]
+    lengths = [20, 31, 9]
+    want = [eager.submit(p, max_new_tokens=n).tokens() for p, n in zip(prompts, lengths)]
+    assert [compiled.submit(p, max_new_tokens=n).tokens() for p, n in zip(prompts, lengths)] == want
+    # Every step of one row per request ran compiled on each stage: the decodes after each first token
+    # (19 + 30 + 8) and the one-token prompt's prefill.
+    assert wait_until(lambda: compiled_steps(compiled) == [58, 58], 10), compiled_steps(compiled)
+    before = compiled_steps(compiled)[0]
+    together = [compiled.submit(p, max_new_tokens=n) for p, n in zip(prompts, lengths)]
+    assert [r.tokens() for r in together] == want
+    assert wait_until(lambda: compiled_steps(compiled)[0] > before, 10)
+    assert compiled_steps(eager) == [0, 0]
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("llama-one")
+    build("llama").save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def llama_stage(llama_dir):
+    (stage,), _ = stages_of(llama_dir, 1)
+    return stage
+
+
+def greedy(stage, ids: list[int], n: int, cache: KVCache, compiled: CompiledDecode | None) -> list[int]:
+    x = stage.run_blocks(stage.embed(torch.tensor([ids]), 0), cache)  # the prefill: eager on either path
+    out = [int(stage.logits(x)[0, -1].argmax())]
+    for _ in range(n - 1):
+        batch = Batch([cache], [1])
+        x = stage.embed(torch.tensor([[out[-1]]]), batch.positions())
+        x = compiled.run(x, batch) if compiled is not None else stage.run_blocks(x, batch)
+        out.append(int(stage.logits(x)[0, -1].argmax()))
+    return out
+
+
+def test_a_padded_step_and_a_reused_slot_decode_the_eager_tokens(llama_stage):
+    stage = llama_stage
+    with torch.inference_mode():
+        compiled = CompiledDecode(stage, 1, 64, torch.float32, "cpu", buckets=[2])  # 1 row: padded to 2
+        compiled.warm("test")
+        for seed in (1, 2):  # the second request gets the slot the first freed
+            ids = prompt(seed, 7, stage.shape.vocab_size)
+            want = greedy(stage, ids, 24, KVCache(len(stage.blocks), 64), None)
+            cache = compiled.cache(len(stage.blocks), 64, 0)
+            assert cache is not None and compiled.cache(len(stage.blocks), 64, 0) is None  # one slot only
+            assert greedy(stage, ids, 24, cache, compiled) == want
+            compiled.release(cache)
+        assert compiled.steps == 2 * 23
+        assert compiled.cache(len(stage.blocks), 65, 0) is None  # longer than the slots' positions: eager
+
+
+def test_what_is_not_compiled_is_refused_in_one_line(llama_dir, tmp_path):
+    from smolcluster.pipeline.weights import find_model
+
+    config = find_model(llama_dir).config
+    node = [{"address": "tcp://127.0.0.1:1", "bind": "tcp://127.0.0.1:1"}]
+    sc = ServeConfig(rank=0, n_stages=1, weights=str(llama_dir), config=config, nodes=node, compile=True,
+                     quantize="int8")
+    with pytest.raises(ConfigError, match="quantize=int8: set compile=false"):
+        StageServer(sc)
+    build("mistral-window").save_pretrained(tmp_path)
+    (stage,), _ = stages_of(tmp_path, 1)
+    with pytest.raises(ConfigError, match="sliding-window attention"):
+        CompiledDecode(stage, 1, 64, torch.float32, "cpu")
