@@ -27,7 +27,15 @@ from tests.test_architectures import VOCAB, build
 from tests.test_speculate import K, both_drafters_equal_plain, drafter, repeating
 
 
-@pytest.mark.parametrize("case", ["gpt2", "llama"])
+def every_stage_freed(pipe: InferencePipeline) -> bool:
+    """Every stage's beacon shows no request and no KV bytes left (the last stage included: with head=last it
+    frees its own ended requests). Waited for: the beacons come with heartbeats."""
+    beacons = lambda: [pipe.client.mesh.peers[s].info for s in pipe.client.stages]  # noqa: E731
+    freed = lambda: all(b.get("requests") == 0 and b.get("kv_bytes") == 0 for b in beacons())  # noqa: E731
+    return wait_until(freed, 10) or pytest.fail(f"requests or KV left on a stage: {beacons()}")
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama", "mistral-window"])
 def test_greedy_speculation_with_the_head_last_equals_plain_decoding(tmp_path, case):
     target, small = tmp_path / "target", tmp_path / "small"
     build(case).save_pretrained(target)
@@ -36,6 +44,7 @@ def test_greedy_speculation_with_the_head_last_equals_plain_decoding(tmp_path, c
                                        speculate={"k": K, "lookup": 3, "draft": str(small)}) as pipe:
         assert pipe.client.head_rank == 1
         drafted, accepted = both_drafters_equal_plain(pipe)
+        every_stage_freed(pipe)
     assert 0 < accepted < drafted, (accepted, drafted)  # some kept (lookup), most cut (the 1-layer draft)
 
 
@@ -56,6 +65,7 @@ def test_sampling_with_the_head_last_keeps_a_draft_that_is_the_target_and_its_se
         assert pipe.submit(repeating(6), **kw).tokens() == first.tokens()  # a seed's tokens are its own
         looked = [pipe.submit(repeating(6), speculate="lookup", **kw) for _ in range(2)]
         assert looked[0].tokens() == looked[1].tokens() and looked[0].drafted > 0
+        every_stage_freed(pipe)
 
 
 def kv_bytes(model, n_stages: int, positions: int, head_first: bool) -> list[int]:
