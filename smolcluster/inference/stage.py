@@ -638,18 +638,21 @@ class StageServer:
     def propose(self, decodes: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], dict]:
         """Proposals for this step's speculating decodes, each at most as many as it may still make (and the
         context holds) less the one token the pass makes of its own. Should the drafter fail (the draft model
-        runs here), the decodes fail (their heads and the other stages hear of it) and the stage goes on."""
+        runs here), the speculating decodes fail (their heads and the other stages hear of it), the rest go on."""
         if self.speculator is None:
             return decodes, {}
+        wants = self.wants([req for req, _ in decodes])
         try:
-            return decodes, self.speculator.propose(self.wants([req for req, _ in decodes]))
+            return decodes, self.speculator.propose(wants)
         except Exception as e:
             logger.exception(f"{self.me}: proposing failed")
-            for req, _ in decodes:
+            failed = {w.req for _, w in wants}
+            for req in failed:
                 self.fail(req, f"{self.me} failed proposing (speculate): {type(e).__name__}: {e}")
-            return [], {}
+            return [(req, token) for req, token in decodes if req not in failed], {}
 
     def wants(self, reqs: list[str]) -> list:
+        """This step's speculating decodes' (drafter, Want) pairs."""
         from smolcluster.inference.speculate import Want
 
         wants = []
