@@ -8,8 +8,11 @@ sampling through a draft model that is the target keeps every proposal (so the d
 probabilities reached the last stage intact: as point masses most would be rejected) and a seed's
 tokens are its own, run after run (through 3 stages: the middle one hands the proposals on). Then
 the budget: a request whose target KV fits but whose draft model's does not is refused naming the
-draft (and served with lookup); two that fit one at a time take turns, where two lookups run
-together; stage 0 reports the draft's caches.
+draft (and served with lookup), one of a single new token is reserved no draft KV; two that fit
+one at a time take turns, where two lookups run together; cancelling a running or waiting one makes
+room; stage 0 reports the draft's caches (beacon and /metrics), with either head. After requests
+end on the last stage, no stage keeps them or their KV; a draft model that fails on stage 0 fails
+its requests, not the stage.
 """
 
 from __future__ import annotations
@@ -162,3 +165,26 @@ def cancelled_draft_requests_make_room(pipe, info, phase, prompt, n, tokens):
     assert wait_until(lambda: info().get("waiting") == 0 and x.id not in info().get("active", []), 10), info()
     assert y.tokens() == tokens
     assert wait_until(lambda: info().get("draft_kv_bytes") == 0, 10), info()
+
+
+def test_a_draft_model_that_fails_fails_its_requests_and_the_stage_goes_on(tmp_path):
+    """A draft model of NaN weights: sampling its proposals raises on stage 0 (torch.multinomial refuses NaN).
+    The speculating request fails with a one-line error naming it; a request beside it that does not speculate
+    finishes as alone, the stage serves on (lookup), and no stage keeps a request or its KV."""
+    target, small = tmp_path / "target", tmp_path / "small"
+    build("gpt2").save_pretrained(target)
+    broken = drafter("gpt2", 1)
+    with torch.no_grad():
+        for p in broken.parameters():
+            p.fill_(float("nan"))
+    broken.save_pretrained(small)
+    with InferencePipeline.start_local(target, stages=2, head="last", heartbeat_s=0.1, liveness_s=5.0, eos_ids=[],
+                                       speculate={"k": K, "lookup": 3, "draft": str(small)}) as pipe:
+        alone = pipe.submit(repeating(2), max_new_tokens=30, speculate="off").tokens()
+        bad = pipe.submit(repeating(1), max_new_tokens=30, temperature=0.9, seed=3, speculate="draft")
+        beside = pipe.submit(repeating(2), max_new_tokens=30, speculate="off")
+        with pytest.raises(Exception, match="failed proposing \\(speculate\\): RuntimeError"):
+            bad.tokens()
+        assert beside.tokens() == alone
+        assert len(pipe.submit(repeating(1), max_new_tokens=30, speculate="lookup").tokens()) == 30
+        every_stage_freed(pipe)
