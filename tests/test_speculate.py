@@ -5,7 +5,8 @@ proposing with prompt lookup and with a draft model (the target itself: every pr
 1-layer model of another seed: nearly all rejected, so the caches are cut back on every stage) give,
 token for token, the tokens of the same prompt decoded without speculation, alone and batched
 together. In process: speculative sampling keeps the target's distribution over a tiny vocabulary
-(chi-square against the exact two-token distribution), where keeping every proposal does not; the
+(chi-square against the exact two-token distribution), where keeping every proposal does not, and
+with head=last's two generators per request (draft_seed), where one seed for both does not; the
 lookup drafter's n-grams; the cache's cut; bad settings refused in one line.
 """
 
