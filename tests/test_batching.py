@@ -210,6 +210,9 @@ def test_a_llama_pipeline_with_the_head_last_batches_eight_requests_as_each_alon
         alone = [p.submit(q, max_new_tokens=n).tokens() for q, n in zip(prompts, lengths)]
         reqs = [p.submit(q, max_new_tokens=n) for q, n in zip(prompts, lengths)]
         assert [r.tokens() for r in reqs] == alone
+        # Ended on the last stage (length): it freed them too, no stage keeps their caches
+        assert wait_until(lambda: beacons(p, "requests") == [0, 0] and beacons(p, "kv_bytes") == [0, 0], 10), \
+            (beacons(p, "requests"), beacons(p, "kv_bytes"))
 
 
 @pytest.mark.parametrize("keep", [None, 5])

@@ -5,7 +5,8 @@ proposing with prompt lookup and with a draft model (the target itself: every pr
 1-layer model of another seed: nearly all rejected, so the caches are cut back on every stage) give,
 token for token, the tokens of the same prompt decoded without speculation, alone and batched
 together. In process: speculative sampling keeps the target's distribution over a tiny vocabulary
-(chi-square against the exact two-token distribution), where keeping every proposal does not; the
+(chi-square against the exact two-token distribution), where keeping every proposal does not, and
+with head=last's two generators per request (draft_seed), where one seed for both does not; the
 lookup drafter's n-grams; the cache's cut; bad settings refused in one line.
 """
 
@@ -21,8 +22,8 @@ from scipy.stats import chi2
 from smolcluster.errors import ConfigError
 from smolcluster.inference import InferencePipeline
 from smolcluster.inference.api import check_speculate
-from smolcluster.inference.sampling import SamplingParams, filter_logits
-from smolcluster.inference.speculate import accept, lookup
+from smolcluster.inference.sampling import SamplingParams, filter_logits, make_generator
+from smolcluster.inference.speculate import accept, draft_seed, lookup
 from smolcluster.models.gpt2 import gpt2_config
 from smolcluster.pipeline.architectures import KVCache
 from tests.conftest import wait_until
@@ -170,10 +171,10 @@ def two_token_distribution(logits_of, prompt: list[int], vocab: int) -> torch.Te
     return torch.stack([first[a] * logits_of(prompt + [a]) for a in range(vocab)])
 
 
-def test_speculative_sampling_keeps_the_targets_distribution():
-    """A 6-token vocabulary, a target and a draft model that disagree; 2 proposals a pass: the first two tokens
-    made, over 4,000 seeded runs, fit the target's exact distribution (chi-square, p > 1e-3); keeping every
-    proposal instead (no accept/resample) is refused by the same test, so it can tell."""
+@pytest.fixture(scope="module")
+def tiny_pair():
+    """A 6-token vocabulary, a target and a draft model that disagree: the prompt, the sampling params, and the
+    target's and the draft's filtered distributions after every context a run below can reach."""
     vocab, params = 6, SamplingParams(temperature=1.0, top_k=5)
     target, draft = (build_tiny(vocab, seed) for seed in (0, 1))
     prompt = [1, 2, 3]
@@ -184,29 +185,59 @@ def test_speculative_sampling_keeps_the_targets_distribution():
             ids = torch.tensor([prompt + list(s) for s in suffixes])
             p, q = ([filter_logits(row, params).softmax(-1) for row in m(ids).logits[:, -1]] for m in (target, draft))
             probs.update({tuple(prompt) + s: pq for s, pq in zip(suffixes, zip(p, q))})
+    return vocab, params, prompt, probs
 
+
+def speculative_runs(tiny_pair, generators) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first two tokens of N_SAMPLES runs of passes of 2 proposals drawn from the draft, checked by accept();
+    ``generators(run)``: the run's (proposing, accepting) generators. Counts of the pairs made, of the pairs
+    keeping every proposal would have made, and the target's exact distribution."""
+    vocab, params, prompt, probs = tiny_pair
     exact = two_token_distribution(lambda c: probs[tuple(c)][0], prompt, vocab)
-    gen = torch.Generator().manual_seed(0)
     counts, naive = torch.zeros(vocab, vocab), torch.zeros(vocab, vocab)
-    for _ in range(N_SAMPLES):
+    for run in range(N_SAMPLES):
+        propose, check = generators(run)
         out, ctx, first = [], list(prompt), None
-        while len(out) < 2:  # passes of 2 proposals drawn from the draft, checked by accept()
+        while len(out) < 2:
             drafts, qs = [], []
             for _ in range(2):
                 qs.append(probs[tuple(ctx + drafts)][1])
-                drafts.append(int(torch.multinomial(qs[-1], 1, generator=gen)))
+                drafts.append(int(torch.multinomial(qs[-1], 1, generator=propose)))
             # accept() takes logits: log p gives back p through its filter (temperature 1, top-k 5 of 6 kept)
             logits = torch.stack([probs[tuple(ctx + drafts[:i])][0].log() for i in range(3)])
-            made, _ = accept(logits, drafts, torch.stack(qs), params, gen)
+            made, _ = accept(logits, drafts, torch.stack(qs), params, check)
             out += made
             ctx += made
             first = first or drafts
         counts[out[0], out[1]] += 1
         naive[first[0], first[1]] += 1  # what keeping every proposal would have made
     assert counts[exact == 0].sum() == 0, "a pair the target never makes (top-k) was made"
+    return counts, naive, exact
+
+
+def test_speculative_sampling_keeps_the_targets_distribution(tiny_pair):
+    """2 proposals a pass: the first two tokens made, over 4,000 seeded runs, fit the target's exact distribution
+    (chi-square, p > 1e-3); keeping every proposal instead (no accept/resample) is refused by the same test, so it
+    can tell."""
+    gen = torch.Generator().manual_seed(0)
+    counts, naive, exact = speculative_runs(tiny_pair, lambda run: (gen, gen))
     stat, df = chi_square(counts, exact)
     assert stat < chi2.ppf(1 - 1e-3, df), (stat, df)
     wrong, _ = chi_square(naive, exact)
+    assert wrong > chi2.ppf(1 - 1e-3, df), wrong
+
+
+def test_head_last_sampling_keeps_the_targets_distribution_only_with_the_draft_seed_split(tiny_pair):
+    """As with head=last: each request (run) of its own seed s, stage 0 proposing from make_generator(draft_seed(s))
+    and the last stage accepting from make_generator(s): the target's distribution. Proposing from a generator of
+    s itself draws the same numbers that accept() tests the proposals with, and the test refuses it."""
+    seed = lambda run: 1000 + 7 * run  # noqa: E731
+    split = lambda run: (make_generator(draft_seed(seed(run))), make_generator(seed(run)))  # noqa: E731
+    counts, _, exact = speculative_runs(tiny_pair, split)
+    stat, df = chi_square(counts, exact)
+    assert stat < chi2.ppf(1 - 1e-3, df), (stat, df)
+    same = lambda run: (make_generator(seed(run)), make_generator(seed(run)))  # noqa: E731
+    wrong, _ = chi_square(speculative_runs(tiny_pair, same)[0], exact)
     assert wrong > chi2.ppf(1 - 1e-3, df), wrong
 
 

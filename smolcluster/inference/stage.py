@@ -422,9 +422,15 @@ class StageServer:
         its draft model's cache (speculate.draft), which holds as many positions of the draft's own shape."""
         positions = min(prompt_len + max_new_tokens, self.arch.context)
         need = [positions * per for per in self.kv_per_token]
-        if self.speculator is not None:
-            need[0] += self.speculator.kv_need(drafter, prompt_len + max_new_tokens)
+        need[0] += self.draft_need(prompt_len, max_new_tokens, drafter)
         return need
+
+    def draft_need(self, prompt_len: int, max_new_tokens: int, drafter: str) -> int:
+        """Stage 0's KV bytes for a request's drafter; none below 2 new tokens (its one token leaves no room for a
+        proposal: :meth:`wants` asks for max_new_tokens - 1 at most, so the draft model never runs)."""
+        if self.speculator is None or max_new_tokens < 2:
+            return 0
+        return self.speculator.kv_need(drafter, prompt_len + max_new_tokens)
 
     def fits(self, need: list[int]) -> bool:
         return len(self.requests) < self.sc.max_requests and self.kv_fits(need)
@@ -502,7 +508,7 @@ class StageServer:
         worst = max(range(len(need)), key=lambda r: need[r])
         if need[worst] <= self.kv_budget:
             return None
-        draft = self.speculator.kv_need(drafter, prompt_len + max_new_tokens) if worst == 0 and self.speculator else 0
+        draft = self.draft_need(prompt_len, max_new_tokens, drafter) if worst == 0 else 0
         mb = lambda n: f"{n / 2**20:.2f} MB"  # noqa: E731
         of_it = (f" ({mb(draft)} of it the draft model's, speculate.draft: or ask for speculate=\"lookup\" or "
                  "\"off\")") if draft else ""
@@ -614,7 +620,7 @@ class StageServer:
         # The rest stay due for the next turn.
         room = len(self.requests) if self.turns else -(-len(self.requests) // self.sc.n_stages)
         decodes = [(req, self.due.pop(req)) for req in list(self.due)[:room]]
-        proposals = self.propose([req for req, _ in decodes]) if self.speculator is not None else {}
+        decodes, proposals = self.propose(decodes)
         for req, token in decodes:
             st = self.requests[req]
             st.drafts, st.q = proposals.get(req, ([], None))
@@ -667,9 +673,24 @@ class StageServer:
             return
         self.forward_out(step, x)
 
-    def propose(self, reqs: list[str]) -> dict:
+    def propose(self, decodes: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], dict]:
         """Proposals for this step's speculating decodes, each at most as many as it may still make (and the
-        context holds) less the one token the pass makes of its own."""
+        context holds) less the one token the pass makes of its own. Should the drafter fail (the draft model
+        runs here), the speculating decodes fail (their heads and the other stages hear of it), the rest go on."""
+        if self.speculator is None:
+            return decodes, {}
+        wants = self.wants([req for req, _ in decodes])
+        try:
+            return decodes, self.speculator.propose(wants)
+        except Exception as e:
+            logger.exception(f"{self.me}: proposing failed")
+            failed = {w.req for _, w in wants}
+            for req in failed:
+                self.fail(req, f"{self.me} failed proposing (speculate): {type(e).__name__}: {e}")
+            return [(req, token) for req, token in decodes if req not in failed], {}
+
+    def wants(self, reqs: list[str]) -> list:
+        """This step's speculating decodes' (drafter, Want) pairs."""
         from smolcluster.inference.speculate import Want
 
         wants = []
@@ -680,7 +701,7 @@ class StageServer:
             k = min(self.speculator.k, st.max_new_tokens - st.generated - 1, self.arch.context - len(st.history))
             wants.append((st.drafter, Want(req, st.history, k, st.params, st.generator,
                                            st.prompt_len + st.max_new_tokens)))
-        return self.speculator.propose(wants)
+        return wants
 
     def batch(self, step: Step) -> Batch:
         """The step's rows as a batch of its requests' caches; each row routed to its request's adapter."""
@@ -845,8 +866,12 @@ class StageServer:
                     self.mesh.send(name, "mp.done", {"ended": ended}, tag=ended[0][0])
         if self.sc.rank == 0:
             self.schedule(results)
-        else:
-            self.mesh.send(self.names[0], "mp.step", results, tag=step.reqs[0])
+            return
+        self.mesh.send(self.names[0], "mp.step", results, tag=step.reqs[0])
+        # head=last: this stage frees them too (no mp.done comes back to it); their held tokens stay in
+        # to_heads, which close() leaves alone, and still stream.
+        for req, reason in ended:
+            self.close(req, reason)
 
     def verify(self, st: RequestState, logits: torch.Tensor) -> tuple[list[int], int]:
         """A speculating step's tokens (the proposals the target keeps and its own next one) and how many
