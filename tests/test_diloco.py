@@ -157,8 +157,8 @@ def test_int4_error_feedback_is_carried_across_rounds_and_resume(tmp_path):
 
 def test_timed_rounds_let_the_fast_rank_step_more_and_weigh_each_by_its_samples(tmp_path):
     """algo.round_s: rank 1 is slower (cluster.nodes[r].delay_s), so within the same round time it takes fewer
-    inner steps; the weights equal a plain replay of the logged rounds: each rank's steps, its pseudo-gradient
-    weighted by its samples, the outer Nesterov step."""
+    inner steps; the weights equal a plain replay of the logged rounds: each rank's steps (at the lr of the ring's
+    samples so far), its pseudo-gradient weighted by its samples, the outer Nesterov step."""
     # the delays cap each rank's rate (rank 0 <= 40 steps a 0.2 s round, rank 1 <= 4), so the global budget of
     # 60 x 32 samples takes at least 3 rounds on any machine
     over = [*ADAMW, "train.steps=60", "algo.round_s=0.2"]
@@ -175,13 +175,17 @@ def test_timed_rounds_let_the_fast_rank_step_more_and_weigh_each_by_its_samples(
     reps = [Trainer(cfg, [16, 16]) for _ in range(2)]
     flats = [next(iter(r.flat.params.values())) for r in reps]
     glob, mom = flats[0].detach().clone(), torch.zeros_like(flats[0])
+    before, per_step = 0, [32.0, 32.0]  # the ring's samples so far; its samples per inner step of each rank
     with torch.no_grad():
         for steps in rounds:
             for r, rep in enumerate(reps):
-                for _ in range(steps[r]):
+                for j in range(steps[r]):
                     with torch.enable_grad():
                         rep.compute_gradients(rep.step, r)
+                    rep.lr_step = (before + j * per_step[r]) / 32  # the lr schedule follows the ring's samples
                     rep.apply_gradients()
+            before += 16 * sum(steps)
+            per_step = [16.0 * sum(steps) / n for n in steps]
             g = sum((glob - f) * (16 * n / (16 * sum(steps))) for f, n in zip(flats, steps))
             mom = a.outer_momentum * mom + g
             glob -= a.outer_lr * (g + a.outer_momentum * mom)

@@ -220,6 +220,9 @@ class Worker:
         self.recorder, self.lead = None, rank == 0
         self.round_s, self.budget = a.round_s, None  # round_s: this round's steps (None: until T passes)
         self.round = SimpleNamespace(t0=time.perf_counter(), steps=0, samples=0)
+        # round_s: the samples the ring trains per inner step of this rank (the first round guesses every rank is as
+        # fast as this one; then the last round's); it places this rank's steps on the run's lr schedule
+        self.ring_per_step = float(self.total)
         self.delay_s = node.faults.delay_s  # test knob: an artificially slow node
         # elastic: the ring re-forms without a lost rank and takes in new ones between rounds (plain DiLoCo: with
         # fragments or overlap a fragment is always in flight, with round_s the ranks are at different steps)
@@ -342,6 +345,7 @@ class Worker:
                                                            [loss * r.samples / samples])))
         row = self.merge(self.pending.pop(0))
         self.trainer.samples += int(samples)
+        self.ring_per_step = samples / r.steps
         row.update({f"round_steps/rank{m}": int(n) for m, n in zip(self.link.members, table[:, 1].tolist())})
         self.round = SimpleNamespace(t0=time.perf_counter(), steps=0, samples=0)
         return row
@@ -420,6 +424,8 @@ class Worker:
             time.sleep(self.delay_s)
         if t.step < self.warmup:
             self.pool.submit(self._reduce_gradients, t.step).result()
+        elif self.round_s:  # the schedule follows the ring's samples, not this rank's steps (see timed_round)
+            t.lr_step = (t.samples + self.round.steps * self.ring_per_step) / self.total
         lr = t.apply_gradients()
         self.since.append(loss)
         self.mark.steps += 1
