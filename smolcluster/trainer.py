@@ -64,6 +64,9 @@ class Trainer:
         # The schedule always spans total_steps; stop_after only ends this process early (resume continues).
         self.end_step = min(self.total_steps, cfg.train.stop_after or self.total_steps)
         self.step = 0
+        # Where the lr schedule stands (None: at self.step). algo.round_s sets it from the ring's samples, so ranks
+        # that take unlike numbers of steps anneal together.
+        self.lr_step: float | None = None
         # The run's counters, carried across resumes in the checkpoint's JSON (``run``): samples trained on and
         # training wall time (waiting for workers and the time between a crash and its restart not counted).
         self.samples, self.wall_before, self.t0 = 0, 0.0, time.perf_counter()
@@ -98,7 +101,7 @@ class Trainer:
         if self.grad_norm_every and (self.step + 1) % self.grad_norm_every == 0:
             self.grad_norms = self.layer_grad_norms()
         self.clip_gradients()
-        lr = lr_at(self.step, self.train, self.total_steps)
+        lr = lr_at(self.step if self.lr_step is None else self.lr_step, self.train, self.total_steps)
         set_lr(self.optimizer, lr * scale)
         self.optimizer.step()
         self.step += 1

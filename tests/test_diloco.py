@@ -157,11 +157,11 @@ def test_int4_error_feedback_is_carried_across_rounds_and_resume(tmp_path):
 
 def test_timed_rounds_let_the_fast_rank_step_more_and_weigh_each_by_its_samples(tmp_path):
     """algo.round_s: rank 1 is slower (cluster.nodes[r].delay_s), so within the same round time it takes fewer
-    inner steps; the weights equal a plain replay of the logged rounds: each rank's steps, its pseudo-gradient
-    weighted by its samples, the outer Nesterov step."""
+    inner steps; the weights equal a plain replay of the logged rounds: each rank's steps (at the lr of the ring's
+    samples so far), its pseudo-gradient weighted by its samples, the outer Nesterov step."""
     # the delays cap each rank's rate (rank 0 <= 40 steps a 0.2 s round, rank 1 <= 4), so the global budget of
     # 60 x 32 samples takes at least 3 rounds on any machine
-    over = [*ADAMW, "train.steps=60", "algo.round_s=0.2"]
+    over = [*ADAMW, "train.steps=60", "algo.round_s=0.2", "train.eval_every=10"]
     s = train(tmp_path, "algo=diloco", "cluster.workers=2", *over, "cluster.nodes=[{delay_s: 0.005},{delay_s: 0.05}]",
               *FAST)
     rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines() if r.strip()]
@@ -170,18 +170,24 @@ def test_timed_rounds_let_the_fast_rank_step_more_and_weigh_each_by_its_samples(
     fast, slow = (sum(n[i] for n in rounds[1:]) for i in (0, 1))  # rounds after the first: steps from the rate
     assert fast > slow, rounds
     assert s["samples"] == 16 * sum(a + b for a, b in rounds) >= 60 * 32  # ends once the global budget is met
+    evals = [r for r in rows if "eval_loss" in r]  # each at a round's end (the outer step's weights), the last too
+    assert len(evals) >= 2 and all("outer_step" in r for r in evals[:-1]) and evals[-1]["step"] == rows[-1]["step"]
     cfg = compose_cfg("algo=diloco", "cluster.workers=2", *over)
     a = cfg.algo
     reps = [Trainer(cfg, [16, 16]) for _ in range(2)]
     flats = [next(iter(r.flat.params.values())) for r in reps]
     glob, mom = flats[0].detach().clone(), torch.zeros_like(flats[0])
+    before, per_step = 0, [32.0, 32.0]  # the ring's samples so far; its samples per inner step of each rank
     with torch.no_grad():
         for steps in rounds:
             for r, rep in enumerate(reps):
-                for _ in range(steps[r]):
+                for j in range(steps[r]):
                     with torch.enable_grad():
                         rep.compute_gradients(rep.step, r)
+                    rep.lr_step = (before + j * per_step[r]) / 32  # the lr schedule follows the ring's samples
                     rep.apply_gradients()
+            before += 16 * sum(steps)
+            per_step = [16.0 * sum(steps) / n for n in steps]
             g = sum((glob - f) * (16 * n / (16 * sum(steps))) for f, n in zip(flats, steps))
             mom = a.outer_momentum * mom + g
             glob -= a.outer_lr * (g + a.outer_momentum * mom)

@@ -19,7 +19,8 @@ count from step W.
 ``algo.round_s=T`` (unlike machines): rounds by time instead of by H. In its first round a rank takes inner steps
 until T seconds have passed; the rate it measured sets its next round's number of steps (rate x T), so a fast
 rank takes more steps and nobody waits for the slowest. Each pseudo-gradient is weighted by the samples the rank
-trained on in the round; the run ends once the ranks together trained on ``train.steps`` x the global batch.
+trained on in the round; the run ends once the ranks together trained on ``train.steps`` x the global batch. The
+lr schedule follows the ring's samples (every rank anneals together) and an evaluation waits for its round's end.
 
 ``algo.codec``: the pseudo-gradient's chunks on the ring (none, fp16, bf16, int8, int4), with the ring's error
 feedback (per buffer, bucket and hop): a rank's residual is carried to the next round and into its checkpoint.
@@ -36,6 +37,7 @@ fragments, overlap or round_s a lost rank stops the run (resume from the last ch
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -220,6 +222,14 @@ class Worker:
         self.recorder, self.lead = None, rank == 0
         self.round_s, self.budget = a.round_s, None  # round_s: this round's steps (None: until T passes)
         self.round = SimpleNamespace(t0=time.perf_counter(), steps=0, samples=0)
+        # round_s: the samples the ring trains per inner step of this rank (the first round guesses every rank is as
+        # fast as this one; then the last round's); it places this rank's steps on the run's lr schedule
+        self.ring_per_step = float(self.total)
+        # round_s: rank 0's own steps end mid-round, where its weights are its own, not the ring's, so an evaluation
+        # waits for the end of the round in which its step comes (as at fixed H with eval_every a multiple of H)
+        self.eval_every = cfg.train.eval_every
+        if self.round_s:
+            t.train = dataclasses.replace(t.train, eval_every=0)
         self.delay_s = node.faults.delay_s  # test knob: an artificially slow node
         # elastic: the ring re-forms without a lost rank and takes in new ones between rounds (plain DiLoCo: with
         # fragments or overlap a fragment is always in flight, with round_s the ranks are at different steps)
@@ -342,7 +352,11 @@ class Worker:
                                                            [loss * r.samples / samples])))
         row = self.merge(self.pending.pop(0))
         self.trainer.samples += int(samples)
+        self.ring_per_step = samples / r.steps
         row.update({f"round_steps/rank{m}": int(n) for m, n in zip(self.link.members, table[:, 1].tolist())})
+        step, e = self.trainer.step, self.eval_every
+        if self.lead and e and step // e > (step - r.steps) // e and not self.finished():  # (the end evaluates)
+            row.update(self.trainer.evaluate())
         self.round = SimpleNamespace(t0=time.perf_counter(), steps=0, samples=0)
         return row
 
@@ -420,6 +434,8 @@ class Worker:
             time.sleep(self.delay_s)
         if t.step < self.warmup:
             self.pool.submit(self._reduce_gradients, t.step).result()
+        elif self.round_s:  # the schedule follows the ring's samples, not this rank's steps (see timed_round)
+            t.lr_step = (t.samples + self.round.steps * self.ring_per_step) / self.total
         lr = t.apply_gradients()
         self.since.append(loss)
         self.mark.steps += 1

@@ -54,7 +54,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from smolcluster.bench.desk import Desk, cgroup_unavailable
+from smolcluster.bench.desk import PERIOD_US, Desk, cgroup_unavailable
 from smolcluster.bench.lora import Loopback
 from smolcluster.bench.report import markdown_table, write_report
 from smolcluster.bench.scaling import MODELS, PORT, overrides_of, run_ddp, run_smolcluster
@@ -197,6 +197,11 @@ def measure(args, base: Path, model: str, link: str) -> dict:
     if link == args.unlike_link:
         local = runs["local"]
         round_s = args.round_s or args.inner_steps * local["time"] / max(1, local["steps"])
+        if args.cpu and not args.unshaped and round_s < 5 * PERIOD_US / 1e6:
+            # a quota is granted per CFS period: a round of a few periods sees a node's budget arrive in bursts, and
+            # the rate it measures (its next round's steps) is noise
+            print(f"warning: round_s {round_s:.3g} s is under 5 CFS periods ({PERIOD_US / 1e3:g} ms each): the "
+                  "nodes' rates are noise; raise --inner-steps or --round-s", flush=True)
         hosts = hosts_for(args, link, args.speeds)
         try:
             for name in ("fixed_H", "round_s"):

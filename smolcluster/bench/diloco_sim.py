@@ -69,10 +69,12 @@ def run_local(base: list[str], data, steps: int, every: int) -> list[dict]:
         t.apply_gradients()
         if t.step % every == 0:
             curve.append({"step": t.step, "eval_loss": t.evaluate()["eval_loss"]})
+            print(json.dumps({"run": "local", **curve[-1]}), flush=True)  # (a long run's progress, as it goes)
     return curve
 
 
-def run_config(base: list[str], data, c: dict, k: int, n: int, every: int, target: float, max_frac: float) -> dict:
+def run_config(base: list[str], data, name: str, c: dict, k: int, n: int, every: int, target: float,
+               max_frac: float) -> dict:
     """K simulated diloco workers until worker 0's eval reaches ``target`` or ``max_frac`` x N steps."""
     from smolcluster.trainer import Trainer
 
@@ -106,6 +108,7 @@ def run_config(base: list[str], data, c: dict, k: int, n: int, every: int, targe
         if s % every == 0 or s == stop:
             loss = workers[0].evaluate()["eval_loss"]
             curve.append({"step": s, "eval_loss": loss})
+            print(json.dumps({"run": name, **curve[-1]}), flush=True)
             if loss <= target:
                 reached = s
                 break
@@ -181,7 +184,7 @@ def main(argv: list[str]) -> int:
     results, rows = {}, []
     for name, c in args.configs.items():
         t0 = time.monotonic()
-        r = results[name] = run_config(base, data, c, args.workers, args.steps, args.eval_every, target,
+        r = results[name] = run_config(base, data, name, c, args.workers, args.steps, args.eval_every, target,
                                        args.max_frac)
         rows.append({"config": name, "frac_of_N_to_target": r["frac"] and round(r["frac"], 3),
                      "last_eval_loss": r["final"] and round(r["final"], 4), "outer_steps": r["syncs"],
