@@ -70,7 +70,8 @@ class Session:
 
     def start(self) -> None:
         spec = self.nodes[0].ssh
-        cmd = host_command(spec, python_script(spec, RECEIVER, ["--state-dir", spec.state_dir]))
+        cap = [] if spec.weights_cache_gb is None else ["--weights-cache-gb", str(spec.weights_cache_gb)]
+        cmd = host_command(spec, python_script(spec, RECEIVER, ["--state-dir", spec.state_dir, *cap]))
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      start_new_session=True)
         self.reader = threading.Thread(target=self._read, daemon=True, name="weights-answers")
@@ -103,22 +104,25 @@ class Session:
 
     def answer(self, timeout_s: float, block: bool = True) -> dict | None:
         """The host's next answer (None: none yet, when not ``block``); raises if the session ended, said why it
-        failed, or said nothing in time."""
+        failed, or said nothing in time. A ``busy`` line (re-hashing its cache: weightrecv.KEEPALIVE_S) restarts
+        the wait."""
         try:
             self.proc.stdin.flush()
         except (OSError, ValueError):  # it ended: what it said last (a setup error) comes first, then the end
             pass
-        try:
-            got = self.answers.get(block, timeout_s)
-        except queue.Empty:
-            if not block:
-                return None
-            raise PeerError(f"weights: {self.where} answered nothing within {timeout_s:g}s") from None
-        if got is None:
-            raise self.failure()
-        if "error" in got and "state" not in got:
-            raise PeerError(f"weights: {self.where} failed: {got['error']}")
-        return got
+        while True:
+            try:
+                got = self.answers.get(block, timeout_s)
+            except queue.Empty:
+                if not block:
+                    return None
+                raise PeerError(f"weights: {self.where} answered nothing within {timeout_s:g}s") from None
+            if got is None:
+                raise self.failure()
+            if "error" in got and "state" not in got:
+                raise PeerError(f"weights: {self.where} failed: {got['error']}")
+            if "busy" not in got:
+                return got
 
     def failure(self) -> PeerError:
         if self.proc.poll() is None:

@@ -329,6 +329,30 @@ def test_build_reuses_a_whole_stage_directory_and_rebuilds_a_broken_one(tmp_path
     assert sorted(p.name for p in (tmp_path / "ssh").iterdir()) == [d.parent.name]  # no temp left behind
 
 
+def test_a_long_ask_says_busy_until_it_answers(tmp_path, monkeypatch):
+    from smolcluster.node.weightcache import DISK_MARGIN, WeightCache
+
+    e = big_entry(16)  # re-hashed at the ask: longer than the (shortened) keep-alive period
+    WeightCache(tmp_path / "weights").write(e.sha, e.size, 0, e.prefix)
+    monkeypatch.setattr("smolcluster.node.weightrecv.KEEPALIVE_S", 0.001)
+    ask = json.dumps({"op": "ask", "entries": {e.sha: e.size}, "files": {}}).encode() + b"\n"
+    code, out = receiver(tmp_path, ask + ask, monkeypatch)
+    answers = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and answers[0] == {"busy": "re-hashing the cached weights"}
+    assert [a["have"] for a in answers if "busy" not in a] == [{e.sha: e.size}] * 2
+
+    # the launcher waits through them: its answer is the real one (and ssh.weights_cache_gb caps the room there)
+    monkeypatch.setattr("launchers.ssh_weights.RECEIVER", "import sys; import smolcluster.node.weightrecv as w; "
+                        "w.KEEPALIVE_S = 0.001; sys.exit(w.main())")
+    s = session(tmp_path, ".", weights_cache_gb=1)
+    try:
+        s.send(json.loads(ask))
+        a = s.answer(60)
+    finally:
+        s.close()
+    assert a["have"] == {e.sha: e.size} and a["free"] <= 2**30 - e.size + DISK_MARGIN
+
+
 # -- the launcher's side of a session: a host that fails, stalls or answers as chunks arrive ------------------------
 FAKE = """import sys, json, time
 line = sys.stdin.readline()
@@ -339,12 +363,12 @@ print(json.dumps({"error": "CacheError: the disk broke"}), flush=True)
 """
 
 
-def session(tmp: Path, name: str, workdir: Path = REPO):
+def session(tmp: Path, name: str, workdir: Path = REPO, weights_cache_gb: float | None = None):
     from launchers.cluster_file import Node, SshSpec
     from launchers.ssh_weights import Session
 
     spec = SshSpec(host="localhost", local=True, python=sys.executable, workdir=str(workdir),
-                   state_dir=str(tmp / name))
+                   state_dir=str(tmp / name), weights_cache_gb=weights_cache_gb)
     s = Session([Node("stage", 0, name, spec)], [0])
     s.start()
     return s

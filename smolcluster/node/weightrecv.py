@@ -8,14 +8,20 @@ over the session's stdin and stdout. It writes into the same content-addressed c
 shared with an agent started with the same ``--state-dir``. Each message is one JSON line (a ``chunk`` is
 followed by its ``n`` raw bytes); each answer one JSON line on stdout. Nothing is pickled.
 
-    ask   {entries: {sha: size}, files: {path: [size, sha]}}  ->  {have, free, readable}   (WeightCache.answer)
-    chunk {sha, size, offset, n} + n bytes                    ->  {sha, offset, n, state}  (partial|done|bad)
+    ask   {entries: {sha: size}, files: {path: [size, sha]}}  ->  {have, free, readable}   (WeightCache.answer;
+                                                              {busy} lines every KEEPALIVE_S before it)
+    chunk {sha, size, offset, n} + n bytes                    ->  {sha, offset, n, state}  (partial|done|bad;
+                                                              bad with its error: the launcher says it)
     build {stages: {name: manifest}}                          ->  {args: {name: [checkpoint=DIR, adapters.X=DIR]}}
     bye   {}                                                  ->  exits 0
 
 ``build`` makes each stage's model directory of links into the cache (``STATE/ssh/KEY``, KEY from the
-manifest's hash, so a second run reuses the same one) exactly as an agent does for a stage it starts.
-A bad message ends the program with one ``{"error": ...}`` line and exit code 2.
+manifest's hash, so a second run reuses the same one, whole, even while another serve's stage reads it) as
+an agent does for a stage it starts. Two receivers on one cache (two serves at once, or one cache under two
+spellings of ``--state-dir``) take turns per message (a file lock, ``STATE/weights/.lock``); an agent on the
+same state dir does not take that lock, so do not point both at one directory while both receive.
+``--weights-cache-gb`` caps the cache as an agent's option does (the launcher passes ``ssh.weights_cache_gb``).
+Anything wrong ends the program with one ``{"error": ...}`` line and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ import json
 import os
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,6 +42,7 @@ from smolcluster.node.pairing import private_dir
 from smolcluster.node.protocol import CHUNK
 from smolcluster.node.weightcache import CacheError, WeightCache, adapter_dirs, model_dir
 
+KEEPALIVE_S = 10.0  # a busy line this often during a long ask (well inside the launcher's timeout)
 MAX_LINE = 64 << 20  # an ask names every entry of a model (~150 bytes each): room for a few hundred thousand
 
 
@@ -105,7 +114,7 @@ def serve(state: Path, inp, out, cap_bytes: int | None = None) -> None:
         op = msg.get("op")
         if op == "ask":
             with cache_lock(cache):
-                reply(out, cache.answer(msg["entries"], msg["files"]))
+                reply(out, keep_alive(out, cache.answer, msg["entries"], msg["files"]))
         elif op == "chunk":
             n = int(msg["n"])
             if not 0 < n <= CHUNK:
@@ -126,6 +135,18 @@ def serve(state: Path, inp, out, cap_bytes: int | None = None) -> None:
             return
         else:
             raise CacheError(f"unknown op {str(op)[:40]!r}")
+
+
+def keep_alive(out, fn, *args):
+    """``fn(*args)`` (an ask re-hashes every entry it names: minutes for a big model on a slow disk), saying
+    ``{"busy": ...}`` every ``KEEPALIVE_S`` meanwhile, so the launcher knows this host is alive and waits on."""
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(fn, *args)
+        while True:
+            try:
+                return job.result(timeout=KEEPALIVE_S)
+            except FutureTimeout:
+                reply(out, {"busy": "re-hashing the cached weights"})
 
 
 @contextmanager
