@@ -320,8 +320,10 @@ def test_build_reuses_a_whole_stage_directory_and_rebuilds_a_broken_one(tmp_path
     [arg] = build(cache, tmp_path, {"stage0": manifest})["stage0"]
     d = Path(arg.split("=", 1)[1])
     inode = d.stat().st_ino
+    (d / "read-by-a-stage").touch()  # (what a running stage sees there: it must survive)
     # a second serve of the same model while a stage reads d: the very same directory, untouched
     assert build(cache, tmp_path, {"stage1": manifest}) == {"stage1": [arg]} and d.stat().st_ino == inode
+    assert (d / "read-by-a-stage").is_file()
     assert (d / "config.json").read_bytes() == b'{"model_type": "gpt2"}'
     cache.path(blobs[b"tensor bytes"]).unlink()  # pruned since: rebuilt (and refused: the entry is not here)
     with pytest.raises(ValueError, match="is not here: send the weights first"):
