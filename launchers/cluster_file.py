@@ -33,7 +33,7 @@ from smolcluster.train_settings import LaunchSpec
 
 SSH_DEFAULTS = {"user": None, "port": None, "identity": None, "python": ".venv/bin/python",
                 "workdir": "~/smolcluster", "options": [], "env": {}, "local": False,
-                "state_dir": "~/.smolcluster/node"}
+                "state_dir": "~/.smolcluster/node", "weights_cache_gb": None}
 
 
 @dataclass
@@ -48,6 +48,7 @@ class SshSpec:
     env: dict[str, str] = field(default_factory=dict)
     local: bool = False
     state_dir: str = "~/.smolcluster/node"  # serve's weight cache there (STATE/weights: an agent's own default)
+    weights_cache_gb: float | None = None  # that cache's cap (an agent's --weights-cache-gb; None: the free disk)
 
     @property
     def target(self) -> str:
@@ -112,6 +113,9 @@ def _ssh_spec(where: str, host: str | None, defaults: dict, own) -> SshSpec:
         raise ConfigError(f"{where}.ssh.port={merged['port']!r} must be an integer, e.g. 22")
     if not isinstance(merged["options"], list):
         raise ConfigError(f"{where}.ssh.options must be a list of ssh -o options, e.g. [ConnectTimeout=5]")
+    if merged["weights_cache_gb"] is not None and not isinstance(merged["weights_cache_gb"], (int, float)):
+        raise ConfigError(f"{where}.ssh.weights_cache_gb={merged['weights_cache_gb']!r} must be a number of GB, "
+                          "e.g. 20")
     merged["env"] = {str(k): str(v) for k, v in (merged["env"] or {}).items()}
     return SshSpec(host=str(host or "localhost"), **merged)
 

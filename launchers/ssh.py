@@ -61,6 +61,7 @@ from smolcluster.errors import ConfigError, PeerError  # noqa: E402
 from smolcluster.launch.cli import command  # noqa: E402
 from smolcluster.launch.overrides import child_overrides  # noqa: E402
 from smolcluster.launch.supervisor import Supervisor, sigterm_as_interrupt  # noqa: E402
+from smolcluster.node.coordinator import WEIGHT_MODES  # noqa: E402
 from smolcluster.paths import CONFIG_DIR  # noqa: E402
 from smolcluster.train_settings import LaunchSpec, launch_spec, train_config  # noqa: E402
 
@@ -412,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
                            help="a failed worker does not stop the run (the server continues without it)")
             p.add_argument("--run-dir", default=None, help="run dir, relative to each node's workdir")
         if name == "serve":
-            p.add_argument("--weights", choices=("auto", "send", "shared"), default="auto",
+            p.add_argument("--weights", choices=WEIGHT_MODES, default="auto",
                            help="send each stage its share of the weights over SSH into its host's ssh.state_dir "
                                 "cache: auto = unless the host reads the very model files; send = always; "
                                 "shared = never (every host reads checkpoint=/model.pretrained= itself)")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import queue
 import subprocess
-import sys
 import threading
 import time
 from collections import deque
@@ -31,11 +30,19 @@ from pathlib import Path
 from launchers.cluster_file import Node
 from launchers.remote import host_command, python_script
 from smolcluster.errors import ConfigError, PeerError
-from smolcluster.inference.placement import size as human
+from smolcluster.node.coordinator import WEIGHT_MODES as MODES
 from smolcluster.node.protocol import CHUNK
-from smolcluster.node.weightsend import Entry, HashBook, model_files, plan_stages, say, what_to_send
+from smolcluster.node.weightsend import (
+    Entry,
+    HashBook,
+    model_files,
+    plan_stages,
+    progress_bar,
+    resend_bad,
+    sent_summary,
+    what_to_send,
+)
 
-MODES = ("auto", "send", "shared")  # as cluster.weights for agents (node/coordinator.WEIGHT_MODES)
 BOOK = Path("~/.smolcluster/launcher/weight-hashes.json")
 RECEIVER = "import sys; from smolcluster.node.weightrecv import main; sys.exit(main())"
 
@@ -51,6 +58,10 @@ class Session:
     errors: deque = field(default_factory=lambda: deque(maxlen=20))
     proc: subprocess.Popen | None = None
     sent: int = 0
+    owed: int = 0                                               # chunks written that it has not answered yet
+    heard: float = field(default_factory=time.monotonic)       # when it last answered
+    why: str = ""                                               # why the launcher ended it, if it did
+    reader: threading.Thread | None = None
     need: int = 0  # bytes to send (grows when a corrupt entry is sent again)
 
     def show(self, progress) -> None:
@@ -65,15 +76,24 @@ class Session:
 
     def start(self) -> None:
         spec = self.nodes[0].ssh
-        cmd = host_command(spec, python_script(spec, RECEIVER, ["--state-dir", spec.state_dir]))
+        cap = [] if spec.weights_cache_gb is None else ["--weights-cache-gb", str(spec.weights_cache_gb)]
+        cmd = host_command(spec, python_script(spec, RECEIVER, ["--state-dir", spec.state_dir, *cap]))
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      start_new_session=True)
-        threading.Thread(target=self._read, daemon=True, name="weights-answers").start()
+        self.reader = threading.Thread(target=self._read, daemon=True, name="weights-answers")
+        self.reader.start()
         threading.Thread(target=self._errors, daemon=True, name="weights-stderr").start()
 
     def _read(self) -> None:
         for line in iter(self.proc.stdout.readline, b""):
-            self.answers.put(json.loads(line))
+            self.heard = time.monotonic()
+            try:
+                got = json.loads(line)
+            except ValueError:
+                got = None
+            if not isinstance(got, dict):  # not the receiver talking: the host's setup failed (remote.py's prelude)
+                got = {"error": line.decode(errors="replace").strip()[:500] or "(an empty line)"}
+            self.answers.put(got)
         self.answers.put(None)  # the session ended
 
     def _errors(self) -> None:
@@ -81,25 +101,34 @@ class Session:
             self.errors.append(line.decode(errors="replace").rstrip())
 
     def send(self, fields: dict, data: bytes = b"") -> None:
+        """Write a message (blocks while the host is slow to read: :func:`stream`'s watchdog ends a session that
+        owes answers and says nothing for its timeout, and the write then fails here)."""
         try:
             self.proc.stdin.write(json.dumps(fields).encode() + b"\n" + data)
-        except (BrokenPipeError, OSError):
+        except (BrokenPipeError, OSError, ValueError):  # (ValueError: written after close)
             raise self.failure() from None
 
-    def answer(self, timeout_s: float) -> dict:
-        """The host's next answer; raises if the session ended, said why it failed, or said nothing in time."""
+    def answer(self, timeout_s: float, block: bool = True) -> dict | None:
+        """The host's next answer (None: none yet, when not ``block``); raises if the session ended, said why it
+        failed, or said nothing in time. A ``busy`` line (re-hashing its cache: weightrecv.KEEPALIVE_S) restarts
+        the wait."""
         try:
             self.proc.stdin.flush()
-            got = self.answers.get(timeout=timeout_s)
-        except (BrokenPipeError, OSError):
-            raise self.failure() from None
-        except queue.Empty:
-            raise PeerError(f"weights: {self.where} answered nothing within {timeout_s:g}s") from None
-        if got is None:
-            raise self.failure()
-        if "error" in got:
-            raise PeerError(f"weights: {self.where} failed: {got['error']}")
-        return got
+        except (OSError, ValueError):  # it ended: what it said last (a setup error) comes first, then the end
+            pass
+        while True:
+            try:
+                got = self.answers.get(block, timeout_s)
+            except queue.Empty:
+                if not block:
+                    return None
+                raise PeerError(f"weights: {self.where} answered nothing within {timeout_s:g}s") from None
+            if got is None:
+                raise self.failure()
+            if "error" in got and "state" not in got:
+                raise PeerError(f"weights: {self.where} failed: {got['error']}")
+            if "busy" not in got:
+                return got
 
     def failure(self) -> PeerError:
         if self.proc.poll() is None:
@@ -107,8 +136,17 @@ class Session:
                 self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
-        last = next((e for e in reversed(self.errors) if e.strip()), "(no output)")
+        self.reader.join(5)  # (its last lines: an error line there says why better than stderr)
+        said = [a["error"] for a in list(self.answers.queue) if a is not None and "error" in a and "state" not in a]
+        last = self.why or next(iter(said), None) or next((e for e in reversed(self.errors) if e.strip()),
+                                                           "(no output)")
         return PeerError(f"weights: the SSH session to {self.where} ended (exit {self.proc.poll()}): {last}")
+
+    def kill(self, why: str) -> None:
+        """End the session now (a write blocked on it then fails); ``why`` is what its failure says."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.why = why
+            self.proc.kill()
 
     def close(self, done: bool = True) -> None:
         """Say goodbye (``done``), or end the session at once (interrupted: a sender thread may be mid-chunk;
@@ -166,9 +204,15 @@ def send_weights(p, nodes: list[Node], node_entries: list, mode: str, timeout_s:
             if todo == [] and progress is not None:  # its cache holds everything: top says so
                 s.show(progress)
         stream([(s, todo) for s, todo in todos if todo], timeout_s, progress)
+        # a host that reads the very files reads them where the launcher found them: the user's (maybe relative)
+        # checkpoint= / model.pretrained=, made absolute, not resolved against the host's workdir
+        own = f"checkpoint={Path(p.checkpoint).expanduser().resolve()}" if p.checkpoint else \
+            f"model.pretrained={Path(p.model['pretrained']).expanduser().resolve()}"
         out = [[] for _ in nodes]
         for s, todo in todos:
             if todo is None:  # it reads the model files itself
+                for r in s.ranks:
+                    out[r] = [own]
                 continue
             s.send({"op": "build", "stages": {f"stage{r}": plans[r].manifest() for r in s.ranks}})
             args = s.answer(timeout_s)["args"]
@@ -184,13 +228,10 @@ def send_weights(p, nodes: list[Node], node_entries: list, mode: str, timeout_s:
 
 
 def stream(todos: list[tuple[Session, list]], timeout_s: float, watch=None) -> int:
-    """Every host's missing entries, all hosts at once (a thread each); returns the bytes sent. ``watch``: the
-    WeightsMetrics each host's figures go to, per acknowledged chunk."""
-    from tqdm import tqdm
-
-    total = sum(e.size - off for _, todo in todos for e, off in todo)
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="weights", file=sys.stderr,
-               disable=True if total == 0 else None, mininterval=0.5)  # None: only on a terminal (no \r in logs)
+    """Every host's missing entries, all hosts at once (a thread each); returns the bytes sent. A host that owes
+    answers and says nothing for ``timeout_s`` is ended; the first host to fail ends the others too. ``watch``:
+    the WeightsMetrics each host's figures go to, per answered chunk."""
+    bar = progress_bar(sum(e.size - off for _, todo in todos for e, off in todo))
     lock, failed, start = threading.Lock(), [], time.monotonic()
 
     def progress(s: Session, n: int) -> None:
@@ -209,50 +250,58 @@ def stream(todos: list[tuple[Session, list]], timeout_s: float, watch=None) -> i
         if watch is not None:
             s.show(watch)
     threads = [threading.Thread(target=run, args=(s, todo), daemon=True, name="weights-send") for s, todo in todos]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    bar.close()
+    try:
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            for t in threads:
+                t.join(0.2)
+            now = time.monotonic()
+            for s, _ in todos:
+                if failed:  # one host failed: the run fails, so the others stop now rather than finish
+                    s.kill("stopped: another host's transfer failed")
+                elif s.owed and now - s.heard > timeout_s:  # its blocked write (or wait) then fails
+                    s.kill(f"it owed {s.owed} answers and said nothing for {timeout_s:g}s: stopped sending")
+    finally:
+        bar.close()
     if failed:
-        raise failed[0]
-    sent, took = sum(s.sent for s, _ in todos), time.monotonic() - start
-    for s, _ in todos:
-        say(f"weights: sent {s.sent} bytes to {s.where}")
-    say(f"weights: sent {sent} bytes in all ({human(sent)} in {took:.1f}s, {sent / 2**20 / max(took, 1e-9):.1f} MB/s)")
-    return sent
+        raise next((e for e in failed if "another host's transfer failed" not in str(e)), failed[0])
+    return sent_summary({s.where: s.sent for s, _ in todos}, start)
 
 
 def _send_entries(s: Session, todo: list[tuple[Entry, int]], progress, timeout_s: float) -> None:
-    """Write every chunk (SSH's own flow control paces it), then take the host's answers: an entry that arrived
-    corrupt is sent again from its start, twice at most."""
-    files, retries = {}, {}
+    """Write every chunk (SSH's own flow control paces it), taking the host's answers as they come (the bar
+    moves with them); an entry that arrived corrupt is sent again from its start (weightsend.resend_bad)."""
+    files, retries, todo = {}, {}, deque(todo)
+    s.heard = time.monotonic()
+
+    def take(a: dict) -> None:
+        s.owed -= 1
+        s.sent += a["n"]
+        if a["state"] == "bad":
+            e = resend_bad(s.entries, retries, a, f"weights: {s.where}", a.get("error", "?"))
+            todo.append((e, 0))
+            s.need += e.size  # (top's line: the bytes to send grow by the entry sent again)
+        progress(a["n"])
+
     try:
-        while todo:
-            chunks = 0
-            for e, offset in todo:
-                for at in range(offset, e.size, CHUNK):
-                    n = min(CHUNK, e.size - at)
-                    data = e.read(at, n, files)
-                    if len(data) != n:
-                        raise ConfigError(f"{e.path} changed while its weights were sent (short read): run again")
-                    s.send({"op": "chunk", "sha": e.sha, "size": e.size, "offset": at, "n": n}, data)
-                    chunks += 1
-            again = []
-            for _ in range(chunks):
-                a = s.answer(timeout_s)
-                s.sent += a["n"]
-                progress(a["n"])
-                if a["state"] == "bad":
-                    e = s.entries.get(a["sha"])
-                    if e is None or a["offset"] + a["n"] != e.size or retries.get(e.sha, 0) >= 2:
-                        raise PeerError(f"weights: {s.where} could not store entry {a['sha'][:12]}: "
-                                        f"{(list(s.errors) or ['?'])[-1]}")
-                    retries[e.sha] = retries.get(e.sha, 0) + 1
-                    s.need += e.size
-                    say(f"weights: entry {e.sha[:12]} arrived corrupt at {s.where}: sending it again")
-                    again.append((e, 0))
-            todo = again
+        while todo or s.owed:
+            if not todo:  # everything written: wait for what is owed
+                take(s.answer(timeout_s))
+                continue
+            e, at = todo.popleft()
+            n = min(CHUNK, e.size - at)
+            data = e.read(at, n, files)
+            if len(data) != n:
+                raise ConfigError(f"{e.path} changed while its weights were sent (short read): run again")
+            if not s.owed:  # (the host's silence counts from when it first owes something)
+                s.heard = time.monotonic()
+            s.owed += 1  # (before the write, which blocks while the host reads nothing)
+            s.send({"op": "chunk", "sha": e.sha, "size": e.size, "offset": at, "n": n}, data)
+            if at + n < e.size:
+                todo.appendleft((e, at + n))
+            while s.owed and (a := s.answer(timeout_s, block=False)) is not None:
+                take(a)
     finally:
         for f in files.values():
             f.close()

@@ -193,7 +193,7 @@ def test_a_host_without_room_is_refused_before_anything_is_sent(sshd, tmp_path):
 
 
 # -- the same path without sshd: ssh.local nodes run the receiver here (sh -c), each with its own cache ------------
-def local_stages(tmp: Path, model: Path, monkeypatch) -> tuple:
+def local_stages(tmp: Path, model: Path | str, monkeypatch) -> tuple:
     from launchers.cluster_file import Node, SshSpec
     from launchers.ssh import compose_settings
 
@@ -256,16 +256,207 @@ def test_send_weights_to_local_hosts_resumes_a_partial_entry(tmp_path, monkeypat
     assert lines["1"]["need"] == size - len(half) and lines["0"]["need"] == lines["0"]["done"] == 0  # "cached" in top
     assert blob.is_file() and not (blob.parent.parent / "partial" / blob.name).exists()
 
-    # auto: these hosts read the launcher's very files (this machine): nothing sent, the stages read them
-    assert send_weights(p, nodes, entries, "auto") == [[], []]
+    # auto: these hosts read the launcher's very files (this machine): nothing sent, and each stage reads them
+    # where the launcher found them (a relative checkpoint= made absolute, not left to the host's workdir)
+    monkeypatch.chdir(tmp_path)
+    p, nodes, entries = local_stages(tmp_path, model.name, monkeypatch)
+    assert send_weights(p, nodes, entries, "auto") == [[f"checkpoint={model}"]] * 2
     err = capfd.readouterr().err
     assert err.count("reads the model files itself: nothing to send") == 2 and "weights: sent 0 bytes in all" in err
 
 
-def test_the_receiver_refuses_a_bad_message_in_one_line(tmp_path):
+def receiver(state: Path, data: bytes, monkeypatch) -> tuple[int, bytes]:
+    """The receiver's exit code and what it answered to ``data`` (run here: its process imports torch, slow)."""
+    import io
+    from types import SimpleNamespace
+
+    from smolcluster.node.weightrecv import main
+
+    out = io.BytesIO()
+    monkeypatch.setattr(sys, "stdin", SimpleNamespace(buffer=io.BytesIO(data)))
+    monkeypatch.setattr(sys, "stdout", SimpleNamespace(buffer=out))
+    code = main(["--state-dir", str(state)])
+    monkeypatch.undo()
+    return code, out.getvalue()
+
+
+def chunk(sha: str, size: int, offset: int, data: bytes, n: int | None = None) -> bytes:
+    return json.dumps({"op": "chunk", "sha": sha, "size": size, "offset": offset, "n": n or len(data)}).encode() + \
+        b"\n" + data
+
+
+def test_the_receiver_answers_a_chunk_past_its_entry_bad_with_why_and_goes_on(tmp_path, monkeypatch):
+    import hashlib
+
+    good = b"four"
+    sha = hashlib.sha256(good).hexdigest()
+    code, out = receiver(tmp_path, chunk(sha, 4, 0, b"ninebytes") + chunk(sha, 4, 0, good) + b'{"op": "bye"}\n',
+                         monkeypatch)
+    assert code == 0
+    answers = [json.loads(line) for line in out.splitlines()]
+    assert answers == [{"sha": sha, "offset": 0, "n": 9, "state": "bad",
+                        "error": f"entry {sha[:12]}: a chunk ends at byte 9, past its size 4"},
+                       {"sha": sha, "offset": 0, "n": 4, "state": "done"}]
+    assert (tmp_path / "weights" / "blobs" / sha).read_bytes() == good
+
+
+@pytest.mark.parametrize("data, error", [
+    (b"[1, 2]\n", "CacheError: a message is a JSON object, not list"),
+    (b'{"op": "chunk", "sha": "x", "size": 4, "offset": 0, "n": 1e999}\n', "OverflowError: "),
+    (b"[" * 100_000 + b"\n", "RecursionError: "),
+    (b"not json\n", "JSONDecodeError: "),
+])
+def test_the_receiver_refuses_a_bad_message_in_exactly_one_line(tmp_path, monkeypatch, data, error):
+    code, out = receiver(tmp_path, data, monkeypatch)
+    [line] = out.splitlines()
+    assert code == 2 and json.loads(line)["error"].startswith(error), line
+
+
+def test_the_receiver_refuses_a_symlinked_state_dir_in_one_line(tmp_path, monkeypatch):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    code, out = receiver(tmp_path / "link", b'{"op": "bye"}\n', monkeypatch)
+    [line] = out.splitlines()
+    assert code == 2 and "is not a directory (a symlink?)" in json.loads(line)["error"]
+
+
+def test_a_receiver_whose_input_ends_inside_a_chunk_says_so_in_exactly_one_line(tmp_path):
     got = subprocess.run([sys.executable, "-m", "smolcluster.node.weightrecv", "--state-dir", str(tmp_path)],
-                         input=b'{"op": "chunk", "sha": "' + b"0" * 64 + b'", "size": 4, "offset": 0, "n": 9}\nabc',
-                         capture_output=True, timeout=60, cwd=REPO)
-    assert got.returncode == 2
-    assert json.loads(got.stdout) == {"error": "CacheError: entry 000000000000: a chunk ends at byte 9, past its "
-                                               "size 4"} or b"session ended inside a chunk" in got.stdout
+                         input=chunk("0" * 64, 9, 0, b"abc", n=9), capture_output=True, timeout=60, cwd=REPO)
+    assert got.returncode == 2 and b"Traceback" not in got.stderr, got.stderr.decode()[-2000:]
+    [line] = got.stdout.splitlines()
+    assert json.loads(line) == {"error": "CacheError: the session ended inside a chunk (3 of 9 bytes)"}
+
+
+def test_build_reuses_a_whole_stage_directory_and_rebuilds_a_broken_one(tmp_path):
+    import hashlib
+
+    from smolcluster.node.weightcache import WeightCache
+    from smolcluster.node.weightrecv import build
+
+    cache, blobs = WeightCache(tmp_path / "weights"), {}
+    for data in (b'{"model_type": "gpt2"}', b"tensor bytes"):
+        blobs[data] = hashlib.sha256(data).hexdigest()
+        cache.write(blobs[data], len(data), 0, data)
+    manifest = {"config_files": {"config.json": blobs[b'{"model_type": "gpt2"}']},
+                "tensors": {"w": blobs[b"tensor bytes"]}, "adapters": {}}
+    [arg] = build(cache, tmp_path, {"stage0": manifest})["stage0"]
+    d = Path(arg.split("=", 1)[1])
+    inode = d.stat().st_ino
+    (d / "read-by-a-stage").touch()  # (what a running stage sees there: it must survive)
+    # a second serve of the same model while a stage reads d: the very same directory, untouched
+    assert build(cache, tmp_path, {"stage1": manifest}) == {"stage1": [arg]} and d.stat().st_ino == inode
+    assert (d / "read-by-a-stage").is_file()
+    assert (d / "config.json").read_bytes() == b'{"model_type": "gpt2"}'
+    cache.path(blobs[b"tensor bytes"]).unlink()  # pruned since: rebuilt (and refused: the entry is not here)
+    with pytest.raises(ValueError, match="is not here: send the weights first"):
+        build(cache, tmp_path, {"stage0": manifest})
+    assert sorted(p.name for p in (tmp_path / "ssh").iterdir()) == [d.parent.name]  # no temp left behind
+
+
+def test_a_long_ask_says_busy_until_it_answers(tmp_path, monkeypatch):
+    from smolcluster.node.weightcache import DISK_MARGIN, WeightCache
+
+    e = big_entry(16)  # re-hashed at the ask: longer than the (shortened) keep-alive period
+    WeightCache(tmp_path / "weights").write(e.sha, e.size, 0, e.prefix)
+    monkeypatch.setattr("smolcluster.node.weightrecv.KEEPALIVE_S", 0.001)
+    ask = json.dumps({"op": "ask", "entries": {e.sha: e.size}, "files": {}}).encode() + b"\n"
+    code, out = receiver(tmp_path, ask + ask, monkeypatch)
+    answers = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and answers[0] == {"busy": "re-hashing the cached weights"}
+    assert [a["have"] for a in answers if "busy" not in a] == [{e.sha: e.size}] * 2
+
+    # the launcher waits through them: its answer is the real one (and ssh.weights_cache_gb caps the room there)
+    monkeypatch.setattr("launchers.ssh_weights.RECEIVER", "import sys; import smolcluster.node.weightrecv as w; "
+                        "w.KEEPALIVE_S = 0.001; sys.exit(w.main())")
+    s = session(tmp_path, ".", weights_cache_gb=1)
+    try:
+        s.send(json.loads(ask))
+        a = s.answer(60)
+    finally:
+        s.close()
+    assert a["have"] == {e.sha: e.size} and a["free"] <= 2**30 - e.size + DISK_MARGIN
+
+
+# -- the launcher's side of a session: a host that fails, stalls or answers as chunks arrive ------------------------
+FAKE = """import sys, json, time
+line = sys.stdin.readline()
+if "stall" in sys.argv[-1]:
+    print(json.dumps({"have": {}, "free": 1 << 40, "readable": False}), flush=True)
+    time.sleep(600)  # reads nothing more
+print(json.dumps({"error": "CacheError: the disk broke"}), flush=True)
+"""
+
+
+def session(tmp: Path, name: str, workdir: Path = REPO, weights_cache_gb: float | None = None):
+    from launchers.cluster_file import Node, SshSpec
+    from launchers.ssh_weights import Session
+
+    spec = SshSpec(host="localhost", local=True, python=sys.executable, workdir=str(workdir),
+                   state_dir=str(tmp / name), weights_cache_gb=weights_cache_gb)
+    s = Session([Node("stage", 0, name, spec)], [0])
+    s.start()
+    return s
+
+
+def big_entry(mib: int):
+    import hashlib
+
+    from smolcluster.node.weightsend import Entry
+
+    e = Entry(os.urandom(mib << 20))
+    e.sha = hashlib.sha256(e.prefix).hexdigest()
+    return e
+
+
+def test_a_host_setup_error_is_answered_at_once_with_its_line(tmp_path):
+    from smolcluster.errors import PeerError
+
+    s = session(tmp_path, "h", workdir=tmp_path / "nowhere")
+    try:
+        s.send({"op": "ask", "entries": {}, "files": {}})
+        with pytest.raises(PeerError, match=r"failed: smolcluster-launch: no directory .*nowhere: set ssh.workdir"):
+            s.answer(600)
+    finally:
+        s.close(done=False)
+
+
+def test_the_bar_moves_as_the_host_answers(tmp_path):
+    from launchers.ssh_weights import _send_entries
+
+    s, e = session(tmp_path, "h"), big_entry(6)
+    written, seen = [], []
+    send = s.send
+    s.send = lambda fields, data=b"": (send(fields, data), written.append(fields))
+    s.entries = {e.sha: e}
+    try:
+        s.send({"op": "ask", "entries": {e.sha: e.size}, "files": {}})
+        assert s.answer(60)["have"] == {e.sha: 0}
+        written.clear()
+        _send_entries(s, [(e, 0)], lambda n: seen.append((n, len(written))), 60)
+    finally:
+        s.close()
+    assert sum(n for n, _ in seen) == e.size == s.sent and [f["op"] for f in written] == ["chunk"] * 6 + ["bye"]
+    assert seen[0][1] < 6, seen  # the first answer counted before the last chunk was written
+
+
+def test_a_host_that_stops_reading_is_ended_and_a_failed_host_stops_the_others(tmp_path, monkeypatch):
+    from launchers.ssh_weights import stream
+    from smolcluster.errors import PeerError
+
+    monkeypatch.setattr("launchers.ssh_weights.RECEIVER", FAKE)
+    stall = session(tmp_path, "stall")
+    stall.send({"op": "ask", "entries": {}, "files": {}})
+    stall.answer(60)
+    t0 = time.monotonic()
+    with pytest.raises(PeerError, match=r"owed 1 answers and said nothing for 2s: stopped sending"):
+        stream([(stall, [(big_entry(8), 0)])], 2)  # its pipe fills: the write blocks until the session ends
+    assert time.monotonic() - t0 < 30
+
+    stall, broken = session(tmp_path, "stall2"), session(tmp_path, "broken")
+    stall.send({"op": "ask", "entries": {}, "files": {}})
+    stall.answer(60)
+    t0 = time.monotonic()
+    with pytest.raises(PeerError, match=r"\(stage 0, ssh.state_dir .*broken\).*: CacheError: the disk broke"):
+        stream([(stall, [(big_entry(8), 0)]), (broken, [(big_entry(1), 0)])], 300)
+    assert time.monotonic() - t0 < 30 and stall.proc.poll() is not None

@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from loguru import logger
 
 from smolcluster.errors import ConfigError, PeerError
 from smolcluster.inference.placement import size as human
@@ -287,12 +286,8 @@ def stream(transfers: list[Transfer], heartbeat_s: float, liveness_s: float, on_
     """Send every transfer's chunks, WINDOW in flight per agent, all agents at once; returns the bytes sent.
     An agent that acknowledges nothing for ``liveness_s`` raises (never waits forever). ``progress``: a
     telemetry/weights.WeightsMetrics that each transfer's figures go to, per acknowledged chunk (``top``'s lines)."""
-    from tqdm import tqdm
-
-    total = sum(e.size - off for t in transfers for e, off in t.todo)
     files: dict = {}
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="weights", file=sys.stderr,
-               disable=True if total == 0 else None, mininterval=0.5)  # None: only on a terminal (no \r frames in logs)
+    bar = progress_bar(sum(e.size - off for t in transfers for e, off in t.todo))
     beat, start = time.monotonic(), time.monotonic()
     for t in transfers:
         t.show(progress)
@@ -318,12 +313,35 @@ def stream(transfers: list[Transfer], heartbeat_s: float, liveness_s: float, on_
         bar.close()
         for f in files.values():
             f.close()
-    sent = sum(t.sent for t in transfers)
-    took = time.monotonic() - start
-    for t in transfers:
-        say(f"weights: sent {t.sent} bytes to {t.link.node.where()}")
+    return sent_summary({t.link.node.where(): t.sent for t in transfers}, start)
+
+
+def progress_bar(total: int):
+    """The transfer's bar with MB/s and time left: only on a terminal (no \r frames in logs), none for 0 bytes."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="weights", file=sys.stderr,
+                disable=True if total == 0 else None, mininterval=0.5)
+
+
+def sent_summary(sent_to: dict[str, int], start: float) -> int:
+    """Says what each destination was sent and the whole transfer's rate; returns the bytes sent in all."""
+    sent, took = sum(sent_to.values()), time.monotonic() - start
+    for where, n in sent_to.items():
+        say(f"weights: sent {n} bytes to {where}")
     say(f"weights: sent {sent} bytes in all ({human(sent)} in {took:.1f}s, {sent / 2**20 / max(took, 1e-9):.1f} MB/s)")
     return sent
+
+
+def resend_bad(entries: dict[str, Entry], retries: dict[str, int], f: dict, where: str, why: str) -> Entry:
+    """After a ``bad`` answer ``f`` ({sha, offset, n}): the entry to send again from its start, when it arrived
+    whole but corrupt, at most twice; else raises (``why``: what the receiver said, or where it says it)."""
+    e = entries.get(f["sha"])
+    if e is None or f["offset"] + f["n"] != e.size or retries.get(e.sha, 0) >= 2:
+        raise PeerError(f"{where} could not store weights entry {str(f['sha'])[:12]}: {why}")
+    retries[e.sha] = retries.get(e.sha, 0) + 1
+    say(f"weights: entry {e.sha[:12]} arrived corrupt at {where}: sending it again")
+    return e
 
 
 def _fill(t: Transfer, files: dict) -> None:
@@ -359,14 +377,9 @@ def _ack(t: Transfer, msg, bar, on_message, progress=None) -> int:
     t.in_flight -= 1
     t.last_ack = time.monotonic()
     if f["state"] == "bad":
-        e = t.entries.get(f["sha"])
-        if e is None or f["offset"] + f["n"] != e.size or t.retries.get(e.sha, 0) >= 2:
-            raise PeerError(f"node {t.link.node.where()} could not store weights entry {f['sha'][:12]} (its log "
-                            "says why)")
-        t.retries[e.sha] = t.retries.get(e.sha, 0) + 1
-        logger.warning(f"weights: entry {e.sha[:12]} arrived corrupt at {t.link.node.where()}: sending it again")
+        e = resend_bad(t.entries, t.retries, f, f"node {t.link.node.where()}", "its log says why")
         t.todo.append((e, 0))
-        t.need += e.size
+        t.need += e.size  # (top's line: the bytes to send grow by the entry sent again)
     t.sent += f["n"]
     bar.update(f["n"])
     t.show(progress)
