@@ -32,7 +32,8 @@ Elastic (plain DiLoCo: ``fragments=1``, ``overlap_steps=0``, ``round_s=null``): 
 each weighted by its share of the round's samples over theirs, and split the next steps' batches among
 themselves. A new rank asks to join; the next sync's table tells every member, so all re-form at that round's end
 and the newcomer takes a peer's weights, inner optimizer state and outer state (weights, Nesterov momentum). With
-fragments, overlap or round_s a lost rank stops the run (resume from the last checkpoint).
+fragments or overlap a lost rank stops the run (resume from the last checkpoint); with round_s too, and a round_s
+run cannot be resumed (the ranks are at different steps: its checkpoints are weights files, rank 0's own mid-round).
 """
 
 from __future__ import annotations

@@ -37,8 +37,8 @@ than it was reached, so the unlike-machines ratio is conservative for round_s. B
 (application bytes on its ring links; DDP: its namespace's eth0 TX counter). Peak link use is the most bytes
 rank 0 sent within any ``--window-s`` seconds, over that window, from its per-step rows. The default window is
 plain diloco's mean round time / 8, half the spacing of streaming's 4 fragment syncs (a window as long as the
-spacing holds two syncs whenever jitter brings them closer). An unpaced ring sends at line rate, so where one sync takes longer than
-the window (a big model, a slow link) the peak reads the link's rate for both.
+spacing holds two syncs whenever jitter brings them closer). An unpaced ring sends at line rate, so where one
+sync takes longer than the window (a big model, a slow link) the peak reads the link's rate for both.
 
 Writes bench-desk.json and diloco.png (eval loss against time and against bytes sent, a line per run) to
 ``--out``. Needs root, iproute2, tc and cgroup v1 for the desk; without namespaces every node runs on loopback,
