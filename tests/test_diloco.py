@@ -197,6 +197,19 @@ def test_timed_rounds_let_the_fast_rank_step_more_and_weigh_each_by_its_samples(
     assert diff_to(tmp_path, want) < 1e-6, diff_to(tmp_path, want)
 
 
+def test_timed_rounds_evaluate_warmup_steps_at_their_step_then_at_round_ends(tmp_path):
+    """algo.round_s with algo.warmup_sync_steps: warmup's steps are allreduce's (every rank's weights the same), so
+    its due evaluations come at their step; after warmup, at most one a round, at its end."""
+    over = [*ADAMW, "train.steps=12", "algo.round_s=0.2", "algo.warmup_sync_steps=4", "train.eval_every=2"]
+    train(tmp_path, "algo=diloco", "cluster.workers=2", *over, "cluster.nodes=[{delay_s: 0.005},{delay_s: 0.05}]",
+          *FAST)
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines() if r.strip()]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals if r["step"] <= 4] == [2, 4], evals  # none dropped during warmup
+    after = [r for r in evals if r["step"] > 4]
+    assert after and all("outer_step" in r for r in after[:-1]) and after[-1]["step"] == rows[-1]["step"]
+
+
 @pytest.mark.parametrize("override,message", [
     ("algo.inner_steps=0", "algo.inner_steps=0 is invalid"),
     ("algo.fragments=8", "exceeds algo.inner_steps"),

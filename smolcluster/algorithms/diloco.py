@@ -32,7 +32,8 @@ Elastic (plain DiLoCo: ``fragments=1``, ``overlap_steps=0``, ``round_s=null``): 
 each weighted by its share of the round's samples over theirs, and split the next steps' batches among
 themselves. A new rank asks to join; the next sync's table tells every member, so all re-form at that round's end
 and the newcomer takes a peer's weights, inner optimizer state and outer state (weights, Nesterov momentum). With
-fragments, overlap or round_s a lost rank stops the run (resume from the last checkpoint).
+fragments or overlap a lost rank stops the run (resume from the last checkpoint); with round_s too, and a round_s
+run cannot be resumed (the ranks are at different steps: its checkpoints are weights files, rank 0's own mid-round).
 """
 
 from __future__ import annotations
@@ -226,10 +227,10 @@ class Worker:
         # fast as this one; then the last round's); it places this rank's steps on the run's lr schedule
         self.ring_per_step = float(self.total)
         # round_s: rank 0's own steps end mid-round, where its weights are its own, not the ring's, so an evaluation
-        # waits for the end of the round in which its step comes (as at fixed H with eval_every a multiple of H)
+        # waits for the end of the round in which its step comes (as at fixed H with eval_every a multiple of H);
+        # warmup's steps are allreduce's (every rank's weights the same), evaluated at their step as allreduce does:
+        # the trainer's eval_every is zeroed at the first step after warmup (see inner_step)
         self.eval_every = cfg.train.eval_every
-        if self.round_s:
-            t.train = dataclasses.replace(t.train, eval_every=0)
         self.delay_s = node.faults.delay_s  # test knob: an artificially slow node
         # elastic: the ring re-forms without a lost rank and takes in new ones between rounds (plain DiLoCo: with
         # fragments or overlap a fragment is always in flight, with round_s the ranks are at different steps)
@@ -447,6 +448,8 @@ class Worker:
             self.round.t0 = time.perf_counter()
             self.mark.step, self.mark.sent = t.step, self.sent()
         if self.round_s and t.step > self.warmup:
+            if t.train.eval_every:  # (from here the evaluations are timed_round's, at round ends)
+                t.train = dataclasses.replace(t.train, eval_every=0)
             row.update(self.timed_round())
         for p, off in enumerate(self.offsets):
             if not self.round_s and t.step > self.warmup and (t.step - self.warmup) % self.H == off:

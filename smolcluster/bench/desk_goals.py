@@ -29,13 +29,16 @@ The goals, each printed "met" or "not met" (or why it could not be measured):
 A loss ratio's goal is a ceiling: a lower loss than the reference meets it.
 
 How it is measured. Time is a run's training clock (metrics rows' ``time``, from the ring formed), evaluations
-included: every run evaluates on rank 0 alone, equally often. An eval between outer steps sees rank 0's own
-weights (E a multiple of H: right after an outer step). Bytes are rank 0's ``bytes_sent`` (application bytes on its
-ring links; DDP: its namespace's eth0 TX counter). Peak link use is the most bytes rank 0 sent within any
-``--window-s`` seconds, over that window, from its per-step rows. The default window is plain diloco's mean
-round time / 8, half the spacing of streaming's 4 fragment syncs (a window as long as the spacing holds two syncs
-whenever jitter brings them closer). An unpaced ring sends at line rate, so where one sync takes longer than
-the window (a big model, a slow link) the peak reads the link's rate for both.
+included: every run evaluates on rank 0 alone, every E (``--eval-every``) of rank 0's steps. An eval between
+outer steps sees rank 0's own weights (E a multiple of H: right after an outer step). ``round_s`` is the exception:
+a due eval waits for its round's end (the outer step's weights), at most one a round, so it evaluates less often
+than fixed_H (8 evals against 20 in docs/benchmarks.md's run) and its time to target is read at round ends: later
+than it was reached, so the unlike-machines ratio is conservative for round_s. Bytes are rank 0's ``bytes_sent``
+(application bytes on its ring links; DDP: its namespace's eth0 TX counter). Peak link use is the most bytes
+rank 0 sent within any ``--window-s`` seconds, over that window, from its per-step rows. The default window is
+plain diloco's mean round time / 8, half the spacing of streaming's 4 fragment syncs (a window as long as the
+spacing holds two syncs whenever jitter brings them closer). An unpaced ring sends at line rate, so where one
+sync takes longer than the window (a big model, a slow link) the peak reads the link's rate for both.
 
 Writes bench-desk.json and diloco.png (eval loss against time and against bytes sent, a line per run) to
 ``--out``. Needs root, iproute2, tc and cgroup v1 for the desk; without namespaces every node runs on loopback,
@@ -356,8 +359,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--unlike-link", default="100mbit", help="the link (one of --links) of the fixed_H / round_s runs ('' skips them)")
     p.add_argument("--steps", type=int, default=0, help="steps of every run (default: " +
                    ", ".join(f"{k} {v}" for k, v in STEPS.items()) + ")")
-    p.add_argument("--eval-every", type=int, default=25, help="steps between evals (a multiple of H sees the "
-                   "outer step's weights); must divide --steps")
+    p.add_argument("--eval-every", type=int, default=25, help="rank 0's steps between evals (a multiple of H sees the "
+                   "outer step's weights; round_s: at the end of the round a due eval falls in, at most one a round); "
+                   "must divide --steps")
     p.add_argument("--eval-samples", type=int, default=256, help="test samples (LMs: blocks) of each eval")
     p.add_argument("--inner-steps", type=int, default=100, help="H, diloco's inner steps per round")
     p.add_argument("--outer-lr", type=float, default=0.7, help="diloco's algo.outer_lr")
