@@ -3,9 +3,10 @@
 Through 2 real stage processes on loopback, for a tiny random-init Llama (GQA): a pipeline whose
 stages compile their decode step gives every greedy request the very tokens of the same model's eager
 pipeline, alone and with three requests at once (two in the compiled slots, batched in one graph; the third
-finds no free slot and decodes eagerly beside them), and both stages' beacons count the compiled steps. In
-process: a step of one row padded to a two-row graph after an eager prefill into the slot gives the eager tokens,
-and a slot is freed for the next request; a GPT-2 stage's compiled decode gives its eager tokens; quantized
+finds no free slot and decodes eagerly in the same steps, which still run the other two compiled), and both
+stages' beacons count the compiled steps. In process: a step of one row padded to a two-row graph after an eager
+prefill into the slot gives the eager tokens, and a slot is freed for the next request; steps split between the
+graph and eager rows (a request without a slot, another's prompt chunk) give each request its eager tokens; a GPT-2 stage's compiled decode gives its eager tokens; quantized
 stages and sliding windows are refused in one line.
 
 The first run compiles (minutes on a busy 2-core machine); later runs load the graphs from inductor's disk cache.
@@ -58,7 +59,9 @@ def test_compiled_stages_decode_the_eager_tokens_alone_and_batched(pipes):
     before = compiled_steps(compiled)[0]
     together = [compiled.submit(p, max_new_tokens=n) for p, n in zip(prompts, lengths)]
     assert [r.tokens() for r in together] == want
-    assert wait_until(lambda: compiled_steps(compiled)[0] > before, 10)
+    # The 31-token request holds a slot: its 30 decodes all ran compiled, though the slotless third request's
+    # decodes shared some of those steps (run eagerly beside the graph's rows).
+    assert wait_until(lambda: compiled_steps(compiled)[0] >= before + 30, 10), (before, compiled_steps(compiled))
     assert compiled_steps(eager) == [0, 0]
 
 
@@ -100,6 +103,32 @@ def test_a_padded_step_and_a_reused_slot_decode_the_eager_tokens(llama_stage):
             compiled.release(cache)
         assert compiled.steps == 2 * 23
         assert compiled.cache(len(stage.blocks), 65, 0) is None  # longer than the slots' positions: eager
+        split_steps_give_the_eager_tokens(stage, compiled)
+
+
+def split_steps_give_the_eager_tokens(stage, compiled: CompiledDecode):
+    """Request a holds the one slot, b none: b's prompt is prefilled in a's first decode step, then both decode
+    in the same steps; a's rows go through the graph, b's eagerly, each back in its place."""
+    n, vocab = len(stage.blocks), stage.shape.vocab_size
+    ids = [prompt(4, 6, vocab), prompt(5, 9, vocab)]
+    want = [greedy(stage, p, 12, KVCache(n, 64), None) for p in ids]
+    a, b = compiled.cache(n, 64, 0), KVCache(n, 64)
+    x = stage.run_blocks(stage.embed(torch.tensor([ids[0]]), 0), a)
+    got = [[int(stage.logits(x)[0, -1].argmax())], []]
+    before = compiled.steps
+    batch = Batch([a, b], [1, len(ids[1])])  # a's decode beside b's whole prompt
+    x = stage.embed(torch.tensor([[got[0][-1], *ids[1]]]), batch.positions())
+    logits = stage.logits(compiled.run_step(x, batch, stage.run_blocks))[0]
+    got[0].append(int(logits[0].argmax()))
+    got[1].append(int(logits[-1].argmax()))
+    for _ in range(10):
+        batch = Batch([a, b], [1, 1])
+        x = stage.embed(torch.tensor([[got[0][-1], got[1][-1]]]), batch.positions())
+        logits = stage.logits(compiled.run_step(x, batch, stage.run_blocks))[0]
+        for g, row in zip(got, logits):
+            g.append(int(row.argmax()))
+    assert got == [want[0], want[1][:11]] and compiled.steps == before + 11
+    compiled.release(a)
 
 
 def test_a_gpt2_stage_compiled_decodes_the_eager_tokens(tmp_path):

@@ -295,9 +295,9 @@ class StageServer:
                 f"{c.positions} positions")
 
     def run_blocks(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """The stage's blocks over a step: compiled when the step is one the graph covers, else eagerly."""
-        if self.compiled is not None and self.compiled.fits(batch):
-            return self.compiled.run(x, batch)
+        """The stage's blocks over a step: the requests the compiled graph covers through it, the rest eagerly."""
+        if self.compiled is not None:
+            return self.compiled.run_step(x, batch, self.stage.run_blocks)
         return self.stage.run_blocks(x, batch)
 
     def open_speculator(self):
