@@ -128,6 +128,14 @@ def split_steps_give_the_eager_tokens(stage, compiled: CompiledDecode):
         for g, row in zip(got, logits):
             g.append(int(row.argmax()))
     assert got == [want[0], want[1][:11]] and compiled.steps == before + 11
+    # kv_bytes counts a slotted request's positions (17 written), not its slot's 64, and b's own buffers.
+    slot_bytes = compiled.nbytes // (compiled.slots + 1)
+    assert compiled.cache_bytes(a) == 17 * compiled.per_token == 17 * slot_bytes // 64
+    assert compiled.cache_bytes(b) == b.nbytes() > 0
+    # A cache whose buffers left the slot (a reallocation) is no longer the graph's to write.
+    assert compiled.fits(a, 1) and not compiled.fits(a, 2)
+    a.keys[0] = a.keys[0].clone()
+    assert not compiled.fits(a, 1) and compiled.cache_bytes(a) == a.nbytes()
     compiled.release(a)
 
 

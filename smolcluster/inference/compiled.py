@@ -130,6 +130,10 @@ class CompiledDecode:
                        for _ in range(n)]
             self.vs = [torch.zeros_like(k) for k in self.ks]
         self.free = list(range(slots))
+        # Telemetry: the pool is held from the start (the beacon's compiled_kv_bytes); a request in a slot counts
+        # its positions written, not the slot's whole length (which would overstate kv_bytes past the budget).
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.ks + self.vs)
+        self.per_token = 2 * sum(k[0, :, 0].numel() * k.element_size() for k in self.ks)
         self.steps = 0  # decode steps that ran compiled (the beacon shows it)
         self.cache_dir = os.environ["TORCHINDUCTOR_CACHE_DIR"]
         torch._inductor.config.fx_graph_cache = True
@@ -176,12 +180,18 @@ class CompiledDecode:
             cache.slot = None
             self.free.append(slot)
 
-    def fits(self, c: KVCache, rows: int) -> bool:
-        """A request's rows the graph covers: one row, in a slot that still backs its cache (a cache that
-        reallocated has left it), with a position left in the slot."""
+    def backed(self, c: KVCache) -> bool:
+        """Whether a request's cache is in its slot's memory (a cache that reallocated has left it)."""
         slot = getattr(c, "slot", None)
-        return (rows == 1 and slot is not None and c.length < self.positions and c.keys[0] is not None
-                and c.keys[0].data_ptr() == self.ks[0][slot].data_ptr())
+        return slot is not None and c.keys[0] is not None and c.keys[0].data_ptr() == self.ks[0][slot].data_ptr()
+
+    def cache_bytes(self, c: KVCache) -> int:
+        """A request's KV bytes: its positions in the slot, or its own buffers once it has left the slot."""
+        return c.length * self.per_token if self.backed(c) else c.nbytes()
+
+    def fits(self, c: KVCache, rows: int) -> bool:
+        """A request's rows the graph covers: one row, in its slot, with a position left there."""
+        return rows == 1 and c.length < self.positions and self.backed(c)
 
     def run_step(self, x: torch.Tensor, batch: Batch, eager) -> torch.Tensor:
         """A step over ``x``: the requests :meth:`fits` covers through the graph, the rest through ``eager``
