@@ -19,6 +19,7 @@ import torch
 
 from smolcluster.errors import ConfigError
 from smolcluster.inference import InferencePipeline
+from smolcluster.inference.api import check_compile
 from smolcluster.inference.compiled import CompiledDecode
 from smolcluster.inference.stage import ServeConfig, StageServer
 from smolcluster.pipeline.architectures import KVCache
@@ -160,6 +161,11 @@ def test_what_is_not_compiled_is_refused_in_one_line(llama_dir, tmp_path):
                      quantize="int8")
     with pytest.raises(ConfigError, match="quantize=int8: set compile=false"):
         StageServer(sc)
+    # ... and before any stage starts, by start_local and the config path (per node's quantize too).
+    with pytest.raises(ConfigError, match="this pipeline has quantize=int4: set compile=false"):
+        InferencePipeline.start_local(llama_dir, stages=2, compile=True, quantize="int4")
+    with pytest.raises(ConfigError, match="this pipeline has LoRA adapters: set compile=false"):
+        check_compile(True, [{"quantize": "none"}], {"a": "DIR"})
     build("mistral-window").save_pretrained(tmp_path)
     (stage,), _ = stages_of(tmp_path, 1)
     with pytest.raises(ConfigError, match="sliding-window attention"):

@@ -62,6 +62,16 @@ def checked_formats(base: dict, given: list[dict] | None, stages: int) -> list[d
     return formats
 
 
+def check_compile(compile: bool, formats: list[dict], adapters) -> None:
+    """``compile=true`` compiles unquantized stages without LoRA adapters: refused here, before any stage starts
+    (each stage checks again, StageServer.open_compiled)."""
+    quantized = sorted({f["quantize"] for f in formats} - {"none"})
+    if compile and (quantized or adapters):
+        what = f"quantize={'/'.join(quantized)}" if quantized else "LoRA adapters"
+        raise ConfigError(f"compile=true compiles unquantized stages without LoRA adapters for now; this pipeline "
+                          f"has {what}: set compile=false")
+
+
 def check_speculate(speculate: dict | None, config: dict) -> dict:
     """``speculate`` ({"k", "lookup", "draft"}) checked against the model before any stage starts ({}: off)."""
     from smolcluster.inference.settings import Speculate
@@ -136,6 +146,7 @@ class InferencePipeline:
         formats = checked_formats({"precision": precision, "quantize": quantize, "quantize_group": quantize_group,
                                    "device": device}, formats, stages)
         adapters = check_adapters(adapters, info["config"])
+        check_compile(compile, formats, adapters)
         speculate = check_speculate(speculate, info["config"])
         if eos_ids is None:
             eos_ids = info["eos"] if info["eos"] is not None else getattr(tokenizer, "eos_id", None)

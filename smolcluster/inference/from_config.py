@@ -17,7 +17,7 @@ from loguru import logger
 
 from smolcluster.errors import ConfigError
 from smolcluster.inference.adapters import check_adapters
-from smolcluster.inference.api import InferencePipeline, check_speculate, describe_weights
+from smolcluster.inference.api import InferencePipeline, check_compile, check_speculate, describe_weights
 from smolcluster.inference.settings import HeadPlace, Pipeline, Role
 from smolcluster.inference.stage import ServeConfig
 
@@ -166,6 +166,7 @@ def stage_formats(cfg: Pipeline) -> list[dict]:
                "quantize_group": cfg.quantize_group, "device": node.device}
         StageFormat(fmt["precision"], fmt["quantize"], fmt["quantize_group"])
         out.append(fmt)
+    check_compile(cfg.compile, out, cfg.adapters)
     return out
 
 
