@@ -170,3 +170,15 @@ def test_what_is_not_compiled_is_refused_in_one_line(llama_dir, tmp_path):
     (stage,), _ = stages_of(tmp_path, 1)
     with pytest.raises(ConfigError, match="sliding-window attention"):
         CompiledDecode(stage, 1, 64, torch.float32, "cpu")
+
+
+def test_a_head_waits_longer_for_compiling_stages_and_says_why():
+    from smolcluster.errors import PeerError
+    from smolcluster.inference.api import COMPILE_CONNECT_S, connect_wait
+    from smolcluster.inference.client import PipelineClient
+
+    assert connect_wait(60.0, False) == (60.0, "") and connect_wait(60.0, True)[0] == COMPILE_CONNECT_S
+    assert connect_wait(2000.0, True)[0] == 2000.0  # a longer wait the user gave is kept
+    _, hint = connect_wait(0.3, True)
+    with pytest.raises(PeerError, match="compile=true .*raise cluster.connect_timeout_s"):
+        PipelineClient(["tcp://127.0.0.1:9"], connect_timeout_s=0.3, hint=hint)
