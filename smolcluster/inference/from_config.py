@@ -17,8 +17,13 @@ from loguru import logger
 
 from smolcluster.errors import ConfigError
 from smolcluster.inference.adapters import check_adapters
-from smolcluster.inference.api import (InferencePipeline, check_compile, check_speculate, connect_wait,
-                                       describe_weights)
+from smolcluster.inference.api import (
+    InferencePipeline,
+    check_compile,
+    check_speculate,
+    connect_wait,
+    describe_weights,
+)
 from smolcluster.inference.settings import HeadPlace, Pipeline, Role
 from smolcluster.inference.stage import ServeConfig
 
