@@ -182,3 +182,14 @@ def test_a_head_waits_longer_for_compiling_stages_and_says_why():
     _, hint = connect_wait(0.3, True)
     with pytest.raises(PeerError, match="compile=true .*raise cluster.connect_timeout_s"):
         PipelineClient(["tcp://127.0.0.1:9"], connect_timeout_s=0.3, hint=hint)
+
+
+def test_the_bench_compile_arm_refuses_what_it_cannot_time_in_one_line():
+    from smolcluster.bench.quantize import check_decode_formats
+
+    check_decode_formats(["fp32/none", "fp32/none/compile", "fp32/int8"], 496)
+    for formats, tokens, match in ((["fp32/none/compil"], 8, "PRECISION/QUANTIZE/compile"),
+                                   (["fp32/int8/compile"], 8, "unquantized only: use fp32/none/compile"),
+                                   (["fp32/none/compile"], 497, "use --tokens at most 496")):
+        with pytest.raises(ConfigError, match=match):
+            check_decode_formats(formats, tokens)
