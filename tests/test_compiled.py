@@ -6,8 +6,10 @@ pipeline, alone and with three requests at once (two in the compiled slots, batc
 finds no free slot and decodes eagerly in the same steps, which still run the other two compiled), and both
 stages' beacons count the compiled steps. In process: a step of one row padded to a two-row graph after an eager
 prefill into the slot gives the eager tokens, and a slot is freed for the next request; steps split between the
-graph and eager rows (a request without a slot, another's prompt chunk) give each request its eager tokens; a GPT-2 stage's compiled decode gives its eager tokens; quantized
-stages and sliding windows are refused in one line.
+graph and eager rows (a request without a slot, another's prompt chunk) give each request its eager tokens, and
+kv_bytes counts a slot's written positions; a GPT-2 and a Qwen3 stage's compiled decode give their eager tokens;
+quantized stages, adapters and sliding windows are refused in one line (before any stage starts, too); a head
+waits longer for compiling stages and says so; the bench's compile arm refuses what it cannot time.
 
 The first run compiles (minutes on a busy 2-core machine); later runs load the graphs from inductor's disk cache.
 """
@@ -140,8 +142,10 @@ def split_steps_give_the_eager_tokens(stage, compiled: CompiledDecode):
     compiled.release(a)
 
 
-def test_a_gpt2_stage_compiled_decodes_the_eager_tokens(tmp_path):
-    build("gpt2").save_pretrained(tmp_path)
+# GPT-2: learned positions, fused QKV; Qwen3: q_norm/k_norm and head_dim != hidden / heads (llama_decode's branches)
+@pytest.mark.parametrize("family", ["gpt2", "qwen3"])
+def test_a_stage_of_another_family_compiled_decodes_the_eager_tokens(family, tmp_path):
+    build(family).save_pretrained(tmp_path)
     (stage,), _ = stages_of(tmp_path, 1)
     with torch.inference_mode():
         compiled = CompiledDecode(stage, 1, 64, torch.float32, "cpu", buckets=[1])
