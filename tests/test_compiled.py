@@ -170,6 +170,13 @@ def test_what_is_not_compiled_is_refused_in_one_line(llama_dir, tmp_path):
         InferencePipeline.start_local(llama_dir, stages=2, compile=True, quantize="int4")
     with pytest.raises(ConfigError, match="this pipeline has LoRA adapters: set compile=false"):
         check_compile(True, [{"quantize": "none"}], {"a": "DIR"})
+    from smolcluster.inference.from_config import stage_formats
+    from smolcluster.inference.settings import Pipeline
+    from smolcluster.train_settings import ClusterSpec
+
+    cfg = Pipeline(stages=2, compile=True, links=ClusterSpec(nodes=[None, {"quantize": "int8"}]))  # one node's
+    with pytest.raises(ConfigError, match="this pipeline has quantize=int8: set compile=false"):
+        stage_formats(cfg)
     build("mistral-window").save_pretrained(tmp_path)
     (stage,), _ = stages_of(tmp_path, 1)
     with pytest.raises(ConfigError, match="sliding-window attention"):
