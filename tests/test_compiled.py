@@ -181,6 +181,9 @@ def test_what_is_not_compiled_is_refused_in_one_line(llama_dir, tmp_path):
     (stage,), _ = stages_of(tmp_path, 1)
     with pytest.raises(ConfigError, match="sliding-window attention"):
         CompiledDecode(stage, 1, 64, torch.float32, "cpu")
+    (llama,), _ = stages_of(llama_dir, 1)
+    with pytest.raises(ConfigError, match=r"buckets \[1\]: the largest must be at least compile_slots=2"):
+        CompiledDecode(llama, 2, 64, torch.float32, "cpu", buckets=[1])
 
 
 def test_a_head_waits_longer_for_compiling_stages_and_says_why():
