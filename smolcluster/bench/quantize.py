@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from smolcluster.errors import ConfigError
 from smolcluster.launch.threads import stage_env
 
 FORMATS = [("fp32", "none"), ("bf16", "none"), ("fp32", "int8"), ("fp32", "int4")]
@@ -215,6 +216,28 @@ print(json.dumps({"tree": smolcluster.__file__, "tok_s": out}))
 """
 
 
+DECODE_PROMPT = 16  # the prompt's tokens in each --decode round
+
+
+def check_decode_formats(formats: list[str], tokens: int) -> None:
+    """``--formats`` of ``--decode`` checked before any round: PRECISION/QUANTIZE[/compile], the compiled arm
+    unquantized (as compile=true) and within its slot's positions (the prompt plus ``--tokens``)."""
+    from smolcluster.inference.stage import ServeConfig
+
+    for f in formats:
+        parts = f.split("/")
+        if len(parts) not in (2, 3) or parts[2:] not in ([], ["compile"]):
+            raise ConfigError(f"--formats {f!r}: give PRECISION/QUANTIZE, or PRECISION/QUANTIZE/compile for the "
+                              "compiled decode step (e.g. fp32/none/compile)")
+        if parts[2:] and parts[1] != "none":
+            raise ConfigError(f"--formats {f!r}: the compiled decode step is unquantized only: use "
+                              f"{parts[0]}/none/compile")
+        if parts[2:] and DECODE_PROMPT + tokens > ServeConfig.compile_positions:
+            raise ConfigError(f"--tokens {tokens}: the compiled arm holds {ServeConfig.compile_positions} positions "
+                              f"(a {DECODE_PROMPT}-token prompt plus the tokens): use --tokens at most "
+                              f"{ServeConfig.compile_positions - DECODE_PROMPT}")
+
+
 def decode(args) -> int:
     """Decode tokens/s of one request per format (and per code tree), in interleaved rounds; medians and ratios."""
     import os
@@ -226,6 +249,7 @@ def decode(args) -> int:
     if args.baseline:
         trees["baseline"] = str(Path(args.baseline).resolve())
     formats = args.formats.split(",")
+    check_decode_formats(formats, args.tokens)
     runs: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="smolcluster-bench-decode-") as tmp:
         weights = smollm2_shaped(Path(tmp))
@@ -233,7 +257,7 @@ def decode(args) -> int:
             for tree, src in (trees.items() if r % 2 == 0 else reversed(trees.items())):
                 env = stage_env(1, {"PYTHONPATH": src}, threads=args.threads)
                 order = formats if r % 2 == 0 else formats[::-1]
-                out = subprocess.run([sys.executable, "-P", "-c", _DECODE_ROUND, str(weights), json.dumps(order), "16",
+                out = subprocess.run([sys.executable, "-P", "-c", _DECODE_ROUND, str(weights), json.dumps(order), str(DECODE_PROMPT),
                                       str(args.tokens)], capture_output=True, text=True, env=env, cwd=os.getcwd())
                 if out.returncode:
                     raise RuntimeError(f"decode round under {src} failed:\n{out.stderr[-2000:]}")

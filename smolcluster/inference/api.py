@@ -62,6 +62,30 @@ def checked_formats(base: dict, given: list[dict] | None, stages: int) -> list[d
     return formats
 
 
+# compile=true: stages compile every bucket's graph before they answer; cold, on a small busy CPU, that takes
+# minutes, more than the usual connect timeouts. The heads and stages wait at least this long.
+COMPILE_CONNECT_S = 900.0
+
+
+def connect_wait(timeout_s: float, compile: bool) -> tuple[float, str]:
+    """The connect timeout (raised for ``compile=true``) and what a timeout's message adds."""
+    if not compile:
+        return timeout_s, ""
+    return max(timeout_s, COMPILE_CONNECT_S), (
+        f"; with compile=true a stage answers only after compiling (minutes cold): raise cluster.connect_timeout_s "
+        f"(waited {max(timeout_s, COMPILE_CONNECT_S):.0f}s) or set compile=false")
+
+
+def check_compile(compile: bool, formats: list[dict], adapters) -> None:
+    """``compile=true`` compiles unquantized stages without LoRA adapters: refused here, before any stage starts
+    (each stage checks again, StageServer.open_compiled)."""
+    quantized = sorted({f["quantize"] for f in formats} - {"none"})
+    if compile and (quantized or adapters):
+        what = f"quantize={'/'.join(quantized)}" if quantized else "LoRA adapters"
+        raise ConfigError(f"compile=true compiles unquantized stages without LoRA adapters for now; this pipeline "
+                          f"has {what}: set compile=false")
+
+
 def check_speculate(speculate: dict | None, config: dict) -> dict:
     """``speculate`` ({"k", "lookup", "draft"}) checked against the model before any stage starts ({}: off)."""
     from smolcluster.inference.settings import Speculate
@@ -124,7 +148,7 @@ class InferencePipeline:
         ``prefix_cache``: stages keep served prefixes' KV in blocks of ``prefix_block`` tokens (:mod:`.prefix`).
         ``compile``: each stage runs decode-only steps of up to ``compile_slots`` requests through
         ``torch.compile`` (:mod:`.compiled`); it compiles before it serves (minutes the first time on a small
-        CPU, then from the disk cache): leave ``connect_timeout_s`` room for it.
+        CPU, then from the disk cache): the wait for the stages is then at least ``COMPILE_CONNECT_S``.
         """
         if head not in ("first", "last"):
             raise ConfigError(f"head={head!r} is invalid: choose first or last")
@@ -136,9 +160,11 @@ class InferencePipeline:
         formats = checked_formats({"precision": precision, "quantize": quantize, "quantize_group": quantize_group,
                                    "device": device}, formats, stages)
         adapters = check_adapters(adapters, info["config"])
+        check_compile(compile, formats, adapters)
         speculate = check_speculate(speculate, info["config"])
         if eos_ids is None:
             eos_ids = info["eos"] if info["eos"] is not None else getattr(tokenizer, "eos_id", None)
+        connect_timeout_s, hint = connect_wait(connect_timeout_s, compile)
         workdir = Path(tempfile.mkdtemp(prefix="smolcluster-infer-"))
         base = free_ports(host, stages)
         nodes = [{"address": f"tcp://{host}:{base + r}", "bind": f"tcp://{host}:{base + r}"} for r in range(stages)]
@@ -161,7 +187,7 @@ class InferencePipeline:
                                          threads or (os.cpu_count() if co_located else None)))
             client = cls._connect_while_watching(children, [n["address"] for n in nodes], host=host,
                                                  heartbeat_s=heartbeat_s, liveness_s=liveness_s,
-                                                 connect_timeout_s=connect_timeout_s,
+                                                 connect_timeout_s=connect_timeout_s, hint=hint,
                                                  decode=tokenizer.decode if tokenizer is not None else None)
         except BaseException:
             children.stop()
@@ -200,14 +226,15 @@ class InferencePipeline:
     def connect(cls, addresses: list[str], *, tokenizer=None, eos_ids: int | list[int] | None = None,
                 host: str = "127.0.0.1",
                 port: int = 0, heartbeat_s: float = 1.0, liveness_s: float = 10.0, connect_timeout_s: float = 60.0,
-                keys_dir: str | None = None) -> InferencePipeline:
+                keys_dir: str | None = None, compile: bool = False) -> InferencePipeline:
         """Use stages already running (``python -m smolcluster.infer role=stage rank=N`` on each node).
 
         ``host`` is this machine's address as the stages can reach it (they connect back to it,
-        on ``port``; 0 = any free port).
+        on ``port``; 0 = any free port). ``compile``: the stages compile before answering (a longer wait).
         """
+        connect_timeout_s, hint = connect_wait(connect_timeout_s, compile)
         client = PipelineClient(addresses, host=host, port=port, heartbeat_s=heartbeat_s, liveness_s=liveness_s,
-                                connect_timeout_s=connect_timeout_s, keys_dir=keys_dir,
+                                connect_timeout_s=connect_timeout_s, keys_dir=keys_dir, hint=hint,
                                 decode=tokenizer.decode if tokenizer is not None else None)
         return cls(client, tokenizer, eos_ids if eos_ids is not None else getattr(tokenizer, "eos_id", None))
 

@@ -166,7 +166,7 @@ def check_same_adapters(served: list[dict[str, str]]) -> None:
 class PipelineClient:
     def __init__(self, addresses: list[str], *, host: str = "127.0.0.1", port: int = 0, heartbeat_s: float = 1.0,
                  liveness_s: float = 10.0, connect_timeout_s: float = 60.0, max_bytes: int = 2 << 30,
-                 keys_dir: str | None = None, decode=None):
+                 keys_dir: str | None = None, decode=None, hint: str = ""):
         if not addresses:
             raise ConfigError("no stage addresses: give every stage's tcp://host:port")
         self.name = f"h{uuid.uuid4().hex[:8]}"
@@ -186,7 +186,7 @@ class PipelineClient:
         self._ids = itertools.count()
         self._closed = False
         try:
-            self._handshake(connect_timeout_s)
+            self._handshake(connect_timeout_s, hint)
         except BaseException:
             self.mesh.close()
             raise
@@ -197,9 +197,10 @@ class PipelineClient:
     def _stage_restarted(src: str, message: str) -> None:
         raise PeerLost(src, message)  # its requests' KV caches went with it: lost, however fast it came back
 
-    def _handshake(self, timeout_s: float) -> None:
+    def _handshake(self, timeout_s: float, hint: str = "") -> None:
+        """``hint``: what a timeout's message adds (e.g. that compile=true stages answer late)."""
         deadline = time.monotonic() + timeout_s
-        self.mesh.wait_ready(self.stages, timeout_s, " (the inference stages)")
+        self.mesh.wait_ready(self.stages, timeout_s, f" (the inference stages{hint})")
         while not all(self.mesh.peers[s].info.get("serving") for s in self.stages):
             if time.monotonic() > deadline:
                 waiting = [s for s in self.stages if not self.mesh.peers[s].info.get("serving")]

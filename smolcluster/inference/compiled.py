@@ -13,9 +13,10 @@ compiled when the stage starts, before it serves, with a log line each.
 
 The request's :class:`~smolcluster.pipeline.architectures.base.KVCache` is a view of its slot, so the eager
 path (prefill chunks, speculation's several rows, prefix-cache copies, truncation) reads and writes the very
-same memory and the two paths hand a request to each other at any step. Steps the graph does not cover run
-eagerly: any step with a prompt chunk or a speculated row, more rows than ``slots``, or a request that found
-no free slot (more running than ``slots``) or may outgrow ``positions``.
+same memory and the two paths hand a request to each other at any step. A step is split by request: the
+requests with one row, a slot and room left in it go through the graph together, the rest (more than one row
+for a request: a prompt chunk or speculated rows; a request that found no free slot, more running than
+``slots``, or that may outgrow ``positions``) run eagerly beside them, and the rows are put back in order.
 
 Compiled artifacts are cached on disk (inductor's FX graph cache, ``TORCHINDUCTOR_CACHE_DIR``, default
 ``~/.cache/smolcluster/inductor``): a stage restarted with the same shapes loads them instead of compiling.
@@ -115,8 +116,11 @@ class CompiledDecode:
             kv_heads, head_dim, self.hidden, decode = s.n_head, s.n_embd // s.n_head, s.n_embd, gpt2_decode
         else:
             raise ConfigError(f"compile=true: {type(stage).__name__} has no compiled decode step; set compile=false")
-        if slots < 1 or positions < 1 or (buckets and max(buckets) < slots):
+        if slots < 1 or positions < 1:
             raise ConfigError(f"compile_slots={slots}, compile_positions={positions}: both must be at least 1")
+        if buckets and max(buckets) < slots:
+            raise ConfigError(f"compiled buckets {buckets}: the largest must be at least compile_slots={slots} "
+                              f"(a step of every slot must have a graph)")
         self.stage, self.slots, self.positions, self.device, self.dtype = stage, slots, positions, device, dtype
         self.buckets = sorted(buckets) if buckets else buckets_up_to(slots)  # (the largest must be >= slots)
         n = len(stage.blocks)
@@ -126,6 +130,10 @@ class CompiledDecode:
                        for _ in range(n)]
             self.vs = [torch.zeros_like(k) for k in self.ks]
         self.free = list(range(slots))
+        # Telemetry: the pool is held from the start (the beacon's compiled_kv_bytes); a request in a slot counts
+        # its positions written, not the slot's whole length (which would overstate kv_bytes past the budget).
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.ks + self.vs)
+        self.per_token = 2 * sum(k[0, :, 0].numel() * k.element_size() for k in self.ks)
         self.steps = 0  # decode steps that ran compiled (the beacon shows it)
         self.cache_dir = os.environ["TORCHINDUCTOR_CACHE_DIR"]
         torch._inductor.config.fx_graph_cache = True
@@ -172,13 +180,39 @@ class CompiledDecode:
             cache.slot = None
             self.free.append(slot)
 
-    def fits(self, batch: Batch) -> bool:
-        """A step the graph covers: one row per request, each in a slot, at most ``slots`` of them."""
-        return (len(batch.caches) <= self.slots and len(batch.caches) == sum(batch.sizes)
-                and all(getattr(c, "slot", None) is not None for c in batch.caches))
+    def backed(self, c: KVCache) -> bool:
+        """Whether a request's cache is in its slot's memory (a cache that reallocated has left it)."""
+        slot = getattr(c, "slot", None)
+        return slot is not None and c.keys[0] is not None and c.keys[0].data_ptr() == self.ks[0][slot].data_ptr()
+
+    def cache_bytes(self, c: KVCache) -> int:
+        """A request's KV bytes: its positions in the slot, or its own buffers once it has left the slot."""
+        return c.length * self.per_token if self.backed(c) else c.nbytes()
+
+    def fits(self, c: KVCache, rows: int) -> bool:
+        """A request's rows the graph covers: one row, in its slot, with a position left there."""
+        return rows == 1 and c.length < self.positions and self.backed(c)
+
+    def run_step(self, x: torch.Tensor, batch: Batch, eager) -> torch.Tensor:
+        """A step over ``x``: the requests :meth:`fits` covers through the graph, the rest through ``eager``
+        (the stage's own ``run_blocks``), each row back in its place."""
+        on = [i for i, (c, n) in enumerate(zip(batch.caches, batch.sizes)) if self.fits(c, n)]
+        if not on:
+            return eager(x, batch)
+        if len(on) == len(batch.caches):
+            return self.run(x, batch)
+        off = sorted(set(range(len(batch.caches))) - set(on))
+        rows_off = torch.tensor([r for i in off for r in range(batch.starts[i], batch.starts[i] + batch.sizes[i])],
+                                device=x.device)
+        rows_on = torch.tensor([batch.starts[i] for i in on], device=x.device)
+        out = torch.empty_like(x)
+        out[:, rows_on] = self.run(x[:, rows_on], Batch([batch.caches[i] for i in on], [1] * len(on)))
+        out[:, rows_off] = eager(x[:, rows_off], Batch([batch.caches[i] for i in off], [batch.sizes[i] for i in off]))
+        return out
 
     def run(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """The compiled step over ``x`` (one row per request of ``batch``); each cache advances one position."""
+        """The compiled step over ``x`` (one row per request of ``batch``, each :meth:`fits`); each cache
+        advances one position."""
         rows = len(batch.caches)
         bucket = next(b for b in self.buckets if b >= rows)
         slots = [c.slot for c in batch.caches] + [self.slots] * (bucket - rows)

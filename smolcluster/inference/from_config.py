@@ -17,7 +17,13 @@ from loguru import logger
 
 from smolcluster.errors import ConfigError
 from smolcluster.inference.adapters import check_adapters
-from smolcluster.inference.api import InferencePipeline, check_speculate, describe_weights
+from smolcluster.inference.api import (
+    InferencePipeline,
+    check_compile,
+    check_speculate,
+    connect_wait,
+    describe_weights,
+)
 from smolcluster.inference.settings import HeadPlace, Pipeline, Role
 from smolcluster.inference.stage import ServeConfig
 
@@ -166,6 +172,7 @@ def stage_formats(cfg: Pipeline) -> list[dict]:
                "quantize_group": cfg.quantize_group, "device": node.device}
         StageFormat(fmt["precision"], fmt["quantize"], fmt["quantize_group"])
         out.append(fmt)
+    check_compile(cfg.compile, out, cfg.adapters)
     return out
 
 
@@ -227,7 +234,8 @@ def pipeline_from_config(cfg: Pipeline, prompt: str | None = None) -> InferenceP
         pipe = InferencePipeline.connect(addresses, tokenizer=tok, eos_ids=eos_for_head(cfg),
                                          host=cfg.head_host or c.host, port=cfg.head_port,
                                          heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s,
-                                         connect_timeout_s=c.connect_timeout_s, keys_dir=c.keys)
+                                         connect_timeout_s=c.connect_timeout_s, keys_dir=c.keys,
+                                         compile=cfg.compile)
         if pipe.client.shape["vocab_size"] < tok.vocab_size:
             pipe.close()
             raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but the stages' model only "
@@ -327,8 +335,8 @@ def serve_config_from(cfg: Pipeline) -> ServeConfig:
                        nodes=[{"address": x.address, "bind": x.bind} for x in nodes],
                        head_first=cfg.head is HeadPlace.first,
                        stage_weights=stage_weights_for(cfg, info, formats, local=False),
-                       heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s, connect_timeout_s=c.connect_timeout_s,
-                       max_bytes=c.max_bytes, keys_dir=c.keys, threads=node.threads, log_level=cfg.stage_log_level,
+                       heartbeat_s=c.heartbeat_s, liveness_s=c.liveness_s,
+                       connect_timeout_s=connect_wait(c.connect_timeout_s, cfg.compile)[0], max_bytes=c.max_bytes, keys_dir=c.keys, threads=node.threads, log_level=cfg.stage_log_level,
                        kv_cache_mb=cfg.kv_cache_mb, adapters=check_adapters(cfg.adapters, info["config"]),
                        speculate=stage_speculate(cfg, info["config"]), prefix_cache=cfg.prefix_cache,
                        prefix_block=cfg.prefix_block, compile=cfg.compile,

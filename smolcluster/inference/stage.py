@@ -295,9 +295,9 @@ class StageServer:
                 f"{c.positions} positions")
 
     def run_blocks(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """The stage's blocks over a step: compiled when the step is one the graph covers, else eagerly."""
-        if self.compiled is not None and self.compiled.fits(batch):
-            return self.compiled.run(x, batch)
+        """The stage's blocks over a step: the requests the compiled graph covers through it, the rest eagerly."""
+        if self.compiled is not None:
+            return self.compiled.run_step(x, batch, self.stage.run_blocks)
         return self.stage.run_blocks(x, batch)
 
     def open_speculator(self):
@@ -1017,8 +1017,10 @@ class StageServer:
 
     def kv_bytes(self) -> int:
         """KV-cache bytes this stage holds for its requests: their buffers' capacity (what memory really holds),
-        with the draft model's caches on stage 0 (:meth:`draft_kv_bytes`), which the budget counts too."""
-        return sum(st.cache.nbytes() for st in self.requests.values()) + self.draft_kv_bytes()
+        with the draft model's caches on stage 0 (:meth:`draft_kv_bytes`), which the budget counts too. A request
+        in a compiled slot counts its positions (the slots' pool is the beacon's ``compiled_kv_bytes``)."""
+        size = self.compiled.cache_bytes if self.compiled is not None else KVCache.nbytes
+        return sum(size(st.cache) for st in self.requests.values()) + self.draft_kv_bytes()
 
     def draft_kv_bytes(self) -> int:
         return self.speculator.nbytes() if self.speculator is not None else 0
@@ -1031,6 +1033,7 @@ class StageServer:
         beacon["steps"], beacon["rows"] = self.forwards, self.rows  # rows / steps: the tokens a step carries
         beacon["mixed_steps"] = self.mixed
         beacon["compiled_steps"] = self.compiled.steps if self.compiled is not None else 0
+        beacon["compiled_kv_bytes"] = self.compiled.nbytes if self.compiled is not None else 0
         if self.prefix is not None:  # hits and tokens saved count every stage's copies (the same on each)
             p = self.prefix
             beacon["prefix_hits"], beacon["prefix_tokens"], beacon["prefix_bytes"] = p.hits, p.saved, p.nbytes

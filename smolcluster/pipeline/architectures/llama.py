@@ -138,6 +138,8 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
+    # smolcluster.inference.compiled.llama_decode repeats this math (norms, projections, RoPE, grouped sdpa) over
+    # slot caches for the compiled decode step: a change here must be made there too (tests/test_compiled.py).
     def __init__(self, s: LlamaShape, window: int | None):
         super().__init__()
         self.head_dim, self.groups, self.window = s.head_dim, s.n_head // s.n_kv_head, window
