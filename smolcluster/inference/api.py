@@ -170,21 +170,14 @@ class InferencePipeline:
         nodes = [{"address": f"tcp://{host}:{base + r}", "bind": f"tcp://{host}:{base + r}"} for r in range(stages)]
         children = Children(log_path)
         try:
-            for rank in range(stages):
-                sc = ServeConfig(
-                    rank=rank, n_stages=stages, weights=str(info["weights"]), config=info["config"], nodes=nodes,
-                    head_first=head == "first", stage_weights=stage_weights, heartbeat_s=heartbeat_s,
-                    liveness_s=liveness_s, connect_timeout_s=connect_timeout_s, exit_with_head=True, threads=threads,
-                    max_requests=max_requests, kv_cache_mb=kv_cache_mb, prefill_chunk=prefill_chunk,
-                    stream_interval_ms=stream_interval_ms, co_located=co_located, turns=turns, adapters=adapters,
-                    speculate=speculate, prefix_cache=prefix_cache, prefix_block=prefix_block, compile=compile,
-                    compile_slots=compile_slots,
-                    extra={"telemetry": telemetry or {}}, **formats[rank])
-                path = workdir / f"stage-{rank}.json"
-                path.write_text(sc.dumps())
-                children.start(f"stage {rank}", [sys.executable, "-u", "-m", "smolcluster.inference.stage", str(path)],
-                               stage_env(stages, co_located_env(env) if co_located else env,
-                                         threads or (os.cpu_count() if co_located else None)))
+            cls._start_stages(
+                children, workdir, nodes, formats, env, weights=str(info["weights"]), config=info["config"],
+                head_first=head == "first", stage_weights=stage_weights, heartbeat_s=heartbeat_s,
+                liveness_s=liveness_s, connect_timeout_s=connect_timeout_s, exit_with_head=True, threads=threads,
+                max_requests=max_requests, kv_cache_mb=kv_cache_mb, prefill_chunk=prefill_chunk,
+                stream_interval_ms=stream_interval_ms, co_located=co_located, turns=turns, adapters=adapters,
+                speculate=speculate, prefix_cache=prefix_cache, prefix_block=prefix_block, compile=compile,
+                compile_slots=compile_slots, extra={"telemetry": telemetry or {}})
             client = cls._connect_while_watching(children, [n["address"] for n in nodes], host=host,
                                                  heartbeat_s=heartbeat_s, liveness_s=liveness_s,
                                                  connect_timeout_s=connect_timeout_s, hint=hint,
@@ -195,6 +188,20 @@ class InferencePipeline:
             raise
         logger.info(f"inference pipeline: {stages} local stages, blocks {client.partition}, head {client.head_rank}")
         return cls(client, tokenizer, eos_ids, children, workdir)
+
+    @staticmethod
+    def _start_stages(children: Children, workdir: Path, nodes: list[dict], formats: list[dict], env: dict | None,
+                      **serve) -> None:
+        """A stage process per entry of ``nodes``, each from its ServeConfig (``serve`` and its ``formats[rank]``)
+        written as JSON in ``workdir``."""
+        stages, threads, co_located = len(nodes), serve["threads"], serve["co_located"]
+        for rank in range(stages):
+            sc = ServeConfig(rank=rank, n_stages=stages, nodes=nodes, **serve, **formats[rank])
+            path = workdir / f"stage-{rank}.json"
+            path.write_text(sc.dumps())
+            children.start(f"stage {rank}", [sys.executable, "-u", "-m", "smolcluster.inference.stage", str(path)],
+                           stage_env(stages, co_located_env(env) if co_located else env,
+                                     threads or (os.cpu_count() if co_located else None)))
 
     @staticmethod
     def _connect_while_watching(children: Children, addresses: list[str], **kw) -> PipelineClient:
