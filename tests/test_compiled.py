@@ -2,9 +2,10 @@
 
 Through 2 real stage processes on loopback, for a tiny random-init Llama (GQA): a pipeline whose
 stages compile their decode step gives every greedy request the very tokens of the same model's eager
-pipeline, alone and with three requests at once (two in the compiled slots, batched in one graph; the third
-finds no free slot and decodes eagerly), and both stages' beacons count the compiled steps. In process: a step of one row padded to a two-row graph after an eager
-prefill into the slot gives the eager tokens, and a slot is freed for the next request; steps split between the
+pipeline, alone and with three requests at once (two hold the compiled slots; the third finds none and decodes
+eagerly), and both stages' beacons count the compiled steps (how many steps the third shares with the others is
+the scheduler's: the split itself is proven in process). In process: a step of one row padded to a two-row graph
+after an eager prefill into the slot gives the eager tokens, and a slot is freed for the next request; steps split between the
 graph and eager rows (a request without a slot, another's prompt chunk) give each request its eager tokens, and
 kv_bytes counts a slot's written positions; a GPT-2 and a Qwen3 stage's compiled decode give their eager tokens;
 quantized stages, adapters and sliding windows are refused in one line (before any stage starts, too); a head
