@@ -136,8 +136,8 @@ def test_allreduce_equals_local_gpt2_tiny_adamw(tmp_path, gpt2_common, local_gpt
               *FAST, "algo.bucket_mb=0.25")  # several buckets
     local_dir, local = local_gpt2
     assert s["steps"] == 20 and s["samples"] == 20 * 8 and s["ring"] == workers
-    rest, noisy, count = adamw_diff(tmp_path, local_dir)
-    assert rest < 1e-5 and noisy < 1e-4 and count < 100, (rest, noisy, count)
+    rest, largest, count = adamw_diff(tmp_path, local_dir)
+    assert rest < 1e-5 and largest < 1e-4 and count < 100, (rest, largest, count)
     assert abs(s["final_loss"] - local["final_loss"]) < 1e-4
     # each rank sends 2(N-1)/N of the float32 gradient per step (+ headers, the loss, and ZeRO's parameters
     # instead of the gradients' all-gather: the same size)
