@@ -384,6 +384,9 @@ def test_a_long_ask_says_busy_until_it_answers(tmp_path, monkeypatch):
     answers = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and answers[0]["busy"] == "re-hashing the cached weights" and answers[0]["hashed"] >= 0
     assert [a["have"] for a in answers if "busy" not in a] == [{e.sha: e.size}] * 2
+    hashed = [a["hashed"] for a in answers if "busy" in a]
+    assert hashed == sorted(hashed) and hashed[-1] <= 2 * e.size  # the bytes hashed so far, as they grow
+    assert int((tmp_path / "weights" / ".lock").read_bytes()) == 2 * e.size  # (each ask re-hashed the entry)
 
     # the launcher waits through them: its answer is the real one (and ssh.weights_cache_gb caps the room there)
     monkeypatch.setattr("launchers.ssh_weights.RECEIVER", "import sys; import smolcluster.node.weightrecv as w; "

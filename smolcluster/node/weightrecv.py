@@ -40,6 +40,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -177,26 +178,33 @@ def in_turn(out, cache: WeightCache, doing: str, fn, *args):
     # (not O_APPEND: Linux's pwrite appends to such a file wherever it is told to write)
     lock = os.open(cache.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
     with os.fdopen(lock, "r+b", buffering=0) as f, ThreadPoolExecutor(1) as pool:
-        held: list[int] = []  # [the count when this receiver's turn began, less what it hashed before]
+        # the count is written by one thread at a time (guard), never after the turn ends: so it only grows
+        turn, guard = {}, threading.Lock()
 
-        def turn():
+        def take_turn():
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
-                held.append(_count(f) - cache.hashed)
+                with guard:
+                    turn["base"] = _count(f) - cache.hashed  # the count is then base + cache.hashed
                 return fn(*args)
             finally:
-                _count(f, held[0] + cache.hashed)
+                with guard:
+                    if "base" in turn:
+                        _count(f, turn["base"] + cache.hashed)
+                    turn["over"] = True
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-        job = pool.submit(turn)
+        job = pool.submit(take_turn)
         while True:
             try:
                 return job.result(timeout=KEEPALIVE_S)
             except FutureTimeout:
-                if held:
-                    reply(out, {"busy": doing, "hashed": _count(f, held[0] + cache.hashed)})
-                else:
-                    reply(out, {"busy": "waiting for another receiver's turn on this cache", "hashed": _count(f)})
+                with guard:
+                    if "base" in turn and "over" not in turn:
+                        busy = {"busy": doing, "hashed": _count(f, turn["base"] + cache.hashed)}
+                    else:
+                        busy = {"busy": "waiting for another receiver's turn on this cache", "hashed": _count(f)}
+                reply(out, busy)
 
 
 def _count(f, n: int | None = None) -> int:
