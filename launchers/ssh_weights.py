@@ -59,7 +59,8 @@ class Session:
     proc: subprocess.Popen | None = None
     sent: int = 0
     owed: int = 0                                               # chunks written that it has not answered yet
-    heard: float = field(default_factory=time.monotonic)       # when it last answered
+    heard: float = field(default_factory=time.monotonic)       # when it last answered (or said it got on)
+    hashed: int = -1                                            # the most its busy lines said it hashed
     why: str = ""                                               # why the launcher ended it, if it did
     reader: threading.Thread | None = None
     need: int = 0  # bytes to send (grows when a corrupt entry is sent again)
@@ -86,13 +87,17 @@ class Session:
 
     def _read(self) -> None:
         for line in iter(self.proc.stdout.readline, b""):
-            self.heard = time.monotonic()
             try:
                 got = json.loads(line)
             except ValueError:
                 got = None
             if not isinstance(got, dict):  # not the receiver talking: the host's setup failed (remote.py's prelude)
                 got = {"error": line.decode(errors="replace").strip()[:500] or "(an empty line)"}
+            if "busy" in got:  # alive, but only getting on counts: a count that stays put is a stuck disk there
+                if isinstance(got.get("hashed"), int) and got["hashed"] > self.hashed:
+                    self.hashed, self.heard = got["hashed"], time.monotonic()
+                continue
+            self.heard = time.monotonic()
             self.answers.put(got)
         self.answers.put(None)  # the session ended
 
@@ -110,25 +115,31 @@ class Session:
 
     def answer(self, timeout_s: float, block: bool = True) -> dict | None:
         """The host's next answer (None: none yet, when not ``block``); raises if the session ended, said why it
-        failed, or said nothing in time. A ``busy`` line (re-hashing its cache: weightrecv.KEEPALIVE_S) restarts
-        the wait."""
+        failed, or said nothing in time. Its ``busy`` lines (weightrecv.in_turn) restart the wait while the bytes
+        they say it hashed grow."""
         try:
             self.proc.stdin.flush()
         except (OSError, ValueError):  # it ended: what it said last (a setup error) comes first, then the end
             pass
+        start = time.monotonic()
         while True:
             try:
-                got = self.answers.get(block, timeout_s)
+                got = self.answers.get(block, min(1.0, timeout_s))
             except queue.Empty:
                 if not block:
                     return None
-                raise PeerError(f"weights: {self.where} answered nothing within {timeout_s:g}s") from None
+                if time.monotonic() - max(start, self.heard) > timeout_s:
+                    raise PeerError(f"weights: {self.where} answered nothing (nor got on) within {timeout_s:g}s") \
+                        from None
+                continue
             if got is None:
                 raise self.failure()
             if "error" in got and "state" not in got:
                 raise PeerError(f"weights: {self.where} failed: {got['error']}")
-            if "busy" not in got:
-                return got
+            if "taken" in got:  # (weightrecv.claim) two senders' chunks of one entry would interleave there
+                raise PeerError(f"weights: another transfer of this model to {self.where} is in progress: wait for "
+                                "it or run again")
+            return got
 
     def failure(self) -> PeerError:
         if self.proc.poll() is None:
@@ -204,10 +215,7 @@ def send_weights(p, nodes: list[Node], node_entries: list, mode: str, timeout_s:
             if todo == [] and progress is not None:  # its cache holds everything: top says so
                 s.show(progress)
         stream([(s, todo) for s, todo in todos if todo], timeout_s, progress)
-        # a host that reads the very files reads them where the launcher found them: the user's (maybe relative)
-        # checkpoint= / model.pretrained=, made absolute, not resolved against the host's workdir
-        own = f"checkpoint={Path(p.checkpoint).expanduser().resolve()}" if p.checkpoint else \
-            f"model.pretrained={Path(p.model['pretrained']).expanduser().resolve()}"
+        own = own_files(p, info)
         out = [[] for _ in nodes]
         for s, todo in todos:
             if todo is None:  # it reads the model files itself
@@ -225,6 +233,19 @@ def send_weights(p, nodes: list[Node], node_entries: list, mode: str, timeout_s:
     for s in sessions.values():
         s.close()
     return out
+
+
+def own_files(p, info: dict) -> str:
+    """The override for a host that reads the very files: where the launcher found them, not the user's (maybe
+    relative) checkpoint= / model.pretrained= resolved against the host's workdir; a hub id (``gpt2``,
+    ``org/name``: found in the Hugging Face cache) becomes the directory it was found in there."""
+    given = Path(p.checkpoint or p.model["pretrained"]).expanduser()
+    if given.exists():
+        where = given.resolve()
+    else:  # (find_model found it in the Hugging Face cache: a snapshot directory, or a run directory's file)
+        where = Path(info["weights"]).resolve()
+        where = where if where.is_dir() else where.parent
+    return f"{'checkpoint' if p.checkpoint else 'model.pretrained'}={where}"
 
 
 def stream(todos: list[tuple[Session, list]], timeout_s: float, watch=None) -> int:

@@ -14,6 +14,7 @@ Each host caches in its own ``ssh.state_dir``. One sequence of runs:
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -193,12 +194,12 @@ def test_a_host_without_room_is_refused_before_anything_is_sent(sshd, tmp_path):
 
 
 # -- the same path without sshd: ssh.local nodes run the receiver here (sh -c), each with its own cache ------------
-def local_stages(tmp: Path, model: Path | str, monkeypatch) -> tuple:
+def local_stages(tmp: Path, model: Path | str, monkeypatch, key: str = "checkpoint") -> tuple:
     from launchers.cluster_file import Node, SshSpec
     from launchers.ssh import compose_settings
 
     monkeypatch.setattr("launchers.ssh_weights.BOOK", tmp / "launcher" / "weight-hashes.json")
-    spec, _, p = compose_settings("local", [f"checkpoint={model}", "stages=2"], config="infer")
+    spec, _, p = compose_settings("local", [f"{key}={model}", "stages=2"], config="infer")
     nodes = [Node("stage", r, f"s{r}", SshSpec(host="localhost", local=True, python=sys.executable,
                                                 workdir=str(REPO), state_dir=str(tmp / f"state{r}")))
              for r in range(2)]
@@ -263,6 +264,24 @@ def test_send_weights_to_local_hosts_resumes_a_partial_entry(tmp_path, monkeypat
     assert send_weights(p, nodes, entries, "auto") == [[f"checkpoint={model}"]] * 2
     err = capfd.readouterr().err
     assert err.count("reads the model files itself: nothing to send") == 2 and "weights: sent 0 bytes in all" in err
+
+
+def test_auto_gives_a_host_that_reads_a_hub_model_the_directory_it_was_found_in(tmp_path, monkeypatch, capfd):
+    from launchers.ssh_weights import send_weights
+    from smolcluster.bench.common import write_tiny_run
+
+    # a Hugging Face cache holding org/tiny (as huggingface-cli download leaves it), here only
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snapshot = write_tiny_run(repo / "snapshots" / "abc123", n_positions=64)
+    (snapshot / "config.json").write_text("{}")  # (what the hub lookup asks the cache for)
+    (snapshot / "checkpoint.json").write_text(json.dumps({"model": {"n_head": 4}}))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)  # (where a hub id made a path would point: tmp_path/org/tiny, not there)
+    p, nodes, entries = local_stages(tmp_path, "org/tiny", monkeypatch, key="model.pretrained")
+    assert send_weights(p, nodes, entries, "auto") == [[f"model.pretrained={snapshot}"]] * 2
+    assert capfd.readouterr().err.count("reads the model files itself: nothing to send") == 2
 
 
 def receiver(state: Path, data: bytes, monkeypatch) -> tuple[int, bytes]:
@@ -363,8 +382,11 @@ def test_a_long_ask_says_busy_until_it_answers(tmp_path, monkeypatch):
     ask = json.dumps({"op": "ask", "entries": {e.sha: e.size}, "files": {}}).encode() + b"\n"
     code, out = receiver(tmp_path, ask + ask, monkeypatch)
     answers = [json.loads(line) for line in out.splitlines()]
-    assert code == 0 and answers[0] == {"busy": "re-hashing the cached weights"}
+    assert code == 0 and answers[0]["busy"] == "re-hashing the cached weights" and answers[0]["hashed"] >= 0
     assert [a["have"] for a in answers if "busy" not in a] == [{e.sha: e.size}] * 2
+    hashed = [a["hashed"] for a in answers if "busy" in a]
+    assert hashed == sorted(hashed) and hashed[-1] <= 2 * e.size  # the bytes hashed so far, as they grow
+    assert int((tmp_path / "weights" / ".lock").read_bytes()) == 2 * e.size  # (each ask re-hashed the entry)
 
     # the launcher waits through them: its answer is the real one (and ssh.weights_cache_gb caps the room there)
     monkeypatch.setattr("launchers.ssh_weights.RECEIVER", "import sys; import smolcluster.node.weightrecv as w; "
@@ -460,3 +482,126 @@ def test_a_host_that_stops_reading_is_ended_and_a_failed_host_stops_the_others(t
     with pytest.raises(PeerError, match=r"\(stage 0, ssh.state_dir .*broken\).*: CacheError: the disk broke"):
         stream([(stall, [(big_entry(8), 0)]), (broken, [(big_entry(1), 0)])], 300)
     assert time.monotonic() - t0 < 30 and stall.proc.poll() is not None
+
+
+# -- two receivers on one host's cache: turns, and an entry one of them is writing --------------------------------
+class Lines:
+    """A receiver's stdout, read as it writes (from another thread)."""
+
+    def __init__(self):
+        self.data = b""
+
+    def write(self, b: bytes) -> None:
+        self.data += b
+
+    def flush(self) -> None:
+        pass
+
+    def wait_for(self, test, timeout: float = 30) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while not any(test(a) for a in self.answers()):
+            assert time.monotonic() < deadline, self.answers()
+            time.sleep(0.01)
+        return self.answers()
+
+    def answers(self) -> list[dict]:
+        return [json.loads(line) for line in self.data.splitlines()]
+
+
+def count(state: Path, n: int) -> None:
+    """What a receiver holding the cache's lock writes there: the bytes hashed on the cache so far."""
+    fd = os.open(state / "weights" / ".lock", os.O_WRONLY)
+    os.pwrite(fd, b"%020d" % n, 0)
+    os.close(fd)
+
+
+def test_a_receiver_waiting_for_its_turn_says_busy_with_the_holders_progress(tmp_path, monkeypatch):
+    import fcntl
+    import threading
+
+    from smolcluster.node import weightrecv
+
+    monkeypatch.setattr(weightrecv, "KEEPALIVE_S", 0.01)
+    (tmp_path / "weights").mkdir()
+    holder = open(tmp_path / "weights" / ".lock", "a+b")  # another receiver's turn, 5 bytes hashed so far
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    count(tmp_path, 5)
+    out = Lines()
+    ask = json.dumps({"op": "ask", "entries": {}, "files": {}}).encode() + b"\n"
+    t = threading.Thread(target=weightrecv.serve, args=(tmp_path, io.BytesIO(ask + b'{"op": "bye"}\n'), out))
+    t.start()
+    try:
+        out.wait_for(lambda a: a.get("hashed") == 5)
+        count(tmp_path, 9)  # the holder gets on
+        out.wait_for(lambda a: a.get("hashed") == 9)
+    finally:
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        holder.close()
+        t.join(30)
+    answers = out.answers()
+    assert {a["busy"] for a in answers[:-1]} == {"waiting for another receiver's turn on this cache"}
+    assert answers[-1]["have"] == {} and not t.is_alive()
+
+
+FAKE_BUSY = """import sys, json, time
+sys.stdin.readline()
+grows = "grows" in sys.argv[-1]
+for i in range(30 if grows else 10**6):  # 3 s of busy lines: the hashed count grows, or stays put (a hung disk)
+    print(json.dumps({"busy": "re-hashing the cached weights", "hashed": i if grows else 7}), flush=True)
+    time.sleep(0.1)
+print(json.dumps({"have": {}, "free": 1, "readable": False}), flush=True)
+"""
+
+
+def test_the_launcher_waits_while_a_busy_host_gets_on_and_not_while_it_is_stuck(tmp_path, monkeypatch):
+    from smolcluster.errors import PeerError
+
+    monkeypatch.setattr("launchers.ssh_weights.RECEIVER", FAKE_BUSY)
+    grows, stuck = session(tmp_path, "grows"), session(tmp_path, "stuck")
+    try:
+        for s in (grows, stuck):
+            s.send({"op": "ask", "entries": {}, "files": {}})
+        assert grows.answer(1)["have"] == {}  # 3 s of busy lines, each with more hashed: waited through
+        t0 = time.monotonic()
+        with pytest.raises(PeerError, match=r"stuck.*answered nothing \(nor got on\) within 1s"):
+            stuck.answer(1)
+        assert time.monotonic() - t0 < 10
+    finally:
+        grows.close(done=False)
+        stuck.close(done=False)
+
+
+def test_a_second_transfer_of_an_entry_being_written_is_refused_in_one_line(tmp_path, monkeypatch):
+    import hashlib
+    import threading
+
+    from smolcluster.errors import PeerError
+    from smolcluster.node.weightrecv import serve
+
+    data = os.urandom(100)
+    sha = hashlib.sha256(data).hexdigest()
+    ask = json.dumps({"op": "ask", "entries": {sha: 100}, "files": {}}).encode() + b"\n"
+    r, w = os.pipe()
+    out, feed = Lines(), os.fdopen(w, "wb", buffering=0)
+    first = threading.Thread(target=serve, args=(tmp_path, os.fdopen(r, "rb"), out))
+    first.start()
+    try:
+        feed.write(ask + chunk(sha, 100, 0, data[:60]))  # the first serve: 60 of 100 bytes arrived
+        out.wait_for(lambda a: a.get("state") == "partial")
+        code, said = receiver(tmp_path, ask + b'{"op": "bye"}\n', monkeypatch)  # a second serve meanwhile
+        assert code == 0 and [json.loads(line) for line in said.splitlines()] == [{"taken": 1}]
+        s = session(tmp_path, ".")  # the launcher says it in one line
+        try:
+            s.send(json.loads(ask))
+            with pytest.raises(PeerError, match=r"^weights: another transfer of this model to .* is in progress: "
+                                                r"wait for it or run again$"):
+                s.answer(60)
+        finally:
+            s.close(done=False)
+        feed.write(chunk(sha, 100, 60, data[60:]) + b'{"op": "bye"}\n')  # the first finishes, whole and right
+    finally:
+        feed.close()
+        first.join(30)
+    assert [a.get("state") for a in out.answers()[1:]] == ["partial", "done"]
+    code, said = receiver(tmp_path, ask + b'{"op": "bye"}\n', monkeypatch)  # and then the entry is simply here
+    assert code == 0 and json.loads(said.splitlines()[-1])["have"] == {sha: 100}

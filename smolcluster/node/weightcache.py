@@ -53,17 +53,20 @@ class CacheError(ValueError):
     """A chunk the cache cannot take (wrong offset, past the entry's end, a bad name)."""
 
 
-def file_hash(path: Path):
-    """The running sha256 of a file's bytes (read a MiB at a time)."""
+def file_hash(path: Path, counted=None):
+    """The running sha256 of a file's bytes (read a MiB at a time); ``counted``: a WeightCache whose ``hashed``
+    grows as they are read (what weightrecv's busy lines say, so the launcher tells slow from stuck)."""
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         while chunk := f.read(_READ):
             h.update(chunk)
+            if counted is not None:
+                counted.hashed += len(chunk)
     return h
 
 
-def file_sha256(path: Path) -> str:
-    return file_hash(path).hexdigest()
+def file_sha256(path: Path, counted=None) -> str:
+    return file_hash(path, counted).hexdigest()
 
 
 class WeightCache:
@@ -73,6 +76,7 @@ class WeightCache:
         for d in (self.root, self.blobs, self.partial):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.hashing: dict[str, tuple] = {}  # entry -> (sha256 of its partial bytes so far, their length)
+        self.hashed = 0  # bytes hashed so far (re-hashed or written): grows while this cache makes progress
 
     @staticmethod
     def _name(sha: str) -> str:
@@ -92,7 +96,7 @@ class WeightCache:
         for sha, size in entries.items():
             blob, part = self.path(sha), self.partial / sha
             if blob.is_file():
-                if blob.stat().st_size == size and file_sha256(blob) == sha:
+                if blob.stat().st_size == size and file_sha256(blob, self) == sha:
                     os.utime(blob)  # used: the last to be pruned
                     out[sha] = size
                     continue
@@ -100,7 +104,7 @@ class WeightCache:
             have = part.stat().st_size if part.is_file() else 0
             if have == size and have:  # whole, but the agent stopped before moving it in (write's last lines)
                 self.hashing.pop(sha, None)
-                if file_sha256(part) == sha:
+                if file_sha256(part, self) == sha:
                     os.replace(part, blob)
                     out[sha] = size
                     continue
@@ -121,10 +125,11 @@ class WeightCache:
             raise CacheError(f"entry {sha[:12]}: a chunk ends at byte {offset + len(data)}, past its size {size}")
         h, hashed = self.hashing.get(sha, (None, -1))
         if hashed != have:  # resumed (or first) write: hash what is on disk once, then as chunks arrive
-            h = file_hash(part) if have else hashlib.sha256()
+            h = file_hash(part, self) if have else hashlib.sha256()
         with open(part, "ab", buffering=0) as f:
             f.write(data)
         h.update(data)
+        self.hashed += len(data)
         self.hashing[sha] = (h, offset + len(data))
         if offset + len(data) < size:
             return False
@@ -184,7 +189,7 @@ class WeightCache:
             book = {}
         mark = f"{p.resolve()}|{size}|{p.stat().st_mtime_ns}"
         if mark not in book:
-            book[mark] = file_sha256(p)
+            book[mark] = file_sha256(p, self)
             tmp = book_file.with_name(f".files.{os.getpid()}")
             tmp.write_text(json.dumps(book))
             tmp.replace(book_file)

@@ -8,18 +8,25 @@ over the session's stdin and stdout. It writes into the same content-addressed c
 shared with an agent started with the same ``--state-dir``. Each message is one JSON line (a ``chunk`` is
 followed by its ``n`` raw bytes); each answer one JSON line on stdout. Nothing is pickled.
 
-    ask   {entries: {sha: size}, files: {path: [size, sha]}}  ->  {have, free, readable}   (WeightCache.answer;
-                                                              {busy} lines every KEEPALIVE_S before it)
+    ask   {entries: {sha: size}, files: {path: [size, sha]}}  ->  {have, free, readable}   (WeightCache.answer),
+                                                              or {taken: n}: another receiver is writing n of
+                                                              the missing entries (claim)
     chunk {sha, size, offset, n} + n bytes                    ->  {sha, offset, n, state}  (partial|done|bad;
                                                               bad with its error: the launcher says it)
     build {stages: {name: manifest}}                          ->  {args: {name: [checkpoint=DIR, adapters.X=DIR]}}
     bye   {}                                                  ->  exits 0
 
+Before any answer, a ``{busy, hashed}`` line every KEEPALIVE_S while it waits for its turn on the cache or
+works (in_turn): ``hashed`` grows while the cache makes progress, so the launcher waits on a slow host and
+not on a stuck one.
+
 ``build`` makes each stage's model directory of links into the cache (``STATE/ssh/KEY``, KEY from the
 manifest's hash, so a second run reuses the same one, whole, even while another serve's stage reads it) as
 an agent does for a stage it starts. Two receivers on one cache (two serves at once, or one cache under two
-spellings of ``--state-dir``) take turns per message (a file lock, ``STATE/weights/.lock``); an agent on the
-same state dir does not take that lock, so do not point both at one directory while both receive.
+spellings of ``--state-dir``) take turns per message (a file lock, ``STATE/weights/.lock``), and an entry
+arriving is claimed by its receiver until whole (``STATE/weights/locks/<sha>``): a second serve of the same
+model to this host while the first still sends it is refused in one line, not interleaved. An agent on the
+same state dir takes neither lock, so do not point both at one directory while both receive.
 ``--weights-cache-gb`` caps the cache as an agent's option does (the launcher passes ``ssh.weights_cache_gb``).
 Anything wrong ends the program with one ``{"error": ...}`` line and exit code 2, never a traceback.
 """
@@ -33,16 +40,16 @@ import json
 import os
 import shutil
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from contextlib import contextmanager
 from pathlib import Path
 
 from smolcluster.node.pairing import private_dir
 from smolcluster.node.protocol import CHUNK
 from smolcluster.node.weightcache import CacheError, WeightCache, adapter_dirs, model_dir
 
-KEEPALIVE_S = 10.0  # a busy line this often during a long ask (well inside the launcher's timeout)
+KEEPALIVE_S = 10.0  # a busy line this often while a message waits or works (well inside the launcher's timeout)
 MAX_LINE = 64 << 20  # an ask names every entry of a model (~150 bytes each): room for a few hundred thousand
 
 
@@ -107,14 +114,17 @@ def _move_in(tmp: Path, d: Path) -> None:
 
 def serve(state: Path, inp, out, cap_bytes: int | None = None) -> None:
     cache = WeightCache(state / "weights", cap_bytes)
+    claims: dict[str, object] = {}  # entry -> its open lock file (STATE/weights/locks/<sha>), held while it arrives
     while line := inp.readline(MAX_LINE):
         msg = json.loads(line)
         if not isinstance(msg, dict):
             raise CacheError(f"a message is a JSON object, not {type(msg).__name__}")
         op = msg.get("op")
         if op == "ask":
-            with cache_lock(cache):
-                reply(out, keep_alive(out, cache.answer, msg["entries"], msg["files"]))
+            got = in_turn(out, cache, "re-hashing the cached weights", cache.answer, msg["entries"], msg["files"])
+            missing = [sha for sha, size in msg["entries"].items() if got["have"].get(sha, size) < int(size)]
+            taken = [sha for sha in missing if not claim(cache, claims, sha)]
+            reply(out, {"taken": len(taken)} if taken else got)
         elif op == "chunk":
             n = int(msg["n"])
             if not 0 < n <= CHUNK:
@@ -122,44 +132,91 @@ def serve(state: Path, inp, out, cap_bytes: int | None = None) -> None:
             data = read_exact(inp, n)
             got = {"sha": msg["sha"], "offset": msg["offset"], "n": n}
             try:
-                with cache_lock(cache):
-                    got["state"] = "done" if cache.write(msg["sha"], int(msg["size"]), int(msg["offset"]), data) \
-                        else "partial"
+                if not claim(cache, claims, msg["sha"]):
+                    raise CacheError(f"entry {str(msg['sha'])[:12]}: another receiver is writing it")
+                done = in_turn(out, cache, "writing", cache.write, msg["sha"], int(msg["size"]), int(msg["offset"]),
+                               data)
+                got["state"] = "done" if done else "partial"
+                if done:  # whole: another serve of the model may take it (reads it) from now on
+                    claims.pop(msg["sha"]).close()
             except CacheError as e:  # a corrupt entry: the launcher sends it again from its start
                 got.update(state="bad", error=str(e))
             reply(out, got)
         elif op == "build":
-            with cache_lock(cache):
-                reply(out, {"args": build(cache, state, msg["stages"])})
+            reply(out, {"args": in_turn(out, cache, "building", build, cache, state, msg["stages"])})
         elif op == "bye":
             return
         else:
             raise CacheError(f"unknown op {str(op)[:40]!r}")
 
 
-def keep_alive(out, fn, *args):
-    """``fn(*args)`` (an ask re-hashes every entry it names: minutes for a big model on a slow disk), saying
-    ``{"busy": ...}`` every ``KEEPALIVE_S`` meanwhile, so the launcher knows this host is alive and waits on."""
-    with ThreadPoolExecutor(1) as pool:
-        job = pool.submit(fn, *args)
+def claim(cache: WeightCache, claims: dict, sha: str) -> bool:
+    """Take entry ``sha`` for this receiver until it is whole (or the session ends), unless another receiver (a
+    second serve of the same model to this host) holds it: two senders' chunks of one entry would interleave.
+    False then: the launcher says so in one line. (Empty lock files stay in STATE/weights/locks: a lock file
+    removed while another process waits on it would let two hold "the" lock.)"""
+    if sha in claims:
+        return True
+    f = open(private_dir(cache.root / "locks") / WeightCache._name(sha), "a")  # noqa: SIM115 (held past this call)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return False
+    claims[sha] = f
+    return True
+
+
+def in_turn(out, cache: WeightCache, doing: str, fn, *args):
+    """``fn(*args)`` with the cache to this receiver alone (``STATE/weights/.lock``: another receiver, a second
+    serve or the same cache under another spelling of ``--state-dir``, waits for its turn). Meanwhile, every
+    ``KEEPALIVE_S``, a ``{"busy", "hashed"}`` line: ``hashed`` the bytes every receiver hashed or wrote on this
+    cache so far (kept in the lock file, so one waiting for its turn sees the holder's progress). The launcher
+    waits on while that grows, and not for a holder stuck on a hung disk. (An agent on the same state dir locks
+    only among its own threads: do not point an agent and ``ssh.state_dir`` at one directory while both
+    receive.)"""
+    # (not O_APPEND: Linux's pwrite appends to such a file wherever it is told to write)
+    lock = os.open(cache.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    with os.fdopen(lock, "r+b", buffering=0) as f, ThreadPoolExecutor(1) as pool:
+        # the count is written by one thread at a time (guard), never after the turn ends: so it only grows
+        turn, guard = {}, threading.Lock()
+
+        def take_turn():
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                with guard:
+                    turn["base"] = _count(f) - cache.hashed  # the count is then base + cache.hashed
+                return fn(*args)
+            finally:
+                with guard:
+                    if "base" in turn:
+                        _count(f, turn["base"] + cache.hashed)
+                    turn["over"] = True
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+        job = pool.submit(take_turn)
         while True:
             try:
                 return job.result(timeout=KEEPALIVE_S)
             except FutureTimeout:
-                reply(out, {"busy": "re-hashing the cached weights"})
+                with guard:
+                    if "base" in turn and "over" not in turn:
+                        busy = {"busy": doing, "hashed": _count(f, turn["base"] + cache.hashed)}
+                    else:
+                        busy = {"busy": "waiting for another receiver's turn on this cache", "hashed": _count(f)}
+                reply(out, busy)
 
 
-@contextmanager
-def cache_lock(cache: WeightCache):
-    """The cache to this process alone meanwhile: another receiver (a second serve, or the same cache under
-    another spelling of ``--state-dir``) waits for it. (An agent on the same state dir locks only among its
-    own threads: do not point an agent and ``ssh.state_dir`` at one directory while both receive.)"""
-    with open(cache.root / ".lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def _count(f, n: int | None = None) -> int:
+    """The lock file's count of bytes hashed on this cache: read, or written as ``n`` (a fixed 20 digits, so a
+    reader never sees half of a longer number)."""
+    if n is not None:
+        os.pwrite(f.fileno(), b"%020d" % n, 0)
+        return n
+    try:
+        return int(os.pread(f.fileno(), 20, 0) or b"0")
+    except ValueError:  # (a lock file from before the count, or torn: counts as no progress)
+        return 0
 
 
 def main(argv: list[str] | None = None) -> int:
