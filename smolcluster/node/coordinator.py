@@ -453,8 +453,8 @@ class Run(Supervisor):
                 sys.stderr.write(f"[{link.name}:{f['name']}] {line}\n")
                 if line.startswith("error: "):  # the role's one-line reason, for the coordinator's own
                     link.roles.setdefault(f["name"], {})["error"] = line[len("error: "):]
-        elif msg.kind == "role_state":
-            link.roles[f["name"]] = {**link.roles.get(f["name"], {}), **f}
+        elif msg.kind == "role_state":  # (running: a new process, nothing of an earlier one's error kept)
+            link.roles[f["name"]] = {**(link.roles.get(f["name"], {}) if f["state"] != "running" else {}), **f}
             if f["state"] == "failed":
                 raise PeerError(f"node {link.node.where()} could not start {f['name']}: {f.get('detail')}")
         elif msg.kind == "role_endpoint":
