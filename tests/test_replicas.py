@@ -12,8 +12,10 @@ With ``cluster=auto``: two replicas of one stage on two real agents, their weigh
 ``transformers``; a killed stage started again on its agent, its replica back and equal to ``transformers``, its
 agent killed: the replica stays down in one line; more replicas than the agents hold refused in one line. The
 restart policy through the real coordinator Run and two agents: a refused restart (weights not in the agent's cache)
-gives up in one line and stops the replica's other stage, an unanswered one ends after connect_timeout_s, and no
-heartbeat round waits on an agent (the other agent stays alive).
+gives up in one line and stops the replica's other stage, an unanswered one ends after connect_timeout_s (its role
+failed), and no heartbeat round waits on an agent (the other agent stays alive); a stage that exits after an
+``error:`` line is counted and given up in one line on the real heartbeat thread, a restart's late ``running`` is
+adopted, and an agent stopping a frozen stage goes on answering.
 """
 
 from __future__ import annotations
@@ -483,11 +485,14 @@ def test_restarts_through_real_agents_give_up_in_one_line_and_never_stall_the_he
         assert stopped and links["a"].alive and not links["b"].alive
         assert max(took) < 0.5, f"a beat waited {max(took):.2f}s on an agent"
         assert any(f"did not start within cluster.connect_timeout_s={c.connect_timeout_s:g}s" in ln for ln in lines)
+        assert links["b"].roles["r1 stage 0"]["state"] == "failed"  # not "starting" forever (stop_everywhere waits)
         with pytest.raises(ReplicaGone, match=r"^replica 1 stays down: node b \(127.0.0.1:\d+\) is gone with its stage 0"):
             restarts.revive(1, timeout_s=5)
         restarts.revive(0, timeout_s=5)
 
         _closing_lets_a_waiting_head_go(run, links["a"], node["a"], pruned)
+        _an_error_line_is_counted_a_late_start_adopted_and_a_stop_blocks_no_agent(links["a"], found["a"][0],
+                                                                                  node["a"], lines)
     finally:
         logger.remove(sink)
         if b.p.poll() is None:
@@ -514,6 +519,75 @@ def _closing_lets_a_waiting_head_go(run, link, node, model: dict) -> None:
     closing.stages[0].ended_at -= run.c.liveness_s  # due now: a tick would restart it, were it not closed
     closing.beat()
     assert closing.stages[0].state == "waiting" and not run.restarting
+
+
+def _an_error_line_is_counted_a_late_start_adopted_and_a_stop_blocks_no_agent(link, agent, node, lines) -> None:
+    """Replica 0 on agent a, two real stage processes: stage 0 prints ``error: cluster.port is not set ...`` and
+    exits 2 each time it starts; stage 1 is frozen (SIGSTOP) as it starts. Stage 0's exit (an ``error`` line, no
+    ``detail``) is counted, not fatal to a beat. Its restart's ``running``, held back past the deadline, leaves the
+    role failed (not starting); arriving then, it is adopted as up (started again, it would find its port taken).
+    On the real heartbeat thread (``_keep``) the replica is then given up in one line naming the error, and stage 1
+    stopped: the agent answers ``status`` while that frozen process ignores its SIGTERM, then reports it stopped
+    (continued, the SIGTERM ends it) and lets its port go."""
+    import contextlib
+    import os
+    import re
+
+    from smolcluster.node.coordinator import Run, _keep
+    from smolcluster.node.restarts import Restarts
+    from smolcluster.train_settings import ClusterSpec
+
+    c = ClusterSpec(heartbeat_s=0.2, liveness_s=2.0, connect_timeout_s=30.0)  # (late: when the test says so)
+    run = Run("inference", "rf2", c, {"a": link})
+    ports = [run.reserve(link, f"r0 stage {i}", "127.0.0.1") for i in (0, 1)]
+    run.start(link, "r0 stage 1", "stage", 1, [], {}, "infer")
+    frozen = int(agent.wait_for(r"started r0 stage 1 \(stage\) for run rf2: pid (\d+)", timeout=30)[1].group(1))
+    os.kill(frozen, signal.SIGSTOP)  # (it imports for seconds before it could exit)
+    try:
+        run.start(link, "r0 stage 0", "stage", 0, [], {}, "infer")
+        restarts = Restarts(run, [[node, node]])
+        st = restarts.stages[0]
+        lines.clear()
+        _beat_until(restarts, lambda: st.state == "waiting", 60)
+        assert any(re.search(r"^replica 0: its stage 0 on node a \(127.0.0.1:\d+\) exited with code 2 \(cluster.port "
+                             r"is not set: .*; starting it again in 2s", ln) for ln in lines), lines
+
+        # the restart's start_role sent; the agent's answers held back until the restart is past its deadline
+        _beat_until(restarts, lambda: st.state == "starting" and "r0 stage 0" not in run.restarting, 30)
+        held: list = []
+        while not any(m.kind == "role_state" and m.fields["name"] == "r0 stage 0" for m in held):
+            held.append(link.ep.recv(30_000))
+            assert held[-1] is not None, "the agent did not answer start_role within 30s"
+        assert held[-1].fields["state"] == "running"
+        st.started_at -= c.connect_timeout_s
+        restarts.tick()
+        assert st.state == "waiting" and link.roles["r0 stage 0"]["state"] == "failed"
+        for msg in held:
+            run.handle(link, msg)
+        restarts.tick()
+        assert st.state == "up" and not run.restarting  # adopted: nothing started again
+
+        stop = threading.Event()
+        keeper = threading.Thread(target=_keep, args=(run, restarts, stop), daemon=True)
+        keeper.start()
+        try:
+            assert wait_until(lambda: st.state == "gone", 120), [(x.name, x.state) for x in restarts.stages]
+            assert keeper.is_alive()
+        finally:
+            stop.set()
+            keeper.join(10)
+        gone = [ln for ln in lines if "stays down" in ln]
+        assert len(gone) == 1 and re.search(r"^replica 0 stays down: its stage 0 on .* exited with code 2 \(cluster.port"
+                                            r" is not set: .*started again 2 times in a row", gone[0]), lines
+        agent.wait_for(r"stopping r0 stage 1", timeout=10)
+        answer = link.request("status", {}, "node_status", 5, on_other=run.handle)  # (before: 10 s deaf)
+        assert answer.fields["roles"]["r0 stage 1"] == "stopping" and link.alive
+        assert psutil.Process(frozen).status() == psutil.STATUS_STOPPED
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(frozen, signal.SIGCONT)  # its pending SIGTERM ends it
+    _beat_until(restarts, lambda: link.roles["r0 stage 1"].get("state") == "stopped", 30)
+    assert wait_until(lambda: _bindable(ports[1]), 10)
 
 
 def _bindable(port: int) -> bool:

@@ -79,24 +79,26 @@ def exit_without_teardown(code: int = 0) -> None:
     os._exit(code)
 
 
+def signal_group(p: subprocess.Popen, sig: int) -> None:
+    """``sig`` to the process group ``p`` leads (each role does: its children go with it), while ``p`` runs."""
+    if p.poll() is None:
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
 def stop_process_groups(procs: Iterable[subprocess.Popen], grace_s: float = 10.0) -> None:
     """SIGTERM every live process's group, wait up to ``grace_s`` in all, then SIGKILL what is left."""
     procs = list(procs)
     for p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        signal_group(p, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     for p in procs:
         try:
             p.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            signal_group(p, signal.SIGKILL)
             p.wait(timeout=5)
 
 

@@ -45,7 +45,12 @@ from loguru import logger
 from smolcluster.cluster import node_name
 from smolcluster.errors import ConfigError
 from smolcluster.launch.overrides import check_override
-from smolcluster.launch.supervisor import Children, sigterm_as_interrupt, stop_process_groups
+from smolcluster.launch.supervisor import (
+    Children,
+    signal_group,
+    sigterm_as_interrupt,
+    stop_process_groups,
+)
 from smolcluster.node.infoport import InfoPort
 from smolcluster.node.pairing import (
     SAFE_NAME,
@@ -82,6 +87,7 @@ NOT_PAIRED = ("not paired: this node obeys only coordinators it has paired with 
 PAIR_TTL_S = 300.0  # a code not confirmed within this is void
 MAX_PENDING = 16  # pairings awaiting an operator at once
 PAIR_EVERY_S = 1.0  # one pairing exchange per source address this often
+STOP_GRACE_S = 10.0  # a role stopped alone (stop_one) is SIGKILLed if it has not exited this long after SIGTERM
 
 
 def refusal(reason: str) -> dict:
@@ -126,6 +132,7 @@ class Role:
     held: list = field(default_factory=list)  # its reserved ports' sockets, let go when it exits
     announced: set = field(default_factory=set)  # endpoints/*.json files already told to the coordinator
     looked_at: float = 0.0
+    stop_by: float = 0.0  # stopping (stop_one): SIGKILLed if it still runs at this time
 
     def release(self) -> None:
         for s in self.held:
@@ -454,7 +461,9 @@ class Agent:
                 r.state = "listening"
                 self.control.send(r.owner, "role_state", {"name": r.name, "state": "listening", "port": port})
             code = r.proc.poll()
-            if code is not None and r.state in ("running", "listening") and r.lines.empty():
+            if r.state == "stopping":
+                self._stopping(r, code)
+            elif code is not None and r.state in ("running", "listening") and r.lines.empty():
                 r.state = f"exited {code}"
                 r.release()
                 out = {"name": r.name, "state": "exited", "code": code}
@@ -484,17 +493,30 @@ class Agent:
         return any(now - self.owner_seen.get(o, now) > self.owner_timeout_s for o in live)
 
     def stop_one(self, name: str, reason: str) -> None:
-        """Stop role ``name`` alone (a replica that stays down), and let go of a port held for it."""
+        """Stop role ``name`` alone (a replica that stays down), and let go of a port held for it. Never waits (this
+        loop must go on answering ``status``, or the coordinator declares the agent vanished): SIGTERM now;
+        :meth:`poll_roles` reports it stopped once it has exited, SIGKILLed after ``STOP_GRACE_S``."""
         for s in self.reserved.pop(name, (None, []))[1]:
             s.close()
         r = self.roles.get(name)
-        if r is None or r.proc.poll() is not None:
+        if r is None or r.proc.poll() is not None or r.state == "stopping":
             return
         logger.info(f"stopping {printable(name)}: {printable(reason, 300)}")
-        stop_process_groups([r.proc], 10.0)
-        r.release()
-        r.state = f"stopped ({r.proc.returncode})"
-        self.control.send(r.owner, "role_state", {"name": r.name, "state": "stopped", "code": r.proc.returncode})
+        r.state, r.stop_by = "stopping", time.monotonic() + STOP_GRACE_S
+        signal_group(r.proc, signal.SIGTERM)
+
+    def _stopping(self, r: Role, code: int | None) -> None:
+        """A role :meth:`stop_one` is stopping: SIGKILL once its grace is over; once it has exited (its last lines
+        sent), its held ports let go and ``stopped`` told."""
+        if code is None and time.monotonic() > r.stop_by:
+            logger.warning(f"{r.name} did not stop within {STOP_GRACE_S:g}s of SIGTERM: killing it")
+            signal_group(r.proc, signal.SIGKILL)
+            r.stop_by = float("inf")
+        elif code is not None and r.lines.empty():
+            r.release()
+            r.state = f"stopped ({code})"
+            logger.info(f"{r.name} stopped (code {code})")
+            self.control.send(r.owner, "role_state", {"name": r.name, "state": "stopped", "code": code})
 
     def stop_all(self, grace_s: float = 10.0) -> None:
         live = [r for r in self.roles.values() if r.proc.poll() is None]

@@ -413,11 +413,13 @@ class Run(Supervisor):
             return  # (start_ranks' own reserves are answered to their request)
         got = f["ports"][0] if f["ports"] else None
         if got != port:
-            self._not_restarted(link, name, f"it held port {got} for {name}, not its port {port}")
+            self.not_restarted(link, name, f"it held port {got} for {name}, not its port {port}")
             return
         link.ep.send("start_role", self.started[name][1])
 
-    def _not_restarted(self, link: AgentLink, name: str, why: str) -> None:
+    def not_restarted(self, link: AgentLink, name: str, why: str) -> None:
+        """Role ``name``'s restart failed (refused, or not running by its deadline: Restarts): the role is failed,
+        not left starting (which :meth:`stop_everywhere` would wait for), and a late ``reserved`` starts nothing."""
         self.restarting.pop(name, None)
         link.roles[name] = {"name": name, "state": "failed", "detail": why}
 
@@ -451,8 +453,8 @@ class Run(Supervisor):
                 sys.stderr.write(f"[{link.name}:{f['name']}] {line}\n")
                 if line.startswith("error: "):  # the role's one-line reason, for the coordinator's own
                     link.roles.setdefault(f["name"], {})["error"] = line[len("error: "):]
-        elif msg.kind == "role_state":
-            link.roles[f["name"]] = {**link.roles.get(f["name"], {}), **f}
+        elif msg.kind == "role_state":  # (running: a new process, nothing of an earlier one's error kept)
+            link.roles[f["name"]] = {**(link.roles.get(f["name"], {}) if f["state"] != "running" else {}), **f}
             if f["state"] == "failed":
                 raise PeerError(f"node {link.node.where()} could not start {f['name']}: {f.get('detail')}")
         elif msg.kind == "role_endpoint":
@@ -462,7 +464,7 @@ class Run(Supervisor):
         elif msg.kind == "node_bye":
             self.vanished(link, f["reason"])
         elif msg.kind == "refuse" and f.get("name") in self.restarting:  # restart()'s reserve, refused
-            self._not_restarted(link, f["name"], f"its port was refused: {f['reason']}")
+            self.not_restarted(link, f["name"], f"its port was refused: {f['reason']}")
         elif msg.kind == "refuse":
             raise ConfigError(f"node {link.node.where()} refused: {f['reason']}")
 
@@ -794,7 +796,10 @@ def _keep(run: Run, restarts, stop: threading.Event) -> None:
     alone and routes around it, and :meth:`Restarts.beat` starts that stage again."""
     while not stop.is_set():
         if restarts is not None:
-            restarts.beat()
+            try:
+                restarts.beat()
+            except Exception as e:  # (a bug: this thread beats every agent's link, so it goes on whatever failed)
+                logger.opt(exception=e).error(f"the heartbeat thread's restart check failed: {e!r}")
         else:
             try:
                 run.pump()

@@ -16,7 +16,8 @@ restarted stage's empty one) rather than seeing it come back as if nothing had h
 
 Bounded: a stage is started again at most ``RESTARTS`` times in a row (a restart that then serves ``STEADY_S``
 starts the count afresh); a restart not running within ``cluster.connect_timeout_s`` (its agent refused it, e.g.
-its weights cache pruned the stage's tensors, or never answered) counts as one that did not last. After that, or
+its weights cache pruned the stage's tensors, or never answered) counts as one that did not last (its role is failed
+then; should the agent's ``running`` come after all, the stage is up: it holds its port). After that, or
 when its node's agent is gone, the replica stays down with one error line saying why, its other stages are
 stopped, and the head stops reconnecting it (:class:`~smolcluster.errors.ReplicaGone`). A stage is only restarted
 on its own agent: moving it to another would change its address, which its replica's other stages hold.
@@ -86,6 +87,9 @@ class Restarts:
                 self._tick(st)
             except (PeerError, ConfigError) as e:  # the agent refused or did not answer: that try failed
                 self._ended(st, f"its restart failed: {e}")
+            except Exception as e:  # a bug here: that replica stays down, the others' stages are still watched
+                logger.opt(exception=e).error(f"replica {st.replica}: watching its stage {st.index} failed: {e!r}")
+                self._lost(st, f"watching its stage {st.index} failed ({e!r}: a bug, its traceback is above)")
 
     def _tick(self, st: _Stage) -> None:
         if st.state == "gone":
@@ -101,15 +105,17 @@ class Restarts:
             code = role.get("code")
             return self._ended(st, f"its stage {st.index} on {where} {state}"
                                    + (f" with code {code}" if code is not None else "")
-                                   + (f" ({role['detail'] or role['error']})" if role.get("detail") or role.get("error")
-                                      else ""))
-        if st.state == "starting" and state in ("running", "listening"):
+                                   + (f" ({why})" if (why := role.get("detail") or role.get("error")) else ""))
+        if st.state in ("starting", "waiting") and state in ("running", "listening"):
+            # (waiting: its agent's `running` came after the deadline below: it runs, on its port, so it is up;
+            # starting it again would find that port taken)
             self._set(st, "up")
             logger.info(f"replica {st.replica}'s stage {st.index} is running again on {where}")
         elif st.state == "starting" and time.monotonic() - st.started_at > self.run.c.connect_timeout_s:
-            self.run.restarting.pop(st.name, None)  # a late answer to it starts nothing
-            self._ended(st, f"its stage {st.index} on {where} did not start within cluster.connect_timeout_s="
-                            f"{self.run.c.connect_timeout_s:g}s (its agent did not answer)")
+            why = (f"its stage {st.index} on {where} did not start within cluster.connect_timeout_s="
+                   f"{self.run.c.connect_timeout_s:g}s (its agent did not answer)")
+            self.run.not_restarted(link, st.name, why)  # failed, not starting forever; a late reserved starts nothing
+            self._ended(st, why)
         elif st.state == "waiting" and time.monotonic() - st.ended_at >= self.run.c.liveness_s:
             st.restarts += 1
             logger.warning(f"replica {st.replica}: starting its stage {st.index} again on {where} (restart "
@@ -130,6 +136,17 @@ class Restarts:
                      "(cluster.liveness_s: once every peer has noticed)")
         st.ended_at = time.monotonic()
         self._set(st, "waiting")
+
+    def _lost(self, st: _Stage, why: str) -> None:
+        """:meth:`_give_up`, and if stopping the replica's stages fails too, they are marked gone all the same (a
+        bug must not have the heartbeat thread try again every beat)."""
+        try:
+            self._give_up(st, why)
+        except Exception as e:
+            logger.error(f"replica {st.replica}: could not stop its stages: {e!r}")
+            for other in (x for x in self.stages if x.replica == st.replica):
+                other.why = other.why or f"replica {st.replica} stays down: {why}"
+                self._set(other, "gone")
 
     def _give_up(self, st: _Stage, why: str) -> None:
         """The replica stays down: every stage of it gone, and stopped where its agent lives (no restart loop of
