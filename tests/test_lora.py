@@ -253,7 +253,9 @@ def test_distributed_lora_equals_local_and_checkpoints_only_adapters(bases, trai
     expected = {n: p.detach() for n, p in local.model.named_parameters() if p.requires_grad}
     assert params.keys() == expected.keys()  # the adapters and nothing else
     diff = max(float((params[n] - expected[n]).abs().max()) for n in params)
-    assert diff < 1e-6, diff
+    # float32 sums in another order, through AdamW: 1e-5 as for the whole-model AdamW checks (tests/equivalence.py;
+    # under 1e-6 on earlier machines, 1.1e-6 on an AVX2 EPYC); a wrong sum or a lost adapter gradient is off by far more
+    assert diff < 1e-5, diff
     # the wire carried the adapters' gradients (float32), a tenth of what the whole model's would be
     adapter_bytes = 4 * local.flat.numel()
     if algo == "syncps":  # each of 2 workers sends one gradient per step
