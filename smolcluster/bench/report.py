@@ -37,6 +37,7 @@ def write_report(
         for k, v in extra.items():  # (a long value, such as a run's curves, only in the JSON)
             print(f"\n- {k}: {v if len(str(v)) < 400 else '(in the JSON)'}")
     path = Path(out_dir) / f"bench-{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)  # (a long run must not end on a missing --out folder)
     payload = {
         "bench": name,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
