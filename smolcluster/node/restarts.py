@@ -125,10 +125,8 @@ class Restarts:
             self.run.restart(st.name)
 
     def _ended(self, st: _Stage, why: str) -> None:
-        if st.state == "starting" or time.monotonic() - st.started_at < STEADY_S:
-            pass  # a restart that did not last: the count goes on
-        else:
-            st.restarts = 0
+        if st.state != "starting" and time.monotonic() - st.started_at >= STEADY_S:
+            st.restarts = 0  # it served long enough: recovered (a restart that did not last keeps the count going)
         if st.restarts >= RESTARTS:
             return self._give_up(st, f"{why}; started again {st.restarts} times in a row, it did not stay up: not "
                                      "again (its log is above)")
