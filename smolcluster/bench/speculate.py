@@ -81,10 +81,27 @@ def distill_draft(target_dir: Path, text: str, tok, out: Path, steps: int, block
     return out / "gpt2-tiny-1layer-distilled"
 
 
-def timed(pipe, prompt: list[int], n: int, how: str) -> tuple[list[int], float, tuple[int, int]]:
-    """One greedy request: its tokens, seconds (submission to last token) and (proposed, kept)."""
+def cpu_seconds(pipe) -> list[float]:
+    """CPU seconds so far of each stage process (every thread: the loop, zmq's I/O threads) and of this one (the
+    head). Why CPU and not wall time: on a loaded machine wall time is mostly waiting for a core, while CPU per
+    token is what each process spends, which is what a quiet machine's wall time is made of (with the hops'
+    wake-ups), so an arm's costs can be compared under load."""
+    import psutil
+
+    stages = [psutil.Process(p.pid).cpu_times() for p in pipe._children.procs.values()]
+    return [t.user + t.system for t in stages] + [time.process_time()]
+
+
+def timed(pipe, prompt: list[int], n: int, how: str, cpu: dict | None = None
+          ) -> tuple[list[int], float, tuple[int, int]]:
+    """One greedy request: its tokens, seconds (submission to last token) and (proposed, kept); ``cpu[how]`` adds
+    up each process's CPU seconds spent on it."""
+    before = cpu_seconds(pipe) if cpu is not None else None
     req = pipe.submit(prompt, max_new_tokens=n, stop_at_eos=False, speculate=how)
     tokens = req.tokens()
+    if cpu is not None:
+        spent = [b - a for a, b in zip(before, cpu_seconds(pipe))]
+        cpu[how] = [a + b for a, b in zip(cpu.get(how, [0.0] * len(spent)), spent)]
     return tokens, req.finished_at - req.submitted_at, (req.drafted, req.accepted)
 
 
@@ -106,12 +123,13 @@ def measure(pipe, prompt: dict[str, list[list[int]]], args) -> list[dict]:
     ratios: dict[str, list[float]] = {}
     kept = {arm: [[0, 0] for _ in prompt[arm]] for arm in GOALS}  # per prompt: proposed, kept
     same = dict.fromkeys(GOALS, True)
+    cpu: dict[str, list[float]] = {}  # per arm: CPU seconds of stage 0, stage 1, ..., the head
     for r in range(args.rounds):
         for arm in ("draft", "lookup") if r % 2 == 0 else ("lookup", "draft"):
             seconds = {"off": 0.0, arm: 0.0}
             for i, passage in enumerate(prompt[arm]):
-                base, base_s, _ = timed(pipe, passage, args.tokens, "off")
-                tokens, s, (drafted, accepted) = timed(pipe, passage, args.tokens, arm)
+                base, base_s, _ = timed(pipe, passage, args.tokens, "off", cpu)
+                tokens, s, (drafted, accepted) = timed(pipe, passage, args.tokens, arm, cpu)
                 seconds["off"] += base_s
                 seconds[arm] += s
                 kept[arm][i][0] += drafted
@@ -123,7 +141,11 @@ def measure(pipe, prompt: dict[str, list[list[int]]], args) -> list[dict]:
             ratios.setdefault(arm, []).append(seconds["off"] / seconds[arm])
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.1f} tok/s" for k, v in runs.items()),
               file=sys.stderr)
+    tokens = {arm: args.rounds * len(prompt[arm]) * args.tokens for arm in GOALS}
+    tokens["off"] = sum(tokens.values())
+    per_token = {arm: [round(1e3 * c / tokens[arm], 3) for c in spent] for arm, spent in cpu.items()}
     rows = [{"arm": k, "tok_s_median": statistics.median(v)} for k, v in runs.items() if k.startswith("off")]
+    rows.append({"arm": "off", "cpu_ms_per_token": per_token["off"], "cpu_ms_per_token_total": sum(per_token["off"])})
     for arm in GOALS:
         drafted, accepted = (sum(c[j] for c in kept[arm]) for j in (0, 1))
         each = [a / d if d else 0.0 for d, a in kept[arm]]
@@ -135,7 +157,11 @@ def measure(pipe, prompt: dict[str, list[list[int]]], args) -> list[dict]:
                      "acceptance": accepted / drafted if drafted else 0.0,
                      "acceptance_per_prompt": f"{min(each):.2f}-{max(each):.2f}",
                      "tokens_per_pass": made / (made - accepted) if made > accepted else "",
-                     "same_tokens_as_off": same[arm]})
+                     "same_tokens_as_off": same[arm],
+                     # stage 0, stage 1, ..., the head; the total's ratio to off's: the speedup a quiet machine's
+                     # CPU alone allows (the hops' wake-ups aside)
+                     "cpu_ms_per_token": per_token[arm], "cpu_ms_per_token_total": sum(per_token[arm]),
+                     "cpu_vs_off": sum(per_token["off"]) / sum(per_token[arm])})
     return rows
 
 
@@ -181,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
                         "then fit to its outputs), or trained on the text like the target")
     p.add_argument("--k", type=int, default=4, help="speculate.k: tokens proposed per pass")
     p.add_argument("--lookup", type=int, default=3, help="speculate.lookup: the n-gram size")
+    p.add_argument("--confidence", type=float, default=None,
+                   help="speculate.confidence: the draft stops after a proposal below this probability "
+                        "(default: the product's; 0: always k)")
+    p.add_argument("--adaptive", choices=("true", "false"), default=None,
+                   help="speculate.adaptive: each request's proposals per pass follow its acceptance, up to --k "
+                        "(default: the product's)")
     p.add_argument("--tokens", type=int, default=128, help="greedy tokens per timed request")
     p.add_argument("--prompt-tokens", type=int, default=96, help="the held-out passage's length")
     p.add_argument("--prompts", type=int, default=4, help="held-out passages per arm and round")
@@ -199,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     from smolcluster.bench.report import write_report
     from smolcluster.data.text import get_tokenizer, read_corpus
     from smolcluster.inference import InferencePipeline
+    from smolcluster.inference.api import check_speculate
 
     text = read_corpus(args.corpus)
     split = int(len(text) * 0.9)
@@ -206,9 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tokenizer: {tok.vocab_size} tokens", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="smolcluster-bench-speculate-") as tmp:
         target, draft = train_pair(Path(args.pair or tmp), text[:split], tok, args)
-        spec = {"k": args.k, "lookup": args.lookup, "draft": str(draft)}
+        spec = {"k": args.k, "lookup": args.lookup, "draft": str(draft),
+                **({"confidence": args.confidence} if args.confidence is not None else {}),
+                **({"adaptive": args.adaptive == "true"} if args.adaptive is not None else {})}
         # no prefix cache: every arm's request pays its own prefill (a cached prompt would favour whichever arm
         # follows the first to send it)
+        pipe_spec = check_speculate(spec, json.loads((target / "config.json").read_text()))
         with InferencePipeline.start_local(target, stages=2, head=args.head, tokenizer=tok, eos_ids=[],
                                            speculate=spec, prefix_cache=False) as pipe:
             context = pipe.context - args.tokens
@@ -216,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                       for k, v in prompts(text[split:], tok, args.prompt_tokens, args.prompts).items()}
             rows = measure(pipe, prompt, args)
     write_report("speculate", rows, {"steps": args.steps, "draft": args.draft, "k": args.k, "lookup": args.lookup,
+                                     "confidence": pipe_spec["confidence"], "adaptive": pipe_spec["adaptive"],
                                      "tokens": args.tokens, "prompts": args.prompts, "rounds": args.rounds,
                                      "vocab": tok.vocab_size, "stages": 2, "co_located": True, "head": args.head},
                  args.out)

@@ -165,9 +165,11 @@ class DraftModel:
         self.seen[want.req] = (cache, fed)
         return want.history[common:]
 
-    def propose(self, wants: list[Want]) -> dict[str, tuple[list[int], torch.Tensor | None]]:
+    def propose(self, wants: list[Want], confidence: float = 0.0) -> dict[str, tuple[list[int], torch.Tensor | None]]:
         """Each request's proposals and their probabilities (None when greedy), all requests in one forward per
-        proposal (a :class:`Batch`, as the stages run)."""
+        proposal (a :class:`Batch`, as the stages run). ``confidence``: a request stops after a proposal its
+        distribution gives less than this (its top probability): the next would likely be rejected, and each
+        costs a forward here and a row of the verify pass (transformers' ``assistant_confidence_threshold``)."""
         from smolcluster.pipeline.architectures.base import Batch
 
         for w in wants:  # the proposals fed back (all but the last) need positions the draft model has
@@ -182,19 +184,28 @@ class DraftModel:
                 cache, fed = self.seen[w.req]
                 caches.append(cache)
                 fed.extend(rows[w.req])
-            batch = Batch(caches, [len(rows[w.req]) for w in wants])
+            sizes = [len(rows[w.req]) for w in wants]
+            batch = Batch(caches, sizes)
             ids = torch.tensor([[t for w in wants for t in rows[w.req]]], device=device)
             h = self.stage.run_blocks(self.stage.embed(ids, batch.positions(device)), batch)
-            logits = self.stage.logits(h[:, batch.last_rows(), :]).float().cpu()[0]
-            for w, row in zip(wants, logits):
+            if len(sizes) < h.shape[1]:  # (every request fed one row: each row is a last row, no gather)
+                h = h[:, batch.last_rows(), :]
+            logits = self.stage.logits(h).float().cpu()[0]
+            sure = logits.softmax(-1).amax(-1).tolist() if confidence > 0 else None  # (greedy: its pick's p)
+            stop = set()
+            for i, (w, row) in enumerate(zip(wants, logits)):
                 drafts, probs = out[w.req]
                 if w.params.greedy:
                     drafts.append(int(row.argmax()))
                 else:
                     probs.append(filter_logits(row, w.params).softmax(-1))
                     drafts.append(int(torch.multinomial(probs[-1], 1, generator=w.generator)))
+                    if sure is not None:
+                        sure[i] = float(probs[-1].max())
                 rows[w.req] = [drafts[-1]]
-            wants = [w for w in wants if len(out[w.req][0]) < w.k]  # the last proposal is never fed
+                if len(drafts) >= w.k or (sure is not None and sure[i] < confidence):
+                    stop.add(w.req)  # (the last proposal is never fed)
+            wants = [w for w in wants if w.req not in stop]
         return {req: (d, torch.stack(p) if p else None) for req, (d, p) in out.items()}
 
 
@@ -203,6 +214,7 @@ class Speculator:
 
     def __init__(self, spec: dict, target: dict, fmt):
         self.k, self.n = int(spec["k"]), int(spec.get("lookup") or 0)
+        self.adaptive, self.confidence = bool(spec.get("adaptive", False)), float(spec.get("confidence") or 0.0)
         self.draft = DraftModel(spec["draft"], target, fmt, self.k) if spec.get("draft") else None
         self.default = "draft" if self.draft is not None else "lookup"
         self.drafted = self.accepted = 0  # proposals made and kept, since the stage started
@@ -219,8 +231,19 @@ class Speculator:
         out = {w.req: (lookup(w.history, self.n, w.k), None) for name, w in wants if name == "lookup" and w.k > 0}
         drafted = [w for name, w in wants if name == "draft" and w.k > 0]
         if drafted:
-            out.update(self.draft.propose(drafted))
+            out.update(self.draft.propose(drafted, self.confidence))
         return out
+
+    def next_k(self, k: int, proposed: int, kept: int) -> int:
+        """A request's proposals for its next pass, after one that kept ``kept`` of ``proposed`` (``adaptive``):
+        two more after a pass that kept them all, one fewer after a rejection, between 1 and ``k`` (transformers'
+        assisted generation, ``num_assistant_tokens_schedule="heuristic"``). Why: a proposal costs a draft
+        forward and a verify row whether kept or not; on text the drafter misses, fewer are wasted, and on text
+        it predicts (a loop, a quote) the count climbs back within a pass or two. Greedy output is the same
+        whatever the count (each pass keeps only what the target would have made)."""
+        if not self.adaptive:
+            return self.k
+        return min(self.k, k + 2) if kept == proposed else max(1, k - 1)
 
     def forget(self, req: str) -> None:
         if self.draft is not None:

@@ -109,7 +109,7 @@ class ServeConfig:
     quantize_group: int = 64          # int4's group size (32 | 64 | 128)
     device: str | None = None         # cpu | cuda | cuda:N | mps | auto (None: cpu)
     adapters: dict = field(default_factory=dict)  # LoRA adapters a request may name: {name: PEFT directory}
-    speculate: dict = field(default_factory=dict)  # {"k", "lookup", "draft"}: settings.Speculate.fields() ({}: off)
+    speculate: dict = field(default_factory=dict)  # {"k", "lookup", "draft", ...}: settings.Speculate.fields() ({}: off)
     prefix_cache: bool = True         # keep served prefixes' KV for requests that start with them (prefix.py)
     prefix_block: int = 32            # ... in blocks of this many tokens
     compile: bool = False             # decode-only steps through torch.compile (compiled.py)
@@ -144,6 +144,7 @@ class RequestState:
     drafts: list[int] = field(default_factory=list)  # stage 0 and the head's: the proposals out in its current step
     q: torch.Tensor | None = None     # ... and their drafter's probabilities (None: point masses)
     trim: int | None = None           # stage 0: cut every stage's cache to this length before its next step
+    spec_k: int = 0                   # stage 0: proposals for its next pass (speculate.adaptive; 0: speculate.k)
     drafted: int = 0                  # stage 0: proposals made for it, and kept (its acceptance rate)
     accepted: int = 0
     keys: list[str] = field(default_factory=list)  # stage 0: its tokens' prefix-cache chain (prefix.py)
@@ -698,7 +699,7 @@ class StageServer:
             st = self.requests[req]
             if st.drafter == "off":
                 continue
-            k = min(self.speculator.k, st.max_new_tokens - st.generated - 1, self.arch.context - len(st.history))
+            k = min(st.spec_k or self.speculator.k, st.max_new_tokens - st.generated - 1, self.arch.context - len(st.history))
             wants.append((st.drafter, Want(req, st.history, k, st.params, st.generator,
                                            st.prompt_len + st.max_new_tokens)))
         return wants
@@ -971,6 +972,7 @@ class StageServer:
                                 "proposals; every stage must run the same smolcluster version")
             self.speculator.drafted += len(st.drafts)
             self.speculator.accepted += n
+            st.spec_k = self.speculator.next_k(st.spec_k or self.speculator.k, len(st.drafts), n)
             if n < len(st.drafts):
                 st.trim = st.cache.length - (len(st.drafts) - n)
 
