@@ -28,6 +28,7 @@ temperature / top-k / top-p applied to both). A lookup proposal is a point mass 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,14 +192,17 @@ class DraftModel:
             if len(sizes) < h.shape[1]:  # (every request fed one row: each row is a last row, no gather)
                 h = h[:, batch.last_rows(), :]
             logits = self.stage.logits(h).float().cpu()[0]
+            # every greedy row's pick in one argmax, and no per-row tensors for them (iterating a tensor makes one
+            # per row): a 1-layer draft's forward is mostly such per-call costs (docs/benchmarks.md, speculate)
+            picks = logits.argmax(-1).tolist()
             sure = logits.softmax(-1).amax(-1).tolist() if confidence > 0 else None  # (greedy: its pick's p)
             stop = set()
-            for i, (w, row) in enumerate(zip(wants, logits)):
+            for i, w in enumerate(wants):
                 drafts, probs = out[w.req]
                 if w.params.greedy:
-                    drafts.append(int(row.argmax()))
+                    drafts.append(picks[i])
                 else:
-                    probs.append(filter_logits(row, w.params).softmax(-1))
+                    probs.append(filter_logits(logits[i], w.params).softmax(-1))
                     drafts.append(int(torch.multinomial(probs[-1], 1, generator=w.generator)))
                     if sure is not None:
                         sure[i] = float(probs[-1].max())
@@ -209,12 +213,32 @@ class DraftModel:
         return {req: (d, torch.stack(p) if p else None) for req, (d, p) in out.items()}
 
 
+@dataclass
+class Pace:
+    """One request's running acceptance (``speculate.adaptive``): proposals kept and passes that ended on a
+    rejection, each fading by ``DECAY`` a pass (so the last ~5 passes count most: a trajectory's acceptance moves,
+    highest where the text loops). Starts at 0.8, optimistic: a request first proposes ``k``."""
+
+    kept: float = 4.0
+    missed: float = 1.0
+    DECAY = 0.8
+
+    def update(self, proposed: int, kept: int) -> None:
+        self.kept = self.DECAY * self.kept + kept
+        self.missed = self.DECAY * self.missed + (kept < proposed)
+
+    def rate(self) -> float:
+        """The chance a proposal is kept, given the ones before it were (each pass: kept trials, then a miss)."""
+        return self.kept / (self.kept + self.missed)
+
+
 class Speculator:
     """Stage 0's drafters: ``propose`` for one step's speculating decodes; ``forget`` when a request ends."""
 
     def __init__(self, spec: dict, target: dict, fmt):
         self.k, self.n = int(spec["k"]), int(spec.get("lookup") or 0)
         self.adaptive, self.confidence = bool(spec.get("adaptive", False)), float(spec.get("confidence") or 0.0)
+        self.proposal_s = self.pass_s = 0.0  # running means: a drafted proposal's seconds, a pass's (choose_k)
         self.draft = DraftModel(spec["draft"], target, fmt, self.k) if spec.get("draft") else None
         self.default = "draft" if self.draft is not None else "lookup"
         self.drafted = self.accepted = 0  # proposals made and kept, since the stage started
@@ -231,19 +255,36 @@ class Speculator:
         out = {w.req: (lookup(w.history, self.n, w.k), None) for name, w in wants if name == "lookup" and w.k > 0}
         drafted = [w for name, w in wants if name == "draft" and w.k > 0]
         if drafted:
-            out.update(self.draft.propose(drafted, self.confidence))
+            t0 = time.perf_counter()
+            made = self.draft.propose(drafted, self.confidence)
+            n = sum(len(d) for d, _ in made.values())
+            if n:
+                self.timed("proposal", time.perf_counter() - t0, n)
+            out.update(made)
         return out
 
-    def next_k(self, k: int, proposed: int, kept: int) -> int:
-        """A request's proposals for its next pass, after one that kept ``kept`` of ``proposed`` (``adaptive``):
-        two more after a pass that kept them all, one fewer after a rejection, between 1 and ``k`` (transformers'
-        assisted generation, ``num_assistant_tokens_schedule="heuristic"``). Why: a proposal costs a draft
-        forward and a verify row whether kept or not; on text the drafter misses, fewer are wasted, and on text
-        it predicts (a loop, a quote) the count climbs back within a pass or two. Greedy output is the same
-        whatever the count (each pass keeps only what the target would have made)."""
-        if not self.adaptive:
+    def choose_k(self, pace: Pace) -> int:
+        """A request's proposals for its next pass (``adaptive``): the k in 1..``k`` that makes the most tokens per
+        unit of time, for its running acceptance ``a`` (:class:`Pace`) and what a proposal costs next to a pass
+        (``c``, measured here): a pass of k proposals makes (1 - a^(k+1)) / (1 - a) tokens on average and costs
+        1 + c*k passes' worth (Leviathan et al. 2023, section 3.5, the choice of gamma). Why not transformers'
+        heuristic (+2 after a pass that kept all, -1 after any rejection): on the bench pair (acceptance ~0.55)
+        it settled near 2 proposals and cost a tenth of the speedup; here k falls only when the acceptance is
+        low for what a proposal costs. A proposal's cost is its drafting time (the verify rows are not counted:
+        a lookup proposal is then free, and a lookup request keeps ``k``). Greedy output is the same whatever
+        the count: each pass keeps only what the target would have made."""
+        if not self.adaptive or self.pass_s <= 0:
             return self.k
-        return min(self.k, k + 2) if kept == proposed else max(1, k - 1)
+        a, c = min(pace.rate(), 0.999), self.proposal_s / self.pass_s
+        return max(range(1, self.k + 1), key=lambda k: (1 - a ** (k + 1)) / (1 + c * k))
+
+    def timed(self, what: str, seconds: float, n: int = 1) -> None:
+        """A running mean (per event) of a drafted proposal's seconds (``what="proposal"``, ``n`` of them) or a
+        pass's, from its step leaving stage 0 to its results (``"pass"``)."""
+        name = f"{what}_s"
+        each = seconds / n
+        was = getattr(self, name)
+        setattr(self, name, each if was <= 0 else 0.9 * was + 0.1 * each)
 
     def forget(self, req: str) -> None:
         if self.draft is not None:
