@@ -125,17 +125,19 @@ def test_adaptive_k_is_the_most_tokens_per_second_for_the_acceptance_and_the_pro
     from smolcluster.inference.speculate import Pace, Speculator
 
     spec = Speculator({"k": 6, "lookup": 2, "adaptive": True}, {}, None)
-    assert spec.choose_k(Pace()) == 6  # nothing timed yet: k
+    assert spec.choose_k(Pace(), "draft") == 6  # nothing timed yet: k
     spec.timed("pass", 4.0)
-    spec.timed("proposal", 2.0, 4)  # a proposal costs an eighth of a pass
+    spec.timed("draft", 2.0, 4)  # a proposal costs an eighth of a pass
     high, low, mid = Pace(), Pace(), Pace()
     for _ in range(20):
         high.update(6, 6), low.update(3, 0), mid.update(4, 2)
     assert high.rate() > 0.99 and low.rate() < 0.01 and mid.rate() == pytest.approx(2 / 3, abs=0.01)
     # a = 2/3, c = 1/8: (1 - a^(k+1)) / (1 + k/8) is 0.494, 0.563, 0.584, 0.579, 0.561, 0.538 for k = 1..6
-    assert (spec.choose_k(high), spec.choose_k(low), spec.choose_k(mid)) == (6, 1, 3)
+    assert [spec.choose_k(pace, "draft") for pace in (high, low, mid)] == [6, 1, 3]
+    spec.timed("lookup", 0.001, 4)  # nearly free: a second proposal pays even at a 1% chance of being kept
+    assert [spec.choose_k(pace, "lookup") for pace in (high, low, mid)] == [6, 2, 6]
     spec.adaptive = False
-    assert spec.choose_k(low) == 6
+    assert spec.choose_k(low, "draft") == 6
 
 
 def test_a_draft_model_stops_proposing_after_a_token_it_is_not_confident_of(tmp_path):

@@ -48,14 +48,14 @@ class Speculate:
     in one pass (:mod:`smolcluster.inference.speculate`). ``lookup``: the longest n-gram (up to ``lookup``
     tokens) ending the context is found earlier in it and what followed is proposed; ``draft``: a small Hugging
     Face model directory with the target's tokenizer, run on stage 0. Both given: ``draft`` is the default
-    and a request may name either (``submit(speculate="lookup")``). ``adaptive``: ``k`` is the most a request
-    proposes, its own count moving with its passes (grown after one kept them all, shrunk after a rejection);
+    and a request may name either (``submit(speculate="lookup")``). ``adaptive``: ``k`` is the most a greedy
+    request proposes, its own count chosen each pass from its acceptance and the measured costs (speculate.py);
     ``confidence``: a draft model stops proposing after a token it gives less than this probability."""
 
     k: int = 0                 # tokens proposed per decode step at most (0: off)
     lookup: int = 0            # prompt-lookup n-gram size (0: off)
     draft: str | None = None   # a draft model directory (None: off)
-    adaptive: bool = True      # each request's count of proposals follows its acceptance (up to k)
+    adaptive: bool = True      # a greedy request's count of proposals follows its acceptance (up to k)
     confidence: float = 0.0    # the draft model stops after a proposal it is less sure of (0: off)
 
     def check(self) -> Speculate:

@@ -238,7 +238,8 @@ class Speculator:
     def __init__(self, spec: dict, target: dict, fmt):
         self.k, self.n = int(spec["k"]), int(spec.get("lookup") or 0)
         self.adaptive, self.confidence = bool(spec.get("adaptive", False)), float(spec.get("confidence") or 0.0)
-        self.proposal_s = self.pass_s = 0.0  # running means: a drafted proposal's seconds, a pass's (choose_k)
+        # running means (choose_k): seconds per proposal of each drafter, and per pass
+        self.seconds = dict.fromkeys((*DRAFTERS, "pass"), 0.0)
         self.draft = DraftModel(spec["draft"], target, fmt, self.k) if spec.get("draft") else None
         self.default = "draft" if self.draft is not None else "lookup"
         self.drafted = self.accepted = 0  # proposals made and kept, since the stage started
@@ -252,39 +253,39 @@ class Speculator:
 
     def propose(self, wants: list[tuple[str, Want]]) -> dict[str, tuple[list[int], torch.Tensor | None]]:
         """``wants``: (drafter, Want) pairs; lookup's are point masses (no probabilities)."""
+        t0 = time.perf_counter()
         out = {w.req: (lookup(w.history, self.n, w.k), None) for name, w in wants if name == "lookup" and w.k > 0}
+        self.timed("lookup", time.perf_counter() - t0, sum(len(d) for d, _ in out.values()))
         drafted = [w for name, w in wants if name == "draft" and w.k > 0]
         if drafted:
             t0 = time.perf_counter()
             made = self.draft.propose(drafted, self.confidence)
-            n = sum(len(d) for d, _ in made.values())
-            if n:
-                self.timed("proposal", time.perf_counter() - t0, n)
+            self.timed("draft", time.perf_counter() - t0, sum(len(d) for d, _ in made.values()))
             out.update(made)
         return out
 
-    def choose_k(self, pace: Pace) -> int:
+    def choose_k(self, pace: Pace, drafter: str) -> int:
         """A request's proposals for its next pass (``adaptive``): the k in 1..``k`` that makes the most tokens per
         unit of time, for its running acceptance ``a`` (:class:`Pace`) and what a proposal costs next to a pass
         (``c``, measured here): a pass of k proposals makes (1 - a^(k+1)) / (1 - a) tokens on average and costs
         1 + c*k passes' worth (Leviathan et al. 2023, section 3.5, the choice of gamma). Why not transformers'
         heuristic (+2 after a pass that kept all, -1 after any rejection): on the bench pair (acceptance ~0.55)
         it settled near 2 proposals and cost a tenth of the speedup; here k falls only when the acceptance is
-        low for what a proposal costs. A proposal's cost is its drafting time (the verify rows are not counted:
-        a lookup proposal is then free, and a lookup request keeps ``k``). Greedy output is the same whatever
-        the count: each pass keeps only what the target would have made."""
-        if not self.adaptive or self.pass_s <= 0:
+        low for what a proposal costs. A proposal's cost is its drafter's time per proposal (the verify rows are
+        not counted: a lookup proposal, tens of microseconds, is nearly free, and a lookup request keeps ``k``
+        unless it is rejected nearly always). Greedy output is the same whatever the count: each pass keeps only
+        what the target would have made."""
+        if not self.adaptive or self.seconds["pass"] <= 0:
             return self.k
-        a, c = min(pace.rate(), 0.999), self.proposal_s / self.pass_s
+        a, c = min(pace.rate(), 0.999), self.seconds[drafter] / self.seconds["pass"]
         return max(range(1, self.k + 1), key=lambda k: (1 - a ** (k + 1)) / (1 + c * k))
 
     def timed(self, what: str, seconds: float, n: int = 1) -> None:
-        """A running mean (per event) of a drafted proposal's seconds (``what="proposal"``, ``n`` of them) or a
-        pass's, from its step leaving stage 0 to its results (``"pass"``)."""
-        name = f"{what}_s"
-        each = seconds / n
-        was = getattr(self, name)
-        setattr(self, name, each if was <= 0 else 0.9 * was + 0.1 * each)
+        """The running mean of a drafter's seconds per proposal (``what``: lookup or draft; ``n`` proposals made
+        in ``seconds``) or of a pass's, from its step leaving stage 0 to its results (``"pass"``)."""
+        if n > 0:
+            was, each = self.seconds[what], seconds / n
+            self.seconds[what] = each if was <= 0 else 0.9 * was + 0.1 * each
 
     def forget(self, req: str) -> None:
         if self.draft is not None:

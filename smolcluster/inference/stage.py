@@ -706,7 +706,10 @@ class StageServer:
             st = self.requests[req]
             if st.drafter == "off":
                 continue
-            k = min(self.speculator.choose_k(st.pace), st.max_new_tokens - st.generated - 1, self.arch.context - len(st.history))
+            # adaptive k for greedy requests only: it follows measured times, and a sampled request's draws depend
+            # on how many proposals each pass makes (its seed would no longer give the same tokens run after run)
+            k = self.speculator.choose_k(st.pace, st.drafter) if st.params.greedy else self.speculator.k
+            k = min(k, st.max_new_tokens - st.generated - 1, self.arch.context - len(st.history))
             wants.append((st.drafter, Want(req, st.history, k, st.params, st.generator,
                                            st.prompt_len + st.max_new_tokens)))
         return wants
