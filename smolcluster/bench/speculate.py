@@ -165,6 +165,67 @@ def measure(pipe, prompt: dict[str, list[list[int]]], args) -> list[dict]:
     return rows
 
 
+def thread_ms(fn, n: int = 200, repeats: int = 5) -> float:
+    """CPU milliseconds of this thread per call of ``fn`` (the least of ``repeats`` means: what load adds is
+    waiting, not this thread's CPU, but a loaded core's caches still slow it, so the least is the figure)."""
+    for _ in range(n // 10):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.thread_time()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.thread_time() - t0) / n * 1e3)
+    return best
+
+
+def component_costs(target: Path, draft: Path, prompt: list[int], k: int) -> list[dict]:
+    """What a speculating pass is made of, in this thread's CPU ms (one thread, as each co-located stage has):
+    each stage's blocks over 1 row (a plain decode step) and k+1 rows (a verify pass) on top of ``prompt``'s
+    cache, the LM head over as many rows, a draft model's forward (its ``propose`` of k, per proposal), the
+    greedy acceptance and a cache cut. The cost model: speedup = tokens a pass * T_step / T_pass, with T_pass
+    = k * T_draft + T_verify(k+1) + the hops' overhead (docs/benchmarks.md, speculate)."""
+    from smolcluster.inference.sampling import SamplingParams
+    from smolcluster.inference.speculate import DraftModel, Want, accept
+    from smolcluster.pipeline.architectures import KVCache, family_for
+    from smolcluster.pipeline.architectures.base import Batch, pin_attributes
+    from smolcluster.pipeline.weights import find_model, load_stage
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    source = find_model(target)
+    half = family_for(source.config).n_layer // 2
+    stages = [load_stage(source.weights, source.config, range(0, half), embed=True, head=True),
+              load_stage(source.weights, source.config, range(half, 2 * half), embed=False, head=False)]
+    model = DraftModel(str(draft), source.config, None, k)
+    rows, greedy = [], SamplingParams()
+    with torch.inference_mode():
+        for i, stage in enumerate(stages):
+            pin_attributes(stage)
+            cache = KVCache(len(stage.blocks), None, k)
+            width = stage.shape.n_embd
+            stage.run_blocks(torch.zeros(1, len(prompt), width), Batch([cache], [len(prompt)]))
+
+            def blocks(n, stage=stage, cache=cache, width=width):
+                stage.run_blocks(torch.zeros(1, n, width), Batch([cache], [n]))
+                cache.truncate(cache.length - n)
+
+            rows.append({"component": f"stage {i}: blocks, 1 row (a decode step)", "cpu_ms": thread_ms(lambda: blocks(1))})
+            rows.append({"component": f"stage {i}: blocks, {k + 1} rows (a verify pass)",
+                         "cpu_ms": thread_ms(lambda: blocks(k + 1))})
+        for n in (1, k + 1):
+            h = torch.zeros(1, n, stages[0].shape.n_embd)
+            rows.append({"component": f"stage 0: LM head + greedy picks, {n} row(s)",
+                         "cpu_ms": thread_ms(lambda h=h: stages[0].logits(h).float().cpu()[0].argmax(-1).tolist())})
+        rows.append({"component": "draft model: a proposal (propose of k, per proposal)",
+                     "cpu_ms": thread_ms(lambda: model.propose([Want("r", prompt, k, greedy, None)]), 50) / k})
+        logits = torch.randn(k + 1, stages[0].shape.vocab_size)
+        rows.append({"component": "accept (greedy), a pass",
+                     "cpu_ms": thread_ms(lambda: accept(logits, list(range(k)), None, greedy, None))})
+    torch.set_num_threads(threads)
+    return rows
+
+
 def train_pair(where: Path, text: str, tok, args) -> tuple[Path, Path]:
     """The target and the draft in ``where``: trained there, or (``--pair`` kept from an earlier run) read back, so
     timing runs can share one pair."""
@@ -223,12 +284,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="the byte-level BPE's vocabulary (target and draft; 512 keeps the draft's LM head cheap)")
     p.add_argument("--pair", default=None, help="a directory to keep the trained target and draft in, and to read "
                                                  "them back from on a later run (default: trained afresh)")
+    p.add_argument("--costs", action="store_true",
+                   help="also time a pass's components in this process (CPU ms per stage's blocks at 1 and k+1 "
+                        "rows, the LM head, a draft proposal, acceptance): the cost model's inputs")
     p.add_argument("--out", default=".")
     args = p.parse_args(argv)
     for name in ("prompts", "rounds", "steps", "tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
-    from smolcluster.bench.report import write_report
+    from smolcluster.bench.report import markdown_table, write_report
     from smolcluster.data.text import get_tokenizer, read_corpus
     from smolcluster.inference import InferencePipeline
     from smolcluster.inference.api import check_speculate
@@ -242,19 +306,23 @@ def main(argv: list[str] | None = None) -> int:
         spec = {"k": args.k, "lookup": args.lookup, "draft": str(draft),
                 **({"confidence": args.confidence} if args.confidence is not None else {}),
                 **({"adaptive": args.adaptive == "true"} if args.adaptive is not None else {})}
+        pipe_spec = check_speculate(spec, json.loads((target / "config.json").read_text()))  # (the defaults filled)
         # no prefix cache: every arm's request pays its own prefill (a cached prompt would favour whichever arm
         # follows the first to send it)
-        pipe_spec = check_speculate(spec, json.loads((target / "config.json").read_text()))
         with InferencePipeline.start_local(target, stages=2, head=args.head, tokenizer=tok, eos_ids=[],
                                            speculate=spec, prefix_cache=False) as pipe:
             context = pipe.context - args.tokens
             prompt = {k: [p[-context:] for p in v]
                       for k, v in prompts(text[split:], tok, args.prompt_tokens, args.prompts).items()}
             rows = measure(pipe, prompt, args)
+        costs = component_costs(target, draft, prompt["draft"][0], args.k) if args.costs else None
+        if costs:
+            print("\ncomponents of a pass (CPU ms, one thread):\n\n" + markdown_table(costs))
     write_report("speculate", rows, {"steps": args.steps, "draft": args.draft, "k": args.k, "lookup": args.lookup,
                                      "confidence": pipe_spec["confidence"], "adaptive": pipe_spec["adaptive"],
                                      "tokens": args.tokens, "prompts": args.prompts, "rounds": args.rounds,
-                                     "vocab": tok.vocab_size, "stages": 2, "co_located": True, "head": args.head},
+                                     "vocab": tok.vocab_size, "stages": 2, "co_located": True, "head": args.head,
+                                     **({"component_costs": costs} if costs else {})},
                  args.out)
     return 0
 
