@@ -18,6 +18,11 @@ Drafters (:class:`Speculator`):
 - ``draft=DIR``: a small model with the target's tokenizer, every block on stage 0 with its own KV
   cache per request (the project's stage code, not ``transformers``), decoded K tokens ahead.
 
+How many (``speculate.adaptive``, :meth:`Speculator.choose_k`): a greedy request proposes, each pass, the count
+in 1..K that makes the most tokens per unit of time for its running acceptance (:class:`Pace`) and what a
+proposal costs next to a pass, both measured here. ``speculate.confidence``: a draft model stops a pass's
+proposals after one it gives less than that probability (off by default; docs/benchmarks.md, speculate).
+
 Acceptance (:func:`accept`): greedy keeps a proposal while it equals the target's argmax, so the
 output is the non-speculative output token for token. Sampling uses standard speculative sampling
 (Leviathan et al. 2023, Chen et al. 2023): proposal ``d`` drawn from ``q`` is kept with probability
