@@ -19,7 +19,9 @@ rounds:
 Reported per arm: median tokens/s over a round's prompts (from submission to the last token, ``--tokens``
 tokens each, no EOS), the median of per-round ratios to ``off`` on the same prompts, the acceptance rate
 (tokens kept / proposed; overall, and the lowest and highest prompt's), and whether the tokens equal
-``off``'s (greedy: they must). Why several prompts: greedy acceptance belongs to one trajectory, and one
+``off``'s (greedy: they must), and each process's CPU ms per token (stage 0, stage 1, the head: what a quiet
+machine's wall time is made of, measurable under load; ``--costs`` adds a pass's components timed in one thread,
+the cost model's inputs). Why several prompts: greedy acceptance belongs to one trajectory, and one
 prompt's trajectory made the figure a draw (docs/benchmarks.md, speculate). Goals (issue 25): >= 1.6x with the
 draft model, >= 1.5x with lookup. The stages share this machine (loopback links: a hop is cheap here, so what
 speculation saves, one round of hops per kept token, is smaller than across machines). Writes
