@@ -196,9 +196,10 @@ def component_costs(target: Path, draft: Path, prompt: list[int], k: int) -> lis
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     source = find_model(target)
-    half = family_for(source.config).n_layer // 2
+    layers = family_for(source.config).n_layer
+    half = layers // 2  # (the bench's two stages, head=first)
     stages = [load_stage(source.weights, source.config, range(0, half), embed=True, head=True),
-              load_stage(source.weights, source.config, range(half, 2 * half), embed=False, head=False)]
+              load_stage(source.weights, source.config, range(half, layers), embed=False, head=False)]
     model = DraftModel(str(draft), source.config, None, k)
     rows, greedy = [], SamplingParams()
     with torch.inference_mode():
