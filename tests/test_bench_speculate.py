@@ -51,3 +51,17 @@ def test_the_prompts_are_evenly_spaced_held_out_passages_and_the_edits_quote_the
     assert got["draft"] == [ids[s: s + 40] for s in starts] and len({tuple(p) for p in got["draft"]}) == 4
     for passage, edit in zip(got["draft"], got["lookup"]):
         assert edit == passage + Bytes().encode("\n\n") + passage[:10]
+
+
+def test_the_cost_table_times_every_component_of_a_pass(tmp_path):
+    """``--costs``: each stage's blocks at 1 and k+1 rows, the LM head, a draft proposal and acceptance, in CPU ms."""
+    from smolcluster.bench.speculate import component_costs
+
+    build("gpt2").save_pretrained(tmp_path / "target")  # 3 layers: stage 0 gets 1, stage 1 the other 2
+    build("gpt2").save_pretrained(tmp_path / "draft")
+    rows = component_costs(tmp_path / "target", tmp_path / "draft", list(range(3, 19)), k=3)
+    names = [r["component"] for r in rows]
+    assert names[:4] == ["stage 0: blocks, 1 row (a decode step)", "stage 0: blocks, 4 rows (a verify pass)",
+                         "stage 1: blocks, 1 row (a decode step)", "stage 1: blocks, 4 rows (a verify pass)"]
+    assert any(n.startswith("draft model") for n in names) and any(n.startswith("accept") for n in names)
+    assert all(r["cpu_ms"] > 0 for r in rows), rows

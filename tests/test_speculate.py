@@ -100,6 +100,60 @@ def test_a_draft_model_that_is_the_target_has_every_proposal_kept_as_requests_an
         assert pipe.submit(repeating(6), **kw).tokens() == first.tokens()
 
 
+def test_adaptive_proposals_keep_greedy_output_and_fall_when_the_draft_misses(tmp_path):
+    """``speculate.adaptive``: the output is still plain decoding's, token for token, and a draft the target
+    always rejects comes to propose 1 token a pass, not ``k``. (Random models of any seed tend to agree: they
+    fall into loops of one token. This draft is the target with its final norm negated: its pick is the
+    target's least likely token.)"""
+    target, small = tmp_path / "target", tmp_path / "small"
+    model = build("gpt2")
+    model.save_pretrained(target)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.neg_(), model.transformer.ln_f.bias.neg_()
+    model.save_pretrained(small)
+    n = 40
+    with InferencePipeline.start_local(target, stages=2, heartbeat_s=0.1, liveness_s=5.0, eos_ids=[],
+                                       speculate={"k": K, "draft": str(small), "adaptive": True}) as pipe:
+        for prompt in (repeating(1), list(range(3, 11))):
+            req = pipe.submit(prompt, max_new_tokens=n, speculate="draft")
+            assert req.tokens() == pipe.submit(prompt, max_new_tokens=n, speculate="off").tokens()
+            passes = n - 1 - req.accepted  # each pass makes its kept proposals plus one token of the target's
+            assert req.accepted == 0 and req.drafted < 2 * passes, (req.drafted, passes)  # a fixed k: 4 a pass
+
+
+def test_adaptive_k_is_the_most_tokens_per_second_for_the_acceptance_and_the_proposals_cost():
+    from smolcluster.inference.speculate import Pace, Speculator
+
+    spec = Speculator({"k": 6, "lookup": 2, "adaptive": True}, {}, None)
+    assert spec.choose_k(Pace(), "draft") == 6  # nothing timed yet: k
+    spec.timed("pass", 4.0)
+    spec.timed("draft", 2.0, 4)  # a proposal costs an eighth of a pass
+    high, low, mid = Pace(), Pace(), Pace()
+    for _ in range(20):
+        high.update(6, 6), low.update(3, 0), mid.update(4, 2)
+    assert high.rate() > 0.99 and low.rate() < 0.01 and mid.rate() == pytest.approx(2 / 3, abs=0.01)
+    # a = 2/3, c = 1/8: (1 - a^(k+1)) / (1 + k/8) is 0.494, 0.563, 0.584, 0.579, 0.561, 0.538 for k = 1..6
+    assert [spec.choose_k(pace, "draft") for pace in (high, low, mid)] == [6, 1, 3]
+    spec.timed("lookup", 0.001, 4)  # nearly free: a second proposal pays even at a 1% chance of being kept
+    assert [spec.choose_k(pace, "lookup") for pace in (high, low, mid)] == [6, 2, 6]
+    spec.adaptive = False
+    assert spec.choose_k(low, "draft") == 6
+
+
+def test_a_draft_model_stops_proposing_after_a_token_it_is_not_confident_of(tmp_path):
+    """``speculate.confidence``: a random model is never 0.99 sure, so it proposes one token a request; at 0, k."""
+    from smolcluster.inference.sampling import SamplingParams
+    from smolcluster.inference.speculate import DraftModel, Want
+
+    build("gpt2").save_pretrained(tmp_path / "m")
+    model = DraftModel(str(tmp_path / "m"), json.loads((tmp_path / "m" / "config.json").read_text()), None, K)
+    with torch.inference_mode():
+        for confidence, want in ((0.99, 1), (0.0, K)):
+            wants = [Want(f"r{i}", repeating(i), K, SamplingParams(), None, 64) for i in range(2)]
+            got = model.propose(wants, confidence)
+            assert [len(d) for d, _ in got.values()] == [want, want]
+
+
 def both_drafters_equal_plain(pipe: InferencePipeline, n: int = 40) -> tuple[int, int]:
     """Greedy requests with each drafter, batched together and beside one that does not speculate, make the tokens
     of decoding without speculation; stage 0's totals (proposed, kept) after them. ``n`` 40: past mistral-window's
@@ -157,6 +211,7 @@ def test_speculate_settings_are_refused_in_one_line(tmp_path):
     cases = [({"k": -1, "lookup": 2}, "speculate.k=-1 is invalid"),
              ({"k": 2}, "needs a drafter: add speculate.lookup=N"),
              ({"k": 2, "lookup": -1}, "speculate.lookup=-1 is invalid"),
+             ({"k": 2, "lookup": 2, "confidence": 1.0}, "speculate.confidence=1.0 is invalid"),
              ({"k": 2, "draft": str(tmp_path)}, "no config.json there"),
              ({"k": 2, "draft": str(tmp_path / "other")}, f"a vocabulary of {VOCAB + 3} tokens, the served model")]
     for spec, message in cases:

@@ -19,7 +19,9 @@ rounds:
 Reported per arm: median tokens/s over a round's prompts (from submission to the last token, ``--tokens``
 tokens each, no EOS), the median of per-round ratios to ``off`` on the same prompts, the acceptance rate
 (tokens kept / proposed; overall, and the lowest and highest prompt's), and whether the tokens equal
-``off``'s (greedy: they must). Why several prompts: greedy acceptance belongs to one trajectory, and one
+``off``'s (greedy: they must), and each process's CPU ms per token (stage 0, stage 1, the head: what a quiet
+machine's wall time is made of, measurable under load; ``--costs`` adds a pass's components timed in one thread,
+the cost model's inputs). Why several prompts: greedy acceptance belongs to one trajectory, and one
 prompt's trajectory made the figure a draw (docs/benchmarks.md, speculate). Goals (issue 25): >= 1.6x with the
 draft model, >= 1.5x with lookup. The stages share this machine (loopback links: a hop is cheap here, so what
 speculation saves, one round of hops per kept token, is smaller than across machines). Writes
@@ -81,10 +83,27 @@ def distill_draft(target_dir: Path, text: str, tok, out: Path, steps: int, block
     return out / "gpt2-tiny-1layer-distilled"
 
 
-def timed(pipe, prompt: list[int], n: int, how: str) -> tuple[list[int], float, tuple[int, int]]:
-    """One greedy request: its tokens, seconds (submission to last token) and (proposed, kept)."""
+def cpu_seconds(pipe) -> list[float]:
+    """CPU seconds so far of each stage process (every thread: the loop, zmq's I/O threads) and of this one (the
+    head). Why CPU and not wall time: on a loaded machine wall time is mostly waiting for a core, while CPU per
+    token is what each process spends, which is what a quiet machine's wall time is made of (with the hops'
+    wake-ups), so an arm's costs can be compared under load."""
+    import psutil
+
+    stages = [psutil.Process(p.pid).cpu_times() for p in pipe._children.procs.values()]
+    return [t.user + t.system for t in stages] + [time.process_time()]
+
+
+def timed(pipe, prompt: list[int], n: int, how: str, cpu: dict | None = None
+          ) -> tuple[list[int], float, tuple[int, int]]:
+    """One greedy request: its tokens, seconds (submission to last token) and (proposed, kept); ``cpu[how]`` adds
+    up each process's CPU seconds spent on it."""
+    before = cpu_seconds(pipe) if cpu is not None else None
     req = pipe.submit(prompt, max_new_tokens=n, stop_at_eos=False, speculate=how)
     tokens = req.tokens()
+    if cpu is not None:
+        spent = [b - a for a, b in zip(before, cpu_seconds(pipe))]
+        cpu[how] = [a + b for a, b in zip(cpu.get(how, [0.0] * len(spent)), spent)]
     return tokens, req.finished_at - req.submitted_at, (req.drafted, req.accepted)
 
 
@@ -106,12 +125,13 @@ def measure(pipe, prompt: dict[str, list[list[int]]], args) -> list[dict]:
     ratios: dict[str, list[float]] = {}
     kept = {arm: [[0, 0] for _ in prompt[arm]] for arm in GOALS}  # per prompt: proposed, kept
     same = dict.fromkeys(GOALS, True)
+    cpu: dict[str, list[float]] = {}  # per arm: CPU seconds of stage 0, stage 1, ..., the head
     for r in range(args.rounds):
         for arm in ("draft", "lookup") if r % 2 == 0 else ("lookup", "draft"):
             seconds = {"off": 0.0, arm: 0.0}
             for i, passage in enumerate(prompt[arm]):
-                base, base_s, _ = timed(pipe, passage, args.tokens, "off")
-                tokens, s, (drafted, accepted) = timed(pipe, passage, args.tokens, arm)
+                base, base_s, _ = timed(pipe, passage, args.tokens, "off", cpu)
+                tokens, s, (drafted, accepted) = timed(pipe, passage, args.tokens, arm, cpu)
                 seconds["off"] += base_s
                 seconds[arm] += s
                 kept[arm][i][0] += drafted
@@ -123,7 +143,11 @@ def measure(pipe, prompt: dict[str, list[list[int]]], args) -> list[dict]:
             ratios.setdefault(arm, []).append(seconds["off"] / seconds[arm])
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.1f} tok/s" for k, v in runs.items()),
               file=sys.stderr)
+    tokens = {arm: args.rounds * len(prompt[arm]) * args.tokens for arm in GOALS}
+    tokens["off"] = sum(tokens.values())
+    per_token = {arm: [round(1e3 * c / tokens[arm], 3) for c in spent] for arm, spent in cpu.items()}
     rows = [{"arm": k, "tok_s_median": statistics.median(v)} for k, v in runs.items() if k.startswith("off")]
+    rows.append({"arm": "off", "cpu_ms_per_token": per_token["off"], "cpu_ms_per_token_total": sum(per_token["off"])})
     for arm in GOALS:
         drafted, accepted = (sum(c[j] for c in kept[arm]) for j in (0, 1))
         each = [a / d if d else 0.0 for d, a in kept[arm]]
@@ -135,7 +159,73 @@ def measure(pipe, prompt: dict[str, list[list[int]]], args) -> list[dict]:
                      "acceptance": accepted / drafted if drafted else 0.0,
                      "acceptance_per_prompt": f"{min(each):.2f}-{max(each):.2f}",
                      "tokens_per_pass": made / (made - accepted) if made > accepted else "",
-                     "same_tokens_as_off": same[arm]})
+                     "same_tokens_as_off": same[arm],
+                     # stage 0, stage 1, ..., the head; the total's ratio to off's: the speedup a quiet machine's
+                     # CPU alone allows (the hops' wake-ups aside)
+                     "cpu_ms_per_token": per_token[arm], "cpu_ms_per_token_total": sum(per_token[arm]),
+                     "cpu_vs_off": sum(per_token["off"]) / sum(per_token[arm])})
+    return rows
+
+
+def thread_ms(fn, n: int = 200, repeats: int = 5) -> float:
+    """CPU milliseconds of this thread per call of ``fn`` (the least of ``repeats`` means: what load adds is
+    waiting, not this thread's CPU, but a loaded core's caches still slow it, so the least is the figure)."""
+    for _ in range(n // 10):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.thread_time()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.thread_time() - t0) / n * 1e3)
+    return best
+
+
+def component_costs(target: Path, draft: Path, prompt: list[int], k: int) -> list[dict]:
+    """What a speculating pass is made of, in this thread's CPU ms (one thread, as each co-located stage has):
+    each stage's blocks over 1 row (a plain decode step) and k+1 rows (a verify pass) on top of ``prompt``'s
+    cache, the LM head over as many rows, a draft model's forward (its ``propose`` of k, per proposal), the
+    greedy acceptance and a cache cut. The cost model: speedup = tokens a pass * T_step / T_pass, with T_pass
+    = k * T_draft + T_verify(k+1) + the hops' overhead (docs/benchmarks.md, speculate)."""
+    from smolcluster.inference.sampling import SamplingParams
+    from smolcluster.inference.speculate import DraftModel, Want, accept
+    from smolcluster.pipeline.architectures import KVCache, family_for
+    from smolcluster.pipeline.architectures.base import Batch, pin_attributes
+    from smolcluster.pipeline.weights import find_model, load_stage
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    source = find_model(target)
+    layers = family_for(source.config).n_layer
+    half = layers // 2  # (the bench's two stages, head=first)
+    stages = [load_stage(source.weights, source.config, range(0, half), embed=True, head=True),
+              load_stage(source.weights, source.config, range(half, layers), embed=False, head=False)]
+    model = DraftModel(str(draft), source.config, None, k)
+    rows, greedy = [], SamplingParams()
+    with torch.inference_mode():
+        for i, stage in enumerate(stages):
+            pin_attributes(stage)
+            cache = KVCache(len(stage.blocks), None, k)
+            width = stage.shape.n_embd
+            stage.run_blocks(torch.zeros(1, len(prompt), width), Batch([cache], [len(prompt)]))
+
+            def blocks(n, stage=stage, cache=cache, width=width):
+                stage.run_blocks(torch.zeros(1, n, width), Batch([cache], [n]))
+                cache.truncate(cache.length - n)
+
+            rows.append({"component": f"stage {i}: blocks, 1 row (a decode step)", "cpu_ms": thread_ms(lambda: blocks(1))})
+            rows.append({"component": f"stage {i}: blocks, {k + 1} rows (a verify pass)",
+                         "cpu_ms": thread_ms(lambda: blocks(k + 1))})
+        for n in (1, k + 1):
+            h = torch.zeros(1, n, stages[0].shape.n_embd)
+            rows.append({"component": f"stage 0: LM head + greedy picks, {n} row(s)",
+                         "cpu_ms": thread_ms(lambda h=h: stages[0].logits(h).float().cpu()[0].argmax(-1).tolist())})
+        rows.append({"component": "draft model: a proposal (propose of k, per proposal)",
+                     "cpu_ms": thread_ms(lambda: model.propose([Want("r", prompt, k, greedy, None)]), 50) / k})
+        logits = torch.randn(k + 1, stages[0].shape.vocab_size)
+        rows.append({"component": "accept (greedy), a pass",
+                     "cpu_ms": thread_ms(lambda: accept(logits, list(range(k)), None, greedy, None))})
+    torch.set_num_threads(threads)
     return rows
 
 
@@ -181,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
                         "then fit to its outputs), or trained on the text like the target")
     p.add_argument("--k", type=int, default=4, help="speculate.k: tokens proposed per pass")
     p.add_argument("--lookup", type=int, default=3, help="speculate.lookup: the n-gram size")
+    p.add_argument("--confidence", type=float, default=None,
+                   help="speculate.confidence: the draft stops after a proposal below this probability "
+                        "(default: the product's; 0: always k)")
+    p.add_argument("--adaptive", choices=("true", "false"), default=None,
+                   help="speculate.adaptive: each request's proposals per pass follow its acceptance, up to --k "
+                        "(default: the product's)")
     p.add_argument("--tokens", type=int, default=128, help="greedy tokens per timed request")
     p.add_argument("--prompt-tokens", type=int, default=96, help="the held-out passage's length")
     p.add_argument("--prompts", type=int, default=4, help="held-out passages per arm and round")
@@ -191,14 +287,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="the byte-level BPE's vocabulary (target and draft; 512 keeps the draft's LM head cheap)")
     p.add_argument("--pair", default=None, help="a directory to keep the trained target and draft in, and to read "
                                                  "them back from on a later run (default: trained afresh)")
+    p.add_argument("--costs", action="store_true",
+                   help="also time a pass's components in this process (CPU ms per stage's blocks at 1 and k+1 "
+                        "rows, the LM head, a draft proposal, acceptance): the cost model's inputs")
     p.add_argument("--out", default=".")
     args = p.parse_args(argv)
     for name in ("prompts", "rounds", "steps", "tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
-    from smolcluster.bench.report import write_report
+    from smolcluster.bench.report import markdown_table, write_report
     from smolcluster.data.text import get_tokenizer, read_corpus
     from smolcluster.inference import InferencePipeline
+    from smolcluster.inference.api import check_speculate
 
     text = read_corpus(args.corpus)
     split = int(len(text) * 0.9)
@@ -206,7 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tokenizer: {tok.vocab_size} tokens", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="smolcluster-bench-speculate-") as tmp:
         target, draft = train_pair(Path(args.pair or tmp), text[:split], tok, args)
-        spec = {"k": args.k, "lookup": args.lookup, "draft": str(draft)}
+        spec = {"k": args.k, "lookup": args.lookup, "draft": str(draft),
+                **({"confidence": args.confidence} if args.confidence is not None else {}),
+                **({"adaptive": args.adaptive == "true"} if args.adaptive is not None else {})}
+        pipe_spec = check_speculate(spec, json.loads((target / "config.json").read_text()))  # (the defaults filled)
         # no prefix cache: every arm's request pays its own prefill (a cached prompt would favour whichever arm
         # follows the first to send it)
         with InferencePipeline.start_local(target, stages=2, head=args.head, tokenizer=tok, eos_ids=[],
@@ -215,9 +318,14 @@ def main(argv: list[str] | None = None) -> int:
             prompt = {k: [p[-context:] for p in v]
                       for k, v in prompts(text[split:], tok, args.prompt_tokens, args.prompts).items()}
             rows = measure(pipe, prompt, args)
+        costs = component_costs(target, draft, prompt["draft"][0], args.k) if args.costs else None
+        if costs:
+            print("\ncomponents of a pass (CPU ms, one thread):\n\n" + markdown_table(costs))
     write_report("speculate", rows, {"steps": args.steps, "draft": args.draft, "k": args.k, "lookup": args.lookup,
+                                     "confidence": pipe_spec["confidence"], "adaptive": pipe_spec["adaptive"],
                                      "tokens": args.tokens, "prompts": args.prompts, "rounds": args.rounds,
-                                     "vocab": tok.vocab_size, "stages": 2, "co_located": True, "head": args.head},
+                                     "vocab": tok.vocab_size, "stages": 2, "co_located": True, "head": args.head,
+                                     **({"component_costs": costs} if costs else {})},
                  args.out)
     return 0
 

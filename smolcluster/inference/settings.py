@@ -48,17 +48,24 @@ class Speculate:
     in one pass (:mod:`smolcluster.inference.speculate`). ``lookup``: the longest n-gram (up to ``lookup``
     tokens) ending the context is found earlier in it and what followed is proposed; ``draft``: a small Hugging
     Face model directory with the target's tokenizer, run on stage 0. Both given: ``draft`` is the default
-    and a request may name either (``submit(speculate="lookup")``)."""
+    and a request may name either (``submit(speculate="lookup")``). ``adaptive``: ``k`` is the most a greedy
+    request proposes, its own count chosen each pass from its acceptance and the measured costs (speculate.py);
+    ``confidence``: a draft model stops proposing after a token it gives less than this probability."""
 
-    k: int = 0                 # tokens proposed per decode step (0: off)
+    k: int = 0                 # tokens proposed per decode step at most (0: off)
     lookup: int = 0            # prompt-lookup n-gram size (0: off)
     draft: str | None = None   # a draft model directory (None: off)
+    adaptive: bool = True      # a greedy request's count of proposals follows its acceptance (up to k)
+    confidence: float = 0.0    # the draft model stops after a proposal it is less sure of (0: off)
 
     def check(self) -> Speculate:
         if self.k < 0:
             raise ConfigError(f"speculate.k={self.k} is invalid: use 0 (off) or the tokens to propose per step")
         if self.lookup < 0:
             raise ConfigError(f"speculate.lookup={self.lookup} is invalid: use 0 (off) or an n-gram size (e.g. 3)")
+        if not 0.0 <= self.confidence < 1.0:
+            raise ConfigError(f"speculate.confidence={self.confidence} is invalid: use a probability in [0, 1) "
+                              "(0: the draft model always proposes k; e.g. 0.4)")
         if self.k and not self.lookup and not self.draft:
             raise ConfigError(f"speculate.k={self.k} needs a drafter: add speculate.lookup=N (n-grams from the "
                               "context) or speculate.draft=DIR (a small model with the same tokenizer)")
@@ -76,7 +83,8 @@ class Speculate:
         if not self.k:
             return {}
         draft = str(Path(self.draft).expanduser().resolve()) if self.draft else None
-        return {"k": self.k, "lookup": self.lookup, "draft": draft}
+        return {"k": self.k, "lookup": self.lookup, "draft": draft, "adaptive": bool(self.adaptive),
+                "confidence": float(self.confidence)}
 
 
 @dataclass

@@ -18,6 +18,11 @@ Drafters (:class:`Speculator`):
 - ``draft=DIR``: a small model with the target's tokenizer, every block on stage 0 with its own KV
   cache per request (the project's stage code, not ``transformers``), decoded K tokens ahead.
 
+How many (``speculate.adaptive``, :meth:`Speculator.choose_k`): a greedy request proposes, each pass, the count
+in 1..K that makes the most tokens per unit of time for its running acceptance (:class:`Pace`) and what a
+proposal costs next to a pass, both measured here. ``speculate.confidence``: a draft model stops a pass's
+proposals after one it gives less than that probability (off by default; docs/benchmarks.md, speculate).
+
 Acceptance (:func:`accept`): greedy keeps a proposal while it equals the target's argmax, so the
 output is the non-speculative output token for token. Sampling uses standard speculative sampling
 (Leviathan et al. 2023, Chen et al. 2023): proposal ``d`` drawn from ``q`` is kept with probability
@@ -28,6 +33,7 @@ temperature / top-k / top-p applied to both). A lookup proposal is a point mass 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,9 +171,11 @@ class DraftModel:
         self.seen[want.req] = (cache, fed)
         return want.history[common:]
 
-    def propose(self, wants: list[Want]) -> dict[str, tuple[list[int], torch.Tensor | None]]:
+    def propose(self, wants: list[Want], confidence: float = 0.0) -> dict[str, tuple[list[int], torch.Tensor | None]]:
         """Each request's proposals and their probabilities (None when greedy), all requests in one forward per
-        proposal (a :class:`Batch`, as the stages run)."""
+        proposal (a :class:`Batch`, as the stages run). ``confidence``: a request stops after a proposal its
+        distribution gives less than this (its top probability): the next would likely be rejected, and each
+        costs a forward here and a row of the verify pass (transformers' ``assistant_confidence_threshold``)."""
         from smolcluster.pipeline.architectures.base import Batch
 
         for w in wants:  # the proposals fed back (all but the last) need positions the draft model has
@@ -182,20 +190,51 @@ class DraftModel:
                 cache, fed = self.seen[w.req]
                 caches.append(cache)
                 fed.extend(rows[w.req])
-            batch = Batch(caches, [len(rows[w.req]) for w in wants])
+            sizes = [len(rows[w.req]) for w in wants]
+            batch = Batch(caches, sizes)
             ids = torch.tensor([[t for w in wants for t in rows[w.req]]], device=device)
             h = self.stage.run_blocks(self.stage.embed(ids, batch.positions(device)), batch)
-            logits = self.stage.logits(h[:, batch.last_rows(), :]).float().cpu()[0]
-            for w, row in zip(wants, logits):
+            if len(sizes) < h.shape[1]:  # (every request fed one row: each row is a last row, no gather)
+                h = h[:, batch.last_rows(), :]
+            logits = self.stage.logits(h).float().cpu()[0]
+            # every greedy row's pick in one argmax, and no per-row tensors for them (iterating a tensor makes one
+            # per row): a 1-layer draft's forward is mostly such per-call costs (docs/benchmarks.md, speculate)
+            picks = logits.argmax(-1).tolist()
+            sure = logits.softmax(-1).amax(-1).tolist() if confidence > 0 else None  # (greedy: its pick's p)
+            stop = set()
+            for i, w in enumerate(wants):
                 drafts, probs = out[w.req]
                 if w.params.greedy:
-                    drafts.append(int(row.argmax()))
+                    drafts.append(picks[i])
                 else:
-                    probs.append(filter_logits(row, w.params).softmax(-1))
+                    probs.append(filter_logits(logits[i], w.params).softmax(-1))
                     drafts.append(int(torch.multinomial(probs[-1], 1, generator=w.generator)))
+                    if sure is not None:
+                        sure[i] = float(probs[-1].max())
                 rows[w.req] = [drafts[-1]]
-            wants = [w for w in wants if len(out[w.req][0]) < w.k]  # the last proposal is never fed
+                if len(drafts) >= w.k or (sure is not None and sure[i] < confidence):
+                    stop.add(w.req)  # (the last proposal is never fed)
+            wants = [w for w in wants if w.req not in stop]
         return {req: (d, torch.stack(p) if p else None) for req, (d, p) in out.items()}
+
+
+@dataclass
+class Pace:
+    """One request's running acceptance (``speculate.adaptive``): proposals kept and passes that ended on a
+    rejection, each fading by ``DECAY`` a pass (so the last ~5 passes count most: a trajectory's acceptance moves,
+    highest where the text loops). Starts at 0.8, optimistic: a request first proposes ``k``."""
+
+    kept: float = 4.0
+    missed: float = 1.0
+    DECAY = 0.8
+
+    def update(self, proposed: int, kept: int) -> None:
+        self.kept = self.DECAY * self.kept + kept
+        self.missed = self.DECAY * self.missed + (kept < proposed)
+
+    def rate(self) -> float:
+        """The chance a proposal is kept, given the ones before it were (each pass: kept trials, then a miss)."""
+        return self.kept / (self.kept + self.missed)
 
 
 class Speculator:
@@ -203,6 +242,9 @@ class Speculator:
 
     def __init__(self, spec: dict, target: dict, fmt):
         self.k, self.n = int(spec["k"]), int(spec.get("lookup") or 0)
+        self.adaptive, self.confidence = bool(spec.get("adaptive", False)), float(spec.get("confidence") or 0.0)
+        # running means (choose_k): seconds per proposal of each drafter, and per pass
+        self.seconds = dict.fromkeys((*DRAFTERS, "pass"), 0.0)
         self.draft = DraftModel(spec["draft"], target, fmt, self.k) if spec.get("draft") else None
         self.default = "draft" if self.draft is not None else "lookup"
         self.drafted = self.accepted = 0  # proposals made and kept, since the stage started
@@ -216,11 +258,39 @@ class Speculator:
 
     def propose(self, wants: list[tuple[str, Want]]) -> dict[str, tuple[list[int], torch.Tensor | None]]:
         """``wants``: (drafter, Want) pairs; lookup's are point masses (no probabilities)."""
+        t0 = time.perf_counter()
         out = {w.req: (lookup(w.history, self.n, w.k), None) for name, w in wants if name == "lookup" and w.k > 0}
+        self.timed("lookup", time.perf_counter() - t0, sum(len(d) for d, _ in out.values()))
         drafted = [w for name, w in wants if name == "draft" and w.k > 0]
         if drafted:
-            out.update(self.draft.propose(drafted))
+            t0 = time.perf_counter()
+            made = self.draft.propose(drafted, self.confidence)
+            self.timed("draft", time.perf_counter() - t0, sum(len(d) for d, _ in made.values()))
+            out.update(made)
         return out
+
+    def choose_k(self, pace: Pace, drafter: str) -> int:
+        """A request's proposals for its next pass (``adaptive``): the k in 1..``k`` that makes the most tokens per
+        unit of time, for its running acceptance ``a`` (:class:`Pace`) and what a proposal costs next to a pass
+        (``c``, measured here): a pass of k proposals makes (1 - a^(k+1)) / (1 - a) tokens on average and costs
+        1 + c*k passes' worth (Leviathan et al. 2023, section 3.5, the choice of gamma). Why not transformers'
+        heuristic (+2 after a pass that kept all, -1 after any rejection): on the bench pair (acceptance ~0.55)
+        it settled near 2 proposals and cost a tenth of the speedup; here k falls only when the acceptance is
+        low for what a proposal costs. A proposal's cost is its drafter's time per proposal (the verify rows are
+        not counted: a lookup proposal, tens of microseconds, is nearly free, and a lookup request keeps ``k``
+        unless it is rejected nearly always). Greedy output is the same whatever the count: each pass keeps only
+        what the target would have made."""
+        if not self.adaptive or self.seconds["pass"] <= 0:
+            return self.k
+        a, c = min(pace.rate(), 0.999), self.seconds[drafter] / self.seconds["pass"]
+        return max(range(1, self.k + 1), key=lambda k: (1 - a ** (k + 1)) / (1 + c * k))
+
+    def timed(self, what: str, seconds: float, n: int = 1) -> None:
+        """The running mean of a drafter's seconds per proposal (``what``: lookup or draft; ``n`` proposals made
+        in ``seconds``) or of a pass's, from its step leaving stage 0 to its results (``"pass"``)."""
+        if n > 0:
+            was, each = self.seconds[what], seconds / n
+            self.seconds[what] = each if was <= 0 else 0.9 * was + 0.1 * each
 
     def forget(self, req: str) -> None:
         if self.draft is not None:

@@ -109,7 +109,7 @@ class ServeConfig:
     quantize_group: int = 64          # int4's group size (32 | 64 | 128)
     device: str | None = None         # cpu | cuda | cuda:N | mps | auto (None: cpu)
     adapters: dict = field(default_factory=dict)  # LoRA adapters a request may name: {name: PEFT directory}
-    speculate: dict = field(default_factory=dict)  # {"k", "lookup", "draft"}: settings.Speculate.fields() ({}: off)
+    speculate: dict = field(default_factory=dict)  # {"k", "lookup", "draft", ...}: settings.Speculate.fields() ({}: off)
     prefix_cache: bool = True         # keep served prefixes' KV for requests that start with them (prefix.py)
     prefix_block: int = 32            # ... in blocks of this many tokens
     compile: bool = False             # decode-only steps through torch.compile (compiled.py)
@@ -144,6 +144,8 @@ class RequestState:
     drafts: list[int] = field(default_factory=list)  # stage 0 and the head's: the proposals out in its current step
     q: torch.Tensor | None = None     # ... and their drafter's probabilities (None: point masses)
     trim: int | None = None           # stage 0: cut every stage's cache to this length before its next step
+    pace: object = None               # stage 0: its running acceptance (speculate.Pace: speculate.adaptive)
+    sent_at: float = 0.0              # stage 0: when its speculating step left (a pass's time: Speculator.choose_k)
     drafted: int = 0                  # stage 0: proposals made for it, and kept (its acceptance rate)
     accepted: int = 0
     keys: list[str] = field(default_factory=list)  # stage 0: its tokens' prefix-cache chain (prefix.py)
@@ -528,6 +530,10 @@ class StageServer:
             st = self.start(req, head, params, int(f["max_new_tokens"]), f["eos"], len(ids), f["adapter"])
             st.prompt, st.reserved = ids, need
             st.drafter = self.drafter(f["speculate"])
+            if st.drafter != "off":
+                from smolcluster.inference.speculate import Pace
+
+                st.pace = Pace()
             if st.drafter != "off" or self.prefix is not None:
                 st.history = ids.tolist()
             self.reserved = [r + n for r, n in zip(self.reserved, need)]
@@ -624,6 +630,8 @@ class StageServer:
         for req, token in decodes:
             st = self.requests[req]
             st.drafts, st.q = proposals.get(req, ([], None))
+            if st.drafts:
+                st.sent_at = time.perf_counter()
             if st.drafts and not self.has_head:  # head=last: the last stage checks them
                 step.drafts[req] = st.drafts
                 if st.q is not None:
@@ -698,7 +706,10 @@ class StageServer:
             st = self.requests[req]
             if st.drafter == "off":
                 continue
-            k = min(self.speculator.k, st.max_new_tokens - st.generated - 1, self.arch.context - len(st.history))
+            # adaptive k for greedy requests only: it follows measured times, and a sampled request's draws depend
+            # on how many proposals each pass makes (its seed would no longer give the same tokens run after run)
+            k = self.speculator.choose_k(st.pace, st.drafter) if st.params.greedy else self.speculator.k
+            k = min(k, st.max_new_tokens - st.generated - 1, self.arch.context - len(st.history))
             wants.append((st.drafter, Want(req, st.history, k, st.params, st.generator,
                                            st.prompt_len + st.max_new_tokens)))
         return wants
@@ -971,6 +982,8 @@ class StageServer:
                                 "proposals; every stage must run the same smolcluster version")
             self.speculator.drafted += len(st.drafts)
             self.speculator.accepted += n
+            st.pace.update(len(st.drafts), n)
+            self.speculator.timed("pass", time.perf_counter() - st.sent_at)
             if n < len(st.drafts):
                 st.trim = st.cache.length - (len(st.drafts) - n)
 
