@@ -17,6 +17,8 @@ its requests, not the stage.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 
 import pytest
@@ -92,7 +94,7 @@ def test_the_draft_models_kv_cache_is_in_stage_0s_budget(tmp_path, head):
     t = kv_bytes(model, 2, positions, head == "first")
     d = kv_bytes(draft, 1, positions, True)[0]
     assert t[0] + d > max(t), (t, d)  # the target fits a budget of max(t); with the draft, stage 0 does not
-    kw = dict(stages=2, head=head, heartbeat_s=0.05, liveness_s=5.0, eos_ids=[], prefix_cache=False,
+    kw = dict(stages=2, head=head, heartbeat_s=0.05, liveness_s=30.0, eos_ids=[], prefix_cache=False,
               speculate={"k": K, "lookup": 3, "draft": str(small)})
     with InferencePipeline.start_local(target, kv_cache_mb=max(t) / 2**20, **kw) as pipe:
         with pytest.raises(Exception, match=r"on stage 0 \(.* of it the draft model's, speculate.draft"):
@@ -157,11 +159,19 @@ def cancelled_draft_requests_make_room(pipe, info, phase, prompt, n, tokens):
     for i, _ in enumerate(x):
         if i == 2:  # tokens 1 and 2 came from steps that proposed: x's draft cache is made
             break
-    assert wait_until(lambda: info().get("waiting") == 2, 10), info()
-    z.cancel()
-    assert wait_until(lambda: info().get("waiting") == 1, 10), info()
-    x.cancel()
-    assert len(x.ids) < n, "x ended before its cancel: nothing here was cancelled while it ran"
+    # Stage 1 frozen holds x where it is (a pass needs both stages): on a busy machine x could otherwise finish
+    # before z's cancel is seen, admitting y, and "y still waits" would never be observed. Stage 0, which keeps
+    # the queue and answers the beacon, runs on.
+    stage1 = pipe._children.procs["stage 1"].pid
+    os.kill(stage1, signal.SIGSTOP)
+    try:
+        assert wait_until(lambda: info().get("waiting") == 2, 10), info()
+        z.cancel()
+        assert wait_until(lambda: info().get("waiting") == 1, 10), info()
+        x.cancel()
+        assert len(x.ids) < n, "x ended before its cancel: nothing here was cancelled while it ran"
+    finally:
+        os.kill(stage1, signal.SIGCONT)
     assert wait_until(lambda: info().get("waiting") == 0 and x.id not in info().get("active", []), 10), info()
     assert y.tokens() == tokens
     assert wait_until(lambda: info().get("draft_kv_bytes") == 0, 10), info()
