@@ -19,7 +19,7 @@ from smolcluster.pipeline.quantize import StageFormat
 from smolcluster.pipeline.weights import find_model, load_stage
 from tests.conftest import wait_until
 from tests.test_batching import prompt
-from tests.test_compiled import greedy
+from tests.test_compiled import compiled_steps, greedy
 
 
 @pytest.fixture(scope="module")
@@ -57,5 +57,4 @@ def test_an_int8_pipeline_with_compiled_stages_gives_the_eager_tokens(llama_dir)
         want = eager.submit(ids, max_new_tokens=16).tokens()
     with InferencePipeline.start_local(llama_dir, compile=True, compile_slots=1, **stage) as compiled:
         assert compiled.submit(ids, max_new_tokens=16).tokens() == want
-        steps = lambda: [compiled.client.mesh.peers[s].info.get("compiled_steps") or 0 for s in compiled.client.stages]
-        assert wait_until(lambda: steps() == [15, 15], 10), steps()
+        assert wait_until(lambda: compiled_steps(compiled) == [15, 15], 10), compiled_steps(compiled)
