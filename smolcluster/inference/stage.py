@@ -262,7 +262,8 @@ class StageServer:
         lora = f"; adapters {', '.join(sc.adapters)}: {adapter_numel(self.stage):,} params" if sc.adapters else ""
         logger.info(f"{self.spec.describe(self.has_head, self.spec.first)}: {params:,} params from {sc.weights} "
                     f"({self.fmt.precision}, quantize={self.fmt.quantize}, on {self.fmt.device}; "
-                    f"matmuls: {kernels(self.fmt)}{lora}; {self.compiled_line()})")
+                    f"matmuls: {kernels(self.fmt)}{lora}; {torch.get_num_threads()} intra-op thread(s)"
+                    f"{', taking turns' if self.turns else ''}; {self.compiled_line()})")
         if self.compiled is not None:
             self.compiled.warm(self.me)
         # Prometheus for smolcluster.top (telemetry/serving.py): set once per step, a no-op without a port
