@@ -273,7 +273,10 @@ def decode(args) -> int:
     rows = [{"tree": tree, "format": f, "decode_tok_s_median": med[tree, f],
              "vs_same_tree_fp32": ratio((tree, f), (tree, formats[0])),
              "vs_this_fp32": ratio((tree, f), ("this", formats[0])),
-             "vs_baseline_same_format": ratio((tree, f), ("baseline", f)) if "baseline" in trees else ""}
+             "vs_baseline_same_format": ratio((tree, f), ("baseline", f)) if "baseline" in trees else "",
+             # a compiled arm against its format's eager arm, where both were timed
+             "vs_eager_same_format": ratio((tree, f), (tree, f.removesuffix("/compile")))
+             if f.endswith("/compile") and f.removesuffix("/compile") in formats else ""}
             for tree in trees for f in formats]
     write_report("quantize-decode", rows, {"threads": args.threads, "rounds": args.rounds, "tokens": args.tokens,
                                           "trees": trees, "runs": {f"{t}:{f}": v for (t, f), v in runs.items()}},
