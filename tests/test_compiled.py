@@ -8,7 +8,7 @@ the scheduler's: the split itself is proven in process). In process: a step of o
 after an eager prefill into the slot gives the eager tokens, and a slot is freed for the next request; steps split between the
 graph and eager rows (a request without a slot, another's prompt chunk) give each request its eager tokens, and
 kv_bytes counts a slot's written positions; a GPT-2 and a Qwen3 stage's compiled decode give their eager tokens;
-quantized stages, adapters and sliding windows are refused in one line (before any stage starts, too); a head
+adapters and sliding windows are refused in one line (before any stage starts, too); a head
 waits longer for compiling stages and says so; the bench's compile arm refuses what it cannot time.
 
 The first run compiles (minutes on a busy 2-core machine); later runs load the graphs from inductor's disk cache.
@@ -23,7 +23,6 @@ from smolcluster.errors import ConfigError
 from smolcluster.inference import InferencePipeline
 from smolcluster.inference.api import check_compile
 from smolcluster.inference.compiled import CompiledDecode
-from smolcluster.inference.stage import ServeConfig, StageServer
 from smolcluster.pipeline.architectures import KVCache
 from smolcluster.pipeline.architectures.base import Batch
 from tests.conftest import wait_until
@@ -158,26 +157,15 @@ def test_a_stage_of_another_family_compiled_decodes_the_eager_tokens(family, tmp
 
 
 def test_what_is_not_compiled_is_refused_in_one_line(llama_dir, tmp_path):
-    from smolcluster.pipeline.weights import find_model
-
-    config = find_model(llama_dir).config
-    node = [{"address": "tcp://127.0.0.1:1", "bind": "tcp://127.0.0.1:1"}]
-    sc = ServeConfig(rank=0, n_stages=1, weights=str(llama_dir), config=config, nodes=node, compile=True,
-                     quantize="int8")
-    with pytest.raises(ConfigError, match="quantize=int8: set compile=false"):
-        StageServer(sc)
-    # ... and before any stage starts, by start_local and the config path (per node's quantize too).
-    with pytest.raises(ConfigError, match="this pipeline has quantize=int4: set compile=false"):
-        InferencePipeline.start_local(llama_dir, stages=2, compile=True, quantize="int4")
+    # Adapters are refused before any stage starts; quantized stages compile (tests/test_compiled_quant.py).
     with pytest.raises(ConfigError, match="this pipeline has LoRA adapters: set compile=false"):
-        check_compile(True, [{"quantize": "none"}], {"a": "DIR"})
+        check_compile(True, {"a": "DIR"})
     from smolcluster.inference.from_config import stage_formats
     from smolcluster.inference.settings import Pipeline
     from smolcluster.train_settings import ClusterSpec
 
     cfg = Pipeline(stages=2, compile=True, links=ClusterSpec(nodes=[None, {"quantize": "int8"}]))  # one node's
-    with pytest.raises(ConfigError, match="this pipeline has quantize=int8: set compile=false"):
-        stage_formats(cfg)
+    assert [f["quantize"] for f in stage_formats(cfg)] == ["none", "int8"]
     build("mistral-window").save_pretrained(tmp_path)
     (stage,), _ = stages_of(tmp_path, 1)
     with pytest.raises(ConfigError, match="sliding-window attention"):
@@ -202,9 +190,8 @@ def test_a_head_waits_longer_for_compiling_stages_and_says_why():
 def test_the_bench_compile_arm_refuses_what_it_cannot_time_in_one_line():
     from smolcluster.bench.quantize import check_decode_formats
 
-    check_decode_formats(["fp32/none", "fp32/none/compile", "fp32/int8"], 496)
+    check_decode_formats(["fp32/none", "fp32/none/compile", "fp32/int8", "fp32/int8/compile"], 496)
     for formats, tokens, match in ((["fp32/none/compil"], 8, "PRECISION/QUANTIZE/compile"),
-                                   (["fp32/int8/compile"], 8, "unquantized only: use fp32/none/compile"),
                                    (["fp32/none/compile"], 497, "use --tokens at most 496")):
         with pytest.raises(ConfigError, match=match):
             check_decode_formats(formats, tokens)

@@ -221,7 +221,7 @@ DECODE_PROMPT = 16  # the prompt's tokens in each --decode round
 
 def check_decode_formats(formats: list[str], tokens: int) -> None:
     """``--formats`` of ``--decode`` checked before any round: PRECISION/QUANTIZE[/compile], the compiled arm
-    unquantized (as compile=true) and within its slot's positions (the prompt plus ``--tokens``)."""
+    within its slot's positions (the prompt plus ``--tokens``)."""
     from smolcluster.inference.stage import ServeConfig
 
     for f in formats:
@@ -229,9 +229,6 @@ def check_decode_formats(formats: list[str], tokens: int) -> None:
         if len(parts) not in (2, 3) or parts[2:] not in ([], ["compile"]):
             raise ConfigError(f"--formats {f!r}: give PRECISION/QUANTIZE, or PRECISION/QUANTIZE/compile for the "
                               "compiled decode step (e.g. fp32/none/compile)")
-        if parts[2:] and parts[1] != "none":
-            raise ConfigError(f"--formats {f!r}: the compiled decode step is unquantized only: use "
-                              f"{parts[0]}/none/compile")
         if parts[2:] and DECODE_PROMPT + tokens > ServeConfig.compile_positions:
             raise ConfigError(f"--tokens {tokens}: the compiled arm holds {ServeConfig.compile_positions} positions "
                               f"(a {DECODE_PROMPT}-token prompt plus the tokens): use --tokens at most "
@@ -276,7 +273,10 @@ def decode(args) -> int:
     rows = [{"tree": tree, "format": f, "decode_tok_s_median": med[tree, f],
              "vs_same_tree_fp32": ratio((tree, f), (tree, formats[0])),
              "vs_this_fp32": ratio((tree, f), ("this", formats[0])),
-             "vs_baseline_same_format": ratio((tree, f), ("baseline", f)) if "baseline" in trees else ""}
+             "vs_baseline_same_format": ratio((tree, f), ("baseline", f)) if "baseline" in trees else "",
+             # a compiled arm against its format's eager arm, where both were timed
+             "vs_eager_same_format": ratio((tree, f), (tree, f.removesuffix("/compile")))
+             if f.endswith("/compile") and f.removesuffix("/compile") in formats else ""}
             for tree in trees for f in formats]
     write_report("quantize-decode", rows, {"threads": args.threads, "rounds": args.rounds, "tokens": args.tokens,
                                           "trees": trees, "runs": {f"{t}:{f}": v for (t, f), v in runs.items()}},

@@ -76,14 +76,12 @@ def connect_wait(timeout_s: float, compile: bool) -> tuple[float, str]:
         f"(waited {max(timeout_s, COMPILE_CONNECT_S):.0f}s) or set compile=false")
 
 
-def check_compile(compile: bool, formats: list[dict], adapters) -> None:
-    """``compile=true`` compiles unquantized stages without LoRA adapters: refused here, before any stage starts
-    (each stage checks again, StageServer.open_compiled)."""
-    quantized = sorted({f["quantize"] for f in formats} - {"none"})
-    if compile and (quantized or adapters):
-        what = f"quantize={'/'.join(quantized)}" if quantized else "LoRA adapters"
-        raise ConfigError(f"compile=true compiles unquantized stages without LoRA adapters for now; this pipeline "
-                          f"has {what}: set compile=false")
+def check_compile(compile: bool, adapters) -> None:
+    """``compile=true`` compiles stages without LoRA adapters (fp32, bf16, int8, int4): refused here, before any
+    stage starts (each stage checks again, StageServer.open_compiled)."""
+    if compile and adapters:
+        raise ConfigError("compile=true compiles stages without LoRA adapters for now; this pipeline has LoRA "
+                          "adapters: set compile=false")
 
 
 def check_speculate(speculate: dict | None, config: dict) -> dict:
@@ -161,7 +159,7 @@ class InferencePipeline:
         formats = checked_formats({"precision": precision, "quantize": quantize, "quantize_group": quantize_group,
                                    "device": device}, formats, stages)
         adapters = check_adapters(adapters, info["config"])
-        check_compile(compile, formats, adapters)
+        check_compile(compile, adapters)
         speculate = check_speculate(speculate, info["config"])
         if eos_ids is None:
             eos_ids = info["eos"] if info["eos"] is not None else getattr(tokenizer, "eos_id", None)

@@ -172,7 +172,7 @@ def stage_formats(cfg: Pipeline) -> list[dict]:
                "quantize_group": cfg.quantize_group, "device": node.device}
         StageFormat(fmt["precision"], fmt["quantize"], fmt["quantize_group"])
         out.append(fmt)
-    check_compile(cfg.compile, out, cfg.adapters)
+    check_compile(cfg.compile, cfg.adapters)
     return out
 
 

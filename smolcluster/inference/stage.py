@@ -264,7 +264,8 @@ class StageServer:
         lora = f"; adapters {', '.join(sc.adapters)}: {adapter_numel(self.stage):,} params" if sc.adapters else ""
         logger.info(f"{self.spec.describe(self.has_head, self.spec.first)}: {params:,} params from {sc.weights} "
                     f"({self.fmt.precision}, quantize={self.fmt.quantize}, on {self.fmt.device}; "
-                    f"matmuls: {kernels(self.fmt)}{lora}; {self.compiled_line()})")
+                    f"matmuls: {kernels(self.fmt)}{lora}; {torch.get_num_threads()} intra-op thread(s)"
+                    f"{', taking turns' if self.turns else ''}; {self.compiled_line()})")
         if self.compiled is not None:
             self.compiled.warm(self.me)
         # Prometheus for smolcluster.top (telemetry/serving.py): set once per step, a no-op without a port
@@ -280,9 +281,9 @@ class StageServer:
         sc = self.sc
         if not sc.compile:
             return None
-        if sc.quantize != "none" or sc.adapters:
-            raise ConfigError(f"compile=true compiles unquantized stages without LoRA adapters for now; this stage "
-                              f"has quantize={sc.quantize}{' and adapters' if sc.adapters else ''}: set compile=false")
+        if sc.adapters:
+            raise ConfigError("compile=true compiles stages without LoRA adapters for now; this stage has adapters: "
+                              "set compile=false")
         from smolcluster.inference.compiled import CompiledDecode
 
         return CompiledDecode(self.stage, sc.compile_slots, min(sc.compile_positions, self.arch.context), self.dtype,
