@@ -132,8 +132,10 @@ def test_adaptive_k_is_the_most_tokens_per_second_for_the_acceptance_and_the_pro
     for _ in range(20):
         high.update(6, 6), low.update(3, 0), mid.update(4, 2)
     assert high.rate() > 0.99 and low.rate() < 0.01 and mid.rate() == pytest.approx(2 / 3, abs=0.01)
-    # a = 2/3, c = 1/8: (1 - a^(k+1)) / (1 + k/8) is 0.494, 0.563, 0.584, 0.579, 0.561, 0.538 for k = 1..6
-    assert [spec.choose_k(pace, "draft") for pace in (high, low, mid)] == [6, 1, 3]
+    # a = 2/3, c = 1/8: (1 - a^(k+1)) / (1 + k/8) is 0.333, 0.494, 0.563, 0.584, 0.579, 0.561, 0.538 for k = 0..6
+    assert [spec.choose_k(pace, "draft") for pace in (high, low, mid)] == [6, 0, 3]
+    # never kept (a < c): plain decoding, but one pass in PROBE proposes 1 so a recovery could be seen
+    assert [spec.choose_k(low, "draft") for _ in range(2 * Pace.PROBE - 1)].count(1) == 2
     spec.timed("lookup", 0.001, 4)  # nearly free: a second proposal pays even at a 1% chance of being kept
     assert [spec.choose_k(pace, "lookup") for pace in (high, low, mid)] == [6, 2, 6]
     spec.adaptive = False

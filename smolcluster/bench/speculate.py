@@ -185,7 +185,7 @@ def component_costs(target: Path, draft: Path, prompt: list[int], k: int) -> lis
     """What a speculating pass is made of, in this thread's CPU ms (one thread, as each co-located stage has):
     each stage's blocks over 1 row (a plain decode step) and k+1 rows (a verify pass) on top of ``prompt``'s
     cache, the LM head over as many rows, a draft model's forward (its ``propose`` of k, per proposal), the
-    greedy acceptance and a cache cut. The cost model: speedup = tokens a pass * T_step / T_pass, with T_pass
+    greedy acceptance. The cost model: speedup = tokens a pass * T_step / T_pass, with T_pass
     = k * T_draft + T_verify(k+1) + the hops' overhead (docs/benchmarks.md, speculate)."""
     from smolcluster.inference.sampling import SamplingParams
     from smolcluster.inference.speculate import DraftModel, Want, accept
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                         "rows, the LM head, a draft proposal, acceptance): the cost model's inputs")
     p.add_argument("--out", default=".")
     args = p.parse_args(argv)
-    for name in ("prompts", "rounds", "steps", "tokens"):
+    for name in ("prompts", "rounds", "steps", "tokens", "k"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
     from smolcluster.bench.report import markdown_table, write_report

@@ -222,11 +222,13 @@ class DraftModel:
 class Pace:
     """One request's running acceptance (``speculate.adaptive``): proposals kept and passes that ended on a
     rejection, each fading by ``DECAY`` a pass (so the last ~5 passes count most: a trajectory's acceptance moves,
-    highest where the text loops). Starts at 0.8, optimistic: a request first proposes ``k``."""
+    highest where the text loops). Starts at 0.8, optimistic."""
 
     kept: float = 4.0
     missed: float = 1.0
+    plain: int = 0  # passes without proposals since the last probe (choose_k chose 0)
     DECAY = 0.8
+    PROBE = 8  # at k=0, one pass in this many still proposes 1, so the acceptance can be seen to recover
 
     def update(self, proposed: int, kept: int) -> None:
         self.kept = self.DECAY * self.kept + kept
@@ -242,7 +244,7 @@ class Speculator:
 
     def __init__(self, spec: dict, target: dict, fmt):
         self.k, self.n = int(spec["k"]), int(spec.get("lookup") or 0)
-        self.adaptive, self.confidence = bool(spec.get("adaptive", False)), float(spec.get("confidence") or 0.0)
+        self.adaptive, self.confidence = bool(spec.get("adaptive", True)), float(spec.get("confidence") or 0.0)
         # running means (choose_k): seconds per proposal of each drafter, and per pass
         self.seconds = dict.fromkeys((*DRAFTERS, "pass"), 0.0)
         self.draft = DraftModel(spec["draft"], target, fmt, self.k) if spec.get("draft") else None
@@ -279,11 +281,16 @@ class Speculator:
         low for what a proposal costs. A proposal's cost is its drafter's time per proposal (the verify rows are
         not counted: a lookup proposal, tens of microseconds, is nearly free, and a lookup request keeps ``k``
         unless it is rejected nearly always). Greedy output is the same whatever the count: each pass keeps only
-        what the target would have made."""
+        what the target would have made. k = 0 (plain decoding, 1 token a pass) wins where a < c about: then one
+        pass in ``Pace.PROBE`` still proposes 1, since the acceptance is only seen through proposals."""
         if not self.adaptive or self.seconds["pass"] <= 0:
             return self.k
         a, c = min(pace.rate(), 0.999), self.seconds[drafter] / self.seconds["pass"]
-        return max(range(1, self.k + 1), key=lambda k: (1 - a ** (k + 1)) / (1 + c * k))
+        k = max(range(self.k + 1), key=lambda k: (1 - a ** (k + 1)) / (1 + c * k))
+        if k == 0:
+            pace.plain = (pace.plain + 1) % pace.PROBE
+            return 0 if pace.plain else 1
+        return k
 
     def timed(self, what: str, seconds: float, n: int = 1) -> None:
         """The running mean of a drafter's seconds per proposal (``what``: lookup or draft; ``n`` proposals made
