@@ -39,7 +39,8 @@ STAGE = dict(stages=2, heartbeat_s=0.1, liveness_s=5.0, eos_ids=[], connect_time
 def pipes(request, tmp_path_factory):
     """(the compiled pipeline, the eager one, the vocabulary) of one tiny model."""
     d = tmp_path_factory.mktemp(request.param)
-    model = build(request.param)
+    model = build(request.param, n_layer=2)  # a block per stage: each graph is a cold compile on CI (multi-block
+    # graphs are compiled in process below)
     model.save_pretrained(d)
     with InferencePipeline.start_local(d, compile=True, compile_slots=2, **STAGE) as compiled, \
             InferencePipeline.start_local(d, **STAGE) as eager:
@@ -72,7 +73,7 @@ def test_compiled_stages_decode_the_eager_tokens_alone_and_batched(pipes):
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("llama-one")
-    build("llama").save_pretrained(d)
+    build("llama", n_layer=2).save_pretrained(d)  # two blocks: a graph over several, at the least compile time
     return d
 
 
