@@ -97,10 +97,10 @@ def test_h1_outer_sgd_lr1_equals_local_on_the_union_batch(tmp_path):
     the same weights, which (SGD with momentum, weight decay: all linear in the gradient) is the step on the
     mean gradient: allreduce's, and local's on the union of the batches."""
     args = [*MODEL, "train.optimizer=sgd", "train.weight_decay=0.01", "cluster.workers=2", *FAST]
-    s, _ = train_together(
-        (tmp_path / "diloco", ["algo=diloco", "algo.inner_steps=1", "algo.outer_lr=1", "algo.outer_momentum=0", *args]),
-        (tmp_path / "local", ["algo=local", *[a for a in args if "batch_size" not in a and "cluster" not in a],
-                              "train.batch_size=32"]))
+    s = train(tmp_path / "diloco", "algo=diloco", "algo.inner_steps=1", "algo.outer_lr=1", "algo.outer_momentum=0",
+              *args)
+    train(tmp_path / "local", "algo=local", *[a for a in args if "batch_size" not in a and "cluster" not in a],
+          "train.batch_size=32")
     assert s["steps"] == 12 and s["outer_steps"] == 12 and s["samples"] == 12 * 32
     # local on the union batch is what allreduce equals (test_allreduce), so this is allreduce's result too
     assert weights_diff(tmp_path / "diloco", tmp_path / "local") < 1e-6
@@ -265,10 +265,9 @@ def test_fine_tuning_a_pretrained_directory_at_h1_equals_local(tmp_path):
 
     src = pretrained_dir(tmp_path / "llama", "llama")
     common = ["model=llama-tiny", f"model.pretrained={src}", *SMALL, "train.steps=6"]
-    s, _ = train_together((tmp_path / "diloco", ["algo=diloco", "cluster.workers=2", "train.batch_size=4",
-                                                 "algo.inner_steps=1", "algo.outer_lr=1", "algo.outer_momentum=0",
-                                                 *common, *HF_FAST]),
-                          (tmp_path / "local", ["algo=local", "train.batch_size=8", *common]))
+    s = train(tmp_path / "diloco", "algo=diloco", "cluster.workers=2", "train.batch_size=4", "algo.inner_steps=1",
+              "algo.outer_lr=1", "algo.outer_momentum=0", *common, *HF_FAST)
+    train(tmp_path / "local", "algo=local", "train.batch_size=8", *common)
     assert s["steps"] == 6 and s["outer_steps"] == 6
     d = weights_diff(tmp_path / "diloco", tmp_path / "local")  # (the SGD momentum is each rank's own)
     assert d < 1e-5, d

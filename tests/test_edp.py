@@ -16,7 +16,7 @@ from smolcluster.train_settings import train_config
 from smolcluster.trainer import Trainer
 from smolcluster.transport import wire
 from tests.cluster_util import Cluster
-from tests.conftest import train, train_together
+from tests.conftest import train
 
 FAST = ["cluster.heartbeat_s=0.2", "cluster.liveness_s=3", "cluster.connect_timeout_s=60"]
 
@@ -48,7 +48,8 @@ def per_update(s: dict, key: str) -> float:
 
 def test_int8_with_error_feedback_matches_uncompressed_with_4x_fewer_bytes(tmp_path, mnist_root):
     common = ["algo=edp", "data=mnist", f"data.root={mnist_root}", "train.epochs=3"]
-    plain, small = train_together((tmp_path / "none", common), (tmp_path / "int8", [*common, "algo.compression=int8"]))
+    plain = train(tmp_path / "none", *common)
+    small = train(tmp_path / "int8", *common, "algo.compression=int8")
     assert small["eval_accuracy"] >= plain["eval_accuracy"] - 0.01, (small["eval_accuracy"], plain["eval_accuracy"])
     up = {s["config"]["algo"]["compression"]: per_update(s, "bytes_received") for s in (plain, small)}
     assert 3.5 < up["none"] / up["int8"] < 4.1, up

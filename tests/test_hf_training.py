@@ -97,8 +97,8 @@ def test_llama_tiny_syncps_equals_local_and_a_resumed_local_run_ends_bit_identic
 def test_fine_tune_a_sharded_qwen3_directory_with_syncps_equals_local_and_hf_dir_gives_the_same_logits(tmp_path):
     src = pretrained_dir(tmp_path / "qwen3", "qwen3", head_dim=16, tie_embeddings=True)
     common = ["model=qwen3-tiny", f"model.pretrained={src}", *SMALL, "train.steps=8"]
-    s, _ = train_together((tmp_path / "ps", ["algo=syncps", "cluster.workers=2", "train.batch_size=4", *common, *FAST]),
-                          (tmp_path / "local", ["algo=local", "train.batch_size=8", *common]))
+    s = train(tmp_path / "ps", "algo=syncps", "cluster.workers=2", "train.batch_size=4", *common, *FAST)
+    train(tmp_path / "local", "algo=local", "train.batch_size=8", *common)
     assert s["steps"] == 8 and s["params"] == sum(p.numel() for p in build_causal_lm(
         "qwen3", pretrained=str(src)).parameters())
     assert max_abs_diff(tmp_path / "ps", tmp_path / "local") < 1e-5

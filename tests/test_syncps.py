@@ -14,16 +14,15 @@ from smolcluster.paths import CONFIG_DIR
 from smolcluster.train_settings import train_config
 from smolcluster.transport import ClientEndpoint, Heartbeat, wire
 from tests.cluster_util import Cluster
-from tests.conftest import run_cli, train, train_together
+from tests.conftest import run_cli, train
 from tests.equivalence import adamw_diff, max_abs_diff
 
 FAST = ["cluster.heartbeat_s=0.2", "cluster.liveness_s=3", "cluster.connect_timeout_s=60"]
 
 
 def test_syncps_equals_local_on_the_union_of_batches_mlp(tmp_path):
-    s, _ = train_together((tmp_path / "ps", ["algo=syncps", "cluster.workers=2", "train.batch_size=32",
-                                             "train.steps=20", *FAST]),
-                          (tmp_path / "local", ["algo=local", "train.batch_size=64", "train.steps=20"]))
+    s = train(tmp_path / "ps", "algo=syncps", "cluster.workers=2", "train.batch_size=32", "train.steps=20", *FAST)
+    train(tmp_path / "local", "algo=local", "train.batch_size=64", "train.steps=20")
     assert s["steps"] == 20 and s["samples"] == 20 * 64
     assert s["workers"]["0"]["applied"] == 20 and s["workers"]["1"]["applied"] == 20
     assert max_abs_diff(tmp_path / "ps", tmp_path / "local") < 1e-5
@@ -155,9 +154,9 @@ def test_launcher_stops_everything_and_names_the_failed_child(tmp_path):
 
 
 def test_heterogeneous_batch_sizes_are_weighted_by_samples_and_ema_is_evaluated(tmp_path):
-    s, _ = train_together((tmp_path / "ps", ["algo=syncps", "cluster.workers=2", "train.steps=15", "algo.ema=0.9",
-                                             "cluster.nodes=[{batch_size: 48},{batch_size: 16}]", *FAST]),
-                          (tmp_path / "local", ["algo=local", "train.batch_size=64", "train.steps=15"]))
+    s = train(tmp_path / "ps", "algo=syncps", "cluster.workers=2", "train.steps=15", "algo.ema=0.9",
+              "cluster.nodes=[{batch_size: 48},{batch_size: 16}]", *FAST)
+    train(tmp_path / "local", "algo=local", "train.batch_size=64", "train.steps=15")
     assert s["workers"]["0"]["samples"] == 15 * 48 and s["workers"]["1"]["samples"] == 15 * 16
     assert max_abs_diff(tmp_path / "ps", tmp_path / "local") < 1e-5
     # the EMA weights trail the trained ones: evaluated separately, a different (worse, early on) loss
