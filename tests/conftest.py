@@ -64,6 +64,27 @@ def local_gpt2(tmp_path_factory, gpt2_common) -> tuple[Path, dict]:
     return run, train(run, "algo=local", "train.batch_size=8", *gpt2_common)
 
 
+# An attacked syncps run's settings (test_security, test_ps_security): 1 worker, 100 steps slow enough to attack
+ATTACKED_SYNCPS = ["train.steps=100", "cluster.heartbeat_s=0.2", "cluster.liveness_s=5",
+                   "cluster.nodes=[{delay_s: 0.05}]"]
+
+
+@pytest.fixture(scope="session")
+def clean_syncps_weights(tmp_path_factory) -> dict:
+    """The final weights of an unattacked ``ATTACKED_SYNCPS`` run: every attacked run must end on them exactly.
+    One run for the session: each attack test would otherwise pay a cluster's start-up for the same weights."""
+    from safetensors.torch import load_file
+
+    from tests.cluster_util import Cluster
+
+    run = tmp_path_factory.mktemp("clean_syncps")
+    with Cluster(run, "syncps", *ATTACKED_SYNCPS, workers=1) as c:
+        c.server()
+        c.worker(0)
+        assert c.wait("server") == 0, c.output("server")[-3000:]
+    return load_file(run / "checkpoint.safetensors")
+
+
 def run_cli(module: str, *args: str, timeout: float = 300, env: dict | None = None,
             check: bool = True) -> subprocess.CompletedProcess:
     """Run ``python -m module args`` from the repo root, as a user would."""

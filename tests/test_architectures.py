@@ -44,15 +44,16 @@ CASES = {
 }
 
 
-def build(case: str):
+def build(case: str, **over):
+    """Case ``case``'s seeded model; ``over``: the config arguments that differ from the case's."""
     from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
     torch.manual_seed(0)
     if CASES[case] is None:
-        config = gpt2_config(VOCAB, n_layer=3, n_head=4, n_embd=32, n_positions=128)
+        config = gpt2_config(VOCAB, **{"n_layer": 3, "n_head": 4, "n_embd": 32, "n_positions": 128, **over})
         config.bos_token_id = config.eos_token_id = None
     else:
-        config = family_config(**CASES[case])
+        config = family_config(**{**CASES[case], **over})
     config.initializer_range = 0.2  # far from uniform logits, so greedy decoding tests something
     if CASES[case] is None:
         return GPT2LMHeadModel(config).eval()

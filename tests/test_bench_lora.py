@@ -1,4 +1,5 @@
-"""``bench lora`` at its tiniest (2 layers of SmolLM2-135M's shape, 3 steps per arm): real 2-worker allreduce
+"""``bench lora`` at its tiniest (1 layer of SmolLM2-135M's shape, its width and vocabulary, so the byte ratio is
+the real shape's; 3 steps per arm of 1 row of 32 tokens per worker): real 2-worker allreduce
 runs of full fine-tuning, LoRA and LoRA over an int8 base, on shaped links where namespaces are available.
 And the chunked evaluation its memory figures rest on."""
 
@@ -20,7 +21,7 @@ def test_bench_lora_reports_every_ratio_and_lora_sends_a_fraction_of_the_bytes(t
     reason = netns_unavailable(shaping=True)
     link = "none" if reason else "1gbit"  # 1 Gbit/s: a full step's 140 MB takes a second, not ten
     proc = run_cli("smolcluster.bench", "lora", "--small", "--steps", "3", "--link-steps", "2", "--link", link,
-                   "--conversations", "120",
+                   "--layers", "1", "--block", "32", "--batch-size", "1", "--eval-samples", "4", "--conversations", "40",
                    "--keep", str(tmp_path / "work"), "--out", str(tmp_path), timeout=600)
     out = json.loads((tmp_path / "bench-lora.json").read_text())
     assert set(out["ratios"]) >= {"bytes_per_step", "peak_rss_lora", "peak_rss_lora_int8", "steps_per_s",

@@ -38,7 +38,8 @@ STAGE = dict(stages=2, heartbeat_s=0.1, liveness_s=5.0, eos_ids=[], connect_time
 def pipes(request, tmp_path_factory):
     """(the compiled pipeline, the eager one, the vocabulary) of one tiny model."""
     d = tmp_path_factory.mktemp(request.param)
-    model = build(request.param)
+    model = build(request.param, n_layer=2)  # a block per stage: each graph is a cold compile on CI (multi-block
+    # graphs are compiled in process below)
     model.save_pretrained(d)
     with InferencePipeline.start_local(d, compile=True, compile_slots=2, **STAGE) as compiled, \
             InferencePipeline.start_local(d, **STAGE) as eager:
@@ -71,7 +72,7 @@ def test_compiled_stages_decode_the_eager_tokens_alone_and_batched(pipes):
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("llama-one")
-    build("llama").save_pretrained(d)
+    build("llama", n_layer=2).save_pretrained(d)  # two blocks: a graph over several, at the least compile time
     return d
 
 
@@ -145,7 +146,7 @@ def split_steps_give_the_eager_tokens(stage, compiled: CompiledDecode):
 # GPT-2: learned positions, fused QKV; Qwen3: q_norm/k_norm and head_dim != hidden / heads (llama_decode's branches)
 @pytest.mark.parametrize("family", ["gpt2", "qwen3"])
 def test_a_stage_of_another_family_compiled_decodes_the_eager_tokens(family, tmp_path):
-    build(family).save_pretrained(tmp_path)
+    build(family, n_layer=2).save_pretrained(tmp_path)  # two blocks: a graph over several, at the least compile time
     (stage,), _ = stages_of(tmp_path, 1)
     with torch.inference_mode():
         compiled = CompiledDecode(stage, 1, 64, torch.float32, "cpu", buckets=[1])

@@ -9,16 +9,7 @@ from safetensors.torch import load_file
 
 from smolcluster.transport import make_keys, wire
 from tests.cluster_util import Cluster
-
-ARGS = ["train.steps=100", "cluster.heartbeat_s=0.2", "cluster.liveness_s=5", "cluster.nodes=[{delay_s: 0.05}]"]
-
-
-def clean_run(tmp_path, *extra):
-    with Cluster(tmp_path / "clean", "syncps", *ARGS, *extra, workers=1) as c:
-        c.server()
-        c.worker(0)
-        assert c.wait("server") == 0, c.output("server")[-3000:]
-    return load_file(tmp_path / "clean" / "checkpoint.safetensors")
+from tests.conftest import ATTACKED_SYNCPS as ARGS
 
 
 def same_weights(a, b) -> bool:
@@ -44,8 +35,8 @@ def hostile_messages() -> list[list[bytes]]:
     ]
 
 
-def test_hostile_input_to_a_live_server_is_rejected_and_the_model_is_untouched(tmp_path):
-    reference = clean_run(tmp_path)
+def test_hostile_input_to_a_live_server_is_rejected_and_the_model_is_untouched(tmp_path, clean_syncps_weights):
+    reference = clean_syncps_weights
     with Cluster(tmp_path / "attacked", "syncps", *ARGS, workers=1) as c:
         c.server()
         c.worker(0)
@@ -73,10 +64,10 @@ def test_hostile_input_to_a_live_server_is_rejected_and_the_model_is_untouched(t
     assert same_weights(load_file(tmp_path / "attacked" / "checkpoint.safetensors"), reference)
 
 
-def test_with_curve_a_client_without_the_key_cannot_affect_training(tmp_path):
+def test_with_curve_a_client_without_the_key_cannot_affect_training(tmp_path, clean_syncps_weights):
     make_keys(tmp_path / "keys")
     keys = f"cluster.keys={tmp_path / 'keys'}"
-    reference = clean_run(tmp_path)
+    reference = clean_syncps_weights
     with Cluster(tmp_path / "curve", "syncps", *ARGS, keys, workers=1) as c:
         c.server()
         c.worker(0)

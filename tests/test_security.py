@@ -29,6 +29,7 @@ from smolcluster.train_settings import train_config
 from smolcluster.trainer import Trainer
 from smolcluster.transport import make_keys, wire
 from tests.cluster_util import Cluster, register_with
+from tests.conftest import ATTACKED_SYNCPS as ARGS
 from tests.conftest import run_cli, train
 
 FAST = ["cluster.heartbeat_s=0.2", "cluster.liveness_s=3", "cluster.connect_timeout_s=60"]
@@ -127,15 +128,8 @@ class Stranger:
         self.sock.close()
 
 
-ARGS = ["train.steps=100", "cluster.heartbeat_s=0.2", "cluster.liveness_s=5", "cluster.nodes=[{delay_s: 0.05}]"]
-
-
-def test_a_stranger_registering_as_a_live_rank_is_refused_and_changes_nothing(tmp_path):
-    with Cluster(tmp_path / "clean", "syncps", *ARGS, workers=1) as c:
-        c.server()
-        c.worker(0)
-        assert c.wait("server") == 0, c.output("server")[-3000:]
-    reference = load_file(tmp_path / "clean" / "checkpoint.safetensors")
+def test_a_stranger_registering_as_a_live_rank_is_refused_and_changes_nothing(tmp_path, clean_syncps_weights):
+    reference = clean_syncps_weights
     with Cluster(tmp_path / "attacked", "syncps", *ARGS, workers=1) as c:
         c.server()
         c.worker(0)
