@@ -1,5 +1,5 @@
-"""``bench lora`` at its tiniest (1 layer of SmolLM2-135M's shape, its width and vocabulary, so the byte ratio is
-the real shape's; 3 steps per arm of 1 row of 32 tokens per worker): real 2-worker allreduce
+"""``bench lora`` at its tiniest (1 layer of SmolLM2-135M's shape, its width and vocabulary: the byte ratio is
+smaller than the 30-layer model's, the embedding being most of the parameters; 3 steps per arm of 1 row of 32 tokens per worker): real 2-worker allreduce
 runs of full fine-tuning, LoRA and LoRA over an int8 base, on shaped links where namespaces are available.
 And the chunked evaluation its memory figures rest on."""
 

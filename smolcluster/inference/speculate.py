@@ -272,7 +272,7 @@ class Speculator:
         return out
 
     def choose_k(self, pace: Pace, drafter: str) -> int:
-        """A request's proposals for its next pass (``adaptive``): the k in 1..``k`` that makes the most tokens per
+        """A request's proposals for its next pass (``adaptive``): the k in 0..``k`` that makes the most tokens per
         unit of time, for its running acceptance ``a`` (:class:`Pace`) and what a proposal costs next to a pass
         (``c``, measured here): a pass of k proposals makes (1 - a^(k+1)) / (1 - a) tokens on average and costs
         1 + c*k passes' worth (Leviathan et al. 2023, section 3.5, the choice of gamma). Why not transformers'
