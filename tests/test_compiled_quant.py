@@ -2,7 +2,7 @@
 
 The packed kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) run inside the compiled graph, with
 their activations' casts fused into the loops around them; a greedy decode through the graph gives every token of
-the same stage's eager decode, in process, for a tiny random-init Llama (GQA) in int8 and in int4 (group 32).
+the same stage's eager decode, in process, for a tiny random-init Llama (GQA) in int4 (group 32).
 Through 2 real stage processes, an int8 pipeline with ``compile=true`` gives the eager int8 pipeline's tokens
 and its stages count compiled steps. Each graph costs tens of seconds on a busy 2-core runner: one bucket each.
 """
@@ -36,7 +36,7 @@ def llama_dir(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("quantize", ["int8", "int4"])
+@pytest.mark.parametrize("quantize", ["int4"])  # (int8: through stage processes below, one compile less)
 def test_a_quantized_stage_compiled_decodes_its_eager_tokens(llama_dir, quantize):
     src = find_model(llama_dir)
     stage = load_stage(src.weights, src.config, range(2), embed=True, head=True, fmt=StageFormat("fp32", quantize, 32))
