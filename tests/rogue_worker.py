@@ -6,8 +6,9 @@ smolcluster.transport (the tests of tests/test_member_claims.py start it).
 MODE
   forge  syncps: its first gradient has norm 1e30 (with an honest sample count), every later one is tiny
          (norm ~0.002) with a forged count cycling -129, 10**9, -128: the issue's attack on sample weighting.
-  drift  edp: three gradients per pull, claiming three recent versions, each 10x the norm of the last (from 1,
-         up to 1e3, under the absolute cap): the attack that dragged the old guard's median up.
+  drift  edp: once an honest gradient has landed, three gradients per pull, claiming three recent versions,
+         each 10x the norm of the last (from 1, up to 1e3, under the absolute cap): the attack that dragged
+         the old guard's median up.
 It prints ``registered`` once welcomed and exits 0 when the server says stop.
 """
 
@@ -65,6 +66,13 @@ def main(port: int, rank: int, mode: str, keys: str | None, overrides: list[str]
                 norm, n = (1e30, batch) if first else (0.002, next(counts))
                 client.send("grad", {"rank": rank, "step": f["step"], "version": f["version"], "samples": n,
                                      "loss": 0.1}, gradient(sizes, norm))
+            elif f["version"] == 0:  # drift, before any update: it waits for an honest gradient to land first
+                # (version 1), so the guard has heard both sources. On a busy machine the rogue's updates, 3 a pull
+                # and no compute, can move the version past algo.max_staleness while the honest worker computes,
+                # so every honest gradient is dropped as stale before the guard sees it, and a guard waiting for 2
+                # sources never forms a bound (seen once under CI-like load).
+                time.sleep(0.02)
+                client.send("pull", {"rank": rank})
             else:  # drift
                 for k in range(3):  # each claiming another recent version: one norm per version counts
                     client.send("grad", {"rank": rank, "step": f["step"], "version": max(0, f["version"] - k),
