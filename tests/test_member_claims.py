@@ -140,6 +140,21 @@ def test_a_source_that_arrives_first_alone_does_not_set_the_bound():
     assert waits.check(1e3, source="1", version=8) == 12.0 / 1e3
 
 
+def test_an_honest_source_heard_only_through_stale_gradients_still_bounds_a_flood():
+    """edp drops a gradient staler than algo.max_staleness before applying it. A flood of no-compute updates can
+    make every honest gradient stale: the guard still hears their norms (``observe``), so the bound forms from the
+    honest source and the flood is clipped, not held to the absolute cap alone."""
+    g = GradientGuard(ratio=10, warmup=5, cap=1e4, min_sources=2)
+    for version, norm in enumerate([1, 10, 100, 1e3, 1e3, 1e3]):
+        g.check(norm, source="1", version=version)
+    assert g.bound() is None
+    g.observe(1.2, source="0", version=0)  # stale: not applied, but heard
+    g.observe(float("nan"), source="0", version=1)  # (nothing non-finite or over the cap is recorded)
+    g.observe(1e30, source="0", version=2)
+    assert g.bound() == 12.0 and (g.rejected, g.clipped) == (0, 0)
+    assert g.check(1e3, source="1", version=8) == 12.0 / 1e3
+
+
 def test_edp_drift_attack_leaves_the_bound_near_honest_norms(tmp_path, mnist_root):
     """The same attack by a real rogue process against an edp server: 300 updates later the bound that the
     server logs is still near honest norms (an MLP's gradient norms are O(1); the old guard's reached 7e36) and

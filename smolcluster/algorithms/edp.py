@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from loguru import logger
 
+from smolcluster.algorithms.guard import grad_norm
 from smolcluster.algorithms.ps import ServerBase, Worker, WorkerInfo, run_role
 from smolcluster.errors import ConfigError
 from smolcluster.train_settings import TrainConfig
@@ -77,6 +78,7 @@ class EdpServer(ServerBase):
         if s > self.max_staleness or s < 0:
             worker.skipped += 1
             self.dropped += 1
+            self.guard.observe(grad_norm(grads.values()), str(worker.rank), f["version"])  # (observe says why)
             logger.debug(f"dropped worker {worker.rank}'s gradient: staleness {s} outside 0..algo.max_staleness={self.max_staleness}")
             return
         scale = self.accept_gradient(worker, msg, grads)

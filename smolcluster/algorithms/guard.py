@@ -80,6 +80,15 @@ class GradientGuard:
         self._record(min(norm, limit) if limit is not None else norm, source, version)
         return scale
 
+    def observe(self, norm: float, source: str | None = None, version: int | None = None) -> None:
+        """Record the norm of a gradient that is not applied (edp: dropped as stale), as ``check`` would. Why: a
+        source flooding fast updates moves the version on while an honest worker computes, so every honest
+        gradient can arrive stale; heard only through applied ones, the guard would then know one source, form
+        no bound, and hold the flood to the absolute cap alone."""
+        if math.isfinite(norm) and not (self.cap > 0 and norm > self.cap):
+            limit = self.bound()
+            self._record(min(norm, limit) if limit is not None else norm, source, version)
+
     def _record(self, norm: float, source: str | None, version: int | None) -> None:
         if source is not None:
             seen = self.seen.setdefault(source, collections.deque(maxlen=self.window))
