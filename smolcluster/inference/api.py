@@ -85,7 +85,7 @@ def check_compile(compile: bool, adapters) -> None:
 
 
 def check_speculate(speculate: dict | None, config: dict) -> dict:
-    """``speculate`` ({"k", "lookup", "draft", "adaptive", "confidence"}) checked against the model before any stage starts ({}: off)."""
+    """``speculate`` (settings.Speculate's fields) checked against the model before any stage starts ({}: off)."""
     from smolcluster.inference.settings import Speculate
 
     spec = Speculate(**(speculate or {})).check().check_draft().fields()
@@ -142,8 +142,7 @@ class InferencePipeline:
         and they work on ``stages`` steps at once, as stages on separate machines do (``co_located=False``).
         ``adapters``: ``{name: PEFT directory}``, LoRA adapters a request may name (``submit(adapter=name)``),
         each checked against the model here, before any stage starts (:mod:`smolcluster.inference.adapters`).
-        ``speculate``: ``{"k", "lookup", "draft", "adaptive", "confidence"}`` (settings.Speculate), stage 0
-        proposes up to k tokens a pass (:mod:`.speculate`).
+        ``speculate``: settings.Speculate's fields; stage 0 proposes up to k tokens a pass (:mod:`.speculate`).
         ``prefix_cache``: stages keep served prefixes' KV in blocks of ``prefix_block`` tokens (:mod:`.prefix`).
         ``compile``: each stage runs decode-only steps of up to ``compile_slots`` requests through
         ``torch.compile`` (:mod:`.compiled`); it compiles before it serves (minutes the first time on a small
