@@ -77,7 +77,7 @@ class GradientGuard:
                 self._warned.add(source)
                 logger.warning(f"clipped {who}: norm {norm:.4g} > {self.ratio:g} x the recent median ({limit:.4g}, "
                                f"train.max_grad_norm_ratio); further clips of it are counted, not logged")
-        self._record(min(norm, limit) if limit is not None else norm, source, version)
+        self._record(norm, limit, source, version)
         return scale
 
     def observe(self, norm: float, source: str | None = None, version: int | None = None) -> None:
@@ -86,10 +86,10 @@ class GradientGuard:
         gradient can arrive stale; heard only through applied ones, the guard would then know one source, form
         no bound, and hold the flood to the absolute cap alone."""
         if math.isfinite(norm) and not (self.cap > 0 and norm > self.cap):
-            limit = self.bound()
-            self._record(min(norm, limit) if limit is not None else norm, source, version)
+            self._record(norm, self.bound(), source, version)
 
-    def _record(self, norm: float, source: str | None, version: int | None) -> None:
+    def _record(self, norm: float, limit: float | None, source: str | None, version: int | None) -> None:
+        norm = min(norm, limit) if limit is not None else norm  # a clipped norm counts at the bound
         if source is not None:
             seen = self.seen.setdefault(source, collections.deque(maxlen=self.window))
             if version is not None and version in seen:

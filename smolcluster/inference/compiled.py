@@ -21,10 +21,9 @@ for a request: a prompt chunk or speculated rows; a request that found no free s
 Quantized stages (``quantize=int8|int4``) compile too: their packed kernels (``_weight_int8pack_mm``,
 ``_weight_int4pack_mm_for_cpu``, :mod:`smolcluster.pipeline.quantize`) stay calls into aten inside the graph,
 and the bf16 casts of their activations fuse into the generated loops. Inductor's other CPU options were
-measured and left off (``bench quantize --decode --compile``, docs/benchmarks.md): ``freezing`` with
-``max_autotune``'s C++ GEMM templates (incl. its AVX2 bf16 x int8 micro-kernel) beat aten's matmuls by ~7-12% at
-M=1 under load, within the noise, for minutes of autotuning per shape, and they take their thread count from
-``cpp.threads``, which is 1 here.
+measured and left off (docs/benchmarks.md, quantize --decode --compile): ``freezing`` with ``max_autotune``'s
+C++ GEMM templates (incl. its AVX2 bf16 x int8 micro-kernel) gained within the noise at one row, for minutes of
+autotuning per shape, and they take their thread count from ``cpp.threads``, which is 1 here.
 
 Compiled artifacts are cached on disk (inductor's FX graph cache, ``TORCHINDUCTOR_CACHE_DIR``, default
 ``~/.cache/smolcluster/inductor``): a stage restarted with the same shapes loads them instead of compiling.

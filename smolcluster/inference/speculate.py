@@ -19,7 +19,7 @@ Drafters (:class:`Speculator`):
   cache per request (the project's stage code, not ``transformers``), decoded K tokens ahead.
 
 How many (``speculate.adaptive``, :meth:`Speculator.choose_k`): a greedy request proposes, each pass, the count
-in 1..K that makes the most tokens per unit of time for its running acceptance (:class:`Pace`) and what a
+in 0..K that makes the most tokens per unit of time for its running acceptance (:class:`Pace`) and what a
 proposal costs next to a pass, both measured here. ``speculate.confidence``: a draft model stops a pass's
 proposals after one it gives less than that probability (off by default; docs/benchmarks.md, speculate).
 
@@ -294,7 +294,7 @@ class Speculator:
 
     def timed(self, what: str, seconds: float, n: int = 1) -> None:
         """The running mean of a drafter's seconds per proposal (``what``: lookup or draft; ``n`` proposals made
-        in ``seconds``) or of a pass's, from its step leaving stage 0 to its results (``"pass"``)."""
+        in ``seconds``) or of a pass's, from when stage 0 made its proposals to its results (``"pass"``)."""
         if n > 0:
             was, each = self.seconds[what], seconds / n
             self.seconds[what] = each if was <= 0 else 0.9 * was + 0.1 * each

@@ -145,7 +145,7 @@ class RequestState:
     q: torch.Tensor | None = None     # ... and their drafter's probabilities (None: point masses)
     trim: int | None = None           # stage 0: cut every stage's cache to this length before its next step
     pace: object = None               # stage 0: its running acceptance (speculate.Pace: speculate.adaptive)
-    sent_at: float = 0.0              # stage 0: when its speculating step left (a pass's time: Speculator.choose_k)
+    sent_at: float = 0.0              # stage 0: when its proposals were made (a pass's time: Speculator.choose_k)
     drafted: int = 0                  # stage 0: proposals made for it, and kept (its acceptance rate)
     accepted: int = 0
     keys: list[str] = field(default_factory=list)  # stage 0: its tokens' prefix-cache chain (prefix.py)
