@@ -18,6 +18,14 @@ MNIST = SHARED_DATA / "mnist"
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
 
 
+def pytest_sessionstart(session):
+    """Build the CPU matmul kernel (smolcluster::rows_mm, ~40 s once per machine) before any test starts a stage:
+    a stage process would otherwise build it inside a test's start-up deadline (later ones load it in 0.2 s)."""
+    from smolcluster.pipeline import cpu_kernels
+
+    cpu_kernels.available()
+
+
 @pytest.fixture
 def mnist_root() -> Path:
     if not (MNIST / "train-images-idx3-ubyte.gz").is_file():

@@ -21,7 +21,7 @@ from smolcluster.models.gpt2 import gpt2_config
 from smolcluster.models.hf import SUPPORTED, family_config
 from smolcluster.pipeline.architectures import FAMILIES, KVCache, family_for
 from smolcluster.pipeline.architectures.base import pin_attributes
-from smolcluster.pipeline.quantize import TransposedHead
+from smolcluster.pipeline.quantize import FloatLinear, TransposedHead
 from smolcluster.pipeline.weights import find_model, load_stage, tensor_files
 
 VOCAB = 101
@@ -168,11 +168,13 @@ def test_split_stages_equal_the_transformers_forward_and_generate(saved, case):
                 exact = chained_logits(*training_stages(d, model, n_stages, head_first=n_stages == 3),
                                        torch.tensor([p]))
             assert torch.equal(exact, ref_last), (case, n_stages)  # bit for bit: the same ops in the same order
-            # Serving holds an fp32 CPU head transposed (a faster matmul): its logits are within 1e-5 (above), its
-            # token lookups (a tied embedding) are the very rows, bit for bit.
-            head = next(m for m in stages[head_rank].modules() if isinstance(m, TransposedHead))
+            # Serving holds an fp32 CPU head for a faster matmul (transposed for MKL, or (out, in) for rows_mm where it
+            # is built): its logits are within 1e-5 (above), its token lookups (a tied embedding) are the very rows,
+            # bit for bit.
             full = model.get_output_embeddings().weight
-            assert torch.equal(head.weight_t.t(), full)
+            head = next(m for m in stages[head_rank].modules()
+                        if isinstance(m, (TransposedHead, FloatLinear)) and m.n_out == full.shape[0])
+            assert torch.equal(head.weight_t.t() if isinstance(head, TransposedHead) else head.weight, full)
             if head_rank == 0 and model.config.tie_word_embeddings:  # the head is stage 0's token embedding too
                 ids = torch.tensor([p])
                 assert torch.equal(head(ids), model.get_input_embeddings()(ids)), (case, n_stages)

@@ -156,13 +156,16 @@ def test_packed_int8_and_int4_matmuls_equal_the_dequantized_product(dtype):
 
 
 def test_every_cpu_stage_says_which_kernels_its_matmuls_run():
+    from smolcluster.pipeline import cpu_kernels
+
     isa = torch.backends.cpu.get_cpu_capability()
-    assert kernels(StageFormat("fp32", "int8")).startswith("int8: aten._weight_int8pack_mm")
+    rows = "smolcluster rows_mm (AVX2, <= 16 rows), " if cpu_kernels.available() else ""
+    assert kernels(StageFormat("fp32", "int8")).startswith(f"int8: {rows or 'aten._weight_int8pack_mm'}")
     assert kernels(StageFormat("bf16", "int4")).startswith("int4: aten._weight_int4pack_mm_for_cpu")
-    assert kernels(StageFormat("fp32")).startswith("fp32: MKL")
+    assert kernels(StageFormat("fp32")).startswith(f"fp32: {rows}MKL")
     bf16 = kernels(StageFormat("bf16"))
     native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    assert bf16.startswith("bf16: oneDNN" if native else f"bf16: aten cpublas, bf16 loads, fp32 math ({isa})")
+    assert bf16.startswith("bf16: oneDNN" if native else f"bf16: {rows}aten cpublas, bf16 loads, fp32 math ({isa})")
 
 
 @pytest.mark.parametrize("precision,quantize", [("bf16", "none"), ("fp32", "int8"), ("fp32", "int4")])

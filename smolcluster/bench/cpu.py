@@ -51,7 +51,15 @@ GOALS = [  # (what, numerator, denominator, at least): the issue's targets on th
     ("bf16 vs our fp32 (1 stage)", ("ours1", "bf16"), ("ours1", "fp32"), 1.0),
     ("int8 vs llama.cpp q8_0", ("ours1", "int8"), ("llama.cpp", "int8"), 0.8),
     ("int8 vs our fp32 (1 stage)", ("ours1", "int8"), ("ours1", "fp32"), 1.5),
+    # the same with compile=true's decode step (--compile)
+    ("fp32, 1 stage compiled vs llama.cpp f32", ("ours1/compile", "fp32"), ("llama.cpp", "fp32"), 1.0),
+    ("bf16 vs our fp32 (1 stage compiled)", ("ours1/compile", "bf16"), ("ours1/compile", "fp32"), 1.0),
+    ("int8, compiled vs llama.cpp q8_0", ("ours1/compile", "int8"), ("llama.cpp", "int8"), 0.8),
+    ("int8 vs our fp32 (1 stage compiled)", ("ours1/compile", "int8"), ("ours1/compile", "fp32"), 1.5),
 ]
+# ours1: the whole model in one stage as serving runs it (smolcluster::rows_mm for few-row products where it is
+# built); ours1/torch: the same with SMOLCLUSTER_CPU_KERNELS=0 (torch's kernels); ours1/compile: compile=true
+SIDES = ("llama.cpp", "ours1", "ours1/torch", "ours1/compile", "ours2", "transformers")
 INSTALL = ("llama-cpp-python is not installed: pip install 'smolcluster[bench]' (it compiles llama.cpp, "
            "about 12 minutes on 2 cores)")
 
@@ -214,15 +222,27 @@ else:
     from smolcluster.pipeline.architectures import KVCache
     torch.set_num_threads(threads)
     stage = load(path, *fmt.split("/"), group)
+    step = stage.run_blocks
+    if side.endswith("/compile"):  # compile=true's decode step (one slot; compiled before the timed runs)
+        from smolcluster.inference.compiled import CompiledDecode
+        from smolcluster.pipeline.architectures.base import Batch
+        compiled = CompiledDecode(stage, 1, len(prompt) + n + 8, stage.compute_dtype, torch.device("cpu"), [1])
+        compiled.warm("bench")
+        step = lambda x, cache: compiled.run_step(x, Batch([cache], [x.shape[1]]), stage.run_blocks)
 
     @torch.inference_mode()
     def greedy():
-        cache = KVCache(len(stage.blocks))
-        x = stage.run_blocks(stage.embed(torch.tensor([prompt]), 0), cache)
-        while True:
-            tok = int(stage.logits(x, last_only=True)[0, -1].argmax())
-            yield tok
-            x = stage.run_blocks(stage.embed(torch.tensor([[tok]]), cache.length), cache)
+        cache = compiled.cache(len(stage.blocks), len(prompt) + n + 8, 0) if side.endswith("/compile") else \
+            KVCache(len(stage.blocks))
+        try:
+            x = stage.run_blocks(stage.embed(torch.tensor([prompt]), 0), cache)
+            while True:
+                tok = int(stage.logits(x, last_only=True)[0, -1].argmax())
+                yield tok
+                x = step(stage.embed(torch.tensor([[tok]]), cache.length), cache)
+        finally:
+            if side.endswith("/compile"):
+                compiled.release(cache)
     run = lambda k: streamed(greedy(), k)
 run(4)
 tokens, tok_s = run(n)
@@ -233,9 +253,12 @@ print(json.dumps({"tokens": tokens, "tok_s": tok_s}))
 def decode_in_child(side: str, path: Path, fmt: str, prompt: list[int], n: int, threads: int) -> dict:
     from smolcluster.launch.threads import stage_env
 
-    arg = "/".join(FORMATS[fmt][0]) if side == "ours1" else fmt
+    arg = "/".join(FORMATS[fmt][0]) if side.startswith("ours1") else fmt
+    env = stage_env(1, threads=threads)
+    if side == "ours1/torch":  # torch's own kernels for the same stage: what rows_mm is measured against
+        env["SMOLCLUSTER_CPU_KERNELS"] = "0"
     got = subprocess.run([sys.executable, "-c", _DECODE, side, str(path), arg, json.dumps(prompt), str(n),
-                          str(threads), str(GROUP)], capture_output=True, text=True, env=stage_env(1, threads=threads))
+                          str(threads), str(GROUP)], capture_output=True, text=True, env=env)
     if got.returncode:
         raise SmolclusterError(f"{side} {fmt} failed:\n{got.stderr.strip()[-1500:]}")
     return json.loads(got.stdout.strip().splitlines()[-1])
@@ -270,7 +293,8 @@ def measure(args, models: dict[str, Path], ggufs: dict[str, dict[str, Path]], fo
         for model, d in models.items():
             order = formats if r % 2 == 0 else formats[::-1]
             for fmt in order:
-                sides = [("llama.cpp", ggufs[model][fmt]), ("ours1", d), ("ours2", d)]
+                sides = [("llama.cpp", ggufs[model][fmt]), ("ours1", d), ("ours1/torch", d), ("ours2", d)]
+                sides += [("ours1/compile", d)] if args.compile else []
                 sides += [("transformers", d)] if fmt in HF_FORMATS else []
                 for side, path in (sides if r % 2 == 0 else sides[::-1]):
                     got = decode_two_stages(d, fmt, prompt, args.tokens, args.threads) if side == "ours2" else \
@@ -296,12 +320,15 @@ def report(runs: dict, models: list[str], formats: list[str], args) -> list[dict
         ref = runs[model, "transformers", "fp32"][0]["tokens"]
         for fmt in formats:
             row = {"model": model, "format": f"{fmt} / {FORMATS[fmt][1]}"}
-            for side in ("llama.cpp", "ours1", "ours2", "transformers"):
+            for side in SIDES:
                 if (model, side, fmt) in runs:
                     row[f"{side} tok/s"] = round(med((model, side, fmt)), 2)
                     row[f"{side} agrees"] = common_prefix(runs[model, side, fmt][0]["tokens"], ref)
             row["1 stage / llama.cpp"] = ratio(model, ("ours1", fmt), ("llama.cpp", fmt))
             row["2 stages / llama.cpp"] = ratio(model, ("ours2", fmt), ("llama.cpp", fmt))
+            row["1 stage rows_mm / torch kernels"] = ratio(model, ("ours1", fmt), ("ours1/torch", fmt))
+            if args.compile:
+                row["1 stage compiled / llama.cpp"] = ratio(model, ("ours1/compile", fmt), ("llama.cpp", fmt))
             row["1 stage / our fp32"] = ratio(model, ("ours1", fmt), ("ours1", "fp32"))
             rows.append(row)
     goals = []
@@ -325,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=64, help="greedy tokens per request")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--threads", type=int, default=2, help="threads of every side")
+    p.add_argument("--compile", action="store_true",
+                   help="also our 1 stage with compile=true's decode step (inductor: ~1 min a format, cached)")
     p.add_argument("--llama-cpp-src", default=None, help="a llama.cpp checkout (default: the matching sdist's)")
     p.add_argument("--out", default=".")
     args = p.parse_args(argv)

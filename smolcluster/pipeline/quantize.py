@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smolcluster.errors import ConfigError
+from smolcluster.pipeline import cpu_kernels
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANTIZE = ("none", "int8", "int4")
@@ -111,18 +112,33 @@ def kernels(fmt: StageFormat) -> str:
         return f"{fmt.device}: {fmt.precision} matmuls" + ("" if fmt.quantize == "none" else
                                                           f" on {fmt.quantize} weights dequantized per matmul")
     isa = cpu_isa()
+    rows = f"{cpu_kernels.describe()}, " if uses_rows_mm(fmt) else ""
     if fmt.quantize == "int8":
-        return f"int8: aten._weight_int8pack_mm, bf16 activations ({isa}); prefills dequantized"
+        return (f"int8: {rows or 'aten._weight_int8pack_mm, bf16 activations, '}"
+                f"larger products dequantized ({isa})")
     if fmt.quantize == "int4":
-        return f"int4: aten._weight_int4pack_mm_for_cpu, bf16 activations ({isa}); embedding and head int8"
+        return f"int4: aten._weight_int4pack_mm_for_cpu, bf16 activations ({isa}); embedding and head int8" + \
+            (f" on {cpu_kernels.describe()}" if rows else "")
     if fmt.precision == "fp32":
-        return f"fp32: MKL sgemm ({isa})"
+        return f"fp32: {rows}MKL sgemm ({isa})"
     if fmt.precision == "bf16" and isa in ("AMX", "AVX512-BF16"):
         return f"bf16: oneDNN ({isa})"
     # torch sends a bf16/fp16 matmul to oneDNN only where the CPU has native bf16 (AMX, AVX512-BF16) or fp16
     # (AMX-FP16, AVX512-FP16) instructions; elsewhere to its own kernels, which load 16-bit weights and
     # multiply in fp32 (half the bytes read, no converted copy of the weights): bench quantize --decode.
-    return f"{fmt.precision}: aten cpublas, {fmt.precision} loads, fp32 math ({isa})"
+    return f"{fmt.precision}: {rows}aten cpublas, {fmt.precision} loads, fp32 math ({isa})"
+
+
+def uses_rows_mm(fmt: StageFormat) -> bool:
+    """Whether a stage of this format sends its few-row matmuls to :func:`cpu_kernels.rows_mm` here: a CPU
+    stage whose weights it reads (fp32, int8; bf16 where the CPU has no native bf16, whose oneDNN path stays),
+    once the kernel is built (:func:`cpu_kernels.available`, which builds it the first time)."""
+    if torch.device(fmt.device).type != "cpu":
+        return False
+    if fmt.quantize == "none" and (fmt.precision == "fp16" or
+                                   (fmt.precision == "bf16" and cpu_isa() in ("AMX", "AVX512-BF16"))):
+        return False
+    return cpu_kernels.available()
 
 
 # -- the integers ---------------------------------------------------------------------------------
@@ -183,6 +199,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", torch.empty(n_out, n_in, dtype=torch.int8))
         self.register_buffer("scales", torch.empty(n_out))
         self.bias = nn.Parameter(torch.empty(n_out)) if bias else None
+        self.rows_mm = False  # few-row products on cpu_kernels.rows_mm (prepare sets it where the kernel is built)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -194,6 +211,8 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.n_in)
         if x2.requires_grad:  # training through a frozen int8 base (LoRA): keep int8 rows for the backward
             y = _DequantizedMatmul.apply(x2, self.qweight, self.scales)
+        elif self.rows_mm and x2.shape[0] <= cpu_kernels.KERNEL_ROWS:  # fp32 activations, bias added inside
+            return cpu_kernels.rows_mm(x2, self.qweight, self.scales, self.bias).view(*x.shape[:-1], self.n_out)
         elif x2.device.type == "cpu" and x2.shape[0] <= PACKED_ROWS:  # (the packed kernel has no backward)
             y = torch.ops.aten._weight_int8pack_mm(x2.to(KERNEL_DTYPE).contiguous(), self.qweight,
                                                    self.kernel_scales).to(x.dtype)
@@ -238,6 +257,36 @@ class Int4Linear(nn.Module):
         return y.view(*x.shape[:-1], self.n_out)
 
 
+class FloatLinear(nn.Module):
+    """A float projection, ``weight`` (out, in) as ``nn.Linear`` holds it (GPT-2's Conv1D, stored (in, out), is
+    transposed as it loads), whose few-row products run on :func:`cpu_kernels.rows_mm`; a prefill's many rows
+    and anything under autograd on ``F.linear`` (MKL). A CPU stage holds its projections so where the kernel
+    is built (:func:`prepare`)."""
+
+    def __init__(self, n_in: int, n_out: int, bias: bool):
+        super().__init__()
+        self.n_in, self.n_out = n_in, n_out
+        self.weight = nn.Parameter(torch.empty(n_out, n_in))
+        self.bias = nn.Parameter(torch.empty(n_out)) if bias else None
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.n_in)
+        if x2.shape[0] <= cpu_kernels.KERNEL_ROWS and not x2.requires_grad:
+            y = cpu_kernels.rows_mm(x2, self.weight, None, self.bias)
+        else:
+            y = F.linear(x2, self.weight, self.bias)
+        return y.view(*x.shape[:-1], self.n_out)
+
+    forward = project
+
+
+class FloatEmbedding(FloatLinear):
+    """A float token embedding whose ``project`` is the tied LM head (rows are tokens), on the kernel."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
 class TransposedHead(nn.Module):
     """A float LM head held transposed, ``(in, out)``, so that its product is ``x @ weight_t``.
 
@@ -275,6 +324,7 @@ def project(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
 @dataclass
 class _Target:
     kind: str            # "int8" | "int4" | "transpose" (a float head held as (in, out): TransposedHead)
+    #                      | "float" (a float Conv1D held (out, in): FloatLinear)
     transposed: bool     # GPT-2's Conv1D stores (in, out)
 
 
@@ -282,6 +332,8 @@ def prepare(stage: nn.Module, fmt: StageFormat, head: str | None = None) -> dict
     """Swap the stage's (meta) Linear / Conv1D / Embedding modules for quantized ones; returns which
     file tensors (by parameter name) must be quantized, and how. ``head``: the LM head's module name
     when the stage holds it (an fp32 CPU stage then holds it as a :class:`TransposedHead`)."""
+    if fmt.quantize == "none" and uses_rows_mm(fmt):
+        return _float_projections(stage, head)
     if fmt.quantize == "none":
         if head is None or fmt.dtype != torch.float32 or torch.device(fmt.device).type != "cpu":
             return {}
@@ -316,9 +368,32 @@ def prepare(stage: nn.Module, fmt: StageFormat, head: str | None = None) -> dict
             new = Int8Linear(n_in, n_out, bias) if kind == "int8" else Int4Linear(n_in, n_out, bias, fmt.group_size)
         else:
             continue
+        if isinstance(new, Int8Linear):
+            new.rows_mm = uses_rows_mm(fmt)
         parent_name, _, attr = name.rpartition(".")
         setattr(stage.get_submodule(parent_name) if parent_name else stage, attr, new)
         targets[f"{name}.weight"] = _Target(kind, transposed)
+    return targets
+
+
+def _float_projections(stage: nn.Module, head: str | None) -> dict[str, _Target]:
+    """A float CPU stage with the kernel: every Linear / Conv1D a :class:`FloatLinear`, and a head tied to the
+    token embedding a :class:`FloatEmbedding` (the kernel reads (out, in): no :class:`TransposedHead`)."""
+    from smolcluster.pipeline.architectures.gpt2 import Conv1D
+
+    targets: dict[str, _Target] = {}
+    for name, module in list(stage.named_modules()):
+        if isinstance(module, nn.Linear):
+            new = FloatLinear(module.in_features, module.out_features, module.bias is not None)
+        elif isinstance(module, Conv1D):
+            new = FloatLinear(module.weight.shape[0], module.weight.shape[1], True)
+            targets[f"{name}.weight"] = _Target("float", True)
+        elif isinstance(module, nn.Embedding) and name == head:
+            new = FloatEmbedding(module.embedding_dim, module.num_embeddings, False)
+        else:
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        setattr(stage.get_submodule(parent_name) if parent_name else stage, attr, new)
     return targets
 
 
@@ -348,6 +423,8 @@ def convert(name: str, shape: tuple, read_rows: Callable[[int, int], torch.Tenso
         for r in range(step, rows, step):
             out[r: r + step] = read_rows(r, min(rows, r + step))
         return {name: out.to(dev)}
+    if target.kind == "float":  # GPT-2's Conv1D (in, out) held (out, in): one block's matrix, read whole
+        return {name: read_rows(0, rows).t().to(dtype).contiguous().to(dev)}
     if target.kind == "transpose":  # written a chunk of file rows (output channels) at a time into columns
         out = torch.empty(shape[1], rows, dtype=dtype)
         for r in range(0, rows, step):

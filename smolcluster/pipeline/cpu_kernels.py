@@ -1,0 +1,228 @@
+"""A decode step's matmuls on x86 CPUs: few rows against a float, bf16 or int8 weight, on every thread.
+
+A decode step multiplies a handful of rows (one per request, or a speculated pass's few) by each weight: a
+matrix-vector product, bound by how fast the weight streams from memory. On the x86 CPUs measured here the
+libraries torch dispatches to leave most of that on the table (``bench kernels`` times both in one run):
+
+- MKL's fp32 ``x @ W.T`` at one row runs on one thread whatever ``torch.set_num_threads`` says, and its cost
+  grows almost linearly with the rows up to ~8 (it is a GEMM tiled for many rows);
+- torch's ``_weight_int8pack_mm`` on AVX2 is slower per weight than MKL's fp32 (it converts bf16 activations
+  per tile), so an int8 stage was slower than an fp32 one;
+- a bf16 weight without AVX512-BF16/AMX goes to torch's cpublas loop, which reads half the bytes and still
+  runs at the fp32 product's pace.
+
+:func:`rows_mm` is the one loop all three need, written here because no library serves it: for each block of
+4 output channels it streams their weight rows once (fp32, bf16 widened by a shift, or int8 widened and
+scaled per channel) against every input row held in L1, with AVX2 FMAs, the output channels split across
+torch's intra-op threads (``at::parallel_for``, the stage's ``threads``). It is llama.cpp's "vec_dot per
+output row" shape, without its activation quantization: the sums are fp32, as the float path's are (they
+differ from MKL's only in summation order), and int8 weights meet fp32 activations, not bf16 ones.
+
+It is compiled on the node, once per machine and source version (torch's C++ extension loader: ``g++``
+with ``-march=native``, ~40 s on 2 cores, cached under ``~/.cache/smolcluster/kernels``), and registered as
+the torch op ``smolcluster::rows_mm``, which ``torch.compile`` keeps as one call inside a compiled decode
+step. ``python -m smolcluster.pipeline.cpu_kernels`` builds it ahead. Where the CPU lacks AVX2+FMA (ARM:
+Apple silicon, Raspberry Pi), the build fails (no compiler), or ``SMOLCLUSTER_CPU_KERNELS=0`` is set, stages
+keep torch's kernels, and their startup line says which path they took (``quantize.kernels``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from loguru import logger
+
+# Up to this many rows a CPU stage's matmuls take rows_mm; a prefill's many rows take MKL (a GEMM: there each
+# weight byte serves many rows, and MKL's tiling wins). bench kernels prints both sides from 1 to 32 rows.
+KERNEL_ROWS = 16
+
+SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cstring>
+#include <immintrin.h>
+
+// y[m, o] = (sum_i x[m, i] * w[o, i]) * scale[o] + bias[o]   (x fp32 (M, K); w (N, K) fp32 | bf16 | int8)
+namespace {
+template <typename W> inline __m256 load8(const W* p);
+template <> inline __m256 load8<float>(const float* p) { return _mm256_loadu_ps(p); }
+template <> inline __m256 load8<uint16_t>(const uint16_t* p) {  // bf16: the high half of an fp32
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16)); }
+template <> inline __m256 load8<int8_t>(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))); }
+template <typename W> inline float load1(W v);
+template <> inline float load1<float>(float v) { return v; }
+template <> inline float load1<uint16_t>(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; std::memcpy(&f, &u, 4); return f; }
+template <> inline float load1<int8_t>(int8_t v) { return (float)v; }
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Output channels [o0, o1): 4 at a time (4 independent FMA chains hide the FMA latency), then one at a time.
+template <typename W>
+void channels(const float* x, const W* w, const float* scale, const float* bias, float* y,
+              int64_t M, int64_t K, int64_t N, int64_t o0, int64_t o1) {
+  const int64_t K8 = K - K % 8;
+  int64_t o = o0;
+  for (; o + 4 <= o1; o += 4) {
+    const W *w0 = w + o * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+    for (int64_t m = 0; m < M; ++m) {  // the 4 rows of w stay in L1 across the inputs
+      const float* xm = x + m * K;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t i = 0; i < K8; i += 8) {
+        const __m256 xv = _mm256_loadu_ps(xm + i);
+        a0 = _mm256_fmadd_ps(load8(w0 + i), xv, a0);
+        a1 = _mm256_fmadd_ps(load8(w1 + i), xv, a1);
+        a2 = _mm256_fmadd_ps(load8(w2 + i), xv, a2);
+        a3 = _mm256_fmadd_ps(load8(w3 + i), xv, a3);
+      }
+      float s[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+      for (int64_t i = K8; i < K; ++i) {
+        s[0] += xm[i] * load1(w0[i]); s[1] += xm[i] * load1(w1[i]);
+        s[2] += xm[i] * load1(w2[i]); s[3] += xm[i] * load1(w3[i]);
+      }
+      for (int r = 0; r < 4; ++r)
+        y[m * N + o + r] = (scale ? s[r] * scale[o + r] : s[r]) + (bias ? bias[o + r] : 0.f);
+    }
+  }
+  for (; o < o1; ++o) {
+    const W* wr = w + o * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * K;
+      __m256 a = _mm256_setzero_ps();
+      for (int64_t i = 0; i < K8; i += 8) a = _mm256_fmadd_ps(load8(wr + i), _mm256_loadu_ps(xm + i), a);
+      float s = hsum(a);
+      for (int64_t i = K8; i < K; ++i) s += xm[i] * load1(wr[i]);
+      y[m * N + o] = (scale ? s * scale[o] : s) + (bias ? bias[o] : 0.f);
+    }
+  }
+}
+}  // namespace
+
+torch::Tensor rows_mm(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& scale,
+                      const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "rows_mm: x (M, K) and w (N, K), got ",
+              x.sizes(), " and ", w.sizes());
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "rows_mm: CPU tensors only");
+  const auto xf = x.to(torch::kFloat).contiguous();
+  const auto wc = w.contiguous();
+  const int64_t M = xf.size(0), K = xf.size(1), N = wc.size(0);
+  auto y = torch::empty({M, N}, xf.options());
+  torch::Tensor s, b;
+  if (scale) { s = scale->to(torch::kFloat).contiguous(); TORCH_CHECK(s.numel() == N, "rows_mm: one scale a channel"); }
+  if (bias) { b = bias->to(torch::kFloat).contiguous(); TORCH_CHECK(b.numel() == N, "rows_mm: one bias a channel"); }
+  const float* sp = scale ? s.data_ptr<float>() : nullptr;
+  const float* bp = bias ? b.data_ptr<float>() : nullptr;
+  const float* xp = xf.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const auto type = wc.scalar_type();
+  TORCH_CHECK(type == torch::kFloat || type == torch::kBFloat16 || type == torch::kChar,
+              "rows_mm: weights in float32, bfloat16 or int8, got ", type);
+  // Tasks of 64 output channels: a 576-wide fp32 weight's 147 KB, enough to amortize a task's start.
+  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
+    const int64_t o0 = b0 * 4, o1 = std::min(N, b1 * 4);
+    if (type == torch::kFloat) channels(xp, wc.data_ptr<float>(), sp, bp, yp, M, K, N, o0, o1);
+    else if (type == torch::kBFloat16) channels(xp, (const uint16_t*)wc.data_ptr(), sp, bp, yp, M, K, N, o0, o1);
+    else channels(xp, wc.data_ptr<int8_t>(), sp, bp, yp, M, K, N, o0, o1);
+  });
+  return x.scalar_type() == torch::kFloat ? y : y.to(x.scalar_type());
+}
+
+TORCH_LIBRARY(smolcluster, m) { m.def("rows_mm(Tensor x, Tensor w, Tensor? scale, Tensor? bias) -> Tensor"); }
+TORCH_LIBRARY_IMPL(smolcluster, CPU, m) { m.impl("rows_mm", &rows_mm); }
+"""
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "ok": bool once decided; "why": the reason it is off
+
+
+def build_dir() -> Path:
+    return Path(os.environ.get("SMOLCLUSTER_KERNELS_DIR", Path.home() / ".cache" / "smolcluster" / "kernels"))
+
+
+def _name() -> str:
+    # -march=native: the binary is for this CPU, so the CPU's capability and torch's version key the cache
+    # beside the source (a home directory shared by unlike machines keeps one build each).
+    key = f"{SOURCE}{torch.__version__}{platform.machine()}{torch.backends.cpu.get_cpu_capability()}"
+    return "smolcluster_cpu_" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def why_off() -> str | None:
+    """Why this machine cannot use :func:`rows_mm`, before any build (None: it can try)."""
+    if os.environ.get("SMOLCLUSTER_CPU_KERNELS", "1") == "0":
+        return "off (SMOLCLUSTER_CPU_KERNELS=0)"
+    if platform.machine().lower() not in ("x86_64", "amd64") or \
+            torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return f"no AVX2 on this CPU ({platform.machine()}, {torch.backends.cpu.get_cpu_capability()})"
+    if sys.platform == "win32":
+        return "not built on Windows (MSVC has no -march=native; torch's own kernels run)"
+    return None
+
+
+def available() -> bool:
+    """Whether ``smolcluster::rows_mm`` is loaded in this process (built the first time it is asked)."""
+    if "ok" in _state:
+        return bool(_state["ok"])
+    with _lock:
+        if "ok" in _state:
+            return bool(_state["ok"])
+        why = why_off()
+        if why is None:
+            try:
+                _build()
+            except Exception as e:  # a missing or failing compiler: torch's kernels still serve, one line says so
+                first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                why = f"build failed ({first[:200]}); install g++ or set SMOLCLUSTER_CPU_KERNELS=0"
+                logger.warning(f"smolcluster's CPU matmul kernel is off: {why}")
+        _state.update(ok=why is None, why=why)
+        return why is None
+
+
+def _build() -> None:
+    from torch.utils.cpp_extension import load_inline
+
+    name, where = _name(), build_dir()
+    target = where / name
+    target.mkdir(parents=True, exist_ok=True)
+    fresh = not (target / f"{name}.so").exists()
+    if fresh:
+        logger.info(f"building smolcluster's CPU matmul kernel for this machine (once, ~1 min with g++) in {target}")
+    t0 = time.perf_counter()
+    load_inline(name, cpp_sources=[SOURCE], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"], build_directory=str(target), is_python_module=False, verbose=False)
+    if fresh:
+        logger.info(f"CPU matmul kernel built in {time.perf_counter() - t0:.0f}s")
+
+    # Shapes only, for torch.compile's tracing (the op is one opaque call in a compiled graph).
+    @torch.library.register_fake("smolcluster::rows_mm")
+    def _(x, w, scale, bias):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+
+def describe() -> str:
+    """What the stage's small matmuls run on, in words (its startup line, ``/v1/models``)."""
+    return f"smolcluster rows_mm (AVX2, <= {KERNEL_ROWS} rows)" if available() else f"rows_mm {_state['why']}"
+
+
+def rows_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
+            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``(x @ w.T) * scale + bias`` for ``x`` (M, K) in any float type and ``w`` (N, K) in fp32, bf16 or int8;
+    fp32 sums, returned in ``x``'s type. Only after :func:`available` said yes."""
+    return torch.ops.smolcluster.rows_mm(x, w, scale, bias)
+
+
+if __name__ == "__main__":
+    # Build ahead (CI, an image, a node before its first stage) and say what this machine gets.
+    ok = available()
+    print(f"{describe()}; cache: {build_dir() / _name()}" if ok else describe())
+    sys.exit(0 if ok or why_off() else 1)
