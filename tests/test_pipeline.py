@@ -26,6 +26,7 @@ from smolcluster.pipeline.architectures import KVCache, family_for
 from smolcluster.pipeline.architectures.gpt2 import GPT2Stage, param_shapes, shape_of
 from smolcluster.pipeline.mesh import Mesh, PeerLost
 from smolcluster.pipeline.partition import plan, split_blocks
+from smolcluster.pipeline.quantize import FloatLinear
 from smolcluster.pipeline.sequential import sequential_stage
 from smolcluster.pipeline.weights import find_model, load_stage, read_tensors
 from tests.conftest import wait_until
@@ -158,8 +159,11 @@ def test_stage_reads_only_its_own_tensors_and_they_match_the_checkpoint(hf, tmp_
     assert "transformer.wpe.weight" not in names and "transformer.h.0.ln_1.weight" not in names
     whole = load_file(tmp_path / "checkpoint.safetensors")
     assert names <= set(whole)
+    # GPT-2's Conv1D weights, stored (in, out), are held (out, in) where the CPU kernel runs them (FloatLinear)
+    held_transposed = {f"{m}.weight" for m, module in stage.named_modules()
+                       if type(module) is FloatLinear}
     for n, p in stage.named_parameters():
-        assert torch.equal(p, whole[n]) and not p.requires_grad
+        assert torch.equal(p, whole[n].t() if n in held_transposed else whole[n]) and not p.requires_grad
     assert read_tensors(tmp_path / "checkpoint.safetensors", {"a": "transformer.ln_f.bias"})["a"].shape == (32,)
 
 

@@ -18,8 +18,9 @@ requests with one row, a slot and room left in it go through the graph together,
 for a request: a prompt chunk or speculated rows; a request that found no free slot, more running than
 ``slots``, or that may outgrow ``positions``) run eagerly beside them, and the rows are put back in order.
 
-Quantized stages (``quantize=int8|int4``) compile too: their packed kernels (``_weight_int8pack_mm``,
-``_weight_int4pack_mm_for_cpu``, :mod:`smolcluster.pipeline.quantize`) stay calls into aten inside the graph,
+Quantized stages (``quantize=int8|int4``) compile too: their kernels (``smolcluster::rows_mm``,
+``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``, :mod:`smolcluster.pipeline.quantize`) stay op calls
+inside the graph, as ``rows_mm`` does for a float stage,
 and the bf16 casts of their activations fuse into the generated loops. Inductor's other CPU options were
 measured and left off (docs/benchmarks.md, quantize --decode --compile): ``freezing`` with ``max_autotune``'s
 C++ GEMM templates (incl. its AVX2 bf16 x int8 micro-kernel) gained within the noise at one row, for minutes of

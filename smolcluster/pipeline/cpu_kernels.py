@@ -136,8 +136,10 @@ torch::Tensor rows_mm(const torch::Tensor& x, const torch::Tensor& w, const c10:
   const auto type = wc.scalar_type();
   TORCH_CHECK(type == torch::kFloat || type == torch::kBFloat16 || type == torch::kChar,
               "rows_mm: weights in float32, bfloat16 or int8, got ", type);
-  // Tasks of 64 output channels: a 576-wide fp32 weight's 147 KB, enough to amortize a task's start.
-  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
+  // Tasks of at least 64 KB of weights: below that a thread's start costs more than its share of the stream,
+  // so a small model's matrices (gpt2-tiny's 128 x 512) run on the calling thread alone.
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (4 * K * wc.element_size()));
+  at::parallel_for(0, (N + 3) / 4, grain, [&](int64_t b0, int64_t b1) {
     const int64_t o0 = b0 * 4, o1 = std::min(N, b1 * 4);
     if (type == torch::kFloat) channels(xp, wc.data_ptr<float>(), sp, bp, yp, M, K, N, o0, o1);
     else if (type == torch::kBFloat16) channels(xp, (const uint16_t*)wc.data_ptr(), sp, bp, yp, M, K, N, o0, o1);

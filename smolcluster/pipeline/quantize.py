@@ -6,14 +6,15 @@
                                        embedding / LM head) as integers plus scales
 
 - ``int8``: symmetric, one scale per output channel (each row of an ``out x in`` weight);
-  a CPU stage's decode-sized matmuls (up to ``PACKED_ROWS`` rows) by
-  ``torch.ops.aten._weight_int8pack_mm`` (torch's own CPU kernel), larger ones dequantized.
+  a CPU stage's decode-sized matmuls (up to ``PACKED_ROWS`` rows) by :func:`cpu_kernels.rows_mm`
+  where it is built, else ``torch.ops.aten._weight_int8pack_mm`` (torch's own CPU kernel); larger
+  ones dequantized.
 - ``int4``: asymmetric, group-wise along the input dim (``group_size`` 32/64/128), scale
   and zero per group; packed and multiplied by torch's tinygemm CPU kernels
   (``_convert_weight_to_int4pack_for_cpu`` / ``_weight_int4pack_mm_for_cpu``). The token
   embedding and LM head are int8 then (a lookup table of int4 groups has no kernel, and
   the head is where int4 costs the most quality).
-- Both packed kernels get their activations in bf16 (see ``KERNEL_DTYPE``); ``kernels(fmt)`` says
+- torch's packed kernels get their activations in bf16 (see ``KERNEL_DTYPE``); ``kernels(fmt)`` says
   which path a stage's matmuls take on its machine (bf16: oneDNN where the CPU has AMX or
   AVX512-BF16, else torch's bf16-load / fp32-math kernels).
 
