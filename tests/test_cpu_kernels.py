@@ -102,3 +102,15 @@ def test_off_switch_keeps_torch_kernels_and_says_so():
     assert "_weight_int8pack_mm" in out[2]
     assert quantize.uses_rows_mm(quantize.StageFormat()) and quantize.kernels(quantize.StageFormat()).startswith(
         "fp32: smolcluster rows_mm")
+
+
+def test_bench_kernels_times_both_sides_and_agrees(tmp_path):
+    from smolcluster.bench import kernels
+
+    kernels.main(["--rows", "1,3", "--shapes", "40x24", "--rounds", "1", "--stream-mb", "1", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "bench-kernels.json").read_text())["rows"]
+    assert [(r["format"], r["rows"]) for r in rows] == [(f, m) for f in ("fp32", "bf16", "int8") for m in (1, 3)]
+    for r in rows:
+        assert r["rows_mm us"] > 0 and r["torch us"] > 0 and r["rows_mm / torch"] > 0
+        # the same product: fp32 to rounding; bf16 / int8 sides differ by torch's bf16 activations / output
+        assert float(r["max rel diff"]) < (1e-5 if r["format"] == "fp32" else 2e-2), r
