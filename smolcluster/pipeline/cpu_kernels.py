@@ -68,39 +68,59 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Output channels [o0, o1): 4 at a time (4 independent FMA chains hide the FMA latency), then one at a time.
+// 4 output channels against R input rows at once: each 8 weights are widened once and meet R rows (bf16 and
+// int8 widening is the loop's cost past one row), 4 x R independent FMA chains hide the FMA latency. R <= 2
+// keeps the 8 accumulators, 4 weights and an input in the 16 ymm registers.
+template <typename W, int R>
+inline void block4(const float* x, const W* w0, int64_t K, int64_t K8, const char* next, float* s) {
+  const W *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+  __m256 a[R][4];
+  for (int r = 0; r < R; ++r) for (int c = 0; c < 4; ++c) a[r][c] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < K8; i += 8) {
+    if (next) {
+      _mm_prefetch(next + 4 * sizeof(W) * i, _MM_HINT_T0);
+      _mm_prefetch(next + 4 * sizeof(W) * i + 64, _MM_HINT_T0);
+    }
+    const __m256 v0 = load8(w0 + i), v1 = load8(w1 + i), v2 = load8(w2 + i), v3 = load8(w3 + i);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_loadu_ps(x + r * K + i);
+      a[r][0] = _mm256_fmadd_ps(v0, xv, a[r][0]);
+      a[r][1] = _mm256_fmadd_ps(v1, xv, a[r][1]);
+      a[r][2] = _mm256_fmadd_ps(v2, xv, a[r][2]);
+      a[r][3] = _mm256_fmadd_ps(v3, xv, a[r][3]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const float* xr = x + r * K;
+    float t[4] = {hsum(a[r][0]), hsum(a[r][1]), hsum(a[r][2]), hsum(a[r][3])};
+    for (int64_t i = K8; i < K; ++i) {
+      t[0] += xr[i] * load1(w0[i]); t[1] += xr[i] * load1(w1[i]);
+      t[2] += xr[i] * load1(w2[i]); t[3] += xr[i] * load1(w3[i]);
+    }
+    for (int c = 0; c < 4; ++c) s[r * 4 + c] = t[c];
+  }
+}
+
+// Output channels [o0, o1): 4 at a time (block4), then one at a time.
 template <typename W>
 void channels(const float* x, const W* w, const float* scale, const float* bias, float* y,
               int64_t M, int64_t K, int64_t N, int64_t o0, int64_t o1) {
   const int64_t K8 = K - K % 8;
   int64_t o = o0;
   for (; o + 4 <= o1; o += 4) {
-    const W *w0 = w + o * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-    // The next block's 4 rows (contiguous after these) are prefetched while these stream, 4 x 8 weights a step:
-    // the hardware prefetcher alone leaves a bf16 / int8 block waiting on memory (bench kernels: up to 2x).
-    const char* next = (const char*)(w0 + 4 * K);
-    const bool ahead = o + 8 <= o1;
-    for (int64_t m = 0; m < M; ++m) {  // the 4 rows of w stay in L1 across the inputs
-      const float* xm = x + m * K;
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t i = 0; i < K8; i += 8) {
-        if (ahead && m == 0) {
-          _mm_prefetch(next + 4 * sizeof(W) * i, _MM_HINT_T0);
-          _mm_prefetch(next + 4 * sizeof(W) * i + 64, _MM_HINT_T0);
-        }
-        const __m256 xv = _mm256_loadu_ps(xm + i);
-        a0 = _mm256_fmadd_ps(load8(w0 + i), xv, a0);
-        a1 = _mm256_fmadd_ps(load8(w1 + i), xv, a1);
-        a2 = _mm256_fmadd_ps(load8(w2 + i), xv, a2);
-        a3 = _mm256_fmadd_ps(load8(w3 + i), xv, a3);
-      }
-      float s[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
-      for (int64_t i = K8; i < K; ++i) {
-        s[0] += xm[i] * load1(w0[i]); s[1] += xm[i] * load1(w1[i]);
-        s[2] += xm[i] * load1(w2[i]); s[3] += xm[i] * load1(w3[i]);
-      }
-      for (int r = 0; r < 4; ++r)
-        y[m * N + o + r] = (scale ? s[r] * scale[o + r] : s[r]) + (bias ? bias[o + r] : 0.f);
+    const W* w0 = w + o * K;
+    // The next block's 4 rows (contiguous after these) are prefetched while these stream, 4 x 8 weights a step,
+    // on the first pass: the hardware prefetcher alone leaves a bf16 / int8 block waiting on memory (bench
+    // kernels). Later passes over these rows (inputs past the first two) find them in L1.
+    const char* next = o + 8 <= o1 ? (const char*)(w0 + 4 * K) : nullptr;
+    for (int64_t m = 0; m < M; m += 2) {
+      float s[8];
+      const int R = M - m >= 2 ? 2 : 1;
+      if (R == 2) block4<W, 2>(x + m * K, w0, K, K8, m == 0 ? next : nullptr, s);
+      else block4<W, 1>(x + m * K, w0, K, K8, m == 0 ? next : nullptr, s);
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < 4; ++c)
+          y[(m + r) * N + o + c] = (scale ? s[r * 4 + c] * scale[o + c] : s[r * 4 + c]) + (bias ? bias[o + c] : 0.f);
     }
   }
   for (; o < o1; ++o) {
