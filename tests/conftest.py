@@ -23,6 +23,8 @@ def pytest_sessionstart(session):
     a stage process would otherwise build it inside a test's start-up deadline (later ones load it in 0.2 s)."""
     from smolcluster.pipeline import cpu_kernels
 
+    # Every process a test starts finds the build here, whatever HOME the test gives it.
+    os.environ.setdefault("SMOLCLUSTER_KERNELS_DIR", str(cpu_kernels.build_dir()))
     cpu_kernels.available()
 
 
