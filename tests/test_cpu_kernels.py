@@ -114,3 +114,14 @@ def test_bench_kernels_times_both_sides_and_agrees(tmp_path):
         assert r["rows_mm us"] > 0 and r["torch us"] > 0 and r["rows_mm / torch"] > 0
         # the same product: fp32 to rounding; bf16 / int8 sides differ by torch's bf16 activations / output
         assert float(r["max rel diff"]) < (1e-5 if r["format"] == "fp32" else 2e-2), r
+
+
+def test_a_failed_build_warns_once_and_keeps_torch_kernels(tmp_path):
+    # No working compiler (CXX=/bin/false) and no earlier build: one warning naming the fix, then torch's kernels.
+    code = ("from smolcluster.pipeline import quantize as q; f = q.StageFormat(); "
+            "print(q.uses_rows_mm(f), q.uses_rows_mm(f)); print(q.kernels(f))")
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "CXX": "/bin/false", "SMOLCLUSTER_KERNELS_DIR": str(tmp_path)})
+    assert got.stdout.splitlines() == ["False False", f"fp32: MKL sgemm ({torch.backends.cpu.get_cpu_capability()})"]
+    assert got.stderr.count("CPU matmul kernel is off: build failed") == 1
+    assert "install g++ or set SMOLCLUSTER_CPU_KERNELS=0" in got.stderr
