@@ -25,7 +25,7 @@ def pytest_sessionstart(session):
 
     # Every process a test starts finds the build here, whatever HOME the test gives it.
     os.environ.setdefault("SMOLCLUSTER_KERNELS_DIR", str(cpu_kernels.build_dir()))
-    cpu_kernels.available()
+    cpu_kernels.available(wait=True)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.skipif(cpu_kernels.why_off() is not None,
 
 @pytest.fixture(scope="module", autouse=True)
 def built():
-    assert cpu_kernels.available(), cpu_kernels.describe()
+    assert cpu_kernels.available(wait=True), cpu_kernels.describe()
 
 
 @pytest.mark.parametrize("wtype", [torch.float32, torch.bfloat16, torch.int8])
@@ -118,10 +119,45 @@ def test_bench_kernels_times_both_sides_and_agrees(tmp_path):
 
 def test_a_failed_build_warns_once_and_keeps_torch_kernels(tmp_path):
     # No working compiler (CXX=/bin/false) and no earlier build: one warning naming the fix, then torch's kernels.
-    code = ("from smolcluster.pipeline import quantize as q; f = q.StageFormat(); "
-            "print(q.uses_rows_mm(f), q.uses_rows_mm(f)); print(q.kernels(f))")
+    code = ("from smolcluster.pipeline import cpu_kernels as k, quantize as q; f = q.StageFormat(); "
+            "k.available(wait=True); print(q.uses_rows_mm(f), q.uses_rows_mm(f)); print(q.kernels(f))")
     got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "CXX": "/bin/false", "SMOLCLUSTER_KERNELS_DIR": str(tmp_path)})
     assert got.stdout.splitlines() == ["False False", f"fp32: MKL sgemm ({torch.backends.cpu.get_cpu_capability()})"]
     assert got.stderr.count("CPU matmul kernel is off: build failed") == 1
     assert "install g++ or set SMOLCLUSTER_CPU_KERNELS=0" in got.stderr
+
+
+def test_an_empty_inner_dimension_gives_the_bias():
+    bias = torch.randn(5)
+    torch.testing.assert_close(cpu_kernels.rows_mm(torch.randn(2, 0), torch.randn(5, 0), None, bias),
+                               bias.expand(2, 5))
+
+
+def test_a_build_killed_half_way_leaves_no_lock_that_hangs_the_next_stage():
+    # torch's loader leaves its "lock" file behind when its process is killed mid-build; the next process must
+    # load the kernel at once (our flock died with the killed process), not wait on that file forever.
+    target = cpu_kernels.build_dir() / cpu_kernels._name()
+    (target / "lock").touch()
+    code = "from smolcluster.pipeline import cpu_kernels as k; print(k.available())"
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert got.stdout.split() == ["True"] and not (target / "lock").exists()
+
+
+def test_a_stage_never_waits_for_a_build_and_the_next_run_finds_why(tmp_path):
+    # Not built yet: a starting stage runs torch's kernels at once and a detached process builds for the next run;
+    # that build fails here (CXX=/bin/false), and the next stage reads why instead of starting another.
+    env = {**os.environ, "CXX": "/bin/false", "SMOLCLUSTER_KERNELS_DIR": str(tmp_path)}
+    code = "from smolcluster.pipeline import cpu_kernels as k; print(k.available()); print(k.describe())"
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env,
+                           check=True).stdout.splitlines()
+    assert first == ["False", "rows_mm being built in the background (this process runs torch's kernels)"]
+    failed = tmp_path / cpu_kernels._name() / "failed"
+    deadline = time.monotonic() + 60
+    while not failed.exists():  # the background build's end (a state, not a duration)
+        assert time.monotonic() < deadline, (tmp_path / cpu_kernels._name() / "build.log").read_text()
+        time.sleep(0.2)
+    second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env,
+                            check=True)
+    assert second.stdout.splitlines()[0] == "False" and "install g++" in second.stdout
+    assert "in the background" not in second.stderr

@@ -362,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         if bad := [x for x in got if x not in known]:
             p.error(f"unknown {name} {bad}: choose from {', '.join(known)}")
     src = llama_cpp_source(llama_cpp_version(), args.llama_cpp_src)
+    from smolcluster.pipeline import cpu_kernels
+
+    cpu_kernels.available(wait=True)  # built before the rounds: a stage starting without it runs torch's kernels
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     with tempfile.TemporaryDirectory(prefix="smolcluster-bench-cpu-") as tmp:
         dirs = write_models(Path(tmp), models)

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from smolcluster.pipeline import cpu_kernels
 
-    if not cpu_kernels.available():
+    if not cpu_kernels.available(wait=True):
         raise SmolclusterError(f"the CPU kernel is not available here: {cpu_kernels.describe()}")
     formats = args.formats.split(",")
     if bad := [f for f in formats if f not in FORMATS]:

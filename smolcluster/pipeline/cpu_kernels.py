@@ -18,12 +18,14 @@ torch's intra-op threads (``at::parallel_for``, the stage's ``threads``). It is 
 output row" shape, without its activation quantization: the sums are fp32, as the float path's are (they
 differ from MKL's only in summation order), and int8 weights meet fp32 activations, not bf16 ones.
 
-It is compiled on the node, once per machine and source version (torch's C++ extension loader: ``g++``
-with ``-march=native``, ~40 s on 2 cores, cached under ``~/.cache/smolcluster/kernels``), and registered as
-the torch op ``smolcluster::rows_mm``, which ``torch.compile`` keeps as one call inside a compiled decode
-step. ``python -m smolcluster.pipeline.cpu_kernels`` builds it ahead. Where the CPU lacks AVX2+FMA (ARM:
-Apple silicon, Raspberry Pi), the build fails (no compiler), or ``SMOLCLUSTER_CPU_KERNELS=0`` is set, stages
-keep torch's kernels, and their startup line says which path they took (``quantize.kernels``).
+It is compiled on the node, once per source, flags and torch version (torch's C++ extension loader: ``g++``
+with ``-mavx2 -mfma``, ~40 s on 2 cores, cached under ``~/.cache/smolcluster/kernels``), and registered as the
+torch op ``smolcluster::rows_mm``, which ``torch.compile`` keeps as one call inside a compiled decode step. A
+stage never waits for the build (its head has a deadline): the first to find it missing starts it in the
+background and runs torch's kernels; ``python -m smolcluster.pipeline.cpu_kernels`` builds it ahead. Where the
+CPU lacks AVX2+FMA (ARM: Apple silicon, Raspberry Pi), the build fails (no compiler), or
+``SMOLCLUSTER_CPU_KERNELS=0`` is set, stages keep torch's kernels, and their startup line says which path they
+took (``quantize.kernels``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import subprocess
 import sys
 import threading
 import time
@@ -158,7 +161,7 @@ torch::Tensor rows_mm(const torch::Tensor& x, const torch::Tensor& w, const c10:
               "rows_mm: weights in float32, bfloat16 or int8, got ", type);
   // Tasks of at least 64 KB of weights: below that a thread's start costs more than its share of the stream,
   // so a small model's matrices (gpt2-tiny's 128 x 512) run on the calling thread alone.
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (4 * K * wc.element_size()));
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, 4 * K * wc.element_size()));
   at::parallel_for(0, (N + 3) / 4, grain, [&](int64_t b0, int64_t b1) {
     const int64_t o0 = b0 * 4, o1 = std::min(N, b1 * 4);
     if (type == torch::kFloat) channels(xp, wc.data_ptr<float>(), sp, bp, yp, M, K, N, o0, o1);
@@ -180,10 +183,14 @@ def build_dir() -> Path:
     return Path(os.environ.get("SMOLCLUSTER_KERNELS_DIR", Path.home() / ".cache" / "smolcluster" / "kernels"))
 
 
+# AVX2 + FMA and nothing newer (not -march=native): one build serves every x86 CPU that passes why_off(), so a
+# home directory shared by unlike machines never hands one of them instructions it lacks.
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+BUILD_WAIT_S = 600  # how long a process waits for another's build of the same kernel before going without it
+
+
 def _name() -> str:
-    # -march=native: the binary is for this CPU, so the CPU's capability and torch's version key the cache
-    # beside the source (a home directory shared by unlike machines keeps one build each).
-    key = f"{SOURCE}{torch.__version__}{platform.machine()}{torch.backends.cpu.get_cpu_capability()}"
+    key = f"{SOURCE}{CFLAGS}{torch.__version__}{platform.machine()}"
     return "smolcluster_cpu_" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -195,12 +202,16 @@ def why_off() -> str | None:
             torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return f"no AVX2 on this CPU ({platform.machine()}, {torch.backends.cpu.get_cpu_capability()})"
     if sys.platform == "win32":
-        return "not built on Windows (MSVC has no -march=native; torch's own kernels run)"
+        return "not built on Windows (its build uses g++'s flags; torch's own kernels run)"
     return None
 
 
-def available() -> bool:
-    """Whether ``smolcluster::rows_mm`` is loaded in this process (built the first time it is asked)."""
+def available(wait: bool = False) -> bool:
+    """Whether ``smolcluster::rows_mm`` is loaded in this process, decided once per process.
+
+    Built before: loaded (~10 ms). Not yet: with ``wait``, built here (~40 s: the CLI, the test session, a
+    benchmark); without (a stage starting up, whose head has a deadline), a build is started in the background
+    for the next run and this process runs torch's kernels, as its startup line says."""
     if "ok" in _state:
         return bool(_state["ok"])
     with _lock:
@@ -209,37 +220,72 @@ def available() -> bool:
         why = why_off()
         if why is None:
             try:
-                _build()
+                why = _load_or_build(wait)
             except Exception as e:  # a missing or failing compiler: torch's kernels still serve, one line says so
                 first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
                 why = f"build failed ({first[:200]}); install g++ or set SMOLCLUSTER_CPU_KERNELS=0"
+                (build_dir() / _name()).mkdir(parents=True, exist_ok=True)
+                (build_dir() / _name() / "failed").write_text(why)
                 logger.warning(f"smolcluster's CPU matmul kernel is off: {why}")
         _state.update(ok=why is None, why=why)
         return why is None
 
 
-def _build() -> None:
-    from torch.utils.cpp_extension import load_inline
+def _load_or_build(wait: bool) -> str | None:
+    """Load the kernel, or build it (``wait``) or have it built in the background; None once loaded, else why not."""
+    import fcntl
 
-    name, where = _name(), build_dir()
-    target = where / name
+    name = _name()
+    target = build_dir() / name
     target.mkdir(parents=True, exist_ok=True)
     built = target / f"{name}.so"
-    # Built before (the name hashes source, torch and CPU) and no build under way (torch's loader holds "lock"
-    # while it builds): load it directly, ~10 ms against the loader's ~200 ms of checks in every stage process.
-    if built.exists() and not (target / "lock").exists():
-        torch.ops.load_library(str(built))
-        _register_fake()
-        return
-    fresh = not built.exists()
-    if fresh:
-        logger.info(f"building smolcluster's CPU matmul kernel for this machine (once, ~1 min with g++) in {target}")
-    t0 = time.perf_counter()
-    load_inline(name, cpp_sources=[SOURCE], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                extra_ldflags=["-fopenmp"], build_directory=str(target), is_python_module=False, verbose=False)
-    if fresh:
+    # One process builds or loads at a time: our own flock, which the OS releases when its holder dies, so a
+    # build killed half-way (SIGKILL, the OOM killer) never leaves the next stage waiting forever, as torch's
+    # "lock" file (its loader's baton, left behind by a killed build) would.
+    with open(target / "build.flock", "w") as held:
+        deadline = time.monotonic() + BUILD_WAIT_S
+        while True:
+            try:
+                fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not wait:
+                    return "being built by another process (this one runs torch's kernels)"
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another process has been building {target} for {BUILD_WAIT_S}s") from None
+                time.sleep(0.2)
+        (target / "lock").unlink(missing_ok=True)  # torch's baton: every builder holds our flock, so it is stale
+        if built.exists():
+            # Built before (the name hashes source, flags and torch): load it directly, ~10 ms against the
+            # loader's ~200 ms of checks in every stage process. A damaged file is rebuilt.
+            try:
+                torch.ops.load_library(str(built))
+                _register_fake()
+                return None
+            except OSError as e:
+                logger.warning(f"the cached CPU matmul kernel {built} does not load ({e}); building it again")
+                built.unlink(missing_ok=True)
+        if not wait:
+            failed = target / "failed"
+            if failed.exists():  # an earlier build failed: no new one until asked for (the CLI, or a fix)
+                return failed.read_text()
+            # Detached, so it outlives a stage stopped meanwhile; it waits for our flock, released on return.
+            with open(target / "build.log", "w") as log:
+                subprocess.Popen([sys.executable, "-m", "smolcluster.pipeline.cpu_kernels"], stdout=log,
+                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            logger.info(f"building smolcluster's CPU matmul kernel in the background (~40 s, once per machine; "
+                        f"log {target / 'build.log'}): this process runs torch's kernels, the next ones rows_mm")
+            return "being built in the background (this process runs torch's kernels)"
+        from torch.utils.cpp_extension import load_inline
+
+        logger.info(f"building smolcluster's CPU matmul kernel for this machine (once, ~40 s with g++) in {target}")
+        t0 = time.perf_counter()
+        load_inline(name, cpp_sources=[SOURCE], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                    build_directory=str(target), is_python_module=False, verbose=False)
+        (target / "failed").unlink(missing_ok=True)
         logger.info(f"CPU matmul kernel built in {time.perf_counter() - t0:.0f}s")
     _register_fake()
+    return None
 
 
 def _register_fake() -> None:
@@ -262,7 +308,8 @@ def rows_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
 
 
 if __name__ == "__main__":
-    # Build ahead (CI, an image, a node before its first stage) and say what this machine gets.
-    ok = available()
+    # Build ahead (CI, an image, a node before its first stage; a stage's background build) and say what this
+    # machine gets.
+    ok = available(wait=True)
     print(f"{describe()}; cache: {build_dir() / _name()}" if ok else describe())
     sys.exit(0 if ok or why_off() else 1)
