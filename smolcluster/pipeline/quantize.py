@@ -133,7 +133,8 @@ def kernels(fmt: StageFormat) -> str:
 def uses_rows_mm(fmt: StageFormat) -> bool:
     """Whether a stage of this format sends its few-row matmuls to :func:`cpu_kernels.rows_mm` here: a CPU
     stage whose weights it reads (fp32, int8; bf16 where the CPU has no native bf16, whose oneDNN path stays),
-    once the kernel is built (:func:`cpu_kernels.available`, which builds it the first time)."""
+    once the kernel is loaded (:func:`cpu_kernels.available`: not yet built, it starts a background build and
+    this stage keeps torch's kernels)."""
     if torch.device(fmt.device).type != "cpu":
         return False
     if fmt.quantize == "none" and (fmt.precision == "fp16" or
@@ -332,7 +333,8 @@ class _Target:
 def prepare(stage: nn.Module, fmt: StageFormat, head: str | None = None) -> dict[str, _Target]:
     """Swap the stage's (meta) Linear / Conv1D / Embedding modules for quantized ones; returns which
     file tensors (by parameter name) must be quantized, and how. ``head``: the LM head's module name
-    when the stage holds it (an fp32 CPU stage then holds it as a :class:`TransposedHead`)."""
+    when the stage holds it (a float CPU stage on ``rows_mm`` holds every projection as a :class:`FloatLinear`;
+    else an fp32 CPU stage holds its head as a :class:`TransposedHead`)."""
     if fmt.quantize == "none" and uses_rows_mm(fmt):
         return _float_projections(stage, head)
     if fmt.quantize == "none":
