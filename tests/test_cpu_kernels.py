@@ -29,7 +29,15 @@ def test_rows_mm_equals_torch_products(wtype, rows, k, n):
     # K off a multiple of 8 (the vector loop's tail), N off a multiple of 4 (the single-channel tail), and N
     # large enough to split across both threads.
     torch.manual_seed(rows * k + n)
-    torch.set_num_threads(2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the channels split across two threads (restored below: other tests run after)
+    try:
+        _check_rows_mm(wtype, rows, k, n)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_rows_mm(wtype, rows, k, n):
     x = torch.randn(rows, k)
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8) if wtype == torch.int8 else torch.randn(n, k).to(wtype)
     scale = torch.rand(n) + 0.5 if wtype == torch.int8 else None
