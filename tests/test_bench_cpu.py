@@ -32,3 +32,12 @@ def test_a_report_with_fp32_counts_agreement_with_transformers(tmp_path):
     args = argparse.Namespace(compile=False, threads=2, rounds=1, tokens=4, prompt_len=16, out=str(tmp_path))
     [row] = cpu.report(runs, ["gpt2"], ["fp32"], args)
     assert row["ours1 agrees"] == 2 and row["llama.cpp agrees"] == 4 and row["1 stage / llama.cpp"] == 0.5
+
+
+def test_a_report_with_compile_gives_the_first_and_the_next_compile_time(tmp_path):
+    run = lambda v, c=None: {"tokens": [1], "tok_s": v, **({"compile_s": c} if c else {})}  # noqa: E731
+    runs = {("gpt2", "llama.cpp", "int8"): [run(100.0), run(100.0)],
+            ("gpt2", "ours1/compile", "int8"): [run(80.0, 17.25), run(60.0, 3.04)]}
+    args = argparse.Namespace(compile=True, threads=2, rounds=2, tokens=4, prompt_len=16, out=str(tmp_path))
+    [row] = cpu.report(runs, ["gpt2"], ["int8"], args)
+    assert row["1 stage compiled / llama.cpp"] == 0.7 and row["compile s (first, then)"] == "17.2 / 3.0"

@@ -11,6 +11,11 @@ positions past its own masked out. The graph then depends only on how many rows 
 *bucket* (1, 2, 4, ... up to ``slots``; the padding rows use the spare last slot): one graph per bucket,
 compiled when the stage starts, before it serves, with a log line each.
 
+A graph covers a group of consecutive blocks (up to :data:`GROUP_BLOCKS`), not the whole stage: the blocks'
+weights are its inputs, so every group of the stage runs through the same graph (regional compilation, as
+torch's own recipe for repeated layers). Compiling then costs what one group does, several times less than the
+whole stage's graph, for one dynamo entry per group in a step (``bench cpu --compile`` prints both).
+
 The request's :class:`~smolcluster.pipeline.architectures.base.KVCache` is a view of its slot, so the eager
 path (prefill chunks, speculation's several rows, prefix-cache copies, truncation) reads and writes the very
 same memory and the two paths hand a request to each other at any step. A step is split by request: the
@@ -54,22 +59,27 @@ from smolcluster.pipeline.architectures.gpt2 import GPT2Stage
 from smolcluster.pipeline.architectures.llama import LlamaStage, rotate_half
 
 
-def llama_decode(stage: LlamaStage, x, pos, slots, ks, vs):
-    """Llama-shaped blocks over one row per request (``x``: (1, rows, hidden)), writing each row's key/value
+def llama_prelude(stage: LlamaStage, x, pos, size: int):
+    """What a step's every Llama block shares: RoPE's cos / sin at each row's position, and each row's mask over
+    its slot's ``size`` positions (its own and those before)."""
+    rows = x.shape[0]
+    cos, sin = stage.rope(x, pos.view(rows, 1))
+    mask = (torch.arange(size, device=x.device) <= pos.view(rows, 1)).view(rows, 1, 1, size)
+    return cos.unsqueeze(1), sin.unsqueeze(1), mask
+
+
+def llama_blocks(blocks, x, shared, pos, slots, ks, vs):
+    """Llama-shaped blocks over one row per request (``x``: (rows, 1, hidden)), writing each row's key/value
     into its slot at its position and attending over the slot's buffer up to that position. The same
     operations as ``LlamaStage.run_blocks`` in the same order, with the rows as the batch dimension."""
-    s = stage.shape
-    rows, size = x.shape[1], ks[0].shape[2]
-    groups = s.n_head // s.n_kv_head
-    x = x.view(rows, 1, -1)
-    cos, sin = stage.rope(x, pos.view(rows, 1))
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    mask = (torch.arange(size, device=x.device) <= pos.view(rows, 1)).view(rows, 1, 1, size)
-    for block, kc, vc in zip(stage.model.layers.values(), ks, vs):
+    cos, sin, mask = shared
+    rows = x.shape[0]
+    for block, kc, vc in zip(blocks, ks, vs):
         att, h = block.self_attn, block.input_layernorm(x)
-        shape = (rows, 1, -1, s.head_dim)
+        n_kv, head_dim = kc.shape[1], kc.shape[3]
+        shape = (rows, 1, -1, head_dim)
         q, k = att.q_proj(h).view(shape), att.k_proj(h).view(shape)
-        if s.qk_norm:
+        if hasattr(att, "q_norm"):
             q, k = att.q_norm(q), att.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), att.v_proj(h).view(shape).transpose(1, 2)
         q, k = (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
@@ -77,30 +87,44 @@ def llama_decode(stage: LlamaStage, x, pos, slots, ks, vs):
         vc[slots, :, pos] = v[:, :, 0]
         # One query per request: each kv head's group of query heads as its sequence (as the eager path does
         # for a single query with a mask), so grouped-query attention needs no repeated keys.
-        q = q.reshape(rows, s.n_kv_head, groups, s.head_dim)
+        q = q.reshape(rows, n_kv, att.groups, head_dim)
         out = F.scaled_dot_product_attention(q, kc[slots], vc[slots], attn_mask=mask, scale=att.scaling)
         x = x + att.o_proj(out.reshape(rows, 1, -1))
         x = x + block.mlp(block.post_attention_layernorm(x))
-    return x.view(1, rows, -1)
+    return x
 
 
-def gpt2_decode(stage: GPT2Stage, x, pos, slots, ks, vs):
-    """GPT-2 blocks over one row per request, as :func:`llama_decode` (``GPT2Stage.run_blocks``'s operations)."""
-    s = stage.shape
-    rows, size, head_dim = x.shape[1], ks[0].shape[2], s.n_embd // s.n_head
-    x = x.view(rows, 1, -1)
-    mask = (torch.arange(size, device=x.device) <= pos.view(rows, 1)).view(rows, 1, 1, size)
-    for block, kc, vc in zip(stage.transformer.h.values(), ks, vs):
-        att = block.attn
-        q, k, v = (t.view(rows, 1, s.n_head, head_dim).transpose(1, 2)
+def gpt2_prelude(stage: GPT2Stage, x, pos, size: int):
+    rows = x.shape[0]
+    return (torch.arange(size, device=x.device) <= pos.view(rows, 1)).view(rows, 1, 1, size)
+
+
+def gpt2_blocks(blocks, x, mask, pos, slots, ks, vs):
+    """GPT-2 blocks over one row per request, as :func:`llama_blocks` (``GPT2Stage.run_blocks``'s operations)."""
+    rows, hidden = x.shape[0], x.shape[2]
+    for block, kc, vc in zip(blocks, ks, vs):
+        att, n_head = block.attn, kc.shape[1]
+        q, k, v = (t.view(rows, 1, n_head, hidden // n_head).transpose(1, 2)
                    for t in att.c_attn(block.ln_1(x)).chunk(3, dim=2))
         kc[slots, :, pos] = k[:, :, 0]
         vc[slots, :, pos] = v[:, :, 0]
         out = F.scaled_dot_product_attention(q, kc[slots], vc[slots], attn_mask=mask, scale=att.scaling)
-        x = att.c_proj(out.transpose(1, 2).reshape(rows, 1, s.n_embd)) + x
+        x = att.c_proj(out.transpose(1, 2).reshape(rows, 1, hidden)) + x
         # serving's tanh GELU (gpt2.gelu_new in inference mode), named here: the graph has no inference-mode branch
         x = x + block.mlp.c_proj(F.gelu(block.mlp.c_fc(block.ln_2(x)), approximate="tanh"))
-    return x.view(1, rows, -1)
+    return x
+
+
+# The compiled graph covers this many consecutive blocks at most, and every group of the stage reuses it (its
+# blocks' weights are the graph's inputs, not constants): compiling scales with the group, not the stage (a
+# 30-block stage compiles one 6-block graph), and a step pays dynamo's entry once per group. A group of 8 keeps
+# those entries few; bench cpu --compile prints the compile time and the tokens/s (docs/benchmarks.md).
+GROUP_BLOCKS = 8
+
+
+def group_size(n_blocks: int) -> int:
+    """The largest divisor of ``n_blocks`` up to :data:`GROUP_BLOCKS`: equal groups, so one graph per bucket."""
+    return next(g for g in range(min(GROUP_BLOCKS, max(1, n_blocks)), 0, -1) if n_blocks % g == 0)
 
 
 def buckets_up_to(slots: int) -> list[int]:
@@ -118,10 +142,14 @@ class CompiledDecode:
             if any(w is not None for w in s.windows):
                 raise ConfigError("compile=true: sliding-window attention (Mistral) is not compiled; set "
                                   "compile=false for this model")
-            kv_heads, head_dim, self.hidden, decode = s.n_kv_head, s.head_dim, s.hidden, llama_decode
+            kv_heads, head_dim, self.hidden = s.n_kv_head, s.head_dim, s.hidden
+            prelude, blocks = llama_prelude, llama_blocks
+            self.layers = list(stage.model.layers.values())
         elif isinstance(stage, GPT2Stage):
             s = stage.shape
-            kv_heads, head_dim, self.hidden, decode = s.n_head, s.n_embd // s.n_head, s.n_embd, gpt2_decode
+            kv_heads, head_dim, self.hidden = s.n_head, s.n_embd // s.n_head, s.n_embd
+            prelude, blocks = gpt2_prelude, gpt2_blocks
+            self.layers = list(stage.transformer.h.values())
         else:
             raise ConfigError(f"compile=true: {type(stage).__name__} has no compiled decode step; set compile=false")
         if slots < 1 or positions < 1:
@@ -151,12 +179,18 @@ class CompiledDecode:
         torch._inductor.config.cpp.threads = 1
         # One graph per bucket, and no more: a shape outside them would recompile mid-serving (fits() keeps them out).
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(self.buckets))
-        ks, vs = self.ks, self.vs
+        self.prelude, self.group = prelude, group_size(n)
+        self.fn = torch.compile(blocks, dynamic=False, fullgraph=True)
 
-        def step(x, pos, slots_):
-            return decode(stage, x, pos, slots_, ks, vs)
-
-        self.fn = torch.compile(step, dynamic=False, fullgraph=True)
+    def step(self, x: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """The blocks over one row per request (``x``: (1, rows, hidden)), a compiled group at a time."""
+        rows, g = x.shape[1], self.group
+        x = x.view(rows, 1, -1)
+        shared = self.prelude(self.stage, x, pos, self.positions)
+        for i in range(0, len(self.layers), g):
+            x = self.fn(tuple(self.layers[i:i + g]), x, shared, pos, slots, tuple(self.ks[i:i + g]),
+                        tuple(self.vs[i:i + g]))
+        return x.view(1, rows, -1)
 
     def warm(self, name: str) -> None:
         """Compile every bucket's graph now, before the stage serves (a step then never waits on a compiler)."""
@@ -166,8 +200,8 @@ class CompiledDecode:
             t0 = time.perf_counter()
             pad = torch.full((rows,), self.slots, dtype=torch.long, device=self.device)
             with torch.inference_mode():
-                self.fn(torch.zeros(1, rows, self.hidden, dtype=self.dtype, device=self.device),
-                        torch.zeros(rows, dtype=torch.long, device=self.device), pad)
+                self.step(torch.zeros(1, rows, self.hidden, dtype=self.dtype, device=self.device),
+                          torch.zeros(rows, dtype=torch.long, device=self.device), pad)
             logger.info(f"{name}: decode step for {rows} row(s) ready in {time.perf_counter() - t0:.1f}s")
 
     def cache(self, n_layers: int, limit: int, slack: int) -> KVCache | None:
@@ -227,7 +261,7 @@ class CompiledDecode:
         pos = [c.length for c in batch.caches] + [0] * (bucket - rows)
         if bucket > rows:
             x = torch.cat([x, x.new_zeros(1, bucket - rows, x.shape[2])], dim=1)
-        out = self.fn(x, torch.tensor(pos, device=self.device), torch.tensor(slots, device=self.device))
+        out = self.step(x, torch.tensor(pos, device=self.device), torch.tensor(slots, device=self.device))
         for c in batch.caches:
             c.hi = [h + 1 for h in c.hi]
             c.length += 1

@@ -138,7 +138,7 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    # smolcluster.inference.compiled.llama_decode repeats this math (norms, projections, RoPE, grouped sdpa) over
+    # smolcluster.inference.compiled.llama_blocks repeats this math (norms, projections, RoPE, grouped sdpa) over
     # slot caches for the compiled decode step: a change here must be made there too (tests/test_compiled.py).
     def __init__(self, s: LlamaShape, window: int | None):
         super().__init__()
