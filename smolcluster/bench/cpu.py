@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--threads", type=int, default=2, help="threads of every side")
     p.add_argument("--compile", action="store_true",
-                   help="also our 1 stage with compile=true's decode step (inductor: ~1 min a format, cached)")
+                   help="also our 1 stage with compile=true's decode step (inductor: ~20 s a format cold, seconds from its cache)")
     p.add_argument("--llama-cpp-src", default=None, help="a llama.cpp checkout (default: the matching sdist's)")
     p.add_argument("--out", default=".")
     args = p.parse_args(argv)
