@@ -8,7 +8,7 @@ the scheduler's: the split itself is proven in process). In process: a step of o
 after an eager prefill into the slot gives the eager tokens, and a slot is freed for the next request; steps split between the
 graph and eager rows (a request without a slot, another's prompt chunk) give each request its eager tokens, and
 kv_bytes counts a slot's written positions; a GPT-2 and a Qwen3 stage's compiled decode give their eager tokens,
-their blocks a group at a time through one graph;
+their blocks a group at a time, one graph per group size;
 adapters and sliding windows are refused in one line (before any stage starts, too); a head
 waits longer for compiling stages and says so; the bench's compile arm refuses what it cannot time.
 
@@ -145,33 +145,39 @@ def split_steps_give_the_eager_tokens(stage, compiled: CompiledDecode):
 
 
 # GPT-2: learned positions, fused QKV; Qwen3: q_norm/k_norm and head_dim != hidden / heads (llama_blocks' branches).
-# Compiled a block at a time (GROUP_BLOCKS = 1): both blocks run through one graph, each with its own weights.
-@pytest.mark.parametrize("family", ["gpt2", "qwen3"])
-def test_a_stage_of_another_family_compiled_decodes_the_eager_tokens(family, tmp_path, monkeypatch):
+# Compiled in groups: Qwen3's 2 blocks a block at a time through one graph; GPT-2's 5 blocks, at most 4 a group,
+# as 3 + 2 through two graphs. Each group with its own weights, and no recompile while decoding.
+@pytest.mark.parametrize("family,blocks,group,groups", [("gpt2", 5, 4, [3, 2]), ("qwen3", 2, 1, [1, 1])])
+def test_a_stage_of_another_family_compiled_decodes_the_eager_tokens(family, blocks, group, groups, tmp_path,
+                                                                      monkeypatch):
     from torch._dynamo.utils import counters
 
     from smolcluster.inference import compiled as compiled_module
 
-    build(family, n_layer=2).save_pretrained(tmp_path)
+    build(family, n_layer=blocks).save_pretrained(tmp_path)
     (stage,), _ = stages_of(tmp_path, 1)
-    monkeypatch.setattr(compiled_module, "GROUP_BLOCKS", 1)
+    monkeypatch.setattr(compiled_module, "GROUP_BLOCKS", group)
     with torch.inference_mode():
         compiled = CompiledDecode(stage, 1, 64, torch.float32, "cpu", buckets=[1])
         graphs = counters["stats"]["unique_graphs"]
         compiled.warm("test")
-        assert compiled.group == 1 and counters["stats"]["unique_graphs"] == graphs + 1  # one graph, two blocks
+        assert compiled.groups == groups and counters["stats"]["unique_graphs"] == graphs + len(set(groups))
         ids = prompt(3, 5, stage.shape.vocab_size)
         want = greedy(stage, ids, 20, KVCache(len(stage.blocks), 64), None)
         assert greedy(stage, ids, 20, compiled.cache(len(stage.blocks), 64, 0), compiled) == want
-        assert compiled.steps == 19 and counters["stats"]["unique_graphs"] == graphs + 1  # no recompile
+        assert compiled.steps == 19 and counters["stats"]["unique_graphs"] == graphs + len(set(groups))
 
 
-def test_a_stage_is_compiled_in_equal_groups_of_blocks():
-    from smolcluster.inference.compiled import GROUP_BLOCKS, group_size
+def test_a_stage_is_compiled_in_few_groups_of_few_sizes():
+    from smolcluster.inference.compiled import GROUP_BLOCKS, group_sizes
 
     assert GROUP_BLOCKS == 8
-    # SmolLM2-135M's 30 blocks in 5 calls of a 6-block graph; a prime count past 8 a block at a time
-    assert [group_size(n) for n in (1, 2, 7, 8, 11, 12, 16, 30)] == [1, 2, 7, 8, 1, 6, 8, 6]
+    # SmolLM2-135M's 30 blocks in 5 calls of a 6-block graph; its 2-stage split's 11 and 19 in groups of two sizes
+    assert [group_sizes(n) for n in (0, 1, 7, 8, 12, 16, 30)] == [[], [1], [7], [8], [6, 6], [8, 8], [6] * 5]
+    assert group_sizes(11) == [6, 5] and group_sizes(19) == [7, 7, 5] and group_sizes(13) == [7, 6]
+    for n in range(1, 100):
+        got = group_sizes(n)
+        assert sum(got) == n and max(got) <= 8 and len(set(got)) <= 2 and len(got) <= 2 * -(-n // 8)
 
 
 def test_what_is_not_compiled_is_refused_in_one_line(llama_dir, tmp_path):

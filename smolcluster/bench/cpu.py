@@ -59,7 +59,7 @@ GOALS = [  # (what, numerator, denominator, at least): the issue's targets on th
 ]
 # ours1: the whole model in one stage as serving runs it (smolcluster::rows_mm for few-row products where it is
 # built); ours1/torch: the same with SMOLCLUSTER_CPU_KERNELS=0 (torch's kernels); ours1/compile: compile=true
-SIDES = ("llama.cpp", "ours1", "ours1/torch", "ours1/compile", "ours2", "transformers")
+SIDES = ("llama.cpp", "ours1", "ours1/torch", "ours1/compile", "ours2", "ours2/compile", "transformers")
 INSTALL = ("llama-cpp-python is not installed: pip install 'smolcluster[bench]' (it compiles llama.cpp, "
            "about 12 minutes on 2 cores)")
 
@@ -266,13 +266,15 @@ def decode_in_child(side: str, path: Path, fmt: str, prompt: list[int], n: int, 
     return json.loads(got.stdout.strip().splitlines()[-1])
 
 
-def decode_two_stages(model_dir: Path, fmt: str, prompt: list[int], n: int, threads: int) -> dict:
-    """Our 2-stage pipeline on this machine (stages take turns, each with ``threads``), as ``infer`` runs it."""
+def decode_two_stages(model_dir: Path, fmt: str, prompt: list[int], n: int, threads: int,
+                      compile: bool = False) -> dict:
+    """Our 2-stage pipeline on this machine (stages take turns, each with ``threads``), as ``infer`` runs it
+    (``compile``: with ``compile=true``, each stage compiling its decode step as it starts)."""
     from smolcluster.inference.api import InferencePipeline
 
     precision, quantize = FORMATS[fmt][0]
     with InferencePipeline.start_local(model_dir, stages=2, precision=precision, quantize=quantize,
-                                       quantize_group=GROUP, threads=threads,
+                                       quantize_group=GROUP, threads=threads, compile=compile, compile_slots=1,
                                        env={"SMOLCLUSTER_LOG_LEVEL": "WARNING"}) as pipe:
         pipe.submit(prompt, max_new_tokens=4, stop_at_eos=False).tokens()  # warm up
         r = pipe.submit(prompt, max_new_tokens=n, stop_at_eos=False)
@@ -296,10 +298,11 @@ def measure(args, models: dict[str, Path], ggufs: dict[str, dict[str, Path]], fo
             order = formats if r % 2 == 0 else formats[::-1]
             for fmt in order:
                 sides = [("llama.cpp", ggufs[model][fmt]), ("ours1", d), ("ours1/torch", d), ("ours2", d)]
-                sides += [("ours1/compile", d)] if args.compile else []
+                sides += [("ours1/compile", d), ("ours2/compile", d)] if args.compile else []
                 sides += [("transformers", d)] if fmt in HF_FORMATS else []
                 for side, path in (sides if r % 2 == 0 else sides[::-1]):
-                    got = decode_two_stages(d, fmt, prompt, args.tokens, args.threads) if side == "ours2" else \
+                    got = decode_two_stages(d, fmt, prompt, args.tokens, args.threads, side.endswith("/compile")) \
+                        if side.startswith("ours2") else \
                         decode_in_child(side, path, fmt, prompt, args.tokens, args.threads)
                     runs.setdefault((model, side, fmt), []).append(got)
                 print(f"round {r + 1}/{args.rounds} {model} {fmt}: " + ", ".join(
@@ -330,6 +333,8 @@ def report(runs: dict, models: list[str], formats: list[str], args) -> list[dict
                         row[f"{side} agrees"] = common_prefix(runs[model, side, fmt][0]["tokens"], ref)
             row["1 stage / llama.cpp"] = ratio(model, ("ours1", fmt), ("llama.cpp", fmt))
             row["2 stages / llama.cpp"] = ratio(model, ("ours2", fmt), ("llama.cpp", fmt))
+            if args.compile:
+                row["2 stages compiled / llama.cpp"] = ratio(model, ("ours2/compile", fmt), ("llama.cpp", fmt))
             row["1 stage rows_mm / torch kernels"] = ratio(model, ("ours1", fmt), ("ours1/torch", fmt))
             if args.compile and (model, "ours1/compile", fmt) in runs:
                 row["1 stage compiled / llama.cpp"] = ratio(model, ("ours1/compile", fmt), ("llama.cpp", fmt))

@@ -122,9 +122,18 @@ def gpt2_blocks(blocks, x, mask, pos, slots, ks, vs):
 GROUP_BLOCKS = 8
 
 
-def group_size(n_blocks: int) -> int:
-    """The largest divisor of ``n_blocks`` up to :data:`GROUP_BLOCKS`: equal groups, so one graph per bucket."""
-    return next(g for g in range(min(GROUP_BLOCKS, max(1, n_blocks)), 0, -1) if n_blocks % g == 0)
+def group_sizes(n_blocks: int) -> list[int]:
+    """The stage's blocks in consecutive groups of at most :data:`GROUP_BLOCKS`, with as few distinct sizes as
+    keep the calls few: equal groups where a divisor from 4 up does it (30: 6 x 5, one graph a bucket), else
+    the fewest groups of two sizes (11: 6 + 5, 19: 7 + 7 + 5; two graphs a bucket)."""
+    if n_blocks <= GROUP_BLOCKS:
+        return [n_blocks] if n_blocks else []
+    equal = next(g for g in range(GROUP_BLOCKS, 0, -1) if n_blocks % g == 0)
+    if 2 * equal >= GROUP_BLOCKS:
+        return [equal] * (n_blocks // equal)
+    count = -(-n_blocks // GROUP_BLOCKS)
+    size = -(-n_blocks // count)
+    return [size] * (count - 1) + [n_blocks - size * (count - 1)]
 
 
 def buckets_up_to(slots: int) -> list[int]:
@@ -177,19 +186,22 @@ class CompiledDecode:
         # OpenMP fork/join, which an oversubscribed machine makes far worse; the matmuls (MKL) and attention keep
         # the stage's threads (bench quantize --decode --compile, docs/benchmarks.md).
         torch._inductor.config.cpp.threads = 1
-        # One graph per bucket, and no more: a shape outside them would recompile mid-serving (fits() keeps them out).
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(self.buckets))
-        self.prelude, self.group = prelude, group_size(n)
+        # One graph per bucket and group size, and no more: a shape outside them would recompile mid-serving (fits()
+        # keeps them out).
+        self.prelude, self.groups = prelude, group_sizes(n)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                   len(self.buckets) * len(set(self.groups)))
         self.fn = torch.compile(blocks, dynamic=False, fullgraph=True)
 
     def step(self, x: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """The blocks over one row per request (``x``: (1, rows, hidden)), a compiled group at a time."""
-        rows, g = x.shape[1], self.group
+        rows, i = x.shape[1], 0
         x = x.view(rows, 1, -1)
         shared = self.prelude(self.stage, x, pos, self.positions)
-        for i in range(0, len(self.layers), g):
+        for g in self.groups:
             x = self.fn(tuple(self.layers[i:i + g]), x, shared, pos, slots, tuple(self.ks[i:i + g]),
                         tuple(self.vs[i:i + g]))
+            i += g
         return x.view(1, rows, -1)
 
     def warm(self, name: str) -> None:
