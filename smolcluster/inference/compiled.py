@@ -11,10 +11,10 @@ positions past its own masked out. The graph then depends only on how many rows 
 *bucket* (1, 2, 4, ... up to ``slots``; the padding rows use the spare last slot): one graph per bucket,
 compiled when the stage starts, before it serves, with a log line each.
 
-A graph covers a group of consecutive blocks (up to :data:`GROUP_BLOCKS`), not the whole stage: the blocks'
-weights are its inputs, so every group of the stage runs through the same graph (regional compilation, as
-torch's own recipe for repeated layers). Compiling then costs what one group does, several times less than the
-whole stage's graph, for one dynamo entry per group in a step (``bench cpu --compile`` prints both).
+A graph covers a group of consecutive blocks (up to :data:`GROUP_BLOCKS`, :func:`group_sizes`), not the whole
+stage: the blocks' weights are its inputs, so every group of a size runs through the same graph (regional
+compilation, torch's own recipe for repeated layers). Compiling then costs one or two groups' graphs, several
+times less than the whole stage's, for one dynamo entry per group in a step (``bench cpu --compile``).
 
 The request's :class:`~smolcluster.pipeline.architectures.base.KVCache` is a view of its slot, so the eager
 path (prefill chunks, speculation's several rows, prefix-cache copies, truncation) reads and writes the very
