@@ -115,7 +115,7 @@ def gpt2_blocks(blocks, x, mask, pos, slots, ks, vs):
     return x
 
 
-# The compiled graph covers this many consecutive blocks at most, and every group of the stage reuses it (its
+# The compiled graph covers this many consecutive blocks at most, and every group of its size reuses it (its
 # blocks' weights are the graph's inputs, not constants): compiling scales with the group, not the stage (a
 # 30-block stage compiles one 6-block graph), and a step pays dynamo's entry once per group. A group of 8 keeps
 # those entries few; bench cpu --compile prints the compile time and the tokens/s (docs/benchmarks.md).
