@@ -329,11 +329,17 @@ def test_with_curve_a_stranger_without_the_key_gets_nothing_through(tmp_path, mo
         c.wait_for_step(10)
         raw = zmq.Context.instance().socket(zmq.DEALER)  # no CURVE keys at all
         raw.setsockopt(zmq.LINGER, 0)
+        # The refused handshake drops the connection: a send then finds no peer and would block until one
+        # comes (never); it gives up after a second instead, which is itself nothing getting through.
+        raw.setsockopt(zmq.SNDTIMEO, 1000)
         raw.connect(f"tcp://127.0.0.1:{port}")
         for _ in range(3):  # a heartbeat and a chunk claiming to be rank 1's (which would be a protocol error)
-            raw.send_multipart(wire.encode("heartbeat", {"rank": 1}))
-            raw.send_multipart(wire.encode("ring", {"rank": 1, "step": 0, "op": "rs", "bucket": 0, "hop": 0},
-                                           {"x": torch.full((10,), 1e6)}))
+            try:
+                raw.send_multipart(wire.encode("heartbeat", {"rank": 1}))
+                raw.send_multipart(wire.encode("ring", {"rank": 1, "step": 0, "op": "rs", "bucket": 0, "hop": 0},
+                                               {"x": torch.full((10,), 1e6)}))
+            except zmq.Again:
+                pass
         assert not raw.poll(1000)  # no answer: the handshake never completed
         raw.close()
         assert c.wait("worker0") == 0, c.output("worker0")[-3000:]
