@@ -58,7 +58,8 @@ GOALS = [  # (what, numerator, denominator, at least): the issue's targets on th
     ("int8 vs our fp32 (1 stage compiled)", ("ours1/compile", "int8"), ("ours1/compile", "fp32"), 1.5),
 ]
 # ours1: the whole model in one stage as serving runs it (smolcluster::rows_mm for few-row products where it is
-# built); ours1/torch: the same with SMOLCLUSTER_CPU_KERNELS=0 (torch's kernels); ours1/compile: compile=true
+# built); ours1/torch: the same with SMOLCLUSTER_CPU_KERNELS=0 (torch's kernels); ours1/compile: compile=true;
+# ours2 and ours2/compile: 2 stage processes (start_local), eager and compiled
 SIDES = ("llama.cpp", "ours1", "ours1/torch", "ours1/compile", "ours2", "ours2/compile", "transformers")
 INSTALL = ("llama-cpp-python is not installed: pip install 'smolcluster[bench]' (it compiles llama.cpp, "
            "about 12 minutes on 2 cores)")
