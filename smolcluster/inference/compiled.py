@@ -210,8 +210,10 @@ class CompiledDecode:
             logger.info(f"{name}: compiling the decode step for {rows} row(s) x {self.positions} positions "
                         f"(inductor; once per shape, then from the cache in {self.cache_dir})...")
             t0 = time.perf_counter()
-            pad = torch.full((rows,), self.slots, dtype=torch.long, device=self.device)
+            # Every input an inference tensor, as a serving step's are: the graph's guards check a tensor's
+            # dispatch keys, and one made outside inference mode would have the first real step recompile.
             with torch.inference_mode():
+                pad = torch.full((rows,), self.slots, dtype=torch.long, device=self.device)
                 self.step(torch.zeros(1, rows, self.hidden, dtype=self.dtype, device=self.device),
                           torch.zeros(rows, dtype=torch.long, device=self.device), pad)
             logger.info(f"{name}: decode step for {rows} row(s) ready in {time.perf_counter() - t0:.1f}s")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from smolcluster.cluster import python_cmd
+from smolcluster.cluster import free_ports, python_cmd  # noqa: F401 (free_ports: the launchers' and tests' home for it)
 from smolcluster.errors import PeerError
 from smolcluster.launch.overrides import child_overrides
 from smolcluster.launch.supervisor import Children, stop_process_groups
@@ -89,29 +88,6 @@ def _wait_for_port(path: Path, server: subprocess.Popen, timeout_s: float) -> in
             raise PeerError(f"the server exited with code {server.returncode} before listening (its log is above)")
         time.sleep(0.05)
     raise PeerError(f"the server did not start listening within cluster.connect_timeout_s={timeout_s}s")
-
-
-def free_ports(host: str, n: int, tries: int = 50) -> int:
-    """A port P such that P..P+n-1 are free on ``host`` right now."""
-    for _ in range(tries):
-        with socket.socket() as s:
-            s.bind((host, 0))
-            base = s.getsockname()[1]
-        if base + n > 65535:
-            continue
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind((host, p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise PeerError(f"found no {n} consecutive free ports on {host}; set cluster.port")
 
 
 def launch_ranks(cfg: TrainConfig, run_dir: Path, n: int, role: str, what: str) -> None:
