@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from smolcluster.errors import ConfigError
 from smolcluster.inference import InferencePipeline
@@ -108,6 +109,25 @@ def test_a_padded_step_and_a_reused_slot_decode_the_eager_tokens(llama_stage):
             compiled.release(cache)
         assert compiled.steps == 2 * 23
         assert compiled.cache(len(stage.blocks), 65, 0) is None  # longer than the slots' positions: eager
+        # A request to the slot's last position: the steps attend over 8 positions up to all 64 (the graph's one
+        # dynamic size), through the one graph.
+        ids = prompt(3, 7, stage.shape.vocab_size)
+        want = greedy(stage, ids, 58, KVCache(len(stage.blocks), 64), None)
+        cache = compiled.cache(len(stage.blocks), 64, 0)
+        graphs = counters["stats"]["unique_graphs"]
+        assert greedy(stage, ids, 58, cache, compiled) == want and cache.length == 64
+        assert compiled.steps == 2 * 23 + 57 and counters["stats"]["unique_graphs"] == graphs
+        compiled.release(cache)
+        # A shape the warm-up did not compile (1 row; run() pads it to 2) is compiled when it comes, not refused
+        # by the guard-skipping stance, and gives the eager rows.
+        cache, ref = compiled.cache(len(stage.blocks), 64, 0), KVCache(len(stage.blocks), 64)
+        x = stage.embed(torch.tensor([ids]), 0)
+        stage.run_blocks(x, cache), stage.run_blocks(x, ref)
+        x = stage.embed(torch.tensor([[5]]), 7)
+        got = compiled.step(x, torch.tensor([7]), torch.tensor([cache.slot]), 8)
+        assert torch.allclose(got, stage.run_blocks(x, Batch([ref], [1])), atol=1e-5)
+        assert compiled.warmed and counters["stats"]["unique_graphs"] == graphs + 1
+        compiled.release(cache)
         split_steps_give_the_eager_tokens(stage, compiled)
 
 
@@ -135,7 +155,7 @@ def split_steps_give_the_eager_tokens(stage, compiled: CompiledDecode):
     assert got == [want[0], want[1][:11]] and compiled.steps == before + 11
     # kv_bytes counts a slotted request's positions (17 written), not its slot's 64, and b's own buffers.
     slot_bytes = compiled.nbytes // (compiled.slots + 1)
-    assert compiled.cache_bytes(a) == 17 * compiled.per_token == 17 * slot_bytes // 64
+    assert compiled.cache_bytes(a) == 17 * compiled.per_token == 17 * slot_bytes // 65  # (64 and a spare)
     assert compiled.cache_bytes(b) == b.nbytes() > 0
     # A cache whose buffers left the slot (a reallocation) is no longer the graph's to write.
     assert compiled.fits(a, 1) and not compiled.fits(a, 2)
@@ -151,7 +171,6 @@ def split_steps_give_the_eager_tokens(stage, compiled: CompiledDecode):
 @pytest.mark.parametrize("family,blocks,group,groups", [("gpt2", 5, 4, [3, 2]), ("qwen3", 2, 1, [1, 1])])
 def test_a_stage_of_another_family_compiled_decodes_the_eager_tokens(family, blocks, group, groups, tmp_path,
                                                                       monkeypatch):
-    from torch._dynamo.utils import counters
 
     from smolcluster.inference import compiled as compiled_module
 

@@ -88,7 +88,9 @@ def llama_blocks(blocks, x, shared, pos, slots, ks, vs):
         # One query per request: each kv head's group of query heads as its sequence (as the eager path does
         # for a single query with a mask), so grouped-query attention needs no repeated keys.
         q = q.reshape(rows, n_kv, att.groups, head_dim)
-        out = F.scaled_dot_product_attention(q, kc[slots], vc[slots], attn_mask=mask, scale=att.scaling)
+        seen = mask.shape[-1]
+        out = F.scaled_dot_product_attention(q, kc.narrow(2, 0, seen)[slots],
+                                             vc.narrow(2, 0, seen)[slots], attn_mask=mask, scale=att.scaling)
         x = x + att.o_proj(out.reshape(rows, 1, -1))
         x = x + block.mlp(block.post_attention_layernorm(x))
     return x
@@ -108,7 +110,9 @@ def gpt2_blocks(blocks, x, mask, pos, slots, ks, vs):
                    for t in att.c_attn(block.ln_1(x)).chunk(3, dim=2))
         kc[slots, :, pos] = k[:, :, 0]
         vc[slots, :, pos] = v[:, :, 0]
-        out = F.scaled_dot_product_attention(q, kc[slots], vc[slots], attn_mask=mask, scale=att.scaling)
+        seen = mask.shape[-1]
+        out = F.scaled_dot_product_attention(q, kc.narrow(2, 0, seen)[slots],
+                                             vc.narrow(2, 0, seen)[slots], attn_mask=mask, scale=att.scaling)
         x = att.c_proj(out.transpose(1, 2).reshape(rows, 1, hidden)) + x
         # serving's tanh GELU (gpt2.gelu_new in inference mode), named here: the graph has no inference-mode branch
         x = x + block.mlp.c_proj(F.gelu(block.mlp.c_fc(block.ln_2(x)), approximate="tanh"))
@@ -169,9 +173,11 @@ class CompiledDecode:
         self.stage, self.slots, self.positions, self.device, self.dtype = stage, slots, positions, device, dtype
         self.buckets = sorted(buckets) if buckets else buckets_up_to(slots)  # (the largest must be >= slots)
         n = len(stage.blocks)
-        # One slot more than requests may hold: the padding rows of a bucket write there.
+        # One slot more than requests may hold: the padding rows of a bucket write there. One position more than a
+        # request may use: a step's slice of the first `seen` positions is then never the whole buffer, which the
+        # graph would otherwise specialize on (a contiguity check) and recompile for.
         with torch.inference_mode():
-            self.ks = [torch.zeros(slots + 1, kv_heads, positions, head_dim, dtype=dtype, device=device)
+            self.ks = [torch.zeros(slots + 1, kv_heads, positions + 1, head_dim, dtype=dtype, device=device)
                        for _ in range(n)]
             self.vs = [torch.zeros_like(k) for k in self.ks]
         self.free = list(range(slots))
@@ -191,17 +197,42 @@ class CompiledDecode:
         self.prelude, self.groups = prelude, group_sizes(n)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
                                                    len(self.buckets) * len(set(self.groups)))
-        self.fn = torch.compile(blocks, dynamic=False, fullgraph=True)
+        # cpp_wrapper: the graph's kernel calls from generated C++, not a generated Python function (a 6-block
+        # int8 group makes ~150 calls a step, each a Python line and an allocation there).
+        self.fn = torch.compile(blocks, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
+        self.warmed = False
 
-    def step(self, x: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """The blocks over one row per request (``x``: (1, rows, hidden)), a compiled group at a time."""
-        rows, i = x.shape[1], 0
+    def step(self, x: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, seen: int) -> torch.Tensor:
+        """The blocks over one row per request (``x``: (1, rows, hidden)), a compiled group at a time, attending
+        over the first ``seen`` positions of each slot (past every row's position)."""
+        rows, i, x0 = x.shape[1], 0, x
         x = x.view(rows, 1, -1)
-        shared = self.prelude(self.stage, x, pos, self.positions)
-        for g in self.groups:
-            x = self.fn(tuple(self.layers[i:i + g]), x, shared, pos, slots, tuple(self.ks[i:i + g]),
-                        tuple(self.vs[i:i + g]))
-            i += g
+        shared = self.prelude(self.stage, x, pos, max(seen, 2))
+        # The mask's length is the graph's one dynamic size: a step reads its slots' positions up to the longest
+        # request's, not the slot's whole buffer (at 512 positions that was a third of an int8 step), and one
+        # graph serves every length. (2 at least: dynamo specializes a size of 0 or 1.)
+        mask = shared[-1] if isinstance(shared, tuple) else shared
+        torch._dynamo.mark_dynamic(mask, 3, min=2, max=self.positions)
+        # Once every bucket is compiled, dynamo checks only the guards that tell its graphs apart (its "skip
+        # guard eval" stance), not each group's ~4,000 guards on the blocks' every attribute and tensor, at every
+        # call. Safe here: the warm-up compiled every shape run() lets in, for these very blocks. A step that would
+        # still need a graph raises instead of compiling, and is run again with the guards on (the rows' keys
+        # and values are written again, the same).
+        try:
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=self.warmed):
+                for g in self.groups:
+                    x = self.fn(tuple(self.layers[i:i + g]), x, shared, pos, slots, tuple(self.ks[i:i + g]),
+                                tuple(self.vs[i:i + g]))
+                    i += g
+        except RuntimeError as e:
+            if not self.warmed or "skip_guard_eval_unsafe" not in str(e):
+                raise
+            logger.warning(f"compiled decode: a step of {rows} row(s) had no graph; compiling one ({e})")
+            self.warmed = False
+            try:
+                return self.step(x0, pos, slots, seen)
+            finally:
+                self.warmed = True
         return x.view(1, rows, -1)
 
     def warm(self, name: str) -> None:
@@ -215,8 +246,9 @@ class CompiledDecode:
             with torch.inference_mode():
                 pad = torch.full((rows,), self.slots, dtype=torch.long, device=self.device)
                 self.step(torch.zeros(1, rows, self.hidden, dtype=self.dtype, device=self.device),
-                          torch.zeros(rows, dtype=torch.long, device=self.device), pad)
+                          torch.zeros(rows, dtype=torch.long, device=self.device), pad, self.positions)
             logger.info(f"{name}: decode step for {rows} row(s) ready in {time.perf_counter() - t0:.1f}s")
+        self.warmed = True
 
     def cache(self, n_layers: int, limit: int, slack: int) -> KVCache | None:
         """A request's KV cache in a free slot (None: none free, or it may outgrow the slots' positions)."""
@@ -275,7 +307,8 @@ class CompiledDecode:
         pos = [c.length for c in batch.caches] + [0] * (bucket - rows)
         if bucket > rows:
             x = torch.cat([x, x.new_zeros(1, bucket - rows, x.shape[2])], dim=1)
-        out = self.step(x, torch.tensor(pos, device=self.device), torch.tensor(slots, device=self.device))
+        out = self.step(x, torch.tensor(pos, device=self.device), torch.tensor(slots, device=self.device),
+                        max(pos) + 1)
         for c in batch.caches:
             c.hi = [h + 1 for h in c.hi]
             c.length += 1
