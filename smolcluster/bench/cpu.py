@@ -227,7 +227,10 @@ else:
     if side.endswith("/compile"):  # compile=true's decode step (one slot; compiled before the timed runs)
         from smolcluster.inference.compiled import CompiledDecode
         from smolcluster.pipeline.architectures.base import Batch
-        compiled = CompiledDecode(stage, 1, len(prompt) + n + 8, stage.compute_dtype, torch.device("cpu"), [1])
+        from smolcluster.inference.stage import ServeConfig
+        # serving's slot length (the steps attend over the positions written, whatever the slot's length)
+        positions = max(ServeConfig.compile_positions, len(prompt) + n + 8)
+        compiled = CompiledDecode(stage, 1, positions, stage.compute_dtype, torch.device("cpu"), [1])
         t0 = time.perf_counter()
         compiled.warm("bench")
         compile_s = time.perf_counter() - t0

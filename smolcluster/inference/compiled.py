@@ -5,11 +5,13 @@ PyTorch each op is a Python call and a kernel launch. Inductor (its CPU C++/Open
 a C++ compiler) fuses the ops between the matmuls into a few loops and runs the step without the interpreter.
 
 For that the shapes must stay fixed, as in gpt-fast: every request that can use the compiled path holds a
-*slot* of one preallocated KV cache per block, ``(slots + 1, kv_heads, positions, head_dim)``, and a step
-writes each row's key/value at (its slot, its position) and attends over the slot's whole buffer with the
-positions past its own masked out. The graph then depends only on how many rows the step has, padded up to a
-*bucket* (1, 2, 4, ... up to ``slots``; the padding rows use the spare last slot): one graph per bucket,
-compiled when the stage starts, before it serves, with a log line each.
+*slot* of one preallocated KV cache per block, ``(slots + 1, kv_heads, positions + 1, head_dim)``, and a step
+writes each row's key/value at (its slot, its position) and attends over its slot's first ``seen`` positions
+(the longest row's), with the positions past its own masked out. ``seen`` is the graph's one dynamic size;
+otherwise it depends only on how many rows the step has, padded up to a *bucket* (1, 2, 4, ... up to
+``slots``; the padding rows use the spare last slot): one graph per bucket, compiled when the stage starts,
+before it serves, with a log line each. Its kernel calls are made from C++ (inductor's ``cpp_wrapper``), and
+once warm a call checks only the guards that tell the graphs apart (:meth:`CompiledDecode.step`).
 
 A graph covers a group of consecutive blocks (up to :data:`GROUP_BLOCKS`, :func:`group_sizes`), not the whole
 stage: the blocks' weights are its inputs, so every group of a size runs through the same graph (regional
