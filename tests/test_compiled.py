@@ -126,7 +126,7 @@ def test_a_padded_step_and_a_reused_slot_decode_the_eager_tokens(llama_stage):
         x = stage.embed(torch.tensor([[5]]), 7)
         got = compiled.step(x, torch.tensor([7]), torch.tensor([cache.slot]), 8)
         assert torch.allclose(got, stage.run_blocks(x, Batch([ref], [1])), atol=1e-5)
-        assert compiled.warmed and counters["stats"]["unique_graphs"] == graphs + 1
+        assert compiled.warmed and compiled.missed == 1 and counters["stats"]["unique_graphs"] == graphs + 1
         compiled.release(cache)
         split_steps_give_the_eager_tokens(stage, compiled)
 
@@ -186,6 +186,24 @@ def test_a_stage_of_another_family_compiled_decodes_the_eager_tokens(family, blo
         want = greedy(stage, ids, 20, KVCache(len(stage.blocks), 64), None)
         assert greedy(stage, ids, 20, compiled.cache(len(stage.blocks), 64, 0), compiled) == want
         assert compiled.steps == 19 and counters["stats"]["unique_graphs"] == graphs + len(set(groups))
+
+
+def test_two_compiled_stages_in_one_process_keep_their_own_graphs(llama_stage, tmp_path):
+    """A test's or a bench's process may hold stages of two models: each CompiledDecode's graphs are its own
+    (isolate_recompiles), so skipping guards once warm picks among them only. Shared, stepping the Llama after
+    warming a Qwen2 (q/k/v biases) broke on a skipped guard (KeyError 'bias')."""
+    build("qwen2", n_layer=2).save_pretrained(tmp_path)
+    (qwen,), _ = stages_of(tmp_path, 1)
+    with torch.inference_mode():
+        pairs = [(stage, CompiledDecode(stage, 1, 32, torch.float32, "cpu", buckets=[1])) for stage in (llama_stage, qwen)]
+        for _, compiled in pairs:
+            compiled.warm("test")
+        for stage, compiled in pairs + pairs[::-1]:
+            ids = prompt(6, 5, stage.shape.vocab_size)
+            want = greedy(stage, ids, 8, KVCache(len(stage.blocks), 32), None)
+            cache = compiled.cache(len(stage.blocks), 32, 0)
+            assert greedy(stage, ids, 8, cache, compiled) == want and compiled.missed == 0
+            compiled.release(cache)
 
 
 def test_a_stage_is_compiled_in_few_groups_of_few_sizes():

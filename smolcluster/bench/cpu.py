@@ -228,7 +228,7 @@ else:
         from smolcluster.inference.compiled import CompiledDecode
         from smolcluster.pipeline.architectures.base import Batch
         from smolcluster.inference.stage import ServeConfig
-        # serving's slot length (the steps attend over the positions written, whatever the slot's length)
+        # serving's default slot length, compile_positions (a step reads the positions written, whatever the slot's)
         positions = max(ServeConfig.compile_positions, len(prompt) + n + 8)
         compiled = CompiledDecode(stage, 1, positions, stage.compute_dtype, torch.device("cpu"), [1])
         t0 = time.perf_counter()

@@ -40,6 +40,7 @@ Whether compiling pays on a CPU: ``bench quantize --decode`` has an eager-vs-com
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from pathlib import Path
@@ -167,8 +168,11 @@ class CompiledDecode:
             self.layers = list(stage.transformer.h.values())
         else:
             raise ConfigError(f"compile=true: {type(stage).__name__} has no compiled decode step; set compile=false")
-        if slots < 1 or positions < 1:
-            raise ConfigError(f"compile_slots={slots}, compile_positions={positions}: both must be at least 1")
+        if slots < 1 or positions < 2:
+            raise ConfigError(f"compile_slots={slots}, compile_positions={positions}: at least 1 slot of 2 positions")
+        if "isolate_recompiles" not in inspect.signature(torch.compile).parameters:
+            raise ConfigError(f"compile=true needs a newer torch than {torch.__version__} (torch.compile's "
+                              f"isolate_recompiles): pip install -U torch, or set compile=false")
         if buckets and max(buckets) < slots:
             raise ConfigError(f"compiled buckets {buckets}: the largest must be at least compile_slots={slots} "
                               f"(a step of every slot must have a graph)")
@@ -197,12 +201,16 @@ class CompiledDecode:
         # One graph per bucket and group size, and no more: a shape outside them would recompile mid-serving (fits()
         # keeps them out).
         self.prelude, self.groups = prelude, group_sizes(n)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                                   len(self.buckets) * len(set(self.groups)))
         # cpp_wrapper: the graph's kernel calls from generated C++, not a generated Python function (a 6-block
-        # int8 group makes ~150 calls a step, each a Python line and an allocation there).
-        self.fn = torch.compile(blocks, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
+        # int8 group makes ~150 calls a step, each a Python line and an allocation there). isolate_recompiles:
+        # this stage's graphs in a cache of their own, not shared through the function with another CompiledDecode
+        # in the process (a test's, a bench's): the guard-skipping stance tells only this cache's graphs apart.
+        # Its limit leaves room for a graph the warm-up missed (step() compiles it rather than fail).
+        self.fn = torch.compile(blocks, dynamic=False, fullgraph=True, options={"cpp_wrapper": True},
+                                isolate_recompiles=True,
+                                recompile_limit=2 * len(self.buckets) * len(set(self.groups)) + 8)
         self.warmed = False
+        self.missed = 0  # steps the guard-skipping stance refused after warm-up (each compiled then, with a warning)
 
     def step(self, x: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, seen: int) -> torch.Tensor:
         """The blocks over one row per request (``x``: (1, rows, hidden)), a compiled group at a time, attending
@@ -219,17 +227,19 @@ class CompiledDecode:
         # guard eval" stance), not each group's ~4,000 guards on the blocks' every attribute and tensor, at every
         # call. Safe here: the warm-up compiled every shape run() lets in, for these very blocks. A step that would
         # still need a graph raises instead of compiling, and is run again with the guards on (the rows' keys
-        # and values are written again, the same).
+        # and values are written again, the same). The stance is the process's: steps are the stage's one
+        # compute thread.
         try:
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=self.warmed):
                 for g in self.groups:
                     x = self.fn(tuple(self.layers[i:i + g]), x, shared, pos, slots, tuple(self.ks[i:i + g]),
                                 tuple(self.vs[i:i + g]))
                     i += g
-        except RuntimeError as e:
-            if not self.warmed or "skip_guard_eval_unsafe" not in str(e):
+        except Exception as e:  # (dynamo's stance error is a RuntimeError; a skipped guard may fail otherwise)
+            if not self.warmed:
                 raise
             logger.warning(f"compiled decode: a step of {rows} row(s) had no graph; compiling one ({e})")
+            self.missed += 1
             self.warmed = False
             try:
                 return self.step(x0, pos, slots, seen)
