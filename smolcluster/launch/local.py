@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from smolcluster.cluster import free_ports, python_cmd  # noqa: F401 (free_ports: the launchers' and tests' home for it)
+from smolcluster.cluster import free_ports, python_cmd
 from smolcluster.errors import PeerError
 from smolcluster.launch.overrides import child_overrides
 from smolcluster.launch.supervisor import Children, stop_process_groups
