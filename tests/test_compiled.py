@@ -122,7 +122,8 @@ def test_a_padded_step_and_a_reused_slot_decode_the_eager_tokens(llama_stage):
         # by the guard-skipping stance, and gives the eager rows.
         cache, ref = compiled.cache(len(stage.blocks), 64, 0), KVCache(len(stage.blocks), 64)
         x = stage.embed(torch.tensor([ids]), 0)
-        stage.run_blocks(x, cache), stage.run_blocks(x, ref)
+        stage.run_blocks(x, cache)
+        stage.run_blocks(x, ref)
         x = stage.embed(torch.tensor([[5]]), 7)
         got = compiled.step(x, torch.tensor([7]), torch.tensor([cache.slot]), 8)
         assert torch.allclose(got, stage.run_blocks(x, Batch([ref], [1])), atol=1e-5)
@@ -171,7 +172,6 @@ def split_steps_give_the_eager_tokens(stage, compiled: CompiledDecode):
 @pytest.mark.parametrize("family,blocks,group,groups", [("gpt2", 5, 4, [3, 2]), ("qwen3", 2, 1, [1, 1])])
 def test_a_stage_of_another_family_compiled_decodes_the_eager_tokens(family, blocks, group, groups, tmp_path,
                                                                       monkeypatch):
-
     from smolcluster.inference import compiled as compiled_module
 
     build(family, n_layer=blocks).save_pretrained(tmp_path)

@@ -101,12 +101,12 @@ def llama_blocks(blocks, x, shared, pos, slots, ks, vs):
 
 def gpt2_prelude(stage: GPT2Stage, x, pos, size: int):
     rows = x.shape[0]
-    return (torch.arange(size, device=x.device) <= pos.view(rows, 1)).view(rows, 1, 1, size)
+    return ((torch.arange(size, device=x.device) <= pos.view(rows, 1)).view(rows, 1, 1, size),)
 
 
-def gpt2_blocks(blocks, x, mask, pos, slots, ks, vs):
+def gpt2_blocks(blocks, x, shared, pos, slots, ks, vs):
     """GPT-2 blocks over one row per request, as :func:`llama_blocks` (``GPT2Stage.run_blocks``'s operations)."""
-    rows, hidden = x.shape[0], x.shape[2]
+    (mask,), rows, hidden = shared, x.shape[0], x.shape[2]
     for block, kc, vc in zip(blocks, ks, vs):
         att, n_head = block.attn, kc.shape[1]
         q, k, v = (t.view(rows, 1, n_head, hidden // n_head).transpose(1, 2)
@@ -221,8 +221,7 @@ class CompiledDecode:
         # The mask's length is the graph's one dynamic size: a step reads its slots' positions up to the longest
         # request's, not the slot's whole buffer (at 512 positions that was a third of an int8 step), and one
         # graph serves every length. (2 at least: dynamo specializes a size of 0 or 1.)
-        mask = shared[-1] if isinstance(shared, tuple) else shared
-        torch._dynamo.mark_dynamic(mask, 3, min=2, max=self.positions)
+        torch._dynamo.mark_dynamic(shared[-1], 3, min=2, max=self.positions)  # (every prelude's mask comes last)
         # Once every bucket is compiled, dynamo checks only the guards that tell its graphs apart (its "skip
         # guard eval" stance), not each group's ~4,000 guards on the blocks' every attribute and tensor, at every
         # call. Safe here: the warm-up compiled every shape run() lets in, for these very blocks. A step that would
