@@ -122,10 +122,14 @@ def test_served_greedy_equals_peft_generate_and_mixed_requests_equal_their_solo_
     # (None until a stage's beacon after it serves): one at a time, no step mixed adapters
     assert wait_until(lambda: all(isinstance(m, int) for m in mixed_steps(pipe)), 60), mixed_steps(pipe)
     assert not any(mixed_steps(pipe)), mixed_steps(pipe)
-    reqs = [pipe.submit(p, max_new_tokens=16, stop_at_eos=False, adapter=a) for a, p in cases]  # together
-    assert [r.tokens() for r in reqs] == [solo[a] for a, _ in cases]
-    # they shared steps: rows of different adapters (or of one and the base) in one forward, on each stage
-    assert wait_until(lambda: min((m or 0) for m in mixed_steps(pipe)) > 0, 60), mixed_steps(pipe)
+    # Together, until they shared steps on each stage (rows of different adapters, or of one and the base, in one
+    # forward): under load a request may finish before the next arrives, so the scene is set up again then.
+    for _ in range(5):
+        reqs = [pipe.submit(p, max_new_tokens=16, stop_at_eos=False, adapter=a) for a, p in cases]
+        assert [r.tokens() for r in reqs] == [solo[a] for a, _ in cases]
+        if wait_until(lambda: min((m or 0) for m in mixed_steps(pipe)) > 0, 10):
+            break
+    assert min((m or 0) for m in mixed_steps(pipe)) > 0, mixed_steps(pipe)
     with pytest.raises(ConfigError, match="no adapter 'gamma' here: this pipeline serves adapters alpha, beta"):
         pipe.submit(prompt(4, 3), adapter="gamma")
 

@@ -79,7 +79,8 @@ def test_a_draft_model_that_is_the_target_has_every_proposal_kept_as_requests_an
     build("llama").save_pretrained(model)
     telemetry = {"prometheus_port": 0, "run_dir": str(run_dir), "run_id": "spec"}
     with InferencePipeline.start_local(model, stages=2, heartbeat_s=0.1, liveness_s=5.0, eos_ids=[],
-                                       speculate={"k": K, "draft": str(model)}, telemetry=telemetry) as pipe:
+                                       speculate={"k": K, "draft": str(model), "adaptive": False},  # k fixed:
+                                       telemetry=telemetry) as pipe:  # adaptive's k follows measured times
         plain = pipe.submit(repeating(5), max_new_tokens=30, speculate="off")
         assert plain.tokens() and plain.drafted == 0
         reqs = [pipe.submit(repeating(5), max_new_tokens=30) for _ in range(2)]
