@@ -58,6 +58,8 @@ def run(cfg: DictConfig) -> dict | None:
         StageServer(serve_config_from(p)).run()
         return None
     prompt = read_prompt(s)
+    if p.compile == "auto":  # one prompt's tokens would not repay a compile (tens of seconds a shape, cold)
+        p.compile = "false"
     from smolcluster.inference.from_config import pipeline_from_config
     from smolcluster.node.coordinator import agent_stages
 

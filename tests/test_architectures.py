@@ -257,7 +257,8 @@ def test_real_stage_processes_generate_like_transformers_and_stop_at_every_eos(s
         from smolcluster.pipeline.quantize import StageFormat, kernels
 
         assert pipe.model_info == {"architecture": model.config.model_type, "context": 128, "vocab_size": VOCAB,
-                                   "kernels": [kernels(StageFormat())] * stages}
+                                   "kernels": [kernels(StageFormat())] * stages,
+                                   "decode": ["compiled decode: off"] * stages}
         assert len(pipe.client.partition) == stages
         reqs = [pipe.submit(p, max_new_tokens=30, stop_at_eos=False) for p in (p1, p2, prompt(5, 1))]
         assert [r.tokens() for r in reqs] == [hf_greedy(model, p, 30) for p in (p1, p2, prompt(5, 1))]

@@ -63,7 +63,11 @@ def test_chat_head_on_running_stages_equals_infer_and_leaves_the_stages_serving(
             h = health.json()
             assert h["status"] == "ok" and h["context"] == 256 and h["model"] == run_dir.name
             assert [(s["name"], s["lost"]) for s in h["stages"]] == [("s0", False), ("s1", False)]
-            assert [m["id"] for m in http.get("/v1/models").json()["data"]] == [run_dir.name]
+            card, = http.get("/v1/models").json()["data"]
+            assert card["id"] == run_dir.name
+            # compile=auto (the default) left each tiny stage eager, and each stage says why
+            assert [d.split(",")[0] for d in card["decode"]] == ["compiled decode: off (compile=auto: eager"] * 2
+            assert all(re.search(r"its blocks hold [0-9.]+M parameters, under 10M", d) for d in card["decode"]), card
 
             r = http.post("/v1/completions", json={"model": run_dir.name, "prompt": PROMPT,
                                                    "max_tokens": MAX_NEW, "temperature": 0})

@@ -237,12 +237,46 @@ def test_what_is_not_compiled_is_refused_in_one_line(llama_dir, tmp_path):
         CompiledDecode(llama, 2, 64, torch.float32, "cpu", buckets=[1])
 
 
+def test_compile_auto_compiles_only_a_cpu_stage_large_enough_that_can_and_says_why_not(llama_stage, tmp_path):
+    from smolcluster.inference.compiled import AUTO_MIN_PARAMS, compile_mode, eager_reason
+
+    assert [compile_mode(v) for v in (True, False, "True", "false", "AUTO")] == ["true", "false", "true", "false",
+                                                                                 "auto"]
+    with pytest.raises(ConfigError, match="compile=maybe is invalid: choose auto"):
+        compile_mode("maybe")
+    big, budget = AUTO_MIN_PARAMS, 1 << 30
+    # A stage of the size where it pays, on this machine (g++, torch.compile's isolate_recompiles): it compiles.
+    assert eager_reason(llama_stage, big, 1 << 20, budget, {}) is None
+    # Each reason to stay eager, in words a user reads in the stage's startup line and /v1/models.
+    assert eager_reason(llama_stage, 123_456, 1 << 20, budget, {}) == (
+        "its blocks hold 0.1M parameters, under 10M: its eager step is already cheap")
+    assert eager_reason(llama_stage, big, 1 << 20, budget, {"sql": "DIR"}) == "it serves LoRA adapters"
+    assert "KV slots (600 MB) would take over half the KV budget (1024 MB" in eager_reason(
+        llama_stage, big, 600 << 20, budget, {})
+    build("mistral-window").save_pretrained(tmp_path)
+    (window,), _ = stages_of(tmp_path, 1)
+    assert eager_reason(window, big, 1 << 20, budget, {}) == "sliding-window attention (Mistral) is not compiled"
+    # compile=auto with adapters is no error (those stages stay eager); true still is.
+    check_compile("auto", {"a": "DIR"})
+    with pytest.raises(ConfigError, match="set compile=false"):
+        check_compile("True", {"a": "DIR"})
+
+
+def test_compile_auto_stages_of_a_tiny_model_decode_eagerly_and_say_why(llama_dir):
+    with InferencePipeline.start_local(llama_dir, compile="auto", **STAGE) as pipe:
+        assert all(d.startswith("compiled decode: off (compile=auto: eager, its blocks hold ") for d in
+                   pipe.model_info["decode"]), pipe.model_info
+        assert len(pipe.submit(prompt(0, 4, 101), max_new_tokens=6, stop_at_eos=False).tokens()) == 6
+        assert compiled_steps(pipe) == [0, 0]
+
+
 def test_a_head_waits_longer_for_compiling_stages_and_says_why():
     from smolcluster.errors import PeerError
     from smolcluster.inference.api import COMPILE_CONNECT_S, connect_wait
     from smolcluster.inference.client import PipelineClient
 
     assert connect_wait(60.0, False) == (60.0, "") and connect_wait(60.0, True)[0] == COMPILE_CONNECT_S
+    assert connect_wait(60.0, "auto")[0] == COMPILE_CONNECT_S  # a stage decides for itself: any may compile
     assert connect_wait(2000.0, True)[0] == 2000.0  # a longer wait the user gave is kept
     _, hint = connect_wait(0.3, True)
     with pytest.raises(PeerError, match="compile=true .*raise cluster.connect_timeout_s"):

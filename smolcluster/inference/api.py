@@ -62,26 +62,33 @@ def checked_formats(base: dict, given: list[dict] | None, stages: int) -> list[d
     return formats
 
 
-# compile=true: stages compile every bucket's graph before they answer; cold, on a small busy CPU, that takes
-# minutes, more than the usual connect timeouts. The heads and stages wait at least this long.
+# compile=true (or auto, where a stage finds it pays): stages compile every bucket's graph before they answer;
+# cold, on a small busy CPU, that takes minutes, more than the usual connect timeouts. The heads and stages wait
+# at least this long.
 COMPILE_CONNECT_S = 900.0
 
 
-def connect_wait(timeout_s: float, compile: bool) -> tuple[float, str]:
-    """The connect timeout (raised for ``compile=true``) and what a timeout's message adds."""
-    if not compile:
+def connect_wait(timeout_s: float, compile: bool | str) -> tuple[float, str]:
+    """The connect timeout (raised where stages may compile: ``compile=true|auto``) and what a timeout's message
+    adds."""
+    from smolcluster.inference.compiled import compile_mode
+
+    mode = compile_mode(compile)
+    if mode == "false":
         return timeout_s, ""
     return max(timeout_s, COMPILE_CONNECT_S), (
-        f"; with compile=true a stage answers only after compiling (minutes cold): raise cluster.connect_timeout_s "
-        f"(waited {max(timeout_s, COMPILE_CONNECT_S):.0f}s) or set compile=false")
+        f"; with compile={mode} a stage may answer only after compiling (minutes cold): raise "
+        f"cluster.connect_timeout_s (waited {max(timeout_s, COMPILE_CONNECT_S):.0f}s) or set compile=false")
 
 
-def check_compile(compile: bool, adapters) -> None:
+def check_compile(compile: bool | str, adapters) -> None:
     """``compile=true`` compiles stages without LoRA adapters (fp32, bf16, int8, int4): refused here, before any
-    stage starts (each stage checks again, StageServer.open_compiled)."""
-    if compile and adapters:
+    stage starts (each stage checks again, StageServer.open_compiled). ``compile=auto`` leaves them eager."""
+    from smolcluster.inference.compiled import compile_mode
+
+    if compile_mode(compile) == "true" and adapters:
         raise ConfigError("compile=true compiles stages without LoRA adapters for now; this pipeline has LoRA "
-                          "adapters: set compile=false")
+                          "adapters: set compile=false (or auto)")
 
 
 def check_speculate(speculate: dict | None, config: dict) -> dict:
@@ -117,7 +124,7 @@ class InferencePipeline:
                     formats: list[dict] | None = None, telemetry: dict | None = None,
                     co_located: bool = True, turns: bool | None = None,
                     adapters: dict[str, str] | None = None, speculate: dict | None = None,
-                    prefix_cache: bool = True, prefix_block: int = 32, compile: bool = False,
+                    prefix_cache: bool = True, prefix_block: int = 32, compile: bool | str = False,
                     compile_slots: int = 4) -> InferencePipeline:
         """Start ``stages`` stage processes on this machine and connect to them.
 
@@ -147,6 +154,7 @@ class InferencePipeline:
         ``compile``: each stage runs decode-only steps of up to ``compile_slots`` requests through
         ``torch.compile`` (:mod:`.compiled`); it compiles before it serves (minutes the first time on a small
         CPU, then from the disk cache): the wait for the stages is then at least ``COMPILE_CONNECT_S``.
+        ``"auto"``: each stage compiles where it pays (:func:`.compiled.eager_reason`), else runs eagerly.
         """
         if head not in ("first", "last"):
             raise ConfigError(f"head={head!r} is invalid: choose first or last")
@@ -231,7 +239,7 @@ class InferencePipeline:
     def connect(cls, addresses: list[str], *, tokenizer=None, eos_ids: int | list[int] | None = None,
                 host: str = "127.0.0.1",
                 port: int = 0, heartbeat_s: float = 1.0, liveness_s: float = 10.0, connect_timeout_s: float = 60.0,
-                keys_dir: str | None = None, compile: bool = False) -> InferencePipeline:
+                keys_dir: str | None = None, compile: bool | str = False) -> InferencePipeline:
         """Use stages already running (``python -m smolcluster.infer role=stage rank=N`` on each node).
 
         ``host`` is this machine's address as the stages can reach it (they connect back to it,
@@ -278,9 +286,11 @@ class InferencePipeline:
 
     @property
     def model_info(self) -> dict:
-        """What /v1/models reports: the architecture, context length, vocabulary size, each stage's matmul kernels."""
+        """What /v1/models reports: the architecture, context length, vocabulary size, each stage's matmul kernels
+        and decode step."""
         return {"architecture": self.client.shape.get("model_type", "gpt2"), "context": self.client.context,
-                "vocab_size": self.client.shape["vocab_size"], "kernels": self.client.kernels}
+                "vocab_size": self.client.shape["vocab_size"], "kernels": self.client.kernels,
+                "decode": self.client.decode_steps}
 
     @property
     def adapters(self) -> list[str]:

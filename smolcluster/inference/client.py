@@ -225,6 +225,7 @@ class PipelineClient:
         self.head_rank = int(infos[0]["head_rank"])
         self.partition = [info.get("blocks") for info in infos]
         self.kernels = [info.get("kernels", "") for info in infos]  # each stage's matmul kernels, in words
+        self.decode_steps = [info.get("decode", "") for info in infos]  # each stage's decode step: compiled or eager
         self.adapters: list[str] = list(infos[0].get("adapters") or {})  # the LoRA adapters a request may name
 
     @property

@@ -51,8 +51,6 @@ import torch
 # before torch._dynamo is imported: importing it fixes the variable to inductor's default.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "smolcluster" / "inductor"))
 
-import torch._dynamo  # noqa: E402
-import torch._inductor.config  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from loguru import logger  # noqa: E402
 
@@ -60,6 +58,70 @@ from smolcluster.errors import ConfigError
 from smolcluster.pipeline.architectures.base import Batch, KVCache
 from smolcluster.pipeline.architectures.gpt2 import GPT2Stage
 from smolcluster.pipeline.architectures.llama import LlamaStage, rotate_half
+
+# (torch._dynamo and torch._inductor are imported where a stage compiles, not here: importing them costs over a
+# second, which every stage would pay for compile=auto's question of whether to compile.)
+
+MODES = ("auto", "true", "false")
+
+
+def compile_mode(value) -> str:
+    """``compile=``'s value as one of :data:`MODES` (Hydra gives a bool for true/false, a str-typed key "True")."""
+    mode = str(value).lower()
+    if mode not in MODES:
+        raise ConfigError(f"compile={value} is invalid: choose auto (compile a stage's decode step where it pays), "
+                          f"true or false")
+    return mode
+
+
+# compile=auto compiles a stage whose blocks hold at least this many parameters. A compile costs about the same
+# per graph whatever the width (tens of seconds cold a bucket, seconds from the cache) while what it saves per
+# token grows with the stage, so a small stage's eager step is already cheap and a chat would not repay the wait
+# (bench cpu --compile and bench quantize --decode --compile, docs/benchmarks.md). It keeps the suite's tiny
+# models eager, too.
+AUTO_MIN_PARAMS = 10_000_000
+
+
+def unsupported(stage) -> str | None:
+    """Why ``stage`` has no compiled decode step (None: it has one)."""
+    if isinstance(stage, LlamaStage):
+        if any(w is not None for w in stage.shape.windows):
+            return "sliding-window attention (Mistral) is not compiled"
+        return None
+    if isinstance(stage, GPT2Stage):
+        return None
+    return f"{type(stage).__name__} has no compiled decode step"
+
+
+def toolchain_missing() -> str | None:
+    """Why this node cannot compile (None: it can): torch.compile's isolate_recompiles, and a C++ compiler for
+    inductor's CPU code."""
+    if "isolate_recompiles" not in inspect.signature(torch.compile).parameters:
+        return f"torch {torch.__version__} lacks torch.compile's isolate_recompiles (pip install -U torch)"
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as e:  # (inductor's search raises when no compiler it knows is on PATH)
+        return f"inductor finds no C++ compiler ({e}): install g++ (build-essential)"
+    return None
+
+
+def eager_reason(stage, params: int, pool_bytes: int, kv_budget: int, adapters) -> str | None:
+    """Why ``compile=auto`` leaves ``stage`` eager, or None where it compiles: a CPU stage without LoRA adapters,
+    of a family with a compiled step, with at least :data:`AUTO_MIN_PARAMS` parameters in its blocks
+    (``params``), whose slot caches (``pool_bytes``) take at most half its KV budget, on a node that can compile."""
+    if adapters:
+        return "it serves LoRA adapters"
+    if stage.device.type != "cpu":
+        return f"compiled steps are built for CPU stages and this one is on {stage.device}"
+    if params < AUTO_MIN_PARAMS:
+        return (f"its blocks hold {params / 1e6:.1f}M parameters, under {AUTO_MIN_PARAMS / 1e6:.0f}M: its eager "
+                f"step is already cheap")
+    if 2 * pool_bytes > kv_budget:
+        return (f"the compiled step's KV slots ({pool_bytes / 2**20:.0f} MB) would take over half the KV budget "
+                f"({kv_budget / 2**20:.0f} MB; serve.kv_cache_mb)")
+    return unsupported(stage) or toolchain_missing()
 
 
 def llama_prelude(stage: LlamaStage, x, pos, size: int):
@@ -153,26 +215,21 @@ class CompiledDecode:
     """A stage's compiled decode step and the slot caches it writes (see the module's docstring)."""
 
     def __init__(self, stage, slots: int, positions: int, dtype: torch.dtype, device, buckets: list[int] | None = None):
+        why = unsupported(stage) or toolchain_missing()
+        if why:
+            raise ConfigError(f"compile=true: {why}; set compile=false (or auto) for this stage")
         if isinstance(stage, LlamaStage):
             s = stage.shape
-            if any(w is not None for w in s.windows):
-                raise ConfigError("compile=true: sliding-window attention (Mistral) is not compiled; set "
-                                  "compile=false for this model")
             kv_heads, head_dim, self.hidden = s.n_kv_head, s.head_dim, s.hidden
             prelude, blocks = llama_prelude, llama_blocks
             self.layers = list(stage.model.layers.values())
-        elif isinstance(stage, GPT2Stage):
+        else:
             s = stage.shape
             kv_heads, head_dim, self.hidden = s.n_head, s.n_embd // s.n_head, s.n_embd
             prelude, blocks = gpt2_prelude, gpt2_blocks
             self.layers = list(stage.transformer.h.values())
-        else:
-            raise ConfigError(f"compile=true: {type(stage).__name__} has no compiled decode step; set compile=false")
         if slots < 1 or positions < 2:
             raise ConfigError(f"compile_slots={slots}, compile_positions={positions}: at least 1 slot of 2 positions")
-        if "isolate_recompiles" not in inspect.signature(torch.compile).parameters:
-            raise ConfigError(f"compile=true needs a newer torch than {torch.__version__} (torch.compile's "
-                              f"isolate_recompiles): pip install -U torch, or set compile=false")
         if buckets and max(buckets) < slots:
             raise ConfigError(f"compiled buckets {buckets}: the largest must be at least compile_slots={slots} "
                               f"(a step of every slot must have a graph)")
@@ -193,11 +250,15 @@ class CompiledDecode:
         self.per_token = 2 * sum(k[0, :, 0].numel() * k.element_size() for k in self.ks)
         self.steps = 0  # decode steps that ran compiled (the beacon shows it)
         self.cache_dir = os.environ["TORCHINDUCTOR_CACHE_DIR"]
-        torch._inductor.config.fx_graph_cache = True
+        # (imported here, not at the top: see the imports; `as` names, so `torch` stays the module's global here)
+        import torch._dynamo as _dynamo  # noqa: F401 (step() calls torch._dynamo.mark_dynamic)
+        import torch._inductor.config as inductor
+
+        inductor.fx_graph_cache = True
         # The generated loops single-threaded: a decode step's are a few thousand elements, too few to repay an
         # OpenMP fork/join, which an oversubscribed machine makes far worse; the matmuls (MKL) and attention keep
         # the stage's threads (bench quantize --decode --compile, docs/benchmarks.md).
-        torch._inductor.config.cpp.threads = 1
+        inductor.cpp.threads = 1
         # One graph per bucket and group size, and no more: a shape outside them would recompile mid-serving (fits()
         # keeps them out).
         self.prelude, self.groups = prelude, group_sizes(n)

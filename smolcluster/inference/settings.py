@@ -107,7 +107,7 @@ class Pipeline:
     precision: str = "fp32"
     quantize: str = "none"
     quantize_group: int = 64
-    compile: bool = False             # decode-only steps through torch.compile (inference/compiled.py)
+    compile: str = "auto"             # true | false | auto: decode-only steps through torch.compile (inference/compiled.py)
     partition: str = "even"           # even (cluster.nodes[i].weight) | auto (by each node's memory)
     max_active: int = 1               # requests at once (the chat's serve.max_active): partition=auto's KV need
     telemetry: dict = field(default_factory=dict)  # logging.prometheus / run_dir: what smolcluster.top reads
@@ -153,7 +153,7 @@ class CommonSchema:
     precision: str = "fp32"       # fp32 | bf16 | fp16 (cluster.nodes[i].precision overrides per node)
     quantize: str = "none"        # none | int8 | int4 (cluster.nodes[i].quantize overrides per node)
     quantize_group: int = 64      # int4's group size: 32 | 64 | 128
-    compile: bool = False         # stages run decode-only steps through torch.compile (inference/compiled.py)
+    compile: str = "auto"         # true | false | auto (where it pays): stages' decode steps through torch.compile
     partition: str = "even"       # even (cluster.nodes[i].weight) | auto (by cluster.nodes[i].memory_gb)
     max_new_tokens: int = 64
     # sampling: the keys are SamplingParams' (sampling_seed is its seed: `seed` is the random init's), and
@@ -196,6 +196,8 @@ def _plain(node) -> dict:
 
 
 def pipeline_settings(cfg) -> Pipeline:
+    from smolcluster.inference.compiled import compile_mode
+
     stages = int(cfg.stages)
     if stages < 1:
         raise ConfigError(f"stages={stages} is invalid: a pipeline needs at least one stage")
@@ -217,7 +219,7 @@ def pipeline_settings(cfg) -> Pipeline:
                     head=HeadPlace(cfg.head), role=Role(cfg.role), rank=cfg.get("rank"), head_host=cfg.head_host,
                     head_port=int(cfg.head_port), stage_log_level=cfg.stage_log_level, seed=int(cfg.seed),
                     kv_cache_mb=kv, links=ClusterSpec.of(_plain(cfg.cluster)), precision=str(cfg.precision),
-                    quantize=str(cfg.quantize), quantize_group=int(cfg.quantize_group), compile=bool(cfg.compile),
+                    quantize=str(cfg.quantize), quantize_group=int(cfg.quantize_group), compile=compile_mode(cfg.compile),
                     partition=partition,
                     max_active=int(cfg.serve.get("max_active") or 1), telemetry=_telemetry(cfg),
                     adapters=_adapters(cfg.get("adapters")), speculate=Speculate(**_plain(cfg.speculate)).check(),

@@ -112,7 +112,7 @@ class ServeConfig:
     speculate: dict = field(default_factory=dict)  # {"k", "lookup", "draft", ...}: settings.Speculate.fields() ({}: off)
     prefix_cache: bool = True         # keep served prefixes' KV for requests that start with them (prefix.py)
     prefix_block: int = 32            # ... in blocks of this many tokens
-    compile: bool = False             # decode-only steps through torch.compile (compiled.py)
+    compile: bool | str = False       # decode-only steps through torch.compile: true | false | auto (compiled.py)
     compile_slots: int = 4            # ... requests holding a static KV slot (the largest compiled step)
     compile_positions: int = 512      # ... positions per slot (a longer request decodes eagerly)
     extra: dict = field(default_factory=dict)
@@ -225,7 +225,6 @@ class StageServer:
         pin_attributes(self.stage)  # loaded for good: nn.Module's attribute lookups cost ~1-1.5 us each otherwise
         # Activations arrive in whatever type the sender computes in; this stage computes in its own.
         self.device, self.dtype = self.stage.device, self.stage.compute_dtype
-        self.compiled = self.open_compiled()
         # Stages sharing one machine take turns, each with all its cores, on one step of every running request,
         # when a stage is big enough for threads to pay (GPT-2 124M in bench pipeline: 1.11x of generate for one
         # request and 1.30x of padded generate at 8 in flight, against 0.62x and 0.79x with one thread each;
@@ -255,6 +254,7 @@ class StageServer:
         self.kv_budget = int(budget_mb * 2**20)
         element = next(self.stage.parameters()).element_size()
         self.kv_per_token = [self.arch.kv_bytes_per_token(len(sp.blocks), element) for sp in self.specs]
+        self.compiled, self.compile_note = self.open_compiled()
         # Tokens made and not yet streamed, per request: its head, [(token, index, made at)], done, reason
         self.to_heads: dict[str, list] = {}
         self.stream_s = max(0.0, float(sc.stream_interval_ms)) / 1000
@@ -277,24 +277,34 @@ class StageServer:
         self.prefix = self.open_prefix()
 
     def open_compiled(self):
-        """The compiled decode step (``compile=true``) and its slot caches; None when off."""
+        """The compiled decode step and its slot caches (None when off), and what ``compile=auto`` decided (or "")."""
         sc = self.sc
-        if not sc.compile:
-            return None
-        if sc.adapters:
-            raise ConfigError("compile=true compiles stages without LoRA adapters for now; this stage has adapters: "
-                              "set compile=false")
-        from smolcluster.inference.compiled import CompiledDecode
+        if not sc.compile:  # (false, not given: nothing imported)
+            return None, ""
+        from smolcluster.inference import compiled
 
-        return CompiledDecode(self.stage, sc.compile_slots, min(sc.compile_positions, self.arch.context), self.dtype,
-                              self.device)
+        mode = compiled.compile_mode(sc.compile)
+        if mode == "false":
+            return None, ""
+        positions = min(sc.compile_positions, self.arch.context)
+        if mode == "auto":
+            params = self.arch.numel(False, False, self.spec.blocks)
+            pool = (sc.compile_slots + 1) * (positions + 1) * self.kv_per_token[sc.rank]
+            why = compiled.eager_reason(self.stage, params, pool, self.kv_budget, sc.adapters)
+            if why:
+                return None, f"compile=auto: eager, {why}"
+        elif sc.adapters:
+            raise ConfigError("compile=true compiles stages without LoRA adapters for now; this stage has adapters: "
+                              "set compile=false (or auto)")
+        note = "compile=auto: compiled" if mode == "auto" else ""
+        return compiled.CompiledDecode(self.stage, sc.compile_slots, positions, self.dtype, self.device), note
 
     def compiled_line(self) -> str:
-        """What the startup line says of the compiled path."""
-        c = self.compiled
+        """What the startup line says of the compiled path (and why, for compile=auto)."""
+        c, why = self.compiled, f" ({self.compile_note})" if self.compile_note else ""
         if c is None:
-            return "compiled decode: off"
-        return (f"compiled decode: on, steps of {'/'.join(map(str, c.buckets))} rows, {c.slots} slots of "
+            return f"compiled decode: off{why}"
+        return (f"compiled decode: on{why}, steps of {'/'.join(map(str, c.buckets))} rows, {c.slots} slots of "
                 f"{c.positions} positions")
 
     def run_blocks(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -339,6 +349,7 @@ class StageServer:
             "role": "stage", "rank": sc.rank, "stages": sc.n_stages, "head_rank": self.head_rank,
             "serving": False, "blocks": [self.spec.blocks.start, self.spec.blocks.stop],
             "shape": self.arch.describe(), "kv_budget": self.kv_budget, "kernels": kernels(self.fmt),
+            "decode": self.compiled_line(),  # compiled or eager, and why (compile=auto): /v1/models says it
             "adapters": self.lora.digests if self.lora else {},  # {name: digest}: the head checks stages agree
             "prefix_block": self.prefix.block if self.prefix else 0,  # the prefix cache's (0: off); the same
         }

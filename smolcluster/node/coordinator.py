@@ -761,8 +761,8 @@ def _start_replicas(run: Run, p, replicas: list[list[NodeInfo]], keys: Path):
     from smolcluster.inference.settings import Role
 
     mode = p.links.auto.weights
-    args = [*child_overrides(drop=("stages=", "head="), keep=_STAGE_KEYS),
-            f"stages={p.stages}", f"head={p.head.value}"]  # chat's defaults are not necessarily infer's: say them
+    args = [*child_overrides(drop=("stages=", "head=", "compile="), keep=_STAGE_KEYS),  # chat's defaults are
+            f"stages={p.stages}", f"head={p.head.value}", f"compile={p.compile}"]  # not infer's: say them
     # stage i of every replica plans with the least memory among their nodes: the same split, one weight plan
     defaults = [{"memory_gb": min(ranks[i].memory_gb for ranks in replicas)} for i in range(p.stages)]
     plan, progress = None, None

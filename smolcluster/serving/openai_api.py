@@ -108,6 +108,7 @@ class OpenAIAPI:
         return ModelCard(id=model_id, created=self.created, owned_by="smolcluster",
                          architecture=info["architecture"], context_length=info["context"],
                          vocab_size=info["vocab_size"], kernels=info.get("kernels", []),
+                         decode=info.get("decode", []),
                          parent=self.model_name if model_id != self.model_name else None)
 
     async def list_models(self) -> JSONResponse:

@@ -277,6 +277,8 @@ class ModelCard(BaseModel):
     vocab_size: int
     kernels: list[str] = Field(default_factory=list, description="Each pipeline stage's matmul kernels, in words "
                                "(its precision's path on its machine: packed int8/int4, oneDNN bf16, ...).")
+    decode: list[str] = Field(default_factory=list, description="Each pipeline stage's decode step: compiled "
+                              "(torch.compile) or eager, and why where compile=auto chose.")
     parent: str | None = Field(None, description="A LoRA adapter's base model (its id is BASE:NAME); null for "
                                "the base model.")
 
