@@ -270,8 +270,11 @@ def test_compile_auto_stages_of_a_tiny_model_decode_eagerly_and_say_why(llama_di
         assert compiled_steps(pipe) == [0, 0]
 
 
-def test_a_head_waits_longer_for_compiling_stages_and_says_why():
+def test_a_head_waits_longer_for_compiling_stages_and_says_why(monkeypatch):
+    from loguru import logger
+
     from smolcluster.errors import PeerError
+    from smolcluster.inference import client
     from smolcluster.inference.api import COMPILE_CONNECT_S, connect_wait
     from smolcluster.inference.client import PipelineClient
 
@@ -279,8 +282,18 @@ def test_a_head_waits_longer_for_compiling_stages_and_says_why():
     assert connect_wait(60.0, "auto")[0] == COMPILE_CONNECT_S  # a stage decides for itself: any may compile
     assert connect_wait(2000.0, True)[0] == 2000.0  # a longer wait the user gave is kept
     _, hint = connect_wait(0.3, True)
-    with pytest.raises(PeerError, match="compile=true .*raise cluster.connect_timeout_s"):
-        PipelineClient(["tcp://127.0.0.1:9"], connect_timeout_s=0.3, hint=hint)
+    monkeypatch.setattr(client, "WAIT_NOTICE_S", 0.2)  # (10 s in use)
+    said: list[str] = []
+    sink = logger.add(lambda m: said.append(m.record["message"]), level="INFO")
+    try:
+        with pytest.raises(PeerError, match="compile=true .*raise cluster.connect_timeout_s"):
+            PipelineClient(["tcp://127.0.0.1:9"], connect_timeout_s=0.6, hint=hint)
+    finally:
+        logger.remove(sink)
+    # while it waits, the head says once what it waits for and why that may take long
+    assert [s.split(": ", 1)[1] for s in said if "still waiting" in s] == [
+        "still waiting for s0 (tcp://127.0.0.1:9) after 0s (up to 1s): stages that compile their decode step "
+        "answer once compiled (minutes the first time)"]
 
 
 def test_the_bench_compile_arm_refuses_what_it_cannot_time_in_one_line():

@@ -28,6 +28,9 @@ from smolcluster.pipeline.mesh import Mesh, PeerLost
 from smolcluster.pipeline.partition import stage_name
 
 _DONE = object()
+# A head still waiting for its stages after this long says so once: stages that compile their decode step
+# (compile=true, or auto where it pays) answer only after compiling, minutes the first time.
+WAIT_NOTICE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,8 @@ class PipelineClient:
     def _handshake(self, timeout_s: float, hint: str = "") -> None:
         """``hint``: what a timeout's message adds (e.g. that compile=true stages answer late)."""
         deadline = time.monotonic() + timeout_s
-        self.mesh.wait_ready(self.stages, timeout_s, f" (the inference stages{hint})")
+        slow = ": stages that compile their decode step answer once compiled (minutes the first time)" if hint else ""
+        self.mesh.wait_ready(self.stages, timeout_s, f" (the inference stages{hint})", notice=(WAIT_NOTICE_S, slow))
         while not all(self.mesh.peers[s].info.get("serving") for s in self.stages):
             if time.monotonic() > deadline:
                 waiting = [s for s in self.stages if not self.mesh.peers[s].info.get("serving")]

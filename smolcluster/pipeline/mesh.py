@@ -112,18 +112,26 @@ class Mesh:
         """Every named peer hears us and we hear it: data sent now will not be lost to a slow join."""
         return all(n in self.peers and self.peers[n].heard_us and self.peers[n].heard_from for n in names)
 
-    def wait_ready(self, names, timeout_s: float, what: str = "") -> None:
-        """Block (receiving heartbeats) until :meth:`ready`; PeerError naming the missing peers after timeout_s."""
+    def wait_ready(self, names, timeout_s: float, what: str = "", notice: tuple[float, str] = (0.0, "")) -> None:
+        """Block (receiving heartbeats) until :meth:`ready`; PeerError naming the missing peers after timeout_s.
+        ``notice``: (seconds > 0, why): a line names the missing peers, and why they may be slow, once the wait has
+        lasted that long (a wait of minutes, e.g. for stages that compile, is not silent)."""
+        notice_s, why = notice
         names = list(names)
-        deadline = time.monotonic() + timeout_s
+        start = time.monotonic()
+        deadline = start + timeout_s
         next_beat = 0.0
         while not self.ready(names):
             if time.monotonic() >= next_beat:  # beat faster while joining: the handshake takes ~2 beats
                 self.send_heartbeat()
                 next_beat = time.monotonic() + min(0.1, self.heartbeat_s)
+            missing = [f"{n} ({self.peers[n].address})" if n in self.peers else n for n in names
+                       if not (n in self.peers and self.peers[n].heard_us and self.peers[n].heard_from)]
+            if notice_s > 0 and time.monotonic() - start > notice_s:
+                logger.info(f"{self.name}: still waiting for {', '.join(missing)} after {notice_s:.0f}s (up to "
+                            f"{timeout_s:.0f}s){why}")
+                notice_s = 0.0
             if time.monotonic() > deadline:
-                missing = [f"{n} ({self.peers[n].address})" if n in self.peers else n for n in names
-                           if not (n in self.peers and self.peers[n].heard_us and self.peers[n].heard_from)]
                 raise PeerError(f"{self.name}: no handshake with {', '.join(missing)} within {timeout_s:.0f}s"
                                 f"{what}: start them, or check the hosts/ports in the cluster config")
             env = self._recv(0.05, check_liveness=False)
