@@ -15,7 +15,8 @@ depend on the weights' values):
 - continuous batching: aggregate decode tokens/s at 1, 4, 8 and 16 requests in flight (8 prompts
   of different lengths, cycled) through 2 stages, p50/p95 per-token latency at each level, vs
   ``transformers`` ``generate`` on the same 8 prompts batched with (left) padding
-  (``--batching-only`` runs just this).
+  (``--batching-only`` runs just this; ``--compile false,auto`` runs it once per ``compile=`` value, the
+  stages' ``compile_slots`` being ``--compile-slots``).
 
 The stages run on this machine as ``InferencePipeline.start_local`` starts them (co-located: a model of
 16M parameters a stage or more takes turns with all cores, a smaller one gets ``cores // stages`` threads
@@ -25,6 +26,7 @@ a stage; docs/inference.md); the baseline is the better of torch's default (all 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -40,6 +42,8 @@ from omegaconf import OmegaConf
 from smolcluster.bench.report import write_report
 from smolcluster.errors import PeerError
 from smolcluster.inference import InferencePipeline
+from smolcluster.inference.api import COMPILE_CONNECT_S
+from smolcluster.inference.compiled import compile_mode
 from smolcluster.paths import CONFIG_DIR
 from smolcluster.telemetry.logging import setup_logging
 
@@ -187,26 +191,41 @@ def hf_padded_batch_tps(model, prompts: list[list[int]], n: int) -> float:
     return best
 
 
-def batching_rows(name: str, run_dir: Path, model, n: int, repeats: int) -> list[dict]:
+def batching_rows(name: str, run_dir: Path, model, n: int, repeats: int, compiles: tuple[str, ...] = ("false",),
+                  compile_slots: int = 4) -> list[dict]:
+    """Each ``compile=`` value's pipeline at every level (rounds interleaved across them), and ``generate``."""
     prompts = batching_prompts(VOCAB[name])
     hf = max(hf_padded_batch_tps(model, prompts, n) for _ in range(repeats))
-    best: dict[int, dict] = {}
-    with InferencePipeline.start_local(run_dir, stages=2, env=QUIET) as pipe:
-        batched_level(pipe, prompts, 4, 4)  # warm up
+    best: dict[tuple[str, int], dict] = {}
+    with contextlib.ExitStack() as stack:
+        pipes = {c: stack.enter_context(InferencePipeline.start_local(
+            run_dir, stages=2, env=QUIET, compile=c, compile_slots=compile_slots,
+            connect_timeout_s=COMPILE_CONNECT_S)) for c in compiles}
+        for pipe in pipes.values():
+            batched_level(pipe, prompts, 4, 4)  # warm up
         for _ in range(repeats):
-            for k in LEVELS:
-                got = batched_level(pipe, prompts, n, k)
-                if k not in best or got["tps"] > best[k]["tps"]:
-                    best[k] = got
+            for c, pipe in pipes.items():
+                for k in LEVELS:
+                    got = batched_level(pipe, prompts, n, k)
+                    if (c, k) not in best or got["tps"] > best[c, k]["tps"]:
+                        best[c, k] = got
+        decode = {c: pipe.model_info["decode"] for c, pipe in pipes.items()}
     rows = []
-    for k in LEVELS:
-        b = best[k]
-        rows.append({"metric": f"batched decode tokens/s, {k} in flight", "model": f"{name}, 2 stages",
-                     "pipeline (2 stages)": b["tps"], "baseline": best[1]["tps"], "ratio": b["tps"] / best[1]["tps"],
-                     "vs generate, 8 padded": b["tps"] / hf, "p50 ms/token": b["p50_ms"],
-                     "p95 ms/token": b["p95_ms"]})
-    rows.append({"metric": "transformers generate, the 8 prompts batched with padding, tokens/s",
-                 "model": name, "pipeline (2 stages)": best[8]["tps"], "baseline": hf, "ratio": best[8]["tps"] / hf})
+    for c in compiles:
+        label = f"{name}, 2 stages" + ("" if compiles == ("false",) else f", compile={c}")
+        for k in LEVELS:
+            b = best[c, k]
+            rows.append({"metric": f"batched decode tokens/s, {k} in flight", "model": label,
+                         "pipeline (2 stages)": b["tps"], "baseline": best[c, 1]["tps"],
+                         "ratio": b["tps"] / best[c, 1]["tps"], "vs generate, 8 padded": b["tps"] / hf,
+                         "p50 ms/token": b["p50_ms"], "p95 ms/token": b["p95_ms"], "decode": decode[c][0]})
+        rows.append({"metric": "transformers generate, the 8 prompts batched with padding, tokens/s",
+                     "model": label, "pipeline (2 stages)": best[c, 8]["tps"], "baseline": hf,
+                     "ratio": best[c, 8]["tps"] / hf})
+    for c in compiles[1:]:  # each against the first, at 8 in flight
+        rows.append({"metric": f"batched decode at 8 in flight, compile={c} vs compile={compiles[0]}", "model": name,
+                     "pipeline (2 stages)": best[c, 8]["tps"], "baseline": best[compiles[0], 8]["tps"],
+                     "ratio": best[c, 8]["tps"] / best[compiles[0], 8]["tps"]})
     return rows
 
 
@@ -336,7 +355,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--train-steps", type=int, default=30)
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--batching-only", action="store_true", help="only the continuous-batching levels")
+    p.add_argument("--compile", default="false",
+                   help="the batching levels once per compile= value (comma-separated, e.g. false,auto)")
+    p.add_argument("--compile-slots", type=int, default=4, help="the stages' compile_slots where they compile")
     args = p.parse_args(argv)
+    compiles = tuple(compile_mode(c) for c in args.compile.split(","))
     setup_logging(level="WARNING")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if args.batching_only:
@@ -344,10 +367,12 @@ def main(argv: list[str]) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             for name in args.models.split(","):
                 model = save_model(name, Path(tmp) / name)
-                rows += batching_rows(name, Path(tmp) / name, model, args.new_tokens, args.repeats)
+                rows += batching_rows(name, Path(tmp) / name, model, args.new_tokens, args.repeats, compiles,
+                                      args.compile_slots)
                 del model
         write_report("pipeline-batching", rows, {"cpu_count": os.cpu_count(), "new_tokens": args.new_tokens,
-                                                 "levels": list(LEVELS)})
+                                                 "levels": list(LEVELS), "compile": list(compiles),
+                                                 "compile_slots": args.compile_slots})
         return 0
     rows: list[dict] = []
     capacity = parallel_capacity()

@@ -20,10 +20,11 @@ times less than the whole stage's, for one dynamo entry per group in a step (``b
 
 The request's :class:`~smolcluster.pipeline.architectures.base.KVCache` is a view of its slot, so the eager
 path (prefill chunks, speculation's several rows, prefix-cache copies, truncation) reads and writes the very
-same memory and the two paths hand a request to each other at any step. A step is split by request: the
-requests with one row, a slot and room left in it go through the graph together, the rest (more than one row
-for a request: a prompt chunk or speculated rows; a request that found no free slot, more running than
-``slots``, or that may outgrow ``positions``) run eagerly beside them, and the rows are put back in order.
+same memory and the two paths hand a request to each other at any step. A step goes through the graph when
+every request in it has one row, a slot and room left in it; otherwise (a prompt chunk or speculated rows, a
+request that found no free slot because more are running than ``slots``, or one that may outgrow
+``positions``) the whole step runs eagerly, which reads the weights once where a split step would read them
+twice (:meth:`CompiledDecode.run_step`).
 
 Quantized stages (``quantize=int8|int4``) compile too: their kernels (``smolcluster::rows_mm``,
 ``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``, :mod:`smolcluster.pipeline.quantize`) stay op calls
@@ -354,21 +355,15 @@ class CompiledDecode:
         return rows == 1 and c.length < self.positions and self.backed(c)
 
     def run_step(self, x: torch.Tensor, batch: Batch, eager) -> torch.Tensor:
-        """A step over ``x``: the requests :meth:`fits` covers through the graph, the rest through ``eager``
-        (the stage's own ``run_blocks``), each row back in its place."""
-        on = [i for i, (c, n) in enumerate(zip(batch.caches, batch.sizes)) if self.fits(c, n)]
-        if not on:
-            return eager(x, batch)
-        if len(on) == len(batch.caches):
+        """A step over ``x``: through the graph when :meth:`fits` covers every request, else wholly through
+        ``eager`` (the stage's own ``run_blocks``, on the same slot memory).
+
+        Not split between the two: a decode step's cost is reading the weights, and a split step reads them
+        twice, once per path: with more requests running than slots, split steps lost to eager ones by far
+        (``bench pipeline --batching-only --compile false,auto``, docs/benchmarks.md)."""
+        if all(self.fits(c, n) for c, n in zip(batch.caches, batch.sizes)):
             return self.run(x, batch)
-        off = sorted(set(range(len(batch.caches))) - set(on))
-        rows_off = torch.tensor([r for i in off for r in range(batch.starts[i], batch.starts[i] + batch.sizes[i])],
-                                device=x.device)
-        rows_on = torch.tensor([batch.starts[i] for i in on], device=x.device)
-        out = torch.empty_like(x)
-        out[:, rows_on] = self.run(x[:, rows_on], Batch([batch.caches[i] for i in on], [1] * len(on)))
-        out[:, rows_off] = eager(x[:, rows_off], Batch([batch.caches[i] for i in off], [batch.sizes[i] for i in off]))
-        return out
+        return eager(x, batch)
 
     def run(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The compiled step over ``x`` (one row per request of ``batch``, each :meth:`fits`); each cache
