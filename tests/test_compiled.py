@@ -243,7 +243,7 @@ def test_what_is_not_compiled_is_refused_in_one_line(llama_dir, tmp_path):
 
 
 def test_compile_auto_compiles_only_a_cpu_stage_large_enough_that_can_and_says_why_not(llama_stage, tmp_path):
-    from smolcluster.inference.compiled import AUTO_MIN_PARAMS, compile_mode, eager_reason
+    from smolcluster.inference.compiled import AUTO_MIN_PARAMS, block_mb, compile_mode, eager_reason
 
     assert [compile_mode(v) for v in (True, False, "True", "false", "AUTO")] == ["true", "false", "true", "false",
                                                                                  "auto"]
@@ -258,9 +258,24 @@ def test_compile_auto_compiles_only_a_cpu_stage_large_enough_that_can_and_says_w
     assert eager_reason(llama_stage, big, 1 << 20, budget, {"sql": "DIR"}) == "it serves LoRA adapters"
     assert "KV slots (600 MB) would take over half the KV budget (1024 MB" in eager_reason(
         llama_stage, big, 600 << 20, budget, {})
-    build("mistral-window").save_pretrained(tmp_path)
-    (window,), _ = stages_of(tmp_path, 1)
+    build("mistral-window").save_pretrained(tmp_path / "window")
+    (window,), _ = stages_of(tmp_path / "window", 1)
     assert eager_reason(window, big, 1 << 20, budget, {}) == "sliding-window attention (Mistral) is not compiled"
+    # Heavy blocks (one GPT-2 block 1024 wide: 12 x 1024^2 weights, 48 MB in fp32) stay eager; the same block in
+    # int8 (a quarter of that, and its scales) compiles.
+    build("gpt2", n_layer=1, n_embd=1024, n_head=4).save_pretrained(tmp_path / "wide")
+    (wide,), _ = stages_of(tmp_path / "wide", 1)
+    assert 48 < block_mb(wide) < 48.1
+    assert eager_reason(wide, big, 1 << 20, budget, {}) == (
+        "its blocks are 48 MB each, over 16 MB: reading their weights outweighs the small ops a compile saves "
+        "(quantize=int8 makes them lighter)")
+    from smolcluster.pipeline.quantize import StageFormat
+    from smolcluster.pipeline.weights import find_model, load_stage
+
+    source = find_model(tmp_path / "wide")
+    wide8 = load_stage(source.weights, source.config, range(1), embed=True, head=True,
+                       fmt=StageFormat("fp32", "int8", 64))
+    assert block_mb(wide8) < 16 and eager_reason(wide8, big, 1 << 20, budget, {}) is None
     # compile=auto with adapters is no error (those stages stay eager); true still is.
     check_compile("auto", {"a": "DIR"})
     with pytest.raises(ConfigError, match="set compile=false"):

@@ -75,12 +75,15 @@ def compile_mode(value) -> str:
     return mode
 
 
-# compile=auto compiles a stage whose blocks hold at least this many parameters. A compile costs about the same
-# per graph whatever the width (tens of seconds cold a bucket, seconds from the cache) while what it saves per
-# token grows with the stage, so a small stage's eager step is already cheap and a chat would not repay the wait
-# (bench cpu --compile and bench quantize --decode --compile, docs/benchmarks.md). It keeps the suite's tiny
-# models eager, too.
-AUTO_MIN_PARAMS = 10_000_000
+# compile=auto compiles a stage where it pays. What a compiled step saves is the small ops between the matmuls
+# (norms, RoPE, activations, the interpreter's call for each): about the same for every block, while the
+# matmuls' cost is reading the block's weights. So it pays where blocks are light in their format (SmolLM2-135M:
+# 30 blocks of 14 MB in fp32, 3.5 MB in int8) and not where they are heavy (GPT-2 124M's 28 MB fp32 blocks
+# decode no faster compiled), and a stage too small is not worth a compile that costs about the same per graph
+# whatever the model (tens of seconds cold a bucket, seconds from the cache): its eager step is already cheap.
+# bench cpu --compile and bench pipeline --batching-only --compile false,auto (docs/benchmarks.md).
+AUTO_MIN_PARAMS = 10_000_000  # in the stage's blocks (keeps the suite's tiny models eager, too)
+AUTO_MAX_BLOCK_MB = 16.0      # a block's weights in the stage's format
 
 
 def unsupported(stage) -> str | None:
@@ -92,6 +95,18 @@ def unsupported(stage) -> str | None:
     if isinstance(stage, GPT2Stage):
         return None
     return f"{type(stage).__name__} has no compiled decode step"
+
+
+def blocks_of(stage) -> list[torch.nn.Module]:
+    """The stage's blocks, in order (a family :func:`unsupported` passes)."""
+    return list(stage.model.layers.values() if isinstance(stage, LlamaStage) else stage.transformer.h.values())
+
+
+def block_mb(stage) -> float:
+    """A block's weights (parameters and buffers: packed int8/int4 and their scales) in MB, on average."""
+    blocks = blocks_of(stage)
+    tensors = [t for b in blocks for t in (*b.parameters(), *b.buffers())]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20 / max(1, len(blocks))
 
 
 def toolchain_missing() -> str | None:
@@ -111,18 +126,26 @@ def toolchain_missing() -> str | None:
 def eager_reason(stage, params: int, pool_bytes: int, kv_budget: int, adapters) -> str | None:
     """Why ``compile=auto`` leaves ``stage`` eager, or None where it compiles: a CPU stage without LoRA adapters,
     of a family with a compiled step, with at least :data:`AUTO_MIN_PARAMS` parameters in its blocks
-    (``params``), whose slot caches (``pool_bytes``) take at most half its KV budget, on a node that can compile."""
+    (``params``) and blocks of at most :data:`AUTO_MAX_BLOCK_MB`, whose slot caches (``pool_bytes``) take at most
+    half its KV budget, on a node that can compile."""
     if adapters:
         return "it serves LoRA adapters"
     if stage.device.type != "cpu":
         return f"compiled steps are built for CPU stages and this one is on {stage.device}"
+    why = unsupported(stage)
+    if why:
+        return why
     if params < AUTO_MIN_PARAMS:
         return (f"its blocks hold {params / 1e6:.1f}M parameters, under {AUTO_MIN_PARAMS / 1e6:.0f}M: its eager "
                 f"step is already cheap")
+    mb = block_mb(stage)
+    if mb > AUTO_MAX_BLOCK_MB:
+        return (f"its blocks are {mb:.0f} MB each, over {AUTO_MAX_BLOCK_MB:.0f} MB: reading their weights outweighs "
+                f"the small ops a compile saves (quantize=int8 makes them lighter)")
     if 2 * pool_bytes > kv_budget:
         return (f"the compiled step's KV slots ({pool_bytes / 2**20:.0f} MB) would take over half the KV budget "
                 f"({kv_budget / 2**20:.0f} MB; serve.kv_cache_mb)")
-    return unsupported(stage) or toolchain_missing()
+    return toolchain_missing()
 
 
 def llama_prelude(stage: LlamaStage, x, pos, size: int):
@@ -219,16 +242,13 @@ class CompiledDecode:
         why = unsupported(stage) or toolchain_missing()
         if why:
             raise ConfigError(f"compile=true: {why}; set compile=false (or auto) for this stage")
+        s, self.layers = stage.shape, blocks_of(stage)
         if isinstance(stage, LlamaStage):
-            s = stage.shape
             kv_heads, head_dim, self.hidden = s.n_kv_head, s.head_dim, s.hidden
             prelude, blocks = llama_prelude, llama_blocks
-            self.layers = list(stage.model.layers.values())
         else:
-            s = stage.shape
             kv_heads, head_dim, self.hidden = s.n_head, s.n_embd // s.n_head, s.n_embd
             prelude, blocks = gpt2_prelude, gpt2_blocks
-            self.layers = list(stage.transformer.h.values())
         if slots < 1 or positions < 2:
             raise ConfigError(f"compile_slots={slots}, compile_positions={positions}: at least 1 slot of 2 positions")
         if buckets and max(buckets) < slots:
