@@ -58,8 +58,8 @@ def run(cfg: DictConfig) -> dict | None:
         StageServer(serve_config_from(p)).run()
         return None
     prompt = read_prompt(s)
-    if p.compile == "auto":  # one prompt's tokens would not repay a compile (tens of seconds a shape, cold)
-        p.compile = "false"
+    if p.role is Role.launch and p.compile == "auto":  # (stages started here, or by agents: cluster=auto) one
+        p.compile = "false"  # prompt's tokens would not repay a compile (tens of seconds a shape, cold)
     from smolcluster.inference.from_config import pipeline_from_config
     from smolcluster.node.coordinator import agent_stages
 

@@ -243,7 +243,8 @@ def test_what_is_not_compiled_is_refused_in_one_line(llama_dir, tmp_path):
 
 
 def test_compile_auto_compiles_only_a_cpu_stage_large_enough_that_can_and_says_why_not(llama_stage, tmp_path):
-    from smolcluster.inference.compiled import AUTO_MIN_PARAMS, block_mb, compile_mode, eager_reason
+    from smolcluster.inference.compiled import AUTO_MIN_PARAMS, block_mb, eager_reason
+    from smolcluster.inference.settings import compile_mode
 
     assert [compile_mode(v) for v in (True, False, "True", "false", "AUTO")] == ["true", "false", "true", "false",
                                                                                  "auto"]

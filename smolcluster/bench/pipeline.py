@@ -15,7 +15,7 @@ depend on the weights' values):
 - continuous batching: aggregate decode tokens/s at 1, 4, 8 and 16 requests in flight (8 prompts
   of different lengths, cycled) through 2 stages, p50/p95 per-token latency at each level, vs
   ``transformers`` ``generate`` on the same 8 prompts batched with (left) padding
-  (``--batching-only`` runs just this; ``--compile false,auto`` runs it once per ``compile=`` value, the
+  (``--batching-only`` runs just this; ``--compile false,true`` runs it once per ``compile=`` value, the
   stages' ``compile_slots`` being ``--compile-slots``).
 
 The stages run on this machine as ``InferencePipeline.start_local`` starts them (co-located: a model of
@@ -43,7 +43,7 @@ from smolcluster.bench.report import write_report
 from smolcluster.errors import PeerError
 from smolcluster.inference import InferencePipeline
 from smolcluster.inference.api import COMPILE_CONNECT_S
-from smolcluster.inference.compiled import compile_mode
+from smolcluster.inference.settings import compile_mode
 from smolcluster.paths import CONFIG_DIR
 from smolcluster.telemetry.logging import setup_logging
 
@@ -218,7 +218,7 @@ def batching_rows(name: str, run_dir: Path, model, n: int, repeats: int, compile
             rows.append({"metric": f"batched decode tokens/s, {k} in flight", "model": label,
                          "pipeline (2 stages)": b["tps"], "baseline": best[c, 1]["tps"],
                          "ratio": b["tps"] / best[c, 1]["tps"], "vs generate, 8 padded": b["tps"] / hf,
-                         "p50 ms/token": b["p50_ms"], "p95 ms/token": b["p95_ms"], "decode": decode[c][0]})
+                         "p50 ms/token": b["p50_ms"], "p95 ms/token": b["p95_ms"], "decode": " | ".join(decode[c])})
         rows.append({"metric": "transformers generate, the 8 prompts batched with padding, tokens/s",
                      "model": label, "pipeline (2 stages)": best[c, 8]["tps"], "baseline": hf,
                      "ratio": best[c, 8]["tps"] / hf})
@@ -356,10 +356,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--batching-only", action="store_true", help="only the continuous-batching levels")
     p.add_argument("--compile", default="false",
-                   help="the batching levels once per compile= value (comma-separated, e.g. false,auto)")
+                   help="the batching levels once per compile= value (comma-separated, e.g. false,true; --batching-only)")
     p.add_argument("--compile-slots", type=int, default=4, help="the stages' compile_slots where they compile")
     args = p.parse_args(argv)
     compiles = tuple(compile_mode(c) for c in args.compile.split(","))
+    if compiles != ("false",) and not args.batching_only:
+        p.error("--compile compares the continuous-batching levels: add --batching-only")
     setup_logging(level="WARNING")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if args.batching_only:

@@ -71,7 +71,7 @@ COMPILE_CONNECT_S = 900.0
 def connect_wait(timeout_s: float, compile: bool | str) -> tuple[float, str]:
     """The connect timeout (raised where stages may compile: ``compile=true|auto``) and what a timeout's message
     adds."""
-    from smolcluster.inference.compiled import compile_mode
+    from smolcluster.inference.settings import compile_mode
 
     mode = compile_mode(compile)
     if mode == "false":
@@ -81,14 +81,17 @@ def connect_wait(timeout_s: float, compile: bool | str) -> tuple[float, str]:
         f"cluster.connect_timeout_s (waited {max(timeout_s, COMPILE_CONNECT_S):.0f}s) or set compile=false")
 
 
-def check_compile(compile: bool | str, adapters) -> None:
-    """``compile=true`` compiles stages without LoRA adapters (fp32, bf16, int8, int4): refused here, before any
-    stage starts (each stage checks again, StageServer.open_compiled). ``compile=auto`` leaves them eager."""
-    from smolcluster.inference.compiled import compile_mode
+def check_compile(compile: bool | str, adapters) -> str:
+    """``compile`` as settings.compile_mode says it (what a stage's ServeConfig carries). ``compile=true``
+    compiles stages without LoRA adapters (fp32, bf16, int8, int4): refused here, before any stage starts (each
+    stage checks again, StageServer.open_compiled). ``compile=auto`` leaves them eager."""
+    from smolcluster.inference.settings import compile_mode
 
-    if compile_mode(compile) == "true" and adapters:
+    mode = compile_mode(compile)
+    if mode == "true" and adapters:
         raise ConfigError("compile=true compiles stages without LoRA adapters for now; this pipeline has LoRA "
                           "adapters: set compile=false (or auto)")
+    return mode
 
 
 def check_speculate(speculate: dict | None, config: dict) -> dict:
@@ -166,7 +169,7 @@ class InferencePipeline:
         formats = checked_formats({"precision": precision, "quantize": quantize, "quantize_group": quantize_group,
                                    "device": device}, formats, stages)
         adapters = check_adapters(adapters, info["config"])
-        check_compile(compile, adapters)
+        compile = check_compile(compile, adapters)
         speculate = check_speculate(speculate, info["config"])
         if eos_ids is None:
             eos_ids = info["eos"] if info["eos"] is not None else getattr(tokenizer, "eos_id", None)

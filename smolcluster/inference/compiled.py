@@ -63,25 +63,13 @@ from smolcluster.pipeline.architectures.llama import LlamaStage, rotate_half
 # (torch._dynamo and torch._inductor are imported where a stage compiles, not here: importing them costs over a
 # second, which every stage would pay for compile=auto's question of whether to compile.)
 
-MODES = ("auto", "true", "false")
-
-
-def compile_mode(value) -> str:
-    """``compile=``'s value as one of :data:`MODES` (Hydra gives a bool for true/false, a str-typed key "True")."""
-    mode = str(value).lower()
-    if mode not in MODES:
-        raise ConfigError(f"compile={value} is invalid: choose auto (compile a stage's decode step where it pays), "
-                          f"true or false")
-    return mode
-
-
 # compile=auto compiles a stage where it pays. What a compiled step saves is the small ops between the matmuls
 # (norms, RoPE, activations, the interpreter's call for each): about the same for every block, while the
 # matmuls' cost is reading the block's weights. So it pays where blocks are light in their format (SmolLM2-135M:
 # 30 blocks of 14 MB in fp32, 3.5 MB in int8) and not where they are heavy (GPT-2 124M's 28 MB fp32 blocks
 # decode no faster compiled), and a stage too small is not worth a compile that costs about the same per graph
 # whatever the model (tens of seconds cold a bucket, seconds from the cache): its eager step is already cheap.
-# bench cpu --compile and bench pipeline --batching-only --compile false,auto (docs/benchmarks.md).
+# bench cpu --compile and bench pipeline --batching-only --compile false,true (docs/benchmarks.md).
 AUTO_MIN_PARAMS = 10_000_000  # in the stage's blocks (keeps the suite's tiny models eager, too)
 AUTO_MAX_BLOCK_MB = 16.0      # a block's weights in the stage's format
 
@@ -380,7 +368,7 @@ class CompiledDecode:
 
         Not split between the two: a decode step's cost is reading the weights, and a split step reads them
         twice, once per path: with more requests running than slots, split steps lost to eager ones by far
-        (``bench pipeline --batching-only --compile false,auto``, docs/benchmarks.md)."""
+        (``bench pipeline --batching-only --compile false,true``, docs/benchmarks.md)."""
         if all(self.fits(c, n) for c, n in zip(batch.caches, batch.sizes)):
             return self.run(x, batch)
         return eager(x, batch)

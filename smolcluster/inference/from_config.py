@@ -339,5 +339,5 @@ def serve_config_from(cfg: Pipeline) -> ServeConfig:
                        connect_timeout_s=connect_wait(c.connect_timeout_s, cfg.compile)[0], max_bytes=c.max_bytes, keys_dir=c.keys, threads=node.threads, log_level=cfg.stage_log_level,
                        kv_cache_mb=cfg.kv_cache_mb, adapters=check_adapters(cfg.adapters, info["config"]),
                        speculate=stage_speculate(cfg, info["config"]), prefix_cache=cfg.prefix_cache,
-                       prefix_block=cfg.prefix_block, compile=cfg.compile,
+                       prefix_block=cfg.prefix_block, compile=check_compile(cfg.compile, cfg.adapters),
                        extra={"telemetry": cfg.telemetry}, **fmt)

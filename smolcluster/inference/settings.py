@@ -195,9 +195,20 @@ def _plain(node) -> dict:
     return OmegaConf.to_container(node, resolve=True) if node is not None else {}
 
 
-def pipeline_settings(cfg) -> Pipeline:
-    from smolcluster.inference.compiled import compile_mode
+COMPILE_MODES = ("auto", "true", "false")
 
+
+def compile_mode(value) -> str:
+    """``compile=``'s value as one of :data:`COMPILE_MODES` (Hydra gives a bool for true/false, a str-typed key
+    "True"): what every stage's ServeConfig carries (inference/compiled.py decides ``auto``)."""
+    mode = str(value).lower()
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"compile={value} is invalid: choose auto (compile a stage's decode step where it pays), "
+                          f"true or false")
+    return mode
+
+
+def pipeline_settings(cfg) -> Pipeline:
     stages = int(cfg.stages)
     if stages < 1:
         raise ConfigError(f"stages={stages} is invalid: a pipeline needs at least one stage")

@@ -112,7 +112,7 @@ class ServeConfig:
     speculate: dict = field(default_factory=dict)  # {"k", "lookup", "draft", ...}: settings.Speculate.fields() ({}: off)
     prefix_cache: bool = True         # keep served prefixes' KV for requests that start with them (prefix.py)
     prefix_block: int = 32            # ... in blocks of this many tokens
-    compile: bool | str = False       # decode-only steps through torch.compile: true | false | auto (compiled.py)
+    compile: str = "false"            # decode-only steps through torch.compile: true | false | auto (compiled.py)
     compile_slots: int = 4            # ... requests holding a static KV slot (the largest compiled step)
     compile_positions: int = 512      # ... positions per slot (a longer request decodes eagerly)
     extra: dict = field(default_factory=dict)
@@ -279,13 +279,11 @@ class StageServer:
     def open_compiled(self):
         """The compiled decode step and its slot caches (None when off), and what ``compile=auto`` decided (or "")."""
         sc = self.sc
-        if not sc.compile:  # (false, not given: nothing imported)
+        mode = sc.compile  # (settings.compile_mode's, said by the head)
+        if mode not in ("true", "auto"):
             return None, ""
         from smolcluster.inference import compiled
 
-        mode = compiled.compile_mode(sc.compile)
-        if mode == "false":
-            return None, ""
         positions = min(sc.compile_positions, self.arch.context)
         if mode == "auto":
             params = self.arch.numel(False, False, self.spec.blocks)

@@ -128,8 +128,9 @@ class Mesh:
             missing = [f"{n} ({self.peers[n].address})" if n in self.peers else n for n in names
                        if not (n in self.peers and self.peers[n].heard_us and self.peers[n].heard_from)]
             if notice_s > 0 and time.monotonic() - start > notice_s:
-                logger.info(f"{self.name}: still waiting for {', '.join(missing)} after {notice_s:.0f}s (up to "
-                            f"{timeout_s:.0f}s){why}")
+                # (a warning where it says why: infer logs warnings only, and a silent wait of minutes looks hung)
+                logger.log("WARNING" if why else "INFO", f"{self.name}: still waiting for {', '.join(missing)} "
+                           f"after {notice_s:.0f}s (up to {timeout_s:.0f}s){why}")
                 notice_s = 0.0
             if time.monotonic() > deadline:
                 raise PeerError(f"{self.name}: no handshake with {', '.join(missing)} within {timeout_s:.0f}s"

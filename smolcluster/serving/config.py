@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from loguru import logger
@@ -67,10 +68,18 @@ def sessions_from_config(s: ChatSettings, revive=None) -> Sessions:
     replicas = [replica_settings(s.pipeline, r) for r in range(s.pipeline.replicas)]  # bad node counts refused here
     metrics = open_serving_metrics(s.pipeline.telemetry, identity())  # this head's figures for smolcluster.top
 
+    joined: set[int] = set()
+
     def connect(p):
         if revive is not None:
             revive(p.replica)
-        return pipeline_from_config(p)
+        if p.role is Role.head and p.replica in joined:
+            # A rebuild: stages that compile did so before, and load their graphs from the node's cache in seconds,
+            # so the head waits cluster.connect_timeout_s, not a first compile's minutes (compile=true|auto).
+            p = replace(p, compile="false")
+        pipe = pipeline_from_config(p)
+        joined.add(p.replica)
+        return pipe
 
     return Sessions([lambda p=p: connect(p) for p in replicas], max_active=s.serve.max_active,
                   max_waiting=s.serve.max_waiting, reconnect=s.serve.reconnect,
