@@ -257,6 +257,7 @@ def test_compile_auto_compiles_only_a_cpu_stage_large_enough_that_can_and_says_w
     assert eager_reason(llama_stage, 123_456, 1 << 20, budget, {}) == (
         "its blocks hold 0.1M parameters, under 10M: its eager step is already cheap")
     assert eager_reason(llama_stage, big, 1 << 20, budget, {"sql": "DIR"}) == "it serves LoRA adapters"
+    assert "speculated rows (speculate.k)" in eager_reason(llama_stage, big, 1 << 20, budget, {}, speculates=True)
     assert "KV slots (600 MB) would take over half the KV budget (1024 MB" in eager_reason(
         llama_stage, big, 600 << 20, budget, {})
     build("mistral-window").save_pretrained(tmp_path / "window")

@@ -111,13 +111,16 @@ def toolchain_missing() -> str | None:
     return None
 
 
-def eager_reason(stage, params: int, pool_bytes: int, kv_budget: int, adapters) -> str | None:
-    """Why ``compile=auto`` leaves ``stage`` eager, or None where it compiles: a CPU stage without LoRA adapters,
-    of a family with a compiled step, with at least :data:`AUTO_MIN_PARAMS` parameters in its blocks
-    (``params``) and blocks of at most :data:`AUTO_MAX_BLOCK_MB`, whose slot caches (``pool_bytes``) take at most
-    half its KV budget, on a node that can compile."""
+def eager_reason(stage, params: int, pool_bytes: int, kv_budget: int, adapters,
+                 speculates: bool = False) -> str | None:
+    """Why ``compile=auto`` leaves ``stage`` eager, or None where it compiles: a CPU stage without LoRA adapters
+    or speculation, of a family with a compiled step, with at least :data:`AUTO_MIN_PARAMS` parameters in its
+    blocks (``params``) and blocks of at most :data:`AUTO_MAX_BLOCK_MB`, whose slot caches (``pool_bytes``) take
+    at most half its KV budget, on a node that can compile."""
     if adapters:
         return "it serves LoRA adapters"
+    if speculates:  # (a pass with proposals carries several rows a request: an eager step)
+        return "its steps carry speculated rows (speculate.k), which run eagerly"
     if stage.device.type != "cpu":
         return f"compiled steps are built for CPU stages and this one is on {stage.device}"
     why = unsupported(stage)

@@ -288,7 +288,7 @@ class StageServer:
         if mode == "auto":
             params = self.arch.numel(False, False, self.spec.blocks)
             pool = (sc.compile_slots + 1) * (positions + 1) * self.kv_per_token[sc.rank]
-            why = compiled.eager_reason(self.stage, params, pool, self.kv_budget, sc.adapters)
+            why = compiled.eager_reason(self.stage, params, pool, self.kv_budget, sc.adapters, bool(sc.speculate))
             if why:
                 return None, f"compile=auto: eager, {why}"
         elif sc.adapters:
