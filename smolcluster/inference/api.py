@@ -154,10 +154,8 @@ class InferencePipeline:
         each checked against the model here, before any stage starts (:mod:`smolcluster.inference.adapters`).
         ``speculate``: settings.Speculate's fields; stage 0 proposes up to k tokens a pass (:mod:`.speculate`).
         ``prefix_cache``: stages keep served prefixes' KV in blocks of ``prefix_block`` tokens (:mod:`.prefix`).
-        ``compile``: each stage runs decode-only steps of up to ``compile_slots`` requests through
-        ``torch.compile`` (:mod:`.compiled`; ``"auto"``: where it pays, :func:`.compiled.eager_reason`); it compiles
-        before it serves (minutes the first time on a small CPU, then from the disk cache): the wait for the
-        stages is then at least ``COMPILE_CONNECT_S``.
+        ``compile``: decode steps of up to ``compile_slots`` requests through ``torch.compile`` (``"auto"``: where
+        it pays, :mod:`.compiled`), compiled before a stage serves (minutes cold): the wait is ``COMPILE_CONNECT_S``.
         """
         if head not in ("first", "last"):
             raise ConfigError(f"head={head!r} is invalid: choose first or last")
