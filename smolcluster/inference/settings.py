@@ -107,7 +107,7 @@ class Pipeline:
     precision: str = "fp32"
     quantize: str = "none"
     quantize_group: int = 64
-    compile: str = "auto"             # true | false | auto: decode-only steps through torch.compile (inference/compiled.py)
+    compile: str = "auto"             # true | false | auto: decode steps through torch.compile (inference/compiled.py)
     partition: str = "even"           # even (cluster.nodes[i].weight) | auto (by each node's memory)
     max_active: int = 1               # requests at once (the chat's serve.max_active): partition=auto's KV need
     telemetry: dict = field(default_factory=dict)  # logging.prometheus / run_dir: what smolcluster.top reads
@@ -230,7 +230,8 @@ def pipeline_settings(cfg) -> Pipeline:
                     head=HeadPlace(cfg.head), role=Role(cfg.role), rank=cfg.get("rank"), head_host=cfg.head_host,
                     head_port=int(cfg.head_port), stage_log_level=cfg.stage_log_level, seed=int(cfg.seed),
                     kv_cache_mb=kv, links=ClusterSpec.of(_plain(cfg.cluster)), precision=str(cfg.precision),
-                    quantize=str(cfg.quantize), quantize_group=int(cfg.quantize_group), compile=compile_mode(cfg.compile),
+                    quantize=str(cfg.quantize), quantize_group=int(cfg.quantize_group),
+                    compile=compile_mode(cfg.compile),
                     partition=partition,
                     max_active=int(cfg.serve.get("max_active") or 1), telemetry=_telemetry(cfg),
                     adapters=_adapters(cfg.get("adapters")), speculate=Speculate(**_plain(cfg.speculate)).check(),

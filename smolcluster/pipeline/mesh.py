@@ -112,6 +112,11 @@ class Mesh:
         """Every named peer hears us and we hear it: data sent now will not be lost to a slow join."""
         return all(n in self.peers and self.peers[n].heard_us and self.peers[n].heard_from for n in names)
 
+    def _missing(self, names) -> list[str]:
+        """The peers of ``names`` not yet linked both ways, with their addresses."""
+        return [f"{n} ({self.peers[n].address})" if n in self.peers else n for n in names
+                if not (n in self.peers and self.peers[n].heard_us and self.peers[n].heard_from)]
+
     def wait_ready(self, names, timeout_s: float, what: str = "", notice: tuple[float, str] = (0.0, "")) -> None:
         """Block (receiving heartbeats) until :meth:`ready`; PeerError naming the missing peers after timeout_s.
         ``notice``: (seconds > 0, why): a line names the missing peers, and why they may be slow, once the wait has
@@ -125,14 +130,13 @@ class Mesh:
             if time.monotonic() >= next_beat:  # beat faster while joining: the handshake takes ~2 beats
                 self.send_heartbeat()
                 next_beat = time.monotonic() + min(0.1, self.heartbeat_s)
-            missing = [f"{n} ({self.peers[n].address})" if n in self.peers else n for n in names
-                       if not (n in self.peers and self.peers[n].heard_us and self.peers[n].heard_from)]
             if notice_s > 0 and time.monotonic() - start > notice_s:
                 # (a warning where it says why: infer logs warnings only, and a silent wait of minutes looks hung)
-                logger.log("WARNING" if why else "INFO", f"{self.name}: still waiting for {', '.join(missing)} "
-                           f"after {notice_s:.0f}s (up to {timeout_s:.0f}s){why}")
+                logger.log("WARNING" if why else "INFO", f"{self.name}: still waiting for "
+                           f"{', '.join(self._missing(names))} after {notice_s:.0f}s (up to {timeout_s:.0f}s){why}")
                 notice_s = 0.0
             if time.monotonic() > deadline:
+                missing = self._missing(names)
                 raise PeerError(f"{self.name}: no handshake with {', '.join(missing)} within {timeout_s:.0f}s"
                                 f"{what}: start them, or check the hosts/ports in the cluster config")
             env = self._recv(0.05, check_liveness=False)
