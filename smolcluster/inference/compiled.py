@@ -66,7 +66,7 @@ from smolcluster.pipeline.architectures.llama import LlamaStage, rotate_half
 # compile=auto compiles a stage where it pays. What a compiled step saves is the small ops between the matmuls
 # (norms, RoPE, activations, the interpreter's call for each): about the same for every block, while the
 # matmuls' cost is reading the block's weights. So it pays where blocks are light in their format (SmolLM2-135M:
-# 30 blocks of 14 MB in fp32, 3.5 MB in int8) and not where they are heavy (GPT-2 124M's 28 MB fp32 blocks
+# 30 blocks of 13.5 MB in fp32, 3.4 MB in int8) and not where they are heavy (GPT-2 124M's 27 MB fp32 blocks
 # decode no faster compiled), and a stage too small is not worth a compile that costs about the same per graph
 # whatever the model (tens of seconds cold a bucket, seconds from the cache): its eager step is already cheap.
 # bench cpu --compile and bench pipeline --batching-only --compile false,true (docs/benchmarks.md).
