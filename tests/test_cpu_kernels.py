@@ -131,7 +131,7 @@ def test_a_failed_build_warns_once_and_keeps_torch_kernels(tmp_path):
             "k.available(wait=True); print(q.uses_rows_mm(f), q.uses_rows_mm(f)); print(q.kernels(f))")
     got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "CXX": "/bin/false", "SMOLCLUSTER_KERNELS_DIR": str(tmp_path)})
-    assert got.stdout.splitlines() == ["False False", f"fp32: MKL sgemm ({torch.backends.cpu.get_cpu_capability()})"]
+    assert got.stdout.splitlines() == ["False False", f"fp32: MKL sgemm ({quantize.cpu_isa()})"]
     assert got.stderr.count("CPU matmul kernel is off: build failed") == 1
     assert "install g++, then run python -m smolcluster.pipeline.cpu_kernels" in got.stderr
 

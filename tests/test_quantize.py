@@ -155,6 +155,23 @@ def test_packed_int8_and_int4_matmuls_equal_the_dequantized_product(dtype):
             assert err > 0 or dtype == torch.bfloat16  # fp32 activations: the kernel really rounded to bf16
 
 
+
+def test_an_int8_projection_whose_width_the_packed_kernel_misreads_dequantizes_instead():
+    # torch's packed int8 kernel gives garbage (or crashes) on AVX2 for inputs 24 or 40 wide; 48 is its path.
+    g = torch.Generator().manual_seed(5)
+    for n_in in (24, 40, 48):
+        w = torch.randn(40, n_in, generator=g)
+        q8, s8 = int8_rows(w, torch.float32)
+        lin = Int8Linear(n_in, 40, bias=False)
+        lin.load_state_dict({"qweight": q8, "scales": s8}, assign=True)
+        for rows in (1, 3):
+            x = torch.randn(rows, n_in, generator=g)
+            with torch.inference_mode():
+                got = lin(x).double()
+            want = x.double() @ (q8.double() * s8.double()[:, None]).t()
+            assert float((got - want).abs().max() / want.abs().max()) < 2 ** -7, (n_in, rows)
+
+
 def test_every_cpu_stage_says_which_kernels_its_matmuls_run():
     from smolcluster.pipeline import cpu_kernels
 

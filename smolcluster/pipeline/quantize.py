@@ -175,6 +175,9 @@ KERNEL_DTYPE = torch.bfloat16
 # many rows run faster dequantized (the kernel tiles a few rows at a time; on this project's 2-core Xeon the
 # packed kernel led for a 1536 x 576 weight up to ~16 rows and the dequantized product at 64).
 PACKED_ROWS = 16
+# torch 2.13's packed int8 kernel on AVX2 CPUs reads past the rows of an input whose width is not a multiple of
+# 16 (garbage out, or a crash; tests/test_quantize.py checks both ways): such projections dequantize instead.
+PACKED_IN_MULTIPLE = 16
 
 
 class _DequantizedMatmul(torch.autograd.Function):
@@ -215,7 +218,8 @@ class Int8Linear(nn.Module):
             y = _DequantizedMatmul.apply(x2, self.qweight, self.scales)
         elif self.rows_mm and x2.shape[0] <= cpu_kernels.KERNEL_ROWS:  # fp32 activations, bias added inside
             return cpu_kernels.rows_mm(x2, self.qweight, self.scales, self.bias).view(*x.shape[:-1], self.n_out)
-        elif x2.device.type == "cpu" and x2.shape[0] <= PACKED_ROWS:  # (the packed kernel has no backward)
+        elif x2.device.type == "cpu" and x2.shape[0] <= PACKED_ROWS and self.n_in % PACKED_IN_MULTIPLE == 0:
+            # (the packed kernel has no backward)
             y = torch.ops.aten._weight_int8pack_mm(x2.to(KERNEL_DTYPE).contiguous(), self.qweight,
                                                    self.kernel_scales).to(x.dtype)
         else:
