@@ -182,7 +182,7 @@ def test_every_cpu_stage_says_which_kernels_its_matmuls_run():
     assert kernels(StageFormat("fp32")).startswith(f"fp32: {rows}MKL")
     bf16 = kernels(StageFormat("bf16"))
     native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    assert bf16.startswith("bf16: oneDNN" if native else f"bf16: {rows}aten cpublas, bf16 loads, fp32 math ({isa})")
+    assert bf16.startswith(f"bf16: {rows}oneDNN" if native else f"bf16: {rows}aten cpublas, bf16 loads, fp32 math ({isa})")
 
 
 @pytest.mark.parametrize("precision,quantize", [("bf16", "none"), ("fp32", "int8"), ("fp32", "int4")])
@@ -306,3 +306,19 @@ def test_partition_auto_places_blocks_by_memory_and_refuses_what_cannot_fit(tmp_
     with pytest.raises(ConfigError, match="needs cluster.nodes\\[0\\].memory_gb"):
         c = Pipeline(stages=2, head=HeadPlace.first, partition="auto")
         stage_weights_for(c, {"config": config}, stage_formats(c), local=False)
+    # A stage that may compile its decode step also holds the step's slot caches: a node the eager stage just
+    # fits is refused for compile=true / auto, naming them and compile=false.
+    from smolcluster.inference.compiled import pool_tokens
+    from smolcluster.inference.stage import ServeConfig
+
+    eager = cfg([1.0], compile="false")
+    need = stage_bytes(arch, StageFormat("fp32"), range(24), True, True, eager.max_active)
+    slots = 24 * 2 * 4 * 256 * pool_tokens(ServeConfig.compile_slots, ServeConfig.compile_positions)  # fp32 K + V
+    assert stage_bytes(arch, StageFormat("fp32"), range(24), True, True, eager.max_active,
+                       pool_tokens(ServeConfig.compile_slots, ServeConfig.compile_positions)) == need + slots
+    gb = (need + slots // 2) / (1 - MARGIN) / 2**30  # room for the eager stage and half the slots
+    stage_weights_for(cfg([gb], compile="false"), {"config": config}, stage_formats(eager), local=False)
+    for mode in ("true", "auto"):
+        with pytest.raises(ConfigError, match=r"the compiled step's KV slots \(2565 positions\).*compile=false"):
+            c = cfg([gb], compile=mode)
+            stage_weights_for(c, {"config": config}, stage_formats(c), local=False)

@@ -139,6 +139,13 @@ def eager_reason(stage, params: int, pool_bytes: int, kv_budget: int, adapters,
     return toolchain_missing()
 
 
+def pool_tokens(slots: int, positions: int) -> int:
+    """KV positions a block's slot caches hold (one more slot and position than requests use: see
+    :class:`CompiledDecode`): what the compiled step adds to a stage's memory, for ``compile=auto``'s check, the
+    stage's telemetry and ``partition=auto``'s plan."""
+    return (slots + 1) * (positions + 1)
+
+
 def llama_prelude(stage: LlamaStage, x, pos, size: int):
     """What a step's every Llama block shares: RoPE's cos / sin at each row's position, and each row's mask over
     its slot's ``size`` positions (its own and those before)."""

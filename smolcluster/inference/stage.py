@@ -287,7 +287,7 @@ class StageServer:
         positions = min(sc.compile_positions, self.arch.context)
         if mode == "auto":
             params = self.arch.numel(False, False, self.spec.blocks)
-            pool = (sc.compile_slots + 1) * (positions + 1) * self.kv_per_token[sc.rank]
+            pool = compiled.pool_tokens(sc.compile_slots, positions) * self.kv_per_token[sc.rank]
             why = compiled.eager_reason(self.stage, params, pool, self.kv_budget, sc.adapters, bool(sc.speculate))
             if why:
                 return None, f"compile=auto: eager, {why}"

@@ -15,8 +15,8 @@
   embedding and LM head are int8 then (a lookup table of int4 groups has no kernel, and
   the head is where int4 costs the most quality).
 - torch's packed kernels get their activations in bf16 (see ``KERNEL_DTYPE``); ``kernels(fmt)`` says
-  which path a stage's matmuls take on its machine (bf16: oneDNN where the CPU has AMX or
-  AVX512-BF16, else torch's bf16-load / fp32-math kernels).
+  which path a stage's matmuls take on its machine (bf16: ``rows_mm`` for a few rows where it is
+  built; beyond, oneDNN where the CPU has AMX or AVX512-BF16, else torch's bf16-load / fp32-math kernels).
 
 Why torch's ops and not ``torchao``: torchao 0.18 is on PyPI, but it was not installed into the
 shared environment or tried against torch 2.13 here (its compiled kernels are built per torch
@@ -123,7 +123,7 @@ def kernels(fmt: StageFormat) -> str:
     if fmt.precision == "fp32":
         return f"fp32: {rows}MKL sgemm ({isa})"
     if fmt.precision == "bf16" and isa in ("AMX", "AVX512-BF16"):
-        return f"bf16: oneDNN ({isa})"
+        return f"bf16: {rows}oneDNN ({isa})"
     # torch sends a bf16/fp16 matmul to oneDNN only where the CPU has native bf16 (AMX, AVX512-BF16) or fp16
     # (AMX-FP16, AVX512-FP16) instructions; elsewhere to its own kernels, which load 16-bit weights and
     # multiply in fp32 (half the bytes read, no converted copy of the weights): bench quantize --decode.
@@ -132,13 +132,13 @@ def kernels(fmt: StageFormat) -> str:
 
 def uses_rows_mm(fmt: StageFormat) -> bool:
     """Whether a stage of this format sends its few-row matmuls to :func:`cpu_kernels.rows_mm` here: a CPU
-    stage whose weights it reads (fp32, int8; bf16 where the CPU has no native bf16, whose oneDNN path stays),
-    once the kernel is loaded (:func:`cpu_kernels.available`: not yet built, it starts a background build and
-    this stage keeps torch's kernels)."""
+    stage whose weights it reads (fp32, bf16, int8; not fp16), once the kernel is loaded
+    (:func:`cpu_kernels.available`: not yet built, it starts a background build and this stage keeps torch's
+    kernels). bf16 too where the CPU has native bf16: oneDNN's bf16 product at a few rows took 1.7-2.4x
+    rows_mm's time on an AVX512-BF16 EPYC (``bench kernels``), so it keeps only a prefill's many rows."""
     if torch.device(fmt.device).type != "cpu":
         return False
-    if fmt.quantize == "none" and (fmt.precision == "fp16" or
-                                   (fmt.precision == "bf16" and cpu_isa() in ("AMX", "AVX512-BF16"))):
+    if fmt.quantize == "none" and fmt.precision == "fp16":
         return False
     return cpu_kernels.available()
 
