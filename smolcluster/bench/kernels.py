@@ -41,7 +41,9 @@ def arms(fmt: str, x: torch.Tensor, n_out: int):
         from smolcluster.pipeline.quantize import PACKED_IN_MULTIPLE
 
         xb, sb = x.bfloat16(), scale.bfloat16()
-        make = lambda: torch.randint(-127, 128, (n_out, x.shape[1]), dtype=torch.int8)
+        def make():
+            return torch.randint(-127, 128, (n_out, x.shape[1]), dtype=torch.int8)
+
         if x.shape[1] % PACKED_IN_MULTIPLE:  # what a stage runs where torch's packed kernel misreads the width
             return make, lambda w: rows_mm(x, w, scale), lambda w: F.linear(x, w.float()) * scale
         return make, lambda w: rows_mm(x, w, scale), lambda w: torch.ops.aten._weight_int8pack_mm(xb, w, sb).float()
