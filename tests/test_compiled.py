@@ -24,7 +24,7 @@ from torch._dynamo.utils import counters
 from smolcluster.errors import ConfigError
 from smolcluster.inference import InferencePipeline
 from smolcluster.inference.api import check_compile
-from smolcluster.inference.compiled import CompiledDecode
+from smolcluster.inference.compiled import CompiledDecode, pool_tokens
 from smolcluster.pipeline.architectures import KVCache
 from smolcluster.pipeline.architectures.base import Batch
 from tests.conftest import wait_until
@@ -161,6 +161,7 @@ def mixed_steps_run_eagerly_on_the_slot(stage, compiled: CompiledDecode):
     assert got[0] == want[0] and compiled.steps == before + 5
     # kv_bytes counts a slotted request's positions (22 written), not its slot's 64, and b's own buffers.
     slot_bytes = compiled.nbytes // (compiled.slots + 1)
+    assert compiled.nbytes == pool_tokens(compiled.slots, compiled.positions) * compiled.per_token  # (placement's)
     assert compiled.cache_bytes(a) == 22 * compiled.per_token == 22 * slot_bytes // 65  # (64 and a spare)
     assert compiled.cache_bytes(b) == b.nbytes() > 0
     # A cache whose buffers left the slot (a reallocation) is no longer the graph's to write.

@@ -156,8 +156,17 @@ def test_packed_int8_and_int4_matmuls_equal_the_dequantized_product(dtype):
 
 
 
-def test_an_int8_projection_whose_width_the_packed_kernel_misreads_dequantizes_instead():
-    # torch's packed int8 kernel gives garbage (or crashes) on AVX2 for inputs 24 or 40 wide; 48 is its path.
+def test_an_int8_projection_whose_width_the_packed_kernel_misreads_dequantizes_instead(monkeypatch):
+    # torch's packed int8 kernel gives garbage (or crashes) on AVX512 CPUs for inputs 24 or 40 wide: those never
+    # reach it (wherever this runs), 48 does, and every width gives the dequantized product.
+    packed = torch.ops.aten._weight_int8pack_mm
+    widths = []
+
+    def spy(x, w, scales):
+        widths.append(x.shape[1])
+        return packed(x, w, scales)
+
+    monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", spy)
     g = torch.Generator().manual_seed(5)
     for n_in in (24, 40, 48):
         w = torch.randn(40, n_in, generator=g)
@@ -170,6 +179,7 @@ def test_an_int8_projection_whose_width_the_packed_kernel_misreads_dequantizes_i
                 got = lin(x).double()
             want = x.double() @ (q8.double() * s8.double()[:, None]).t()
             assert float((got - want).abs().max() / want.abs().max()) < 2 ** -7, (n_in, rows)
+    assert widths == [48, 48]
 
 
 def test_every_cpu_stage_says_which_kernels_its_matmuls_run():
@@ -306,19 +316,27 @@ def test_partition_auto_places_blocks_by_memory_and_refuses_what_cannot_fit(tmp_
     with pytest.raises(ConfigError, match="needs cluster.nodes\\[0\\].memory_gb"):
         c = Pipeline(stages=2, head=HeadPlace.first, partition="auto")
         stage_weights_for(c, {"config": config}, stage_formats(c), local=False)
-    # A stage that may compile its decode step also holds the step's slot caches: a node the eager stage just
-    # fits is refused for compile=true / auto, naming them and compile=false.
+    # A stage that may compile its decode step also holds the step's slot caches: a node the eager stage just fits
+    # is refused, naming them and compile=false. compile=auto counts them only where it would compile: these
+    # 25 MB fp32 blocks stay eager under auto (over its 16 MB), their 12.6 MB bf16 ones compile.
     from smolcluster.inference.compiled import pool_tokens
     from smolcluster.inference.stage import ServeConfig
 
-    eager = cfg([1.0], compile="false")
-    need = stage_bytes(arch, StageFormat("fp32"), range(24), True, True, eager.max_active)
-    slots = 24 * 2 * 4 * 256 * pool_tokens(ServeConfig.compile_slots, ServeConfig.compile_positions)  # fp32 K + V
-    assert stage_bytes(arch, StageFormat("fp32"), range(24), True, True, eager.max_active,
-                       pool_tokens(ServeConfig.compile_slots, ServeConfig.compile_positions)) == need + slots
-    gb = (need + slots // 2) / (1 - MARGIN) / 2**30  # room for the eager stage and half the slots
-    stage_weights_for(cfg([gb], compile="false"), {"config": config}, stage_formats(eager), local=False)
-    for mode in ("true", "auto"):
-        with pytest.raises(ConfigError, match=r"the compiled step's KV slots \(2565 positions\).*compile=false"):
-            c = cfg([gb], compile=mode)
-            stage_weights_for(c, {"config": config}, stage_formats(c), local=False)
+    positions = pool_tokens(ServeConfig.compile_slots, ServeConfig.compile_positions)
+    for precision, modes in (("fp32", {"true": True, "auto": False}), ("bf16", {"auto": True})):
+        fmt_ = StageFormat(precision)
+        eager = cfg([1.0], compile="false", precision=precision)
+        need = stage_bytes(arch, fmt_, range(24), True, True, eager.max_active)
+        slots = 24 * 2 * fmt_.dtype.itemsize * 256 * positions  # K + V, 4 KV heads of 64
+        assert stage_bytes(arch, fmt_, range(24), True, True, eager.max_active, positions) == need + slots
+        gb = (need + slots // 2) / (1 - MARGIN) / 2**30  # room for the eager stage and half the slots
+        stage_weights_for(cfg([gb], compile="false", precision=precision), {"config": config},
+                          stage_formats(eager), local=False)
+        for mode, counted in modes.items():
+            c = cfg([gb], compile=mode, precision=precision)
+            if not counted:
+                stage_weights_for(c, {"config": config}, stage_formats(c), local=False)
+                continue
+            with pytest.raises(ConfigError, match=rf"the compiled step's KV slots \({positions} positions\).*"
+                                                  r"compile=false"):
+                stage_weights_for(c, {"config": config}, stage_formats(c), local=False)

@@ -8,7 +8,8 @@ with per-channel scales), torch's side being what a stage runs without the kerne
 
 - fp32: ``F.linear`` (MKL sgemm);
 - bf16: ``F.linear`` on bf16 activations and weights (oneDNN with native bf16, else torch's cpublas);
-- int8: ``aten._weight_int8pack_mm`` on bf16 activations (torch's packed CPU kernel).
+- int8: ``aten._weight_int8pack_mm`` on bf16 activations (torch's packed CPU kernel; for inputs not a multiple
+  of 16 wide, which it misreads, the dequantized ``F.linear``, as a stage runs them).
 
 A call streams one of several copies of the weight, together larger than the L3 cache, so each call reads its
 weight from memory as a decode step does (a model's weights never fit the cache). Arms alternate, rounds are
@@ -110,5 +111,6 @@ def main(argv: list[str] | None = None) -> int:
                           flush=True)
     write_report("kernels", rows, {"threads": args.threads, "rounds": args.rounds,
                                    "torch": {"fp32": "F.linear (MKL)", "bf16": "F.linear (bf16)",
-                                             "int8": "aten._weight_int8pack_mm, bf16 activations"}}, args.out)
+                                             "int8": "aten._weight_int8pack_mm, bf16 activations (dequantized "
+                                                     "F.linear for inputs not a multiple of 16 wide)"}}, args.out)
     return 0

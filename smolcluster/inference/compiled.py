@@ -140,10 +140,27 @@ def eager_reason(stage, params: int, pool_bytes: int, kv_budget: int, adapters,
 
 
 def pool_tokens(slots: int, positions: int) -> int:
-    """KV positions a block's slot caches hold (one more slot and position than requests use: see
-    :class:`CompiledDecode`): what the compiled step adds to a stage's memory, for ``compile=auto``'s check, the
-    stage's telemetry and ``partition=auto``'s plan."""
+    """KV positions a block's slot caches hold, :class:`CompiledDecode`'s ``ks`` / ``vs`` (one more slot and
+    position than requests use): what the compiled step adds to a stage's memory, for ``compile=auto``'s check
+    and ``partition=auto``'s plan."""
     return (slots + 1) * (positions + 1)
+
+
+def may_compile(mode: str, arch, fmt, device: str | None, adapters, speculates: bool) -> bool:
+    """Whether a stage of this config may hold a compiled step, told before any weight is read (``partition=auto``
+    plans its memory): :func:`eager_reason`'s rules that the config settles, for any share of ``arch``'s blocks.
+    What only the node knows (its KV budget, its compiler) counts as compiling."""
+    if mode == "false":
+        return False
+    if mode == "true":
+        return True
+    from smolcluster.inference.placement import bytes_per_param
+
+    one_block = arch.numel(False, False, range(1))
+    return (not adapters and not speculates and (device or "cpu") in ("cpu", "auto")
+            and not any(w is not None for w in getattr(arch.shape, "windows", ()))
+            and one_block * arch.n_layer >= AUTO_MIN_PARAMS
+            and one_block * bytes_per_param(fmt, False) / 2**20 <= AUTO_MAX_BLOCK_MB)
 
 
 def llama_prelude(stage: LlamaStage, x, pos, size: int):

@@ -184,16 +184,17 @@ def stage_weights_for(cfg: Pipeline, info: dict, formats: list[dict], local: boo
 
     if cfg.partition == "even":
         return node_weights(cfg.links, cfg.stages)
-    from smolcluster.inference.compiled import pool_tokens
+    from smolcluster.inference.compiled import may_compile, pool_tokens
     from smolcluster.inference.placement import auto_weights, node_memory, prefer_faster
     from smolcluster.pipeline.architectures import family_for
     from smolcluster.pipeline.quantize import StageFormat
 
     fmts = [StageFormat(f["precision"], f["quantize"], f["quantize_group"]) for f in formats]
     arch, memory = family_for(info["config"]), node_memory(cfg.links, cfg.stages, local)
-    # A stage that may compile its decode step (auto decides on the node) holds its slot caches too.
-    compiled = 0 if compile_mode(cfg.compile) == "false" else \
-        pool_tokens(ServeConfig.compile_slots, min(ServeConfig.compile_positions, arch.context))
+    # A stage that may compile its decode step holds the step's slot caches too.
+    slots = pool_tokens(ServeConfig.compile_slots, min(ServeConfig.compile_positions, arch.context))
+    compiled = [slots if may_compile(compile_mode(cfg.compile), arch, fmt, f["device"], cfg.adapters,
+                                     cfg.speculate.k > 0) else 0 for fmt, f in zip(fmts, formats, strict=True)]
     weights = auto_weights(arch, fmts, memory, cfg.head is HeadPlace.first, cfg.max_active, compiled)
     speed = [cfg.links.node(i).gflops for i in range(cfg.stages)]
     if all(g is not None for g in speed):  # (ClusterSpec.node checked each is a positive number)

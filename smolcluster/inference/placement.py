@@ -2,7 +2,8 @@
 
 A stage needs (bytes): its parameters in its format (:func:`bytes_per_param`), plus the KV cache of
 ``requests`` requests at full context for its blocks and, where it may compile its decode step
-(``compile=true|auto``), the compiled step's slot caches (``compiled_tokens`` positions a block), plus
+(``compile=true``, or ``auto`` where :func:`~smolcluster.inference.compiled.may_compile`), the compiled step's
+slot caches (``compiled[rank]`` positions a block), plus
 :data:`RUNTIME_BYTES` for Python + torch. A node offers ``cluster.nodes[i].memory_gb`` (else, for stages launched on this machine,
 what this machine offers a new process, :func:`usable_memory`: ``MemAvailable``, or less under a
 cgroup memory limit, shared among them), less :data:`MARGIN`. Blocks go in proportion to what each
@@ -50,14 +51,16 @@ def kv_bytes_per_block(arch: Architecture, fmt: StageFormat, tokens: int) -> int
 
 
 def prefer_faster(arch: Architecture, formats: list[StageFormat], memory: list, gflops: list[float],
-                  head_first: bool, requests: int, by_memory: list[float], compiled_tokens: int = 0) -> list[float]:
+                  head_first: bool, requests: int, by_memory: list[float],
+                  compiled: list[int] | None = None) -> list[float]:
     """Stage weights in proportion to each node's measured speed (``cluster.nodes[i].gflops``, which the SSH
     launcher's preflight records), so stages take about equal time, when that split fits every node's memory;
     else ``by_memory`` (:func:`auto_weights`' split, already checked)."""
     n = len(gflops)
     head_rank = 0 if head_first else n - 1
+    compiled = compiled or [0] * n
     for s, f, m in zip(arch.plan(n, gflops, head_first=head_first), formats, memory, strict=True):
-        need = stage_bytes(arch, f, s.blocks, s.first, s.rank == head_rank, requests, compiled_tokens)
+        need = stage_bytes(arch, f, s.blocks, s.first, s.rank == head_rank, requests, compiled[s.rank])
         if need > getattr(m, "bytes", m) * (1 - MARGIN):
             return by_memory
     return list(gflops)
@@ -113,7 +116,7 @@ def node_memory(cluster, n_stages: int, local: bool) -> list[NodeMemory]:
 
 
 def auto_weights(arch: Architecture, formats: list[StageFormat], memory: list[NodeMemory | int],
-                 head_first: bool, requests: int = 1, compiled_tokens: int = 0) -> list[float]:
+                 head_first: bool, requests: int = 1, compiled: list[int] | None = None) -> list[float]:
     """Stage weights for :meth:`Architecture.plan` so blocks go where the memory is; refuses a model that
     cannot fit (before any weight is read), naming what each node offers and where that figure comes from."""
     nodes = [m if isinstance(m, NodeMemory) else NodeMemory(int(m), "given") for m in memory]
@@ -126,7 +129,8 @@ def auto_weights(arch: Architecture, formats: list[StageFormat], memory: list[No
         raise ConfigError(f"partition=auto: {n} stages for {arch.n_layer} blocks; use at most {arch.n_layer}")
     specs = arch.plan(n, weights, head_first=head_first)
     head_rank = 0 if head_first else n - 1
-    need = [stage_bytes(arch, f, s.blocks, s.first, s.rank == head_rank, requests, compiled_tokens)
+    compiled = compiled or [0] * n
+    need = [stage_bytes(arch, f, s.blocks, s.first, s.rank == head_rank, requests, compiled[s.rank])
             for s, f in zip(specs, formats, strict=True)]
     have = [int(m * (1 - MARGIN)) for m in memory]
     short = [(i, need[i] - have[i]) for i in range(n) if need[i] > have[i]]
@@ -134,16 +138,16 @@ def auto_weights(arch: Architecture, formats: list[StageFormat], memory: list[No
         total_short = sum(need) - sum(have)
         worst, gap = max(short, key=lambda t: t[1])
         help_ = ["more stages"]
-        compiled = f" + the compiled step's KV slots ({compiled_tokens} positions)" if compiled_tokens else ""
+        slots = f" + the compiled step's KV slots ({compiled[worst]} positions)" if compiled[worst] else ""
         if formats[worst].precision == "fp32" and formats[worst].quantize == "none":
             help_.append("precision=bf16 (about half the weights)")
         if formats[worst].quantize != "int8" and formats[worst].quantize != "int4":
             help_.append("quantize=int8 (about a quarter)")
-        if compiled_tokens:
+        if compiled[worst]:
             help_.append("compile=false (no compiled step's slots)")
         raise ConfigError(
             f"the model does not fit: stage {worst} needs {size(need[worst])} (weights + KV cache for {requests} "
-            f"request(s) of {arch.context} tokens{compiled} + runtime) but its node offers {size(have[worst])} "
+            f"request(s) of {arch.context} tokens{slots} + runtime) but its node offers {size(have[worst])} "
             f"({nodes[worst].source}, less {MARGIN:.0%}); {size(max(total_short, gap))} missing; would help: "
             f"{', '.join(help_)}")
     return weights

@@ -175,8 +175,9 @@ KERNEL_DTYPE = torch.bfloat16
 # many rows run faster dequantized (the kernel tiles a few rows at a time; on this project's 2-core Xeon the
 # packed kernel led for a 1536 x 576 weight up to ~16 rows and the dequantized product at 64).
 PACKED_ROWS = 16
-# torch 2.13's packed int8 kernel on AVX2 CPUs reads past the rows of an input whose width is not a multiple of
-# 16 (garbage out, or a crash; tests/test_quantize.py checks both ways): such projections dequantize instead.
+# torch 2.13's packed int8 kernel on AVX512 CPUs reads an input 16 values at a time, and past its rows where the
+# width is not a multiple of 16 (garbage out, or a crash: widths 24, 40 and 100 on an AVX512 EPYC; its AVX2 loop
+# steps by 8): such projections dequantize instead (tests/test_quantize.py).
 PACKED_IN_MULTIPLE = 16
 
 
