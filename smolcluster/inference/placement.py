@@ -2,13 +2,13 @@
 
 A stage needs (bytes): its parameters in its format (:func:`bytes_per_param`), plus the KV cache of
 ``requests`` requests at full context for its blocks and, where it may compile its decode step
-(``compile=true``, or ``auto`` where :func:`~smolcluster.inference.compiled.may_compile`), the compiled step's
-slot caches (``compiled[rank]`` positions a block), plus
-:data:`RUNTIME_BYTES` for Python + torch. A node offers ``cluster.nodes[i].memory_gb`` (else, for stages launched on this machine,
-what this machine offers a new process, :func:`usable_memory`: ``MemAvailable``, or less under a
-cgroup memory limit, shared among them), less :data:`MARGIN`. Blocks go in proportion to what each
-node offers (the same min-max split as ``cluster.nodes[i].weight``), and the plan is checked
-stage by stage before any weight is read: a model that fits nowhere is refused in one line
+(``compile=true``, or ``auto`` where :func:`~smolcluster.inference.compiled.may_compile`), the
+compiled step's slot caches (``compiled[rank]`` positions a block), plus :data:`RUNTIME_BYTES` for
+Python + torch. A node offers ``cluster.nodes[i].memory_gb`` (else, for stages launched on this
+machine, what this machine offers a new process, :func:`usable_memory`: ``MemAvailable``, or less
+under a cgroup memory limit, shared among them), less :data:`MARGIN`. Blocks go in proportion to
+what each node offers (the same min-max split as ``cluster.nodes[i].weight``), and the plan is
+checked stage by stage before any weight is read: a model that fits nowhere is refused in one line
 saying how much is missing and what would help.
 """
 
