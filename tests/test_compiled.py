@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from loguru import logger
 from torch._dynamo.utils import counters
 
 from smolcluster.errors import ConfigError
@@ -187,17 +188,44 @@ def test_a_stage_of_another_family_compiled_decodes_the_eager_tokens(family, blo
     graphs = counters["stats"]["unique_graphs"]
     compiled.warm("test")  # outside inference mode, as a stage warms before it serves (in inference mode)
     assert compiled.groups == groups and counters["stats"]["unique_graphs"] == graphs + len(set(groups))
+    # Once warm, every group is called without dynamo: its graph, with this group's weights and caches in place.
+    entered, through_dynamo = [], compiled.fn
+    compiled.fn = lambda *args: entered.append(args) or through_dynamo(*args)
+    assert sorted(compiled.graphs) == sorted((1, g) for g in set(groups))
     with torch.inference_mode():
         ids = prompt(3, 5, stage.shape.vocab_size)
         want = greedy(stage, ids, 20, KVCache(len(stage.blocks), 64), None)
         assert greedy(stage, ids, 20, compiled.cache(len(stage.blocks), 64, 0), compiled) == want
         assert compiled.steps == 19 and counters["stats"]["unique_graphs"] == graphs + len(set(groups))
+        assert entered == [] and compiled.missed == 0
+
+
+def test_a_graph_whose_inputs_cannot_be_placed_is_called_through_dynamo(llama_stage, monkeypatch):
+    """Should dynamo pass a graph an input that is not one of the call's (a torch that lifts something else), the
+    stage says so and calls that graph through dynamo, as before graphs were called directly: the same tokens."""
+    from smolcluster.inference.compiled import Graph
+
+    monkeypatch.setattr(Graph, "order_of", staticmethod(lambda *args: None))
+    stage, said = llama_stage, []
+    sink = logger.add(lambda m: said.append(m.record["message"]), level="WARNING")
+    with torch.inference_mode():
+        compiled = CompiledDecode(stage, 1, 32, torch.float32, "cpu", buckets=[1])
+        try:
+            compiled.warm("test")
+        finally:
+            logger.remove(sink)
+        assert compiled.graphs == {(1, 2): None} and any("called through dynamo" in s for s in said), said
+        entered, through_dynamo = [], compiled.fn
+        compiled.fn = lambda *args: entered.append(args) or through_dynamo(*args)
+        ids = prompt(7, 5, stage.shape.vocab_size)
+        want = greedy(stage, ids, 8, KVCache(len(stage.blocks), 32), None)
+        assert greedy(stage, ids, 8, compiled.cache(len(stage.blocks), 32, 0), compiled) == want
+        assert len(entered) == 7 and compiled.missed == 0  # (every step through dynamo, none a miss)
 
 
 def test_two_compiled_stages_in_one_process_keep_their_own_graphs(llama_stage, tmp_path):
     """A test's or a bench's process may hold stages of two models: each CompiledDecode's graphs are its own
-    (isolate_recompiles), so skipping guards once warm picks among them only. Shared, stepping the Llama after
-    warming a Qwen2 (q/k/v biases) broke on a skipped guard (KeyError 'bias')."""
+    (isolate_recompiles), each called with its own stage's weights."""
     build("qwen2", n_layer=2).save_pretrained(tmp_path)
     (qwen,), _ = stages_of(tmp_path, 1)
     with torch.inference_mode():
@@ -294,7 +322,6 @@ def test_compile_auto_stages_of_a_tiny_model_decode_eagerly_and_say_why(llama_di
 
 
 def test_a_head_waits_longer_for_compiling_stages_and_says_why(monkeypatch):
-    from loguru import logger
 
     from smolcluster.errors import PeerError
     from smolcluster.inference import client

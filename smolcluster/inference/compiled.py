@@ -11,12 +11,12 @@ writes each row's key/value at (its slot, its position) and attends over its slo
 otherwise it depends only on how many rows the step has, padded up to a *bucket* (1, 2, 4, ... up to
 ``slots``; the padding rows use the spare last slot): one graph per bucket, compiled when the stage starts,
 before it serves, with a log line each. Its kernel calls are made from C++ (inductor's ``cpp_wrapper``), and
-once warm a call checks only the guards that tell the graphs apart (:meth:`CompiledDecode.step`).
+once compiled a graph is called directly, without dynamo (:class:`Graph`).
 
 A graph covers a group of consecutive blocks (up to :data:`GROUP_BLOCKS`, :func:`group_sizes`), not the whole
 stage: the blocks' weights are its inputs, so every group of a size runs through the same graph (regional
 compilation, torch's own recipe for repeated layers). Compiling then costs one or two groups' graphs, several
-times less than the whole stage's, for one dynamo entry per group in a step (``bench cpu --compile``).
+times less than the whole stage's, for one compiled call per group in a step (``bench cpu --compile``).
 
 The request's :class:`~smolcluster.pipeline.architectures.base.KVCache` is a view of its slot, so the eager
 path (prefill chunks, speculation's several rows, prefix-cache copies, truncation) reads and writes the very
@@ -250,6 +250,65 @@ def buckets_up_to(slots: int) -> list[int]:
     return [*out, slots]
 
 
+# What a group's call passes the graph, by position: the step's values (x, pos, slots, the attended length, then the
+# prelude's tensors) or, for the weights and KV caches, a group's block j's tensor or its j-th cache.
+X, POS, SLOTS, SIZE, SHARED = range(5)
+
+
+class Graph:
+    """A compiled group graph called without dynamo.
+
+    Through ``torch.compile`` every call of a group enters dynamo: it matches the frame against its compiled
+    graphs, then walks the blocks' modules for the ~100 weights the graph takes as inputs, in Python, every step.
+    A step's shape is ours to know (its bucket, its group's size), so once dynamo has compiled a graph, the
+    stage keeps what its backend produced (AOTAutograd's and inductor's compiled function, the very callable
+    dynamo would run) and calls it with the same inputs in the same order: the weights and caches of a group
+    looked up once, the step's few tensors put in their places each call. That cut a step's time by a tenth
+    (fp32) to a fifth (int8; ``bench cpu --compile``). What the guards checked (these shapes, these modules)
+    holds by construction: a step's rows are a bucket's (:meth:`CompiledDecode.run`), its length within the
+    slots' positions (:meth:`CompiledDecode.fits`), and the weights are the blocks' own.
+
+    ``order``: for each graph input, where it comes from: ``("block", j, name)`` (the group's block j's
+    parameter or buffer), ``("k" | "v", j)`` (its j-th KV cache), or one of the step's values (``X`` ...
+    ``SHARED + j``)."""
+
+    def __init__(self, fn, order: list):
+        self.fn, self.order = fn, order
+        self.bound: dict[int, tuple[list, list[tuple[int, int]]]] = {}  # group start -> (inputs, step's places)
+
+    @staticmethod
+    def order_of(inputs, blocks, x, shared, pos, slots, ks, vs) -> list | None:
+        """Where each of the graph's example ``inputs`` (the very tensors of the call dynamo compiled it from)
+        comes from; None if one is not the call's (dynamo then keeps calling it)."""
+        known = {id(x): X, id(pos): POS, id(slots): SLOTS}
+        known.update({id(t): SHARED + j for j, t in enumerate(shared)})
+        for j, block in enumerate(blocks):
+            known.update({id(t): ("block", j, name) for name, t in (*block.named_parameters(), *block.named_buffers())})
+        known.update({id(t): ("k", j) for j, t in enumerate(ks)})
+        known.update({id(t): ("v", j) for j, t in enumerate(vs)})
+        order = [SIZE if isinstance(t, torch.SymInt) else known.get(id(t)) for t in inputs]
+        return None if None in order or order.count(SIZE) > 1 else order
+
+    def bind(self, start: int, blocks, ks, vs) -> tuple[list, list[tuple[int, int]]]:
+        """The inputs of the group from block ``start``: its weights and caches in place, and the places of the
+        step's values."""
+        if start not in self.bound:
+            tensors = {("block", j, name): t for j, b in enumerate(blocks)
+                       for name, t in (*b.named_parameters(), *b.named_buffers())}
+            tensors.update({("k", j): t for j, t in enumerate(ks)})
+            tensors.update({("v", j): t for j, t in enumerate(vs)})
+            self.bound[start] = ([None if isinstance(o, int) else tensors[o] for o in self.order],
+                                 [(i, o) for i, o in enumerate(self.order) if isinstance(o, int)])
+        return self.bound[start]
+
+    def __call__(self, start: int, blocks, ks, vs, step: tuple) -> torch.Tensor:
+        inputs, places = self.bind(start, blocks, ks, vs)
+        inputs = list(inputs)
+        for i, o in places:
+            inputs[i] = step[o]
+        return self.fn(*inputs)[0]
+
+
 class CompiledDecode:
     """A stage's compiled decode step and the slot caches it writes (see the module's docstring)."""
 
@@ -298,50 +357,66 @@ class CompiledDecode:
         # One graph per bucket and group size, and no more: a shape outside them would recompile mid-serving (fits()
         # keeps them out).
         self.prelude, self.groups = prelude, group_sizes(n)
-        # cpp_wrapper: the graph's kernel calls from generated C++, not a generated Python function (a 6-block
-        # int8 group makes ~150 calls a step, each a Python line and an allocation there). isolate_recompiles:
-        # this stage's graphs in a cache of their own, not shared through the function with another CompiledDecode
-        # in the process (a test's, a bench's): the guard-skipping stance tells only this cache's graphs apart.
-        # Its limit leaves room for a graph the warm-up missed (step() compiles it rather than fail).
-        self.fn = torch.compile(blocks, dynamic=False, fullgraph=True, options={"cpp_wrapper": True},
-                                isolate_recompiles=True,
+        # The backend is inductor's (compile_fx, what torch.compile's default calls), kept by capture() to be called
+        # without dynamo. cpp_wrapper: the graph's kernel calls from generated C++, not a generated Python function
+        # (a 6-block int8 group makes ~150 calls a step, each a Python line and an allocation there).
+        # isolate_recompiles: this stage's graphs in a cache of their own, not shared through the function with
+        # another CompiledDecode in the process (a test's, a bench's). Its limit leaves room for a graph the
+        # warm-up missed (step() compiles it rather than fail).
+        self.fn = torch.compile(blocks, backend=self.capture, dynamic=False, fullgraph=True, isolate_recompiles=True,
                                 recompile_limit=2 * len(self.buckets) * len(set(self.groups)) + 8)
+        self.graphs: dict[tuple[int, int], Graph] = {}  # (rows, group size) -> its graph, called without dynamo
+        self.compiling: tuple | None = None  # ((rows, group size), the call's arguments) while dynamo compiles
         self.warmed = False
-        self.missed = 0  # steps the guard-skipping stance refused after warm-up (each compiled then, with a warning)
+        self.missed = 0  # group calls after warm-up with no graph yet (each compiled then, with a warning)
+
+    def capture(self, gm, example_inputs):
+        """dynamo's backend: inductor's compiled function for this graph, kept (with where each of its inputs comes
+        from) for the step's shape to be called directly from now on."""
+        from torch._inductor.compile_fx import compile_fx
+
+        fn = compile_fx(gm, example_inputs, config_patches={"cpp_wrapper": True})
+        if self.compiling is not None:
+            key, args = self.compiling
+            order = Graph.order_of(example_inputs, *args)
+            if order is None:  # (not expected: then dynamo keeps calling it, as before graphs were called directly)
+                logger.warning(f"compiled decode: a graph for {key[0]} row(s) x {key[1]} block(s) takes an input "
+                               f"not of its call; it is called through dynamo")
+            self.graphs[key] = Graph(fn, order) if order is not None else None
+        return fn
 
     def step(self, x: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, seen: int) -> torch.Tensor:
         """The blocks over one row per request (``x``: (1, rows, hidden)), a compiled group at a time, attending
         over the first ``seen`` positions of each slot (past every row's position)."""
-        rows, i, x0 = x.shape[1], 0, x
+        rows, i = x.shape[1], 0
         x = x.view(rows, 1, -1)
         shared = self.prelude(self.stage, x, pos, max(seen, 2))
+        # (2 at least: dynamo specializes a size of 0 or 1)
+        step = [x, pos, slots, shared[-1].shape[-1], *shared]  # (every prelude's mask comes last)
+        for g in self.groups:
+            blocks, ks, vs = tuple(self.layers[i:i + g]), tuple(self.ks[i:i + g]), tuple(self.vs[i:i + g])
+            graph = self.graphs.get((rows, g))
+            if graph:
+                step[X] = graph(i, blocks, ks, vs, step)
+            else:
+                step[X] = self.compile_group(rows, g, blocks, step[X], shared, pos, slots, ks, vs)
+            i += g
+        return step[X].view(1, rows, -1)
+
+    def compile_group(self, rows: int, g: int, blocks, x, shared, pos, slots, ks, vs) -> torch.Tensor:
+        """A group's call through dynamo, which compiles its graph (capture() keeps it) the first time."""
         # The mask's length is the graph's one dynamic size: a step reads its slots' positions up to the longest
         # request's, not the slot's whole buffer (at 512 positions that was a third of an int8 step), and one
-        # graph serves every length. (2 at least: dynamo specializes a size of 0 or 1.)
-        torch._dynamo.mark_dynamic(shared[-1], 3, min=2, max=self.positions)  # (every prelude's mask comes last)
-        # Once every bucket is compiled, dynamo checks only the guards that tell its graphs apart (its "skip
-        # guard eval" stance), not each group's ~4,000 guards on the blocks' every attribute and tensor, at every
-        # call. Safe here: the warm-up compiled every shape run() lets in, for these very blocks. A step that would
-        # still need a graph raises instead of compiling, and is run again with the guards on (the rows' keys
-        # and values are written again, the same). The stance is the process's: steps are the stage's one
-        # compute thread.
-        try:
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=self.warmed):
-                for g in self.groups:
-                    x = self.fn(tuple(self.layers[i:i + g]), x, shared, pos, slots, tuple(self.ks[i:i + g]),
-                                tuple(self.vs[i:i + g]))
-                    i += g
-        except Exception as e:  # (dynamo's stance error is a RuntimeError; a skipped guard may fail otherwise)
-            if not self.warmed:
-                raise
-            logger.warning(f"compiled decode: a step of {rows} row(s) had no graph; compiling one ({e})")
+        # graph serves every length.
+        torch._dynamo.mark_dynamic(shared[-1], 3, min=2, max=self.positions)
+        if self.warmed and (rows, g) not in self.graphs:  # (a shape the warm-up did not compile: once, now)
+            logger.warning(f"compiled decode: a step of {rows} row(s) x {g} block(s) had no graph; compiling one")
             self.missed += 1
-            self.warmed = False
-            try:
-                return self.step(x0, pos, slots, seen)
-            finally:
-                self.warmed = True
-        return x.view(1, rows, -1)
+        self.compiling = ((rows, g), (blocks, x, shared, pos, slots, ks, vs))
+        try:
+            return self.fn(blocks, x, shared, pos, slots, ks, vs)
+        finally:
+            self.compiling = None
 
     def warm(self, name: str) -> None:
         """Compile every bucket's graph now, before the stage serves (a step then never waits on a compiler)."""
