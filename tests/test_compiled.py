@@ -322,7 +322,6 @@ def test_compile_auto_stages_of_a_tiny_model_decode_eagerly_and_say_why(llama_di
 
 
 def test_a_head_waits_longer_for_compiling_stages_and_says_why(monkeypatch):
-
     from smolcluster.errors import PeerError
     from smolcluster.inference import client
     from smolcluster.inference.api import COMPILE_CONNECT_S, connect_wait
