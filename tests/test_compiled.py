@@ -118,8 +118,8 @@ def test_a_padded_step_and_a_reused_slot_decode_the_eager_tokens(llama_stage):
         assert greedy(stage, ids, 58, cache, compiled) == want and cache.length == 64
         assert compiled.steps == 2 * 23 + 57 and counters["stats"]["unique_graphs"] == graphs
         compiled.release(cache)
-        # A shape the warm-up did not compile (1 row; run() pads it to 2) is compiled when it comes, not refused
-        # by the guard-skipping stance, and gives the eager rows.
+        # A shape the warm-up did not compile (1 row; run() pads it to 2) is compiled when it comes, through dynamo
+        # (with a warning), and gives the eager rows.
         cache, ref = compiled.cache(len(stage.blocks), 64, 0), KVCache(len(stage.blocks), 64)
         x = stage.embed(torch.tensor([ids]), 0)
         stage.run_blocks(x, cache)
@@ -221,6 +221,24 @@ def test_a_graph_whose_inputs_cannot_be_placed_is_called_through_dynamo(llama_st
         want = greedy(stage, ids, 8, KVCache(len(stage.blocks), 32), None)
         assert greedy(stage, ids, 8, compiled.cache(len(stage.blocks), 32, 0), compiled) == want
         assert len(entered) == 7 and compiled.missed == 0  # (every step through dynamo, none a miss)
+
+
+def test_weights_folded_into_a_graph_are_not_run_for_another_group(llama_stage, monkeypatch):
+    """With inductor's freezing (a user's TORCHINDUCTOR_FREEZING=1, or a bench that set it), dynamo folds a group's
+    weights into its graph: called directly for the next group, that graph would run the first group's weights.
+    Such a graph is called through dynamo, whose guards on the weights give each group its own: the eager tokens."""
+    from smolcluster.inference import compiled as compiled_module
+
+    stage = llama_stage
+    monkeypatch.setattr(compiled_module, "GROUP_BLOCKS", 1)  # 2 groups of 1 block: one graph size, two groups
+    compiled = CompiledDecode(stage, 1, 32, torch.float32, "cpu", buckets=[1])
+    monkeypatch.setattr(torch._inductor.config, "freezing", True)  # (after the stage set it off, as a bench might)
+    with torch.inference_mode():
+        compiled.warm("test")
+        assert compiled.groups == [1, 1] and compiled.graphs == {(1, 1): None}
+        ids = prompt(8, 5, stage.shape.vocab_size)
+        want = greedy(stage, ids, 8, KVCache(len(stage.blocks), 32), None)
+        assert greedy(stage, ids, 8, compiled.cache(len(stage.blocks), 32, 0), compiled) == want
 
 
 def test_two_compiled_stages_in_one_process_keep_their_own_graphs(llama_stage, tmp_path):

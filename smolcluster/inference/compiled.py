@@ -44,6 +44,7 @@ from __future__ import annotations
 import inspect
 import os
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -225,8 +226,8 @@ def gpt2_blocks(blocks, x, shared, pos, slots, ks, vs):
 
 # The compiled graph covers this many consecutive blocks at most, and every group of its size reuses it (its
 # blocks' weights are the graph's inputs, not constants): compiling scales with the group, not the stage (a
-# 30-block stage compiles one 6-block graph), and a step pays dynamo's entry once per group. A group of 8 keeps
-# those entries few; bench cpu --compile prints the compile time and the tokens/s (docs/benchmarks.md).
+# 30-block stage compiles one 6-block graph), and a step makes one graph call per group. A group of 8 keeps
+# those calls few; bench cpu --compile prints the compile time and the tokens/s (docs/benchmarks.md).
 GROUP_BLOCKS = 8
 
 
@@ -264,9 +265,12 @@ class Graph:
     stage keeps what its backend produced (AOTAutograd's and inductor's compiled function, the very callable
     dynamo would run) and calls it with the same inputs in the same order: the weights and caches of a group
     looked up once, the step's few tensors put in their places each call. That cut a step's time by a tenth
-    (fp32) to a fifth (int8; ``bench cpu --compile``). What the guards checked (these shapes, these modules)
-    holds by construction: a step's rows are a bucket's (:meth:`CompiledDecode.run`), its length within the
-    slots' positions (:meth:`CompiledDecode.fits`), and the weights are the blocks' own.
+    (fp32) to a fifth (int8; the two paths A/B in one process, docs/benchmarks.md's cpu section). What the guards
+    checked holds by construction: a step's rows are a bucket's (:meth:`CompiledDecode.run`), its length within
+    the slots' positions (:meth:`CompiledDecode.fits`), its input in the stage's dtype (:meth:`CompiledDecode.step`),
+    every group of a size compiled to the one graph (:meth:`CompiledDecode.warm` sends each through dynamo, and a
+    second graph for a size is not called directly), and each block's weights are inputs of the graph, not
+    constants in it (:meth:`order_of`); inductor itself asserts each input's sizes and strides.
 
     ``order``: for each graph input, where it comes from: ``("block", j, name)`` (the group's block j's
     parameter or buffer), ``("k" | "v", j)`` (its j-th KV cache), or one of the step's values (``X`` ...
@@ -277,9 +281,15 @@ class Graph:
         self.bound: dict[int, tuple[list, list[tuple[int, int]]]] = {}  # group start -> (inputs, step's places)
 
     @staticmethod
-    def order_of(inputs, blocks, x, shared, pos, slots, ks, vs) -> list | None:
+    def order_of(gm, inputs, blocks, x, shared, pos, slots, ks, vs) -> list | None:
         """Where each of the graph's example ``inputs`` (the very tensors of the call dynamo compiled it from)
-        comes from; None if one is not the call's (dynamo then keeps calling it)."""
+        comes from; None (dynamo then keeps calling the graph) if one is not the call's, or if the graph does not
+        take every block's weights the same way as inputs: with weights held inside it (inductor's ``freezing``),
+        or one tensor shared by two blocks (dynamo passes it once), a call for another group would run this
+        group's weights."""
+        if any(True for _ in gm.named_parameters()) or any(True for _ in gm.named_buffers()) or \
+                any(n.op == "get_attr" for n in gm.graph.nodes):
+            return None
         known = {id(x): X, id(pos): POS, id(slots): SLOTS}
         known.update({id(t): SHARED + j for j, t in enumerate(shared)})
         for j, block in enumerate(blocks):
@@ -287,7 +297,11 @@ class Graph:
         known.update({id(t): ("k", j) for j, t in enumerate(ks)})
         known.update({id(t): ("v", j) for j, t in enumerate(vs)})
         order = [SIZE if isinstance(t, torch.SymInt) else known.get(id(t)) for t in inputs]
-        return None if None in order or order.count(SIZE) > 1 else order
+        if None in order or order.count(SIZE) > 1:
+            return None
+        names = [{o[2] for o in order if isinstance(o, tuple) and o[0] == "block" and o[1] == j}
+                 for j in range(len(blocks))]
+        return order if names[0] and all(n == names[0] for n in names) else None
 
     def bind(self, start: int, blocks, ks, vs) -> tuple[list, list[tuple[int, int]]]:
         """The inputs of the group from block ``start``: its weights and caches in place, and the places of the
@@ -307,6 +321,21 @@ class Graph:
         for i, o in places:
             inputs[i] = step[o]
         return self.fn(*inputs)[0]
+
+
+class Capture:
+    """``CompiledDecode``'s dynamo backend, holding it weakly (see its ``fn``)."""
+
+    def __init__(self, owner: CompiledDecode):
+        self.owner = weakref.ref(owner)
+
+    def __call__(self, gm, example_inputs):
+        owner = self.owner()
+        if owner is None:  # (its stage is gone: nothing will call this graph directly)
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(gm, example_inputs, config_patches={"cpp_wrapper": True})
+        return owner.capture(gm, example_inputs)
 
 
 class CompiledDecode:
@@ -350,6 +379,8 @@ class CompiledDecode:
         import torch._inductor.config as inductor
 
         inductor.fx_graph_cache = True
+        # Weights stay graph inputs (one graph serves every group of a size): freezing would fold them into it.
+        inductor.freezing = False
         # The generated loops single-threaded: a decode step's are a few thousand elements, too few to repay an
         # OpenMP fork/join, which an oversubscribed machine makes far worse; the matmuls (MKL) and attention keep
         # the stage's threads (bench quantize --decode --compile, docs/benchmarks.md).
@@ -363,7 +394,10 @@ class CompiledDecode:
         # isolate_recompiles: this stage's graphs in a cache of their own, not shared through the function with
         # another CompiledDecode in the process (a test's, a bench's). Its limit leaves room for a graph the
         # warm-up missed (step() compiles it rather than fail).
-        self.fn = torch.compile(blocks, backend=self.capture, dynamic=False, fullgraph=True, isolate_recompiles=True,
+        # (The backend holds this object weakly: dynamo's cache keeps its backend for the process's life, and a
+        # strong reference would keep the stage's weights and slots with it.)
+        self.fn = torch.compile(blocks, backend=Capture(self), dynamic=False, fullgraph=True,
+                                isolate_recompiles=True,
                                 recompile_limit=2 * len(self.buckets) * len(set(self.groups)) + 8)
         self.graphs: dict[tuple[int, int], Graph] = {}  # (rows, group size) -> its graph, called without dynamo
         self.compiling: tuple | None = None  # ((rows, group size), the call's arguments) while dynamo compiles
@@ -371,31 +405,34 @@ class CompiledDecode:
         self.missed = 0  # group calls after warm-up with no graph yet (each compiled then, with a warning)
 
     def capture(self, gm, example_inputs):
-        """dynamo's backend: inductor's compiled function for this graph, kept (with where each of its inputs comes
-        from) for the step's shape to be called directly from now on."""
+        """dynamo's backend (through :class:`Capture`): inductor's compiled function for this graph, kept (with
+        where each of its inputs comes from) for the step's shape to be called directly from now on."""
         from torch._inductor.compile_fx import compile_fx
 
         fn = compile_fx(gm, example_inputs, config_patches={"cpp_wrapper": True})
         if self.compiling is not None:
             key, args = self.compiling
-            order = Graph.order_of(example_inputs, *args)
-            if order is None:  # (not expected: then dynamo keeps calling it, as before graphs were called directly)
-                logger.warning(f"compiled decode: a graph for {key[0]} row(s) x {key[1]} block(s) takes an input "
-                               f"not of its call; it is called through dynamo")
-            self.graphs[key] = Graph(fn, order) if order is not None else None
+            order = Graph.order_of(gm, example_inputs, *args)
+            if key in self.graphs:  # a second graph for one group size: the groups differ, and one graph cannot
+                why = "a second graph was compiled for groups of that size"  # serve them all
+            elif order is None:  # (not expected: then dynamo keeps calling it, as before graphs were called directly)
+                why = "its inputs are not its blocks' weights alone"
+            if key in self.graphs or order is None:
+                logger.warning(f"compiled decode: {key[0]} row(s) x {key[1]} block(s) are called through dynamo: {why}")
+            self.graphs[key] = Graph(fn, order) if order is not None and key not in self.graphs else None
         return fn
 
     def step(self, x: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, seen: int) -> torch.Tensor:
         """The blocks over one row per request (``x``: (1, rows, hidden)), a compiled group at a time, attending
         over the first ``seen`` positions of each slot (past every row's position)."""
         rows, i = x.shape[1], 0
-        x = x.view(rows, 1, -1)
+        x = x.to(self.dtype).view(rows, 1, -1)  # (the graphs were compiled for the stage's dtype)
         shared = self.prelude(self.stage, x, pos, max(seen, 2))
         # (2 at least: dynamo specializes a size of 0 or 1)
         step = [x, pos, slots, shared[-1].shape[-1], *shared]  # (every prelude's mask comes last)
         for g in self.groups:
             blocks, ks, vs = tuple(self.layers[i:i + g]), tuple(self.ks[i:i + g]), tuple(self.vs[i:i + g])
-            graph = self.graphs.get((rows, g))
+            graph = self.graphs.get((rows, g)) if self.warmed else None  # (warm-up: every group through dynamo)
             if graph:
                 step[X] = graph(i, blocks, ks, vs, step)
             else:
