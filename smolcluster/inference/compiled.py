@@ -399,7 +399,7 @@ class CompiledDecode:
         self.fn = torch.compile(blocks, backend=Capture(self), dynamic=False, fullgraph=True,
                                 isolate_recompiles=True,
                                 recompile_limit=2 * len(self.buckets) * len(set(self.groups)) + 8)
-        self.graphs: dict[tuple[int, int], Graph] = {}  # (rows, group size) -> its graph, called without dynamo
+        self.graphs: dict[tuple[int, int], Graph | None] = {}  # (rows, group size) -> its graph (None: via dynamo)
         self.compiling: tuple | None = None  # ((rows, group size), the call's arguments) while dynamo compiles
         self.warmed = False
         self.missed = 0  # group calls after warm-up with no graph yet (each compiled then, with a warning)
@@ -413,13 +413,13 @@ class CompiledDecode:
         if self.compiling is not None:
             key, args = self.compiling
             order = Graph.order_of(gm, example_inputs, *args)
-            if key in self.graphs:  # a second graph for one group size: the groups differ, and one graph cannot
-                why = "a second graph was compiled for groups of that size"  # serve them all
-            elif order is None:  # (not expected: then dynamo keeps calling it, as before graphs were called directly)
-                why = "its inputs are not its blocks' weights alone"
-            if key in self.graphs or order is None:
+            if key in self.graphs or order is None:  # (not expected: then dynamo keeps calling these groups)
+                why = ("a second graph was compiled for groups of that size: they differ, and one graph cannot "
+                       "serve them all" if key in self.graphs else "its inputs are not its blocks' weights alone")
                 logger.warning(f"compiled decode: {key[0]} row(s) x {key[1]} block(s) are called through dynamo: {why}")
-            self.graphs[key] = Graph(fn, order) if order is not None and key not in self.graphs else None
+                self.graphs[key] = None
+            else:
+                self.graphs[key] = Graph(fn, order)
         return fn
 
     def step(self, x: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, seen: int) -> torch.Tensor:
@@ -427,8 +427,7 @@ class CompiledDecode:
         over the first ``seen`` positions of each slot (past every row's position)."""
         rows, i = x.shape[1], 0
         x = x.to(self.dtype).view(rows, 1, -1)  # (the graphs were compiled for the stage's dtype)
-        shared = self.prelude(self.stage, x, pos, max(seen, 2))
-        # (2 at least: dynamo specializes a size of 0 or 1)
+        shared = self.prelude(self.stage, x, pos, max(seen, 2))  # (2 at least: dynamo specializes a size of 0 or 1)
         step = [x, pos, slots, shared[-1].shape[-1], *shared]  # (every prelude's mask comes last)
         for g in self.groups:
             blocks, ks, vs = tuple(self.layers[i:i + g]), tuple(self.ks[i:i + g]), tuple(self.vs[i:i + g])
