@@ -256,6 +256,15 @@ def buckets_up_to(slots: int) -> list[int]:
 X, POS, SLOTS, SIZE, SHARED = range(5)
 
 
+def group_tensors(blocks, ks, vs) -> dict:
+    """A group's weights and KV caches by their place among a graph's inputs: ``("block", j, name)``, ``("k", j)``,
+    ``("v", j)``."""
+    out = {("block", j, name): t for j, b in enumerate(blocks) for name, t in (*b.named_parameters(), *b.named_buffers())}
+    out.update({("k", j): t for j, t in enumerate(ks)})
+    out.update({("v", j): t for j, t in enumerate(vs)})
+    return out
+
+
 class Graph:
     """A compiled group graph called without dynamo.
 
@@ -290,12 +299,9 @@ class Graph:
         if any(True for _ in gm.named_parameters()) or any(True for _ in gm.named_buffers()) or \
                 any(n.op == "get_attr" for n in gm.graph.nodes):
             return None
-        known = {id(x): X, id(pos): POS, id(slots): SLOTS}
+        known = {id(t): place for place, t in group_tensors(blocks, ks, vs).items()}
+        known.update({id(x): X, id(pos): POS, id(slots): SLOTS})
         known.update({id(t): SHARED + j for j, t in enumerate(shared)})
-        for j, block in enumerate(blocks):
-            known.update({id(t): ("block", j, name) for name, t in (*block.named_parameters(), *block.named_buffers())})
-        known.update({id(t): ("k", j) for j, t in enumerate(ks)})
-        known.update({id(t): ("v", j) for j, t in enumerate(vs)})
         order = [SIZE if isinstance(t, torch.SymInt) else known.get(id(t)) for t in inputs]
         if None in order or order.count(SIZE) > 1:
             return None
@@ -307,10 +313,7 @@ class Graph:
         """The inputs of the group from block ``start``: its weights and caches in place, and the places of the
         step's values."""
         if start not in self.bound:
-            tensors = {("block", j, name): t for j, b in enumerate(blocks)
-                       for name, t in (*b.named_parameters(), *b.named_buffers())}
-            tensors.update({("k", j): t for j, t in enumerate(ks)})
-            tensors.update({("v", j): t for j, t in enumerate(vs)})
+            tensors = group_tensors(blocks, ks, vs)
             self.bound[start] = ([None if isinstance(o, int) else tensors[o] for o in self.order],
                                  [(i, o) for i, o in enumerate(self.order) if isinstance(o, int)])
         return self.bound[start]
